@@ -1,0 +1,47 @@
+"""The one place that reads time or sleeps.
+
+Everything that waits or stamps is handed a `Clock`; tests hand it
+`campaign.testing.FakeClock` so that no test sleeps.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Protocol
+
+import anyio
+
+__all__ = ["Clock", "SystemClock"]
+
+
+class Clock(Protocol):
+    """Time as the rest of the code sees it."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back; only differences mean anything."""
+        ...
+
+    def now(self) -> datetime:
+        """The current wall-clock time, timezone-aware UTC."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` (at least zero) and yield to other tasks."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def monotonic(self) -> float:
+        """Seconds from `time.monotonic`."""
+        return time.monotonic()
+
+    def now(self) -> datetime:
+        """The current UTC time."""
+        return datetime.now(UTC)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the running event loop."""
+        await anyio.sleep(max(0.0, seconds))

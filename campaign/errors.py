@@ -1,0 +1,95 @@
+"""The `CampaignError` family: every error a user can cause or meet, with its exit code.
+
+Foreign exceptions (pydantic, polars, jinja2, httpx, sqlite3) are translated into
+these once, where they arise; only `cli.py` turns them into exit codes.
+
+    CampaignError                  1
+    ├── UsageError                 2   command-line misuse (e.g. no terminal and no --yes)
+    ├── DataError                  65  a recipient row or a template does not render / validate
+    │   ├── RecipientDataError
+    │   ├── TemplateError
+    │   └── HeaderError                CR/LF or a bad name in a header
+    ├── InputFileError             66  an input file is missing or unreadable
+    ├── ApiError                   69  the API failed in a way no retry fixes
+    │   └── ApiAuthError           77  the API refused the credentials
+    ├── LedgerError                74  the ledger cannot be read or written; its state is untouched
+    └── ManifestError              78  the manifest (or the environment it names) is invalid
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "ApiAuthError",
+    "ApiError",
+    "CampaignError",
+    "DataError",
+    "HeaderError",
+    "InputFileError",
+    "LedgerError",
+    "ManifestError",
+    "RecipientDataError",
+    "TemplateError",
+    "UsageError",
+]
+
+
+class CampaignError(Exception):
+    """Root of every error `campaign` raises on purpose; the message is one line for the user."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class UsageError(CampaignError):
+    """The command was used in a way that cannot work."""
+
+    exit_code: ClassVar[int] = 2
+
+
+class DataError(CampaignError):
+    """Recipient data or a template is wrong; nothing was sent."""
+
+    exit_code: ClassVar[int] = 65
+
+
+class RecipientDataError(DataError):
+    """A recipient row (or the list's header) does not validate."""
+
+
+class TemplateError(DataError):
+    """A template does not compile or does not render for a row."""
+
+
+class HeaderError(DataError):
+    """A header name or value would be unsafe on the wire (CR, LF, controls, bad name)."""
+
+
+class InputFileError(CampaignError):
+    """An input file is missing or unreadable."""
+
+    exit_code: ClassVar[int] = 66
+
+
+class ApiError(CampaignError):
+    """The Nylas API failed in a way that stops the run."""
+
+    exit_code: ClassVar[int] = 69
+
+
+class ApiAuthError(ApiError):
+    """The API refused the credentials (401/403)."""
+
+    exit_code: ClassVar[int] = 77
+
+
+class LedgerError(CampaignError):
+    """The ledger cannot be opened, migrated or written, or a state change is illegal."""
+
+    exit_code: ClassVar[int] = 74
+
+
+class ManifestError(CampaignError):
+    """The manifest is invalid: a key is missing, mistyped or out of range."""
+
+    exit_code: ClassVar[int] = 78

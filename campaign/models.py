@@ -1,0 +1,191 @@
+"""Frozen values passed between the layers: addresses, recipients, messages, outcomes.
+
+No behaviour beyond small derived properties; no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+__all__ = [
+    "Address",
+    "Attachment",
+    "OutcomeKind",
+    "Problem",
+    "Recipient",
+    "RowState",
+    "SendOutcome",
+    "Skip",
+    "SkipReason",
+    "ThrottleKind",
+    "Tracking",
+    "Message",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """An email address with an optional display name."""
+
+    email: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One row of the recipient list that is to be mailed.
+
+    `key` is the identity used by the ledger (the normalised, lower-cased address
+    unless the manifest names a key column); `row` counts data rows from 1.
+    `fields` holds every column of the row, keyed by column name.
+    """
+
+    key: str
+    row: int
+    address: Address
+    fields: Mapping[str, object]
+    sender: str | None = None
+
+
+class SkipReason(StrEnum):
+    """Why a row of the list is deliberately not mailed."""
+
+    INVALID = "invalid"
+    DUPLICATE = "duplicate"
+    SUPPRESSED = "suppressed"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A row that will not be mailed, and why (`detail` is for the user, e.g. "duplicate of row 3")."""
+
+    row: int
+    key: str
+    email: str
+    reason: SkipReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A row-level failure found in preflight: where it is and what to do.
+
+    `row` is None for problems that concern the whole list (a header, a column);
+    `where` names the column, template variable or header.
+    """
+
+    row: int | None
+    where: str
+    message: str
+
+    def describe(self, source: str) -> str:
+        """One line for the user, e.g. `recipients.csv row 4, column "email": ...`."""
+        place = source if self.row is None else f"{source} row {self.row}"
+        return f"{place}, {self.where}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Tracking:
+    """Nylas `tracking_options`."""
+
+    opens: bool = False
+    links: bool = False
+    thread_replies: bool = False
+    label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file sent with a message; `content` is the raw bytes."""
+
+    filename: str
+    content_type: str
+    content: bytes
+    content_id: str | None = None
+
+    @property
+    def size(self) -> int:
+        """Size of the raw content in bytes."""
+        return len(self.content)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A fully rendered message for one recipient, ready for the wire.
+
+    `headers` are the custom headers in order (List-Unsubscribe among them);
+    `metadata` are Nylas metadata pairs identifying campaign and recipient.
+    """
+
+    recipient_key: str
+    row: int
+    sender: str
+    to: tuple[Address, ...]
+    subject: str
+    html: str | None = None
+    text: str | None = None
+    from_: Address | None = None
+    reply_to: tuple[Address, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+    tracking: Tracking | None = None
+    attachments: tuple[Attachment, ...] = field(default=())
+
+    @property
+    def recipient_count(self) -> int:
+        """Recipients this message counts against a mailbox's daily budget."""
+        return len(self.to)
+
+
+class RowState(StrEnum):
+    """States of a recipient in the ledger (DESIGN.md §5)."""
+
+    PENDING = "pending"
+    INFLIGHT = "inflight"
+    SENT = "sent"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    SKIPPED = "skipped"
+
+
+class OutcomeKind(StrEnum):
+    """What one send attempt came to, as far as we can know."""
+
+    SENT = "sent"  # 2xx: the provider accepted it
+    REJECTED = "rejected"  # a permanent 4xx: sending again will not help
+    THROTTLED = "throttled"  # 429: definitely not sent; try later with a new key
+    AUTH_REFUSED = "auth_refused"  # 401/403: the credentials or grant are refused
+    IN_PROGRESS = "in_progress"  # 409 concurrent: the same key is still being processed
+    AMBIGUOUS = "ambiguous"  # timeout, reset, 5xx: it may or may not have been sent
+
+
+class ThrottleKind(StrEnum):
+    """Which limit a 429 came from."""
+
+    NYLAS = "nylas"  # Nylas's own per-grant request rate
+    PROVIDER = "provider"  # the mailbox provider's short-term throttle
+    QUOTA = "quota"  # the mailbox's daily sending quota
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """The translated result of one send request.
+
+    `retry_at` is when a throttled send may be tried again, if the API said so.
+    `replayed` is true when Nylas answered from its idempotency cache.
+    Error text never contains the API key.
+    """
+
+    kind: OutcomeKind
+    status: int | None = None
+    message_id: str | None = None
+    request_id: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retry_at: datetime | None = None
+    throttle: ThrottleKind | None = None
+    replayed: bool = False
