@@ -7,3 +7,47 @@ import pytest
 def anyio_backend() -> str:
     """Run async tests on asyncio only."""
     return "asyncio"
+
+
+import shutil  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from campaign.cli import app  # noqa: E402
+from campaign.testing import FakeNylas  # noqa: E402
+from campaign.testing.server import serve_on_loopback  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "nyk_v0_test_key_never_printed_0123456789"
+SECRET = "test-unsubscribe-secret-0123456789abcdef"
+
+
+@pytest.fixture(name="api")
+def _api(monkeypatch) -> Iterator[FakeNylas]:
+    """A fake Nylas served on loopback, with the CLI's environment pointing at it."""
+    fake = FakeNylas(api_key=API_KEY)
+    with serve_on_loopback(fake) as url:
+        monkeypatch.setenv("NYLAS_API_URI", url)
+        monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
+        monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", SECRET)
+        yield fake
+
+
+@pytest.fixture(name="cli")
+def _cli():
+    """Run the CLI in-process; returns the click Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(arg) for arg in args], catch_exceptions=False)
+
+    return invoke
+
+
+def copy_sample(name: str, to: Path) -> Path:
+    """Copy samples/<name> into `to` and return its manifest path."""
+    target = to / name
+    shutil.copytree(REPO / "samples" / name, target)
+    return target / "campaign.toml"

@@ -1,0 +1,308 @@
+"""The send loop: one lane per sender, each with its limits, claiming, sending and recording.
+
+For every message: book a slot from the sender's pace and daily budget, mark
+the row in flight in the ledger (with its idempotency key), send, record the
+outcome. It sees the API client and the ledger through protocols, reads time
+only through its `Clock`, and reports progress as `DispatchEvent`s; it never
+prints.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from functools import partial
+from typing import Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from campaign.clock import Clock
+from campaign.ledger import Claim
+from campaign.manifest import SenderSettings
+from campaign.models import Message, OutcomeKind, RowState, SendOutcome, ThrottleKind
+from campaign.nylas import SendClient, build_send_payload
+from campaign.plan import Job
+from campaign.ratelimit import DailyBudget, Pace
+
+__all__ = [
+    "DispatchEvent",
+    "DispatchResult",
+    "DispatchSettings",
+    "EventKind",
+    "ProgressLedger",
+    "dispatch",
+]
+
+_T = TypeVar("_T")
+
+
+class ProgressLedger(Protocol):
+    """What the engine needs from the ledger."""
+
+    def claim(self, key: str) -> Claim: ...
+
+    def record_outcome(
+        self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
+    ) -> RowState: ...
+
+    def record_unknown(self, key: str) -> None: ...
+
+
+class EventKind(StrEnum):
+    """What a `DispatchEvent` reports."""
+
+    SENT = "sent"
+    FAILED = "failed"
+    THROTTLED = "throttled"
+    RETRYING = "retrying"
+    UNKNOWN = "unknown"
+    PARKED = "parked"
+    AUTH_REFUSED = "auth_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchEvent:
+    """Something that happened to one send or one sender."""
+
+    kind: EventKind
+    sender: str
+    key: str | None = None
+    email: str | None = None
+    outcome: SendOutcome | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    """Knobs of the send loop; the defaults suit real mailboxes."""
+
+    limit: int | None = None  # at most this many sends this run
+    ambiguous_retries: int = 3  # same-key retries after a timeout / 5xx before the row is `unknown`
+    retry_base_s: float = 2.0  # first backoff; doubles each time, with jitter
+    retry_max_s: float = 120.0
+    park_after_s: float = 900.0  # a throttle asking for a longer wait parks the sender for the run
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchResult:
+    """What a dispatch run came to."""
+
+    sent: int
+    failed: int
+    unknown: int
+    remaining: int
+    parked: Mapping[str, datetime] = field(default_factory=dict)
+    auth_refused: tuple[str, ...] = ()
+    limit_reached: bool = False
+
+
+@dataclass(slots=True)
+class _Lane:
+    sender: SenderSettings
+    pace: Pace
+    budget: DailyBudget
+    jobs: deque[Job]
+    throttles: int = 0
+    parked_until: datetime | None = None
+    auth_refused: bool = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.parked_until is not None or self.auth_refused
+
+
+async def dispatch(
+    jobs: Sequence[Job],
+    *,
+    senders: Sequence[SenderSettings],
+    render: Callable[[Job], Message],
+    client: SendClient,
+    ledger: ProgressLedger,
+    clock: Clock,
+    budgets: Mapping[str, DailyBudget] | None = None,
+    on_event: Callable[[DispatchEvent], None] = lambda _event: None,
+    settings: DispatchSettings | None = None,
+) -> DispatchResult:
+    """Send every job under its sender's limits; return what was done and what is left."""
+    loop = _Loop(
+        senders=senders,
+        render=render,
+        client=client,
+        ledger=ledger,
+        clock=clock,
+        budgets=budgets or {},
+        on_event=on_event,
+        settings=settings or DispatchSettings(),
+    )
+    return await loop.run(jobs)
+
+
+class _Loop:
+    def __init__(
+        self,
+        *,
+        senders: Sequence[SenderSettings],
+        render: Callable[[Job], Message],
+        client: SendClient,
+        ledger: ProgressLedger,
+        clock: Clock,
+        budgets: Mapping[str, DailyBudget],
+        on_event: Callable[[DispatchEvent], None],
+        settings: DispatchSettings,
+    ) -> None:
+        self._senders = {sender.name: sender for sender in senders}
+        self._render = render
+        self._client = client
+        self._ledger = ledger
+        self._clock = clock
+        self._budgets = budgets
+        self._emit = on_event
+        self._settings = settings
+        self._started = 0
+        self._counts = {RowState.SENT: 0, RowState.FAILED: 0, RowState.UNKNOWN: 0}
+        self._limit_reached = False
+        # One writer thread: the ledger is never written from two threads at once.
+        self._db = anyio.CapacityLimiter(1)
+        self._random = random.Random()
+
+    async def run(self, jobs: Sequence[Job]) -> DispatchResult:
+        lanes = {
+            name: _Lane(
+                sender=sender,
+                pace=Pace(sender.rate_per_s, burst=sender.burst),
+                budget=self._budgets.get(name) or DailyBudget(sender.per_day),
+                jobs=deque(),
+            )
+            for name, sender in self._senders.items()
+        }
+        for job in jobs:
+            lanes[job.sender].jobs.append(job)
+        async with anyio.create_task_group() as group:
+            for lane in lanes.values():
+                for _ in range(min(lane.sender.concurrency, len(lane.jobs))):
+                    group.start_soon(self._work, lane)
+        return DispatchResult(
+            sent=self._counts[RowState.SENT],
+            failed=self._counts[RowState.FAILED],
+            unknown=self._counts[RowState.UNKNOWN],
+            remaining=sum(len(lane.jobs) for lane in lanes.values()),
+            parked={name: lane.parked_until for name, lane in lanes.items() if lane.parked_until is not None},
+            auth_refused=tuple(name for name, lane in lanes.items() if lane.auth_refused),
+            limit_reached=self._limit_reached,
+        )
+
+    async def _work(self, lane: _Lane) -> None:
+        while lane.jobs and not lane.stopped:
+            if self._settings.limit is not None and self._started >= self._settings.limit:
+                self._limit_reached = True
+                return
+            job = lane.jobs.popleft()
+            message = self._render(job)
+            wall = self._clock.now().timestamp()
+            if not lane.budget.allows(wall, message.recipient_count):
+                lane.jobs.appendleft(job)
+                frees = lane.budget.frees_at(wall, message.recipient_count)
+                self._park(lane, self._clock.now() + timedelta(seconds=frees - wall))
+                return
+            self._started += 1
+            lane.budget.book(wall, message.recipient_count)
+            await self._wait_for_slot(lane)
+            if lane.stopped:  # parked or refused while this worker waited for its slot
+                lane.budget.release(wall, message.recipient_count)
+                lane.jobs.appendleft(job)
+                self._started -= 1
+                return
+            state = await self._send(lane, job, message)
+            if state == RowState.PENDING:
+                lane.budget.release(wall, message.recipient_count)
+                lane.jobs.appendleft(job)
+
+    async def _wait_for_slot(self, lane: _Lane) -> None:
+        start = lane.pace.reserve(self._clock.monotonic())
+        await self._clock.sleep(start - self._clock.monotonic())
+
+    async def _send(self, lane: _Lane, job: Job, message: Message) -> RowState:
+        """Send one message until its outcome is settled for this run; return the row's state."""
+        key = job.recipient.key
+        payload = build_send_payload(message)
+        claim = await self._in_thread(partial(self._ledger.claim, key))
+        retries = 0
+        while True:
+            outcome = await self._client.send_message(
+                lane.sender.grant_id, payload, idempotency_key=claim.idempotency_key
+            )
+            state = await self._in_thread(
+                partial(
+                    self._ledger.record_outcome,
+                    key,
+                    outcome,
+                    sender=lane.sender.name,
+                    recipients=message.recipient_count,
+                )
+            )
+            if state != RowState.INFLIGHT:
+                break
+            # Ambiguous (timeout, reset, 5xx) or still in progress: the same key again,
+            # so that Nylas replays the first answer instead of sending twice.
+            if retries >= self._settings.ambiguous_retries:
+                await self._in_thread(partial(self._ledger.record_unknown, key))
+                self._counts[RowState.UNKNOWN] += 1
+                self._emit(
+                    DispatchEvent(
+                        EventKind.UNKNOWN, lane.sender.name, key, job.recipient.address.email, outcome
+                    )
+                )
+                return RowState.UNKNOWN
+            retries += 1
+            self._emit(
+                DispatchEvent(EventKind.RETRYING, lane.sender.name, key, job.recipient.address.email, outcome)
+            )
+            await self._clock.sleep(self._backoff(retries))
+            await self._wait_for_slot(lane)
+        self._after(lane, job, outcome, state)
+        return state
+
+    def _after(self, lane: _Lane, job: Job, outcome: SendOutcome, state: RowState) -> None:
+        name, key, email = lane.sender.name, job.recipient.key, job.recipient.address.email
+        if state == RowState.SENT:
+            lane.throttles = 0
+            self._counts[RowState.SENT] += 1
+            self._emit(DispatchEvent(EventKind.SENT, name, key, email, outcome))
+        elif state == RowState.FAILED:
+            self._counts[RowState.FAILED] += 1
+            self._emit(DispatchEvent(EventKind.FAILED, name, key, email, outcome))
+        elif outcome.kind == OutcomeKind.AUTH_REFUSED:
+            lane.auth_refused = True
+            self._emit(DispatchEvent(EventKind.AUTH_REFUSED, name, key, email, outcome))
+        elif outcome.kind == OutcomeKind.THROTTLED:
+            self._throttled(lane, outcome)
+            self._emit(DispatchEvent(EventKind.THROTTLED, name, key, email, outcome))
+
+    def _throttled(self, lane: _Lane, outcome: SendOutcome) -> None:
+        lane.throttles += 1
+        now = self._clock.now()
+        if outcome.retry_at is not None:
+            wait_s = max(0.0, (outcome.retry_at - now).total_seconds())
+        else:
+            wait_s = self._backoff(lane.throttles)
+        if outcome.throttle == ThrottleKind.QUOTA or wait_s > self._settings.park_after_s:
+            self._park(lane, now + timedelta(seconds=wait_s))
+        else:
+            lane.pace.delay(self._clock.monotonic() + wait_s)
+
+    def _park(self, lane: _Lane, until: datetime) -> None:
+        if lane.parked_until is None:
+            lane.parked_until = until
+            self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self._settings.retry_max_s, self._settings.retry_base_s * 2 ** (attempt - 1))
+        return ceiling * (0.5 + self._random.random() / 2)  # jitter: between half and all of it
+
+    async def _in_thread(self, call: Callable[[], _T]) -> _T:
+        return await anyio.to_thread.run_sync(call, limiter=self._db)

@@ -1,0 +1,498 @@
+"""The wire to the Nylas v3 API: the send payload, the send call and its outcome, and listing for reconcile.
+
+Builds the exact JSON of `POST /v3/grants/{id}/messages/send` (reference/nylas-api.md §1.2), sends it over an
+injected `httpx.AsyncClient`, and translates every response or httpx failure into a `SendOutcome`, so a
+per-message result never raises. It must not decide what happens next (retry, park, record: that is
+dispatch's job), must not read time except through the `Clock`, and no text it produces may hold the API key.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import email.utils
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import httpx
+
+from campaign import __version__
+from campaign.clock import Clock
+from campaign.errors import ApiAuthError, ApiError, ManifestError
+from campaign.models import Address, Attachment, Message, OutcomeKind, SendOutcome, ThrottleKind
+
+__all__ = [
+    "DEFAULT_API_URI",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "Folder",
+    "ListedMessage",
+    "MessagePage",
+    "NylasClient",
+    "SendClient",
+    "build_http_client",
+    "build_send_payload",
+    "encode_send_body",
+]
+
+DEFAULT_API_URI = "https://api.us.nylas.com"
+MAX_IDEMPOTENCY_KEY_LENGTH = 256  # §4: a longer key gets 400 api.invalid_idempotency_key
+_USER_AGENT = f"campaign/{__version__}"
+_EXCERPT_CHARS = 300
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7E]+")  # safe in an HTTP header value as is
+_METADATA_KEYS = frozenset({"key1", "key2", "key3", "key4", "key5"})  # the only filterable keys (§5)
+_ISO = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?"
+_RETRY_AFTER_ISO = re.compile(rf"retry after\s+({_ISO})", re.IGNORECASE)  # Gmail, inside provider_error
+_QUOTA_WORDS = ("quota", "daily user sending limit exceeded", "activity limit reached")
+_PROVIDER_WORDS = ("mailboxconcurrency", "applicationthrottled", "throttl", "provider")
+_TAG = re.compile(r"<[^>]*>")
+_SPACES = re.compile(r"\s+")
+
+
+def build_send_payload(message: Message) -> dict[str, Any]:
+    """The JSON object of §1.2 for `message`; equal messages give equal dicts with equal key order."""
+    payload: dict[str, Any] = {"to": _participants(message.to)}
+    if message.reply_to:
+        payload["reply_to"] = _participants(message.reply_to)
+    if message.from_ is not None:
+        payload["from"] = _participants((message.from_,))
+    payload["subject"] = message.subject
+    # A JSON send has one body: the HTML when there is one (Nylas derives the text part), else the text.
+    payload["body"] = message.html if message.html is not None else (message.text or "")
+    payload["is_plaintext"] = message.html is None
+    if (tracking := message.tracking) is not None:
+        options: dict[str, Any] = {"opens": tracking.opens, "links": tracking.links}
+        options["thread_replies"] = tracking.thread_replies
+        if tracking.label is not None:
+            options["label"] = tracking.label
+        payload["tracking_options"] = options
+    if message.headers:
+        payload["custom_headers"] = [{"name": name, "value": value} for name, value in message.headers]
+    if message.metadata:
+        payload["metadata"] = dict(message.metadata)
+    if message.attachments:
+        payload["attachments"] = [_attachment_json(item) for item in message.attachments]
+    return payload
+
+
+def _participants(addresses: Sequence[Address]) -> list[dict[str, str]]:
+    return [{"email": a.email, "name": a.name} if a.name else {"email": a.email} for a in addresses]
+
+
+def _attachment_json(attachment: Attachment) -> dict[str, Any]:
+    content = base64.b64encode(attachment.content).decode("ascii")
+    item: dict[str, Any] = {"filename": attachment.filename, "content_type": attachment.content_type}
+    item["content"] = content
+    if attachment.content_id is not None:  # a content id makes Nylas place it inline (§2)
+        item["content_id"] = attachment.content_id
+        item["is_inline"] = True
+    return item
+
+
+def _dumps_stdlib(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _select_dumps() -> Callable[[Any], bytes]:
+    # orjson is optional. Both give the same bytes for our payloads (compact, raw UTF-8), which matters:
+    # a resumed run must resend the same bytes under the same Idempotency-Key.
+    try:
+        orjson = importlib.import_module("orjson")
+    except ImportError:
+        return _dumps_stdlib
+    dumps: Callable[[Any], bytes] = orjson.dumps
+    return dumps
+
+
+_dumps = _select_dumps()
+
+
+def encode_send_body(payload: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON of `payload` (orjson when installed, else json), keys in the payload's order."""
+    return _dumps(payload if isinstance(payload, dict) else dict(payload))
+
+
+@dataclass(frozen=True, slots=True)
+class ListedMessage:
+    """A message as `GET /messages` lists it: what reconcile compares (recipient emails, metadata)."""
+
+    id: str
+    subject: str
+    to: tuple[str, ...]
+    date: datetime | None
+    metadata: Mapping[str, str] = field(hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    """One page of a message listing; `next_cursor` is None on the last page."""
+
+    messages: tuple[ListedMessage, ...]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Folder:
+    """A mailbox folder; the Sent folder has `\\Sent` among its `attributes`."""
+
+    id: str
+    name: str
+    attributes: tuple[str, ...]
+
+
+class SendClient(Protocol):
+    """What dispatch needs from the API: one idempotent send, translated."""
+
+    async def send_message(
+        self, grant_id: str, payload: Mapping[str, Any], *, idempotency_key: str
+    ) -> SendOutcome: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _ErrorBody:
+    type: str | None
+    raw_message: str  # error.message as the server sent it
+    message: str  # one line for the user: the message plus the provider's own words
+    provider_error: object
+
+
+def build_http_client(
+    *, base_url: str, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """An `httpx.AsyncClient` for the API at `base_url` with one timeout for every phase of a request."""
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise ManifestError(f"api.uri {base_url!r} is not a URL; use e.g. {DEFAULT_API_URI}") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ManifestError(f"api.uri {base_url!r} must be an http(s) URL such as {DEFAULT_API_URI}")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ManifestError(f"api.timeout_s must be a positive number of seconds, not {timeout_s!r}")
+    headers = {"User-Agent": _USER_AGENT}
+    timeout = httpx.Timeout(timeout_s)
+    return httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport, headers=headers)
+
+
+class NylasClient:
+    """Nylas v3 over an injected `httpx.AsyncClient`; each send attempt becomes a `SendOutcome`."""
+
+    def __init__(self, http: httpx.AsyncClient, *, api_key: str, clock: Clock) -> None:
+        key = api_key.strip()
+        if not _VISIBLE_ASCII.fullmatch(key):
+            raise ManifestError(
+                "the Nylas API key is empty or contains spaces or control characters; "
+                "set the variable named by api.key_env to the key from the Nylas dashboard"
+            )
+        self._http = http
+        self._key = key
+        self._clock = clock
+        # The key as a server might echo it back: raw, JSON-escaped, URL-quoted; longest first.
+        forms = {key, json.dumps(key)[1:-1], quote(key, safe="")}
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))
+
+    async def send_message(
+        self, grant_id: str, payload: Mapping[str, Any], *, idempotency_key: str
+    ) -> SendOutcome:
+        """POST one message with `Idempotency-Key` and translate the answer; never raises for an outcome."""
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH or not _VISIBLE_ASCII.fullmatch(idempotency_key):
+            limit, got = MAX_IDEMPOTENCY_KEY_LENGTH, len(idempotency_key)
+            raise ValueError(f"Idempotency-Key must be 1–{limit} visible ASCII characters (got {got})")
+        headers = self._headers() | {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
+        path = f"/v3/grants/{_quote_grant(grant_id)}/messages/send"
+        try:
+            response = await self._http.post(path, content=encode_send_body(payload), headers=headers)
+        except httpx.RequestError as exc:
+            # Every failure without a response is AMBIGUOUS, even ConnectError/ConnectTimeout/PoolTimeout,
+            # where the request provably never left: a same-key retry is safe either way (§4) and one rule
+            # keeps dispatch simple. The message tells the user which case it was.
+            error_type = "timeout" if isinstance(exc, httpx.TimeoutException) else "network"
+            message = self._scrub(_describe_exception(exc))
+            return SendOutcome(OutcomeKind.AMBIGUOUS, error_type=error_type, error_message=message)
+        return self._outcome_for_response(response)
+
+    async def list_messages(
+        self,
+        grant_id: str,
+        *,
+        metadata_pair: tuple[str, str] | None = None,
+        in_folder: str | None = None,
+        to: str | None = None,
+        subject: str | None = None,
+        received_after: datetime | int | None = None,
+        limit: int | None = None,
+        page_token: str | None = None,
+    ) -> MessagePage:
+        """One page of `GET /v3/grants/{id}/messages` with the §5 filters (`in_folder` is `in`)."""
+        if isinstance(received_after, datetime):
+            if received_after.tzinfo is None:
+                raise ValueError("received_after must be timezone-aware")
+            received_after = int(received_after.timestamp())
+        if limit is not None and not 1 <= limit <= 200:
+            raise ValueError(f"limit must be 1..200, not {limit}")
+        filters = {"in": in_folder, "to": to, "subject": subject, "received_after": received_after}
+        params = {name: str(value) for name, value in filters.items() if value is not None}
+        if metadata_pair is not None:
+            if metadata_pair[0] not in _METADATA_KEYS:
+                raise ValueError(f"metadata_pair key must be one of key1..key5, not {metadata_pair[0]!r}")
+            if params:
+                raise ValueError(f"metadata_pair cannot be combined with {', '.join(params)} (§5)")
+            params["metadata_pair"] = ":".join(metadata_pair)
+        params |= {
+            name: str(v) for name, v in (("limit", limit), ("page_token", page_token)) if v is not None
+        }
+        body = await self._get_json(f"/v3/grants/{_quote_grant(grant_id)}/messages", params)
+        messages = tuple(_listed_message(item) for item in _data_list(body, "messages"))
+        return MessagePage(messages, _text(body, "next_cursor") or None)
+
+    async def list_folders(self, grant_id: str) -> list[Folder]:
+        """Every folder of the grant (`GET /v3/grants/{id}/folders`, following `next_cursor`)."""
+        path = f"/v3/grants/{_quote_grant(grant_id)}/folders"
+        folders: list[Folder] = []
+        seen: set[str] = set()
+        token: str | None = None
+        while True:
+            body = await self._get_json(path, {} if token is None else {"page_token": token})
+            folders.extend(_folder(item) for item in _data_list(body, "folders"))
+            token = _text(body, "next_cursor") or None
+            if token is None or token in seen:  # a repeated cursor would loop forever
+                return folders
+            seen.add(token)
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self._key}",
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _outcome_for_response(self, response: httpx.Response) -> SendOutcome:
+        status = response.status_code
+        text = self._scrub(response.text)  # before any excerpt, so a cut can't leave half a key
+        body = _json_object(text)
+        request_id = _request_id(body, response)
+        request_id = None if request_id is None else self._scrub(request_id)
+        replayed = response.headers.get("Idempotent-Response", "").strip().lower() == "true"
+        base = SendOutcome(OutcomeKind.SENT, status=status, request_id=request_id, replayed=replayed)
+        if 200 <= status < 300:
+            data = body.get("data") if body is not None else None
+            message_id = data.get("id") if isinstance(data, dict) else None
+            if isinstance(message_id, str) and message_id:
+                return dataclasses.replace(base, message_id=message_id)
+            # Not a Nylas answer we understand: a same-key retry (or reconcile) settles it safely.
+            message = f"HTTP {status} without a message id: {_excerpt(text)}"
+            return dataclasses.replace(
+                base, kind=OutcomeKind.AMBIGUOUS, error_type="bad_response", error_message=message
+            )
+        error = _parse_error(status, text, body)
+        kind = _kind_for_status(status, error.type)
+        message = f"unexpected redirect (HTTP {status}); check api.uri" if status < 400 else error.message
+        throttle = _throttle_kind(error) if kind is OutcomeKind.THROTTLED else None
+        retry_at = self._retry_at(response, error)
+        return dataclasses.replace(
+            base,
+            kind=kind,
+            error_type=error.type,
+            error_message=message,
+            retry_at=retry_at,
+            throttle=throttle,
+        )
+
+    def _retry_at(self, response: httpx.Response, error: _ErrorBody) -> datetime | None:
+        """The latest time the server asked us to wait for: Retry-After, or "Retry after <ISO>" inside."""
+        candidates: list[datetime] = []
+        if header := response.headers.get("Retry-After"):
+            when = _parse_retry_after(header.strip(), self._clock.now())
+            candidates.extend([] if when is None else [when])
+        for match in _RETRY_AFTER_ISO.finditer(f"{json.dumps(error.provider_error)} {error.raw_message}"):
+            try:
+                candidates.append(_as_utc(datetime.fromisoformat(match.group(1))))
+            except ValueError:
+                continue
+        return max(candidates, default=None)
+
+    async def _get_json(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
+        where = f"Nylas API GET {path}"
+        try:
+            response = await self._http.get(path, params=params, headers=self._headers())
+        except httpx.RequestError as exc:
+            detail = self._scrub(_describe_exception(exc))
+            raise ApiError(f"{where}: {detail}; check the network and api.uri, then try again") from exc
+        status = response.status_code
+        text = self._scrub(response.text)
+        body = _json_object(text)
+        if not 200 <= status < 300:
+            error = _parse_error(status, text, body)
+            request_id = _request_id(body, response) or "none"
+            what = self._scrub(
+                f"HTTP {status} {error.type or 'unknown'} (request {request_id}): {error.message}"
+            )
+            if status in (401, 403):
+                hint = "check the key in the variable named by api.key_env, or re-authenticate the grant"
+                raise ApiAuthError(f"{where} failed: {what}; {hint}")
+            raise ApiError(f"{where} failed: {what}; check the grant id, or try again later")
+        if body is None:
+            raise ApiError(f"{where}: HTTP {status} but the body is not a JSON object; is api.uri right?")
+        return body
+
+
+def _kind_for_status(status: int, error_type: str | None) -> OutcomeKind:
+    if status == 429:
+        return OutcomeKind.THROTTLED
+    if status in (401, 403):
+        return OutcomeKind.AUTH_REFUSED
+    if status == 409 and (error_type or "").endswith("concurrent_idempotent_request"):
+        return OutcomeKind.IN_PROGRESS
+    if status >= 500:
+        return OutcomeKind.AMBIGUOUS
+    # Other 4xx (incl. 409 invalid_idempotent_request: our bug), and 1xx/3xx: redirects are not
+    # followed, so nothing at Nylas handled the request.
+    return OutcomeKind.REJECTED
+
+
+def _throttle_kind(error: _ErrorBody) -> ThrottleKind:
+    error_type = (error.type or "").lower()
+    if error_type == "nylas_rate_limit_exceeded":
+        return ThrottleKind.NYLAS
+    text = f"{error_type} {error.raw_message} {json.dumps(error.provider_error)}".lower()
+    if any(word in text for word in _QUOTA_WORDS):
+        return ThrottleKind.QUOTA
+    if error.provider_error is not None or any(word in text for word in _PROVIDER_WORDS):
+        return ThrottleKind.PROVIDER
+    # No provider in sight: Nylas's own limit (the OAS example uses rate_limit_error for it).
+    return ThrottleKind.NYLAS
+
+
+def _describe_exception(exc: httpx.RequestError) -> str:
+    detail = _one_line(str(exc))
+    what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return f"could not connect to the API ({what}); nothing was sent"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({what}); the message may have been sent"
+    return f"the connection failed ({what}); the message may have been sent"
+
+
+def _parse_error(status: int, text: str, body: dict[str, Any] | None) -> _ErrorBody:
+    if body is None:  # e.g. a gateway's HTML 502
+        page = _excerpt(_TAG.sub(" ", text))
+        return _ErrorBody(None, "", f"HTTP {status}, not a JSON answer" + (f": {page}" if page else ""), None)
+    error = body.get("error")
+    if not isinstance(error, dict):
+        return _ErrorBody(None, "", f"HTTP {status}: {_excerpt(text)}", None)
+    error_type, raw_message = _text(error, "type"), _text(error, "message")
+    provider = error.get("provider_error")
+    message = raw_message or f"HTTP {status}"
+    provider_text = _provider_message(provider)
+    if provider_text and provider_text not in message:
+        message = f"{message} (provider: {provider_text})"
+    return _ErrorBody(error_type or None, raw_message, _excerpt(message), provider)
+
+
+def _provider_message(provider: object) -> str:
+    if provider is None:
+        return ""
+    inner = provider.get("error", provider) if isinstance(provider, dict) else provider
+    if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+        return str(inner["message"])
+    return inner if isinstance(inner, str) else json.dumps(provider)
+
+
+def _parse_retry_after(value: str, now: datetime) -> datetime | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            return _as_utc(email.utils.parsedate_to_datetime(value))
+        except (TypeError, ValueError, IndexError):
+            return None
+    try:
+        return now + timedelta(seconds=max(0.0, seconds)) if math.isfinite(seconds) else None
+    except OverflowError:
+        return None
+
+
+def _quote_grant(grant_id: str) -> str:
+    if not grant_id:
+        raise ValueError("grant_id must not be empty")
+    return quote(grant_id, safe=":@")  # ':' and '@' are legal in a path segment (grant:<id>, email:<addr>)
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        body = json.loads(text)
+    except ValueError:  # an HTML page, an empty body
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _request_id(body: dict[str, Any] | None, response: httpx.Response) -> str | None:
+    return (
+        (_text(body, "request_id") if body is not None else "")
+        or response.headers.get("x-request-id")
+        or None
+    )
+
+
+def _data_list(body: dict[str, Any], what: str) -> list[Any]:
+    data = body.get("data")
+    if not isinstance(data, list):
+        raise ApiError(f"Nylas API listed {what} without a 'data' array; is api.uri the Nylas v3 API?")
+    return data
+
+
+def _listed_message(item: object) -> ListedMessage:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+        raise ApiError("Nylas API listed a message without an id; is api.uri the Nylas v3 API?")
+    to = item.get("to")
+    emails = tuple(
+        p["email"]
+        for p in (to if isinstance(to, list) else [])
+        if isinstance(p, dict) and isinstance(p.get("email"), str)
+    )
+    metadata = item.get("metadata")
+    pairs = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+    date, when = item.get("date"), None
+    if isinstance(date, int | float) and not isinstance(date, bool):
+        with contextlib.suppress(OverflowError, OSError, ValueError):
+            when = datetime.fromtimestamp(date, UTC)
+    return ListedMessage(item["id"], _text(item, "subject"), emails, when, MappingProxyType(pairs))
+
+
+def _folder(item: object) -> Folder:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+        raise ApiError("Nylas API listed a folder without an id; is api.uri the Nylas v3 API?")
+    # §11.3: the Python SDK types `attributes` as a string, the docs as an array; take both.
+    raw = item.get("attributes")
+    attributes = tuple(a for a in (raw if isinstance(raw, list) else [raw]) if isinstance(a, str))
+    return Folder(item["id"], _text(item, "name"), attributes)
+
+
+def _text(item: dict[str, Any], name: str) -> str:
+    value = item.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def _as_utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _one_line(text: str) -> str:
+    return _SPACES.sub(" ", text).strip()
+
+
+def _excerpt(text: str) -> str:
+    line = _one_line(text)
+    return line if len(line) <= _EXCERPT_CHARS else line[: _EXCERPT_CHARS - 1] + "…"

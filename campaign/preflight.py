@@ -1,0 +1,96 @@
+"""Everything checked before the first send: the list, the senders, and every message rendered.
+
+One bad row stops the run before anything is sent, unless the user asked to
+skip bad rows; then they are recorded as skipped with the reason. Nothing here
+writes the ledger or sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from campaign.errors import DataError
+from campaign.manifest import Manifest
+from campaign.models import Message, Skip, SkipReason
+from campaign.plan import Job, assign_senders
+from campaign.recipients import Audience, build_invalid_skips, load_audience
+from campaign.render import Composer, build_composer
+
+__all__ = ["Preflight", "run_preflight"]
+
+_SHOWN_IN_ERROR = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Preflight:
+    """A checked campaign: the jobs to send, the rows skipped, and the problems found."""
+
+    manifest: Manifest
+    audience: Audience
+    composer: Composer
+    jobs: tuple[Job, ...]
+    skips: tuple[Skip, ...]
+    problems: tuple[str, ...]
+
+    def render(self, job: Job) -> Message:
+        """Render the message for `job` (pure; preflight already rendered it once)."""
+        return self.composer.render(job.recipient, self.manifest.sender(job.sender))
+
+    def raise_for_problems(self) -> None:
+        """Raise a one-line DataError naming the first problem, if any were found."""
+        if not self.problems:
+            return
+        more = len(self.problems) - _SHOWN_IN_ERROR
+        tail = f" (and {more} more; `campaign preview` lists them all)" if more > 0 else ""
+        hint = "" if "--skip-invalid" in self.problems[0] else " (or pass --skip-invalid to skip bad rows)"
+        message = f"{self.problems[0]}{tail}; nothing was sent{hint}"
+        raise DataError(message)
+
+
+def run_preflight(
+    manifest: Manifest,
+    *,
+    secrets: Sequence[bytes] | None,
+    skip_invalid: bool,
+    assigned: Mapping[str, str] | None = None,
+) -> Preflight:
+    """Load and validate the list, assign senders, render every message; collect problems per row.
+
+    File-level problems (a missing file, a bad header, a template that does not
+    compile) raise at once; row-level problems are collected. With `skip_invalid`,
+    bad rows become skips and the problems list is empty.
+    """
+    audience = load_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
+    composer = build_composer(manifest, secrets=secrets)
+    source = manifest.recipients.source.name
+    jobs: list[Job] = []
+    failures: list[tuple[Job, str]] = []
+    for job in assign_senders(audience.recipients, manifest.senders, assigned=assigned):
+        try:
+            composer.render(job.recipient, manifest.sender(job.sender))
+        except DataError as exc:
+            failures.append((job, f"{source} {exc}"))
+        else:
+            jobs.append(job)
+    row_problems = [problem for problem in audience.problems if problem.row is not None]
+    problems = [problem.describe(source) for problem in audience.problems if problem.row is None]
+    skips = list(audience.skipped)
+    if skip_invalid:
+        skips.extend(build_invalid_skips(audience))
+        skips.extend(
+            Skip(job.recipient.row, job.recipient.key, job.recipient.address.email, SkipReason.INVALID, text)
+            for job, text in failures
+        )
+    else:
+        found = [(problem.row or 0, problem.describe(source)) for problem in row_problems]
+        found += [(job.recipient.row, text) for job, text in failures]
+        problems += [text for _, text in sorted(found, key=lambda item: item[0])]
+    return Preflight(
+        manifest=manifest,
+        audience=audience,
+        composer=composer,
+        jobs=tuple(jobs),
+        skips=tuple(skips),
+        problems=tuple(problems),
+    )

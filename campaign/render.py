@@ -1,0 +1,392 @@
+"""Rendering: the manifest's Jinja templates, compiled once into a `Composer` that turns a row into a Message.
+
+Templates run in an immutable sandbox with strict undefined variables, so a missing
+column is an error and a template cannot change shared state between rows. Every
+rendered header value is checked before it can reach the wire. `build_composer`
+reads the template files; `Composer.render` is pure and must not do I/O, read the
+clock or send anything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+from jinja2 import meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from campaign.errors import HeaderError, InputFileError, ManifestError, TemplateError
+from campaign.headers import header_name_problem, header_value_problem
+from campaign.models import Address, Message, Recipient, Tracking
+from campaign.unsubscribe import build_unsubscribe_headers, make_token
+
+if TYPE_CHECKING:
+    from campaign.manifest import Manifest, SenderSettings
+
+__all__ = ["BUILTIN_TEMPLATES", "HTML_SUFFIXES", "Composer", "build_composer"]
+
+BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+HTML_SUFFIXES = (".html", ".htm", ".html.j2", ".htm.j2")
+_MAX_SUBJECT = 998  # RFC 5322 line limit; Gmail refuses longer subjects
+_UNDEFINED_NAME = re.compile(r"'(?P<name>[^']+)' is undefined")
+_UNDEFINED_ATTRIBUTE = re.compile(r"has no (?:attribute|element) (?P<name>'[^']*'|\S+)")
+_TEMPLATE_MARKERS = ("{{", "{%", "{#")
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One compiled template (or a constant string that needs none) and how to name it in errors."""
+
+    label: str
+    template: jinja2.Template | None = None
+    constant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _SenderView:
+    """What a sender contributes to every message, computed once per sender."""
+
+    settings: SenderSettings
+    variables: Mapping[str, object]
+    from_: Address | None
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Composer:
+    """The compiled templates of one campaign (made by `build_composer`); `render` is pure."""
+
+    campaign: str
+    base_dir: Path
+    subject: _Part
+    html: _Part | None
+    text: _Part | None
+    headers: tuple[tuple[str, _Part], ...]
+    unsubscribe_url: _Part | None
+    mailto: str | None
+    secrets: tuple[bytes, ...] = field(repr=False)
+    reply_to: tuple[Address, ...]
+    reply_to_problem: str | None
+    tracking: Tracking | None
+    name_column: str | None
+    jinja_globals: Mapping[str, Any] = field(repr=False)
+    # A memo of per-sender values; it changes no result, so render() stays pure.
+    _senders: dict[str, _SenderView] = field(default_factory=dict, repr=False, compare=False)
+
+    def render(self, recipient: Recipient, sender: SenderSettings) -> Message:
+        """The message `sender` sends to `recipient`; TemplateError or HeaderError name the row."""
+        row = recipient.row
+        view = self._sender_view(sender)
+        if view.problem is not None:
+            raise HeaderError(f"row {row}: {view.problem}")
+        if self.reply_to_problem is not None:
+            raise HeaderError(f"row {row}: message.reply_to {self.reply_to_problem}")
+        name = recipient.address.name
+        if name is not None and (problem := header_value_problem(name)) is not None:
+            column = f" (column {self.name_column!r})" if self.name_column else ""
+            raise HeaderError(f"row {row}: the recipient name{column} {problem}")
+        if (problem := header_value_problem(recipient.address.email)) is not None:
+            raise HeaderError(f"row {row}: the recipient address {problem}")
+
+        context: dict[str, Any] = {**self.jinja_globals, **recipient.fields}
+        # Built-in names win over columns of the same name, so `unsubscribe_url` is always ours.
+        context["recipient"] = {
+            "email": recipient.address.email,
+            "name": name,
+            "key": recipient.key,
+            "row": row,
+        }
+        context["sender"] = view.variables
+        context["campaign"] = {"name": self.campaign}
+
+        unsubscribe_headers: tuple[tuple[str, str], ...] = ()
+        if self.unsubscribe_url is not None:
+            try:
+                token = make_token(secrets=self.secrets, campaign=self.campaign, recipient_key=recipient.key)
+            except ValueError as exc:
+                raise HeaderError(f"row {row}: {exc}; use a shorter recipients.key_column value") from exc
+            context["unsubscribe_token"] = token
+            url = self._render_part(self.unsubscribe_url, context, row).strip()
+            context["unsubscribe_url"] = url
+            try:
+                unsubscribe_headers = build_unsubscribe_headers(
+                    url=url, mailto=self.mailto, token=token, campaign=self.campaign
+                )
+            except HeaderError as exc:
+                raise HeaderError(f"row {row}: {exc}") from exc
+
+        subject = self._render_part(self.subject, context, row).strip()
+        if not subject:
+            raise TemplateError(f"row {row}: message.subject renders empty; give every row a subject")
+        if (problem := header_value_problem(subject)) is not None:
+            raise HeaderError(f"row {row}: message.subject {problem}")
+        if len(subject) > _MAX_SUBJECT:
+            raise HeaderError(f"row {row}: message.subject is {len(subject)} characters; keep it under 998")
+
+        headers: list[tuple[str, str]] = []
+        for header_name, part in self.headers:
+            value = self._render_part(part, context, row)
+            if (problem := header_value_problem(value)) is not None:
+                raise HeaderError(f"row {row}: {part.label} {problem}")
+            headers.append((header_name, value))
+        headers.extend(unsubscribe_headers)
+
+        html = None if self.html is None else self._render_part(self.html, context, row)
+        text = None if self.text is None else self._render_part(self.text, context, row)
+        return Message(
+            recipient_key=recipient.key,
+            row=row,
+            sender=sender.name,
+            to=(recipient.address,),
+            subject=subject,
+            html=html,
+            text=text,
+            from_=view.from_,
+            reply_to=self.reply_to,
+            headers=tuple(headers),
+            metadata=(
+                ("key1", self.campaign),
+                ("key2", recipient.key),
+                ("campaign", self.campaign),
+                ("recipient", recipient.key),
+            ),
+            tracking=self.tracking,
+        )
+
+    def _sender_view(self, sender: SenderSettings) -> _SenderView:
+        view = self._senders.get(sender.name)
+        if view is None or view.settings is not sender:
+            view = _build_sender_view(sender)
+            self._senders[sender.name] = view
+        return view
+
+    def _render_part(self, part: _Part, context: dict[str, Any], row: int) -> str:
+        template = part.template
+        if template is None:
+            return part.constant
+        env = template.environment
+        try:
+            try:
+                # `context` already holds the globals (see `render`), so hand it to a Context as
+                # is: Template.render would copy globals and variables for every template.
+                ctx = env.context_class(env, context, template.name, template.blocks)
+                return "".join(template.root_render_func(ctx))
+            except Exception:
+                env.handle_exception()  # re-raises with the template's file and line in the traceback
+        except Exception as exc:  # a user's template can raise anything; name where it happened
+            raise _describe_render_error(exc, part.label, row, self.base_dir) from exc
+
+
+def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Composer:
+    """Read and compile the manifest's templates once (InputFileError, TemplateError, ManifestError)."""
+    base_dir = manifest.base_dir
+    message = manifest.message
+    sources: dict[str, tuple[str, str]] = {}  # loader name -> (source, filename)
+    main_names: dict[str, str] = {}  # manifest key -> loader name
+    for key, path in (("message.html", message.html), ("message.text", message.text)):
+        if path is not None:
+            name = _loader_name(path, base_dir)
+            sources[name] = (_read_template(key, path), str(path))
+            main_names[key] = name
+    html_name = main_names.get("message.html")
+    text_name = main_names.get("message.text")
+
+    def select_autoescape(name: str | None) -> bool:
+        # The message.html template is HTML whatever its file is called; others go by suffix.
+        if name is None or name == text_name:
+            return False
+        return name == html_name or name.lower().endswith(HTML_SUFFIXES)
+
+    def load_main(name: str) -> tuple[str, str, Any] | None:
+        found = sources.get(name)
+        return None if found is None else (found[0], found[1], lambda: True)
+
+    loader = jinja2.ChoiceLoader(
+        [jinja2.FunctionLoader(load_main), jinja2.FileSystemLoader([base_dir, BUILTIN_TEMPLATES])]
+    )
+    env = ImmutableSandboxedEnvironment(
+        loader=loader,
+        undefined=jinja2.StrictUndefined,
+        autoescape=select_autoescape,
+        keep_trailing_newline=True,
+        finalize=_finalize,
+        auto_reload=False,
+    )
+
+    def compile_file(key: str) -> _Part | None:
+        name = main_names.get(key)
+        if name is None:
+            return None
+        _check_template_tree(env, name, base_dir)
+        return _Part(label=_display_name(sources[name][1], base_dir), template=env.get_template(name))
+
+    unsubscribe = manifest.unsubscribe
+    unsubscribe_url: _Part | None = None
+    mailto: str | None = None
+    if unsubscribe is not None:
+        if not secrets:
+            raise ManifestError(
+                "[unsubscribe] needs a secret to sign links: "
+                f"set the environment variable {unsubscribe.secret_env}"
+            )
+        unsubscribe_url = _compile_string(env, "unsubscribe.url", unsubscribe.url)
+        mailto = unsubscribe.mailto
+
+    headers: list[tuple[str, _Part]] = []
+    for header_name, value in message.headers.items():
+        if (problem := header_name_problem(header_name)) is not None:
+            raise HeaderError(f"message.headers: {problem}")
+        headers.append((header_name, _compile_string(env, f"message.headers.{header_name}", value)))
+
+    reply_to, reply_to_problem = _parse_reply_to(message.reply_to)
+    tracking = message.tracking
+    return Composer(
+        campaign=manifest.campaign.name,
+        base_dir=base_dir,
+        subject=_compile_string(env, "message.subject", message.subject),
+        html=compile_file("message.html"),
+        text=compile_file("message.text"),
+        headers=tuple(headers),
+        unsubscribe_url=unsubscribe_url,
+        mailto=mailto,
+        secrets=tuple(secrets or ()),
+        reply_to=reply_to,
+        reply_to_problem=reply_to_problem,
+        tracking=None
+        if tracking is None
+        else Tracking(
+            opens=tracking.opens,
+            links=tracking.links,
+            thread_replies=tracking.thread_replies,
+            label=tracking.label,
+        ),
+        name_column=manifest.recipients.name_column,
+        jinja_globals=dict(env.globals),
+    )
+
+
+def _finalize(value: object) -> object:
+    """Print a missing value (None, e.g. an absent recipient name) as nothing rather than "None"."""
+    return "" if value is None else value
+
+
+def _build_sender_view(sender: SenderSettings) -> _SenderView:
+    where = f"senders {sender.name!r}"
+    problem = None
+    for key, value in (("from_name", sender.from_name), ("email", sender.email)):
+        if value is not None and (found := header_value_problem(value)) is not None:
+            problem = f"{where} {key} {found}"
+            break
+    from_ = Address(sender.email, sender.from_name) if sender.email and sender.from_name else None
+    variables = {"name": sender.name, "email": sender.email, "from_name": sender.from_name}
+    return _SenderView(settings=sender, variables=variables, from_=from_, problem=problem)
+
+
+def _parse_reply_to(value: str | None) -> tuple[tuple[Address, ...], str | None]:
+    """The reply-to address (the manifest validated its syntax), or the problem every row will report."""
+    if value is None:
+        return (), None
+    if (problem := header_value_problem(value)) is not None:
+        return (), problem
+    return (Address(value.strip()),), None
+
+
+def _loader_name(path: Path, base_dir: Path) -> str:
+    """The name a template file is loaded under: relative to the campaign folder when inside it."""
+    try:
+        return path.relative_to(base_dir).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _display_name(filename: str, base_dir: Path) -> str:
+    """A template file as the user knows it: relative to the campaign folder or the built-in folder."""
+    path = Path(filename)
+    for root in (base_dir, BUILTIN_TEMPLATES):
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return filename
+
+
+def _read_template(key: str, path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputFileError(f"{key}: template file {path} does not exist; check the path") from exc
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{key}: template file {path} is not UTF-8 text; save it as UTF-8") from exc
+    except OSError as exc:
+        raise InputFileError(f"{key}: cannot read template file {path}: {exc.strerror or exc}") from exc
+
+
+def _compile_string(env: jinja2.Environment, label: str, source: str) -> _Part:
+    if not any(marker in source for marker in _TEMPLATE_MARKERS):
+        return _Part(label=label, constant=source)
+    try:
+        return _Part(label=label, template=env.from_string(source))
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{label}: template syntax error: {exc.message}; fix the template") from exc
+
+
+def _check_template_tree(env: jinja2.Environment, name: str, base_dir: Path) -> None:
+    """Compile a template and every template it names literally, so errors surface before any row."""
+    assert env.loader is not None  # build_composer always gives one
+    pending, referrer = [name], {name: name}
+    while pending:
+        current = pending.pop()
+        try:
+            source, filename, _ = env.loader.get_source(env, current)
+            env.get_template(current)
+            references = list(meta.find_referenced_templates(env.parse(source, current, filename)))
+        except jinja2.TemplateSyntaxError as exc:
+            where = _display_name(exc.filename or current, base_dir)
+            raise TemplateError(
+                f"template {where} line {exc.lineno}: syntax error: {exc.message}; fix the template"
+            ) from exc
+        except jinja2.TemplateNotFound as exc:
+            raise TemplateError(
+                f"template {_display_name(referrer[current], base_dir)} refers to {exc.name!r}, which is in "
+                f"neither {base_dir} nor the built-in templates; check the name"
+            ) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TemplateError(f"template {current} cannot be read as UTF-8 text: {exc}") from exc
+        for reference in references:
+            if reference is not None and reference not in referrer:
+                referrer[reference] = filename or current
+                pending.append(reference)
+
+
+def _describe_render_error(exc: Exception, label: str, row: int, base_dir: Path) -> TemplateError:
+    """A one-line TemplateError naming the row, the template (and line) and the variable if undefined."""
+    where, line = label, None
+    tb = exc.__traceback__
+    while tb is not None:  # jinja rewrites tracebacks so template frames carry file and line
+        frame = tb.tb_frame
+        if "__jinja_exception__" in frame.f_globals and not frame.f_code.co_filename.startswith("<"):
+            where, line = _display_name(frame.f_code.co_filename, base_dir), tb.tb_lineno
+        tb = tb.tb_next
+    at = f" at line {line}" if line is not None else ""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, jinja2.UndefinedError):
+        if (found := _UNDEFINED_NAME.search(text)) is not None:
+            return TemplateError(
+                f"row {row}: template {where} uses undefined variable {found['name']!r}{at}; "
+                "add the column or fix the template"
+            )
+        if (found := _UNDEFINED_ATTRIBUTE.search(text)) is not None:
+            return TemplateError(
+                f"row {row}: template {where} uses undefined attribute {found['name'].strip(chr(39))!r}{at} "
+                f"({text}); fix the template"
+            )
+    if isinstance(exc, jinja2.TemplateNotFound):
+        return TemplateError(
+            f"row {row}: template {where} refers to {exc.name!r}{at}, which is in neither {base_dir} "
+            "nor the built-in templates"
+        )
+    if isinstance(exc, jinja2.exceptions.SecurityError):
+        return TemplateError(f"row {row}: template {where}{at} tried an unsafe operation ({text})")
+    return TemplateError(f"row {row}: template {where} failed{at}: {type(exc).__name__}: {text}")

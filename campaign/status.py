@@ -1,0 +1,88 @@
+"""Where a campaign stands, as plain data: what `campaign status` prints and `--json` emits.
+
+Reads the ledger; writes nothing. The keys are a contract documented in the README.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from campaign.clock import Clock
+from campaign.ledger import Ledger
+from campaign.manifest import Manifest
+from campaign.models import RowState
+from campaign.ratelimit import DAY_S
+
+__all__ = ["OPEN_STATES", "build_status", "build_unstarted_status"]
+
+# A campaign is not done while any row is in one of these.
+OPEN_STATES = (RowState.PENDING, RowState.INFLIGHT, RowState.UNKNOWN)
+
+
+def build_status(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> dict[str, Any]:
+    """The status of a started campaign."""
+    counts = ledger.counts()
+    by_sender = ledger.counts_by_sender()
+    since = clock.now().timestamp() - DAY_S
+    senders = {}
+    for sender in manifest.senders:
+        sent_24h = sum(count for _, count in ledger.sent_recipients_since(sender.name, since))
+        senders[sender.name] = {
+            "grant_id": sender.grant_id,
+            "email": sender.email,
+            "states": _named(by_sender.get(sender.name, dict.fromkeys(RowState, 0))),
+            "sent_last_24h": sent_24h,
+            "per_day": sender.per_day,
+            "budget_left": None if sender.per_day is None else max(0, sender.per_day - sent_24h),
+        }
+    skipped: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for row in ledger.rows(states=(RowState.SKIPPED, RowState.FAILED, RowState.UNKNOWN)):
+        if row.state == RowState.SKIPPED:
+            skipped[(row.reason or "unknown").split(":", 1)[0]] += 1
+        else:
+            errors[f"{row.error_status or '-'} {row.error_type or row.state.value}"] += 1
+    return {
+        "campaign": manifest.campaign.name,
+        "manifest": str(manifest.path),
+        "ledger": str(ledger.path),
+        "started": True,
+        "done": all(counts[state] == 0 for state in OPEN_STATES),
+        "total": sum(counts.values()),
+        "states": _named(counts),
+        "skipped": dict(sorted(skipped.items())),
+        "errors": dict(errors.most_common()),
+        "senders": senders,
+    }
+
+
+def build_unstarted_status(manifest: Manifest) -> dict[str, Any]:
+    """The status of a campaign that has no ledger yet."""
+    zero = _named(dict.fromkeys(RowState, 0))
+    return {
+        "campaign": manifest.campaign.name,
+        "manifest": str(manifest.path),
+        "ledger": None,
+        "started": False,
+        "done": False,
+        "total": 0,
+        "states": zero,
+        "skipped": {},
+        "errors": {},
+        "senders": {
+            sender.name: {
+                "grant_id": sender.grant_id,
+                "email": sender.email,
+                "states": dict(zero),
+                "sent_last_24h": 0,
+                "per_day": sender.per_day,
+                "budget_left": sender.per_day,
+            }
+            for sender in manifest.senders
+        },
+    }
+
+
+def _named(counts: dict[RowState, int]) -> dict[str, int]:
+    return {state.value: counts.get(state, 0) for state in RowState}

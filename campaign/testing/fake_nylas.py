@@ -1,0 +1,401 @@
+"""A fake Nylas v3 API: `FakeNylas` is the in-memory state plus `.app`, a starlette app over it.
+
+It answers the send, list-messages, folders and scheduled-send endpoints the way
+`nylas-api.md` §11 describes, including idempotency, rate limits, provider quotas
+and scripted faults, so the client can be tested without a network. It is written
+from that document only: it must not import the client (campaign.nylas) or the
+models it sends (campaign.models).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from campaign.clock import Clock
+from campaign.testing.envelopes import (
+    BAD_GATEWAY_HTML,
+    Answer,
+    ApiProblem,
+    answer_error,
+    answer_html,
+    answer_json,
+    answer_problem,
+    answer_throttled,
+    new_request_id,
+)
+from campaign.testing.limits import KeyState
+from campaign.testing.payload import (
+    BASIC_HEADER_NAMES,
+    REJECTED_MESSAGE,
+    build_message,
+    count_recipients,
+    decode_json_attachments,
+    fingerprint_payload,
+    parse_json_object,
+    validate_send_payload,
+)
+from campaign.testing.records import (
+    DeliveredAttachment,
+    FakeConnectionReset,
+    Fault,
+    QuotaStyle,
+    RequestRecord,
+)
+from campaign.testing.state import FakeState, Grant, ScriptedFault
+
+__all__ = ["FakeNylas"]
+
+IDEMPOTENCY_KEY_MAX = 256
+_FILE_PART = re.compile(r"file\d+")
+_NOT_FOUND = "requested object not found"
+FilePart = tuple[str, DeliveredAttachment]
+
+
+class FakeNylas(FakeState):
+    """The fake API: configure it (add_grant, set_quota, script, …), serve `.app`, inspect `deliveries`."""
+
+    def __init__(self, *, api_key: str = "sandbox-key", clock: Clock | None = None) -> None:
+        super().__init__(api_key=api_key, clock=clock)
+        grant = "/v3/grants/{grant_id}"
+        self.app = Starlette(
+            routes=[
+                Route(f"{grant}/messages/send", self._handle_send, methods=["POST"]),
+                Route(f"{grant}/messages", self._handle_list, methods=["GET"]),
+                Route(f"{grant}/folders", self._handle_folders, methods=["GET"]),
+                Route(f"{grant}/messages/schedules", self._handle_schedules, methods=["GET"]),
+                Route(
+                    f"{grant}/messages/schedules/{{schedule_id}}",
+                    self._handle_schedule,
+                    methods=["GET", "DELETE"],
+                ),
+            ],
+            exception_handlers={HTTPException: _answer_http_error},
+        )
+
+    # ---- POST /v3/grants/{grant_id}/messages/send ----
+
+    async def _handle_send(self, request: Request) -> Response:
+        arrived = self.clock.monotonic()
+        key = request.headers.get("idempotency-key")
+        record = {"grant": request.path_params["grant_id"], "status": 0, "replayed": False}
+        try:
+            response = await self._serve_send(request, key, record)
+            if not isinstance(response, _DroppedConnection):
+                record["status"] = response.status_code
+            return response
+        finally:
+            self._record_request(
+                RequestRecord(
+                    arrived, str(record["grant"]), int(record["status"]), key, bool(record["replayed"])
+                )
+            )
+
+    async def _serve_send(self, request: Request, key: str | None, record: dict[str, Any]) -> Response:
+        request_id = new_request_id()
+        try:
+            grant = self._gate(request)
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id).build_response()
+        record["grant"] = grant.id
+        multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+        gateway = self._take_fault(grant.id, stage="gateway")
+        if gateway is not None and gateway.fault is Fault.RESET:
+            await request.body()
+            return _DroppedConnection()
+        if gateway is not None:
+            return self._answer_gateway_fault(gateway, request_id).build_response()
+        wait = self._admit_send(grant, multipart=multipart)
+        if wait is not None:
+            return self._answer_rate_limited(request_id, wait).build_response()
+        if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
+            message = f"Idempotency-Key must be {IDEMPOTENCY_KEY_MAX} characters or fewer."
+            return answer_error(
+                400, "api.invalid_idempotency_key", message, request_id=request_id
+            ).build_response()
+        try:
+            payload, files, fingerprint = await self._read_send_body(request, multipart=multipart)
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id).build_response()
+        if key is None:
+            self._begin_unkeyed()
+        else:
+            state, stored = self._claim_key(grant, key, fingerprint)
+            if stored is not None:
+                record["replayed"] = True
+                return stored.build_response(replayed=True)
+            if state is not KeyState.FRESH:
+                return _answer_key_conflict(state, request_id).build_response()
+        fields = request.query_params.get("fields", "")
+        try:
+            # The server finishes what it started even if the caller gives up (client timeout).
+            with anyio.CancelScope(shield=True):
+                answer, dropped = await self._process_send(
+                    grant, payload, files, key=key, multipart=multipart, fields=fields, request_id=request_id
+                )
+        except BaseException:
+            self._finish(grant, key, None)
+            raise
+        self._finish(grant, key, answer)
+        return _DroppedConnection() if dropped else answer.build_response()
+
+    def _gate(self, request: Request) -> Grant:
+        """The grant named in the path, after checking the API key (401, then 404)."""
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            raise ApiProblem(401, "unauthorized", "Unauthorized")
+        grant = self._lookup_grant(request.path_params["grant_id"])
+        if grant is None:
+            raise ApiProblem(404, "not_found_error", _NOT_FOUND)
+        return grant
+
+    async def _read_send_body(
+        self, request: Request, *, multipart: bool
+    ) -> tuple[dict[str, Any], list[FilePart], str]:
+        body = await request.body()
+        limit = self.max_multipart_bytes if multipart else self.max_json_bytes
+        if len(body) > limit:
+            kind = "multipart" if multipart else "JSON"
+            message = f"request body is {len(body)} bytes; {kind} sends accept at most {limit}"
+            raise ApiProblem(413, "invalid_request_error", message)
+        if not multipart:
+            payload = parse_json_object(body)
+            return payload, [], fingerprint_payload(payload)
+        message_part, files = await _read_form(request, limit=limit)
+        payload = parse_json_object(message_part)
+        return payload, files, fingerprint_payload(payload, files)
+
+    async def _process_send(
+        self,
+        grant: Grant,
+        payload: dict[str, Any],
+        files: list[FilePart],
+        *,
+        key: str | None,
+        multipart: bool,
+        fields: str,
+        request_id: str,
+    ) -> tuple[Answer, bool]:
+        """Validate, apply quotas and provider faults, deliver; return the answer and whether to drop."""
+        slow = self._take_fault(grant.id, stage="delay")
+        if self.latency_s > 0:
+            await self.clock.sleep(self.latency_s)
+        if slow is not None:
+            await self.clock.sleep(slow.delay_s)
+        try:
+            validate_send_payload(payload, now=self.clock.now())
+            attachments = decode_json_attachments(payload) + tuple(part for _, part in files)
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id), False
+        if payload.get("send_at") is not None:
+            return self._accept_scheduled(grant, payload, attachments, request_id), False
+        refusal = self._throttle_wait(grant, count_recipients(payload))
+        if refusal is not None:
+            style, wait = refusal
+            now = self.clock.now()
+            throttled = answer_throttled(
+                style, request_id=request_id, now=now, wait_s=wait, retry_after_header=self.quota_retry_after
+            )
+            return throttled, False
+        fault = self._take_fault(grant.id, stage="provider")
+        if fault is not None and fault.fault not in (Fault.TIMEOUT_AFTER_SEND, Fault.RESET_AFTER_SEND):
+            return self._answer_provider_fault(fault, request_id), False
+        data, headers = self._deliver(grant, payload, attachments, key=key, multipart=multipart)
+        if fault is not None and fault.fault is Fault.TIMEOUT_AFTER_SEND:
+            return answer_error(
+                504, "provider_error", "Provider request timed out.", request_id=request_id
+            ), False
+        if fields == "include_headers":
+            data["headers"] = headers
+        elif fields == "include_basic_headers":
+            data["headers"] = [h for h in headers if h["name"].lower() in BASIC_HEADER_NAMES]
+        answer = answer_json(200, {"grant_id": grant.id, "data": data}, request_id=request_id)
+        return answer, fault is not None
+
+    def _accept_scheduled(
+        self,
+        grant: Grant,
+        payload: dict[str, Any],
+        attachments: tuple[DeliveredAttachment, ...],
+        request_id: str,
+    ) -> Answer:
+        """202 for a send with `send_at`: remembered as a schedule, not delivered."""
+        schedule_id = new_request_id()
+        data = build_message(
+            payload,
+            message_id=schedule_id,
+            grant_id=grant.id,
+            grant_email=grant.email,
+            folder_id=grant.sent_folder_id,
+            date=self.clock.now(),
+            attachments=attachments,
+        )
+        data.update(schedule_id=schedule_id, send_at=payload["send_at"], folders=[])
+        self._add_schedule(grant, schedule_id, payload["send_at"])
+        return answer_json(202, {"grant_id": grant.id, "data": data}, request_id=request_id)
+
+    def _answer_gateway_fault(self, scripted: ScriptedFault, request_id: str) -> Answer:
+        if scripted.fault is Fault.UNAUTHORIZED:
+            return answer_error(401, "unauthorized", "Unauthorized", request_id=request_id)
+        if scripted.fault is Fault.BAD_GATEWAY:
+            return answer_html(502, BAD_GATEWAY_HTML)
+        return self._answer_rate_limited(request_id, scripted.retry_after_s)
+
+    def _answer_rate_limited(self, request_id: str, wait_s: float) -> Answer:
+        """Nylas' own 429 (no provider_error); Retry-After only when `nylas_retry_after` is on."""
+        return answer_error(
+            429,
+            "nylas_rate_limit_exceeded",
+            "Too many requests, please try again shortly.",
+            request_id=request_id,
+            retry_after_s=wait_s if self.nylas_retry_after else None,
+        )
+
+    def _answer_provider_fault(self, scripted: ScriptedFault, request_id: str) -> Answer:
+        fault = scripted.fault
+        if fault in (Fault.PROVIDER_THROTTLE, Fault.QUOTA_EXCEEDED):
+            style: QuotaStyle = "microsoft" if fault is Fault.PROVIDER_THROTTLE else "google"
+            return answer_throttled(
+                style,
+                request_id=request_id,
+                now=self.clock.now(),
+                wait_s=scripted.retry_after_s,
+                retry_after_header=self.quota_retry_after,
+            )
+        simple = {
+            Fault.FORBIDDEN: (403, "insufficient_scopes", "missing provider scopes required to send email"),
+            Fault.REJECTED: (402, "message_rejected", REJECTED_MESSAGE),
+            Fault.INTERNAL_ERROR: (500, "api.internal_error", "Internal server error."),
+            Fault.UNAVAILABLE: (503, "api.service_unavailable", "Error while connected to the provider."),
+        }
+        status, error_type, message = simple[fault]
+        return answer_error(status, error_type, message, request_id=request_id)
+
+    # ---- reading endpoints ----
+
+    async def _handle_list(self, request: Request) -> Response:
+        request_id = new_request_id()
+        try:
+            grant = self._gate(request)
+            wait = self._admit_read(grant)
+            if wait is not None:
+                return self._answer_rate_limited(request_id, wait).build_response()
+            query: dict[str, list[str]] = {}
+            for name, value in request.query_params.multi_items():
+                query.setdefault(name, []).append(value)
+            data, cursor = self._list_messages(grant, query)
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id).build_response()
+        document: dict[str, Any] = {"data": data}
+        if cursor is not None:
+            document["next_cursor"] = cursor
+        return answer_json(200, document, request_id=request_id).build_response()
+
+    async def _handle_folders(self, request: Request) -> Response:
+        request_id = new_request_id()
+        try:
+            grant = self._gate(request)
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id).build_response()
+        return answer_json(200, {"data": list(grant.folders)}, request_id=request_id).build_response()
+
+    async def _handle_schedules(self, request: Request) -> Response:
+        request_id = new_request_id()
+        try:
+            grant = self._gate(request)
+            data = [
+                {"schedule_id": sid, "status": self._schedule_status(grant, sid)}
+                for sid in self._schedule_ids(grant)
+            ]
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id).build_response()
+        return answer_json(200, {"data": data}, request_id=request_id).build_response()
+
+    async def _handle_schedule(self, request: Request) -> Response:
+        request_id = new_request_id()
+        schedule_id = request.path_params["schedule_id"]
+        cancel = request.method == "DELETE"
+        try:
+            grant = self._gate(request)
+            status = self._schedule_status(grant, schedule_id, cancel=cancel)
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id).build_response()
+        if cancel:
+            data = {"message": "requested cancelation for workflow"}
+            return answer_json(202, {"data": data}, request_id=request_id).build_response()
+        return answer_json(
+            200, {"data": {"schedule_id": schedule_id, "status": status}}, request_id=request_id
+        ).build_response()
+
+
+async def _read_form(request: Request, *, limit: int) -> tuple[str | bytes, list[FilePart]]:
+    """The `message` part (plain field, or file part with an empty filename) and the attachment parts."""
+    message: str | bytes | None = None
+    files: list[FilePart] = []
+    unparseable = ApiProblem(400, "invalid_request_error", "error parsing request body")
+    try:
+        async with request.form(max_part_size=limit) as form:
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    if name != "message" or message is not None:
+                        raise unparseable
+                    message = value
+                    continue
+                content = await value.read()
+                if name == "message" and not value.filename and message is None:
+                    message = content
+                    continue
+                content_type = value.content_type or "application/octet-stream"
+                content_id = None if _FILE_PART.fullmatch(name) else name
+                files.append(
+                    (name, DeliveredAttachment(value.filename or name, content_type, content, content_id))
+                )
+    except (HTTPException, MultiPartException) as exc:
+        raise unparseable from exc
+    if message is None:
+        raise ApiProblem(400, "invalid_request_error", "multipart body has no 'message' part")
+    return message, files
+
+
+def _answer_key_conflict(state: KeyState, request_id: str) -> Answer:
+    if state is KeyState.IN_PROGRESS:
+        message = "A request with the same Idempotency-Key is currently in progress. Retry in a few seconds."
+        return answer_error(409, "api.concurrent_idempotent_request", message, request_id=request_id)
+    message = (
+        "The Idempotency-Key was reused with a different request payload. Use a new key for a new request."
+    )
+    return answer_error(409, "api.invalid_idempotent_request", message, request_id=request_id)
+
+
+async def _answer_http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods answer with the API's JSON envelope, not starlette's text."""
+    del request
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        return answer_error(404, "not_found_error", _NOT_FOUND, request_id=new_request_id()).build_response()
+    detail = exc.detail if isinstance(exc, HTTPException) else "Internal server error."
+    return answer_error(status, "invalid_request_error", detail, request_id=new_request_id()).build_response()
+
+
+class _DroppedConnection(Response):
+    """Starts a response, then raises `FakeConnectionReset` so the client sees a broken connection."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200, media_type="application/json")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        del scope, receive  # the request is left unanswered on purpose
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"4096")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"request_id": "', "more_body": True})
+        raise FakeConnectionReset("connection reset by the fake Nylas API (Fault.RESET)")

@@ -1,0 +1,373 @@
+"""The in-memory state behind the fake Nylas API, and the test-facing controls on it.
+
+`FakeState` holds grants, scripted faults, rate windows, quotas, idempotency caches,
+stored messages and the delivery / request logs. Every method takes the lock and
+never awaits, so handlers running in uvicorn's thread and a test in the main thread
+can share it. It builds answers but knows nothing of HTTP requests (see fake_nylas.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from campaign.clock import Clock, SystemClock
+from campaign.testing.envelopes import Answer, ApiProblem
+from campaign.testing.limits import IdempotencyCache, KeyState, Quota, QuotaLog, SlidingWindow
+from campaign.testing.listing import StoredMessage, select_messages
+from campaign.testing.payload import build_message, build_message_headers, count_recipients, new_opaque_id
+from campaign.testing.records import DeliveredAttachment, Delivery, Fault, QuotaStyle, RequestRecord
+
+__all__ = ["FakeState", "Grant", "ScriptedFault"]
+
+JSON_SENDS_PER_SECOND = 200
+MULTIPART_SENDS_PER_SECOND = 10
+MESSAGE_READS_PER_SECOND = 200
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9@._+-]")
+
+
+@dataclass
+class ScriptedFault:
+    """A fault waiting for its next `remaining` send requests."""
+
+    fault: Fault
+    grant_id: str | None
+    remaining: int
+    delay_s: float
+    retry_after_s: float
+
+
+@dataclass
+class Grant:
+    """One connected mailbox and everything the fake counts for it."""
+
+    id: str
+    email: str
+    provider: str
+    folders: tuple[dict[str, Any], ...]
+    json_sends: SlidingWindow = field(default_factory=lambda: SlidingWindow(JSON_SENDS_PER_SECOND))
+    multipart_sends: SlidingWindow = field(default_factory=lambda: SlidingWindow(MULTIPART_SENDS_PER_SECOND))
+    reads: SlidingWindow = field(default_factory=lambda: SlidingWindow(MESSAGE_READS_PER_SECOND))
+    quota: Quota | None = None
+    quota_log: QuotaLog = field(default_factory=QuotaLog)
+    throttled_until: datetime | None = None
+    throttle_style: QuotaStyle = "microsoft"
+    keys: IdempotencyCache = field(default_factory=IdempotencyCache)
+    messages: list[StoredMessage] = field(default_factory=list)
+    schedules: dict[str, tuple[int, bool]] = field(default_factory=dict)  # id -> (send_at, cancelled)
+
+    @property
+    def sent_folder_id(self) -> str:
+        """The id of the folder with the \\Sent attribute."""
+        return str(self.folders[1]["id"])
+
+
+def _build_folders(grant_id: str, provider: str) -> tuple[dict[str, Any], ...]:
+    # Google folder ids are Gmail label ids; other providers use opaque ids.
+    if provider == "google":
+        names = (("INBOX", "INBOX", "\\Inbox"), ("SENT", "SENT", "\\Sent"), ("DRAFT", "DRAFT", "\\Drafts"))
+    else:
+        digest = hashlib.sha256(grant_id.encode()).hexdigest()
+        names = (
+            (f"inbox-{digest[:12]}", "Inbox", "\\Inbox"),
+            (f"sent-{digest[12:24]}", "Sent Items", "\\Sent"),
+            (f"drafts-{digest[24:36]}", "Drafts", "\\Drafts"),
+        )
+    return tuple(
+        {
+            "id": fid,
+            "grant_id": grant_id,
+            "name": name,
+            "object": "folder",
+            "attributes": [attr],
+            "system_folder": True,
+        }
+        for fid, name, attr in names
+    )
+
+
+class FakeState:
+    """Grants, faults, limits and logs of a fake Nylas API, safe to use from two threads."""
+
+    def __init__(self, *, api_key: str = "sandbox-key", clock: Clock | None = None) -> None:
+        self.api_key = api_key
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.latency_s = 0.0  # added to every send, on the clock
+        self.nylas_retry_after = False  # Retry-After on Nylas' own 429 (undocumented; off by default)
+        self.quota_retry_after = True  # Retry-After besides Google's "Retry after <ISO>" text
+        self.max_json_bytes = 3_000_000
+        self.max_multipart_bytes = 25_000_000
+        self.idempotency_ttl_s = 3600.0
+        self._lock = threading.Lock()
+        self._grants: dict[str, Grant] = {}
+        self._scripts: list[ScriptedFault] = []
+        self._deliveries: list[Delivery] = []
+        self._requests: list[RequestRecord] = []
+        self._in_flight = 0
+        self._seq = 0
+
+    # ---- configuration (tests, sandbox) ----
+
+    def add_grant(self, grant_id: str, email: str, *, provider: str = "google") -> None:
+        """Connect a mailbox: sends to `grant_id` (or its email) are accepted from now on."""
+        with self._lock:
+            self._grants[grant_id] = Grant(grant_id, email, provider, _build_folders(grant_id, provider))
+
+    def set_quota(
+        self,
+        grant_id: str,
+        *,
+        recipients_per_day: int | None = None,
+        messages_per_minute: int | None = None,
+        style: QuotaStyle = "google",
+    ) -> None:
+        """Simulate a provider quota on rolling windows (24 h recipients, 1 min messages); None lifts it."""
+        for limit in (recipients_per_day, messages_per_minute):
+            if limit is not None and limit < 1:
+                raise ValueError("quota limits must be at least 1")
+        with self._lock:
+            grant = self._require_grant(grant_id)
+            unset = recipients_per_day is None and messages_per_minute is None
+            grant.quota = None if unset else Quota(recipients_per_day, messages_per_minute, style)
+
+    def throttle_account(
+        self, grant_id: str, *, until: datetime | None, style: QuotaStyle = "microsoft"
+    ) -> None:
+        """Answer every send to the grant with a provider 429 until `until` (None ends it)."""
+        with self._lock:
+            grant = self._require_grant(grant_id)
+            grant.throttled_until = until
+            grant.throttle_style = style
+
+    def script(
+        self,
+        fault: Fault,
+        *,
+        grant_id: str | None = None,
+        times: int = 1,
+        delay_s: float = 0.0,
+        retry_after_s: float = 2.0,
+    ) -> None:
+        """Give the next `times` send requests (to `grant_id`, or any) this fault.
+
+        `delay_s` is the wait of Fault.SLOW; `retry_after_s` is the wait that the
+        throttling faults announce. A request takes at most one gateway fault, one
+        SLOW and one provider fault, in the order they were scripted.
+        """
+        if times < 1:
+            raise ValueError("times must be at least 1")
+        with self._lock:
+            if grant_id is not None:
+                grant_id = self._require_grant(grant_id).id
+            self._scripts.append(ScriptedFault(fault, grant_id, times, delay_s, retry_after_s))
+
+    def clear_faults(self) -> None:
+        """Drop every scripted fault not yet used."""
+        with self._lock:
+            self._scripts.clear()
+
+    # ---- inspection ----
+
+    @property
+    def deliveries(self) -> list[Delivery]:
+        """Messages delivered so far, in delivery order (a copy)."""
+        with self._lock:
+            return list(self._deliveries)
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Every send request answered so far, in order of answer (a copy)."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def in_flight(self) -> int:
+        """Send requests being processed right now (past parsing, before their answer)."""
+        with self._lock:
+            return self._in_flight
+
+    def sent_folder_id(self, grant_id: str) -> str:
+        """The Sent folder id of a grant, as `GET /folders` reports it."""
+        with self._lock:
+            return self._require_grant(grant_id).sent_folder_id
+
+    def write_outbox(self, directory: Path) -> list[Path]:
+        """Write each delivery as `NNNN-<to>.json` (and `.html` for an HTML body); return the paths."""
+        directory.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        for number, delivery in enumerate(self.deliveries, start=1):
+            first_to = str(delivery.payload["to"][0]["email"])
+            stem = f"{number:04d}-{_UNSAFE_FILENAME.sub('_', first_to)}"
+            document = {"id": delivery.id, "grant_id": delivery.grant_id, **delivery.payload}
+            json_path = directory / f"{stem}.json"
+            json_path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(json_path)
+            body = delivery.payload.get("body")
+            if isinstance(body, str) and body and delivery.payload.get("is_plaintext") is not True:
+                html_path = directory / f"{stem}.html"
+                html_path.write_text(body, encoding="utf-8")
+                written.append(html_path)
+        return written
+
+    # ---- used by the handlers (all non-awaiting, under the lock) ----
+
+    def _require_grant(self, grant_id: str) -> Grant:
+        grant = self._find_grant(grant_id)
+        if grant is None:
+            raise KeyError(f"no grant {grant_id!r}; add it with add_grant")
+        return grant
+
+    def _find_grant(self, identifier: str) -> Grant | None:
+        if identifier.startswith("grant:"):
+            return self._grants.get(identifier.removeprefix("grant:"))
+        if identifier.startswith("email:"):
+            address = identifier.removeprefix("email:").lower()
+        elif identifier in self._grants:
+            return self._grants[identifier]
+        else:
+            address = identifier.lower()
+        return next((g for g in self._grants.values() if g.email.lower() == address), None)
+
+    def _lookup_grant(self, identifier: str) -> Grant | None:
+        with self._lock:
+            return self._find_grant(identifier)
+
+    def _take_fault(self, grant_id: str, *, stage: str) -> ScriptedFault | None:
+        """Use up the first fault scripted for this grant and stage ("gateway", "delay", "provider")."""
+        with self._lock:
+            for scripted in self._scripts:
+                if scripted.grant_id not in (None, grant_id) or _stage_of(scripted.fault) != stage:
+                    continue
+                scripted.remaining -= 1
+                if scripted.remaining == 0:
+                    self._scripts.remove(scripted)
+                return scripted
+        return None
+
+    def _admit_send(self, grant: Grant, *, multipart: bool) -> float | None:
+        """Count a send in the grant's 1 s window; None if admitted, else the seconds until room."""
+        window = grant.multipart_sends if multipart else grant.json_sends
+        now = self.clock.monotonic()
+        with self._lock:
+            return None if window.admit(now) else window.wait_s(now)
+
+    def _admit_read(self, grant: Grant) -> float | None:
+        now = self.clock.monotonic()
+        with self._lock:
+            return None if grant.reads.admit(now) else grant.reads.wait_s(now)
+
+    def _claim_key(self, grant: Grant, key: str, fingerprint: str) -> tuple[KeyState, Answer | None]:
+        now = self.clock.monotonic()
+        with self._lock:
+            state, answer = grant.keys.claim(key, fingerprint, now=now, ttl_s=self.idempotency_ttl_s)
+            if state is KeyState.FRESH:
+                self._in_flight += 1
+            return state, answer
+
+    def _begin_unkeyed(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def _finish(self, grant: Grant, key: str | None, answer: Answer | None) -> None:
+        """End processing: cache the answer under the key (or forget the key if there is none)."""
+        with self._lock:
+            self._in_flight -= 1
+            if key is not None:
+                if answer is None:
+                    grant.keys.release(key)
+                else:
+                    grant.keys.store(key, answer)
+
+    def _throttle_wait(self, grant: Grant, recipients: int) -> tuple[QuotaStyle, float] | None:
+        """The provider refusal this send meets (account throttled or quota), as (style, seconds to wait)."""
+        now = self.clock.now()
+        with self._lock:
+            if grant.throttled_until is not None and now < grant.throttled_until:
+                return grant.throttle_style, (grant.throttled_until - now).total_seconds()
+            if grant.quota is None:
+                return None
+            mono = self.clock.monotonic()
+            release = grant.quota_log.find_release(grant.quota, mono, recipients)
+            return None if release is None else (grant.quota.style, release - mono)
+
+    def _deliver(
+        self,
+        grant: Grant,
+        payload: dict[str, Any],
+        attachments: tuple[DeliveredAttachment, ...],
+        *,
+        key: str | None,
+        multipart: bool,
+    ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """Record a sent message (delivery log, Sent folder, quota); return its message object and headers."""
+        now = self.clock.now()
+        message_id = new_opaque_id()
+        kept = copy.deepcopy(payload)
+        data = build_message(
+            copy.deepcopy(payload),
+            message_id=message_id,
+            grant_id=grant.id,
+            grant_email=grant.email,
+            folder_id=grant.sent_folder_id,
+            date=now,
+            attachments=attachments,
+        )
+        headers = build_message_headers(data, payload)
+        with self._lock:
+            self._seq += 1
+            grant.messages.append(StoredMessage(self._seq, data, tuple(headers)))
+            grant.quota_log.record(self.clock.monotonic(), count_recipients(payload))
+            self._deliveries.append(Delivery(message_id, grant.id, kept, attachments, key, now, multipart))
+        return copy.deepcopy(data), headers
+
+    def _add_schedule(self, grant: Grant, schedule_id: str, send_at: int) -> None:
+        with self._lock:
+            grant.schedules[schedule_id] = (send_at, False)
+
+    def _schedule_status(self, grant: Grant, schedule_id: str, *, cancel: bool = False) -> dict[str, Any]:
+        """A schedule's status object (cancelling it first when `cancel`); 404 ApiProblem if unknown."""
+        now = int(self.clock.now().timestamp())
+        with self._lock:
+            if schedule_id not in grant.schedules:
+                raise ApiProblem(404, "not_found_error", "requested object not found")
+            send_at, cancelled = grant.schedules[schedule_id]
+            if cancel:
+                if cancelled or send_at <= now:
+                    raise ApiProblem(400, "invalid_request_error", "the scheduled message was already sent")
+                grant.schedules[schedule_id] = (send_at, True)
+                cancelled = True
+        if cancelled:
+            return {"code": "cancelled", "description": "schedule send cancelled"}
+        if send_at <= now:
+            return {"code": "success", "description": "schedule send succeeded"}
+        return {"code": "pending", "description": "schedule send awaiting send at time"}
+
+    def _schedule_ids(self, grant: Grant) -> list[str]:
+        with self._lock:
+            return list(grant.schedules)
+
+    def _list_messages(
+        self, grant: Grant, query: Mapping[str, list[str]]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        with self._lock:
+            snapshot: Sequence[StoredMessage] = list(grant.messages)
+        folder_ids = frozenset(str(f["id"]) for f in grant.folders)
+        return select_messages(snapshot, query, folder_ids=folder_ids)
+
+    def _record_request(self, record: RequestRecord) -> None:
+        with self._lock:
+            self._requests.append(record)
+
+
+def _stage_of(fault: Fault) -> str:
+    if fault.at_gateway:
+        return "gateway"
+    return "delay" if fault is Fault.SLOW else "provider"

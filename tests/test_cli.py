@@ -1,0 +1,259 @@
+"""The CLI end to end: both samples against the fake Nylas on loopback, re-runs, limits, status."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlparse
+
+from conftest import API_KEY, SECRET, copy_sample
+
+from campaign.manifest import load_manifest
+from campaign.testing import FakeNylas
+from campaign.unsubscribe import parse_secrets, verify_token
+
+
+def _register(api: FakeNylas, manifest_path) -> dict[str, str]:
+    manifest = load_manifest(manifest_path)
+    for sender in manifest.senders:
+        api.add_grant(sender.grant_id, sender.email or "")
+    return {sender.grant_id: sender.name for sender in manifest.senders}
+
+
+def _headers(delivery) -> dict[str, str]:
+    return {h["name"]: h["value"] for h in delivery.payload.get("custom_headers", [])}
+
+
+def test_newsletter_sample_sends_every_recipient_exactly_once(api, cli, tmp_path):
+    """The CSV sample: 7 rows, 1 duplicate and 1 suppressed, so 5 messages, each right and each once."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "5 to send, 1 duplicate, 1 suppressed" in result.stdout
+    delivered = {d.payload["to"][0]["email"]: d for d in api.deliveries}
+    assert sorted(delivered) == [
+        "ann.lee@example.com",
+        "bob@example.org",
+        "chen.wei@example.net",
+        "dora@example.com",
+        "eve@example.org",
+    ]
+    assert len(api.deliveries) == 5
+    ann = delivered["ann.lee@example.com"]
+    assert ann.payload["subject"] == "Spring news for Ann"
+    assert ann.payload["to"] == [{"email": "ann.lee@example.com", "name": "Ann Lee"}]
+    assert "Hi Ann," in ann.payload["body"]
+    assert ann.payload.get("is_plaintext", False) is False
+    assert ann.payload["reply_to"] == [{"email": "hello@example.com"}]
+    assert ann.payload["tracking_options"]["opens"] is True
+    assert ann.payload["metadata"]["key1"] == "spring-newsletter"
+    assert ann.payload["metadata"]["key2"] == "ann.lee@example.com"
+    headers = _headers(ann)
+    assert headers["X-Campaign"] == "spring-newsletter"
+    assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    https_url = headers["List-Unsubscribe"].split(",")[0].strip()[1:-1]
+    assert urlparse(https_url).scheme == "https"
+    token = urlparse(https_url).query.removeprefix("t=")
+    claims = verify_token(token, secrets=parse_secrets(SECRET))
+    assert claims is not None
+    assert (claims.campaign, claims.recipient_key) == ("spring-newsletter", "ann.lee@example.com")
+    assert token in ann.payload["body"]  # the footer link is the same per-recipient URL
+    keys = [d.idempotency_key for d in api.deliveries]
+    assert None not in keys and len(set(keys)) == 5
+
+
+def test_second_run_sends_nothing(api, cli, tmp_path):
+    """Re-running a finished campaign sends nothing and exits 0."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    before = len(api.requests)
+    again = cli("run", manifest, "--yes")
+    assert again.exit_code == 0, again.output
+    assert len(api.requests) == before
+
+
+def test_new_rows_are_sent_on_the_next_run(api, cli, tmp_path):
+    """Adding a row to the list and re-running sends only to that row."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    with (manifest.parent / "recipients.csv").open("a", encoding="utf-8") as handle:
+        handle.write("gina@example.com,Gina Hale,Gina,Oslo\n")
+    assert cli("run", manifest, "--yes").exit_code == 0
+    assert [d.payload["to"][0]["email"] for d in api.deliveries].count("gina@example.com") == 1
+    assert len(api.deliveries) == 6
+
+
+def test_outreach_sample_respects_sender_column(api, cli, tmp_path):
+    """The Parquet sample: 9 plain-text messages; pinned rows go from their rep's grant."""
+    manifest = copy_sample("outreach", tmp_path)
+    grants = _register(api, manifest)
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert len(api.deliveries) == 9
+    by_email = {d.payload["to"][0]["email"]: d for d in api.deliveries}
+    assert grants[by_email["tom@contoso.example.com"].grant_id] == "bob"
+    assert grants[by_email["priya@northwind.example.com"].grant_id] == "alice"
+    assert grants[by_email["noah@fourthcoffee.example.com"].grant_id] == "carol"
+    tom = by_email["tom@contoso.example.com"].payload
+    assert tom["is_plaintext"] is True
+    assert tom["subject"] == "Contoso and Acme: a quick question"
+    assert "growing its sales team" in tom["body"]
+    assert tom["from"] == [{"email": "bob@acme.example.com", "name": "Bob Ortiz"}]
+    assert "mailto:" not in _headers(by_email["tom@contoso.example.com"])["List-Unsubscribe"]
+
+
+def test_limit_stops_with_75_and_resume_finishes(api, cli, tmp_path):
+    """--limit 2 sends two and exits 75 with the resume command; resume sends the other three once."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    first = cli("run", manifest, "--yes", "--limit", "2")
+    assert first.exit_code == 75, first.output
+    assert f"campaign resume {manifest}" in first.output
+    assert len(api.deliveries) == 2
+    second = cli("resume", manifest, "--yes")
+    assert second.exit_code == 0, second.output
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert len(emails) == 5 and len(set(emails)) == 5
+
+
+def test_status_json_reports_the_ledger(api, cli, tmp_path):
+    """status --json has the documented keys and agrees with what the fake received."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    before = json.loads(cli("status", manifest, "--json").stdout)
+    assert before["started"] is False
+    cli("run", manifest, "--yes")
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert status["done"] is True
+    assert status["states"]["sent"] == len(api.deliveries) == 5
+    # The duplicate shares its original's key, so the ledger has one row for both.
+    assert status["skipped"] == {"suppressed": 1}
+    assert status["senders"]["founder"]["sent_last_24h"] == 5
+    assert status["senders"]["founder"]["budget_left"] == 495
+    assert API_KEY not in json.dumps(status)
+
+
+def test_permanent_failure_exits_1(api, cli, tmp_path):
+    """A 402 for one recipient: the others are sent, exit 1, status names the cause."""
+    from campaign.testing import Fault
+
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    api.script(Fault.REJECTED, times=1)
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 1, result.output
+    assert len(api.deliveries) == 4
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert status["states"]["failed"] == 1
+    assert any(cause.startswith("402") for cause in status["errors"])
+
+
+def test_refused_api_key_exits_77_and_loses_nothing(api, cli, tmp_path, monkeypatch):
+    """A wrong API key: exit 77, nothing sent, every row still pending for the next run."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    monkeypatch.setenv("NYLAS_API_KEY", "nyk_v0_wrong_key")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 77, result.output
+    assert "nyk_v0_wrong_key" not in result.output
+    assert api.deliveries == []
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert status["states"]["pending"] == 5
+
+
+def test_run_without_terminal_and_without_yes_refuses(api, cli, tmp_path):
+    """No terminal to confirm on and no --yes: exit 2, nothing sent, no ledger."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    result = cli("run", manifest)
+    assert result.exit_code == 2
+    assert "--yes" in result.stderr
+    assert api.requests == []
+    assert not (manifest.parent / "campaign.ledger.sqlite").exists()
+
+
+def test_preview_sends_nothing_and_writes_no_ledger(api, cli, tmp_path):
+    """preview renders every message, writes the sample payloads, sends nothing."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    out = tmp_path / "preview"
+    result = cli("preview", manifest, "--out", out, "--sample", "2")
+    assert result.exit_code == 0, result.output
+    assert "Spring news for Ann" in result.stdout
+    assert api.requests == []
+    assert not (manifest.parent / "campaign.ledger.sqlite").exists()
+    payload = json.loads((out / "0001-ann.lee@example.com.json").read_text())
+    assert payload["subject"] == "Spring news for Ann"
+    dry = cli("run", manifest, "--dry-run")
+    assert dry.exit_code == 0
+    assert "Spring news for Ann" in dry.stdout
+    assert api.requests == []
+
+
+def test_preview_json_summary(api, cli, tmp_path):
+    """preview --json gives counts and per-sender plans for pipelines."""
+    manifest = copy_sample("outreach", tmp_path)
+    data = json.loads(cli("preview", manifest, "--json").stdout)
+    assert data["to_send"] == 9
+    assert {s["name"]: s["messages"] for s in data["senders"]}["bob"] >= 2
+    assert sum(s["messages"] for s in data["senders"]) == 9
+    assert api.requests == []
+
+
+def test_sandbox_run_needs_no_account(cli, tmp_path, monkeypatch):
+    """--sandbox sends to the in-process fake with no key or secret set, and writes the outbox."""
+    for name in ("NYLAS_API_KEY", "CAMPAIGN_UNSUBSCRIBE_SECRET", "NYLAS_API_URI"):
+        monkeypatch.delenv(name, raising=False)
+    manifest = copy_sample("newsletter", tmp_path)
+    result = cli("run", manifest, "--sandbox", "--yes")
+    assert result.exit_code == 0, result.output
+    outbox = manifest.parent / "campaign.sandbox" / "outbox"
+    payloads = sorted(outbox.glob("*.json"))
+    assert len(payloads) == 5
+    assert "dora@example.com" in result.stdout
+    assert not (manifest.parent / "campaign.ledger.sqlite").exists()  # the real ledger is untouched
+    again = cli("run", manifest, "--sandbox", "--yes")
+    assert again.exit_code == 0
+    assert "no messages" in again.stdout
+
+
+def test_resume_without_a_ledger_exits_66(api, cli, tmp_path):
+    """resume on a campaign never run says so and exits 66."""
+    manifest = copy_sample("newsletter", tmp_path)
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 66
+    assert "nothing to resume" in result.stderr
+    assert api.requests == []
+
+
+def test_init_writes_a_starter_and_never_overwrites(cli, tmp_path):
+    """init writes a campaign that previews cleanly; a second init exits 1 and changes nothing."""
+    target = tmp_path / "new"
+    assert cli("init", target).exit_code == 0
+    manifest = target / "campaign.toml"
+    original = manifest.read_text()
+    assert cli("preview", manifest, "--sandbox").exit_code == 0
+    again = cli("init", target)
+    assert again.exit_code == 1
+    assert "never overwrites" in again.stderr
+    assert manifest.read_text() == original
+
+
+def test_schema_is_json_schema(cli):
+    """schema prints a JSON Schema naming the manifest's tables."""
+    schema = json.loads(cli("schema").stdout)
+    assert {"campaign", "recipients", "message", "senders"} <= set(schema["properties"])
+
+
+def test_python_dash_m_runs_the_cli():
+    """`python -m campaign --help` works."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "campaign", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    assert "preview" in result.stdout

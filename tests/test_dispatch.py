@@ -1,0 +1,244 @@
+"""The send loop against the in-process fake Nylas: exactly once, limits, throttles, faults."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
+from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.manifest import SenderSettings
+from campaign.models import Address, Message, RowState, SendOutcome
+from campaign.nylas import NylasClient
+from campaign.plan import Job
+from campaign.ratelimit import DailyBudget
+from campaign.testing import Fault, FakeNylas
+from campaign.testing.clock import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+KEY = "test-key"
+
+
+def _sender(name: str, **limits: Any) -> SenderSettings:
+    return SenderSettings(name=name, grant_id=f"grant-{name}", email=f"{name}@corp.example.com", **limits)
+
+
+def _jobs(count: int, sender: str, start: int = 1) -> list[Job]:
+    from campaign.models import Recipient
+
+    return [
+        Job(
+            Recipient(
+                key=f"r{n}@example.com",
+                row=n,
+                address=Address(f"r{n}@example.com", f"R {n}"),
+                fields={"email": f"r{n}@example.com"},
+            ),
+            sender,
+        )
+        for n in range(start, start + count)
+    ]
+
+
+def _render(job: Job) -> Message:
+    return Message(
+        recipient_key=job.recipient.key,
+        row=job.recipient.row,
+        sender=job.sender,
+        to=(job.recipient.address,),
+        subject=f"Hello {job.recipient.row}",
+        html=f"<p>Hi {job.recipient.row}</p>",
+        metadata=(("key1", "test"), ("key2", job.recipient.key)),
+    )
+
+
+class _Harness:
+    def __init__(self, tmp_path: Path, senders: list[SenderSettings]) -> None:
+        self.clock = FakeClock()
+        self.fake = FakeNylas(api_key=KEY, clock=self.clock)
+        for sender in senders:
+            self.fake.add_grant(sender.grant_id, sender.email or "")
+        self.senders = senders
+        self.ledger: Ledger = open_ledger(tmp_path / "l.sqlite", clock=self.clock, campaign="test")
+        self.events: list[DispatchEvent] = []
+        self.in_flight = 0
+        self.max_in_flight: dict[str, int] = {}
+        self.send_times: dict[str, list[float]] = {}
+
+    async def run(self, jobs: list[Job], **kwargs: Any):
+        self.ledger.record_plan(
+            [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, j.sender) for j in jobs],
+            [],
+        )
+        transport = httpx.ASGITransport(app=self.fake.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fake.test") as http:
+            client = _Watching(NylasClient(http, api_key=KEY, clock=self.clock), self)
+            return await dispatch(
+                jobs,
+                senders=self.senders,
+                render=_render,
+                client=client,
+                ledger=self.ledger,
+                clock=self.clock,
+                on_event=self.events.append,
+                **kwargs,
+            )
+
+    def states(self) -> dict[str, RowState]:
+        return {row.key: row.state for row in self.ledger.rows()}
+
+
+class _Watching:
+    """Wraps the real client to observe concurrency and timing per grant."""
+
+    def __init__(self, client: NylasClient, harness: _Harness) -> None:
+        self._client = client
+        self._h = harness
+        self._per_grant: dict[str, int] = {}
+
+    async def send_message(
+        self, grant_id: str, payload: Mapping[str, Any], *, idempotency_key: str
+    ) -> SendOutcome:
+        self._per_grant[grant_id] = self._per_grant.get(grant_id, 0) + 1
+        self._h.max_in_flight[grant_id] = max(
+            self._h.max_in_flight.get(grant_id, 0), self._per_grant[grant_id]
+        )
+        self._h.send_times.setdefault(grant_id, []).append(self._h.clock.monotonic())
+        try:
+            return await self._client.send_message(grant_id, payload, idempotency_key=idempotency_key)
+        finally:
+            self._per_grant[grant_id] -= 1
+
+
+async def test_every_job_is_sent_exactly_once(tmp_path):
+    """Twenty jobs over two senders: twenty deliveries, each recipient once, each with its own key."""
+    h = _Harness(
+        tmp_path, [_sender("a", per_second=50, concurrency=4), _sender("b", per_second=50, concurrency=2)]
+    )
+    result = await h.run(_jobs(12, "a") + _jobs(8, "b", start=100))
+    assert (result.sent, result.failed, result.remaining) == (20, 0, 0)
+    delivered = [d.payload["to"][0]["email"] for d in h.fake.deliveries]
+    assert sorted(delivered) == sorted({*delivered})
+    assert len(delivered) == 20
+    keys = [d.idempotency_key for d in h.fake.deliveries]
+    assert None not in keys and len(set(keys)) == 20
+    assert set(h.states().values()) == {RowState.SENT}
+
+
+async def test_concurrency_cap_per_sender_is_respected(tmp_path):
+    """No sender ever has more requests in flight than its concurrency."""
+    h = _Harness(
+        tmp_path, [_sender("a", per_second=200, concurrency=3), _sender("b", per_second=200, concurrency=1)]
+    )
+    h.fake.latency_s = 0.5
+    await h.run(_jobs(9, "a") + _jobs(4, "b", start=50))
+    assert h.max_in_flight["grant-a"] <= 3
+    assert h.max_in_flight["grant-b"] == 1
+
+
+async def test_pace_spaces_sends_per_sender(tmp_path):
+    """At 2/s the sends of one sender start at least 0.5 s apart."""
+    h = _Harness(tmp_path, [_sender("a", per_second=2, concurrency=2)])
+    await h.run(_jobs(6, "a"))
+    times = h.send_times["grant-a"]
+    assert all(later - earlier >= 0.5 - 1e-9 for earlier, later in zip(times, times[1:], strict=False))
+
+
+async def test_nylas_rate_limit_requeues_with_a_new_key(tmp_path):
+    """A 429 puts the message back in the queue; the retry uses a new idempotency key and it is sent once."""
+    h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
+    h.fake.script(Fault.NYLAS_RATE_LIMIT, times=1)
+    result = await h.run(_jobs(3, "a"))
+    assert result.sent == 3
+    assert len(h.fake.deliveries) == 3
+    refused, retried = h.fake.requests[0], h.fake.requests[1]
+    assert refused.status == 429
+    assert retried.status == 200
+    assert refused.idempotency_key != retried.idempotency_key
+    assert any(event.kind == EventKind.THROTTLED for event in h.events)
+
+
+async def test_quota_refusal_parks_only_that_sender(tmp_path):
+    """A daily-quota 429 parks its sender until the given time; the other sender finishes."""
+    h = _Harness(
+        tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
+    )
+    h.fake.script(Fault.QUOTA_EXCEEDED, grant_id="grant-a", times=1)
+    result = await h.run(_jobs(3, "a") + _jobs(3, "b", start=10))
+    assert "a" in result.parked
+    assert result.parked["a"] > h.clock.now()
+    assert result.remaining == 3
+    states = h.states()
+    assert [states[f"r{n}@example.com"] for n in (10, 11, 12)] == [RowState.SENT] * 3
+    assert [states[f"r{n}@example.com"] for n in (1, 2, 3)] == [RowState.PENDING] * 3
+
+
+async def test_daily_budget_parks_sender_before_the_provider_refuses(tmp_path):
+    """per_day = 3 with 5 to send: 3 go out, then the sender is parked until its window frees."""
+    sender = _sender("a", per_second=10, per_day=3, concurrency=1)
+    h = _Harness(tmp_path, [sender])
+    start = h.clock.now()
+    result = await h.run(_jobs(5, "a"), budgets={"a": DailyBudget(3)})
+    assert result.sent == 3
+    assert result.remaining == 2
+    assert len(h.fake.requests) == 3
+    assert (result.parked["a"] - start).total_seconds() == pytest.approx(86_400, abs=5)
+
+
+async def test_permanent_rejection_fails_that_row_and_goes_on(tmp_path):
+    """A 402 fails one row; the rest are sent."""
+    h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
+    h.fake.script(Fault.REJECTED, times=1)
+    result = await h.run(_jobs(3, "a"))
+    assert (result.sent, result.failed) == (2, 1)
+    assert sorted(h.states().values()) == [RowState.FAILED, RowState.SENT, RowState.SENT]
+
+
+async def test_refused_credentials_stop_the_sender_and_keep_rows_pending(tmp_path):
+    """A 401 stops that sender; its rows stay pending for a later run, the other sender goes on."""
+    h = _Harness(
+        tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
+    )
+    h.fake.script(Fault.UNAUTHORIZED, grant_id="grant-a", times=1)
+    result = await h.run(_jobs(2, "a") + _jobs(2, "b", start=10))
+    assert result.auth_refused == ("a",)
+    states = h.states()
+    assert states["r1@example.com"] == RowState.PENDING
+    assert states["r10@example.com"] == RowState.SENT
+
+
+async def test_timeout_after_send_is_not_sent_twice(tmp_path):
+    """A 504 after the provider sent: retries use the same key, the fake delivers once, the row ends unknown."""
+    h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
+    h.fake.script(Fault.TIMEOUT_AFTER_SEND, times=1)
+    result = await h.run(_jobs(1, "a"))
+    assert len(h.fake.deliveries) == 1
+    assert result.unknown == 1
+    assert h.states()["r1@example.com"] == RowState.UNKNOWN
+    assert len({r.idempotency_key for r in h.fake.requests}) == 1
+
+
+async def test_transient_server_error_retries_same_key_then_settles(tmp_path):
+    """A 500 then the replayed answer: the same key is used for every attempt and nothing is sent twice."""
+    h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
+    h.fake.script(Fault.INTERNAL_ERROR, times=1)
+    await h.run(_jobs(2, "a"))
+    first_key = h.fake.requests[0].idempotency_key
+    assert all(r.idempotency_key == first_key for r in h.fake.requests if r.status >= 500 or r.replayed)
+    emails = [d.payload["to"][0]["email"] for d in h.fake.deliveries]
+    assert len(emails) == len(set(emails))
+
+
+async def test_limit_stops_after_n_sends(tmp_path):
+    """--limit 2 sends exactly two messages and reports the rest as remaining."""
+    h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=2)])
+    result = await h.run(_jobs(5, "a"), settings=DispatchSettings(limit=2))
+    assert result.sent == 2
+    assert result.limit_reached
+    assert result.remaining == 3
+    assert len(h.fake.deliveries) == 2

@@ -1,0 +1,94 @@
+"""Architecture rules that keep the codebase readable: imports point down, one clock."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "campaign"
+CORE = [
+    "campaign.errors",
+    "campaign.clock",
+    "campaign.models",
+    "campaign.headers",
+    "campaign.manifest",
+    "campaign.recipients",
+    "campaign.render",
+    "campaign.unsubscribe",
+    "campaign.ratelimit",
+    "campaign.plan",
+    "campaign.nylas",
+    "campaign.ledger",
+    "campaign.preflight",
+    "campaign.dispatch",
+    "campaign.preview",
+    "campaign.status",
+    "campaign.starter",
+]
+FACE_ONLY = ["typer", "rich", "uvicorn", "starlette"]
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_modules_load_no_cli_terminal_or_server_libraries(module):
+    """Importing a core module in a fresh interpreter loads neither typer, rich, uvicorn nor starlette."""
+    # httpx's own command-line entry point (httpx._main) imports rich when it is installed;
+    # blocking that one module (httpx tolerates its absence) shows what *our* code loads.
+    code = (
+        "import sys, json; sys.modules['httpx._main'] = None; "
+        f"import {module}; print(json.dumps(sorted(m for m in {FACE_ONLY!r} if m in sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == []
+
+
+def test_only_cli_imports_typer_and_only_cli_and_output_import_rich():
+    """typer appears only in cli.py; rich only in cli.py and output.py."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        imported = _imported_modules(path)
+        if "typer" in imported and path.name != "cli.py":
+            offenders.append(f"{path.name} imports typer")
+        if "rich" in imported and path.name not in ("cli.py", "output.py"):
+            offenders.append(f"{path.name} imports rich")
+    assert offenders == []
+
+
+def test_the_fake_api_does_not_import_the_client():
+    """campaign.testing is written from the API reference, not from our client's wire code."""
+    for path in (PACKAGE / "testing").rglob("*.py"):
+        imported = _imported_modules(path, full=True)
+        assert not imported & {"campaign.nylas", "campaign.models", "campaign.dispatch"}, path.name
+
+
+def test_only_clock_reads_time_or_sleeps():
+    """Outside clock.py (and the test doubles), nothing calls time.time/monotonic, datetime.now or sleep."""
+    forbidden = {"time", "monotonic", "perf_counter", "now", "utcnow", "sleep", "today"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "clock.py" or "testing" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in forbidden:
+                base = node.value
+                name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", "")
+                if name in {"time", "datetime", "anyio", "asyncio", "date"}:
+                    offenders.append(f"{path.name}:{node.lineno} {name}.{node.attr}")
+    assert offenders == []
+
+
+def _imported_modules(path: Path, *, full: bool = False) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        else:
+            continue
+        found.update(name if full else name.split(".")[0] for name in names)
+    return found
