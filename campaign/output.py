@@ -124,13 +124,10 @@ def print_run_summary(
     resume_command: str,
 ) -> None:
     """What this run did, what is not done, and the exact command to continue."""
-    table = Table(title="Run summary", show_header=False, title_justify="left")
-    table.add_row("sent this run", str(result.sent))
-    table.add_row("failed this run", str(result.failed))
-    table.add_row("unknown this run", str(result.unknown))
-    for state, count in states.items():
-        table.add_row(f"ledger: {state}", str(count))
-    console.print(table)
+    console.print(f"This run: {result.sent} sent, {result.failed} failed, {result.unknown} unknown.")
+    ledger = ", ".join(f"{count} {state}" for state, count in states.items() if count) or "empty"
+    done = not any(states.get(state, 0) for state in ("pending", "inflight", "unknown"))
+    console.print(f"Ledger: {ledger}" + (" (every recipient settled)." if done else "."))
     for sender, until in sorted(result.parked.items()):
         console.print(
             f"sender [bold]{escape(sender)}[/] is at its limit; it can send again at {_local(until)}"
@@ -159,7 +156,8 @@ def print_deliveries(console: Console, deliveries: Sequence[tuple[str, str, str]
     for number, (sender, to, subject) in enumerate(deliveries, start=1):
         table.add_row(str(number), escape(sender), escape(to), escape(subject))
     console.print(table)
-    console.print(f"Each message's JSON payload and HTML body: [bold]{escape(str(outbox))}[/]", soft_wrap=True)
+    where = escape(str(outbox))
+    console.print(f"Each message's JSON payload and HTML body: [bold]{where}[/]", soft_wrap=True)
 
 
 def print_preview(console: Console, report: PreviewReport, *, out_files: Sequence[Path] = ()) -> None:
@@ -210,10 +208,15 @@ def print_status(console: Console, status: Mapping[str, Any]) -> None:
         return
     done = "done" if status["done"] else "not done"
     console.print(f"[bold]{escape(status['campaign'])}[/]: {done}, {status['total']} recipients")
-    table = Table(title="By sender", title_justify="left")
+    table = Table(
+        title="By sender (24 h: recipients mailed in the last day; left: of per_day)",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+    )
     states = list(status["states"])
-    for column in ("sender", *states, "sent 24 h", "budget left"):
-        table.add_column(column)
+    for column in ("sender", *states, "24 h", "left"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "sender" else "right")
     for name, sender in status["senders"].items():
         left = sender["budget_left"]
         table.add_row(

@@ -49,5 +49,5 @@ def _cli():
 def copy_sample(name: str, to: Path) -> Path:
     """Copy samples/<name> into `to` and return its manifest path."""
     target = to / name
-    shutil.copytree(REPO / "samples" / name, target)
+    shutil.copytree(REPO / "samples" / name, target, ignore=shutil.ignore_patterns("*.sandbox", "*.sqlite*"))
     return target / "campaign.toml"

@@ -16,7 +16,7 @@ from campaign.testing.records import (
     QuotaStyle,
     RequestRecord,
 )
-from campaign.testing.server import run_sandbox_server, serve_on_loopback
+from campaign.testing.server import HasApp, run_sandbox_server, serve_on_loopback
 
 __all__ = [
     "DeliveredAttachment",
@@ -25,6 +25,7 @@ __all__ = [
     "FakeConnectionReset",
     "FakeNylas",
     "Fault",
+    "HasApp",
     "QuotaStyle",
     "RequestRecord",
     "run_sandbox_server",

@@ -15,13 +15,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from campaign.testing.records import QuotaStyle
+from campaign.testing.records import FakeConnectionReset, QuotaStyle
 
 __all__ = [
     "BAD_GATEWAY_HTML",
     "Answer",
     "ApiProblem",
+    "DroppedConnection",
     "answer_error",
     "answer_html",
     "answer_json",
@@ -152,3 +154,17 @@ def answer_throttled(
         provider_error=provider,
         retry_after_s=wait_s,
     )
+
+
+class DroppedConnection(Response):
+    """Starts a response, then raises `FakeConnectionReset` so the client sees a broken connection."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200, media_type="application/json")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        del scope, receive  # the request is left unanswered on purpose
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"4096")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"request_id": "', "more_body": True})
+        raise FakeConnectionReset("connection reset by the fake Nylas API (Fault.RESET)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -20,13 +21,13 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from campaign.clock import Clock
 from campaign.testing.envelopes import (
     BAD_GATEWAY_HTML,
     Answer,
     ApiProblem,
+    DroppedConnection,
     answer_error,
     answer_html,
     answer_json,
@@ -47,7 +48,6 @@ from campaign.testing.payload import (
 )
 from campaign.testing.records import (
     DeliveredAttachment,
-    FakeConnectionReset,
     Fault,
     QuotaStyle,
     RequestRecord,
@@ -60,6 +60,15 @@ IDEMPOTENCY_KEY_MAX = 256
 _FILE_PART = re.compile(r"file\d+")
 _NOT_FOUND = "requested object not found"
 FilePart = tuple[str, DeliveredAttachment]
+
+
+@dataclass
+class _Trace:
+    """What the request log needs to know about a send once it is answered (status 0: dropped)."""
+
+    grant_id: str
+    status: int = 0
+    replayed: bool = False
 
 
 class FakeNylas(FakeState):
@@ -88,31 +97,27 @@ class FakeNylas(FakeState):
     async def _handle_send(self, request: Request) -> Response:
         arrived = self.clock.monotonic()
         key = request.headers.get("idempotency-key")
-        record = {"grant": request.path_params["grant_id"], "status": 0, "replayed": False}
+        trace = _Trace(grant_id=request.path_params["grant_id"])
         try:
-            response = await self._serve_send(request, key, record)
-            if not isinstance(response, _DroppedConnection):
-                record["status"] = response.status_code
+            response = await self._serve_send(request, key, trace)
+            if not isinstance(response, DroppedConnection):
+                trace.status = response.status_code
             return response
         finally:
-            self._record_request(
-                RequestRecord(
-                    arrived, str(record["grant"]), int(record["status"]), key, bool(record["replayed"])
-                )
-            )
+            self._record_request(RequestRecord(arrived, trace.grant_id, trace.status, key, trace.replayed))
 
-    async def _serve_send(self, request: Request, key: str | None, record: dict[str, Any]) -> Response:
+    async def _serve_send(self, request: Request, key: str | None, trace: _Trace) -> Response:
         request_id = new_request_id()
         try:
             grant = self._gate(request)
         except ApiProblem as problem:
             return answer_problem(problem, request_id=request_id).build_response()
-        record["grant"] = grant.id
+        trace.grant_id = grant.id
         multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
         gateway = self._take_fault(grant.id, stage="gateway")
         if gateway is not None and gateway.fault is Fault.RESET:
             await request.body()
-            return _DroppedConnection()
+            return DroppedConnection()
         if gateway is not None:
             return self._answer_gateway_fault(gateway, request_id).build_response()
         wait = self._admit_send(grant, multipart=multipart)
@@ -132,7 +137,7 @@ class FakeNylas(FakeState):
         else:
             state, stored = self._claim_key(grant, key, fingerprint)
             if stored is not None:
-                record["replayed"] = True
+                trace.replayed = True
                 return stored.build_response(replayed=True)
             if state is not KeyState.FRESH:
                 return _answer_key_conflict(state, request_id).build_response()
@@ -147,7 +152,7 @@ class FakeNylas(FakeState):
             self._finish(grant, key, None)
             raise
         self._finish(grant, key, answer)
-        return _DroppedConnection() if dropped else answer.build_response()
+        return DroppedConnection() if dropped else answer.build_response()
 
     def _gate(self, request: Request) -> Grant:
         """The grant named in the path, after checking the API key (401, then 404)."""
@@ -385,17 +390,3 @@ async def _answer_http_error(request: Request, exc: Exception) -> Response:
         return answer_error(404, "not_found_error", _NOT_FOUND, request_id=new_request_id()).build_response()
     detail = exc.detail if isinstance(exc, HTTPException) else "Internal server error."
     return answer_error(status, "invalid_request_error", detail, request_id=new_request_id()).build_response()
-
-
-class _DroppedConnection(Response):
-    """Starts a response, then raises `FakeConnectionReset` so the client sees a broken connection."""
-
-    def __init__(self) -> None:
-        super().__init__(status_code=200, media_type="application/json")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        del scope, receive  # the request is left unanswered on purpose
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"4096")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b'{"request_id": "', "more_body": True})
-        raise FakeConnectionReset("connection reset by the fake Nylas API (Fault.RESET)")

@@ -128,7 +128,7 @@ class IdempotencyCache:
             return KeyState.FRESH, None
         if entry.fingerprint != fingerprint:
             return KeyState.MISMATCH, None
-        if False:
+        if entry.answer is None:
             return KeyState.IN_PROGRESS, None
         return KeyState.REPLAY, entry.answer
 
