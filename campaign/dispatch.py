@@ -50,6 +50,8 @@ class ProgressLedger(Protocol):
         self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
     ) -> RowState: ...
 
+    def release(self, key: str) -> None: ...
+
     def record_unknown(self, key: str) -> None: ...
 
 
@@ -86,6 +88,7 @@ class DispatchSettings:
     retry_base_s: float = 2.0  # first backoff; doubles each time, with jitter
     retry_max_s: float = 120.0
     park_after_s: float = 900.0  # a throttle asking for a longer wait parks the sender for the run
+    park_after_throttles: int = 8  # consecutive throttles with no send in between park the sender
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,18 +214,15 @@ class _Loop:
                 return
             self._started += 1
             lane.budget.book(wall, message.recipient_count)
-            await self._wait_for_slot(lane)
-            if lane.stopped:  # parked or refused while this worker waited for its slot
-                lane.budget.release(wall, message.recipient_count)
-                lane.jobs.appendleft(job)
-                self._started -= 1
-                return
             state = await self._send(lane, job, message)
-            if state == RowState.PENDING:
+            if state == RowState.PENDING:  # not sent: it goes back to the front of the queue
+                self._started -= 1
                 lane.budget.release(wall, message.recipient_count)
                 lane.jobs.appendleft(job)
 
     async def _wait_for_slot(self, lane: _Lane) -> None:
+        # Nothing may await between the end of this wait and the request, or sends
+        # could bunch up behind a slow step; so the ledger claim comes before it.
         start = lane.pace.reserve(self._clock.monotonic())
         await self._clock.sleep(start - self._clock.monotonic())
 
@@ -231,6 +231,10 @@ class _Loop:
         key = job.recipient.key
         payload = build_send_payload(message)
         claim = await self._in_thread(partial(self._ledger.claim, key))
+        await self._wait_for_slot(lane)
+        if lane.stopped:  # parked or refused while this worker waited: its request never left
+            await self._in_thread(partial(self._ledger.release, key))
+            return RowState.PENDING
         retries = 0
         while True:
             outcome = await self._client.send_message(
@@ -290,7 +294,11 @@ class _Loop:
             wait_s = max(0.0, (outcome.retry_at - now).total_seconds())
         else:
             wait_s = self._backoff(lane.throttles)
-        if outcome.throttle == ThrottleKind.QUOTA or wait_s > self._settings.park_after_s:
+        if (
+            outcome.throttle == ThrottleKind.QUOTA
+            or wait_s > self._settings.park_after_s
+            or lane.throttles >= self._settings.park_after_throttles
+        ):
             self._park(lane, now + timedelta(seconds=wait_s))
         else:
             lane.pace.delay(self._clock.monotonic() + wait_s)
@@ -301,7 +309,7 @@ class _Loop:
             self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._settings.retry_max_s, self._settings.retry_base_s * 2 ** (attempt - 1))
+        ceiling = min(self._settings.retry_max_s, self._settings.retry_base_s * 2.0 ** (attempt - 1))
         return ceiling * (0.5 + self._random.random() / 2)  # jitter: between half and all of it
 
     async def _in_thread(self, call: Callable[[], _T]) -> _T:

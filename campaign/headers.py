@@ -30,5 +30,6 @@ def header_value_problem(value: str) -> str | None:
     if found is None:
         return None
     char = found.group()
-    what = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)"}.get(char, f"control character U+{ord(char):04X}")
+    names = {"\r": "a carriage return (CR)", "\n": "a line feed (LF)"}
+    what = names.get(char, f"control character U+{ord(char):04X}")
     return f"contains {what}; header values must be a single line"

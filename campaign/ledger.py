@@ -335,6 +335,10 @@ class Ledger:
                 )
         return new_state
 
+    def release(self, key: str) -> None:
+        """Return a claimed row whose request never left to pending; its key is still unused."""
+        self._move(key, frm=(RowState.INFLIGHT,), to=RowState.PENDING)
+
     def record_unknown(self, key: str) -> None:
         """Give up on an in-flight row whose fate cannot be known now (reconcile settles it)."""
         self._move(key, frm=(RowState.INFLIGHT,), to=RowState.UNKNOWN)

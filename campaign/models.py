@@ -13,6 +13,7 @@ from enum import StrEnum
 __all__ = [
     "Address",
     "Attachment",
+    "Message",
     "OutcomeKind",
     "Problem",
     "Recipient",
@@ -22,7 +23,6 @@ __all__ = [
     "SkipReason",
     "ThrottleKind",
     "Tracking",
-    "Message",
 ]
 
 

@@ -64,12 +64,10 @@ def assign_senders(
 
     jobs: list[Job] = []
     for recipient in recipients:
-        name = recipient.sender or previous.get(recipient.key)
-        if name is None:
-            # Ties go to the first listed sender, so the assignment is deterministic.
-            name = min(order, key=finish_with_one_more)
-            load[name] += 1
-        elif recipient.key not in previous:
+        pinned = recipient.sender or previous.get(recipient.key)
+        # Ties go to the first listed sender, so the assignment is deterministic.
+        name = pinned if pinned is not None else min(order, key=finish_with_one_more)
+        if recipient.key not in previous:
             load[name] += 1
         jobs.append(Job(recipient=recipient, sender=name))
     return jobs

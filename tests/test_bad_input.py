@@ -53,7 +53,7 @@ def _edit(old: str, new: str) -> str:
 
 
 CASES = {
-    # name: (write kwargs or a callable(folder) -> manifest path, expected exit code, fragments in the error line)
+    # name: (write kwargs, or a callable(folder) -> manifest path; exit code; fragments of the error line)
     "manifest missing": (lambda f: f / "nope.toml", 66, ["nope.toml"]),
     "manifest not TOML": ({"manifest": MANIFEST + "\nthis is = = wrong\n"}, 78, ["campaign.toml", "line"]),
     "unknown key (typo)": (
@@ -212,11 +212,13 @@ def test_skip_invalid_sends_the_good_rows_and_records_the_bad(api, cli, tmp_path
 
 
 def test_secret_never_appears_in_errors(api, cli, tmp_path, monkeypatch):
-    """An unsubscribe secret that is rejected is not echoed back."""
+    """An unsubscribe secret that is rejected is not echoed back, and nothing is sent."""
     manifest = _write(tmp_path)
-    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", "tiny")
+    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", "tiny-secret-xyz")
     result = cli("run", manifest, "--yes")
-    assert "tiny" not in result.output
+    assert result.exit_code == 78
+    assert "tiny-secret-xyz" not in result.output
+    assert api.requests == []
 
 
 def test_parquet_list_with_a_bad_address_names_the_row(api, cli, tmp_path):

@@ -59,7 +59,8 @@ def test_newsletter_sample_sends_every_recipient_exactly_once(api, cli, tmp_path
     assert (claims.campaign, claims.recipient_key) == ("spring-newsletter", "ann.lee@example.com")
     assert token in ann.payload["body"]  # the footer link is the same per-recipient URL
     keys = [d.idempotency_key for d in api.deliveries]
-    assert None not in keys and len(set(keys)) == 5
+    assert None not in keys
+    assert len(set(keys)) == 5
 
 
 def test_second_run_sends_nothing(api, cli, tmp_path):
@@ -115,7 +116,8 @@ def test_limit_stops_with_75_and_resume_finishes(api, cli, tmp_path):
     second = cli("resume", manifest, "--yes")
     assert second.exit_code == 0, second.output
     emails = [d.payload["to"][0]["email"] for d in api.deliveries]
-    assert len(emails) == 5 and len(set(emails)) == 5
+    assert len(emails) == 5
+    assert len(set(emails)) == 5
 
 
 def test_status_json_reports_the_ledger(api, cli, tmp_path):

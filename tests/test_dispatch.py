@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from campaign.models import Address, Message, RowState, SendOutcome
 from campaign.nylas import NylasClient
 from campaign.plan import Job
 from campaign.ratelimit import DailyBudget
-from campaign.testing import Fault, FakeNylas
+from campaign.testing import FakeNylas, Fault
 from campaign.testing.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -126,7 +127,8 @@ async def test_every_job_is_sent_exactly_once(tmp_path):
     assert sorted(delivered) == sorted({*delivered})
     assert len(delivered) == 20
     keys = [d.idempotency_key for d in h.fake.deliveries]
-    assert None not in keys and len(set(keys)) == 20
+    assert None not in keys
+    assert len(set(keys)) == 20
     assert set(h.states().values()) == {RowState.SENT}
 
 
@@ -146,7 +148,7 @@ async def test_pace_spaces_sends_per_sender(tmp_path):
     h = _Harness(tmp_path, [_sender("a", per_second=2, concurrency=2)])
     await h.run(_jobs(6, "a"))
     times = h.send_times["grant-a"]
-    assert all(later - earlier >= 0.5 - 1e-9 for earlier, later in zip(times, times[1:], strict=False))
+    assert all(later - earlier >= 0.5 - 1e-9 for earlier, later in itertools.pairwise(times))
 
 
 async def test_nylas_rate_limit_requeues_with_a_new_key(tmp_path):
@@ -213,7 +215,7 @@ async def test_refused_credentials_stop_the_sender_and_keep_rows_pending(tmp_pat
 
 
 async def test_timeout_after_send_is_not_sent_twice(tmp_path):
-    """A 504 after the provider sent: retries use the same key, the fake delivers once, the row ends unknown."""
+    """504 after the provider sent: same-key retries, one delivery, the row ends unknown."""
     h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
     h.fake.script(Fault.TIMEOUT_AFTER_SEND, times=1)
     result = await h.run(_jobs(1, "a"))

@@ -1,12 +1,16 @@
 """A clock that only moves when told to, for tests that must never sleep.
 
-`FakeClock` satisfies `campaign.clock.Clock`: `sleep` advances time at once and
-records how long it was asked to wait, and `advance` moves time forward from the
-test. It never reads the real time and never goes back.
+`FakeClock` satisfies `campaign.clock.Clock`. Time is virtual: a task that sleeps
+waits until every task that can run has run, then the earliest sleeper moves time
+to its deadline and wakes, so concurrent sleepers wake in deadline order as they
+would in real time, but at once. `sleeps` records what was asked for; `advance`
+moves time forward from the test. It never reads the real time and never goes back.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import anyio.lowlevel
@@ -14,6 +18,9 @@ import anyio.lowlevel
 __all__ = ["FakeClock"]
 
 DEFAULT_START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+# How many scheduler passes a sleeper lets other tasks run before time may jump:
+# enough for tasks woken by I/O or events to reach their own next sleep.
+_SETTLE_PASSES = 5
 
 
 class FakeClock:
@@ -24,6 +31,8 @@ class FakeClock:
             raise ValueError("FakeClock start must be timezone-aware")
         self._start = start.astimezone(UTC)
         self._elapsed = 0.0
+        self._sleepers: list[tuple[float, int]] = []
+        self._tickets = itertools.count()
         self.sleeps: list[float] = []
 
     def monotonic(self) -> float:
@@ -35,11 +44,23 @@ class FakeClock:
         return self._start + timedelta(seconds=self._elapsed)
 
     async def sleep(self, seconds: float) -> None:
-        """Advance by max(0, seconds), record it in `sleeps`, and yield to other tasks."""
+        """Wait max(0, seconds) of virtual time, waking in deadline order with other sleepers."""
         step = max(0.0, float(seconds))
         self.sleeps.append(step)
-        self._elapsed += step
-        await anyio.lowlevel.checkpoint()
+        ticket = (self._elapsed + step, next(self._tickets))
+        heapq.heappush(self._sleepers, ticket)
+        try:
+            while True:
+                for _ in range(_SETTLE_PASSES):
+                    await anyio.lowlevel.checkpoint()
+                if ticket[0] <= self._elapsed:
+                    return
+                if self._sleepers[0] == ticket:
+                    self._elapsed = ticket[0]
+                    return
+        finally:
+            self._sleepers.remove(ticket)
+            heapq.heapify(self._sleepers)
 
     def advance(self, seconds: float) -> None:
         """Move time forward by `seconds` (>= 0) without yielding."""
