@@ -25,7 +25,8 @@ from campaign.clock import Clock
 from campaign.ledger import Claim
 from campaign.manifest import SenderSettings
 from campaign.models import Message, OutcomeKind, RowState, SendOutcome, ThrottleKind
-from campaign.nylas import SendClient, build_send_payload
+from campaign.nylas import SendClient
+from campaign.payload import build_send_payload
 from campaign.plan import Job
 from campaign.ratelimit import DailyBudget, Pace
 

@@ -1,22 +1,21 @@
-"""The wire to the Nylas v3 API: the send payload, the send call and its outcome, and listing for reconcile.
+"""The wire to the Nylas v3 API: the send call and its outcome, and listing for reconcile.
 
-Builds the exact JSON of `POST /v3/grants/{id}/messages/send` (reference/nylas-api.md §1.2), sends it over an
-injected `httpx.AsyncClient`, and translates every response or httpx failure into a `SendOutcome`, so a
-per-message result never raises. It must not decide what happens next (retry, park, record: that is
-dispatch's job), must not read time except through the `Clock`, and no text it produces may hold the API key.
+Sends the payload built by `campaign.payload` over an injected `httpx.AsyncClient` and
+translates every response or httpx failure into a `SendOutcome`, so a per-message result
+never raises. It must not decide what happens next (retry, park, record: that is
+dispatch's job), must not read time except through the `Clock`, and no text it produces
+may hold the API key.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import email.utils
-import importlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -28,7 +27,8 @@ import httpx
 from campaign import __version__
 from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError, ManifestError
-from campaign.models import Address, Attachment, Message, OutcomeKind, SendOutcome, ThrottleKind
+from campaign.models import OutcomeKind, SendOutcome, ThrottleKind
+from campaign.payload import encode_send_body
 
 __all__ = [
     "DEFAULT_API_URI",
@@ -39,8 +39,6 @@ __all__ = [
     "NylasClient",
     "SendClient",
     "build_http_client",
-    "build_send_payload",
-    "encode_send_body",
 ]
 
 DEFAULT_API_URI = "https://api.us.nylas.com"
@@ -55,69 +53,6 @@ _QUOTA_WORDS = ("quota", "daily user sending limit exceeded", "activity limit re
 _PROVIDER_WORDS = ("mailboxconcurrency", "applicationthrottled", "throttl", "provider")
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"\s+")
-
-
-def build_send_payload(message: Message) -> dict[str, Any]:
-    """The JSON object of §1.2 for `message`; equal messages give equal dicts with equal key order."""
-    payload: dict[str, Any] = {"to": _participants(message.to)}
-    if message.reply_to:
-        payload["reply_to"] = _participants(message.reply_to)
-    if message.from_ is not None:
-        payload["from"] = _participants((message.from_,))
-    payload["subject"] = message.subject
-    # A JSON send has one body: the HTML when there is one (Nylas derives the text part), else the text.
-    payload["body"] = message.html if message.html is not None else (message.text or "")
-    payload["is_plaintext"] = message.html is None
-    if (tracking := message.tracking) is not None:
-        options: dict[str, Any] = {"opens": tracking.opens, "links": tracking.links}
-        options["thread_replies"] = tracking.thread_replies
-        if tracking.label is not None:
-            options["label"] = tracking.label
-        payload["tracking_options"] = options
-    if message.headers:
-        payload["custom_headers"] = [{"name": name, "value": value} for name, value in message.headers]
-    if message.metadata:
-        payload["metadata"] = dict(message.metadata)
-    if message.attachments:
-        payload["attachments"] = [_attachment_json(item) for item in message.attachments]
-    return payload
-
-
-def _participants(addresses: Sequence[Address]) -> list[dict[str, str]]:
-    return [{"email": a.email, "name": a.name} if a.name else {"email": a.email} for a in addresses]
-
-
-def _attachment_json(attachment: Attachment) -> dict[str, Any]:
-    content = base64.b64encode(attachment.content).decode("ascii")
-    item: dict[str, Any] = {"filename": attachment.filename, "content_type": attachment.content_type}
-    item["content"] = content
-    if attachment.content_id is not None:  # a content id makes Nylas place it inline (§2)
-        item["content_id"] = attachment.content_id
-        item["is_inline"] = True
-    return item
-
-
-def _dumps_stdlib(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _select_dumps() -> Callable[[Any], bytes]:
-    # orjson is optional. Both give the same bytes for our payloads (compact, raw UTF-8), which matters:
-    # a resumed run must resend the same bytes under the same Idempotency-Key.
-    try:
-        orjson = importlib.import_module("orjson")
-    except ImportError:
-        return _dumps_stdlib
-    dumps: Callable[[Any], bytes] = orjson.dumps
-    return dumps
-
-
-_dumps = _select_dumps()
-
-
-def encode_send_body(payload: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON of `payload` (orjson when installed, else json), keys in the payload's order."""
-    return _dumps(payload if isinstance(payload, dict) else dict(payload))
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,18 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from campaign.dispatch import DispatchEvent, DispatchResult, EventKind
 from campaign.manifest import SenderSettings
@@ -58,6 +68,14 @@ def format_duration(seconds: float) -> str:
     return f"{days} day{'s' if days > 1 else ''} {hours} h"
 
 
+class _RateColumn(ProgressColumn):
+    """Messages per second, as measured over the last few seconds."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:5.1f}/s")
+
+
 class SendProgress:
     """A live progress display fed with dispatch events: an overall bar and one line per sender."""
 
@@ -66,6 +84,7 @@ class SendProgress:
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            _RateColumn(),
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
             console=console,

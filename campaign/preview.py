@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.models import Message, SkipReason
-from campaign.nylas import build_send_payload
+from campaign.payload import build_send_payload
 from campaign.plan import daily_capacity, estimate_duration_s
 from campaign.preflight import Preflight
 

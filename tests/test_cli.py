@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import sys
 from urllib.parse import urlparse
 
+import httpx
 from conftest import API_KEY, SECRET, copy_sample
 
 from campaign.manifest import load_manifest
@@ -249,11 +254,40 @@ def test_schema_is_json_schema(cli):
     assert {"campaign", "recipients", "message", "senders"} <= set(schema["properties"])
 
 
+def test_sandbox_command_serves_the_fake_api_on_loopback(tmp_path):
+    """`campaign sandbox MANIFEST` serves the fake with the manifest's grants until stopped."""
+    manifest = copy_sample("newsletter", tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "campaign", "sandbox", str(manifest), "--port", str(port)]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+        try:
+            _wait_until_listening(port, server)
+            url = f"http://127.0.0.1:{port}/v3/grants/0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11/messages/send"
+            body = {"to": [{"email": "ann@example.com"}], "subject": "hi", "body": "x"}
+            response = httpx.post(url, json=body, headers={"Authorization": "Bearer sandbox-key"}, timeout=5)
+            assert response.status_code == 200
+            assert response.json()["data"]["to"] == [{"email": "ann@example.com"}]
+        finally:
+            server.terminate()
+
+
+def _wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Poll (bounded to ~10 s) until the port accepts connections; fail fast if the process exits."""
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.05).close()
+            return
+        except OSError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.05)
+            assert process.returncode is None, "the sandbox server exited early"
+    raise AssertionError(f"nothing listens on port {port}")
+
+
 def test_python_dash_m_runs_the_cli():
     """`python -m campaign --help` works."""
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "campaign", "--help"], capture_output=True, text=True, check=False
     )

@@ -22,6 +22,7 @@ CORE = [
     "campaign.unsubscribe",
     "campaign.ratelimit",
     "campaign.plan",
+    "campaign.payload",
     "campaign.nylas",
     "campaign.ledger",
     "campaign.preflight",

@@ -1,0 +1,83 @@
+"""Assigning recipients to senders, and the duration estimate behind it."""
+
+from __future__ import annotations
+
+import pytest
+
+from campaign.manifest import SenderSettings
+from campaign.models import Address, Recipient
+from campaign.plan import assign_senders, daily_capacity, estimate_duration_s
+from campaign.ratelimit import DAY_S
+
+
+def _recipients(count: int, sender: str | None = None) -> list[Recipient]:
+    return [
+        Recipient(key=f"r{n}@x.com", row=n, address=Address(f"r{n}@x.com"), fields={}, sender=sender)
+        for n in range(1, count + 1)
+    ]
+
+
+def _sender(name: str, **limits) -> SenderSettings:
+    return SenderSettings(name=name, grant_id=f"g-{name}", **limits)
+
+
+def test_pinned_rows_go_to_their_sender():
+    """A row whose sender column names a sender is always given to it."""
+    jobs = assign_senders(_recipients(3, sender="b"), [_sender("a"), _sender("b")])
+    assert {job.sender for job in jobs} == {"b"}
+
+
+def test_unpinned_rows_go_to_whoever_finishes_first():
+    """A sender four times faster gets about four times the rows."""
+    jobs = assign_senders(_recipients(50), [_sender("slow", per_second=1), _sender("fast", per_second=4)])
+    counts = {name: sum(job.sender == name for job in jobs) for name in ("slow", "fast")}
+    assert counts == {"slow": 10, "fast": 40}
+
+
+def test_daily_budget_shifts_work_to_the_sender_with_room():
+    """A sender with per_day = 5 stops taking rows once more would spill into tomorrow."""
+    jobs = assign_senders(_recipients(20), [_sender("small", per_day=5), _sender("big", per_day=1000)])
+    assert sum(job.sender == "small" for job in jobs) <= 5
+
+
+def test_existing_assignment_is_kept_on_resume():
+    """Rows the ledger already assigned keep their sender, so resuming never moves work."""
+    recipients = _recipients(4)
+    jobs = assign_senders(
+        recipients, [_sender("a"), _sender("b")], assigned={"r1@x.com": "b", "r2@x.com": "b"}
+    )
+    assert [job.sender for job in jobs][:2] == ["b", "b"]
+    assert [job.sender for job in jobs][2:] == ["a", "a"]
+
+
+def test_assignment_to_a_removed_sender_is_redone():
+    """If the ledger names a sender the manifest no longer has, the row is assigned afresh."""
+    jobs = assign_senders(_recipients(1), [_sender("a")], assigned={"r1@x.com": "gone"})
+    assert jobs[0].sender == "a"
+
+
+def test_assignment_is_deterministic():
+    """The same inputs give the same assignment."""
+    senders = [_sender("a", per_second=3), _sender("b", per_second=2), _sender("c", per_minute=30)]
+    assert assign_senders(_recipients(30), senders) == assign_senders(_recipients(30), senders)
+
+
+@pytest.mark.parametrize(
+    ("messages", "rate", "per_day", "expected"),
+    [
+        (0, 1.0, None, 0.0),
+        (10, 2.0, None, 5.0),
+        (10, 2.0, 10, 5.0),
+        (25, 1.0, 10, 2 * DAY_S + 5.0),
+        (20, 1.0, 10, DAY_S + 10.0),
+    ],
+)
+def test_estimate_duration(messages, rate, per_day, expected):
+    """Pace within a day; a full rolling day of waiting per exhausted budget."""
+    assert estimate_duration_s(messages, rate_per_s=rate, per_day=per_day) == pytest.approx(expected)
+
+
+def test_daily_capacity_is_the_smaller_of_pace_and_budget():
+    """per_second = 1 allows 86,400 a day; per_day = 500 caps it."""
+    assert daily_capacity(_sender("a", per_second=1)) == DAY_S
+    assert daily_capacity(_sender("a", per_second=1, per_day=500)) == 500
