@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -40,7 +41,7 @@ from campaign.output import (
 from campaign.plan import Job
 from campaign.preflight import Preflight, run_preflight
 from campaign.preview import PreviewReport, build_preview, write_preview
-from campaign.ratelimit import DAY_S, DailyBudget
+from campaign.ratelimit import DAY_S
 from campaign.starter import write_starter
 from campaign.status import OPEN_STATES, build_status, build_unstarted_status
 from campaign.testing import FakeNylas
@@ -73,6 +74,12 @@ err = Console(stderr=True, highlight=False)
 ManifestArg = Annotated[Path, typer.Argument(help="The campaign's manifest (TOML).", show_default=False)]
 SandboxOpt = Annotated[
     bool, typer.Option("--sandbox", help="Send to a built-in fake Nylas API instead of the real one.")
+]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait", help="When every sender is at its quota, wait (with a countdown) instead of stopping."
+    ),
 ]
 SkipInvalidOpt = Annotated[
     bool, typer.Option("--skip-invalid", help="Skip rows that do not validate or render, recording why.")
@@ -107,13 +114,15 @@ def run(
     sandbox: SandboxOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Same as `campaign preview`.")] = False,
     skip_invalid: SkipInvalidOpt = False,
+    wait: WaitOpt = False,
 ) -> None:
     """Send the campaign (continues where an earlier run stopped)."""
     if dry_run:
         preview(manifest, sandbox=sandbox, skip_invalid=skip_invalid)
         return
     with _exit_codes():
-        raise typer.Exit(_run(manifest, yes=yes, limit=limit, sandbox=sandbox, skip_invalid=skip_invalid))
+        code = _run(manifest, yes=yes, limit=limit, sandbox=sandbox, skip_invalid=skip_invalid, wait=wait)
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -123,10 +132,19 @@ def resume(
     limit: Annotated[int | None, typer.Option(min=1, help="Send at most N messages this run.")] = None,
     sandbox: SandboxOpt = False,
     skip_invalid: SkipInvalidOpt = False,
+    wait: WaitOpt = False,
 ) -> None:
     """Continue a campaign after a quota stop, crash or Ctrl-C (needs its ledger)."""
     with _exit_codes():
-        code = _run(manifest, yes=yes, limit=limit, sandbox=sandbox, skip_invalid=skip_invalid, resuming=True)
+        code = _run(
+            manifest,
+            yes=yes,
+            limit=limit,
+            sandbox=sandbox,
+            skip_invalid=skip_invalid,
+            wait=wait,
+            resuming=True,
+        )
         raise typer.Exit(code)
 
 
@@ -222,7 +240,14 @@ def sandbox(
 
 
 def _run(
-    path: Path, *, yes: bool, limit: int | None, sandbox: bool, skip_invalid: bool, resuming: bool = False
+    path: Path,
+    *,
+    yes: bool,
+    limit: int | None,
+    sandbox: bool,
+    skip_invalid: bool,
+    wait: bool = False,
+    resuming: bool = False,
 ) -> int:
     clock = SystemClock()
     manifest = load_manifest(path)
@@ -264,14 +289,15 @@ def _run(
         open_keys = {row.key for row in ledger.rows(states=(RowState.PENDING, RowState.INFLIGHT))}
         jobs = [job for job in preflight.jobs if job.recipient.key in open_keys]
         fake = _sandbox_api(manifest) if sandbox else None
-        result = anyio.run(_send, preflight, jobs, ledger, api_key, clock, limit, fake)
+        result = anyio.run(_send, preflight, jobs, ledger, api_key, clock, limit, wait, fake)
+        _record_parks(ledger, result, manifest)
         states = {state.value: count for state, count in ledger.counts().items()}
     finally:
         ledger.close()
     if fake is not None:
         outbox = ledger_path.parent / "outbox"
         fake.write_outbox(outbox)
-        grants = {sender.grant_id: sender.name for sender in manifest.senders}
+        grants = {sender.route: sender.name for sender in manifest.senders}
         print_deliveries(
             out,
             [
@@ -296,23 +322,24 @@ async def _send(
     api_key: str,
     clock: Clock,
     limit: int | None,
+    wait: bool,
     fake: FakeNylas | None,
 ) -> DispatchResult:
     manifest = preflight.manifest
     transport = httpx.ASGITransport(app=fake.app) if fake is not None else None
     base_url = "http://sandbox.nylas.test" if fake is not None else _api_uri(manifest)
     since = clock.now().timestamp() - DAY_S
-    budgets = {
-        sender.name: DailyBudget(sender.per_day, history=ledger.sent_recipients_since(sender.name, since))
-        for sender in manifest.senders
-    }
+    history = {sender.name: ledger.sent_recipients_since(sender.name, since) for sender in manifest.senders}
     async with build_http_client(
         base_url=base_url, timeout_s=manifest.api.timeout_s, transport=transport
     ) as http:
         client = NylasClient(http, api_key=api_key, clock=clock)
-        with SendProgress(out, total=len(jobs), senders=manifest.senders) as progress:
+        with SendProgress(out, total=len(jobs), senders=manifest.senders, clock=clock) as progress:
             for sender in manifest.senders:
-                progress.set_share(sender.name, sum(1 for job in jobs if job.sender == sender.name))
+                used = sum(count for _, count in history[sender.name])
+                left = None if sender.per_day is None else max(0, sender.per_day - used)
+                share = sum(1 for job in jobs if job.sender == sender.name)
+                progress.set_share(sender.name, share, budget_left=left)
             return await dispatch(
                 jobs,
                 senders=manifest.senders,
@@ -320,10 +347,27 @@ async def _send(
                 client=client,
                 ledger=ledger,
                 clock=clock,
-                budgets=budgets,
+                history=history,
+                parked=_load_parks(ledger, manifest),
                 on_event=progress.handle,
-                settings=DispatchSettings(limit=limit),
+                settings=DispatchSettings(limit=limit, wait=wait),
             )
+
+
+def _load_parks(ledger: Ledger, manifest: Manifest) -> dict[str, datetime]:
+    """Senders parked by an earlier run (a quota refusal), persisted so a resume does not retry early."""
+    parks = {}
+    for sender in manifest.senders:
+        stored = ledger.get_meta(f"parked_until:{sender.name}")
+        if stored:
+            parks[sender.name] = datetime.fromisoformat(stored)
+    return parks
+
+
+def _record_parks(ledger: Ledger, result: DispatchResult, manifest: Manifest) -> None:
+    for sender in manifest.senders:
+        until = result.parked.get(sender.name)
+        ledger.set_meta(f"parked_until:{sender.name}", until.isoformat() if until is not None else "")
 
 
 def _exit_code(result: DispatchResult, states: dict[str, int]) -> int:
@@ -407,7 +451,11 @@ def _sandbox_api(manifest: Manifest) -> FakeNylas:
 
 def _register_grants(fake: FakeNylas, manifest: Manifest) -> None:
     for sender in manifest.senders:
-        fake.add_grant(sender.grant_id, sender.email or f"{sender.name}@sandbox.example.com")
+        if sender.domain is not None:
+            fake.add_domain(sender.domain)
+        else:
+            assert sender.grant_id is not None  # the manifest requires one of the two
+            fake.add_grant(sender.grant_id, sender.email or f"{sender.name}@sandbox.example.com")
 
 
 def _preview_json(report: PreviewReport) -> dict[str, object]:

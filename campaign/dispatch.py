@@ -1,34 +1,33 @@
 """The send loop: one lane per sender, each with its limits, claiming, sending and recording.
 
-For every message: book a slot from the sender's pace and daily budget, mark
-the row in flight in the ledger (with its idempotency key), send, record the
-outcome. It sees the API client and the ledger through protocols, reads time
-only through its `Clock`, and reports progress as `DispatchEvent`s; it never
-prints.
+For every message: check the sender's budgets, mark the row in flight in the
+ledger (with its idempotency key), wait for the sender's next slot, send, record
+the outcome. The per-sender limits live in `campaign.lane`. It sees the API
+client and the ledger through protocols, reads time only through its `Clock`,
+and reports progress as `DispatchEvent`s; it never prints.
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from campaign.clock import Clock
+from campaign.lane import Lane, open_lane
 from campaign.ledger import Claim
 from campaign.manifest import SenderSettings
 from campaign.models import Message, OutcomeKind, RowState, SendOutcome, ThrottleKind
 from campaign.nylas import SendClient
 from campaign.payload import build_send_payload
 from campaign.plan import Job
-from campaign.ratelimit import DailyBudget, Pace
 
 __all__ = [
     "DispatchEvent",
@@ -65,6 +64,7 @@ class EventKind(StrEnum):
     RETRYING = "retrying"
     UNKNOWN = "unknown"
     PARKED = "parked"
+    RESUMED = "resumed"
     AUTH_REFUSED = "auth_refused"
 
 
@@ -90,6 +90,7 @@ class DispatchSettings:
     retry_max_s: float = 120.0
     park_after_s: float = 900.0  # a throttle asking for a longer wait parks the sender for the run
     park_after_throttles: int = 8  # consecutive throttles with no send in between park the sender
+    wait: bool = False  # sleep through parks (quota, long throttles) instead of stopping with them
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,21 +106,6 @@ class DispatchResult:
     limit_reached: bool = False
 
 
-@dataclass(slots=True)
-class _Lane:
-    sender: SenderSettings
-    pace: Pace
-    budget: DailyBudget
-    jobs: deque[Job]
-    throttles: int = 0
-    parked_until: datetime | None = None
-    auth_refused: bool = False
-
-    @property
-    def stopped(self) -> bool:
-        return self.parked_until is not None or self.auth_refused
-
-
 async def dispatch(
     jobs: Sequence[Job],
     *,
@@ -128,43 +114,51 @@ async def dispatch(
     client: SendClient,
     ledger: ProgressLedger,
     clock: Clock,
-    budgets: Mapping[str, DailyBudget] | None = None,
+    history: Mapping[str, Sequence[tuple[float, int]]] | None = None,
+    parked: Mapping[str, datetime] | None = None,
     on_event: Callable[[DispatchEvent], None] = lambda _event: None,
     settings: DispatchSettings | None = None,
 ) -> DispatchResult:
-    """Send every job under its sender's limits; return what was done and what is left."""
+    """Send every job under its sender's limits; return what was done and what is left.
+
+    `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
+    budgets; `parked` the senders that must not send before a time (from an earlier run).
+    """
+    lanes = {
+        sender.name: open_lane(sender, history=(history or {}).get(sender.name, ())) for sender in senders
+    }
+    now = clock.now()
+    for name, until in (parked or {}).items():
+        if name in lanes and until > now:
+            lanes[name].parked_until = until
+    for job in jobs:
+        lanes[job.sender].jobs.append(job)
     loop = _Loop(
-        senders=senders,
         render=render,
         client=client,
         ledger=ledger,
         clock=clock,
-        budgets=budgets or {},
         on_event=on_event,
         settings=settings or DispatchSettings(),
     )
-    return await loop.run(jobs)
+    return await loop.run(lanes)
 
 
 class _Loop:
     def __init__(
         self,
         *,
-        senders: Sequence[SenderSettings],
         render: Callable[[Job], Message],
         client: SendClient,
         ledger: ProgressLedger,
         clock: Clock,
-        budgets: Mapping[str, DailyBudget],
         on_event: Callable[[DispatchEvent], None],
         settings: DispatchSettings,
     ) -> None:
-        self._senders = {sender.name: sender for sender in senders}
         self._render = render
         self._client = client
         self._ledger = ledger
         self._clock = clock
-        self._budgets = budgets
         self._emit = on_event
         self._settings = settings
         self._started = 0
@@ -174,18 +168,10 @@ class _Loop:
         self._db = anyio.CapacityLimiter(1)
         self._random = random.Random()
 
-    async def run(self, jobs: Sequence[Job]) -> DispatchResult:
-        lanes = {
-            name: _Lane(
-                sender=sender,
-                pace=Pace(sender.rate_per_s, burst=sender.burst),
-                budget=self._budgets.get(name) or DailyBudget(sender.per_day),
-                jobs=deque(),
-            )
-            for name, sender in self._senders.items()
-        }
-        for job in jobs:
-            lanes[job.sender].jobs.append(job)
+    async def run(self, lanes: Mapping[str, Lane]) -> DispatchResult:
+        for lane in lanes.values():
+            if lane.parked_until is not None and lane.jobs:
+                self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=lane.parked_until))
         async with anyio.create_task_group() as group:
             for lane in lanes.values():
                 for _ in range(min(lane.sender.concurrency, len(lane.jobs))):
@@ -195,39 +181,59 @@ class _Loop:
             failed=self._counts[RowState.FAILED],
             unknown=self._counts[RowState.UNKNOWN],
             remaining=sum(len(lane.jobs) for lane in lanes.values()),
-            parked={name: lane.parked_until for name, lane in lanes.items() if lane.parked_until is not None},
+            parked={
+                name: lane.parked_until
+                for name, lane in lanes.items()
+                if lane.parked_until is not None and lane.jobs
+            },
             auth_refused=tuple(name for name, lane in lanes.items() if lane.auth_refused),
             limit_reached=self._limit_reached,
         )
 
-    async def _work(self, lane: _Lane) -> None:
-        while lane.jobs and not lane.stopped:
+    async def _work(self, lane: Lane) -> None:
+        while lane.jobs and not lane.auth_refused:
+            if lane.parked_until is not None:
+                if not self._settings.wait:
+                    return
+                await self._wait_out_park(lane, lane.parked_until)
+                continue
             if self._settings.limit is not None and self._started >= self._settings.limit:
                 self._limit_reached = True
                 return
             job = lane.jobs.popleft()
             message = self._render(job)
             wall = self._clock.now().timestamp()
-            if not lane.budget.allows(wall, message.recipient_count):
+            frees_at = lane.budget_frees_at(wall, message.recipient_count)
+            if frees_at is not None:
                 lane.jobs.appendleft(job)
-                frees = lane.budget.frees_at(wall, message.recipient_count)
-                self._park(lane, self._clock.now() + timedelta(seconds=frees - wall))
-                return
+                self._park(lane, self._clock.now() + timedelta(seconds=frees_at - wall))
+                continue
             self._started += 1
-            lane.budget.book(wall, message.recipient_count)
+            lane.book(wall, message.recipient_count)
             state = await self._send(lane, job, message)
             if state == RowState.PENDING:  # not sent: it goes back to the front of the queue
                 self._started -= 1
-                lane.budget.release(wall, message.recipient_count)
+                lane.release(wall, message.recipient_count)
                 lane.jobs.appendleft(job)
 
-    async def _wait_for_slot(self, lane: _Lane) -> None:
+    async def _wait_out_park(self, lane: Lane, until: datetime) -> None:
+        """--wait: sleep until the park ends (the first worker to wake lifts it)."""
+        await self._clock.sleep((until - self._clock.now()).total_seconds())
+        if lane.parked_until == until:
+            lane.parked_until = None
+            self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
+
+    async def _wait_for_slot(self, lane: Lane) -> None:
         # Nothing may await between the end of this wait and the request, or sends
         # could bunch up behind a slow step; so the ledger claim comes before it.
-        start = lane.pace.reserve(self._clock.monotonic())
-        await self._clock.sleep(start - self._clock.monotonic())
+        # A throttle that arrives meanwhile moves the hold: then wait again.
+        while True:
+            start = lane.reserve(self._clock.monotonic())
+            await self._clock.sleep(start - self._clock.monotonic())
+            if self._clock.monotonic() >= lane.hold_until or lane.stopped:
+                return
 
-    async def _send(self, lane: _Lane, job: Job, message: Message) -> RowState:
+    async def _send(self, lane: Lane, job: Job, message: Message) -> RowState:
         """Send one message until its outcome is settled for this run; return the row's state."""
         key = job.recipient.key
         payload = build_send_payload(message)
@@ -238,9 +244,7 @@ class _Loop:
             return RowState.PENDING
         retries = 0
         while True:
-            outcome = await self._client.send_message(
-                lane.sender.grant_id, payload, idempotency_key=claim.idempotency_key
-            )
+            outcome = await self._post(lane.sender, payload, claim.idempotency_key)
             state = await self._in_thread(
                 partial(
                     self._ledger.record_outcome,
@@ -272,10 +276,16 @@ class _Loop:
         self._after(lane, job, outcome, state)
         return state
 
-    def _after(self, lane: _Lane, job: Job, outcome: SendOutcome, state: RowState) -> None:
+    async def _post(self, sender: SenderSettings, payload: Mapping[str, Any], key: str) -> SendOutcome:
+        if sender.domain is not None:
+            return await self._client.send_domain_message(sender.domain, payload, idempotency_key=key)
+        assert sender.grant_id is not None  # the manifest requires one of the two
+        return await self._client.send_message(sender.grant_id, payload, idempotency_key=key)
+
+    def _after(self, lane: Lane, job: Job, outcome: SendOutcome, state: RowState) -> None:
         name, key, email = lane.sender.name, job.recipient.key, job.recipient.address.email
         if state == RowState.SENT:
-            lane.throttles = 0
+            lane.record_sent()
             self._counts[RowState.SENT] += 1
             self._emit(DispatchEvent(EventKind.SENT, name, key, email, outcome))
         elif state == RowState.FAILED:
@@ -288,23 +298,21 @@ class _Loop:
             self._throttled(lane, outcome)
             self._emit(DispatchEvent(EventKind.THROTTLED, name, key, email, outcome))
 
-    def _throttled(self, lane: _Lane, outcome: SendOutcome) -> None:
-        lane.throttles += 1
+    def _throttled(self, lane: Lane, outcome: SendOutcome) -> None:
         now = self._clock.now()
         if outcome.retry_at is not None:
             wait_s = max(0.0, (outcome.retry_at - now).total_seconds())
         else:
-            wait_s = self._backoff(lane.throttles)
+            wait_s = self._backoff(lane.throttles + 1)
+        lane.record_throttle(mono=self._clock.monotonic(), wait_s=wait_s)
         if (
             outcome.throttle == ThrottleKind.QUOTA
             or wait_s > self._settings.park_after_s
             or lane.throttles >= self._settings.park_after_throttles
         ):
             self._park(lane, now + timedelta(seconds=wait_s))
-        else:
-            lane.pace.delay(self._clock.monotonic() + wait_s)
 
-    def _park(self, lane: _Lane, until: datetime) -> None:
+    def _park(self, lane: Lane, until: datetime) -> None:
         if lane.parked_until is None:
             lane.parked_until = until
             self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))

@@ -12,12 +12,14 @@ import difflib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,6 +33,7 @@ from pydantic_core import ErrorDetails
 
 from campaign.errors import InputFileError, ManifestError
 from campaign.headers import header_name_problem, header_value_problem
+from campaign.presets import PROVIDER_PRESETS
 
 __all__ = [
     "ApiSettings",
@@ -284,9 +287,19 @@ class SenderSettings(BaseModel):
 
     model_config = _FROZEN
     name: _Name = Field(description="Short unique name for this sender (letters, digits, '.', '_', '-').")
-    grant_id: str = Field(min_length=1, description="The Nylas grant id of the mailbox.")
+    grant_id: str | None = Field(
+        default=None, min_length=1, description="The Nylas grant id of the mailbox (or give `domain`)."
+    )
+    domain: str | None = Field(
+        default=None,
+        min_length=3,
+        description="A domain verified in Nylas, to send application mail through "
+        "POST /v3/domains/{domain}/messages/send instead of a mailbox (needs `email`, the From address).",
+    )
     email: _Addr | None = Field(
-        default=None, description="The mailbox address (shown in output; used as From)."
+        default=None,
+        validation_alias=AliasChoices("email", "from"),
+        description="The mailbox address (shown in output; used as From); `from` is accepted too.",
     )
     from_name: _HeaderValue | None = Field(default=None, description="Display name for the From header.")
     provider: Literal["gmail", "google-workspace", "microsoft", "yahoo", "icloud", "imap"] | None = Field(
@@ -305,27 +318,49 @@ class SenderSettings(BaseModel):
     per_day: int | None = Field(
         default=None, ge=1, strict=True, description="Recipients this mailbox may mail in any rolling 24 h."
     )
+    per_day_messages: int | None = Field(
+        default=None, ge=1, strict=True, description="Messages this mailbox may send in any rolling 24 h."
+    )
     concurrency: int = Field(default=2, ge=1, le=64, strict=True, description="Sends in flight at once.")
 
-    @field_validator("grant_id")
+    @field_validator("grant_id", "domain")
     @classmethod
-    def _check_grant(cls, value: str) -> str:
-        if re.search(r"[\s/?#]", value):
-            raise ValueError("must be a Nylas grant id (no spaces, '/', '?' or '#')")
+    def _check_grant(cls, value: str | None) -> str | None:
+        if value is not None and re.search(r"[\s/?#]", value):
+            raise ValueError("must be a Nylas grant id or domain name (no spaces, '/', '?' or '#')")
         return value
 
     @model_validator(mode="before")
     @classmethod
-    def _default_rate(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "per_second" not in data and "per_minute" not in data:
-            return {**data, "per_second": DEFAULT_PER_SECOND}
+    def _fill_defaults(cls, data: Any) -> Any:
+        # The provider's preset first (explicit keys win), then the generic default pace.
+        if not isinstance(data, dict):
+            return data
+        preset: Mapping[str, Any] = PROVIDER_PRESETS.get(str(data.get("provider")), {})
+        explicit_pace = "per_second" in data or "per_minute" in data
+        filled = {key: value for key, value in preset.items() if key not in data}
+        if explicit_pace:
+            filled.pop("per_second", None)
+            filled.pop("per_minute", None)
+        data = {**data, **filled}
+        if "per_second" not in data and "per_minute" not in data:
+            data["per_second"] = DEFAULT_PER_SECOND
         return data
 
     @model_validator(mode="after")
     def _one_rate(self) -> SenderSettings:
         if self.per_second is not None and self.per_minute is not None:
             raise ValueError("give per_second or per_minute, not both")
+        if (self.grant_id is None) == (self.domain is None):
+            raise ValueError("give grant_id (a mailbox) or domain (a verified domain), exactly one")
+        if self.domain is not None and self.email is None:
+            raise ValueError("a domain sender needs `from` (or `email`): the address it sends from")
         return self
+
+    @property
+    def route(self) -> str:
+        """Where its sends go: the grant id, or `domain:<domain>` for a domain sender."""
+        return self.grant_id if self.grant_id is not None else f"domain:{self.domain}"
 
     @property
     def rate_per_s(self) -> float:

@@ -90,6 +90,10 @@ class SendClient(Protocol):
         self, grant_id: str, payload: Mapping[str, Any], *, idempotency_key: str
     ) -> SendOutcome: ...
 
+    async def send_domain_message(
+        self, domain: str, payload: Mapping[str, Any], *, idempotency_key: str
+    ) -> SendOutcome: ...
+
 
 @dataclass(frozen=True, slots=True)
 class _ErrorBody:
@@ -137,11 +141,26 @@ class NylasClient:
         self, grant_id: str, payload: Mapping[str, Any], *, idempotency_key: str
     ) -> SendOutcome:
         """POST one message with `Idempotency-Key` and translate the answer; never raises for an outcome."""
+        return await self._post_send(
+            f"/v3/grants/{_quote_grant(grant_id)}/messages/send", payload, idempotency_key
+        )
+
+    async def send_domain_message(
+        self, domain: str, payload: Mapping[str, Any], *, idempotency_key: str
+    ) -> SendOutcome:
+        """POST one message through a verified domain (§6), where `from` is one object, not a list."""
+        body = dict(payload)
+        if isinstance(body.get("from"), list) and body["from"]:
+            body["from"] = body["from"][0]
+        return await self._post_send(
+            f"/v3/domains/{_quote_grant(domain)}/messages/send", body, idempotency_key
+        )
+
+    async def _post_send(self, path: str, payload: Mapping[str, Any], idempotency_key: str) -> SendOutcome:
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH or not _VISIBLE_ASCII.fullmatch(idempotency_key):
             limit, got = MAX_IDEMPOTENCY_KEY_LENGTH, len(idempotency_key)
             raise ValueError(f"Idempotency-Key must be 1–{limit} visible ASCII characters (got {got})")
         headers = self._headers() | {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-        path = f"/v3/grants/{_quote_grant(grant_id)}/messages/send"
         try:
             response = await self._http.post(path, content=encode_send_body(payload), headers=headers)
         except httpx.RequestError as exc:

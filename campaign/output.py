@@ -27,6 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult, EventKind
 from campaign.manifest import SenderSettings
 from campaign.preview import PreviewReport
@@ -76,19 +77,41 @@ class _RateColumn(ProgressColumn):
         return Text("" if speed is None else f"{speed:5.1f}/s")
 
 
+class _StateColumn(ProgressColumn):
+    """What a sender is doing: budget left, or a live countdown while it is parked."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def render(self, task: Task) -> Text:
+        until = task.fields.get("parked_until")
+        if until is not None:
+            left = (until - self._clock.now()).total_seconds()
+            return Text.from_markup(f"[yellow]parked, {format_duration(left)} left (until {_local(until)})")
+        budget = task.fields.get("budget_left")
+        text = task.fields.get("detail", "")
+        if budget is not None:
+            text = f"{budget} left today  {text}"
+        return Text.from_markup(text)
+
+
 class SendProgress:
     """A live progress display fed with dispatch events: an overall bar and one line per sender."""
 
-    def __init__(self, console: Console, *, total: int, senders: Sequence[SenderSettings]) -> None:
+    def __init__(
+        self, console: Console, *, total: int, senders: Sequence[SenderSettings], clock: Clock
+    ) -> None:
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             _RateColumn(),
-            TextColumn("{task.fields[detail]}"),
+            _StateColumn(clock),
             TimeElapsedColumn(),
             console=console,
             transient=False,
+            get_time=clock.monotonic,
         )
         self._overall = self._progress.add_task("[bold]all senders", total=total, detail="")
         share = {sender.name: 0 for sender in senders}
@@ -96,6 +119,7 @@ class SendProgress:
             name: self._progress.add_task(f"  {name}", total=None, detail="") for name in share
         }
         self._failed = dict.fromkeys(share, 0)
+        self._budget_left: dict[str, int | None] = dict.fromkeys(share)
 
     def __enter__(self) -> SendProgress:
         self._progress.start()
@@ -106,9 +130,10 @@ class SendProgress:
     ) -> None:
         self._progress.stop()
 
-    def set_share(self, sender: str, messages: int) -> None:
-        """How many messages `sender` has to send this run."""
-        self._progress.update(self._senders[sender], total=messages)
+    def set_share(self, sender: str, messages: int, *, budget_left: int | None = None) -> None:
+        """How many messages `sender` has to send this run, and how many recipients its budget allows."""
+        self._budget_left[sender] = budget_left
+        self._progress.update(self._senders[sender], total=messages, budget_left=budget_left)
 
     def handle(self, event: DispatchEvent) -> None:
         """Update the display for one event."""
@@ -116,13 +141,19 @@ class SendProgress:
         if event.kind == EventKind.SENT:
             self._progress.advance(task)
             self._progress.advance(self._overall)
+            left = self._budget_left[event.sender]
+            if left is not None:
+                self._budget_left[event.sender] = left - 1
+                self._progress.update(task, budget_left=left - 1)
         elif event.kind in (EventKind.FAILED, EventKind.UNKNOWN):
             self._failed[event.sender] += 1
             self._progress.advance(task)
             self._progress.advance(self._overall)
             self._progress.update(task, detail=f"[red]{self._failed[event.sender]} not sent")
         elif event.kind == EventKind.PARKED and event.until is not None:
-            self._progress.update(task, detail=f"[yellow]parked until {_local(event.until)}")
+            self._progress.update(task, parked_until=event.until)
+        elif event.kind == EventKind.RESUMED:
+            self._progress.update(task, parked_until=None, detail="")
         elif event.kind == EventKind.AUTH_REFUSED:
             self._progress.update(task, detail="[red]credentials refused")
         elif event.kind == EventKind.THROTTLED:

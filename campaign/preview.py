@@ -71,7 +71,7 @@ def build_preview(preflight: Preflight, *, sample: int, done_keys: Collection[st
     senders = tuple(
         SenderPlan(
             name=sender.name,
-            grant_id=sender.grant_id,
+            grant_id=sender.route,
             email=sender.email,
             messages=per_sender[sender.name],
             rate_per_s=sender.rate_per_s,

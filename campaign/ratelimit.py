@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-__all__ = ["DAY_S", "NYLAS_JSON_PER_SECOND", "DailyBudget", "Pace"]
+__all__ = ["DAY_S", "NYLAS_JSON_PER_SECOND", "NYLAS_MULTIPART_PER_SECOND", "DailyBudget", "Pace"]
 
 DAY_S = 86_400.0
 # Nylas's own ceiling per grant (reference/nylas-api.md §3.4); never exceeded whatever the manifest says.
 NYLAS_JSON_PER_SECOND = 200.0
+NYLAS_MULTIPART_PER_SECOND = 10.0
 
 
 class Pace:
@@ -46,6 +47,16 @@ class Pace:
         start = max(now, tat - self._tolerance)
         self._tat = tat + self._interval
         return start
+
+    def set_rate(self, rate_per_s: float) -> None:
+        """Change the sustained rate from now on (slots already booked stay booked)."""
+        rate = min(rate_per_s, NYLAS_JSON_PER_SECOND)
+        if rate <= 0:
+            message = f"a pace needs a positive rate, not {rate_per_s}/s"
+            raise ValueError(message)
+        burst = round(self._tolerance / self._interval) + 1
+        self._interval = 1.0 / rate
+        self._tolerance = (burst - 1) * self._interval
 
     def delay(self, until: float) -> None:
         """Push the next free slot to at least `until` (after a throttle)."""

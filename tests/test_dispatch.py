@@ -16,7 +16,6 @@ from campaign.manifest import SenderSettings
 from campaign.models import Address, Message, RowState, SendOutcome
 from campaign.nylas import NylasClient
 from campaign.plan import Job
-from campaign.ratelimit import DailyBudget
 from campaign.testing import FakeNylas, Fault
 from campaign.testing.clock import FakeClock
 
@@ -185,7 +184,7 @@ async def test_daily_budget_parks_sender_before_the_provider_refuses(tmp_path):
     sender = _sender("a", per_second=10, per_day=3, concurrency=1)
     h = _Harness(tmp_path, [sender])
     start = h.clock.now()
-    result = await h.run(_jobs(5, "a"), budgets={"a": DailyBudget(3)})
+    result = await h.run(_jobs(5, "a"))
     assert result.sent == 3
     assert result.remaining == 2
     assert len(h.fake.requests) == 3

@@ -80,6 +80,8 @@ class FakeNylas(FakeState):
         self.app = Starlette(
             routes=[
                 Route(f"{grant}/messages/send", self._handle_send, methods=["POST"]),
+                # Transactional send through a verified domain (§6): `from` is one object, not a list.
+                Route("/v3/domains/{domain}/messages/send", self._handle_send, methods=["POST"]),
                 Route(f"{grant}/messages", self._handle_list, methods=["GET"]),
                 Route(f"{grant}/folders", self._handle_folders, methods=["GET"]),
                 Route(f"{grant}/messages/schedules", self._handle_schedules, methods=["GET"]),
@@ -97,7 +99,7 @@ class FakeNylas(FakeState):
     async def _handle_send(self, request: Request) -> Response:
         arrived = self.clock.monotonic()
         key = request.headers.get("idempotency-key")
-        trace = _Trace(grant_id=request.path_params["grant_id"])
+        trace = _Trace(grant_id=_route_id(request))
         try:
             response = await self._serve_send(request, key, trace)
             if not isinstance(response, DroppedConnection):
@@ -159,7 +161,7 @@ class FakeNylas(FakeState):
         given = request.headers.get("authorization", "").encode()
         if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
             raise ApiProblem(401, "unauthorized", "Unauthorized")
-        grant = self._lookup_grant(request.path_params["grant_id"])
+        grant = self._lookup_grant(_route_id(request))
         if grant is None:
             raise ApiProblem(404, "not_found_error", _NOT_FOUND)
         return grant
@@ -175,10 +177,10 @@ class FakeNylas(FakeState):
             raise ApiProblem(413, "invalid_request_error", message)
         if not multipart:
             payload = parse_json_object(body)
-            return payload, [], fingerprint_payload(payload)
+            return _grant_shaped(request, payload), [], fingerprint_payload(payload)
         message_part, files = await _read_form(request, limit=limit)
         payload = parse_json_object(message_part)
-        return payload, files, fingerprint_payload(payload, files)
+        return _grant_shaped(request, payload), files, fingerprint_payload(payload, files)
 
     async def _process_send(
         self,
@@ -341,6 +343,22 @@ class FakeNylas(FakeState):
         return answer_json(
             200, {"data": {"schedule_id": schedule_id, "status": status}}, request_id=request_id
         ).build_response()
+
+
+def _route_id(request: Request) -> str:
+    """The grant the request is for; a domain send is served by the pseudo-grant `domain:<name>`."""
+    params = request.path_params
+    return f"domain:{params['domain']}" if "domain" in params else str(params["grant_id"])
+
+
+def _grant_shaped(request: Request, payload: dict[str, Any]) -> dict[str, Any]:
+    """A domain send's body in the grant form: its required single `from` object becomes a list (§6)."""
+    if "domain" not in request.path_params:
+        return payload
+    sender = payload.get("from")
+    if not isinstance(sender, dict) or not isinstance(sender.get("email"), str):
+        raise ApiProblem(400, "invalid_request_error", "`from` must be an object with an `email`")
+    return {**payload, "from": [sender]}
 
 
 async def _read_form(request: Request, *, limit: int) -> tuple[str | bytes, list[FilePart]]:

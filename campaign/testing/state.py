@@ -121,6 +121,13 @@ class FakeState:
         with self._lock:
             self._grants[grant_id] = Grant(grant_id, email, provider, _build_folders(grant_id, provider))
 
+    def add_domain(self, domain: str) -> None:
+        """Verify a domain for transactional sends (POST /v3/domains/{domain}/messages/send).
+
+        It is served as the pseudo-grant `domain:<domain>`: faults, quotas and deliveries name it so.
+        """
+        self.add_grant(f"domain:{domain}", f"no-reply@{domain}", provider="nylas")
+
     def set_quota(
         self,
         grant_id: str,
