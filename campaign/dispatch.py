@@ -34,11 +34,29 @@ __all__ = [
     "DispatchResult",
     "DispatchSettings",
     "EventKind",
+    "Offload",
     "ProgressLedger",
+    "build_thread_offload",
     "dispatch",
 ]
 
 _T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """Runs a blocking call (a ledger write) so that the event loop does not wait on it."""
+
+    async def __call__(self, call: Callable[[], _T]) -> _T: ...
+
+
+def build_thread_offload() -> Offload:
+    """The default: one worker thread at a time, so the ledger is never written from two threads at once."""
+    limiter = anyio.CapacityLimiter(1)
+
+    async def offload(call: Callable[[], _T]) -> _T:
+        return await anyio.to_thread.run_sync(call, limiter=limiter)
+
+    return offload
 
 
 class ProgressLedger(Protocol):
@@ -118,11 +136,13 @@ async def dispatch(
     parked: Mapping[str, datetime] | None = None,
     on_event: Callable[[DispatchEvent], None] = lambda _event: None,
     settings: DispatchSettings | None = None,
+    offload: Offload | None = None,
 ) -> DispatchResult:
     """Send every job under its sender's limits; return what was done and what is left.
 
     `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
-    budgets; `parked` the senders that must not send before a time (from an earlier run).
+    budgets; `parked` the senders that must not send before a time (from an earlier run);
+    `offload` runs the ledger's blocking writes (a worker thread unless told otherwise).
     """
     lanes = {
         sender.name: open_lane(sender, history=(history or {}).get(sender.name, ())) for sender in senders
@@ -140,6 +160,7 @@ async def dispatch(
         clock=clock,
         on_event=on_event,
         settings=settings or DispatchSettings(),
+        offload=offload or build_thread_offload(),
     )
     return await loop.run(lanes)
 
@@ -154,6 +175,7 @@ class _Loop:
         clock: Clock,
         on_event: Callable[[DispatchEvent], None],
         settings: DispatchSettings,
+        offload: Offload,
     ) -> None:
         self._render = render
         self._client = client
@@ -164,8 +186,7 @@ class _Loop:
         self._started = 0
         self._counts = {RowState.SENT: 0, RowState.FAILED: 0, RowState.UNKNOWN: 0}
         self._limit_reached = False
-        # One writer thread: the ledger is never written from two threads at once.
-        self._db = anyio.CapacityLimiter(1)
+        self._in_thread = offload
         self._random = random.Random()
 
     async def run(self, lanes: Mapping[str, Lane]) -> DispatchResult:
@@ -320,6 +341,3 @@ class _Loop:
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self._settings.retry_max_s, self._settings.retry_base_s * 2.0 ** (attempt - 1))
         return ceiling * (0.5 + self._random.random() / 2)  # jitter: between half and all of it
-
-    async def _in_thread(self, call: Callable[[], _T]) -> _T:
-        return await anyio.to_thread.run_sync(call, limiter=self._db)

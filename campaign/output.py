@@ -258,6 +258,12 @@ def print_status(console: Console, status: Mapping[str, Any]) -> None:
         return
     done = "done" if status["done"] else "not done"
     console.print(f"[bold]{escape(status['campaign'])}[/]: {done}, {status['total']} recipients")
+    if not status["done"]:
+        senders = len(status["senders"])
+        console.print(
+            f"{status['per_day']:,}/day over {senders} sender{'s' if senders > 1 else ''}: "
+            f"done in ~{format_duration(status['eta_s'])} at the current limits"
+        )
     table = Table(
         title="By sender (24 h: recipients mailed in the last day; left: of per_day)",
         title_justify="left",

@@ -14,7 +14,15 @@ from campaign.manifest import SenderSettings
 from campaign.models import Recipient
 from campaign.ratelimit import DAY_S
 
-__all__ = ["Job", "assign_senders", "daily_capacity", "estimate_duration_s"]
+__all__ = [
+    "Job",
+    "Schedule",
+    "SenderSchedule",
+    "assign_senders",
+    "build_schedule",
+    "daily_capacity",
+    "estimate_duration_s",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,53 @@ def estimate_duration_s(messages: int, *, rate_per_s: float, per_day: int | None
     if rest == 0:
         full_days, rest = full_days - 1, per_day
     return full_days * DAY_S + rest / rate_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class SenderSchedule:
+    """When one sender will be done: how many it can send in the next 24 h and how long it needs."""
+
+    name: str
+    remaining: int
+    next_24h: int
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """The whole campaign's timing under the current limits; the slowest sender decides."""
+
+    senders: tuple[SenderSchedule, ...]
+    per_day: int
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds until the last sender is done."""
+        return max((sender.duration_s for sender in self.senders), default=0.0)
+
+
+def build_schedule(
+    senders: Sequence[SenderSettings], *, remaining: Mapping[str, int], used_24h: Mapping[str, int]
+) -> Schedule:
+    """Timing per sender from its messages left and the recipients it mailed in the last 24 h.
+
+    An estimate: the budget already used frees as the rolling window moves, which is
+    approximated as "after a day".
+    """
+    plans = []
+    for sender in senders:
+        left_today = None if sender.per_day is None else max(0, sender.per_day - used_24h.get(sender.name, 0))
+        todo = remaining.get(sender.name, 0)
+        pace_per_day = int(sender.rate_per_s * DAY_S)
+        now_part = todo if left_today is None else min(todo, left_today)
+        duration = now_part / sender.rate_per_s
+        if todo > now_part:
+            duration = DAY_S + estimate_duration_s(
+                todo - now_part, rate_per_s=sender.rate_per_s, per_day=sender.per_day
+            )
+        next_24h = min(todo, pace_per_day if left_today is None else min(left_today, pace_per_day))
+        plans.append(SenderSchedule(sender.name, todo, next_24h, duration if todo else 0.0))
+    return Schedule(senders=tuple(plans), per_day=int(sum(daily_capacity(sender) for sender in senders)))
 
 
 def assign_senders(

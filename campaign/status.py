@@ -12,6 +12,7 @@ from campaign.clock import Clock
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest
 from campaign.models import RowState
+from campaign.plan import build_schedule
 from campaign.ratelimit import DAY_S
 
 __all__ = ["OPEN_STATES", "build_status", "build_unstarted_status"]
@@ -25,11 +26,12 @@ def build_status(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> dict[st
     counts = ledger.counts()
     by_sender = ledger.counts_by_sender()
     since = clock.now().timestamp() - DAY_S
-    senders = {}
+    senders: dict[str, dict[str, Any]] = {}
     for sender in manifest.senders:
         sent_24h = sum(count for _, count in ledger.sent_recipients_since(sender.name, since))
         senders[sender.name] = {
             "grant_id": sender.grant_id,
+            "domain": sender.domain,
             "email": sender.email,
             "states": _named(by_sender.get(sender.name, dict.fromkeys(RowState, 0))),
             "sent_last_24h": sent_24h,
@@ -43,10 +45,22 @@ def build_status(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> dict[st
             skipped[(row.reason or "unknown").split(":", 1)[0]] += 1
         else:
             errors[f"{row.error_status or '-'} {row.error_type or row.state.value}"] += 1
+    schedule = build_schedule(
+        manifest.senders,
+        remaining={
+            name: info["states"]["pending"] + info["states"]["inflight"] for name, info in senders.items()
+        },
+        used_24h={name: info["sent_last_24h"] for name, info in senders.items()},
+    )
+    for plan in schedule.senders:
+        senders[plan.name]["next_24h"] = plan.next_24h
+        senders[plan.name]["eta_s"] = plan.duration_s
     return {
         "campaign": manifest.campaign.name,
         "manifest": str(manifest.path),
         "ledger": str(ledger.path),
+        "per_day": schedule.per_day,
+        "eta_s": schedule.duration_s,
         "started": True,
         "done": all(counts[state] == 0 for state in OPEN_STATES),
         "total": sum(counts.values()),
