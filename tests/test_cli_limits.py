@@ -1,0 +1,94 @@
+"""Quotas through the CLI against the fake on loopback: exit 75 with the time, parks survive, --wait."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import pytest
+from conftest import API_KEY, SECRET, copy_sample
+
+from campaign.clock import SystemClock
+from campaign.ledger import open_ledger
+from campaign.manifest import load_manifest
+from campaign.testing import FakeNylas, Fault, serve_on_loopback
+from campaign.testing.clock import FakeClock
+
+FOUNDER = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"
+
+
+@pytest.fixture(name="quota_api")
+def _quota_api(monkeypatch):
+    """A loopback fake whose own clock starts now and can be moved on by the test."""
+    clock = FakeClock(start=SystemClock().now())
+    fake = FakeNylas(api_key=API_KEY, clock=clock)
+    fake.add_grant(FOUNDER, "maya@example.com")
+    with serve_on_loopback(fake) as url:
+        monkeypatch.setenv("NYLAS_API_URI", url)
+        monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
+        monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", SECRET)
+        yield fake, clock
+
+
+def test_quota_stop_exits_75_and_resume_finishes_after_the_window(quota_api, cli, tmp_path):
+    """3 a day at the provider, 5 to send: exit 75 naming the time; resume waits for it, then finishes once."""
+    fake, clock = quota_api
+    fake.set_quota(FOUNDER, recipients_per_day=3)
+    manifest = copy_sample("newsletter", tmp_path)
+    first = cli("run", manifest, "--yes")
+    assert first.exit_code == 75, first.output
+    assert "founder" in first.output
+    assert "can send again at" in first.output
+    assert f"campaign resume {manifest}" in first.output
+    assert len(fake.deliveries) == 3
+
+    # The park is stored with the ledger: resuming at once sends nothing to that grant.
+    before = len(fake.requests)
+    again = cli("resume", manifest, "--yes")
+    assert again.exit_code == 75, again.output
+    assert len(fake.requests) == before
+
+    # A day later (the fake's window and our stored park both expired) resume finishes the rest once.
+    clock.advance(86_401)
+    ledger = open_ledger(load_manifest(manifest).ledger_path, clock=clock, campaign="spring-newsletter")
+    parked = ledger.get_meta("parked_until:founder")
+    assert parked  # the provider's own "Retry after": a day after the first of the three sends
+    window_frees = fake.deliveries[0].delivered_at + timedelta(days=1)
+    assert abs(datetime.fromisoformat(parked) - window_frees) < timedelta(seconds=2)
+    ledger.set_meta("parked_until:founder", (SystemClock().now() - timedelta(seconds=1)).isoformat())
+    ledger.close()
+    last = cli("resume", manifest, "--yes")
+    assert last.exit_code == 0, last.output
+    emails = [d.payload["to"][0]["email"] for d in fake.deliveries]
+    assert len(emails) == 5
+    assert len(set(emails)) == 5
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert status["done"] is True
+
+
+def test_wait_continues_by_itself_after_a_quota_refusal(quota_api, cli, tmp_path):
+    """--wait: a quota refusal that frees in a second is waited out in the same run (exit 0)."""
+    fake, _ = quota_api
+    fake.script(Fault.QUOTA_EXCEEDED, grant_id=FOUNDER, times=1, retry_after_s=1)
+    manifest = copy_sample("newsletter", tmp_path)
+    result = cli("run", manifest, "--yes", "--wait")
+    assert result.exit_code == 0, result.output
+    assert len(fake.deliveries) == 5
+    refused = [r for r in fake.requests if r.status == 429]
+    assert len(refused) == 1
+
+
+def test_status_shows_the_schedule(quota_api, cli, tmp_path):
+    """status --json gives the daily capacity and an ETA per sender and in total."""
+    fake, _ = quota_api
+    fake.set_quota(FOUNDER, recipients_per_day=2)
+    manifest = copy_sample("newsletter", tmp_path)
+    cli("run", manifest, "--yes")
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    founder = status["senders"]["founder"]
+    assert founder["states"]["pending"] == 3
+    assert founder["next_24h"] == 3
+    assert status["per_day"] == 500
+    assert status["eta_s"] > 0
+    text = cli("status", manifest).stdout
+    assert "500/day over 1 sender: done in ~" in text
