@@ -31,7 +31,7 @@ def _quota_api(monkeypatch):
 
 
 def test_quota_stop_exits_75_and_resume_finishes_after_the_window(quota_api, cli, tmp_path):
-    """3 a day at the provider, 5 to send: exit 75 naming the time; resume waits for it, then finishes once."""
+    """Provider quota 3, 5 to send: exit 75 with the time; resume waits for it, then finishes once."""
     fake, clock = quota_api
     fake.set_quota(FOUNDER, recipients_per_day=3)
     manifest = copy_sample("newsletter", tmp_path)
