@@ -9,12 +9,13 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import anyio
 import httpx
@@ -22,8 +23,11 @@ import typer
 from rich.console import Console
 
 from campaign.clock import Clock, SystemClock
+from campaign.content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.dispatch import DispatchResult, DispatchSettings, dispatch
-from campaign.errors import CampaignError, InputFileError, ManifestError, UsageError
+from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
+from campaign.errors import CampaignError, DataError, InputFileError, ManifestError, UsageError
+from campaign.interrupt import run_interruptible
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import Manifest, build_manifest_schema, load_manifest
 from campaign.models import RowState
@@ -34,16 +38,34 @@ from campaign.output import (
     print_deliveries,
     print_error,
     print_json,
+    print_next_steps,
     print_preview,
+    print_reconciled,
+    print_report_written,
+    print_retried,
     print_run_summary,
     print_status,
+    print_test_sent,
 )
 from campaign.plan import Job
-from campaign.preflight import Preflight, run_preflight
-from campaign.preview import PreviewReport, build_preview, write_preview
+from campaign.preflight import Preflight, raise_for_problems, run_preflight
+from campaign.preview import LedgerView, run_preview
+from campaign.preview_json import build_preview_json
 from campaign.ratelimit import DAY_S
+from campaign.reconcile import ReconcileReport, Verdict, reconcile_unknown
+from campaign.report import build_report, write_report
+from campaign.sendtest import find_test_message, send_test_message
+from campaign.site import write_site
 from campaign.starter import write_starter
 from campaign.status import OPEN_STATES, build_status, build_unstarted_status
+from campaign.suppression import (
+    SuppressionStore,
+    UnsubscribeWatch,
+    is_store_path,
+    list_store_paths,
+    open_store,
+)
+from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
 from campaign.testing import FakeNylas
 from campaign.testing.server import run_sandbox_server
 from campaign.unsubscribe import parse_secrets
@@ -56,11 +78,9 @@ EXIT_RESUMABLE = 75
 EXIT_AUTH = 77
 EXIT_INTERRUPTED = 130
 
-# Nylas replays an idempotency key's answer for one hour; an in-flight row older
-# than that cannot be re-sent safely with its key, so it becomes `unknown`.
-IDEMPOTENCY_WINDOW_S = 3600.0
 SANDBOX_API_KEY = "sandbox-key"
 SANDBOX_SECRET = "sandbox-unsubscribe-secret-not-for-real-mail"
+_T = TypeVar("_T")
 
 app = typer.Typer(
     add_completion=False,
@@ -83,6 +103,14 @@ WaitOpt = Annotated[
 ]
 SkipInvalidOpt = Annotated[
     bool, typer.Option("--skip-invalid", help="Skip rows that do not validate or render, recording why.")
+]
+AllowChangedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-changed-content",
+        help="Send the rest even though the subject, a template or a header changed since sending "
+        "began (the change is recorded in the ledger).",
+    ),
 ]
 
 
@@ -115,13 +143,22 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Same as `campaign preview`.")] = False,
     skip_invalid: SkipInvalidOpt = False,
     wait: WaitOpt = False,
+    allow_changed_content: AllowChangedOpt = False,
 ) -> None:
     """Send the campaign (continues where an earlier run stopped)."""
     if dry_run:
         preview(manifest, sandbox=sandbox, skip_invalid=skip_invalid)
         return
     with _exit_codes():
-        code = _run(manifest, yes=yes, limit=limit, sandbox=sandbox, skip_invalid=skip_invalid, wait=wait)
+        code = _run(
+            manifest,
+            yes=yes,
+            limit=limit,
+            sandbox=sandbox,
+            skip_invalid=skip_invalid,
+            wait=wait,
+            allow_changed_content=allow_changed_content,
+        )
         raise typer.Exit(code)
 
 
@@ -133,6 +170,7 @@ def resume(
     sandbox: SandboxOpt = False,
     skip_invalid: SkipInvalidOpt = False,
     wait: WaitOpt = False,
+    allow_changed_content: AllowChangedOpt = False,
 ) -> None:
     """Continue a campaign after a quota stop, crash or Ctrl-C (needs its ledger)."""
     with _exit_codes():
@@ -144,6 +182,7 @@ def resume(
             skip_invalid=skip_invalid,
             wait=wait,
             resuming=True,
+            allow_changed_content=allow_changed_content,
         )
         raise typer.Exit(code)
 
@@ -152,34 +191,83 @@ def resume(
 def preview(
     manifest: ManifestArg,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Write the sampled messages' payloads and bodies here.")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write the preview site (default: <manifest stem>.preview/ beside the manifest).",
+        ),
     ] = None,
-    sample: Annotated[int, typer.Option(min=0, help="How many rendered messages to show.")] = 3,
+    sample: Annotated[
+        int, typer.Option(min=0, help="How many rendered messages to show and give pages.")
+    ] = 3,
     sandbox: SandboxOpt = False,
     skip_invalid: SkipInvalidOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Check every recipient and render every message without sending anything."""
+    """Check and render every recipient, write a browsable preview site, send nothing."""
     with _exit_codes():
+        clock = SystemClock()
         loaded = load_manifest(manifest)
-        ledger_path = _ledger_path(loaded, sandbox=sandbox)
-        done: set[str] = set()
-        assigned: dict[str, str] = {}
-        if ledger_path.exists():
-            ledger = _open(loaded, ledger_path)
-            assigned = ledger.assigned_senders()
-            done = {row.key for row in ledger.rows(states=(RowState.SENT, RowState.FAILED, RowState.SKIPPED))}
-            ledger.close()
-        preflight = run_preflight(
-            loaded, secrets=_secrets(loaded, sandbox=sandbox), skip_invalid=skip_invalid, assigned=assigned
+        report = run_preview(
+            loaded,
+            secrets=_secrets(loaded, sandbox=sandbox),
+            skip_invalid=skip_invalid,
+            sample=sample,
+            ledger=_ledger_view(loaded, _ledger_path(loaded, sandbox=sandbox), clock=clock),
+            api_uri="http://sandbox.nylas.test" if sandbox else _api_uri(loaded),
+            clock=clock,
         )
-        report = build_preview(preflight, sample=sample, done_keys=done)
-        written = write_preview(report, out_dir) if out_dir is not None else []
+        site = write_site(report, out_dir or loaded.base_dir / f"{loaded.path.stem}.preview")
         if as_json:
-            print_json(out, _preview_json(report))
+            print_json(out, build_preview_json(report, site=site))
         else:
-            print_preview(out, report, out_files=written)
-        preflight.raise_for_problems()
+            print_preview(out, report, site=site)
+        raise_for_problems(report.problem_texts)
+
+
+@app.command("send-test")
+def send_test(
+    manifest: ManifestArg,
+    to: Annotated[str, typer.Option("--to", help="The address to send the test to.", show_default=False)],
+    row: Annotated[int, typer.Option("--row", min=1, help="The row of the list to render.")] = 1,
+    sender_name: Annotated[
+        str | None, typer.Option("--sender", help="Send from this sender instead of the row's own.")
+    ] = None,
+    sandbox: SandboxOpt = False,
+) -> None:
+    """Send row N, rendered exactly as the campaign would, to ADDR with "[TEST] " before the subject."""
+    with _exit_codes():
+        clock = SystemClock()
+        loaded = load_manifest(manifest)
+        api_key = SANDBOX_API_KEY if sandbox else _api_key(loaded)
+        ledger = _ledger_view(loaded, _ledger_path(loaded, sandbox=sandbox), clock=clock)
+        test = find_test_message(
+            loaded,
+            row=row,
+            to=to,
+            sender_name=sender_name,
+            secrets=_secrets(loaded, sandbox=sandbox),
+            assigned=ledger.assigned,
+        )
+        fake = _sandbox_api(loaded) if sandbox else None
+
+        async def send() -> str:
+            transport = httpx.ASGITransport(app=fake.app) if fake is not None else None
+            base_url = "http://sandbox.nylas.test" if fake is not None else _api_uri(loaded)
+            async with build_http_client(
+                base_url=base_url, timeout_s=loaded.api.timeout_s, transport=transport
+            ) as http:
+                return await send_test_message(NylasClient(http, api_key=api_key, clock=clock), test)
+
+        message_id = anyio.run(send)
+        print_test_sent(
+            out,
+            message_id=message_id,
+            to=test.message.to[0].email,
+            sender=test.sender.name,
+            row=row,
+            recipient=test.recipient_email,
+        )
 
 
 @app.command()
@@ -194,7 +282,9 @@ def status(
         path = _ledger_path(loaded, sandbox=sandbox)
         if path.exists():
             ledger = _open(loaded, path)
-            data = build_status(loaded, ledger, clock=SystemClock())
+            data = build_status(
+                loaded, ledger, clock=SystemClock(), command_path=str(manifest), sandbox=sandbox
+            )
             ledger.close()
         else:
             data = build_unstarted_status(loaded)
@@ -236,6 +326,230 @@ def sandbox(
         run_sandbox_server(fake, host=host, port=port)
 
 
+# --- the unsubscribe endpoint and the suppression store (issue 5) ------------
+
+unsubscribe_app = typer.Typer(no_args_is_help=True, help="The one-click unsubscribe endpoint (RFC 8058).")
+suppress_app = typer.Typer(
+    no_args_is_help=True, help="Manage an unsubscribe store: add, import, export, list."
+)
+app.add_typer(unsubscribe_app, name="unsubscribe")
+app.add_typer(suppress_app, name="suppress")
+StoreOpt = Annotated[
+    Path, typer.Option("--store", help="The unsubscribe store, e.g. unsubscribes.sqlite.", show_default=False)
+]
+
+
+@unsubscribe_app.command("serve")
+def unsubscribe_serve(
+    store: StoreOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    secret_env: Annotated[
+        str,
+        typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with."),
+    ] = DEFAULT_SECRET_ENV,
+) -> None:
+    """Serve the one-click unsubscribe endpoint, recording unsubscribes in --store (put https in front)."""
+    with _exit_codes():
+        endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
+        try:
+            out.print(f"Unsubscribe endpoint on http://{host}:{port}, recording to {store}; Ctrl-C stops it")
+            serve_endpoint(endpoint, host=host, port=port)
+        finally:
+            endpoint.store.close()
+
+
+@suppress_app.command("add")
+def suppress_add(
+    values: Annotated[
+        list[str], typer.Argument(help="Addresses (recipient keys with --key).", show_default=False)
+    ],
+    store: StoreOpt,
+    key: Annotated[bool, typer.Option("--key", help="The values are recipient keys, not addresses.")] = False,
+) -> None:
+    """Add addresses to the store: no campaign that reads the store mails them again."""
+    with _exit_codes():
+        keys: list[str] = []
+        for value in values:
+            found = value.strip() if key else normalize_address(value)
+            if not found:
+                raise DataError(
+                    f"{value!r} is not a valid address; give one address per argument (or use --key)"
+                )
+            keys.append(found)
+        added = _with_store(
+            store, lambda s: s.record_many(s.build_entry("", k, email=None, source="manual") for k in keys)
+        )
+        out.print(f"{added} added, {len(set(keys)) - added} already there ({store})", markup=False)
+
+
+@suppress_app.command("import")
+def suppress_import(
+    source: Annotated[Path, typer.Argument(help="A .csv/.parquet (column email) or text list, or a store.")],
+    store: StoreOpt,
+) -> None:
+    """Add every address of a suppression list (or of another store) to the store."""
+    with _exit_codes():
+        found = load_import_addresses(source, clock=SystemClock())
+        added = _with_store(
+            store,
+            lambda s: s.record_many(s.build_entry("", a, email=a, source="import") for a in found.addresses),
+        )
+        left_out = (
+            f"; {len(found.invalid)} values are not addresses and were left out" if found.invalid else ""
+        )
+        out.print(f"{source.name}: {len(found.addresses)} addresses, {added} new{left_out}", markup=False)
+
+
+@suppress_app.command("export")
+def suppress_export(
+    target: Annotated[
+        Path, typer.Argument(help="A .csv or .parquet file (every column), or text (addresses).")
+    ],
+    store: StoreOpt,
+) -> None:
+    """Write the store's entries to a file."""
+    with _exit_codes():
+        entries = _with_store(store, lambda s: s.entries(), create=False)
+        write_entries(entries, target)
+        out.print(f"wrote {len(entries)} entries to {target}", markup=False)
+
+
+@suppress_app.command("list")
+def suppress_list(
+    store: StoreOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+) -> None:
+    """Show who is in the store: when, how, from which campaign."""
+    with _exit_codes():
+        entries = _with_store(store, lambda s: s.entries(), create=False)
+        if as_json:
+            out.file.write(json.dumps([asdict(entry) for entry in entries], indent=2) + "\n")
+            return
+        for e in entries:
+            who = e.email or e.recipient_key
+            out.print(f"{e.recorded_at}  {e.source:<9}  {e.campaign or '-':<20}  {who}", markup=False)
+        out.print(f"{len(entries)} entries in {store}", markup=False)
+
+
+def _store_path(path: Path) -> Path:
+    if not is_store_path(path):
+        raise UsageError(f"--store {path}: give an SQLite file ending in .sqlite, e.g. unsubscribes.sqlite")
+    return path
+
+
+def _with_store(path: Path, use: Callable[[SuppressionStore], _T], *, create: bool = True) -> _T:
+    store = open_store(_store_path(path), clock=SystemClock(), create=create)
+    try:
+        return use(store)
+    finally:
+        store.close()
+
+
+# --- settling and acting on outcomes: reconcile, retry, report (issue 3) ---------
+
+LedgerSandboxOpt = Annotated[bool, typer.Option("--sandbox", help="Use the sandbox run's ledger.")]
+
+
+@app.command()
+def reconcile(
+    manifest: ManifestArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON.")] = False,
+) -> None:
+    """Settle rows whose fate is unknown: ask the API whether each message went out. Sends nothing."""
+    with _exit_codes():
+        loaded = load_manifest(manifest)
+        path = _existing_ledger(loaded, manifest, sandbox=False)
+        api_key = _api_key(loaded)
+        ledger = _open(loaded, path, exclusive=True)
+        try:
+            ledger.record_expired_claims()
+            found = anyio.run(_reconcile, loaded, ledger, api_key)
+            steps = build_status(loaded, ledger, clock=SystemClock(), command_path=str(manifest))["next"]
+        finally:
+            ledger.close()
+        decisions = [asdict(decision) for decision in found.decisions]
+        if as_json:
+            print_json(out, {"decisions": decisions, "in_flight": found.in_flight, "next": steps})
+        else:
+            print_reconciled(out, decisions, in_flight=found.in_flight)
+            print_next_steps(out, steps)
+        raise typer.Exit(EXIT_NOT_ALL_SENT if found.count(Verdict.UNKNOWN) else EXIT_DONE)
+
+
+@app.command()
+def retry(
+    manifest: ManifestArg,
+    failed: Annotated[bool, typer.Option("--failed", help="Retry the rows that failed permanently.")] = False,
+    unknown: Annotated[
+        bool, typer.Option("--unknown", help="Retry unknown rows unchecked (`reconcile` checks them first).")
+    ] = False,
+    sandbox: LedgerSandboxOpt = False,
+) -> None:
+    """Move failed (or unknown) rows back to pending with a new key; then `resume` sends them."""
+    with _exit_codes():
+        states = [s for s, wanted in ((RowState.FAILED, failed), (RowState.UNKNOWN, unknown)) if wanted]
+        if not states:
+            raise UsageError("say which rows to retry: --failed, --unknown, or both")
+        loaded = load_manifest(manifest)
+        path = _existing_ledger(loaded, manifest, sandbox=sandbox)
+        ledger = _open(loaded, path, exclusive=True)
+        try:
+            flags = " ".join(f"--{state.value}" for state in states)
+            moved = ledger.record_retry_all(states, note=f"campaign retry {flags}")
+        finally:
+            ledger.close()
+        if unknown and moved:
+            err.print(
+                "note: unknown rows may have gone out already; retried unchecked, they can be mailed twice "
+                "(`campaign reconcile` checks each one first)"
+            )
+        resume_command = f"campaign resume {manifest}" + (" --sandbox" if sandbox else "")
+        print_retried(out, moved=moved, states=[s.value for s in states], resume_command=resume_command)
+
+
+@app.command()
+def report(
+    manifest: ManifestArg,
+    out_file: Annotated[
+        Path, typer.Option("--out", help="The file to write: .csv or .parquet.", show_default=False)
+    ],
+    state: Annotated[
+        list[RowState] | None, typer.Option("--state", help="Only rows in this state (repeatable).")
+    ] = None,
+    sandbox: LedgerSandboxOpt = False,
+) -> None:
+    """Write one row per recipient (state, sender, attempts, message id, error, times) to CSV or Parquet."""
+    with _exit_codes():
+        loaded = load_manifest(manifest)
+        path = _existing_ledger(loaded, manifest, sandbox=sandbox)
+        ledger = _open(loaded, path)
+        try:
+            frame = build_report(ledger.rows(states=state or None))
+        finally:
+            ledger.close()
+        write_report(frame, out_file)
+        held = Counter(str(value) for value in frame["state"])
+        print_report_written(out, path=out_file, rows=frame.height, states=dict(held))
+
+
+def _existing_ledger(manifest: Manifest, given: Path, *, sandbox: bool) -> Path:
+    path = _ledger_path(manifest, sandbox=sandbox)
+    if not path.exists():
+        message = f"{path}: no ledger yet (the campaign has not run); start with `campaign run {given}`"
+        raise InputFileError(message)
+    return path
+
+
+async def _reconcile(manifest: Manifest, ledger: Ledger, api_key: str) -> ReconcileReport:
+    clock = SystemClock()
+    async with build_http_client(base_url=_api_uri(manifest), timeout_s=manifest.api.timeout_s) as http:
+        client = NylasClient(http, api_key=api_key, clock=clock)
+        return await reconcile_unknown(
+            ledger, campaign=manifest.campaign.name, senders=manifest.senders, client=client
+        )
+
+
 # --- the run -----------------------------------------------------------------
 
 
@@ -248,6 +562,7 @@ def _run(
     skip_invalid: bool,
     wait: bool = False,
     resuming: bool = False,
+    allow_changed_content: bool = False,
 ) -> int:
     clock = SystemClock()
     manifest = load_manifest(path)
@@ -262,10 +577,12 @@ def _run(
     if ledger_path.exists():
         ledger = _open(manifest, ledger_path)
         assigned = ledger.assigned_senders()
-        settled = {row.key for row in ledger.rows() if row.state not in OPEN_STATES}
+        # Only pending and in-flight rows are sent; unknown ones wait for `campaign reconcile`.
+        settled = {row.key for row in ledger.rows() if row.state not in (RowState.PENDING, RowState.INFLIGHT)}
         ledger.close()
     preflight = run_preflight(manifest, secrets=secrets, skip_invalid=skip_invalid, assigned=assigned)
     preflight.raise_for_problems()
+    content = _check_content(manifest, ledger_path, allow=allow_changed_content)
     todo = [job for job in preflight.jobs if job.recipient.key not in settled]
     print_checked(
         out,
@@ -276,24 +593,29 @@ def _run(
     _confirm(len(todo), manifest, yes=yes, sandbox=sandbox)
 
     ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    ledger = _open(manifest, ledger_path)
+    ledger = _open(manifest, ledger_path, exclusive=True)
     try:
-        ledger.record_plan(
+        sync = ledger.record_plan(
             [
                 PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, j.sender)
                 for j in preflight.jobs
             ],
             preflight.skips,
         )
-        ledger.record_expired_claims(older_than_s=IDEMPOTENCY_WINDOW_S)
-        open_keys = {row.key for row in ledger.rows(states=(RowState.PENDING, RowState.INFLIGHT))}
-        jobs = [job for job in preflight.jobs if job.recipient.key in open_keys]
+        record_content(ledger, content)
+        ledger.record_expired_claims()
+        jobs = _open_jobs(ledger, preflight.jobs)
         fake = _sandbox_api(manifest) if sandbox else None
-        result = anyio.run(_send, preflight, jobs, ledger, api_key, clock, limit, wait, fake)
-        _record_parks(ledger, result, manifest)
-        states = {state.value: count for state, count in ledger.counts().items()}
+        work = partial(_send, preflight, jobs, ledger, api_key, clock, limit, wait, fake)
+        interrupted = anyio.run(partial(run_interruptible, work, on_signal=_say_stopping))
+        result = interrupted.result
+        if result is not None:
+            _record_parks(ledger, result, manifest)
+        states = {state.value: count for state, count in ledger.counts(listed=True).items()}
+        steps = build_status(manifest, ledger, clock=clock, command_path=str(path), sandbox=sandbox)["next"]
     finally:
         ledger.close()
+    _print_sync(content, sync.newly_skipped, sync.restored)
     if fake is not None:
         outbox = ledger_path.parent / "outbox"
         fake.write_outbox(outbox)
@@ -310,9 +632,12 @@ def _run(
             ],
             outbox,
         )
-    resume = f"campaign resume {path}" + (" --sandbox" if sandbox else "")
-    print_run_summary(out, result, states=states, resume_command=resume)
-    return _exit_code(result, states)
+    if result is None:  # a second Ctrl-C: cancelled at once
+        out.print("Stopped at once (second Ctrl-C): sends in flight stay in flight; resume settles them.")
+        print_next_steps(out, steps)
+        return EXIT_INTERRUPTED
+    print_run_summary(out, result, states=states, next_steps=steps)
+    return EXIT_INTERRUPTED if interrupted.signals else _exit_code(result, states)
 
 
 async def _send(
@@ -324,6 +649,7 @@ async def _send(
     limit: int | None,
     wait: bool,
     fake: FakeNylas | None,
+    stop: anyio.Event | None = None,
 ) -> DispatchResult:
     manifest = preflight.manifest
     transport = httpx.ASGITransport(app=fake.app) if fake is not None else None
@@ -340,18 +666,26 @@ async def _send(
                 left = None if sender.per_day is None else max(0, sender.per_day - used)
                 share = sum(1 for job in jobs if job.sender == sender.name)
                 progress.set_share(sender.name, share, budget_left=left)
-            return await dispatch(
-                jobs,
-                senders=manifest.senders,
-                render=preflight.render,
-                client=client,
-                ledger=ledger,
-                clock=clock,
-                history=history,
-                parked=_load_parks(ledger, manifest),
-                on_event=progress.handle,
-                settings=DispatchSettings(limit=limit, wait=wait),
-            )
+            # Issue 5: re-read the unsubscribe stores (about once a second) so a mid-run unsubscribe holds.
+            stores = list_store_paths(manifest)
+            watch = UnsubscribeWatch(stores, clock=clock)
+            try:
+                return await dispatch(
+                    jobs,
+                    senders=manifest.senders,
+                    render=preflight.render,
+                    client=client,
+                    ledger=ledger,
+                    clock=clock,
+                    history=history,
+                    parked=_load_parks(ledger, manifest),
+                    on_event=progress.handle,
+                    settings=DispatchSettings(limit=limit, wait=wait),
+                    unsubscribed=watch.is_unsubscribed if stores else None,
+                    stop=stop,
+                )
+            finally:
+                watch.close()
 
 
 def _load_parks(ledger: Ledger, manifest: Manifest) -> dict[str, datetime]:
@@ -368,6 +702,44 @@ def _record_parks(ledger: Ledger, result: DispatchResult, manifest: Manifest) ->
     for sender in manifest.senders:
         until = result.parked.get(sender.name)
         ledger.set_meta(f"parked_until:{sender.name}", until.isoformat() if until is not None else "")
+
+
+def _check_content(manifest: Manifest, ledger_path: Path, *, allow: bool) -> ContentCheck:
+    """Compare this run's content with the ledger's (read only: recorded after confirmation)."""
+    fingerprint = load_content_fingerprint(manifest)
+    if not ledger_path.exists():
+        return check_content(None, fingerprint, allow_changed=allow, manifest=manifest)
+    ledger = _open(manifest, ledger_path)
+    try:
+        return check_content(ledger, fingerprint, allow_changed=allow, manifest=manifest)
+    finally:
+        ledger.close()
+
+
+def _open_jobs(ledger: Ledger, jobs: Sequence[Job]) -> list[Job]:
+    """The jobs whose rows still need a send; rows left in flight first (their keys age)."""
+    states = {row.key: row.state for row in ledger.rows(states=(RowState.PENDING, RowState.INFLIGHT))}
+    wanted = [job for job in jobs if job.recipient.key in states]
+    return sorted(wanted, key=lambda job: states[job.recipient.key] != RowState.INFLIGHT)
+
+
+def _say_stopping(signals: int) -> None:
+    if signals == 1:
+        err.print(
+            "Stopping: no new sends; waiting for the sends in flight to finish and be recorded "
+            "(Ctrl-C again to quit at once)"
+        )
+    else:
+        err.print("Quitting now: rows in flight stay in flight; `campaign resume` settles them")
+
+
+def _print_sync(content: ContentCheck, newly_skipped: int, restored: int) -> None:
+    if content.changed:
+        out.print("The content changed since sending began: sent with --allow-changed-content, and recorded.")
+    if newly_skipped:
+        out.print(f"{newly_skipped} rows not sent yet are now skipped (suppressed, unsubscribed or invalid).")
+    if restored:
+        out.print(f"{restored} rows skipped earlier as invalid now validate and are pending again.")
 
 
 def _exit_code(result: DispatchResult, states: dict[str, int]) -> int:
@@ -403,8 +775,8 @@ def _ledger_path(manifest: Manifest, *, sandbox: bool) -> Path:
     return manifest.ledger_path
 
 
-def _open(manifest: Manifest, path: Path) -> Ledger:
-    return open_ledger(path, clock=SystemClock(), campaign=manifest.campaign.name)
+def _open(manifest: Manifest, path: Path, *, exclusive: bool = False) -> Ledger:
+    return open_ledger(path, clock=SystemClock(), campaign=manifest.campaign.name, exclusive=exclusive)
 
 
 def _api_key(manifest: Manifest) -> str:
@@ -458,28 +830,23 @@ def _register_grants(fake: FakeNylas, manifest: Manifest) -> None:
             fake.add_grant(sender.grant_id, sender.email or f"{sender.name}@sandbox.example.com")
 
 
-def _preview_json(report: PreviewReport) -> dict[str, object]:
-    return {
-        "campaign": report.campaign,
-        "to_send": report.to_send,
-        "already_done": report.already_done,
-        "skipped": {reason.value: count for reason, count in report.skipped.items()},
-        "problems": list(report.problems),
-        "warnings": list(report.warnings),
-        "duration_s": report.duration_s,
-        "senders": [
-            {
-                "name": s.name,
-                "grant_id": s.grant_id,
-                "messages": s.messages,
-                "rate_per_s": s.rate_per_s,
-                "per_day": s.per_day,
-                "concurrency": s.concurrency,
-                "duration_s": s.duration_s,
-            }
-            for s in report.senders
-        ],
-    }
+def _ledger_view(manifest: Manifest, path: Path, *, clock: Clock) -> LedgerView:
+    """What preview and send-test need from the ledger (read only; nothing when there is none)."""
+    if not path.exists():
+        return LedgerView()
+    ledger = _open(manifest, path)
+    try:
+        since = clock.now().timestamp() - DAY_S
+        return LedgerView(
+            assigned=ledger.assigned_senders(),
+            settled={row.key: row.state.value for row in ledger.rows() if row.state not in OPEN_STATES},
+            used_24h={
+                sender.name: sum(count for _, count in ledger.sent_recipients_since(sender.name, since))
+                for sender in manifest.senders
+            },
+        )
+    finally:
+        ledger.close()
 
 
 @contextmanager

@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from campaign.clock import Clock
+from campaign.groupcommit import GroupCommit
 from campaign.lane import Lane, open_lane
 from campaign.ledger import Claim
 from campaign.manifest import SenderSettings
-from campaign.models import Message, OutcomeKind, RowState, SendOutcome, ThrottleKind
+from campaign.models import Message, OutcomeKind, Recipient, RowState, SendOutcome, SkipReason, ThrottleKind
 from campaign.nylas import SendClient
-from campaign.payload import build_send_payload
+from campaign.payload import SendRequest, build_send_request
 from campaign.plan import Job
+from campaign.tasks import Stopper, first_error
 
 __all__ = [
     "DispatchEvent",
@@ -62,7 +65,7 @@ def build_thread_offload() -> Offload:
 class ProgressLedger(Protocol):
     """What the engine needs from the ledger."""
 
-    def claim(self, key: str) -> Claim: ...
+    def claim(self, key: str, *, subject: str | None = None) -> Claim: ...
 
     def record_outcome(
         self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
@@ -70,7 +73,11 @@ class ProgressLedger(Protocol):
 
     def release(self, key: str) -> None: ...
 
-    def record_unknown(self, key: str) -> None: ...
+    def record_unknown(self, key: str, *, note: str | None = None) -> None: ...
+
+    def batch(self) -> AbstractContextManager[None]: ...
+
+    def record_skipped(self, key: str, reason: SkipReason, detail: str) -> bool: ...
 
 
 class EventKind(StrEnum):
@@ -84,6 +91,7 @@ class EventKind(StrEnum):
     PARKED = "parked"
     RESUMED = "resumed"
     AUTH_REFUSED = "auth_refused"
+    SKIPPED = "skipped"  # the recipient unsubscribed while the campaign ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +117,11 @@ class DispatchSettings:
     park_after_s: float = 900.0  # a throttle asking for a longer wait parks the sender for the run
     park_after_throttles: int = 8  # consecutive throttles with no send in between park the sender
     wait: bool = False  # sleep through parks (quota, long throttles) instead of stopping with them
+    # 409 concurrent_idempotent_request: the first request with the key is still running at
+    # Nylas; wait for it and ask again with the same key (not counted as an ambiguous retry).
+    in_progress_retries: int = 10
+    in_progress_wait_s: float = 3.0
+    stop_grace_s: float = 30.0  # after a stop request, sends in flight get this long to finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +135,8 @@ class DispatchResult:
     parked: Mapping[str, datetime] = field(default_factory=dict)
     auth_refused: tuple[str, ...] = ()
     limit_reached: bool = False
+    stopped: bool = False  # a stop was requested (Ctrl-C): no new work was started after it
+    left_inflight: int = 0  # rows left in flight (stopped mid-retry or abandoned): resume re-sends them
 
 
 async def dispatch(
@@ -137,12 +152,18 @@ async def dispatch(
     on_event: Callable[[DispatchEvent], None] = lambda _event: None,
     settings: DispatchSettings | None = None,
     offload: Offload | None = None,
+    unsubscribed: Callable[[Recipient], bool] | None = None,
+    stop: anyio.Event | None = None,
 ) -> DispatchResult:
     """Send every job under its sender's limits; return what was done and what is left.
 
     `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
     budgets; `parked` the senders that must not send before a time (from an earlier run);
-    `offload` runs the ledger's blocking writes (a worker thread unless told otherwise).
+    `offload` runs the ledger's blocking writes (a worker thread unless told otherwise);
+    `unsubscribed` is asked right before each claim (it must be cheap), and a recipient it
+    names is recorded as skipped instead of mailed. Once `stop` is set no new work starts:
+    sends in flight get `stop_grace_s` to finish and be recorded, then are abandoned
+    (their rows stay in flight, for resume).
     """
     lanes = {
         sender.name: open_lane(sender, history=(history or {}).get(sender.name, ())) for sender in senders
@@ -161,8 +182,14 @@ async def dispatch(
         on_event=on_event,
         settings=settings or DispatchSettings(),
         offload=offload or build_thread_offload(),
+        unsubscribed=unsubscribed,
+        stop=stop,
     )
-    return await loop.run(lanes)
+    try:
+        return await loop.run(lanes)
+    except BaseExceptionGroup as group:
+        # A worker's error (e.g. the ledger cannot be written) ends the run: raise it as itself.
+        raise first_error(group) from None
 
 
 class _Loop:
@@ -176,6 +203,8 @@ class _Loop:
         on_event: Callable[[DispatchEvent], None],
         settings: DispatchSettings,
         offload: Offload,
+        unsubscribed: Callable[[Recipient], bool] | None = None,
+        stop: anyio.Event | None = None,
     ) -> None:
         self._render = render
         self._client = client
@@ -186,17 +215,25 @@ class _Loop:
         self._started = 0
         self._counts = {RowState.SENT: 0, RowState.FAILED: 0, RowState.UNKNOWN: 0}
         self._limit_reached = False
-        self._in_thread = offload
+        # Every ledger write goes through group commit: writes asked for together share a
+        # transaction, and each caller goes on only once its own write is on disk.
+        self._in_thread = GroupCommit(offload, ledger.batch)
         self._random = random.Random()
+        self._unsubscribed = unsubscribed
+        self._stop = Stopper(stop, clock=clock)
+        self._left_inflight = 0
 
     async def run(self, lanes: Mapping[str, Lane]) -> DispatchResult:
         for lane in lanes.values():
             if lane.parked_until is not None and lane.jobs:
                 self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=lane.parked_until))
         async with anyio.create_task_group() as group:
-            for lane in lanes.values():
-                for _ in range(min(lane.sender.concurrency, len(lane.jobs))):
-                    group.start_soon(self._work, lane)
+            group.start_soon(self._stop.cancel_after_grace, group.cancel_scope, self._settings.stop_grace_s)
+            async with anyio.create_task_group() as workers:
+                for lane in lanes.values():
+                    for _ in range(min(lane.sender.concurrency, len(lane.jobs))):
+                        workers.start_soon(self._work, lane)
+            group.cancel_scope.cancel()  # the work is over: the grace timer has nothing to do
         return DispatchResult(
             sent=self._counts[RowState.SENT],
             failed=self._counts[RowState.FAILED],
@@ -209,10 +246,12 @@ class _Loop:
             },
             auth_refused=tuple(name for name, lane in lanes.items() if lane.auth_refused),
             limit_reached=self._limit_reached,
+            stopped=self._stopping,
+            left_inflight=self._left_inflight,
         )
 
     async def _work(self, lane: Lane) -> None:
-        while lane.jobs and not lane.auth_refused:
+        while lane.jobs and not lane.auth_refused and not self._stopping:
             if lane.parked_until is not None:
                 if not self._settings.wait:
                     return
@@ -222,6 +261,8 @@ class _Loop:
                 self._limit_reached = True
                 return
             job = lane.jobs.popleft()
+            if self._unsubscribed is not None and await self._skip_if_unsubscribed(lane, job):
+                continue
             message = self._render(job)
             wall = self._clock.now().timestamp()
             frees_at = lane.budget_frees_at(wall, message.recipient_count)
@@ -231,15 +272,41 @@ class _Loop:
                 continue
             self._started += 1
             lane.book(wall, message.recipient_count)
-            state = await self._send(lane, job, message)
-            if state == RowState.PENDING:  # not sent: it goes back to the front of the queue
+            try:
+                state = await self._send(lane, job, message)
+            except anyio.get_cancelled_exc_class():
+                # Abandoned (a stop's grace ran out, or a second Ctrl-C): the row stays in
+                # flight, or pending if its claim was not written yet; resume settles it.
+                self._left_inflight += 1
+                lane.jobs.appendleft(job)
+                raise
+            # Not sent (PENDING), or left in flight for resume by a stop (INFLIGHT): it goes
+            # back to the front of the queue.
+            if state in (RowState.PENDING, RowState.INFLIGHT):
                 self._started -= 1
                 lane.release(wall, message.recipient_count)
                 lane.jobs.appendleft(job)
 
+    async def _skip_if_unsubscribed(self, lane: Lane, job: Job) -> bool:
+        """Unsubscribe re-check (issue 5): record a recipient who unsubscribed since the plan as skipped.
+
+        A row that is not pending (in flight after a crash) is settled by sending as usual.
+        """
+        assert self._unsubscribed is not None
+        if not self._unsubscribed(job.recipient):
+            return False
+        key = job.recipient.key
+        record = partial(
+            self._ledger.record_skipped, key, SkipReason.UNSUBSCRIBED, "unsubscribed while the campaign ran"
+        )
+        if not await self._in_thread(record):
+            return False
+        self._emit(DispatchEvent(EventKind.SKIPPED, lane.sender.name, key, job.recipient.address.email))
+        return True
+
     async def _wait_out_park(self, lane: Lane, until: datetime) -> None:
         """--wait: sleep until the park ends (the first worker to wake lifts it)."""
-        await self._clock.sleep((until - self._clock.now()).total_seconds())
+        await self._stop.sleep((until - self._clock.now()).total_seconds())
         if lane.parked_until == until:
             lane.parked_until = None
             self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
@@ -250,21 +317,31 @@ class _Loop:
         # A throttle that arrives meanwhile moves the hold: then wait again.
         while True:
             start = lane.reserve(self._clock.monotonic())
-            await self._clock.sleep(start - self._clock.monotonic())
-            if self._clock.monotonic() >= lane.hold_until or lane.stopped:
+            await self._stop.sleep(start - self._clock.monotonic())
+            if self._clock.monotonic() >= lane.hold_until or lane.stopped or self._stopping:
                 return
 
     async def _send(self, lane: Lane, job: Job, message: Message) -> RowState:
-        """Send one message until its outcome is settled for this run; return the row's state."""
+        """Send one message until its outcome is settled for this run; return the row's state.
+
+        PENDING: not sent, back to the queue. INFLIGHT: left in flight (a stop, or a row
+        re-claimed from an earlier run whose sender stopped), to be re-sent with its key.
+        """
         key = job.recipient.key
-        payload = build_send_payload(message)
-        claim = await self._in_thread(partial(self._ledger.claim, key))
+        payload = build_send_request(message)  # JSON, or multipart for big attachments
+        claim = await self._in_thread(partial(self._ledger.claim, key, subject=message.subject))
         await self._wait_for_slot(lane)
-        if lane.stopped:  # parked or refused while this worker waited: its request never left
+        if lane.stopped or self._stopping:
+            # Its request never left. A fresh key goes back unused; a key from an earlier run
+            # may have been used, so that row stays in flight, to be re-sent with that key.
+            if not claim.fresh:
+                return RowState.INFLIGHT
             await self._in_thread(partial(self._ledger.release, key))
             return RowState.PENDING
-        retries = 0
+        retries = waits = 0
         while True:
+            if self._clock.now() >= claim.usable_until:
+                return await self._give_up(lane, job, None, note=_KEY_TOO_OLD)
             outcome = await self._post(lane.sender, payload, claim.idempotency_key)
             state = await self._in_thread(
                 partial(
@@ -277,27 +354,51 @@ class _Loop:
             )
             if state != RowState.INFLIGHT:
                 break
+            if outcome.kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED):
+                # Not sent now, but an earlier request may have used the key: the row keeps
+                # it and goes back to the queue, to be sent with it when the sender may.
+                self._after(lane, job, outcome, state)
+                return RowState.INFLIGHT
             # Ambiguous (timeout, reset, 5xx) or still in progress: the same key again,
-            # so that Nylas replays the first answer instead of sending twice.
-            if retries >= self._settings.ambiguous_retries:
-                await self._in_thread(partial(self._ledger.record_unknown, key))
-                self._counts[RowState.UNKNOWN] += 1
-                self._emit(
-                    DispatchEvent(
-                        EventKind.UNKNOWN, lane.sender.name, key, job.recipient.address.email, outcome
-                    )
+            # so that Nylas replays the first answer instead of sending twice. A 409
+            # "in progress" is waited out apart from the ambiguous retries.
+            if outcome.kind == OutcomeKind.IN_PROGRESS:
+                waits += 1
+                exhausted, delay = (
+                    waits > self._settings.in_progress_retries,
+                    self._settings.in_progress_wait_s,
                 )
-                return RowState.UNKNOWN
-            retries += 1
+            else:
+                retries += 1
+                exhausted, delay = retries > self._settings.ambiguous_retries, self._backoff(retries)
+            if exhausted:
+                return await self._give_up(lane, job, outcome, note=_GAVE_UP)
             self._emit(
                 DispatchEvent(EventKind.RETRYING, lane.sender.name, key, job.recipient.address.email, outcome)
             )
-            await self._clock.sleep(self._backoff(retries))
+            await self._stop.sleep(delay)
             await self._wait_for_slot(lane)
+            if self._stopping:  # no new request after a stop: resume re-sends it with this key
+                self._left_inflight += 1
+                return RowState.INFLIGHT
         self._after(lane, job, outcome, state)
         return state
 
-    async def _post(self, sender: SenderSettings, payload: Mapping[str, Any], key: str) -> SendOutcome:
+    async def _give_up(self, lane: Lane, job: Job, outcome: SendOutcome | None, *, note: str) -> RowState:
+        """The row's fate cannot be known now: it becomes unknown, for reconcile to settle."""
+        key = job.recipient.key
+        await self._in_thread(partial(self._ledger.record_unknown, key, note=note))
+        self._counts[RowState.UNKNOWN] += 1
+        self._emit(
+            DispatchEvent(EventKind.UNKNOWN, lane.sender.name, key, job.recipient.address.email, outcome)
+        )
+        return RowState.UNKNOWN
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop.requested
+
+    async def _post(self, sender: SenderSettings, payload: SendRequest, key: str) -> SendOutcome:
         if sender.domain is not None:
             return await self._client.send_domain_message(sender.domain, payload, idempotency_key=key)
         assert sender.grant_id is not None  # the manifest requires one of the two
@@ -312,6 +413,9 @@ class _Loop:
         elif state == RowState.FAILED:
             self._counts[RowState.FAILED] += 1
             self._emit(DispatchEvent(EventKind.FAILED, name, key, email, outcome))
+        elif state == RowState.UNKNOWN:  # a replayed 5xx: retrying would only replay it again
+            self._counts[RowState.UNKNOWN] += 1
+            self._emit(DispatchEvent(EventKind.UNKNOWN, name, key, email, outcome))
         elif outcome.kind == OutcomeKind.AUTH_REFUSED:
             lane.auth_refused = True
             self._emit(DispatchEvent(EventKind.AUTH_REFUSED, name, key, email, outcome))
@@ -341,3 +445,11 @@ class _Loop:
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self._settings.retry_max_s, self._settings.retry_base_s * 2.0 ** (attempt - 1))
         return ceiling * (0.5 + self._random.random() / 2)  # jitter: between half and all of it
+
+
+# Why a row became unknown (shown by status and report).
+_KEY_TOO_OLD = (
+    "its idempotency key is near the end of Nylas's 1 h replay window; "
+    "a same-key retry could send twice, so `campaign reconcile` settles it"
+)
+_GAVE_UP = "no definite answer after same-key retries; `campaign reconcile` settles it"

@@ -1,30 +1,44 @@
 """The progress ledger: one SQLite file that says, for every recipient, what happened.
 
-It is the source of truth for "sent exactly once" (DESIGN.md §5). A row is
-committed as `inflight`, with its idempotency key, before its request leaves;
-the outcome is committed after. Plain synchronous sqlite3: the engine calls it
-from a worker thread so the event loop never waits on disk. It never stores
-the API key.
+It is the source of truth for "sent exactly once" (DESIGN.md §5), and the only
+code that changes a row's state: every change is checked against `TRANSITIONS`
+and anything else raises `LedgerError`. A row is committed as `inflight`, with
+its idempotency key, before its request leaves; the outcome is committed after.
+Plain synchronous sqlite3: the engine calls it from a worker thread so the event
+loop never waits on disk, and may group several writes into one transaction
+(`batch`). It never stores the API key. Reading is in `ledger_read.py`, the file
+and its migrations in `ledger_schema.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
-from campaign.models import OutcomeKind, RowState, SendOutcome, Skip
+from campaign.ledger_read import JournalEntry, LedgerRow
+from campaign.ledger_schema import connect_ledger, lock_ledger, migrate_ledger, unlock_ledger
+from campaign.ledger_write import (
+    FAILED,
+    INFLIGHT,
+    PENDING,
+    SENT,
+    SKIPPED,
+    TRANSITIONS,
+    UNKNOWN,
+    LedgerWriter,
+)
+from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason
 
 __all__ = [
+    "IDEMPOTENCY_WINDOW_S",
+    "KEY_REUSE_S",
+    "TRANSITIONS",
     "Claim",
+    "JournalEntry",
     "Ledger",
     "LedgerRow",
     "PlannedRow",
@@ -32,44 +46,10 @@ __all__ = [
     "open_ledger",
 ]
 
-# Each migration is applied once, in order, and recorded in `schema_migrations`.
-_MIGRATIONS: tuple[tuple[str, str], ...] = (
-    (
-        "create recipients, send log and meta",
-        """
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE recipients (
-            key TEXT PRIMARY KEY,
-            row INTEGER NOT NULL,
-            email TEXT NOT NULL,
-            sender TEXT,
-            state TEXT NOT NULL,
-            reason TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            attempt_no INTEGER NOT NULL DEFAULT 0,
-            idempotency_key TEXT,
-            claimed_at TEXT,
-            message_id TEXT,
-            request_id TEXT,
-            replayed INTEGER NOT NULL DEFAULT 0,
-            error_type TEXT,
-            error_status INTEGER,
-            error_message TEXT,
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL,
-            sent_at TEXT
-        );
-        CREATE INDEX recipients_state ON recipients (state, sender);
-        CREATE TABLE send_log (
-            id INTEGER PRIMARY KEY,
-            sender TEXT NOT NULL,
-            sent_at REAL NOT NULL,
-            recipients INTEGER NOT NULL
-        );
-        CREATE INDEX send_log_sender ON send_log (sender, sent_at);
-        """,
-    ),
-)
+# Nylas replays a key's first answer for one hour (nylas-api.md §4). A key is reused only
+# while it is younger than that, less a margin for the request itself and clock skew.
+IDEMPOTENCY_WINDOW_S = 3600.0
+KEY_REUSE_S = IDEMPOTENCY_WINDOW_S - 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,94 +70,43 @@ class SyncReport:
     skipped_added: int
     existing: int
     missing: int  # keys in the ledger that are no longer in the list (left alone)
+    newly_skipped: int = 0  # pending rows now suppressed or invalid
+    restored: int = 0  # rows skipped as invalid that now validate
+    missing_states: Mapping[RowState, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """The idempotency key a claimed row must be sent with."""
+    """The idempotency key a claimed row must be sent with, and until when it may be (re)used."""
 
     idempotency_key: str
     attempt_no: int
+    usable_until: datetime  # past this, a same-key retry could send twice: give up (unknown)
+    fresh: bool = True  # the key was issued by this claim (so no request has used it yet)
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerRow:
-    """One recipient's record."""
+def open_ledger(path: Path, *, clock: Clock, campaign: str, exclusive: bool = False) -> Ledger:
+    """Open (creating and migrating if needed) the ledger at `path` for `campaign`.
 
-    key: str
-    row: int
-    email: str
-    sender: str | None
-    state: RowState
-    reason: str | None
-    attempts: int
-    idempotency_key: str | None
-    claimed_at: str | None
-    message_id: str | None
-    error_type: str | None
-    error_status: int | None
-    error_message: str | None
-    updated_at: str
-
-
-def open_ledger(path: Path, *, clock: Clock, campaign: str) -> Ledger:
-    """Open (creating and migrating if needed) the ledger at `path` for `campaign`."""
-    is_new = not path.exists()
+    `exclusive` takes the writer lock: a second sending command on the same ledger is refused.
+    """
+    lock = lock_ledger(path) if exclusive else None
     try:
-        if is_new:
-            # Create the file 0600 before SQLite writes anything into it.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA busy_timeout=5000")
-    except (OSError, sqlite3.Error) as exc:
-        message = f"{path}: cannot open the ledger ({exc})"
-        raise LedgerError(message) from exc
-    ledger = Ledger(connection, path=path, clock=clock)
-    ledger._migrate()
-    ledger._check_campaign(campaign)
+        connection = connect_ledger(path)
+        ledger = Ledger(connection, path=path, clock=clock, lock_fd=lock)
+        migrate_ledger(connection, path=path, stamp=ledger._stamp())
+        ledger._check_campaign(campaign)
+    except BaseException:
+        if lock is not None:
+            unlock_ledger(lock)
+        raise
     return ledger
 
 
-class Ledger:
-    """Reads and writes one campaign's ledger; every write is one transaction."""
+class Ledger(LedgerWriter):
+    """Reads and writes one campaign's ledger; every write is one transaction (or part of a batch)."""
 
-    def __init__(self, connection: sqlite3.Connection, *, path: Path, clock: Clock) -> None:
-        self._db = connection
-        self._path = path
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._campaign = ""
-
-    @property
-    def path(self) -> Path:
-        """Where the ledger file is."""
-        return self._path
-
-    def close(self) -> None:
-        """Close the connection."""
-        self._db.close()
-
-    # --- set-up -------------------------------------------------------------
-
-    def _migrate(self) -> None:
-        with self._write() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
-            )
-            done = {version for (version,) in db.execute("SELECT version FROM schema_migrations")}
-            for version, (name, script) in enumerate(_MIGRATIONS, start=1):
-                if version in done:
-                    continue
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, self._stamp()))
-        if max(done, default=0) > len(_MIGRATIONS):
-            message = f"{self._path}: the ledger was written by a newer version of campaign; upgrade campaign"
-            raise LedgerError(message)
+    # --- campaign-wide ------------------------------------------------------
 
     def _check_campaign(self, campaign: str) -> None:
         stored = self.get_meta("campaign")
@@ -192,128 +121,143 @@ class Ledger:
             raise LedgerError(message)
         self._campaign = campaign
 
-    def get_meta(self, key: str) -> str | None:
-        """A value stored with the ledger, or None."""
-        found = self._read("SELECT value FROM meta WHERE key = ?", (key,))
-        return str(found[0][0]) if found else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        """Store a value with the ledger."""
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?", (key, value, value)
-            )
-
     # --- the list -----------------------------------------------------------
 
     def record_plan(self, planned: Sequence[PlannedRow], skips: Sequence[Skip]) -> SyncReport:
-        """Add new recipients as pending and new skips as skipped; existing rows are left alone."""
+        """Bring the ledger in line with the list: new rows pending, new skips skipped, the rest kept.
+
+        A pending row that the list now skips becomes skipped; a row skipped as
+        invalid that now validates becomes pending. Rows no longer in the list
+        are left as they are and marked as not listed.
+        """
         now = self._stamp()
+        planned_keys = {p.key for p in planned}
+        # A duplicate's skip shares its original's key: it concerns the planned row, not a row of its own.
+        only_skips = {s.key: s for s in skips if s.key not in planned_keys}
+        wanted = planned_keys | set(only_skips)
         with self._write() as db:
-            before = db.execute("SELECT COUNT(*) FROM recipients").fetchone()[0]
+            known = {
+                str(key): (RowState(state), reason)
+                for key, state, reason in db.execute("SELECT key, state, reason FROM recipients")
+            }
+            new = [p for p in planned if p.key not in known]
             db.executemany(
-                "INSERT OR IGNORE INTO recipients (key, row, email, sender, state, created_at, updated_at) "
+                "INSERT INTO recipients (key, row, email, sender, state, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                [(p.key, p.row, p.email, p.sender, now, now) for p in planned],
+                [(p.key, p.row, p.email, p.sender, now, now) for p in new],
             )
-            middle = db.execute("SELECT COUNT(*) FROM recipients").fetchone()[0]
+            new_skips = [s for s in only_skips.values() if s.key not in known]
             db.executemany(
-                "INSERT OR IGNORE INTO recipients (key, row, email, state, reason, created_at, updated_at) "
+                "INSERT INTO recipients (key, row, email, state, reason, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'skipped', ?, ?, ?)",
-                [(s.key, s.row, s.email, f"{s.reason.value}: {s.detail}", now, now) for s in skips],
+                [(s.key, s.row, s.email, _skip_reason(s), now, now) for s in new_skips],
             )
-            after = db.execute("SELECT COUNT(*) FROM recipients").fetchone()[0]
-            wanted = {p.key for p in planned} | {s.key for s in skips}
-            missing = sum(1 for (key,) in db.execute("SELECT key FROM recipients") if key not in wanted)
+            now_skipped = [
+                s for s in only_skips.values() if s.key in known and known[s.key][0] in (PENDING, INFLIGHT)
+            ]
+            for skip in now_skipped:
+                if known[skip.key][0] == PENDING:
+                    self._set_state(db, skip.key, PENDING, SKIPPED)
+                    db.execute(
+                        "UPDATE recipients SET reason = ? WHERE key = ?", (_skip_reason(skip), skip.key)
+                    )
+                else:  # its request may have left: only reconcile can say; it is not sent again
+                    note = (
+                        f"now skipped ({_skip_reason(skip)}); `campaign reconcile` settles its earlier send"
+                    )
+                    self._set_state(db, skip.key, INFLIGHT, UNKNOWN, note=note)
+            invalid = f"{SkipReason.INVALID.value}:"
+            restored = [
+                p
+                for p in planned
+                if p.key in known
+                and known[p.key][0] == SKIPPED
+                and (known[p.key][1] or "").startswith(invalid)
+            ]
+            for plan in restored:
+                self._set_state(db, plan.key, SKIPPED, PENDING)
+                db.execute(
+                    "UPDATE recipients SET reason = NULL, sender = ?, email = ? WHERE key = ?",
+                    (plan.sender, plan.email, plan.key),
+                )
+            db.executemany("UPDATE recipients SET row = ? WHERE key = ?", [(p.row, p.key) for p in planned])
+            db.execute("UPDATE recipients SET listed = 0")
+            db.executemany("UPDATE recipients SET listed = 1 WHERE key = ?", [(key,) for key in wanted])
+        missing: dict[RowState, int] = {}
+        for key, (state, _) in known.items():
+            if key not in wanted:
+                missing[state] = missing.get(state, 0) + 1
         return SyncReport(
-            added=middle - before,
-            skipped_added=after - middle,
-            existing=len(planned) + len(skips) - (after - before),
-            missing=missing,
+            added=len(new),
+            skipped_added=len(new_skips),
+            existing=len(wanted) - len(new) - len(new_skips),
+            missing=sum(missing.values()),
+            newly_skipped=len(now_skipped),
+            restored=len(restored),
+            missing_states=missing,
         )
-
-    def assigned_senders(self) -> dict[str, str]:
-        """The sender each recipient already in the ledger is assigned to."""
-        rows = self._read("SELECT key, sender FROM recipients WHERE sender IS NOT NULL")
-        return {str(key): str(sender) for key, sender in rows}
-
-    def rows(self, *, states: Iterable[RowState] | None = None) -> Iterator[LedgerRow]:
-        """Every row (or those in `states`), in list order."""
-        query = "SELECT " + ", ".join(_ROW_COLUMNS) + " FROM recipients"
-        params: tuple[str, ...] = ()
-        if states is not None:
-            params = tuple(state.value for state in states)
-            query += f" WHERE state IN ({', '.join('?' for _ in params)})"
-        for values in self._read(query + " ORDER BY row, key", params):
-            yield _to_row(values)
-
-    def counts(self) -> dict[RowState, int]:
-        """How many rows are in each state (every state present, zeros included)."""
-        found = {
-            str(state): count
-            for state, count in self._read("SELECT state, COUNT(*) FROM recipients GROUP BY state")
-        }
-        return {state: int(str(found.get(state.value, 0))) for state in RowState}
-
-    def counts_by_sender(self) -> dict[str, dict[RowState, int]]:
-        """Per sender, how many rows are in each state."""
-        result: dict[str, dict[RowState, int]] = {}
-        query = (
-            "SELECT sender, state, COUNT(*) FROM recipients WHERE sender IS NOT NULL GROUP BY sender, state"
-        )
-        for sender, state, count in self._read(query):
-            result.setdefault(sender, dict.fromkeys(RowState, 0))[RowState(state)] = int(count)
-        return result
 
     # --- sending ------------------------------------------------------------
 
-    def claim(self, key: str) -> Claim:
-        """Mark a pending row in flight with its idempotency key (an in-flight row keeps its key)."""
+    def claim(self, key: str, *, subject: str | None = None) -> Claim:
+        """Mark a row in flight with its idempotency key, before its request leaves.
+
+        A pending row gets a key (new after each definite "not sent"); an in-flight
+        row left by a crash keeps its key, so Nylas replays instead of sending twice.
+        """
         now = self._stamp()
         with self._write() as db:
-            found = db.execute(
-                "SELECT state, attempt_no, idempotency_key FROM recipients WHERE key = ?", (key,)
-            )
-            state, attempt_no, idempotency_key = self._expect(found.fetchone(), key)
-            if state == RowState.PENDING:
-                idempotency_key = self._idempotency_key(key, attempt_no)
-            elif state != RowState.INFLIGHT:
+            current = self._fetch(db, key)
+            state = RowState(current["state"])
+            uses = 0
+            if state == PENDING:
+                idempotency_key, issued, fresh = self._idempotency_key(key, current["attempt_no"]), now, True
+            elif state == INFLIGHT and current["idempotency_key"]:
+                uses = int(current["key_uses"]) + 1  # an earlier process may have sent it
+                idempotency_key, fresh = str(current["idempotency_key"]), False
+                issued = str(current["key_issued_at"] or current["claimed_at"] or now)
+            else:
                 message = f"{self._path}: cannot send to {key!r}: it is {state}"
                 raise LedgerError(message)
             db.execute(
-                "UPDATE recipients SET state = 'inflight', idempotency_key = ?, claimed_at = ?, "
-                "attempts = attempts + 1, updated_at = ? WHERE key = ?",
-                (idempotency_key, now, now, key),
+                "UPDATE recipients SET state = 'inflight', idempotency_key = ?, key_issued_at = ?, "
+                "key_uses = ?, claimed_at = ?, first_claimed_at = COALESCE(first_claimed_at, ?), "
+                "subject = COALESCE(?, subject), updated_at = ? WHERE key = ?",
+                (idempotency_key, issued, uses, now, now, subject, now, key),
             )
-        return Claim(idempotency_key=str(idempotency_key), attempt_no=int(attempt_no))
+        usable_until = datetime.fromisoformat(issued) + timedelta(seconds=KEY_REUSE_S)
+        return Claim(idempotency_key, int(current["attempt_no"]), usable_until, fresh)
 
     def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1) -> RowState:
         """Record what a send of an in-flight row came to; returns the row's new state.
 
         Sent and rejected rows are final. A definite "not sent" (throttled, refused
-        credentials) puts the row back to pending with a new key for next time.
-        An ambiguous outcome keeps the row in flight with the same key.
+        credentials) puts the row back to pending with a new key for next time, but
+        only if no earlier request can have used the key (or the refusal is a replay,
+        i.e. the key's first answer): else the row stays in flight with its key. An
+        ambiguous outcome keeps the row in flight with the same key, unless it was
+        itself a replay: then retrying teaches nothing new and the row is unknown.
         """
         now = self._stamp()
-        new_state = _STATE_AFTER[outcome.kind]
         with self._write() as db:
-            found = db.execute(
-                "SELECT state, attempt_no, idempotency_key FROM recipients WHERE key = ?", (key,)
-            )
-            state, _, _ = self._expect(found.fetchone(), key)
-            if state != RowState.INFLIGHT:
+            current = self._fetch(db, key)
+            new_state = _state_after(outcome, key_used=int(current["key_uses"]) > 0)
+            if RowState(current["state"]) != INFLIGHT:
+                state = current["state"]
                 message = (
                     f"{self._path}: cannot record a send outcome for {key!r}: it is {state}, not inflight"
                 )
                 raise LedgerError(message)
-            error = (None, None, None) if outcome.kind == OutcomeKind.SENT else _error_columns(outcome)
+            error = (None, None, None) if new_state == SENT else _error_columns(outcome)
+            pending = new_state == PENDING
             db.execute(
                 "UPDATE recipients SET state = ?, message_id = COALESCE(?, message_id), "
                 "request_id = COALESCE(?, request_id), replayed = ?, error_type = ?, error_status = ?, "
-                "error_message = ?, updated_at = ?, sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END, "
-                "attempt_no = attempt_no + ?, "
-                "idempotency_key = CASE WHEN ? THEN NULL ELSE idempotency_key END "
-                "WHERE key = ?",
+                "error_message = ?, attempts = attempts + 1, updated_at = ?, "
+                "sent_at = CASE WHEN ? THEN ? ELSE sent_at END, attempt_no = attempt_no + ?, "
+                "idempotency_key = CASE WHEN ? THEN NULL ELSE idempotency_key END, "
+                "key_issued_at = CASE WHEN ? THEN NULL ELSE key_issued_at END, "
+                "key_uses = key_uses + ? WHERE key = ?",
                 (
                     new_state.value,
                     outcome.message_id,
@@ -321,153 +265,129 @@ class Ledger:
                     int(outcome.replayed),
                     *error,
                     now,
-                    new_state.value,
+                    new_state == SENT,
                     now,
-                    int(new_state == RowState.PENDING),
-                    new_state == RowState.PENDING,
+                    int(pending),
+                    pending,
+                    pending,
+                    int(outcome.kind in (OutcomeKind.AMBIGUOUS, OutcomeKind.IN_PROGRESS)),
                     key,
                 ),
             )
-            if new_state == RowState.SENT:
-                db.execute(
-                    "INSERT INTO send_log (sender, sent_at, recipients) VALUES (?, ?, ?)",
-                    (sender, self._clock.now().timestamp(), recipients),
-                )
+            if new_state == SENT:
+                self._log_send(db, sender, self._clock.now().timestamp(), recipients)
         return new_state
 
     def release(self, key: str) -> None:
-        """Return a claimed row whose request never left to pending; its key is still unused."""
-        self._move(key, frm=(RowState.INFLIGHT,), to=RowState.PENDING)
+        """Return a freshly claimed row whose request never left to pending; its key is still unused."""
+        with self._write() as db:
+            self._set_state(db, key, INFLIGHT, PENDING)
 
-    def record_unknown(self, key: str) -> None:
+    def record_unknown(self, key: str, *, note: str | None = None) -> None:
         """Give up on an in-flight row whose fate cannot be known now (reconcile settles it)."""
-        self._move(key, frm=(RowState.INFLIGHT,), to=RowState.UNKNOWN)
+        with self._write() as db:
+            self._set_state(db, key, INFLIGHT, UNKNOWN, note=note)
 
-    def record_expired_claims(self, *, older_than_s: float) -> int:
-        """Turn in-flight rows claimed longer ago than `older_than_s` into unknown; returns how many."""
+    def record_expired_claims(self, *, older_than_s: float = KEY_REUSE_S) -> int:
+        """Turn in-flight rows whose key is older than `older_than_s` into unknown; returns how many."""
         cutoff = self._clock.now().timestamp() - older_than_s
         stale = [
             row.key
-            for row in self.rows(states=(RowState.INFLIGHT,))
-            if row.claimed_at is None or datetime.fromisoformat(row.claimed_at).timestamp() < cutoff
+            for row in self.rows(states=(INFLIGHT,))
+            if row.key_issued_at is None or datetime.fromisoformat(row.key_issued_at).timestamp() < cutoff
         ]
-        for key in stale:
-            self.record_unknown(key)
+        note = "its idempotency key is older than Nylas's 1 h replay window; `campaign reconcile` settles it"
+        with self._write():
+            for key in stale:
+                self.record_unknown(key, note=note)
         return len(stale)
 
-    def sent_recipients_since(self, sender: str, since: float) -> list[tuple[float, int]]:
-        """(Unix time, recipients) of each send by `sender` since `since`, oldest first."""
-        query = "SELECT sent_at, recipients FROM send_log WHERE sender = ? AND sent_at > ? ORDER BY sent_at"
-        return [(float(at), int(n)) for at, n in self._read(query, (sender, since))]
+    # --- settling after the fact -------------------------------------------
 
-    # --- internals ----------------------------------------------------------
-
-    def _move(self, key: str, *, frm: tuple[RowState, ...], to: RowState) -> None:
+    def record_found_sent(
+        self,
+        key: str,
+        *,
+        message_id: str,
+        sender: str,
+        sent_at: datetime | None,
+        note: str,
+        recipients: int = 1,
+    ) -> None:
+        """An unknown row whose message the API shows was sent: it becomes sent with that message id."""
         with self._write() as db:
-            found = db.execute(
-                "SELECT state, attempt_no, idempotency_key FROM recipients WHERE key = ?", (key,)
-            )
-            state, _, _ = self._expect(found.fetchone(), key)
-            if state not in frm:
-                message = f"{self._path}: cannot move {key!r} from {state} to {to}"
-                raise LedgerError(message)
+            self._set_state(db, key, UNKNOWN, SENT, note=note)
+            when = sent_at or self._clock.now()
             db.execute(
-                "UPDATE recipients SET state = ?, updated_at = ? WHERE key = ?",
-                (to.value, self._stamp(), key),
+                "UPDATE recipients SET message_id = ?, sent_at = ?, error_type = NULL, error_status = NULL, "
+                "error_message = NULL WHERE key = ?",
+                (message_id, when.isoformat(timespec="milliseconds"), key),
+            )
+            self._log_send(db, sender, when.timestamp(), recipients)
+
+    def record_retry(self, key: str, *, note: str) -> None:
+        """Send a failed or unknown row again: back to pending, with a new idempotency key next time."""
+        with self._write() as db:
+            current = self._fetch(db, key)
+            state = RowState(current["state"])
+            if state not in (FAILED, UNKNOWN):
+                message = f"{self._path}: cannot retry {key!r}: it is {state}, not failed or unknown"
+                raise LedgerError(message)
+            self._set_state(db, key, state, PENDING, note=note)
+            db.execute(
+                "UPDATE recipients SET attempt_no = attempt_no + 1, idempotency_key = NULL, "
+                "key_issued_at = NULL WHERE key = ?",
+                (key,),
             )
 
-    def _expect(
-        self, found: tuple[str, int, str | None] | None, key: str
-    ) -> tuple[RowState, int, str | None]:
-        if found is None:
-            message = f"{self._path}: no recipient {key!r} in the ledger"
-            raise LedgerError(message)
-        return RowState(found[0]), found[1], found[2]
+    def record_retry_all(self, states: Sequence[RowState], *, note: str) -> int:
+        """Retry every row in `states` (failed and/or unknown) in one transaction; returns how many."""
+        with self._write():
+            keys = [row.key for row in self.rows(states=states)]
+            for key in keys:
+                self.record_retry(key, note=note)
+            if keys:
+                self.record_event("retry", f"{len(keys)} rows back to pending ({note})")
+        return len(keys)
 
-    def _idempotency_key(self, key: str, attempt_no: int) -> str:
-        # The address stays out of the header; the attempt number makes a new key
-        # after a definite "not sent" (Nylas replays a key's first answer for an hour).
-        digest = hashlib.sha256(f"{self._campaign}\0{key}".encode()).hexdigest()[:32]
-        return f"{self._campaign}-{digest}-{attempt_no}"
+    # --- skipping a pending row (issue 5: an unsubscribe that arrives while the campaign runs) ---
 
-    def _stamp(self) -> str:
-        return self._clock.now().isoformat(timespec="milliseconds")
-
-    def _read(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        try:
-            with self._lock:
-                return self._db.execute(query, params).fetchall()
-        except sqlite3.Error as exc:
-            message = f"{self._path}: cannot read the ledger ({exc})"
-            raise LedgerError(message) from exc
-
-    def _write(self) -> _Transaction:
-        return _Transaction(self)
+    def record_skipped(self, key: str, reason: SkipReason, detail: str) -> bool:
+        """Mark a pending row skipped with `reason`; False (and no change) if the row is not pending."""
+        with self._write() as db:
+            if RowState(self._fetch(db, key)["state"]) != PENDING:
+                return False
+            self._set_state(db, key, PENDING, SKIPPED)
+            db.execute("UPDATE recipients SET reason = ? WHERE key = ?", (f"{reason.value}: {detail}", key))
+        return True
 
 
-class _Transaction:
-    """`with ledger._write() as db:` — one IMMEDIATE transaction under the ledger's lock."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._ledger._lock.acquire()
-        try:
-            self._ledger._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            self._ledger._lock.release()
-            message = f"{self._ledger.path}: cannot write the ledger ({exc})"
-            raise LedgerError(message) from exc
-        return self._ledger._db
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
-        try:
-            if kind is None:
-                self._ledger._db.execute("COMMIT")
-            else:
-                self._ledger._db.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            message = f"{self._ledger.path}: cannot write the ledger ({exc})"
-            raise LedgerError(message) from exc
-        finally:
-            self._ledger._lock.release()
-        if isinstance(error, sqlite3.Error):
-            message = f"{self._ledger.path}: cannot write the ledger ({error})"
-            raise LedgerError(message) from error
+def _state_after(outcome: SendOutcome, *, key_used: bool) -> RowState:
+    kind = outcome.kind
+    if kind == OutcomeKind.AMBIGUOUS and outcome.replayed:
+        return UNKNOWN  # Nylas cached this ambiguous answer: the same key will only replay it
+    if outcome.status == 409 and (outcome.error_type or "").endswith("invalid_idempotent_request"):
+        return UNKNOWN  # the key was used before with another payload: that one may have gone out
+    if key_used and kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED) and not outcome.replayed:
+        # Refused before Nylas looked the key up (e.g. its own rate limit)? Then an earlier request
+        # with the key may have gone out: keep it; the next answer is a replay either way. A
+        # *replayed* refusal is the key's first answer: nothing ever went out with it.
+        return INFLIGHT
+    return _STATE_AFTER[kind]
 
 
 _STATE_AFTER: dict[OutcomeKind, RowState] = {
-    OutcomeKind.SENT: RowState.SENT,
-    OutcomeKind.REJECTED: RowState.FAILED,
-    OutcomeKind.THROTTLED: RowState.PENDING,
-    OutcomeKind.AUTH_REFUSED: RowState.PENDING,
-    OutcomeKind.IN_PROGRESS: RowState.INFLIGHT,
-    OutcomeKind.AMBIGUOUS: RowState.INFLIGHT,
+    OutcomeKind.SENT: SENT,
+    OutcomeKind.REJECTED: FAILED,
+    OutcomeKind.THROTTLED: PENDING,
+    OutcomeKind.AUTH_REFUSED: PENDING,
+    OutcomeKind.IN_PROGRESS: INFLIGHT,
+    OutcomeKind.AMBIGUOUS: INFLIGHT,
 }
 
-_ROW_COLUMNS = (
-    "key",
-    "row",
-    "email",
-    "sender",
-    "state",
-    "reason",
-    "attempts",
-    "idempotency_key",
-    "claimed_at",
-    "message_id",
-    "error_type",
-    "error_status",
-    "error_message",
-    "updated_at",
-)
 
-
-def _to_row(values: tuple[object, ...]) -> LedgerRow:
-    named = dict(zip(_ROW_COLUMNS, values, strict=True))
-    named["state"] = RowState(str(named["state"]))
-    return LedgerRow(**named)  # type: ignore[arg-type]
+def _skip_reason(skip: Skip) -> str:
+    return f"{skip.reason.value}: {skip.detail}"
 
 
 def _error_columns(outcome: SendOutcome) -> tuple[str | None, int | None, str | None]:

@@ -36,7 +36,9 @@ from campaign.headers import header_name_problem, header_value_problem
 from campaign.presets import PROVIDER_PRESETS
 
 __all__ = [
+    "STORE_SUFFIXES",
     "ApiSettings",
+    "AttachmentSettings",
     "CampaignSettings",
     "Manifest",
     "MessageSettings",
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 DEFAULT_PER_SECOND = 2.0
+# A suppression source with one of these suffixes is an unsubscribe store (SQLite), not a list file.
+STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 _ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -183,7 +187,7 @@ class RecipientsSettings(BaseModel):
     suppress: tuple[_File, ...] = Field(
         default=(),
         description="Files of addresses never to mail (.csv/.parquet with an `email` column, "
-        "or text with one address per line).",
+        "or text with one address per line), or unsubscribe stores (.sqlite).",
     )
 
     @field_validator("suppress", mode="before")
@@ -211,6 +215,84 @@ class TrackingSettings(BaseModel):
     label: str | None = Field(default=None, description="Label Nylas attaches to tracking events.")
 
 
+# --- attachments (issue 7) ---
+
+_TEMPLATE_MARKERS = ("{{", "{%", "{#")
+_CONTENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+
+
+class AttachmentSettings(BaseModel):
+    """[[message.attachments]]: a file sent with every message, or a per-recipient file."""
+
+    model_config = _FROZEN
+    path: str = Field(
+        min_length=1,
+        description="The file, relative to message.attachments_dir (default: the manifest's folder); "
+        "a Jinja template for per-recipient files, e.g. 'invoices/{{ invoice_id }}.pdf'.",
+    )
+    filename: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name the recipient sees (a Jinja template); default: the file's own name.",
+    )
+    content_type: str | None = Field(
+        default=None, description="MIME type, e.g. 'application/pdf'; guessed from the file name if absent."
+    )
+    inline: bool | None = Field(
+        default=None,
+        strict=True,
+        description='Show the file inside the HTML body, where it says <img src="cid:CONTENT_ID">.',
+    )
+    content_id: str | None = Field(
+        default=None,
+        description="The id the HTML refers to as cid:<id> (letters, digits, '.', '_', '-'); makes the file "
+        "inline. Default for an inline file: its name without the extension.",
+    )
+
+    @field_validator("content_type")
+    @classmethod
+    def _check_content_type(cls, value: str | None) -> str | None:
+        if value is not None and not _MEDIA_TYPE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a MIME type such as 'application/pdf' or 'image/png'")
+        return value
+
+    @field_validator("content_id")
+    @classmethod
+    def _check_content_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_cid(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_inline(self) -> AttachmentSettings:
+        if self.inline is False and self.content_id is not None:
+            raise ValueError("a content_id makes the file inline; drop `inline = false` or the content_id")
+        if self.inline and self.content_id is None:
+            if any(marker in self.path for marker in _TEMPLATE_MARKERS):
+                raise ValueError("give a content_id for an inline file whose path is a template")
+            _check_cid(self.cid or "", derived=True)
+        return self
+
+    @property
+    def cid(self) -> str | None:
+        """The content id: `content_id`, or for an inline file its file name up to the first dot."""
+        if self.content_id is not None or not self.inline:
+            return self.content_id
+        return self.path.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def _check_cid(value: str, *, derived: bool = False) -> None:
+    what = f"the file name gives the content id {value!r}, which" if derived else f"{value!r}"
+    hint = "; set content_id" if derived else ""
+    if not _CONTENT_ID.fullmatch(value):
+        raise ValueError(f"{what} must be letters, digits, '.', '_' or '-' (at most 100){hint}")
+    if value == "message" or re.fullmatch(r"file\d+", value):
+        raise ValueError(
+            f"{what} would clash with Nylas's multipart part names ('message', 'file0', …){hint}"
+        )
+
+
 class MessageSettings(BaseModel):
     """[message]: what every recipient gets (Jinja templates)."""
 
@@ -229,6 +311,29 @@ class MessageSettings(BaseModel):
         description='Extra custom headers, e.g. { "X-Campaign" = "spring" }; values are Jinja '
         "templates. List-Unsubscribe comes from [unsubscribe].",
     )
+    markdown: _File | None = Field(
+        default=None,
+        description="Markdown body template file (Jinja first, then Markdown), placed in `layout`; "
+        "instead of `html`. The plain-text version comes from it too, unless `text` is given.",
+    )
+    layout: _File | None = Field(
+        default=None,
+        description="The HTML layout a Markdown body goes into, a template with {% block content %}; "
+        "default: the built-in base.html.j2.",
+    )
+    inline_css: bool = Field(
+        default=False,
+        strict=True,
+        description="Move <style> rules into style attributes (css-inline), so the styles survive Gmail.",
+    )
+    attachments_dir: _File | None = Field(
+        default=None,
+        description="The folder attachment paths start from (default: the manifest's folder); "
+        "no attachment may lie outside it.",
+    )
+    attachments: tuple[AttachmentSettings, ...] = Field(
+        default=(), description="Files sent with each message, one [[message.attachments]] table each."
+    )
 
     @field_validator("headers")
     @classmethod
@@ -242,8 +347,26 @@ class MessageSettings(BaseModel):
 
     @model_validator(mode="after")
     def _needs_a_body(self) -> MessageSettings:
-        if self.html is None and self.text is None:
-            raise ValueError("give `html` or `text` (a template file)")
+        if self.html is None and self.text is None and self.markdown is None:
+            raise ValueError("give `html`, `markdown` or `text` (a template file)")
+        if self.html is not None and self.markdown is not None:
+            raise ValueError("give `html` or `markdown`, not both (a Markdown body becomes the HTML)")
+        if self.layout is not None and self.markdown is None:
+            raise ValueError("`layout` is the page a `markdown` body goes into; give `markdown` too")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_content_ids(self) -> MessageSettings:
+        first: dict[str, int] = {}
+        for index, attachment in enumerate(self.attachments, start=1):
+            cid = attachment.cid
+            if cid is not None and cid in first:
+                raise ValueError(
+                    f"attachments[{index}] and attachments[{first[cid]}] both have content id {cid!r}; "
+                    "give each inline file its own content_id"
+                )
+            if cid is not None:
+                first[cid] = index
         return self
 
 
@@ -264,6 +387,24 @@ class UnsubscribeSettings(BaseModel):
         default="CAMPAIGN_UNSUBSCRIBE_SECRET",
         description="NAME of the environment variable holding the token secret(s).",
     )
+    store: _File | None = Field(
+        default=None,
+        description="The unsubscribe store (.sqlite) the endpoint writes, e.g. 'unsubscribes.sqlite'; "
+        "everyone in it is skipped (reason `unsubscribed`), also while the campaign runs.",
+    )
+    require_body_link: bool = Field(
+        default=True,
+        strict=True,
+        description="Refuse to send from Microsoft/iCloud senders (which drop List-Unsubscribe headers) "
+        "a body without a link to unsubscribe_url.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix.lower() not in STORE_SUFFIXES:
+            raise ValueError("must name an SQLite file ending in .sqlite, e.g. 'unsubscribes.sqlite'")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -424,13 +565,14 @@ _TABLES: dict[tuple[str, ...], type[BaseModel]] = {
     ("recipients",): RecipientsSettings,
     ("message",): MessageSettings,
     ("message", "tracking"): TrackingSettings,
+    ("message", "attachments"): AttachmentSettings,
     ("unsubscribe",): UnsubscribeSettings,
     ("senders",): SenderSettings,
 }
 
 
 def _keys(table: tuple[str, ...]) -> list[str]:
-    return [k for k in _TABLES[table].model_fields if k != "path"]
+    return [k for k in _TABLES[table].model_fields if table or k != "path"]  # Manifest.path is not a key
 
 
 def _format_loc(loc: tuple[str | int, ...]) -> str:

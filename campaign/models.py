@@ -13,6 +13,7 @@ from enum import StrEnum
 __all__ = [
     "Address",
     "Attachment",
+    "AttachmentFile",
     "Message",
     "OutcomeKind",
     "Problem",
@@ -100,17 +101,39 @@ class Tracking:
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """A file sent with a message; `content` is the raw bytes."""
+    """A file sent with a message; `content` is the raw bytes.
+
+    `encoded` is the base64 of `content` when it was computed once for many messages
+    (a shared file); a content id makes the attachment inline.
+    """
 
     filename: str
     content_type: str
-    content: bytes
+    content: bytes = field(repr=False)
     content_id: str | None = None
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
         """Size of the raw content in bytes."""
         return len(self.content)
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentFile:
+    """An attachment as rendered for one message, before its file is read (campaign.attachments).
+
+    `path` is relative to the campaign's attachments folder, '/'-separated; `key` names the
+    manifest entry (e.g. "message.attachments[2]"); `shared` is true when every message
+    gets the same file (its path is no template), so it is read once per run.
+    """
+
+    path: str
+    filename: str
+    content_type: str
+    content_id: str | None = None
+    key: str = "message.attachments"
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +157,8 @@ class Message:
     metadata: tuple[tuple[str, str], ...] = ()
     tracking: Tracking | None = None
     attachments: tuple[Attachment, ...] = field(default=())
+    # Rendered but not yet read; campaign.attachments.load_message_attachments turns them into `attachments`.
+    attachment_files: tuple[AttachmentFile, ...] = ()
 
     @property
     def recipient_count(self) -> int:

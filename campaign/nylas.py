@@ -15,7 +15,7 @@ import email.utils
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -28,7 +28,7 @@ from campaign import __version__
 from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError, ManifestError
 from campaign.models import OutcomeKind, SendOutcome, ThrottleKind
-from campaign.payload import encode_send_body
+from campaign.payload import SendRequest, encode_send_request
 
 __all__ = [
     "DEFAULT_API_URI",
@@ -87,11 +87,11 @@ class SendClient(Protocol):
     """What dispatch needs from the API: one idempotent send, translated."""
 
     async def send_message(
-        self, grant_id: str, payload: Mapping[str, Any], *, idempotency_key: str
+        self, grant_id: str, payload: Mapping[str, Any] | SendRequest, *, idempotency_key: str
     ) -> SendOutcome: ...
 
     async def send_domain_message(
-        self, domain: str, payload: Mapping[str, Any], *, idempotency_key: str
+        self, domain: str, payload: Mapping[str, Any] | SendRequest, *, idempotency_key: str
     ) -> SendOutcome: ...
 
 
@@ -138,31 +138,44 @@ class NylasClient:
         self._secrets = tuple(sorted(forms, key=len, reverse=True))
 
     async def send_message(
-        self, grant_id: str, payload: Mapping[str, Any], *, idempotency_key: str
+        self, grant_id: str, payload: Mapping[str, Any] | SendRequest, *, idempotency_key: str
     ) -> SendOutcome:
-        """POST one message with `Idempotency-Key` and translate the answer; never raises for an outcome."""
+        """POST one message with `Idempotency-Key` and translate the answer; never raises for an outcome.
+
+        `payload` is a JSON object, or a `SendRequest` (JSON or multipart, from campaign.payload).
+        """
         return await self._post_send(
             f"/v3/grants/{_quote_grant(grant_id)}/messages/send", payload, idempotency_key
         )
 
     async def send_domain_message(
-        self, domain: str, payload: Mapping[str, Any], *, idempotency_key: str
+        self, domain: str, payload: Mapping[str, Any] | SendRequest, *, idempotency_key: str
     ) -> SendOutcome:
         """POST one message through a verified domain (§6), where `from` is one object, not a list."""
-        body = dict(payload)
+        body = dict(payload.payload if isinstance(payload, SendRequest) else payload)
         if isinstance(body.get("from"), list) and body["from"]:
             body["from"] = body["from"][0]
+        files = payload.attachments if isinstance(payload, SendRequest) else ()
         return await self._post_send(
-            f"/v3/domains/{_quote_grant(domain)}/messages/send", body, idempotency_key
+            f"/v3/domains/{_quote_grant(domain)}/messages/send",
+            encode_send_request(body, files),
+            idempotency_key,
         )
 
-    async def _post_send(self, path: str, payload: Mapping[str, Any], idempotency_key: str) -> SendOutcome:
+    async def _post_send(
+        self, path: str, payload: Mapping[str, Any] | SendRequest, idempotency_key: str
+    ) -> SendOutcome:
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH or not _VISIBLE_ASCII.fullmatch(idempotency_key):
             limit, got = MAX_IDEMPOTENCY_KEY_LENGTH, len(idempotency_key)
             raise ValueError(f"Idempotency-Key must be 1–{limit} visible ASCII characters (got {got})")
-        headers = self._headers() | {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
+        request = payload if isinstance(payload, SendRequest) else encode_send_request(payload)
+        headers = self._headers() | {
+            "Content-Type": request.content_type,
+            "Content-Length": str(request.size),
+            "Idempotency-Key": idempotency_key,
+        }
         try:
-            response = await self._http.post(path, content=encode_send_body(payload), headers=headers)
+            response = await self._http.post(path, content=_request_body(request), headers=headers)
         except httpx.RequestError as exc:
             # Every failure without a response is AMBIGUOUS, even ConnectError/ConnectTimeout/PoolTimeout,
             # where the request provably never left: a same-key retry is safe either way (§4) and one rule
@@ -300,6 +313,18 @@ class NylasClient:
         if body is None:
             raise ApiError(f"{where}: HTTP {status} but the body is not a JSON object; is api.uri right?")
         return body
+
+
+def _request_body(request: SendRequest) -> bytes | AsyncIterator[bytes]:
+    """The body as is when it is one piece; else streamed, so shared attachment bytes are never joined."""
+    if len(request.chunks) == 1:
+        return request.chunks[0]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in request.chunks:
+            yield chunk
+
+    return stream()
 
 
 def _kind_for_status(status: int, error_type: str | None) -> OutcomeKind:

@@ -30,6 +30,7 @@ from rich.text import Text
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult, EventKind
 from campaign.manifest import SenderSettings
+from campaign.markup import build_text_from_html
 from campaign.preview import PreviewReport
 
 __all__ = [
@@ -39,9 +40,14 @@ __all__ = [
     "print_deliveries",
     "print_error",
     "print_json",
+    "print_next_steps",
     "print_preview",
+    "print_reconciled",
+    "print_report_written",
+    "print_retried",
     "print_run_summary",
     "print_status",
+    "print_test_sent",
 ]
 
 
@@ -158,6 +164,9 @@ class SendProgress:
             self._progress.update(task, detail="[red]credentials refused")
         elif event.kind == EventKind.THROTTLED:
             self._progress.update(task, detail="[yellow]throttled, slowing down")
+        elif event.kind == EventKind.SKIPPED:  # unsubscribed while the campaign ran: settled, not sent
+            self._progress.advance(task)
+            self._progress.advance(self._overall)
 
 
 def print_checked(console: Console, *, source: str, to_send: int, skipped: Mapping[str, int]) -> None:
@@ -171,9 +180,9 @@ def print_run_summary(
     result: DispatchResult,
     *,
     states: Mapping[str, int],
-    resume_command: str,
+    next_steps: Sequence[Mapping[str, Any]],
 ) -> None:
-    """What this run did, what is not done, and the exact command to continue."""
+    """What this run did, what is not done, and the exact commands to continue (`next_steps`)."""
     console.print(f"This run: {result.sent} sent, {result.failed} failed, {result.unknown} unknown.")
     ledger = ", ".join(f"{count} {state}" for state, count in states.items() if count) or "empty"
     done = not any(states.get(state, 0) for state in ("pending", "inflight", "unknown"))
@@ -189,10 +198,9 @@ def print_run_summary(
         )
     if result.limit_reached:
         console.print("stopped at --limit")
-    if result.remaining or states.get("pending", 0) or states.get("inflight", 0):
-        console.print(f"Not done. Continue with: [bold]{escape(resume_command)}[/]", soft_wrap=True)
-    if states.get("failed", 0) or states.get("unknown", 0):
-        console.print("Some recipients were not sent: `campaign status` shows why.")
+    if result.stopped:
+        console.print("Interrupted: no send was started after Ctrl-C; the sends in flight were recorded.")
+    print_next_steps(console, next_steps)
 
 
 def print_deliveries(console: Console, deliveries: Sequence[tuple[str, str, str]], outbox: Path) -> None:
@@ -210,45 +218,107 @@ def print_deliveries(console: Console, deliveries: Sequence[tuple[str, str, str]
     console.print(f"Each message's JSON payload and HTML body: [bold]{where}[/]", soft_wrap=True)
 
 
-def print_preview(console: Console, report: PreviewReport, *, out_files: Sequence[Path] = ()) -> None:
-    """The dry-run report: counts, senders and timing, warnings, problems, sample messages."""
-    console.print(f"[bold]{escape(report.campaign)}[/]: dry run, nothing sent")
+def print_preview(console: Console, report: PreviewReport, *, site: Path | None = None) -> None:
+    """The dry-run report: counts, senders and schedule, warnings, failing rows, the first messages."""
+    console.print(f"[bold]{escape(report.campaign)}[/]: dry run: nothing sent, no ledger written")
     counts = Table(show_header=False, title="Recipients", title_justify="left")
-    counts.add_row("to send", str(report.to_send))
-    counts.add_row("already done (per the ledger)", str(report.already_done))
+    counts.add_row(f"rows in {escape(report.source)}", f"{report.rows:,}")
+    counts.add_row("to send", f"[bold]{report.to_send:,}")
+    for state, count in sorted(report.already_done.items()):
+        counts.add_row(f"already {escape(state)} (per the ledger)", f"{count:,}")
     for reason, count in sorted(report.skipped.items()):
-        counts.add_row(f"skipped: {reason.value}", str(count))
-    counts.add_row("problems", str(len(report.problems)))
+        counts.add_row(f"skipped: {reason.value}", f"{count:,}")
+    bad = len(report.problems)
+    counts.add_row("rows with problems", f"[red]{bad:,}" if bad else "0")
     console.print(counts)
-    senders = Table(title="Senders", title_justify="left")
-    for column in ("sender", "mailbox", "messages", "pace", "per day", "in flight", "takes"):
-        senders.add_column(column)
-    for sender in report.senders:
+    senders = Table(title="Senders (effective limits)", title_justify="left")
+    for column in (
+        "sender",
+        "mailbox",
+        "messages",
+        "pace",
+        "burst",
+        "per day",
+        "in flight",
+        "left 24 h",
+        "takes",
+    ):
+        senders.add_column(column, justify="left" if column in ("sender", "mailbox") else "right")
+    for plan in report.senders:
+        pace = f"{plan.rate_per_s:g}/s" if plan.rate_per_s >= 1 else f"{plan.rate_per_s * 60:g}/min"
+        left = "-" if plan.per_day is None else f"{max(0, plan.per_day - plan.used_24h):,}"
         senders.add_row(
-            escape(sender.name),
-            escape(sender.email or sender.grant_id),
-            str(sender.messages),
-            f"{sender.rate_per_s:g}/s",
-            "-" if sender.per_day is None else str(sender.per_day),
-            str(sender.concurrency),
-            format_duration(sender.duration_s),
+            escape(plan.name),
+            escape(plan.email or plan.route) + (f" ({escape(plan.provider)})" if plan.provider else ""),
+            f"{plan.messages:,}",
+            pace,
+            str(plan.burst),
+            "-" if plan.per_day is None else f"{plan.per_day:,}",
+            str(plan.concurrency),
+            left,
+            format_duration(plan.duration_s),
         )
     console.print(senders)
-    console.print(f"Estimated time to send everything: {format_duration(report.duration_s)}")
+    console.print(
+        f"Estimated time to send everything: [bold]{format_duration(report.duration_s)}[/]"
+        + (f" (started now, done about {_local(report.finishes_at)})" if report.to_send else "")
+    )
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}")
-    for problem in report.problems:
-        console.print(f"[red]problem:[/] {escape(problem)}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if report.problems:
+        _print_problems(console, report, site=site)
     for sample in report.samples:
         message = sample.message
         console.rule(f"{escape(message.to[0].email)} (row {message.row}, sender {escape(message.sender)})")
-        console.print(f"Subject: {escape(message.subject)}")
+        if message.from_ is not None:
+            console.print(f"From: {escape(message.from_.name or '')} <{escape(message.from_.email)}>")
+        console.print(f"Subject: {escape(message.subject)}", soft_wrap=True)
         for name, value in message.headers:
             console.print(f"{escape(name)}: {escape(value)}", soft_wrap=True)
-        body = message.text if message.text is not None else message.html or ""
-        console.print(escape(body[:600]) + (" …" if len(body) > 600 else ""))
-    if out_files:
-        console.print(f"Wrote {len(out_files)} files to {escape(str(out_files[0].parent))}")
+        # The text a reader sees: the text body, else the HTML body as text (the site shows the HTML).
+        body = message.text if message.text is not None else build_text_from_html(message.html or "")
+        console.print(escape(body[:600].rstrip()) + (" …" if len(body) > 600 else ""))
+    if site is not None:
+        console.print(f"Preview site (open it in a browser): [bold]{escape(str(site))}[/]", soft_wrap=True)
+
+
+_PROBLEMS_SHOWN = 50
+
+
+def _print_problems(console: Console, report: PreviewReport, *, site: Path | None) -> None:
+    verdict = "skipped with --skip-invalid" if report.skip_invalid else "a run stops before sending (exit 65)"
+    table = Table(
+        title=f"Rows with problems: {len(report.problems):,} ({verdict})",
+        title_justify="left",
+        title_style="red",
+    )
+    for column in ("row", "address", "column / variable", "problem and fix"):
+        table.add_column(column, overflow="fold")
+    for problem in report.problems[:_PROBLEMS_SHOWN]:
+        for issue in problem.issues:
+            table.add_row(str(problem.row), escape(problem.email), escape(issue.where), escape(issue.message))
+    console.print(table)
+    more = len(report.problems) - _PROBLEMS_SHOWN
+    if more > 0:
+        where = "the preview site" if site is None else escape(str(site))
+        console.print(f"… and {more:,} more rows with problems: {where} lists every one (so does --json)")
+
+
+def print_test_sent(
+    console: Console, *, message_id: str, to: str, sender: str, row: int, recipient: str
+) -> None:
+    """What `send-test` did: the Nylas message id (alone on the last line, for scripts)."""
+    console.print(
+        f"Sent row {row} ({escape(recipient)}) as a test to {escape(to)} from sender {escape(sender)}; "
+        "the ledger is unchanged.",
+        soft_wrap=True,
+    )
+    console.print(
+        f"[yellow]note:[/] its unsubscribe link is row {row}'s real one: "
+        f"using it unsubscribes {escape(recipient)}.",
+        soft_wrap=True,
+    )
+    console.file.write(f"{message_id}\n")
 
 
 def print_status(console: Console, status: Mapping[str, Any]) -> None:
@@ -286,8 +356,72 @@ def print_status(console: Console, status: Mapping[str, Any]) -> None:
     for reason, count in status["skipped"].items():
         console.print(f"skipped ({escape(reason)}): {count}")
     for cause, count in status["errors"].items():
-        console.print(f"[red]not sent[/] ({escape(cause)}): {count}")
+        said = status.get("last_errors", {}).get(cause)
+        last = f" (latest: {escape(said)})" if said else ""
+        console.print(f"[red]not sent[/] ({escape(cause)}): {count}{last}", soft_wrap=True)
+    print_next_steps(console, status.get("next", ()))
 
 
 def _local(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+# --- outcomes: what is left, reconcile, retry, report (issue 3) ----------------
+
+
+def print_next_steps(console: Console, steps: Sequence[Mapping[str, Any]]) -> None:
+    """What is not done, state by state, each with the exact commands to run (the JSON form of NextStep)."""
+    for step in steps:
+        if step["state"] is None:  # rows removed from the list: nothing to do
+            console.print(f"{step['count']:,} rows are no longer in the list: {escape(step['what'])}.")
+    steps = [step for step in steps if step["state"] is not None]
+    if steps:
+        console.print("[bold]Not done:[/]")
+    for step in steps:
+        shown = list(step.get("examples", ()))
+        more = ", …" if step["count"] > len(shown) else ""
+        who = f" ({escape(', '.join(shown))}{more})" if shown else ""
+        console.print(f"  {step['count']:,} {step['state']}{who}: {escape(step['what'])}", soft_wrap=True)
+        for command in step["commands"]:
+            console.print(f"      [bold]{escape(command)}[/]", soft_wrap=True)
+    first = next((step["commands"][0] for step in steps if step["commands"]), None)
+    if first is not None:
+        console.print(f"Continue with: [bold]{escape(first)}[/]", soft_wrap=True)
+
+
+def print_reconciled(console: Console, decisions: Sequence[Mapping[str, Any]], *, in_flight: int) -> None:
+    """What reconcile decided for each unknown row, and why."""
+    if not decisions:
+        console.print("No unknown rows: nothing to reconcile.")
+    colours = {"sent": "green", "pending": "yellow", "unknown": "red"}
+    for decision in decisions:
+        verdict = decision["verdict"]
+        found = f" (message {escape(decision['message_id'])})" if decision.get("message_id") else ""
+        who, why = escape(decision["email"]), escape(decision["reason"])
+        console.print(f"[{colours[verdict]}]{verdict:<8}[/] {who}: {why}{found}", soft_wrap=True)
+    counts = {verdict: sum(1 for d in decisions if d["verdict"] == verdict) for verdict in colours}
+    console.print(
+        f"Reconciled {len(decisions)} unknown rows: {counts['sent']} were sent, "
+        f"{counts['pending']} were not (back to pending, with a new key), {counts['unknown']} still unknown."
+    )
+    if in_flight:
+        console.print(
+            f"{in_flight} rows are still in flight from an interrupted run: resume re-sends them "
+            "with their own key (safe; Nylas drops the duplicate)."
+        )
+
+
+def print_retried(console: Console, *, moved: int, states: Sequence[str], resume_command: str) -> None:
+    """What `campaign retry` moved back to pending, and what to run next."""
+    what = " or ".join(states)
+    if not moved:
+        console.print(f"No {what} rows: nothing to retry.")
+        return
+    console.print(f"{moved:,} {what} rows are pending again, each with a new idempotency key.")
+    console.print(f"Send them with: [bold]{escape(resume_command)}[/]", soft_wrap=True)
+
+
+def print_report_written(console: Console, *, path: Path, rows: int, states: Mapping[str, int]) -> None:
+    """Where the report went and what it holds."""
+    held = ", ".join(f"{count:,} {state}" for state, count in states.items() if count) or "no rows"
+    console.print(f"Wrote {rows:,} rows to [bold]{escape(str(path))}[/] ({held}).", soft_wrap=True)

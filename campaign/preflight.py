@@ -10,14 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from campaign.attachments import check_message_attachments, load_message_attachments
+from campaign.compliance import check_body_link
 from campaign.errors import DataError
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
 from campaign.plan import Job, assign_senders
 from campaign.recipients import Audience, build_invalid_skips, load_audience
 from campaign.render import Composer, build_composer
+from campaign.suppression import list_store_paths, load_unsubscribed, skip_unsubscribed
 
-__all__ = ["Preflight", "run_preflight"]
+__all__ = ["Preflight", "check_job", "raise_for_problems", "run_preflight"]
 
 _SHOWN_IN_ERROR = 1
 
@@ -34,18 +37,35 @@ class Preflight:
     problems: tuple[str, ...]
 
     def render(self, job: Job) -> Message:
-        """Render the message for `job` (pure; preflight already rendered it once)."""
-        return self.composer.render(job.recipient, self.manifest.sender(job.sender))
+        """Render the message for `job` and read its attachment files (shared ones once per run)."""
+        message = self.composer.render(job.recipient, self.manifest.sender(job.sender))
+        return load_message_attachments(message, self.composer.attachment_loader)
 
     def raise_for_problems(self) -> None:
         """Raise a one-line DataError naming the first problem, if any were found."""
-        if not self.problems:
-            return
-        more = len(self.problems) - _SHOWN_IN_ERROR
-        tail = f" (and {more} more; `campaign preview` lists them all)" if more > 0 else ""
-        hint = "" if "--skip-invalid" in self.problems[0] else " (or pass --skip-invalid to skip bad rows)"
-        message = f"{self.problems[0]}{tail}; nothing was sent{hint}"
-        raise DataError(message)
+        raise_for_problems(self.problems)
+
+
+def raise_for_problems(problems: Sequence[str]) -> None:
+    """Raise a one-line DataError naming the first of `problems` and how many more, if there are any."""
+    if not problems:
+        return
+    more = len(problems) - _SHOWN_IN_ERROR
+    tail = f" (and {more} more; `campaign preview` lists them all)" if more > 0 else ""
+    hint = "" if "--skip-invalid" in problems[0] else " (or pass --skip-invalid to skip bad rows)"
+    message = f"{problems[0]}{tail}; nothing was sent{hint}"
+    raise DataError(message)
+
+
+def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:
+    """Render `job`'s message, or return the row-level error (naming the row) that stops it."""
+    try:
+        message = composer.render(job.recipient, manifest.sender(job.sender))
+        check_body_link(manifest, message)  # Microsoft/iCloud drop the headers: the body link must be there
+        check_message_attachments(message, composer.attachment_loader)  # found, sized, within 25 MB
+    except DataError as exc:
+        return exc
+    return message
 
 
 def run_preflight(
@@ -62,15 +82,15 @@ def run_preflight(
     bad rows become skips and the problems list is empty.
     """
     audience = load_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
+    audience = skip_unsubscribed(audience, load_unsubscribed(list_store_paths(manifest)))
     composer = build_composer(manifest, secrets=secrets)
     source = manifest.recipients.source.name
     jobs: list[Job] = []
     failures: list[tuple[Job, str]] = []
     for job in assign_senders(audience.recipients, manifest.senders, assigned=assigned):
-        try:
-            composer.render(job.recipient, manifest.sender(job.sender))
-        except DataError as exc:
-            failures.append((job, f"{source} {exc}"))
+        checked = check_job(composer, manifest, job)
+        if isinstance(checked, DataError):
+            failures.append((job, f"{source} {checked}"))
         else:
             jobs.append(job)
     row_problems = [problem for problem in audience.problems if problem.row is not None]

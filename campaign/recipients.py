@@ -2,9 +2,10 @@
 
 `load_audience` turns a CSV or Parquet file into recipients to mail, rows deliberately
 skipped (duplicates, suppressed) and row-level problems (bad address, unknown sender),
-each with its row number. Whole-file faults (missing file, bad quoting, a wrong
-delimiter, a header with stray spaces) raise at once. This module never renders,
-never sends and never writes the ledger.
+each with its row number; `scan_audience` runs the same checks a batch at a time, for
+callers that must not hold every row (a preview of a million rows). Whole-file faults
+(missing file, bad quoting, a wrong delimiter, a header with stray spaces) raise at once.
+This module never renders, never sends and never writes the ledger.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import difflib
 import io
 import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,20 @@ import polars as pl
 from email_validator import EmailNotValidError, validate_email
 
 from campaign.errors import InputFileError, RecipientDataError
-from campaign.manifest import RecipientsSettings
+from campaign.firstrows import FirstRows
+from campaign.manifest import STORE_SUFFIXES, RecipientsSettings
 from campaign.models import Address, Problem, Recipient, Skip, SkipReason
 
-__all__ = ["Audience", "build_invalid_skips", "load_audience", "load_suppression"]
+__all__ = [
+    "BATCH_ROWS",
+    "Audience",
+    "AudienceScan",
+    "CheckedRow",
+    "build_invalid_skips",
+    "load_audience",
+    "load_suppression",
+    "scan_audience",
+]
 
 _SKIP_HINT = "fix or remove the row, or run with --skip-invalid"
 _OTHER_DELIMITERS = (",", ";", "\t", "|")
@@ -106,9 +117,10 @@ def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:
 
 
 def _read_csv(raw: bytes, name: str, separator: str) -> tuple[list[str], pl.DataFrame]:
-    text = _decode(raw, name)
-    if not text.strip():
+    if not _decode(raw, name).strip():
         raise RecipientDataError(f"{name}: is empty; its first line must name the columns (e.g. email,name)")
+    # The decoded text is dropped here: polars reads the bytes, and a long list must not be held as
+    # bytes, text and frame at once. It is decoded again only to explain a failure.
     try:
         # No header inference: polars would rename duplicate names, and we want to report them.
         frame = pl.read_csv(
@@ -119,7 +131,7 @@ def _read_csv(raw: bytes, name: str, separator: str) -> tuple[list[str], pl.Data
             empty_string_is_null=False,
         )
     except (pl.exceptions.PolarsError, ValueError) as exc:
-        fault = _find_csv_fault(text, separator)
+        fault = _find_csv_fault(_decode(raw, name), separator)
         if fault is not None:
             raise RecipientDataError(f"{name}: line {fault[0]}: malformed CSV: {fault[1]}") from exc
         first = str(exc).strip().splitlines()[0]
@@ -137,10 +149,12 @@ def _read_parquet(raw: bytes, name: str) -> tuple[list[str], pl.DataFrame]:
     return list(frame.columns), frame
 
 
-def _read_table(path: Path, separator: str | None, what: str) -> tuple[list[str], list[list[object]]]:
-    """Header names and column values of a .csv/.parquet file; nulls become ""; unnamed columns dropped.
+def _read_table(path: Path, separator: str | None, what: str) -> tuple[list[str], pl.DataFrame]:
+    """Header names and a frame of the named columns (same order) of a .csv/.parquet file.
 
-    `separator` None guesses it from the first line (for suppression lists exported by other tools).
+    Unnamed columns are dropped and string nulls become ""; `_column_values` turns a slice into
+    Python values. `separator` None guesses it from the first line (for suppression lists
+    exported by other tools).
     """
     suffix = path.suffix.lower()
     if suffix not in {".csv", ".parquet"}:
@@ -155,20 +169,23 @@ def _read_table(path: Path, separator: str | None, what: str) -> tuple[list[str]
             first_line = raw.partition(b"\n")[0].decode("utf-8", "replace")
             separator = next((d for d in _OTHER_DELIMITERS if d in first_line), ",")
         header, frame = _read_csv(raw, path.name, separator)
-    names: list[str] = []
+    del raw  # the frame holds the data now; a large list must not be kept twice
+    # Unnamed columns (e.g. trailing separators from a spreadsheet): nothing can refer to them.
+    keep = [index for index, name in enumerate(header) if name.strip()]
+    frame = frame.select([frame.columns[index] for index in keep])
+    frame = frame.with_columns(pl.col(pl.String).fill_null(""))
+    return [header[index] for index in keep], frame
+
+
+def _column_values(frame: pl.DataFrame) -> list[list[object]]:
+    """Each column of `frame` as a list of Python values, nulls as "" (call it on a slice: it copies)."""
     columns: list[list[object]] = []
-    for index, name in enumerate(header):
-        if not name.strip():  # e.g. trailing separators from a spreadsheet: nothing can refer to them
-            continue
-        series = frame.to_series(index)
-        if series.dtype == pl.String:
-            series = series.fill_null("")
+    for series in frame.iter_columns():
         values = series.to_list()
         if series.null_count():
             values = ["" if v is None else v for v in values]
-        names.append(name)
         columns.append(values)
-    return names, columns
+    return columns
 
 
 def _check_header(name: str, header: list[str], settings: RecipientsSettings) -> None:
@@ -216,35 +233,104 @@ def _address_problem(value: str, exc: EmailNotValidError) -> str:
     return f"{shown} is not a valid address ({str(exc).rstrip('.')}); {_SKIP_HINT}"
 
 
-def load_audience(settings: RecipientsSettings, *, sender_names: Collection[str]) -> Audience:
-    """Read, validate, de-duplicate and suppress the recipient list named by `settings`."""
-    source = settings.source
-    header, columns = _read_table(source, settings.delimiter, "recipient list")
-    _check_header(source.name, header, settings)
-    suppressed = load_suppression(settings.suppress)
-    senders = frozenset(sender_names)
-    email_at = header.index(settings.email_column)
-    name_at = None if settings.name_column is None else header.index(settings.name_column)
-    sender_at = None if settings.sender_column is None else header.index(settings.sender_column)
-    key_at = None if settings.key_column is None else header.index(settings.key_column)
-    recipients: list[Recipient] = []
-    skipped: list[Skip] = []
-    problems: list[Problem] = []
-    first_row: dict[str, int] = {}
-    for row, values in enumerate(zip(*columns, strict=True), start=1):
-        cell = values[email_at]
+BATCH_ROWS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRow:
+    """One data row after the per-row checks: a recipient to mail, a deliberate skip, or its problems.
+
+    `fields` holds the row's cells by column name (what a problem page shows).
+    """
+
+    row: int
+    fields: Mapping[str, object]
+    recipient: Recipient | None = None
+    skip: Skip | None = None
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """A row that passed the per-row checks; whether it is a duplicate depends on the rows before it."""
+
+    key: str
+    address: Address
+    sender: str | None
+
+
+class AudienceScan:
+    """A recipient list whose file and header are checked; `batches` runs the per-row checks lazily.
+
+    The list stays one polars frame; Python objects exist for one batch at a time, so a
+    caller that keeps only what it needs (as `campaign preview` does) runs in bounded memory.
+    """
+
+    def __init__(
+        self, settings: RecipientsSettings, *, sender_names: Collection[str], suppressed: frozenset[str]
+    ) -> None:
+        self.source = settings.source
+        header, self._frame = _read_table(self.source, settings.delimiter, "recipient list")
+        _check_header(self.source.name, header, settings)
+        self.columns = tuple(header)
+        self._settings = settings
+        self._suppressed = suppressed
+        self._senders = frozenset(sender_names)
+        self._email_at = header.index(settings.email_column)
+        self._name_at = None if settings.name_column is None else header.index(settings.name_column)
+        self._sender_at = None if settings.sender_column is None else header.index(settings.sender_column)
+        self._key_at = None if settings.key_column is None else header.index(settings.key_column)
+
+    @property
+    def row_count(self) -> int:
+        """Data rows in the file (blank lines included)."""
+        return self._frame.height
+
+    def batches(self, size: int = BATCH_ROWS) -> Iterator[list[CheckedRow]]:
+        """The checked rows in file order, `size` rows of the file at a time (blank lines left out)."""
+        first_rows = FirstRows()
+        for offset in range(0, self._frame.height, size):
+            part = self._frame.slice(offset, size)
+            checked: list[tuple[int, tuple[object, ...], _Candidate | CheckedRow]] = []
+            for row, values in enumerate(zip(*_column_values(part), strict=True), start=offset + 1):
+                outcome = self._check_row(row, values)
+                if outcome is not None:
+                    checked.append((row, values, outcome))
+            candidates = [(row, found) for row, _, found in checked if isinstance(found, _Candidate)]
+            firsts = iter(first_rows.resolve([c.key for _, c in candidates], [row for row, _ in candidates]))
+            batch: list[CheckedRow] = []
+            for row, values, found in checked:
+                if isinstance(found, CheckedRow):
+                    batch.append(found)
+                    continue
+                fields = dict(zip(self.columns, values, strict=True))
+                first = next(firsts)
+                if first != row:
+                    detail = f"duplicate of row {first}"
+                    skip = Skip(row, found.key, found.address.email, SkipReason.DUPLICATE, detail)
+                    batch.append(CheckedRow(row, fields, skip=skip))
+                else:
+                    recipient = Recipient(found.key, row, found.address, fields, found.sender)
+                    batch.append(CheckedRow(row, fields, recipient=recipient))
+            yield batch
+
+    def _check_row(self, row: int, values: tuple[object, ...]) -> _Candidate | CheckedRow | None:
+        """The checks that need only this row: None for a blank line, a CheckedRow when settled here."""
+        settings = self._settings
+        cell = values[self._email_at]
         # Surrounding whitespace (spreadsheet residue, NBSP included) is harmless; inner whitespace is not.
         email = cell.strip() if isinstance(cell, str) else str(cell)
         if not email and all(v == "" for v in values):
-            continue  # a blank line: counted as a row, but not a recipient
+            return None  # a blank line: counted as a row, but not a recipient
         found: list[Problem] = []
         try:
             normalized = validate_email(email, check_deliverability=False).normalized
         except EmailNotValidError as exc:
             normalized = ""
             found.append(Problem(row, f'column "{settings.email_column}"', _address_problem(email, exc)))
-        sender = None if sender_at is None else str(values[sender_at]).strip() or None
-        if sender is not None and sender not in senders:
+        sender = None if self._sender_at is None else str(values[self._sender_at]).strip() or None
+        if sender is not None and sender not in self._senders:
+            senders = self._senders
             close = difflib.get_close_matches(sender, sorted(senders), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             message = (
@@ -253,25 +339,40 @@ def load_audience(settings: RecipientsSettings, *, sender_names: Collection[str]
             )
             found.append(Problem(row, f'column "{settings.sender_column}"', message))
         key = normalized.lower()
-        if key_at is not None:
-            key = str(values[key_at]).strip()
+        if self._key_at is not None:
+            key = str(values[self._key_at]).strip()
             if not key:
                 message = f"the key is empty; every row needs its own key in this column; {_SKIP_HINT}"
                 found.append(Problem(row, f'column "{settings.key_column}"', message))
         if found:
-            problems.extend(found)
-            continue
-        if normalized.lower() in suppressed:
-            skipped.append(Skip(row, key, normalized, SkipReason.SUPPRESSED, "on a suppression list"))
-            continue
-        first = first_row.setdefault(key, row)
-        if first != row:
-            skipped.append(Skip(row, key, normalized, SkipReason.DUPLICATE, f"duplicate of row {first}"))
-            continue
-        name = None if name_at is None else str(values[name_at]).strip() or None
-        fields = dict(zip(header, values, strict=True))
-        recipients.append(Recipient(key, row, Address(normalized, name), fields, sender))
-    return Audience(source, tuple(header), tuple(recipients), tuple(skipped), tuple(problems))
+            return CheckedRow(row, dict(zip(self.columns, values, strict=True)), problems=tuple(found))
+        if normalized.lower() in self._suppressed:
+            skip = Skip(row, key, normalized, SkipReason.SUPPRESSED, "on a suppression list")
+            return CheckedRow(row, dict(zip(self.columns, values, strict=True)), skip=skip)
+        name = None if self._name_at is None else str(values[self._name_at]).strip() or None
+        return _Candidate(key, Address(normalized, name), sender)
+
+
+def scan_audience(settings: RecipientsSettings, *, sender_names: Collection[str]) -> AudienceScan:
+    """Open the recipient list and check its header and suppression files; rows are checked by `batches`."""
+    suppressed = load_suppression(settings.suppress)
+    return AudienceScan(settings, sender_names=sender_names, suppressed=suppressed)
+
+
+def load_audience(settings: RecipientsSettings, *, sender_names: Collection[str]) -> Audience:
+    """Read, validate, de-duplicate and suppress the recipient list named by `settings`."""
+    scan = scan_audience(settings, sender_names=sender_names)
+    recipients: list[Recipient] = []
+    skipped: list[Skip] = []
+    problems: list[Problem] = []
+    for batch in scan.batches():
+        for checked in batch:
+            if checked.recipient is not None:
+                recipients.append(checked.recipient)
+            elif checked.skip is not None:
+                skipped.append(checked.skip)
+            problems.extend(checked.problems)
+    return Audience(scan.source, scan.columns, tuple(recipients), tuple(skipped), tuple(problems))
 
 
 def _suppression_values(path: Path) -> list[str]:
@@ -279,20 +380,22 @@ def _suppression_values(path: Path) -> list[str]:
     if path.suffix.lower() not in {".csv", ".parquet"}:
         lines = _decode(_read_bytes(path, "suppression list"), path.name).splitlines()
         return [line for line in lines if not line.lstrip().startswith("#")]
-    header, columns = _read_table(path, None, "suppression list")
+    header, frame = _read_table(path, None, "suppression list")
     if not header:
         return []
     lowered = [h.strip().lower() for h in header]
     index = lowered.index("email") if "email" in lowered else 0
     # A headerless one-column file: its first line is an address, not a column name.
     first = [header[index]] if "@" in header[index] else []
-    return first + [str(value) for value in columns[index]]
+    return first + [str(value) for value in _column_values(frame.select(frame.columns[index]))[0]]
 
 
 def load_suppression(paths: Sequence[Path]) -> frozenset[str]:
     """The lower-cased normalised addresses listed in the suppression files."""
     found: set[str] = set()
     for path in paths:
+        if path.suffix.lower() in STORE_SUFFIXES:
+            continue  # an unsubscribe store: preflight reads it (campaign.suppression)
         for value in _suppression_values(path):
             value = value.strip().removeprefix("mailto:")
             if not value:

@@ -2,38 +2,49 @@
 
 Templates run in an immutable sandbox with strict undefined variables, so a missing
 column is an error and a template cannot change shared state between rows. Every
-rendered header value is checked before it can reach the wire. `build_composer`
-reads the template files; `Composer.render` is pure and must not do I/O, read the
-clock or send anything.
+rendered header value is checked before it can reach the wire. A Markdown body goes
+through Jinja, then Markdown, into an HTML layout; attachment paths are rendered, not
+read. `build_composer` reads the template files; `Composer.render` is pure and must not
+do I/O, read the clock or send anything.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import Markup
 
+from campaign.attachments import AttachmentLoader, build_attachment_file, check_shared_path
 from campaign.errors import HeaderError, InputFileError, ManifestError, TemplateError
 from campaign.headers import header_name_problem, header_value_problem
-from campaign.models import Address, Message, Recipient, Tracking
+from campaign.markup import inline_css, render_markdown
+from campaign.models import Address, AttachmentFile, Message, Recipient, Tracking
+from campaign.templating import (
+    BUILTIN_TEMPLATES,
+    check_template_tree,
+    describe_render_error,
+    display_name,
+    loader_name,
+    read_template_file,
+)
 from campaign.unsubscribe import build_unsubscribe_headers, make_token
 
 if TYPE_CHECKING:
-    from campaign.manifest import Manifest, SenderSettings
+    from campaign.manifest import AttachmentSettings, Manifest, MessageSettings, SenderSettings
 
 __all__ = ["BUILTIN_TEMPLATES", "HTML_SUFFIXES", "Composer", "build_composer"]
 
-BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 HTML_SUFFIXES = (".html", ".htm", ".html.j2", ".htm.j2")
+# Markdown templates are autoescaped too: a value from the list cannot become markup.
+_MARKDOWN_SUFFIXES = (".md", ".md.j2", ".markdown", ".markdown.j2")
+_DEFAULT_LAYOUT = "base.html.j2"
+_MARKDOWN_HTML = "_markdown_html"  # the rendered Markdown, as the layout wrapper sees it
 _MAX_SUBJECT = 998  # RFC 5322 line limit; Gmail refuses longer subjects
-_UNDEFINED_NAME = re.compile(r"'(?P<name>[^']+)' is undefined")
-_UNDEFINED_ATTRIBUTE = re.compile(r"has no (?:attribute|element) (?P<name>'[^']*'|\S+)")
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
 
 
@@ -44,6 +55,16 @@ class _Part:
     label: str
     template: jinja2.Template | None = None
     constant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _AttachmentParts:
+    """One [[message.attachments]] entry with its path (and file name) compiled."""
+
+    key: str
+    settings: AttachmentSettings
+    path: _Part
+    filename: _Part | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +95,11 @@ class Composer:
     tracking: Tracking | None
     name_column: str | None
     jinja_globals: Mapping[str, Any] = field(repr=False)
+    markdown: _Part | None = None
+    layout: _Part | None = None  # extends the layout; its content block is the rendered Markdown
+    inline_css: bool = False
+    attachments: tuple[_AttachmentParts, ...] = ()
+    attachment_loader: AttachmentLoader | None = None  # finds and reads the files (I/O, not in render)
     # A memo of per-sender values; it changes no result, so render() stays pure.
     _senders: dict[str, _SenderView] = field(default_factory=dict, repr=False, compare=False)
 
@@ -135,8 +161,8 @@ class Composer:
             headers.append((header_name, value))
         headers.extend(unsubscribe_headers)
 
-        html = None if self.html is None else self._render_part(self.html, context, row)
-        text = None if self.text is None else self._render_part(self.text, context, row)
+        html, text = self._render_bodies(context, row)
+        files = tuple(self._render_attachment(item, context, row) for item in self.attachments)
         return Message(
             recipient_key=recipient.key,
             row=row,
@@ -155,6 +181,33 @@ class Composer:
                 ("recipient", recipient.key),
             ),
             tracking=self.tracking,
+            attachment_files=files,
+        )
+
+    def _render_bodies(self, context: dict[str, Any], row: int) -> tuple[str | None, str | None]:
+        html = None if self.html is None else self._render_part(self.html, context, row)
+        if self.markdown is not None and self.layout is not None:
+            markdown = self._render_part(self.markdown, context, row)
+            # Safe as is: markdown-it's HTML, from a source whose variables were escaped.
+            context[_MARKDOWN_HTML] = Markup(render_markdown(markdown))
+            html = self._render_part(self.layout, context, row)
+        if html is not None and self.inline_css:
+            html = inline_css(html, where=f"row {row}: message.inline_css")
+        # No text template, no text: a send carries none (Nylas derives it), and where a text version is
+        # shown, markup.build_text_from_html derives it then, not for every row.
+        text = None if self.text is None else self._render_part(self.text, context, row)
+        return html, text
+
+    def _render_attachment(self, item: _AttachmentParts, context: dict[str, Any], row: int) -> AttachmentFile:
+        filename = None if item.filename is None else self._render_part(item.filename, context, row)
+        return build_attachment_file(
+            key=item.key,
+            path=self._render_part(item.path, context, row),
+            filename=filename,
+            content_type=item.settings.content_type,
+            content_id=item.settings.cid,
+            shared=item.path.template is None,
+            row=row,
         )
 
     def _sender_view(self, sender: SenderSettings) -> _SenderView:
@@ -178,7 +231,7 @@ class Composer:
             except Exception:
                 env.handle_exception()  # re-raises with the template's file and line in the traceback
         except Exception as exc:  # a user's template can raise anything; name where it happened
-            raise _describe_render_error(exc, part.label, row, self.base_dir) from exc
+            raise describe_render_error(exc, part.label, row, self.base_dir) from exc
 
 
 def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Composer:
@@ -187,19 +240,24 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
     message = manifest.message
     sources: dict[str, tuple[str, str]] = {}  # loader name -> (source, filename)
     main_names: dict[str, str] = {}  # manifest key -> loader name
-    for key, path in (("message.html", message.html), ("message.text", message.text)):
-        if path is not None:
-            name = _loader_name(path, base_dir)
-            sources[name] = (_read_template(key, path), str(path))
+    for key, path in (
+        ("message.html", message.html),
+        ("message.text", message.text),
+        ("message.markdown", message.markdown),
+        ("message.layout", message.layout),
+    ):
+        if path is not None and (key != "message.layout" or path.is_file()):
+            name = loader_name(path, base_dir)
+            sources[name] = (read_template_file(key, path), str(path))
             main_names[key] = name
-    html_name = main_names.get("message.html")
     text_name = main_names.get("message.text")
+    escaped = {main_names.get(key) for key in ("message.html", "message.markdown", "message.layout")}
 
     def select_autoescape(name: str | None) -> bool:
         # The message.html template is HTML whatever its file is called; others go by suffix.
         if name is None or name == text_name:
             return False
-        return name == html_name or name.lower().endswith(HTML_SUFFIXES)
+        return name in escaped or name.lower().endswith(HTML_SUFFIXES + _MARKDOWN_SUFFIXES)
 
     def load_main(name: str) -> tuple[str, str, Any] | None:
         found = sources.get(name)
@@ -221,8 +279,8 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
         name = main_names.get(key)
         if name is None:
             return None
-        _check_template_tree(env, name, base_dir)
-        return _Part(label=_display_name(sources[name][1], base_dir), template=env.get_template(name))
+        check_template_tree(env, name, base_dir)
+        return _Part(label=display_name(sources[name][1], base_dir), template=env.get_template(name))
 
     unsubscribe = manifest.unsubscribe
     unsubscribe_url: _Part | None = None
@@ -243,6 +301,7 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
         headers.append((header_name, _compile_string(env, f"message.headers.{header_name}", value)))
 
     reply_to, reply_to_problem = _parse_reply_to(message.reply_to)
+    files = AttachmentLoader(message.attachments_dir or base_dir) if message.attachments else None
     tracking = message.tracking
     return Composer(
         campaign=manifest.campaign.name,
@@ -266,7 +325,45 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
         ),
         name_column=manifest.recipients.name_column,
         jinja_globals=dict(env.globals),
+        markdown=compile_file("message.markdown"),
+        layout=_compile_layout(env, message, base_dir) if message.markdown is not None else None,
+        inline_css=message.inline_css,
+        attachments=tuple(_compile_attachments(env, message.attachments)),
+        attachment_loader=files,
     )
+
+
+def _compile_layout(env: jinja2.Environment, message: MessageSettings, base_dir: Path) -> _Part:
+    """A template that extends the layout and fills its content block with the rendered Markdown."""
+    name = _DEFAULT_LAYOUT if message.layout is None else loader_name(message.layout, base_dir)
+    try:
+        env.get_template(name)
+    except jinja2.TemplateNotFound as exc:
+        raise InputFileError(
+            f"message.layout: {message.layout} does not exist (nor is it a built-in template); check the path"
+        ) from exc
+    except jinja2.TemplateSyntaxError:
+        pass  # check_template_tree names the file and line
+    check_template_tree(env, name, base_dir)
+    if "content" not in env.get_template(name).blocks:
+        raise TemplateError(f"message.layout: {name} has no {{% block content %}} for the Markdown body")
+    source = f"{{% extends {name!r} %}}{{% block content %}}{{{{ {_MARKDOWN_HTML} }}}}{{% endblock %}}"
+    return _Part(label="message.layout", template=env.from_string(source))
+
+
+def _compile_attachments(
+    env: jinja2.Environment, attachments: Sequence[AttachmentSettings]
+) -> list[_AttachmentParts]:
+    compiled = []
+    for number, settings in enumerate(attachments, start=1):
+        key = f"message.attachments[{number}]"
+        path = _compile_string(env, f"{key}.path", settings.path)
+        if path.template is None:  # the same file for everyone: check it once, now
+            check_shared_path(key, settings.path)
+        name = settings.filename
+        filename = None if name is None else _compile_string(env, f"{key}.filename", name)
+        compiled.append(_AttachmentParts(key, settings, path, filename))
+    return compiled
 
 
 def _finalize(value: object) -> object:
@@ -295,34 +392,6 @@ def _parse_reply_to(value: str | None) -> tuple[tuple[Address, ...], str | None]
     return (Address(value.strip()),), None
 
 
-def _loader_name(path: Path, base_dir: Path) -> str:
-    """The name a template file is loaded under: relative to the campaign folder when inside it."""
-    try:
-        return path.relative_to(base_dir).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def _display_name(filename: str, base_dir: Path) -> str:
-    """A template file as the user knows it: relative to the campaign folder or the built-in folder."""
-    path = Path(filename)
-    for root in (base_dir, BUILTIN_TEMPLATES):
-        if path.is_relative_to(root):
-            return path.relative_to(root).as_posix()
-    return filename
-
-
-def _read_template(key: str, path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise InputFileError(f"{key}: template file {path} does not exist; check the path") from exc
-    except UnicodeDecodeError as exc:
-        raise InputFileError(f"{key}: template file {path} is not UTF-8 text; save it as UTF-8") from exc
-    except OSError as exc:
-        raise InputFileError(f"{key}: cannot read template file {path}: {exc.strerror or exc}") from exc
-
-
 def _compile_string(env: jinja2.Environment, label: str, source: str) -> _Part:
     if not any(marker in source for marker in _TEMPLATE_MARKERS):
         return _Part(label=label, constant=source)
@@ -330,63 +399,3 @@ def _compile_string(env: jinja2.Environment, label: str, source: str) -> _Part:
         return _Part(label=label, template=env.from_string(source))
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{label}: template syntax error: {exc.message}; fix the template") from exc
-
-
-def _check_template_tree(env: jinja2.Environment, name: str, base_dir: Path) -> None:
-    """Compile a template and every template it names literally, so errors surface before any row."""
-    assert env.loader is not None  # build_composer always gives one
-    pending, referrer = [name], {name: name}
-    while pending:
-        current = pending.pop()
-        try:
-            source, filename, _ = env.loader.get_source(env, current)
-            env.get_template(current)
-            references = list(meta.find_referenced_templates(env.parse(source, current, filename)))
-        except jinja2.TemplateSyntaxError as exc:
-            where = _display_name(exc.filename or current, base_dir)
-            raise TemplateError(
-                f"template {where} line {exc.lineno}: syntax error: {exc.message}; fix the template"
-            ) from exc
-        except jinja2.TemplateNotFound as exc:
-            raise TemplateError(
-                f"template {_display_name(referrer[current], base_dir)} refers to {exc.name!r}, which is in "
-                f"neither {base_dir} nor the built-in templates; check the name"
-            ) from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TemplateError(f"template {current} cannot be read as UTF-8 text: {exc}") from exc
-        for reference in references:
-            if reference is not None and reference not in referrer:
-                referrer[reference] = filename or current
-                pending.append(reference)
-
-
-def _describe_render_error(exc: Exception, label: str, row: int, base_dir: Path) -> TemplateError:
-    """A one-line TemplateError naming the row, the template (and line) and the variable if undefined."""
-    where, line = label, None
-    tb = exc.__traceback__
-    while tb is not None:  # jinja rewrites tracebacks so template frames carry file and line
-        frame = tb.tb_frame
-        if "__jinja_exception__" in frame.f_globals and not frame.f_code.co_filename.startswith("<"):
-            where, line = _display_name(frame.f_code.co_filename, base_dir), tb.tb_lineno
-        tb = tb.tb_next
-    at = f" at line {line}" if line is not None else ""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if isinstance(exc, jinja2.UndefinedError):
-        if (found := _UNDEFINED_NAME.search(text)) is not None:
-            return TemplateError(
-                f"row {row}: template {where} uses undefined variable {found['name']!r}{at}; "
-                "add the column or fix the template"
-            )
-        if (found := _UNDEFINED_ATTRIBUTE.search(text)) is not None:
-            return TemplateError(
-                f"row {row}: template {where} uses undefined attribute {found['name'].strip(chr(39))!r}{at} "
-                f"({text}); fix the template"
-            )
-    if isinstance(exc, jinja2.TemplateNotFound):
-        return TemplateError(
-            f"row {row}: template {where} refers to {exc.name!r}{at}, which is in neither {base_dir} "
-            "nor the built-in templates"
-        )
-    if isinstance(exc, jinja2.exceptions.SecurityError):
-        return TemplateError(f"row {row}: template {where}{at} tried an unsafe operation ({text})")
-    return TemplateError(f"row {row}: template {where} failed{at}: {type(exc).__name__}: {text}")

@@ -191,7 +191,7 @@ def test_preview_sends_nothing_and_writes_no_ledger(api, cli, tmp_path):
     assert "Spring news for Ann" in result.stdout
     assert api.requests == []
     assert not (manifest.parent / "campaign.ledger.sqlite").exists()
-    payload = json.loads((out / "0001-ann.lee@example.com.json").read_text())
+    payload = json.loads((out / "messages" / "0001.json").read_text())
     assert payload["subject"] == "Spring news for Ann"
     dry = cli("run", manifest, "--dry-run")
     assert dry.exit_code == 0

@@ -633,8 +633,9 @@ async def test_slow_beyond_client_timeout_still_delivers(
     async with httpx.AsyncClient(base_url=url, timeout=0.03) as http:
         with pytest.raises(httpx.TimeoutException):
             await send(http, key="k-timeout")
+        # Wait until the server has finished the request (delivered AND stored its answer).
         with anyio.fail_after(2):
-            while not fake.deliveries:
+            while not fake.deliveries or fake.in_flight:
                 await anyio.sleep(0.005)
         replay = await send(http, key="k-timeout")
     assert replay.headers["idempotent-response"] == "true"

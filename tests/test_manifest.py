@@ -213,9 +213,9 @@ def test_tracking_flags_must_be_booleans(tmp_path: Path) -> None:
 
 
 def test_message_needs_a_body_template(tmp_path: Path) -> None:
-    """Without html or text the message table is refused."""
+    """Without html, markdown or text the message table is refused."""
     message = error_of(BASE.replace('html = "templates/news.html.j2"\n', ""), tmp_path)
-    assert message == "campaign.toml: message: give `html` or `text` (a template file)"
+    assert message == "campaign.toml: message: give `html`, `markdown` or `text` (a template file)"
 
 
 def test_subject_with_a_line_break_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,159 @@
+"""The ledger's file: created private (0600), opened in WAL mode, migrated, and locked for one writer.
+
+Knows the SQL schema and the file, nothing of states or transitions (that is
+`ledger.py`). Each numbered migration is applied once, in order, in one
+transaction, and recorded in `schema_migrations`; a file written by a newer
+version is refused. The lock is an advisory `flock` on a file beside the ledger,
+so two commands can never send from the same ledger at once; the operating
+system drops it when the process dies, even by kill -9.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+
+from campaign.errors import LedgerError
+
+__all__ = ["MIGRATIONS", "connect_ledger", "lock_ledger", "migrate_ledger", "unlock_ledger"]
+
+# (name, script). Never edit a released migration: add a new one.
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "create recipients, send log and meta",
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE recipients (
+            key TEXT PRIMARY KEY,
+            row INTEGER NOT NULL,
+            email TEXT NOT NULL,
+            sender TEXT,
+            state TEXT NOT NULL,
+            reason TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            attempt_no INTEGER NOT NULL DEFAULT 0,
+            idempotency_key TEXT,
+            claimed_at TEXT,
+            message_id TEXT,
+            request_id TEXT,
+            replayed INTEGER NOT NULL DEFAULT 0,
+            error_type TEXT,
+            error_status INTEGER,
+            error_message TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            sent_at TEXT
+        );
+        CREATE INDEX recipients_state ON recipients (state, sender);
+        CREATE TABLE send_log (
+            id INTEGER PRIMARY KEY,
+            sender TEXT NOT NULL,
+            sent_at REAL NOT NULL,
+            recipients INTEGER NOT NULL
+        );
+        CREATE INDEX send_log_sender ON send_log (sender, sent_at);
+        """,
+    ),
+    (
+        "key issue time, first claim, subject, list membership, notes, journal",
+        """
+        ALTER TABLE recipients ADD COLUMN key_issued_at TEXT;
+        ALTER TABLE recipients ADD COLUMN key_uses INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE recipients ADD COLUMN first_claimed_at TEXT;
+        ALTER TABLE recipients ADD COLUMN subject TEXT;
+        ALTER TABLE recipients ADD COLUMN listed INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE recipients ADD COLUMN note TEXT;
+        UPDATE recipients SET key_issued_at = claimed_at, first_claimed_at = claimed_at
+            WHERE claimed_at IS NOT NULL;
+        UPDATE recipients SET key_uses = 1 WHERE state = 'inflight';
+        CREATE TABLE journal (
+            id INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            detail TEXT NOT NULL
+        );
+        """,
+    ),
+)
+
+
+def connect_ledger(path: Path) -> sqlite3.Connection:
+    """Open (creating it 0600 if needed) the SQLite file at `path` in WAL mode, in autocommit."""
+    try:
+        if not path.exists():
+            # Create the file 0600 before SQLite writes anything into it.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives the process being killed (the OS has it);
+        # only a power cut can lose the last commits, never corrupt the file.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=5000")
+    except (OSError, sqlite3.Error) as exc:
+        message = f"{path}: cannot open the ledger ({exc})"
+        raise LedgerError(message) from exc
+    return connection
+
+
+def migrate_ledger(db: sqlite3.Connection, *, path: Path, stamp: str) -> int:
+    """Apply the migrations this file lacks, each in its own transaction; return the schema version."""
+    try:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        done = {version for (version,) in db.execute("SELECT version FROM schema_migrations")}
+    except sqlite3.Error as exc:
+        message = f"{path}: cannot read the ledger ({exc})"
+        raise LedgerError(message) from exc
+    if max(done, default=0) > len(MIGRATIONS):
+        message = f"{path}: the ledger was written by a newer version of campaign; upgrade campaign"
+        raise LedgerError(message)
+    for version, (name, script) in enumerate(MIGRATIONS, start=1):
+        if version in done:
+            continue
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, stamp))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            message = f"{path}: cannot migrate the ledger to version {version} ({exc})"
+            raise LedgerError(message) from exc
+    return len(MIGRATIONS)
+
+
+def lock_ledger(path: Path) -> int:
+    """Take the ledger's writer lock (a file beside it); return its descriptor. LedgerError if taken."""
+    import fcntl  # POSIX only; imported here so that reading a ledger works everywhere
+
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        message = f"{lock_path}: cannot create the ledger's lock file ({exc})"
+        raise LedgerError(message) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        message = (
+            f"{path}: another campaign command (pid {holder}) is using this ledger; "
+            "wait for it to finish or stop it, then try again"
+        )
+        raise LedgerError(message) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def unlock_ledger(fd: int) -> None:
+    """Release the writer lock taken by `lock_ledger`."""
+    os.close(fd)  # closing the descriptor drops the flock

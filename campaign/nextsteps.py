@@ -1,0 +1,84 @@
+"""What is not done in a campaign, and the exact commands that continue it. Pure.
+
+From the counts of the rows still in the list it names each open or failed state,
+what it means and what to run (e.g. `campaign reconcile M` for unknown rows), in
+the order to run them. The run summary and `campaign status` print these.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from campaign.models import RowState
+
+__all__ = ["NextStep", "build_next_steps"]
+
+
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    """Rows in one state (None: rows removed from the list), what that means, and what to run."""
+
+    state: RowState | None
+    count: int
+    what: str
+    commands: tuple[str, ...]
+    examples: tuple[str, ...] = ()  # a few of the addresses concerned
+
+    def as_json(self) -> dict[str, object]:
+        """The step as plain data (`status --json` key `next`)."""
+        return {
+            "state": None if self.state is None else self.state.value,
+            "count": self.count,
+            "what": self.what,
+            "commands": list(self.commands),
+            "examples": list(self.examples),
+        }
+
+
+def build_next_steps(
+    counts: Mapping[RowState, int],
+    *,
+    manifest: str,
+    sandbox: bool = False,
+    removed: int = 0,
+    examples: Mapping[RowState, Sequence[str]] | None = None,
+) -> list[NextStep]:
+    """The steps that finish the campaign, given the state counts of the rows still in the list."""
+    target = shlex.quote(manifest)
+    flag = " --sandbox" if sandbox else ""
+    resume = f"campaign resume {target}{flag}"
+    # The sandbox forgets what it received, so there is nothing to look up there.
+    settle = f"campaign retry {target} --unknown{flag}" if sandbox else f"campaign reconcile {target}"
+    wanted: list[tuple[RowState, str, tuple[str, ...]]] = [
+        (
+            RowState.INFLIGHT,
+            "in flight when the run stopped; resume re-sends each with its own idempotency key, "
+            "so none is mailed twice",
+            (resume,),
+        ),
+        (RowState.PENDING, "not sent yet", (resume,)),
+        (
+            RowState.UNKNOWN,
+            "may or may not have gone out; reconcile asks the API and re-queues those that did not",
+            (settle, resume),
+        ),
+        (
+            RowState.FAILED,
+            "refused permanently (`campaign status` groups the causes); after fixing the cause, retry them",
+            (
+                f"campaign report {target} --out failed.csv --state failed{flag}",
+                f"campaign retry {target} --failed{flag}",
+                resume,
+            ),
+        ),
+    ]
+    steps = [
+        NextStep(state, counts.get(state, 0), what, commands, tuple((examples or {}).get(state, ())))
+        for state, what, commands in wanted
+        if counts.get(state, 0)
+    ]
+    if removed:
+        steps.append(NextStep(None, removed, "left as they were (not mailed, not forgotten)", ()))
+    return steps

@@ -1,0 +1,243 @@
+"""Settling `unknown` rows by asking the API whether their message went out, and saying why.
+
+For each unknown row, in its sender's grant: first the metadata lookup
+(`metadata_pair=key2:<recipient key>`, keeping messages whose `key1` is this
+campaign), then the Sent folder (`/folders` for the folder with `\\Sent`, then
+`/messages?in=…&to=…&received_after=…`, matching the subject recorded at claim
+time). Found: the row becomes sent with that message id. Not found by a lookup
+that worked: it goes back to pending with a new idempotency key. A lookup that
+fails leaves the row unknown. Never sends; writes the ledger off the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from functools import partial
+from typing import Protocol
+
+import anyio.to_thread
+
+from campaign.errors import ApiAuthError, ApiError
+from campaign.ledger import Ledger, LedgerRow
+from campaign.manifest import SenderSettings
+from campaign.models import RowState
+from campaign.nylas import Folder, ListedMessage, MessagePage
+
+__all__ = ["Decision", "MessageLister", "ReconcileReport", "Verdict", "reconcile_unknown"]
+
+PAGE = 200
+MAX_PAGES = 25  # per lookup: 5,000 messages is far more than one recipient gets from one mailbox
+# Look back this far before the first claim: the provider's clock and ours may differ.
+SKEW = timedelta(minutes=5)
+
+
+class MessageLister(Protocol):
+    """What reconcile needs from the API: listing messages and folders (campaign.nylas.NylasClient)."""
+
+    async def list_messages(
+        self,
+        grant_id: str,
+        *,
+        metadata_pair: tuple[str, str] | None = None,
+        in_folder: str | None = None,
+        to: str | None = None,
+        received_after: datetime | int | None = None,
+        limit: int | None = None,
+        page_token: str | None = None,
+    ) -> MessagePage: ...
+
+    async def list_folders(self, grant_id: str) -> list[Folder]: ...
+
+
+class Verdict(StrEnum):
+    """What reconcile decided for a row."""
+
+    SENT = "sent"  # found: marked sent with the message id
+    PENDING = "pending"  # not found: back to pending with a new key
+    UNKNOWN = "unknown"  # could not tell: left unknown
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One row's verdict and the reason for it."""
+
+    key: str
+    email: str
+    sender: str | None
+    verdict: Verdict
+    reason: str
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """Every decision, and the rows left in flight (resume re-sends those with their own key)."""
+
+    decisions: tuple[Decision, ...]
+    in_flight: int
+
+    def count(self, verdict: Verdict) -> int:
+        """How many rows got `verdict`."""
+        return sum(1 for decision in self.decisions if decision.verdict == verdict)
+
+
+async def reconcile_unknown(
+    ledger: Ledger,
+    *,
+    campaign: str,
+    senders: Sequence[SenderSettings],
+    client: MessageLister,
+) -> ReconcileReport:
+    """Look up every unknown row and record what was found (ApiAuthError stops it: nothing is lost)."""
+    run = anyio.to_thread.run_sync
+    rows = await run(lambda: list(ledger.rows(states=(RowState.UNKNOWN,))))
+    finder = _Finder(client, campaign, {sender.name: sender for sender in senders})
+    decisions: list[Decision] = []
+    for row in rows:
+        decision = await finder.decide(row)
+        if decision.verdict == Verdict.SENT:
+            assert decision.message_id is not None
+            assert row.sender is not None
+            sent_at = finder.sent_at.get(decision.message_id)
+            await run(
+                partial(
+                    ledger.record_found_sent,
+                    row.key,
+                    message_id=decision.message_id,
+                    sender=row.sender,
+                    sent_at=sent_at,
+                    note=decision.reason,
+                )
+            )
+        elif decision.verdict == Verdict.PENDING:
+            await run(partial(ledger.record_retry, row.key, note=f"reconcile: {decision.reason}"))
+        decisions.append(decision)
+    report = ReconcileReport(tuple(decisions), in_flight=ledger.counts()[RowState.INFLIGHT])
+    summary = ", ".join(f"{report.count(verdict)} {verdict.value}" for verdict in Verdict)
+    await run(partial(ledger.record_event, "reconcile", f"{len(decisions)} unknown rows: {summary}"))
+    return report
+
+
+class _Finder:
+    def __init__(self, client: MessageLister, campaign: str, senders: dict[str, SenderSettings]) -> None:
+        self._client = client
+        self._campaign = campaign
+        self._senders = senders
+        self._sent_folders: dict[str, Folder | None] = {}
+        self.sent_at: dict[str, datetime | None] = {}
+
+    async def decide(self, row: LedgerRow) -> Decision:
+        def verdict(value: Verdict, reason: str, found: ListedMessage | None = None) -> Decision:
+            if found is not None:
+                self.sent_at[found.id] = found.date
+            return Decision(
+                row.key, row.email, row.sender, value, reason, None if found is None else found.id
+            )
+
+        sender = self._senders.get(row.sender or "")
+        if sender is None:
+            return verdict(
+                Verdict.UNKNOWN, f"its sender {row.sender!r} is no longer in the manifest; restore it"
+            )
+        if sender.grant_id is None:
+            return verdict(
+                Verdict.UNKNOWN,
+                f"sent through domain {sender.domain} (transactional): Nylas keeps no copy to look up; "
+                "if you know it did not arrive, use `campaign retry --unknown`",
+            )
+        grant = sender.grant_id
+        problem = ""
+        try:
+            found = await self._by_metadata(grant, row.key)
+        except ApiAuthError:
+            raise
+        except ApiError as exc:
+            found, problem = [], f"the metadata lookup failed ({exc}); "
+        if found:
+            more = f"; {len(found)} messages match: it went out {len(found)} times" if len(found) > 1 else ""
+            # Newest first: the last is the earliest, the one that counts.
+            return verdict(
+                Verdict.SENT, f"found by metadata key2={row.key} in grant {grant}{more}", found[-1]
+            )
+        try:
+            folder = await self._sent_folder(grant)
+            if folder is None:
+                if problem:
+                    return verdict(Verdict.UNKNOWN, f"{problem}and the grant has no Sent folder to look in")
+                return verdict(Verdict.PENDING, "not found by metadata (the grant has no Sent folder)")
+            if row.subject is None:
+                if problem:
+                    return verdict(Verdict.UNKNOWN, f"{problem}and no subject was recorded to look for")
+                return verdict(
+                    Verdict.PENDING, "not found by metadata (no subject recorded for the Sent folder)"
+                )
+            in_sent = await self._in_sent_folder(grant, folder, row)
+        except ApiAuthError:
+            raise
+        except ApiError as exc:
+            return verdict(
+                Verdict.UNKNOWN, f"{problem}could not search the Sent folder ({exc}); try again later"
+            )
+        if in_sent is not None:
+            return verdict(
+                Verdict.SENT,
+                f"{problem}found in the Sent folder {folder.name!r} by address and subject",
+                in_sent,
+            )
+        where = "" if problem else "by metadata nor "
+        return verdict(
+            Verdict.PENDING, f"{problem}not found {where}in the Sent folder {folder.name!r}: not sent"
+        )
+
+    async def _by_metadata(self, grant: str, key: str) -> list[ListedMessage]:
+        found = await self._list(grant, metadata_pair=("key2", key))
+        return [
+            m for m in found if m.metadata.get("key1") == self._campaign and m.metadata.get("key2") == key
+        ]
+
+    async def _sent_folder(self, grant: str) -> Folder | None:
+        if grant not in self._sent_folders:
+            folders = await self._client.list_folders(grant)
+            sent = [f for f in folders if any(a.lower() == "\\sent" for a in f.attributes)]
+            self._sent_folders[grant] = sent[0] if sent else None
+        return self._sent_folders[grant]
+
+    async def _in_sent_folder(self, grant: str, folder: Folder, row: LedgerRow) -> ListedMessage | None:
+        since = datetime.fromisoformat(row.first_claimed_at or row.created_at) - SKEW
+        found = await self._list(grant, in_folder=folder.id, to=row.email, received_after=since)
+        subject = (row.subject or "").strip()
+        email = row.email.lower()
+        matches = [m for m in found if m.subject.strip() == subject and email in {t.lower() for t in m.to}]
+        return matches[-1] if matches else None  # newest first: the last is the earliest
+
+    async def _list(
+        self,
+        grant: str,
+        *,
+        metadata_pair: tuple[str, str] | None = None,
+        in_folder: str | None = None,
+        to: str | None = None,
+        received_after: datetime | None = None,
+    ) -> list[ListedMessage]:
+        messages: list[ListedMessage] = []
+        token: str | None = None
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            page = await self._client.list_messages(
+                grant,
+                metadata_pair=metadata_pair,
+                in_folder=in_folder,
+                to=to,
+                received_after=received_after,
+                limit=PAGE,
+                page_token=token,
+            )
+            messages.extend(page.messages)
+            token = page.next_cursor
+            if token is None or token in seen:
+                break
+            seen.add(token)
+        return messages

@@ -1,0 +1,76 @@
+"""The outcome report: one row per recipient from the ledger, as a polars frame written to CSV or Parquet.
+
+Columns: row, key, email, sender, state, reason, attempts, message_id, request_id,
+replayed, error_type, error_status, error_message, note, listed, and the times
+(created, first claimed, last claimed, sent, updated) as UTC datetimes. Reads rows
+it is given; writes only the output file. The idempotency key stays out (it is an
+internal detail, not something to act on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+
+from campaign.errors import InputFileError, UsageError
+from campaign.ledger import LedgerRow
+
+__all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "build_report", "write_report"]
+
+REPORT_SUFFIXES = (".csv", ".parquet")
+_TIMES = {
+    "created_at": "created_at",
+    "first_claimed_at": "first_claimed_at",
+    "claimed_at": "last_claimed_at",
+    "sent_at": "sent_at",
+    "updated_at": "updated_at",
+}
+_SCHEMA: dict[str, type[pl.DataType] | pl.DataType] = {
+    "row": pl.Int64,
+    "key": pl.String,
+    "email": pl.String,
+    "sender": pl.String,
+    "state": pl.String,
+    "reason": pl.String,
+    "attempts": pl.Int64,
+    "message_id": pl.String,
+    "request_id": pl.String,
+    "replayed": pl.Boolean,
+    "error_type": pl.String,
+    "error_status": pl.Int64,
+    "error_message": pl.String,
+    "note": pl.String,
+    "listed": pl.Boolean,
+    **dict.fromkeys(_TIMES, pl.String),
+}
+REPORT_COLUMNS: tuple[str, ...] = tuple(_TIMES.get(name, name) for name in _SCHEMA)
+
+
+def build_report(rows: Iterable[LedgerRow]) -> pl.DataFrame:
+    """A frame with one row per ledger row, in list order, times as UTC datetimes."""
+    records = [
+        {name: getattr(row, name) if name != "state" else row.state.value for name in _SCHEMA} for row in rows
+    ]
+    frame = pl.DataFrame(records, schema=_SCHEMA, orient="row")
+    return frame.with_columns(
+        pl.col(name).str.to_datetime(time_zone="UTC", time_unit="ms").alias(label)
+        for name, label in _TIMES.items()
+    ).select(REPORT_COLUMNS)
+
+
+def write_report(frame: pl.DataFrame, path: Path) -> None:
+    """Write `frame` to `path`: .csv (UTF-8, header, ISO times) or .parquet, chosen by the suffix."""
+    suffix = path.suffix.lower()
+    if suffix not in REPORT_SUFFIXES:
+        message = f"--out {path}: the report is written as .csv or .parquet; name the file e.g. outcomes.csv"
+        raise UsageError(message)
+    try:
+        if suffix == ".csv":
+            frame.write_csv(path, datetime_format="%Y-%m-%dT%H:%M:%S%.3fZ")
+        else:
+            frame.write_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        message = f"{path}: cannot write the report ({exc}); check that the folder exists and is writable"
+        raise InputFileError(message) from exc

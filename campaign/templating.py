@@ -1,0 +1,119 @@
+"""Jinja template files: naming and reading them, checking a template tree up front, describing errors.
+
+Helpers for `campaign.render`: the built-in templates folder, how a template file is
+named to the user, compiling a template and everything it extends or includes before
+any row is rendered, and turning an exception raised while rendering into one
+`TemplateError` line naming the row, the template file and line. No rendering here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jinja2
+from jinja2 import meta
+
+from campaign.errors import InputFileError, TemplateError
+
+__all__ = [
+    "BUILTIN_TEMPLATES",
+    "check_template_tree",
+    "describe_render_error",
+    "display_name",
+    "loader_name",
+    "read_template_file",
+]
+
+BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+_UNDEFINED_NAME = re.compile(r"'(?P<name>[^']+)' is undefined")
+_UNDEFINED_ATTRIBUTE = re.compile(r"has no (?:attribute|element) (?P<name>'[^']*'|\S+)")
+
+
+def loader_name(path: Path, base_dir: Path) -> str:
+    """The name a template file is loaded under: relative to the campaign folder when inside it."""
+    try:
+        return path.relative_to(base_dir).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def read_template_file(key: str, path: Path) -> str:
+    """The text of the template file at `path` (named by manifest `key`); InputFileError if unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputFileError(f"{key}: template file {path} does not exist; check the path") from exc
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{key}: template file {path} is not UTF-8 text; save it as UTF-8") from exc
+    except OSError as exc:
+        raise InputFileError(f"{key}: cannot read template file {path}: {exc.strerror or exc}") from exc
+
+
+def display_name(filename: str, base_dir: Path) -> str:
+    """A template file as the user knows it: relative to the campaign folder or the built-in folder."""
+    path = Path(filename)
+    for root in (base_dir, BUILTIN_TEMPLATES):
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return filename
+
+
+def check_template_tree(env: jinja2.Environment, name: str, base_dir: Path) -> None:
+    """Compile a template and every template it names literally, so errors surface before any row."""
+    assert env.loader is not None  # build_composer always gives one
+    pending, referrer = [name], {name: name}
+    while pending:
+        current = pending.pop()
+        try:
+            source, filename, _ = env.loader.get_source(env, current)
+            env.get_template(current)
+            references = list(meta.find_referenced_templates(env.parse(source, current, filename)))
+        except jinja2.TemplateSyntaxError as exc:
+            where = display_name(exc.filename or current, base_dir)
+            raise TemplateError(
+                f"template {where} line {exc.lineno}: syntax error: {exc.message}; fix the template"
+            ) from exc
+        except jinja2.TemplateNotFound as exc:
+            raise TemplateError(
+                f"template {display_name(referrer[current], base_dir)} refers to {exc.name!r}, which is in "
+                f"neither {base_dir} nor the built-in templates; check the name"
+            ) from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TemplateError(f"template {current} cannot be read as UTF-8 text: {exc}") from exc
+        for reference in references:
+            if reference is not None and reference not in referrer:
+                referrer[reference] = filename or current
+                pending.append(reference)
+
+
+def describe_render_error(exc: Exception, label: str, row: int, base_dir: Path) -> TemplateError:
+    """A one-line TemplateError naming the row, the template (and line) and the variable if undefined."""
+    where, line = label, None
+    tb = exc.__traceback__
+    while tb is not None:  # jinja rewrites tracebacks so template frames carry file and line
+        frame = tb.tb_frame
+        if "__jinja_exception__" in frame.f_globals and not frame.f_code.co_filename.startswith("<"):
+            where, line = display_name(frame.f_code.co_filename, base_dir), tb.tb_lineno
+        tb = tb.tb_next
+    at = f" at line {line}" if line is not None else ""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, jinja2.UndefinedError):
+        if (found := _UNDEFINED_NAME.search(text)) is not None:
+            return TemplateError(
+                f"row {row}: template {where} uses undefined variable {found['name']!r}{at}; "
+                "add the column or fix the template"
+            )
+        if (found := _UNDEFINED_ATTRIBUTE.search(text)) is not None:
+            return TemplateError(
+                f"row {row}: template {where} uses undefined attribute {found['name'].strip(chr(39))!r}{at} "
+                f"({text}); fix the template"
+            )
+    if isinstance(exc, jinja2.TemplateNotFound):
+        return TemplateError(
+            f"row {row}: template {where} refers to {exc.name!r}{at}, which is in neither {base_dir} "
+            "nor the built-in templates"
+        )
+    if isinstance(exc, jinja2.exceptions.SecurityError):
+        return TemplateError(f"row {row}: template {where}{at} tried an unsafe operation ({text})")
+    return TemplateError(f"row {row}: template {where} failed{at}: {type(exc).__name__}: {text}")

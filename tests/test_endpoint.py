@@ -1,0 +1,371 @@
+"""The one-click unsubscribe endpoint over real HTTP on loopback: RFC 8058 POST, GET page, abuse, load."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from campaign.endpoint import MAX_BODY_BYTES, UnsubscribeEndpoint, load_endpoint
+from campaign.errors import ManifestError
+from campaign.suppression import SuppressionStore, open_store
+from campaign.testing import FakeClock, serve_on_loopback
+from campaign.unsubscribe import make_token
+
+SECRET = b"endpoint-test-secret-0123456789"
+OLD_SECRET = b"endpoint-old-secret-9876543210"
+CAMPAIGN = "spring"
+ONE_CLICK = "List-Unsubscribe=One-Click"
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+def _token(key: str = "ann@example.com", *, campaign: str = CAMPAIGN, secrets=(SECRET,)) -> str:
+    return make_token(secrets=secrets, campaign=campaign, recipient_key=key)
+
+
+def _rows(path: Path) -> list[tuple[str, str, str | None, str]]:
+    with sqlite3.connect(path) as db:
+        return db.execute(
+            "SELECT campaign, recipient_key, email, source FROM unsubscribes ORDER BY id"
+        ).fetchall()
+
+
+@pytest.fixture(name="store")
+def _store(tmp_path) -> Iterator[SuppressionStore]:
+    store = open_store(tmp_path / "unsubscribes.sqlite", clock=FakeClock())
+    yield store
+    store.close()
+
+
+@pytest.fixture(name="url")
+def _url(store) -> Iterator[str]:
+    """The endpoint served on loopback; it verifies with the new secret and the old one (rotation)."""
+    endpoint = UnsubscribeEndpoint(store, secrets=(SECRET, OLD_SECRET))
+    with serve_on_loopback(endpoint) as base:
+        yield f"{base}/unsubscribe"
+
+
+def test_urlencoded_one_click_post_records_and_answers_200(url, store):
+    """§7 item 20: the urlencoded RFC 8058 body unsubscribes that recipient from that campaign only."""
+    response = httpx.post(url, params={"t": _token()}, content=ONE_CLICK, headers=FORM)
+    assert response.status_code == 200
+    assert _rows(store.path) == [(CAMPAIGN, "ann@example.com", "ann@example.com", "one-click")]
+
+
+def test_multipart_one_click_post_records(url, store):
+    """§7 item 21: a multipart/form-data body with the List-Unsubscribe part does the same."""
+    response = httpx.post(
+        url, params={"t": _token("bob@example.com")}, files={"List-Unsubscribe": (None, "One-Click")}
+    )
+    assert response.request.headers["content-type"].startswith("multipart/form-data")
+    assert response.status_code == 200
+    assert _rows(store.path) == [(CAMPAIGN, "bob@example.com", "bob@example.com", "one-click")]
+
+
+def test_post_never_redirects_and_sets_no_cookie(url):
+    """§7 item 22: no 3xx, no Set-Cookie, whether the token is good or bad, and no auth is asked for."""
+    answers = [
+        httpx.post(url, params={"t": _token()}, content=ONE_CLICK, headers=FORM, follow_redirects=False),
+        httpx.post(url, params={"t": "forged"}, content=ONE_CLICK, headers=FORM, follow_redirects=False),
+        httpx.get(url, params={"t": _token()}, follow_redirects=False),
+    ]
+    for response in answers:
+        assert not 300 <= response.status_code < 400
+        assert "set-cookie" not in response.headers
+        assert "www-authenticate" not in response.headers
+        assert "location" not in response.headers
+
+
+def test_get_shows_a_confirmation_page_and_changes_nothing(url, store):
+    """§7 item 23: GET answers 200 with a page whose button POSTs back; the store stays empty."""
+    for _ in range(3):  # link scanners fetch more than once
+        response = httpx.get(url, params={"t": _token()})
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+    assert _rows(store.path) == []
+    page = response.text
+    form = re.search(r'<form method="post" action="([^"]*)">(.*?)</form>', page, re.S)
+    assert form is not None
+    assert "<button" in form.group(2)
+    fields = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]+)">', form.group(2)))
+    assert fields["List-Unsubscribe"] == "One-Click"
+    # A browser posts an empty action back to the page's own URL, token included.
+    target = httpx.URL(str(response.url)).join(html.unescape(form.group(1)))
+    clicked = httpx.post(target, data=fields)
+    assert clicked.status_code == 200
+    assert _rows(store.path) == [(CAMPAIGN, "ann@example.com", "ann@example.com", "page")]
+    again = httpx.get(url, params={"t": _token()})
+    assert "You are unsubscribed" in again.text
+
+
+def test_repeated_post_is_harmless(url, store):
+    """§7 item 24: posting again answers 200 and records nothing new."""
+    for _ in range(3):
+        response = httpx.post(url, params={"t": _token()}, content=ONE_CLICK, headers=FORM)
+        assert response.status_code == 200
+    assert len(_rows(store.path)) == 1
+
+
+def test_tokens_are_scoped_to_campaign_and_recipient(url, store):
+    """The same address from two campaigns is two entries; each token names exactly its recipient."""
+    for campaign in ("spring", "autumn"):
+        httpx.post(url, params={"t": _token(campaign=campaign)}, content=ONE_CLICK, headers=FORM)
+    httpx.post(url, params={"t": _token("cus-42")}, content=ONE_CLICK, headers=FORM)
+    assert _rows(store.path) == [
+        ("spring", "ann@example.com", "ann@example.com", "one-click"),
+        ("autumn", "ann@example.com", "ann@example.com", "one-click"),
+        ("spring", "cus-42", None, "one-click"),
+    ]
+
+
+def test_invalid_tokens_get_the_same_bare_400(url, store):
+    """Forged, truncated, other-secret, missing and junk tokens get one identical 400; nothing recorded."""
+    good = _token()
+    forged = good[:-1] + ("A" if good[-1] != "A" else "B")
+    bad = [
+        forged,
+        good[:-4],
+        _token(secrets=(b"someone-elses-secret-000000000",)),
+        "",
+        "x" * 5000,
+        "<script>alert(1)</script>",
+    ]
+    bodies = set()
+    for token in bad:
+        for method in ("GET", "POST"):
+            response = httpx.request(method, url, params={"t": token}, content=ONE_CLICK, headers=FORM)
+            assert response.status_code == 400, (method, token[:20])
+            bodies.add(response.text)
+    assert len(bodies) == 1
+    assert "script" not in bodies.pop()
+    assert _rows(store.path) == []
+
+
+def test_old_key_still_verifies_after_rotation(url, store):
+    """A link signed with the previous secret (still listed second) unsubscribes."""
+    response = httpx.post(url, params={"t": _token(secrets=(OLD_SECRET,))}, content=ONE_CLICK, headers=FORM)
+    assert response.status_code == 200
+    assert len(_rows(store.path)) == 1
+
+
+def test_post_without_the_one_click_pair_changes_nothing(url, store):
+    """A POST that is not RFC 8058's body (empty, other values) is refused with 400 and records nothing."""
+    for body in ("", "List-Unsubscribe=Maybe", "unsubscribe=yes"):
+        response = httpx.post(url, params={"t": _token()}, content=body, headers=FORM)
+        assert response.status_code == 400
+    assert _rows(store.path) == []
+
+
+def test_other_content_types_are_refused(url, store):
+    """JSON or plain text bodies are not forms: 415, nothing recorded."""
+    response = httpx.post(url, params={"t": _token()}, json={"List-Unsubscribe": "One-Click"})
+    assert response.status_code == 415
+    assert _rows(store.path) == []
+
+
+def test_body_size_is_limited_whether_declared_or_streamed(url, store):
+    """A body over the limit gets 413, by Content-Length or while streaming a chunked body."""
+    big = ONE_CLICK + "&x=" + "y" * MAX_BODY_BYTES
+    declared = httpx.post(url, params={"t": _token()}, content=big, headers=FORM)
+    assert declared.status_code == 413
+
+    def chunks() -> Iterator[bytes]:
+        yield ONE_CLICK.encode()
+        for _ in range(40):
+            yield b"&x=" + b"y" * 1024
+
+    streamed = httpx.post(url, params={"t": _token()}, content=chunks(), headers=FORM)
+    assert "content-length" not in streamed.request.headers
+    assert streamed.status_code == 413
+    assert _rows(store.path) == []
+
+
+def test_multipart_file_parts_are_refused(url, store):
+    """A multipart body carrying a file is a bad request, not an unsubscribe."""
+    response = httpx.post(
+        url,
+        params={"t": _token()},
+        data={"List-Unsubscribe": "One-Click"},
+        files={"upload": ("a.txt", b"hello", "text/plain")},
+    )
+    assert response.status_code == 400
+    assert _rows(store.path) == []
+
+
+def test_token_in_the_last_path_segment_works(store):
+    """A URL shaped /u/<token> (instead of ?t=) is understood."""
+    endpoint = UnsubscribeEndpoint(store, secrets=(SECRET,))
+    with serve_on_loopback(endpoint) as base:
+        response = httpx.post(f"{base}/u/{_token()}", content=ONE_CLICK, headers=FORM)
+    assert response.status_code == 200
+    assert len(_rows(store.path)) == 1
+
+
+def test_pages_carry_no_store_and_noindex_headers(url):
+    """Pages are not cached or indexed and cannot be framed."""
+    response = httpx.get(url, params={"t": _token()})
+    assert response.headers["cache-control"] == "no-store"
+    assert "noindex" in response.headers["x-robots-tag"]
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
+def test_concurrent_posts_are_all_recorded_once(url, store):
+    """100 concurrent POSTs (20 recipients, 5 each) all get 200; the store has exactly 20 entries."""
+    keys = [f"r{n}@example.com" for n in range(20)]
+    statuses: list[int] = []
+
+    async def hammer() -> None:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50)) as client:
+
+            async def one(key: str) -> None:
+                response = await client.post(url, params={"t": _token(key)}, content=ONE_CLICK, headers=FORM)
+                statuses.append(response.status_code)
+
+            async with anyio.create_task_group() as group:
+                for key in keys * 5:
+                    group.start_soon(one, key)
+
+    anyio.run(hammer)
+    assert statuses == [200] * 100
+    assert sorted(key for _, key, _, _ in _rows(store.path)) == sorted(keys)
+
+
+def test_concurrent_writers_in_two_processes_share_the_store(tmp_path):
+    """A second connection (as another process would hold) records while the endpoint records: both land."""
+    path = tmp_path / "shared.sqlite"
+    first = open_store(path, clock=FakeClock())
+    second = open_store(path, clock=FakeClock())
+    errors: list[BaseException] = []
+
+    def write(store: SuppressionStore, prefix: str) -> None:
+        try:
+            for n in range(200):
+                store.record(CAMPAIGN, f"{prefix}{n}@example.com", source="one-click")
+        except BaseException as exc:  # collected: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(s, p)) for s, p in ((first, "a"), (second, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    first.close()
+    second.close()
+    assert errors == []
+    assert len(_rows(path)) == 400
+
+
+def test_app_mounts_inside_another_asgi_service(store):
+    """Users can mount `.app` under a prefix in their own starlette app; the token comes from the URL."""
+    endpoint = UnsubscribeEndpoint(store, secrets=(SECRET,))
+
+    class Site:
+        app = Starlette(
+            routes=[
+                Route("/", lambda _request: PlainTextResponse("home")),
+                Mount("/mail/unsubscribe", app=endpoint.app),
+            ]
+        )
+
+    with serve_on_loopback(Site()) as base:
+        assert httpx.get(f"{base}/").text == "home"
+        # Under a Mount the URL needs the slash after the prefix: starlette redirects without it.
+        response = httpx.post(
+            f"{base}/mail/unsubscribe/", params={"t": _token()}, content=ONE_CLICK, headers=FORM
+        )
+        path_style = httpx.post(
+            f"{base}/mail/unsubscribe/{_token('bob@example.com')}", content=ONE_CLICK, headers=FORM
+        )
+    assert (response.status_code, path_style.status_code) == (200, 200)
+    assert [key for _, key, _, _ in _rows(store.path)] == ["ann@example.com", "bob@example.com"]
+
+
+def test_load_endpoint_reads_secrets_from_the_named_variable(tmp_path, monkeypatch):
+    """load_endpoint takes secrets from the env var it is told, creates the store, never shows a secret."""
+    monkeypatch.delenv("MY_UNSUB_SECRET", raising=False)
+    with pytest.raises(ManifestError, match="MY_UNSUB_SECRET is not set"):
+        load_endpoint(tmp_path / "u.sqlite", secret_env="MY_UNSUB_SECRET")
+    monkeypatch.setenv("MY_UNSUB_SECRET", "short-one")
+    with pytest.raises(ManifestError, match="at least 16") as caught:
+        load_endpoint(tmp_path / "u.sqlite", secret_env="MY_UNSUB_SECRET")
+    assert "short-one" not in str(caught.value)
+    monkeypatch.setenv("MY_UNSUB_SECRET", f"{SECRET.decode()} {OLD_SECRET.decode()}")
+    endpoint = load_endpoint(tmp_path / "u.sqlite", secret_env="MY_UNSUB_SECRET")
+    try:
+        with serve_on_loopback(endpoint) as base:
+            response = httpx.post(
+                base, params={"t": _token(secrets=(OLD_SECRET,))}, content=ONE_CLICK, headers=FORM
+            )
+        assert response.status_code == 200
+    finally:
+        endpoint.store.close()
+    assert (tmp_path / "u.sqlite").stat().st_mode & 0o777 == 0o600
+
+
+def test_serve_command_runs_the_endpoint_on_uvicorn(tmp_path):
+    """`campaign unsubscribe serve --store … --port …` serves one-click POSTs into the store."""
+    store = tmp_path / "served.sqlite"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "CAMPAIGN_UNSUBSCRIBE_SECRET": SECRET.decode()}
+    command = [
+        sys.executable,
+        "-m",
+        "campaign",
+        "unsubscribe",
+        "serve",
+        "--store",
+        str(store),
+        "--port",
+        str(port),
+    ]
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as process:
+        try:
+            _wait_until_listening(port, process)
+            url = f"http://127.0.0.1:{port}/unsubscribe"
+            response = httpx.post(url, params={"t": _token()}, content=ONE_CLICK, headers=FORM, timeout=5)
+            assert response.status_code == 200
+            assert "server" not in response.headers
+        finally:
+            process.terminate()
+    assert _rows(store) == [(CAMPAIGN, "ann@example.com", "ann@example.com", "one-click")]
+
+
+def test_serve_command_without_secret_exits_78(cli, tmp_path, monkeypatch):
+    """With the secret variable unset the command stops with 78 and names the variable."""
+    monkeypatch.delenv("CAMPAIGN_UNSUBSCRIBE_SECRET", raising=False)
+    result = cli("unsubscribe", "serve", "--store", tmp_path / "u.sqlite")
+    assert result.exit_code == 78
+    assert "CAMPAIGN_UNSUBSCRIBE_SECRET" in result.stderr
+    result = cli("unsubscribe", "serve", "--store", tmp_path / "u.csv")
+    assert result.exit_code == 2
+    assert ".sqlite" in result.stderr
+
+
+def _wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Poll (bounded to ~10 s) until the port accepts connections; fail fast if the process exits."""
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.05).close()
+            return
+        except OSError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.05)
+            assert process.returncode is None, "the endpoint exited early"
+    raise AssertionError(f"nothing listens on port {port}")

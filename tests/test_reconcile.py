@@ -1,0 +1,181 @@
+"""Reconcile against the fake Nylas: metadata lookup, the Sent-folder fallback, what it decides and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from campaign.errors import ApiAuthError, ApiError
+from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.manifest import SenderSettings
+from campaign.models import RowState
+from campaign.nylas import NylasClient
+from campaign.reconcile import Verdict, reconcile_unknown
+from campaign.testing import FakeNylas
+from campaign.testing.clock import FakeClock
+
+pytestmark = pytest.mark.anyio
+KEY = "nyk_test_reconcile_key"
+SENDER = SenderSettings(name="a", grant_id="grant-a", email="a@corp.example.com")
+
+
+class _Setup:
+    def __init__(self, tmp_path: Path, *, provider: str = "google") -> None:
+        self.clock = FakeClock()
+        self.fake = FakeNylas(api_key=KEY, clock=self.clock)
+        self.fake.add_grant("grant-a", "a@corp.example.com", provider=provider)
+        self.ledger: Ledger = open_ledger(tmp_path / "l.sqlite", clock=self.clock, campaign="spring")
+
+    def unknown(self, email: str, subject: str = "Hello") -> None:
+        """A row whose send ended without a definite answer."""
+        self.ledger.record_plan([PlannedRow(email, 1, email, "a")], [])
+        self.ledger.claim(email, subject=subject)
+        self.ledger.record_unknown(email)
+
+    async def deliver(
+        self, email: str, *, subject: str = "Hello", metadata: dict[str, str] | None = None
+    ) -> str:
+        """Make the fake deliver a message as if our earlier request had gone out."""
+        body: dict[str, Any] = {"to": [{"email": email}], "subject": subject, "body": "hi"}
+        if metadata is not None:
+            body["metadata"] = metadata
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.fake.app), base_url="http://f"
+        ) as h:
+            response = await h.post(
+                "/v3/grants/grant-a/messages/send", json=body, headers={"Authorization": f"Bearer {KEY}"}
+            )
+        assert response.status_code == 200
+        return str(response.json()["data"]["id"])
+
+    async def reconcile(self, *, wrap: Any = None, api_key: str = KEY, senders=(SENDER,)):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.fake.app), base_url="http://f"
+        ) as h:
+            client = NylasClient(h, api_key=api_key, clock=self.clock)
+            return await reconcile_unknown(
+                self.ledger, campaign="spring", senders=senders, client=wrap(client) if wrap else client
+            )
+
+
+class _MetadataFails:
+    """A provider where the metadata lookup is refused (the fallback must carry the decision)."""
+
+    def __init__(self, client: NylasClient) -> None:
+        self._client = client
+
+    async def list_messages(self, grant_id: str, **kwargs: Any):
+        if kwargs.get("metadata_pair") is not None:
+            raise ApiError("Nylas API GET messages failed: HTTP 400 metadata_pair unsupported")
+        return await self._client.list_messages(grant_id, **kwargs)
+
+    async def list_folders(self, grant_id: str):
+        return await self._client.list_folders(grant_id)
+
+
+class _FoldersFail(_MetadataFails):
+    async def list_messages(self, grant_id: str, **kwargs: Any):
+        return await self._client.list_messages(grant_id, **kwargs)
+
+    async def list_folders(self, grant_id: str):
+        raise ApiError("Nylas API GET folders: HTTP 503")
+
+
+async def test_found_by_metadata_is_marked_sent_with_its_message_id(tmp_path):
+    """key1=campaign and key2=recipient find the message: sent, with that id and the reason."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com")
+    message_id = await s.deliver("ann@x.com", metadata={"key1": "spring", "key2": "ann@x.com"})
+    report = await s.reconcile()
+    (decision,) = report.decisions
+    assert (decision.verdict, decision.message_id) == (Verdict.SENT, message_id)
+    assert "metadata" in decision.reason
+    row = s.ledger.row("ann@x.com")
+    assert (row.state, row.message_id, row.note) == (RowState.SENT, message_id, decision.reason)
+
+
+async def test_another_campaigns_message_to_the_same_recipient_does_not_count(tmp_path):
+    """key2 matches but key1 names another campaign, and the subject differs: not sent, back to pending."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com", subject="Spring news")
+    await s.deliver("ann@x.com", subject="Autumn news", metadata={"key1": "autumn", "key2": "ann@x.com"})
+    (decision,) = (await s.reconcile()).decisions
+    assert decision.verdict == Verdict.PENDING
+    assert "not found by metadata nor in the Sent folder" in decision.reason
+
+
+async def test_the_sent_folder_finds_a_message_sent_without_metadata(tmp_path):
+    """No metadata on the message: found in the Sent folder by address and subject."""
+    s = _Setup(tmp_path, provider="microsoft")  # opaque folder ids, found through /folders
+    s.unknown("ann@x.com", subject="Spring news")
+    message_id = await s.deliver("ann@x.com", subject="Spring news")
+    (decision,) = (await s.reconcile()).decisions
+    assert (decision.verdict, decision.message_id) == (Verdict.SENT, message_id)
+    assert "Sent folder" in decision.reason
+
+
+async def test_a_refused_metadata_lookup_falls_back_to_the_sent_folder(tmp_path):
+    """The metadata lookup fails (e.g. unsupported): the Sent folder decides, and the reason says both."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com")
+    s.unknown("bob@x.com")
+    await s.deliver("ann@x.com", metadata={"key1": "spring", "key2": "ann@x.com"})
+    decisions = {d.key: d for d in (await s.reconcile(wrap=_MetadataFails)).decisions}
+    assert decisions["ann@x.com"].verdict == Verdict.SENT
+    assert decisions["bob@x.com"].verdict == Verdict.PENDING
+    assert "metadata lookup failed" in decisions["bob@x.com"].reason
+
+
+async def test_a_subject_that_differs_is_not_a_match(tmp_path):
+    """In the Sent folder, a message to the address with another subject is another message."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com", subject="Spring news")
+    await s.deliver("ann@x.com", subject="Something else")
+    (decision,) = (await s.reconcile()).decisions
+    assert decision.verdict == Verdict.PENDING
+
+
+async def test_not_found_goes_back_to_pending_with_a_new_key(tmp_path):
+    """Nothing anywhere: pending, the attempt counter moved on, so the next send uses a new key."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com")
+    old = s.ledger.row("ann@x.com")
+    await s.reconcile()
+    row = s.ledger.row("ann@x.com")
+    assert (row.state, row.attempt_no, row.idempotency_key) == (RowState.PENDING, old.attempt_no + 1, None)
+    assert (row.note or "").startswith("reconcile: ")
+    assert s.ledger.claim("ann@x.com").idempotency_key != old.idempotency_key
+    assert s.ledger.journal()[-1].kind == "reconcile"
+
+
+async def test_a_lookup_that_fails_leaves_the_row_unknown(tmp_path):
+    """The Sent folder cannot be searched: no decision is made, the row stays unknown, the reason says why."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com")
+    (decision,) = (await s.reconcile(wrap=_FoldersFail)).decisions
+    assert decision.verdict == Verdict.UNKNOWN
+    assert "try again later" in decision.reason
+    assert s.ledger.row("ann@x.com").state == RowState.UNKNOWN
+
+
+async def test_refused_credentials_stop_reconcile_and_change_nothing(tmp_path):
+    """A 401 raises ApiAuthError (exit 77 in the CLI); the row is untouched."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com")
+    with pytest.raises(ApiAuthError):
+        await s.reconcile(api_key="wrong-key")
+    assert s.ledger.row("ann@x.com").state == RowState.UNKNOWN
+
+
+async def test_rows_of_a_domain_sender_or_a_removed_sender_stay_unknown_with_the_reason(tmp_path):
+    """Transactional sends have no mailbox to search; a sender no longer in the manifest cannot be asked."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com")
+    domain = SenderSettings(name="a", domain="mail.example.com", email="news@mail.example.com")
+    (decision,) = (await s.reconcile(senders=(domain,))).decisions
+    assert (decision.verdict, "transactional" in decision.reason) == (Verdict.UNKNOWN, True)
+    (decision,) = (await s.reconcile(senders=())).decisions
+    assert (decision.verdict, "no longer in the manifest" in decision.reason) == (Verdict.UNKNOWN, True)

@@ -1,0 +1,125 @@
+"""`campaign send-test`: one row, rendered as the campaign would, sent to a tester by the API; no ledger."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import API_KEY, copy_sample
+
+from campaign.manifest import load_manifest
+from campaign.testing import FakeNylas
+
+
+def _register(api: FakeNylas, manifest_path) -> dict[str, str]:
+    manifest = load_manifest(manifest_path)
+    for sender in manifest.senders:
+        assert sender.grant_id is not None
+        api.add_grant(sender.grant_id, sender.email or "")
+    return {sender.grant_id or "": sender.name for sender in manifest.senders}
+
+
+def _headers(payload) -> dict[str, str]:
+    return {h["name"]: h["value"] for h in payload.get("custom_headers", [])}
+
+
+def test_send_test_sends_one_message_to_the_tester_and_leaves_no_ledger(api, cli, tmp_path):
+    """Row 2 goes to me@example.com with [TEST] before its subject; its id is printed; no ledger appears."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    result = cli("send-test", manifest, "--to", "me@example.com", "--row", "2")
+    assert result.exit_code == 0, result.output
+    assert len(api.deliveries) == 1
+    sent = api.deliveries[0]
+    assert sent.payload["to"] == [{"email": "me@example.com"}]
+    assert sent.payload["subject"] == "[TEST] Spring news for Bob"
+    assert "Hi Bob," in sent.payload["body"]
+    assert sent.payload["from"] == [{"email": "maya@example.com", "name": "Maya from Example"}]
+    assert _headers(sent.payload)["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "key1" not in sent.payload["metadata"]  # reconcile can never take it for row 2's message
+    assert "key2" not in sent.payload["metadata"]
+    assert result.stdout.strip().splitlines()[-1] == sent.id
+    assert API_KEY not in result.output
+    assert not (manifest.parent / "campaign.ledger.sqlite").exists()
+
+
+def test_send_test_renders_the_row_exactly_as_the_run_would(api, cli, tmp_path):
+    """Apart from To, the [TEST] prefix and the metadata, the test is the message `run` sends for that row."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("send-test", manifest, "--to", "me@example.com", "--row", "4").exit_code == 0
+    assert cli("run", manifest, "--yes").exit_code == 0
+    test, *real = api.deliveries
+    dora = next(d for d in real if d.payload["to"][0]["email"] == "dora@example.com")
+    assert test.grant_id == dora.grant_id
+    for field in ("body", "from", "reply_to", "custom_headers", "tracking_options", "is_plaintext"):
+        assert test.payload[field] == dora.payload[field], field
+    assert test.payload["subject"] == "[TEST] " + dora.payload["subject"]
+
+
+def test_send_test_leaves_an_existing_ledger_untouched(api, cli, tmp_path):
+    """After a partial run, a test send changes no row of the ledger and the next run sends the same."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    ledger = manifest.parent / "campaign.ledger.sqlite"
+    before = json.loads(cli("status", manifest, "--json").stdout)
+    assert cli("send-test", manifest, "--to", "qa@example.com", "--row", "6").exit_code == 0
+    after = json.loads(cli("status", manifest, "--json").stdout)
+    assert after == before
+    assert ledger.exists()
+    assert [d.payload["to"][0]["email"] for d in api.deliveries].count("qa@example.com") == 1
+    assert len(api.deliveries) == 3
+
+
+def test_send_test_uses_the_rows_own_sender_or_the_one_asked_for(api, cli, tmp_path):
+    """Outreach row 2 is pinned to bob; --sender carol sends it from carol instead."""
+    manifest = copy_sample("outreach", tmp_path)
+    grants = _register(api, manifest)
+    assert cli("send-test", manifest, "--to", "me@example.com", "--row", "2").exit_code == 0
+    assert (
+        cli("send-test", manifest, "--to", "me@example.com", "--row", "2", "--sender", "carol").exit_code == 0
+    )
+    first, second = api.deliveries
+    assert grants[first.grant_id] == "bob"
+    assert grants[second.grant_id] == "carol"
+    assert first.payload["subject"] == "[TEST] Contoso and Acme: a quick question"
+    assert first.payload["is_plaintext"] is True
+
+
+def test_send_test_refuses_bad_requests_before_sending(api, cli, tmp_path):
+    """A bad --to, --row past the list, a duplicate row or an unknown --sender: exit 2, nothing sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    cases = [
+        (["--to", "not-an-address"], "--to"),
+        (["--to", "me@example.com", "--row", "99"], "row 99"),
+        (["--to", "me@example.com", "--row", "5"], "duplicate of row 1"),
+        (["--to", "me@example.com", "--sender", "zoe"], "zoe"),
+    ]
+    for args, expected in cases:
+        result = cli("send-test", manifest, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.stderr
+    assert api.requests == []
+
+
+def test_send_test_reports_a_refused_key_with_exit_77(api, cli, tmp_path, monkeypatch):
+    """A wrong API key: exit 77, the key never printed."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    monkeypatch.setenv("NYLAS_API_KEY", "nyk_v0_wrong_key")
+    result = cli("send-test", manifest, "--to", "me@example.com")
+    assert result.exit_code == 77
+    assert "nyk_v0_wrong_key" not in result.output
+    assert api.deliveries == []
+
+
+def test_send_test_in_the_sandbox_needs_no_account(cli, tmp_path, monkeypatch):
+    """--sandbox sends to the in-process fake with no key or secret set."""
+    for name in ("NYLAS_API_KEY", "CAMPAIGN_UNSUBSCRIBE_SECRET", "NYLAS_API_URI"):
+        monkeypatch.delenv(name, raising=False)
+    manifest = copy_sample("newsletter", tmp_path)
+    result = cli("send-test", manifest, "--to", "me@example.com", "--sandbox")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1]
+    assert "row 1 (ann.lee@example.com)" in " ".join(result.stdout.split())

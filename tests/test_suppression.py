@@ -1,0 +1,219 @@
+"""The unsubscribe store (SQLite): recording, reading, refusing other files; import, export, commands."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from campaign.errors import InputFileError, ManifestError
+from campaign.ledger import open_ledger
+from campaign.manifest import parse_manifest
+from campaign.models import Address, Recipient, Skip, SkipReason
+from campaign.recipients import Audience
+from campaign.suppression import (
+    StoreEntry,
+    StoreError,
+    list_store_paths,
+    load_unsubscribed,
+    open_store,
+    skip_unsubscribed,
+)
+from campaign.suppression_io import load_import_addresses, write_entries
+from campaign.testing import FakeClock
+
+
+def _recipient(key: str, row: int, email: str | None = None) -> Recipient:
+    return Recipient(key, row, Address(email or key), {"email": email or key})
+
+
+def test_store_is_created_private_in_wal_mode_and_records_once(tmp_path):
+    """A new store file is 0600 and WAL; a repeated record is not a second entry."""
+    clock = FakeClock()
+    store = open_store(tmp_path / "sub" / "u.sqlite", clock=clock)
+    assert store.record("spring", "Ann@Example.com", source="one-click") is True
+    assert store.record("spring", "Ann@Example.com", source="page") is False
+    assert store.entries() == [
+        StoreEntry("spring", "Ann@Example.com", "ann@example.com", "2026-01-05T09:00:00+00:00", "one-click")
+    ]
+    assert store.find("spring", "Ann@Example.com") is not None
+    assert store.find("autumn", "Ann@Example.com") is None
+    store.close()
+    assert (tmp_path / "sub" / "u.sqlite").stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(tmp_path / "sub" / "u.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_read_since_returns_only_new_rows(tmp_path):
+    """read_since gives the rows after an id and the newest id, for cheap re-reads."""
+    store = open_store(tmp_path / "u.sqlite", clock=FakeClock())
+    store.record("c", "a@example.com", source="one-click")
+    last, first = store.read_since(0)
+    store.record("c", "b@example.com", source="one-click")
+    newest, second = store.read_since(last)
+    assert [e.recipient_key for e in first] == ["a@example.com"]
+    assert [e.recipient_key for e in second] == ["b@example.com"]
+    assert store.read_since(newest) == (newest, [])
+    store.close()
+
+
+def test_a_ledger_or_another_file_is_not_taken_for_a_store(tmp_path):
+    """A ledger, a text file or a missing file named as a store is a clear error, and nothing changes."""
+    ledger_path = tmp_path / "campaign.ledger.sqlite"
+    open_ledger(ledger_path, clock=FakeClock(), campaign="spring").close()
+    before = ledger_path.read_bytes()
+    with pytest.raises(InputFileError, match="not an unsubscribe store"):
+        open_store(ledger_path, clock=FakeClock())
+    assert ledger_path.read_bytes() == before
+    text = tmp_path / "list.sqlite"
+    text.write_text("ann@example.com\n" * 100)
+    with pytest.raises(InputFileError, match="not an unsubscribe store"):
+        open_store(text, clock=FakeClock())
+    with pytest.raises(InputFileError, match="no unsubscribe store"):
+        open_store(tmp_path / "missing.sqlite", clock=FakeClock(), create=False)
+    assert not (tmp_path / "missing.sqlite").exists()
+
+
+def test_a_store_from_a_newer_version_is_refused(tmp_path):
+    """A store whose schema version is newer than ours is not written to."""
+    open_store(tmp_path / "u.sqlite", clock=FakeClock()).close()
+    with sqlite3.connect(tmp_path / "u.sqlite") as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="newer version"):
+        open_store(tmp_path / "u.sqlite", clock=FakeClock())
+
+
+def test_missing_store_suppresses_no_one_and_is_not_created(tmp_path):
+    """A configured store that does not exist yet holds no one, and preflight does not create it."""
+    assert len(load_unsubscribed([tmp_path / "later.sqlite"])) == 0
+    assert not (tmp_path / "later.sqlite").exists()
+
+
+def test_skip_unsubscribed_matches_by_key_or_address(tmp_path):
+    """Recipients whose key or address is in the store become `unsubscribed` skips; others stay, in order."""
+    store = open_store(tmp_path / "u.sqlite", clock=FakeClock())
+    store.record("spring", "ann@example.com", source="one-click")
+    store.record("", "cus-9", source="manual")
+    store.close()
+    audience = Audience(
+        source=tmp_path / "list.csv",
+        columns=("email",),
+        recipients=(
+            _recipient("ann@example.com", 1),
+            _recipient("bob@example.com", 2),
+            _recipient("cus-9", 3, "carl@example.com"),
+            _recipient("cus-10", 4, "ANN@example.com"),
+        ),
+        skipped=(Skip(5, "dup", "d@example.com", SkipReason.DUPLICATE, "duplicate of row 2"),),
+        problems=(),
+    )
+    result = skip_unsubscribed(audience, load_unsubscribed([tmp_path / "u.sqlite"]))
+    assert [r.key for r in result.recipients] == ["bob@example.com"]
+    unsubscribed = [s for s in result.skipped if s.reason == SkipReason.UNSUBSCRIBED]
+    assert [(s.row, s.key) for s in unsubscribed] == [(1, "ann@example.com"), (3, "cus-9"), (4, "cus-10")]
+    assert unsubscribed[0].detail == "unsubscribed 2026-01-05 (one-click, campaign spring)"
+    assert result.skipped[0].reason == SkipReason.DUPLICATE
+
+
+def test_manifest_store_keys(tmp_path):
+    """unsubscribe.store resolves beside the manifest, must be .sqlite; require_body_link is a strict bool."""
+    base = """
+[campaign]
+name = "c"
+[recipients]
+source = "r.csv"
+suppress = ["old.csv", "more.sqlite"]
+[message]
+subject = "s"
+text = "t.txt"
+[unsubscribe]
+url = "https://example.com/u?t={{ unsubscribe_token }}"
+%s
+[[senders]]
+name = "a"
+grant_id = "g"
+"""
+    manifest = parse_manifest(base % 'store = "unsubscribes.sqlite"', path=tmp_path / "campaign.toml")
+    assert manifest.unsubscribe is not None
+    assert manifest.unsubscribe.store == tmp_path / "unsubscribes.sqlite"
+    assert manifest.unsubscribe.require_body_link is True
+    assert list_store_paths(manifest) == (tmp_path / "more.sqlite", tmp_path / "unsubscribes.sqlite")
+    with pytest.raises(ManifestError, match=r"unsubscribe\.store: must name an SQLite file"):
+        parse_manifest(base % 'store = "unsubscribes.csv"', path=tmp_path / "campaign.toml")
+    with pytest.raises(ManifestError, match=r"unsubscribe\.require_body_link"):
+        parse_manifest(base % 'require_body_link = "no"', path=tmp_path / "campaign.toml")
+
+
+def test_export_and_import_round_trip_through_csv_parquet_and_text(tmp_path):
+    """Entries written as CSV, Parquet or text read back as the same addresses; junk values are reported."""
+    store = open_store(tmp_path / "u.sqlite", clock=FakeClock())
+    store.record("spring", "ann@example.com", source="one-click")
+    store.record("", "bob@example.org", source="manual")
+    entries = store.entries()
+    store.close()
+    for name in ("out.csv", "out.parquet", "out.txt"):
+        write_entries(entries, tmp_path / name)
+        found = load_import_addresses(tmp_path / name, clock=FakeClock())
+        assert found.addresses == ("ann@example.com", "bob@example.org"), name
+    frame = pl.read_csv(tmp_path / "out.csv")
+    assert frame.columns == ["email", "recipient_key", "campaign", "recorded_at", "source"]
+    assert pl.read_parquet(tmp_path / "out.parquet")["source"].to_list() == ["one-click", "manual"]
+    (tmp_path / "mixed.txt").write_text("# exported\nCarl@Example.COM\nnot-an-address\n\n")
+    mixed = load_import_addresses(tmp_path / "mixed.txt", clock=FakeClock())
+    assert (mixed.addresses, mixed.invalid) == (("carl@example.com",), ("not-an-address",))
+    from_store = load_import_addresses(tmp_path / "u.sqlite", clock=FakeClock())
+    assert from_store.addresses == ("ann@example.com", "bob@example.org")
+
+
+def test_suppress_commands_add_import_export_list(cli, tmp_path):
+    """`campaign suppress add|import|export|list` manage a store end to end."""
+    store = tmp_path / "u.sqlite"
+    added = cli("suppress", "add", "Ann@Example.com", "bob@example.org", "--store", store)
+    assert added.exit_code == 0, added.output
+    assert "2 added" in added.stdout
+    again = cli("suppress", "add", "ann@example.com", "--store", store)
+    assert "0 added, 1 already there" in again.stdout
+    bad = cli("suppress", "add", "not an address", "--store", store)
+    assert bad.exit_code == 65
+    assert "not a valid address" in bad.stderr
+    key = cli("suppress", "add", "cus-42", "--key", "--store", store)
+    assert key.exit_code == 0
+    (tmp_path / "old.csv").write_text("email,name\ncarl@example.net,Carl\nnope,X\n")
+    imported = cli("suppress", "import", tmp_path / "old.csv", "--store", store)
+    assert imported.exit_code == 0, imported.output
+    assert "1 addresses, 1 new; 1 values are not addresses" in imported.stdout
+    listed = cli("suppress", "list", "--store", store, "--json")
+    rows = json.loads(listed.stdout)
+    assert [(r["recipient_key"], r["source"]) for r in rows] == [
+        ("ann@example.com", "manual"),
+        ("bob@example.org", "manual"),
+        ("cus-42", "manual"),
+        ("carl@example.net", "import"),
+    ]
+    shown = cli("suppress", "list", "--store", store)
+    assert "4 entries" in shown.stdout
+    assert "cus-42" in shown.stdout
+    exported = cli("suppress", "export", tmp_path / "all.parquet", "--store", store)
+    assert exported.exit_code == 0, exported.output
+    assert pl.read_parquet(tmp_path / "all.parquet").height == 4
+    missing = cli("suppress", "list", "--store", tmp_path / "none.sqlite")
+    assert missing.exit_code == 66
+    wrong = cli("suppress", "list", "--store", tmp_path / "u.csv")
+    assert wrong.exit_code == 2
+
+
+def test_suppression_store_module_loads_no_server_or_cli_library():
+    """The store and compliance modules stay in the core: no starlette, uvicorn, typer or rich."""
+    for module in ("campaign.suppression", "campaign.suppression_io", "campaign.compliance"):
+        code = (
+            "import sys, json; sys.modules['httpx._main'] = None; "
+            f"import {module}; "
+            "names = ('typer', 'rich', 'uvicorn', 'starlette'); "
+            "print(json.dumps(sorted(m for m in names if m in sys.modules)))"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert json.loads(result.stdout) == [], module

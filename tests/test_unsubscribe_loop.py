@@ -1,0 +1,236 @@
+"""The suppression loop: unsubscribes POSTed to the endpoint stop later campaigns and pending sends."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from conftest import SECRET, copy_sample
+
+from campaign.dispatch import DispatchEvent, EventKind, dispatch
+from campaign.endpoint import UnsubscribeEndpoint
+from campaign.ledger import PlannedRow, open_ledger
+from campaign.manifest import SenderSettings
+from campaign.models import Address, Message, Recipient, RowState, SendOutcome
+from campaign.nylas import NylasClient
+from campaign.plan import Job
+from campaign.suppression import UnsubscribeWatch, open_store
+from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
+from campaign.unsubscribe import parse_secrets
+
+KEY = "loop-test-key"
+ONE_CLICK = "List-Unsubscribe=One-Click"
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+def _https_url(delivery) -> str:
+    headers = {h["name"]: h["value"] for h in delivery.payload["custom_headers"]}
+    return headers["List-Unsubscribe"].split(",")[0].strip()[1:-1]
+
+
+def _on(base: str, https_url: str) -> str:
+    """The header's https URL, pointed at the endpoint on loopback (same path and query)."""
+    parts = urlsplit(https_url)
+    return f"{base}{parts.path}?{parts.query}"
+
+
+def _with_store(manifest: Path, *, name: str | None = None) -> Path:
+    """Add `store = "unsubscribes.sqlite"` to the manifest's [unsubscribe] (and rename the campaign)."""
+    text = manifest.read_text(encoding="utf-8")
+    text = text.replace('secret_env = "CAMPAIGN_UNSUBSCRIBE_SECRET"', 'store = "unsubscribes.sqlite"')
+    if name is not None:
+        text = text.replace('name = "spring-newsletter"', f'name = "{name}"')
+    manifest.write_text(text, encoding="utf-8")
+    return manifest.parent / "unsubscribes.sqlite"
+
+
+def test_full_loop_unsubscribed_recipients_are_skipped_by_the_next_campaign(api, cli, tmp_path):
+    """Send; one-click POST for three recipients; a second campaign on the same store skips exactly them."""
+    manifest = copy_sample("newsletter", tmp_path)
+    store_path = _with_store(manifest)
+    api.add_grant("0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11", "maya@example.com")
+
+    first = cli("run", manifest, "--yes")
+    assert first.exit_code == 0, first.output
+    delivered = {d.payload["to"][0]["email"]: d for d in api.deliveries}
+    assert len(delivered) == 5
+    leaving = ["ann.lee@example.com", "bob@example.org", "eve@example.org"]
+
+    store = open_store(store_path, clock=FakeClock())
+    endpoint = UnsubscribeEndpoint(store, secrets=parse_secrets(SECRET))
+    try:
+        with serve_on_loopback(endpoint) as base:
+            for email in leaving:
+                url = _on(base, _https_url(delivered[email]))
+                response = httpx.post(url, content=ONE_CLICK, headers=FORM)
+                assert response.status_code == 200
+    finally:
+        store.close()
+
+    # A second campaign (new name, same list, same store): those three are skipped, the rest are mailed.
+    second_manifest = manifest.parent / "second.toml"
+    second_manifest.write_text(manifest.read_text().replace("spring-newsletter", "summer-newsletter"))
+    before = len(api.deliveries)
+    second = cli("run", second_manifest, "--yes")
+    assert second.exit_code == 0, second.output
+    assert "3 unsubscribed" in second.stdout
+    mailed = sorted(d.payload["to"][0]["email"] for d in api.deliveries[before:])
+    assert mailed == ["chen.wei@example.net", "dora@example.com"]
+    status = json.loads(cli("status", second_manifest, "--json").stdout)
+    assert status["skipped"]["unsubscribed"] == 3
+    preview = json.loads(cli("preview", second_manifest, "--json").stdout)
+    assert preview["skipped"]["unsubscribed"] == 3
+
+
+def test_resume_skips_pending_rows_whose_recipients_unsubscribed_since(api, cli, tmp_path):
+    """A run stopped by --limit; two unsubscribe before `resume`: resume mails only the others."""
+    manifest = copy_sample("newsletter", tmp_path)
+    store_path = _with_store(manifest)
+    api.add_grant("0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11", "maya@example.com")
+    stopped = cli("run", manifest, "--yes", "--limit", "1")
+    assert stopped.exit_code == 75, stopped.output
+    first = api.deliveries[0].payload["to"][0]["email"]
+    pending = [e for e in ["ann.lee@example.com", "bob@example.org", "chen.wei@example.net"] if e != first][
+        :2
+    ]
+    result = cli("suppress", "add", *pending, "--store", store_path)
+    assert result.exit_code == 0, result.output
+    resumed = cli("resume", manifest, "--yes")
+    assert resumed.exit_code == 0, resumed.output
+    mailed = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert not set(pending) & set(mailed)
+    assert len(mailed) == 5 - len(pending)
+    with sqlite3.connect(manifest.parent / "campaign.ledger.sqlite") as db:
+        states = dict(
+            db.execute("SELECT email, state FROM recipients WHERE email IN (?, ?)", pending).fetchall()
+        )
+    assert states == dict.fromkeys(pending, "skipped")
+
+
+# --- mid-run: dispatch with FakeClock -----------------------------------------------------------------------
+
+
+def _jobs(count: int) -> list[Job]:
+    return [
+        Job(
+            Recipient(f"r{n}@example.com", n, Address(f"r{n}@example.com"), {"email": f"r{n}@example.com"}),
+            "a",
+        )
+        for n in range(1, count + 1)
+    ]
+
+
+def _render(job: Job) -> Message:
+    return Message(
+        recipient_key=job.recipient.key,
+        row=job.recipient.row,
+        sender=job.sender,
+        to=(job.recipient.address,),
+        subject="Hello",
+        html="<p>Hi</p>",
+    )
+
+
+class _UnsubscribeAfterFirstSend:
+    """The real client, plus: after the first send, r3 clicks one-click on the endpoint (in-process ASGI)."""
+
+    def __init__(self, client: NylasClient, endpoint: httpx.AsyncClient, url: str) -> None:
+        self._client = client
+        self._endpoint = endpoint
+        self._url = url
+        self.sends = 0
+
+    async def send_message(
+        self, grant_id: str, payload: Mapping[str, Any], *, idempotency_key: str
+    ) -> SendOutcome:
+        outcome = await self._client.send_message(grant_id, payload, idempotency_key=idempotency_key)
+        self.sends += 1
+        if self.sends == 1:
+            response = await self._endpoint.post(self._url, content=ONE_CLICK, headers=FORM)
+            assert response.status_code == 200
+        return outcome
+
+
+@pytest.mark.anyio
+async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path):
+    """An unsubscribe POSTed after the first of five sends stops r3's send; it is recorded as skipped."""
+    from campaign.unsubscribe import make_token
+
+    clock = FakeClock()
+    fake = FakeNylas(api_key=KEY, clock=clock)
+    sender = SenderSettings(
+        name="a", grant_id="grant-a", email="a@corp.example.com", per_second=1, concurrency=1
+    )
+    fake.add_grant(sender.grant_id, "a@corp.example.com")
+    jobs = _jobs(5)
+    ledger = open_ledger(tmp_path / "l.sqlite", clock=clock, campaign="spring")
+    ledger.record_plan(
+        [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, "a") for j in jobs], []
+    )
+    secrets = parse_secrets(SECRET)
+    store_path = tmp_path / "unsubscribes.sqlite"
+    endpoint = UnsubscribeEndpoint(open_store(store_path, clock=clock), secrets=secrets)
+    token = make_token(secrets=secrets, campaign="spring", recipient_key="r3@example.com")
+    watch = UnsubscribeWatch([store_path], clock=clock, refresh_s=1.0)
+    events: list[DispatchEvent] = []
+    async with (
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app), base_url="http://fake.test") as http,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=endpoint.app), base_url="https://example.com"
+        ) as web,
+    ):
+        client = _UnsubscribeAfterFirstSend(NylasClient(http, api_key=KEY, clock=clock), web, f"/u?t={token}")
+        result = await dispatch(
+            jobs,
+            senders=[sender],
+            render=_render,
+            client=client,
+            ledger=ledger,
+            clock=clock,
+            on_event=events.append,
+            unsubscribed=watch.is_unsubscribed,
+        )
+    watch.close()
+    endpoint.store.close()
+    assert [d.payload["to"][0]["email"] for d in fake.deliveries] == [
+        "r1@example.com",
+        "r2@example.com",
+        "r4@example.com",
+        "r5@example.com",
+    ]
+    assert (result.sent, result.remaining) == (4, 0)
+    rows = {row.key: row for row in ledger.rows()}
+    assert rows["r3@example.com"].state == RowState.SKIPPED
+    assert (rows["r3@example.com"].reason or "").startswith("unsubscribed:")
+    skipped = [event for event in events if event.kind == EventKind.SKIPPED]
+    assert [(e.key, e.sender) for e in skipped] == [("r3@example.com", "a")]
+    # Honoured within the re-read interval: r2 (sent at t=1 s) still went; r3's turn (t>=2 s) did not.
+    assert clock.monotonic() <= 5.0
+    ledger.close()
+
+
+def test_watch_rereads_at_most_once_per_interval(tmp_path):
+    """A new row is seen once `refresh_s` of clock time has passed, not before; a later store is found."""
+    clock = FakeClock()
+    path = tmp_path / "later.sqlite"
+    watch = UnsubscribeWatch([path], clock=clock, refresh_s=1.0)
+    ann = Recipient("ann@example.com", 1, Address("ann@example.com"), {})
+    assert watch.is_unsubscribed(ann) is False  # the store does not exist yet
+    store = open_store(path, clock=clock)
+    store.record("spring", "ann@example.com", source="one-click")
+    clock.advance(0.5)
+    assert watch.is_unsubscribed(ann) is False  # not re-read yet
+    clock.advance(0.5)
+    assert watch.is_unsubscribed(ann) is True
+    by_address = Recipient("cus-7", 2, Address("Bob@Example.com"), {})
+    store.record("", "bob@example.com", source="manual")
+    clock.advance(1.0)
+    assert watch.is_unsubscribed(by_address) is True  # matched on the address when the key is a customer id
+    store.close()
+    watch.close()
