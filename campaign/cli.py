@@ -683,6 +683,8 @@ async def _send(
                     settings=DispatchSettings(limit=limit, wait=wait),
                     unsubscribed=watch.is_unsubscribed if stores else None,
                     stop=stop,
+                    # Rows in flight from an earlier run keep their grant (their key may be used).
+                    bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},
                 )
             finally:
                 watch.close()

@@ -10,7 +10,8 @@ and reports progress as `DispatchEvent`s; it never prints.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from functools import partial
 from typing import Protocol, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 
 from campaign.clock import Clock
@@ -65,7 +67,7 @@ def build_thread_offload() -> Offload:
 class ProgressLedger(Protocol):
     """What the engine needs from the ledger."""
 
-    def claim(self, key: str, *, subject: str | None = None) -> Claim: ...
+    def claim(self, key: str, *, subject: str | None = None, sender: str | None = None) -> Claim: ...
 
     def record_outcome(
         self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
@@ -154,8 +156,14 @@ async def dispatch(
     offload: Offload | None = None,
     unsubscribed: Callable[[Recipient], bool] | None = None,
     stop: anyio.Event | None = None,
+    bound: Collection[str] = (),
 ) -> DispatchResult:
     """Send every job under its sender's limits; return what was done and what is left.
+
+    When a sender is parked or refused, its jobs go to the other senders, except rows
+    pinned by the list's sender column and the `bound` keys: rows whose idempotency key
+    may already have been used (in flight from an earlier run), which must stay with
+    their grant because Nylas scopes keys per grant.
 
     `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
     budgets; `parked` the senders that must not send before a time (from an earlier run);
@@ -184,6 +192,7 @@ async def dispatch(
         offload=offload or build_thread_offload(),
         unsubscribed=unsubscribed,
         stop=stop,
+        bound=bound,
     )
     try:
         return await loop.run(lanes)
@@ -205,6 +214,7 @@ class _Loop:
         offload: Offload,
         unsubscribed: Callable[[Recipient], bool] | None = None,
         stop: anyio.Event | None = None,
+        bound: Collection[str] = (),
     ) -> None:
         self._render = render
         self._client = client
@@ -222,6 +232,9 @@ class _Loop:
         self._unsubscribed = unsubscribed
         self._stop = Stopper(stop, clock=clock)
         self._left_inflight = 0
+        self._bound = set(bound)
+        self._lanes: Mapping[str, Lane] = {}
+        self._workers: anyio.abc.TaskGroup | None = None
 
     async def run(self, lanes: Mapping[str, Lane]) -> DispatchResult:
         for lane in lanes.values():
@@ -230,9 +243,12 @@ class _Loop:
         async with anyio.create_task_group() as group:
             group.start_soon(self._stop.cancel_after_grace, group.cancel_scope, self._settings.stop_grace_s)
             async with anyio.create_task_group() as workers:
+                self._lanes, self._workers = lanes, workers
                 for lane in lanes.values():
-                    for _ in range(min(lane.sender.concurrency, len(lane.jobs))):
-                        workers.start_soon(self._work, lane)
+                    if lane.stopped:
+                        self._hand_over(lane)
+                for lane in lanes.values():
+                    self._start_workers(lane)
             group.cancel_scope.cancel()  # the work is over: the grace timer has nothing to do
         return DispatchResult(
             sent=self._counts[RowState.SENT],
@@ -250,7 +266,39 @@ class _Loop:
             left_inflight=self._left_inflight,
         )
 
+    def _start_workers(self, lane: Lane) -> None:
+        """Run up to `concurrency` workers on a lane that has work (more join when work is handed over)."""
+        assert self._workers is not None
+        while lane.workers < min(lane.sender.concurrency, len(lane.jobs)) and not lane.stopped:
+            lane.workers += 1
+            self._workers.start_soon(self._work, lane)
+
     async def _work(self, lane: Lane) -> None:
+        try:
+            await self._work_lane(lane)
+        finally:
+            lane.workers -= 1
+            if lane.stopped:
+                self._hand_over(lane)
+
+    def _hand_over(self, lane: Lane) -> None:
+        """Give a parked or refused sender's movable jobs to the senders that would finish them soonest."""
+        takers = [other for other in self._lanes.values() if other is not lane and not other.stopped]
+        if not takers:
+            return
+        kept: deque[Job] = deque()
+        for job in lane.jobs:
+            if job.recipient.sender is not None or job.recipient.key in self._bound:
+                kept.append(job)
+                continue
+            taker = min(takers, key=lambda other: (len(other.jobs) + 1) / other.rate_per_s)
+            taker.jobs.append(Job(job.recipient, taker.sender.name))
+        if len(kept) != len(lane.jobs):
+            lane.jobs = kept
+            for taker in takers:
+                self._start_workers(taker)
+
+    async def _work_lane(self, lane: Lane) -> None:
         while lane.jobs and not lane.auth_refused and not self._stopping:
             if lane.parked_until is not None:
                 if not self._settings.wait:
@@ -311,12 +359,12 @@ class _Loop:
             lane.parked_until = None
             self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
 
-    async def _wait_for_slot(self, lane: Lane) -> None:
+    async def _wait_for_slot(self, lane: Lane, *, multipart: bool) -> None:
         # Nothing may await between the end of this wait and the request, or sends
         # could bunch up behind a slow step; so the ledger claim comes before it.
         # A throttle that arrives meanwhile moves the hold: then wait again.
         while True:
-            start = lane.reserve(self._clock.monotonic())
+            start = lane.reserve(self._clock.monotonic(), multipart=multipart)
             await self._stop.sleep(start - self._clock.monotonic())
             if self._clock.monotonic() >= lane.hold_until or lane.stopped or self._stopping:
                 return
@@ -329,8 +377,10 @@ class _Loop:
         """
         key = job.recipient.key
         payload = build_send_request(message)  # JSON, or multipart for big attachments
-        claim = await self._in_thread(partial(self._ledger.claim, key, subject=message.subject))
-        await self._wait_for_slot(lane)
+        claim = await self._in_thread(
+            partial(self._ledger.claim, key, subject=message.subject, sender=lane.sender.name)
+        )
+        await self._wait_for_slot(lane, multipart=payload.multipart)
         if lane.stopped or self._stopping:
             # Its request never left. A fresh key goes back unused; a key from an earlier run
             # may have been used, so that row stays in flight, to be re-sent with that key.
@@ -343,6 +393,7 @@ class _Loop:
             if self._clock.now() >= claim.usable_until:
                 return await self._give_up(lane, job, None, note=_KEY_TOO_OLD)
             outcome = await self._post(lane.sender, payload, claim.idempotency_key)
+            self._apply_to_lane(lane, outcome)  # before any await: no other worker may send into it
             state = await self._in_thread(
                 partial(
                     self._ledger.record_outcome,
@@ -356,7 +407,8 @@ class _Loop:
                 break
             if outcome.kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED):
                 # Not sent now, but an earlier request may have used the key: the row keeps
-                # it and goes back to the queue, to be sent with it when the sender may.
+                # it (bound to this grant) and goes back to the queue, to be sent with it.
+                self._bound.add(key)
                 self._after(lane, job, outcome, state)
                 return RowState.INFLIGHT
             # Ambiguous (timeout, reset, 5xx) or still in progress: the same key again,
@@ -377,7 +429,7 @@ class _Loop:
                 DispatchEvent(EventKind.RETRYING, lane.sender.name, key, job.recipient.address.email, outcome)
             )
             await self._stop.sleep(delay)
-            await self._wait_for_slot(lane)
+            await self._wait_for_slot(lane, multipart=payload.multipart)
             if self._stopping:  # no new request after a stop: resume re-sends it with this key
                 self._left_inflight += 1
                 return RowState.INFLIGHT
@@ -417,11 +469,16 @@ class _Loop:
             self._counts[RowState.UNKNOWN] += 1
             self._emit(DispatchEvent(EventKind.UNKNOWN, name, key, email, outcome))
         elif outcome.kind == OutcomeKind.AUTH_REFUSED:
-            lane.auth_refused = True
             self._emit(DispatchEvent(EventKind.AUTH_REFUSED, name, key, email, outcome))
         elif outcome.kind == OutcomeKind.THROTTLED:
-            self._throttled(lane, outcome)
             self._emit(DispatchEvent(EventKind.THROTTLED, name, key, email, outcome))
+
+    def _apply_to_lane(self, lane: Lane, outcome: SendOutcome) -> None:
+        """What an answer means for the sender: a throttle holds or parks it, a refusal stops it."""
+        if outcome.kind == OutcomeKind.THROTTLED:
+            self._throttled(lane, outcome)
+        elif outcome.kind == OutcomeKind.AUTH_REFUSED:
+            lane.auth_refused = True
 
     def _throttled(self, lane: Lane, outcome: SendOutcome) -> None:
         now = self._clock.now()

@@ -42,6 +42,7 @@ class Lane:
     hold_until: float = float("-inf")  # monotonic time before which no request may leave
     parked_until: datetime | None = None
     auth_refused: bool = False
+    workers: int = 0  # the send loop's workers currently serving this lane
 
     @property
     def stopped(self) -> bool:

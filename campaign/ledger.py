@@ -199,18 +199,21 @@ class Ledger(LedgerWriter):
 
     # --- sending ------------------------------------------------------------
 
-    def claim(self, key: str, *, subject: str | None = None) -> Claim:
+    def claim(self, key: str, *, subject: str | None = None, sender: str | None = None) -> Claim:
         """Mark a row in flight with its idempotency key, before its request leaves.
 
-        A pending row gets a key (new after each definite "not sent"); an in-flight
-        row left by a crash keeps its key, so Nylas replays instead of sending twice.
+        A pending row gets a key (new after each definite "not sent") and, if given, the
+        sender that now sends it; an in-flight row left by a crash keeps its key and its
+        sender, so Nylas (which scopes keys per grant) replays instead of sending twice.
         """
         now = self._stamp()
         with self._write() as db:
             current = self._fetch(db, key)
             state = RowState(current["state"])
             uses = 0
+            owner = current["sender"]
             if state == PENDING:
+                owner = sender or owner
                 idempotency_key, issued, fresh = self._idempotency_key(key, current["attempt_no"]), now, True
             elif state == INFLIGHT and current["idempotency_key"]:
                 uses = int(current["key_uses"]) + 1  # an earlier process may have sent it
@@ -222,8 +225,8 @@ class Ledger(LedgerWriter):
             db.execute(
                 "UPDATE recipients SET state = 'inflight', idempotency_key = ?, key_issued_at = ?, "
                 "key_uses = ?, claimed_at = ?, first_claimed_at = COALESCE(first_claimed_at, ?), "
-                "subject = COALESCE(?, subject), updated_at = ? WHERE key = ?",
-                (idempotency_key, issued, uses, now, now, subject, now, key),
+                "subject = COALESCE(?, subject), sender = ?, updated_at = ? WHERE key = ?",
+                (idempotency_key, issued, uses, now, now, subject, owner, now, key),
             )
         usable_until = datetime.fromisoformat(issued) + timedelta(seconds=KEY_REUSE_S)
         return Claim(idempotency_key, int(current["attempt_no"]), usable_until, fresh)

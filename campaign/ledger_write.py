@@ -24,7 +24,7 @@ from campaign.models import RowState
 
 __all__ = ["TRANSITIONS", "LedgerWriter"]
 
-_FETCHED = ("state", "attempt_no", "idempotency_key", "key_issued_at", "claimed_at", "key_uses")
+_FETCHED = ("state", "attempt_no", "idempotency_key", "key_issued_at", "claimed_at", "key_uses", "sender")
 
 PENDING, INFLIGHT, SENT = RowState.PENDING, RowState.INFLIGHT, RowState.SENT
 FAILED, UNKNOWN, SKIPPED = RowState.FAILED, RowState.UNKNOWN, RowState.SKIPPED

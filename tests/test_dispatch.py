@@ -28,7 +28,7 @@ def _sender(name: str, **limits: Any) -> SenderSettings:
     return SenderSettings(name=name, grant_id=f"grant-{name}", email=f"{name}@corp.example.com", **limits)
 
 
-def _jobs(count: int, sender: str, start: int = 1) -> list[Job]:
+def _jobs(count: int, sender: str, start: int = 1, *, pinned: bool = False) -> list[Job]:
     from campaign.models import Recipient
 
     return [
@@ -38,6 +38,7 @@ def _jobs(count: int, sender: str, start: int = 1) -> list[Job]:
                 row=n,
                 address=Address(f"r{n}@example.com", f"R {n}"),
                 fields={"email": f"r{n}@example.com"},
+                sender=sender if pinned else None,
             ),
             sender,
         )
@@ -164,19 +165,46 @@ async def test_nylas_rate_limit_requeues_with_a_new_key(tmp_path):
     assert any(event.kind == EventKind.THROTTLED for event in h.events)
 
 
-async def test_quota_refusal_parks_only_that_sender(tmp_path):
-    """A daily-quota 429 parks its sender until the given time; the other sender finishes."""
+async def test_quota_refusal_parks_only_that_sender_and_its_pinned_rows(tmp_path):
+    """A daily-quota 429 parks its sender until the given time; rows pinned to it wait, the other finishes."""
     h = _Harness(
         tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
     )
     h.fake.script(Fault.QUOTA_EXCEEDED, grant_id="grant-a", times=1)
-    result = await h.run(_jobs(3, "a") + _jobs(3, "b", start=10))
+    result = await h.run(_jobs(3, "a", pinned=True) + _jobs(3, "b", start=10))
     assert "a" in result.parked
     assert result.parked["a"] > h.clock.now()
     assert result.remaining == 3
     states = h.states()
     assert [states[f"r{n}@example.com"] for n in (10, 11, 12)] == [RowState.SENT] * 3
     assert [states[f"r{n}@example.com"] for n in (1, 2, 3)] == [RowState.PENDING] * 3
+
+
+async def test_a_parked_senders_unpinned_rows_flow_to_the_others(tmp_path):
+    """Unpinned rows of a sender at its quota are sent by the other sender, each once, recorded under it."""
+    h = _Harness(
+        tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
+    )
+    h.fake.script(Fault.QUOTA_EXCEEDED, grant_id="grant-a", times=1)
+    result = await h.run(_jobs(3, "a") + _jobs(3, "b", start=10))
+    assert (result.sent, result.remaining) == (6, 0)
+    assert {d.grant_id for d in h.fake.deliveries} == {"grant-b"}
+    emails = [d.payload["to"][0]["email"] for d in h.fake.deliveries]
+    assert len(emails) == len(set(emails)) == 6
+    assert h.ledger.assigned_senders()["r1@example.com"] == "b"
+
+
+async def test_a_refused_senders_unpinned_rows_flow_to_the_others(tmp_path):
+    """A sender whose grant is refused (403) stops; its unpinned rows go out through the other sender."""
+    h = _Harness(
+        tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
+    )
+    h.fake.script(Fault.FORBIDDEN, grant_id="grant-a", times=1)
+    result = await h.run(_jobs(2, "a") + _jobs(1, "a", start=5, pinned=True) + _jobs(2, "b", start=10))
+    assert result.auth_refused == ("a",)
+    states = h.states()
+    assert states["r5@example.com"] == RowState.PENDING  # pinned to the refused sender
+    assert [states[f"r{n}@example.com"] for n in (1, 2, 10, 11)] == [RowState.SENT] * 4
 
 
 async def test_daily_budget_parks_sender_before_the_provider_refuses(tmp_path):
@@ -201,12 +229,12 @@ async def test_permanent_rejection_fails_that_row_and_goes_on(tmp_path):
 
 
 async def test_refused_credentials_stop_the_sender_and_keep_rows_pending(tmp_path):
-    """A 401 stops that sender; its rows stay pending for a later run, the other sender goes on."""
+    """A 401 stops that sender; rows pinned to it stay pending for a later run, the other sender goes on."""
     h = _Harness(
         tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
     )
     h.fake.script(Fault.UNAUTHORIZED, grant_id="grant-a", times=1)
-    result = await h.run(_jobs(2, "a") + _jobs(2, "b", start=10))
+    result = await h.run(_jobs(2, "a", pinned=True) + _jobs(2, "b", start=10))
     assert result.auth_refused == ("a",)
     states = h.states()
     assert states["r1@example.com"] == RowState.PENDING

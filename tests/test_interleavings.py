@@ -67,9 +67,9 @@ class _CrashingLedger:
         if self._writes == self._crash_at:
             raise Crash
 
-    def claim(self, key: str, *, subject: str | None = None):
+    def claim(self, key: str, *, subject: str | None = None, sender: str | None = None):
         self._tick()
-        return self._ledger.claim(key, subject=subject)
+        return self._ledger.claim(key, subject=subject, sender=sender)
 
     def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1):
         self._tick()

@@ -141,15 +141,17 @@ async def test_own_daily_budget_with_wait_never_trips_the_provider(tmp_path):
 
 
 async def test_parked_sender_from_an_earlier_run_sends_nothing_before_its_time(tmp_path):
-    """A park persisted by an earlier run keeps that sender quiet; the other sender goes on."""
+    """A park stored by an earlier run keeps that sender and its pinned rows quiet; the other goes on."""
     clock = FakeClock()
     fake = _fake(clock, "ga", "gb")
     a = SenderSettings(name="a", grant_id="ga", per_second=10)
     b = SenderSettings(name="b", grant_id="gb", per_second=10)
     until = datetime.fromtimestamp(clock.now().timestamp() + 3600, tz=clock.now().tzinfo)
-    result, _ = await _run(
-        tmp_path, fake, clock, [a, b], _jobs(2, "a") + _jobs(2, "b", 10), parked={"a": until}
-    )
+    pinned = [
+        Job(Recipient(j.recipient.key, j.recipient.row, j.recipient.address, {}, "a"), "a")
+        for j in _jobs(2, "a")
+    ]
+    result, _ = await _run(tmp_path, fake, clock, [a, b], pinned + _jobs(2, "b", 10), parked={"a": until})
     assert result.parked == {"a": until}
     assert {d.grant_id for d in fake.deliveries} == {"gb"}
 
