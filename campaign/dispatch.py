@@ -161,9 +161,10 @@ async def dispatch(
     """Send every job under its sender's limits; return what was done and what is left.
 
     When a sender is parked or refused, its jobs go to the other senders, except rows
-    pinned by the list's sender column and the `bound` keys: rows whose idempotency key
-    may already have been used (in flight from an earlier run), which must stay with
-    their grant because Nylas scopes keys per grant.
+    pinned by the list's sender column and rows whose idempotency key may already have
+    been used: Nylas scopes keys per grant, so such a row is only ever sent by its own
+    sender (the ledger's claim says whose it is; `bound` names such rows up front, in
+    flight from an earlier run, so they are not moved at all).
 
     `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
     budgets; `parked` the senders that must not send before a time (from an earlier run);
@@ -328,6 +329,10 @@ class _Loop:
                 self._left_inflight += 1
                 lane.jobs.appendleft(job)
                 raise
+            if state is None:  # handed back to the sender it belongs to
+                self._started -= 1
+                lane.release(wall, message.recipient_count)
+                continue
             # Not sent (PENDING), or left in flight for resume by a stop (INFLIGHT): it goes
             # back to the front of the queue.
             if state in (RowState.PENDING, RowState.INFLIGHT):
@@ -369,7 +374,7 @@ class _Loop:
             if self._clock.monotonic() >= lane.hold_until or lane.stopped or self._stopping:
                 return
 
-    async def _send(self, lane: Lane, job: Job, message: Message) -> RowState:
+    async def _send(self, lane: Lane, job: Job, message: Message) -> RowState | None:
         """Send one message until its outcome is settled for this run; return the row's state.
 
         PENDING: not sent, back to the queue. INFLIGHT: left in flight (a stop, or a row
@@ -380,6 +385,8 @@ class _Loop:
         claim = await self._in_thread(
             partial(self._ledger.claim, key, subject=message.subject, sender=lane.sender.name)
         )
+        if not claim.fresh and claim.sender not in (None, lane.sender.name):
+            return await self._return_to_owner(lane, job, claim.sender)
         await self._wait_for_slot(lane, multipart=payload.multipart)
         if lane.stopped or self._stopping:
             # Its request never left. A fresh key goes back unused; a key from an earlier run
@@ -435,6 +442,16 @@ class _Loop:
                 return RowState.INFLIGHT
         self._after(lane, job, outcome, state)
         return state
+
+    async def _return_to_owner(self, lane: Lane, job: Job, owner: str | None) -> RowState | None:
+        """A row whose key may be used goes back to its own sender: the key is valid on that grant only."""
+        self._bound.add(job.recipient.key)
+        home = self._lanes.get(owner or "")
+        if home is None:  # its sender is gone from the manifest: no grant can send it safely
+            return await self._give_up(lane, job, None, note=_OWNER_GONE)
+        home.jobs.append(Job(job.recipient, home.sender.name))
+        self._start_workers(home)
+        return None
 
     async def _give_up(self, lane: Lane, job: Job, outcome: SendOutcome | None, *, note: str) -> RowState:
         """The row's fate cannot be known now: it becomes unknown, for reconcile to settle."""
@@ -505,6 +522,10 @@ class _Loop:
 
 
 # Why a row became unknown (shown by status and report).
+_OWNER_GONE = (
+    "it was in flight through a sender that is no longer in the manifest, and its idempotency key "
+    "is valid only on that grant; `campaign reconcile` settles it"
+)
 _KEY_TOO_OLD = (
     "its idempotency key is near the end of Nylas's 1 h replay window; "
     "a same-key retry could send twice, so `campaign reconcile` settles it"

@@ -83,6 +83,7 @@ class Claim:
     attempt_no: int
     usable_until: datetime  # past this, a same-key retry could send twice: give up (unknown)
     fresh: bool = True  # the key was issued by this claim (so no request has used it yet)
+    sender: str | None = None  # the sender the row belongs to; a used key is only valid on its grant
 
 
 def open_ledger(path: Path, *, clock: Clock, campaign: str, exclusive: bool = False) -> Ledger:
@@ -229,7 +230,7 @@ class Ledger(LedgerWriter):
                 (idempotency_key, issued, uses, now, now, subject, owner, now, key),
             )
         usable_until = datetime.fromisoformat(issued) + timedelta(seconds=KEY_REUSE_S)
-        return Claim(idempotency_key, int(current["attempt_no"]), usable_until, fresh)
+        return Claim(idempotency_key, int(current["attempt_no"]), usable_until, fresh, owner)
 
     def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1) -> RowState:
         """Record what a send of an in-flight row came to; returns the row's new state.

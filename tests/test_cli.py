@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
@@ -11,6 +10,7 @@ from urllib.parse import urlparse
 
 import httpx
 from conftest import API_KEY, SECRET, copy_sample
+from support import wait_until_listening
 
 from campaign.manifest import load_manifest
 from campaign.testing import FakeNylas
@@ -263,7 +263,7 @@ def test_sandbox_command_serves_the_fake_api_on_loopback(tmp_path):
     command = [sys.executable, "-m", "campaign", "sandbox", str(manifest), "--port", str(port)]
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
         try:
-            _wait_until_listening(port, server)
+            wait_until_listening(port, server)
             url = f"http://127.0.0.1:{port}/v3/grants/0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11/messages/send"
             body = {"to": [{"email": "ann@example.com"}], "subject": "hi", "body": "x"}
             response = httpx.post(url, json=body, headers={"Authorization": "Bearer sandbox-key"}, timeout=5)
@@ -271,19 +271,6 @@ def test_sandbox_command_serves_the_fake_api_on_loopback(tmp_path):
             assert response.json()["data"]["to"] == [{"email": "ann@example.com"}]
         finally:
             server.terminate()
-
-
-def _wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    """Poll (bounded to ~10 s) until the port accepts connections; fail fast if the process exits."""
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.05).close()
-            return
-        except OSError:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=0.05)
-            assert process.returncode is None, "the sandbox server exited early"
-    raise AssertionError(f"nothing listens on port {port}")
 
 
 def test_python_dash_m_runs_the_cli():

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from support import make_jobs, render_plain
 
 from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
-from campaign.models import Address, Message, RowState, SendOutcome
+from campaign.models import RowState, SendOutcome
 from campaign.nylas import NylasClient
+from campaign.payload import build_send_request
 from campaign.plan import Job
 from campaign.testing import FakeNylas, Fault
 from campaign.testing.clock import FakeClock
@@ -26,36 +29,6 @@ KEY = "test-key"
 
 def _sender(name: str, **limits: Any) -> SenderSettings:
     return SenderSettings(name=name, grant_id=f"grant-{name}", email=f"{name}@corp.example.com", **limits)
-
-
-def _jobs(count: int, sender: str, start: int = 1, *, pinned: bool = False) -> list[Job]:
-    from campaign.models import Recipient
-
-    return [
-        Job(
-            Recipient(
-                key=f"r{n}@example.com",
-                row=n,
-                address=Address(f"r{n}@example.com", f"R {n}"),
-                fields={"email": f"r{n}@example.com"},
-                sender=sender if pinned else None,
-            ),
-            sender,
-        )
-        for n in range(start, start + count)
-    ]
-
-
-def _render(job: Job) -> Message:
-    return Message(
-        recipient_key=job.recipient.key,
-        row=job.recipient.row,
-        sender=job.sender,
-        to=(job.recipient.address,),
-        subject=f"Hello {job.recipient.row}",
-        html=f"<p>Hi {job.recipient.row}</p>",
-        metadata=(("key1", "test"), ("key2", job.recipient.key)),
-    )
 
 
 class _Harness:
@@ -82,7 +55,7 @@ class _Harness:
             return await dispatch(
                 jobs,
                 senders=self.senders,
-                render=_render,
+                render=render_plain,
                 client=client,
                 ledger=self.ledger,
                 clock=self.clock,
@@ -121,7 +94,7 @@ async def test_every_job_is_sent_exactly_once(tmp_path):
     h = _Harness(
         tmp_path, [_sender("a", per_second=50, concurrency=4), _sender("b", per_second=50, concurrency=2)]
     )
-    result = await h.run(_jobs(12, "a") + _jobs(8, "b", start=100))
+    result = await h.run(make_jobs(12, "a") + make_jobs(8, "b", start=100))
     assert (result.sent, result.failed, result.remaining) == (20, 0, 0)
     delivered = [d.payload["to"][0]["email"] for d in h.fake.deliveries]
     assert sorted(delivered) == sorted({*delivered})
@@ -138,7 +111,7 @@ async def test_concurrency_cap_per_sender_is_respected(tmp_path):
         tmp_path, [_sender("a", per_second=200, concurrency=3), _sender("b", per_second=200, concurrency=1)]
     )
     h.fake.latency_s = 0.5
-    await h.run(_jobs(9, "a") + _jobs(4, "b", start=50))
+    await h.run(make_jobs(9, "a") + make_jobs(4, "b", start=50))
     assert h.max_in_flight["grant-a"] <= 3
     assert h.max_in_flight["grant-b"] == 1
 
@@ -146,7 +119,7 @@ async def test_concurrency_cap_per_sender_is_respected(tmp_path):
 async def test_pace_spaces_sends_per_sender(tmp_path):
     """At 2/s the sends of one sender start at least 0.5 s apart."""
     h = _Harness(tmp_path, [_sender("a", per_second=2, concurrency=2)])
-    await h.run(_jobs(6, "a"))
+    await h.run(make_jobs(6, "a"))
     times = h.send_times["grant-a"]
     assert all(later - earlier >= 0.5 - 1e-9 for earlier, later in itertools.pairwise(times))
 
@@ -155,7 +128,7 @@ async def test_nylas_rate_limit_requeues_with_a_new_key(tmp_path):
     """A 429 puts the message back in the queue; the retry uses a new idempotency key and it is sent once."""
     h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
     h.fake.script(Fault.NYLAS_RATE_LIMIT, times=1)
-    result = await h.run(_jobs(3, "a"))
+    result = await h.run(make_jobs(3, "a"))
     assert result.sent == 3
     assert len(h.fake.deliveries) == 3
     refused, retried = h.fake.requests[0], h.fake.requests[1]
@@ -171,7 +144,7 @@ async def test_quota_refusal_parks_only_that_sender_and_its_pinned_rows(tmp_path
         tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
     )
     h.fake.script(Fault.QUOTA_EXCEEDED, grant_id="grant-a", times=1)
-    result = await h.run(_jobs(3, "a", pinned=True) + _jobs(3, "b", start=10))
+    result = await h.run(make_jobs(3, "a", pinned=True) + make_jobs(3, "b", start=10))
     assert "a" in result.parked
     assert result.parked["a"] > h.clock.now()
     assert result.remaining == 3
@@ -186,7 +159,7 @@ async def test_a_parked_senders_unpinned_rows_flow_to_the_others(tmp_path):
         tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
     )
     h.fake.script(Fault.QUOTA_EXCEEDED, grant_id="grant-a", times=1)
-    result = await h.run(_jobs(3, "a") + _jobs(3, "b", start=10))
+    result = await h.run(make_jobs(3, "a") + make_jobs(3, "b", start=10))
     assert (result.sent, result.remaining) == (6, 0)
     assert {d.grant_id for d in h.fake.deliveries} == {"grant-b"}
     emails = [d.payload["to"][0]["email"] for d in h.fake.deliveries]
@@ -200,7 +173,9 @@ async def test_a_refused_senders_unpinned_rows_flow_to_the_others(tmp_path):
         tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
     )
     h.fake.script(Fault.FORBIDDEN, grant_id="grant-a", times=1)
-    result = await h.run(_jobs(2, "a") + _jobs(1, "a", start=5, pinned=True) + _jobs(2, "b", start=10))
+    result = await h.run(
+        make_jobs(2, "a") + make_jobs(1, "a", start=5, pinned=True) + make_jobs(2, "b", start=10)
+    )
     assert result.auth_refused == ("a",)
     states = h.states()
     assert states["r5@example.com"] == RowState.PENDING  # pinned to the refused sender
@@ -212,7 +187,7 @@ async def test_daily_budget_parks_sender_before_the_provider_refuses(tmp_path):
     sender = _sender("a", per_second=10, per_day=3, concurrency=1)
     h = _Harness(tmp_path, [sender])
     start = h.clock.now()
-    result = await h.run(_jobs(5, "a"))
+    result = await h.run(make_jobs(5, "a"))
     assert result.sent == 3
     assert result.remaining == 2
     assert len(h.fake.requests) == 3
@@ -223,7 +198,7 @@ async def test_permanent_rejection_fails_that_row_and_goes_on(tmp_path):
     """A 402 fails one row; the rest are sent."""
     h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
     h.fake.script(Fault.REJECTED, times=1)
-    result = await h.run(_jobs(3, "a"))
+    result = await h.run(make_jobs(3, "a"))
     assert (result.sent, result.failed) == (2, 1)
     assert sorted(h.states().values()) == [RowState.FAILED, RowState.SENT, RowState.SENT]
 
@@ -234,7 +209,7 @@ async def test_refused_credentials_stop_the_sender_and_keep_rows_pending(tmp_pat
         tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
     )
     h.fake.script(Fault.UNAUTHORIZED, grant_id="grant-a", times=1)
-    result = await h.run(_jobs(2, "a", pinned=True) + _jobs(2, "b", start=10))
+    result = await h.run(make_jobs(2, "a", pinned=True) + make_jobs(2, "b", start=10))
     assert result.auth_refused == ("a",)
     states = h.states()
     assert states["r1@example.com"] == RowState.PENDING
@@ -245,7 +220,7 @@ async def test_timeout_after_send_is_not_sent_twice(tmp_path):
     """504 after the provider sent: same-key retries, one delivery, the row ends unknown."""
     h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
     h.fake.script(Fault.TIMEOUT_AFTER_SEND, times=1)
-    result = await h.run(_jobs(1, "a"))
+    result = await h.run(make_jobs(1, "a"))
     assert len(h.fake.deliveries) == 1
     assert result.unknown == 1
     assert h.states()["r1@example.com"] == RowState.UNKNOWN
@@ -256,7 +231,7 @@ async def test_transient_server_error_retries_same_key_then_settles(tmp_path):
     """A 500 then the replayed answer: the same key is used for every attempt and nothing is sent twice."""
     h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
     h.fake.script(Fault.INTERNAL_ERROR, times=1)
-    await h.run(_jobs(2, "a"))
+    await h.run(make_jobs(2, "a"))
     first_key = h.fake.requests[0].idempotency_key
     assert all(r.idempotency_key == first_key for r in h.fake.requests if r.status >= 500 or r.replayed)
     emails = [d.payload["to"][0]["email"] for d in h.fake.deliveries]
@@ -266,8 +241,34 @@ async def test_transient_server_error_retries_same_key_then_settles(tmp_path):
 async def test_limit_stops_after_n_sends(tmp_path):
     """--limit 2 sends exactly two messages and reports the rest as remaining."""
     h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=2)])
-    result = await h.run(_jobs(5, "a"), settings=DispatchSettings(limit=2))
+    result = await h.run(make_jobs(5, "a"), settings=DispatchSettings(limit=2))
     assert result.sent == 2
     assert result.limit_reached
     assert result.remaining == 3
     assert len(h.fake.deliveries) == 2
+
+
+async def test_a_row_whose_key_may_be_used_is_never_sent_through_another_grant(tmp_path):
+    """Sent via a, crash before recording, a parked on resume: b must not re-send it (other grant)."""
+    h = _Harness(
+        tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10, concurrency=1)]
+    )
+    jobs = make_jobs(2, "a")
+    h.ledger.record_plan(
+        [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, j.sender) for j in jobs], []
+    )
+    claim = h.ledger.claim("r1@example.com", sender="a")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=h.fake.app), base_url="http://f.test"
+    ) as http:
+        payload = build_send_request(render_plain(jobs[0]))
+        await NylasClient(http, api_key=KEY, clock=h.clock).send_message(
+            "grant-a", payload, idempotency_key=claim.idempotency_key
+        )  # delivered; the process dies before recording it
+    until = h.clock.now() + timedelta(hours=1)
+    result = await h.run(jobs, parked={"a": until})  # no `bound` hint: dispatch must find out itself
+    to_r1 = [d for d in h.fake.deliveries if d.payload["to"][0]["email"] == "r1@example.com"]
+    assert [d.grant_id for d in to_r1] == ["grant-a"]
+    assert h.states()["r1@example.com"] == RowState.INFLIGHT  # resumed with its key once a may send
+    assert h.states()["r2@example.com"] == RowState.SENT
+    assert result.parked == {"a": until}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 import re
@@ -20,6 +19,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
+from support import wait_until_listening
 
 from campaign.endpoint import MAX_BODY_BYTES, UnsubscribeEndpoint, load_endpoint
 from campaign.errors import ManifestError
@@ -337,7 +337,7 @@ def test_serve_command_runs_the_endpoint_on_uvicorn(tmp_path):
     ]
     with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as process:
         try:
-            _wait_until_listening(port, process)
+            wait_until_listening(port, process)
             url = f"http://127.0.0.1:{port}/unsubscribe"
             response = httpx.post(url, params={"t": _token()}, content=ONE_CLICK, headers=FORM, timeout=5)
             assert response.status_code == 200
@@ -356,16 +356,3 @@ def test_serve_command_without_secret_exits_78(cli, tmp_path, monkeypatch):
     result = cli("unsubscribe", "serve", "--store", tmp_path / "u.csv")
     assert result.exit_code == 2
     assert ".sqlite" in result.stderr
-
-
-def _wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    """Poll (bounded to ~10 s) until the port accepts connections; fail fast if the process exits."""
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.05).close()
-            return
-        except OSError:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=0.05)
-            assert process.returncode is None, "the endpoint exited early"
-    raise AssertionError(f"nothing listens on port {port}")

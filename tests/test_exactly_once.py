@@ -15,11 +15,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from support import make_jobs, render_plain, run_inline
 
 from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
 from campaign.ledger import KEY_REUSE_S, Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
-from campaign.models import Address, Message, OutcomeKind, Recipient, RowState, SendOutcome
+from campaign.models import OutcomeKind, RowState, SendOutcome
 from campaign.nylas import NylasClient
 from campaign.payload import build_send_payload
 from campaign.plan import Job
@@ -31,33 +32,9 @@ pytestmark = pytest.mark.anyio
 KEY = "test-key"
 
 
-async def _inline(call: Callable[[], Any]) -> Any:
-    """Ledger writes on the loop, so virtual time cannot jump while one is being written."""
-    return call()
-
-
 def _sender(name: str = "a", **limits: Any) -> SenderSettings:
     limits = {"per_second": 10, "concurrency": 1, **limits}
     return SenderSettings(name=name, grant_id=f"grant-{name}", email=f"{name}@corp.example.com", **limits)
-
-
-def _jobs(count: int, sender: str = "a", start: int = 1) -> list[Job]:
-    return [
-        Job(Recipient(f"r{n}@example.com", n, Address(f"r{n}@example.com"), {}), sender)
-        for n in range(start, start + count)
-    ]
-
-
-def _render(job: Job) -> Message:
-    return Message(
-        recipient_key=job.recipient.key,
-        row=job.recipient.row,
-        sender=job.sender,
-        to=(job.recipient.address,),
-        subject=f"Hello {job.recipient.row}",
-        html=f"<p>Hi {job.recipient.row}</p>",
-        metadata=(("key1", "test"), ("key2", job.recipient.key)),
-    )
 
 
 class _World:
@@ -80,7 +57,7 @@ class _World:
     async def run(self, jobs: list[Job], *, wrap: Callable[[NylasClient], Any] | None = None, **kwargs: Any):
         self.plan(jobs)
         open_rows = {r.key for r in self.ledger.rows(states=(RowState.PENDING, RowState.INFLIGHT))}
-        kwargs.setdefault("offload", _inline)
+        kwargs.setdefault("offload", run_inline)
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.fake.app), base_url="http://f"
         ) as http:
@@ -88,7 +65,7 @@ class _World:
             return await dispatch(
                 [j for j in jobs if j.recipient.key in open_rows],
                 senders=self.senders,
-                render=_render,
+                render=render_plain,
                 client=wrap(client) if wrap else client,
                 ledger=self.ledger,
                 clock=self.clock,
@@ -132,7 +109,7 @@ async def test_every_row_is_inflight_on_disk_before_its_request_leaves_and_write
         found = reader.execute("SELECT state FROM recipients WHERE idempotency_key = ?", (key,)).fetchall()
         seen.append([state for (state,) in found])
 
-    jobs = _jobs(12, "a") + _jobs(6, "b", start=50)
+    jobs = make_jobs(12, "a") + make_jobs(6, "b", start=50)
     world.plan(jobs)
     before = world.ledger.commits
     # The real thread offload, as in production.
@@ -149,7 +126,7 @@ async def test_a_replayed_5xx_makes_the_row_unknown_and_reconcile_requeues_it(tm
     """500 (cached, not sent) replayed on the same-key retry: unknown at once; reconcile re-queues it."""
     world = _World(tmp_path, [_sender()])
     world.fake.script(Fault.INTERNAL_ERROR, times=1)
-    result = await world.run(_jobs(1))
+    result = await world.run(make_jobs(1))
     requests = world.fake.requests
     assert [(r.status, r.replayed) for r in requests] == [(500, False), (500, True)]
     assert requests[0].idempotency_key == requests[1].idempotency_key
@@ -158,7 +135,7 @@ async def test_a_replayed_5xx_makes_the_row_unknown_and_reconcile_requeues_it(tm
     assert (row.state, row.replayed, row.error_status) == (RowState.UNKNOWN, True, 500)
     found = await world.reconcile()
     assert [d.verdict for d in found.decisions] == ["pending"]
-    await world.run(_jobs(1))
+    await world.run(make_jobs(1))
     assert world.delivered() == ["r1@example.com"]
     assert world.fake.deliveries[0].idempotency_key != requests[0].idempotency_key
     assert world.states() == {"r1@example.com": RowState.SENT}
@@ -168,14 +145,14 @@ async def test_a_504_after_the_provider_sent_is_settled_by_reconcile_as_sent(tmp
     """Delivered but answered 504: unknown after the replay; reconcile finds it by metadata; never re-sent."""
     world = _World(tmp_path, [_sender()])
     world.fake.script(Fault.TIMEOUT_AFTER_SEND, times=1)
-    await world.run(_jobs(2))
+    await world.run(make_jobs(2))
     assert world.states()["r1@example.com"] == RowState.UNKNOWN
     found = await world.reconcile()
     assert [(d.key, d.verdict) for d in found.decisions] == [("r1@example.com", "sent")]
     row = world.ledger.row("r1@example.com")
     assert (row.state, row.message_id) == (RowState.SENT, world.fake.deliveries[0].id)
     before = len(world.fake.requests)
-    await world.run(_jobs(2))
+    await world.run(make_jobs(2))
     assert len(world.fake.requests) == before
     assert sorted(world.delivered()) == ["r1@example.com", "r2@example.com"]
 
@@ -226,7 +203,7 @@ async def test_409_in_progress_is_waited_out_with_the_same_key_apart_from_ambigu
     world.fake.script(Fault.SLOW, times=1, delay_s=20)
     settings = DispatchSettings(ambiguous_retries=1, in_progress_wait_s=3, in_progress_retries=20)
     async with anyio.create_task_group() as group:
-        result = await world.run(_jobs(1), wrap=lambda c: _FirstTimesOut(c, group), settings=settings)
+        result = await world.run(make_jobs(1), wrap=lambda c: _FirstTimesOut(c, group), settings=settings)
     statuses = [r.status for r in world.fake.requests]
     assert statuses.count(409) >= 3  # more than the one ambiguous retry allowed: counted apart
     assert len({r.idempotency_key for r in world.fake.requests}) == 1
@@ -241,7 +218,7 @@ async def test_endless_409s_end_unknown_after_the_bounded_waits(tmp_path):
     world.fake.script(Fault.SLOW, times=1, delay_s=10_000)
     settings = DispatchSettings(in_progress_wait_s=3, in_progress_retries=4)
     async with anyio.create_task_group() as group:
-        result = await world.run(_jobs(1), wrap=lambda c: _FirstTimesOut(c, group), settings=settings)
+        result = await world.run(make_jobs(1), wrap=lambda c: _FirstTimesOut(c, group), settings=settings)
         group.cancel_scope.cancel()
     assert result.unknown == 1
     assert [r.status for r in world.fake.requests].count(409) == 5  # the first wait and 4 more
@@ -253,16 +230,16 @@ async def test_a_gateway_429_on_a_resumed_row_never_leads_to_a_second_copy(tmp_p
     Found by the interleaving test: a new key after that 429 would have mailed the recipient twice.
     """
     world = _World(tmp_path, [_sender()])
-    world.plan(_jobs(1))
+    world.plan(make_jobs(1))
     claim = world.ledger.claim("r1@example.com")
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=world.fake.app), base_url="http://f"
     ) as http:
         client = NylasClient(http, api_key=KEY, clock=world.clock)
-        request = build_send_payload(_render(_jobs(1)[0]))
+        request = build_send_payload(render_plain(make_jobs(1)[0]))
         await client.send_message("grant-a", request, idempotency_key=claim.idempotency_key)  # then: kill -9
     world.fake.script(Fault.NYLAS_RATE_LIMIT, times=1)
-    result = await world.run(_jobs(1))
+    result = await world.run(make_jobs(1))
     assert result.sent == 1
     assert world.delivered() == ["r1@example.com"]
     assert {r.idempotency_key for r in world.fake.requests} == {claim.idempotency_key}
@@ -272,10 +249,10 @@ async def test_a_gateway_429_on_a_resumed_row_never_leads_to_a_second_copy(tmp_p
 async def test_a_key_too_old_to_reuse_is_never_sent_again(tmp_path):
     """An in-flight row whose key is near the end of the 1 h window becomes unknown with no request."""
     world = _World(tmp_path, [_sender()])
-    world.plan(_jobs(1))
+    world.plan(make_jobs(1))
     world.ledger.claim("r1@example.com")  # a crash right after this claim
     world.clock.advance(KEY_REUSE_S + 1)
-    result = await world.run(_jobs(1))
+    result = await world.run(make_jobs(1))
     assert (result.unknown, world.fake.requests) == (1, [])
     assert "replay window" in (world.ledger.row("r1@example.com").note or "")
 
@@ -283,10 +260,10 @@ async def test_a_key_too_old_to_reuse_is_never_sent_again(tmp_path):
 async def test_a_row_from_an_earlier_run_stays_in_flight_when_its_sender_parks(tmp_path):
     """A re-claimed row whose request never left this run keeps its state and key (it may have gone out)."""
     world = _World(tmp_path, [_sender(per_second=1, concurrency=2)])
-    world.plan(_jobs(2))
+    world.plan(make_jobs(2))
     old = world.ledger.claim("r2@example.com")  # left in flight by a crash
     world.fake.script(Fault.QUOTA_EXCEEDED, times=1)  # the first request parks the sender
-    result = await world.run(_jobs(2))
+    result = await world.run(make_jobs(2))
     assert "a" in result.parked
     row = world.ledger.row("r2@example.com")
     assert (row.state, row.idempotency_key) == (RowState.INFLIGHT, old.idempotency_key)
@@ -304,7 +281,7 @@ async def test_a_stop_starts_nothing_new_and_records_the_sends_in_flight(tmp_pat
         if event.kind == EventKind.SENT:
             stop.set()
 
-    jobs = _jobs(12)
+    jobs = make_jobs(12)
     world.plan(jobs)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=world.fake.app), base_url="http://f"
@@ -312,12 +289,12 @@ async def test_a_stop_starts_nothing_new_and_records_the_sends_in_flight(tmp_pat
         result = await dispatch(
             jobs,
             senders=world.senders,
-            render=_render,
+            render=render_plain,
             client=NylasClient(http, api_key=KEY, clock=world.clock),
             ledger=world.ledger,
             clock=world.clock,
             on_event=on_event,
-            offload=_inline,
+            offload=run_inline,
             stop=stop,
         )
     counts = world.ledger.counts()
@@ -335,12 +312,12 @@ async def test_a_send_that_outlasts_the_grace_is_left_in_flight_and_resume_settl
     settings = DispatchSettings(stop_grace_s=5)
     async with anyio.create_task_group() as group:
         hang = partial(_Hangs, group=group, clock=world.clock, stop=stop)
-        result = await world.run(_jobs(3), wrap=hang, stop=stop, settings=settings)
+        result = await world.run(make_jobs(3), wrap=hang, stop=stop, settings=settings)
     assert (result.stopped, result.left_inflight) == (True, 1)
     assert world.clock.monotonic() < 100  # abandoned after the grace, not after the hang
     assert world.states()["r1@example.com"] == RowState.INFLIGHT
     assert world.states()["r2@example.com"] == RowState.PENDING
-    await world.run(_jobs(3))
+    await world.run(make_jobs(3))
     assert sorted(world.delivered()) == ["r1@example.com", "r2@example.com", "r3@example.com"]
     assert world.ledger.row("r1@example.com").replayed is True
     assert set(world.states().values()) == {RowState.SENT}

@@ -19,11 +19,12 @@ import anyio
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import render_plain, run_inline
 
 from campaign.dispatch import dispatch
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
-from campaign.models import Address, Message, Recipient, RowState, SendOutcome, SkipReason
+from campaign.models import Address, Recipient, RowState, SendOutcome, SkipReason
 from campaign.nylas import NylasClient
 from campaign.plan import Job
 from campaign.reconcile import reconcile_unknown
@@ -48,10 +49,6 @@ FINAL = {RowState.SENT, RowState.FAILED, RowState.SKIPPED}
 
 class Crash(BaseException):
     """The process is killed here (BaseException: nothing in the code under test catches it)."""
-
-
-async def _inline(call: Any) -> Any:
-    return call()
 
 
 class _CrashingLedger:
@@ -109,18 +106,6 @@ class _CrashingClient:
         return await send()
 
 
-def _render(job: Job) -> Message:
-    return Message(
-        recipient_key=job.recipient.key,
-        row=job.recipient.row,
-        sender=job.sender,
-        to=(job.recipient.address,),
-        subject=f"Hello {job.recipient.row}",
-        html="<p>Hi</p>",
-        metadata=(("key1", "mix"), ("key2", job.recipient.key)),
-    )
-
-
 class _World:
     def __init__(self, folder: Path, *, recipients: int, two_senders: bool, concurrency: int) -> None:
         self.clock = FakeClock()
@@ -171,11 +156,11 @@ class _World:
                 await dispatch(
                     self.open_jobs(),
                     senders=self.senders,
-                    render=_render,
+                    render=partial(render_plain, campaign="mix"),
                     client=client,
                     ledger=ledger,
                     clock=self.clock,
-                    offload=_inline,
+                    offload=run_inline,
                 )
             except Crash:
                 self.restart()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import uuid
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import make_jobs, render_plain, run_inline
 
 from campaign.dispatch import DispatchSettings, dispatch
 from campaign.ledger import PlannedRow, open_ledger
@@ -28,24 +28,6 @@ pytestmark = pytest.mark.anyio
 KEY = "k"
 
 
-def _jobs(count: int, sender: str, first: int = 1) -> list[Job]:
-    return [
-        Job(Recipient(f"r{n}@example.com", n, Address(f"r{n}@example.com"), {}), sender)
-        for n in range(first, first + count)
-    ]
-
-
-async def _inline(call: Callable[[], Any]) -> Any:
-    """Run ledger writes on the loop: on virtual time a worker thread would let the clock jump past it."""
-    return call()
-
-
-def _render(job: Job) -> Message:
-    return Message(
-        job.recipient.key, job.recipient.row, job.sender, (job.recipient.address,), "Hi", html="<p>x</p>"
-    )
-
-
 async def _run(tmp_path: Path, fake: FakeNylas, clock: FakeClock, senders, jobs, **kwargs: Any):
     ledger = open_ledger(tmp_path / f"l{len(list(tmp_path.iterdir()))}.sqlite", clock=clock, campaign="t")
     ledger.record_plan(
@@ -58,11 +40,11 @@ async def _run(tmp_path: Path, fake: FakeNylas, clock: FakeClock, senders, jobs,
         result = await dispatch(
             jobs,
             senders=senders,
-            render=_render,
+            render=render_plain,
             client=client,
             ledger=ledger,
             clock=clock,
-            offload=_inline,
+            offload=run_inline,
             **kwargs,
         )
     return result, ledger
@@ -86,7 +68,7 @@ async def test_retry_after_is_honoured(tmp_path):
     fake = _fake(clock, "ga")
     fake.script(Fault.PROVIDER_THROTTLE, grant_id="ga", times=1, retry_after_s=30)
     sender = SenderSettings(name="a", grant_id="ga", per_second=10, concurrency=2)
-    result, _ = await _run(tmp_path, fake, clock, [sender], _jobs(5, "a"))
+    result, _ = await _run(tmp_path, fake, clock, [sender], make_jobs(5, "a"))
     assert result.sent == 5
     requests = fake.requests
     refused = next(r for r in requests if r.status == 429)
@@ -104,7 +86,7 @@ async def test_quota_refusal_parks_until_the_time_the_provider_gave(tmp_path):
     fake = _fake(clock, "ga")
     fake.set_quota("ga", recipients_per_day=3)
     sender = SenderSettings(name="a", grant_id="ga", per_second=10, concurrency=1)
-    result, _ = await _run(tmp_path, fake, clock, [sender], _jobs(5, "a"))
+    result, _ = await _run(tmp_path, fake, clock, [sender], make_jobs(5, "a"))
     assert (result.sent, result.remaining) == (3, 2)
     first_delivery = fake.deliveries[0].delivered_at
     assert abs((result.parked["a"] - first_delivery).total_seconds() - 86_400) < 2
@@ -118,7 +100,7 @@ async def test_wait_sleeps_through_quotas_across_days(tmp_path):
     sender = SenderSettings(name="a", grant_id="ga", per_second=10, concurrency=2)
     start = clock.now()
     result, _ = await _run(
-        tmp_path, fake, clock, [sender], _jobs(8, "a"), settings=DispatchSettings(wait=True)
+        tmp_path, fake, clock, [sender], make_jobs(8, "a"), settings=DispatchSettings(wait=True)
     )
     assert (result.sent, result.remaining, dict(result.parked)) == (8, 0, {})
     emails = [d.payload["to"][0]["email"] for d in fake.deliveries]
@@ -134,7 +116,7 @@ async def test_own_daily_budget_with_wait_never_trips_the_provider(tmp_path):
     fake.set_quota("ga", recipients_per_day=5)
     sender = SenderSettings(name="a", grant_id="ga", per_second=10, per_day=4, concurrency=2)
     result, _ = await _run(
-        tmp_path, fake, clock, [sender], _jobs(9, "a"), settings=DispatchSettings(wait=True)
+        tmp_path, fake, clock, [sender], make_jobs(9, "a"), settings=DispatchSettings(wait=True)
     )
     assert result.sent == 9
     assert all(r.status == 200 for r in fake.requests)
@@ -149,9 +131,9 @@ async def test_parked_sender_from_an_earlier_run_sends_nothing_before_its_time(t
     until = datetime.fromtimestamp(clock.now().timestamp() + 3600, tz=clock.now().tzinfo)
     pinned = [
         Job(Recipient(j.recipient.key, j.recipient.row, j.recipient.address, {}, "a"), "a")
-        for j in _jobs(2, "a")
+        for j in make_jobs(2, "a")
     ]
-    result, _ = await _run(tmp_path, fake, clock, [a, b], pinned + _jobs(2, "b", 10), parked={"a": until})
+    result, _ = await _run(tmp_path, fake, clock, [a, b], pinned + make_jobs(2, "b", 10), parked={"a": until})
     assert result.parked == {"a": until}
     assert {d.grant_id for d in fake.deliveries} == {"gb"}
 
@@ -175,7 +157,7 @@ async def test_domain_sender_sends_through_the_domain_endpoint(tmp_path):
         )
 
     ledger = open_ledger(tmp_path / "l.sqlite", clock=clock, campaign="t")
-    jobs = _jobs(2, "app")
+    jobs = make_jobs(2, "app")
     ledger.record_plan(
         [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.key, j.sender) for j in jobs], []
     )
@@ -197,7 +179,7 @@ async def test_achieved_rate_is_within_two_percent_of_the_configured_rate(tmp_pa
     fake = _fake(clock, "ga")
     fake.latency_s = 0.1
     sender = SenderSettings(name="a", grant_id="ga", per_second=50, concurrency=10)
-    result, _ = await _run(tmp_path, fake, clock, [sender], _jobs(1000, "a"))
+    result, _ = await _run(tmp_path, fake, clock, [sender], make_jobs(1000, "a"))
     assert result.sent == 1000
     arrivals = sorted(r.arrived_at_monotonic for r in fake.requests)
     achieved = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
@@ -246,12 +228,18 @@ def test_limits_hold_for_random_latencies(tmp_path, rate, burst, concurrency, co
             name="a", grant_id="ga", per_second=rate, burst=burst, concurrency=concurrency
         )
         ledger = open_ledger(tmp_path / f"h{uuid.uuid4().hex}.sqlite", clock=clock, campaign="t")
-        jobs = _jobs(count, "a")
+        jobs = make_jobs(count, "a")
         ledger.record_plan(
             [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.key, "a") for j in jobs], []
         )
         result = await dispatch(
-            jobs, senders=[sender], render=_render, client=client, ledger=ledger, clock=clock, offload=_inline
+            jobs,
+            senders=[sender],
+            render=render_plain,
+            client=client,
+            ledger=ledger,
+            clock=clock,
+            offload=run_inline,
         )
         assert result.sent == count
         assert client.max_in_flight <= concurrency

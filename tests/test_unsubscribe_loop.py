@@ -12,14 +12,14 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from conftest import SECRET, copy_sample
+from support import make_jobs, render_plain
 
 from campaign.dispatch import DispatchEvent, EventKind, dispatch
 from campaign.endpoint import UnsubscribeEndpoint
 from campaign.ledger import PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
-from campaign.models import Address, Message, Recipient, RowState, SendOutcome
+from campaign.models import Address, Recipient, RowState, SendOutcome
 from campaign.nylas import NylasClient
-from campaign.plan import Job
 from campaign.suppression import UnsubscribeWatch, open_store
 from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
 from campaign.unsubscribe import parse_secrets
@@ -116,27 +116,6 @@ def test_resume_skips_pending_rows_whose_recipients_unsubscribed_since(api, cli,
 # --- mid-run: dispatch with FakeClock -----------------------------------------------------------------------
 
 
-def _jobs(count: int) -> list[Job]:
-    return [
-        Job(
-            Recipient(f"r{n}@example.com", n, Address(f"r{n}@example.com"), {"email": f"r{n}@example.com"}),
-            "a",
-        )
-        for n in range(1, count + 1)
-    ]
-
-
-def _render(job: Job) -> Message:
-    return Message(
-        recipient_key=job.recipient.key,
-        row=job.recipient.row,
-        sender=job.sender,
-        to=(job.recipient.address,),
-        subject="Hello",
-        html="<p>Hi</p>",
-    )
-
-
 class _UnsubscribeAfterFirstSend:
     """The real client, plus: after the first send, r3 clicks one-click on the endpoint (in-process ASGI)."""
 
@@ -168,7 +147,7 @@ async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path):
         name="a", grant_id="grant-a", email="a@corp.example.com", per_second=1, concurrency=1
     )
     fake.add_grant(sender.grant_id, "a@corp.example.com")
-    jobs = _jobs(5)
+    jobs = make_jobs(5)
     ledger = open_ledger(tmp_path / "l.sqlite", clock=clock, campaign="spring")
     ledger.record_plan(
         [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, "a") for j in jobs], []
@@ -189,7 +168,7 @@ async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path):
         result = await dispatch(
             jobs,
             senders=[sender],
-            render=_render,
+            render=render_plain,
             client=client,
             ledger=ledger,
             clock=clock,

@@ -1,0 +1,60 @@
+"""Helpers shared by the engine and server tests: jobs, a plain message, inline writes, a port wait."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+from campaign.models import Address, Message, Recipient
+from campaign.plan import Job
+
+
+def make_jobs(count: int, sender: str = "a", start: int = 1, *, pinned: bool = False) -> list[Job]:
+    """`count` jobs for r{start}@example.com … assigned to `sender` (pinned to it by the list if asked)."""
+    return [
+        Job(
+            Recipient(
+                key=f"r{n}@example.com",
+                row=n,
+                address=Address(f"r{n}@example.com", f"R {n}"),
+                fields={"email": f"r{n}@example.com"},
+                sender=sender if pinned else None,
+            ),
+            sender,
+        )
+        for n in range(start, start + count)
+    ]
+
+
+def render_plain(job: Job, *, campaign: str = "test") -> Message:
+    """A small HTML message for `job`, with the metadata reconcile looks up."""
+    return Message(
+        recipient_key=job.recipient.key,
+        row=job.recipient.row,
+        sender=job.sender,
+        to=(job.recipient.address,),
+        subject=f"Hello {job.recipient.row}",
+        html=f"<p>Hi {job.recipient.row}</p>",
+        metadata=(("key1", campaign), ("key2", job.recipient.key)),
+    )
+
+
+async def run_inline(call: Callable[[], Any]) -> Any:
+    """Run ledger writes on the loop: on virtual time a worker thread would let the clock jump past them."""
+    return call()
+
+
+def wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Poll (bounded to ~10 s) until the port accepts connections; fail fast if the process exits."""
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.05).close()
+            return
+        except OSError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.05)
+            assert process.returncode is None, "the server process exited early"
+    raise AssertionError(f"nothing listens on port {port}")
