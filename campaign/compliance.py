@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from campaign.errors import TemplateError
-from campaign.manifest import Manifest, SenderSettings
+from campaign.manifest import Manifest
 from campaign.models import Message
 from campaign.plan import daily_capacity
+from campaign.settings import SenderSettings
 from campaign.suppression import list_store_paths
 
 __all__ = [

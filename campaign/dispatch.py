@@ -1,144 +1,44 @@
 """The send loop: one lane per sender, each with its limits, claiming, sending and recording.
 
-For every message: check the sender's budgets, mark the row in flight in the
-ledger (with its idempotency key), wait for the sender's next slot, send, record
-the outcome. The per-sender limits live in `campaign.lane`. It sees the API
-client and the ledger through protocols, reads time only through its `Clock`,
-and reports progress as `DispatchEvent`s; it never prints.
+For every message: check the sender's budgets, mark the row in flight in the ledger (with
+its idempotency key), wait for the sender's next slot, send, record the outcome. The limits
+live in `campaign.lane`, the waiting rules in `campaign.retries`, the loop's settings,
+events and result in `campaign.dispatch_types` (importable from here too). It sees the API
+client and the ledger through protocols, reads time only through its `Clock`, and reports
+progress as `DispatchEvent`s; it never prints.
 """
 
 from __future__ import annotations
 
-import random
-from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
 from functools import partial
-from typing import Protocol, TypeVar
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 
 from campaign.clock import Clock
+from campaign.dispatch_types import (
+    DispatchEvent,
+    DispatchResult,
+    DispatchSettings,
+    EventKind,
+    Offload,
+    ProgressLedger,
+    build_thread_offload,
+)
 from campaign.groupcommit import GroupCommit
-from campaign.lane import Lane, open_lane
-from campaign.ledger import Claim
-from campaign.manifest import SenderSettings
-from campaign.models import Message, OutcomeKind, Recipient, RowState, SendOutcome, SkipReason, ThrottleKind
-from campaign.nylas import SendClient
-from campaign.payload import SendRequest, build_send_request
+from campaign.lane import Lane, hand_over_jobs, open_lane
+from campaign.models import Message, OutcomeKind, Recipient, RowState, SendOutcome, SkipReason
+from campaign.nylas import SendClient, send_as
+from campaign.payload import build_send_request
 from campaign.plan import Job
+from campaign.retries import GAVE_UP_NOTE, KEY_TOO_OLD_NOTE, OWNER_GONE_NOTE, RetryPolicy
+from campaign.settings import SenderSettings
 from campaign.tasks import Stopper, first_error
 
-__all__ = [
-    "DispatchEvent",
-    "DispatchResult",
-    "DispatchSettings",
-    "EventKind",
-    "Offload",
-    "ProgressLedger",
-    "build_thread_offload",
-    "dispatch",
-]
-
-_T = TypeVar("_T")
-
-
-class Offload(Protocol):
-    """Runs a blocking call (a ledger write) so that the event loop does not wait on it."""
-
-    async def __call__(self, call: Callable[[], _T]) -> _T: ...
-
-
-def build_thread_offload() -> Offload:
-    """The default: one worker thread at a time, so the ledger is never written from two threads at once."""
-    limiter = anyio.CapacityLimiter(1)
-
-    async def offload(call: Callable[[], _T]) -> _T:
-        return await anyio.to_thread.run_sync(call, limiter=limiter)
-
-    return offload
-
-
-class ProgressLedger(Protocol):
-    """What the engine needs from the ledger."""
-
-    def claim(self, key: str, *, subject: str | None = None, sender: str | None = None) -> Claim: ...
-
-    def record_outcome(
-        self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
-    ) -> RowState: ...
-
-    def release(self, key: str) -> None: ...
-
-    def record_unknown(self, key: str, *, note: str | None = None) -> None: ...
-
-    def batch(self) -> AbstractContextManager[None]: ...
-
-    def record_skipped(self, key: str, reason: SkipReason, detail: str) -> bool: ...
-
-
-class EventKind(StrEnum):
-    """What a `DispatchEvent` reports."""
-
-    SENT = "sent"
-    FAILED = "failed"
-    THROTTLED = "throttled"
-    RETRYING = "retrying"
-    UNKNOWN = "unknown"
-    PARKED = "parked"
-    RESUMED = "resumed"
-    AUTH_REFUSED = "auth_refused"
-    SKIPPED = "skipped"  # the recipient unsubscribed while the campaign ran
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchEvent:
-    """Something that happened to one send or one sender."""
-
-    kind: EventKind
-    sender: str
-    key: str | None = None
-    email: str | None = None
-    outcome: SendOutcome | None = None
-    until: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchSettings:
-    """Knobs of the send loop; the defaults suit real mailboxes."""
-
-    limit: int | None = None  # at most this many sends this run
-    ambiguous_retries: int = 3  # same-key retries after a timeout / 5xx before the row is `unknown`
-    retry_base_s: float = 2.0  # first backoff; doubles each time, with jitter
-    retry_max_s: float = 120.0
-    park_after_s: float = 900.0  # a throttle asking for a longer wait parks the sender for the run
-    park_after_throttles: int = 8  # consecutive throttles with no send in between park the sender
-    wait: bool = False  # sleep through parks (quota, long throttles) instead of stopping with them
-    # 409 concurrent_idempotent_request: the first request with the key is still running at
-    # Nylas; wait for it and ask again with the same key (not counted as an ambiguous retry).
-    in_progress_retries: int = 10
-    in_progress_wait_s: float = 3.0
-    stop_grace_s: float = 30.0  # after a stop request, sends in flight get this long to finish
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchResult:
-    """What a dispatch run came to."""
-
-    sent: int
-    failed: int
-    unknown: int
-    remaining: int
-    parked: Mapping[str, datetime] = field(default_factory=dict)
-    auth_refused: tuple[str, ...] = ()
-    limit_reached: bool = False
-    stopped: bool = False  # a stop was requested (Ctrl-C): no new work was started after it
-    left_inflight: int = 0  # rows left in flight (stopped mid-retry or abandoned): resume re-sends them
+# The loop's values, re-exported for callers; its protocols are in campaign.dispatch_types.
+__all__ = ["DispatchEvent", "DispatchResult", "DispatchSettings", "EventKind", "dispatch"]
 
 
 async def dispatch(
@@ -229,7 +129,7 @@ class _Loop:
         # Every ledger write goes through group commit: writes asked for together share a
         # transaction, and each caller goes on only once its own write is on disk.
         self._in_thread = GroupCommit(offload, ledger.batch)
-        self._random = random.Random()
+        self._retry = RetryPolicy(settings)
         self._unsubscribed = unsubscribed
         self._stop = Stopper(stop, clock=clock)
         self._left_inflight = 0
@@ -283,19 +183,9 @@ class _Loop:
                 self._hand_over(lane)
 
     def _hand_over(self, lane: Lane) -> None:
-        """Give a parked or refused sender's movable jobs to the senders that would finish them soonest."""
+        """Give a parked or refused sender's movable jobs to the other senders, and start them on it."""
         takers = [other for other in self._lanes.values() if other is not lane and not other.stopped]
-        if not takers:
-            return
-        kept: deque[Job] = deque()
-        for job in lane.jobs:
-            if job.recipient.sender is not None or job.recipient.key in self._bound:
-                kept.append(job)
-                continue
-            taker = min(takers, key=lambda other: (len(other.jobs) + 1) / other.rate_per_s)
-            taker.jobs.append(Job(job.recipient, taker.sender.name))
-        if len(kept) != len(lane.jobs):
-            lane.jobs = kept
+        if hand_over_jobs(lane, takers, bound=self._bound):
             for taker in takers:
                 self._start_workers(taker)
 
@@ -398,8 +288,8 @@ class _Loop:
         retries = waits = 0
         while True:
             if self._clock.now() >= claim.usable_until:
-                return await self._give_up(lane, job, None, note=_KEY_TOO_OLD)
-            outcome = await self._post(lane.sender, payload, claim.idempotency_key)
+                return await self._give_up(lane, job, None, note=KEY_TOO_OLD_NOTE)
+            outcome = await send_as(self._client, lane.sender, payload, idempotency_key=claim.idempotency_key)
             self._apply_to_lane(lane, outcome)  # before any await: no other worker may send into it
             state = await self._in_thread(
                 partial(
@@ -423,15 +313,11 @@ class _Loop:
             # "in progress" is waited out apart from the ambiguous retries.
             if outcome.kind == OutcomeKind.IN_PROGRESS:
                 waits += 1
-                exhausted, delay = (
-                    waits > self._settings.in_progress_retries,
-                    self._settings.in_progress_wait_s,
-                )
             else:
                 retries += 1
-                exhausted, delay = retries > self._settings.ambiguous_retries, self._backoff(retries)
-            if exhausted:
-                return await self._give_up(lane, job, outcome, note=_GAVE_UP)
+            delay = self._retry.retry_delay_s(outcome, retries=retries, waits=waits)
+            if delay is None:
+                return await self._give_up(lane, job, outcome, note=GAVE_UP_NOTE)
             self._emit(
                 DispatchEvent(EventKind.RETRYING, lane.sender.name, key, job.recipient.address.email, outcome)
             )
@@ -448,7 +334,7 @@ class _Loop:
         self._bound.add(job.recipient.key)
         home = self._lanes.get(owner or "")
         if home is None:  # its sender is gone from the manifest: no grant can send it safely
-            return await self._give_up(lane, job, None, note=_OWNER_GONE)
+            return await self._give_up(lane, job, None, note=OWNER_GONE_NOTE)
         home.jobs.append(Job(job.recipient, home.sender.name))
         self._start_workers(home)
         return None
@@ -466,12 +352,6 @@ class _Loop:
     @property
     def _stopping(self) -> bool:
         return self._stop.requested
-
-    async def _post(self, sender: SenderSettings, payload: SendRequest, key: str) -> SendOutcome:
-        if sender.domain is not None:
-            return await self._client.send_domain_message(sender.domain, payload, idempotency_key=key)
-        assert sender.grant_id is not None  # the manifest requires one of the two
-        return await self._client.send_message(sender.grant_id, payload, idempotency_key=key)
 
     def _after(self, lane: Lane, job: Job, outcome: SendOutcome, state: RowState) -> None:
         name, key, email = lane.sender.name, job.recipient.key, job.recipient.address.email
@@ -499,35 +379,12 @@ class _Loop:
 
     def _throttled(self, lane: Lane, outcome: SendOutcome) -> None:
         now = self._clock.now()
-        if outcome.retry_at is not None:
-            wait_s = max(0.0, (outcome.retry_at - now).total_seconds())
-        else:
-            wait_s = self._backoff(lane.throttles + 1)
+        wait_s = self._retry.throttle_wait_s(outcome, now=now, throttles=lane.throttles)
         lane.record_throttle(mono=self._clock.monotonic(), wait_s=wait_s)
-        if (
-            outcome.throttle == ThrottleKind.QUOTA
-            or wait_s > self._settings.park_after_s
-            or lane.throttles >= self._settings.park_after_throttles
-        ):
+        if self._retry.parks(outcome, wait_s=wait_s, throttles=lane.throttles):
             self._park(lane, now + timedelta(seconds=wait_s))
 
     def _park(self, lane: Lane, until: datetime) -> None:
         if lane.parked_until is None:
             lane.parked_until = until
             self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))
-
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._settings.retry_max_s, self._settings.retry_base_s * 2.0 ** (attempt - 1))
-        return ceiling * (0.5 + self._random.random() / 2)  # jitter: between half and all of it
-
-
-# Why a row became unknown (shown by status and report).
-_OWNER_GONE = (
-    "it was in flight through a sender that is no longer in the manifest, and its idempotency key "
-    "is valid only on that grant; `campaign reconcile` settles it"
-)
-_KEY_TOO_OLD = (
-    "its idempotency key is near the end of Nylas's 1 h replay window; "
-    "a same-key retry could send twice, so `campaign reconcile` settles it"
-)
-_GAVE_UP = "no definite answer after same-key retries; `campaign reconcile` settles it"

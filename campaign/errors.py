@@ -1,7 +1,7 @@
 """The `CampaignError` family: every error a user can cause or meet, with its exit code.
 
 Foreign exceptions (pydantic, polars, jinja2, httpx, sqlite3) are translated into
-these once, where they arise; only `cli.py` turns them into exit codes.
+these once, where they arise; only the `campaign.cli` package turns them into exit codes.
 
     CampaignError                  1
     ├── UsageError                 2   command-line misuse (e.g. no terminal and no --yes)

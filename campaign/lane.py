@@ -3,22 +3,23 @@
 A lane combines the sender's pace (and Nylas's 10/s ceiling for multipart sends),
 its rolling-24 h budgets in recipients and in messages, the earliest time a
 throttle allows the next request, an adaptive slowdown after repeated throttles,
-and whether it is parked (until a time) or stopped for refused credentials.
-Callers pass the current time; nothing here reads a clock or sleeps.
+and whether it is parked (until a time) or stopped for refused credentials; and
+how a stopped lane hands its movable jobs to the others. Callers pass the current
+time; nothing here reads a clock or sleeps.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from campaign.manifest import SenderSettings
 from campaign.plan import Job
 from campaign.ratelimit import NYLAS_MULTIPART_PER_SECOND, DailyBudget, Pace
+from campaign.settings import SenderSettings
 
-__all__ = ["Lane", "open_lane"]
+__all__ = ["Lane", "hand_over_jobs", "open_lane"]
 
 # After a throttle the pace halves, down to a tenth; every RECOVER_AFTER sends without
 # one it climbs back by a quarter, so a sender recovers slowly and does not oscillate.
@@ -93,6 +94,27 @@ class Lane:
             self.slowdown = min(1.0, self.slowdown * 1.25)
             self.calm_sends = 0
             self.pace.set_rate(self.rate_per_s)
+
+
+def hand_over_jobs(lane: Lane, takers: Sequence[Lane], *, bound: Collection[str]) -> bool:
+    """Move a stopped lane's movable jobs, each to the taker that would finish it soonest; True if any moved.
+
+    Rows pinned by the list's sender column stay, and so do `bound` rows: their idempotency
+    key may have been used, and Nylas scopes keys per grant.
+    """
+    if not takers:
+        return False
+    kept: deque[Job] = deque()
+    for job in lane.jobs:
+        if job.recipient.sender is not None or job.recipient.key in bound:
+            kept.append(job)
+            continue
+        taker = min(takers, key=lambda other: (len(other.jobs) + 1) / other.rate_per_s)
+        taker.jobs.append(Job(job.recipient, taker.sender.name))
+    if len(kept) == len(lane.jobs):
+        return False
+    lane.jobs = kept
+    return True
 
 
 def open_lane(sender: SenderSettings, *, history: Sequence[tuple[float, int]] = ()) -> Lane:

@@ -1,23 +1,22 @@
 """The wire to the Nylas v3 API: the send call and its outcome, and listing for reconcile.
 
-Sends the payload built by `campaign.payload` over an injected `httpx.AsyncClient` and
-translates every response or httpx failure into a `SendOutcome`, so a per-message result
-never raises. It must not decide what happens next (retry, park, record: that is
-dispatch's job), must not read time except through the `Clock`, and no text it produces
-may hold the API key.
+Sends the payload built by `campaign.payload` over an injected `httpx.AsyncClient`, through
+a sender's grant or its verified domain (`send_as`), and turns every response or httpx
+failure into a `SendOutcome` (`campaign.nylas_answers` reads the answers), so a
+per-message result never raises. It must not decide what happens next (retry, park,
+record: that is dispatch's job), must not read time except through the `Clock`, and no
+text it produces may hold the API key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import email.utils
 import json
 import math
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -27,8 +26,17 @@ import httpx
 from campaign import __version__
 from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError, ManifestError
-from campaign.models import OutcomeKind, SendOutcome, ThrottleKind
+from campaign.models import OutcomeKind, SendOutcome
+from campaign.nylas_answers import (
+    build_send_outcome,
+    describe_exception,
+    find_request_id,
+    json_text,
+    parse_error_body,
+    parse_json_object,
+)
 from campaign.payload import SendRequest, encode_send_request
+from campaign.settings import SenderSettings
 
 __all__ = [
     "DEFAULT_API_URI",
@@ -39,20 +47,14 @@ __all__ = [
     "NylasClient",
     "SendClient",
     "build_http_client",
+    "send_as",
 ]
 
 DEFAULT_API_URI = "https://api.us.nylas.com"
 MAX_IDEMPOTENCY_KEY_LENGTH = 256  # §4: a longer key gets 400 api.invalid_idempotency_key
 _USER_AGENT = f"campaign/{__version__}"
-_EXCERPT_CHARS = 300
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7E]+")  # safe in an HTTP header value as is
 _METADATA_KEYS = frozenset({"key1", "key2", "key3", "key4", "key5"})  # the only filterable keys (§5)
-_ISO = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?"
-_RETRY_AFTER_ISO = re.compile(rf"retry after\s+({_ISO})", re.IGNORECASE)  # Gmail, inside provider_error
-_QUOTA_WORDS = ("quota", "daily user sending limit exceeded", "activity limit reached")
-_PROVIDER_WORDS = ("mailboxconcurrency", "applicationthrottled", "throttl", "provider")
-_TAG = re.compile(r"<[^>]*>")
-_SPACES = re.compile(r"\s+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +97,18 @@ class SendClient(Protocol):
     ) -> SendOutcome: ...
 
 
-@dataclass(frozen=True, slots=True)
-class _ErrorBody:
-    type: str | None
-    raw_message: str  # error.message as the server sent it
-    message: str  # one line for the user: the message plus the provider's own words
-    provider_error: object
+async def send_as(
+    client: SendClient,
+    sender: SenderSettings,
+    payload: Mapping[str, Any] | SendRequest,
+    *,
+    idempotency_key: str,
+) -> SendOutcome:
+    """Send `payload` the way `sender` sends: through its grant, or through its verified domain."""
+    if sender.domain is not None:
+        return await client.send_domain_message(sender.domain, payload, idempotency_key=idempotency_key)
+    assert sender.grant_id is not None  # the manifest requires one of the two
+    return await client.send_message(sender.grant_id, payload, idempotency_key=idempotency_key)
 
 
 def build_http_client(
@@ -181,9 +189,9 @@ class NylasClient:
             # where the request provably never left: a same-key retry is safe either way (§4) and one rule
             # keeps dispatch simple. The message tells the user which case it was.
             error_type = "timeout" if isinstance(exc, httpx.TimeoutException) else "network"
-            message = self._scrub(_describe_exception(exc))
+            message = self._scrub(describe_exception(exc))
             return SendOutcome(OutcomeKind.AMBIGUOUS, error_type=error_type, error_message=message)
-        return self._outcome_for_response(response)
+        return build_send_outcome(response, clock=self._clock, scrub=self._scrub)
 
     async def list_messages(
         self,
@@ -217,7 +225,7 @@ class NylasClient:
         }
         body = await self._get_json(f"/v3/grants/{_quote_grant(grant_id)}/messages", params)
         messages = tuple(_listed_message(item) for item in _data_list(body, "messages"))
-        return MessagePage(messages, _text(body, "next_cursor") or None)
+        return MessagePage(messages, json_text(body, "next_cursor") or None)
 
     async def list_folders(self, grant_id: str) -> list[Folder]:
         """Every folder of the grant (`GET /v3/grants/{id}/folders`, following `next_cursor`)."""
@@ -228,7 +236,7 @@ class NylasClient:
         while True:
             body = await self._get_json(path, {} if token is None else {"page_token": token})
             folders.extend(_folder(item) for item in _data_list(body, "folders"))
-            token = _text(body, "next_cursor") or None
+            token = json_text(body, "next_cursor") or None
             if token is None or token in seen:  # a repeated cursor would loop forever
                 return folders
             seen.add(token)
@@ -245,64 +253,19 @@ class NylasClient:
             text = text.replace(secret, "***")
         return text
 
-    def _outcome_for_response(self, response: httpx.Response) -> SendOutcome:
-        status = response.status_code
-        text = self._scrub(response.text)  # before any excerpt, so a cut can't leave half a key
-        body = _json_object(text)
-        request_id = _request_id(body, response)
-        request_id = None if request_id is None else self._scrub(request_id)
-        replayed = response.headers.get("Idempotent-Response", "").strip().lower() == "true"
-        base = SendOutcome(OutcomeKind.SENT, status=status, request_id=request_id, replayed=replayed)
-        if 200 <= status < 300:
-            data = body.get("data") if body is not None else None
-            message_id = data.get("id") if isinstance(data, dict) else None
-            if isinstance(message_id, str) and message_id:
-                return dataclasses.replace(base, message_id=message_id)
-            # Not a Nylas answer we understand: a same-key retry (or reconcile) settles it safely.
-            message = f"HTTP {status} without a message id: {_excerpt(text)}"
-            return dataclasses.replace(
-                base, kind=OutcomeKind.AMBIGUOUS, error_type="bad_response", error_message=message
-            )
-        error = _parse_error(status, text, body)
-        kind = _kind_for_status(status, error.type)
-        message = f"unexpected redirect (HTTP {status}); check api.uri" if status < 400 else error.message
-        throttle = _throttle_kind(error) if kind is OutcomeKind.THROTTLED else None
-        retry_at = self._retry_at(response, error)
-        return dataclasses.replace(
-            base,
-            kind=kind,
-            error_type=error.type,
-            error_message=message,
-            retry_at=retry_at,
-            throttle=throttle,
-        )
-
-    def _retry_at(self, response: httpx.Response, error: _ErrorBody) -> datetime | None:
-        """The latest time the server asked us to wait for: Retry-After, or "Retry after <ISO>" inside."""
-        candidates: list[datetime] = []
-        if header := response.headers.get("Retry-After"):
-            when = _parse_retry_after(header.strip(), self._clock.now())
-            candidates.extend([] if when is None else [when])
-        for match in _RETRY_AFTER_ISO.finditer(f"{json.dumps(error.provider_error)} {error.raw_message}"):
-            try:
-                candidates.append(_as_utc(datetime.fromisoformat(match.group(1))))
-            except ValueError:
-                continue
-        return max(candidates, default=None)
-
     async def _get_json(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
         where = f"Nylas API GET {path}"
         try:
             response = await self._http.get(path, params=params, headers=self._headers())
         except httpx.RequestError as exc:
-            detail = self._scrub(_describe_exception(exc))
+            detail = self._scrub(describe_exception(exc))
             raise ApiError(f"{where}: {detail}; check the network and api.uri, then try again") from exc
         status = response.status_code
         text = self._scrub(response.text)
-        body = _json_object(text)
+        body = parse_json_object(text)
         if not 200 <= status < 300:
-            error = _parse_error(status, text, body)
-            request_id = _request_id(body, response) or "none"
+            error = parse_error_body(status, text, body)
+            request_id = find_request_id(body, response) or "none"
             what = self._scrub(
                 f"HTTP {status} {error.type or 'unknown'} (request {request_id}): {error.message}"
             )
@@ -327,102 +290,10 @@ def _request_body(request: SendRequest) -> bytes | AsyncIterator[bytes]:
     return stream()
 
 
-def _kind_for_status(status: int, error_type: str | None) -> OutcomeKind:
-    if status == 429:
-        return OutcomeKind.THROTTLED
-    if status in (401, 403):
-        return OutcomeKind.AUTH_REFUSED
-    if status == 409 and (error_type or "").endswith("concurrent_idempotent_request"):
-        return OutcomeKind.IN_PROGRESS
-    if status >= 500:
-        return OutcomeKind.AMBIGUOUS
-    # Other 4xx (incl. 409 invalid_idempotent_request: our bug), and 1xx/3xx: redirects are not
-    # followed, so nothing at Nylas handled the request.
-    return OutcomeKind.REJECTED
-
-
-def _throttle_kind(error: _ErrorBody) -> ThrottleKind:
-    error_type = (error.type or "").lower()
-    if error_type == "nylas_rate_limit_exceeded":
-        return ThrottleKind.NYLAS
-    text = f"{error_type} {error.raw_message} {json.dumps(error.provider_error)}".lower()
-    if any(word in text for word in _QUOTA_WORDS):
-        return ThrottleKind.QUOTA
-    if error.provider_error is not None or any(word in text for word in _PROVIDER_WORDS):
-        return ThrottleKind.PROVIDER
-    # No provider in sight: Nylas's own limit (the OAS example uses rate_limit_error for it).
-    return ThrottleKind.NYLAS
-
-
-def _describe_exception(exc: httpx.RequestError) -> str:
-    detail = _one_line(str(exc))
-    what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
-        return f"could not connect to the API ({what}); nothing was sent"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"no answer in time ({what}); the message may have been sent"
-    return f"the connection failed ({what}); the message may have been sent"
-
-
-def _parse_error(status: int, text: str, body: dict[str, Any] | None) -> _ErrorBody:
-    if body is None:  # e.g. a gateway's HTML 502
-        page = _excerpt(_TAG.sub(" ", text))
-        return _ErrorBody(None, "", f"HTTP {status}, not a JSON answer" + (f": {page}" if page else ""), None)
-    error = body.get("error")
-    if not isinstance(error, dict):
-        return _ErrorBody(None, "", f"HTTP {status}: {_excerpt(text)}", None)
-    error_type, raw_message = _text(error, "type"), _text(error, "message")
-    provider = error.get("provider_error")
-    message = raw_message or f"HTTP {status}"
-    provider_text = _provider_message(provider)
-    if provider_text and provider_text not in message:
-        message = f"{message} (provider: {provider_text})"
-    return _ErrorBody(error_type or None, raw_message, _excerpt(message), provider)
-
-
-def _provider_message(provider: object) -> str:
-    if provider is None:
-        return ""
-    inner = provider.get("error", provider) if isinstance(provider, dict) else provider
-    if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-        return str(inner["message"])
-    return inner if isinstance(inner, str) else json.dumps(provider)
-
-
-def _parse_retry_after(value: str, now: datetime) -> datetime | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            return _as_utc(email.utils.parsedate_to_datetime(value))
-        except (TypeError, ValueError, IndexError):
-            return None
-    try:
-        return now + timedelta(seconds=max(0.0, seconds)) if math.isfinite(seconds) else None
-    except OverflowError:
-        return None
-
-
 def _quote_grant(grant_id: str) -> str:
     if not grant_id:
         raise ValueError("grant_id must not be empty")
     return quote(grant_id, safe=":@")  # ':' and '@' are legal in a path segment (grant:<id>, email:<addr>)
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        body = json.loads(text)
-    except ValueError:  # an HTML page, an empty body
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def _request_id(body: dict[str, Any] | None, response: httpx.Response) -> str | None:
-    return (
-        (_text(body, "request_id") if body is not None else "")
-        or response.headers.get("x-request-id")
-        or None
-    )
 
 
 def _data_list(body: dict[str, Any], what: str) -> list[Any]:
@@ -447,7 +318,7 @@ def _listed_message(item: object) -> ListedMessage:
     if isinstance(date, int | float) and not isinstance(date, bool):
         with contextlib.suppress(OverflowError, OSError, ValueError):
             when = datetime.fromtimestamp(date, UTC)
-    return ListedMessage(item["id"], _text(item, "subject"), emails, when, MappingProxyType(pairs))
+    return ListedMessage(item["id"], json_text(item, "subject"), emails, when, MappingProxyType(pairs))
 
 
 def _folder(item: object) -> Folder:
@@ -456,22 +327,4 @@ def _folder(item: object) -> Folder:
     # §11.3: the Python SDK types `attributes` as a string, the docs as an array; take both.
     raw = item.get("attributes")
     attributes = tuple(a for a in (raw if isinstance(raw, list) else [raw]) if isinstance(a, str))
-    return Folder(item["id"], _text(item, "name"), attributes)
-
-
-def _text(item: dict[str, Any], name: str) -> str:
-    value = item.get(name)
-    return value if isinstance(value, str) else ""
-
-
-def _as_utc(when: datetime) -> datetime:
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def _one_line(text: str) -> str:
-    return _SPACES.sub(" ", text).strip()
-
-
-def _excerpt(text: str) -> str:
-    line = _one_line(text)
-    return line if len(line) <= _EXCERPT_CHARS else line[: _EXCERPT_CHARS - 1] + "…"
+    return Folder(item["id"], json_text(item, "name"), attributes)

@@ -1,37 +1,25 @@
-"""Everything the user sees on a terminal: progress, tables, summaries, errors (rich).
+"""Everything the user sees on a terminal: tables, summaries, errors (rich).
 
-Takes data from the engine and prints it; decides nothing.
+Takes data from the engine and prints it; decides nothing. The live progress display of a
+run is `campaign.progress` (`SendProgress`, importable from here too).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
-from campaign.clock import Clock
-from campaign.dispatch import DispatchEvent, DispatchResult, EventKind
-from campaign.manifest import SenderSettings
+from campaign.dispatch_types import DispatchResult
 from campaign.markup import build_text_from_html
 from campaign.preview import PreviewReport
+from campaign.progress import SendProgress
+from campaign.timetext import format_duration, format_local_time
 
 __all__ = [
     "SendProgress",
@@ -61,114 +49,6 @@ def print_json(console: Console, data: Mapping[str, Any]) -> None:
     console.file.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def format_duration(seconds: float) -> str:
-    """A short human duration: '45 s', '12 min', '3 h 5 min', '2 days 4 h'."""
-    if seconds < 60:
-        return f"{max(seconds, 0):.0f} s"
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} day{'s' if days > 1 else ''} {hours} h"
-
-
-class _RateColumn(ProgressColumn):
-    """Messages per second, as measured over the last few seconds."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:5.1f}/s")
-
-
-class _StateColumn(ProgressColumn):
-    """What a sender is doing: budget left, or a live countdown while it is parked."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__()
-        self._clock = clock
-
-    def render(self, task: Task) -> Text:
-        until = task.fields.get("parked_until")
-        if until is not None:
-            left = (until - self._clock.now()).total_seconds()
-            return Text.from_markup(f"[yellow]parked, {format_duration(left)} left (until {_local(until)})")
-        budget = task.fields.get("budget_left")
-        text = task.fields.get("detail", "")
-        if budget is not None:
-            text = f"{budget} left today  {text}"
-        return Text.from_markup(text)
-
-
-class SendProgress:
-    """A live progress display fed with dispatch events: an overall bar and one line per sender."""
-
-    def __init__(
-        self, console: Console, *, total: int, senders: Sequence[SenderSettings], clock: Clock
-    ) -> None:
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RateColumn(),
-            _StateColumn(clock),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-            get_time=clock.monotonic,
-        )
-        self._overall = self._progress.add_task("[bold]all senders", total=total, detail="")
-        share = {sender.name: 0 for sender in senders}
-        self._senders: dict[str, TaskID] = {
-            name: self._progress.add_task(f"  {name}", total=None, detail="") for name in share
-        }
-        self._failed = dict.fromkeys(share, 0)
-        self._budget_left: dict[str, int | None] = dict.fromkeys(share)
-
-    def __enter__(self) -> SendProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        self._progress.stop()
-
-    def set_share(self, sender: str, messages: int, *, budget_left: int | None = None) -> None:
-        """How many messages `sender` has to send this run, and how many recipients its budget allows."""
-        self._budget_left[sender] = budget_left
-        self._progress.update(self._senders[sender], total=messages, budget_left=budget_left)
-
-    def handle(self, event: DispatchEvent) -> None:
-        """Update the display for one event."""
-        task = self._senders[event.sender]
-        if event.kind == EventKind.SENT:
-            self._progress.advance(task)
-            self._progress.advance(self._overall)
-            left = self._budget_left[event.sender]
-            if left is not None:
-                self._budget_left[event.sender] = left - 1
-                self._progress.update(task, budget_left=left - 1)
-        elif event.kind in (EventKind.FAILED, EventKind.UNKNOWN):
-            self._failed[event.sender] += 1
-            self._progress.advance(task)
-            self._progress.advance(self._overall)
-            self._progress.update(task, detail=f"[red]{self._failed[event.sender]} not sent")
-        elif event.kind == EventKind.PARKED and event.until is not None:
-            self._progress.update(task, parked_until=event.until)
-        elif event.kind == EventKind.RESUMED:
-            self._progress.update(task, parked_until=None, detail="")
-        elif event.kind == EventKind.AUTH_REFUSED:
-            self._progress.update(task, detail="[red]credentials refused")
-        elif event.kind == EventKind.THROTTLED:
-            self._progress.update(task, detail="[yellow]throttled, slowing down")
-        elif event.kind == EventKind.SKIPPED:  # unsubscribed while the campaign ran: settled, not sent
-            self._progress.advance(task)
-            self._progress.advance(self._overall)
-
-
 def print_checked(console: Console, *, source: str, to_send: int, skipped: Mapping[str, int]) -> None:
     """The preflight tally before sending: e.g. `recipients.csv: 5 to send, 1 duplicate, 1 suppressed`."""
     parts = [f"{to_send} to send", *(f"{count} {reason}" for reason, count in sorted(skipped.items()))]
@@ -188,9 +68,8 @@ def print_run_summary(
     done = not any(states.get(state, 0) for state in ("pending", "inflight", "unknown"))
     console.print(f"Ledger: {ledger}" + (" (every recipient settled)." if done else "."))
     for sender, until in sorted(result.parked.items()):
-        console.print(
-            f"sender [bold]{escape(sender)}[/] is at its limit; it can send again at {_local(until)}"
-        )
+        when = format_local_time(until)
+        console.print(f"sender [bold]{escape(sender)}[/] is at its limit; it can send again at {when}")
     for sender in result.auth_refused:
         console.print(
             f"sender [bold]{escape(sender)}[/]: the API refused the credentials; "
@@ -261,7 +140,7 @@ def print_preview(console: Console, report: PreviewReport, *, site: Path | None 
     console.print(senders)
     console.print(
         f"Estimated time to send everything: [bold]{format_duration(report.duration_s)}[/]"
-        + (f" (started now, done about {_local(report.finishes_at)})" if report.to_send else "")
+        + (f" (started now, done about {format_local_time(report.finishes_at)})" if report.to_send else "")
     )
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
@@ -360,10 +239,6 @@ def print_status(console: Console, status: Mapping[str, Any]) -> None:
         last = f" (latest: {escape(said)})" if said else ""
         console.print(f"[red]not sent[/] ({escape(cause)}): {count}{last}", soft_wrap=True)
     print_next_steps(console, status.get("next", ()))
-
-
-def _local(moment: datetime) -> str:
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 # --- outcomes: what is left, reconcile, retry, report (issue 3) ----------------

@@ -2,7 +2,10 @@
 
 Rows pinned by `sender_column` go to that sender; a row the ledger already
 assigned keeps its sender, so resuming never moves work around; each other row
-goes to the sender that would finish it soonest under its limits.
+goes to the sender that would finish it soonest under its limits. `SenderAssigner`
+does this a row at a time, for passes that stream the list; `assign_senders` is it over
+a whole list. `build_schedule` estimates when each sender is done under its limits, and
+`build_quota_warnings` names the senders with more messages than a day allows.
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from campaign.manifest import SenderSettings
 from campaign.models import Recipient
 from campaign.ratelimit import DAY_S
+from campaign.settings import SenderSettings
 
 __all__ = [
     "Job",
     "Schedule",
+    "SenderAssigner",
     "SenderSchedule",
     "assign_senders",
+    "build_quota_warnings",
     "build_schedule",
     "daily_capacity",
     "estimate_duration_s",
@@ -37,6 +42,20 @@ def daily_capacity(sender: SenderSettings) -> float:
     """Recipients a sender can mail in a day under its limits."""
     by_pace = sender.rate_per_s * DAY_S
     return by_pace if sender.per_day is None else min(by_pace, float(sender.per_day))
+
+
+def build_quota_warnings(senders: Sequence[SenderSettings], per_sender: Mapping[str, int]) -> list[str]:
+    """A warning for each sender with more messages than it can send in a day (the run stops there)."""
+    found = []
+    for sender in senders:
+        messages = per_sender.get(sender.name, 0)
+        if messages > daily_capacity(sender):
+            found.append(
+                f"sender {sender.name!r} has {messages} messages but can send "
+                f"{int(daily_capacity(sender))} a day: the run stops at that quota; "
+                "resume it later (or run with --wait)"
+            )
+    return found
 
 
 def estimate_duration_s(messages: int, *, rate_per_s: float, per_day: int | None) -> float:
@@ -98,6 +117,38 @@ def build_schedule(
     return Schedule(senders=tuple(plans), per_day=int(sum(daily_capacity(sender) for sender in senders)))
 
 
+class SenderAssigner:
+    """Assign senders to recipients in list order, keeping only a message count per sender.
+
+    For passes that stream the list instead of holding it (preview, send-test); `assign_senders`
+    is this over a whole list.
+    """
+
+    def __init__(
+        self, senders: Sequence[SenderSettings], *, assigned: Mapping[str, str] | None = None
+    ) -> None:
+        known = {sender.name for sender in senders}
+        self._previous = {key: name for key, name in (assigned or {}).items() if name in known}
+        self._load = dict.fromkeys(known, 0)
+        for name in self._previous.values():
+            self._load[name] += 1
+        self._senders = {sender.name: sender for sender in senders}
+        self._order = [sender.name for sender in senders]
+
+    def assign(self, recipient: Recipient) -> str:
+        """The sender for `recipient`, the next row of the list."""
+        pinned = recipient.sender or self._previous.get(recipient.key)
+        # Ties go to the first listed sender, so the assignment is deterministic.
+        name = pinned if pinned is not None else min(self._order, key=self._finish_with_one_more)
+        if recipient.key not in self._previous:
+            self._load[name] += 1
+        return name
+
+    def _finish_with_one_more(self, name: str) -> float:
+        sender = self._senders[name]
+        return estimate_duration_s(self._load[name] + 1, rate_per_s=sender.rate_per_s, per_day=sender.per_day)
+
+
 def assign_senders(
     recipients: Sequence[Recipient],
     senders: Sequence[SenderSettings],
@@ -105,24 +156,5 @@ def assign_senders(
     assigned: Mapping[str, str] | None = None,
 ) -> list[Job]:
     """Give every recipient a sender, in list order (deterministic for the same inputs)."""
-    known = {sender.name for sender in senders}
-    previous = {key: name for key, name in (assigned or {}).items() if name in known}
-    load = dict.fromkeys(known, 0)
-    for name in previous.values():
-        load[name] += 1
-    by_name = {sender.name: sender for sender in senders}
-    order = [sender.name for sender in senders]
-
-    def finish_with_one_more(name: str) -> float:
-        sender = by_name[name]
-        return estimate_duration_s(load[name] + 1, rate_per_s=sender.rate_per_s, per_day=sender.per_day)
-
-    jobs: list[Job] = []
-    for recipient in recipients:
-        pinned = recipient.sender or previous.get(recipient.key)
-        # Ties go to the first listed sender, so the assignment is deterministic.
-        name = pinned if pinned is not None else min(order, key=finish_with_one_more)
-        if recipient.key not in previous:
-            load[name] += 1
-        jobs.append(Job(recipient=recipient, sender=name))
-    return jobs
+    assigner = SenderAssigner(senders, assigned=assigned)
+    return [Job(recipient=recipient, sender=assigner.assign(recipient)) for recipient in recipients]

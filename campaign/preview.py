@@ -1,7 +1,7 @@
 """The dry run: what a run would send, to whom, from which mailbox, and when it would be done.
 
 `run_preview` streams the recipient list through the same per-row checks, sender
-assignment and rendering a run uses (`recipients.scan_audience`, `assign.SenderAssigner`,
+assignment and rendering a run uses (`recipients.scan_audience`, `plan.SenderAssigner`,
 `preflight.check_job`) and keeps only counts, per-sender tallies, every problem row, a
 capped listing of rows and the first few messages, so a million-row list previews in
 bounded memory. It reads the list and the templates; it never sends and never writes the
@@ -19,20 +19,20 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from campaign.assign import SenderAssigner
 from campaign.attachments import load_message_attachments
 from campaign.clock import Clock
 from campaign.compliance import build_unsubscribe_warnings
 from campaign.errors import DataError
-from campaign.manifest import Manifest, SenderSettings
+from campaign.manifest import Manifest
 from campaign.message_checks import MESSAGE_CHECKS
 from campaign.models import Message, Problem, SkipReason
 from campaign.payload import build_send_payload
-from campaign.plan import Job, build_schedule, daily_capacity
+from campaign.plan import Job, SenderAssigner, build_quota_warnings, build_schedule
 from campaign.preflight import check_job
 from campaign.recipients import BATCH_ROWS, CheckedRow, scan_audience
 from campaign.render import build_composer
 from campaign.sendtest import CapturedRequest, capture_requests
+from campaign.settings import SenderSettings
 from campaign.suppression import list_store_paths, load_unsubscribed, skip_unsubscribed_row
 
 __all__ = [
@@ -377,22 +377,9 @@ def _warnings(manifest: Manifest, per_sender: Mapping[str, int]) -> tuple[str, .
             "no [unsubscribe] section: messages carry no List-Unsubscribe header "
             "(Gmail and Yahoo require one-click unsubscribe from bulk senders)"
         )
-    found.extend(_quota_warnings(manifest, per_sender))
+    found.extend(build_quota_warnings(manifest.senders, per_sender))
     found.extend(build_unsubscribe_warnings(manifest, per_sender))
     return tuple(found)
-
-
-def _quota_warnings(manifest: Manifest, per_sender: Mapping[str, int]) -> list[str]:
-    found = []
-    for sender in manifest.senders:
-        messages = per_sender.get(sender.name, 0)
-        if messages > daily_capacity(sender):
-            found.append(
-                f"sender {sender.name!r} has {messages} messages but can send "
-                f"{int(daily_capacity(sender))} a day: the run stops at that quota; "
-                "resume it later (or run with --wait)"
-            )
-    return found
 
 
 def _message_warnings(tally: _Tally) -> tuple[str, ...]:

@@ -22,9 +22,9 @@ import anyio.to_thread
 
 from campaign.errors import ApiAuthError, ApiError
 from campaign.ledger import Ledger, LedgerRow
-from campaign.manifest import SenderSettings
 from campaign.models import RowState
 from campaign.nylas import Folder, ListedMessage, MessagePage
+from campaign.settings import SenderSettings
 
 __all__ = ["Decision", "MessageLister", "ReconcileReport", "Verdict", "reconcile_unknown"]
 

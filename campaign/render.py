@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
 from campaign.attachments import AttachmentLoader, build_attachment_file, check_shared_path
@@ -26,6 +25,8 @@ from campaign.markup import inline_css, render_markdown
 from campaign.models import Address, AttachmentFile, Message, Recipient, Tracking
 from campaign.templating import (
     BUILTIN_TEMPLATES,
+    HTML_SUFFIXES,
+    build_environment,
     check_template_tree,
     describe_render_error,
     display_name,
@@ -35,13 +36,12 @@ from campaign.templating import (
 from campaign.unsubscribe import build_unsubscribe_headers, make_token
 
 if TYPE_CHECKING:
-    from campaign.manifest import AttachmentSettings, Manifest, MessageSettings, SenderSettings
+    from campaign.manifest import Manifest
+    from campaign.message_settings import AttachmentSettings, MessageSettings
+    from campaign.settings import SenderSettings
 
 __all__ = ["BUILTIN_TEMPLATES", "HTML_SUFFIXES", "Composer", "build_composer"]
 
-HTML_SUFFIXES = (".html", ".htm", ".html.j2", ".htm.j2")
-# Markdown templates are autoescaped too: a value from the list cannot become markup.
-_MARKDOWN_SUFFIXES = (".md", ".md.j2", ".markdown", ".markdown.j2")
 _DEFAULT_LAYOUT = "base.html.j2"
 _MARKDOWN_HTML = "_markdown_html"  # the rendered Markdown, as the layout wrapper sees it
 _MAX_SUBJECT = 998  # RFC 5322 line limit; Gmail refuses longer subjects
@@ -250,29 +250,10 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
             name = loader_name(path, base_dir)
             sources[name] = (read_template_file(key, path), str(path))
             main_names[key] = name
-    text_name = main_names.get("message.text")
+    # The message.html template is HTML whatever its file is called; others go by suffix.
     escaped = {main_names.get(key) for key in ("message.html", "message.markdown", "message.layout")}
-
-    def select_autoescape(name: str | None) -> bool:
-        # The message.html template is HTML whatever its file is called; others go by suffix.
-        if name is None or name == text_name:
-            return False
-        return name in escaped or name.lower().endswith(HTML_SUFFIXES + _MARKDOWN_SUFFIXES)
-
-    def load_main(name: str) -> tuple[str, str, Any] | None:
-        found = sources.get(name)
-        return None if found is None else (found[0], found[1], lambda: True)
-
-    loader = jinja2.ChoiceLoader(
-        [jinja2.FunctionLoader(load_main), jinja2.FileSystemLoader([base_dir, BUILTIN_TEMPLATES])]
-    )
-    env = ImmutableSandboxedEnvironment(
-        loader=loader,
-        undefined=jinja2.StrictUndefined,
-        autoescape=select_autoescape,
-        keep_trailing_newline=True,
-        finalize=_finalize,
-        auto_reload=False,
+    env = build_environment(
+        sources, base_dir=base_dir, text_name=main_names.get("message.text"), escaped=escaped
     )
 
     def compile_file(key: str) -> _Part | None:
@@ -364,11 +345,6 @@ def _compile_attachments(
         filename = None if name is None else _compile_string(env, f"{key}.filename", name)
         compiled.append(_AttachmentParts(key, settings, path, filename))
     return compiled
-
-
-def _finalize(value: object) -> object:
-    """Print a missing value (None, e.g. an absent recipient name) as nothing rather than "None"."""
-    return "" if value is None else value
 
 
 def _build_sender_view(sender: SenderSettings) -> _SenderView:

@@ -13,24 +13,23 @@ import dataclasses
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import httpx
 from email_validator import EmailNotValidError, validate_email
 
-from campaign.assign import SenderAssigner
 from campaign.attachments import load_message_attachments
 from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError, DataError, UsageError
-from campaign.manifest import Manifest, SenderSettings
-from campaign.models import Address, Message, OutcomeKind, SendOutcome
-from campaign.nylas import NylasClient, SendClient, build_http_client
-from campaign.payload import SendRequest, build_send_request, encode_send_body
-from campaign.plan import Job
+from campaign.manifest import Manifest
+from campaign.models import Address, Message, OutcomeKind
+from campaign.nylas import NylasClient, SendClient, build_http_client, send_as
+from campaign.payload import build_send_request, encode_send_body
+from campaign.plan import Job, SenderAssigner
 from campaign.preflight import check_job
 from campaign.recipients import AudienceScan, CheckedRow, scan_audience
 from campaign.render import build_composer
+from campaign.settings import SenderSettings
 from campaign.suppression import Unsubscribed, list_store_paths, load_unsubscribed, skip_unsubscribed_row
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "TestMessage",
     "capture_requests",
     "find_test_message",
-    "send_as",
     "send_test_message",
 ]
 
@@ -76,20 +74,6 @@ class TestMessage:
     message: Message
     sender: SenderSettings
     recipient_email: str
-
-
-async def send_as(
-    client: SendClient,
-    sender: SenderSettings,
-    payload: Mapping[str, Any] | SendRequest,
-    *,
-    idempotency_key: str,
-) -> SendOutcome:
-    """Send `payload` the way `sender` sends: through its grant, or through its verified domain."""
-    if sender.domain is not None:
-        return await client.send_domain_message(sender.domain, payload, idempotency_key=idempotency_key)
-    assert sender.grant_id is not None  # the manifest requires one of the two
-    return await client.send_message(sender.grant_id, payload, idempotency_key=idempotency_key)
 
 
 def capture_requests(

@@ -21,9 +21,10 @@ from typing import Any
 
 from campaign.clock import Clock, SystemClock
 from campaign.errors import InputFileError, LedgerError
-from campaign.manifest import STORE_SUFFIXES, Manifest
+from campaign.manifest import Manifest
 from campaign.models import Recipient, Skip, SkipReason
 from campaign.recipients import Audience, CheckedRow
+from campaign.settings import STORE_SUFFIXES
 
 __all__ = [
     "StoreEntry",

@@ -1,7 +1,8 @@
-"""Jinja template files: naming and reading them, checking a template tree up front, describing errors.
+"""Jinja template files: naming and reading them, their environment, checking a tree up front, errors.
 
 Helpers for `campaign.render`: the built-in templates folder, how a template file is
-named to the user, compiling a template and everything it extends or includes before
+named to the user, the sandboxed environment the templates run in (where they load from,
+which are autoescaped), compiling a template and everything it extends or includes before
 any row is rendered, and turning an exception raised while rendering into one
 `TemplateError` line naming the row, the template file and line. No rendering here.
 """
@@ -9,15 +10,20 @@ any row is rendered, and turning an exception raised while rendering into one
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import jinja2
 from jinja2 import meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from campaign.errors import InputFileError, TemplateError
 
 __all__ = [
     "BUILTIN_TEMPLATES",
+    "HTML_SUFFIXES",
+    "build_environment",
     "check_template_tree",
     "describe_render_error",
     "display_name",
@@ -26,6 +32,9 @@ __all__ = [
 ]
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+HTML_SUFFIXES = (".html", ".htm", ".html.j2", ".htm.j2")
+# Markdown templates are autoescaped too: a value from the list cannot become markup.
+_MARKDOWN_SUFFIXES = (".md", ".md.j2", ".markdown", ".markdown.j2")
 _UNDEFINED_NAME = re.compile(r"'(?P<name>[^']+)' is undefined")
 _UNDEFINED_ATTRIBUTE = re.compile(r"has no (?:attribute|element) (?P<name>'[^']*'|\S+)")
 
@@ -48,6 +57,47 @@ def read_template_file(key: str, path: Path) -> str:
         raise InputFileError(f"{key}: template file {path} is not UTF-8 text; save it as UTF-8") from exc
     except OSError as exc:
         raise InputFileError(f"{key}: cannot read template file {path}: {exc.strerror or exc}") from exc
+
+
+def build_environment(
+    sources: Mapping[str, tuple[str, str]],
+    *,
+    base_dir: Path,
+    text_name: str | None,
+    escaped: Collection[str | None],
+) -> jinja2.Environment:
+    """The immutable sandbox, with strict undefined variables, that one campaign's templates run in.
+
+    `sources` (loader name -> (source, filename)) are the manifest's own template files, read
+    once; other names load from `base_dir`, then the built-in templates. Autoescape is on for
+    the `escaped` names and HTML or Markdown file names, and never for `text_name`.
+    """
+
+    def select_autoescape(name: str | None) -> bool:
+        if name is None or name == text_name:
+            return False
+        return name in escaped or name.lower().endswith(HTML_SUFFIXES + _MARKDOWN_SUFFIXES)
+
+    def load_main(name: str) -> tuple[str, str, Any] | None:
+        found = sources.get(name)
+        return None if found is None else (found[0], found[1], lambda: True)
+
+    loader = jinja2.ChoiceLoader(
+        [jinja2.FunctionLoader(load_main), jinja2.FileSystemLoader([base_dir, BUILTIN_TEMPLATES])]
+    )
+    return ImmutableSandboxedEnvironment(
+        loader=loader,
+        undefined=jinja2.StrictUndefined,
+        autoescape=select_autoescape,
+        keep_trailing_newline=True,
+        finalize=_finalize,
+        auto_reload=False,
+    )
+
+
+def _finalize(value: object) -> object:
+    """Print a missing value (None, e.g. an absent recipient name) as nothing rather than "None"."""
+    return "" if value is None else value
 
 
 def display_name(filename: str, base_dir: Path) -> str:

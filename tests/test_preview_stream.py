@@ -11,11 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from campaign.assign import SenderAssigner
 from campaign.firstrows import FirstRows
 from campaign.manifest import SenderSettings, load_manifest
 from campaign.models import Address, Recipient, SkipReason
-from campaign.plan import assign_senders
+from campaign.plan import SenderAssigner, assign_senders
 from campaign.preflight import run_preflight
 from campaign.preview import LedgerView, run_preview
 from campaign.site import write_site

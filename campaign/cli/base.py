@@ -1,0 +1,75 @@
+"""What every command shares: the consoles, the exit codes, the option types several commands take, and
+the one place where a CampaignError becomes an exit code.
+
+Only the `campaign.cli` package imports typer and decides exit codes; this module holds no command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from campaign.errors import CampaignError
+from campaign.output import print_error
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_DONE",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_ALL_SENT",
+    "EXIT_RESUMABLE",
+    "ManifestArg",
+    "SandboxOpt",
+    "SkipInvalidOpt",
+    "err",
+    "exit_codes",
+    "options",
+    "out",
+]
+
+EXIT_DONE = 0
+EXIT_NOT_ALL_SENT = 1
+EXIT_RESUMABLE = 75
+EXIT_AUTH = 77
+EXIT_INTERRUPTED = 130
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ManifestArg = Annotated[Path, typer.Argument(help="The campaign's manifest (TOML).", show_default=False)]
+SandboxOpt = Annotated[
+    bool, typer.Option("--sandbox", help="Send to a built-in fake Nylas API instead of the real one.")
+]
+SkipInvalidOpt = Annotated[
+    bool, typer.Option("--skip-invalid", help="Skip rows that do not validate or render, recording why.")
+]
+
+
+@dataclass(slots=True)
+class _Options:
+    debug: bool = False
+
+
+options = _Options()
+"""The root command's options (set by its callback, read when an error is reported)."""
+
+
+@contextmanager
+def exit_codes() -> Iterator[None]:
+    """Turn our errors into one red line and their exit code; Ctrl-C into 130."""
+    try:
+        yield
+    except CampaignError as exc:
+        if options.debug:
+            err.print_exception()
+        print_error(err, str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print_error(err, "interrupted; rows in flight are kept in the ledger and `campaign resume` continues")
+        raise typer.Exit(EXIT_INTERRUPTED) from None

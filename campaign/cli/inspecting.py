@@ -1,0 +1,156 @@
+"""Looking at a campaign without sending it: `preview` (check and render every row, write the preview
+site), `send-test` (one row, to a test address) and `status` (the ledger's progress).
+
+None of these writes the ledger; send-test sends one message outside the campaign's ledger.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import typer
+
+from campaign.cli.base import ManifestArg, SandboxOpt, SkipInvalidOpt, exit_codes, out
+from campaign.cli.wiring import (
+    SANDBOX_API_URI,
+    build_sandbox_api,
+    connect_api,
+    ledger_path_for,
+    open_campaign_ledger,
+    read_api_key,
+    read_api_uri,
+    read_secrets,
+)
+from campaign.clock import Clock, SystemClock
+from campaign.manifest import Manifest, load_manifest
+from campaign.output import print_json, print_preview, print_status, print_test_sent
+from campaign.preflight import raise_for_problems
+from campaign.preview import LedgerView, run_preview
+from campaign.preview_json import build_preview_json
+from campaign.ratelimit import DAY_S
+from campaign.sendtest import find_test_message, send_test_message
+from campaign.site import write_site
+from campaign.status import OPEN_STATES, build_status, build_unstarted_status
+
+__all__ = ["preview", "send_test", "status"]
+
+
+def preview(
+    manifest: ManifestArg,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write the preview site (default: <manifest stem>.preview/ beside the manifest).",
+        ),
+    ] = None,
+    sample: Annotated[
+        int, typer.Option(min=0, help="How many rendered messages to show and give pages.")
+    ] = 3,
+    sandbox: SandboxOpt = False,
+    skip_invalid: SkipInvalidOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Check and render every recipient, write a browsable preview site, send nothing."""
+    with exit_codes():
+        clock = SystemClock()
+        loaded = load_manifest(manifest)
+        report = run_preview(
+            loaded,
+            secrets=read_secrets(loaded, sandbox=sandbox),
+            skip_invalid=skip_invalid,
+            sample=sample,
+            ledger=_ledger_view(loaded, ledger_path_for(loaded, sandbox=sandbox), clock=clock),
+            api_uri=SANDBOX_API_URI if sandbox else read_api_uri(loaded),
+            clock=clock,
+        )
+        site = write_site(report, out_dir or loaded.base_dir / f"{loaded.path.stem}.preview")
+        if as_json:
+            print_json(out, build_preview_json(report, site=site))
+        else:
+            print_preview(out, report, site=site)
+        raise_for_problems(report.problem_texts)
+
+
+def send_test(
+    manifest: ManifestArg,
+    to: Annotated[str, typer.Option("--to", help="The address to send the test to.", show_default=False)],
+    row: Annotated[int, typer.Option("--row", min=1, help="The row of the list to render.")] = 1,
+    sender_name: Annotated[
+        str | None, typer.Option("--sender", help="Send from this sender instead of the row's own.")
+    ] = None,
+    sandbox: SandboxOpt = False,
+) -> None:
+    """Send row N, rendered exactly as the campaign would, to ADDR with "[TEST] " before the subject."""
+    with exit_codes():
+        clock = SystemClock()
+        loaded = load_manifest(manifest)
+        api_key = read_api_key(loaded, sandbox=sandbox)
+        ledger = _ledger_view(loaded, ledger_path_for(loaded, sandbox=sandbox), clock=clock)
+        test = find_test_message(
+            loaded,
+            row=row,
+            to=to,
+            sender_name=sender_name,
+            secrets=read_secrets(loaded, sandbox=sandbox),
+            assigned=ledger.assigned,
+        )
+        fake = build_sandbox_api(loaded) if sandbox else None
+
+        async def send() -> str:
+            async with connect_api(loaded, api_key=api_key, clock=clock, fake=fake) as client:
+                return await send_test_message(client, test)
+
+        message_id = anyio.run(send)
+        print_test_sent(
+            out,
+            message_id=message_id,
+            to=test.message.to[0].email,
+            sender=test.sender.name,
+            row=row,
+            recipient=test.recipient_email,
+        )
+
+
+def status(
+    manifest: ManifestArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    sandbox: Annotated[bool, typer.Option("--sandbox", help="Show the sandbox run's ledger.")] = False,
+) -> None:
+    """Show progress: counts per state and per sender, budgets, and why rows were not sent."""
+    with exit_codes():
+        loaded = load_manifest(manifest)
+        path = ledger_path_for(loaded, sandbox=sandbox)
+        if path.exists():
+            ledger = open_campaign_ledger(loaded, path)
+            data = build_status(
+                loaded, ledger, clock=SystemClock(), command_path=str(manifest), sandbox=sandbox
+            )
+            ledger.close()
+        else:
+            data = build_unstarted_status(loaded)
+        if as_json:
+            print_json(out, data)
+        else:
+            print_status(out, data)
+
+
+def _ledger_view(manifest: Manifest, path: Path, *, clock: Clock) -> LedgerView:
+    """What preview and send-test need from the ledger (read only; nothing when there is none)."""
+    if not path.exists():
+        return LedgerView()
+    ledger = open_campaign_ledger(manifest, path)
+    try:
+        since = clock.now().timestamp() - DAY_S
+        return LedgerView(
+            assigned=ledger.assigned_senders(),
+            settled={row.key: row.state.value for row in ledger.rows() if row.state not in OPEN_STATES},
+            used_24h={
+                sender.name: sum(count for _, count in ledger.sent_recipients_since(sender.name, since))
+                for sender in manifest.senders
+            },
+        )
+    finally:
+        ledger.close()

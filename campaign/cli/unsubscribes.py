@@ -1,0 +1,141 @@
+"""Unsubscribes: `unsubscribe serve` (the one-click endpoint) and `suppress add/import/export/list`
+(managing the unsubscribe store that every campaign reading it skips).
+
+The two command groups are typer sub-apps; the package registers them on the root command.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from campaign.cli.base import exit_codes, out
+from campaign.clock import SystemClock
+from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
+from campaign.errors import DataError, UsageError
+from campaign.suppression import SuppressionStore, is_store_path, open_store
+from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
+
+__all__ = ["suppress_app", "unsubscribe_app"]
+
+_T = TypeVar("_T")
+
+unsubscribe_app = typer.Typer(no_args_is_help=True, help="The one-click unsubscribe endpoint (RFC 8058).")
+suppress_app = typer.Typer(
+    no_args_is_help=True, help="Manage an unsubscribe store: add, import, export, list."
+)
+StoreOpt = Annotated[
+    Path, typer.Option("--store", help="The unsubscribe store, e.g. unsubscribes.sqlite.", show_default=False)
+]
+
+
+@unsubscribe_app.command("serve")
+def unsubscribe_serve(
+    store: StoreOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    secret_env: Annotated[
+        str,
+        typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with."),
+    ] = DEFAULT_SECRET_ENV,
+) -> None:
+    """Serve the one-click unsubscribe endpoint, recording unsubscribes in --store (put https in front)."""
+    with exit_codes():
+        endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
+        try:
+            out.print(f"Unsubscribe endpoint on http://{host}:{port}, recording to {store}; Ctrl-C stops it")
+            serve_endpoint(endpoint, host=host, port=port)
+        finally:
+            endpoint.store.close()
+
+
+@suppress_app.command("add")
+def suppress_add(
+    values: Annotated[
+        list[str], typer.Argument(help="Addresses (recipient keys with --key).", show_default=False)
+    ],
+    store: StoreOpt,
+    key: Annotated[bool, typer.Option("--key", help="The values are recipient keys, not addresses.")] = False,
+) -> None:
+    """Add addresses to the store: no campaign that reads the store mails them again."""
+    with exit_codes():
+        keys: list[str] = []
+        for value in values:
+            found = value.strip() if key else normalize_address(value)
+            if not found:
+                raise DataError(
+                    f"{value!r} is not a valid address; give one address per argument (or use --key)"
+                )
+            keys.append(found)
+        added = _with_store(
+            store, lambda s: s.record_many(s.build_entry("", k, email=None, source="manual") for k in keys)
+        )
+        out.print(f"{added} added, {len(set(keys)) - added} already there ({store})", markup=False)
+
+
+@suppress_app.command("import")
+def suppress_import(
+    source: Annotated[Path, typer.Argument(help="A .csv/.parquet (column email) or text list, or a store.")],
+    store: StoreOpt,
+) -> None:
+    """Add every address of a suppression list (or of another store) to the store."""
+    with exit_codes():
+        found = load_import_addresses(source, clock=SystemClock())
+        added = _with_store(
+            store,
+            lambda s: s.record_many(s.build_entry("", a, email=a, source="import") for a in found.addresses),
+        )
+        left_out = (
+            f"; {len(found.invalid)} values are not addresses and were left out" if found.invalid else ""
+        )
+        out.print(f"{source.name}: {len(found.addresses)} addresses, {added} new{left_out}", markup=False)
+
+
+@suppress_app.command("export")
+def suppress_export(
+    target: Annotated[
+        Path, typer.Argument(help="A .csv or .parquet file (every column), or text (addresses).")
+    ],
+    store: StoreOpt,
+) -> None:
+    """Write the store's entries to a file."""
+    with exit_codes():
+        entries = _with_store(store, lambda s: s.entries(), create=False)
+        write_entries(entries, target)
+        out.print(f"wrote {len(entries)} entries to {target}", markup=False)
+
+
+@suppress_app.command("list")
+def suppress_list(
+    store: StoreOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+) -> None:
+    """Show who is in the store: when, how, from which campaign."""
+    with exit_codes():
+        entries = _with_store(store, lambda s: s.entries(), create=False)
+        if as_json:
+            out.file.write(json.dumps([asdict(entry) for entry in entries], indent=2) + "\n")
+            return
+        for e in entries:
+            who = e.email or e.recipient_key
+            out.print(f"{e.recorded_at}  {e.source:<9}  {e.campaign or '-':<20}  {who}", markup=False)
+        out.print(f"{len(entries)} entries in {store}", markup=False)
+
+
+def _store_path(path: Path) -> Path:
+    if not is_store_path(path):
+        raise UsageError(f"--store {path}: give an SQLite file ending in .sqlite, e.g. unsubscribes.sqlite")
+    return path
+
+
+def _with_store(path: Path, use: Callable[[SuppressionStore], _T], *, create: bool = True) -> _T:
+    store = open_store(_store_path(path), clock=SystemClock(), create=create)
+    try:
+        return use(store)
+    finally:
+        store.close()

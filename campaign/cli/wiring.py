@@ -1,0 +1,135 @@
+"""Building what commands need from a manifest and the environment: where the campaign's ledger lives
+and opening it, the API key, URI and unsubscribe secrets from environment variables, a connected Nylas
+client, and the sandbox's fake API in place of the real one.
+
+It prints nothing and decides no exit code: problems are raised as CampaignErrors for the command.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+
+from campaign.clock import Clock, SystemClock
+from campaign.errors import InputFileError, ManifestError
+from campaign.ledger import Ledger, open_ledger
+from campaign.manifest import Manifest
+from campaign.nylas import DEFAULT_API_URI, NylasClient, build_http_client
+from campaign.testing import FakeNylas
+from campaign.unsubscribe import parse_secrets
+
+__all__ = [
+    "SANDBOX_API_KEY",
+    "SANDBOX_API_URI",
+    "build_sandbox_api",
+    "connect_api",
+    "ledger_path_for",
+    "open_campaign_ledger",
+    "read_api_key",
+    "read_api_uri",
+    "read_secrets",
+    "register_sandbox_grants",
+    "require_ledger",
+]
+
+SANDBOX_API_KEY = "sandbox-key"
+SANDBOX_SECRET = "sandbox-unsubscribe-secret-not-for-real-mail"
+SANDBOX_API_URI = "http://sandbox.nylas.test"  # never resolved: the sandbox is served in-process
+
+
+def ledger_path_for(manifest: Manifest, *, sandbox: bool) -> Path:
+    """Where the campaign's ledger lives (the sandbox run's own one with `sandbox`)."""
+    # A sandbox run keeps its own ledger, so that trying a campaign in the sandbox
+    # never marks real recipients as sent.
+    if sandbox:
+        return manifest.base_dir / f"{manifest.path.stem}.sandbox" / "ledger.sqlite"
+    return manifest.ledger_path
+
+
+def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool) -> Path:
+    """The ledger's path; InputFileError if the campaign has not run yet (`given`: the manifest as typed)."""
+    path = ledger_path_for(manifest, sandbox=sandbox)
+    if not path.exists():
+        message = f"{path}: no ledger yet (the campaign has not run); start with `campaign run {given}`"
+        raise InputFileError(message)
+    return path
+
+
+def open_campaign_ledger(manifest: Manifest, path: Path, *, exclusive: bool = False) -> Ledger:
+    """Open the campaign's ledger at `path` (the caller closes it)."""
+    return open_ledger(path, clock=SystemClock(), campaign=manifest.campaign.name, exclusive=exclusive)
+
+
+def read_api_key(manifest: Manifest, *, sandbox: bool = False) -> str:
+    """The Nylas API key from the variable `api.key_env` names (the sandbox's own key with `sandbox`)."""
+    if sandbox:
+        return SANDBOX_API_KEY
+    name = manifest.api.key_env
+    value = os.environ.get(name, "").strip()
+    if not value:
+        message = (
+            f"{manifest.path.name}: api.key_env: the environment variable {name} is not set; "
+            "export your Nylas API key in it (or try the campaign with --sandbox)"
+        )
+        raise ManifestError(message)
+    return value
+
+
+def read_api_uri(manifest: Manifest) -> str:
+    """The API's base URI: `api.uri`, else $NYLAS_API_URI, else Nylas's US region."""
+    return manifest.api.uri or os.environ.get("NYLAS_API_URI") or DEFAULT_API_URI
+
+
+def read_secrets(manifest: Manifest, *, sandbox: bool) -> tuple[bytes, ...] | None:
+    """The unsubscribe secrets from `unsubscribe.secret_env` (None without [unsubscribe])."""
+    if manifest.unsubscribe is None:
+        return None
+    name = manifest.unsubscribe.secret_env
+    value = os.environ.get(name, "")
+    if not value.strip() and sandbox:
+        return parse_secrets(SANDBOX_SECRET)
+    if not value.strip():
+        message = (
+            f"{manifest.path.name}: unsubscribe.secret_env: the environment variable {name} is not set; "
+            "set it to a long random secret, e.g. from `openssl rand -base64 32`"
+        )
+        raise ManifestError(message)
+    try:
+        return parse_secrets(value)
+    except ManifestError as exc:
+        message = f"{manifest.path.name}: unsubscribe.secret_env ({name}): {exc}"
+        raise ManifestError(message) from exc
+
+
+@asynccontextmanager
+async def connect_api(
+    manifest: Manifest, *, api_key: str, clock: Clock, fake: FakeNylas | None = None
+) -> AsyncIterator[NylasClient]:
+    """A Nylas client for the manifest's API, or for the sandbox's `fake` served in-process."""
+    transport = httpx.ASGITransport(app=fake.app) if fake is not None else None
+    base_url = SANDBOX_API_URI if fake is not None else read_api_uri(manifest)
+    async with build_http_client(
+        base_url=base_url, timeout_s=manifest.api.timeout_s, transport=transport
+    ) as http:
+        yield NylasClient(http, api_key=api_key, clock=clock)
+
+
+def build_sandbox_api(manifest: Manifest) -> FakeNylas:
+    """The fake Nylas API, with the manifest's senders as its grants and domains."""
+    fake = FakeNylas(api_key=SANDBOX_API_KEY)
+    register_sandbox_grants(fake, manifest)
+    return fake
+
+
+def register_sandbox_grants(fake: FakeNylas, manifest: Manifest) -> None:
+    """Give `fake` a grant (or verified domain) for each of the manifest's senders."""
+    for sender in manifest.senders:
+        if sender.domain is not None:
+            fake.add_domain(sender.domain)
+        else:
+            assert sender.grant_id is not None  # the manifest requires one of the two
+            fake.add_grant(sender.grant_id, sender.email or f"{sender.name}@sandbox.example.com")
