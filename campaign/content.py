@@ -55,7 +55,14 @@ def load_content_fingerprint(manifest: Manifest) -> str:
         json.dumps(f"{manifest.base_dir}/")[1:-1], ""
     )
     digest = hashlib.sha256(text.encode())
-    for key, path in (("message.html", manifest.message.html), ("message.text", manifest.message.text)):
+    message = manifest.message
+    bodies = (
+        ("message.html", message.html),
+        ("message.text", message.text),
+        ("message.markdown", message.markdown),
+        ("message.layout", message.layout),
+    )
+    for key, path in bodies:
         if path is not None:
             for name, text in _template_tree(key, path, manifest.base_dir):
                 digest.update(f"\0{name}\0{text}".encode())
