@@ -1,0 +1,147 @@
+"""The cases of issue 8's table: what each measures, its target, its sizes, and how to judge one run.
+
+A `Case` is data: its name (for `--case`), the figure it reports, the target, its
+parameters at full size (the issue's) and for `--quick` (tiny, for the test suite),
+and the data set it needs (built once per harness run by `prepare_data`). Running a
+case is `benchmarks.child`'s job; this module never starts a process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import data, preview_memory
+
+__all__ = ["CASES", "Case", "case_named", "prepare_data"]
+
+Params = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One row of the table."""
+
+    name: str
+    title: str
+    target: str
+    full: Params
+    quick: Params
+    data: str  # the data set (see prepare_data); cases with the same data share one folder
+    needs_mailmerge: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    def params(self, *, quick: bool) -> Params:
+        """The sizes to run at."""
+        return self.quick if quick else self.full
+
+
+CASES: tuple[Case, ...] = (
+    Case(
+        "render",
+        "Preflight + render, 100,000 CSV recipients, 6-variable newsletter",
+        ">= 20,000 recipients/s",
+        {"rows": 100_000},
+        {"rows": 300},
+        "newsletter",
+    ),
+    Case(
+        "preview",
+        "Preview of 1,000,000 recipients (benchmarks/preview_memory.py)",
+        "peak RSS <= 400 MB, completes",
+        {"rows": 1_000_000},
+        {"rows": 2_000},
+        "preview",
+    ),
+    Case(
+        "send",
+        "Send 20,000, no limits (10 senders x 200/s), uvicorn fake in another process, durable ledger",
+        ">= 1,500 messages/s",
+        {"rows": 20_000, "senders": 10, "per_second": 200, "burst": 1, "concurrency": 8},
+        {"rows": 300, "senders": 2, "per_second": 200, "burst": 1, "concurrency": 8},
+        "send",
+    ),
+    Case(
+        "latency",
+        "Send 20,000, 200 ms server latency, 20 senders x 10/s",
+        ">= 99% of 200/s",
+        {"rows": 20_000, "senders": 20, "per_second": 10, "burst": 1, "concurrency": 4, "latency_ms": 200},
+        {"rows": 100, "senders": 20, "per_second": 10, "burst": 1, "concurrency": 4, "latency_ms": 20},
+        "latency",
+    ),
+    Case(
+        "limiter",
+        "Limiter accuracy: 1 sender at 50/s for 20 s, 100 ms latency (benchmarks/limiter_accuracy.py)",
+        "within +-1%, no 1 s window > 50 + burst",
+        {"rate": 50, "seconds": 20, "latency_ms": 100},
+        {"rate": 20, "seconds": 1, "latency_ms": 10},
+        "none",
+    ),
+    Case(
+        "resume",
+        "Resume: ledger of 1,000,000 rows, 900,000 sent; start to first request at the fake",
+        "<= 3 s",
+        {"rows": 1_000_000, "sent": 900_000, "senders": 10},
+        {"rows": 2_000, "sent": 1_800, "senders": 10},
+        "ledger",
+    ),
+    Case(
+        "status",
+        "`campaign status --json` on the 1,000,000-row ledger",
+        "<= 1 s",
+        {"rows": 1_000_000, "sent": 900_000, "senders": 10},
+        {"rows": 2_000, "sent": 1_800, "senders": 10},
+        "ledger",
+    ),
+    Case(
+        "mailmerge",
+        "Side by side with mailmerge 2.3 (own venv), 10,000 rows: dry run vs preview, SMTP sink vs fake",
+        "ours faster in both (ratio > 1)",
+        {"rows": 10_000, "senders": 10},
+        {"rows": 100, "senders": 2},
+        "mailmerge",
+        needs_mailmerge=True,
+    ),
+)
+
+
+def case_named(name: str) -> Case:
+    """The case called `name` (ValueError naming the known ones otherwise)."""
+    for case in CASES:
+        if case.name == name:
+            return case
+    known = ", ".join(case.name for case in CASES)
+    raise ValueError(f"no benchmark case {name!r}; known: {known}")
+
+
+def prepare_data(case: Case, root: Path, *, quick: bool) -> Path:
+    """Write the case's data set under `root` (once: a folder already there is reused); its folder."""
+    params = case.params(quick=quick)
+    folder = root / case.data
+    done = folder / ".prepared"
+    if done.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    if case.data in ("newsletter", "send", "latency"):
+        data.write_newsletter_campaign(
+            folder,
+            params["rows"],
+            senders=params.get("senders", 1),
+            per_second=params.get("per_second", 200),
+            burst=params.get("burst", 1),
+            concurrency=params.get("concurrency", 8),
+        )
+    elif case.data == "ledger":
+        manifest = data.write_newsletter_campaign(folder, params["rows"], senders=params["senders"])
+        data.build_resume_ledger(
+            manifest, folder / "pristine.ledger.sqlite", rows=params["rows"], sent=params["sent"]
+        )
+    elif case.data == "mailmerge":
+        data.write_mailmerge_campaign(folder, params["rows"], senders=params["senders"])
+    elif case.data == "preview":
+        preview_memory.write_campaign(folder, params["rows"])
+    # "none": the limiter case makes its own (in memory).
+    done.touch()
+    return folder
