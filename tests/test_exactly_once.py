@@ -299,7 +299,7 @@ async def test_a_stop_starts_nothing_new_and_records_the_sends_in_flight(tmp_pat
         )
     counts = world.ledger.counts()
     assert result.stopped
-    assert 1 <= result.sent < 12
+    assert 0 < result.sent < 12  # the stop came mid-run: some were sent, not all
     assert counts[RowState.INFLIGHT] == 0
     assert counts[RowState.SENT] == len(world.delivered()) == len(world.fake.requests) == result.sent
     assert counts[RowState.PENDING] == 12 - result.sent == result.remaining
