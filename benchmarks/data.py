@@ -170,19 +170,22 @@ def write_mailmerge_campaign(folder: Path, rows: int, *, senders: int = 10) -> P
 def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, sent: int) -> None:
     """A ledger for the newsletter campaign: `rows` rows, the first `sent` sent hours ago, the rest pending.
 
-    The schema, meta rows (campaign name, content fingerprint) and migrations come from
-    campaign's own code; the rows are inserted in one transaction, shaped as `record_plan`,
+    The schema, meta rows (campaign name, content fingerprint, plan stamp) and migrations come
+    from campaign's own code; the rows are inserted in one transaction, shaped as `record_plan`,
     `claim` and `record_outcome` leave them (sender round-robin over the manifest's senders).
+    The plan stamp is the one the first `campaign run` of this list would have recorded.
     """
     from campaign.clock import SystemClock
     from campaign.content import load_content_fingerprint
     from campaign.ledger import open_ledger
     from campaign.manifest import load_manifest
+    from campaign.resumption import PLAN_STAMP_KEY, load_plan_stamp
 
     manifest = load_manifest(manifest_path)
     campaign = manifest.campaign.name
     ledger = open_ledger(ledger_path, clock=SystemClock(), campaign=campaign)
     ledger.set_meta("content_fingerprint", load_content_fingerprint(manifest))
+    ledger.set_meta(PLAN_STAMP_KEY, load_plan_stamp(manifest, skip_invalid=False))
     ledger.close()
     names = [sender.name for sender in manifest.senders]
     db = sqlite3.connect(ledger_path, isolation_level=None)

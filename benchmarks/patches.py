@@ -6,19 +6,16 @@ be measured through the real command without editing `campaign/`:
 - `pool`: stock httpx, but a keep-alive pool as large as the connection limit
   (httpx keeps only 20 idle connections by default, so with more sends in flight
   than that, connections are closed and reopened all the time);
-- `aiohttp`: the same `httpx.AsyncClient` API over `httpx_aiohttp.AiohttpTransport`,
-  its aiohttp connector sized the same way;
-- `stdlib-json`: request bodies by the standard `json` module even when orjson is
-  installed (campaign.payload picks orjson when it can), to measure what orjson buys;
-- `orjson-loads`: responses parsed by `orjson.loads` instead of `json.loads`;
-- `url-cache`: each request URL merged with the client's base URL once, not parsed
-  again for every request (stands for NylasClient posting to a cached absolute
-  `httpx.URL` per grant);
-- `lean-sleep`: the send loop's `Stopper.sleep` (every pacing wait) returns at once
-  when there is nothing to wait for, and otherwise waits on the stop event with a
-  deadline, instead of starting a task group and a watcher task for every sleep;
-- `no-cookies`: httpx skips its per-response cookie extraction when the response sets
-  no cookie (the API never does);
+- `aiohttp`: the same `httpx.AsyncClient` API over the bare `httpx_aiohttp.AiohttpTransport`,
+  its aiohttp connector sized the same way (campaign's default transport is now
+  `campaign.transport.ApiTransport`, built on it);
+- `stdlib-json`: request bodies by the standard `json` module instead of orjson (a
+  dependency now), to measure what orjson buys;
+- `orjson-loads`, `url-cache`, `lean-sleep`, `no-cookies`: now part of campaign itself
+  (answers parsed by orjson; NylasClient posts to a cached absolute URL per grant;
+  `Stopper.sleep` returns at once when there is nothing to wait for and otherwise waits
+  on the stop event through `Clock.wait_for`; `campaign.transport.ApiHttpClient` skips
+  the cookie parsing of answers that set none), so these patches change nothing more;
 - `domain-cache`: email_validator checks each distinct domain once (an LRU cache
   around its domain-name check), not once per address.
 """
@@ -54,16 +51,22 @@ def _use_transport(kind: str) -> None:
     nylas = importlib.import_module("campaign.nylas")
     original = nylas.build_http_client
 
-    def build_http_client(*, base_url: str, timeout_s: float, transport: Any = None) -> Any:
+    def build_http_client(*, base_url: str, timeout_s: float, transport: Any = None, **options: Any) -> Any:
         chosen = build_transport(kind) if transport is None else transport
-        return original(base_url=base_url, timeout_s=timeout_s, transport=chosen)
+        return original(base_url=base_url, timeout_s=timeout_s, transport=chosen, **options)
 
     nylas.build_http_client = build_http_client
 
 
 def _use_stdlib_json() -> None:
+    import json
+
     payload = importlib.import_module("campaign.payload")
-    payload._dumps = payload._dumps_stdlib
+
+    def dumps(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    payload._dumps = dumps
 
 
 class _OrjsonLoads:

@@ -30,6 +30,10 @@ class Clock(Protocol):
         """Wait `seconds` (at least zero) and yield to other tasks."""
         ...
 
+    async def wait_for(self, event: anyio.Event, seconds: float) -> bool:
+        """Wait until `event` is set or `seconds` have passed; True when the event was set."""
+        ...
+
 
 class SystemClock:
     """The real clock."""
@@ -45,3 +49,9 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         """Sleep on the running event loop."""
         await anyio.sleep(max(0.0, seconds))
+
+    async def wait_for(self, event: anyio.Event, seconds: float) -> bool:
+        """Wait on the running event loop for `event`, at most `seconds`."""
+        with anyio.move_on_after(max(0.0, seconds)):
+            await event.wait()
+        return event.is_set()

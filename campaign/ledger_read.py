@@ -16,7 +16,7 @@ from typing import Any
 from campaign.errors import LedgerError
 from campaign.models import RowState
 
-__all__ = ["JournalEntry", "LedgerReader", "LedgerRow"]
+__all__ = ["ErrorGroup", "JournalEntry", "LedgerReader", "LedgerRow", "OpenRow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,52 @@ class JournalEntry:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorGroup:
+    """Failed or unknown rows that share an HTTP status, an error type and a state."""
+
+    status: int | None
+    error_type: str | None
+    state: RowState
+    count: int
+    first: tuple[int, str]  # (row, key) of its first row in list order
+    latest: tuple[str, int, str, str] | None  # (updated_at, row, key, message or note) of its latest row
+
+
 ROW_COLUMNS: tuple[str, ...] = tuple(LedgerRow.__dataclass_fields__)
+
+# Each group's size and first row in list order (ties in `status`'s ranking of causes keep that order).
+_ERROR_GROUPS = """
+    SELECT error_status, error_type, state, total, row, key FROM (
+        SELECT error_status, error_type, state, row, key, COUNT(*) OVER cause AS total,
+            ROW_NUMBER() OVER (cause ORDER BY row, key) AS place
+        FROM recipients WHERE state IN ('failed', 'unknown')
+        WINDOW cause AS (PARTITION BY error_status, error_type, state)
+    ) WHERE place = 1
+"""
+# Each group's latest row that says something: the last updated, the last in list order among equals.
+_LATEST_ERRORS = """
+    SELECT error_status, error_type, state, updated_at, row, key, said FROM (
+        SELECT error_status, error_type, state, updated_at, row, key, said, ROW_NUMBER() OVER (
+            PARTITION BY error_status, error_type, state ORDER BY updated_at DESC, row DESC, key DESC
+        ) AS place
+        FROM (
+            SELECT *, COALESCE(NULLIF(error_message, ''), NULLIF(note, '')) AS said FROM recipients
+            WHERE state IN ('failed', 'unknown')
+        ) WHERE said IS NOT NULL
+    ) WHERE place = 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRow:
+    """A listed row that still needs a send: what a resume needs to rebuild its job."""
+
+    key: str
+    row: int
+    email: str
+    sender: str
+    inflight: bool
 
 
 class LedgerReader:
@@ -121,6 +166,15 @@ class LedgerReader:
         }
         return {state: found.get(state.value, 0) for state in RowState}
 
+    def counts_per_sender(self) -> dict[str | None, dict[RowState, int]]:
+        """Per sender (None: rows no sender was assigned), how many rows are in each state; one index scan."""
+        result: dict[str | None, dict[RowState, int]] = {}
+        query = "SELECT state, sender, COUNT(*) FROM recipients GROUP BY state, sender"
+        for state, sender, count in self._read(query):
+            name = None if sender is None else str(sender)
+            result.setdefault(name, dict.fromkeys(RowState, 0))[RowState(state)] = int(count)
+        return result
+
     def sample_emails(
         self, states: Iterable[RowState], *, listed: bool | None = None, limit: int = 3
     ) -> dict[RowState, list[str]]:
@@ -133,24 +187,70 @@ class LedgerReader:
 
     def counts_by_sender(self) -> dict[str, dict[RowState, int]]:
         """Per sender, how many rows are in each state."""
-        result: dict[str, dict[RowState, int]] = {}
-        query = (
-            "SELECT sender, state, COUNT(*) FROM recipients WHERE sender IS NOT NULL GROUP BY sender, state"
-        )
-        for sender, state, count in self._read(query):
-            result.setdefault(sender, dict.fromkeys(RowState, 0))[RowState(state)] = int(count)
-        return result
+        return {name: counts for name, counts in self.counts_per_sender().items() if name is not None}
 
     def sent_recipients_since(self, sender: str, since: float) -> list[tuple[float, int]]:
         """(Unix time, recipients) of each send by `sender` since `since`, oldest first."""
         query = "SELECT sent_at, recipients FROM send_log WHERE sender = ? AND sent_at > ? ORDER BY sent_at"
         return [(float(at), int(n)) for at, n in self._read(query, (sender, since))]
 
+    def sent_recipients_total(self, sender: str, since: float) -> int:
+        """How many recipients `sender` sent to since `since` (the sum of `sent_recipients_since`)."""
+        query = "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE sender = ? AND sent_at > ?"
+        return int(self._read(query, (sender, since))[0][0])
+
+    def skip_causes(self) -> dict[str, int]:
+        """How many rows are skipped per cause: the reason up to its first colon ("unknown" if none)."""
+        query = (
+            "SELECT CASE WHEN instr(reason, ':') > 0 THEN substr(reason, 1, instr(reason, ':') - 1) "
+            "ELSE reason END AS cause, COUNT(*) "
+            "FROM (SELECT COALESCE(NULLIF(reason, ''), 'unknown') AS reason FROM recipients "
+            "WHERE state = 'skipped') GROUP BY cause"
+        )
+        return {str(cause): int(count) for cause, count in self._read(query)}
+
+    def error_groups(self) -> list[ErrorGroup]:
+        """Failed and unknown rows grouped by HTTP status, error type and state, with their first and
+        latest rows (the latest among those with an error message or a note)."""
+        latest: dict[tuple[object, ...], tuple[str, int, str, str]] = {
+            (status, error_type, state): (str(at), int(row), str(key), str(said))
+            for status, error_type, state, at, row, key, said in self._read(_LATEST_ERRORS)
+        }
+        return [
+            ErrorGroup(
+                status=None if status is None else int(status),
+                error_type=None if error_type is None else str(error_type),
+                state=RowState(state),
+                count=int(count),
+                first=(int(row), str(key)),
+                latest=latest.get((status, error_type, state)),
+            )
+            for status, error_type, state, count, row, key in self._read(_ERROR_GROUPS)
+        ]
+
     def journal(self) -> list[JournalEntry]:
         """The campaign's journal, oldest first."""
         return [
             JournalEntry(str(at), str(kind), str(detail))
             for at, kind, detail in self._read("SELECT at, kind, detail FROM journal ORDER BY id")
+        ]
+
+    def keys(self, states: Iterable[RowState]) -> set[str]:
+        """The keys of the rows in `states` (no row objects: cheap on a large ledger)."""
+        names = tuple(state.value for state in states)
+        query = f"SELECT key FROM recipients WHERE state IN ({', '.join('?' for _ in names)})"
+        return {str(key) for (key,) in self._read(query, names)}
+
+    def open_rows(self) -> list[OpenRow]:
+        """The listed pending and in-flight rows, in flight first (their keys age), then in list order."""
+        query = (
+            "SELECT key, row, email, sender, state = 'inflight' FROM recipients "
+            "WHERE state IN ('pending', 'inflight') AND listed = 1 "
+            "ORDER BY state = 'inflight' DESC, row, key"
+        )
+        return [
+            OpenRow(str(key), int(row), str(email), str(sender), bool(inflight))
+            for key, row, email, sender, inflight in self._read(query)
         ]
 
     def _read(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:

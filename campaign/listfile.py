@@ -85,8 +85,11 @@ def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:
 
 
 def _read_csv(raw: bytes, name: str, separator: str) -> tuple[list[str], pl.DataFrame]:
-    if not _decode(raw, name).strip():
+    text = _decode(raw, name)
+    # isspace() stops at the first printable character; strip() would copy a long list's whole text.
+    if not text or text.isspace():
         raise RecipientDataError(f"{name}: is empty; its first line must name the columns (e.g. email,name)")
+    del text
     # The decoded text is dropped here: polars reads the bytes, and a long list must not be held as
     # bytes, text and frame at once. It is decoded again only to explain a failure.
     try:

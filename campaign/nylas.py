@@ -28,6 +28,7 @@ from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError, ManifestError
 from campaign.models import OutcomeKind, SendOutcome
 from campaign.nylas_answers import (
+    answer_text,
     build_send_outcome,
     describe_exception,
     find_request_id,
@@ -40,6 +41,7 @@ from campaign.settings import SenderSettings
 
 __all__ = [
     "DEFAULT_API_URI",
+    "DEFAULT_CONNECTIONS",
     "MAX_IDEMPOTENCY_KEY_LENGTH",
     "Folder",
     "ListedMessage",
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 DEFAULT_API_URI = "https://api.us.nylas.com"
+DEFAULT_CONNECTIONS = 100  # aiohttp's own default pool size
 MAX_IDEMPOTENCY_KEY_LENGTH = 256  # §4: a longer key gets 400 api.invalid_idempotency_key
 _USER_AGENT = f"campaign/{__version__}"
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7E]+")  # safe in an HTTP header value as is
@@ -112,9 +115,18 @@ async def send_as(
 
 
 def build_http_client(
-    *, base_url: str, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None
+    *,
+    base_url: str,
+    timeout_s: float,
+    transport: httpx.AsyncBaseTransport | None = None,
+    connections: int = DEFAULT_CONNECTIONS,
 ) -> httpx.AsyncClient:
-    """An `httpx.AsyncClient` for the API at `base_url` with one timeout for every phase of a request."""
+    """An `httpx.AsyncClient` for the API at `base_url` with one timeout for every phase of a request.
+
+    Without `transport` it sends through `campaign.transport.ApiTransport` (aiohttp), keeping up
+    to `connections` connections alive (give at least the number of requests ever in flight);
+    when the environment names a proxy for `base_url`, httpx's own transport, which uses it.
+    """
     try:
         url = httpx.URL(base_url)
     except httpx.InvalidURL as exc:
@@ -123,9 +135,18 @@ def build_http_client(
         raise ManifestError(f"api.uri {base_url!r} must be an http(s) URL such as {DEFAULT_API_URI}")
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ManifestError(f"api.timeout_s must be a positive number of seconds, not {timeout_s!r}")
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, not {connections}")
+    # Imported here: aiohttp takes a tenth of a second to load, and commands that never send
+    # (status, preview) import this module too.
+    from campaign.transport import ApiHttpClient, ApiTransport, env_proxy_applies
+
     headers = {"User-Agent": _USER_AGENT}
     timeout = httpx.Timeout(timeout_s)
-    return httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport, headers=headers)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    if transport is None and not env_proxy_applies(url):
+        transport = ApiTransport(limits=limits)
+    return ApiHttpClient(base_url=url, timeout=timeout, transport=transport, headers=headers, limits=limits)
 
 
 class NylasClient:
@@ -139,11 +160,17 @@ class NylasClient:
                 "set the variable named by api.key_env to the key from the Nylas dashboard"
             )
         self._http = http
-        self._key = key
         self._clock = clock
         # The key as a server might echo it back: raw, JSON-escaped, URL-quoted; longest first.
         forms = {key, json.dumps(key)[1:-1], quote(key, safe="")}
         self._secrets = tuple(sorted(forms, key=len, reverse=True))
+        self._base_headers = {
+            "Authorization": f"Bearer {key}",
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+        # Absolute send URLs by (grants|domains, id): httpx would parse and merge a path per request.
+        self._send_urls: dict[tuple[str, str], httpx.URL] = {}
 
     async def send_message(
         self, grant_id: str, payload: Mapping[str, Any] | SendRequest, *, idempotency_key: str
@@ -152,9 +179,7 @@ class NylasClient:
 
         `payload` is a JSON object, or a `SendRequest` (JSON or multipart, from campaign.payload).
         """
-        return await self._post_send(
-            f"/v3/grants/{_quote_grant(grant_id)}/messages/send", payload, idempotency_key
-        )
+        return await self._post_send(self._send_url("grants", grant_id), payload, idempotency_key)
 
     async def send_domain_message(
         self, domain: str, payload: Mapping[str, Any] | SendRequest, *, idempotency_key: str
@@ -165,25 +190,34 @@ class NylasClient:
             body["from"] = body["from"][0]
         files = payload.attachments if isinstance(payload, SendRequest) else ()
         return await self._post_send(
-            f"/v3/domains/{_quote_grant(domain)}/messages/send",
-            encode_send_request(body, files),
-            idempotency_key,
+            self._send_url("domains", domain), encode_send_request(body, files), idempotency_key
         )
 
+    def _send_url(self, kind: str, target: str) -> httpx.URL:
+        """The absolute URL of `POST /v3/{kind}/{target}/messages/send`, merged with the base URL once."""
+        url = self._send_urls.get((kind, target))
+        if url is None:
+            path = httpx.URL(f"/v3/{kind}/{_quote_grant(target)}/messages/send")
+            base = self._http.base_url  # always ends in "/": httpx merges a path the same way
+            url = base.copy_with(raw_path=base.raw_path + path.raw_path.lstrip(b"/"))
+            self._send_urls[(kind, target)] = url
+        return url
+
     async def _post_send(
-        self, path: str, payload: Mapping[str, Any] | SendRequest, idempotency_key: str
+        self, url: httpx.URL, payload: Mapping[str, Any] | SendRequest, idempotency_key: str
     ) -> SendOutcome:
         if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH or not _VISIBLE_ASCII.fullmatch(idempotency_key):
             limit, got = MAX_IDEMPOTENCY_KEY_LENGTH, len(idempotency_key)
             raise ValueError(f"Idempotency-Key must be 1–{limit} visible ASCII characters (got {got})")
         request = payload if isinstance(payload, SendRequest) else encode_send_request(payload)
-        headers = self._headers() | {
+        headers = {
+            **self._base_headers,
             "Content-Type": request.content_type,
             "Content-Length": str(request.size),
             "Idempotency-Key": idempotency_key,
         }
         try:
-            response = await self._http.post(path, content=_request_body(request), headers=headers)
+            response = await self._http.post(url, content=_request_body(request), headers=headers)
         except httpx.RequestError as exc:
             # Every failure without a response is AMBIGUOUS, even ConnectError/ConnectTimeout/PoolTimeout,
             # where the request provably never left: a same-key retry is safe either way (§4) and one rule
@@ -241,13 +275,6 @@ class NylasClient:
                 return folders
             seen.add(token)
 
-    def _headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self._key}",
-            "Accept": "application/json",
-            "User-Agent": _USER_AGENT,
-        }
-
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
@@ -256,12 +283,12 @@ class NylasClient:
     async def _get_json(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
         where = f"Nylas API GET {path}"
         try:
-            response = await self._http.get(path, params=params, headers=self._headers())
+            response = await self._http.get(path, params=params, headers=self._base_headers)
         except httpx.RequestError as exc:
             detail = self._scrub(describe_exception(exc))
             raise ApiError(f"{where}: {detail}; check the network and api.uri, then try again") from exc
         status = response.status_code
-        text = self._scrub(response.text)
+        text = self._scrub(answer_text(response))
         body = parse_json_object(text)
         if not 200 <= status < 300:
             error = parse_error_body(status, text, body)

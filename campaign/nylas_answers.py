@@ -10,7 +10,6 @@ answer that has not passed through the caller's `scrub` (which removes the API k
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
 import json
 import math
@@ -21,12 +20,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import orjson
 
 from campaign.clock import Clock
 from campaign.models import OutcomeKind, SendOutcome, ThrottleKind
 
 __all__ = [
     "ErrorBody",
+    "answer_text",
     "build_send_outcome",
     "describe_exception",
     "find_request_id",
@@ -57,34 +58,39 @@ class ErrorBody:
 def build_send_outcome(response: httpx.Response, *, clock: Clock, scrub: Callable[[str], str]) -> SendOutcome:
     """What one send's HTTP response means; `scrub` removes secrets from any text the outcome keeps."""
     status = response.status_code
-    text = scrub(response.text)  # before any excerpt, so a cut can't leave half a key
+    text = scrub(answer_text(response))  # before any excerpt, so a cut can't leave half a key
     body = parse_json_object(text)
     request_id = find_request_id(body, response)
     request_id = None if request_id is None else scrub(request_id)
     replayed = response.headers.get("Idempotent-Response", "").strip().lower() == "true"
-    base = SendOutcome(OutcomeKind.SENT, status=status, request_id=request_id, replayed=replayed)
     if 200 <= status < 300:
         data = body.get("data") if body is not None else None
         message_id = data.get("id") if isinstance(data, dict) else None
         if isinstance(message_id, str) and message_id:
-            return dataclasses.replace(base, message_id=message_id)
+            return SendOutcome(
+                OutcomeKind.SENT, status, message_id=message_id, request_id=request_id, replayed=replayed
+            )
         # Not a Nylas answer we understand: a same-key retry (or reconcile) settles it safely.
-        message = f"HTTP {status} without a message id: {_excerpt(text)}"
-        return dataclasses.replace(
-            base, kind=OutcomeKind.AMBIGUOUS, error_type="bad_response", error_message=message
+        return SendOutcome(
+            OutcomeKind.AMBIGUOUS,
+            status,
+            request_id=request_id,
+            error_type="bad_response",
+            error_message=f"HTTP {status} without a message id: {_excerpt(text)}",
+            replayed=replayed,
         )
     error = parse_error_body(status, text, body)
     kind = _kind_for_status(status, error.type)
     message = f"unexpected redirect (HTTP {status}); check api.uri" if status < 400 else error.message
-    throttle = _throttle_kind(error) if kind is OutcomeKind.THROTTLED else None
-    retry_at = _retry_at(response, error, clock)
-    return dataclasses.replace(
-        base,
-        kind=kind,
+    return SendOutcome(
+        kind,
+        status,
+        request_id=request_id,
         error_type=error.type,
         error_message=message,
-        retry_at=retry_at,
-        throttle=throttle,
+        retry_at=_retry_at(response, error, clock),
+        throttle=_throttle_kind(error) if kind is OutcomeKind.THROTTLED else None,
+        replayed=replayed,
     )
 
 
@@ -180,11 +186,22 @@ def _parse_retry_after(value: str, now: datetime) -> datetime | None:
         return None
 
 
+def answer_text(response: httpx.Response) -> str:
+    """The answer's body as text, decoded as `response.text` would.
+
+    UTF-8 (undecodable bytes replaced) unless Content-Type names a charset; only then is
+    httpx asked, which parses the header with an `email.message.Message` every time.
+    """
+    if "charset" in response.headers.get("content-type", "").lower():
+        return response.text
+    return response.content.decode("utf-8", errors="replace")
+
+
 def parse_json_object(text: str) -> dict[str, Any] | None:
     """The answer as a JSON object, or None when it is not one."""
     try:
-        body = json.loads(text)
-    except ValueError:  # an HTML page, an empty body
+        body = orjson.loads(text)
+    except orjson.JSONDecodeError:  # an HTML page, an empty body
         return None
     return body if isinstance(body, dict) else None
 

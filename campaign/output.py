@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from campaign.dispatch_types import DispatchResult
-from campaign.markup import build_text_from_html
-from campaign.preview import PreviewReport
 from campaign.progress import SendProgress
 from campaign.timetext import format_duration, format_local_time
+
+if TYPE_CHECKING:  # for annotations only: the commands that print no preview need not load its engine
+    from campaign.preview import PreviewReport
 
 __all__ = [
     "SendProgress",
@@ -49,10 +50,16 @@ def print_json(console: Console, data: Mapping[str, Any]) -> None:
     console.file.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def print_checked(console: Console, *, source: str, to_send: int, skipped: Mapping[str, int]) -> None:
-    """The preflight tally before sending: e.g. `recipients.csv: 5 to send, 1 duplicate, 1 suppressed`."""
+def print_checked(
+    console: Console, *, source: str, to_send: int, skipped: Mapping[str, int], unchanged: bool = False
+) -> None:
+    """The preflight tally before sending: e.g. `recipients.csv: 5 to send, 1 duplicate, 1 suppressed`.
+
+    `unchanged`: the list was not checked again, because nothing changed since a run that checked it.
+    """
     parts = [f"{to_send} to send", *(f"{count} {reason}" for reason, count in sorted(skipped.items()))]
-    console.print(f"{escape(source)}: checked, " + ", ".join(parts), soft_wrap=True)
+    how = "unchanged since it was checked" if unchanged else "checked"
+    console.print(f"{escape(source)}: {how}, " + ", ".join(parts), soft_wrap=True)
 
 
 def print_run_summary(
@@ -155,10 +162,16 @@ def print_preview(console: Console, report: PreviewReport, *, site: Path | None 
         for name, value in message.headers:
             console.print(f"{escape(name)}: {escape(value)}", soft_wrap=True)
         # The text a reader sees: the text body, else the HTML body as text (the site shows the HTML).
-        body = message.text if message.text is not None else build_text_from_html(message.html or "")
+        body = message.text if message.text is not None else _html_as_text(message.html or "")
         console.print(escape(body[:600].rstrip()) + (" …" if len(body) > 600 else ""))
     if site is not None:
         console.print(f"Preview site (open it in a browser): [bold]{escape(str(site))}[/]", soft_wrap=True)
+
+
+def _html_as_text(html: str) -> str:
+    from campaign.markup import build_text_from_html  # markdown-it and css-inline: only preview needs them
+
+    return build_text_from_html(html)
 
 
 _PROBLEMS_SHOWN = 50

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from campaign.errors import DataError
 from campaign.models import Address, Attachment, Message
@@ -310,24 +310,11 @@ def _too_big(row: int | None, size: RequestSize) -> str:
     )
 
 
-def _dumps_stdlib(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _select_dumps() -> Callable[[Any], bytes]:
-    # orjson is optional. Both give the same bytes for our payloads (compact, raw UTF-8), which matters:
-    # a resumed run must resend the same bytes under the same Idempotency-Key.
-    try:
-        orjson = importlib.import_module("orjson")
-    except ImportError:
-        return _dumps_stdlib
-    dumps: Callable[[Any], bytes] = orjson.dumps
-    return dumps
-
-
-_dumps = _select_dumps()
+# orjson: compact, raw UTF-8, keys in insertion order; the same bytes as the stdlib's
+# json.dumps(separators=(",", ":"), ensure_ascii=False) for our payloads, several times faster.
+_dumps: Callable[[Any], bytes] = orjson.dumps
 
 
 def encode_send_body(payload: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON of `payload` (orjson when installed, else json), keys in the payload's order."""
+    """Compact UTF-8 JSON of `payload` (orjson), keys in the payload's order."""
     return _dumps(payload if isinstance(payload, dict) else dict(payload))

@@ -20,7 +20,7 @@ from campaign.recipients import Audience, build_invalid_skips, load_audience
 from campaign.render import Composer, build_composer
 from campaign.suppression import list_store_paths, load_unsubscribed, skip_unsubscribed
 
-__all__ = ["Preflight", "check_job", "raise_for_problems", "run_preflight"]
+__all__ = ["Preflight", "check_job", "raise_for_problems", "render_job", "run_preflight"]
 
 _SHOWN_IN_ERROR = 1
 
@@ -38,8 +38,7 @@ class Preflight:
 
     def render(self, job: Job) -> Message:
         """Render the message for `job` and read its attachment files (shared ones once per run)."""
-        message = self.composer.render(job.recipient, self.manifest.sender(job.sender))
-        return load_message_attachments(message, self.composer.attachment_loader)
+        return render_job(self.composer, self.manifest, job)
 
     def raise_for_problems(self) -> None:
         """Raise a one-line DataError naming the first problem, if any were found."""
@@ -55,6 +54,12 @@ def raise_for_problems(problems: Sequence[str]) -> None:
     hint = "" if "--skip-invalid" in problems[0] else " (or pass --skip-invalid to skip bad rows)"
     message = f"{problems[0]}{tail}; nothing was sent{hint}"
     raise DataError(message)
+
+
+def render_job(composer: Composer, manifest: Manifest, job: Job) -> Message:
+    """The message to send for a checked `job`, with its attachment files read (shared ones once per run)."""
+    message = composer.render(job.recipient, manifest.sender(job.sender))
+    return load_message_attachments(message, composer.attachment_loader)
 
 
 def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:

@@ -12,13 +12,16 @@ This module never renders, never sends and never writes the ledger.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from email_validator import EmailNotValidError, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, DOT_ATOM_TEXT, EMAIL_MAX_LENGTH
 
 from campaign.errors import RecipientDataError
 from campaign.firstrows import FirstRows
@@ -34,11 +37,48 @@ __all__ = [
     "build_invalid_skips",
     "load_audience",
     "load_suppression",
+    "normalize_address",
     "scan_audience",
 ]
 
 _SKIP_HINT = "fix or remove the row, or run with --skip-invalid"
 _SEVERAL = re.compile(r"[,;\s]+")
+_LOWERED_MAILBOXES = frozenset(name.lower() for name in CASE_INSENSITIVE_MAILBOX_NAMES)
+
+
+def normalize_address(email: str) -> str:
+    """`validate_email(email, check_deliverability=False).normalized`, with each distinct domain checked once.
+
+    Raises the same EmailNotValidError as email_validator. The shortcut covers the common
+    address (a plain ASCII dot-atom local part, which email_validator keeps as is, and a
+    domain that validates); anything else, and every error, comes from validate_email itself.
+    It assumes email_validator's module-wide defaults (STRICT and the rest) as shipped: campaign
+    never changes them.
+    """
+    local, at, domain = email.rpartition("@")
+    # DOT_ATOM_TEXT is email_validator's own test for a local part it returns unchanged; it
+    # excludes '@', quotes and '<', so the address splits at this '@' for it too.
+    if at and DOT_ATOM_TEXT.match(local) and local.lower() not in _LOWERED_MAILBOXES:
+        checked = _check_domain(domain)
+        # The three lengths email_validator checks (as given, normalised, IDNA ASCII); the local part is ASCII
+        if checked is not None and len(local) + 1 + checked[1] <= EMAIL_MAX_LENGTH:
+            return f"{local}@{checked[0]}"
+    return validate_email(email, check_deliverability=False).normalized
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_domain(domain: str) -> tuple[str, int] | None:
+    """The normalised domain and the longest of its three forms in UTF-8 bytes, or None if it is invalid.
+
+    Validated as the domain of a one-letter address: email_validator checks a domain without
+    regard to the local part, apart from the length of the whole address.
+    """
+    try:
+        probe = validate_email(f"a@{domain}", check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    forms = (domain, probe.domain, probe.ascii_domain)
+    return probe.domain, max(len(form.encode("utf-8")) for form in forms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,13 +154,16 @@ class CheckedRow:
     problems: tuple[Problem, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class _Candidate:
+class _Candidate(NamedTuple):
     """A row that passed the per-row checks; whether it is a duplicate depends on the rows before it."""
 
     key: str
     address: Address
     sender: str | None
+
+
+# What the scan settles for one row: the recipient to mail, a deliberate skip, or the row's problems.
+_Outcome = Recipient | Skip | tuple[Problem, ...]
 
 
 class AudienceScan:
@@ -152,34 +195,70 @@ class AudienceScan:
 
     def batches(self, size: int = BATCH_ROWS) -> Iterator[list[CheckedRow]]:
         """The checked rows in file order, `size` rows of the file at a time (blank lines left out)."""
-        first_rows = FirstRows()
-        for offset in range(0, self._frame.height, size):
-            part = self._frame.slice(offset, size)
-            checked: list[tuple[int, tuple[object, ...], _Candidate | CheckedRow]] = []
-            for row, values in enumerate(zip(*column_values(part), strict=True), start=offset + 1):
-                outcome = self._check_row(row, values)
-                if outcome is not None:
-                    checked.append((row, values, outcome))
-            candidates = [(row, found) for row, _, found in checked if isinstance(found, _Candidate)]
-            firsts = iter(first_rows.resolve([c.key for _, c in candidates], [row for row, _ in candidates]))
+        for settled in self._settle(size):
             batch: list[CheckedRow] = []
-            for row, values, found in checked:
-                if isinstance(found, CheckedRow):
-                    batch.append(found)
-                    continue
-                fields = dict(zip(self.columns, values, strict=True))
-                first = next(firsts)
-                if first != row:
-                    detail = f"duplicate of row {first}"
-                    skip = Skip(row, found.key, found.address.email, SkipReason.DUPLICATE, detail)
-                    batch.append(CheckedRow(row, fields, skip=skip))
+            for row, fields, outcome in settled:
+                if isinstance(outcome, Recipient):
+                    batch.append(CheckedRow(row, fields, recipient=outcome))
+                elif isinstance(outcome, Skip):
+                    batch.append(CheckedRow(row, fields, skip=outcome))
                 else:
-                    recipient = Recipient(found.key, row, found.address, fields, found.sender)
-                    batch.append(CheckedRow(row, fields, recipient=recipient))
+                    batch.append(CheckedRow(row, fields, problems=outcome))
             yield batch
 
-    def _check_row(self, row: int, values: tuple[object, ...]) -> _Candidate | CheckedRow | None:
-        """The checks that need only this row: None for a blank line, a CheckedRow when settled here."""
+    def _settle(self, size: int) -> Iterator[list[tuple[int, dict[str, object], _Outcome]]]:
+        """`batches` without a CheckedRow per row (what `load_audience` reads): (row, fields, outcome)."""
+        first_rows = FirstRows()
+        columns = self.columns
+        check_row = self._check_row
+        for offset in range(0, self._frame.height, size):
+            part = self._frame.slice(offset, size)
+            checked: list[tuple[int, tuple[object, ...], _Candidate | Skip | tuple[Problem, ...]]] = []
+            keys: list[str] = []
+            rows: list[int] = []
+            for row, values in enumerate(zip(*column_values(part), strict=True), start=offset + 1):
+                outcome = check_row(row, values)
+                if outcome is None:
+                    continue
+                checked.append((row, values, outcome))
+                if isinstance(outcome, _Candidate):
+                    keys.append(outcome.key)
+                    rows.append(row)
+            firsts = iter(first_rows.resolve(keys, rows))
+            settled: list[tuple[int, dict[str, object], _Outcome]] = []
+            for row, values, found in checked:
+                fields = dict(zip(columns, values, strict=True))
+                if not isinstance(found, _Candidate):
+                    settled.append((row, fields, found))
+                    continue
+                key, address, sender = found
+                first = next(firsts)
+                if first != row:
+                    skip = Skip(row, key, address.email, SkipReason.DUPLICATE, f"duplicate of row {first}")
+                    settled.append((row, fields, skip))
+                else:
+                    settled.append((row, fields, Recipient(key, row, address, fields, sender)))
+            yield settled
+
+    def recipients_at(self, wanted: Sequence[tuple[int, str, str]]) -> list[Recipient]:
+        """Recipients rebuilt from (row, key, normalised address) that an earlier check of this same file
+        produced, in the order given; the rows are not checked again (a resume of an unchanged list).
+        """
+        if not wanted:
+            return []
+        part = self._frame[[row - 1 for row, _, _ in wanted]]
+        found = []
+        for (row, key, email), values in zip(wanted, zip(*column_values(part), strict=True), strict=True):
+            name = None if self._name_at is None else str(values[self._name_at]).strip() or None
+            sender = None if self._sender_at is None else str(values[self._sender_at]).strip() or None
+            fields = dict(zip(self.columns, values, strict=True))
+            found.append(Recipient(key, row, Address(email, name), fields, sender))
+        return found
+
+    def _check_row(
+        self, row: int, values: tuple[object, ...]
+    ) -> _Candidate | Skip | tuple[Problem, ...] | None:
+        """The checks that need only this row: None for a blank line, a skip or problems when settled here."""
         settings = self._settings
         cell = values[self._email_at]
         # Surrounding whitespace (spreadsheet residue, NBSP included) is harmless; inner whitespace is not.
@@ -188,7 +267,7 @@ class AudienceScan:
             return None  # a blank line: counted as a row, but not a recipient
         found: list[Problem] = []
         try:
-            normalized = validate_email(email, check_deliverability=False).normalized
+            normalized = normalize_address(email)
         except EmailNotValidError as exc:
             normalized = ""
             found.append(Problem(row, f'column "{settings.email_column}"', _address_problem(email, exc)))
@@ -202,17 +281,16 @@ class AudienceScan:
                 f"(senders: {', '.join(sorted(senders)) or 'none'}); {hint}{_SKIP_HINT}"
             )
             found.append(Problem(row, f'column "{settings.sender_column}"', message))
-        key = normalized.lower()
+        lowered = key = normalized.lower()
         if self._key_at is not None:
             key = str(values[self._key_at]).strip()
             if not key:
                 message = f"the key is empty; every row needs its own key in this column; {_SKIP_HINT}"
                 found.append(Problem(row, f'column "{settings.key_column}"', message))
         if found:
-            return CheckedRow(row, dict(zip(self.columns, values, strict=True)), problems=tuple(found))
-        if normalized.lower() in self._suppressed:
-            skip = Skip(row, key, normalized, SkipReason.SUPPRESSED, "on a suppression list")
-            return CheckedRow(row, dict(zip(self.columns, values, strict=True)), skip=skip)
+            return tuple(found)
+        if lowered in self._suppressed:
+            return Skip(row, key, normalized, SkipReason.SUPPRESSED, "on a suppression list")
         name = None if self._name_at is None else str(values[self._name_at]).strip() or None
         return _Candidate(key, Address(normalized, name), sender)
 
@@ -229,13 +307,14 @@ def load_audience(settings: RecipientsSettings, *, sender_names: Collection[str]
     recipients: list[Recipient] = []
     skipped: list[Skip] = []
     problems: list[Problem] = []
-    for batch in scan.batches():
-        for checked in batch:
-            if checked.recipient is not None:
-                recipients.append(checked.recipient)
-            elif checked.skip is not None:
-                skipped.append(checked.skip)
-            problems.extend(checked.problems)
+    for settled in scan._settle(BATCH_ROWS):
+        for _, _, outcome in settled:
+            if isinstance(outcome, Recipient):
+                recipients.append(outcome)
+            elif isinstance(outcome, Skip):
+                skipped.append(outcome)
+            else:
+                problems.extend(outcome)
     return Audience(scan.source, scan.columns, tuple(recipients), tuple(skipped), tuple(problems))
 
 
@@ -265,7 +344,7 @@ def load_suppression(paths: Sequence[Path]) -> frozenset[str]:
             if not value:
                 continue
             try:
-                found.add(validate_email(value, check_deliverability=False).normalized.lower())
+                found.add(normalize_address(value).lower())
             except EmailNotValidError:
                 found.add(value.lower())  # cannot match a valid recipient, but keeps the list honest
     return frozenset(found)

@@ -33,7 +33,7 @@ from campaign.templating import (
     loader_name,
     read_template_file,
 )
-from campaign.unsubscribe import build_unsubscribe_headers, make_token
+from campaign.unsubscribe import TokenSigner, build_unsubscribe_headers, make_token
 
 if TYPE_CHECKING:
     from campaign.manifest import Manifest
@@ -100,6 +100,8 @@ class Composer:
     inline_css: bool = False
     attachments: tuple[_AttachmentParts, ...] = ()
     attachment_loader: AttachmentLoader | None = None  # finds and reads the files (I/O, not in render)
+    # make_token's work done once for this campaign (without it, render calls make_token).
+    token_signer: TokenSigner | None = field(default=None, repr=False, compare=False)
     # A memo of per-sender values; it changes no result, so render() stays pure.
     _senders: dict[str, _SenderView] = field(default_factory=dict, repr=False, compare=False)
 
@@ -131,8 +133,14 @@ class Composer:
 
         unsubscribe_headers: tuple[tuple[str, str], ...] = ()
         if self.unsubscribe_url is not None:
+            signer = self.token_signer
             try:
-                token = make_token(secrets=self.secrets, campaign=self.campaign, recipient_key=recipient.key)
+                if signer is not None:
+                    token = signer.sign(recipient.key)
+                else:
+                    token = make_token(
+                        secrets=self.secrets, campaign=self.campaign, recipient_key=recipient.key
+                    )
             except ValueError as exc:
                 raise HeaderError(f"row {row}: {exc}; use a shorter recipients.key_column value") from exc
             context["unsubscribe_token"] = token
@@ -162,7 +170,11 @@ class Composer:
         headers.extend(unsubscribe_headers)
 
         html, text = self._render_bodies(context, row)
-        files = tuple(self._render_attachment(item, context, row) for item in self.attachments)
+        files = (
+            tuple(self._render_attachment(item, context, row) for item in self.attachments)
+            if self.attachments
+            else ()
+        )
         return Message(
             recipient_key=recipient.key,
             row=row,
@@ -266,6 +278,7 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
     unsubscribe = manifest.unsubscribe
     unsubscribe_url: _Part | None = None
     mailto: str | None = None
+    signer: TokenSigner | None = None
     if unsubscribe is not None:
         if not secrets:
             raise ManifestError(
@@ -274,6 +287,7 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
             )
         unsubscribe_url = _compile_string(env, "unsubscribe.url", unsubscribe.url)
         mailto = unsubscribe.mailto
+        signer = TokenSigner(secrets=secrets, campaign=manifest.campaign.name)  # names are short: it signs
 
     headers: list[tuple[str, _Part]] = []
     for header_name, value in message.headers.items():
@@ -311,6 +325,7 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
         inline_css=message.inline_css,
         attachments=tuple(_compile_attachments(env, message.attachments)),
         attachment_loader=files,
+        token_signer=signer,
     )
 
 

@@ -5,11 +5,12 @@ Reads the ledger; writes nothing. The keys are a contract documented in the READ
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from campaign.clock import Clock
 from campaign.ledger import Ledger
+from campaign.ledger_read import ErrorGroup
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import build_next_steps
@@ -31,33 +32,24 @@ def build_status(
     sandbox: bool = False,
 ) -> dict[str, Any]:
     """The status of a started campaign (`command_path`: the manifest as the user named it, for `next`)."""
-    counts = ledger.counts()
-    by_sender = ledger.counts_by_sender()
+    per_sender = ledger.counts_per_sender()  # one pass over the state index gives the totals too
+    counts = {state: sum(tally[state] for tally in per_sender.values()) for state in RowState}
+    unlisted = ledger.counts(listed=False)
+    listed = {state: counts[state] - unlisted[state] for state in RowState}  # removed rows: not open work
     since = clock.now().timestamp() - DAY_S
     senders: dict[str, dict[str, Any]] = {}
     for sender in manifest.senders:
-        sent_24h = sum(count for _, count in ledger.sent_recipients_since(sender.name, since))
+        sent_24h = ledger.sent_recipients_total(sender.name, since)
         senders[sender.name] = {
             "grant_id": sender.grant_id,
             "domain": sender.domain,
             "email": sender.email,
-            "states": _named(by_sender.get(sender.name, dict.fromkeys(RowState, 0))),
+            "states": _named(per_sender.get(sender.name, dict.fromkeys(RowState, 0))),
             "sent_last_24h": sent_24h,
             "per_day": sender.per_day,
             "budget_left": None if sender.per_day is None else max(0, sender.per_day - sent_24h),
         }
-    skipped: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    last_error: dict[str, tuple[str, str]] = {}  # cause -> (when, message) of its latest row
-    for row in ledger.rows(states=(RowState.SKIPPED, RowState.FAILED, RowState.UNKNOWN)):
-        if row.state == RowState.SKIPPED:
-            skipped[(row.reason or "unknown").split(":", 1)[0]] += 1
-        else:
-            cause = f"{row.error_status or '-'} {row.error_type or row.state.value}"
-            errors[cause] += 1
-            said = row.error_message or row.note or ""
-            if said and row.updated_at >= last_error.get(cause, ("", ""))[0]:
-                last_error[cause] = (row.updated_at, said)
+    errors, last_errors = _error_causes(ledger.error_groups())
     schedule = build_schedule(
         manifest.senders,
         remaining={
@@ -68,7 +60,7 @@ def build_status(
     for plan in schedule.senders:
         senders[plan.name]["next_24h"] = plan.next_24h
         senders[plan.name]["eta_s"] = plan.duration_s
-    listed = ledger.counts(listed=True)  # rows removed from the list are left alone: not open work
+    sampled = tuple(state for state in (*OPEN_STATES, RowState.FAILED) if listed[state])  # steps need no more
     return {
         "campaign": manifest.campaign.name,
         "manifest": str(manifest.path),
@@ -79,11 +71,9 @@ def build_status(
         "done": all(listed[state] == 0 for state in OPEN_STATES),
         "total": sum(counts.values()),
         "states": _named(counts),
-        "skipped": dict(sorted(skipped.items())),
-        "errors": dict(errors.most_common()),
-        "last_errors": {
-            cause: last_error[cause][1] for cause, _ in errors.most_common() if cause in last_error
-        },
+        "skipped": dict(sorted(ledger.skip_causes().items())),
+        "errors": errors,
+        "last_errors": last_errors,
         "removed_from_list": sum(counts.values()) - sum(listed.values()),
         "next": [
             step.as_json()
@@ -92,7 +82,7 @@ def build_status(
                 manifest=command_path or str(manifest.path),
                 sandbox=sandbox,
                 removed=sum(counts.values()) - sum(listed.values()),
-                examples=ledger.sample_emails((*OPEN_STATES, RowState.FAILED), listed=True),
+                examples=ledger.sample_emails(sampled, listed=True),
             )
         ],
         "senders": senders,
@@ -126,6 +116,28 @@ def build_unstarted_status(manifest: Manifest) -> dict[str, Any]:
             }
             for sender in manifest.senders
         },
+    }
+
+
+def _error_causes(groups: Iterable[ErrorGroup]) -> tuple[dict[str, int], dict[str, str]]:
+    """Rows per cause ("402 message_rejected", "- unknown"), most first, and each cause's latest message.
+
+    Equal counts keep the order in which the causes first occur in the list, and the
+    latest message is the last updated one (the last in list order among equals), as
+    a pass over the rows in list order would find them.
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, tuple[int, str]] = {}
+    latest: dict[str, tuple[str, int, str, str]] = {}
+    for group in groups:
+        cause = f"{group.status or '-'} {group.error_type or group.state.value}"
+        counts[cause] = counts.get(cause, 0) + group.count
+        first[cause] = min(first.get(cause, group.first), group.first)
+        if group.latest is not None and (cause not in latest or group.latest[:3] > latest[cause][:3]):
+            latest[cause] = group.latest
+    ranked = sorted(sorted(counts, key=first.__getitem__), key=counts.__getitem__, reverse=True)
+    return {cause: counts[cause] for cause in ranked}, {
+        cause: latest[cause][3] for cause in ranked if cause in latest
     }
 
 

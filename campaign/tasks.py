@@ -29,16 +29,18 @@ class Stopper:
         return self._event is not None and self._event.is_set()
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep on the clock, but wake at once when a stop is requested."""
+        """Sleep on the clock, but wake at once when a stop is requested.
+
+        Returns at once when there is nothing to wait for (the send loop asks for a pacing
+        wait before every request, most often of a slot that has come); otherwise waits on
+        the stop event with the clock's deadline, starting no task of its own.
+        """
+        if seconds <= 0:
+            return
         if self._event is None:
             await self._clock.sleep(seconds)
-            return
-        if self._event.is_set():
-            return
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._cancel_when_requested, group.cancel_scope)
-            await self._clock.sleep(seconds)
-            group.cancel_scope.cancel()
+        elif not self._event.is_set():
+            await self._clock.wait_for(self._event, seconds)
 
     async def cancel_after_grace(self, scope: anyio.CancelScope, grace_s: float) -> None:
         """Once a stop is requested, wait `grace_s` on the clock, then cancel `scope`."""
@@ -46,11 +48,6 @@ class Stopper:
             return
         await self._event.wait()
         await self._clock.sleep(grace_s)
-        scope.cancel()
-
-    async def _cancel_when_requested(self, scope: anyio.CancelScope) -> None:
-        assert self._event is not None
-        await self._event.wait()
         scope.cancel()
 
 

@@ -2,21 +2,30 @@
 
 Helpers for `campaign.render`: the built-in templates folder, how a template file is
 named to the user, the sandboxed environment the templates run in (where they load from,
-which are autoescaped), compiling a template and everything it extends or includes before
+which are autoescaped; compiled so that printing a value costs one call, with stock Jinja's
+output), compiling a template and everything it extends or includes before
 any row is rendered, and turning an exception raised while rendering into one
 `TemplateError` line naming the row, the template file and line. No rendering here.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import meta
+from jinja2 import meta, nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import escape
+
+try:  # the function markupsafe.escape applies to a str (its C version when built, as markupsafe does)
+    from markupsafe._speedups import _escape_inner as _escape_str
+except ImportError:  # pragma: no cover - markupsafe without its C extension
+    from markupsafe._native import _escape_inner as _escape_str
 
 from campaign.errors import InputFileError, TemplateError
 
@@ -85,19 +94,102 @@ def build_environment(
     loader = jinja2.ChoiceLoader(
         [jinja2.FunctionLoader(load_main), jinja2.FileSystemLoader([base_dir, BUILTIN_TEMPLATES])]
     )
-    return ImmutableSandboxedEnvironment(
+    return _Environment(
         loader=loader,
         undefined=jinja2.StrictUndefined,
-        autoescape=select_autoescape,
+        # Asked again for every render (each one makes an EvalContext), so remember the answer.
+        autoescape=functools.cache(select_autoescape),
         keep_trailing_newline=True,
         finalize=_finalize,
         auto_reload=False,
+        cache_size=-1,  # a plain dict: a campaign has a handful of templates; `extends` looks one up per row
     )
 
 
 def _finalize(value: object) -> object:
     """Print a missing value (None, e.g. an absent recipient name) as nothing rather than "None"."""
     return "" if value is None else value
+
+
+def _output_html(value: object) -> str:
+    """`escape(_finalize(value))`, as an autoescaped `{{ value }}` prints it, without a Markup per string.
+
+    The pieces a template yields are only ever joined, so a plain str with the same text is equal output.
+    """
+    if type(value) is str:
+        return _escape_str(value)
+    return "" if value is None else escape(value)
+
+
+def _output_text(value: object) -> str:
+    """`str(_finalize(value))`, as a `{{ value }}` without autoescape prints it."""
+    if type(value) is str:
+        return value
+    return "" if value is None else str(value)
+
+
+class _CodeGenerator(CodeGenerator):
+    """Jinja's code generator, printing `{{ ... }}` through one call (`_output_html` or `_output_text`).
+
+    Stock Jinja writes `escape(environment.finalize(...))`: two calls and a Markup object for
+    every value printed, the largest per-row cost of a template. Scopes whose autoescaping is
+    only known at run time (`{% autoescape expr %}`) keep Jinja's own code.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ours: list[bool] = []  # per child being printed: whether _output_child_pre wrote our call
+
+    def _output_child_pre(
+        self, node: nodes.Expr, frame: Frame, finalize: CodeGenerator._FinalizeInfo
+    ) -> None:
+        ours = not frame.eval_ctx.volatile and self.environment.finalize is _finalize
+        self._ours.append(ours)
+        if not ours:
+            super()._output_child_pre(node, frame, finalize)
+        elif frame.eval_ctx.autoescape:
+            self.write("environment.output_html(")
+        else:
+            self.write("environment.output_text(")
+
+    def _output_child_post(
+        self, node: nodes.Expr, frame: Frame, finalize: CodeGenerator._FinalizeInfo
+    ) -> None:
+        if self._ours.pop():
+            self.write(")")
+        else:
+            super()._output_child_post(node, frame, finalize)
+
+
+# What `getattr(some_dict, name)` finds (a dict has no instance attributes): the sandbox prefers these.
+_DICT_ATTRIBUTES = frozenset(name for klass in dict.__mro__ for name in vars(klass))
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox, compiling with `_CodeGenerator`; templates reach its output functions as attributes."""
+
+    code_generator_class = _CodeGenerator
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # Instance attributes holding plain functions: a generated template calls them without binding.
+        self.output_html = _output_html
+        self.output_text = _output_text
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        """`obj.attribute` as the sandbox resolves it, without its AttributeError for a plain dict's key.
+
+        On a dict (`recipient`, `sender`, `campaign`) the sandbox looks for an attribute first and,
+        when the dict type has none by that name, takes the item; this goes straight to the item.
+        """
+        if (
+            type(obj) is dict
+            and type(attribute) is str
+            and attribute in obj
+            and attribute not in _DICT_ATTRIBUTES
+        ):
+            return obj[attribute]
+        return super().getattr(obj, attribute)
 
 
 def display_name(filename: str, base_dir: Path) -> str:

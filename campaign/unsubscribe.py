@@ -9,6 +9,7 @@ and dropping the oldest later. Pure: no I/O, no clock, and never a secret in any
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import re
@@ -24,6 +25,7 @@ __all__ = [
     "MIN_SECRET_LENGTH",
     "TOKEN_VERSION",
     "TokenClaims",
+    "TokenSigner",
     "build_unsubscribe_headers",
     "make_token",
     "parse_secrets",
@@ -41,6 +43,7 @@ _POST_HEADER = ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
 # RFC 5322 §2.1.1: a line MUST NOT exceed 998 characters; we never fold this header.
 _MAX_LINE = 998
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+_URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64 to base64url, as base64.urlsafe_b64encode does
 _SPLIT_SECRETS = re.compile(r"[,\s]+")
 # Characters that must not appear inside <...>: whitespace, the brackets themselves,
 # quotes and controls; a list item would end or be misparsed by a mail client.
@@ -80,16 +83,32 @@ def parse_secrets(value: str) -> tuple[bytes, ...]:
 
 def make_token(*, secrets: Sequence[bytes], campaign: str, recipient_key: str) -> str:
     """Sign (campaign, recipient_key) with the first secret; returns base64url without padding."""
-    if not secrets:
-        raise ValueError("make_token needs at least one secret")
-    secret = secrets[0]
-    payload = (
-        bytes((TOKEN_VERSION, _key_id(secret)))
-        + _frame(campaign.encode("utf-8"), "campaign")
-        + _frame(recipient_key.encode("utf-8"), "recipient key")
-    )
-    raw = payload + _mac(secret, payload)
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return TokenSigner(secrets=secrets, campaign=campaign).sign(recipient_key)
+
+
+class TokenSigner:
+    """`make_token` for one campaign and many recipients: the keyed HMAC and the payload's start made once.
+
+    ValueError (as make_token) without a secret or for a campaign name too long to frame.
+    """
+
+    __slots__ = ("_mac", "_prefix")
+
+    def __init__(self, *, secrets: Sequence[bytes], campaign: str) -> None:
+        if not secrets:
+            raise ValueError("make_token needs at least one secret")
+        secret = secrets[0]
+        self._prefix = bytes((TOKEN_VERSION, _key_id(secret))) + _frame(campaign.encode("utf-8"), "campaign")
+        # Keyed and fed with what every token of the campaign starts with; each token continues a copy.
+        self._mac = hmac.new(secret, _PURPOSE_FRAME + self._prefix, "sha256")
+
+    def sign(self, recipient_key: str) -> str:
+        """The token for `recipient_key` (ValueError if the key is too long to frame)."""
+        framed = _frame(recipient_key.encode("utf-8"), "recipient key")
+        mac = self._mac.copy()
+        mac.update(framed)
+        raw = self._prefix + framed + mac.digest()[:_MAC_LENGTH]
+        return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode("ascii")
 
 
 def verify_token(token: str, *, secrets: Sequence[bytes]) -> TokenClaims | None:

@@ -44,6 +44,7 @@ CORE = [
     "campaign.firstrows",
     "campaign.message_checks",
     "campaign.status",
+    "campaign.resumption",
     "campaign.starter",
     "campaign.timetext",
 ]

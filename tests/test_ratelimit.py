@@ -35,9 +35,11 @@ def test_pace_allows_a_burst_then_paces():
 
 
 def test_pace_never_exceeds_nylas_ceiling():
-    """A configured rate above Nylas's 200/s per grant is capped at 200/s."""
+    """A configured rate at or above Nylas's 200/s per grant is paced 5% under it, at 190/s."""
     pace = Pace(10_000)
-    assert pace.interval_s == pytest.approx(1 / 200)
+    assert pace.interval_s == pytest.approx(1 / 190)
+    assert Pace(200).interval_s == pytest.approx(1 / 190)
+    assert Pace(150).interval_s == pytest.approx(1 / 150)
 
 
 def test_pace_delay_pushes_next_slot():

@@ -1,25 +1,74 @@
 """The `campaign` command: the typer app, its root options, and the table of its commands.
 
-Each command lives in the module of its concept (sending, inspecting, outcomes, unsubscribes, authoring);
-this package is the only place that imports typer and turns a CampaignError into an exit code (base).
+Each command lives in the module of its concept (sending, inspecting, outcomes, unsubscribes, authoring),
+which is imported only when that command runs (or `--help` lists them all): `campaign status` then
+loads neither the send path, the preview's renderers nor polars. This package is the only place that
+imports typer and turns a CampaignError into an exit code (base).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import importlib
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
-from campaign.cli.authoring import init, sandbox, schema
 from campaign.cli.base import options
-from campaign.cli.inspecting import preview, send_test, status
-from campaign.cli.outcomes import reconcile, report, retry
-from campaign.cli.sending import resume, run
-from campaign.cli.unsubscribes import suppress_app, unsubscribe_app
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "main"]
+
+# Name -> (module, attribute): a command function, or a typer app of subcommands.
+# The order here is the order `campaign --help` lists the commands in.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("campaign.cli.sending", "run"),
+    "resume": ("campaign.cli.sending", "resume"),
+    "preview": ("campaign.cli.inspecting", "preview"),
+    "send-test": ("campaign.cli.inspecting", "send_test"),
+    "status": ("campaign.cli.inspecting", "status"),
+    "schema": ("campaign.cli.authoring", "schema"),
+    "init": ("campaign.cli.authoring", "init"),
+    "sandbox": ("campaign.cli.authoring", "sandbox"),
+    "reconcile": ("campaign.cli.outcomes", "reconcile"),
+    "retry": ("campaign.cli.outcomes", "retry"),
+    "report": ("campaign.cli.outcomes", "report"),
+    "unsubscribe": ("campaign.cli.unsubscribes", "unsubscribe_app"),
+    "suppress": ("campaign.cli.unsubscribes", "suppress_app"),
+}
+
+
+class _LazyGroup(TyperGroup):
+    """The root group: builds a command (importing its module) when it is first looked up."""
+
+    def list_commands(self, _ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, _ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            self.commands[cmd_name] = _build_command(cmd_name)
+        return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in COMMANDS:  # a typo: "did you mean" picks from the commands built
+            for name in COMMANDS:
+                self.get_command(ctx, name)
+        return super().resolve_command(ctx, args)
+
+
+def _build_command(name: str) -> Any:
+    module, attribute = COMMANDS[name]
+    target = getattr(importlib.import_module(module), attribute)
+    if isinstance(target, typer.Typer):
+        group = typer.main.get_group(target)
+        group.name = name
+        return group
+    single = typer.Typer(add_completion=False)
+    single.command(name)(target)
+    return typer.main.get_command(single)
+
 
 app = typer.Typer(
+    cls=_LazyGroup,
     add_completion=False,
     no_args_is_help=True,
     help="Send personalised bulk email through people's own mailboxes (Nylas v3 Send API).",
@@ -32,22 +81,6 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ) -> None:
     options.debug = debug
-
-
-# The order here is the order `campaign --help` lists the commands in.
-app.command()(run)
-app.command()(resume)
-app.command()(preview)
-app.command("send-test")(send_test)
-app.command()(status)
-app.command()(schema)
-app.command()(init)
-app.command()(sandbox)
-app.add_typer(unsubscribe_app, name="unsubscribe")
-app.add_typer(suppress_app, name="suppress")
-app.command()(reconcile)
-app.command()(retry)
-app.command()(report)
 
 
 def main() -> None:

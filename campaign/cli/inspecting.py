@@ -1,13 +1,15 @@
 """Looking at a campaign without sending it: `preview` (check and render every row, write the preview
 site), `send-test` (one row, to a test address) and `status` (the ledger's progress).
 
-None of these writes the ledger; send-test sends one message outside the campaign's ledger.
+None of these writes the ledger; send-test sends one message outside the campaign's ledger. The
+preview and send-test engines (renderers, list readers, HTTP client) are imported inside those two
+commands: `status` needs none of them and is run often, on large ledgers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import typer
@@ -26,13 +28,11 @@ from campaign.cli.wiring import (
 from campaign.clock import Clock, SystemClock
 from campaign.manifest import Manifest, load_manifest
 from campaign.output import print_json, print_preview, print_status, print_test_sent
-from campaign.preflight import raise_for_problems
-from campaign.preview import LedgerView, run_preview
-from campaign.preview_json import build_preview_json
 from campaign.ratelimit import DAY_S
-from campaign.sendtest import find_test_message, send_test_message
-from campaign.site import write_site
 from campaign.status import OPEN_STATES, build_status, build_unstarted_status
+
+if TYPE_CHECKING:
+    from campaign.preview import LedgerView
 
 __all__ = ["preview", "send_test", "status"]
 
@@ -54,6 +54,11 @@ def preview(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Check and render every recipient, write a browsable preview site, send nothing."""
+    from campaign.preflight import raise_for_problems
+    from campaign.preview import run_preview
+    from campaign.preview_json import build_preview_json
+    from campaign.site import write_site
+
     with exit_codes():
         clock = SystemClock()
         loaded = load_manifest(manifest)
@@ -84,6 +89,8 @@ def send_test(
     sandbox: SandboxOpt = False,
 ) -> None:
     """Send row N, rendered exactly as the campaign would, to ADDR with "[TEST] " before the subject."""
+    from campaign.sendtest import find_test_message, send_test_message
+
     with exit_codes():
         clock = SystemClock()
         loaded = load_manifest(manifest)
@@ -139,6 +146,8 @@ def status(
 
 def _ledger_view(manifest: Manifest, path: Path, *, clock: Clock) -> LedgerView:
     """What preview and send-test need from the ledger (read only; nothing when there is none)."""
+    from campaign.preview import LedgerView
+
     if not path.exists():
         return LedgerView()
     ledger = open_campaign_ledger(manifest, path)

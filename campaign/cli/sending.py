@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -44,21 +44,25 @@ from campaign.cli.wiring import (
 from campaign.clock import Clock, SystemClock
 from campaign.content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.dispatch import DispatchResult, DispatchSettings, dispatch
-from campaign.errors import InputFileError, UsageError
+from campaign.errors import InputFileError, LedgerError, UsageError
 from campaign.interrupt import run_interruptible
-from campaign.ledger import Ledger, PlannedRow
+from campaign.ledger import Ledger, PlannedRow, SyncReport
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
 from campaign.output import print_checked, print_deliveries, print_next_steps, print_run_summary
 from campaign.plan import Job
-from campaign.preflight import Preflight, run_preflight
+from campaign.preflight import Preflight, render_job, run_preflight
 from campaign.progress import SendProgress
 from campaign.ratelimit import DAY_S
+from campaign.render import Composer, build_composer
+from campaign.resumption import PLAN_STAMP_KEY, load_open_jobs, load_plan_stamp
 from campaign.status import build_status
 from campaign.suppression import UnsubscribeWatch, list_store_paths
 from campaign.testing import FakeNylas
 
 __all__ = ["resume", "run"]
+
+_OPEN = (RowState.PENDING, RowState.INFLIGHT)
 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="Send at most N messages this run.")]
@@ -137,42 +141,28 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
         raise InputFileError(message)
     api_key = read_api_key(manifest, sandbox=sandbox)
     secrets = read_secrets(manifest, sandbox=sandbox)
-    assigned: dict[str, str] = {}
-    settled: set[str] = set()
-    if ledger_path.exists():
-        ledger = open_campaign_ledger(manifest, ledger_path)
-        assigned = ledger.assigned_senders()
-        # Only pending and in-flight rows are sent; unknown ones wait for `campaign reconcile`.
-        settled = {row.key for row in ledger.rows() if row.state not in (RowState.PENDING, RowState.INFLIGHT)}
-        ledger.close()
-    preflight = run_preflight(manifest, secrets=secrets, skip_invalid=choices.skip_invalid, assigned=assigned)
-    preflight.raise_for_problems()
+    stamp = load_plan_stamp(manifest, skip_invalid=choices.skip_invalid)
+    plan = _check_plan(manifest, ledger_path, stamp, secrets=secrets, skip_invalid=choices.skip_invalid)
     content = _check_content(manifest, ledger_path, allow=choices.allow_changed_content)
-    todo = [job for job in preflight.jobs if job.recipient.key not in settled]
     print_checked(
         out,
         source=manifest.recipients.source.name,
-        to_send=len(todo),
-        skipped=Counter(skip.reason.value for skip in preflight.skips),
+        to_send=plan.to_send,
+        skipped=plan.skipped,
+        unchanged=plan.preflight is None,
     )
-    _confirm(len(todo), manifest, yes=choices.yes, sandbox=sandbox)
+    _confirm(plan.to_send, manifest, yes=choices.yes, sandbox=sandbox)
 
     ledger_path.parent.mkdir(parents=True, exist_ok=True)
     ledger = open_campaign_ledger(manifest, ledger_path, exclusive=True)
     try:
-        sync = ledger.record_plan(
-            [
-                PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, j.sender)
-                for j in preflight.jobs
-            ],
-            preflight.skips,
-        )
+        sync = _record_plan(ledger, plan.preflight, stamp)
         record_content(ledger, content)
         ledger.record_expired_claims()
-        jobs = _open_jobs(ledger, preflight.jobs)
+        jobs = _open_jobs(manifest, ledger, plan, stamp)
         fake = build_sandbox_api(manifest) if sandbox else None
         settings = DispatchSettings(limit=choices.limit, wait=choices.wait)
-        work = partial(_send, preflight, jobs, ledger, api_key, clock, settings, fake)
+        work = partial(_send, manifest, plan.composer, jobs, ledger, api_key, clock, settings, fake)
         interrupted = anyio.run(partial(run_interruptible, work, on_signal=_say_stopping))
         result = interrupted.result
         if result is not None:
@@ -192,8 +182,64 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     return EXIT_INTERRUPTED if interrupted.signals else _exit_code(result, states)
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What this run will send: checked now (`preflight`), or unchanged since a run that checked it (None)."""
+
+    composer: Composer
+    preflight: Preflight | None
+    to_send: int
+    skipped: Mapping[str, int]
+
+
+def _check_plan(
+    manifest: Manifest, ledger_path: Path, stamp: str, *, secrets: Sequence[bytes] | None, skip_invalid: bool
+) -> _Plan:
+    """Check every row, unless the ledger's plan stamp says nothing changed since a run that did.
+
+    Read only: the plan is recorded after confirmation. With a million rows, checking
+    them all takes minutes; a resume of an unchanged campaign reads only its open rows.
+    """
+    if ledger_path.exists():
+        ledger = open_campaign_ledger(manifest, ledger_path)
+        try:
+            if ledger.get_meta(PLAN_STAMP_KEY) == stamp:
+                counts = ledger.counts(listed=True)
+                skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
+                to_send = counts[RowState.PENDING] + counts[RowState.INFLIGHT]
+                return _Plan(build_composer(manifest, secrets=secrets), None, to_send, skipped)
+            assigned = ledger.assigned_senders()
+            # Only pending and in-flight rows are sent; unknown ones wait for `campaign reconcile`.
+            settled = ledger.keys([state for state in RowState if state not in _OPEN])
+        finally:
+            ledger.close()
+    else:
+        assigned, settled = {}, set()
+    preflight = run_preflight(manifest, secrets=secrets, skip_invalid=skip_invalid, assigned=assigned)
+    preflight.raise_for_problems()
+    to_send = sum(1 for job in preflight.jobs if job.recipient.key not in settled)
+    skipped = Counter(skip.reason.value for skip in preflight.skips)
+    return _Plan(preflight.composer, preflight, to_send, skipped)
+
+
+def _record_plan(ledger: Ledger, preflight: Preflight | None, stamp: str) -> SyncReport:
+    """Record a freshly checked plan, and its stamp (so that an unchanged resume need not check again)."""
+    if preflight is None:
+        return SyncReport(added=0, skipped_added=0, existing=0, missing=0)
+    planned = [
+        PlannedRow(job.recipient.key, job.recipient.row, job.recipient.address.email, job.sender)
+        for job in preflight.jobs
+    ]
+    # One transaction: a stamp must never describe rows recorded for another list.
+    with ledger.batch():
+        sync = ledger.record_plan(planned, preflight.skips)
+        ledger.set_meta(PLAN_STAMP_KEY, stamp)
+    return sync
+
+
 async def _send(
-    preflight: Preflight,
+    manifest: Manifest,
+    composer: Composer,
     jobs: Sequence[Job],
     ledger: Ledger,
     api_key: str,
@@ -202,13 +248,17 @@ async def _send(
     fake: FakeNylas | None,
     stop: anyio.Event | None = None,
 ) -> DispatchResult:
-    manifest = preflight.manifest
     since = clock.now().timestamp() - DAY_S
-    history = {sender.name: ledger.sent_recipients_since(sender.name, since) for sender in manifest.senders}
+    # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
+    history = {
+        sender.name: ledger.sent_recipients_since(sender.name, since)
+        for sender in manifest.senders
+        if sender.per_day is not None or sender.per_day_messages is not None
+    }
     async with connect_api(manifest, api_key=api_key, clock=clock, fake=fake) as client:
         with SendProgress(out, total=len(jobs), senders=manifest.senders, clock=clock) as progress:
             for sender in manifest.senders:
-                used = sum(count for _, count in history[sender.name])
+                used = sum(count for _, count in history.get(sender.name, ()))
                 left = None if sender.per_day is None else max(0, sender.per_day - used)
                 share = sum(1 for job in jobs if job.sender == sender.name)
                 progress.set_share(sender.name, share, budget_left=left)
@@ -219,7 +269,7 @@ async def _send(
                 return await dispatch(
                     jobs,
                     senders=manifest.senders,
-                    render=preflight.render,
+                    render=partial(render_job, composer, manifest),
                     client=client,
                     ledger=ledger,
                     clock=clock,
@@ -264,11 +314,16 @@ def _check_content(manifest: Manifest, ledger_path: Path, *, allow: bool) -> Con
         ledger.close()
 
 
-def _open_jobs(ledger: Ledger, jobs: Sequence[Job]) -> list[Job]:
+def _open_jobs(manifest: Manifest, ledger: Ledger, plan: _Plan, stamp: str) -> list[Job]:
     """The jobs whose rows still need a send; rows left in flight first (their keys age)."""
-    states = {row.key: row.state for row in ledger.rows(states=(RowState.PENDING, RowState.INFLIGHT))}
-    wanted = [job for job in jobs if job.recipient.key in states]
-    return sorted(wanted, key=lambda job: states[job.recipient.key] != RowState.INFLIGHT)
+    if plan.preflight is None:
+        if ledger.get_meta(PLAN_STAMP_KEY) != stamp:  # another command recorded a plan meanwhile
+            message = f"{ledger.path}: another command changed the ledger while this one started; run again"
+            raise LedgerError(message)
+        return load_open_jobs(manifest, ledger)
+    inflight = {row.key: row.inflight for row in ledger.open_rows()}
+    wanted = [job for job in plan.preflight.jobs if job.recipient.key in inflight]
+    return sorted(wanted, key=lambda job: not inflight[job.recipient.key])
 
 
 def _confirm(count: int, manifest: Manifest, *, yes: bool, sandbox: bool) -> None:

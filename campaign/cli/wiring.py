@@ -3,6 +3,8 @@ and opening it, the API key, URI and unsubscribe secrets from environment variab
 client, and the sandbox's fake API in place of the real one.
 
 It prints nothing and decides no exit code: problems are raised as CampaignErrors for the command.
+The HTTP client and the fake API are imported by the functions that build them, so that commands
+which only read the ledger (`status`) do not load httpx, starlette and uvicorn.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from campaign.clock import Clock, SystemClock
 from campaign.errors import InputFileError, ManifestError
 from campaign.ledger import Ledger, open_ledger
 from campaign.manifest import Manifest
-from campaign.nylas import DEFAULT_API_URI, NylasClient, build_http_client
-from campaign.testing import FakeNylas
 from campaign.unsubscribe import parse_secrets
+
+if TYPE_CHECKING:
+    from campaign.nylas import NylasClient
+    from campaign.testing import FakeNylas
 
 __all__ = [
     "SANDBOX_API_KEY",
@@ -81,6 +84,8 @@ def read_api_key(manifest: Manifest, *, sandbox: bool = False) -> str:
 
 def read_api_uri(manifest: Manifest) -> str:
     """The API's base URI: `api.uri`, else $NYLAS_API_URI, else Nylas's US region."""
+    from campaign.nylas import DEFAULT_API_URI
+
     return manifest.api.uri or os.environ.get("NYLAS_API_URI") or DEFAULT_API_URI
 
 
@@ -110,16 +115,24 @@ async def connect_api(
     manifest: Manifest, *, api_key: str, clock: Clock, fake: FakeNylas | None = None
 ) -> AsyncIterator[NylasClient]:
     """A Nylas client for the manifest's API, or for the sandbox's `fake` served in-process."""
+    import httpx
+
+    from campaign.nylas import DEFAULT_CONNECTIONS, NylasClient, build_http_client
+
     transport = httpx.ASGITransport(app=fake.app) if fake is not None else None
     base_url = SANDBOX_API_URI if fake is not None else read_api_uri(manifest)
+    # A pool with room for every request the senders may have in flight, each on a kept-alive connection.
+    connections = max(DEFAULT_CONNECTIONS, sum(sender.concurrency for sender in manifest.senders))
     async with build_http_client(
-        base_url=base_url, timeout_s=manifest.api.timeout_s, transport=transport
+        base_url=base_url, timeout_s=manifest.api.timeout_s, transport=transport, connections=connections
     ) as http:
         yield NylasClient(http, api_key=api_key, clock=clock)
 
 
 def build_sandbox_api(manifest: Manifest) -> FakeNylas:
     """The fake Nylas API, with the manifest's senders as its grants and domains."""
+    from campaign.testing import FakeNylas
+
     fake = FakeNylas(api_key=SANDBOX_API_KEY)
     register_sandbox_grants(fake, manifest)
     return fake

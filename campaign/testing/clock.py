@@ -3,7 +3,8 @@
 `FakeClock` satisfies `campaign.clock.Clock`. Time is virtual: a task that sleeps
 waits until every task that can run has run, then the earliest sleeper moves time
 to its deadline and wakes, so concurrent sleepers wake in deadline order as they
-would in real time, but at once. `sleeps` records what was asked for; `advance`
+would in real time, but at once; `wait_for` is a sleep that a set event ends early.
+`sleeps` records what was asked for; `advance`
 moves time forward from the test. It never reads the real time and never goes back.
 """
 
@@ -58,6 +59,26 @@ class FakeClock:
                 if self._sleepers[0] == ticket:
                     self._elapsed = ticket[0]
                     return
+        finally:
+            self._sleepers.remove(ticket)
+            heapq.heapify(self._sleepers)
+
+    async def wait_for(self, event: anyio.Event, seconds: float) -> bool:
+        """Like `sleep`, but return at once (time unmoved) when `event` is set; True when it was."""
+        step = max(0.0, float(seconds))
+        self.sleeps.append(step)
+        ticket = (self._elapsed + step, next(self._tickets))
+        heapq.heappush(self._sleepers, ticket)
+        try:
+            while not event.is_set():
+                for _ in range(_SETTLE_PASSES):
+                    await anyio.lowlevel.checkpoint()
+                if event.is_set() or ticket[0] <= self._elapsed:
+                    break
+                if self._sleepers[0] == ticket:
+                    self._elapsed = ticket[0]
+                    break
+            return event.is_set()
         finally:
             self._sleepers.remove(ticket)
             heapq.heapify(self._sleepers)

@@ -1,0 +1,190 @@
+"""Resuming an unchanged campaign: the plan stamp, the open rows read back, when the list is checked again."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import SECRET, copy_sample
+
+import campaign.cli.sending as sending
+from campaign.clock import SystemClock
+from campaign.ledger import PlannedRow, open_ledger
+from campaign.manifest import load_manifest
+from campaign.models import SkipReason
+from campaign.preflight import run_preflight
+from campaign.resumption import PLAN_STAMP_KEY, load_open_jobs, load_plan_stamp
+from campaign.testing import FakeNylas
+from campaign.unsubscribe import parse_secrets
+
+
+def _register(api: FakeNylas, manifest_path) -> None:
+    for sender in load_manifest(manifest_path).senders:
+        api.add_grant(sender.grant_id, sender.email or "")
+
+
+@pytest.fixture
+def preflights(monkeypatch):
+    """Counts the full preflights runs make (each checks and renders every row of the list)."""
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return run_preflight(*args, **kwargs)
+
+    monkeypatch.setattr(sending, "run_preflight", counted)
+    return calls
+
+
+@pytest.mark.parametrize("sample", ["newsletter", "outreach", "invoices"])
+def test_open_rows_read_back_are_the_jobs_a_full_preflight_makes(sample, tmp_path):
+    """CSV and Parquet lists (names, pinned senders, duplicates, suppressed rows): the same jobs."""
+    path = copy_sample(sample, tmp_path)
+    manifest = load_manifest(path)
+    preflight = run_preflight(manifest, secrets=parse_secrets(SECRET), skip_invalid=False)
+    assert len(preflight.jobs) >= 3
+    ledger = open_ledger(tmp_path / "ledger.sqlite", clock=SystemClock(), campaign=manifest.campaign.name)
+    try:
+        planned = [
+            PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, j.sender)
+            for j in preflight.jobs
+        ]
+        ledger.record_plan(planned, preflight.skips)
+        second, last = preflight.jobs[1], preflight.jobs[-1]
+        ledger.claim(last.recipient.key, sender=last.sender)  # left in flight: it comes first
+        ledger.record_skipped(second.recipient.key, SkipReason.UNSUBSCRIBED, "unsubscribed since")
+        jobs = load_open_jobs(manifest, ledger)
+    finally:
+        ledger.close()
+    expected = [last] + [job for job in preflight.jobs if job not in (second, last)]
+    assert jobs == expected
+
+
+def test_resume_of_an_unchanged_campaign_does_not_check_the_list_again(api, cli, tmp_path, preflights):
+    """run --limit 2 checks the list once; the resume trusts it and sends the other three, each once."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    first = cli("run", manifest, "--yes", "--limit", "2")
+    assert first.exit_code == 75, first.output
+    assert "checked, 5 to send, 1 duplicate, 1 suppressed" in first.stdout
+    assert len(preflights) == 1
+    second = cli("resume", manifest, "--yes")
+    assert second.exit_code == 0, second.output
+    assert "unchanged since it was checked, 3 to send, 1 skipped earlier" in second.stdout
+    assert len(preflights) == 1
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sorted(emails) == [
+        "ann.lee@example.com",
+        "bob@example.org",
+        "chen.wei@example.net",
+        "dora@example.com",
+        "eve@example.org",
+    ]
+    dora = next(d.payload for d in api.deliveries if d.payload["to"][0]["email"] == "dora@example.com")
+    assert dora["to"] == [{"email": "dora@example.com", "name": "Dora O'Neil, PhD"}]
+    assert dora["subject"] == "Spring news for Dora"
+
+
+def _append_row(manifest):
+    with (manifest.parent / "recipients.csv").open("a", encoding="utf-8") as handle:
+        handle.write("gina@example.com,Gina Hale,Gina,Oslo\n")
+
+
+def _suppress_more(manifest):
+    with (manifest.parent / "unsubscribed.txt").open("a", encoding="utf-8") as handle:
+        handle.write("\ndora@example.com\n")
+
+
+def _slow_the_sender(manifest):
+    manifest.write_text(manifest.read_text().replace("per_second = 4", "per_second = 3"))
+
+
+def _edit_the_template(manifest):
+    template = manifest.parent / "spring.html.j2"
+    template.write_text(template.read_text() + "\n")
+
+
+@pytest.mark.parametrize(
+    ("change", "flags"),
+    [
+        (_append_row, ()),
+        (_suppress_more, ()),
+        (_slow_the_sender, ()),
+        (_edit_the_template, ("--allow-changed-content",)),
+        (lambda _: None, ("--skip-invalid",)),
+    ],
+    ids=["list", "suppression-list", "manifest", "template", "skip-invalid"],
+)
+def test_any_change_to_the_plan_inputs_checks_the_list_again(api, cli, tmp_path, preflights, change, flags):
+    """The list, a suppression list, a manifest setting, a template or --skip-invalid: checked again."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    before = load_plan_stamp(load_manifest(manifest), skip_invalid=False)
+    change(manifest)
+    after = load_plan_stamp(load_manifest(manifest), skip_invalid="--skip-invalid" in flags)
+    assert after != before
+    second = cli("resume", manifest, "--yes", *flags)
+    assert second.exit_code == 0, second.output
+    assert len(preflights) == 2
+    assert "checked, " in second.stdout
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert len(emails) == len(set(emails))
+    if change is _suppress_more:
+        assert "dora@example.com" not in emails[2:]
+    if change is _append_row:
+        assert "gina@example.com" in emails
+
+
+def test_an_address_unsubscribed_between_runs_is_not_mailed_by_an_unchanged_resume(
+    api, cli, tmp_path, preflights
+):
+    """The unsubscribe store is not part of the plan: each send checks it, so the resume skips the row."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    store = manifest.parent / "optouts.sqlite"
+    assert cli("suppress", "add", "nobody@example.com", "--store", store).exit_code == 0
+    text = manifest.read_text().replace(
+        'suppress = ["unsubscribed.txt"]', 'suppress = ["unsubscribed.txt", "optouts.sqlite"]'
+    )
+    manifest.write_text(text)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    sent = {d.payload["to"][0]["email"] for d in api.deliveries}
+    target = next(e for e in ["dora@example.com", "eve@example.org", "chen.wei@example.net"] if e not in sent)
+    assert cli("suppress", "add", target, "--store", store).exit_code == 0
+    second = cli("resume", manifest, "--yes")
+    assert second.exit_code == 0, second.output
+    assert len(preflights) == 1
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert target not in emails
+    assert len(emails) == 4
+
+
+def test_an_unreadable_list_falls_back_to_the_full_check_and_its_error(api, cli, tmp_path):
+    """A list deleted between runs: the stamp cannot match, and the full check names the missing file."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    (manifest.parent / "recipients.csv").unlink()
+    second = cli("resume", manifest, "--yes")
+    assert second.exit_code == 66, second.output
+    assert "recipients.csv: recipient list not found" in second.output
+    assert len(api.deliveries) == 2
+
+
+def test_a_plan_recorded_by_another_command_meanwhile_stops_the_resume(api, cli, tmp_path, monkeypatch):
+    """The stamp is checked again under the writer lock: if another run changed the plan, nothing is sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    opened = sending.open_campaign_ledger
+
+    def open_after_another_run(*args, **kwargs):
+        ledger = opened(*args, **kwargs)
+        if kwargs.get("exclusive"):
+            ledger.set_meta(PLAN_STAMP_KEY, "recorded by another run")
+        return ledger
+
+    monkeypatch.setattr(sending, "open_campaign_ledger", open_after_another_run)
+    second = cli("resume", manifest, "--yes")
+    assert second.exit_code == 74, second.output
+    assert "another command changed the ledger" in second.output
+    assert len(api.deliveries) == 2

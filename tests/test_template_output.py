@@ -1,0 +1,175 @@
+"""campaign's template environment prints exactly what stock Jinja prints with the same options.
+
+campaign.templating compiles `{{ ... }}` through its own output functions (one call per
+value, no Markup object per string); these tests render the same sources in a stock
+ImmutableSandboxedEnvironment with the same loader, autoescape rule and finalize, and
+compare the output, or the error, value for value.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import Markup
+
+from campaign.render import BUILTIN_TEMPLATES
+from campaign.templating import build_environment
+
+SOURCES = {
+    "page.html": "<p>{{ value }}</p><a title='{{ value }}'>{{ other }}</a>{{ none_value }}{{ count }}",
+    "plain.txt": "Hi {{ value }}, {{ other }}! {{ none_value }}|{{ count }}",
+    "main.html.j2": "{{ value }}",  # message.html: escaped by being the main HTML template
+    "safe.html": "{{ value|safe }}|{{ value|e }}|{{ value|upper }}|{{ value ~ other }}",
+    "off.html": "{% autoescape false %}{{ value }}{% endautoescape %}|{{ value }}",
+    "volatile.html": "{% autoescape flag %}{{ value }}{% endautoescape %}|{{ other }}",
+    "set.html": "{% set held %}<b>{{ value }}</b>{% endset %}{{ held }}|{{ held|length }}",
+    "macro.html": (
+        "{% macro box(x) %}<i>{{ x }}</i>{{ caller() if caller else '' }}{% endmacro %}"
+        "{{ box(value) }}{% call box(other) %}[{{ value }}]{% endcall %}"
+    ),
+    "filter.html": "{% filter upper %}{{ value }}&{{ other }}{% endfilter %}",
+    "loop.html": "{% for item in items %}{{ loop.index }}:{{ item }};{% endfor %}",
+    "include.html": "{% include 'plain.txt' %}/{% include 'page.html' %}",
+    "child.html": "{% extends 'parent.html' %}{% block body %}[{{ value }}]{{ super() }}{% endblock %}",
+    "parent.html": "<h1>{{ other }}</h1>{% block body %}({{ other }}){% endblock %}{{ self.body() }}",
+    "constants.html": "{{ none }}|{{ '<b>' }}|{{ 1 + 2 }}|{{ '<i>'|safe }}",
+    "undefined.html": "{{ value }}{{ missing_variable }}",
+    "attribute.html": "{{ value.no_such_attribute }}",
+    "mapping.html": "{{ mapping }}|{{ mapping.key }}|{{ items }}",
+    "shadowed.html": "{{ mapping.items }}|{{ mapping.get }}|{{ mapping['items'] }}|{{ mapping.values() }}",
+    "missing_key.html": "{{ mapping.no_such_key }}",
+    "dunder.html": "{{ mapping.__class__ }}",
+    "other_mappings.html": "{{ ordered.key }}|{{ ordered.items }}|{{ subclass.key }}|{{ subclass.items }}",
+    "missing_other.html": "{{ subclass.no_such_key }}",
+}
+TEXT_NAME = "plain.txt"
+ESCAPED = {"main.html.j2"}
+
+
+class Html:
+    """An object that renders itself as HTML (markupsafe's __html__ protocol)."""
+
+    def __html__(self) -> str:
+        return "<em>html</em>"
+
+    def __str__(self) -> str:
+        return "<em>str</em>"
+
+
+class Subclass(dict):  # type: ignore[type-arg]
+    """A dict subclass: the sandbox's attribute lookup is not shortcut for it."""
+
+
+class Loud:
+    """A value whose conversion to text fails (the error must be the same through both environments)."""
+
+    def __str__(self) -> str:
+        raise ValueError("cannot print this value")
+
+
+def environments(base_dir: Path) -> tuple[jinja2.Environment, jinja2.Environment]:
+    """campaign's environment and a stock one built from the same loader and options."""
+    sources = {name: (text, str(base_dir / name)) for name, text in SOURCES.items()}
+    ours = build_environment(sources, base_dir=base_dir, text_name=TEXT_NAME, escaped=ESCAPED)
+    stock = ImmutableSandboxedEnvironment(
+        loader=ours.loader,
+        undefined=jinja2.StrictUndefined,
+        autoescape=ours.autoescape,
+        keep_trailing_newline=True,
+        finalize=ours.finalize,
+        auto_reload=False,
+    )
+    assert stock.code_generator_class is not ours.code_generator_class
+    return ours, stock
+
+
+def rendered(env: jinja2.Environment, name: str, context: dict[str, Any]) -> tuple[str, str]:
+    """("ok", the output) or (the exception's class name, its message)."""
+    try:
+        return "ok", env.get_template(name).render(context)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+
+
+VALUES = [
+    "plain",
+    "<script>alert('x') & \"y\"</script>",
+    "ünïcödé ✓ \u2028",
+    "",
+    None,
+    0,
+    42,
+    -1.5,
+    True,
+    Markup("<b>safe</b>"),
+    Html(),
+    ["a", "<b>"],
+    Loud(),
+]
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+def test_every_construct_prints_as_stock_jinja(tmp_path: Path, name: str, value: object) -> None:
+    """Each template construct gives stock Jinja's output (or error) for each kind of value."""
+    ours, stock = environments(tmp_path)
+    for flag in (True, False):
+        context = {
+            "value": value,
+            "other": "<&>",
+            "none_value": None,
+            "count": 7,
+            "flag": flag,
+            "items": [value, "<x>"],
+            "mapping": {"key": value, "items": value, "__class__": "shadow"},
+            "ordered": OrderedDict(key=value, items="from the item"),
+            "subclass": Subclass(key=value, items="from the item"),
+        }
+        assert rendered(ours, name, context) == rendered(stock, name, context)
+
+
+def test_output_is_compiled_through_one_call(tmp_path: Path) -> None:
+    """The generated code prints through campaign's output functions, not escape(finalize(...))."""
+    ours, stock = environments(tmp_path)
+    source = SOURCES["page.html"]
+    assert "environment.output_html(" in ours.compile(source, "page.html", raw=True)
+    assert "environment.output_text(" in ours.compile(SOURCES["plain.txt"], "plain.txt", raw=True)
+    assert "environment.output_html(" not in stock.compile(source, "page.html", raw=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.one_of(st.text(max_size=30), st.none(), st.integers(), st.floats(allow_nan=False)),
+    other=st.text(max_size=10),
+)
+def test_generated_values_print_as_stock_jinja(value: object, other: str) -> None:
+    """Any text or number prints the same through both environments, escaped or not."""
+    base_dir = Path("/nonexistent-campaign-folder")
+    ours, stock = environments(base_dir)
+    context = {"value": value, "other": other, "none_value": None, "count": 1, "flag": True, "items": []}
+    for name in ("page.html", "plain.txt", "main.html.j2", "safe.html", "macro.html", "child.html"):
+        assert rendered(ours, name, context) == rendered(stock, name, context)
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in BUILTIN_TEMPLATES.glob("*.j2")))
+def test_builtin_templates_print_as_stock_jinja(tmp_path: Path, name: str) -> None:
+    """The shipped templates render byte for byte as stock Jinja renders them."""
+    ours, stock = environments(tmp_path)
+    context = {
+        "recipient": {"email": "ann@example.com", "name": "Ann <&>", "key": "ann@example.com", "row": 1},
+        "sender": {"name": "alice", "email": "alice@example.com", "from_name": 'Alice "A" O\'Neil'},
+        "campaign": {"name": "spring <sale>"},
+        "unsubscribe_url": "https://example.com/u?t=abc&x=1",
+        "unsubscribe_token": "abc",
+        "first_name": "Ann",
+        "city": "Zürich & <Co>",
+    }
+    assert rendered(ours, name, context) == rendered(stock, name, context)
+    assert rendered(ours, name, context)[0] == "ok"
