@@ -26,6 +26,7 @@ import httpx
 from campaign import __version__
 from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError, ManifestError
+from campaign.httpclient import ApiHttpClient, env_proxy_applies
 from campaign.models import OutcomeKind, SendOutcome
 from campaign.nylas_answers import (
     answer_text,
@@ -137,14 +138,14 @@ def build_http_client(
         raise ManifestError(f"api.timeout_s must be a positive number of seconds, not {timeout_s!r}")
     if connections < 1:
         raise ValueError(f"connections must be at least 1, not {connections}")
-    # Imported here: aiohttp takes a tenth of a second to load, and commands that never send
-    # (status, preview) import this module too.
-    from campaign.transport import ApiHttpClient, ApiTransport, env_proxy_applies
-
     headers = {"User-Agent": _USER_AGENT}
     timeout = httpx.Timeout(timeout_s)
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     if transport is None and not env_proxy_applies(url):
+        # Imported here: aiohttp takes a tenth of a second to load, and commands that never
+        # send (status, preview) import this module too.
+        from campaign.transport import ApiTransport
+
         transport = ApiTransport(limits=limits)
     return ApiHttpClient(base_url=url, timeout=timeout, transport=transport, headers=headers, limits=limits)
 

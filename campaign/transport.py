@@ -7,14 +7,12 @@ so `campaign.nylas` sees one exception family and classifies it as before: conne
 failures and connect timeouts (the request never left) are `ConnectError` /
 `ConnectTimeout`; anything after the request may have left is a `ReadTimeout`,
 `WriteError`, `ReadError` or `RemoteProtocolError`. Nothing here retries a request.
-`ApiHttpClient` skips httpx's cookie bookkeeping for answers that set no cookie.
-aiohttp is not asked to read proxy settings (it would per request); `env_proxy_applies`
-tells the caller to keep httpx's own transport, which honours them, when one is set.
+aiohttp is not asked to read proxy settings (it would per request): when one is set,
+`campaign.httpclient` keeps httpx's own transport, which honours them.
 """
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +20,7 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-__all__ = ["ApiHttpClient", "ApiTransport", "env_proxy_applies", "failure_type", "translate_failure"]
+__all__ = ["ApiTransport", "failure_type", "translate_failure"]
 
 # The first class an aiohttp failure is an instance of decides (subclasses come before their bases).
 _FAILURES: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
@@ -137,32 +135,6 @@ class ApiTransport(AiohttpTransport):
         return found
 
 
-class _AnswerCookies(httpx.Cookies):
-    """A client's cookies that skip answers setting none: httpx builds urllib shims for every answer."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        """Keep the cookies `response` sets, if it sets any."""
-        if "set-cookie" in response.headers:
-            super().extract_cookies(response)
-
-
-class ApiHttpClient(httpx.AsyncClient):
-    """An `httpx.AsyncClient` whose cookie jar only looks at answers that carry Set-Cookie."""
-
-    def __init__(self, *, cookies: Any = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._answer_cookies = _AnswerCookies(cookies)
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        """The cookies sent with each request (as httpx keeps them)."""
-        return self._answer_cookies
-
-    @cookies.setter
-    def cookies(self, cookies: Any) -> None:
-        self._answer_cookies = _AnswerCookies(cookies)
-
-
 def _header_items(headers: httpx.Headers, *, streamed: bool) -> list[tuple[str, str]]:
     """The request's headers as aiohttp takes them; a streamed body's framing is left to aiohttp."""
     try:  # the usual case, ASCII only, without httpx's per-call guess of the encoding
@@ -172,11 +144,3 @@ def _header_items(headers: httpx.Headers, *, streamed: bool) -> list[tuple[str, 
     if streamed:
         items = [(key, value) for key, value in items if key.lower() != "transfer-encoding"]
     return items
-
-
-def env_proxy_applies(url: httpx.URL) -> bool:
-    """True when the environment names a proxy for `url` (HTTPS_PROXY, ALL_PROXY… less NO_PROXY)."""
-    proxies = urllib.request.getproxies()
-    if not (proxies.get(url.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(url.host)

@@ -118,3 +118,16 @@ def _imported_modules(path: Path, *, full: bool = False) -> set[str]:
             continue
         found.update(name if full else name.split(".")[0] for name in names)
     return found
+
+
+def test_a_client_over_a_given_transport_does_not_load_aiohttp():
+    """Preview captures requests over a mock transport: building that client must not import aiohttp."""
+    code = (
+        "import sys, httpx\n"
+        "from campaign.nylas import build_http_client\n"
+        "build_http_client(base_url='https://api.us.nylas.com', timeout_s=5,"
+        " transport=httpx.MockTransport(lambda request: httpx.Response(200)))\n"
+        "print('aiohttp' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
