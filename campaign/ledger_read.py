@@ -235,11 +235,11 @@ class LedgerReader:
             for at, kind, detail in self._read("SELECT at, kind, detail FROM journal ORDER BY id")
         ]
 
-    def keys(self, states: Iterable[RowState]) -> set[str]:
-        """The keys of the rows in `states` (no row objects: cheap on a large ledger)."""
+    def key_states(self, states: Iterable[RowState]) -> dict[str, str]:
+        """Key -> state name of the rows in `states` (no row objects: cheap on a large ledger)."""
         names = tuple(state.value for state in states)
-        query = f"SELECT key FROM recipients WHERE state IN ({', '.join('?' for _ in names)})"
-        return {str(key) for (key,) in self._read(query, names)}
+        query = f"SELECT key, state FROM recipients WHERE state IN ({', '.join('?' for _ in names)})"
+        return {str(key): str(state) for key, state in self._read(query, names)}
 
     def open_rows(self) -> list[OpenRow]:
         """The listed pending and in-flight rows, in flight first (their keys age), then in list order."""

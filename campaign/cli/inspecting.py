@@ -27,6 +27,7 @@ from campaign.cli.wiring import (
 )
 from campaign.clock import Clock, SystemClock
 from campaign.manifest import Manifest, load_manifest
+from campaign.models import RowState
 from campaign.output import print_json, print_preview, print_status, print_test_sent
 from campaign.ratelimit import DAY_S
 from campaign.status import OPEN_STATES, build_status, build_unstarted_status
@@ -155,11 +156,8 @@ def _ledger_view(manifest: Manifest, path: Path, *, clock: Clock) -> LedgerView:
         since = clock.now().timestamp() - DAY_S
         return LedgerView(
             assigned=ledger.assigned_senders(),
-            settled={row.key: row.state.value for row in ledger.rows() if row.state not in OPEN_STATES},
-            used_24h={
-                sender.name: sum(count for _, count in ledger.sent_recipients_since(sender.name, since))
-                for sender in manifest.senders
-            },
+            settled=ledger.key_states([state for state in RowState if state not in OPEN_STATES]),
+            used_24h={s.name: ledger.sent_recipients_total(s.name, since) for s in manifest.senders},
         )
     finally:
         ledger.close()

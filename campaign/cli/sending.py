@@ -210,11 +210,11 @@ def _check_plan(
                 return _Plan(build_composer(manifest, secrets=secrets), None, to_send, skipped)
             assigned = ledger.assigned_senders()
             # Only pending and in-flight rows are sent; unknown ones wait for `campaign reconcile`.
-            settled = ledger.keys([state for state in RowState if state not in _OPEN])
+            settled = ledger.key_states([state for state in RowState if state not in _OPEN])
         finally:
             ledger.close()
     else:
-        assigned, settled = {}, set()
+        assigned, settled = {}, {}
     preflight = run_preflight(manifest, secrets=secrets, skip_invalid=skip_invalid, assigned=assigned)
     preflight.raise_for_problems()
     to_send = sum(1 for job in preflight.jobs if job.recipient.key not in settled)
