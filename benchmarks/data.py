@@ -184,8 +184,9 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     manifest = load_manifest(manifest_path)
     campaign = manifest.campaign.name
     ledger = open_ledger(ledger_path, clock=SystemClock(), campaign=campaign)
-    ledger.set_meta("content_fingerprint", load_content_fingerprint(manifest))
-    ledger.set_meta(PLAN_STAMP_KEY, load_plan_stamp(manifest, skip_invalid=False))
+    content = load_content_fingerprint(manifest)
+    ledger.set_meta("content_fingerprint", content)
+    ledger.set_meta(PLAN_STAMP_KEY, load_plan_stamp(manifest, content=content, skip_invalid=False))
     ledger.close()
     names = [sender.name for sender in manifest.senders]
     db = sqlite3.connect(ledger_path, isolation_level=None)

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 from campaign import __version__
-from campaign.content import load_content_fingerprint
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest
 from campaign.plan import Job
@@ -31,11 +30,14 @@ PLAN_STAMP_KEY = "plan_stamp"
 _RULES = 1
 
 
-def load_plan_stamp(manifest: Manifest, *, skip_invalid: bool) -> str:
-    """SHA-256 over every input that decides the plan and its preflight (reads the list files)."""
+def load_plan_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> str:
+    """SHA-256 over every input that decides the plan and its preflight (reads the list files).
+
+    `content` is the run's content fingerprint (`campaign.content.load_content_fingerprint`).
+    """
     digest = hashlib.sha256()
     settings = manifest.model_dump(mode="json")
-    header = [_RULES, __version__, skip_invalid, load_content_fingerprint(manifest), settings]
+    header = [_RULES, __version__, skip_invalid, content, settings]
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     lists = [manifest.recipients.source]
     # Unsubscribe stores change while a campaign runs; each send checks them: they are not part of the plan.

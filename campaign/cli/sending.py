@@ -141,9 +141,10 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
         raise InputFileError(message)
     api_key = read_api_key(manifest, sandbox=sandbox)
     secrets = read_secrets(manifest, sandbox=sandbox)
-    stamp = load_plan_stamp(manifest, skip_invalid=choices.skip_invalid)
+    fingerprint = load_content_fingerprint(manifest)
+    stamp = load_plan_stamp(manifest, content=fingerprint, skip_invalid=choices.skip_invalid)
     plan = _check_plan(manifest, ledger_path, stamp, secrets=secrets, skip_invalid=choices.skip_invalid)
-    content = _check_content(manifest, ledger_path, allow=choices.allow_changed_content)
+    content = _check_content(manifest, ledger_path, fingerprint, allow=choices.allow_changed_content)
     print_checked(
         out,
         source=manifest.recipients.source.name,
@@ -302,9 +303,8 @@ def _record_parks(ledger: Ledger, result: DispatchResult, manifest: Manifest) ->
         ledger.set_meta(f"parked_until:{sender.name}", until.isoformat() if until is not None else "")
 
 
-def _check_content(manifest: Manifest, ledger_path: Path, *, allow: bool) -> ContentCheck:
-    """Compare this run's content with the ledger's (read only: recorded after confirmation)."""
-    fingerprint = load_content_fingerprint(manifest)
+def _check_content(manifest: Manifest, ledger_path: Path, fingerprint: str, *, allow: bool) -> ContentCheck:
+    """Compare this run's content `fingerprint` with the ledger's (read only: recorded after confirmation)."""
     if not ledger_path.exists():
         return check_content(None, fingerprint, allow_changed=allow, manifest=manifest)
     ledger = open_campaign_ledger(manifest, ledger_path)
