@@ -3,7 +3,7 @@
     python -m benchmarks                      # every case at the sizes, 3 runs each
     python -m benchmarks --quick              # tiny sizes, 1 run (what the test suite runs)
     python -m benchmarks --case send --case latency --runs 5
-    python -m benchmarks --case send --patch aiohttp --profile /tmp/send-profile
+    python -m benchmarks --case send --patch httpcore --profile /tmp/send-profile
     python -m benchmarks --quick --skip-mailmerge
 
 Data goes into a temporary folder (or --data DIR, kept and reused). The table is

@@ -8,8 +8,6 @@ measured through the real command without editing `campaign/`:
   most 20 idle keep-alive connections;
 - `httpcore-pool`: httpcore with a keep-alive pool as large as the connection limit (with
   more sends in flight than 20, stock httpx closes and reopens connections all the time);
-- `httpx-aiohttp`: the bare `httpx_aiohttp.AiohttpTransport` that `ApiTransport` builds on
-  (without its error mapping, whole-body reads and sized pool);
 - `stdlib-json`: request bodies by the standard `json` module instead of orjson.
 """
 
@@ -25,7 +23,7 @@ POOL_CONNECTIONS = 256  # more than any benchmark keeps in flight (20 senders ×
 
 
 def build_transport(kind: str, *, connections: int = POOL_CONNECTIONS) -> Any:
-    """A fresh transport of `kind` ("stock", "pool" or "aiohttp"; "campaign": None, the default)."""
+    """A fresh transport of `kind` ("stock" or "pool"; "campaign": None, the default)."""
     import httpx
 
     if kind == "campaign":
@@ -35,10 +33,6 @@ def build_transport(kind: str, *, connections: int = POOL_CONNECTIONS) -> Any:
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     if kind == "pool":
         return httpx.AsyncHTTPTransport(limits=limits)
-    if kind == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        return AiohttpTransport(limits=limits)
     raise ValueError(f"unknown transport {kind!r}")
 
 
@@ -67,7 +61,6 @@ def _use_stdlib_json() -> None:
 PATCHES: dict[str, Callable[[], None]] = {
     "httpcore": lambda: _use_transport("stock"),
     "httpcore-pool": lambda: _use_transport("pool"),
-    "httpx-aiohttp": lambda: _use_transport("aiohttp"),
     "stdlib-json": _use_stdlib_json,
 }
 

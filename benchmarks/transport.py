@@ -1,7 +1,7 @@
-"""The HTTP layer alone: httpcore (stock httpx), a bigger pool, bare httpx-aiohttp, and campaign's transport.
+"""The HTTP layer alone: httpcore (stock httpx), a bigger pool, and campaign's transport.
 
     python -m benchmarks.transport                        # every variant at 1, 8, 32 and 64 in flight
-    python -m benchmarks.transport --requests 3000 --concurrency 32 --variant aiohttp
+    python -m benchmarks.transport --requests 3000 --concurrency 32 --variant campaign
 
 Serves the fake (benchmarks/server.py, 20 grants, no latency) in another process and,
 for each variant, runs a child that sends N newsletter-sized messages through
@@ -34,7 +34,6 @@ GRANTS = 20
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "httpcore": ("stock", ("stdlib-json",)),
     "httpcore-pool": ("pool", ("stdlib-json",)),
-    "httpx-aiohttp": ("aiohttp", ("stdlib-json",)),
     "campaign+stdlib-json": ("campaign", ("stdlib-json",)),
     "campaign": ("campaign", ()),
 }

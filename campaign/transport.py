@@ -1,7 +1,8 @@
 """The HTTP layer under the API client: httpx's API over an aiohttp connection pool.
 
-`ApiTransport` sends httpx requests through aiohttp (httpx-aiohttp's `AiohttpTransport`,
-several times faster than httpcore for many small requests) and reads each answer whole.
+`ApiTransport` is an `httpx.AsyncBaseTransport` (httpx's public transport interface) that
+sends each request through an aiohttp session (several times faster than httpcore for many
+small requests) and reads each answer whole.
 Every failure becomes the httpx exception the stock transport raises for the same event,
 so `campaign.nylas` sees one exception family and classifies it as before: connect
 failures and connect timeouts (the request never left) are `ConnectError` /
@@ -18,7 +19,6 @@ from typing import Any
 
 import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
 __all__ = ["ApiTransport", "failure_type", "translate_failure"]
 
@@ -54,15 +54,17 @@ def translate_failure(exc: Exception) -> httpx.TransportError | None:
     return None if target is None else target(str(exc) or type(exc).__name__)
 
 
-class ApiTransport(AiohttpTransport):
-    """httpx-aiohttp with complete error translation, whole-body reads and no cookies of its own.
+class ApiTransport(httpx.AsyncBaseTransport):
+    """httpx over aiohttp: complete error translation, whole-body reads and no cookies of its own.
 
     Give `client` (an `aiohttp.ClientSession`) to use a session of your own; otherwise one is
-    opened on first use with a pool of `limits.max_connections` kept-alive connections.
+    opened on first use with a pool of `limits.max_connections` kept-alive connections. Either
+    way `aclose` closes it.
     """
 
     def __init__(self, *, limits: httpx.Limits, client: aiohttp.ClientSession | None = None) -> None:
-        super().__init__(limits=limits, client=client)
+        self.limits = limits
+        self.client = client
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
 
     def get_client(self) -> aiohttp.ClientSession:
@@ -72,9 +74,15 @@ class ApiTransport(AiohttpTransport):
         connector = aiohttp.TCPConnector(
             limit=self.limits.max_connections or 0,
             keepalive_timeout=self.limits.keepalive_expiry,
-            ssl=self.ssl_context,
+            # httpx's own verification (certifi's roots, or SSL_CERT_FILE / SSL_CERT_DIR).
+            ssl=httpx.create_ssl_context(),
         )
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    async def aclose(self) -> None:
+        """Close the session (and its pool)."""
+        if isinstance(self.client, aiohttp.ClientSession):
+            await self.client.close()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` and read its whole answer; every failure raises an `httpx.TransportError`."""

@@ -130,10 +130,10 @@ async def test_the_clocks_wait_for_an_event_with_a_deadline():
 
 
 def test_the_send_path_libraries_are_required_dependencies_not_optional_extras():
-    """The speed of the send path relies on aiohttp, httpx-aiohttp and orjson: they are plain dependencies."""
+    """The speed of the send path relies on aiohttp and orjson: they are plain dependencies."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     names = {re.split(r"[<>=\[ ;]", spec, maxsplit=1)[0] for spec in project["dependencies"]}
-    assert {"aiohttp", "httpx-aiohttp", "orjson"} <= names
+    assert {"aiohttp", "orjson"} <= names
 
 
 def test_request_bodies_are_compact_utf8_json_and_only_json_objects_are_answers():
