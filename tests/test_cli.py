@@ -6,10 +6,11 @@ import json
 import socket
 import subprocess
 import sys
+import tomllib
 from urllib.parse import urlparse
 
 import httpx
-from conftest import API_KEY, SECRET, copy_sample
+from conftest import API_KEY, REPO, SECRET, copy_sample
 from support import wait_until_listening
 
 from campaign.manifest import load_manifest
@@ -248,10 +249,41 @@ def test_init_writes_a_starter_and_never_overwrites(cli, tmp_path):
     assert manifest.read_text() == original
 
 
-def test_schema_is_json_schema(cli):
-    """schema prints a JSON Schema naming the manifest's tables."""
+def _schema_paths(schema: dict, node: dict, prefix: str = "") -> set[str]:
+    """Every key path the schema describes (`senders.grant_id`, `message.attachments.path`, …)."""
+    paths: set[str] = set()
+    for choice in [node, *node.get("anyOf", []), *node.get("allOf", [])]:
+        if "$ref" in choice:
+            choice = schema["$defs"][choice["$ref"].rsplit("/", 1)[1]]
+        if "items" in choice:
+            paths |= _schema_paths(schema, choice["items"], prefix)
+        for name, child in choice.get("properties", {}).items():
+            paths.add(prefix + name)
+            paths |= _schema_paths(schema, child, f"{prefix}{name}.")
+    return paths
+
+
+def _toml_paths(value: object, prefix: str = "") -> set[str]:
+    """Every key path a parsed TOML document uses; free-form tables (headers) stop at their own key."""
+    if isinstance(value, list):
+        return set().union(*(_toml_paths(item, prefix) for item in value)) if value else set()
+    if not isinstance(value, dict) or prefix in {"message.headers.", "message.tracking."}:
+        return set()
+    return {prefix + key for key in value} | set().union(
+        *(_toml_paths(child, f"{prefix}{key}.") for key, child in value.items())
+    )
+
+
+def test_schema_is_json_schema_describing_every_key_the_samples_use(cli):
+    """schema prints the manifest's JSON Schema: every table, and every key any sample manifest uses."""
     schema = json.loads(cli("schema").stdout)
-    assert {"campaign", "recipients", "message", "senders"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+    described = _schema_paths(schema, schema)
+    expected = {"campaign", "recipients.email_column", "senders.grant_id", "message.attachments.path"}
+    assert expected <= described
+    for manifest in sorted((REPO / "samples").glob("*/campaign.toml")):
+        used = _toml_paths(tomllib.loads(manifest.read_text(encoding="utf-8")))
+        assert used - described == set(), manifest
 
 
 def test_sandbox_command_serves_the_fake_api_on_loopback(tmp_path):

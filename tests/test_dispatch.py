@@ -121,7 +121,9 @@ async def test_pace_spaces_sends_per_sender(tmp_path):
     h = _Harness(tmp_path, [_sender("a", per_second=2, concurrency=2)])
     await h.run(make_jobs(6, "a"))
     times = h.send_times["grant-a"]
+    assert len(times) == 6
     assert all(later - earlier >= 0.5 - 1e-9 for earlier, later in itertools.pairwise(times))
+    assert times[-1] - times[0] == pytest.approx(2.5, abs=0.05)  # paced, not slower than asked
 
 
 async def test_nylas_rate_limit_requeues_with_a_new_key(tmp_path):

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from campaign.manifest import SenderSettings
@@ -37,7 +43,8 @@ def test_unpinned_rows_go_to_whoever_finishes_first():
 def test_daily_budget_shifts_work_to_the_sender_with_room():
     """A sender with per_day = 5 stops taking rows once more would spill into tomorrow."""
     jobs = assign_senders(_recipients(20), [_sender("small", per_day=5), _sender("big", per_day=1000)])
-    assert sum(job.sender == "small" for job in jobs) <= 5
+    counts = {name: sum(job.sender == name for job in jobs) for name in ("small", "big")}
+    assert counts == {"small": 5, "big": 15}
 
 
 def test_existing_assignment_is_kept_on_resume():
@@ -56,10 +63,31 @@ def test_assignment_to_a_removed_sender_is_redone():
     assert jobs[0].sender == "a"
 
 
-def test_assignment_is_deterministic():
-    """The same inputs give the same assignment."""
-    senders = [_sender("a", per_second=3), _sender("b", per_second=2), _sender("c", per_minute=30)]
-    assert assign_senders(_recipients(30), senders) == assign_senders(_recipients(30), senders)
+_ASSIGN_IN_A_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_plan import _recipients, _sender
+from campaign.plan import assign_senders
+senders = [_sender("a", per_second=3), _sender("b", per_second=2), _sender("c", per_minute=30)]
+print(json.dumps([job.sender for job in assign_senders(_recipients(30), senders)]))
+"""
+
+
+def test_assignment_is_deterministic_across_processes():
+    """The same inputs give the same assignment in processes with different hash seeds (resume)."""
+    results = [
+        subprocess.run(
+            [sys.executable, "-c", _ASSIGN_IN_A_CHILD, str(Path(__file__).parent)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    ]
+    assert results[0] == results[1] == results[2]
+    assigned = json.loads(results[0])
+    assert {name: assigned.count(name) for name in "abc"} == {"a": 17, "b": 11, "c": 2}
 
 
 @pytest.mark.parametrize(
