@@ -11,8 +11,9 @@ any row is rendered, and turning an exception raised while rendering into one
 from __future__ import annotations
 
 import functools
+import importlib
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,6 @@ from jinja2 import meta, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import escape
-
-try:  # the function markupsafe.escape applies to a str (its C version when built, as markupsafe does)
-    from markupsafe._speedups import _escape_inner as _escape_str
-except ImportError:  # pragma: no cover - markupsafe without its C extension
-    from markupsafe._native import _escape_inner as _escape_str
 
 from campaign.errors import InputFileError, TemplateError
 
@@ -106,6 +102,29 @@ def build_environment(
     )
 
 
+_ESCAPERS = ("markupsafe._speedups", "markupsafe._native")
+
+
+def find_escape_str(modules: tuple[str, ...] = _ESCAPERS) -> Callable[[str], str]:
+    """The function `markupsafe.escape` applies to a str (its C version when built), else a public stand-in.
+
+    `_escape_inner` is markupsafe's private name: when a release drops or changes it, or it does
+    not escape a probe exactly as `markupsafe.escape` does, the public `escape` is used instead.
+    """
+    probe = "<a href=\"x\">'&'</a>"
+    for name in modules:
+        try:
+            inner = importlib.import_module(name)._escape_inner
+            if inner(probe) == str(escape(probe)) and type(inner(probe)) is str:
+                return inner  # type: ignore[no-any-return]
+        except Exception:  # any failure of a private hook means: try the next, then the public one
+            continue
+    return lambda value: str(escape(value))
+
+
+_escape_str = find_escape_str()
+
+
 def _finalize(value: object) -> object:
     """Print a missing value (None, e.g. an absent recipient name) as nothing rather than "None"."""
     return "" if value is None else value
@@ -165,10 +184,46 @@ class _CodeGenerator(CodeGenerator):
 _DICT_ATTRIBUTES = frozenset(name for klass in dict.__mro__ for name in vars(klass))
 
 
-class _Environment(ImmutableSandboxedEnvironment):
-    """The sandbox, compiling with `_CodeGenerator`; templates reach its output functions as attributes."""
+_PROBES = {
+    "page.html": "<p>{{ v }}</p>{{ n }}{{ i }}{% autoescape false %}{{ v }}{% endautoescape %}{{ v|safe }}",
+    "text.txt": "{{ v }}|{{ n }}|{{ i }}{% for x in [v, 2] %}{{ x }}{% endfor %}",
+    "child.html": "{% extends 'page.html' %}",
+}
 
-    code_generator_class = _CodeGenerator
+
+def choose_code_generator(candidate: type[CodeGenerator]) -> type[CodeGenerator]:
+    """`candidate` when it prints the probe templates exactly as stock Jinja does, else Jinja's own.
+
+    `_CodeGenerator` overrides private methods of Jinja's compiler: a Jinja release that renames
+    or changes them must cost speed, never a wrong message or a failed send.
+    """
+
+    def render_all(generator: type[CodeGenerator]) -> list[str]:
+        class Probe(ImmutableSandboxedEnvironment):
+            code_generator_class = generator
+
+        env = Probe(
+            loader=jinja2.DictLoader(_PROBES),
+            autoescape=lambda name: bool(name and name.endswith(".html")),
+            finalize=_finalize,
+            undefined=jinja2.StrictUndefined,
+        )
+        env.output_html = _output_html  # type: ignore[attr-defined]
+        env.output_text = _output_text  # type: ignore[attr-defined]
+        values = {"v": "<b>'Ann' & \"Bob\"</b>", "n": None, "i": 3}
+        return [env.get_template(name).render(values) for name in _PROBES]
+
+    try:
+        works = render_all(candidate) == render_all(CodeGenerator)
+    except Exception:  # any failure of the private hooks means: compile as stock Jinja does
+        works = False
+    return candidate if works else CodeGenerator
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox, compiling with `_CodeGenerator` (when it checks out); output functions as attributes."""
+
+    code_generator_class = choose_code_generator(_CodeGenerator)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

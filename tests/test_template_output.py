@@ -16,9 +16,11 @@ import jinja2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
+from campaign import templating
 from campaign.render import BUILTIN_TEMPLATES
 from campaign.templating import build_environment
 
@@ -173,3 +175,36 @@ def test_builtin_templates_print_as_stock_jinja(tmp_path: Path, name: str) -> No
     }
     assert rendered(ours, name, context) == rendered(stock, name, context)
     assert rendered(ours, name, context)[0] == "ok"
+
+
+def test_this_jinja_and_markupsafe_take_the_fast_path() -> None:
+    """With the pinned-tested Jinja and markupsafe, the private hooks check out and are used."""
+    from markupsafe import _speedups
+
+    assert templating._Environment.code_generator_class is templating._CodeGenerator
+    assert templating._escape_str is _speedups._escape_inner
+
+
+def test_a_code_generator_that_prints_differently_falls_back_to_stock_jinja() -> None:
+    """A Jinja whose private compiler hooks changed meaning compiles with its own generator instead."""
+
+    class Drifted(templating._CodeGenerator):
+        def _output_child_post(self, node: Any, frame: Any, finalize: Any) -> None:
+            super()._output_child_post(node, frame, finalize)
+            self.write("[:-1]")  # a changed hook: every printed value loses its last character
+
+    class Broken(templating._CodeGenerator):
+        def _output_child_pre(self, node: Any, frame: Any, finalize: Any) -> None:
+            raise AttributeError("_FinalizeInfo")  # a renamed private type
+
+    assert templating.choose_code_generator(templating._CodeGenerator) is templating._CodeGenerator
+    assert templating.choose_code_generator(Drifted) is CodeGenerator
+    assert templating.choose_code_generator(Broken) is CodeGenerator
+
+
+def test_a_missing_or_wrong_private_escaper_falls_back_to_markupsafe_escape() -> None:
+    """No `_escape_inner` (or one that escapes differently): markupsafe's public escape, same output."""
+    fallback = templating.find_escape_str(("markupsafe._no_such_module", "json"))
+    assert fallback("<a href=\"x\">'&'</a>") == "&lt;a href=&#34;x&#34;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+    assert type(fallback("x")) is str
+    assert templating.find_escape_str() is templating._escape_str
