@@ -19,6 +19,7 @@ from pathlib import Path
 
 from campaign.preview import ListedRow, PreviewReport, RowProblem, Sample
 from campaign.site_assets import FILTER_SCRIPT, PAYLOAD_SCRIPT, render_page
+from campaign.timetext import format_duration
 
 __all__ = [
     "INDEX_FILE",
@@ -109,16 +110,6 @@ def _visible(value: str) -> str:
     )
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{max(seconds, 0):.0f} s"
-    minutes = int(seconds // 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    parts = [(days, "d"), (hours, "h"), (minutes, "min")]
-    return " ".join(f"{value} {unit}" for value, unit in parts if value) or "0 min"
-
-
 # --- index.html --------------------------------------------------------------------------
 
 
@@ -133,7 +124,7 @@ def _index_page(report: PreviewReport) -> str:
         _key_values(_counts(report)),
         "<h2>Senders and schedule</h2>",
         _senders_table(report),
-        f"<p>Estimated time to send everything: <strong>{_e(_duration(report.duration_s))}</strong>"
+        f"<p>Estimated time to send everything: <strong>{_e(format_duration(report.duration_s))}</strong>"
         f" (if started at {_e(f'{started:%Y-%m-%d %H:%M}')}, done about "
         f"{_e(f'{report.finishes_at.astimezone():%Y-%m-%d %H:%M %Z}')}).</p>",
         "<h2>Warnings</h2>",
@@ -185,7 +176,7 @@ def _senders_table(report: PreviewReport) -> str:
                 str(plan.concurrency),
                 f"{plan.used_24h:,}",
                 f"{plan.next_24h:,}",
-                _e(_duration(plan.duration_s)),
+                _e(format_duration(plan.duration_s)),
             ]
         )
     headings = ("sender", "mailbox", "provider", "messages", "pace", "burst", "per day", "in flight")
