@@ -59,7 +59,8 @@ def test_a_suppression_line_without_an_address_stops_preview_and_run(api, cli, t
         assert result.exit_code == 65, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1
-        assert lines[0].endswith(
+        assert lines[0] == (
+            "error: "
             "unsubscribed.txt: line 2 holds no email address; correct it (e.g. ann@example.com or "
             "Ann <ann@example.com>), or start the line with # to keep it as a comment"
         )
@@ -77,3 +78,38 @@ def test_a_parquet_cell_without_an_address_is_named_by_row(api, cli, tmp_path):
     result = cli("preview", manifest)
     assert result.exit_code == 65, result.output
     assert "optouts.parquet: row 2 holds no email address" in result.stderr
+
+
+# --- item 8: the one-click URL must carry the token --------------------------------------------------------
+
+
+def test_an_unsubscribe_url_without_the_token_is_refused(api, cli, tmp_path):
+    """`url = "https://example.com/unsubscribe"` is exit 78 naming unsubscribe.url; nothing is sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    manifest.write_text(
+        manifest.read_text().replace("/unsubscribe?t={{ unsubscribe_token }}", "/unsubscribe")
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    for args in (("preview",), ("run", "--yes")):
+        result = cli(args[0], manifest, *args[1:])
+        assert result.exit_code == 78, result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: campaign.toml: unsubscribe.url: must contain {{ unsubscribe_token }}, e.g. "
+            "'https://example.com/u?t={{ unsubscribe_token }}' (the endpoint refuses every click whose "
+            "URL has no token)"
+        ]
+    assert api.deliveries == []
+
+
+def test_the_token_may_be_filtered_or_in_the_path(api, cli, tmp_path):
+    """`{{unsubscribe_token|urlencode}}` in the path is a token-bearing URL: accepted and sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    manifest.write_text(
+        manifest.read_text().replace(
+            "/unsubscribe?t={{ unsubscribe_token }}", "/u/{{unsubscribe_token|urlencode}}"
+        )
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert len(api.deliveries) == 5
