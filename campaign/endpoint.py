@@ -121,7 +121,13 @@ class UnsubscribeEndpoint:
         source = "page" if ("via", "page") in form else "one-click"
         try:
             await anyio.to_thread.run_sync(
-                partial(self.store.record, claims.campaign, claims.recipient_key, source=source)
+                partial(
+                    self.store.record,
+                    claims.campaign,
+                    claims.recipient_key,
+                    email=claims.email,
+                    source=source,
+                )
             )
         except StoreError:
             response = _page(503, "Try again later", "<p>Please try again in a minute.</p>")

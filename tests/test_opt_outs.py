@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
 import polars as pl
-from conftest import copy_sample
+from conftest import SECRET, copy_sample
+from test_token_signer import V1_ANN, V1_CUSTOMER
+from test_unsubscribe_loop import FORM, ONE_CLICK, _https_url, _on, _with_store
+
+from campaign.endpoint import UnsubscribeEndpoint
+from campaign.suppression import open_store
+from campaign.testing import FakeClock, serve_on_loopback
+from campaign.unsubscribe import parse_secrets
 
 GRANT = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"
 
@@ -113,3 +124,78 @@ def test_the_token_may_be_filtered_or_in_the_path(api, cli, tmp_path):
     result = cli("run", manifest, "--yes")
     assert result.exit_code == 0, result.output
     assert len(api.deliveries) == 5
+
+
+# --- items 7 and 9: opaque tokens that carry the address, matched across key schemes ---------------------
+
+
+def _keyed_list(folder) -> None:
+    """The sample list with a customer_id column (c1, c2, …) to key recipients by."""
+    frame = pl.read_csv(folder / "recipients.csv")
+    frame.with_columns(pl.format("c{}", pl.int_range(1, frame.height + 1)).alias("customer_id")).write_csv(
+        folder / "recipients.csv"
+    )
+
+
+def test_a_one_click_from_a_keyed_campaign_stops_a_campaign_matching_by_address(api, cli, tmp_path):
+    """Keyed campaign: the link names no one, the store gets key and address, the next campaign skips Ann."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _keyed_list(manifest.parent)
+    store_path = _with_store(manifest)
+    keyed = manifest.read_text().replace(
+        'name_column = "name"', 'name_column = "name"\nkey_column = "customer_id"'
+    )
+    manifest.write_text(keyed)
+    api.add_grant(GRANT, "maya@example.com")
+    first = cli("run", manifest, "--yes")
+    assert first.exit_code == 0, first.output
+    delivered = {d.payload["to"][0]["email"]: d for d in api.deliveries}
+    link = _https_url(delivered["ann.lee@example.com"])
+    token = parse_qs(urlsplit(link).query)["t"][0]
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert b"ann" not in raw.lower()
+    assert b"c1" not in raw
+    assert b"spring" not in raw
+
+    store = open_store(store_path, clock=FakeClock())
+    endpoint = UnsubscribeEndpoint(store, secrets=parse_secrets(SECRET))
+    try:
+        with serve_on_loopback(endpoint) as base:
+            response = httpx.post(_on(base, link), content=ONE_CLICK, headers=FORM)
+        assert response.status_code == 200
+        assert [(e.campaign, e.recipient_key, e.email, e.source) for e in store.entries()] == [
+            ("spring-newsletter", "c1", "ann.lee@example.com", "one-click")
+        ]
+    finally:
+        store.close()
+
+    # Another campaign on the same list and store, matching by address (no key_column).
+    second = manifest.parent / "summer.toml"
+    second.write_text(
+        keyed.replace('key_column = "customer_id"\n', "").replace("spring-newsletter", "summer-newsletter")
+    )
+    before = len(api.deliveries)
+    result = cli("run", second, "--yes")
+    assert result.exit_code == 0, result.output
+    mailed = sorted(d.payload["to"][0]["email"] for d in api.deliveries[before:])
+    assert mailed == ["bob@example.org", "chen.wei@example.net", "dora@example.com", "eve@example.org"]
+
+
+def test_a_link_sent_before_tokens_were_encrypted_still_unsubscribes(tmp_path):
+    """A version 1 link (made by the previous release) POSTed over HTTP records its recipient."""
+    secrets = parse_secrets("brand-new-secret-0123456789 old-secret-0123456789abcdef")
+    store = open_store(tmp_path / "unsubscribes.sqlite", clock=FakeClock())
+    endpoint = UnsubscribeEndpoint(store, secrets=secrets)
+    try:
+        with serve_on_loopback(endpoint) as base:
+            for token in (V1_ANN, V1_CUSTOMER):
+                response = httpx.post(
+                    f"{base}/unsubscribe", params={"t": token}, content=ONE_CLICK, headers=FORM
+                )
+                assert response.status_code == 200
+        assert [(e.campaign, e.recipient_key, e.email) for e in store.entries()] == [
+            ("spring", "ann@example.com", "ann@example.com"),
+            ("spring", "cust-42", None),
+        ]
+    finally:
+        store.close()
