@@ -166,7 +166,7 @@ def test_export_and_import_round_trip_through_csv_parquet_and_text(tmp_path):
     mixed = load_import_addresses(tmp_path / "mixed.txt", clock=FakeClock())
     assert (mixed.addresses, mixed.invalid) == (("carl@example.com",), ())
     (tmp_path / "mixed.txt").write_text("# exported\nCarl@Example.COM\nnot-an-address\n\n")
-    with pytest.raises(RecipientDataError, match="mixed.txt: line 3 holds no email address"):
+    with pytest.raises(RecipientDataError, match=r"mixed\.txt: line 3 holds no email address"):
         load_import_addresses(tmp_path / "mixed.txt", clock=FakeClock())
     from_store = load_import_addresses(tmp_path / "u.sqlite", clock=FakeClock())
     assert from_store.addresses == ("ann@example.com", "bob@example.org")

@@ -1,4 +1,4 @@
-"""Unsubscribe tokens: version 2 is opaque (AES-GCM-SIV under an HKDF key); version 1 links already sent verify."""
+"""Unsubscribe tokens: version 2 is opaque (AES-GCM-SIV, HKDF key); version 1 links already sent verify."""
 
 from __future__ import annotations
 
