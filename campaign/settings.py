@@ -230,7 +230,8 @@ class UnsubscribeSettings(BaseModel):
         if _TOKEN_IN_URL.search(value) is None:
             raise ValueError(
                 "must contain {{ unsubscribe_token }}, "
-                "e.g. 'https://example.com/u?t={{ unsubscribe_token }}' (the endpoint refuses every click whose URL has no token)"
+                "e.g. 'https://example.com/u?t={{ unsubscribe_token }}' "
+                "(the endpoint refuses every click whose URL has no token)"
             )
         return value
 
