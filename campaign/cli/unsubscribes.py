@@ -18,12 +18,14 @@ from campaign.cli.base import exit_codes, out
 from campaign.clock import SystemClock
 from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
 from campaign.errors import DataError, UsageError
+from campaign.serving import ServerLimits
 from campaign.suppression import SuppressionStore, is_store_path, open_store
 from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
 
 __all__ = ["suppress_app", "unsubscribe_app"]
 
 _T = TypeVar("_T")
+_DEFAULT_LIMITS = ServerLimits()
 
 unsubscribe_app = typer.Typer(no_args_is_help=True, help="The one-click unsubscribe endpoint (RFC 8058).")
 suppress_app = typer.Typer(
@@ -43,13 +45,28 @@ def unsubscribe_serve(
         str,
         typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with."),
     ] = DEFAULT_SECRET_ENV,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Open connections at most; at the cap a new one closes the oldest half-sent request."
+        ),
+    ] = _DEFAULT_LIMITS.max_connections,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's headers.")
+    ] = _DEFAULT_LIMITS.header_timeout_s,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's body.")
+    ] = _DEFAULT_LIMITS.body_timeout_s,
 ) -> None:
     """Serve the one-click unsubscribe endpoint, recording unsubscribes in --store (put https in front)."""
     with exit_codes():
         endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
+        limits = ServerLimits(
+            max_connections=max_connections, header_timeout_s=header_timeout, body_timeout_s=body_timeout
+        )
         try:
             out.print(f"Unsubscribe endpoint on http://{host}:{port}, recording to {store}; Ctrl-C stops it")
-            serve_endpoint(endpoint, host=host, port=port)
+            serve_endpoint(endpoint, host=host, port=port, limits=limits)
         finally:
             endpoint.store.close()
 
