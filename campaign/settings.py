@@ -189,8 +189,8 @@ class UnsubscribeSettings(BaseModel):
 
     model_config = FROZEN
     url: HeaderValue = Field(
-        description="One-click unsubscribe URL, a Jinja template that must start with https://, "
-        "e.g. 'https://example.com/u?t={{ unsubscribe_token }}'."
+        description="One-click unsubscribe URL, a Jinja template that must start with https:// and "
+        "hold the token, e.g. 'https://example.com/u?t={{ unsubscribe_token }}'."
     )
     mailto: EmailAddress | None = Field(
         default=None,
