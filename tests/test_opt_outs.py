@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -199,3 +200,18 @@ def test_a_link_sent_before_tokens_were_encrypted_still_unsubscribes(tmp_path):
         ]
     finally:
         store.close()
+
+
+def test_suppress_add_takes_an_address_in_the_same_forms(cli, tmp_path):
+    """`suppress add 'Ann <Ann@Example.com>'` records ann@example.com; a bare name is refused (exit 65)."""
+    store = tmp_path / "u.sqlite"
+    added = cli("suppress", "add", "Ann <Ann@Example.com>", '"bob@example.org";', "--store", store)
+    assert added.exit_code == 0, added.output
+    assert added.stdout.startswith("2 added, 0 already there")
+    refused = cli("suppress", "add", "Ann Lee", "--store", store)
+    assert refused.exit_code == 65
+    listed = cli("suppress", "list", "--store", store, "--json")
+    assert [(e["recipient_key"], e["email"]) for e in json.loads(listed.stdout)] == [
+        ("ann@example.com", "ann@example.com"),
+        ("bob@example.org", "bob@example.org"),
+    ]

@@ -18,6 +18,7 @@ from campaign.cli.base import exit_codes, out
 from campaign.clock import SystemClock
 from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
 from campaign.errors import DataError, UsageError
+from campaign.recipients import parse_suppression_entry
 from campaign.serving import ServerLimits
 from campaign.suppression import SuppressionStore, is_store_path, open_store
 from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
@@ -83,7 +84,7 @@ def suppress_add(
     with exit_codes():
         keys: list[str] = []
         for value in values:
-            found = value.strip() if key else normalize_address(value)
+            found = value.strip() if key else _one_address(value)
             if not found:
                 raise DataError(
                     f"{value!r} is not a valid address; give one address per argument (or use --key)"
@@ -142,6 +143,12 @@ def suppress_list(
             who = e.email or e.recipient_key
             out.print(f"{e.recorded_at}  {e.source:<9}  {e.campaign or '-':<20}  {who}", markup=False)
         out.print(f"{len(entries)} entries in {store}", markup=False)
+
+
+def _one_address(value: str) -> str | None:
+    """The one address in `value`, written as a suppression file may (`Ann <ann@example.com>`, …)."""
+    parsed = parse_suppression_entry(value)
+    return normalize_address(parsed[0]) if parsed is not None and len(parsed) == 1 else None
 
 
 def _store_path(path: Path) -> Path:
