@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from campaign.clock import Clock, SystemClock
 from campaign.errors import ManifestError
+from campaign.serving import ServerLimits, build_server_config
 from campaign.suppression import StoreError, SuppressionStore, open_store
 from campaign.unsubscribe import TokenClaims, parse_secrets, verify_token
 
@@ -121,7 +122,13 @@ class UnsubscribeEndpoint:
         source = "page" if ("via", "page") in form else "one-click"
         try:
             await anyio.to_thread.run_sync(
-                partial(self.store.record, claims.campaign, claims.recipient_key, source=source)
+                partial(
+                    self.store.record,
+                    claims.campaign,
+                    claims.recipient_key,
+                    email=claims.email,
+                    source=source,
+                )
             )
         except StoreError:
             response = _page(503, "Try again later", "<p>Please try again in a minute.</p>")
@@ -201,16 +208,10 @@ def load_endpoint(
     return UnsubscribeEndpoint(store, secrets=secrets)
 
 
-def serve_endpoint(endpoint: UnsubscribeEndpoint, *, host: str, port: int) -> None:
-    """Serve the endpoint with uvicorn in the foreground until Ctrl-C (no access log: URLs hold tokens)."""
-    config = uvicorn.Config(
-        endpoint.app,
-        host=host,
-        port=port,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        interface="asgi3",
-    )
+def serve_endpoint(
+    endpoint: UnsubscribeEndpoint, *, host: str, port: int, limits: ServerLimits | None = None
+) -> None:
+    """Serve the endpoint with uvicorn in the foreground until Ctrl-C, bounded by `limits`
+    (campaign.serving: read deadlines, a connection cap, no access log since URLs hold tokens)."""
+    config = build_server_config(endpoint.app, host=host, port=port, limits=limits or ServerLimits())
     uvicorn.Server(config).run()

@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from email.utils import getaddresses
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,11 +39,15 @@ __all__ = [
     "load_audience",
     "load_suppression",
     "normalize_address",
+    "parse_suppression_entry",
     "scan_audience",
 ]
 
 _SKIP_HINT = "fix or remove the row, or run with --skip-invalid"
 _SEVERAL = re.compile(r"[,;\s]+")
+# A comment after an entry: '#' after whitespace (a '#' inside an address, a#b@example.com, is kept).
+_SUPPRESSION_COMMENT = re.compile(r"\s#.*$", re.S)
+_SUPPRESSION_TRIM = ";, \t"  # separators left at the end (or start) of an entry pasted from a list
 _LOWERED_MAILBOXES = frozenset(name.lower() for name in CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
@@ -318,36 +323,73 @@ def load_audience(settings: RecipientsSettings, *, sender_names: Collection[str]
     return Audience(scan.source, scan.columns, tuple(recipients), tuple(skipped), tuple(problems))
 
 
-def _suppression_values(path: Path) -> list[str]:
-    """Raw entries of one suppression file: a column of a .csv/.parquet, or the lines of a text file."""
+def _suppression_values(path: Path) -> list[tuple[str, str]]:
+    """(where, raw entry) of one suppression file: a column of a .csv/.parquet, or a text file's lines."""
     if path.suffix.lower() not in {".csv", ".parquet"}:
         lines = read_text(path, "suppression list").splitlines()
-        return [line for line in lines if not line.lstrip().startswith("#")]
+        return [
+            (f"line {number}", line)
+            for number, line in enumerate(lines, start=1)
+            if not line.lstrip().startswith("#")
+        ]
     header, frame = read_table(path, None, "suppression list")
     if not header:
         return []
     lowered = [h.strip().lower() for h in header]
     index = lowered.index("email") if "email" in lowered else 0
+    column = [str(value) for value in column_values(frame.select(frame.columns[index]))[0]]
     # A headerless one-column file: its first line is an address, not a column name.
     first = [header[index]] if "@" in header[index] else []
-    return first + [str(value) for value in column_values(frame.select(frame.columns[index]))[0]]
+    if path.suffix.lower() == ".parquet":
+        return [(f"row {number}", value) for number, value in enumerate(column, start=1)]
+    # CSV line numbers, counting the header line (a file's first line when `first` is used).
+    return [(f"line {number}", value) for number, value in enumerate(first + column, start=1 if first else 2)]
 
 
 def load_suppression(paths: Sequence[Path]) -> frozenset[str]:
-    """The lower-cased normalised addresses listed in the suppression files."""
+    """The lower-cased normalised addresses listed in the suppression files.
+
+    RecipientDataError (naming the file and line) for an entry that holds no address:
+    an opt-out that cannot be read is never dropped silently.
+    """
     found: set[str] = set()
     for path in paths:
         if path.suffix.lower() in STORE_SUFFIXES:
             continue  # an unsubscribe store: preflight reads it (campaign.suppression)
-        for value in _suppression_values(path):
-            value = value.strip().removeprefix("mailto:")
-            if not value:
-                continue
-            try:
-                found.add(normalize_address(value).lower())
-            except EmailNotValidError:
-                found.add(value.lower())  # cannot match a valid recipient, but keeps the list honest
+        for where, value in _suppression_values(path):
+            addresses = parse_suppression_entry(value)
+            if addresses is None:
+                raise RecipientDataError(
+                    f"{path.name}: {where} holds no email address; correct it (e.g. ann@example.com "
+                    "or Ann <ann@example.com>), or start the line with # to keep it as a comment"
+                )
+            found.update(addresses)
     return frozenset(found)
+
+
+def parse_suppression_entry(value: str) -> tuple[str, ...] | None:
+    """The lower-cased addresses in one suppression entry; () for a blank one, None if it holds none.
+
+    Understands `ann@example.com`, `Ann <ann@example.com>`, `"ann@example.com"`, `mailto:`,
+    trailing `;`/`,`, a trailing `# comment`, and several addresses separated by commas.
+    """
+    text = _SUPPRESSION_COMMENT.sub("", value).strip().strip(_SUPPRESSION_TRIM)
+    if not text:
+        return ()
+    found: list[str] = []
+    for _, address in getaddresses([text.replace("mailto:", "")]):
+        address = address.strip().strip("'")
+        if not address:
+            continue
+        # getaddresses glues words together ("ann@example.com left" -> "ann@example.comleft"):
+        # an address that is not in the entry as written is a misreading, not an address.
+        if "@" not in address or address.lower() not in text.lower():
+            return None
+        try:
+            found.append(normalize_address(address).lower())
+        except EmailNotValidError:
+            found.append(address.lower())  # cannot match a valid recipient, but keeps the list honest
+    return tuple(found) or None
 
 
 def build_invalid_skips(audience: Audience) -> tuple[Skip, ...]:

@@ -135,11 +135,12 @@ class Composer:
         if self.unsubscribe_url is not None:
             signer = self.token_signer
             try:
+                email = recipient.address.email
                 if signer is not None:
-                    token = signer.sign(recipient.key)
+                    token = signer.sign(recipient.key, email=email)
                 else:
                     token = make_token(
-                        secrets=self.secrets, campaign=self.campaign, recipient_key=recipient.key
+                        secrets=self.secrets, campaign=self.campaign, recipient_key=recipient.key, email=email
                     )
             except ValueError as exc:
                 raise HeaderError(f"row {row}: {exc}; use a shorter recipients.key_column value") from exc

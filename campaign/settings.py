@@ -180,13 +180,17 @@ class RecipientsSettings(BaseModel):
         return value
 
 
+# `{{ unsubscribe_token }}` in unsubscribe.url, with or without filters or whitespace control.
+_TOKEN_IN_URL = re.compile(r"\{\{-?\s*unsubscribe_token\s*(?:\|[^}]*)?-?\}\}")
+
+
 class UnsubscribeSettings(BaseModel):
     """[unsubscribe]: one-click unsubscribe (RFC 8058) links and headers."""
 
     model_config = FROZEN
     url: HeaderValue = Field(
-        description="One-click unsubscribe URL, a Jinja template that must start with https://, "
-        "e.g. 'https://example.com/u?t={{ unsubscribe_token }}'."
+        description="One-click unsubscribe URL, a Jinja template that must start with https:// and "
+        "hold the token, e.g. 'https://example.com/u?t={{ unsubscribe_token }}'."
     )
     mailto: EmailAddress | None = Field(
         default=None,
@@ -222,6 +226,12 @@ class UnsubscribeSettings(BaseModel):
         if not value.startswith("https://"):
             raise ValueError(
                 "must be an https:// URL (mail providers require https for one-click unsubscribe)"
+            )
+        if _TOKEN_IN_URL.search(value) is None:
+            raise ValueError(
+                "must contain {{ unsubscribe_token }}, "
+                "e.g. 'https://example.com/u?t={{ unsubscribe_token }}' "
+                "(the endpoint refuses every click whose URL has no token)"
             )
         return value
 

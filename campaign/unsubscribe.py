@@ -1,9 +1,14 @@
-"""Signed unsubscribe tokens and the one-click `List-Unsubscribe` headers (RFC 2369, RFC 8058).
+"""Opaque unsubscribe tokens and the one-click `List-Unsubscribe` headers (RFC 2369, RFC 8058).
 
-A token names a campaign and a recipient key and carries a truncated HMAC-SHA256,
-so the unsubscribe endpoint can trust it without a database of issued links. The
-first secret signs; every secret verifies, so keys rotate by putting a new one first
-and dropping the oldest later. Pure: no I/O, no clock, and never a secret in any text.
+A token (version 2) is the campaign, the recipient key and the address, encrypted and
+authenticated with AES-GCM-SIV under a key derived (HKDF-SHA256) from the secret: whoever
+holds the URL learns nothing about the recipient, and the endpoint trusts and reads it
+without a database of issued links. Deterministic (a fixed nonce, which GCM-SIV allows:
+equal tokens only say the recipient is the same), so a re-render gives the same link.
+Version 1 tokens (the campaign and key in the clear plus a truncated HMAC-SHA256), already
+sent, still verify. The first secret signs; every secret verifies, so keys rotate by
+putting a new one first and dropping the oldest later. Pure: no I/O, no clock, and never a
+secret in any text.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlsplit
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from campaign.errors import HeaderError, ManifestError
 from campaign.headers import header_value_problem
@@ -32,12 +42,19 @@ __all__ = [
     "verify_token",
 ]
 
-TOKEN_VERSION = 1
+TOKEN_VERSION = 2
+_V1 = 1  # campaign and key in the clear, HMAC-signed: verified for links already sent, never made
 MIN_SECRET_LENGTH = 16
 _MAC_LENGTH = 16  # 128 bits: RFC 2104 §5 asks for at least half the hash and at least 80 bits
 _PURPOSE = b"unsubscribe"  # binds the MAC to this use, so the same key cannot mint other tokens
 _PURPOSE_FRAME = bytes((len(_PURPOSE),)) + _PURPOSE
 _MAX_FIELD = 0xFFFF  # fields are framed with a two-byte length
+# GCM-SIV keeps its guarantees under a repeated nonce except that equal plaintexts give equal
+# tokens, which is what a link re-rendered on resume should do; a random nonce would add 12 bytes.
+_NONCE = bytes(12)
+_TAG_LENGTH = 16
+_PAD = 16  # plaintexts are zero-padded to a multiple of this, so a token's length says little
+_KDF_INFO = b"campaign unsubscribe token v2"
 _HEADER_NAME = "List-Unsubscribe"
 _POST_HEADER = ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
 # RFC 5322 §2.1.1: a line MUST NOT exceed 998 characters; we never fold this header.
@@ -58,11 +75,15 @@ _PLAIN_HTTPS_URL = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
-    """What a valid token says: the campaign, the recipient key, and which secret signed it."""
+    """What a valid token says: the campaign, the recipient key, the address, and which secret made it.
+
+    `email` is None when the key is the address, and for a version 1 token (which never held one).
+    """
 
     campaign: str
     recipient_key: str
     key_index: int
+    email: str | None = None
 
 
 def parse_secrets(value: str) -> tuple[bytes, ...]:
@@ -81,43 +102,83 @@ def parse_secrets(value: str) -> tuple[bytes, ...]:
     return secrets
 
 
-def make_token(*, secrets: Sequence[bytes], campaign: str, recipient_key: str) -> str:
-    """Sign (campaign, recipient_key) with the first secret; returns base64url without padding."""
-    return TokenSigner(secrets=secrets, campaign=campaign).sign(recipient_key)
+def make_token(
+    *, secrets: Sequence[bytes], campaign: str, recipient_key: str, email: str | None = None
+) -> str:
+    """Encrypt (campaign, recipient_key, email) with the first secret; returns base64url without padding."""
+    return TokenSigner(secrets=secrets, campaign=campaign).sign(recipient_key, email=email)
 
 
 class TokenSigner:
-    """`make_token` for one campaign and many recipients: the keyed HMAC and the payload's start made once.
+    """`make_token` for one campaign and many recipients: the cipher and the payload's start made once.
 
     ValueError (as make_token) without a secret or for a campaign name too long to frame.
     """
 
-    __slots__ = ("_mac", "_prefix")
+    __slots__ = ("_aad", "_cipher", "_header", "_prefix")
 
     def __init__(self, *, secrets: Sequence[bytes], campaign: str) -> None:
         if not secrets:
             raise ValueError("make_token needs at least one secret")
         secret = secrets[0]
-        self._prefix = bytes((TOKEN_VERSION, _key_id(secret))) + _frame(campaign.encode("utf-8"), "campaign")
-        # Keyed and fed with what every token of the campaign starts with; each token continues a copy.
-        self._mac = hmac.new(secret, _PURPOSE_FRAME + self._prefix, "sha256")
+        self._header = bytes((TOKEN_VERSION, _key_id(secret)))
+        self._aad = _PURPOSE_FRAME + self._header
+        self._prefix = _frame(campaign.encode("utf-8"), "campaign")
+        self._cipher = _cipher(secret)
 
-    def sign(self, recipient_key: str) -> str:
-        """The token for `recipient_key` (ValueError if the key is too long to frame)."""
-        framed = _frame(recipient_key.encode("utf-8"), "recipient key")
-        mac = self._mac.copy()
-        mac.update(framed)
-        raw = self._prefix + framed + mac.digest()[:_MAC_LENGTH]
+    def sign(self, recipient_key: str, *, email: str | None = None) -> str:
+        """The token for `recipient_key` at `email` (ValueError if a value is too long to frame).
+
+        The address is left out when it is the key (the endpoint reads it from the key).
+        """
+        same = email is None or email.lower() == recipient_key.lower()
+        plain = (
+            self._prefix
+            + _frame(recipient_key.encode("utf-8"), "recipient key")
+            + _frame(b"" if same or email is None else email.encode("utf-8"), "address")
+        )
+        plain += bytes(-len(plain) % _PAD)
+        raw = self._header + self._cipher.encrypt(_NONCE, plain, self._aad)
         return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode("ascii")
 
 
 def verify_token(token: str, *, secrets: Sequence[bytes]) -> TokenClaims | None:
-    """The claims of a token signed by one of `secrets`, or None if it is malformed or forged."""
+    """The claims of a token made with one of `secrets` (version 2 or 1), or None if malformed or forged."""
     raw = _decode(token)
-    if raw is None or len(raw) < 2 + 2 + 2 + _MAC_LENGTH or raw[0] != TOKEN_VERSION:
+    if raw is None or len(raw) < 2:
+        return None
+    if raw[0] == TOKEN_VERSION:
+        return _open_v2(raw, secrets)
+    if raw[0] == _V1:
+        return _verify_v1(raw, secrets)
+    return None
+
+
+def _open_v2(raw: bytes, secrets: Sequence[bytes]) -> TokenClaims | None:
+    if len(raw) < 2 + _TAG_LENGTH + _PAD:
+        return None
+    header, sealed = raw[:2], raw[2:]
+    for index, secret in enumerate(secrets):
+        # The key id only narrows the search; the tag decides.
+        if _key_id(secret) != header[1]:
+            continue
+        try:
+            plain = _cipher(secret).decrypt(_NONCE, sealed, _PURPOSE_FRAME + header)
+        except InvalidTag:
+            continue
+        fields = _unframe(plain, 3, padded=True)
+        if fields is None:
+            return None
+        campaign, recipient_key, email = fields
+        return TokenClaims(campaign, recipient_key, index, email or None)
+    return None
+
+
+def _verify_v1(raw: bytes, secrets: Sequence[bytes]) -> TokenClaims | None:
+    if len(raw) < 2 + 2 + 2 + _MAC_LENGTH:
         return None
     payload, mac = raw[:-_MAC_LENGTH], raw[-_MAC_LENGTH:]
-    fields = _unframe(payload[2:])
+    fields = _unframe(payload[2:], 2)
     if fields is None:
         return None
     key_id = payload[1]
@@ -160,6 +221,13 @@ def _key_id(secret: bytes) -> int:
     return hashlib.sha256(b"campaign-unsubscribe-key-id\x00" + secret).digest()[0]
 
 
+@lru_cache(maxsize=16)
+def _cipher(secret: bytes) -> AESGCMSIV:
+    """The token cipher for a secret: a 256-bit key derived with HKDF-SHA256 (never the secret itself)."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_KDF_INFO).derive(secret)
+    return AESGCMSIV(key)
+
+
 def _mac(secret: bytes, payload: bytes) -> bytes:
     # The purpose is length-prefixed ahead of the payload; the payload frames its own fields.
     return hmac.digest(secret, _PURPOSE_FRAME + payload, "sha256")[:_MAC_LENGTH]
@@ -171,11 +239,11 @@ def _frame(data: bytes, what: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def _unframe(data: bytes) -> tuple[str, str] | None:
-    """The campaign and recipient key from a framed payload, or None unless it is exactly two fields."""
+def _unframe(data: bytes, count: int, *, padded: bool = False) -> tuple[str, ...] | None:
+    """`count` framed UTF-8 fields from `data`, or None unless that is all it holds (but zero padding)."""
     fields: list[str] = []
     offset = 0
-    for _ in range(2):
+    for _ in range(count):
         if offset + 2 > len(data):
             return None
         length = int.from_bytes(data[offset : offset + 2], "big")
@@ -187,9 +255,12 @@ def _unframe(data: bytes) -> tuple[str, str] | None:
         except UnicodeDecodeError:
             return None
         offset += length
-    if offset != len(data):
+    rest = data[offset:]
+    if padded and (len(rest) >= _PAD or any(rest)):
         return None
-    return fields[0], fields[1]
+    if not padded and rest:
+        return None
+    return tuple(fields)
 
 
 def _decode(token: str) -> bytes | None:

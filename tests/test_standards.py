@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from conftest import API_KEY, SECRET
+from test_token_signer import V1_ANN, V1_SECRET
 
 import campaign.unsubscribe
 from campaign.endpoint import UnsubscribeEndpoint
@@ -283,7 +284,8 @@ def test_item_18_rotation_keeps_old_tokens_until_the_key_is_removed(sent):
 
 
 def test_item_19_verification_uses_compare_digest(sent, monkeypatch):
-    """Checking a token calls hmac.compare_digest (observed, not assumed)."""
+    """Checking a version 1 (HMAC) token calls hmac.compare_digest (observed, not assumed); a delivered
+    version 2 token is checked by AES-GCM-SIV's tag verification, constant-time inside OpenSSL."""
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -292,9 +294,10 @@ def test_item_19_verification_uses_compare_digest(sent, monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(campaign.unsubscribe.hmac, "compare_digest", spy)
-    assert verify_token(_token(sent["spring"][0]), secrets=parse_secrets(SECRET)) is not None
+    assert verify_token(V1_ANN, secrets=(V1_SECRET,)) is not None
     assert len(calls) == 1
     assert len(calls[0][0]) == 16
+    assert verify_token(_token(sent["spring"][0]), secrets=parse_secrets(SECRET)) is not None
 
 
 # --- endpoint: items 20–25 ----------------------------------------------------------------------------------

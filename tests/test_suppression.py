@@ -10,7 +10,7 @@ import sys
 import polars as pl
 import pytest
 
-from campaign.errors import InputFileError, ManifestError
+from campaign.errors import InputFileError, ManifestError, RecipientDataError
 from campaign.ledger import open_ledger
 from campaign.manifest import parse_manifest
 from campaign.models import Address, Recipient, Skip, SkipReason
@@ -162,9 +162,12 @@ def test_export_and_import_round_trip_through_csv_parquet_and_text(tmp_path):
     frame = pl.read_csv(tmp_path / "out.csv")
     assert frame.columns == ["email", "recipient_key", "campaign", "recorded_at", "source"]
     assert pl.read_parquet(tmp_path / "out.parquet")["source"].to_list() == ["one-click", "manual"]
-    (tmp_path / "mixed.txt").write_text("# exported\nCarl@Example.COM\nnot-an-address\n\n")
+    (tmp_path / "mixed.txt").write_text("# exported\nCarl <Carl@Example.COM>;\n\n")
     mixed = load_import_addresses(tmp_path / "mixed.txt", clock=FakeClock())
-    assert (mixed.addresses, mixed.invalid) == (("carl@example.com",), ("not-an-address",))
+    assert (mixed.addresses, mixed.invalid) == (("carl@example.com",), ())
+    (tmp_path / "mixed.txt").write_text("# exported\nCarl@Example.COM\nnot-an-address\n\n")
+    with pytest.raises(RecipientDataError, match=r"mixed\.txt: line 3 holds no email address"):
+        load_import_addresses(tmp_path / "mixed.txt", clock=FakeClock())
     from_store = load_import_addresses(tmp_path / "u.sqlite", clock=FakeClock())
     assert from_store.addresses == ("ann@example.com", "bob@example.org")
 
@@ -183,9 +186,13 @@ def test_suppress_commands_add_import_export_list(cli, tmp_path):
     key = cli("suppress", "add", "cus-42", "--key", "--store", store)
     assert key.exit_code == 0
     (tmp_path / "old.csv").write_text("email,name\ncarl@example.net,Carl\nnope,X\n")
+    refused = cli("suppress", "import", tmp_path / "old.csv", "--store", store)
+    assert refused.exit_code == 65
+    assert "old.csv: line 3 holds no email address" in refused.stderr
+    (tmp_path / "old.csv").write_text("email,name\nCarl <carl@example.net>,Carl\n")
     imported = cli("suppress", "import", tmp_path / "old.csv", "--store", store)
     assert imported.exit_code == 0, imported.output
-    assert "1 addresses, 1 new; 1 values are not addresses" in imported.stdout
+    assert "1 addresses, 1 new" in imported.stdout
     listed = cli("suppress", "list", "--store", store, "--json")
     rows = json.loads(listed.stdout)
     assert [(r["recipient_key"], r["source"]) for r in rows] == [

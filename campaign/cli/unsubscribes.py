@@ -18,12 +18,15 @@ from campaign.cli.base import exit_codes, out
 from campaign.clock import SystemClock
 from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
 from campaign.errors import DataError, UsageError
+from campaign.recipients import parse_suppression_entry
+from campaign.serving import ServerLimits
 from campaign.suppression import SuppressionStore, is_store_path, open_store
 from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
 
 __all__ = ["suppress_app", "unsubscribe_app"]
 
 _T = TypeVar("_T")
+_DEFAULT_LIMITS = ServerLimits()
 
 unsubscribe_app = typer.Typer(no_args_is_help=True, help="The one-click unsubscribe endpoint (RFC 8058).")
 suppress_app = typer.Typer(
@@ -43,13 +46,28 @@ def unsubscribe_serve(
         str,
         typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with."),
     ] = DEFAULT_SECRET_ENV,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Open connections at most; at the cap a new one closes the oldest half-sent request."
+        ),
+    ] = _DEFAULT_LIMITS.max_connections,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's headers.")
+    ] = _DEFAULT_LIMITS.header_timeout_s,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's body.")
+    ] = _DEFAULT_LIMITS.body_timeout_s,
 ) -> None:
     """Serve the one-click unsubscribe endpoint, recording unsubscribes in --store (put https in front)."""
     with exit_codes():
         endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
+        limits = ServerLimits(
+            max_connections=max_connections, header_timeout_s=header_timeout, body_timeout_s=body_timeout
+        )
         try:
             out.print(f"Unsubscribe endpoint on http://{host}:{port}, recording to {store}; Ctrl-C stops it")
-            serve_endpoint(endpoint, host=host, port=port)
+            serve_endpoint(endpoint, host=host, port=port, limits=limits)
         finally:
             endpoint.store.close()
 
@@ -66,7 +84,7 @@ def suppress_add(
     with exit_codes():
         keys: list[str] = []
         for value in values:
-            found = value.strip() if key else normalize_address(value)
+            found = value.strip() if key else _one_address(value)
             if not found:
                 raise DataError(
                     f"{value!r} is not a valid address; give one address per argument (or use --key)"
@@ -125,6 +143,12 @@ def suppress_list(
             who = e.email or e.recipient_key
             out.print(f"{e.recorded_at}  {e.source:<9}  {e.campaign or '-':<20}  {who}", markup=False)
         out.print(f"{len(entries)} entries in {store}", markup=False)
+
+
+def _one_address(value: str) -> str | None:
+    """The one address in `value`, written as a suppression file may (`Ann <ann@example.com>`, …)."""
+    parsed = parse_suppression_entry(value)
+    return normalize_address(parsed[0]) if parsed is not None and len(parsed) == 1 else None
 
 
 def _store_path(path: Path) -> Path:

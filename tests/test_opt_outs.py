@@ -1,0 +1,217 @@
+"""Opt-outs are honoured whatever their shape: suppression-file forms, key schemes, the token in the URL."""
+
+from __future__ import annotations
+
+import base64
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import polars as pl
+from conftest import SECRET, copy_sample
+from test_token_signer import V1_ANN, V1_CUSTOMER
+from test_unsubscribe_loop import FORM, ONE_CLICK, _https_url, _on, _with_store
+
+from campaign.endpoint import UnsubscribeEndpoint
+from campaign.suppression import open_store
+from campaign.testing import FakeClock, serve_on_loopback
+from campaign.unsubscribe import parse_secrets
+
+GRANT = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"
+
+
+def _mailed(api) -> list[str]:
+    return sorted(d.payload["to"][0]["email"] for d in api.deliveries)
+
+
+# --- item 6: suppression files in every common form ---------------------------------------------------------
+
+
+def test_suppression_lines_in_common_forms_all_suppress(api, cli, tmp_path):
+    """Display name + <>, quotes, a trailing ';', a trailing comment, mailto: each suppresses its address."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (manifest.parent / "unsubscribed.txt").write_text(
+        "# opt-outs pasted from everywhere\n"
+        "Ann Lee <ann.lee@example.com>\n"
+        '"bob@example.org"\n'
+        "chen.wei@example.net;\n"
+        "dora@example.com # left 2024\n"
+        "\n"
+        "mailto:Eve@Example.org,\n",
+        encoding="utf-8",
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert _mailed(api) == ["frank@example.com"]
+
+
+def test_suppression_csv_column_with_display_names_suppresses(api, cli, tmp_path):
+    """A CSV `email` column holding `Name <address>` and quoted values suppresses those addresses."""
+    manifest = copy_sample("newsletter", tmp_path)
+    pl.DataFrame(
+        {"email": ["Ann Lee <ann.lee@example.com>", "'bob@example.org'", "frank@example.com ;"]}
+    ).write_csv(manifest.parent / "optouts.csv")
+    manifest.write_text(manifest.read_text().replace('"unsubscribed.txt"', '"optouts.csv"'))
+    api.add_grant(GRANT, "maya@example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert _mailed(api) == ["chen.wei@example.net", "dora@example.com", "eve@example.org"]
+
+
+def test_a_suppression_line_without_an_address_stops_preview_and_run(api, cli, tmp_path):
+    """`Ann Lee` (no address) is exit 65 naming the file and line, in preview and run; nobody is mailed."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (manifest.parent / "unsubscribed.txt").write_text(
+        "frank@example.com\nAnn Lee\nbob@example.org\n", encoding="utf-8"
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    for command in ("preview", "run"):
+        result = cli(command, manifest, "--yes") if command == "run" else cli(command, manifest)
+        assert result.exit_code == 65, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1
+        assert lines[0] == (
+            "error: "
+            "unsubscribed.txt: line 2 holds no email address; correct it (e.g. ann@example.com or "
+            "Ann <ann@example.com>), or start the line with # to keep it as a comment"
+        )
+    assert api.deliveries == []
+    assert not (manifest.parent / "campaign.ledger.sqlite").exists()
+
+
+def test_a_parquet_cell_without_an_address_is_named_by_row(api, cli, tmp_path):
+    """In a Parquet list the unreadable value is named by its row."""
+    manifest = copy_sample("newsletter", tmp_path)
+    pl.DataFrame({"email": ["frank@example.com", "eve at example dot org"]}).write_parquet(
+        manifest.parent / "optouts.parquet"
+    )
+    manifest.write_text(manifest.read_text().replace('"unsubscribed.txt"', '"optouts.parquet"'))
+    result = cli("preview", manifest)
+    assert result.exit_code == 65, result.output
+    assert "optouts.parquet: row 2 holds no email address" in result.stderr
+
+
+# --- item 8: the one-click URL must carry the token --------------------------------------------------------
+
+
+def test_an_unsubscribe_url_without_the_token_is_refused(api, cli, tmp_path):
+    """`url = "https://example.com/unsubscribe"` is exit 78 naming unsubscribe.url; nothing is sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    manifest.write_text(
+        manifest.read_text().replace("/unsubscribe?t={{ unsubscribe_token }}", "/unsubscribe")
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    for args in (("preview",), ("run", "--yes")):
+        result = cli(args[0], manifest, *args[1:])
+        assert result.exit_code == 78, result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: campaign.toml: unsubscribe.url: must contain {{ unsubscribe_token }}, e.g. "
+            "'https://example.com/u?t={{ unsubscribe_token }}' (the endpoint refuses every click whose "
+            "URL has no token)"
+        ]
+    assert api.deliveries == []
+
+
+def test_the_token_may_be_filtered_or_in_the_path(api, cli, tmp_path):
+    """`{{unsubscribe_token|urlencode}}` in the path is a token-bearing URL: accepted and sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    manifest.write_text(
+        manifest.read_text().replace(
+            "/unsubscribe?t={{ unsubscribe_token }}", "/u/{{unsubscribe_token|urlencode}}"
+        )
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert len(api.deliveries) == 5
+
+
+# --- items 7 and 9: opaque tokens that carry the address, matched across key schemes ---------------------
+
+
+def _keyed_list(folder) -> None:
+    """The sample list with a customer_id column (c1, c2, …) to key recipients by."""
+    frame = pl.read_csv(folder / "recipients.csv")
+    frame.with_columns(pl.format("c{}", pl.int_range(1, frame.height + 1)).alias("customer_id")).write_csv(
+        folder / "recipients.csv"
+    )
+
+
+def test_a_one_click_from_a_keyed_campaign_stops_a_campaign_matching_by_address(api, cli, tmp_path):
+    """Keyed campaign: the link names no one, the store gets key and address, the next campaign skips Ann."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _keyed_list(manifest.parent)
+    store_path = _with_store(manifest)
+    keyed = manifest.read_text().replace(
+        'name_column = "name"', 'name_column = "name"\nkey_column = "customer_id"'
+    )
+    manifest.write_text(keyed)
+    api.add_grant(GRANT, "maya@example.com")
+    first = cli("run", manifest, "--yes")
+    assert first.exit_code == 0, first.output
+    delivered = {d.payload["to"][0]["email"]: d for d in api.deliveries}
+    link = _https_url(delivered["ann.lee@example.com"])
+    token = parse_qs(urlsplit(link).query)["t"][0]
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert b"ann" not in raw.lower()
+    assert b"c1" not in raw
+    assert b"spring" not in raw
+
+    store = open_store(store_path, clock=FakeClock())
+    endpoint = UnsubscribeEndpoint(store, secrets=parse_secrets(SECRET))
+    try:
+        with serve_on_loopback(endpoint) as base:
+            response = httpx.post(_on(base, link), content=ONE_CLICK, headers=FORM)
+        assert response.status_code == 200
+        assert [(e.campaign, e.recipient_key, e.email, e.source) for e in store.entries()] == [
+            ("spring-newsletter", "c1", "ann.lee@example.com", "one-click")
+        ]
+    finally:
+        store.close()
+
+    # Another campaign on the same list and store, matching by address (no key_column).
+    second = manifest.parent / "summer.toml"
+    second.write_text(
+        keyed.replace('key_column = "customer_id"\n', "").replace("spring-newsletter", "summer-newsletter")
+    )
+    before = len(api.deliveries)
+    result = cli("run", second, "--yes")
+    assert result.exit_code == 0, result.output
+    mailed = sorted(d.payload["to"][0]["email"] for d in api.deliveries[before:])
+    assert mailed == ["bob@example.org", "chen.wei@example.net", "dora@example.com", "eve@example.org"]
+
+
+def test_a_link_sent_before_tokens_were_encrypted_still_unsubscribes(tmp_path):
+    """A version 1 link (made by the previous release) POSTed over HTTP records its recipient."""
+    secrets = parse_secrets("brand-new-secret-0123456789 old-secret-0123456789abcdef")
+    store = open_store(tmp_path / "unsubscribes.sqlite", clock=FakeClock())
+    endpoint = UnsubscribeEndpoint(store, secrets=secrets)
+    try:
+        with serve_on_loopback(endpoint) as base:
+            for token in (V1_ANN, V1_CUSTOMER):
+                response = httpx.post(
+                    f"{base}/unsubscribe", params={"t": token}, content=ONE_CLICK, headers=FORM
+                )
+                assert response.status_code == 200
+        assert [(e.campaign, e.recipient_key, e.email) for e in store.entries()] == [
+            ("spring", "ann@example.com", "ann@example.com"),
+            ("spring", "cust-42", None),
+        ]
+    finally:
+        store.close()
+
+
+def test_suppress_add_takes_an_address_in_the_same_forms(cli, tmp_path):
+    """`suppress add 'Ann <Ann@Example.com>'` records ann@example.com; a bare name is refused (exit 65)."""
+    store = tmp_path / "u.sqlite"
+    added = cli("suppress", "add", "Ann <Ann@Example.com>", '"bob@example.org";', "--store", store)
+    assert added.exit_code == 0, added.output
+    assert added.stdout.startswith("2 added, 0 already there")
+    refused = cli("suppress", "add", "Ann Lee", "--store", store)
+    assert refused.exit_code == 65
+    listed = cli("suppress", "list", "--store", store, "--json")
+    assert [(e["recipient_key"], e["email"]) for e in json.loads(listed.stdout)] == [
+        ("ann@example.com", "ann@example.com"),
+        ("bob@example.org", "bob@example.org"),
+    ]
