@@ -5,10 +5,13 @@ variable name belongs is never echoed; extreme limits are refused; private files
 from __future__ import annotations
 
 import stat
+from html.parser import HTMLParser
 from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import API_KEY
 
 from campaign.outputfiles import neutralise_formulas
@@ -210,3 +213,124 @@ def test_files_holding_tokens_or_personal_data_are_owner_only(api, cli, tmp_path
         assert cli("report", manifest, "--sandbox", "--out", tmp_path / name).exit_code == 0
         assert _mode(tmp_path / name) == 0o600
     assert pl.read_csv(tmp_path / "r.csv")["email"].to_list() == ["ann@example.com", "bob@example.com"]
+
+
+# ---- 10: a value in a Markdown body stays literal text ----------------------------------------------
+
+MARKDOWN_MANIFEST = """\
+[campaign]
+name = "{name}"
+
+[recipients]
+source = "recipients.parquet"
+
+[message]
+subject = "News"
+markdown = "body.md.j2"
+layout = "layout.html.j2"
+
+[[senders]]
+name = "alice"
+grant_id = "grant-alice"
+email = "alice@corp.example.com"
+per_second = 1000
+burst = 100
+concurrency = 8
+"""
+# The value in every Markdown context a template puts it: heading, paragraph start and middle,
+# emphasis, link text and destination, list item, table cell, blockquote, raw HTML attribute.
+MARKDOWN_BODY = """\
+# Title {{ v }}
+
+{{ v }}
+
+Hello {{ v }}, **{{ v }}** and *{{ v }}*.
+
+[{{ v }}](https://example.com/{{ v|urlencode }}) and <span title="{{ v }}">{{ v }}</span>
+
+- item {{ v }}
+- {{ v }}
+
+| a | b |
+|---|---|
+| {{ v }} | x |
+
+> {{ v }}
+"""
+MARKER = "VALUEMARKER"
+_HTML_TEXT_CHARACTERS = st.characters(
+    exclude_categories=["Cs"],
+    exclude_characters="".join(chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\x0c\r"),
+)
+
+
+class _Parsed(HTMLParser):
+    """The elements and attributes of an HTML body, and its text (as a reader sees it)."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[object] = []
+        self.text: list[str] = []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, sorted(name for name, _ in attrs)))
+        self.text.extend(f"[{name}={value}]" for name, value in sorted(attrs) if name != "href")
+
+    def handle_endtag(self, tag):
+        self.tags.append(f"/{tag}")
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _send_markdown(cli, api, folder: Path, values: list[str]) -> dict[str, str]:
+    """Run a Markdown campaign over `values` (column v) and return the HTML body each address got."""
+    folder.mkdir()
+    (folder / "campaign.toml").write_text(MARKDOWN_MANIFEST.format(name=folder.name), encoding="utf-8")
+    (folder / "body.md.j2").write_text(MARKDOWN_BODY, encoding="utf-8")
+    (folder / "layout.html.j2").write_text("<div>{% block content %}{% endblock %}</div>", encoding="utf-8")
+    emails = [f"r{n}@example.com" for n in range(len(values))]
+    pl.DataFrame({"email": emails, "v": values}).write_parquet(folder / "recipients.parquet")
+    before = len(api.deliveries)
+    result = cli("run", folder / "campaign.toml", "--yes")
+    assert result.exit_code == 0, result.output
+    delivered = api.deliveries[before:]
+    assert len(delivered) == len(values)  # counted at the fake: every row mailed once
+    return {d.payload["to"][0]["email"]: d.payload["body"] for d in delivered}
+
+
+def test_markdown_lookalikes_from_the_list_are_sent_as_text(api, cli, tmp_path):
+    """The reported cells: no link, no remote image, no heading, no bold in what is sent."""
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    values = ["[Verify](https://evil.example/login)", "![](https://tracker.example/p.gif)", "# Suspended"]
+    values += ["**URGENT**", "<script>x</script>", "line\n\n    code", "a  \nb", "1. one", "x | y"]
+    bodies = _send_markdown(cli, api, tmp_path / "reported", values)
+    reference = _Parsed(_send_markdown(cli, api, tmp_path / "reference", [MARKER])["r0@example.com"])
+    for number, value in enumerate(values):
+        parsed = _Parsed(bodies[f"r{number}@example.com"])
+        assert parsed.tags == reference.tags, value
+        assert "".join(parsed.text) == "".join(reference.text).replace(MARKER, value)
+        assert "evil.example" not in str(parsed.tags) and "tracker" not in str(parsed.tags)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(values=st.lists(st.text(_HTML_TEXT_CHARACTERS, min_size=1), min_size=1, max_size=12))
+def test_any_value_in_a_markdown_body_reaches_the_reader_as_literal_text(api, cli, tmp_path, values):
+    """Over arbitrary strings: the sent HTML has exactly the template's elements and attributes, and
+    its text is the template's with each value, character for character. Characters HTML text cannot
+    hold (NUL and other control characters but TAB, LF, FF, CR) are left out; so is an empty value:
+    it adds no text, so `**{{ v }}**` is the template's own `****`."""
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    folders = [path for path in tmp_path.iterdir() if path.name.startswith("c")]
+    bodies = _send_markdown(cli, api, tmp_path / f"c{len(folders)}", [MARKER, *values])
+    reference = _Parsed(bodies["r0@example.com"])
+    for number, value in enumerate(values, start=1):
+        parsed = _Parsed(bodies[f"r{number}@example.com"])
+        assert parsed.tags == reference.tags
+        assert "".join(parsed.text) == "".join(reference.text).replace(MARKER, value)
