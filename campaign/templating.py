@@ -53,7 +53,8 @@ _MARKDOWN_LITERALS = {ord(char): f"&#{ord(char)};" for char in string.punctuatio
 # Whitespace (as CommonMark counts it) at the ends of a value: leading spaces could indent a line
 # into a code block, trailing ones before a line break make a hard break, and either would undo
 # the template's own `**` around the value.
-_MARKDOWN_EDGE_SPACE = re.compile(r"^[\t\x0b\x0c \xa0\u1680\u2000-\u200a\u202f\u205f\u3000]+|[\t\x0b\x0c \xa0\u1680\u2000-\u200a\u202f\u205f\u3000]+$")
+_MARKDOWN_SPACE = r"[\t\x0b\x0c \xa0\u1680\u2000-\u200a\u202f\u205f\u3000]"
+_MARKDOWN_EDGE_SPACE = re.compile(f"^{_MARKDOWN_SPACE}+|{_MARKDOWN_SPACE}+$")
 _UNDEFINED_NAME = re.compile(r"'(?P<name>[^']+)' is undefined")
 _UNDEFINED_ATTRIBUTE = re.compile(r"has no (?:attribute|element) (?P<name>'[^']*'|\S+)")
 
@@ -176,7 +177,11 @@ class _CodeGenerator(CodeGenerator):
         self._ours.append(ours)
         if not ours:
             super()._output_child_pre(node, frame, finalize)
-        elif frame.eval_ctx.autoescape and self.environment.is_markdown(self.name):
+        elif (
+            frame.eval_ctx.autoescape
+            and isinstance(self.environment, _Environment)
+            and self.environment.is_markdown(self.name)
+        ):
             self.write("environment.output_markdown(")
         elif frame.eval_ctx.autoescape:
             self.write("environment.output_html(")

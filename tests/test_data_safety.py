@@ -10,9 +10,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import API_KEY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import API_KEY
 
 from campaign.outputfiles import neutralise_formulas
 
@@ -170,7 +170,8 @@ def test_report_and_suppress_export_csv_neutralise_formulas_and_parquet_keeps_th
     assert pl.read_parquet(tmp_path / "r.parquet")["key"].to_list() == keys
     # The store's export: an address added by hand starting with '=' or '-' is a valid address.
     store = tmp_path / "u.sqlite"
-    added = cli("suppress", "add", "--store", store, "--", "=cmd@example.com", "-x@example.com", "ok@example.com")
+    addresses = ("=cmd@example.com", "-x@example.com", "ok@example.com")
+    added = cli("suppress", "add", "--store", store, "--", *addresses)
     assert added.exit_code == 0, added.output
     assert cli("suppress", "export", tmp_path / "s.csv", "--store", store).exit_code == 0
     assert cli("suppress", "export", tmp_path / "s.parquet", "--store", store).exit_code == 0
@@ -200,7 +201,8 @@ def test_files_holding_tokens_or_personal_data_are_owner_only(api, cli, tmp_path
     site = tmp_path / "campaign.preview"
     assert _mode(site) == 0o700
     files = [path for path in site.rglob("*") if path.is_file()]
-    assert files and {_mode(path) for path in files} == {0o600}
+    assert files
+    assert {_mode(path) for path in files} == {0o600}
     assert {_mode(path) for path in site.rglob("*") if path.is_dir()} == {0o700}
     assert cli("run", manifest, "--sandbox", "--yes").exit_code == 0
     outbox = tmp_path / "campaign.sandbox" / "outbox"
@@ -260,7 +262,9 @@ Hello {{ v }}, **{{ v }}** and *{{ v }}*.
 MARKER = "VALUEMARKER"
 _HTML_TEXT_CHARACTERS = st.characters(
     exclude_categories=["Cs"],
-    exclude_characters="".join(chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\x0c\r"),
+    exclude_characters="".join(
+        chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\x0c\r"
+    ),
 )
 
 
@@ -312,7 +316,8 @@ def test_markdown_lookalikes_from_the_list_are_sent_as_text(api, cli, tmp_path):
         parsed = _Parsed(bodies[f"r{number}@example.com"])
         assert parsed.tags == reference.tags, value
         assert "".join(parsed.text) == "".join(reference.text).replace(MARKER, value)
-        assert "evil.example" not in str(parsed.tags) and "tracker" not in str(parsed.tags)
+        assert "evil.example" not in str(parsed.tags)
+        assert "tracker" not in str(parsed.tags)
 
 
 @settings(
@@ -334,3 +339,54 @@ def test_any_value_in_a_markdown_body_reaches_the_reader_as_literal_text(api, cl
         parsed = _Parsed(bodies[f"r{number}@example.com"])
         assert parsed.tags == reference.tags
         assert "".join(parsed.text) == "".join(reference.text).replace(MARKER, value)
+
+
+# ---- 12: terminal escapes; 14: long values ---------------------------------------------------------
+
+ESCAPE_MANIFEST = MANIFEST.replace('subject = "Hello {{ first_name }}"', 'subject = "Hello"')
+
+
+def test_preview_shows_control_characters_and_markup_from_the_list_as_text(api, cli, tmp_path):
+    """ESC/BEL sequences and rich markup in cells reach the terminal spelled out, never raw or styled."""
+    cell = "Ann \x1b]0;owned\x07 [bold red]B[/] \u202etxt"
+    csv = f'email,name,first_name\nann@example.com,Ann,"{cell}"\nbad\x1b[31m@,Bob,Bob\n'
+    manifest = _write(tmp_path, manifest=ESCAPE_MANIFEST, csv=csv, template="<p>Hi {{ first_name }}</p>\n")
+    result = cli("preview", manifest)
+    assert result.exit_code == 65, result.output
+    assert not {"\x1b", "\x07", "\u202e"} & set(result.output)
+    assert r"Hi Ann \x1b]0;owned\x07 [bold red]B[/] \u202etxt" in result.output  # the sample body
+    assert r"bad\x1b[31m@" in result.output  # the address column of the problems table
+    assert api.requests == []
+
+
+def test_suppress_list_shows_control_characters_as_text(cli, tmp_path):
+    """A key with an escape sequence, as a store holds it, is listed spelled out."""
+    store = tmp_path / "u.sqlite"
+    assert cli("suppress", "add", "--store", store, "--key", "k\x1b[2J[blink]x").exit_code == 0
+    result = cli("suppress", "list", "--store", store)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output
+    assert result.output.splitlines()[0].endswith(r"  manual     -                     k\x1b[2J[blink]x")
+
+
+def test_preview_cuts_a_long_value_and_refuses_a_long_display_name(api, cli, tmp_path):
+    """A 1 MB cell is printed cut with an ellipsis; a 1 MB display name is a row error naming row and column."""
+    huge = "x" * 1_000_000
+    csv = f"email,name,first_name\nann@example.com,Ann,{huge}\nbob@example.com,{huge},Bob\n{huge}@,C,C\n"
+    manifest = _write(tmp_path, manifest=ESCAPE_MANIFEST, csv=csv, template="<p>{{ first_name }}</p>\n")
+    result = cli("preview", manifest)
+    assert result.exit_code == 65
+    assert len(result.output) < 20_000  # row 3's 1 MB address too is cut in the problems table
+    unwrapped = result.output.replace("\n", "")
+    assert "x" * 600 + "…" in unwrapped  # the sample body, cut
+    assert "x" * 601 not in unwrapped
+    cells = result.output.replace("│", " ").split()
+    assert "1,000,000" in cells  # row 2's problem: its name, wrapped in its table cell
+    run = cli("run", manifest, "--yes")
+    assert run.exit_code == 65
+    assert _one_error_line(run) == (
+        'error: recipients.csv row 2, column "name": the display name is 1,000,000 characters, more than '
+        "256; check that the column holds names; fix or remove the row, or run with --skip-invalid (and 1 "
+        "more; `campaign preview` lists them all); nothing was sent"
+    )
+    assert api.requests == []

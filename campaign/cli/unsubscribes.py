@@ -18,6 +18,7 @@ from campaign.cli.base import exit_codes, out
 from campaign.clock import SystemClock
 from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
 from campaign.errors import DataError, UsageError
+from campaign.output import show
 from campaign.suppression import SuppressionStore, is_store_path, open_store
 from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
 
@@ -122,8 +123,8 @@ def suppress_list(
             out.file.write(json.dumps([asdict(entry) for entry in entries], indent=2) + "\n")
             return
         for e in entries:
-            who = e.email or e.recipient_key
-            out.print(f"{e.recorded_at}  {e.source:<9}  {e.campaign or '-':<20}  {who}", markup=False)
+            who = show(e.email or e.recipient_key)
+            out.print(f"{show(e.recorded_at)}  {show(e.source):<9}  {show(e.campaign or '-'):<20}  {who}")
         out.print(f"{len(entries)} entries in {store}", markup=False)
 
 
