@@ -5,6 +5,7 @@ variable name belongs is never echoed; extreme limits are refused; private files
 from __future__ import annotations
 
 import stat
+from datetime import UTC, date, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -370,7 +371,7 @@ def test_suppress_list_shows_control_characters_as_text(cli, tmp_path):
 
 
 def test_preview_cuts_a_long_value_and_refuses_a_long_display_name(api, cli, tmp_path):
-    """A 1 MB cell is printed cut with an ellipsis; a 1 MB display name is a row error naming row and column."""
+    """A 1 MB cell is printed cut with an ellipsis; a 1 MB display name is a row error naming the column."""
     huge = "x" * 1_000_000
     csv = f"email,name,first_name\nann@example.com,Ann,{huge}\nbob@example.com,{huge},Bob\n{huge}@,C,C\n"
     manifest = _write(tmp_path, manifest=ESCAPE_MANIFEST, csv=csv, template="<p>{{ first_name }}</p>\n")
@@ -388,5 +389,92 @@ def test_preview_cuts_a_long_value_and_refuses_a_long_display_name(api, cli, tmp
         'error: recipients.csv row 2, column "name": the display name is 1,000,000 characters, more than '
         "256; check that the column holds names; fix or remove the row, or run with --skip-invalid (and 1 "
         "more; `campaign preview` lists them all); nothing was sent"
+    )
+    assert api.requests == []
+
+
+# ---- 13: Parquet types and UTF-16 ----------------------------------------------------------------
+
+PARQUET_MANIFEST = (
+    MANIFEST.replace('source = "recipients.csv"', 'source = "recipients.parquet"')
+    .replace("[unsubscribe]\n", "")
+    .replace('url = "https://example.com/u/{{ unsubscribe_token }}"\n', "")
+)
+
+
+def test_parquet_binary_dates_and_numbers_are_sent_as_deliberate_text(api, cli, tmp_path):
+    """Binary as UTF-8, dates as ISO 8601, numbers as numbers: never `b'Cat'` or a Python repr."""
+    manifest = _write(
+        tmp_path,
+        manifest=PARQUET_MANIFEST,
+        template="<p>{{ first_name }} {{ joined }} {{ seen }} {{ visits }} {{ score }}</p>\n",
+    )
+    pl.DataFrame(
+        {
+            "email": [b"cat@example.com"],
+            "name": [b"Cat Stevens"],
+            "first_name": [b"Cat"],
+            "joined": [date(2024, 5, 1)],
+            "seen": [datetime(2024, 5, 1, 9, 30, tzinfo=UTC)],
+            "visits": [3],
+            "score": [2.5],
+        }
+    ).write_parquet(tmp_path / "recipients.parquet")
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    [delivery] = api.deliveries
+    assert delivery.payload["to"] == [{"email": "cat@example.com", "name": "Cat Stevens"}]
+    assert delivery.payload["subject"] == "Hello Cat"
+    assert delivery.payload["body"] == "<p>Cat 2024-05-01 2024-05-01T09:30:00+00:00 3 2.5</p>\n"
+
+
+@pytest.mark.parametrize(
+    ("column", "said"),
+    [
+        (
+            pl.Series("name", [b"Ann", b"\xffB"], dtype=pl.Binary),
+            'recipients.parquet: column "name": row 2 holds binary data that is not UTF-8 text; store the '
+            "column as UTF-8 text and export the list again",
+        ),
+        (
+            pl.Series("name", [{"first": "Ann", "last": "Lee"}, {"first": "Bob", "last": "Stone"}]),
+            "recipients.parquet: column \"name\" holds nested values (Struct({'first': String, 'last': "
+            "String})), not text; flatten it into text columns (e.g. first_name, last_name) and export the "
+            "list again",
+        ),
+        (
+            pl.Series("name", [["Ann"], ["Bob"]]),
+            'recipients.parquet: column "name" holds nested values (List(String)), not text; flatten it into '
+            "text columns (e.g. first_name, last_name) and export the list again",
+        ),
+    ],
+)
+def test_parquet_columns_without_one_text_form_are_refused(api, cli, tmp_path, column, said):
+    """Non-UTF-8 binary, struct and list columns: exit 65, one line naming file, column (and row)."""
+    manifest = _write(tmp_path, manifest=PARQUET_MANIFEST)
+    emails = pl.Series("email", ["ann@example.com", "bob@example.com"])
+    pl.DataFrame([emails, column, pl.Series("first_name", ["Ann", "Bob"])]).write_parquet(
+        tmp_path / "recipients.parquet"
+    )
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    for command in ("preview", "run"):
+        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+        assert result.exit_code == 65, result.output
+        assert _one_error_line(result) == f"error: {said}"
+    assert api.requests == []
+    assert not list(tmp_path.glob("*.sqlite*"))
+
+
+def test_a_utf16_csv_without_a_byte_order_mark_is_refused_in_one_line(api, cli, tmp_path):
+    """UTF-16 without BOM is valid UTF-8 full of NULs: refused naming the file, never sent with NULs."""
+    manifest = _write(tmp_path)
+    (tmp_path / "recipients.csv").write_bytes(CSV.encode("utf-16-le"))
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 65, result.output
+    assert _one_error_line(result) == (
+        "error: recipients.csv: holds NUL bytes, so it is UTF-16 text without a byte order mark (or not "
+        'text); save it as "CSV UTF-8" (comma delimited)'
     )
     assert api.requests == []
