@@ -42,6 +42,7 @@ __all__ = [
     "RecipientsSettings",
     "SenderSettings",
     "UnsubscribeSettings",
+    "check_env_name",
 ]
 
 DEFAULT_PER_SECOND = 2.0
@@ -66,7 +67,8 @@ def _check_name(value: str) -> str:
     return value
 
 
-def _check_env_name(value: str) -> str:
+def check_env_name(value: str) -> str:
+    """`value` if it looks like an environment variable name; ValueError (not repeating it) if not."""
     # Never echo the value: a user may have pasted the secret itself here.
     if not re.fullmatch(_ENV_PATTERN, value):
         raise ValueError(
@@ -98,7 +100,7 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
 
 
 _Name = Annotated[str, AfterValidator(_check_name)]
-_EnvName = Annotated[str, AfterValidator(_check_env_name)]
+_EnvName = Annotated[str, AfterValidator(check_env_name)]
 # Field types the tables share (campaign.message_settings uses them too).
 EmailAddress = Annotated[str, AfterValidator(_check_address)]
 HeaderValue = Annotated[str, AfterValidator(_check_header_value)]

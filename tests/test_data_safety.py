@@ -91,6 +91,18 @@ def test_a_secret_pasted_as_a_variable_name_is_refused_without_echo(api, cli, tm
     assert not list(tmp_path.glob("*.sqlite*"))
 
 
+def test_a_secret_pasted_as_secret_env_of_the_endpoint_is_refused_without_echo(cli, tmp_path):
+    """`unsubscribe serve --secret-env <the secret>`: exit 2, one line, the value not repeated, no store."""
+    result = cli("unsubscribe", "serve", "--store", tmp_path / "u.sqlite", "--secret-env", "s3cr3t-VALUE")
+    assert result.exit_code == 2, result.output
+    assert _one_error_line(result) == (
+        "error: --secret-env: the value does not look like an environment variable name (capitals, digits "
+        "and '_', e.g. MY_VAR); put the NAME of the variable here, never the secret itself"
+    )
+    assert "s3cr3t" not in result.output
+    assert not (tmp_path / "u.sqlite").exists()
+
+
 # ---- 18: extreme limits ----------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from campaign.clock import SystemClock
 from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
 from campaign.errors import DataError, UsageError
 from campaign.output import show
+from campaign.settings import check_env_name
 from campaign.suppression import SuppressionStore, is_store_path, open_store
 from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
 
@@ -47,6 +48,10 @@ def unsubscribe_serve(
 ) -> None:
     """Serve the one-click unsubscribe endpoint, recording unsubscribes in --store (put https in front)."""
     with exit_codes():
+        try:
+            check_env_name(secret_env)
+        except ValueError as exc:  # its message never repeats the value: it may be the secret itself
+            raise UsageError(f"--secret-env: {exc}") from exc
         endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
         try:
             out.print(f"Unsubscribe endpoint on http://{host}:{port}, recording to {store}; Ctrl-C stops it")
