@@ -1,10 +1,13 @@
-"""A list file read with polars: a CSV or Parquet table as its header names and string columns.
+"""A list file read with polars: a CSV or Parquet table as its header names and columns.
 
 CSV is read with every column as text (zip codes keep their zeros), UTF-8 with or without
-a BOM, with any one-character delimiter (or the first of `DELIMITERS` its first line holds);
-Parquet as it is. Whole-file faults raise once, as `InputFileError` (missing, unreadable)
-or `RecipientDataError` naming the file and, for bad CSV quoting, the line. It knows
-nothing of addresses or recipients; `campaign.recipients` checks the rows.
+a BOM, with any one-character delimiter (or the first of `DELIMITERS` its first line holds).
+Parquet keeps its numbers and booleans (templates can compare them); other types become text
+deliberately: binary as UTF-8, dates and times as ISO 8601, categories as their labels; nested
+(struct, list) and other columns that have no one text form are refused. Whole-file faults
+raise once, as `InputFileError` (missing, unreadable) or `RecipientDataError` naming the file
+and, for bad CSV quoting, the line. It knows nothing of addresses or recipients;
+`campaign.recipients` checks the rows.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ def _decode(raw: bytes, name: str) -> str:
     """UTF-8 text of a list file, without a BOM; a clear error for UTF-16 or legacy encodings."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise RecipientDataError(f'{name}: is UTF-16 text; save it as "CSV UTF-8" (comma delimited)')
+    if b"\x00" in raw[:4096]:  # valid UTF-8, but text never holds NUL: UTF-16 without its byte order mark
+        raise RecipientDataError(
+            f"{name}: holds NUL bytes, so it is UTF-16 text without a byte order mark (or not text); "
+            'save it as "CSV UTF-8" (comma delimited)'
+        )
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
@@ -117,7 +125,52 @@ def _read_parquet(raw: bytes, name: str) -> tuple[list[str], pl.DataFrame]:
     except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RecipientDataError(f"{name}: not a readable Parquet file ({first}); export it again") from exc
-    return list(frame.columns), frame
+    return list(frame.columns), _convert_parquet_types(frame, name)
+
+
+def _convert_parquet_types(frame: pl.DataFrame, name: str) -> pl.DataFrame:
+    """`frame` with every column whose values are not plain text, numbers or booleans made text, or
+    RecipientDataError naming the column (a value must never reach a message as a Python repr)."""
+    converted: list[pl.Expr] = []
+    for column, dtype in frame.schema.items():
+        if dtype.is_numeric() or dtype in (pl.String, pl.Boolean, pl.Null):
+            continue
+        where = f'{name}: column "{column}"'
+        if dtype == pl.Binary:
+            _check_utf8(frame.get_column(column), where)
+            converted.append(pl.col(column).cast(pl.String))
+        elif dtype == pl.Date:
+            converted.append(pl.col(column).dt.strftime("%Y-%m-%d"))
+        elif isinstance(dtype, pl.Datetime):
+            zone = "%:z" if dtype.time_zone else ""
+            converted.append(pl.col(column).dt.strftime(f"%Y-%m-%dT%H:%M:%S%.f{zone}"))
+        elif dtype == pl.Time:
+            converted.append(pl.col(column).dt.strftime("%H:%M:%S%.f"))
+        elif isinstance(dtype, (pl.Categorical, pl.Enum)):
+            converted.append(pl.col(column).cast(pl.String))
+        elif dtype.is_nested():
+            raise RecipientDataError(
+                f"{where} holds nested values ({dtype}), not text; flatten it into text columns "
+                "(e.g. first_name, last_name) and export the list again"
+            )
+        else:
+            raise RecipientDataError(
+                f"{where} holds {dtype} values, which have no one text form; "
+                "convert the column to text and export the list again"
+            )
+    return frame.with_columns(converted) if converted else frame
+
+
+def _check_utf8(series: pl.Series, where: str) -> None:
+    for row, value in enumerate(series.to_list(), start=1):
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecipientDataError(
+                    f"{where}: row {row} holds binary data that is not UTF-8 text; store the column as "
+                    "UTF-8 text and export the list again"
+                ) from exc
 
 
 def read_table(path: Path, separator: str | None, what: str) -> tuple[list[str], pl.DataFrame]:

@@ -18,8 +18,8 @@ from campaign.errors import TemplateError
 __all__ = ["build_text_from_html", "find_cid_references", "inline_css", "render_markdown"]
 
 # CommonMark plus tables and ~~strike~~; raw HTML stays allowed so authors can place a
-# `<img src="cid:logo">` or a button. Values from the list reach the Markdown already
-# HTML-escaped (the Markdown template is autoescaped), so a row cannot inject markup.
+# `<img src="cid:logo">` or a button. Values from the list reach the Markdown escaped for
+# Markdown and HTML (templating's Markdown autoescape), so a row cannot inject markup.
 _MARKDOWN = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
 # @media and @font-face rules cannot be inlined: keep them in a <style> block (Gmail reads it).
 _INLINER = css_inline.CSSInliner(load_remote_stylesheets=False, keep_at_rules=True)

@@ -7,6 +7,7 @@ run is `campaign.progress` (`SendProgress`, importable from here too).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,12 +38,43 @@ __all__ = [
     "print_run_summary",
     "print_status",
     "print_test_sent",
+    "show",
 ]
+
+# C0 and C1 controls (ESC starts terminal sequences), and the bidirectional overrides that make a
+# terminal show text in another order than it is.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_NAMES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+VALUE_WIDTH = 200  # characters of one value on a terminal; a longer one is cut with "…"
+_ERROR_WIDTH = 2_000
+_BODY_WIDTH = 600
+
+
+def show(value: object, *, width: int = VALUE_WIDTH, lines: bool = False) -> str:
+    """A value from a list, a store or an API answer, ready to print: control characters spelled out
+    (ESC as `\\x1b`, a line break as `\\n` unless `lines`), at most `width` characters (then `…`),
+    and rich markup escaped, so nothing in it can move the cursor, recolour or restyle the terminal.
+    """
+    text = str(value)
+    cut = len(text) > width
+    text = _CONTROLS.sub(_spell_control if not lines else _spell_control_but_newline, text[: width + 1])
+    if cut or len(text) > width:
+        text = text[:width].rstrip() + "…"
+    return escape(text)
+
+
+def _spell_control(found: re.Match[str]) -> str:
+    char = found.group(0)
+    return _CONTROL_NAMES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def _spell_control_but_newline(found: re.Match[str]) -> str:
+    return "\n" if found.group(0) == "\n" else _spell_control(found)
 
 
 def print_error(console: Console, message: str) -> None:
     """One line, red, on the error console."""
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {show(message, width=_ERROR_WIDTH)}", highlight=False, soft_wrap=True)
 
 
 def print_json(console: Console, data: Mapping[str, Any]) -> None:
@@ -98,7 +130,7 @@ def print_deliveries(console: Console, deliveries: Sequence[tuple[str, str, str]
     for column in ("#", "from sender", "to", "subject"):
         table.add_column(column)
     for number, (sender, to, subject) in enumerate(deliveries, start=1):
-        table.add_row(str(number), escape(sender), escape(to), escape(subject))
+        table.add_row(str(number), show(sender), show(to), show(subject))
     console.print(table)
     where = escape(str(outbox))
     console.print(f"Each message's JSON payload and HTML body: [bold]{where}[/]", soft_wrap=True)
@@ -150,20 +182,20 @@ def print_preview(console: Console, report: PreviewReport, *, site: Path | None 
         + (f" (started now, done about {format_local_time(report.finishes_at)})" if report.to_send else "")
     )
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {show(warning, width=_ERROR_WIDTH)}", soft_wrap=True)
     if report.problems:
         _print_problems(console, report, site=site)
     for sample in report.samples:
         message = sample.message
-        console.rule(f"{escape(message.to[0].email)} (row {message.row}, sender {escape(message.sender)})")
+        console.rule(f"{show(message.to[0].email)} (row {message.row}, sender {show(message.sender)})")
         if message.from_ is not None:
-            console.print(f"From: {escape(message.from_.name or '')} <{escape(message.from_.email)}>")
-        console.print(f"Subject: {escape(message.subject)}", soft_wrap=True)
+            console.print(f"From: {show(message.from_.name or '')} <{show(message.from_.email)}>")
+        console.print(f"Subject: {show(message.subject, width=_ERROR_WIDTH)}", soft_wrap=True)
         for name, value in message.headers:
-            console.print(f"{escape(name)}: {escape(value)}", soft_wrap=True)
+            console.print(f"{show(name)}: {show(value, width=_ERROR_WIDTH)}", soft_wrap=True)
         # The text a reader sees: the text body, else the HTML body as text (the site shows the HTML).
         body = message.text if message.text is not None else _html_as_text(message.html or "")
-        console.print(escape(body[:600].rstrip()) + (" …" if len(body) > 600 else ""))
+        console.print(show(body.rstrip(), width=_BODY_WIDTH, lines=True))
     if site is not None:
         console.print(f"Preview site (open it in a browser): [bold]{escape(str(site))}[/]", soft_wrap=True)
 
@@ -188,7 +220,7 @@ def _print_problems(console: Console, report: PreviewReport, *, site: Path | Non
         table.add_column(column, overflow="fold")
     for problem in report.problems[:_PROBLEMS_SHOWN]:
         for issue in problem.issues:
-            table.add_row(str(problem.row), escape(problem.email), escape(issue.where), escape(issue.message))
+            table.add_row(str(problem.row), show(problem.email), show(issue.where), show(issue.message))
     console.print(table)
     more = len(report.problems) - _PROBLEMS_SHOWN
     if more > 0:
@@ -201,13 +233,13 @@ def print_test_sent(
 ) -> None:
     """What `send-test` did: the Nylas message id (alone on the last line, for scripts)."""
     console.print(
-        f"Sent row {row} ({escape(recipient)}) as a test to {escape(to)} from sender {escape(sender)}; "
+        f"Sent row {row} ({show(recipient)}) as a test to {show(to)} from sender {show(sender)}; "
         "the ledger is unchanged.",
         soft_wrap=True,
     )
     console.print(
         f"[yellow]note:[/] its unsubscribe link is row {row}'s real one: "
-        f"using it unsubscribes {escape(recipient)}.",
+        f"using it unsubscribes {show(recipient)}.",
         soft_wrap=True,
     )
     console.file.write(f"{message_id}\n")
@@ -249,8 +281,8 @@ def print_status(console: Console, status: Mapping[str, Any]) -> None:
         console.print(f"skipped ({escape(reason)}): {count}")
     for cause, count in status["errors"].items():
         said = status.get("last_errors", {}).get(cause)
-        last = f" (latest: {escape(said)})" if said else ""
-        console.print(f"[red]not sent[/] ({escape(cause)}): {count}{last}", soft_wrap=True)
+        last = f" (latest: {show(said)})" if said else ""
+        console.print(f"[red]not sent[/] ({show(cause)}): {count}{last}", soft_wrap=True)
     print_next_steps(console, status.get("next", ()))
 
 
@@ -268,7 +300,7 @@ def print_next_steps(console: Console, steps: Sequence[Mapping[str, Any]]) -> No
     for step in steps:
         shown = list(step.get("examples", ()))
         more = ", …" if step["count"] > len(shown) else ""
-        who = f" ({escape(', '.join(shown))}{more})" if shown else ""
+        who = f" ({', '.join(show(example) for example in shown)}{more})" if shown else ""
         console.print(f"  {step['count']:,} {step['state']}{who}: {escape(step['what'])}", soft_wrap=True)
         for command in step["commands"]:
             console.print(f"      [bold]{escape(command)}[/]", soft_wrap=True)
@@ -284,8 +316,8 @@ def print_reconciled(console: Console, decisions: Sequence[Mapping[str, Any]], *
     colours = {"sent": "green", "pending": "yellow", "unknown": "red"}
     for decision in decisions:
         verdict = decision["verdict"]
-        found = f" (message {escape(decision['message_id'])})" if decision.get("message_id") else ""
-        who, why = escape(decision["email"]), escape(decision["reason"])
+        found = f" (message {show(decision['message_id'])})" if decision.get("message_id") else ""
+        who, why = show(decision["email"]), show(decision["reason"])
         console.print(f"[{colours[verdict]}]{verdict:<8}[/] {who}: {why}{found}", soft_wrap=True)
     counts = {verdict: sum(1 for d in decisions if d["verdict"] == verdict) for verdict in colours}
     console.print(

@@ -143,6 +143,7 @@ def _address_problem(value: str, exc: EmailNotValidError) -> str:
 
 
 BATCH_ROWS = 5_000
+MAX_NAME_LENGTH = 256  # a display name longer than this is data in the wrong column, not a name
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,11 +293,17 @@ class AudienceScan:
             if not key:
                 message = f"the key is empty; every row needs its own key in this column; {_SKIP_HINT}"
                 found.append(Problem(row, f'column "{settings.key_column}"', message))
+        name = None if self._name_at is None else str(values[self._name_at]).strip() or None
+        if name is not None and len(name) > MAX_NAME_LENGTH:
+            message = (
+                f"the display name is {len(name):,} characters, more than {MAX_NAME_LENGTH}; "
+                f"check that the column holds names; {_SKIP_HINT}"
+            )
+            found.append(Problem(row, f'column "{settings.name_column}"', message))
         if found:
             return tuple(found)
         if lowered in self._suppressed:
             return Skip(row, key, normalized, SkipReason.SUPPRESSED, "on a suppression list")
-        name = None if self._name_at is None else str(values[self._name_at]).strip() or None
         return _Candidate(key, Address(normalized, name), sender)
 
 

@@ -266,7 +266,11 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
     # The message.html template is HTML whatever its file is called; others go by suffix.
     escaped = {main_names.get(key) for key in ("message.html", "message.markdown", "message.layout")}
     env = build_environment(
-        sources, base_dir=base_dir, text_name=main_names.get("message.text"), escaped=escaped
+        sources,
+        base_dir=base_dir,
+        text_name=main_names.get("message.text"),
+        escaped=escaped,
+        markdown_name=main_names.get("message.markdown"),
     )
 
     def compile_file(key: str) -> _Part | None:

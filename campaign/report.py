@@ -4,7 +4,8 @@ Columns: row, key, email, sender, state, reason, attempts, message_id, request_i
 replayed, error_type, error_status, error_message, note, listed, and the times
 (created, first claimed, last claimed, sent, updated) as UTC datetimes. Reads rows
 it is given; writes only the output file. The idempotency key stays out (it is an
-internal detail, not something to act on).
+internal detail, not something to act on). The file is owner-only; in a CSV, a cell that
+starts like a spreadsheet formula gets a leading `'` (`campaign.outputfiles`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import polars as pl
 
 from campaign.errors import InputFileError, UsageError
 from campaign.ledger import LedgerRow
+from campaign.outputfiles import write_private_csv, write_private_parquet
 
 __all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "build_report", "write_report"]
 
@@ -68,9 +70,9 @@ def write_report(frame: pl.DataFrame, path: Path) -> None:
         raise UsageError(message)
     try:
         if suffix == ".csv":
-            frame.write_csv(path, datetime_format="%Y-%m-%dT%H:%M:%S%.3fZ")
+            write_private_csv(frame, path, datetime_format="%Y-%m-%dT%H:%M:%S%.3fZ")
         else:
-            frame.write_parquet(path)
+            write_private_parquet(frame, path)
     except (OSError, pl.exceptions.PolarsError) as exc:
         message = f"{path}: cannot write the report ({exc}); check that the folder exists and is writable"
         raise InputFileError(message) from exc

@@ -42,13 +42,21 @@ __all__ = [
     "RecipientsSettings",
     "SenderSettings",
     "UnsubscribeSettings",
+    "check_env_name",
 ]
 
 DEFAULT_PER_SECOND = 2.0
 # A suppression source with one of these suffixes is an unsubscribe store (SQLite), not a list file.
 STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
-_ENV_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Capitals, digits and '_', as environment variable names are written: a pasted key or secret
+# (`nyk_v0_…`, base64, hex) never looks like one, so a value that does is not echoed anywhere.
+_ENV_PATTERN = r"^[A-Z_][A-Z0-9_]{0,63}$"
+# Bounds that keep every duration and budget finite: one send a day at the slowest, 1,000/s at the
+# fastest (Nylas allows far less), so no plan or wait overflows and none is effectively forever.
+_MIN_PER_SECOND = 1 / 86_400
+_MAX_PER_SECOND = 1_000.0
+_MAX_COUNT = 10_000_000
 # Every table: an unknown key is an error (a typo must not be ignored), and values never change.
 FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,10 +67,14 @@ def _check_name(value: str) -> str:
     return value
 
 
-def _check_env_name(value: str) -> str:
+def check_env_name(value: str) -> str:
+    """`value` if it looks like an environment variable name; ValueError (not repeating it) if not."""
     # Never echo the value: a user may have pasted the secret itself here.
     if not re.fullmatch(_ENV_PATTERN, value):
-        raise ValueError("must be the NAME of an environment variable (e.g. MY_VAR), never the secret itself")
+        raise ValueError(
+            "the value does not look like an environment variable name (capitals, digits and '_', "
+            "e.g. MY_VAR); put the NAME of the variable here, never the secret itself"
+        )
     return value
 
 
@@ -88,7 +100,7 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
 
 
 _Name = Annotated[str, AfterValidator(_check_name)]
-_EnvName = Annotated[str, AfterValidator(_check_env_name)]
+_EnvName = Annotated[str, AfterValidator(check_env_name)]
 # Field types the tables share (campaign.message_settings uses them too).
 EmailAddress = Annotated[str, AfterValidator(_check_address)]
 HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
@@ -121,7 +133,12 @@ class ApiSettings(BaseModel):
         default="NYLAS_API_KEY", description="NAME of the environment variable holding the API key."
     )
     timeout_s: float = Field(
-        default=90, gt=0, le=600, strict=True, description="Seconds to wait for one API request."
+        default=90,
+        ge=1,
+        le=600,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds to wait for one API request (1–600).",
     )
 
     @field_validator("uri")
@@ -270,19 +287,46 @@ class SenderSettings(BaseModel):
         default=None,
         gt=0,
         strict=True,
-        description=f"Sustained sends per second (default {DEFAULT_PER_SECOND:g} when per_minute is unset).",
+        allow_inf_nan=False,
+        description=f"Sustained sends per second (default {DEFAULT_PER_SECOND:g} when per_minute is unset); "
+        "at least one a day, at most 1000.",
     )
     per_minute: float | None = Field(
-        default=None, gt=0, strict=True, description="Sustained sends per minute (instead of per_second)."
+        default=None,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Sustained sends per minute (instead of per_second); at least one a day, at most 60000.",
     )
-    burst: int = Field(default=1, ge=1, strict=True, description="Sends allowed back to back above the rate.")
+    burst: int = Field(
+        default=1, ge=1, le=10_000, strict=True, description="Sends allowed back to back above the rate."
+    )
     per_day: int | None = Field(
-        default=None, ge=1, strict=True, description="Recipients this mailbox may mail in any rolling 24 h."
+        default=None,
+        ge=1,
+        le=_MAX_COUNT,
+        strict=True,
+        description="Recipients this mailbox may mail in any rolling 24 h.",
     )
     per_day_messages: int | None = Field(
-        default=None, ge=1, strict=True, description="Messages this mailbox may send in any rolling 24 h."
+        default=None,
+        ge=1,
+        le=_MAX_COUNT,
+        strict=True,
+        description="Messages this mailbox may send in any rolling 24 h.",
     )
     concurrency: int = Field(default=2, ge=1, le=64, strict=True, description="Sends in flight at once.")
+
+    @field_validator("per_second", "per_minute")
+    @classmethod
+    def _check_pace(cls, value: float | None, info: ValidationInfo) -> float | None:
+        unit = 1 if info.field_name == "per_second" else 60
+        if value is not None and not _MIN_PER_SECOND * unit <= value <= _MAX_PER_SECOND * unit:
+            raise ValueError(
+                f"must be between {_MIN_PER_SECOND * unit:.3g} (one send a day) and "
+                f"{_MAX_PER_SECOND * unit:g} (got {value:g})"
+            )
+        return value
 
     @field_validator("grant_id", "domain")
     @classmethod

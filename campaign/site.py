@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from pathlib import Path
 
+from campaign.outputfiles import make_private_dir, write_private_bytes, write_private_text
 from campaign.preview import ListedRow, PreviewReport, RowProblem, Sample
 from campaign.site_assets import FILTER_SCRIPT, PAYLOAD_SCRIPT, render_page
 from campaign.timetext import format_duration
@@ -60,25 +61,23 @@ def problem_page_name(row: int) -> str:
 
 def write_site(report: PreviewReport, directory: Path) -> Path:
     """Write the site into `directory`, replacing pages an earlier preview left; return index.html."""
+    # The pages hold addresses and working unsubscribe links: owner-only, like the ledger.
+    make_private_dir(directory)
     for folder in ("messages", "problems"):
-        (directory / folder).mkdir(parents=True, exist_ok=True)
+        make_private_dir(directory / folder)
         for stale in (directory / folder).iterdir():
             if stale.is_file() and _OWNED.match(stale.name):
                 stale.unlink()
     for sample in report.samples:
-        (directory / payload_file_name(sample)).write_bytes(sample.request.json_body)
+        write_private_bytes(directory / payload_file_name(sample), sample.request.json_body)
         if (body_name := body_file_name(sample)) is not None:
-            (directory / body_name).write_bytes(sample.request.body)
-        _write(directory / message_page_name(sample.number), _message_page(report, sample))
+            write_private_bytes(directory / body_name, sample.request.body)
+        write_private_text(directory / message_page_name(sample.number), _message_page(report, sample))
     for problem in report.problems:
-        _write(directory / problem_page_name(problem.row), _problem_page(report, problem))
+        write_private_text(directory / problem_page_name(problem.row), _problem_page(report, problem))
     index = directory / INDEX_FILE
-    _write(index, _index_page(report))
+    write_private_text(index, _index_page(report))
     return index
-
-
-def _write(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
 
 
 def _e(value: object) -> str:

@@ -7,7 +7,6 @@ accepts can be imported. This module reads and writes files only; the store reco
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from campaign.clock import Clock
 from campaign.errors import InputFileError
+from campaign.outputfiles import write_private_csv, write_private_parquet, write_private_text
 from campaign.recipients import load_suppression
 from campaign.suppression import StoreEntry, is_store_path, open_store
 
@@ -80,14 +80,12 @@ def write_entries(entries: Sequence[StoreEntry], path: Path) -> None:
                 schema=dict.fromkeys(EXPORT_COLUMNS, pl.String),
             )
             if suffix == ".parquet":
-                frame.write_parquet(path)
+                write_private_parquet(frame, path)
             else:
-                buffer = io.BytesIO()
-                frame.write_csv(buffer)
-                path.write_bytes(buffer.getvalue())
+                write_private_csv(frame, path)
         else:
             lines = sorted({entry.email or entry.recipient_key for entry in entries})
-            path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+            write_private_text(path, "".join(f"{line}\n" for line in lines))
     except OSError as exc:
         message = f"{path}: cannot write the export ({exc.strerror or exc}); check the folder exists"
         raise InputFileError(message) from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import re
+import string
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from markupsafe import escape
+from markupsafe import Markup, escape
 
 from campaign.errors import InputFileError, TemplateError
 
@@ -38,8 +39,18 @@ __all__ = [
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 HTML_SUFFIXES = (".html", ".htm", ".html.j2", ".htm.j2")
-# Markdown templates are autoescaped too: a value from the list cannot become markup.
+# Markdown templates are autoescaped too, for Markdown as well as HTML: a value from the list cannot
+# become markup (see `_output_markdown`).
 _MARKDOWN_SUFFIXES = (".md", ".md.j2", ".markdown", ".markdown.j2")
+# Every ASCII punctuation character and line break of a value as a numeric character reference:
+# CommonMark reads a reference as that literal character, never as structure (no `#` heading, `[`
+# link, `*` emphasis, `<` HTML, blank line), and decodes it in link destinations and raw HTML too.
+_MARKDOWN_LITERALS = {ord(char): f"&#{ord(char)};" for char in string.punctuation + "\n\r"}
+# Whitespace (as CommonMark counts it) at the ends of a value: leading spaces could indent a line
+# into a code block, trailing ones before a line break make a hard break, and either would undo
+# the template's own `**` around the value.
+_MARKDOWN_SPACE = r"[\t\x0b\x0c \xa0\u1680\u2000-\u200a\u202f\u205f\u3000]"
+_MARKDOWN_EDGE_SPACE = re.compile(f"^{_MARKDOWN_SPACE}+|{_MARKDOWN_SPACE}+$")
 _UNDEFINED_NAME = re.compile(r"'(?P<name>[^']+)' is undefined")
 _UNDEFINED_ATTRIBUTE = re.compile(r"has no (?:attribute|element) (?P<name>'[^']*'|\S+)")
 
@@ -70,18 +81,25 @@ def build_environment(
     base_dir: Path,
     text_name: str | None,
     escaped: Collection[str | None],
+    markdown_name: str | None = None,
 ) -> jinja2.Environment:
     """The immutable sandbox, with strict undefined variables, that one campaign's templates run in.
 
     `sources` (loader name -> (source, filename)) are the manifest's own template files, read
     once; other names load from `base_dir`, then the built-in templates. Autoescape is on for
-    the `escaped` names and HTML or Markdown file names, and never for `text_name`.
+    the `escaped` names and HTML or Markdown file names, and never for `text_name`; in
+    `markdown_name` and Markdown file names it escapes for Markdown too.
     """
 
     def select_autoescape(name: str | None) -> bool:
         if name is None or name == text_name:
             return False
         return name in escaped or name.lower().endswith(HTML_SUFFIXES + _MARKDOWN_SUFFIXES)
+
+    def is_markdown(name: str | None) -> bool:
+        if name is None or name == text_name:
+            return False
+        return name == markdown_name or name.lower().endswith(_MARKDOWN_SUFFIXES)
 
     def load_main(name: str) -> tuple[str, str, Any] | None:
         found = sources.get(name)
@@ -91,6 +109,7 @@ def build_environment(
         [jinja2.FunctionLoader(load_main), jinja2.FileSystemLoader([base_dir, BUILTIN_TEMPLATES])]
     )
     return _Environment(
+        is_markdown=is_markdown,
         loader=loader,
         undefined=jinja2.StrictUndefined,
         # Asked again for every render (each one makes an EvalContext), so remember the answer.
@@ -130,6 +149,25 @@ def _finalize(value: object) -> object:
     return "" if value is None else value
 
 
+@jinja2.pass_context
+def _finalize_for_stock_jinja(context: jinja2.runtime.Context, value: object) -> object:
+    """`_finalize`, plus Markdown's escaping, for stock Jinja's code (when `_CodeGenerator` is not used).
+
+    Stock Jinja prints `escape(finalize(value))`: a Markdown template's values come back as
+    Markup holding `_output_markdown`'s text, which is already HTML-safe, so nothing else changes.
+    """
+    if value is None:
+        return ""
+    environment = context.environment
+    if (
+        context.eval_ctx.autoescape
+        and isinstance(environment, _Environment)
+        and environment.is_markdown(context.name)
+    ):
+        return Markup(_output_markdown(value))
+    return value
+
+
 def _output_html(value: object) -> str:
     """`escape(_finalize(value))`, as an autoescaped `{{ value }}` prints it, without a Markup per string.
 
@@ -138,6 +176,17 @@ def _output_html(value: object) -> str:
     if type(value) is str:
         return _escape_str(value)
     return "" if value is None else escape(value)
+
+
+def _output_markdown(value: object) -> str:
+    """A value printed in a Markdown template: literal text for Markdown, HTML-safe once rendered.
+
+    Markup (a macro's output, the author's `|safe`) is the template's own and passes as is.
+    """
+    if hasattr(value, "__html__"):
+        return str(value.__html__())
+    text = _output_text(value).translate(_MARKDOWN_LITERALS)
+    return _MARKDOWN_EDGE_SPACE.sub(lambda found: "".join(f"&#{ord(c)};" for c in found[0]), text)
 
 
 def _output_text(value: object) -> str:
@@ -166,6 +215,12 @@ class _CodeGenerator(CodeGenerator):
         self._ours.append(ours)
         if not ours:
             super()._output_child_pre(node, frame, finalize)
+        elif (
+            frame.eval_ctx.autoescape
+            and isinstance(self.environment, _Environment)
+            and self.environment.is_markdown(self.name)
+        ):
+            self.write("environment.output_markdown(")
         elif frame.eval_ctx.autoescape:
             self.write("environment.output_html(")
         else:
@@ -225,11 +280,16 @@ class _Environment(ImmutableSandboxedEnvironment):
 
     code_generator_class = choose_code_generator(_CodeGenerator)
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *, is_markdown: Callable[[str | None], bool], **options: Any) -> None:
+        if self.code_generator_class is not _CodeGenerator and options.get("finalize") is _finalize:
+            # Jinja's own code generator: Markdown values are escaped through the public finalize hook.
+            options["finalize"] = _finalize_for_stock_jinja
         super().__init__(**options)
+        self.is_markdown = functools.cache(is_markdown)
         # Instance attributes holding plain functions: a generated template calls them without binding.
         self.output_html = _output_html
         self.output_text = _output_text
+        self.output_markdown = _output_markdown
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         """`obj.attribute` as the sandbox resolves it, without its AttributeError for a plain dict's key.

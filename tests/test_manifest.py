@@ -259,7 +259,9 @@ def test_env_names_that_look_like_secrets_are_refused_without_echo(tmp_path: Pat
     """A key pasted into key_env is refused and never repeated in the message."""
     text = '[api]\nkey_env = "nyk_v0_SeCrEt.value"\n' + BASE
     message = error_of(text, tmp_path)
-    assert message.startswith("campaign.toml: api.key_env: must be the NAME of an environment variable")
+    assert message.startswith(
+        "campaign.toml: api.key_env: the value does not look like an environment variable name"
+    )
     assert "SeCrEt" not in message
 
 

@@ -18,8 +18,10 @@ from campaign.cli.base import exit_codes, out
 from campaign.clock import SystemClock
 from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
 from campaign.errors import DataError, UsageError
+from campaign.output import show
 from campaign.recipients import parse_suppression_entry
 from campaign.serving import ServerLimits
+from campaign.settings import check_env_name
 from campaign.suppression import SuppressionStore, is_store_path, open_store
 from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
 
@@ -61,6 +63,10 @@ def unsubscribe_serve(
 ) -> None:
     """Serve the one-click unsubscribe endpoint, recording unsubscribes in --store (put https in front)."""
     with exit_codes():
+        try:
+            check_env_name(secret_env)
+        except ValueError as exc:  # its message never repeats the value: it may be the secret itself
+            raise UsageError(f"--secret-env: {exc}") from exc
         endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
         limits = ServerLimits(
             max_connections=max_connections, header_timeout_s=header_timeout, body_timeout_s=body_timeout
@@ -140,8 +146,8 @@ def suppress_list(
             out.file.write(json.dumps([asdict(entry) for entry in entries], indent=2) + "\n")
             return
         for e in entries:
-            who = e.email or e.recipient_key
-            out.print(f"{e.recorded_at}  {e.source:<9}  {e.campaign or '-':<20}  {who}", markup=False)
+            who = show(e.email or e.recipient_key)
+            out.print(f"{show(e.recorded_at)}  {show(e.source):<9}  {show(e.campaign or '-'):<20}  {who}")
         out.print(f"{len(entries)} entries in {store}", markup=False)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.clock import Clock, SystemClock
+from campaign.outputfiles import make_private_dir, write_private_text
 from campaign.testing.envelopes import Answer, ApiProblem
 from campaign.testing.limits import IdempotencyCache, KeyState, Quota, QuotaLog, SlidingWindow
 from campaign.testing.listing import StoredMessage, select_messages
@@ -208,19 +209,19 @@ class FakeState:
 
     def write_outbox(self, directory: Path) -> list[Path]:
         """Write each delivery as `NNNN-<to>.json` (and `.html` for an HTML body); return the paths."""
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(directory)  # payloads hold addresses and working unsubscribe links
         written: list[Path] = []
         for number, delivery in enumerate(self.deliveries, start=1):
             first_to = str(delivery.payload["to"][0]["email"])
             stem = f"{number:04d}-{_UNSAFE_FILENAME.sub('_', first_to)}"
             document = {"id": delivery.id, "grant_id": delivery.grant_id, **delivery.payload}
             json_path = directory / f"{stem}.json"
-            json_path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            write_private_text(json_path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
             written.append(json_path)
             body = delivery.payload.get("body")
             if isinstance(body, str) and body and delivery.payload.get("is_plaintext") is not True:
                 html_path = directory / f"{stem}.html"
-                html_path.write_text(body, encoding="utf-8")
+                write_private_text(html_path, body)
                 written.append(html_path)
         return written
 

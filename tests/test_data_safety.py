@@ -1,0 +1,492 @@
+"""Data that must stay data, through the CLI (issue 12, items 10-14 and 17-19): list cells never become
+markup, formulas, terminal escapes or Python reprs; long values are cut; a secret pasted where a
+variable name belongs is never echoed; extreme limits are refused; private files are owner-only."""
+
+from __future__ import annotations
+
+import stat
+from datetime import UTC, date, datetime
+from html.parser import HTMLParser
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import API_KEY
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from campaign.outputfiles import neutralise_formulas
+
+MANIFEST = """\
+[campaign]
+name = "safety"
+
+[recipients]
+source = "recipients.csv"
+name_column = "name"
+
+[message]
+subject = "Hello {{ first_name }}"
+html = "message.html.j2"
+
+[unsubscribe]
+url = "https://example.com/u/{{ unsubscribe_token }}"
+
+[[senders]]
+name = "alice"
+grant_id = "grant-alice"
+email = "alice@corp.example.com"
+per_second = 50
+"""
+CSV = "email,name,first_name\nann@example.com,Ann Lee,Ann\nbob@example.com,Bob Stone,Bob\n"
+
+
+def _write(folder: Path, *, manifest: str = MANIFEST, csv: str = CSV, template: str = "<p>Hi</p>\n") -> Path:
+    (folder / "campaign.toml").write_text(manifest, encoding="utf-8")
+    (folder / "recipients.csv").write_text(csv, encoding="utf-8")
+    (folder / "message.html.j2").write_text(template, encoding="utf-8")
+    return folder / "campaign.toml"
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ---- 17: a value pasted where a variable NAME belongs ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "pasted"),
+    [
+        ("api", "key_env", API_KEY),
+        ("api", "key_env", "nyk_v0_SeCrEt"),
+        ("unsubscribe", "secret_env", "test-unsubscribe-secret-0123456789abcdef"),
+        ("unsubscribe", "secret_env", "s3cr3t"),
+    ],
+)
+def test_a_secret_pasted_as_a_variable_name_is_refused_without_echo(api, cli, tmp_path, table, key, pasted):
+    """`key_env = "<the key>"`: exit 78, one line naming the key and not repeating the value."""
+    text = MANIFEST.replace("[recipients]", f'[api]\nkey_env = "{pasted}"\n\n[recipients]')
+    if table == "unsubscribe":
+        text = MANIFEST.replace("[[senders]]", f'secret_env = "{pasted}"\n\n[[senders]]')
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    for command in ("run", "preview", "status"):
+        result = cli(command, _write(tmp_path, manifest=text), *(["--yes"] if command == "run" else []))
+        assert result.exit_code == 78, result.output
+        assert _one_error_line(result) == (
+            f"error: campaign.toml: {table}.{key}: the value does not look like an environment variable "
+            "name (capitals, digits and '_', e.g. MY_VAR); put the NAME of the variable here, never the "
+            "secret itself"
+        )
+        assert pasted not in result.output
+        assert pasted.lower() not in result.output.lower()
+    assert api.requests == []
+    assert not list(tmp_path.glob("*.sqlite*"))
+
+
+def test_a_secret_pasted_as_secret_env_of_the_endpoint_is_refused_without_echo(cli, tmp_path):
+    """`unsubscribe serve --secret-env <the secret>`: exit 2, one line, the value not repeated, no store."""
+    result = cli("unsubscribe", "serve", "--store", tmp_path / "u.sqlite", "--secret-env", "s3cr3t-VALUE")
+    assert result.exit_code == 2, result.output
+    assert _one_error_line(result) == (
+        "error: --secret-env: the value does not look like an environment variable name (capitals, digits "
+        "and '_', e.g. MY_VAR); put the NAME of the variable here, never the secret itself"
+    )
+    assert "s3cr3t" not in result.output
+    assert not (tmp_path / "u.sqlite").exists()
+
+
+# ---- 18: extreme limits ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "said"),
+    [
+        ("per_second = inf", "senders[1].per_second", "must be a finite number (got inf)"),
+        ("per_second = -inf", "senders[1].per_second", "must be a finite number (got -inf)"),
+        ("per_second = nan", "senders[1].per_second", "must be a finite number (got nan)"),
+        (
+            "per_second = 1e-300",
+            "senders[1].per_second",
+            "must be between 1.16e-05 (one send a day) and 1000 (got 1e-300)",
+        ),
+        (
+            "per_second = 1e300",
+            "senders[1].per_second",
+            "must be between 1.16e-05 (one send a day) and 1000 (got 1e+300)",
+        ),
+        (
+            "per_minute = 1e-10",
+            "senders[1].per_minute",
+            "must be between 0.000694 (one send a day) and 60000 (got 1e-10)",
+        ),
+        ("per_minute = inf", "senders[1].per_minute", "must be a finite number (got inf)"),
+        (
+            "per_second = 50\nburst = 9223372036854775807",
+            "senders[1].burst",
+            "must be less than or equal to 10000 (got 9223372036854775807)",
+        ),
+        (
+            "per_second = 50\nper_day = 9223372036854775807",
+            "senders[1].per_day",
+            "must be less than or equal to 10000000 (got 9223372036854775807)",
+        ),
+        (
+            "per_second = 50\nper_day_messages = 100000000000",
+            "senders[1].per_day_messages",
+            "must be less than or equal to 10000000 (got 100000000000)",
+        ),
+        ("per_second = 50\n[api]\ntimeout_s = nan", "api.timeout_s", "must be a finite number (got nan)"),
+        (
+            "per_second = 50\n[api]\ntimeout_s = 1e-300",
+            "api.timeout_s",
+            "must be greater than or equal to 1 (got 1e-300)",
+        ),
+    ],
+)
+def test_extreme_limits_are_refused_with_the_key_named(api, cli, tmp_path, line, key, said):
+    """inf, nan, 1e-300 and huge values: exit 78 naming the key; no overflow, no hang, nothing sent."""
+    manifest = _write(tmp_path, manifest=MANIFEST.replace("per_second = 50", line))
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    for command in ("preview", "run"):
+        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+        assert result.exit_code == 78, result.output
+        assert _one_error_line(result) == f"error: campaign.toml: {key}: {said}"
+    assert api.requests == []
+    assert not list(tmp_path.glob("*.sqlite*"))
+
+
+# ---- 11: spreadsheet formulas in CSV output ----------------------------------------------------------
+
+FORMULAS = ["=HYPERLINK(1)", "k1", "+1+2", "k3", "-3+4", "k5", "@SUM(A1)"]
+
+
+def test_report_and_suppress_export_csv_neutralise_formulas_and_parquet_keeps_them(api, cli, tmp_path):
+    """A cell starting with = + - @ TAB CR is written with a leading ' in CSV; Parquet keeps it raw."""
+    keys = FORMULAS
+    rows = "".join(f"n{n}@example.com,N{n},N{n},{key}\n" for n, key in enumerate(keys))
+    text = MANIFEST.replace('name_column = "name"', 'name_column = "name"\nkey_column = "id"')
+    manifest = _write(tmp_path, manifest=text, csv="email,name,first_name,id\n" + rows)
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    assert cli("run", manifest, "--yes").exit_code == 0
+    assert cli("report", manifest, "--out", tmp_path / "r.csv").exit_code == 0
+    assert cli("report", manifest, "--out", tmp_path / "r.parquet").exit_code == 0
+    written = pl.read_csv(tmp_path / "r.csv", infer_schema=False)
+    assert written["key"].to_list() == ["'" + k if k[0] in "=+-@\t\r" else k for k in keys]
+    assert pl.read_parquet(tmp_path / "r.parquet")["key"].to_list() == keys
+    # The store's export: an address added by hand starting with '=' or '-' is a valid address.
+    store = tmp_path / "u.sqlite"
+    addresses = ("=cmd@example.com", "-x@example.com", "ok@example.com")
+    added = cli("suppress", "add", "--store", store, "--", *addresses)
+    assert added.exit_code == 0, added.output
+    assert cli("suppress", "export", tmp_path / "s.csv", "--store", store).exit_code == 0
+    assert cli("suppress", "export", tmp_path / "s.parquet", "--store", store).exit_code == 0
+    exported = pl.read_csv(tmp_path / "s.csv", infer_schema=False)
+    assert sorted(exported["email"].to_list()) == ["'-x@example.com", "'=cmd@example.com", "ok@example.com"]
+    raw = pl.read_parquet(tmp_path / "s.parquet")["email"].to_list()
+    assert sorted(raw) == ["-x@example.com", "=cmd@example.com", "ok@example.com"]
+
+
+def test_tab_and_cr_starts_are_neutralised_too():
+    """The list loader strips cells, so TAB and CR starts reach a CSV only through e.g. an API error text."""
+    frame = pl.DataFrame({"a": ["\tx", "\rx", "x=1", None], "n": [-1, 2, 3, 4]})
+    assert neutralise_formulas(frame).to_dict(as_series=False) == {
+        "a": ["'\tx", "'\rx", "x=1", None],
+        "n": [-1, 2, 3, 4],
+    }
+
+
+# ---- 19: private files ----------------------------------------------------------------------------
+
+
+def test_files_holding_tokens_or_personal_data_are_owner_only(api, cli, tmp_path):
+    """Preview site, report and sandbox outbox: files 0600, the folders made for them 0700."""
+    manifest = _write(tmp_path, template='<p>Hi {{ first_name }} <a href="{{ unsubscribe_url }}">x</a></p>\n')
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    assert cli("preview", manifest).exit_code == 0
+    site = tmp_path / "campaign.preview"
+    assert _mode(site) == 0o700
+    files = [path for path in site.rglob("*") if path.is_file()]
+    assert files
+    assert {_mode(path) for path in files} == {0o600}
+    assert {_mode(path) for path in site.rglob("*") if path.is_dir()} == {0o700}
+    assert cli("run", manifest, "--sandbox", "--yes").exit_code == 0
+    outbox = tmp_path / "campaign.sandbox" / "outbox"
+    assert _mode(outbox) == 0o700
+    assert {_mode(path) for path in outbox.iterdir()} == {0o600}
+    assert len(list(outbox.iterdir())) == 4  # a JSON payload and an HTML body per recipient
+    for name in ("r.csv", "r.parquet"):
+        (tmp_path / name).write_text("old, world-readable\n")
+        (tmp_path / name).chmod(0o644)
+        assert cli("report", manifest, "--sandbox", "--out", tmp_path / name).exit_code == 0
+        assert _mode(tmp_path / name) == 0o600
+    assert pl.read_csv(tmp_path / "r.csv")["email"].to_list() == ["ann@example.com", "bob@example.com"]
+
+
+# ---- 10: a value in a Markdown body stays literal text ----------------------------------------------
+
+MARKDOWN_MANIFEST = """\
+[campaign]
+name = "{name}"
+
+[recipients]
+source = "recipients.parquet"
+
+[message]
+subject = "News"
+markdown = "body.md.j2"
+layout = "layout.html.j2"
+
+[[senders]]
+name = "alice"
+grant_id = "grant-alice"
+email = "alice@corp.example.com"
+per_second = 1000
+burst = 100
+concurrency = 8
+"""
+# The value in every Markdown context a template puts it: heading, paragraph start and middle,
+# emphasis, link text and destination, list item, table cell, blockquote, raw HTML attribute.
+MARKDOWN_BODY = """\
+# Title {{ v }}
+
+{{ v }}
+
+Hello {{ v }}, **{{ v }}** and *{{ v }}*.
+
+[{{ v }}](https://example.com/{{ v|urlencode }}) and <span title="{{ v }}">{{ v }}</span>
+
+- item {{ v }}
+- {{ v }}
+
+| a | b |
+|---|---|
+| {{ v }} | x |
+
+> {{ v }}
+"""
+MARKER = "VALUEMARKER"
+_HTML_TEXT_CHARACTERS = st.characters(
+    exclude_categories=["Cs"],
+    exclude_characters="".join(
+        chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\x0c\r"
+    ),
+)
+
+
+class _Parsed(HTMLParser):
+    """The elements and attributes of an HTML body, and its text (as a reader sees it)."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[object] = []
+        self.text: list[str] = []
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, sorted(name for name, _ in attrs)))
+        self.text.extend(f"[{name}={value}]" for name, value in sorted(attrs) if name != "href")
+
+    def handle_endtag(self, tag):
+        self.tags.append(f"/{tag}")
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _send_markdown(cli, api, folder: Path, values: list[str]) -> dict[str, str]:
+    """Run a Markdown campaign over `values` (column v) and return the HTML body each address got."""
+    folder.mkdir()
+    (folder / "campaign.toml").write_text(MARKDOWN_MANIFEST.format(name=folder.name), encoding="utf-8")
+    (folder / "body.md.j2").write_text(MARKDOWN_BODY, encoding="utf-8")
+    (folder / "layout.html.j2").write_text("<div>{% block content %}{% endblock %}</div>", encoding="utf-8")
+    emails = [f"r{n}@example.com" for n in range(len(values))]
+    pl.DataFrame({"email": emails, "v": values}).write_parquet(folder / "recipients.parquet")
+    before = len(api.deliveries)
+    result = cli("run", folder / "campaign.toml", "--yes")
+    assert result.exit_code == 0, result.output
+    delivered = api.deliveries[before:]
+    assert len(delivered) == len(values)  # counted at the fake: every row mailed once
+    return {d.payload["to"][0]["email"]: d.payload["body"] for d in delivered}
+
+
+def test_markdown_lookalikes_from_the_list_are_sent_as_text(api, cli, tmp_path):
+    """The reported cells: no link, no remote image, no heading, no bold in what is sent."""
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    values = ["[Verify](https://evil.example/login)", "![](https://tracker.example/p.gif)", "# Suspended"]
+    values += ["**URGENT**", "<script>x</script>", "line\n\n    code", "a  \nb", "1. one", "x | y"]
+    bodies = _send_markdown(cli, api, tmp_path / "reported", values)
+    reference = _Parsed(_send_markdown(cli, api, tmp_path / "reference", [MARKER])["r0@example.com"])
+    for number, value in enumerate(values):
+        parsed = _Parsed(bodies[f"r{number}@example.com"])
+        assert parsed.tags == reference.tags, value
+        assert "".join(parsed.text) == "".join(reference.text).replace(MARKER, value)
+        assert "evil.example" not in str(parsed.tags)
+        assert "tracker" not in str(parsed.tags)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(values=st.lists(st.text(_HTML_TEXT_CHARACTERS, min_size=1), min_size=1, max_size=12))
+def test_any_value_in_a_markdown_body_reaches_the_reader_as_literal_text(api, cli, tmp_path, values):
+    """Over arbitrary strings: the sent HTML has exactly the template's elements and attributes, and
+    its text is the template's with each value, character for character. Characters HTML text cannot
+    hold (NUL and other control characters but TAB, LF, FF, CR) are left out; so is an empty value:
+    it adds no text, so `**{{ v }}**` is the template's own `****`."""
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    folders = [path for path in tmp_path.iterdir() if path.name.startswith("c")]
+    bodies = _send_markdown(cli, api, tmp_path / f"c{len(folders)}", [MARKER, *values])
+    reference = _Parsed(bodies["r0@example.com"])
+    for number, value in enumerate(values, start=1):
+        parsed = _Parsed(bodies[f"r{number}@example.com"])
+        assert parsed.tags == reference.tags
+        assert "".join(parsed.text) == "".join(reference.text).replace(MARKER, value)
+
+
+# ---- 12: terminal escapes; 14: long values ---------------------------------------------------------
+
+ESCAPE_MANIFEST = MANIFEST.replace('subject = "Hello {{ first_name }}"', 'subject = "Hello"')
+
+
+def test_preview_shows_control_characters_and_markup_from_the_list_as_text(api, cli, tmp_path):
+    """ESC/BEL sequences and rich markup in cells reach the terminal spelled out, never raw or styled."""
+    cell = "Ann \x1b]0;owned\x07 [bold red]B[/] \u202etxt"
+    csv = f'email,name,first_name\nann@example.com,Ann,"{cell}"\nbad\x1b[31m@,Bob,Bob\n'
+    manifest = _write(tmp_path, manifest=ESCAPE_MANIFEST, csv=csv, template="<p>Hi {{ first_name }}</p>\n")
+    result = cli("preview", manifest)
+    assert result.exit_code == 65, result.output
+    assert not {"\x1b", "\x07", "\u202e"} & set(result.output)
+    assert r"Hi Ann \x1b]0;owned\x07 [bold red]B[/] \u202etxt" in result.output  # the sample body
+    assert r"bad\x1b[31m@" in result.output  # the address column of the problems table
+    assert api.requests == []
+
+
+def test_suppress_list_shows_control_characters_as_text(cli, tmp_path):
+    """A key with an escape sequence, as a store holds it, is listed spelled out."""
+    store = tmp_path / "u.sqlite"
+    assert cli("suppress", "add", "--store", store, "--key", "k\x1b[2J[blink]x").exit_code == 0
+    result = cli("suppress", "list", "--store", store)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output
+    assert result.output.splitlines()[0].endswith(r"  manual     -                     k\x1b[2J[blink]x")
+
+
+def test_preview_cuts_a_long_value_and_refuses_a_long_display_name(api, cli, tmp_path):
+    """A 1 MB cell is printed cut with an ellipsis; a 1 MB display name is a row error naming the column."""
+    huge = "x" * 1_000_000
+    csv = f"email,name,first_name\nann@example.com,Ann,{huge}\nbob@example.com,{huge},Bob\n{huge}@,C,C\n"
+    manifest = _write(tmp_path, manifest=ESCAPE_MANIFEST, csv=csv, template="<p>{{ first_name }}</p>\n")
+    result = cli("preview", manifest)
+    assert result.exit_code == 65
+    assert len(result.output) < 20_000  # row 3's 1 MB address too is cut in the problems table
+    unwrapped = result.output.replace("\n", "")
+    assert "x" * 600 + "…" in unwrapped  # the sample body, cut
+    assert "x" * 601 not in unwrapped
+    cells = result.output.replace("│", " ").split()
+    assert "1,000,000" in cells  # row 2's problem: its name, wrapped in its table cell
+    run = cli("run", manifest, "--yes")
+    assert run.exit_code == 65
+    assert _one_error_line(run) == (
+        'error: recipients.csv row 2, column "name": the display name is 1,000,000 characters, more than '
+        "256; check that the column holds names; fix or remove the row, or run with --skip-invalid (and 1 "
+        "more; `campaign preview` lists them all); nothing was sent"
+    )
+    assert api.requests == []
+
+
+# ---- 13: Parquet types and UTF-16 ----------------------------------------------------------------
+
+PARQUET_MANIFEST = (
+    MANIFEST.replace('source = "recipients.csv"', 'source = "recipients.parquet"')
+    .replace("[unsubscribe]\n", "")
+    .replace('url = "https://example.com/u/{{ unsubscribe_token }}"\n', "")
+)
+
+
+def test_parquet_binary_dates_and_numbers_are_sent_as_deliberate_text(api, cli, tmp_path):
+    """Binary as UTF-8, dates as ISO 8601, numbers as numbers: never `b'Cat'` or a Python repr."""
+    manifest = _write(
+        tmp_path,
+        manifest=PARQUET_MANIFEST,
+        template="<p>{{ first_name }} {{ joined }} {{ seen }} {{ visits }} {{ score }}</p>\n",
+    )
+    pl.DataFrame(
+        {
+            "email": [b"cat@example.com"],
+            "name": [b"Cat Stevens"],
+            "first_name": [b"Cat"],
+            "joined": [date(2024, 5, 1)],
+            "seen": [datetime(2024, 5, 1, 9, 30, tzinfo=UTC)],
+            "visits": [3],
+            "score": [2.5],
+        }
+    ).write_parquet(tmp_path / "recipients.parquet")
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    [delivery] = api.deliveries
+    assert delivery.payload["to"] == [{"email": "cat@example.com", "name": "Cat Stevens"}]
+    assert delivery.payload["subject"] == "Hello Cat"
+    assert delivery.payload["body"] == "<p>Cat 2024-05-01 2024-05-01T09:30:00+00:00 3 2.5</p>\n"
+
+
+@pytest.mark.parametrize(
+    ("column", "said"),
+    [
+        (
+            pl.Series("name", [b"Ann", b"\xffB"], dtype=pl.Binary),
+            'recipients.parquet: column "name": row 2 holds binary data that is not UTF-8 text; store the '
+            "column as UTF-8 text and export the list again",
+        ),
+        (
+            pl.Series("name", [{"first": "Ann", "last": "Lee"}, {"first": "Bob", "last": "Stone"}]),
+            "recipients.parquet: column \"name\" holds nested values (Struct({'first': String, 'last': "
+            "String})), not text; flatten it into text columns (e.g. first_name, last_name) and export the "
+            "list again",
+        ),
+        (
+            pl.Series("name", [["Ann"], ["Bob"]]),
+            'recipients.parquet: column "name" holds nested values (List(String)), not text; flatten it into '
+            "text columns (e.g. first_name, last_name) and export the list again",
+        ),
+    ],
+)
+def test_parquet_columns_without_one_text_form_are_refused(api, cli, tmp_path, column, said):
+    """Non-UTF-8 binary, struct and list columns: exit 65, one line naming file, column (and row)."""
+    manifest = _write(tmp_path, manifest=PARQUET_MANIFEST)
+    emails = pl.Series("email", ["ann@example.com", "bob@example.com"])
+    pl.DataFrame([emails, column, pl.Series("first_name", ["Ann", "Bob"])]).write_parquet(
+        tmp_path / "recipients.parquet"
+    )
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    for command in ("preview", "run"):
+        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+        assert result.exit_code == 65, result.output
+        assert _one_error_line(result) == f"error: {said}"
+    assert api.requests == []
+    assert not list(tmp_path.glob("*.sqlite*"))
+
+
+def test_a_utf16_csv_without_a_byte_order_mark_is_refused_in_one_line(api, cli, tmp_path):
+    """UTF-16 without BOM is valid UTF-8 full of NULs: refused naming the file, never sent with NULs."""
+    manifest = _write(tmp_path)
+    (tmp_path / "recipients.csv").write_bytes(CSV.encode("utf-16-le"))
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 65, result.output
+    assert _one_error_line(result) == (
+        "error: recipients.csv: holds NUL bytes, so it is UTF-16 text without a byte order mark (or not "
+        'text); save it as "CSV UTF-8" (comma delimited)'
+    )
+    assert api.requests == []
