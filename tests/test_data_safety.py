@@ -14,7 +14,9 @@ import pytest
 from conftest import API_KEY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jinja2.compiler import CodeGenerator
 
+from campaign import templating
 from campaign.outputfiles import neutralise_formulas
 
 MANIFEST = """\
@@ -331,6 +333,20 @@ def test_markdown_lookalikes_from_the_list_are_sent_as_text(api, cli, tmp_path):
         assert "".join(parsed.text) == "".join(reference.text).replace(MARKER, value)
         assert "evil.example" not in str(parsed.tags)
         assert "tracker" not in str(parsed.tags)
+
+
+def test_markdown_values_stay_text_when_jinja_compiles_with_its_own_code_generator(
+    api, cli, tmp_path, monkeypatch
+):
+    """The stock-Jinja fallback (private hooks missing) sends exactly the bodies the fast path sends."""
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    values = ["[Verify](https://evil.example/login)", "# Suspended", "**URGENT**", "<b>x</b> & 'y'", "a\n\nb"]
+    fast = _send_markdown(cli, api, tmp_path / "fast", values)
+    monkeypatch.setattr(templating._Environment, "code_generator_class", CodeGenerator)
+    stock = _send_markdown(cli, api, tmp_path / "stock", values)
+    assert stock == fast
+    assert "[Verify](https://evil.example/login)</p>" in stock["r0@example.com"]  # text, not a link
+    assert 'href="https://evil' not in "".join(stock.values())
 
 
 @settings(
