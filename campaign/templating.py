@@ -239,49 +239,13 @@ class _CodeGenerator(CodeGenerator):
 _DICT_ATTRIBUTES = frozenset(name for klass in dict.__mro__ for name in vars(klass))
 
 
-_PROBES = {
-    "page.html": "<p>{{ v }}</p>{{ n }}{{ i }}{% autoescape false %}{{ v }}{% endautoescape %}{{ v|safe }}",
-    "text.txt": "{{ v }}|{{ n }}|{{ i }}{% for x in [v, 2] %}{{ x }}{% endfor %}",
-    "child.html": "{% extends 'page.html' %}",
-}
-
-
-def choose_code_generator(candidate: type[CodeGenerator]) -> type[CodeGenerator]:
-    """`candidate` when it prints the probe templates exactly as stock Jinja does, else Jinja's own.
-
-    `_CodeGenerator` overrides private methods of Jinja's compiler: a Jinja release that renames
-    or changes them must cost speed, never a wrong message or a failed send.
-    """
-
-    def render_all(generator: type[CodeGenerator]) -> list[str]:
-        class Probe(ImmutableSandboxedEnvironment):
-            code_generator_class = generator
-
-        env = Probe(
-            loader=jinja2.DictLoader(_PROBES),
-            autoescape=lambda name: bool(name and name.endswith(".html")),
-            finalize=_finalize,
-            undefined=jinja2.StrictUndefined,
-        )
-        env.output_html = _output_html  # type: ignore[attr-defined]
-        env.output_text = _output_text  # type: ignore[attr-defined]
-        values = {"v": "<b>'Ann' & \"Bob\"</b>", "n": None, "i": 3}
-        return [env.get_template(name).render(values) for name in _PROBES]
-
-    try:
-        works = render_all(candidate) == render_all(CodeGenerator)
-    except Exception:  # any failure of the private hooks means: compile as stock Jinja does
-        works = False
-    return candidate if works else CodeGenerator
-
-
 class _Environment(ImmutableSandboxedEnvironment):
     """The sandbox, compiling with `_CodeGenerator` (when it checks out); output functions as attributes."""
 
-    code_generator_class = choose_code_generator(_CodeGenerator)
+    code_generator_class: type[CodeGenerator] = _CodeGenerator  # checked below: choose_code_generator
 
     def __init__(self, *, is_markdown: Callable[[str | None], bool], **options: Any) -> None:
-        if self.code_generator_class is not _CodeGenerator and options.get("finalize") is _finalize:
+        if not issubclass(self.code_generator_class, _CodeGenerator) and options.get("finalize") is _finalize:
             # Jinja's own code generator: Markdown values are escaped through the public finalize hook.
             options["finalize"] = _finalize_for_stock_jinja
         super().__init__(**options)
@@ -305,6 +269,46 @@ class _Environment(ImmutableSandboxedEnvironment):
         ):
             return obj[attribute]
         return super().getattr(obj, attribute)
+
+
+_PROBES = {
+    "page.html": "<p>{{ v }}</p>{{ n }}{{ i }}{% autoescape false %}{{ v }}{% endautoescape %}{{ v|safe }}",
+    "text.txt": "{{ v }}|{{ n }}|{{ i }}{% for x in [v, 2] %}{{ x }}{% endfor %}",
+    "child.html": "{% extends 'page.html' %}",
+    "note.md": "# {{ v }}\n\n**{{ v }}** [{{ v }}](https://example.com/{{ v|urlencode }}) {{ v|safe }}",
+}
+
+
+def choose_code_generator(candidate: type[CodeGenerator]) -> type[CodeGenerator]:
+    """`candidate` when it prints the probe templates exactly as stock Jinja does, else Jinja's own.
+
+    `_CodeGenerator` overrides private methods of Jinja's compiler: a Jinja release that renames
+    or changes them must cost speed, never a wrong message or a failed send. (Stock Jinja escapes
+    Markdown values through `_finalize_for_stock_jinja`, a public hook.)
+    """
+
+    def render_all(generator: type[CodeGenerator]) -> list[str]:
+        class Probe(_Environment):
+            code_generator_class = generator
+
+        env = Probe(
+            is_markdown=lambda name: bool(name and name.endswith(".md")),
+            loader=jinja2.DictLoader(_PROBES),
+            autoescape=lambda name: bool(name and name.endswith((".html", ".md"))),
+            finalize=_finalize,
+            undefined=jinja2.StrictUndefined,
+        )
+        values = {"v": "<b>'Ann' & \"Bob\"</b> [x](y) # *z*", "n": None, "i": 3}
+        return [env.get_template(name).render(values) for name in _PROBES]
+
+    try:
+        works = render_all(candidate) == render_all(CodeGenerator)
+    except Exception:  # any failure of the private hooks means: compile as stock Jinja does
+        works = False
+    return candidate if works else CodeGenerator
+
+
+_Environment.code_generator_class = choose_code_generator(_CodeGenerator)
 
 
 def display_name(filename: str, base_dir: Path) -> str:
