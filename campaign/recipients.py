@@ -36,6 +36,7 @@ __all__ = [
     "AudienceScan",
     "CheckedRow",
     "build_invalid_skips",
+    "comparable_address",
     "load_audience",
     "load_suppression",
     "normalize_address",
@@ -69,6 +70,14 @@ def normalize_address(email: str) -> str:
         if checked is not None and len(local) + 1 + checked[1] <= EMAIL_MAX_LENGTH:
             return f"{local}@{checked[0]}"
     return validate_email(email, check_deliverability=False).normalized
+
+
+def comparable_address(value: str) -> str | None:
+    """`value` as suppression lists and stores compare addresses (normalised, lower-cased); None: not one."""
+    try:
+        return normalize_address(value.strip()).lower()
+    except EmailNotValidError:
+        return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -392,10 +401,8 @@ def parse_suppression_entry(value: str) -> tuple[str, ...] | None:
         # an address that is not in the entry as written is a misreading, not an address.
         if "@" not in address or address.lower() not in text.lower():
             return None
-        try:
-            found.append(normalize_address(address).lower())
-        except EmailNotValidError:
-            found.append(address.lower())  # cannot match a valid recipient, but keeps the list honest
+        # An invalid one cannot match a valid recipient, but is kept to keep the list honest.
+        found.append(comparable_address(address) or address.lower())
     return tuple(found) or None
 
 

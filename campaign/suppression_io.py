@@ -12,19 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-from email_validator import EmailNotValidError, validate_email
 
 from campaign.clock import Clock
 from campaign.errors import InputFileError
 from campaign.outputfiles import write_private_csv, write_private_parquet, write_private_text
-from campaign.recipients import load_suppression
+from campaign.recipients import comparable_address, load_suppression
 from campaign.suppression import StoreEntry, is_store_path, open_store
 
 __all__ = [
     "EXPORT_COLUMNS",
     "ImportedAddresses",
     "load_import_addresses",
-    "normalize_address",
     "write_entries",
 ]
 
@@ -39,14 +37,6 @@ class ImportedAddresses:
     invalid: tuple[str, ...]
 
 
-def normalize_address(value: str) -> str | None:
-    """The lower-cased normalised form of an address, or None if `value` is not one."""
-    try:
-        return validate_email(value.strip(), check_deliverability=False).normalized.lower()
-    except EmailNotValidError:
-        return None
-
-
 def load_import_addresses(path: Path, *, clock: Clock) -> ImportedAddresses:
     """Read the addresses of a suppression list (.csv/.parquet/text) or of another unsubscribe store."""
     if is_store_path(path):
@@ -57,7 +47,7 @@ def load_import_addresses(path: Path, *, clock: Clock) -> ImportedAddresses:
             store.close()
     else:
         values = set(load_suppression([path]))
-    addresses = {value: normalize_address(value) for value in values}
+    addresses = {value: comparable_address(value) for value in values}
     return ImportedAddresses(
         addresses=tuple(sorted({found for found in addresses.values() if found is not None})),
         invalid=tuple(sorted(value for value, found in addresses.items() if found is None)),

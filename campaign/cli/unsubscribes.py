@@ -19,11 +19,11 @@ from campaign.clock import SystemClock
 from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
 from campaign.errors import DataError, UsageError
 from campaign.output import show
-from campaign.recipients import parse_suppression_entry
+from campaign.recipients import comparable_address, parse_suppression_entry
 from campaign.serving import ServerLimits
 from campaign.settings import check_env_name
 from campaign.suppression import SuppressionStore, is_store_path, open_store
-from campaign.suppression_io import load_import_addresses, normalize_address, write_entries
+from campaign.suppression_io import load_import_addresses, write_entries
 
 __all__ = ["suppress_app", "unsubscribe_app"]
 
@@ -154,7 +154,7 @@ def suppress_list(
 def _one_address(value: str) -> str | None:
     """The one address in `value`, written as a suppression file may (`Ann <ann@example.com>`, …)."""
     parsed = parse_suppression_entry(value)
-    return normalize_address(parsed[0]) if parsed is not None and len(parsed) == 1 else None
+    return comparable_address(parsed[0]) if parsed is not None and len(parsed) == 1 else None
 
 
 def _store_path(path: Path) -> Path:
