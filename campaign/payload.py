@@ -97,7 +97,7 @@ class SendRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class _Part:
+class _FileInfo:
     """What the encoding needs to know of an attachment before (or without) its bytes."""
 
     filename: str
@@ -163,7 +163,7 @@ def measure_send_request(message: Message, *, file_sizes: Sequence[int] = ()) ->
         raise ValueError("give one size per attachment file")
     parts = [_part_of(item) for item in message.attachments]
     parts += [
-        _Part(item.filename, item.content_type, item.content_id, size)
+        _FileInfo(item.filename, item.content_type, item.content_id, size)
         for item, size in zip(message.attachment_files, file_sizes, strict=True)
     ]
     return _measure(encode_send_body(_payload_without_attachments(message)), parts)
@@ -196,7 +196,7 @@ def _participants(addresses: Sequence[Address]) -> list[dict[str, str]]:
     return [{"email": a.email, "name": a.name} if a.name else {"email": a.email} for a in addresses]
 
 
-def _attachment_json(attachment: Attachment | _Part, content: str) -> dict[str, Any]:
+def _attachment_json(attachment: Attachment | _FileInfo, content: str) -> dict[str, Any]:
     item: dict[str, Any] = {"filename": attachment.filename, "content_type": attachment.content_type}
     item["content"] = content
     if attachment.content_id is not None:  # a content id makes Nylas place it inline (§2)
@@ -238,11 +238,11 @@ def _base64(attachment: Attachment) -> bytes:
     return attachment.encoded if attachment.encoded is not None else base64.b64encode(attachment.content)
 
 
-def _part_of(attachment: Attachment) -> _Part:
-    return _Part(attachment.filename, attachment.content_type, attachment.content_id, attachment.size)
+def _part_of(attachment: Attachment) -> _FileInfo:
+    return _FileInfo(attachment.filename, attachment.content_type, attachment.content_id, attachment.size)
 
 
-def _measure(head: bytes, parts: Sequence[_Part]) -> RequestSize:
+def _measure(head: bytes, parts: Sequence[_FileInfo]) -> RequestSize:
     """Exact sizes of the JSON and the multipart encodings, from the head and the parts' sizes."""
     heads = _multipart_heads("x" * _BOUNDARY_LENGTH, head, parts)
     multipart_bytes = sum(map(len, heads)) + sum(part.size + 2 for part in parts)  # + CRLF after each file
@@ -266,7 +266,7 @@ def _json_chunks(head: bytes, attachments: Sequence[Attachment]) -> list[bytes]:
     return chunks
 
 
-def _multipart_heads(boundary: str, head: bytes, parts: Sequence[_Part]) -> list[bytes]:
+def _multipart_heads(boundary: str, head: bytes, parts: Sequence[_FileInfo]) -> list[bytes]:
     """The bytes around the files: the `message` part, each file part's headers, and the closing line."""
     dash = f"--{boundary}\r\n".encode("ascii")
     heads = [

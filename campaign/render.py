@@ -49,7 +49,7 @@ _TEMPLATE_MARKERS = ("{{", "{%", "{#")
 
 
 @dataclass(frozen=True, slots=True)
-class _Part:
+class _CompiledPart:
     """One compiled template (or a constant string that needs none) and how to name it in errors."""
 
     label: str
@@ -63,8 +63,8 @@ class _AttachmentParts:
 
     key: str
     settings: AttachmentSettings
-    path: _Part
-    filename: _Part | None
+    path: _CompiledPart
+    filename: _CompiledPart | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +83,11 @@ class Composer:
 
     campaign: str
     base_dir: Path
-    subject: _Part
-    html: _Part | None
-    text: _Part | None
-    headers: tuple[tuple[str, _Part], ...]
-    unsubscribe_url: _Part | None
+    subject: _CompiledPart
+    html: _CompiledPart | None
+    text: _CompiledPart | None
+    headers: tuple[tuple[str, _CompiledPart], ...]
+    unsubscribe_url: _CompiledPart | None
     mailto: str | None
     secrets: tuple[bytes, ...] = field(repr=False)
     reply_to: tuple[Address, ...]
@@ -95,8 +95,8 @@ class Composer:
     tracking: Tracking | None
     name_column: str | None
     jinja_globals: Mapping[str, Any] = field(repr=False)
-    markdown: _Part | None = None
-    layout: _Part | None = None  # extends the layout; its content block is the rendered Markdown
+    markdown: _CompiledPart | None = None
+    layout: _CompiledPart | None = None  # extends the layout; its content block is the rendered Markdown
     inline_css: bool = False
     attachments: tuple[_AttachmentParts, ...] = ()
     attachment_loader: AttachmentLoader | None = None  # finds and reads the files (I/O, not in render)
@@ -230,7 +230,7 @@ class Composer:
             self._senders[sender.name] = view
         return view
 
-    def _render_part(self, part: _Part, context: dict[str, Any], row: int) -> str:
+    def _render_part(self, part: _CompiledPart, context: dict[str, Any], row: int) -> str:
         template = part.template
         if template is None:
             return part.constant
@@ -273,15 +273,15 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
         markdown_name=main_names.get("message.markdown"),
     )
 
-    def compile_file(key: str) -> _Part | None:
+    def compile_file(key: str) -> _CompiledPart | None:
         name = main_names.get(key)
         if name is None:
             return None
         check_template_tree(env, name, base_dir)
-        return _Part(label=display_name(sources[name][1], base_dir), template=env.get_template(name))
+        return _CompiledPart(label=display_name(sources[name][1], base_dir), template=env.get_template(name))
 
     unsubscribe = manifest.unsubscribe
-    unsubscribe_url: _Part | None = None
+    unsubscribe_url: _CompiledPart | None = None
     mailto: str | None = None
     signer: TokenSigner | None = None
     if unsubscribe is not None:
@@ -294,7 +294,7 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
         mailto = unsubscribe.mailto
         signer = TokenSigner(secrets=secrets, campaign=manifest.campaign.name)  # names are short: it signs
 
-    headers: list[tuple[str, _Part]] = []
+    headers: list[tuple[str, _CompiledPart]] = []
     for header_name, value in message.headers.items():
         if (problem := header_name_problem(header_name)) is not None:
             raise HeaderError(f"message.headers: {problem}")
@@ -334,7 +334,7 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
     )
 
 
-def _compile_layout(env: jinja2.Environment, message: MessageSettings, base_dir: Path) -> _Part:
+def _compile_layout(env: jinja2.Environment, message: MessageSettings, base_dir: Path) -> _CompiledPart:
     """A template that extends the layout and fills its content block with the rendered Markdown."""
     name = _DEFAULT_LAYOUT if message.layout is None else loader_name(message.layout, base_dir)
     try:
@@ -349,7 +349,7 @@ def _compile_layout(env: jinja2.Environment, message: MessageSettings, base_dir:
     if "content" not in env.get_template(name).blocks:
         raise TemplateError(f"message.layout: {name} has no {{% block content %}} for the Markdown body")
     source = f"{{% extends {name!r} %}}{{% block content %}}{{{{ {_MARKDOWN_HTML} }}}}{{% endblock %}}"
-    return _Part(label="message.layout", template=env.from_string(source))
+    return _CompiledPart(label="message.layout", template=env.from_string(source))
 
 
 def _compile_attachments(
@@ -388,10 +388,10 @@ def _parse_reply_to(value: str | None) -> tuple[tuple[Address, ...], str | None]
     return (Address(value.strip()),), None
 
 
-def _compile_string(env: jinja2.Environment, label: str, source: str) -> _Part:
+def _compile_string(env: jinja2.Environment, label: str, source: str) -> _CompiledPart:
     if not any(marker in source for marker in _TEMPLATE_MARKERS):
-        return _Part(label=label, constant=source)
+        return _CompiledPart(label=label, constant=source)
     try:
-        return _Part(label=label, template=env.from_string(source))
+        return _CompiledPart(label=label, template=env.from_string(source))
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{label}: template syntax error: {exc.message}; fix the template") from exc
