@@ -13,15 +13,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
-import jinja2.meta
 
-from campaign.errors import InputFileError, TemplateError, UsageError
+from campaign.errors import UsageError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.render import BUILTIN_TEMPLATES
+from campaign.templating import read_template_file, walk_template_tree
 
 __all__ = ["ContentCheck", "check_content", "load_content_fingerprint", "record_content"]
 
@@ -101,31 +102,14 @@ def record_content(ledger: Ledger, check: ContentCheck) -> None:
 
 
 def _template_tree(key: str, path: Path, base_dir: Path) -> list[tuple[str, str]]:
-    """(name, text) of a template and every template it references, resolved like the renderer does."""
-    env = jinja2.Environment(autoescape=False)  # parsing only: nothing is rendered
-    found: list[tuple[str, str]] = []
-    todo: list[tuple[str, Path]] = [(str(path), path)]
-    seen: set[Path] = set()
-    while todo:
-        name, file = todo.pop()
-        if file in seen:
-            continue
-        seen.add(file)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputFileError(f"{key}: cannot read template {file} ({exc})") from exc
-        found.append((name, text))
-        try:
-            referenced = jinja2.meta.find_referenced_templates(env.parse(text))
-        except jinja2.TemplateSyntaxError as exc:
-            raise TemplateError(f"{file} line {exc.lineno}: {exc.message}") from exc
-        for ref in referenced:
-            if ref is None:  # a computed name: its text cannot be known here
-                continue
-            for root in (base_dir, BUILTIN_TEMPLATES):
-                candidate = root / ref
-                if candidate.is_file():
-                    todo.append((ref, candidate))
-                    break
-    return sorted(found)
+    """(name, text) of a template and every template it references, found as the renderer finds them."""
+    root = str(path)
+
+    def load_root(name: str) -> tuple[str, str, Any] | None:
+        return (read_template_file(key, path), root, lambda: True) if name == root else None
+
+    loader = jinja2.ChoiceLoader(
+        [jinja2.FunctionLoader(load_root), jinja2.FileSystemLoader([base_dir, BUILTIN_TEMPLATES])]
+    )
+    env = jinja2.Environment(loader=loader, autoescape=False)  # parsing only: nothing is rendered
+    return sorted(walk_template_tree(env, root, base_dir))

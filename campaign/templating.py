@@ -14,7 +14,7 @@ import functools
 import importlib
 import re
 import string
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "display_name",
     "loader_name",
     "read_template_file",
+    "walk_template_tree",
 ]
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -320,15 +321,19 @@ def display_name(filename: str, base_dir: Path) -> str:
     return filename
 
 
-def check_template_tree(env: jinja2.Environment, name: str, base_dir: Path) -> None:
-    """Compile a template and every template it names literally, so errors surface before any row."""
-    assert env.loader is not None  # build_composer always gives one
+def walk_template_tree(env: jinja2.Environment, name: str, base_dir: Path) -> Iterator[tuple[str, str]]:
+    """(name, source) of a template and of every template it names literally, once each.
+
+    The one walk over `{% extends/include/import %}`: the up-front check compiles what it yields,
+    the content fingerprint hashes it. A missing, unreadable or unparsable template is a
+    `TemplateError` naming it (and, when missing, the template that refers to it).
+    """
+    assert env.loader is not None  # both callers build one
     pending, referrer = [name], {name: name}
     while pending:
         current = pending.pop()
         try:
             source, filename, _ = env.loader.get_source(env, current)
-            env.get_template(current)
             references = list(meta.find_referenced_templates(env.parse(source, current, filename)))
         except jinja2.TemplateSyntaxError as exc:
             where = display_name(exc.filename or current, base_dir)
@@ -342,10 +347,23 @@ def check_template_tree(env: jinja2.Environment, name: str, base_dir: Path) -> N
             ) from exc
         except (OSError, UnicodeDecodeError) as exc:
             raise TemplateError(f"template {current} cannot be read as UTF-8 text: {exc}") from exc
+        yield current, source
         for reference in references:
-            if reference is not None and reference not in referrer:
+            if reference is not None and reference not in referrer:  # None: a computed name
                 referrer[reference] = filename or current
                 pending.append(reference)
+
+
+def check_template_tree(env: jinja2.Environment, name: str, base_dir: Path) -> None:
+    """Compile a template and every template it names literally, so errors surface before any row."""
+    for current, _ in walk_template_tree(env, name, base_dir):
+        try:
+            env.get_template(current)
+        except jinja2.TemplateSyntaxError as exc:  # parsed once already: only compile-time errors are left
+            where = display_name(exc.filename or current, base_dir)
+            raise TemplateError(
+                f"template {where} line {exc.lineno}: syntax error: {exc.message}; fix the template"
+            ) from exc
 
 
 def describe_render_error(exc: Exception, label: str, row: int, base_dir: Path) -> TemplateError:
