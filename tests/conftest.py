@@ -11,12 +11,14 @@ def anyio_backend() -> str:
 
 import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from typer.testing import CliRunner  # noqa: E402
 
 from campaign.cli import app  # noqa: E402
-from campaign.testing import FakeNylas  # noqa: E402
+from campaign.cli.base import options  # noqa: E402
+from campaign.testing import FakeClock, FakeNylas  # noqa: E402
 from campaign.testing.server import serve_on_loopback  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,9 +37,17 @@ def _api(monkeypatch) -> Iterator[FakeNylas]:
         yield fake
 
 
+@pytest.fixture(name="cli_clock")
+def _cli_clock(monkeypatch) -> FakeClock:
+    """The CLI's clock in a test: virtual time from now, so pacing and waits cost no real time."""
+    clock = FakeClock(start=datetime.now(UTC))
+    monkeypatch.setattr(options, "clock", clock)
+    return clock
+
+
 @pytest.fixture(name="cli")
-def _cli():
-    """Run the CLI in-process; returns the click Result."""
+def _cli(cli_clock):
+    """Run the CLI in-process, on the test's FakeClock; returns the click Result."""
     runner = CliRunner()
 
     def invoke(*args: str):

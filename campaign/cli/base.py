@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from campaign.clock import Clock, SystemClock
 from campaign.errors import CampaignError
 from campaign.output import print_error
 
@@ -54,10 +55,13 @@ SkipInvalidOpt = Annotated[
 @dataclass(slots=True)
 class _Options:
     debug: bool = False
+    # Every command's one clock. Tests of the CLI set a FakeClock here, so that pacing, back-offs
+    # and waits take no real time; nothing else changes it.
+    clock: Clock = field(default_factory=SystemClock)
 
 
 options = _Options()
-"""The root command's options (set by its callback, read when an error is reported)."""
+"""The root command's options (set by its callback, read when an error is reported), and its clock."""
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import anyio
 import typer
 
-from campaign.cli.base import ManifestArg, SandboxOpt, SkipInvalidOpt, exit_codes, out
+from campaign.cli.base import ManifestArg, SandboxOpt, SkipInvalidOpt, exit_codes, options, out
 from campaign.cli.wiring import (
     SANDBOX_API_URI,
     build_sandbox_api,
@@ -25,7 +25,7 @@ from campaign.cli.wiring import (
     read_api_uri,
     read_secrets,
 )
-from campaign.clock import Clock, SystemClock
+from campaign.clock import Clock
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
 from campaign.output import print_json, print_preview, print_status, print_test_sent
@@ -61,7 +61,7 @@ def preview(
     from campaign.site import write_site
 
     with exit_codes():
-        clock = SystemClock()
+        clock = options.clock
         loaded = load_manifest(manifest)
         report = run_preview(
             loaded,
@@ -93,7 +93,7 @@ def send_test(
     from campaign.sendtest import find_test_message, send_test_message
 
     with exit_codes():
-        clock = SystemClock()
+        clock = options.clock
         loaded = load_manifest(manifest)
         api_key = read_api_key(loaded, sandbox=sandbox)
         ledger = _ledger_view(loaded, ledger_path_for(loaded, sandbox=sandbox), clock=clock)
@@ -134,7 +134,7 @@ def status(
         if path.exists():
             ledger = open_campaign_ledger(loaded, path)
             data = build_status(
-                loaded, ledger, clock=SystemClock(), command_path=str(manifest), sandbox=sandbox
+                loaded, ledger, clock=options.clock, command_path=str(manifest), sandbox=sandbox
             )
             ledger.close()
         else:

@@ -14,9 +14,8 @@ from typing import Annotated
 import anyio
 import typer
 
-from campaign.cli.base import EXIT_DONE, EXIT_NOT_ALL_SENT, ManifestArg, err, exit_codes, out
+from campaign.cli.base import EXIT_DONE, EXIT_NOT_ALL_SENT, ManifestArg, err, exit_codes, options, out
 from campaign.cli.wiring import connect_api, open_campaign_ledger, read_api_key, require_ledger
-from campaign.clock import SystemClock
 from campaign.errors import UsageError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, load_manifest
@@ -50,7 +49,7 @@ def reconcile(
         try:
             ledger.record_expired_claims()
             found = anyio.run(_reconcile, loaded, ledger, api_key)
-            steps = build_status(loaded, ledger, clock=SystemClock(), command_path=str(manifest))["next"]
+            steps = build_status(loaded, ledger, clock=options.clock, command_path=str(manifest))["next"]
         finally:
             ledger.close()
         decisions = [asdict(decision) for decision in found.decisions]
@@ -117,7 +116,7 @@ def report(
 
 
 async def _reconcile(manifest: Manifest, ledger: Ledger, api_key: str) -> ReconcileReport:
-    async with connect_api(manifest, api_key=api_key, clock=SystemClock()) as client:
+    async with connect_api(manifest, api_key=api_key, clock=options.clock) as client:
         return await reconcile_unknown(
             ledger, campaign=manifest.campaign.name, senders=manifest.senders, client=client
         )

@@ -30,6 +30,7 @@ from campaign.cli.base import (
     SkipInvalidOpt,
     err,
     exit_codes,
+    options,
     out,
 )
 from campaign.cli.inspecting import preview
@@ -41,7 +42,7 @@ from campaign.cli.wiring import (
     read_api_key,
     read_secrets,
 )
-from campaign.clock import Clock, SystemClock
+from campaign.clock import Clock
 from campaign.content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.dispatch import DispatchResult, DispatchSettings, dispatch
 from campaign.errors import InputFileError, LedgerError, UsageError
@@ -132,7 +133,7 @@ def _send_and_exit(manifest: Path, choices: _RunChoices, *, resuming: bool) -> N
 
 
 def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
-    clock = SystemClock()
+    clock = options.clock
     sandbox = choices.sandbox
     manifest = load_manifest(path)
     ledger_path = ledger_path_for(manifest, sandbox=sandbox)

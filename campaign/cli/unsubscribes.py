@@ -14,8 +14,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from campaign.cli.base import exit_codes, out
-from campaign.clock import SystemClock
+from campaign.cli.base import exit_codes, options, out
 from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
 from campaign.errors import DataError, UsageError
 from campaign.output import show
@@ -109,7 +108,7 @@ def suppress_import(
 ) -> None:
     """Add every address of a suppression list (or of another store) to the store."""
     with exit_codes():
-        found = load_import_addresses(source, clock=SystemClock())
+        found = load_import_addresses(source, clock=options.clock)
         added = _with_store(
             store,
             lambda s: s.record_many(s.build_entry("", a, email=a, source="import") for a in found.addresses),
@@ -164,7 +163,7 @@ def _store_path(path: Path) -> Path:
 
 
 def _with_store(path: Path, use: Callable[[SuppressionStore], _T], *, create: bool = True) -> _T:
-    store = open_store(_store_path(path), clock=SystemClock(), create=create)
+    store = open_store(_store_path(path), clock=options.clock, create=create)
     try:
         return use(store)
     finally:

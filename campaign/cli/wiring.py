@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from campaign.clock import Clock, SystemClock
+from campaign.cli.base import options
+from campaign.clock import Clock
 from campaign.errors import InputFileError, ManifestError
 from campaign.ledger import Ledger, open_ledger
 from campaign.manifest import Manifest
@@ -64,7 +65,7 @@ def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool) -> Path:
 
 def open_campaign_ledger(manifest: Manifest, path: Path, *, exclusive: bool = False) -> Ledger:
     """Open the campaign's ledger at `path` (the caller closes it)."""
-    return open_ledger(path, clock=SystemClock(), campaign=manifest.campaign.name, exclusive=exclusive)
+    return open_ledger(path, clock=options.clock, campaign=manifest.campaign.name, exclusive=exclusive)
 
 
 def read_api_key(manifest: Manifest, *, sandbox: bool = False) -> str:
