@@ -20,7 +20,14 @@ from pathlib import Path
 from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger_read import JournalEntry, LedgerRow
-from campaign.ledger_schema import connect_ledger, lock_ledger, migrate_ledger, unlock_ledger
+from campaign.ledger_schema import (
+    check_ledger_version,
+    connect_ledger,
+    create_ledger_file,
+    lock_ledger,
+    migrate_ledger,
+    unlock_ledger,
+)
 from campaign.ledger_write import (
     FAILED,
     INFLIGHT,
@@ -86,17 +93,32 @@ class Claim:
     sender: str | None = None  # the sender the row belongs to; a used key is only valid on its grant
 
 
-def open_ledger(path: Path, *, clock: Clock, campaign: str, exclusive: bool = False) -> Ledger:
-    """Open (creating and migrating if needed) the ledger at `path` for `campaign`.
+def open_ledger(
+    path: Path,
+    *,
+    clock: Clock,
+    campaign: str,
+    exclusive: bool = False,
+    create: bool = True,
+    read_only: bool = False,
+) -> Ledger:
+    """Open the ledger at `path` for `campaign`: migrated, or (`read_only`) as it is, never changed.
 
+    `create` makes it when there is none (the CLI: only a run); a missing file otherwise, and an
+    empty or schemaless one always, is a LedgerError: never taken for a new campaign.
     `exclusive` takes the writer lock: a second sending command on the same ledger is refused.
     """
     lock = lock_ledger(path) if exclusive else None
     try:
-        connection = connect_ledger(path)
+        if create and not path.exists():
+            create_ledger_file(path, stamp=clock.now().isoformat())
+        connection = connect_ledger(path, read_only=read_only)
         ledger = Ledger(connection, path=path, clock=clock, lock_fd=lock)
-        migrate_ledger(connection, path=path, stamp=ledger._stamp())
-        ledger._check_campaign(campaign)
+        if read_only:
+            check_ledger_version(connection, path=path)
+        else:
+            migrate_ledger(connection, path=path, stamp=ledger._stamp())
+        ledger._check_campaign(campaign, record=not read_only)
     except BaseException:
         if lock is not None:
             unlock_ledger(lock)
@@ -109,9 +131,9 @@ class Ledger(LedgerWriter):
 
     # --- campaign-wide ------------------------------------------------------
 
-    def _check_campaign(self, campaign: str) -> None:
+    def _check_campaign(self, campaign: str, *, record: bool = True) -> None:
         stored = self.get_meta("campaign")
-        if stored is None:
+        if stored is None and record:
             self.set_meta("campaign", campaign)
             self.set_meta("created_at", self._stamp())
         elif stored != campaign:

@@ -17,7 +17,15 @@ from pathlib import Path
 
 from campaign.errors import LedgerError
 
-__all__ = ["MIGRATIONS", "connect_ledger", "lock_ledger", "migrate_ledger", "unlock_ledger"]
+__all__ = [
+    "MIGRATIONS",
+    "check_ledger_version",
+    "connect_ledger",
+    "create_ledger_file",
+    "lock_ledger",
+    "migrate_ledger",
+    "unlock_ledger",
+]
 
 # (name, script). Never edit a released migration: add a new one.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -93,22 +101,87 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
-def connect_ledger(path: Path) -> sqlite3.Connection:
-    """Open (creating it 0600 if needed) the SQLite file at `path` in WAL mode, in autocommit."""
+def create_ledger_file(path: Path, *, stamp: str) -> None:
+    """Create a new, fully migrated ledger at `path` (0600), or nothing: built aside, then renamed in.
+
+    A crash while creating leaves no half-made ledger where one is expected, so an empty or
+    schemaless file at `path` is always someone else's mistake, never a new campaign.
+    """
+    staging = path.with_name(f".{path.name}.{os.getpid()}.new")
     try:
-        if not path.exists():
-            # Create the file 0600 before SQLite writes anything into it.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives the process being killed (the OS has it);
-        # only a power cut can lose the last commits, never corrupt the file.
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA busy_timeout=5000")
+        os.close(os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        db = sqlite3.connect(staging, isolation_level=None)
+        try:
+            migrate_ledger(db, path=path, stamp=stamp)
+        finally:
+            db.close()
+        os.link(staging, path)  # fails if a ledger appeared meanwhile: never replace one
+    except FileExistsError:
+        pass  # another command created it first: open that one
     except (OSError, sqlite3.Error) as exc:
-        message = f"{path}: cannot open the ledger ({exc})"
+        message = f"{path}: cannot create the ledger ({exc}); check the folder is writable and has space"
         raise LedgerError(message) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+
+
+def connect_ledger(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
+    """Open the existing ledger at `path` in WAL mode, in autocommit; LedgerError if it is not one.
+
+    `read_only` opens it without the right to write (status, report): such a command never creates,
+    migrates or changes a ledger, and works on a file in a read-only folder.
+    """
+    try:
+        if read_only:
+            connection = _connect_read_only(path)
+        else:
+            connection = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=rw", uri=True, check_same_thread=False, isolation_level=None
+            )
+            connection.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives the process being killed (the OS has it);
+            # only a power cut can lose the last commits, never corrupt the file.
+            connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=5000")
+        tables = {
+            name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+    except (OSError, sqlite3.Error) as exc:
+        message = f"{path}: cannot open the ledger ({exc}); if it is not a campaign ledger, move it away"
+        raise LedgerError(message) from exc
+    if not {"schema_migrations", "meta", "recipients"} <= tables:
+        connection.close()
+        message = (
+            f"{path}: is not a campaign ledger (empty, or another file); nothing was sent: "
+            "move it away (or restore the ledger from a backup) and run again"
+        )
+        raise LedgerError(message)
     return connection
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    uri = path.resolve().as_uri()
+    try:
+        return sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+    except sqlite3.OperationalError:
+        if os.access(path.parent, os.W_OK):
+            raise
+    # A read-only folder: SQLite cannot make the WAL index beside the file, so read it as it stands.
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+
+
+def check_ledger_version(db: sqlite3.Connection, *, path: Path) -> None:
+    """LedgerError unless the ledger has every migration of this version (a read-only open cannot migrate)."""
+    try:
+        (version,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot read the ledger ({exc})") from exc
+    if version > len(MIGRATIONS):
+        raise LedgerError(f"{path}: the ledger was written by a newer version of campaign; upgrade campaign")
+    if version < len(MIGRATIONS):
+        message = f"{path}: the ledger was written by an older campaign; `campaign resume` upgrades it"
+        raise LedgerError(message)
 
 
 def migrate_ledger(db: sqlite3.Connection, *, path: Path, stamp: str) -> int:

@@ -69,6 +69,7 @@ class Manifest(BaseModel):
     @model_validator(mode="after")
     def _unique_senders(self) -> Manifest:
         first: dict[str, int] = {}
+        mailboxes: dict[tuple[str, str], int] = {}
         for index, sender in enumerate(self.senders, start=1):  # counted as users count tables
             if sender.name in first:
                 raise ValueError(
@@ -76,6 +77,17 @@ class Manifest(BaseModel):
                     f"senders[{first[sender.name]}]; sender names must be unique"
                 )
             first[sender.name] = index
+            # Two senders on one mailbox would each take its whole pace and daily budget: twice its limits.
+            key, value = ("grant_id", sender.grant_id) if sender.grant_id else ("domain", sender.domain or "")
+            if (key, value) in mailboxes:
+                earlier = mailboxes[key, value]
+                raise ValueError(
+                    f"senders[{index}].{key}: {sender.name!r} and {self.senders[earlier - 1].name!r} "
+                    f"(senders[{earlier}]) "
+                    f"both send through {key} {value!r}, which would double its pace and daily budget; "
+                    "keep one sender per mailbox"
+                )
+            mailboxes[key, value] = index
         return self
 
     @property

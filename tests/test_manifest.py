@@ -392,3 +392,27 @@ def test_schema_describes_the_toml_shape() -> None:
     sender = defs["SenderSettings"]["properties"]
     assert "rolling 24 h" in sender["per_day"]["description"]
     assert all("description" in field for model in defs.values() for field in model["properties"].values())
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "key", "value"),
+    [
+        ('grant_id = "grant-a"', 'grant_id = "grant-a"', "grant_id", "grant-a"),
+        (
+            'domain = "mail.example.com"\nfrom = "a@mail.example.com"',
+            'domain = "mail.example.com"\nfrom = "b@mail.example.com"',
+            "domain",
+            "mail.example.com",
+        ),
+    ],
+)
+def test_two_senders_on_one_mailbox_are_refused_naming_both(
+    tmp_path: Path, first: str, second: str, key: str, value: str
+) -> None:
+    """Two senders with one grant (or one domain) would double that mailbox's limits: refused, both named."""
+    text = BASE.replace('grant_id = "grant-a"', first) + f'\n[[senders]]\nname = "bob"\n{second}\n'
+    message = error_of(text, tmp_path)
+    assert message == (
+        f"campaign.toml: senders[2].{key}: 'bob' and 'alice' (senders[1]) both send through {key} {value!r}, "
+        "which would double its pace and daily budget; keep one sender per mailbox"
+    )

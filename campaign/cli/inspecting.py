@@ -132,7 +132,7 @@ def status(
         loaded = load_manifest(manifest)
         path = ledger_path_for(loaded, sandbox=sandbox)
         if path.exists():
-            ledger = open_campaign_ledger(loaded, path)
+            ledger = open_campaign_ledger(loaded, path, read_only=True)
             data = build_status(
                 loaded, ledger, clock=options.clock, command_path=str(manifest), sandbox=sandbox
             )
@@ -151,7 +151,7 @@ def _ledger_view(manifest: Manifest, path: Path, *, clock: Clock) -> LedgerView:
 
     if not path.exists():
         return LedgerView()
-    ledger = open_campaign_ledger(manifest, path)
+    ledger = open_campaign_ledger(manifest, path, read_only=True)
     try:
         since = clock.now().timestamp() - DAY_S
         return LedgerView(

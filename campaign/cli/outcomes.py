@@ -105,7 +105,7 @@ def report(
     with exit_codes():
         loaded = load_manifest(manifest)
         path = require_ledger(loaded, manifest, sandbox=sandbox)
-        ledger = open_campaign_ledger(loaded, path)
+        ledger = open_campaign_ledger(loaded, path, read_only=True)
         try:
             frame = build_report(ledger.rows(states=state or None))
         finally:

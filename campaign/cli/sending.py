@@ -156,7 +156,7 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     _confirm(plan.to_send, manifest, yes=choices.yes, sandbox=sandbox)
 
     ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    ledger = open_campaign_ledger(manifest, ledger_path, exclusive=True)
+    ledger = open_campaign_ledger(manifest, ledger_path, exclusive=True, create=True)
     try:
         sync = _record_plan(ledger, plan.preflight, stamp)
         record_content(ledger, content)

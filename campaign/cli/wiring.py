@@ -63,9 +63,18 @@ def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool) -> Path:
     return path
 
 
-def open_campaign_ledger(manifest: Manifest, path: Path, *, exclusive: bool = False) -> Ledger:
-    """Open the campaign's ledger at `path` (the caller closes it)."""
-    return open_ledger(path, clock=options.clock, campaign=manifest.campaign.name, exclusive=exclusive)
+def open_campaign_ledger(
+    manifest: Manifest, path: Path, *, exclusive: bool = False, create: bool = False, read_only: bool = False
+) -> Ledger:
+    """Open the campaign's existing ledger at `path` (`create`: or make it; the caller closes it)."""
+    return open_ledger(
+        path,
+        clock=options.clock,
+        campaign=manifest.campaign.name,
+        exclusive=exclusive,
+        create=create,
+        read_only=read_only,
+    )
 
 
 def read_api_key(manifest: Manifest, *, sandbox: bool = False) -> str:
