@@ -12,6 +12,7 @@ and its migrations in `ledger_schema.py`.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -51,6 +52,7 @@ __all__ = [
     "PlannedRow",
     "SyncReport",
     "open_ledger",
+    "read_ledger_campaign",
 ]
 
 # Nylas replays a key's first answer for one hour (nylas-api.md §4). A key is reused only
@@ -124,6 +126,21 @@ def open_ledger(
             unlock_ledger(lock)
         raise
     return ledger
+
+
+def read_ledger_campaign(path: Path) -> str | None:
+    """The campaign the ledger at `path` belongs to; None when it is not a readable ledger."""
+    try:
+        connection = connect_ledger(path, read_only=True)
+    except LedgerError:
+        return None
+    try:
+        found = connection.execute("SELECT value FROM meta WHERE key = 'campaign'").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        connection.close()
+    return None if found is None else str(found[0])
 
 
 class Ledger(LedgerWriter):

@@ -126,6 +126,14 @@ class LedgerReader:
         found = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(found[0][0]) if found else None
 
+    def started_row(self) -> tuple[str, str] | None:
+        """(key, address) of one row a send was started for (in flight or settled by the API), or None."""
+        found = self._read(
+            "SELECT key, email FROM recipients"
+            " WHERE state IN ('inflight', 'sent', 'failed', 'unknown') LIMIT 1"
+        )
+        return (str(found[0][0]), str(found[0][1])) if found else None
+
     def assigned_senders(self) -> dict[str, str]:
         """The sender each recipient already in the ledger is assigned to."""
         rows = self._read("SELECT key, sender FROM recipients WHERE sender IS NOT NULL")

@@ -19,6 +19,7 @@ from campaign.errors import LedgerError
 
 __all__ = [
     "MIGRATIONS",
+    "check_ledger_free",
     "check_ledger_version",
     "connect_ledger",
     "create_ledger_file",
@@ -229,16 +230,40 @@ def lock_ledger(path: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        error = _in_use(path, fd)
         os.close(fd)
-        message = (
-            f"{path}: another campaign command (pid {holder}) is using this ledger; "
-            "wait for it to finish or stop it, then try again"
-        )
-        raise LedgerError(message) from None
+        raise error from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def check_ledger_free(path: Path) -> None:
+    """LedgerError if another command holds the ledger's writer lock; creates and changes nothing.
+
+    A run asks this first, so that a refused run prints no plan and writes nothing; it takes the
+    lock itself (`lock_ledger`) only once the checks have passed.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR)
+    except OSError:
+        return  # no lock file: nobody has ever held it, or it cannot be opened (lock_ledger says why)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise _in_use(path, fd) from None
+    finally:
+        os.close(fd)  # closing drops the shared lock taken to test
+
+
+def _in_use(path: Path, fd: int) -> LedgerError:
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    return LedgerError(
+        f"{path}: another campaign command (pid {holder}) is using this ledger; "
+        "wait for it to finish or stop it, then try again"
+    )
 
 
 def unlock_ledger(fd: int) -> None:

@@ -37,6 +37,7 @@ from campaign.cli.inspecting import preview
 from campaign.cli.wiring import (
     build_sandbox_api,
     connect_api,
+    ledger_candidates,
     ledger_path_for,
     open_campaign_ledger,
     read_api_key,
@@ -46,8 +47,10 @@ from campaign.clock import Clock
 from campaign.content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.dispatch import DispatchResult, DispatchSettings, dispatch
 from campaign.errors import InputFileError, LedgerError, UsageError
+from campaign.identity import check_key_scheme, check_no_orphaned_ledger, record_key_scheme
 from campaign.interrupt import run_interruptible
 from campaign.ledger import Ledger, PlannedRow, SyncReport
+from campaign.ledger_schema import check_ledger_free
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
 from campaign.output import print_checked, print_deliveries, print_next_steps, print_run_summary
@@ -137,9 +140,11 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     sandbox = choices.sandbox
     manifest = load_manifest(path)
     ledger_path = ledger_path_for(manifest, sandbox=sandbox)
+    check_no_orphaned_ledger(manifest, ledger_path, ledger_candidates(manifest, sandbox=sandbox))
     if resuming and not ledger_path.exists():
         message = f"{ledger_path}: no ledger, so nothing to resume; start with `campaign run {path}`"
         raise InputFileError(message)
+    check_ledger_free(ledger_path)  # before anything is printed: a refused run says nothing of a plan
     api_key = read_api_key(manifest, sandbox=sandbox)
     secrets = read_secrets(manifest, sandbox=sandbox)
     fingerprint = load_content_fingerprint(manifest)
@@ -160,6 +165,7 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     try:
         sync = _record_plan(ledger, plan.preflight, stamp)
         record_content(ledger, content)
+        record_key_scheme(ledger, manifest)
         ledger.record_expired_claims()
         jobs = _open_jobs(manifest, ledger, plan, stamp)
         fake = build_sandbox_api(manifest) if sandbox else None
@@ -305,11 +311,13 @@ def _record_parks(ledger: Ledger, result: DispatchResult, manifest: Manifest) ->
 
 
 def _check_content(manifest: Manifest, ledger_path: Path, fingerprint: str, *, allow: bool) -> ContentCheck:
-    """Compare this run's content `fingerprint` with the ledger's (read only: recorded after confirmation)."""
+    """Compare this run's key scheme and content `fingerprint` with the ledger's (read only: recorded
+    after confirmation)."""
     if not ledger_path.exists():
         return check_content(None, fingerprint, allow_changed=allow, manifest=manifest)
     ledger = open_campaign_ledger(manifest, ledger_path)
     try:
+        check_key_scheme(ledger, manifest)
         return check_content(ledger, fingerprint, allow_changed=allow, manifest=manifest)
     finally:
         ledger.close()

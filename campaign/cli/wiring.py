@@ -31,6 +31,7 @@ __all__ = [
     "SANDBOX_API_URI",
     "build_sandbox_api",
     "connect_api",
+    "ledger_candidates",
     "ledger_path_for",
     "open_campaign_ledger",
     "read_api_key",
@@ -52,6 +53,13 @@ def ledger_path_for(manifest: Manifest, *, sandbox: bool) -> Path:
     if sandbox:
         return manifest.base_dir / f"{manifest.path.stem}.sandbox" / "ledger.sqlite"
     return manifest.ledger_path
+
+
+def ledger_candidates(manifest: Manifest, *, sandbox: bool) -> list[Path]:
+    """The ledgers beside the manifest that another manifest file name would have made."""
+    if sandbox:
+        return list(manifest.base_dir.glob("*.sandbox/ledger.sqlite"))
+    return list(manifest.base_dir.glob("*.ledger.sqlite"))
 
 
 def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool) -> Path:
