@@ -18,6 +18,8 @@ from typing import Generic, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
+from campaign.tasks import first_error
+
 __all__ = ["Interruptible", "run_interruptible"]
 
 _T = TypeVar("_T")
@@ -51,9 +53,14 @@ async def run_interruptible(
                     scope.cancel()
                     return
 
-    async with anyio.create_task_group() as group:
-        if threading.current_thread() is threading.main_thread():
-            await group.start(watch, group.cancel_scope)
-        result = await work(stop)
-        group.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as group:
+            if threading.current_thread() is threading.main_thread():
+                await group.start(watch, group.cancel_scope)
+            result = await work(stop)
+            group.cancel_scope.cancel()
+    except BaseExceptionGroup as failed:
+        # The work's own error (e.g. an attachment gone since the plan was checked), as itself:
+        # the CLI words it in one line, as it does any CampaignError.
+        raise first_error(failed) from None
     return Interruptible(result, received)

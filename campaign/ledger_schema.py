@@ -102,6 +102,9 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+_LEDGER_TABLES = frozenset({"schema_migrations", "meta", "recipients"})
+
+
 def create_ledger_file(path: Path, *, stamp: str) -> None:
     """Create a new, fully migrated ledger at `path` (0600), or nothing: built aside, then renamed in.
 
@@ -140,18 +143,20 @@ def connect_ledger(path: Path, *, read_only: bool = False) -> sqlite3.Connection
             connection = sqlite3.connect(
                 f"{path.resolve().as_uri()}?mode=rw", uri=True, check_same_thread=False, isolation_level=None
             )
+        connection.execute("PRAGMA busy_timeout=5000")
+        # Looked at before anything is set: WAL mode would be written into an empty or foreign file.
+        tables = {
+            name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if not read_only and tables >= _LEDGER_TABLES:
             connection.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives the process being killed (the OS has it);
             # only a power cut can lose the last commits, never corrupt the file.
             connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA busy_timeout=5000")
-        tables = {
-            name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
     except (OSError, sqlite3.Error) as exc:
         message = f"{path}: cannot open the ledger ({exc}); if it is not a campaign ledger, move it away"
         raise LedgerError(message) from exc
-    if not {"schema_migrations", "meta", "recipients"} <= tables:
+    if not tables >= _LEDGER_TABLES:
         connection.close()
         message = (
             f"{path}: is not a campaign ledger (empty, or another file); nothing was sent: "

@@ -97,6 +97,14 @@ def read_api_key(manifest: Manifest, *, sandbox: bool = False) -> str:
             "export your Nylas API key in it (or try the campaign with --sandbox)"
         )
         raise ManifestError(message)
+    if not value.isascii() or not value.isprintable() or any(char.isspace() for char in value):
+        # Never echoed: it is the key. A pasted key with a line break or a space would be sent as is
+        # in the Authorization header (or refused by the HTTP library mid-run).
+        message = (
+            f"{manifest.path.name}: api.key_env: the value of {name} holds a space, line break, control "
+            "or non-ASCII character; export the API key alone"
+        )
+        raise ManifestError(message)
     return value
 
 

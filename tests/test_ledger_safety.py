@@ -1,0 +1,219 @@
+"""Issue 12's ledger items through the CLI: nobody mailed twice after a change the user thinks harmless,
+and a ledger that is not one, or is busy or read-only, is handled in one line without a send."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from conftest import copy_sample
+from test_cli import _register
+
+from campaign.ledger import open_ledger
+from campaign.ledger_schema import connect_ledger
+from campaign.testing import FakeClock
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_a_renamed_manifest_finds_its_campaigns_ledger_and_mails_nobody_again(api, cli, tmp_path):
+    """mv campaign.toml newsletter.toml, then run: refused (exit 2, one line naming the ledger), no send."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    assert len(api.deliveries) == 5
+    renamed = manifest.with_name("newsletter.toml")
+    manifest.rename(renamed)
+    for command in ("run", "resume"):
+        result = cli(command, renamed, "--yes")
+        assert result.exit_code == 2, result.output
+        (line,) = _lines(result.stderr)
+        assert "newsletter.ledger.sqlite: no ledger, but" in line
+        assert "campaign.ledger.sqlite belongs to campaign 'spring-newsletter'" in line
+        assert "rename campaign.ledger.sqlite to newsletter.ledger.sqlite" in line
+    assert not renamed.with_name("newsletter.ledger.sqlite").exists()
+    assert len(api.deliveries) == 5
+    # Adopting it as told: nothing is sent twice.
+    manifest.with_name("campaign.ledger.sqlite").rename(renamed.with_name("newsletter.ledger.sqlite"))
+    assert cli("run", renamed, "--yes").exit_code == 0
+    assert len(api.deliveries) == 5
+
+
+def test_a_renamed_manifest_is_refused_in_the_sandbox_too(cli, tmp_path):
+    """The sandbox's own ledger follows the same rule."""
+    manifest = copy_sample("newsletter", tmp_path)
+    assert cli("run", manifest, "--yes", "--sandbox").exit_code == 0
+    renamed = manifest.with_name("other.toml")
+    manifest.rename(renamed)
+    result = cli("run", renamed, "--yes", "--sandbox")
+    assert result.exit_code == 2
+    assert "campaign.sandbox/ledger.sqlite belongs to campaign 'spring-newsletter'" in result.stderr
+
+
+def test_another_campaign_beside_it_does_not_block_a_new_one(api, cli, tmp_path):
+    """A ledger of another campaign name in the folder is no reason to refuse."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    open_ledger(manifest.with_name("old.ledger.sqlite"), clock=FakeClock(), campaign="autumn").close()
+    assert cli("run", manifest, "--yes").exit_code == 0
+    assert len(api.deliveries) == 5
+
+
+def test_adding_key_column_after_sending_began_is_refused(api, cli, tmp_path):
+    """key_column set on a campaign that sent: exit 2, one line, nothing mailed again, ledger unchanged."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    before = ledger_file.read_bytes()
+    text = manifest.read_text(encoding="utf-8")
+    manifest.write_text(text.replace('email_column = "email"', 'email_column = "email"\nkey_column = "name"'))
+    assert 'key_column = "name"' in manifest.read_text(encoding="utf-8")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 2, result.output
+    (line,) = _lines(result.stderr)
+    assert "recipients.key_column: the ledger's recipients are keyed by email address" in line
+    assert "restore recipients.key_column" in line
+    assert len(api.deliveries) == 5
+    assert ledger_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database at all\n", b"SQLite format 3\x00" + b"\x00" * 100])
+def test_an_empty_or_foreign_file_where_the_ledger_belongs_is_an_error(api, cli, tmp_path, content):
+    """A 0-byte or foreign ledger file: run and status exit 74 in one line; nothing sent, file unchanged."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    ledger_file.write_bytes(content)
+    for args in (
+        ("run", manifest, "--yes"),
+        ("status", manifest),
+        ("report", manifest, "--out", tmp_path / "r.csv"),
+    ):
+        result = cli(*args)
+        assert result.exit_code == 74, (args, result.output)
+        (line,) = _lines(result.stderr)
+        assert "campaign.ledger.sqlite" in line
+    assert api.deliveries == []
+    assert ledger_file.read_bytes() == content
+
+
+def test_an_empty_sqlite_database_is_not_a_ledger(api, cli, tmp_path):
+    """A valid SQLite file without the ledger's tables is refused, never given a schema."""
+    import sqlite3
+
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    sqlite3.connect(ledger_file).execute("CREATE TABLE other (x)").connection.close()
+    before = ledger_file.read_bytes()
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 74
+    assert "is not a campaign ledger" in result.stderr
+    assert ledger_file.read_bytes() == before
+    assert api.deliveries == []
+
+
+def test_status_and_report_never_change_the_ledger_and_cannot_write_it(api, cli, tmp_path):
+    """status, report and preview open the ledger read-only: its bytes stay as they were, and the
+    connection they use refuses any write (SQLite's own mode=ro, which binds root too)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    before = ledger_file.read_bytes()
+    assert cli("status", manifest, "--json").exit_code == 0
+    assert cli("report", manifest, "--out", tmp_path / "report.csv").exit_code == 0
+    assert cli("preview", manifest, "--out", tmp_path / "site").exit_code == 0
+    assert ledger_file.read_bytes() == before
+    connection = connect_ledger(ledger_file, read_only=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        connection.execute("UPDATE meta SET value = 'x' WHERE key = 'campaign'")
+    connection.close()
+
+
+def test_status_of_an_old_ledger_asks_for_an_upgrade_instead_of_migrating(api, cli, tmp_path):
+    """An older ledger: status exits 74 saying how to upgrade it, and leaves the file untouched."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    connection = sqlite3.connect(ledger_file)
+    connection.execute(
+        "DELETE FROM schema_migrations WHERE version = (SELECT MAX(version) FROM schema_migrations)"
+    )
+    connection.commit()
+    connection.close()
+    before = ledger_file.read_bytes()
+    result = cli("status", manifest)
+    assert result.exit_code == 74
+    assert "written by an older campaign; `campaign resume` upgrades it" in result.stderr
+    assert ledger_file.read_bytes() == before
+
+
+def test_two_senders_on_one_grant_are_refused_before_anything_is_sent(api, cli, tmp_path):
+    """The outreach sample with two senders sharing a grant: exit 78, one line naming both, no request."""
+    manifest = copy_sample("outreach", tmp_path)
+    text = manifest.read_text(encoding="utf-8")
+    manifest.write_text(text.replace("8e9a-4f1b-a2c3-d4e5f6a7b802", "8e9a-4f1b-a2c3-d4e5f6a7b801"))
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 78
+    (line,) = _lines(result.stderr)
+    assert "both send through grant_id '3f1d2c4b-8e9a-4f1b-a2c3-d4e5f6a7b801'" in line
+    assert api.requests == []
+
+
+def test_a_run_refused_for_a_busy_ledger_prints_no_plan(api, cli, tmp_path):
+    """Another process holds the ledger: exit 74 with one line, and nothing about what would be sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    holder = open_ledger(
+        manifest.with_name("campaign.ledger.sqlite"),
+        clock=FakeClock(),
+        campaign="spring-newsletter",
+        exclusive=True,
+    )
+    try:
+        result = cli("run", manifest, "--yes")
+    finally:
+        holder.close()
+    assert result.exit_code == 74
+    assert result.stdout == ""
+    (line,) = _lines(result.stderr)
+    assert "another campaign command" in line
+    assert api.requests == []
+
+
+@pytest.mark.parametrize("key", ["nyk_v0_abc def", "nyk_v0_abc\ndef", "nyk_v0_abcé", "nyk_v0_\x1b[2J"])
+def test_an_api_key_with_a_space_line_break_or_foreign_character_is_refused_unprinted(
+    api, cli, tmp_path, monkeypatch, key
+):
+    """A damaged key: exit 78, one line naming the variable (never the key), no ledger, no request."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    monkeypatch.setenv("NYLAS_API_KEY", key)
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 78
+    (line,) = _lines(result.stderr)
+    assert "the value of NYLAS_API_KEY holds a space, line break" in line
+    assert "abc" not in result.output
+    assert not manifest.with_name("campaign.ledger.sqlite").exists()
+    assert api.requests == []
+
+
+def test_an_attachment_deleted_before_resume_is_one_line_and_sends_nothing(api, cli, tmp_path):
+    """The invoices sample: a per-recipient file removed before resume stops it (66) naming the file."""
+    manifest = copy_sample("invoices", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    sent = len(api.deliveries)
+    invoices = sorted((manifest.parent / "invoices").glob("*.pdf"))
+    victim = invoices[-1]
+    victim.unlink()
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 65, result.output
+    (line,) = _lines(result.stderr)
+    assert victim.name in line
+    assert len(api.deliveries) == sent
