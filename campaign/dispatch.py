@@ -273,7 +273,13 @@ class _Loop:
         key = job.recipient.key
         payload = build_send_request(message)  # JSON, or multipart for big attachments
         claim = await self._in_thread(
-            partial(self._ledger.claim, key, subject=message.subject, sender=lane.sender.name)
+            partial(
+                self._ledger.claim,
+                key,
+                subject=message.subject,
+                sender=lane.sender.name,
+                via=lane.sender.mailbox,
+            )
         )
         if not claim.fresh and claim.sender not in (None, lane.sender.name):
             return await self._return_to_owner(lane, job, claim.sender)

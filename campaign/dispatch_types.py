@@ -54,7 +54,9 @@ def build_thread_offload() -> Offload:
 class ProgressLedger(Protocol):
     """What the engine needs from the ledger."""
 
-    def claim(self, key: str, *, subject: str | None = None, sender: str | None = None) -> Claim: ...
+    def claim(
+        self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
+    ) -> Claim: ...
 
     def record_outcome(
         self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1

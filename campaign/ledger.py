@@ -239,12 +239,15 @@ class Ledger(LedgerWriter):
 
     # --- sending ------------------------------------------------------------
 
-    def claim(self, key: str, *, subject: str | None = None, sender: str | None = None) -> Claim:
+    def claim(
+        self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
+    ) -> Claim:
         """Mark a row in flight with its idempotency key, before its request leaves.
 
         A pending row gets a key (new after each definite "not sent") and, if given, the
         sender that now sends it; an in-flight row left by a crash keeps its key and its
         sender, so Nylas (which scopes keys per grant) replays instead of sending twice.
+        `via` is the mailbox (grant, or domain) a new key is issued for: see `record_moved_mailboxes`.
         """
         now = self._stamp()
         with self._write() as db:
@@ -252,8 +255,9 @@ class Ledger(LedgerWriter):
             state = RowState(current["state"])
             uses = 0
             owner = current["sender"]
+            claimed_via = None  # an in-flight row keeps the mailbox its key was issued for
             if state == PENDING:
-                owner = sender or owner
+                owner, claimed_via = sender or owner, via
                 idempotency_key, issued, fresh = self._idempotency_key(key, current["attempt_no"]), now, True
             elif state == INFLIGHT and current["idempotency_key"]:
                 uses = int(current["key_uses"]) + 1  # an earlier process may have sent it
@@ -265,8 +269,9 @@ class Ledger(LedgerWriter):
             db.execute(
                 "UPDATE recipients SET state = 'inflight', idempotency_key = ?, key_issued_at = ?, "
                 "key_uses = ?, claimed_at = ?, first_claimed_at = COALESCE(first_claimed_at, ?), "
-                "subject = COALESCE(?, subject), sender = ?, updated_at = ? WHERE key = ?",
-                (idempotency_key, issued, uses, now, now, subject, owner, now, key),
+                "subject = COALESCE(?, subject), sender = ?, claimed_via = COALESCE(?, claimed_via), "
+                "updated_at = ? WHERE key = ?",
+                (idempotency_key, issued, uses, now, now, subject, owner, claimed_via, now, key),
             )
         usable_until = datetime.fromisoformat(issued) + timedelta(seconds=KEY_REUSE_S)
         return Claim(idempotency_key, int(current["attempt_no"]), usable_until, fresh, owner)
@@ -330,6 +335,33 @@ class Ledger(LedgerWriter):
         """Give up on an in-flight row whose fate cannot be known now (reconcile settles it)."""
         with self._write() as db:
             self._set_state(db, key, INFLIGHT, UNKNOWN, note=note)
+
+    def record_moved_mailboxes(self, senders: Mapping[str, str]) -> list[str]:
+        """Keep each in-flight row with the mailbox its key was issued for; return the rows given up.
+
+        `senders` maps each mailbox of the manifest (grant, or `domain:…`) to its sender. A row
+        whose mailbox now has another sender name follows it; a row whose mailbox no sender has
+        any more (its grant_id was changed) becomes unknown: its key means nothing elsewhere, and
+        re-sending it through another grant could mail the recipient twice.
+        """
+        rows = self._read("SELECT key, sender, claimed_via FROM recipients WHERE state = 'inflight'")
+        gone: list[str] = []
+        with self._write() as db:
+            for key, sender, via in rows:
+                if via is None:
+                    continue  # claimed by a version that did not record it
+                owner = senders.get(via)
+                if owner is None:
+                    note = (
+                        f"claimed through {via}, which no sender of the manifest has any more; its "
+                        "idempotency key means nothing elsewhere: restore that grant_id and resume, or "
+                        "`campaign reconcile`"
+                    )
+                    self._set_state(db, key, INFLIGHT, UNKNOWN, note=note)
+                    gone.append(str(key))
+                elif owner != sender:
+                    db.execute("UPDATE recipients SET sender = ? WHERE key = ?", (owner, key))
+        return gone
 
     def record_expired_claims(self, *, older_than_s: float = KEY_REUSE_S) -> int:
         """Turn in-flight rows whose key is older than `older_than_s` into unknown; returns how many."""

@@ -99,6 +99,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         DROP INDEX send_log_sender;
         """,
     ),
+    (
+        "the mailbox (grant or domain) each row was claimed through",
+        # Nylas scopes idempotency keys per grant: a key that may have been used is only ever
+        # re-sent through the mailbox it was claimed through, whatever the manifest now says.
+        "ALTER TABLE recipients ADD COLUMN claimed_via TEXT",
+    ),
 )
 
 

@@ -328,6 +328,11 @@ class SenderSettings(BaseModel):
             )
         return value
 
+    @property
+    def mailbox(self) -> str:
+        """What Nylas scopes this sender's idempotency keys to: its grant, or `domain:<domain>`."""
+        return self.grant_id if self.grant_id else f"domain:{self.domain}"
+
     @field_validator("grant_id", "domain")
     @classmethod
     def _check_grant(cls, value: str | None) -> str | None:

@@ -64,9 +64,11 @@ class _CrashingLedger:
         if self._writes == self._crash_at:
             raise Crash
 
-    def claim(self, key: str, *, subject: str | None = None, sender: str | None = None):
+    def claim(
+        self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
+    ):
         self._tick()
-        return self._ledger.claim(key, subject=subject, sender=sender)
+        return self._ledger.claim(key, subject=subject, sender=sender, via=via)
 
     def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1):
         self._tick()

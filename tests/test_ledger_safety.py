@@ -217,3 +217,57 @@ def test_an_attachment_deleted_before_resume_is_one_line_and_sends_nothing(api, 
     (line,) = _lines(result.stderr)
     assert victim.name in line
     assert len(api.deliveries) == sent
+
+
+GRANT = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"
+
+
+def _crash_after_claiming(manifest, cli, clock) -> tuple[str, str]:
+    """Run two of five sends, then leave a third row claimed as a crash would (its request may have left)."""
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    ledger = open_ledger(
+        manifest.with_name("campaign.ledger.sqlite"), clock=clock, campaign="spring-newsletter"
+    )
+    try:
+        key = next(row.key for row in ledger.rows() if row.state.value == "pending")
+        claim = ledger.claim(key, subject="Spring news", sender="founder", via=GRANT)
+    finally:
+        ledger.close()
+    return key, claim.idempotency_key
+
+
+def test_a_row_in_flight_is_never_resent_through_a_changed_grant(api, cli, cli_clock, tmp_path):
+    """kill -9 mid-send, grant_id edited, resume: the in-flight row is unknown (with why), not mailed through
+    the new grant; the other rows go out through it once each."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    key, _ = _crash_after_claiming(manifest, cli, cli_clock)
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace(GRANT, "new-grant"))
+    api.add_grant("new-grant", "maya@example.com")
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 1, result.output  # finished, one row unknown
+    to_key = [d for d in api.deliveries if d.payload["to"][0]["email"].lower() == key]
+    assert [d.grant_id for d in to_key] == []
+    assert sorted(d.grant_id for d in api.deliveries) == [GRANT, GRANT, "new-grant", "new-grant"]
+    ledger = open_ledger(
+        manifest.with_name("campaign.ledger.sqlite"), clock=FakeClock(), campaign="spring-newsletter"
+    )
+    try:
+        row = next(row for row in ledger.rows() if row.key == key)
+    finally:
+        ledger.close()
+    assert row.state.value == "unknown"
+    assert f"claimed through {GRANT}, which no sender of the manifest has any more" in (row.note or "")
+
+
+def test_a_renamed_sender_on_the_same_grant_resends_the_row_with_its_key(api, cli, cli_clock, tmp_path):
+    """The sender renamed, its grant kept: the in-flight row goes out through that grant with its own key."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    key, idempotency_key = _crash_after_claiming(manifest, cli, cli_clock)
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace('name = "founder"', 'name = "maya"'))
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    to_key = [d for d in api.deliveries if d.payload["to"][0]["email"].lower() == key]
+    assert [(d.grant_id, d.idempotency_key) for d in to_key] == [(GRANT, idempotency_key)]
+    assert len(api.deliveries) == 5

@@ -166,6 +166,7 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
         sync = _record_plan(ledger, plan.preflight, stamp)
         record_content(ledger, content)
         record_key_scheme(ledger, manifest)
+        ledger.record_moved_mailboxes({sender.mailbox: sender.name for sender in manifest.senders})
         ledger.record_expired_claims()
         jobs = _open_jobs(manifest, ledger, plan, stamp)
         fake = build_sandbox_api(manifest) if sandbox else None
