@@ -244,8 +244,13 @@ def lock_ledger(path: Path) -> int:
         error = _in_use(path, fd)
         os.close(fd)
         raise error from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as exc:  # e.g. a full disk
+        os.close(fd)
+        message = f"{lock_path}: cannot write the ledger's lock file ({exc.strerror or exc}); free some space"
+        raise LedgerError(message) from exc
     return fd
 
 

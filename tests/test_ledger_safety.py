@@ -271,3 +271,37 @@ def test_a_renamed_sender_on_the_same_grant_resends_the_row_with_its_key(api, cl
     to_key = [d for d in api.deliveries if d.payload["to"][0]["email"].lower() == key]
     assert [(d.grant_id, d.idempotency_key) for d in to_key] == [(GRANT, idempotency_key)]
     assert len(api.deliveries) == 5
+
+
+def test_a_full_disk_under_the_lock_file_is_one_line_and_sends_nothing(api, cli, tmp_path):
+    """The lock file cannot be written (ENOSPC, from /dev/full): exit 74, one line, no request, no ledger."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    manifest.with_name("campaign.ledger.sqlite.lock").symlink_to("/dev/full")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 74, result.output
+    (line,) = _lines(result.stderr)
+    assert "cannot write the ledger's lock file" in line
+    assert api.requests == []
+    assert not manifest.with_name("campaign.ledger.sqlite").exists()
+
+
+def test_a_full_disk_under_the_ledger_is_one_line_and_mails_nobody_twice(api, cli, tmp_path):
+    """The ledger's write-ahead log cannot be written (ENOSPC, from /dev/full): resume exits 74 in one
+    line without a traceback; once there is room, resume finishes and nobody got a second message."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    wal = manifest.with_name("campaign.ledger.sqlite-wal")
+    assert not wal.exists()
+    wal.symlink_to("/dev/full")
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 74, result.output
+    (line,) = _lines(result.stderr)
+    assert "campaign.ledger.sqlite" in line
+    assert "Traceback" not in result.output
+    wal.unlink()
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    emails = [d.payload["to"][0]["email"].lower() for d in api.deliveries]
+    assert sorted(emails) == sorted(set(emails))
+    assert len(emails) == 5
