@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,11 @@ class LedgerReader:
         """A value stored with the ledger, or None."""
         found = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(found[0][0]) if found else None
+
+    def latest_claim(self, state: RowState) -> datetime | None:
+        """When the most recently claimed row in `state` was last claimed (None: no such row)."""
+        found = self._read("SELECT MAX(claimed_at) FROM recipients WHERE state = ?", (state.value,))
+        return datetime.fromisoformat(found[0][0]) if found and found[0][0] else None
 
     def started_row(self) -> tuple[str, str] | None:
         """(key, address) of one row a send was started for (in flight or settled by the API), or None."""

@@ -10,10 +10,16 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from campaign.models import RowState
 
-__all__ = ["NextStep", "build_next_steps"]
+__all__ = ["DEFAULT_MIN_AGE", "NextStep", "build_next_steps"]
+
+
+# "Not found" means "not sent" only this long after the last send: real mailboxes list a sent
+# message in the Sent folder, and Nylas in its metadata index, seconds to minutes after the send.
+DEFAULT_MIN_AGE = timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +50,13 @@ def build_next_steps(
     sandbox: bool = False,
     removed: int = 0,
     examples: Mapping[RowState, Sequence[str]] | None = None,
+    reconcile_decides_at: datetime | None = None,
 ) -> list[NextStep]:
-    """The steps that finish the campaign, given the state counts of the rows still in the list."""
+    """The steps that finish the campaign, given the state counts of the rows still in the list.
+
+    `reconcile_decides_at`: when reconcile can call the youngest unknown row not sent, if that is
+    still ahead (before then it finds the ones that went out, and leaves the others unknown).
+    """
     target = shlex.quote(manifest)
     flag = " --sandbox" if sandbox else ""
     resume = f"campaign resume {target}{flag}"
@@ -61,7 +72,13 @@ def build_next_steps(
         (RowState.PENDING, "not sent yet", (resume,)),
         (
             RowState.UNKNOWN,
-            "may or may not have gone out; reconcile asks the API and re-queues those that did not",
+            "may or may not have gone out; reconcile asks the API and re-queues those that did not"
+            + (
+                ""
+                if reconcile_decides_at is None or sandbox
+                else f" (it finds sent ones at once; it can call the others not sent from "
+                f"{reconcile_decides_at:%Y-%m-%d %H:%M} UTC, when a late Sent folder would show them)"
+            ),
             (settle, resume),
         ),
         (

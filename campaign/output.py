@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -309,8 +310,14 @@ def print_next_steps(console: Console, steps: Sequence[Mapping[str, Any]]) -> No
         console.print(f"Continue with: [bold]{escape(first)}[/]", soft_wrap=True)
 
 
-def print_reconciled(console: Console, decisions: Sequence[Mapping[str, Any]], *, in_flight: int) -> None:
-    """What reconcile decided for each unknown row, and why."""
+def print_reconciled(
+    console: Console,
+    decisions: Sequence[Mapping[str, Any]],
+    *,
+    in_flight: int,
+    decide_after: datetime | None = None,
+) -> None:
+    """What reconcile decided for each unknown row, and why (and when it can decide the young ones)."""
     if not decisions:
         console.print("No unknown rows: nothing to reconcile.")
     colours = {"sent": "green", "pending": "yellow", "unknown": "red"}
@@ -324,6 +331,11 @@ def print_reconciled(console: Console, decisions: Sequence[Mapping[str, Any]], *
         f"Reconciled {len(decisions)} unknown rows: {counts['sent']} were sent, "
         f"{counts['pending']} were not (back to pending, with a new key), {counts['unknown']} still unknown."
     )
+    if decide_after is not None:
+        console.print(
+            f"Rows not found yet were sent too recently to call them not sent: run reconcile again after "
+            f"{format_local_time(decide_after)} (or choose --min-age)."
+        )
     if in_flight:
         console.print(
             f"{in_flight} rows are still in flight from an interrupted run: resume re-sends them "

@@ -4,15 +4,19 @@ For each unknown row, in its sender's grant: first the metadata lookup
 (`metadata_pair=key2:<recipient key>`, keeping messages whose `key1` is this
 campaign), then the Sent folder (`/folders` for the folder with `\\Sent`, then
 `/messages?in=…&to=…&received_after=…`, matching the subject recorded at claim
-time). Found: the row becomes sent with that message id. Not found by a lookup
-that worked: it goes back to pending with a new idempotency key. A lookup that
-fails leaves the row unknown. Never sends; writes the ledger off the event loop.
+time). Found: the row becomes sent with that message id, at any age. Not found
+by lookups that worked, and its last send older than the settle time (`min_age`,
+default 15 minutes: a mailbox's Sent folder and Nylas's metadata index can show
+a message minutes after it went out): it goes back to pending with a new
+idempotency key. Younger, or a lookup that failed: the row stays unknown, and the
+report says when reconcile can decide. Never sends; writes the ledger off the
+event loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
@@ -23,15 +27,35 @@ import anyio.to_thread
 from campaign.errors import ApiAuthError, ApiError
 from campaign.ledger import Ledger, LedgerRow
 from campaign.models import RowState
+from campaign.nextsteps import DEFAULT_MIN_AGE
 from campaign.nylas import Folder, ListedMessage, MessagePage
 from campaign.settings import SenderSettings
 
-__all__ = ["Decision", "MessageLister", "ReconcileReport", "Verdict", "reconcile_unknown"]
+__all__ = [
+    "DEFAULT_MIN_AGE",
+    "Decision",
+    "MessageLister",
+    "ReconcileReport",
+    "Verdict",
+    "parse_min_age",
+    "reconcile_unknown",
+]
 
 PAGE = 200
 MAX_PAGES = 25  # per lookup: 5,000 messages is far more than one recipient gets from one mailbox
 # Look back this far before the first claim: the provider's clock and ours may differ.
 SKEW = timedelta(minutes=5)
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_min_age(text: str) -> timedelta:
+    """`90s`, `15m` or `1h` as a timedelta; ValueError (saying the forms) for anything else."""
+    value = text.strip().lower()
+    number, unit = value[:-1], value[-1:]
+    if unit not in _UNITS or not number.isdigit():
+        message = f"{text!r} is not a duration; write seconds, minutes or hours, e.g. 90s, 15m or 1h"
+        raise ValueError(message)
+    return timedelta(seconds=int(number) * _UNITS[unit])
 
 
 class MessageLister(Protocol):
@@ -78,6 +102,7 @@ class ReconcileReport:
 
     decisions: tuple[Decision, ...]
     in_flight: int
+    decide_after: datetime | None = None  # when the youngest row not found yet can be concluded not sent
 
     def count(self, verdict: Verdict) -> int:
         """How many rows got `verdict`."""
@@ -90,14 +115,31 @@ async def reconcile_unknown(
     campaign: str,
     senders: Sequence[SenderSettings],
     client: MessageLister,
+    now: datetime,
+    min_age: timedelta = DEFAULT_MIN_AGE,
 ) -> ReconcileReport:
-    """Look up every unknown row and record what was found (ApiAuthError stops it: nothing is lost)."""
+    """Look up every unknown row and record what was found (ApiAuthError stops it: nothing is lost).
+
+    A row not found is concluded not sent only when its last claim is older than `min_age` at `now`.
+    """
     run = anyio.to_thread.run_sync
     rows = await run(lambda: list(ledger.rows(states=(RowState.UNKNOWN,))))
     finder = _Finder(client, campaign, {sender.name: sender for sender in senders})
     decisions: list[Decision] = []
+    decide_after: datetime | None = None
     for row in rows:
         decision = await finder.decide(row)
+        settles_at = _settles_at(row, min_age)
+        if decision.verdict == Verdict.PENDING and (settles_at is None or settles_at > now):
+            wait = "" if settles_at is None else f" after {settles_at:%Y-%m-%d %H:%M:%S} UTC"
+            decision = replace(
+                decision,
+                verdict=Verdict.UNKNOWN,
+                reason=f"{decision.reason.removesuffix(': not sent')}, but it was sent less than "
+                f"{_minutes(min_age)} ago and a mailbox can list it later: run reconcile again{wait}",
+            )
+            if settles_at is not None:
+                decide_after = settles_at if decide_after is None else max(decide_after, settles_at)
         if decision.verdict == Verdict.SENT:
             assert decision.message_id is not None
             assert row.sender is not None
@@ -115,10 +157,23 @@ async def reconcile_unknown(
         elif decision.verdict == Verdict.PENDING:
             await run(partial(ledger.record_retry, row.key, note=f"reconcile: {decision.reason}"))
         decisions.append(decision)
-    report = ReconcileReport(tuple(decisions), in_flight=ledger.counts()[RowState.INFLIGHT])
+    report = ReconcileReport(
+        tuple(decisions), in_flight=ledger.counts()[RowState.INFLIGHT], decide_after=decide_after
+    )
     summary = ", ".join(f"{report.count(verdict)} {verdict.value}" for verdict in Verdict)
     await run(partial(ledger.record_event, "reconcile", f"{len(decisions)} unknown rows: {summary}"))
     return report
+
+
+def _settles_at(row: LedgerRow, min_age: timedelta) -> datetime | None:
+    """When "not found" may be read as "not sent" for `row`: its last claim plus `min_age`."""
+    claimed = row.claimed_at or row.first_claimed_at
+    return None if claimed is None else datetime.fromisoformat(claimed) + min_age
+
+
+def _minutes(age: timedelta) -> str:
+    seconds = int(age.total_seconds())
+    return f"{seconds // 60} min" if seconds % 60 == 0 and seconds >= 60 else f"{seconds} s"
 
 
 class _Finder:

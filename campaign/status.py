@@ -6,6 +6,7 @@ Reads the ledger; writes nothing. The keys are a contract documented in the READ
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from campaign.clock import Clock
@@ -13,7 +14,7 @@ from campaign.ledger import Ledger
 from campaign.ledger_read import ErrorGroup
 from campaign.manifest import Manifest
 from campaign.models import RowState
-from campaign.nextsteps import build_next_steps
+from campaign.nextsteps import DEFAULT_MIN_AGE, build_next_steps
 from campaign.plan import build_schedule
 from campaign.ratelimit import DAY_S
 
@@ -83,10 +84,19 @@ def build_status(
                 sandbox=sandbox,
                 removed=sum(counts.values()) - sum(listed.values()),
                 examples=ledger.sample_emails(sampled, listed=True),
+                reconcile_decides_at=_reconcile_decides_at(ledger, clock.now()),
             )
         ],
         "senders": senders,
     }
+
+
+def _reconcile_decides_at(ledger: Ledger, now: datetime) -> datetime | None:
+    """When reconcile can conclude "not sent" for every unknown row, if that is still ahead of `now`."""
+    latest = ledger.latest_claim(RowState.UNKNOWN)
+    if latest is None or latest + DEFAULT_MIN_AGE <= now:
+        return None
+    return (latest + DEFAULT_MIN_AGE).astimezone(UTC)
 
 
 def build_unstarted_status(manifest: Manifest) -> dict[str, Any]:

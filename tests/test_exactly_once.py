@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from campaign.testing.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 KEY = "test-key"
+
+# The in-process fake lists a message as soon as it is sent: no settle time is needed here.
+NO_SETTLE_TIME = timedelta(0)
 
 
 def _sender(name: str = "a", **limits: Any) -> SenderSettings:
@@ -78,7 +82,14 @@ class _World:
             transport=httpx.ASGITransport(app=self.fake.app), base_url="http://f"
         ) as http:
             client = NylasClient(http, api_key=KEY, clock=self.clock)
-            return await reconcile_unknown(self.ledger, campaign="test", senders=self.senders, client=client)
+            return await reconcile_unknown(
+                self.ledger,
+                campaign="test",
+                senders=self.senders,
+                client=client,
+                now=self.clock.now(),
+                min_age=NO_SETTLE_TIME,
+            )
 
     def states(self) -> dict[str, RowState]:
         return {row.key: row.state for row in self.ledger.rows()}

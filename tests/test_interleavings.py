@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ FAULTS = [
     Fault.RESET_AFTER_SEND,
 ]
 FINAL = {RowState.SENT, RowState.FAILED, RowState.SKIPPED}
+
+# The in-process fake lists a message as soon as it is sent: no settle time is needed here.
+NO_SETTLE_TIME = timedelta(0)
 
 
 class Crash(BaseException):
@@ -173,7 +177,14 @@ class _World:
             transport=httpx.ASGITransport(app=self.fake.app), base_url="http://f"
         ) as h:
             client = NylasClient(h, api_key=KEY, clock=self.clock)
-            await reconcile_unknown(self.ledger, campaign="mix", senders=self.senders, client=client)
+            await reconcile_unknown(
+                self.ledger,
+                campaign="mix",
+                senders=self.senders,
+                client=client,
+                now=self.clock.now(),
+                min_age=NO_SETTLE_TIME,
+            )
 
     def delivered(self) -> Counter[str]:
         return Counter(d.payload["to"][0]["email"] for d in self.fake.deliveries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from campaign.testing.clock import FakeClock
 pytestmark = pytest.mark.anyio
 KEY = "nyk_test_reconcile_key"
 SENDER = SenderSettings(name="a", grant_id="grant-a", email="a@corp.example.com")
+
+# The in-process fake lists a message as soon as it is sent: no settle time is needed here.
+NO_SETTLE_TIME = timedelta(0)
 
 
 class _Setup:
@@ -57,7 +61,12 @@ class _Setup:
         ) as h:
             client = NylasClient(h, api_key=api_key, clock=self.clock)
             return await reconcile_unknown(
-                self.ledger, campaign="spring", senders=senders, client=wrap(client) if wrap else client
+                self.ledger,
+                campaign="spring",
+                senders=senders,
+                client=wrap(client) if wrap else client,
+                now=self.clock.now(),
+                min_age=NO_SETTLE_TIME,
             )
 
 

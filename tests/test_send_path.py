@@ -8,6 +8,7 @@ import asyncio
 import re
 import tomllib
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import anyio
@@ -31,6 +32,9 @@ from campaign.testing import FakeClock, FakeNylas, Fault, serve_on_loopback
 KEY = "nyk_send_path_key_0123456789"
 PAYLOAD = {"to": [{"email": "ann@example.com"}], "subject": "Hi", "body": "<p>Hi</p>"}
 REPO = Path(__file__).resolve().parent.parent
+
+# The in-process fake lists a message as soon as it is sent: no settle time is needed here.
+NO_SETTLE_TIME = timedelta(0)
 
 
 # ---------------------------------------------------------------------------------------------- URLs
@@ -220,7 +224,14 @@ async def test_the_send_loop_over_loopback_mails_everyone_once_through_every_fau
                     settings=settings,
                     offload=run_inline,
                 )
-                await reconcile_unknown(ledger, campaign="test", senders=senders, client=client)
+                await reconcile_unknown(
+                    ledger,
+                    campaign="test",
+                    senders=senders,
+                    client=client,
+                    now=clock.now(),
+                    min_age=NO_SETTLE_TIME,
+                )
     delivered = Counter(d.payload["to"][0]["email"] for d in fake.deliveries)
     assert sorted(delivered) == sorted(j.recipient.key for j in jobs)
     assert set(delivered.values()) == {1}

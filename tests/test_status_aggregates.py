@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +210,19 @@ def _status_from_rows(
         for state in (*OPEN_STATES, RowState.FAILED)
     }
     removed = len(rows) - sum(listed.values())
+    unknown_claims = [
+        datetime.fromisoformat(row.claimed_at)
+        for row in rows
+        if row.state == RowState.UNKNOWN and row.claimed_at
+    ]
+    decides_at = max(unknown_claims) + timedelta(minutes=15) if unknown_claims else None
     steps = build_next_steps(
-        listed, manifest=command_path, sandbox=sandbox, removed=removed, examples=examples
+        listed,
+        manifest=command_path,
+        sandbox=sandbox,
+        removed=removed,
+        examples=examples,
+        reconcile_decides_at=decides_at if decides_at is not None and decides_at > clock.now() else None,
     )
     return {
         "campaign": manifest.campaign.name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +28,7 @@ from campaign.output import (
     print_report_written,
     print_retried,
 )
-from campaign.reconcile import ReconcileReport, Verdict, reconcile_unknown
+from campaign.reconcile import ReconcileReport, Verdict, parse_min_age, reconcile_unknown
 from campaign.report import build_report, write_report
 from campaign.status import build_status
 
@@ -39,24 +40,44 @@ LedgerSandboxOpt = Annotated[bool, typer.Option("--sandbox", help="Use the sandb
 def reconcile(
     manifest: ManifestArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print the decisions as JSON.")] = False,
+    min_age: Annotated[
+        str,
+        typer.Option(
+            "--min-age",
+            help="Conclude 'not sent' only for rows last sent longer ago than this (90s, 15m, 1h).",
+        ),
+    ] = "15m",
 ) -> None:
     """Settle rows whose fate is unknown: ask the API whether each message went out. Sends nothing."""
     with exit_codes():
+        try:
+            settle = parse_min_age(min_age)
+        except ValueError as exc:
+            raise UsageError(f"--min-age: {exc}") from exc
         loaded = load_manifest(manifest)
         path = require_ledger(loaded, manifest, sandbox=False)
         api_key = read_api_key(loaded)
         ledger = open_campaign_ledger(loaded, path, exclusive=True)
         try:
             ledger.record_expired_claims()
-            found = anyio.run(_reconcile, loaded, ledger, api_key)
+            found = anyio.run(_reconcile, loaded, ledger, api_key, settle)
             steps = build_status(loaded, ledger, clock=options.clock, command_path=str(manifest))["next"]
         finally:
             ledger.close()
         decisions = [asdict(decision) for decision in found.decisions]
         if as_json:
-            print_json(out, {"decisions": decisions, "in_flight": found.in_flight, "next": steps})
+            decide_after = None if found.decide_after is None else found.decide_after.isoformat()
+            print_json(
+                out,
+                {
+                    "decisions": decisions,
+                    "in_flight": found.in_flight,
+                    "decide_after": decide_after,
+                    "next": steps,
+                },
+            )
         else:
-            print_reconciled(out, decisions, in_flight=found.in_flight)
+            print_reconciled(out, decisions, in_flight=found.in_flight, decide_after=found.decide_after)
             print_next_steps(out, steps)
         raise typer.Exit(EXIT_NOT_ALL_SENT if found.count(Verdict.UNKNOWN) else EXIT_DONE)
 
@@ -115,8 +136,14 @@ def report(
         print_report_written(out, path=out_file, rows=frame.height, states=dict(held))
 
 
-async def _reconcile(manifest: Manifest, ledger: Ledger, api_key: str) -> ReconcileReport:
-    async with connect_api(manifest, api_key=api_key, clock=options.clock) as client:
+async def _reconcile(manifest: Manifest, ledger: Ledger, api_key: str, min_age: timedelta) -> ReconcileReport:
+    clock = options.clock
+    async with connect_api(manifest, api_key=api_key, clock=clock) as client:
         return await reconcile_unknown(
-            ledger, campaign=manifest.campaign.name, senders=manifest.senders, client=client
+            ledger,
+            campaign=manifest.campaign.name,
+            senders=manifest.senders,
+            client=client,
+            now=clock.now(),
+            min_age=min_age,
         )
