@@ -63,6 +63,10 @@ class Grant:
     throttle_style: QuotaStyle = "microsoft"
     keys: IdempotencyCache = field(default_factory=IdempotencyCache)
     messages: list[StoredMessage] = field(default_factory=list)
+    # Real mailboxes list a sent message (Sent folder, metadata index) seconds to minutes after the
+    # send; Microsoft grants' `to` filter sometimes finds nothing (set_listing_quirks).
+    listing_lag_s: float = 0.0
+    to_filter_broken: bool = False
     schedules: dict[str, tuple[int, bool]] = field(default_factory=dict)  # id -> (send_at, cancelled)
 
     @property
@@ -121,6 +125,21 @@ class FakeState:
         """Connect a mailbox: sends to `grant_id` (or its email) are accepted from now on."""
         with self._lock:
             self._grants[grant_id] = Grant(grant_id, email, provider, _build_folders(grant_id, provider))
+
+    def set_listing_quirks(
+        self, grant_id: str, *, lag_s: float = 0.0, to_filter_broken: bool = False
+    ) -> None:
+        """Make `GET /messages` of a grant behave as real providers do.
+
+        `lag_s`: a sent message is listed (by any filter, metadata included) only `lag_s` seconds
+        after its send, on the fake's clock: Gmail's and Exchange's Sent folders and Nylas's
+        metadata index show a message some time after it went out. `to_filter_broken`: the `to`
+        filter finds nothing, as the Nylas OpenAPI spec warns for Microsoft grants (it suggests
+        `thread_id` instead). Sources: nylas-api.md §5 and §11.3 (open questions).
+        """
+        with self._lock:
+            grant = self._grants[grant_id]
+            grant.listing_lag_s, grant.to_filter_broken = lag_s, to_filter_broken
 
     def add_domain(self, domain: str) -> None:
         """Verify a domain for transactional sends (POST /v3/domains/{domain}/messages/send).
@@ -365,8 +384,11 @@ class FakeState:
     def _list_messages(
         self, grant: Grant, query: Mapping[str, list[str]]
     ) -> tuple[list[dict[str, Any]], str | None]:
+        listed_before = self.clock.now().timestamp() - grant.listing_lag_s
         with self._lock:
-            snapshot: Sequence[StoredMessage] = list(grant.messages)
+            snapshot: Sequence[StoredMessage] = [m for m in grant.messages if m.data["date"] <= listed_before]
+        if grant.to_filter_broken and query.get("to"):
+            snapshot = []
         folder_ids = frozenset(str(f["id"]) for f in grant.folders)
         return select_messages(snapshot, query, folder_ids=folder_ids)
 
