@@ -55,6 +55,18 @@ class ErrorBody:
     provider_error: object
 
 
+# The OpenAPI spec and the Python SDK name a sent message's id `id`; for a transactional (domain)
+# send the Node SDK types the answer as {messageId}. Any of them, a non-empty string, counts.
+_MESSAGE_ID_KEYS = ("id", "message_id", "messageId")
+
+
+def _message_id(data: object) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    found = (data.get(key) for key in _MESSAGE_ID_KEYS)
+    return next((value for value in found if isinstance(value, str) and value), None)
+
+
 def build_send_outcome(response: httpx.Response, *, clock: Clock, scrub: Callable[[str], str]) -> SendOutcome:
     """What one send's HTTP response means; `scrub` removes secrets from any text the outcome keeps."""
     status = response.status_code
@@ -65,8 +77,8 @@ def build_send_outcome(response: httpx.Response, *, clock: Clock, scrub: Callabl
     replayed = response.headers.get("Idempotent-Response", "").strip().lower() == "true"
     if 200 <= status < 300:
         data = body.get("data") if body is not None else None
-        message_id = data.get("id") if isinstance(data, dict) else None
-        if isinstance(message_id, str) and message_id:
+        message_id = _message_id(data)
+        if message_id is not None:
             return SendOutcome(
                 OutcomeKind.SENT, status, message_id=message_id, request_id=request_id, replayed=replayed
             )

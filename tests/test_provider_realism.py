@@ -60,3 +60,47 @@ def test_a_lagging_mailbox_never_turns_a_sent_message_into_a_second_one(
     assert (states["sent"], states["unknown"], states["pending"]) == (5, 0, 0)
     delivered = Counter(d.payload["to"][0]["email"].lower() for d in lagging.deliveries)
     assert sorted(delivered.values()) == [1] * 5
+
+
+def _domain_campaign(tmp_path):
+    """The newsletter sample sent as application mail through a verified domain (no mailbox)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    text = manifest.read_text(encoding="utf-8")
+    grant = load_manifest(manifest).senders[0].grant_id
+    manifest.write_text(
+        text.replace(f'grant_id = "{grant}"', 'domain = "mail.example.com"').replace(
+            'email = "maya@example.com"', 'from = "news@mail.example.com"'
+        ),
+        encoding="utf-8",
+    )
+    assert load_manifest(manifest).senders[0].domain == "mail.example.com"
+    return manifest
+
+
+@pytest.mark.parametrize("shape", ["id", "message_id", "messageId"])
+def test_both_transactional_answer_shapes_settle_as_sent(api, cli, tmp_path, shape):
+    """A domain send answered with `id`, `message_id` or `messageId` is sent, with that message id."""
+    manifest = _domain_campaign(tmp_path)
+    api.add_domain("mail.example.com")
+    api.domain_answer_id = shape
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert len(api.deliveries) == 5
+    report = tmp_path / "report.csv"
+    assert cli("report", manifest, "--out", report).exit_code == 0
+    import polars as pl
+
+    ids = pl.read_csv(report)["message_id"].drop_nulls().to_list()
+    assert sorted(ids) == sorted(d.id for d in api.deliveries)
+
+
+def test_a_transactional_answer_without_an_id_is_not_taken_as_sent(api, cli, tmp_path):
+    """A 200 whose data holds no message id is ambiguous: the rows end unknown, never `sent` blind."""
+    manifest = _domain_campaign(tmp_path)
+    api.add_domain("mail.example.com")
+    api.domain_answer_id = "reference"  # a shape we do not know
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 1, result.output
+    assert _states(cli, manifest)["sent"] == 0
+    assert _states(cli, manifest)["unknown"] == 5
+    assert len(api.deliveries) == 5  # each went out once: the same-key retries were replays

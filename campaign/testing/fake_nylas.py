@@ -226,6 +226,10 @@ class FakeNylas(FakeState):
             data["headers"] = headers
         elif fields == "include_basic_headers":
             data["headers"] = [h for h in headers if h["name"].lower() in BASIC_HEADER_NAMES]
+        if grant.id.startswith("domain:") and self.domain_answer_id != "id":
+            # Nylas's Node SDK types a transactional send's answer as {messageId}; the OpenAPI spec
+            # and the Python SDK say `id`. Tests switch the shape to hold the client to both.
+            data = {self.domain_answer_id: data["id"], **{k: v for k, v in data.items() if k != "id"}}
         answer = answer_json(200, {"grant_id": grant.id, "data": data}, request_id=request_id)
         return answer, fault is not None
 

@@ -108,6 +108,9 @@ class FakeState:
         self.latency_s = 0.0  # added to every send, on the clock
         self.nylas_retry_after = False  # Retry-After on Nylas' own 429 (undocumented; off by default)
         self.quota_retry_after = True  # Retry-After besides Google's "Retry after <ISO>" text
+        # The key of a transactional (domain) send answer's message id: "id" (OpenAPI spec, Python SDK),
+        # "message_id" or "messageId" (the Node SDK's type).
+        self.domain_answer_id = "id"
         self.max_json_bytes = 3_000_000
         self.max_multipart_bytes = 25_000_000
         self.idempotency_ttl_s = 3600.0
