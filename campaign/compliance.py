@@ -20,7 +20,7 @@ from campaign.errors import TemplateError
 from campaign.manifest import Manifest
 from campaign.models import Message
 from campaign.plan import daily_capacity
-from campaign.settings import SenderSettings
+from campaign.settings import HEADERLESS_PROVIDERS, SenderSettings
 from campaign.suppression import list_store_paths
 
 __all__ = [
@@ -31,12 +31,9 @@ __all__ = [
     "has_body_link",
 ]
 
-# Nylas: "Microsoft Graph and iCloud do not support List-Unsubscribe / List-Unsubscribe-Post custom headers".
-HEADERLESS_PROVIDERS = frozenset({"microsoft", "icloud"})
 # Gmail: a bulk sender sends close to 5,000 or more messages a day to personal accounts, per domain.
 BULK_SENDER_PER_DAY = 5000
 _HREF = re.compile(r"""\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.IGNORECASE)
-_FIRST_URL = re.compile(r"<(https://[^<>\s]+)>")
 # Two-letter country domains whose registrations sit one level down (example.co.uk).
 _SECOND_LEVEL = re.compile(r"^(?:co|com|org|net|ac|gov|edu|ne|or)$")
 
@@ -63,15 +60,16 @@ def check_body_link(manifest: Manifest, message: Message) -> None:
     provider = manifest.sender(message.sender).provider
     if provider not in HEADERLESS_PROVIDERS:
         return
-    url = _unsubscribe_url(message)
+    url = message.unsubscribe_url
     if url is None or has_body_link(message, url):
         return
     body = "HTML body" if message.html is not None else "text body"
     link = '<a href="{{ unsubscribe_url }}">' if message.html is not None else "{{ unsubscribe_url }}"
     raise TemplateError(
-        f"row {message.row}: sender {message.sender!r} (provider {provider}) drops List-Unsubscribe "
-        f"headers, so the {body} must link to unsubscribe_url; add {link} (templates/base.html.j2 "
-        "has one in its footer) or set unsubscribe.require_body_link = false"
+        f"row {message.row}: sender {message.sender!r} (provider {provider}) sends no List-Unsubscribe "
+        f"headers (its provider does not take them), so the {body} must link to unsubscribe_url; "
+        f"add {link} (templates/base.html.j2 has one in its footer) or set "
+        "unsubscribe.require_body_link = false"
     )
 
 
@@ -85,7 +83,7 @@ def build_unsubscribe_warnings(manifest: Manifest, per_sender: Mapping[str, int]
             if sender.provider in HEADERLESS_PROVIDERS:
                 off = "" if settings.require_body_link else " (unsubscribe.require_body_link is off)"
                 found.append(
-                    f"sender {sender.name!r} (provider {sender.provider}) drops List-Unsubscribe headers: "
+                    f"sender {sender.name!r} (provider {sender.provider}) sends no List-Unsubscribe headers: "
                     f"only the unsubscribe link in the body works for its messages{off}"
                 )
     found.extend(_bulk_warnings(manifest, active, per_sender))
@@ -108,14 +106,6 @@ def build_unsubscribe_warnings(manifest: Manifest, per_sender: Mapping[str, int]
             "writes (`campaign unsubscribe serve --store …`) so unsubscribes are honoured"
         )
     return tuple(found)
-
-
-def _unsubscribe_url(message: Message) -> str | None:
-    for name, value in message.headers:
-        if name.lower() == "list-unsubscribe":
-            found = _FIRST_URL.match(value)
-            return None if found is None else found.group(1)
-    return None
 
 
 def _bulk_warnings(

@@ -88,7 +88,20 @@ class Manifest(BaseModel):
                     "keep one sender per mailbox"
                 )
             mailboxes[key, value] = index
+            if sender.provider == "microsoft":
+                self._check_graph_headers(index, sender.name)
         return self
+
+    def _check_graph_headers(self, index: int, sender: str) -> None:
+        # Microsoft Graph refuses a custom header whose name does not start with X-
+        # (InvalidInternetMessageHeader): every send of this sender would fail, so say it now.
+        for name in self.message.headers:
+            if not name.lower().startswith("x-"):
+                raise ValueError(
+                    f"message.headers: {name!r} cannot be sent by senders[{index}] {sender!r} (provider "
+                    "microsoft): Microsoft Graph only accepts custom headers whose names start with X-; "
+                    f"rename it X-{name}"
+                )
 
     @property
     def base_dir(self) -> Path:

@@ -159,6 +159,8 @@ class Message:
     attachments: tuple[Attachment, ...] = field(default=())
     # Rendered but not yet read; campaign.attachments.load_message_attachments turns them into `attachments`.
     attachment_files: tuple[AttachmentFile, ...] = ()
+    # This recipient's one-click link (also in List-Unsubscribe, unless the sender's provider drops it).
+    unsubscribe_url: str | None = None
 
     @property
     def recipient_count(self) -> int:

@@ -23,6 +23,7 @@ from campaign.errors import HeaderError, InputFileError, ManifestError, Template
 from campaign.headers import header_name_problem, header_value_problem
 from campaign.markup import inline_css, render_markdown
 from campaign.models import Address, AttachmentFile, Message, Recipient, Tracking
+from campaign.settings import HEADERLESS_PROVIDERS
 from campaign.templating import (
     BUILTIN_TEMPLATES,
     HTML_SUFFIXES,
@@ -168,7 +169,8 @@ class Composer:
             if (problem := header_value_problem(value)) is not None:
                 raise HeaderError(f"row {row}: {part.label} {problem}")
             headers.append((header_name, value))
-        headers.extend(unsubscribe_headers)
+        if sender.provider not in HEADERLESS_PROVIDERS:  # their unsubscribe is the body link
+            headers.extend(unsubscribe_headers)
 
         html, text = self._render_bodies(context, row)
         files = (
@@ -195,6 +197,7 @@ class Composer:
             ),
             tracking=self.tracking,
             attachment_files=files,
+            unsubscribe_url=context.get("unsubscribe_url"),
         )
 
     def _render_bodies(self, context: dict[str, Any], row: int) -> tuple[str | None, str | None]:

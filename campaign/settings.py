@@ -33,6 +33,7 @@ from campaign.presets import PROVIDER_PRESETS
 __all__ = [
     "DEFAULT_PER_SECOND",
     "FROZEN",
+    "HEADERLESS_PROVIDERS",
     "STORE_SUFFIXES",
     "ApiSettings",
     "CampaignSettings",
@@ -258,6 +259,11 @@ class UnsubscribeSettings(BaseModel):
         if isinstance(value, str) and value[:7].lower() == "mailto:":
             return value[7:]
         return value
+
+
+# Nylas: "Microsoft Graph and iCloud do not support List-Unsubscribe / List-Unsubscribe-Post custom
+# headers": campaign does not send them for these senders; the body link is their unsubscribe.
+HEADERLESS_PROVIDERS = frozenset({"microsoft", "icloud"})
 
 
 class SenderSettings(BaseModel):

@@ -4,8 +4,10 @@ again after the settle time, resumes in between: every recipient mailed exactly 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
+import polars as pl
 import pytest
 from conftest import API_KEY, copy_sample
 
@@ -29,8 +31,6 @@ def _lagging(_loopback, cli_clock, monkeypatch):
 
 
 def _states(cli, manifest) -> dict[str, int]:
-    import json
-
     return json.loads(cli("status", manifest, "--json").stdout)["states"]
 
 
@@ -41,6 +41,8 @@ def test_a_lagging_mailbox_never_turns_a_sent_message_into_a_second_one(
     """504 after each send, a 10 s listing lag (and a broken `to` filter on Microsoft): reconcile at once
     calls nothing "not sent", resume sends nothing twice; after the settle time reconcile finds them all."""
     manifest = copy_sample("newsletter", tmp_path)
+    if provider == "microsoft":
+        _with_provider(manifest, "microsoft")  # as its manifest should say: no List-Unsubscribe headers
     (sender,) = load_manifest(manifest).senders
     lagging.add_grant(sender.grant_id, sender.email or "", provider=provider)
     lagging.set_listing_quirks(sender.grant_id, lag_s=10, to_filter_broken=provider == "microsoft")
@@ -88,8 +90,6 @@ def test_both_transactional_answer_shapes_settle_as_sent(api, cli, tmp_path, sha
     assert len(api.deliveries) == 5
     report = tmp_path / "report.csv"
     assert cli("report", manifest, "--out", report).exit_code == 0
-    import polars as pl
-
     ids = pl.read_csv(report)["message_id"].drop_nulls().to_list()
     assert sorted(ids) == sorted(d.id for d in api.deliveries)
 
@@ -104,3 +104,62 @@ def test_a_transactional_answer_without_an_id_is_not_taken_as_sent(api, cli, tmp
     assert _states(cli, manifest)["sent"] == 0
     assert _states(cli, manifest)["unknown"] == 5
     assert len(api.deliveries) == 5  # each went out once: the same-key retries were replays
+
+
+def _with_provider(manifest, provider: str, *, headers: str | None = None):
+    text = manifest.read_text(encoding="utf-8").replace(
+        'from_name = "Maya from Example"', f'from_name = "Maya from Example"\nprovider = "{provider}"'
+    )
+    if headers is not None:
+        text = text.replace('headers = { "X-Campaign" = "spring-newsletter" }', headers)
+    manifest.write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize(("provider", "expected"), [("microsoft", False), ("icloud", False), ("gmail", True)])
+def test_list_unsubscribe_headers_go_only_to_providers_that_take_them(api, cli, tmp_path, provider, expected):
+    """Microsoft and iCloud senders send no List-Unsubscribe(-Post) (Graph would refuse them); the body link
+    stays; a Gmail sender sends both."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _with_provider(manifest, provider)
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(
+        sender.grant_id, sender.email or "", provider="microsoft" if provider == "microsoft" else "google"
+    )
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert len(api.deliveries) == 5
+    for delivery in api.deliveries:
+        names = {h["name"] for h in delivery.payload.get("custom_headers", [])}
+        assert ({"List-Unsubscribe", "List-Unsubscribe-Post"} <= names) is expected
+        assert "X-Campaign" in names
+        assert "https://example.com/unsubscribe?t=" in delivery.payload["body"]
+
+
+def test_a_header_graph_would_refuse_is_a_manifest_error_for_a_microsoft_sender(api, cli, tmp_path):
+    """A custom header without X- on a Microsoft sender: exit 78 naming header and sender; nothing sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _with_provider(manifest, "microsoft", headers='headers = { "Campaign-Id" = "spring" }')
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 78
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert (
+        "message.headers: 'Campaign-Id' cannot be sent by senders[1] 'founder' (provider microsoft)" in line
+    )
+    assert "rename it X-Campaign-Id" in line
+    assert api.requests == []
+
+
+def test_the_fake_refuses_a_non_x_header_on_a_microsoft_grant_as_graph_does(api, cli, tmp_path):
+    """A Microsoft grant the manifest does not call one: the fake answers 400 with Graph's
+    InvalidInternetMessageHeader, and the row fails with that reason (never a silent success)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "", provider="microsoft")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 1
+    assert api.deliveries == []
+    report = tmp_path / "failed.csv"
+    assert cli("report", manifest, "--out", report).exit_code == 0
+    errors = pl.read_csv(report)["error_message"].drop_nulls().to_list()
+    assert len(errors) == 5
+    assert all("List-Unsubscribe" in error and "x-" in error for error in errors)

@@ -204,6 +204,9 @@ class FakeNylas(FakeState):
             attachments = decode_json_attachments(payload) + tuple(part for _, part in files)
         except ApiProblem as problem:
             return answer_problem(problem, request_id=request_id), False
+        refused_header = _graph_refused_header(grant, payload)
+        if refused_header is not None:
+            return _answer_graph_header_refusal(refused_header, request_id), False
         if payload.get("send_at") is not None:
             return self._accept_scheduled(grant, payload, attachments, request_id), False
         refusal = self._throttle_wait(grant, count_recipients(payload))
@@ -412,3 +415,34 @@ async def _answer_http_error(request: Request, exc: Exception) -> Response:
         return answer_error(404, "not_found_error", _NOT_FOUND, request_id=new_request_id()).build_response()
     detail = exc.detail if isinstance(exc, HTTPException) else "Internal server error."
     return answer_error(status, "invalid_request_error", detail, request_id=new_request_id()).build_response()
+
+
+def _graph_refused_header(grant: Grant, payload: dict[str, Any]) -> str | None:
+    """The first custom header a Microsoft grant refuses: Graph takes only names that start with X-.
+
+    Source: Microsoft Graph's internetMessageHeaders ("only ... headers that begin with X-"), and
+    Nylas's custom_headers notes (nylas-api.md §1.2).
+    """
+    if grant.provider != "microsoft":
+        return None
+    for header in payload.get("custom_headers") or ():
+        name = str(header.get("name", "")) if isinstance(header, dict) else ""
+        if not name.lower().startswith("x-"):
+            return name
+    return None
+
+
+def _answer_graph_header_refusal(name: str, request_id: str) -> Answer:
+    """400 as Nylas relays Graph's InvalidInternetMessageHeader: a provider_error under the envelope."""
+    return answer_error(
+        400,
+        "provider_error",
+        "The provider rejected the request.",
+        request_id=request_id,
+        provider_error={
+            "error": {
+                "code": "InvalidInternetMessageHeader",
+                "message": f"The internet message header name '{name}' should start with 'x-' or 'X-'.",
+            }
+        },
+    )
