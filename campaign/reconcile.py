@@ -176,12 +176,18 @@ def _minutes(age: timedelta) -> str:
     return f"{seconds // 60} min" if seconds % 60 == 0 and seconds >= 60 else f"{seconds} s"
 
 
+class _Undecided(Exception):
+    """A lookup that worked but cannot prove "not sent" (e.g. a listing cut short)."""
+
+
 class _Finder:
     def __init__(self, client: MessageLister, campaign: str, senders: dict[str, SenderSettings]) -> None:
         self._client = client
         self._campaign = campaign
         self._senders = senders
         self._sent_folders: dict[str, Folder | None] = {}
+        # Per grant: the Sent folder listed since a time, and whether the listing was complete.
+        self._sent_listings: dict[str, tuple[datetime, list[ListedMessage], bool]] = {}
         self.sent_at: dict[str, datetime | None] = {}
 
     async def decide(self, row: LedgerRow) -> Decision:
@@ -230,6 +236,8 @@ class _Finder:
                     Verdict.PENDING, "not found by metadata (no subject recorded for the Sent folder)"
                 )
             in_sent = await self._in_sent_folder(grant, folder, row)
+        except _Undecided as exc:
+            return verdict(Verdict.UNKNOWN, f"{problem}not found by metadata, and {exc}; check by hand")
         except ApiAuthError:
             raise
         except ApiError as exc:
@@ -261,12 +269,30 @@ class _Finder:
         return self._sent_folders[grant]
 
     async def _in_sent_folder(self, grant: str, folder: Folder, row: LedgerRow) -> ListedMessage | None:
+        """The row's message in the Sent folder, matched here by recipient and subject.
+
+        The folder is listed by time window only, once per grant: the API's `to` filter finds
+        nothing on some Microsoft grants (the OpenAPI spec says so), and an empty answer from it
+        would read as "not sent". A listing cut short by the page bound proves nothing either.
+        """
         since = datetime.fromisoformat(row.first_claimed_at or row.created_at) - SKEW
-        found = await self._list(grant, in_folder=folder.id, to=row.email, received_after=since)
+        cached = self._sent_listings.get(grant)
+        if cached is None or cached[0] > since:
+            messages, complete = await self._list_all(grant, in_folder=folder.id, received_after=since)
+            cached = self._sent_listings[grant] = (since, messages, complete)
+        _, messages, complete = cached
         subject = (row.subject or "").strip()
         email = row.email.lower()
-        matches = [m for m in found if m.subject.strip() == subject and email in {t.lower() for t in m.to}]
-        return matches[-1] if matches else None  # newest first: the last is the earliest
+        matches = [m for m in messages if m.subject.strip() == subject and email in {t.lower() for t in m.to}]
+        if matches:
+            return matches[-1]  # newest first: the last is the earliest
+        if not complete:
+            message = (
+                f"the Sent folder holds more than {PAGE * MAX_PAGES} messages since {since:%Y-%m-%d %H:%M} "
+                "UTC, more than reconcile reads"
+            )
+            raise _Undecided(message)
+        return None
 
     async def _list(
         self,
@@ -277,6 +303,21 @@ class _Finder:
         to: str | None = None,
         received_after: datetime | None = None,
     ) -> list[ListedMessage]:
+        messages, _ = await self._list_all(
+            grant, metadata_pair=metadata_pair, in_folder=in_folder, to=to, received_after=received_after
+        )
+        return messages
+
+    async def _list_all(
+        self,
+        grant: str,
+        *,
+        metadata_pair: tuple[str, str] | None = None,
+        in_folder: str | None = None,
+        to: str | None = None,
+        received_after: datetime | None = None,
+    ) -> tuple[list[ListedMessage], bool]:
+        """Every page of a listing, up to MAX_PAGES; and whether that was all of it."""
         messages: list[ListedMessage] = []
         token: str | None = None
         seen: set[str] = set()
@@ -295,4 +336,6 @@ class _Finder:
             if token is None or token in seen:
                 break
             seen.add(token)
-        return messages
+        else:
+            return messages, False  # the page bound was reached with pages left
+        return messages, True

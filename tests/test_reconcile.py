@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from campaign import reconcile as reconcile_module
 from campaign.errors import ApiAuthError, ApiError
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
@@ -188,3 +189,40 @@ async def test_rows_of_a_domain_sender_or_a_removed_sender_stay_unknown_with_the
     assert (decision.verdict, "transactional" in decision.reason) == (Verdict.UNKNOWN, True)
     (decision,) = (await s.reconcile(senders=())).decisions
     assert (decision.verdict, "no longer in the manifest" in decision.reason) == (Verdict.UNKNOWN, True)
+
+
+async def test_a_microsoft_grant_whose_to_filter_finds_nothing_still_finds_the_message(tmp_path):
+    """`to` broken (as on some Microsoft grants) and no metadata lookup: the Sent folder, listed by time
+    and matched here by recipient and subject, still finds the message; its absence still means pending."""
+    s = _Setup(tmp_path, provider="microsoft")
+    s.fake.set_listing_quirks("grant-a", to_filter_broken=True)
+    s.unknown("ann@x.com")
+    s.unknown("bob@x.com")
+    message_id = await s.deliver("ann@x.com")
+    asked: list[dict[str, Any]] = []
+
+    class Recording(_MetadataFails):
+        async def list_messages(self, grant_id: str, **kwargs: Any):
+            asked.append(kwargs)
+            return await super().list_messages(grant_id, **kwargs)
+
+    decisions = {d.key: d for d in (await s.reconcile(wrap=Recording)).decisions}
+    assert (decisions["ann@x.com"].verdict, decisions["ann@x.com"].message_id) == (Verdict.SENT, message_id)
+    assert decisions["bob@x.com"].verdict == Verdict.PENDING
+    sent_folder_listings = [kwargs for kwargs in asked if kwargs.get("in_folder")]
+    assert len(sent_folder_listings) == 1  # listed once for the grant, matched here for both rows
+    assert sent_folder_listings[0].get("to") is None
+
+
+async def test_a_sent_folder_longer_than_reconcile_reads_never_yields_not_sent(tmp_path, monkeypatch):
+    """A Sent folder listing cut short by the page bound: a row not in it stays unknown, never pending."""
+    monkeypatch.setattr(reconcile_module, "PAGE", 2)
+    monkeypatch.setattr(reconcile_module, "MAX_PAGES", 2)
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com")
+    for n in range(6):
+        await s.deliver(f"other{n}@x.com")
+    (decision,) = (await s.reconcile(wrap=_MetadataFails)).decisions
+    assert decision.verdict == Verdict.UNKNOWN
+    assert "more than reconcile reads" in decision.reason
+    assert s.ledger.row("ann@x.com").state == RowState.UNKNOWN
