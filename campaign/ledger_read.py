@@ -39,6 +39,7 @@ class LedgerRow:
     claimed_at: str | None  # the latest claim
     subject: str | None  # the subject as last sent (reconcile matches it in the Sent folder)
     message_id: str | None
+    thread_id: str | None  # the thread the sent message is in (from the send answer)
     request_id: str | None
     replayed: bool  # the last answer came from Nylas's idempotency cache
     error_type: str | None

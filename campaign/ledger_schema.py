@@ -105,6 +105,11 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         # re-sent through the mailbox it was claimed through, whatever the manifest now says.
         "ALTER TABLE recipients ADD COLUMN claimed_via TEXT",
     ),
+    (
+        "the thread each sent message started",
+        # From the send answer: follow-ups reply in it, and reconcile can look a message up by it.
+        "ALTER TABLE recipients ADD COLUMN thread_id TEXT",
+    ),
 )
 
 

@@ -210,6 +210,7 @@ class SendOutcome:
     kind: OutcomeKind
     status: int | None = None
     message_id: str | None = None
+    thread_id: str | None = None  # the thread the sent message is in (Nylas's data.thread_id)
     request_id: str | None = None
     error_type: str | None = None
     error_message: str | None = None

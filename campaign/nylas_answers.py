@@ -79,8 +79,14 @@ def build_send_outcome(response: httpx.Response, *, clock: Clock, scrub: Callabl
         data = body.get("data") if body is not None else None
         message_id = _message_id(data)
         if message_id is not None:
+            thread_id = data.get("thread_id") if isinstance(data, dict) else None
             return SendOutcome(
-                OutcomeKind.SENT, status, message_id=message_id, request_id=request_id, replayed=replayed
+                OutcomeKind.SENT,
+                status,
+                message_id=message_id,
+                thread_id=thread_id if isinstance(thread_id, str) and thread_id else None,
+                request_id=request_id,
+                replayed=replayed,
             )
         # Not a Nylas answer we understand: a same-key retry (or reconcile) settles it safely.
         return SendOutcome(

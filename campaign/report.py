@@ -1,6 +1,6 @@
 """The outcome report: one row per recipient from the ledger, as a polars frame written to CSV or Parquet.
 
-Columns: row, key, email, sender, state, reason, attempts, message_id, request_id,
+Columns: row, key, email, sender, state, reason, attempts, message_id, thread_id, request_id,
 replayed, error_type, error_status, error_message, note, listed, and the times
 (created, first claimed, last claimed, sent, updated) as UTC datetimes. Reads rows
 it is given; writes only the output file. The idempotency key stays out (it is an
@@ -38,6 +38,7 @@ _SCHEMA: dict[str, type[pl.DataType] | pl.DataType] = {
     "reason": pl.String,
     "attempts": pl.Int64,
     "message_id": pl.String,
+    "thread_id": pl.String,
     "request_id": pl.String,
     "replayed": pl.Boolean,
     "error_type": pl.String,

@@ -357,10 +357,14 @@ def test_build_http_client_applies_the_timeout_and_refuses_nonsense() -> None:
 
 @pytest.mark.anyio
 async def test_200_is_sent_with_message_id_and_request_id() -> None:
-    """A 2xx carries data.id and the body's request_id; a first answer is not a replay."""
+    """A 2xx carries data.id, data.thread_id and the body's request_id; a first answer is not a replay."""
     outcome = await send_with(respond(200, SENT_BODY, headers={"x-request-id": "from-header"}))
     assert outcome == SendOutcome(
-        OutcomeKind.SENT, status=200, message_id="5d3qmne77v32r8l4phyuksl2x", request_id=REQUEST_ID
+        OutcomeKind.SENT,
+        status=200,
+        message_id="5d3qmne77v32r8l4phyuksl2x",
+        thread_id="t-1",
+        request_id=REQUEST_ID,
     )
 
 

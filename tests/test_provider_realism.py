@@ -163,3 +163,17 @@ def test_the_fake_refuses_a_non_x_header_on_a_microsoft_grant_as_graph_does(api,
     errors = pl.read_csv(report)["error_message"].drop_nulls().to_list()
     assert len(errors) == 5
     assert all("List-Unsubscribe" in error and "x-" in error for error in errors)
+
+
+def test_the_thread_of_every_sent_message_is_recorded_and_reported(api, cli, tmp_path):
+    """Each send answer's thread_id is kept in the ledger and shown by `report` (follow-ups reply in it)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    assert cli("run", manifest, "--yes").exit_code == 0
+    report = tmp_path / "report.parquet"
+    assert cli("report", manifest, "--out", report, "--state", "sent").exit_code == 0
+    threads = pl.read_parquet(report)["thread_id"].to_list()
+    assert len(threads) == 5
+    assert None not in threads
+    assert len(set(threads)) == 5
