@@ -256,7 +256,7 @@ class _Finder:
         )
 
     async def _by_metadata(self, grant: str, key: str) -> list[ListedMessage]:
-        found = await self._list(grant, metadata_pair=("key2", key))
+        found, _ = await self._list_all(grant, metadata_pair=("key2", key))
         return [
             m for m in found if m.metadata.get("key1") == self._campaign and m.metadata.get("key2") == key
         ]
@@ -293,20 +293,6 @@ class _Finder:
             )
             raise _Undecided(message)
         return None
-
-    async def _list(
-        self,
-        grant: str,
-        *,
-        metadata_pair: tuple[str, str] | None = None,
-        in_folder: str | None = None,
-        to: str | None = None,
-        received_after: datetime | None = None,
-    ) -> list[ListedMessage]:
-        messages, _ = await self._list_all(
-            grant, metadata_pair=metadata_pair, in_folder=in_folder, to=to, received_after=received_after
-        )
-        return messages
 
     async def _list_all(
         self,
