@@ -177,3 +177,21 @@ def test_the_thread_of_every_sent_message_is_recorded_and_reported(api, cli, tmp
     assert len(threads) == 5
     assert None not in threads
     assert len(set(threads)) == 5
+
+
+def test_gzip_encoded_answers_are_read_over_the_real_transport(api, cli, tmp_path):
+    """The fake compresses every answer (Content-Encoding: gzip): sends settle with their ids, reconcile's
+    listings are read, over loopback through campaign's aiohttp transport."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    api.gzip_answers = True
+    api.script(Fault.TIMEOUT_AFTER_SEND, times=1)  # one row for reconcile to look up in a gzip listing
+    assert cli("run", manifest, "--yes").exit_code == 1
+    assert api.gzip_answered >= 5
+    assert cli("reconcile", manifest).exit_code == 0  # found by metadata at once: sent
+    report = tmp_path / "report.parquet"
+    assert cli("report", manifest, "--out", report, "--state", "sent").exit_code == 0
+    ids = pl.read_parquet(report)["message_id"].to_list()
+    assert sorted(ids) == sorted(d.id for d in api.deliveries)
+    assert len(ids) == 5

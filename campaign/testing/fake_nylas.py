@@ -18,9 +18,11 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from campaign.clock import Clock
 from campaign.testing.envelopes import (
@@ -77,7 +79,11 @@ class FakeNylas(FakeState):
     def __init__(self, *, api_key: str = "sandbox-key", clock: Clock | None = None) -> None:
         super().__init__(api_key=api_key, clock=clock)
         grant = "/v3/grants/{grant_id}"
-        self.app = Starlette(
+        # Nylas's API (behind its gateway) compresses answers for clients that accept gzip; with
+        # `gzip_answers` the fake does too, and `gzip_answered` counts the answers it compressed.
+        self.gzip_answers = False
+        self.gzip_answered = 0
+        self._plain = Starlette(
             routes=[
                 Route(f"{grant}/messages/send", self._handle_send, methods=["POST"]),
                 # Transactional send through a verified domain (§6): `from` is one object, not a list.
@@ -93,6 +99,23 @@ class FakeNylas(FakeState):
             ],
             exception_handlers={HTTPException: _answer_http_error},
         )
+        self._gzipped = GZipMiddleware(self._plain, minimum_size=0)
+        self.app: ASGIApp = self._serve
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.gzip_answers:
+            await self._plain(scope, receive, send)
+            return
+
+        async def counting(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and (b"content-encoding", b"gzip") in message["headers"]
+            ):
+                self.gzip_answered += 1
+            await send(message)
+
+        await self._gzipped(scope, receive, counting)
 
     # ---- POST /v3/grants/{grant_id}/messages/send ----
 
