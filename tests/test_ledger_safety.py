@@ -273,15 +273,23 @@ def test_a_renamed_sender_on_the_same_grant_resends_the_row_with_its_key(api, cl
     assert len(api.deliveries) == 5
 
 
-def test_a_full_disk_under_the_lock_file_is_one_line_and_sends_nothing(api, cli, tmp_path):
-    """The lock file cannot be written (ENOSPC, from /dev/full): exit 74, one line, no request, no ledger."""
+@pytest.mark.parametrize(
+    ("target", "said"),
+    [
+        ("/dev/full", "cannot write the ledger's lock file"),  # ENOSPC: a full disk
+        ("missing-folder/lock", "cannot create the ledger's lock file"),  # as in a read-only folder
+    ],
+)
+def test_a_lock_file_that_cannot_be_made_is_one_line_and_sends_nothing(api, cli, tmp_path, target, said):
+    """The lock file cannot be written or created: exit 74, one line, no plan printed, no request, no ledger."""
     manifest = copy_sample("newsletter", tmp_path)
     _register(api, manifest)
-    manifest.with_name("campaign.ledger.sqlite.lock").symlink_to("/dev/full")
+    manifest.with_name("campaign.ledger.sqlite.lock").symlink_to(target)
     result = cli("run", manifest, "--yes")
     assert result.exit_code == 74, result.output
+    assert result.stdout == ""  # nothing about what would have been sent
     (line,) = _lines(result.stderr)
-    assert "cannot write the ledger's lock file" in line
+    assert said in line
     assert api.requests == []
     assert not manifest.with_name("campaign.ledger.sqlite").exists()
 

@@ -185,7 +185,7 @@ def test_a_plan_recorded_by_another_command_meanwhile_stops_the_resume(api, cli,
 
     def open_after_another_run(*args, **kwargs):
         ledger = opened(*args, **kwargs)
-        if kwargs.get("exclusive"):
+        if kwargs.get("create"):  # the run's own open, under its writer lock
             ledger.set_meta(PLAN_STAMP_KEY, "recorded by another run")
         return ledger
 

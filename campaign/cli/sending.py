@@ -50,7 +50,7 @@ from campaign.errors import InputFileError, LedgerError, UsageError
 from campaign.identity import check_key_scheme, check_no_orphaned_ledger, record_key_scheme
 from campaign.interrupt import run_interruptible
 from campaign.ledger import Ledger, PlannedRow, SyncReport
-from campaign.ledger_schema import check_ledger_free
+from campaign.ledger_schema import check_ledger_free, lock_ledger, unlock_ledger
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
 from campaign.output import print_checked, print_deliveries, print_next_steps, print_run_summary
@@ -136,7 +136,6 @@ def _send_and_exit(manifest: Path, choices: _RunChoices, *, resuming: bool) -> N
 
 
 def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
-    clock = options.clock
     sandbox = choices.sandbox
     manifest = load_manifest(path)
     ledger_path = ledger_path_for(manifest, sandbox=sandbox)
@@ -151,17 +150,47 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     stamp = load_plan_stamp(manifest, content=fingerprint, skip_invalid=choices.skip_invalid)
     plan = _check_plan(manifest, ledger_path, stamp, secrets=secrets, skip_invalid=choices.skip_invalid)
     content = _check_content(manifest, ledger_path, fingerprint, allow=choices.allow_changed_content)
-    print_checked(
-        out,
-        source=manifest.recipients.source.name,
-        to_send=plan.to_send,
-        skipped=plan.skipped,
-        unchanged=plan.preflight is None,
-    )
-    _confirm(plan.to_send, manifest, yes=choices.yes, sandbox=sandbox)
+    # The writer lock is taken before the plan is printed and held through the confirmation: a run
+    # refused for a busy ledger (or one whose lock cannot be made) says nothing of what it would send.
+    lock = _lock_ledger(ledger_path)
+    try:
+        print_checked(
+            out,
+            source=manifest.recipients.source.name,
+            to_send=plan.to_send,
+            skipped=plan.skipped,
+            unchanged=plan.preflight is None,
+        )
+        _confirm(plan.to_send, manifest, yes=choices.yes, sandbox=sandbox)
+        return _record_and_send(manifest, path, ledger_path, plan, stamp, content, api_key, choices)
+    finally:
+        unlock_ledger(lock)
 
-    ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    ledger = open_campaign_ledger(manifest, ledger_path, exclusive=True, create=True)
+
+def _lock_ledger(ledger_path: Path) -> int:
+    """Take the ledger's writer lock, making the sandbox ledger's folder if need be."""
+    try:
+        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"{ledger_path.parent}: cannot make the ledger's folder ({exc.strerror or exc})"
+        raise LedgerError(message) from exc
+    return lock_ledger(ledger_path)
+
+
+def _record_and_send(
+    manifest: Manifest,
+    path: Path,
+    ledger_path: Path,
+    plan: _Plan,
+    stamp: str,
+    content: ContentCheck,
+    api_key: str,
+    choices: _RunChoices,
+) -> int:
+    """Record the confirmed plan and send it (the caller holds the writer lock); return the exit code."""
+    clock = options.clock
+    sandbox = choices.sandbox
+    ledger = open_campaign_ledger(manifest, ledger_path, create=True)
     try:
         sync = _record_plan(ledger, plan.preflight, stamp)
         record_content(ledger, content)
