@@ -281,7 +281,7 @@ def test_a_renamed_sender_on_the_same_grant_resends_the_row_with_its_key(api, cl
     ],
 )
 def test_a_lock_file_that_cannot_be_made_is_one_line_and_sends_nothing(api, cli, tmp_path, target, said):
-    """The lock file cannot be written or created: exit 74, one line, no plan printed, no request, no ledger."""
+    """The lock file cannot be written or created: exit 74, one line, no plan printed, no request."""
     manifest = copy_sample("newsletter", tmp_path)
     _register(api, manifest)
     manifest.with_name("campaign.ledger.sqlite.lock").symlink_to(target)
