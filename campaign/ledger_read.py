@@ -35,6 +35,7 @@ class LedgerRow:
     idempotency_key: str | None
     key_issued_at: str | None  # when the current key was first claimed (Nylas replays it for 1 h)
     key_uses: int  # earlier requests that may have used the current key (0: it is unused)
+    claimed_via: str | None  # the mailbox (grant, or `domain:…`) the key was issued for; None before v5
     first_claimed_at: str | None
     claimed_at: str | None  # the latest claim
     subject: str | None  # the subject as last sent (reconcile matches it in the Sent folder)

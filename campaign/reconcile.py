@@ -199,17 +199,20 @@ class _Finder:
             )
 
         sender = self._senders.get(row.sender or "")
-        if sender is None:
+        # Looked up in the mailbox the row's key was issued for, not its sender's grant now: after a
+        # grant_id change, the new grant would find nothing and call a message that went out not sent.
+        mailbox = row.claimed_via or (sender.mailbox if sender is not None else None)
+        if mailbox is None:
             return verdict(
                 Verdict.UNKNOWN, f"its sender {row.sender!r} is no longer in the manifest; restore it"
             )
-        if sender.grant_id is None:
+        if mailbox.startswith("domain:"):
             return verdict(
                 Verdict.UNKNOWN,
-                f"sent through domain {sender.domain} (transactional): Nylas keeps no copy to look up; "
-                "if you know it did not arrive, use `campaign retry --unknown`",
+                f"sent through domain {mailbox.removeprefix('domain:')} (transactional): Nylas keeps no "
+                "copy to look up; if you know it did not arrive, use `campaign retry --unknown`",
             )
-        grant = sender.grant_id
+        grant = mailbox
         problem = ""
         try:
             found = await self._by_metadata(grant, row.key)

@@ -3,7 +3,9 @@ and a ledger that is not one, or is busy or read-only, is handled in one line wi
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections import Counter
 
 import pytest
 from conftest import copy_sample
@@ -11,7 +13,7 @@ from test_cli import _register
 
 from campaign.ledger import open_ledger
 from campaign.ledger_schema import connect_ledger
-from campaign.testing import FakeClock
+from campaign.testing import FakeClock, Fault
 
 
 def _lines(text: str) -> list[str]:
@@ -313,3 +315,28 @@ def test_a_full_disk_under_the_ledger_is_one_line_and_mails_nobody_twice(api, cl
     emails = [d.payload["to"][0]["email"].lower() for d in api.deliveries]
     assert sorted(emails) == sorted(set(emails))
     assert len(emails) == 5
+
+
+def test_reconcile_after_a_grant_change_looks_where_the_row_was_sent_and_mails_nobody_twice(
+    api, cli, cli_clock, tmp_path
+):
+    """A send that went out through the old grant but ended unknown (504 after delivery), then grant_id
+    changed: reconcile finds it in the grant it was claimed through (sent), so resume sends it again
+    through no grant."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    api.script(Fault.TIMEOUT_AFTER_SEND, times=1)
+    assert cli("run", manifest, "--yes").exit_code == 1  # one row unknown
+    assert len(api.deliveries) == 5
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace(GRANT, "new-grant"))
+    api.add_grant("new-grant", "maya@example.com")
+    cli_clock.advance(15 * 60)  # past reconcile's --min-age: a row not found would be called not sent
+    result = cli("reconcile", manifest, "--json")
+    assert result.exit_code == 0, result.output
+    (decision,) = json.loads(result.stdout)["decisions"]
+    assert decision["verdict"] == "sent"
+    assert f"in grant {GRANT}" in decision["reason"]
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    assert Counter(d.grant_id for d in api.deliveries) == {GRANT: 5}
+    emails = [d.payload["to"][0]["email"].lower() for d in api.deliveries]
+    assert len(set(emails)) == 5
