@@ -79,15 +79,17 @@ class Manifest(BaseModel):
             first[sender.name] = index
             # Two senders on one mailbox would each take its whole pace and daily budget: twice its limits.
             key, value = ("grant_id", sender.grant_id) if sender.grant_id else ("domain", sender.domain or "")
-            if (key, value) in mailboxes:
-                earlier = mailboxes[key, value]
+            # Compared as Nylas and DNS compare them: a grant id (a UUID) and a domain ignore case.
+            mailbox = (key, value.lower().rstrip("."))
+            if mailbox in mailboxes:
+                earlier = mailboxes[mailbox]
                 raise ValueError(
                     f"senders[{index}].{key}: {sender.name!r} and {self.senders[earlier - 1].name!r} "
                     f"(senders[{earlier}]) "
                     f"both send through {key} {value!r}, which would double its pace and daily budget; "
                     "keep one sender per mailbox"
                 )
-            mailboxes[key, value] = index
+            mailboxes[mailbox] = index
             if sender.provider == "microsoft":
                 self._check_graph_headers(index, sender.name)
         return self

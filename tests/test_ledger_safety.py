@@ -167,6 +167,30 @@ def test_two_senders_on_one_grant_are_refused_before_anything_is_sent(api, cli, 
     assert api.requests == []
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (
+            'grant_id = "3f1d2c4b-8e9a-4f1b-a2c3-d4e5f6a7b801"',
+            'grant_id = "3F1D2C4B-8E9A-4F1B-A2C3-D4E5F6A7B801"',
+        ),
+        ('domain = "mail.acme.example.com"', 'domain = "Mail.Acme.Example.com."'),
+    ],
+)
+def test_two_senders_on_one_mailbox_spelled_differently_are_refused(api, cli, tmp_path, first, second):
+    """A grant id or a domain in another case (or with DNS's final dot) is the same mailbox: exit 78."""
+    manifest = copy_sample("outreach", tmp_path)
+    text = manifest.read_text(encoding="utf-8")
+    for grant, replacement in (("b801", first), ("b802", second)):
+        text = text.replace(f'grant_id = "3f1d2c4b-8e9a-4f1b-a2c3-d4e5f6a7{grant}"', replacement)
+    manifest.write_text(text.replace('email = "', 'from = "' if "domain" in first else 'email = "'))
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 78, result.output
+    (line,) = _lines(result.stderr)
+    assert "'bob' and 'alice' (senders[1]) both send through" in line
+    assert api.requests == []
+
+
 def test_a_run_refused_for_a_busy_ledger_prints_no_plan(api, cli, tmp_path):
     """Another process holds the ledger: exit 74 with one line, and nothing about what would be sent."""
     manifest = copy_sample("newsletter", tmp_path)
