@@ -62,9 +62,11 @@ def check_no_orphaned_ledger(manifest: Manifest, path: Path, candidates: Iterabl
         return
     for other in sorted(candidates):
         if other != path and read_ledger_campaign(other) == manifest.campaign.name:
+            # A sandbox ledger is named by its folder (`<manifest>.sandbox/ledger.sqlite`): rename that.
+            found, wanted = (other.parent, path.parent) if other.name == path.name else (other, path)
             message = (
                 f"{path}: no ledger, but {other} belongs to campaign {manifest.campaign.name!r} "
-                f"(was the manifest renamed?); nothing was sent: rename {other.name} to {path.name} "
+                f"(was the manifest renamed?); nothing was sent: rename {found.name} to {wanted.name} "
                 "to go on with it, or change campaign.name to start another campaign"
             )
             raise UsageError(message)

@@ -51,7 +51,15 @@ def test_a_renamed_manifest_is_refused_in_the_sandbox_too(cli, tmp_path):
     manifest.rename(renamed)
     result = cli("run", renamed, "--yes", "--sandbox")
     assert result.exit_code == 2
-    assert "campaign.sandbox/ledger.sqlite belongs to campaign 'spring-newsletter'" in result.stderr
+    (line,) = _lines(result.stderr)
+    assert "campaign.sandbox/ledger.sqlite belongs to campaign 'spring-newsletter'" in line
+    assert "rename campaign.sandbox to other.sandbox to go on with it" in line
+    assert not renamed.with_name("other.sandbox").exists()
+    renamed.with_name("campaign.sandbox").rename(renamed.with_name("other.sandbox"))
+    again = cli("run", renamed, "--yes", "--sandbox")
+    assert again.exit_code == 0, again.output
+    assert "The sandbox received no messages this run." in again.stdout
+    assert "Ledger: 5 sent, 1 skipped" in again.stdout
 
 
 def test_another_campaign_beside_it_does_not_block_a_new_one(api, cli, tmp_path):
@@ -364,3 +372,32 @@ def test_reconcile_after_a_grant_change_looks_where_the_row_was_sent_and_mails_n
     assert Counter(d.grant_id for d in api.deliveries) == {GRANT: 5}
     emails = [d.payload["to"][0]["email"].lower() for d in api.deliveries]
     assert len(set(emails)) == 5
+
+
+def test_every_command_beside_a_renamed_manifest_names_the_campaigns_ledger(api, cli, tmp_path):
+    """status, report, reconcile, retry and preview of a renamed manifest: exit 2 naming the ledger of the
+    same campaign, not "not started" (which would invite a second run); nothing is written or sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    renamed = manifest.with_name("newsletter.toml")
+    manifest.rename(renamed)
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    before = ledger_file.read_bytes()
+    for args in (
+        ("status", renamed),
+        ("report", renamed, "--out", tmp_path / "r.csv"),
+        ("reconcile", renamed),
+        ("retry", renamed, "--failed"),
+        ("preview", renamed, "--out", tmp_path / "site"),
+    ):
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        (line,) = _lines(result.stderr)
+        assert "campaign.ledger.sqlite belongs to campaign 'spring-newsletter'" in line, args
+        assert "rename campaign.ledger.sqlite to newsletter.ledger.sqlite" in line
+    assert ledger_file.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.rglob("newsletter.*")) == ["newsletter.toml"]
+    assert not (tmp_path / "r.csv").exists()
+    assert not (tmp_path / "site").exists()
+    assert len(api.deliveries) == 5

@@ -19,7 +19,7 @@ from campaign.cli.wiring import (
     SANDBOX_API_URI,
     build_sandbox_api,
     connect_api,
-    ledger_path_for,
+    locate_ledger,
     open_campaign_ledger,
     read_api_key,
     read_api_uri,
@@ -68,7 +68,7 @@ def preview(
             secrets=read_secrets(loaded, sandbox=sandbox),
             skip_invalid=skip_invalid,
             sample=sample,
-            ledger=_ledger_view(loaded, ledger_path_for(loaded, sandbox=sandbox), clock=clock),
+            ledger=_ledger_view(loaded, locate_ledger(loaded, sandbox=sandbox), clock=clock),
             api_uri=SANDBOX_API_URI if sandbox else read_api_uri(loaded),
             clock=clock,
         )
@@ -96,7 +96,7 @@ def send_test(
         clock = options.clock
         loaded = load_manifest(manifest)
         api_key = read_api_key(loaded, sandbox=sandbox)
-        ledger = _ledger_view(loaded, ledger_path_for(loaded, sandbox=sandbox), clock=clock)
+        ledger = _ledger_view(loaded, locate_ledger(loaded, sandbox=sandbox), clock=clock)
         test = find_test_message(
             loaded,
             row=row,
@@ -130,7 +130,7 @@ def status(
     """Show progress: counts per state and per sender, budgets, and why rows were not sent."""
     with exit_codes():
         loaded = load_manifest(manifest)
-        path = ledger_path_for(loaded, sandbox=sandbox)
+        path = locate_ledger(loaded, sandbox=sandbox)
         if path.exists():
             ledger = open_campaign_ledger(loaded, path, read_only=True)
             data = build_status(

@@ -37,8 +37,7 @@ from campaign.cli.inspecting import preview
 from campaign.cli.wiring import (
     build_sandbox_api,
     connect_api,
-    ledger_candidates,
-    ledger_path_for,
+    locate_ledger,
     open_campaign_ledger,
     read_api_key,
     read_secrets,
@@ -47,7 +46,7 @@ from campaign.clock import Clock
 from campaign.content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.dispatch import DispatchResult, DispatchSettings, dispatch
 from campaign.errors import InputFileError, LedgerError, UsageError
-from campaign.identity import check_key_scheme, check_no_orphaned_ledger, record_key_scheme
+from campaign.identity import check_key_scheme, record_key_scheme
 from campaign.interrupt import run_interruptible
 from campaign.ledger import Ledger, PlannedRow, SyncReport
 from campaign.ledger_schema import check_ledger_free, lock_ledger, unlock_ledger
@@ -138,8 +137,7 @@ def _send_and_exit(manifest: Path, choices: _RunChoices, *, resuming: bool) -> N
 def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     sandbox = choices.sandbox
     manifest = load_manifest(path)
-    ledger_path = ledger_path_for(manifest, sandbox=sandbox)
-    check_no_orphaned_ledger(manifest, ledger_path, ledger_candidates(manifest, sandbox=sandbox))
+    ledger_path = locate_ledger(manifest, sandbox=sandbox)
     if resuming and not ledger_path.exists():
         message = f"{ledger_path}: no ledger, so nothing to resume; start with `campaign run {path}`"
         raise InputFileError(message)

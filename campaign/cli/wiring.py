@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from campaign.cli.base import options
 from campaign.clock import Clock
 from campaign.errors import InputFileError, ManifestError
+from campaign.identity import check_no_orphaned_ledger
 from campaign.ledger import Ledger, open_ledger
 from campaign.manifest import Manifest
 from campaign.unsubscribe import parse_secrets
@@ -33,6 +34,7 @@ __all__ = [
     "connect_api",
     "ledger_candidates",
     "ledger_path_for",
+    "locate_ledger",
     "open_campaign_ledger",
     "read_api_key",
     "read_api_uri",
@@ -55,6 +57,14 @@ def ledger_path_for(manifest: Manifest, *, sandbox: bool) -> Path:
     return manifest.ledger_path
 
 
+def locate_ledger(manifest: Manifest, *, sandbox: bool) -> Path:
+    """The campaign's ledger path; UsageError when it is missing but another ledger of this campaign is
+    beside it (a renamed manifest), so that no command takes the campaign for one that never ran."""
+    path = ledger_path_for(manifest, sandbox=sandbox)
+    check_no_orphaned_ledger(manifest, path, ledger_candidates(manifest, sandbox=sandbox))
+    return path
+
+
 def ledger_candidates(manifest: Manifest, *, sandbox: bool) -> list[Path]:
     """The ledgers beside the manifest that another manifest file name would have made."""
     if sandbox:
@@ -64,7 +74,7 @@ def ledger_candidates(manifest: Manifest, *, sandbox: bool) -> list[Path]:
 
 def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool) -> Path:
     """The ledger's path; InputFileError if the campaign has not run yet (`given`: the manifest as typed)."""
-    path = ledger_path_for(manifest, sandbox=sandbox)
+    path = locate_ledger(manifest, sandbox=sandbox)
     if not path.exists():
         message = f"{path}: no ledger yet (the campaign has not run); start with `campaign run {given}`"
         raise InputFileError(message)
