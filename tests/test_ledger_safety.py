@@ -237,20 +237,24 @@ def test_an_api_key_with_a_space_line_break_or_foreign_character_is_refused_unpr
     assert api.requests == []
 
 
-def test_an_attachment_deleted_before_resume_is_one_line_and_sends_nothing(api, cli, tmp_path):
-    """The invoices sample: a per-recipient file removed before resume stops it (66) naming the file."""
+@pytest.mark.parametrize("victim", ["invoices/INV-1003.pdf", "payment-terms.pdf"])
+def test_an_attachment_deleted_before_resume_is_one_line_and_sends_nothing(api, cli, tmp_path, victim):
+    """The invoices sample: a per-recipient file (65, a row's data) or the shared one (66) removed before
+    an otherwise unchanged resume: one line naming the file, no plan printed, ledger untouched."""
     manifest = copy_sample("invoices", tmp_path)
     _register(api, manifest)
     assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
     sent = len(api.deliveries)
-    invoices = sorted((manifest.parent / "invoices").glob("*.pdf"))
-    victim = invoices[-1]
-    victim.unlink()
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    before = ledger_file.read_bytes()
+    (manifest.parent / victim).unlink()
     result = cli("resume", manifest, "--yes")
-    assert result.exit_code == 65, result.output
+    assert result.exit_code == (65 if victim.startswith("invoices/") else 66), result.output
+    assert result.stdout == ""
     (line,) = _lines(result.stderr)
-    assert victim.name in line
+    assert victim.rsplit("/", 1)[-1] in line
     assert len(api.deliveries) == sent
+    assert ledger_file.read_bytes() == before
 
 
 GRANT = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"

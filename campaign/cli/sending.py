@@ -45,7 +45,7 @@ from campaign.cli.wiring import (
 from campaign.clock import Clock
 from campaign.content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.dispatch import DispatchResult, DispatchSettings, dispatch
-from campaign.errors import InputFileError, LedgerError, UsageError
+from campaign.errors import DataError, InputFileError, LedgerError, UsageError
 from campaign.identity import check_key_scheme, record_key_scheme
 from campaign.interrupt import run_interruptible
 from campaign.ledger import Ledger, PlannedRow, SyncReport
@@ -54,7 +54,7 @@ from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
 from campaign.output import print_checked, print_deliveries, print_next_steps, print_run_summary
 from campaign.plan import Job
-from campaign.preflight import Preflight, render_job, run_preflight
+from campaign.preflight import Preflight, check_job, render_job, run_preflight
 from campaign.progress import SendProgress
 from campaign.ratelimit import DAY_S
 from campaign.render import Composer, build_composer
@@ -239,11 +239,12 @@ def _check_plan(
     if ledger_path.exists():
         ledger = open_campaign_ledger(manifest, ledger_path)
         try:
-            if ledger.get_meta(PLAN_STAMP_KEY) == stamp:
+            composer = build_composer(manifest, secrets=secrets)
+            if ledger.get_meta(PLAN_STAMP_KEY) == stamp and _files_still_there(manifest, composer, ledger):
                 counts = ledger.counts(listed=True)
                 skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
                 to_send = counts[RowState.PENDING] + counts[RowState.INFLIGHT]
-                return _Plan(build_composer(manifest, secrets=secrets), None, to_send, skipped)
+                return _Plan(composer, None, to_send, skipped)
             assigned = ledger.assigned_senders()
             # Only pending and in-flight rows are sent; unknown ones wait for `campaign reconcile`.
             settled = ledger.key_states([state for state in RowState if state not in _OPEN])
@@ -256,6 +257,16 @@ def _check_plan(
     to_send = sum(1 for job in preflight.jobs if job.recipient.key not in settled)
     skipped = Counter(skip.reason.value for skip in preflight.skips)
     return _Plan(preflight.composer, preflight, to_send, skipped)
+
+
+def _files_still_there(manifest: Manifest, composer: Composer, ledger: Ledger) -> bool:
+    """Whether every open row's attachment files are still found and fit (the plan stamp does not
+    cover them); if one is not, the full check runs and says which, before anything is recorded."""
+    if not manifest.message.attachments:
+        return True
+    return not any(
+        isinstance(check_job(composer, manifest, job), DataError) for job in load_open_jobs(manifest, ledger)
+    )
 
 
 def _record_plan(ledger: Ledger, preflight: Preflight | None, stamp: str) -> SyncReport:
