@@ -50,6 +50,7 @@ class LedgerWriter(LedgerReader):
         self._campaign = ""
         self._lock_fd = lock_fd
         self._depth = 0
+        self._undone_by: BaseException | None = None  # the error SQLite rolled the whole transaction back on
         self.commits = 0  # transactions committed (a batch is one)
 
     def close(self) -> None:
@@ -116,6 +117,16 @@ class LedgerWriter(LedgerReader):
         digest = hashlib.sha256(f"{self._campaign}\0{key}".encode()).hexdigest()[:32]
         return f"{self._campaign}-{digest}-{attempt_no}"
 
+    def _write_error(self, exc: sqlite3.Error) -> LedgerError:
+        if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            message = (
+                f"{self._path}: cannot write the ledger ({exc}); free some space, then `campaign resume` "
+                "(sends in flight keep their idempotency key, so nobody is mailed twice)"
+            )
+        else:
+            message = f"{self._path}: cannot write the ledger ({exc})"
+        return LedgerError(message)
+
     def _stamp(self) -> str:
         return self._clock.now().isoformat(timespec="milliseconds")
 
@@ -124,16 +135,21 @@ class LedgerWriter(LedgerReader):
         """One IMMEDIATE transaction under the lock; nested, a savepoint inside the outer one."""
         with self._lock:
             outer = self._depth == 0
+            if outer:
+                self._undone_by = None
             try:
                 self._db.execute("BEGIN IMMEDIATE" if outer else "SAVEPOINT write")
             except sqlite3.Error as exc:
-                message = f"{self._path}: cannot write the ledger ({exc})"
-                raise LedgerError(message) from exc
+                raise self._write_error(exc) from exc
             self._depth += 1
             try:
                 yield self._db
             except BaseException as error:
                 self._depth -= 1
+                if not outer and not self._db.in_transaction and self._undone_by is None:
+                    # Some errors (a full disk: SQLITE_FULL) make SQLite roll back the whole
+                    # transaction, not just this write: the outer commit must fail with this cause.
+                    self._undone_by = error
                 try:
                     self._db.execute("ROLLBACK" if outer else "ROLLBACK TO write")
                     if not outer:
@@ -141,14 +157,20 @@ class LedgerWriter(LedgerReader):
                 except sqlite3.Error:
                     pass  # the original error says more
                 if isinstance(error, sqlite3.Error):
-                    message = f"{self._path}: cannot write the ledger ({error})"
-                    raise LedgerError(message) from error
+                    raise self._write_error(error) from error
                 raise
             self._depth -= 1
+            if outer and not self._db.in_transaction:
+                cause, self._undone_by = self._undone_by, None
+                if isinstance(cause, sqlite3.Error):
+                    raise self._write_error(cause) from cause
+                message = (
+                    str(cause) if isinstance(cause, LedgerError) else f"{self._path}: cannot write the ledger"
+                )
+                raise LedgerError(message) from cause
             try:
                 self._db.execute("COMMIT" if outer else "RELEASE write")
             except sqlite3.Error as exc:
-                message = f"{self._path}: cannot write the ledger ({exc})"
-                raise LedgerError(message) from exc
+                raise self._write_error(exc) from exc
             if outer:
                 self.commits += 1

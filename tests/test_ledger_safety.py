@@ -11,6 +11,7 @@ import pytest
 from conftest import copy_sample
 from test_cli import _register
 
+from campaign import ledger as ledger_module
 from campaign.ledger import open_ledger
 from campaign.ledger_schema import connect_ledger
 from campaign.testing import FakeClock, Fault
@@ -405,3 +406,36 @@ def test_every_command_beside_a_renamed_manifest_names_the_campaigns_ledger(api,
     assert not (tmp_path / "r.csv").exists()
     assert not (tmp_path / "site").exists()
     assert len(api.deliveries) == 5
+
+
+def test_a_full_disk_in_the_middle_of_a_run_is_one_line_and_mails_nobody_twice(
+    api, cli, tmp_path, monkeypatch
+):
+    """The ledger fills the disk mid-run (SQLite's own SQLITE_FULL, from a page limit set on the real
+    connection): exit 74 with one line saying so, no traceback; after resume everyone got one message."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    rows = [f"person{i}@example.com,Person {i},P{i},Berlin" for i in range(60)]
+    (manifest.parent / "recipients.csv").write_text("email,name,first_name,city\n" + "\n".join(rows) + "\n")
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    opened = ledger_module.connect_ledger
+
+    def connect_on_a_full_disk(path, *, read_only=False):
+        connection = opened(path, read_only=read_only)
+        (pages,) = connection.execute("PRAGMA page_count").fetchone()
+        connection.execute(f"PRAGMA max_page_count = {pages}")  # no room to grow: SQLITE_FULL
+        return connection
+
+    monkeypatch.setattr(ledger_module, "connect_ledger", connect_on_a_full_disk)
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 74, result.output
+    (line,) = _lines(result.stderr)
+    assert (
+        "campaign.ledger.sqlite: cannot write the ledger (database or disk is full); free some space" in line
+    )
+    assert "Traceback" not in result.output
+    assert 1 < len(api.deliveries) < 60  # it stopped in the middle
+    monkeypatch.setattr(ledger_module, "connect_ledger", opened)  # space again
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sorted(emails) == sorted(f"person{i}@example.com" for i in range(60))
