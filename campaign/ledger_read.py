@@ -135,10 +135,13 @@ class LedgerReader:
         return datetime.fromisoformat(found[0][0]) if found and found[0][0] else None
 
     def started_row(self) -> tuple[str, str] | None:
-        """(key, address) of one row a send was started for (in flight or settled by the API), or None."""
+        """(key, address) of one row a send was ever started for, or None.
+
+        Claimed once is enough: a row `retry --unknown` put back to pending may have been mailed.
+        """
         found = self._read(
-            "SELECT key, email FROM recipients"
-            " WHERE state IN ('inflight', 'sent', 'failed', 'unknown') LIMIT 1"
+            "SELECT key, email FROM recipients WHERE state IN ('inflight', 'sent', 'failed', 'unknown')"
+            " OR first_claimed_at IS NOT NULL LIMIT 1"
         )
         return (str(found[0][0]), str(found[0][1])) if found else None
 

@@ -82,11 +82,12 @@ def test_adding_key_column_after_sending_began_is_refused(api, cli, tmp_path):
     text = manifest.read_text(encoding="utf-8")
     manifest.write_text(text.replace('email_column = "email"', 'email_column = "email"\nkey_column = "name"'))
     assert 'key_column = "name"' in manifest.read_text(encoding="utf-8")
-    result = cli("run", manifest, "--yes")
-    assert result.exit_code == 2, result.output
-    (line,) = _lines(result.stderr)
-    assert "recipients.key_column: the ledger's recipients are keyed by email address" in line
-    assert "restore recipients.key_column" in line
+    for args in (("run", manifest, "--yes"), ("preview", manifest, "--out", tmp_path / "site")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        (line,) = _lines(result.stderr)
+        assert "recipients.key_column: the ledger's recipients are keyed by email address" in line
+        assert "restore recipients.key_column" in line
     assert len(api.deliveries) == 5
     assert ledger_file.read_bytes() == before
 
@@ -439,3 +440,21 @@ def test_a_full_disk_in_the_middle_of_a_run_is_one_line_and_mails_nobody_twice(
     assert cli("resume", manifest, "--yes").exit_code == 0
     emails = [d.payload["to"][0]["email"] for d in api.deliveries]
     assert sorted(emails) == sorted(f"person{i}@example.com" for i in range(60))
+
+
+def test_a_key_scheme_change_is_refused_after_a_send_that_retry_put_back_to_pending(api, cli, tmp_path):
+    """The only send so far ended unknown (it went out) and `retry --unknown` made it pending: adding
+    key_column is still refused (exit 2), so that recipient is not mailed again under a new key."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    api.script(Fault.TIMEOUT_AFTER_SEND, times=1)
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75  # its one send: unknown
+    assert cli("retry", manifest, "--unknown").exit_code == 0
+    assert len(api.deliveries) == 1
+    text = manifest.read_text(encoding="utf-8")
+    manifest.write_text(text.replace('email_column = "email"', 'email_column = "email"\nkey_column = "name"'))
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 2, result.output
+    (line,) = _lines(result.stderr)
+    assert "recipients.key_column: the ledger's recipients are keyed by email address" in line
+    assert len(api.deliveries) == 1

@@ -26,6 +26,7 @@ from campaign.cli.wiring import (
     read_secrets,
 )
 from campaign.clock import Clock
+from campaign.identity import check_key_scheme
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
 from campaign.output import print_json, print_preview, print_status, print_test_sent
@@ -153,6 +154,7 @@ def _ledger_view(manifest: Manifest, path: Path, *, clock: Clock) -> LedgerView:
         return LedgerView()
     ledger = open_campaign_ledger(manifest, path, read_only=True)
     try:
+        check_key_scheme(ledger, manifest)  # else every row would look unsent under its new key
         since = clock.now().timestamp() - DAY_S
         return LedgerView(
             assigned=ledger.assigned_senders(),
