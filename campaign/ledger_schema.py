@@ -165,7 +165,13 @@ def connect_ledger(path: Path, *, read_only: bool = False) -> sqlite3.Connection
             # only a power cut can lose the last commits, never corrupt the file.
             connection.execute("PRAGMA synchronous=NORMAL")
     except (OSError, sqlite3.Error) as exc:
-        message = f"{path}: cannot open the ledger ({exc}); if it is not a campaign ledger, move it away"
+        if not read_only and not _writable(path):
+            message = (
+                f"{path}: cannot open the ledger to write ({exc}): it or its folder is read-only; make "
+                "them writable (`campaign status` and `report` can read it as it is)"
+            )
+        else:
+            message = f"{path}: cannot open the ledger ({exc}); if it is not a campaign ledger, move it away"
         raise LedgerError(message) from exc
     if not tables >= _LEDGER_TABLES:
         connection.close()
@@ -179,13 +185,25 @@ def connect_ledger(path: Path, *, read_only: bool = False) -> sqlite3.Connection
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     uri = path.resolve().as_uri()
+    connection = None
     try:
-        return sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+        connection = sqlite3.connect(
+            f"{uri}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
+        connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # SQLite opens the file lazily
+        return connection
     except sqlite3.OperationalError:
-        if os.access(path.parent, os.W_OK):
+        if connection is not None:
+            connection.close()
+        if _writable(path):
             raise
     # A read-only folder: SQLite cannot make the WAL index beside the file, so read it as it stands.
     return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None)
+
+
+def _writable(path: Path) -> bool:
+    """Whether the ledger and its folder can be written (SQLite writes its WAL files beside it)."""
+    return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
 
 
 def check_ledger_version(db: sqlite3.Connection, *, path: Path) -> None:

@@ -4,8 +4,11 @@ and a ledger that is not one, or is busy or read-only, is handled in one line wi
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import subprocess
 from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 from conftest import copy_sample
@@ -458,3 +461,58 @@ def test_a_key_scheme_change_is_refused_after_a_send_that_retry_put_back_to_pend
     (line,) = _lines(result.stderr)
     assert "recipients.key_column: the ledger's recipients are keyed by email address" in line
     assert len(api.deliveries) == 1
+
+
+@contextmanager
+def _read_only(folder):
+    """Make `folder` read-only even for root (the immutable attribute); skip where that is not possible."""
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_ledger_in_a_read_only_folder_is_read_by_status_and_report_and_refused_in_one_line(
+    api, cli, tmp_path
+):
+    """status, report and preview read it as it stands; run, resume, retry and reconcile exit 74 in one
+    line saying the folder is read-only, before printing a plan; nothing is sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    with _read_only(manifest.parent):
+        status = cli("status", manifest, "--json")
+        assert status.exit_code == 0, status.output
+        assert json.loads(status.stdout)["states"]["sent"] == 2
+        report = cli("report", manifest, "--out", tmp_path / "r.csv")
+        assert report.exit_code == 0, report.output
+        assert "Wrote 6 rows" in report.stdout
+        assert cli("preview", manifest, "--out", tmp_path / "site").exit_code == 0
+        for args in (
+            ("run", manifest, "--yes"),
+            ("resume", manifest, "--yes"),
+            ("retry", manifest, "--failed"),
+            ("reconcile", manifest),
+        ):
+            result = cli(*args)
+            assert result.exit_code == 74, (args, result.output)
+            assert result.stdout == ""
+            (line,) = _lines(result.stderr)
+            assert "cannot open the ledger to write" in line
+            assert "it or its folder is read-only" in line
+    assert len(api.deliveries) == 2
+
+
+def test_a_first_run_in_a_read_only_folder_is_one_line_and_prints_no_plan(api, cli, tmp_path):
+    """No ledger yet and a folder nothing can be created in: exit 74 in one line, no plan, no request."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    with _read_only(manifest.parent):
+        result = cli("run", manifest, "--yes")
+    assert result.exit_code == 74, result.output
+    assert result.stdout == ""
+    (line,) = _lines(result.stderr)
+    assert "cannot create the ledger's lock file" in line
+    assert api.requests == []
