@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -192,3 +193,38 @@ def test_a_second_ctrl_c_quits_at_once_and_resume_settles_what_was_in_flight(slo
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert set(_delivered(fake).values()) == {1}
     assert len(fake.deliveries) == 30
+
+
+def test_a_grant_id_changed_after_a_kill_never_resends_a_row_in_flight_through_the_new_grant(slow_campaign):
+    """kill -9 while north's sends hang, north's grant_id edited, resume: the rows that were in flight
+    become unknown (never sent through the new grant); reconcile finds them in the old grant; in the end
+    each recipient got one message, and the new grant sent none of the ones in flight."""
+    manifest, fake, url = slow_campaign
+    fake.script(Fault.SLOW, grant_id="grant-north", times=3, delay_s=1.5)
+    process = _start(url, "run", manifest, "--yes")
+    _wait_for(lambda: fake.in_flight >= 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    for _ in range(int(10 / POLL_S)):  # bounded: the hung sends land at the fake (in the old grant)
+        if fake.in_flight == 0:
+            break
+        time.sleep(POLL_S)
+    assert fake.in_flight == 0
+    hung = {d.payload["to"][0]["email"] for d in fake.deliveries if d.grant_id == "grant-north"}
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace('"grant-north"', '"grant-north-2"'))
+    fake.add_grant("grant-north-2", "north@corp.example.com")
+    resumed = _finish(url, "resume", manifest, "--yes")
+    assert resumed.returncode == 1, resumed.stdout + resumed.stderr  # done, but some rows unknown
+    assert _status(url, manifest)["states"]["unknown"] >= 2
+    via_new = {d.payload["to"][0]["email"] for d in fake.deliveries if d.grant_id == "grant-north-2"}
+    assert not hung & via_new
+    assert set(_delivered(fake).values()) == {1}
+    reconciled = _finish(url, "reconcile", manifest, "--min-age", "0s")
+    assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+    assert "found by metadata key2=" in reconciled.stdout
+    assert "grant-north-2" not in reconciled.stdout
+    final = _finish(url, "resume", manifest, "--yes")
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert set(_delivered(fake).values()) == {1}
+    assert len(fake.deliveries) == 30
+    assert _status(url, manifest)["done"] is True
