@@ -239,8 +239,9 @@ def _check_plan(
     if ledger_path.exists():
         ledger = open_campaign_ledger(manifest, ledger_path)
         try:
-            composer = build_composer(manifest, secrets=secrets)
-            if ledger.get_meta(PLAN_STAMP_KEY) == stamp and _files_still_there(manifest, composer, ledger):
+            unchanged = ledger.get_meta(PLAN_STAMP_KEY) == stamp
+            composer = build_composer(manifest, secrets=secrets) if unchanged else None
+            if composer is not None and _files_still_there(manifest, composer, ledger):
                 counts = ledger.counts(listed=True)
                 skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
                 to_send = counts[RowState.PENDING] + counts[RowState.INFLIGHT]
