@@ -5,11 +5,16 @@ again after the settle time, resumes in between: every recipient mailed exactly 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from collections import Counter
 
+import httpx
 import polars as pl
 import pytest
 from conftest import API_KEY, copy_sample
+from support import wait_until_listening
 
 from campaign.manifest import load_manifest
 from campaign.testing import FakeNylas, Fault
@@ -163,6 +168,41 @@ def test_the_fake_refuses_a_non_x_header_on_a_microsoft_grant_as_graph_does(api,
     errors = pl.read_csv(report)["error_message"].drop_nulls().to_list()
     assert len(errors) == 5
     assert all("List-Unsubscribe" in error and "x-" in error for error in errors)
+
+
+def test_the_sandbox_serves_a_microsoft_sender_as_a_microsoft_grant(tmp_path):
+    """`campaign sandbox MANIFEST` gives a sender with `provider = "microsoft"` a Microsoft grant: a
+    non-X- custom header gets Graph's InvalidInternetMessageHeader in a 400 envelope, an X- header is sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _with_provider(manifest, "microsoft")
+    (sender,) = load_manifest(manifest).senders
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "campaign", "sandbox", str(manifest), "--port", str(port)]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+        try:
+            wait_until_listening(port, server)
+            url = f"http://127.0.0.1:{port}/v3/grants/{sender.grant_id}/messages/send"
+
+            def send(header: str) -> httpx.Response:
+                body = {
+                    "to": [{"email": "ann@example.com"}],
+                    "subject": "hi",
+                    "body": "x",
+                    "custom_headers": [{"name": header, "value": "1"}],
+                }
+                return httpx.post(url, json=body, headers={"Authorization": "Bearer sandbox-key"}, timeout=5)
+
+            refused = send("List-Unsubscribe-Post")
+            assert refused.status_code == 400
+            error = refused.json()["error"]
+            assert error["type"] == "provider_error"
+            assert error["provider_error"]["error"]["code"] == "InvalidInternetMessageHeader"
+            assert "List-Unsubscribe-Post" in error["provider_error"]["error"]["message"]
+            assert send("X-Campaign").status_code == 200
+        finally:
+            server.terminate()
 
 
 def test_the_thread_of_every_sent_message_is_recorded_and_reported(api, cli, tmp_path):

@@ -174,11 +174,20 @@ def build_sandbox_api(manifest: Manifest) -> FakeNylas:
     return fake
 
 
+# The manifest names mailbox kinds; a Nylas grant names its provider (both Gmail kinds are "google").
+_NYLAS_PROVIDER = {"gmail": "google", "google-workspace": "google"}
+
+
 def register_sandbox_grants(fake: FakeNylas, manifest: Manifest) -> None:
-    """Give `fake` a grant (or verified domain) for each of the manifest's senders."""
+    """Give `fake` a grant (of the sender's provider) or verified domain for each manifest sender."""
     for sender in manifest.senders:
         if sender.domain is not None:
             fake.add_domain(sender.domain)
         else:
             assert sender.grant_id is not None  # the manifest requires one of the two
-            fake.add_grant(sender.grant_id, sender.email or f"{sender.name}@sandbox.example.com")
+            kind = sender.provider or "gmail"
+            fake.add_grant(
+                sender.grant_id,
+                sender.email or f"{sender.name}@sandbox.example.com",
+                provider=_NYLAS_PROVIDER.get(kind, kind),
+            )

@@ -5,6 +5,18 @@ It answers the send, list-messages, folders and scheduled-send endpoints the way
 and scripted faults, so the client can be tested without a network. It is written
 from that document only: it must not import the client (campaign.nylas) or the
 models it sends (campaign.models).
+
+Providers, per grant (`add_grant(..., provider=)`; `campaign sandbox` takes each sender's
+`provider` from the manifest, Gmail kinds as "google"):
+
+- "microsoft" refuses a send whose `custom_headers` has a name not starting with `X-`
+  (List-Unsubscribe included): 400, Nylas's envelope with type `provider_error` and, under
+  `provider_error.error`, Graph's code `InvalidInternetMessageHeader` and its message. Source:
+  Microsoft Graph's internetMessageHeaders ("only ... headers that begin with X-") and Nylas's
+  notes on custom_headers and List-Unsubscribe (nylas-api.md §1.2, email-standards.md).
+- Transactional (domain) sends answer with the message id under `data.id` (OpenAPI spec, Python
+  SDK), or, per `domain_answer_id`, `message_id` or the Node SDK's `messageId`; any other
+  name leaves the answer without an id our reader knows.
 """
 
 from __future__ import annotations
