@@ -62,14 +62,22 @@ def check_no_orphaned_ledger(manifest: Manifest, path: Path, candidates: Iterabl
         return
     for other in sorted(candidates):
         if other != path and read_ledger_campaign(other) == manifest.campaign.name:
-            # A sandbox ledger is named by its folder (`<manifest>.sandbox/ledger.sqlite`): rename that.
-            found, wanted = (other.parent, path.parent) if other.name == path.name else (other, path)
             message = (
                 f"{path}: no ledger, but {other} belongs to campaign {manifest.campaign.name!r} "
-                f"(was the manifest renamed?); nothing was sent: rename {found.name} to {wanted.name} "
+                f"(was the manifest renamed?); nothing was sent: {_adopting(other, path)} "
                 "to go on with it, or change campaign.name to start another campaign"
             )
             raise UsageError(message)
+
+
+def _adopting(other: Path, path: Path) -> str:
+    """How to make the ledger at `other` the one at `path`: the renames, in words."""
+    if other.name == path.name:  # a sandbox ledger: its folder carries the manifest's name
+        return f"rename the folder {other.parent.name} to {path.parent.name}"
+    wal = other.with_name(f"{other.name}-wal")
+    if wal.exists():  # an unclean stop: the latest records are in the write-ahead log, not the file yet
+        return f"rename {other.name} to {path.name} and {wal.name} to {path.name}-wal"
+    return f"rename {other.name} to {path.name}"
 
 
 def _describe(scheme: str) -> str:

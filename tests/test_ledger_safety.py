@@ -7,14 +7,17 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections import Counter
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 from conftest import copy_sample
 from test_cli import _register
 
 from campaign import ledger as ledger_module
+from campaign.cli import sending
 from campaign.ledger import open_ledger
 from campaign.ledger_schema import connect_ledger
 from campaign.testing import FakeClock, Fault
@@ -57,13 +60,47 @@ def test_a_renamed_manifest_is_refused_in_the_sandbox_too(cli, tmp_path):
     assert result.exit_code == 2
     (line,) = _lines(result.stderr)
     assert "campaign.sandbox/ledger.sqlite belongs to campaign 'spring-newsletter'" in line
-    assert "rename campaign.sandbox to other.sandbox to go on with it" in line
+    assert "rename the folder campaign.sandbox to other.sandbox to go on with it" in line
     assert not renamed.with_name("other.sandbox").exists()
     renamed.with_name("campaign.sandbox").rename(renamed.with_name("other.sandbox"))
     again = cli("run", renamed, "--yes", "--sandbox")
     assert again.exit_code == 0, again.output
     assert "The sandbox received no messages this run." in again.stdout
     assert "Ledger: 5 sent, 1 skipped" in again.stdout
+
+
+def test_a_renamed_manifest_after_an_unclean_stop_is_told_to_move_the_write_ahead_log_too(api, cli, tmp_path):
+    """The latest sends are only in the ledger's -wal file (its last user was killed): the refusal names
+    that file too, and adopting both as told mails nobody again."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    # A reader that is then killed keeps SQLite from folding the log into the file when the run closes.
+    code = "import sqlite3, sys, time; sqlite3.connect(sys.argv[1]).execute('SELECT 1 FROM meta'); "
+    code += "print('ready', flush=True); time.sleep(60)"
+    with subprocess.Popen([sys.executable, "-c", code, str(ledger_file)], stdout=subprocess.PIPE) as reader:
+        assert reader.stdout is not None
+        assert reader.stdout.readline() == b"ready\n"
+        assert cli("run", manifest, "--yes").exit_code == 0
+        reader.kill()
+    assert len(api.deliveries) == 5
+    assert manifest.with_name("campaign.ledger.sqlite-wal").stat().st_size > 0
+    renamed = manifest.with_name("newsletter.toml")
+    manifest.rename(renamed)
+    result = cli("run", renamed, "--yes")
+    assert result.exit_code == 2, result.output
+    (line,) = _lines(result.stderr)
+    assert (
+        "rename campaign.ledger.sqlite to newsletter.ledger.sqlite and campaign.ledger.sqlite-wal "
+        "to newsletter.ledger.sqlite-wal to go on with it"
+    ) in line
+    for suffix in ("", "-wal"):
+        ledger_file.with_name(f"campaign.ledger.sqlite{suffix}").rename(
+            renamed.with_name(f"newsletter.ledger.sqlite{suffix}")
+        )
+    assert cli("run", renamed, "--yes").exit_code == 0
+    assert len(api.deliveries) == 5
 
 
 def test_another_campaign_beside_it_does_not_block_a_new_one(api, cli, tmp_path):
@@ -516,3 +553,33 @@ def test_a_first_run_in_a_read_only_folder_is_one_line_and_prints_no_plan(api, c
     (line,) = _lines(result.stderr)
     assert "cannot create the ledger's lock file" in line
     assert api.requests == []
+
+
+def test_a_run_started_while_another_asks_for_confirmation_is_refused_without_a_plan(
+    api, cli, tmp_path, monkeypatch
+):
+    """A run holds the ledger from before it prints its plan: a second `campaign run` (a real process)
+    started while the first waits at its prompt exits 74 in one line, printing no plan and sending
+    nothing; the first then sends each message once."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    seen: list[subprocess.CompletedProcess[str]] = []
+
+    def confirm_after_a_second_run(question: str) -> bool:
+        command = [sys.executable, "-m", "campaign", "run", str(manifest), "--yes"]
+        seen.append(subprocess.run(command, capture_output=True, text=True, timeout=60, check=False))
+        assert len(api.deliveries) == 1
+        return True
+
+    monkeypatch.setattr(sending, "sys", SimpleNamespace(stdin=SimpleNamespace(isatty=lambda: True)))
+    monkeypatch.setattr(sending.typer, "confirm", confirm_after_a_second_run)
+    first = cli("run", manifest)
+    (second,) = seen
+    assert second.returncode == 74, second.stdout + second.stderr
+    assert second.stdout == ""
+    (line,) = _lines(second.stderr)
+    assert "campaign.ledger.sqlite: another campaign command (pid " in line
+    assert first.exit_code == 0, first.output
+    assert "4 to send" in first.output
+    assert len(api.deliveries) == 5
