@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from campaign.models import Address, Message, Recipient
@@ -58,3 +60,18 @@ def wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
                 process.wait(timeout=0.05)
             assert process.returncode is None, "the server process exited early"
     raise AssertionError(f"nothing listens on port {port}")
+
+
+@contextlib.contextmanager
+def serve_sandbox(manifest: Path) -> Iterator[str]:
+    """`campaign sandbox MANIFEST` as a real process on a free loopback port; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "campaign", "sandbox", str(manifest), "--port", str(port)]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+        try:
+            wait_until_listening(port, server)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()

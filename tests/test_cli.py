@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tomllib
@@ -11,7 +10,7 @@ from urllib.parse import urlparse
 
 import httpx
 from conftest import API_KEY, REPO, SECRET, copy_sample
-from support import wait_until_listening
+from support import serve_sandbox
 
 from campaign.manifest import load_manifest
 from campaign.testing import FakeNylas
@@ -289,20 +288,12 @@ def test_schema_is_json_schema_describing_every_key_the_samples_use(cli):
 def test_sandbox_command_serves_the_fake_api_on_loopback(tmp_path):
     """`campaign sandbox MANIFEST` serves the fake with the manifest's grants until stopped."""
     manifest = copy_sample("newsletter", tmp_path)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "campaign", "sandbox", str(manifest), "--port", str(port)]
-    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
-        try:
-            wait_until_listening(port, server)
-            url = f"http://127.0.0.1:{port}/v3/grants/0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11/messages/send"
-            body = {"to": [{"email": "ann@example.com"}], "subject": "hi", "body": "x"}
-            response = httpx.post(url, json=body, headers={"Authorization": "Bearer sandbox-key"}, timeout=5)
-            assert response.status_code == 200
-            assert response.json()["data"]["to"] == [{"email": "ann@example.com"}]
-        finally:
-            server.terminate()
+    with serve_sandbox(manifest) as base:
+        url = f"{base}/v3/grants/0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11/messages/send"
+        body = {"to": [{"email": "ann@example.com"}], "subject": "hi", "body": "x"}
+        response = httpx.post(url, json=body, headers={"Authorization": "Bearer sandbox-key"}, timeout=5)
+        assert response.status_code == 200
+        assert response.json()["data"]["to"] == [{"email": "ann@example.com"}]
 
 
 def test_python_dash_m_runs_the_cli():

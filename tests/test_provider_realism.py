@@ -5,16 +5,13 @@ again after the settle time, resumes in between: every recipient mailed exactly 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from collections import Counter
 
 import httpx
 import polars as pl
 import pytest
 from conftest import API_KEY, copy_sample
-from support import wait_until_listening
+from support import serve_sandbox
 
 from campaign.manifest import load_manifest
 from campaign.testing import FakeNylas, Fault
@@ -176,33 +173,25 @@ def test_the_sandbox_serves_a_microsoft_sender_as_a_microsoft_grant(tmp_path):
     manifest = copy_sample("newsletter", tmp_path)
     _with_provider(manifest, "microsoft")
     (sender,) = load_manifest(manifest).senders
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "campaign", "sandbox", str(manifest), "--port", str(port)]
-    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
-        try:
-            wait_until_listening(port, server)
-            url = f"http://127.0.0.1:{port}/v3/grants/{sender.grant_id}/messages/send"
+    with serve_sandbox(manifest) as base:
+        url = f"{base}/v3/grants/{sender.grant_id}/messages/send"
 
-            def send(header: str) -> httpx.Response:
-                body = {
-                    "to": [{"email": "ann@example.com"}],
-                    "subject": "hi",
-                    "body": "x",
-                    "custom_headers": [{"name": header, "value": "1"}],
-                }
-                return httpx.post(url, json=body, headers={"Authorization": "Bearer sandbox-key"}, timeout=5)
+        def send(header: str) -> httpx.Response:
+            body = {
+                "to": [{"email": "ann@example.com"}],
+                "subject": "hi",
+                "body": "x",
+                "custom_headers": [{"name": header, "value": "1"}],
+            }
+            return httpx.post(url, json=body, headers={"Authorization": "Bearer sandbox-key"}, timeout=5)
 
-            refused = send("List-Unsubscribe-Post")
-            assert refused.status_code == 400
-            error = refused.json()["error"]
-            assert error["type"] == "provider_error"
-            assert error["provider_error"]["error"]["code"] == "InvalidInternetMessageHeader"
-            assert "List-Unsubscribe-Post" in error["provider_error"]["error"]["message"]
-            assert send("X-Campaign").status_code == 200
-        finally:
-            server.terminate()
+        refused = send("List-Unsubscribe-Post")
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["type"] == "provider_error"
+        assert error["provider_error"]["error"]["code"] == "InvalidInternetMessageHeader"
+        assert "List-Unsubscribe-Post" in error["provider_error"]["error"]["message"]
+        assert send("X-Campaign").status_code == 200
 
 
 def test_the_thread_of_every_sent_message_is_recorded_and_reported(api, cli, tmp_path):
