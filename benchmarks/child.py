@@ -48,7 +48,7 @@ def run_render(options: Options) -> dict[str, Any]:
     """Case render: `run_preflight` (load, validate, assign, render every row) in this process."""
     apply_patches(options.patches)
     from campaign.manifest import load_manifest
-    from campaign.preflight import run_preflight
+    from campaign.pipeline import run_preflight
 
     manifest = load_manifest(options.folder / "campaign.toml")
     started = time.perf_counter()

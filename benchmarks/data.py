@@ -5,7 +5,7 @@ needs nothing but this repository. The newsletter template uses six columns of t
 list (first_name, city, company, plan, renewal_date, code) on top of the built-in
 `newsletter.html.j2`; the mailmerge comparison uses the list and template of
 `shared/reference/peers.md` §4 (email, name, number). The 1,000,000-row ledger is
-written straight into SQLite with the real schema (`campaign.ledger_schema`), because
+written straight into SQLite with the real schema (`campaign.ledger._schema`), because
 sending 900,000 messages to build it would take longer than the benchmark.
 """
 
@@ -176,10 +176,9 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     The plan stamp is the one the first `campaign run` of this list would have recorded.
     """
     from campaign.clock import SystemClock
-    from campaign.content import load_content_fingerprint
     from campaign.ledger import open_ledger
     from campaign.manifest import load_manifest
-    from campaign.resumption import PLAN_STAMP_KEY, load_plan_stamp
+    from campaign.pipeline import PLAN_STAMP_KEY, load_content_fingerprint, load_plan_stamp
 
     manifest = load_manifest(manifest_path)
     campaign = manifest.campaign.name

@@ -1,6 +1,6 @@
 """Transport and serialisation experiments, applied by monkeypatching before campaign's CLI is imported.
 
-Campaign's own send path is `campaign.transport.ApiTransport` (httpx's API over an aiohttp
+Campaign's own send path is `campaign.nylas._transport.ApiTransport` (httpx's API over an aiohttp
 pool) with orjson; each patch swaps one piece back for an alternative, so the choice can be
 measured through the real command without editing `campaign/`:
 
@@ -37,7 +37,7 @@ def build_transport(kind: str, *, connections: int = POOL_CONNECTIONS) -> Any:
 
 
 def _use_transport(kind: str) -> None:
-    nylas = importlib.import_module("campaign.nylas")
+    nylas = importlib.import_module("campaign.nylas._client")
     original = nylas.build_http_client
 
     def build_http_client(*, base_url: str, timeout_s: float, transport: Any = None, **options: Any) -> Any:
@@ -50,7 +50,7 @@ def _use_transport(kind: str) -> None:
 def _use_stdlib_json() -> None:
     import json
 
-    payload = importlib.import_module("campaign.payload")
+    payload = importlib.import_module("campaign.nylas._payload")
 
     def dumps(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

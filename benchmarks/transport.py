@@ -29,8 +29,8 @@ from benchmarks.patches import apply_patches, build_transport
 __all__ = ["VARIANTS", "main"]
 
 GRANTS = 20
-# name -> (transport, patches). "campaign" is build_http_client's default (campaign.transport.ApiTransport);
-# answers are parsed with orjson in every variant (campaign.nylas_answers), bodies too unless "stdlib-json".
+# name -> (transport, patches). "campaign" is build_http_client's default (ApiTransport, aiohttp);
+# answers are parsed with orjson in every variant (campaign.nylas._answers), bodies too unless "stdlib-json".
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "httpcore": ("stock", ("stdlib-json",)),
     "httpcore-pool": ("pool", ("stdlib-json",)),
@@ -45,8 +45,7 @@ async def _send_all(port: int, transport_kind: str, requests: int, concurrency: 
 
     from campaign.clock import SystemClock
     from campaign.models import Address, Message
-    from campaign.nylas import NylasClient, build_http_client
-    from campaign.payload import build_send_request
+    from campaign.nylas import NylasClient, build_http_client, build_send_request
 
     stamp = time.time_ns()
     http = build_http_client(

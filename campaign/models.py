@@ -121,7 +121,7 @@ class Attachment:
 
 @dataclass(frozen=True, slots=True)
 class AttachmentFile:
-    """An attachment as rendered for one message, before its file is read (campaign.attachments).
+    """An attachment as rendered for one message, before its file is read (campaign.render._attachments).
 
     `path` is relative to the campaign's attachments folder, '/'-separated; `key` names the
     manifest entry (e.g. "message.attachments[2]"); `shared` is true when every message
@@ -157,7 +157,7 @@ class Message:
     metadata: tuple[tuple[str, str], ...] = ()
     tracking: Tracking | None = None
     attachments: tuple[Attachment, ...] = field(default=())
-    # Rendered but not yet read; campaign.attachments.load_message_attachments turns them into `attachments`.
+    # Rendered but not yet read; campaign.render.load_message_attachments turns them into `attachments`.
     attachment_files: tuple[AttachmentFile, ...] = ()
     # This recipient's one-click link (also in List-Unsubscribe, unless the sender's provider drops it).
     unsubscribe_url: str | None = None

@@ -26,10 +26,10 @@ import anyio.to_thread
 
 from campaign.errors import ApiAuthError, ApiError
 from campaign.ledger import Ledger, LedgerRow
+from campaign.manifest import SenderSettings
 from campaign.models import RowState
 from campaign.nextsteps import DEFAULT_MIN_AGE
 from campaign.nylas import Folder, ListedMessage, MessagePage
-from campaign.settings import SenderSettings
 
 __all__ = [
     "DEFAULT_MIN_AGE",

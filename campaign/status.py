@@ -10,13 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from campaign.clock import Clock
-from campaign.ledger import Ledger
-from campaign.ledger_read import ErrorGroup
+from campaign.ledger import ErrorGroup, Ledger
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import DEFAULT_MIN_AGE, build_next_steps
-from campaign.plan import build_schedule
-from campaign.ratelimit import DAY_S
+from campaign.plan import DAY_S, build_schedule
 
 __all__ = ["OPEN_STATES", "build_status", "build_unstarted_status"]
 

@@ -1,6 +1,6 @@
 """Times as people read them: a duration as '3 h 5 min', a moment in the local time zone.
 
-Pure text for the terminal output (`campaign.output`, `campaign.progress`); it reads no
+Pure text for the terminal output (`campaign.cli.output`, `campaign.cli.progress`); it reads no
 clock: callers pass the seconds or the moment.
 """
 

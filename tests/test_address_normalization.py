@@ -1,4 +1,4 @@
-"""campaign.recipients.normalize_address gives exactly what email_validator gives, result or error."""
+"""normalize_address gives exactly what email_validator gives, result or error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from campaign.recipients import normalize_address
+from campaign.recipients._audience import normalize_address
 
 TRICKY = [
     "ann@example.com",

@@ -13,17 +13,16 @@ from conftest import API_KEY, copy_sample
 
 from campaign.errors import DataError
 from campaign.models import Address, Attachment, Message
-from campaign.nylas import NylasClient
-from campaign.payload import (
-    HEADER_ALLOWANCE_BYTES,
+from campaign.nylas import (
     JSON_LIMIT_BYTES,
     MULTIPART_LIMIT_BYTES,
-    SendRequest,
+    NylasClient,
     build_send_payload,
     build_send_request,
     encode_send_body,
     measure_send_request,
 )
+from campaign.nylas._payload import HEADER_ALLOWANCE_BYTES, SendRequest
 from campaign.testing import FakeNylas
 from campaign.testing.clock import FakeClock
 

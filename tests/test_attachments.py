@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from campaign.attachments import AttachmentLoader, guess_content_type, load_message_attachments
 from campaign.errors import DataError, InputFileError, ManifestError
-from campaign.manifest import Manifest, parse_manifest
+from campaign.manifest import Manifest
+from campaign.manifest._load import parse_manifest
 from campaign.models import Address, AttachmentFile, Message, Recipient, SkipReason
-from campaign.payload import build_send_request
-from campaign.preflight import run_preflight
-from campaign.render import build_composer
+from campaign.nylas import build_send_request
+from campaign.pipeline import run_preflight
+from campaign.render import build_composer, load_message_attachments
+from campaign.render._attachments import AttachmentLoader, guess_content_type
 
 ROWS = {
     "ann@example.com": "A-1",

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from campaign.compliance import build_unsubscribe_warnings, has_body_link
-from campaign.manifest import Manifest, parse_manifest
+from campaign.manifest import Manifest
+from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Message
-from campaign.preflight import run_preflight
+from campaign.pipeline import build_unsubscribe_warnings, run_preflight
+from campaign.pipeline._compliance import has_body_link
 
 SECRETS = (b"compliance-test-secret-0123456789",)
 LINKED = '{% extends "base.html.j2" %}{% block content %}<p>Hi</p>{% endblock %}'
@@ -202,8 +203,8 @@ def test_store_warnings(tmp_path):
     assert any("no unsubscribe store is read back" in w for w in none)
     missing = _manifest(tmp_path / "b", provider="gmail", unsubscribe=base + '\nstore = "u.sqlite"')
     assert any("does not exist yet" in w for w in _warnings(missing))
-    from campaign.suppression import open_store
     from campaign.testing import FakeClock
+    from campaign.unsubscribe import open_store
 
     open_store(tmp_path / "b" / "u.sqlite", clock=FakeClock()).close()
     assert not any("store" in w for w in _warnings(missing))

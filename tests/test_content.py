@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from campaign.content import load_content_fingerprint
 from campaign.manifest import load_manifest
+from campaign.pipeline import load_content_fingerprint
 
 MANIFEST = """\
 [campaign]

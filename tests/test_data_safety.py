@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jinja2.compiler import CodeGenerator
 
-from campaign import templating
 from campaign.outputfiles import neutralise_formulas
+from campaign.render import _templating as templating
 
 MANIFEST = """\
 [campaign]

@@ -16,8 +16,7 @@ from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispat
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
 from campaign.models import RowState, SendOutcome
-from campaign.nylas import NylasClient
-from campaign.payload import build_send_request
+from campaign.nylas import NylasClient, build_send_request
 from campaign.plan import Job
 from campaign.testing import FakeNylas, Fault
 from campaign.testing.clock import FakeClock

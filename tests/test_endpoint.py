@@ -21,11 +21,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 from support import wait_until_listening
 
-from campaign.endpoint import MAX_BODY_BYTES, UnsubscribeEndpoint, load_endpoint
 from campaign.errors import ManifestError
-from campaign.suppression import SuppressionStore, open_store
 from campaign.testing import FakeClock, serve_on_loopback
-from campaign.unsubscribe import make_token
+from campaign.unsubscribe import SuppressionStore, make_token, open_store
+from campaign.web import load_endpoint
+from campaign.web._unsubscribe import MAX_BODY_BYTES, UnsubscribeEndpoint
 
 SECRET = b"endpoint-test-secret-0123456789"
 OLD_SECRET = b"endpoint-old-secret-9876543210"

@@ -19,9 +19,8 @@ import httpx
 import pytest
 from support import wait_until_listening
 
-from campaign.suppression import open_store
 from campaign.testing import FakeClock
-from campaign.unsubscribe import make_token
+from campaign.unsubscribe import make_token, open_store
 
 SECRET = "endpoint-limits-secret-0123456789"
 ONE_CLICK = "List-Unsubscribe=One-Click"

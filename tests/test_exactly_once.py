@@ -19,11 +19,11 @@ import pytest
 from support import make_jobs, render_plain, run_inline
 
 from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
-from campaign.ledger import KEY_REUSE_S, Ledger, PlannedRow, open_ledger
+from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.ledger._ledger import KEY_REUSE_S
 from campaign.manifest import SenderSettings
 from campaign.models import OutcomeKind, RowState, SendOutcome
-from campaign.nylas import NylasClient
-from campaign.payload import build_send_payload
+from campaign.nylas import NylasClient, build_send_payload
 from campaign.plan import Job
 from campaign.reconcile import reconcile_unknown
 from campaign.testing import FakeNylas, Fault

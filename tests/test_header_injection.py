@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from campaign.errors import ManifestError
-from campaign.manifest import Manifest, parse_manifest
-from campaign.preflight import run_preflight
+from campaign.manifest import Manifest
+from campaign.manifest._load import parse_manifest
+from campaign.pipeline import run_preflight
 
 SECRETS = (b"injection-test-secret-0123456789",)
 # CR/LF in every arrangement, the Unicode line breaks Python's email package splits on, and other controls.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from campaign.lane import MIN_SLOWDOWN, RECOVER_AFTER, open_lane
+from campaign.dispatch._lane import MIN_SLOWDOWN, RECOVER_AFTER, open_lane
 from campaign.manifest import SenderSettings
-from campaign.ratelimit import DAY_S
+from campaign.plan import DAY_S
 
 
 def _sender(**limits) -> SenderSettings:

@@ -16,36 +16,36 @@ CORE = [
     "campaign.clock",
     "campaign.models",
     "campaign.headers",
-    "campaign.manifest",
-    "campaign.settings",
-    "campaign.message_settings",
-    "campaign.recipients",
-    "campaign.listfile",
-    "campaign.render",
-    "campaign.templating",
-    "campaign.markup",
-    "campaign.attachments",
-    "campaign.unsubscribe",
-    "campaign.ratelimit",
-    "campaign.plan",
-    "campaign.payload",
-    "campaign.nylas",
-    "campaign.nylas_answers",
-    "campaign.ledger",
-    "campaign.preflight",
-    "campaign.dispatch",
-    "campaign.dispatch_types",
-    "campaign.retries",
+    "campaign.manifest._load",
+    "campaign.manifest._settings",
+    "campaign.manifest._message",
+    "campaign.recipients._audience",
+    "campaign.recipients._listfile",
+    "campaign.render._compose",
+    "campaign.render._templating",
+    "campaign.render._markup",
+    "campaign.render._attachments",
+    "campaign.unsubscribe._tokens",
+    "campaign.plan._ratelimit",
+    "campaign.plan._assign",
+    "campaign.nylas._payload",
+    "campaign.nylas._client",
+    "campaign.nylas._answers",
+    "campaign.ledger._ledger",
+    "campaign.pipeline._preflight",
+    "campaign.dispatch._loop",
+    "campaign.dispatch._types",
+    "campaign.dispatch._retries",
     "campaign.preview",
-    "campaign.preview_json",
-    "campaign.site",
-    "campaign.site_assets",
-    "campaign.sendtest",
-    "campaign.firstrows",
-    "campaign.message_checks",
+    "campaign.preview._json",
+    "campaign.preview._site",
+    "campaign.preview._assets",
+    "campaign.send_test",
+    "campaign.recipients._firstrows",
+    "campaign.render._checks",
     "campaign.status",
-    "campaign.resumption",
-    "campaign.starter",
+    "campaign.pipeline._resume",
+    "campaign.manifest._starter",
     "campaign.timetext",
 ]
 FACE_ONLY = ["typer", "rich", "uvicorn", "starlette"]
@@ -88,7 +88,9 @@ def test_the_fake_api_does_not_import_the_client():
     """campaign.testing is written from the API reference, not from our client's wire code."""
     for path in (PACKAGE / "testing").rglob("*.py"):
         imported = _imported_modules(path, full=True)
-        assert not imported & {"campaign.nylas", "campaign.models", "campaign.dispatch"}, path.name
+        assert not imported & {"campaign.nylas._client", "campaign.models", "campaign.dispatch._loop"}, (
+            path.name
+        )
 
 
 def test_only_clock_reads_time_or_sleeps():
@@ -124,7 +126,7 @@ def test_a_client_over_a_given_transport_does_not_load_aiohttp():
     """Preview captures requests over a mock transport: building that client must not import aiohttp."""
     code = (
         "import sys, httpx\n"
-        "from campaign.nylas import build_http_client\n"
+        "from campaign.nylas._client import build_http_client\n"
         "build_http_client(base_url='https://api.us.nylas.com', timeout_s=5,"
         " transport=httpx.MockTransport(lambda request: httpx.Response(200)))\n"
         "print('aiohttp' in sys.modules)\n"

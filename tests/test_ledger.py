@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from campaign.errors import LedgerError
-from campaign.ledger import KEY_REUSE_S, TRANSITIONS, Ledger, PlannedRow, open_ledger
-from campaign.ledger_schema import MIGRATIONS
+from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.ledger._ledger import KEY_REUSE_S, TRANSITIONS
+from campaign.ledger._schema import MIGRATIONS
 from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason, ThrottleKind
 from campaign.testing.clock import FakeClock
 

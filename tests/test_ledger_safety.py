@@ -16,10 +16,10 @@ import pytest
 from conftest import copy_sample
 from test_cli import _register
 
-from campaign import ledger as ledger_module
 from campaign.cli import sending
+from campaign.ledger import _ledger as ledger_module
 from campaign.ledger import open_ledger
-from campaign.ledger_schema import connect_ledger
+from campaign.ledger._schema import connect_ledger
 from campaign.testing import FakeClock, Fault
 
 

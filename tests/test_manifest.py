@@ -1,4 +1,4 @@
-"""Tests for campaign.manifest: parsing, validation messages, path resolution and the JSON schema."""
+"""Tests for campaign.manifest._load: parsing, validation messages, path resolution and the JSON schema."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from campaign.errors import InputFileError, ManifestError
-from campaign.manifest import (
-    Manifest,
-    build_manifest_schema,
-    load_manifest,
-    parse_manifest,
-)
+from campaign.manifest import Manifest, build_manifest_schema, load_manifest
+from campaign.manifest._load import parse_manifest
 
 BASE = """\
 [campaign]

@@ -7,17 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from campaign.attachments import (
-    check_missing_inline_images,
-    check_unused_inline_images,
-    load_message_attachments,
-)
 from campaign.errors import InputFileError, ManifestError, TemplateError
-from campaign.manifest import Manifest, parse_manifest
-from campaign.markup import build_text_from_html, find_cid_references, inline_css, render_markdown
+from campaign.manifest import Manifest
+from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Message, Recipient
-from campaign.payload import build_send_payload
-from campaign.render import build_composer
+from campaign.nylas import build_send_payload
+from campaign.render import build_composer, build_text_from_html, load_message_attachments
+from campaign.render._attachments import check_missing_inline_images, check_unused_inline_images
+from campaign.render._markup import find_cid_references, inline_css, render_markdown
 
 BODY_MD = """\
 # Hello {{ first_name }}

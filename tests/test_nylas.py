@@ -20,8 +20,9 @@ from campaign.nylas import (
     NylasClient,
     SendClient,
     build_http_client,
+    build_send_payload,
+    encode_send_body,
 )
-from campaign.payload import build_send_payload, encode_send_body
 
 API_KEY = "nyk_v0_Sup3rSecretTestKey_0123456789abcdef"
 GRANT = "e19f8e1a-eb1c-41c0-b6a6-d2e59daf7f47"

@@ -12,10 +12,9 @@ from conftest import SECRET, copy_sample
 from test_token_signer import V1_ANN, V1_CUSTOMER
 from test_unsubscribe_loop import FORM, ONE_CLICK, _https_url, _on, _with_store
 
-from campaign.endpoint import UnsubscribeEndpoint
-from campaign.suppression import open_store
 from campaign.testing import FakeClock, serve_on_loopback
-from campaign.unsubscribe import parse_secrets
+from campaign.unsubscribe import open_store, parse_secrets
+from campaign.web._unsubscribe import UnsubscribeEndpoint
 
 GRANT = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"
 

@@ -12,8 +12,8 @@ import pytest
 
 from campaign.manifest import SenderSettings
 from campaign.models import Address, Recipient
-from campaign.plan import assign_senders, daily_capacity, estimate_duration_s
-from campaign.ratelimit import DAY_S
+from campaign.plan import DAY_S, assign_senders, daily_capacity
+from campaign.plan._assign import estimate_duration_s
 
 
 def _recipients(count: int, sender: str | None = None) -> list[Recipient]:
@@ -67,7 +67,7 @@ _ASSIGN_IN_A_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from test_plan import _recipients, _sender
-from campaign.plan import assign_senders
+from campaign.plan._assign import assign_senders
 senders = [_sender("a", per_second=3), _sender("b", per_second=2), _sender("c", per_minute=30)]
 print(json.dumps([job.sender for job in assign_senders(_recipients(30), senders)]))
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from campaign.errors import ManifestError
-from campaign.manifest import parse_manifest
+from campaign.manifest._load import parse_manifest
 
 BASE = """
 [campaign]

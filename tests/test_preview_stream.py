@@ -11,13 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from campaign.firstrows import FirstRows
 from campaign.manifest import SenderSettings, load_manifest
 from campaign.models import Address, Recipient, SkipReason
+from campaign.pipeline import run_preflight
 from campaign.plan import SenderAssigner, assign_senders
-from campaign.preflight import run_preflight
-from campaign.preview import LedgerView, run_preview
-from campaign.site import write_site
+from campaign.preview import LedgerView, run_preview, write_site
+from campaign.recipients._firstrows import FirstRows
 from campaign.testing import FakeClock
 from campaign.unsubscribe import parse_secrets
 

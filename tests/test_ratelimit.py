@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from campaign.ratelimit import DAY_S, DailyBudget, Pace
+from campaign.plan import DAY_S, DailyBudget, Pace
 
 
 def _max_in_window(times: list[float], window: float = 1.0) -> int:

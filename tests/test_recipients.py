@@ -1,4 +1,4 @@
-"""Tests for campaign.recipients: reading CSV/Parquet lists, address checks, duplicates, suppression."""
+"""The recipient list: reading CSV/Parquet lists, address checks, duplicates, suppression."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from campaign.errors import InputFileError, RecipientDataError
 from campaign.manifest import RecipientsSettings
 from campaign.models import SkipReason
-from campaign.recipients import Audience, build_invalid_skips, load_audience, load_suppression
+from campaign.recipients import Audience, build_invalid_skips, load_audience
+from campaign.recipients._audience import load_suppression
 
 SENDERS = ("alice", "bob")
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from campaign.errors import HeaderError, InputFileError, ManifestError, TemplateError
-from campaign.manifest import Manifest, parse_manifest
+from campaign.manifest import Manifest
+from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Message, Recipient, Tracking
 from campaign.render import Composer, build_composer
 from campaign.unsubscribe import TokenClaims, verify_token

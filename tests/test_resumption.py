@@ -7,12 +7,16 @@ from conftest import SECRET, copy_sample
 
 import campaign.cli.sending as sending
 from campaign.clock import SystemClock
-from campaign.content import load_content_fingerprint
 from campaign.ledger import PlannedRow, open_ledger
 from campaign.manifest import load_manifest
 from campaign.models import SkipReason
-from campaign.preflight import run_preflight
-from campaign.resumption import PLAN_STAMP_KEY, load_open_jobs, load_plan_stamp
+from campaign.pipeline import (
+    PLAN_STAMP_KEY,
+    load_content_fingerprint,
+    load_open_jobs,
+    load_plan_stamp,
+    run_preflight,
+)
 from campaign.testing import FakeNylas
 from campaign.unsubscribe import parse_secrets
 

@@ -19,14 +19,13 @@ from support import make_jobs, render_plain, run_inline
 
 from campaign.clock import SystemClock
 from campaign.dispatch import DispatchSettings, dispatch
+from campaign.dispatch._tasks import Stopper
 from campaign.ledger import PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
 from campaign.models import RowState
-from campaign.nylas import NylasClient, build_http_client
-from campaign.nylas_answers import answer_text, parse_json_object
-from campaign.payload import encode_send_body
+from campaign.nylas import NylasClient, build_http_client, encode_send_body
+from campaign.nylas._answers import answer_text, parse_json_object
 from campaign.reconcile import reconcile_unknown
-from campaign.tasks import Stopper
 from campaign.testing import FakeClock, FakeNylas, Fault, serve_on_loopback
 
 KEY = "nyk_send_path_key_0123456789"

@@ -25,11 +25,10 @@ import pytest
 from conftest import API_KEY, SECRET
 from test_token_signer import V1_ANN, V1_SECRET
 
-import campaign.unsubscribe
-from campaign.endpoint import UnsubscribeEndpoint
-from campaign.suppression import open_store
+import campaign.unsubscribe._tokens
 from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
-from campaign.unsubscribe import make_token, parse_secrets, verify_token
+from campaign.unsubscribe import make_token, open_store, parse_secrets, verify_token
+from campaign.web._unsubscribe import UnsubscribeEndpoint
 
 GRANT = "grant-standards"
 HOST = "example.com"
@@ -293,7 +292,7 @@ def test_item_19_verification_uses_compare_digest(sent, monkeypatch):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(campaign.unsubscribe.hmac, "compare_digest", spy)
+    monkeypatch.setattr(campaign.unsubscribe._tokens.hmac, "compare_digest", spy)
     assert verify_token(V1_ANN, secrets=(V1_SECRET,)) is not None
     assert len(calls) == 1
     assert len(calls[0][0]) == 16

@@ -23,8 +23,7 @@ from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason
 from campaign.nextsteps import build_next_steps
-from campaign.plan import build_schedule
-from campaign.ratelimit import DAY_S
+from campaign.plan import DAY_S, build_schedule
 from campaign.status import OPEN_STATES, build_status
 from campaign.testing.clock import FakeClock
 

@@ -12,19 +12,12 @@ import pytest
 
 from campaign.errors import InputFileError, ManifestError, RecipientDataError
 from campaign.ledger import open_ledger
-from campaign.manifest import parse_manifest
+from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Recipient, Skip, SkipReason
-from campaign.recipients import Audience
-from campaign.suppression import (
-    StoreEntry,
-    StoreError,
-    list_store_paths,
-    load_unsubscribed,
-    open_store,
-    skip_unsubscribed,
-)
-from campaign.suppression_io import load_import_addresses, write_entries
+from campaign.pipeline._optouts import skip_unsubscribed
+from campaign.recipients import Audience, load_import_addresses, write_entries
 from campaign.testing import FakeClock
+from campaign.unsubscribe import StoreEntry, StoreError, list_store_paths, load_unsubscribed, open_store
 
 
 def _recipient(key: str, row: int, email: str | None = None) -> Recipient:
@@ -215,7 +208,11 @@ def test_suppress_commands_add_import_export_list(cli, tmp_path):
 
 def test_suppression_store_module_loads_no_server_or_cli_library():
     """The store and compliance modules stay in the core: no starlette, uvicorn, typer or rich."""
-    for module in ("campaign.suppression", "campaign.suppression_io", "campaign.compliance"):
+    for module in (
+        "campaign.unsubscribe._store",
+        "campaign.recipients._store_files",
+        "campaign.pipeline._compliance",
+    ):
         code = (
             "import sys, json; sys.modules['httpx._main'] = None; "
             f"import {module}; "

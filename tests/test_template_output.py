@@ -1,6 +1,6 @@
 """campaign's template environment prints exactly what stock Jinja prints with the same options.
 
-campaign.templating compiles `{{ ... }}` through its own output functions (one call per
+campaign.render._templating compiles `{{ ... }}` through its own output functions (one call per
 value, no Markup object per string); these tests render the same sources in a stock
 ImmutableSandboxedEnvironment with the same loader, autoescape rule and finalize, and
 compare the output, or the error, value for value.
@@ -20,9 +20,9 @@ from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
-from campaign import templating
 from campaign.render import BUILTIN_TEMPLATES
-from campaign.templating import build_environment
+from campaign.render import _templating as templating
+from campaign.render._templating import build_environment
 
 SOURCES = {
     "page.html": "<p>{{ value }}</p><a title='{{ value }}'>{{ other }}</a>{{ none_value }}{{ count }}",

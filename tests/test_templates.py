@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from campaign.manifest import Manifest, parse_manifest
+from campaign.manifest import Manifest
+from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Message, Recipient
 from campaign.render import BUILTIN_TEMPLATES, build_composer
 

@@ -26,8 +26,8 @@ import pytest
 from campaign.clock import SystemClock
 from campaign.models import OutcomeKind, SendOutcome
 from campaign.nylas import NylasClient, build_http_client
+from campaign.nylas._transport import ApiTransport, failure_type
 from campaign.testing import FakeNylas, Fault, serve_on_loopback
-from campaign.transport import ApiTransport, failure_type
 
 KEY = "nyk_transport_test_key_0123456789"
 PAYLOAD = {"to": [{"email": "ann@example.com"}], "subject": "Hi", "body": "<p>Hi</p>"}

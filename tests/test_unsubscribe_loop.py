@@ -15,14 +15,13 @@ from conftest import SECRET, copy_sample
 from support import make_jobs, render_plain
 
 from campaign.dispatch import DispatchEvent, EventKind, dispatch
-from campaign.endpoint import UnsubscribeEndpoint
 from campaign.ledger import PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
 from campaign.models import Address, Recipient, RowState, SendOutcome
 from campaign.nylas import NylasClient
-from campaign.suppression import UnsubscribeWatch, open_store
 from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
-from campaign.unsubscribe import parse_secrets
+from campaign.unsubscribe import UnsubscribeWatch, open_store, parse_secrets
+from campaign.web._unsubscribe import UnsubscribeEndpoint
 
 KEY = "loop-test-key"
 ONE_CLICK = "List-Unsubscribe=One-Click"

@@ -14,8 +14,7 @@ import typer
 
 from campaign.cli.base import exit_codes, out
 from campaign.cli.wiring import SANDBOX_API_KEY, register_sandbox_grants
-from campaign.manifest import build_manifest_schema, load_manifest
-from campaign.starter import write_starter
+from campaign.manifest import build_manifest_schema, load_manifest, write_starter
 from campaign.testing import FakeNylas
 from campaign.testing.server import run_sandbox_server
 

@@ -15,9 +15,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from campaign.cli.output import print_error
 from campaign.clock import Clock, SystemClock
 from campaign.errors import CampaignError
-from campaign.output import print_error
 
 __all__ = [
     "EXIT_AUTH",

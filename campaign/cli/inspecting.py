@@ -15,6 +15,7 @@ import anyio
 import typer
 
 from campaign.cli.base import ManifestArg, SandboxOpt, SkipInvalidOpt, exit_codes, options, out
+from campaign.cli.output import print_json, print_preview, print_status, print_test_sent
 from campaign.cli.wiring import (
     SANDBOX_API_URI,
     build_sandbox_api,
@@ -26,11 +27,10 @@ from campaign.cli.wiring import (
     read_secrets,
 )
 from campaign.clock import Clock
-from campaign.identity import check_key_scheme
+from campaign.ledger import check_key_scheme
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
-from campaign.output import print_json, print_preview, print_status, print_test_sent
-from campaign.ratelimit import DAY_S
+from campaign.plan import DAY_S
 from campaign.status import OPEN_STATES, build_status, build_unstarted_status
 
 if TYPE_CHECKING:
@@ -56,10 +56,8 @@ def preview(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Check and render every recipient, write a browsable preview site, send nothing."""
-    from campaign.preflight import raise_for_problems
-    from campaign.preview import run_preview
-    from campaign.preview_json import build_preview_json
-    from campaign.site import write_site
+    from campaign.pipeline import raise_for_problems
+    from campaign.preview import build_preview_json, run_preview, write_site
 
     with exit_codes():
         clock = options.clock
@@ -91,7 +89,7 @@ def send_test(
     sandbox: SandboxOpt = False,
 ) -> None:
     """Send row N, rendered exactly as the campaign would, to ADDR with "[TEST] " before the subject."""
-    from campaign.sendtest import find_test_message, send_test_message
+    from campaign.send_test import find_test_message, send_test_message
 
     with exit_codes():
         clock = options.clock

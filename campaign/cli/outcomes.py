@@ -16,18 +16,18 @@ import anyio
 import typer
 
 from campaign.cli.base import EXIT_DONE, EXIT_NOT_ALL_SENT, ManifestArg, err, exit_codes, options, out
-from campaign.cli.wiring import connect_api, open_campaign_ledger, read_api_key, require_ledger
-from campaign.errors import UsageError
-from campaign.ledger import Ledger
-from campaign.manifest import Manifest, load_manifest
-from campaign.models import RowState
-from campaign.output import (
+from campaign.cli.output import (
     print_json,
     print_next_steps,
     print_reconciled,
     print_report_written,
     print_retried,
 )
+from campaign.cli.wiring import connect_api, open_campaign_ledger, read_api_key, require_ledger
+from campaign.errors import UsageError
+from campaign.ledger import Ledger
+from campaign.manifest import Manifest, load_manifest
+from campaign.models import RowState
 from campaign.reconcile import ReconcileReport, Verdict, parse_min_age, reconcile_unknown
 from campaign.report import build_report, write_report
 from campaign.status import build_status

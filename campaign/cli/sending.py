@@ -34,6 +34,8 @@ from campaign.cli.base import (
     out,
 )
 from campaign.cli.inspecting import preview
+from campaign.cli.output import print_checked, print_deliveries, print_next_steps, print_run_summary
+from campaign.cli.progress import SendProgress
 from campaign.cli.wiring import (
     build_sandbox_api,
     connect_api,
@@ -43,25 +45,38 @@ from campaign.cli.wiring import (
     read_secrets,
 )
 from campaign.clock import Clock
-from campaign.content import ContentCheck, check_content, load_content_fingerprint, record_content
-from campaign.dispatch import DispatchResult, DispatchSettings, dispatch
+from campaign.dispatch import DispatchResult, DispatchSettings, dispatch, run_interruptible
 from campaign.errors import DataError, InputFileError, LedgerError, UsageError
-from campaign.identity import check_key_scheme, record_key_scheme
-from campaign.interrupt import run_interruptible
-from campaign.ledger import Ledger, PlannedRow, SyncReport
-from campaign.ledger_schema import check_ledger_free, lock_ledger, unlock_ledger
+from campaign.ledger import (
+    Ledger,
+    PlannedRow,
+    SyncReport,
+    check_key_scheme,
+    check_ledger_free,
+    lock_ledger,
+    record_key_scheme,
+    unlock_ledger,
+)
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
-from campaign.output import print_checked, print_deliveries, print_next_steps, print_run_summary
-from campaign.plan import Job
-from campaign.preflight import Preflight, check_job, render_job, run_preflight
-from campaign.progress import SendProgress
-from campaign.ratelimit import DAY_S
+from campaign.pipeline import (
+    PLAN_STAMP_KEY,
+    ContentCheck,
+    Preflight,
+    check_content,
+    check_job,
+    load_content_fingerprint,
+    load_open_jobs,
+    load_plan_stamp,
+    record_content,
+    render_job,
+    run_preflight,
+)
+from campaign.plan import DAY_S, Job
 from campaign.render import Composer, build_composer
-from campaign.resumption import PLAN_STAMP_KEY, load_open_jobs, load_plan_stamp
 from campaign.status import build_status
-from campaign.suppression import UnsubscribeWatch, list_store_paths
 from campaign.testing import FakeNylas
+from campaign.unsubscribe import UnsubscribeWatch, list_store_paths
 
 __all__ = ["resume", "run"]
 

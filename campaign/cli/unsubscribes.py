@@ -15,14 +15,17 @@ from typing import Annotated, TypeVar
 import typer
 
 from campaign.cli.base import exit_codes, options, out
-from campaign.endpoint import DEFAULT_SECRET_ENV, load_endpoint, serve_endpoint
+from campaign.cli.output import show
 from campaign.errors import DataError, UsageError
-from campaign.output import show
-from campaign.recipients import comparable_address, parse_suppression_entry
-from campaign.serving import ServerLimits
-from campaign.settings import check_env_name
-from campaign.suppression import SuppressionStore, is_store_path, open_store
-from campaign.suppression_io import load_import_addresses, write_entries
+from campaign.manifest import check_env_name
+from campaign.recipients import (
+    comparable_address,
+    load_import_addresses,
+    parse_suppression_entry,
+    write_entries,
+)
+from campaign.unsubscribe import SuppressionStore, is_store_path, open_store
+from campaign.web import DEFAULT_SECRET_ENV, ServerLimits, load_endpoint, serve_endpoint
 
 __all__ = ["suppress_app", "unsubscribe_app"]
 

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 from campaign.cli.base import options
 from campaign.clock import Clock
 from campaign.errors import InputFileError, ManifestError
-from campaign.identity import check_no_orphaned_ledger
-from campaign.ledger import Ledger, open_ledger
+from campaign.ledger import Ledger, check_no_orphaned_ledger, open_ledger
 from campaign.manifest import Manifest
 from campaign.unsubscribe import parse_secrets
 

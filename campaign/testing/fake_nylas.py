@@ -3,7 +3,7 @@
 It answers the send, list-messages, folders and scheduled-send endpoints the way
 `nylas-api.md` §11 describes, including idempotency, rate limits, provider quotas
 and scripted faults, so the client can be tested without a network. It is written
-from that document only: it must not import the client (campaign.nylas) or the
+from that document only: it must not import the client (campaign.nylas._client) or the
 models it sends (campaign.models).
 
 Providers, per grant (`add_grant(..., provider=)`; `campaign sandbox` takes each sender's

@@ -1,0 +1,357 @@
+"""Everything the user sees on a terminal: tables, summaries, errors (rich).
+
+Takes data from the engine and prints it; decides nothing. The live progress display of a
+run is `campaign.cli.progress`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from campaign.timetext import format_duration, format_local_time
+
+if TYPE_CHECKING:  # for annotations only: commands that print no preview or run need not load those engines
+    from campaign.dispatch import DispatchResult
+    from campaign.preview import PreviewReport
+
+__all__ = [
+    "format_duration",
+    "print_checked",
+    "print_deliveries",
+    "print_error",
+    "print_json",
+    "print_next_steps",
+    "print_preview",
+    "print_reconciled",
+    "print_report_written",
+    "print_retried",
+    "print_run_summary",
+    "print_status",
+    "print_test_sent",
+    "show",
+]
+
+# C0 and C1 controls (ESC starts terminal sequences), and the bidirectional overrides that make a
+# terminal show text in another order than it is.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_NAMES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+VALUE_WIDTH = 200  # characters of one value on a terminal; a longer one is cut with "…"
+_ERROR_WIDTH = 2_000
+_BODY_WIDTH = 600
+
+
+def show(value: object, *, width: int = VALUE_WIDTH, lines: bool = False) -> str:
+    """A value from a list, a store or an API answer, ready to print: control characters spelled out
+    (ESC as `\\x1b`, a line break as `\\n` unless `lines`), at most `width` characters (then `…`),
+    and rich markup escaped, so nothing in it can move the cursor, recolour or restyle the terminal.
+    """
+    text = str(value)
+    cut = len(text) > width
+    text = _CONTROLS.sub(_spell_control if not lines else _spell_control_but_newline, text[: width + 1])
+    if cut or len(text) > width:
+        text = text[:width].rstrip() + "…"
+    return escape(text)
+
+
+def _spell_control(found: re.Match[str]) -> str:
+    char = found.group(0)
+    return _CONTROL_NAMES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def _spell_control_but_newline(found: re.Match[str]) -> str:
+    return "\n" if found.group(0) == "\n" else _spell_control(found)
+
+
+def print_error(console: Console, message: str) -> None:
+    """One line, red, on the error console."""
+    console.print(f"[bold red]error:[/] {show(message, width=_ERROR_WIDTH)}", highlight=False, soft_wrap=True)
+
+
+def print_json(console: Console, data: Mapping[str, Any]) -> None:
+    """Machine-readable output: plain JSON, no colour."""
+    console.file.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_checked(
+    console: Console, *, source: str, to_send: int, skipped: Mapping[str, int], unchanged: bool = False
+) -> None:
+    """The preflight tally before sending: e.g. `recipients.csv: 5 to send, 1 duplicate, 1 suppressed`.
+
+    `unchanged`: the list was not checked again, because nothing changed since a run that checked it.
+    """
+    parts = [f"{to_send} to send", *(f"{count} {reason}" for reason, count in sorted(skipped.items()))]
+    how = "unchanged since it was checked" if unchanged else "checked"
+    console.print(f"{escape(source)}: {how}, " + ", ".join(parts), soft_wrap=True)
+
+
+def print_run_summary(
+    console: Console,
+    result: DispatchResult,
+    *,
+    states: Mapping[str, int],
+    next_steps: Sequence[Mapping[str, Any]],
+) -> None:
+    """What this run did, what is not done, and the exact commands to continue (`next_steps`)."""
+    console.print(f"This run: {result.sent} sent, {result.failed} failed, {result.unknown} unknown.")
+    ledger = ", ".join(f"{count} {state}" for state, count in states.items() if count) or "empty"
+    done = not any(states.get(state, 0) for state in ("pending", "inflight", "unknown"))
+    console.print(f"Ledger: {ledger}" + (" (every recipient settled)." if done else "."))
+    for sender, until in sorted(result.parked.items()):
+        when = format_local_time(until)
+        console.print(f"sender [bold]{escape(sender)}[/] is at its limit; it can send again at {when}")
+    for sender in result.auth_refused:
+        console.print(
+            f"sender [bold]{escape(sender)}[/]: the API refused the credentials; "
+            "check the API key and that the grant is valid"
+        )
+    if result.limit_reached:
+        console.print("stopped at --limit")
+    if result.stopped:
+        console.print("Interrupted: no send was started after Ctrl-C; the sends in flight were recorded.")
+    print_next_steps(console, next_steps)
+
+
+def print_deliveries(console: Console, deliveries: Sequence[tuple[str, str, str]], outbox: Path) -> None:
+    """The sandbox's record of what it accepted: (sender, to, subject) per message."""
+    if not deliveries:
+        console.print("The sandbox received no messages this run.")
+        return
+    table = Table(title=f"Sent to the sandbox ({len(deliveries)} messages)", title_justify="left")
+    for column in ("#", "from sender", "to", "subject"):
+        table.add_column(column)
+    for number, (sender, to, subject) in enumerate(deliveries, start=1):
+        table.add_row(str(number), show(sender), show(to), show(subject))
+    console.print(table)
+    where = escape(str(outbox))
+    console.print(f"Each message's JSON payload and HTML body: [bold]{where}[/]", soft_wrap=True)
+
+
+def print_preview(console: Console, report: PreviewReport, *, site: Path | None = None) -> None:
+    """The dry-run report: counts, senders and schedule, warnings, failing rows, the first messages."""
+    console.print(f"[bold]{escape(report.campaign)}[/]: dry run: nothing sent, no ledger written")
+    counts = Table(show_header=False, title="Recipients", title_justify="left")
+    counts.add_row(f"rows in {escape(report.source)}", f"{report.rows:,}")
+    counts.add_row("to send", f"[bold]{report.to_send:,}")
+    for state, count in sorted(report.already_done.items()):
+        counts.add_row(f"already {escape(state)} (per the ledger)", f"{count:,}")
+    for reason, count in sorted(report.skipped.items()):
+        counts.add_row(f"skipped: {reason.value}", f"{count:,}")
+    bad = len(report.problems)
+    counts.add_row("rows with problems", f"[red]{bad:,}" if bad else "0")
+    console.print(counts)
+    senders = Table(title="Senders (effective limits)", title_justify="left")
+    for column in (
+        "sender",
+        "mailbox",
+        "messages",
+        "pace",
+        "burst",
+        "per day",
+        "in flight",
+        "left 24 h",
+        "takes",
+    ):
+        senders.add_column(column, justify="left" if column in ("sender", "mailbox") else "right")
+    for plan in report.senders:
+        pace = f"{plan.rate_per_s:g}/s" if plan.rate_per_s >= 1 else f"{plan.rate_per_s * 60:g}/min"
+        left = "-" if plan.per_day is None else f"{max(0, plan.per_day - plan.used_24h):,}"
+        senders.add_row(
+            escape(plan.name),
+            escape(plan.email or plan.route) + (f" ({escape(plan.provider)})" if plan.provider else ""),
+            f"{plan.messages:,}",
+            pace,
+            str(plan.burst),
+            "-" if plan.per_day is None else f"{plan.per_day:,}",
+            str(plan.concurrency),
+            left,
+            format_duration(plan.duration_s),
+        )
+    console.print(senders)
+    console.print(
+        f"Estimated time to send everything: [bold]{format_duration(report.duration_s)}[/]"
+        + (f" (started now, done about {format_local_time(report.finishes_at)})" if report.to_send else "")
+    )
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {show(warning, width=_ERROR_WIDTH)}", soft_wrap=True)
+    if report.problems:
+        _print_problems(console, report, site=site)
+    for sample in report.samples:
+        message = sample.message
+        console.rule(f"{show(message.to[0].email)} (row {message.row}, sender {show(message.sender)})")
+        if message.from_ is not None:
+            console.print(f"From: {show(message.from_.name or '')} <{show(message.from_.email)}>")
+        console.print(f"Subject: {show(message.subject, width=_ERROR_WIDTH)}", soft_wrap=True)
+        for name, value in message.headers:
+            console.print(f"{show(name)}: {show(value, width=_ERROR_WIDTH)}", soft_wrap=True)
+        # The text a reader sees: the text body, else the HTML body as text (the site shows the HTML).
+        body = message.text if message.text is not None else _html_as_text(message.html or "")
+        console.print(show(body.rstrip(), width=_BODY_WIDTH, lines=True))
+    if site is not None:
+        console.print(f"Preview site (open it in a browser): [bold]{escape(str(site))}[/]", soft_wrap=True)
+
+
+def _html_as_text(html: str) -> str:
+    from campaign.render import build_text_from_html
+
+    return build_text_from_html(html)
+
+
+_PROBLEMS_SHOWN = 50
+
+
+def _print_problems(console: Console, report: PreviewReport, *, site: Path | None) -> None:
+    verdict = "skipped with --skip-invalid" if report.skip_invalid else "a run stops before sending (exit 65)"
+    table = Table(
+        title=f"Rows with problems: {len(report.problems):,} ({verdict})",
+        title_justify="left",
+        title_style="red",
+    )
+    for column in ("row", "address", "column / variable", "problem and fix"):
+        table.add_column(column, overflow="fold")
+    for problem in report.problems[:_PROBLEMS_SHOWN]:
+        for issue in problem.issues:
+            table.add_row(str(problem.row), show(problem.email), show(issue.where), show(issue.message))
+    console.print(table)
+    more = len(report.problems) - _PROBLEMS_SHOWN
+    if more > 0:
+        where = "the preview site" if site is None else escape(str(site))
+        console.print(f"… and {more:,} more rows with problems: {where} lists every one (so does --json)")
+
+
+def print_test_sent(
+    console: Console, *, message_id: str, to: str, sender: str, row: int, recipient: str
+) -> None:
+    """What `send-test` did: the Nylas message id (alone on the last line, for scripts)."""
+    console.print(
+        f"Sent row {row} ({show(recipient)}) as a test to {show(to)} from sender {show(sender)}; "
+        "the ledger is unchanged.",
+        soft_wrap=True,
+    )
+    console.print(
+        f"[yellow]note:[/] its unsubscribe link is row {row}'s real one: "
+        f"using it unsubscribes {show(recipient)}.",
+        soft_wrap=True,
+    )
+    console.file.write(f"{message_id}\n")
+
+
+def print_status(console: Console, status: Mapping[str, Any]) -> None:
+    """The status table of a campaign."""
+    if not status["started"]:
+        console.print(f"[bold]{escape(status['campaign'])}[/]: not started (no ledger yet)")
+        return
+    done = "done" if status["done"] else "not done"
+    console.print(f"[bold]{escape(status['campaign'])}[/]: {done}, {status['total']} recipients")
+    if not status["done"]:
+        senders = len(status["senders"])
+        console.print(
+            f"{status['per_day']:,}/day over {senders} sender{'s' if senders > 1 else ''}: "
+            f"done in ~{format_duration(status['eta_s'])} at the current limits"
+        )
+    table = Table(
+        title="By sender (24 h: recipients mailed in the last day; left: of per_day)",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+    )
+    states = list(status["states"])
+    for column in ("sender", *states, "24 h", "left"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "sender" else "right")
+    for name, sender in status["senders"].items():
+        left = sender["budget_left"]
+        table.add_row(
+            escape(name),
+            *(str(sender["states"][state]) for state in states),
+            str(sender["sent_last_24h"]),
+            "-" if left is None else str(left),
+        )
+    table.add_row("[bold]all", *(f"[bold]{status['states'][state]}" for state in states), "", "")
+    console.print(table)
+    for reason, count in status["skipped"].items():
+        console.print(f"skipped ({escape(reason)}): {count}")
+    for cause, count in status["errors"].items():
+        said = status.get("last_errors", {}).get(cause)
+        last = f" (latest: {show(said)})" if said else ""
+        console.print(f"[red]not sent[/] ({show(cause)}): {count}{last}", soft_wrap=True)
+    print_next_steps(console, status.get("next", ()))
+
+
+# --- outcomes: what is left, reconcile, retry, report (issue 3) ----------------
+
+
+def print_next_steps(console: Console, steps: Sequence[Mapping[str, Any]]) -> None:
+    """What is not done, state by state, each with the exact commands to run (the JSON form of NextStep)."""
+    for step in steps:
+        if step["state"] is None:  # rows removed from the list: nothing to do
+            console.print(f"{step['count']:,} rows are no longer in the list: {escape(step['what'])}.")
+    steps = [step for step in steps if step["state"] is not None]
+    if steps:
+        console.print("[bold]Not done:[/]")
+    for step in steps:
+        shown = list(step.get("examples", ()))
+        more = ", …" if step["count"] > len(shown) else ""
+        who = f" ({', '.join(show(example) for example in shown)}{more})" if shown else ""
+        console.print(f"  {step['count']:,} {step['state']}{who}: {escape(step['what'])}", soft_wrap=True)
+        for command in step["commands"]:
+            console.print(f"      [bold]{escape(command)}[/]", soft_wrap=True)
+    first = next((step["commands"][0] for step in steps if step["commands"]), None)
+    if first is not None:
+        console.print(f"Continue with: [bold]{escape(first)}[/]", soft_wrap=True)
+
+
+def print_reconciled(
+    console: Console,
+    decisions: Sequence[Mapping[str, Any]],
+    *,
+    in_flight: int,
+    decide_after: datetime | None = None,
+) -> None:
+    """What reconcile decided for each unknown row, and why (and when it can decide the young ones)."""
+    if not decisions:
+        console.print("No unknown rows: nothing to reconcile.")
+    colours = {"sent": "green", "pending": "yellow", "unknown": "red"}
+    for decision in decisions:
+        verdict = decision["verdict"]
+        found = f" (message {show(decision['message_id'])})" if decision.get("message_id") else ""
+        who, why = show(decision["email"]), show(decision["reason"])
+        console.print(f"[{colours[verdict]}]{verdict:<8}[/] {who}: {why}{found}", soft_wrap=True)
+    counts = {verdict: sum(1 for d in decisions if d["verdict"] == verdict) for verdict in colours}
+    console.print(
+        f"Reconciled {len(decisions)} unknown rows: {counts['sent']} were sent, "
+        f"{counts['pending']} were not (back to pending, with a new key), {counts['unknown']} still unknown."
+    )
+    if decide_after is not None:
+        console.print(
+            f"Rows not found yet were sent too recently to call them not sent: run reconcile again after "
+            f"{format_local_time(decide_after)} (or choose --min-age)."
+        )
+    if in_flight:
+        console.print(
+            f"{in_flight} rows are still in flight from an interrupted run: resume re-sends them "
+            "with their own key (safe; Nylas drops the duplicate)."
+        )
+
+
+def print_retried(console: Console, *, moved: int, states: Sequence[str], resume_command: str) -> None:
+    """What `campaign retry` moved back to pending, and what to run next."""
+    what = " or ".join(states)
+    if not moved:
+        console.print(f"No {what} rows: nothing to retry.")
+        return
+    console.print(f"{moved:,} {what} rows are pending again, each with a new idempotency key.")
+    console.print(f"Send them with: [bold]{escape(resume_command)}[/]", soft_wrap=True)
+
+
+def print_report_written(console: Console, *, path: Path, rows: int, states: Mapping[str, int]) -> None:
+    """Where the report went and what it holds."""
+    held = ", ".join(f"{count:,} {state}" for state, count in states.items() if count) or "no rows"
+    console.print(f"Wrote {rows:,} rows to [bold]{escape(str(path))}[/] ({held}).", soft_wrap=True)

@@ -1,0 +1,127 @@
+"""The live progress display of a send run (rich): an overall bar and one line per sender.
+
+`SendProgress` is fed the loop's `DispatchEvent`s (`campaign.dispatch._types`) and shows
+sends, failures, throttles, refused credentials, each sender's budget left and a live
+countdown while a sender is parked. It takes events and prints; it decides nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
+
+from campaign.clock import Clock
+from campaign.dispatch import DispatchEvent, EventKind
+from campaign.manifest import SenderSettings
+from campaign.timetext import format_duration, format_local_time
+
+__all__ = ["SendProgress"]
+
+
+class _RateColumn(ProgressColumn):
+    """Messages per second, as measured over the last few seconds."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:5.1f}/s")
+
+
+class _StateColumn(ProgressColumn):
+    """What a sender is doing: budget left, or a live countdown while it is parked."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def render(self, task: Task) -> Text:
+        until = task.fields.get("parked_until")
+        if until is not None:
+            left = (until - self._clock.now()).total_seconds()
+            return Text.from_markup(
+                f"[yellow]parked, {format_duration(left)} left (until {format_local_time(until)})"
+            )
+        budget = task.fields.get("budget_left")
+        text = task.fields.get("detail", "")
+        if budget is not None:
+            text = f"{budget} left today  {text}"
+        return Text.from_markup(text)
+
+
+class SendProgress:
+    """A live progress display fed with dispatch events: an overall bar and one line per sender."""
+
+    def __init__(
+        self, console: Console, *, total: int, senders: Sequence[SenderSettings], clock: Clock
+    ) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            _StateColumn(clock),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            get_time=clock.monotonic,
+        )
+        self._overall = self._progress.add_task("[bold]all senders", total=total, detail="")
+        share = {sender.name: 0 for sender in senders}
+        self._senders: dict[str, TaskID] = {
+            name: self._progress.add_task(f"  {name}", total=None, detail="") for name in share
+        }
+        self._failed = dict.fromkeys(share, 0)
+        self._budget_left: dict[str, int | None] = dict.fromkeys(share)
+
+    def __enter__(self) -> SendProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def set_share(self, sender: str, messages: int, *, budget_left: int | None = None) -> None:
+        """How many messages `sender` has to send this run, and how many recipients its budget allows."""
+        self._budget_left[sender] = budget_left
+        self._progress.update(self._senders[sender], total=messages, budget_left=budget_left)
+
+    def handle(self, event: DispatchEvent) -> None:
+        """Update the display for one event."""
+        task = self._senders[event.sender]
+        if event.kind == EventKind.SENT:
+            self._progress.advance(task)
+            self._progress.advance(self._overall)
+            left = self._budget_left[event.sender]
+            if left is not None:
+                self._budget_left[event.sender] = left - 1
+                self._progress.update(task, budget_left=left - 1)
+        elif event.kind in (EventKind.FAILED, EventKind.UNKNOWN):
+            self._failed[event.sender] += 1
+            self._progress.advance(task)
+            self._progress.advance(self._overall)
+            self._progress.update(task, detail=f"[red]{self._failed[event.sender]} not sent")
+        elif event.kind == EventKind.PARKED and event.until is not None:
+            self._progress.update(task, parked_until=event.until)
+        elif event.kind == EventKind.RESUMED:
+            self._progress.update(task, parked_until=None, detail="")
+        elif event.kind == EventKind.AUTH_REFUSED:
+            self._progress.update(task, detail="[red]credentials refused")
+        elif event.kind == EventKind.THROTTLED:
+            self._progress.update(task, detail="[yellow]throttled, slowing down")
+        elif event.kind == EventKind.SKIPPED:  # unsubscribed while the campaign ran: settled, not sent
+            self._progress.advance(task)
+            self._progress.advance(self._overall)

@@ -1,0 +1,22 @@
+"""The send loop: each sender's lane under its limits, the ledger claim before each send, retries, stop.
+
+`dispatch` runs the jobs concurrently, one lane per sender (pace, concurrency, 24-hour budget),
+claims each row in the ledger before its request leaves and records the outcome after,
+waits out 429s and retries what is safe to retry (`_retries`), and stops gracefully on a
+request (`Stopper`, `run_interruptible`). Time only through the `Clock` it is handed.
+"""
+
+from __future__ import annotations
+
+from campaign.dispatch._interrupt import run_interruptible
+from campaign.dispatch._loop import DispatchSettings, dispatch
+from campaign.dispatch._types import DispatchEvent, DispatchResult, EventKind
+
+__all__ = [
+    "DispatchEvent",
+    "DispatchResult",
+    "DispatchSettings",
+    "EventKind",
+    "dispatch",
+    "run_interruptible",
+]

@@ -1,0 +1,127 @@
+"""One sender's lane: its queue and every limit on it, as state the send loop consults. Pure.
+
+A lane combines the sender's pace (and Nylas's 10/s ceiling for multipart sends),
+its rolling-24 h budgets in recipients and in messages, the earliest time a
+throttle allows the next request, an adaptive slowdown after repeated throttles,
+and whether it is parked (until a time) or stopped for refused credentials; and
+how a stopped lane hands its movable jobs to the others. Callers pass the current
+time; nothing here reads a clock or sleeps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from campaign.manifest import SenderSettings
+from campaign.plan import NYLAS_MULTIPART_PER_SECOND, DailyBudget, Job, Pace
+
+__all__ = ["Lane", "hand_over_jobs", "open_lane"]
+
+# After a throttle the pace halves, down to a tenth; every RECOVER_AFTER sends without
+# one it climbs back by a quarter, so a sender recovers slowly and does not oscillate.
+MIN_SLOWDOWN = 0.1
+RECOVER_AFTER = 20
+
+
+@dataclass(slots=True)
+class Lane:
+    """The mutable per-sender state of one run."""
+
+    sender: SenderSettings
+    pace: Pace
+    multipart_pace: Pace
+    recipients_budget: DailyBudget
+    messages_budget: DailyBudget
+    jobs: deque[Job] = field(default_factory=deque)
+    slowdown: float = 1.0
+    calm_sends: int = 0
+    throttles: int = 0
+    hold_until: float = float("-inf")  # monotonic time before which no request may leave
+    parked_until: datetime | None = None
+    auth_refused: bool = False
+    workers: int = 0  # the send loop's workers currently serving this lane
+
+    @property
+    def stopped(self) -> bool:
+        """Parked or refused: it takes no new work now."""
+        return self.parked_until is not None or self.auth_refused
+
+    @property
+    def rate_per_s(self) -> float:
+        """The pace in force now (the configured rate times the slowdown)."""
+        return self.sender.rate_per_s * self.slowdown
+
+    def budget_frees_at(self, wall: float, recipients: int) -> float | None:
+        """None if a message to `recipients` fits both budgets at Unix time `wall`, else when it will."""
+        if self.recipients_budget.allows(wall, recipients) and self.messages_budget.allows(wall, 1):
+            return None
+        return max(self.recipients_budget.frees_at(wall, recipients), self.messages_budget.frees_at(wall, 1))
+
+    def book(self, wall: float, recipients: int) -> None:
+        """Count a message against both budgets before it is sent."""
+        self.recipients_budget.book(wall, recipients)
+        self.messages_budget.book(wall, 1)
+
+    def release(self, wall: float, recipients: int) -> None:
+        """Give back a booking whose message was definitely not sent."""
+        self.recipients_budget.release(wall, recipients)
+        self.messages_budget.release(wall, 1)
+
+    def reserve(self, mono: float, *, multipart: bool = False) -> float:
+        """Book the next send slot at or after `mono`; return the monotonic time it may start."""
+        start = max(self.pace.reserve(mono), self.hold_until)
+        if multipart:
+            start = max(start, self.multipart_pace.reserve(mono))
+        return start
+
+    def record_throttle(self, *, mono: float, wait_s: float) -> None:
+        """A 429: hold every request for `wait_s` and halve the pace."""
+        self.throttles += 1
+        self.calm_sends = 0
+        self.hold_until = max(self.hold_until, mono + wait_s)
+        self.slowdown = max(MIN_SLOWDOWN, self.slowdown / 2)
+        self.pace.set_rate(self.rate_per_s)
+
+    def record_sent(self) -> None:
+        """A send went through: forget consecutive throttles and, slowly, recover the pace."""
+        self.throttles = 0
+        self.calm_sends += 1
+        if self.slowdown < 1.0 and self.calm_sends >= RECOVER_AFTER:
+            self.slowdown = min(1.0, self.slowdown * 1.25)
+            self.calm_sends = 0
+            self.pace.set_rate(self.rate_per_s)
+
+
+def hand_over_jobs(lane: Lane, takers: Sequence[Lane], *, bound: Collection[str]) -> bool:
+    """Move a stopped lane's movable jobs, each to the taker that would finish it soonest; True if any moved.
+
+    Rows pinned by the list's sender column stay, and so do `bound` rows: their idempotency
+    key may have been used, and Nylas scopes keys per grant.
+    """
+    if not takers:
+        return False
+    kept: deque[Job] = deque()
+    for job in lane.jobs:
+        if job.recipient.sender is not None or job.recipient.key in bound:
+            kept.append(job)
+            continue
+        taker = min(takers, key=lambda other: (len(other.jobs) + 1) / other.rate_per_s)
+        taker.jobs.append(Job(job.recipient, taker.sender.name))
+    if len(kept) == len(lane.jobs):
+        return False
+    lane.jobs = kept
+    return True
+
+
+def open_lane(sender: SenderSettings, *, history: Sequence[tuple[float, int]] = ()) -> Lane:
+    """A lane for `sender`, its budgets seeded with earlier sends: (Unix time, recipients) each."""
+    return Lane(
+        sender=sender,
+        pace=Pace(sender.rate_per_s, burst=sender.burst),
+        multipart_pace=Pace(NYLAS_MULTIPART_PER_SECOND),
+        recipients_budget=DailyBudget(sender.per_day, history=history),
+        messages_budget=DailyBudget(sender.per_day_messages, history=[(at, 1) for at, _ in history]),
+    )

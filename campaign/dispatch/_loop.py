@@ -1,0 +1,395 @@
+"""The send loop: one lane per sender, each with its limits, claiming, sending and recording.
+
+For every message: check the sender's budgets, mark the row in flight in the ledger (with
+its idempotency key), wait for the sender's next slot, send, record the outcome. The limits
+live in `campaign.dispatch._lane`, the waiting rules in `campaign.dispatch._retries`, the loop's settings,
+events and result in `campaign.dispatch._types` (importable from here too). It sees the API
+client and the ledger through protocols, reads time only through its `Clock`, and reports
+progress as `DispatchEvent`s; it never prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime, timedelta
+from functools import partial
+
+import anyio
+import anyio.abc
+
+from campaign.clock import Clock
+from campaign.dispatch._lane import Lane, hand_over_jobs, open_lane
+from campaign.dispatch._retries import GAVE_UP_NOTE, KEY_TOO_OLD_NOTE, OWNER_GONE_NOTE, RetryPolicy
+from campaign.dispatch._tasks import Stopper, first_error
+from campaign.dispatch._types import (
+    DispatchEvent,
+    DispatchResult,
+    DispatchSettings,
+    EventKind,
+    Offload,
+    ProgressLedger,
+    build_thread_offload,
+)
+from campaign.ledger import GroupCommit
+from campaign.manifest import SenderSettings
+from campaign.models import Message, OutcomeKind, Recipient, RowState, SendOutcome, SkipReason
+from campaign.nylas import SendClient, build_send_request, send_as
+from campaign.plan import Job
+
+# The loop's values, re-exported for callers; its protocols are in campaign.dispatch._types.
+__all__ = ["DispatchEvent", "DispatchResult", "DispatchSettings", "EventKind", "dispatch"]
+
+
+async def dispatch(
+    jobs: Sequence[Job],
+    *,
+    senders: Sequence[SenderSettings],
+    render: Callable[[Job], Message],
+    client: SendClient,
+    ledger: ProgressLedger,
+    clock: Clock,
+    history: Mapping[str, Sequence[tuple[float, int]]] | None = None,
+    parked: Mapping[str, datetime] | None = None,
+    on_event: Callable[[DispatchEvent], None] = lambda _event: None,
+    settings: DispatchSettings | None = None,
+    offload: Offload | None = None,
+    unsubscribed: Callable[[Recipient], bool] | None = None,
+    stop: anyio.Event | None = None,
+    bound: Collection[str] = (),
+) -> DispatchResult:
+    """Send every job under its sender's limits; return what was done and what is left.
+
+    When a sender is parked or refused, its jobs go to the other senders, except rows
+    pinned by the list's sender column and rows whose idempotency key may already have
+    been used: Nylas scopes keys per grant, so such a row is only ever sent by its own
+    sender (the ledger's claim says whose it is; `bound` names such rows up front, in
+    flight from an earlier run, so they are not moved at all).
+
+    `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
+    budgets; `parked` the senders that must not send before a time (from an earlier run);
+    `offload` runs the ledger's blocking writes (a worker thread unless told otherwise);
+    `unsubscribed` is asked right before each claim (it must be cheap), and a recipient it
+    names is recorded as skipped instead of mailed. Once `stop` is set no new work starts:
+    sends in flight get `stop_grace_s` to finish and be recorded, then are abandoned
+    (their rows stay in flight, for resume).
+    """
+    lanes = {
+        sender.name: open_lane(sender, history=(history or {}).get(sender.name, ())) for sender in senders
+    }
+    now = clock.now()
+    for name, until in (parked or {}).items():
+        if name in lanes and until > now:
+            lanes[name].parked_until = until
+    for job in jobs:
+        lanes[job.sender].jobs.append(job)
+    loop = _Loop(
+        render=render,
+        client=client,
+        ledger=ledger,
+        clock=clock,
+        on_event=on_event,
+        settings=settings or DispatchSettings(),
+        offload=offload or build_thread_offload(),
+        unsubscribed=unsubscribed,
+        stop=stop,
+        bound=bound,
+    )
+    try:
+        return await loop.run(lanes)
+    except BaseExceptionGroup as group:
+        # A worker's error (e.g. the ledger cannot be written) ends the run: raise it as itself.
+        raise first_error(group) from None
+
+
+class _Loop:
+    def __init__(
+        self,
+        *,
+        render: Callable[[Job], Message],
+        client: SendClient,
+        ledger: ProgressLedger,
+        clock: Clock,
+        on_event: Callable[[DispatchEvent], None],
+        settings: DispatchSettings,
+        offload: Offload,
+        unsubscribed: Callable[[Recipient], bool] | None = None,
+        stop: anyio.Event | None = None,
+        bound: Collection[str] = (),
+    ) -> None:
+        self._render = render
+        self._client = client
+        self._ledger = ledger
+        self._clock = clock
+        self._emit = on_event
+        self._settings = settings
+        self._started = 0
+        self._counts = {RowState.SENT: 0, RowState.FAILED: 0, RowState.UNKNOWN: 0}
+        self._limit_reached = False
+        # Every ledger write goes through group commit: writes asked for together share a
+        # transaction, and each caller goes on only once its own write is on disk.
+        self._in_thread = GroupCommit(offload, ledger.batch)
+        self._retry = RetryPolicy(settings)
+        self._unsubscribed = unsubscribed
+        self._stop = Stopper(stop, clock=clock)
+        self._left_inflight = 0
+        self._bound = set(bound)
+        self._lanes: Mapping[str, Lane] = {}
+        self._workers: anyio.abc.TaskGroup | None = None
+
+    async def run(self, lanes: Mapping[str, Lane]) -> DispatchResult:
+        for lane in lanes.values():
+            if lane.parked_until is not None and lane.jobs:
+                self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=lane.parked_until))
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._stop.cancel_after_grace, group.cancel_scope, self._settings.stop_grace_s)
+            async with anyio.create_task_group() as workers:
+                self._lanes, self._workers = lanes, workers
+                for lane in lanes.values():
+                    if lane.stopped:
+                        self._hand_over(lane)
+                for lane in lanes.values():
+                    self._start_workers(lane)
+            group.cancel_scope.cancel()  # the work is over: the grace timer has nothing to do
+        return DispatchResult(
+            sent=self._counts[RowState.SENT],
+            failed=self._counts[RowState.FAILED],
+            unknown=self._counts[RowState.UNKNOWN],
+            remaining=sum(len(lane.jobs) for lane in lanes.values()),
+            parked={
+                name: lane.parked_until
+                for name, lane in lanes.items()
+                if lane.parked_until is not None and lane.jobs
+            },
+            auth_refused=tuple(name for name, lane in lanes.items() if lane.auth_refused),
+            limit_reached=self._limit_reached,
+            stopped=self._stopping,
+            left_inflight=self._left_inflight,
+        )
+
+    def _start_workers(self, lane: Lane) -> None:
+        """Run up to `concurrency` workers on a lane that has work (more join when work is handed over)."""
+        assert self._workers is not None
+        while lane.workers < min(lane.sender.concurrency, len(lane.jobs)) and not lane.stopped:
+            lane.workers += 1
+            self._workers.start_soon(self._work, lane)
+
+    async def _work(self, lane: Lane) -> None:
+        try:
+            await self._work_lane(lane)
+        finally:
+            lane.workers -= 1
+            if lane.stopped:
+                self._hand_over(lane)
+
+    def _hand_over(self, lane: Lane) -> None:
+        """Give a parked or refused sender's movable jobs to the other senders, and start them on it."""
+        takers = [other for other in self._lanes.values() if other is not lane and not other.stopped]
+        if hand_over_jobs(lane, takers, bound=self._bound):
+            for taker in takers:
+                self._start_workers(taker)
+
+    async def _work_lane(self, lane: Lane) -> None:
+        while lane.jobs and not lane.auth_refused and not self._stopping:
+            if lane.parked_until is not None:
+                if not self._settings.wait:
+                    return
+                await self._wait_out_park(lane, lane.parked_until)
+                continue
+            if self._settings.limit is not None and self._started >= self._settings.limit:
+                self._limit_reached = True
+                return
+            job = lane.jobs.popleft()
+            if self._unsubscribed is not None and await self._skip_if_unsubscribed(lane, job):
+                continue
+            message = self._render(job)
+            wall = self._clock.now().timestamp()
+            frees_at = lane.budget_frees_at(wall, message.recipient_count)
+            if frees_at is not None:
+                lane.jobs.appendleft(job)
+                self._park(lane, self._clock.now() + timedelta(seconds=frees_at - wall))
+                continue
+            self._started += 1
+            lane.book(wall, message.recipient_count)
+            try:
+                state = await self._send(lane, job, message)
+            except anyio.get_cancelled_exc_class():
+                # Abandoned (a stop's grace ran out, or a second Ctrl-C): the row stays in
+                # flight, or pending if its claim was not written yet; resume settles it.
+                self._left_inflight += 1
+                lane.jobs.appendleft(job)
+                raise
+            if state is None:  # handed back to the sender it belongs to
+                self._started -= 1
+                lane.release(wall, message.recipient_count)
+                continue
+            # Not sent (PENDING), or left in flight for resume by a stop (INFLIGHT): it goes
+            # back to the front of the queue.
+            if state in (RowState.PENDING, RowState.INFLIGHT):
+                self._started -= 1
+                lane.release(wall, message.recipient_count)
+                lane.jobs.appendleft(job)
+
+    async def _skip_if_unsubscribed(self, lane: Lane, job: Job) -> bool:
+        """Unsubscribe re-check (issue 5): record a recipient who unsubscribed since the plan as skipped.
+
+        A row that is not pending (in flight after a crash) is settled by sending as usual.
+        """
+        assert self._unsubscribed is not None
+        if not self._unsubscribed(job.recipient):
+            return False
+        key = job.recipient.key
+        record = partial(
+            self._ledger.record_skipped, key, SkipReason.UNSUBSCRIBED, "unsubscribed while the campaign ran"
+        )
+        if not await self._in_thread(record):
+            return False
+        self._emit(DispatchEvent(EventKind.SKIPPED, lane.sender.name, key, job.recipient.address.email))
+        return True
+
+    async def _wait_out_park(self, lane: Lane, until: datetime) -> None:
+        """--wait: sleep until the park ends (the first worker to wake lifts it)."""
+        await self._stop.sleep((until - self._clock.now()).total_seconds())
+        if lane.parked_until == until:
+            lane.parked_until = None
+            self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
+
+    async def _wait_for_slot(self, lane: Lane, *, multipart: bool) -> None:
+        # Nothing may await between the end of this wait and the request, or sends
+        # could bunch up behind a slow step; so the ledger claim comes before it.
+        # A throttle that arrives meanwhile moves the hold: then wait again.
+        while True:
+            start = lane.reserve(self._clock.monotonic(), multipart=multipart)
+            await self._stop.sleep(start - self._clock.monotonic())
+            if self._clock.monotonic() >= lane.hold_until or lane.stopped or self._stopping:
+                return
+
+    async def _send(self, lane: Lane, job: Job, message: Message) -> RowState | None:
+        """Send one message until its outcome is settled for this run; return the row's state.
+
+        PENDING: not sent, back to the queue. INFLIGHT: left in flight (a stop, or a row
+        re-claimed from an earlier run whose sender stopped), to be re-sent with its key.
+        """
+        key = job.recipient.key
+        payload = build_send_request(message)  # JSON, or multipart for big attachments
+        claim = await self._in_thread(
+            partial(
+                self._ledger.claim,
+                key,
+                subject=message.subject,
+                sender=lane.sender.name,
+                via=lane.sender.mailbox,
+            )
+        )
+        if not claim.fresh and claim.sender not in (None, lane.sender.name):
+            return await self._return_to_owner(lane, job, claim.sender)
+        await self._wait_for_slot(lane, multipart=payload.multipart)
+        if lane.stopped or self._stopping:
+            # Its request never left. A fresh key goes back unused; a key from an earlier run
+            # may have been used, so that row stays in flight, to be re-sent with that key.
+            if not claim.fresh:
+                return RowState.INFLIGHT
+            await self._in_thread(partial(self._ledger.release, key))
+            return RowState.PENDING
+        retries = waits = 0
+        while True:
+            if self._clock.now() >= claim.usable_until:
+                return await self._give_up(lane, job, None, note=KEY_TOO_OLD_NOTE)
+            outcome = await send_as(self._client, lane.sender, payload, idempotency_key=claim.idempotency_key)
+            self._apply_to_lane(lane, outcome)  # before any await: no other worker may send into it
+            state = await self._in_thread(
+                partial(
+                    self._ledger.record_outcome,
+                    key,
+                    outcome,
+                    sender=lane.sender.name,
+                    recipients=message.recipient_count,
+                )
+            )
+            if state != RowState.INFLIGHT:
+                break
+            if outcome.kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED):
+                # Not sent now, but an earlier request may have used the key: the row keeps
+                # it (bound to this grant) and goes back to the queue, to be sent with it.
+                self._bound.add(key)
+                self._after(lane, job, outcome, state)
+                return RowState.INFLIGHT
+            # Ambiguous (timeout, reset, 5xx) or still in progress: the same key again,
+            # so that Nylas replays the first answer instead of sending twice. A 409
+            # "in progress" is waited out apart from the ambiguous retries.
+            if outcome.kind == OutcomeKind.IN_PROGRESS:
+                waits += 1
+            else:
+                retries += 1
+            delay = self._retry.retry_delay_s(outcome, retries=retries, waits=waits)
+            if delay is None:
+                return await self._give_up(lane, job, outcome, note=GAVE_UP_NOTE)
+            self._emit(
+                DispatchEvent(EventKind.RETRYING, lane.sender.name, key, job.recipient.address.email, outcome)
+            )
+            await self._stop.sleep(delay)
+            await self._wait_for_slot(lane, multipart=payload.multipart)
+            if self._stopping:  # no new request after a stop: resume re-sends it with this key
+                self._left_inflight += 1
+                return RowState.INFLIGHT
+        self._after(lane, job, outcome, state)
+        return state
+
+    async def _return_to_owner(self, lane: Lane, job: Job, owner: str | None) -> RowState | None:
+        """A row whose key may be used goes back to its own sender: the key is valid on that grant only."""
+        self._bound.add(job.recipient.key)
+        home = self._lanes.get(owner or "")
+        if home is None:  # its sender is gone from the manifest: no grant can send it safely
+            return await self._give_up(lane, job, None, note=OWNER_GONE_NOTE)
+        home.jobs.append(Job(job.recipient, home.sender.name))
+        self._start_workers(home)
+        return None
+
+    async def _give_up(self, lane: Lane, job: Job, outcome: SendOutcome | None, *, note: str) -> RowState:
+        """The row's fate cannot be known now: it becomes unknown, for reconcile to settle."""
+        key = job.recipient.key
+        await self._in_thread(partial(self._ledger.record_unknown, key, note=note))
+        self._counts[RowState.UNKNOWN] += 1
+        self._emit(
+            DispatchEvent(EventKind.UNKNOWN, lane.sender.name, key, job.recipient.address.email, outcome)
+        )
+        return RowState.UNKNOWN
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop.requested
+
+    def _after(self, lane: Lane, job: Job, outcome: SendOutcome, state: RowState) -> None:
+        name, key, email = lane.sender.name, job.recipient.key, job.recipient.address.email
+        if state == RowState.SENT:
+            lane.record_sent()
+            self._counts[RowState.SENT] += 1
+            self._emit(DispatchEvent(EventKind.SENT, name, key, email, outcome))
+        elif state == RowState.FAILED:
+            self._counts[RowState.FAILED] += 1
+            self._emit(DispatchEvent(EventKind.FAILED, name, key, email, outcome))
+        elif state == RowState.UNKNOWN:  # a replayed 5xx: retrying would only replay it again
+            self._counts[RowState.UNKNOWN] += 1
+            self._emit(DispatchEvent(EventKind.UNKNOWN, name, key, email, outcome))
+        elif outcome.kind == OutcomeKind.AUTH_REFUSED:
+            self._emit(DispatchEvent(EventKind.AUTH_REFUSED, name, key, email, outcome))
+        elif outcome.kind == OutcomeKind.THROTTLED:
+            self._emit(DispatchEvent(EventKind.THROTTLED, name, key, email, outcome))
+
+    def _apply_to_lane(self, lane: Lane, outcome: SendOutcome) -> None:
+        """What an answer means for the sender: a throttle holds or parks it, a refusal stops it."""
+        if outcome.kind == OutcomeKind.THROTTLED:
+            self._throttled(lane, outcome)
+        elif outcome.kind == OutcomeKind.AUTH_REFUSED:
+            lane.auth_refused = True
+
+    def _throttled(self, lane: Lane, outcome: SendOutcome) -> None:
+        now = self._clock.now()
+        wait_s = self._retry.throttle_wait_s(outcome, now=now, throttles=lane.throttles)
+        lane.record_throttle(mono=self._clock.monotonic(), wait_s=wait_s)
+        if self._retry.parks(outcome, wait_s=wait_s, throttles=lane.throttles):
+            self._park(lane, now + timedelta(seconds=wait_s))
+
+    def _park(self, lane: Lane, until: datetime) -> None:
+        if lane.parked_until is None:
+            lane.parked_until = until
+            self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))

@@ -1,0 +1,130 @@
+"""The send loop's vocabulary: its settings, the events it reports, its result, what it needs.
+
+Values and protocols only, so the face (`campaign.cli.output`) and the callers can speak of a
+run without the loop itself: `DispatchSettings` (its knobs), `DispatchEvent` (what happened
+to one send or sender, as it happens), `DispatchResult` (what a run came to), and the
+protocols through which `campaign.dispatch._loop` sees the ledger (`ProgressLedger`) and runs its
+blocking writes (`Offload`). Nothing here sends, records or prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from campaign.ledger import Claim
+from campaign.models import RowState, SendOutcome, SkipReason
+
+__all__ = [
+    "DispatchEvent",
+    "DispatchResult",
+    "DispatchSettings",
+    "EventKind",
+    "Offload",
+    "ProgressLedger",
+    "build_thread_offload",
+]
+
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """Runs a blocking call (a ledger write) so that the event loop does not wait on it."""
+
+    async def __call__(self, call: Callable[[], _T]) -> _T: ...
+
+
+def build_thread_offload() -> Offload:
+    """The default: one worker thread at a time, so the ledger is never written from two threads at once."""
+    limiter = anyio.CapacityLimiter(1)
+
+    async def offload(call: Callable[[], _T]) -> _T:
+        return await anyio.to_thread.run_sync(call, limiter=limiter)
+
+    return offload
+
+
+class ProgressLedger(Protocol):
+    """What the engine needs from the ledger."""
+
+    def claim(
+        self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
+    ) -> Claim: ...
+
+    def record_outcome(
+        self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
+    ) -> RowState: ...
+
+    def release(self, key: str) -> None: ...
+
+    def record_unknown(self, key: str, *, note: str | None = None) -> None: ...
+
+    def batch(self) -> AbstractContextManager[None]: ...
+
+    def record_skipped(self, key: str, reason: SkipReason, detail: str) -> bool: ...
+
+
+class EventKind(StrEnum):
+    """What a `DispatchEvent` reports."""
+
+    SENT = "sent"
+    FAILED = "failed"
+    THROTTLED = "throttled"
+    RETRYING = "retrying"
+    UNKNOWN = "unknown"
+    PARKED = "parked"
+    RESUMED = "resumed"
+    AUTH_REFUSED = "auth_refused"
+    SKIPPED = "skipped"  # the recipient unsubscribed while the campaign ran
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchEvent:
+    """Something that happened to one send or one sender."""
+
+    kind: EventKind
+    sender: str
+    key: str | None = None
+    email: str | None = None
+    outcome: SendOutcome | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSettings:
+    """Knobs of the send loop; the defaults suit real mailboxes."""
+
+    limit: int | None = None  # at most this many sends this run
+    ambiguous_retries: int = 3  # same-key retries after a timeout / 5xx before the row is `unknown`
+    retry_base_s: float = 2.0  # first backoff; doubles each time, with jitter
+    retry_max_s: float = 120.0
+    park_after_s: float = 900.0  # a throttle asking for a longer wait parks the sender for the run
+    park_after_throttles: int = 8  # consecutive throttles with no send in between park the sender
+    wait: bool = False  # sleep through parks (quota, long throttles) instead of stopping with them
+    # 409 concurrent_idempotent_request: the first request with the key is still running at
+    # Nylas; wait for it and ask again with the same key (not counted as an ambiguous retry).
+    in_progress_retries: int = 10
+    in_progress_wait_s: float = 3.0
+    stop_grace_s: float = 30.0  # after a stop request, sends in flight get this long to finish
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchResult:
+    """What a dispatch run came to."""
+
+    sent: int
+    failed: int
+    unknown: int
+    remaining: int
+    parked: Mapping[str, datetime] = field(default_factory=dict)
+    auth_refused: tuple[str, ...] = ()
+    limit_reached: bool = False
+    stopped: bool = False  # a stop was requested (Ctrl-C): no new work was started after it
+    left_inflight: int = 0  # rows left in flight (stopped mid-retry or abandoned): resume re-sends them

@@ -1,0 +1,33 @@
+"""The progress ledger: one SQLite file per campaign, the source of truth for "sent exactly once".
+
+`open_ledger` opens (creating, migrating, locking for one writer) or reads a ledger; `Ledger`
+is the only code that changes a row's state, each change checked against `TRANSITIONS`.
+`GroupCommit` batches writes asked for together into one transaction, each caller resuming
+only after its own write is on disk. `check_no_orphaned_ledger` and `check_key_scheme` keep a
+renamed manifest or a changed key from mailing anyone twice. Never sends.
+"""
+
+from __future__ import annotations
+
+from campaign.ledger._groupcommit import GroupCommit
+from campaign.ledger._identity import check_key_scheme, check_no_orphaned_ledger, record_key_scheme
+from campaign.ledger._ledger import Claim, Ledger, LedgerRow, PlannedRow, SyncReport, open_ledger
+from campaign.ledger._read import ErrorGroup
+from campaign.ledger._schema import check_ledger_free, lock_ledger, unlock_ledger
+
+__all__ = [
+    "Claim",
+    "ErrorGroup",
+    "GroupCommit",
+    "Ledger",
+    "LedgerRow",
+    "PlannedRow",
+    "SyncReport",
+    "check_key_scheme",
+    "check_ledger_free",
+    "check_no_orphaned_ledger",
+    "lock_ledger",
+    "open_ledger",
+    "record_key_scheme",
+    "unlock_ledger",
+]

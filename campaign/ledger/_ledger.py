@@ -1,0 +1,471 @@
+"""The progress ledger: one SQLite file that says, for every recipient, what happened.
+
+It is the source of truth for "sent exactly once" (DESIGN.md §5), and the only
+code that changes a row's state: every change is checked against `TRANSITIONS`
+and anything else raises `LedgerError`. A row is committed as `inflight`, with
+its idempotency key, before its request leaves; the outcome is committed after.
+Plain synchronous sqlite3: the engine calls it from a worker thread so the event
+loop never waits on disk, and may group several writes into one transaction
+(`batch`). It never stores the API key. Reading is in `ledger_read.py`, the file
+and its migrations in `ledger_schema.py`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from campaign.clock import Clock
+from campaign.errors import LedgerError
+from campaign.ledger._read import JournalEntry, LedgerRow
+from campaign.ledger._schema import (
+    check_ledger_version,
+    connect_ledger,
+    create_ledger_file,
+    lock_ledger,
+    migrate_ledger,
+    unlock_ledger,
+)
+from campaign.ledger._write import (
+    FAILED,
+    INFLIGHT,
+    PENDING,
+    SENT,
+    SKIPPED,
+    TRANSITIONS,
+    UNKNOWN,
+    LedgerWriter,
+)
+from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason
+
+__all__ = [
+    "IDEMPOTENCY_WINDOW_S",
+    "KEY_REUSE_S",
+    "TRANSITIONS",
+    "Claim",
+    "JournalEntry",
+    "Ledger",
+    "LedgerRow",
+    "PlannedRow",
+    "SyncReport",
+    "open_ledger",
+    "read_ledger_campaign",
+]
+
+# Nylas replays a key's first answer for one hour (nylas-api.md §4). A key is reused only
+# while it is younger than that, less a margin for the request itself and clock skew.
+IDEMPOTENCY_WINDOW_S = 3600.0
+KEY_REUSE_S = IDEMPOTENCY_WINDOW_S - 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRow:
+    """A recipient the plan wants mailed, as the ledger stores it."""
+
+    key: str
+    row: int
+    email: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    """What reconciling the recipient list with the ledger changed."""
+
+    added: int
+    skipped_added: int
+    existing: int
+    missing: int  # keys in the ledger that are no longer in the list (left alone)
+    newly_skipped: int = 0  # pending rows now suppressed or invalid
+    restored: int = 0  # rows skipped as invalid that now validate
+    missing_states: Mapping[RowState, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The idempotency key a claimed row must be sent with, and until when it may be (re)used."""
+
+    idempotency_key: str
+    attempt_no: int
+    usable_until: datetime  # past this, a same-key retry could send twice: give up (unknown)
+    fresh: bool = True  # the key was issued by this claim (so no request has used it yet)
+    sender: str | None = None  # the sender the row belongs to; a used key is only valid on its grant
+
+
+def open_ledger(
+    path: Path,
+    *,
+    clock: Clock,
+    campaign: str,
+    exclusive: bool = False,
+    create: bool = True,
+    read_only: bool = False,
+) -> Ledger:
+    """Open the ledger at `path` for `campaign`: migrated, or (`read_only`) as it is, never changed.
+
+    `create` makes it when there is none (the CLI: only a run); a missing file otherwise, and an
+    empty or schemaless one always, is a LedgerError: never taken for a new campaign.
+    `exclusive` takes the writer lock: a second sending command on the same ledger is refused.
+    """
+    lock = lock_ledger(path) if exclusive else None
+    try:
+        if create and not path.exists():
+            create_ledger_file(path, stamp=clock.now().isoformat())
+        connection = connect_ledger(path, read_only=read_only)
+        ledger = Ledger(connection, path=path, clock=clock, lock_fd=lock)
+        if read_only:
+            check_ledger_version(connection, path=path)
+        else:
+            migrate_ledger(connection, path=path, stamp=ledger._stamp())
+        ledger._check_campaign(campaign, record=not read_only)
+    except BaseException:
+        if lock is not None:
+            unlock_ledger(lock)
+        raise
+    return ledger
+
+
+def read_ledger_campaign(path: Path) -> str | None:
+    """The campaign the ledger at `path` belongs to; None when it is not a readable ledger."""
+    try:
+        connection = connect_ledger(path, read_only=True)
+    except LedgerError:
+        return None
+    try:
+        found = connection.execute("SELECT value FROM meta WHERE key = 'campaign'").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        connection.close()
+    return None if found is None else str(found[0])
+
+
+class Ledger(LedgerWriter):
+    """Reads and writes one campaign's ledger; every write is one transaction (or part of a batch)."""
+
+    # --- campaign-wide ------------------------------------------------------
+
+    def _check_campaign(self, campaign: str, *, record: bool = True) -> None:
+        stored = self.get_meta("campaign")
+        if stored is None and record:
+            self.set_meta("campaign", campaign)
+            self.set_meta("created_at", self._stamp())
+        elif stored != campaign:
+            message = (
+                f"{self._path}: this ledger belongs to campaign {stored!r}, not {campaign!r}; "
+                "use another manifest file name or restore campaign.name"
+            )
+            raise LedgerError(message)
+        self._campaign = campaign
+
+    # --- the list -----------------------------------------------------------
+
+    def record_plan(self, planned: Sequence[PlannedRow], skips: Sequence[Skip]) -> SyncReport:
+        """Bring the ledger in line with the list: new rows pending, new skips skipped, the rest kept.
+
+        A pending row that the list now skips becomes skipped; a row skipped as
+        invalid that now validates becomes pending. Rows no longer in the list
+        are left as they are and marked as not listed.
+        """
+        now = self._stamp()
+        planned_keys = {p.key for p in planned}
+        # A duplicate's skip shares its original's key: it concerns the planned row, not a row of its own.
+        only_skips = {s.key: s for s in skips if s.key not in planned_keys}
+        wanted = planned_keys | set(only_skips)
+        with self._write() as db:
+            known = {
+                str(key): (RowState(state), reason)
+                for key, state, reason in db.execute("SELECT key, state, reason FROM recipients")
+            }
+            new = [p for p in planned if p.key not in known]
+            db.executemany(
+                "INSERT INTO recipients (key, row, email, sender, state, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                [(p.key, p.row, p.email, p.sender, now, now) for p in new],
+            )
+            new_skips = [s for s in only_skips.values() if s.key not in known]
+            db.executemany(
+                "INSERT INTO recipients (key, row, email, state, reason, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'skipped', ?, ?, ?)",
+                [(s.key, s.row, s.email, _skip_reason(s), now, now) for s in new_skips],
+            )
+            now_skipped = [
+                s for s in only_skips.values() if s.key in known and known[s.key][0] in (PENDING, INFLIGHT)
+            ]
+            for skip in now_skipped:
+                if known[skip.key][0] == PENDING:
+                    self._set_state(db, skip.key, PENDING, SKIPPED)
+                    db.execute(
+                        "UPDATE recipients SET reason = ? WHERE key = ?", (_skip_reason(skip), skip.key)
+                    )
+                else:  # its request may have left: only reconcile can say; it is not sent again
+                    note = (
+                        f"now skipped ({_skip_reason(skip)}); `campaign reconcile` settles its earlier send"
+                    )
+                    self._set_state(db, skip.key, INFLIGHT, UNKNOWN, note=note)
+            invalid = f"{SkipReason.INVALID.value}:"
+            restored = [
+                p
+                for p in planned
+                if p.key in known
+                and known[p.key][0] == SKIPPED
+                and (known[p.key][1] or "").startswith(invalid)
+            ]
+            for plan in restored:
+                self._set_state(db, plan.key, SKIPPED, PENDING)
+                db.execute(
+                    "UPDATE recipients SET reason = NULL, sender = ?, email = ? WHERE key = ?",
+                    (plan.sender, plan.email, plan.key),
+                )
+            db.executemany("UPDATE recipients SET row = ? WHERE key = ?", [(p.row, p.key) for p in planned])
+            db.execute("UPDATE recipients SET listed = 0")
+            db.executemany("UPDATE recipients SET listed = 1 WHERE key = ?", [(key,) for key in wanted])
+        missing: dict[RowState, int] = {}
+        for key, (state, _) in known.items():
+            if key not in wanted:
+                missing[state] = missing.get(state, 0) + 1
+        return SyncReport(
+            added=len(new),
+            skipped_added=len(new_skips),
+            existing=len(wanted) - len(new) - len(new_skips),
+            missing=sum(missing.values()),
+            newly_skipped=len(now_skipped),
+            restored=len(restored),
+            missing_states=missing,
+        )
+
+    # --- sending ------------------------------------------------------------
+
+    def claim(
+        self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
+    ) -> Claim:
+        """Mark a row in flight with its idempotency key, before its request leaves.
+
+        A pending row gets a key (new after each definite "not sent") and, if given, the
+        sender that now sends it; an in-flight row left by a crash keeps its key and its
+        sender, so Nylas (which scopes keys per grant) replays instead of sending twice.
+        `via` is the mailbox (grant, or domain) a new key is issued for: see `record_moved_mailboxes`.
+        """
+        now = self._stamp()
+        with self._write() as db:
+            current = self._fetch(db, key)
+            state = RowState(current["state"])
+            uses = 0
+            owner = current["sender"]
+            claimed_via = None  # an in-flight row keeps the mailbox its key was issued for
+            if state == PENDING:
+                owner, claimed_via = sender or owner, via
+                idempotency_key, issued, fresh = self._idempotency_key(key, current["attempt_no"]), now, True
+            elif state == INFLIGHT and current["idempotency_key"]:
+                uses = int(current["key_uses"]) + 1  # an earlier process may have sent it
+                idempotency_key, fresh = str(current["idempotency_key"]), False
+                issued = str(current["key_issued_at"] or current["claimed_at"] or now)
+            else:
+                message = f"{self._path}: cannot send to {key!r}: it is {state}"
+                raise LedgerError(message)
+            db.execute(
+                "UPDATE recipients SET state = 'inflight', idempotency_key = ?, key_issued_at = ?, "
+                "key_uses = ?, claimed_at = ?, first_claimed_at = COALESCE(first_claimed_at, ?), "
+                "subject = COALESCE(?, subject), sender = ?, claimed_via = COALESCE(?, claimed_via), "
+                "updated_at = ? WHERE key = ?",
+                (idempotency_key, issued, uses, now, now, subject, owner, claimed_via, now, key),
+            )
+        usable_until = datetime.fromisoformat(issued) + timedelta(seconds=KEY_REUSE_S)
+        return Claim(idempotency_key, int(current["attempt_no"]), usable_until, fresh, owner)
+
+    def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1) -> RowState:
+        """Record what a send of an in-flight row came to; returns the row's new state.
+
+        Sent and rejected rows are final. A definite "not sent" (throttled, refused
+        credentials) puts the row back to pending with a new key for next time, but
+        only if no earlier request can have used the key (or the refusal is a replay,
+        i.e. the key's first answer): else the row stays in flight with its key. An
+        ambiguous outcome keeps the row in flight with the same key, unless it was
+        itself a replay: then retrying teaches nothing new and the row is unknown.
+        """
+        now = self._stamp()
+        with self._write() as db:
+            current = self._fetch(db, key)
+            new_state = _state_after(outcome, key_used=int(current["key_uses"]) > 0)
+            if RowState(current["state"]) != INFLIGHT:
+                state = current["state"]
+                message = (
+                    f"{self._path}: cannot record a send outcome for {key!r}: it is {state}, not inflight"
+                )
+                raise LedgerError(message)
+            error = (None, None, None) if new_state == SENT else _error_columns(outcome)
+            pending = new_state == PENDING
+            db.execute(
+                "UPDATE recipients SET state = ?, message_id = COALESCE(?, message_id), "
+                "thread_id = COALESCE(?, thread_id), "
+                "request_id = COALESCE(?, request_id), replayed = ?, error_type = ?, error_status = ?, "
+                "error_message = ?, attempts = attempts + 1, updated_at = ?, "
+                "sent_at = CASE WHEN ? THEN ? ELSE sent_at END, attempt_no = attempt_no + ?, "
+                "idempotency_key = CASE WHEN ? THEN NULL ELSE idempotency_key END, "
+                "key_issued_at = CASE WHEN ? THEN NULL ELSE key_issued_at END, "
+                "key_uses = key_uses + ? WHERE key = ?",
+                (
+                    new_state.value,
+                    outcome.message_id,
+                    outcome.thread_id,
+                    outcome.request_id,
+                    int(outcome.replayed),
+                    *error,
+                    now,
+                    new_state == SENT,
+                    now,
+                    int(pending),
+                    pending,
+                    pending,
+                    int(outcome.kind in (OutcomeKind.AMBIGUOUS, OutcomeKind.IN_PROGRESS)),
+                    key,
+                ),
+            )
+            if new_state == SENT:
+                self._log_send(db, sender, self._clock.now().timestamp(), recipients)
+        return new_state
+
+    def release(self, key: str) -> None:
+        """Return a freshly claimed row whose request never left to pending; its key is still unused."""
+        with self._write() as db:
+            self._set_state(db, key, INFLIGHT, PENDING)
+
+    def record_unknown(self, key: str, *, note: str | None = None) -> None:
+        """Give up on an in-flight row whose fate cannot be known now (reconcile settles it)."""
+        with self._write() as db:
+            self._set_state(db, key, INFLIGHT, UNKNOWN, note=note)
+
+    def record_moved_mailboxes(self, senders: Mapping[str, str]) -> list[str]:
+        """Keep each in-flight row with the mailbox its key was issued for; return the rows given up.
+
+        `senders` maps each mailbox of the manifest (grant, or `domain:…`) to its sender. A row
+        whose mailbox now has another sender name follows it; a row whose mailbox no sender has
+        any more (its grant_id was changed) becomes unknown: its key means nothing elsewhere, and
+        re-sending it through another grant could mail the recipient twice.
+        """
+        rows = self._read("SELECT key, sender, claimed_via FROM recipients WHERE state = 'inflight'")
+        gone: list[str] = []
+        with self._write() as db:
+            for key, sender, via in rows:
+                if via is None:
+                    continue  # claimed by a version that did not record it
+                owner = senders.get(via)
+                if owner is None:
+                    note = (
+                        f"claimed through {via}, which no sender of the manifest has any more; its "
+                        "idempotency key means nothing elsewhere: restore that grant_id and resume, or "
+                        "`campaign reconcile`"
+                    )
+                    self._set_state(db, key, INFLIGHT, UNKNOWN, note=note)
+                    gone.append(str(key))
+                elif owner != sender:
+                    db.execute("UPDATE recipients SET sender = ? WHERE key = ?", (owner, key))
+        return gone
+
+    def record_expired_claims(self, *, older_than_s: float = KEY_REUSE_S) -> int:
+        """Turn in-flight rows whose key is older than `older_than_s` into unknown; returns how many."""
+        cutoff = self._clock.now().timestamp() - older_than_s
+        stale = [
+            row.key
+            for row in self.rows(states=(INFLIGHT,))
+            if row.key_issued_at is None or datetime.fromisoformat(row.key_issued_at).timestamp() < cutoff
+        ]
+        note = "its idempotency key is older than Nylas's 1 h replay window; `campaign reconcile` settles it"
+        with self._write():
+            for key in stale:
+                self.record_unknown(key, note=note)
+        return len(stale)
+
+    # --- settling after the fact -------------------------------------------
+
+    def record_found_sent(
+        self,
+        key: str,
+        *,
+        message_id: str,
+        sender: str,
+        sent_at: datetime | None,
+        note: str,
+        recipients: int = 1,
+    ) -> None:
+        """An unknown row whose message the API shows was sent: it becomes sent with that message id."""
+        with self._write() as db:
+            self._set_state(db, key, UNKNOWN, SENT, note=note)
+            when = sent_at or self._clock.now()
+            db.execute(
+                "UPDATE recipients SET message_id = ?, sent_at = ?, error_type = NULL, error_status = NULL, "
+                "error_message = NULL WHERE key = ?",
+                (message_id, when.isoformat(timespec="milliseconds"), key),
+            )
+            self._log_send(db, sender, when.timestamp(), recipients)
+
+    def record_retry(self, key: str, *, note: str) -> None:
+        """Send a failed or unknown row again: back to pending, with a new idempotency key next time."""
+        with self._write() as db:
+            current = self._fetch(db, key)
+            state = RowState(current["state"])
+            if state not in (FAILED, UNKNOWN):
+                message = f"{self._path}: cannot retry {key!r}: it is {state}, not failed or unknown"
+                raise LedgerError(message)
+            self._set_state(db, key, state, PENDING, note=note)
+            db.execute(
+                "UPDATE recipients SET attempt_no = attempt_no + 1, idempotency_key = NULL, "
+                "key_issued_at = NULL WHERE key = ?",
+                (key,),
+            )
+
+    def record_retry_all(self, states: Sequence[RowState], *, note: str) -> int:
+        """Retry every row in `states` (failed and/or unknown) in one transaction; returns how many."""
+        with self._write():
+            keys = [row.key for row in self.rows(states=states)]
+            for key in keys:
+                self.record_retry(key, note=note)
+            if keys:
+                self.record_event("retry", f"{len(keys)} rows back to pending ({note})")
+        return len(keys)
+
+    # --- skipping a pending row (issue 5: an unsubscribe that arrives while the campaign runs) ---
+
+    def record_skipped(self, key: str, reason: SkipReason, detail: str) -> bool:
+        """Mark a pending row skipped with `reason`; False (and no change) if the row is not pending."""
+        with self._write() as db:
+            if RowState(self._fetch(db, key)["state"]) != PENDING:
+                return False
+            self._set_state(db, key, PENDING, SKIPPED)
+            db.execute("UPDATE recipients SET reason = ? WHERE key = ?", (f"{reason.value}: {detail}", key))
+        return True
+
+
+def _state_after(outcome: SendOutcome, *, key_used: bool) -> RowState:
+    kind = outcome.kind
+    if kind == OutcomeKind.AMBIGUOUS and outcome.replayed:
+        return UNKNOWN  # Nylas cached this ambiguous answer: the same key will only replay it
+    if outcome.status == 409 and (outcome.error_type or "").endswith("invalid_idempotent_request"):
+        return UNKNOWN  # the key was used before with another payload: that one may have gone out
+    if key_used and kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED) and not outcome.replayed:
+        # Refused before Nylas looked the key up (e.g. its own rate limit)? Then an earlier request
+        # with the key may have gone out: keep it; the next answer is a replay either way. A
+        # *replayed* refusal is the key's first answer: nothing ever went out with it.
+        return INFLIGHT
+    return _STATE_AFTER[kind]
+
+
+_STATE_AFTER: dict[OutcomeKind, RowState] = {
+    OutcomeKind.SENT: SENT,
+    OutcomeKind.REJECTED: FAILED,
+    OutcomeKind.THROTTLED: PENDING,
+    OutcomeKind.AUTH_REFUSED: PENDING,
+    OutcomeKind.IN_PROGRESS: INFLIGHT,
+    OutcomeKind.AMBIGUOUS: INFLIGHT,
+}
+
+
+def _skip_reason(skip: Skip) -> str:
+    return f"{skip.reason.value}: {skip.detail}"
+
+
+def _error_columns(outcome: SendOutcome) -> tuple[str | None, int | None, str | None]:
+    return outcome.error_type or outcome.kind.value, outcome.status, outcome.error_message

@@ -1,0 +1,34 @@
+"""The manifest: one TOML file that says who is mailed, with what, from which mailboxes, how fast.
+
+`load_manifest` reads and validates it into a frozen `Manifest` (pydantic only here, at the
+edge: every error names the key and what to do). The tables are in `_settings` ([campaign],
+[api], [recipients], [unsubscribe], [[senders]]) and `_message` ([message]); `_presets` holds
+each provider's default limits; `_starter` is what `campaign init` writes. Reads files, sends
+nothing, writes nothing but the starter.
+"""
+
+from __future__ import annotations
+
+from campaign.manifest._load import Manifest, SenderSettings, build_manifest_schema, load_manifest
+from campaign.manifest._message import AttachmentSettings, MessageSettings
+from campaign.manifest._settings import (
+    HEADERLESS_PROVIDERS,
+    STORE_SUFFIXES,
+    RecipientsSettings,
+    check_env_name,
+)
+from campaign.manifest._starter import write_starter
+
+__all__ = [
+    "HEADERLESS_PROVIDERS",
+    "STORE_SUFFIXES",
+    "AttachmentSettings",
+    "Manifest",
+    "MessageSettings",
+    "RecipientsSettings",
+    "SenderSettings",
+    "build_manifest_schema",
+    "check_env_name",
+    "load_manifest",
+    "write_starter",
+]

@@ -1,0 +1,273 @@
+"""The campaign manifest: one TOML file naming the list, the templates, the senders and their limits.
+
+`parse_manifest` turns TOML text into a frozen `Manifest` made of the table models in
+`campaign.manifest._settings` and `campaign.manifest._message`, resolving every path against the
+manifest's folder; every mistake becomes one `ManifestError` line naming the file and the
+dotted key. This module checks shapes and values only: it never opens the files the
+manifest names (the loaders do) and never reads the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import ErrorDetails
+
+from campaign.errors import InputFileError, ManifestError
+from campaign.manifest._message import AttachmentSettings, MessageSettings, TrackingSettings
+from campaign.manifest._settings import (
+    STORE_SUFFIXES,
+    ApiSettings,
+    CampaignSettings,
+    RecipientsSettings,
+    SenderSettings,
+    UnsubscribeSettings,
+)
+
+# The table models live in _settings and _message; they stay importable from here.
+__all__ = [
+    "STORE_SUFFIXES",
+    "ApiSettings",
+    "AttachmentSettings",
+    "CampaignSettings",
+    "Manifest",
+    "MessageSettings",
+    "RecipientsSettings",
+    "SenderSettings",
+    "TrackingSettings",
+    "UnsubscribeSettings",
+    "build_manifest_schema",
+    "load_manifest",
+    "parse_manifest",
+]
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class Manifest(BaseModel):
+    """A campaign manifest: the list, the message, the unsubscribe settings and the senders."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="campaign manifest")
+    path: SkipJsonSchema[Path] = Field(description="Absolute path of the manifest file.")
+    campaign: CampaignSettings = Field(description="What identifies this campaign.")
+    api: ApiSettings = Field(default=ApiSettings(), description="How to reach the Nylas API.")
+    recipients: RecipientsSettings = Field(description="The recipient list and suppression lists.")
+    message: MessageSettings = Field(description="Subject, body templates, tracking and custom headers.")
+    unsubscribe: UnsubscribeSettings | None = Field(
+        default=None, description="One-click unsubscribe link and headers (recommended for bulk mail)."
+    )
+    senders: tuple[SenderSettings, ...] = Field(
+        min_length=1, description="The sending mailboxes, one [[senders]] table each."
+    )
+
+    @model_validator(mode="after")
+    def _unique_senders(self) -> Manifest:
+        first: dict[str, int] = {}
+        mailboxes: dict[tuple[str, str], int] = {}
+        for index, sender in enumerate(self.senders, start=1):  # counted as users count tables
+            if sender.name in first:
+                raise ValueError(
+                    f"senders[{index}].name: {sender.name!r} is already the name of "
+                    f"senders[{first[sender.name]}]; sender names must be unique"
+                )
+            first[sender.name] = index
+            # Two senders on one mailbox would each take its whole pace and daily budget: twice its limits.
+            key, value = ("grant_id", sender.grant_id) if sender.grant_id else ("domain", sender.domain or "")
+            # Compared as Nylas and DNS compare them: a grant id (a UUID) and a domain ignore case.
+            mailbox = (key, value.lower().rstrip("."))
+            if mailbox in mailboxes:
+                earlier = mailboxes[mailbox]
+                raise ValueError(
+                    f"senders[{index}].{key}: {sender.name!r} and {self.senders[earlier - 1].name!r} "
+                    f"(senders[{earlier}]) "
+                    f"both send through {key} {value!r}, which would double its pace and daily budget; "
+                    "keep one sender per mailbox"
+                )
+            mailboxes[mailbox] = index
+            if sender.provider == "microsoft":
+                self._check_graph_headers(index, sender.name)
+        return self
+
+    def _check_graph_headers(self, index: int, sender: str) -> None:
+        # Microsoft Graph refuses a custom header whose name does not start with X-
+        # (InvalidInternetMessageHeader): every send of this sender would fail, so say it now.
+        for name in self.message.headers:
+            if not name.lower().startswith("x-"):
+                raise ValueError(
+                    f"message.headers: {name!r} cannot be sent by senders[{index}] {sender!r} (provider "
+                    "microsoft): Microsoft Graph only accepts custom headers whose names start with X-; "
+                    f"rename it X-{name}"
+                )
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder holding the manifest; relative paths start here."""
+        return self.path.parent
+
+    @property
+    def ledger_path(self) -> Path:
+        """Where this campaign's ledger lives: beside the manifest."""
+        return self.base_dir / f"{self.path.stem}.ledger.sqlite"
+
+    def sender(self, name: str) -> SenderSettings:
+        """The sender called `name`; ManifestError if the manifest has none by that name."""
+        for sender in self.senders:
+            if sender.name == name:
+                return sender
+        known = ", ".join(s.name for s in self.senders)
+        raise ManifestError(f"{self.path.name}: no sender named {name!r} (senders: {known})")
+
+
+_TABLES: dict[tuple[str, ...], type[BaseModel]] = {
+    (): Manifest,
+    ("campaign",): CampaignSettings,
+    ("api",): ApiSettings,
+    ("recipients",): RecipientsSettings,
+    ("message",): MessageSettings,
+    ("message", "tracking"): TrackingSettings,
+    ("message", "attachments"): AttachmentSettings,
+    ("unsubscribe",): UnsubscribeSettings,
+    ("senders",): SenderSettings,
+}
+
+
+def _keys(table: tuple[str, ...]) -> list[str]:
+    return [k for k in _TABLES[table].model_fields if table or k != "path"]  # Manifest.path is not a key
+
+
+def _format_loc(loc: tuple[str | int, ...]) -> str:
+    """('senders', 1, 'per_second') -> senders[2].per_second: the 2nd [[senders]] table, counted from 1
+    as users count tables (like row numbers); header names are quoted."""
+    out = ""
+    parents: list[str] = []
+    for part in loc:
+        if part == "[key]":
+            continue
+        if isinstance(part, int):
+            out += f"[{part + 1}]"
+            continue
+        if parents[-2:] == ["message", "headers"] or not _BARE_KEY.fullmatch(part):
+            part = f'"{part}"'
+        out += f".{part}" if out else part
+        parents.append(part)
+    return out
+
+
+_TYPE_WORDS = {
+    "a valid integer": "an integer",
+    "a valid number": "a number",
+    "a valid boolean": "true or false",
+    "a valid string": "a string",
+    "a valid tuple": "an array",
+    "a valid path": "a path string",
+    " after validation": "",
+}
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
+    return names.get(type(value), "an array" if isinstance(value, list) else type(value).__name__)
+
+
+def _describe_error(error: ErrorDetails) -> str:
+    """One pydantic error as `dotted.key: what is wrong`."""
+    loc = tuple(error["loc"])
+    table = tuple(p for p in loc[:-1] if isinstance(p, str))
+    key = loc[-1] if loc else ""
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden" and table in _TABLES and isinstance(key, str):
+        close = difflib.get_close_matches(key, _keys(table), n=1)
+        if close:
+            return f"{_format_loc(loc)}: unknown key (did you mean {close[0]!r}?)"
+        elsewhere = [".".join(t) for t in _TABLES if key in _keys(t) and t]
+        if elsewhere:
+            return f"{_format_loc(loc)}: unknown key here (it belongs in [{elsewhere[0]}])"
+        return f"{_format_loc(loc)}: unknown key (expected one of: {', '.join(_keys(table))})"
+    if kind == "missing":
+        full = tuple(p for p in loc if isinstance(p, str))
+        if full == ("senders",):
+            return "senders: missing; add at least one [[senders]] table with name and grant_id"
+        if full in _TABLES:
+            return f"{_format_loc(loc)}: required table [{'.'.join(full)}] is missing"
+        return f"{_format_loc(loc)}: required key is missing"
+    if kind == "too_short" and loc == ("senders",):
+        return "senders: add at least one [[senders]] table with name and grant_id"
+    if kind == "string_too_short" and error.get("ctx", {}).get("min_length") == 1:
+        message = "must not be empty"
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    elif kind in {"model_type", "dict_type"}:
+        message = "must be a table"
+    else:
+        message = re.sub(r"^Input should be ", "must be ", message)
+        message = re.sub(r"^(String|Tuple) should have", "must have", message)
+        for pydantic_word, toml_word in _TYPE_WORDS.items():
+            message = message.replace(pydantic_word, toml_word)
+    if kind.endswith("_type"):
+        message += f" (got {_toml_type(error['input'])})"
+    elif kind != "value_error" and type(error["input"]) in {int, float}:
+        message += f" (got {error['input']})"
+    place = _format_loc(loc)
+    return f"{place}: {message}" if place else message
+
+
+def _describe_validation(exc: ValidationError, name: str) -> str:
+    errors = exc.errors()
+    # A list whose only item failed is also "too short": that echo is not a problem of its own.
+    inner = {e["loc"][:n] for e in errors for n in range(len(e["loc"]))}
+    errors = [e for e in errors if not (e["type"] == "too_short" and e["loc"] in inner)]
+    # A typo makes a key unknown *and* leaves the real key missing: report the typo first.
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{name}: {_describe_error(errors[0])}{more}"
+
+
+def parse_manifest(text: str, *, path: Path) -> Manifest:
+    """Parse and validate manifest TOML; `path` is where it lives (relative paths start at its folder)."""
+    path = Path(os.path.abspath(path))
+    try:
+        data = tomllib.loads(text.removeprefix("\ufeff"))
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"^(.*) \(at line (\d+), column \d+\)$", str(exc))
+        if found is None:
+            reason = re.sub(r" \(at end of document\)$", "", str(exc))
+            raise ManifestError(f"{path.name}: invalid TOML ({reason})") from exc
+        raise ManifestError(f"{path.name}: line {found[2]}: invalid TOML ({found[1]})") from exc
+    if "path" in data:
+        raise ManifestError(f"{path.name}: path: unknown key (expected one of: {', '.join(_keys(()))})")
+    try:
+        return Manifest.model_validate({**data, "path": path}, context={"base_dir": path.parent})
+    except ValidationError as exc:
+        raise ManifestError(_describe_validation(exc, path.name)) from exc
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate the manifest file at `path`."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputFileError(f"{path}: manifest not found; check the path") from exc
+    except IsADirectoryError as exc:
+        raise InputFileError(f"{path}: is a folder; give the manifest file (e.g. campaign.toml)") from exc
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path.name}: line {line}: not UTF-8 text; save the file as UTF-8") from exc
+    return parse_manifest(text, path=path)
+
+
+def build_manifest_schema() -> dict[str, object]:
+    """The JSON Schema of the manifest's TOML shape, for editors and `campaign schema`."""
+    schema: dict[str, object] = {"$schema": "https://json-schema.org/draft/2020-12/schema"}
+    schema.update(Manifest.model_json_schema())
+    schema["description"] = "A campaign manifest (TOML) for the `campaign` bulk email tool."
+    return schema

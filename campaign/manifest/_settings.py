@@ -1,0 +1,386 @@
+"""The manifest's tables about the run: [campaign], [api], [recipients], [unsubscribe], [[senders]].
+
+Frozen pydantic models of those tables, and the validated field types every table uses
+(an address, a header value, a path resolved against the manifest's folder).
+`campaign.manifest._load` joins them with the [message] table (`campaign.manifest._message`)
+and turns validation errors into one line. These models check shapes and values only:
+they never open the files they name and never read the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from campaign.headers import header_value_problem
+from campaign.manifest._presets import PROVIDER_PRESETS
+
+__all__ = [
+    "DEFAULT_PER_SECOND",
+    "FROZEN",
+    "HEADERLESS_PROVIDERS",
+    "STORE_SUFFIXES",
+    "ApiSettings",
+    "CampaignSettings",
+    "EmailAddress",
+    "HeaderValue",
+    "ManifestPath",
+    "RecipientsSettings",
+    "SenderSettings",
+    "UnsubscribeSettings",
+    "check_env_name",
+]
+
+DEFAULT_PER_SECOND = 2.0
+# A suppression source with one of these suffixes is an unsubscribe store (SQLite), not a list file.
+STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
+_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+# Capitals, digits and '_', as environment variable names are written: a pasted key or secret
+# (`nyk_v0_…`, base64, hex) never looks like one, so a value that does is not echoed anywhere.
+_ENV_PATTERN = r"^[A-Z_][A-Z0-9_]{0,63}$"
+# Bounds that keep every duration and budget finite: one send a day at the slowest, 1,000/s at the
+# fastest (Nylas allows far less), so no plan or wait overflows and none is effectively forever.
+_MIN_PER_SECOND = 1 / 86_400
+_MAX_PER_SECOND = 1_000.0
+_MAX_COUNT = 10_000_000
+# Every table: an unknown key is an error (a typo must not be ignored), and values never change.
+FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(value: str) -> str:
+    if not re.fullmatch(_NAME_PATTERN, value):
+        raise ValueError(f"{value!r} may only use letters, digits, '.', '_' and '-'")
+    return value
+
+
+def check_env_name(value: str) -> str:
+    """`value` if it looks like an environment variable name; ValueError (not repeating it) if not."""
+    # Never echo the value: a user may have pasted the secret itself here.
+    if not re.fullmatch(_ENV_PATTERN, value):
+        raise ValueError(
+            "the value does not look like an environment variable name (capitals, digits and '_', "
+            "e.g. MY_VAR); put the NAME of the variable here, never the secret itself"
+        )
+    return value
+
+
+def _check_address(value: str) -> str:
+    try:
+        return validate_email(value.strip(), check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(f"{value!r} is not a valid address ({str(exc).rstrip('.')})") from exc
+
+
+def _check_header_value(value: str) -> str:
+    problem = header_value_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    """Make a manifest path absolute against the manifest's folder (given as validation context)."""
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    value = value.expanduser()
+    return value if base is None else Path(os.path.normpath(Path(base) / value))
+
+
+_Name = Annotated[str, AfterValidator(_check_name)]
+_EnvName = Annotated[str, AfterValidator(check_env_name)]
+# Field types the tables share (campaign.manifest._message uses them too).
+EmailAddress = Annotated[str, AfterValidator(_check_address)]
+HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
+ManifestPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+class CampaignSettings(BaseModel):
+    """[campaign]: what identifies this campaign."""
+
+    model_config = FROZEN
+    name: _Name = Field(
+        min_length=1,
+        max_length=64,
+        description="Identifies the campaign in the ledger, unsubscribe tokens and message metadata; "
+        "1–64 letters, digits, '.', '_' or '-'. Changing it starts a new campaign.",
+        json_schema_extra={"pattern": _NAME_PATTERN},
+    )
+
+
+class ApiSettings(BaseModel):
+    """[api]: how to reach the Nylas API. The key itself is never in the file."""
+
+    model_config = FROZEN
+    uri: str | None = Field(
+        default=None,
+        description="Nylas API base URL, e.g. https://api.eu.nylas.com; else env NYLAS_API_URI; "
+        "else the US region.",
+    )
+    key_env: _EnvName = Field(
+        default="NYLAS_API_KEY", description="NAME of the environment variable holding the API key."
+    )
+    timeout_s: float = Field(
+        default=90,
+        ge=1,
+        le=600,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds to wait for one API request (1–600).",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://\S+", value):
+            raise ValueError(f"{value!r} must be an https:// URL such as https://api.us.nylas.com")
+        return None if value is None else value.rstrip("/")
+
+
+class RecipientsSettings(BaseModel):
+    """[recipients]: the list to mail and the lists never to mail."""
+
+    model_config = FROZEN
+    source: ManifestPath = Field(
+        description="The recipient list, .csv or .parquet, relative to the manifest."
+    )
+    email_column: str = Field(default="email", min_length=1, description="Column holding the address.")
+    name_column: str | None = Field(
+        default=None, min_length=1, description="Optional column holding the recipient's display name."
+    )
+    sender_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Optional column naming (by senders[].name) the sender that must mail the row; "
+        "an empty cell lets any sender mail it.",
+    )
+    key_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Optional column identifying the recipient instead of the address (e.g. a customer id).",
+    )
+    delimiter: str = Field(
+        default=",",
+        description='CSV field separator, one character, e.g. ";" or "\\t".',
+        json_schema_extra={"minLength": 1, "maxLength": 1},
+    )
+    suppress: tuple[ManifestPath, ...] = Field(
+        default=(),
+        description="Files of addresses never to mail (.csv/.parquet with an `email` column, "
+        "or text with one address per line), or unsubscribe stores (.sqlite).",
+    )
+
+    @field_validator("suppress", mode="before")
+    @classmethod
+    def _one_as_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("delimiter")
+    @classmethod
+    def _check_delimiter(cls, value: str) -> str:
+        if len(value) != 1:
+            raise ValueError(f'{value!r} must be one character, e.g. ";" or "\\t"')
+        if value in {'"', "\n", "\r"}:
+            raise ValueError(f'{value!r} cannot separate fields; use e.g. ",", ";" or "\\t"')
+        return value
+
+
+# `{{ unsubscribe_token }}` in unsubscribe.url, with or without filters or whitespace control.
+_TOKEN_IN_URL = re.compile(r"\{\{-?\s*unsubscribe_token\s*(?:\|[^}]*)?-?\}\}")
+
+
+class UnsubscribeSettings(BaseModel):
+    """[unsubscribe]: one-click unsubscribe (RFC 8058) links and headers."""
+
+    model_config = FROZEN
+    url: HeaderValue = Field(
+        description="One-click unsubscribe URL, a Jinja template that must start with https:// and "
+        "hold the token, e.g. 'https://example.com/u?t={{ unsubscribe_token }}'."
+    )
+    mailto: EmailAddress | None = Field(
+        default=None,
+        description="Optional unsubscribe mailbox, e.g. unsubscribe@example.com (Outlook.com only acts "
+        "on mailto).",
+    )
+    secret_env: _EnvName = Field(
+        default="CAMPAIGN_UNSUBSCRIBE_SECRET",
+        description="NAME of the environment variable holding the token secret(s).",
+    )
+    store: ManifestPath | None = Field(
+        default=None,
+        description="The unsubscribe store (.sqlite) the endpoint writes, e.g. 'unsubscribes.sqlite'; "
+        "everyone in it is skipped (reason `unsubscribed`), also while the campaign runs.",
+    )
+    require_body_link: bool = Field(
+        default=True,
+        strict=True,
+        description="Refuse to send from Microsoft/iCloud senders (which drop List-Unsubscribe headers) "
+        "a body without a link to unsubscribe_url.",
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix.lower() not in STORE_SUFFIXES:
+            raise ValueError("must name an SQLite file ending in .sqlite, e.g. 'unsubscribes.sqlite'")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError(
+                "must be an https:// URL (mail providers require https for one-click unsubscribe)"
+            )
+        if _TOKEN_IN_URL.search(value) is None:
+            raise ValueError(
+                "must contain {{ unsubscribe_token }}, "
+                "e.g. 'https://example.com/u?t={{ unsubscribe_token }}' "
+                "(the endpoint refuses every click whose URL has no token)"
+            )
+        return value
+
+    @field_validator("mailto", mode="before")
+    @classmethod
+    def _drop_scheme(cls, value: object) -> object:
+        if isinstance(value, str) and value[:7].lower() == "mailto:":
+            return value[7:]
+        return value
+
+
+# Nylas: "Microsoft Graph and iCloud do not support List-Unsubscribe / List-Unsubscribe-Post custom
+# headers": campaign does not send them for these senders; the body link is their unsubscribe.
+HEADERLESS_PROVIDERS = frozenset({"microsoft", "icloud"})
+
+
+class SenderSettings(BaseModel):
+    """[[senders]]: one sending mailbox (a Nylas grant) and its limits."""
+
+    model_config = FROZEN
+    name: _Name = Field(description="Short unique name for this sender (letters, digits, '.', '_', '-').")
+    grant_id: str | None = Field(
+        default=None, min_length=1, description="The Nylas grant id of the mailbox (or give `domain`)."
+    )
+    domain: str | None = Field(
+        default=None,
+        min_length=3,
+        description="A domain verified in Nylas, to send application mail through "
+        "POST /v3/domains/{domain}/messages/send instead of a mailbox (needs `email`, the From address).",
+    )
+    email: EmailAddress | None = Field(
+        default=None,
+        validation_alias=AliasChoices("email", "from"),
+        description="The mailbox address (shown in output; used as From); `from` is accepted too.",
+    )
+    from_name: HeaderValue | None = Field(default=None, description="Display name for the From header.")
+    provider: Literal["gmail", "google-workspace", "microsoft", "yahoo", "icloud", "imap"] | None = Field(
+        default=None, description="Mailbox provider, for sensible default limits."
+    )
+    per_second: float | None = Field(
+        default=None,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description=f"Sustained sends per second (default {DEFAULT_PER_SECOND:g} when per_minute is unset); "
+        "at least one a day, at most 1000.",
+    )
+    per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Sustained sends per minute (instead of per_second); at least one a day, at most 60000.",
+    )
+    burst: int = Field(
+        default=1, ge=1, le=10_000, strict=True, description="Sends allowed back to back above the rate."
+    )
+    per_day: int | None = Field(
+        default=None,
+        ge=1,
+        le=_MAX_COUNT,
+        strict=True,
+        description="Recipients this mailbox may mail in any rolling 24 h.",
+    )
+    per_day_messages: int | None = Field(
+        default=None,
+        ge=1,
+        le=_MAX_COUNT,
+        strict=True,
+        description="Messages this mailbox may send in any rolling 24 h.",
+    )
+    concurrency: int = Field(default=2, ge=1, le=64, strict=True, description="Sends in flight at once.")
+
+    @field_validator("per_second", "per_minute")
+    @classmethod
+    def _check_pace(cls, value: float | None, info: ValidationInfo) -> float | None:
+        unit = 1 if info.field_name == "per_second" else 60
+        if value is not None and not _MIN_PER_SECOND * unit <= value <= _MAX_PER_SECOND * unit:
+            raise ValueError(
+                f"must be between {_MIN_PER_SECOND * unit:.3g} (one send a day) and "
+                f"{_MAX_PER_SECOND * unit:g} (got {value:g})"
+            )
+        return value
+
+    @property
+    def mailbox(self) -> str:
+        """What Nylas scopes this sender's idempotency keys to: its grant, or `domain:<domain>`."""
+        return self.grant_id if self.grant_id else f"domain:{self.domain}"
+
+    @field_validator("grant_id", "domain")
+    @classmethod
+    def _check_grant(cls, value: str | None) -> str | None:
+        if value is not None and re.search(r"[\s/?#]", value):
+            raise ValueError("must be a Nylas grant id or domain name (no spaces, '/', '?' or '#')")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any) -> Any:
+        # The provider's preset first (explicit keys win), then the generic default pace.
+        if not isinstance(data, dict):
+            return data
+        preset: Mapping[str, Any] = PROVIDER_PRESETS.get(str(data.get("provider")), {})
+        explicit_pace = "per_second" in data or "per_minute" in data
+        filled = {key: value for key, value in preset.items() if key not in data}
+        if explicit_pace:
+            filled.pop("per_second", None)
+            filled.pop("per_minute", None)
+        data = {**data, **filled}
+        if "per_second" not in data and "per_minute" not in data:
+            data["per_second"] = DEFAULT_PER_SECOND
+        return data
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> SenderSettings:
+        if self.per_second is not None and self.per_minute is not None:
+            raise ValueError("give per_second or per_minute, not both")
+        if (self.grant_id is None) == (self.domain is None):
+            raise ValueError("give grant_id (a mailbox) or domain (a verified domain), exactly one")
+        if self.domain is not None and self.email is None:
+            raise ValueError("a domain sender needs `from` (or `email`): the address it sends from")
+        return self
+
+    @property
+    def route(self) -> str:
+        """Where its sends go: the grant id, or `domain:<domain>` for a domain sender."""
+        return self.grant_id if self.grant_id is not None else f"domain:{self.domain}"
+
+    @property
+    def rate_per_s(self) -> float:
+        """The sustained send rate in messages per second."""
+        if self.per_second is not None:
+            return self.per_second
+        return self.per_minute / 60 if self.per_minute is not None else DEFAULT_PER_SECOND

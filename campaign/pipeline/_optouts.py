@@ -1,0 +1,41 @@
+"""Opt-outs as a pipeline step: recipients in an unsubscribe store become `unsubscribed` skips. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from campaign.models import Recipient, Skip, SkipReason
+from campaign.recipients import Audience, CheckedRow
+from campaign.unsubscribe import Unsubscribed, describe_entry
+
+__all__ = ["skip_unsubscribed", "skip_unsubscribed_row"]
+
+
+def skip_unsubscribed(audience: Audience, unsubscribed: Unsubscribed) -> Audience:
+    """The audience without the recipients in `unsubscribed`, who become skips with reason `unsubscribed`."""
+    if not len(unsubscribed):
+        return audience
+    kept: list[Recipient] = []
+    skips = list(audience.skipped)
+    for recipient in audience.recipients:
+        entry = unsubscribed.match(recipient)
+        if entry is None:
+            kept.append(recipient)
+        else:
+            email = recipient.address.email
+            skips.append(
+                Skip(recipient.row, recipient.key, email, SkipReason.UNSUBSCRIBED, describe_entry(entry))
+            )
+    return replace(audience, recipients=tuple(kept), skipped=tuple(skips))
+
+
+def skip_unsubscribed_row(checked: CheckedRow, unsubscribed: Unsubscribed) -> CheckedRow:
+    """A checked row as an `unsubscribed` skip when its recipient is in `unsubscribed`; else unchanged."""
+    recipient = checked.recipient
+    entry = None if recipient is None else unsubscribed.match(recipient)
+    if recipient is None or entry is None:
+        return checked
+    skip = Skip(
+        recipient.row, recipient.key, recipient.address.email, SkipReason.UNSUBSCRIBED, describe_entry(entry)
+    )
+    return replace(checked, recipient=None, skip=skip)

@@ -1,0 +1,385 @@
+"""The dry run: what a run would send, to whom, from which mailbox, and when it would be done.
+
+`run_preview` streams the recipient list through the same per-row checks, sender
+assignment and rendering a run uses (`recipients.scan_audience`, `plan.SenderAssigner`,
+`preflight.check_job`) and keeps only counts, per-sender tallies, every problem row, a
+capped listing of rows and the first few messages, so a million-row list previews in
+bounded memory. It reads the list and the templates; it never sends and never writes the
+ledger (the caller passes what the ledger knows as a `LedgerView`). `campaign.preview._site`
+writes the browsable site; `campaign.preview._json` the `--json` form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from campaign.clock import Clock
+from campaign.errors import DataError
+from campaign.manifest import Manifest, SenderSettings
+from campaign.models import Message, Problem, SkipReason
+from campaign.nylas import build_send_payload
+from campaign.pipeline import build_unsubscribe_warnings, check_job, skip_unsubscribed_row
+from campaign.plan import Job, SenderAssigner, build_quota_warnings, build_schedule
+from campaign.recipients import BATCH_ROWS, CheckedRow, scan_audience
+from campaign.render import MESSAGE_CHECKS, build_composer, load_message_attachments
+from campaign.send_test import CapturedRequest, capture_requests
+from campaign.unsubscribe import list_store_paths, load_unsubscribed
+
+__all__ = [
+    "INDEX_ROWS",
+    "Issue",
+    "LedgerView",
+    "ListedRow",
+    "PreviewReport",
+    "RowProblem",
+    "Sample",
+    "SenderPlan",
+    "run_preview",
+]
+
+INDEX_ROWS = 10_000  # rows listed on index.html; problem rows are listed whatever their number
+STATE_SEND = "to send"
+STATE_INVALID = "invalid"
+_ROW_PREFIX = re.compile(r"^row \d+: ")
+_WHERE = (
+    (re.compile(r"undefined variable '([^']+)'"), 'variable "{}"'),
+    (re.compile(r"undefined attribute '([^']+)'"), 'attribute "{}"'),
+    (re.compile(r"\(column '([^']+)'\)"), 'column "{}"'),
+    (re.compile(r"^(message\.[\w.-]+|unsubscribe\.\w+|senders '[^']+')"), "{}"),
+    (re.compile(r"^template (\S+)"), "template {}"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerView:
+    """What the ledger knows that a preview needs; empty for a campaign that never ran."""
+
+    assigned: Mapping[str, str] = field(default_factory=dict)  # recipient key -> sender
+    settled: Mapping[str, str] = field(default_factory=dict)  # key -> state, for rows a run will not send
+    used_24h: Mapping[str, int] = field(default_factory=dict)  # sender -> recipients mailed in the last 24 h
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One thing wrong with a row: where (column, variable, field) and what to do; `text` is run's line."""
+
+    where: str
+    message: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """A row that fails preflight, with its cells (for its page) and every issue found."""
+
+    row: int
+    email: str
+    fields: tuple[tuple[str, str], ...]
+    issues: tuple[Issue, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListedRow:
+    """One row as index.html lists it; `sample` numbers its message page, if it has one."""
+
+    row: int
+    email: str
+    name: str
+    sender: str
+    subject: str
+    state: str
+    detail: str = ""
+    warnings: tuple[str, ...] = ()
+    sample: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A rendered message, its send payload, and the exact request a run would make for it."""
+
+    number: int
+    message: Message
+    payload: dict[str, Any]
+    request: CapturedRequest
+
+
+@dataclass(frozen=True, slots=True)
+class SenderPlan:
+    """One sender's share of the campaign, its effective limits and its timing."""
+
+    name: str
+    route: str
+    email: str | None
+    provider: str | None
+    messages: int
+    rate_per_s: float
+    burst: int
+    per_day: int | None
+    concurrency: int
+    used_24h: int
+    next_24h: int
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewReport:
+    """Everything `campaign preview` shows and writes."""
+
+    campaign: str
+    manifest: Path
+    source: str
+    rows: int
+    to_send: int
+    already_done: Mapping[str, int]
+    skipped: Mapping[SkipReason, int]
+    problems: tuple[RowProblem, ...]
+    senders: tuple[SenderPlan, ...]
+    samples: tuple[Sample, ...]
+    warnings: tuple[str, ...]
+    listed: tuple[ListedRow, ...]
+    listed_all: bool
+    started_at: datetime
+    skip_invalid: bool
+
+    @property
+    def duration_s(self) -> float:
+        """How long the whole campaign takes: the slowest sender decides."""
+        return max((sender.duration_s for sender in self.senders), default=0.0)
+
+    @property
+    def finishes_at(self) -> datetime:
+        """When the last message would go out if the run started now."""
+        return self.started_at + timedelta(seconds=self.duration_s)
+
+    @property
+    def problem_texts(self) -> tuple[str, ...]:
+        """Every issue as run would print it, in row order (empty with --skip-invalid)."""
+        if self.skip_invalid:
+            return ()
+        return tuple(issue.text for problem in self.problems for issue in problem.issues)
+
+
+@dataclass
+class _Tally:
+    """What the streaming pass keeps: counts, tallies, problems, a capped listing, the samples."""
+
+    index_rows: int
+    samples_wanted: int
+    to_send: int = 0
+    per_sender: Counter[str] = field(default_factory=Counter)
+    done: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[SkipReason] = field(default_factory=Counter)
+    problems: list[RowProblem] = field(default_factory=list)
+    listed: list[ListedRow] = field(default_factory=list)
+    unlisted: int = 0
+    samples: list[tuple[Message, SenderSettings]] = field(default_factory=list)
+    message_warnings: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # label -> n, row, note
+
+    def list_row(self, row: ListedRow, *, always: bool = False) -> None:
+        if always or len(self.listed) - len(self.problems) < self.index_rows:
+            self.listed.append(row)
+        else:
+            self.unlisted += 1
+
+
+def run_preview(
+    manifest: Manifest,
+    *,
+    secrets: Sequence[bytes] | None,
+    skip_invalid: bool,
+    sample: int,
+    ledger: LedgerView,
+    api_uri: str,
+    clock: Clock,
+    index_rows: int = INDEX_ROWS,
+    batch_rows: int = BATCH_ROWS,
+) -> PreviewReport:
+    """Check and render every row as a run would, keeping what the report needs; nothing is sent.
+
+    File-level faults raise as in a run; row-level problems are collected in the report.
+    """
+    started_at = clock.now()
+    scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
+    unsubscribed = load_unsubscribed(list_store_paths(manifest))  # the unsubscribe stores (issue 5)
+    composer = build_composer(manifest, secrets=secrets)
+    assigner = SenderAssigner(manifest.senders, assigned=ledger.assigned)
+    source = scan.source.name
+    tally = _Tally(index_rows=max(0, index_rows), samples_wanted=max(0, sample))
+    for batch in scan.batches(batch_rows):
+        for checked in batch:
+            checked = skip_unsubscribed_row(checked, unsubscribed)
+            recipient = checked.recipient
+            if recipient is None:
+                _tally_unsent(tally, checked, manifest, source, skip_invalid=skip_invalid)
+                continue
+            job = Job(recipient, assigner.assign(recipient))
+            rendered = check_job(composer, manifest, job)
+            if isinstance(rendered, DataError):
+                _tally_problem(tally, checked, manifest, (_render_issue(rendered, source),), skip_invalid)
+                continue
+            _tally_message(tally, job, rendered, manifest, ledger)
+    loader = composer.attachment_loader  # samples carry their real files (a run reads them at send time)
+    tally.samples[:] = [(load_message_attachments(m, loader), s) for m, s in tally.samples]
+    requests = capture_requests(tally.samples, api_uri=api_uri, clock=clock)
+    samples = tuple(
+        Sample(number, message, build_send_payload(message), request)
+        for number, ((message, _), request) in enumerate(zip(tally.samples, requests, strict=True), start=1)
+    )
+    return PreviewReport(
+        campaign=manifest.campaign.name,
+        manifest=manifest.path,
+        source=source,
+        rows=scan.row_count,
+        to_send=tally.to_send,
+        already_done=dict(tally.done),
+        skipped=dict(tally.skipped),
+        problems=tuple(tally.problems),
+        senders=_sender_plans(manifest, tally.per_sender, ledger),
+        samples=samples,
+        warnings=_warnings(manifest, tally.per_sender) + _message_warnings(tally),
+        listed=tuple(tally.listed),
+        listed_all=tally.unlisted == 0,
+        started_at=started_at,
+        skip_invalid=skip_invalid,
+    )
+
+
+def _tally_unsent(
+    tally: _Tally, checked: CheckedRow, manifest: Manifest, source: str, *, skip_invalid: bool
+) -> None:
+    if checked.problems:
+        issues = tuple(_audience_issue(problem, source) for problem in checked.problems)
+        _tally_problem(tally, checked, manifest, issues, skip_invalid)
+        return
+    skip = checked.skip
+    assert skip is not None  # a checked row is a recipient, a skip, or has problems
+    tally.skipped[skip.reason] += 1
+    name = _cell(checked.fields, manifest.recipients.name_column)
+    tally.list_row(ListedRow(checked.row, skip.email, name, "", "", skip.reason.value, skip.detail))
+
+
+def _tally_problem(
+    tally: _Tally, checked: CheckedRow, manifest: Manifest, issues: tuple[Issue, ...], skip_invalid: bool
+) -> None:
+    if skip_invalid:
+        tally.skipped[SkipReason.INVALID] += 1
+    settings = manifest.recipients
+    email = _cell(checked.fields, settings.email_column)
+    cells = tuple((str(column), str(value)) for column, value in checked.fields.items())
+    tally.problems.append(RowProblem(checked.row, email, cells, issues))
+    detail = "; ".join(f"{issue.where}: {issue.message}" for issue in issues)
+    name = _cell(checked.fields, settings.name_column)
+    state = f"{STATE_INVALID} (skipped)" if skip_invalid else STATE_INVALID
+    tally.list_row(ListedRow(checked.row, email, name, "", "", state, detail), always=True)
+
+
+def _tally_message(tally: _Tally, job: Job, message: Message, manifest: Manifest, ledger: LedgerView) -> None:
+    recipient = job.recipient
+    notes = []
+    for check in MESSAGE_CHECKS:
+        found = check(message)
+        if found is not None:
+            label, note = found
+            count, first_row, first_note = tally.message_warnings.get(label, (0, recipient.row, note))
+            tally.message_warnings[label] = (count + 1, first_row, first_note)
+            notes.append(note)
+    settled = ledger.settled.get(recipient.key)
+    number = None
+    if settled is not None:
+        tally.done[settled] += 1
+        state = f"already {settled}"
+    else:
+        tally.to_send += 1
+        tally.per_sender[job.sender] += 1
+        state = STATE_SEND
+        if len(tally.samples) < tally.samples_wanted:
+            tally.samples.append((message, manifest.sender(job.sender)))
+            number = len(tally.samples)
+    name = recipient.address.name or ""
+    row = ListedRow(
+        recipient.row,
+        recipient.address.email,
+        name,
+        job.sender,
+        message.subject,
+        state,
+        "",
+        tuple(notes),
+        number,
+    )
+    tally.list_row(row, always=number is not None)
+
+
+def _cell(fields: Mapping[str, object], column: str | None) -> str:
+    return "" if column is None else str(fields.get(column, "")).strip()
+
+
+def _audience_issue(problem: Problem, source: str) -> Issue:
+    return Issue(problem.where, problem.message, problem.describe(source))
+
+
+def _render_issue(error: DataError, source: str) -> Issue:
+    """A render or header error as an issue: the variable or field it names, and run's one line."""
+    text = str(error)
+    message = _ROW_PREFIX.sub("", text)
+    where = "message"
+    for pattern, shape in _WHERE:
+        if (found := pattern.search(message)) is not None:
+            where = shape.format(found[1])
+            break
+    return Issue(where, message, f"{source} {text}")
+
+
+def _sender_plans(
+    manifest: Manifest, per_sender: Mapping[str, int], ledger: LedgerView
+) -> tuple[SenderPlan, ...]:
+    schedule = build_schedule(manifest.senders, remaining=per_sender, used_24h=ledger.used_24h)
+    timing = {plan.name: plan for plan in schedule.senders}
+    return tuple(
+        SenderPlan(
+            name=sender.name,
+            route=sender.route,
+            email=sender.email,
+            provider=sender.provider,
+            messages=per_sender.get(sender.name, 0),
+            rate_per_s=sender.rate_per_s,
+            burst=sender.burst,
+            per_day=sender.per_day,
+            concurrency=sender.concurrency,
+            used_24h=ledger.used_24h.get(sender.name, 0),
+            next_24h=timing[sender.name].next_24h,
+            duration_s=timing[sender.name].duration_s,
+        )
+        for sender in manifest.senders
+    )
+
+
+# --- warnings -----------------------------------------------------------------
+# Campaign-wide checks go in `_warnings` (one line per check module); per-message checks are
+# in campaign.render.MESSAGE_CHECKS.
+
+
+def _warnings(manifest: Manifest, per_sender: Mapping[str, int]) -> tuple[str, ...]:
+    """Every campaign-wide warning, given the messages each sender would send."""
+    found: list[str] = []
+    if manifest.unsubscribe is None:
+        found.append(
+            "no [unsubscribe] section: messages carry no List-Unsubscribe header "
+            "(Gmail and Yahoo require one-click unsubscribe from bulk senders)"
+        )
+    found.extend(build_quota_warnings(manifest.senders, per_sender))
+    found.extend(build_unsubscribe_warnings(manifest, per_sender))
+    return tuple(found)
+
+
+def _message_warnings(tally: _Tally) -> tuple[str, ...]:
+    return tuple(
+        f"{label}: {count} message{'s' if count != 1 else ''} (first: row {row}, {note})"
+        for label, (count, row, note) in tally.message_warnings.items()
+    )

@@ -1,0 +1,37 @@
+"""The recipient list: list files (CSV, Parquet), the audience scan row by row, addresses, suppression files.
+
+`scan_audience` yields each row checked (valid address, not a duplicate, not suppressed) or
+as a skip or a problem naming the file, row and column; `load_audience` is it over the whole
+list. `normalize_address` and `comparable_address` are the one place an address is normalised.
+`_store_files` moves unsubscribe-store entries in and out of files. Reads files with polars;
+never sends, never writes the ledger.
+"""
+
+from __future__ import annotations
+
+from campaign.recipients._audience import (
+    BATCH_ROWS,
+    Audience,
+    AudienceScan,
+    CheckedRow,
+    build_invalid_skips,
+    comparable_address,
+    load_audience,
+    parse_suppression_entry,
+    scan_audience,
+)
+from campaign.recipients._store_files import load_import_addresses, write_entries
+
+__all__ = [
+    "BATCH_ROWS",
+    "Audience",
+    "AudienceScan",
+    "CheckedRow",
+    "build_invalid_skips",
+    "comparable_address",
+    "load_audience",
+    "load_import_addresses",
+    "parse_suppression_entry",
+    "scan_audience",
+    "write_entries",
+]

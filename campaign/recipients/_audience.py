@@ -1,0 +1,418 @@
+"""The audience: the recipient list validated, de-duplicated and suppressed, row by row.
+
+`load_audience` turns a CSV or Parquet file (read by `campaign.recipients._listfile`) into recipients
+to mail, rows deliberately skipped (duplicates, suppressed) and row-level problems (bad
+address, unknown sender), each with its row number; `scan_audience` runs the same checks
+a batch at a time, for callers that must not hold every row (a preview of a million rows).
+Whole-file faults (missing file, bad quoting, a wrong delimiter, a header with stray
+spaces) raise at once.
+This module never renders, never sends and never writes the ledger.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import re
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import getaddresses
+from pathlib import Path
+from typing import NamedTuple
+
+from email_validator import EmailNotValidError, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, DOT_ATOM_TEXT, EMAIL_MAX_LENGTH
+
+from campaign.errors import RecipientDataError
+from campaign.manifest import STORE_SUFFIXES, RecipientsSettings
+from campaign.models import Address, Problem, Recipient, Skip, SkipReason
+from campaign.recipients._firstrows import FirstRows
+from campaign.recipients._listfile import DELIMITERS, column_values, read_table, read_text
+
+__all__ = [
+    "BATCH_ROWS",
+    "Audience",
+    "AudienceScan",
+    "CheckedRow",
+    "build_invalid_skips",
+    "comparable_address",
+    "load_audience",
+    "load_suppression",
+    "normalize_address",
+    "parse_suppression_entry",
+    "scan_audience",
+]
+
+_SKIP_HINT = "fix or remove the row, or run with --skip-invalid"
+_SEVERAL = re.compile(r"[,;\s]+")
+# A comment after an entry: '#' after whitespace (a '#' inside an address, a#b@example.com, is kept).
+_SUPPRESSION_COMMENT = re.compile(r"\s#.*$", re.S)
+_SUPPRESSION_TRIM = ";, \t"  # separators left at the end (or start) of an entry pasted from a list
+_LOWERED_MAILBOXES = frozenset(name.lower() for name in CASE_INSENSITIVE_MAILBOX_NAMES)
+
+
+def normalize_address(email: str) -> str:
+    """`validate_email(email, check_deliverability=False).normalized`, with each distinct domain checked once.
+
+    Raises the same EmailNotValidError as email_validator. The shortcut covers the common
+    address (a plain ASCII dot-atom local part, which email_validator keeps as is, and a
+    domain that validates); anything else, and every error, comes from validate_email itself.
+    It assumes email_validator's module-wide defaults (STRICT and the rest) as shipped: campaign
+    never changes them.
+    """
+    local, at, domain = email.rpartition("@")
+    # DOT_ATOM_TEXT is email_validator's own test for a local part it returns unchanged; it
+    # excludes '@', quotes and '<', so the address splits at this '@' for it too.
+    if at and DOT_ATOM_TEXT.match(local) and local.lower() not in _LOWERED_MAILBOXES:
+        checked = _check_domain(domain)
+        # The three lengths email_validator checks (as given, normalised, IDNA ASCII); the local part is ASCII
+        if checked is not None and len(local) + 1 + checked[1] <= EMAIL_MAX_LENGTH:
+            return f"{local}@{checked[0]}"
+    return validate_email(email, check_deliverability=False).normalized
+
+
+def comparable_address(value: str) -> str | None:
+    """`value` as suppression lists and stores compare addresses (normalised, lower-cased); None: not one."""
+    try:
+        return normalize_address(value.strip()).lower()
+    except EmailNotValidError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_domain(domain: str) -> tuple[str, int] | None:
+    """The normalised domain and the longest of its three forms in UTF-8 bytes, or None if it is invalid.
+
+    Validated as the domain of a one-letter address: email_validator checks a domain without
+    regard to the local part, apart from the length of the whole address.
+    """
+    try:
+        probe = validate_email(f"a@{domain}", check_deliverability=False)
+    except EmailNotValidError:
+        return None
+    forms = (domain, probe.domain, probe.ascii_domain)
+    return probe.domain, max(len(form.encode("utf-8")) for form in forms)
+
+
+@dataclass(frozen=True, slots=True)
+class Audience:
+    """The recipient list after validation: who gets mail, who is skipped and why, what is wrong."""
+
+    source: Path
+    columns: tuple[str, ...]
+    recipients: tuple[Recipient, ...]
+    skipped: tuple[Skip, ...]
+    problems: tuple[Problem, ...]
+
+
+def _check_header(name: str, header: list[str], settings: RecipientsSettings) -> None:
+    for column in header:
+        if column != column.strip():
+            raise RecipientDataError(
+                f'{name}: column "{column}" has spaces around its name in the header; remove them '
+                "(templates and the manifest use the exact name)"
+            )
+    for index, column in enumerate(header):
+        if column in header[:index]:
+            raise RecipientDataError(f'{name}: column "{column}" appears twice in the header; rename one')
+    wanted: dict[str, str | None] = {
+        "email_column": settings.email_column,
+        "name_column": settings.name_column,
+        "sender_column": settings.sender_column,
+        "key_column": settings.key_column,
+    }
+    for key, wanted_column in wanted.items():
+        if wanted_column is None or wanted_column in header:
+            continue
+        column = wanted_column
+        shown = ", ".join(f'"{c}"' for c in header[:12]) + (", …" if len(header) > 12 else "")
+        hint = ""
+        same = [c for c in header if c.lower() == column.lower()]
+        delimiters = [d for d in DELIMITERS if d != settings.delimiter and any(d in c for c in header)]
+        if same:
+            hint = f'; did you mean "{same[0]}"? (names are case-sensitive)'
+        elif delimiters:
+            toml = json.dumps(delimiters[0])  # TOML basic string: "\t" is a tab there, '\t' is not
+            hint = f"; the header contains {toml}: set recipients.delimiter = {toml} in the manifest"
+        raise RecipientDataError(
+            f'{name}: no column "{column}" (recipients.{key}); the header has: {shown}{hint}'
+        )
+
+
+def _address_problem(value: str, exc: EmailNotValidError) -> str:
+    """Why `value` is not one valid address, and what to do."""
+    if not value:
+        return f"the address is empty; {_SKIP_HINT}"
+    shown = repr(value) if len(value) <= 80 else repr(value[:77] + "...")
+    parts = [p for p in _SEVERAL.split(value) if "@" in p]
+    if len(parts) > 1:
+        return f"{shown} holds {len(parts)} addresses; put one address per row, or run with --skip-invalid"
+    return f"{shown} is not a valid address ({str(exc).rstrip('.')}); {_SKIP_HINT}"
+
+
+BATCH_ROWS = 5_000
+MAX_NAME_LENGTH = 256  # a display name longer than this is data in the wrong column, not a name
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRow:
+    """One data row after the per-row checks: a recipient to mail, a deliberate skip, or its problems.
+
+    `fields` holds the row's cells by column name (what a problem page shows).
+    """
+
+    row: int
+    fields: Mapping[str, object]
+    recipient: Recipient | None = None
+    skip: Skip | None = None
+    problems: tuple[Problem, ...] = ()
+
+
+class _Candidate(NamedTuple):
+    """A row that passed the per-row checks; whether it is a duplicate depends on the rows before it."""
+
+    key: str
+    address: Address
+    sender: str | None
+
+
+# What the scan settles for one row: the recipient to mail, a deliberate skip, or the row's problems.
+_Outcome = Recipient | Skip | tuple[Problem, ...]
+
+
+class AudienceScan:
+    """A recipient list whose file and header are checked; `batches` runs the per-row checks lazily.
+
+    The list stays one polars frame; Python objects exist for one batch at a time, so a
+    caller that keeps only what it needs (as `campaign preview` does) runs in bounded memory.
+    """
+
+    def __init__(
+        self, settings: RecipientsSettings, *, sender_names: Collection[str], suppressed: frozenset[str]
+    ) -> None:
+        self.source = settings.source
+        header, self._frame = read_table(self.source, settings.delimiter, "recipient list")
+        _check_header(self.source.name, header, settings)
+        self.columns = tuple(header)
+        self._settings = settings
+        self._suppressed = suppressed
+        self._senders = frozenset(sender_names)
+        self._email_at = header.index(settings.email_column)
+        self._name_at = None if settings.name_column is None else header.index(settings.name_column)
+        self._sender_at = None if settings.sender_column is None else header.index(settings.sender_column)
+        self._key_at = None if settings.key_column is None else header.index(settings.key_column)
+
+    @property
+    def row_count(self) -> int:
+        """Data rows in the file (blank lines included)."""
+        return self._frame.height
+
+    def batches(self, size: int = BATCH_ROWS) -> Iterator[list[CheckedRow]]:
+        """The checked rows in file order, `size` rows of the file at a time (blank lines left out)."""
+        for settled in self._settle(size):
+            batch: list[CheckedRow] = []
+            for row, fields, outcome in settled:
+                if isinstance(outcome, Recipient):
+                    batch.append(CheckedRow(row, fields, recipient=outcome))
+                elif isinstance(outcome, Skip):
+                    batch.append(CheckedRow(row, fields, skip=outcome))
+                else:
+                    batch.append(CheckedRow(row, fields, problems=outcome))
+            yield batch
+
+    def _settle(self, size: int) -> Iterator[list[tuple[int, dict[str, object], _Outcome]]]:
+        """`batches` without a CheckedRow per row (what `load_audience` reads): (row, fields, outcome)."""
+        first_rows = FirstRows()
+        columns = self.columns
+        check_row = self._check_row
+        for offset in range(0, self._frame.height, size):
+            part = self._frame.slice(offset, size)
+            checked: list[tuple[int, tuple[object, ...], _Candidate | Skip | tuple[Problem, ...]]] = []
+            keys: list[str] = []
+            rows: list[int] = []
+            for row, values in enumerate(zip(*column_values(part), strict=True), start=offset + 1):
+                outcome = check_row(row, values)
+                if outcome is None:
+                    continue
+                checked.append((row, values, outcome))
+                if isinstance(outcome, _Candidate):
+                    keys.append(outcome.key)
+                    rows.append(row)
+            firsts = iter(first_rows.resolve(keys, rows))
+            settled: list[tuple[int, dict[str, object], _Outcome]] = []
+            for row, values, found in checked:
+                fields = dict(zip(columns, values, strict=True))
+                if not isinstance(found, _Candidate):
+                    settled.append((row, fields, found))
+                    continue
+                key, address, sender = found
+                first = next(firsts)
+                if first != row:
+                    skip = Skip(row, key, address.email, SkipReason.DUPLICATE, f"duplicate of row {first}")
+                    settled.append((row, fields, skip))
+                else:
+                    settled.append((row, fields, Recipient(key, row, address, fields, sender)))
+            yield settled
+
+    def recipients_at(self, wanted: Sequence[tuple[int, str, str]]) -> list[Recipient]:
+        """Recipients rebuilt from (row, key, normalised address) that an earlier check of this same file
+        produced, in the order given; the rows are not checked again (a resume of an unchanged list).
+        """
+        if not wanted:
+            return []
+        part = self._frame[[row - 1 for row, _, _ in wanted]]
+        found = []
+        for (row, key, email), values in zip(wanted, zip(*column_values(part), strict=True), strict=True):
+            name = None if self._name_at is None else str(values[self._name_at]).strip() or None
+            sender = None if self._sender_at is None else str(values[self._sender_at]).strip() or None
+            fields = dict(zip(self.columns, values, strict=True))
+            found.append(Recipient(key, row, Address(email, name), fields, sender))
+        return found
+
+    def _check_row(
+        self, row: int, values: tuple[object, ...]
+    ) -> _Candidate | Skip | tuple[Problem, ...] | None:
+        """The checks that need only this row: None for a blank line, a skip or problems when settled here."""
+        settings = self._settings
+        cell = values[self._email_at]
+        # Surrounding whitespace (spreadsheet residue, NBSP included) is harmless; inner whitespace is not.
+        email = cell.strip() if isinstance(cell, str) else str(cell)
+        if not email and all(v == "" for v in values):
+            return None  # a blank line: counted as a row, but not a recipient
+        found: list[Problem] = []
+        try:
+            normalized = normalize_address(email)
+        except EmailNotValidError as exc:
+            normalized = ""
+            found.append(Problem(row, f'column "{settings.email_column}"', _address_problem(email, exc)))
+        sender = None if self._sender_at is None else str(values[self._sender_at]).strip() or None
+        if sender is not None and sender not in self._senders:
+            senders = self._senders
+            close = difflib.get_close_matches(sender, sorted(senders), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = (
+                f"names sender {sender!r}, which the manifest does not define "
+                f"(senders: {', '.join(sorted(senders)) or 'none'}); {hint}{_SKIP_HINT}"
+            )
+            found.append(Problem(row, f'column "{settings.sender_column}"', message))
+        lowered = key = normalized.lower()
+        if self._key_at is not None:
+            key = str(values[self._key_at]).strip()
+            if not key:
+                message = f"the key is empty; every row needs its own key in this column; {_SKIP_HINT}"
+                found.append(Problem(row, f'column "{settings.key_column}"', message))
+        name = None if self._name_at is None else str(values[self._name_at]).strip() or None
+        if name is not None and len(name) > MAX_NAME_LENGTH:
+            message = (
+                f"the display name is {len(name):,} characters, more than {MAX_NAME_LENGTH}; "
+                f"check that the column holds names; {_SKIP_HINT}"
+            )
+            found.append(Problem(row, f'column "{settings.name_column}"', message))
+        if found:
+            return tuple(found)
+        if lowered in self._suppressed:
+            return Skip(row, key, normalized, SkipReason.SUPPRESSED, "on a suppression list")
+        return _Candidate(key, Address(normalized, name), sender)
+
+
+def scan_audience(settings: RecipientsSettings, *, sender_names: Collection[str]) -> AudienceScan:
+    """Open the recipient list and check its header and suppression files; rows are checked by `batches`."""
+    suppressed = load_suppression(settings.suppress)
+    return AudienceScan(settings, sender_names=sender_names, suppressed=suppressed)
+
+
+def load_audience(settings: RecipientsSettings, *, sender_names: Collection[str]) -> Audience:
+    """Read, validate, de-duplicate and suppress the recipient list named by `settings`."""
+    scan = scan_audience(settings, sender_names=sender_names)
+    recipients: list[Recipient] = []
+    skipped: list[Skip] = []
+    problems: list[Problem] = []
+    for settled in scan._settle(BATCH_ROWS):
+        for _, _, outcome in settled:
+            if isinstance(outcome, Recipient):
+                recipients.append(outcome)
+            elif isinstance(outcome, Skip):
+                skipped.append(outcome)
+            else:
+                problems.extend(outcome)
+    return Audience(scan.source, scan.columns, tuple(recipients), tuple(skipped), tuple(problems))
+
+
+def _suppression_values(path: Path) -> list[tuple[str, str]]:
+    """(where, raw entry) of one suppression file: a column of a .csv/.parquet, or a text file's lines."""
+    if path.suffix.lower() not in {".csv", ".parquet"}:
+        lines = read_text(path, "suppression list").splitlines()
+        return [
+            (f"line {number}", line)
+            for number, line in enumerate(lines, start=1)
+            if not line.lstrip().startswith("#")
+        ]
+    header, frame = read_table(path, None, "suppression list")
+    if not header:
+        return []
+    lowered = [h.strip().lower() for h in header]
+    index = lowered.index("email") if "email" in lowered else 0
+    column = [str(value) for value in column_values(frame.select(frame.columns[index]))[0]]
+    # A headerless one-column file: its first line is an address, not a column name.
+    first = [header[index]] if "@" in header[index] else []
+    if path.suffix.lower() == ".parquet":
+        return [(f"row {number}", value) for number, value in enumerate(column, start=1)]
+    # CSV line numbers, counting the header line (a file's first line when `first` is used).
+    return [(f"line {number}", value) for number, value in enumerate(first + column, start=1 if first else 2)]
+
+
+def load_suppression(paths: Sequence[Path]) -> frozenset[str]:
+    """The lower-cased normalised addresses listed in the suppression files.
+
+    RecipientDataError (naming the file and line) for an entry that holds no address:
+    an opt-out that cannot be read is never dropped silently.
+    """
+    found: set[str] = set()
+    for path in paths:
+        if path.suffix.lower() in STORE_SUFFIXES:
+            continue  # an unsubscribe store: preflight reads it (campaign.unsubscribe._store)
+        for where, value in _suppression_values(path):
+            addresses = parse_suppression_entry(value)
+            if addresses is None:
+                raise RecipientDataError(
+                    f"{path.name}: {where} holds no email address; correct it (e.g. ann@example.com "
+                    "or Ann <ann@example.com>), or start the line with # to keep it as a comment"
+                )
+            found.update(addresses)
+    return frozenset(found)
+
+
+def parse_suppression_entry(value: str) -> tuple[str, ...] | None:
+    """The lower-cased addresses in one suppression entry; () for a blank one, None if it holds none.
+
+    Understands `ann@example.com`, `Ann <ann@example.com>`, `"ann@example.com"`, `mailto:`,
+    trailing `;`/`,`, a trailing `# comment`, and several addresses separated by commas.
+    """
+    text = _SUPPRESSION_COMMENT.sub("", value).strip().strip(_SUPPRESSION_TRIM)
+    if not text:
+        return ()
+    found: list[str] = []
+    for _, address in getaddresses([text.replace("mailto:", "")]):
+        address = address.strip().strip("'")
+        if not address:
+            continue
+        # getaddresses glues words together ("ann@example.com left" -> "ann@example.comleft"):
+        # an address that is not in the entry as written is a misreading, not an address.
+        if "@" not in address or address.lower() not in text.lower():
+            return None
+        # An invalid one cannot match a valid recipient, but is kept to keep the list honest.
+        found.append(comparable_address(address) or address.lower())
+    return tuple(found) or None
+
+
+def build_invalid_skips(audience: Audience) -> tuple[Skip, ...]:
+    """The audience's problem rows as INVALID skips (for --skip-invalid), one per row, in row order."""
+    details: dict[int, list[str]] = {}
+    for problem in audience.problems:
+        if problem.row is not None:
+            details.setdefault(problem.row, []).append(f"{problem.where}: {problem.message}")
+    return tuple(
+        Skip(row, f"row:{row}", "", SkipReason.INVALID, "; ".join(messages))
+        for row, messages in sorted(details.items())
+    )

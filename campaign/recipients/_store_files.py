@@ -1,0 +1,81 @@
+"""Moving unsubscribe-store entries in and out of files: CSV, Parquet, plain text, or another store.
+
+Reading reuses the suppression-list rules of `recipients` (a column named `email`, else
+the first; text files one address a line, `#` comments), so any list `recipients.suppress`
+accepts can be imported. This module reads and writes files only; the store records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from campaign.clock import Clock
+from campaign.errors import InputFileError
+from campaign.outputfiles import write_private_csv, write_private_parquet, write_private_text
+from campaign.recipients._audience import comparable_address, load_suppression
+from campaign.unsubscribe import StoreEntry, is_store_path, open_store
+
+__all__ = [
+    "EXPORT_COLUMNS",
+    "ImportedAddresses",
+    "load_import_addresses",
+    "write_entries",
+]
+
+EXPORT_COLUMNS = ("email", "recipient_key", "campaign", "recorded_at", "source")
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedAddresses:
+    """Addresses read for import (normalised, lower-cased, sorted), and the values that were not addresses."""
+
+    addresses: tuple[str, ...]
+    invalid: tuple[str, ...]
+
+
+def load_import_addresses(path: Path, *, clock: Clock) -> ImportedAddresses:
+    """Read the addresses of a suppression list (.csv/.parquet/text) or of another unsubscribe store."""
+    if is_store_path(path):
+        store = open_store(path, clock=clock, create=False)
+        try:
+            values = {entry.email or entry.recipient_key for entry in store.entries()}
+        finally:
+            store.close()
+    else:
+        values = set(load_suppression([path]))
+    addresses = {value: comparable_address(value) for value in values}
+    return ImportedAddresses(
+        addresses=tuple(sorted({found for found in addresses.values() if found is not None})),
+        invalid=tuple(sorted(value for value, found in addresses.items() if found is None)),
+    )
+
+
+def write_entries(entries: Sequence[StoreEntry], path: Path) -> None:
+    """Write entries to `path`: .csv/.parquet with EXPORT_COLUMNS, else one address (or key) a line."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in {".csv", ".parquet"}:
+            frame = pl.DataFrame(
+                {
+                    "email": [entry.email for entry in entries],
+                    "recipient_key": [entry.recipient_key for entry in entries],
+                    "campaign": [entry.campaign for entry in entries],
+                    "recorded_at": [entry.recorded_at for entry in entries],
+                    "source": [entry.source for entry in entries],
+                },
+                schema=dict.fromkeys(EXPORT_COLUMNS, pl.String),
+            )
+            if suffix == ".parquet":
+                write_private_parquet(frame, path)
+            else:
+                write_private_csv(frame, path)
+        else:
+            lines = sorted({entry.email or entry.recipient_key for entry in entries})
+            write_private_text(path, "".join(f"{line}\n" for line in lines))
+    except OSError as exc:
+        message = f"{path}: cannot write the export ({exc.strerror or exc}); check the folder exists"
+        raise InputFileError(message) from exc

@@ -1,0 +1,273 @@
+"""Attachments: which file each message carries, whether it may be sent, and reading it once.
+
+`build_attachment_file` checks a rendered path and names the file (pure). An
+`AttachmentLoader` finds, sizes and reads files inside the campaign's attachments
+folder, refusing anything that leaves it (`..`, an absolute path, a symlink out); a
+file shared by every message is read and base64-encoded once per run. Preflight calls
+`check_message_attachments` for every row (find and size each file, check the encoded
+request against Nylas's limits); dispatch calls `load_message_attachments` right
+before a send; the `check_*_inline_images` functions are preview warnings. Nothing
+here renders templates or sends.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import mimetypes
+import os
+import re
+import stat
+from pathlib import Path, PurePosixPath
+
+from campaign.errors import DataError, InputFileError, ManifestError
+from campaign.models import Attachment, AttachmentFile, Message
+from campaign.nylas import JSON_LIMIT_BYTES, MULTIPART_LIMIT_BYTES, measure_send_request
+from campaign.render._markup import find_cid_references
+
+__all__ = [
+    "AttachmentLoader",
+    "build_attachment_file",
+    "check_message_attachments",
+    "check_missing_inline_images",
+    "check_shared_path",
+    "check_unused_inline_images",
+    "find_inline_problems",
+    "guess_content_type",
+    "load_message_attachments",
+]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DRIVE = re.compile(r"[A-Za-z]:")
+_MAX_FILENAME = 255
+# A file whose base64 alone passes the JSON limit always goes multipart: no point encoding it.
+_MAX_JSON_RAW = JSON_LIMIT_BYTES // 4 * 3
+# Only the standard table, not the machine's mime.types: the same file gets the same type everywhere.
+_MIME = mimetypes.MimeTypes()
+_COMPRESSED = {"gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz": "application/x-xz"}
+_OCTET_STREAM = "application/octet-stream"
+
+
+def guess_content_type(*names: str) -> str:
+    """The MIME type of the first of `names` whose extension is known; application/octet-stream if none."""
+    for name in names:
+        content_type, encoding = _MIME.guess_type(name, strict=False)
+        if encoding is not None:
+            return _COMPRESSED.get(encoding, _OCTET_STREAM)
+        if content_type is not None:
+            return content_type
+    return _OCTET_STREAM
+
+
+def build_attachment_file(
+    *,
+    key: str,
+    path: str,
+    filename: str | None,
+    content_type: str | None,
+    content_id: str | None,
+    shared: bool,
+    row: int,
+) -> AttachmentFile:
+    """Check a rendered attachment `path` (relative, no `..`) and `filename`; DataError naming the row."""
+    where = f"row {row}: {key}"
+    problem = _path_problem(path)
+    if problem is not None:
+        raise DataError(f"{where}.path {problem}")
+    clean = _normalise_path(path)
+    name = clean.rsplit("/", 1)[-1] if filename is None else filename.strip()
+    if (problem := _filename_problem(name)) is not None:
+        raise DataError(f"{where}.filename {problem}")
+    return AttachmentFile(
+        path=clean,
+        filename=name,
+        content_type=content_type or guess_content_type(name, clean),
+        content_id=content_id,
+        key=key,
+        shared=shared,
+    )
+
+
+def check_shared_path(key: str, path: str) -> None:
+    """ManifestError if a literal (shared) attachment path could never be sent."""
+    problem = _path_problem(path)
+    if problem is not None:
+        raise ManifestError(f"{key}.path {problem}")
+
+
+def _path_problem(path: str) -> str | None:
+    """Why a rendered attachment path cannot be used, or None."""
+    path = path.strip()
+    if not path:
+        return "renders empty; give every row a file (check the columns the path uses)"
+    if _CONTROL.search(path):
+        return f"{path!r} contains a control character or line break"
+    if "\\" in path:
+        return f"{path!r} contains '\\'; separate folders with '/'"
+    if path.startswith("/") or _DRIVE.match(path):
+        return f"{path!r} is an absolute path; give it relative to the attachments folder"
+    if ".." in PurePosixPath(path).parts:
+        return f"{path!r} uses '..'; attachments must stay inside the attachments folder"
+    return None
+
+
+def _normalise_path(path: str) -> str:
+    """A checked relative path without empty or '.' parts: ' ./invoices//a.pdf ' -> 'invoices/a.pdf'."""
+    return "/".join(part for part in path.strip().split("/") if part not in ("", "."))
+
+
+def _filename_problem(name: str) -> str | None:
+    if not name:
+        return "renders empty; give every attachment a name"
+    if _CONTROL.search(name):
+        return f"{name!r} contains a control character or line break"
+    if "/" in name or "\\" in name:
+        return f"{name!r} contains a '/' or '\\'; give a plain file name"
+    if '"' in name:  # a multipart send would show it as %22
+        return f"{name!r} contains a double quote; give a name without one"
+    if len(name) > _MAX_FILENAME:
+        return f"is {len(name)} characters; keep file names under {_MAX_FILENAME}"
+    return None
+
+
+class AttachmentLoader:
+    """Finds, sizes and reads attachment files inside one folder; shared files are read once per run."""
+
+    def __init__(self, root: Path, *, label: str = "message.attachments_dir") -> None:
+        try:
+            self._root = root.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise InputFileError(f"{label}: the folder {root} does not exist; check the path") from exc
+        if not self._root.is_dir():
+            raise InputFileError(f"{label}: {root} is not a folder; give the folder the files are in")
+        self._sizes: dict[Path, int] = {}  # shared files, by resolved path
+        self._contents: dict[Path, tuple[bytes, bytes | None]] = {}  # shared files: bytes and base64
+
+    @property
+    def root(self) -> Path:
+        """The folder every attachment must be inside (symlinks resolved)."""
+        return self._root
+
+    def find(self, file: AttachmentFile, *, row: int) -> int:
+        """The size in bytes of `file`, after checking it is a readable regular file inside the folder."""
+        resolved = self._resolve(file, row)
+        if file.shared and resolved in self._sizes:
+            return self._sizes[resolved]
+        try:
+            info = resolved.stat()
+        except OSError as exc:
+            raise self._error(file, row, f"cannot be read ({exc.strerror or exc})") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise self._error(file, row, "is not a file")
+        if not os.access(resolved, os.R_OK):
+            raise self._error(file, row, "cannot be read (permission denied)")
+        if file.shared:
+            if info.st_size > MULTIPART_LIMIT_BYTES:
+                raise ManifestError(
+                    f"{file.key}: {file.path} is {info.st_size / 1_000_000:.1f} MB; Nylas sends at most "
+                    f"{MULTIPART_LIMIT_BYTES // 1_000_000} MB per message: send a link instead"
+                )
+            self._sizes[resolved] = info.st_size
+        return info.st_size
+
+    def load(self, file: AttachmentFile, *, row: int) -> Attachment:
+        """Read `file` (a shared one only the first time) as an Attachment."""
+        resolved = self._resolve(file, row)
+        cached = self._contents.get(resolved) if file.shared else None
+        if cached is None:
+            try:
+                content = resolved.read_bytes()
+            except OSError as exc:
+                raise self._error(file, row, f"cannot be read ({exc.strerror or exc})") from exc
+            encoded = base64.b64encode(content) if file.shared and len(content) <= _MAX_JSON_RAW else None
+            cached = (content, encoded)
+            if file.shared:
+                self._contents[resolved] = cached
+        content, encoded = cached
+        return Attachment(file.filename, file.content_type, content, file.content_id, encoded)
+
+    def _resolve(self, file: AttachmentFile, row: int) -> Path:
+        candidate = self._root / file.path
+        try:
+            resolved = candidate.resolve(strict=True)
+        except FileNotFoundError as exc:
+            raise self._error(file, row, f"does not exist in {self._root}; check the path") from exc
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a file where a folder should be
+            raise self._error(file, row, f"cannot be opened ({exc})") from exc
+        if not resolved.is_relative_to(self._root):
+            problem = (
+                f"leads (by a symlink) to {resolved}, outside {self._root}; attachments must stay inside"
+            )
+            if file.shared:  # the manifest names a file outside the folder
+                raise ManifestError(f"{file.key}: {file.path} {problem}")
+            raise self._error(file, row, problem)
+        return resolved
+
+    def _error(self, file: AttachmentFile, row: int, problem: str) -> DataError | InputFileError:
+        # A shared file's problem is the whole campaign's, not one row's: it stops preflight at once.
+        if file.shared:
+            return InputFileError(f"{file.key}: {file.path} {problem}")
+        return DataError(f"row {row}: {file.key} {file.path} {problem}")
+
+
+def check_message_attachments(message: Message, loader: AttachmentLoader | None) -> None:
+    """Find and size every file of `message` and check the request fits Nylas's 25 MB limit.
+
+    DataError naming the row (InputFileError or ManifestError for a file every message shares).
+    """
+    if not message.attachment_files:
+        return
+    if loader is None:
+        raise ValueError("a message with attachment files needs an AttachmentLoader")
+    sizes = [loader.find(file, row=message.row) for file in message.attachment_files]
+    size = measure_send_request(message, file_sizes=sizes)
+    if not size.fits:
+        total = size.multipart_bytes / 1_000_000
+        largest_size, largest = max(zip(sizes, (file.path for file in message.attachment_files), strict=True))
+        raise DataError(
+            f"row {message.row}: the message and its attachments come to {total:.1f} MB (the largest, "
+            f"{largest}, is {largest_size / 1_000_000:.1f} MB); Nylas sends at most "
+            f"{MULTIPART_LIMIT_BYTES // 1_000_000} MB per message: send smaller files or a link"
+        )
+
+
+def load_message_attachments(message: Message, loader: AttachmentLoader | None) -> Message:
+    """`message` with its attachment files read into `attachments` (shared ones from the run's cache)."""
+    if not message.attachment_files:
+        return message
+    if loader is None:
+        raise ValueError("a message with attachment files needs an AttachmentLoader")
+    loaded = tuple(loader.load(file, row=message.row) for file in message.attachment_files)
+    return dataclasses.replace(message, attachments=message.attachments + loaded, attachment_files=())
+
+
+def find_inline_problems(message: Message) -> tuple[list[str], list[tuple[str, str]]]:
+    """The `cid:` ids the HTML shows that no attachment has, and the inline files (content id, file
+    name) the HTML never shows."""
+    inline: dict[str, str] = {}
+    items: list[AttachmentFile | Attachment] = [*message.attachment_files, *message.attachments]
+    for item in items:
+        if item.content_id is not None:
+            inline.setdefault(item.content_id, item.filename)
+    referenced = find_cid_references(message.html or "")
+    missing = [cid for cid in referenced if cid not in inline]
+    unused = [(cid, filename) for cid, filename in inline.items() if cid not in referenced]
+    return missing, unused
+
+
+def check_missing_inline_images(message: Message) -> tuple[str, str] | None:
+    """Preview warning: the HTML shows `cid:x` but no attachment has content_id x (the image is missing)."""
+    missing, _ = find_inline_problems(message)
+    if not missing:
+        return None
+    label = "the HTML shows cid: images that no attachment provides (add them with a content_id)"
+    return label, "missing " + ", ".join(f"cid:{cid}" for cid in missing)
+
+
+def check_unused_inline_images(message: Message) -> tuple[str, str] | None:
+    """Preview warning: an inline attachment the HTML never shows (it may appear nowhere)."""
+    _, unused = find_inline_problems(message)
+    if not unused:
+        return None
+    label = 'inline attachments the HTML never shows (add <img src="cid:…"> or make them plain attachments)'
+    return label, ", ".join(f"{filename} (cid:{cid})" for cid, filename in unused)

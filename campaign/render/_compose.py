@@ -1,0 +1,398 @@
+"""Rendering: the manifest's Jinja templates, compiled once into a `Composer` that turns a row into a Message.
+
+Templates run in an immutable sandbox with strict undefined variables, so a missing
+column is an error and a template cannot change shared state between rows. Every
+rendered header value is checked before it can reach the wire. A Markdown body goes
+through Jinja, then Markdown, into an HTML layout; attachment paths are rendered, not
+read. `build_composer` reads the template files; `Composer.render` is pure and must not
+do I/O, read the clock or send anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+from markupsafe import Markup
+
+from campaign.errors import HeaderError, InputFileError, ManifestError, TemplateError
+from campaign.headers import header_name_problem, header_value_problem
+from campaign.manifest import HEADERLESS_PROVIDERS
+from campaign.models import Address, AttachmentFile, Message, Recipient, Tracking
+from campaign.render._attachments import AttachmentLoader, build_attachment_file, check_shared_path
+from campaign.render._markup import inline_css, render_markdown
+from campaign.render._templating import (
+    BUILTIN_TEMPLATES,
+    HTML_SUFFIXES,
+    build_environment,
+    check_template_tree,
+    describe_render_error,
+    display_name,
+    loader_name,
+    read_template_file,
+)
+from campaign.unsubscribe import TokenSigner, build_unsubscribe_headers, make_token
+
+if TYPE_CHECKING:
+    from campaign.manifest import AttachmentSettings, Manifest, MessageSettings, SenderSettings
+
+__all__ = ["BUILTIN_TEMPLATES", "HTML_SUFFIXES", "Composer", "build_composer"]
+
+_DEFAULT_LAYOUT = "base.html.j2"
+_MARKDOWN_HTML = "_markdown_html"  # the rendered Markdown, as the layout wrapper sees it
+_MAX_SUBJECT = 998  # RFC 5322 line limit; Gmail refuses longer subjects
+_TEMPLATE_MARKERS = ("{{", "{%", "{#")
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledPart:
+    """One compiled template (or a constant string that needs none) and how to name it in errors."""
+
+    label: str
+    template: jinja2.Template | None = None
+    constant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _AttachmentParts:
+    """One [[message.attachments]] entry with its path (and file name) compiled."""
+
+    key: str
+    settings: AttachmentSettings
+    path: _CompiledPart
+    filename: _CompiledPart | None
+
+
+@dataclass(frozen=True, slots=True)
+class _SenderView:
+    """What a sender contributes to every message, computed once per sender."""
+
+    settings: SenderSettings
+    variables: Mapping[str, object]
+    from_: Address | None
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Composer:
+    """The compiled templates of one campaign (made by `build_composer`); `render` is pure."""
+
+    campaign: str
+    base_dir: Path
+    subject: _CompiledPart
+    html: _CompiledPart | None
+    text: _CompiledPart | None
+    headers: tuple[tuple[str, _CompiledPart], ...]
+    unsubscribe_url: _CompiledPart | None
+    mailto: str | None
+    secrets: tuple[bytes, ...] = field(repr=False)
+    reply_to: tuple[Address, ...]
+    reply_to_problem: str | None
+    tracking: Tracking | None
+    name_column: str | None
+    jinja_globals: Mapping[str, Any] = field(repr=False)
+    markdown: _CompiledPart | None = None
+    layout: _CompiledPart | None = None  # extends the layout; its content block is the rendered Markdown
+    inline_css: bool = False
+    attachments: tuple[_AttachmentParts, ...] = ()
+    attachment_loader: AttachmentLoader | None = None  # finds and reads the files (I/O, not in render)
+    # make_token's work done once for this campaign (without it, render calls make_token).
+    token_signer: TokenSigner | None = field(default=None, repr=False, compare=False)
+    # A memo of per-sender values; it changes no result, so render() stays pure.
+    _senders: dict[str, _SenderView] = field(default_factory=dict, repr=False, compare=False)
+
+    def render(self, recipient: Recipient, sender: SenderSettings) -> Message:
+        """The message `sender` sends to `recipient`; TemplateError or HeaderError name the row."""
+        row = recipient.row
+        view = self._sender_view(sender)
+        if view.problem is not None:
+            raise HeaderError(f"row {row}: {view.problem}")
+        if self.reply_to_problem is not None:
+            raise HeaderError(f"row {row}: message.reply_to {self.reply_to_problem}")
+        name = recipient.address.name
+        if name is not None and (problem := header_value_problem(name)) is not None:
+            column = f" (column {self.name_column!r})" if self.name_column else ""
+            raise HeaderError(f"row {row}: the recipient name{column} {problem}")
+        if (problem := header_value_problem(recipient.address.email)) is not None:
+            raise HeaderError(f"row {row}: the recipient address {problem}")
+
+        context: dict[str, Any] = {**self.jinja_globals, **recipient.fields}
+        # Built-in names win over columns of the same name, so `unsubscribe_url` is always ours.
+        context["recipient"] = {
+            "email": recipient.address.email,
+            "name": name,
+            "key": recipient.key,
+            "row": row,
+        }
+        context["sender"] = view.variables
+        context["campaign"] = {"name": self.campaign}
+
+        unsubscribe_headers: tuple[tuple[str, str], ...] = ()
+        if self.unsubscribe_url is not None:
+            signer = self.token_signer
+            try:
+                email = recipient.address.email
+                if signer is not None:
+                    token = signer.sign(recipient.key, email=email)
+                else:
+                    token = make_token(
+                        secrets=self.secrets, campaign=self.campaign, recipient_key=recipient.key, email=email
+                    )
+            except ValueError as exc:
+                raise HeaderError(f"row {row}: {exc}; use a shorter recipients.key_column value") from exc
+            context["unsubscribe_token"] = token
+            url = self._render_part(self.unsubscribe_url, context, row).strip()
+            context["unsubscribe_url"] = url
+            try:
+                unsubscribe_headers = build_unsubscribe_headers(
+                    url=url, mailto=self.mailto, token=token, campaign=self.campaign
+                )
+            except HeaderError as exc:
+                raise HeaderError(f"row {row}: {exc}") from exc
+
+        subject = self._render_part(self.subject, context, row).strip()
+        if not subject:
+            raise TemplateError(f"row {row}: message.subject renders empty; give every row a subject")
+        if (problem := header_value_problem(subject)) is not None:
+            raise HeaderError(f"row {row}: message.subject {problem}")
+        if len(subject) > _MAX_SUBJECT:
+            raise HeaderError(f"row {row}: message.subject is {len(subject)} characters; keep it under 998")
+
+        headers: list[tuple[str, str]] = []
+        for header_name, part in self.headers:
+            value = self._render_part(part, context, row)
+            if (problem := header_value_problem(value)) is not None:
+                raise HeaderError(f"row {row}: {part.label} {problem}")
+            headers.append((header_name, value))
+        if sender.provider not in HEADERLESS_PROVIDERS:  # their unsubscribe is the body link
+            headers.extend(unsubscribe_headers)
+
+        html, text = self._render_bodies(context, row)
+        files = (
+            tuple(self._render_attachment(item, context, row) for item in self.attachments)
+            if self.attachments
+            else ()
+        )
+        return Message(
+            recipient_key=recipient.key,
+            row=row,
+            sender=sender.name,
+            to=(recipient.address,),
+            subject=subject,
+            html=html,
+            text=text,
+            from_=view.from_,
+            reply_to=self.reply_to,
+            headers=tuple(headers),
+            metadata=(
+                ("key1", self.campaign),
+                ("key2", recipient.key),
+                ("campaign", self.campaign),
+                ("recipient", recipient.key),
+            ),
+            tracking=self.tracking,
+            attachment_files=files,
+            unsubscribe_url=context.get("unsubscribe_url"),
+        )
+
+    def _render_bodies(self, context: dict[str, Any], row: int) -> tuple[str | None, str | None]:
+        html = None if self.html is None else self._render_part(self.html, context, row)
+        if self.markdown is not None and self.layout is not None:
+            markdown = self._render_part(self.markdown, context, row)
+            # Safe as is: markdown-it's HTML, from a source whose variables were escaped.
+            context[_MARKDOWN_HTML] = Markup(render_markdown(markdown))
+            html = self._render_part(self.layout, context, row)
+        if html is not None and self.inline_css:
+            html = inline_css(html, where=f"row {row}: message.inline_css")
+        # No text template, no text: a send carries none (Nylas derives it), and where a text version is
+        # shown, markup.build_text_from_html derives it then, not for every row.
+        text = None if self.text is None else self._render_part(self.text, context, row)
+        return html, text
+
+    def _render_attachment(self, item: _AttachmentParts, context: dict[str, Any], row: int) -> AttachmentFile:
+        filename = None if item.filename is None else self._render_part(item.filename, context, row)
+        return build_attachment_file(
+            key=item.key,
+            path=self._render_part(item.path, context, row),
+            filename=filename,
+            content_type=item.settings.content_type,
+            content_id=item.settings.cid,
+            shared=item.path.template is None,
+            row=row,
+        )
+
+    def _sender_view(self, sender: SenderSettings) -> _SenderView:
+        view = self._senders.get(sender.name)
+        if view is None or view.settings is not sender:
+            view = _build_sender_view(sender)
+            self._senders[sender.name] = view
+        return view
+
+    def _render_part(self, part: _CompiledPart, context: dict[str, Any], row: int) -> str:
+        template = part.template
+        if template is None:
+            return part.constant
+        env = template.environment
+        try:
+            try:
+                # `context` already holds the globals (see `render`), so hand it to a Context as
+                # is: Template.render would copy globals and variables for every template.
+                ctx = env.context_class(env, context, template.name, template.blocks)
+                return "".join(template.root_render_func(ctx))
+            except Exception:
+                env.handle_exception()  # re-raises with the template's file and line in the traceback
+        except Exception as exc:  # a user's template can raise anything; name where it happened
+            raise describe_render_error(exc, part.label, row, self.base_dir) from exc
+
+
+def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Composer:
+    """Read and compile the manifest's templates once (InputFileError, TemplateError, ManifestError)."""
+    base_dir = manifest.base_dir
+    message = manifest.message
+    sources: dict[str, tuple[str, str]] = {}  # loader name -> (source, filename)
+    main_names: dict[str, str] = {}  # manifest key -> loader name
+    for key, path in (
+        ("message.html", message.html),
+        ("message.text", message.text),
+        ("message.markdown", message.markdown),
+        ("message.layout", message.layout),
+    ):
+        if path is not None and (key != "message.layout" or path.is_file()):
+            name = loader_name(path, base_dir)
+            sources[name] = (read_template_file(key, path), str(path))
+            main_names[key] = name
+    # The message.html template is HTML whatever its file is called; others go by suffix.
+    escaped = {main_names.get(key) for key in ("message.html", "message.markdown", "message.layout")}
+    env = build_environment(
+        sources,
+        base_dir=base_dir,
+        text_name=main_names.get("message.text"),
+        escaped=escaped,
+        markdown_name=main_names.get("message.markdown"),
+    )
+
+    def compile_file(key: str) -> _CompiledPart | None:
+        name = main_names.get(key)
+        if name is None:
+            return None
+        check_template_tree(env, name, base_dir)
+        return _CompiledPart(label=display_name(sources[name][1], base_dir), template=env.get_template(name))
+
+    unsubscribe = manifest.unsubscribe
+    unsubscribe_url: _CompiledPart | None = None
+    mailto: str | None = None
+    signer: TokenSigner | None = None
+    if unsubscribe is not None:
+        if not secrets:
+            raise ManifestError(
+                "[unsubscribe] needs a secret to sign links: "
+                f"set the environment variable {unsubscribe.secret_env}"
+            )
+        unsubscribe_url = _compile_string(env, "unsubscribe.url", unsubscribe.url)
+        mailto = unsubscribe.mailto
+        signer = TokenSigner(secrets=secrets, campaign=manifest.campaign.name)  # names are short: it signs
+
+    headers: list[tuple[str, _CompiledPart]] = []
+    for header_name, value in message.headers.items():
+        if (problem := header_name_problem(header_name)) is not None:
+            raise HeaderError(f"message.headers: {problem}")
+        headers.append((header_name, _compile_string(env, f"message.headers.{header_name}", value)))
+
+    reply_to, reply_to_problem = _parse_reply_to(message.reply_to)
+    files = AttachmentLoader(message.attachments_dir or base_dir) if message.attachments else None
+    tracking = message.tracking
+    return Composer(
+        campaign=manifest.campaign.name,
+        base_dir=base_dir,
+        subject=_compile_string(env, "message.subject", message.subject),
+        html=compile_file("message.html"),
+        text=compile_file("message.text"),
+        headers=tuple(headers),
+        unsubscribe_url=unsubscribe_url,
+        mailto=mailto,
+        secrets=tuple(secrets or ()),
+        reply_to=reply_to,
+        reply_to_problem=reply_to_problem,
+        tracking=None
+        if tracking is None
+        else Tracking(
+            opens=tracking.opens,
+            links=tracking.links,
+            thread_replies=tracking.thread_replies,
+            label=tracking.label,
+        ),
+        name_column=manifest.recipients.name_column,
+        jinja_globals=dict(env.globals),
+        markdown=compile_file("message.markdown"),
+        layout=_compile_layout(env, message, base_dir) if message.markdown is not None else None,
+        inline_css=message.inline_css,
+        attachments=tuple(_compile_attachments(env, message.attachments)),
+        attachment_loader=files,
+        token_signer=signer,
+    )
+
+
+def _compile_layout(env: jinja2.Environment, message: MessageSettings, base_dir: Path) -> _CompiledPart:
+    """A template that extends the layout and fills its content block with the rendered Markdown."""
+    name = _DEFAULT_LAYOUT if message.layout is None else loader_name(message.layout, base_dir)
+    try:
+        env.get_template(name)
+    except jinja2.TemplateNotFound as exc:
+        raise InputFileError(
+            f"message.layout: {message.layout} does not exist (nor is it a built-in template); check the path"
+        ) from exc
+    except jinja2.TemplateSyntaxError:
+        pass  # check_template_tree names the file and line
+    check_template_tree(env, name, base_dir)
+    if "content" not in env.get_template(name).blocks:
+        raise TemplateError(f"message.layout: {name} has no {{% block content %}} for the Markdown body")
+    source = f"{{% extends {name!r} %}}{{% block content %}}{{{{ {_MARKDOWN_HTML} }}}}{{% endblock %}}"
+    return _CompiledPart(label="message.layout", template=env.from_string(source))
+
+
+def _compile_attachments(
+    env: jinja2.Environment, attachments: Sequence[AttachmentSettings]
+) -> list[_AttachmentParts]:
+    compiled = []
+    for number, settings in enumerate(attachments, start=1):
+        key = f"message.attachments[{number}]"
+        path = _compile_string(env, f"{key}.path", settings.path)
+        if path.template is None:  # the same file for everyone: check it once, now
+            check_shared_path(key, settings.path)
+        name = settings.filename
+        filename = None if name is None else _compile_string(env, f"{key}.filename", name)
+        compiled.append(_AttachmentParts(key, settings, path, filename))
+    return compiled
+
+
+def _build_sender_view(sender: SenderSettings) -> _SenderView:
+    where = f"senders {sender.name!r}"
+    problem = None
+    for key, value in (("from_name", sender.from_name), ("email", sender.email)):
+        if value is not None and (found := header_value_problem(value)) is not None:
+            problem = f"{where} {key} {found}"
+            break
+    from_ = Address(sender.email, sender.from_name) if sender.email and sender.from_name else None
+    variables = {"name": sender.name, "email": sender.email, "from_name": sender.from_name}
+    return _SenderView(settings=sender, variables=variables, from_=from_, problem=problem)
+
+
+def _parse_reply_to(value: str | None) -> tuple[tuple[Address, ...], str | None]:
+    """The reply-to address (the manifest validated its syntax), or the problem every row will report."""
+    if value is None:
+        return (), None
+    if (problem := header_value_problem(value)) is not None:
+        return (), problem
+    return (Address(value.strip()),), None
+
+
+def _compile_string(env: jinja2.Environment, label: str, source: str) -> _CompiledPart:
+    if not any(marker in source for marker in _TEMPLATE_MARKERS):
+        return _CompiledPart(label=label, constant=source)
+    try:
+        return _CompiledPart(label=label, template=env.from_string(source))
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{label}: template syntax error: {exc.message}; fix the template") from exc

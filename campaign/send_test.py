@@ -1,0 +1,219 @@
+"""One message outside a run: the exact request a send would make, and a real test send of one row.
+
+`capture_requests` drives the real `NylasClient` against a transport that records each
+request instead of sending it, so a preview shows the very bytes a run would POST (the
+API key is never part of what is kept). `find_test_message` renders one row exactly as
+the campaign would and re-addresses it to a tester with "[TEST] " before the subject;
+`send_test_message` sends it. Nothing here writes the ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import anyio
+import httpx
+from email_validator import EmailNotValidError, validate_email
+
+from campaign.clock import Clock
+from campaign.errors import ApiAuthError, ApiError, DataError, UsageError
+from campaign.manifest import Manifest, SenderSettings
+from campaign.models import Address, Message, OutcomeKind
+from campaign.nylas import (
+    NylasClient,
+    SendClient,
+    build_http_client,
+    build_send_request,
+    encode_send_body,
+    send_as,
+)
+from campaign.pipeline import check_job, skip_unsubscribed_row
+from campaign.plan import Job, SenderAssigner
+from campaign.recipients import AudienceScan, CheckedRow, scan_audience
+from campaign.render import build_composer, load_message_attachments
+from campaign.unsubscribe import Unsubscribed, list_store_paths, load_unsubscribed
+
+__all__ = [
+    "TEST_SUBJECT_PREFIX",
+    "CapturedRequest",
+    "TestMessage",
+    "capture_requests",
+    "find_test_message",
+    "send_test_message",
+]
+
+TEST_SUBJECT_PREFIX = "[TEST] "
+IDEMPOTENCY_PLACEHOLDER = "set-per-send-by-the-ledger"
+_CAPTURE_KEY = "preview-capture-key-never-sent"  # any visible ASCII: the client refuses an empty key
+_SHOWN_HEADERS = ("content-type", "idempotency-key", "user-agent")
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedRequest:
+    """What a send would put on the wire: method, URL, headers (never Authorization) and body bytes.
+
+    `json_body` is the JSON of the send: the whole body of a JSON send, or the `message`
+    part of a multipart one (whose file parts follow it in `body`).
+    """
+
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    json_body: bytes
+
+    @property
+    def content_type(self) -> str:
+        """The body's media type, e.g. application/json."""
+        return dict(self.headers).get("Content-Type", "").split(";")[0].strip()
+
+
+@dataclass(frozen=True, slots=True)
+class TestMessage:
+    """Row `row` rendered as the campaign would, re-addressed for a test send from `sender`."""
+
+    message: Message
+    sender: SenderSettings
+    recipient_email: str
+
+
+def capture_requests(
+    messages: Sequence[tuple[Message, SenderSettings]], *, api_uri: str, clock: Clock
+) -> list[CapturedRequest]:
+    """The request the real client would make for each message (as dispatch builds it), recorded, not sent.
+
+    Messages must have their attachment files read (`attachments.load_message_attachments`).
+    """
+    captured: list[CapturedRequest] = []
+    json_parts: list[bytes] = []
+
+    async def record(request: httpx.Request) -> httpx.Response:
+        body = await request.aread()  # a multipart body arrives as a stream of chunks
+        captured.append(_describe(request, body, json_parts[-1]))
+        return httpx.Response(200, json={"request_id": "preview", "data": {"id": "preview"}})
+
+    async def post_all() -> None:
+        transport = httpx.MockTransport(record)
+        async with build_http_client(base_url=api_uri, timeout_s=30.0, transport=transport) as http:
+            client = NylasClient(http, api_key="preview-no-key", clock=clock)
+            for message, sender in messages:
+                request = build_send_request(message)
+                json_parts.append(encode_send_body(request.payload))
+                await send_as(client, sender, request, idempotency_key=_CAPTURE_KEY)
+
+    anyio.run(post_all)
+    return captured
+
+
+def _describe(request: httpx.Request, body: bytes, message_part: bytes) -> CapturedRequest:
+    headers = []
+    for name in _SHOWN_HEADERS:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        shown = "-".join(part.capitalize() for part in name.split("-"))
+        headers.append((shown, IDEMPOTENCY_PLACEHOLDER if value == _CAPTURE_KEY else value))
+    is_json = request.headers.get("content-type", "").startswith("application/json")
+    return CapturedRequest(
+        request.method, str(request.url), tuple(headers), body, body if is_json else message_part
+    )
+
+
+def find_test_message(
+    manifest: Manifest,
+    *,
+    row: int,
+    to: str,
+    sender_name: str | None,
+    secrets: Sequence[bytes] | None,
+    assigned: Mapping[str, str] | None = None,
+) -> TestMessage:
+    """Render row `row` as the campaign would (its sender, unless `sender_name`), addressed to `to`."""
+    address = _parse_address(to)
+    override = None if sender_name is None else _find_sender(manifest, sender_name)
+    composer = build_composer(manifest, secrets=secrets)
+    source = manifest.recipients.source.name
+    scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
+    unsubscribed = load_unsubscribed(list_store_paths(manifest))
+    found = _find_row(scan, SenderAssigner(manifest.senders, assigned=assigned), unsubscribed, row)
+    if found is None:
+        raise UsageError(
+            f"{source} has no recipient on row {row} (rows count from 1 after the header; "
+            f"the list has {scan.row_count} data rows, blank lines included); pick another row with --row"
+        )
+    checked, sender = found
+    if checked.problems:
+        raise DataError("; ".join(problem.describe(source) for problem in checked.problems))
+    if checked.skip is not None:
+        raise UsageError(
+            f"{source} row {row} ({checked.skip.email}) is not mailed by this campaign "
+            f"({checked.skip.reason.value}: {checked.skip.detail}); pick another row with --row"
+        )
+    assert checked.recipient is not None  # neither a problem nor a skip: a recipient
+    assert sender is not None
+    chosen = override or manifest.sender(sender)
+    rendered = check_job(composer, manifest, Job(checked.recipient, chosen.name))
+    if isinstance(rendered, DataError):
+        raise DataError(f"{source} {rendered}")
+    rendered = load_message_attachments(rendered, composer.attachment_loader)  # the row's real files
+    test = _readdress(rendered, address, campaign=manifest.campaign.name)
+    return TestMessage(test, chosen, checked.recipient.address.email)
+
+
+def _find_row(
+    scan: AudienceScan, assigner: SenderAssigner, unsubscribed: Unsubscribed, row: int
+) -> tuple[CheckedRow, str | None] | None:
+    """Row `row` of the list and the sender the campaign gives it (every earlier row is assigned first)."""
+    for batch in scan.batches():
+        for checked in batch:
+            checked = skip_unsubscribed_row(checked, unsubscribed)  # as run_preflight: before assigning
+            sender = None if checked.recipient is None else assigner.assign(checked.recipient)
+            if checked.row == row:
+                return checked, sender
+            if checked.row > row:
+                return None
+    return None
+
+
+async def send_test_message(client: SendClient, test: TestMessage) -> str:
+    """Send the test message through the API; return the Nylas message id (ApiError if it was refused)."""
+    payload = build_send_request(test.message)
+    key = f"test-{uuid.uuid4().hex}"  # a test is never retried under the campaign's keys
+    outcome = await send_as(client, test.sender, payload, idempotency_key=key)
+    if outcome.kind == OutcomeKind.SENT and outcome.message_id:
+        return outcome.message_id
+    why = outcome.error_message or outcome.error_type or outcome.kind.value
+    status = f"HTTP {outcome.status}: " if outcome.status is not None else ""
+    message = f"sender {test.sender.name!r}: the test message was not sent ({status}{why})"
+    if outcome.kind == OutcomeKind.AUTH_REFUSED:
+        raise ApiAuthError(f"{message}; check the API key and that the grant is valid")
+    raise ApiError(message)
+
+
+def _readdress(message: Message, to: Address, *, campaign: str) -> Message:
+    # Only the envelope changes. The metadata drops key1/key2 so reconcile can never take the
+    # test for the real recipient's message.
+    return dataclasses.replace(
+        message,
+        to=(to,),
+        subject=f"{TEST_SUBJECT_PREFIX}{message.subject}",
+        metadata=(("campaign", campaign), ("test", "true")),
+    )
+
+
+def _parse_address(value: str) -> Address:
+    try:
+        return Address(validate_email(value.strip(), check_deliverability=False).normalized)
+    except EmailNotValidError as exc:
+        raise UsageError(f"--to {value!r} is not a valid address ({str(exc).rstrip('.')})") from exc
+
+
+def _find_sender(manifest: Manifest, name: str) -> SenderSettings:
+    for sender in manifest.senders:
+        if sender.name == name:
+            return sender
+    known = ", ".join(sender.name for sender in manifest.senders)
+    raise UsageError(f"--sender {name!r}: the manifest has no such sender (senders: {known})")

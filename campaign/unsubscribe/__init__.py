@@ -1,0 +1,50 @@
+"""Opt-outs: unsubscribe tokens and headers, and the store of who asked not to be mailed.
+
+`TokenSigner` makes and opens the opaque per-recipient tokens (AES-GCM-SIV, rotation);
+`build_unsubscribe_headers` gives RFC 2369/8058 headers. The store (`open_store`, one SQLite
+file shared across campaigns and with the endpoint) records opt-outs; `UnsubscribeWatch`
+re-reads it during a run so an opt-out stops the next send. The endpoint that serves the
+links is in `campaign.web`: nothing in the core imports a web server.
+"""
+
+from __future__ import annotations
+
+from campaign.unsubscribe._store import (
+    StoreEntry,
+    StoreError,
+    SuppressionStore,
+    Unsubscribed,
+    UnsubscribeWatch,
+    describe_entry,
+    is_store_path,
+    list_store_paths,
+    load_unsubscribed,
+    open_store,
+)
+from campaign.unsubscribe._tokens import (
+    TokenClaims,
+    TokenSigner,
+    build_unsubscribe_headers,
+    make_token,
+    parse_secrets,
+    verify_token,
+)
+
+__all__ = [
+    "StoreEntry",
+    "StoreError",
+    "SuppressionStore",
+    "TokenClaims",
+    "TokenSigner",
+    "UnsubscribeWatch",
+    "Unsubscribed",
+    "build_unsubscribe_headers",
+    "describe_entry",
+    "is_store_path",
+    "list_store_paths",
+    "load_unsubscribed",
+    "make_token",
+    "open_store",
+    "parse_secrets",
+    "verify_token",
+]

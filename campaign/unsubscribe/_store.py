@@ -1,0 +1,347 @@
+"""The unsubscribe store: one SQLite file of who asked not to be mailed, shared by the endpoint and campaigns.
+
+The one-click endpoint and `campaign suppress` write it; preflight and a running
+campaign read it (WAL, so a campaign reads while the endpoint writes, across
+processes). A row records the campaign the link came from, the recipient key (and
+the address when the key is one), when, and how (one-click, the confirmation page,
+by hand, an import). Every campaign that names the store skips everyone in it: the
+store is the list. It never holds a secret, never sends and never renders.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from campaign.clock import Clock, SystemClock
+from campaign.errors import InputFileError, LedgerError
+from campaign.manifest import STORE_SUFFIXES, Manifest
+from campaign.models import Recipient
+
+__all__ = [
+    "StoreEntry",
+    "StoreError",
+    "SuppressionStore",
+    "UnsubscribeWatch",
+    "Unsubscribed",
+    "describe_entry",
+    "is_store_path",
+    "list_store_paths",
+    "load_unsubscribed",
+    "open_store",
+]
+
+# Marks the file as ours (PRAGMA application_id), so a ledger or another database is never taken for a store.
+_APPLICATION_ID = 0x43554E53  # "CUNS"
+_SCHEMA_VERSION = 1
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS unsubscribes ("
+    " id INTEGER PRIMARY KEY,"
+    " campaign TEXT NOT NULL,"  # '' for entries added by hand or imported
+    " recipient_key TEXT NOT NULL,"
+    " email TEXT,"  # the lower-cased address, when the key is one (or it was given)
+    " recorded_at TEXT NOT NULL,"
+    " source TEXT NOT NULL,"
+    " UNIQUE (campaign, recipient_key))",
+    "CREATE INDEX IF NOT EXISTS unsubscribes_email ON unsubscribes (email)",
+)
+
+
+class StoreError(LedgerError):
+    """The unsubscribe store cannot be opened, read or written (exit 74, like the ledger)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEntry:
+    """One unsubscribe: from which campaign, who (key and address), when (ISO UTC) and how."""
+
+    campaign: str
+    recipient_key: str
+    email: str | None
+    recorded_at: str
+    source: str
+
+
+def is_store_path(path: Path) -> bool:
+    """Whether a suppression source names an unsubscribe store (by its suffix) rather than a list file."""
+    return path.suffix.lower() in STORE_SUFFIXES
+
+
+def list_store_paths(manifest: Manifest) -> tuple[Path, ...]:
+    """The unsubscribe stores a manifest names: stores in `recipients.suppress`, then `unsubscribe.store`."""
+    found = [path for path in manifest.recipients.suppress if is_store_path(path)]
+    store = None if manifest.unsubscribe is None else manifest.unsubscribe.store
+    if store is not None and store not in found:
+        found.append(store)
+    return tuple(found)
+
+
+def open_store(path: Path, *, clock: Clock, create: bool = True) -> SuppressionStore:
+    """Open the store at `path` (creating it, mode 0600, when `create`); InputFileError if it is not one."""
+    if not path.exists():
+        if not create:
+            message = (
+                f"{path}: no unsubscribe store here; check the path (it is created by the first unsubscribe)"
+            )
+            raise InputFileError(message)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            message = f"{path}: cannot create the unsubscribe store ({exc.strerror or exc})"
+            raise StoreError(message) from exc
+    if path.is_dir():
+        message = f"{path}: is a folder; give the unsubscribe store's file (e.g. unsubscribes.sqlite)"
+        raise InputFileError(message)
+    try:
+        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    except sqlite3.Error as exc:
+        message = f"{path}: cannot open the unsubscribe store ({exc})"
+        raise StoreError(message) from exc
+    store = SuppressionStore(connection, path=path, clock=clock)
+    try:
+        store._set_up()
+    except BaseException:
+        connection.close()
+        raise
+    return store
+
+
+class SuppressionStore:
+    """Reads and writes one unsubscribe store; safe to share between threads (one lock per store)."""
+
+    def __init__(self, connection: sqlite3.Connection, *, path: Path, clock: Clock) -> None:
+        self._db = connection
+        self._path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """Where the store file is."""
+        return self._path
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    def record(self, campaign: str, recipient_key: str, *, email: str | None = None, source: str) -> bool:
+        """Record that `recipient_key` unsubscribed from `campaign`; False if it already had (harmless)."""
+        entry = self._entry(campaign, recipient_key, email, source)
+        return self.record_many([entry]) == 1
+
+    def record_many(self, entries: Iterable[StoreEntry]) -> int:
+        """Record several entries in one transaction; returns how many were new."""
+        rows = [(e.campaign, e.recipient_key, e.email, e.recorded_at, e.source) for e in entries]
+        with self._transaction() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO unsubscribes (campaign, recipient_key, email, recorded_at, source) "
+                "VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            return db.total_changes - before
+
+    def build_entry(self, campaign: str, recipient_key: str, *, email: str | None, source: str) -> StoreEntry:
+        """An entry stamped with the store's clock (for `record_many`)."""
+        return self._entry(campaign, recipient_key, email, source)
+
+    def find(self, campaign: str, recipient_key: str) -> StoreEntry | None:
+        """The entry for `recipient_key` from `campaign`, if it is recorded."""
+        found = self._query(
+            "SELECT campaign, recipient_key, email, recorded_at, source FROM unsubscribes "
+            "WHERE campaign = ? AND recipient_key = ?",
+            (campaign, recipient_key),
+        )
+        return StoreEntry(*found[0]) if found else None
+
+    def entries(self) -> list[StoreEntry]:
+        """Every entry, oldest first."""
+        rows = self._query(
+            "SELECT campaign, recipient_key, email, recorded_at, source FROM unsubscribes ORDER BY id"
+        )
+        return [StoreEntry(*row) for row in rows]
+
+    def read_since(self, last_id: int) -> tuple[int, list[StoreEntry]]:
+        """Entries recorded after row id `last_id`, and the newest id seen (for cheap re-reads)."""
+        rows = self._query(
+            "SELECT id, campaign, recipient_key, email, recorded_at, source FROM unsubscribes "
+            "WHERE id > ? ORDER BY id",
+            (last_id,),
+        )
+        newest = rows[-1][0] if rows else last_id
+        return int(newest), [StoreEntry(*row[1:]) for row in rows]
+
+    def count(self) -> int:
+        """How many entries the store holds."""
+        return int(self._query("SELECT COUNT(*) FROM unsubscribes")[0][0])
+
+    # --- internals ----------------------------------------------------------
+
+    def _entry(self, campaign: str, recipient_key: str, email: str | None, source: str) -> StoreEntry:
+        if email is None and "@" in recipient_key:
+            email = recipient_key
+        stamp = self._clock.now().isoformat(timespec="seconds")
+        return StoreEntry(campaign, recipient_key, None if email is None else email.lower(), stamp, source)
+
+    def _set_up(self) -> None:
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA busy_timeout=5000")
+                (app_id,) = self._db.execute("PRAGMA application_id").fetchone()
+                (version,) = self._db.execute("PRAGMA user_version").fetchone()
+                rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        except sqlite3.DatabaseError as exc:
+            message = f"{self._path}: not an unsubscribe store ({exc}); check the path"
+            raise InputFileError(message) from exc
+        # Checked before anything is written, so another database is never changed.
+        if app_id != _APPLICATION_ID and (app_id != 0 or {name for (name,) in rows} - {"unsubscribes"}):
+            message = (
+                f"{self._path}: this SQLite file is not an unsubscribe store (a ledger?); "
+                "name a store such as unsubscribes.sqlite"
+            )
+            raise InputFileError(message)
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            message = f"{self._path}: cannot open the unsubscribe store ({exc})"
+            raise StoreError(message) from exc
+        if version > _SCHEMA_VERSION:
+            message = f"{self._path}: written by a newer version of campaign; upgrade campaign"
+            raise StoreError(message)
+        if version == _SCHEMA_VERSION:
+            return  # a reader (a running campaign) takes no write lock just to open the store
+        with self._transaction() as db:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version < _SCHEMA_VERSION:  # still: another process may have set it up meanwhile
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def _query(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            with self._lock:
+                return self._db.execute(query, params).fetchall()
+        except sqlite3.Error as exc:
+            message = f"{self._path}: cannot read the unsubscribe store ({exc})"
+            raise StoreError(message) from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction under the store's lock; sqlite errors become StoreError."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                message = f"{self._path}: cannot write the unsubscribe store ({exc})"
+                raise StoreError(message) from exc
+            try:
+                yield self._db
+            except BaseException as error:
+                self._db.execute("ROLLBACK")
+                if isinstance(error, sqlite3.Error):
+                    message = f"{self._path}: cannot write the unsubscribe store ({error})"
+                    raise StoreError(message) from error
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                message = f"{self._path}: cannot write the unsubscribe store ({exc})"
+                raise StoreError(message) from exc
+
+
+class Unsubscribed:
+    """Who is in a set of stores, by recipient key and by address: `match` says whether a recipient is."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, StoreEntry] = {}
+        self._by_email: dict[str, StoreEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def add(self, entries: Iterable[StoreEntry]) -> None:
+        """Take in entries (the first entry for a key or address is kept)."""
+        for entry in entries:
+            self._by_key.setdefault(entry.recipient_key, entry)
+            if entry.email:
+                self._by_email.setdefault(entry.email, entry)
+
+    def match(self, recipient: Recipient) -> StoreEntry | None:
+        """The entry that unsubscribes `recipient` (same key, or same address), or None."""
+        found = self._by_key.get(recipient.key)
+        return found if found is not None else self._by_email.get(recipient.address.email.lower())
+
+
+def load_unsubscribed(paths: Sequence[Path]) -> Unsubscribed:
+    """Everyone in the stores at `paths`; a store that does not exist yet holds no one (none is created)."""
+    found = Unsubscribed()
+    for path in paths:
+        if not path.exists():
+            continue
+        store = open_store(path, clock=SystemClock(), create=False)  # reading stamps nothing
+        try:
+            found.add(store.entries())
+        finally:
+            store.close()
+    return found
+
+
+def describe_entry(entry: StoreEntry) -> str:
+    """A skip detail for the user, e.g. `unsubscribed 2026-01-05 (one-click, campaign spring)`."""
+    origin = f", campaign {entry.campaign}" if entry.campaign else ""
+    return f"unsubscribed {entry.recorded_at[:10]} ({entry.source}{origin})"
+
+
+class UnsubscribeWatch:
+    """Answers "has this recipient unsubscribed?" during a run, re-reading the stores every `refresh_s`.
+
+    Each re-read fetches only rows added since the last one, so checking before every
+    send stays cheap; a store that appears while the campaign runs is picked up.
+    """
+
+    def __init__(self, paths: Sequence[Path], *, clock: Clock, refresh_s: float = 1.0) -> None:
+        self._paths = tuple(paths)
+        self._clock = clock
+        self._refresh_s = refresh_s
+        self._stores: dict[Path, SuppressionStore] = {}
+        self._last_id: dict[Path, int] = dict.fromkeys(self._paths, 0)
+        self._known = Unsubscribed()
+        self._read_at: float | None = None
+
+    def is_unsubscribed(self, recipient: Recipient) -> bool:
+        """Whether `recipient` is in a store now (as of the last re-read, at most `refresh_s` ago)."""
+        now = self._clock.monotonic()
+        if self._read_at is None or now - self._read_at >= self._refresh_s:
+            self._read_at = now
+            self._refresh()
+        return self._known.match(recipient) is not None
+
+    def close(self) -> None:
+        """Close the stores opened for reading."""
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+    def _refresh(self) -> None:
+        for path in self._paths:
+            store = self._stores.get(path)
+            if store is None:
+                if not path.exists():
+                    continue
+                store = self._stores[path] = open_store(path, clock=self._clock, create=False)
+            try:
+                self._last_id[path], entries = store.read_since(self._last_id[path])
+            except StoreError:
+                continue  # busy or briefly unreadable: what is known still holds; the next re-read retries
+            self._known.add(entries)
