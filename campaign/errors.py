@@ -48,9 +48,39 @@ class UsageError(CampaignError):
 
 
 class DataError(CampaignError):
-    """Recipient data or a template is wrong; nothing was sent."""
+    """Recipient data or a template is wrong; nothing was sent.
+
+    Besides its one line (`row 12: …` when it is about a row) it carries where to look, as
+    fields: the list `row`, the list `column`, the template `variable`, or the manifest key or
+    template file (`field`, e.g. `message.subject`). `detail` is the line without the row.
+    """
 
     exit_code: ClassVar[int] = 65
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        row: int | None = None,
+        column: str | None = None,
+        variable: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(detail if row is None else f"row {row}: {detail}")
+        self.detail = detail
+        self.row = row
+        self.column = column
+        self.variable = variable
+        self.field = field
+
+    @property
+    def where(self) -> str:
+        """What to look at first, as a preview labels it: a variable, a column, a key, or `message`."""
+        if self.variable is not None:
+            return f'variable "{self.variable}"'
+        if self.column is not None:
+            return f'column "{self.column}"'
+        return self.field or "message"
 
 
 class RecipientDataError(DataError):

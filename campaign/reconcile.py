@@ -15,7 +15,7 @@ event loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -212,7 +212,10 @@ class _Finder:
                 f"sent through domain {mailbox.removeprefix('domain:')} (transactional): Nylas keeps no "
                 "copy to look up; if you know it did not arrive, use `campaign retry --unknown`",
             )
-        grant = mailbox
+        return await self._look_up(row, mailbox, verdict)
+
+    async def _look_up(self, row: LedgerRow, grant: str, verdict: Callable[..., Decision]) -> Decision:
+        """Metadata first, then the Sent folder; "not sent" only when the lookups that ran worked."""
         problem = ""
         try:
             found = await self._by_metadata(grant, row.key)
@@ -226,6 +229,11 @@ class _Finder:
             return verdict(
                 Verdict.SENT, f"found by metadata key2={row.key} in grant {grant}{more}", found[-1]
             )
+        return await self._look_in_sent_folder(row, grant, problem, verdict)
+
+    async def _look_in_sent_folder(
+        self, row: LedgerRow, grant: str, problem: str, verdict: Callable[..., Decision]
+    ) -> Decision:
         try:
             folder = await self._sent_folder(grant)
             if folder is None:

@@ -201,8 +201,7 @@ def test_css_is_left_alone_unless_asked(tmp_path):
 def test_inline_css_never_fetches_a_stylesheet():
     """A <link> stylesheet is dropped, not fetched (no network from a render)."""
     result = inline_css(
-        '<html><head><link rel="stylesheet" href="https://example.invalid/x.css"></head><body><p>x</p></body></html>',
-        where="test",
+        '<html><head><link rel="stylesheet" href="https://example.invalid/x.css"></head><body><p>x</p></body></html>'
     )
     assert "<link" not in result
     assert "<p>x</p>" in result

@@ -135,7 +135,7 @@ def print_deliveries(console: Console, deliveries: Sequence[tuple[str, str, str]
     console.print(f"Each message's JSON payload and HTML body: [bold]{where}[/]", soft_wrap=True)
 
 
-def print_preview(console: Console, report: PreviewReport, *, site: Path | None = None) -> None:
+def print_preview(console: Console, report: PreviewReport, *, site: Path | None = None) -> None:  # noqa: C901 - one section after another of the preview summary; each is an if
     """The dry-run report: counts, senders and schedule, warnings, failing rows, the first messages."""
     console.print(f"[bold]{escape(report.campaign)}[/]: dry run: nothing sent, no ledger written")
     counts = Table(show_header=False, title="Recipients", title_justify="left")

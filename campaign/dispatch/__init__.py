@@ -3,7 +3,7 @@
 `dispatch` runs the jobs concurrently, one lane per sender (pace, concurrency, 24-hour budget),
 claims each row in the ledger before its request leaves and records the outcome after,
 waits out 429s and retries what is safe to retry (`_retries`), and stops gracefully on a
-request (`Stopper`, `run_interruptible`). Time only through the `Clock` it is handed.
+request (`run_interruptible`: Ctrl-C as a stop). Time only through the `Clock` it is handed.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ class _Loop:
             if self._clock.monotonic() >= lane.hold_until or lane.stopped or self._stopping:
                 return
 
-    async def _send(self, lane: Lane, job: Job, message: Message) -> RowState | None:
+    async def _send(self, lane: Lane, job: Job, message: Message) -> RowState | None:  # noqa: C901 - the life of one claimed key is one loop; split, its invariants would be spread apart
         """Send one message until its outcome is settled for this run; return the row's state.
 
         PENDING: not sent, back to the queue. INFLIGHT: left in flight (a stop, or a row

@@ -1,7 +1,7 @@
 """The progress ledger: one SQLite file per campaign, the source of truth for "sent exactly once".
 
 `open_ledger` opens (creating, migrating, locking for one writer) or reads a ledger; `Ledger`
-is the only code that changes a row's state, each change checked against `TRANSITIONS`.
+is the only code that changes a row's state, each change checked against the allowed transitions.
 `GroupCommit` batches writes asked for together into one transaction, each caller resuming
 only after its own write is on disk. `check_no_orphaned_ledger` and `check_key_scheme` keep a
 renamed manifest or a changed key from mailing anyone twice. Never sends.

@@ -131,7 +131,7 @@ class LedgerWriter(LedgerReader):
         return self._clock.now().isoformat(timespec="milliseconds")
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> Iterator[sqlite3.Connection]:  # noqa: C901 - transaction, savepoint and SQLite's own rollback on a full disk are one protocol
         """One IMMEDIATE transaction under the lock; nested, a savepoint inside the outer one."""
         with self._lock:
             outer = self._depth == 0

@@ -175,7 +175,7 @@ def _toml_type(value: object) -> str:
     return names.get(type(value), "an array" if isinstance(value, list) else type(value).__name__)
 
 
-def _describe_error(error: ErrorDetails) -> str:
+def _describe_error(error: ErrorDetails) -> str:  # noqa: C901 - one branch per pydantic error type, each its own message
     """One pydantic error as `dotted.key: what is wrong`."""
     loc = tuple(error["loc"])
     table = tuple(p for p in loc[:-1] if isinstance(p, str))

@@ -2,13 +2,15 @@
 
 `NylasClient` sends a `Message` through a grant or a verified domain (`send_as`) and returns a
 `SendOutcome` for every answer or failure: foreign errors (httpx, aiohttp) are translated here,
-once. `build_send_request` encodes a send as JSON or multipart (pure). `build_http_client`
+once. `build_send_request` encodes a send as JSON or multipart (pure); `capture_requests` records
+the requests a send would make, for the preview. `build_http_client`
 gives the pooled client; its aiohttp transport is imported only when a client without an
 injected transport is built, so importing this package never loads aiohttp.
 """
 
 from __future__ import annotations
 
+from campaign.nylas._capture import CapturedRequest, capture_requests
 from campaign.nylas._client import (
     DEFAULT_API_URI,
     DEFAULT_CONNECTIONS,
@@ -34,6 +36,7 @@ __all__ = [
     "DEFAULT_CONNECTIONS",
     "JSON_LIMIT_BYTES",
     "MULTIPART_LIMIT_BYTES",
+    "CapturedRequest",
     "Folder",
     "ListedMessage",
     "MessagePage",
@@ -42,6 +45,7 @@ __all__ = [
     "build_http_client",
     "build_send_payload",
     "build_send_request",
+    "capture_requests",
     "encode_send_body",
     "measure_send_request",
     "send_as",

@@ -4,7 +4,7 @@
 message before the first send (`check_job` is the same check for one row). The content
 fingerprint (`load_content_fingerprint`, `check_content`) notices edits after sending began; the
 plan stamp (`load_plan_stamp`, `load_open_jobs`) lets an unchanged resume skip the full check.
-`check_body_link` and `build_unsubscribe_warnings` are the compliance rules. Sends nothing.
+`build_unsubscribe_warnings` lists the compliance warnings a preview shows. Sends nothing.
 """
 
 from __future__ import annotations

@@ -65,10 +65,11 @@ def check_body_link(manifest: Manifest, message: Message) -> None:
     body = "HTML body" if message.html is not None else "text body"
     link = '<a href="{{ unsubscribe_url }}">' if message.html is not None else "{{ unsubscribe_url }}"
     raise TemplateError(
-        f"row {message.row}: sender {message.sender!r} (provider {provider}) sends no List-Unsubscribe "
+        f"sender {message.sender!r} (provider {provider}) sends no List-Unsubscribe "
         f"headers (its provider does not take them), so the {body} must link to unsubscribe_url; "
         f"add {link} (templates/base.html.j2 has one in its footer) or set "
-        "unsubscribe.require_body_link = false"
+        "unsubscribe.require_body_link = false",
+        row=message.row,
     )
 
 

@@ -11,7 +11,6 @@ writes the browsable site; `campaign.preview._json` the `--json` form.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +22,11 @@ from campaign.clock import Clock
 from campaign.errors import DataError
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Message, Problem, SkipReason
-from campaign.nylas import build_send_payload
+from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
 from campaign.pipeline import build_unsubscribe_warnings, check_job, skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner, build_quota_warnings, build_schedule
 from campaign.recipients import BATCH_ROWS, CheckedRow, scan_audience
 from campaign.render import MESSAGE_CHECKS, build_composer, load_message_attachments
-from campaign.send_test import CapturedRequest, capture_requests
 from campaign.unsubscribe import list_store_paths, load_unsubscribed
 
 __all__ = [
@@ -46,14 +44,6 @@ __all__ = [
 INDEX_ROWS = 10_000  # rows listed on index.html; problem rows are listed whatever their number
 STATE_SEND = "to send"
 STATE_INVALID = "invalid"
-_ROW_PREFIX = re.compile(r"^row \d+: ")
-_WHERE = (
-    (re.compile(r"undefined variable '([^']+)'"), 'variable "{}"'),
-    (re.compile(r"undefined attribute '([^']+)'"), 'attribute "{}"'),
-    (re.compile(r"\(column '([^']+)'\)"), 'column "{}"'),
-    (re.compile(r"^(message\.[\w.-]+|unsubscribe\.\w+|senders '[^']+')"), "{}"),
-    (re.compile(r"^template (\S+)"), "template {}"),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,14 +316,7 @@ def _audience_issue(problem: Problem, source: str) -> Issue:
 
 def _render_issue(error: DataError, source: str) -> Issue:
     """A render or header error as an issue: the variable or field it names, and run's one line."""
-    text = str(error)
-    message = _ROW_PREFIX.sub("", text)
-    where = "message"
-    for pattern, shape in _WHERE:
-        if (found := pattern.search(message)) is not None:
-            where = shape.format(found[1])
-            break
-    return Issue(where, message, f"{source} {text}")
+    return Issue(error.where, error.detail, f"{source} {error}")
 
 
 def _sender_plans(

@@ -2,7 +2,7 @@
 
 `scan_audience` yields each row checked (valid address, not a duplicate, not suppressed) or
 as a skip or a problem naming the file, row and column; `load_audience` is it over the whole
-list. `normalize_address` and `comparable_address` are the one place an address is normalised.
+list. `comparable_address` is the one form in which addresses are compared.
 `_store_files` moves unsubscribe-store entries in and out of files. Reads files with polars;
 never sends, never writes the ledger.
 """

@@ -54,7 +54,7 @@ def _decode(raw: bytes, name: str) -> str:
         ) from exc
 
 
-def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:
+def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:  # noqa: C901 - a CSV quoting state machine (stdlib csv cannot point at these faults)
     """The first line that breaks CSV quoting or has too many fields; only run after polars failed."""
     line = record_line = opened = fields = 1
     width: int | None = None

@@ -70,14 +70,13 @@ def build_attachment_file(
     row: int,
 ) -> AttachmentFile:
     """Check a rendered attachment `path` (relative, no `..`) and `filename`; DataError naming the row."""
-    where = f"row {row}: {key}"
     problem = _path_problem(path)
     if problem is not None:
-        raise DataError(f"{where}.path {problem}")
+        raise DataError(f"{key}.path {problem}", row=row, field=f"{key}.path")
     clean = _normalise_path(path)
     name = clean.rsplit("/", 1)[-1] if filename is None else filename.strip()
     if (problem := _filename_problem(name)) is not None:
-        raise DataError(f"{where}.filename {problem}")
+        raise DataError(f"{key}.filename {problem}", row=row, field=f"{key}.filename")
     return AttachmentFile(
         path=clean,
         filename=name,
@@ -207,7 +206,7 @@ class AttachmentLoader:
         # A shared file's problem is the whole campaign's, not one row's: it stops preflight at once.
         if file.shared:
             return InputFileError(f"{file.key}: {file.path} {problem}")
-        return DataError(f"row {row}: {file.key} {file.path} {problem}")
+        return DataError(f"{file.key} {file.path} {problem}", row=row, field=file.key)
 
 
 def check_message_attachments(message: Message, loader: AttachmentLoader | None) -> None:
@@ -225,9 +224,11 @@ def check_message_attachments(message: Message, loader: AttachmentLoader | None)
         total = size.multipart_bytes / 1_000_000
         largest_size, largest = max(zip(sizes, (file.path for file in message.attachment_files), strict=True))
         raise DataError(
-            f"row {message.row}: the message and its attachments come to {total:.1f} MB (the largest, "
+            f"the message and its attachments come to {total:.1f} MB (the largest, "
             f"{largest}, is {largest_size / 1_000_000:.1f} MB); Nylas sends at most "
-            f"{MULTIPART_LIMIT_BYTES // 1_000_000} MB per message: send smaller files or a link"
+            f"{MULTIPART_LIMIT_BYTES // 1_000_000} MB per message: send smaller files or a link",
+            row=message.row,
+            field="message.attachments",
         )
 
 

@@ -108,74 +108,24 @@ class Composer:
         """The message `sender` sends to `recipient`; TemplateError or HeaderError name the row."""
         row = recipient.row
         view = self._sender_view(sender)
-        if view.problem is not None:
-            raise HeaderError(f"row {row}: {view.problem}")
-        if self.reply_to_problem is not None:
-            raise HeaderError(f"row {row}: message.reply_to {self.reply_to_problem}")
-        name = recipient.address.name
-        if name is not None and (problem := header_value_problem(name)) is not None:
-            column = f" (column {self.name_column!r})" if self.name_column else ""
-            raise HeaderError(f"row {row}: the recipient name{column} {problem}")
-        if (problem := header_value_problem(recipient.address.email)) is not None:
-            raise HeaderError(f"row {row}: the recipient address {problem}")
-
+        self._check_addressing(recipient, view)
         context: dict[str, Any] = {**self.jinja_globals, **recipient.fields}
         # Built-in names win over columns of the same name, so `unsubscribe_url` is always ours.
         context["recipient"] = {
             "email": recipient.address.email,
-            "name": name,
+            "name": recipient.address.name,
             "key": recipient.key,
             "row": row,
         }
         context["sender"] = view.variables
         context["campaign"] = {"name": self.campaign}
-
-        unsubscribe_headers: tuple[tuple[str, str], ...] = ()
-        if self.unsubscribe_url is not None:
-            signer = self.token_signer
-            try:
-                email = recipient.address.email
-                if signer is not None:
-                    token = signer.sign(recipient.key, email=email)
-                else:
-                    token = make_token(
-                        secrets=self.secrets, campaign=self.campaign, recipient_key=recipient.key, email=email
-                    )
-            except ValueError as exc:
-                raise HeaderError(f"row {row}: {exc}; use a shorter recipients.key_column value") from exc
-            context["unsubscribe_token"] = token
-            url = self._render_part(self.unsubscribe_url, context, row).strip()
-            context["unsubscribe_url"] = url
-            try:
-                unsubscribe_headers = build_unsubscribe_headers(
-                    url=url, mailto=self.mailto, token=token, campaign=self.campaign
-                )
-            except HeaderError as exc:
-                raise HeaderError(f"row {row}: {exc}") from exc
-
-        subject = self._render_part(self.subject, context, row).strip()
-        if not subject:
-            raise TemplateError(f"row {row}: message.subject renders empty; give every row a subject")
-        if (problem := header_value_problem(subject)) is not None:
-            raise HeaderError(f"row {row}: message.subject {problem}")
-        if len(subject) > _MAX_SUBJECT:
-            raise HeaderError(f"row {row}: message.subject is {len(subject)} characters; keep it under 998")
-
-        headers: list[tuple[str, str]] = []
-        for header_name, part in self.headers:
-            value = self._render_part(part, context, row)
-            if (problem := header_value_problem(value)) is not None:
-                raise HeaderError(f"row {row}: {part.label} {problem}")
-            headers.append((header_name, value))
+        unsubscribe_headers = self._render_unsubscribe(recipient, context)
+        subject = self._render_subject(context, row)
+        headers = self._render_headers(context, row)
         if sender.provider not in HEADERLESS_PROVIDERS:  # their unsubscribe is the body link
             headers.extend(unsubscribe_headers)
-
         html, text = self._render_bodies(context, row)
-        files = (
-            tuple(self._render_attachment(item, context, row) for item in self.attachments)
-            if self.attachments
-            else ()
-        )
+        files = tuple(self._render_attachment(item, context, row) for item in self.attachments)
         return Message(
             recipient_key=recipient.key,
             row=row,
@@ -198,6 +148,67 @@ class Composer:
             unsubscribe_url=context.get("unsubscribe_url"),
         )
 
+    def _check_addressing(self, recipient: Recipient, view: _SenderView) -> None:
+        """The sender, reply-to, and the recipient's name and address are safe header values."""
+        row = recipient.row
+        if view.problem is not None:
+            raise HeaderError(view.problem, row=row, field=f"senders {view.settings.name!r}")
+        if self.reply_to_problem is not None:
+            raise HeaderError(f"message.reply_to {self.reply_to_problem}", row=row, field="message.reply_to")
+        name = recipient.address.name
+        if name is not None and (problem := header_value_problem(name)) is not None:
+            column = f" (column {self.name_column!r})" if self.name_column else ""
+            raise HeaderError(f"the recipient name{column} {problem}", row=row, column=self.name_column)
+        if (problem := header_value_problem(recipient.address.email)) is not None:
+            raise HeaderError(f"the recipient address {problem}", row=row, field="recipient address")
+
+    def _render_unsubscribe(
+        self, recipient: Recipient, context: dict[str, Any]
+    ) -> tuple[tuple[str, str], ...]:
+        """Sign the token, render the link into `context`, and give the List-Unsubscribe headers."""
+        if self.unsubscribe_url is None:
+            return ()
+        row = recipient.row
+        email = recipient.address.email
+        try:
+            if self.token_signer is not None:
+                token = self.token_signer.sign(recipient.key, email=email)
+            else:
+                token = make_token(
+                    secrets=self.secrets, campaign=self.campaign, recipient_key=recipient.key, email=email
+                )
+        except ValueError as exc:
+            detail = f"{exc}; use a shorter recipients.key_column value"
+            raise HeaderError(detail, row=row, field="recipients.key_column") from exc
+        context["unsubscribe_token"] = token
+        url = self._render_part(self.unsubscribe_url, context, row).strip()
+        context["unsubscribe_url"] = url
+        try:
+            return build_unsubscribe_headers(url=url, mailto=self.mailto, token=token, campaign=self.campaign)
+        except HeaderError as exc:
+            raise HeaderError(str(exc), row=row, field="unsubscribe.url") from exc
+
+    def _render_subject(self, context: dict[str, Any], row: int) -> str:
+        subject = self._render_part(self.subject, context, row).strip()
+        where = "message.subject"
+        if not subject:
+            raise TemplateError(f"{where} renders empty; give every row a subject", row=row, field=where)
+        if (problem := header_value_problem(subject)) is not None:
+            raise HeaderError(f"{where} {problem}", row=row, field=where)
+        if len(subject) > _MAX_SUBJECT:
+            detail = f"{where} is {len(subject)} characters; keep it under 998"
+            raise HeaderError(detail, row=row, field=where)
+        return subject
+
+    def _render_headers(self, context: dict[str, Any], row: int) -> list[tuple[str, str]]:
+        headers: list[tuple[str, str]] = []
+        for header_name, part in self.headers:
+            value = self._render_part(part, context, row)
+            if (problem := header_value_problem(value)) is not None:
+                raise HeaderError(f"{part.label} {problem}", row=row, field=part.label)
+            headers.append((header_name, value))
+        return headers
+
     def _render_bodies(self, context: dict[str, Any], row: int) -> tuple[str | None, str | None]:
         html = None if self.html is None else self._render_part(self.html, context, row)
         if self.markdown is not None and self.layout is not None:
@@ -206,7 +217,7 @@ class Composer:
             context[_MARKDOWN_HTML] = Markup(render_markdown(markdown))
             html = self._render_part(self.layout, context, row)
         if html is not None and self.inline_css:
-            html = inline_css(html, where=f"row {row}: message.inline_css")
+            html = inline_css(html, row=row)
         # No text template, no text: a send carries none (Nylas derives it), and where a text version is
         # shown, markup.build_text_from_html derives it then, not for every row.
         text = None if self.text is None else self._render_part(self.text, context, row)

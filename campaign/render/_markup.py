@@ -50,15 +50,16 @@ def render_markdown(source: str) -> str:
     return html
 
 
-def inline_css(html: str, *, where: str) -> str:
+def inline_css(html: str, *, row: int | None = None) -> str:
     """`html` with its <style> rules moved into style attributes; at-rules stay in a <style> block.
 
-    `<link>` stylesheets are dropped, never fetched. TemplateError names `where` if css-inline fails.
+    `<link>` stylesheets are dropped, never fetched. TemplateError (naming the row) if css-inline fails.
     """
     try:
         return _INLINER.inline(html)
     except css_inline.InlineError as exc:
-        raise TemplateError(f"{where}: cannot inline the CSS ({exc}); fix the <style> rules") from exc
+        detail = f"message.inline_css: cannot inline the CSS ({exc}); fix the <style> rules"
+        raise TemplateError(detail, row=row, field="message.inline_css") from exc
 
 
 def find_cid_references(html: str) -> tuple[str, ...]:
@@ -144,7 +145,7 @@ class _TextBuilder(HTMLParser):
 
     # ---- elements ----
 
-    def _open(self, tag: str, attrs: dict[str, str | None]) -> None:
+    def _open(self, tag: str, attrs: dict[str, str | None]) -> None:  # noqa: C901 - one branch per HTML element the text version treats specially
         if tag in _PARAGRAPHS:
             self._request_break(1 if tag in ("ul", "ol") and self._lists else 2)
         elif tag in _LINES:

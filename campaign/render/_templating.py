@@ -377,22 +377,20 @@ def describe_render_error(exc: Exception, label: str, row: int, base_dir: Path) 
         tb = tb.tb_next
     at = f" at line {line}" if line is not None else ""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    template = f"template {where}"
     if isinstance(exc, jinja2.UndefinedError):
         if (found := _UNDEFINED_NAME.search(text)) is not None:
-            return TemplateError(
-                f"row {row}: template {where} uses undefined variable {found['name']!r}{at}; "
-                "add the column or fix the template"
-            )
+            name = found["name"]
+            detail = f"{template} uses undefined variable {name!r}{at}; add the column or fix the template"
+            return TemplateError(detail, row=row, variable=name)
         if (found := _UNDEFINED_ATTRIBUTE.search(text)) is not None:
-            return TemplateError(
-                f"row {row}: template {where} uses undefined attribute {found['name'].strip(chr(39))!r}{at} "
-                f"({text}); fix the template"
-            )
+            name = found["name"].strip("'")
+            detail = f"{template} uses undefined attribute {name!r}{at} ({text}); fix the template"
+            return TemplateError(detail, row=row, field=f'attribute "{name}"')
     if isinstance(exc, jinja2.TemplateNotFound):
-        return TemplateError(
-            f"row {row}: template {where} refers to {exc.name!r}{at}, which is in neither {base_dir} "
-            "nor the built-in templates"
-        )
+        detail = f"{template} refers to {exc.name!r}{at}, which is in neither {base_dir} "
+        detail += "nor the built-in templates"
+        return TemplateError(detail, row=row, field=template)
     if isinstance(exc, jinja2.exceptions.SecurityError):
-        return TemplateError(f"row {row}: template {where}{at} tried an unsafe operation ({text})")
-    return TemplateError(f"row {row}: template {where} failed{at}: {type(exc).__name__}: {text}")
+        return TemplateError(f"{template}{at} tried an unsafe operation ({text})", row=row, field=template)
+    return TemplateError(f"{template} failed{at}: {type(exc).__name__}: {text}", row=row, field=template)

@@ -85,7 +85,7 @@ def _encode_cursor(seq: int) -> str:
 Test = Callable[[StoredMessage], bool]
 
 
-def _build_tests(query: Mapping[str, list[str]], folder_ids: frozenset[str]) -> list[Test]:
+def _build_tests(query: Mapping[str, list[str]], folder_ids: frozenset[str]) -> list[Test]:  # noqa: C901 - one branch per query parameter of the list endpoint
     pair = _first(query, "metadata_pair")
     if pair is not None:
         others = sorted(set(query) - NON_FILTERS)

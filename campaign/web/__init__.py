@@ -1,8 +1,10 @@
 """What campaign serves to the internet: the one-click unsubscribe endpoint, under bounded uvicorn.
 
-`build_unsubscribe_app` is the starlette app (RFC 8058 POST, a confirmation page for GET);
-`build_server_config` bounds every public service against slow and numerous clients. Only the
-CLI imports this package: the core never loads starlette or uvicorn.
+`load_endpoint` builds the endpoint (an `UnsubscribeEndpoint`, a starlette app: RFC 8058 POST,
+a confirmation page for GET) from its store and secrets; `serve_endpoint` serves it with the
+limits every public service runs under (`ServerLimits`: header and body deadlines, a
+connection cap that sheds half-sent requests first). Only the CLI imports this package: the
+core never loads starlette or uvicorn.
 """
 
 from __future__ import annotations
