@@ -178,14 +178,14 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     from campaign.clock import SystemClock
     from campaign.ledger import open_ledger
     from campaign.manifest import load_manifest
-    from campaign.pipeline import PLAN_STAMP_KEY, load_content_fingerprint, load_plan_stamp
+    from campaign.pipeline import load_content_fingerprint, load_plan_stamp
 
     manifest = load_manifest(manifest_path)
     campaign = manifest.campaign.name
     ledger = open_ledger(ledger_path, clock=SystemClock(), campaign=campaign)
     content = load_content_fingerprint(manifest)
-    ledger.set_meta("content_fingerprint", content)
-    ledger.set_meta(PLAN_STAMP_KEY, load_plan_stamp(manifest, content=content, skip_invalid=False))
+    ledger.record_content_fingerprint(content)
+    ledger.record_plan([], [], stamp=load_plan_stamp(manifest, content=content, skip_invalid=False))
     ledger.close()
     names = [sender.name for sender in manifest.senders]
     db = sqlite3.connect(ledger_path, isolation_level=None)

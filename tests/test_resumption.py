@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 from conftest import SECRET, copy_sample
 
-import campaign.cli.sending as sending
+import campaign.run as run_module
 from campaign.clock import SystemClock
 from campaign.ledger import PlannedRow, open_ledger
 from campaign.manifest import load_manifest
 from campaign.models import SkipReason
 from campaign.pipeline import (
-    PLAN_STAMP_KEY,
     load_content_fingerprint,
     load_open_jobs,
     load_plan_stamp,
@@ -35,7 +34,7 @@ def preflights(monkeypatch):
         calls.append(1)
         return run_preflight(*args, **kwargs)
 
-    monkeypatch.setattr(sending, "run_preflight", counted)
+    monkeypatch.setattr(run_module, "run_preflight", counted)
     return calls
 
 
@@ -181,19 +180,18 @@ def test_an_unreadable_list_falls_back_to_the_full_check_and_its_error(api, cli,
 
 
 def test_a_plan_recorded_by_another_command_meanwhile_stops_the_resume(api, cli, tmp_path, monkeypatch):
-    """The stamp is checked again under the writer lock: if another run changed the plan, nothing is sent."""
+    """The stamp is checked again before sending: if something changed the plan meanwhile, nothing is sent."""
     manifest = copy_sample("newsletter", tmp_path)
     _register(api, manifest)
     assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
-    opened = sending.open_campaign_ledger
+    recorded = run_module.record_key_scheme
 
-    def open_after_another_run(*args, **kwargs):
-        ledger = opened(*args, **kwargs)
-        if kwargs.get("create"):  # the run's own open, under its writer lock
-            ledger.set_meta(PLAN_STAMP_KEY, "recorded by another run")
-        return ledger
+    def record_then_another_run_writes(ledger, manifest):
+        recorded(ledger, manifest)
+        # A writer that ignored the lock, between this run's checks and its sends.
+        ledger._set_meta("plan_stamp", "recorded by another run")
 
-    monkeypatch.setattr(sending, "open_campaign_ledger", open_after_another_run)
+    monkeypatch.setattr(run_module, "record_key_scheme", record_then_another_run_writes)
     second = cli("resume", manifest, "--yes")
     assert second.exit_code == 74, second.output
     assert "another command changed the ledger" in second.output

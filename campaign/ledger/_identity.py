@@ -19,7 +19,6 @@ from campaign.manifest import Manifest
 
 __all__ = ["check_key_scheme", "check_no_orphaned_ledger", "key_scheme", "record_key_scheme"]
 
-META_KEY = "key_scheme"
 _ADDRESS = "address"
 _ANY_COLUMN = "column"  # inferred from the rows of a ledger older than this meta value: the name is unknown
 
@@ -32,7 +31,7 @@ def key_scheme(manifest: Manifest) -> str:
 
 def check_key_scheme(ledger: Ledger, manifest: Manifest) -> None:
     """UsageError when sending began under another key scheme than the manifest's (nothing is written)."""
-    stored = ledger.get_meta(META_KEY)
+    stored = ledger.key_scheme()
     started = ledger.started_row()
     if started is None:
         return  # nothing went out yet: the rows may be keyed anew
@@ -52,8 +51,7 @@ def check_key_scheme(ledger: Ledger, manifest: Manifest) -> None:
 
 def record_key_scheme(ledger: Ledger, manifest: Manifest) -> None:
     """Remember how this campaign keys its recipients (after `check_key_scheme` allowed it)."""
-    if ledger.get_meta(META_KEY) != key_scheme(manifest):
-        ledger.set_meta(META_KEY, key_scheme(manifest))
+    ledger.record_key_scheme(key_scheme(manifest))
 
 
 def check_no_orphaned_ledger(manifest: Manifest, path: Path, candidates: Iterable[Path]) -> None:

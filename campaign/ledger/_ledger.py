@@ -20,7 +20,15 @@ from pathlib import Path
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
-from campaign.ledger._read import JournalEntry, LedgerRow
+from campaign.ledger._read import (
+    CONTENT_FINGERPRINT,
+    KEY_SCHEME,
+    PARKED_PREFIX,
+    PLAN_STAMP,
+    JournalEntry,
+    LedgerRow,
+    PlannedRow,
+)
 from campaign.ledger._schema import (
     check_ledger_version,
     connect_ledger,
@@ -59,16 +67,6 @@ __all__ = [
 # while it is younger than that, less a margin for the request itself and clock skew.
 IDEMPOTENCY_WINDOW_S = 3600.0
 KEY_REUSE_S = IDEMPOTENCY_WINDOW_S - 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedRow:
-    """A recipient the plan wants mailed, as the ledger stores it."""
-
-    key: str
-    row: int
-    email: str
-    sender: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +147,10 @@ class Ledger(LedgerWriter):
     # --- campaign-wide ------------------------------------------------------
 
     def _check_campaign(self, campaign: str, *, record: bool = True) -> None:
-        stored = self.get_meta("campaign")
+        stored = self._meta("campaign")
         if stored is None and record:
-            self.set_meta("campaign", campaign)
-            self.set_meta("created_at", self._stamp())
+            self._set_meta("campaign", campaign)
+            self._set_meta("created_at", self._stamp())
         elif stored != campaign:
             message = (
                 f"{self._path}: this ledger belongs to campaign {stored!r}, not {campaign!r}; "
@@ -161,14 +159,37 @@ class Ledger(LedgerWriter):
             raise LedgerError(message)
         self._campaign = campaign
 
+    def record_content_fingerprint(self, fingerprint: str, *, changed_from: str | None = None) -> None:
+        """Keep this run's content fingerprint; journal a change allowed after sending began."""
+        with self._write():
+            if changed_from is not None:
+                detail = f"content fingerprint {changed_from} -> {fingerprint} (--allow-changed-content)"
+                self.record_event("content_changed", detail)
+            if self.content_fingerprint() != fingerprint:
+                self._set_meta(CONTENT_FINGERPRINT, fingerprint)
+
+    def record_key_scheme(self, scheme: str) -> None:
+        """Keep how this campaign keys its recipients (once `check_key_scheme` allowed it)."""
+        if self.key_scheme() != scheme:
+            self._set_meta(KEY_SCHEME, scheme)
+
+    def record_parks(self, parks: Mapping[str, datetime | None]) -> None:
+        """Keep until when each sender is parked by a quota refusal (None: not parked)."""
+        with self._write():
+            for sender, until in parks.items():
+                self._set_meta(f"{PARKED_PREFIX}{sender}", "" if until is None else until.isoformat())
+
     # --- the list -----------------------------------------------------------
 
-    def record_plan(self, planned: Sequence[PlannedRow], skips: Sequence[Skip]) -> SyncReport:
+    def record_plan(
+        self, planned: Sequence[PlannedRow], skips: Sequence[Skip], *, stamp: str | None = None
+    ) -> SyncReport:
         """Bring the ledger in line with the list: new rows pending, new skips skipped, the rest kept.
 
         A pending row that the list now skips becomes skipped; a row skipped as
         invalid that now validates becomes pending. Rows no longer in the list
-        are left as they are and marked as not listed.
+        are left as they are and marked as not listed. `stamp`, the plan's stamp, is
+        recorded in the same transaction: a stamp never describes rows recorded for another list.
         """
         now = self._stamp()
         planned_keys = {p.key for p in planned}
@@ -223,6 +244,8 @@ class Ledger(LedgerWriter):
             db.executemany("UPDATE recipients SET row = ? WHERE key = ?", [(p.row, p.key) for p in planned])
             db.execute("UPDATE recipients SET listed = 0")
             db.executemany("UPDATE recipients SET listed = 1 WHERE key = ?", [(key,) for key in wanted])
+            if stamp is not None:
+                self._set_meta(PLAN_STAMP, stamp)
         missing: dict[RowState, int] = {}
         for key, (state, _) in known.items():
             if key not in wanted:

@@ -17,7 +17,7 @@ from typing import Any
 from campaign.errors import LedgerError
 from campaign.models import RowState
 
-__all__ = ["ErrorGroup", "JournalEntry", "LedgerReader", "LedgerRow", "OpenRow"]
+__all__ = ["ErrorGroup", "JournalEntry", "LedgerReader", "LedgerRow", "PlannedRow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +99,22 @@ _LATEST_ERRORS = """
 """
 
 
+# The ledger's meta keys; only this package names them.
+PLAN_STAMP = "plan_stamp"
+CONTENT_FINGERPRINT = "content_fingerprint"
+KEY_SCHEME = "key_scheme"
+PARKED_PREFIX = "parked_until:"
+
+
 @dataclass(frozen=True, slots=True)
-class OpenRow:
-    """A listed row that still needs a send: what a resume needs to rebuild its job."""
+class PlannedRow:
+    """A recipient the plan wants mailed, as the ledger stores it; `inflight` when read back in flight."""
 
     key: str
     row: int
     email: str
     sender: str
-    inflight: bool
+    inflight: bool = False
 
 
 class LedgerReader:
@@ -124,8 +131,28 @@ class LedgerReader:
         """Where the ledger file is."""
         return self._path
 
-    def get_meta(self, key: str) -> str | None:
-        """A value stored with the ledger, or None."""
+    def plan_stamp(self) -> str | None:
+        """The stamp of the last plan recorded (`pipeline.load_plan_stamp`), or None."""
+        return self._meta(PLAN_STAMP)
+
+    def content_fingerprint(self) -> str | None:
+        """The content fingerprint recorded by the runs so far (`pipeline.load_content_fingerprint`)."""
+        return self._meta(CONTENT_FINGERPRINT)
+
+    def key_scheme(self) -> str | None:
+        """How the ledger's recipients are keyed ("address" or "column:<name>"); None before it was kept."""
+        return self._meta(KEY_SCHEME)
+
+    def parked_senders(self) -> dict[str, datetime]:
+        """Senders a quota refusal parked, and until when: kept, so that a resume does not retry early."""
+        rows = self._read(
+            "SELECT key, value FROM meta WHERE key LIKE ? AND value != ''", (f"{PARKED_PREFIX}%",)
+        )
+        return {
+            str(key).removeprefix(PARKED_PREFIX): datetime.fromisoformat(str(value)) for key, value in rows
+        }
+
+    def _meta(self, key: str) -> str | None:
         found = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(found[0][0]) if found else None
 
@@ -260,7 +287,7 @@ class LedgerReader:
         query = f"SELECT key, state FROM recipients WHERE state IN ({', '.join('?' for _ in names)})"
         return {str(key): str(state) for key, state in self._read(query, names)}
 
-    def open_rows(self) -> list[OpenRow]:
+    def open_rows(self) -> list[PlannedRow]:
         """The listed pending and in-flight rows, in flight first (their keys age), then in list order."""
         query = (
             "SELECT key, row, email, sender, state = 'inflight' FROM recipients "
@@ -268,7 +295,7 @@ class LedgerReader:
             "ORDER BY state = 'inflight' DESC, row, key"
         )
         return [
-            OpenRow(str(key), int(row), str(email), str(sender), bool(inflight))
+            PlannedRow(str(key), int(row), str(email), str(sender), bool(inflight))
             for key, row, email, sender, inflight in self._read(query)
         ]
 

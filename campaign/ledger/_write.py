@@ -66,8 +66,7 @@ class LedgerWriter(LedgerReader):
         with self._write():
             yield
 
-    def set_meta(self, key: str, value: str) -> None:
-        """Store a value with the ledger."""
+    def _set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
             db.execute(
                 "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?", (key, value, value)

@@ -13,10 +13,9 @@ from campaign.pipeline._compliance import build_unsubscribe_warnings
 from campaign.pipeline._content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.pipeline._preflight import Preflight, check_job, raise_for_problems, render_job, run_preflight
-from campaign.pipeline._resume import PLAN_STAMP_KEY, load_open_jobs, load_plan_stamp
+from campaign.pipeline._resume import load_open_jobs, load_plan_stamp
 
 __all__ = [
-    "PLAN_STAMP_KEY",
     "ContentCheck",
     "Preflight",
     "build_unsubscribe_warnings",

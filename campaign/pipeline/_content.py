@@ -25,7 +25,6 @@ from campaign.render import BUILTIN_TEMPLATES, read_template_file, walk_template
 
 __all__ = ["ContentCheck", "check_content", "load_content_fingerprint", "record_content"]
 
-META_KEY = "content_fingerprint"
 # Rows in these states mean sending began: the content can no longer change silently.
 _STARTED = (RowState.INFLIGHT, RowState.SENT, RowState.FAILED, RowState.UNKNOWN)
 
@@ -76,7 +75,7 @@ def check_content(
     if ledger is None:
         return ContentCheck(fingerprint, None, sends_began=False)
     counts = ledger.counts()
-    check = ContentCheck(fingerprint, ledger.get_meta(META_KEY), any(counts[state] for state in _STARTED))
+    check = ContentCheck(fingerprint, ledger.content_fingerprint(), any(counts[state] for state in _STARTED))
     if check.changed and not allow_changed:
         started = sum(counts[state] for state in _STARTED)
         message = (
@@ -91,13 +90,7 @@ def check_content(
 
 def record_content(ledger: Ledger, check: ContentCheck) -> None:
     """Store this run's fingerprint; journal the change when the content changed after sending began."""
-    if check.changed:
-        ledger.record_event(
-            "content_changed",
-            f"content fingerprint {check.stored} -> {check.fingerprint} (--allow-changed-content)",
-        )
-    if check.stored != check.fingerprint:
-        ledger.set_meta(META_KEY, check.fingerprint)
+    ledger.record_content_fingerprint(check.fingerprint, changed_from=check.stored if check.changed else None)
 
 
 def _template_tree(key: str, path: Path, base_dir: Path) -> list[tuple[str, str]]:

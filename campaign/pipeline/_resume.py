@@ -22,9 +22,8 @@ from campaign.manifest import STORE_SUFFIXES, Manifest
 from campaign.plan import Job
 from campaign.recipients import scan_audience
 
-__all__ = ["PLAN_STAMP_KEY", "load_open_jobs", "load_plan_stamp"]
+__all__ = ["load_open_jobs", "load_plan_stamp"]
 
-PLAN_STAMP_KEY = "plan_stamp"
 # Bump when preflight's rules change, so that a stamp recorded under the old rules no longer matches.
 _RULES = 1
 

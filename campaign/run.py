@@ -1,0 +1,360 @@
+"""Sending a campaign: the use case behind `campaign run` and `campaign resume`.
+
+`run_campaign` checks every row (or, when the ledger's plan stamp says nothing changed since a
+run that checked them, only that the open rows' files are still there), checks that the content
+and the key scheme may continue, asks the caller to confirm the plan, records the plan, sends the
+open rows through `dispatch` (Ctrl-C stops it gracefully), and keeps the senders' quota parks.
+It holds the ledger's writer lock from the first check (a first run: once its checks pass, so bad
+input leaves no file) to the last write, and opens the ledger once. It prints nothing and picks
+no exit code: the caller takes part through `RunHooks` and gets a `RunOutcome`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, ExitStack, closing, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+
+from campaign.clock import Clock
+from campaign.dispatch import DispatchEvent, DispatchResult, DispatchSettings, dispatch, run_interruptible
+from campaign.errors import DataError, InputFileError, LedgerError
+from campaign.ledger import (
+    Ledger,
+    PlannedRow,
+    SyncReport,
+    check_key_scheme,
+    check_ledger_free,
+    lock_ledger,
+    open_ledger,
+    record_key_scheme,
+    unlock_ledger,
+)
+from campaign.manifest import Manifest
+from campaign.models import RowState
+from campaign.nylas import SendClient
+from campaign.pipeline import (
+    ContentCheck,
+    Preflight,
+    check_content,
+    check_job,
+    load_content_fingerprint,
+    load_open_jobs,
+    load_plan_stamp,
+    record_content,
+    render_job,
+    run_preflight,
+)
+from campaign.plan import DAY_S, Job
+from campaign.render import Composer, build_composer
+from campaign.status import build_status
+from campaign.unsubscribe import UnsubscribeWatch, list_store_paths
+
+__all__ = ["RunHooks", "RunOptions", "RunOutcome", "RunPlan", "SenderShare", "run_campaign"]
+
+_OPEN = (RowState.PENDING, RowState.INFLIGHT)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What the user chose for this run."""
+
+    resuming: bool = False  # `resume`: the ledger must exist
+    limit: int | None = None
+    skip_invalid: bool = False
+    wait: bool = False
+    allow_changed_content: bool = False
+    sandbox: bool = False  # only for the commands `next` suggests
+
+
+@dataclass(frozen=True, slots=True)
+class RunPlan:
+    """What the run will send, as the caller shows it before confirming."""
+
+    source: Path
+    to_send: int
+    skipped: Mapping[str, int]  # skip reason -> rows
+    unchanged: bool  # the plan stamp matched: the rows were checked by an earlier run
+    senders: int
+
+
+@dataclass(frozen=True, slots=True)
+class SenderShare:
+    """A sender's part of this run: messages to send, and recipients its daily budget still allows."""
+
+    sender: str
+    messages: int
+    budget_left: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """How the run ended. `result` is None when a second Ctrl-C cancelled it at once."""
+
+    result: DispatchResult | None
+    signals: int  # Ctrl-C presses: 1, a graceful stop
+    states: Mapping[str, int]  # listed rows per state, after the run
+    next_steps: tuple[Mapping[str, Any], ...]  # the JSON form of each NextStep, as status gives it
+    sync: SyncReport
+    content: ContentCheck
+
+
+class RunHooks(Protocol):
+    """What the caller does at the run's turns: confirm, show progress, hear of a Ctrl-C."""
+
+    def confirm(self, plan: RunPlan) -> bool:
+        """Show the plan; whether to go on (False: stop, nothing recorded or sent)."""
+        ...
+
+    def progress(
+        self, total: int, shares: Sequence[SenderShare]
+    ) -> AbstractContextManager[Callable[[DispatchEvent], None]]:
+        """A context around the sends, giving the function each dispatch event goes to."""
+        ...
+
+    def stopping(self, signals: int) -> None:
+        """A Ctrl-C arrived (1: stop gracefully; 2: cancel)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """The plan checked now (`preflight`), or unchanged since a run that checked it (None)."""
+
+    composer: Composer
+    preflight: Preflight | None
+    plan: RunPlan
+    stamp: str
+    content: ContentCheck
+
+
+def run_campaign(
+    manifest: Manifest,
+    ledger_path: Path,
+    options: RunOptions,
+    *,
+    secrets: Sequence[bytes] | None,
+    connect: Callable[[], AbstractAsyncContextManager[SendClient]],
+    clock: Clock,
+    hooks: RunHooks,
+    command_path: str,
+) -> RunOutcome | None:
+    """Check, confirm, record and send; None when the caller did not confirm (nothing was written)."""
+    if options.resuming and not ledger_path.exists():
+        message = f"{ledger_path}: no ledger, so nothing to resume; start with `campaign run {command_path}`"
+        raise InputFileError(message)
+    check_ledger_free(ledger_path)  # before any check: a refused run says nothing of a plan
+    with ExitStack() as held:
+        ledger = None
+        if ledger_path.exists():  # held from the first check: nobody changes the plan in between
+            held.enter_context(_holding_lock(ledger_path))
+            ledger = held.enter_context(closing(_open(manifest, ledger_path, clock, create=False)))
+        checked = _check(manifest, ledger, options, secrets=secrets)
+        if ledger is None:  # a first run: bad input has made no file; the lock is held through the prompt
+            held.enter_context(_holding_lock(ledger_path))
+        if not hooks.confirm(checked.plan):
+            return None
+        if ledger is None:
+            ledger = held.enter_context(closing(_open(manifest, ledger_path, clock, create=True)))
+        return _record_and_send(
+            manifest, ledger, checked, options, connect=connect, clock=clock, hooks=hooks, path=command_path
+        )
+
+
+def _check(
+    manifest: Manifest, ledger: Ledger | None, options: RunOptions, *, secrets: Sequence[bytes] | None
+) -> _Checked:
+    """Check every row, unless the plan stamp says nothing changed since a run that did; then the
+    content and key scheme. Writes nothing: the plan is recorded after confirmation."""
+    fingerprint = load_content_fingerprint(manifest)
+    stamp = load_plan_stamp(manifest, content=fingerprint, skip_invalid=options.skip_invalid)
+    composer, preflight, to_send, skipped = _check_rows(
+        manifest, ledger, stamp, secrets, options.skip_invalid
+    )
+    if ledger is not None:
+        check_key_scheme(ledger, manifest)
+    content = check_content(
+        ledger, fingerprint, allow_changed=options.allow_changed_content, manifest=manifest
+    )
+    plan = RunPlan(
+        source=manifest.recipients.source,
+        to_send=to_send,
+        skipped=skipped,
+        unchanged=preflight is None,
+        senders=len(manifest.senders),
+    )
+    return _Checked(composer, preflight, plan, stamp, content)
+
+
+def _check_rows(
+    manifest: Manifest,
+    ledger: Ledger | None,
+    stamp: str,
+    secrets: Sequence[bytes] | None,
+    skip_invalid: bool,
+) -> tuple[Composer, Preflight | None, int, Mapping[str, int]]:
+    """With a million rows, checking them all takes minutes; a resume of an unchanged campaign reads
+    only its open rows."""
+    assigned: Mapping[str, str] = {}
+    settled: Mapping[str, str] = {}
+    if ledger is not None:
+        if ledger.plan_stamp() == stamp:
+            composer = build_composer(manifest, secrets=secrets)
+            if _files_still_there(manifest, composer, ledger):
+                counts = ledger.counts(listed=True)
+                skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
+                return composer, None, counts[RowState.PENDING] + counts[RowState.INFLIGHT], skipped
+        assigned = ledger.assigned_senders()
+        # Only pending and in-flight rows are sent; unknown ones wait for `campaign reconcile`.
+        settled = ledger.key_states([state for state in RowState if state not in _OPEN])
+    preflight = run_preflight(manifest, secrets=secrets, skip_invalid=skip_invalid, assigned=assigned)
+    preflight.raise_for_problems()
+    to_send = sum(1 for job in preflight.jobs if job.recipient.key not in settled)
+    return preflight.composer, preflight, to_send, Counter(skip.reason.value for skip in preflight.skips)
+
+
+def _files_still_there(manifest: Manifest, composer: Composer, ledger: Ledger) -> bool:
+    """Whether every open row's attachment files are still found and fit (the plan stamp does not
+    cover them); if one is not, the full check runs and says which, before anything is recorded."""
+    if not manifest.message.attachments:
+        return True
+    return not any(
+        isinstance(check_job(composer, manifest, job), DataError) for job in load_open_jobs(manifest, ledger)
+    )
+
+
+def _record_and_send(
+    manifest: Manifest,
+    ledger: Ledger,
+    checked: _Checked,
+    options: RunOptions,
+    *,
+    connect: Callable[[], AbstractAsyncContextManager[SendClient]],
+    clock: Clock,
+    hooks: RunHooks,
+    path: str,
+) -> RunOutcome:
+    sync = _record_plan(ledger, checked.preflight, checked.stamp)
+    record_content(ledger, checked.content)
+    record_key_scheme(ledger, manifest)
+    ledger.record_moved_mailboxes({sender.mailbox: sender.name for sender in manifest.senders})
+    ledger.record_expired_claims()
+    jobs = _open_jobs(manifest, ledger, checked)
+    settings = DispatchSettings(limit=options.limit, wait=options.wait)
+    work = partial(_send, manifest, checked.composer, jobs, ledger, connect, clock, settings, hooks)
+    interrupted = anyio.run(partial(run_interruptible, work, on_signal=hooks.stopping))
+    if interrupted.result is not None:
+        ledger.record_parks(
+            {sender.name: interrupted.result.parked.get(sender.name) for sender in manifest.senders}
+        )
+    states = {state.value: count for state, count in ledger.counts(listed=True).items()}
+    status = build_status(manifest, ledger, clock=clock, command_path=path, sandbox=options.sandbox)
+    return RunOutcome(
+        result=interrupted.result,
+        signals=interrupted.signals,
+        states=states,
+        next_steps=tuple(status["next"]),
+        sync=sync,
+        content=checked.content,
+    )
+
+
+def _record_plan(ledger: Ledger, preflight: Preflight | None, stamp: str) -> SyncReport:
+    """Record a freshly checked plan with its stamp (so that an unchanged resume need not check again)."""
+    if preflight is None:
+        return SyncReport(added=0, skipped_added=0, existing=0, missing=0)
+    planned = [
+        PlannedRow(job.recipient.key, job.recipient.row, job.recipient.address.email, job.sender)
+        for job in preflight.jobs
+    ]
+    return ledger.record_plan(planned, preflight.skips, stamp=stamp)
+
+
+def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked) -> list[Job]:
+    """The jobs whose rows still need a send; rows left in flight first (their keys age)."""
+    if checked.preflight is None:
+        if ledger.plan_stamp() != checked.stamp:  # another command recorded a plan meanwhile
+            message = f"{ledger.path}: another command changed the ledger while this one started; run again"
+            raise LedgerError(message)
+        return load_open_jobs(manifest, ledger)
+    inflight = {row.key: row.inflight for row in ledger.open_rows()}
+    wanted = [job for job in checked.preflight.jobs if job.recipient.key in inflight]
+    return sorted(wanted, key=lambda job: not inflight[job.recipient.key])
+
+
+async def _send(
+    manifest: Manifest,
+    composer: Composer,
+    jobs: Sequence[Job],
+    ledger: Ledger,
+    connect: Callable[[], AbstractAsyncContextManager[SendClient]],
+    clock: Clock,
+    settings: DispatchSettings,
+    hooks: RunHooks,
+    stop: anyio.Event | None = None,
+) -> DispatchResult:
+    since = clock.now().timestamp() - DAY_S
+    # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
+    history = {
+        sender.name: ledger.sent_recipients_since(sender.name, since)
+        for sender in manifest.senders
+        if sender.per_day is not None or sender.per_day_messages is not None
+    }
+    shares = [_share(sender.name, sender.per_day, jobs, history) for sender in manifest.senders]
+    # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds.
+    stores = list_store_paths(manifest)
+    watch = UnsubscribeWatch(stores, clock=clock)
+    try:
+        async with connect() as client:
+            with hooks.progress(len(jobs), shares) as on_event:
+                return await dispatch(
+                    jobs,
+                    senders=manifest.senders,
+                    render=partial(render_job, composer, manifest),
+                    client=client,
+                    ledger=ledger,
+                    clock=clock,
+                    history=history,
+                    parked=ledger.parked_senders(),
+                    on_event=on_event,
+                    settings=settings,
+                    unsubscribed=watch.is_unsubscribed if stores else None,
+                    stop=stop,
+                    # Rows in flight from an earlier run keep their grant (their key may be used).
+                    bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},
+                )
+    finally:
+        watch.close()
+
+
+def _share(
+    name: str, per_day: int | None, jobs: Sequence[Job], history: Mapping[str, Sequence[tuple[float, int]]]
+) -> SenderShare:
+    used = sum(count for _, count in history.get(name, ()))
+    left = None if per_day is None else max(0, per_day - used)
+    return SenderShare(name, sum(1 for job in jobs if job.sender == name), left)
+
+
+def _open(manifest: Manifest, path: Path, clock: Clock, *, create: bool) -> Ledger:
+    return open_ledger(path, clock=clock, campaign=manifest.campaign.name, create=create)
+
+
+@contextmanager
+def _holding_lock(ledger_path: Path) -> Iterator[None]:
+    """The ledger's writer lock, held from the first check to the last write (its folder made if need be:
+    the sandbox ledger's). A run refused for a busy ledger says nothing of what it would send."""
+    try:
+        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"{ledger_path.parent}: cannot make the ledger's folder ({exc.strerror or exc})"
+        raise LedgerError(message) from exc
+    lock = lock_ledger(ledger_path)
+    try:
+        yield
+    finally:
+        unlock_ledger(lock)
