@@ -22,11 +22,8 @@ from campaign.nylas import (
     build_send_request,
     send_as,
 )
-from campaign.pipeline import check_job, skip_unsubscribed_row
-from campaign.plan import Job, SenderAssigner
-from campaign.recipients import AudienceScan, CheckedRow, scan_audience
-from campaign.render import build_composer, load_message_attachments
-from campaign.unsubscribe import Unsubscribed, list_store_paths, load_unsubscribed
+from campaign.pipeline import RowCheck, RowPipeline, check_rows
+from campaign.render import load_message_attachments
 
 __all__ = [
     "TEST_SUBJECT_PREFIX",
@@ -59,17 +56,16 @@ def find_test_message(
     """Render row `row` as the campaign would (its sender, unless `sender_name`), addressed to `to`."""
     address = _parse_address(to)
     override = None if sender_name is None else _find_sender(manifest, sender_name)
-    composer = build_composer(manifest, secrets=secrets)
+    pipeline = check_rows(manifest, secrets=secrets, assigned=assigned)
     source = manifest.recipients.source.name
-    scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
-    unsubscribed = load_unsubscribed(list_store_paths(manifest))
-    found = _find_row(scan, SenderAssigner(manifest.senders, assigned=assigned), unsubscribed, row)
+    found = _find_row(pipeline, row)
     if found is None:
         raise UsageError(
             f"{source} has no recipient on row {row} (rows count from 1 after the header; "
-            f"the list has {scan.row_count} data rows, blank lines included); pick another row with --row"
+            f"the list has {pipeline.scan.row_count} data rows, blank lines included); "
+            "pick another row with --row"
         )
-    checked, sender = found
+    checked = found.checked
     if checked.problems:
         raise DataError("; ".join(problem.describe(source) for problem in checked.problems))
     if checked.skip is not None:
@@ -77,27 +73,24 @@ def find_test_message(
             f"{source} row {row} ({checked.skip.email}) is not mailed by this campaign "
             f"({checked.skip.reason.value}: {checked.skip.detail}); pick another row with --row"
         )
-    assert checked.recipient is not None  # neither a problem nor a skip: a recipient
-    assert sender is not None
-    chosen = override or manifest.sender(sender)
-    rendered = check_job(composer, manifest, Job(checked.recipient, chosen.name))
-    if isinstance(rendered, DataError):
-        raise DataError(f"{source} {rendered}")
-    rendered = load_message_attachments(rendered, composer.attachment_loader)  # the row's real files
-    test = _readdress(rendered, address, campaign=manifest.campaign.name)
-    return TestMessage(test, chosen, checked.recipient.address.email)
+    rendered = pipeline.render(found, sender=override)
+    assert rendered.job is not None  # neither a problem nor a skip: a recipient
+    if rendered.error is not None:
+        raise DataError(f"{source} {rendered.error}")
+    assert rendered.message is not None
+    message = load_message_attachments(
+        rendered.message, pipeline.composer.attachment_loader
+    )  # its real files
+    test = _readdress(message, address, campaign=manifest.campaign.name)
+    return TestMessage(test, manifest.sender(rendered.job.sender), rendered.job.recipient.address.email)
 
 
-def _find_row(
-    scan: AudienceScan, assigner: SenderAssigner, unsubscribed: Unsubscribed, row: int
-) -> tuple[CheckedRow, str | None] | None:
-    """Row `row` of the list and the sender the campaign gives it (every earlier row is assigned first)."""
-    for batch in scan.batches():
+def _find_row(pipeline: RowPipeline, row: int) -> RowCheck | None:
+    """Row `row` of the list with the sender the campaign gives it (every earlier row is assigned first)."""
+    for batch in pipeline.assigned():
         for checked in batch:
-            checked = skip_unsubscribed_row(checked, unsubscribed)  # as run_preflight: before assigning
-            sender = None if checked.recipient is None else assigner.assign(checked.recipient)
             if checked.row == row:
-                return checked, sender
+                return checked
             if checked.row > row:
                 return None
     return None

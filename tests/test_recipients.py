@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 
 from campaign.errors import InputFileError, RecipientDataError
-from campaign.manifest import RecipientsSettings
+from campaign.manifest import RecipientsSettings, load_manifest
 from campaign.models import SkipReason
-from campaign.recipients import Audience, build_invalid_skips, load_audience
+from campaign.pipeline import run_preflight
+from campaign.recipients import Audience, load_audience
 from campaign.recipients._audience import load_suppression
 
 SENDERS = ("alice", "bob")
@@ -353,14 +354,21 @@ def test_suppressed_rows_are_skipped(tmp_path: Path) -> None:
     ]
 
 
-def test_build_invalid_skips_gives_one_skip_per_problem_row(tmp_path: Path) -> None:
-    """Problem rows become INVALID skips keyed row:N, with all of a row's problems in the detail."""
-    content = "email,via\nbad,carol\nok@example.com,alice\nalso-bad,\n"
-    audience = load_text(tmp_path, content, sender_column="via")
-    skips = build_invalid_skips(audience)
+def test_skip_invalid_gives_one_skip_per_problem_row(tmp_path: Path) -> None:
+    """With --skip-invalid, problem rows become INVALID skips keyed row:N, with all of a row's problems."""
+    (tmp_path / "recipients.csv").write_text("email,via\nbad,carol\nok@example.com,alice\nalso-bad,\n")
+    (tmp_path / "body.txt").write_text("Hello")
+    (tmp_path / "campaign.toml").write_text(
+        '[campaign]\nname = "c"\n[recipients]\nsource = "recipients.csv"\nsender_column = "via"\n'
+        '[message]\nsubject = "s"\ntext = "body.txt"\n'
+        '[[senders]]\nname = "alice"\ngrant_id = "g-a"\nemail = "alice@example.com"\nprovider = "gmail"\n'
+    )
+    preflight = run_preflight(load_manifest(tmp_path / "campaign.toml"), secrets=None, skip_invalid=True)
+    skips = preflight.skips
     assert [(s.row, s.key, s.reason) for s in skips] == [
         (1, "row:1", SkipReason.INVALID),
         (3, "row:3", SkipReason.INVALID),
     ]
     assert 'column "email"' in skips[0].detail
     assert 'column "via"' in skips[0].detail
+    assert [job.recipient.row for job in preflight.jobs] == [2]

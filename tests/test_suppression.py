@@ -14,8 +14,8 @@ from campaign.errors import InputFileError, ManifestError, RecipientDataError
 from campaign.ledger import open_ledger
 from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Recipient, Skip, SkipReason
-from campaign.pipeline._optouts import skip_unsubscribed
-from campaign.recipients import Audience, load_import_addresses, write_entries
+from campaign.pipeline._optouts import skip_unsubscribed_row
+from campaign.recipients import CheckedRow, load_import_addresses, write_entries
 from campaign.testing import FakeClock
 from campaign.unsubscribe import StoreEntry, StoreError, list_store_paths, load_unsubscribed, open_store
 
@@ -92,24 +92,23 @@ def test_skip_unsubscribed_matches_by_key_or_address(tmp_path):
     store.record("spring", "ann@example.com", source="one-click")
     store.record("", "cus-9", source="manual")
     store.close()
-    audience = Audience(
-        source=tmp_path / "list.csv",
-        columns=("email",),
-        recipients=(
-            _recipient("ann@example.com", 1),
-            _recipient("bob@example.com", 2),
-            _recipient("cus-9", 3, "carl@example.com"),
-            _recipient("cus-10", 4, "ANN@example.com"),
-        ),
-        skipped=(Skip(5, "dup", "d@example.com", SkipReason.DUPLICATE, "duplicate of row 2"),),
-        problems=(),
-    )
-    result = skip_unsubscribed(audience, load_unsubscribed([tmp_path / "u.sqlite"]))
-    assert [r.key for r in result.recipients] == ["bob@example.com"]
-    unsubscribed = [s for s in result.skipped if s.reason == SkipReason.UNSUBSCRIBED]
-    assert [(s.row, s.key) for s in unsubscribed] == [(1, "ann@example.com"), (3, "cus-9"), (4, "cus-10")]
-    assert unsubscribed[0].detail == "unsubscribed 2026-01-05 (one-click, campaign spring)"
-    assert result.skipped[0].reason == SkipReason.DUPLICATE
+    rows = [
+        CheckedRow(1, {}, recipient=_recipient("ann@example.com", 1)),
+        CheckedRow(2, {}, recipient=_recipient("bob@example.com", 2)),
+        CheckedRow(3, {}, recipient=_recipient("cus-9", 3, "carl@example.com")),
+        CheckedRow(4, {}, recipient=_recipient("cus-10", 4, "ANN@example.com")),
+        CheckedRow(5, {}, skip=Skip(5, "dup", "d@example.com", SkipReason.DUPLICATE, "duplicate of row 2")),
+    ]
+    unsubscribed = load_unsubscribed([tmp_path / "u.sqlite"])
+    result = [skip_unsubscribed_row(row, unsubscribed) for row in rows]
+    assert [row.recipient.key for row in result if row.recipient is not None] == ["bob@example.com"]
+    skips = [
+        row.skip for row in result if row.skip is not None and row.skip.reason == SkipReason.UNSUBSCRIBED
+    ]
+    assert [(s.row, s.key) for s in skips] == [(1, "ann@example.com"), (3, "cus-9"), (4, "cus-10")]
+    assert skips[0].detail == "unsubscribed 2026-01-05 (one-click, campaign spring)"
+    assert result[4].skip is not None
+    assert result[4].skip.reason == SkipReason.DUPLICATE
 
 
 def test_manifest_store_keys(tmp_path):

@@ -193,8 +193,12 @@ class Ledger(LedgerWriter):
         """
         now = self._stamp()
         planned_keys = {p.key for p in planned}
-        # A duplicate's skip shares its original's key: it concerns the planned row, not a row of its own.
-        only_skips = {s.key: s for s in skips if s.key not in planned_keys}
+        # A duplicate's skip shares its original's key: it concerns the planned row, not a row of its own;
+        # of skips sharing a key, the first row's (the original's: say, unsubscribed) is the key's.
+        only_skips: dict[str, Skip] = {}
+        for skip in skips:
+            if skip.key not in planned_keys:
+                only_skips.setdefault(skip.key, skip)
         wanted = planned_keys | set(only_skips)
         with self._write() as db:
             known = {

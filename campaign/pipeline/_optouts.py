@@ -4,29 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from campaign.models import Recipient, Skip, SkipReason
-from campaign.recipients import Audience, CheckedRow
+from campaign.models import Skip, SkipReason
+from campaign.recipients import CheckedRow
 from campaign.unsubscribe import Unsubscribed, describe_entry
 
-__all__ = ["skip_unsubscribed", "skip_unsubscribed_row"]
-
-
-def skip_unsubscribed(audience: Audience, unsubscribed: Unsubscribed) -> Audience:
-    """The audience without the recipients in `unsubscribed`, who become skips with reason `unsubscribed`."""
-    if not len(unsubscribed):
-        return audience
-    kept: list[Recipient] = []
-    skips = list(audience.skipped)
-    for recipient in audience.recipients:
-        entry = unsubscribed.match(recipient)
-        if entry is None:
-            kept.append(recipient)
-        else:
-            email = recipient.address.email
-            skips.append(
-                Skip(recipient.row, recipient.key, email, SkipReason.UNSUBSCRIBED, describe_entry(entry))
-            )
-    return replace(audience, recipients=tuple(kept), skipped=tuple(skips))
+__all__ = ["skip_unsubscribed_row"]
 
 
 def skip_unsubscribed_row(checked: CheckedRow, unsubscribed: Unsubscribed) -> CheckedRow:

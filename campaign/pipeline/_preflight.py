@@ -13,14 +13,11 @@ from dataclasses import dataclass
 from campaign.errors import DataError
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
-from campaign.pipeline._compliance import check_body_link
-from campaign.pipeline._optouts import skip_unsubscribed
-from campaign.plan import Job, assign_senders
-from campaign.recipients import Audience, build_invalid_skips, load_audience
-from campaign.render import Composer, build_composer, check_message_attachments, load_message_attachments
-from campaign.unsubscribe import list_store_paths, load_unsubscribed
+from campaign.pipeline._rows import RowCheck, check_rows
+from campaign.plan import Job
+from campaign.render import Composer, load_message_attachments
 
-__all__ = ["Preflight", "check_job", "raise_for_problems", "render_job", "run_preflight"]
+__all__ = ["Preflight", "raise_for_problems", "render_job", "run_preflight"]
 
 _SHOWN_IN_ERROR = 1
 
@@ -30,7 +27,6 @@ class Preflight:
     """A checked campaign: the jobs to send, the rows skipped, and the problems found."""
 
     manifest: Manifest
-    audience: Audience
     composer: Composer
     jobs: tuple[Job, ...]
     skips: tuple[Skip, ...]
@@ -62,17 +58,6 @@ def render_job(composer: Composer, manifest: Manifest, job: Job) -> Message:
     return load_message_attachments(message, composer.attachment_loader)
 
 
-def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:
-    """Render `job`'s message, or return the row-level error (naming the row) that stops it."""
-    try:
-        message = composer.render(job.recipient, manifest.sender(job.sender))
-        check_body_link(manifest, message)  # Microsoft/iCloud drop the headers: the body link must be there
-        check_message_attachments(message, composer.attachment_loader)  # found, sized, within 25 MB
-    except DataError as exc:
-        return exc
-    return message
-
-
 def run_preflight(
     manifest: Manifest,
     *,
@@ -80,42 +65,43 @@ def run_preflight(
     skip_invalid: bool,
     assigned: Mapping[str, str] | None = None,
 ) -> Preflight:
-    """Load and validate the list, assign senders, render every message; collect problems per row.
+    """Every row through the pipeline (`check_rows`), kept as the jobs to send, the skips and the problems.
 
     File-level problems (a missing file, a bad header, a template that does not
     compile) raise at once; row-level problems are collected. With `skip_invalid`,
     bad rows become skips and the problems list is empty.
     """
-    audience = load_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
-    audience = skip_unsubscribed(audience, load_unsubscribed(list_store_paths(manifest)))
-    composer = build_composer(manifest, secrets=secrets)
+    pipeline = check_rows(manifest, secrets=secrets, assigned=assigned)
     source = manifest.recipients.source.name
     jobs: list[Job] = []
-    failures: list[tuple[Job, str]] = []
-    for job in assign_senders(audience.recipients, manifest.senders, assigned=assigned):
-        checked = check_job(composer, manifest, job)
-        if isinstance(checked, DataError):
-            failures.append((job, f"{source} {checked}"))
-        else:
-            jobs.append(job)
-    row_problems = [problem for problem in audience.problems if problem.row is not None]
-    problems = [problem.describe(source) for problem in audience.problems if problem.row is None]
-    skips = list(audience.skipped)
-    if skip_invalid:
-        skips.extend(build_invalid_skips(audience))
-        skips.extend(
-            Skip(job.recipient.row, job.recipient.key, job.recipient.address.email, SkipReason.INVALID, text)
-            for job, text in failures
-        )
-    else:
-        found = [(problem.row or 0, problem.describe(source)) for problem in row_problems]
-        found += [(job.recipient.row, text) for job, text in failures]
-        problems += [text for _, text in sorted(found, key=lambda item: item[0])]
+    skips: list[Skip] = []
+    problems: list[str] = []
+    for batch in pipeline.batches():
+        for checked in batch:
+            if checked.job is not None and checked.message is not None:
+                jobs.append(checked.job)
+            elif checked.checked.skip is not None:
+                skips.append(checked.checked.skip)
+            elif skip_invalid:
+                skips.append(_invalid_skip(checked, source))
+            elif checked.error is not None:
+                problems.append(f"{source} {checked.error}")
+            else:
+                problems.extend(problem.describe(source) for problem in checked.checked.problems)
     return Preflight(
         manifest=manifest,
-        audience=audience,
-        composer=composer,
+        composer=pipeline.composer,
         jobs=tuple(jobs),
         skips=tuple(skips),
         problems=tuple(problems),
     )
+
+
+def _invalid_skip(checked: RowCheck, source: str) -> Skip:
+    """A row that fails its checks, skipped (--skip-invalid) with every reason."""
+    if checked.job is not None and checked.error is not None:
+        recipient = checked.job.recipient
+        text = f"{source} {checked.error}"
+        return Skip(recipient.row, recipient.key, recipient.address.email, SkipReason.INVALID, text)
+    detail = "; ".join(f"{problem.where}: {problem.message}" for problem in checked.checked.problems)
+    return Skip(checked.row, f"row:{checked.row}", "", SkipReason.INVALID, detail)

@@ -23,11 +23,10 @@ from campaign.errors import DataError
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Message, Problem, SkipReason
 from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
-from campaign.pipeline import build_unsubscribe_warnings, check_job, skip_unsubscribed_row
-from campaign.plan import Job, SenderAssigner, build_quota_warnings, build_schedule
-from campaign.recipients import BATCH_ROWS, CheckedRow, scan_audience
-from campaign.render import MESSAGE_CHECKS, build_composer, load_message_attachments
-from campaign.unsubscribe import list_store_paths, load_unsubscribed
+from campaign.pipeline import build_unsubscribe_warnings, check_rows
+from campaign.plan import Job, build_quota_warnings, build_schedule
+from campaign.recipients import BATCH_ROWS, CheckedRow
+from campaign.render import MESSAGE_CHECKS, load_message_attachments
 
 __all__ = [
     "INDEX_ROWS",
@@ -195,25 +194,20 @@ def run_preview(
     File-level faults raise as in a run; row-level problems are collected in the report.
     """
     started_at = clock.now()
-    scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
-    unsubscribed = load_unsubscribed(list_store_paths(manifest))  # the unsubscribe stores (issue 5)
-    composer = build_composer(manifest, secrets=secrets)
-    assigner = SenderAssigner(manifest.senders, assigned=ledger.assigned)
+    pipeline = check_rows(manifest, secrets=secrets, assigned=ledger.assigned)
+    scan, composer = pipeline.scan, pipeline.composer
     source = scan.source.name
     tally = _Tally(index_rows=max(0, index_rows), samples_wanted=max(0, sample))
-    for batch in scan.batches(batch_rows):
-        for checked in batch:
-            checked = skip_unsubscribed_row(checked, unsubscribed)
-            recipient = checked.recipient
-            if recipient is None:
-                _tally_unsent(tally, checked, manifest, source, skip_invalid=skip_invalid)
-                continue
-            job = Job(recipient, assigner.assign(recipient))
-            rendered = check_job(composer, manifest, job)
-            if isinstance(rendered, DataError):
-                _tally_problem(tally, checked, manifest, (_render_issue(rendered, source),), skip_invalid)
-                continue
-            _tally_message(tally, job, rendered, manifest, ledger)
+    for batch in pipeline.batches(batch_rows):
+        for row in batch:
+            if row.job is None:
+                _tally_unsent(tally, row.checked, manifest, source, skip_invalid=skip_invalid)
+            elif row.error is not None:
+                issues = (_render_issue(row.error, source),)
+                _tally_problem(tally, row.checked, manifest, issues, skip_invalid)
+            else:
+                assert row.message is not None  # a job is rendered: a message or an error
+                _tally_message(tally, row.job, row.message, manifest, ledger)
     loader = composer.attachment_loader  # samples carry their real files (a run reads them at send time)
     tally.samples[:] = [(load_message_attachments(m, loader), s) for m, s in tally.samples]
     requests = capture_requests(tally.samples, api_uri=api_uri, clock=clock)

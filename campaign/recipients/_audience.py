@@ -35,7 +35,6 @@ __all__ = [
     "Audience",
     "AudienceScan",
     "CheckedRow",
-    "build_invalid_skips",
     "comparable_address",
     "load_audience",
     "load_suppression",
@@ -404,15 +403,3 @@ def parse_suppression_entry(value: str) -> tuple[str, ...] | None:
         # An invalid one cannot match a valid recipient, but is kept to keep the list honest.
         found.append(comparable_address(address) or address.lower())
     return tuple(found) or None
-
-
-def build_invalid_skips(audience: Audience) -> tuple[Skip, ...]:
-    """The audience's problem rows as INVALID skips (for --skip-invalid), one per row, in row order."""
-    details: dict[int, list[str]] = {}
-    for problem in audience.problems:
-        if problem.row is not None:
-            details.setdefault(problem.row, []).append(f"{problem.where}: {problem.message}")
-    return tuple(
-        Skip(row, f"row:{row}", "", SkipReason.INVALID, "; ".join(messages))
-        for row, messages in sorted(details.items())
-    )
