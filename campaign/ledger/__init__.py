@@ -1,7 +1,9 @@
 """The progress ledger: one SQLite file per campaign, the source of truth for "sent exactly once".
 
-`open_ledger` opens (creating, migrating, locking for one writer) or reads a ledger; `Ledger`
-is the only code that changes a row's state, each change checked against the allowed transitions.
+`Ledger` is the interface every use case is written against (a Protocol: a PostgreSQL backend
+implements it too). `open_ledger` opens the SQLite one, `SqliteLedger` (creating, migrating,
+locking for one writer), the only code that changes a row's state, each change checked against
+the allowed transitions.
 `GroupCommit` batches writes asked for together into one transaction, each caller resuming
 only after its own write is on disk. `check_no_orphaned_ledger` and `check_key_scheme` keep a
 renamed manifest or a changed key from mailing anyone twice. Never sends.
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 from campaign.ledger._groupcommit import GroupCommit
 from campaign.ledger._identity import check_key_scheme, check_no_orphaned_ledger, record_key_scheme
-from campaign.ledger._ledger import Claim, Ledger, LedgerRow, PlannedRow, SyncReport, open_ledger
-from campaign.ledger._read import ErrorGroup
+from campaign.ledger._interface import Ledger
+from campaign.ledger._ledger import SqliteLedger, open_ledger
+from campaign.ledger._read import ErrorGroup, LedgerRow, PlannedRow
 from campaign.ledger._schema import check_ledger_free, lock_ledger, unlock_ledger
+from campaign.ledger._values import Claim, SyncReport
 
 __all__ = [
     "Claim",
@@ -22,6 +26,7 @@ __all__ = [
     "Ledger",
     "LedgerRow",
     "PlannedRow",
+    "SqliteLedger",
     "SyncReport",
     "check_key_scheme",
     "check_ledger_free",

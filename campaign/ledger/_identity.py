@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from campaign.errors import UsageError
-from campaign.ledger._ledger import Ledger, read_ledger_campaign
+from campaign.ledger._interface import Ledger
+from campaign.ledger._ledger import read_ledger_campaign
 from campaign.manifest import Manifest
 
 __all__ = ["check_key_scheme", "check_no_orphaned_ledger", "key_scheme", "record_key_scheme"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from campaign.ledger._schema import (
     migrate_ledger,
     unlock_ledger,
 )
+from campaign.ledger._values import Claim, SyncReport
 from campaign.ledger._write import (
     FAILED,
     INFLIGHT,
@@ -55,9 +55,9 @@ __all__ = [
     "TRANSITIONS",
     "Claim",
     "JournalEntry",
-    "Ledger",
     "LedgerRow",
     "PlannedRow",
+    "SqliteLedger",
     "SyncReport",
     "open_ledger",
     "read_ledger_campaign",
@@ -69,30 +69,6 @@ IDEMPOTENCY_WINDOW_S = 3600.0
 KEY_REUSE_S = IDEMPOTENCY_WINDOW_S - 300.0
 
 
-@dataclass(frozen=True, slots=True)
-class SyncReport:
-    """What reconciling the recipient list with the ledger changed."""
-
-    added: int
-    skipped_added: int
-    existing: int
-    missing: int  # keys in the ledger that are no longer in the list (left alone)
-    newly_skipped: int = 0  # pending rows now suppressed or invalid
-    restored: int = 0  # rows skipped as invalid that now validate
-    missing_states: Mapping[RowState, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """The idempotency key a claimed row must be sent with, and until when it may be (re)used."""
-
-    idempotency_key: str
-    attempt_no: int
-    usable_until: datetime  # past this, a same-key retry could send twice: give up (unknown)
-    fresh: bool = True  # the key was issued by this claim (so no request has used it yet)
-    sender: str | None = None  # the sender the row belongs to; a used key is only valid on its grant
-
-
 def open_ledger(
     path: Path,
     *,
@@ -101,7 +77,7 @@ def open_ledger(
     exclusive: bool = False,
     create: bool = True,
     read_only: bool = False,
-) -> Ledger:
+) -> SqliteLedger:
     """Open the ledger at `path` for `campaign`: migrated, or (`read_only`) as it is, never changed.
 
     `create` makes it when there is none (the CLI: only a run); a missing file otherwise, and an
@@ -113,7 +89,7 @@ def open_ledger(
         if create and not path.exists():
             create_ledger_file(path, stamp=clock.now().isoformat())
         connection = connect_ledger(path, read_only=read_only)
-        ledger = Ledger(connection, path=path, clock=clock, lock_fd=lock)
+        ledger = SqliteLedger(connection, path=path, clock=clock, lock_fd=lock)
         if read_only:
             check_ledger_version(connection, path=path)
         else:
@@ -141,7 +117,7 @@ def read_ledger_campaign(path: Path) -> str | None:
     return None if found is None else str(found[0])
 
 
-class Ledger(LedgerWriter):
+class SqliteLedger(LedgerWriter):
     """Reads and writes one campaign's ledger; every write is one transaction (or part of a batch)."""
 
     # --- campaign-wide ------------------------------------------------------
