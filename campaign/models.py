@@ -169,7 +169,7 @@ class Message:
 
 
 class RowState(StrEnum):
-    """States of a recipient in the ledger (DESIGN.md §5)."""
+    """States of a recipient in the ledger (ARCHITECTURE.md, "Bird's-eye view")."""
 
     PENDING = "pending"
     INFLIGHT = "inflight"

@@ -149,7 +149,7 @@ def test_the_writer_lock_refuses_a_second_sender_and_is_freed_on_close(tmp_path,
 
 
 def test_the_transition_table_matches_design():
-    """The legal transitions are exactly those of DESIGN.md §5 (sent is final)."""
+    """The legal transitions are exactly those of ARCHITECTURE.md, "Bird's-eye view" (sent is final)."""
     design = {P: {IN, K}, IN: {IN, S, F, P, U}, U: {S, P}, F: {P}, K: {P}, S: set()}
     assert dict(TRANSITIONS) == design
 

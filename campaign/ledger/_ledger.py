@@ -1,6 +1,6 @@
 """The progress ledger: one SQLite file that says, for every recipient, what happened.
 
-It is the source of truth for "sent exactly once" (DESIGN.md §5), and the only
+It is the source of truth for "sent exactly once" (ARCHITECTURE.md, "Bird's-eye view"), and the only
 code that changes a row's state: every change is checked against `TRANSITIONS`
 and anything else raises `LedgerError`. A row is committed as `inflight`, with
 its idempotency key, before its request leaves; the outcome is committed after.

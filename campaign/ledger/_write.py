@@ -3,7 +3,7 @@
 Every write is one IMMEDIATE transaction under the ledger's lock; writes made
 inside `batch()` share one transaction, each in its own savepoint, so a write
 that fails undoes only itself. `TRANSITIONS` lists every legal change of state
-(DESIGN.md §5) and `_set_state` refuses any other with a `LedgerError`. The
+(ARCHITECTURE.md, "Bird's-eye view") and `_set_state` refuses any other with a `LedgerError`. The
 recipient-level operations built on these are in `ledger.py`.
 """
 
@@ -28,7 +28,7 @@ _FETCHED = ("state", "attempt_no", "idempotency_key", "key_issued_at", "claimed_
 
 PENDING, INFLIGHT, SENT = RowState.PENDING, RowState.INFLIGHT, RowState.SENT
 FAILED, UNKNOWN, SKIPPED = RowState.FAILED, RowState.UNKNOWN, RowState.SKIPPED
-# Every legal change of state (DESIGN.md §5); `sent` is final.
+# Every legal change of state (ARCHITECTURE.md, "Bird's-eye view"); `sent` is final.
 TRANSITIONS: Mapping[RowState, frozenset[RowState]] = {
     PENDING: frozenset({INFLIGHT, SKIPPED}),  # claim; the list now skips it
     INFLIGHT: frozenset({INFLIGHT, SENT, FAILED, PENDING, UNKNOWN}),  # re-claim; 2xx; 4xx; not sent; gave up
