@@ -169,17 +169,18 @@ def run_campaign(
 def _check(
     manifest: Manifest, ledger: Ledger | None, options: RunOptions, *, secrets: Sequence[bytes] | None
 ) -> _Checked:
-    """Check every row, unless the plan stamp says nothing changed since a run that did; then the
-    content and key scheme. Writes nothing: the plan is recorded after confirmation."""
+    """The key scheme and content first, then every row (unless the plan stamp says nothing changed
+    since a run that checked them). Writes nothing: the plan is recorded after confirmation."""
     fingerprint = load_content_fingerprint(manifest)
-    stamp = load_plan_stamp(manifest, content=fingerprint, skip_invalid=options.skip_invalid)
-    composer, preflight, to_send, skipped = _check_rows(
-        manifest, ledger, stamp, secrets, options.skip_invalid
-    )
+    # The cheap refusals first: a changed key scheme or content fails in seconds, not after every row.
     if ledger is not None:
         check_key_scheme(ledger, manifest)
     content = check_content(
         ledger, fingerprint, allow_changed=options.allow_changed_content, manifest=manifest
+    )
+    stamp = load_plan_stamp(manifest, content=fingerprint, skip_invalid=options.skip_invalid)
+    composer, preflight, to_send, skipped = _check_rows(
+        manifest, ledger, stamp, secrets, options.skip_invalid
     )
     plan = RunPlan(
         source=manifest.recipients.source,

@@ -196,3 +196,18 @@ def test_a_plan_recorded_by_another_command_meanwhile_stops_the_resume(api, cli,
     assert second.exit_code == 74, second.output
     assert "another command changed the ledger" in second.output
     assert len(api.deliveries) == 2
+
+
+def test_a_changed_template_is_refused_before_any_row_is_checked(api, cli, tmp_path, preflights):
+    """Without --allow-changed-content, a content change after sending began fails at once (exit 2),
+    before the list is checked: on a million-row list that is seconds, not minutes."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    before = len(preflights)
+    _edit_the_template(manifest)
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 2, refused.output
+    assert "--allow-changed-content" in refused.stderr
+    assert len(preflights) == before
+    assert len(api.deliveries) == 2
