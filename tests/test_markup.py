@@ -272,3 +272,9 @@ def test_render_markdown_supports_tables_and_strikethrough():
     assert "<table>" in html
     assert "<td>2</td>" in html
     assert "<s>old</s> new" in html
+
+
+def test_cid_references_are_found_in_any_letter_case_and_none_in_a_body_without_them():
+    """The quick pre-check must not hide a `CID:` reference; a body with none gives none."""
+    assert find_cid_references('<img src="CID:Logo"><a href="Cid:terms">t</a>') == ("Logo", "terms")
+    assert find_cid_references("<p>background: none; cide: no</p>") == ()
