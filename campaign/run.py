@@ -105,7 +105,7 @@ class RunOutcome:
 
 
 class RunHooks(Protocol):
-    """What the caller does at the run's turns: confirm, show progress, hear of a Ctrl-C."""
+    """What the caller does at the run's turns: show the check, confirm, show the sends, hear of a Ctrl-C."""
 
     def confirm(self, plan: RunPlan) -> bool:
         """Show the plan; whether to go on (False: stop, nothing recorded or sent)."""
@@ -119,6 +119,10 @@ class RunHooks(Protocol):
 
     def stopping(self, signals: int) -> None:
         """A Ctrl-C arrived (1: stop gracefully; 2: cancel)."""
+        ...
+
+    def checking(self) -> AbstractContextManager[Callable[[int, int], None]]:
+        """A context around the row check, giving the function told of (rows done, rows in all)."""
         ...
 
 
@@ -154,7 +158,7 @@ def run_campaign(
         if ledger_path.exists():  # held from the first check: nobody changes the plan in between
             held.enter_context(_holding_lock(ledger_path))
             ledger = held.enter_context(closing(_open(manifest, ledger_path, clock, create=False)))
-        checked = _check(manifest, ledger, options, secrets=secrets)
+        checked = _check(manifest, ledger, options, secrets=secrets, hooks=hooks)
         if ledger is None:  # a first run: bad input has made no file; the lock is held through the prompt
             held.enter_context(_holding_lock(ledger_path))
         if not hooks.confirm(checked.plan):
@@ -167,7 +171,12 @@ def run_campaign(
 
 
 def _check(
-    manifest: Manifest, ledger: Ledger | None, options: RunOptions, *, secrets: Sequence[bytes] | None
+    manifest: Manifest,
+    ledger: Ledger | None,
+    options: RunOptions,
+    *,
+    secrets: Sequence[bytes] | None,
+    hooks: RunHooks,
 ) -> _Checked:
     """The key scheme and content first, then every row (unless the plan stamp says nothing changed
     since a run that checked them). Writes nothing: the plan is recorded after confirmation."""
@@ -179,9 +188,10 @@ def _check(
         ledger, fingerprint, allow_changed=options.allow_changed_content, manifest=manifest
     )
     stamp = load_plan_stamp(manifest, content=fingerprint, skip_invalid=options.skip_invalid)
-    composer, preflight, to_send, skipped = _check_rows(
-        manifest, ledger, stamp, secrets, options.skip_invalid
-    )
+    with hooks.checking() as on_rows:
+        composer, preflight, to_send, skipped = _check_rows(
+            manifest, ledger, stamp, secrets, options.skip_invalid, on_rows
+        )
     plan = RunPlan(
         source=manifest.recipients.source,
         to_send=to_send,
@@ -198,6 +208,7 @@ def _check_rows(
     stamp: str,
     secrets: Sequence[bytes] | None,
     skip_invalid: bool,
+    on_rows: Callable[[int, int], None],
 ) -> tuple[Composer, Preflight | None, int, Mapping[str, int]]:
     """With a million rows, checking them all takes minutes; a resume of an unchanged campaign reads
     only its open rows."""
@@ -213,7 +224,9 @@ def _check_rows(
         assigned = ledger.assigned_senders()
         # Only pending and in-flight rows are sent; unknown ones wait for `campaign reconcile`.
         settled = ledger.key_states([state for state in RowState if state not in _OPEN])
-    preflight = run_preflight(manifest, secrets=secrets, skip_invalid=skip_invalid, assigned=assigned)
+    preflight = run_preflight(
+        manifest, secrets=secrets, skip_invalid=skip_invalid, assigned=assigned, on_rows=on_rows
+    )
     preflight.raise_for_problems()
     to_send = sum(1 for job in preflight.jobs if job.recipient.key not in settled)
     return preflight.composer, preflight, to_send, Counter(skip.reason.value for skip in preflight.skips)

@@ -1,4 +1,4 @@
-"""The live progress display of a send run (rich): an overall bar and one line per sender.
+"""The live progress displays (rich): the row check, and a send run (an overall bar, a line per sender).
 
 `SendProgress` is fed the loop's `DispatchEvent`s (`campaign.dispatch._types`) and shows
 sends, failures, throttles, refused credentials, each sender's budget left and a live
@@ -7,7 +7,8 @@ countdown while a sender is parked. It takes events and prints; it decides nothi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 
 from rich.console import Console
@@ -20,6 +21,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -28,11 +30,13 @@ from campaign.dispatch import DispatchEvent, EventKind
 from campaign.manifest import SenderSettings
 from campaign.timetext import format_duration, format_local_time
 
-__all__ = ["SendProgress"]
+__all__ = ["CHECK_LOG_EVERY_S", "SendProgress", "show_checking"]
+
+CHECK_LOG_EVERY_S = 5.0  # without a terminal, one line this often while a long check runs
 
 
 class _RateColumn(ProgressColumn):
-    """Messages per second, as measured over the last few seconds."""
+    """Messages (or rows) per second, as measured over the last few seconds."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
@@ -125,3 +129,37 @@ class SendProgress:
         elif event.kind == EventKind.SKIPPED:  # unsubscribed while the campaign ran: settled, not sent
             self._progress.advance(task)
             self._progress.advance(self._overall)
+
+
+@contextmanager
+def show_checking(console: Console, *, clock: Clock) -> Iterator[Callable[[int, int], None]]:
+    """Progress of the row check: a live bar with rate and ETA on a terminal; in a log, one line every
+    few seconds (none for a check that takes less)."""
+    if console.is_terminal:
+        progress = Progress(
+            TextColumn("checking rows"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _RateColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            get_time=clock.monotonic,
+        )
+        task = progress.add_task("check", total=None)
+        with progress:
+            yield lambda done, total: progress.update(task, completed=done, total=total)
+        return
+    started = last = clock.monotonic()
+
+    def log(done: int, total: int) -> None:
+        nonlocal last
+        now = clock.monotonic()
+        if now - last < CHECK_LOG_EVERY_S:
+            return
+        last = now
+        rate = done / (now - started) if now > started else 0.0
+        left = f", about {format_duration((total - done) / rate)} left" if rate > 0 and done < total else ""
+        console.print(f"checked {done:,} of {total:,} rows ({rate:,.0f} rows/s{left})", soft_wrap=True)
+
+    yield log

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +33,7 @@ from campaign.cli.base import (
 )
 from campaign.cli.inspecting import preview
 from campaign.cli.output import print_checked, print_deliveries, print_next_steps, print_run_summary
-from campaign.cli.progress import SendProgress
+from campaign.cli.progress import SendProgress, show_checking
 from campaign.cli.wiring import build_sandbox_api, connect_api, locate_ledger, read_api_key, read_secrets
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult
@@ -177,6 +177,9 @@ class _Hooks:
 
     def stopping(self, signals: int) -> None:
         _say_stopping(signals)
+
+    def checking(self) -> AbstractContextManager[Callable[[int, int], None]]:
+        return show_checking(err, clock=self._clock)
 
 
 def _confirm(count: int, senders: int, *, yes: bool, sandbox: bool) -> bool:

@@ -7,7 +7,7 @@ writes the ledger or sends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from campaign.errors import DataError
@@ -64,8 +64,11 @@ def run_preflight(
     secrets: Sequence[bytes] | None,
     skip_invalid: bool,
     assigned: Mapping[str, str] | None = None,
+    on_rows: Callable[[int, int], None] | None = None,
 ) -> Preflight:
     """Every row through the pipeline (`check_rows`), kept as the jobs to send, the skips and the problems.
+
+    `on_rows(done, total)` hears of each batch checked (for a progress display).
 
     File-level problems (a missing file, a bad header, a template that does not
     compile) raise at once; row-level problems are collected. With `skip_invalid`,
@@ -76,7 +79,11 @@ def run_preflight(
     jobs: list[Job] = []
     skips: list[Skip] = []
     problems: list[str] = []
+    total, done = pipeline.scan.row_count, 0
     for batch in pipeline.batches():
+        if on_rows is not None:
+            done += len(batch)
+            on_rows(done, total)
         for checked in batch:
             if checked.job is not None and checked.message is not None:
                 jobs.append(checked.job)
