@@ -27,10 +27,9 @@ from campaign.dispatch._types import (
     DispatchSettings,
     EventKind,
     Offload,
-    ProgressLedger,
     build_thread_offload,
 )
-from campaign.ledger import GroupCommit
+from campaign.ledger import GroupCommit, Ledger
 from campaign.manifest import SenderSettings
 from campaign.models import Message, OutcomeKind, Recipient, RowState, SendOutcome, SkipReason
 from campaign.nylas import SendClient, build_send_request, send_as
@@ -46,7 +45,7 @@ async def dispatch(
     senders: Sequence[SenderSettings],
     render: Callable[[Job], Message],
     client: SendClient,
-    ledger: ProgressLedger,
+    ledger: Ledger,
     clock: Clock,
     history: Mapping[str, Sequence[tuple[float, int]]] | None = None,
     parked: Mapping[str, datetime] | None = None,
@@ -107,7 +106,7 @@ class _Loop:
         *,
         render: Callable[[Job], Message],
         client: SendClient,
-        ledger: ProgressLedger,
+        ledger: Ledger,
         clock: Clock,
         on_event: Callable[[DispatchEvent], None],
         settings: DispatchSettings,

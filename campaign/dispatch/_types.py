@@ -3,14 +3,13 @@
 Values and protocols only, so the face (`campaign.cli.output`) and the callers can speak of a
 run without the loop itself: `DispatchSettings` (its knobs), `DispatchEvent` (what happened
 to one send or sender, as it happens), `DispatchResult` (what a run came to), and the
-protocols through which `campaign.dispatch._loop` sees the ledger (`ProgressLedger`) and runs its
-blocking writes (`Offload`). Nothing here sends, records or prints.
+protocol through which the loop runs its blocking writes (`Offload`); it sees the ledger through
+`campaign.ledger.Ledger`. Nothing here sends, records or prints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -19,8 +18,7 @@ from typing import Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from campaign.ledger import Claim
-from campaign.models import RowState, SendOutcome, SkipReason
+from campaign.models import SendOutcome
 
 __all__ = [
     "DispatchEvent",
@@ -28,7 +26,6 @@ __all__ = [
     "DispatchSettings",
     "EventKind",
     "Offload",
-    "ProgressLedger",
     "build_thread_offload",
 ]
 
@@ -49,26 +46,6 @@ def build_thread_offload() -> Offload:
         return await anyio.to_thread.run_sync(call, limiter=limiter)
 
     return offload
-
-
-class ProgressLedger(Protocol):
-    """What the engine needs from the ledger."""
-
-    def claim(
-        self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
-    ) -> Claim: ...
-
-    def record_outcome(
-        self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
-    ) -> RowState: ...
-
-    def release(self, key: str) -> None: ...
-
-    def record_unknown(self, key: str, *, note: str | None = None) -> None: ...
-
-    def batch(self) -> AbstractContextManager[None]: ...
-
-    def record_skipped(self, key: str, reason: SkipReason, detail: str) -> bool: ...
 
 
 class EventKind(StrEnum):
