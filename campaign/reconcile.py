@@ -37,7 +37,6 @@ __all__ = [
     "MessageLister",
     "ReconcileReport",
     "Verdict",
-    "parse_min_age",
     "reconcile_unknown",
 ]
 
@@ -45,17 +44,6 @@ PAGE = 200
 MAX_PAGES = 25  # per lookup: 5,000 messages is far more than one recipient gets from one mailbox
 # Look back this far before the first claim: the provider's clock and ours may differ.
 SKEW = timedelta(minutes=5)
-_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_min_age(text: str) -> timedelta:
-    """`90s`, `15m` or `1h` as a timedelta; ValueError (saying the forms) for anything else."""
-    value = text.strip().lower()
-    number, unit = value[:-1], value[-1:]
-    if unit not in _UNITS or not number.isdigit():
-        message = f"{text!r} is not a duration; write seconds, minutes or hours, e.g. 90s, 15m or 1h"
-        raise ValueError(message)
-    return timedelta(seconds=int(number) * _UNITS[unit])
 
 
 class MessageLister(Protocol):

@@ -13,10 +13,11 @@ from typing import Annotated
 import typer
 
 from campaign.cli.base import exit_codes, out
-from campaign.cli.wiring import SANDBOX_API_KEY, register_sandbox_grants
+from campaign.cli.wiring import SANDBOX_API_KEY, build_sandbox_api
+from campaign.errors import UsageError
 from campaign.manifest import build_manifest_schema, load_manifest, write_starter
-from campaign.testing import FakeNylas
 from campaign.testing.server import run_sandbox_server
+from campaign.timetext import parse_duration
 
 __all__ = ["init", "sandbox", "schema"]
 
@@ -40,11 +41,36 @@ def sandbox(
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    listing_lag: Annotated[
+        str | None,
+        typer.Option(
+            "--listing-lag",
+            help="List a sent message only this long after its send (e.g. 10s), as real Sent folders lag.",
+            show_default=False,
+        ),
+    ] = None,
+    broken_to_filter: Annotated[
+        bool,
+        typer.Option("--broken-to-filter", help="The `to` filter finds nothing, as on Microsoft grants."),
+    ] = False,
+    gzip: Annotated[bool, typer.Option("--gzip", help="Answer gzip-compressed, as Nylas can.")] = False,
 ) -> None:
     """Serve the fake Nylas API on this machine, for trying tools against it."""
     with exit_codes():
-        fake = FakeNylas(api_key=SANDBOX_API_KEY)
-        if manifest is not None:
-            register_sandbox_grants(fake, load_manifest(manifest))
+        fake = build_sandbox_api(
+            None if manifest is None else load_manifest(manifest),
+            listing_lag_s=_parse_lag(listing_lag),
+            to_filter_broken=broken_to_filter,
+            gzip=gzip,
+        )
         out.print(f"Fake Nylas API on http://{host}:{port}  (API key: {SANDBOX_API_KEY}); Ctrl-C stops it")
         run_sandbox_server(fake, host=host, port=port)
+
+
+def _parse_lag(text: str | None) -> float:
+    if text is None:
+        return 0.0
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise UsageError(f"--listing-lag: {exc}") from exc

@@ -28,9 +28,10 @@ from campaign.errors import UsageError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
-from campaign.reconcile import ReconcileReport, Verdict, parse_min_age, reconcile_unknown
+from campaign.reconcile import ReconcileReport, Verdict, reconcile_unknown
 from campaign.report import build_report, write_report
 from campaign.status import build_status
+from campaign.timetext import parse_duration
 
 __all__ = ["reconcile", "report", "retry"]
 
@@ -51,7 +52,7 @@ def reconcile(
     """Settle rows whose fate is unknown: ask the API whether each message went out. Sends nothing."""
     with exit_codes():
         try:
-            settle = parse_min_age(min_age)
+            settle = parse_duration(min_age)
         except ValueError as exc:
             raise UsageError(f"--min-age: {exc}") from exc
         loaded = load_manifest(manifest)

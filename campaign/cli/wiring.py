@@ -164,12 +164,27 @@ async def connect_api(
         yield NylasClient(http, api_key=api_key, clock=clock)
 
 
-def build_sandbox_api(manifest: Manifest) -> FakeNylas:
-    """The fake Nylas API, with the manifest's senders as its grants and domains."""
+def build_sandbox_api(
+    manifest: Manifest | None,
+    *,
+    clock: Clock | None = None,
+    listing_lag_s: float = 0.0,
+    to_filter_broken: bool = False,
+    gzip: bool = False,
+) -> FakeNylas:
+    """The fake Nylas API, with the manifest's senders as its grants and domains, and the provider
+    quirks asked for: a listing lag and a broken `to` filter on every grant, gzip-encoded answers."""
     from campaign.testing import FakeNylas
 
-    fake = FakeNylas(api_key=SANDBOX_API_KEY)
-    register_sandbox_grants(fake, manifest)
+    fake = FakeNylas(api_key=SANDBOX_API_KEY, clock=clock)
+    fake.gzip_answers = gzip
+    if manifest is not None:
+        register_sandbox_grants(fake, manifest)
+        for sender in manifest.senders:
+            if sender.grant_id is not None:
+                fake.set_listing_quirks(
+                    sender.grant_id, lag_s=listing_lag_s, to_filter_broken=to_filter_broken
+                )
     return fake
 
 
