@@ -219,7 +219,9 @@ def _record_and_send(
         if result is not None:
             _record_parks(ledger, result, manifest)
         states = {state.value: count for state, count in ledger.counts(listed=True).items()}
-        steps = build_status(manifest, ledger, clock=clock, command_path=str(path), sandbox=sandbox)["next"]
+        steps = build_status(
+            manifest, ledger, clock=clock, command_path=str(path), sandbox=sandbox
+        ).next_steps
     finally:
         ledger.close()
     _print_sync(content, sync.newly_skipped, sync.restored)
