@@ -1,8 +1,9 @@
-"""What is not done in a campaign, and the exact commands that continue it. Pure.
+"""What is not done in a campaign, and the exact commands that continue it.
 
 From the counts of the rows still in the list it names each open or failed state,
 what it means and what to run (e.g. `campaign reconcile M` for unknown rows), in
-the order to run them. The run summary and `campaign status` print these.
+the order to run them. The run summary, `campaign status` and `campaign reconcile` print these.
+`build_next_steps` is pure; `load_next_steps` reads the few addresses and times it adds from a ledger.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+from campaign.ledger import Ledger
 from campaign.models import RowState
 
-__all__ = ["DEFAULT_MIN_AGE", "NextStep", "build_next_steps"]
+__all__ = ["DEFAULT_MIN_AGE", "NextStep", "build_next_steps", "load_next_steps"]
 
 
 # "Not found" means "not sent" only this long after the last send: real mailboxes list a sent
@@ -99,3 +101,40 @@ def build_next_steps(
     if removed:
         steps.append(NextStep(None, removed, "left as they were (not mailed, not forgotten)", ()))
     return steps
+
+
+def load_next_steps(
+    ledger: Ledger,
+    *,
+    listed: Mapping[RowState, int],
+    removed: int,
+    manifest: str,
+    now: datetime,
+    sandbox: bool = False,
+) -> list[NextStep]:
+    """The steps for `ledger`, given its counts (`listed`: rows still in the list; `removed`: the others).
+
+    The caller passes the counts it has (status reads them in one pass per sender); this reads only
+    a few addresses per state and, for unknown rows, when reconcile can decide them.
+    """
+    sampled = tuple(state for state in _SAMPLED if listed.get(state, 0))  # the steps need no more
+    return build_next_steps(
+        listed,
+        manifest=manifest,
+        sandbox=sandbox,
+        removed=removed,
+        examples=ledger.sample_emails(sampled, listed=True),
+        reconcile_decides_at=_reconcile_decides_at(ledger, now),
+    )
+
+
+# The states whose step names a few of its addresses.
+_SAMPLED = (RowState.PENDING, RowState.INFLIGHT, RowState.UNKNOWN, RowState.FAILED)
+
+
+def _reconcile_decides_at(ledger: Ledger, now: datetime) -> datetime | None:
+    """When reconcile can conclude "not sent" for every unknown row, if that is still ahead of `now`."""
+    latest = ledger.latest_claim(RowState.UNKNOWN)
+    if latest is None or latest + DEFAULT_MIN_AGE <= now:
+        return None
+    return (latest + DEFAULT_MIN_AGE).astimezone(UTC)

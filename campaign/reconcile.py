@@ -11,24 +11,31 @@ a message minutes after it went out): it goes back to pending with a new
 idempotency key. Younger, or a lookup that failed: the row stays unknown, and the
 report says when reconcile can decide. Never sends; writes the ledger off the
 event loop.
+
+`reconcile_campaign` is the use case `campaign reconcile` calls: it opens the ledger for
+itself alone, settles every unknown row, and says what is left to do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
+from pathlib import Path
 from typing import Protocol
 
+import anyio
 import anyio.to_thread
 
+from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError
-from campaign.ledger import Ledger, LedgerRow
-from campaign.manifest import SenderSettings
+from campaign.ledger import Ledger, LedgerRow, open_ledger
+from campaign.manifest import Manifest, SenderSettings
 from campaign.models import RowState
-from campaign.nextsteps import DEFAULT_MIN_AGE
+from campaign.nextsteps import DEFAULT_MIN_AGE, NextStep, load_next_steps
 from campaign.nylas import Folder, ListedMessage, MessagePage
 
 __all__ = [
@@ -36,7 +43,9 @@ __all__ = [
     "Decision",
     "MessageLister",
     "ReconcileReport",
+    "Reconciliation",
     "Verdict",
+    "reconcile_campaign",
     "reconcile_unknown",
 ]
 
@@ -83,6 +92,17 @@ class Decision:
     reason: str
     message_id: str | None = None
 
+    def as_json(self) -> dict[str, object]:
+        """The decision as plain data (`reconcile --json` key `decisions`)."""
+        return {
+            "key": self.key,
+            "email": self.email,
+            "sender": self.sender,
+            "verdict": self.verdict.value,
+            "reason": self.reason,
+            "message_id": self.message_id,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class ReconcileReport:
@@ -95,6 +115,72 @@ class ReconcileReport:
     def count(self, verdict: Verdict) -> int:
         """How many rows got `verdict`."""
         return sum(1 for decision in self.decisions if decision.verdict == verdict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """What `campaign reconcile` did (`report`) and what is left to do afterwards."""
+
+    report: ReconcileReport
+    next_steps: tuple[NextStep, ...]
+
+    @property
+    def settled(self) -> bool:
+        """Whether every unknown row was decided (none is left unknown for now)."""
+        return self.report.count(Verdict.UNKNOWN) == 0
+
+    def as_json(self) -> dict[str, object]:
+        """`reconcile --json`: every decision, the rows still in flight, when to run again, what next."""
+        decide_after = self.report.decide_after
+        return {
+            "decisions": [decision.as_json() for decision in self.report.decisions],
+            "in_flight": self.report.in_flight,
+            "decide_after": None if decide_after is None else decide_after.isoformat(),
+            "next": [step.as_json() for step in self.next_steps],
+        }
+
+
+def reconcile_campaign(
+    manifest: Manifest,
+    ledger_path: Path,
+    *,
+    connect: Callable[[], AbstractAsyncContextManager[MessageLister]],
+    clock: Clock,
+    min_age: timedelta = DEFAULT_MIN_AGE,
+    command_path: str,
+) -> Reconciliation:
+    """Settle the campaign's unknown rows (see `reconcile_unknown`), holding its ledger alone meanwhile.
+
+    `connect`: opens the API client (the real one, or a test's). Rows left in flight longer than
+    their key's replay window become unknown first, so they are looked up too. `command_path`: the
+    manifest as the user named it, for the commands in `next_steps`.
+    """
+    ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, exclusive=True)
+    try:
+        ledger.record_expired_claims()
+
+        async def settle() -> ReconcileReport:
+            async with connect() as client:
+                return await reconcile_unknown(
+                    ledger,
+                    campaign=manifest.campaign.name,
+                    senders=manifest.senders,
+                    client=client,
+                    now=clock.now(),
+                    min_age=min_age,
+                )
+
+        report = anyio.run(settle)
+        steps = load_next_steps(
+            ledger,
+            listed=ledger.counts(listed=True),
+            removed=sum(ledger.counts(listed=False).values()),
+            manifest=command_path,
+            now=clock.now(),
+        )
+    finally:
+        ledger.close()
+    return Reconciliation(report, tuple(steps))
 
 
 async def reconcile_unknown(

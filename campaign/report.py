@@ -2,24 +2,30 @@
 
 Columns: row, key, email, sender, state, reason, attempts, message_id, thread_id, request_id,
 replayed, error_type, error_status, error_message, note, listed, and the times
-(created, first claimed, last claimed, sent, updated) as UTC datetimes. Reads rows
-it is given; writes only the output file. The idempotency key stays out (it is an
-internal detail, not something to act on). The file is owner-only; in a CSV, a cell that
-starts like a spreadsheet formula gets a leading `'` (`campaign.outputfiles`).
+(created, first claimed, last claimed, sent, updated) as UTC datetimes. `write_report`, the
+use case `campaign report` calls, reads the ledger and writes only the output file. The
+idempotency key stays out (it is an internal detail, not something to act on). The file is
+owner-only; in a CSV, a cell that starts like a spreadsheet formula gets a leading `'`
+(`campaign.outputfiles`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
+from campaign.clock import Clock
 from campaign.errors import InputFileError, UsageError
-from campaign.ledger import LedgerRow
+from campaign.ledger import LedgerRow, open_ledger
+from campaign.manifest import Manifest
+from campaign.models import RowState
 from campaign.outputfiles import write_private_csv, write_private_parquet
 
-__all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "build_report", "write_report"]
+__all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "WrittenReport", "build_report", "write_report"]
 
 REPORT_SUFFIXES = (".csv", ".parquet")
 _TIMES = {
@@ -51,6 +57,37 @@ _SCHEMA: dict[str, type[pl.DataType] | pl.DataType] = {
 REPORT_COLUMNS: tuple[str, ...] = tuple(_TIMES.get(name, name) for name in _SCHEMA)
 
 
+@dataclass(frozen=True, slots=True)
+class WrittenReport:
+    """Where a report went and what it holds."""
+
+    path: Path
+    rows: int
+    states: Mapping[str, int]  # rows per state, in the order the states first occur in the report
+
+
+def write_report(
+    manifest: Manifest,
+    ledger_path: Path,
+    out: Path,
+    *,
+    states: Sequence[RowState] | None = None,
+    clock: Clock,
+) -> WrittenReport:
+    """Write the campaign's report (only the rows in `states`, if given) to `out`: .csv or .parquet.
+
+    Reads the ledger read-only, and closes it before writing the file.
+    """
+    ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
+    try:
+        frame = build_report(ledger.rows(states=states or None))
+    finally:
+        ledger.close()
+    _write_frame(frame, out)
+    held = Counter(str(value) for value in frame["state"])
+    return WrittenReport(out, frame.height, dict(held))
+
+
 def build_report(rows: Iterable[LedgerRow]) -> pl.DataFrame:
     """A frame with one row per ledger row, in list order, times as UTC datetimes."""
     records = [
@@ -63,7 +100,7 @@ def build_report(rows: Iterable[LedgerRow]) -> pl.DataFrame:
     ).select(REPORT_COLUMNS)
 
 
-def write_report(frame: pl.DataFrame, path: Path) -> None:
+def _write_frame(frame: pl.DataFrame, path: Path) -> None:
     """Write `frame` to `path`: .csv (UTF-8, header, ISO times) or .parquet, chosen by the suffix."""
     suffix = path.suffix.lower()
     if suffix not in REPORT_SUFFIXES:

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager, Exit
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 
@@ -37,6 +37,7 @@ from campaign.ledger import (
 )
 from campaign.manifest import Manifest
 from campaign.models import RowState
+from campaign.nextsteps import NextStep
 from campaign.nylas import SendClient
 from campaign.pipeline import (
     ContentCheck,
@@ -99,7 +100,7 @@ class RunOutcome:
     result: DispatchResult | None
     signals: int  # Ctrl-C presses: 1, a graceful stop
     states: Mapping[str, int]  # listed rows per state, after the run
-    next_steps: tuple[Mapping[str, Any], ...]  # the JSON form of each NextStep, as status gives it
+    next_steps: tuple[NextStep, ...]
     sync: SyncReport
     content: ContentCheck
 
@@ -272,7 +273,7 @@ def _record_and_send(
         result=interrupted.result,
         signals=interrupted.signals,
         states=states,
-        next_steps=tuple(status["next"]),
+        next_steps=status.next_steps,
         sync=sync,
         content=checked.content,
     )

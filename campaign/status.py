@@ -1,25 +1,137 @@
-"""Where a campaign stands, as plain data: what `campaign status` prints and `--json` emits.
+"""Where a campaign stands: what `campaign status` prints and `--json` emits.
 
-Reads the ledger; writes nothing. The keys are a contract documented in the README.
+Reads the ledger; writes nothing. `Status.as_json()` is a contract documented in the README
+(its keys, their order and their values), so the typed fields below map onto it one to one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from campaign.clock import Clock
-from campaign.ledger import ErrorGroup, Ledger
+from campaign.ledger import ErrorGroup, Ledger, open_ledger
 from campaign.manifest import Manifest
 from campaign.models import RowState
-from campaign.nextsteps import DEFAULT_MIN_AGE, build_next_steps
-from campaign.plan import DAY_S, build_schedule
+from campaign.nextsteps import NextStep, load_next_steps
+from campaign.plan import DAY_S, Schedule, SenderSchedule, build_schedule
 
-__all__ = ["OPEN_STATES", "build_status", "build_unstarted_status"]
+__all__ = [
+    "OPEN_STATES",
+    "ErrorCause",
+    "SenderStatus",
+    "Status",
+    "build_status",
+    "build_unstarted_status",
+    "load_status",
+]
 
 # A campaign is not done while any row is in one of these.
 OPEN_STATES = (RowState.PENDING, RowState.INFLIGHT, RowState.UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorCause:
+    """Rows not sent for one cause ("402 message_rejected", "- unknown") and the latest message given."""
+
+    cause: str
+    count: int
+    latest: str | None = None  # None: none of its rows has an error message or a note
+
+
+@dataclass(frozen=True, slots=True)
+class SenderStatus:
+    """One sender of the manifest: its mailbox, its rows per state, its rolling-24 h budget, its schedule."""
+
+    name: str
+    grant_id: str | None
+    domain: str | None
+    email: str | None
+    states: Mapping[RowState, int]  # every state, in RowState order
+    sent_last_24h: int  # recipients, not messages: the providers' daily limits count recipients
+    per_day: int | None
+    budget_left: int | None  # None: no daily limit
+    schedule: SenderSchedule | None = None  # None before the campaign started
+
+    def as_json(self) -> dict[str, object]:
+        """The sender's entry under `senders` in `status --json`."""
+        data: dict[str, object] = {"grant_id": self.grant_id}
+        # A campaign not started has always been reported without `domain`, `next_24h` and `eta_s`;
+        # the JSON is a contract, so that shape stays.
+        if self.schedule is not None:
+            data["domain"] = self.domain
+        data |= {
+            "email": self.email,
+            "states": _named(self.states),
+            "sent_last_24h": self.sent_last_24h,
+            "per_day": self.per_day,
+            "budget_left": self.budget_left,
+        }
+        if self.schedule is not None:
+            data |= {"next_24h": self.schedule.next_24h, "eta_s": self.schedule.duration_s}
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The status of a campaign, started (it has a ledger) or not."""
+
+    campaign: str
+    manifest: Path
+    ledger: Path | None  # None: no ledger yet, the campaign has not started
+    schedule: Schedule | None  # when it will be done at the current limits; None before it started
+    done: bool  # no row still in the list is open (rows removed from it are left as they were)
+    total: int
+    states: Mapping[RowState, int]  # every state, in RowState order
+    skipped: Mapping[str, int]  # skipped rows per cause, by cause
+    errors: tuple[ErrorCause, ...]  # failed and unknown rows per cause, most first
+    removed_from_list: int
+    next_steps: tuple[NextStep, ...]
+    senders: tuple[SenderStatus, ...]  # in manifest order
+
+    @property
+    def started(self) -> bool:
+        """Whether the campaign has a ledger (a first run recorded its plan)."""
+        return self.ledger is not None
+
+    def as_json(self) -> dict[str, object]:
+        """`status --json`: the keys, their order and their values are documented in the README."""
+        data: dict[str, object] = {
+            "campaign": self.campaign,
+            "manifest": str(self.manifest),
+            "ledger": None if self.ledger is None else str(self.ledger),
+        }
+        if self.schedule is not None:
+            data |= {"per_day": self.schedule.per_day, "eta_s": self.schedule.duration_s}
+        return data | {
+            "started": self.started,
+            "done": self.done,
+            "total": self.total,
+            "states": _named(self.states),
+            "skipped": dict(self.skipped),
+            "errors": {error.cause: error.count for error in self.errors},
+            "last_errors": {error.cause: error.latest for error in self.errors if error.latest is not None},
+            "removed_from_list": self.removed_from_list,
+            "next": [step.as_json() for step in self.next_steps],
+            "senders": {sender.name: sender.as_json() for sender in self.senders},
+        }
+
+
+def load_status(
+    manifest: Manifest, ledger_path: Path, *, clock: Clock, command_path: str, sandbox: bool = False
+) -> Status:
+    """The status of the campaign whose ledger is (or would be) at `ledger_path`; opened read-only.
+
+    `command_path`: the manifest as the user named it, for the commands in `next_steps`.
+    """
+    if not ledger_path.exists():
+        return build_unstarted_status(manifest)
+    ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
+    try:
+        return build_status(manifest, ledger, clock=clock, command_path=command_path, sandbox=sandbox)
+    finally:
+        ledger.close()
 
 
 def build_status(
@@ -29,106 +141,95 @@ def build_status(
     clock: Clock,
     command_path: str | None = None,
     sandbox: bool = False,
-) -> dict[str, Any]:
+) -> Status:
     """The status of a started campaign (`command_path`: the manifest as the user named it, for `next`)."""
     per_sender = ledger.counts_per_sender()  # one pass over the state index gives the totals too
     counts = {state: sum(tally[state] for tally in per_sender.values()) for state in RowState}
     unlisted = ledger.counts(listed=False)
     listed = {state: counts[state] - unlisted[state] for state in RowState}  # removed rows: not open work
+    removed = sum(counts.values()) - sum(listed.values())
     since = clock.now().timestamp() - DAY_S
-    senders: dict[str, dict[str, Any]] = {}
-    for sender in manifest.senders:
-        sent_24h = ledger.sent_recipients_total(sender.name, since)
-        senders[sender.name] = {
-            "grant_id": sender.grant_id,
-            "domain": sender.domain,
-            "email": sender.email,
-            "states": _named(per_sender.get(sender.name, dict.fromkeys(RowState, 0))),
-            "sent_last_24h": sent_24h,
-            "per_day": sender.per_day,
-            "budget_left": None if sender.per_day is None else max(0, sender.per_day - sent_24h),
-        }
-    errors, last_errors = _error_causes(ledger.error_groups())
+    sent_24h = {sender.name: ledger.sent_recipients_total(sender.name, since) for sender in manifest.senders}
+    states = {name: per_sender.get(name, dict.fromkeys(RowState, 0)) for name in sent_24h}
     schedule = build_schedule(
         manifest.senders,
         remaining={
-            name: info["states"]["pending"] + info["states"]["inflight"] for name, info in senders.items()
+            name: tally[RowState.PENDING] + tally[RowState.INFLIGHT] for name, tally in states.items()
         },
-        used_24h={name: info["sent_last_24h"] for name, info in senders.items()},
+        used_24h=sent_24h,
     )
-    for plan in schedule.senders:
-        senders[plan.name]["next_24h"] = plan.next_24h
-        senders[plan.name]["eta_s"] = plan.duration_s
-    sampled = tuple(state for state in (*OPEN_STATES, RowState.FAILED) if listed[state])  # steps need no more
-    return {
-        "campaign": manifest.campaign.name,
-        "manifest": str(manifest.path),
-        "ledger": str(ledger.path),
-        "per_day": schedule.per_day,
-        "eta_s": schedule.duration_s,
-        "started": True,
-        "done": all(listed[state] == 0 for state in OPEN_STATES),
-        "total": sum(counts.values()),
-        "states": _named(counts),
-        "skipped": dict(sorted(ledger.skip_causes().items())),
-        "errors": errors,
-        "last_errors": last_errors,
-        "removed_from_list": sum(counts.values()) - sum(listed.values()),
-        "next": [
-            step.as_json()
-            for step in build_next_steps(
-                listed,
-                manifest=command_path or str(manifest.path),
-                sandbox=sandbox,
-                removed=sum(counts.values()) - sum(listed.values()),
-                examples=ledger.sample_emails(sampled, listed=True),
-                reconcile_decides_at=_reconcile_decides_at(ledger, clock.now()),
-            )
-        ],
-        "senders": senders,
-    }
+    plans = {plan.name: plan for plan in schedule.senders}
+    senders = tuple(
+        SenderStatus(
+            name=sender.name,
+            grant_id=sender.grant_id,
+            domain=sender.domain,
+            email=sender.email,
+            states=_every_state(states[sender.name]),
+            sent_last_24h=sent_24h[sender.name],
+            per_day=sender.per_day,
+            budget_left=None if sender.per_day is None else max(0, sender.per_day - sent_24h[sender.name]),
+            schedule=plans[sender.name],
+        )
+        for sender in manifest.senders
+    )
+    steps = load_next_steps(
+        ledger,
+        listed=listed,
+        removed=removed,
+        manifest=command_path or str(manifest.path),
+        now=clock.now(),
+        sandbox=sandbox,
+    )
+    return Status(
+        campaign=manifest.campaign.name,
+        manifest=manifest.path,
+        ledger=ledger.path,
+        schedule=schedule,
+        done=all(listed[state] == 0 for state in OPEN_STATES),
+        total=sum(counts.values()),
+        states=_every_state(counts),
+        skipped=dict(sorted(ledger.skip_causes().items())),
+        errors=_error_causes(ledger.error_groups()),
+        removed_from_list=removed,
+        next_steps=tuple(steps),
+        senders=senders,
+    )
 
 
-def _reconcile_decides_at(ledger: Ledger, now: datetime) -> datetime | None:
-    """When reconcile can conclude "not sent" for every unknown row, if that is still ahead of `now`."""
-    latest = ledger.latest_claim(RowState.UNKNOWN)
-    if latest is None or latest + DEFAULT_MIN_AGE <= now:
-        return None
-    return (latest + DEFAULT_MIN_AGE).astimezone(UTC)
-
-
-def build_unstarted_status(manifest: Manifest) -> dict[str, Any]:
+def build_unstarted_status(manifest: Manifest) -> Status:
     """The status of a campaign that has no ledger yet."""
-    zero = _named(dict.fromkeys(RowState, 0))
-    return {
-        "campaign": manifest.campaign.name,
-        "manifest": str(manifest.path),
-        "ledger": None,
-        "started": False,
-        "done": False,
-        "total": 0,
-        "states": zero,
-        "skipped": {},
-        "errors": {},
-        "last_errors": {},
-        "removed_from_list": 0,
-        "next": [],
-        "senders": {
-            sender.name: {
-                "grant_id": sender.grant_id,
-                "email": sender.email,
-                "states": dict(zero),
-                "sent_last_24h": 0,
-                "per_day": sender.per_day,
-                "budget_left": sender.per_day,
-            }
+    zero = dict.fromkeys(RowState, 0)
+    return Status(
+        campaign=manifest.campaign.name,
+        manifest=manifest.path,
+        ledger=None,
+        schedule=None,
+        done=False,
+        total=0,
+        states=zero,
+        skipped={},
+        errors=(),
+        removed_from_list=0,
+        next_steps=(),
+        senders=tuple(
+            SenderStatus(
+                name=sender.name,
+                grant_id=sender.grant_id,
+                domain=sender.domain,
+                email=sender.email,
+                states=zero,
+                sent_last_24h=0,
+                per_day=sender.per_day,
+                budget_left=sender.per_day,
+            )
             for sender in manifest.senders
-        },
-    }
+        ),
+    )
 
 
-def _error_causes(groups: Iterable[ErrorGroup]) -> tuple[dict[str, int], dict[str, str]]:
-    """Rows per cause ("402 message_rejected", "- unknown"), most first, and each cause's latest message.
+def _error_causes(groups: Iterable[ErrorGroup]) -> tuple[ErrorCause, ...]:
+    """Rows per cause ("402 message_rejected", "- unknown"), most first, with each cause's latest message.
 
     Equal counts keep the order in which the causes first occur in the list, and the
     latest message is the last updated one (the last in list order among equals), as
@@ -144,10 +245,14 @@ def _error_causes(groups: Iterable[ErrorGroup]) -> tuple[dict[str, int], dict[st
         if group.latest is not None and (cause not in latest or group.latest[:3] > latest[cause][:3]):
             latest[cause] = group.latest
     ranked = sorted(sorted(counts, key=first.__getitem__), key=counts.__getitem__, reverse=True)
-    return {cause: counts[cause] for cause in ranked}, {
-        cause: latest[cause][3] for cause in ranked if cause in latest
-    }
+    return tuple(
+        ErrorCause(cause, counts[cause], latest[cause][3] if cause in latest else None) for cause in ranked
+    )
 
 
-def _named(counts: dict[RowState, int]) -> dict[str, int]:
+def _every_state(counts: Mapping[RowState, int]) -> dict[RowState, int]:
+    return {state: counts.get(state, 0) for state in RowState}
+
+
+def _named(counts: Mapping[RowState, int]) -> dict[str, int]:
     return {state.value: counts.get(state, 0) for state in RowState}

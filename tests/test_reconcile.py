@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import copy_sample
 
 from campaign import reconcile as reconcile_module
 from campaign.errors import ApiAuthError, ApiError
 from campaign.ledger import Ledger, PlannedRow, open_ledger
-from campaign.manifest import SenderSettings
+from campaign.manifest import SenderSettings, load_manifest
 from campaign.models import RowState
 from campaign.nylas import NylasClient
-from campaign.reconcile import Verdict, reconcile_unknown
+from campaign.reconcile import Verdict, reconcile_campaign, reconcile_unknown
 from campaign.testing import FakeNylas
 from campaign.testing.clock import FakeClock
 
@@ -226,3 +229,43 @@ async def test_a_sent_folder_longer_than_reconcile_reads_never_yields_not_sent(t
     assert decision.verdict == Verdict.UNKNOWN
     assert "more than reconcile reads" in decision.reason
     assert s.ledger.row("ann@x.com").state == RowState.UNKNOWN
+
+
+def test_the_use_case_settles_the_campaigns_ledger_and_says_what_is_next(tmp_path):
+    """reconcile_campaign opens the ledger alone, looks up each unknown row, records what it found,
+    and returns the decisions and the next steps that `reconcile --json` prints as they are."""
+    manifest = load_manifest(copy_sample("newsletter", tmp_path))
+    sender = manifest.senders[0]
+    clock = FakeClock()
+    fake = FakeNylas(api_key=KEY, clock=clock)
+    fake.add_grant(sender.grant_id or "", sender.email or "")
+    ledger = open_ledger(manifest.ledger_path, clock=clock, campaign=manifest.campaign.name, create=True)
+    ledger.record_plan([PlannedRow(email, n, email, sender.name) for n, email in enumerate("ab", 1)], [])
+    for email in "ab":
+        ledger.claim(email, subject="Hello")
+        ledger.record_unknown(email)
+    ledger.close()
+    clock.advance(3600)
+
+    @asynccontextmanager
+    async def connect():
+        transport = httpx.ASGITransport(app=fake.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://f") as http:
+            yield NylasClient(http, api_key=KEY, clock=clock)
+
+    done = reconcile_campaign(
+        manifest, manifest.ledger_path, connect=connect, clock=clock, command_path="c.toml"
+    )
+    assert [(d.key, d.verdict) for d in done.report.decisions] == [("a", "pending"), ("b", "pending")]
+    assert done.settled
+    assert [(step.state, step.count, step.commands) for step in done.next_steps] == [
+        (RowState.PENDING, 2, ("campaign resume c.toml",))
+    ]
+    printed = done.as_json()
+    # The shape `reconcile --json` has always had: each decision's fields in order, the verdict's name.
+    assert printed["decisions"] == [{**asdict(d), "verdict": d.verdict.value} for d in done.report.decisions]
+    assert (printed["in_flight"], printed["decide_after"]) == (0, None)
+    assert printed["next"] == [step.as_json() for step in done.next_steps]
+    ledger = open_ledger(manifest.ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
+    assert ledger.counts()[RowState.PENDING] == 2
+    ledger.close()

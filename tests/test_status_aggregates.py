@@ -24,7 +24,7 @@ from campaign.manifest import Manifest, load_manifest
 from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason
 from campaign.nextsteps import build_next_steps
 from campaign.plan import DAY_S, build_schedule
-from campaign.status import OPEN_STATES, build_status
+from campaign.status import OPEN_STATES, ErrorCause, build_status, build_unstarted_status, load_status
 from campaign.testing.clock import FakeClock
 
 MANIFEST = """\
@@ -246,30 +246,31 @@ def _status_from_rows(
 
 @pytest.mark.parametrize("sandbox", [False, True])
 def test_status_equals_a_pass_over_every_row(tmp_path, sandbox):
-    """Every key, value and order of build_status matches the per-row computation on a busy ledger."""
+    """Every key, value and order of build_status's JSON matches the per-row computation on a busy ledger."""
     manifest, ledger, clock = _busy_ledger(tmp_path)
     got = build_status(manifest, ledger, clock=clock, command_path="my campaign.toml", sandbox=sandbox)
     want = _status_from_rows(manifest, ledger, clock=clock, command_path="my campaign.toml", sandbox=sandbox)
-    assert json.dumps(got) == json.dumps(want)  # order too: the JSON is a contract
-    # The ledger really has what the comparison is meant to cover.
-    assert all(got["states"][state.value] > 0 for state in RowState)
-    assert got["removed_from_list"] == 6  # five planned rows and a skipped one
-    assert got["total"] == ROWS + len(SKIPS)
-    assert list(got["errors"].items()) == [
+    assert json.dumps(got.as_json()) == json.dumps(want)  # order too: the JSON is a contract
+    # The ledger really has what the comparison is meant to cover (read from the typed fields the
+    # terminal output prints, so those are checked too).
+    assert all(got.states[state] > 0 for state in RowState)
+    assert got.removed_from_list == 6  # five planned rows and a skipped one
+    assert got.total == ROWS + len(SKIPS)
+    assert [(error.cause, error.count) for error in got.errors] == [
         ("402 message_rejected", 4),
         ("400 invalid_request", 3),
         ("- unknown", 2),  # ties keep the order the causes first occur in the list
         ("503 api.internal_error", 2),
         ("- rejected", 2),
     ]
-    assert got["last_errors"] == {
+    assert {error.cause: error.latest for error in got.errors} == {
         "402 message_rejected": "no such mailbox 15",  # same time: the last in list order
         "400 invalid_request": "bad request 19",  # the last updated, though first in the list
         "- unknown": "gave up",
         "503 api.internal_error": "upstream",
         "- rejected": "r20",
     }
-    assert got["skipped"] == {
+    assert got.skipped == {
         "désabonné": 1,
         "duplicate": 1,
         "invalid": 1,
@@ -278,9 +279,10 @@ def test_status_equals_a_pass_over_every_row(tmp_path, sandbox):
         "unknown": 2,
         "unsubscribed": 2,
     }
-    assert got["senders"]["alice"]["sent_last_24h"] == 3  # one message had two recipients
-    assert got["senders"]["alice"]["budget_left"] == 37
-    assert {step["state"] for step in got["next"]} == {"inflight", "pending", "unknown", "failed", None}
+    alice = next(sender for sender in got.senders if sender.name == "alice")
+    assert alice.sent_last_24h == 3  # one message had two recipients
+    assert alice.budget_left == 37
+    assert {step.state for step in got.next_steps} == {*OPEN_STATES, RowState.FAILED, None}
 
 
 def test_a_finished_campaign_with_unknown_rows_removed_from_the_list_is_done(tmp_path):
@@ -297,12 +299,48 @@ def test_a_finished_campaign_with_unknown_rows_removed_from_the_list_is_done(tmp
     ledger.record_unknown(_key(5), note="crashed")
     ledger.record_plan(planned[:5], SKIPS[:2])
     got = build_status(manifest, ledger, clock=clock, command_path="campaign.toml")
-    assert json.dumps(got) == json.dumps(
+    assert json.dumps(got.as_json()) == json.dumps(
         _status_from_rows(manifest, ledger, clock=clock, command_path="campaign.toml")
     )
-    assert got["done"] is True
-    assert got["removed_from_list"] == 1
-    assert got["errors"] == {"- unknown": 1}
+    assert got.done is True
+    assert got.removed_from_list == 1
+    assert got.errors == (ErrorCause("- unknown", 1, "crashed"),)
+
+
+def test_a_campaign_not_started_has_the_documented_json(tmp_path):
+    """Before any run: no ledger, no schedule, every count zero, each sender's full daily budget left."""
+    manifest = _manifest(tmp_path)
+    got = build_unstarted_status(manifest)
+    assert not got.started
+    zero = {state.value: 0 for state in RowState}
+    assert json.dumps(got.as_json()) == json.dumps(
+        {
+            "campaign": "status-check",
+            "manifest": str(manifest.path),
+            "ledger": None,
+            "started": False,
+            "done": False,
+            "total": 0,
+            "states": zero,
+            "skipped": {},
+            "errors": {},
+            "last_errors": {},
+            "removed_from_list": 0,
+            "next": [],
+            "senders": {
+                sender.name: {
+                    "grant_id": sender.grant_id,
+                    "email": sender.email,
+                    "states": zero,
+                    "sent_last_24h": 0,
+                    "per_day": sender.per_day,
+                    "budget_left": sender.per_day,
+                }
+                for sender in manifest.senders
+            },
+        }
+    )
+    assert load_status(manifest, manifest.ledger_path, clock=FakeClock(), command_path="c.toml") == got
 
 
 def test_the_send_log_totals_equal_the_sum_of_its_rows(tmp_path):

@@ -31,7 +31,7 @@ from campaign.ledger import check_key_scheme
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import RowState
 from campaign.plan import DAY_S
-from campaign.status import OPEN_STATES, build_status, build_unstarted_status
+from campaign.status import OPEN_STATES, load_status
 
 if TYPE_CHECKING:
     from campaign.preview import LedgerView
@@ -130,18 +130,11 @@ def status(
     with exit_codes():
         loaded = load_manifest(manifest)
         path = locate_ledger(loaded, sandbox=sandbox)
-        if path.exists():
-            ledger = open_campaign_ledger(loaded, path, read_only=True)
-            data = build_status(
-                loaded, ledger, clock=options.clock, command_path=str(manifest), sandbox=sandbox
-            )
-            ledger.close()
-        else:
-            data = build_unstarted_status(loaded)
+        found = load_status(loaded, path, clock=options.clock, command_path=str(manifest), sandbox=sandbox)
         if as_json:
-            print_json(out, data)
+            print_json(out, found.as_json())
         else:
-            print_status(out, data)
+            print_status(out, found)
 
 
 def _ledger_view(manifest: Manifest, path: Path, *, clock: Clock) -> LedgerView:

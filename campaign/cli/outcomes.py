@@ -1,18 +1,16 @@
 """Settling and acting on a run's outcomes: `reconcile` (ask the API about unknown rows), `retry` (move
 failed or unknown rows back to pending) and `report` (one row per recipient to CSV or Parquet).
 
-They work on an existing ledger and send nothing.
+They work on an existing ledger and send nothing. Each command parses its options, calls its use case
+(`campaign.reconcile`, `campaign.retry`, `campaign.report`), prints what it returns and picks the exit code.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import asdict
-from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
-import anyio
 import typer
 
 from campaign.cli.base import EXIT_DONE, EXIT_NOT_ALL_SENT, ManifestArg, err, exit_codes, options, out
@@ -23,14 +21,13 @@ from campaign.cli.output import (
     print_report_written,
     print_retried,
 )
-from campaign.cli.wiring import connect_api, open_campaign_ledger, read_api_key, require_ledger
+from campaign.cli.wiring import connect_api, read_api_key, require_ledger
 from campaign.errors import UsageError
-from campaign.ledger import Ledger
-from campaign.manifest import Manifest, load_manifest
+from campaign.manifest import load_manifest
 from campaign.models import RowState
-from campaign.reconcile import ReconcileReport, Verdict, reconcile_unknown
-from campaign.report import build_report, write_report
-from campaign.status import build_status
+from campaign.reconcile import reconcile_campaign
+from campaign.report import write_report
+from campaign.retry import retry_rows
 from campaign.timetext import parse_duration
 
 __all__ = ["reconcile", "report", "retry"]
@@ -57,30 +54,17 @@ def reconcile(
             raise UsageError(f"--min-age: {exc}") from exc
         loaded = load_manifest(manifest)
         path = require_ledger(loaded, manifest, sandbox=False)
-        api_key = read_api_key(loaded)
-        ledger = open_campaign_ledger(loaded, path, exclusive=True)
-        try:
-            ledger.record_expired_claims()
-            found = anyio.run(_reconcile, loaded, ledger, api_key, settle)
-            steps = build_status(loaded, ledger, clock=options.clock, command_path=str(manifest))["next"]
-        finally:
-            ledger.close()
-        decisions = [asdict(decision) for decision in found.decisions]
+        clock = options.clock
+        connect = partial(connect_api, loaded, api_key=read_api_key(loaded), clock=clock)
+        done = reconcile_campaign(
+            loaded, path, connect=connect, clock=clock, min_age=settle, command_path=str(manifest)
+        )
         if as_json:
-            decide_after = None if found.decide_after is None else found.decide_after.isoformat()
-            print_json(
-                out,
-                {
-                    "decisions": decisions,
-                    "in_flight": found.in_flight,
-                    "decide_after": decide_after,
-                    "next": steps,
-                },
-            )
+            print_json(out, done.as_json())
         else:
-            print_reconciled(out, decisions, in_flight=found.in_flight, decide_after=found.decide_after)
-            print_next_steps(out, steps)
-        raise typer.Exit(EXIT_NOT_ALL_SENT if found.count(Verdict.UNKNOWN) else EXIT_DONE)
+            print_reconciled(out, done.report)
+            print_next_steps(out, done.next_steps)
+        raise typer.Exit(EXIT_DONE if done.settled else EXIT_NOT_ALL_SENT)
 
 
 def retry(
@@ -98,12 +82,7 @@ def retry(
             raise UsageError("say which rows to retry: --failed, --unknown, or both")
         loaded = load_manifest(manifest)
         path = require_ledger(loaded, manifest, sandbox=sandbox)
-        ledger = open_campaign_ledger(loaded, path, exclusive=True)
-        try:
-            flags = " ".join(f"--{state.value}" for state in states)
-            moved = ledger.record_retry_all(states, note=f"campaign retry {flags}")
-        finally:
-            ledger.close()
+        moved = retry_rows(loaded, path, states=states, clock=options.clock)
         if unknown and moved:
             err.print(
                 "note: unknown rows may have gone out already; retried unchecked, they can be mailed twice "
@@ -127,24 +106,5 @@ def report(
     with exit_codes():
         loaded = load_manifest(manifest)
         path = require_ledger(loaded, manifest, sandbox=sandbox)
-        ledger = open_campaign_ledger(loaded, path, read_only=True)
-        try:
-            frame = build_report(ledger.rows(states=state or None))
-        finally:
-            ledger.close()
-        write_report(frame, out_file)
-        held = Counter(str(value) for value in frame["state"])
-        print_report_written(out, path=out_file, rows=frame.height, states=dict(held))
-
-
-async def _reconcile(manifest: Manifest, ledger: Ledger, api_key: str, min_age: timedelta) -> ReconcileReport:
-    clock = options.clock
-    async with connect_api(manifest, api_key=api_key, clock=clock) as client:
-        return await reconcile_unknown(
-            ledger,
-            campaign=manifest.campaign.name,
-            senders=manifest.senders,
-            client=client,
-            now=clock.now(),
-            min_age=min_age,
-        )
+        written = write_report(loaded, path, out_file, states=state, clock=options.clock)
+        print_report_written(out, written)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,11 @@ from campaign.timetext import format_duration, format_local_time
 
 if TYPE_CHECKING:  # for annotations only: commands that print no preview or run need not load those engines
     from campaign.dispatch import DispatchResult
+    from campaign.nextsteps import NextStep
     from campaign.preview import PreviewReport
+    from campaign.reconcile import ReconcileReport
+    from campaign.report import WrittenReport
+    from campaign.status import Status
 
 __all__ = [
     "format_duration",
@@ -98,7 +101,7 @@ def print_run_summary(
     result: DispatchResult,
     *,
     states: Mapping[str, int],
-    next_steps: Sequence[Mapping[str, Any]],
+    next_steps: Sequence[NextStep],
 ) -> None:
     """What this run did, what is not done, and the exact commands to continue (`next_steps`)."""
     console.print(f"This run: {result.sent} sent, {result.failed} failed, {result.unknown} unknown.")
@@ -244,18 +247,18 @@ def print_test_sent(
     console.file.write(f"{message_id}\n")
 
 
-def print_status(console: Console, status: Mapping[str, Any]) -> None:
+def print_status(console: Console, status: Status) -> None:
     """The status table of a campaign."""
-    if not status["started"]:
-        console.print(f"[bold]{escape(status['campaign'])}[/]: not started (no ledger yet)")
+    if not status.started:
+        console.print(f"[bold]{escape(status.campaign)}[/]: not started (no ledger yet)")
         return
-    done = "done" if status["done"] else "not done"
-    console.print(f"[bold]{escape(status['campaign'])}[/]: {done}, {status['total']} recipients")
-    if not status["done"]:
-        senders = len(status["senders"])
+    done = "done" if status.done else "not done"
+    console.print(f"[bold]{escape(status.campaign)}[/]: {done}, {status.total} recipients")
+    if not status.done and status.schedule is not None:
+        senders = len(status.senders)
         console.print(
-            f"{status['per_day']:,}/day over {senders} sender{'s' if senders > 1 else ''}: "
-            f"done in ~{format_duration(status['eta_s'])} at the current limits"
+            f"{status.schedule.per_day:,}/day over {senders} sender{'s' if senders > 1 else ''}: "
+            f"done in ~{format_duration(status.schedule.duration_s)} at the current limits"
         )
     table = Table(
         title="By sender (24 h: recipients mailed in the last day; left: of per_day)",
@@ -263,80 +266,75 @@ def print_status(console: Console, status: Mapping[str, Any]) -> None:
         box=None,
         pad_edge=False,
     )
-    states = list(status["states"])
-    for column in ("sender", *states, "24 h", "left"):
+    states = list(status.states)
+    for column in ("sender", *(state.value for state in states), "24 h", "left"):
         table.add_column(column, no_wrap=True, justify="left" if column == "sender" else "right")
-    for name, sender in status["senders"].items():
-        left = sender["budget_left"]
+    for sender in status.senders:
+        left = sender.budget_left
         table.add_row(
-            escape(name),
-            *(str(sender["states"][state]) for state in states),
-            str(sender["sent_last_24h"]),
+            escape(sender.name),
+            *(str(sender.states[state]) for state in states),
+            str(sender.sent_last_24h),
             "-" if left is None else str(left),
         )
-    table.add_row("[bold]all", *(f"[bold]{status['states'][state]}" for state in states), "", "")
+    table.add_row("[bold]all", *(f"[bold]{status.states[state]}" for state in states), "", "")
     console.print(table)
-    for reason, count in status["skipped"].items():
+    for reason, count in status.skipped.items():
         console.print(f"skipped ({escape(reason)}): {count}")
-    for cause, count in status["errors"].items():
-        said = status.get("last_errors", {}).get(cause)
-        last = f" (latest: {show(said)})" if said else ""
-        console.print(f"[red]not sent[/] ({show(cause)}): {count}{last}", soft_wrap=True)
-    print_next_steps(console, status.get("next", ()))
+    for error in status.errors:
+        last = f" (latest: {show(error.latest)})" if error.latest else ""
+        console.print(f"[red]not sent[/] ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
+    print_next_steps(console, status.next_steps)
 
 
 # --- outcomes: what is left, reconcile, retry, report (issue 3) ----------------
 
 
-def print_next_steps(console: Console, steps: Sequence[Mapping[str, Any]]) -> None:
-    """What is not done, state by state, each with the exact commands to run (the JSON form of NextStep)."""
+def print_next_steps(console: Console, steps: Sequence[NextStep]) -> None:
+    """What is not done, state by state, each with the exact commands to run."""
     for step in steps:
-        if step["state"] is None:  # rows removed from the list: nothing to do
-            console.print(f"{step['count']:,} rows are no longer in the list: {escape(step['what'])}.")
-    steps = [step for step in steps if step["state"] is not None]
-    if steps:
+        if step.state is None:  # rows removed from the list: nothing to do
+            console.print(f"{step.count:,} rows are no longer in the list: {escape(step.what)}.")
+    open_steps = [step for step in steps if step.state is not None]
+    if open_steps:
         console.print("[bold]Not done:[/]")
-    for step in steps:
-        shown = list(step.get("examples", ()))
-        more = ", …" if step["count"] > len(shown) else ""
-        who = f" ({', '.join(show(example) for example in shown)}{more})" if shown else ""
-        console.print(f"  {step['count']:,} {step['state']}{who}: {escape(step['what'])}", soft_wrap=True)
-        for command in step["commands"]:
+    for step in open_steps:
+        more = ", …" if step.count > len(step.examples) else ""
+        shown = ", ".join(show(example) for example in step.examples)
+        who = f" ({shown}{more})" if step.examples else ""
+        console.print(f"  {step.count:,} {step.state}{who}: {escape(step.what)}", soft_wrap=True)
+        for command in step.commands:
             console.print(f"      [bold]{escape(command)}[/]", soft_wrap=True)
-    first = next((step["commands"][0] for step in steps if step["commands"]), None)
+    first = next((step.commands[0] for step in open_steps if step.commands), None)
     if first is not None:
         console.print(f"Continue with: [bold]{escape(first)}[/]", soft_wrap=True)
 
 
-def print_reconciled(
-    console: Console,
-    decisions: Sequence[Mapping[str, Any]],
-    *,
-    in_flight: int,
-    decide_after: datetime | None = None,
-) -> None:
+def print_reconciled(console: Console, report: ReconcileReport) -> None:
     """What reconcile decided for each unknown row, and why (and when it can decide the young ones)."""
-    if not decisions:
+    from campaign.reconcile import Verdict  # loaded already: only `reconcile` prints this
+
+    if not report.decisions:
         console.print("No unknown rows: nothing to reconcile.")
-    colours = {"sent": "green", "pending": "yellow", "unknown": "red"}
-    for decision in decisions:
-        verdict = decision["verdict"]
-        found = f" (message {show(decision['message_id'])})" if decision.get("message_id") else ""
-        who, why = show(decision["email"]), show(decision["reason"])
-        console.print(f"[{colours[verdict]}]{verdict:<8}[/] {who}: {why}{found}", soft_wrap=True)
-    counts = {verdict: sum(1 for d in decisions if d["verdict"] == verdict) for verdict in colours}
+    colours = {Verdict.SENT: "green", Verdict.PENDING: "yellow", Verdict.UNKNOWN: "red"}
+    for decision in report.decisions:
+        verdict = decision.verdict
+        found = f" (message {show(decision.message_id)})" if decision.message_id else ""
+        who, why = show(decision.email), show(decision.reason)
+        console.print(f"[{colours[verdict]}]{verdict.value:<8}[/] {who}: {why}{found}", soft_wrap=True)
     console.print(
-        f"Reconciled {len(decisions)} unknown rows: {counts['sent']} were sent, "
-        f"{counts['pending']} were not (back to pending, with a new key), {counts['unknown']} still unknown."
+        f"Reconciled {len(report.decisions)} unknown rows: {report.count(Verdict.SENT)} were sent, "
+        f"{report.count(Verdict.PENDING)} were not (back to pending, with a new key), "
+        f"{report.count(Verdict.UNKNOWN)} still unknown."
     )
-    if decide_after is not None:
+    if report.decide_after is not None:
         console.print(
             f"Rows not found yet were sent too recently to call them not sent: run reconcile again after "
-            f"{format_local_time(decide_after)} (or choose --min-age)."
+            f"{format_local_time(report.decide_after)} (or choose --min-age)."
         )
-    if in_flight:
+    if report.in_flight:
         console.print(
-            f"{in_flight} rows are still in flight from an interrupted run: resume re-sends them "
+            f"{report.in_flight} rows are still in flight from an interrupted run: resume re-sends them "
             "with their own key (safe; Nylas drops the duplicate)."
         )
 
@@ -351,7 +349,8 @@ def print_retried(console: Console, *, moved: int, states: Sequence[str], resume
     console.print(f"Send them with: [bold]{escape(resume_command)}[/]", soft_wrap=True)
 
 
-def print_report_written(console: Console, *, path: Path, rows: int, states: Mapping[str, int]) -> None:
+def print_report_written(console: Console, written: WrittenReport) -> None:
     """Where the report went and what it holds."""
-    held = ", ".join(f"{count:,} {state}" for state, count in states.items() if count) or "no rows"
-    console.print(f"Wrote {rows:,} rows to [bold]{escape(str(path))}[/] ({held}).", soft_wrap=True)
+    held = ", ".join(f"{count:,} {state}" for state, count in written.states.items() if count) or "no rows"
+    where = escape(str(written.path))
+    console.print(f"Wrote {written.rows:,} rows to [bold]{where}[/] ({held}).", soft_wrap=True)

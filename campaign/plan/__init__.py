@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from campaign.plan._assign import (
     Job,
+    Schedule,
     SenderAssigner,
+    SenderSchedule,
     assign_senders,
     build_quota_warnings,
     build_schedule,
@@ -24,7 +26,9 @@ __all__ = [
     "DailyBudget",
     "Job",
     "Pace",
+    "Schedule",
     "SenderAssigner",
+    "SenderSchedule",
     "assign_senders",
     "build_quota_warnings",
     "build_schedule",
