@@ -147,7 +147,7 @@ def test_sigkill_at_random_moments_then_resume_and_reconcile_mails_everyone_exac
 @pytest.fixture(name="slow_campaign")
 def _slow_campaign(tmp_path):
     """A campaign whose sends take a while, on a fake served on loopback."""
-    manifest = _write_campaign(tmp_path / "c", recipients=30, timeout_s=20, per_second=10)
+    manifest = _write_campaign(tmp_path / "c", recipients=30, timeout_s=20, per_second=20)
     fake = _fake()
     fake.latency_s = 0.2
     with serve_on_loopback(fake) as url:
@@ -176,7 +176,7 @@ def test_ctrl_c_stops_claiming_settles_sends_in_flight_and_exits_130(slow_campai
 def test_a_second_ctrl_c_quits_at_once_and_resume_settles_what_was_in_flight(slow_campaign):
     """Two SIGINTs while requests hang: exit 130 without waiting; rows stay in flight; resume sends once."""
     manifest, fake, url = slow_campaign
-    fake.script(Fault.SLOW, times=6, delay_s=4)
+    fake.script(Fault.SLOW, times=6, delay_s=2)
     process = _start(url, "run", manifest, "--yes")
     _wait_for(lambda: fake.in_flight >= 2, process)
     process.send_signal(signal.SIGINT)

@@ -64,6 +64,9 @@ class Html:
     def __str__(self) -> str:
         return "<em>str</em>"
 
+    def __repr__(self) -> str:  # a stable test id (xdist's workers must collect the same tests)
+        return "Html()"
+
 
 class Subclass(dict):  # type: ignore[type-arg]
     """A dict subclass: the sandbox's attribute lookup is not shortcut for it."""
@@ -74,6 +77,9 @@ class Loud:
 
     def __str__(self) -> str:
         raise ValueError("cannot print this value")
+
+    def __repr__(self) -> str:
+        return "Loud()"
 
 
 def environments(base_dir: Path) -> tuple[jinja2.Environment, jinja2.Environment]:
