@@ -13,7 +13,7 @@ from campaign.pipeline._compliance import build_unsubscribe_warnings
 from campaign.pipeline._content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.pipeline._preflight import Preflight, raise_for_problems, render_job, run_preflight
 from campaign.pipeline._resume import load_open_jobs, load_plan_stamp
-from campaign.pipeline._rows import RowCheck, RowPipeline, check_job, check_rows
+from campaign.pipeline._rows import RowCheck, RowPipeline, check_job, check_rows, collecting_less
 
 __all__ = [
     "ContentCheck",
@@ -24,6 +24,7 @@ __all__ = [
     "check_content",
     "check_job",
     "check_rows",
+    "collecting_less",
     "load_content_fingerprint",
     "load_open_jobs",
     "load_plan_stamp",

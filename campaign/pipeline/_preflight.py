@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from campaign.errors import DataError
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
-from campaign.pipeline._rows import RowCheck, check_rows
+from campaign.pipeline._rows import RowCheck, check_rows, collecting_less
 from campaign.plan import Job
 from campaign.render import Composer, load_message_attachments
 
@@ -80,21 +80,22 @@ def run_preflight(
     skips: list[Skip] = []
     problems: list[str] = []
     total, done = pipeline.scan.row_count, 0
-    for batch in pipeline.batches():
-        if on_rows is not None:
-            done += len(batch)
-            on_rows(done, total)
-        for checked in batch:
-            if checked.job is not None and checked.message is not None:
-                jobs.append(checked.job)
-            elif checked.checked.skip is not None:
-                skips.append(checked.checked.skip)
-            elif skip_invalid:
-                skips.append(_invalid_skip(checked, source))
-            elif checked.error is not None:
-                problems.append(f"{source} {checked.error}")
-            else:
-                problems.extend(problem.describe(source) for problem in checked.checked.problems)
+    with collecting_less():
+        for batch in pipeline.batches():
+            if on_rows is not None:
+                done += len(batch)
+                on_rows(done, total)
+            for checked in batch:
+                if checked.job is not None and checked.message is not None:
+                    jobs.append(checked.job)
+                elif checked.checked.skip is not None:
+                    skips.append(checked.checked.skip)
+                elif skip_invalid:
+                    skips.append(_invalid_skip(checked, source))
+                elif checked.error is not None:
+                    problems.append(f"{source} {checked.error}")
+                else:
+                    problems.extend(problem.describe(source) for problem in checked.checked.problems)
     return Preflight(
         manifest=manifest,
         composer=pipeline.composer,

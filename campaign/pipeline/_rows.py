@@ -9,8 +9,10 @@ Python objects; what a consumer keeps is its own choice. Sends nothing, writes n
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from campaign.errors import DataError
 from campaign.manifest import Manifest, SenderSettings
@@ -22,7 +24,12 @@ from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, scan_audie
 from campaign.render import Composer, build_composer, check_message_attachments
 from campaign.unsubscribe import Unsubscribed, list_store_paths, load_unsubscribed
 
-__all__ = ["RowCheck", "RowPipeline", "check_job", "check_rows"]
+__all__ = ["RowCheck", "RowPipeline", "check_job", "check_rows", "collecting_less"]
+
+# The cyclic garbage collector runs a young collection every this many new containers during a check.
+# Its default (700) is tuned for programs that keep few objects; a check makes several per row and keeps
+# a plan, so the older generations are traversed again and again for nothing (about 15 % of the check).
+_CHECK_GC_THRESHOLD = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,21 +76,24 @@ class RowPipeline:
     def batches(self, size: int = BATCH_ROWS) -> Iterator[list[RowCheck]]:
         """Every row through every stage, `size` rows of the file at a time."""
         for batch in self.assigned(size):
-            yield [self.render(row) for row in batch]
+            yield [self._render(row.checked, row.job) if row.job is not None else row for row in batch]
 
     def render(self, row: RowCheck, *, sender: SenderSettings | None = None) -> RowCheck:
         """`row` rendered and checked (by `sender` instead of its assigned one, if given)."""
         if row.job is None:
             return row
-        job = row.job if sender is None else Job(row.job.recipient, sender.name)
+        return self._render(row.checked, row.job if sender is None else Job(row.job.recipient, sender.name))
+
+    def _render(self, checked: CheckedRow, job: Job) -> RowCheck:
         outcome = check_job(self.composer, self.manifest, job)
         if isinstance(outcome, DataError):
-            return replace(row, job=job, error=outcome)
-        return replace(row, job=job, message=outcome)
+            return RowCheck(checked, job, error=outcome)
+        return RowCheck(checked, job, message=outcome)
 
     def _assign(self, checked: CheckedRow) -> RowCheck:
         # Opt-outs before assigning, so that an unsubscribed row takes no sender's share.
-        checked = skip_unsubscribed_row(checked, self._unsubscribed)
+        if self._unsubscribed:
+            checked = skip_unsubscribed_row(checked, self._unsubscribed)
         if checked.recipient is None:
             return RowCheck(checked)
         return RowCheck(checked, Job(checked.recipient, self._assigner.assign(checked.recipient)))
@@ -112,3 +122,15 @@ def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | Dat
     except DataError as exc:
         return exc
     return message
+
+
+@contextmanager
+def collecting_less() -> Iterator[None]:
+    """Run the cyclic garbage collector less often while rows are checked (reference counting still
+    frees every row's objects at once; only cycles wait a little longer). Restores the thresholds."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], _CHECK_GC_THRESHOLD), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)

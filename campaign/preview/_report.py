@@ -23,7 +23,7 @@ from campaign.errors import DataError
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Message, Problem, SkipReason
 from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
-from campaign.pipeline import build_unsubscribe_warnings, check_rows
+from campaign.pipeline import build_unsubscribe_warnings, check_rows, collecting_less
 from campaign.plan import Job, build_quota_warnings, build_schedule
 from campaign.recipients import BATCH_ROWS, CheckedRow
 from campaign.render import MESSAGE_CHECKS, load_message_attachments
@@ -198,16 +198,17 @@ def run_preview(
     scan, composer = pipeline.scan, pipeline.composer
     source = scan.source.name
     tally = _Tally(index_rows=max(0, index_rows), samples_wanted=max(0, sample))
-    for batch in pipeline.batches(batch_rows):
-        for row in batch:
-            if row.job is None:
-                _tally_unsent(tally, row.checked, manifest, source, skip_invalid=skip_invalid)
-            elif row.error is not None:
-                issues = (_render_issue(row.error, source),)
-                _tally_problem(tally, row.checked, manifest, issues, skip_invalid)
-            else:
-                assert row.message is not None  # a job is rendered: a message or an error
-                _tally_message(tally, row.job, row.message, manifest, ledger)
+    with collecting_less():
+        for batch in pipeline.batches(batch_rows):
+            for row in batch:
+                if row.job is None:
+                    _tally_unsent(tally, row.checked, manifest, source, skip_invalid=skip_invalid)
+                elif row.error is not None:
+                    issues = (_render_issue(row.error, source),)
+                    _tally_problem(tally, row.checked, manifest, issues, skip_invalid)
+                else:
+                    assert row.message is not None  # a job is rendered: a message or an error
+                    _tally_message(tally, row.job, row.message, manifest, ledger)
     loader = composer.attachment_loader  # samples carry their real files (a run reads them at send time)
     tally.samples[:] = [(load_message_attachments(m, loader), s) for m, s in tally.samples]
     requests = capture_requests(tally.samples, api_uri=api_uri, clock=clock)
