@@ -58,6 +58,7 @@ class SkipReason(StrEnum):
     DUPLICATE = "duplicate"
     SUPPRESSED = "suppressed"
     UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"  # a hard bounce (or repeated soft ones) recorded in an unsubscribe store
 
 
 @dataclass(frozen=True, slots=True)

@@ -338,7 +338,7 @@ async def _send(
                     parked=ledger.parked_senders(),
                     on_event=on_event,
                     settings=settings,
-                    unsubscribed=watch.is_unsubscribed if stores else None,
+                    unsubscribed=watch.opt_out if stores else None,
                     stop=stop,
                     # Rows in flight from an earlier run keep their grant (their key may be used).
                     bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},

@@ -172,7 +172,7 @@ async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path):
             ledger=ledger,
             clock=clock,
             on_event=events.append,
-            unsubscribed=watch.is_unsubscribed,
+            unsubscribed=watch.opt_out,
         )
     watch.close()
     endpoint.store.close()

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reconcile": ("campaign.cli.outcomes", "reconcile"),
     "retry": ("campaign.cli.outcomes", "retry"),
     "report": ("campaign.cli.outcomes", "report"),
+    "serve": ("campaign.cli.unsubscribes", "serve"),
     "unsubscribe": ("campaign.cli.unsubscribes", "unsubscribe_app"),
     "suppress": ("campaign.cli.unsubscribes", "suppress_app"),
 }

@@ -24,10 +24,19 @@ from campaign.recipients import (
     parse_suppression_entry,
     write_entries,
 )
-from campaign.unsubscribe import SuppressionStore, is_store_path, open_store
-from campaign.web import DEFAULT_SECRET_ENV, ServerLimits, load_endpoint, serve_endpoint
+from campaign.unsubscribe import BounceRules, SuppressionStore, is_store_path, open_store
+from campaign.web import (
+    DEFAULT_SECRET_ENV,
+    DEFAULT_WEBHOOK_SECRET_ENV,
+    EventService,
+    ServerLimits,
+    load_endpoint,
+    read_webhook_secrets,
+    serve_endpoint,
+    serve_service,
+)
 
-__all__ = ["suppress_app", "unsubscribe_app"]
+__all__ = ["serve", "suppress_app", "unsubscribe_app"]
 
 _T = TypeVar("_T")
 _DEFAULT_LIMITS = ServerLimits()
@@ -76,6 +85,59 @@ def unsubscribe_serve(
         try:
             out.print(f"Unsubscribe endpoint on http://{host}:{port}, recording to {store}; Ctrl-C stops it")
             serve_endpoint(endpoint, host=host, port=port, limits=limits)
+        finally:
+            endpoint.store.close()
+
+
+def serve(
+    store: StoreOpt,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    secret_env: Annotated[
+        str,
+        typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with."),
+    ] = DEFAULT_SECRET_ENV,
+    webhook_secret_env: Annotated[
+        str,
+        typer.Option(
+            "--webhook-secret-env",
+            help="Environment variable with the Nylas webhook's secret (comma-separated).",
+        ),
+    ] = DEFAULT_WEBHOOK_SECRET_ENV,
+    soft_bounce_limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="Soft bounces that suppress an address (kept with the store; default 3)."),
+    ] = None,
+    soft_bounce_days: Annotated[
+        int | None,
+        typer.Option(min=1, help="Within this many days (kept with the store; default 30)."),
+    ] = None,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Open connections at most; at the cap a new one closes the oldest half-sent request."
+        ),
+    ] = _DEFAULT_LIMITS.max_connections,
+) -> None:
+    """Serve one-click unsubscribes and Nylas webhooks (bounces, replies, opens, clicks) into --store."""
+    with exit_codes():
+        for option, name in (("--secret-env", secret_env), ("--webhook-secret-env", webhook_secret_env)):
+            try:
+                check_env_name(name)
+            except ValueError as exc:  # its message never repeats the value: it may be the secret itself
+                raise UsageError(f"{option}: {exc}") from exc
+        webhook_secrets = read_webhook_secrets(webhook_secret_env)
+        endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
+        try:
+            if soft_bounce_limit is not None or soft_bounce_days is not None:
+                rules = endpoint.store.bounce_rules()
+                endpoint.store.set_bounce_rules(
+                    BounceRules(soft_bounce_limit or rules.limit, soft_bounce_days or rules.days)
+                )
+            service = EventService(endpoint, webhook_secrets=webhook_secrets, clock=options.clock)
+            out.print(f"Serving /unsubscribe and /nylas/webhook on http://{host}:{port}; Ctrl-C stops it")
+            limits = ServerLimits(max_connections=max_connections)
+            serve_service(service, host=host, port=port, limits=limits)
         finally:
             endpoint.store.close()
 

@@ -52,7 +52,7 @@ async def dispatch(
     on_event: Callable[[DispatchEvent], None] = lambda _event: None,
     settings: DispatchSettings | None = None,
     offload: Offload | None = None,
-    unsubscribed: Callable[[Recipient], bool] | None = None,
+    unsubscribed: Callable[[Recipient], SkipReason | None] | None = None,
     stop: anyio.Event | None = None,
     bound: Collection[str] = (),
 ) -> DispatchResult:
@@ -111,7 +111,7 @@ class _Loop:
         on_event: Callable[[DispatchEvent], None],
         settings: DispatchSettings,
         offload: Offload,
-        unsubscribed: Callable[[Recipient], bool] | None = None,
+        unsubscribed: Callable[[Recipient], SkipReason | None] | None = None,
         stop: anyio.Event | None = None,
         bound: Collection[str] = (),
     ) -> None:
@@ -234,12 +234,11 @@ class _Loop:
         A row that is not pending (in flight after a crash) is settled by sending as usual.
         """
         assert self._unsubscribed is not None
-        if not self._unsubscribed(job.recipient):
+        reason = self._unsubscribed(job.recipient)
+        if reason is None:
             return False
         key = job.recipient.key
-        record = partial(
-            self._ledger.record_skipped, key, SkipReason.UNSUBSCRIBED, "unsubscribed while the campaign ran"
-        )
+        record = partial(self._ledger.record_skipped, key, reason, f"{reason.value} while the campaign ran")
         if not await self._in_thread(record):
             return False
         self._emit(DispatchEvent(EventKind.SKIPPED, lane.sender.name, key, job.recipient.address.email))

@@ -1,4 +1,7 @@
-"""Opt-outs as a pipeline step: recipients in an unsubscribe store become `unsubscribed` skips. Pure."""
+"""Opt-outs as a pipeline step: recipients in an unsubscribe store become skips. Pure.
+
+The reason is `bounced` for an address a bounce suppressed, else `unsubscribed`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from dataclasses import replace
 
 from campaign.models import Skip, SkipReason
 from campaign.recipients import CheckedRow
-from campaign.unsubscribe import Unsubscribed, describe_entry
+from campaign.unsubscribe import BOUNCE_SOURCE, Unsubscribed, describe_entry
 
 __all__ = ["skip_unsubscribed_row"]
 
@@ -17,7 +20,6 @@ def skip_unsubscribed_row(checked: CheckedRow, unsubscribed: Unsubscribed) -> Ch
     entry = None if recipient is None else unsubscribed.match(recipient)
     if recipient is None or entry is None:
         return checked
-    skip = Skip(
-        recipient.row, recipient.key, recipient.address.email, SkipReason.UNSUBSCRIBED, describe_entry(entry)
-    )
+    reason = SkipReason.BOUNCED if entry.source == BOUNCE_SOURCE else SkipReason.UNSUBSCRIBED
+    skip = Skip(recipient.row, recipient.key, recipient.address.email, reason, describe_entry(entry))
     return replace(checked, recipient=None, skip=skip)

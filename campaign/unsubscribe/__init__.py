@@ -10,6 +10,9 @@ links is in `campaign.web`: nothing in the core imports a web server.
 from __future__ import annotations
 
 from campaign.unsubscribe._store import (
+    BOUNCE_SOURCE,
+    BounceRecord,
+    BounceRules,
     StoreEntry,
     StoreError,
     SuppressionStore,
@@ -31,6 +34,9 @@ from campaign.unsubscribe._tokens import (
 )
 
 __all__ = [
+    "BOUNCE_SOURCE",
+    "BounceRecord",
+    "BounceRules",
     "StoreEntry",
     "StoreError",
     "SuppressionStore",

@@ -4,8 +4,10 @@ The one-click endpoint and `campaign suppress` write it; preflight and a running
 campaign read it (WAL, so a campaign reads while the endpoint writes, across
 processes). A row records the campaign the link came from, the recipient key (and
 the address when the key is one), when, and how (one-click, the confirmation page,
-by hand, an import). Every campaign that names the store skips everyone in it: the
-store is the list. It never holds a secret, never sends and never renders.
+by hand, an import, a bounce). Every campaign that names the store skips everyone in it: the
+store is the list. It also keeps the Nylas notifications `campaign serve` receives (once per
+envelope id) and the bounces they report: a hard bounce suppresses its address at once, soft
+bounces once `BounceRules` say so. It never holds a secret, never sends and never renders.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from campaign.clock import Clock, SystemClock
 from campaign.errors import InputFileError, LedgerError
 from campaign.manifest import STORE_SUFFIXES, Manifest
-from campaign.models import Recipient
+from campaign.models import Recipient, SkipReason
 
 __all__ = [
+    "BOUNCE_SOURCE",
+    "BounceRecord",
+    "BounceRules",
     "StoreEntry",
     "StoreError",
     "SuppressionStore",
@@ -39,18 +45,69 @@ __all__ = [
 
 # Marks the file as ours (PRAGMA application_id), so a ledger or another database is never taken for a store.
 _APPLICATION_ID = 0x43554E53  # "CUNS"
-_SCHEMA_VERSION = 1
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS unsubscribes ("
-    " id INTEGER PRIMARY KEY,"
-    " campaign TEXT NOT NULL,"  # '' for entries added by hand or imported
-    " recipient_key TEXT NOT NULL,"
-    " email TEXT,"  # the lower-cased address, when the key is one (or it was given)
-    " recorded_at TEXT NOT NULL,"
-    " source TEXT NOT NULL,"
-    " UNIQUE (campaign, recipient_key))",
-    "CREATE INDEX IF NOT EXISTS unsubscribes_email ON unsubscribes (email)",
+# Each version's statements, applied in order to a store older than it (PRAGMA user_version).
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE IF NOT EXISTS unsubscribes ("
+        " id INTEGER PRIMARY KEY,"
+        " campaign TEXT NOT NULL,"  # '' for entries added by hand, imported, or from a bounce
+        " recipient_key TEXT NOT NULL,"
+        " email TEXT,"  # the lower-cased address, when the key is one (or it was given)
+        " recorded_at TEXT NOT NULL,"
+        " source TEXT NOT NULL,"
+        " UNIQUE (campaign, recipient_key))",
+        "CREATE INDEX IF NOT EXISTS unsubscribes_email ON unsubscribes (email)",
+    ),
+    (
+        # Notifications as received (Nylas delivers at least once: one row per envelope id).
+        "CREATE TABLE events ("
+        " id TEXT PRIMARY KEY,"
+        " type TEXT NOT NULL,"
+        " grant_id TEXT,"
+        " received_at TEXT NOT NULL,"
+        " body TEXT NOT NULL)",
+        "CREATE TABLE bounces ("
+        " id INTEGER PRIMARY KEY,"
+        " email TEXT NOT NULL,"
+        " hard INTEGER NOT NULL,"
+        " code TEXT,"
+        " kind TEXT,"
+        " reason TEXT,"
+        " bounced_at TEXT NOT NULL,"
+        " message_id TEXT,"
+        " event_id TEXT NOT NULL,"
+        " UNIQUE (event_id, email))",
+        "CREATE INDEX bounces_email ON bounces (email, bounced_at)",
+        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
 )
+_SCHEMA_VERSION = len(_MIGRATIONS)
+BOUNCE_SOURCE = "bounce"  # the source of a suppression a bounce made (skip reason `bounced`)
+# Soft bounces (4xx) suppress an address once this many arrive within this many days (listmonk's
+# and Mautic's rule of thumb); a hard bounce (5xx) suppresses at once.
+DEFAULT_SOFT_BOUNCE_LIMIT = 3
+DEFAULT_SOFT_BOUNCE_DAYS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class BounceRecord:
+    """One bounced address of a notification, classified (`hard`: permanent)."""
+
+    email: str
+    hard: bool
+    bounced_at: str  # ISO UTC
+    code: str | None = None
+    kind: str | None = None  # the provider's type, e.g. mailbox_unavailable
+    reason: str | None = None
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BounceRules:
+    """When soft bounces suppress an address: `limit` of them within `days`."""
+
+    limit: int = DEFAULT_SOFT_BOUNCE_LIMIT
+    days: int = DEFAULT_SOFT_BOUNCE_DAYS
 
 
 class StoreError(LedgerError):
@@ -183,13 +240,107 @@ class SuppressionStore:
         """How many entries the store holds."""
         return int(self._query("SELECT COUNT(*) FROM unsubscribes")[0][0])
 
+    def record_event(
+        self,
+        event_id: str,
+        kind: str,
+        *,
+        grant_id: str | None,
+        body: str,
+        bounces: Sequence[BounceRecord] = (),
+    ) -> bool:
+        """Keep a notification (raw) and its bounces, suppressing what they call for, in one transaction.
+
+        False, and nothing written, when the notification was recorded before (a redelivery).
+        """
+        rules = self.bounce_rules()
+        with self._transaction() as db:
+            before = db.total_changes
+            db.execute(
+                "INSERT OR IGNORE INTO events (id, type, grant_id, received_at, body) VALUES (?, ?, ?, ?, ?)",
+                (event_id, kind, grant_id, self._stamp(), body),
+            )
+            if db.total_changes == before:
+                return False
+            for bounce in bounces:
+                self._record_bounce(db, bounce, event_id, rules)
+            return True
+
+    def bounces(self, email: str) -> list[BounceRecord]:
+        """The bounces recorded for `email`, oldest first."""
+        rows = self._query(
+            "SELECT email, hard, bounced_at, code, kind, reason, message_id FROM bounces "
+            "WHERE email = ? ORDER BY bounced_at, id",
+            (email.lower(),),
+        )
+        return [BounceRecord(str(e), bool(h), str(at), c, k, r, m) for e, h, at, c, k, r, m in rows]
+
+    def event_count(self) -> int:
+        """How many notifications the store holds."""
+        return int(self._query("SELECT COUNT(*) FROM events")[0][0])
+
+    def bounce_rules(self) -> BounceRules:
+        """The soft-bounce rule this store applies (defaults unless `set_bounce_rules` changed them)."""
+        found = dict(self._query("SELECT name, value FROM settings WHERE name LIKE 'soft_bounce_%'"))
+        return BounceRules(
+            limit=int(found.get("soft_bounce_limit", DEFAULT_SOFT_BOUNCE_LIMIT)),
+            days=int(found.get("soft_bounce_days", DEFAULT_SOFT_BOUNCE_DAYS)),
+        )
+
+    def set_bounce_rules(self, rules: BounceRules) -> None:
+        """Keep a soft-bounce rule with the store, for every process that records bounces in it."""
+        with self._transaction() as db:
+            for name, value in (("soft_bounce_limit", rules.limit), ("soft_bounce_days", rules.days)):
+                db.execute(
+                    "INSERT INTO settings VALUES (?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    (name, str(value)),
+                )
+
+    def _record_bounce(
+        self, db: sqlite3.Connection, bounce: BounceRecord, event_id: str, rules: BounceRules
+    ) -> None:
+        email = bounce.email.lower()
+        db.execute(
+            "INSERT OR IGNORE INTO bounces"
+            " (email, hard, code, kind, reason, bounced_at, message_id, event_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                email,
+                int(bounce.hard),
+                bounce.code,
+                bounce.kind,
+                bounce.reason,
+                bounce.bounced_at,
+                bounce.message_id,
+                event_id,
+            ),
+        )
+        suppress = bounce.hard
+        if not suppress:
+            since = (datetime.fromisoformat(bounce.bounced_at) - timedelta(days=rules.days)).isoformat()
+            (soft,) = db.execute(
+                "SELECT COUNT(*) FROM bounces WHERE email = ? AND hard = 0 AND bounced_at > ?", (email, since)
+            ).fetchone()
+            suppress = soft >= rules.limit
+        if suppress:
+            db.execute(
+                "INSERT OR IGNORE INTO unsubscribes (campaign, recipient_key, email, recorded_at, source) "
+                "VALUES ('', ?, ?, ?, ?)",
+                (email, email, self._stamp(), BOUNCE_SOURCE),
+            )
+
+    def _stamp(self) -> str:
+        return self._clock.now().isoformat(timespec="seconds")
+
     # --- internals ----------------------------------------------------------
 
     def _entry(self, campaign: str, recipient_key: str, email: str | None, source: str) -> StoreEntry:
         if email is None and "@" in recipient_key:
             email = recipient_key
-        stamp = self._clock.now().isoformat(timespec="seconds")
-        return StoreEntry(campaign, recipient_key, None if email is None else email.lower(), stamp, source)
+        return StoreEntry(
+            campaign, recipient_key, None if email is None else email.lower(), self._stamp(), source
+        )
 
     def _set_up(self) -> None:
         try:
@@ -223,8 +374,9 @@ class SuppressionStore:
         with self._transaction() as db:
             (version,) = db.execute("PRAGMA user_version").fetchone()
             if version < _SCHEMA_VERSION:  # still: another process may have set it up meanwhile
-                for statement in _SCHEMA:
-                    db.execute(statement)
+                for statements in _MIGRATIONS[version:]:
+                    for statement in statements:
+                        db.execute(statement)
                 db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
                 db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
@@ -298,7 +450,10 @@ def load_unsubscribed(paths: Sequence[Path]) -> Unsubscribed:
 
 
 def describe_entry(entry: StoreEntry) -> str:
-    """A skip detail for the user, e.g. `unsubscribed 2026-01-05 (one-click, campaign spring)`."""
+    """A skip detail for the user, e.g. `unsubscribed 2026-01-05 (one-click, campaign spring)`, or
+    `bounced 2026-01-06` for an address a bounce suppressed."""
+    if entry.source == BOUNCE_SOURCE:
+        return f"bounced {entry.recorded_at[:10]}"
     origin = f", campaign {entry.campaign}" if entry.campaign else ""
     return f"unsubscribed {entry.recorded_at[:10]} ({entry.source}{origin})"
 
@@ -321,11 +476,18 @@ class UnsubscribeWatch:
 
     def is_unsubscribed(self, recipient: Recipient) -> bool:
         """Whether `recipient` is in a store now (as of the last re-read, at most `refresh_s` ago)."""
+        return self.opt_out(recipient) is not None
+
+    def opt_out(self, recipient: Recipient) -> SkipReason | None:
+        """Why `recipient` must not be mailed now (`unsubscribed`, or `bounced`), or None."""
         now = self._clock.monotonic()
         if self._read_at is None or now - self._read_at >= self._refresh_s:
             self._read_at = now
             self._refresh()
-        return self._known.match(recipient) is not None
+        entry = self._known.match(recipient)
+        if entry is None:
+            return None
+        return SkipReason.BOUNCED if entry.source == BOUNCE_SOURCE else SkipReason.UNSUBSCRIBED
 
     def close(self) -> None:
         """Close the stores opened for reading."""

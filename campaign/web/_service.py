@@ -1,0 +1,128 @@
+"""`campaign serve`: one service for everything that comes back: one-click unsubscribes and Nylas webhooks.
+
+Routes (a contract): `/unsubscribe` and `/unsubscribe/<token>` are the one-click endpoint,
+unchanged; `GET /nylas/webhook?challenge=X` answers X as text (Nylas checks the URL so when the
+webhook is created); `POST /nylas/webhook` verifies `x-nylas-signature` on the raw bytes (the
+compressed bytes when `Content-Encoding: gzip`) before anything parses them, then keeps the
+notification in the store once per envelope id and answers at once (Nylas gives 10 s);
+`GET /healthz` for the proxy. A bad or missing signature is 401 and records nothing; a body over
+1 MB is 413; a signed body that is not a notification is 400.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zlib
+from collections.abc import Sequence
+from functools import partial
+
+import anyio.to_thread
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from campaign.clock import Clock, SystemClock
+from campaign.errors import DataError, ManifestError
+from campaign.events import record_notification, verify_signature
+from campaign.unsubscribe import SuppressionStore
+from campaign.web._serving import ServerLimits, build_server_config
+from campaign.web._unsubscribe import UnsubscribeEndpoint
+
+__all__ = [
+    "DEFAULT_WEBHOOK_SECRET_ENV",
+    "MAX_WEBHOOK_BYTES",
+    "EventService",
+    "read_webhook_secrets",
+    "serve_service",
+]
+
+DEFAULT_WEBHOOK_SECRET_ENV = "NYLAS_WEBHOOK_SECRET"
+MAX_WEBHOOK_BYTES = 1024 * 1024  # Nylas truncates notifications above 1 MB, so nothing real is larger
+
+
+class EventService:
+    """The one-click endpoint and the webhook receiver over one store: serve `.app`."""
+
+    def __init__(
+        self, endpoint: UnsubscribeEndpoint, *, webhook_secrets: Sequence[bytes], clock: Clock | None = None
+    ) -> None:
+        if not webhook_secrets:
+            raise ValueError("the webhook receiver needs the webhook's secret to verify deliveries")
+        self.store: SuppressionStore = endpoint.store
+        self._secrets = tuple(webhook_secrets)
+        self._clock = clock or SystemClock()
+        self.app = Starlette(
+            routes=[
+                Route("/nylas/webhook", self._challenge, methods=["GET"]),
+                Route("/nylas/webhook", self._receive, methods=["POST"]),
+                Route("/healthz", _healthy, methods=["GET"]),
+                Mount("/", app=endpoint.app),
+            ]
+        )
+
+    async def _challenge(self, request: Request) -> Response:
+        challenge = request.query_params.get("challenge")
+        if challenge is None:
+            return PlainTextResponse("no challenge", status_code=400)
+        return PlainTextResponse(challenge)
+
+    async def _receive(self, request: Request) -> Response:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_WEBHOOK_BYTES:
+            return PlainTextResponse("too large", status_code=413)
+        body = b""
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_WEBHOOK_BYTES:
+                    return PlainTextResponse("too large", status_code=413)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        if not verify_signature(body, request.headers.get("x-nylas-signature"), self._secrets):
+            return PlainTextResponse("bad signature", status_code=401)
+        if request.headers.get("content-encoding", "").strip().lower() == "gzip":
+            try:
+                body = _gunzip(body)
+            except (OSError, EOFError, zlib.error):
+                return PlainTextResponse("not gzip", status_code=400)
+        try:
+            await anyio.to_thread.run_sync(partial(record_notification, self.store, body, clock=self._clock))
+        except DataError as exc:
+            return PlainTextResponse(str(exc), status_code=400)
+        return PlainTextResponse("ok")
+
+
+async def _healthy(_request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def _gunzip(body: bytes) -> bytes:
+    """Inflate a gzip body, refusing one that inflates past the size limit (a zip bomb)."""
+    with gzip.GzipFile(fileobj=io.BytesIO(body)) as stream:
+        inflated = stream.read(MAX_WEBHOOK_BYTES + 1)
+    if len(inflated) > MAX_WEBHOOK_BYTES:
+        raise OSError("inflates past the size limit")
+    return inflated
+
+
+def read_webhook_secrets(secret_env: str) -> tuple[bytes, ...]:
+    """The webhook secret(s) from `secret_env` (comma-separated during a rotation); never shown."""
+    value = os.environ.get(secret_env, "")
+    secrets = tuple(part.strip().encode() for part in value.split(",") if part.strip())
+    if not secrets:
+        message = (
+            f"the environment variable {secret_env} is not set; set it to the webhook_secret Nylas "
+            "returned when the webhook was created (or name another with --webhook-secret-env)"
+        )
+        raise ManifestError(message)
+    return secrets
+
+
+def serve_service(service: EventService, *, host: str, port: int, limits: ServerLimits | None = None) -> None:
+    """Serve with uvicorn in the foreground until Ctrl-C, bounded by `limits` like the one-click endpoint."""
+    config = build_server_config(service.app, host=host, port=port, limits=limits or ServerLimits())
+    uvicorn.Server(config).run()

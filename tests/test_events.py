@@ -1,0 +1,292 @@
+"""What comes back: `campaign serve`'s webhook receiver, bounces in the store, and campaigns skipping them.
+
+Nylas notifications arrive over a real loopback socket, signed as Nylas signs them (hex HMAC-SHA256
+of the raw body, reference/next-capabilities.md §2.3), with the store on real SQLite.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from conftest import SECRET, copy_sample
+from support import wait_until_listening
+
+from campaign.events import parse_bounces, parse_notification, record_notification, sign_body
+from campaign.manifest import load_manifest
+from campaign.models import Address, Recipient, SkipReason
+from campaign.testing import FakeClock, serve_on_loopback
+from campaign.unsubscribe import BounceRules, SuppressionStore, UnsubscribeWatch, open_store, parse_secrets
+from campaign.web import EventService, UnsubscribeEndpoint
+
+WEBHOOK_SECRET = b"nylas-webhook-secret-for-tests"
+
+
+def _envelope(event_id: str, kind: str, obj: dict[str, Any], *, time: int = 1_767_000_000) -> bytes:
+    document = {
+        "specversion": "1.0",
+        "type": kind,
+        "source": "/nylas/send",
+        "id": event_id,
+        "time": time,
+        "webhook_delivery_attempt": 1,
+        "data": {"application_id": "app", "grant_id": "grant-1", "object": obj},
+    }
+    return json.dumps(document).encode()
+
+
+def _bounce(
+    event_id: str,
+    addresses: Any,
+    *,
+    code: str = "550",
+    kind: str = "mailbox_unavailable",
+    date: str = "Tue, 05 Jan 2027 10:00:00 +0000",
+) -> bytes:
+    obj = {
+        "bounce_reason": "Mailbox does not exist",
+        "bounce_date": date,
+        "bounced_addresses": addresses,
+        "type": kind,
+        "code": code,
+        "origin": {"id": "provider-msg-1", "to": [{"email": "x@example.com"}], "subject": "Hi"},
+        "message_id": "nylas-msg-1",
+        "unknown_field": None,
+    }
+    return _envelope(event_id, "message.bounce_detected", obj)
+
+
+def _record(store: SuppressionStore, body: bytes) -> None:
+    record_notification(store, body, clock=FakeClock())
+
+
+def _signed(body: bytes, *, secret: bytes = WEBHOOK_SECRET) -> dict[str, str]:
+    return {"x-nylas-signature": sign_body(body, secret), "content-type": "application/json"}
+
+
+@pytest.fixture(name="service")
+def _service(tmp_path) -> Iterator[tuple[EventService, str]]:
+    clock = FakeClock(datetime(2027, 1, 5, 12, 0, tzinfo=UTC))
+    store = open_store(tmp_path / "store.sqlite", clock=clock)
+    endpoint = UnsubscribeEndpoint(store, secrets=parse_secrets(SECRET))
+    service = EventService(endpoint, webhook_secrets=[WEBHOOK_SECRET], clock=clock)
+    try:
+        with serve_on_loopback(service) as url:
+            yield service, url
+    finally:
+        store.close()
+
+
+def test_the_challenge_is_echoed_as_plain_text(service):
+    """Nylas checks the URL when the webhook is created: the exact value back, 200, text/plain."""
+    _, url = service
+    answer = httpx.get(f"{url}/nylas/webhook", params={"challenge": "ab-12_3"})
+    assert answer.status_code == 200
+    assert answer.text == "ab-12_3"
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "recorded"),
+    [
+        ("good", 200, 1),
+        ("sha256= prefix, upper case", 200, 1),
+        ("tampered body", 401, 0),
+        ("wrong secret", 401, 0),
+        ("no header", 401, 0),
+        ("gzip, signed compressed", 200, 1),
+        ("gzip, signed inflated", 401, 0),
+    ],
+)
+def test_only_a_delivery_signed_with_the_webhook_secret_is_recorded(service, case, status, recorded):
+    """The signature is checked on the raw bytes, before parsing (the compressed bytes for gzip)."""
+    svc, url = service
+    body = _bounce("evt-1", "ann@example.com")
+    headers = _signed(body)
+    sent = body
+    if case == "sha256= prefix, upper case":
+        headers["x-nylas-signature"] = "sha256=" + headers["x-nylas-signature"].upper()
+    elif case == "tampered body":
+        sent = body.replace(b"ann@", b"bob@")
+    elif case == "wrong secret":
+        headers = _signed(body, secret=b"another-secret")
+    elif case == "no header":
+        del headers["x-nylas-signature"]
+    elif case.startswith("gzip"):
+        sent = gzip.compress(body)
+        headers = _signed(sent if case == "gzip, signed compressed" else body)
+        headers["content-encoding"] = "gzip"
+    answer = httpx.post(f"{url}/nylas/webhook", content=sent, headers=headers)
+    assert answer.status_code == status
+    assert svc.store.event_count() == recorded
+    assert len(svc.store.bounces("ann@example.com")) == recorded
+
+
+def test_a_redelivered_notification_is_recorded_once(service):
+    """Nylas delivers at least once: the same envelope id twice is one event and one bounce."""
+    svc, url = service
+    body = _bounce("evt-dup", "ann@example.com")
+    for _ in range(3):
+        assert httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body)).status_code == 200
+    assert svc.store.event_count() == 1
+    assert len(svc.store.bounces("ann@example.com")) == 1
+
+
+def test_bad_bodies_get_400_and_413_and_record_nothing(service):
+    """Signed but not JSON: 400. Over 1 MB: 413, before any signature work."""
+    svc, url = service
+    junk = b"{not json"
+    assert httpx.post(f"{url}/nylas/webhook", content=junk, headers=_signed(junk)).status_code == 400
+    no_id = json.dumps({"type": "message.opened"}).encode()
+    assert httpx.post(f"{url}/nylas/webhook", content=no_id, headers=_signed(no_id)).status_code == 400
+    huge = b"{" + b" " * (1024 * 1024 + 10) + b"}"
+    assert httpx.post(f"{url}/nylas/webhook", content=huge, headers=_signed(huge)).status_code == 413
+    assert svc.store.event_count() == 0
+
+
+def test_200_concurrent_deliveries_are_all_stored_once(service):
+    """Concurrent POSTs (some redelivered): every distinct notification once, none lost."""
+    svc, url = service
+    bodies = [_bounce(f"evt-{n % 150}", f"user{n % 150}@example.com") for n in range(200)]
+    with httpx.Client() as client, ThreadPoolExecutor(max_workers=20) as pool:
+        codes = list(
+            pool.map(
+                lambda b: client.post(f"{url}/nylas/webhook", content=b, headers=_signed(b)).status_code,
+                bodies,
+            )
+        )
+    assert codes == [200] * 200
+    assert svc.store.event_count() == 150
+    assert sum(len(svc.store.bounces(f"user{n}@example.com")) for n in range(150)) == 150
+
+
+def test_a_hard_bounce_suppresses_at_once_and_soft_ones_after_the_threshold(tmp_path):
+    """5xx: suppressed by the first bounce. 4xx: only the third within 30 days; older ones do not count."""
+    store = open_store(tmp_path / "store.sqlite", clock=FakeClock())
+    hard = parse_notification(_bounce("e1", "Ann <ann@example.com>"))
+    store.record_event(
+        "e1", hard.type, grant_id=None, body="{}", bounces=parse_bounces(hard, received_at=datetime.now(UTC))
+    )
+    assert [e.source for e in store.entries()] == ["bounce"]
+
+    def soft(event_id: str, day: int) -> None:
+        date = (datetime(2027, 1, 1, tzinfo=UTC) + timedelta(days=day)).strftime(
+            "%a, %d %b %Y %H:%M:%S +0000"
+        )
+        found = parse_notification(
+            _bounce(event_id, ["bob@example.com"], code="452", kind="mailbox_full", date=date)
+        )
+        bounces = parse_bounces(found, received_at=datetime.now(UTC))
+        assert [b.hard for b in bounces] == [False]
+        store.record_event(event_id, found.type, grant_id=None, body="{}", bounces=bounces)
+
+    soft("s1", 0)
+    soft("s2", 40)  # the first is now more than 30 days old
+    soft("s3", 45)
+    assert [e.recipient_key for e in store.entries()] == ["ann@example.com"]
+    soft("s4", 50)  # three within 30 days
+    assert [e.recipient_key for e in store.entries()] == ["ann@example.com", "bob@example.com"]
+    store.set_bounce_rules(BounceRules(limit=1, days=7))
+    soft_once = parse_notification(_bounce("s5", "carl@example.com", code="4.2.2", kind="other"))
+    store.record_event(
+        "s5",
+        soft_once.type,
+        grant_id=None,
+        body="{}",
+        bounces=parse_bounces(soft_once, received_at=datetime.now(UTC)),
+    )
+    assert "carl@example.com" in [e.recipient_key for e in store.entries()]
+    store.close()
+
+
+def test_bounce_payloads_are_read_defensively():
+    """`bounced_addresses` as a string or a list, codes as strings, nulls and unknown fields."""
+    as_list = parse_notification(_bounce("a", ["A@Example.com", "b@example.com"], code="5.1.1", kind=None))
+    assert [(b.email, b.hard) for b in parse_bounces(as_list, received_at=datetime.now(UTC))] == [
+        ("a@example.com", True),
+        ("b@example.com", True),
+    ]
+    nothing = parse_notification(_envelope("c", "message.bounce_detected", {"bounced_addresses": None}))
+    assert parse_bounces(nothing, received_at=datetime.now(UTC)) == ()
+    opened = parse_notification(_envelope("d", "message.opened", {"message_id": "m"}))
+    assert parse_bounces(opened, received_at=datetime.now(UTC)) == ()
+
+
+def test_a_bounced_address_is_skipped_by_the_next_campaign_and_a_running_one(api, cli, tmp_path):
+    """The store a campaign reads: a bounced recipient is a `bounced` skip at planning, and a running
+    campaign's watch says `bounced` for an address that bounced after the run began."""
+    manifest = copy_sample("newsletter", tmp_path)
+    text = manifest.read_text()
+    store_path = manifest.parent / "store.sqlite"
+    manifest.write_text(
+        text.replace('suppress = ["unsubscribed.txt"]', 'suppress = ["unsubscribed.txt", "store.sqlite"]')
+    )
+    first = manifest.parent.joinpath("recipients.csv").read_text().splitlines()[1].split(",")[0]
+    store = open_store(store_path, clock=FakeClock())
+    found = parse_notification(_bounce("b1", first))
+    store.record_event(
+        "b1",
+        found.type,
+        grant_id=None,
+        body="{}",
+        bounces=parse_bounces(found, received_at=datetime.now(UTC)),
+    )
+    store.close()
+    for sender in load_manifest(manifest).senders:
+        api.add_grant(sender.grant_id, sender.email or "")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "1 bounced" in result.stdout
+    assert first not in [d.payload["to"][0]["email"] for d in api.deliveries]
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert status["skipped"]["bounced"] == 1
+
+    watch = UnsubscribeWatch([store_path], clock=FakeClock())
+    ann = Recipient(first, 1, Address(first), {})
+    assert watch.opt_out(ann) == SkipReason.BOUNCED
+    watch.close()
+
+
+def test_the_serve_command_receives_signed_webhooks_and_refuses_without_its_secret(
+    cli, tmp_path, monkeypatch
+):
+    """`campaign serve` as a real process: a signed bounce lands in the store; without the webhook
+    secret it exits 78 in one line, never printing a secret."""
+    store = tmp_path / "served.sqlite"
+    monkeypatch.delenv("NYLAS_WEBHOOK_SECRET", raising=False)
+    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", SECRET)
+    refused = cli("serve", "--store", store)
+    assert refused.exit_code == 78
+    assert "NYLAS_WEBHOOK_SECRET" in refused.stderr
+    assert len([line for line in refused.stderr.splitlines() if line.strip()]) == 1
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "CAMPAIGN_UNSUBSCRIBE_SECRET": SECRET,
+        "NYLAS_WEBHOOK_SECRET": WEBHOOK_SECRET.decode(),
+    }
+    command = [sys.executable, "-m", "campaign", "serve", "--store", str(store), "--port", str(port)]
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as process:
+        try:
+            wait_until_listening(port, process)
+            body = _bounce("served-1", "ann@example.com")
+            answer = httpx.post(f"http://127.0.0.1:{port}/nylas/webhook", content=body, headers=_signed(body))
+            assert answer.status_code == 200
+        finally:
+            process.terminate()
+    reader = open_store(store, clock=FakeClock(), create=False)
+    assert [e.source for e in reader.entries()] == ["bounce"]
+    reader.close()
