@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retry": ("campaign.cli.outcomes", "retry"),
     "report": ("campaign.cli.outcomes", "report"),
     "serve": ("campaign.cli.unsubscribes", "serve"),
+    "events": ("campaign.cli.events", "events_app"),
     "unsubscribe": ("campaign.cli.unsubscribes", "unsubscribe_app"),
     "suppress": ("campaign.cli.unsubscribes", "suppress_app"),
 }

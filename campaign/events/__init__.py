@@ -4,20 +4,29 @@
 `parse_notification` reads the envelope defensively; `record_notification` keeps it in the
 unsubscribe store (once per envelope id) with the bounces it reports, so that a hard bounce, or
 enough soft ones, stops every campaign that reads the store from mailing that address again
-(skip reason `bounced`). The web service that receives them is `campaign.web`. No network.
+(skip reason `bounced`). `pull_campaign_bounces` finds bounce reports in the senders' own inboxes
+instead, for users without a public endpoint. The web service that receives webhooks is
+`campaign.web`.
 """
 
 from __future__ import annotations
 
 from campaign.events._notifications import BOUNCE, Notification, parse_bounces, parse_notification
+from campaign.events._pull import MAX_PAGES, InboxReader, PullReport, pull_bounces
+from campaign.events._pulling import pull_campaign_bounces
 from campaign.events._recording import record_notification
 from campaign.events._signature import sign_body, verify_signature
 
 __all__ = [
     "BOUNCE",
+    "MAX_PAGES",
+    "InboxReader",
     "Notification",
+    "PullReport",
     "parse_bounces",
     "parse_notification",
+    "pull_bounces",
+    "pull_campaign_bounces",
     "record_notification",
     "sign_body",
     "verify_signature",

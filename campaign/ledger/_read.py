@@ -156,6 +156,11 @@ class LedgerReader:
         found = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(found[0][0]) if found else None
 
+    def first_claim(self) -> datetime | None:
+        """When the campaign's first send was claimed (None: nothing was ever sent)."""
+        found = self._read("SELECT MIN(first_claimed_at) FROM recipients")
+        return datetime.fromisoformat(found[0][0]) if found and found[0][0] else None
+
     def latest_claim(self, state: RowState) -> datetime | None:
         """When the most recently claimed row in `state` was last claimed (None: no such row)."""
         found = self._read("SELECT MAX(claimed_at) FROM recipients WHERE state = ?", (state.value,))

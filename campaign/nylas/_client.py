@@ -10,6 +10,7 @@ text it produces may hold the API key.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import math
@@ -70,6 +71,7 @@ class ListedMessage:
     to: tuple[str, ...]
     date: datetime | None
     metadata: Mapping[str, str] = field(hash=False)
+    senders: tuple[str, ...] = ()  # the `from` addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +278,19 @@ class NylasClient:
                 return folders
             seen.add(token)
 
+    async def fetch_raw_mime(self, grant_id: str, message_id: str) -> bytes:
+        """A message as it arrived (`GET /messages/{id}?fields=raw_mime`, base64url-decoded)."""
+        path = f"/v3/grants/{_quote_grant(grant_id)}/messages/{quote(message_id, safe='')}"
+        body = await self._get_json(path, {"fields": "raw_mime"})
+        data = body.get("data")
+        raw = data.get("raw_mime") if isinstance(data, dict) else None
+        if not isinstance(raw, str):
+            raise ApiError(f"Nylas API GET {path}: the answer has no raw_mime")
+        try:
+            return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+        except ValueError as exc:
+            raise ApiError(f"Nylas API GET {path}: raw_mime is not base64url") from exc
+
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
@@ -334,19 +349,24 @@ def _data_list(body: dict[str, Any], what: str) -> list[Any]:
 def _listed_message(item: object) -> ListedMessage:
     if not isinstance(item, dict) or not isinstance(item.get("id"), str):
         raise ApiError("Nylas API listed a message without an id; is api.uri the Nylas v3 API?")
-    to = item.get("to")
-    emails = tuple(
-        p["email"]
-        for p in (to if isinstance(to, list) else [])
-        if isinstance(p, dict) and isinstance(p.get("email"), str)
-    )
+    emails, senders = _emails(item.get("to")), _emails(item.get("from"))
     metadata = item.get("metadata")
     pairs = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
     date, when = item.get("date"), None
     if isinstance(date, int | float) and not isinstance(date, bool):
         with contextlib.suppress(OverflowError, OSError, ValueError):
             when = datetime.fromtimestamp(date, UTC)
-    return ListedMessage(item["id"], json_text(item, "subject"), emails, when, MappingProxyType(pairs))
+    return ListedMessage(
+        item["id"], json_text(item, "subject"), emails, when, MappingProxyType(pairs), senders
+    )
+
+
+def _emails(participants: object) -> tuple[str, ...]:
+    return tuple(
+        p["email"]
+        for p in (participants if isinstance(participants, list) else [])
+        if isinstance(p, dict) and isinstance(p.get("email"), str)
+    )
 
 
 def _folder(item: object) -> Folder:

@@ -17,10 +17,24 @@ Providers, per grant (`add_grant(..., provider=)`; `campaign sandbox` takes each
 - Transactional (domain) sends answer with the message id under `data.id` (OpenAPI spec, Python
   SDK), or, per `domain_answer_id`, `message_id` or the Node SDK's `messageId`; any other
   name leaves the answer without an id our reader knows.
+
+Mail that arrives: `receive_message(grant, raw_mime)` puts a message (a reply, a bounce report)
+in the grant's inbox as the provider would sync it; it is listed with `in=<inbox id>` and
+`GET /messages/{id}?fields=raw_mime` gives its MIME back base64url-encoded (nylas-api.md §5's
+`fields`; Nylas's Python SDK's `Fields` literal).
+
+Checked by a client nobody here wrote: tests/test_sdk_contract.py runs Nylas's own Python SDK
+(6.18) against this fake over loopback. It parses every answer (sends, replays, listings with
+`metadata_pair` and paging, folders, 401/404/429 errors, transactional sends), and for the same
+message our client's JSON body and multipart layout equal the SDK's. That settles three open
+questions of nylas-api.md: the multipart part names (`message`, then the content id or
+`file<N>`), the domain send's `from` as one object, and how a replayed key is passed
+(the `Idempotency-Key` header, through the SDK's `overrides`).
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 from dataclasses import dataclass
@@ -108,6 +122,7 @@ class FakeNylas(FakeState):
                     self._handle_schedule,
                     methods=["GET", "DELETE"],
                 ),
+                Route(f"{grant}/messages/{{message_id}}", self._handle_message, methods=["GET"]),
             ],
             exception_handlers={HTTPException: _answer_http_error},
         )
@@ -349,6 +364,27 @@ class FakeNylas(FakeState):
         if cursor is not None:
             document["next_cursor"] = cursor
         return answer_json(200, document, request_id=request_id).build_response()
+
+    async def _handle_message(self, request: Request) -> Response:
+        """`GET /messages/{id}`: the message object; with `fields=raw_mime`, its MIME (base64url)."""
+        request_id = new_request_id()
+        try:
+            grant = self._gate(request)
+            wait = self._admit_read(grant)
+            if wait is not None:
+                return self._answer_rate_limited(request_id, wait).build_response()
+            message_id = request.path_params["message_id"]
+            found = next((m for m in grant.messages if m.data["id"] == message_id), None)
+            if found is None:
+                raise ApiProblem(404, "not_found_error", f"message {message_id} not found")
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id).build_response()
+        data = dict(found.data)
+        if request.query_params.get("fields") == "raw_mime":
+            raw = grant.raw_mime.get(message_id, b"")
+            data = {"id": message_id, "grant_id": grant.id, "object": "message"}
+            data["raw_mime"] = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return answer_json(200, {"data": data}, request_id=request_id).build_response()
 
     async def _handle_folders(self, request: Request) -> Response:
         request_id = new_request_id()

@@ -9,6 +9,7 @@ can share it. It builds answers but knows nothing of HTTP requests (see fake_nyl
 from __future__ import annotations
 
 import copy
+import email.policy
 import hashlib
 import json
 import re
@@ -16,6 +17,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.parser import BytesParser
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,12 @@ class Grant:
     listing_lag_s: float = 0.0
     to_filter_broken: bool = False
     schedules: dict[str, tuple[int, bool]] = field(default_factory=dict)  # id -> (send_at, cancelled)
+    raw_mime: dict[str, bytes] = field(default_factory=dict)  # message id -> the MIME it arrived as
+
+    @property
+    def inbox_folder_id(self) -> str:
+        """The id of the folder with the `\\Inbox` attribute."""
+        return next(str(f["id"]) for f in self.folders if "\\Inbox" in f["attributes"])
 
     @property
     def sent_folder_id(self) -> str:
@@ -198,6 +207,40 @@ class FakeState:
             if grant_id is not None:
                 grant_id = self._require_grant(grant_id).id
             self._scripts.append(ScriptedFault(fault, grant_id, times, delay_s, retry_after_s))
+
+    def receive_message(self, grant_id: str, raw: bytes, *, received_at: datetime | None = None) -> str:
+        """A test control: a message arrives in the grant's inbox (a reply, an auto-reply, a bounce
+        report), as the provider would sync it; returns its id. `GET /messages/{id}?fields=raw_mime`
+        gives `raw` back, base64url-encoded."""
+        grant = self._require_grant(grant_id)
+        parsed = BytesParser(policy=email.policy.default).parsebytes(raw)
+        message_id = new_opaque_id()
+        when = received_at or self.clock.now()
+        data = {
+            "id": message_id,
+            "grant_id": grant.id,
+            "object": "message",
+            "thread_id": new_opaque_id(),
+            "subject": str(parsed.get("Subject", "")),
+            "body": "",
+            "snippet": "",
+            "from": _participants(parsed.get("From")),
+            "to": _participants(parsed.get("To")),
+            "cc": [],
+            "bcc": [],
+            "reply_to": [],
+            "date": int(when.timestamp()),
+            "folders": [grant.inbox_folder_id],
+            "attachments": [],
+            "starred": False,
+            "unread": True,
+            "metadata": {},
+        }
+        with self._lock:
+            self._seq += 1
+            grant.messages.append(StoredMessage(self._seq, data, ()))
+            grant.raw_mime[message_id] = raw
+        return message_id
 
     def clear_faults(self) -> None:
         """Drop every scripted fault not yet used."""
@@ -404,3 +447,10 @@ def _stage_of(fault: Fault) -> str:
     if fault.at_gateway:
         return "gateway"
     return "delay" if fault is Fault.SLOW else "provider"
+
+
+def _participants(header: object) -> list[dict[str, str]]:
+    found = getaddresses([str(header)]) if header is not None else []
+    return [
+        {"email": address, "name": name} if name else {"email": address} for name, address in found if address
+    ]

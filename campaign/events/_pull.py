@@ -1,0 +1,153 @@
+"""Bounce reports in the senders' own inboxes: `campaign events pull`, for users without a public endpoint.
+
+A bounce comes back to the mailbox that sent the message, as a delivery status notification
+(DSN). For each sender's grant this lists the inbox since the campaign's first send (paged,
+bounded), picks the likely reports (from `MAILER-DAEMON` or `postmaster`, or a subject such as
+"Undeliverable" or "Delivery Status Notification"), fetches their MIME (`fields=raw_mime`), and
+lets flufl.bounce (GNU Mailman's bounce detectors) say which addresses failed, for good or for
+now. They are recorded in the unsubscribe store like webhook bounces, once per report: pulling
+twice records nothing twice.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from flufl.bounce import all_failures
+
+from campaign.events._notifications import BOUNCE
+from campaign.nylas import Folder, MessagePage
+from campaign.unsubscribe import BounceRecord, SuppressionStore
+
+__all__ = ["MAX_PAGES", "InboxReader", "PullReport", "pull_bounces"]
+
+PAGE = 200
+MAX_PAGES = 10  # per grant and pull: the newest 2,000 inbox messages since the first send
+_REPORT_SENDERS = re.compile(r"^(mailer-daemon|postmaster)@", re.IGNORECASE)
+_REPORT_SUBJECTS = re.compile(
+    r"undeliver|delivery status notification|returned mail|mail delivery (failed|subsystem)"
+    r"|failure notice|delivery has failed|could not be delivered",
+    re.IGNORECASE,
+)
+
+
+class InboxReader(Protocol):
+    """What a pull needs from the API (campaign.nylas.NylasClient)."""
+
+    async def list_folders(self, grant_id: str) -> list[Folder]: ...
+
+    async def list_messages(
+        self,
+        grant_id: str,
+        *,
+        in_folder: str | None = None,
+        received_after: datetime | int | None = None,
+        limit: int | None = None,
+        page_token: str | None = None,
+    ) -> MessagePage: ...
+
+    async def fetch_raw_mime(self, grant_id: str, message_id: str) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PullReport:
+    """What a pull looked at and found; `calls` is the API requests it made."""
+
+    grants: int
+    listed: int
+    reports: int
+    recorded: int  # reports not seen by an earlier pull
+    hard: tuple[str, ...]  # addresses that failed for good (suppressed)
+    soft: tuple[str, ...]  # addresses that failed for now (suppressed after repeated ones)
+    calls: int
+    cut_short: tuple[str, ...] = ()  # grants with more inbox messages than MAX_PAGES pages
+
+
+async def pull_bounces(
+    client: InboxReader, grants: Sequence[str], store: SuppressionStore, *, since: datetime
+) -> PullReport:
+    """Look through each grant's inbox since `since` for bounce reports and record them in `store`."""
+    tally = _Tally()
+    for grant in grants:
+        await _pull_grant(client, grant, store, since, tally)
+    return PullReport(
+        grants=len(grants),
+        listed=tally.listed,
+        reports=tally.reports,
+        recorded=tally.recorded,
+        hard=tuple(tally.hard),
+        soft=tuple(tally.soft),
+        calls=tally.calls,
+        cut_short=tuple(tally.cut_short),
+    )
+
+
+@dataclass
+class _Tally:
+    listed: int = 0
+    reports: int = 0
+    recorded: int = 0
+    calls: int = 0
+    hard: list[str] = field(default_factory=list)
+    soft: list[str] = field(default_factory=list)
+    cut_short: list[str] = field(default_factory=list)
+
+
+async def _pull_grant(
+    client: InboxReader, grant: str, store: SuppressionStore, since: datetime, tally: _Tally
+) -> None:
+    folders = await client.list_folders(grant)
+    tally.calls += 1
+    inbox = next((f.id for f in folders if "\\Inbox" in f.attributes), None)
+    if inbox is None:
+        return
+    token: str | None = None
+    for _ in range(MAX_PAGES):
+        page = await client.list_messages(
+            grant, in_folder=inbox, received_after=since, limit=PAGE, page_token=token
+        )
+        tally.calls += 1
+        tally.listed += len(page.messages)
+        for message in page.messages:
+            if _looks_like_a_report(message.senders, message.subject):
+                raw = await client.fetch_raw_mime(grant, message.id)
+                tally.calls += 1
+                tally.reports += 1
+                bounces = _read_report(raw, received=message.date or since, message_id=message.id)
+                body = json.dumps({"grant_id": grant, "message_id": message.id, "source": "inbox"})
+                event_id = f"inbox:{grant}:{message.id}"
+                if store.record_event(event_id, BOUNCE, grant_id=grant, body=body, bounces=bounces):
+                    tally.recorded += 1
+                    tally.hard.extend(b.email for b in bounces if b.hard)
+                    tally.soft.extend(b.email for b in bounces if not b.hard)
+        token = page.next_cursor
+        if token is None:
+            return
+    tally.cut_short.append(grant)
+
+
+def _looks_like_a_report(senders: Sequence[str], subject: str) -> bool:
+    return any(_REPORT_SENDERS.match(sender) for sender in senders) or bool(_REPORT_SUBJECTS.search(subject))
+
+
+def _read_report(raw: bytes, *, received: datetime, message_id: str) -> tuple[BounceRecord, ...]:
+    """The failed addresses a DSN names (flufl.bounce), permanent ones hard; none for ordinary mail."""
+    parsed = email.message_from_bytes(raw)
+    temporary, permanent = all_failures(parsed)
+    when = received.astimezone(UTC).isoformat(timespec="seconds")
+    found: dict[str, bool] = {}
+    for address, is_hard in [(a, True) for a in permanent] + [(a, False) for a in temporary]:
+        text = address.decode("utf-8", errors="replace").strip().lower()
+        if "@" in text:
+            found[text] = found.get(text, False) or is_hard
+    return tuple(
+        BounceRecord(address, is_hard, when, None, "dsn", None, message_id)
+        for address, is_hard in found.items()
+    )

@@ -1,0 +1,146 @@
+"""`campaign events pull`: bounce reports found in the senders' inboxes, recorded once, suppressing for good.
+
+The reports are DSN MIME as Gmail and Exchange write them, placed in the fake's inbox of the
+sender's grant (`FakeNylas.receive_message`), fetched with `fields=raw_mime` over loopback, and
+read by flufl.bounce.
+"""
+
+from __future__ import annotations
+
+from conftest import copy_sample
+
+from campaign.manifest import load_manifest
+from campaign.testing import FakeClock
+from campaign.unsubscribe import open_store
+
+
+def _gmail_dsn(address: str, status: str = "5.1.1") -> bytes:
+    return f"""From: Mail Delivery Subsystem <mailer-daemon@googlemail.com>
+To: founder@example.com
+Subject: Delivery Status Notification (Failure)
+MIME-Version: 1.0
+Content-Type: multipart/report; boundary="b1"; report-type=delivery-status
+Auto-Submitted: auto-replied
+
+--b1
+Content-Type: text/plain; charset="UTF-8"
+
+Your message wasn't delivered to {address} because the address couldn't be found.
+
+--b1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; googlemail.com
+
+Final-Recipient: rfc822; {address}
+Action: {"failed" if status.startswith("5") else "delayed"}
+Status: {status}
+Diagnostic-Code: smtp; 550-{status} The email account that you tried to reach does not exist.
+
+--b1
+Content-Type: message/rfc822
+
+From: founder@example.com
+To: {address}
+Subject: Spring news
+
+Hello
+--b1--
+""".replace("\n", "\r\n").encode()
+
+
+def _exchange_ndr(address: str) -> bytes:
+    return f"""From: Microsoft Outlook <postmaster@outlook.com>
+To: founder@example.com
+Subject: Undeliverable: Spring news
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="ndr"
+
+--ndr
+Content-Type: text/plain; charset="us-ascii"
+
+Delivery has failed to these recipients or groups:
+{address}
+The email address you entered couldn't be found.
+
+--ndr
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns;AM0PR01MB1234.eurprd01.prod.exchangelabs.com
+Received-From-MTA: dns;AM0PR01MB5678.eurprd01.prod.exchangelabs.com
+
+Final-Recipient: rfc822;{address}
+Action: failed
+Status: 5.1.10
+Diagnostic-Code: smtp;550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup
+
+--ndr
+Content-Type: text/rfc822-headers
+
+From: founder@example.com
+To: {address}
+Subject: Spring news
+--ndr--
+""".replace("\n", "\r\n").encode()
+
+
+def _reply(address: str) -> bytes:
+    return f"""From: Someone <{address}>
+To: founder@example.com
+Subject: Re: Spring news
+MIME-Version: 1.0
+Content-Type: text/plain
+
+Thanks, but this is not a bounce. Undeliverable things happen.
+""".replace("\n", "\r\n").encode()
+
+
+def test_events_pull_records_gmail_and_exchange_bounces_once_and_ignores_ordinary_mail(api, cli, tmp_path):
+    """Two permanent failures are suppressed, a temporary one only recorded, a reply ignored; a second
+    pull records nothing new; resuming the campaign mails nobody twice."""
+    manifest = copy_sample("newsletter", tmp_path)
+    text = manifest.read_text()
+    lists = 'suppress = ["unsubscribed.txt"'
+    manifest.write_text(text.replace(lists, f'{lists}, "store.sqlite"'))
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    sent = [d.payload["to"][0]["email"] for d in api.deliveries]
+    api.receive_message(sender.grant_id, _gmail_dsn(sent[0]))
+    api.receive_message(sender.grant_id, _exchange_ndr(sent[1]))
+    api.receive_message(sender.grant_id, _gmail_dsn("later@example.org", status="4.2.2"))
+    api.receive_message(sender.grant_id, _reply("chen.wei@example.net"))
+
+    first = cli("events", "pull", manifest)
+    assert first.exit_code == 0, first.output
+    assert "3 bounce reports (3 new)" in first.stdout
+    assert "2 addresses failed for good" in first.stdout
+    store = open_store(manifest.parent / "store.sqlite", clock=FakeClock(), create=False)
+    try:
+        assert sorted(e.recipient_key for e in store.entries()) == sorted(sent[:2])
+        assert [b.hard for b in store.bounces("later@example.org")] == [False]
+        assert store.bounces("chen.wei@example.net") == []
+    finally:
+        store.close()
+
+    again = cli("events", "pull", manifest)
+    assert again.exit_code == 0, again.output
+    assert "3 bounce reports (0 new)" in again.stdout
+
+    resumed = cli("resume", manifest, "--yes")
+    assert resumed.exit_code == 0, resumed.output
+    mailed = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert (mailed.count(sent[0]), mailed.count(sent[1])) == (1, 1)  # mailed before they bounced, once
+    assert "later@example.org" not in mailed
+
+
+def test_events_pull_needs_a_store_and_a_started_campaign(api, cli, tmp_path):
+    """No store named: exit 2 in one line. Nothing sent yet: nothing to look for."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    assert cli("events", "pull", manifest).exit_code == 66  # no ledger yet
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    refused = cli("events", "pull", manifest)
+    assert refused.exit_code == 2
+    assert "unsubscribe.store" in refused.stderr
