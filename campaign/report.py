@@ -1,8 +1,9 @@
 """The outcome report: one row per recipient from the ledger, as a polars frame written to CSV or Parquet.
 
 Columns: row, key, email, sender, state, reason, attempts, message_id, thread_id, request_id,
-replayed, error_type, error_status, error_message, note, listed, and the times
-(created, first claimed, last claimed, sent, updated) as UTC datetimes. `write_report`, the
+replayed, error_type, error_status, error_message, note, listed, the times (created, first
+claimed, last claimed, sent, updated) as UTC datetimes, and what tracking notifications kept in
+the campaign's store say (opens, first and last opened, clicks, clicked URLs). `write_report`, the
 use case `campaign report` calls, reads the ledger and writes only the output file. The
 idempotency key stays out (it is an internal detail, not something to act on). The file is
 owner-only; in a CSV, a cell that starts like a spreadsheet formula gets a leading `'`
@@ -24,6 +25,7 @@ from campaign.ledger import LedgerRow, open_ledger
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.outputfiles import write_private_csv, write_private_parquet
+from campaign.unsubscribe import Engagement, list_store_paths, open_store
 
 __all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "WrittenReport", "build_report", "write_report"]
 
@@ -53,8 +55,19 @@ _SCHEMA: dict[str, type[pl.DataType] | pl.DataType] = {
     "note": pl.String,
     "listed": pl.Boolean,
     **dict.fromkeys(_TIMES, pl.String),
+    # From the tracking notifications in the campaign's store (`campaign serve`), by message id.
+    "opens": pl.Int64,
+    "first_opened_at": pl.String,
+    "last_opened_at": pl.String,
+    "clicks": pl.Int64,
+    "clicked_urls": pl.String,
 }
 REPORT_COLUMNS: tuple[str, ...] = tuple(_TIMES.get(name, name) for name in _SCHEMA)
+_LEDGER_COLUMNS = tuple(
+    name
+    for name in _SCHEMA
+    if name not in {"opens", "first_opened_at", "last_opened_at", "clicks", "clicked_urls"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +91,10 @@ def write_report(
 
     Reads the ledger read-only, and closes it before writing the file.
     """
+    engagement = _load_engagement(manifest, clock)
     ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
-        frame = build_report(ledger.rows(states=states or None))
+        frame = build_report(ledger.rows(states=states or None), engagement)
     finally:
         ledger.close()
     _write_frame(frame, out)
@@ -88,16 +102,49 @@ def write_report(
     return WrittenReport(out, frame.height, dict(held))
 
 
-def build_report(rows: Iterable[LedgerRow]) -> pl.DataFrame:
-    """A frame with one row per ledger row, in list order, times as UTC datetimes."""
-    records = [
-        {name: getattr(row, name) if name != "state" else row.state.value for name in _SCHEMA} for row in rows
-    ]
+def build_report(
+    rows: Iterable[LedgerRow], engagement: Mapping[str, Engagement] | None = None
+) -> pl.DataFrame:
+    """A frame with one row per ledger row, in list order, times as UTC datetimes; opens and clicks
+    from `engagement` (by message id)."""
+    seen = engagement or {}
+    records = [_record(row, seen.get(row.message_id or "", _NONE)) for row in rows]
     frame = pl.DataFrame(records, schema=_SCHEMA, orient="row")
+    times = {**_TIMES, "first_opened_at": "first_opened_at", "last_opened_at": "last_opened_at"}
     return frame.with_columns(
         pl.col(name).str.to_datetime(time_zone="UTC", time_unit="ms").alias(label)
-        for name, label in _TIMES.items()
+        for name, label in times.items()
     ).select(REPORT_COLUMNS)
+
+
+_NONE = Engagement()
+
+
+def _record(row: LedgerRow, seen: Engagement) -> dict[str, object]:
+    record: dict[str, object] = {
+        name: getattr(row, name) if name != "state" else row.state.value for name in _LEDGER_COLUMNS
+    }
+    record.update(
+        opens=seen.opens,
+        first_opened_at=seen.first_open,
+        last_opened_at=seen.last_open,
+        clicks=seen.clicks,
+        clicked_urls=" ".join(seen.urls) or None,
+    )
+    return record
+
+
+def _load_engagement(manifest: Manifest, clock: Clock) -> dict[str, Engagement]:
+    """Opens and clicks by message id from the campaign's stores that exist (none: no tracking kept)."""
+    found: dict[str, Engagement] = {}
+    for path in list_store_paths(manifest):
+        if path.exists():
+            store = open_store(path, clock=clock, create=False)
+            try:
+                found |= store.engagement()
+            finally:
+                store.close()
+    return found
 
 
 def _write_frame(frame: pl.DataFrame, path: Path) -> None:

@@ -7,7 +7,7 @@ Reads the ledger; writes nothing. `Status.as_json()` is a contract documented in
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from campaign.clock import Clock
@@ -16,6 +16,7 @@ from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import NextStep, load_next_steps
 from campaign.plan import DAY_S, Schedule, SenderSchedule, build_schedule
+from campaign.unsubscribe import Engagement, list_store_paths, open_store
 
 __all__ = [
     "OPEN_STATES",
@@ -74,6 +75,29 @@ class SenderStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class EngagementSummary:
+    """Of the messages sent, how many were opened and clicked, per the tracking notifications kept."""
+
+    sent: int
+    opened: int
+    clicked: int
+
+    def as_json(self) -> dict[str, object]:
+        """The `engagement` key of `status --json`."""
+        return {
+            "sent": self.sent,
+            "opened": self.opened,
+            "clicked": self.clicked,
+            "open_rate": round(self.opened / self.sent, 4) if self.sent else None,
+            "click_rate": round(self.clicked / self.sent, 4) if self.sent else None,
+            "note": OPENS_NOTE,
+        }
+
+
+OPENS_NOTE = "opens are inflated: Apple Mail Privacy Protection loads every message's images, opened or not"
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     """The status of a campaign, started (it has a ledger) or not."""
 
@@ -89,6 +113,7 @@ class Status:
     removed_from_list: int
     next_steps: tuple[NextStep, ...]
     senders: tuple[SenderStatus, ...]  # in manifest order
+    engagement: EngagementSummary | None = None  # None: the campaign's stores keep no tracking events
 
     @property
     def started(self) -> bool:
@@ -104,18 +129,24 @@ class Status:
         }
         if self.schedule is not None:
             data |= {"per_day": self.schedule.per_day, "eta_s": self.schedule.duration_s}
-        return data | {
-            "started": self.started,
-            "done": self.done,
-            "total": self.total,
-            "states": _named(self.states),
-            "skipped": dict(self.skipped),
-            "errors": {error.cause: error.count for error in self.errors},
-            "last_errors": {error.cause: error.latest for error in self.errors if error.latest is not None},
-            "removed_from_list": self.removed_from_list,
-            "next": [step.as_json() for step in self.next_steps],
-            "senders": {sender.name: sender.as_json() for sender in self.senders},
-        }
+        return (
+            data
+            | {
+                "started": self.started,
+                "done": self.done,
+                "total": self.total,
+                "states": _named(self.states),
+                "skipped": dict(self.skipped),
+                "errors": {error.cause: error.count for error in self.errors},
+                "last_errors": {
+                    error.cause: error.latest for error in self.errors if error.latest is not None
+                },
+                "removed_from_list": self.removed_from_list,
+                "next": [step.as_json() for step in self.next_steps],
+                "senders": {sender.name: sender.as_json() for sender in self.senders},
+            }
+            | ({} if self.engagement is None else {"engagement": self.engagement.as_json()})
+        )
 
 
 def load_status(
@@ -129,9 +160,30 @@ def load_status(
         return build_unstarted_status(manifest)
     ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
-        return build_status(manifest, ledger, clock=clock, command_path=command_path, sandbox=sandbox)
+        status = build_status(manifest, ledger, clock=clock, command_path=command_path, sandbox=sandbox)
+        return replace(status, engagement=load_engagement_summary(manifest, ledger, clock=clock))
     finally:
         ledger.close()
+
+
+def load_engagement_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> EngagementSummary | None:
+    """Opens and clicks of this campaign's sent messages, from the tracking notifications its stores keep."""
+    tracked: dict[str, Engagement] = {}
+    for path in list_store_paths(manifest):
+        if path.exists():
+            store = open_store(path, clock=clock, create=False)
+            try:
+                tracked |= store.engagement()
+            finally:
+                store.close()
+    if not tracked:
+        return None
+    ours = ledger.sent_message_ids(tracked)  # a store is shared: only this campaign's messages count
+    return EngagementSummary(
+        sent=ledger.counts()[RowState.SENT],
+        opened=sum(1 for message_id in ours if tracked[message_id].opens),
+        clicked=sum(1 for message_id in ours if tracked[message_id].clicks),
+    )
 
 
 def build_status(

@@ -6,6 +6,7 @@ of the raw body, reference/next-capabilities.md §2.3), with the store on real S
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -290,3 +291,44 @@ def test_the_serve_command_receives_signed_webhooks_and_refuses_without_its_secr
     reader = open_store(store, clock=FakeClock(), create=False)
     assert [e.source for e in reader.entries()] == ["bounce"]
     reader.close()
+
+
+def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path):
+    """Tracking notifications for this campaign's messages (and one for another campaign's) give
+    per-recipient columns in `report` and rates in `status --json`, with the Apple MPP caveat."""
+    manifest = copy_sample("newsletter", tmp_path)
+    lists = 'suppress = ["unsubscribed.txt"'
+    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "store.sqlite"'))
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    assert cli("run", manifest, "--yes").exit_code == 0
+    first, second = api.deliveries[0], api.deliveries[1]
+    store = open_store(manifest.parent / "store.sqlite", clock=FakeClock())
+    opened = {"message_id": first.id, "message_data": {"count": 1, "timestamp": 1_767_000_100}}
+    clicked = {"message_id": first.id, "link_data": [{"url": "https://example.com/offer", "count": 1}]}
+    _record(store, _envelope("o1", "message.opened", opened, time=1_767_000_100))
+    _record(store, _envelope("o2", "message.opened", opened, time=1_767_000_200))
+    _record(store, _envelope("c1", "message.link_clicked", clicked))
+    _record(store, _envelope("o3", "message.opened", {"message_id": second.id}))
+    _record(store, _envelope("x1", "message.opened", {"message_id": "another-campaigns-message"}))
+    store.close()
+
+    out = tmp_path / "report.csv"
+    assert cli("report", manifest, "--out", out).exit_code == 0
+    with out.open(encoding="utf-8") as report:
+        rows = {row["email"]: row for row in csv.DictReader(report)}
+    one = rows[first.payload["to"][0]["email"]]
+    assert (one["opens"], one["clicks"], one["clicked_urls"]) == ("2", "1", "https://example.com/offer")
+    assert one["first_opened_at"].startswith(
+        datetime.fromtimestamp(1_767_000_100, UTC).strftime("%Y-%m-%dT%H:%M")
+    )
+    assert rows[second.payload["to"][0]["email"]]["opens"] == "1"
+    untouched = [row for row in rows.values() if row["state"] == "sent" and row["opens"] == "0"]
+    assert len(untouched) == len(api.deliveries) - 2
+
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    seen = status["engagement"]
+    assert (seen["sent"], seen["opened"], seen["clicked"]) == (len(api.deliveries), 2, 1)
+    assert seen["open_rate"] == round(2 / len(api.deliveries), 4)
+    assert "Apple Mail Privacy Protection" in seen["note"]
+    assert "Apple Mail Privacy Protection" in cli("status", manifest).stdout

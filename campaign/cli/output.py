@@ -284,6 +284,14 @@ def print_status(console: Console, status: Status) -> None:
     for error in status.errors:
         last = f" (latest: {show(error.latest)})" if error.latest else ""
         console.print(f"[red]not sent[/] ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
+    if (seen := status.engagement) is not None and seen.sent:
+        from campaign.status import OPENS_NOTE  # loaded by the commands that print a status only
+
+        console.print(
+            f"opened: {seen.opened} of {seen.sent} sent ({seen.opened / seen.sent:.1%}), clicked: "
+            f"{seen.clicked} ({seen.clicked / seen.sent:.1%}); {escape(OPENS_NOTE)}",
+            soft_wrap=True,
+        )
     print_next_steps(console, status.next_steps)
 
 

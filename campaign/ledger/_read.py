@@ -6,6 +6,7 @@ builds on `LedgerReader`). A `sqlite3.Error` becomes a `LedgerError` naming the 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -155,6 +156,12 @@ class LedgerReader:
     def _meta(self, key: str) -> str | None:
         found = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(found[0][0]) if found else None
+
+    def sent_message_ids(self, message_ids: Iterable[str]) -> set[str]:
+        """Which of `message_ids` are messages this ledger recorded as sent (one pass over the ledger)."""
+        wanted = json.dumps(list(message_ids))
+        query = "SELECT message_id FROM recipients WHERE message_id IN (SELECT value FROM json_each(?))"
+        return {str(message_id) for (message_id,) in self._read(query, (wanted,))}
 
     def first_claim(self) -> datetime | None:
         """When the campaign's first send was claimed (None: nothing was ever sent)."""

@@ -12,13 +12,14 @@ bounces once `BounceRules` say so. It never holds a secret, never sends and neve
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "BOUNCE_SOURCE",
     "BounceRecord",
     "BounceRules",
+    "Engagement",
     "StoreEntry",
     "StoreError",
     "SuppressionStore",
@@ -100,6 +102,17 @@ class BounceRecord:
     kind: str | None = None  # the provider's type, e.g. mailbox_unavailable
     reason: str | None = None
     message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Engagement:
+    """What the tracking notifications say of one sent message: opens and clicks (ISO UTC times)."""
+
+    opens: int = 0
+    first_open: str | None = None
+    last_open: str | None = None
+    clicks: int = 0
+    urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +287,38 @@ class SuppressionStore:
             (email.lower(),),
         )
         return [BounceRecord(str(e), bool(h), str(at), c, k, r, m) for e, h, at, c, k, r, m in rows]
+
+    def engagement(self) -> dict[str, Engagement]:
+        """Opens and clicks per message id, from the `message.opened` / `message.link_clicked` kept."""
+        rows = self._query(
+            "SELECT type, json_extract(body, '$.data.object.message_id'), json_extract(body, '$.time'),"
+            " received_at, body FROM events"
+            " WHERE type IN ('message.opened', 'message.link_clicked') ORDER BY received_at, id"
+        )
+        found: dict[str, Engagement] = {}
+        for kind, message_id, time, stored_at, body in rows:
+            if not isinstance(message_id, str) or not message_id:
+                continue
+            # When it happened (the envelope's Unix time), else when the notification arrived.
+            received_at = (
+                datetime.fromtimestamp(time, UTC).isoformat(timespec="seconds")
+                if isinstance(time, int)
+                else str(stored_at)
+            )
+            seen = found.get(message_id) or Engagement()
+            if kind == "message.opened":
+                seen = replace(
+                    seen,
+                    opens=seen.opens + 1,
+                    first_open=seen.first_open or received_at,
+                    last_open=received_at,
+                )
+            else:
+                seen = replace(
+                    seen, clicks=seen.clicks + 1, urls=tuple(dict.fromkeys(seen.urls + _urls(body)))
+                )
+            found[message_id] = seen
+        return found
 
     def event_count(self) -> int:
         """How many notifications the store holds."""
@@ -507,3 +552,13 @@ class UnsubscribeWatch:
             except StoreError:
                 continue  # busy or briefly unreadable: what is known still holds; the next re-read retries
             self._known.add(entries)
+
+
+def _urls(body: str) -> tuple[str, ...]:
+    """The clicked URLs a `message.link_clicked` notification names (`link_data[].url`)."""
+    try:
+        document = json.loads(body)
+        links = document["data"]["object"]["link_data"]
+    except (ValueError, KeyError, TypeError):
+        return ()
+    return tuple(str(link["url"]) for link in links if isinstance(link, dict) and link.get("url"))
