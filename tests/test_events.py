@@ -332,3 +332,34 @@ def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path):
     assert seen["open_rate"] == round(2 / len(api.deliveries), 4)
     assert "Apple Mail Privacy Protection" in seen["note"]
     assert "Apple Mail Privacy Protection" in cli("status", manifest).stdout
+
+
+def test_the_fake_bounces_chosen_recipients_and_sends_signed_webhooks_to_the_service(api, cli, service):
+    """The fake (what `campaign sandbox --bounce-share/--webhook` runs): a bounced recipient's DSN lands
+    in the sender's inbox and its notification reaches `campaign serve` signed, twice when the fake
+    duplicates; the service records it once and suppresses the address; `events pull` finds the DSN."""
+    svc, url = service
+    manifest_dir = svc.store.path.parent
+    manifest = copy_sample("newsletter", manifest_dir)
+    lists = 'suppress = ["unsubscribed.txt"'
+    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{svc.store.path}"'))
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    first = manifest.parent.joinpath("recipients.csv").read_text().splitlines()[1].split(",")[0]
+    api.bounce_addresses.add(first)
+    api.duplicate_webhooks = True
+    api.add_webhook(f"{url}/nylas/webhook", WEBHOOK_SECRET, ["message.bounce_detected"])
+    assert cli("run", manifest, "--yes").exit_code == 0
+    assert api.deliver_webhooks() == 2  # one notification, delivered twice
+    assert svc.store.event_count() == 1
+    assert [(e.recipient_key, e.source) for e in svc.store.entries()] == [(first, "bounce")]
+    pulled = cli("events", "pull", manifest)
+    assert pulled.exit_code == 0, pulled.output
+    assert "1 bounce reports (1 new)" in pulled.stdout
+    assert [b.hard for b in svc.store.bounces(first)] == [True, True]  # the webhook's and the DSN's
+
+
+def test_a_webhook_url_that_does_not_echo_the_challenge_is_refused(api, tmp_path):
+    """Registration checks the URL first, as `POST /v3/webhooks` does."""
+    with pytest.raises((ValueError, httpx.HTTPError)):
+        api.add_webhook("http://127.0.0.1:9/nylas/webhook", WEBHOOK_SECRET, ["message.bounce_detected"])

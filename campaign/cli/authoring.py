@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 
 from campaign.cli.base import exit_codes, out
@@ -18,6 +19,7 @@ from campaign.errors import UsageError
 from campaign.manifest import build_manifest_schema, load_manifest, write_starter
 from campaign.testing.server import run_sandbox_server
 from campaign.timetext import parse_duration
+from campaign.web import DEFAULT_WEBHOOK_SECRET_ENV, read_webhook_secrets
 
 __all__ = ["init", "sandbox", "schema"]
 
@@ -54,6 +56,24 @@ def sandbox(
         typer.Option("--broken-to-filter", help="The `to` filter finds nothing, as on Microsoft grants."),
     ] = False,
     gzip: Annotated[bool, typer.Option("--gzip", help="Answer gzip-compressed, as Nylas can.")] = False,
+    bounce_share: Annotated[
+        float,
+        typer.Option(
+            "--bounce-share",
+            min=0.0,
+            max=1.0,
+            help="Bounce this share of recipients (the same ones each time): a DSN in the sender's inbox.",
+        ),
+    ] = 0.0,
+    webhook: Annotated[
+        str | None,
+        typer.Option(
+            "--webhook",
+            help="Send signed notifications (bounces) to this URL, e.g. `campaign serve`'s /nylas/webhook; "
+            "the secret is NYLAS_WEBHOOK_SECRET's.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve the fake Nylas API on this machine, for trying tools against it."""
     with exit_codes():
@@ -62,9 +82,16 @@ def sandbox(
             listing_lag_s=_parse_lag(listing_lag),
             to_filter_broken=broken_to_filter,
             gzip=gzip,
+            bounce_share=bounce_share,
         )
+        if webhook is not None:
+            secrets = read_webhook_secrets(DEFAULT_WEBHOOK_SECRET_ENV)
+            try:
+                fake.add_webhook(webhook, secrets[0], ["message.bounce_detected"])
+            except (ValueError, httpx.HTTPError) as exc:
+                raise UsageError(f"--webhook {webhook}: {exc}; start `campaign serve` first") from exc
         out.print(f"Fake Nylas API on http://{host}:{port}  (API key: {SANDBOX_API_KEY}); Ctrl-C stops it")
-        run_sandbox_server(fake, host=host, port=port)
+        run_sandbox_server(fake, host=host, port=port, every_second=fake.deliver_webhooks)
 
 
 def _parse_lag(text: str | None) -> float:

@@ -171,13 +171,16 @@ def build_sandbox_api(
     listing_lag_s: float = 0.0,
     to_filter_broken: bool = False,
     gzip: bool = False,
+    bounce_share: float = 0.0,
 ) -> FakeNylas:
     """The fake Nylas API, with the manifest's senders as its grants and domains, and the provider
-    quirks asked for: a listing lag and a broken `to` filter on every grant, gzip-encoded answers."""
+    quirks asked for: a listing lag and a broken `to` filter on every grant, gzip-encoded answers,
+    and a share of recipients whose messages bounce (a DSN in the sender's inbox, a notification)."""
     from campaign.testing import FakeNylas
 
     fake = FakeNylas(api_key=SANDBOX_API_KEY, clock=clock)
     fake.gzip_answers = gzip
+    fake.bounce_share = bounce_share
     if manifest is not None:
         register_sandbox_grants(fake, manifest)
         for sender in manifest.senders:

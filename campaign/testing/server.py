@@ -7,10 +7,11 @@ fake's state; the fake locks its own state against the server thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -80,10 +81,24 @@ def serve_on_loopback(fake: HasApp) -> Iterator[str]:
             sock.close()
 
 
-def run_sandbox_server(fake: HasApp, *, host: str, port: int) -> None:
-    """Serve `fake.app` on host:port in the foreground until Ctrl-C."""
+def run_sandbox_server(
+    fake: HasApp, *, host: str, port: int, every_second: Callable[[], object] | None = None
+) -> None:
+    """Serve `fake.app` on host:port in the foreground until Ctrl-C; `every_second` runs on a thread
+    (the sandbox delivers its queued webhooks with it)."""
     config = uvicorn.Config(
         fake.app, host=host, port=port, lifespan="off", log_level="warning", interface="asgi3"
     )
+    server = uvicorn.Server(config)
+    if every_second is not None:
+        task = every_second
+
+        def tick() -> None:
+            while not server.should_exit:
+                with contextlib.suppress(Exception):  # a receiver that is down: try again next second
+                    task()
+                threading.Event().wait(1.0)
+
+        threading.Thread(target=tick, daemon=True, name="sandbox-webhooks").start()
     with _reset_log_filter():
-        uvicorn.Server(config).run()
+        server.run()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import copy
 import email.policy
 import hashlib
+import hmac
 import json
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.parser import BytesParser
@@ -22,8 +23,11 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from campaign.clock import Clock, SystemClock
 from campaign.outputfiles import make_private_dir, write_private_text
+from campaign.testing.bounces import DsnStyle, build_bounce_object, build_dsn
 from campaign.testing.envelopes import Answer, ApiProblem
 from campaign.testing.limits import IdempotencyCache, KeyState, Quota, QuotaLog, SlidingWindow
 from campaign.testing.listing import StoredMessage, select_messages
@@ -123,6 +127,16 @@ class FakeState:
         self.max_json_bytes = 3_000_000
         self.max_multipart_bytes = 25_000_000
         self.idempotency_ttl_s = 3600.0
+        # Bounces: a message to an address in `bounce_addresses`, or to one the share picks (by a hash of
+        # the address, so the same recipients bounce every time), is delivered, then bounced: a DSN
+        # arrives in the sending grant's inbox and a `message.bounce_detected` notification is queued.
+        self.bounce_addresses: set[str] = set()
+        self.bounce_share = 0.0
+        self.dsn_style: DsnStyle = "gmail"
+        # Webhooks (`add_webhook`): notifications wait here until `deliver_webhooks` sends them.
+        self._webhooks: list[tuple[str, bytes, frozenset[str]]] = []
+        self._outbox: list[tuple[str, dict[str, Any]]] = []
+        self.duplicate_webhooks = False  # deliver every notification twice, as Nylas may
         self._lock = threading.Lock()
         self._grants: dict[str, Grant] = {}
         self._scripts: list[ScriptedFault] = []
@@ -241,6 +255,49 @@ class FakeState:
             grant.messages.append(StoredMessage(self._seq, data, ()))
             grant.raw_mime[message_id] = raw
         return message_id
+
+    def add_webhook(self, url: str, secret: bytes, trigger_types: Iterable[str]) -> None:
+        """Register a webhook as `POST /v3/webhooks` does: the URL must echo a challenge first."""
+        challenge = new_opaque_id()
+        answer = httpx.get(url, params={"challenge": challenge}, timeout=10)
+        if answer.status_code != 200 or answer.text != challenge:
+            raise ValueError(f"{url} did not echo the challenge (HTTP {answer.status_code})")
+        with self._lock:
+            self._webhooks.append((url, secret, frozenset(trigger_types)))
+
+    def queue_notification(self, kind: str, grant_id: str, obj: dict[str, Any]) -> str:
+        """Queue a notification (any trigger type) for the webhooks; returns its envelope id."""
+        event_id = new_opaque_id()
+        envelope = {
+            "specversion": "1.0",
+            "type": kind,
+            "source": "/nylas/send" if kind.startswith("message.bounce") else "/com/nylas/tracking",
+            "id": event_id,
+            "time": int(self.clock.now().timestamp()),
+            "webhook_delivery_attempt": 1,
+            "data": {"application_id": "sandbox-app", "grant_id": grant_id, "object": obj},
+        }
+        with self._lock:
+            self._outbox.append((kind, envelope))
+        return event_id
+
+    def deliver_webhooks(self) -> int:
+        """POST the queued notifications, signed, to the webhooks subscribed to their types; how many."""
+        with self._lock:
+            queued, self._outbox = self._outbox, []
+            hooks = list(self._webhooks)
+        sent = 0
+        for kind, envelope in queued:
+            body = json.dumps(envelope).encode()
+            for url, secret, types in hooks:
+                if kind not in types:
+                    continue
+                signature = hmac.new(secret, body, hashlib.sha256).hexdigest()
+                headers = {"content-type": "application/json", "x-nylas-signature": signature}
+                for _ in range(2 if self.duplicate_webhooks else 1):
+                    httpx.post(url, content=body, headers=headers, timeout=10)
+                    sent += 1
+        return sent
 
     def clear_faults(self) -> None:
         """Drop every scripted fault not yet used."""
@@ -399,7 +456,21 @@ class FakeState:
             grant.messages.append(StoredMessage(self._seq, data, tuple(headers)))
             grant.quota_log.record(self.clock.monotonic(), count_recipients(payload))
             self._deliveries.append(Delivery(message_id, grant.id, kept, attachments, key, now, multipart))
+        self._bounce_if_chosen(grant, data)
         return copy.deepcopy(data), headers
+
+    def _bounce_if_chosen(self, grant: Grant, message: dict[str, Any]) -> None:
+        for recipient in message["to"]:
+            address = str(recipient["email"]).lower()
+            share = int(hashlib.sha256(address.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            if address not in self.bounce_addresses and share >= self.bounce_share:
+                continue
+            now = self.clock.now()
+            subject = str(message["subject"])
+            dsn = build_dsn(address, mailbox=grant.email, subject=subject, at=now, style=self.dsn_style)
+            self.receive_message(grant.id, dsn, received_at=now)
+            obj = build_bounce_object(address, message_id=str(message["id"]), subject=subject, at=now)
+            self.queue_notification("message.bounce_detected", grant.id, obj)
 
     def _add_schedule(self, grant: Grant, schedule_id: str, send_at: int) -> None:
         with self._lock:
