@@ -3,8 +3,8 @@
 Columns: row, key, email, sender, state, reason, attempts, message_id, thread_id, request_id,
 replayed, error_type, error_status, error_message, note, listed, the times (created, first
 claimed, last claimed, sent, updated) as UTC datetimes, and what tracking notifications kept in
-the campaign's store say (opens, first and last opened, clicks, clicked URLs). `write_report`, the
-use case `campaign report` calls, reads the ledger and writes only the output file. The
+the campaign's store say (opens, first and last opened, clicks, clicked URLs, the first reply).
+`write_report`, the use case `campaign report` calls, reads the ledger and writes only the output file. The
 idempotency key stays out (it is an internal detail, not something to act on). The file is
 owner-only; in a CSV, a cell that starts like a spreadsheet formula gets a leading `'`
 (`campaign.outputfiles`).
@@ -61,13 +61,11 @@ _SCHEMA: dict[str, type[pl.DataType] | pl.DataType] = {
     "last_opened_at": pl.String,
     "clicks": pl.Int64,
     "clicked_urls": pl.String,
+    "replied_at": pl.String,
 }
 REPORT_COLUMNS: tuple[str, ...] = tuple(_TIMES.get(name, name) for name in _SCHEMA)
-_LEDGER_COLUMNS = tuple(
-    name
-    for name in _SCHEMA
-    if name not in {"opens", "first_opened_at", "last_opened_at", "clicks", "clicked_urls"}
-)
+_TRACKED = ("opens", "first_opened_at", "last_opened_at", "clicks", "clicked_urls", "replied_at")
+_LEDGER_COLUMNS = tuple(name for name in _SCHEMA if name not in _TRACKED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +108,7 @@ def build_report(
     seen = engagement or {}
     records = [_record(row, seen.get(row.message_id or "", _NONE)) for row in rows]
     frame = pl.DataFrame(records, schema=_SCHEMA, orient="row")
-    times = {**_TIMES, "first_opened_at": "first_opened_at", "last_opened_at": "last_opened_at"}
+    times = {**_TIMES, **{name: name for name in ("first_opened_at", "last_opened_at", "replied_at")}}
     return frame.with_columns(
         pl.col(name).str.to_datetime(time_zone="UTC", time_unit="ms").alias(label)
         for name, label in times.items()
@@ -130,6 +128,7 @@ def _record(row: LedgerRow, seen: Engagement) -> dict[str, object]:
         last_opened_at=seen.last_open,
         clicks=seen.clicks,
         clicked_urls=" ".join(seen.urls) or None,
+        replied_at=seen.first_reply,
     )
     return record
 

@@ -76,11 +76,12 @@ class SenderStatus:
 
 @dataclass(frozen=True, slots=True)
 class EngagementSummary:
-    """Of the messages sent, how many were opened and clicked, per the tracking notifications kept."""
+    """Of the messages sent, how many were opened, clicked and replied to, per the tracking notifications."""
 
     sent: int
     opened: int
     clicked: int
+    replied: int
 
     def as_json(self) -> dict[str, object]:
         """The `engagement` key of `status --json`."""
@@ -88,6 +89,7 @@ class EngagementSummary:
             "sent": self.sent,
             "opened": self.opened,
             "clicked": self.clicked,
+            "replied": self.replied,
             "open_rate": round(self.opened / self.sent, 4) if self.sent else None,
             "click_rate": round(self.clicked / self.sent, 4) if self.sent else None,
             "note": OPENS_NOTE,
@@ -183,6 +185,7 @@ def load_engagement_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock)
         sent=ledger.counts()[RowState.SENT],
         opened=sum(1 for message_id in ours if tracked[message_id].opens),
         clicked=sum(1 for message_id in ours if tracked[message_id].clicks),
+        replied=sum(1 for message_id in ours if tracked[message_id].replies),
     )
 
 

@@ -311,6 +311,10 @@ def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path):
     _record(store, _envelope("c1", "message.link_clicked", clicked))
     _record(store, _envelope("o3", "message.opened", {"message_id": second.id}))
     _record(store, _envelope("x1", "message.opened", {"message_id": "another-campaigns-message"}))
+    reply = {"message_id": "reply-1", "root_message_id": second.id, "from_self": False}
+    _record(store, _envelope("r1", "thread.replied", reply, time=1_767_000_300))
+    own = {"message_id": "reply-2", "root_message_id": first.id, "from_self": True}
+    _record(store, _envelope("r2", "thread.replied", own))
     store.close()
 
     out = tmp_path / "report.csv"
@@ -323,12 +327,16 @@ def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path):
         datetime.fromtimestamp(1_767_000_100, UTC).strftime("%Y-%m-%dT%H:%M")
     )
     assert rows[second.payload["to"][0]["email"]]["opens"] == "1"
+    assert rows[second.payload["to"][0]["email"]]["replied_at"].startswith(
+        datetime.fromtimestamp(1_767_000_300, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    )
+    assert one["replied_at"] == ""  # the sender's own reply in the thread is not the recipient's
     untouched = [row for row in rows.values() if row["state"] == "sent" and row["opens"] == "0"]
     assert len(untouched) == len(api.deliveries) - 2
 
     status = json.loads(cli("status", manifest, "--json").stdout)
     seen = status["engagement"]
-    assert (seen["sent"], seen["opened"], seen["clicked"]) == (len(api.deliveries), 2, 1)
+    assert (seen["sent"], seen["opened"], seen["clicked"], seen["replied"]) == (len(api.deliveries), 2, 1, 1)
     assert seen["open_rate"] == round(2 / len(api.deliveries), 4)
     assert "Apple Mail Privacy Protection" in seen["note"]
     assert "Apple Mail Privacy Protection" in cli("status", manifest).stdout

@@ -289,7 +289,7 @@ def print_status(console: Console, status: Status) -> None:
 
         console.print(
             f"opened: {seen.opened} of {seen.sent} sent ({seen.opened / seen.sent:.1%}), clicked: "
-            f"{seen.clicked} ({seen.clicked / seen.sent:.1%}); {escape(OPENS_NOTE)}",
+            f"{seen.clicked} ({seen.clicked / seen.sent:.1%}), replied: {seen.replied}; {escape(OPENS_NOTE)}",
             soft_wrap=True,
         )
     print_next_steps(console, status.next_steps)

@@ -106,13 +106,15 @@ class BounceRecord:
 
 @dataclass(frozen=True, slots=True)
 class Engagement:
-    """What the tracking notifications say of one sent message: opens and clicks (ISO UTC times)."""
+    """What the tracking notifications say of one sent message: opens, clicks, replies (ISO UTC times)."""
 
     opens: int = 0
     first_open: str | None = None
     last_open: str | None = None
     clicks: int = 0
     urls: tuple[str, ...] = ()
+    replies: int = 0
+    first_reply: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,35 +291,36 @@ class SuppressionStore:
         return [BounceRecord(str(e), bool(h), str(at), c, k, r, m) for e, h, at, c, k, r, m in rows]
 
     def engagement(self) -> dict[str, Engagement]:
-        """Opens and clicks per message id, from the `message.opened` / `message.link_clicked` kept."""
+        """Opens, clicks and replies per sent message id, from the tracking notifications kept.
+
+        A reply (`thread.replied`) counts for its `root_message_id`, the tracked message, unless the
+        sender wrote it (`from_self`).
+        """
         rows = self._query(
-            "SELECT type, json_extract(body, '$.data.object.message_id'), json_extract(body, '$.time'),"
-            " received_at, body FROM events"
-            " WHERE type IN ('message.opened', 'message.link_clicked') ORDER BY received_at, id"
+            "SELECT type, body, received_at FROM events"
+            " WHERE type IN ('message.opened', 'message.link_clicked', 'thread.replied')"
+            " ORDER BY received_at, rowid"
         )
         found: dict[str, Engagement] = {}
-        for kind, message_id, time, stored_at, body in rows:
+        for kind, body, stored_at in rows:
+            try:
+                document = json.loads(body)
+                obj = document["data"]["object"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not isinstance(obj, dict) or (kind == "thread.replied" and obj.get("from_self") is True):
+                continue
+            message_id = obj.get("root_message_id" if kind == "thread.replied" else "message_id")
             if not isinstance(message_id, str) or not message_id:
                 continue
+            time = document.get("time")
             # When it happened (the envelope's Unix time), else when the notification arrived.
-            received_at = (
+            at = (
                 datetime.fromtimestamp(time, UTC).isoformat(timespec="seconds")
                 if isinstance(time, int)
-                else str(stored_at)
+                else stored_at
             )
-            seen = found.get(message_id) or Engagement()
-            if kind == "message.opened":
-                seen = replace(
-                    seen,
-                    opens=seen.opens + 1,
-                    first_open=seen.first_open or received_at,
-                    last_open=received_at,
-                )
-            else:
-                seen = replace(
-                    seen, clicks=seen.clicks + 1, urls=tuple(dict.fromkeys(seen.urls + _urls(body)))
-                )
-            found[message_id] = seen
+            found[message_id] = _engaged(found.get(message_id) or Engagement(), kind, str(at), obj)
         return found
 
     def event_count(self) -> int:
@@ -554,11 +557,16 @@ class UnsubscribeWatch:
             self._known.add(entries)
 
 
-def _urls(body: str) -> tuple[str, ...]:
-    """The clicked URLs a `message.link_clicked` notification names (`link_data[].url`)."""
-    try:
-        document = json.loads(body)
-        links = document["data"]["object"]["link_data"]
-    except (ValueError, KeyError, TypeError):
-        return ()
-    return tuple(str(link["url"]) for link in links if isinstance(link, dict) and link.get("url"))
+def _engaged(seen: Engagement, kind: str, at: str, obj: dict[str, Any]) -> Engagement:
+    """`seen` with one more open, click (and its URLs) or reply."""
+    if kind == "message.opened":
+        return replace(seen, opens=seen.opens + 1, first_open=seen.first_open or at, last_open=at)
+    if kind == "thread.replied":
+        return replace(seen, replies=seen.replies + 1, first_reply=seen.first_reply or at)
+    links = obj.get("link_data")
+    urls = (
+        [str(link["url"]) for link in links if isinstance(link, dict) and link.get("url")]
+        if isinstance(links, list)
+        else []
+    )
+    return replace(seen, clicks=seen.clicks + 1, urls=tuple(dict.fromkeys((*seen.urls, *urls))))
