@@ -1,0 +1,137 @@
+"""Time as follow-ups count it: delays ("3 business days"), send windows ("Mon-Fri 09:00-17:30") in a
+sender's time zone, and holidays. Pure: the caller passes every moment; zones come from the stdlib
+`zoneinfo`, so a wall-clock time stays the same across a DST change.
+
+`parse_delay` and `parse_window` raise ValueError saying what is wrong and the accepted forms; the
+manifest names the key. `add_delay` gives when a step is due after the previous one was sent;
+`next_open` gives the first moment a window allows, at or after a given one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+__all__ = ["Delay", "SendWindow", "add_delay", "load_zone", "next_open", "parse_delay", "parse_window"]
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+_PLAIN = re.compile(r"^(\d+)\s*([smhd])$")
+_BUSINESS = re.compile(r"^(\d+)\s+business\s+days?$")
+_WINDOW = re.compile(r"^([a-z,\- ]+?)\s+(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
+_WEEKEND = frozenset({5, 6})
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """A wait: plain seconds, or business days (weekends and holidays skipped, wall-clock time kept)."""
+
+    seconds: int = 0
+    business_days: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SendWindow:
+    """When a sender may send: these weekdays (0 = Monday), from `start` to `end`, in `zone`."""
+
+    days: frozenset[int]
+    start: time
+    end: time
+    zone: ZoneInfo
+
+    def contains(self, at: datetime) -> bool:
+        """Whether the aware moment `at` falls inside the window."""
+        local = at.astimezone(self.zone)
+        return local.weekday() in self.days and self.start <= local.time() < self.end
+
+
+def load_zone(name: str) -> ZoneInfo:
+    """The IANA zone `name` (e.g. Europe/Berlin); ValueError naming it when there is no such zone."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(
+            f"{name!r} is not a time zone; use an IANA name such as Europe/Berlin or UTC"
+        ) from exc
+
+
+def parse_delay(text: str) -> Delay:
+    """`90s`, `15m`, `2h`, `3d` or `3 business days` as a Delay."""
+    value = " ".join(text.strip().lower().split())
+    if (found := _PLAIN.match(value)) is not None:
+        return Delay(seconds=int(found[1]) * _UNITS[found[2]])
+    if (found := _BUSINESS.match(value)) is not None:
+        return Delay(business_days=int(found[1]))
+    message = f"{text!r} is not a delay; write e.g. 90s, 2h, 3d or 3 business days"
+    raise ValueError(message)
+
+
+def parse_window(text: str, zone: ZoneInfo) -> SendWindow:
+    """`Mon-Fri 09:00-17:30` (or `Mon,Wed,Fri 08:00-12:00`; a range may wrap, `Fri-Mon`) in `zone`."""
+    value = " ".join(text.strip().lower().split())
+    found = _WINDOW.match(value)
+    problem = f"{text!r} is not a send window; write e.g. Mon-Fri 09:00-17:30"
+    if found is None:
+        raise ValueError(problem)
+    try:
+        start = time(int(found[2]), int(found[3]))
+        end = time(int(found[4]), int(found[5]))
+    except ValueError as exc:
+        raise ValueError(problem) from exc
+    if end <= start:
+        raise ValueError(f"{text!r}: the window must end after it starts on the same day")
+    return SendWindow(_parse_days(found[1], problem), start, end, zone)
+
+
+def add_delay(at: datetime, delay: Delay, *, zone: ZoneInfo, holidays: Collection[date] = ()) -> datetime:
+    """When (in UTC) a wait of `delay` after the aware moment `at` ends.
+
+    Business days are counted in `zone`: Saturdays, Sundays and `holidays` do not count, and the
+    local wall-clock time is kept (09:00 stays 09:00 across a DST change).
+    """
+    if delay.business_days == 0:  # elapsed time: in UTC, where a day is always 24 h
+        return at.astimezone(UTC) + timedelta(seconds=delay.seconds)
+    local = at.astimezone(zone)
+    day, left = local.date(), delay.business_days
+    while left:
+        day += timedelta(days=1)
+        if day.weekday() not in _WEEKEND and day not in holidays:
+            left -= 1
+    return _localize(day, local.time().replace(tzinfo=None), zone).astimezone(UTC) + timedelta(
+        seconds=delay.seconds
+    )
+
+
+def next_open(window: SendWindow, at: datetime, *, holidays: Collection[date] = ()) -> datetime:
+    """The first moment at or after `at` inside `window` (and not on a holiday)."""
+    local = at.astimezone(window.zone)
+    for offset in range(8 + len(holidays)):
+        day = local.date() + timedelta(days=offset)
+        if day.weekday() not in window.days or day in holidays:
+            continue
+        opens = _localize(day, window.start, window.zone)
+        closes = _localize(day, window.end, window.zone)
+        if at < closes:
+            return max(at, opens).astimezone(UTC)
+    raise ValueError("the window has no day left open")  # only with holidays on every listed day
+
+
+def _parse_days(text: str, problem: str) -> frozenset[int]:
+    days: set[int] = set()
+    for part in (piece.strip() for piece in text.split(",")):
+        first, _, last = (side.strip()[:3] for side in part.partition("-"))
+        if first not in _DAYS or (last and last not in _DAYS):
+            raise ValueError(problem)
+        start, end = _DAYS.index(first), _DAYS.index(last or first)
+        days.update((start + step) % 7 for step in range((end - start) % 7 + 1))
+    return frozenset(days)
+
+
+def _localize(day: date, wall: time, zone: ZoneInfo) -> datetime:
+    """`day` at `wall` in `zone`; a wall time in the spring-forward gap moves on to the same offset later."""
+    local = datetime.combine(day, wall, tzinfo=zone)
+    # A time that does not exist (the DST gap) round-trips to another wall time: take the real instant.
+    return local.astimezone(UTC).astimezone(zone)

@@ -1,0 +1,135 @@
+"""Delays, send windows and holidays for follow-up steps, in the sender's time zone, across DST."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from campaign.plan import Delay, add_delay, load_zone, next_open, parse_delay, parse_window
+
+BERLIN = load_zone("Europe/Berlin")
+NEW_YORK = load_zone("America/New_York")
+
+
+def _berlin(*args: int) -> datetime:
+    return datetime(*args, tzinfo=BERLIN)
+
+
+@pytest.mark.parametrize(
+    ("text", "delay"),
+    [
+        ("90s", Delay(seconds=90)),
+        ("15m", Delay(seconds=900)),
+        ("2h", Delay(seconds=7200)),
+        ("3d", Delay(seconds=3 * 86_400)),
+        ("3 business days", Delay(business_days=3)),
+        ("1  Business Day", Delay(business_days=1)),
+    ],
+)
+def test_delays_read_as_written(text, delay):
+    assert parse_delay(text) == delay
+
+
+@pytest.mark.parametrize("text", ["3", "three days", "3 weeks", "-1d", "3 business", ""])
+def test_a_bad_delay_says_the_accepted_forms(text):
+    with pytest.raises(ValueError, match="3 business days"):
+        parse_delay(text)
+
+
+def test_business_days_skip_weekends_and_holidays_and_keep_the_wall_clock_across_dst():
+    """Thu 26 Mar 2026 09:30 Berlin + 3 business days = Tue 31 Mar 09:30 (CEST since Sunday): the
+    weekend is skipped and 09:30 stays 09:30 though the offset changed; a holiday Monday adds a day."""
+    sent = _berlin(2026, 3, 26, 9, 30)
+    due = add_delay(sent, Delay(business_days=3), zone=BERLIN)
+    assert due.astimezone(BERLIN).replace(tzinfo=None) == datetime(2026, 3, 31, 9, 30)
+    assert due - sent.astimezone(UTC) == timedelta(days=5) - timedelta(hours=1)  # the DST hour is gone
+    later = add_delay(sent, Delay(business_days=3), zone=BERLIN, holidays={date(2026, 3, 30)})
+    assert later.astimezone(BERLIN).date() == date(2026, 4, 1)
+
+
+def test_plain_delays_are_elapsed_time_not_wall_clock():
+    sent = _berlin(2026, 3, 28, 12, 0)  # the night of the DST change follows: 24 h later is 13:00
+    due = add_delay(sent, Delay(seconds=86_400), zone=BERLIN)
+    assert due - sent.astimezone(UTC) == timedelta(days=1)
+    assert due.astimezone(BERLIN).replace(tzinfo=None) == datetime(2026, 3, 29, 13, 0)
+
+
+def test_business_days_are_counted_in_the_senders_zone():
+    """Friday 23:30 in New York is Saturday in Berlin: one business day later is Monday there, but
+    Monday in New York only for the New York sender."""
+    sent = datetime(2026, 6, 5, 23, 30, tzinfo=NEW_YORK)
+    assert add_delay(sent, Delay(business_days=1), zone=NEW_YORK).astimezone(NEW_YORK).date() == date(
+        2026, 6, 8
+    )
+    assert add_delay(sent, Delay(business_days=1), zone=BERLIN).astimezone(BERLIN).date() == date(2026, 6, 8)
+
+
+def test_a_window_opens_on_its_next_listed_day_in_its_zone():
+    window = parse_window("Mon-Fri 09:00-17:30", BERLIN)
+    assert window.days == frozenset(range(5))
+    friday_evening = _berlin(2026, 3, 27, 18, 0)
+    opens = next_open(window, friday_evening)
+    assert opens.astimezone(BERLIN).replace(tzinfo=None) == datetime(2026, 3, 30, 9, 0)  # CEST by then
+    inside = _berlin(2026, 3, 30, 10, 0)
+    assert next_open(window, inside) == inside
+    assert next_open(window, _berlin(2026, 3, 30, 8, 0)).astimezone(BERLIN).time() == time(9, 0)
+    easter = next_open(window, friday_evening, holidays={date(2026, 3, 30)})
+    assert easter.astimezone(BERLIN).date() == date(2026, 3, 31)
+
+
+def test_window_day_lists_and_wrapping_ranges():
+    assert parse_window("Mon,Wed,Fri 08:00-12:00", BERLIN).days == frozenset({0, 2, 4})
+    assert parse_window("Fri-Mon 10:00-14:00", BERLIN).days == frozenset({4, 5, 6, 0})
+    assert parse_window("saturday 10:00-11:00", BERLIN).days == frozenset({5})
+
+
+@pytest.mark.parametrize("text", ["Mon-Fri", "Mon-Fri 17:00-09:00", "Xyz 09:00-10:00", "Mon-Fri 25:00-26:00"])
+def test_a_bad_window_is_refused(text):
+    with pytest.raises(ValueError, match="window"):
+        parse_window(text, BERLIN)
+
+
+def test_an_unknown_zone_is_refused_naming_it():
+    with pytest.raises(ValueError, match="Mars/Olympus"):
+        load_zone("Mars/Olympus")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.datetimes(
+        min_value=datetime(2025, 1, 1), max_value=datetime(2027, 12, 31), timezones=st.just(UTC)
+    ),
+    days=st.integers(min_value=1, max_value=15),
+)
+def test_business_days_never_land_on_a_weekend_and_count_exactly(start, days):
+    """Whatever the start, the due day is a weekday with exactly `days` weekdays after the start day."""
+    due = add_delay(start, Delay(business_days=days), zone=BERLIN).astimezone(BERLIN)
+    assert due.weekday() < 5
+    first = start.astimezone(BERLIN).date()
+    counted = sum(
+        1 for n in range(1, (due.date() - first).days + 1) if (first + timedelta(days=n)).weekday() < 5
+    )
+    assert counted == days
+    assert (
+        due.time() == start.astimezone(BERLIN).time()
+        or due.utcoffset() != start.astimezone(BERLIN).utcoffset()
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    at=st.datetimes(min_value=datetime(2025, 1, 1), max_value=datetime(2027, 12, 31), timezones=st.just(UTC))
+)
+def test_next_open_is_inside_the_window_and_nothing_earlier_is(at):
+    window = parse_window("Mon-Fri 09:00-17:30", BERLIN)
+    opens = next_open(window, at)
+    assert opens >= at
+    assert window.contains(opens)
+    if opens > at:  # every minute between was closed
+        probe = at
+        while probe < opens:
+            assert not window.contains(probe)
+            probe += timedelta(minutes=37)
