@@ -860,3 +860,58 @@ async def test_write_outbox_writes_json_and_html(
     )
     assert paths[1].read_text(encoding="utf-8") == "<p>Hi <b>Ann</b></p>"
     assert sorted(p.name for p in outbox.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_replies_join_their_thread_and_the_thread_says_when_mail_last_came_in():
+    """A send with `reply_to_message_id` and a received reply (`receive_message(reply_to=…)`) join the
+    first message's thread; `?thread_id=` lists all three; `GET /threads/{id}` dates the incoming one;
+    `fields=include_headers` shows the received message's own headers (auto-reply detection needs them)."""
+    clock = FakeClock()
+    fake = FakeNylas(api_key="k", clock=clock)
+    fake.add_grant("g", "rep@example.com")
+    headers = {"Authorization": "Bearer k"}
+
+    async def go() -> None:
+        transport = httpx.ASGITransport(app=fake.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fake", headers=headers) as http:
+            first = (
+                await http.post(
+                    "/v3/grants/g/messages/send",
+                    json={"to": [{"email": "ann@example.com"}], "subject": "Hi", "body": "x"},
+                )
+            ).json()["data"]
+            clock.advance(60)
+            nudge = {
+                "to": [{"email": "ann@example.com"}],
+                "subject": "Re: Hi",
+                "body": "y",
+                "reply_to_message_id": first["id"],
+            }
+            second = (await http.post("/v3/grants/g/messages/send", json=nudge)).json()["data"]
+            assert second["thread_id"] == first["thread_id"]
+            clock.advance(60)
+            raw = (
+                b"From: Ann <ann@example.com>\r\nTo: rep@example.com\r\nSubject: Re: Hi\r\n"
+                b"Auto-Submitted: auto-replied\r\n\r\nAway"
+            )
+            reply = fake.receive_message("g", raw, reply_to=second["id"])
+            listed = (
+                await http.get("/v3/grants/g/messages", params={"thread_id": first["thread_id"]})
+            ).json()["data"]
+            assert {m["id"] for m in listed} == {first["id"], second["id"], reply}
+            with_headers = (
+                await http.get(
+                    "/v3/grants/g/messages",
+                    params={"thread_id": first["thread_id"], "fields": "include_headers"},
+                )
+            ).json()["data"]
+            got = next(m for m in with_headers if m["id"] == reply)
+            assert {"name": "Auto-Submitted", "value": "auto-replied"} in got["headers"]
+            thread = (await http.get(f"/v3/grants/g/threads/{first['thread_id']}")).json()["data"]
+            assert thread["latest_message_received_date"] == int(clock.now().timestamp())
+            assert thread["latest_message_sent_date"] == second["date"]
+            assert set(thread["message_ids"]) == {first["id"], second["id"], reply}
+            missing = await http.get("/v3/grants/g/threads/nope")
+            assert missing.status_code == 404
+
+    anyio.run(go)

@@ -21,7 +21,17 @@ Providers, per grant (`add_grant(..., provider=)`; `campaign sandbox` takes each
 Mail that arrives: `receive_message(grant, raw_mime)` puts a message (a reply, a bounce report)
 in the grant's inbox as the provider would sync it; it is listed with `in=<inbox id>` and
 `GET /messages/{id}?fields=raw_mime` gives its MIME back base64url-encoded (nylas-api.md §5's
-`fields`; Nylas's Python SDK's `Fields` literal).
+`fields`; Nylas's Python SDK's `Fields` literal). With `reply_to=<message id>` it joins that
+message's thread, as a human reply or an auto-reply does; a send with `reply_to_message_id` joins
+it too (reference/next-capabilities.md §1.3), and `GET /threads/{id}` gives the thread with its
+`latest_message_received_date` (incoming) and `latest_message_sent_date` (§1.4 C).
+
+Bounces and webhooks: a message to an address in `bounce_addresses`, or to a share of them
+(`bounce_share`, the same ones each time), bounces: a Gmail- or Exchange-style DSN arrives in the
+sending grant's inbox and a `message.bounce_detected` notification is queued. `add_webhook`
+checks the URL with a challenge, as `POST /v3/webhooks` does; `deliver_webhooks` posts what is
+queued, signed (hex HMAC-SHA256 of the body), twice each with `duplicate_webhooks`
+(reference/next-capabilities.md §2).
 
 Checked by a client nobody here wrote: tests/test_sdk_contract.py runs Nylas's own Python SDK
 (6.18) against this fake over loopback. It parses every answer (sends, replays, listings with
@@ -123,6 +133,7 @@ class FakeNylas(FakeState):
                     methods=["GET", "DELETE"],
                 ),
                 Route(f"{grant}/messages/{{message_id}}", self._handle_message, methods=["GET"]),
+                Route(f"{grant}/threads/{{thread_id}}", self._handle_thread, methods=["GET"]),
             ],
             exception_handlers={HTTPException: _answer_http_error},
         )
@@ -385,6 +396,18 @@ class FakeNylas(FakeState):
             data = {"id": message_id, "grant_id": grant.id, "object": "message"}
             data["raw_mime"] = base64.urlsafe_b64encode(raw).decode().rstrip("=")
         return answer_json(200, {"data": data}, request_id=request_id).build_response()
+
+    async def _handle_thread(self, request: Request) -> Response:
+        """`GET /threads/{id}`: the thread's messages, participants and latest incoming/sent dates."""
+        request_id = new_request_id()
+        try:
+            grant = self._gate(request)
+            found = self.thread(grant.id, request.path_params["thread_id"])
+            if found is None:
+                raise ApiProblem(404, "not_found_error", "thread not found")
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id).build_response()
+        return answer_json(200, {"data": found}, request_id=request_id).build_response()
 
     async def _handle_folders(self, request: Request) -> Response:
         request_id = new_request_id()

@@ -222,10 +222,13 @@ class FakeState:
                 grant_id = self._require_grant(grant_id).id
             self._scripts.append(ScriptedFault(fault, grant_id, times, delay_s, retry_after_s))
 
-    def receive_message(self, grant_id: str, raw: bytes, *, received_at: datetime | None = None) -> str:
+    def receive_message(
+        self, grant_id: str, raw: bytes, *, received_at: datetime | None = None, reply_to: str | None = None
+    ) -> str:
         """A test control: a message arrives in the grant's inbox (a reply, an auto-reply, a bounce
-        report), as the provider would sync it; returns its id. `GET /messages/{id}?fields=raw_mime`
-        gives `raw` back, base64url-encoded."""
+        report), as the provider would sync it; returns its id. With `reply_to` (a message id) it
+        joins that message's thread, as a human reply does. `GET /messages/{id}?fields=raw_mime`
+        gives `raw` back, base64url-encoded; `fields=include_headers` lists its headers."""
         grant = self._require_grant(grant_id)
         parsed = BytesParser(policy=email.policy.default).parsebytes(raw)
         message_id = new_opaque_id()
@@ -250,11 +253,41 @@ class FakeState:
             "unread": True,
             "metadata": {},
         }
+        headers = tuple({"name": str(name), "value": str(value)} for name, value in parsed.items())
         with self._lock:
+            if reply_to is not None and (thread := self._thread_of(grant, reply_to)) is not None:
+                data["thread_id"] = thread
             self._seq += 1
-            grant.messages.append(StoredMessage(self._seq, data, ()))
+            grant.messages.append(StoredMessage(self._seq, data, headers))
             grant.raw_mime[message_id] = raw
         return message_id
+
+    def thread(self, grant_id: str, thread_id: str) -> dict[str, Any] | None:
+        """`GET /threads/{id}` as the Threads API answers it (None: no such thread in the grant)."""
+        grant = self._require_grant(grant_id)
+        with self._lock:
+            found = [m.data for m in grant.messages if m.data["thread_id"] == thread_id]
+        if not found:
+            return None
+        incoming = [m["date"] for m in found if grant.sent_folder_id not in m["folders"]]
+        sent = [m["date"] for m in found if grant.sent_folder_id in m["folders"]]
+        people = {p["email"].lower(): p for m in found for f in ("from", "to", "cc") for p in m[f]}
+        return {
+            "id": thread_id,
+            "grant_id": grant.id,
+            "object": "thread",
+            "subject": found[0]["subject"],
+            "message_ids": [m["id"] for m in found],
+            "participants": list(people.values()),
+            "earliest_message_date": min(m["date"] for m in found),
+            "latest_message_received_date": max(incoming) if incoming else None,
+            "latest_message_sent_date": max(sent) if sent else None,
+        }
+
+    def _thread_of(self, grant: Grant, message_id: str) -> str | None:
+        """The thread of the grant's message `message_id` (call with the lock held)."""
+        found = next((m for m in grant.messages if m.data["id"] == message_id), None) if message_id else None
+        return None if found is None else str(found.data["thread_id"])
 
     def add_webhook(self, url: str, secret: bytes, trigger_types: Iterable[str]) -> None:
         """Register a webhook as `POST /v3/webhooks` does: the URL must echo a challenge first."""
@@ -452,6 +485,9 @@ class FakeState:
         )
         headers = build_message_headers(data, payload)
         with self._lock:
+            # A reply (`reply_to_message_id`) joins the thread of the message it answers (§1.3).
+            if (thread := self._thread_of(grant, str(payload.get("reply_to_message_id") or ""))) is not None:
+                data["thread_id"] = thread
             self._seq += 1
             grant.messages.append(StoredMessage(self._seq, data, tuple(headers)))
             grant.quota_log.record(self.clock.monotonic(), count_recipients(payload))
