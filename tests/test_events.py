@@ -371,3 +371,35 @@ def test_a_webhook_url_that_does_not_echo_the_challenge_is_refused(api, tmp_path
     """Registration checks the URL first, as `POST /v3/webhooks` does."""
     with pytest.raises((ValueError, httpx.HTTPError)):
         api.add_webhook("http://127.0.0.1:9/nylas/webhook", WEBHOOK_SECRET, ["message.bounce_detected"])
+
+
+def test_the_fakes_tracking_webhooks_reach_report_and_status(api, cli, service):
+    """Opens, a click and a human reply simulated at the fake arrive at `campaign serve` as signed
+    webhooks; an auto-sent reply by the sender itself does not count; report and status show them."""
+    svc, url = service
+    manifest = copy_sample("newsletter", svc.store.path.parent)
+    text = manifest.read_text().replace(
+        'suppress = ["unsubscribed.txt"', f'suppress = ["unsubscribed.txt", "{svc.store.path}"'
+    )
+    manifest.write_text(
+        text.replace(
+            "tracking = { opens = true, links = true,",
+            "tracking = { opens = true, links = true, thread_replies = true,",
+        )
+    )
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    kinds = ["message.opened", "message.link_clicked", "thread.replied"]
+    api.add_webhook(f"{url}/nylas/webhook", WEBHOOK_SECRET, kinds)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    first = api.deliveries[0]
+    reader = first.payload["to"][0]["email"]
+    assert api.open_message(sender.grant_id, first.id)
+    assert api.click_link(sender.grant_id, first.id, "https://example.com/spring")
+    human = f"From: {reader}\r\nTo: {sender.email}\r\nSubject: Re: hi\r\n\r\nThanks!".encode()
+    api.receive_message(sender.grant_id, human, reply_to=first.id)
+    own = f"From: {sender.email}\r\nTo: {reader}\r\nSubject: Re: hi\r\n\r\nnote".encode()
+    api.receive_message(sender.grant_id, own, reply_to=first.id)
+    assert api.deliver_webhooks() == 4
+    status = json.loads(cli("status", manifest, "--json").stdout)["engagement"]
+    assert (status["opened"], status["clicked"], status["replied"]) == (1, 1, 1)

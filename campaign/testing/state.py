@@ -260,7 +260,73 @@ class FakeState:
             self._seq += 1
             grant.messages.append(StoredMessage(self._seq, data, headers))
             grant.raw_mime[message_id] = raw
+        if reply_to is not None:
+            self._queue_reply(
+                grant, reply_to, message_id, from_self=grant.email.lower() in str(parsed["From"]).lower()
+            )
         return message_id
+
+    def _queue_reply(self, grant: Grant, original_id: str, reply_id: str, *, from_self: bool) -> None:
+        """`thread.replied` for a reply in the thread of a message sent with `thread_replies` tracking."""
+        with self._lock:
+            found = next((m.data for m in grant.messages if m.data["id"] == original_id), None)
+        tracking = (found or {}).get("tracking_options") or {}
+        if found is None or not tracking.get("thread_replies"):
+            return
+        obj = {
+            "object": "thread",
+            "grant_id": grant.id,
+            "message_id": reply_id,
+            "root_message_id": original_id,
+            "label": tracking.get("label", ""),
+            "reply_data": {"count": 1},
+            "thread_id": found["thread_id"],
+            "timestamp": int(self.clock.now().timestamp()),
+            "from_self": from_self,
+        }
+        self.queue_notification("thread.replied", grant.id, obj)
+
+    def _sent_message(self, grant_id: str, message_id: str) -> dict[str, Any]:
+        grant = self._require_grant(grant_id)
+        with self._lock:
+            found = next((m.data for m in grant.messages if m.data["id"] == message_id), None)
+        if found is None:
+            raise KeyError(f"grant {grant_id} sent no message {message_id}")
+        return found
+
+    def open_message(self, grant_id: str, message_id: str) -> str:
+        """A test control: the recipient opened a sent message; queues `message.opened` (if tracked)."""
+        message = self._sent_message(grant_id, message_id)
+        now = int(self.clock.now().timestamp())
+        obj = {
+            "message_id": message_id,
+            "label": message["tracking_options"].get("label", ""),
+            "message_data": {"count": 1, "timestamp": now},
+            "recents": [{"opened_id": 0, "ip": "192.0.2.7", "user_agent": "Mozilla/5.0", "timestamp": now}],
+            "timestamp": now,
+        }
+        return (
+            self.queue_notification("message.opened", grant_id, obj)
+            if message["tracking_options"]["opens"]
+            else ""
+        )
+
+    def click_link(self, grant_id: str, message_id: str, url: str) -> str:
+        """A test control: the recipient clicked `url`; queues `message.link_clicked` (if tracked)."""
+        message = self._sent_message(grant_id, message_id)
+        now = int(self.clock.now().timestamp())
+        obj = {
+            "message_id": message_id,
+            "label": message["tracking_options"].get("label", ""),
+            "link_data": [{"url": url, "count": 1}],
+            "recents": [{"click_id": "0", "ip": "192.0.2.7", "link_index": "0", "timestamp": now}],
+            "timestamp": now,
+        }
+        return (
+            self.queue_notification("message.link_clicked", grant_id, obj)
+            if message["tracking_options"]["links"]
+            else ""
+        )
 
     def thread(self, grant_id: str, thread_id: str) -> dict[str, Any] | None:
         """`GET /threads/{id}` as the Threads API answers it (None: no such thread in the grant)."""
