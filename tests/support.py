@@ -63,12 +63,12 @@ def wait_until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def serve_sandbox(manifest: Path) -> Iterator[str]:
-    """`campaign sandbox MANIFEST` as a real process on a free loopback port; yields its base URL."""
+def serve_sandbox(manifest: Path, *options: str) -> Iterator[str]:
+    """`campaign sandbox MANIFEST [OPTIONS]` as a process on a free loopback port; yields its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "campaign", "sandbox", str(manifest), "--port", str(port)]
+    command = [sys.executable, "-m", "campaign", "sandbox", str(manifest), "--port", str(port), *options]
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
         try:
             wait_until_listening(port, server)

@@ -77,9 +77,13 @@ def sandbox(
 ) -> None:
     """Serve the fake Nylas API on this machine, for trying tools against it."""
     with exit_codes():
+        lag = _parse_lag(listing_lag)
+        if manifest is None and (listing_lag is not None or broken_to_filter or bounce_share):
+            message = "--listing-lag, --broken-to-filter and --bounce-share apply to grants: give MANIFEST"
+            raise UsageError(message)
         fake = build_sandbox_api(
             None if manifest is None else load_manifest(manifest),
-            listing_lag_s=_parse_lag(listing_lag),
+            listing_lag_s=lag,
             to_filter_broken=broken_to_filter,
             gzip=gzip,
             bounce_share=bounce_share,

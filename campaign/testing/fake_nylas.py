@@ -33,13 +33,34 @@ checks the URL with a challenge, as `POST /v3/webhooks` does; `deliver_webhooks`
 queued, signed (hex HMAC-SHA256 of the body), twice each with `duplicate_webhooks`
 (reference/next-capabilities.md §2).
 
-Checked by a client nobody here wrote: tests/test_sdk_contract.py runs Nylas's own Python SDK
-(6.18) against this fake over loopback. It parses every answer (sends, replays, listings with
-`metadata_pair` and paging, folders, 401/404/429 errors, transactional sends), and for the same
-message our client's JSON body and multipart layout equal the SDK's. That settles three open
-questions of nylas-api.md: the multipart part names (`message`, then the content id or
-`file<N>`), the domain send's `from` as one object, and how a replayed key is passed
-(the `Idempotency-Key` header, through the SDK's `overrides`).
+Checked by a client nobody here wrote: tests/test_sdk_contract.py runs Nylas's Python SDK
+(nylas 6.18) against this fake over loopback. What that settled of nylas-api.md's open points,
+as far as a client can settle them (a client shows what it sends and what it can parse, never
+what the real server answers):
+
+- Multipart layout (§2, §11.2): the SDK's `message` part is a file part with `filename=""` and
+  `Content-Type: application/json`; file parts are named by `content_id`, else `file<index>`,
+  with the attachment's filename and content type. The fake reads that and the plain-field form.
+- Answers (§1.3, §3.5): the SDK needs `request_id` beside `data` in every answer, and an error's
+  `error.type` and `error.message` (else it reports type "unknown"); `provider_error` passes
+  through as a dict, and the caller gets the headers (`Retry-After`) as they came. Every
+  envelope here parses.
+- JSON or multipart (§2): 6.18 still picks multipart by the files' raw size (>= 3 MiB), so
+  2.25-3 MiB of files go as a JSON body over the 3 MB limit (the fake refuses it with 413, the
+  fake's choice); our client picks by the encoded size and sends those as multipart.
+- Listing (§5, §11.3): list filters repeat their key (`to=a&to=b`); `metadata_pair` arrives
+  percent-encoded (`key1%3Avalue`); `next_cursor` goes back as `page_token`.
+- Folders (§11.3): the SDK types `attributes` as a string but documents `["\\Sent"]`; the fake
+  keeps the array (the SDK turns it into the list's text, so `"\\Sent" in attributes` still works).
+- Transactional answer (§12 question 7): only half. The Python SDK reads the id from `data.id`
+  and needs `data.grant_id` (a KeyError without it), so a Node-style `{messageId}` answer would
+  break it; the server's real shape stays unknown, hence `domain_answer_id`.
+- Idempotency "same payload" (§12 question 8): not settled, but sharpened. The SDK's body differs
+  from ours in bytes (separators, escaping) and, in JSON, by `attachments[].size`; the fake
+  compares parsed JSON (and multipart parts), under which the SDK's retry of our multipart or
+  attachment-free send is a replay, and of our JSON send with attachments a 409.
+- Not settled, as no client can: over-size statuses, Retry-After on Nylas's own 429, the exact
+  error types, 200 vs 202 for scheduled sends, daily-limit answers, metadata on real grants.
 """
 
 from __future__ import annotations
