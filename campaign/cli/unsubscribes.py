@@ -48,23 +48,27 @@ suppress_app = typer.Typer(
 StoreOpt = Annotated[
     Path, typer.Option("--store", help="The unsubscribe store, e.g. unsubscribes.sqlite.", show_default=False)
 ]
+# The options `unsubscribe serve` and `serve` share.
+HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
+SecretEnvOpt = Annotated[
+    str, typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with.")
+]
+MaxConnectionsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1, help="Open connections at most; at the cap a new one closes the oldest half-sent request."
+    ),
+]
 
 
 @unsubscribe_app.command("serve")
 def unsubscribe_serve(
     store: StoreOpt,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    secret_env: Annotated[
-        str,
-        typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with."),
-    ] = DEFAULT_SECRET_ENV,
-    max_connections: Annotated[
-        int,
-        typer.Option(
-            min=1, help="Open connections at most; at the cap a new one closes the oldest half-sent request."
-        ),
-    ] = _DEFAULT_LIMITS.max_connections,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8080,
+    secret_env: SecretEnvOpt = DEFAULT_SECRET_ENV,
+    max_connections: MaxConnectionsOpt = _DEFAULT_LIMITS.max_connections,
     header_timeout: Annotated[
         float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's headers.")
     ] = _DEFAULT_LIMITS.header_timeout_s,
@@ -91,12 +95,9 @@ def unsubscribe_serve(
 
 def serve(
     store: StoreOpt,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    secret_env: Annotated[
-        str,
-        typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with."),
-    ] = DEFAULT_SECRET_ENV,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8080,
+    secret_env: SecretEnvOpt = DEFAULT_SECRET_ENV,
     webhook_secret_env: Annotated[
         str,
         typer.Option(
@@ -112,12 +113,7 @@ def serve(
         int | None,
         typer.Option(min=1, help="Within this many days (kept with the store; default 30)."),
     ] = None,
-    max_connections: Annotated[
-        int,
-        typer.Option(
-            min=1, help="Open connections at most; at the cap a new one closes the oldest half-sent request."
-        ),
-    ] = _DEFAULT_LIMITS.max_connections,
+    max_connections: MaxConnectionsOpt = _DEFAULT_LIMITS.max_connections,
 ) -> None:
     """Serve one-click unsubscribes and Nylas webhooks (bounces, replies, opens, clicks) into --store."""
     with exit_codes():
