@@ -58,8 +58,6 @@ from campaign.unsubscribe import UnsubscribeWatch, list_store_paths
 
 __all__ = ["RunHooks", "RunOptions", "RunOutcome", "RunPlan", "SenderShare", "run_campaign"]
 
-_OPEN = (RowState.PENDING, RowState.INFLIGHT)
-
 
 @dataclass(frozen=True, slots=True)
 class RunOptions:
@@ -213,24 +211,18 @@ def _check_rows(
 ) -> tuple[Composer, Preflight | None, int, Mapping[str, int]]:
     """With a million rows, checking them all takes minutes; a resume of an unchanged campaign reads
     only its open rows."""
-    assigned: Mapping[str, str] = {}
-    settled: Mapping[str, str] = {}
-    if ledger is not None:
-        if ledger.plan_stamp() == stamp:
-            composer = build_composer(manifest, secrets=secrets)
-            if _files_still_there(manifest, composer, ledger):
-                counts = ledger.counts(listed=True)
-                skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
-                return composer, None, counts[RowState.PENDING] + counts[RowState.INFLIGHT], skipped
-        assigned = ledger.assigned_senders()
-        # Only pending and in-flight rows are sent; unknown ones wait for `campaign reconcile`.
-        settled = ledger.key_states([state for state in RowState if state not in _OPEN])
+    if ledger is not None and ledger.plan_stamp() == stamp:
+        composer = build_composer(manifest, secrets=secrets)
+        if _files_still_there(manifest, composer, ledger):
+            counts = ledger.counts(listed=True)
+            skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
+            return composer, None, counts[RowState.PENDING] + counts[RowState.INFLIGHT], skipped
     preflight = run_preflight(
-        manifest, secrets=secrets, skip_invalid=skip_invalid, assigned=assigned, on_rows=on_rows
+        manifest, secrets=secrets, skip_invalid=skip_invalid, ledger=ledger, on_rows=on_rows
     )
     preflight.raise_for_problems()
-    to_send = sum(1 for job in preflight.jobs if job.recipient.key not in settled)
-    return preflight.composer, preflight, to_send, Counter(skip.reason.value for skip in preflight.skips)
+    skipped = Counter(skip.reason.value for skip in preflight.skips)
+    return preflight.composer, preflight, preflight.to_send, skipped
 
 
 def _files_still_there(manifest: Manifest, composer: Composer, ledger: Ledger) -> bool:

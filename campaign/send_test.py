@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from email_validator import EmailNotValidError, validate_email
 
 from campaign.errors import ApiAuthError, ApiError, DataError, UsageError
+from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Address, Message, OutcomeKind
 from campaign.nylas import (
@@ -51,12 +52,12 @@ def find_test_message(
     to: str,
     sender_name: str | None,
     secrets: Sequence[bytes] | None,
-    assigned: Mapping[str, str] | None = None,
+    ledger: Ledger | None = None,
 ) -> TestMessage:
     """Render row `row` as the campaign would (its sender, unless `sender_name`), addressed to `to`."""
     address = _parse_address(to)
     override = None if sender_name is None else _find_sender(manifest, sender_name)
-    pipeline = check_rows(manifest, secrets=secrets, assigned=assigned)
+    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger)
     source = manifest.recipients.source.name
     found = _find_row(pipeline, row)
     if found is None:

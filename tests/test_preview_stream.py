@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings, load_manifest
-from campaign.models import Address, Recipient, SkipReason
+from campaign.models import Address, OutcomeKind, Recipient, SendOutcome, SkipReason
 from campaign.pipeline import run_preflight
 from campaign.plan import SenderAssigner, assign_senders
-from campaign.preview import LedgerView, run_preview, write_site
+from campaign.preview import run_preview, write_site
 from campaign.recipients._firstrows import FirstRows
 from campaign.testing import FakeClock
 from campaign.unsubscribe import parse_secrets
@@ -74,14 +75,14 @@ def _campaign(folder: Path) -> Path:
 
 
 def _preview(
-    manifest_path: Path, *, batch_rows: int, skip_invalid: bool = False, ledger: LedgerView | None = None
+    manifest_path: Path, *, batch_rows: int, skip_invalid: bool = False, ledger: Ledger | None = None
 ):
     return run_preview(
         load_manifest(manifest_path),
         secrets=SECRETS,
         skip_invalid=skip_invalid,
         sample=2,
-        ledger=ledger or LedgerView(),
+        ledger=ledger,
         api_uri="https://api.us.nylas.com",
         clock=FakeClock(),
         batch_rows=batch_rows,
@@ -130,7 +131,7 @@ def test_the_index_caps_its_rows_but_lists_every_problem(tmp_path):
         secrets=SECRETS,
         skip_invalid=False,
         sample=0,
-        ledger=LedgerView(),
+        ledger=None,
         api_uri="https://api.us.nylas.com",
         clock=FakeClock(),
         index_rows=5,
@@ -147,14 +148,23 @@ def test_the_index_caps_its_rows_but_lists_every_problem(tmp_path):
 
 
 def test_ledger_assignments_and_settled_rows_are_honoured(tmp_path):
-    """Rows the ledger settled count as done; rows it assigned keep their sender."""
+    """Rows the ledger settled count as done; rows it assigned keep their sender; its sends today
+    count against the sender's budget. The ledger is real and read a batch at a time."""
     manifest_path = _campaign(tmp_path)
-    ledger = LedgerView(
-        assigned={"user1@example.com": "bob", "user2@example.com": "bob"},
-        settled={"user1@example.com": "sent"},
-        used_24h={"bob": 1},
+    ledger = open_ledger(tmp_path / "ledger.sqlite", clock=FakeClock(), campaign="stream")
+    ledger.record_plan(
+        [
+            PlannedRow("user1@example.com", 1, "user1@example.com", "bob"),
+            PlannedRow("user2@example.com", 2, "user2@example.com", "bob"),
+        ],
+        [],
     )
-    report = _preview(manifest_path, batch_rows=3, ledger=ledger)
+    ledger.claim("user1@example.com", sender="bob")
+    ledger.record_outcome("user1@example.com", SendOutcome(OutcomeKind.SENT, 200, "m-1"), sender="bob")
+    try:
+        report = _preview(manifest_path, batch_rows=3, ledger=ledger)
+    finally:
+        ledger.close()
     assert report.already_done == {"sent": 1}
     assert report.to_send == 39
     listed = {row.email: row for row in report.listed}

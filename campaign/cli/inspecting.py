@@ -8,6 +8,8 @@ commands: `status` needs none of them and is run often, on large ledgers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -26,15 +28,12 @@ from campaign.cli.wiring import (
     read_api_uri,
     read_secrets,
 )
-from campaign.clock import Clock
 from campaign.ledger import check_key_scheme
 from campaign.manifest import Manifest, load_manifest
-from campaign.models import RowState
-from campaign.plan import DAY_S
-from campaign.status import OPEN_STATES, load_status
+from campaign.status import load_status
 
 if TYPE_CHECKING:
-    from campaign.preview import LedgerView
+    from campaign.ledger import Ledger
 
 __all__ = ["preview", "send_test", "status"]
 
@@ -62,15 +61,16 @@ def preview(
     with exit_codes():
         clock = options.clock
         loaded = load_manifest(manifest)
-        report = run_preview(
-            loaded,
-            secrets=read_secrets(loaded, sandbox=sandbox),
-            skip_invalid=skip_invalid,
-            sample=sample,
-            ledger=_ledger_view(loaded, locate_ledger(loaded, sandbox=sandbox), clock=clock),
-            api_uri=SANDBOX_API_URI if sandbox else read_api_uri(loaded),
-            clock=clock,
-        )
+        with _reading_ledger(loaded, locate_ledger(loaded, sandbox=sandbox)) as ledger:
+            report = run_preview(
+                loaded,
+                secrets=read_secrets(loaded, sandbox=sandbox),
+                skip_invalid=skip_invalid,
+                sample=sample,
+                ledger=ledger,
+                api_uri=SANDBOX_API_URI if sandbox else read_api_uri(loaded),
+                clock=clock,
+            )
         site = write_site(report, out_dir or loaded.base_dir / f"{loaded.path.stem}.preview")
         if as_json:
             print_json(out, build_preview_json(report, site=site))
@@ -95,15 +95,15 @@ def send_test(
         clock = options.clock
         loaded = load_manifest(manifest)
         api_key = read_api_key(loaded, sandbox=sandbox)
-        ledger = _ledger_view(loaded, locate_ledger(loaded, sandbox=sandbox), clock=clock)
-        test = find_test_message(
-            loaded,
-            row=row,
-            to=to,
-            sender_name=sender_name,
-            secrets=read_secrets(loaded, sandbox=sandbox),
-            assigned=ledger.assigned,
-        )
+        with _reading_ledger(loaded, locate_ledger(loaded, sandbox=sandbox)) as ledger:
+            test = find_test_message(
+                loaded,
+                row=row,
+                to=to,
+                sender_name=sender_name,
+                secrets=read_secrets(loaded, sandbox=sandbox),
+                ledger=ledger,
+            )
         fake = build_sandbox_api(loaded) if sandbox else None
 
         async def send() -> str:
@@ -137,20 +137,15 @@ def status(
             print_status(out, found)
 
 
-def _ledger_view(manifest: Manifest, path: Path, *, clock: Clock) -> LedgerView:
-    """What preview and send-test need from the ledger (read only; nothing when there is none)."""
-    from campaign.preview import LedgerView
-
+@contextmanager
+def _reading_ledger(manifest: Manifest, path: Path) -> Iterator[Ledger | None]:
+    """The campaign's ledger opened read-only for preview and send-test (None before a first run)."""
     if not path.exists():
-        return LedgerView()
+        yield None
+        return
     ledger = open_campaign_ledger(manifest, path, read_only=True)
     try:
         check_key_scheme(ledger, manifest)  # else every row would look unsent under its new key
-        since = clock.now().timestamp() - DAY_S
-        return LedgerView(
-            assigned=ledger.assigned_senders(),
-            settled=ledger.key_states([state for state in RowState if state not in OPEN_STATES]),
-            used_24h={s.name: ledger.sent_recipients_total(s.name, since) for s in manifest.senders},
-        )
+        yield ledger
     finally:
         ledger.close()

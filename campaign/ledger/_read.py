@@ -184,10 +184,17 @@ class LedgerReader:
         )
         return (str(found[0][0]), str(found[0][1])) if found else None
 
-    def assigned_senders(self) -> dict[str, str]:
-        """The sender each recipient already in the ledger is assigned to."""
-        rows = self._read("SELECT key, sender FROM recipients WHERE sender IS NOT NULL")
+    def assigned_senders(self, keys: Iterable[str] | None = None) -> dict[str, str]:
+        """The sender each recipient already in the ledger is assigned to (of `keys`, if given: a batch
+        of a streamed list looks up its own rows, so no structure grows with the ledger)."""
+        query = "SELECT key, sender FROM recipients WHERE sender IS NOT NULL"
+        rows = self._read(query) if keys is None else self._read(f"{query} AND {_IN_KEYS}", (_keys(keys),))
         return {str(key): str(sender) for key, sender in rows}
+
+    def assigned_counts(self) -> dict[str, int]:
+        """How many recipients the ledger assigns to each sender."""
+        rows = self._read("SELECT sender, COUNT(*) FROM recipients WHERE sender IS NOT NULL GROUP BY sender")
+        return {str(sender): int(count) for sender, count in rows}
 
     def rows(
         self, *, states: Iterable[RowState] | None = None, listed: bool | None = None
@@ -293,11 +300,14 @@ class LedgerReader:
             for at, kind, detail in self._read("SELECT at, kind, detail FROM journal ORDER BY id")
         ]
 
-    def key_states(self, states: Iterable[RowState]) -> dict[str, str]:
-        """Key -> state name of the rows in `states` (no row objects: cheap on a large ledger)."""
+    def key_states(self, states: Iterable[RowState], keys: Iterable[str] | None = None) -> dict[str, str]:
+        """Key -> state name of the rows in `states` (of `keys`, if given); no row objects, so cheap."""
         names = tuple(state.value for state in states)
         query = f"SELECT key, state FROM recipients WHERE state IN ({', '.join('?' for _ in names)})"
-        return {str(key): str(state) for key, state in self._read(query, names)}
+        if keys is None:
+            return {str(key): str(state) for key, state in self._read(query, names)}
+        found = self._read(f"{query} AND {_IN_KEYS}", (*names, _keys(keys)))
+        return {str(key): str(state) for key, state in found}
 
     def open_rows(self) -> list[PlannedRow]:
         """The listed pending and in-flight rows, in flight first (their keys age), then in list order."""
@@ -318,6 +328,14 @@ class LedgerReader:
         except sqlite3.Error as exc:
             message = f"{self._path}: cannot read the ledger ({exc})"
             raise LedgerError(message) from exc
+
+
+# Rows of a batch of keys, passed as one JSON array (no limit on the number of SQL parameters).
+_IN_KEYS = "key IN (SELECT value FROM json_each(?))"
+
+
+def _keys(keys: Iterable[str]) -> str:
+    return json.dumps(list(keys))
 
 
 def _to_row(values: tuple[object, ...]) -> LedgerRow:

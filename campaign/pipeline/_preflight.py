@@ -7,10 +7,11 @@ writes the ledger or sends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from campaign.errors import DataError
+from campaign.ledger import Ledger
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
 from campaign.pipeline._rows import RowCheck, check_rows, collecting_less
@@ -28,9 +29,10 @@ class Preflight:
 
     manifest: Manifest
     composer: Composer
-    jobs: tuple[Job, ...]
+    jobs: tuple[Job, ...]  # every row that passed, settled ones included (the plan lists them all)
     skips: tuple[Skip, ...]
     problems: tuple[str, ...]
+    to_send: int = 0  # the jobs a run sends: not settled in the ledger
 
     def render(self, job: Job) -> Message:
         """Render the message for `job` and read its attachment files (shared ones once per run)."""
@@ -63,22 +65,24 @@ def run_preflight(
     *,
     secrets: Sequence[bytes] | None,
     skip_invalid: bool,
-    assigned: Mapping[str, str] | None = None,
+    ledger: Ledger | None = None,
     on_rows: Callable[[int, int], None] | None = None,
 ) -> Preflight:
     """Every row through the pipeline (`check_rows`), kept as the jobs to send, the skips and the problems.
 
-    `on_rows(done, total)` hears of each batch checked (for a progress display).
+    `ledger` (the campaign's, when it ran before) keeps each row's sender and says which rows a run
+    sends (`to_send`). `on_rows(done, total)` hears of each batch checked (for a progress display).
 
     File-level problems (a missing file, a bad header, a template that does not
     compile) raise at once; row-level problems are collected. With `skip_invalid`,
     bad rows become skips and the problems list is empty.
     """
-    pipeline = check_rows(manifest, secrets=secrets, assigned=assigned)
+    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger)
     source = manifest.recipients.source.name
     jobs: list[Job] = []
     skips: list[Skip] = []
     problems: list[str] = []
+    to_send = 0
     total, done = pipeline.scan.row_count, 0
     with collecting_less():
         for batch in pipeline.batches():
@@ -88,6 +92,7 @@ def run_preflight(
             for checked in batch:
                 if checked.job is not None and checked.message is not None:
                     jobs.append(checked.job)
+                    to_send += checked.settled is None
                 elif checked.checked.skip is not None:
                     skips.append(checked.checked.skip)
                 elif skip_invalid:
@@ -102,6 +107,7 @@ def run_preflight(
         jobs=tuple(jobs),
         skips=tuple(skips),
         problems=tuple(problems),
+        to_send=to_send,
     )
 
 

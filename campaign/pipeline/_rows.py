@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from campaign.errors import DataError
+from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
-from campaign.models import Message
+from campaign.models import Message, RowState
 from campaign.pipeline._compliance import check_body_link
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
@@ -24,7 +25,11 @@ from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, scan_audie
 from campaign.render import Composer, build_composer, check_message_attachments
 from campaign.unsubscribe import Unsubscribed, list_store_paths, load_unsubscribed
 
-__all__ = ["RowCheck", "RowPipeline", "check_job", "check_rows", "collecting_less"]
+__all__ = ["SETTLED_STATES", "RowCheck", "RowPipeline", "check_job", "check_rows", "collecting_less"]
+
+# Rows in these states are not sent by a run (only pending and in-flight rows are; unknown ones wait
+# for reconcile).
+SETTLED_STATES = tuple(state for state in RowState if state not in (RowState.PENDING, RowState.INFLIGHT))
 
 # The cyclic garbage collector runs a young collection every this many new containers during a check.
 # Its default (700) is tuned for programs that keep few objects; a check makes several per row and keeps
@@ -44,6 +49,7 @@ class RowCheck:
     job: Job | None = None
     message: Message | None = None
     error: DataError | None = None
+    settled: str | None = None  # the ledger's state for a row a run will not send again (e.g. "sent")
 
     @property
     def row(self) -> int:
@@ -60,57 +66,73 @@ class RowPipeline:
         scan: AudienceScan,
         composer: Composer,
         unsubscribed: Unsubscribed,
-        assigned: Mapping[str, str] | None,
+        ledger: Ledger | None,
     ) -> None:
         self.manifest = manifest
         self.scan = scan
         self.composer = composer
         self._unsubscribed = unsubscribed
-        self._assigner = SenderAssigner(manifest.senders, assigned=assigned)
+        self._ledger = ledger
+        load = None if ledger is None else ledger.assigned_counts()
+        self._assigner = SenderAssigner(manifest.senders, load=load)
 
     def assigned(self, size: int = BATCH_ROWS) -> Iterator[list[RowCheck]]:
-        """The rows scanned, opt-outs skipped and senders assigned, not rendered (`render` does that)."""
+        """The rows scanned, opt-outs skipped and senders assigned, not rendered (`render` does that).
+
+        A row the ledger knows keeps its sender, and says its state when a run will not send it
+        again; the ledger is asked a batch at a time.
+        """
         for batch in self.scan.batches(size):
-            yield [self._assign(checked) for checked in batch]
+            keys = [checked.recipient.key for checked in batch if checked.recipient is not None]
+            kept, settled = self._known(keys)
+            yield [self._assign(checked, kept, settled) for checked in batch]
 
     def batches(self, size: int = BATCH_ROWS) -> Iterator[list[RowCheck]]:
         """Every row through every stage, `size` rows of the file at a time."""
         for batch in self.assigned(size):
-            yield [self._render(row.checked, row.job) if row.job is not None else row for row in batch]
+            yield [self._render(row, row.job) if row.job is not None else row for row in batch]
 
     def render(self, row: RowCheck, *, sender: SenderSettings | None = None) -> RowCheck:
         """`row` rendered and checked (by `sender` instead of its assigned one, if given)."""
         if row.job is None:
             return row
-        return self._render(row.checked, row.job if sender is None else Job(row.job.recipient, sender.name))
+        return self._render(row, row.job if sender is None else Job(row.job.recipient, sender.name))
 
-    def _render(self, checked: CheckedRow, job: Job) -> RowCheck:
+    def _render(self, row: RowCheck, job: Job) -> RowCheck:
         outcome = check_job(self.composer, self.manifest, job)
         if isinstance(outcome, DataError):
-            return RowCheck(checked, job, error=outcome)
-        return RowCheck(checked, job, message=outcome)
+            return RowCheck(row.checked, job, error=outcome, settled=row.settled)
+        return RowCheck(row.checked, job, message=outcome, settled=row.settled)
 
-    def _assign(self, checked: CheckedRow) -> RowCheck:
+    def _assign(self, checked: CheckedRow, kept: Mapping[str, str], settled: Mapping[str, str]) -> RowCheck:
         # Opt-outs before assigning, so that an unsubscribed row takes no sender's share.
         if self._unsubscribed:
             checked = skip_unsubscribed_row(checked, self._unsubscribed)
-        if checked.recipient is None:
+        recipient = checked.recipient
+        if recipient is None:
             return RowCheck(checked)
-        return RowCheck(checked, Job(checked.recipient, self._assigner.assign(checked.recipient)))
+        sender = self._assigner.assign(recipient, kept=kept.get(recipient.key))
+        return RowCheck(checked, Job(recipient, sender), settled=settled.get(recipient.key))
+
+    def _known(self, keys: Sequence[str]) -> tuple[Mapping[str, str], Mapping[str, str]]:
+        if self._ledger is None or not keys:
+            return {}, {}
+        return self._ledger.assigned_senders(keys), self._ledger.key_states(SETTLED_STATES, keys)
 
 
 def check_rows(
-    manifest: Manifest, *, secrets: Sequence[bytes] | None, assigned: Mapping[str, str] | None = None
+    manifest: Manifest, *, secrets: Sequence[bytes] | None, ledger: Ledger | None = None
 ) -> RowPipeline:
     """Open the pipeline: the list and its header checked, the templates compiled, the opt-outs read.
 
     File-level faults raise here (InputFileError, TemplateError, …); row-level ones come with the rows.
-    `assigned` is the ledger's sender per recipient key: a row keeps the sender it was given.
+    `ledger` (the campaign's, when it ran before): a row keeps the sender it was given, and a row a run
+    will not send again says so (`RowCheck.settled`).
     """
     scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
     unsubscribed = load_unsubscribed(list_store_paths(manifest))
     composer = build_composer(manifest, secrets=secrets)
-    return RowPipeline(manifest, scan, composer, unsubscribed, assigned)
+    return RowPipeline(manifest, scan, composer, unsubscribed, ledger)
 
 
 def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:

@@ -120,27 +120,38 @@ def build_schedule(
 class SenderAssigner:
     """Assign senders to recipients in list order, keeping only a message count per sender.
 
-    For passes that stream the list instead of holding it (preview, send-test); `assign_senders`
-    is this over a whole list.
+    For passes that stream the list instead of holding it (preview, send-test, the pipeline);
+    `assign_senders` is this over a whole list. The rows an earlier run assigned come either as
+    one mapping (`assigned`), or as their counts per sender (`load`) with each row's sender given
+    to `assign` as `kept`, so that a streamed pass never holds a key-sized dict.
     """
 
     def __init__(
-        self, senders: Sequence[SenderSettings], *, assigned: Mapping[str, str] | None = None
+        self,
+        senders: Sequence[SenderSettings],
+        *,
+        assigned: Mapping[str, str] | None = None,
+        load: Mapping[str, int] | None = None,
     ) -> None:
         known = {sender.name for sender in senders}
+        self._known = known
         self._previous = {key: name for key, name in (assigned or {}).items() if name in known}
         self._load = dict.fromkeys(known, 0)
         for name in self._previous.values():
             self._load[name] += 1
+        for name, count in (load or {}).items():
+            if name in known:
+                self._load[name] += count
         self._senders = {sender.name: sender for sender in senders}
         self._order = [sender.name for sender in senders]
 
-    def assign(self, recipient: Recipient) -> str:
-        """The sender for `recipient`, the next row of the list."""
-        pinned = recipient.sender or self._previous.get(recipient.key)
+    def assign(self, recipient: Recipient, *, kept: str | None = None) -> str:
+        """The sender for `recipient`, the next row of the list (`kept`: the ledger's, if any)."""
+        earlier = kept if kept in self._known else self._previous.get(recipient.key)
+        pinned = recipient.sender or earlier
         # Ties go to the first listed sender, so the assignment is deterministic.
         name = pinned if pinned is not None else min(self._order, key=self._finish_with_one_more)
-        if recipient.key not in self._previous:
+        if earlier is None:
             self._load[name] += 1
         return name
 

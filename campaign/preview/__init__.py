@@ -9,7 +9,7 @@ sends and never writes the ledger.
 from __future__ import annotations
 
 from campaign.preview._json import build_preview_json
-from campaign.preview._report import LedgerView, PreviewReport, run_preview
+from campaign.preview._report import PreviewReport, run_preview
 from campaign.preview._site import write_site
 
-__all__ = ["LedgerView", "PreviewReport", "build_preview_json", "run_preview", "write_site"]
+__all__ = ["PreviewReport", "build_preview_json", "run_preview", "write_site"]

@@ -1,12 +1,11 @@
 """The dry run: what a run would send, to whom, from which mailbox, and when it would be done.
 
-`run_preview` streams the recipient list through the same per-row checks, sender
-assignment and rendering a run uses (`recipients.scan_audience`, `plan.SenderAssigner`,
-`preflight.check_job`) and keeps only counts, per-sender tallies, every problem row, a
-capped listing of rows and the first few messages, so a million-row list previews in
-bounded memory. It reads the list and the templates; it never sends and never writes the
-ledger (the caller passes what the ledger knows as a `LedgerView`). `campaign.preview._site`
-writes the browsable site; `campaign.preview._json` the `--json` form.
+`run_preview` streams the recipient list through the checked-row pipeline a run uses
+(`pipeline.check_rows`) and keeps only counts, per-sender tallies, every problem row, a capped
+listing of rows and the first few messages, so a million-row list previews in bounded memory;
+the campaign's ledger, when it ran before, is asked a batch at a time. It reads the list, the
+templates and the ledger; it never sends and never writes. `campaign.preview._site` writes the
+browsable site; `campaign.preview._json` the `--json` form.
 """
 
 from __future__ import annotations
@@ -20,18 +19,18 @@ from typing import Any
 
 from campaign.clock import Clock
 from campaign.errors import DataError
+from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Message, Problem, SkipReason
 from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
 from campaign.pipeline import build_unsubscribe_warnings, check_rows, collecting_less
-from campaign.plan import Job, build_quota_warnings, build_schedule
+from campaign.plan import DAY_S, Job, build_quota_warnings, build_schedule
 from campaign.recipients import BATCH_ROWS, CheckedRow
 from campaign.render import MESSAGE_CHECKS, load_message_attachments
 
 __all__ = [
     "INDEX_ROWS",
     "Issue",
-    "LedgerView",
     "ListedRow",
     "PreviewReport",
     "RowProblem",
@@ -43,15 +42,6 @@ __all__ = [
 INDEX_ROWS = 10_000  # rows listed on index.html; problem rows are listed whatever their number
 STATE_SEND = "to send"
 STATE_INVALID = "invalid"
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerView:
-    """What the ledger knows that a preview needs; empty for a campaign that never ran."""
-
-    assigned: Mapping[str, str] = field(default_factory=dict)  # recipient key -> sender
-    settled: Mapping[str, str] = field(default_factory=dict)  # key -> state, for rows a run will not send
-    used_24h: Mapping[str, int] = field(default_factory=dict)  # sender -> recipients mailed in the last 24 h
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +173,7 @@ def run_preview(
     secrets: Sequence[bytes] | None,
     skip_invalid: bool,
     sample: int,
-    ledger: LedgerView,
+    ledger: Ledger | None,
     api_uri: str,
     clock: Clock,
     index_rows: int = INDEX_ROWS,
@@ -194,7 +184,7 @@ def run_preview(
     File-level faults raise as in a run; row-level problems are collected in the report.
     """
     started_at = clock.now()
-    pipeline = check_rows(manifest, secrets=secrets, assigned=ledger.assigned)
+    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger)
     scan, composer = pipeline.scan, pipeline.composer
     source = scan.source.name
     tally = _Tally(index_rows=max(0, index_rows), samples_wanted=max(0, sample))
@@ -208,7 +198,7 @@ def run_preview(
                     _tally_problem(tally, row.checked, manifest, issues, skip_invalid)
                 else:
                     assert row.message is not None  # a job is rendered: a message or an error
-                    _tally_message(tally, row.job, row.message, manifest, ledger)
+                    _tally_message(tally, row.job, row.message, manifest, row.settled)
     loader = composer.attachment_loader  # samples carry their real files (a run reads them at send time)
     tally.samples[:] = [(load_message_attachments(m, loader), s) for m, s in tally.samples]
     requests = capture_requests(tally.samples, api_uri=api_uri, clock=clock)
@@ -225,7 +215,7 @@ def run_preview(
         already_done=dict(tally.done),
         skipped=dict(tally.skipped),
         problems=tuple(tally.problems),
-        senders=_sender_plans(manifest, tally.per_sender, ledger),
+        senders=_sender_plans(manifest, tally.per_sender, _used_24h(manifest, ledger, clock)),
         samples=samples,
         warnings=_warnings(manifest, tally.per_sender) + _message_warnings(tally),
         listed=tuple(tally.listed),
@@ -264,7 +254,9 @@ def _tally_problem(
     tally.list_row(ListedRow(checked.row, email, name, "", "", state, detail), always=True)
 
 
-def _tally_message(tally: _Tally, job: Job, message: Message, manifest: Manifest, ledger: LedgerView) -> None:
+def _tally_message(
+    tally: _Tally, job: Job, message: Message, manifest: Manifest, settled: str | None
+) -> None:
     recipient = job.recipient
     notes = []
     for check in MESSAGE_CHECKS:
@@ -274,7 +266,6 @@ def _tally_message(tally: _Tally, job: Job, message: Message, manifest: Manifest
             count, first_row, first_note = tally.message_warnings.get(label, (0, recipient.row, note))
             tally.message_warnings[label] = (count + 1, first_row, first_note)
             notes.append(note)
-    settled = ledger.settled.get(recipient.key)
     number = None
     if settled is not None:
         tally.done[settled] += 1
@@ -314,10 +305,18 @@ def _render_issue(error: DataError, source: str) -> Issue:
     return Issue(error.where, error.detail, f"{source} {error}")
 
 
+def _used_24h(manifest: Manifest, ledger: Ledger | None, clock: Clock) -> dict[str, int]:
+    """Recipients each sender mailed in the last 24 h, per the ledger (a budget already spent)."""
+    if ledger is None:
+        return {}
+    since = clock.now().timestamp() - DAY_S
+    return {sender.name: ledger.sent_recipients_total(sender.name, since) for sender in manifest.senders}
+
+
 def _sender_plans(
-    manifest: Manifest, per_sender: Mapping[str, int], ledger: LedgerView
+    manifest: Manifest, per_sender: Mapping[str, int], used_24h: Mapping[str, int]
 ) -> tuple[SenderPlan, ...]:
-    schedule = build_schedule(manifest.senders, remaining=per_sender, used_24h=ledger.used_24h)
+    schedule = build_schedule(manifest.senders, remaining=per_sender, used_24h=used_24h)
     timing = {plan.name: plan for plan in schedule.senders}
     return tuple(
         SenderPlan(
@@ -330,7 +329,7 @@ def _sender_plans(
             burst=sender.burst,
             per_day=sender.per_day,
             concurrency=sender.concurrency,
-            used_24h=ledger.used_24h.get(sender.name, 0),
+            used_24h=used_24h.get(sender.name, 0),
             next_24h=timing[sender.name].next_24h,
             duration_s=timing[sender.name].duration_s,
         )
