@@ -187,8 +187,12 @@ class LedgerReader:
     def assigned_senders(self, keys: Iterable[str] | None = None) -> dict[str, str]:
         """The sender each recipient already in the ledger is assigned to (of `keys`, if given: a batch
         of a streamed list looks up its own rows, so no structure grows with the ledger)."""
-        query = "SELECT key, sender FROM recipients WHERE sender IS NOT NULL"
-        rows = self._read(query) if keys is None else self._read(f"{query} AND {_IN_KEYS}", (_keys(keys),))
+        if keys is None:
+            rows = self._read("SELECT key, sender FROM recipients WHERE sender IS NOT NULL")
+        else:
+            rows = self._read(
+                f"SELECT r.key, r.sender FROM {_BY_KEYS} WHERE r.sender IS NOT NULL", (_keys(keys),)
+            )
         return {str(key): str(sender) for key, sender in rows}
 
     def assigned_counts(self) -> dict[str, int]:
@@ -303,10 +307,13 @@ class LedgerReader:
     def key_states(self, states: Iterable[RowState], keys: Iterable[str] | None = None) -> dict[str, str]:
         """Key -> state name of the rows in `states` (of `keys`, if given); no row objects, so cheap."""
         names = tuple(state.value for state in states)
-        query = f"SELECT key, state FROM recipients WHERE state IN ({', '.join('?' for _ in names)})"
+        wanted = f"state IN ({', '.join('?' for _ in names)})"
         if keys is None:
-            return {str(key): str(state) for key, state in self._read(query, names)}
-        found = self._read(f"{query} AND {_IN_KEYS}", (*names, _keys(keys)))
+            found = self._read(f"SELECT key, state FROM recipients WHERE {wanted}", names)
+        else:
+            found = self._read(
+                f"SELECT r.key, r.state FROM {_BY_KEYS} WHERE r.{wanted}", (_keys(keys), *names)
+            )
         return {str(key): str(state) for key, state in found}
 
     def open_rows(self) -> list[PlannedRow]:
@@ -330,8 +337,10 @@ class LedgerReader:
             raise LedgerError(message) from exc
 
 
-# Rows of a batch of keys, passed as one JSON array (no limit on the number of SQL parameters).
-_IN_KEYS = "key IN (SELECT value FROM json_each(?))"
+# The rows of a batch of keys, given as one JSON array (no limit on the number of SQL parameters).
+# CROSS JOIN keeps the keys as the outer loop, so each is one primary-key lookup; left to itself, the
+# planner may prefer the state index and scan every sent row of a large ledger for each batch.
+_BY_KEYS = "json_each(?) AS j CROSS JOIN recipients AS r ON r.key = j.value"
 
 
 def _keys(keys: Iterable[str]) -> str:
