@@ -17,7 +17,14 @@ from campaign.models import Address, Recipient, Skip, SkipReason
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.recipients import CheckedRow, load_import_addresses, write_entries
 from campaign.testing import FakeClock
-from campaign.unsubscribe import StoreEntry, StoreError, list_store_paths, load_unsubscribed, open_store
+from campaign.unsubscribe import (
+    StoreEntry,
+    StoreError,
+    list_store_paths,
+    load_unsubscribed,
+    lookup_unsubscribed,
+    open_store,
+)
 
 
 def _recipient(key: str, row: int, email: str | None = None) -> Recipient:
@@ -220,3 +227,27 @@ def test_suppression_store_module_loads_no_server_or_cli_library():
         )
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert json.loads(result.stdout) == [], module
+
+
+def test_a_batch_looks_up_only_its_own_recipients_by_key_or_address(tmp_path):
+    """lookup_unsubscribed asks each store for one batch's keys and addresses (first entry wins)."""
+    store = open_store(tmp_path / "u.sqlite", clock=FakeClock())
+    store.record("spring", "ann@example.com", source="one-click")
+    store.record("", "cus-9", source="manual")
+    store.record("autumn", "cus-10", email="Bob@Example.com", source="one-click")
+    store.record("", "zed@example.com", source="import")
+    store.close()
+    batch = [
+        _recipient("ann@example.com", 1),
+        _recipient("cus-9", 2, "carl@example.com"),
+        _recipient("cus-77", 3, "bob@example.com"),
+        _recipient("dora@example.com", 4),
+    ]
+    found = lookup_unsubscribed([tmp_path / "u.sqlite", tmp_path / "missing.sqlite"], batch)
+    assert [getattr(found.match(r), "recipient_key", None) for r in batch] == [
+        "ann@example.com",
+        "cus-9",
+        "cus-10",
+        None,
+    ]
+    assert len(found) == 3  # zed, not in the batch, was not read

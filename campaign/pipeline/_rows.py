@@ -13,7 +13,9 @@ import gc
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+from campaign.clock import SystemClock
 from campaign.errors import DataError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
@@ -23,7 +25,7 @@ from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
 from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, scan_audience
 from campaign.render import Composer, build_composer, check_message_attachments
-from campaign.unsubscribe import Unsubscribed, list_store_paths, load_unsubscribed
+from campaign.unsubscribe import Unsubscribed, list_store_paths, lookup_unsubscribed, open_store
 
 __all__ = ["SETTLED_STATES", "RowCheck", "RowPipeline", "check_job", "check_rows", "collecting_less"]
 
@@ -65,13 +67,13 @@ class RowPipeline:
         manifest: Manifest,
         scan: AudienceScan,
         composer: Composer,
-        unsubscribed: Unsubscribed,
+        stores: Sequence[Path],
         ledger: Ledger | None,
     ) -> None:
         self.manifest = manifest
         self.scan = scan
         self.composer = composer
-        self._unsubscribed = unsubscribed
+        self._stores = tuple(stores)
         self._ledger = ledger
         load = None if ledger is None else ledger.assigned_counts()
         self._assigner = SenderAssigner(manifest.senders, load=load)
@@ -83,9 +85,10 @@ class RowPipeline:
         again; the ledger is asked a batch at a time.
         """
         for batch in self.scan.batches(size):
-            keys = [checked.recipient.key for checked in batch if checked.recipient is not None]
-            kept, settled = self._known(keys)
-            yield [self._assign(checked, kept, settled) for checked in batch]
+            recipients = [checked.recipient for checked in batch if checked.recipient is not None]
+            unsubscribed = lookup_unsubscribed(self._stores, recipients)
+            kept, settled = self._known([recipient.key for recipient in recipients])
+            yield [self._assign(checked, unsubscribed, kept, settled) for checked in batch]
 
     def batches(self, size: int = BATCH_ROWS) -> Iterator[list[RowCheck]]:
         """Every row through every stage, `size` rows of the file at a time."""
@@ -104,10 +107,16 @@ class RowPipeline:
             return RowCheck(row.checked, job, error=outcome, settled=row.settled)
         return RowCheck(row.checked, job, message=outcome, settled=row.settled)
 
-    def _assign(self, checked: CheckedRow, kept: Mapping[str, str], settled: Mapping[str, str]) -> RowCheck:
+    def _assign(
+        self,
+        checked: CheckedRow,
+        unsubscribed: Unsubscribed,
+        kept: Mapping[str, str],
+        settled: Mapping[str, str],
+    ) -> RowCheck:
         # Opt-outs before assigning, so that an unsubscribed row takes no sender's share.
-        if self._unsubscribed:
-            checked = skip_unsubscribed_row(checked, self._unsubscribed)
+        if unsubscribed:
+            checked = skip_unsubscribed_row(checked, unsubscribed)
         recipient = checked.recipient
         if recipient is None:
             return RowCheck(checked)
@@ -130,9 +139,12 @@ def check_rows(
     will not send again says so (`RowCheck.settled`).
     """
     scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
-    unsubscribed = load_unsubscribed(list_store_paths(manifest))
+    stores = list_store_paths(manifest)
+    for path in stores:  # a file that is not a store is refused here, before any row is checked
+        if path.exists():
+            open_store(path, clock=SystemClock(), create=False).close()
     composer = build_composer(manifest, secrets=secrets)
-    return RowPipeline(manifest, scan, composer, unsubscribed, ledger)
+    return RowPipeline(manifest, scan, composer, stores, ledger)
 
 
 def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:

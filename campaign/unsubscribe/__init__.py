@@ -23,6 +23,7 @@ from campaign.unsubscribe._store import (
     is_store_path,
     list_store_paths,
     load_unsubscribed,
+    lookup_unsubscribed,
     open_store,
 )
 from campaign.unsubscribe._tokens import (
@@ -51,6 +52,7 @@ __all__ = [
     "is_store_path",
     "list_store_paths",
     "load_unsubscribed",
+    "lookup_unsubscribed",
     "make_token",
     "open_store",
     "parse_secrets",

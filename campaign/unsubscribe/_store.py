@@ -42,6 +42,7 @@ __all__ = [
     "is_store_path",
     "list_store_paths",
     "load_unsubscribed",
+    "lookup_unsubscribed",
     "open_store",
 ]
 
@@ -80,6 +81,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " event_id TEXT NOT NULL,"
         " UNIQUE (event_id, email))",
         "CREATE INDEX bounces_email ON bounces (email, bounced_at)",
+        # Campaigns look a batch of recipient keys up at a time (the UNIQUE index starts with campaign).
+        "CREATE INDEX unsubscribes_key ON unsubscribes (recipient_key)",
         "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
 )
@@ -240,6 +243,17 @@ class SuppressionStore:
             "SELECT campaign, recipient_key, email, recorded_at, source FROM unsubscribes ORDER BY id"
         )
         return [StoreEntry(*row) for row in rows]
+
+    def entries_for(self, keys: Iterable[str], emails: Iterable[str]) -> list[StoreEntry]:
+        """The entries for any of `keys` or (lower-cased) `emails`, oldest first: a batch's lookup."""
+        rows = self._query(
+            "SELECT id, campaign, recipient_key, email, recorded_at, source FROM unsubscribes"
+            " WHERE id IN (SELECT u.id FROM json_each(?) AS j CROSS JOIN unsubscribes AS u"
+            " ON u.recipient_key = j.value UNION SELECT u.id FROM json_each(?) AS j"
+            " CROSS JOIN unsubscribes AS u ON u.email = j.value) ORDER BY id",
+            (json.dumps(list(keys)), json.dumps([email.lower() for email in emails])),
+        )
+        return [StoreEntry(*row[1:]) for row in rows]
 
     def read_since(self, last_id: int) -> tuple[int, list[StoreEntry]]:
         """Entries recorded after row id `last_id`, and the newest id seen (for cheap re-reads)."""
@@ -481,6 +495,25 @@ class Unsubscribed:
         """The entry that unsubscribes `recipient` (same key, or same address), or None."""
         found = self._by_key.get(recipient.key)
         return found if found is not None else self._by_email.get(recipient.address.email.lower())
+
+
+def lookup_unsubscribed(paths: Sequence[Path], recipients: Sequence[Recipient]) -> Unsubscribed:
+    """Who of `recipients` is in the stores at `paths` (by key or address), looked up for this batch
+    only: a store may hold millions, and a campaign never holds more of it than one batch needs."""
+    found = Unsubscribed()
+    if not recipients:
+        return found
+    keys = [recipient.key for recipient in recipients]
+    emails = [recipient.address.email for recipient in recipients]
+    for path in paths:
+        if not path.exists():
+            continue
+        store = open_store(path, clock=SystemClock(), create=False)  # reading stamps nothing
+        try:
+            found.add(store.entries_for(keys, emails))
+        finally:
+            store.close()
+    return found
 
 
 def load_unsubscribed(paths: Sequence[Path]) -> Unsubscribed:
