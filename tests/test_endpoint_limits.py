@@ -128,13 +128,14 @@ def test_a_one_click_post_is_recorded_within_a_second_under_1100_half_sent_reque
     assert len(text.splitlines()) <= 20, text[:2000]
 
 
-def test_headers_and_bodies_that_never_finish_are_cut_off(tmp_path):
+@pytest.mark.parametrize("service", [("unsubscribe", "serve"), ("serve",)], ids=" ".join)
+def test_headers_and_bodies_that_never_finish_are_cut_off(tmp_path, service):
     """With 0.3 s deadlines, a client stuck in its headers and one stuck in its body are disconnected,
     and the server goes on answering."""
     store, log = tmp_path / "u.sqlite", tmp_path / "server.log"
     token = make_token(secrets=[SECRET.encode()], campaign="spring", recipient_key="ann@example.com")
     options = ("--header-timeout", "0.3", "--body-timeout", "0.3")
-    with _serve(store, log, *options) as (base, _):
+    with _serve(store, log, *options, service=service) as (base, _):
         (in_headers,) = _open_slow(base, 1, b"POST /u HTTP/1.1\r\nHost: example.com\r\n")
         body_start = (
             f"POST /u?t={token} HTTP/1.1\r\nHost: example.com\r\n"

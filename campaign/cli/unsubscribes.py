@@ -54,6 +54,12 @@ PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
 SecretEnvOpt = Annotated[
     str, typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with.")
 ]
+HeaderTimeoutOpt = Annotated[
+    float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's headers.")
+]
+BodyTimeoutOpt = Annotated[
+    float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's body.")
+]
 MaxConnectionsOpt = Annotated[
     int,
     typer.Option(
@@ -69,12 +75,8 @@ def unsubscribe_serve(
     port: PortOpt = 8080,
     secret_env: SecretEnvOpt = DEFAULT_SECRET_ENV,
     max_connections: MaxConnectionsOpt = _DEFAULT_LIMITS.max_connections,
-    header_timeout: Annotated[
-        float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's headers.")
-    ] = _DEFAULT_LIMITS.header_timeout_s,
-    body_timeout: Annotated[
-        float, typer.Option(min=0.01, max=3600, help="Seconds a client has to send a request's body.")
-    ] = _DEFAULT_LIMITS.body_timeout_s,
+    header_timeout: HeaderTimeoutOpt = _DEFAULT_LIMITS.header_timeout_s,
+    body_timeout: BodyTimeoutOpt = _DEFAULT_LIMITS.body_timeout_s,
 ) -> None:
     """Serve the one-click unsubscribe endpoint, recording unsubscribes in --store (put https in front)."""
     with exit_codes():
@@ -114,6 +116,8 @@ def serve(
         typer.Option(min=1, help="Within this many days (kept with the store; default 30)."),
     ] = None,
     max_connections: MaxConnectionsOpt = _DEFAULT_LIMITS.max_connections,
+    header_timeout: HeaderTimeoutOpt = _DEFAULT_LIMITS.header_timeout_s,
+    body_timeout: BodyTimeoutOpt = _DEFAULT_LIMITS.body_timeout_s,
 ) -> None:
     """Serve one-click unsubscribes and Nylas webhooks (bounces, replies, opens, clicks) into --store."""
     with exit_codes():
@@ -132,7 +136,9 @@ def serve(
                 )
             service = EventService(endpoint, webhook_secrets=webhook_secrets, clock=options.clock)
             out.print(f"Serving /unsubscribe and /nylas/webhook on http://{host}:{port}; Ctrl-C stops it")
-            limits = ServerLimits(max_connections=max_connections)
+            limits = ServerLimits(
+                max_connections=max_connections, header_timeout_s=header_timeout, body_timeout_s=body_timeout
+            )
             serve_service(service, host=host, port=port, limits=limits)
         finally:
             endpoint.store.close()
