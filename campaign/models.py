@@ -11,20 +11,33 @@ from datetime import datetime
 from enum import StrEnum
 
 __all__ = [
+    "FIRST_STEP",
     "Address",
     "Attachment",
     "AttachmentFile",
     "Message",
     "OutcomeKind",
+    "PreviousStep",
     "Problem",
     "Recipient",
     "RowState",
+    "Screening",
     "SendOutcome",
     "Skip",
     "SkipReason",
     "ThrottleKind",
     "Tracking",
+    "step_key",
 ]
+
+# Step 1 ([message]) as the ledger, status and reports name it; follow-ups go by their own names.
+FIRST_STEP = "message"
+
+
+def step_key(recipient_key: str, step: str) -> str:
+    """The ledger's key of one (recipient, step): the recipient's key for step 1, so that a campaign
+    without follow-ups keeps the keys it always had; the key and the step's name after it otherwise."""
+    return recipient_key if step == FIRST_STEP else f"{recipient_key}\x1f{step}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +64,27 @@ class Recipient:
     sender: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PreviousStep:
+    """The step before a follow-up, as it was sent to one recipient: the follow-up answers it."""
+
+    step: str
+    subject: str
+    message_id: str
+    thread_id: str | None
+    sent_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    """What the check right before a follow-up's claim found (the reply lookups)."""
+
+    stop: SkipReason | None = None  # the sequence stops here for this recipient
+    detail: str = ""  # for the ledger: which message, when
+    hold: bool = False  # the check could not be made: not sent now, due again later
+    auto_reply: str | None = None  # an auto-reply seen, which does not stop the sequence
+
+
 class SkipReason(StrEnum):
     """Why a row of the list is deliberately not mailed."""
 
@@ -59,6 +93,9 @@ class SkipReason(StrEnum):
     SUPPRESSED = "suppressed"
     UNSUBSCRIBED = "unsubscribed"
     BOUNCED = "bounced"  # a hard bounce (or repeated soft ones) recorded in an unsubscribe store
+    REPLIED = "replied"  # a follow-up not sent: the recipient answered an earlier step
+    AUTO_REPLIED = "auto-replied"  # a follow-up not sent: an auto-reply, with `auto_replies = "stop"`
+    NOT_LISTED = "not listed"  # a follow-up not sent: the recipient left the list
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +199,8 @@ class Message:
     attachment_files: tuple[AttachmentFile, ...] = ()
     # This recipient's one-click link (also in List-Unsubscribe, unless the sender's provider drops it).
     unsubscribe_url: str | None = None
+    # A follow-up answers the previous step's message (Nylas sets In-Reply-To and References from it).
+    reply_to_message_id: str | None = None
 
     @property
     def recipient_count(self) -> int:

@@ -12,9 +12,10 @@ no exit code: the caller takes part through `RunHooks` and gets a `RunOutcome`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, ExitStack, closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +25,7 @@ import anyio
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult, DispatchSettings, dispatch, run_interruptible
 from campaign.errors import DataError, InputFileError, LedgerError
+from campaign.followups import ReplyClient, build_screen, load_due_jobs, schedule_followups
 from campaign.ledger import (
     Ledger,
     PlannedRow,
@@ -36,7 +38,7 @@ from campaign.ledger import (
     unlock_ledger,
 )
 from campaign.manifest import Manifest
-from campaign.models import RowState
+from campaign.models import Recipient, RowState, Screening
 from campaign.nextsteps import NextStep
 from campaign.nylas import SendClient
 from campaign.pipeline import (
@@ -52,9 +54,13 @@ from campaign.pipeline import (
     run_preflight,
 )
 from campaign.plan import DAY_S, Job
+from campaign.recipients import AudienceScan, scan_audience
 from campaign.render import Composer, build_composer
 from campaign.status import build_status
 from campaign.unsubscribe import UnsubscribeWatch, list_store_paths
+
+# A follow-up whose reply lookup failed is looked up again after this long (with --wait).
+_HOLD_RETRY_S = 300.0
 
 __all__ = ["RunHooks", "RunOptions", "RunOutcome", "RunPlan", "SenderShare", "run_campaign"]
 
@@ -101,6 +107,7 @@ class RunOutcome:
     next_steps: tuple[NextStep, ...]
     sync: SyncReport
     content: ContentCheck
+    next_due: datetime | None = None  # the next follow-up scheduled (the run ended before it was due)
 
 
 class RunHooks(Protocol):
@@ -122,6 +129,10 @@ class RunHooks(Protocol):
 
     def checking(self) -> AbstractContextManager[Callable[[int, int], None]]:
         """A context around the row check, giving the function told of (rows done, rows in all)."""
+        ...
+
+    def waiting(self, until: datetime, scheduled: int) -> AbstractContextManager[None]:
+        """A context around --wait's sleep until the next follow-up (`scheduled` are waiting) is due."""
         ...
 
 
@@ -253,7 +264,8 @@ def _record_and_send(
     ledger.record_expired_claims()
     jobs = _open_jobs(manifest, ledger, checked)
     settings = DispatchSettings(limit=options.limit, wait=options.wait)
-    work = partial(_send, manifest, checked.composer, jobs, ledger, connect, clock, settings, hooks)
+    rounds = _Rounds(manifest, checked.composer, ledger, clock, settings, hooks)
+    work = partial(rounds.send, jobs, connect)
     interrupted = anyio.run(partial(run_interruptible, work, on_signal=hooks.stopping))
     if interrupted.result is not None:
         ledger.record_parks(
@@ -268,6 +280,7 @@ def _record_and_send(
         next_steps=status.next_steps,
         sync=sync,
         content=checked.content,
+        next_due=ledger.next_due(clock.now()) if manifest.followups else None,
     )
 
 
@@ -290,53 +303,175 @@ def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked) -> list[Jo
             raise LedgerError(message)
         return load_open_jobs(manifest, ledger)
     inflight = {row.key: row.inflight for row in ledger.open_rows()}
-    wanted = [job for job in checked.preflight.jobs if job.recipient.key in inflight]
-    return sorted(wanted, key=lambda job: not inflight[job.recipient.key])
+    wanted = [job for job in checked.preflight.jobs if job.key in inflight]
+    return sorted(wanted, key=lambda job: not inflight[job.key])
 
 
-async def _send(
-    manifest: Manifest,
-    composer: Composer,
-    jobs: Sequence[Job],
-    ledger: Ledger,
-    connect: Callable[[], AbstractAsyncContextManager[SendClient]],
-    clock: Clock,
-    settings: DispatchSettings,
-    hooks: RunHooks,
-    stop: anyio.Event | None = None,
-) -> DispatchResult:
-    since = clock.now().timestamp() - DAY_S
-    # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
-    history = {
-        sender.name: ledger.sent_recipients_since(sender.name, since)
-        for sender in manifest.senders
-        if sender.per_day is not None or sender.per_day_messages is not None
-    }
-    shares = [_share(sender.name, sender.per_day, jobs, history) for sender in manifest.senders]
-    # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds.
-    stores = list_store_paths(manifest)
-    watch = UnsubscribeWatch(stores, clock=clock)
-    try:
-        async with connect() as client:
-            with hooks.progress(len(jobs), shares) as on_event:
-                return await dispatch(
-                    jobs,
-                    senders=manifest.senders,
-                    render=partial(render_job, composer, manifest),
-                    client=client,
-                    ledger=ledger,
-                    clock=clock,
-                    history=history,
-                    parked=ledger.parked_senders(),
-                    on_event=on_event,
-                    settings=settings,
-                    unsubscribed=watch.opt_out if stores else None,
-                    stop=stop,
-                    # Rows in flight from an earlier run keep their grant (their key may be used).
-                    bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},
-                )
-    finally:
-        watch.close()
+class _Rounds:
+    """The sending of one run: step 1's open rows, then, round after round, the follow-ups as they
+    come due (scheduled from what was just sent). Without --wait the run ends when nothing is due;
+    with it, it sleeps until the next follow-up is due and goes on, across days."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        composer: Composer,
+        ledger: Ledger,
+        clock: Clock,
+        settings: DispatchSettings,
+        hooks: RunHooks,
+    ) -> None:
+        self._manifest = manifest
+        self._composer = composer
+        self._ledger = ledger
+        self._clock = clock
+        self._settings = settings
+        self._hooks = hooks
+        self._scan: AudienceScan | None = None
+        self._held: dict[str, datetime] = {}  # follow-ups whose reply lookup failed, and when to retry
+
+    async def send(
+        self,
+        jobs: Sequence[Job],
+        connect: Callable[[], AbstractAsyncContextManager[SendClient]],
+        stop: anyio.Event | None = None,
+    ) -> DispatchResult:
+        """Send `jobs`, then every follow-up as it comes due; the results of all rounds added up."""
+        stores = list_store_paths(self._manifest)
+        # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds.
+        watch = UnsubscribeWatch(stores, clock=self._clock)
+        total: DispatchResult | None = None
+        try:
+            async with connect() as client:
+                screen = self._screen(client)
+                while True:
+                    jobs = [*jobs, *self._due_followups()]
+                    if jobs or total is None:
+                        result = await self._dispatch(jobs, client, watch if stores else None, screen, stop)
+                        total = result if total is None else _added(total, result)
+                    jobs = []
+                    if not self._manifest.followups or _halted(result) or _asked_to_stop(stop):
+                        return total
+                    self._schedule()
+                    if self._due_now():
+                        continue
+                    if not self._settings.wait or not await self._wait_for_next(stop):
+                        return total
+        finally:
+            watch.close()
+
+    def _schedule(self) -> None:
+        schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
+
+    def _due_followups(self) -> list[Job]:
+        if not self._manifest.followups:
+            return []
+        self._schedule()
+        now = self._clock.now()
+        self._held = {key: retry for key, retry in self._held.items() if retry > now}
+        due = load_due_jobs(self._manifest, self._ledger, now, recipients_at=self._recipients_at)
+        return [job for job in due if self._held.get(job.key, now) <= now]
+
+    def _due_now(self) -> bool:
+        now = self._clock.now()
+        return any(self._held.get(item.key, now) <= now for item in self._ledger.due_steps(now))
+
+    async def _wait_for_next(self, stop: anyio.Event | None) -> bool:
+        """--wait: sleep until the next follow-up is due (or a held one is retried); False if none is."""
+        now = self._clock.now()
+        times = [
+            moment for moment in (self._ledger.next_due(now), *self._held.values()) if moment is not None
+        ]
+        if not times:
+            return False
+        until = max(now, min(times))
+        scheduled = sum(step.scheduled for step in self._ledger.step_counts(self._manifest.steps[1:], now))
+        with self._hooks.waiting(until, scheduled):
+            seconds = (until - now).total_seconds()
+            if stop is None:
+                await self._clock.sleep(seconds)
+            else:
+                await self._clock.wait_for(stop, seconds)
+        return not _asked_to_stop(stop)
+
+    def _recipients_at(self, wanted: Sequence[tuple[int, str, str]]) -> list[Recipient]:
+        if self._scan is None:
+            senders = [sender.name for sender in self._manifest.senders]
+            self._scan = scan_audience(self._manifest.recipients, sender_names=senders)
+        return self._scan.recipients_at(wanted)
+
+    def _screen(self, client: SendClient) -> Callable[[Job], Awaitable[Screening]] | None:
+        if not self._manifest.followups or not isinstance(client, ReplyClient):
+            return None
+        check = build_screen(self._manifest, self._ledger, client)
+
+        async def screen(job: Job) -> Screening:
+            found = await check(job)
+            if found.hold:  # looked up again later, never sent blind
+                self._held[job.key] = self._clock.now() + timedelta(seconds=_HOLD_RETRY_S)
+            return found
+
+        return screen
+
+    async def _dispatch(
+        self,
+        jobs: Sequence[Job],
+        client: SendClient,
+        watch: UnsubscribeWatch | None,
+        screen: Callable[[Job], Awaitable[Screening]] | None,
+        stop: anyio.Event | None,
+    ) -> DispatchResult:
+        manifest, ledger = self._manifest, self._ledger
+        since = self._clock.now().timestamp() - DAY_S
+        # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
+        history = {
+            sender.name: ledger.sent_recipients_since(sender.name, since)
+            for sender in manifest.senders
+            if sender.per_day is not None or sender.per_day_messages is not None
+        }
+        shares = [_share(sender.name, sender.per_day, jobs, history) for sender in manifest.senders]
+        with self._hooks.progress(len(jobs), shares) as on_event:
+            return await dispatch(
+                jobs,
+                senders=manifest.senders,
+                render=partial(render_job, self._composer, manifest),
+                client=client,
+                ledger=ledger,
+                clock=self._clock,
+                history=history,
+                parked=ledger.parked_senders(),
+                on_event=on_event,
+                settings=self._settings,
+                unsubscribed=None if watch is None else watch.opt_out,
+                screen=screen,
+                stop=stop,
+                # Rows in flight from an earlier run keep their grant (their key may be used).
+                bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},
+                holidays=manifest.campaign.holidays,
+            )
+
+
+def _asked_to_stop(stop: anyio.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+def _halted(result: DispatchResult) -> bool:
+    """The round stopped short of its work (a park, a shut window, refused credentials, --limit, Ctrl-C)."""
+    return bool(
+        result.parked or result.closed or result.auth_refused or result.limit_reached or result.stopped
+    )
+
+
+def _added(before: DispatchResult, after: DispatchResult) -> DispatchResult:
+    """Two rounds' results as one: counts added, the later round's state of the senders."""
+    return replace(
+        after,
+        sent=before.sent + after.sent,
+        failed=before.failed + after.failed,
+        unknown=before.unknown + after.unknown,
+        left_inflight=before.left_inflight + after.left_inflight,
+        held=before.held + after.held,
+    )
 
 
 def _share(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from campaign.plan import Delay, add_delay, load_zone, next_open, parse_delay, parse_window
+from campaign.sendtime import Delay, add_delay, load_zone, next_open, parse_delay, parse_window
 
 BERLIN = load_zone("Europe/Berlin")
 NEW_YORK = load_zone("America/New_York")

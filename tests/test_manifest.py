@@ -127,7 +127,7 @@ def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> Non
     message = error_of(BASE.replace("[recipients]", "[recipients]\nzzz = 1"), tmp_path)
     assert message == (
         "campaign.toml: recipients.zzz: unknown key (expected one of: source, email_column, name_column, "
-        "sender_column, key_column, delimiter, suppress)"
+        "sender_column, key_column, timezone_column, delimiter, suppress)"
     )
 
 
@@ -380,7 +380,15 @@ def test_schema_describes_the_toml_shape() -> None:
     json.dumps(schema)  # it must be serialisable as printed by `campaign schema`
     properties = schema["properties"]
     assert isinstance(properties, dict)
-    assert set(properties) == {"campaign", "api", "recipients", "message", "unsubscribe", "senders"}
+    assert set(properties) == {
+        "campaign",
+        "api",
+        "recipients",
+        "message",
+        "unsubscribe",
+        "senders",
+        "followups",
+    }
     assert schema["required"] == ["campaign", "recipients", "message", "senders"]
     assert schema["additionalProperties"] is False
     defs = schema["$defs"]

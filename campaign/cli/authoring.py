@@ -65,6 +65,20 @@ def sandbox(
             help="Bounce this share of recipients (the same ones each time): a DSN in the sender's inbox.",
         ),
     ] = 0.0,
+    reply_share: Annotated[
+        float,
+        typer.Option(
+            "--reply-share",
+            min=0.0,
+            max=1.0,
+            help="Answer this share of sent messages with a reply in their thread (a share more with an "
+            "out-of-office auto-reply, --auto-reply-share), as follow-ups meet them.",
+        ),
+    ] = 0.0,
+    auto_reply_share: Annotated[
+        float,
+        typer.Option("--auto-reply-share", min=0.0, max=1.0, help="Answer this share with an auto-reply."),
+    ] = 0.0,
     webhook: Annotated[
         str | None,
         typer.Option(
@@ -87,11 +101,13 @@ def sandbox(
             to_filter_broken=broken_to_filter,
             gzip=gzip,
             bounce_share=bounce_share,
+            reply_share=reply_share,
+            auto_reply_share=auto_reply_share,
         )
         if webhook is not None:
             secrets = read_webhook_secrets(DEFAULT_WEBHOOK_SECRET_ENV)
             try:
-                fake.add_webhook(webhook, secrets[0], ["message.bounce_detected"])
+                fake.add_webhook(webhook, secrets[0], ["message.bounce_detected", "thread.replied"])
             except (ValueError, httpx.HTTPError) as exc:
                 raise UsageError(f"--webhook {webhook}: {exc}; start `campaign serve` first") from exc
         out.print(f"Fake Nylas API on http://{host}:{port}  (API key: {SANDBOX_API_KEY}); Ctrl-C stops it")

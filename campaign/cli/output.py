@@ -111,6 +111,14 @@ def print_run_summary(
     for sender, until in sorted(result.parked.items()):
         when = format_local_time(until)
         console.print(f"sender [bold]{escape(sender)}[/] is at its limit; it can send again at {when}")
+    for sender, until in sorted(result.closed.items()):
+        when = format_local_time(until)
+        console.print(f"sender [bold]{escape(sender)}[/]'s send window is shut; it opens at {when}")
+    if result.held:
+        console.print(
+            f"{result.held} follow-ups held back: their reply lookup failed (they are never sent blind); "
+            "they are looked up again on the next run"
+        )
     for sender in result.auth_refused:
         console.print(
             f"sender [bold]{escape(sender)}[/]: the API refused the credentials; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from types import TracebackType
 
 from rich.console import Console
@@ -30,7 +31,7 @@ from campaign.dispatch import DispatchEvent, EventKind
 from campaign.manifest import SenderSettings
 from campaign.timetext import format_duration, format_local_time
 
-__all__ = ["CHECK_LOG_EVERY_S", "SendProgress", "show_checking"]
+__all__ = ["CHECK_LOG_EVERY_S", "SendProgress", "show_checking", "show_waiting"]
 
 CHECK_LOG_EVERY_S = 5.0  # without a terminal, one line this often while a long check runs
 
@@ -118,7 +119,7 @@ class SendProgress:
             self._progress.advance(task)
             self._progress.advance(self._overall)
             self._progress.update(task, detail=f"[red]{self._failed[event.sender]} not sent")
-        elif event.kind == EventKind.PARKED and event.until is not None:
+        elif event.kind in (EventKind.PARKED, EventKind.CLOSED) and event.until is not None:
             self._progress.update(task, parked_until=event.until)
         elif event.kind == EventKind.RESUMED:
             self._progress.update(task, parked_until=None, detail="")
@@ -126,9 +127,42 @@ class SendProgress:
             self._progress.update(task, detail="[red]credentials refused")
         elif event.kind == EventKind.THROTTLED:
             self._progress.update(task, detail="[yellow]throttled, slowing down")
-        elif event.kind == EventKind.SKIPPED:  # unsubscribed while the campaign ran: settled, not sent
+        elif event.kind == EventKind.SKIPPED:  # unsubscribed (or replied) while the campaign ran: settled
             self._progress.advance(task)
             self._progress.advance(self._overall)
+        elif event.kind == EventKind.HELD:  # a follow-up's reply lookup failed: due again, never sent blind
+            self._progress.advance(task)
+            self._progress.advance(self._overall)
+            self._progress.update(task, detail="[yellow]reply lookup failed; held back")
+
+
+class _CountdownColumn(ProgressColumn):
+    """Time left until a moment, live."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def render(self, task: Task) -> Text:
+        until = task.fields["until"]
+        left = (until - self._clock.now()).total_seconds()
+        return Text(f"{format_duration(max(0.0, left))} left (at {format_local_time(until)})")
+
+
+@contextmanager
+def show_waiting(console: Console, *, until: datetime, scheduled: int, clock: Clock) -> Iterator[None]:
+    """--wait's sleep until the next follow-up is due: a live countdown on a terminal, a line in a log."""
+    what = f"{scheduled:,} follow-up{'s' if scheduled != 1 else ''} scheduled; waiting for the next one"
+    if not console.is_terminal:
+        console.print(
+            f"{what}, due at {format_local_time(until)} (Ctrl-C stops; resume goes on)", soft_wrap=True
+        )
+        yield
+        return
+    progress = Progress(TextColumn(what), _CountdownColumn(clock), console=console, transient=True)
+    progress.add_task("wait", total=None, until=until)
+    with progress:
+        yield
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -33,7 +34,7 @@ from campaign.cli.base import (
 )
 from campaign.cli.inspecting import preview
 from campaign.cli.output import print_checked, print_deliveries, print_next_steps, print_run_summary
-from campaign.cli.progress import SendProgress, show_checking
+from campaign.cli.progress import SendProgress, show_checking, show_waiting
 from campaign.cli.wiring import build_sandbox_api, connect_api, locate_ledger, read_api_key, read_secrets
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult
@@ -42,6 +43,7 @@ from campaign.manifest import Manifest, load_manifest
 from campaign.pipeline import ContentCheck
 from campaign.run import RunOptions, RunPlan, SenderShare, run_campaign
 from campaign.testing import FakeNylas
+from campaign.timetext import format_local_time
 
 __all__ = ["resume", "run"]
 
@@ -148,6 +150,11 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
         print_next_steps(out, outcome.next_steps)
         return EXIT_INTERRUPTED
     print_run_summary(out, outcome.result, states=dict(outcome.states), next_steps=outcome.next_steps)
+    if outcome.next_due is not None:
+        out.print(
+            f"The next follow-up is due at {format_local_time(outcome.next_due)}: run `campaign resume` "
+            "then (or keep one running with --wait)."
+        )
     return EXIT_INTERRUPTED if outcome.signals else _exit_code(outcome.result, outcome.states)
 
 
@@ -180,6 +187,9 @@ class _Hooks:
 
     def checking(self) -> AbstractContextManager[Callable[[int, int], None]]:
         return show_checking(err, clock=self._clock)
+
+    def waiting(self, until: datetime, scheduled: int) -> AbstractContextManager[None]:
+        return show_waiting(out, until=until, scheduled=scheduled, clock=self._clock)
 
 
 def _confirm(count: int, senders: int, *, yes: bool, sandbox: bool) -> bool:

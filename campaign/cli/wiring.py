@@ -45,6 +45,9 @@ __all__ = [
 SANDBOX_API_KEY = "sandbox-key"
 SANDBOX_SECRET = "sandbox-unsubscribe-secret-not-for-real-mail"
 SANDBOX_API_URI = "http://sandbox.nylas.test"  # never resolved: the sandbox is served in-process
+# The sandbox's recipients answer a campaign with follow-ups this often (a reply; an out-of-office).
+SANDBOX_REPLY_SHARE = 0.3
+SANDBOX_AUTO_REPLY_SHARE = 0.1
 
 
 def ledger_path_for(manifest: Manifest, *, sandbox: bool) -> Path:
@@ -172,15 +175,24 @@ def build_sandbox_api(
     to_filter_broken: bool = False,
     gzip: bool = False,
     bounce_share: float = 0.0,
+    reply_share: float | None = None,
+    auto_reply_share: float | None = None,
 ) -> FakeNylas:
     """The fake Nylas API, with the manifest's senders as its grants and domains, and the provider
     quirks asked for: a listing lag and a broken `to` filter on every grant, gzip-encoded answers,
-    and a share of recipients whose messages bounce (a DSN in the sender's inbox, a notification)."""
+    a share of recipients whose messages bounce (a DSN in the sender's inbox, a notification), and
+    shares of messages answered with a reply or an auto-reply in their thread (by default, for a
+    campaign with follow-ups, SANDBOX_REPLY_SHARE and SANDBOX_AUTO_REPLY_SHARE, so that it shows)."""
     from campaign.testing import FakeNylas
 
     fake = FakeNylas(api_key=SANDBOX_API_KEY, clock=clock)
     fake.gzip_answers = gzip
     fake.bounce_share = bounce_share
+    followups = manifest is not None and bool(manifest.followups)
+    fake.reply_share = reply_share if reply_share is not None else SANDBOX_REPLY_SHARE * followups
+    fake.auto_reply_share = (
+        auto_reply_share if auto_reply_share is not None else SANDBOX_AUTO_REPLY_SHARE * followups
+    )
     if manifest is not None:
         register_sandbox_grants(fake, manifest)
         for sender in manifest.senders:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
 
 from campaign.manifest import SenderSettings
 from campaign.plan import NYLAS_MULTIPART_PER_SECOND, DailyBudget, Job, Pace
+from campaign.sendtime import SendWindow, next_open
 
 __all__ = ["Lane", "hand_over_jobs", "open_lane"]
 
@@ -43,6 +44,16 @@ class Lane:
     parked_until: datetime | None = None
     auth_refused: bool = False
     workers: int = 0  # the send loop's workers currently serving this lane
+    window: SendWindow | None = None  # when the sender may send (None: any time)
+    holidays: frozenset[date] = frozenset()  # days its window stays shut
+    closed_until: datetime | None = None  # the run ended with the window shut: it opens then
+
+    def opens_at(self, now: datetime) -> datetime | None:
+        """None while the sender's window is open at `now`; else when it next opens."""
+        if self.window is None:
+            return None
+        opens = next_open(self.window, now, holidays=self.holidays)
+        return opens if opens > now else None
 
     @property
     def stopped(self) -> bool:
@@ -98,30 +109,35 @@ class Lane:
 def hand_over_jobs(lane: Lane, takers: Sequence[Lane], *, bound: Collection[str]) -> bool:
     """Move a stopped lane's movable jobs, each to the taker that would finish it soonest; True if any moved.
 
-    Rows pinned by the list's sender column stay, and so do `bound` rows: their idempotency
-    key may have been used, and Nylas scopes keys per grant.
+    Rows pinned by the list's sender column stay, and so do follow-ups (their thread is in this
+    mailbox) and `bound` rows: their idempotency key may have been used, and Nylas scopes keys per grant.
     """
     if not takers:
         return False
     kept: deque[Job] = deque()
     for job in lane.jobs:
-        if job.recipient.sender is not None or job.recipient.key in bound:
+        if not job.movable or job.key in bound:
             kept.append(job)
             continue
         taker = min(takers, key=lambda other: (len(other.jobs) + 1) / other.rate_per_s)
-        taker.jobs.append(Job(job.recipient, taker.sender.name))
+        taker.jobs.append(replace(job, sender=taker.sender.name))
     if len(kept) == len(lane.jobs):
         return False
     lane.jobs = kept
     return True
 
 
-def open_lane(sender: SenderSettings, *, history: Sequence[tuple[float, int]] = ()) -> Lane:
-    """A lane for `sender`, its budgets seeded with earlier sends: (Unix time, recipients) each."""
+def open_lane(
+    sender: SenderSettings, *, history: Sequence[tuple[float, int]] = (), holidays: Collection[date] = ()
+) -> Lane:
+    """A lane for `sender`, its budgets seeded with earlier sends: (Unix time, recipients) each; its
+    window shut on `holidays`."""
     return Lane(
         sender=sender,
         pace=Pace(sender.rate_per_s, burst=sender.burst),
         multipart_pace=Pace(NYLAS_MULTIPART_PER_SECOND),
         recipients_budget=DailyBudget(sender.per_day, history=history),
         messages_budget=DailyBudget(sender.per_day_messages, history=[(at, 1) for at, _ in history]),
+        window=sender.send_window,
+        holidays=frozenset(holidays),
     )

@@ -10,8 +10,9 @@ progress as `DispatchEvent`s; it never prints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import replace
+from datetime import date, datetime, timedelta
 from functools import partial
 
 import anyio
@@ -31,7 +32,16 @@ from campaign.dispatch._types import (
 )
 from campaign.ledger import GroupCommit, Ledger
 from campaign.manifest import SenderSettings
-from campaign.models import Message, OutcomeKind, Recipient, RowState, SendOutcome, SkipReason
+from campaign.models import (
+    FIRST_STEP,
+    Message,
+    OutcomeKind,
+    Recipient,
+    RowState,
+    Screening,
+    SendOutcome,
+    SkipReason,
+)
 from campaign.nylas import SendClient, build_send_request, send_as
 from campaign.plan import Job
 
@@ -53,8 +63,10 @@ async def dispatch(
     settings: DispatchSettings | None = None,
     offload: Offload | None = None,
     unsubscribed: Callable[[Recipient], SkipReason | None] | None = None,
+    screen: Callable[[Job], Awaitable[Screening]] | None = None,
     stop: anyio.Event | None = None,
     bound: Collection[str] = (),
+    holidays: Collection[date] = (),
 ) -> DispatchResult:
     """Send every job under its sender's limits; return what was done and what is left.
 
@@ -68,12 +80,17 @@ async def dispatch(
     budgets; `parked` the senders that must not send before a time (from an earlier run);
     `offload` runs the ledger's blocking writes (a worker thread unless told otherwise);
     `unsubscribed` is asked right before each claim (it must be cheap), and a recipient it
-    names is recorded as skipped instead of mailed. Once `stop` is set no new work starts:
+    names is recorded as skipped instead of mailed. `screen` is awaited right before each
+    follow-up's claim (the reply lookups): it may stop the recipient's sequence (recorded as
+    skipped), or hold the follow-up back when it could not look (not sent, still due). A sender
+    with a send window sends only inside it (shut on `holidays`): with `wait` the loop sleeps until
+    it opens, else the sender stops for this run. Once `stop` is set no new work starts:
     sends in flight get `stop_grace_s` to finish and be recorded, then are abandoned
     (their rows stay in flight, for resume).
     """
     lanes = {
-        sender.name: open_lane(sender, history=(history or {}).get(sender.name, ())) for sender in senders
+        sender.name: open_lane(sender, history=(history or {}).get(sender.name, ()), holidays=holidays)
+        for sender in senders
     }
     now = clock.now()
     for name, until in (parked or {}).items():
@@ -90,6 +107,7 @@ async def dispatch(
         settings=settings or DispatchSettings(),
         offload=offload or build_thread_offload(),
         unsubscribed=unsubscribed,
+        screen=screen,
         stop=stop,
         bound=bound,
     )
@@ -112,6 +130,7 @@ class _Loop:
         settings: DispatchSettings,
         offload: Offload,
         unsubscribed: Callable[[Recipient], SkipReason | None] | None = None,
+        screen: Callable[[Job], Awaitable[Screening]] | None = None,
         stop: anyio.Event | None = None,
         bound: Collection[str] = (),
     ) -> None:
@@ -129,6 +148,8 @@ class _Loop:
         self._in_thread = GroupCommit(offload, ledger.batch)
         self._retry = RetryPolicy(settings)
         self._unsubscribed = unsubscribed
+        self._screen = screen
+        self._held = 0
         self._stop = Stopper(stop, clock=clock)
         self._left_inflight = 0
         self._bound = set(bound)
@@ -163,6 +184,12 @@ class _Loop:
             limit_reached=self._limit_reached,
             stopped=self._stopping,
             left_inflight=self._left_inflight,
+            held=self._held,
+            closed={
+                name: lane.closed_until
+                for name, lane in lanes.items()
+                if lane.closed_until is not None and lane.jobs
+            },
         )
 
     def _start_workers(self, lane: Lane) -> None:
@@ -189,16 +216,16 @@ class _Loop:
 
     async def _work_lane(self, lane: Lane) -> None:
         while lane.jobs and not lane.auth_refused and not self._stopping:
-            if lane.parked_until is not None:
-                if not self._settings.wait:
-                    return
-                await self._wait_out_park(lane, lane.parked_until)
+            ready = await self._ready(lane)
+            if ready is None:
+                return
+            if not ready:
                 continue
             if self._settings.limit is not None and self._started >= self._settings.limit:
                 self._limit_reached = True
                 return
             job = lane.jobs.popleft()
-            if self._unsubscribed is not None and await self._skip_if_unsubscribed(lane, job):
+            if await self._not_to_send(lane, job):
                 continue
             message = self._render(job)
             wall = self._clock.now().timestamp()
@@ -237,11 +264,63 @@ class _Loop:
         reason = self._unsubscribed(job.recipient)
         if reason is None:
             return False
-        key = job.recipient.key
+        key = job.key
         record = partial(self._ledger.record_skipped, key, reason, f"{reason.value} while the campaign ran")
         if not await self._in_thread(record):
             return False
         self._emit(DispatchEvent(EventKind.SKIPPED, lane.sender.name, key, job.recipient.address.email))
+        return True
+
+    async def _ready(self, lane: Lane) -> bool | None:
+        """Whether the lane may send now: True; False after waiting (a park, a shut window) with --wait
+        (look again); None when it stops for this run."""
+        if lane.parked_until is not None:
+            if not self._settings.wait:
+                return None
+            await self._wait_out_park(lane, lane.parked_until)
+            return False
+        opens = lane.opens_at(self._clock.now())
+        if opens is None:
+            return True
+        return False if await self._wait_for_window(lane, opens) else None
+
+    async def _not_to_send(self, lane: Lane, job: Job) -> bool:
+        """The checks right before a claim: an opt-out since the plan; for a follow-up, an answer."""
+        if self._unsubscribed is not None and await self._skip_if_unsubscribed(lane, job):
+            return True
+        return self._screen is not None and job.step != FIRST_STEP and await self._screened_out(lane, job)
+
+    async def _screened_out(self, lane: Lane, job: Job) -> bool:
+        """The reply lookups right before a follow-up's claim: True if it is not to be sent now (the
+        recipient answered, or the lookup failed); an auto-reply that does not stop it is noted."""
+        assert self._screen is not None
+        found = await self._screen(job)
+        email = job.recipient.address.email
+        if found.hold:
+            self._held += 1
+            self._emit(DispatchEvent(EventKind.HELD, lane.sender.name, job.key, email))
+            return True
+        if found.stop is not None:
+            record = partial(self._ledger.record_skipped, job.key, found.stop, found.detail)
+            if not await self._in_thread(record):
+                return False  # in flight from an earlier run: its key may have been used; settle it
+            self._emit(DispatchEvent(EventKind.SKIPPED, lane.sender.name, job.key, email))
+            return True
+        if found.auto_reply is not None:
+            await self._in_thread(partial(self._ledger.record_auto_reply, job.key, found.auto_reply))
+        return False
+
+    async def _wait_for_window(self, lane: Lane, opens: datetime) -> bool:
+        """The sender's window is shut until `opens`: with --wait sleep until then (True), else stop."""
+        if lane.closed_until != opens:
+            lane.closed_until = opens
+            self._emit(DispatchEvent(EventKind.CLOSED, lane.sender.name, until=opens))
+        if not self._settings.wait:
+            return False
+        await self._stop.sleep((opens - self._clock.now()).total_seconds())
+        if lane.closed_until == opens:
+            lane.closed_until = None
+            self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
         return True
 
     async def _wait_out_park(self, lane: Lane, until: datetime) -> None:
@@ -267,7 +346,7 @@ class _Loop:
         PENDING: not sent, back to the queue. INFLIGHT: left in flight (a stop, or a row
         re-claimed from an earlier run whose sender stopped), to be re-sent with its key.
         """
-        key = job.recipient.key
+        key = job.key
         payload = build_send_request(message)  # JSON, or multipart for big attachments
         claim = await self._in_thread(
             partial(
@@ -334,17 +413,17 @@ class _Loop:
 
     async def _return_to_owner(self, lane: Lane, job: Job, owner: str | None) -> RowState | None:
         """A row whose key may be used goes back to its own sender: the key is valid on that grant only."""
-        self._bound.add(job.recipient.key)
+        self._bound.add(job.key)
         home = self._lanes.get(owner or "")
         if home is None:  # its sender is gone from the manifest: no grant can send it safely
             return await self._give_up(lane, job, None, note=OWNER_GONE_NOTE)
-        home.jobs.append(Job(job.recipient, home.sender.name))
+        home.jobs.append(replace(job, sender=home.sender.name))
         self._start_workers(home)
         return None
 
     async def _give_up(self, lane: Lane, job: Job, outcome: SendOutcome | None, *, note: str) -> RowState:
         """The row's fate cannot be known now: it becomes unknown, for reconcile to settle."""
-        key = job.recipient.key
+        key = job.key
         await self._in_thread(partial(self._ledger.record_unknown, key, note=note))
         self._counts[RowState.UNKNOWN] += 1
         self._emit(
@@ -357,7 +436,7 @@ class _Loop:
         return self._stop.requested
 
     def _after(self, lane: Lane, job: Job, outcome: SendOutcome, state: RowState) -> None:
-        name, key, email = lane.sender.name, job.recipient.key, job.recipient.address.email
+        name, key, email = lane.sender.name, job.key, job.recipient.address.email
         if state == RowState.SENT:
             lane.record_sent()
             self._counts[RowState.SENT] += 1

@@ -59,7 +59,9 @@ class EventKind(StrEnum):
     PARKED = "parked"
     RESUMED = "resumed"
     AUTH_REFUSED = "auth_refused"
-    SKIPPED = "skipped"  # the recipient unsubscribed while the campaign ran
+    SKIPPED = "skipped"  # the recipient unsubscribed (or, before a follow-up, replied) while the campaign ran
+    HELD = "held"  # a follow-up's reply lookup failed: not sent now, due again later
+    CLOSED = "closed"  # the sender's send window is shut until `until`
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +107,5 @@ class DispatchResult:
     limit_reached: bool = False
     stopped: bool = False  # a stop was requested (Ctrl-C): no new work was started after it
     left_inflight: int = 0  # rows left in flight (stopped mid-retry or abandoned): resume re-sends them
+    held: int = 0  # follow-ups whose reply lookup failed: not sent, due again
+    closed: Mapping[str, datetime] = field(default_factory=dict)  # senders whose window is shut, until

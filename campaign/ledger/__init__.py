@@ -17,16 +17,20 @@ from campaign.ledger._interface import Ledger
 from campaign.ledger._ledger import SqliteLedger, open_ledger
 from campaign.ledger._read import ErrorGroup, LedgerRow, PlannedRow
 from campaign.ledger._schema import check_ledger_free, lock_ledger, unlock_ledger
-from campaign.ledger._values import Claim, SyncReport
+from campaign.ledger._values import Claim, DueStep, ScheduledStep, SentStep, StepCounts, SyncReport
 
 __all__ = [
     "Claim",
+    "DueStep",
     "ErrorGroup",
     "GroupCommit",
     "Ledger",
     "LedgerRow",
     "PlannedRow",
+    "ScheduledStep",
+    "SentStep",
     "SqliteLedger",
+    "StepCounts",
     "SyncReport",
     "check_key_scheme",
     "check_ledger_free",

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._read import (
-    CONTENT_FINGERPRINT,
     KEY_SCHEME,
     PARKED_PREFIX,
     PLAN_STAMP,
     JournalEntry,
     LedgerRow,
     PlannedRow,
+    content_key,
 )
 from campaign.ledger._schema import (
     check_ledger_version,
@@ -36,7 +36,7 @@ from campaign.ledger._schema import (
     migrate_ledger,
     unlock_ledger,
 )
-from campaign.ledger._values import Claim, SyncReport
+from campaign.ledger._values import Claim, ScheduledStep, SyncReport
 from campaign.ledger._write import (
     FAILED,
     INFLIGHT,
@@ -47,7 +47,7 @@ from campaign.ledger._write import (
     UNKNOWN,
     LedgerWriter,
 )
-from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason
+from campaign.models import FIRST_STEP, OutcomeKind, RowState, SendOutcome, Skip, SkipReason, step_key
 
 __all__ = [
     "IDEMPOTENCY_WINDOW_S",
@@ -135,14 +135,19 @@ class SqliteLedger(LedgerWriter):
             raise LedgerError(message)
         self._campaign = campaign
 
-    def record_content_fingerprint(self, fingerprint: str, *, changed_from: str | None = None) -> None:
-        """Keep this run's content fingerprint; journal a change allowed after sending began."""
+    def record_content_fingerprint(
+        self, fingerprint: str, *, changed_from: str | None = None, step: str = FIRST_STEP
+    ) -> None:
+        """Keep this run's content fingerprint of `step`; journal a change allowed after sending began."""
         with self._write():
             if changed_from is not None:
-                detail = f"content fingerprint {changed_from} -> {fingerprint} (--allow-changed-content)"
+                which = "" if step == FIRST_STEP else f" of step {step}"
+                detail = (
+                    f"content fingerprint{which} {changed_from} -> {fingerprint} (--allow-changed-content)"
+                )
                 self.record_event("content_changed", detail)
-            if self.content_fingerprint() != fingerprint:
-                self._set_meta(CONTENT_FINGERPRINT, fingerprint)
+            if self.content_fingerprint(step) != fingerprint:
+                self._set_meta(content_key(step), fingerprint)
 
     def record_key_scheme(self, scheme: str) -> None:
         """Keep how this campaign keys its recipients (once `check_key_scheme` allowed it)."""
@@ -179,7 +184,9 @@ class SqliteLedger(LedgerWriter):
         with self._write() as db:
             known = {
                 str(key): (RowState(state), reason)
-                for key, state, reason in db.execute("SELECT key, state, reason FROM recipients")
+                for key, state, reason in db.execute(
+                    "SELECT key, state, reason FROM recipients WHERE step = 'message'"
+                )
             }
             new = [p for p in planned if p.key not in known]
             db.executemany(
@@ -222,7 +229,7 @@ class SqliteLedger(LedgerWriter):
                     (plan.sender, plan.email, plan.key),
                 )
             db.executemany("UPDATE recipients SET row = ? WHERE key = ?", [(p.row, p.key) for p in planned])
-            db.execute("UPDATE recipients SET listed = 0")
+            db.execute("UPDATE recipients SET listed = 0 WHERE step = 'message'")
             db.executemany("UPDATE recipients SET listed = 1 WHERE key = ?", [(key,) for key in wanted])
             if stamp is not None:
                 self._set_meta(PLAN_STAMP, stamp)
@@ -381,6 +388,40 @@ class SqliteLedger(LedgerWriter):
             for key in stale:
                 self.record_unknown(key, note=note)
         return len(stale)
+
+    # --- follow-up steps ----------------------------------------------------
+
+    def record_followups(self, scheduled: Sequence[ScheduledStep]) -> int:
+        """Add a pending row for each follow-up scheduled, due at its time; returns how many were new
+        (a (recipient, step) that has its row already keeps it)."""
+        now = self._stamp()
+        with self._write() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO recipients (key, row, email, sender, state, step, recipient, "
+                "previous, due_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        step_key(item.recipient, item.step),
+                        item.row,
+                        item.email,
+                        item.sender,
+                        item.step,
+                        item.recipient,
+                        item.previous,
+                        item.due_at.astimezone(UTC).isoformat(timespec="milliseconds"),
+                        now,
+                        now,
+                    )
+                    for item in scheduled
+                ],
+            )
+            return db.total_changes - before
+
+    def record_auto_reply(self, key: str, detail: str) -> None:
+        """Note an auto-reply seen before a follow-up that goes on regardless (`auto_replies = "ignore"`)."""
+        with self._write() as db:
+            db.execute("UPDATE recipients SET auto_reply = ? WHERE key = ?", (detail, key))
 
     # --- settling after the fact -------------------------------------------
 

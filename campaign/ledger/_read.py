@@ -11,12 +11,13 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from campaign.errors import LedgerError
-from campaign.models import RowState
+from campaign.ledger._values import DueStep, SentStep, StepCounts
+from campaign.models import FIRST_STEP, RowState
 
 __all__ = ["ErrorGroup", "JournalEntry", "LedgerReader", "LedgerRow", "PlannedRow"]
 
@@ -52,6 +53,16 @@ class LedgerRow:
     created_at: str
     updated_at: str
     sent_at: str | None
+    step: str = "message"  # "message" (step 1) or a follow-up's name
+    recipient: str | None = None  # a follow-up's recipient key (step 1: `key` is it)
+    previous: str | None = None  # a follow-up's: the ledger key of the step it answers
+    due_at: str | None = None  # not to be claimed before (None: at once)
+    auto_reply: str | None = None  # an auto-reply seen before this step, which did not stop it
+
+    @property
+    def recipient_key(self) -> str:
+        """The recipient's key (for step 1, the row's own key)."""
+        return self.recipient if self.recipient is not None else self.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,11 @@ KEY_SCHEME = "key_scheme"
 PARKED_PREFIX = "parked_until:"
 
 
+def content_key(step: str) -> str:
+    """The meta key of a step's content fingerprint (step 1's is the one campaigns always had)."""
+    return CONTENT_FINGERPRINT if step == FIRST_STEP else f"{CONTENT_FINGERPRINT}:{step}"
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedRow:
     """A recipient the plan wants mailed, as the ledger stores it; `inflight` when read back in flight."""
@@ -136,9 +152,9 @@ class LedgerReader:
         """The stamp of the last plan recorded (`pipeline.load_plan_stamp`), or None."""
         return self._meta(PLAN_STAMP)
 
-    def content_fingerprint(self) -> str | None:
-        """The content fingerprint recorded by the runs so far (`pipeline.load_content_fingerprint`)."""
-        return self._meta(CONTENT_FINGERPRINT)
+    def content_fingerprint(self, step: str = FIRST_STEP) -> str | None:
+        """The content fingerprint of `step` recorded so far (`pipeline.load_content_fingerprint`)."""
+        return self._meta(content_key(step))
 
     def key_scheme(self) -> str | None:
         """How the ledger's recipients are keyed ("address" or "column:<name>"); None before it was kept."""
@@ -188,7 +204,9 @@ class LedgerReader:
         """The sender each recipient already in the ledger is assigned to (of `keys`, if given: a batch
         of a streamed list looks up its own rows, so no structure grows with the ledger)."""
         if keys is None:
-            rows = self._read("SELECT key, sender FROM recipients WHERE sender IS NOT NULL")
+            rows = self._read(
+                "SELECT key, sender FROM recipients WHERE sender IS NOT NULL AND step = ?", (FIRST_STEP,)
+            )
         else:
             rows = self._read(
                 f"SELECT r.key, r.sender FROM {_BY_KEYS} WHERE r.sender IS NOT NULL", (_keys(keys),)
@@ -197,7 +215,10 @@ class LedgerReader:
 
     def assigned_counts(self) -> dict[str, int]:
         """How many recipients the ledger assigns to each sender."""
-        rows = self._read("SELECT sender, COUNT(*) FROM recipients WHERE sender IS NOT NULL GROUP BY sender")
+        rows = self._read(
+            "SELECT sender, COUNT(*) FROM recipients WHERE sender IS NOT NULL AND step = ? GROUP BY sender",
+            (FIRST_STEP,),
+        )
         return {str(sender): int(count) for sender, count in rows}
 
     def rows(
@@ -224,9 +245,14 @@ class LedgerReader:
             raise LedgerError(message)
         return _to_row(found[0])
 
-    def counts(self, *, listed: bool | None = None) -> dict[RowState, int]:
-        """How many rows are in each state (every state present, zeros included)."""
-        where, params = ("", ()) if listed is None else (" WHERE listed = ?", (int(listed),))
+    def counts(self, *, listed: bool | None = None, step: str | None = None) -> dict[RowState, int]:
+        """How many rows are in each state (every state present, zeros included); of one step if given."""
+        params: tuple[object, ...]
+        where, params = " WHERE 1 = 1", ()
+        if listed is not None:
+            where, params = where + " AND listed = ?", (int(listed),)
+        if step is not None:
+            where, params = where + " AND step = ?", (*params, step)
         found = {
             str(state): int(count)
             for state, count in self._read(
@@ -320,13 +346,118 @@ class LedgerReader:
         """The listed pending and in-flight rows, in flight first (their keys age), then in list order."""
         query = (
             "SELECT key, row, email, sender, state = 'inflight' FROM recipients "
-            "WHERE state IN ('pending', 'inflight') AND listed = 1 "
+            "WHERE state IN ('pending', 'inflight') AND listed = 1 AND step = 'message' "
             "ORDER BY state = 'inflight' DESC, row, key"
         )
         return [
             PlannedRow(str(key), int(row), str(email), str(sender), bool(inflight))
             for key, row, email, sender, inflight in self._read(query)
         ]
+
+    # --- follow-up steps ---------------------------------------------------------------------------
+
+    def unscheduled_steps(self, previous: str, step: str, *, limit: int = 1000) -> list[SentStep]:
+        """Up to `limit` rows of step `previous` that were sent to a recipient still in the list and
+        have no row of `step` yet: the recipients `step` is to be scheduled for."""
+        query = """
+            SELECT p.key, COALESCE(p.recipient, p.key), p.row, p.email, p.sender, p.sent_at
+            FROM recipients AS p JOIN recipients AS s ON s.key = COALESCE(p.recipient, p.key)
+            WHERE p.step = ? AND p.state = 'sent' AND s.listed = 1 AND NOT EXISTS (
+                SELECT 1 FROM recipients AS f WHERE f.key = COALESCE(p.recipient, p.key) || char(31) || ?
+            )
+            ORDER BY p.row, p.key LIMIT ?
+        """
+        return [
+            SentStep(str(key), str(recipient), int(row), str(email), str(sender), _moment(sent_at))
+            for key, recipient, row, email, sender, sent_at in self._read(query, (previous, step, limit))
+        ]
+
+    def due_steps(self, now: datetime) -> list[DueStep]:
+        """The follow-up rows that may be claimed at `now` (in flight first), with the steps they answer."""
+        query = """
+            SELECT f.key, f.recipient, f.step, s.row, s.email, f.sender, f.state = 'inflight', s.listed,
+                p.step, COALESCE(p.subject, ''), p.message_id, p.thread_id, p.sent_at, s.sent_at
+            FROM recipients AS f
+                JOIN recipients AS p ON p.key = f.previous
+                JOIN recipients AS s ON s.key = f.recipient
+            WHERE f.step != 'message' AND f.state IN ('pending', 'inflight')
+                AND (f.state = 'inflight' OR f.due_at <= ?)
+            ORDER BY f.state = 'inflight' DESC, f.due_at, f.row, f.key
+        """
+        return [
+            DueStep(
+                key=str(key),
+                recipient=str(recipient),
+                step=str(step),
+                row=int(row),
+                email=str(email),
+                sender=str(sender),
+                inflight=bool(inflight),
+                listed=bool(listed),
+                previous_step=str(previous_step),
+                previous_subject=str(subject),
+                previous_message_id=str(message_id),
+                previous_thread_id=None if thread_id is None else str(thread_id),
+                previous_sent_at=_moment(previous_sent),
+                first_sent_at=_moment(first_sent),
+            )
+            for (
+                key, recipient, step, row, email, sender, inflight, listed,
+                previous_step, subject, message_id, thread_id, previous_sent, first_sent,
+            ) in self._read(query, (_iso(now),))
+        ]  # fmt: skip
+
+    def next_due(self, now: datetime) -> datetime | None:
+        """When the next follow-up scheduled after `now` is due (None: none is)."""
+        query = "SELECT MIN(due_at) FROM recipients WHERE state = 'pending' AND due_at > ?"
+        found = self._read(query, (_iso(now),))
+        return _moment(found[0][0]) if found and found[0][0] else None
+
+    def step_counts(self, steps: Iterable[str], now: datetime) -> list[StepCounts]:
+        """Where each of `steps` stands at `now` (rows per state, due, scheduled, stopped), in that order."""
+        states: dict[str, dict[RowState, int]] = {}
+        for step, state, count in self._read(
+            "SELECT step, state, COUNT(*) FROM recipients GROUP BY step, state"
+        ):
+            states.setdefault(str(step), dict.fromkeys(RowState, 0))[RowState(state)] = int(count)
+        stamp = _iso(now)
+        timing = {
+            str(step): (int(due or 0), int(later or 0), first)
+            for step, due, later, first in self._read(
+                "SELECT step, SUM(due_at IS NULL OR due_at <= ?), SUM(due_at > ?), "
+                "MIN(CASE WHEN due_at > ? THEN due_at END) FROM recipients WHERE state = 'pending' "
+                "GROUP BY step",
+                (stamp, stamp, stamp),
+            )
+        }
+        stopped: dict[str, dict[str, int]] = {}
+        for step, cause, count in self._read(
+            "SELECT step, CASE WHEN instr(reason, ':') > 0 THEN substr(reason, 1, instr(reason, ':') - 1) "
+            "ELSE COALESCE(NULLIF(reason, ''), 'unknown') END, COUNT(*) FROM recipients "
+            "WHERE state = 'skipped' GROUP BY 1, 2"
+        ):
+            stopped.setdefault(str(step), {})[str(cause)] = int(count)
+        auto = {
+            str(step): int(count)
+            for step, count in self._read(
+                "SELECT step, COUNT(*) FROM recipients WHERE auto_reply IS NOT NULL GROUP BY step"
+            )
+        }
+        result = []
+        for step in steps:
+            due, later, first = timing.get(step, (0, 0, None))
+            result.append(
+                StepCounts(
+                    step=step,
+                    states=states.get(step, dict.fromkeys(RowState, 0)),
+                    due_now=due,
+                    scheduled=later,
+                    next_due=_moment(first) if first else None,
+                    stopped=stopped.get(step, {}),
+                    auto_replied=auto.get(step, 0),
+                )
+            )
+        return result
 
     def _read(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -345,6 +476,15 @@ _BY_KEYS = "json_each(?) AS j CROSS JOIN recipients AS r ON r.key = j.value"
 
 def _keys(keys: Iterable[str]) -> str:
     return json.dumps(list(keys))
+
+
+def _iso(moment: datetime) -> str:
+    """A moment as the ledger stores due times: ISO 8601 in UTC, to the millisecond (so it sorts)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _moment(text: object) -> datetime:
+    return datetime.fromisoformat(str(text))
 
 
 def _to_row(values: tuple[object, ...]) -> LedgerRow:

@@ -110,6 +110,19 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         # From the send answer: follow-ups reply in it, and reconcile can look a message up by it.
         "ALTER TABLE recipients ADD COLUMN thread_id TEXT",
     ),
+    (
+        "follow-up steps: one row per (recipient, step), due times, auto-replies seen",
+        # Step 1 rows keep their key (the recipient's); a follow-up's row names its recipient and the
+        # row of the step it answers. `due_at` (ISO UTC, NULL: at once) is when it may be claimed.
+        """
+        ALTER TABLE recipients ADD COLUMN step TEXT NOT NULL DEFAULT 'message';
+        ALTER TABLE recipients ADD COLUMN recipient TEXT;
+        ALTER TABLE recipients ADD COLUMN previous TEXT;
+        ALTER TABLE recipients ADD COLUMN due_at TEXT;
+        ALTER TABLE recipients ADD COLUMN auto_reply TEXT;
+        CREATE INDEX recipients_steps ON recipients (step, state, due_at)
+        """,
+    ),
 )
 
 

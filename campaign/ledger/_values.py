@@ -8,7 +8,7 @@ from datetime import datetime
 
 from campaign.models import RowState
 
-__all__ = ["Claim", "SyncReport"]
+__all__ = ["Claim", "DueStep", "ScheduledStep", "SentStep", "StepCounts", "SyncReport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,3 +33,61 @@ class Claim:
     usable_until: datetime  # past this, a same-key retry could send twice: give up (unknown)
     fresh: bool = True  # the key was issued by this claim (so no request has used it yet)
     sender: str | None = None  # the sender the row belongs to; a used key is only valid on its grant
+
+
+@dataclass(frozen=True, slots=True)
+class SentStep:
+    """A step sent to a recipient whose next step is not scheduled yet."""
+
+    key: str  # the ledger key of the sent row
+    recipient: str  # the recipient's key
+    row: int
+    email: str
+    sender: str
+    sent_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledStep:
+    """A follow-up to record: for `recipient`, step `step`, answering the row `previous`, due at `due_at`."""
+
+    recipient: str
+    step: str
+    row: int
+    email: str
+    sender: str
+    previous: str
+    due_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DueStep:
+    """A follow-up row that may be sent now, with what it answers: the previous step as sent."""
+
+    key: str
+    recipient: str
+    step: str
+    row: int
+    email: str
+    sender: str
+    inflight: bool
+    listed: bool  # the recipient is still in the list (else the step is not sent)
+    previous_step: str
+    previous_subject: str
+    previous_message_id: str
+    previous_thread_id: str | None
+    previous_sent_at: datetime
+    first_sent_at: datetime  # when step 1 went out: a reply from the recipient after it stops them
+
+
+@dataclass(frozen=True, slots=True)
+class StepCounts:
+    """Where one step stands: rows per state, how many are due now or later, and the next due time."""
+
+    step: str
+    states: Mapping[RowState, int]
+    due_now: int
+    scheduled: int
+    next_due: datetime | None
+    stopped: Mapping[str, int]  # skip cause -> rows (replied, unsubscribed, bounced, …)
+    auto_replied: int  # auto-replies seen before this step, which did not stop it

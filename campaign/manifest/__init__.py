@@ -2,13 +2,14 @@
 
 `load_manifest` reads and validates it into a frozen `Manifest` (pydantic only here, at the
 edge: every error names the key and what to do). The tables are in `_settings` ([campaign],
-[api], [recipients], [unsubscribe], [[senders]]) and `_message` ([message]); `_presets` holds
-each provider's default limits; `_starter` is what `campaign init` writes. Reads files, sends
-nothing, writes nothing but the starter.
+[api], [recipients], [unsubscribe], [[senders]]), `_message` ([message]) and `_followups`
+([[followups]]); `_presets` holds each provider's default limits; `_starter` is what `campaign
+init` writes. Reads files, sends nothing, writes nothing but the starter.
 """
 
 from __future__ import annotations
 
+from campaign.manifest._followups import FIRST_STEP, FollowupSettings
 from campaign.manifest._load import Manifest, SenderSettings, build_manifest_schema, load_manifest
 from campaign.manifest._message import AttachmentSettings, MessageSettings
 from campaign.manifest._settings import (
@@ -20,9 +21,11 @@ from campaign.manifest._settings import (
 from campaign.manifest._starter import write_starter
 
 __all__ = [
+    "FIRST_STEP",
     "HEADERLESS_PROVIDERS",
     "STORE_SUFFIXES",
     "AttachmentSettings",
+    "FollowupSettings",
     "Manifest",
     "MessageSettings",
     "RecipientsSettings",

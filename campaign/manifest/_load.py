@@ -20,6 +20,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails
 
 from campaign.errors import InputFileError, ManifestError
+from campaign.manifest._followups import FIRST_STEP, FollowupSettings
 from campaign.manifest._message import AttachmentSettings, MessageSettings, TrackingSettings
 from campaign.manifest._settings import (
     STORE_SUFFIXES,
@@ -65,6 +66,50 @@ class Manifest(BaseModel):
     senders: tuple[SenderSettings, ...] = Field(
         min_length=1, description="The sending mailboxes, one [[senders]] table each."
     )
+    followups: tuple[FollowupSettings, ...] = Field(
+        default=(),
+        description="Steps after [message], in order, each a reply in the same thread; one [[followups]] "
+        "table each.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_steps(self) -> Manifest:
+        seen: dict[str, int] = {}
+        for index, step in enumerate(self.followups, start=1):
+            if step.name in seen:
+                raise ValueError(
+                    f"followups[{index}].name: {step.name!r} is already the name of "
+                    f"followups[{seen[step.name]}]; step names must be unique"
+                )
+            seen[step.name] = index
+        return self
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The names of the steps in order: "message" ([message]), then each follow-up's."""
+        return (FIRST_STEP, *(step.name for step in self.followups))
+
+    def step_message(self, step: str) -> MessageSettings:
+        """The [message] settings as step `step` sends them: a follow-up's own subject and body, the rest
+        as in [message] (attachments are step 1's only)."""
+        if step == FIRST_STEP:
+            return self.message
+        followup = next(item for item in self.followups if item.name == step)
+        subject = followup.subject if followup.subject is not None else f"Re: {self.message.subject}"
+        return self.message.model_copy(
+            update={
+                "subject": subject,
+                "html": followup.html,
+                "text": followup.text,
+                "markdown": followup.markdown,
+                "attachments": (),
+                "deliver_at": followup.deliver_at,
+            }
+        )
+
+    def followup(self, step: str) -> FollowupSettings | None:
+        """The [[followups]] table of `step` (None for "message", or a step no longer in the manifest)."""
+        return next((item for item in self.followups if item.name == step), None)
 
     @model_validator(mode="after")
     def _unique_senders(self) -> Manifest:
@@ -134,6 +179,7 @@ _TABLES: dict[tuple[str, ...], type[BaseModel]] = {
     ("message", "attachments"): AttachmentSettings,
     ("unsubscribe",): UnsubscribeSettings,
     ("senders",): SenderSettings,
+    ("followups",): FollowupSettings,
 }
 
 

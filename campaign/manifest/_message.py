@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator, model_va
 
 from campaign.headers import header_name_problem
 from campaign.manifest._settings import FROZEN, EmailAddress, HeaderValue, ManifestPath
+from campaign.sendtime import parse_deliver_at
 
 __all__ = ["AttachmentSettings", "MessageSettings", "TrackingSettings"]
 
@@ -174,6 +175,18 @@ class MessageSettings(BaseModel):
     attachments: tuple[AttachmentSettings, ...] = Field(
         default=(), description="Files sent with each message, one [[message.attachments]] table each."
     )
+    deliver_at: str | None = Field(
+        default=None,
+        description="Local time of day to deliver step 1 at, e.g. '09:30': in the recipient's zone "
+        "(recipients.timezone_column), else the sender's; always inside the sender's window.",
+    )
+
+    @field_validator("deliver_at")
+    @classmethod
+    def _check_deliver_at(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_deliver_at(value)
+        return value
 
     @field_validator("headers")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,7 @@ from pydantic import (
 
 from campaign.headers import header_value_problem
 from campaign.manifest._presets import PROVIDER_PRESETS
+from campaign.sendtime import SendWindow, load_zone, parse_window
 
 __all__ = [
     "DEFAULT_PER_SECOND",
@@ -119,6 +121,10 @@ class CampaignSettings(BaseModel):
         "1–64 letters, digits, '.', '_' or '-'. Changing it starts a new campaign.",
         json_schema_extra={"pattern": _NAME_PATTERN},
     )
+    holidays: tuple[date, ...] = Field(
+        default=(),
+        description='Days follow-ups never count as business days nor send on, e.g. ["2026-12-25"].',
+    )
 
 
 class ApiSettings(BaseModel):
@@ -171,6 +177,12 @@ class RecipientsSettings(BaseModel):
         default=None,
         min_length=1,
         description="Optional column identifying the recipient instead of the address (e.g. a customer id).",
+    )
+    timezone_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Optional column holding each recipient's IANA time zone (e.g. Europe/Berlin), for "
+        "`deliver_at`; an empty cell means the sender's zone.",
     )
     delimiter: str = Field(
         default=",",
@@ -322,6 +334,33 @@ class SenderSettings(BaseModel):
         description="Messages this mailbox may send in any rolling 24 h.",
     )
     concurrency: int = Field(default=2, ge=1, le=64, strict=True, description="Sends in flight at once.")
+    window: str | None = Field(
+        default=None,
+        description="When this sender may send, in its `timezone`: e.g. 'Mon-Fri 09:00-17:30'; "
+        "default: any time.",
+    )
+    timezone: str = Field(
+        default="UTC",
+        description="IANA time zone of the window, business days and deliver_at, e.g. Europe/Berlin.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_zone(cls, value: str) -> str:
+        load_zone(value)
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_window(value, load_zone("UTC"))
+        return value
+
+    @property
+    def send_window(self) -> SendWindow | None:
+        """The window as a value in the sender's zone (None: any time)."""
+        return None if self.window is None else parse_window(self.window, load_zone(self.timezone))
 
     @field_validator("per_second", "per_minute")
     @classmethod

@@ -72,6 +72,7 @@ class ListedMessage:
     date: datetime | None
     metadata: Mapping[str, str] = field(hash=False)
     senders: tuple[str, ...] = ()  # the `from` addresses
+    thread_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,19 +238,34 @@ class NylasClient:
         metadata_pair: tuple[str, str] | None = None,
         in_folder: str | None = None,
         to: str | None = None,
+        from_: str | None = None,
         subject: str | None = None,
+        thread_id: str | None = None,
         received_after: datetime | int | None = None,
         limit: int | None = None,
         page_token: str | None = None,
     ) -> MessagePage:
-        """One page of `GET /v3/grants/{id}/messages` with the §5 filters (`in_folder` is `in`)."""
+        """One page of `GET /v3/grants/{id}/messages` with the §5 filters (`in_folder` is `in`).
+
+        Microsoft grants cannot combine `thread_id` with the address or subject filters (§5): it is
+        refused here for every grant, so that no lookup works on one provider and fails on another.
+        """
         if isinstance(received_after, datetime):
             if received_after.tzinfo is None:
                 raise ValueError("received_after must be timezone-aware")
             received_after = int(received_after.timestamp())
         if limit is not None and not 1 <= limit <= 200:
             raise ValueError(f"limit must be 1..200, not {limit}")
-        filters = {"in": in_folder, "to": to, "subject": subject, "received_after": received_after}
+        if thread_id is not None and (to or from_ or subject):
+            raise ValueError("thread_id cannot be combined with to, from or subject (Microsoft refuses it)")
+        filters = {
+            "in": in_folder,
+            "to": to,
+            "from": from_,
+            "subject": subject,
+            "thread_id": thread_id,
+            "received_after": received_after,
+        }
         params = {name: str(value) for name, value in filters.items() if value is not None}
         if metadata_pair is not None:
             if metadata_pair[0] not in _METADATA_KEYS:
@@ -290,6 +306,18 @@ class NylasClient:
             return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
         except ValueError as exc:
             raise ApiError(f"Nylas API GET {path}: raw_mime is not base64url") from exc
+
+    async def fetch_headers(self, grant_id: str, message_id: str) -> tuple[tuple[str, str], ...]:
+        """A message's headers, (name, value) in order (`GET /messages/{id}?fields=include_headers`)."""
+        path = f"/v3/grants/{_quote_grant(grant_id)}/messages/{quote(message_id, safe='')}"
+        body = await self._get_json(path, {"fields": "include_headers"})
+        data = body.get("data")
+        raw = data.get("headers") if isinstance(data, dict) else None
+        return tuple(
+            (str(item["name"]), str(item.get("value") or ""))
+            for item in (raw if isinstance(raw, list) else [])
+            if isinstance(item, dict) and isinstance(item.get("name"), str)
+        )
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -356,8 +384,15 @@ def _listed_message(item: object) -> ListedMessage:
     if isinstance(date, int | float) and not isinstance(date, bool):
         with contextlib.suppress(OverflowError, OSError, ValueError):
             when = datetime.fromtimestamp(date, UTC)
+    thread = item.get("thread_id")
     return ListedMessage(
-        item["id"], json_text(item, "subject"), emails, when, MappingProxyType(pairs), senders
+        item["id"],
+        json_text(item, "subject"),
+        emails,
+        when,
+        MappingProxyType(pairs),
+        senders,
+        thread if isinstance(thread, str) and thread else None,
     )
 
 

@@ -179,6 +179,8 @@ def _payload_without_attachments(message: Message) -> dict[str, Any]:
     # A send has one body: the HTML when there is one (Nylas derives the text part), else the text.
     payload["body"] = message.html if message.html is not None else (message.text or "")
     payload["is_plaintext"] = message.html is None
+    if message.reply_to_message_id is not None:
+        payload["reply_to_message_id"] = message.reply_to_message_id
     if (tracking := message.tracking) is not None:
         options: dict[str, Any] = {"opens": tracking.opens, "links": tracking.links}
         options["thread_replies"] = tracking.thread_replies

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import jinja2
 from campaign.errors import UsageError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest
-from campaign.models import RowState
+from campaign.models import FIRST_STEP, RowState
 from campaign.render import BUILTIN_TEMPLATES, read_template_file, walk_template_tree
 
 __all__ = ["ContentCheck", "check_content", "load_content_fingerprint", "record_content"]
@@ -31,22 +32,35 @@ _STARTED = (RowState.INFLIGHT, RowState.SENT, RowState.FAILED, RowState.UNKNOWN)
 
 @dataclass(frozen=True, slots=True)
 class ContentCheck:
-    """How this run's content compares with the ledger's."""
+    """How this run's content compares with the ledger's: step 1's, and each follow-up's."""
 
     fingerprint: str
     stored: str | None  # None: the ledger has no fingerprint yet
     sends_began: bool
+    # Follow-ups: step -> (this run's fingerprint, the ledger's, whether the step began sending).
+    steps: Mapping[str, tuple[str, str | None, bool]] = field(default_factory=dict)
+
+    @property
+    def changed_steps(self) -> tuple[str, ...]:
+        """The steps whose content changed after they began sending ("message" for step 1)."""
+        changed = [FIRST_STEP] if self.changed else []
+        changed += [
+            step for step, (now, stored, began) in self.steps.items() if stored not in (None, now) and began
+        ]
+        return tuple(changed)
 
     @property
     def changed(self) -> bool:
-        """The content differs from the one recorded when sending began."""
+        """Step 1's content differs from the one recorded when sending began."""
         return self.stored is not None and self.stored != self.fingerprint and self.sends_began
 
 
-def load_content_fingerprint(manifest: Manifest) -> str:
-    """SHA-256 over the message settings and the text of every template they use."""
+def load_content_fingerprint(manifest: Manifest, step: str = FIRST_STEP) -> str:
+    """SHA-256 over the message settings of `step` (default: [message]) and the text of every template
+    they use."""
+    message = manifest.step_message(step)
     settings = {
-        "message": manifest.message.model_dump(mode="json"),
+        "message": message.model_dump(mode="json"),
         "unsubscribe": None if manifest.unsubscribe is None else manifest.unsubscribe.model_dump(mode="json"),
     }
     # Paths count relative to the campaign's folder, so that moving the folder changes nothing.
@@ -54,11 +68,11 @@ def load_content_fingerprint(manifest: Manifest) -> str:
         json.dumps(f"{manifest.base_dir}/")[1:-1], ""
     )
     digest = hashlib.sha256(text.encode())
-    message = manifest.message
+    where = "message" if step == FIRST_STEP else f"followups.{step}"
     bodies = (
-        ("message.html", message.html),
-        ("message.text", message.text),
-        ("message.markdown", message.markdown),
+        (f"{where}.html", message.html),
+        (f"{where}.text", message.text),
+        (f"{where}.markdown", message.markdown),
         ("message.layout", message.layout),
     )
     for key, path in bodies:
@@ -72,15 +86,24 @@ def check_content(
     ledger: Ledger | None, fingerprint: str, *, allow_changed: bool, manifest: Manifest
 ) -> ContentCheck:
     """Compare with the ledger's fingerprint; UsageError if it changed after sending began, unless allowed."""
+    steps = {step: load_content_fingerprint(manifest, step) for step in manifest.steps[1:]}
     if ledger is None:
-        return ContentCheck(fingerprint, None, sends_began=False)
-    counts = ledger.counts()
-    check = ContentCheck(fingerprint, ledger.content_fingerprint(), any(counts[state] for state in _STARTED))
-    if check.changed and not allow_changed:
-        started = sum(counts[state] for state in _STARTED)
+        return ContentCheck(
+            fingerprint, None, False, {step: (now, None, False) for step, now in steps.items()}
+        )
+    started = {step: _started(ledger, step) for step in manifest.steps}
+    check = ContentCheck(
+        fingerprint,
+        ledger.content_fingerprint(),
+        started[FIRST_STEP] > 0,
+        {step: (now, ledger.content_fingerprint(step), started[step] > 0) for step, now in steps.items()},
+    )
+    if check.changed_steps and not allow_changed:
+        step = check.changed_steps[0]
+        what = "the subject, a template or a header" if step == FIRST_STEP else f"follow-up {step!r}"
         message = (
-            f"{manifest.path.name}: the subject, a template or a header changed since sending began "
-            f"({started} recipients already sent or attempted with the old content); pass "
+            f"{manifest.path.name}: {what} changed since sending began "
+            f"({started[step]} recipients already sent or attempted with the old content); pass "
             "--allow-changed-content to send the rest with the new content (the change is recorded), "
             "or restore the old content"
         )
@@ -88,9 +111,17 @@ def check_content(
     return check
 
 
+def _started(ledger: Ledger, step: str) -> int:
+    counts = ledger.counts(step=step)
+    return sum(counts[state] for state in _STARTED)
+
+
 def record_content(ledger: Ledger, check: ContentCheck) -> None:
-    """Store this run's fingerprint; journal the change when the content changed after sending began."""
+    """Store this run's fingerprints; journal a change when the content changed after sending began."""
     ledger.record_content_fingerprint(check.fingerprint, changed_from=check.stored if check.changed else None)
+    for step, (now, stored, began) in check.steps.items():
+        changed_from = stored if began and stored not in (None, now) else None
+        ledger.record_content_fingerprint(now, changed_from=changed_from, step=step)
 
 
 def _template_tree(key: str, path: Path, base_dir: Path) -> list[tuple[str, str]]:

@@ -55,8 +55,10 @@ def raise_for_problems(problems: Sequence[str]) -> None:
 
 
 def render_job(composer: Composer, manifest: Manifest, job: Job) -> Message:
-    """The message to send for a checked `job`, with its attachment files read (shared ones once per run)."""
-    message = composer.render(job.recipient, manifest.sender(job.sender))
+    """The message to send for a checked `job` (of its step), with its attachment files read (shared ones
+    once per run)."""
+    step = composer.for_step(job.step)
+    message = step.render(job.recipient, manifest.sender(job.sender), previous=job.previous)
     return load_message_attachments(message, composer.attachment_loader)
 
 

@@ -13,13 +13,14 @@ import gc
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from campaign.clock import SystemClock
 from campaign.errors import DataError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
-from campaign.models import Message, RowState
+from campaign.models import Message, PreviousStep, RowState
 from campaign.pipeline._compliance import check_body_link
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
@@ -27,7 +28,18 @@ from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, scan_audie
 from campaign.render import Composer, build_composer, check_message_attachments
 from campaign.unsubscribe import Unsubscribed, list_store_paths, lookup_unsubscribed, open_store
 
-__all__ = ["SETTLED_STATES", "RowCheck", "RowPipeline", "check_job", "check_rows", "collecting_less"]
+# What a follow-up's templates see as `previous.sent_at` while every row is checked (nothing is sent yet).
+STAND_IN_SENT_AT = datetime(2000, 1, 3, 9, 0, tzinfo=UTC)
+
+__all__ = [
+    "SETTLED_STATES",
+    "STAND_IN_SENT_AT",
+    "RowCheck",
+    "RowPipeline",
+    "check_job",
+    "check_rows",
+    "collecting_less",
+]
 
 # Rows in these states are not sent by a run (only pending and in-flight rows are; unknown ones wait
 # for reconcile).
@@ -149,10 +161,16 @@ def check_rows(
 
 def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:
     """Render `job`'s message, or return the row-level error (naming the row) that stops it."""
+    sender = manifest.sender(job.sender)
     try:
-        message = composer.render(job.recipient, manifest.sender(job.sender))
+        message = composer.render(job.recipient, sender)
         check_body_link(manifest, message)  # Microsoft/iCloud drop the headers: the body link must be there
         check_message_attachments(message, composer.attachment_loader)  # found, sized, within 25 MB
+        step, previous = composer.step, message
+        for followup in composer.followups:  # every step renders, before anything is sent
+            answered = PreviousStep(step, previous.subject, "", None, STAND_IN_SENT_AT)
+            step, previous = followup.step, followup.render(job.recipient, sender, previous=answered)
+            check_body_link(manifest, previous)
     except DataError as exc:
         return exc
     return message

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from campaign.manifest import SenderSettings
-from campaign.models import Recipient
+from campaign.models import FIRST_STEP, PreviousStep, Recipient, step_key
 from campaign.plan._ratelimit import DAY_S
 
 __all__ = [
@@ -32,10 +33,24 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One recipient to mail, and the sender that mails it."""
+    """One message to send: a recipient, the sender that mails it, and the step (a follow-up knows the
+    step it answers, and when step 1 went out, for the reply lookups before its claim)."""
 
     recipient: Recipient
     sender: str
+    step: str = FIRST_STEP
+    previous: PreviousStep | None = None
+    first_sent_at: datetime | None = None
+
+    @property
+    def key(self) -> str:
+        """The ledger's key of this (recipient, step)."""
+        return step_key(self.recipient.key, self.step)
+
+    @property
+    def movable(self) -> bool:
+        """Whether another sender may take it: step 1 unless pinned (a follow-up's thread is its sender's)."""
+        return self.step == FIRST_STEP and self.recipient.sender is None
 
 
 def daily_capacity(sender: SenderSettings) -> float:

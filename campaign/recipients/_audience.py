@@ -29,6 +29,7 @@ from campaign.manifest import STORE_SUFFIXES, RecipientsSettings
 from campaign.models import Address, Problem, Recipient, Skip, SkipReason
 from campaign.recipients._firstrows import FirstRows
 from campaign.recipients._listfile import DELIMITERS, column_values, read_table, read_text
+from campaign.sendtime import load_zone
 
 __all__ = [
     "BATCH_ROWS",
@@ -120,6 +121,7 @@ def _check_header(name: str, header: list[str], settings: RecipientsSettings) ->
         "name_column": settings.name_column,
         "sender_column": settings.sender_column,
         "key_column": settings.key_column,
+        "timezone_column": settings.timezone_column,
     }
     for key, wanted_column in wanted.items():
         if wanted_column is None or wanted_column in header:
@@ -201,6 +203,8 @@ class AudienceScan:
         self._name_at = None if settings.name_column is None else header.index(settings.name_column)
         self._sender_at = None if settings.sender_column is None else header.index(settings.sender_column)
         self._key_at = None if settings.key_column is None else header.index(settings.key_column)
+        zone_column = settings.timezone_column
+        self._zone_at = None if zone_column is None else header.index(zone_column)
 
     @property
     def row_count(self) -> int:
@@ -269,6 +273,17 @@ class AudienceScan:
             found.append(Recipient(key, row, Address(email, name), fields, sender))
         return found
 
+    def _check_zone(self, row: int, values: tuple[object, ...]) -> tuple[Problem, ...]:
+        """A time zone cell is an IANA name, or empty (the sender's zone)."""
+        if self._zone_at is None or not (zone := str(values[self._zone_at]).strip()):
+            return ()
+        try:
+            load_zone(zone)
+        except ValueError as exc:
+            message = f"{exc}, or leave it empty for the sender's zone; {_SKIP_HINT}"
+            return (Problem(row, f'column "{self._settings.timezone_column}"', message),)
+        return ()
+
     def _check_row(
         self, row: int, values: tuple[object, ...]
     ) -> _Candidate | Skip | tuple[Problem, ...] | None:
@@ -308,6 +323,7 @@ class AudienceScan:
                 f"check that the column holds names; {_SKIP_HINT}"
             )
             found.append(Problem(row, f'column "{settings.name_column}"', message))
+        found.extend(self._check_zone(row, values))
         if found:
             return tuple(found)
         if lowered in self._suppressed:

@@ -21,7 +21,7 @@ from markupsafe import Markup
 from campaign.errors import HeaderError, InputFileError, ManifestError, TemplateError
 from campaign.headers import header_name_problem, header_value_problem
 from campaign.manifest import HEADERLESS_PROVIDERS
-from campaign.models import Address, AttachmentFile, Message, Recipient, Tracking
+from campaign.models import FIRST_STEP, Address, AttachmentFile, Message, PreviousStep, Recipient, Tracking
 from campaign.render._attachments import AttachmentLoader, build_attachment_file, check_shared_path
 from campaign.render._markup import inline_css, render_markdown
 from campaign.render._templating import (
@@ -101,11 +101,19 @@ class Composer:
     attachment_loader: AttachmentLoader | None = None  # finds and reads the files (I/O, not in render)
     # make_token's work done once for this campaign (without it, render calls make_token).
     token_signer: TokenSigner | None = field(default=None, repr=False, compare=False)
+    step: str = FIRST_STEP  # the step these templates are: [message], or a follow-up's name
+    followups: tuple[Composer, ...] = ()  # step 1's composer holds one for each [[followups]] step
     # A memo of per-sender values; it changes no result, so render() stays pure.
     _senders: dict[str, _SenderView] = field(default_factory=dict, repr=False, compare=False)
 
-    def render(self, recipient: Recipient, sender: SenderSettings) -> Message:
-        """The message `sender` sends to `recipient`; TemplateError or HeaderError name the row."""
+    def render(
+        self, recipient: Recipient, sender: SenderSettings, *, previous: PreviousStep | None = None
+    ) -> Message:
+        """The message `sender` sends to `recipient`; TemplateError or HeaderError name the row.
+
+        A follow-up is rendered with `previous`, the step before it as sent to this recipient: its
+        templates see it as `previous`, and the message answers it (`reply_to_message_id`).
+        """
         row = recipient.row
         view = self._sender_view(sender)
         self._check_addressing(recipient, view)
@@ -119,6 +127,8 @@ class Composer:
         }
         context["sender"] = view.variables
         context["campaign"] = {"name": self.campaign}
+        if self.step != FIRST_STEP:
+            context["previous"] = _previous_variables(previous)
         unsubscribe_headers = self._render_unsubscribe(recipient, context)
         subject = self._render_subject(context, row)
         headers = self._render_headers(context, row)
@@ -137,16 +147,26 @@ class Composer:
             from_=view.from_,
             reply_to=self.reply_to,
             headers=tuple(headers),
-            metadata=(
-                ("key1", self.campaign),
-                ("key2", recipient.key),
-                ("campaign", self.campaign),
-                ("recipient", recipient.key),
-            ),
+            metadata=self._metadata(recipient.key),
             tracking=self.tracking,
             attachment_files=files,
             unsubscribe_url=context.get("unsubscribe_url"),
+            reply_to_message_id=None if previous is None else previous.message_id,
         )
+
+    def for_step(self, step: str) -> Composer:
+        """The composer of `step` ("message": this one); ManifestError if the manifest has no such step."""
+        if step == self.step:
+            return self
+        for composer in self.followups:
+            if composer.step == step:
+                return composer
+        raise ManifestError(f"no step {step!r} in the manifest's [[followups]]")
+
+    def _metadata(self, key: str) -> tuple[tuple[str, str], ...]:
+        pairs = (("key1", self.campaign), ("key2", key), ("campaign", self.campaign), ("recipient", key))
+        # Step 1's metadata stays as it always was: a resumed send must repeat its bytes exactly.
+        return pairs if self.step == FIRST_STEP else (*pairs, ("key3", self.step), ("step", self.step))
 
     def _check_addressing(self, recipient: Recipient, view: _SenderView) -> None:
         """The sender, reply-to, and the recipient's name and address are safe header values."""
@@ -190,7 +210,7 @@ class Composer:
 
     def _render_subject(self, context: dict[str, Any], row: int) -> str:
         subject = self._render_part(self.subject, context, row).strip()
-        where = "message.subject"
+        where = self.subject.label
         if not subject:
             raise TemplateError(f"{where} renders empty; give every row a subject", row=row, field=where)
         if (problem := header_value_problem(subject)) is not None:
@@ -259,16 +279,20 @@ class Composer:
             raise describe_render_error(exc, part.label, row, self.base_dir) from exc
 
 
-def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Composer:
-    """Read and compile the manifest's templates once (InputFileError, TemplateError, ManifestError)."""
+def build_composer(
+    manifest: Manifest, *, secrets: Sequence[bytes] | None, step: str = FIRST_STEP
+) -> Composer:
+    """Read and compile the templates of `step` (default: [message]) once (InputFileError,
+    TemplateError, ManifestError); a follow-up's errors name its [[followups]] keys."""
     base_dir = manifest.base_dir
-    message = manifest.message
+    message = manifest.step_message(step)
+    where = "message" if step == FIRST_STEP else f"followups.{step}"
     sources: dict[str, tuple[str, str]] = {}  # loader name -> (source, filename)
     main_names: dict[str, str] = {}  # manifest key -> loader name
     for key, path in (
-        ("message.html", message.html),
-        ("message.text", message.text),
-        ("message.markdown", message.markdown),
+        (f"{where}.html", message.html),
+        (f"{where}.text", message.text),
+        (f"{where}.markdown", message.markdown),
         ("message.layout", message.layout),
     ):
         if path is not None and (key != "message.layout" or path.is_file()):
@@ -276,13 +300,13 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
             sources[name] = (read_template_file(key, path), str(path))
             main_names[key] = name
     # The message.html template is HTML whatever its file is called; others go by suffix.
-    escaped = {main_names.get(key) for key in ("message.html", "message.markdown", "message.layout")}
+    escaped = {main_names.get(key) for key in (f"{where}.html", f"{where}.markdown", "message.layout")}
     env = build_environment(
         sources,
         base_dir=base_dir,
-        text_name=main_names.get("message.text"),
+        text_name=main_names.get(f"{where}.text"),
         escaped=escaped,
-        markdown_name=main_names.get("message.markdown"),
+        markdown_name=main_names.get(f"{where}.markdown"),
     )
 
     def compile_file(key: str) -> _CompiledPart | None:
@@ -318,9 +342,9 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
     return Composer(
         campaign=manifest.campaign.name,
         base_dir=base_dir,
-        subject=_compile_string(env, "message.subject", message.subject),
-        html=compile_file("message.html"),
-        text=compile_file("message.text"),
+        subject=_compile_string(env, f"{where}.subject", message.subject),
+        html=compile_file(f"{where}.html"),
+        text=compile_file(f"{where}.text"),
         headers=tuple(headers),
         unsubscribe_url=unsubscribe_url,
         mailto=mailto,
@@ -337,13 +361,31 @@ def build_composer(manifest: Manifest, *, secrets: Sequence[bytes] | None) -> Co
         ),
         name_column=manifest.recipients.name_column,
         jinja_globals=dict(env.globals),
-        markdown=compile_file("message.markdown"),
+        markdown=compile_file(f"{where}.markdown"),
         layout=_compile_layout(env, message, base_dir) if message.markdown is not None else None,
         inline_css=message.inline_css,
         attachments=tuple(_compile_attachments(env, message.attachments)),
         attachment_loader=files,
         token_signer=signer,
+        step=step,
+        followups=tuple(
+            build_composer(manifest, secrets=secrets, step=item.name)
+            for item in (manifest.followups if step == FIRST_STEP else ())
+        ),
     )
+
+
+def _previous_variables(previous: PreviousStep | None) -> dict[str, object]:
+    """`previous` as a follow-up's templates see it (placeholders when checking before anything was sent)."""
+    if previous is None:
+        return {"step": "", "subject": "", "message_id": "", "thread_id": "", "sent_at": None}
+    return {
+        "step": previous.step,
+        "subject": previous.subject,
+        "message_id": previous.message_id,
+        "thread_id": previous.thread_id,
+        "sent_at": previous.sent_at,
+    }
 
 
 def _compile_layout(env: jinja2.Environment, message: MessageSettings, base_dir: Path) -> _CompiledPart:

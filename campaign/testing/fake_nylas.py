@@ -398,7 +398,8 @@ class FakeNylas(FakeState):
         return answer_json(200, document, request_id=request_id).build_response()
 
     async def _handle_message(self, request: Request) -> Response:
-        """`GET /messages/{id}`: the message object; with `fields=raw_mime`, its MIME (base64url)."""
+        """`GET /messages/{id}`: the message object; with `fields=raw_mime`, its MIME (base64url); with
+        `fields=include_headers`, its headers too."""
         request_id = new_request_id()
         try:
             grant = self._gate(request)
@@ -412,10 +413,13 @@ class FakeNylas(FakeState):
         except ApiProblem as problem:
             return answer_problem(problem, request_id=request_id).build_response()
         data = dict(found.data)
-        if request.query_params.get("fields") == "raw_mime":
+        fields = request.query_params.get("fields")
+        if fields == "raw_mime":
             raw = grant.raw_mime.get(message_id, b"")
             data = {"id": message_id, "grant_id": grant.id, "object": "message"}
             data["raw_mime"] = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        elif fields == "include_headers":
+            data["headers"] = [dict(header) for header in found.headers]
         return answer_json(200, {"data": data}, request_id=request_id).build_response()
 
     async def _handle_thread(self, request: Request) -> Response:

@@ -17,7 +17,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.parser import BytesParser
 from email.utils import getaddresses
 from pathlib import Path
@@ -27,6 +27,7 @@ import httpx
 
 from campaign.clock import Clock, SystemClock
 from campaign.outputfiles import make_private_dir, write_private_text
+from campaign.testing.answers import build_answer
 from campaign.testing.bounces import DsnStyle, build_bounce_object, build_dsn
 from campaign.testing.envelopes import Answer, ApiProblem
 from campaign.testing.limits import IdempotencyCache, KeyState, Quota, QuotaLog, SlidingWindow
@@ -133,6 +134,12 @@ class FakeState:
         self.bounce_addresses: set[str] = set()
         self.bounce_share = 0.0
         self.dsn_style: DsnStyle = "gmail"
+        # Answers (the sandbox's simulated recipients): a share of the messages a grant sends gets a
+        # reply in its thread, another share an out-of-office auto-reply, `reply_lag_s` later; picked
+        # by a hash of the address and the thread's length, so the same campaign answers alike.
+        self.reply_share = 0.0
+        self.auto_reply_share = 0.0
+        self.reply_lag_s = 1.0
         # Webhooks (`add_webhook`): notifications wait here until `deliver_webhooks` sends them.
         self._webhooks: list[tuple[str, bytes, frozenset[str]]] = []
         self._outbox: list[tuple[str, dict[str, Any]]] = []
@@ -559,6 +566,7 @@ class FakeState:
             grant.quota_log.record(self.clock.monotonic(), count_recipients(payload))
             self._deliveries.append(Delivery(message_id, grant.id, kept, attachments, key, now, multipart))
         self._bounce_if_chosen(grant, data)
+        self._answer_if_chosen(grant, data)
         return copy.deepcopy(data), headers
 
     def _bounce_if_chosen(self, grant: Grant, message: dict[str, Any]) -> None:
@@ -573,6 +581,21 @@ class FakeState:
             self.receive_message(grant.id, dsn, received_at=now)
             obj = build_bounce_object(address, message_id=str(message["id"]), subject=subject, at=now)
             self.queue_notification("message.bounce_detected", grant.id, obj)
+
+    def _answer_if_chosen(self, grant: Grant, message: dict[str, Any]) -> None:
+        if not message["to"] or not (self.reply_share or self.auto_reply_share):
+            return
+        address = str(message["to"][0]["email"])
+        with self._lock:
+            length = sum(1 for m in grant.messages if m.data["thread_id"] == message["thread_id"])
+        digest = hashlib.sha256(f"answer\0{address.lower()}\0{length}".encode()).hexdigest()
+        share = int(digest[:8], 16) / 0xFFFFFFFF
+        if share >= self.reply_share + self.auto_reply_share:
+            return
+        auto = share >= self.reply_share
+        at = self.clock.now() + timedelta(seconds=self.reply_lag_s)
+        raw = build_answer(address, mailbox=grant.email, subject=str(message["subject"]), at=at, auto=auto)
+        self.receive_message(grant.id, raw, received_at=at, reply_to=str(message["id"]))
 
     def _add_schedule(self, grant: Grant, schedule_id: str, send_at: int) -> None:
         with self._lock:

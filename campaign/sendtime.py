@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["Delay", "SendWindow", "add_delay", "load_zone", "next_open", "parse_delay", "parse_window"]
+__all__ = [
+    "Delay",
+    "SendWindow",
+    "add_delay",
+    "load_zone",
+    "next_delivery",
+    "next_open",
+    "parse_delay",
+    "parse_deliver_at",
+    "parse_window",
+]
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -23,6 +33,7 @@ _PLAIN = re.compile(r"^(\d+)\s*([smhd])$")
 _BUSINESS = re.compile(r"^(\d+)\s+business\s+days?$")
 _WINDOW = re.compile(r"^([a-z,\- ]+?)\s+(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
 _WEEKEND = frozenset({5, 6})
+_CLOCK = re.compile(r"^(\d{1,2}):(\d{2})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,17 @@ def parse_window(text: str, zone: ZoneInfo) -> SendWindow:
     return SendWindow(_parse_days(found[1], problem), start, end, zone)
 
 
+def parse_deliver_at(text: str) -> time:
+    """`09:30` as a local time of day; ValueError saying the accepted form."""
+    found = _CLOCK.match(text.strip())
+    try:
+        if found is None:
+            raise ValueError
+        return time(int(found[1]), int(found[2]))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time of day; write e.g. 09:30") from None
+
+
 def add_delay(at: datetime, delay: Delay, *, zone: ZoneInfo, holidays: Collection[date] = ()) -> datetime:
     """When (in UTC) a wait of `delay` after the aware moment `at` ends.
 
@@ -117,6 +139,35 @@ def next_open(window: SendWindow, at: datetime, *, holidays: Collection[date] = 
         if at < closes:
             return max(at, opens).astimezone(UTC)
     raise ValueError("the window has no day left open")  # only with holidays on every listed day
+
+
+def next_delivery(
+    at: datetime,
+    *,
+    window: SendWindow | None,
+    deliver_at: time | None = None,
+    zone: ZoneInfo | None = None,
+    holidays: Collection[date] = (),
+) -> datetime:
+    """When (in UTC) a message due at `at` may leave: at `deliver_at` local time in `zone` (the
+    recipient's) if given, and inside the sender's `window`, skipping `holidays` when there is one.
+
+    The first local `deliver_at` at or after `at` that the window allows; when the window never
+    allows that time of day, the window's next opening after it.
+    """
+    if deliver_at is None or zone is None:
+        return at.astimezone(UTC) if window is None else next_open(window, at, holidays=holidays)
+    local = at.astimezone(zone)
+    for offset in range(15 + len(holidays)):
+        candidate = _localize(local.date() + timedelta(days=offset), deliver_at, zone)
+        if candidate < at:
+            continue
+        if window is None:
+            return candidate.astimezone(UTC)
+        if window.contains(candidate) and candidate.astimezone(window.zone).date() not in holidays:
+            return candidate.astimezone(UTC)
+    first = _localize(local.date(), deliver_at, zone)
+    return next_open(window, max(first, at), holidays=holidays) if window is not None else first
 
 
 def _parse_days(text: str, problem: str) -> frozenset[int]:

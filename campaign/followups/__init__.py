@@ -1,0 +1,27 @@
+"""Follow-ups: the steps after [message], each a reply in the same thread, that stop when the
+recipient answers.
+
+`schedule_followups` records each recipient's next step when the previous one was sent, due by
+the step's delay, the sender's window and business days (`due_time`). `load_due_jobs` reads back
+the steps due now as jobs. `build_screen` is the check the send loop awaits right before each
+follow-up's claim: the reply lookups of `find_answer` (a reply in the thread, or from the
+recipient's address since step 1), and `classify_answer`'s verdict on what came back (a
+person, an auto-reply, a bounce report). Reads the API; writes only through the ledger.
+"""
+
+from __future__ import annotations
+
+from campaign.followups._replies import Answer, AnswerKind, ReplyClient, classify_answer, find_answer
+from campaign.followups._sequence import build_screen, due_time, load_due_jobs, schedule_followups
+
+__all__ = [
+    "Answer",
+    "AnswerKind",
+    "ReplyClient",
+    "build_screen",
+    "classify_answer",
+    "due_time",
+    "find_answer",
+    "load_due_jobs",
+    "schedule_followups",
+]

@@ -1,0 +1,185 @@
+"""Follow-ups as work: scheduling each next step when the previous one was sent, reading back the
+ones due, and the reply check right before each is claimed.
+
+`schedule_followups` gives every recipient whose step N was sent a pending row for step N+1, due
+`after` the send (business days and holidays in the sender's zone), at `deliver_at` in the
+recipient's zone if asked, and inside the sender's window. `load_due_jobs` turns the rows due now
+into jobs with the step they answer. `build_screen` makes the check the send loop awaits before
+each follow-up's claim: a reply (or a bounce report) stops the sequence as its step says, an
+auto-reply is noted or stops it, a failed lookup holds the follow-up back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from campaign.errors import CampaignError
+from campaign.followups._replies import AnswerKind, ReplyClient, find_answer
+from campaign.ledger import DueStep, Ledger, ScheduledStep, SentStep
+from campaign.manifest import FollowupSettings, Manifest, SenderSettings
+from campaign.models import FIRST_STEP, PreviousStep, Recipient, Screening, SkipReason
+from campaign.plan import Job
+from campaign.sendtime import add_delay, load_zone, next_delivery, parse_deliver_at
+
+__all__ = ["build_screen", "due_time", "load_due_jobs", "schedule_followups"]
+
+_BATCH = 1000
+# Rebuilds recipients from (row, key, address) of the checked list: the list's `recipients_at`.
+RecipientsAt = Callable[[Sequence[tuple[int, str, str]]], list[Recipient]]
+
+
+def due_time(
+    manifest: Manifest,
+    followup: FollowupSettings,
+    sender: SenderSettings,
+    sent_at: datetime,
+    recipient_zone: ZoneInfo | None = None,
+) -> datetime:
+    """When `followup` is due for a recipient whose previous step `sender` sent at `sent_at`. Pure."""
+    zone = load_zone(sender.timezone)
+    holidays = manifest.campaign.holidays
+    due = add_delay(sent_at, followup.delay, zone=zone, holidays=holidays)
+    deliver_at = None if followup.deliver_at is None else parse_deliver_at(followup.deliver_at)
+    return next_delivery(
+        due, window=sender.send_window, deliver_at=deliver_at, zone=recipient_zone or zone, holidays=holidays
+    )
+
+
+def schedule_followups(manifest: Manifest, ledger: Ledger, *, recipients_at: RecipientsAt) -> int:
+    """Record the next step for every recipient whose previous step was sent; returns how many."""
+    senders = {sender.name: sender for sender in manifest.senders}
+    total = 0
+    for previous, step in zip(manifest.steps, manifest.steps[1:], strict=False):
+        followup = manifest.followup(step)
+        assert followup is not None  # manifest.steps lists the follow-ups
+        while batch := ledger.unscheduled_steps(previous, step, limit=_BATCH):
+            zones = _recipient_zones(manifest, batch, recipients_at) if followup.deliver_at else {}
+            scheduled = [
+                ScheduledStep(
+                    recipient=item.recipient,
+                    step=step,
+                    row=item.row,
+                    email=item.email,
+                    sender=item.sender,
+                    previous=item.key,
+                    due_at=_due(manifest, followup, senders.get(item.sender), item, zones.get(item.key)),
+                )
+                for item in batch
+            ]
+            added = ledger.record_followups(scheduled)
+            total += added
+            if added < len(batch):  # a row that cannot be added would come back for ever
+                break
+    return total
+
+
+def _due(
+    manifest: Manifest,
+    followup: FollowupSettings,
+    sender: SenderSettings | None,
+    item: SentStep,
+    zone: ZoneInfo | None,
+) -> datetime:
+    if sender is None:  # its sender left the manifest: `load_due_jobs` says so when it is due
+        return item.sent_at
+    return due_time(manifest, followup, sender, item.sent_at, zone)
+
+
+def _recipient_zones(
+    manifest: Manifest, batch: Sequence[SentStep], recipients_at: RecipientsAt
+) -> dict[str, ZoneInfo]:
+    column = manifest.recipients.timezone_column
+    if column is None:
+        return {}
+    found = recipients_at([(item.row, item.recipient, item.email) for item in batch])
+    zones = {}
+    for item, recipient in zip(batch, found, strict=True):
+        name = str(recipient.fields.get(column) or "").strip()
+        if name:
+            zones[item.key] = load_zone(name)  # checked with the list: a bad zone stopped the run then
+    return zones
+
+
+def load_due_jobs(
+    manifest: Manifest, ledger: Ledger, now: datetime, *, recipients_at: RecipientsAt
+) -> list[Job]:
+    """The follow-ups due at `now` as jobs (in flight first). One that cannot be sent any more (its
+    recipient left the list, its step or sender left the manifest) is recorded as skipped instead."""
+    due = ledger.due_steps(now)
+    senders = {sender.name for sender in manifest.senders}
+    sendable: list[DueStep] = []
+    for item in due:
+        reason = _unsendable(manifest, senders, item)
+        if reason is None:
+            sendable.append(item)
+        elif not item.inflight:
+            ledger.record_skipped(item.key, *reason)
+    found = recipients_at([(item.row, item.recipient, item.email) for item in sendable])
+    return [
+        Job(
+            recipient,
+            item.sender,
+            step=item.step,
+            previous=PreviousStep(
+                item.previous_step,
+                item.previous_subject,
+                item.previous_message_id,
+                item.previous_thread_id,
+                item.previous_sent_at,
+            ),
+            first_sent_at=item.first_sent_at,
+        )
+        for item, recipient in zip(sendable, found, strict=True)
+    ]
+
+
+def _unsendable(manifest: Manifest, senders: set[str], item: DueStep) -> tuple[SkipReason, str] | None:
+    if not item.listed:
+        return SkipReason.NOT_LISTED, "the recipient is no longer in the list"
+    if item.step not in manifest.steps:
+        return SkipReason.INVALID, f"step {item.step!r} is no longer in the manifest's [[followups]]"
+    if item.sender not in senders:
+        return SkipReason.INVALID, f"its thread's sender {item.sender!r} is no longer in the manifest"
+    return None
+
+
+def build_screen(
+    manifest: Manifest, ledger: Ledger, client: ReplyClient
+) -> Callable[[Job], Awaitable[Screening]]:
+    """The check awaited right before each follow-up's claim (see the module's docstring)."""
+
+    async def screen(job: Job) -> Screening:
+        followup = manifest.followup(job.step)
+        previous = job.previous
+        if job.step == FIRST_STEP or followup is None or previous is None or job.first_sent_at is None:
+            return Screening()
+        sender = manifest.sender(job.sender)
+        try:
+            answer = await find_answer(
+                client,
+                grant_id=sender.route,
+                thread_id=previous.thread_id,
+                address=job.recipient.address.email,
+                previous_sent_at=previous.sent_at,
+                first_sent_at=job.first_sent_at,
+                ours=ledger.sent_message_ids,
+                own_address=sender.email,
+            )
+        except CampaignError:  # ApiError and the like: never send blind
+            return Screening(hold=True)
+        if answer is None:
+            return Screening()
+        if answer.kind == AnswerKind.BOUNCE:
+            stops = "bounce" in followup.stop_on
+            return Screening(stop=SkipReason.BOUNCED if stops else None, detail=answer.describe())
+        if answer.kind == AnswerKind.AUTO:
+            if followup.auto_replies == "stop":
+                return Screening(stop=SkipReason.AUTO_REPLIED, detail=answer.describe())
+            return Screening(auto_reply=answer.describe())
+        if "reply" in followup.stop_on:
+            return Screening(stop=SkipReason.REPLIED, detail=answer.describe())
+        return Screening()
+
+    return screen
