@@ -25,7 +25,13 @@ import anyio
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult, DispatchSettings, dispatch, run_interruptible
 from campaign.errors import DataError, InputFileError, LedgerError
-from campaign.followups import ReplyClient, build_screen, load_due_jobs, schedule_followups
+from campaign.followups import (
+    ReplyClient,
+    build_screen,
+    first_due_time,
+    load_due_jobs,
+    schedule_followups,
+)
 from campaign.ledger import (
     Ledger,
     PlannedRow,
@@ -257,12 +263,12 @@ def _record_and_send(
     hooks: RunHooks,
     path: str,
 ) -> RunOutcome:
-    sync = _record_plan(ledger, checked.preflight, checked.stamp)
+    sync = _record_plan(manifest, ledger, checked.preflight, checked.stamp, now=clock.now())
     record_content(ledger, checked.content)
     record_key_scheme(ledger, manifest)
     ledger.record_moved_mailboxes({sender.mailbox: sender.name for sender in manifest.senders})
     ledger.record_expired_claims()
-    jobs = _open_jobs(manifest, ledger, checked)
+    jobs = _open_jobs(manifest, ledger, checked, now=clock.now())
     settings = DispatchSettings(limit=options.limit, wait=options.wait)
     rounds = _Rounds(manifest, checked.composer, ledger, clock, settings, hooks)
     work = partial(rounds.send, jobs, connect)
@@ -280,29 +286,39 @@ def _record_and_send(
         next_steps=status.next_steps,
         sync=sync,
         content=checked.content,
-        next_due=ledger.next_due(clock.now()) if manifest.followups else None,
+        next_due=ledger.next_due(clock.now()),
     )
 
 
-def _record_plan(ledger: Ledger, preflight: Preflight | None, stamp: str) -> SyncReport:
-    """Record a freshly checked plan with its stamp (so that an unchanged resume need not check again)."""
+def _record_plan(
+    manifest: Manifest, ledger: Ledger, preflight: Preflight | None, stamp: str, *, now: datetime
+) -> SyncReport:
+    """Record a freshly checked plan with its stamp (so that an unchanged resume need not check again);
+    a new row is due at once, or at [message]'s `deliver_at` in its recipient's zone."""
     if preflight is None:
         return SyncReport(added=0, skipped_added=0, existing=0, missing=0)
     planned = [
-        PlannedRow(job.recipient.key, job.recipient.row, job.recipient.address.email, job.sender)
+        PlannedRow(
+            job.recipient.key,
+            job.recipient.row,
+            job.recipient.address.email,
+            job.sender,
+            due_at=first_due_time(manifest, job, now),
+        )
         for job in preflight.jobs
     ]
     return ledger.record_plan(planned, preflight.skips, stamp=stamp)
 
 
-def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked) -> list[Job]:
-    """The jobs whose rows still need a send; rows left in flight first (their keys age)."""
+def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: datetime) -> list[Job]:
+    """The jobs whose rows still need a send and are due at `now`; rows left in flight first (their keys
+    age)."""
     if checked.preflight is None:
         if ledger.plan_stamp() != checked.stamp:  # another command recorded a plan meanwhile
             message = f"{ledger.path}: another command changed the ledger while this one started; run again"
             raise LedgerError(message)
-        return load_open_jobs(manifest, ledger)
-    inflight = {row.key: row.inflight for row in ledger.open_rows()}
+        return load_open_jobs(manifest, ledger, now)
+    inflight = {row.key: row.inflight for row in ledger.open_rows(now)}
     wanted = [job for job in checked.preflight.jobs if job.key in inflight]
     return sorted(wanted, key=lambda job: not inflight[job.key])
 
@@ -345,12 +361,12 @@ class _Rounds:
             async with connect() as client:
                 screen = self._screen(client)
                 while True:
-                    jobs = [*jobs, *self._due_followups()]
+                    jobs = [*jobs, *self._due_jobs(later=total is not None)]
                     if jobs or total is None:
                         result = await self._dispatch(jobs, client, watch if stores else None, screen, stop)
                         total = result if total is None else _added(total, result)
                     jobs = []
-                    if not self._manifest.followups or _halted(result) or _asked_to_stop(stop):
+                    if not self._sequenced or _halted(result) or _asked_to_stop(stop):
                         return total
                     self._schedule()
                     if self._due_now():
@@ -360,20 +376,31 @@ class _Rounds:
         finally:
             watch.close()
 
+    @property
+    def _sequenced(self) -> bool:
+        """Whether work comes due later: follow-ups, or step 1 at a time of day."""
+        return bool(self._manifest.followups) or self._manifest.message.deliver_at is not None
+
     def _schedule(self) -> None:
         schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
 
-    def _due_followups(self) -> list[Job]:
-        if not self._manifest.followups:
-            return []
-        self._schedule()
+    def _due_jobs(self, *, later: bool) -> list[Job]:
+        """The follow-ups due now; in a later round, step 1's rows that came due too (`deliver_at`)."""
         now = self._clock.now()
+        jobs = []
+        if later and self._manifest.message.deliver_at is not None:
+            jobs = load_open_jobs(self._manifest, self._ledger, now)
+        if not self._manifest.followups:
+            return jobs
+        self._schedule()
         self._held = {key: retry for key, retry in self._held.items() if retry > now}
         due = load_due_jobs(self._manifest, self._ledger, now, recipients_at=self._recipients_at)
-        return [job for job in due if self._held.get(job.key, now) <= now]
+        return [*jobs, *(job for job in due if self._held.get(job.key, now) <= now)]
 
     def _due_now(self) -> bool:
         now = self._clock.now()
+        if self._manifest.message.deliver_at is not None and self._ledger.open_rows(now):
+            return True
         return any(self._held.get(item.key, now) <= now for item in self._ledger.due_steps(now))
 
     async def _wait_for_next(self, stop: anyio.Event | None) -> bool:

@@ -12,7 +12,14 @@ person, an auto-reply, a bounce report). Reads the API; writes only through the 
 from __future__ import annotations
 
 from campaign.followups._replies import Answer, AnswerKind, ReplyClient, classify_answer, find_answer
-from campaign.followups._sequence import build_screen, due_time, load_due_jobs, schedule_followups
+from campaign.followups._sequence import (
+    build_screen,
+    due_time,
+    first_due_time,
+    load_due_jobs,
+    recipient_zone,
+    schedule_followups,
+)
 
 __all__ = [
     "Answer",
@@ -22,6 +29,8 @@ __all__ = [
     "classify_answer",
     "due_time",
     "find_answer",
+    "first_due_time",
     "load_due_jobs",
+    "recipient_zone",
     "schedule_followups",
 ]

@@ -23,7 +23,14 @@ from campaign.models import FIRST_STEP, PreviousStep, Recipient, Screening, Skip
 from campaign.plan import Job
 from campaign.sendtime import add_delay, load_zone, next_delivery, parse_deliver_at
 
-__all__ = ["build_screen", "due_time", "load_due_jobs", "schedule_followups"]
+__all__ = [
+    "build_screen",
+    "due_time",
+    "first_due_time",
+    "load_due_jobs",
+    "recipient_zone",
+    "schedule_followups",
+]
 
 _BATCH = 1000
 # Rebuilds recipients from (row, key, address) of the checked list: the list's `recipients_at`.
@@ -39,11 +46,37 @@ def due_time(
 ) -> datetime:
     """When `followup` is due for a recipient whose previous step `sender` sent at `sent_at`. Pure."""
     zone = load_zone(sender.timezone)
-    holidays = manifest.campaign.holidays
-    due = add_delay(sent_at, followup.delay, zone=zone, holidays=holidays)
-    deliver_at = None if followup.deliver_at is None else parse_deliver_at(followup.deliver_at)
+    due = add_delay(sent_at, followup.delay, zone=zone, holidays=manifest.campaign.holidays)
+    return _delivery(manifest, sender, due, followup.deliver_at, recipient_zone)
+
+
+def first_due_time(manifest: Manifest, job: Job, now: datetime) -> datetime | None:
+    """When step 1 may go to `job`'s recipient: None (at once) unless [message] has `deliver_at`. Pure."""
+    if manifest.message.deliver_at is None:
+        return None
+    sender = manifest.sender(job.sender)
+    return _delivery(
+        manifest, sender, now, manifest.message.deliver_at, recipient_zone(manifest, job.recipient)
+    )
+
+
+def recipient_zone(manifest: Manifest, recipient: Recipient) -> ZoneInfo | None:
+    """The recipient's zone from `recipients.timezone_column` (None: none given; the sender's applies)."""
+    column = manifest.recipients.timezone_column
+    name = "" if column is None else str(recipient.fields.get(column) or "").strip()
+    return load_zone(name) if name else None  # checked with the list: a bad zone stopped the run then
+
+
+def _delivery(
+    manifest: Manifest, sender: SenderSettings, due: datetime, deliver_at: str | None, zone: ZoneInfo | None
+) -> datetime:
+    """`due`, moved to `deliver_at` in the recipient's (else the sender's) zone, inside the window."""
     return next_delivery(
-        due, window=sender.send_window, deliver_at=deliver_at, zone=recipient_zone or zone, holidays=holidays
+        due,
+        window=sender.send_window,
+        deliver_at=None if deliver_at is None else parse_deliver_at(deliver_at),
+        zone=zone or load_zone(sender.timezone),
+        holidays=manifest.campaign.holidays,
     )
 
 
@@ -90,16 +123,13 @@ def _due(
 def _recipient_zones(
     manifest: Manifest, batch: Sequence[SentStep], recipients_at: RecipientsAt
 ) -> dict[str, ZoneInfo]:
-    column = manifest.recipients.timezone_column
-    if column is None:
+    if manifest.recipients.timezone_column is None:
         return {}
     found = recipients_at([(item.row, item.recipient, item.email) for item in batch])
-    zones = {}
-    for item, recipient in zip(batch, found, strict=True):
-        name = str(recipient.fields.get(column) or "").strip()
-        if name:
-            zones[item.key] = load_zone(name)  # checked with the list: a bad zone stopped the run then
-    return zones
+    zones = {
+        item.key: recipient_zone(manifest, recipient) for item, recipient in zip(batch, found, strict=True)
+    }
+    return {key: zone for key, zone in zones.items() if zone is not None}
 
 
 def load_due_jobs(

@@ -190,9 +190,9 @@ class SqliteLedger(LedgerWriter):
             }
             new = [p for p in planned if p.key not in known]
             db.executemany(
-                "INSERT INTO recipients (key, row, email, sender, state, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                [(p.key, p.row, p.email, p.sender, now, now) for p in new],
+                "INSERT INTO recipients (key, row, email, sender, state, due_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                [(p.key, p.row, p.email, p.sender, _due(p.due_at), now, now) for p in new],
             )
             new_skips = [s for s in only_skips.values() if s.key not in known]
             db.executemany(
@@ -409,7 +409,7 @@ class SqliteLedger(LedgerWriter):
                         item.step,
                         item.recipient,
                         item.previous,
-                        item.due_at.astimezone(UTC).isoformat(timespec="milliseconds"),
+                        _due(item.due_at),
                         now,
                         now,
                     )
@@ -505,6 +505,10 @@ _STATE_AFTER: dict[OutcomeKind, RowState] = {
     OutcomeKind.IN_PROGRESS: INFLIGHT,
     OutcomeKind.AMBIGUOUS: INFLIGHT,
 }
+
+
+def _due(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
 def _skip_reason(skip: Skip) -> str:

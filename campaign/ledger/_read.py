@@ -132,6 +132,7 @@ class PlannedRow:
     email: str
     sender: str
     inflight: bool = False
+    due_at: datetime | None = None  # not to be sent before (step 1's `deliver_at`); None: at once
 
 
 class LedgerReader:
@@ -342,16 +343,19 @@ class LedgerReader:
             )
         return {str(key): str(state) for key, state in found}
 
-    def open_rows(self) -> list[PlannedRow]:
-        """The listed pending and in-flight rows, in flight first (their keys age), then in list order."""
+    def open_rows(self, now: datetime | None = None) -> list[PlannedRow]:
+        """The listed pending and in-flight rows of step 1 (of them, those due at `now`, if given), in
+        flight first (their keys age), then in list order."""
         query = (
             "SELECT key, row, email, sender, state = 'inflight' FROM recipients "
             "WHERE state IN ('pending', 'inflight') AND listed = 1 AND step = 'message' "
+            "AND (? IS NULL OR state = 'inflight' OR due_at IS NULL OR due_at <= ?) "
             "ORDER BY state = 'inflight' DESC, row, key"
         )
+        stamp = None if now is None else _iso(now)
         return [
             PlannedRow(str(key), int(row), str(email), str(sender), bool(inflight))
-            for key, row, email, sender, inflight in self._read(query)
+            for key, row, email, sender, inflight in self._read(query, (stamp, stamp))
         ]
 
     # --- follow-up steps ---------------------------------------------------------------------------

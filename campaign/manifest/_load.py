@@ -82,6 +82,12 @@ class Manifest(BaseModel):
                     f"followups[{seen[step.name]}]; step names must be unique"
                 )
             seen[step.name] = index
+        for index, sender in enumerate(self.senders, start=1):
+            if self.followups and sender.domain is not None:
+                raise ValueError(
+                    f"senders[{index}].domain: {sender.name!r} sends through a domain, which has no mailbox "
+                    "to hold a thread or see replies; [[followups]] need mailbox senders (grant_id)"
+                )
         return self
 
     @property

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from pathlib import Path
 
 from campaign import __version__
@@ -46,14 +47,15 @@ def load_plan_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> 
     return digest.hexdigest()
 
 
-def load_open_jobs(manifest: Manifest, ledger: Ledger) -> list[Job]:
-    """The ledger's open rows as jobs, their fields read back from the list; rows left in flight first.
+def load_open_jobs(manifest: Manifest, ledger: Ledger, now: datetime | None = None) -> list[Job]:
+    """The ledger's open rows of step 1 (due at `now`, if given) as jobs, their fields read back from
+    the list; rows left in flight first.
 
     Only valid when the ledger's plan stamp matches this run's: the rows are taken as the
     earlier preflight checked them (row number, key, normalised address, sender).
     """
     scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
-    open_rows = ledger.open_rows()
+    open_rows = ledger.open_rows(now)
     recipients = scan.recipients_at([(row.row, row.key, row.email) for row in open_rows])
     return [Job(recipient, row.sender) for row, recipient in zip(open_rows, recipients, strict=True)]
 
