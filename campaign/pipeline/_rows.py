@@ -28,11 +28,13 @@ from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, scan_audie
 from campaign.render import Composer, build_composer, check_message_attachments
 from campaign.unsubscribe import Unsubscribed, list_store_paths, lookup_unsubscribed, open_store
 
-# What a follow-up's templates see as `previous.sent_at` while every row is checked (nothing is sent yet).
+# What a follow-up sees of the step it answers while every row is checked (nothing is sent yet).
 STAND_IN_SENT_AT = datetime(2000, 1, 3, 9, 0, tzinfo=UTC)
+STAND_IN_ID = "(the message id of the step before, once sent)"
 
 __all__ = [
     "SETTLED_STATES",
+    "STAND_IN_ID",
     "STAND_IN_SENT_AT",
     "RowCheck",
     "RowPipeline",
@@ -64,6 +66,7 @@ class RowCheck:
     message: Message | None = None
     error: DataError | None = None
     settled: str | None = None  # the ledger's state for a row a run will not send again (e.g. "sent")
+    followups: tuple[Message, ...] = ()  # the [[followups]] steps' messages, as checked (in step order)
 
     @property
     def row(self) -> int:
@@ -114,10 +117,11 @@ class RowPipeline:
         return self._render(row, row.job if sender is None else Job(row.job.recipient, sender.name))
 
     def _render(self, row: RowCheck, job: Job) -> RowCheck:
-        outcome = check_job(self.composer, self.manifest, job)
+        outcome = check_steps(self.composer, self.manifest, job)
         if isinstance(outcome, DataError):
             return RowCheck(row.checked, job, error=outcome, settled=row.settled)
-        return RowCheck(row.checked, job, message=outcome, settled=row.settled)
+        first, *followups = outcome
+        return RowCheck(row.checked, job, message=first, settled=row.settled, followups=tuple(followups))
 
     def _assign(
         self,
@@ -161,19 +165,27 @@ def check_rows(
 
 def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:
     """Render `job`'s message, or return the row-level error (naming the row) that stops it."""
+    outcome = check_steps(composer, manifest, job)
+    return outcome if isinstance(outcome, DataError) else outcome[0]
+
+
+def check_steps(composer: Composer, manifest: Manifest, job: Job) -> tuple[Message, ...] | DataError:
+    """Render `job`'s message of every step (step 1, then each follow-up, answering the one before with
+    stand-ins for what only a send knows), or return the row-level error (naming the row) that stops it."""
     sender = manifest.sender(job.sender)
     try:
         message = composer.render(job.recipient, sender)
         check_body_link(manifest, message)  # Microsoft/iCloud drop the headers: the body link must be there
         check_message_attachments(message, composer.attachment_loader)  # found, sized, within 25 MB
-        step, previous = composer.step, message
-        for followup in composer.followups:  # every step renders, before anything is sent
-            answered = PreviousStep(step, previous.subject, "", None, STAND_IN_SENT_AT)
-            step, previous = followup.step, followup.render(job.recipient, sender, previous=answered)
-            check_body_link(manifest, previous)
+        messages = [message]
+        steps = (composer, *composer.followups)
+        for before, followup in zip(steps, composer.followups, strict=False):
+            answered = PreviousStep(before.step, messages[-1].subject, STAND_IN_ID, None, STAND_IN_SENT_AT)
+            messages.append(followup.render(job.recipient, sender, previous=answered))
+            check_body_link(manifest, messages[-1])
     except DataError as exc:
         return exc
-    return message
+    return tuple(messages)
 
 
 @contextmanager
