@@ -53,11 +53,13 @@ def build_next_steps(
     removed: int = 0,
     examples: Mapping[RowState, Sequence[str]] | None = None,
     reconcile_decides_at: datetime | None = None,
+    next_due: datetime | None = None,
 ) -> list[NextStep]:
     """The steps that finish the campaign, given the state counts of the rows still in the list.
 
     `reconcile_decides_at`: when reconcile can call the youngest unknown row not sent, if that is
     still ahead (before then it finds the ones that went out, and leaves the others unknown).
+    `next_due`: when the next pending row scheduled for later (a follow-up) comes due, if one is.
     """
     target = shlex.quote(manifest)
     flag = " --sandbox" if sandbox else ""
@@ -71,7 +73,17 @@ def build_next_steps(
             "so none is mailed twice",
             (resume,),
         ),
-        (RowState.PENDING, "not sent yet", (resume,)),
+        (
+            RowState.PENDING,
+            "not sent yet"
+            + (
+                ""
+                if next_due is None
+                else f" (some are scheduled: the next is due {next_due.astimezone(UTC):%Y-%m-%d %H:%M} UTC; "
+                "resume then, or keep a run going with --wait)"
+            ),
+            (resume,),
+        ),
         (
             RowState.UNKNOWN,
             "may or may not have gone out; reconcile asks the API and re-queues those that did not"
@@ -125,6 +137,7 @@ def load_next_steps(
         removed=removed,
         examples=ledger.sample_emails(sampled, listed=True),
         reconcile_decides_at=_reconcile_decides_at(ledger, now),
+        next_due=ledger.next_due(now),
     )
 
 

@@ -18,7 +18,7 @@ itself alone, settles every unknown row, and says what is left to do.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -34,7 +34,7 @@ from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError
 from campaign.ledger import Ledger, LedgerRow, open_ledger
 from campaign.manifest import Manifest, SenderSettings
-from campaign.models import RowState
+from campaign.models import FIRST_STEP, RowState
 from campaign.nextsteps import DEFAULT_MIN_AGE, NextStep, load_next_steps
 from campaign.nylas import Folder, ListedMessage, MessagePage
 
@@ -198,7 +198,9 @@ async def reconcile_unknown(
     """
     run = anyio.to_thread.run_sync
     rows = await run(lambda: list(ledger.rows(states=(RowState.UNKNOWN,))))
-    finder = _Finder(client, campaign, {sender.name: sender for sender in senders})
+    finder = _Finder(
+        client, campaign, {sender.name: sender for sender in senders}, known=ledger.sent_message_ids
+    )
     decisions: list[Decision] = []
     decide_after: datetime | None = None
     for row in rows:
@@ -255,8 +257,16 @@ class _Undecided(Exception):
 
 
 class _Finder:
-    def __init__(self, client: MessageLister, campaign: str, senders: dict[str, SenderSettings]) -> None:
+    def __init__(
+        self,
+        client: MessageLister,
+        campaign: str,
+        senders: dict[str, SenderSettings],
+        *,
+        known: Callable[[Iterable[str]], set[str]],
+    ) -> None:
         self._client = client
+        self._known = known  # which message ids the ledger already holds as another row's
         self._campaign = campaign
         self._senders = senders
         self._sent_folders: dict[str, Folder | None] = {}
@@ -292,7 +302,7 @@ class _Finder:
         """Metadata first, then the Sent folder; "not sent" only when the lookups that ran worked."""
         problem = ""
         try:
-            found = await self._by_metadata(grant, row.key)
+            found = await self._by_metadata(grant, row.recipient_key, row.step)
         except ApiAuthError:
             raise
         except ApiError as exc:
@@ -301,7 +311,7 @@ class _Finder:
             more = f"; {len(found)} messages match: it went out {len(found)} times" if len(found) > 1 else ""
             # Newest first: the last is the earliest, the one that counts.
             return verdict(
-                Verdict.SENT, f"found by metadata key2={row.key} in grant {grant}{more}", found[-1]
+                Verdict.SENT, f"found by metadata key2={row.recipient_key} in grant {grant}{more}", found[-1]
             )
         return await self._look_in_sent_folder(row, grant, problem, verdict)
 
@@ -340,10 +350,16 @@ class _Finder:
             Verdict.PENDING, f"{problem}not found {where}in the Sent folder {folder.name!r}: not sent"
         )
 
-    async def _by_metadata(self, grant: str, key: str) -> list[ListedMessage]:
+    async def _by_metadata(self, grant: str, key: str, step: str) -> list[ListedMessage]:
+        """The campaign's messages to recipient `key` of `step` (a follow-up's carry it in key3)."""
         found, _ = await self._list_all(grant, metadata_pair=("key2", key))
+        wanted_step = None if step == FIRST_STEP else step
         return [
-            m for m in found if m.metadata.get("key1") == self._campaign and m.metadata.get("key2") == key
+            m
+            for m in found
+            if m.metadata.get("key1") == self._campaign
+            and m.metadata.get("key2") == key
+            and m.metadata.get("key3") == wanted_step
         ]
 
     async def _sent_folder(self, grant: str) -> Folder | None:
@@ -369,6 +385,9 @@ class _Finder:
         subject = (row.subject or "").strip()
         email = row.email.lower()
         matches = [m for m in messages if m.subject.strip() == subject and email in {t.lower() for t in m.to}]
+        # Follow-ups share a subject ("Re: …"): a message the ledger holds for another step is not this one.
+        taken = self._known(m.id for m in matches)
+        matches = [m for m in matches if m.id not in taken]
         if matches:
             return matches[-1]  # newest first: the last is the earliest
         if not complete:

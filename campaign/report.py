@@ -62,6 +62,10 @@ _SCHEMA: dict[str, type[pl.DataType] | pl.DataType] = {
     "clicks": pl.Int64,
     "clicked_urls": pl.String,
     "replied_at": pl.String,
+    # Follow-ups: which step the row is ("message": step 1), when it is due, an auto-reply seen before it.
+    "step": pl.String,
+    "due_at": pl.String,
+    "auto_reply": pl.String,
 }
 REPORT_COLUMNS: tuple[str, ...] = tuple(_TIMES.get(name, name) for name in _SCHEMA)
 _TRACKED = ("opens", "first_opened_at", "last_opened_at", "clicks", "clicked_urls", "replied_at")
@@ -92,7 +96,7 @@ def write_report(
     engagement = _load_engagement(manifest, clock)
     ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
-        frame = build_report(ledger.rows(states=states or None), engagement)
+        frame = build_report(ledger.rows(states=states or None), engagement, steps=manifest.steps)
     finally:
         ledger.close()
     _write_frame(frame, out)
@@ -101,14 +105,21 @@ def write_report(
 
 
 def build_report(
-    rows: Iterable[LedgerRow], engagement: Mapping[str, Engagement] | None = None
+    rows: Iterable[LedgerRow],
+    engagement: Mapping[str, Engagement] | None = None,
+    *,
+    steps: Sequence[str] = (),
 ) -> pl.DataFrame:
-    """A frame with one row per ledger row, in list order, times as UTC datetimes; opens and clicks
-    from `engagement` (by message id)."""
+    """A frame with one row per ledger row, in list order (a recipient's steps in `steps` order), times
+    as UTC datetimes; opens and clicks from `engagement` (by message id)."""
     seen = engagement or {}
     records = [_record(row, seen.get(row.message_id or "", _NONE)) for row in rows]
     frame = pl.DataFrame(records, schema=_SCHEMA, orient="row")
-    times = {**_TIMES, **{name: name for name in ("first_opened_at", "last_opened_at", "replied_at")}}
+    tracked_times = ("first_opened_at", "last_opened_at", "replied_at", "due_at")
+    times = {**_TIMES, **{name: name for name in tracked_times}}
+    if len(steps) > 1:
+        rank = pl.col("step").replace_strict(list(steps), list(range(len(steps))), default=len(steps))
+        frame = frame.sort(pl.col("row"), rank, maintain_order=True)
     return frame.with_columns(
         pl.col(name).str.to_datetime(time_zone="UTC", time_unit="ms").alias(label)
         for name, label in times.items()
@@ -122,6 +133,7 @@ def _record(row: LedgerRow, seen: Engagement) -> dict[str, object]:
     record: dict[str, object] = {
         name: getattr(row, name) if name != "state" else row.state.value for name in _LEDGER_COLUMNS
     }
+    record["key"] = row.recipient_key  # a follow-up's row: its recipient's key, and its step beside it
     record.update(
         opens=seen.opens,
         first_opened_at=seen.first_open,

@@ -19,6 +19,7 @@ __all__ = [
     "Delay",
     "SendWindow",
     "add_delay",
+    "finish_within",
     "load_zone",
     "next_delivery",
     "next_open",
@@ -168,6 +169,24 @@ def next_delivery(
             return candidate.astimezone(UTC)
     first = _localize(local.date(), deliver_at, zone)
     return next_open(window, max(first, at), holidays=holidays) if window is not None else first
+
+
+def finish_within(
+    window: SendWindow | None, start: datetime, seconds: float, *, holidays: Collection[date] = ()
+) -> datetime:
+    """When `seconds` of sending that starts at `start` ends, counting only the time `window` is open."""
+    at = start.astimezone(UTC)
+    if window is None:
+        return at + timedelta(seconds=seconds)
+    left = max(0.0, seconds)
+    while True:
+        at = next_open(window, at, holidays=holidays)
+        closes = _localize(at.astimezone(window.zone).date(), window.end, window.zone).astimezone(UTC)
+        room = (closes - at).total_seconds()
+        if left <= room:
+            return at + timedelta(seconds=left)
+        left -= room
+        at = closes
 
 
 def _parse_days(text: str, problem: str) -> frozenset[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from campaign.clock import Clock
@@ -16,6 +17,7 @@ from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import NextStep, load_next_steps
 from campaign.plan import DAY_S, Schedule, SenderSchedule, build_schedule
+from campaign.sendtime import finish_within, next_open
 from campaign.unsubscribe import Engagement, list_store_paths, open_store
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "ErrorCause",
     "SenderStatus",
     "Status",
+    "StepStatus",
     "build_status",
     "build_unstarted_status",
     "load_status",
@@ -54,6 +57,9 @@ class SenderStatus:
     per_day: int | None
     budget_left: int | None  # None: no daily limit
     schedule: SenderSchedule | None = None  # None before the campaign started
+    window: str | None = None  # when it may send (its `window`, in `timezone`); None: any time
+    window_opens: datetime | None = None  # when its window next opens; None: open now (or no window)
+    finishes_at: datetime | None = None  # when its open rows are done, counting only open window time
 
     def as_json(self) -> dict[str, object]:
         """The sender's entry under `senders` in `status --json`."""
@@ -71,7 +77,40 @@ class SenderStatus:
         }
         if self.schedule is not None:
             data |= {"next_24h": self.schedule.next_24h, "eta_s": self.schedule.duration_s}
+        if self.window is not None:  # only senders with a window have these keys
+            data |= {
+                "window": self.window,
+                "window_opens": _iso(self.window_opens),
+                "finishes_at": _iso(self.finishes_at),
+            }
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class StepStatus:
+    """One step of a campaign with follow-ups: its rows per state, what is due, and who stopped."""
+
+    step: str
+    after: str | None  # the follow-up's delay; None for step 1
+    states: Mapping[RowState, int]
+    due_now: int
+    scheduled: int
+    next_due: datetime | None
+    stopped: Mapping[str, int]  # skip cause -> rows (replied, auto-replied, unsubscribed, bounced, …)
+    auto_replied: int  # auto-replies seen before this step that did not stop it
+
+    def as_json(self) -> dict[str, object]:
+        """The step's entry under `steps` in `status --json`."""
+        return {
+            "after": self.after,
+            "states": _named(self.states),
+            "sent": self.states[RowState.SENT],
+            "due_now": self.due_now,
+            "scheduled": self.scheduled,
+            "next_due": _iso(self.next_due),
+            "stopped": dict(self.stopped),
+            "auto_replied_continuing": self.auto_replied,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +155,7 @@ class Status:
     next_steps: tuple[NextStep, ...]
     senders: tuple[SenderStatus, ...]  # in manifest order
     engagement: EngagementSummary | None = None  # None: the campaign's stores keep no tracking events
+    steps: tuple[StepStatus, ...] = ()  # with [[followups]]: every step, step 1 first
 
     @property
     def started(self) -> bool:
@@ -148,6 +188,7 @@ class Status:
                 "senders": {sender.name: sender.as_json() for sender in self.senders},
             }
             | ({} if self.engagement is None else {"engagement": self.engagement.as_json()})
+            | ({"steps": {step.step: step.as_json() for step in self.steps}} if self.steps else {})
         )
 
 
@@ -214,6 +255,7 @@ def build_status(
         used_24h=sent_24h,
     )
     plans = {plan.name: plan for plan in schedule.senders}
+    now = clock.now()
     senders = tuple(
         SenderStatus(
             name=sender.name,
@@ -228,6 +270,7 @@ def build_status(
         )
         for sender in manifest.senders
     )
+    senders = tuple(_with_window(manifest, sender, now) for sender in senders)
     steps = load_next_steps(
         ledger,
         listed=listed,
@@ -249,6 +292,41 @@ def build_status(
         removed_from_list=removed,
         next_steps=tuple(steps),
         senders=senders,
+        steps=_steps(manifest, ledger, now),
+    )
+
+
+def _with_window(manifest: Manifest, status: SenderStatus, now: datetime) -> SenderStatus:
+    """`status` with its sender's window: when it next opens, and when its open rows finish inside it."""
+    sender = manifest.sender(status.name)
+    window = sender.send_window
+    if window is None or status.schedule is None:
+        return status
+    holidays = manifest.campaign.holidays
+    opens = next_open(window, now, holidays=holidays)
+    return replace(
+        status,
+        window=f"{sender.window} {sender.timezone}",
+        window_opens=opens if opens > now else None,
+        finishes_at=finish_within(window, now, status.schedule.duration_s, holidays=holidays),
+    )
+
+
+def _steps(manifest: Manifest, ledger: Ledger, now: datetime) -> tuple[StepStatus, ...]:
+    if not manifest.followups:
+        return ()
+    return tuple(
+        StepStatus(
+            step=counts.step,
+            after=None if (followup := manifest.followup(counts.step)) is None else followup.after,
+            states=_every_state(counts.states),
+            due_now=counts.due_now,
+            scheduled=counts.scheduled,
+            next_due=counts.next_due,
+            stopped=dict(sorted(counts.stopped.items())),
+            auto_replied=counts.auto_replied,
+        )
+        for counts in ledger.step_counts(manifest.steps, now)
     )
 
 
@@ -307,6 +385,10 @@ def _error_causes(groups: Iterable[ErrorGroup]) -> tuple[ErrorCause, ...]:
 
 def _every_state(counts: Mapping[RowState, int]) -> dict[RowState, int]:
     return {state: counts.get(state, 0) for state in RowState}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def _named(counts: Mapping[RowState, int]) -> dict[str, int]:

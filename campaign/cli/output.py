@@ -261,7 +261,14 @@ def print_status(console: Console, status: Status) -> None:
         console.print(f"[bold]{escape(status.campaign)}[/]: not started (no ledger yet)")
         return
     done = "done" if status.done else "not done"
-    console.print(f"[bold]{escape(status.campaign)}[/]: {done}, {status.total} recipients")
+    if status.steps:  # a row per (recipient, step)
+        people = sum(status.steps[0].states.values())
+        console.print(
+            f"[bold]{escape(status.campaign)}[/]: {done}, {people} recipients, {status.total} messages "
+            f"over {len(status.steps)} steps"
+        )
+    else:
+        console.print(f"[bold]{escape(status.campaign)}[/]: {done}, {status.total} recipients")
     if not status.done and status.schedule is not None:
         senders = len(status.senders)
         console.print(
@@ -287,6 +294,9 @@ def print_status(console: Console, status: Status) -> None:
         )
     table.add_row("[bold]all", *(f"[bold]{status.states[state]}" for state in states), "", "")
     console.print(table)
+    _print_windows(console, status)
+    if status.steps:
+        _print_steps(console, status)
     for reason, count in status.skipped.items():
         console.print(f"skipped ({escape(reason)}): {count}")
     for error in status.errors:
@@ -301,6 +311,41 @@ def print_status(console: Console, status: Status) -> None:
             soft_wrap=True,
         )
     print_next_steps(console, status.next_steps)
+
+
+def _print_windows(console: Console, status: Status) -> None:
+    for sender in status.senders:
+        if sender.window is None:
+            continue
+        opens = (
+            "open now" if sender.window_opens is None else f"opens {format_local_time(sender.window_opens)}"
+        )
+        done = (
+            ""
+            if sender.finishes_at is None
+            else f"; its rows done by {format_local_time(sender.finishes_at)}"
+        )
+        console.print(f"sender {escape(sender.name)}: window {escape(sender.window)}, {opens}{done}")
+
+
+def _print_steps(console: Console, status: Status) -> None:
+    table = Table(title="By step", title_justify="left", box=None, pad_edge=False)
+    for column in ("step", "after", "sent", "due now", "scheduled", "next due", "stopped", "auto-replied"):
+        table.add_column(column, no_wrap=True, justify="left" if column in ("step", "stopped") else "right")
+    step_sent = next(state for state in status.states if state.value == "sent")  # no models import here
+    for step in status.steps:
+        stopped = ", ".join(f"{count} {escape(cause)}" for cause, count in step.stopped.items()) or "-"
+        table.add_row(
+            escape(step.step),
+            escape(step.after or "-"),
+            str(step.states[step_sent]),
+            str(step.due_now),
+            str(step.scheduled),
+            "-" if step.next_due is None else format_local_time(step.next_due),
+            stopped,
+            f"{step.auto_replied} (continuing)" if step.auto_replied else "-",
+        )
+    console.print(table)
 
 
 # --- outcomes: what is left, reconcile, retry, report (issue 3) ----------------
