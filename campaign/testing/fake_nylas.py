@@ -383,6 +383,8 @@ class FakeNylas(FakeState):
         request_id = new_request_id()
         try:
             grant = self._gate(request)
+            if self._take_read_failure(grant):
+                raise ApiProblem(503, "service_unavailable", "The provider is unavailable; try again later.")
             wait = self._admit_read(grant)
             if wait is not None:
                 return self._answer_rate_limited(request_id, wait).build_response()
@@ -403,6 +405,8 @@ class FakeNylas(FakeState):
         request_id = new_request_id()
         try:
             grant = self._gate(request)
+            if self._take_read_failure(grant):
+                raise ApiProblem(503, "service_unavailable", "The provider is unavailable; try again later.")
             wait = self._admit_read(grant)
             if wait is not None:
                 return self._answer_rate_limited(request_id, wait).build_response()

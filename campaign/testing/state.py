@@ -137,6 +137,7 @@ class FakeState:
         # Answers (the sandbox's simulated recipients): a share of the messages a grant sends gets a
         # reply in its thread, another share an out-of-office auto-reply, `reply_lag_s` later; picked
         # by a hash of the address and the thread's length, so the same campaign answers alike.
+        self._read_failures: dict[str, int] = {}  # grant id -> reads left to fail (`fail_reads`)
         self.reply_share = 0.0
         self.auto_reply_share = 0.0
         self.reply_lag_s = 1.0
@@ -409,6 +410,21 @@ class FakeState:
         """Drop every scripted fault not yet used."""
         with self._lock:
             self._scripts.clear()
+            self._read_failures.clear()
+
+    def fail_reads(self, grant_id: str, *, times: int = 1) -> None:
+        """A test control: the grant's next `times` reads (listings, single messages) answer 503, as
+        Nylas does when the provider is unavailable."""
+        grant = self._require_grant(grant_id)
+        with self._lock:
+            self._read_failures[grant.id] = self._read_failures.get(grant.id, 0) + times
+
+    def _take_read_failure(self, grant: Grant) -> bool:
+        with self._lock:
+            left = self._read_failures.get(grant.id, 0)
+            if left:
+                self._read_failures[grant.id] = left - 1
+            return left > 0
 
     # ---- inspection ----
 

@@ -1,0 +1,410 @@
+"""Issue 16 end to end: follow-ups in the same thread that stop on a reply, against the fake Nylas served
+on loopback, on the CLI's virtual clock. Every count is taken where it happens: at the fake."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from conftest import API_KEY
+
+from campaign.cli.base import options
+from campaign.testing import FakeClock, FakeNylas
+from campaign.testing.answers import build_answer
+
+SENDERS = {"ana": ("grant-ana", "ana@corp.example.com"), "ben": ("grant-ben", "ben@corp.example.com")}
+PEOPLE = [f"person{n}@example.net" for n in range(1, 7)]
+
+
+@pytest.fixture(name="fake")
+def _fake(_loopback, cli_clock, monkeypatch):
+    """A fake on the CLI's clock (replies and due times are measured in the same time), on loopback."""
+    switch, url = _loopback
+    fake = FakeNylas(api_key=API_KEY, clock=cli_clock)
+    for grant, email in SENDERS.values():
+        fake.add_grant(grant, email)
+    switch.target = fake
+    monkeypatch.setenv("NYLAS_API_URI", url)
+    monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
+    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", "followups-secret-0123456789abcdef")
+    try:
+        yield fake
+    finally:
+        switch.target = None
+
+
+def write_campaign(
+    folder: Path,
+    *,
+    nudge: str = 'after = "2d"',
+    last: str = 'after = "3d"',
+    sender: str = "",
+    campaign: str = "",
+    message: str = "",
+    columns: str = "",
+    people: list[str] | None = None,
+) -> Path:
+    """Three steps (message, nudge, last-call) from two senders; extra keys per table as TOML lines."""
+    folder.mkdir(exist_ok=True)
+    rows = people or PEOPLE
+    header = "email,name,rep" + (f",{columns.split('=')[0]}" if columns else "")
+    extra = f",{columns.split('=')[1]}" if columns else ""
+    lines = [f"{email},P{n},{'ana' if n % 2 else 'ben'}{extra}" for n, email in enumerate(rows, start=1)]
+    (folder / "recipients.csv").write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+    (folder / "step1.txt.j2").write_text("Hello {{ name }}\n", encoding="utf-8")
+    (folder / "nudge.txt.j2").write_text(
+        "About {{ previous.subject }} ({{ previous.step }})\n", encoding="utf-8"
+    )
+    (folder / "last.txt.j2").write_text("Last note, {{ name }}\n", encoding="utf-8")
+    senders = "".join(
+        f'\n[[senders]]\nname = "{name}"\ngrant_id = "{grant}"\nemail = "{email}"\n'
+        f"per_second = 50\n{sender}\n"
+        for name, (grant, email) in SENDERS.items()
+    )
+    manifest = folder / "campaign.toml"
+    manifest.write_text(
+        f'[campaign]\nname = "follow"\n{campaign}\n\n'
+        '[recipients]\nsource = "recipients.csv"\nname_column = "name"\nsender_column = "rep"\n'
+        + (f'timezone_column = "{columns.split("=")[0]}"\n' if columns else "")
+        + f'\n[message]\nsubject = "Renewal for {{{{ name }}}}"\ntext = "step1.txt.j2"\n{message}\n\n'
+        f'[[followups]]\nname = "nudge"\ntext = "nudge.txt.j2"\n{nudge}\n\n'
+        f'[[followups]]\nname = "last-call"\ntext = "last.txt.j2"\n{last}\n' + senders,
+        encoding="utf-8",
+    )
+    return manifest
+
+
+def by_step(fake: FakeNylas) -> dict[str, dict[str, list]]:
+    """Deliveries per recipient, per step (from the metadata the message carried)."""
+    found: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for delivery in fake.deliveries:
+        step = delivery.payload.get("metadata", {}).get("step", "message")
+        found[delivery.payload["to"][0]["email"]][step].append(delivery)
+    return found
+
+
+def steps_json(cli, manifest: Path) -> dict:
+    return json.loads(cli("status", manifest, "--json").stdout)["steps"]
+
+
+def reply(fake: FakeNylas, email: str, *, step: str = "message", auto: bool = False, in_thread: bool = True):
+    """`email` answers the message of `step` it was sent (in its thread, or as a new message)."""
+    (sent,) = by_step(fake)[email][step]
+    grant = next(g for g, mailbox in SENDERS.values() if g == sent.grant_id)
+    mailbox = next(m for g, m in SENDERS.values() if g == grant)
+    raw = build_answer(
+        email, mailbox=mailbox, subject=sent.payload["subject"], at=fake.clock.now(), auto=auto
+    )
+    return fake.receive_message(grant, raw, reply_to=sent.id if in_thread else None)
+
+
+def test_a_reply_in_the_thread_or_outside_it_stops_the_next_steps(fake, cli, cli_clock, tmp_path):
+    """Step 1 to everyone; two reply in the thread and one writes a new message between the runs: those
+    three get no follow-up; everyone else gets the nudge once its time came, and exit 75 says when."""
+    manifest = write_campaign(tmp_path / "c")
+    first = cli("run", manifest, "--yes")
+    assert first.exit_code == 75, first.output
+    assert "next follow-up is due" in first.output
+    assert len(fake.deliveries) == len(PEOPLE)
+    reply(fake, PEOPLE[0])
+    reply(fake, PEOPLE[1])
+    reply(fake, PEOPLE[2], in_thread=False)
+    cli_clock.advance(2 * 86_400 + 1)
+    second = cli("resume", manifest, "--yes")
+    assert second.exit_code == 75, second.output
+    sent = by_step(fake)
+    assert [email for email in PEOPLE if sent[email]["nudge"]] == PEOPLE[3:]
+    assert all(len(sent[email]["nudge"]) == 1 for email in PEOPLE[3:])
+    nudge = steps_json(cli, manifest)["nudge"]
+    assert nudge["stopped"] == {"replied": 3}
+    assert nudge["sent"] == 3
+    assert steps_json(cli, manifest)["last-call"]["scheduled"] == 3
+
+
+def test_every_follow_up_answers_the_step_before_through_the_same_grant(fake, cli, cli_clock, tmp_path):
+    """Each follow-up carries the previous step's message id, "Re: " and step 1's subject, step 1's grant,
+    and joins its thread at the fake; status and report count per step what the fake received."""
+    manifest = write_campaign(tmp_path / "c")
+    assert cli("run", manifest, "--yes").exit_code == 75
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    cli_clock.advance(3 * 86_400)
+    done = cli("resume", manifest, "--yes")
+    assert done.exit_code == 0, done.output
+    for email, steps in by_step(fake).items():
+        (first,), (nudge,), (last,) = steps["message"], steps["nudge"], steps["last-call"]
+        assert "reply_to_message_id" not in first.payload
+        assert nudge.payload["reply_to_message_id"] == first.id
+        assert last.payload["reply_to_message_id"] == nudge.id
+        assert nudge.payload["subject"] == last.payload["subject"] == f"Re: {first.payload['subject']}"
+        assert first.grant_id == nudge.grant_id == last.grant_id
+        thread = fake.thread(first.grant_id, fake._sent_message(first.grant_id, first.id)["thread_id"])
+        assert thread is not None
+        assert set(thread["message_ids"]) >= {first.id, nudge.id, last.id}
+        assert (nudge.payload["metadata"]["key3"], nudge.payload["metadata"]["key2"]) == ("nudge", email)
+        assert f"About Renewal for P{PEOPLE.index(email) + 1} (message)" in nudge.payload["body"]
+    steps = steps_json(cli, manifest)
+    assert [steps[name]["sent"] for name in ("message", "nudge", "last-call")] == [len(PEOPLE)] * 3
+    report = tmp_path / "report.csv"
+    assert cli("report", manifest, "--out", report).exit_code == 0
+    lines = report.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1 + 3 * len(PEOPLE) == 1 + len(fake.deliveries)
+    header = lines[0].split(",")
+    first_row = dict(zip(header, lines[1].split(","), strict=True))
+    assert (first_row["key"], first_row["step"]) == (PEOPLE[0], "message")
+    assert [dict(zip(header, line.split(","), strict=True))["step"] for line in lines[1:4]] == [
+        "message",
+        "nudge",
+        "last-call",
+    ]
+
+
+@pytest.mark.parametrize(("rule", "nudged"), [("ignore", True), ("stop", False)])
+def test_an_auto_reply_follows_the_steps_rule(fake, cli, cli_clock, tmp_path, rule, nudged):
+    """An out-of-office in the thread: "ignore" sends the nudge and counts the auto-reply; "stop" stops."""
+    manifest = write_campaign(tmp_path / "c", nudge=f'after = "1d"\nauto_replies = "{rule}"')
+    assert cli("run", manifest, "--yes").exit_code == 75
+    reply(fake, PEOPLE[0], auto=True)
+    cli_clock.advance(86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert bool(by_step(fake)[PEOPLE[0]]["nudge"]) is nudged
+    nudge = steps_json(cli, manifest)["nudge"]
+    if nudged:
+        assert (nudge["auto_replied_continuing"], nudge["stopped"]) == (1, {})
+    else:
+        assert (nudge["auto_replied_continuing"], nudge["stopped"]) == (0, {"auto-replied": 1})
+
+
+def test_a_reply_only_stops_when_the_step_says_so(fake, cli, cli_clock, tmp_path):
+    """stop_on without "reply": the nudge goes to someone who answered (e.g. a step meant for all)."""
+    manifest = write_campaign(tmp_path / "c", nudge='after = "1d"\nstop_on = ["bounce", "unsubscribe"]')
+    assert cli("run", manifest, "--yes").exit_code == 75
+    reply(fake, PEOPLE[0])
+    cli_clock.advance(86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert len(by_step(fake)[PEOPLE[0]]["nudge"]) == 1
+
+
+def test_nothing_is_sent_before_its_time(fake, cli, cli_clock, tmp_path):
+    """A minute before the nudge is due, a resume sends nothing (exit 75); a minute after, it sends."""
+    manifest = write_campaign(tmp_path / "c")
+    assert cli("run", manifest, "--yes").exit_code == 75
+    cli_clock.advance(2 * 86_400 - 60)
+    early = cli("resume", manifest, "--yes")
+    assert early.exit_code == 75, early.output
+    assert len(fake.deliveries) == len(PEOPLE)
+    cli_clock.advance(120)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert len(fake.deliveries) == 2 * len(PEOPLE)
+
+
+def test_wait_sends_the_whole_sequence_in_one_run(fake, cli, tmp_path):
+    """`run --wait` sleeps (on the clock) until each step is due and goes on: every step, exit 0."""
+    manifest = write_campaign(tmp_path / "c")
+    result = cli("run", manifest, "--yes", "--wait")
+    assert result.exit_code == 0, result.output
+    assert "follow-ups scheduled; waiting for the next one" in result.output
+    sent = by_step(fake)
+    assert all(len(sent[email][step]) == 1 for email in PEOPLE for step in ("message", "nudge", "last-call"))
+    times = sorted(d.delivered_at for d in fake.deliveries)
+    assert times[-1] - times[0] >= timedelta(days=5)
+
+
+def test_a_failed_reply_lookup_never_sends_and_is_tried_again(fake, cli, cli_clock, tmp_path):
+    """The mailbox's reads fail (503): the nudges stay due and unsent; once reads work, they go."""
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    assert cli("run", manifest, "--yes").exit_code == 75
+    cli_clock.advance(2 * 86_400)
+    for grant, _ in SENDERS.values():
+        fake.fail_reads(grant, times=1000)
+    held = cli("resume", manifest, "--yes")
+    assert held.exit_code == 75, held.output
+    assert "held back" in held.output
+    assert len(fake.deliveries) == 2
+    assert steps_json(cli, manifest)["nudge"]["due_now"] == 2
+    fake.clear_faults()
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert len(fake.deliveries) == 4
+
+
+def test_a_reply_that_arrives_while_waiting_stops_the_step(fake, cli, cli_clock, tmp_path):
+    """The lookups happen right before the claim: a reply placed after scheduling still stops it."""
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    assert cli("run", manifest, "--yes").exit_code == 75
+    assert steps_json(cli, manifest)["nudge"]["scheduled"] == 2
+    cli_clock.advance(86_400)
+    reply(fake, PEOPLE[1])
+    cli_clock.advance(86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert [email for email in PEOPLE[:2] if by_step(fake)[email]["nudge"]] == [PEOPLE[0]]
+
+
+def test_an_unsubscribe_stops_the_sequence(fake, cli, cli_clock, tmp_path):
+    """Someone added to a suppression store after step 1 gets no follow-up (reason unsubscribed)."""
+    from campaign.unsubscribe import open_store
+
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    text = manifest.read_text().replace(
+        'sender_column = "rep"\n', 'sender_column = "rep"\nsuppress = ["optouts.sqlite"]\n'
+    )
+    manifest.write_text(text)
+    store = open_store(tmp_path / "c" / "optouts.sqlite", clock=cli_clock)
+    store.close()
+    assert cli("run", manifest, "--yes").exit_code == 75
+    store = open_store(tmp_path / "c" / "optouts.sqlite", clock=cli_clock)
+    store.record("follow", PEOPLE[0], email=PEOPLE[0], source="test")
+    store.close()
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert [email for email in PEOPLE[:2] if by_step(fake)[email]["nudge"]] == [PEOPLE[1]]
+    assert steps_json(cli, manifest)["nudge"]["stopped"] == {"unsubscribed": 1}
+
+
+def test_a_changed_follow_up_is_refused_once_it_began_and_a_new_one_is_allowed(
+    fake, cli, cli_clock, tmp_path
+):
+    """Per step: editing the nudge after it went out needs --allow-changed-content; adding a third
+    follow-up to a running campaign schedules it for everyone who got the step before."""
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    assert cli("run", manifest, "--yes").exit_code == 75
+    (tmp_path / "c" / "nudge.txt.j2").write_text("Changed before it was sent\n", encoding="utf-8")
+    assert cli("resume", manifest, "--yes").exit_code == 75  # not sent yet: a change is free
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    (tmp_path / "c" / "nudge.txt.j2").write_text("Changed after it was sent\n", encoding="utf-8")
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 2
+    assert "follow-up 'nudge' changed since sending began" in refused.output
+    (tmp_path / "c" / "nudge.txt.j2").write_text("Changed before it was sent\n", encoding="utf-8")
+    (tmp_path / "c" / "extra.txt.j2").write_text("One more\n", encoding="utf-8")
+    manifest.write_text(
+        manifest.read_text() + '\n[[followups]]\nname = "extra"\nafter = "1d"\ntext = "extra.txt.j2"\n'
+    )
+    cli_clock.advance(3 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    cli_clock.advance(86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    assert all(len(by_step(fake)[email]["extra"]) == 1 for email in PEOPLE[:2])
+
+
+@pytest.fixture(name="saturday")
+def _saturday(cli_clock, monkeypatch) -> FakeClock:
+    """The CLI's clock on Saturday 2026-12-05, 12:00 UTC (in place of `cli_clock`'s)."""
+    clock = FakeClock(start=datetime(2026, 12, 5, 12, 0, tzinfo=UTC))
+    monkeypatch.setattr(options, "clock", clock)
+    return clock
+
+
+@pytest.fixture(name="weekend_fake")
+def _weekend_fake(_loopback, saturday, monkeypatch):
+    switch, url = _loopback
+    fake = FakeNylas(api_key=API_KEY, clock=saturday)
+    for grant, email in SENDERS.values():
+        fake.add_grant(grant, email)
+    switch.target = fake
+    monkeypatch.setenv("NYLAS_API_URI", url)
+    monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
+    try:
+        yield fake
+    finally:
+        switch.target = None
+
+
+def test_no_step_leaves_outside_its_senders_window(weekend_fake, cli, saturday, tmp_path):
+    """Saturday, window Mon-Fri 09:00-17:30 Berlin: the run sends nothing and exits 75 naming when it
+    opens; with --wait it sends at Monday 09:00 Berlin, and the nudge "1 business days" later skips
+    the holiday (Tuesday) to Wednesday, inside the window."""
+    manifest = write_campaign(
+        tmp_path / "c",
+        nudge='after = "1 business days"',
+        last='after = "1d"',
+        sender='window = "Mon-Fri 09:00-17:30"\ntimezone = "Europe/Berlin"',
+        campaign='holidays = ["2026-12-08"]',
+    )
+    shut = cli("run", manifest, "--yes")
+    assert shut.exit_code == 75, shut.output
+    assert "send window is shut" in shut.output
+    assert weekend_fake.deliveries == []
+    waited = cli("run", manifest, "--yes", "--wait")
+    assert waited.exit_code == 0, waited.output
+    monday_9_berlin = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
+    sent = by_step(weekend_fake)
+    for email in PEOPLE:
+        (first,) = sent[email]["message"]
+        (nudge,) = sent[email]["nudge"]
+        (last,) = sent[email]["last-call"]
+        assert monday_9_berlin <= first.delivered_at < monday_9_berlin + timedelta(minutes=1)
+        # Wednesday, at the time of day step 1 went (Tuesday is a holiday).
+        assert nudge.delivered_at.date() == datetime(2026, 12, 9).date()
+        assert nudge.delivered_at - first.delivered_at < timedelta(days=2, minutes=1)
+        assert last.delivered_at - nudge.delivered_at >= timedelta(days=1)
+    for delivery in weekend_fake.deliveries:
+        local = delivery.delivered_at.astimezone(ZoneInfo("Europe/Berlin"))
+        assert local.weekday() < 5
+        assert (9, 0) <= (local.hour, local.minute) < (17, 30)
+
+
+def test_deliver_at_uses_the_recipients_time_zone(weekend_fake, cli, saturday, tmp_path):
+    """deliver_at = "09:30" with a time-zone column: each nudge leaves at 09:30 in its recipient's zone."""
+    zones = {PEOPLE[0]: "Asia/Tokyo", PEOPLE[1]: "America/New_York"}
+    manifest = write_campaign(
+        tmp_path / "c",
+        nudge='after = "1d"\ndeliver_at = "09:30"',
+        people=PEOPLE[:2],
+        columns="tz=Asia/Tokyo",
+    )
+    csv = (
+        (tmp_path / "c" / "recipients.csv")
+        .read_text()
+        .replace(f"{PEOPLE[1]},P2,ben,Asia/Tokyo", f"{PEOPLE[1]},P2,ben,America/New_York")
+    )
+    (tmp_path / "c" / "recipients.csv").write_text(csv)
+    assert cli("run", manifest, "--yes", "--wait", "--limit", "1000").exit_code in (0, 75)
+    for email, zone in zones.items():
+        (nudge,) = by_step(weekend_fake)[email]["nudge"]
+        local = nudge.delivered_at.astimezone(ZoneInfo(zone))
+        assert (local.hour, local.minute) == (9, 30)
+        assert nudge.delivered_at >= datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def test_a_bad_time_zone_cell_stops_the_run_naming_row_and_column(fake, cli, tmp_path):
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:1], columns="tz=Mars/Olympus")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 65
+    assert 'row 1, column "tz"' in result.output
+    assert "Mars/Olympus" in result.output
+    assert fake.deliveries == []
+    assert not (tmp_path / "c" / "campaign.ledger.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (("nudge", 'after = "three days"'), "followups[1].after"),
+        (("sender", 'window = "Weekdays 9-5"'), "senders[1].window"),
+        (("sender", 'timezone = "Europe/Atlantis"'), "senders[1].timezone"),
+        (("nudge", 'after = "1d"\ndeliver_at = "25:00"'), "followups[1].deliver_at"),
+        (("nudge", 'after = "1d"\nauto_replies = "sometimes"'), "followups[1].auto_replies"),
+        (("campaign", 'holidays = ["next friday"]'), "campaign.holidays[1]"),
+    ],
+)
+def test_bad_times_are_manifest_errors_naming_the_key(fake, cli, tmp_path, change, key):
+    table, line = change
+    manifest = write_campaign(tmp_path / "c", **{"nudge" if table == "nudge" else table: line})
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 78, result.output
+    assert key in result.output
+    assert fake.deliveries == []
+
+
+def test_a_domain_sender_cannot_send_follow_ups(fake, cli, tmp_path):
+    manifest = write_campaign(tmp_path / "c")
+    manifest.write_text(manifest.read_text().replace('grant_id = "grant-ben"', 'domain = "mail.example.com"'))
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 78
+    assert "senders[2].domain" in result.output
+    assert "need mailbox senders" in result.output
