@@ -10,7 +10,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, copy_sample
 
 from campaign.cli.base import options
 from campaign.testing import FakeClock, FakeNylas
@@ -408,3 +408,20 @@ def test_a_domain_sender_cannot_send_follow_ups(fake, cli, tmp_path):
     assert result.exit_code == 78
     assert "senders[2].domain" in result.output
     assert "need mailbox senders" in result.output
+
+
+def test_the_followups_sample_runs_its_whole_sequence_in_the_sandbox(cli, tmp_path):
+    """The sample's documented command: three steps, the sandbox's simulated answers stop some, and
+    status agrees with the outbox the sandbox wrote."""
+    manifest = copy_sample("followups", tmp_path)
+    result = cli("run", manifest, "--sandbox", "--yes", "--wait")
+    assert result.exit_code == 0, result.output
+    steps = json.loads(cli("status", manifest, "--sandbox", "--json").stdout)["steps"]
+    assert list(steps) == ["message", "nudge", "last-call"]
+    people = sum(steps["message"]["states"].values())
+    assert steps["message"]["sent"] == people
+    assert steps["nudge"]["stopped"].get("replied", 0) > 0
+    assert steps["nudge"]["sent"] + sum(steps["nudge"]["stopped"].values()) == people
+    assert steps["nudge"]["auto_replied_continuing"] + steps["last-call"]["auto_replied_continuing"] > 0
+    outbox = list((manifest.parent / "campaign.sandbox" / "outbox").glob("*.json"))
+    assert len(outbox) == sum(step["sent"] for step in steps.values())

@@ -120,7 +120,7 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     ledger_path = locate_ledger(manifest, sandbox=sandbox)
     api_key = read_api_key(manifest, sandbox=sandbox)
     secrets = read_secrets(manifest, sandbox=sandbox)
-    fake = build_sandbox_api(manifest) if sandbox else None
+    fake = build_sandbox_api(manifest, clock=options.clock) if sandbox else None
     run_options = RunOptions(
         resuming=resuming,
         limit=choices.limit,
