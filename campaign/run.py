@@ -24,9 +24,11 @@ import anyio
 
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult, DispatchSettings, dispatch, run_interruptible
-from campaign.errors import DataError, InputFileError, LedgerError
+from campaign.errors import CampaignError, DataError, InputFileError, LedgerError
+from campaign.events import PULL_SKEW, InboxReader, events_store_path, pull_bounces
 from campaign.followups import (
     ReplyClient,
+    ReplyNotices,
     build_screen,
     first_due_time,
     load_due_jobs,
@@ -63,7 +65,7 @@ from campaign.plan import DAY_S, Job
 from campaign.recipients import AudienceScan, scan_audience
 from campaign.render import Composer, build_composer
 from campaign.status import build_status
-from campaign.unsubscribe import UnsubscribeWatch, list_store_paths
+from campaign.unsubscribe import UnsubscribeWatch, list_store_paths, open_store
 
 # A follow-up whose reply lookup failed is looked up again after this long (with --wait).
 _HOLD_RETRY_S = 300.0
@@ -356,11 +358,15 @@ class _Rounds:
         stores = list_store_paths(self._manifest)
         # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds.
         watch = UnsubscribeWatch(stores, clock=self._clock)
+        # Replies the webhooks reported (`campaign serve` keeps them in the stores) stop follow-ups too.
+        notices = ReplyNotices(stores, campaign=self._manifest.campaign.name, clock=self._clock)
         total: DispatchResult | None = None
         try:
             async with connect() as client:
-                screen = self._screen(client)
+                screen = self._screen(client, notices)
                 while True:
+                    if await self._pull_events(client):
+                        watch.reread_next()
                     jobs = [*jobs, *self._due_jobs(later=total is not None)]
                     if jobs or total is None:
                         result = await self._dispatch(jobs, client, watch if stores else None, screen, stop)
@@ -375,11 +381,33 @@ class _Rounds:
                         return total
         finally:
             watch.close()
+            notices.close()
 
     @property
     def _sequenced(self) -> bool:
         """Whether work comes due later: follow-ups, or step 1 at a time of day."""
         return bool(self._manifest.followups) or self._manifest.message.deliver_at is not None
+
+    async def _pull_events(self, client: SendClient) -> bool:
+        """Before follow-ups go out: bounce reports in the senders' inboxes into the campaign's store
+        (`campaign events pull`), so that a bounced address gets no follow-up. Bounded and idempotent;
+        a failed pull leaves it to the reply lookups, and the next round pulls again."""
+        manifest, now = self._manifest, self._clock.now()
+        store_path = events_store_path(manifest)
+        first = self._ledger.first_claim()
+        if store_path is None or first is None or not isinstance(client, InboxReader):
+            return False
+        if not self._ledger.due_steps(now):
+            return False
+        grants = [sender.grant_id for sender in manifest.senders if sender.grant_id is not None]
+        store = open_store(store_path, clock=self._clock)
+        try:
+            report = await pull_bounces(client, grants, store, since=first - PULL_SKEW)
+        except CampaignError:
+            return False
+        finally:
+            store.close()
+        return report.recorded > 0
 
     def _schedule(self) -> None:
         schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
@@ -427,10 +455,12 @@ class _Rounds:
             self._scan = scan_audience(self._manifest.recipients, sender_names=senders)
         return self._scan.recipients_at(wanted)
 
-    def _screen(self, client: SendClient) -> Callable[[Job], Awaitable[Screening]] | None:
+    def _screen(
+        self, client: SendClient, notices: ReplyNotices
+    ) -> Callable[[Job], Awaitable[Screening]] | None:
         if not self._manifest.followups or not isinstance(client, ReplyClient):
             return None
-        check = build_screen(self._manifest, self._ledger, client)
+        check = build_screen(self._manifest, self._ledger, client, notices=notices)
 
         async def screen(job: Job) -> Screening:
             found = await check(job)

@@ -425,3 +425,63 @@ def test_the_followups_sample_runs_its_whole_sequence_in_the_sandbox(cli, tmp_pa
     assert steps["nudge"]["auto_replied_continuing"] + steps["last-call"]["auto_replied_continuing"] > 0
     outbox = list((manifest.parent / "campaign.sandbox" / "outbox").glob("*.json"))
     assert len(outbox) == sum(step["sent"] for step in steps.values())
+
+
+def _with_store(manifest: Path, *, tracking: bool = False) -> Path:
+    """The campaign with an unsubscribe store that `campaign serve` would record into."""
+    store = manifest.parent / "events.sqlite"
+    text = manifest.read_text(encoding="utf-8").replace(
+        'sender_column = "rep"\n', 'sender_column = "rep"\nsuppress = ["events.sqlite"]\n'
+    )
+    if tracking:
+        text = text.replace(
+            'text = "step1.txt.j2"\n', 'text = "step1.txt.j2"\ntracking = { thread_replies = true }\n'
+        )
+    manifest.write_text(text, encoding="utf-8")
+    return store
+
+
+def test_a_thread_replied_notification_stops_the_follow_up_without_a_lookup(fake, cli, cli_clock, tmp_path):
+    """Reply tracking labels each message campaign:key:step; the notification `campaign serve` keeps
+    names the recipient, so the nudge stops even while the mailbox cannot be read (others are held)."""
+    from campaign.events import record_notification
+    from campaign.unsubscribe import open_store
+
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    store_path = _with_store(manifest, tracking=True)
+    open_store(store_path, clock=cli_clock).close()
+    assert cli("run", manifest, "--yes").exit_code == 75
+    (first,) = by_step(fake)[PEOPLE[0]]["message"]
+    assert first.payload["tracking_options"]["label"] == f"follow:{PEOPLE[0]}:message"
+    reply(fake, PEOPLE[0])
+    ((kind, envelope),) = fake._outbox
+    assert kind == "thread.replied"
+    store = open_store(store_path, clock=cli_clock)
+    assert record_notification(store, json.dumps(envelope).encode(), clock=cli_clock) is not None
+    store.close()
+    for grant, _ in SENDERS.values():
+        fake.fail_reads(grant, times=1000)
+    cli_clock.advance(2 * 86_400)
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 75, result.output
+    assert by_step(fake)[PEOPLE[0]]["nudge"] == []
+    assert by_step(fake)[PEOPLE[1]]["nudge"] == []  # held: its lookup failed
+    nudge = steps_json(cli, manifest)["nudge"]
+    assert nudge["stopped"] == {"replied": 1}
+    assert nudge["due_now"] == 1
+
+
+def test_a_bounce_report_pulled_before_the_round_stops_the_follow_up(fake, cli, cli_clock, tmp_path):
+    """A hard bounce lands in the sender's inbox as a DSN after step 1; before the nudges go out the run
+    pulls it into the store (as `campaign events pull`), and that recipient gets no nudge."""
+    from campaign.unsubscribe import open_store
+
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:3])
+    store_path = _with_store(manifest)
+    open_store(store_path, clock=cli_clock).close()
+    fake.bounce_addresses = {PEOPLE[1]}
+    assert cli("run", manifest, "--yes").exit_code == 75
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert [email for email in PEOPLE[:3] if by_step(fake)[email]["nudge"]] == [PEOPLE[0], PEOPLE[2]]
+    assert steps_json(cli, manifest)["nudge"]["stopped"] == {"bounced": 1}

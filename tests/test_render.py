@@ -441,7 +441,9 @@ def test_message_fields(tmp_path):
         ("campaign", "spring"),
         ("recipient", "ann@example.com"),
     )
-    assert message.tracking == Tracking(opens=True, links=False, thread_replies=True, label="spring")
+    # With reply tracking the label names campaign, recipient and step (thread.replied carries only it).
+    label = "spring:ann@example.com:message"
+    assert message.tracking == Tracking(opens=True, links=False, thread_replies=True, label=label)
     assert [name for name, _ in message.headers] == [
         "X-Campaign",
         "X-Row",

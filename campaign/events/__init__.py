@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from campaign.events._notifications import BOUNCE, Notification, parse_bounces, parse_notification
 from campaign.events._pull import MAX_PAGES, InboxReader, PullReport, pull_bounces
-from campaign.events._pulling import pull_campaign_bounces
+from campaign.events._pulling import PULL_SKEW, events_store_path, pull_campaign_bounces
 from campaign.events._recording import record_notification
 from campaign.events._signature import sign_body, verify_signature
 
 __all__ = [
     "BOUNCE",
     "MAX_PAGES",
+    "PULL_SKEW",
     "InboxReader",
     "Notification",
     "PullReport",
+    "events_store_path",
     "parse_bounces",
     "parse_notification",
     "pull_bounces",

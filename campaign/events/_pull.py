@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from flufl.bounce import all_failures
 
@@ -38,6 +38,7 @@ _REPORT_SUBJECTS = re.compile(
 )
 
 
+@runtime_checkable
 class InboxReader(Protocol):
     """What a pull needs from the API (campaign.nylas.NylasClient)."""
 

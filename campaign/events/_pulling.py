@@ -14,10 +14,19 @@ from campaign.ledger import open_ledger
 from campaign.manifest import Manifest
 from campaign.unsubscribe import list_store_paths, open_store
 
-__all__ = ["pull_campaign_bounces"]
+__all__ = ["PULL_SKEW", "events_store_path", "pull_campaign_bounces"]
 
 # Look back a little before the first claim: the provider's clock and ours may differ.
-_SKEW = timedelta(minutes=5)
+PULL_SKEW = timedelta(minutes=5)
+
+
+def events_store_path(manifest: Manifest) -> Path | None:
+    """The store what comes back is recorded in: `unsubscribe.store`, else the first store in
+    `recipients.suppress`; None when the manifest names none."""
+    if manifest.unsubscribe is not None and manifest.unsubscribe.store is not None:
+        return manifest.unsubscribe.store
+    stores = list_store_paths(manifest)
+    return stores[0] if stores else None
 
 
 async def pull_campaign_bounces(
@@ -32,8 +41,8 @@ async def pull_campaign_bounces(
     The store is `unsubscribe.store`, else the first store in `recipients.suppress` (UsageError
     when the manifest names none). Only grants have an inbox: domain senders are left out.
     """
-    stores = list_store_paths(manifest)
-    if not stores:
+    store_path = events_store_path(manifest)
+    if store_path is None:
         message = (
             f"{manifest.path.name}: no unsubscribe store to record bounces in; name one with "
             "unsubscribe.store (or a .sqlite file in recipients.suppress)"
@@ -48,13 +57,10 @@ async def pull_campaign_bounces(
         ledger.close()
     if first is None:
         return None
-    store_path = (
-        manifest.unsubscribe.store if manifest.unsubscribe and manifest.unsubscribe.store else stores[0]
-    )
     grants = [sender.grant_id for sender in manifest.senders if sender.grant_id is not None]
     store = open_store(store_path, clock=clock)
     try:
         async with connect() as client:
-            return await pull_bounces(client, grants, store, since=first - _SKEW)
+            return await pull_bounces(client, grants, store, since=first - PULL_SKEW)
     finally:
         store.close()

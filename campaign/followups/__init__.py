@@ -11,6 +11,7 @@ person, an auto-reply, a bounce report). Reads the API; writes only through the 
 
 from __future__ import annotations
 
+from campaign.followups._notices import ReplyNotices
 from campaign.followups._replies import Answer, AnswerKind, ReplyClient, classify_answer, find_answer
 from campaign.followups._sequence import (
     build_screen,
@@ -25,6 +26,7 @@ __all__ = [
     "Answer",
     "AnswerKind",
     "ReplyClient",
+    "ReplyNotices",
     "build_screen",
     "classify_answer",
     "due_time",

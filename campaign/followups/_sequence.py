@@ -16,7 +16,8 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from campaign.errors import CampaignError
-from campaign.followups._replies import AnswerKind, ReplyClient, find_answer
+from campaign.followups._notices import ReplyNotices
+from campaign.followups._replies import Answer, AnswerKind, ReplyClient, find_answer
 from campaign.ledger import DueStep, Ledger, ScheduledStep, SentStep
 from campaign.manifest import FollowupSettings, Manifest, SenderSettings
 from campaign.models import FIRST_STEP, PreviousStep, Recipient, Screening, SkipReason
@@ -176,15 +177,21 @@ def _unsendable(manifest: Manifest, senders: set[str], item: DueStep) -> tuple[S
 
 
 def build_screen(
-    manifest: Manifest, ledger: Ledger, client: ReplyClient
+    manifest: Manifest, ledger: Ledger, client: ReplyClient, *, notices: ReplyNotices | None = None
 ) -> Callable[[Job], Awaitable[Screening]]:
-    """The check awaited right before each follow-up's claim (see the module's docstring)."""
+    """The check awaited right before each follow-up's claim (see the module's docstring): a reply the
+    webhooks reported (`notices`) first, then the lookups."""
 
     async def screen(job: Job) -> Screening:
         followup = manifest.followup(job.step)
         previous = job.previous
         if job.step == FIRST_STEP or followup is None or previous is None or job.first_sent_at is None:
             return Screening()
+        if notices is not None and "reply" in followup.stop_on:
+            notice = notices.reply_to(job.recipient.key, (previous.message_id,))
+            if notice is not None:
+                detail = f"message {notice.message_id} at {notice.at} (thread.replied notification)"
+                return Screening(stop=SkipReason.REPLIED, detail=detail)
         sender = manifest.sender(job.sender)
         try:
             answer = await find_answer(
@@ -199,17 +206,20 @@ def build_screen(
             )
         except CampaignError:  # ApiError and the like: never send blind
             return Screening(hold=True)
-        if answer is None:
-            return Screening()
-        if answer.kind == AnswerKind.BOUNCE:
-            stops = "bounce" in followup.stop_on
-            return Screening(stop=SkipReason.BOUNCED if stops else None, detail=answer.describe())
-        if answer.kind == AnswerKind.AUTO:
-            if followup.auto_replies == "stop":
-                return Screening(stop=SkipReason.AUTO_REPLIED, detail=answer.describe())
-            return Screening(auto_reply=answer.describe())
-        if "reply" in followup.stop_on:
-            return Screening(stop=SkipReason.REPLIED, detail=answer.describe())
-        return Screening()
+        return Screening() if answer is None else judge_answer(followup, answer)
 
     return screen
+
+
+def judge_answer(followup: FollowupSettings, answer: Answer) -> Screening:
+    """What an answer found before `followup` means for it, by the step's `stop_on` and `auto_replies`."""
+    if answer.kind == AnswerKind.BOUNCE:
+        stops = "bounce" in followup.stop_on
+        return Screening(stop=SkipReason.BOUNCED if stops else None, detail=answer.describe())
+    if answer.kind == AnswerKind.AUTO:
+        if followup.auto_replies == "stop":
+            return Screening(stop=SkipReason.AUTO_REPLIED, detail=answer.describe())
+        return Screening(auto_reply=answer.describe())
+    if "reply" in followup.stop_on:
+        return Screening(stop=SkipReason.REPLIED, detail=answer.describe())
+    return Screening()

@@ -11,7 +11,7 @@ do I/O, read the clock or send anything.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ __all__ = ["BUILTIN_TEMPLATES", "HTML_SUFFIXES", "Composer", "build_composer"]
 _DEFAULT_LAYOUT = "base.html.j2"
 _MARKDOWN_HTML = "_markdown_html"  # the rendered Markdown, as the layout wrapper sees it
 _MAX_SUBJECT = 998  # RFC 5322 line limit; Gmail refuses longer subjects
+_MAX_LABEL = 2048  # Nylas's limit on tracking_options.label
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
 
 
@@ -148,7 +149,7 @@ class Composer:
             reply_to=self.reply_to,
             headers=tuple(headers),
             metadata=self._metadata(recipient.key),
-            tracking=self.tracking,
+            tracking=self._tracking(recipient.key),
             attachment_files=files,
             unsubscribe_url=context.get("unsubscribe_url"),
             reply_to_message_id=None if previous is None else previous.message_id,
@@ -162,6 +163,15 @@ class Composer:
             if composer.step == step:
                 return composer
         raise ManifestError(f"no step {step!r} in the manifest's [[followups]]")
+
+    def _tracking(self, key: str) -> Tracking | None:
+        """Tracking options; with reply tracking, the label names campaign, recipient and step, because
+        a `thread.replied` notification carries the label, not the metadata."""
+        tracking = self.tracking
+        if tracking is None or not tracking.thread_replies:
+            return tracking
+        label = f"{self.campaign}:{key}:{self.step}"
+        return tracking if len(label) > _MAX_LABEL else replace(tracking, label=label)
 
     def _metadata(self, key: str) -> tuple[tuple[str, str], ...]:
         pairs = (("key1", self.campaign), ("key2", key), ("campaign", self.campaign), ("recipient", key))

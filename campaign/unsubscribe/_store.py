@@ -36,6 +36,7 @@ __all__ = [
     "StoreEntry",
     "StoreError",
     "SuppressionStore",
+    "ThreadReply",
     "UnsubscribeWatch",
     "Unsubscribed",
     "describe_entry",
@@ -105,6 +106,16 @@ class BounceRecord:
     kind: str | None = None  # the provider's type, e.g. mailbox_unavailable
     reason: str | None = None
     message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadReply:
+    """A `thread.replied` notification kept in a store: someone other than the sender answered."""
+
+    label: str  # the tracked message's `tracking_options.label` (campaign:recipient key:step)
+    root_message_id: str  # the tracked message
+    message_id: str  # the reply
+    at: str  # when it was received (ISO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +275,32 @@ class SuppressionStore:
         )
         newest = rows[-1][0] if rows else last_id
         return int(newest), [StoreEntry(*row[1:]) for row in rows]
+
+    def replies_since(self, last_rowid: int) -> tuple[int, list[ThreadReply]]:
+        """`thread.replied` notifications kept after `last_rowid` (replies the sender wrote left out),
+        and the newest rowid seen, for cheap re-reads."""
+        rows = self._query(
+            "SELECT rowid, body, received_at FROM events WHERE type = 'thread.replied' AND rowid > ? "
+            "ORDER BY rowid",
+            (last_rowid,),
+        )
+        found = []
+        for _, body, received_at in rows:
+            try:
+                obj = json.loads(body)["data"]["object"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not isinstance(obj, dict) or obj.get("from_self") is True:
+                continue
+            found.append(
+                ThreadReply(
+                    label=str(obj.get("label") or ""),
+                    root_message_id=str(obj.get("root_message_id") or ""),
+                    message_id=str(obj.get("message_id") or ""),
+                    at=str(received_at),
+                )
+            )
+        return (int(rows[-1][0]) if rows else last_rowid), found
 
     def count(self) -> int:
         """How many entries the store holds."""
@@ -569,6 +606,10 @@ class UnsubscribeWatch:
         if entry is None:
             return None
         return SkipReason.BOUNCED if entry.source == BOUNCE_SOURCE else SkipReason.UNSUBSCRIBED
+
+    def reread_next(self) -> None:
+        """Re-read the stores at the next check, however recent the last re-read (something was added)."""
+        self._read_at = None
 
     def close(self) -> None:
         """Close the stores opened for reading."""

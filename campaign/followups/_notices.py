@@ -1,0 +1,63 @@
+"""Replies the webhooks reported: `thread.replied` notifications that `campaign serve` keeps in a store.
+
+A message sent with reply tracking carries the label `<campaign>:<recipient key>:<step>`, and the
+notification carries the label back (not the metadata): so a kept notification names the recipient
+who answered. `ReplyNotices` re-reads the stores (only what was added) when asked, and says whether
+a recipient of this campaign answered, before any lookup costs an API request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from campaign.clock import Clock
+from campaign.unsubscribe import StoreError, SuppressionStore, ThreadReply, open_store
+
+__all__ = ["ReplyNotices"]
+
+
+class ReplyNotices:
+    """The `thread.replied` notifications of one campaign in its stores."""
+
+    def __init__(self, paths: Sequence[Path], *, campaign: str, clock: Clock) -> None:
+        self._paths = tuple(paths)
+        self._campaign = campaign
+        self._clock = clock
+        self._stores: dict[Path, SuppressionStore] = {}
+        self._last: dict[Path, int] = dict.fromkeys(self._paths, 0)
+        self._by_recipient: dict[str, ThreadReply] = {}
+        self._by_message: dict[str, ThreadReply] = {}
+
+    def reply_to(self, recipient_key: str, message_ids: Sequence[str]) -> ThreadReply | None:
+        """The first reply reported from `recipient_key` (by the label) or to one of `message_ids`."""
+        self._refresh()
+        found = self._by_recipient.get(recipient_key)
+        if found is not None:
+            return found
+        return next((self._by_message[m] for m in message_ids if m in self._by_message), None)
+
+    def close(self) -> None:
+        """Close the stores opened for reading."""
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+    def _refresh(self) -> None:
+        prefix = f"{self._campaign}:"
+        for path in self._paths:
+            store = self._stores.get(path)
+            if store is None:
+                if not path.exists():
+                    continue
+                store = self._stores[path] = open_store(path, clock=self._clock, create=False)
+            try:
+                self._last[path], replies = store.replies_since(self._last[path])
+            except StoreError:
+                continue  # busy: what is known holds; the next check reads again
+            for reply in replies:
+                self._by_message.setdefault(reply.root_message_id, reply)
+                if reply.label.startswith(prefix):
+                    # campaign:key:step; a key may hold ':' itself, the step never does.
+                    key = reply.label[len(prefix) :].rsplit(":", 1)[0]
+                    self._by_recipient.setdefault(key, reply)
