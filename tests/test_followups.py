@@ -485,3 +485,39 @@ def test_a_bounce_report_pulled_before_the_round_stops_the_follow_up(fake, cli, 
     assert cli("resume", manifest, "--yes").exit_code == 75
     assert [email for email in PEOPLE[:3] if by_step(fake)[email]["nudge"]] == [PEOPLE[0], PEOPLE[2]]
     assert steps_json(cli, manifest)["nudge"]["stopped"] == {"bounced": 1}
+
+
+def test_reconcile_finds_a_follow_up_by_its_step_not_step_ones_message(fake, cli, cli_clock, tmp_path):
+    """The nudge went out but its answer was lost (504 after the send, replayed): the row is unknown;
+    reconcile finds it by metadata key2 and key3 and records the nudge's own message id."""
+    from campaign.testing import Fault
+
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:1])
+    assert cli("run", manifest, "--yes").exit_code == 75
+    cli_clock.advance(2 * 86_400)
+    fake.script(Fault.TIMEOUT_AFTER_SEND, times=10)
+    lost = cli("resume", manifest, "--yes")
+    assert lost.exit_code == 1, lost.output
+    assert steps_json(cli, manifest)["nudge"]["states"]["unknown"] == 1
+    fake.clear_faults()
+    settled = cli("reconcile", manifest)
+    assert settled.exit_code == 0, settled.output
+    (nudge,) = by_step(fake)[PEOPLE[0]]["nudge"]
+    report = tmp_path / "r.csv"
+    assert cli("report", manifest, "--out", report).exit_code == 0
+    rows = [line.split(",") for line in report.read_text(encoding="utf-8").splitlines()]
+    header = rows[0]
+    found = {row[header.index("step")]: row[header.index("message_id")] for row in rows[1:]}
+    assert found["nudge"] == nudge.id
+    assert found["message"] != nudge.id
+    assert steps_json(cli, manifest)["nudge"]["sent"] == 1
+
+
+def test_a_follow_up_that_cannot_render_stops_the_run_before_anything_is_sent(fake, cli, tmp_path):
+    manifest = write_campaign(tmp_path / "c")
+    (tmp_path / "c" / "nudge.txt.j2").write_text("Hi {{ nickname }}\n", encoding="utf-8")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 65, result.output
+    assert "nudge.txt.j2" in result.output
+    assert "nickname" in result.output
+    assert fake.deliveries == []
