@@ -625,3 +625,54 @@ def test_the_sdk_reads_the_fakes_scheduled_sends(wire):
         sdk.messages.find_scheduled_message(GRANT, "no-such-schedule")
     assert (unknown.value.status_code, unknown.value.type) == (404, "not_found_error")
     assert wire.fake.deliveries == []
+
+
+def test_the_sdk_replies_in_a_thread_and_finds_the_answer_as_our_lookups_do(wire):
+    """A reply sent with `reply_to_message_id` joins the thread (the SDK's send and threads.find say so);
+    an answer placed in it is what the SDK lists by `thread_id` and by `from` and what our client
+    lists the same way, with the headers `fields=include_headers` gives both."""
+    from campaign.testing.answers import build_answer
+
+    sdk = wire.sdk
+    first = sdk.messages.send(
+        GRANT, {"to": [{"email": "ann@example.com"}], "subject": "Renewal", "body": "x"}
+    )
+    nudge = sdk.messages.send(
+        GRANT,
+        {
+            "to": [{"email": "ann@example.com"}],
+            "subject": "Re: Renewal",
+            "body": "y",
+            "reply_to_message_id": first.data.id,
+        },
+    ).data
+    assert nudge.thread_id == first.data.thread_id
+    wire.clock.advance(60)
+    raw = build_answer(
+        "ann@example.com", mailbox="alice@acme.test", subject="Re: Renewal", at=wire.clock.now(), auto=True
+    )
+    answer_id = wire.fake.receive_message(GRANT, raw, reply_to=nudge.id)
+    thread = sdk.threads.find(GRANT, nudge.thread_id).data
+    assert set(thread.message_ids) == {first.data.id, nudge.id, answer_id}
+    since = int(wire.clock.now().timestamp()) - 30
+    by_thread = sdk.messages.list(GRANT, query_params={"thread_id": nudge.thread_id, "received_after": since})
+    assert [m.id for m in by_thread.data] == [answer_id]
+    by_sender = sdk.messages.list(GRANT, query_params={"from": ["ann@example.com"]})
+    assert [m.id for m in by_sender.data] == [answer_id]
+    found = sdk.messages.find(GRANT, answer_id, query_params={"fields": "include_headers"}).data
+    sdk_headers = {h.name.lower(): h.value for h in found.headers}
+    assert sdk_headers["auto-submitted"] == "auto-replied"
+
+    async def ours(client: NylasClient) -> tuple[list[str], list[str], dict[str, str]]:
+        thread_page = await client.list_messages(GRANT, thread_id=nudge.thread_id, received_after=since)
+        sender_page = await client.list_messages(GRANT, from_="ann@example.com")
+        headers = await client.fetch_headers(GRANT, answer_id)
+        return (
+            [m.id for m in thread_page.messages],
+            [m.id for m in sender_page.messages],
+            {name.lower(): value for name, value in headers},
+        )
+
+    thread_ids, sender_ids, headers = wire.ours(ours)
+    assert thread_ids == sender_ids == [answer_id]
+    assert headers == sdk_headers

@@ -346,12 +346,21 @@ class FakeState:
         incoming = [m["date"] for m in found if grant.sent_folder_id not in m["folders"]]
         sent = [m["date"] for m in found if grant.sent_folder_id in m["folders"]]
         people = {p["email"].lower(): p for m in found for f in ("from", "to", "cc") for p in m[f]}
+        latest = max(found, key=lambda m: m["date"])
         return {
             "id": thread_id,
             "grant_id": grant.id,
             "object": "thread",
             "subject": found[0]["subject"],
             "message_ids": [m["id"] for m in found],
+            "draft_ids": [],
+            "has_drafts": False,
+            "has_attachments": any(m["attachments"] for m in found),
+            "starred": any(m["starred"] for m in found),
+            "unread": any(m["unread"] for m in found),
+            "folders": sorted({folder for m in found for folder in m["folders"]}),
+            "snippet": latest["snippet"],
+            "latest_draft_or_message": copy.deepcopy(latest),
             "participants": list(people.values()),
             "earliest_message_date": min(m["date"] for m in found),
             "latest_message_received_date": max(incoming) if incoming else None,
