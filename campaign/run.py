@@ -205,7 +205,7 @@ def _check(
     content = check_content(
         ledger, fingerprint, allow_changed=options.allow_changed_content, manifest=manifest
     )
-    stamp = load_plan_stamp(manifest, content=fingerprint, skip_invalid=options.skip_invalid)
+    stamp = load_plan_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
     with hooks.checking() as on_rows:
         composer, preflight, to_send, skipped = _check_rows(
             manifest, ledger, stamp, secrets, options.skip_invalid, on_rows

@@ -521,3 +521,19 @@ def test_a_follow_up_that_cannot_render_stops_the_run_before_anything_is_sent(fa
     assert "nudge.txt.j2" in result.output
     assert "nickname" in result.output
     assert fake.deliveries == []
+
+
+def test_a_follow_up_template_edited_between_runs_is_checked_again(fake, cli, cli_clock, tmp_path):
+    """The plan stamp covers the follow-ups' templates: an unchanged resume skips the row check, but a
+    nudge edited to use an unknown variable is caught before anything is sent, naming the template."""
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    assert cli("run", manifest, "--yes").exit_code == 75
+    unchanged = cli("resume", manifest, "--yes")
+    assert "unchanged since it was checked" in unchanged.output
+    (tmp_path / "c" / "nudge.txt.j2").write_text("Hi {{ nickname }}\n", encoding="utf-8")
+    cli_clock.advance(2 * 86_400)
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 65, result.output
+    assert "nudge.txt.j2" in result.output
+    assert "unchanged since it was checked" not in result.output  # checked again, not found mid-send
+    assert len(fake.deliveries) == 2

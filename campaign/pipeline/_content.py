@@ -41,6 +41,11 @@ class ContentCheck:
     steps: Mapping[str, tuple[str, str | None, bool]] = field(default_factory=dict)
 
     @property
+    def combined(self) -> str:
+        """Every step's fingerprint in one (step 1's alone without follow-ups): what the plan stamp covers."""
+        return ":".join((self.fingerprint, *(now for now, _, _ in self.steps.values())))
+
+    @property
     def changed_steps(self) -> tuple[str, ...]:
         """The steps whose content changed after they began sending ("message" for step 1)."""
         changed = [FIRST_STEP] if self.changed else []
