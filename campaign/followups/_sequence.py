@@ -88,7 +88,9 @@ def schedule_followups(manifest: Manifest, ledger: Ledger, *, recipients_at: Rec
     for previous, step in zip(manifest.steps, manifest.steps[1:], strict=False):
         followup = manifest.followup(step)
         assert followup is not None  # manifest.steps lists the follow-ups
-        while batch := ledger.unscheduled_steps(previous, step, limit=_BATCH):
+        cursor = 0
+        while batch := ledger.unscheduled_steps(previous, step, after=cursor, limit=_BATCH):
+            cursor = batch[-1].cursor
             zones = _recipient_zones(manifest, batch, recipients_at) if followup.deliver_at else {}
             scheduled = [
                 ScheduledStep(
@@ -102,10 +104,7 @@ def schedule_followups(manifest: Manifest, ledger: Ledger, *, recipients_at: Rec
                 )
                 for item in batch
             ]
-            added = ledger.record_followups(scheduled)
-            total += added
-            if added < len(batch):  # a row that cannot be added would come back for ever
-                break
+            total += ledger.record_followups(scheduled)
     return total
 
 

@@ -360,20 +360,28 @@ class LedgerReader:
 
     # --- follow-up steps ---------------------------------------------------------------------------
 
-    def unscheduled_steps(self, previous: str, step: str, *, limit: int = 1000) -> list[SentStep]:
+    def unscheduled_steps(
+        self, previous: str, step: str, *, after: int = 0, limit: int = 1000
+    ) -> list[SentStep]:
         """Up to `limit` rows of step `previous` that were sent to a recipient still in the list and
-        have no row of `step` yet: the recipients `step` is to be scheduled for."""
+        have no row of `step` yet: the recipients `step` is to be scheduled for. Pass the last one's
+        `cursor` as `after` for the next batch (each row is looked at once, however many batches: the
+        table is walked in rowid order, not through the state index, which would sort every batch)."""
         query = """
-            SELECT p.key, COALESCE(p.recipient, p.key), p.row, p.email, p.sender, p.sent_at
-            FROM recipients AS p JOIN recipients AS s ON s.key = COALESCE(p.recipient, p.key)
-            WHERE p.step = ? AND p.state = 'sent' AND s.listed = 1 AND NOT EXISTS (
+            SELECT p.rowid, p.key, COALESCE(p.recipient, p.key), p.row, p.email, p.sender, p.sent_at
+            FROM recipients AS p NOT INDEXED JOIN recipients AS s ON s.key = COALESCE(p.recipient, p.key)
+            WHERE p.rowid > ? AND p.step = ? AND p.state = 'sent' AND s.listed = 1 AND NOT EXISTS (
                 SELECT 1 FROM recipients AS f WHERE f.key = COALESCE(p.recipient, p.key) || char(31) || ?
             )
-            ORDER BY p.row, p.key LIMIT ?
+            ORDER BY p.rowid LIMIT ?
         """
         return [
-            SentStep(str(key), str(recipient), int(row), str(email), str(sender), _moment(sent_at))
-            for key, recipient, row, email, sender, sent_at in self._read(query, (previous, step, limit))
+            SentStep(
+                str(key), str(recipient), int(row), str(email), str(sender), _moment(sent_at), int(rowid)
+            )
+            for rowid, key, recipient, row, email, sender, sent_at in self._read(
+                query, (after, previous, step, limit)
+            )
         ]
 
     def due_steps(self, now: datetime) -> list[DueStep]:

@@ -45,6 +45,7 @@ class SentStep:
     email: str
     sender: str
     sent_at: datetime
+    cursor: int = 0  # where the next batch of `Ledger.unscheduled_steps` starts
 
 
 @dataclass(frozen=True, slots=True)
