@@ -392,8 +392,7 @@ class LedgerReader:
             FROM recipients AS f
                 JOIN recipients AS p ON p.key = f.previous
                 JOIN recipients AS s ON s.key = f.recipient
-            WHERE f.step != 'message' AND f.state IN ('pending', 'inflight')
-                AND (f.state = 'inflight' OR f.due_at <= ?)
+            WHERE f.due_at <= ? AND f.step != 'message' AND f.state IN ('pending', 'inflight')
             ORDER BY f.state = 'inflight' DESC, f.due_at, f.row, f.key
         """
         return [
@@ -421,7 +420,7 @@ class LedgerReader:
 
     def next_due(self, now: datetime) -> datetime | None:
         """When the next follow-up scheduled after `now` is due (None: none is)."""
-        query = "SELECT MIN(due_at) FROM recipients WHERE state = 'pending' AND due_at > ?"
+        query = "SELECT MIN(due_at) FROM recipients WHERE due_at > ? AND state = 'pending'"
         found = self._read(query, (_iso(now),))
         return _moment(found[0][0]) if found and found[0][0] else None
 
