@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -20,11 +21,11 @@ SENDERS = {"ana": ("grant-ana", "ana@corp.example.com"), "ben": ("grant-ben", "b
 PEOPLE = [f"person{n}@example.net" for n in range(1, 7)]
 
 
-@pytest.fixture(name="fake")
-def _fake(_loopback, cli_clock, monkeypatch):
-    """A fake on the CLI's clock (replies and due times are measured in the same time), on loopback."""
-    switch, url = _loopback
-    fake = FakeNylas(api_key=API_KEY, clock=cli_clock)
+def serve_fake(loopback, clock: FakeClock, monkeypatch) -> Iterator[FakeNylas]:
+    """A fake with both senders' grants on `clock` (the CLI's: replies and due times are measured in the
+    same time), served on conftest's loopback server, the CLI pointed at it."""
+    switch, url = loopback
+    fake = FakeNylas(api_key=API_KEY, clock=clock)
     for grant, email in SENDERS.values():
         fake.add_grant(grant, email)
     switch.target = fake
@@ -35,6 +36,11 @@ def _fake(_loopback, cli_clock, monkeypatch):
         yield fake
     finally:
         switch.target = None
+
+
+@pytest.fixture(name="fake")
+def _fake(_loopback, cli_clock, monkeypatch):
+    yield from serve_fake(_loopback, cli_clock, monkeypatch)
 
 
 def write_campaign(
@@ -301,17 +307,7 @@ def _saturday(cli_clock, monkeypatch) -> FakeClock:
 
 @pytest.fixture(name="weekend_fake")
 def _weekend_fake(_loopback, saturday, monkeypatch):
-    switch, url = _loopback
-    fake = FakeNylas(api_key=API_KEY, clock=saturday)
-    for grant, email in SENDERS.values():
-        fake.add_grant(grant, email)
-    switch.target = fake
-    monkeypatch.setenv("NYLAS_API_URI", url)
-    monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
-    try:
-        yield fake
-    finally:
-        switch.target = None
+    yield from serve_fake(_loopback, saturday, monkeypatch)
 
 
 def test_no_step_leaves_outside_its_senders_window(weekend_fake, cli, saturday, tmp_path):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from campaign.clock import Clock
-from campaign.unsubscribe import StoreError, SuppressionStore, ThreadReply, open_store
+from campaign.unsubscribe import StoreFollower, SuppressionStore, ThreadReply
 
 __all__ = ["ReplyNotices"]
 
@@ -21,17 +21,19 @@ class ReplyNotices:
     """The `thread.replied` notifications of one campaign in its stores."""
 
     def __init__(self, paths: Sequence[Path], *, campaign: str, clock: Clock) -> None:
-        self._paths = tuple(paths)
-        self._campaign = campaign
-        self._clock = clock
-        self._stores: dict[Path, SuppressionStore] = {}
-        self._last: dict[Path, int] = dict.fromkeys(self._paths, 0)
+        self._stores = StoreFollower(paths, clock=clock)
+        self._prefix = f"{campaign}:"
         self._by_recipient: dict[str, ThreadReply] = {}
         self._by_message: dict[str, ThreadReply] = {}
 
     def reply_to(self, recipient_key: str, message_ids: Sequence[str]) -> ThreadReply | None:
         """The first reply reported from `recipient_key` (by the label) or to one of `message_ids`."""
-        self._refresh()
+        for reply in self._stores.read_new(SuppressionStore.replies_since):
+            self._by_message.setdefault(reply.root_message_id, reply)
+            if reply.label.startswith(self._prefix):
+                # campaign:key:step; a key may hold ':' itself, a step name never does.
+                key = reply.label[len(self._prefix) :].rsplit(":", 1)[0]
+                self._by_recipient.setdefault(key, reply)
         found = self._by_recipient.get(recipient_key)
         if found is not None:
             return found
@@ -39,25 +41,4 @@ class ReplyNotices:
 
     def close(self) -> None:
         """Close the stores opened for reading."""
-        for store in self._stores.values():
-            store.close()
-        self._stores.clear()
-
-    def _refresh(self) -> None:
-        prefix = f"{self._campaign}:"
-        for path in self._paths:
-            store = self._stores.get(path)
-            if store is None:
-                if not path.exists():
-                    continue
-                store = self._stores[path] = open_store(path, clock=self._clock, create=False)
-            try:
-                self._last[path], replies = store.replies_since(self._last[path])
-            except StoreError:
-                continue  # busy: what is known holds; the next check reads again
-            for reply in replies:
-                self._by_message.setdefault(reply.root_message_id, reply)
-                if reply.label.startswith(prefix):
-                    # campaign:key:step; a key may hold ':' itself, the step never does.
-                    key = reply.label[len(prefix) :].rsplit(":", 1)[0]
-                    self._by_recipient.setdefault(key, reply)
+        self._stores.close()

@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from campaign.manifest._settings import FROZEN, HeaderValue, ManifestPath
+from campaign.manifest._settings import FROZEN, HeaderValue, ManifestPath, TimeOfDay, check_one_body
 from campaign.models import FIRST_STEP
-from campaign.sendtime import Delay, parse_delay, parse_deliver_at
+from campaign.sendtime import Delay, parse_delay
 
 __all__ = ["FIRST_STEP", "FollowupSettings"]
 
@@ -53,7 +53,7 @@ class FollowupSettings(BaseModel):
         description="'ignore': an out-of-office or other auto-reply does not stop the sequence; "
         "'stop': it does.",
     )
-    deliver_at: str | None = Field(
+    deliver_at: TimeOfDay | None = Field(
         default=None,
         description="Local time of day to deliver at, e.g. '09:30': in the recipient's zone "
         "(recipients.timezone_column), else the sender's; always inside the sender's window.",
@@ -74,19 +74,9 @@ class FollowupSettings(BaseModel):
         parse_delay(value)
         return value
 
-    @field_validator("deliver_at")
-    @classmethod
-    def _check_deliver_at(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_deliver_at(value)
-        return value
-
     @model_validator(mode="after")
     def _one_body(self) -> FollowupSettings:
-        if self.html is None and self.text is None and self.markdown is None:
-            raise ValueError("give `html`, `markdown` or `text` (a template file)")
-        if self.html is not None and self.markdown is not None:
-            raise ValueError("give `html` or `markdown`, not both (a Markdown body becomes the HTML)")
+        check_one_body(self.html, self.text, self.markdown)
         return self
 
     @property

@@ -14,8 +14,14 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 
 from campaign.headers import header_name_problem
-from campaign.manifest._settings import FROZEN, EmailAddress, HeaderValue, ManifestPath
-from campaign.sendtime import parse_deliver_at
+from campaign.manifest._settings import (
+    FROZEN,
+    EmailAddress,
+    HeaderValue,
+    ManifestPath,
+    TimeOfDay,
+    check_one_body,
+)
 
 __all__ = ["AttachmentSettings", "MessageSettings", "TrackingSettings"]
 
@@ -175,18 +181,11 @@ class MessageSettings(BaseModel):
     attachments: tuple[AttachmentSettings, ...] = Field(
         default=(), description="Files sent with each message, one [[message.attachments]] table each."
     )
-    deliver_at: str | None = Field(
+    deliver_at: TimeOfDay | None = Field(
         default=None,
         description="Local time of day to deliver step 1 at, e.g. '09:30': in the recipient's zone "
         "(recipients.timezone_column), else the sender's; always inside the sender's window.",
     )
-
-    @field_validator("deliver_at")
-    @classmethod
-    def _check_deliver_at(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_deliver_at(value)
-        return value
 
     @field_validator("headers")
     @classmethod
@@ -200,10 +199,7 @@ class MessageSettings(BaseModel):
 
     @model_validator(mode="after")
     def _needs_a_body(self) -> MessageSettings:
-        if self.html is None and self.text is None and self.markdown is None:
-            raise ValueError("give `html`, `markdown` or `text` (a template file)")
-        if self.html is not None and self.markdown is not None:
-            raise ValueError("give `html` or `markdown`, not both (a Markdown body becomes the HTML)")
+        check_one_body(self.html, self.text, self.markdown)
         if self.layout is not None and self.markdown is None:
             raise ValueError("`layout` is the page a `markdown` body goes into; give `markdown` too")
         return self

@@ -30,7 +30,7 @@ from pydantic import (
 
 from campaign.headers import header_value_problem
 from campaign.manifest._presets import PROVIDER_PRESETS
-from campaign.sendtime import SendWindow, load_zone, parse_window
+from campaign.sendtime import SendWindow, load_zone, parse_deliver_at, parse_window
 
 __all__ = [
     "DEFAULT_PER_SECOND",
@@ -44,8 +44,10 @@ __all__ = [
     "ManifestPath",
     "RecipientsSettings",
     "SenderSettings",
+    "TimeOfDay",
     "UnsubscribeSettings",
     "check_env_name",
+    "check_one_body",
 ]
 
 DEFAULT_PER_SECOND = 2.0
@@ -108,6 +110,23 @@ _EnvName = Annotated[str, AfterValidator(check_env_name)]
 EmailAddress = Annotated[str, AfterValidator(_check_address)]
 HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
 ManifestPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+def _check_time_of_day(value: str) -> str:
+    parse_deliver_at(value)
+    return value
+
+
+# A local time of day, "09:30" (`deliver_at`).
+TimeOfDay = Annotated[str, AfterValidator(_check_time_of_day)]
+
+
+def check_one_body(html: Path | None, text: Path | None, markdown: Path | None) -> None:
+    """ValueError unless a message has a body template, and not both HTML and Markdown."""
+    if html is None and text is None and markdown is None:
+        raise ValueError("give `html`, `markdown` or `text` (a template file)")
+    if html is not None and markdown is not None:
+        raise ValueError("give `html` or `markdown`, not both (a Markdown body becomes the HTML)")
 
 
 class CampaignSettings(BaseModel):

@@ -16,12 +16,12 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from campaign.clock import Clock, SystemClock
 from campaign.errors import InputFileError, LedgerError
@@ -35,6 +35,7 @@ __all__ = [
     "Engagement",
     "StoreEntry",
     "StoreError",
+    "StoreFollower",
     "SuppressionStore",
     "ThreadReply",
     "UnsubscribeWatch",
@@ -576,6 +577,43 @@ def describe_entry(entry: StoreEntry) -> str:
     return f"unsubscribed {entry.recorded_at[:10]} ({entry.source}{origin})"
 
 
+_Found = TypeVar("_Found")
+
+
+class StoreFollower:
+    """Stores followed while a run goes on: each opened (for reading) once it exists, and each read
+    from where the last read of it stopped, so that a re-read costs only what was added."""
+
+    def __init__(self, paths: Sequence[Path], *, clock: Clock) -> None:
+        self._paths = tuple(paths)
+        self._clock = clock
+        self._stores: dict[Path, SuppressionStore] = {}
+        self._last: dict[Path, int] = dict.fromkeys(self._paths, 0)
+
+    def read_new(self, read: Callable[[SuppressionStore, int], tuple[int, list[_Found]]]) -> list[_Found]:
+        """What `read(store, last_id)` finds in each store since the last call; a busy store is read
+        next time (what is known still holds)."""
+        found: list[_Found] = []
+        for path in self._paths:
+            store = self._stores.get(path)
+            if store is None:
+                if not path.exists():
+                    continue
+                store = self._stores[path] = open_store(path, clock=self._clock, create=False)
+            try:
+                self._last[path], items = read(store, self._last[path])
+            except StoreError:
+                continue
+            found.extend(items)
+        return found
+
+    def close(self) -> None:
+        """Close the stores opened for reading."""
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+
 class UnsubscribeWatch:
     """Answers "has this recipient unsubscribed?" during a run, re-reading the stores every `refresh_s`.
 
@@ -584,11 +622,9 @@ class UnsubscribeWatch:
     """
 
     def __init__(self, paths: Sequence[Path], *, clock: Clock, refresh_s: float = 1.0) -> None:
-        self._paths = tuple(paths)
         self._clock = clock
         self._refresh_s = refresh_s
-        self._stores: dict[Path, SuppressionStore] = {}
-        self._last_id: dict[Path, int] = dict.fromkeys(self._paths, 0)
+        self._stores = StoreFollower(paths, clock=clock)
         self._known = Unsubscribed()
         self._read_at: float | None = None
 
@@ -601,7 +637,7 @@ class UnsubscribeWatch:
         now = self._clock.monotonic()
         if self._read_at is None or now - self._read_at >= self._refresh_s:
             self._read_at = now
-            self._refresh()
+            self._known.add(self._stores.read_new(SuppressionStore.read_since))
         entry = self._known.match(recipient)
         if entry is None:
             return None
@@ -613,22 +649,7 @@ class UnsubscribeWatch:
 
     def close(self) -> None:
         """Close the stores opened for reading."""
-        for store in self._stores.values():
-            store.close()
-        self._stores.clear()
-
-    def _refresh(self) -> None:
-        for path in self._paths:
-            store = self._stores.get(path)
-            if store is None:
-                if not path.exists():
-                    continue
-                store = self._stores[path] = open_store(path, clock=self._clock, create=False)
-            try:
-                self._last_id[path], entries = store.read_since(self._last_id[path])
-            except StoreError:
-                continue  # busy or briefly unreadable: what is known still holds; the next re-read retries
-            self._known.add(entries)
+        self._stores.close()
 
 
 def _engaged(seen: Engagement, kind: str, at: str, obj: dict[str, Any]) -> Engagement:
