@@ -191,6 +191,7 @@ def print_preview(console: Console, report: PreviewReport, *, site: Path | None 
         f"Estimated time to send everything: [bold]{format_duration(report.duration_s)}[/]"
         + (f" (started now, done about {format_local_time(report.finishes_at)})" if report.to_send else "")
     )
+    _print_preview_windows_and_steps(console, report)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {show(warning, width=_ERROR_WIDTH)}", soft_wrap=True)
     if report.problems:
@@ -208,6 +209,22 @@ def print_preview(console: Console, report: PreviewReport, *, site: Path | None 
         console.print(show(body.rstrip(), width=_BODY_WIDTH, lines=True))
     if site is not None:
         console.print(f"Preview site (open it in a browser): [bold]{escape(str(site))}[/]", soft_wrap=True)
+
+
+def _print_preview_windows_and_steps(console: Console, report: PreviewReport) -> None:
+    for plan in report.senders:
+        if plan.window is None:
+            continue
+        opens = "open now" if plan.window_opens is None else f"opens {format_local_time(plan.window_opens)}"
+        done = "" if plan.finishes_at is None else f"; done by {format_local_time(plan.finishes_at)}"
+        console.print(f"sender {escape(plan.name)}: window {escape(plan.window)}, {opens}{done}")
+    if report.steps:
+        names = ", ".join(escape(step.name) for step in report.steps)
+        console.print(f"Steps: {names} (each follow-up a reply in the thread)")
+        for step in report.steps[1:]:
+            console.print(
+                f"  {escape(step.name)}: {escape(step.after or '')} after the step before; {step.stops}"
+            )
 
 
 def _html_as_text(html: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from campaign.preview._report import PreviewReport
+from campaign.preview._report import PreviewReport, SenderPlan
 
 __all__ = ["build_preview_json"]
 
@@ -50,6 +50,7 @@ def build_preview_json(report: PreviewReport, *, site: Path | None) -> dict[str,
                 "next_24h": plan.next_24h,
                 "duration_s": plan.duration_s,
             }
+            | _window(plan)
             for plan in report.senders
         ],
         "samples": [
@@ -61,6 +62,28 @@ def build_preview_json(report: PreviewReport, *, site: Path | None) -> dict[str,
                 "url": sample.request.url,
                 "payload": sample.payload,
             }
+            | (
+                {
+                    "steps": [
+                        {"step": step.step, "subject": step.message.subject, "after": step.after}
+                        | {"payload": step.payload}
+                        for step in sample.steps
+                    ]
+                }
+                if sample.steps
+                else {}
+            )
             for sample in report.samples
         ],
+    } | ({"steps": [step.name for step in report.steps]} if report.steps else {})
+
+
+def _window(plan: SenderPlan) -> dict[str, Any]:
+    """A sender's window keys, for senders that have a window only (the others' keys stay as they were)."""
+    if plan.window is None:
+        return {}
+    return {
+        "window": plan.window,
+        "window_opens": None if plan.window_opens is None else plan.window_opens.isoformat(),
+        "finishes_at": None if plan.finishes_at is None else plan.finishes_at.isoformat(),
     }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,14 @@ from typing import Any
 from campaign.clock import Clock
 from campaign.errors import DataError
 from campaign.ledger import Ledger
-from campaign.manifest import Manifest, SenderSettings
-from campaign.models import Message, Problem, SkipReason
+from campaign.manifest import FollowupSettings, Manifest, SenderSettings
+from campaign.models import FIRST_STEP, Message, Problem, SkipReason
 from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
 from campaign.pipeline import build_unsubscribe_warnings, check_rows, collecting_less
 from campaign.plan import DAY_S, Job, build_quota_warnings, build_schedule
 from campaign.recipients import BATCH_ROWS, CheckedRow
-from campaign.render import MESSAGE_CHECKS, load_message_attachments
+from campaign.render import MESSAGE_CHECKS, AttachmentLoader, load_message_attachments
+from campaign.sendtime import finish_within, next_open
 
 __all__ = [
     "INDEX_ROWS",
@@ -36,6 +37,7 @@ __all__ = [
     "RowProblem",
     "Sample",
     "SenderPlan",
+    "StepPlan",
     "run_preview",
 ]
 
@@ -80,12 +82,17 @@ class ListedRow:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """A rendered message, its send payload, and the exact request a run would make for it."""
+    """A rendered message, its send payload, and the exact request a run would make for it; step 1's
+    sample holds its recipient's follow-ups (`steps`), each a sample of its own step."""
 
     number: int
     message: Message
     payload: dict[str, Any]
     request: CapturedRequest
+    step: str = FIRST_STEP
+    steps: tuple[Sample, ...] = ()
+    after: str | None = None  # a follow-up's delay after the step before
+    stops: str = ""  # a follow-up's stop rules, as the manifest says them
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,18 @@ class SenderPlan:
     used_24h: int
     next_24h: int
     duration_s: float
+    window: str | None = None  # when it may send (`window`, in its `timezone`); None: any time
+    window_opens: datetime | None = None  # when its window next opens (None: open now, or no window)
+    finishes_at: datetime | None = None  # its messages done, counting only open window time
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One step of a campaign with follow-ups: its name, its delay and its stop rules."""
+
+    name: str
+    after: str | None  # None for step 1
+    stops: str  # e.g. "stops on reply, bounce, unsubscribe; auto-replies: ignore"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +144,7 @@ class PreviewReport:
     listed_all: bool
     started_at: datetime
     skip_invalid: bool
+    steps: tuple[StepPlan, ...] = ()  # with [[followups]]: every step, [message] first
 
     @property
     def duration_s(self) -> float:
@@ -133,8 +153,9 @@ class PreviewReport:
 
     @property
     def finishes_at(self) -> datetime:
-        """When the last message would go out if the run started now."""
-        return self.started_at + timedelta(seconds=self.duration_s)
+        """When the last message would go out if the run started now (windows stretch it)."""
+        plain = self.started_at + timedelta(seconds=self.duration_s)
+        return max((s.finishes_at for s in self.senders if s.finishes_at is not None), default=plain)
 
     @property
     def problem_texts(self) -> tuple[str, ...]:
@@ -157,7 +178,8 @@ class _Tally:
     problems: list[RowProblem] = field(default_factory=list)
     listed: list[ListedRow] = field(default_factory=list)
     unlisted: int = 0
-    samples: list[tuple[Message, SenderSettings]] = field(default_factory=list)
+    # Each sampled recipient's step 1 with its sender, then its follow-ups' messages.
+    samples: list[tuple[Message, SenderSettings, tuple[Message, ...]]] = field(default_factory=list)
     message_warnings: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # label -> n, row, note
 
     def list_row(self, row: ListedRow, *, always: bool = False) -> None:
@@ -198,14 +220,9 @@ def run_preview(
                     _tally_problem(tally, row.checked, manifest, issues, skip_invalid)
                 else:
                     assert row.message is not None  # a job is rendered: a message or an error
-                    _tally_message(tally, row.job, row.message, manifest, row.settled)
+                    _tally_message(tally, row.job, row.message, manifest, row.settled, row.followups)
     loader = composer.attachment_loader  # samples carry their real files (a run reads them at send time)
-    tally.samples[:] = [(load_message_attachments(m, loader), s) for m, s in tally.samples]
-    requests = capture_requests(tally.samples, api_uri=api_uri, clock=clock)
-    samples = tuple(
-        Sample(number, message, build_send_payload(message), request)
-        for number, ((message, _), request) in enumerate(zip(tally.samples, requests, strict=True), start=1)
-    )
+    samples = _samples(manifest, tally.samples, loader, api_uri=api_uri, clock=clock)
     return PreviewReport(
         campaign=manifest.campaign.name,
         manifest=manifest.path,
@@ -215,14 +232,26 @@ def run_preview(
         already_done=dict(tally.done),
         skipped=dict(tally.skipped),
         problems=tuple(tally.problems),
-        senders=_sender_plans(manifest, tally.per_sender, _used_24h(manifest, ledger, clock)),
+        senders=_sender_plans(manifest, tally.per_sender, _used_24h(manifest, ledger, clock), started_at),
         samples=samples,
         warnings=_warnings(manifest, tally.per_sender) + _message_warnings(tally),
         listed=tuple(tally.listed),
         listed_all=tally.unlisted == 0,
         started_at=started_at,
         skip_invalid=skip_invalid,
+        steps=_step_plans(manifest),
     )
+
+
+def _step_plans(manifest: Manifest) -> tuple[StepPlan, ...]:
+    if not manifest.followups:
+        return ()
+    first = StepPlan(FIRST_STEP, None, "")
+    return (first, *(StepPlan(step.name, step.after, _stops(step)) for step in manifest.followups))
+
+
+def _stops(step: FollowupSettings) -> str:
+    return f"stops on {', '.join(step.stop_on)}; auto-replies: {step.auto_replies}"
 
 
 def _tally_unsent(
@@ -254,8 +283,41 @@ def _tally_problem(
     tally.list_row(ListedRow(checked.row, email, name, "", "", state, detail), always=True)
 
 
+def _samples(
+    manifest: Manifest,
+    wanted: Sequence[tuple[Message, SenderSettings, tuple[Message, ...]]],
+    loader: AttachmentLoader | None,
+    *,
+    api_uri: str,
+    clock: Clock,
+) -> tuple[Sample, ...]:
+    """The sampled messages with their payloads and requests, each recipient's follow-ups with it."""
+    flat = [
+        (load_message_attachments(message, loader) if number == 0 else message, sender)
+        for first, sender, followups in wanted
+        for number, message in enumerate((first, *followups))
+    ]
+    requests = iter(capture_requests(flat, api_uri=api_uri, clock=clock))
+    messages = iter(message for message, _ in flat)
+    samples = []
+    for number, (_, _, followups) in enumerate(wanted, start=1):
+        first, request = next(messages), next(requests)  # captured in the order flattened: step 1 first
+        steps = []
+        for step, _ in zip(manifest.followups, followups, strict=True):
+            message = next(messages)
+            sample = Sample(number, message, build_send_payload(message), next(requests), step.name)
+            steps.append(replace(sample, after=step.after, stops=_stops(step)))
+        samples.append(Sample(number, first, build_send_payload(first), request, steps=tuple(steps)))
+    return tuple(samples)
+
+
 def _tally_message(
-    tally: _Tally, job: Job, message: Message, manifest: Manifest, settled: str | None
+    tally: _Tally,
+    job: Job,
+    message: Message,
+    manifest: Manifest,
+    settled: str | None,
+    followups: tuple[Message, ...] = (),
 ) -> None:
     recipient = job.recipient
     notes = []
@@ -275,7 +337,7 @@ def _tally_message(
         tally.per_sender[job.sender] += 1
         state = STATE_SEND
         if len(tally.samples) < tally.samples_wanted:
-            tally.samples.append((message, manifest.sender(job.sender)))
+            tally.samples.append((message, manifest.sender(job.sender), followups))
             number = len(tally.samples)
     name = recipient.address.name or ""
     row = ListedRow(
@@ -314,11 +376,11 @@ def _used_24h(manifest: Manifest, ledger: Ledger | None, clock: Clock) -> dict[s
 
 
 def _sender_plans(
-    manifest: Manifest, per_sender: Mapping[str, int], used_24h: Mapping[str, int]
+    manifest: Manifest, per_sender: Mapping[str, int], used_24h: Mapping[str, int], now: datetime
 ) -> tuple[SenderPlan, ...]:
     schedule = build_schedule(manifest.senders, remaining=per_sender, used_24h=used_24h)
     timing = {plan.name: plan for plan in schedule.senders}
-    return tuple(
+    plans = tuple(
         SenderPlan(
             name=sender.name,
             route=sender.route,
@@ -334,6 +396,23 @@ def _sender_plans(
             duration_s=timing[sender.name].duration_s,
         )
         for sender in manifest.senders
+    )
+    return tuple(_in_window(manifest, plan, now) for plan in plans)
+
+
+def _in_window(manifest: Manifest, plan: SenderPlan, now: datetime) -> SenderPlan:
+    """`plan` with its sender's window: when it opens next, and how it stretches the finish."""
+    sender = manifest.sender(plan.name)
+    window = sender.send_window
+    if window is None:
+        return plan
+    holidays = manifest.campaign.holidays
+    opens = next_open(window, now, holidays=holidays)
+    return replace(
+        plan,
+        window=f"{sender.window} {sender.timezone}",
+        window_opens=opens if opens > now else None,
+        finishes_at=finish_within(window, now, plan.duration_s, holidays=holidays),
     )
 
 

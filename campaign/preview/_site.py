@@ -14,9 +14,11 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from html import escape
 from pathlib import Path
 
+from campaign.models import FIRST_STEP
 from campaign.outputfiles import make_private_dir, write_private_bytes, write_private_text
 from campaign.preview._assets import FILTER_SCRIPT, PAYLOAD_SCRIPT, render_page
 from campaign.preview._report import ListedRow, PreviewReport, RowProblem, Sample
@@ -32,7 +34,8 @@ __all__ = [
 ]
 
 INDEX_FILE = "index.html"
-_OWNED = re.compile(r"^(\d{4,}\.(html|json|multipart)|row-\d+\.html)$")  # what an earlier preview wrote
+# What an earlier preview wrote (a follow-up's request files carry its step: 0001.nudge.json).
+_OWNED = re.compile(r"^(\d{4,}(\.[A-Za-z0-9_-]+)?\.(html|json|multipart)|row-\d+\.html)$")
 
 
 def message_page_name(number: int) -> str:
@@ -42,16 +45,19 @@ def message_page_name(number: int) -> str:
 
 def payload_file_name(sample: Sample) -> str:
     """Where the sample's JSON is (the whole body of a JSON send), relative to the site folder."""
-    return f"messages/{sample.number:04d}.json"
+    return f"messages/{_stem(sample)}.json"
 
 
 def body_file_name(sample: Sample) -> str | None:
     """Where a multipart sample's whole request body is, relative to the site folder (None for JSON)."""
     return (
-        None
-        if sample.request.content_type == "application/json"
-        else f"messages/{sample.number:04d}.multipart"
+        None if sample.request.content_type == "application/json" else f"messages/{_stem(sample)}.multipart"
     )
+
+
+def _stem(sample: Sample) -> str:
+    """0001 for step 1's files, 0001.nudge for a follow-up's."""
+    return f"{sample.number:04d}" if sample.step == FIRST_STEP else f"{sample.number:04d}.{sample.step}"
 
 
 def problem_page_name(row: int) -> str:
@@ -69,9 +75,10 @@ def write_site(report: PreviewReport, directory: Path) -> Path:
             if stale.is_file() and _OWNED.match(stale.name):
                 stale.unlink()
     for sample in report.samples:
-        write_private_bytes(directory / payload_file_name(sample), sample.request.json_body)
-        if (body_name := body_file_name(sample)) is not None:
-            write_private_bytes(directory / body_name, sample.request.body)
+        for step in (sample, *sample.steps):
+            write_private_bytes(directory / payload_file_name(step), step.request.json_body)
+            if (body_name := body_file_name(step)) is not None:
+                write_private_bytes(directory / body_name, step.request.body)
         write_private_text(directory / message_page_name(sample.number), _message_page(report, sample))
     for problem in report.problems:
         write_private_text(directory / problem_page_name(problem.row), _problem_page(report, problem))
@@ -126,6 +133,8 @@ def _index_page(report: PreviewReport) -> str:
         f"<p>Estimated time to send everything: <strong>{_e(format_duration(report.duration_s))}</strong>"
         f" (if started at {_e(f'{started:%Y-%m-%d %H:%M}')}, done about "
         f"{_e(f'{report.finishes_at.astimezone():%Y-%m-%d %H:%M %Z}')}).</p>",
+        *_windows(report),
+        *_steps(report),
         "<h2>Warnings</h2>",
         _warnings_list(report.warnings),
     ]
@@ -180,6 +189,42 @@ def _senders_table(report: PreviewReport) -> str:
         )
     headings = ("sender", "mailbox", "provider", "messages", "pace", "burst", "per day", "in flight")
     return _table((*headings, "used, last 24 h", "next 24 h", "takes"), rows)
+
+
+def _windows(report: PreviewReport) -> list[str]:
+    rows = [
+        [
+            _e(plan.name),
+            _e(plan.window),
+            "open now"
+            if plan.window_opens is None
+            else _e(f"{plan.window_opens.astimezone():%Y-%m-%d %H:%M %Z}"),
+            "-" if plan.finishes_at is None else _e(f"{plan.finishes_at.astimezone():%Y-%m-%d %H:%M %Z}"),
+        ]
+        for plan in report.senders
+        if plan.window is not None
+    ]
+    if not rows:
+        return []
+    return ["<h3>Send windows</h3>", _table(("sender", "window", "next opens", "its messages done by"), rows)]
+
+
+def _local(moment: datetime) -> str:
+    return _e(f"{moment.astimezone():%Y-%m-%d %H:%M %Z}")
+
+
+def _steps(report: PreviewReport) -> list[str]:
+    if not report.steps:
+        return []
+    rows = [
+        [str(number), _e(step.name), _e(step.after or "-"), _e(step.stops or "-")]
+        for number, step in enumerate(report.steps, start=1)
+    ]
+    note = (
+        "<p>Each follow-up goes to a recipient after the step before was sent to them, as a reply in "
+        "its thread, through the same mailbox; every sample's page has a tab per step.</p>"
+    )
+    return ["<h2>Steps</h2>", _table(("#", "step", "after", "stops"), rows), note]
 
 
 def _warnings_list(warnings: Sequence[str]) -> str:
@@ -241,6 +286,45 @@ def _listed_row(row: ListedRow) -> str:
 
 
 def _message_page(report: PreviewReport, sample: Sample) -> str:
+    to = sample.message.to[0]
+    parts = [
+        f'<nav><a href="../{INDEX_FILE}">&larr; the whole campaign</a></nav>',
+        f"<h1>Message {sample.number}: to {_e(to.email)}</h1>",
+    ]
+    if sample.steps:
+        parts.append(_step_tabs(report, (sample, *sample.steps)))
+    else:
+        parts.append(_step_panel(report, sample))
+    title = f"Message {sample.number}: {sample.message.subject}"
+    return render_page(title, "\n".join(parts), scripts=(PAYLOAD_SCRIPT,))
+
+
+def _step_tabs(report: PreviewReport, steps: Sequence[Sample]) -> str:
+    """One tab per step: radio buttons and labels, the checked one's panel shown (CSS only, no script)."""
+    # Step names are the manifest's ([A-Za-z0-9_-]), never list data; escaped all the same.
+    shown = ", ".join(f"#step-{n}:checked ~ #panel-{n}" for n in range(len(steps)))
+    style = (
+        "<style>.steps > input { position: absolute; opacity: 0; } "
+        ".steps > label { display: inline-block; padding: .3em .8em; border: 1px solid #999; "
+        "border-bottom: none; cursor: pointer; margin-right: .2em; } "
+        ".steps > input:checked + label { background: #eee; font-weight: bold; } "
+        ".steps > section.step { display: none; border-top: 1px solid #999; } "
+        f"{shown} {{ display: block; }}</style>"
+    )
+    tabs = "".join(
+        f'<input type="radio" name="step" id="step-{n}"{" checked" if n == 0 else ""}>'
+        f'<label for="step-{n}">{n + 1}. {_e(step.step)}</label>'
+        for n, step in enumerate(steps)
+    )
+    panels = "".join(
+        f'<section class="step" id="panel-{n}">{_step_panel(report, step)}</section>'
+        for n, step in enumerate(steps)
+    )
+    return f'{style}<div class="steps">{tabs}{panels}</div>'
+
+
+def _step_panel(report: PreviewReport, sample: Sample) -> str:
+    """Everything about one step's message: headers, bodies, attachments, the request."""
     message = sample.message
     to = message.to[0]
     plan = next((plan for plan in report.senders if plan.name == message.sender), None)
@@ -269,9 +353,17 @@ def _message_page(report: PreviewReport, sample: Sample) -> str:
             ("tracking", _e(f"opens={tracking.opens}, links={tracking.links}, label={tracking.label}"))
         )
     sender += [(f"metadata {key}", _e(value)) for key, value in message.metadata]
-    parts = [
-        f'<nav><a href="../{INDEX_FILE}">&larr; the whole campaign</a></nav>',
-        f"<h1>Message {sample.number}: to {_e(to.email)}</h1>",
+    parts = []
+    if sample.step != FIRST_STEP:
+        parts.append(
+            f'<p class="note">Sent {_e(sample.after)} after the step before, to this recipient, as a reply '
+            f"in its thread through the same mailbox; {_e(sample.stops)}. Its "
+            "<code>reply_to_message_id</code> and <code>previous.sent_at</code> are stand-ins here: the "
+            "run uses the step before's, once it is sent.</p>"
+        )
+    if message.reply_to_message_id is not None:
+        sender.append(("reply_to_message_id", _e(message.reply_to_message_id)))
+    parts += [
         "<h2>Headers</h2>",
         _key_values(headers),
         _key_values(sender),
@@ -284,8 +376,7 @@ def _message_page(report: PreviewReport, sample: Sample) -> str:
         "<h2>The request a run would send</h2>",
         _request(sample),
     ]
-    title = f"Message {sample.number}: {message.subject}"
-    return render_page(title, "\n".join(parts), scripts=(PAYLOAD_SCRIPT,))
+    return "\n".join(parts)
 
 
 def _html_body(sample: Sample) -> str:
@@ -350,8 +441,17 @@ def _request(sample: Sample) -> str:
         + _key_values(headers)
         + f"<p>Body: {len(request.body):,} bytes: {where}. "
         + "The Idempotency-Key is chosen per send and kept in the ledger.</p>"
-        + '<p><button id="pretty-toggle" type="button">Pretty-print</button></p>'
-        + f'<pre id="payload">{_e(request.json_body.decode("utf-8"))}</pre>'
+        + _payload(sample)
+    )
+
+
+def _payload(sample: Sample) -> str:
+    body = _e(sample.request.json_body.decode("utf-8"))
+    if sample.step != FIRST_STEP:  # the page's pretty-print button serves step 1's request
+        return f'<pre class="payload">{body}</pre>'
+    return (
+        '<p><button id="pretty-toggle" type="button">Pretty-print</button></p>'
+        + f'<pre id="payload">{body}</pre>'
         + '<pre id="payload-pretty" hidden></pre>'
     )
 

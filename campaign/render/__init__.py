@@ -8,7 +8,7 @@ the per-message warnings a preview shows. Nothing here sends or writes the ledge
 
 from __future__ import annotations
 
-from campaign.render._attachments import check_message_attachments, load_message_attachments
+from campaign.render._attachments import AttachmentLoader, check_message_attachments, load_message_attachments
 from campaign.render._checks import MESSAGE_CHECKS
 from campaign.render._compose import BUILTIN_TEMPLATES, Composer, build_composer
 from campaign.render._markup import build_text_from_html
@@ -17,6 +17,7 @@ from campaign.render._templating import read_template_file, walk_template_tree
 __all__ = [
     "BUILTIN_TEMPLATES",
     "MESSAGE_CHECKS",
+    "AttachmentLoader",
     "Composer",
     "build_composer",
     "build_text_from_html",
