@@ -52,11 +52,14 @@ from campaign.nylas import SendClient
 from campaign.pipeline import (
     ContentCheck,
     Preflight,
+    Reuse,
+    cells_digest,
     check_content,
     check_job,
     load_content_fingerprint,
     load_open_jobs,
     load_plan_stamp,
+    load_rules_stamp,
     record_content,
     render_job,
     run_preflight,
@@ -152,6 +155,7 @@ class _Checked:
     preflight: Preflight | None
     plan: RunPlan
     stamp: str
+    rules: str  # the stamp of all but the list's rows (`pipeline.load_rules_stamp`)
     content: ContentCheck
 
 
@@ -206,9 +210,10 @@ def _check(
         ledger, fingerprint, allow_changed=options.allow_changed_content, manifest=manifest
     )
     stamp = load_plan_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
+    rules = load_rules_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
     with hooks.checking() as on_rows:
         composer, preflight, to_send, skipped = _check_rows(
-            manifest, ledger, stamp, secrets, options.skip_invalid, on_rows
+            manifest, ledger, (stamp, rules), secrets, options.skip_invalid, on_rows
         )
     plan = RunPlan(
         source=manifest.recipients.source,
@@ -217,19 +222,21 @@ def _check(
         unchanged=preflight is None,
         senders=len(manifest.senders),
     )
-    return _Checked(composer, preflight, plan, stamp, content)
+    return _Checked(composer, preflight, plan, stamp, rules, content)
 
 
 def _check_rows(
     manifest: Manifest,
     ledger: Ledger | None,
-    stamp: str,
+    stamps: tuple[str, str],
     secrets: Sequence[bytes] | None,
     skip_invalid: bool,
     on_rows: Callable[[int, int], None],
 ) -> tuple[Composer, Preflight | None, int, Mapping[str, int]]:
-    """With a million rows, checking them all takes minutes; a resume of an unchanged campaign reads
-    only its open rows."""
+    """With a million rows, checking them all takes minutes: a resume of an unchanged campaign reads
+    only its open rows; a run whose rules are unchanged renders only the rows added or changed (and
+    never the ones sent already)."""
+    stamp, rules = stamps
     if ledger is not None and ledger.plan_stamp() == stamp:
         composer = build_composer(manifest, secrets=secrets)
         if _files_still_there(manifest, composer, ledger):
@@ -237,11 +244,26 @@ def _check_rows(
             skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
             return composer, None, counts[RowState.PENDING] + counts[RowState.INFLIGHT], skipped
     preflight = run_preflight(
-        manifest, secrets=secrets, skip_invalid=skip_invalid, ledger=ledger, on_rows=on_rows
+        manifest,
+        secrets=secrets,
+        skip_invalid=skip_invalid,
+        ledger=ledger,
+        on_rows=on_rows,
+        reuse=_reuse(manifest, ledger, rules),
     )
     preflight.raise_for_problems()
     skipped = Counter(skip.reason.value for skip in preflight.skips)
     return preflight.composer, preflight, preflight.to_send, skipped
+
+
+def _reuse(manifest: Manifest, ledger: Ledger | None, rules: str) -> Reuse:
+    """Which rows need no render: sent ones always; unchanged pending ones under the same rules, unless
+    attachments (whose files the rules do not cover) could have changed under them."""
+    if ledger is None:
+        return Reuse.NONE
+    if ledger.rules_stamp() == rules and not manifest.message.attachments:
+        return Reuse.UNCHANGED_ROWS
+    return Reuse.SENT_ROWS
 
 
 def _files_still_there(manifest: Manifest, composer: Composer, ledger: Ledger) -> bool:
@@ -265,7 +287,7 @@ def _record_and_send(
     hooks: RunHooks,
     path: str,
 ) -> RunOutcome:
-    sync = _record_plan(manifest, ledger, checked.preflight, checked.stamp, now=clock.now())
+    sync = _record_plan(manifest, ledger, checked, now=clock.now())
     record_content(ledger, checked.content)
     record_key_scheme(ledger, manifest)
     ledger.record_moved_mailboxes({sender.mailbox: sender.name for sender in manifest.senders})
@@ -292,11 +314,11 @@ def _record_and_send(
     )
 
 
-def _record_plan(
-    manifest: Manifest, ledger: Ledger, preflight: Preflight | None, stamp: str, *, now: datetime
-) -> SyncReport:
-    """Record a freshly checked plan with its stamp (so that an unchanged resume need not check again);
-    a new row is due at once, or at [message]'s `deliver_at` in its recipient's zone."""
+def _record_plan(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: datetime) -> SyncReport:
+    """Record a freshly checked plan with its stamps and each row's cells (so that an unchanged resume
+    need not check again, and a changed list only its new and changed rows); a new row is due at once,
+    or at [message]'s `deliver_at` in its recipient's zone."""
+    preflight = checked.preflight
     if preflight is None:
         return SyncReport(added=0, skipped_added=0, existing=0, missing=0)
     planned = [
@@ -306,10 +328,11 @@ def _record_plan(
             job.recipient.address.email,
             job.sender,
             due_at=first_due_time(manifest, job, now),
+            cells=cells_digest(job.recipient),
         )
         for job in preflight.jobs
     ]
-    return ledger.record_plan(planned, preflight.skips, stamp=stamp)
+    return ledger.record_plan(planned, preflight.skips, stamp=checked.stamp, rules=checked.rules)
 
 
 def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: datetime) -> list[Job]:

@@ -23,6 +23,7 @@ from campaign.ledger._read import (
     KEY_SCHEME,
     PARKED_PREFIX,
     PLAN_STAMP,
+    RULES_STAMP,
     JournalEntry,
     LedgerRow,
     PlannedRow,
@@ -163,14 +164,20 @@ class SqliteLedger(LedgerWriter):
     # --- the list -----------------------------------------------------------
 
     def record_plan(
-        self, planned: Sequence[PlannedRow], skips: Sequence[Skip], *, stamp: str | None = None
+        self,
+        planned: Sequence[PlannedRow],
+        skips: Sequence[Skip],
+        *,
+        stamp: str | None = None,
+        rules: str | None = None,
     ) -> SyncReport:
         """Bring the ledger in line with the list: new rows pending, new skips skipped, the rest kept.
 
         A pending row that the list now skips becomes skipped; a row skipped as
         invalid that now validates becomes pending. Rows no longer in the list
-        are left as they are and marked as not listed. `stamp`, the plan's stamp, is
-        recorded in the same transaction: a stamp never describes rows recorded for another list.
+        are left as they are and marked as not listed. `stamp`, the plan's stamp, and `rules`, the
+        stamp of all but the list's rows, are recorded in the same transaction: a stamp never
+        describes rows recorded for another list.
         """
         now = self._stamp()
         planned_keys = {p.key for p in planned}
@@ -190,9 +197,9 @@ class SqliteLedger(LedgerWriter):
             }
             new = [p for p in planned if p.key not in known]
             db.executemany(
-                "INSERT INTO recipients (key, row, email, sender, state, due_at, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-                [(p.key, p.row, p.email, p.sender, _due(p.due_at), now, now) for p in new],
+                "INSERT INTO recipients (key, row, email, sender, state, due_at, cells, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                [(p.key, p.row, p.email, p.sender, _due(p.due_at), p.cells, now, now) for p in new],
             )
             new_skips = [s for s in only_skips.values() if s.key not in known]
             db.executemany(
@@ -228,11 +235,16 @@ class SqliteLedger(LedgerWriter):
                     "UPDATE recipients SET reason = NULL, sender = ?, email = ? WHERE key = ?",
                     (plan.sender, plan.email, plan.key),
                 )
-            db.executemany("UPDATE recipients SET row = ? WHERE key = ?", [(p.row, p.key) for p in planned])
+            db.executemany(
+                "UPDATE recipients SET row = ?, cells = ? WHERE key = ?",
+                [(p.row, p.cells, p.key) for p in planned],
+            )
             db.execute("UPDATE recipients SET listed = 0 WHERE step = 'message'")
             db.executemany("UPDATE recipients SET listed = 1 WHERE key = ?", [(key,) for key in wanted])
             if stamp is not None:
                 self._set_meta(PLAN_STAMP, stamp)
+            if rules is not None:
+                self._set_meta(RULES_STAMP, rules)
         missing: dict[RowState, int] = {}
         for key, (state, _) in known.items():
             if key not in wanted:

@@ -113,6 +113,7 @@ _LATEST_ERRORS = """
 
 # The ledger's meta keys; only this package names them.
 PLAN_STAMP = "plan_stamp"
+RULES_STAMP = "rules_stamp"
 CONTENT_FINGERPRINT = "content_fingerprint"
 KEY_SCHEME = "key_scheme"
 PARKED_PREFIX = "parked_until:"
@@ -133,6 +134,7 @@ class PlannedRow:
     sender: str
     inflight: bool = False
     due_at: datetime | None = None  # not to be sent before (step 1's `deliver_at`); None: at once
+    cells: str | None = None  # a digest of the list row as it was checked
 
 
 class LedgerReader:
@@ -152,6 +154,15 @@ class LedgerReader:
     def plan_stamp(self) -> str | None:
         """The stamp of the last plan recorded (`pipeline.load_plan_stamp`), or None."""
         return self._meta(PLAN_STAMP)
+
+    def rules_stamp(self) -> str | None:
+        """The stamp of what decided the last plan besides the list's rows (`pipeline.load_rules_stamp`)."""
+        return self._meta(RULES_STAMP)
+
+    def key_cells(self, keys: Iterable[str]) -> dict[str, str]:
+        """Key -> the digest of its list row as last checked, for the rows of `keys` that have one."""
+        rows = self._read(f"SELECT r.key, r.cells FROM {_BY_KEYS} WHERE r.cells IS NOT NULL", (_keys(keys),))
+        return {str(key): str(cells) for key, cells in rows}
 
     def content_fingerprint(self, step: str = FIRST_STEP) -> str | None:
         """The content fingerprint of `step` recorded so far (`pipeline.load_content_fingerprint`)."""

@@ -111,9 +111,10 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         "ALTER TABLE recipients ADD COLUMN thread_id TEXT",
     ),
     (
-        "follow-up steps: one row per (recipient, step), due times, auto-replies seen",
+        "follow-up steps: one row per (recipient, step), due times, auto-replies seen; cells checked",
         # Step 1 rows keep their key (the recipient's); a follow-up's row names its recipient and the
         # row of the step it answers. `due_at` (ISO UTC, NULL: at once) is when it may be claimed.
+        # `cells` is a digest of the list row as it was checked: an unchanged row need not be again.
         # The index holds only rows with a due time: a row sent at once costs no index upkeep on each
         # change of state (the send path's ledger writes are its bottleneck).
         """
@@ -122,6 +123,7 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE recipients ADD COLUMN previous TEXT;
         ALTER TABLE recipients ADD COLUMN due_at TEXT;
         ALTER TABLE recipients ADD COLUMN auto_reply TEXT;
+        ALTER TABLE recipients ADD COLUMN cells TEXT;
         CREATE INDEX recipients_due ON recipients (due_at) WHERE due_at IS NOT NULL
         """,
     ),

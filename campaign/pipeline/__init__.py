@@ -12,15 +12,25 @@ from __future__ import annotations
 from campaign.pipeline._compliance import build_unsubscribe_warnings
 from campaign.pipeline._content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.pipeline._preflight import Preflight, raise_for_problems, render_job, run_preflight
-from campaign.pipeline._resume import load_open_jobs, load_plan_stamp
-from campaign.pipeline._rows import RowCheck, RowPipeline, check_job, check_rows, collecting_less
+from campaign.pipeline._resume import load_open_jobs, load_plan_stamp, load_rules_stamp
+from campaign.pipeline._rows import (
+    Reuse,
+    RowCheck,
+    RowPipeline,
+    cells_digest,
+    check_job,
+    check_rows,
+    collecting_less,
+)
 
 __all__ = [
     "ContentCheck",
     "Preflight",
+    "Reuse",
     "RowCheck",
     "RowPipeline",
     "build_unsubscribe_warnings",
+    "cells_digest",
     "check_content",
     "check_job",
     "check_rows",
@@ -28,6 +38,7 @@ __all__ = [
     "load_content_fingerprint",
     "load_open_jobs",
     "load_plan_stamp",
+    "load_rules_stamp",
     "raise_for_problems",
     "record_content",
     "render_job",

@@ -14,7 +14,7 @@ from campaign.errors import DataError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
-from campaign.pipeline._rows import RowCheck, check_rows, collecting_less
+from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less
 from campaign.plan import Job
 from campaign.render import Composer, load_message_attachments
 
@@ -69,17 +69,19 @@ def run_preflight(
     skip_invalid: bool,
     ledger: Ledger | None = None,
     on_rows: Callable[[int, int], None] | None = None,
+    reuse: Reuse = Reuse.NONE,
 ) -> Preflight:
     """Every row through the pipeline (`check_rows`), kept as the jobs to send, the skips and the problems.
 
     `ledger` (the campaign's, when it ran before) keeps each row's sender and says which rows a run
     sends (`to_send`). `on_rows(done, total)` hears of each batch checked (for a progress display).
+    `reuse` says which rows need not be rendered again (`Reuse`): they count as checked.
 
     File-level problems (a missing file, a bad header, a template that does not
     compile) raise at once; row-level problems are collected. With `skip_invalid`,
     bad rows become skips and the problems list is empty.
     """
-    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger)
+    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger, reuse=reuse)
     source = manifest.recipients.source.name
     jobs: list[Job] = []
     skips: list[Skip] = []
@@ -92,7 +94,7 @@ def run_preflight(
                 done += len(batch)
                 on_rows(done, total)
             for checked in batch:
-                if checked.job is not None and checked.message is not None:
+                if checked.job is not None and (checked.message is not None or checked.reused):
                     jobs.append(checked.job)
                     to_send += checked.settled is None
                 elif checked.checked.skip is not None:

@@ -23,27 +23,39 @@ from campaign.manifest import STORE_SUFFIXES, Manifest
 from campaign.plan import Job
 from campaign.recipients import scan_audience
 
-__all__ = ["load_open_jobs", "load_plan_stamp"]
+__all__ = ["load_open_jobs", "load_plan_stamp", "load_rules_stamp"]
 
 # Bump when preflight's rules change, so that a stamp recorded under the old rules no longer matches.
-_RULES = 1
+_RULES = 2
 
 
-def load_plan_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> str:
-    """SHA-256 over every input that decides the plan and its preflight (reads the list files).
+def load_rules_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> str:
+    """SHA-256 over every input that decides how a row is checked, but the list's rows themselves:
+    the manifest, the content, the suppression files, --skip-invalid, this version (reads files).
 
-    `content` is the run's content fingerprint (`campaign.pipeline.load_content_fingerprint`).
+    Under the same rules stamp, a row whose cells did not change passes as it passed before (its
+    digest is in the ledger: `cells_digest`), so a run re-checks only rows added or changed.
+    `content` is the run's content fingerprint (`campaign.pipeline.ContentCheck.combined`).
     """
     digest = hashlib.sha256()
     settings = manifest.model_dump(mode="json")
     header = [_RULES, __version__, skip_invalid, content, settings]
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    lists = [manifest.recipients.source]
     # Unsubscribe stores change while a campaign runs; each send checks them: they are not part of the plan.
-    lists += [path for path in manifest.recipients.suppress if path.suffix.lower() not in STORE_SUFFIXES]
+    lists = [path for path in manifest.recipients.suppress if path.suffix.lower() not in STORE_SUFFIXES]
     for path in lists:
         digest.update(f"\0{path}\0".encode())
         digest.update(_file_digest(path))
+    return digest.hexdigest()
+
+
+def load_plan_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> str:
+    """SHA-256 over every input that decides the plan and its preflight: the rules stamp and the list
+    file (reads the files)."""
+    digest = hashlib.sha256(load_rules_stamp(manifest, content=content, skip_invalid=skip_invalid).encode())
+    source = manifest.recipients.source
+    digest.update(f"\0{source}\0".encode())
+    digest.update(_file_digest(source))
     return digest.hexdigest()
 
 

@@ -10,17 +10,19 @@ Python objects; what a consumer keeps is its own choice. Sends nothing, writes n
 from __future__ import annotations
 
 import gc
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 
 from campaign.clock import SystemClock
 from campaign.errors import DataError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
-from campaign.models import Message, PreviousStep, RowState
+from campaign.models import Message, PreviousStep, Recipient, RowState
 from campaign.pipeline._compliance import check_body_link
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
@@ -36,8 +38,10 @@ __all__ = [
     "SETTLED_STATES",
     "STAND_IN_ID",
     "STAND_IN_SENT_AT",
+    "Reuse",
     "RowCheck",
     "RowPipeline",
+    "cells_digest",
     "check_job",
     "check_rows",
     "collecting_less",
@@ -67,11 +71,21 @@ class RowCheck:
     error: DataError | None = None
     settled: str | None = None  # the ledger's state for a row a run will not send again (e.g. "sent")
     followups: tuple[Message, ...] = ()  # the [[followups]] steps' messages, as checked (in step order)
+    reused: bool = False  # not rendered again: sent already, or unchanged since a run checked it
 
     @property
     def row(self) -> int:
         """The row's number in the list (1: the first data row)."""
         return self.checked.row
+
+
+class Reuse(Enum):
+    """Which rows the pipeline may pass on without rendering them again (a run's choice, never a
+    preview's: the preview shows every message)."""
+
+    NONE = "none"
+    SENT_ROWS = "sent"  # rows the ledger holds as sent: no run sends them again
+    UNCHANGED_ROWS = "unchanged"  # those, and pending rows with the cells they were checked with
 
 
 class RowPipeline:
@@ -84,12 +98,14 @@ class RowPipeline:
         composer: Composer,
         stores: Sequence[Path],
         ledger: Ledger | None,
+        reuse: Reuse = Reuse.NONE,
     ) -> None:
         self.manifest = manifest
         self.scan = scan
         self.composer = composer
         self._stores = tuple(stores)
         self._ledger = ledger
+        self._reuse = reuse
         load = None if ledger is None else ledger.assigned_counts()
         self._assigner = SenderAssigner(manifest.senders, load=load)
 
@@ -106,9 +122,36 @@ class RowPipeline:
             yield [self._assign(checked, unsubscribed, kept, settled) for checked in batch]
 
     def batches(self, size: int = BATCH_ROWS) -> Iterator[list[RowCheck]]:
-        """Every row through every stage, `size` rows of the file at a time."""
+        """Every row through every stage, `size` rows of the file at a time; with `reuse`, the rows a
+        run need not check again are passed on unrendered (`RowCheck.reused`)."""
         for batch in self.assigned(size):
-            yield [self._render(row, row.job) if row.job is not None else row for row in batch]
+            unchanged = self._unchanged(batch)
+            yield [
+                row
+                if row.job is None
+                else replace(row, reused=True)
+                if row.row in unchanged
+                else self._render(row, row.job)
+                for row in batch
+            ]
+
+    def _unchanged(self, batch: Sequence[RowCheck]) -> set[int]:
+        """The rows of `batch` a run need not render: sent already (a run never sends them again), or
+        (same rules) pending with the cells they were checked with."""
+        if self._reuse is Reuse.NONE or self._ledger is None:
+            return set()
+        jobs = [row for row in batch if row.job is not None]
+        found = {row.row for row in jobs if row.settled == RowState.SENT.value}
+        if self._reuse is Reuse.UNCHANGED_ROWS:
+            recorded = self._ledger.key_cells([row.job.recipient.key for row in jobs if row.job is not None])
+            found |= {
+                row.row
+                for row in jobs
+                if row.job is not None
+                and row.settled is None
+                and recorded.get(row.job.recipient.key) == cells_digest(row.job.recipient)
+            }
+        return found
 
     def render(self, row: RowCheck, *, sender: SenderSettings | None = None) -> RowCheck:
         """`row` rendered and checked (by `sender` instead of its assigned one, if given)."""
@@ -145,8 +188,18 @@ class RowPipeline:
         return self._ledger.assigned_senders(keys), self._ledger.key_states(SETTLED_STATES, keys)
 
 
+def cells_digest(recipient: Recipient) -> str:
+    """A digest of a recipient's list row (every cell, in column order), as the ledger keeps it."""
+    text = "\x1f".join(f"{name}\x1e{value!r}" for name, value in recipient.fields.items())
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
 def check_rows(
-    manifest: Manifest, *, secrets: Sequence[bytes] | None, ledger: Ledger | None = None
+    manifest: Manifest,
+    *,
+    secrets: Sequence[bytes] | None,
+    ledger: Ledger | None = None,
+    reuse: Reuse = Reuse.NONE,
 ) -> RowPipeline:
     """Open the pipeline: the list and its header checked, the templates compiled, the opt-outs read.
 
@@ -160,7 +213,7 @@ def check_rows(
         if path.exists():
             open_store(path, clock=SystemClock(), create=False).close()
     composer = build_composer(manifest, secrets=secrets)
-    return RowPipeline(manifest, scan, composer, stores, ledger)
+    return RowPipeline(manifest, scan, composer, stores, ledger, reuse)
 
 
 def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:
