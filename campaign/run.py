@@ -417,10 +417,10 @@ class _Rounds:
         a failed pull leaves it to the reply lookups, and the next round pulls again."""
         manifest, now = self._manifest, self._clock.now()
         store_path = events_store_path(manifest)
-        first = self._ledger.first_claim()
-        if store_path is None or first is None or not isinstance(client, InboxReader):
+        if not manifest.followups or store_path is None or not isinstance(client, InboxReader):
             return False
-        if not self._ledger.due_steps(now):
+        first = self._ledger.first_claim()
+        if first is None or not self._ledger.due_steps(now):
             return False
         grants = [sender.grant_id for sender in manifest.senders if sender.grant_id is not None]
         store = open_store(store_path, clock=self._clock)
