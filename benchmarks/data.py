@@ -11,6 +11,7 @@ sending 900,000 messages to build it would take longer than the benchmark.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import sqlite3
 from collections.abc import Sequence
@@ -178,22 +179,29 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     from campaign.clock import SystemClock
     from campaign.ledger import open_ledger
     from campaign.manifest import load_manifest
-    from campaign.pipeline import load_content_fingerprint, load_plan_stamp
+    from campaign.pipeline import cells_digest, load_content_fingerprint, load_plan_stamp, load_rules_stamp
 
     manifest = load_manifest(manifest_path)
     campaign = manifest.campaign.name
     ledger = open_ledger(ledger_path, clock=SystemClock(), campaign=campaign)
     content = load_content_fingerprint(manifest)
     ledger.record_content_fingerprint(content)
-    ledger.record_plan([], [], stamp=load_plan_stamp(manifest, content=content, skip_invalid=False))
+    stamp = load_plan_stamp(manifest, content=content, skip_invalid=False)
+    rules = load_rules_stamp(manifest, content=content, skip_invalid=False)
+    ledger.record_plan([], [], stamp=stamp, rules=rules)
     ledger.close()
+    # Each row's cells as a run records them, so that a changed list re-checks only what changed.
+    with manifest.recipients.source.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        cells = [cells_digest(dict(zip(header, line, strict=True))) for line in reader]
     names = [sender.name for sender in manifest.senders]
     db = sqlite3.connect(ledger_path, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=OFF")  # a scratch file: rebuilt if the machine dies
         db.execute("BEGIN")
-        _insert_rows(db, campaign, names, rows=rows, sent=sent)
+        _insert_rows(db, campaign, names, cells, rows=rows, sent=sent)
         db.execute("COMMIT")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
@@ -201,16 +209,23 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
 
 
 def _insert_rows(
-    db: sqlite3.Connection, campaign: str, names: Sequence[str], *, rows: int, sent: int
+    db: sqlite3.Connection,
+    campaign: str,
+    names: Sequence[str],
+    cells: Sequence[str],
+    *,
+    rows: int,
+    sent: int,
 ) -> None:
     now = datetime.now(UTC)
     started = now - timedelta(hours=2)
     step = timedelta(hours=1) / max(1, sent)  # the sent rows went out over an hour, two hours ago
     columns = (
         "key, row, email, sender, state, attempts, attempt_no, idempotency_key, claimed_at, message_id, "
-        "request_id, created_at, updated_at, sent_at, key_issued_at, key_uses, first_claimed_at, subject"
+        "request_id, created_at, updated_at, sent_at, key_issued_at, key_uses, first_claimed_at, subject, "
+        "cells"
     )
-    insert = f"INSERT INTO recipients ({columns}) VALUES ({', '.join('?' * 18)})"
+    insert = f"INSERT INTO recipients ({columns}) VALUES ({', '.join('?' * 19)})"
     log = "INSERT INTO send_log (sender, sent_at, recipients) VALUES (?, ?, 1)"
     created = started.isoformat(timespec="milliseconds")
     batch: list[tuple[object, ...]] = []
@@ -225,12 +240,13 @@ def _insert_rows(
             values: tuple[object, ...] = (
                 email, n, email, sender, "sent", 1, 0, f"{campaign}-{digest}-0", stamp,
                 f"msg-{n:08d}", f"req-{n:08d}", created, stamp, stamp, stamp, 0, stamp, "Spring",
+                cells[n - 1],
             )  # fmt: skip
             logs.append((sender, at.timestamp()))
         else:
             values = (
                 email, n, email, sender, "pending", 0, 0, None, None,
-                None, None, created, created, None, None, 0, None, None,
+                None, None, created, created, None, None, 0, None, None, cells[n - 1],
             )  # fmt: skip
         batch.append(values)
         if len(batch) == 50_000:

@@ -53,7 +53,6 @@ from campaign.pipeline import (
     ContentCheck,
     Preflight,
     Reuse,
-    cells_digest,
     check_content,
     check_job,
     load_content_fingerprint,
@@ -328,9 +327,9 @@ def _record_plan(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: 
             job.recipient.address.email,
             job.sender,
             due_at=first_due_time(manifest, job, now),
-            cells=cells_digest(job.recipient),
+            cells=cells,
         )
-        for job in preflight.jobs
+        for job, cells in zip(preflight.jobs, preflight.cells, strict=True)
     ]
     return ledger.record_plan(planned, preflight.skips, stamp=checked.stamp, rules=checked.rules)
 

@@ -231,13 +231,14 @@ def test_a_grant_id_changed_after_a_kill_never_resends_a_row_in_flight_through_t
 
 
 def test_sigkill_during_follow_ups_then_resume_mails_each_step_exactly_once(tmp_path):
-    """A two-step campaign (the follow-up a second after step 1, sent with --wait) killed with SIGKILL
-    at random moments while the follow-ups go out, faults on; resumed each time: each (recipient,
-    step) is delivered once, and every follow-up answers its recipient's step-1 message."""
+    """A two-step campaign (the follow-up 5 s after step 1, so the first run surely ends before it is
+    due; then sent with --wait) killed with SIGKILL at random moments while the follow-ups go out,
+    faults on; resumed each time: each (recipient, step) is delivered once, and every follow-up
+    answers its recipient's step-1 message."""
     recipients = 40
     manifest = _write_campaign(tmp_path / "c", recipients=recipients, timeout_s=1.0, per_second=20)
     (manifest.parent / "nudge.txt.j2").write_text("Just checking, {{ name }}.\n", encoding="utf-8")
-    followup = '\n[[followups]]\nname = "nudge"\nafter = "1s"\ntext = "nudge.txt.j2"\n\n[[senders]]'
+    followup = '\n[[followups]]\nname = "nudge"\nafter = "5s"\ntext = "nudge.txt.j2"\n\n[[senders]]'
     text = manifest.read_text(encoding="utf-8").replace("\n[[senders]]", followup, 1)
     manifest.write_text(text, encoding="utf-8")
     fake = _fake()

@@ -189,10 +189,12 @@ class SqliteLedger(LedgerWriter):
                 only_skips.setdefault(skip.key, skip)
         wanted = planned_keys | set(only_skips)
         with self._write() as db:
-            known = {
-                str(key): (RowState(state), reason)
-                for key, state, reason in db.execute(
-                    "SELECT key, state, reason FROM recipients WHERE step = 'message'"
+            # key -> (state, reason, row, cells, listed): what is already so is not written again, so
+            # that a plan of a million rows, most unchanged, costs reads, not a million updates.
+            known: dict[str, tuple[str, str | None, int, str | None, int]] = {
+                key: (state, reason, row, cells, listed)
+                for key, state, reason, row, cells, listed in db.execute(
+                    "SELECT key, state, reason, row, cells, listed FROM recipients WHERE step = 'message'"
                 )
             }
             new = [p for p in planned if p.key not in known]
@@ -208,10 +210,12 @@ class SqliteLedger(LedgerWriter):
                 [(s.key, s.row, s.email, _skip_reason(s), now, now) for s in new_skips],
             )
             now_skipped = [
-                s for s in only_skips.values() if s.key in known and known[s.key][0] in (PENDING, INFLIGHT)
+                s
+                for s in only_skips.values()
+                if s.key in known and known[s.key][0] in (PENDING.value, INFLIGHT.value)
             ]
             for skip in now_skipped:
-                if known[skip.key][0] == PENDING:
+                if known[skip.key][0] == PENDING.value:
                     self._set_state(db, skip.key, PENDING, SKIPPED)
                     db.execute(
                         "UPDATE recipients SET reason = ? WHERE key = ?", (_skip_reason(skip), skip.key)
@@ -226,7 +230,7 @@ class SqliteLedger(LedgerWriter):
                 p
                 for p in planned
                 if p.key in known
-                and known[p.key][0] == SKIPPED
+                and known[p.key][0] == SKIPPED.value
                 and (known[p.key][1] or "").startswith(invalid)
             ]
             for plan in restored:
@@ -235,20 +239,29 @@ class SqliteLedger(LedgerWriter):
                     "UPDATE recipients SET reason = NULL, sender = ?, email = ? WHERE key = ?",
                     (plan.sender, plan.email, plan.key),
                 )
+            # A row planned without cells (sent already: they no longer matter) keeps the ones it has.
             db.executemany(
-                "UPDATE recipients SET row = ?, cells = ? WHERE key = ?",
-                [(p.row, p.cells, p.key) for p in planned],
+                "UPDATE recipients SET row = ?, cells = COALESCE(?, cells) WHERE key = ?",
+                [
+                    (p.row, p.cells, p.key)
+                    for p in planned
+                    if p.key in known
+                    and (known[p.key][2] != p.row or (p.cells is not None and known[p.key][3] != p.cells))
+                ],
             )
-            db.execute("UPDATE recipients SET listed = 0 WHERE step = 'message'")
-            db.executemany("UPDATE recipients SET listed = 1 WHERE key = ?", [(key,) for key in wanted])
+            db.executemany(
+                "UPDATE recipients SET listed = ? WHERE key = ?",
+                [(0, key) for key, seen in known.items() if seen[4] and key not in wanted]
+                + [(1, key) for key in wanted if key in known and not known[key][4]],
+            )
             if stamp is not None:
                 self._set_meta(PLAN_STAMP, stamp)
             if rules is not None:
                 self._set_meta(RULES_STAMP, rules)
         missing: dict[RowState, int] = {}
-        for key, (state, _) in known.items():
+        for key, (state, *_) in known.items():
             if key not in wanted:
-                missing[state] = missing.get(state, 0) + 1
+                missing[RowState(state)] = missing.get(RowState(state), 0) + 1
         return SyncReport(
             added=len(new),
             skipped_added=len(new_skips),

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from campaign.errors import DataError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest
-from campaign.models import Message, Skip, SkipReason
-from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less
+from campaign.models import Message, RowState, Skip, SkipReason
+from campaign.pipeline._rows import Reuse, RowCheck, cells_digest, check_rows, collecting_less
 from campaign.plan import Job
 from campaign.render import Composer, load_message_attachments
 
@@ -33,6 +33,9 @@ class Preflight:
     skips: tuple[Skip, ...]
     problems: tuple[str, ...]
     to_send: int = 0  # the jobs a run sends: not settled in the ledger
+    # Each job's cells digest (`cells_digest`), in `jobs` order; None for a row sent already (its cells
+    # no longer matter, and a million digests cost seconds).
+    cells: tuple[str | None, ...] = ()
 
     def render(self, job: Job) -> Message:
         """Render the message for `job` and read its attachment files (shared ones once per run)."""
@@ -84,6 +87,7 @@ def run_preflight(
     pipeline = check_rows(manifest, secrets=secrets, ledger=ledger, reuse=reuse)
     source = manifest.recipients.source.name
     jobs: list[Job] = []
+    cells: list[str | None] = []
     skips: list[Skip] = []
     problems: list[str] = []
     to_send = 0
@@ -96,6 +100,8 @@ def run_preflight(
             for checked in batch:
                 if checked.job is not None and (checked.message is not None or checked.reused):
                     jobs.append(checked.job)
+                    sent = checked.settled == RowState.SENT.value
+                    cells.append(None if sent else cells_digest(checked.job.recipient.fields))
                     to_send += checked.settled is None
                 elif checked.checked.skip is not None:
                     skips.append(checked.checked.skip)
@@ -112,6 +118,7 @@ def run_preflight(
         skips=tuple(skips),
         problems=tuple(problems),
         to_send=to_send,
+        cells=tuple(cells),
     )
 
 
