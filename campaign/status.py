@@ -16,8 +16,7 @@ from campaign.ledger import ErrorGroup, Ledger, open_ledger
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import NextStep, load_next_steps
-from campaign.plan import DAY_S, Schedule, SenderSchedule, build_schedule
-from campaign.sendtime import finish_within, next_open
+from campaign.plan import DAY_S, Schedule, SenderSchedule, build_schedule, plan_window
 from campaign.unsubscribe import Engagement, list_store_paths, open_store
 
 __all__ = [
@@ -298,18 +297,14 @@ def build_status(
 
 def _with_window(manifest: Manifest, status: SenderStatus, now: datetime) -> SenderStatus:
     """`status` with its sender's window: when it next opens, and when its open rows finish inside it."""
-    sender = manifest.sender(status.name)
-    window = sender.send_window
-    if window is None or status.schedule is None:
+    if status.schedule is None:
         return status
     holidays = manifest.campaign.holidays
-    opens = next_open(window, now, holidays=holidays)
-    return replace(
-        status,
-        window=f"{sender.window} {sender.timezone}",
-        window_opens=opens if opens > now else None,
-        finishes_at=finish_within(window, now, status.schedule.duration_s, holidays=holidays),
-    )
+    sender = manifest.sender(status.name)
+    found = plan_window(sender, now=now, duration_s=status.schedule.duration_s, holidays=holidays)
+    if found is None:
+        return status
+    return replace(status, window=found.window, window_opens=found.opens, finishes_at=found.finishes_at)
 
 
 def _steps(manifest: Manifest, ledger: Ledger, now: datetime) -> tuple[StepStatus, ...]:

@@ -2,7 +2,8 @@
 
 `SenderAssigner`/`assign_senders` pick each row's sender (pinned, kept from the ledger, else the
 one that finishes soonest); `build_schedule` estimates each sender's finish; `_ratelimit` holds
-the token-bucket pace and the rolling 24-hour budget as arithmetic on times it is given.
+the token-bucket pace and the rolling 24-hour budget as arithmetic on times it is given;
+`plan_window` a sender's send window as a plan shows it.
 Nothing here reads the clock, sleeps or does I/O.
 """
 
@@ -19,6 +20,7 @@ from campaign.plan._assign import (
     daily_capacity,
 )
 from campaign.plan._ratelimit import DAY_S, NYLAS_MULTIPART_PER_SECOND, DailyBudget, Pace
+from campaign.plan._windows import WindowPlan, plan_window
 
 __all__ = [
     "DAY_S",
@@ -29,8 +31,10 @@ __all__ = [
     "Schedule",
     "SenderAssigner",
     "SenderSchedule",
+    "WindowPlan",
     "assign_senders",
     "build_quota_warnings",
     "build_schedule",
     "daily_capacity",
+    "plan_window",
 ]

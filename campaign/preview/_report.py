@@ -24,10 +24,9 @@ from campaign.manifest import FollowupSettings, Manifest, SenderSettings
 from campaign.models import FIRST_STEP, Message, Problem, SkipReason
 from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
 from campaign.pipeline import build_unsubscribe_warnings, check_rows, collecting_less
-from campaign.plan import DAY_S, Job, build_quota_warnings, build_schedule
+from campaign.plan import DAY_S, Job, build_quota_warnings, build_schedule, plan_window
 from campaign.recipients import BATCH_ROWS, CheckedRow
 from campaign.render import MESSAGE_CHECKS, AttachmentLoader, load_message_attachments
-from campaign.sendtime import finish_within, next_open
 
 __all__ = [
     "INDEX_ROWS",
@@ -402,18 +401,11 @@ def _sender_plans(
 
 def _in_window(manifest: Manifest, plan: SenderPlan, now: datetime) -> SenderPlan:
     """`plan` with its sender's window: when it opens next, and how it stretches the finish."""
-    sender = manifest.sender(plan.name)
-    window = sender.send_window
-    if window is None:
-        return plan
     holidays = manifest.campaign.holidays
-    opens = next_open(window, now, holidays=holidays)
-    return replace(
-        plan,
-        window=f"{sender.window} {sender.timezone}",
-        window_opens=opens if opens > now else None,
-        finishes_at=finish_within(window, now, plan.duration_s, holidays=holidays),
-    )
+    found = plan_window(manifest.sender(plan.name), now=now, duration_s=plan.duration_s, holidays=holidays)
+    if found is None:
+        return plan
+    return replace(plan, window=found.window, window_opens=found.opens, finishes_at=found.finishes_at)
 
 
 # --- warnings -----------------------------------------------------------------
