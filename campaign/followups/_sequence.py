@@ -147,7 +147,7 @@ def load_due_jobs(
         elif not item.inflight:
             ledger.record_skipped(item.key, *reason)
     found = recipients_at([(item.row, item.recipient, item.email) for item in sendable])
-    return [
+    return [  # _unsendable left out the rows without a message id to answer
         Job(
             recipient,
             item.sender,
@@ -155,7 +155,7 @@ def load_due_jobs(
             previous=PreviousStep(
                 item.previous_step,
                 item.previous_subject,
-                item.previous_message_id,
+                item.previous_message_id or "",
                 item.previous_thread_id,
                 item.previous_sent_at,
             ),
@@ -172,6 +172,8 @@ def _unsendable(manifest: Manifest, senders: set[str], item: DueStep) -> tuple[S
         return SkipReason.INVALID, f"step {item.step!r} is no longer in the manifest's [[followups]]"
     if item.sender not in senders:
         return SkipReason.INVALID, f"its thread's sender {item.sender!r} is no longer in the manifest"
+    if item.previous_message_id is None:
+        return SkipReason.INVALID, f"step {item.previous_step!r} has no message id to reply to"
     return None
 
 

@@ -418,7 +418,7 @@ class LedgerReader:
                 listed=bool(listed),
                 previous_step=str(previous_step),
                 previous_subject=str(subject),
-                previous_message_id=str(message_id),
+                previous_message_id=None if message_id is None else str(message_id),
                 previous_thread_id=None if thread_id is None else str(thread_id),
                 previous_sent_at=_moment(previous_sent),
                 first_sent_at=_moment(first_sent),
