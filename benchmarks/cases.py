@@ -96,6 +96,14 @@ CASES: tuple[Case, ...] = (
         "ledger",
     ),
     Case(
+        "status-fresh",
+        "`campaign status --json` on a fresh campaign's 1,000,000-row ledger (nothing sent yet)",
+        "<= 0.5 s",
+        {"rows": 1_000_000, "sent": 0, "senders": 10, "limit_s": 0.5},
+        {"rows": 2_000, "sent": 0, "senders": 10, "limit_s": 0.5},
+        "fresh-ledger",
+    ),
+    Case(
         "mailmerge",
         "Side by side with mailmerge 2.3 (own venv), 10,000 rows: dry run vs preview, SMTP sink vs fake",
         "ours faster in both (ratio > 1)",
@@ -133,7 +141,7 @@ def prepare_data(case: Case, root: Path, *, quick: bool) -> Path:
             burst=params.get("burst", 1),
             concurrency=params.get("concurrency", 8),
         )
-    elif case.data == "ledger":
+    elif case.data in ("ledger", "fresh-ledger"):
         manifest = data.write_newsletter_campaign(folder, params["rows"], senders=params["senders"])
         data.build_resume_ledger(
             manifest, folder / "pristine.ledger.sqlite", rows=params["rows"], sent=params["sent"]

@@ -124,6 +124,7 @@ def _runner(name: str) -> Any:
         "latency": sending.run_latency,
         "resume": sending.run_resume,
         "status": sending.run_status,
+        "status-fresh": sending.run_status,
         "mailmerge": mailmerge.run_mailmerge,
     }
     return runners[name]

@@ -9,6 +9,7 @@
 - resume: a 1,000,000-row ledger with 900,000 sent; `campaign resume --yes --limit 1`;
   the figure is from spawning the command to the first request arriving at the server.
 - status: `campaign status --json` on that ledger; the figure is the command's wall time.
+- status-fresh: the same on a fresh campaign's 1,000,000-row ledger (every row pending).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def run_status(options: Options) -> dict[str, Any]:
     return {
         "value": measured.wall_s,
         "figure": f"{measured.wall_s:.2f} s",
-        "passed": measured.wall_s <= 1,
+        "passed": measured.wall_s <= options.params.get("limit_s", 1.0),
         "details": {"rows": options.params["rows"], "in_process_s": measured.rusage.get("in_process_s")},
         "rusage": measured.rusage,
         "wall_s": measured.wall_s,

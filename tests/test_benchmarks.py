@@ -28,7 +28,17 @@ def test_limiter_accuracy_benchmark_reports_its_figures():
 
 # --- issue 8: the harness (`python -m benchmarks`) and the mailmerge comparison's parsing ---
 
-CASE_NAMES = ("render", "preview", "send", "latency", "limiter", "resume", "status", "mailmerge")
+CASE_NAMES = (
+    "render",
+    "preview",
+    "send",
+    "latency",
+    "limiter",
+    "resume",
+    "status",
+    "status-fresh",
+    "mailmerge",
+)
 
 
 def _import_benchmarks():

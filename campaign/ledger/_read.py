@@ -111,6 +111,9 @@ _LATEST_ERRORS = """
 """
 
 
+# `sample_emails` picks its addresses from this many rows of a state.
+_SAMPLED_FROM = 1000
+
 # The ledger's meta keys; only this package names them.
 PLAN_STAMP = "plan_stamp"
 RULES_STAMP = "rules_stamp"
@@ -285,9 +288,18 @@ class LedgerReader:
     def sample_emails(
         self, states: Iterable[RowState], *, listed: bool | None = None, limit: int = 3
     ) -> dict[RowState, list[str]]:
-        """Up to `limit` addresses per state, in list order (for messages that name a few)."""
+        """Up to `limit` addresses per state, in list order (for messages that name a few): the first in
+        list order of the state's first `_SAMPLED_FROM` rows recorded (of all of them, when rows were
+        recorded in list order, as a run records them)."""
         where = "" if listed is None else f" AND listed = {int(listed)}"
-        query = f"SELECT email FROM recipients WHERE state = ?{where} ORDER BY row, key LIMIT ?"
+        # The candidates come from the state index alone (rowids): sorting a fresh campaign's million
+        # pending rows by list position took most of a second of `campaign status`. An index that keeps
+        # them in list order would cost every claim and outcome its upkeep (the send path: 15 %).
+        query = (
+            "SELECT email FROM recipients WHERE rowid IN ("
+            f"SELECT rowid FROM recipients WHERE state = ?{where} ORDER BY rowid LIMIT {_SAMPLED_FROM}"
+            ") ORDER BY row, key LIMIT ?"
+        )
         return {
             state: [str(email) for (email,) in self._read(query, (state.value, limit))] for state in states
         }
