@@ -106,3 +106,17 @@ def test_a_changed_template_checks_every_row_that_may_be_sent(api, cli, tmp_path
         patch.setattr("campaign.cli.sending._confirm", lambda *_args, **_kwargs: False)
         assert cli("resume", manifest, "--allow-changed-content").exit_code == 0
     assert sorted(renders) == [f"p{n}@example.com" for n in range(3, 7)]  # the sent two are never sent
+
+
+def test_preview_renders_no_row_sent_already_and_counts_them(api, cli, tmp_path, renders):
+    """The preview streams every row as a run would, and like a run it does not render rows the ledger
+    holds as sent: they are counted and listed as already sent."""
+    import json
+
+    manifest = _started(api, cli, tmp_path, renders)
+    result = cli("preview", manifest, "--json", "--out", tmp_path / "site")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["already_done_by_state"] == {"sent": 2}
+    assert report["to_send"] == 4
+    assert set(renders) == {f"p{n}@example.com" for n in range(3, 7)}

@@ -23,7 +23,7 @@ from campaign.ledger import Ledger
 from campaign.manifest import FollowupSettings, Manifest, SenderSettings
 from campaign.models import FIRST_STEP, Message, Problem, SkipReason
 from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
-from campaign.pipeline import build_unsubscribe_warnings, check_rows, collecting_less
+from campaign.pipeline import Reuse, build_unsubscribe_warnings, check_rows, collecting_less
 from campaign.plan import DAY_S, Job, build_quota_warnings, build_schedule, plan_window
 from campaign.recipients import BATCH_ROWS, CheckedRow
 from campaign.render import MESSAGE_CHECKS, AttachmentLoader, load_message_attachments
@@ -205,7 +205,9 @@ def run_preview(
     File-level faults raise as in a run; row-level problems are collected in the report.
     """
     started_at = clock.now()
-    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger)
+    # Rows sent already are not rendered: no run sends them again (nor renders them: `Reuse`).
+    reuse = Reuse.NONE if ledger is None else Reuse.SENT_ROWS
+    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger, reuse=reuse)
     scan, composer = pipeline.scan, pipeline.composer
     source = scan.source.name
     tally = _Tally(index_rows=max(0, index_rows), samples_wanted=max(0, sample))
@@ -217,6 +219,8 @@ def run_preview(
                 elif row.error is not None:
                     issues = (_render_issue(row.error, source),)
                     _tally_problem(tally, row.checked, manifest, issues, skip_invalid)
+                elif row.reused:
+                    _tally_sent_before(tally, row.job, row.settled or "")
                 else:
                     assert row.message is not None  # a job is rendered: a message or an error
                     _tally_message(tally, row.job, row.message, manifest, row.settled, row.followups)
@@ -308,6 +312,14 @@ def _samples(
             steps.append(replace(sample, after=step.after, stops=_stops(step)))
         samples.append(Sample(number, first, build_send_payload(first), request, steps=tuple(steps)))
     return tuple(samples)
+
+
+def _tally_sent_before(tally: _Tally, job: Job, settled: str) -> None:
+    tally.done[settled] += 1
+    recipient = job.recipient
+    name = recipient.address.name or ""
+    listed = ListedRow(recipient.row, recipient.address.email, name, job.sender, "", f"already {settled}")
+    tally.list_row(listed)
 
 
 def _tally_message(
