@@ -391,7 +391,10 @@ class _Rounds:
                         watch.reread_next()
                     jobs = [*jobs, *self._due_jobs(later=total is not None)]
                     if jobs or total is None:
-                        result = await self._dispatch(jobs, client, watch if stores else None, screen, stop)
+                        settings = _rest_of(self._settings, total)  # --limit counts the whole run
+                        result = await self._dispatch(
+                            jobs, client, watch if stores else None, screen, stop, settings
+                        )
                         total = result if total is None else _added(total, result)
                     jobs = []
                     if not self._sequenced or _halted(result) or _asked_to_stop(stop):
@@ -499,6 +502,7 @@ class _Rounds:
         watch: UnsubscribeWatch | None,
         screen: Callable[[Job], Awaitable[Screening]] | None,
         stop: anyio.Event | None,
+        settings: DispatchSettings,
     ) -> DispatchResult:
         manifest, ledger = self._manifest, self._ledger
         since = self._clock.now().timestamp() - DAY_S
@@ -520,7 +524,7 @@ class _Rounds:
                 history=history,
                 parked=ledger.parked_senders(),
                 on_event=on_event,
-                settings=self._settings,
+                settings=settings,
                 unsubscribed=None if watch is None else watch.opt_out,
                 screen=screen,
                 stop=stop,
@@ -528,6 +532,13 @@ class _Rounds:
                 bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},
                 holidays=manifest.campaign.holidays,
             )
+
+
+def _rest_of(settings: DispatchSettings, done: DispatchResult | None) -> DispatchSettings:
+    """The settings of the next round: what --limit leaves after the rounds before it."""
+    if settings.limit is None or done is None:
+        return settings
+    return replace(settings, limit=max(0, settings.limit - (done.sent + done.failed + done.unknown)))
 
 
 def _asked_to_stop(stop: anyio.Event | None) -> bool:

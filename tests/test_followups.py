@@ -533,3 +533,13 @@ def test_a_follow_up_template_edited_between_runs_is_checked_again(fake, cli, cl
     assert "nudge.txt.j2" in result.output
     assert "unchanged since it was checked" not in result.output  # checked again, not found mid-send
     assert len(fake.deliveries) == 2
+
+
+def test_limit_counts_every_round_of_the_run(fake, cli, tmp_path):
+    """--limit 3 with two recipients and a nudge due at once: step 1 to both, then one nudge; the run
+    stops at the limit (exit 75) instead of sending the limit again in its follow-up round."""
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2], nudge='after = "0s"')
+    result = cli("run", manifest, "--yes", "--limit", "3")
+    assert result.exit_code == 75, result.output
+    assert "stopped at --limit" in result.output
+    assert len(fake.deliveries) == 3

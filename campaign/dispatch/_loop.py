@@ -225,16 +225,20 @@ class _Loop:
                 self._limit_reached = True
                 return
             job = lane.jobs.popleft()
+            # Counted before any await (the checks before a claim may look up replies): concurrent
+            # workers then never start more than --limit between them.
+            self._started += 1
             if await self._not_to_send(lane, job):
+                self._started -= 1
                 continue
             message = self._render(job)
             wall = self._clock.now().timestamp()
             frees_at = lane.budget_frees_at(wall, message.recipient_count)
             if frees_at is not None:
+                self._started -= 1
                 lane.jobs.appendleft(job)
                 self._park(lane, self._clock.now() + timedelta(seconds=frees_at - wall))
                 continue
-            self._started += 1
             lane.book(wall, message.recipient_count)
             try:
                 state = await self._send(lane, job, message)
