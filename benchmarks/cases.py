@@ -72,6 +72,14 @@ CASES: tuple[Case, ...] = (
         "latency",
     ),
     Case(
+        "many-senders",
+        "Send 40,000, 1 s server latency, 2,000 senders x 1/s",
+        ">= 99% of 2,000/s",
+        {"rows": 40_000, "senders": 2_000, "per_second": 1, "burst": 1, "concurrency": 2, "latency_ms": 1000},
+        {"rows": 200, "senders": 100, "per_second": 1, "burst": 1, "concurrency": 2, "latency_ms": 10},
+        "many-senders",
+    ),
+    Case(
         "limiter",
         "Limiter accuracy: 1 sender at 50/s for 20 s, 100 ms latency (benchmarks/limiter_accuracy.py)",
         "within +-1%, no 1 s window > 50 + burst",
@@ -132,7 +140,7 @@ def prepare_data(case: Case, root: Path, *, quick: bool) -> Path:
     if done.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if case.data in ("newsletter", "send", "latency"):
+    if case.data in ("newsletter", "send", "latency", "many-senders"):
         data.write_newsletter_campaign(
             folder,
             params["rows"],

@@ -124,6 +124,7 @@ def _runner(name: str) -> Any:
         "latency": sending.run_latency,
         "resume": sending.run_resume,
         "status": sending.run_status,
+        "many-senders": sending.run_latency,
         "status-fresh": sending.run_status,
         "mailmerge": mailmerge.run_mailmerge,
     }

@@ -512,7 +512,8 @@ class _Rounds:
             for sender in manifest.senders
             if sender.per_day is not None or sender.per_day_messages is not None
         }
-        shares = [_share(sender.name, sender.per_day, jobs, history) for sender in manifest.senders]
+        per_sender = Counter(job.sender for job in jobs)
+        shares = [_share(sender.name, sender.per_day, per_sender, history) for sender in manifest.senders]
         with self._hooks.progress(len(jobs), shares) as on_event:
             return await dispatch(
                 jobs,
@@ -565,11 +566,14 @@ def _added(before: DispatchResult, after: DispatchResult) -> DispatchResult:
 
 
 def _share(
-    name: str, per_day: int | None, jobs: Sequence[Job], history: Mapping[str, Sequence[tuple[float, int]]]
+    name: str,
+    per_day: int | None,
+    per_sender: Mapping[str, int],
+    history: Mapping[str, Sequence[tuple[float, int]]],
 ) -> SenderShare:
     used = sum(count for _, count in history.get(name, ()))
     left = None if per_day is None else max(0, per_day - used)
-    return SenderShare(name, sum(1 for job in jobs if job.sender == name), left)
+    return SenderShare(name, per_sender.get(name, 0), left)
 
 
 def _open(manifest: Manifest, path: Path, clock: Clock, *, create: bool) -> Ledger:

@@ -33,6 +33,7 @@ CASE_NAMES = (
     "preview",
     "send",
     "latency",
+    "many-senders",
     "limiter",
     "resume",
     "status",

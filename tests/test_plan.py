@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from campaign.manifest import SenderSettings
 from campaign.models import Address, Recipient
@@ -109,3 +111,43 @@ def test_daily_capacity_is_the_smaller_of_pace_and_budget():
     """per_second = 1 allows 86,400 a day; per_day = 500 caps it."""
     assert daily_capacity(_sender("a", per_second=1)) == DAY_S
     assert daily_capacity(_sender("a", per_second=1, per_day=500)) == 500
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    limits=st.lists(
+        st.tuples(st.sampled_from([0.5, 1.0, 2.0, 3.0]), st.sampled_from([None, 1, 3, 7])),
+        min_size=1,
+        max_size=6,
+    ),
+    rows=st.lists(st.tuples(st.integers(min_value=-1, max_value=5), st.booleans()), max_size=60),
+)
+def test_the_assigner_picks_what_a_walk_over_every_sender_picks(limits, rows):
+    """The heap of finish times gives, row by row, the sender a walk over all senders would (the first
+    listed on ties), with pinned rows and kept ones changing the loads in between."""
+    from campaign.plan import SenderAssigner
+
+    senders = [_sender(f"s{i}", per_second=rate, per_day=per_day) for i, (rate, per_day) in enumerate(limits)]
+    assigner = SenderAssigner(senders)
+    load = {sender.name: 0 for sender in senders}
+
+    def finish(sender: SenderSettings) -> float:
+        return estimate_duration_s(
+            load[sender.name] + 1, rate_per_s=sender.rate_per_s, per_day=sender.per_day
+        )
+
+    for number, (pin, kept) in enumerate(rows):
+        named = senders[pin % len(senders)].name if pin >= 0 else None
+        recipient = Recipient(
+            f"r{number}@example.com", number + 1, Address(f"r{number}@example.com"), {}, None
+        )
+        if named is not None and kept:
+            assert assigner.assign(recipient, kept=named) == named  # the ledger's: no load added
+            continue
+        if named is not None:
+            recipient = Recipient(recipient.key, recipient.row, recipient.address, {}, named)
+            expected = named
+        else:
+            expected = min(senders, key=finish).name
+        assert assigner.assign(recipient) == expected
+        load[expected] += 1

@@ -15,7 +15,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails
 
@@ -71,6 +71,9 @@ class Manifest(BaseModel):
         description="Steps after [message], in order, each a reply in the same thread; one [[followups]] "
         "table each.",
     )
+
+    # The senders by name, for the senders tuple it was built from (a copy with other senders rebuilds it).
+    _by_name: tuple[tuple[SenderSettings, ...], dict[str, SenderSettings]] = PrivateAttr(default=((), {}))
 
     @model_validator(mode="after")
     def _unique_steps(self) -> Manifest:
@@ -168,9 +171,12 @@ class Manifest(BaseModel):
 
     def sender(self, name: str) -> SenderSettings:
         """The sender called `name`; ManifestError if the manifest has none by that name."""
-        for sender in self.senders:
-            if sender.name == name:
-                return sender
+        # Looked up for every message sent: a dict, not a walk through thousands of senders.
+        if self._by_name[0] is not self.senders:
+            self._by_name = (self.senders, {sender.name: sender for sender in self.senders})
+        found = self._by_name[1].get(name)
+        if found is not None:
+            return found
         known = ", ".join(s.name for s in self.senders)
         raise ManifestError(f"{self.path.name}: no sender named {name!r} (senders: {known})")
 

@@ -10,6 +10,7 @@ a whole list. `build_schedule` estimates when each sender is done under its limi
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -158,17 +159,31 @@ class SenderAssigner:
             if name in known:
                 self._load[name] += count
         self._senders = {sender.name: sender for sender in senders}
-        self._order = [sender.name for sender in senders]
+        # Each sender's finish with one more row, soonest first; ties go to the first listed sender, so
+        # the assignment is deterministic. An entry whose load has changed since is refreshed when it
+        # comes to the top (a finish only grows with the load): a row costs log(senders), not senders.
+        self._soonest = [
+            (self._finish_with_one_more(name), index, name, self._load[name])
+            for index, name in enumerate(sender.name for sender in senders)
+        ]
+        heapq.heapify(self._soonest)
 
     def assign(self, recipient: Recipient, *, kept: str | None = None) -> str:
         """The sender for `recipient`, the next row of the list (`kept`: the ledger's, if any)."""
         earlier = kept if kept in self._known else self._previous.get(recipient.key)
         pinned = recipient.sender or earlier
-        # Ties go to the first listed sender, so the assignment is deterministic.
-        name = pinned if pinned is not None else min(self._order, key=self._finish_with_one_more)
+        name = pinned if pinned is not None else self._first_to_finish()
         if earlier is None:
             self._load[name] += 1
         return name
+
+    def _first_to_finish(self) -> str:
+        while True:
+            _, index, name, load = self._soonest[0]
+            if load == self._load[name]:
+                return name
+            fresh = (self._finish_with_one_more(name), index, name, self._load[name])
+            heapq.heapreplace(self._soonest, fresh)
 
     def _finish_with_one_more(self, name: str) -> float:
         sender = self._senders[name]
