@@ -46,7 +46,7 @@ from campaign.ledger import (
     unlock_ledger,
 )
 from campaign.manifest import Manifest
-from campaign.models import Recipient, RowState, Screening
+from campaign.models import FIRST_STEP, Recipient, RowState, Screening
 from campaign.nextsteps import NextStep
 from campaign.nylas import SendClient
 from campaign.pipeline import (
@@ -387,22 +387,21 @@ class _Rounds:
             async with connect() as client:
                 screen = self._screen(client, notices)
                 while True:
-                    if await self._pull_events(client):
-                        watch.reread_next()
+                    # Once a round: schedule what was just sent, read what is due (step 1's jobs first).
                     jobs = [*jobs, *self._due_jobs(later=total is not None)]
-                    if jobs or total is None:
-                        settings = _rest_of(self._settings, total)  # --limit counts the whole run
-                        result = await self._dispatch(
-                            jobs, client, watch if stores else None, screen, stop, settings
-                        )
-                        total = result if total is None else _added(total, result)
+                    if not jobs and total is not None:  # nothing due now: wait for it, or end here
+                        if not self._settings.wait or not await self._wait_for_next(stop):
+                            return total
+                        continue
+                    if any(job.step != FIRST_STEP for job in jobs) and await self._pull_events(client):
+                        watch.reread_next()
+                    settings = _rest_of(self._settings, total)  # --limit counts the whole run
+                    result = await self._dispatch(
+                        jobs, client, watch if stores else None, screen, stop, settings
+                    )
+                    total = result if total is None else _added(total, result)
                     jobs = []
                     if not self._sequenced or _halted(result) or _asked_to_stop(stop):
-                        return total
-                    self._schedule()
-                    if self._due_now():
-                        continue
-                    if not self._settings.wait or not await self._wait_for_next(stop):
                         return total
         finally:
             watch.close()
@@ -414,15 +413,15 @@ class _Rounds:
         return bool(self._manifest.followups) or self._manifest.message.deliver_at is not None
 
     async def _pull_events(self, client: SendClient) -> bool:
-        """Before follow-ups go out: bounce reports in the senders' inboxes into the campaign's store
+        """Before a round with follow-ups: bounce reports in the senders' inboxes into the campaign's store
         (`campaign events pull`), so that a bounced address gets no follow-up. Bounded and idempotent;
         a failed pull leaves it to the reply lookups, and the next round pulls again."""
-        manifest, now = self._manifest, self._clock.now()
+        manifest = self._manifest
         store_path = events_store_path(manifest)
-        if not manifest.followups or store_path is None or not isinstance(client, InboxReader):
+        if store_path is None or not isinstance(client, InboxReader):
             return False
         first = self._ledger.first_claim()
-        if first is None or not self._ledger.due_steps(now):
+        if first is None:
             return False
         grants = [sender.grant_id for sender in manifest.senders if sender.grant_id is not None]
         store = open_store(store_path, clock=self._clock)
@@ -434,27 +433,19 @@ class _Rounds:
             store.close()
         return report.recorded > 0
 
-    def _schedule(self) -> None:
-        schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
-
     def _due_jobs(self, *, later: bool) -> list[Job]:
-        """The follow-ups due now; in a later round, step 1's rows that came due too (`deliver_at`)."""
+        """The follow-ups due now, once the steps just sent are scheduled; in a later round, step 1's
+        rows that came due too (`deliver_at`). A follow-up whose lookup failed waits for its retry."""
         now = self._clock.now()
         jobs = []
         if later and self._manifest.message.deliver_at is not None:
             jobs = load_open_jobs(self._manifest, self._ledger, now)
         if not self._manifest.followups:
             return jobs
-        self._schedule()
+        schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
         self._held = {key: retry for key, retry in self._held.items() if retry > now}
         due = load_due_jobs(self._manifest, self._ledger, now, recipients_at=self._recipients_at)
-        return [*jobs, *(job for job in due if self._held.get(job.key, now) <= now)]
-
-    def _due_now(self) -> bool:
-        now = self._clock.now()
-        if self._manifest.message.deliver_at is not None and self._ledger.open_rows(now):
-            return True
-        return any(self._held.get(item.key, now) <= now for item in self._ledger.due_steps(now))
+        return [*jobs, *(job for job in due if job.key not in self._held)]
 
     async def _wait_for_next(self, stop: anyio.Event | None) -> bool:
         """--wait: sleep until the next follow-up is due (or a held one is retried); False if none is."""

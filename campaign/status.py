@@ -16,7 +16,7 @@ from campaign.ledger import ErrorGroup, Ledger, open_ledger
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import NextStep, load_next_steps
-from campaign.plan import DAY_S, Schedule, SenderSchedule, build_schedule, plan_window
+from campaign.plan import DAY_S, Schedule, SenderSchedule, WindowPlan, build_schedule, plan_window
 from campaign.unsubscribe import Engagement, list_store_paths, open_store
 
 __all__ = [
@@ -56,9 +56,7 @@ class SenderStatus:
     per_day: int | None
     budget_left: int | None  # None: no daily limit
     schedule: SenderSchedule | None = None  # None before the campaign started
-    window: str | None = None  # when it may send (its `window`, in `timezone`); None: any time
-    window_opens: datetime | None = None  # when its window next opens; None: open now (or no window)
-    finishes_at: datetime | None = None  # when its open rows are done, counting only open window time
+    window: WindowPlan | None = None  # its send window, and its open rows' finish inside it; None: any time
 
     def as_json(self) -> dict[str, object]:
         """The sender's entry under `senders` in `status --json`."""
@@ -77,11 +75,7 @@ class SenderStatus:
         if self.schedule is not None:
             data |= {"next_24h": self.schedule.next_24h, "eta_s": self.schedule.duration_s}
         if self.window is not None:  # only senders with a window have these keys
-            data |= {
-                "window": self.window,
-                "window_opens": _iso(self.window_opens),
-                "finishes_at": _iso(self.finishes_at),
-            }
+            data |= self.window.as_json()
         return data
 
 
@@ -301,10 +295,8 @@ def _with_window(manifest: Manifest, status: SenderStatus, now: datetime) -> Sen
         return status
     holidays = manifest.campaign.holidays
     sender = manifest.sender(status.name)
-    found = plan_window(sender, now=now, duration_s=status.schedule.duration_s, holidays=holidays)
-    if found is None:
-        return status
-    return replace(status, window=found.window, window_opens=found.opens, finishes_at=found.finishes_at)
+    window = plan_window(sender, now=now, duration_s=status.schedule.duration_s, holidays=holidays)
+    return status if window is None else replace(status, window=window)
 
 
 def _steps(manifest: Manifest, ledger: Ledger, now: datetime) -> tuple[StepStatus, ...]:

@@ -47,19 +47,23 @@ def _loopback_server() -> Iterator[tuple[_Switch, str]]:
         yield switch, url
 
 
-@pytest.fixture(name="api")
-def _api(monkeypatch, _loopback) -> Iterator[FakeNylas]:
-    """A fake Nylas served on loopback, with the CLI's environment pointing at it."""
-    switch, url = _loopback
-    fake = FakeNylas(api_key=API_KEY)
+def serve_fake(loopback, fake: FakeNylas, monkeypatch, *, secret: str = SECRET) -> Iterator[FakeNylas]:
+    """Serve `fake` on the session's loopback server, with the CLI's environment pointing at it."""
+    switch, url = loopback
     switch.target = fake
     monkeypatch.setenv("NYLAS_API_URI", url)
     monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
-    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", SECRET)
+    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", secret)
     try:
         yield fake
     finally:
         switch.target = None
+
+
+@pytest.fixture(name="api")
+def _api(monkeypatch, _loopback) -> Iterator[FakeNylas]:
+    """A fake Nylas served on loopback, with the CLI's environment pointing at it."""
+    yield from serve_fake(_loopback, FakeNylas(api_key=API_KEY), monkeypatch)
 
 
 @pytest.fixture(name="cli_clock")

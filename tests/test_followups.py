@@ -11,7 +11,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import API_KEY, copy_sample
+from conftest import API_KEY, copy_sample, serve_fake
 
 from campaign.cli.base import options
 from campaign.testing import FakeClock, FakeNylas
@@ -21,26 +21,18 @@ SENDERS = {"ana": ("grant-ana", "ana@corp.example.com"), "ben": ("grant-ben", "b
 PEOPLE = [f"person{n}@example.net" for n in range(1, 7)]
 
 
-def serve_fake(loopback, clock: FakeClock, monkeypatch) -> Iterator[FakeNylas]:
+def serve_senders(loopback, clock: FakeClock, monkeypatch) -> Iterator[FakeNylas]:
     """A fake with both senders' grants on `clock` (the CLI's: replies and due times are measured in the
     same time), served on conftest's loopback server, the CLI pointed at it."""
-    switch, url = loopback
     fake = FakeNylas(api_key=API_KEY, clock=clock)
     for grant, email in SENDERS.values():
         fake.add_grant(grant, email)
-    switch.target = fake
-    monkeypatch.setenv("NYLAS_API_URI", url)
-    monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
-    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", "followups-secret-0123456789abcdef")
-    try:
-        yield fake
-    finally:
-        switch.target = None
+    yield from serve_fake(loopback, fake, monkeypatch)
 
 
 @pytest.fixture(name="fake")
 def _fake(_loopback, cli_clock, monkeypatch):
-    yield from serve_fake(_loopback, cli_clock, monkeypatch)
+    yield from serve_senders(_loopback, cli_clock, monkeypatch)
 
 
 def write_campaign(
@@ -307,7 +299,7 @@ def _saturday(cli_clock, monkeypatch) -> FakeClock:
 
 @pytest.fixture(name="weekend_fake")
 def _weekend_fake(_loopback, saturday, monkeypatch):
-    yield from serve_fake(_loopback, saturday, monkeypatch)
+    yield from serve_senders(_loopback, saturday, monkeypatch)
 
 
 def test_no_step_leaves_outside_its_senders_window(weekend_fake, cli, saturday, tmp_path):

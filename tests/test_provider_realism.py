@@ -10,7 +10,7 @@ from collections import Counter
 import httpx
 import polars as pl
 import pytest
-from conftest import API_KEY, copy_sample
+from conftest import API_KEY, copy_sample, serve_fake
 from support import serve_sandbox
 
 from campaign.manifest import load_manifest
@@ -20,16 +20,8 @@ from campaign.testing import FakeNylas, Fault
 @pytest.fixture(name="lagging")
 def _lagging(_loopback, cli_clock, monkeypatch):
     """A fake on the CLI's clock (so its listing lag is measured in the same time), served on loopback."""
-    switch, url = _loopback
     fake = FakeNylas(api_key=API_KEY, clock=cli_clock)
-    switch.target = fake
-    monkeypatch.setenv("NYLAS_API_URI", url)
-    monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
-    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", "realism-secret-0123456789abcdef")
-    try:
-        yield fake
-    finally:
-        switch.target = None
+    yield from serve_fake(_loopback, fake, monkeypatch, secret="realism-secret-0123456789abcdef")
 
 
 def _states(cli, manifest) -> dict[str, int]:

@@ -21,6 +21,7 @@ from campaign.timetext import format_duration, format_local_time
 if TYPE_CHECKING:  # for annotations only: commands that print no preview or run need not load those engines
     from campaign.dispatch import DispatchResult
     from campaign.nextsteps import NextStep
+    from campaign.plan import WindowPlan
     from campaign.preview import PreviewReport
     from campaign.reconcile import ReconcileReport
     from campaign.report import WrittenReport
@@ -213,18 +214,14 @@ def print_preview(console: Console, report: PreviewReport, *, site: Path | None 
 
 def _print_preview_windows_and_steps(console: Console, report: PreviewReport) -> None:
     for plan in report.senders:
-        if plan.window is None:
-            continue
-        opens = "open now" if plan.window_opens is None else f"opens {format_local_time(plan.window_opens)}"
-        done = "" if plan.finishes_at is None else f"; done by {format_local_time(plan.finishes_at)}"
-        console.print(f"sender {escape(plan.name)}: window {escape(plan.window)}, {opens}{done}")
+        if plan.window is not None:
+            _print_window(console, plan.name, plan.window)
     if report.steps:
         names = ", ".join(escape(step.name) for step in report.steps)
         console.print(f"Steps: {names} (each follow-up a reply in the thread)")
         for step in report.steps[1:]:
-            console.print(
-                f"  {escape(step.name)}: {escape(step.after or '')} after the step before; {step.stops}"
-            )
+            after, stops = escape(step.after or ""), escape(step.stops)
+            console.print(f"  {escape(step.name)}: {after} after the step before; {stops}")
 
 
 def _html_as_text(html: str) -> str:
@@ -332,17 +329,15 @@ def print_status(console: Console, status: Status) -> None:
 
 def _print_windows(console: Console, status: Status) -> None:
     for sender in status.senders:
-        if sender.window is None:
-            continue
-        opens = (
-            "open now" if sender.window_opens is None else f"opens {format_local_time(sender.window_opens)}"
-        )
-        done = (
-            ""
-            if sender.finishes_at is None
-            else f"; its rows done by {format_local_time(sender.finishes_at)}"
-        )
-        console.print(f"sender {escape(sender.name)}: window {escape(sender.window)}, {opens}{done}")
+        if sender.window is not None:
+            _print_window(console, sender.name, sender.window)
+
+
+def _print_window(console: Console, sender: str, window: WindowPlan) -> None:
+    """One sender's window: when it opens, and when its work is done counting only open time."""
+    opens = "open now" if window.opens is None else f"opens {format_local_time(window.opens)}"
+    done = format_local_time(window.finishes_at)
+    console.print(f"sender {escape(sender)}: window {escape(window.window)}, {opens}; done by {done}")
 
 
 def _print_steps(console: Console, status: Status) -> None:

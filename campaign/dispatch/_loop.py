@@ -283,7 +283,7 @@ class _Loop:
                 return None
             await self._wait_out_park(lane, lane.parked_until)
             return False
-        opens = lane.opens_at(self._clock.now())
+        opens = None if lane.window is None else lane.opens_at(self._clock.now())
         if opens is None:
             return True
         return False if await self._wait_for_window(lane, opens) else None

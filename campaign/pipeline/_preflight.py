@@ -101,7 +101,8 @@ def run_preflight(
                 if checked.job is not None and (checked.message is not None or checked.reused):
                     jobs.append(checked.job)
                     sent = checked.settled == RowState.SENT.value
-                    cells.append(None if sent else cells_digest(checked.job.recipient.fields))
+                    digest = checked.cells or cells_digest(checked.job.recipient.fields)
+                    cells.append(None if sent else digest)
                     to_send += checked.settled is None
                 elif checked.checked.skip is not None:
                     skips.append(checked.checked.skip)

@@ -72,6 +72,7 @@ class RowCheck:
     settled: str | None = None  # the ledger's state for a row a run will not send again (e.g. "sent")
     followups: tuple[Message, ...] = ()  # the [[followups]] steps' messages, as checked (in step order)
     reused: bool = False  # not rendered again: sent already, or unchanged since a run checked it
+    cells: str | None = None  # its cells digest, when reusing it needed one (`cells_digest`)
 
     @property
     def row(self) -> int:
@@ -126,31 +127,30 @@ class RowPipeline:
         run need not check again are passed on unrendered (`RowCheck.reused`)."""
         for batch in self.assigned(size):
             unchanged = self._unchanged(batch)
-            yield [self._checked(row, reused=row.row in unchanged) for row in batch]
+            yield [self._checked(row, unchanged) for row in batch]
 
-    def _checked(self, row: RowCheck, *, reused: bool) -> RowCheck:
+    def _checked(self, row: RowCheck, unchanged: Mapping[int, str | None]) -> RowCheck:
         if row.job is None:
             return row
-        if reused:  # built directly: dataclasses.replace costs seconds over a million rows
-            return RowCheck(row.checked, row.job, settled=row.settled, reused=True)
+        if row.row in unchanged:  # built directly: dataclasses.replace costs seconds over a million rows
+            return RowCheck(row.checked, row.job, settled=row.settled, reused=True, cells=unchanged[row.row])
         return self._render(row, row.job)
 
-    def _unchanged(self, batch: Sequence[RowCheck]) -> set[int]:
-        """The rows of `batch` a run need not render: sent already (a run never sends them again), or
-        (same rules) pending with the cells they were checked with."""
+    def _unchanged(self, batch: Sequence[RowCheck]) -> dict[int, str | None]:
+        """The rows of `batch` a run need not render, with their cells digest: sent already (a run never
+        sends them again; no digest), or (same rules) pending with the cells they were checked with."""
         if self._reuse is Reuse.NONE or self._ledger is None:
-            return set()
-        jobs = [row for row in batch if row.job is not None]
-        found = {row.row for row in jobs if row.settled == RowState.SENT.value}
+            return {}
+        jobs = [(row, row.job) for row in batch if row.job is not None]
+        sent = RowState.SENT.value
+        found: dict[int, str | None] = {row.row: None for row, _ in jobs if row.settled == sent}
         if self._reuse is Reuse.UNCHANGED_ROWS:
-            recorded = self._ledger.key_cells([row.job.recipient.key for row in jobs if row.job is not None])
-            found |= {
-                row.row
-                for row in jobs
-                if row.job is not None
-                and row.settled is None
-                and recorded.get(row.job.recipient.key) == cells_digest(row.job.recipient.fields)
-            }
+            pending = [(row, job) for row, job in jobs if row.settled is None]
+            recorded = self._ledger.key_cells([job.recipient.key for _, job in pending])
+            for row, job in pending:
+                cells = recorded.get(job.recipient.key)
+                if cells is not None and cells == cells_digest(job.recipient.fields):
+                    found[row.row] = cells
         return found
 
     def render(self, row: RowCheck, *, sender: SenderSettings | None = None) -> RowCheck:

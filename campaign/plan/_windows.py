@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 from campaign.manifest import SenderSettings
 from campaign.sendtime import finish_within, next_open
@@ -20,6 +20,18 @@ class WindowPlan:
     window: str
     opens: datetime | None  # None: open now
     finishes_at: datetime  # `duration_s` of sending from now, counting only open time
+
+    def as_json(self) -> dict[str, object]:
+        """The keys a sender with a window has in `status --json` and `preview --json`."""
+        return {
+            "window": self.window,
+            "window_opens": None if self.opens is None else _iso(self.opens),
+            "finishes_at": _iso(self.finishes_at),
+        }
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def plan_window(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from campaign.preview._report import PreviewReport, SenderPlan
+from campaign.preview._report import PreviewReport
 
 __all__ = ["build_preview_json"]
 
@@ -50,7 +50,7 @@ def build_preview_json(report: PreviewReport, *, site: Path | None) -> dict[str,
                 "next_24h": plan.next_24h,
                 "duration_s": plan.duration_s,
             }
-            | _window(plan)
+            | ({} if plan.window is None else plan.window.as_json())
             for plan in report.senders
         ],
         "samples": [
@@ -76,14 +76,3 @@ def build_preview_json(report: PreviewReport, *, site: Path | None) -> dict[str,
             for sample in report.samples
         ],
     } | ({"steps": [step.name for step in report.steps]} if report.steps else {})
-
-
-def _window(plan: SenderPlan) -> dict[str, Any]:
-    """A sender's window keys, for senders that have a window only (the others' keys stay as they were)."""
-    if plan.window is None:
-        return {}
-    return {
-        "window": plan.window,
-        "window_opens": None if plan.window_opens is None else plan.window_opens.isoformat(),
-        "finishes_at": None if plan.finishes_at is None else plan.finishes_at.isoformat(),
-    }

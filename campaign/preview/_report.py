@@ -24,7 +24,7 @@ from campaign.manifest import FollowupSettings, Manifest, SenderSettings
 from campaign.models import FIRST_STEP, Message, Problem, SkipReason
 from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
 from campaign.pipeline import Reuse, build_unsubscribe_warnings, check_rows, collecting_less
-from campaign.plan import DAY_S, Job, build_quota_warnings, build_schedule, plan_window
+from campaign.plan import DAY_S, Job, WindowPlan, build_quota_warnings, build_schedule, plan_window
 from campaign.recipients import BATCH_ROWS, CheckedRow
 from campaign.render import MESSAGE_CHECKS, AttachmentLoader, load_message_attachments
 
@@ -110,9 +110,7 @@ class SenderPlan:
     used_24h: int
     next_24h: int
     duration_s: float
-    window: str | None = None  # when it may send (`window`, in its `timezone`); None: any time
-    window_opens: datetime | None = None  # when its window next opens (None: open now, or no window)
-    finishes_at: datetime | None = None  # its messages done, counting only open window time
+    window: WindowPlan | None = None  # its send window, and its messages' finish inside it; None: any time
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +152,7 @@ class PreviewReport:
     def finishes_at(self) -> datetime:
         """When the last message would go out if the run started now (windows stretch it)."""
         plain = self.started_at + timedelta(seconds=self.duration_s)
-        return max((s.finishes_at for s in self.senders if s.finishes_at is not None), default=plain)
+        return max((s.window.finishes_at for s in self.senders if s.window is not None), default=plain)
 
     @property
     def problem_texts(self) -> tuple[str, ...]:
@@ -414,10 +412,8 @@ def _sender_plans(
 def _in_window(manifest: Manifest, plan: SenderPlan, now: datetime) -> SenderPlan:
     """`plan` with its sender's window: when it opens next, and how it stretches the finish."""
     holidays = manifest.campaign.holidays
-    found = plan_window(manifest.sender(plan.name), now=now, duration_s=plan.duration_s, holidays=holidays)
-    if found is None:
-        return plan
-    return replace(plan, window=found.window, window_opens=found.opens, finishes_at=found.finishes_at)
+    window = plan_window(manifest.sender(plan.name), now=now, duration_s=plan.duration_s, holidays=holidays)
+    return plan if window is None else replace(plan, window=window)
 
 
 # --- warnings -----------------------------------------------------------------

@@ -195,14 +195,12 @@ def _windows(report: PreviewReport) -> list[str]:
     rows = [
         [
             _e(plan.name),
-            _e(plan.window),
-            "open now"
-            if plan.window_opens is None
-            else _e(f"{plan.window_opens.astimezone():%Y-%m-%d %H:%M %Z}"),
-            "-" if plan.finishes_at is None else _e(f"{plan.finishes_at.astimezone():%Y-%m-%d %H:%M %Z}"),
+            _e(window.window),
+            "open now" if window.opens is None else _local(window.opens),
+            _local(window.finishes_at),
         ]
         for plan in report.senders
-        if plan.window is not None
+        if (window := plan.window) is not None
     ]
     if not rows:
         return []
