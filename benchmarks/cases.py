@@ -96,6 +96,22 @@ CASES: tuple[Case, ...] = (
         "ledger",
     ),
     Case(
+        "fresh-run",
+        "First run of 1,000,000 rows, 10 senders x 200/s: start to first request at the fake, peak RSS",
+        "<= 40 s, peak RSS <= 300 MB",
+        {"rows": 1_000_000, "senders": 10, "first_s": 40, "peak_mb": 300},
+        {"rows": 2_000, "senders": 10, "first_s": 40, "peak_mb": 300},
+        "fresh",
+    ),
+    Case(
+        "fresh-run-10m",
+        "First run of 10,000,000 rows, 10 senders x 200/s: peak RSS (memory flat in list size)",
+        "peak RSS <= 400 MB",
+        {"rows": 10_000_000, "senders": 10, "first_s": 600, "peak_mb": 400},
+        {"rows": 3_000, "senders": 10, "first_s": 600, "peak_mb": 400},
+        "fresh-10m",
+    ),
+    Case(
         "status",
         "`campaign status --json` on the 1,000,000-row ledger",
         "<= 1 s",
@@ -140,7 +156,7 @@ def prepare_data(case: Case, root: Path, *, quick: bool) -> Path:
     if done.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if case.data in ("newsletter", "send", "latency", "many-senders"):
+    if case.data in ("newsletter", "send", "latency", "many-senders", "fresh", "fresh-10m"):
         data.write_newsletter_campaign(
             folder,
             params["rows"],

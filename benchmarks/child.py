@@ -47,16 +47,18 @@ class Options:
 def run_render(options: Options) -> dict[str, Any]:
     """Case render: `run_preflight` (load, validate, assign, render every row) in this process."""
     apply_patches(options.patches)
+    from campaign.ledger import PlanSpool
     from campaign.manifest import load_manifest
     from campaign.pipeline import run_preflight
 
     manifest = load_manifest(options.folder / "campaign.toml")
     started = time.perf_counter()
-    checked = run_preflight(manifest, secrets=SECRET, skip_invalid=False)
+    with PlanSpool() as spool:  # the plan written as a run writes it
+        checked = run_preflight(manifest, spool, secrets=SECRET, skip_invalid=False)
     elapsed = time.perf_counter() - started
     rows = options.params["rows"]
-    if checked.problems or len(checked.jobs) != rows:
-        raise RuntimeError(f"preflight found problems: {checked.problems[:3]}, {len(checked.jobs)} jobs")
+    if checked.problems or checked.planned != rows:
+        raise RuntimeError(f"preflight found problems: {checked.problems[:3]}, {checked.planned} jobs")
     rate = rows / elapsed
     return {
         "value": round(rate),
@@ -123,6 +125,8 @@ def _runner(name: str) -> Any:
         "send": sending.run_send,
         "latency": sending.run_latency,
         "resume": sending.run_resume,
+        "fresh-run": sending.run_fresh,
+        "fresh-run-10m": sending.run_fresh,
         "status": sending.run_status,
         "many-senders": sending.run_latency,
         "status-fresh": sending.run_status,

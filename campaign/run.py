@@ -23,7 +23,16 @@ from typing import Protocol
 import anyio
 
 from campaign.clock import Clock
-from campaign.dispatch import DispatchEvent, DispatchResult, DispatchSettings, dispatch, run_interruptible
+from campaign.dispatch import (
+    DispatchEvent,
+    DispatchResult,
+    DispatchSettings,
+    JobSource,
+    chain_sources,
+    dispatch,
+    run_interruptible,
+    source_of,
+)
 from campaign.errors import CampaignError, DataError, InputFileError, LedgerError
 from campaign.events import PULL_SKEW, InboxReader, events_store_path, pull_bounces
 from campaign.followups import (
@@ -36,7 +45,7 @@ from campaign.followups import (
 )
 from campaign.ledger import (
     Ledger,
-    PlannedRow,
+    PlanSpool,
     SyncReport,
     check_key_scheme,
     check_ledger_free,
@@ -51,6 +60,7 @@ from campaign.nextsteps import NextStep
 from campaign.nylas import SendClient
 from campaign.pipeline import (
     ContentCheck,
+    LedgerJobs,
     Preflight,
     Reuse,
     check_content,
@@ -148,7 +158,8 @@ class RunHooks(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Checked:
-    """The plan checked now (`preflight`), or unchanged since a run that checked it (None)."""
+    """The plan checked now (`preflight`, its rows in the run's `PlanSpool`), or unchanged since a run
+    that checked it (None)."""
 
     composer: Composer
     preflight: Preflight | None
@@ -175,32 +186,47 @@ def run_campaign(
         raise InputFileError(message)
     check_ledger_free(ledger_path)  # before any check: a refused run says nothing of a plan
     with ExitStack() as held:
+        spool = held.enter_context(PlanSpool())
         ledger = None
         if ledger_path.exists():  # held from the first check: nobody changes the plan in between
             held.enter_context(_holding_lock(ledger_path))
             ledger = held.enter_context(closing(_open(manifest, ledger_path, clock, create=False)))
-        checked = _check(manifest, ledger, options, secrets=secrets, hooks=hooks)
+        checked = _check(manifest, ledger, spool, options, secrets=secrets, hooks=hooks, now=clock.now())
         if ledger is None:  # a first run: bad input has made no file; the lock is held through the prompt
             held.enter_context(_holding_lock(ledger_path))
         if not hooks.confirm(checked.plan):
             return None
         if ledger is None:
             ledger = held.enter_context(closing(_open(manifest, ledger_path, clock, create=True)))
-        return _record_and_send(
-            manifest, ledger, checked, options, connect=connect, clock=clock, hooks=hooks, path=command_path
+        sync = _record_plan(ledger, checked, spool)
+        spool.close()  # recorded: its pages need not wait for the sends
+        return _send_checked(
+            manifest,
+            ledger,
+            checked,
+            sync,
+            options,
+            connect=connect,
+            clock=clock,
+            hooks=hooks,
+            path=command_path,
         )
 
 
 def _check(
     manifest: Manifest,
     ledger: Ledger | None,
+    spool: PlanSpool,
     options: RunOptions,
     *,
     secrets: Sequence[bytes] | None,
     hooks: RunHooks,
+    now: datetime,
 ) -> _Checked:
     """The key scheme and content first, then every row (unless the plan stamp says nothing changed
-    since a run that checked them). Writes nothing: the plan is recorded after confirmation."""
+    since a run that checked them), the plan written to `spool`. Writes nothing to the ledger: the
+    plan is recorded after confirmation. A new row is due at once, or at [message]'s `deliver_at`
+    (after `now`) in its recipient's zone."""
     fingerprint = load_content_fingerprint(manifest)
     # The cheap refusals first: a changed key scheme or content fails in seconds, not after every row.
     if ledger is not None:
@@ -210,10 +236,27 @@ def _check(
     )
     stamp = load_plan_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
     rules = load_rules_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
-    with hooks.checking() as on_rows:
-        composer, preflight, to_send, skipped = _check_rows(
-            manifest, ledger, (stamp, rules), secrets, options.skip_invalid, on_rows
-        )
+    preflight = None
+    composer = _unchanged(manifest, ledger, stamp, secrets)
+    if composer is None:
+        with hooks.checking() as on_rows:
+            preflight = run_preflight(
+                manifest,
+                spool,
+                secrets=secrets,
+                skip_invalid=options.skip_invalid,
+                ledger=ledger,
+                on_rows=on_rows,
+                reuse=_reuse(manifest, ledger, rules),
+                due_at=partial(first_due_time, manifest, now=now),
+            )
+        preflight.raise_for_problems()
+        composer, to_send, skipped = preflight.composer, preflight.to_send, preflight.skipped
+    else:
+        assert ledger is not None
+        counts = ledger.counts(listed=True)
+        to_send = counts[RowState.PENDING] + counts[RowState.INFLIGHT]
+        skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
     plan = RunPlan(
         source=manifest.recipients.source,
         to_send=to_send,
@@ -224,35 +267,17 @@ def _check(
     return _Checked(composer, preflight, plan, stamp, rules, content)
 
 
-def _check_rows(
-    manifest: Manifest,
-    ledger: Ledger | None,
-    stamps: tuple[str, str],
-    secrets: Sequence[bytes] | None,
-    skip_invalid: bool,
-    on_rows: Callable[[int, int], None],
-) -> tuple[Composer, Preflight | None, int, Mapping[str, int]]:
-    """With a million rows, checking them all takes minutes: a resume of an unchanged campaign reads
-    only its open rows; a run whose rules are unchanged renders only the rows added or changed (and
-    never the ones sent already)."""
-    stamp, rules = stamps
-    if ledger is not None and ledger.plan_stamp() == stamp:
-        composer = build_composer(manifest, secrets=secrets)
-        if _files_still_there(manifest, composer, ledger):
-            counts = ledger.counts(listed=True)
-            skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
-            return composer, None, counts[RowState.PENDING] + counts[RowState.INFLIGHT], skipped
-    preflight = run_preflight(
-        manifest,
-        secrets=secrets,
-        skip_invalid=skip_invalid,
-        ledger=ledger,
-        on_rows=on_rows,
-        reuse=_reuse(manifest, ledger, rules),
-    )
-    preflight.raise_for_problems()
-    skipped = Counter(skip.reason.value for skip in preflight.skips)
-    return preflight.composer, preflight, preflight.to_send, skipped
+def _unchanged(
+    manifest: Manifest, ledger: Ledger | None, stamp: str, secrets: Sequence[bytes] | None
+) -> Composer | None:
+    """The composer, when the ledger's plan was checked by an earlier run under this very stamp and its
+    open rows' attachment files are still there; else None: the rows are to be checked. With a million
+    rows, checking them all takes minutes: a resume of an unchanged campaign reads only its open rows
+    (and a run whose rules are unchanged renders only the rows added or changed: `_reuse`)."""
+    if ledger is None or ledger.plan_stamp() != stamp:
+        return None
+    composer = build_composer(manifest, secrets=secrets)
+    return composer if _files_still_there(manifest, composer, ledger) else None
 
 
 def _reuse(manifest: Manifest, ledger: Ledger | None, rules: str) -> Reuse:
@@ -275,10 +300,19 @@ def _files_still_there(manifest: Manifest, composer: Composer, ledger: Ledger) -
     )
 
 
-def _record_and_send(
+def _record_plan(ledger: Ledger, checked: _Checked, spool: PlanSpool) -> SyncReport:
+    """Record a freshly checked plan from `spool` with its stamps and each row's cells (so that an
+    unchanged resume need not check again, and a changed list only its new and changed rows)."""
+    if checked.preflight is None:
+        return SyncReport(added=0, skipped_added=0, existing=0, missing=0)
+    return ledger.record_plan(spool.planned(), spool.skips(), stamp=checked.stamp, rules=checked.rules)
+
+
+def _send_checked(
     manifest: Manifest,
     ledger: Ledger,
     checked: _Checked,
+    sync: SyncReport,
     options: RunOptions,
     *,
     connect: Callable[[], AbstractAsyncContextManager[SendClient]],
@@ -286,7 +320,6 @@ def _record_and_send(
     hooks: RunHooks,
     path: str,
 ) -> RunOutcome:
-    sync = _record_plan(manifest, ledger, checked, now=clock.now())
     record_content(ledger, checked.content)
     record_key_scheme(ledger, manifest)
     ledger.record_moved_mailboxes({sender.mailbox: sender.name for sender in manifest.senders})
@@ -313,38 +346,16 @@ def _record_and_send(
     )
 
 
-def _record_plan(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: datetime) -> SyncReport:
-    """Record a freshly checked plan with its stamps and each row's cells (so that an unchanged resume
-    need not check again, and a changed list only its new and changed rows); a new row is due at once,
-    or at [message]'s `deliver_at` in its recipient's zone."""
-    preflight = checked.preflight
-    if preflight is None:
-        return SyncReport(added=0, skipped_added=0, existing=0, missing=0)
-    planned = [
-        PlannedRow(
-            job.recipient.key,
-            job.recipient.row,
-            job.recipient.address.email,
-            job.sender,
-            due_at=first_due_time(manifest, job, now),
-            cells=cells,
-        )
-        for job, cells in zip(preflight.jobs, preflight.cells, strict=True)
-    ]
-    return ledger.record_plan(planned, preflight.skips, stamp=checked.stamp, rules=checked.rules)
-
-
-def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: datetime) -> list[Job]:
-    """The jobs whose rows still need a send and are due at `now`; rows left in flight first (their keys
-    age)."""
-    if checked.preflight is None:
-        if ledger.plan_stamp() != checked.stamp:  # another command recorded a plan meanwhile
-            message = f"{ledger.path}: another command changed the ledger while this one started; run again"
-            raise LedgerError(message)
-        return load_open_jobs(manifest, ledger, now)
-    inflight = {row.key: row.inflight for row in ledger.open_rows(now)}
-    wanted = [job for job in checked.preflight.jobs if job.key in inflight]
-    return sorted(wanted, key=lambda job: not inflight[job.key])
+def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: datetime) -> LedgerJobs:
+    """The rows that still need a send and are due at `now`, read a page at a time as the lanes need
+    them; their cells from the list as checked (the check's own scan, or the list read again)."""
+    if checked.preflight is not None:
+        return LedgerJobs(ledger, checked.preflight.scan, now)
+    if ledger.plan_stamp() != checked.stamp:  # another command recorded a plan meanwhile
+        message = f"{ledger.path}: another command changed the ledger while this one started; run again"
+        raise LedgerError(message)
+    senders = [sender.name for sender in manifest.senders]
+    return LedgerJobs(ledger, scan_audience(manifest.recipients, sender_names=senders), now)
 
 
 class _Rounds:
@@ -372,11 +383,12 @@ class _Rounds:
 
     async def send(
         self,
-        jobs: Sequence[Job],
+        first: LedgerJobs,
         connect: Callable[[], AbstractAsyncContextManager[SendClient]],
         stop: anyio.Event | None = None,
     ) -> DispatchResult:
-        """Send `jobs`, then every follow-up as it comes due; the results of all rounds added up."""
+        """Send step 1's open rows (`first`), then every follow-up as it comes due; the results of all
+        rounds added up."""
         stores = list_store_paths(self._manifest)
         # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds.
         watch = UnsubscribeWatch(stores, clock=self._clock)
@@ -387,20 +399,24 @@ class _Rounds:
             async with connect() as client:
                 screen = self._screen(client, notices)
                 while True:
-                    # Once a round: schedule what was just sent, read what is due (step 1's jobs first).
-                    jobs = [*jobs, *self._due_jobs(later=total is not None)]
-                    if not jobs and total is not None:  # nothing due now: wait for it, or end here
+                    # Once a round: schedule what was just sent, read what is due (step 1's rows first).
+                    due = self._due_jobs(later=total is not None)
+                    if not due and total is not None:  # nothing due now: wait for it, or end here
                         if not self._settings.wait or not await self._wait_for_next(stop):
                             return total
                         continue
-                    if any(job.step != FIRST_STEP for job in jobs) and await self._pull_events(client):
+                    if any(job.step != FIRST_STEP for job in due) and await self._pull_events(client):
                         watch.reread_next()
+                    counts = Counter(job.sender for job in due)
+                    work = source_of(due)
+                    if total is None:
+                        counts.update(first.counts)
+                        work = chain_sources(first, work)
                     settings = _rest_of(self._settings, total)  # --limit counts the whole run
                     result = await self._dispatch(
-                        jobs, client, watch if stores else None, screen, stop, settings
+                        work, counts, client, watch if stores else None, screen, stop, settings
                     )
                     total = result if total is None else _added(total, result)
-                    jobs = []
                     if not self._sequenced or _halted(result) or _asked_to_stop(stop):
                         return total
         finally:
@@ -488,7 +504,8 @@ class _Rounds:
 
     async def _dispatch(
         self,
-        jobs: Sequence[Job],
+        jobs: JobSource,
+        per_sender: Mapping[str, int],
         client: SendClient,
         watch: UnsubscribeWatch | None,
         screen: Callable[[Job], Awaitable[Screening]] | None,
@@ -503,9 +520,8 @@ class _Rounds:
             for sender in manifest.senders
             if sender.per_day is not None or sender.per_day_messages is not None
         }
-        per_sender = Counter(job.sender for job in jobs)
         shares = [_share(sender.name, sender.per_day, per_sender, history) for sender in manifest.senders]
-        with self._hooks.progress(len(jobs), shares) as on_event:
+        with self._hooks.progress(sum(per_sender.values()), shares) as on_event:
             return await dispatch(
                 jobs,
                 senders=manifest.senders,

@@ -7,10 +7,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from campaign.models import Address, Message, Recipient
+from campaign.ledger import PlanSpool
+from campaign.manifest import Manifest
+from campaign.models import Address, Message, Recipient, Skip
+from campaign.pipeline import Preflight, run_preflight
 from campaign.plan import Job
 
 
@@ -29,6 +33,33 @@ def make_jobs(count: int, sender: str = "a", start: int = 1, *, pinned: bool = F
         )
         for n in range(start, start + count)
     ]
+
+
+@dataclass(frozen=True)
+class CheckedPlan:
+    """What `run_preflight` found, and the plan it wrote read back whole (small lists only)."""
+
+    preflight: Preflight
+    jobs: list[Job]
+    skips: list[Skip]
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return self.preflight.problems
+
+    def render(self, job: Job) -> Message:
+        return self.preflight.render(job)
+
+
+def check_plan(manifest: Manifest, **options: Any) -> CheckedPlan:
+    """`run_preflight` into a fresh spool; the jobs (their cells read back from the list as checked, as a
+    run's `LedgerJobs` reads them) and skips it wrote."""
+    with PlanSpool() as spool:
+        preflight = run_preflight(manifest, spool, **options)
+        planned, skips = list(spool.planned()), list(spool.skips())
+    recipients = preflight.scan.recipients_at([(row.row, row.key, row.email) for row in planned])
+    jobs = [Job(recipient, row.sender) for row, recipient in zip(planned, recipients, strict=True)]
+    return CheckedPlan(preflight, jobs, skips)
 
 
 def render_plain(job: Job, *, campaign: str = "test") -> Message:

@@ -8,13 +8,13 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from support import check_plan
 
 from campaign.errors import DataError, InputFileError, ManifestError
 from campaign.manifest import Manifest
 from campaign.manifest._load import parse_manifest
 from campaign.models import Address, AttachmentFile, Message, Recipient, SkipReason
 from campaign.nylas import build_send_request
-from campaign.pipeline import run_preflight
 from campaign.render import build_composer, load_message_attachments
 from campaign.render._attachments import AttachmentLoader, guess_content_type
 
@@ -73,7 +73,7 @@ filename = "Invoice {{ invoice_id }}.pdf"
 
 
 def _problems(manifest: Manifest) -> tuple[str, ...]:
-    return run_preflight(manifest, secrets=None, skip_invalid=False).problems
+    return check_plan(manifest, secrets=None, skip_invalid=False).problems
 
 
 # --- per-recipient files ------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_each_recipient_gets_exactly_their_own_file(tmp_path):
     """The path template picks each row's file; the loaded bytes are that file's, named by the filename."""
     invoices = _invoices()
     manifest = _campaign(tmp_path, PER_RECIPIENT, invoices=invoices)
-    preflight = run_preflight(manifest, secrets=None, skip_invalid=False)
+    preflight = check_plan(manifest, secrets=None, skip_invalid=False)
     assert preflight.problems == ()
     for job in preflight.jobs:
         message = preflight.render(job)
@@ -97,7 +97,7 @@ def test_each_recipient_gets_exactly_their_own_file(tmp_path):
 def test_a_per_recipient_file_is_read_at_send_time(tmp_path):
     """Preflight only finds and sizes the files; the bytes sent are the file as it is when the row is sent."""
     manifest = _campaign(tmp_path, PER_RECIPIENT)
-    preflight = run_preflight(manifest, secrets=None, skip_invalid=False)
+    preflight = check_plan(manifest, secrets=None, skip_invalid=False)
     (tmp_path / "invoices" / "A-1.pdf").write_bytes(b"%PDF corrected")
     ann = next(job for job in preflight.jobs if job.recipient.key == "ann@example.com")
     assert preflight.render(ann).attachments[0].content == b"%PDF corrected"
@@ -205,7 +205,7 @@ def test_skip_invalid_skips_rows_whose_files_are_missing(tmp_path):
     """--skip-invalid records the row with the missing file as skipped and keeps the others."""
     invoices = _invoices()
     del invoices["A-1"]
-    preflight = run_preflight(
+    preflight = check_plan(
         _campaign(tmp_path, PER_RECIPIENT, invoices=invoices), secrets=None, skip_invalid=True
     )
     assert preflight.problems == ()
@@ -222,7 +222,7 @@ def test_a_missing_shared_file_stops_preflight_once(tmp_path):
     """A file every message carries is the campaign's problem, not each row's: one InputFileError."""
     manifest = _campaign(tmp_path, '[[message.attachments]]\npath = "brochure.pdf"')
     with pytest.raises(InputFileError, match=r"^message\.attachments\[1\]: brochure\.pdf does not exist in "):
-        run_preflight(manifest, secrets=None, skip_invalid=True)
+        check_plan(manifest, secrets=None, skip_invalid=True)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +248,7 @@ def test_a_shared_symlink_out_of_the_folder_is_a_manifest_error(tmp_path):
     with pytest.raises(
         ManifestError, match=r"^message\.attachments\[1\]: brochure\.pdf leads \(by a symlink\)"
     ):
-        run_preflight(manifest, secrets=None, skip_invalid=True)
+        check_plan(manifest, secrets=None, skip_invalid=True)
 
 
 def test_an_oversize_shared_file_is_a_manifest_error(tmp_path):
@@ -259,7 +259,7 @@ def test_an_oversize_shared_file_is_a_manifest_error(tmp_path):
     with pytest.raises(
         ManifestError, match=r"message\.attachments\[1\]: video\.mp4 is 30\.0 MB; .*send a link"
     ):
-        run_preflight(manifest, secrets=None, skip_invalid=False)
+        check_plan(manifest, secrets=None, skip_invalid=False)
 
 
 def test_attachments_dir_is_where_paths_start_and_must_exist(tmp_path):
@@ -269,7 +269,7 @@ def test_attachments_dir_is_where_paths_start_and_must_exist(tmp_path):
     manifest = _campaign(
         tmp_path, '[[message.attachments]]\npath = "terms.txt"', message='attachments_dir = "files"'
     )
-    preflight = run_preflight(manifest, secrets=None, skip_invalid=False)
+    preflight = check_plan(manifest, secrets=None, skip_invalid=False)
     assert preflight.render(preflight.jobs[0]).attachments[0].content == b"terms"
     manifest = _campaign(
         tmp_path, '[[message.attachments]]\npath = "terms.txt"', message='attachments_dir = "nope"'
@@ -282,7 +282,7 @@ def test_a_shared_file_is_read_and_encoded_once_per_run(tmp_path):
     """Every message shares one bytes object and one base64 copy; per-recipient files are read each time."""
     (tmp_path / "terms.txt").write_bytes(b"the terms")
     attachments = '[[message.attachments]]\npath = "terms.txt"\n' + PER_RECIPIENT
-    preflight = run_preflight(_campaign(tmp_path, attachments), secrets=None, skip_invalid=False)
+    preflight = check_plan(_campaign(tmp_path, attachments), secrets=None, skip_invalid=False)
     messages = [preflight.render(job) for job in preflight.jobs]
     shared = [message.attachments[0] for message in messages]
     assert all(item.content is shared[0].content for item in shared)

@@ -36,6 +36,8 @@ CASE_NAMES = (
     "many-senders",
     "limiter",
     "resume",
+    "fresh-run",
+    "fresh-run-10m",
     "status",
     "status-fresh",
     "mailmerge",
@@ -75,6 +77,7 @@ def test_harness_quick_run_prints_every_case(tmp_path):
         assert run["rusage"]["peak_rss_mb"] > 0, name
     assert document["cases"]["send"]["runs"][0]["details"]["sent"] == 300
     assert document["cases"]["resume"]["runs"][0]["value"] > 0  # seconds until the first request arrived
+    assert document["cases"]["fresh-run"]["runs"][0]["value"] > 0
 
 
 MAILMERGE_SEND_LOG = """\

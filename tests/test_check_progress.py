@@ -6,10 +6,10 @@ import io
 
 from conftest import SECRET, copy_sample
 from rich.console import Console
+from support import check_plan
 
 from campaign.cli.progress import CHECK_LOG_EVERY_S, show_checking
 from campaign.manifest import load_manifest
-from campaign.pipeline import run_preflight
 from campaign.testing import FakeClock
 from campaign.unsubscribe import parse_secrets
 
@@ -23,7 +23,7 @@ def test_the_row_check_reports_every_batch_up_to_the_whole_list(tmp_path):
     )
     heard: list[tuple[int, int]] = []
     manifest = load_manifest(manifest_path)
-    preflight = run_preflight(
+    preflight = check_plan(
         manifest, secrets=parse_secrets(SECRET), skip_invalid=False, on_rows=lambda *a: heard.append(a)
     )
     assert heard

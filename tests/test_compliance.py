@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from support import check_plan
 
 from campaign.manifest import Manifest
 from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Message
-from campaign.pipeline import build_unsubscribe_warnings, run_preflight
+from campaign.pipeline import build_unsubscribe_warnings
 from campaign.pipeline._compliance import has_body_link
 
 SECRETS = (b"compliance-test-secret-0123456789",)
@@ -57,8 +58,8 @@ subject = "Hi"
 @pytest.mark.parametrize("provider", ["microsoft", "icloud"])
 def test_headerless_provider_needs_the_body_link(tmp_path, provider):
     """Microsoft/iCloud senders without an unsubscribe_url link in the HTML body: a problem per row."""
-    preflight = run_preflight(_manifest(tmp_path, provider=provider), secrets=SECRETS, skip_invalid=False)
-    assert preflight.jobs == ()
+    preflight = check_plan(_manifest(tmp_path, provider=provider), secrets=SECRETS, skip_invalid=False)
+    assert preflight.jobs == []
     assert len(preflight.problems) == 2
     first = preflight.problems[0]
     assert first.startswith("recipients.csv row 1: sender 'maya'")
@@ -68,7 +69,7 @@ def test_headerless_provider_needs_the_body_link(tmp_path, provider):
 
 def test_base_template_footer_satisfies_the_check(tmp_path):
     """The built-in base template's footer link counts; the check then passes for every row."""
-    preflight = run_preflight(_manifest(tmp_path, body=LINKED), secrets=SECRETS, skip_invalid=False)
+    preflight = check_plan(_manifest(tmp_path, body=LINKED), secrets=SECRETS, skip_invalid=False)
     assert preflight.problems == ()
     assert len(preflight.jobs) == 2
 
@@ -77,21 +78,19 @@ def test_the_check_can_be_turned_off_and_other_providers_are_not_checked(tmp_pat
     """require_body_link = false, or a Google sender, sends a body without the link."""
     off = 'url = "https://example.com/u?t={{ unsubscribe_token }}"\nrequire_body_link = false'
     assert (
-        run_preflight(
-            _manifest(tmp_path / "a", unsubscribe=off), secrets=SECRETS, skip_invalid=False
-        ).problems
+        check_plan(_manifest(tmp_path / "a", unsubscribe=off), secrets=SECRETS, skip_invalid=False).problems
         == ()
     )
-    gmail = run_preflight(_manifest(tmp_path / "b", provider="gmail"), secrets=SECRETS, skip_invalid=False)
+    gmail = check_plan(_manifest(tmp_path / "b", provider="gmail"), secrets=SECRETS, skip_invalid=False)
     assert gmail.problems == ()
 
 
 def test_text_only_body_needs_the_url_itself(tmp_path):
     """A text-only body passes when it contains the unsubscribe URL, not otherwise."""
     plain = _manifest(tmp_path / "a", body="Bye: {{ unsubscribe_url }}\n", text_body=True)
-    assert run_preflight(plain, secrets=SECRETS, skip_invalid=False).problems == ()
+    assert check_plan(plain, secrets=SECRETS, skip_invalid=False).problems == ()
     missing = _manifest(tmp_path / "b", body="Bye\n", text_body=True)
-    problems = run_preflight(missing, secrets=SECRETS, skip_invalid=False).problems
+    problems = check_plan(missing, secrets=SECRETS, skip_invalid=False).problems
     assert "text body must link" in problems[0]
 
 

@@ -6,11 +6,11 @@ import csv
 from pathlib import Path
 
 import pytest
+from support import check_plan
 
 from campaign.errors import ManifestError
 from campaign.manifest import Manifest
 from campaign.manifest._load import parse_manifest
-from campaign.pipeline import run_preflight
 
 SECRETS = (b"injection-test-secret-0123456789",)
 # CR/LF in every arrangement, the Unicode line breaks Python's email package splits on, and other controls.
@@ -94,7 +94,7 @@ def test_recipient_data_injection_is_a_problem_naming_row_and_field(tmp_path, ba
         _row(5, slug=bad),
         _row(6, email=f"r6@example.com{bad}"),
     ]
-    preflight = run_preflight(_folder(tmp_path, rows), secrets=SECRETS, skip_invalid=False)
+    preflight = check_plan(_folder(tmp_path, rows), secrets=SECRETS, skip_invalid=False)
     assert [job.recipient.row for job in preflight.jobs] == [1]
     problems = preflight.problems
     assert len(problems) == 5

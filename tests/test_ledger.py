@@ -367,12 +367,20 @@ def test_timestamps_come_from_the_clock(ledger, clock):
 
 
 def test_record_plan_adds_pending_and_skipped_and_keeps_existing(ledger):
-    """New rows are pending, skips are skipped with their reason, and a second sync adds nothing."""
+    """New rows are pending, skips are skipped with their reason, and a second sync adds nothing; a
+    pending row goes out from the sender the plan now gives it (its old one renamed, say), while a row in
+    flight keeps its own (its key may have been used on that grant)."""
     assert (ledger.counts()[P], ledger.counts()[K]) == (2, 1)
     assert _row(ledger, "eve@x.com").reason == "suppressed: in unsubscribed.txt"
-    report = ledger.record_plan([PlannedRow("ann@x.com", 1, "ann@x.com", "carol")], [])
-    assert (report.added, report.existing, report.missing) == (0, 1, 2)
-    assert ledger.assigned_senders()["ann@x.com"] == "alice"
+    ledger.claim("bob@x.com", sender="alice")
+    planned = [
+        PlannedRow("ann@x.com", 1, "ann@x.com", "carol"),
+        PlannedRow("bob@x.com", 2, "bob@x.com", "carol"),
+    ]
+    report = ledger.record_plan(planned, [])
+    assert (report.added, report.existing, report.missing) == (0, 2, 1)
+    assert ledger.assigned_senders()["ann@x.com"] == "carol"
+    assert ledger.assigned_senders()["bob@x.com"] == "alice"
 
 
 def test_a_duplicates_skip_does_not_skip_its_original(tmp_path, clock):

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import check_plan
 
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings, load_manifest
 from campaign.models import Address, OutcomeKind, Recipient, SendOutcome, SkipReason
-from campaign.pipeline import run_preflight
 from campaign.plan import SenderAssigner, assign_senders
 from campaign.preview import run_preview, write_site
 from campaign.recipients._firstrows import FirstRows
@@ -95,7 +95,7 @@ def test_streaming_preview_counts_what_the_run_preflight_finds(tmp_path, batch_r
     """Jobs per sender, skips by reason and problems equal run_preflight's, at any batch size."""
     manifest_path = _campaign(tmp_path)
     manifest = load_manifest(manifest_path)
-    preflight = run_preflight(manifest, secrets=SECRETS, skip_invalid=skip_invalid)
+    preflight = check_plan(manifest, secrets=SECRETS, skip_invalid=skip_invalid)
     report = _preview(manifest_path, batch_rows=batch_rows, skip_invalid=skip_invalid)
     assert report.to_send == len(preflight.jobs) == 40
     assert Counter(

@@ -7,11 +7,11 @@ from typing import Any
 
 import polars as pl
 import pytest
+from support import check_plan
 
 from campaign.errors import InputFileError, RecipientDataError
 from campaign.manifest import RecipientsSettings, load_manifest
 from campaign.models import SkipReason
-from campaign.pipeline import run_preflight
 from campaign.recipients import Audience, load_audience
 from campaign.recipients._audience import load_suppression
 
@@ -363,7 +363,7 @@ def test_skip_invalid_gives_one_skip_per_problem_row(tmp_path: Path) -> None:
         '[message]\nsubject = "s"\ntext = "body.txt"\n'
         '[[senders]]\nname = "alice"\ngrant_id = "g-a"\nemail = "alice@example.com"\nprovider = "gmail"\n'
     )
-    preflight = run_preflight(load_manifest(tmp_path / "campaign.toml"), secrets=None, skip_invalid=True)
+    preflight = check_plan(load_manifest(tmp_path / "campaign.toml"), secrets=None, skip_invalid=True)
     skips = preflight.skips
     assert [(s.row, s.key, s.reason) for s in skips] == [
         (1, "row:1", SkipReason.INVALID),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import SECRET, copy_sample
+from support import check_plan
 
 import campaign.run as run_module
 from campaign.clock import SystemClock
@@ -43,7 +44,7 @@ def test_open_rows_read_back_are_the_jobs_a_full_preflight_makes(sample, tmp_pat
     """CSV and Parquet lists (names, pinned senders, duplicates, suppressed rows): the same jobs."""
     path = copy_sample(sample, tmp_path)
     manifest = load_manifest(path)
-    preflight = run_preflight(manifest, secrets=parse_secrets(SECRET), skip_invalid=False)
+    preflight = check_plan(manifest, secrets=parse_secrets(SECRET), skip_invalid=False)
     assert len(preflight.jobs) >= 3
     ledger = open_ledger(tmp_path / "ledger.sqlite", clock=SystemClock(), campaign=manifest.campaign.name)
     try:

@@ -4,10 +4,12 @@
 claims each row in the ledger before its request leaves and records the outcome after,
 waits out 429s and retries what is safe to retry (`_retries`), and stops gracefully on a
 request (`run_interruptible`: Ctrl-C as a stop). Time only through the `Clock` it is handed.
+Lanes read their work a page at a time from a `JobSource` (`source_of` a list, `chain_sources`).
 """
 
 from __future__ import annotations
 
+from campaign.dispatch._feed import JobSource, chain_sources, source_of
 from campaign.dispatch._interrupt import run_interruptible
 from campaign.dispatch._loop import DispatchSettings, dispatch
 from campaign.dispatch._types import DispatchEvent, DispatchResult, EventKind
@@ -17,6 +19,9 @@ __all__ = [
     "DispatchResult",
     "DispatchSettings",
     "EventKind",
+    "JobSource",
+    "chain_sources",
     "dispatch",
     "run_interruptible",
+    "source_of",
 ]

@@ -3,8 +3,7 @@
 A lane combines the sender's pace (and Nylas's 10/s ceiling for multipart sends),
 its rolling-24 h budgets in recipients and in messages, the earliest time a
 throttle allows the next request, an adaptive slowdown after repeated throttles,
-and whether it is parked (until a time) or stopped for refused credentials; and
-how a stopped lane hands its movable jobs to the others. Callers pass the current
+and whether it is parked (until a time) or stopped for refused credentials. Callers pass the current
 time; nothing here reads a clock or sleeps.
 """
 
@@ -12,14 +11,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from campaign.manifest import SenderSettings
 from campaign.plan import NYLAS_MULTIPART_PER_SECOND, DailyBudget, Job, Pace
 from campaign.sendtime import SendWindow, next_open
 
-__all__ = ["Lane", "hand_over_jobs", "open_lane"]
+__all__ = ["Lane", "open_lane"]
 
 # After a throttle the pace halves, down to a tenth; every RECOVER_AFTER sends without
 # one it climbs back by a quarter, so a sender recovers slowly and does not oscillate.
@@ -44,6 +43,8 @@ class Lane:
     parked_until: datetime | None = None
     auth_refused: bool = False
     workers: int = 0  # the send loop's workers currently serving this lane
+    more: bool = True  # the feed may hold more of its jobs (`jobs` is only what it read ahead)
+    refilling: bool = False  # a worker is reading its next jobs
     window: SendWindow | None = None  # when the sender may send (None: any time)
     holidays: frozenset[date] = frozenset()  # days its window stays shut
     closed_until: datetime | None = None  # the run ended with the window shut: it opens then
@@ -104,27 +105,6 @@ class Lane:
             self.slowdown = min(1.0, self.slowdown * 1.25)
             self.calm_sends = 0
             self.pace.set_rate(self.rate_per_s)
-
-
-def hand_over_jobs(lane: Lane, takers: Sequence[Lane], *, bound: Collection[str]) -> bool:
-    """Move a stopped lane's movable jobs, each to the taker that would finish it soonest; True if any moved.
-
-    Rows pinned by the list's sender column stay, and so do follow-ups (their thread is in this
-    mailbox) and `bound` rows: their idempotency key may have been used, and Nylas scopes keys per grant.
-    """
-    if not takers:
-        return False
-    kept: deque[Job] = deque()
-    for job in lane.jobs:
-        if not job.movable or job.key in bound:
-            kept.append(job)
-            continue
-        taker = min(takers, key=lambda other: (len(other.jobs) + 1) / other.rate_per_s)
-        taker.jobs.append(replace(job, sender=taker.sender.name))
-    if len(kept) == len(lane.jobs):
-        return False
-    lane.jobs = kept
-    return True
 
 
 def open_lane(

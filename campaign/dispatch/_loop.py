@@ -19,7 +19,8 @@ import anyio
 import anyio.abc
 
 from campaign.clock import Clock
-from campaign.dispatch._lane import Lane, hand_over_jobs, open_lane
+from campaign.dispatch._feed import JobFeed, JobSource, source_of
+from campaign.dispatch._lane import Lane, open_lane
 from campaign.dispatch._retries import GAVE_UP_NOTE, KEY_TOO_OLD_NOTE, OWNER_GONE_NOTE, RetryPolicy
 from campaign.dispatch._tasks import Stopper, first_error
 from campaign.dispatch._types import (
@@ -48,9 +49,13 @@ from campaign.plan import Job
 # The loop's values, re-exported for callers; its protocols are in campaign.dispatch._types.
 __all__ = ["DispatchEvent", "DispatchResult", "DispatchSettings", "EventKind", "dispatch"]
 
+# A lane reads this many jobs ahead (plus a few per worker), and tops up when it holds no more than
+# its workers: memory stays flat in list size, and a top-up (a ledger page) is rare.
+_LOOK_AHEAD = 256
+
 
 async def dispatch(
-    jobs: Sequence[Job],
+    jobs: Sequence[Job] | JobSource,
     *,
     senders: Sequence[SenderSettings],
     render: Callable[[Job], Message],
@@ -70,11 +75,13 @@ async def dispatch(
 ) -> DispatchResult:
     """Send every job under its sender's limits; return what was done and what is left.
 
-    When a sender is parked or refused, its jobs go to the other senders, except rows
-    pinned by the list's sender column and rows whose idempotency key may already have
-    been used: Nylas scopes keys per grant, so such a row is only ever sent by its own
-    sender (the ledger's claim says whose it is; `bound` names such rows up front, in
-    flight from an earlier run, so they are not moved at all).
+    `jobs` is a list, or a source the lanes read a page at a time (`JobSource`: a run's, from the
+    ledger), so that a lane holds only the next few hundred. When a sender is parked or refused,
+    its jobs go to the other senders (`JobFeed`), except follow-ups, rows pinned by the list's
+    sender column and rows whose idempotency key may already have been used: Nylas scopes keys
+    per grant, so such a row is only ever sent by its own sender (the ledger's claim says whose
+    it is; `bound` names such rows up front, in flight from an earlier run, so they are not moved
+    at all).
 
     `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
     budgets; `parked` the senders that must not send before a time (from an earlier run);
@@ -96,9 +103,8 @@ async def dispatch(
     for name, until in (parked or {}).items():
         if name in lanes and until > now:
             lanes[name].parked_until = until
-    for job in jobs:
-        lanes[job.sender].jobs.append(job)
     loop = _Loop(
+        source_of(jobs) if isinstance(jobs, Sequence) else jobs,
         render=render,
         client=client,
         ledger=ledger,
@@ -121,6 +127,7 @@ async def dispatch(
 class _Loop:
     def __init__(
         self,
+        source: JobSource,
         *,
         render: Callable[[Job], Message],
         client: SendClient,
@@ -153,10 +160,13 @@ class _Loop:
         self._stop = Stopper(stop, clock=clock)
         self._left_inflight = 0
         self._bound = set(bound)
+        self._feed = JobFeed(source, bound=self._bound)
         self._lanes: Mapping[str, Lane] = {}
         self._workers: anyio.abc.TaskGroup | None = None
 
     async def run(self, lanes: Mapping[str, Lane]) -> DispatchResult:
+        for lane in lanes.values():  # nothing else uses the ledger yet: read in this thread
+            lane.jobs.extend(self._feed.take(lane.sender.name, _look_ahead(lane)))
         for lane in lanes.values():
             if lane.parked_until is not None and lane.jobs:
                 self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=lane.parked_until))
@@ -174,11 +184,11 @@ class _Loop:
             sent=self._counts[RowState.SENT],
             failed=self._counts[RowState.FAILED],
             unknown=self._counts[RowState.UNKNOWN],
-            remaining=sum(len(lane.jobs) for lane in lanes.values()),
+            remaining=sum(len(lane.jobs) for lane in lanes.values()) + self._feed.left(),
             parked={
                 name: lane.parked_until
                 for name, lane in lanes.items()
-                if lane.parked_until is not None and lane.jobs
+                if lane.parked_until is not None and self._has_work(lane)
             },
             auth_refused=tuple(name for name, lane in lanes.items() if lane.auth_refused),
             limit_reached=self._limit_reached,
@@ -188,14 +198,19 @@ class _Loop:
             closed={
                 name: lane.closed_until
                 for name, lane in lanes.items()
-                if lane.closed_until is not None and lane.jobs
+                if lane.closed_until is not None and self._has_work(lane)
             },
         )
 
+    def _has_work(self, lane: Lane) -> bool:
+        return bool(lane.jobs) or self._feed.holds(lane.sender.name)
+
     def _start_workers(self, lane: Lane) -> None:
-        """Run up to `concurrency` workers on a lane that has work (more join when work is handed over)."""
+        """Run up to `concurrency` workers on a lane that has work, or one to look for it (more join when
+        a top-up or a hand-over brings work)."""
         assert self._workers is not None
-        while lane.workers < min(lane.sender.concurrency, len(lane.jobs)) and not lane.stopped:
+        wanted = min(lane.sender.concurrency, len(lane.jobs) or int(lane.more))
+        while lane.workers < wanted and not lane.stopped:
             lane.workers += 1
             self._workers.start_soon(self._work, lane)
 
@@ -209,13 +224,34 @@ class _Loop:
 
     def _hand_over(self, lane: Lane) -> None:
         """Give a parked or refused sender's movable jobs to the other senders, and start them on it."""
-        takers = [other for other in self._lanes.values() if other is not lane and not other.stopped]
-        if hand_over_jobs(lane, takers, bound=self._bound):
-            for taker in takers:
+        self._feed.release(lane.sender.name, lane.jobs)
+        lane.jobs.clear()
+        lane.more = True  # should it send again (--wait), its own jobs are in the feed
+        for taker in self._lanes.values():
+            if taker is not lane and not taker.stopped:
+                taker.more = True
                 self._start_workers(taker)
 
+    async def _top_up(self, lane: Lane) -> None:
+        """Read the lane's next jobs once it holds no more than its workers (one worker reads at a time,
+        the others go on sending), and start workers on them."""
+        if lane.refilling or not lane.more or len(lane.jobs) > lane.sender.concurrency:
+            return
+        lane.refilling = True
+        try:
+            wanted = _look_ahead(lane)
+            jobs = await self._in_thread(partial(self._feed.take, lane.sender.name, wanted))
+        finally:
+            lane.refilling = False
+        lane.more = len(jobs) == wanted
+        lane.jobs.extend(jobs)
+        self._start_workers(lane)
+
     async def _work_lane(self, lane: Lane) -> None:
-        while lane.jobs and not lane.auth_refused and not self._stopping:
+        while not lane.auth_refused and not self._stopping:
+            await self._top_up(lane)
+            if not lane.jobs:
+                return
             ready = await self._ready(lane)
             if ready is None:
                 return
@@ -228,36 +264,42 @@ class _Loop:
             # Counted before any await (the checks before a claim may look up replies): concurrent
             # workers then never start more than --limit between them.
             self._started += 1
-            if await self._not_to_send(lane, job):
+            if not await self._send_job(lane, job):
                 self._started -= 1
-                continue
-            message = self._render(job)
-            wall = self._clock.now().timestamp()
-            frees_at = lane.budget_frees_at(wall, message.recipient_count)
-            if frees_at is not None:
-                self._started -= 1
-                lane.jobs.appendleft(job)
-                self._park(lane, self._clock.now() + timedelta(seconds=frees_at - wall))
-                continue
-            lane.book(wall, message.recipient_count)
-            try:
-                state = await self._send(lane, job, message)
-            except anyio.get_cancelled_exc_class():
-                # Abandoned (a stop's grace ran out, or a second Ctrl-C): the row stays in
-                # flight, or pending if its claim was not written yet; resume settles it.
-                self._left_inflight += 1
-                lane.jobs.appendleft(job)
-                raise
-            if state is None:  # handed back to the sender it belongs to
-                self._started -= 1
-                lane.release(wall, message.recipient_count)
-                continue
-            # Not sent (PENDING), or left in flight for resume by a stop (INFLIGHT): it goes
-            # back to the front of the queue.
-            if state in (RowState.PENDING, RowState.INFLIGHT):
-                self._started -= 1
-                lane.release(wall, message.recipient_count)
-                lane.jobs.appendleft(job)
+
+    async def _send_job(self, lane: Lane, job: Job) -> bool:
+        """The checks, the budgets and the send of one job; False if it was not sent after all (it does
+        not count towards --limit): skipped, handed back to its owner, or back in the queue."""
+        if await self._not_to_send(lane, job):
+            self._feed.finished(job.key)
+            return False
+        message = self._render(job)
+        wall = self._clock.now().timestamp()
+        frees_at = lane.budget_frees_at(wall, message.recipient_count)
+        if frees_at is not None:
+            lane.jobs.appendleft(job)
+            self._park(lane, self._clock.now() + timedelta(seconds=frees_at - wall))
+            return False
+        lane.book(wall, message.recipient_count)
+        try:
+            state = await self._send(lane, job, message)
+        except anyio.get_cancelled_exc_class():
+            # Abandoned (a stop's grace ran out, or a second Ctrl-C): the row stays in
+            # flight, or pending if its claim was not written yet; resume settles it.
+            self._left_inflight += 1
+            lane.jobs.appendleft(job)
+            raise
+        if state is None:  # handed back to the sender it belongs to
+            lane.release(wall, message.recipient_count)
+            return False
+        # Not sent (PENDING), or left in flight for resume by a stop (INFLIGHT): it goes
+        # back to the front of the queue.
+        if state in (RowState.PENDING, RowState.INFLIGHT):
+            lane.release(wall, message.recipient_count)
+            lane.jobs.appendleft(job)
+            return False
+        self._feed.finished(job.key)
+        return True
 
     async def _skip_if_unsubscribed(self, lane: Lane, job: Job) -> bool:
         """Unsubscribe re-check (issue 5): record a recipient who unsubscribed since the plan as skipped.
@@ -474,3 +516,7 @@ class _Loop:
         if lane.parked_until is None:
             lane.parked_until = until
             self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))
+
+
+def _look_ahead(lane: Lane) -> int:
+    return _LOOK_AHEAD + 4 * lane.sender.concurrency

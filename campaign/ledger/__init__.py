@@ -17,6 +17,7 @@ from campaign.ledger._interface import Ledger
 from campaign.ledger._ledger import SqliteLedger, open_ledger
 from campaign.ledger._read import ErrorGroup, LedgerRow, PlannedRow
 from campaign.ledger._schema import check_ledger_free, lock_ledger, unlock_ledger
+from campaign.ledger._spool import PlanSpool
 from campaign.ledger._values import Claim, DueStep, ScheduledStep, SentStep, StepCounts, SyncReport
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "GroupCommit",
     "Ledger",
     "LedgerRow",
+    "PlanSpool",
     "PlannedRow",
     "ScheduledStep",
     "SentStep",

@@ -13,7 +13,7 @@ and its migrations in `ledger_schema.py`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -165,8 +165,8 @@ class SqliteLedger(LedgerWriter):
 
     def record_plan(
         self,
-        planned: Sequence[PlannedRow],
-        skips: Sequence[Skip],
+        planned: Iterable[PlannedRow],
+        skips: Iterable[Skip],
         *,
         stamp: str | None = None,
         rules: str | None = None,
@@ -178,99 +178,127 @@ class SqliteLedger(LedgerWriter):
         are left as they are and marked as not listed. `stamp`, the plan's stamp, and `rules`, the
         stamp of all but the list's rows, are recorded in the same transaction: a stamp never
         describes rows recorded for another list.
+
+        Both are consumed a batch at a time into temporary tables and compared with the ledger in
+        SQL: a plan of a million rows is never held in memory, and rows already so are not written
+        again (a million unchanged rows cost reads, not updates).
         """
         now = self._stamp()
-        planned_keys = {p.key for p in planned}
-        # A duplicate's skip shares its original's key: it concerns the planned row, not a row of its own;
-        # of skips sharing a key, the first row's (the original's: say, unsubscribed) is the key's.
-        only_skips: dict[str, Skip] = {}
-        for skip in skips:
-            if skip.key not in planned_keys:
-                only_skips.setdefault(skip.key, skip)
-        wanted = planned_keys | set(only_skips)
         with self._write() as db:
-            # key -> (state, reason, row, cells, listed): what is already so is not written again, so
-            # that a plan of a million rows, most unchanged, costs reads, not a million updates.
-            known: dict[str, tuple[str, str | None, int, str | None, int]] = {
-                key: (state, reason, row, cells, listed)
-                for key, state, reason, row, cells, listed in db.execute(
-                    "SELECT key, state, reason, row, cells, listed FROM recipients WHERE step = 'message'"
-                )
-            }
-            new = [p for p in planned if p.key not in known]
-            db.executemany(
-                "INSERT INTO recipients (key, row, email, sender, state, due_at, cells, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
-                [(p.key, p.row, p.email, p.sender, _due(p.due_at), p.cells, now, now) for p in new],
-            )
-            new_skips = [s for s in only_skips.values() if s.key not in known]
-            db.executemany(
-                "INSERT INTO recipients (key, row, email, state, reason, created_at, updated_at) "
-                "VALUES (?, ?, ?, 'skipped', ?, ?, ?)",
-                [(s.key, s.row, s.email, _skip_reason(s), now, now) for s in new_skips],
-            )
-            now_skipped = [
-                s
-                for s in only_skips.values()
-                if s.key in known and known[s.key][0] in (PENDING.value, INFLIGHT.value)
-            ]
-            for skip in now_skipped:
-                if known[skip.key][0] == PENDING.value:
-                    self._set_state(db, skip.key, PENDING, SKIPPED)
-                    db.execute(
-                        "UPDATE recipients SET reason = ? WHERE key = ?", (_skip_reason(skip), skip.key)
-                    )
-                else:  # its request may have left: only reconcile can say; it is not sent again
-                    note = (
-                        f"now skipped ({_skip_reason(skip)}); `campaign reconcile` settles its earlier send"
-                    )
-                    self._set_state(db, skip.key, INFLIGHT, UNKNOWN, note=note)
-            invalid = f"{SkipReason.INVALID.value}:"
-            restored = [
-                p
-                for p in planned
-                if p.key in known
-                and known[p.key][0] == SKIPPED.value
-                and (known[p.key][1] or "").startswith(invalid)
-            ]
-            for plan in restored:
-                self._set_state(db, plan.key, SKIPPED, PENDING)
-                db.execute(
-                    "UPDATE recipients SET reason = NULL, sender = ?, email = ? WHERE key = ?",
-                    (plan.sender, plan.email, plan.key),
-                )
-            # A row planned without cells (sent already: they no longer matter) keeps the ones it has.
-            db.executemany(
-                "UPDATE recipients SET row = ?, cells = COALESCE(?, cells) WHERE key = ?",
-                [
-                    (p.row, p.cells, p.key)
-                    for p in planned
-                    if p.key in known
-                    and (known[p.key][2] != p.row or (p.cells is not None and known[p.key][3] != p.cells))
-                ],
-            )
-            db.executemany(
-                "UPDATE recipients SET listed = ? WHERE key = ?",
-                [(0, key) for key, seen in known.items() if seen[4] and key not in wanted]
-                + [(1, key) for key in wanted if key in known and not known[key][4]],
-            )
+            try:
+                report = self._sync_plan(db, planned, skips, now)
+            finally:
+                db.execute("DROP TABLE IF EXISTS temp.plan_rows")
+                db.execute("DROP TABLE IF EXISTS temp.plan_skips")
             if stamp is not None:
                 self._set_meta(PLAN_STAMP, stamp)
             if rules is not None:
                 self._set_meta(RULES_STAMP, rules)
-        missing: dict[RowState, int] = {}
-        for key, (state, *_) in known.items():
-            if key not in wanted:
-                missing[RowState(state)] = missing.get(RowState(state), 0) + 1
+        return report
+
+    def _sync_plan(
+        self, db: sqlite3.Connection, planned: Iterable[PlannedRow], skips: Iterable[Skip], now: str
+    ) -> SyncReport:
+        db.execute(
+            "CREATE TEMP TABLE plan_rows (key TEXT NOT NULL UNIQUE, row INTEGER NOT NULL, "
+            "email TEXT NOT NULL, sender TEXT NOT NULL, due_at TEXT, cells TEXT)"
+        )
+        # A duplicate's skip shares its original's key: it concerns the planned row, not a row of its own;
+        # of skips sharing a key, the first row's (the original's: say, unsubscribed) is the key's.
+        db.execute(
+            "CREATE TEMP TABLE plan_skips (key TEXT PRIMARY KEY, row INTEGER NOT NULL, email TEXT NOT NULL, "
+            "reason TEXT NOT NULL)"
+        )
+        db.executemany(
+            "INSERT INTO temp.plan_rows VALUES (?, ?, ?, ?, ?, ?)",
+            ((p.key, p.row, p.email, p.sender, _due(p.due_at), p.cells) for p in planned),
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO temp.plan_skips VALUES (?, ?, ?, ?)",
+            ((s.key, s.row, s.email, _skip_reason(s)) for s in skips),
+        )
+        db.execute("DELETE FROM temp.plan_skips WHERE key IN (SELECT key FROM temp.plan_rows)")
+        wanted = sum(
+            db.execute(
+                "SELECT (SELECT count(*) FROM temp.plan_rows) + (SELECT count(*) FROM temp.plan_skips)"
+            ).fetchone()
+        )
+        newly_skipped = self._skip_now_skipped(db)
+        invalid = f"{SkipReason.INVALID.value}:"
+        restored = db.execute(
+            "SELECT p.key, p.sender, p.email FROM temp.plan_rows AS p JOIN recipients AS r ON r.key = p.key "
+            "WHERE r.state = 'skipped' AND substr(r.reason, 1, ?) = ?",
+            (len(invalid), invalid),
+        ).fetchall()
+        for key, sender, email in restored:
+            self._set_state(db, key, SKIPPED, PENDING)
+            db.execute(
+                "UPDATE recipients SET reason = NULL, sender = ?, email = ? WHERE key = ?",
+                (sender, email, key),
+            )
+        # A pending row goes out from the sender the plan gives it (a sender renamed or removed since, a
+        # pinned one changed); a row in flight keeps its own: its key may have been used on that grant.
+        db.execute(
+            "UPDATE recipients SET sender = p.sender FROM temp.plan_rows AS p WHERE recipients.key = p.key "
+            "AND recipients.state = 'pending' AND recipients.sender IS NOT p.sender"
+        )
+        # A row planned without cells (sent already: they no longer matter) keeps the ones it has.
+        db.execute(
+            "UPDATE recipients SET row = p.row, cells = COALESCE(p.cells, recipients.cells) "
+            "FROM temp.plan_rows AS p WHERE recipients.key = p.key "
+            "AND (recipients.row != p.row OR (p.cells IS NOT NULL AND recipients.cells IS NOT p.cells))"
+        )
+        added = db.execute(
+            "INSERT INTO recipients (key, row, email, sender, state, due_at, cells, created_at, updated_at) "
+            "SELECT key, row, email, sender, 'pending', due_at, cells, ?, ? FROM temp.plan_rows AS p "
+            "WHERE NOT EXISTS (SELECT 1 FROM recipients AS r WHERE r.key = p.key) ORDER BY p.rowid",
+            (now, now),
+        ).rowcount
+        skipped_added = db.execute(
+            "INSERT INTO recipients (key, row, email, state, reason, created_at, updated_at) "
+            "SELECT key, row, email, 'skipped', reason, ?, ? FROM temp.plan_skips AS s "
+            "WHERE NOT EXISTS (SELECT 1 FROM recipients AS r WHERE r.key = s.key) ORDER BY s.row",
+            (now, now),
+        ).rowcount
+        listed = "(key IN (SELECT key FROM temp.plan_rows) OR key IN (SELECT key FROM temp.plan_skips))"
+        db.execute(
+            f"UPDATE recipients SET listed = 0 WHERE step = ? AND listed = 1 AND NOT {listed}", (FIRST_STEP,)
+        )
+        db.execute(
+            f"UPDATE recipients SET listed = 1 WHERE step = ? AND listed = 0 AND {listed}", (FIRST_STEP,)
+        )
+        missing = {
+            RowState(state): int(count)
+            for state, count in db.execute(
+                "SELECT state, count(*) FROM recipients WHERE step = ? AND listed = 0 GROUP BY state",
+                (FIRST_STEP,),
+            )
+        }
         return SyncReport(
-            added=len(new),
-            skipped_added=len(new_skips),
-            existing=len(wanted) - len(new) - len(new_skips),
+            added=added,
+            skipped_added=skipped_added,
+            existing=wanted - added - skipped_added,
             missing=sum(missing.values()),
-            newly_skipped=len(now_skipped),
+            newly_skipped=newly_skipped,
             restored=len(restored),
             missing_states=missing,
         )
+
+    def _skip_now_skipped(self, db: sqlite3.Connection) -> int:
+        """Open rows the list now skips: a pending one is skipped; one in flight becomes unknown (its
+        request may have left: only reconcile can say), never sent again."""
+        found = db.execute(
+            "SELECT s.key, s.reason, r.state FROM temp.plan_skips AS s JOIN recipients AS r ON r.key = s.key "
+            "WHERE r.state IN ('pending', 'inflight')"
+        ).fetchall()
+        for key, reason, state in found:
+            if state == PENDING.value:
+                self._set_state(db, key, PENDING, SKIPPED)
+                db.execute("UPDATE recipients SET reason = ? WHERE key = ?", (reason, key))
+            else:
+                note = f"now skipped ({reason}); `campaign reconcile` settles its earlier send"
+                self._set_state(db, key, INFLIGHT, UNKNOWN, note=note)
+        return len(found)
 
     # --- sending ------------------------------------------------------------
 

@@ -138,6 +138,7 @@ class PlannedRow:
     inflight: bool = False
     due_at: datetime | None = None  # not to be sent before (step 1's `deliver_at`); None: at once
     cells: str | None = None  # a digest of the list row as it was checked
+    cursor: int = 0  # read back: its place in the ledger (`open_rows_of`'s `after` for the next page)
 
 
 class LedgerReader:
@@ -380,6 +381,36 @@ class LedgerReader:
             PlannedRow(str(key), int(row), str(email), str(sender), bool(inflight))
             for key, row, email, sender, inflight in self._read(query, (stamp, stamp))
         ]
+
+    def open_rows_of(
+        self, sender: str, state: RowState, now: datetime | None = None, *, after: int = 0, limit: int = 1000
+    ) -> list[PlannedRow]:
+        """Up to `limit` listed rows of step 1 in `state` (pending or in flight) that `sender` sends, due at
+        `now` if given, in ledger order after `after` (the last one's `cursor`): a page of a lane's work.
+        The state index holds each (state, sender)'s rows in rowid order, so a page is a range read."""
+        query = (
+            "SELECT rowid, key, row, email, sender FROM recipients INDEXED BY recipients_state "
+            "WHERE state = ? AND sender = ? AND rowid > ? AND listed = 1 AND step = ? "
+            "AND (? IS NULL OR state = 'inflight' OR due_at IS NULL OR due_at <= ?) ORDER BY rowid LIMIT ?"
+        )
+        stamp = None if now is None else _iso(now)
+        inflight = state == RowState.INFLIGHT
+        return [
+            PlannedRow(str(key), int(row), str(email), str(name), inflight, cursor=int(rowid))
+            for rowid, key, row, email, name in self._read(
+                query, (state.value, sender, after, FIRST_STEP, stamp, stamp, limit)
+            )
+        ]
+
+    def open_counts(self, now: datetime | None = None) -> dict[str, int]:
+        """Per sender, the listed pending and in-flight rows of step 1 (due at `now`, if given)."""
+        query = (
+            "SELECT sender, COUNT(*) FROM recipients WHERE state IN ('pending', 'inflight') AND listed = 1 "
+            "AND step = ? AND (? IS NULL OR state = 'inflight' OR due_at IS NULL OR due_at <= ?) "
+            "GROUP BY sender"
+        )
+        stamp = None if now is None else _iso(now)
+        return {str(sender): int(count) for sender, count in self._read(query, (FIRST_STEP, stamp, stamp))}
 
     # --- follow-up steps ---------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from campaign.pipeline._compliance import build_unsubscribe_warnings
 from campaign.pipeline._content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.pipeline._preflight import Preflight, raise_for_problems, render_job, run_preflight
-from campaign.pipeline._resume import load_open_jobs, load_plan_stamp, load_rules_stamp
+from campaign.pipeline._resume import LedgerJobs, load_open_jobs, load_plan_stamp, load_rules_stamp
 from campaign.pipeline._rows import (
     Reuse,
     RowCheck,
@@ -25,6 +25,7 @@ from campaign.pipeline._rows import (
 
 __all__ = [
     "ContentCheck",
+    "LedgerJobs",
     "Preflight",
     "Reuse",
     "RowCheck",

@@ -48,15 +48,16 @@ def has_body_link(message: Message, url: str) -> bool:
     return False
 
 
-def check_body_link(manifest: Manifest, message: Message) -> None:
-    """Raise TemplateError when a Microsoft/iCloud sender's message has no unsubscribe link in its body.
+def check_body_link(manifest: Manifest, message: Message, sender: SenderSettings) -> None:
+    """Raise TemplateError when a Microsoft/iCloud sender's message (from `sender`) has no unsubscribe
+    link in its body.
 
     Nothing is checked without [unsubscribe], for other senders, or when `require_body_link` is false.
     """
     settings = manifest.unsubscribe
     if settings is None or not settings.require_body_link:
         return
-    provider = manifest.sender(message.sender).provider
+    provider = sender.provider
     if provider not in HEADERLESS_PROVIDERS:
         return
     url = message.unsubscribe_url

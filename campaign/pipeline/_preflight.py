@@ -7,35 +7,39 @@ writes the ledger or sends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from campaign.errors import DataError
-from campaign.ledger import Ledger
+from campaign.ledger import Ledger, PlannedRow, PlanSpool
 from campaign.manifest import Manifest
 from campaign.models import Message, RowState, Skip, SkipReason
 from campaign.pipeline._rows import Reuse, RowCheck, cells_digest, check_rows, collecting_less
 from campaign.plan import Job
+from campaign.recipients import AudienceScan
 from campaign.render import Composer, load_message_attachments
 
 __all__ = ["Preflight", "raise_for_problems", "render_job", "run_preflight"]
 
 _SHOWN_IN_ERROR = 1
+_KEPT_PROBLEMS = 1_000  # a run stops on the first; a list of a million bad rows need not be kept whole
 
 
 @dataclass(frozen=True, slots=True)
 class Preflight:
-    """A checked campaign: the jobs to send, the rows skipped, and the problems found."""
+    """A checked campaign: how many rows go out, were skipped and why, and the problems found. The plan
+    itself (each row's job, each skip) is in the `PlanSpool` the check wrote it to."""
 
     manifest: Manifest
     composer: Composer
-    jobs: tuple[Job, ...]  # every row that passed, settled ones included (the plan lists them all)
-    skips: tuple[Skip, ...]
-    problems: tuple[str, ...]
-    to_send: int = 0  # the jobs a run sends: not settled in the ledger
-    # Each job's cells digest (`cells_digest`), in `jobs` order; None for a row sent already (its cells
-    # no longer matter, and a million digests cost seconds).
-    cells: tuple[str | None, ...] = ()
+    scan: AudienceScan  # the list as checked: a run reads its jobs' cells from it (`LedgerJobs`)
+    planned: int  # rows that passed, settled ones included (the plan lists them all)
+    skipped: Mapping[str, int]  # skip reason -> rows
+    problems: tuple[str, ...]  # the first few found
+    problem_count: int = 0  # every problem found
+    to_send: int = 0  # the rows a run sends: not settled in the ledger
 
     def render(self, job: Job) -> Message:
         """Render the message for `job` and read its attachment files (shared ones once per run)."""
@@ -43,14 +47,15 @@ class Preflight:
 
     def raise_for_problems(self) -> None:
         """Raise a one-line DataError naming the first problem, if any were found."""
-        raise_for_problems(self.problems)
+        raise_for_problems(self.problems, total=self.problem_count)
 
 
-def raise_for_problems(problems: Sequence[str]) -> None:
-    """Raise a one-line DataError naming the first of `problems` and how many more, if there are any."""
+def raise_for_problems(problems: Sequence[str], *, total: int | None = None) -> None:
+    """Raise a one-line DataError naming the first of `problems` and how many more (of `total`, when only
+    the first few were kept), if there are any."""
     if not problems:
         return
-    more = len(problems) - _SHOWN_IN_ERROR
+    more = (len(problems) if total is None else total) - _SHOWN_IN_ERROR
     tail = f" (and {more} more; `campaign preview` lists them all)" if more > 0 else ""
     hint = "" if "--skip-invalid" in problems[0] else " (or pass --skip-invalid to skip bad rows)"
     message = f"{problems[0]}{tail}; nothing was sent{hint}"
@@ -67,14 +72,18 @@ def render_job(composer: Composer, manifest: Manifest, job: Job) -> Message:
 
 def run_preflight(
     manifest: Manifest,
+    spool: PlanSpool,
     *,
     secrets: Sequence[bytes] | None,
     skip_invalid: bool,
     ledger: Ledger | None = None,
     on_rows: Callable[[int, int], None] | None = None,
     reuse: Reuse = Reuse.NONE,
+    due_at: Callable[[Job], datetime | None] = lambda _job: None,
 ) -> Preflight:
-    """Every row through the pipeline (`check_rows`), kept as the jobs to send, the skips and the problems.
+    """Every row through the pipeline (`check_rows`), its plan written to `spool` a batch at a time: the
+    rows to mail (with their cells digest and when they are due, `due_at`) and the skips. Nothing of
+    the list is held but the current batch.
 
     `ledger` (the campaign's, when it ran before) keeps each row's sender and says which rows a run
     sends (`to_send`). `on_rows(done, total)` hears of each batch checked (for a progress display).
@@ -86,41 +95,60 @@ def run_preflight(
     """
     pipeline = check_rows(manifest, secrets=secrets, ledger=ledger, reuse=reuse)
     source = manifest.recipients.source.name
-    jobs: list[Job] = []
-    cells: list[str | None] = []
-    skips: list[Skip] = []
+    skipped: Counter[str] = Counter()
     problems: list[str] = []
-    to_send = 0
+    problem_count = planned = to_send = 0
     total, done = pipeline.scan.row_count, 0
     with collecting_less():
         for batch in pipeline.batches():
             if on_rows is not None:
                 done += len(batch)
                 on_rows(done, total)
+            rows: list[PlannedRow] = []
+            skips: list[Skip] = []
             for checked in batch:
                 if checked.job is not None and (checked.message is not None or checked.reused):
-                    jobs.append(checked.job)
-                    sent = checked.settled == RowState.SENT.value
-                    digest = checked.cells or cells_digest(checked.job.recipient.fields)
-                    cells.append(None if sent else digest)
+                    rows.append(_planned_row(checked, checked.job, due_at(checked.job)))
                     to_send += checked.settled is None
                 elif checked.checked.skip is not None:
                     skips.append(checked.checked.skip)
                 elif skip_invalid:
                     skips.append(_invalid_skip(checked, source))
-                elif checked.error is not None:
-                    problems.append(f"{source} {checked.error}")
                 else:
-                    problems.extend(problem.describe(source) for problem in checked.checked.problems)
+                    found = _problems(checked, source)
+                    problem_count += len(found)
+                    problems.extend(found[: max(0, _KEPT_PROBLEMS - len(problems))])
+            spool.add(rows, skips)
+            planned += len(rows)
+            skipped.update(skip.reason.value for skip in skips)
     return Preflight(
         manifest=manifest,
         composer=pipeline.composer,
-        jobs=tuple(jobs),
-        skips=tuple(skips),
+        scan=pipeline.scan,
+        planned=planned,
+        skipped=dict(skipped),
         problems=tuple(problems),
+        problem_count=problem_count,
         to_send=to_send,
-        cells=tuple(cells),
     )
+
+
+def _planned_row(checked: RowCheck, job: Job, due_at: datetime | None) -> PlannedRow:
+    """A row to mail, as the plan records it; no cells digest for a row sent already (its cells no longer
+    matter, and a million digests cost seconds)."""
+    recipient = job.recipient
+    cells = (
+        None if checked.settled == RowState.SENT.value else checked.cells or cells_digest(recipient.fields)
+    )
+    return PlannedRow(
+        recipient.key, recipient.row, recipient.address.email, job.sender, due_at=due_at, cells=cells
+    )
+
+
+def _problems(checked: RowCheck, source: str) -> list[str]:
+    if checked.error is not None:
+        return [f"{source} {checked.error}"]
+    return [problem.describe(source) for problem in checked.checked.problems]
 
 
 def _invalid_skip(checked: RowCheck, source: str) -> Skip:

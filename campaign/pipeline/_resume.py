@@ -18,12 +18,13 @@ from datetime import datetime
 from pathlib import Path
 
 from campaign import __version__
-from campaign.ledger import Ledger
+from campaign.ledger import Ledger, PlannedRow
 from campaign.manifest import STORE_SUFFIXES, Manifest
+from campaign.models import RowState
 from campaign.plan import Job
-from campaign.recipients import scan_audience
+from campaign.recipients import AudienceScan, scan_audience
 
-__all__ = ["load_open_jobs", "load_plan_stamp", "load_rules_stamp"]
+__all__ = ["LedgerJobs", "load_open_jobs", "load_plan_stamp", "load_rules_stamp"]
 
 # Bump when preflight's rules change, so that a stamp recorded under the old rules no longer matches.
 _RULES = 2
@@ -61,7 +62,7 @@ def load_plan_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> 
 
 def load_open_jobs(manifest: Manifest, ledger: Ledger, now: datetime | None = None) -> list[Job]:
     """The ledger's open rows of step 1 (due at `now`, if given) as jobs, their fields read back from
-    the list; rows left in flight first.
+    the list; rows left in flight first. All of them at once: `LedgerJobs` reads them a page at a time.
 
     Only valid when the ledger's plan stamp matches this run's: the rows are taken as the
     earlier preflight checked them (row number, key, normalised address, sender).
@@ -70,6 +71,42 @@ def load_open_jobs(manifest: Manifest, ledger: Ledger, now: datetime | None = No
     open_rows = ledger.open_rows(now)
     recipients = scan.recipients_at([(row.row, row.key, row.email) for row in open_rows])
     return [Job(recipient, row.sender) for row, recipient in zip(open_rows, recipients, strict=True)]
+
+
+class LedgerJobs:
+    """The ledger's open rows of step 1 (due at `now`) as jobs for the send loop, a sender's page at a
+    time: its rows left in flight first (their keys age), then its pending ones in ledger order. Their
+    cells are read back by position from `scan`, the list as the plan was checked; nothing holds more
+    than a page (`campaign.dispatch.JobSource`).
+
+    Only valid when the ledger's plan is this list's (just recorded, or its plan stamp matches).
+    """
+
+    def __init__(self, ledger: Ledger, scan: AudienceScan, now: datetime) -> None:
+        self._ledger = ledger
+        self._scan = scan
+        self._now = now
+        self.counts = ledger.open_counts(now)  # per sender: the rows there are to read
+        self._read = 0
+        self._after: dict[tuple[str, RowState], int | None] = {}  # None: nothing more
+
+    def __call__(self, sender: str, count: int) -> list[Job]:
+        rows: list[PlannedRow] = []
+        for state in (RowState.INFLIGHT, RowState.PENDING):
+            wanted = count - len(rows)
+            after = self._after.get((sender, state), 0)
+            if wanted <= 0 or after is None:
+                continue
+            page = self._ledger.open_rows_of(sender, state, self._now, after=after, limit=wanted)
+            self._after[(sender, state)] = page[-1].cursor if len(page) == wanted else None
+            rows += page
+        self._read += len(rows)
+        recipients = self._scan.recipients_at([(row.row, row.key, row.email) for row in rows])
+        return [Job(recipient, row.sender) for row, recipient in zip(rows, recipients, strict=True)]
+
+    def left(self) -> int:
+        """The rows not read yet."""
+        return max(0, sum(self.counts.values()) - self._read)
 
 
 def _file_digest(path: Path) -> bytes:

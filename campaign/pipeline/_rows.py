@@ -230,14 +230,14 @@ def check_steps(composer: Composer, manifest: Manifest, job: Job) -> tuple[Messa
     sender = manifest.sender(job.sender)
     try:
         message = composer.render(job.recipient, sender)
-        check_body_link(manifest, message)  # Microsoft/iCloud drop the headers: the body link must be there
+        check_body_link(manifest, message, sender)  # Microsoft/iCloud drop the headers: a body link then
         check_message_attachments(message, composer.attachment_loader)  # found, sized, within 25 MB
         messages = [message]
         steps = (composer, *composer.followups)
         for before, followup in zip(steps, composer.followups, strict=False):
             answered = PreviousStep(before.step, messages[-1].subject, STAND_IN_ID, None, STAND_IN_SENT_AT)
             messages.append(followup.render(job.recipient, sender, previous=answered))
-            check_body_link(manifest, messages[-1])
+            check_body_link(manifest, messages[-1], sender)
     except DataError as exc:
         return exc
     return tuple(messages)

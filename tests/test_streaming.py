@@ -1,0 +1,198 @@
+"""The streaming engine (issue 15): the plan goes through a spool into the ledger, and the lanes read
+their work back from the ledger a page at a time. What matters is that this changes nothing of who is
+mailed, by whom, with what, and that no moment of death in the plan's writing can mail anyone twice
+or leave half a plan that sends.
+
+Counted at the fake: the deliveries it received, never our own logs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import campaign.dispatch._loop as loop_module
+import campaign.ledger._spool as spool_module
+from campaign.clock import SystemClock
+from campaign.ledger import open_ledger
+from campaign.manifest import load_manifest
+from campaign.models import RowState
+from campaign.recipients import load_audience
+from campaign.testing import FakeNylas
+from campaign.testing.server import serve_on_loopback
+
+API_KEY = "nyk_v0_streaming_test_key_0123456789"
+SENDERS = ("north", "south", "west")
+
+
+def _write_campaign(folder: Path, rows: list[str], *, suppressed: tuple[str, ...] = ()) -> Path:
+    """A three-sender plain-text campaign over `rows` (CSV lines: email,name,sender)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipients.csv").write_text("email,name,sender\n" + "".join(f"{r}\n" for r in rows), "utf-8")
+    (folder / "suppressed.txt").write_text("".join(f"{s}\n" for s in suppressed), "utf-8")
+    (folder / "note.txt.j2").write_text("Hello {{ name }}, row {{ email }}.\n", encoding="utf-8")
+    senders = "".join(
+        f'\n[[senders]]\nname = "{name}"\ngrant_id = "grant-{name}"\nemail = "{name}@corp.example.com"\n'
+        "per_second = 1000\nconcurrency = 2\n"
+        for name in SENDERS
+    )
+    manifest = folder / "campaign.toml"
+    manifest.write_text(
+        '[campaign]\nname = "streaming"\n\n'
+        '[recipients]\nsource = "recipients.csv"\nname_column = "name"\nsender_column = "sender"\n'
+        'suppress = ["suppressed.txt"]\n\n'
+        '[message]\nsubject = "A note for {{ name }}"\ntext = "note.txt.j2"\n' + senders,
+        encoding="utf-8",
+    )
+    return manifest
+
+
+def _fake() -> FakeNylas:
+    fake = FakeNylas(api_key=API_KEY)
+    for name in SENDERS:
+        fake.add_grant(f"grant-{name}", f"{name}@corp.example.com")
+    return fake
+
+
+def _run(url: str, *args: str | Path, script: str = "") -> subprocess.CompletedProcess[str]:
+    """`campaign ARGS` in a process of its own (`script` runs first in it, to arrange its death)."""
+    env = {**os.environ, "NYLAS_API_URI": url, "NYLAS_API_KEY": API_KEY, "COLUMNS": "120"}
+    code = textwrap.dedent(script) + "\nfrom campaign.cli import main\nmain()\n"
+    command = [sys.executable, "-c", code, *(str(arg) for arg in args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _delivered(fake: FakeNylas) -> Counter[str]:
+    return Counter(d.payload["to"][0]["email"] for d in fake.deliveries)
+
+
+# A process that dies by SIGKILL once the plan's writing has gone so far.
+_KILL_IN_CHECK = """
+import os, signal
+import campaign.ledger._spool as spool
+def add(self, planned, skips):
+    os.kill(os.getpid(), signal.SIGKILL)
+spool.PlanSpool.add = add
+"""
+_KILL_IN_RECORD = """
+import os, signal
+import campaign.ledger._spool as spool
+original = spool.PlanSpool.planned
+def planned(self):
+    for n, row in enumerate(original(self)):
+        if n == {at}:  # mid-transaction: some rows are written, none committed
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield row
+spool.PlanSpool.planned = planned
+"""
+
+
+@pytest.mark.parametrize("moment", ["check", "record"])
+def test_kill_while_the_plan_is_written_then_run_again_mails_everyone_once(tmp_path, moment):
+    """kill -9 while the first run checks the list (the spool) or records the plan (the ledger's
+    transaction), then again while a second run records the rows appended since: each next run
+    completes the plan, and every recipient is mailed exactly once."""
+    rows = [f"person{n:03d}@example.com,Person {n}," for n in range(1, 121)]
+    manifest = _write_campaign(tmp_path / "c", rows)
+    ledger_path = manifest.with_name("campaign.ledger.sqlite")
+    fake = _fake()
+    kill = _KILL_IN_CHECK if moment == "check" else _KILL_IN_RECORD.format(at=60)
+    with serve_on_loopback(fake) as url:
+        killed = _run(url, "run", manifest, "--yes", script=kill)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        assert fake.deliveries == []
+        if moment == "check":
+            assert not ledger_path.exists()  # nothing of a plan: not even a file
+        first = _run(url, "run", manifest, "--yes", "--limit", "30")
+        assert first.returncode == 75, first.stdout + first.stderr  # --limit: more to send
+        more = [f"late{n:03d}@example.com,Late {n}," for n in range(1, 41)]
+        (manifest.parent / "recipients.csv").write_text(
+            "email,name,sender\n" + "".join(f"{r}\n" for r in rows + more), "utf-8"
+        )
+        killed = _run(url, "resume", manifest, "--yes", script=_KILL_IN_RECORD.format(at=100))
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        last = _run(url, "resume", manifest, "--yes")
+        assert last.returncode == 0, last.stdout + last.stderr
+    delivered = _delivered(fake)
+    assert set(delivered) == {row.split(",")[0] for row in rows + more}
+    assert max(delivered.values()) == 1
+
+
+@pytest.fixture
+def switch(_loopback, monkeypatch):
+    """The session's loopback server, the CLI pointed at it (each example serves a fresh fake)."""
+    switchboard, url = _loopback
+    monkeypatch.setenv("NYLAS_API_URI", url)
+    monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
+    yield switchboard
+    switchboard.target = None
+
+
+@pytest.fixture
+def small_pages(monkeypatch):
+    """Pages of a few rows, so that any list spans many: lanes top up, the spool reads back in pages."""
+    monkeypatch.setattr(loop_module, "_LOOK_AHEAD", 1)
+    monkeypatch.setattr(spool_module, "_READ_ROWS", 3)
+
+
+_ADDRESSES = [
+    *(f"p{n}@example.com" for n in range(12)),
+    "P3@Example.com",
+    "not-an-address",
+    "a@x.com;b@x.com",
+]
+_ROW = st.tuples(st.sampled_from(_ADDRESSES), st.sampled_from(["", *SENDERS, "nobody"]))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    listed=st.lists(_ROW, min_size=1, max_size=25),
+    suppressed=st.lists(st.sampled_from(_ADDRESSES[:12]), max_size=3),
+    limit=st.sampled_from([None, 4]),
+)
+def test_the_streamed_plan_mails_what_the_whole_list_says(
+    tmp_path_factory, cli, switch, small_pages, listed, suppressed, limit
+):
+    """Random small lists with duplicates, bad rows, suppressed and pinned rows, sent in pages through
+    the spool and the ledger (and, with --limit, resumed): the fake receives one message for each
+    recipient the in-memory audience (`load_audience`) lists, from its pinned sender if it has one,
+    and the ledger skips exactly the rows the audience skips or finds bad."""
+    rows = [f"{email},Name {n},{sender}" for n, (email, sender) in enumerate(listed, start=1)]
+    manifest_path = _write_campaign(tmp_path_factory.mktemp("c"), rows, suppressed=tuple(suppressed))
+    manifest = load_manifest(manifest_path)
+    audience = load_audience(manifest.recipients, sender_names=SENDERS)
+    switch.target = fake = _fake()
+    args = ["--limit", str(limit)] if limit is not None else []
+    result = cli("run", manifest_path, "--yes", "--skip-invalid", *args)
+    while result.exit_code == 75:  # --limit: resume until done
+        result = cli("resume", manifest_path, "--yes", "--skip-invalid", *args)
+    switch.target = None
+    assert result.exit_code == 0, result.output
+    delivered = _delivered(fake)
+    assert sorted(delivered) == sorted(recipient.address.email for recipient in audience.recipients)
+    assert set(delivered.values()) <= {1}
+    by_email = {d.payload["to"][0]["email"]: d.grant_id for d in fake.deliveries}
+    for recipient in audience.recipients:
+        if recipient.sender is not None:
+            assert by_email[recipient.address.email] == f"grant-{recipient.sender}"
+    ledger = open_ledger(manifest.ledger_path, clock=SystemClock(), campaign="streaming")
+    try:
+        skipped = sorted(row.row for row in ledger.rows(states=(RowState.SKIPPED,)))
+    finally:
+        ledger.close()
+    # A key's row is its first: a duplicate of a mailed or skipped row is not a row of its own.
+    mailed = {recipient.key for recipient in audience.recipients}
+    first_skips: dict[str, int] = {}
+    for skip in audience.skipped:
+        if skip.key not in mailed:
+            first_skips.setdefault(skip.key, skip.row)
+    assert skipped == sorted({*first_skips.values(), *(problem.row for problem in audience.problems)})
