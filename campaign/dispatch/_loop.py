@@ -243,7 +243,8 @@ class _Loop:
             jobs = await self._in_thread(partial(self._feed.take, lane.sender.name, wanted))
         finally:
             lane.refilling = False
-        lane.more = len(jobs) == wanted
+        # A short page may be short only of rows already in a lane (`JobFeed.finished`): ask the feed.
+        lane.more = len(jobs) == wanted or self._feed.holds(lane.sender.name)
         lane.jobs.extend(jobs)
         self._start_workers(lane)
 
