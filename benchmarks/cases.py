@@ -96,6 +96,14 @@ CASES: tuple[Case, ...] = (
         "ledger",
     ),
     Case(
+        "resume-open",
+        "Resume: ledger of 1,000,000 rows, none sent yet; start to first request at the fake",
+        "<= 3 s",
+        {"rows": 1_000_000, "sent": 0, "senders": 10},
+        {"rows": 2_000, "sent": 0, "senders": 10},
+        "fresh-ledger",
+    ),
+    Case(
         "fresh-run",
         "First run of 1,000,000 rows, 10 senders x 200/s: start to first request at the fake, peak RSS",
         "<= 40 s, peak RSS <= 300 MB",

@@ -8,6 +8,7 @@
   10/s; the figure is the accepted requests' rate at the server over 200/s.
 - resume: a 1,000,000-row ledger with 900,000 sent; `campaign resume --yes --limit 1`;
   the figure is from spawning the command to the first request arriving at the server.
+- resume-open: the same on a 1,000,000-row ledger with nothing sent (every row open).
 - fresh-run, fresh-run-10m: a first `campaign run --yes --limit 1` of 1,000,000 (10,000,000) rows;
   the figures are the time from spawning it to the first request, and its peak RSS.
 - status: `campaign status --json` on that ledger; the figure is the command's wall time.
