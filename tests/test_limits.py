@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,7 @@ async def _run(tmp_path: Path, fake: FakeNylas, clock: FakeClock, senders, jobs,
             client=client,
             ledger=ledger,
             clock=clock,
-            offload=run_inline,
-            **kwargs,
+            **{"offload": run_inline, **kwargs},
         )
     return result, ledger
 
@@ -90,6 +90,28 @@ async def test_quota_refusal_parks_until_the_time_the_provider_gave(tmp_path):
     assert (result.sent, result.remaining) == (3, 2)
     first_delivery = fake.deliveries[0].delivered_at
     assert abs((result.parked["a"] - first_delivery).total_seconds() - 86_400) < 2
+
+
+@pytest.mark.parametrize("concurrency", [2, 4, 8])
+async def test_a_quota_park_stops_every_worker_at_once(tmp_path, concurrency):
+    """Quota 3, several workers claiming and waiting for their slots when the refusal parks the sender:
+    none of them waits out the provider's day (virtual time), and no request follows the refusals."""
+    clock = FakeClock()
+    fake = _fake(clock, "ga")
+    fake.set_quota("ga", recipients_per_day=3)
+    sender = SenderSettings(name="a", grant_id="ga", per_second=2, concurrency=concurrency)
+    start = clock.now()
+
+    async def slow_disk(call: Callable[[], Any]) -> Any:  # a claim may end after another worker's refusal
+        await clock.sleep(0.2)
+        return call()
+
+    result, _ = await _run(tmp_path, fake, clock, [sender], make_jobs(12, "a"), offload=slow_disk)
+    assert (result.sent, result.remaining) == (3, 9)
+    assert "a" in result.parked
+    assert (clock.now() - start).total_seconds() < 60
+    assert len(fake.deliveries) == 3
+    assert len(fake.requests) <= 3 + concurrency  # a refusal each for the sends already on their way
 
 
 async def test_wait_sleeps_through_quotas_across_days(tmp_path):

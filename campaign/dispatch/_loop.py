@@ -380,8 +380,9 @@ class _Loop:
     async def _wait_for_slot(self, lane: Lane, *, multipart: bool) -> None:
         # Nothing may await between the end of this wait and the request, or sends
         # could bunch up behind a slow step; so the ledger claim comes before it.
-        # A throttle that arrives meanwhile moves the hold: then wait again.
-        while True:
+        # A throttle that arrives meanwhile moves the hold: then wait again. A lane parked meanwhile (a
+        # quota: its hold is the provider's day) is not waited for: the caller gives the claim back.
+        while not (lane.stopped or self._stopping):
             start = lane.reserve(self._clock.monotonic(), multipart=multipart)
             await self._stop.sleep(start - self._clock.monotonic())
             if self._clock.monotonic() >= lane.hold_until or lane.stopped or self._stopping:
@@ -454,6 +455,9 @@ class _Loop:
             await self._wait_for_slot(lane, multipart=payload.multipart)
             if self._stopping:  # no new request after a stop: resume re-sends it with this key
                 self._left_inflight += 1
+                return RowState.INFLIGHT
+            if lane.stopped:  # parked meanwhile: it keeps its key, bound to this grant, for when it may send
+                self._bound.add(key)
                 return RowState.INFLIGHT
         self._after(lane, job, outcome, state)
         return state
