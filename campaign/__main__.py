@@ -2,4 +2,5 @@
 
 from campaign.cli import main
 
-main()
+if __name__ == "__main__":  # not when a worker process (the parallel check) imports it as its parent's main
+    main()

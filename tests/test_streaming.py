@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import check_plan
 
 import campaign.dispatch._loop as loop_module
 import campaign.ledger._spool as spool_module
+import campaign.pipeline._parallel as parallel_module
 from campaign.clock import SystemClock
 from campaign.ledger import open_ledger
 from campaign.manifest import load_manifest
@@ -196,3 +198,41 @@ def test_the_streamed_plan_mails_what_the_whole_list_says(
         if skip.key not in mailed:
             first_skips.setdefault(skip.key, skip.row)
     assert skipped == sorted({*first_skips.values(), *(problem.row for problem in audience.problems)})
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_the_check_on_every_core_finds_what_the_check_in_one_process_finds(
+    tmp_path, monkeypatch, skip_invalid
+):
+    """A list with duplicates, bad addresses, unknown senders and rows whose data breaks a header (an
+    error only rendering finds), checked in worker processes a batch at a time and in this process:
+    the same plan, the same skips, the same problems, in the same order."""
+    rows = []
+    for n in range(1, 61):
+        name = f"Name {n}" if n % 7 else "x\x0bBcc: victim@example.com"  # breaks the subject
+        email = f"p{n}@example.com" if n % 11 else "not-an-address"
+        rows.append(f"{email if n % 13 else 'p1@example.com'},{name},{'nobody' if n == 30 else ''}")
+    manifest = load_manifest(_write_campaign(tmp_path / "c", rows, suppressed=("p5@example.com",)))
+    in_one = check_plan(manifest, secrets=None, skip_invalid=skip_invalid)
+    submitted: list[int] = []
+
+    class CountingPool(parallel_module.ProcessPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            submitted.append(len(args[0]))
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(parallel_module, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(parallel_module, "_cores", lambda: 2)
+    monkeypatch.setattr(parallel_module, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(parallel_module, "BATCH", 7)
+    on_all = check_plan(manifest, secrets=None, skip_invalid=skip_invalid)
+    assert sum(submitted) > 0  # the workers rendered
+    assert on_all.jobs == in_one.jobs
+    assert on_all.skips == in_one.skips
+    assert on_all.problems == in_one.problems
+    assert (on_all.preflight.planned, on_all.preflight.skipped) == (
+        in_one.preflight.planned,
+        in_one.preflight.skipped,
+    )
+    assert in_one.problems or skip_invalid
+    assert any("U+000B" in text for text in (*in_one.problems, *(skip.detail for skip in in_one.skips)))

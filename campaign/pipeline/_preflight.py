@@ -16,6 +16,7 @@ from campaign.errors import DataError
 from campaign.ledger import Ledger, PlannedRow, PlanSpool
 from campaign.manifest import Manifest
 from campaign.models import Message, RowState, Skip, SkipReason
+from campaign.pipeline._parallel import checked_rows
 from campaign.pipeline._rows import Reuse, RowCheck, cells_digest, check_rows, collecting_less
 from campaign.plan import Job
 from campaign.recipients import AudienceScan
@@ -100,22 +101,22 @@ def run_preflight(
     problem_count = planned = to_send = 0
     total, done = pipeline.scan.row_count, 0
     with collecting_less():
-        for batch in pipeline.batches():
+        for batch in checked_rows(pipeline, secrets):
             if on_rows is not None:
                 done += len(batch)
                 on_rows(done, total)
             rows: list[PlannedRow] = []
             skips: list[Skip] = []
-            for checked in batch:
-                if checked.job is not None and (checked.message is not None or checked.reused):
+            for checked, error in batch:
+                if checked.job is not None and error is None:  # rendered and checked, or reused
                     rows.append(_planned_row(checked, checked.job, due_at(checked.job)))
                     to_send += checked.settled is None
                 elif checked.checked.skip is not None:
                     skips.append(checked.checked.skip)
                 elif skip_invalid:
-                    skips.append(_invalid_skip(checked, source))
+                    skips.append(_invalid_skip(checked, error, source))
                 else:
-                    found = _problems(checked, source)
+                    found = _problems(checked, error, source)
                     problem_count += len(found)
                     problems.extend(found[: max(0, _KEPT_PROBLEMS - len(problems))])
             spool.add(rows, skips)
@@ -145,17 +146,17 @@ def _planned_row(checked: RowCheck, job: Job, due_at: datetime | None) -> Planne
     )
 
 
-def _problems(checked: RowCheck, source: str) -> list[str]:
-    if checked.error is not None:
-        return [f"{source} {checked.error}"]
+def _problems(checked: RowCheck, error: str | None, source: str) -> list[str]:
+    if error is not None:
+        return [f"{source} {error}"]
     return [problem.describe(source) for problem in checked.checked.problems]
 
 
-def _invalid_skip(checked: RowCheck, source: str) -> Skip:
-    """A row that fails its checks, skipped (--skip-invalid) with every reason."""
-    if checked.job is not None and checked.error is not None:
+def _invalid_skip(checked: RowCheck, error: str | None, source: str) -> Skip:
+    """A row that fails its checks (`error`: its message's), skipped (--skip-invalid) with every reason."""
+    if checked.job is not None and error is not None:
         recipient = checked.job.recipient
-        text = f"{source} {checked.error}"
+        text = f"{source} {error}"
         return Skip(recipient.row, recipient.key, recipient.address.email, SkipReason.INVALID, text)
     detail = "; ".join(f"{problem.where}: {problem.message}" for problem in checked.checked.problems)
     return Skip(checked.row, f"row:{checked.row}", "", SkipReason.INVALID, detail)

@@ -122,19 +122,20 @@ class RowPipeline:
             kept, settled = self._known([recipient.key for recipient in recipients])
             yield [self._assign(checked, unsubscribed, kept, settled) for checked in batch]
 
-    def batches(self, size: int = BATCH_ROWS) -> Iterator[list[RowCheck]]:
+    def batches(self, size: int = BATCH_ROWS, *, render: bool = True) -> Iterator[list[RowCheck]]:
         """Every row through every stage, `size` rows of the file at a time; with `reuse`, the rows a
-        run need not check again are passed on unrendered (`RowCheck.reused`)."""
+        run need not check again are passed on unrendered (`RowCheck.reused`). With `render` false,
+        the rest are passed on unrendered too, for the caller to check elsewhere (`check_jobs`)."""
         for batch in self.assigned(size):
             unchanged = self._unchanged(batch)
-            yield [self._checked(row, unchanged) for row in batch]
+            yield [self._checked(row, unchanged, render=render) for row in batch]
 
-    def _checked(self, row: RowCheck, unchanged: Mapping[int, str | None]) -> RowCheck:
+    def _checked(self, row: RowCheck, unchanged: Mapping[int, str | None], *, render: bool) -> RowCheck:
         if row.job is None:
             return row
         if row.row in unchanged:  # built directly: dataclasses.replace costs seconds over a million rows
             return RowCheck(row.checked, row.job, settled=row.settled, reused=True, cells=unchanged[row.row])
-        return self._render(row, row.job)
+        return self._render(row, row.job) if render else row
 
     def _unchanged(self, batch: Sequence[RowCheck]) -> dict[int, str | None]:
         """The rows of `batch` a run need not render, with their cells digest: sent already (a run never
