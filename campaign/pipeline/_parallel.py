@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -76,6 +77,9 @@ def _joined(batch: list[RowCheck], errors: Future[list[str | None]]) -> list[tup
 
 def _start_worker(manifest: Manifest, secrets: Sequence[bytes] | None) -> None:
     global _worker  # a pool worker's state, set once as it starts
+    # Ctrl-C reaches the whole process group: the parent stops the check and shuts the pool down; a
+    # worker that raised KeyboardInterrupt too would print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = (manifest, build_composer(manifest, secrets=secrets))
 
 
