@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -236,3 +237,57 @@ def test_the_check_on_every_core_finds_what_the_check_in_one_process_finds(
     )
     assert in_one.problems or skip_invalid
     assert any("U+000B" in text for text in (*in_one.problems, *(skip.detail for skip in in_one.skips)))
+
+
+def test_ctrl_c_during_the_check_on_every_core_stops_with_one_line_and_no_ledger(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, worker processes included: the run stops
+    with its one line and exit 130, no worker prints a traceback, none is left running, and no
+    ledger is made."""
+    rows = [f"person{n:06d}@example.com,Person {n}," for n in range(1, 3 * parallel_module.PARALLEL_FROM)]
+    manifest = _write_campaign(tmp_path / "c", rows)
+    env = {
+        **os.environ,
+        "NYLAS_API_KEY": API_KEY,
+        "NYLAS_API_URI": "http://127.0.0.1:9",
+        "PYTHONUNBUFFERED": "1",
+    }
+    # A progress line every 0.1 s (not 5 s) says the check, and so the workers, are under way.
+    code = (
+        "import campaign.cli.progress as p; p.CHECK_LOG_EVERY_S = 0.1; from campaign.cli import main; main()"
+    )
+    command = [sys.executable, "-c", code, "run", str(manifest), "--yes"]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("checked "):
+                break
+        else:
+            raise AssertionError("".join(lines))
+        os.killpg(process.pid, signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output
+    assert "Traceback" not in output
+    assert "interrupted" in output
+    assert not manifest.with_name("campaign.ledger.sqlite").exists()
+    assert _group_gone(process.pid), "a worker outlived the run"
+
+
+def _group_gone(group: int) -> bool:
+    """Whether process group `group` has emptied within a few seconds (multiprocessing's helpers take a
+    moment to see their parent gone)."""
+    for _ in range(100):
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
