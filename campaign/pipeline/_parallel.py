@@ -14,9 +14,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 
 from campaign.errors import DataError
 from campaign.manifest import Manifest
@@ -56,7 +58,8 @@ def checked_rows(
         waiting: deque[tuple[list[RowCheck], Future[list[str | None]]]] = deque()
         for batch in pipeline.batches(BATCH, render=False):
             jobs = [row.job for row in batch if row.job is not None and not row.reused]
-            waiting.append((batch, pool.submit(_check_batch, jobs)))
+            with _children_ignore_ctrl_c():  # a submit may start a worker
+                waiting.append((batch, pool.submit(_check_batch, jobs)))
             if len(waiting) > workers * _AHEAD:
                 yield _joined(*waiting.popleft())
         while waiting:
@@ -65,8 +68,29 @@ def checked_rows(
         pool.shutdown(cancel_futures=True)
 
 
+@contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started inside begin with SIGINT ignored. An ignored signal stays ignored across exec,
+    and Python then installs no KeyboardInterrupt handler, so a terminal's Ctrl-C (which reaches the
+    whole process group) is the parent's to handle even while a worker is still importing. The parent
+    ignores it only for the milliseconds a start takes. Only the main thread may change handlers: the
+    workers' own `_start_worker` covers other callers once a worker has started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
 def _cores() -> int:
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on (all of them where the OS cannot say: macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _joined(batch: list[RowCheck], errors: Future[list[str | None]]) -> list[tuple[RowCheck, str | None]]:
