@@ -75,5 +75,7 @@ def exit_codes() -> Iterator[None]:
         print_error(err, str(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        print_error(err, "interrupted; rows in flight are kept in the ledger and `campaign resume` continues")
+        # A run's sends are stopped gracefully elsewhere (`run_interruptible`, with its own report); this
+        # is a Ctrl-C anywhere else, e.g. during the check, before anything was recorded.
+        print_error(err, "interrupted; nothing recorded is lost: run the command again to continue")
         raise typer.Exit(EXIT_INTERRUPTED) from None
