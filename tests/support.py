@@ -6,7 +6,7 @@ import contextlib
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,9 @@ from campaign.ledger import PlanSpool
 from campaign.manifest import Manifest
 from campaign.models import Address, Message, Recipient, Skip
 from campaign.pipeline import Preflight, run_preflight
+from campaign.pipeline._resume import jobs_at
 from campaign.plan import Job
+from campaign.testing import FakeNylas
 
 
 def make_jobs(count: int, sender: str = "a", start: int = 1, *, pinned: bool = False) -> list[Job]:
@@ -57,9 +59,15 @@ def check_plan(manifest: Manifest, **options: Any) -> CheckedPlan:
     with PlanSpool() as spool:
         preflight = run_preflight(manifest, spool, **options)
         planned, skips = list(spool.planned()), list(spool.skips())
-    recipients = preflight.scan.recipients_at([(row.row, row.key, row.email) for row in planned])
-    jobs = [Job(recipient, row.sender) for row, recipient in zip(planned, recipients, strict=True)]
-    return CheckedPlan(preflight, jobs, skips)
+    return CheckedPlan(preflight, jobs_at(preflight.scan, planned), skips)
+
+
+def fake_with_grants(api_key: str, names: Sequence[str]) -> FakeNylas:
+    """A fake Nylas with a grant `grant-NAME` for each sender name, mailbox `NAME@corp.example.com`."""
+    fake = FakeNylas(api_key=api_key)
+    for name in names:
+        fake.add_grant(f"grant-{name}", f"{name}@corp.example.com")
+    return fake
 
 
 def render_plain(job: Job, *, campaign: str = "test") -> Message:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import fake_with_grants
 
 from campaign.testing import FakeNylas, Fault
 from campaign.testing.server import serve_on_loopback
@@ -51,10 +52,7 @@ def _write_campaign(folder: Path, *, recipients: int, timeout_s: float, per_seco
 
 
 def _fake() -> FakeNylas:
-    fake = FakeNylas(api_key=API_KEY)
-    for name in SENDERS:
-        fake.add_grant(f"grant-{name}", f"{name}@corp.example.com")
-    return fake
+    return fake_with_grants(API_KEY, SENDERS)
 
 
 def _start(url: str, *args: str | Path) -> subprocess.Popen[str]:

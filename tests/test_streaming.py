@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import check_plan
+from support import check_plan, fake_with_grants
 
 import campaign.dispatch._loop as loop_module
 import campaign.ledger._spool as spool_module
@@ -60,10 +60,7 @@ def _write_campaign(folder: Path, rows: list[str], *, suppressed: tuple[str, ...
 
 
 def _fake() -> FakeNylas:
-    fake = FakeNylas(api_key=API_KEY)
-    for name in SENDERS:
-        fake.add_grant(f"grant-{name}", f"{name}@corp.example.com")
-    return fake
+    return fake_with_grants(API_KEY, SENDERS)
 
 
 def _run(url: str, *args: str | Path, script: str = "") -> subprocess.CompletedProcess[str]:

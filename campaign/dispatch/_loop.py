@@ -385,7 +385,7 @@ class _Loop:
         while not (lane.stopped or self._stopping):
             start = lane.reserve(self._clock.monotonic(), multipart=multipart)
             await self._stop.sleep(start - self._clock.monotonic())
-            if self._clock.monotonic() >= lane.hold_until or lane.stopped or self._stopping:
+            if self._clock.monotonic() >= lane.hold_until:
                 return
 
     async def _send(self, lane: Lane, job: Job, message: Message) -> RowState | None:  # noqa: C901 - the life of one claimed key is one loop; split, its invariants would be spread apart

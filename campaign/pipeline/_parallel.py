@@ -57,7 +57,7 @@ def checked_rows(
     try:
         waiting: deque[tuple[list[RowCheck], Future[list[str | None]]]] = deque()
         for batch in pipeline.batches(BATCH, render=False):
-            jobs = [row.job for row in batch if row.job is not None and not row.reused]
+            jobs = [row.job for row in batch if row.job is not None and _to_render(row)]
             with _children_ignore_ctrl_c():  # a submit may start a worker
                 waiting.append((batch, pool.submit(_check_batch, jobs)))
             if len(waiting) > workers * _AHEAD:
@@ -96,7 +96,12 @@ def _cores() -> int:
 def _joined(batch: list[RowCheck], errors: Future[list[str | None]]) -> list[tuple[RowCheck, str | None]]:
     """The batch's rows with the errors its rendered rows came back with (in the same order)."""
     found = iter(errors.result())
-    return [(row, next(found) if row.job is not None and not row.reused else None) for row in batch]
+    return [(row, next(found) if _to_render(row) else None) for row in batch]
+
+
+def _to_render(row: RowCheck) -> bool:
+    """Whether a worker checks `row`: a row to mail that an earlier run's check does not cover."""
+    return row.job is not None and not row.reused
 
 
 def _start_worker(manifest: Manifest, secrets: Sequence[bytes] | None) -> None:

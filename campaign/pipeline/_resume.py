@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from campaign.models import RowState
 from campaign.plan import Job
 from campaign.recipients import AudienceScan, scan_audience
 
-__all__ = ["LedgerJobs", "load_open_jobs", "load_plan_stamp", "load_rules_stamp"]
+__all__ = ["LedgerJobs", "jobs_at", "load_open_jobs", "load_plan_stamp", "load_rules_stamp"]
 
 # Bump when preflight's rules change, so that a stamp recorded under the old rules no longer matches.
 _RULES = 2
@@ -68,9 +69,14 @@ def load_open_jobs(manifest: Manifest, ledger: Ledger, now: datetime | None = No
     earlier preflight checked them (row number, key, normalised address, sender).
     """
     scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
-    open_rows = ledger.open_rows(now)
-    recipients = scan.recipients_at([(row.row, row.key, row.email) for row in open_rows])
-    return [Job(recipient, row.sender) for row, recipient in zip(open_rows, recipients, strict=True)]
+    return jobs_at(scan, ledger.open_rows(now))
+
+
+def jobs_at(scan: AudienceScan, rows: Sequence[PlannedRow]) -> list[Job]:
+    """The planned `rows` as jobs, their recipients rebuilt by position from `scan` (the list as the plan
+    was checked)."""
+    recipients = scan.recipients_at([(row.row, row.key, row.email) for row in rows])
+    return [Job(recipient, row.sender) for row, recipient in zip(rows, recipients, strict=True)]
 
 
 class LedgerJobs:
@@ -101,8 +107,7 @@ class LedgerJobs:
             self._after[(sender, state)] = page[-1].cursor if len(page) == wanted else None
             rows += page
         self._read += len(rows)
-        recipients = self._scan.recipients_at([(row.row, row.key, row.email) for row in rows])
-        return [Job(recipient, row.sender) for row, recipient in zip(rows, recipients, strict=True)]
+        return jobs_at(self._scan, rows)
 
     def left(self) -> int:
         """The rows not read yet."""
