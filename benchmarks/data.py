@@ -179,7 +179,8 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     from campaign.clock import SystemClock
     from campaign.ledger import open_ledger
     from campaign.manifest import load_manifest
-    from campaign.pipeline import cells_digest, load_content_fingerprint, load_plan_stamp, load_rules_stamp
+    from campaign.recipients import encode_cells
+    from campaign.pipeline import load_content_fingerprint, load_plan_stamp, load_rules_stamp
 
     manifest = load_manifest(manifest_path)
     campaign = manifest.campaign.name
@@ -194,7 +195,7 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     with manifest.recipients.source.open(encoding="utf-8", newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
-        cells = [cells_digest(dict(zip(header, line, strict=True))) for line in reader]
+        cells = [encode_cells(dict(zip(header, line, strict=True))) for line in reader]
     names = [sender.name for sender in manifest.senders]
     db = sqlite3.connect(ledger_path, isolation_level=None)
     try:

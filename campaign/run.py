@@ -55,7 +55,7 @@ from campaign.ledger import (
     unlock_ledger,
 )
 from campaign.manifest import Manifest
-from campaign.models import FIRST_STEP, Recipient, RowState, Screening
+from campaign.models import Recipient, RowState, Screening
 from campaign.nextsteps import NextStep
 from campaign.nylas import SendClient
 from campaign.pipeline import (
@@ -66,21 +66,21 @@ from campaign.pipeline import (
     check_content,
     check_job,
     load_content_fingerprint,
-    load_open_jobs,
     load_plan_stamp,
+    load_recipients,
     load_rules_stamp,
     record_content,
     render_job,
     run_preflight,
 )
 from campaign.plan import DAY_S, Job
-from campaign.recipients import AudienceScan, scan_audience
 from campaign.render import Composer, build_composer
 from campaign.status import build_status
 from campaign.unsubscribe import UnsubscribeWatch, list_store_paths, open_store
 
 # A follow-up whose reply lookup failed is looked up again after this long (with --wait).
 _HOLD_RETRY_S = 300.0
+_PAGE = 1_000  # open rows read at a time when they are all looked over (attachments re-checked)
 
 __all__ = ["RunHooks", "RunOptions", "RunOutcome", "RunPlan", "SenderShare", "run_campaign"]
 
@@ -295,9 +295,12 @@ def _files_still_there(manifest: Manifest, composer: Composer, ledger: Ledger) -
     cover them); if one is not, the full check runs and says which, before anything is recorded."""
     if not manifest.message.attachments:
         return True
-    return not any(
-        isinstance(check_job(composer, manifest, job), DataError) for job in load_open_jobs(manifest, ledger)
-    )
+    jobs = LedgerJobs(ledger, manifest.recipients, None)
+    for sender in jobs.counts:
+        while page := jobs(sender, _PAGE):
+            if any(isinstance(check_job(composer, manifest, job), DataError) for job in page):
+                return False
+    return True
 
 
 def _record_plan(ledger: Ledger, checked: _Checked, spool: PlanSpool) -> SyncReport:
@@ -348,14 +351,12 @@ def _send_checked(
 
 def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: datetime) -> LedgerJobs:
     """The rows that still need a send and are due at `now`, read a page at a time as the lanes need
-    them; their cells from the list as checked (the check's own scan, or the list read again)."""
-    if checked.preflight is not None:
-        return LedgerJobs(ledger, checked.preflight.scan, now)
-    if ledger.plan_stamp() != checked.stamp:  # another command recorded a plan meanwhile
+    them, with the cells their plan recorded."""
+    if checked.preflight is None and ledger.plan_stamp() != checked.stamp:
+        # another command recorded a plan meanwhile
         message = f"{ledger.path}: another command changed the ledger while this one started; run again"
         raise LedgerError(message)
-    senders = [sender.name for sender in manifest.senders]
-    return LedgerJobs(ledger, scan_audience(manifest.recipients, sender_names=senders), now)
+    return LedgerJobs(ledger, manifest.recipients, now)
 
 
 class _Rounds:
@@ -378,7 +379,6 @@ class _Rounds:
         self._clock = clock
         self._settings = settings
         self._hooks = hooks
-        self._scan: AudienceScan | None = None
         self._held: dict[str, datetime] = {}  # follow-ups whose reply lookup failed, and when to retry
 
     async def send(
@@ -400,18 +400,18 @@ class _Rounds:
                 screen = self._screen(client, notices)
                 while True:
                     # Once a round: schedule what was just sent, read what is due (step 1's rows first).
-                    due = self._due_jobs(later=total is not None)
-                    if not due and total is not None:  # nothing due now: wait for it, or end here
+                    step1 = first if total is None else self._later_first_steps()
+                    due = self._due_followups()
+                    counts = Counter(job.sender for job in due)
+                    if step1 is not None:
+                        counts.update(step1.counts)
+                    if not counts.total() and total is not None:  # nothing due now: wait for it, or end here
                         if not self._settings.wait or not await self._wait_for_next(stop):
                             return total
                         continue
-                    if any(job.step != FIRST_STEP for job in due) and await self._pull_events(client):
+                    if due and await self._pull_events(client):
                         watch.reread_next()
-                    counts = Counter(job.sender for job in due)
-                    work = source_of(due)
-                    if total is None:
-                        counts.update(first.counts)
-                        work = chain_sources(first, work)
+                    work = source_of(due) if step1 is None else chain_sources(step1, source_of(due))
                     settings = _rest_of(self._settings, total)  # --limit counts the whole run
                     result = await self._dispatch(
                         work, counts, client, watch if stores else None, screen, stop, settings
@@ -449,19 +449,22 @@ class _Rounds:
             store.close()
         return report.recorded > 0
 
-    def _due_jobs(self, *, later: bool) -> list[Job]:
-        """The follow-ups due now, once the steps just sent are scheduled; in a later round, step 1's
-        rows that came due too (`deliver_at`). A follow-up whose lookup failed waits for its retry."""
-        now = self._clock.now()
-        jobs = []
-        if later and self._manifest.message.deliver_at is not None:
-            jobs = load_open_jobs(self._manifest, self._ledger, now)
+    def _later_first_steps(self) -> LedgerJobs | None:
+        """In a round after the first: step 1's rows that came due since (`deliver_at`), a page at a time."""
+        if self._manifest.message.deliver_at is None:
+            return None
+        return LedgerJobs(self._ledger, self._manifest.recipients, self._clock.now())
+
+    def _due_followups(self) -> list[Job]:
+        """The follow-ups due now, once the steps just sent are scheduled. A follow-up whose lookup failed
+        waits for its retry."""
         if not self._manifest.followups:
-            return jobs
+            return []
+        now = self._clock.now()
         schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
         self._held = {key: retry for key, retry in self._held.items() if retry > now}
         due = load_due_jobs(self._manifest, self._ledger, now, recipients_at=self._recipients_at)
-        return [*jobs, *(job for job in due if job.key not in self._held)]
+        return [job for job in due if job.key not in self._held]
 
     async def _wait_for_next(self, stop: anyio.Event | None) -> bool:
         """--wait: sleep until the next follow-up is due (or a held one is retried); False if none is."""
@@ -482,10 +485,7 @@ class _Rounds:
         return not _asked_to_stop(stop)
 
     def _recipients_at(self, wanted: Sequence[tuple[int, str, str]]) -> list[Recipient]:
-        if self._scan is None:
-            senders = [sender.name for sender in self._manifest.senders]
-            self._scan = scan_audience(self._manifest.recipients, sender_names=senders)
-        return self._scan.recipients_at(wanted)
+        return load_recipients(self._manifest.recipients, self._ledger, wanted)
 
     def _screen(
         self, client: SendClient, notices: ReplyNotices

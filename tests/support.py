@@ -54,12 +54,12 @@ class CheckedPlan:
 
 
 def check_plan(manifest: Manifest, **options: Any) -> CheckedPlan:
-    """`run_preflight` into a fresh spool; the jobs (their cells read back from the list as checked, as a
-    run's `LedgerJobs` reads them) and skips it wrote."""
+    """`run_preflight` into a fresh spool; the jobs (rebuilt from the cells the plan recorded, as a run's
+    `LedgerJobs` rebuilds them) and skips it wrote."""
     with PlanSpool() as spool:
         preflight = run_preflight(manifest, spool, **options)
         planned, skips = list(spool.planned()), list(spool.skips())
-    return CheckedPlan(preflight, jobs_at(preflight.scan, planned), skips)
+    return CheckedPlan(preflight, jobs_at(manifest.recipients, planned), skips)
 
 
 def fake_with_grants(api_key: str, names: Sequence[str]) -> FakeNylas:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 from conftest import SECRET, copy_sample
-from support import check_plan
 
 import campaign.run as run_module
 from campaign.clock import SystemClock
-from campaign.ledger import PlannedRow, open_ledger
+from campaign.ledger import PlanSpool, open_ledger
 from campaign.manifest import load_manifest
 from campaign.models import SkipReason
 from campaign.pipeline import (
+    LedgerJobs,
+    check_rows,
     load_content_fingerprint,
-    load_open_jobs,
     load_plan_stamp,
     run_preflight,
 )
@@ -41,26 +41,33 @@ def preflights(monkeypatch):
 
 @pytest.mark.parametrize("sample", ["newsletter", "outreach", "invoices"])
 def test_open_rows_read_back_are_the_jobs_a_full_preflight_makes(sample, tmp_path):
-    """CSV and Parquet lists (names, pinned senders, duplicates, suppressed rows): the same jobs."""
+    """CSV and Parquet lists (names, pinned senders, duplicates, suppressed rows): the jobs rebuilt from
+    the cells the plan recorded are those the check made from the list itself (Parquet numbers too)."""
     path = copy_sample(sample, tmp_path)
     manifest = load_manifest(path)
-    preflight = check_plan(manifest, secrets=parse_secrets(SECRET), skip_invalid=False)
-    assert len(preflight.jobs) >= 3
+    pipeline = check_rows(manifest, secrets=parse_secrets(SECRET))
+    checked = [row.job for batch in pipeline.assigned() for row in batch if row.job is not None]
+    assert len(checked) >= 3
     ledger = open_ledger(tmp_path / "ledger.sqlite", clock=SystemClock(), campaign=manifest.campaign.name)
     try:
-        planned = [
-            PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, j.sender)
-            for j in preflight.jobs
-        ]
-        ledger.record_plan(planned, preflight.skips)
-        second, last = preflight.jobs[1], preflight.jobs[-1]
+        with PlanSpool() as spool:
+            run_preflight(manifest, spool, secrets=parse_secrets(SECRET), skip_invalid=False)
+            ledger.record_plan(spool.planned(), spool.skips())
+        second, last = checked[1], checked[-1]
         ledger.claim(last.recipient.key, sender=last.sender)  # left in flight: it comes first
         ledger.record_skipped(second.recipient.key, SkipReason.UNSUBSCRIBED, "unsubscribed since")
-        jobs = load_open_jobs(manifest, ledger)
+        source = LedgerJobs(ledger, manifest.recipients, None)
+        jobs = {sender: list(source(sender, 1_000)) for sender in source.counts}
     finally:
         ledger.close()
-    expected = [last] + [job for job in preflight.jobs if job not in (second, last)]
+    # Each sender's rows: the one left in flight first (its key ages), then the pending ones in list order.
+    listed = [last] + [job for job in checked if job not in (second, last)]
+    expected = {sender: [job for job in listed if job.sender == sender] for sender in jobs}
     assert jobs == expected
+    assert sum(map(len, jobs.values())) == len(checked) - 1
+    assert [j.recipient.fields for j in jobs[last.sender]] == [
+        j.recipient.fields for j in expected[last.sender]
+    ]
 
 
 def test_resume_of_an_unchanged_campaign_does_not_check_the_list_again(api, cli, tmp_path, preflights):

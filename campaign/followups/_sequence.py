@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 _BATCH = 1000
-# Rebuilds recipients from (row, key, address) of the checked list: the list's `recipients_at`.
+# Rebuilds recipients from (row, key, address) of the recorded plan (`pipeline.load_recipients`).
 RecipientsAt = Callable[[Sequence[tuple[int, str, str]]], list[Recipient]]
 
 

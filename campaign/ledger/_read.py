@@ -137,7 +137,7 @@ class PlannedRow:
     sender: str
     inflight: bool = False
     due_at: datetime | None = None  # not to be sent before (step 1's `deliver_at`); None: at once
-    cells: str | None = None  # a digest of the list row as it was checked
+    cells: str | None = None  # the list row's cells as it was checked (`recipients.encode_cells`)
     cursor: int = 0  # read back: its place in the ledger (`open_rows_of`'s `after` for the next page)
 
 
@@ -164,7 +164,8 @@ class LedgerReader:
         return self._meta(RULES_STAMP)
 
     def key_cells(self, keys: Iterable[str]) -> dict[str, str]:
-        """Key -> the digest of its list row as last checked, for the rows of `keys` that have one."""
+        """Key -> its list row's cells as last checked (`recipients.encode_cells`), for the rows of `keys`
+        that have them."""
         rows = self._read(f"SELECT r.key, r.cells FROM {_BY_KEYS} WHERE r.cells IS NOT NULL", (_keys(keys),))
         return {str(key): str(cells) for key, cells in rows}
 
@@ -367,21 +368,6 @@ class LedgerReader:
             )
         return {str(key): str(state) for key, state in found}
 
-    def open_rows(self, now: datetime | None = None) -> list[PlannedRow]:
-        """The listed pending and in-flight rows of step 1 (of them, those due at `now`, if given), in
-        flight first (their keys age), then in list order."""
-        query = (
-            "SELECT key, row, email, sender, state = 'inflight' FROM recipients "
-            "WHERE state IN ('pending', 'inflight') AND listed = 1 AND step = 'message' "
-            "AND (? IS NULL OR state = 'inflight' OR due_at IS NULL OR due_at <= ?) "
-            "ORDER BY state = 'inflight' DESC, row, key"
-        )
-        stamp = None if now is None else _iso(now)
-        return [
-            PlannedRow(str(key), int(row), str(email), str(sender), bool(inflight))
-            for key, row, email, sender, inflight in self._read(query, (stamp, stamp))
-        ]
-
     def open_rows_of(
         self, sender: str, state: RowState, now: datetime | None = None, *, after: int = 0, limit: int = 1000
     ) -> list[PlannedRow]:
@@ -389,15 +375,15 @@ class LedgerReader:
         `now` if given, in ledger order after `after` (the last one's `cursor`): a page of a lane's work.
         The state index holds each (state, sender)'s rows in rowid order, so a page is a range read."""
         query = (
-            "SELECT rowid, key, row, email, sender FROM recipients INDEXED BY recipients_state "
+            "SELECT rowid, key, row, email, sender, cells FROM recipients INDEXED BY recipients_state "
             "WHERE state = ? AND sender = ? AND rowid > ? AND listed = 1 AND step = ? "
             "AND (? IS NULL OR state = 'inflight' OR due_at IS NULL OR due_at <= ?) ORDER BY rowid LIMIT ?"
         )
         stamp = None if now is None else _iso(now)
         inflight = state == RowState.INFLIGHT
         return [
-            PlannedRow(str(key), int(row), str(email), str(name), inflight, cursor=int(rowid))
-            for rowid, key, row, email, name in self._read(
+            PlannedRow(str(key), int(row), str(email), str(name), inflight, cells=cells, cursor=int(rowid))
+            for rowid, key, row, email, name, cells in self._read(
                 query, (state.value, sender, after, FIRST_STEP, stamp, stamp, limit)
             )
         ]

@@ -16,6 +16,7 @@ import sqlite3
 from pathlib import Path
 
 from campaign.errors import LedgerError
+from campaign.ledger._read import PLAN_STAMP, RULES_STAMP
 
 __all__ = [
     "MIGRATIONS",
@@ -125,6 +126,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE recipients ADD COLUMN auto_reply TEXT;
         ALTER TABLE recipients ADD COLUMN cells TEXT;
         CREATE INDEX recipients_due ON recipients (due_at) WHERE due_at IS NOT NULL
+        """,
+    ),
+    (
+        "the cells of each planned row, to send from",
+        # `cells` now holds the list row's cells as text (`recipients.encode_cells`), not a digest: runs
+        # send from the ledger, not from the list held in memory. The digests go, and with them the plan
+        # and rules stamps, so that the next run checks the whole list once and records every row's cells.
+        f"""
+        UPDATE recipients SET cells = NULL WHERE cells IS NOT NULL;
+        DELETE FROM meta WHERE key IN ('{PLAN_STAMP}', '{RULES_STAMP}')
         """,
     ),
 )

@@ -3,7 +3,7 @@
 `check_rows` opens the one checked-row pipeline (scan, opt-outs, sender, render, checks) that
 `run_preflight`, the preview and `send-test` all consume, a batch at a time. The content
 fingerprint (`load_content_fingerprint`, `check_content`) notices edits after sending began; the
-plan stamp (`load_plan_stamp`, `load_open_jobs`) lets an unchanged resume skip the full check.
+plan stamp (`load_plan_stamp`, `LedgerJobs`) lets an unchanged resume skip the full check.
 `build_unsubscribe_warnings` lists the compliance warnings a preview shows. Sends nothing.
 """
 
@@ -12,12 +12,16 @@ from __future__ import annotations
 from campaign.pipeline._compliance import build_unsubscribe_warnings
 from campaign.pipeline._content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.pipeline._preflight import Preflight, raise_for_problems, render_job, run_preflight
-from campaign.pipeline._resume import LedgerJobs, load_open_jobs, load_plan_stamp, load_rules_stamp
+from campaign.pipeline._resume import (
+    LedgerJobs,
+    load_plan_stamp,
+    load_recipients,
+    load_rules_stamp,
+)
 from campaign.pipeline._rows import (
     Reuse,
     RowCheck,
     RowPipeline,
-    cells_digest,
     check_job,
     check_rows,
     collecting_less,
@@ -31,14 +35,13 @@ __all__ = [
     "RowCheck",
     "RowPipeline",
     "build_unsubscribe_warnings",
-    "cells_digest",
     "check_content",
     "check_job",
     "check_rows",
     "collecting_less",
     "load_content_fingerprint",
-    "load_open_jobs",
     "load_plan_stamp",
+    "load_recipients",
     "load_rules_stamp",
     "raise_for_problems",
     "record_content",

@@ -15,11 +15,11 @@ from datetime import datetime
 from campaign.errors import DataError
 from campaign.ledger import Ledger, PlannedRow, PlanSpool
 from campaign.manifest import Manifest
-from campaign.models import Message, RowState, Skip, SkipReason
+from campaign.models import Message, Skip, SkipReason
 from campaign.pipeline._parallel import checked_rows
-from campaign.pipeline._rows import Reuse, RowCheck, cells_digest, check_rows, collecting_less
+from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less
 from campaign.plan import Job
-from campaign.recipients import AudienceScan
+from campaign.recipients import encode_cells
 from campaign.render import Composer, load_message_attachments
 
 __all__ = ["Preflight", "raise_for_problems", "render_job", "run_preflight"]
@@ -35,7 +35,6 @@ class Preflight:
 
     manifest: Manifest
     composer: Composer
-    scan: AudienceScan  # the list as checked: a run reads its jobs' cells from it (`LedgerJobs`)
     planned: int  # rows that passed, settled ones included (the plan lists them all)
     skipped: Mapping[str, int]  # skip reason -> rows
     problems: tuple[str, ...]  # the first few found
@@ -125,7 +124,6 @@ def run_preflight(
     return Preflight(
         manifest=manifest,
         composer=pipeline.composer,
-        scan=pipeline.scan,
         planned=planned,
         skipped=dict(skipped),
         problems=tuple(problems),
@@ -135,12 +133,10 @@ def run_preflight(
 
 
 def _planned_row(checked: RowCheck, job: Job, due_at: datetime | None) -> PlannedRow:
-    """A row to mail, as the plan records it; no cells digest for a row sent already (its cells no longer
-    matter, and a million digests cost seconds)."""
+    """A row to mail, as the plan records it, with the cells it is sent from (a row sent already too: its
+    follow-ups are)."""
     recipient = job.recipient
-    cells = (
-        None if checked.settled == RowState.SENT.value else checked.cells or cells_digest(recipient.fields)
-    )
+    cells = checked.cells or encode_cells(recipient.fields)
     return PlannedRow(
         recipient.key, recipient.row, recipient.address.email, job.sender, due_at=due_at, cells=cells
     )

@@ -20,12 +20,18 @@ from pathlib import Path
 
 from campaign import __version__
 from campaign.ledger import Ledger, PlannedRow
-from campaign.manifest import STORE_SUFFIXES, Manifest
-from campaign.models import RowState
+from campaign.manifest import STORE_SUFFIXES, Manifest, RecipientsSettings
+from campaign.models import Recipient, RowState
 from campaign.plan import Job
-from campaign.recipients import AudienceScan, scan_audience
+from campaign.recipients import recipient_from_cells
 
-__all__ = ["LedgerJobs", "jobs_at", "load_open_jobs", "load_plan_stamp", "load_rules_stamp"]
+__all__ = [
+    "LedgerJobs",
+    "jobs_at",
+    "load_plan_stamp",
+    "load_recipients",
+    "load_rules_stamp",
+]
 
 # Bump when preflight's rules change, so that a stamp recorded under the old rules no longer matches.
 _RULES = 2
@@ -36,7 +42,7 @@ def load_rules_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) ->
     the manifest, the content, the suppression files, --skip-invalid, this version (reads files).
 
     Under the same rules stamp, a row whose cells did not change passes as it passed before (its
-    digest is in the ledger: `cells_digest`), so a run re-checks only rows added or changed.
+    cells are in the ledger: `recipients.encode_cells`), so a run re-checks only rows added or changed.
     `content` is the run's content fingerprint (`campaign.pipeline.ContentCheck.combined`).
     """
     digest = hashlib.sha256()
@@ -61,36 +67,40 @@ def load_plan_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> 
     return digest.hexdigest()
 
 
-def load_open_jobs(manifest: Manifest, ledger: Ledger, now: datetime | None = None) -> list[Job]:
-    """The ledger's open rows of step 1 (due at `now`, if given) as jobs, their fields read back from
-    the list; rows left in flight first. All of them at once: `LedgerJobs` reads them a page at a time.
+def jobs_at(settings: RecipientsSettings, rows: Sequence[PlannedRow]) -> list[Job]:
+    """The planned `rows` as jobs, their recipients rebuilt from the cells the plan recorded."""
+    return [
+        Job(
+            recipient_from_cells(settings, row=row.row, key=row.key, email=row.email, cells=row.cells),
+            row.sender,
+        )
+        for row in rows
+    ]
 
-    Only valid when the ledger's plan stamp matches this run's: the rows are taken as the
-    earlier preflight checked them (row number, key, normalised address, sender).
-    """
-    scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
-    return jobs_at(scan, ledger.open_rows(now))
 
-
-def jobs_at(scan: AudienceScan, rows: Sequence[PlannedRow]) -> list[Job]:
-    """The planned `rows` as jobs, their recipients rebuilt by position from `scan` (the list as the plan
-    was checked)."""
-    recipients = scan.recipients_at([(row.row, row.key, row.email) for row in rows])
-    return [Job(recipient, row.sender) for row, recipient in zip(rows, recipients, strict=True)]
+def load_recipients(
+    settings: RecipientsSettings, ledger: Ledger, wanted: Sequence[tuple[int, str, str]]
+) -> list[Recipient]:
+    """The recipients of (row, key, normalised address) that a recorded plan holds, in the order given,
+    rebuilt from their recorded cells (for the follow-ups of step 1's rows: `followups.RecipientsAt`)."""
+    cells = ledger.key_cells([key for _, key, _ in wanted])
+    return [
+        recipient_from_cells(settings, row=row, key=key, email=email, cells=cells.get(key))
+        for row, key, email in wanted
+    ]
 
 
 class LedgerJobs:
     """The ledger's open rows of step 1 (due at `now`) as jobs for the send loop, a sender's page at a
-    time: its rows left in flight first (their keys age), then its pending ones in ledger order. Their
-    cells are read back by position from `scan`, the list as the plan was checked; nothing holds more
-    than a page (`campaign.dispatch.JobSource`).
+    time: its rows left in flight first (their keys age), then its pending ones in ledger order, with
+    the cells the plan recorded; nothing holds more than a page (`campaign.dispatch.JobSource`).
 
     Only valid when the ledger's plan is this list's (just recorded, or its plan stamp matches).
     """
 
-    def __init__(self, ledger: Ledger, scan: AudienceScan, now: datetime) -> None:
+    def __init__(self, ledger: Ledger, settings: RecipientsSettings, now: datetime | None) -> None:
         self._ledger = ledger
-        self._scan = scan
+        self._settings = settings
         self._now = now
         self.counts = ledger.open_counts(now)  # per sender: the rows there are to read
         self._read = 0
@@ -107,7 +117,7 @@ class LedgerJobs:
             self._after[(sender, state)] = page[-1].cursor if len(page) == wanted else None
             rows += page
         self._read += len(rows)
-        return jobs_at(self._scan, rows)
+        return jobs_at(self._settings, rows)
 
     def left(self) -> int:
         """The rows not read yet."""

@@ -10,7 +10,6 @@ Python objects; what a consumer keeps is its own choice. Sends nothing, writes n
 from __future__ import annotations
 
 import gc
-import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from campaign.models import Message, PreviousStep, RowState
 from campaign.pipeline._compliance import check_body_link
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
-from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, scan_audience
+from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, encode_cells, scan_audience
 from campaign.render import Composer, build_composer, check_message_attachments
 from campaign.unsubscribe import Unsubscribed, list_store_paths, lookup_unsubscribed, open_store
 
@@ -41,7 +40,6 @@ __all__ = [
     "Reuse",
     "RowCheck",
     "RowPipeline",
-    "cells_digest",
     "check_job",
     "check_rows",
     "collecting_less",
@@ -72,7 +70,7 @@ class RowCheck:
     settled: str | None = None  # the ledger's state for a row a run will not send again (e.g. "sent")
     followups: tuple[Message, ...] = ()  # the [[followups]] steps' messages, as checked (in step order)
     reused: bool = False  # not rendered again: sent already, or unchanged since a run checked it
-    cells: str | None = None  # its cells digest, when reusing it needed one (`cells_digest`)
+    cells: str | None = None  # its cells as text, when reusing it needed them (`recipients.encode_cells`)
 
     @property
     def row(self) -> int:
@@ -138,8 +136,8 @@ class RowPipeline:
         return self._render(row, row.job) if render else row
 
     def _unchanged(self, batch: Sequence[RowCheck]) -> dict[int, str | None]:
-        """The rows of `batch` a run need not render, with their cells digest: sent already (a run never
-        sends them again; no digest), or (same rules) pending with the cells they were checked with."""
+        """The rows of `batch` a run need not render, with their cells as text: sent already (a run never
+        sends them again; not encoded here), or (same rules) pending with the cells they were checked with."""
         if self._reuse is Reuse.NONE or self._ledger is None:
             return {}
         jobs = [(row, row.job) for row in batch if row.job is not None]
@@ -149,8 +147,8 @@ class RowPipeline:
             pending = [(row, job) for row, job in jobs if row.settled is None]
             recorded = self._ledger.key_cells([job.recipient.key for _, job in pending])
             for row, job in pending:
-                cells = recorded.get(job.recipient.key)
-                if cells is not None and cells == cells_digest(job.recipient.fields):
+                cells = encode_cells(job.recipient.fields)
+                if recorded.get(job.recipient.key) == cells:
                     found[row.row] = cells
         return found
 
@@ -187,14 +185,6 @@ class RowPipeline:
         if self._ledger is None or not keys:
             return {}, {}
         return self._ledger.assigned_senders(keys), self._ledger.key_states(SETTLED_STATES, keys)
-
-
-def cells_digest(fields: Mapping[str, object]) -> str:
-    """A digest of a list row (every cell, in column order), as the ledger keeps it."""
-    # Cells are text (CSV) or plain values (Parquet): their str() and type name tell any two apart.
-    text = "\x1f".join(map(str, fields.values()))
-    kinds = "".join(type(value).__name__[0] for value in fields.values())
-    return hashlib.blake2b(f"{kinds}\x1e{text}".encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def check_rows(

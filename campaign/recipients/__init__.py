@@ -19,6 +19,7 @@ from campaign.recipients._audience import (
     parse_suppression_entry,
     scan_audience,
 )
+from campaign.recipients._cells import encode_cells, recipient_from_cells
 from campaign.recipients._store_files import load_import_addresses, write_entries
 
 __all__ = [
@@ -27,9 +28,11 @@ __all__ = [
     "AudienceScan",
     "CheckedRow",
     "comparable_address",
+    "encode_cells",
     "load_audience",
     "load_import_addresses",
     "parse_suppression_entry",
+    "recipient_from_cells",
     "scan_audience",
     "write_entries",
 ]

@@ -28,7 +28,7 @@ from campaign.errors import RecipientDataError
 from campaign.manifest import STORE_SUFFIXES, RecipientsSettings
 from campaign.models import Address, Problem, Recipient, Skip, SkipReason
 from campaign.recipients._firstrows import FirstRows
-from campaign.recipients._listfile import DELIMITERS, column_values, read_table, read_text
+from campaign.recipients._listfile import DELIMITERS, ListFile, column_values, read_table, read_text
 from campaign.sendtime import load_zone
 
 __all__ = [
@@ -185,15 +185,17 @@ _Outcome = Recipient | Skip | tuple[Problem, ...]
 class AudienceScan:
     """A recipient list whose file and header are checked; `batches` runs the per-row checks lazily.
 
-    The list stays one polars frame; Python objects exist for one batch at a time, so a
-    caller that keeps only what it needs (as `campaign preview` does) runs in bounded memory.
+    The file is read a slice at a time and Python objects exist for one batch at a time, so a
+    caller that keeps only what it needs (as `campaign run` and `campaign preview` do) runs in
+    bounded memory.
     """
 
     def __init__(
         self, settings: RecipientsSettings, *, sender_names: Collection[str], suppressed: frozenset[str]
     ) -> None:
         self.source = settings.source
-        header, self._frame = read_table(self.source, settings.delimiter, "recipient list")
+        self._file = ListFile(self.source, settings.delimiter, "recipient list")
+        header = self._file.header
         _check_header(self.source.name, header, settings)
         self.columns = tuple(header)
         self._settings = settings
@@ -209,7 +211,7 @@ class AudienceScan:
     @property
     def row_count(self) -> int:
         """Data rows in the file (blank lines included)."""
-        return self._frame.height
+        return self._file.row_count
 
     def batches(self, size: int = BATCH_ROWS) -> Iterator[list[CheckedRow]]:
         """The checked rows in file order, `size` rows of the file at a time (blank lines left out)."""
@@ -227,10 +229,18 @@ class AudienceScan:
     def _settle(self, size: int) -> Iterator[list[tuple[int, dict[str, object], _Outcome]]]:
         """`batches` without a CheckedRow per row (what `load_audience` reads): (row, fields, outcome)."""
         first_rows = FirstRows()
+        try:
+            yield from self._settle_with(size, first_rows)
+        finally:
+            first_rows.close()
+
+    def _settle_with(
+        self, size: int, first_rows: FirstRows
+    ) -> Iterator[list[tuple[int, dict[str, object], _Outcome]]]:
         columns = self.columns
         check_row = self._check_row
-        for offset in range(0, self._frame.height, size):
-            part = self._frame.slice(offset, size)
+        offset = 0
+        for part in self._file.frames(size):
             checked: list[tuple[int, tuple[object, ...], _Candidate | Skip | tuple[Problem, ...]]] = []
             keys: list[str] = []
             rows: list[int] = []
@@ -256,22 +266,8 @@ class AudienceScan:
                     settled.append((row, fields, skip))
                 else:
                     settled.append((row, fields, Recipient(key, row, address, fields, sender)))
+            offset += part.height
             yield settled
-
-    def recipients_at(self, wanted: Sequence[tuple[int, str, str]]) -> list[Recipient]:
-        """Recipients rebuilt from (row, key, normalised address) that an earlier check of this same file
-        produced, in the order given; the rows are not checked again (a resume of an unchanged list).
-        """
-        if not wanted:
-            return []
-        part = self._frame[[row - 1 for row, _, _ in wanted]]
-        found = []
-        for (row, key, email), values in zip(wanted, zip(*column_values(part), strict=True), strict=True):
-            name = None if self._name_at is None else str(values[self._name_at]).strip() or None
-            sender = None if self._sender_at is None else str(values[self._sender_at]).strip() or None
-            fields = dict(zip(self.columns, values, strict=True))
-            found.append(Recipient(key, row, Address(email, name), fields, sender))
-        return found
 
     def _check_zone(self, row: int, values: tuple[object, ...]) -> tuple[Problem, ...]:
         """A time zone cell is an IANA name, or empty (the sender's zone)."""

@@ -1,43 +1,45 @@
 """Duplicate detection for long lists: the row on which each key first appeared.
 
-Exact (it compares whole keys, never hashes) and compact: the keys seen so far live in
-a polars frame rather than a dict of Python strings, so a million-row list costs tens of
-megabytes, not hundreds. Pure: no I/O.
+Exact (it compares whole keys, never hashes) and flat in memory: the keys seen so far live in
+SQLite's private temporary database (an empty file name), which keeps a few megabytes of pages in
+memory and spills the rest to a file it has already unlinked. So a list of ten million rows costs
+no more memory than one of ten thousand, and nothing is left behind, even after kill -9.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
-
-import polars as pl
 
 __all__ = ["FirstRows"]
 
-_RECHUNK_AFTER = 64
+_CACHE_KIB = 8 * 1024
 
 
 class FirstRows:
-    """The row on which each key first appeared: exact, and kept in a polars frame, not Python objects."""
+    """The row on which each key first appeared: exact, and kept on disk, not in Python objects."""
 
     def __init__(self) -> None:
-        self._seen = pl.DataFrame(schema={"key": pl.String, "row": pl.Int64})
+        self._db = sqlite3.connect("")
+        self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+        self._db.execute("PRAGMA journal_mode = OFF")
+        self._db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID")
+        self._db.execute("CREATE TABLE batch (key TEXT NOT NULL, row INTEGER NOT NULL)")
 
     def resolve(self, keys: Sequence[str], rows: Sequence[int]) -> list[int]:
         """For each (key, row), in order: the first row that had the key (the row itself when new)."""
-        first: dict[str, int] = {}
-        if keys and self._seen.height:
-            earlier = self._seen.filter(pl.col("key").is_in(pl.Series(keys, dtype=pl.String)))
-            first = dict(zip(earlier["key"].to_list(), earlier["row"].to_list(), strict=True))
-        found: list[int] = []
-        new_keys: list[str] = []
-        new_rows: list[int] = []
-        for key, row in zip(keys, rows, strict=True):
-            if key not in first:
-                first[key] = row
-                new_keys.append(key)
-                new_rows.append(row)
-            found.append(first[key])
-        if new_keys:
-            fresh = pl.DataFrame({"key": new_keys, "row": new_rows}, schema=self._seen.schema)
-            self._seen = pl.concat([self._seen, fresh], rechunk=self._seen.n_chunks() >= _RECHUNK_AFTER)
-        return found
+        if not keys:
+            return []
+        with self._db:
+            self._db.execute("DELETE FROM batch")
+            self._db.executemany("INSERT INTO batch VALUES (?, ?)", zip(keys, rows, strict=True))
+            # In batch order, so that of two rows of this batch with one key, the first is kept.
+            self._db.execute("INSERT OR IGNORE INTO seen SELECT key, row FROM batch ORDER BY rowid")
+            found = self._db.execute(
+                "SELECT seen.row FROM batch CROSS JOIN seen ON seen.key = batch.key ORDER BY batch.rowid"
+            ).fetchall()
+        return [row for (row,) in found]
+
+    def close(self) -> None:
+        """Forget the keys (the temporary file goes with the connection)."""
+        self._db.close()

@@ -1,32 +1,39 @@
-"""A list file read with polars: a CSV or Parquet table as its header names and columns.
+"""A list file read with polars, a slice at a time: a CSV or Parquet table as its header names and rows.
 
 CSV is read with every column as text (zip codes keep their zeros), UTF-8 with or without
 a BOM, with any one-character delimiter (or the first of `DELIMITERS` its first line holds).
 Parquet keeps its numbers and booleans (templates can compare them); other types become text
 deliberately: binary as UTF-8, dates and times as ISO 8601, categories as their labels; nested
 (struct, list) and other columns that have no one text form are refused. Whole-file faults
-raise once, as `InputFileError` (missing, unreadable) or `RecipientDataError` naming the file
-and, for bad CSV quoting, the line. It knows nothing of addresses or recipients;
+raise as `InputFileError` (missing, unreadable) or `RecipientDataError` naming the file and,
+for bad CSV quoting or bytes that are not UTF-8, the line. `ListFile` never holds more than a
+block of the file, whatever its size. It knows nothing of addresses or recipients;
 `campaign.recipients._audience` checks the rows.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import polars as pl
 
 from campaign.errors import InputFileError, RecipientDataError
 
-__all__ = ["DELIMITERS", "column_values", "read_table", "read_text"]
+__all__ = ["DELIMITERS", "ListFile", "column_values", "read_table", "read_text"]
 
 DELIMITERS = (",", ";", "\t", "|")
+_BOM = b"\xef\xbb\xbf"
+_T = TypeVar("_T")
+_BLOCK_BYTES = 4 << 20  # a CSV is parsed this much at a time (about 45,000 newsletter rows)
 
 
-def _read_bytes(path: Path, what: str) -> bytes:
+def _open(path: Path, what: str) -> BinaryIO:
     try:
-        return path.read_bytes()
+        return path.open("rb")
     except FileNotFoundError as exc:
         raise InputFileError(f"{path}: {what} not found; check the path in the manifest") from exc
     except IsADirectoryError as exc:
@@ -35,23 +42,70 @@ def _read_bytes(path: Path, what: str) -> bytes:
         raise InputFileError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
 
 
-def _decode(raw: bytes, name: str) -> str:
-    """UTF-8 text of a list file, without a BOM; a clear error for UTF-16 or legacy encodings."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+def _read(file: BinaryIO, size: int, path: Path, what: str) -> bytes:
+    try:
+        return file.read(size)
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+
+
+def _check_text_start(start: bytes, name: str) -> None:
+    """A clear error for a file that starts as UTF-16 (or is not text at all)."""
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise RecipientDataError(f'{name}: is UTF-16 text; save it as "CSV UTF-8" (comma delimited)')
-    if b"\x00" in raw[:4096]:  # valid UTF-8, but text never holds NUL: UTF-16 without its byte order mark
+    if b"\x00" in start[:4096]:  # valid UTF-8, but text never holds NUL: UTF-16 without its byte order mark
         raise RecipientDataError(
             f"{name}: holds NUL bytes, so it is UTF-16 text without a byte order mark (or not text); "
             'save it as "CSV UTF-8" (comma delimited)'
         )
+
+
+def _check_utf8_text(data: bytes, name: str, lines_before: int) -> None:
+    """RecipientDataError naming the line of the first byte of `data` that is not UTF-8."""
     try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
+        data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
+        line = lines_before + data[: exc.start].count(b"\n") + 1
         raise RecipientDataError(
-            f"{name}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+            f"{name}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
             'save the file as "CSV UTF-8" (Excel: Save As > CSV UTF-8)'
         ) from exc
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of a plain list file (BOM dropped); `what` names the file in errors."""
+    with _open(path, what) as file:
+        raw = _read(file, -1, path, what)
+    _check_text_start(raw, path.name)
+    _check_utf8_text(raw, path.name, 0)
+    return raw.decode("utf-8").removeprefix("\ufeff")
+
+
+def _record_end(data: bytes, start: int = 0) -> int:
+    """The end of the last CSV record in `data` (just after a newline outside quotes), or 0 if none ends.
+
+    `data` starts where a record starts. A newline is outside quotes when an even number of quote
+    characters comes before it (a doubled quote inside a quoted field counts twice); a stray quote
+    in an unquoted field breaks the count, but polars refuses such a file anyway.
+    """
+    at = len(data)
+    quotes_after = 0
+    while (newline := data.rfind(b"\n", start, at)) >= 0:
+        quotes_after += data.count(b'"', newline, at)
+        if (data.count(b'"', start) - quotes_after) % 2 == 0:
+            return newline + 1
+        at = newline
+    return 0
+
+
+def _first_record_end(data: bytes) -> int:
+    """The end of the first CSV record in `data` (after its newline), or len(data) if it has none."""
+    at = 0
+    while (newline := data.find(b"\n", at)) >= 0:
+        if data.count(b'"', 0, newline) % 2 == 0:
+            return newline + 1
+        at = newline + 1
+    return len(data)
 
 
 def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:  # noqa: C901 - a CSV quoting state machine (stdlib csv cannot point at these faults)
@@ -92,52 +146,152 @@ def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:  # noqa: C90
     return None
 
 
-def _read_csv(raw: bytes, name: str, separator: str) -> tuple[list[str], pl.DataFrame]:
-    text = _decode(raw, name)
-    # isspace() stops at the first printable character; strip() would copy a long list's whole text.
-    if not text or text.isspace():
-        raise RecipientDataError(f"{name}: is empty; its first line must name the columns (e.g. email,name)")
-    del text
-    # The decoded text is dropped here: polars reads the bytes, and a long list must not be held as
-    # bytes, text and frame at once. It is decoded again only to explain a failure.
-    try:
-        # No header inference: polars would rename duplicate names, and we want to report them.
-        frame = pl.read_csv(
-            io.BytesIO(raw.removeprefix(b"\xef\xbb\xbf")),
-            has_header=False,
-            infer_schema=False,
-            separator=separator,
-            empty_string_is_null=False,
+def _csv_blocks(path: Path, what: str) -> Iterator[bytes]:
+    """The file's bytes (BOM dropped) in blocks of about `_BLOCK_BYTES`, each ending where a record ends."""
+    with _open(path, what) as file:
+        data = _read(file, _BLOCK_BYTES, path, what)
+        _check_text_start(data, path.name)
+        data = data.removeprefix(_BOM)
+        while more := _read(file, _BLOCK_BYTES, path, what):
+            data += more
+            if end := _record_end(data):
+                yield data[:end]
+                data = data[end:]
+        if data:
+            yield data
+
+
+class ListFile:
+    """A list file opened for reading a slice at a time: its header, its row count, its rows.
+
+    A CSV is read in blocks that end where a record ends, each parsed by polars behind the file's
+    own header line, so that every block is read as the whole file would be (its width set by the
+    header). A Parquet file is read a slice at a time. Nothing holds more than a block.
+    """
+
+    def __init__(self, path: Path, separator: str | None, what: str) -> None:
+        suffix = path.suffix.lower()
+        if suffix not in {".csv", ".parquet"}:
+            raise RecipientDataError(
+                f"{path.name}: unknown file type {suffix or '(none)'!r}; use a .csv or .parquet file"
+            )
+        self.path = path
+        self._what = what
+        self._parquet = suffix == ".parquet"
+        self._header_line = b""
+        self._separator = separator or ","
+        self._conversions: list[pl.Expr] = []
+        names = self._open_parquet() if self._parquet else self._open_csv(separator)
+        # Unnamed columns (e.g. trailing separators from a spreadsheet): nothing can refer to them.
+        self._keep = [index for index, name in enumerate(names) if name.strip()]
+        self.header = [names[index] for index in self._keep]
+
+    @functools.cached_property
+    def row_count(self) -> int:
+        """Data rows in the file (blank lines included); a CSV is read through once to count them."""
+        if self._parquet:
+            return int(self._parquet_call(lambda: self._scan.select(pl.len()).collect().item()))
+        return sum(frame.height for frame in self._csv_frames())
+
+    def frames(self, size: int) -> Iterator[pl.DataFrame]:
+        """The data rows in file order, `size` at a time (the last slice may be shorter), as frames of the
+        named columns with string nulls as "" (`column_values` turns one into Python values)."""
+        if self._parquet:
+            for offset in range(0, self.row_count, size):
+                yield self._named(self._parquet_slice(offset, size))
+            return
+        left: pl.DataFrame | None = None
+        for frame in self._csv_frames():
+            left = frame if left is None else pl.concat([left, frame])
+            while left.height >= size:
+                yield self._named(left.slice(0, size))
+                left = left.slice(size)
+        if left is not None and left.height:
+            yield self._named(left)
+
+    def _named(self, frame: pl.DataFrame) -> pl.DataFrame:
+        frame = frame.select([frame.columns[index] for index in self._keep])
+        return frame.with_columns(pl.col(pl.String).fill_null(""))
+
+    def _open_csv(self, separator: str | None) -> list[str]:
+        for block in _csv_blocks(self.path, self._what):
+            if separator is None:
+                first_line = block.partition(b"\n")[0].decode("utf-8", "replace")
+                self._separator = next((d for d in DELIMITERS if d in first_line), ",")
+            if block.isspace():
+                break
+            self._header_line = block[: _first_record_end(block)]
+            if not self._header_line.endswith(b"\n"):
+                self._header_line += b"\n"
+            _check_utf8_text(self._header_line, self.path.name, 0)
+            return ["" if value is None else str(value) for value in self._parse(self._header_line).row(0)]
+        raise RecipientDataError(
+            f"{self.path.name}: is empty; its first line must name the columns (e.g. email,name)"
         )
-    except (pl.exceptions.PolarsError, ValueError) as exc:
-        fault = _find_csv_fault(_decode(raw, name), separator)
-        if fault is not None:
-            raise RecipientDataError(f"{name}: line {fault[0]}: malformed CSV: {fault[1]}") from exc
-        first = str(exc).strip().splitlines()[0]
-        raise RecipientDataError(f"{name}: cannot be read as CSV ({first}); check the quoting") from exc
-    header = ["" if value is None else str(value) for value in frame.row(0)]
-    return header, frame.slice(1)
+
+    def _csv_frames(self) -> Iterator[pl.DataFrame]:
+        """Each block of data rows parsed, in file order."""
+        lines = 0
+        for number, block in enumerate(_csv_blocks(self.path, self._what)):
+            _check_utf8_text(block, self.path.name, lines)
+            lines += block.count(b"\n")
+            if number == 0:
+                block = block[len(self._header_line) :]
+            if block:
+                yield self._parse(self._header_line + block).slice(1)
+
+    def _parse(self, data: bytes) -> pl.DataFrame:
+        try:
+            # No header inference: polars would rename duplicate names, and we want to report them.
+            return pl.read_csv(
+                io.BytesIO(data),
+                has_header=False,
+                infer_schema=False,
+                separator=self._separator,
+                empty_string_is_null=False,
+            )
+        except (pl.exceptions.PolarsError, ValueError) as exc:
+            # The fault's line is found in the whole file's text: only a read that failed pays for it.
+            name = self.path.name
+            fault = _find_csv_fault(read_text(self.path, self._what), self._separator)
+            if fault is not None:
+                raise RecipientDataError(f"{name}: line {fault[0]}: malformed CSV: {fault[1]}") from exc
+            first = str(exc).strip().splitlines()[0]
+            raise RecipientDataError(f"{name}: cannot be read as CSV ({first}); check the quoting") from exc
+
+    def _open_parquet(self) -> list[str]:
+        _open(self.path, self._what).close()  # missing, a folder, unreadable: said as for a CSV
+        self._scan = pl.scan_parquet(self.path)
+        schema = self._parquet_call(self._scan.collect_schema)
+        self._conversions = _parquet_conversions(schema, self.path.name)
+        self._binary = [column for column, dtype in schema.items() if dtype == pl.Binary]
+        return list(schema.names())
+
+    def _parquet_slice(self, offset: int, size: int) -> pl.DataFrame:
+        frame = self._parquet_call(lambda: self._scan.slice(offset, size).collect())
+        for column in self._binary:
+            _check_utf8(frame.get_column(column), f'{self.path.name}: column "{column}"', offset)
+        return frame.with_columns(self._conversions) if self._conversions else frame
+
+    def _parquet_call(self, call: Callable[[], _T]) -> _T:
+        try:
+            return call()
+        except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RecipientDataError(
+                f"{self.path.name}: not a readable Parquet file ({first}); export it again"
+            ) from exc
 
 
-def _read_parquet(raw: bytes, name: str) -> tuple[list[str], pl.DataFrame]:
-    try:
-        frame = pl.read_parquet(io.BytesIO(raw))
-    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RecipientDataError(f"{name}: not a readable Parquet file ({first}); export it again") from exc
-    return list(frame.columns), _convert_parquet_types(frame, name)
-
-
-def _convert_parquet_types(frame: pl.DataFrame, name: str) -> pl.DataFrame:
-    """`frame` with every column whose values are not plain text, numbers or booleans made text, or
+def _parquet_conversions(schema: pl.Schema, name: str) -> list[pl.Expr]:
+    """What makes text of every column whose values are not plain text, numbers or booleans, or
     RecipientDataError naming the column (a value must never reach a message as a Python repr)."""
     converted: list[pl.Expr] = []
-    for column, dtype in frame.schema.items():
+    for column, dtype in schema.items():
         if dtype.is_numeric() or dtype in (pl.String, pl.Boolean, pl.Null):
             continue
         where = f'{name}: column "{column}"'
         if dtype == pl.Binary:
-            _check_utf8(frame.get_column(column), where)
             converted.append(pl.col(column).cast(pl.String))
         elif dtype == pl.Date:
             converted.append(pl.col(column).dt.strftime("%Y-%m-%d"))
@@ -158,11 +312,11 @@ def _convert_parquet_types(frame: pl.DataFrame, name: str) -> pl.DataFrame:
                 f"{where} holds {dtype} values, which have no one text form; "
                 "convert the column to text and export the list again"
             )
-    return frame.with_columns(converted) if converted else frame
+    return converted
 
 
-def _check_utf8(series: pl.Series, where: str) -> None:
-    for row, value in enumerate(series.to_list(), start=1):
+def _check_utf8(series: pl.Series, where: str, offset: int) -> None:
+    for row, value in enumerate(series.to_list(), start=offset + 1):
         if value is not None:
             try:
                 value.decode("utf-8")
@@ -174,31 +328,13 @@ def _check_utf8(series: pl.Series, where: str) -> None:
 
 
 def read_table(path: Path, separator: str | None, what: str) -> tuple[list[str], pl.DataFrame]:
-    """Header names and a frame of the named columns (same order) of a .csv/.parquet file.
-
-    Unnamed columns are dropped and string nulls become ""; `column_values` turns a slice into
-    Python values. `separator` None guesses it from the first line (for suppression lists
-    exported by other tools).
-    """
-    suffix = path.suffix.lower()
-    if suffix not in {".csv", ".parquet"}:
-        raise RecipientDataError(
-            f"{path.name}: unknown file type {suffix or '(none)'!r}; use a .csv or .parquet file"
-        )
-    raw = _read_bytes(path, what)
-    if suffix == ".parquet":
-        header, frame = _read_parquet(raw, path.name)
-    else:
-        if separator is None:
-            first_line = raw.partition(b"\n")[0].decode("utf-8", "replace")
-            separator = next((d for d in DELIMITERS if d in first_line), ",")
-        header, frame = _read_csv(raw, path.name, separator)
-    del raw  # the frame holds the data now; a large list must not be kept twice
-    # Unnamed columns (e.g. trailing separators from a spreadsheet): nothing can refer to them.
-    keep = [index for index, name in enumerate(header) if name.strip()]
-    frame = frame.select([frame.columns[index] for index in keep])
-    frame = frame.with_columns(pl.col(pl.String).fill_null(""))
-    return [header[index] for index in keep], frame
+    """Header names and a frame of the named columns (same order) of a small .csv/.parquet file, whole
+    (a suppression list). Unnamed columns are dropped and string nulls become "". `separator` None
+    guesses it from the first line (for suppression lists exported by other tools)."""
+    table = ListFile(path, separator, what)
+    frames = list(table.frames(1 << 30))
+    empty = pl.DataFrame(schema=[(f"column_{index}", pl.String) for index in range(len(table.header))])
+    return table.header, pl.concat(frames) if frames else empty
 
 
 def column_values(frame: pl.DataFrame) -> list[list[object]]:
@@ -210,8 +346,3 @@ def column_values(frame: pl.DataFrame) -> list[list[object]]:
             values = ["" if v is None else v for v in values]
         columns.append(values)
     return columns
-
-
-def read_text(path: Path, what: str) -> str:
-    """The UTF-8 text of a plain list file (BOM dropped); `what` names the file in errors."""
-    return _decode(_read_bytes(path, what), path.name)

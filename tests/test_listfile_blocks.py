@@ -1,0 +1,147 @@
+"""The list file read a block at a time: the rows the whole file holds, faults named by their line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sqlite3
+
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from campaign.clock import SystemClock
+from campaign.errors import LedgerError, RecipientDataError
+from campaign.ledger import open_ledger
+from campaign.ledger._schema import MIGRATIONS
+from campaign.manifest import RecipientsSettings
+from campaign.recipients import _listfile, encode_cells, recipient_from_cells
+from campaign.recipients._listfile import ListFile
+
+_CELL = st.text(alphabet=st.sampled_from(list('ab ,"\n\r;é€x')), max_size=6)
+
+
+def _whole(data: bytes) -> list[tuple[object, ...]]:
+    """The rows polars reads from the whole file at once (the reference: how lists were read before)."""
+    frame = pl.read_csv(io.BytesIO(data.removeprefix(b"\xef\xbb\xbf")), has_header=False, infer_schema=False)
+    return [tuple("" if v is None else v for v in row) for row in frame.slice(1).rows()]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(st.lists(_CELL, min_size=3, max_size=3), max_size=25),
+    blanks=st.sets(st.integers(min_value=0, max_value=25)),
+    block=st.integers(min_value=1, max_value=48),
+    size=st.integers(min_value=1, max_value=9),
+    terminator=st.sampled_from(["\n", "\r\n"]),
+    bom=st.booleans(),
+)
+def test_blocks_read_the_rows_the_whole_file_holds(
+    tmp_path_factory, rows, blanks, block, size, terminator, bom
+):
+    """Quoted newlines, doubled quotes, CRLF, blank lines and a BOM, cut into blocks as small as one
+    byte: the same rows, in the same slices, and the same count."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator=terminator)
+    writer.writerow(["email", "name", "city"])
+    for number, row in enumerate(rows):
+        if number in blanks:
+            out.write(terminator)
+        writer.writerow(row)
+    data = (b"\xef\xbb\xbf" if bom else b"") + out.getvalue().encode("utf-8")
+    path = tmp_path_factory.mktemp("blocks") / "list.csv"
+    path.write_bytes(data)
+    expected = _whole(data)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_listfile, "_BLOCK_BYTES", block)
+        table = ListFile(path, ",", "recipient list")
+        frames = list(table.frames(size))
+        count = table.row_count
+    assert table.header == ["email", "name", "city"]
+    assert [len(frame) for frame in frames[:-1]] == [size] * (len(frames) - 1)
+    assert [row for frame in frames for row in frame.rows()] == expected
+    assert count == len(expected)
+
+
+def _list_with(tmp_path, lines: list[bytes]):
+    path = tmp_path / "list.csv"
+    path.write_bytes(b"email,name\n" + b"".join(lines))
+    return path
+
+
+def test_bytes_that_are_not_utf8_deep_in_the_file_name_their_line(tmp_path, monkeypatch):
+    """A fault in a later block is named by its line in the file, not in the block."""
+    monkeypatch.setattr(_listfile, "_BLOCK_BYTES", 64)
+    lines = [f'u{n}@example.com,"Name\n{n}"\n'.encode() for n in range(40)]  # two lines a row
+    lines[30] = b"u30@example.com,Caf\xe9\n"
+    table = ListFile(_list_with(tmp_path, lines), ",", "recipient list")
+    with pytest.raises(RecipientDataError, match=r"list\.csv: line 62: not UTF-8 text \(byte 0xe9\)"):
+        list(table.frames(5))
+
+
+def test_broken_quoting_in_a_later_block_names_its_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(_listfile, "_BLOCK_BYTES", 64)
+    lines = [f"u{n}@example.com,Name {n}\n".encode() for n in range(40)]
+    lines[25] = b'u25@example.com,Ann "the Lee\n'
+    table = ListFile(_list_with(tmp_path, lines), ",", "recipient list")
+    with pytest.raises(RecipientDataError, match=r"line 27: malformed CSV: a quote inside an unquoted field"):
+        list(table.frames(5))
+
+
+def test_an_empty_or_blank_file_is_refused(tmp_path):
+    for text in (b"", b"\n \n"):
+        path = tmp_path / "list.csv"
+        path.write_bytes(text)
+        with pytest.raises(RecipientDataError, match="is empty"):
+            ListFile(path, ",", "recipient list")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"email": "a@x.org", "name": 'Ann "A" <b>', "note": "line\nbreak\x00\u2028"},
+        {"n": 3, "big": 2**70, "f": 0.1, "nan": math.nan, "inf": -math.inf, "ok": True, "none": None},
+        {},
+    ],
+)
+def test_cells_come_back_as_they_went_in(fields):
+    """The cells a plan records rebuild the same values, of the same types (Parquet numbers too)."""
+    settings = RecipientsSettings(source="list.csv")
+    back = recipient_from_cells(settings, row=4, key="k", email="a@x.org", cells=encode_cells(fields)).fields
+    assert list(back) == list(fields)
+    for name, value in fields.items():
+        if isinstance(value, float) and math.isnan(value):
+            assert math.isnan(back[name])  # type: ignore[arg-type]
+        else:
+            assert back[name] == value
+            assert type(back[name]) is type(value)
+
+
+def test_a_row_without_cells_is_a_ledger_error_naming_it():
+    settings = RecipientsSettings(source="list.csv")
+    with pytest.raises(LedgerError, match=r"row 7 \(ann@x\.org\)"):
+        recipient_from_cells(settings, row=7, key="ann@x.org", email="ann@x.org", cells=None)
+
+
+def test_migration_to_recorded_cells_drops_the_digests_and_the_stamps(tmp_path):
+    """A ledger whose rows hold digests (before cells were recorded) forgets them and its plan and rules
+    stamps, so that the next run checks the whole list and records every row's cells."""
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at TEXT)")
+        for version, (name, script) in enumerate(MIGRATIONS[:7], start=1):
+            db.executescript(script)
+            db.execute("INSERT INTO schema_migrations VALUES (?, ?, 'then')", (version, name))
+        db.execute("INSERT INTO meta VALUES ('campaign', 'c'), ('plan_stamp', 'p'), ('rules_stamp', 'r')")
+        db.execute(
+            "INSERT INTO recipients (key, row, email, sender, state, cells, created_at, updated_at) "
+            "VALUES ('a@x', 1, 'a@x', 's', 'pending', '0123456789abcdef0123456789abcdef', 't', 't')"
+        )
+    ledger = open_ledger(path, clock=SystemClock(), campaign="c")
+    try:
+        assert (ledger.plan_stamp(), ledger.rules_stamp()) == (None, None)
+        assert ledger.key_cells(["a@x"]) == {}
+    finally:
+        ledger.close()
