@@ -73,6 +73,14 @@ class DataError(CampaignError):
         self.variable = variable
         self.field = field
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt with its fields when it crosses processes (the parallel check's workers send it back):
+        # an exception pickles as its class and args, which would drop the keyword-only fields.
+        return (
+            _rebuild_data_error,
+            (type(self), self.detail, self.row, self.column, self.variable, self.field),
+        )
+
     @property
     def where(self) -> str:
         """What to look at first, as a preview labels it: a variable, a column, a key, or `message`."""
@@ -81,6 +89,17 @@ class DataError(CampaignError):
         if self.column is not None:
             return f'column "{self.column}"'
         return self.field or "message"
+
+
+def _rebuild_data_error(
+    kind: type[DataError],
+    detail: str,
+    row: int | None,
+    column: str | None,
+    variable: str | None,
+    field: str | None,
+) -> DataError:
+    return kind(detail, row=row, column=column, variable=variable, field=field)
 
 
 class RecipientDataError(DataError):

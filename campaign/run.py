@@ -31,16 +31,15 @@ from campaign.dispatch import (
     chain_sources,
     dispatch,
     run_interruptible,
-    source_of,
 )
 from campaign.errors import CampaignError, DataError, InputFileError, LedgerError
 from campaign.events import PULL_SKEW, InboxReader, events_store_path, pull_bounces
 from campaign.followups import (
+    DueJobs,
     ReplyClient,
     ReplyNotices,
     build_screen,
     first_due_time,
-    load_due_jobs,
     schedule_followups,
 )
 from campaign.ledger import (
@@ -401,17 +400,16 @@ class _Rounds:
                 while True:
                     # Once a round: schedule what was just sent, read what is due (step 1's rows first).
                     step1 = first if total is None else self._later_first_steps()
-                    due = self._due_followups()
-                    counts = Counter(job.sender for job in due)
-                    if step1 is not None:
-                        counts.update(step1.counts)
+                    followups = self._due_followups()
+                    sources = [source for source in (step1, followups) if source is not None]
+                    counts = sum((Counter(source.counts) for source in sources), Counter[str]())
                     if not counts.total() and total is not None:  # nothing due now: wait for it, or end here
                         if not self._settings.wait or not await self._wait_for_next(stop):
                             return total
                         continue
-                    if due and await self._pull_events(client):
+                    if followups is not None and followups.counts.total() and await self._pull_events(client):
                         watch.reread_next()
-                    work = source_of(due) if step1 is None else chain_sources(step1, source_of(due))
+                    work = chain_sources(*sources)
                     settings = _rest_of(self._settings, total)  # --limit counts the whole run
                     result = await self._dispatch(
                         work, counts, client, watch if stores else None, screen, stop, settings
@@ -455,16 +453,15 @@ class _Rounds:
             return None
         return LedgerJobs(self._ledger, self._manifest.recipients, self._clock.now())
 
-    def _due_followups(self) -> list[Job]:
+    def _due_followups(self) -> DueJobs | None:
         """The follow-ups due now, once the steps just sent are scheduled. A follow-up whose lookup failed
         waits for its retry."""
         if not self._manifest.followups:
-            return []
+            return None
         now = self._clock.now()
         schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
         self._held = {key: retry for key, retry in self._held.items() if retry > now}
-        due = load_due_jobs(self._manifest, self._ledger, now, recipients_at=self._recipients_at)
-        return [job for job in due if job.key not in self._held]
+        return DueJobs(self._manifest, self._ledger, now, recipients_at=self._recipients_at, held=self._held)
 
     async def _wait_for_next(self, stop: anyio.Event | None) -> bool:
         """--wait: sleep until the next follow-up is due (or a held one is retried); False if none is."""

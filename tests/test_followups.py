@@ -13,6 +13,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import API_KEY, copy_sample, serve_fake
 
+import campaign.dispatch._loop as loop_module
+import campaign.followups._sequence as sequence_module
 from campaign.cli.base import options
 from campaign.testing import FakeClock, FakeNylas
 from campaign.testing.answers import build_answer
@@ -535,3 +537,28 @@ def test_limit_counts_every_round_of_the_run(fake, cli, tmp_path):
     assert result.exit_code == 75, result.output
     assert "stopped at --limit" in result.output
     assert len(fake.deliveries) == 3
+
+
+def test_due_follow_ups_are_read_a_page_at_a_time_and_each_goes_once(
+    fake, cli, cli_clock, tmp_path, monkeypatch
+):
+    """Forty recipients, the lanes reading a job or so ahead and the due rows looked over two at a time:
+    everyone still listed gets the nudge once, the one who left the list gets none (skipped)."""
+    monkeypatch.setattr(loop_module, "_LOOK_AHEAD", 1)
+    monkeypatch.setattr(sequence_module, "_BATCH", 2)
+    people = [f"p{n}@example.net" for n in range(40)]
+    manifest = write_campaign(tmp_path / "c", people=people)
+    assert cli("run", manifest, "--yes").exit_code == 75
+    listed = manifest.parent / "recipients.csv"
+    lines = listed.read_text(encoding="utf-8").splitlines()
+    listed.write_text(
+        "\n".join(line for line in lines if not line.startswith("p7@")) + "\n", encoding="utf-8"
+    )
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    sent = by_step(fake)
+    assert {email: len(sent[email]["nudge"]) for email in people} == {
+        email: int(email != "p7@example.net") for email in people
+    }
+    nudge = steps_json(cli, manifest)["nudge"]
+    assert (nudge["sent"], nudge["due_now"], nudge["stopped"]) == (39, 0, {"not listed": 1})

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,9 @@ from campaign.clock import SystemClock
 from campaign.ledger import open_ledger
 from campaign.manifest import load_manifest
 from campaign.models import RowState
+from campaign.preview import PreviewReport, run_preview
 from campaign.recipients import load_audience
-from campaign.testing import FakeNylas
+from campaign.testing import FakeClock, FakeNylas
 from campaign.testing.server import serve_on_loopback
 
 API_KEY = "nyk_v0_streaming_test_key_0123456789"
@@ -198,20 +200,21 @@ def test_the_streamed_plan_mails_what_the_whole_list_says(
     assert skipped == sorted({*first_skips.values(), *(problem.row for problem in audience.problems)})
 
 
-@pytest.mark.parametrize("skip_invalid", [False, True])
-def test_the_check_on_every_core_finds_what_the_check_in_one_process_finds(
-    tmp_path, monkeypatch, skip_invalid
-):
-    """A list with duplicates, bad addresses, unknown senders and rows whose data breaks a header (an
-    error only rendering finds), checked in worker processes a batch at a time and in this process:
-    the same plan, the same skips, the same problems, in the same order."""
+def _mixed_rows() -> list[str]:
+    """Duplicates, bad addresses, an unknown sender, rows whose name breaks the subject header (only
+    rendering finds it) and rows whose subject is long enough for a preview's warning."""
     rows = []
     for n in range(1, 61):
         name = f"Name {n}" if n % 7 else "x\x0bBcc: victim@example.com"  # breaks the subject
+        name = name if n % 5 else "N" * 80
         email = f"p{n}@example.com" if n % 11 else "not-an-address"
         rows.append(f"{email if n % 13 else 'p1@example.com'},{name},{'nobody' if n == 30 else ''}")
-    manifest = load_manifest(_write_campaign(tmp_path / "c", rows, suppressed=("p5@example.com",)))
-    in_one = check_plan(manifest, secrets=None, skip_invalid=skip_invalid)
+    return rows
+
+
+def _on_every_core(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The check's rendering in two worker processes, seven rows a batch, whatever the list's size; the
+    rows each batch sent to the workers, as they are submitted."""
     submitted: list[int] = []
 
     class CountingPool(parallel_module.ProcessPoolExecutor):
@@ -223,6 +226,19 @@ def test_the_check_on_every_core_finds_what_the_check_in_one_process_finds(
     monkeypatch.setattr(parallel_module, "_cores", lambda: 2)
     monkeypatch.setattr(parallel_module, "ProcessPoolExecutor", CountingPool)
     monkeypatch.setattr(parallel_module, "BATCH", 7)
+    return submitted
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_the_check_on_every_core_finds_what_the_check_in_one_process_finds(
+    tmp_path, monkeypatch, skip_invalid
+):
+    """A list with duplicates, bad addresses, unknown senders and rows whose data breaks a header (an
+    error only rendering finds), checked in worker processes a batch at a time and in this process:
+    the same plan, the same skips, the same problems, in the same order."""
+    manifest = load_manifest(_write_campaign(tmp_path / "c", _mixed_rows(), suppressed=("p5@example.com",)))
+    in_one = check_plan(manifest, secrets=None, skip_invalid=skip_invalid)
+    submitted = _on_every_core(monkeypatch)
     on_all = check_plan(manifest, secrets=None, skip_invalid=skip_invalid)
     assert sum(submitted) > 0  # the workers rendered
     assert on_all.jobs == in_one.jobs
@@ -234,6 +250,26 @@ def test_the_check_on_every_core_finds_what_the_check_in_one_process_finds(
     )
     assert in_one.problems or skip_invalid
     assert any("U+000B" in text for text in (*in_one.problems, *(skip.detail for skip in in_one.skips)))
+
+
+def test_the_preview_on_every_core_reports_what_the_preview_in_one_process_reports(tmp_path, monkeypatch):
+    """The same report, row for row: problems found only by rendering, skips, subjects, each message's
+    warnings and their counts, and the samples (rendered here, the rest in the workers)."""
+    manifest = load_manifest(_write_campaign(tmp_path / "c", _mixed_rows(), suppressed=("p5@example.com",)))
+
+    def preview() -> PreviewReport:
+        clock = FakeClock(datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+        options = {"secrets": None, "sample": 3, "ledger": None, "api_uri": "http://127.0.0.1:9"}
+        return run_preview(manifest, skip_invalid=False, clock=clock, batch_rows=7, **options)
+
+    in_one = preview()
+    submitted = _on_every_core(monkeypatch)
+    on_all = preview()
+    assert sum(submitted) > 0  # the workers rendered
+    assert on_all == in_one
+    assert any("U+000B" in text for text in in_one.problem_texts)
+    assert any("subjects longer than" in warning for warning in in_one.warnings)
+    assert len(in_one.samples) == 3
 
 
 def test_ctrl_c_during_the_check_on_every_core_stops_with_one_line_and_no_ledger(tmp_path):

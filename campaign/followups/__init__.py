@@ -2,7 +2,7 @@
 recipient answers.
 
 `schedule_followups` records each recipient's next step when the previous one was sent, due by
-the step's delay, the sender's window and business days (`due_time`). `load_due_jobs` reads back
+the step's delay, the sender's window and business days (`due_time`). `DueJobs` reads back
 the steps due now as jobs. `build_screen` is the check the send loop awaits right before each
 follow-up's claim: the reply lookups of `find_answer` (a reply in the thread, or from the
 recipient's address since step 1), and `classify_answer`'s verdict on what came back (a
@@ -14,10 +14,10 @@ from __future__ import annotations
 from campaign.followups._notices import ReplyNotices
 from campaign.followups._replies import Answer, AnswerKind, ReplyClient, classify_answer, find_answer
 from campaign.followups._sequence import (
+    DueJobs,
     build_screen,
     due_time,
     first_due_time,
-    load_due_jobs,
     recipient_zone,
     schedule_followups,
 )
@@ -25,6 +25,7 @@ from campaign.followups._sequence import (
 __all__ = [
     "Answer",
     "AnswerKind",
+    "DueJobs",
     "ReplyClient",
     "ReplyNotices",
     "build_screen",
@@ -32,7 +33,6 @@ __all__ = [
     "due_time",
     "find_answer",
     "first_due_time",
-    "load_due_jobs",
     "recipient_zone",
     "schedule_followups",
 ]

@@ -3,15 +3,16 @@ ones due, and the reply check right before each is claimed.
 
 `schedule_followups` gives every recipient whose step N was sent a pending row for step N+1, due
 `after` the send (business days and holidays in the sender's zone), at `deliver_at` in the
-recipient's zone if asked, and inside the sender's window. `load_due_jobs` turns the rows due now
-into jobs with the step they answer. `build_screen` makes the check the send loop awaits before
+recipient's zone if asked, and inside the sender's window. `DueJobs` reads the rows due now back, a
+page at a time, as jobs with the step they answer. `build_screen` makes the check the send loop awaits before
 each follow-up's claim: a reply (or a bounce report) stops the sequence as its step says, an
 auto-reply is noted or stops it, a failed lookup holds the follow-up back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -20,15 +21,15 @@ from campaign.followups._notices import ReplyNotices
 from campaign.followups._replies import Answer, AnswerKind, ReplyClient, find_answer
 from campaign.ledger import DueStep, Ledger, ScheduledStep, SentStep
 from campaign.manifest import FollowupSettings, Manifest, SenderSettings
-from campaign.models import FIRST_STEP, PreviousStep, Recipient, Screening, SkipReason
+from campaign.models import FIRST_STEP, PreviousStep, Recipient, RowState, Screening, SkipReason
 from campaign.plan import Job
 from campaign.sendtime import add_delay, load_zone, next_delivery, parse_deliver_at
 
 __all__ = [
+    "DueJobs",
     "build_screen",
     "due_time",
     "first_due_time",
-    "load_due_jobs",
     "recipient_zone",
     "schedule_followups",
 ]
@@ -115,7 +116,7 @@ def _due(
     item: SentStep,
     zone: ZoneInfo | None,
 ) -> datetime:
-    if sender is None:  # its sender left the manifest: `load_due_jobs` says so when it is due
+    if sender is None:  # its sender left the manifest: `DueJobs` says so when it is due
         return item.sent_at
     return due_time(manifest, followup, sender, item.sent_at, zone)
 
@@ -132,37 +133,80 @@ def _recipient_zones(
     return {key: zone for key, zone in zones.items() if zone is not None}
 
 
-def load_due_jobs(
-    manifest: Manifest, ledger: Ledger, now: datetime, *, recipients_at: RecipientsAt
-) -> list[Job]:
-    """The follow-ups due at `now` as jobs (in flight first). One that cannot be sent any more (its
-    recipient left the list, its step or sender left the manifest) is recorded as skipped instead."""
-    due = ledger.due_steps(now)
-    senders = {sender.name for sender in manifest.senders}
-    sendable: list[DueStep] = []
-    for item in due:
-        reason = _unsendable(manifest, senders, item)
-        if reason is None:
-            sendable.append(item)
-        elif not item.inflight:
-            ledger.record_skipped(item.key, *reason)
-    found = recipients_at([(item.row, item.recipient, item.email) for item in sendable])
-    return [  # _unsendable left out the rows without a message id to answer
-        Job(
-            recipient,
-            item.sender,
-            step=item.step,
-            previous=PreviousStep(
-                item.previous_step,
-                item.previous_subject,
-                item.previous_message_id or "",
-                item.previous_thread_id,
-                item.previous_sent_at,
-            ),
-            first_sent_at=item.first_sent_at,
-        )
-        for item, recipient in zip(sendable, found, strict=True)
-    ]
+class DueJobs:
+    """The follow-ups due at `now` as jobs for the send loop (`campaign.dispatch.JobSource`), a sender's
+    page at a time: its rows left in flight first, then its pending ones in ledger order.
+
+    Built with one pass over the due rows, a page at a time: one that cannot be sent any more (its
+    recipient left the list, its step or sender left the manifest) is recorded as skipped, and the
+    rest are counted per sender (`counts`). Rows in `held` (a reply lookup failed; retried later) wait.
+    Nothing holds more than a page.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        ledger: Ledger,
+        now: datetime,
+        *,
+        recipients_at: RecipientsAt,
+        held: Collection[str] = (),
+    ) -> None:
+        self._manifest = manifest
+        self._ledger = ledger
+        self._now = now
+        self._recipients_at = recipients_at
+        self._held = held
+        self._senders = {sender.name for sender in manifest.senders}
+        self._after: dict[tuple[str, RowState], int | None] = {}  # None: nothing more
+        self._read = 0
+        self.counts: Counter[str] = Counter()
+        for sender in ledger.due_senders(now):
+            for state in (RowState.INFLIGHT, RowState.PENDING):
+                after = 0
+                while page := ledger.due_steps_of(sender, state, now, after=after, limit=_BATCH):
+                    after = page[-1].cursor
+                    self.counts.update(item.sender for item in self._sendable(page, record=True))
+
+    def __call__(self, sender: str, count: int) -> list[Job]:
+        found: list[DueStep] = []
+        for state in (RowState.INFLIGHT, RowState.PENDING):
+            while len(found) < count and (after := self._after.get((sender, state), 0)) is not None:
+                page = self._ledger.due_steps_of(
+                    sender, state, self._now, after=after, limit=count - len(found)
+                )
+                self._after[(sender, state)] = page[-1].cursor if page else None
+                found += self._sendable(page, record=False)
+        self._read += len(found)
+        recipients = self._recipients_at([(item.row, item.recipient, item.email) for item in found])
+        return [_due_job(item, recipient) for item, recipient in zip(found, recipients, strict=True)]
+
+    def left(self) -> int:
+        """The jobs not read yet."""
+        return max(0, self.counts.total() - self._read)
+
+    def _sendable(self, page: Sequence[DueStep], *, record: bool) -> list[DueStep]:
+        sendable = []
+        for item in page:
+            reason = _unsendable(self._manifest, self._senders, item)
+            if reason is None:
+                if item.key not in self._held:
+                    sendable.append(item)
+            elif record and not item.inflight:
+                self._ledger.record_skipped(item.key, *reason)
+        return sendable
+
+
+def _due_job(item: DueStep, recipient: Recipient) -> Job:
+    """A due follow-up as a job; `_unsendable` left out the rows without a message id to answer."""
+    previous = PreviousStep(
+        item.previous_step,
+        item.previous_subject,
+        item.previous_message_id or "",
+        item.previous_thread_id,
+        item.previous_sent_at,
+    )
+    return Job(recipient, item.sender, step=item.step, previous=previous, first_sent_at=item.first_sent_at)
 
 
 def _unsendable(manifest: Manifest, senders: set[str], item: DueStep) -> tuple[SkipReason, str] | None:

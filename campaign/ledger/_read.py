@@ -424,17 +424,29 @@ class LedgerReader:
             )
         ]
 
-    def due_steps(self, now: datetime) -> list[DueStep]:
-        """The follow-up rows that may be claimed at `now` (in flight first), with the steps they answer."""
+    def due_senders(self, now: datetime) -> list[str]:
+        """The senders of follow-up rows that may be claimed at `now` (in the manifest or no longer)."""
+        query = (
+            "SELECT DISTINCT sender FROM recipients INDEXED BY recipients_due "
+            "WHERE due_at <= ? AND step != ? AND state IN ('pending', 'inflight') ORDER BY sender"
+        )
+        return [str(sender) for (sender,) in self._read(query, (_iso(now), FIRST_STEP))]
+
+    def due_steps_of(
+        self, sender: str, state: RowState, now: datetime, *, after: int = 0, limit: int = 1000
+    ) -> list[DueStep]:
+        """Up to `limit` follow-up rows of `sender` in `state` (pending or in flight) that may be claimed at
+        `now`, with the steps they answer, in ledger order after `after` (the last one's `cursor`)."""
         query = """
-            SELECT f.key, f.recipient, f.step, s.row, s.email, f.sender, f.state = 'inflight', s.listed,
+            SELECT f.rowid, f.key, f.recipient, f.step, s.row, s.email, f.sender, s.listed,
                 p.step, COALESCE(p.subject, ''), p.message_id, p.thread_id, p.sent_at, s.sent_at
-            FROM recipients AS f INDEXED BY recipients_due
+            FROM recipients AS f INDEXED BY recipients_state
                 JOIN recipients AS p ON p.key = f.previous
                 JOIN recipients AS s ON s.key = f.recipient
-            WHERE f.due_at <= ? AND f.step != 'message' AND f.state IN ('pending', 'inflight')
-            ORDER BY f.state = 'inflight' DESC, f.due_at, f.row, f.key
+            WHERE f.state = ? AND f.sender = ? AND f.rowid > ? AND f.step != ? AND f.due_at <= ?
+            ORDER BY f.rowid LIMIT ?
         """
+        inflight = state == RowState.INFLIGHT
         return [
             DueStep(
                 key=str(key),
@@ -442,8 +454,8 @@ class LedgerReader:
                 step=str(step),
                 row=int(row),
                 email=str(email),
-                sender=str(sender),
-                inflight=bool(inflight),
+                sender=str(name),
+                inflight=inflight,
                 listed=bool(listed),
                 previous_step=str(previous_step),
                 previous_subject=str(subject),
@@ -451,11 +463,12 @@ class LedgerReader:
                 previous_thread_id=None if thread_id is None else str(thread_id),
                 previous_sent_at=_moment(previous_sent),
                 first_sent_at=_moment(first_sent),
+                cursor=int(rowid),
             )
             for (
-                key, recipient, step, row, email, sender, inflight, listed,
+                rowid, key, recipient, step, row, email, name, listed,
                 previous_step, subject, message_id, thread_id, previous_sent, first_sent,
-            ) in self._read(query, (_iso(now),))
+            ) in self._read(query, (state.value, sender, after, FIRST_STEP, _iso(now), limit))
         ]  # fmt: skip
 
     def next_due(self, now: datetime) -> datetime | None:

@@ -79,6 +79,7 @@ class DueStep:
     previous_thread_id: str | None
     previous_sent_at: datetime
     first_sent_at: datetime  # when step 1 went out: a reply from the recipient after it stops them
+    cursor: int = 0  # its place in the ledger (`Ledger.due_steps_of`'s `after` for the next page)
 
 
 @dataclass(frozen=True, slots=True)

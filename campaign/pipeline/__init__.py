@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from campaign.pipeline._compliance import build_unsubscribe_warnings
 from campaign.pipeline._content import ContentCheck, check_content, load_content_fingerprint, record_content
+from campaign.pipeline._parallel import Rendered, checked_rows
 from campaign.pipeline._preflight import Preflight, raise_for_problems, render_job, run_preflight
 from campaign.pipeline._resume import (
     LedgerJobs,
@@ -31,6 +32,7 @@ __all__ = [
     "ContentCheck",
     "LedgerJobs",
     "Preflight",
+    "Rendered",
     "Reuse",
     "RowCheck",
     "RowPipeline",
@@ -38,6 +40,7 @@ __all__ = [
     "check_content",
     "check_job",
     "check_rows",
+    "checked_rows",
     "collecting_less",
     "load_content_fingerprint",
     "load_plan_stamp",

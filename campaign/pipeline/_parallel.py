@@ -4,7 +4,8 @@ Rendering and checking a row's messages (Jinja, the unsubscribe token and header
 sizes) is most of a check's time, and it depends on the row alone. So for a big list `checked_rows`
 hands each batch's rows to a pool of processes, each with its own composer, while this process goes
 on scanning, deduplicating and assigning the next batches in list order (those depend on the rows
-before). A worker sends back only each row's error line, or None: planning needs no message. The
+before). A worker sends back only what its caller needs of each row's messages (`summarise`: a run
+needs the error line or None, a preview the subject and the warnings), never the messages. The
 processes are spawned, not forked (polars' threads do not survive a fork). Sends nothing, writes
 nothing.
 """
@@ -16,18 +17,20 @@ import os
 import signal
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 from campaign.errors import DataError
 from campaign.manifest import Manifest
+from campaign.models import Message
 from campaign.pipeline._rows import RowCheck, RowPipeline, check_steps
 from campaign.plan import Job
 from campaign.recipients import BATCH_ROWS
 from campaign.render import Composer, build_composer
 
-__all__ = ["checked_rows"]
+__all__ = ["Rendered", "checked_rows", "error_line"]
 
 # Rows: below this, starting the processes (each imports campaign and compiles the templates: about a
 # second) costs more than it saves.
@@ -35,19 +38,30 @@ PARALLEL_FROM = 20_000
 BATCH = BATCH_ROWS  # rows a worker renders at a time (and the scan's batch)
 _AHEAD = 2  # batches in flight per worker: the workers never wait for this process, nor it for them
 
+# A row's messages as rendered (step 1, then each follow-up), or the error that stops the row.
+Rendered = tuple[Message, ...] | DataError
+_Summary = TypeVar("_Summary")
+
 # A worker process's own manifest and composer (set once by `_start_worker`).
 _worker: tuple[Manifest, Composer] | None = None
 
 
 def checked_rows(
-    pipeline: RowPipeline, secrets: Sequence[bytes] | None
-) -> Iterator[list[tuple[RowCheck, str | None]]]:
-    """Every row of `pipeline` with its error line (None: it passed, or needs no check), a batch at a
-    time in list order; on every core when the list is big enough to pay for it."""
+    pipeline: RowPipeline,
+    secrets: Sequence[bytes] | None,
+    summarise: Callable[[Rendered], _Summary],
+    *,
+    size: int | None = None,
+) -> Iterator[list[tuple[RowCheck, _Summary | None]]]:
+    """Every row of `pipeline` with `summarise` of its rendered messages (None: a row not rendered, being
+    no row to mail or one an earlier run's check covers), `size` rows at a time in list order; on every
+    core when the list is big enough to pay for it. `summarise` must be a module-level function (the
+    workers receive it by name)."""
+    size = size or BATCH
     workers = _cores()
     if workers < 2 or pipeline.scan.row_count < PARALLEL_FROM:
-        for batch in pipeline.batches(BATCH):
-            yield [(row, None if row.error is None else str(row.error)) for row in batch]
+        for batch in pipeline.batches(size):
+            yield [(row, summarise(_rendered(row)) if _to_render(row) else None) for row in batch]
         return
     context = multiprocessing.get_context("spawn")
     secret_list = None if secrets is None else tuple(secrets)
@@ -55,17 +69,29 @@ def checked_rows(
         workers, mp_context=context, initializer=_start_worker, initargs=(pipeline.manifest, secret_list)
     )
     try:
-        waiting: deque[tuple[list[RowCheck], Future[list[str | None]]]] = deque()
-        for batch in pipeline.batches(BATCH, render=False):
+        waiting: deque[tuple[list[RowCheck], Future[list[_Summary]]]] = deque()
+        for batch in pipeline.batches(size, render=False):
             jobs = [row.job for row in batch if row.job is not None and _to_render(row)]
             with _children_ignore_ctrl_c():  # a submit may start a worker
-                waiting.append((batch, pool.submit(_check_batch, jobs)))
+                waiting.append((batch, pool.submit(_check_batch, jobs, summarise)))
             if len(waiting) > workers * _AHEAD:
                 yield _joined(*waiting.popleft())
         while waiting:
             yield _joined(*waiting.popleft())
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def error_line(rendered: Rendered) -> str | None:
+    """A run's summary of a row's messages: the error line that stops the row, or None."""
+    return str(rendered) if isinstance(rendered, DataError) else None
+
+
+def _rendered(row: RowCheck) -> Rendered:
+    if row.error is not None:
+        return row.error
+    assert row.message is not None  # a rendered row has its message or its error
+    return (row.message, *row.followups)
 
 
 @contextmanager
@@ -93,10 +119,10 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def _joined(batch: list[RowCheck], errors: Future[list[str | None]]) -> list[tuple[RowCheck, str | None]]:
-    """The batch's rows with the errors its rendered rows came back with (in the same order)."""
-    found = iter(errors.result())
-    return [(row, next(found) if _to_render(row) else None) for row in batch]
+def _joined(batch: list[RowCheck], found: Future[list[_Summary]]) -> list[tuple[RowCheck, _Summary | None]]:
+    """The batch's rows with the summaries its rendered rows came back with (in the same order)."""
+    summaries = iter(found.result())
+    return [(row, next(summaries) if _to_render(row) else None) for row in batch]
 
 
 def _to_render(row: RowCheck) -> bool:
@@ -112,12 +138,8 @@ def _start_worker(manifest: Manifest, secrets: Sequence[bytes] | None) -> None:
     _worker = (manifest, build_composer(manifest, secrets=secrets))
 
 
-def _check_batch(jobs: list[Job]) -> list[str | None]:
-    """In a worker: each job's messages rendered and checked; its error line, or None."""
+def _check_batch(jobs: list[Job], summarise: Callable[[Rendered], _Summary]) -> list[_Summary]:
+    """In a worker: each job's messages rendered and checked, and summarised for the caller."""
     assert _worker is not None
     manifest, composer = _worker
-    return [_error(check_steps(composer, manifest, job)) for job in jobs]
-
-
-def _error(outcome: object) -> str | None:
-    return str(outcome) if isinstance(outcome, DataError) else None
+    return [summarise(check_steps(composer, manifest, job)) for job in jobs]

@@ -16,7 +16,7 @@ from campaign.errors import DataError
 from campaign.ledger import Ledger, PlannedRow, PlanSpool
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
-from campaign.pipeline._parallel import checked_rows
+from campaign.pipeline._parallel import checked_rows, error_line
 from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less
 from campaign.plan import Job
 from campaign.recipients import encode_cells
@@ -100,7 +100,7 @@ def run_preflight(
     problem_count = planned = to_send = 0
     total, done = pipeline.scan.row_count, 0
     with collecting_less():
-        for batch in checked_rows(pipeline, secrets):
+        for batch in checked_rows(pipeline, secrets, error_line):
             if on_rows is not None:
                 done += len(batch)
                 on_rows(done, total)

@@ -23,7 +23,16 @@ from campaign.ledger import Ledger
 from campaign.manifest import FollowupSettings, Manifest, SenderSettings
 from campaign.models import FIRST_STEP, Message, Problem, SkipReason
 from campaign.nylas import CapturedRequest, build_send_payload, capture_requests
-from campaign.pipeline import Reuse, build_unsubscribe_warnings, check_rows, collecting_less
+from campaign.pipeline import (
+    Rendered,
+    Reuse,
+    RowCheck,
+    RowPipeline,
+    build_unsubscribe_warnings,
+    check_rows,
+    checked_rows,
+    collecting_less,
+)
 from campaign.plan import DAY_S, Job, WindowPlan, build_quota_warnings, build_schedule, plan_window
 from campaign.recipients import BATCH_ROWS, CheckedRow
 from campaign.render import MESSAGE_CHECKS, AttachmentLoader, load_message_attachments
@@ -210,18 +219,17 @@ def run_preview(
     source = scan.source.name
     tally = _Tally(index_rows=max(0, index_rows), samples_wanted=max(0, sample))
     with collecting_less():
-        for batch in pipeline.batches(batch_rows):
-            for row in batch:
+        for batch in checked_rows(pipeline, secrets, summarise_for_preview, size=batch_rows):
+            for row, summary in batch:
                 if row.job is None:
                     _tally_unsent(tally, row.checked, manifest, source, skip_invalid=skip_invalid)
-                elif row.error is not None:
-                    issues = (_render_issue(row.error, source),)
+                elif isinstance(summary, DataError):
+                    issues = (_render_issue(summary, source),)
                     _tally_problem(tally, row.checked, manifest, issues, skip_invalid)
-                elif row.reused:
+                elif summary is None:  # not rendered: sent already
                     _tally_sent_before(tally, row.job, row.settled or "")
                 else:
-                    assert row.message is not None  # a job is rendered: a message or an error
-                    _tally_message(tally, row.job, row.message, manifest, row.settled, row.followups)
+                    _tally_message(tally, pipeline, row, summary)
     loader = composer.attachment_loader  # samples carry their real files (a run reads them at send time)
     samples = _samples(manifest, tally.samples, loader, api_uri=api_uri, clock=clock)
     return PreviewReport(
@@ -320,47 +328,51 @@ def _tally_sent_before(tally: _Tally, job: Job, settled: str) -> None:
     tally.list_row(listed)
 
 
-def _tally_message(
-    tally: _Tally,
-    job: Job,
-    message: Message,
-    manifest: Manifest,
-    settled: str | None,
-    followups: tuple[Message, ...] = (),
-) -> None:
+@dataclass(frozen=True, slots=True)
+class MessageLooks:
+    """What the preview keeps of a rendered row's step 1: its subject and its warnings (`MESSAGE_CHECKS`:
+    what is wrong, said of every such message; this message's note)."""
+
+    subject: str
+    warnings: tuple[tuple[str, str], ...]
+
+
+def summarise_for_preview(rendered: Rendered) -> DataError | MessageLooks:
+    """A rendered row as the preview tallies it (in a worker of the parallel check, or here)."""
+    if isinstance(rendered, DataError):
+        return rendered
+    message = rendered[0]
+    return MessageLooks(
+        message.subject, tuple(found for check in MESSAGE_CHECKS if (found := check(message)))
+    )
+
+
+def _tally_message(tally: _Tally, pipeline: RowPipeline, row: RowCheck, looks: MessageLooks) -> None:
+    job = row.job
+    assert job is not None  # only a row to mail is rendered
     recipient = job.recipient
-    notes = []
-    for check in MESSAGE_CHECKS:
-        found = check(message)
-        if found is not None:
-            label, note = found
-            count, first_row, first_note = tally.message_warnings.get(label, (0, recipient.row, note))
-            tally.message_warnings[label] = (count + 1, first_row, first_note)
-            notes.append(note)
+    for label, note in looks.warnings:
+        count, first_row, first_note = tally.message_warnings.get(label, (0, recipient.row, note))
+        tally.message_warnings[label] = (count + 1, first_row, first_note)
     number = None
-    if settled is not None:
-        tally.done[settled] += 1
-        state = f"already {settled}"
+    if row.settled is not None:
+        tally.done[row.settled] += 1
+        state = f"already {row.settled}"
     else:
         tally.to_send += 1
         tally.per_sender[job.sender] += 1
         state = STATE_SEND
-        if len(tally.samples) < tally.samples_wanted:
-            tally.samples.append((message, manifest.sender(job.sender), followups))
+        if len(tally.samples) < tally.samples_wanted:  # rendered again here: the few samples only
+            rendered = pipeline.render(row)
+            assert rendered.message is not None  # it rendered once; rendering is pure
+            tally.samples.append((rendered.message, pipeline.manifest.sender(job.sender), rendered.followups))
             number = len(tally.samples)
     name = recipient.address.name or ""
-    row = ListedRow(
-        recipient.row,
-        recipient.address.email,
-        name,
-        job.sender,
-        message.subject,
-        state,
-        "",
-        tuple(notes),
-        number,
+    notes = tuple(note for _, note in looks.warnings)
+    listed = ListedRow(
+        recipient.row, recipient.address.email, name, job.sender, looks.subject, state, "", notes, number
     )
-    tally.list_row(row, always=number is not None)
+    tally.list_row(listed, always=number is not None)
 
 
 def _cell(fields: Mapping[str, object], column: str | None) -> str:
