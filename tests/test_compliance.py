@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import check_plan
 
 from campaign.manifest import Manifest
@@ -105,6 +109,53 @@ def test_has_body_link_reads_escaped_and_unquoted_hrefs():
     assert has_body_link(message("<A HREF=https://example.com/u?t=abc&amp;list=7>x</A>"), url)
     assert not has_body_link(message('<a href="https://example.com/u?t=abc">x</a>'), url)
     assert not has_body_link(message(f"<p>{url}</p>"), url)
+
+
+_URL = "https://example.com/u?t=abc&list=7"
+_PIECES = st.sampled_from(
+    [
+        _URL,
+        html.escape(_URL),
+        "href=",
+        "HREF = ",
+        'href="',
+        "href='",
+        '"',
+        "'",
+        " ",
+        ">",
+        "<a ",
+        "&amp;",
+        "&copy;",
+        "x" * 70,
+        "https://example.com/u?t=abc",
+        "hReF=",
+        "\u0130",  # İ: its lower case is two characters
+        "a",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pieces=st.lists(_PIECES, max_size=12))
+def test_has_body_link_agrees_with_reading_every_href(pieces):
+    """Trying the href pattern only where "href" is finds what the pattern's own scan of the body finds
+    (overlapping look-alikes, case, entities, characters whose lower case is longer)."""
+    body = "".join(pieces)
+
+    def every_href() -> bool:
+        for match in re.finditer(
+            r"""\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", body, re.IGNORECASE
+        ):
+            target = next(group for group in match.groups() if group is not None)
+            if html.unescape(target).strip() == _URL:
+                return True
+        return False
+
+    assert (
+        has_body_link(Message("k", 1, "s", (Address("a@example.com"),), "Hi", html=body), _URL)
+        == every_href()
+    )
 
 
 def test_cli_run_with_a_microsoft_sender_and_no_link_sends_nothing(api, cli, tmp_path):

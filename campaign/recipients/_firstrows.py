@@ -31,10 +31,13 @@ class FirstRows:
         if not keys:
             return []
         with self._db:
+            before = self._db.total_changes
+            # In order, so that of two rows of this batch with one key, the first is kept.
+            self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", zip(keys, rows, strict=True))
+            if self._db.total_changes - before == len(keys):
+                return list(rows)  # every key new (most batches): each row is its own first
             self._db.execute("DELETE FROM batch")
             self._db.executemany("INSERT INTO batch VALUES (?, ?)", zip(keys, rows, strict=True))
-            # In batch order, so that of two rows of this batch with one key, the first is kept.
-            self._db.execute("INSERT OR IGNORE INTO seen SELECT key, row FROM batch ORDER BY rowid")
             found = self._db.execute(
                 "SELECT seen.row FROM batch CROSS JOIN seen ON seen.key = batch.key ORDER BY batch.rowid"
             ).fetchall()

@@ -63,11 +63,15 @@ def inline_css(html: str, *, row: int | None = None) -> str:
         raise TemplateError(detail, row=row, field="message.inline_css") from exc
 
 
-@functools.lru_cache(maxsize=4)  # the preview asks twice per message (missing, unused): scan once
 def find_cid_references(html: str) -> tuple[str, ...]:
     """The content ids the HTML refers to as `cid:<id>` (in src, href or url()), in order, once each."""
     if "cid:" not in html.lower():  # most bodies: one quick pass instead of the pattern at every position
         return ()
+    return _cid_references(html)
+
+
+@functools.lru_cache(maxsize=4)  # the preview asks twice per message (missing, unused): scan once
+def _cid_references(html: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(match.group(1) for match in _CID.finditer(html)))
 
 
