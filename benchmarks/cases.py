@@ -96,6 +96,14 @@ CASES: tuple[Case, ...] = (
         "ledger",
     ),
     Case(
+        "resume-appended",
+        "Resume after 10,000 rows were appended to the resume case's list (only they are checked)",
+        "<= 10 s",
+        {"rows": 1_000_000, "sent": 900_000, "senders": 10, "appended": 10_000, "limit_s": 10},
+        {"rows": 2_000, "sent": 1_800, "senders": 10, "appended": 100, "limit_s": 10},
+        "appended-ledger",
+    ),
+    Case(
         "resume-open",
         "Resume: ledger of 1,000,000 rows, none sent yet; start to first request at the fake",
         "<= 3 s",
@@ -173,11 +181,14 @@ def prepare_data(case: Case, root: Path, *, quick: bool) -> Path:
             burst=params.get("burst", 1),
             concurrency=params.get("concurrency", 8),
         )
-    elif case.data in ("ledger", "fresh-ledger"):
+    elif case.data in ("ledger", "fresh-ledger", "appended-ledger"):
         manifest = data.write_newsletter_campaign(folder, params["rows"], senders=params["senders"])
         data.build_resume_ledger(
             manifest, folder / "pristine.ledger.sqlite", rows=params["rows"], sent=params["sent"]
         )
+        if "appended" in params:  # after the ledger: its plan is of the list before
+            first = params["rows"] + 1
+            data.write_newsletter_list(folder / "recipients.csv", params["appended"], first=first)
     elif case.data == "mailmerge":
         data.write_mailmerge_campaign(folder, params["rows"], senders=params["senders"])
     elif case.data == "preview":

@@ -129,13 +129,15 @@ def write_newsletter_campaign(
     return manifest
 
 
-def write_newsletter_list(path: Path, rows: int) -> None:
-    """An N-row list: email, name and the six template columns, every value different per row."""
+def write_newsletter_list(path: Path, rows: int, *, first: int = 1) -> None:
+    """An N-row list: email, name and the six template columns, every value different per row. With
+    `first` above 1, rows `first`.. are appended to the list there (no header)."""
     start = datetime(2026, 6, 1, tzinfo=UTC).date()
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        handle.write("email,name,first_name,city,company,plan,renewal_date,code\n")
+    with path.open("w" if first == 1 else "a", encoding="utf-8", newline="") as handle:
+        if first == 1:
+            handle.write("email,name,first_name,city,company,plan,renewal_date,code\n")
         lines = []
-        for n in range(1, rows + 1):
+        for n in range(first, first + rows):
             city = CITIES[n % len(CITIES)]
             renewal = start + timedelta(days=n % 365)
             lines.append(
@@ -174,13 +176,19 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     The schema, meta rows (campaign name, content fingerprint, plan stamp) and migrations come
     from campaign's own code; the rows are inserted in one transaction, shaped as `record_plan`,
     `claim` and `record_outcome` leave them (sender round-robin over the manifest's senders).
-    The plan stamp is the one the first `campaign run` of this list would have recorded.
+    The plan stamp (and the list's record) is the one the first `campaign run` of this list would have
+    recorded.
     """
     from campaign.clock import SystemClock
     from campaign.ledger import open_ledger
     from campaign.manifest import load_manifest
+    from campaign.pipeline import (
+        load_content_fingerprint,
+        load_list_extent,
+        load_plan_stamp,
+        load_rules_stamp,
+    )
     from campaign.recipients import encode_cells
-    from campaign.pipeline import load_content_fingerprint, load_plan_stamp, load_rules_stamp
 
     manifest = load_manifest(manifest_path)
     campaign = manifest.campaign.name
@@ -189,7 +197,8 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     ledger.record_content_fingerprint(content)
     stamp = load_plan_stamp(manifest, content=content, skip_invalid=False)
     rules = load_rules_stamp(manifest, content=content, skip_invalid=False)
-    ledger.record_plan([], [], stamp=stamp, rules=rules)
+    extent = load_list_extent(manifest.recipients.source, rows=rows, invalid=False)
+    ledger.record_plan([], [], stamp=stamp, rules=rules, extent=extent.encode())
     ledger.close()
     # Each row's cells as a run records them, so that a changed list re-checks only what changed.
     with manifest.recipients.source.open(encoding="utf-8", newline="") as handle:

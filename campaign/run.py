@@ -54,17 +54,20 @@ from campaign.ledger import (
     unlock_ledger,
 )
 from campaign.manifest import Manifest
-from campaign.models import Recipient, RowState, Screening
+from campaign.models import Recipient, RowState, Screening, SkipReason
 from campaign.nextsteps import NextStep
 from campaign.nylas import SendClient
 from campaign.pipeline import (
     ContentCheck,
     LedgerJobs,
+    ListExtent,
     Preflight,
     Reuse,
     check_content,
     check_job,
+    find_appended,
     load_content_fingerprint,
+    load_list_extent,
     load_plan_stamp,
     load_recipients,
     load_rules_stamp,
@@ -105,6 +108,7 @@ class RunPlan:
     skipped: Mapping[str, int]  # skip reason -> rows
     unchanged: bool  # the plan stamp matched: the rows were checked by an earlier run
     senders: int
+    appended: int = 0  # only rows appended to the list since the last plan were checked: how many
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +170,8 @@ class _Checked:
     stamp: str
     rules: str  # the stamp of all but the list's rows (`pipeline.load_rules_stamp`)
     content: ContentCheck
+    extent: ListExtent | None = None  # the list file the checked plan is of
+    appended: bool = False  # the plan holds only the rows appended since the ledger's plan
 
 
 def run_campaign(
@@ -235,9 +241,14 @@ def _check(
     )
     stamp = load_plan_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
     rules = load_rules_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
-    preflight = None
+    preflight = extent = start = None
     composer = _unchanged(manifest, ledger, stamp, secrets)
     if composer is None:
+        reuse = _reuse(manifest, ledger, rules)
+        # Rows only appended under the same rules: the earlier ones are checked and recorded already.
+        start = (
+            find_appended(manifest, ledger) if ledger is not None and reuse is Reuse.UNCHANGED_ROWS else None
+        )
         with hooks.checking() as on_rows:
             preflight = run_preflight(
                 manifest,
@@ -246,11 +257,19 @@ def _check(
                 skip_invalid=options.skip_invalid,
                 ledger=ledger,
                 on_rows=on_rows,
-                reuse=_reuse(manifest, ledger, rules),
+                reuse=reuse,
                 due_at=partial(first_due_time, manifest, now=now),
+                start=start,
             )
         preflight.raise_for_problems()
         composer, to_send, skipped = preflight.composer, preflight.to_send, preflight.skipped
+        earlier = None if start is None else ListExtent.decode(ledger.list_extent() if ledger else None)
+        invalid = bool(preflight.skipped.get(SkipReason.INVALID.value)) or bool(earlier and earlier.invalid)
+        rows = preflight.rows + (0 if start is None else start.rows)
+        extent = load_list_extent(manifest.recipients.source, rows=rows, invalid=invalid)
+        if start is not None and ledger is not None:  # the rows recorded already that a run still sends
+            counts = ledger.counts(listed=True)
+            to_send += counts[RowState.PENDING] + counts[RowState.INFLIGHT]
     else:
         assert ledger is not None
         counts = ledger.counts(listed=True)
@@ -262,8 +281,9 @@ def _check(
         skipped=skipped,
         unchanged=preflight is None,
         senders=len(manifest.senders),
+        appended=0 if start is None or preflight is None else preflight.rows,
     )
-    return _Checked(composer, preflight, plan, stamp, rules, content)
+    return _Checked(composer, preflight, plan, stamp, rules, content, extent, appended=start is not None)
 
 
 def _unchanged(
@@ -307,7 +327,15 @@ def _record_plan(ledger: Ledger, checked: _Checked, spool: PlanSpool) -> SyncRep
     unchanged resume need not check again, and a changed list only its new and changed rows)."""
     if checked.preflight is None:
         return SyncReport(added=0, skipped_added=0, existing=0, missing=0)
-    return ledger.record_plan(spool.planned(), spool.skips(), stamp=checked.stamp, rules=checked.rules)
+    extent = None if checked.extent is None else checked.extent.encode()
+    return ledger.record_plan(
+        spool.planned(),
+        spool.skips(),
+        stamp=checked.stamp,
+        rules=checked.rules,
+        extent=extent,
+        appended=checked.appended,
+    )
 
 
 def _send_checked(

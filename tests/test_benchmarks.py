@@ -36,6 +36,7 @@ CASE_NAMES = (
     "many-senders",
     "limiter",
     "resume",
+    "resume-appended",
     "resume-open",
     "fresh-run",
     "fresh-run-10m",

@@ -4,11 +4,13 @@ Renders are counted through a seam (`Composer.render`), sends at the fake."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from campaign.recipients import AudienceScan
 from campaign.render import Composer
 
 GRANT = "grant-inc"
@@ -120,3 +122,93 @@ def test_preview_renders_no_row_sent_already_and_counts_them(api, cli, tmp_path,
     assert report["already_done_by_state"] == {"sent": 2}
     assert report["to_send"] == 4
     assert set(renders) == {f"p{n}@example.com" for n in range(3, 7)}
+
+
+@pytest.fixture(name="rows_read")
+def _rows_read(monkeypatch) -> list[int]:
+    """Every list row the scan reads and checks, by row number (the seam: `AudienceScan._check_row`)."""
+    read: list[int] = []
+    original = AudienceScan._check_row
+
+    def check_row(self, row, values):
+        read.append(row)
+        return original(self, row, values)
+
+    monkeypatch.setattr(AudienceScan, "_check_row", check_row)
+    return read
+
+
+def _copy_ledger(source: Path, target: Path) -> None:
+    with sqlite3.connect(source) as old, sqlite3.connect(target) as new:
+        old.backup(new)
+
+
+def _ledger_rows(path: Path) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as db:
+        return db.execute(
+            "SELECT key, row, email, sender, state, listed, cells FROM recipients ORDER BY key"
+        ).fetchall()
+
+
+def _append(folder: Path) -> None:
+    """Two new people, a duplicate of an earlier row (p3) and a duplicate of an appended one (p8)."""
+    new = [("p7@example.com", "P 7", "Lisbon"), ("p8@example.com", "P 8", "Oslo")]
+    _write_rows(folder, [*_rows(folder), *new, ("P3@example.com", "P 3 again", "Rome"), new[1]])
+
+
+def test_rows_only_appended_are_the_only_rows_read_and_the_plan_is_the_full_checks(
+    api, cli, tmp_path, renders, rows_read
+):
+    """The list only grew: its earlier rows are not read again. The plan recorded is the one a check of
+    every row records (the same ledger rows; duplicates of earlier rows skipped), and everyone is
+    mailed once."""
+    manifest = _started(api, cli, tmp_path, renders)
+    ledger = manifest.with_name("campaign.ledger.sqlite")
+    _append(manifest.parent)
+    _copy_ledger(ledger, tmp_path / "before.sqlite")
+    rows_read.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("campaign.cli.sending._confirm", lambda *_args, **_kwargs: True)
+        patch.setattr("campaign.run._send_checked", lambda *_args, **_kwargs: None)  # the plan only
+        appended = cli("resume", manifest)
+        assert sorted(rows_read) == [7, 8, 9, 10], appended.output
+        recorded = _ledger_rows(ledger)
+        # Again from the same ledger, made to check every row (its record of the list forgotten).
+        _copy_ledger(tmp_path / "before.sqlite", ledger)
+        with sqlite3.connect(ledger) as db:
+            db.execute("DELETE FROM meta WHERE key = 'list_extent'")
+        rows_read.clear()
+        full = cli("resume", manifest)
+        assert sorted(rows_read) == list(range(1, 11)), full.output
+    assert "checked the 4 rows added at its end, 6 to send, 2 duplicate" in appended.stdout, appended.output
+    assert "checked, 6 to send, 2 duplicate" in full.stdout, full.output
+    assert recorded == _ledger_rows(ledger)
+    sent = cli("resume", manifest, "--yes")
+    assert sent.exit_code == 0, sent.output
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sorted(emails) == [f"p{n}@example.com" for n in range(1, 9)]
+
+
+def test_a_bad_appended_row_is_refused_naming_its_row_and_nothing_is_sent(api, cli, tmp_path, renders):
+    manifest = _started(api, cli, tmp_path, renders)
+    folder = manifest.parent
+    _write_rows(folder, [*_rows(folder), ("p7@example.com", "P 7", "Oslo"), ("not-an-address", "X", "Oslo")])
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 65, refused.output
+    assert "r.csv row 8" in refused.output
+    assert len(api.deliveries) == 2
+
+
+def test_after_rows_skipped_as_invalid_the_whole_list_is_read_again(api, cli, tmp_path, renders, rows_read):
+    """A new row could duplicate one skipped as invalid, which only a check of every row tells."""
+    api.add_grant(GRANT, "a@corp.example.com")
+    manifest = _campaign(tmp_path / "c", 4)
+    folder = manifest.parent
+    _write_rows(folder, [*_rows(folder), ("bad-address", "B", "Oslo")])
+    assert cli("run", manifest, "--yes", "--skip-invalid", "--limit", "1").exit_code == 75
+    _write_rows(folder, [*_rows(folder), ("p9@example.com", "P 9", "Oslo")])
+    rows_read.clear()
+    assert cli("resume", manifest, "--yes", "--skip-invalid").exit_code == 0
+    assert sorted(rows_read) == list(range(1, 7))
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sorted(emails) == [*(f"p{n}@example.com" for n in range(1, 5)), "p9@example.com"]

@@ -18,7 +18,7 @@ from campaign.ledger import open_ledger
 from campaign.ledger._schema import MIGRATIONS
 from campaign.manifest import RecipientsSettings
 from campaign.recipients import _listfile, encode_cells, recipient_from_cells
-from campaign.recipients._listfile import ListFile
+from campaign.recipients._listfile import ListFile, ListStart
 
 _CELL = st.text(alphabet=st.sampled_from(list('ab ,"\n\r;é€x')), max_size=6)
 
@@ -145,3 +145,21 @@ def test_migration_to_recorded_cells_drops_the_digests_and_the_stamps(tmp_path):
         assert ledger.key_cells(["a@x"]) == {}
     finally:
         ledger.close()
+
+
+def test_a_list_read_from_where_it_grew_reads_only_the_rows_after_it(tmp_path, monkeypatch):
+    """From a `ListStart` (the bytes and rows of the list as it was), the rows after it, as the whole
+    file holds them; a fault there is named by its line in the whole file."""
+    monkeypatch.setattr(_listfile, "_BLOCK_BYTES", 64)
+    before = b"email,name\n" + b"".join(f'u{n}@example.com,"Name\n{n}"\n'.encode() for n in range(30))
+    after = b"".join(f"v{n}@example.com,Late {n}\n".encode() for n in range(12))
+    path = tmp_path / "list.csv"
+    path.write_bytes(before + after)
+    whole = [row for frame in ListFile(path, ",", "recipient list").frames(5) for row in frame.rows()]
+    start = ListStart(len(before), 30)
+    table = ListFile(path, ",", "recipient list", start)
+    assert table.row_count == 12
+    assert [row for frame in table.frames(5) for row in frame.rows()] == whole[30:]
+    path.write_bytes(before + after + b"v99@example.com,Caf\xe9\n")
+    with pytest.raises(RecipientDataError, match=r"list\.csv: line 74: not UTF-8 text"):
+        list(ListFile(path, ",", "recipient list", start).frames(5))

@@ -142,7 +142,8 @@ def test_any_change_to_the_plan_inputs_checks_the_list_again(api, cli, tmp_path,
     second = cli("resume", manifest, "--yes", *flags)
     assert second.exit_code == 0, second.output
     assert len(preflights) == 2
-    assert "checked, " in second.stdout
+    appended = change is _append_row
+    assert ("checked the 1 row added at its end, " if appended else "checked, ") in second.stdout
     emails = [d.payload["to"][0]["email"] for d in api.deliveries]
     assert len(emails) == len(set(emails))
     if change is _suppress_more:

@@ -86,14 +86,23 @@ def print_json(console: Console, data: Mapping[str, Any]) -> None:
 
 
 def print_checked(
-    console: Console, *, source: str, to_send: int, skipped: Mapping[str, int], unchanged: bool = False
+    console: Console,
+    *,
+    source: str,
+    to_send: int,
+    skipped: Mapping[str, int],
+    unchanged: bool = False,
+    appended: int = 0,
 ) -> None:
     """The preflight tally before sending: e.g. `recipients.csv: 5 to send, 1 duplicate, 1 suppressed`.
 
-    `unchanged`: the list was not checked again, because nothing changed since a run that checked it.
+    `unchanged`: the list was not checked again, because nothing changed since a run that checked it;
+    `appended`: only the rows added at its end since then were checked (how many).
     """
     parts = [f"{to_send} to send", *(f"{count} {reason}" for reason, count in sorted(skipped.items()))]
     how = "unchanged since it was checked" if unchanged else "checked"
+    if appended:
+        how = f"checked the {appended:,} row{'' if appended == 1 else 's'} added at its end"
     console.print(f"{escape(source)}: {how}, " + ", ".join(parts), soft_wrap=True)
 
 

@@ -169,7 +169,12 @@ class _Hooks:
 
     def confirm(self, plan: RunPlan) -> bool:
         print_checked(
-            out, source=plan.source.name, to_send=plan.to_send, skipped=plan.skipped, unchanged=plan.unchanged
+            out,
+            source=plan.source.name,
+            to_send=plan.to_send,
+            skipped=plan.skipped,
+            unchanged=plan.unchanged,
+            appended=plan.appended,
         )
         return _confirm(plan.to_send, plan.senders, yes=self._yes, sandbox=self._sandbox)
 

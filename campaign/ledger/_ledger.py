@@ -21,6 +21,7 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._read import (
     KEY_SCHEME,
+    LIST_EXTENT,
     PARKED_PREFIX,
     PLAN_STAMP,
     RULES_STAMP,
@@ -170,14 +171,18 @@ class SqliteLedger(LedgerWriter):
         *,
         stamp: str | None = None,
         rules: str | None = None,
+        extent: str | None = None,
+        appended: bool = False,
     ) -> SyncReport:
         """Bring the ledger in line with the list: new rows pending, new skips skipped, the rest kept.
 
         A pending row that the list now skips becomes skipped; a row skipped as
         invalid that now validates becomes pending. Rows no longer in the list
-        are left as they are and marked as not listed. `stamp`, the plan's stamp, and `rules`, the
-        stamp of all but the list's rows, are recorded in the same transaction: a stamp never
-        describes rows recorded for another list.
+        are left as they are and marked as not listed. `stamp`, the plan's stamp, `rules`, the
+        stamp of all but the list's rows, and `extent`, the list file's own record, are recorded in
+        the same transaction: a stamp never describes rows recorded for another list. With
+        `appended`, the plan holds only rows appended to the list the ledger's plan was of: the rows
+        already recorded stay listed.
 
         Both are consumed a batch at a time into temporary tables and compared with the ledger in
         SQL: a plan of a million rows is never held in memory, and rows already so are not written
@@ -186,7 +191,7 @@ class SqliteLedger(LedgerWriter):
         now = self._stamp()
         with self._write() as db:
             try:
-                report = self._sync_plan(db, planned, skips, now)
+                report = self._sync_plan(db, planned, skips, now, appended=appended)
             finally:
                 db.execute("DROP TABLE IF EXISTS temp.plan_rows")
                 db.execute("DROP TABLE IF EXISTS temp.plan_skips")
@@ -194,10 +199,18 @@ class SqliteLedger(LedgerWriter):
                 self._set_meta(PLAN_STAMP, stamp)
             if rules is not None:
                 self._set_meta(RULES_STAMP, rules)
+            if extent is not None:
+                self._set_meta(LIST_EXTENT, extent)
         return report
 
     def _sync_plan(
-        self, db: sqlite3.Connection, planned: Iterable[PlannedRow], skips: Iterable[Skip], now: str
+        self,
+        db: sqlite3.Connection,
+        planned: Iterable[PlannedRow],
+        skips: Iterable[Skip],
+        now: str,
+        *,
+        appended: bool,
     ) -> SyncReport:
         db.execute(
             "CREATE TEMP TABLE plan_rows (key TEXT NOT NULL UNIQUE, row INTEGER NOT NULL, "
@@ -218,6 +231,12 @@ class SqliteLedger(LedgerWriter):
             ((s.key, s.row, s.email, _skip_reason(s)) for s in skips),
         )
         db.execute("DELETE FROM temp.plan_skips WHERE key IN (SELECT key FROM temp.plan_rows)")
+        if appended:  # an appended row with the key of a row listed before is that row's duplicate
+            db.execute(
+                "DELETE FROM temp.plan_skips WHERE EXISTS (SELECT 1 FROM recipients AS r "
+                "WHERE r.key = plan_skips.key AND r.listed = 1 AND r.step = ?)",
+                (FIRST_STEP,),
+            )
         wanted = sum(
             db.execute(
                 "SELECT (SELECT count(*) FROM temp.plan_rows) + (SELECT count(*) FROM temp.plan_skips)"
@@ -261,9 +280,11 @@ class SqliteLedger(LedgerWriter):
             (now, now),
         ).rowcount
         listed = "(key IN (SELECT key FROM temp.plan_rows) OR key IN (SELECT key FROM temp.plan_skips))"
-        db.execute(
-            f"UPDATE recipients SET listed = 0 WHERE step = ? AND listed = 1 AND NOT {listed}", (FIRST_STEP,)
-        )
+        if not appended:
+            db.execute(
+                f"UPDATE recipients SET listed = 0 WHERE step = ? AND listed = 1 AND NOT {listed}",
+                (FIRST_STEP,),
+            )
         db.execute(
             f"UPDATE recipients SET listed = 1 WHERE step = ? AND listed = 0 AND {listed}", (FIRST_STEP,)
         )

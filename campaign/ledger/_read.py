@@ -117,6 +117,7 @@ _SAMPLED_FROM = 1000
 # The ledger's meta keys; only this package names them.
 PLAN_STAMP = "plan_stamp"
 RULES_STAMP = "rules_stamp"
+LIST_EXTENT = "list_extent"
 CONTENT_FINGERPRINT = "content_fingerprint"
 KEY_SCHEME = "key_scheme"
 PARKED_PREFIX = "parked_until:"
@@ -162,6 +163,18 @@ class LedgerReader:
     def rules_stamp(self) -> str | None:
         """The stamp of what decided the last plan besides the list's rows (`pipeline.load_rules_stamp`)."""
         return self._meta(RULES_STAMP)
+
+    def list_extent(self) -> str | None:
+        """The last plan's list file as the pipeline recorded it (its size, digest and rows), or None."""
+        return self._meta(LIST_EXTENT)
+
+    def listed_rows(self, keys: Iterable[str]) -> dict[str, int]:
+        """Key -> its row in the list, for the rows of step 1 of `keys` that the last plan listed."""
+        rows = self._read(
+            f"SELECT r.key, r.row FROM {_BY_KEYS} WHERE r.listed = 1 AND r.step = ?",
+            (_keys(keys), FIRST_STEP),
+        )
+        return {str(key): int(row) for key, row in rows}
 
     def key_cells(self, keys: Iterable[str]) -> dict[str, str]:
         """Key -> its list row's cells as last checked (`recipients.encode_cells`), for the rows of `keys`

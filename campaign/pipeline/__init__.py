@@ -15,6 +15,9 @@ from campaign.pipeline._parallel import Rendered, checked_rows
 from campaign.pipeline._preflight import Preflight, raise_for_problems, render_job, run_preflight
 from campaign.pipeline._resume import (
     LedgerJobs,
+    ListExtent,
+    find_appended,
+    load_list_extent,
     load_plan_stamp,
     load_recipients,
     load_rules_stamp,
@@ -31,6 +34,7 @@ from campaign.pipeline._rows import (
 __all__ = [
     "ContentCheck",
     "LedgerJobs",
+    "ListExtent",
     "Preflight",
     "Rendered",
     "Reuse",
@@ -42,7 +46,9 @@ __all__ = [
     "check_rows",
     "checked_rows",
     "collecting_less",
+    "find_appended",
     "load_content_fingerprint",
+    "load_list_extent",
     "load_plan_stamp",
     "load_recipients",
     "load_rules_stamp",

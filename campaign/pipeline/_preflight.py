@@ -19,7 +19,7 @@ from campaign.models import Message, Skip, SkipReason
 from campaign.pipeline._parallel import checked_rows, error_line
 from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less
 from campaign.plan import Job
-from campaign.recipients import encode_cells
+from campaign.recipients import ListStart, encode_cells
 from campaign.render import Composer, load_message_attachments
 
 __all__ = ["Preflight", "raise_for_problems", "render_job", "run_preflight"]
@@ -35,6 +35,7 @@ class Preflight:
 
     manifest: Manifest
     composer: Composer
+    rows: int  # data rows checked (after `start`, when only the rows appended were)
     planned: int  # rows that passed, settled ones included (the plan lists them all)
     skipped: Mapping[str, int]  # skip reason -> rows
     problems: tuple[str, ...]  # the first few found
@@ -80,6 +81,7 @@ def run_preflight(
     on_rows: Callable[[int, int], None] | None = None,
     reuse: Reuse = Reuse.NONE,
     due_at: Callable[[Job], datetime | None] = lambda _job: None,
+    start: ListStart | None = None,
 ) -> Preflight:
     """Every row through the pipeline (`check_rows`), its plan written to `spool` a batch at a time: the
     rows to mail (with their cells digest and when they are due, `due_at`) and the skips. Nothing of
@@ -87,13 +89,14 @@ def run_preflight(
 
     `ledger` (the campaign's, when it ran before) keeps each row's sender and says which rows a run
     sends (`to_send`). `on_rows(done, total)` hears of each batch checked (for a progress display).
-    `reuse` says which rows need not be rendered again (`Reuse`): they count as checked.
+    `reuse` says which rows need not be rendered again (`Reuse`): they count as checked. With `start`,
+    only the rows appended to the list since the ledger's plan are checked (`check_rows`).
 
     File-level problems (a missing file, a bad header, a template that does not
     compile) raise at once; row-level problems are collected. With `skip_invalid`,
     bad rows become skips and the problems list is empty.
     """
-    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger, reuse=reuse)
+    pipeline = check_rows(manifest, secrets=secrets, ledger=ledger, reuse=reuse, start=start)
     source = manifest.recipients.source.name
     skipped: Counter[str] = Counter()
     problems: list[str] = []
@@ -124,6 +127,7 @@ def run_preflight(
     return Preflight(
         manifest=manifest,
         composer=pipeline.composer,
+        rows=total,
         planned=planned,
         skipped=dict(skipped),
         problems=tuple(problems),

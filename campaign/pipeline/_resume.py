@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -23,15 +24,20 @@ from campaign.ledger import Ledger, PlannedRow
 from campaign.manifest import STORE_SUFFIXES, Manifest, RecipientsSettings
 from campaign.models import Recipient, RowState
 from campaign.plan import Job
-from campaign.recipients import recipient_from_cells
+from campaign.recipients import ListStart, recipient_from_cells
 
 __all__ = [
     "LedgerJobs",
+    "ListExtent",
+    "find_appended",
     "jobs_at",
+    "load_list_extent",
     "load_plan_stamp",
     "load_recipients",
     "load_rules_stamp",
 ]
+
+_READ_BYTES = 1 << 20
 
 # Bump when preflight's rules change, so that a stamp recorded under the old rules no longer matches.
 _RULES = 2
@@ -65,6 +71,63 @@ def load_plan_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> 
     digest.update(f"\0{source}\0".encode())
     digest.update(_file_digest(source))
     return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ListExtent:
+    """The list file a plan was made of, as the ledger keeps it: its size and SHA-256, its data rows, and
+    whether any row was skipped as invalid (`--skip-invalid`)."""
+
+    size: int
+    digest: str
+    rows: int
+    invalid: bool
+
+    def encode(self) -> str:
+        return json.dumps(
+            {"size": self.size, "digest": self.digest, "rows": self.rows, "invalid": self.invalid}
+        )
+
+    @classmethod
+    def decode(cls, text: str | None) -> ListExtent | None:
+        try:
+            found = json.loads(text or "")
+            return cls(int(found["size"]), str(found["digest"]), int(found["rows"]), bool(found["invalid"]))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+def load_list_extent(path: Path, *, rows: int, invalid: bool) -> ListExtent:
+    """The list file at `path` as a plan of its `rows` data rows records it (reads the file)."""
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return ListExtent(path.stat().st_size, digest, rows, invalid)
+
+
+def find_appended(manifest: Manifest, ledger: Ledger) -> ListStart | None:
+    """Where the rows appended to the list since the ledger's plan start, when the list only grew: the
+    file begins with the very bytes that plan was made of, ending with a newline. None when it changed
+    otherwise, is not a CSV, or the plan skipped rows as invalid (a new row could duplicate one of those,
+    which only a check of every row tells). Reads the file."""
+    recorded = ListExtent.decode(ledger.list_extent())
+    path = manifest.recipients.source
+    if recorded is None or recorded.invalid or path.suffix.lower() != ".csv":
+        return None
+    digest, last = hashlib.sha256(), b""
+    try:
+        with path.open("rb") as file:
+            if path.stat().st_size <= recorded.size:
+                return None
+            left = recorded.size
+            while left > 0 and (chunk := file.read(min(left, _READ_BYTES))):
+                digest.update(chunk)
+                left -= len(chunk)
+                last = chunk[-1:]
+    except OSError:
+        return None  # the full check says what is wrong
+    if left or digest.hexdigest() != recorded.digest or last != b"\n":
+        return None
+    return ListStart(recorded.size, recorded.rows)
 
 
 def jobs_at(settings: RecipientsSettings, rows: Sequence[PlannedRow]) -> list[Job]:

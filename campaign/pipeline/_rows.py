@@ -21,11 +21,11 @@ from campaign.clock import SystemClock
 from campaign.errors import DataError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
-from campaign.models import Message, PreviousStep, RowState
+from campaign.models import Message, PreviousStep, RowState, Skip, SkipReason
 from campaign.pipeline._compliance import check_body_link
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
-from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, encode_cells, scan_audience
+from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, ListStart, encode_cells, scan_audience
 from campaign.render import Composer, build_composer, check_message_attachments
 from campaign.unsubscribe import Unsubscribed, list_store_paths, lookup_unsubscribed, open_store
 
@@ -101,6 +101,8 @@ class RowPipeline:
     ) -> None:
         self.manifest = manifest
         self.scan = scan
+        # Only the rows appended since the ledger's plan are read: the earlier ones are in the ledger.
+        self._appended = scan.start.rows > 0
         self.composer = composer
         self._stores = tuple(stores)
         self._ledger = ledger
@@ -115,6 +117,8 @@ class RowPipeline:
         again; the ledger is asked a batch at a time.
         """
         for batch in self.scan.batches(size):
+            if self._appended:
+                batch = self._earlier_duplicates_skipped(batch)
             recipients = [checked.recipient for checked in batch if checked.recipient is not None]
             unsubscribed = lookup_unsubscribed(self._stores, recipients)
             kept, settled = self._known([recipient.key for recipient in recipients])
@@ -181,10 +185,40 @@ class RowPipeline:
         sender = self._assigner.assign(recipient, kept=kept.get(recipient.key))
         return RowCheck(checked, Job(recipient, sender), settled=settled.get(recipient.key))
 
+    def _earlier_duplicates_skipped(self, batch: list[CheckedRow]) -> list[CheckedRow]:
+        """`batch` (of rows appended to the list) with the recipients that rows before it already list
+        skipped as their duplicates, as a check of the whole list would find them."""
+        assert self._ledger is not None  # rows are appended to the list of the ledger's plan
+        # Recipients, and duplicates of an appended row (whose first row may be an earlier one).
+        found = [(checked, _duplicable(checked)) for checked in batch]
+        earlier = self._ledger.listed_rows([key for _, (key, _) in found if key])
+        if not earlier:
+            return batch
+        marked = []
+        for checked, (key, email) in found:
+            if key in earlier:
+                detail = f"duplicate of row {earlier[key]}"
+                checked = CheckedRow(
+                    checked.row,
+                    checked.fields,
+                    skip=Skip(checked.row, key, email, SkipReason.DUPLICATE, detail),
+                )
+            marked.append(checked)
+        return marked
+
     def _known(self, keys: Sequence[str]) -> tuple[Mapping[str, str], Mapping[str, str]]:
         if self._ledger is None or not keys:
             return {}, {}
         return self._ledger.assigned_senders(keys), self._ledger.key_states(SETTLED_STATES, keys)
+
+
+def _duplicable(checked: CheckedRow) -> tuple[str, str]:
+    """The key and address of a recipient or of a duplicate's skip; ("", "") for any other row."""
+    if checked.recipient is not None:
+        return checked.recipient.key, checked.recipient.address.email
+    if checked.skip is not None and checked.skip.reason is SkipReason.DUPLICATE:
+        return checked.skip.key, checked.skip.email
+    return "", ""
 
 
 def check_rows(
@@ -193,14 +227,18 @@ def check_rows(
     secrets: Sequence[bytes] | None,
     ledger: Ledger | None = None,
     reuse: Reuse = Reuse.NONE,
+    start: ListStart | None = None,
 ) -> RowPipeline:
     """Open the pipeline: the list and its header checked, the templates compiled, the opt-outs read.
 
     File-level faults raise here (InputFileError, TemplateError, …); row-level ones come with the rows.
     `ledger` (the campaign's, when it ran before): a row keeps the sender it was given, and a row a run
-    will not send again says so (`RowCheck.settled`).
+    will not send again says so (`RowCheck.settled`). With `start` (`find_appended`), only the rows
+    appended to the list the ledger's plan was of are read; one that duplicates an earlier row is
+    skipped as its duplicate.
     """
-    scan = scan_audience(manifest.recipients, sender_names=[sender.name for sender in manifest.senders])
+    senders = [sender.name for sender in manifest.senders]
+    scan = scan_audience(manifest.recipients, sender_names=senders, start=start)
     stores = list_store_paths(manifest)
     for path in stores:  # a file that is not a store is refused here, before any row is checked
         if path.exists():

@@ -20,6 +20,7 @@ from campaign.recipients._audience import (
     scan_audience,
 )
 from campaign.recipients._cells import encode_cells, recipient_from_cells
+from campaign.recipients._listfile import ListStart
 from campaign.recipients._store_files import load_import_addresses, write_entries
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Audience",
     "AudienceScan",
     "CheckedRow",
+    "ListStart",
     "comparable_address",
     "encode_cells",
     "load_audience",

@@ -28,7 +28,14 @@ from campaign.errors import RecipientDataError
 from campaign.manifest import STORE_SUFFIXES, RecipientsSettings
 from campaign.models import Address, Problem, Recipient, Skip, SkipReason
 from campaign.recipients._firstrows import FirstRows
-from campaign.recipients._listfile import DELIMITERS, ListFile, column_values, read_table, read_text
+from campaign.recipients._listfile import (
+    DELIMITERS,
+    ListFile,
+    ListStart,
+    column_values,
+    read_table,
+    read_text,
+)
 from campaign.sendtime import load_zone
 
 __all__ = [
@@ -191,10 +198,15 @@ class AudienceScan:
     """
 
     def __init__(
-        self, settings: RecipientsSettings, *, sender_names: Collection[str], suppressed: frozenset[str]
+        self,
+        settings: RecipientsSettings,
+        *,
+        sender_names: Collection[str],
+        suppressed: frozenset[str],
+        start: ListStart | None = None,
     ) -> None:
         self.source = settings.source
-        self._file = ListFile(self.source, settings.delimiter, "recipient list")
+        self._file = ListFile(self.source, settings.delimiter, "recipient list", start)
         header = self._file.header
         _check_header(self.source.name, header, settings)
         self.columns = tuple(header)
@@ -210,8 +222,13 @@ class AudienceScan:
 
     @property
     def row_count(self) -> int:
-        """Data rows in the file (blank lines included)."""
+        """Data rows in the file (blank lines included), after `start` if the scan has one."""
         return self._file.row_count
+
+    @property
+    def start(self) -> ListStart:
+        """Where the scan starts (`ListStart(0, 0)`: at the first row)."""
+        return self._file.start
 
     def batches(self, size: int = BATCH_ROWS) -> Iterator[list[CheckedRow]]:
         """The checked rows in file order, `size` rows of the file at a time (blank lines left out)."""
@@ -239,7 +256,7 @@ class AudienceScan:
     ) -> Iterator[list[tuple[int, dict[str, object], _Outcome]]]:
         columns = self.columns
         check_row = self._check_row
-        offset = 0
+        offset = self._file.start.rows
         for part in self._file.frames(size):
             checked: list[tuple[int, tuple[object, ...], _Candidate | Skip | tuple[Problem, ...]]] = []
             keys: list[str] = []
@@ -327,10 +344,13 @@ class AudienceScan:
         return _Candidate(key, Address(normalized, name), sender)
 
 
-def scan_audience(settings: RecipientsSettings, *, sender_names: Collection[str]) -> AudienceScan:
-    """Open the recipient list and check its header and suppression files; rows are checked by `batches`."""
+def scan_audience(
+    settings: RecipientsSettings, *, sender_names: Collection[str], start: ListStart | None = None
+) -> AudienceScan:
+    """Open the recipient list and check its header and suppression files; rows are checked by `batches`
+    (from `start`, for a list that only grew since its earlier rows were checked)."""
     suppressed = load_suppression(settings.suppress)
-    return AudienceScan(settings, sender_names=sender_names, suppressed=suppressed)
+    return AudienceScan(settings, sender_names=sender_names, suppressed=suppressed, start=start)
 
 
 def load_audience(settings: RecipientsSettings, *, sender_names: Collection[str]) -> Audience:

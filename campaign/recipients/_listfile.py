@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -23,7 +24,7 @@ import polars as pl
 
 from campaign.errors import InputFileError, RecipientDataError
 
-__all__ = ["DELIMITERS", "ListFile", "column_values", "read_table", "read_text"]
+__all__ = ["DELIMITERS", "ListFile", "ListStart", "column_values", "read_table", "read_text"]
 
 DELIMITERS = (",", ";", "\t", "|")
 _BOM = b"\xef\xbb\xbf"
@@ -146,12 +147,17 @@ def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:  # noqa: C90
     return None
 
 
-def _csv_blocks(path: Path, what: str) -> Iterator[bytes]:
-    """The file's bytes (BOM dropped) in blocks of about `_BLOCK_BYTES`, each ending where a record ends."""
+def _csv_blocks(path: Path, what: str, offset: int = 0) -> Iterator[bytes]:
+    """The file's bytes (BOM dropped) from `offset` (where a record starts), in blocks of about
+    `_BLOCK_BYTES`, each ending where a record ends."""
     with _open(path, what) as file:
-        data = _read(file, _BLOCK_BYTES, path, what)
-        _check_text_start(data, path.name)
-        data = data.removeprefix(_BOM)
+        if offset:
+            file.seek(offset)
+            data = _read(file, _BLOCK_BYTES, path, what)
+        else:
+            data = _read(file, _BLOCK_BYTES, path, what)
+            _check_text_start(data, path.name)
+            data = data.removeprefix(_BOM)
         while more := _read(file, _BLOCK_BYTES, path, what):
             data += more
             if end := _record_end(data):
@@ -161,15 +167,25 @@ def _csv_blocks(path: Path, what: str) -> Iterator[bytes]:
             yield data
 
 
+@dataclass(frozen=True, slots=True)
+class ListStart:
+    """Where to start reading a CSV list that only grew since it was read: after its first `rows` data
+    rows, which end at byte `offset` (just after a newline)."""
+
+    offset: int
+    rows: int
+
+
 class ListFile:
     """A list file opened for reading a slice at a time: its header, its row count, its rows.
 
     A CSV is read in blocks that end where a record ends, each parsed by polars behind the file's
     own header line, so that every block is read as the whole file would be (its width set by the
-    header). A Parquet file is read a slice at a time. Nothing holds more than a block.
+    header). A Parquet file is read a slice at a time. Nothing holds more than a block. With `start`
+    (a CSV only), the rows before it are not read at all.
     """
 
-    def __init__(self, path: Path, separator: str | None, what: str) -> None:
+    def __init__(self, path: Path, separator: str | None, what: str, start: ListStart | None = None) -> None:
         suffix = path.suffix.lower()
         if suffix not in {".csv", ".parquet"}:
             raise RecipientDataError(
@@ -178,6 +194,9 @@ class ListFile:
         self.path = path
         self._what = what
         self._parquet = suffix == ".parquet"
+        self.start = start or ListStart(0, 0)
+        if self._parquet and start is not None:
+            raise ValueError("a Parquet list is read whole")
         self._header_line = b""
         self._separator = separator or ","
         self._conversions: list[pl.Expr] = []
@@ -188,7 +207,8 @@ class ListFile:
 
     @functools.cached_property
     def row_count(self) -> int:
-        """Data rows in the file (blank lines included); a CSV is read through once to count them."""
+        """Data rows in the file (blank lines included) after `start`; a CSV is read through once to
+        count them."""
         if self._parquet:
             return int(self._parquet_call(lambda: self._scan.select(pl.len()).collect().item()))
         return sum(frame.height for frame in self._csv_frames())
@@ -231,14 +251,24 @@ class ListFile:
 
     def _csv_frames(self) -> Iterator[pl.DataFrame]:
         """Each block of data rows parsed, in file order."""
-        lines = 0
-        for number, block in enumerate(_csv_blocks(self.path, self._what)):
+        lines = self._lines_before()
+        for number, block in enumerate(_csv_blocks(self.path, self._what, self.start.offset)):
             _check_utf8_text(block, self.path.name, lines)
             lines += block.count(b"\n")
-            if number == 0:
+            if number == 0 and not self.start.offset:
                 block = block[len(self._header_line) :]
             if block:
                 yield self._parse(self._header_line + block).slice(1)
+
+    def _lines_before(self) -> int:
+        """The file's lines before `start` (a fault after it is named by its line in the whole file)."""
+        lines = 0
+        with _open(self.path, self._what) as file:
+            left = self.start.offset
+            while left > 0 and (chunk := _read(file, min(left, _BLOCK_BYTES), self.path, self._what)):
+                lines += chunk.count(b"\n")
+                left -= len(chunk)
+        return lines
 
     def _parse(self, data: bytes) -> pl.DataFrame:
         try:
