@@ -263,17 +263,18 @@ def _check(
             )
         preflight.raise_for_problems()
         composer, to_send, skipped = preflight.composer, preflight.to_send, preflight.skipped
-        earlier = None if start is None else ListExtent.decode(ledger.list_extent() if ledger else None)
-        invalid = bool(preflight.skipped.get(SkipReason.INVALID.value)) or bool(earlier and earlier.invalid)
-        rows = preflight.rows + (0 if start is None else start.rows)
-        extent = load_list_extent(manifest.recipients.source, rows=rows, invalid=invalid)
-        if start is not None and ledger is not None:  # the rows recorded already that a run still sends
-            counts = ledger.counts(listed=True)
-            to_send += counts[RowState.PENDING] + counts[RowState.INFLIGHT]
+        extent = load_list_extent(
+            manifest.recipients.source,
+            size=preflight.list_end,
+            rows=preflight.rows + (0 if start is None else start.rows),
+            invalid=SkipReason.INVALID.value in preflight.skipped,
+        )
+        if start is not None and ledger is not None:  # and the rows recorded before that a run still sends
+            to_send += _still_to_send(ledger.counts(listed=True))
     else:
         assert ledger is not None
         counts = ledger.counts(listed=True)
-        to_send = counts[RowState.PENDING] + counts[RowState.INFLIGHT]
+        to_send = _still_to_send(counts)
         skipped = {"skipped earlier": counts[RowState.SKIPPED]} if counts[RowState.SKIPPED] else {}
     plan = RunPlan(
         source=manifest.recipients.source,
@@ -284,6 +285,11 @@ def _check(
         appended=0 if start is None or preflight is None else preflight.rows,
     )
     return _Checked(composer, preflight, plan, stamp, rules, content, extent, appended=start is not None)
+
+
+def _still_to_send(counts: Mapping[RowState, int]) -> int:
+    """Of the ledger's listed rows (`counts` per state), those a run still sends: pending, or in flight."""
+    return counts[RowState.PENDING] + counts[RowState.INFLIGHT]
 
 
 def _unchanged(

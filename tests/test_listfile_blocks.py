@@ -160,6 +160,7 @@ def test_a_list_read_from_where_it_grew_reads_only_the_rows_after_it(tmp_path, m
     table = ListFile(path, ",", "recipient list", start)
     assert table.row_count == 12
     assert [row for frame in table.frames(5) for row in frame.rows()] == whole[30:]
+    assert table.end == len(before + after)  # where the next reading of the rows appended would start
     path.write_bytes(before + after + b"v99@example.com,Caf\xe9\n")
     with pytest.raises(RecipientDataError, match=r"list\.csv: line 74: not UTF-8 text"):
         list(ListFile(path, ",", "recipient list", start).frames(5))

@@ -36,6 +36,7 @@ class Preflight:
     manifest: Manifest
     composer: Composer
     rows: int  # data rows checked (after `start`, when only the rows appended were)
+    list_end: int  # a CSV list's byte offset just after the last row checked (`AudienceScan.end`)
     planned: int  # rows that passed, settled ones included (the plan lists them all)
     skipped: Mapping[str, int]  # skip reason -> rows
     problems: tuple[str, ...]  # the first few found
@@ -128,6 +129,7 @@ def run_preflight(
         manifest=manifest,
         composer=pipeline.composer,
         rows=total,
+        list_end=pipeline.scan.end,
         planned=planned,
         skipped=dict(skipped),
         problems=tuple(problems),

@@ -97,11 +97,11 @@ class ListExtent:
             return None
 
 
-def load_list_extent(path: Path, *, rows: int, invalid: bool) -> ListExtent:
-    """The list file at `path` as a plan of its `rows` data rows records it (reads the file)."""
-    with path.open("rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
-    return ListExtent(path.stat().st_size, digest, rows, invalid)
+def load_list_extent(path: Path, *, size: int, rows: int, invalid: bool) -> ListExtent:
+    """The list file at `path` as a plan of its first `size` bytes (its `rows` data rows: the rows a check
+    read, whatever was appended meanwhile) records it (reads the file)."""
+    found = _prefix_digest(path, size)
+    return ListExtent(size, "" if found is None else found[0], rows, invalid)
 
 
 def find_appended(manifest: Manifest, ledger: Ledger) -> ListStart | None:
@@ -111,23 +111,31 @@ def find_appended(manifest: Manifest, ledger: Ledger) -> ListStart | None:
     which only a check of every row tells). Reads the file."""
     recorded = ListExtent.decode(ledger.list_extent())
     path = manifest.recipients.source
-    if recorded is None or recorded.invalid or path.suffix.lower() != ".csv":
+    if recorded is None or recorded.invalid or not recorded.size or path.suffix.lower() != ".csv":
         return None
-    digest, last = hashlib.sha256(), b""
+    try:
+        if path.stat().st_size <= recorded.size:
+            return None
+    except OSError:
+        return None  # the full check says what is wrong
+    found = _prefix_digest(path, recorded.size)
+    if found != (recorded.digest, b"\n"):
+        return None
+    return ListStart(recorded.size, recorded.rows)
+
+
+def _prefix_digest(path: Path, size: int) -> tuple[str, bytes] | None:
+    """The SHA-256 of the file's first `size` bytes, and the last of them; None: shorter, or unreadable."""
+    digest, last, left = hashlib.sha256(), b"", size
     try:
         with path.open("rb") as file:
-            if path.stat().st_size <= recorded.size:
-                return None
-            left = recorded.size
             while left > 0 and (chunk := file.read(min(left, _READ_BYTES))):
                 digest.update(chunk)
                 left -= len(chunk)
                 last = chunk[-1:]
     except OSError:
-        return None  # the full check says what is wrong
-    if left or digest.hexdigest() != recorded.digest or last != b"\n":
         return None
-    return ListStart(recorded.size, recorded.rows)
+    return None if left else (digest.hexdigest(), last)
 
 
 def jobs_at(settings: RecipientsSettings, rows: Sequence[PlannedRow]) -> list[Job]:

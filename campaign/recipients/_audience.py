@@ -230,6 +230,11 @@ class AudienceScan:
         """Where the scan starts (`ListStart(0, 0)`: at the first row)."""
         return self._file.start
 
+    @property
+    def end(self) -> int:
+        """A CSV's byte offset just after the last row the scan read (0 for Parquet, or before reading)."""
+        return self._file.end
+
     def batches(self, size: int = BATCH_ROWS) -> Iterator[list[CheckedRow]]:
         """The checked rows in file order, `size` rows of the file at a time (blank lines left out)."""
         for settled in self._settle(size):

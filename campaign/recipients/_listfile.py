@@ -147,9 +147,9 @@ def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:  # noqa: C90
     return None
 
 
-def _csv_blocks(path: Path, what: str, offset: int = 0) -> Iterator[bytes]:
+def _csv_blocks(path: Path, what: str, offset: int = 0) -> Iterator[tuple[int, bytes]]:
     """The file's bytes (BOM dropped) from `offset` (where a record starts), in blocks of about
-    `_BLOCK_BYTES`, each ending where a record ends."""
+    `_BLOCK_BYTES`, each ending where a record ends, with the file offset where each block ends."""
     with _open(path, what) as file:
         if offset:
             file.seek(offset)
@@ -157,14 +157,16 @@ def _csv_blocks(path: Path, what: str, offset: int = 0) -> Iterator[bytes]:
         else:
             data = _read(file, _BLOCK_BYTES, path, what)
             _check_text_start(data, path.name)
+            offset = len(_BOM) if data.startswith(_BOM) else 0
             data = data.removeprefix(_BOM)
         while more := _read(file, _BLOCK_BYTES, path, what):
             data += more
             if end := _record_end(data):
-                yield data[:end]
+                offset += end
+                yield offset, data[:end]
                 data = data[end:]
         if data:
-            yield data
+            yield offset + len(data), data
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +197,7 @@ class ListFile:
         self._what = what
         self._parquet = suffix == ".parquet"
         self.start = start or ListStart(0, 0)
+        self.end = 0  # a CSV's offset just after the last row read (the file may grow meanwhile)
         if self._parquet and start is not None:
             raise ValueError("a Parquet list is read whole")
         self._header_line = b""
@@ -234,7 +237,7 @@ class ListFile:
         return frame.with_columns(pl.col(pl.String).fill_null(""))
 
     def _open_csv(self, separator: str | None) -> list[str]:
-        for block in _csv_blocks(self.path, self._what):
+        for _, block in _csv_blocks(self.path, self._what):
             if separator is None:
                 first_line = block.partition(b"\n")[0].decode("utf-8", "replace")
                 self._separator = next((d for d in DELIMITERS if d in first_line), ",")
@@ -252,8 +255,9 @@ class ListFile:
     def _csv_frames(self) -> Iterator[pl.DataFrame]:
         """Each block of data rows parsed, in file order."""
         lines = self._lines_before()
-        for number, block in enumerate(_csv_blocks(self.path, self._what, self.start.offset)):
+        for number, (end, block) in enumerate(_csv_blocks(self.path, self._what, self.start.offset)):
             _check_utf8_text(block, self.path.name, lines)
+            self.end = end
             lines += block.count(b"\n")
             if number == 0 and not self.start.offset:
                 block = block[len(self._header_line) :]
