@@ -171,12 +171,12 @@ class DueJobs:
     def __call__(self, sender: str, count: int) -> list[Job]:
         found: list[DueStep] = []
         for state in (RowState.INFLIGHT, RowState.PENDING):
-            while len(found) < count and (after := self._after.get((sender, state), 0)) is not None:
-                page = self._ledger.due_steps_of(
-                    sender, state, self._now, after=after, limit=count - len(found)
-                )
-                self._after[(sender, state)] = page[-1].cursor if page else None
-                found += self._sendable(page, record=False)
+            while (wanted := count - len(found)) > 0 and (
+                after := self._after.get((sender, state), 0)
+            ) is not None:
+                page = self._ledger.due_steps_of(sender, state, self._now, after=after, limit=wanted)
+                self._after[(sender, state)] = page[-1].cursor if len(page) == wanted else None
+                found += self._sendable(page, record=False)  # held ones left out: read on
         self._read += len(found)
         recipients = self._recipients_at([(item.row, item.recipient, item.email) for item in found])
         return [_due_job(item, recipient) for item, recipient in zip(found, recipients, strict=True)]
