@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime, timedelta
 
 from conftest import SECRET, copy_sample
 from rich.console import Console
 from support import check_plan
 
-from campaign.cli.progress import CHECK_LOG_EVERY_S, show_checking
-from campaign.manifest import load_manifest
+from campaign.cli.progress import CHECK_LOG_EVERY_S, SENDER_LINES, SendProgress, show_checking
+from campaign.dispatch import DispatchEvent, EventKind
+from campaign.manifest import SenderSettings, load_manifest
 from campaign.testing import FakeClock
 from campaign.unsubscribe import parse_secrets
 
@@ -48,3 +50,30 @@ def test_without_a_terminal_a_long_check_logs_a_line_every_few_seconds_with_rate
         report(55_000, 100_000)
     lines = buffer.getvalue().splitlines()
     assert lines == ["checked 50,000 of 100,000 rows (6,667 rows/s, about 8 s left)"]
+
+
+def test_a_run_of_many_senders_shows_a_line_for_the_first_ones_and_one_for_the_rest():
+    """Twenty senders get a line each; the other 2,000 share one, which counts their messages and says
+    how many are parked or refused (a line per sender would redraw thousands of lines, several times a
+    second)."""
+    senders = [SenderSettings(name=f"s{n}", grant_id=f"g{n}", per_second=1.0) for n in range(2_020)]
+    console = Console(file=io.StringIO(), width=160, record=True)
+    clock = FakeClock(datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+    with SendProgress(console, total=2_020, senders=senders, clock=clock) as progress:
+        for sender in senders:
+            progress.set_share(sender.name, 1)
+        for sender in senders[:1_500]:
+            progress.handle(DispatchEvent(EventKind.SENT, sender.name))
+        until = clock.now() + timedelta(hours=1)
+        progress.handle(DispatchEvent(EventKind.PARKED, "s30", until=until))
+        progress.handle(DispatchEvent(EventKind.PARKED, "s31", until=until))
+        progress.handle(DispatchEvent(EventKind.RESUMED, "s31"))
+        progress.handle(DispatchEvent(EventKind.AUTH_REFUSED, "s40"))
+    lines = console.export_text().splitlines()
+    assert len(lines) == 1 + SENDER_LINES + 1
+    assert lines[1].split()[0] == "s0"
+    shared = lines[-1]
+    assert "2,000 more senders" in shared
+    assert "1480/2000" in shared  # the 1,500 sent, less the twenty senders with lines of their own
+    assert "1 credentials refused, 1 parked" in shared
+    assert "1500/2020" in lines[0]

@@ -1,4 +1,5 @@
-"""The live progress displays (rich): the row check, and a send run (an overall bar, a line per sender).
+"""The live progress displays (rich): the row check, and a send run (an overall bar, a line per sender,
+up to `SENDER_LINES` of them).
 
 `SendProgress` is fed the loop's `DispatchEvent`s (`campaign.dispatch._types`) and shows
 sends, failures, throttles, refused credentials, each sender's budget left and a live
@@ -7,6 +8,7 @@ countdown while a sender is parked. It takes events and prints; it decides nothi
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -31,7 +33,7 @@ from campaign.dispatch import DispatchEvent, EventKind
 from campaign.manifest import SenderSettings
 from campaign.timetext import format_duration, format_local_time
 
-__all__ = ["CHECK_LOG_EVERY_S", "SendProgress", "show_checking", "show_waiting"]
+__all__ = ["CHECK_LOG_EVERY_S", "SENDER_LINES", "SendProgress", "show_checking", "show_waiting"]
 
 CHECK_LOG_EVERY_S = 5.0  # without a terminal, one line this often while a long check runs
 
@@ -65,8 +67,14 @@ class _StateColumn(ProgressColumn):
         return Text.from_markup(text)
 
 
+# Senders shown on a line of their own; the others share one line (a campaign of 2,000 senders would
+# otherwise redraw 2,000 lines several times a second: most of the run's CPU, and a log of that length).
+SENDER_LINES = 20
+
+
 class SendProgress:
-    """A live progress display fed with dispatch events: an overall bar and one line per sender."""
+    """A live progress display fed with dispatch events: an overall bar, one line per sender (the first
+    `SENDER_LINES` of them), and one line for the others: how many are parked or refused."""
 
     def __init__(
         self, console: Console, *, total: int, senders: Sequence[SenderSettings], clock: Clock
@@ -83,12 +91,18 @@ class SendProgress:
             get_time=clock.monotonic,
         )
         self._overall = self._progress.add_task("[bold]all senders", total=total, detail="")
-        share = {sender.name: 0 for sender in senders}
+        names = [sender.name for sender in senders]
         self._senders: dict[str, TaskID] = {
-            name: self._progress.add_task(f"  {name}", total=None, detail="") for name in share
+            name: self._progress.add_task(f"  {name}", total=None, detail="") for name in names[:SENDER_LINES]
         }
-        self._failed = dict.fromkeys(share, 0)
-        self._budget_left: dict[str, int | None] = dict.fromkeys(share)
+        others = names[SENDER_LINES:]
+        self._others = (
+            self._progress.add_task(f"  {len(others):,} more senders", total=0, detail="") if others else None
+        )
+        self._other_total = 0
+        self._other_states: dict[str, str] = {}  # another sender -> "parked" | "refused" | "not sent"
+        self._failed = dict.fromkeys(names, 0)
+        self._budget_left: dict[str, int | None] = dict.fromkeys(names)
 
     def __enter__(self) -> SendProgress:
         self._progress.start()
@@ -102,11 +116,23 @@ class SendProgress:
     def set_share(self, sender: str, messages: int, *, budget_left: int | None = None) -> None:
         """How many messages `sender` has to send this run, and how many recipients its budget allows."""
         self._budget_left[sender] = budget_left
-        self._progress.update(self._senders[sender], total=messages, budget_left=budget_left)
+        task = self._senders.get(sender)
+        if task is not None:
+            self._progress.update(task, total=messages, budget_left=budget_left)
+        elif self._others is not None:
+            self._other_total += messages
+            self._progress.update(self._others, total=self._other_total)
 
     def handle(self, event: DispatchEvent) -> None:
         """Update the display for one event."""
-        task = self._senders[event.sender]
+        task = self._senders.get(event.sender)
+        if task is None:
+            self._handle_other(event)
+        else:
+            self._handle_own(task, event)
+
+    def _handle_own(self, task: TaskID, event: DispatchEvent) -> None:
+        """An event of a sender with a line of its own."""
         if event.kind == EventKind.SENT:
             self._progress.advance(task)
             self._progress.advance(self._overall)
@@ -116,8 +142,7 @@ class SendProgress:
                 self._progress.update(task, budget_left=left - 1)
         elif event.kind in (EventKind.FAILED, EventKind.UNKNOWN):
             self._failed[event.sender] += 1
-            self._progress.advance(task)
-            self._progress.advance(self._overall)
+            self._advance(task)
             self._progress.update(task, detail=f"[red]{self._failed[event.sender]} not sent")
         elif event.kind in (EventKind.PARKED, EventKind.CLOSED) and event.until is not None:
             self._progress.update(task, parked_until=event.until)
@@ -128,12 +153,34 @@ class SendProgress:
         elif event.kind == EventKind.THROTTLED:
             self._progress.update(task, detail="[yellow]throttled, slowing down")
         elif event.kind == EventKind.SKIPPED:  # unsubscribed (or replied) while the campaign ran: settled
-            self._progress.advance(task)
-            self._progress.advance(self._overall)
+            self._advance(task)
         elif event.kind == EventKind.HELD:  # a follow-up's reply lookup failed: due again, never sent blind
-            self._progress.advance(task)
-            self._progress.advance(self._overall)
+            self._advance(task)
             self._progress.update(task, detail="[yellow]reply lookup failed; held back")
+
+    def _advance(self, task: TaskID) -> None:
+        self._progress.advance(task)
+        self._progress.advance(self._overall)
+
+    def _handle_other(self, event: DispatchEvent) -> None:
+        """An event of a sender without a line of its own: counted on the shared line."""
+        assert self._others is not None  # every sender has a line, or shares this one
+        if event.kind in (EventKind.SENT, EventKind.SKIPPED, EventKind.HELD):
+            self._advance(self._others)
+        elif event.kind in (EventKind.FAILED, EventKind.UNKNOWN):
+            self._advance(self._others)
+            self._other_states.setdefault(event.sender, "not sent")
+        elif event.kind in (EventKind.PARKED, EventKind.CLOSED) and event.until is not None:
+            self._other_states[event.sender] = "parked"
+        elif event.kind == EventKind.RESUMED:
+            self._other_states.pop(event.sender, None)
+        elif event.kind == EventKind.AUTH_REFUSED:
+            self._other_states[event.sender] = "credentials refused"
+        else:
+            return
+        counts = Counter(self._other_states.values())
+        detail = ", ".join(f"{count:,} {state}" for state, count in sorted(counts.items()))
+        self._progress.update(self._others, detail=f"[yellow]{detail}" if detail else "")
 
 
 class _CountdownColumn(ProgressColumn):
