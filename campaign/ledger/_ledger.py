@@ -242,6 +242,12 @@ class SqliteLedger(LedgerWriter):
                 "SELECT (SELECT count(*) FROM temp.plan_rows) + (SELECT count(*) FROM temp.plan_skips)"
             ).fetchone()
         )
+        listed = "(key IN (SELECT key FROM temp.plan_rows) OR key IN (SELECT key FROM temp.plan_skips))"
+        if not appended:  # before the new rows go in: only the rows recorded before are looked at
+            db.execute(
+                f"UPDATE recipients SET listed = 0 WHERE step = ? AND listed = 1 AND NOT {listed}",
+                (FIRST_STEP,),
+            )
         newly_skipped = self._skip_now_skipped(db)
         invalid = f"{SkipReason.INVALID.value}:"
         restored = db.execute(
@@ -279,12 +285,6 @@ class SqliteLedger(LedgerWriter):
             "WHERE NOT EXISTS (SELECT 1 FROM recipients AS r WHERE r.key = s.key) ORDER BY s.row",
             (now, now),
         ).rowcount
-        listed = "(key IN (SELECT key FROM temp.plan_rows) OR key IN (SELECT key FROM temp.plan_skips))"
-        if not appended:
-            db.execute(
-                f"UPDATE recipients SET listed = 0 WHERE step = ? AND listed = 1 AND NOT {listed}",
-                (FIRST_STEP,),
-            )
         db.execute(
             f"UPDATE recipients SET listed = 1 WHERE step = ? AND listed = 0 AND {listed}", (FIRST_STEP,)
         )
