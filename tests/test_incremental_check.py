@@ -4,11 +4,14 @@ Renders are counted through a seam (`Composer.render`), sends at the fake."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from campaign.recipients import AudienceScan
 from campaign.render import Composer
@@ -212,3 +215,63 @@ def test_after_rows_skipped_as_invalid_the_whole_list_is_read_again(api, cli, tm
     assert sorted(rows_read) == list(range(1, 7))
     emails = [d.payload["to"][0]["email"] for d in api.deliveries]
     assert sorted(emails) == [*(f"p{n}@example.com" for n in range(1, 5)), "p9@example.com"]
+
+
+_PERSON = st.tuples(st.integers(min_value=1, max_value=14), st.sampled_from(["", "a", "b"]))
+
+
+def _pinned_campaign(folder: Path, people: list[tuple[int, str]]) -> Path:
+    """Two senders, a `rep` column pinning some rows, and a suppression list (p3)."""
+    folder.mkdir()
+    (folder / "note.txt.j2").write_text("Hello {{ name }}\n", encoding="utf-8")
+    (folder / "suppressed.txt").write_text("p3@example.com\n", encoding="utf-8")
+    _write_people(folder, people)
+    senders = "".join(
+        f'\n[[senders]]\nname = "{name}"\ngrant_id = "grant-{name}"\nemail = "{name}@corp.example.com"\n'
+        for name in ("a", "b")
+    )
+    manifest = folder / "campaign.toml"
+    manifest.write_text(
+        '[campaign]\nname = "appended"\n\n[recipients]\nsource = "r.csv"\nname_column = "name"\n'
+        'sender_column = "rep"\nsuppress = ["suppressed.txt"]\n\n'
+        '[message]\nsubject = "Hi {{ name }}"\ntext = "note.txt.j2"\n' + senders,
+        encoding="utf-8",
+    )
+    return manifest
+
+
+def _write_people(folder: Path, people: list[tuple[int, str]], *, mode: str = "w") -> None:
+    lines = [] if mode == "a" else ["email,name,rep"]
+    lines += [f"P{n}@example.com,Person {n} ({rep or 'any'}),{rep}" for n, rep in people]
+    with (folder / "r.csv").open(mode, encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.lists(_PERSON, min_size=1, max_size=12), after=st.lists(_PERSON, min_size=1, max_size=8))
+def test_a_plan_of_appended_rows_is_the_plan_a_check_of_every_row_makes(
+    api, cli, tmp_path_factory, before, after
+):
+    """Random lists with duplicates (before and among the appended rows, any case), suppressed rows and
+    pinned senders: the ledger after checking only the appended rows is the ledger after checking them
+    all, and the run has as many messages to send."""
+    folder = tmp_path_factory.mktemp("appended")
+    manifest = _pinned_campaign(folder / "c", before)
+    ledger = manifest.with_name("campaign.ledger.sqlite")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("campaign.run._send_checked", lambda *_args, **_kwargs: None)  # the plans only
+        assert cli("run", manifest, "--yes").exit_code == 0
+        _write_people(manifest.parent, after, mode="a")
+        _copy_ledger(ledger, folder / "before.sqlite")
+        appended = cli("run", manifest, "--yes")
+        recorded = _ledger_rows(ledger)
+        _copy_ledger(folder / "before.sqlite", ledger)
+        with sqlite3.connect(ledger) as db:
+            db.execute("DELETE FROM meta WHERE key = 'list_extent'")
+        full = cli("run", manifest, "--yes")
+    assert f"checked the {len(after)} row" in appended.stdout, appended.output
+    assert "r.csv: checked, " in full.stdout, full.output
+    # The same messages to send; the skips it counts are the appended rows' (the others' were counted).
+    to_send = re.compile(r"(\d+) to send")
+    assert to_send.findall(appended.stdout) == to_send.findall(full.stdout)
+    assert recorded == _ledger_rows(ledger)
