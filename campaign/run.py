@@ -266,7 +266,7 @@ def _check(
         extent = load_list_extent(
             manifest.recipients.source,
             size=preflight.list_end,
-            rows=preflight.rows + (0 if start is None else start.rows),
+            rows=preflight.last_row,
             invalid=SkipReason.INVALID.value in preflight.skipped,
         )
         if start is not None and ledger is not None:  # and the rows recorded before that a run still sends
@@ -282,7 +282,7 @@ def _check(
         skipped=skipped,
         unchanged=preflight is None,
         senders=len(manifest.senders),
-        appended=0 if start is None or preflight is None else preflight.rows,
+        appended=0 if start is None or preflight is None else preflight.last_row - start.rows,
     )
     return _Checked(composer, preflight, plan, stamp, rules, content, extent, appended=start is not None)
 

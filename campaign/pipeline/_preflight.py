@@ -35,8 +35,8 @@ class Preflight:
 
     manifest: Manifest
     composer: Composer
-    rows: int  # data rows checked (after `start`, when only the rows appended were)
-    list_end: int  # a CSV list's byte offset just after the last row checked (`AudienceScan.end`)
+    last_row: int  # the number of the last row of the list checked (blank lines counted)
+    list_end: int  # a CSV list's byte offset just after it (`AudienceScan.end`)
     planned: int  # rows that passed, settled ones included (the plan lists them all)
     skipped: Mapping[str, int]  # skip reason -> rows
     problems: tuple[str, ...]  # the first few found
@@ -128,7 +128,7 @@ def run_preflight(
     return Preflight(
         manifest=manifest,
         composer=pipeline.composer,
-        rows=total,
+        last_row=pipeline.scan.last_row,
         list_end=pipeline.scan.end,
         planned=planned,
         skipped=dict(skipped),

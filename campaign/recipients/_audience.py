@@ -207,6 +207,7 @@ class AudienceScan:
     ) -> None:
         self.source = settings.source
         self._file = ListFile(self.source, settings.delimiter, "recipient list", start)
+        self.last_row = self._file.start.rows  # the number of the last row read so far (blank lines counted)
         header = self._file.header
         _check_header(self.source.name, header, settings)
         self.columns = tuple(header)
@@ -289,6 +290,7 @@ class AudienceScan:
                 else:
                     settled.append((row, fields, Recipient(key, row, address, fields, sender)))
             offset += part.height
+            self.last_row = offset
             yield settled
 
     def _check_zone(self, row: int, values: tuple[object, ...]) -> tuple[Problem, ...]:
