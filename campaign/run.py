@@ -392,6 +392,23 @@ def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: da
     return LedgerJobs(ledger, manifest.recipients, now)
 
 
+class _WatchedSource:
+    """A `JobSource` whose every page has its recipients looked up in the unsubscribe stores first, so
+    that the watch knows the opt-outs recorded before the run of exactly the rows about to be sent."""
+
+    def __init__(self, source: JobSource, watch: UnsubscribeWatch) -> None:
+        self._source = source
+        self._watch = watch
+
+    def __call__(self, sender: str, count: int) -> Sequence[Job]:
+        jobs = self._source(sender, count)
+        self._watch.look_up([job.recipient for job in jobs])
+        return jobs
+
+    def left(self) -> int:
+        return self._source.left()
+
+
 class _Rounds:
     """The sending of one run: step 1's open rows, then, round after round, the follow-ups as they
     come due (scheduled from what was just sent). Without --wait the run ends when nothing is due;
@@ -444,6 +461,8 @@ class _Rounds:
                     if followups is not None and followups.counts.total() and await self._pull_events(client):
                         watch.reread_next()
                     work = chain_sources(*sources)
+                    if stores:  # each page's recipients looked up in the stores before any is sent
+                        work = _WatchedSource(work, watch)
                     settings = _rest_of(self._settings, total)  # --limit counts the whole run
                     result = await self._dispatch(
                         work, counts, client, watch if stores else None, screen, stop, settings

@@ -255,7 +255,17 @@ def test_a_bounced_address_is_skipped_by_the_next_campaign_and_a_running_one(api
 
     watch = UnsubscribeWatch([store_path], clock=FakeClock())
     ann = Recipient(first, 1, Address(first), {})
+    assert watch.opt_out(ann) is None  # recorded before the watch began: known once looked up
+    watch.look_up([ann])
     assert watch.opt_out(ann) == SkipReason.BOUNCED
+    later = "later@example.com"
+    store = open_store(store_path, clock=FakeClock())
+    found = parse_notification(_bounce("b2", later))
+    bounces = parse_bounces(found, received_at=datetime.now(UTC))
+    store.record_event("b2", found.type, grant_id=None, body="{}", bounces=bounces)
+    store.close()
+    watch.reread_next()
+    assert watch.opt_out(Recipient(later, 9, Address(later), {})) == SkipReason.BOUNCED
     watch.close()
 
 

@@ -20,7 +20,7 @@ from campaign.manifest import SenderSettings
 from campaign.models import Address, Recipient, RowState, SendOutcome
 from campaign.nylas import NylasClient
 from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
-from campaign.unsubscribe import UnsubscribeWatch, open_store, parse_secrets
+from campaign.unsubscribe import StoreEntry, UnsubscribeWatch, open_store, parse_secrets
 from campaign.web._unsubscribe import UnsubscribeEndpoint
 
 KEY = "loop-test-key"
@@ -210,5 +210,31 @@ def test_watch_rereads_at_most_once_per_interval(tmp_path):
     store.record("", "bob@example.com", source="manual")
     clock.advance(1.0)
     assert watch.is_unsubscribed(by_address) is True  # matched on the address when the key is a customer id
+    store.close()
+    watch.close()
+
+
+def test_a_watch_holds_only_what_its_pages_and_the_run_added_not_the_whole_store(tmp_path):
+    """A store of 20,000 opt-outs: the watch reads none of them up front. A page looked up brings in
+    only its own recipients' entries; an opt-out recorded while the run goes on is seen at the re-read."""
+    clock = FakeClock()
+    path = tmp_path / "big.sqlite"
+    store = open_store(path, clock=clock)
+    entries = [
+        StoreEntry("older", f"p{n}@example.com", f"p{n}@example.com", "2026-01-01T00:00:00Z", "manual")
+        for n in range(20_000)
+    ]
+    store.record_many(entries)
+    watch = UnsubscribeWatch([path], clock=clock, refresh_s=1.0)
+    page = [Recipient(f"p{n}@example.com", n, Address(f"p{n}@example.com"), {}) for n in (5, 7, 20_005)]
+    assert watch.is_unsubscribed(page[0]) is False  # not looked up yet: nothing of the store is held
+    assert len(watch._known) == 0
+    watch.look_up(page)
+    assert len(watch._known) == 2
+    assert [watch.is_unsubscribed(recipient) for recipient in page] == [True, True, False]
+    store.record("now", "p20005@example.com", source="one-click")
+    clock.advance(1.0)
+    assert watch.is_unsubscribed(page[2]) is True
+    assert len(watch._known) == 3
     store.close()
     watch.close()

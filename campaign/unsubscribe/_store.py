@@ -267,6 +267,11 @@ class SuppressionStore:
         )
         return [StoreEntry(*row[1:]) for row in rows]
 
+    def newest_id(self) -> int:
+        """The row id of the newest entry (0: none); `read_since` it to read only what comes after."""
+        rows = self._query("SELECT COALESCE(MAX(id), 0) FROM unsubscribes")
+        return int(rows[0][0])
+
     def read_since(self, last_id: int) -> tuple[int, list[StoreEntry]]:
         """Entries recorded after row id `last_id`, and the newest id seen (for cheap re-reads)."""
         rows = self._query(
@@ -584,28 +589,50 @@ class StoreFollower:
     """Stores followed while a run goes on: each opened (for reading) once it exists, and each read
     from where the last read of it stopped, so that a re-read costs only what was added."""
 
-    def __init__(self, paths: Sequence[Path], *, clock: Clock) -> None:
+    def __init__(self, paths: Sequence[Path], *, clock: Clock, from_now: bool = False) -> None:
+        """With `from_now`, the first `read_new` of a store that exists already reads only what is
+        added after this (what is there now is looked up as needed: `look_up`)."""
         self._paths = tuple(paths)
         self._clock = clock
         self._stores: dict[Path, SuppressionStore] = {}
         self._last: dict[Path, int] = dict.fromkeys(self._paths, 0)
+        if from_now:
+            for path in self._paths:
+                store = self._store(path)
+                if store is not None:
+                    self._last[path] = store.newest_id()
 
     def read_new(self, read: Callable[[SuppressionStore, int], tuple[int, list[_Found]]]) -> list[_Found]:
         """What `read(store, last_id)` finds in each store since the last call; a busy store is read
         next time (what is known still holds)."""
         found: list[_Found] = []
         for path in self._paths:
-            store = self._stores.get(path)
+            store = self._store(path)
             if store is None:
-                if not path.exists():
-                    continue
-                store = self._stores[path] = open_store(path, clock=self._clock, create=False)
+                continue
             try:
                 self._last[path], items = read(store, self._last[path])
             except StoreError:
                 continue
             found.extend(items)
         return found
+
+    def look_up(self, keys: Sequence[str], emails: Sequence[str]) -> list[StoreEntry]:
+        """The entries of every store for any of `keys` or `emails`, whenever recorded (StoreError if a
+        store cannot be read: an opt-out that cannot be read is never taken as none)."""
+        found: list[StoreEntry] = []
+        for path in self._paths:
+            store = self._store(path)
+            if store is not None and keys:
+                found.extend(store.entries_for(keys, emails))
+        return found
+
+    def _store(self, path: Path) -> SuppressionStore | None:
+        """The store at `path`, opened for reading once it exists."""
+        store = self._stores.get(path)
+        if store is None and path.exists():
+            store = self._stores[path] = open_store(path, clock=self._clock, create=False)
+        return store
 
     def close(self) -> None:
         """Close the stores opened for reading."""
@@ -617,16 +644,24 @@ class StoreFollower:
 class UnsubscribeWatch:
     """Answers "has this recipient unsubscribed?" during a run, re-reading the stores every `refresh_s`.
 
-    Each re-read fetches only rows added since the last one, so checking before every
-    send stays cheap; a store that appears while the campaign runs is picked up.
+    It holds what was added to the stores since it began (each re-read fetches only rows added since
+    the last one, so checking before every send stays cheap; a store that appears while the campaign
+    runs is picked up), and what `look_up` found for the recipients about to be sent: a store may hold
+    millions, and a run never holds more of it than its pages of work need.
     """
 
     def __init__(self, paths: Sequence[Path], *, clock: Clock, refresh_s: float = 1.0) -> None:
         self._clock = clock
         self._refresh_s = refresh_s
-        self._stores = StoreFollower(paths, clock=clock)
+        self._stores = StoreFollower(paths, clock=clock, from_now=True)
         self._known = Unsubscribed()
         self._read_at: float | None = None
+
+    def look_up(self, recipients: Sequence[Recipient]) -> None:
+        """Take in what the stores hold for `recipients` (a page of a lane's work, before any is sent)."""
+        keys = [recipient.key for recipient in recipients]
+        emails = [recipient.address.email.lower() for recipient in recipients]
+        self._known.add(self._stores.look_up(keys, emails))
 
     def is_unsubscribed(self, recipient: Recipient) -> bool:
         """Whether `recipient` is in a store now (as of the last re-read, at most `refresh_s` ago)."""
