@@ -595,6 +595,7 @@ class StoreFollower:
         self._paths = tuple(paths)
         self._clock = clock
         self._stores: dict[Path, SuppressionStore] = {}
+        self._opening = threading.Lock()
         self._last: dict[Path, int] = dict.fromkeys(self._paths, 0)
         if from_now:
             for path in self._paths:
@@ -628,11 +629,13 @@ class StoreFollower:
         return found
 
     def _store(self, path: Path) -> SuppressionStore | None:
-        """The store at `path`, opened for reading once it exists."""
-        store = self._stores.get(path)
-        if store is None and path.exists():
-            store = self._stores[path] = open_store(path, clock=self._clock, create=False)
-        return store
+        """The store at `path`, opened for reading once it exists (once: a run looks pages up from the
+        ledger's thread while the loop re-reads)."""
+        with self._opening:
+            store = self._stores.get(path)
+            if store is None and path.exists():
+                store = self._stores[path] = open_store(path, clock=self._clock, create=False)
+            return store
 
     def close(self) -> None:
         """Close the stores opened for reading."""
