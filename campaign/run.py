@@ -453,7 +453,9 @@ class _Rounds:
                     step1 = first if total is None else self._later_first_steps()
                     followups = self._due_followups()
                     sources = [source for source in (step1, followups) if source is not None]
-                    counts = sum((Counter(source.counts) for source in sources), Counter[str]())
+                    counts: Counter[str] = Counter()
+                    for source in sources:
+                        counts.update(source.counts)
                     if not counts.total() and total is not None:  # nothing due now: wait for it, or end here
                         if not self._settings.wait or not await self._wait_for_next(stop):
                             return total

@@ -85,7 +85,7 @@ def run_preflight(
     start: ListStart | None = None,
 ) -> Preflight:
     """Every row through the pipeline (`check_rows`), its plan written to `spool` a batch at a time: the
-    rows to mail (with their cells digest and when they are due, `due_at`) and the skips. Nothing of
+    rows to mail (with their cells and when they are due, `due_at`) and the skips. Nothing of
     the list is held but the current batch.
 
     `ledger` (the campaign's, when it ran before) keeps each row's sender and says which rows a run

@@ -27,6 +27,7 @@ from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, DOT_AT
 from campaign.errors import RecipientDataError
 from campaign.manifest import STORE_SUFFIXES, RecipientsSettings
 from campaign.models import Address, Problem, Recipient, Skip, SkipReason
+from campaign.recipients._cells import cell_text
 from campaign.recipients._firstrows import FirstRows
 from campaign.recipients._listfile import (
     DELIMITERS,
@@ -320,7 +321,7 @@ class AudienceScan:
         except EmailNotValidError as exc:
             normalized = ""
             found.append(Problem(row, f'column "{settings.email_column}"', _address_problem(email, exc)))
-        sender = None if self._sender_at is None else str(values[self._sender_at]).strip() or None
+        sender = None if self._sender_at is None else cell_text(values[self._sender_at])
         if sender is not None and sender not in self._senders:
             senders = self._senders
             close = difflib.get_close_matches(sender, sorted(senders), n=1)
@@ -336,7 +337,7 @@ class AudienceScan:
             if not key:
                 message = f"the key is empty; every row needs its own key in this column; {_SKIP_HINT}"
                 found.append(Problem(row, f'column "{settings.key_column}"', message))
-        name = None if self._name_at is None else str(values[self._name_at]).strip() or None
+        name = None if self._name_at is None else cell_text(values[self._name_at])
         if name is not None and len(name) > MAX_NAME_LENGTH:
             message = (
                 f"the display name is {len(name):,} characters, more than {MAX_NAME_LENGTH}; "

@@ -19,7 +19,13 @@ from campaign.errors import LedgerError
 from campaign.manifest import RecipientsSettings
 from campaign.models import Address, Recipient
 
-__all__ = ["encode_cells", "recipient_from_cells"]
+__all__ = ["cell_text", "encode_cells", "recipient_from_cells"]
+
+
+def cell_text(value: object) -> str | None:
+    """A cell that names something optional (a display name, a pinned sender): its text stripped, or
+    None when empty."""
+    return str(value).strip() or None
 
 
 def encode_cells(fields: Mapping[str, object]) -> str:
@@ -58,10 +64,6 @@ def recipient_from_cells(
             f"the ledger holds no readable cells for row {row} ({key}); run `campaign run` again to "
             "check the list and record them"
         ) from exc
-    name = None if settings.name_column is None else str(fields.get(settings.name_column, "")).strip() or None
-    sender = (
-        None
-        if settings.sender_column is None
-        else str(fields.get(settings.sender_column, "")).strip() or None
-    )
+    name = None if settings.name_column is None else cell_text(fields.get(settings.name_column, ""))
+    sender = None if settings.sender_column is None else cell_text(fields.get(settings.sender_column, ""))
     return Recipient(key, row, Address(email, name), fields, sender)

@@ -544,18 +544,11 @@ def lookup_unsubscribed(paths: Sequence[Path], recipients: Sequence[Recipient]) 
     """Who of `recipients` is in the stores at `paths` (by key or address), looked up for this batch
     only: a store may hold millions, and a campaign never holds more of it than one batch needs."""
     found = Unsubscribed()
-    if not recipients:
-        return found
-    keys = [recipient.key for recipient in recipients]
-    emails = [recipient.address.email for recipient in recipients]
-    for path in paths:
-        if not path.exists():
-            continue
-        store = open_store(path, clock=SystemClock(), create=False)  # reading stamps nothing
-        try:
-            found.add(store.entries_for(keys, emails))
-        finally:
-            store.close()
+    stores = StoreFollower(paths, clock=SystemClock())  # reading stamps nothing
+    try:
+        found.add(stores.look_up(recipients))
+    finally:
+        stores.close()
     return found
 
 
@@ -618,13 +611,17 @@ class StoreFollower:
             found.extend(items)
         return found
 
-    def look_up(self, keys: Sequence[str], emails: Sequence[str]) -> list[StoreEntry]:
-        """The entries of every store for any of `keys` or `emails`, whenever recorded (StoreError if a
-        store cannot be read: an opt-out that cannot be read is never taken as none)."""
+    def look_up(self, recipients: Sequence[Recipient]) -> list[StoreEntry]:
+        """The entries of every store for any of `recipients` (by key or address), whenever recorded
+        (StoreError if a store cannot be read: an opt-out that cannot be read is never taken as none)."""
+        if not recipients:
+            return []
+        keys = [recipient.key for recipient in recipients]
+        emails = [recipient.address.email for recipient in recipients]
         found: list[StoreEntry] = []
         for path in self._paths:
             store = self._store(path)
-            if store is not None and keys:
+            if store is not None:
                 found.extend(store.entries_for(keys, emails))
         return found
 
@@ -662,9 +659,7 @@ class UnsubscribeWatch:
 
     def look_up(self, recipients: Sequence[Recipient]) -> None:
         """Take in what the stores hold for `recipients` (a page of a lane's work, before any is sent)."""
-        keys = [recipient.key for recipient in recipients]
-        emails = [recipient.address.email.lower() for recipient in recipients]
-        self._known.add(self._stores.look_up(keys, emails))
+        self._known.add(self._stores.look_up(recipients))
 
     def is_unsubscribed(self, recipient: Recipient) -> bool:
         """Whether `recipient` is in a store now (as of the last re-read, at most `refresh_s` ago)."""
