@@ -144,6 +144,30 @@ CASES: tuple[Case, ...] = (
         "fresh-ledger",
     ),
     Case(
+        "send-postgres",
+        "The send case with the ledger in PostgreSQL, 1 worker",
+        ">= 80% of the send case's msg/s",
+        {"rows": 20_000, "senders": 10, "per_second": 200, "burst": 1, "concurrency": 8, "workers": 1},
+        {"rows": 300, "senders": 2, "per_second": 200, "burst": 1, "concurrency": 8, "workers": 1},
+        "send",
+    ),
+    Case(
+        "send-postgres-3",
+        "The send case with the ledger in PostgreSQL, 3 workers on this machine sharing the grants",
+        "recorded (2 cores: the workers share them with the fake and the database)",
+        {"rows": 20_000, "senders": 10, "per_second": 200, "burst": 1, "concurrency": 8, "workers": 3},
+        {"rows": 300, "senders": 2, "per_second": 200, "burst": 1, "concurrency": 8, "workers": 3},
+        "send",
+    ),
+    Case(
+        "takeover",
+        "2 workers, 4 grants x 10/s; one killed (SIGKILL): until its grants send again under the other",
+        "<= lease expiry + 5 s",
+        {"rows": 4_000, "senders": 4, "per_second": 10, "concurrency": 2, "lease_s": 30},
+        {"rows": 200, "senders": 4, "per_second": 10, "concurrency": 2, "lease_s": 2},
+        "takeover",
+    ),
+    Case(
         "mailmerge",
         "Side by side with mailmerge 2.3 (own venv), 10,000 rows: dry run vs preview, SMTP sink vs fake",
         "ours faster in both (ratio > 1)",
@@ -172,7 +196,7 @@ def prepare_data(case: Case, root: Path, *, quick: bool) -> Path:
     if done.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    if case.data in ("newsletter", "send", "latency", "many-senders", "fresh", "fresh-10m"):
+    if case.data in ("newsletter", "send", "latency", "many-senders", "fresh", "fresh-10m", "takeover"):
         data.write_newsletter_campaign(
             folder,
             params["rows"],

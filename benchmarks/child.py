@@ -116,7 +116,7 @@ def run_limiter(options: Options) -> dict[str, Any]:
 
 
 def _runner(name: str) -> Any:
-    from benchmarks import mailmerge, sending
+    from benchmarks import mailmerge, sending, workers
 
     runners = {
         "render": run_render,
@@ -132,6 +132,9 @@ def _runner(name: str) -> Any:
         "status": sending.run_status,
         "many-senders": sending.run_latency,
         "status-fresh": sending.run_status,
+        "send-postgres": workers.run_send_postgres,
+        "send-postgres-3": workers.run_send_postgres,
+        "takeover": workers.run_takeover,
         "mailmerge": mailmerge.run_mailmerge,
     }
     return runners[name]

@@ -30,13 +30,21 @@ from benchmarks import procs
 from benchmarks.child import SECRET, Options
 from benchmarks.data import API_KEY
 
-__all__ = ["read_send_span", "run_fresh", "run_latency", "run_resume", "run_send", "run_status"]
+__all__ = [
+    "read_send_span",
+    "run_fresh",
+    "run_latency",
+    "run_resume",
+    "run_send",
+    "run_status",
+    "sending_env",
+]
 
 SEND_TIMEOUT_S = 900.0
 FIRST_REQUEST_TIMEOUT_S = 600.0
 
 
-def _env(port: int) -> dict[str, str]:
+def sending_env(port: int) -> dict[str, str]:
     return {
         "NYLAS_API_URI": f"http://127.0.0.1:{port}",
         "NYLAS_API_KEY": API_KEY,
@@ -81,7 +89,7 @@ def run_send(options: Options) -> dict[str, Any]:
             ["run", manifest, "--yes"],
             folder=folder,
             name="send",
-            env=_env(port),
+            env=sending_env(port),
             patches=options.patches,
             profile=options.profile,
             timeout_s=SEND_TIMEOUT_S,
@@ -132,7 +140,7 @@ def run_latency(options: Options) -> dict[str, Any]:
             ["run", manifest, "--yes"],
             folder=folder,
             name="latency",
-            env=_env(port),
+            env=sending_env(port),
             patches=options.patches,
             profile=options.profile,
             timeout_s=SEND_TIMEOUT_S,
@@ -192,7 +200,7 @@ def _first_request(options: Options, command: list[str]) -> dict[str, Any]:
             command,
             folder=options.folder,
             name=command[0],
-            env=_env(port),
+            env=sending_env(port),
             patches=options.patches,
             profile=options.profile,
         )

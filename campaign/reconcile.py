@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from pathlib import Path
 from typing import Protocol
 
 import anyio
@@ -32,7 +31,7 @@ import anyio.to_thread
 
 from campaign.clock import Clock
 from campaign.errors import ApiAuthError, ApiError
-from campaign.ledger import Ledger, LedgerRow, open_ledger
+from campaign.ledger import Ledger, LedgerRow, LedgerSite
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import FIRST_STEP, RowState
 from campaign.nextsteps import DEFAULT_MIN_AGE, NextStep, load_next_steps
@@ -142,7 +141,7 @@ class Reconciliation:
 
 def reconcile_campaign(
     manifest: Manifest,
-    ledger_path: Path,
+    site: LedgerSite,
     *,
     connect: Callable[[], AbstractAsyncContextManager[MessageLister]],
     clock: Clock,
@@ -155,7 +154,7 @@ def reconcile_campaign(
     their key's replay window become unknown first, so they are looked up too. `command_path`: the
     manifest as the user named it, for the commands in `next_steps`.
     """
-    ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, exclusive=True)
+    ledger = site.open(clock=clock, campaign=manifest.campaign.name, exclusive=True)
     try:
         ledger.record_expired_claims()
 

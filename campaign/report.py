@@ -21,11 +21,11 @@ import polars as pl
 
 from campaign.clock import Clock
 from campaign.errors import InputFileError, UsageError
-from campaign.ledger import LedgerRow, open_ledger
+from campaign.ledger import LedgerRow, LedgerSite
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.outputfiles import write_private_csv, write_private_parquet
-from campaign.unsubscribe import Engagement, list_store_paths, open_store
+from campaign.unsubscribe import Engagement, list_store_paths, open_store, store_exists
 
 __all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "WrittenReport", "build_report", "write_report"]
 
@@ -83,7 +83,7 @@ class WrittenReport:
 
 def write_report(
     manifest: Manifest,
-    ledger_path: Path,
+    site: LedgerSite,
     out: Path,
     *,
     states: Sequence[RowState] | None = None,
@@ -94,7 +94,7 @@ def write_report(
     Reads the ledger read-only, and closes it before writing the file.
     """
     engagement = _load_engagement(manifest, clock)
-    ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
+    ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
         frame = build_report(ledger.rows(states=states or None), engagement, steps=manifest.steps)
     finally:
@@ -149,7 +149,7 @@ def _load_engagement(manifest: Manifest, clock: Clock) -> dict[str, Engagement]:
     """Opens and clicks by message id from the campaign's stores that exist (none: no tracking kept)."""
     found: dict[str, Engagement] = {}
     for path in list_store_paths(manifest):
-        if path.exists():
+        if store_exists(path):
             store = open_store(path, clock=clock, create=False)
             try:
                 found |= store.engagement()

@@ -12,8 +12,8 @@ no exit code: the caller takes part through `RunHooks` and gets a `RunOutcome`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager, ExitStack, closing, contextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, ExitStack, closing
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -31,6 +31,7 @@ from campaign.dispatch import (
     chain_sources,
     dispatch,
     run_interruptible,
+    send_under_leases,
 )
 from campaign.errors import CampaignError, DataError, InputFileError, LedgerError
 from campaign.events import PULL_SKEW, InboxReader, events_store_path, pull_bounces
@@ -43,17 +44,16 @@ from campaign.followups import (
     schedule_followups,
 )
 from campaign.ledger import (
+    GrantLeases,
     Ledger,
+    LedgerSite,
     PlanSpool,
     SyncReport,
     check_key_scheme,
-    check_ledger_free,
-    lock_ledger,
-    open_ledger,
     record_key_scheme,
-    unlock_ledger,
+    share_of,
 )
-from campaign.manifest import Manifest
+from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Recipient, RowState, Screening, SkipReason
 from campaign.nextsteps import NextStep
 from campaign.nylas import SendClient
@@ -176,7 +176,7 @@ class _Checked:
 
 def run_campaign(
     manifest: Manifest,
-    ledger_path: Path,
+    site: LedgerSite,
     options: RunOptions,
     *,
     secrets: Sequence[bytes] | None,
@@ -186,25 +186,38 @@ def run_campaign(
     command_path: str,
 ) -> RunOutcome | None:
     """Check, confirm, record and send; None when the caller did not confirm (nothing was written)."""
-    if options.resuming and not ledger_path.exists():
-        message = f"{ledger_path}: no ledger, so nothing to resume; start with `campaign run {command_path}`"
+    campaign = manifest.campaign.name
+    if options.resuming and not site.exists(campaign):
+        message = f"{site.where}: no ledger, so nothing to resume; start with `campaign run {command_path}`"
         raise InputFileError(message)
-    check_ledger_free(ledger_path)  # before any check: a refused run says nothing of a plan
+    # Workers sharing a database each send from the grants they lease; None: one command at a time.
+    leases = site.leases(campaign, clock)
+    if leases is None:
+        site.check_free(campaign)  # before any check: a refused run says nothing of a plan
     with ExitStack() as held:
+        if leases is not None:
+            held.callback(leases.close)
         spool = held.enter_context(PlanSpool())
+        planning = held.enter_context(ExitStack())  # the writer lock, until the plan is recorded at least
         ledger = None
-        if ledger_path.exists():  # held from the first check: nobody changes the plan in between
-            held.enter_context(_holding_lock(ledger_path))
-            ledger = held.enter_context(closing(_open(manifest, ledger_path, clock, create=False)))
+        # Held from the first check: nobody changes the plan in between. A worker that joins a shared
+        # campaign waits here for the one planning it, then finds the plan checked (its stamp).
+        if leases is not None or site.exists(campaign):
+            planning.enter_context(site.hold(campaign, wait=leases is not None))
+        if site.exists(campaign):
+            ledger = held.enter_context(closing(site.open(clock=clock, campaign=campaign, create=False)))
         checked = _check(manifest, ledger, spool, options, secrets=secrets, hooks=hooks, now=clock.now())
-        if ledger is None:  # a first run: bad input has made no file; the lock is held through the prompt
-            held.enter_context(_holding_lock(ledger_path))
+        if ledger is None and leases is None:
+            # A first run: bad input has made no file; the lock is held through the prompt.
+            planning.enter_context(site.hold(campaign))
         if not hooks.confirm(checked.plan):
             return None
         if ledger is None:
-            ledger = held.enter_context(closing(_open(manifest, ledger_path, clock, create=True)))
+            ledger = held.enter_context(closing(site.open(clock=clock, campaign=campaign, create=True)))
         sync = _record_plan(ledger, checked, spool)
         spool.close()  # recorded: its pages need not wait for the sends
+        if leases is not None:
+            planning.close()  # the plan is recorded: the other workers may send from it now
         return _send_checked(
             manifest,
             ledger,
@@ -215,6 +228,7 @@ def run_campaign(
             clock=clock,
             hooks=hooks,
             path=command_path,
+            leases=leases,
         )
 
 
@@ -355,6 +369,7 @@ def _send_checked(
     clock: Clock,
     hooks: RunHooks,
     path: str,
+    leases: GrantLeases | None = None,
 ) -> RunOutcome:
     record_content(ledger, checked.content)
     record_key_scheme(ledger, manifest)
@@ -363,9 +378,12 @@ def _send_checked(
     jobs = _open_jobs(manifest, ledger, checked, now=clock.now())
     settings = DispatchSettings(limit=options.limit, wait=options.wait)
     rounds = _Rounds(manifest, checked.composer, ledger, clock, settings, hooks)
-    work = partial(rounds.send, jobs, connect)
+    if leases is None:
+        work = partial(rounds.send, jobs, connect)
+    else:  # its parks are recorded round by round, for the grants it held then
+        work = partial(rounds.send_as_worker, leases, connect)
     interrupted = anyio.run(partial(run_interruptible, work, on_signal=hooks.stopping))
-    if interrupted.result is not None:
+    if interrupted.result is not None and leases is None:
         ledger.record_parks(
             {sender.name: interrupted.result.parked.get(sender.name) for sender in manifest.senders}
         )
@@ -387,7 +405,7 @@ def _open_jobs(manifest: Manifest, ledger: Ledger, checked: _Checked, *, now: da
     them, with the cells their plan recorded."""
     if checked.preflight is None and ledger.plan_stamp() != checked.stamp:
         # another command recorded a plan meanwhile
-        message = f"{ledger.path}: another command changed the ledger while this one started; run again"
+        message = f"{ledger.where}: another command changed the ledger while this one started; run again"
         raise LedgerError(message)
     return LedgerJobs(ledger, manifest.recipients, now)
 
@@ -430,15 +448,74 @@ class _Rounds:
         self._settings = settings
         self._hooks = hooks
         self._held: dict[str, datetime] = {}  # follow-ups whose reply lookup failed, and when to retry
+        self._resting: dict[str, datetime] = {}  # a worker's senders parked or shut, until when
+
+    async def send_as_worker(
+        self,
+        leases: GrantLeases,
+        connect: Callable[[], AbstractAsyncContextManager[SendClient]],
+        stop: anyio.Event,
+    ) -> DispatchResult:
+        """As one of the workers sharing the campaign: send from the grants this one leases, round
+        after round (`dispatch.send_under_leases`), until no grant has work that may go now."""
+        self._ledger.bind_worker(leases.id)  # a claim is recorded only under its grant's live lease
+        total: DispatchResult | None = None
+
+        async def send_round(senders: Sequence[str], round_stop: anyio.Event) -> DispatchResult:
+            nonlocal total
+            first = LedgerJobs(self._ledger, self._manifest.recipients, self._clock.now())
+            mine = tuple(sender for sender in self._manifest.senders if sender.name in senders)
+            settings = _rest_of(self._settings, total)  # --limit counts the whole run
+            result = await self.send(first, connect, round_stop, senders=mine, settings=settings)
+            total = result if total is None else total.then(result)
+            now = self._clock.now()
+            self._resting.update({**result.parked, **result.closed})
+            self._resting = {name: until for name, until in self._resting.items() if until > now}
+            parks = {name: result.parked.get(name) for name in senders}
+            await anyio.to_thread.run_sync(self._ledger.record_parks, parks)
+            return result
+
+        done = await send_under_leases(
+            leases,
+            with_work=self._with_work,
+            send_round=send_round,
+            share_of=share_of,
+            clock=self._clock,
+            stop=stop,
+        )
+        # What is left is in the ledger's states (the other workers' grants' rows too): a worker ends
+        # once no grant has work that may go now, so none of its rounds' sources is left to read.
+        return (
+            replace(done, remaining=0) if done else DispatchResult(sent=0, failed=0, unknown=0, remaining=0)
+        )
+
+    def _with_work(self) -> list[str]:
+        """The senders with work that may go now: rows of step 1 or follow-ups due, and not parked by a
+        quota or shut by their window (until then; with --wait their lanes wait it out)."""
+        now = self._clock.now()
+        busy = set(self._ledger.open_counts(now))
+        if self._manifest.followups:
+            busy.update(self._ledger.due_senders(now))
+        resting = {name for name, until in self._ledger.parked_senders().items() if until > now}
+        resting.update(name for name, until in self._resting.items() if until > now)
+        if self._settings.wait:
+            resting.clear()
+        return [sender.name for sender in self._manifest.senders if sender.name in busy - resting]
 
     async def send(
         self,
         first: LedgerJobs,
         connect: Callable[[], AbstractAsyncContextManager[SendClient]],
         stop: anyio.Event | None = None,
+        *,
+        senders: Sequence[SenderSettings] | None = None,
+        settings: DispatchSettings | None = None,
     ) -> DispatchResult:
         """Send step 1's open rows (`first`), then every follow-up as it comes due; the results of all
-        rounds added up."""
+        rounds added up. Only from `senders` if given (a worker's leased grants), else from all."""
+        senders = self._manifest.senders if senders is None else senders
+        names = {sender.name for sender in senders}
+        settings = settings or self._settings
         stores = list_store_paths(self._manifest)
         # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds.
         watch = UnsubscribeWatch(stores, clock=self._clock)
@@ -455,9 +532,9 @@ class _Rounds:
                     sources = [source for source in (step1, followups) if source is not None]
                     counts: Counter[str] = Counter()
                     for source in sources:
-                        counts.update(source.counts)
+                        counts.update({name: n for name, n in source.counts.items() if name in names})
                     if not counts.total() and total is not None:  # nothing due now: wait for it, or end here
-                        if not self._settings.wait or not await self._wait_for_next(stop):
+                        if not settings.wait or not await self._wait_for_next(stop):
                             return total
                         continue
                     if followups is not None and followups.counts.total() and await self._pull_events(client):
@@ -465,11 +542,11 @@ class _Rounds:
                     work = chain_sources(*sources)
                     if stores:  # each page's recipients looked up in the stores before any is sent
                         work = _WatchedSource(work, watch)
-                    settings = _rest_of(self._settings, total)  # --limit counts the whole run
+                    rest = _rest_of(settings, total)  # --limit counts the whole run
                     result = await self._dispatch(
-                        work, counts, client, watch if stores else None, screen, stop, settings
+                        work, counts, client, watch if stores else None, screen, stop, rest, senders
                     )
-                    total = result if total is None else _added(total, result)
+                    total = result if total is None else total.then(result)
                     if not self._sequenced or _halted(result) or _asked_to_stop(stop):
                         return total
         finally:
@@ -563,20 +640,21 @@ class _Rounds:
         screen: Callable[[Job], Awaitable[Screening]] | None,
         stop: anyio.Event | None,
         settings: DispatchSettings,
+        senders: Sequence[SenderSettings],
     ) -> DispatchResult:
         manifest, ledger = self._manifest, self._ledger
         since = self._clock.now().timestamp() - DAY_S
         # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
         history = {
             sender.name: ledger.sent_recipients_since(sender.name, since)
-            for sender in manifest.senders
+            for sender in senders
             if sender.per_day is not None or sender.per_day_messages is not None
         }
-        shares = [_share(sender.name, sender.per_day, per_sender, history) for sender in manifest.senders]
+        shares = [_share(sender.name, sender.per_day, per_sender, history) for sender in senders]
         with self._hooks.progress(sum(per_sender.values()), shares) as on_event:
             return await dispatch(
                 jobs,
-                senders=manifest.senders,
+                senders=senders,
                 render=partial(render_job, self._composer, manifest),
                 client=client,
                 ledger=ledger,
@@ -591,6 +669,8 @@ class _Rounds:
                 # Rows in flight from an earlier run keep their grant (their key may be used).
                 bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},
                 holidays=manifest.campaign.holidays,
+                # A worker's leased grants: another worker may have sent from them a moment ago.
+                handed_over=senders is not manifest.senders,
             )
 
 
@@ -612,18 +692,6 @@ def _halted(result: DispatchResult) -> bool:
     )
 
 
-def _added(before: DispatchResult, after: DispatchResult) -> DispatchResult:
-    """Two rounds' results as one: counts added, the later round's state of the senders."""
-    return replace(
-        after,
-        sent=before.sent + after.sent,
-        failed=before.failed + after.failed,
-        unknown=before.unknown + after.unknown,
-        left_inflight=before.left_inflight + after.left_inflight,
-        held=before.held + after.held,
-    )
-
-
 def _share(
     name: str,
     per_day: int | None,
@@ -633,23 +701,3 @@ def _share(
     used = sum(count for _, count in history.get(name, ()))
     left = None if per_day is None else max(0, per_day - used)
     return SenderShare(name, per_sender.get(name, 0), left)
-
-
-def _open(manifest: Manifest, path: Path, clock: Clock, *, create: bool) -> Ledger:
-    return open_ledger(path, clock=clock, campaign=manifest.campaign.name, create=create)
-
-
-@contextmanager
-def _holding_lock(ledger_path: Path) -> Iterator[None]:
-    """The ledger's writer lock, held from the first check to the last write (its folder made if need be:
-    the sandbox ledger's). A run refused for a busy ledger says nothing of what it would send."""
-    try:
-        ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        message = f"{ledger_path.parent}: cannot make the ledger's folder ({exc.strerror or exc})"
-        raise LedgerError(message) from exc
-    lock = lock_ledger(ledger_path)
-    try:
-        yield
-    finally:
-        unlock_ledger(lock)

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from campaign.clock import Clock
-from campaign.ledger import ErrorGroup, Ledger, open_ledger
+from campaign.ledger import ErrorGroup, Ledger, LedgerSite, WorkerView
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import NextStep, load_next_steps
 from campaign.plan import DAY_S, Schedule, SenderSchedule, WindowPlan, build_schedule, plan_window
-from campaign.unsubscribe import Engagement, list_store_paths, open_store
+from campaign.unsubscribe import Engagement, list_store_paths, open_store, store_exists
 
 __all__ = [
     "OPEN_STATES",
@@ -137,7 +137,7 @@ class Status:
 
     campaign: str
     manifest: Path
-    ledger: Path | None  # None: no ledger yet, the campaign has not started
+    ledger: str | None  # None: no ledger yet, the campaign has not started
     schedule: Schedule | None  # when it will be done at the current limits; None before it started
     done: bool  # no row still in the list is open (rows removed from it are left as they were)
     total: int
@@ -149,6 +149,7 @@ class Status:
     senders: tuple[SenderStatus, ...]  # in manifest order
     engagement: EngagementSummary | None = None  # None: the campaign's stores keep no tracking events
     steps: tuple[StepStatus, ...] = ()  # with [[followups]]: every step, step 1 first
+    workers: tuple[WorkerView, ...] = ()  # a campaign shared in PostgreSQL: its workers, live ones first
 
     @property
     def started(self) -> bool:
@@ -182,19 +183,20 @@ class Status:
             }
             | ({} if self.engagement is None else {"engagement": self.engagement.as_json()})
             | ({"steps": {step.step: step.as_json() for step in self.steps}} if self.steps else {})
+            | ({"workers": [_worker_json(worker) for worker in self.workers]} if self.workers else {})
         )
 
 
 def load_status(
-    manifest: Manifest, ledger_path: Path, *, clock: Clock, command_path: str, sandbox: bool = False
+    manifest: Manifest, site: LedgerSite, *, clock: Clock, command_path: str, sandbox: bool = False
 ) -> Status:
-    """The status of the campaign whose ledger is (or would be) at `ledger_path`; opened read-only.
+    """The status of the campaign whose ledger is (or would be) at `site`; opened read-only.
 
     `command_path`: the manifest as the user named it, for the commands in `next_steps`.
     """
-    if not ledger_path.exists():
+    if not site.exists(manifest.campaign.name):
         return build_unstarted_status(manifest)
-    ledger = open_ledger(ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
+    ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
         status = build_status(manifest, ledger, clock=clock, command_path=command_path, sandbox=sandbox)
         return replace(status, engagement=load_engagement_summary(manifest, ledger, clock=clock))
@@ -206,7 +208,7 @@ def load_engagement_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock)
     """Opens and clicks of this campaign's sent messages, from the tracking notifications its stores keep."""
     tracked: dict[str, Engagement] = {}
     for path in list_store_paths(manifest):
-        if path.exists():
+        if store_exists(path):
             store = open_store(path, clock=clock, create=False)
             try:
                 tracked |= store.engagement()
@@ -275,7 +277,7 @@ def build_status(
     return Status(
         campaign=manifest.campaign.name,
         manifest=manifest.path,
-        ledger=ledger.path,
+        ledger=ledger.where,
         schedule=schedule,
         done=all(listed[state] == 0 for state in OPEN_STATES),
         total=sum(counts.values()),
@@ -286,7 +288,19 @@ def build_status(
         next_steps=tuple(steps),
         senders=senders,
         steps=_steps(manifest, ledger, now),
+        workers=tuple(ledger.workers()),
     )
+
+
+def _worker_json(worker: WorkerView) -> dict[str, object]:
+    return {
+        "id": worker.id,
+        "host": worker.host,
+        "pid": worker.pid,
+        "grants": list(worker.grants),
+        "heartbeat_at": datetime.fromtimestamp(worker.heartbeat_at, UTC).isoformat(timespec="seconds"),
+        "live": worker.live,
+    }
 
 
 def _with_window(manifest: Manifest, status: SenderStatus, now: datetime) -> SenderStatus:

@@ -90,3 +90,33 @@ def copy_sample(name: str, to: Path) -> Path:
     target = to / name
     shutil.copytree(REPO / "samples" / name, target, ignore=shutil.ignore_patterns("*.sandbox", "*.sqlite*"))
     return target / "campaign.toml"
+
+
+# --- the unsubscribe store in PostgreSQL (tests/pgstore.py) -----------------------------------------------
+
+
+@pytest.fixture(scope="session", name="_store_database")
+def _store_database_fixture() -> Iterator[str]:
+    """This session's database for unsubscribe stores, created for it and dropped after."""
+    from pgstore import fresh_store_database
+
+    with fresh_store_database() as url:
+        yield url
+
+
+@pytest.fixture(name="pg_store_url")
+def _pg_store_url(_store_database) -> str:
+    """The URL of a PostgreSQL database holding no unsubscribe store yet (whatever earlier tests wrote)."""
+    from pgstore import empty_store
+
+    empty_store(_store_database)
+    return _store_database
+
+
+@pytest.fixture(name="store_at", params=["sqlite", "postgresql"])
+def _store_at(request, tmp_path) -> Path | str:
+    """Where a test's unsubscribe store is: a new SQLite file, then (the same test again) a PostgreSQL
+    database by its URL."""
+    if request.param == "sqlite":
+        return tmp_path / "store.sqlite"
+    return request.getfixturevalue("pg_store_url")

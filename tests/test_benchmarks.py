@@ -42,6 +42,9 @@ CASE_NAMES = (
     "fresh-run-10m",
     "status",
     "status-fresh",
+    "send-postgres",
+    "send-postgres-3",
+    "takeover",
     "mailmerge",
 )
 

@@ -38,16 +38,25 @@ def _token(key: str = "ann@example.com", *, campaign: str = CAMPAIGN, secrets=(S
     return make_token(secrets=secrets, campaign=campaign, recipient_key=key)
 
 
-def _rows(path: Path) -> list[tuple[str, str, str | None, str]]:
-    with sqlite3.connect(path) as db:
-        return db.execute(
-            "SELECT campaign, recipient_key, email, source FROM unsubscribes ORDER BY id"
-        ).fetchall()
+def _rows(where: Path | str) -> list[tuple[str, str, str | None, str]]:
+    """The store's entries as read on a connection of their own: in the file with sqlite3, else through
+    a second store object (another process's view)."""
+    if isinstance(where, Path):
+        with sqlite3.connect(where) as db:
+            return db.execute(
+                "SELECT campaign, recipient_key, email, source FROM unsubscribes ORDER BY id"
+            ).fetchall()
+    reader = open_store(where, clock=FakeClock(), create=False)
+    try:
+        return [(e.campaign, e.recipient_key, e.email, e.source) for e in reader.entries()]
+    finally:
+        reader.close()
 
 
 @pytest.fixture(name="store")
-def _store(tmp_path) -> Iterator[SuppressionStore]:
-    store = open_store(tmp_path / "unsubscribes.sqlite", clock=FakeClock())
+def _store(store_at) -> Iterator[SuppressionStore]:
+    """The endpoint's store: a SQLite file, then (each test again) a PostgreSQL database."""
+    store = open_store(store_at, clock=FakeClock())
     yield store
     store.close()
 
@@ -245,9 +254,9 @@ def test_concurrent_posts_are_all_recorded_once(url, store):
     assert sorted(key for _, key, _, _ in _rows(store.path)) == sorted(keys)
 
 
-def test_concurrent_writers_in_two_processes_share_the_store(tmp_path):
+def test_concurrent_writers_in_two_processes_share_the_store(store_at):
     """A second connection (as another process would hold) records while the endpoint records: both land."""
-    path = tmp_path / "shared.sqlite"
+    path = store_at
     first = open_store(path, clock=FakeClock())
     second = open_store(path, clock=FakeClock())
     errors: list[BaseException] = []
@@ -317,9 +326,10 @@ def test_load_endpoint_reads_secrets_from_the_named_variable(tmp_path, monkeypat
     assert (tmp_path / "u.sqlite").stat().st_mode & 0o777 == 0o600
 
 
-def test_serve_command_runs_the_endpoint_on_uvicorn(tmp_path):
-    """`campaign unsubscribe serve --store … --port …` serves one-click POSTs into the store."""
-    store = tmp_path / "served.sqlite"
+def test_serve_command_runs_the_endpoint_on_uvicorn(store_at):
+    """`campaign unsubscribe serve --store … --port …` serves one-click POSTs into the store (a file, or
+    a PostgreSQL database by its URL)."""
+    store = store_at
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

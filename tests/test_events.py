@@ -1,7 +1,8 @@
 """What comes back: `campaign serve`'s webhook receiver, bounces in the store, and campaigns skipping them.
 
 Nylas notifications arrive over a real loopback socket, signed as Nylas signs them (hex HMAC-SHA256
-of the raw body, reference/next-capabilities.md §2.3), with the store on real SQLite.
+of the raw body, reference/next-capabilities.md §2.3), with the store on real SQLite and, each such
+test again, on a real PostgreSQL database (`store_at`).
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def _signed(body: bytes, *, secret: bytes = WEBHOOK_SECRET) -> dict[str, str]:
 
 
 @pytest.fixture(name="service")
-def _service(tmp_path) -> Iterator[tuple[EventService, str]]:
+def _service(store_at) -> Iterator[tuple[EventService, str]]:
     clock = FakeClock(datetime(2027, 1, 5, 12, 0, tzinfo=UTC))
-    store = open_store(tmp_path / "store.sqlite", clock=clock)
+    store = open_store(store_at, clock=clock)
     endpoint = UnsubscribeEndpoint(store, secrets=parse_secrets(SECRET))
     service = EventService(endpoint, webhook_secrets=[WEBHOOK_SECRET], clock=clock)
     try:
@@ -172,9 +173,9 @@ def test_200_concurrent_deliveries_are_all_stored_once(service):
     assert sum(len(svc.store.bounces(f"user{n}@example.com")) for n in range(150)) == 150
 
 
-def test_a_hard_bounce_suppresses_at_once_and_soft_ones_after_the_threshold(tmp_path):
+def test_a_hard_bounce_suppresses_at_once_and_soft_ones_after_the_threshold(store_at):
     """5xx: suppressed by the first bounce. 4xx: only the third within 30 days; older ones do not count."""
-    store = open_store(tmp_path / "store.sqlite", clock=FakeClock())
+    store = open_store(store_at, clock=FakeClock())
     hard = parse_notification(_bounce("e1", "Ann <ann@example.com>"))
     store.record_event(
         "e1", hard.type, grant_id=None, body="{}", bounces=parse_bounces(hard, received_at=datetime.now(UTC))
@@ -224,14 +225,14 @@ def test_bounce_payloads_are_read_defensively():
     assert parse_bounces(opened, received_at=datetime.now(UTC)) == ()
 
 
-def test_a_bounced_address_is_skipped_by_the_next_campaign_and_a_running_one(api, cli, tmp_path):
+def test_a_bounced_address_is_skipped_by_the_next_campaign_and_a_running_one(api, cli, tmp_path, store_at):
     """The store a campaign reads: a bounced recipient is a `bounced` skip at planning, and a running
     campaign's watch says `bounced` for an address that bounced after the run began."""
     manifest = copy_sample("newsletter", tmp_path)
     text = manifest.read_text()
-    store_path = manifest.parent / "store.sqlite"
+    store_path = store_at
     manifest.write_text(
-        text.replace('suppress = ["unsubscribed.txt"]', 'suppress = ["unsubscribed.txt", "store.sqlite"]')
+        text.replace('suppress = ["unsubscribed.txt"]', f'suppress = ["unsubscribed.txt", "{store_at}"]')
     )
     first = manifest.parent.joinpath("recipients.csv").read_text().splitlines()[1].split(",")[0]
     store = open_store(store_path, clock=FakeClock())
@@ -270,11 +271,11 @@ def test_a_bounced_address_is_skipped_by_the_next_campaign_and_a_running_one(api
 
 
 def test_the_serve_command_receives_signed_webhooks_and_refuses_without_its_secret(
-    cli, tmp_path, monkeypatch
+    cli, tmp_path, monkeypatch, store_at
 ):
     """`campaign serve` as a real process: a signed bounce lands in the store; without the webhook
     secret it exits 78 in one line, never printing a secret."""
-    store = tmp_path / "served.sqlite"
+    store = store_at
     monkeypatch.delenv("NYLAS_WEBHOOK_SECRET", raising=False)
     monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", SECRET)
     refused = cli("serve", "--store", store)
@@ -303,17 +304,17 @@ def test_the_serve_command_receives_signed_webhooks_and_refuses_without_its_secr
     reader.close()
 
 
-def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path):
+def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path, store_at):
     """Tracking notifications for this campaign's messages (and one for another campaign's) give
     per-recipient columns in `report` and rates in `status --json`, with the Apple MPP caveat."""
     manifest = copy_sample("newsletter", tmp_path)
     lists = 'suppress = ["unsubscribed.txt"'
-    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "store.sqlite"'))
+    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{store_at}"'))
     (sender,) = load_manifest(manifest).senders
     api.add_grant(sender.grant_id, sender.email or "")
     assert cli("run", manifest, "--yes").exit_code == 0
     first, second = api.deliveries[0], api.deliveries[1]
-    store = open_store(manifest.parent / "store.sqlite", clock=FakeClock())
+    store = open_store(store_at, clock=FakeClock())
     opened = {"message_id": first.id, "message_data": {"count": 1, "timestamp": 1_767_000_100}}
     clicked = {"message_id": first.id, "link_data": [{"url": "https://example.com/offer", "count": 1}]}
     _record(store, _envelope("o1", "message.opened", opened, time=1_767_000_100))
@@ -352,15 +353,16 @@ def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path):
     assert "Apple Mail Privacy Protection" in cli("status", manifest).stdout
 
 
-def test_the_fake_bounces_chosen_recipients_and_sends_signed_webhooks_to_the_service(api, cli, service):
+def test_the_fake_bounces_chosen_recipients_and_sends_signed_webhooks_to_the_service(
+    api, cli, service, tmp_path
+):
     """The fake (what `campaign sandbox --bounce-share/--webhook` runs): a bounced recipient's DSN lands
     in the sender's inbox and its notification reaches `campaign serve` signed, twice when the fake
     duplicates; the service records it once and suppresses the address; `events pull` finds the DSN."""
     svc, url = service
-    manifest_dir = svc.store.path.parent
-    manifest = copy_sample("newsletter", manifest_dir)
+    manifest = copy_sample("newsletter", tmp_path)
     lists = 'suppress = ["unsubscribed.txt"'
-    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{svc.store.path}"'))
+    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{svc.store.where}"'))
     (sender,) = load_manifest(manifest).senders
     api.add_grant(sender.grant_id, sender.email or "")
     first = manifest.parent.joinpath("recipients.csv").read_text().splitlines()[1].split(",")[0]
@@ -383,13 +385,13 @@ def test_a_webhook_url_that_does_not_echo_the_challenge_is_refused(api, tmp_path
         api.add_webhook("http://127.0.0.1:9/nylas/webhook", WEBHOOK_SECRET, ["message.bounce_detected"])
 
 
-def test_the_fakes_tracking_webhooks_reach_report_and_status(api, cli, service):
+def test_the_fakes_tracking_webhooks_reach_report_and_status(api, cli, service, tmp_path):
     """Opens, a click and a human reply simulated at the fake arrive at `campaign serve` as signed
     webhooks; an auto-sent reply by the sender itself does not count; report and status show them."""
     svc, url = service
-    manifest = copy_sample("newsletter", svc.store.path.parent)
+    manifest = copy_sample("newsletter", tmp_path)
     text = manifest.read_text().replace(
-        'suppress = ["unsubscribed.txt"', f'suppress = ["unsubscribed.txt", "{svc.store.path}"'
+        'suppress = ["unsubscribed.txt"', f'suppress = ["unsubscribed.txt", "{svc.store.where}"'
     )
     manifest.write_text(
         text.replace(

@@ -1,17 +1,16 @@
 """The send loop's exactly-once discipline against the in-process fake Nylas on virtual time.
 
 Claims on disk before requests leave, group commit, replays, 409 in progress, keys too old
-to reuse, and the graceful stop (first Ctrl-C) with its grace period.
+to reuse, and the graceful stop (first Ctrl-C) with its grace period; on both ledgers (SQLite and
+PostgreSQL: the `ledgers` fixture).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -19,7 +18,7 @@ import pytest
 from support import make_jobs, render_plain, run_inline
 
 from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
-from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.ledger import Ledger, PlannedRow
 from campaign.ledger._ledger import KEY_REUSE_S
 from campaign.manifest import SenderSettings
 from campaign.models import OutcomeKind, RowState, SendOutcome
@@ -29,7 +28,11 @@ from campaign.reconcile import reconcile_unknown
 from campaign.testing import FakeNylas, Fault
 from campaign.testing.clock import FakeClock
 
+if TYPE_CHECKING:
+    from postgres import Ledgers
+
 pytestmark = pytest.mark.anyio
+pytest_plugins = ["postgres"]
 KEY = "test-key"
 
 # The in-process fake lists a message as soon as it is sent: no settle time is needed here.
@@ -44,13 +47,13 @@ def _sender(name: str = "a", **limits: Any) -> SenderSettings:
 class _World:
     """A fake Nylas, a ledger and a clock; `run` is one campaign run (a resume is another `run`)."""
 
-    def __init__(self, tmp_path: Path, senders: list[SenderSettings]) -> None:
+    def __init__(self, ledgers: Ledgers, senders: list[SenderSettings]) -> None:
         self.clock = FakeClock()
         self.fake = FakeNylas(api_key=KEY, clock=self.clock)
         for sender in senders:
             self.fake.add_grant(sender.grant_id or "", sender.email or "")
         self.senders = senders
-        self.ledger: Ledger = open_ledger(tmp_path / "l.sqlite", clock=self.clock, campaign="test")
+        self.ledger: Ledger = ledgers.open("test", clock=self.clock)
         self.events: list[DispatchEvent] = []
 
     def plan(self, jobs: list[Job]) -> None:
@@ -110,22 +113,19 @@ class _Spy:
         return await self._client.send_message(grant_id, payload, idempotency_key=idempotency_key)
 
 
-async def test_every_row_is_inflight_on_disk_before_its_request_leaves_and_writes_are_batched(tmp_path):
+async def test_every_row_is_inflight_on_disk_before_its_request_leaves_and_writes_are_batched(ledgers):
     """Another connection sees each row in flight with the request's key when it leaves; commits < writes."""
-    world = _World(tmp_path, [_sender("a", per_second=200, concurrency=4), _sender("b", concurrency=3)])
+    world = _World(ledgers, [_sender("a", per_second=200, concurrency=4), _sender("b", concurrency=3)])
     seen: list[list[str]] = []
-    reader = sqlite3.connect(world.ledger.path)
 
     def check_on_disk(key: str) -> None:
-        found = reader.execute("SELECT state FROM recipients WHERE idempotency_key = ?", (key,)).fetchall()
-        seen.append([state for (state,) in found])
+        seen.append([state for state, _ in ledgers.rows_elsewhere("test", "idempotency_key", key)])
 
     jobs = make_jobs(12, "a") + make_jobs(6, "b", start=50)
     world.plan(jobs)
     before = world.ledger.commits
     # The real thread offload, as in production.
     result = await world.run(jobs, wrap=lambda c: _Spy(c, check_on_disk), offload=None)
-    reader.close()
     assert result.sent == 18
     assert seen == [["inflight"]] * 18  # the request's key, on exactly one row, in flight
     writes = 2 * 18  # a claim and an outcome per message
@@ -133,9 +133,9 @@ async def test_every_row_is_inflight_on_disk_before_its_request_leaves_and_write
     assert sorted(world.delivered()) == sorted({*world.delivered()})
 
 
-async def test_a_replayed_5xx_makes_the_row_unknown_and_reconcile_requeues_it(tmp_path):
+async def test_a_replayed_5xx_makes_the_row_unknown_and_reconcile_requeues_it(ledgers):
     """500 (cached, not sent) replayed on the same-key retry: unknown at once; reconcile re-queues it."""
-    world = _World(tmp_path, [_sender()])
+    world = _World(ledgers, [_sender()])
     world.fake.script(Fault.INTERNAL_ERROR, times=1)
     result = await world.run(make_jobs(1))
     requests = world.fake.requests
@@ -152,9 +152,9 @@ async def test_a_replayed_5xx_makes_the_row_unknown_and_reconcile_requeues_it(tm
     assert world.states() == {"r1@example.com": RowState.SENT}
 
 
-async def test_a_504_after_the_provider_sent_is_settled_by_reconcile_as_sent(tmp_path):
+async def test_a_504_after_the_provider_sent_is_settled_by_reconcile_as_sent(ledgers):
     """Delivered but answered 504: unknown after the replay; reconcile finds it by metadata; never re-sent."""
-    world = _World(tmp_path, [_sender()])
+    world = _World(ledgers, [_sender()])
     world.fake.script(Fault.TIMEOUT_AFTER_SEND, times=1)
     await world.run(make_jobs(2))
     assert world.states()["r1@example.com"] == RowState.UNKNOWN
@@ -208,9 +208,9 @@ class _Hangs:
         raise AssertionError("the grace period should have ended this request")
 
 
-async def test_409_in_progress_is_waited_out_with_the_same_key_apart_from_ambiguous_retries(tmp_path):
+async def test_409_in_progress_is_waited_out_with_the_same_key_apart_from_ambiguous_retries(ledgers):
     """Client timeout while Nylas still works: 409s are waited out, then the replayed 200 settles it once."""
-    world = _World(tmp_path, [_sender()])
+    world = _World(ledgers, [_sender()])
     world.fake.script(Fault.SLOW, times=1, delay_s=20)
     settings = DispatchSettings(ambiguous_retries=1, in_progress_wait_s=3, in_progress_retries=20)
     async with anyio.create_task_group() as group:
@@ -223,9 +223,9 @@ async def test_409_in_progress_is_waited_out_with_the_same_key_apart_from_ambigu
     assert world.ledger.row("r1@example.com").replayed is True
 
 
-async def test_endless_409s_end_unknown_after_the_bounded_waits(tmp_path):
+async def test_endless_409s_end_unknown_after_the_bounded_waits(ledgers):
     """409 in progress forever: after in_progress_retries waits the row is unknown, not retried forever."""
-    world = _World(tmp_path, [_sender()])
+    world = _World(ledgers, [_sender()])
     world.fake.script(Fault.SLOW, times=1, delay_s=10_000)
     settings = DispatchSettings(in_progress_wait_s=3, in_progress_retries=4)
     async with anyio.create_task_group() as group:
@@ -235,12 +235,12 @@ async def test_endless_409s_end_unknown_after_the_bounded_waits(tmp_path):
     assert [r.status for r in world.fake.requests].count(409) == 5  # the first wait and 4 more
 
 
-async def test_a_gateway_429_on_a_resumed_row_never_leads_to_a_second_copy(tmp_path):
+async def test_a_gateway_429_on_a_resumed_row_never_leads_to_a_second_copy(ledgers):
     """Delivered, then killed before recording; on resume Nylas's own 429 refuses the same-key re-send.
 
     Found by the interleaving test: a new key after that 429 would have mailed the recipient twice.
     """
-    world = _World(tmp_path, [_sender()])
+    world = _World(ledgers, [_sender()])
     world.plan(make_jobs(1))
     claim = world.ledger.claim("r1@example.com")
     async with httpx.AsyncClient(
@@ -257,9 +257,9 @@ async def test_a_gateway_429_on_a_resumed_row_never_leads_to_a_second_copy(tmp_p
     assert world.ledger.row("r1@example.com").replayed is True
 
 
-async def test_a_key_too_old_to_reuse_is_never_sent_again(tmp_path):
+async def test_a_key_too_old_to_reuse_is_never_sent_again(ledgers):
     """An in-flight row whose key is near the end of the 1 h window becomes unknown with no request."""
-    world = _World(tmp_path, [_sender()])
+    world = _World(ledgers, [_sender()])
     world.plan(make_jobs(1))
     world.ledger.claim("r1@example.com")  # a crash right after this claim
     world.clock.advance(KEY_REUSE_S + 1)
@@ -268,9 +268,9 @@ async def test_a_key_too_old_to_reuse_is_never_sent_again(tmp_path):
     assert "replay window" in (world.ledger.row("r1@example.com").note or "")
 
 
-async def test_a_row_from_an_earlier_run_stays_in_flight_when_its_sender_parks(tmp_path):
+async def test_a_row_from_an_earlier_run_stays_in_flight_when_its_sender_parks(ledgers):
     """A re-claimed row whose request never left this run keeps its state and key (it may have gone out)."""
-    world = _World(tmp_path, [_sender(per_second=1, concurrency=2)])
+    world = _World(ledgers, [_sender(per_second=1, concurrency=2)])
     world.plan(make_jobs(2))
     old = world.ledger.claim("r2@example.com")  # left in flight by a crash
     world.fake.script(Fault.QUOTA_EXCEEDED, times=1)  # the first request parks the sender
@@ -281,9 +281,9 @@ async def test_a_row_from_an_earlier_run_stays_in_flight_when_its_sender_parks(t
     assert all(r.idempotency_key != old.idempotency_key for r in world.fake.requests)
 
 
-async def test_a_stop_starts_nothing_new_and_records_the_sends_in_flight(tmp_path):
+async def test_a_stop_starts_nothing_new_and_records_the_sends_in_flight(ledgers):
     """After the stop no request starts; those in flight finish and are recorded; the rest stay pending."""
-    world = _World(tmp_path, [_sender(per_second=100, concurrency=3)])
+    world = _World(ledgers, [_sender(per_second=100, concurrency=3)])
     world.fake.latency_s = 1.0
     stop = anyio.Event()
 
@@ -316,9 +316,9 @@ async def test_a_stop_starts_nothing_new_and_records_the_sends_in_flight(tmp_pat
     assert counts[RowState.PENDING] == 12 - result.sent == result.remaining
 
 
-async def test_a_send_that_outlasts_the_grace_is_left_in_flight_and_resume_settles_it_once(tmp_path):
+async def test_a_send_that_outlasts_the_grace_is_left_in_flight_and_resume_settles_it_once(ledgers):
     """Stop while a slow request runs: abandoned in flight after the grace; resume's replay settles it."""
-    world = _World(tmp_path, [_sender()])
+    world = _World(ledgers, [_sender()])
     stop = anyio.Event()
     settings = DispatchSettings(stop_grace_s=5)
     async with anyio.create_task_group() as group:

@@ -4,7 +4,8 @@ Each example drives the real send loop and reconcile against the in-process fake
 virtual time. A "crash" (kill -9) is raised before a chosen ledger write, or before or after
 a chosen request reaches the server; the ledger is then reopened, as a new process would.
 Whatever the interleaving, no recipient is ever delivered twice, and after resume +
-reconcile every row is final: sent exactly when delivered once, failed when never delivered.
+reconcile every row is final: sent exactly when delivered once, failed when never delivered. On
+both ledgers (SQLite and PostgreSQL: the `backend` fixture).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from support import render_plain, run_inline
 
 from campaign.dispatch import dispatch
-from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.ledger import Ledger, PlannedRow
 from campaign.manifest import SenderSettings
 from campaign.models import Address, Recipient, RowState, SendOutcome, SkipReason
 from campaign.nylas import NylasClient
@@ -31,6 +32,11 @@ from campaign.plan import Job
 from campaign.reconcile import reconcile_unknown
 from campaign.testing import FakeNylas, Fault
 from campaign.testing.clock import FakeClock
+
+if TYPE_CHECKING:
+    from postgres import Backend, Ledgers
+
+pytest_plugins = ["postgres"]
 
 KEY = "nyk_interleavings_key"
 FAULTS = [
@@ -113,7 +119,7 @@ class _CrashingClient:
 
 
 class _World:
-    def __init__(self, folder: Path, *, recipients: int, two_senders: bool, concurrency: int) -> None:
+    def __init__(self, ledgers: Ledgers, *, recipients: int, two_senders: bool, concurrency: int) -> None:
         self.clock = FakeClock()
         self.fake = FakeNylas(api_key=KEY, clock=self.clock)
         names = ["a", "b"] if two_senders else ["a"]
@@ -126,17 +132,17 @@ class _World:
             Job(Recipient(f"r{i}@x.com", i, Address(f"r{i}@x.com"), {}), names[i % len(names)])
             for i in range(1, recipients + 1)
         ]
-        self.path = folder / "mix.ledger.sqlite"
+        self.ledgers = ledgers
         self.ledger = self._open()
         self.ledger.record_plan(
             [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.key, j.sender) for j in self.jobs], []
         )
 
     def _open(self) -> Ledger:
-        return open_ledger(self.path, clock=self.clock, campaign="mix")
+        return self.ledgers.open("mix", clock=self.clock)
 
     def restart(self) -> None:
-        """A new process: the old connection is gone; the file is all that is left."""
+        """A new process: the old connection is gone; what the ledger holds is all that is left."""
         self.ledger.close()
         self.ledger = self._open()
 
@@ -232,14 +238,15 @@ async def _play(world: _World, runs: list[dict[str, Any]]) -> None:
     concurrency=st.integers(1, 3),
     runs=st.lists(_runs, min_size=1, max_size=5),
 )
-def test_no_interleaving_sends_twice_or_leaves_a_row_unsettled(recipients, two_senders, concurrency, runs):
+def test_no_interleaving_sends_twice_or_leaves_a_row_unsettled(
+    backend: Backend, recipients, two_senders, concurrency, runs
+):
     """Any mix of faults, crashes, clock jumps, resumes and reconciles: each recipient mailed exactly once."""
-    with tempfile.TemporaryDirectory() as folder:
-        world = _World(Path(folder), recipients=recipients, two_senders=two_senders, concurrency=concurrency)
+    with tempfile.TemporaryDirectory() as folder, backend.ledgers(Path(folder)) as ledgers:
+        world = _World(ledgers, recipients=recipients, two_senders=two_senders, concurrency=concurrency)
         anyio.run(_play, world, runs)
         delivered = world.delivered()
         rows = {row.key: row for row in world.ledger.rows()}
-        world.ledger.close()
     assert max(delivered.values(), default=0) <= 1
     assert {row.state for row in rows.values()} <= FINAL, {k: r.state for k, r in rows.items()}
     for key, row in rows.items():

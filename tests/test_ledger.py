@@ -1,4 +1,9 @@
-"""The SQLite ledger: every state transition (legal and illegal), keys, columns, migrations, batches, lock."""
+"""The ledger: every state transition (legal and illegal), keys, columns, the plan and batches, on both
+backends (SQLite and PostgreSQL: the `ledgers` fixture); SQLite's file, migrations and lock.
+
+PostgreSQL's own matters (its connection, migrations, campaigns side by side, lock) are in
+test_ledger_postgres.py.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from campaign.ledger._ledger import KEY_REUSE_S, TRANSITIONS
 from campaign.ledger._schema import MIGRATIONS
 from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason, ThrottleKind
 from campaign.testing.clock import FakeClock
+
+pytest_plugins = ["postgres"]
 
 SENT = SendOutcome(OutcomeKind.SENT, status=200, message_id="m-1", request_id="r-1")
 AMBIGUOUS = SendOutcome(OutcomeKind.AMBIGUOUS, status=503, error_type="api.internal_error", error_message="x")
@@ -36,8 +43,8 @@ def _clock() -> FakeClock:
 
 
 @pytest.fixture(name="ledger")
-def _ledger(tmp_path, clock) -> Ledger:
-    ledger = open_ledger(tmp_path / "c.ledger.sqlite", clock=clock, campaign="spring")
+def _ledger(ledgers, clock) -> Ledger:
+    ledger = ledgers.open("spring", clock=clock)
     ledger.record_plan(
         [PlannedRow("ann@x.com", 1, "ann@x.com", "alice"), PlannedRow("bob@x.com", 2, "bob@x.com", "bob")],
         [Skip(3, "eve@x.com", "eve@x.com", SkipReason.SUPPRESSED, "in unsubscribed.txt")],
@@ -68,10 +75,12 @@ def _put(ledger: Ledger, state: RowState, key: str = "ann@x.com") -> None:
 # --- file, schema, campaign -----------------------------------------------------
 
 
-def test_new_ledger_is_private_and_in_wal_mode(ledger):
+def test_new_ledger_is_private_and_in_wal_mode(tmp_path, clock):
     """The file is created 0600 and uses WAL."""
-    assert stat.S_IMODE(ledger.path.stat().st_mode) == 0o600
-    with sqlite3.connect(ledger.path) as db:
+    path = tmp_path / "c.ledger.sqlite"
+    open_ledger(path, clock=clock, campaign="spring").close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -383,9 +392,9 @@ def test_record_plan_adds_pending_and_skipped_and_keeps_existing(ledger):
     assert ledger.assigned_senders()["bob@x.com"] == "alice"
 
 
-def test_a_duplicates_skip_does_not_skip_its_original(tmp_path, clock):
+def test_a_duplicates_skip_does_not_skip_its_original(ledgers, clock):
     """The duplicate of a planned row shares its key: the planned row stays pending."""
-    ledger = open_ledger(tmp_path / "l.sqlite", clock=clock, campaign="c")
+    ledger = ledgers.open("c", clock=clock)
     planned = [PlannedRow("a@x", 1, "a@x", "s")]
     dup = [Skip(2, "a@x", "A@x", SkipReason.DUPLICATE, "duplicate of row 1")]
     ledger.record_plan(planned, dup)
@@ -419,9 +428,9 @@ def test_a_pending_row_now_suppressed_becomes_skipped_and_an_inflight_one_unknow
     assert _row(ledger, "bob@x.com").state == U
 
 
-def test_an_invalid_row_that_now_validates_is_pending_again_but_a_suppressed_one_is_not(tmp_path, clock):
+def test_an_invalid_row_that_now_validates_is_pending_again_but_a_suppressed_one_is_not(ledgers, clock):
     """Only a row skipped as invalid comes back when it validates; suppressed rows stay skipped."""
-    ledger = open_ledger(tmp_path / "l.sqlite", clock=clock, campaign="c")
+    ledger = ledgers.open("c", clock=clock)
     ledger.record_plan(
         [],
         [
@@ -468,21 +477,17 @@ def test_a_batch_that_dies_leaves_nothing_behind(ledger):
     assert _row(ledger).state == IN
 
 
-def test_other_connections_see_a_claim_as_soon_as_it_returns(ledger):
-    """A claim is committed when claim() returns: another process reading the file sees it in flight."""
+def test_other_connections_see_a_claim_as_soon_as_it_returns(ledgers, ledger):
+    """A claim is committed when claim() returns: another process reading the ledger sees it in flight."""
     claim = ledger.claim("ann@x.com")
-    with sqlite3.connect(ledger.path) as other:
-        state, key = other.execute(
-            "SELECT state, idempotency_key FROM recipients WHERE key = 'ann@x.com'"
-        ).fetchone()
-    assert (state, key) == ("inflight", claim.idempotency_key)
+    assert ledgers.rows_elsewhere("spring", "key", "ann@x.com") == [("inflight", claim.idempotency_key)]
 
 
 def test_counts_by_sender_and_sample_emails(ledger):
     """Per-sender counts cover every state; sample_emails gives a few addresses per state."""
     _put(ledger, S)
-    by_sender = ledger.counts_by_sender()
-    assert (by_sender["alice"][S], by_sender["bob"][P]) == (1, 1)
+    by_sender = ledger.counts_per_sender()
+    assert (by_sender["alice"][S], by_sender["bob"][P], by_sender[None][K]) == (1, 1, 1)
     assert ledger.sample_emails([P, S]) == {P: ["bob@x.com"], S: ["ann@x.com"]}
 
 
@@ -491,3 +496,241 @@ def test_send_log_window(ledger, clock):
     _put(ledger, S)
     later = clock.now() + timedelta(hours=25)
     assert ledger.sent_recipients_since("alice", (later - timedelta(hours=24)).timestamp()) == []
+
+
+# --- the plan, recorded whole --------------------------------------------------------------------
+
+
+def test_a_plan_that_fails_while_read_records_nothing(ledger):
+    """The plan is consumed as it is recorded; an error half way (the spool unreadable, say) leaves the
+    ledger as it was, and so does a plan with a key twice."""
+
+    def planned_then_broken():
+        yield PlannedRow("new@x.com", 4, "new@x.com", "alice")
+        raise OSError("the spool is gone")
+
+    before = list(ledger.rows())
+    with pytest.raises(OSError, match="spool"):
+        ledger.record_plan(planned_then_broken(), [], stamp="s-1")
+    twice = [PlannedRow("new@x.com", 4, "new@x.com", "alice"), PlannedRow("new@x.com", 5, "new@x.com", "bob")]
+    with pytest.raises(LedgerError, match="cannot write the ledger"):
+        ledger.record_plan(twice, [], stamp="s-2")
+    assert list(ledger.rows()) == before
+    assert ledger.plan_stamp() is None
+    ledger.record_plan([PlannedRow("new@x.com", 4, "new@x.com", "alice")], [], stamp="s-3")  # still usable
+    assert (ledger.row("new@x.com").state, ledger.plan_stamp()) == (P, "s-3")
+
+
+def test_an_appended_plan_keeps_the_rows_before_it_listed(ledger):
+    """`appended`: the plan holds only the rows added to the list; the rows recorded before stay listed,
+    and a new row whose key an earlier row has is that row's duplicate, not a skip of its own."""
+    report = ledger.record_plan(
+        [PlannedRow("new@x.com", 4, "new@x.com", "bob")],
+        [Skip(5, "ann@x.com", "ANN@x.com", SkipReason.DUPLICATE, "duplicate of row 1")],
+        appended=True,
+    )
+    assert (report.added, report.skipped_added, report.existing, report.missing) == (1, 0, 0, 0)
+    assert ledger.counts(listed=True) == {P: 3, IN: 0, S: 0, F: 0, U: 0, K: 1}
+    assert ledger.row("ann@x.com").state == P
+
+
+def test_kept_facts_are_read_back_as_recorded(ledger, clock):
+    """Plan, rules and list stamps (with the plan), content fingerprints per step (a change journaled),
+    the key scheme and the senders' parks (None clears one)."""
+    assert (ledger.plan_stamp(), ledger.rules_stamp(), ledger.list_extent()) == (None, None, None)
+    ledger.record_plan([], [], stamp="plan-1", rules="rules-1", extent='{"rows": 3}')
+    assert (ledger.plan_stamp(), ledger.rules_stamp(), ledger.list_extent()) == (
+        "plan-1",
+        "rules-1",
+        '{"rows": 3}',
+    )
+    ledger.record_content_fingerprint("fp-1")
+    ledger.record_content_fingerprint("fp-2", changed_from="fp-1")
+    ledger.record_content_fingerprint("nudge-1", step="nudge")
+    assert (ledger.content_fingerprint(), ledger.content_fingerprint("nudge")) == ("fp-2", "nudge-1")
+    assert [(entry.kind, entry.detail) for entry in ledger.journal()] == [
+        ("content_changed", "content fingerprint fp-1 -> fp-2 (--allow-changed-content)")
+    ]
+    assert ledger.key_scheme() is None
+    ledger.record_key_scheme("column:id")
+    assert ledger.key_scheme() == "column:id"
+    until = clock.now() + timedelta(hours=2)
+    ledger.record_parks({"alice": until, "bob": until})
+    ledger.record_parks({"bob": None})
+    assert ledger.parked_senders() == {"alice": until}
+
+
+# --- reading a sender's work, and rows by key ---------------------------------------------------
+
+
+def test_a_senders_open_rows_come_a_page_at_a_time_in_list_order(ledgers, clock):
+    """open_rows_of pages a sender's listed rows in the order the plan listed them: pending ones due at
+    `now` (any, without it), or those in flight, each with its cells; open_counts counts the same."""
+    ledger = ledgers.open("pages", clock=clock)
+    later = clock.now() + timedelta(hours=1)
+    planned = [PlannedRow(f"r{n}@x", n, f"r{n}@x", "alice", cells=f'["r{n}"]') for n in (5, 2, 9, 7, 1)]
+    planned[2] = PlannedRow("r9@x", 9, "r9@x", "alice", due_at=later)
+    ledger.record_plan([*planned, PlannedRow("b@x", 3, "b@x", "bob")], [])
+    ledger.claim("r2@x")
+    first = ledger.open_rows_of("alice", P, clock.now(), limit=2)
+    assert [(row.key, row.inflight, row.cells) for row in first] == [
+        ("r5@x", False, '["r5"]'),
+        ("r7@x", False, '["r7"]'),
+    ]
+    rest = ledger.open_rows_of("alice", P, clock.now(), after=first[-1].cursor, limit=2)
+    assert [row.key for row in rest] == ["r1@x"]
+    assert ledger.open_rows_of("alice", P, clock.now(), after=rest[-1].cursor) == []
+    assert [row.key for row in ledger.open_rows_of("alice", P)] == ["r5@x", "r9@x", "r7@x", "r1@x"]
+    assert [(row.key, row.row, row.inflight) for row in ledger.open_rows_of("alice", IN, clock.now())] == [
+        ("r2@x", 2, True)
+    ]
+    assert ledger.open_counts(clock.now()) == {"alice": 4, "bob": 1}
+    assert ledger.open_counts() == {"alice": 5, "bob": 1}
+    ledger.record_plan(planned[:2], [])  # the others leave the list: no longer anybody's work
+    assert [row.key for row in ledger.open_rows_of("alice", P)] == ["r5@x"]
+
+
+def test_rows_are_looked_up_by_a_batch_of_keys(ledger):
+    """listed_rows, key_cells, key_states, assigned_senders and sent_message_ids take any number of keys
+    (unknown ones, or none, give nothing)."""
+    ledger.record_plan(
+        [
+            PlannedRow("ann@x.com", 1, "ann@x.com", "alice", cells='["ann"]'),
+            PlannedRow("bob@x.com", 2, "bob@x.com", "bob"),
+        ],
+        [Skip(3, "eve@x.com", "eve@x.com", SkipReason.SUPPRESSED, "in unsubscribed.txt")],
+    )
+    _put(ledger, S)
+    keys = ["ann@x.com", "eve@x.com", "nobody@x.com"]
+    assert ledger.listed_rows(keys) == {"ann@x.com": 1, "eve@x.com": 3}
+    assert ledger.key_cells(keys) == {"ann@x.com": '["ann"]'}
+    assert ledger.key_states([S, K], keys) == {"ann@x.com": "sent", "eve@x.com": "skipped"}
+    assert ledger.key_states([P]) == {"bob@x.com": "pending"}
+    assert ledger.assigned_senders(keys) == {"ann@x.com": "alice"}
+    assert ledger.assigned_senders() == {"ann@x.com": "alice", "bob@x.com": "bob"}
+    assert ledger.assigned_counts() == {"alice": 1, "bob": 1}
+    assert ledger.sent_message_ids(["m-1", "m-2"]) == {"m-1"}
+    for empty in (ledger.listed_rows([]), ledger.key_cells([]), ledger.key_states([S], [])):
+        assert empty == {}
+    assert ledger.sent_message_ids([]) == set()
+
+
+def test_claim_times_and_the_first_started_row(ledger, clock):
+    """first_claim, latest_claim and started_row: None before any claim, then the claims' times."""
+    assert (ledger.first_claim(), ledger.latest_claim(IN), ledger.started_row()) == (None, None, None)
+    ledger.claim("ann@x.com")
+    clock.advance(60)
+    ledger.claim("bob@x.com")
+    ledger.record_unknown("bob@x.com")
+    assert ledger.first_claim() == clock.now() - timedelta(seconds=60)
+    assert ledger.latest_claim(U) == clock.now()
+    assert ledger.latest_claim(S) is None
+    assert ledger.started_row() in {("ann@x.com", "ann@x.com"), ("bob@x.com", "bob@x.com")}
+
+
+def test_rows_and_samples_by_state_and_list_membership(ledger):
+    """rows() in list order, by state and membership; sample_emails of those still listed."""
+    ledger.record_plan([PlannedRow("bob@x.com", 2, "bob@x.com", "bob")], [])  # ann and eve leave the list
+    assert [row.key for row in ledger.rows()] == ["ann@x.com", "bob@x.com", "eve@x.com"]
+    assert [row.key for row in ledger.rows(states=[P], listed=False)] == ["ann@x.com"]
+    assert [row.key for row in ledger.rows(states=[P, K])] == ["ann@x.com", "bob@x.com", "eve@x.com"]
+    assert ledger.sample_emails([P, K], listed=True) == {P: ["bob@x.com"], K: []}
+    assert ledger.counts(step="message") == ledger.counts()
+    assert sum(ledger.counts(step="nudge").values()) == 0
+
+
+def test_errors_are_grouped_with_their_first_and_latest_rows_and_skips_by_cause(ledgers, clock):
+    """error_groups: per status, type and state, the first row in list order and the latest that says
+    something; skip_causes: the reason up to its colon."""
+    ledger = ledgers.open("errors", clock=clock)
+    ledger.record_plan(
+        [PlannedRow(f"r{n}@x", n + 1, f"r{n}@x", "alice") for n in range(4)],
+        [
+            Skip(20, "s1@x", "s1@x", SkipReason.SUPPRESSED, "in a.txt"),
+            Skip(21, "s2@x", "s2@x", SkipReason.INVALID, "email: not an address"),
+        ],
+    )
+    for n in range(3):
+        ledger.claim(f"r{n}@x")
+        clock.advance(1)
+        ledger.record_outcome(f"r{n}@x", REJECTED, sender="alice")
+    ledger.claim("r3@x")
+    ledger.record_unknown("r3@x", note="gave up")
+    groups = {(group.status, group.error_type, group.state): group for group in ledger.error_groups()}
+    rejected = groups[(402, "message_rejected", F)]
+    assert (rejected.count, rejected.first) == (3, (1, "r0@x"))
+    assert rejected.latest == (ledger.row("r2@x").updated_at, 3, "r2@x", "no")
+    assert groups[(None, None, U)].latest == (ledger.row("r3@x").updated_at, 4, "r3@x", "gave up")
+    assert ledger.skip_causes() == {"suppressed": 1, "invalid": 1}
+
+
+# --- follow-up steps ------------------------------------------------------------------------------
+
+
+def test_follow_ups_are_scheduled_once_and_come_due_in_order(ledger, clock):
+    """The steps after step 1: scheduled for each recipient sent to (once), due at their time, read back
+    with the step they answer, and counted per step."""
+    from campaign.ledger import ScheduledStep
+    from campaign.models import step_key
+
+    sent_at = clock.now()
+    for key in ("ann@x.com", "bob@x.com"):
+        ledger.claim(key, subject=f"Hello {key}")
+        ledger.record_outcome(key, SENT, sender="alice")
+    unscheduled = ledger.unscheduled_steps("message", "nudge")
+    assert [(step.key, step.recipient, step.row, step.sender) for step in unscheduled] == [
+        ("ann@x.com", "ann@x.com", 1, "alice"),
+        ("bob@x.com", "bob@x.com", 2, "bob"),
+    ]
+    assert unscheduled[0].sent_at == sent_at
+    assert ledger.unscheduled_steps("message", "nudge", after=unscheduled[0].cursor) == unscheduled[1:]
+    day = timedelta(days=1)
+    scheduled = [
+        ScheduledStep(step.recipient, "nudge", step.row, step.email, step.sender, step.key, sent_at + n * day)
+        for n, step in enumerate(unscheduled, start=1)
+    ]
+    assert ledger.record_followups(scheduled) == 2
+    assert ledger.record_followups(scheduled) == 0  # a (recipient, step) keeps its row
+    assert ledger.unscheduled_steps("message", "nudge") == []
+    assert ledger.next_due(clock.now()) == sent_at + day
+    assert (ledger.due_senders(clock.now()), ledger.due_senders(sent_at + 2 * day)) == ([], ["alice", "bob"])
+    clock.advance(day.total_seconds())
+    (due,) = ledger.due_steps_of("alice", P, clock.now())
+    assert due.key == step_key("ann@x.com", "nudge")
+    assert (due.recipient, due.step, due.row, due.inflight, due.listed) == (
+        "ann@x.com",
+        "nudge",
+        1,
+        False,
+        True,
+    )
+    assert (due.previous_step, due.previous_subject, due.previous_message_id) == (
+        "message",
+        "Hello ann@x.com",
+        "m-1",
+    )
+    assert (due.previous_sent_at, due.first_sent_at) == (sent_at, sent_at)
+    ledger.claim(due.key)
+    assert [step.key for step in ledger.due_steps_of("alice", IN, clock.now())] == [due.key]
+    ledger.record_auto_reply(due.key, "out of office")
+    message, nudge = ledger.step_counts(["message", "nudge"], clock.now())
+    assert (message.states[S], message.due_now, message.scheduled, message.stopped) == (
+        2,
+        0,
+        0,
+        {"suppressed": 1},
+    )
+    assert (nudge.states[P], nudge.states[IN], nudge.due_now, nudge.scheduled) == (1, 1, 0, 1)
+    assert (nudge.next_due, nudge.auto_replied) == (sent_at + 2 * day, 1)
+    assert ledger.step_counts(["later"], clock.now())[0].states == dict.fromkeys(RowState, 0)
+
+
+def test_a_row_in_flight_follows_its_mailbox_or_is_given_up(ledger):
+    """record_moved_mailboxes: a row keeps the mailbox its key was issued for; a renamed sender takes it
+    over, and a mailbox no sender has any more makes it unknown."""
+    ledger.claim("ann@x.com", sender="alice", via="grant-1")
+    ledger.claim("bob@x.com", sender="bob", via="grant-2")
+    assert ledger.record_moved_mailboxes({"grant-1": "carol"}) == ["bob@x.com"]
+    assert (_row(ledger).state, _row(ledger).sender) == (IN, "carol")
+    assert _row(ledger, "bob@x.com").state == U
+    assert "claimed through grant-2" in (_row(ledger, "bob@x.com").note or "")

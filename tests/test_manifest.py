@@ -388,6 +388,7 @@ def test_schema_describes_the_toml_shape() -> None:
         "unsubscribe",
         "senders",
         "followups",
+        "ledger",
     }
     assert schema["required"] == ["campaign", "recipients", "message", "senders"]
     assert schema["additionalProperties"] is False

@@ -14,7 +14,7 @@ from conftest import copy_sample
 
 from campaign import reconcile as reconcile_module
 from campaign.errors import ApiAuthError, ApiError
-from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.ledger import Ledger, PlannedRow, SqliteSite, open_ledger
 from campaign.manifest import SenderSettings, load_manifest
 from campaign.models import RowState
 from campaign.nylas import NylasClient
@@ -254,7 +254,7 @@ def test_the_use_case_settles_the_campaigns_ledger_and_says_what_is_next(tmp_pat
             yield NylasClient(http, api_key=KEY, clock=clock)
 
     done = reconcile_campaign(
-        manifest, manifest.ledger_path, connect=connect, clock=clock, command_path="c.toml"
+        manifest, SqliteSite(manifest.ledger_path), connect=connect, clock=clock, command_path="c.toml"
     )
     assert [(d.key, d.verdict) for d in done.report.decisions] == [("a", "pending"), ("b", "pending")]
     assert done.settled

@@ -3,7 +3,9 @@
 The reference below computes the whole status from `ledger.rows()` (one Python object per row,
 the way status used to), and the ledgers are real SQLite files with every state, several
 senders (one no longer in the manifest, one unassigned), errors whose counts tie, messages
-whose times tie, odd skip reasons and rows removed from the list.
+whose times tie, odd skip reasons and rows removed from the list; on both ledgers (SQLite and
+PostgreSQL: the `ledgers` fixture) where status reads through the ledger, on SQLite alone where a test
+looks at its file.
 """
 
 from __future__ import annotations
@@ -15,17 +17,22 @@ import sys
 from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.ledger import Ledger, PlannedRow, SqliteSite, open_ledger
 from campaign.manifest import Manifest, load_manifest
 from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason
 from campaign.nextsteps import build_next_steps
 from campaign.plan import DAY_S, build_schedule
 from campaign.status import OPEN_STATES, ErrorCause, build_status, build_unstarted_status, load_status
 from campaign.testing.clock import FakeClock
+
+if TYPE_CHECKING:
+    from postgres import Ledgers
+
+pytest_plugins = ["postgres"]
 
 MANIFEST = """\
 [campaign]
@@ -77,8 +84,9 @@ def _rejected(status: int | None, error_type: str | None, message: str | None) -
 def _manifest(folder: Path) -> Manifest:
     (folder / "list.csv").write_text("email\na@x.com\n")
     (folder / "note.txt.j2").write_text("Hi\n")
-    (folder / "campaign.toml").write_text(MANIFEST)
-    return load_manifest(folder / "campaign.toml")
+    # Named for the campaign: its ledger file is where `ledgers` opens the campaign's (SQLite).
+    (folder / "status-check.toml").write_text(MANIFEST)
+    return load_manifest(folder / "status-check.toml")
 
 
 def _planned(n: int) -> PlannedRow:
@@ -99,11 +107,11 @@ SKIPS = [
 ]
 
 
-def _busy_ledger(folder: Path) -> tuple[Manifest, Ledger, FakeClock]:
+def _busy_ledger(ledgers: Ledgers, folder: Path) -> tuple[Manifest, Ledger, FakeClock]:
     """A ledger in every state, through the ledger's own transitions (plus a few odd stored values)."""
     manifest = _manifest(folder)
     clock = FakeClock()
-    ledger = open_ledger(manifest.ledger_path, clock=clock, campaign="status-check")
+    ledger = ledgers.open("status-check", clock=clock)
     planned = [_planned(n) for n in range(ROWS)]
     ledger.record_plan(planned, SKIPS)
 
@@ -143,18 +151,17 @@ def _busy_ledger(folder: Path) -> tuple[Manifest, Ledger, FakeClock]:
     ledger.close()
     # Values the transitions do not write today but a column may hold: a 0 status, an empty
     # error type or message, skip reasons without a colon, empty, missing or non-ASCII.
-    with sqlite3.connect(manifest.ledger_path) as db:
-        db.execute("UPDATE recipients SET error_status = 0 WHERE key = ?", (_key(21),))
-        db.execute("UPDATE recipients SET error_type = '' WHERE key = ?", (_key(26),))
-        db.execute("UPDATE recipients SET error_message = '' WHERE key = ?", (_key(25),))
-        for email, reason in (
-            ("s6@x.com", None),
-            ("s7@x.com", ""),
-            ("s8@x.com", "no colon here"),
-            ("s9@x.com", "désabonné: é:x"),
-        ):
-            db.execute("UPDATE recipients SET reason = ? WHERE email = ?", (reason, email))
-    ledger = open_ledger(manifest.ledger_path, clock=clock, campaign="status-check")
+    ledgers.set_column("status-check", "error_status", 0, where="key", equals=_key(21))
+    ledgers.set_column("status-check", "error_type", "", where="key", equals=_key(26))
+    ledgers.set_column("status-check", "error_message", "", where="key", equals=_key(25))
+    for email, reason in (
+        ("s6@x.com", None),
+        ("s7@x.com", ""),
+        ("s8@x.com", "no colon here"),
+        ("s9@x.com", "désabonné: é:x"),
+    ):
+        ledgers.set_column("status-check", "reason", reason, where="email", equals=email)
+    ledger = ledgers.open("status-check", clock=clock)
     # Rows removed from the list, in several states (and a skipped one).
     removed = {0, 15, 23, 27, 31}
     ledger.record_plan([p for n, p in enumerate(planned) if n not in removed], SKIPS[1:])
@@ -226,7 +233,7 @@ def _status_from_rows(
     return {
         "campaign": manifest.campaign.name,
         "manifest": str(manifest.path),
-        "ledger": str(ledger.path),
+        "ledger": ledger.where,
         "per_day": schedule.per_day,
         "eta_s": schedule.duration_s,
         "started": True,
@@ -245,9 +252,9 @@ def _status_from_rows(
 
 
 @pytest.mark.parametrize("sandbox", [False, True])
-def test_status_equals_a_pass_over_every_row(tmp_path, sandbox):
+def test_status_equals_a_pass_over_every_row(ledgers, tmp_path, sandbox):
     """Every key, value and order of build_status's JSON matches the per-row computation on a busy ledger."""
-    manifest, ledger, clock = _busy_ledger(tmp_path)
+    manifest, ledger, clock = _busy_ledger(ledgers, tmp_path)
     got = build_status(manifest, ledger, clock=clock, command_path="my campaign.toml", sandbox=sandbox)
     want = _status_from_rows(manifest, ledger, clock=clock, command_path="my campaign.toml", sandbox=sandbox)
     assert json.dumps(got.as_json()) == json.dumps(want)  # order too: the JSON is a contract
@@ -285,11 +292,11 @@ def test_status_equals_a_pass_over_every_row(tmp_path, sandbox):
     assert {step.state for step in got.next_steps} == {*OPEN_STATES, RowState.FAILED, None}
 
 
-def test_a_finished_campaign_with_unknown_rows_removed_from_the_list_is_done(tmp_path):
+def test_a_finished_campaign_with_unknown_rows_removed_from_the_list_is_done(ledgers, tmp_path):
     """Open rows no longer in the list do not keep the campaign open: same answer both ways."""
     manifest = _manifest(tmp_path)
     clock = FakeClock()
-    ledger = open_ledger(manifest.ledger_path, clock=clock, campaign="status-check")
+    ledger = ledgers.open("status-check", clock=clock)
     planned = [_planned(n) for n in range(6)]
     ledger.record_plan(planned, SKIPS[:2])
     for n in range(5):
@@ -340,12 +347,15 @@ def test_a_campaign_not_started_has_the_documented_json(tmp_path):
             },
         }
     )
-    assert load_status(manifest, manifest.ledger_path, clock=FakeClock(), command_path="c.toml") == got
+    assert (
+        load_status(manifest, SqliteSite(manifest.ledger_path), clock=FakeClock(), command_path="c.toml")
+        == got
+    )
 
 
-def test_the_send_log_totals_equal_the_sum_of_its_rows(tmp_path):
+def test_the_send_log_totals_equal_the_sum_of_its_rows(ledgers, tmp_path):
     """sent_recipients_total is the sum of the per-send rows, per sender and window."""
-    _, ledger, clock = _busy_ledger(tmp_path)
+    _, ledger, clock = _busy_ledger(ledgers, tmp_path)
     for since in (0.0, clock.now().timestamp() - DAY_S, clock.now().timestamp()):
         for sender in (*SENDERS, "nobody"):
             rows = ledger.sent_recipients_since(sender, since)
@@ -353,9 +363,9 @@ def test_the_send_log_totals_equal_the_sum_of_its_rows(tmp_path):
     assert ledger.sent_recipients_total("alice", 0.0) == 5  # 3 sends, one to two recipients, + 1 older
 
 
-def test_listed_and_unlisted_counts_add_up_to_all_rows(tmp_path):
+def test_listed_and_unlisted_counts_add_up_to_all_rows(ledgers, tmp_path):
     """counts(listed=…) splits counts() by list membership, as the rows say."""
-    _, ledger, _ = _busy_ledger(tmp_path)
+    _, ledger, _ = _busy_ledger(ledgers, tmp_path)
     rows = list(ledger.rows())
     for listed in (True, False):
         expected = Counter(row.state for row in rows if row.listed is listed)
@@ -367,9 +377,9 @@ def test_listed_and_unlisted_counts_add_up_to_all_rows(tmp_path):
         assert counts == {state: expected[state] for state in RowState}
 
 
-def test_the_status_queries_read_indexes_not_the_table(tmp_path):
+def test_the_status_queries_read_indexes_not_the_table(sqlite_ledgers, tmp_path):
     """The per-sender send sums and the list-membership counts are answered from covering indexes."""
-    manifest, ledger, _ = _busy_ledger(tmp_path)
+    manifest, ledger, _ = _busy_ledger(sqlite_ledgers, tmp_path)
     ledger.close()
     with sqlite3.connect(manifest.ledger_path) as db:
         plans = {
@@ -389,9 +399,9 @@ def test_the_status_queries_read_indexes_not_the_table(tmp_path):
     assert "send_log_sender" not in indexes  # replaced: the new index starts with its columns
 
 
-def test_a_ledger_from_before_the_send_log_index_is_migrated_and_keeps_its_totals(tmp_path):
+def test_a_ledger_from_before_the_send_log_index_is_migrated_and_keeps_its_totals(sqlite_ledgers, tmp_path):
     """Opening a ledger without the covering index adds it; the totals are unchanged."""
-    manifest, ledger, clock = _busy_ledger(tmp_path)
+    manifest, ledger, clock = _busy_ledger(sqlite_ledgers, tmp_path)
     since = clock.now().timestamp() - DAY_S
     before = {sender: ledger.sent_recipients_total(sender, since) for sender in SENDERS}
     ledger.close()
@@ -408,9 +418,11 @@ def test_a_ledger_from_before_the_send_log_index_is_migrated_and_keeps_its_total
     assert "send_log_sender" not in indexes
 
 
-def test_the_status_command_prints_the_same_json_and_loads_no_send_or_preview_libraries(tmp_path):
+def test_the_status_command_prints_the_same_json_and_loads_no_send_or_preview_libraries(
+    sqlite_ledgers, tmp_path
+):
     """`campaign status --json` in a fresh interpreter: the per-row answer, without polars, httpx, …"""
-    manifest, ledger, _ = _busy_ledger(tmp_path)
+    manifest, ledger, _ = _busy_ledger(sqlite_ledgers, tmp_path)
     ledger.close()
     code = (
         "import sys, json\n"

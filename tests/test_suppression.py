@@ -1,4 +1,5 @@
-"""The unsubscribe store (SQLite): recording, reading, refusing other files; import, export, commands."""
+"""The unsubscribe store (SQLite, and PostgreSQL where a test is about the store itself): recording,
+reading, refusing other files; import, export, commands."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from campaign.unsubscribe import (
     load_unsubscribed,
     lookup_unsubscribed,
     open_store,
+    store_exists,
 )
 
 
@@ -31,10 +33,10 @@ def _recipient(key: str, row: int, email: str | None = None) -> Recipient:
     return Recipient(key, row, Address(email or key), {"email": email or key})
 
 
-def test_store_is_created_private_in_wal_mode_and_records_once(tmp_path):
-    """A new store file is 0600 and WAL; a repeated record is not a second entry."""
+def test_a_store_records_once_per_campaign_and_key(store_at):
+    """A repeated record is not a second entry; the same key from another campaign is."""
     clock = FakeClock()
-    store = open_store(tmp_path / "sub" / "u.sqlite", clock=clock)
+    store = open_store(store_at, clock=clock)
     assert store.record("spring", "Ann@Example.com", source="one-click") is True
     assert store.record("spring", "Ann@Example.com", source="page") is False
     assert store.entries() == [
@@ -42,15 +44,26 @@ def test_store_is_created_private_in_wal_mode_and_records_once(tmp_path):
     ]
     assert store.find("spring", "Ann@Example.com") is not None
     assert store.find("autumn", "Ann@Example.com") is None
+    batch = [store.build_entry(c, "cus-1", email=None, source="import") for c in ("", "autumn", "")]
+    assert store.record_many(batch) == 2
+    assert store.count() == 3
+    store.close()
+
+
+def test_store_is_created_private_in_wal_mode(tmp_path):
+    """A new store file is 0600 and WAL."""
+    store = open_store(tmp_path / "sub" / "u.sqlite", clock=FakeClock())
+    store.record("spring", "Ann@Example.com", source="one-click")
     store.close()
     assert (tmp_path / "sub" / "u.sqlite").stat().st_mode & 0o777 == 0o600
     with sqlite3.connect(tmp_path / "sub" / "u.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_read_since_returns_only_new_rows(tmp_path):
+def test_read_since_returns_only_new_rows(store_at):
     """read_since gives the rows after an id and the newest id, for cheap re-reads."""
-    store = open_store(tmp_path / "u.sqlite", clock=FakeClock())
+    store = open_store(store_at, clock=FakeClock())
+    assert store.newest_id() == 0
     store.record("c", "a@example.com", source="one-click")
     last, first = store.read_since(0)
     store.record("c", "b@example.com", source="one-click")
@@ -58,6 +71,7 @@ def test_read_since_returns_only_new_rows(tmp_path):
     assert [e.recipient_key for e in first] == ["a@example.com"]
     assert [e.recipient_key for e in second] == ["b@example.com"]
     assert store.read_since(newest) == (newest, [])
+    assert store.newest_id() == newest
     store.close()
 
 
@@ -87,15 +101,20 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path):
         open_store(tmp_path / "u.sqlite", clock=FakeClock())
 
 
-def test_missing_store_suppresses_no_one_and_is_not_created(tmp_path):
-    """A configured store that does not exist yet holds no one, and preflight does not create it."""
-    assert len(load_unsubscribed([tmp_path / "later.sqlite"])) == 0
-    assert not (tmp_path / "later.sqlite").exists()
+def test_missing_store_suppresses_no_one_and_is_not_created(store_at):
+    """A configured store that does not exist yet (no file; no schema in the database) holds no one,
+    and preflight does not create it."""
+    assert not store_exists(store_at)
+    assert len(load_unsubscribed([store_at])) == 0
+    assert not store_exists(store_at)
+    with pytest.raises(InputFileError, match="no unsubscribe store"):
+        open_store(store_at, clock=FakeClock(), create=False)
+    assert not store_exists(store_at)
 
 
-def test_skip_unsubscribed_matches_by_key_or_address(tmp_path):
+def test_skip_unsubscribed_matches_by_key_or_address(store_at):
     """Recipients whose key or address is in the store become `unsubscribed` skips; others stay, in order."""
-    store = open_store(tmp_path / "u.sqlite", clock=FakeClock())
+    store = open_store(store_at, clock=FakeClock())
     store.record("spring", "ann@example.com", source="one-click")
     store.record("", "cus-9", source="manual")
     store.close()
@@ -106,7 +125,7 @@ def test_skip_unsubscribed_matches_by_key_or_address(tmp_path):
         CheckedRow(4, {}, recipient=_recipient("cus-10", 4, "ANN@example.com")),
         CheckedRow(5, {}, skip=Skip(5, "dup", "d@example.com", SkipReason.DUPLICATE, "duplicate of row 2")),
     ]
-    unsubscribed = load_unsubscribed([tmp_path / "u.sqlite"])
+    unsubscribed = load_unsubscribed([store_at])
     result = [skip_unsubscribed_row(row, unsubscribed) for row in rows]
     assert [row.recipient.key for row in result if row.recipient is not None] == ["bob@example.com"]
     skips = [
@@ -147,9 +166,9 @@ grant_id = "g"
         parse_manifest(base % 'require_body_link = "no"', path=tmp_path / "campaign.toml")
 
 
-def test_export_and_import_round_trip_through_csv_parquet_and_text(tmp_path):
+def test_export_and_import_round_trip_through_csv_parquet_and_text(tmp_path, store_at):
     """Entries written as CSV, Parquet or text read back as the same addresses; junk values are reported."""
-    store = open_store(tmp_path / "u.sqlite", clock=FakeClock())
+    store = open_store(store_at, clock=FakeClock())
     store.record("spring", "ann@example.com", source="one-click")
     store.record("", "bob@example.org", source="manual")
     entries = store.entries()
@@ -167,13 +186,13 @@ def test_export_and_import_round_trip_through_csv_parquet_and_text(tmp_path):
     (tmp_path / "mixed.txt").write_text("# exported\nCarl@Example.COM\nnot-an-address\n\n")
     with pytest.raises(RecipientDataError, match=r"mixed\.txt: line 3 holds no email address"):
         load_import_addresses(tmp_path / "mixed.txt", clock=FakeClock())
-    from_store = load_import_addresses(tmp_path / "u.sqlite", clock=FakeClock())
+    from_store = load_import_addresses(store_at, clock=FakeClock())
     assert from_store.addresses == ("ann@example.com", "bob@example.org")
 
 
-def test_suppress_commands_add_import_export_list(cli, tmp_path):
-    """`campaign suppress add|import|export|list` manage a store end to end."""
-    store = tmp_path / "u.sqlite"
+def test_suppress_commands_add_import_export_list(cli, tmp_path, store_at):
+    """`campaign suppress add|import|export|list` manage a store end to end (a file, or a database)."""
+    store = store_at
     added = cli("suppress", "add", "Ann@Example.com", "bob@example.org", "--store", store)
     assert added.exit_code == 0, added.output
     assert "2 added" in added.stdout
@@ -216,6 +235,7 @@ def test_suppression_store_module_loads_no_server_or_cli_library():
     """The store and compliance modules stay in the core: no starlette, uvicorn, typer or rich."""
     for module in (
         "campaign.unsubscribe._store",
+        "campaign.unsubscribe._pgstore",
         "campaign.recipients._store_files",
         "campaign.pipeline._compliance",
     ):
@@ -229,9 +249,9 @@ def test_suppression_store_module_loads_no_server_or_cli_library():
         assert json.loads(result.stdout) == [], module
 
 
-def test_a_batch_looks_up_only_its_own_recipients_by_key_or_address(tmp_path):
+def test_a_batch_looks_up_only_its_own_recipients_by_key_or_address(tmp_path, store_at):
     """lookup_unsubscribed asks each store for one batch's keys and addresses (first entry wins)."""
-    store = open_store(tmp_path / "u.sqlite", clock=FakeClock())
+    store = open_store(store_at, clock=FakeClock())
     store.record("spring", "ann@example.com", source="one-click")
     store.record("", "cus-9", source="manual")
     store.record("autumn", "cus-10", email="Bob@Example.com", source="one-click")
@@ -243,7 +263,7 @@ def test_a_batch_looks_up_only_its_own_recipients_by_key_or_address(tmp_path):
         _recipient("cus-77", 3, "bob@example.com"),
         _recipient("dora@example.com", 4),
     ]
-    found = lookup_unsubscribed([tmp_path / "u.sqlite", tmp_path / "missing.sqlite"], batch)
+    found = lookup_unsubscribed([store_at, tmp_path / "missing.sqlite"], batch)
     assert [getattr(found.match(r), "recipient_key", None) for r in batch] == [
         "ann@example.com",
         "cus-9",

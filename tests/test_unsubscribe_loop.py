@@ -136,8 +136,9 @@ class _UnsubscribeAfterFirstSend:
 
 
 @pytest.mark.anyio
-async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path):
-    """An unsubscribe POSTed after the first of five sends stops r3's send; it is recorded as skipped."""
+async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path, store_at):
+    """An unsubscribe POSTed after the first of five sends stops r3's send; it is recorded as skipped
+    (the endpoint and the watch on one store: a file, or a PostgreSQL database)."""
     from campaign.unsubscribe import make_token
 
     clock = FakeClock()
@@ -152,7 +153,7 @@ async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path):
         [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, "a") for j in jobs], []
     )
     secrets = parse_secrets(SECRET)
-    store_path = tmp_path / "unsubscribes.sqlite"
+    store_path = store_at
     endpoint = UnsubscribeEndpoint(open_store(store_path, clock=clock), secrets=secrets)
     token = make_token(secrets=secrets, campaign="spring", recipient_key="r3@example.com")
     watch = UnsubscribeWatch([store_path], clock=clock, refresh_s=1.0)
@@ -193,10 +194,10 @@ async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path):
     ledger.close()
 
 
-def test_watch_rereads_at_most_once_per_interval(tmp_path):
+def test_watch_rereads_at_most_once_per_interval(store_at):
     """A new row is seen once `refresh_s` of clock time has passed, not before; a later store is found."""
     clock = FakeClock()
-    path = tmp_path / "later.sqlite"
+    path = store_at
     watch = UnsubscribeWatch([path], clock=clock, refresh_s=1.0)
     ann = Recipient("ann@example.com", 1, Address("ann@example.com"), {})
     assert watch.is_unsubscribed(ann) is False  # the store does not exist yet
@@ -214,11 +215,11 @@ def test_watch_rereads_at_most_once_per_interval(tmp_path):
     watch.close()
 
 
-def test_a_watch_holds_only_what_its_pages_and_the_run_added_not_the_whole_store(tmp_path):
+def test_a_watch_holds_only_what_its_pages_and_the_run_added_not_the_whole_store(store_at):
     """A store of 20,000 opt-outs: the watch reads none of them up front. A page looked up brings in
     only its own recipients' entries; an opt-out recorded while the run goes on is seen at the re-read."""
     clock = FakeClock()
-    path = tmp_path / "big.sqlite"
+    path = store_at
     store = open_store(path, clock=clock)
     entries = [
         StoreEntry("older", f"p{n}@example.com", f"p{n}@example.com", "2026-01-01T00:00:00Z", "manual")

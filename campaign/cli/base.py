@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_NOT_ALL_SENT",
     "EXIT_RESUMABLE",
+    "LedgerOpt",
     "ManifestArg",
     "SandboxOpt",
     "SkipInvalidOpt",
@@ -46,6 +47,16 @@ err = Console(stderr=True, highlight=False)
 ManifestArg = Annotated[Path, typer.Argument(help="The campaign's manifest (TOML).", show_default=False)]
 SandboxOpt = Annotated[
     bool, typer.Option("--sandbox", help="Send to a built-in fake Nylas API instead of the real one.")
+]
+LedgerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ledger",
+        metavar="URL",
+        help="Keep the ledger in this PostgreSQL database (postgresql://user@host/db; the password from "
+        "PGPASSWORD) instead of [ledger] url or the SQLite file beside the manifest.",
+        show_default=False,
+    ),
 ]
 SkipInvalidOpt = Annotated[
     bool, typer.Option("--skip-invalid", help="Skip rows that do not validate or render, recording why.")

@@ -7,7 +7,7 @@ from functools import partial
 import anyio
 import typer
 
-from campaign.cli.base import ManifestArg, SandboxOpt, exit_codes, options, out
+from campaign.cli.base import LedgerOpt, ManifestArg, SandboxOpt, exit_codes, options, out
 from campaign.cli.wiring import build_sandbox_api, connect_api, read_api_key, require_ledger
 from campaign.events import MAX_PAGES, pull_campaign_bounces
 from campaign.manifest import load_manifest
@@ -18,16 +18,16 @@ events_app = typer.Typer(no_args_is_help=True, help="What comes back after sendi
 
 
 @events_app.command("pull")
-def pull(manifest: ManifestArg, sandbox: SandboxOpt = False) -> None:
+def pull(manifest: ManifestArg, sandbox: SandboxOpt = False, ledger: LedgerOpt = None) -> None:
     """Find bounce reports in each sender's inbox since the first send and record them in the store."""
     with exit_codes():
         clock = options.clock
         loaded = load_manifest(manifest)
-        ledger_path = require_ledger(loaded, manifest, sandbox=sandbox)
+        site = require_ledger(loaded, manifest, sandbox=sandbox, url=ledger)
         api_key = read_api_key(loaded, sandbox=sandbox)
         fake = build_sandbox_api(loaded) if sandbox else None
         connect = partial(connect_api, loaded, api_key=api_key, clock=clock, fake=fake)
-        report = anyio.run(partial(pull_campaign_bounces, loaded, ledger_path, connect=connect, clock=clock))
+        report = anyio.run(partial(pull_campaign_bounces, loaded, site, connect=connect, clock=clock))
         if report is None:
             out.print("Nothing was sent yet: no bounce to look for.")
             return

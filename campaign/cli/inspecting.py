@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Annotated
 import anyio
 import typer
 
-from campaign.cli.base import ManifestArg, SandboxOpt, SkipInvalidOpt, exit_codes, options, out
+from campaign.cli.base import LedgerOpt, ManifestArg, SandboxOpt, SkipInvalidOpt, exit_codes, options, out
 from campaign.cli.output import print_json, print_preview, print_status, print_test_sent
 from campaign.cli.wiring import (
     SANDBOX_API_URI,
     build_sandbox_api,
+    command_path,
     connect_api,
     locate_ledger,
-    open_campaign_ledger,
     read_api_key,
     read_api_uri,
     read_secrets,
@@ -33,7 +33,7 @@ from campaign.manifest import Manifest, load_manifest
 from campaign.status import load_status
 
 if TYPE_CHECKING:
-    from campaign.ledger import Ledger
+    from campaign.ledger import Ledger, LedgerSite
 
 __all__ = ["preview", "send_test", "status"]
 
@@ -53,6 +53,7 @@ def preview(
     sandbox: SandboxOpt = False,
     skip_invalid: SkipInvalidOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    ledger: LedgerOpt = None,
 ) -> None:
     """Check and render every recipient, write a browsable preview site, send nothing."""
     from campaign.pipeline import raise_for_problems
@@ -61,13 +62,13 @@ def preview(
     with exit_codes():
         clock = options.clock
         loaded = load_manifest(manifest)
-        with _reading_ledger(loaded, locate_ledger(loaded, sandbox=sandbox)) as ledger:
+        with _reading_ledger(loaded, locate_ledger(loaded, sandbox=sandbox, url=ledger)) as reading:
             report = run_preview(
                 loaded,
                 secrets=read_secrets(loaded, sandbox=sandbox),
                 skip_invalid=skip_invalid,
                 sample=sample,
-                ledger=ledger,
+                ledger=reading,
                 api_uri=SANDBOX_API_URI if sandbox else read_api_uri(loaded),
                 clock=clock,
             )
@@ -87,6 +88,7 @@ def send_test(
         str | None, typer.Option("--sender", help="Send from this sender instead of the row's own.")
     ] = None,
     sandbox: SandboxOpt = False,
+    ledger: LedgerOpt = None,
 ) -> None:
     """Send row N, rendered exactly as the campaign would, to ADDR with "[TEST] " before the subject."""
     from campaign.send_test import find_test_message, send_test_message
@@ -95,14 +97,14 @@ def send_test(
         clock = options.clock
         loaded = load_manifest(manifest)
         api_key = read_api_key(loaded, sandbox=sandbox)
-        with _reading_ledger(loaded, locate_ledger(loaded, sandbox=sandbox)) as ledger:
+        with _reading_ledger(loaded, locate_ledger(loaded, sandbox=sandbox, url=ledger)) as reading:
             test = find_test_message(
                 loaded,
                 row=row,
                 to=to,
                 sender_name=sender_name,
                 secrets=read_secrets(loaded, sandbox=sandbox),
-                ledger=ledger,
+                ledger=reading,
             )
         fake = build_sandbox_api(loaded) if sandbox else None
 
@@ -125,12 +127,15 @@ def status(
     manifest: ManifestArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
     sandbox: Annotated[bool, typer.Option("--sandbox", help="Show the sandbox run's ledger.")] = False,
+    ledger: LedgerOpt = None,
 ) -> None:
     """Show progress: counts per state and per sender, budgets, and why rows were not sent."""
     with exit_codes():
         loaded = load_manifest(manifest)
-        path = locate_ledger(loaded, sandbox=sandbox)
-        found = load_status(loaded, path, clock=options.clock, command_path=str(manifest), sandbox=sandbox)
+        site = locate_ledger(loaded, sandbox=sandbox, url=ledger)
+        found = load_status(
+            loaded, site, clock=options.clock, command_path=command_path(manifest, ledger), sandbox=sandbox
+        )
         if as_json:
             print_json(out, found.as_json())
         else:
@@ -138,12 +143,12 @@ def status(
 
 
 @contextmanager
-def _reading_ledger(manifest: Manifest, path: Path) -> Iterator[Ledger | None]:
+def _reading_ledger(manifest: Manifest, site: LedgerSite) -> Iterator[Ledger | None]:
     """The campaign's ledger opened read-only for preview and send-test (None before a first run)."""
-    if not path.exists():
+    if not site.exists(manifest.campaign.name):
         yield None
         return
-    ledger = open_campaign_ledger(manifest, path, read_only=True)
+    ledger = site.open(clock=options.clock, campaign=manifest.campaign.name, read_only=True)
     try:
         check_key_scheme(ledger, manifest)  # else every row would look unsent under its new key
         yield ledger

@@ -13,7 +13,16 @@ from typing import Annotated
 
 import typer
 
-from campaign.cli.base import EXIT_DONE, EXIT_NOT_ALL_SENT, ManifestArg, err, exit_codes, options, out
+from campaign.cli.base import (
+    EXIT_DONE,
+    EXIT_NOT_ALL_SENT,
+    LedgerOpt,
+    ManifestArg,
+    err,
+    exit_codes,
+    options,
+    out,
+)
 from campaign.cli.output import (
     print_json,
     print_next_steps,
@@ -21,7 +30,7 @@ from campaign.cli.output import (
     print_report_written,
     print_retried,
 )
-from campaign.cli.wiring import connect_api, read_api_key, require_ledger
+from campaign.cli.wiring import command_path, connect_api, read_api_key, require_ledger
 from campaign.errors import UsageError
 from campaign.manifest import load_manifest
 from campaign.models import RowState
@@ -45,6 +54,7 @@ def reconcile(
             help="Conclude 'not sent' only for rows last sent longer ago than this (90s, 15m, 1h).",
         ),
     ] = "15m",
+    ledger: LedgerOpt = None,
 ) -> None:
     """Settle rows whose fate is unknown: ask the API whether each message went out. Sends nothing."""
     with exit_codes():
@@ -53,11 +63,16 @@ def reconcile(
         except ValueError as exc:
             raise UsageError(f"--min-age: {exc}") from exc
         loaded = load_manifest(manifest)
-        path = require_ledger(loaded, manifest, sandbox=False)
+        site = require_ledger(loaded, manifest, sandbox=False, url=ledger)
         clock = options.clock
         connect = partial(connect_api, loaded, api_key=read_api_key(loaded), clock=clock)
         done = reconcile_campaign(
-            loaded, path, connect=connect, clock=clock, min_age=settle, command_path=str(manifest)
+            loaded,
+            site,
+            connect=connect,
+            clock=clock,
+            min_age=settle,
+            command_path=command_path(manifest, ledger),
         )
         if as_json:
             print_json(out, done.as_json())
@@ -74,6 +89,7 @@ def retry(
         bool, typer.Option("--unknown", help="Retry unknown rows unchecked (`reconcile` checks them first).")
     ] = False,
     sandbox: LedgerSandboxOpt = False,
+    ledger: LedgerOpt = None,
 ) -> None:
     """Move failed (or unknown) rows back to pending with a new key; then `resume` sends them."""
     with exit_codes():
@@ -81,14 +97,16 @@ def retry(
         if not states:
             raise UsageError("say which rows to retry: --failed, --unknown, or both")
         loaded = load_manifest(manifest)
-        path = require_ledger(loaded, manifest, sandbox=sandbox)
-        moved = retry_rows(loaded, path, states=states, clock=options.clock)
+        site = require_ledger(loaded, manifest, sandbox=sandbox, url=ledger)
+        moved = retry_rows(loaded, site, states=states, clock=options.clock)
         if unknown and moved:
             err.print(
                 "note: unknown rows may have gone out already; retried unchecked, they can be mailed twice "
                 "(`campaign reconcile` checks each one first)"
             )
-        resume_command = f"campaign resume {manifest}" + (" --sandbox" if sandbox else "")
+        resume_command = f"campaign resume {command_path(manifest, ledger)}" + (
+            " --sandbox" if sandbox else ""
+        )
         print_retried(out, moved=moved, states=[s.value for s in states], resume_command=resume_command)
 
 
@@ -101,10 +119,11 @@ def report(
         list[RowState] | None, typer.Option("--state", help="Only rows in this state (repeatable).")
     ] = None,
     sandbox: LedgerSandboxOpt = False,
+    ledger: LedgerOpt = None,
 ) -> None:
     """Write one row per recipient (state, sender, attempts, message id, error, times) to CSV or Parquet."""
     with exit_codes():
         loaded = load_manifest(manifest)
-        path = require_ledger(loaded, manifest, sandbox=sandbox)
-        written = write_report(loaded, path, out_file, states=state, clock=options.clock)
+        site = require_ledger(loaded, manifest, sandbox=sandbox, url=ledger)
+        written = write_report(loaded, site, out_file, states=state, clock=options.clock)
         print_report_written(out, written)

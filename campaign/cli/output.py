@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -325,6 +326,7 @@ def print_status(console: Console, status: Status) -> None:
     for error in status.errors:
         last = f" (latest: {show(error.latest)})" if error.latest else ""
         console.print(f"[red]not sent[/] ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
+    _print_workers(console, status)
     if (seen := status.engagement) is not None and seen.sent:
         from campaign.status import OPENS_NOTE  # loaded by the commands that print a status only
 
@@ -334,6 +336,19 @@ def print_status(console: Console, status: Status) -> None:
             soft_wrap=True,
         )
     print_next_steps(console, status.next_steps)
+
+
+def _print_workers(console: Console, status: Status) -> None:
+    """A campaign shared in PostgreSQL: each worker, the grants it holds, its last heartbeat."""
+    for worker in status.workers:
+        held = ", ".join(worker.grants) or "no grant"
+        beat = format_local_time(datetime.fromtimestamp(worker.heartbeat_at, UTC))
+        alive = "" if worker.live else " [yellow](no heartbeat: gone)[/]"
+        console.print(
+            f"worker {escape(worker.id)} on {show(worker.host)} (pid {worker.pid}): {show(held)}; "
+            f"last heartbeat {beat}{alive}",
+            soft_wrap=True,
+        )
 
 
 def _print_windows(console: Console, status: Status) -> None:

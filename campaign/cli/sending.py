@@ -24,6 +24,7 @@ from campaign.cli.base import (
     EXIT_INTERRUPTED,
     EXIT_NOT_ALL_SENT,
     EXIT_RESUMABLE,
+    LedgerOpt,
     ManifestArg,
     SandboxOpt,
     SkipInvalidOpt,
@@ -35,7 +36,15 @@ from campaign.cli.base import (
 from campaign.cli.inspecting import preview
 from campaign.cli.output import print_checked, print_deliveries, print_next_steps, print_run_summary
 from campaign.cli.progress import SendProgress, show_checking, show_waiting
-from campaign.cli.wiring import build_sandbox_api, connect_api, locate_ledger, read_api_key, read_secrets
+from campaign.cli.wiring import (
+    build_sandbox_api,
+    command_path,
+    connect_api,
+    ledger_path_for,
+    locate_ledger,
+    read_api_key,
+    read_secrets,
+)
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult
 from campaign.errors import UsageError
@@ -75,6 +84,7 @@ class _RunChoices:
     skip_invalid: bool
     wait: bool
     allow_changed_content: bool
+    ledger: str | None
 
 
 def run(
@@ -86,12 +96,13 @@ def run(
     skip_invalid: SkipInvalidOpt = False,
     wait: WaitOpt = False,
     allow_changed_content: AllowChangedOpt = False,
+    ledger: LedgerOpt = None,
 ) -> None:
     """Send the campaign (continues where an earlier run stopped)."""
     if dry_run:
-        preview(manifest, sandbox=sandbox, skip_invalid=skip_invalid)
+        preview(manifest, sandbox=sandbox, skip_invalid=skip_invalid, ledger=ledger)
         return
-    choices = _RunChoices(yes, limit, sandbox, skip_invalid, wait, allow_changed_content)
+    choices = _RunChoices(yes, limit, sandbox, skip_invalid, wait, allow_changed_content, ledger)
     _send_and_exit(manifest, choices, resuming=False)
 
 
@@ -103,9 +114,10 @@ def resume(
     skip_invalid: SkipInvalidOpt = False,
     wait: WaitOpt = False,
     allow_changed_content: AllowChangedOpt = False,
+    ledger: LedgerOpt = None,
 ) -> None:
     """Continue a campaign after a quota stop, crash or Ctrl-C (needs its ledger)."""
-    choices = _RunChoices(yes, limit, sandbox, skip_invalid, wait, allow_changed_content)
+    choices = _RunChoices(yes, limit, sandbox, skip_invalid, wait, allow_changed_content, ledger)
     _send_and_exit(manifest, choices, resuming=True)
 
 
@@ -117,7 +129,7 @@ def _send_and_exit(path: Path, choices: _RunChoices, *, resuming: bool) -> NoRet
 def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     sandbox = choices.sandbox
     manifest = load_manifest(path)
-    ledger_path = locate_ledger(manifest, sandbox=sandbox)
+    site = locate_ledger(manifest, sandbox=sandbox, url=choices.ledger)
     api_key = read_api_key(manifest, sandbox=sandbox)
     secrets = read_secrets(manifest, sandbox=sandbox)
     fake = build_sandbox_api(manifest, clock=options.clock) if sandbox else None
@@ -132,19 +144,19 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     clock = options.clock
     outcome = run_campaign(
         manifest,
-        ledger_path,
+        site,
         run_options,
         secrets=secrets,
         connect=partial(connect_api, manifest, api_key=api_key, clock=clock, fake=fake),
         clock=clock,
         hooks=_Hooks(manifest, yes=choices.yes, sandbox=sandbox, clock=clock),
-        command_path=str(path),
+        command_path=command_path(path, choices.ledger),
     )
     if outcome is None:
         return EXIT_DONE
     _print_sync(outcome.content, outcome.sync.newly_skipped, outcome.sync.restored)
     if fake is not None:
-        _print_sandbox_outbox(fake, manifest, ledger_path.parent / "outbox")
+        _print_sandbox_outbox(fake, manifest, ledger_path_for(manifest, sandbox=True).parent / "outbox")
     if outcome.result is None:  # a second Ctrl-C: cancelled at once
         out.print("Stopped at once (second Ctrl-C): sends in flight stay in flight; resume settles them.")
         print_next_steps(out, outcome.next_steps)

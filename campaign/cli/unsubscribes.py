@@ -1,6 +1,10 @@
 """Unsubscribes: `unsubscribe serve` (the one-click endpoint) and `suppress add/import/export/list`
 (managing the unsubscribe store that every campaign reading it skips).
 
+`--store` names a store file (e.g. unsubscribes.sqlite) or a PostgreSQL database (`postgresql://…`,
+no password in it: libpq reads PGPASSWORD); a URL is checked before anything is opened, and an error
+never repeats it.
+
 The two command groups are typer sub-apps; the package registers them on the root command.
 """
 
@@ -24,7 +28,7 @@ from campaign.recipients import (
     parse_suppression_entry,
     write_entries,
 )
-from campaign.unsubscribe import BounceRules, SuppressionStore, is_store_path, open_store
+from campaign.unsubscribe import BounceRules, SuppressionStore, is_store_path, open_store, store_location
 from campaign.web import (
     DEFAULT_SECRET_ENV,
     DEFAULT_WEBHOOK_SECRET_ENV,
@@ -46,7 +50,13 @@ suppress_app = typer.Typer(
     no_args_is_help=True, help="Manage an unsubscribe store: add, import, export, list."
 )
 StoreOpt = Annotated[
-    Path, typer.Option("--store", help="The unsubscribe store, e.g. unsubscribes.sqlite.", show_default=False)
+    str,
+    typer.Option(
+        "--store",
+        help="The unsubscribe store, e.g. unsubscribes.sqlite, or a PostgreSQL database, e.g. "
+        "postgresql://campaign@db.example.com/campaigns (its password in PGPASSWORD, never here).",
+        show_default=False,
+    ),
 ]
 # The options `unsubscribe serve` and `serve` share.
 HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
@@ -170,12 +180,19 @@ def suppress_add(
 
 @suppress_app.command("import")
 def suppress_import(
-    source: Annotated[Path, typer.Argument(help="A .csv/.parquet (column email) or text list, or a store.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A .csv/.parquet (column email) or text list, or a store (a file or a postgresql:// URL).",
+            show_default=False,
+        ),
+    ],
     store: StoreOpt,
 ) -> None:
     """Add every address of a suppression list (or of another store) to the store."""
     with exit_codes():
-        found = load_import_addresses(source, clock=options.clock)
+        origin = _location("SOURCE", source)
+        found = load_import_addresses(origin, clock=options.clock)
         added = _with_store(
             store,
             lambda s: s.record_many(s.build_entry("", a, email=a, source="import") for a in found.addresses),
@@ -183,7 +200,8 @@ def suppress_import(
         left_out = (
             f"; {len(found.invalid)} values are not addresses and were left out" if found.invalid else ""
         )
-        out.print(f"{source.name}: {len(found.addresses)} addresses, {added} new{left_out}", markup=False)
+        name = origin.name if isinstance(origin, Path) else origin
+        out.print(f"{name}: {len(found.addresses)} addresses, {added} new{left_out}", markup=False)
 
 
 @suppress_app.command("export")
@@ -223,13 +241,25 @@ def _one_address(value: str) -> str | None:
     return comparable_address(parsed[0]) if parsed is not None and len(parsed) == 1 else None
 
 
-def _store_path(path: Path) -> Path:
-    if not is_store_path(path):
-        raise UsageError(f"--store {path}: give an SQLite file ending in .sqlite, e.g. unsubscribes.sqlite")
-    return path
+def _location(option: str, value: str) -> Path | str:
+    """A store or list named on the command line: a file's path, or a checked PostgreSQL URL."""
+    try:
+        return store_location(value)
+    except ValueError as exc:  # its message never repeats the value: a URL may hold a password
+        raise UsageError(f"{option}: the URL {exc}") from exc
 
 
-def _with_store(path: Path, use: Callable[[SuppressionStore], _T], *, create: bool = True) -> _T:
+def _store_path(value: str) -> Path | str:
+    where = _location("--store", value)
+    if not is_store_path(where):
+        raise UsageError(
+            f"--store {where}: give an SQLite file ending in .sqlite, e.g. unsubscribes.sqlite, or a "
+            "PostgreSQL URL, e.g. postgresql://campaign@db.example.com/campaigns"
+        )
+    return where
+
+
+def _with_store(path: str, use: Callable[[SuppressionStore], _T], *, create: bool = True) -> _T:
     store = open_store(_store_path(path), clock=options.clock, create=create)
     try:
         return use(store)

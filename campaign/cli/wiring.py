@@ -10,16 +10,16 @@ which only read the ledger (`status`) do not load httpx, starlette and uvicorn.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from campaign.cli.base import options
 from campaign.clock import Clock
-from campaign.errors import InputFileError, ManifestError
-from campaign.ledger import Ledger, check_no_orphaned_ledger, open_ledger
-from campaign.manifest import Manifest
+from campaign.errors import InputFileError, ManifestError, UsageError
+from campaign.ledger import GrantLeases, Ledger, LedgerSite, SqliteSite, check_no_orphaned_ledger, ledger_site
+from campaign.manifest import Manifest, check_ledger_url
 from campaign.unsubscribe import parse_secrets
 
 if TYPE_CHECKING:
@@ -30,13 +30,14 @@ __all__ = [
     "SANDBOX_API_KEY",
     "SANDBOX_API_URI",
     "build_sandbox_api",
+    "command_path",
     "connect_api",
     "ledger_candidates",
     "ledger_path_for",
     "locate_ledger",
-    "open_campaign_ledger",
     "read_api_key",
     "read_api_uri",
+    "read_ledger_password",
     "read_secrets",
     "register_sandbox_grants",
     "require_ledger",
@@ -59,12 +60,80 @@ def ledger_path_for(manifest: Manifest, *, sandbox: bool) -> Path:
     return manifest.ledger_path
 
 
-def locate_ledger(manifest: Manifest, *, sandbox: bool) -> Path:
-    """The campaign's ledger path; UsageError when it is missing but another ledger of this campaign is
-    beside it (a renamed manifest), so that no command takes the campaign for one that never ran."""
-    path = ledger_path_for(manifest, sandbox=sandbox)
-    check_no_orphaned_ledger(manifest, path, ledger_candidates(manifest, sandbox=sandbox))
-    return path
+def locate_ledger(manifest: Manifest, *, sandbox: bool, url: str | None = None) -> LedgerSite:
+    """Where the campaign's ledger lives: the database `url` (`--ledger`) or `[ledger] url` names, else
+    the SQLite file beside the manifest. For a file, UsageError when it is missing but another ledger
+    of this campaign is beside it (a renamed manifest), so that no command takes the campaign for one
+    that never ran. A sandbox run keeps its own ledger: its own file, or its own rows in the database."""
+    if url is not None:
+        try:
+            check_ledger_url(url)
+        except ValueError as exc:
+            raise UsageError(f"--ledger: the URL {exc}") from None  # never echoed: it may hold a password
+    url = url or manifest.ledger.url
+    if url is None:
+        path = ledger_path_for(manifest, sandbox=sandbox)
+        check_no_orphaned_ledger(manifest, path, ledger_candidates(manifest, sandbox=sandbox))
+        return SqliteSite(path)
+    site = ledger_site(url, password=read_ledger_password(manifest), lease_s=manifest.ledger.lease_s)
+    return _SandboxRows(site) if sandbox else site
+
+
+def read_ledger_password(manifest: Manifest) -> str | None:
+    """The database password from the variable `[ledger] password_env` names; None when it names none
+    (libpq then reads PGPASSWORD or ~/.pgpass itself)."""
+    name = manifest.ledger.password_env
+    if name is None:
+        return None
+    value = os.environ.get(name, "")
+    if not value:
+        message = (
+            f"{manifest.path.name}: ledger.password_env: the environment variable {name} is not set; "
+            "export the database password in it"
+        )
+        raise ManifestError(message)
+    return value
+
+
+class _SandboxRows:
+    """A database's ledgers as a sandbox run keeps them: under the campaign's name plus ".sandbox", so
+    that trying a campaign in the sandbox never marks its real recipients as sent."""
+
+    def __init__(self, site: LedgerSite) -> None:
+        self._site = site
+
+    @property
+    def where(self) -> str:
+        return self._site.where
+
+    def exists(self, campaign: str) -> bool:
+        return self._site.exists(f"{campaign}.sandbox")
+
+    def check_free(self, campaign: str) -> None:
+        self._site.check_free(f"{campaign}.sandbox")
+
+    def hold(self, campaign: str, *, wait: bool = False) -> AbstractContextManager[None]:
+        return self._site.hold(f"{campaign}.sandbox", wait=wait)
+
+    def open(
+        self,
+        *,
+        clock: Clock,
+        campaign: str,
+        exclusive: bool = False,
+        create: bool = True,
+        read_only: bool = False,
+    ) -> Ledger:
+        return self._site.open(
+            clock=clock,
+            campaign=f"{campaign}.sandbox",
+            exclusive=exclusive,
+            create=create,
+            read_only=read_only,
+        )
+
+    def leases(self, campaign: str, clock: Clock) -> GrantLeases | None:
+        return self._site.leases(f"{campaign}.sandbox", clock)
 
 
 def ledger_candidates(manifest: Manifest, *, sandbox: bool) -> list[Path]:
@@ -74,27 +143,19 @@ def ledger_candidates(manifest: Manifest, *, sandbox: bool) -> list[Path]:
     return list(manifest.base_dir.glob("*.ledger.sqlite"))
 
 
-def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool) -> Path:
-    """The ledger's path; InputFileError if the campaign has not run yet (`given`: the manifest as typed)."""
-    path = locate_ledger(manifest, sandbox=sandbox)
-    if not path.exists():
-        message = f"{path}: no ledger yet (the campaign has not run); start with `campaign run {given}`"
+def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool, url: str | None = None) -> LedgerSite:
+    """The ledger's site; InputFileError if the campaign has not run yet (`given`: the manifest as typed)."""
+    site = locate_ledger(manifest, sandbox=sandbox, url=url)
+    if not site.exists(manifest.campaign.name):
+        message = f"{site.where}: no ledger yet (the campaign has not run); start with `campaign run {given}`"
         raise InputFileError(message)
-    return path
+    return site
 
 
-def open_campaign_ledger(
-    manifest: Manifest, path: Path, *, exclusive: bool = False, create: bool = False, read_only: bool = False
-) -> Ledger:
-    """Open the campaign's existing ledger at `path` (`create`: or make it; the caller closes it)."""
-    return open_ledger(
-        path,
-        clock=options.clock,
-        campaign=manifest.campaign.name,
-        exclusive=exclusive,
-        create=create,
-        read_only=read_only,
-    )
+def command_path(manifest: Path, url: str | None) -> str:
+    """The manifest as the user named it, with the `--ledger` they gave: the commands suggested to
+    them next must reach the same ledger."""
+    return str(manifest) if url is None else f"{manifest} --ledger {shlex.quote(url)}"
 
 
 def read_api_key(manifest: Manifest, *, sandbox: bool = False) -> str:

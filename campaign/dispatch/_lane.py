@@ -89,6 +89,12 @@ class Lane:
             start = max(start, self.multipart_pace.reserve(mono))
         return start
 
+    def spend_burst(self, mono: float) -> None:
+        """Start with the bucket empty at `mono`: the grant may have been sent from a moment ago by
+        another worker, whose sends and this lane's together then keep to the pace."""
+        self.pace.spend(mono)
+        self.multipart_pace.spend(mono)
+
     def record_throttle(self, *, mono: float, wait_s: float) -> None:
         """A 429: hold every request for `wait_s` and halve the pace."""
         self.throttles += 1

@@ -72,6 +72,7 @@ async def dispatch(
     stop: anyio.Event | None = None,
     bound: Collection[str] = (),
     holidays: Collection[date] = (),
+    handed_over: bool = False,
 ) -> DispatchResult:
     """Send every job under its sender's limits; return what was done and what is left.
 
@@ -91,7 +92,9 @@ async def dispatch(
     follow-up's claim (the reply lookups): it may stop the recipient's sequence (recorded as
     skipped), or hold the follow-up back when it could not look (not sent, still due). A sender
     with a send window sends only inside it (shut on `holidays`): with `wait` the loop sleeps until
-    it opens, else the sender stops for this run. Once `stop` is set no new work starts:
+    it opens, else the sender stops for this run. With `handed_over` (grants leased from a campaign
+    several workers share) each lane starts with its burst spent, so that the previous owner's last
+    sends and its first keep to the pace together. Once `stop` is set no new work starts:
     sends in flight get `stop_grace_s` to finish and be recorded, then are abandoned
     (their rows stay in flight, for resume).
     """
@@ -99,6 +102,9 @@ async def dispatch(
         sender.name: open_lane(sender, history=(history or {}).get(sender.name, ()), holidays=holidays)
         for sender in senders
     }
+    if handed_over:
+        for lane in lanes.values():
+            lane.spend_burst(clock.monotonic())
     now = clock.now()
     for name, until in (parked or {}).items():
         if name in lanes and until > now:

@@ -10,7 +10,7 @@ protocol through which the loop runs its blocking writes (`Offload`); it sees th
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol, TypeVar
@@ -109,3 +109,14 @@ class DispatchResult:
     left_inflight: int = 0  # rows left in flight (stopped mid-retry or abandoned): resume re-sends them
     held: int = 0  # follow-ups whose reply lookup failed: not sent, due again
     closed: Mapping[str, datetime] = field(default_factory=dict)  # senders whose window is shut, until
+
+    def then(self, after: DispatchResult) -> DispatchResult:
+        """This round and the `after` one as one result: counts added, the later round's senders."""
+        return replace(
+            after,
+            sent=self.sent + after.sent,
+            failed=self.failed + after.failed,
+            unknown=self.unknown + after.unknown,
+            left_inflight=self.left_inflight + after.left_inflight,
+            held=self.held + after.held,
+        )

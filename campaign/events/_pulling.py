@@ -10,7 +10,7 @@ from pathlib import Path
 from campaign.clock import Clock
 from campaign.errors import UsageError
 from campaign.events._pull import InboxReader, PullReport, pull_bounces
-from campaign.ledger import open_ledger
+from campaign.ledger import LedgerSite
 from campaign.manifest import Manifest
 from campaign.unsubscribe import list_store_paths, open_store
 
@@ -20,7 +20,7 @@ __all__ = ["PULL_SKEW", "events_store_path", "pull_campaign_bounces"]
 PULL_SKEW = timedelta(minutes=5)
 
 
-def events_store_path(manifest: Manifest) -> Path | None:
+def events_store_path(manifest: Manifest) -> Path | str | None:
     """The store what comes back is recorded in: `unsubscribe.store`, else the first store in
     `recipients.suppress`; None when the manifest names none."""
     if manifest.unsubscribe is not None and manifest.unsubscribe.store is not None:
@@ -31,7 +31,7 @@ def events_store_path(manifest: Manifest) -> Path | None:
 
 async def pull_campaign_bounces(
     manifest: Manifest,
-    ledger_path: Path,
+    site: LedgerSite,
     *,
     connect: Callable[[], AbstractAsyncContextManager[InboxReader]],
     clock: Clock,
@@ -45,12 +45,10 @@ async def pull_campaign_bounces(
     if store_path is None:
         message = (
             f"{manifest.path.name}: no unsubscribe store to record bounces in; name one with "
-            "unsubscribe.store (or a .sqlite file in recipients.suppress)"
+            "unsubscribe.store (or a .sqlite file or a postgresql:// URL in recipients.suppress)"
         )
         raise UsageError(message)
-    ledger = open_ledger(
-        ledger_path, clock=clock, campaign=manifest.campaign.name, create=False, read_only=True
-    )
+    ledger = site.open(clock=clock, campaign=manifest.campaign.name, create=False, read_only=True)
     try:
         first = ledger.first_claim()
     finally:

@@ -20,7 +20,7 @@ __all__ = ["ReplyNotices"]
 class ReplyNotices:
     """The `thread.replied` notifications of one campaign in its stores."""
 
-    def __init__(self, paths: Sequence[Path], *, campaign: str, clock: Clock) -> None:
+    def __init__(self, paths: Sequence[Path | str], *, campaign: str, clock: Clock) -> None:
         self._stores = StoreFollower(paths, clock=clock)
         self._prefix = f"{campaign}:"
         self._by_recipient: dict[str, ThreadReply] = {}

@@ -1,9 +1,11 @@
-"""The progress ledger: one SQLite file per campaign, the source of truth for "sent exactly once".
+"""The progress ledger: the source of truth for "sent exactly once", in a SQLite file per campaign or
+in a PostgreSQL database holding many.
 
 `Ledger` is the interface every use case is written against (a Protocol: a PostgreSQL backend
 implements it too). `open_ledger` opens the SQLite one, `SqliteLedger` (creating, migrating,
 locking for one writer), the only code that changes a row's state, each change checked against
-the allowed transitions.
+the allowed transitions. `LedgerSite` is where a ledger lives (`SqliteSite`, a file; `PostgresSite`,
+a database); `ledger_site` picks one from a path or a URL.
 `GroupCommit` batches writes asked for together into one transaction, each caller resuming
 only after its own write is on disk. `check_no_orphaned_ledger` and `check_key_scheme` keep a
 renamed manifest or a changed key from mailing anyone twice. Never sends.
@@ -14,31 +16,40 @@ from __future__ import annotations
 from campaign.ledger._groupcommit import GroupCommit
 from campaign.ledger._identity import check_key_scheme, check_no_orphaned_ledger, record_key_scheme
 from campaign.ledger._interface import Ledger
+from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases, WorkerView, share_of
 from campaign.ledger._ledger import SqliteLedger, open_ledger
 from campaign.ledger._read import ErrorGroup, LedgerRow, PlannedRow
 from campaign.ledger._schema import check_ledger_free, lock_ledger, unlock_ledger
+from campaign.ledger._site import LedgerSite, SqliteSite, ledger_site
 from campaign.ledger._spool import PlanSpool
 from campaign.ledger._values import Claim, DueStep, ScheduledStep, SentStep, StepCounts, SyncReport
 
 __all__ = [
+    "LEASE_EXPIRY_S",
     "Claim",
     "DueStep",
     "ErrorGroup",
+    "GrantLeases",
     "GroupCommit",
     "Ledger",
     "LedgerRow",
+    "LedgerSite",
     "PlanSpool",
     "PlannedRow",
     "ScheduledStep",
     "SentStep",
     "SqliteLedger",
+    "SqliteSite",
     "StepCounts",
     "SyncReport",
+    "WorkerView",
     "check_key_scheme",
     "check_ledger_free",
     "check_no_orphaned_ledger",
+    "ledger_site",
     "lock_ledger",
     "open_ledger",
     "record_key_scheme",
+    "share_of",
     "unlock_ledger",
 ]

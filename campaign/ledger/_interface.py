@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
-from pathlib import Path
 from typing import Protocol
 
+from campaign.ledger._leases import WorkerView
 from campaign.ledger._read import ErrorGroup, JournalEntry, LedgerRow, PlannedRow
 from campaign.ledger._values import Claim, DueStep, ScheduledStep, SentStep, StepCounts, SyncReport
 from campaign.models import RowState, SendOutcome, Skip, SkipReason
@@ -26,8 +26,8 @@ class Ledger(Protocol):
     """One campaign's ledger: the source of truth for "sent exactly once"."""
 
     @property
-    def path(self) -> Path:
-        """Where the ledger is (for messages)."""
+    def where(self) -> str:
+        """Where the ledger is, for messages: a file's path, or a database's URL without its password."""
         ...
 
     def close(self) -> None:
@@ -86,6 +86,11 @@ class Ledger(Protocol):
         self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
     ) -> RowState: ...
     def release(self, key: str) -> None: ...
+    def bind_worker(self, worker: str | None) -> None:
+        """Claim only under `worker`'s live lease on the claiming sender (workers sharing a PostgreSQL
+        ledger); a ledger file has one sending command, which needs none."""
+        ...
+
     def record_unknown(self, key: str, *, note: str | None = None) -> None: ...
     def record_skipped(self, key: str, reason: SkipReason, detail: str) -> bool: ...
     def sent_recipients_since(self, sender: str, since: float) -> list[tuple[float, int]]: ...
@@ -138,3 +143,6 @@ class Ledger(Protocol):
     def first_claim(self) -> datetime | None: ...
     def latest_claim(self, state: RowState) -> datetime | None: ...
     def started_row(self) -> tuple[str, str] | None: ...
+    def workers(self) -> list[WorkerView]:
+        """The workers sharing the campaign (a PostgreSQL ledger), live ones first; else none."""
+        ...

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from campaign.clock import Clock
@@ -41,13 +41,16 @@ from campaign.ledger._schema import (
 from campaign.ledger._values import Claim, ScheduledStep, SyncReport
 from campaign.ledger._write import (
     FAILED,
+    IDEMPOTENCY_WINDOW_S,
     INFLIGHT,
+    KEY_REUSE_S,
     PENDING,
     SENT,
     SKIPPED,
     TRANSITIONS,
     UNKNOWN,
     LedgerWriter,
+    decide_claim,
 )
 from campaign.models import FIRST_STEP, OutcomeKind, RowState, SendOutcome, Skip, SkipReason, step_key
 
@@ -64,11 +67,6 @@ __all__ = [
     "open_ledger",
     "read_ledger_campaign",
 ]
-
-# Nylas replays a key's first answer for one hour (nylas-api.md §4). A key is reused only
-# while it is younger than that, less a margin for the request itself and clock skew.
-IDEMPOTENCY_WINDOW_S = 3600.0
-KEY_REUSE_S = IDEMPOTENCY_WINDOW_S - 300.0
 
 
 def open_ledger(
@@ -335,30 +333,34 @@ class SqliteLedger(LedgerWriter):
         """
         now = self._stamp()
         with self._write() as db:
-            current = self._fetch(db, key)
-            state = RowState(current["state"])
-            uses = 0
-            owner = current["sender"]
-            claimed_via = None  # an in-flight row keeps the mailbox its key was issued for
-            if state == PENDING:
-                owner, claimed_via = sender or owner, via
-                idempotency_key, issued, fresh = self._idempotency_key(key, current["attempt_no"]), now, True
-            elif state == INFLIGHT and current["idempotency_key"]:
-                uses = int(current["key_uses"]) + 1  # an earlier process may have sent it
-                idempotency_key, fresh = str(current["idempotency_key"]), False
-                issued = str(current["key_issued_at"] or current["claimed_at"] or now)
-            else:
-                message = f"{self._path}: cannot send to {key!r}: it is {state}"
-                raise LedgerError(message)
+            change = decide_claim(
+                self._fetch(db, key),
+                campaign=self._campaign,
+                key=key,
+                sender=sender,
+                via=via,
+                now=now,
+                where=str(self._path),
+            )
             db.execute(
                 "UPDATE recipients SET state = 'inflight', idempotency_key = ?, key_issued_at = ?, "
                 "key_uses = ?, claimed_at = ?, first_claimed_at = COALESCE(first_claimed_at, ?), "
                 "subject = COALESCE(?, subject), sender = ?, claimed_via = COALESCE(?, claimed_via), "
                 "updated_at = ? WHERE key = ?",
-                (idempotency_key, issued, uses, now, now, subject, owner, claimed_via, now, key),
+                (
+                    change.idempotency_key,
+                    change.issued,
+                    change.uses,
+                    now,
+                    now,
+                    subject,
+                    change.owner,
+                    change.via,
+                    now,
+                    key,
+                ),
             )
-        usable_until = datetime.fromisoformat(issued) + timedelta(seconds=KEY_REUSE_S)
-        return Claim(idempotency_key, int(current["attempt_no"]), usable_until, fresh, owner)
+        return change.as_claim()
 
     def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1) -> RowState:
         """Record what a send of an in-flight row came to; returns the row's new state.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.errors import LedgerError
+from campaign.ledger._leases import WorkerView
 from campaign.ledger._values import DueStep, SentStep, StepCounts
 from campaign.models import FIRST_STEP, RowState
 
@@ -155,6 +156,11 @@ class LedgerReader:
     def path(self) -> Path:
         """Where the ledger file is."""
         return self._path
+
+    @property
+    def where(self) -> str:
+        """Where the ledger file is, for messages."""
+        return str(self._path)
 
     def plan_stamp(self) -> str | None:
         """The stamp of the last plan recorded (`pipeline.load_plan_stamp`), or None."""
@@ -380,6 +386,10 @@ class LedgerReader:
                 f"SELECT r.key, r.state FROM {_BY_KEYS} WHERE r.{wanted}", (_keys(keys), *names)
             )
         return {str(key): str(state) for key, state in found}
+
+    def workers(self) -> list[WorkerView]:
+        """None: one command at a time sends from a ledger file (its writer lock)."""
+        return []
 
     def open_rows_of(
         self, sender: str, state: RowState, now: datetime | None = None, *, after: int = 0, limit: int = 1000

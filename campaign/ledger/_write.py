@@ -13,6 +13,8 @@ import hashlib
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,19 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._read import LedgerReader
 from campaign.ledger._schema import unlock_ledger
+from campaign.ledger._values import Claim
 from campaign.models import RowState
 
-__all__ = ["TRANSITIONS", "LedgerWriter"]
+__all__ = [
+    "IDEMPOTENCY_WINDOW_S",
+    "KEY_REUSE_S",
+    "TRANSITIONS",
+    "ClaimChange",
+    "LedgerWriter",
+    "decide_claim",
+    "idempotency_key",
+    "idempotency_key_stem",
+]
 
 _FETCHED = ("state", "attempt_no", "idempotency_key", "key_issued_at", "claimed_at", "key_uses", "sender")
 
@@ -37,6 +49,72 @@ TRANSITIONS: Mapping[RowState, frozenset[RowState]] = {
     SKIPPED: frozenset({PENDING}),  # a row skipped as invalid that now validates
     SENT: frozenset(),
 }
+
+
+def idempotency_key(campaign: str, key: str, attempt_no: int) -> str:
+    """The Idempotency-Key of a row's attempt (every backend's: a resumed send must reuse it)."""
+    return f"{idempotency_key_stem(campaign, key)}{attempt_no}"
+
+
+def idempotency_key_stem(campaign: str, key: str) -> str:
+    """A row's Idempotency-Key but its attempt number, which follows it."""
+    # The address stays out of the header; the attempt number makes a new key
+    # after a definite "not sent" (Nylas replays a key's first answer for an hour).
+    digest = hashlib.sha256(f"{campaign}\0{key}".encode()).hexdigest()[:32]
+    return f"{campaign}-{digest}-"
+
+
+# Nylas replays a key's first answer for one hour (nylas-api.md §4). A key is reused only
+# while it is younger than that, less a margin for the request itself and clock skew.
+IDEMPOTENCY_WINDOW_S = 3600.0
+KEY_REUSE_S = IDEMPOTENCY_WINDOW_S - 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimChange:
+    """What a claim writes into its row (every backend's: `decide_claim`)."""
+
+    idempotency_key: str
+    issued: str  # when the key was first claimed (ISO 8601): its replay window runs from then
+    uses: int  # earlier requests that may have used the key
+    owner: str | None  # the sender the row is now claimed for
+    via: str | None  # the mailbox a new key is issued for (None: the row keeps its own)
+    fresh: bool
+    attempt_no: int
+
+    def as_claim(self) -> Claim:
+        usable_until = datetime.fromisoformat(self.issued) + timedelta(seconds=KEY_REUSE_S)
+        return Claim(self.idempotency_key, self.attempt_no, usable_until, self.fresh, self.owner)
+
+
+def decide_claim(
+    current: Mapping[str, Any],
+    *,
+    campaign: str,
+    key: str,
+    sender: str | None,
+    via: str | None,
+    now: str,
+    where: str,
+) -> ClaimChange:
+    """How a claim changes a row whose `_FETCHED` columns are `current`.
+
+    A pending row gets a key (new after each definite "not sent") and, if given, the sender that now
+    sends it; an in-flight row left by a crash keeps its key and its sender, so Nylas (which scopes
+    keys per grant) replays instead of sending twice. LedgerError for a row in any other state."""
+    state = RowState(current["state"])
+    attempt_no = int(current["attempt_no"])
+    if state == PENDING:
+        issued = idempotency_key(campaign, key, attempt_no)
+        return ClaimChange(issued, now, 0, sender or current["sender"], via, True, attempt_no)
+    if state == INFLIGHT and current["idempotency_key"]:
+        # An earlier process may have sent it: the same key, issued when it was first claimed.
+        first = str(current["key_issued_at"] or current["claimed_at"] or now)
+        uses = int(current["key_uses"]) + 1
+        return ClaimChange(
+            str(current["idempotency_key"]), first, uses, current["sender"], None, False, attempt_no
+        )
+    raise LedgerError(f"{where}: cannot send to {key!r}: it is {state}")
 
 
 class LedgerWriter(LedgerReader):
@@ -59,6 +137,9 @@ class LedgerWriter(LedgerReader):
         if self._lock_fd is not None:
             unlock_ledger(self._lock_fd)
             self._lock_fd = None
+
+    def bind_worker(self, worker: str | None) -> None:
+        """Nothing to bind: one command at a time sends from a ledger file (its writer lock)."""
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -109,12 +190,6 @@ class LedgerWriter(LedgerReader):
         db.execute(
             "INSERT INTO send_log (sender, sent_at, recipients) VALUES (?, ?, ?)", (sender, at, recipients)
         )
-
-    def _idempotency_key(self, key: str, attempt_no: int) -> str:
-        # The address stays out of the header; the attempt number makes a new key
-        # after a definite "not sent" (Nylas replays a key's first answer for an hour).
-        digest = hashlib.sha256(f"{self._campaign}\0{key}".encode()).hexdigest()[:32]
-        return f"{self._campaign}-{digest}-{attempt_no}"
 
     def _write_error(self, exc: sqlite3.Error) -> LedgerError:
         if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:

@@ -2,7 +2,7 @@
 
 `load_manifest` reads and validates it into a frozen `Manifest` (pydantic only here, at the
 edge: every error names the key and what to do). The tables are in `_settings` ([campaign],
-[api], [recipients], [unsubscribe], [[senders]]), `_message` ([message]) and `_followups`
+[api], [recipients], [unsubscribe], [[senders]], [ledger]), `_message` ([message]) and `_followups`
 ([[followups]]); `_presets` holds each provider's default limits; `_starter` is what `campaign
 init` writes. Reads files, sends nothing, writes nothing but the starter.
 """
@@ -15,8 +15,12 @@ from campaign.manifest._message import AttachmentSettings, MessageSettings
 from campaign.manifest._settings import (
     HEADERLESS_PROVIDERS,
     STORE_SUFFIXES,
+    LedgerSettings,
     RecipientsSettings,
     check_env_name,
+    check_ledger_url,
+    check_store_url,
+    is_store_url,
 )
 from campaign.manifest._starter import write_starter
 
@@ -26,12 +30,16 @@ __all__ = [
     "STORE_SUFFIXES",
     "AttachmentSettings",
     "FollowupSettings",
+    "LedgerSettings",
     "Manifest",
     "MessageSettings",
     "RecipientsSettings",
     "SenderSettings",
     "build_manifest_schema",
     "check_env_name",
+    "check_ledger_url",
+    "check_store_url",
+    "is_store_url",
     "load_manifest",
     "write_starter",
 ]

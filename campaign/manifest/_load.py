@@ -27,6 +27,7 @@ from campaign.manifest._settings import (
     STORE_SUFFIXES,
     ApiSettings,
     CampaignSettings,
+    LedgerSettings,
     RecipientsSettings,
     SenderSettings,
     UnsubscribeSettings,
@@ -38,6 +39,7 @@ __all__ = [
     "ApiSettings",
     "AttachmentSettings",
     "CampaignSettings",
+    "LedgerSettings",
     "Manifest",
     "MessageSettings",
     "RecipientsSettings",
@@ -66,6 +68,10 @@ class Manifest(BaseModel):
     )
     senders: tuple[SenderSettings, ...] = Field(
         min_length=1, description="The sending mailboxes, one [[senders]] table each."
+    )
+    ledger: LedgerSettings = Field(
+        default=LedgerSettings(),
+        description="Where the campaign's progress is kept (default: a SQLite file beside the manifest).",
     )
     followups: tuple[FollowupSettings, ...] = Field(
         default=(),
@@ -196,6 +202,7 @@ _TABLES: dict[tuple[str, ...], type[BaseModel]] = {
     ("unsubscribe",): UnsubscribeSettings,
     ("senders",): SenderSettings,
     ("followups",): FollowupSettings,
+    ("ledger",): LedgerSettings,
 }
 
 

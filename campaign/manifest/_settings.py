@@ -1,7 +1,8 @@
 """The manifest's tables about the run: [campaign], [api], [recipients], [unsubscribe], [[senders]].
 
 Frozen pydantic models of those tables, and the validated field types every table uses
-(an address, a header value, a path resolved against the manifest's folder).
+(an address, a header value, a path resolved against the manifest's folder, or in its place the
+URL of an unsubscribe store in PostgreSQL).
 `campaign.manifest._load` joins them with the [message] table (`campaign.manifest._message`)
 and turns validation errors into one line. These models check shapes and values only:
 they never open the files they name and never read the environment.
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
@@ -23,10 +25,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from campaign.headers import header_value_problem
 from campaign.manifest._presets import PROVIDER_PRESETS
@@ -41,13 +45,18 @@ __all__ = [
     "CampaignSettings",
     "EmailAddress",
     "HeaderValue",
+    "LedgerSettings",
     "ManifestPath",
+    "PathOrStoreUrl",
     "RecipientsSettings",
     "SenderSettings",
     "TimeOfDay",
     "UnsubscribeSettings",
     "check_env_name",
+    "check_ledger_url",
     "check_one_body",
+    "check_store_url",
+    "is_store_url",
 ]
 
 DEFAULT_PER_SECOND = 2.0
@@ -57,6 +66,8 @@ _NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 # Capitals, digits and '_', as environment variable names are written: a pasted key or secret
 # (`nyk_v0_…`, base64, hex) never looks like one, so a value that does is not echoed anywhere.
 _ENV_PATTERN = r"^[A-Z_][A-Z0-9_]{0,63}$"
+# A value that starts like `postgresql://` is a URL, never a file name (a path holds no "scheme://").
+_URL_START = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Bounds that keep every duration and budget finite: one send a day at the slowest, 1,000/s at the
 # fastest (Nylas allows far less), so no plan or wait overflows and none is effectively forever.
 _MIN_PER_SECOND = 1 / 86_400
@@ -110,6 +121,19 @@ _EnvName = Annotated[str, AfterValidator(check_env_name)]
 EmailAddress = Annotated[str, AfterValidator(_check_address)]
 HeaderValue = Annotated[str, AfterValidator(_check_header_value)]
 ManifestPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+def _path_or_store_url(value: object, info: ValidationInfo) -> Path | str:
+    """A `postgresql://` URL as given (checked: no password), else a manifest path (resolved)."""
+    if isinstance(value, str) and is_store_url(value):
+        return check_store_url(value)
+    if isinstance(value, str | Path):
+        return _resolve(Path(value), info)
+    raise PydanticCustomError("path_or_url_type", "must be a path string or a postgresql:// URL")
+
+
+# A file (resolved like ManifestPath) or a PostgreSQL database holding an unsubscribe store (a str).
+PathOrStoreUrl = Annotated[Path | str, PlainValidator(_path_or_store_url, json_schema_input_type=str)]
 
 
 def _check_time_of_day(value: str) -> str:
@@ -175,6 +199,85 @@ class ApiSettings(BaseModel):
         return None if value is None else value.rstrip("/")
 
 
+def check_ledger_url(value: str) -> str:
+    """A PostgreSQL ledger's URL as given, or ValueError saying what is wrong (never echoing a password).
+
+    The password may not be in it: a manifest is shared and committed, and a command line is seen by
+    every user of the machine (`ps`). It comes from PGPASSWORD or the variable `password_env` names.
+    """
+    return _check_postgres_url(
+        value,
+        wrong_scheme="must be a PostgreSQL URL such as postgresql://campaign@db.example.com/campaigns",
+        password_advice="export it as PGPASSWORD, or name a variable holding it in [ledger] password_env",
+    )
+
+
+def check_store_url(value: str) -> str:
+    """An unsubscribe store's PostgreSQL URL as given, or ValueError saying what is wrong (never echoing
+    it: it may hold a password). The password comes from PGPASSWORD (or ~/.pgpass), read by libpq."""
+    return _check_postgres_url(
+        value,
+        wrong_scheme="is a URL but not a PostgreSQL one: give a file's path, or a PostgreSQL URL such as "
+        "postgresql://campaign@db.example.com/campaigns",
+        password_advice="export it as PGPASSWORD",
+    )
+
+
+def is_store_url(value: str) -> bool:
+    """Whether a store (or suppression source) is written as a URL (`scheme://…`) rather than a path."""
+    return _URL_START.match(value) is not None
+
+
+def _check_postgres_url(value: str, *, wrong_scheme: str, password_advice: str) -> str:
+    """`value` if it is a PostgreSQL URL without a password; ValueError (`wrong_scheme` for another
+    scheme, `password_advice` saying where a password goes) never repeating the value."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(wrong_scheme)
+    try:
+        password = parts.password
+        parts.port  # noqa: B018 - parsed for its error: a port that is not a number
+    except ValueError:
+        raise ValueError(
+            "is not a valid URL (a port must be a number); e.g. postgresql://campaign@db.example.com:5432/"
+            "campaigns"
+        ) from None
+    in_query = any(name.strip().lower() == "password" for name, _ in parse_qsl(parts.query))
+    if password is not None or in_query:
+        raise ValueError(
+            f"holds a password, which must not be written down here; remove it and {password_advice}"
+        )
+    if any(not char.isprintable() or char.isspace() for char in value):
+        raise ValueError("holds a space or a control character; write the URL alone")
+    return value
+
+
+class LedgerSettings(BaseModel):
+    """[ledger]: where the campaign's progress is kept. Default: a SQLite file beside the manifest."""
+
+    model_config = FROZEN
+    url: Annotated[str, AfterValidator(check_ledger_url)] | None = Field(
+        default=None,
+        description="A PostgreSQL database to keep the ledger in, shared by several machines running the "
+        "campaign, e.g. postgresql://campaign@db.example.com/campaigns (no password here: see "
+        "password_env). One database holds many campaigns.",
+    )
+    password_env: _EnvName | None = Field(
+        default=None,
+        description="NAME of the environment variable holding the database password; else PostgreSQL's "
+        "own PGPASSWORD (or ~/.pgpass) is used.",
+    )
+    lease_s: float = Field(
+        default=30,
+        ge=2,
+        le=600,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds a worker's lease on a grant lasts without renewal (2–600; renewed every tenth "
+        "of it). A dead worker's grants go to another worker this long after its last renewal.",
+    )
+
+
 class RecipientsSettings(BaseModel):
     """[recipients]: the list to mail and the lists never to mail."""
 
@@ -208,10 +311,11 @@ class RecipientsSettings(BaseModel):
         description='CSV field separator, one character, e.g. ";" or "\\t".',
         json_schema_extra={"minLength": 1, "maxLength": 1},
     )
-    suppress: tuple[ManifestPath, ...] = Field(
+    suppress: tuple[PathOrStoreUrl, ...] = Field(
         default=(),
         description="Files of addresses never to mail (.csv/.parquet with an `email` column, "
-        "or text with one address per line), or unsubscribe stores (.sqlite).",
+        "or text with one address per line), or unsubscribe stores (.sqlite, or a PostgreSQL URL such "
+        "as postgresql://campaign@db.example.com/campaigns, without its password: export PGPASSWORD).",
     )
 
     @field_validator("suppress", mode="before")
@@ -250,10 +354,12 @@ class UnsubscribeSettings(BaseModel):
         default="CAMPAIGN_UNSUBSCRIBE_SECRET",
         description="NAME of the environment variable holding the token secret(s).",
     )
-    store: ManifestPath | None = Field(
+    store: PathOrStoreUrl | None = Field(
         default=None,
-        description="The unsubscribe store (.sqlite) the endpoint writes, e.g. 'unsubscribes.sqlite'; "
-        "everyone in it is skipped (reason `unsubscribed`), also while the campaign runs.",
+        description="The unsubscribe store (.sqlite) the endpoint writes, e.g. 'unsubscribes.sqlite', or "
+        "a PostgreSQL database shared by several machines, e.g. 'postgresql://campaign@db.example.com/"
+        "campaigns' (no password here: export PGPASSWORD); everyone in it is skipped (reason "
+        "`unsubscribed`), also while the campaign runs.",
     )
     require_body_link: bool = Field(
         default=True,
@@ -264,9 +370,12 @@ class UnsubscribeSettings(BaseModel):
 
     @field_validator("store")
     @classmethod
-    def _check_store(cls, value: Path | None) -> Path | None:
-        if value is not None and value.suffix.lower() not in STORE_SUFFIXES:
-            raise ValueError("must name an SQLite file ending in .sqlite, e.g. 'unsubscribes.sqlite'")
+    def _check_store(cls, value: Path | str | None) -> Path | str | None:
+        if isinstance(value, Path) and value.suffix.lower() not in STORE_SUFFIXES:
+            raise ValueError(
+                "must name an SQLite file ending in .sqlite, e.g. 'unsubscribes.sqlite', or a PostgreSQL "
+                "database, e.g. 'postgresql://campaign@db.example.com/campaigns'"
+            )
         return value
 
     @field_validator("url")

@@ -20,7 +20,7 @@ from campaign.errors import TemplateError
 from campaign.manifest import HEADERLESS_PROVIDERS, Manifest, SenderSettings
 from campaign.models import Message
 from campaign.plan import daily_capacity
-from campaign.unsubscribe import list_store_paths
+from campaign.unsubscribe import list_store_paths, store_exists
 
 __all__ = [
     "BULK_SENDER_PER_DAY",
@@ -114,7 +114,7 @@ def build_unsubscribe_warnings(manifest: Manifest, per_sender: Mapping[str, int]
     if settings is not None:
         found.extend(_host_warnings(settings.url, active))
     for path in list_store_paths(manifest):
-        if not path.exists():
+        if not store_exists(path):
             found.append(
                 f"unsubscribe store {path} does not exist yet, so it suppresses no one; it is created "
                 "when `campaign unsubscribe serve --store` starts or by `campaign suppress add`"

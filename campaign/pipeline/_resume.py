@@ -56,7 +56,11 @@ def load_rules_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) ->
     header = [_RULES, __version__, skip_invalid, content, settings]
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     # Unsubscribe stores change while a campaign runs; each send checks them: they are not part of the plan.
-    lists = [path for path in manifest.recipients.suppress if path.suffix.lower() not in STORE_SUFFIXES]
+    lists = [
+        path
+        for path in manifest.recipients.suppress
+        if isinstance(path, Path) and path.suffix.lower() not in STORE_SUFFIXES
+    ]
     for path in lists:
         digest.update(f"\0{path}\0".encode())
         digest.update(_file_digest(path))

@@ -27,7 +27,7 @@ from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
 from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, ListStart, encode_cells, scan_audience
 from campaign.render import Composer, build_composer, check_message_attachments
-from campaign.unsubscribe import Unsubscribed, list_store_paths, lookup_unsubscribed, open_store
+from campaign.unsubscribe import StoreFollower, Unsubscribed, list_store_paths, open_store, store_exists
 
 # What a follow-up sees of the step it answers while every row is checked (nothing is sent yet).
 STAND_IN_SENT_AT = datetime(2000, 1, 3, 9, 0, tzinfo=UTC)
@@ -95,7 +95,7 @@ class RowPipeline:
         manifest: Manifest,
         scan: AudienceScan,
         composer: Composer,
-        stores: Sequence[Path],
+        stores: Sequence[Path | str],
         ledger: Ledger | None,
         reuse: Reuse = Reuse.NONE,
     ) -> None:
@@ -114,15 +114,21 @@ class RowPipeline:
         """The rows scanned, opt-outs skipped and senders assigned, not rendered (`render` does that).
 
         A row the ledger knows keeps its sender, and says its state when a run will not send it
-        again; the ledger is asked a batch at a time.
+        again; the ledger and the unsubscribe stores are asked a batch at a time (each store opened
+        once for the pass: a database's connection is not made again for every batch).
         """
-        for batch in self.scan.batches(size):
-            if self._appended:
-                batch = self._earlier_duplicates_skipped(batch)
-            recipients = [checked.recipient for checked in batch if checked.recipient is not None]
-            unsubscribed = lookup_unsubscribed(self._stores, recipients)
-            kept, settled = self._known([recipient.key for recipient in recipients])
-            yield [self._assign(checked, unsubscribed, kept, settled) for checked in batch]
+        stores = StoreFollower(self._stores, clock=SystemClock())  # reading stamps nothing
+        try:
+            for batch in self.scan.batches(size):
+                if self._appended:
+                    batch = self._earlier_duplicates_skipped(batch)
+                recipients = [checked.recipient for checked in batch if checked.recipient is not None]
+                unsubscribed = Unsubscribed()
+                unsubscribed.add(stores.look_up(recipients))
+                kept, settled = self._known([recipient.key for recipient in recipients])
+                yield [self._assign(checked, unsubscribed, kept, settled) for checked in batch]
+        finally:
+            stores.close()
 
     def batches(self, size: int = BATCH_ROWS, *, render: bool = True) -> Iterator[list[RowCheck]]:
         """Every row through every stage, `size` rows of the file at a time; with `reuse`, the rows a
@@ -241,7 +247,7 @@ def check_rows(
     scan = scan_audience(manifest.recipients, sender_names=senders, start=start)
     stores = list_store_paths(manifest)
     for path in stores:  # a file that is not a store is refused here, before any row is checked
-        if path.exists():
+        if store_exists(path):
             open_store(path, clock=SystemClock(), create=False).close()
     composer = build_composer(manifest, secrets=secrets)
     return RowPipeline(manifest, scan, composer, stores, ledger, reuse)

@@ -70,6 +70,11 @@ class Pace:
         self._interval = 1.0 / rate
         self._tolerance = (burst - 1) * self._interval
 
+    def spend(self, now: float) -> None:
+        """Start as if the bucket had just been emptied at `now` (another process may have sent a moment
+        ago): the next send waits one interval more than a full burst."""
+        self._tat = max(self._tat, now + self._tolerance + self._interval)
+
     def delay(self, until: float) -> None:
         """Push the next free slot to at least `until` (after a throttle)."""
         self._tat = max(self._tat, until)

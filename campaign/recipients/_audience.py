@@ -401,7 +401,7 @@ def _suppression_values(path: Path) -> list[tuple[str, str]]:
     return [(f"line {number}", value) for number, value in enumerate(first + column, start=1 if first else 2)]
 
 
-def load_suppression(paths: Sequence[Path]) -> frozenset[str]:
+def load_suppression(paths: Sequence[Path | str]) -> frozenset[str]:
     """The lower-cased normalised addresses listed in the suppression files.
 
     RecipientDataError (naming the file and line) for an entry that holds no address:
@@ -409,8 +409,8 @@ def load_suppression(paths: Sequence[Path]) -> frozenset[str]:
     """
     found: set[str] = set()
     for path in paths:
-        if path.suffix.lower() in STORE_SUFFIXES:
-            continue  # an unsubscribe store: preflight reads it (campaign.unsubscribe._store)
+        if isinstance(path, str) or path.suffix.lower() in STORE_SUFFIXES:
+            continue  # an unsubscribe store (a file, or a database's URL): preflight reads it
         for where, value in _suppression_values(path):
             addresses = parse_suppression_entry(value)
             if addresses is None:

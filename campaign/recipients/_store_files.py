@@ -37,8 +37,9 @@ class ImportedAddresses:
     invalid: tuple[str, ...]
 
 
-def load_import_addresses(path: Path, *, clock: Clock) -> ImportedAddresses:
-    """Read the addresses of a suppression list (.csv/.parquet/text) or of another unsubscribe store."""
+def load_import_addresses(path: Path | str, *, clock: Clock) -> ImportedAddresses:
+    """Read the addresses of a suppression list (.csv/.parquet/text) or of another unsubscribe store
+    (a file, or a `postgresql://` URL)."""
     if is_store_path(path):
         store = open_store(path, clock=clock, create=False)
         try:

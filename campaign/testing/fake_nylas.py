@@ -217,7 +217,7 @@ class FakeNylas(FakeState):
         except ApiProblem as problem:
             return answer_problem(problem, request_id=request_id).build_response()
         if key is None:
-            self._begin_unkeyed()
+            self._begin_unkeyed(grant)
         else:
             state, stored = self._claim_key(grant, key, fingerprint)
             if stored is not None:

@@ -77,6 +77,10 @@ class Grant:
     to_filter_broken: bool = False
     schedules: dict[str, tuple[int, bool]] = field(default_factory=dict)  # id -> (send_at, cancelled)
     raw_mime: dict[str, bytes] = field(default_factory=dict)  # message id -> the MIME it arrived as
+    # Sends being processed for this grant now, and the most there ever were at once: a client that
+    # keeps to a sender's concurrency never has more in flight on its grant, however many processes send.
+    in_flight: int = 0
+    most_in_flight: int = 0
 
     @property
     def inbox_folder_id(self) -> str:
@@ -455,6 +459,11 @@ class FakeState:
         with self._lock:
             return self._in_flight
 
+    def most_in_flight(self, grant_id: str) -> int:
+        """The most sends of `grant_id` that were ever processed at once."""
+        with self._lock:
+            return self._require_grant(grant_id).most_in_flight
+
     def sent_folder_id(self, grant_id: str) -> str:
         """The Sent folder id of a grant, as `GET /folders` reports it."""
         with self._lock:
@@ -531,16 +540,23 @@ class FakeState:
             state, answer = grant.keys.claim(key, fingerprint, now=now, ttl_s=self.idempotency_ttl_s)
             if state is KeyState.FRESH:
                 self._in_flight += 1
+                self._begin(grant)
             return state, answer
 
-    def _begin_unkeyed(self) -> None:
+    def _begin_unkeyed(self, grant: Grant) -> None:
         with self._lock:
             self._in_flight += 1
+            self._begin(grant)
+
+    def _begin(self, grant: Grant) -> None:
+        grant.in_flight += 1
+        grant.most_in_flight = max(grant.most_in_flight, grant.in_flight)
 
     def _finish(self, grant: Grant, key: str | None, answer: Answer | None) -> None:
         """End processing: cache the answer under the key (or forget the key if there is none)."""
         with self._lock:
             self._in_flight -= 1
+            grant.in_flight -= 1
             if key is not None:
                 if answer is None:
                     grant.keys.release(key)

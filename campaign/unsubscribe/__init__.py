@@ -1,10 +1,13 @@
 """Opt-outs: unsubscribe tokens and headers, and the store of who asked not to be mailed.
 
 `TokenSigner` makes and opens the opaque per-recipient tokens (AES-GCM-SIV, rotation);
-`build_unsubscribe_headers` gives RFC 2369/8058 headers. The store (`open_store`, one SQLite
-file shared across campaigns and with the endpoint) records opt-outs; `UnsubscribeWatch`
-re-reads it during a run so an opt-out stops the next send. The endpoint that serves the
-links is in `campaign.web`: nothing in the core imports a web server.
+`build_unsubscribe_headers` gives RFC 2369/8058 headers. The store (`open_store`) records opt-outs,
+bounces and the notifications `campaign serve` receives; it is shared across campaigns and with the
+endpoint: one SQLite file (the default), or a PostgreSQL database (a `postgresql://` URL, schema
+`campaign_store`) when the endpoint and campaigns run on several machines. Both behave alike:
+`SuppressionStore` is written once, over each backend's SQL (`_sqlitestore`, `_pgstore`).
+`UnsubscribeWatch` re-reads the stores during a run so an opt-out stops the next send. The endpoint
+that serves the links is in `campaign.web`: nothing in the core imports a web server.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from campaign.unsubscribe._store import (
     load_unsubscribed,
     lookup_unsubscribed,
     open_store,
+    store_exists,
+    store_location,
 )
 from campaign.unsubscribe._tokens import (
     TokenClaims,
@@ -60,5 +65,7 @@ __all__ = [
     "make_token",
     "open_store",
     "parse_secrets",
+    "store_exists",
+    "store_location",
     "verify_token",
 ]

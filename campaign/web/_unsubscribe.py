@@ -193,9 +193,10 @@ def _invalid_link() -> HTMLResponse:
 
 
 def load_endpoint(
-    store_path: Path, *, secret_env: str = DEFAULT_SECRET_ENV, clock: Clock | None = None
+    store_path: Path | str, *, secret_env: str = DEFAULT_SECRET_ENV, clock: Clock | None = None
 ) -> UnsubscribeEndpoint:
-    """An endpoint over the store at `store_path` (created if missing), checking links with `secret_env`.
+    """An endpoint over the store at `store_path` (a file or a `postgresql://` URL; created if missing),
+    checking links with `secret_env`.
 
     Raises ManifestError when the variable is unset or a secret is too short (never showing it).
     """

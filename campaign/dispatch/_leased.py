@@ -1,0 +1,165 @@
+"""Sending as one of several workers: rounds over the grants this worker holds a lease on.
+
+Where several workers share a campaign (a PostgreSQL ledger), each sends only from the grants it
+leases (`ledger.GrantLeases`), so that a grant's pace, budget and keys stay with one process. A
+worker takes its share of the grants that have work, sends a round from them (the usual loop, with
+their lanes only), gives them back, and looks again, until no grant has work. While a round runs,
+a heartbeat renews the leases every few seconds; the round is stopped gracefully (no new claim, the
+sends in flight settled and recorded) when a lease is lost or cannot be renewed, well before it
+could expire, or when the worker holds more than its share because another worker joined. When
+every grant with work is another live worker's, it waits and looks again: a dead worker's grants
+come free when their leases expire. It never prints; time is its `Clock`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Protocol
+
+import anyio
+
+from campaign.clock import Clock
+from campaign.dispatch._types import DispatchResult
+from campaign.errors import LedgerError
+
+__all__ = ["Leases", "send_under_leases"]
+
+# The leases are renewed this often (a tenth of their life: 3 s of 30 s), and a worker with no grant
+# looks for one again this often.
+_HEARTBEATS_PER_LEASE = 10
+_LOOKS_PER_LEASE = 15
+
+
+class Leases(Protocol):
+    """One worker's leases on a campaign's grants (`ledger.GrantLeases`); every call is blocking I/O."""
+
+    expiry_s: float
+
+    def join(self) -> None: ...
+    def leave(self) -> None: ...
+    def live_workers(self) -> int: ...
+    def acquire(self, wanted: Sequence[str], share: int) -> tuple[str, ...]: ...
+    def renew(self) -> tuple[str, ...]: ...
+    def release(self, senders: Sequence[str]) -> None: ...
+    def free(self, wanted: Sequence[str]) -> tuple[str, ...]: ...
+
+
+async def send_under_leases(
+    leases: Leases,
+    *,
+    with_work: Callable[[], Sequence[str]],
+    send_round: Callable[[Sequence[str], anyio.Event], Awaitable[DispatchResult]],
+    share_of: Callable[[int, int], int],
+    clock: Clock,
+    stop: anyio.Event,
+) -> DispatchResult | None:
+    """Send rounds from leased grants until no grant has work that may go now (`with_work`: those
+    senders) or `stop` is set; the rounds' results added up (None: no round ran). `share_of(grants,
+    workers)` is one worker's share.
+
+    `send_round(senders, round_stop)` sends from `senders` until their work is done or `round_stop` is
+    set. LedgerError when a lease was lost or could not be kept (its round was stopped first)."""
+    heartbeat_s = leases.expiry_s / _HEARTBEATS_PER_LEASE
+    await anyio.to_thread.run_sync(leases.join)
+    total: DispatchResult | None = None
+    try:
+        while not stop.is_set():
+            wanted = await anyio.to_thread.run_sync(with_work)
+            if not wanted:
+                break
+            workers = await anyio.to_thread.run_sync(leases.live_workers)
+            held = await anyio.to_thread.run_sync(leases.acquire, wanted, share_of(len(wanted), workers))
+            if not held:  # every grant with work is another live worker's
+                await clock.wait_for(stop, leases.expiry_s / _LOOKS_PER_LEASE)
+                continue
+            round_ = _LeasedRound(
+                leases, held, wanted, partial(share_of, len(wanted)), clock, stop, heartbeat_s
+            )
+            result = await round_.send(send_round)
+            total = result if total is None else total.then(result)
+            if result.auth_refused or result.limit_reached:
+                break  # as one worker would stop: the rest is for another run
+    finally:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(LedgerError):  # the database is gone: the leases expire by themselves
+                await anyio.to_thread.run_sync(leases.leave)
+    return total
+
+
+class _LeasedRound:
+    """One round from the grants `held`, their leases renewed meanwhile and given back after."""
+
+    def __init__(
+        self,
+        leases: Leases,
+        held: Sequence[str],
+        wanted: Sequence[str],
+        share: Callable[[int], int],
+        clock: Clock,
+        stop: anyio.Event,
+        heartbeat_s: float,
+    ) -> None:
+        self._leases = leases
+        self._held = held
+        self._wanted = wanted  # the grants with work when the round began
+        self._share = share  # this worker's share for a number of live workers
+        self._clock = clock
+        self._stop = stop
+        self._heartbeat_s = heartbeat_s
+        self._round_stop = anyio.Event()
+        self._lost: str | None = None
+
+    async def send(
+        self, send_round: Callable[[Sequence[str], anyio.Event], Awaitable[DispatchResult]]
+    ) -> DispatchResult:
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._keep_leases)
+            try:
+                result = await send_round(self._held, self._round_stop)
+            finally:
+                group.cancel_scope.cancel()
+        if self._lost is not None:
+            message = (
+                f"this worker stopped sending from {', '.join(self._held)}: {self._lost}; the sends in "
+                "flight keep their idempotency keys, so the grants' next owner mails nobody twice"
+            )
+            raise LedgerError(message)
+        await anyio.to_thread.run_sync(self._leases.release, self._held)
+        return result
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases every heartbeat; stop the round (gracefully) when one is lost, when they
+        cannot be renewed in time, on a stop request, when a worker joined (this one holds more than
+        its share: the grants go back after the round), or when a grant with work came free (its
+        worker died or left) while this one holds less than its share: the next round takes it."""
+        leases = self._leases
+        while True:
+            if await self._clock.wait_for(self._stop, self._heartbeat_s):
+                break  # Ctrl-C, SIGTERM: the sends in flight finish and are recorded
+            try:
+                # Well within a lease's expiry: a worker that cannot renew stops claiming long before
+                # another could take its grants.
+                with anyio.fail_after(min(self._heartbeat_s, leases.expiry_s / 3)):
+                    still = await anyio.to_thread.run_sync(leases.renew, abandon_on_cancel=True)
+                    workers = await anyio.to_thread.run_sync(leases.live_workers, abandon_on_cancel=True)
+            except LedgerError as exc:
+                self._lost = f"it cannot renew its leases ({exc})"
+                break
+            except TimeoutError:
+                self._lost = "the database did not answer in time to renew its leases"
+                break
+            gone = [name for name in self._held if name not in still]
+            if gone:
+                self._lost = f"its lease on {', '.join(gone)} expired"
+                break
+            share = self._share(workers)
+            if len(self._held) > share:
+                break
+            if len(self._held) < share and await anyio.to_thread.run_sync(self._any_free):
+                break
+        self._round_stop.set()
+
+    def _any_free(self) -> bool:
+        return bool(self._leases.free(self._wanted))

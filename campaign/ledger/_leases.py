@@ -1,0 +1,245 @@
+"""Grant leases: which worker sends from which mailbox, when several share a campaign in PostgreSQL.
+
+A worker (`campaign run` on some machine) joins the campaign's `workers` rows and takes leases on
+grants (`leases`: a sender, its owner, an expiry). A grant is sent from by its lease's owner alone,
+so its pace, concurrency, rolling-24 h budget and idempotency keys stay with one process, exactly as
+with one machine. The owner renews its leases and its heartbeat every few seconds; a worker that
+dies stops renewing, and its grants are free once their leases expire, never before. Each worker
+holds at most its share: the grants with work, divided by the live workers, rounded up; so a
+worker that joins finds grants given back to it. Times are the workers' clocks (`Clock`), in Unix
+seconds: their machines keep time (NTP), which the 30 s expiry allows a little slack for.
+
+Plain SQL over one connection of its own (autocommit: every statement is its own transaction), so
+that a heartbeat never waits behind the ledger's writes. Claims check the lease in the ledger's
+own transaction (`PostgresLedger.claim`), so a worker that lost its lease cannot claim a row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from campaign.clock import Clock
+from campaign.errors import LedgerError
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["LEASE_EXPIRY_S", "GrantLeases", "WorkerView", "read_workers", "share_of"]
+
+# A lease lasts this long after its last renewal (`[ledger] lease_s`); `dispatch` renews it well before.
+LEASE_EXPIRY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """A worker of the campaign, as `status` shows it."""
+
+    id: str
+    host: str
+    pid: int
+    grants: tuple[str, ...]  # the senders it holds a live lease on
+    heartbeat_at: float  # Unix time of its last heartbeat
+    live: bool  # its heartbeat is younger than a lease's expiry
+
+
+def share_of(grants: int, workers: int) -> int:
+    """How many of `grants` one of `workers` live workers holds at most: the division, rounded up."""
+    return math.ceil(grants / max(1, workers))
+
+
+# The campaign's id, looked up by name in each statement: the leases know the campaign by its name.
+_CAMPAIGN = "(SELECT id FROM campaign_ledger.campaigns WHERE name = %(campaign)s)"
+
+
+class GrantLeases:
+    """One worker's leases on one campaign's grants. Not thread-safe beyond its own lock."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        where: str,
+        campaign: str,
+        clock: Clock,
+        expiry_s: float = LEASE_EXPIRY_S,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self._conninfo = conninfo
+        self._where = where
+        self._clock = clock
+        self.expiry_s = expiry_s
+        self.id = uuid.uuid4().hex[:12]
+        self.host = socket.gethostname()
+        self._params: dict[str, Any] = {"campaign": campaign, "worker": self.id}
+        self._connect_timeout_s = connect_timeout_s
+        self._db: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
+
+    # --- the worker -----------------------------------------------------------------------------
+
+    def join(self) -> None:
+        """Add this worker to the campaign's workers (its heartbeat starts now)."""
+        now = self._now()
+        self._run(
+            "INSERT INTO campaign_ledger.workers (campaign_id, id, host, pid, started_at, heartbeat_at) "
+            f"VALUES ({_CAMPAIGN}, %(worker)s, %(host)s, %(pid)s, %(now)s, %(now)s)",
+            host=self.host,
+            pid=os.getpid(),
+            now=now,
+        )
+
+    def leave(self) -> None:
+        """Give back every lease and leave the campaign's workers (on a stop, or when done)."""
+        self._run(
+            f"DELETE FROM campaign_ledger.leases WHERE campaign_id = {_CAMPAIGN} AND owner = %(worker)s"
+        )
+        self._run(f"DELETE FROM campaign_ledger.workers WHERE campaign_id = {_CAMPAIGN} AND id = %(worker)s")
+
+    def live_workers(self) -> int:
+        """How many workers' heartbeats are younger than a lease's expiry (this one included)."""
+        rows = self._run(
+            "SELECT count(*) FROM campaign_ledger.workers "
+            f"WHERE campaign_id = {_CAMPAIGN} AND heartbeat_at > %(since)s",
+            since=self._now() - self.expiry_s,
+        )
+        return max(1, int(rows[0][0]))
+
+    # --- leases ---------------------------------------------------------------------------------
+
+    def acquire(self, wanted: Sequence[str], share: int) -> tuple[str, ...]:
+        """Hold up to `share` of the grants `wanted`: those held already first, then free ones (never
+        leased, given back, or expired), in the order given; returns the grants held, in that order.
+
+        A lease changes owner only once it has expired: the take is one statement that checks it."""
+        now = self._now()
+        held = [name for name in self.renew() if name in wanted][:share]
+        for name in wanted:
+            if len(held) >= share:
+                break
+            if name in held:
+                continue
+            taken = self._run(
+                "INSERT INTO campaign_ledger.leases AS l "
+                "(campaign_id, sender, owner, expires_at, acquired_at) "
+                f"VALUES ({_CAMPAIGN}, %(sender)s, %(worker)s, %(expires)s, %(now)s) "
+                "ON CONFLICT (campaign_id, sender) DO UPDATE SET owner = excluded.owner, "
+                "expires_at = excluded.expires_at, acquired_at = excluded.acquired_at "
+                "WHERE l.expires_at <= %(now)s OR l.owner = excluded.owner RETURNING sender",
+                sender=name,
+                expires=now + self.expiry_s,
+                now=now,
+            )
+            if taken:
+                held.append(name)
+        return tuple(name for name in wanted if name in held)
+
+    def renew(self) -> tuple[str, ...]:
+        """The heartbeat: this worker's live leases extended and its heartbeat recorded; returns the
+        grants it still holds. A lease that expired meanwhile is not revived: another worker may have
+        it (or take it), so its grant is no longer this worker's to send from."""
+        now = self._now()
+        self._run(
+            "UPDATE campaign_ledger.workers SET heartbeat_at = %(now)s "
+            f"WHERE campaign_id = {_CAMPAIGN} AND id = %(worker)s",
+            now=now,
+        )
+        rows = self._run(
+            "UPDATE campaign_ledger.leases SET expires_at = %(expires)s "
+            f"WHERE campaign_id = {_CAMPAIGN} AND owner = %(worker)s AND expires_at > %(now)s "
+            "RETURNING sender",
+            expires=now + self.expiry_s,
+            now=now,
+        )
+        return tuple(sorted(str(sender) for (sender,) in rows))
+
+    def free(self, wanted: Sequence[str]) -> tuple[str, ...]:
+        """Of the grants `wanted`, those nobody holds a live lease on, in that order."""
+        rows = self._run(
+            f"SELECT sender FROM campaign_ledger.leases WHERE campaign_id = {_CAMPAIGN} "
+            "AND sender = ANY(%(names)s) AND expires_at > %(now)s",
+            names=list(wanted),
+            now=self._now(),
+        )
+        taken = {str(sender) for (sender,) in rows}
+        return tuple(name for name in wanted if name not in taken)
+
+    def release(self, senders: Iterable[str]) -> None:
+        """Give the leases on `senders` back at once (their sends in flight are settled and recorded)."""
+        names = list(senders)
+        if names:
+            self._run(
+                "DELETE FROM campaign_ledger.leases "
+                f"WHERE campaign_id = {_CAMPAIGN} AND owner = %(worker)s AND sender = ANY(%(names)s)",
+                names=names,
+            )
+
+    def workers(self) -> list[WorkerView]:
+        """The campaign's workers with the grants each holds, live ones first."""
+        read = lambda query, params: self._run(query, **params)  # noqa: E731
+        return read_workers(read, self._params["campaign"], self._now(), self.expiry_s)
+
+    def close(self) -> None:
+        """Close the connection (the leases stay until they expire, unless given back first)."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # --- the connection -------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
+
+    def _run(self, query: str, **params: object) -> list[tuple[Any, ...]]:
+        import psycopg  # only where a database is used: a SQLite ledger never loads it
+
+        with self._lock:
+            try:
+                if self._db is None or self._db.closed:
+                    self._db = psycopg.connect(
+                        self._conninfo, autocommit=True, connect_timeout=int(self._connect_timeout_s)
+                    )
+                cursor = self._db.execute(query, {**self._params, **params})
+                return cursor.fetchall() if cursor.description is not None else []
+            except psycopg.Error as exc:
+                if self._db is not None and self._db.broken:
+                    self._db = None
+                name = type(exc).__name__  # its text may name the server's address and user: not shown
+                message = f"{self._where}: lost the database while keeping this worker's leases ({name})"
+                raise LedgerError(message) from None
+
+
+def read_workers(
+    read: Callable[[str, Mapping[str, object]], list[tuple[Any, ...]]],
+    campaign: str,
+    now: float,
+    expiry_s: float,
+) -> list[WorkerView]:
+    """The workers of `campaign` and their live leases, through `read(query, params)`."""
+    rows = read(
+        "SELECT w.id, w.host, w.pid, w.heartbeat_at, "
+        "COALESCE(array_agg(l.sender ORDER BY l.sender) FILTER (WHERE l.sender IS NOT NULL), '{}') "
+        "FROM campaign_ledger.workers AS w LEFT JOIN campaign_ledger.leases AS l "
+        "ON l.campaign_id = w.campaign_id AND l.owner = w.id AND l.expires_at > %(now)s "
+        f"WHERE w.campaign_id = {_CAMPAIGN} GROUP BY w.id, w.host, w.pid, w.heartbeat_at "
+        "ORDER BY w.heartbeat_at DESC, w.id",
+        {"campaign": campaign, "now": now},
+    )
+    return [
+        WorkerView(
+            id=str(worker),
+            host=str(host),
+            pid=int(pid),
+            grants=tuple(str(name) for name in grants),
+            heartbeat_at=float(beat),
+            live=float(beat) > now - expiry_s,
+        )
+        for worker, host, pid, beat, grants in rows
+    ]

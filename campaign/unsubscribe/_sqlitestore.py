@@ -1,0 +1,297 @@
+"""The unsubscribe store in one SQLite file: its schema, its migrations and its SQL (`StoreSql`).
+
+WAL, so a campaign reads while the endpoint writes, across processes; a write is one IMMEDIATE
+transaction, so writers go one at a time and row ids become visible in the order they are given.
+The file is created 0600 and marked as ours (PRAGMA application_id), so a ledger or another
+database is never taken for a store, and never changed. One connection, one lock: safe to share
+between threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from campaign.errors import InputFileError
+from campaign.unsubscribe._sql import BounceRow, EntryRow, EventRow, NumberedEntryRow
+from campaign.unsubscribe._values import BounceRecord, StoreError
+
+__all__ = ["SqliteStoreSql", "open_sqlite_store"]
+
+# Marks the file as ours (PRAGMA application_id), so a ledger or another database is never taken for a store.
+_APPLICATION_ID = 0x43554E53  # "CUNS"
+# Each version's statements, applied in order to a store older than it (PRAGMA user_version).
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE IF NOT EXISTS unsubscribes ("
+        " id INTEGER PRIMARY KEY,"
+        " campaign TEXT NOT NULL,"  # '' for entries added by hand, imported, or from a bounce
+        " recipient_key TEXT NOT NULL,"
+        " email TEXT,"  # the lower-cased address, when the key is one (or it was given)
+        " recorded_at TEXT NOT NULL,"
+        " source TEXT NOT NULL,"
+        " UNIQUE (campaign, recipient_key))",
+        "CREATE INDEX IF NOT EXISTS unsubscribes_email ON unsubscribes (email)",
+    ),
+    (
+        # Notifications as received (Nylas delivers at least once: one row per envelope id).
+        "CREATE TABLE events ("
+        " id TEXT PRIMARY KEY,"
+        " type TEXT NOT NULL,"
+        " grant_id TEXT,"
+        " received_at TEXT NOT NULL,"
+        " body TEXT NOT NULL)",
+        "CREATE TABLE bounces ("
+        " id INTEGER PRIMARY KEY,"
+        " email TEXT NOT NULL,"
+        " hard INTEGER NOT NULL,"
+        " code TEXT,"
+        " kind TEXT,"
+        " reason TEXT,"
+        " bounced_at TEXT NOT NULL,"
+        " message_id TEXT,"
+        " event_id TEXT NOT NULL,"
+        " UNIQUE (event_id, email))",
+        "CREATE INDEX bounces_email ON bounces (email, bounced_at)",
+        # Campaigns look a batch of recipient keys up at a time (the UNIQUE index starts with campaign).
+        "CREATE INDEX unsubscribes_key ON unsubscribes (recipient_key)",
+        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+)
+_SCHEMA_VERSION = len(_MIGRATIONS)
+_ENTRY = "campaign, recipient_key, email, recorded_at, source"
+
+
+def open_sqlite_store(path: Path, *, create: bool) -> SqliteStoreSql:
+    """The store file at `path` (created, mode 0600, when `create`), set up or migrated;
+    InputFileError if it is missing (and not to be created) or not a store."""
+    if not path.exists():
+        if not create:
+            message = (
+                f"{path}: no unsubscribe store here; check the path (it is created by the first unsubscribe)"
+            )
+            raise InputFileError(message)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            message = f"{path}: cannot create the unsubscribe store ({exc.strerror or exc})"
+            raise StoreError(message) from exc
+    if path.is_dir():
+        message = f"{path}: is a folder; give the unsubscribe store's file (e.g. unsubscribes.sqlite)"
+        raise InputFileError(message)
+    try:
+        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    except sqlite3.Error as exc:
+        message = f"{path}: cannot open the unsubscribe store ({exc})"
+        raise StoreError(message) from exc
+    sql = SqliteStoreSql(connection, path)
+    try:
+        sql.set_up()
+    except BaseException:
+        connection.close()
+        raise
+    return sql
+
+
+class _Writes:
+    """The writes of one SQLite transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def add_entries(self, rows: Sequence[EntryRow]) -> int:
+        before = self._db.total_changes
+        self._db.executemany(
+            f"INSERT OR IGNORE INTO unsubscribes ({_ENTRY}) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        return self._db.total_changes - before
+
+    def add_event(self, event_id: str, kind: str, grant_id: str | None, received_at: str, body: str) -> bool:
+        before = self._db.total_changes
+        self._db.execute(
+            "INSERT OR IGNORE INTO events (id, type, grant_id, received_at, body) VALUES (?, ?, ?, ?, ?)",
+            (event_id, kind, grant_id, received_at, body),
+        )
+        return self._db.total_changes != before
+
+    def add_bounce(self, bounce: BounceRecord, event_id: str) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO bounces"
+            " (email, hard, code, kind, reason, bounced_at, message_id, event_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                bounce.email,
+                int(bounce.hard),
+                bounce.code,
+                bounce.kind,
+                bounce.reason,
+                bounce.bounced_at,
+                bounce.message_id,
+                event_id,
+            ),
+        )
+
+    def soft_bounces_since(self, email: str, since: str) -> int:
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM bounces WHERE email = ? AND hard = 0 AND bounced_at > ?", (email, since)
+        ).fetchone()
+        return int(count)
+
+    def set_setting(self, name: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO settings VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+
+class SqliteStoreSql:
+    """The SQL of a store file, over one connection shared by threads (one lock)."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteStoreSql({str(self.path)!r})"
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def find(self, campaign: str, recipient_key: str) -> EntryRow | None:
+        rows = self._query(
+            f"SELECT {_ENTRY} FROM unsubscribes WHERE campaign = ? AND recipient_key = ?",
+            (campaign, recipient_key),
+        )
+        return rows[0] if rows else None
+
+    def entries(self) -> list[EntryRow]:
+        return self._query(f"SELECT {_ENTRY} FROM unsubscribes ORDER BY id")
+
+    def entries_for(self, keys: Sequence[str], emails: Sequence[str]) -> list[EntryRow]:
+        return self._query(
+            f"SELECT {_ENTRY} FROM unsubscribes"
+            " WHERE id IN (SELECT u.id FROM json_each(?) AS j CROSS JOIN unsubscribes AS u"
+            " ON u.recipient_key = j.value UNION SELECT u.id FROM json_each(?) AS j"
+            " CROSS JOIN unsubscribes AS u ON u.email = j.value) ORDER BY id",
+            (json.dumps(list(keys)), json.dumps(list(emails))),
+        )
+
+    def entries_since(self, last_id: int) -> list[NumberedEntryRow]:
+        return self._query(f"SELECT id, {_ENTRY} FROM unsubscribes WHERE id > ? ORDER BY id", (last_id,))
+
+    def newest_id(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(id), 0) FROM unsubscribes")[0][0])
+
+    def count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM unsubscribes")[0][0])
+
+    def events_since(self, kind: str, last_seq: int) -> list[EventRow]:
+        return self._query(
+            "SELECT rowid, body, received_at FROM events WHERE type = ? AND rowid > ? ORDER BY rowid",
+            (kind, last_seq),
+        )
+
+    def events_of(self, kinds: Sequence[str]) -> list[tuple[str, str, str]]:
+        return self._query(
+            "SELECT type, body, received_at FROM events WHERE type IN (SELECT value FROM json_each(?))"
+            " ORDER BY received_at, rowid",
+            (json.dumps(list(kinds)),),
+        )
+
+    def event_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM events")[0][0])
+
+    def bounces(self, email: str) -> list[BounceRow]:
+        rows = self._query(
+            "SELECT email, hard, bounced_at, code, kind, reason, message_id FROM bounces "
+            "WHERE email = ? ORDER BY bounced_at, id",
+            (email,),
+        )
+        return [(e, bool(hard), *rest) for e, hard, *rest in rows]
+
+    def settings(self) -> dict[str, str]:
+        return dict(self._query("SELECT name, value FROM settings"))
+
+    @contextmanager
+    def write(self) -> Iterator[_Writes]:
+        """One IMMEDIATE transaction under the store's lock; sqlite errors become StoreError."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                message = f"{self.path}: cannot write the unsubscribe store ({exc})"
+                raise StoreError(message) from exc
+            try:
+                yield _Writes(self._db)
+            except BaseException as error:
+                self._db.execute("ROLLBACK")
+                if isinstance(error, sqlite3.Error):
+                    message = f"{self.path}: cannot write the unsubscribe store ({error})"
+                    raise StoreError(message) from error
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                message = f"{self.path}: cannot write the unsubscribe store ({exc})"
+                raise StoreError(message) from exc
+
+    def set_up(self) -> None:
+        """Check the file is a store (or empty), then bring its schema to this version."""
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA busy_timeout=5000")
+                (app_id,) = self._db.execute("PRAGMA application_id").fetchone()
+                (version,) = self._db.execute("PRAGMA user_version").fetchone()
+                rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        except sqlite3.DatabaseError as exc:
+            message = f"{self.path}: not an unsubscribe store ({exc}); check the path"
+            raise InputFileError(message) from exc
+        # Checked before anything is written, so another database is never changed.
+        if app_id != _APPLICATION_ID and (app_id != 0 or {name for (name,) in rows} - {"unsubscribes"}):
+            message = (
+                f"{self.path}: this SQLite file is not an unsubscribe store (a ledger?); "
+                "name a store such as unsubscribes.sqlite"
+            )
+            raise InputFileError(message)
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            message = f"{self.path}: cannot open the unsubscribe store ({exc})"
+            raise StoreError(message) from exc
+        if version > _SCHEMA_VERSION:
+            message = f"{self.path}: written by a newer version of campaign; upgrade campaign"
+            raise StoreError(message)
+        if version == _SCHEMA_VERSION:
+            return  # a reader (a running campaign) takes no write lock just to open the store
+        with self.write():
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version < _SCHEMA_VERSION:  # still: another process may have set it up meanwhile
+                for statements in _MIGRATIONS[version:]:
+                    for statement in statements:
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def _query(self, query: str, params: tuple[object, ...] = ()) -> list[Any]:
+        try:
+            with self._lock:
+                return self._db.execute(query, params).fetchall()
+        except sqlite3.Error as exc:
+            message = f"{self.path}: cannot read the unsubscribe store ({exc})"
+            raise StoreError(message) from exc

@@ -1,0 +1,85 @@
+"""What an unsubscribe store holds and says, whichever database keeps it: entries, bounces, replies,
+engagement, the soft-bounce rule, and its error. Plain values; no SQL here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from campaign.errors import LedgerError
+
+__all__ = [
+    "BOUNCE_SOURCE",
+    "DEFAULT_SOFT_BOUNCE_DAYS",
+    "DEFAULT_SOFT_BOUNCE_LIMIT",
+    "BounceRecord",
+    "BounceRules",
+    "Engagement",
+    "StoreEntry",
+    "StoreError",
+    "ThreadReply",
+]
+
+BOUNCE_SOURCE = "bounce"  # the source of a suppression a bounce made (skip reason `bounced`)
+# Soft bounces (4xx) suppress an address once this many arrive within this many days (listmonk's
+# and Mautic's rule of thumb); a hard bounce (5xx) suppresses at once.
+DEFAULT_SOFT_BOUNCE_LIMIT = 3
+DEFAULT_SOFT_BOUNCE_DAYS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class BounceRecord:
+    """One bounced address of a notification, classified (`hard`: permanent)."""
+
+    email: str
+    hard: bool
+    bounced_at: str  # ISO UTC
+    code: str | None = None
+    kind: str | None = None  # the provider's type, e.g. mailbox_unavailable
+    reason: str | None = None
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadReply:
+    """A `thread.replied` notification kept in a store: someone other than the sender answered."""
+
+    label: str  # the tracked message's `tracking_options.label` (campaign:recipient key:step)
+    root_message_id: str  # the tracked message
+    message_id: str  # the reply
+    at: str  # when it was received (ISO)
+
+
+@dataclass(frozen=True, slots=True)
+class Engagement:
+    """What the tracking notifications say of one sent message: opens, clicks, replies (ISO UTC times)."""
+
+    opens: int = 0
+    first_open: str | None = None
+    last_open: str | None = None
+    clicks: int = 0
+    urls: tuple[str, ...] = ()
+    replies: int = 0
+    first_reply: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BounceRules:
+    """When soft bounces suppress an address: `limit` of them within `days`."""
+
+    limit: int = DEFAULT_SOFT_BOUNCE_LIMIT
+    days: int = DEFAULT_SOFT_BOUNCE_DAYS
+
+
+class StoreError(LedgerError):
+    """The unsubscribe store cannot be opened, read or written (exit 74, like the ledger)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEntry:
+    """One unsubscribe: from which campaign, who (key and address), when (ISO UTC) and how."""
+
+    campaign: str
+    recipient_key: str
+    email: str | None
+    recorded_at: str
+    source: str

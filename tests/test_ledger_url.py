@@ -1,0 +1,165 @@
+"""A campaign's ledger in PostgreSQL, from the command line: `[ledger] url` and `--ledger URL`.
+
+End to end against the fake Nylas on loopback and a real PostgreSQL database; and the refusals (a
+malformed URL, a password written down, an unreachable server, an unknown user), each one line with
+its exit code, nothing sent, and never the password.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import copy_sample
+from postgres import fresh_database
+
+from campaign.manifest import load_manifest
+from campaign.testing import FakeNylas
+
+
+@pytest.fixture(name="database", scope="module")
+def _database():
+    with fresh_database() as url:
+        yield url
+
+
+def _newsletter(api: FakeNylas, tmp_path, *, ledger: str = ""):
+    manifest = copy_sample("newsletter", tmp_path)
+    for sender in load_manifest(manifest).senders:
+        assert sender.grant_id is not None
+        api.add_grant(sender.grant_id, sender.email or "")
+    if ledger:
+        manifest.write_text(manifest.read_text() + f"\n[ledger]\n{ledger}\n")
+    return manifest
+
+
+def _one_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+def test_a_campaign_runs_on_a_postgresql_ledger_and_resumes_from_it(api, cli, tmp_path, database):
+    """The ledger and the unsubscribe store in one database: an opt-out recorded there is skipped."""
+    manifest = _newsletter(api, tmp_path, ledger=f'url = "{database}"')
+    manifest.write_text(
+        manifest.read_text().replace(
+            'secret_env = "CAMPAIGN_UNSUBSCRIBE_SECRET"',
+            f'secret_env = "CAMPAIGN_UNSUBSCRIBE_SECRET"\nstore = "{database}"',
+        )
+    )
+    opted_out = cli("suppress", "add", "eve@example.org", "--store", database)
+    assert opted_out.exit_code == 0, opted_out.output
+    first = cli("run", manifest, "--yes")
+    assert first.exit_code == 0, first.output
+    assert len(api.deliveries) == 4
+    assert "eve@example.org" not in {d.payload["to"][0]["email"] for d in api.deliveries}
+    assert not list(tmp_path.rglob("*.ledger.sqlite"))  # nothing of it went to a file
+    assert not list(tmp_path.rglob("*.sqlite"))
+
+    again = cli("run", manifest, "--yes")
+    assert again.exit_code == 0, again.output
+    assert len(api.deliveries) == 4  # the database said who was mailed
+
+    status = cli("status", manifest, "--json")
+    assert status.exit_code == 0, status.output
+    found = json.loads(status.stdout)
+    assert found["ledger"] == database
+    assert found["states"]["sent"] == 4
+    assert found["skipped"]["unsubscribed"] == 1
+
+
+def test_the_ledger_option_overrides_the_file_and_the_campaign_stays_apart(api, cli, tmp_path, database):
+    """`--ledger` on every command reaches the same rows; the SQLite file beside the manifest is not used,
+    and the sandbox keeps its own rows in the same database."""
+    manifest = _newsletter(api, tmp_path / "a")
+    manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', 'name = "by-option"'))
+    sandbox = cli("run", manifest, "--yes", "--sandbox", "--ledger", database)
+    assert sandbox.exit_code == 0, sandbox.output
+    assert not api.deliveries
+
+    result = cli("run", manifest, "--yes", "--ledger", database)
+    assert result.exit_code == 0, result.output
+    assert len(api.deliveries) == 5  # the sandbox's rows marked nobody as sent
+    assert not manifest.with_name("campaign.ledger.sqlite").exists()
+
+    on_file = cli("status", manifest, "--json")
+    assert json.loads(on_file.stdout)["ledger"] is None  # the file beside the manifest has no run
+    in_database = json.loads(cli("status", manifest, "--json", "--ledger", database).stdout)
+    assert in_database["states"]["sent"] == 5
+
+    report = tmp_path / "report.csv"
+    written = cli("report", manifest, "--out", report, "--ledger", database)
+    assert written.exit_code == 0, written.output
+    assert (
+        report.read_text().count("\n") == 1 + 6
+    )  # a header, then 5 sent and 1 suppressed (a duplicate has no row)
+
+
+def test_a_url_with_a_password_is_refused_without_showing_it(api, cli, tmp_path):
+    manifest = _newsletter(api, tmp_path, ledger='url = "postgresql://campaign:hunter2@127.0.0.1/db"')
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 78
+    line = _one_line(result.output)
+    assert "ledger.url" in line
+    assert "PGPASSWORD" in line
+    assert "hunter2" not in result.output
+    assert not api.deliveries
+
+    plain = _newsletter(api, tmp_path / "b")
+    for url in ("postgresql://campaign:hunter2@127.0.0.1/db", "postgresql://127.0.0.1/db?password=hunter2"):
+        given = cli("status", plain, "--ledger", url)
+        assert given.exit_code == 2
+        assert "--ledger" in _one_line(given.output)
+        assert "hunter2" not in given.output
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("mysql://127.0.0.1/db", "PostgreSQL URL"),
+        ("postgresql://127.0.0.1:port/db", "port"),
+    ],
+)
+def test_a_malformed_ledger_url_is_one_line_and_exit_2(api, cli, tmp_path, url, said):
+    manifest = _newsletter(api, tmp_path)
+    result = cli("run", manifest, "--yes", "--ledger", url)
+    assert result.exit_code == 2
+    assert said in _one_line(result.output)
+    assert not api.deliveries
+    assert not list(tmp_path.rglob("*.ledger.sqlite"))
+
+
+def test_a_password_variable_that_is_not_set_is_exit_78(api, cli, tmp_path, monkeypatch, database):
+    monkeypatch.delenv("CAMPAIGN_DB_PASSWORD", raising=False)
+    ledger = f'url = "{database}"\npassword_env = "CAMPAIGN_DB_PASSWORD"'
+    manifest = _newsletter(api, tmp_path, ledger=ledger)
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 78
+    assert "ledger.password_env" in _one_line(result.output)
+    assert "CAMPAIGN_DB_PASSWORD" in result.output
+    assert not api.deliveries
+
+
+def test_an_unreachable_server_is_one_line_exit_74_and_nothing_sent(api, cli, tmp_path):
+    manifest = _newsletter(api, tmp_path)
+    result = cli("run", manifest, "--yes", "--ledger", "postgresql://postgres@127.0.0.1:1/nowhere")
+    assert result.exit_code == 74
+    assert "127.0.0.1:1" in _one_line(result.output)
+    assert not api.deliveries
+
+
+def test_a_refused_user_is_one_line_exit_74_and_the_password_is_never_shown(
+    api, cli, tmp_path, monkeypatch, database
+):
+    monkeypatch.setenv("CAMPAIGN_DB_PASSWORD", "s3cret-never-shown")
+    wrong_user = database.replace("postgresql://postgres@", "postgresql://no_such_role_here@")
+    assert wrong_user != database
+    ledger = f'url = "{wrong_user}"\npassword_env = "CAMPAIGN_DB_PASSWORD"'
+    manifest = _newsletter(api, tmp_path, ledger=ledger)
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 74
+    assert "no_such_role_here" in _one_line(result.output)
+    assert "s3cret-never-shown" not in result.output
+    assert not api.deliveries
