@@ -5,7 +5,9 @@ run that checked them, only that the open rows' files are still there), checks t
 and the key scheme may continue, asks the caller to confirm the plan, records the plan, sends the
 open rows through `dispatch` (Ctrl-C stops it gracefully), and keeps the senders' quota parks.
 It holds the ledger's writer lock from the first check (a first run: once its checks pass, so bad
-input leaves no file) to the last write, and opens the ledger once. It prints nothing and picks
+input leaves no file) to the last write, and opens the ledger once. On a ledger several workers share
+(PostgreSQL), the lock is the plan's: a worker that joins waits for it and finds the plan checked,
+and each worker sends from the grants it leases (`dispatch.send_under_leases`). It prints nothing and picks
 no exit code: the caller takes part through `RunHooks` and gets a `RunOutcome`.
 """
 
@@ -72,6 +74,7 @@ from campaign.pipeline import (
     load_recipients,
     load_rules_stamp,
     record_content,
+    record_rows_given_away,
     render_job,
     run_preflight,
 )
@@ -473,6 +476,7 @@ class _Rounds:
             self._resting = {name: until for name, until in self._resting.items() if until > now}
             parks = {name: result.parked.get(name) for name in senders}
             await anyio.to_thread.run_sync(self._ledger.record_parks, parks)
+            await anyio.to_thread.run_sync(self._give_away, [*result.parked, *result.auth_refused])
             return result
 
         done = await send_under_leases(
@@ -488,6 +492,15 @@ class _Rounds:
         return (
             replace(done, remaining=0) if done else DispatchResult(sent=0, failed=0, unknown=0, remaining=0)
         )
+
+    def _give_away(self, stopped: Sequence[str]) -> None:
+        """The movable rows of senders this worker stopped (a quota park, refused credentials) to the
+        senders that may still send, through the ledger: another worker may hold them."""
+        now = self._clock.now()
+        parked = {name for name, until in self._ledger.parked_senders().items() if until > now}
+        takers = [s.name for s in self._manifest.senders if s.name not in parked and s.name not in stopped]
+        for name in stopped if takers else ():
+            record_rows_given_away(self._ledger, self._manifest.recipients, name, takers)
 
     def _with_work(self) -> list[str]:
         """The senders with work that may go now: rows of step 1 or follow-ups due, and not parked by a

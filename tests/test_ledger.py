@@ -11,6 +11,7 @@ import os
 import sqlite3
 import stat
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,10 @@ from campaign.errors import LedgerError
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.ledger._ledger import KEY_REUSE_S, TRANSITIONS
 from campaign.ledger._schema import MIGRATIONS
+from campaign.manifest import RecipientsSettings
 from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason, ThrottleKind
+from campaign.pipeline import record_rows_given_away
+from campaign.recipients import encode_cells
 from campaign.testing.clock import FakeClock
 
 pytest_plugins = ["postgres"]
@@ -373,6 +377,26 @@ def test_timestamps_come_from_the_clock(ledger, clock):
 
 
 # --- the list -------------------------------------------------------------------------
+
+
+def test_a_stopped_senders_movable_rows_go_to_the_others_through_the_ledger(ledgers, clock):
+    """`record_rows_given_away`: a stopped grant's pending rows go to the senders that may still send, in
+    turn; a row pinned to it by the list's sender column stays, and so does a row in flight (its key may
+    have been used on that grant) or already sent."""
+    ledger = ledgers.open("given", clock=clock)
+    cells = {n: encode_cells({"email": f"r{n}@x.com", "sender": "alice" if n == 2 else ""}) for n in range(6)}
+    ledger.record_plan(
+        [PlannedRow(f"r{n}@x.com", n, f"r{n}@x.com", "alice", cells=cells[n]) for n in range(6)], []
+    )
+    ledger.claim("r0@x.com", sender="alice")  # in flight
+    ledger.claim("r1@x.com", sender="alice")
+    ledger.record_outcome("r1@x.com", SENT, sender="alice")  # sent
+    settings = RecipientsSettings(source=Path("list.csv"), sender_column="sender")
+    moved = record_rows_given_away(ledger, settings, "alice", ["bob", "carol"], page=2)
+    assert moved == 3
+    senders = ledger.assigned_senders()
+    assert [senders[f"r{n}@x.com"] for n in range(6)] == ["alice", "alice", "alice", "bob", "carol", "bob"]
+    assert ledger.record_senders({"r0@x.com": "bob", "r1@x.com": "bob"}) == 0  # in flight, sent: kept
 
 
 def test_record_plan_adds_pending_and_skipped_and_keeps_existing(ledger):

@@ -30,10 +30,13 @@ import psycopg
 import pytest
 from conftest import API_KEY, REPO, SECRET
 from postgres import fresh_database
+from psycopg import sql
 
+from campaign.clock import SystemClock
 from campaign.dispatch import DispatchResult, send_under_leases
 from campaign.errors import LedgerError
 from campaign.ledger import GrantLeases, PlannedRow, ledger_site, share_of
+from campaign.ledger._pg_schema import _WRITER_LOCK
 from campaign.models import OutcomeKind, RowState, SendOutcome
 from campaign.testing import FakeClock, FakeNylas, Fault
 
@@ -98,7 +101,7 @@ def test_renewed_leases_hold_and_given_back_ones_are_free_at_once(database, cloc
         owner.join()
         other.join()
         assert owner.acquire(["g1", "g2"], 2) == ("g1", "g2")
-        for _ in range(20):  # ten lease lifetimes, renewed every sixth of one
+        for _ in range(20):  # over three lease lifetimes, renewed every sixth of one
             clock.advance(owner.expiry_s / 6)
             assert owner.renew() == ("g1", "g2")
             assert other.acquire(["g1", "g2"], 2) == ()
@@ -138,7 +141,7 @@ def test_the_next_owner_resends_rows_in_flight_with_their_own_keys(database, clo
 # --- real workers ---------------------------------------------------------------------------------
 
 
-def _write_campaign(folder: Path, database: str, rows: int) -> Path:
+def _write_campaign(folder: Path, database: str, rows: int, *, grants: int = GRANTS) -> Path:
     folder.mkdir()
     lines = ["email,name"] + [f"person{n:04d}@example.com,Person {n}" for n in range(rows)]
     (folder / "list.csv").write_text("\n".join(lines) + "\n")
@@ -146,7 +149,7 @@ def _write_campaign(folder: Path, database: str, rows: int) -> Path:
     senders = "".join(
         f'\n[[senders]]\nname = "g{n}"\ngrant_id = "grant-{n}"\nemail = "g{n}@example.com"\n'
         f"per_second = {PER_SECOND}\nconcurrency = {CONCURRENCY}\n"
-        for n in range(GRANTS)
+        for n in range(grants)
     )
     manifest = folder / "campaign.toml"
     manifest.write_text(
@@ -429,3 +432,152 @@ def test_two_workers_started_together_share_the_grants_and_both_end_done(api: Fa
     senders_by_worker = [line for line in output.splitlines() if line.startswith("This run: ")]
     assert len(senders_by_worker) == 2
     assert all(not line.startswith("This run: 0 sent") for line in senders_by_worker), output[-3000:]
+
+
+def _campaign_rows(database: str, campaign: str) -> dict[str, int]:
+    """The campaign's rows per state, and its live workers' and leases' rows, read from the database."""
+    with psycopg.connect(database) as db:
+        if db.execute("SELECT to_regclass('campaign_ledger.leases')").fetchone() == (None,):
+            return {}  # no campaign has made the schema yet
+        found = {
+            str(state): int(count)
+            for state, count in db.execute(
+                "SELECT r.state, count(*) FROM campaign_ledger.recipients AS r "
+                "JOIN campaign_ledger.campaigns AS c ON c.id = r.campaign_id WHERE c.name = %s "
+                "GROUP BY r.state",
+                (campaign,),
+            )
+        }
+        for table in ("workers", "leases"):
+            query = sql.SQL(
+                "SELECT count(*) FROM campaign_ledger.{} AS t JOIN campaign_ledger.campaigns AS c "
+                "ON c.id = t.campaign_id WHERE c.name = %s"
+            ).format(sql.Identifier(table))
+            found[table] = int(db.execute(query, (campaign,)).fetchone()[0])
+    return found
+
+
+def test_sigterm_settles_the_sends_in_flight_and_gives_the_leases_back_at_once(
+    api: FakeNylas, tmp_path, database
+):
+    rows = 300
+    api.latency_s = 0.1
+    for n in range(GRANTS):
+        api.add_grant(f"grant-{n}", f"g{n}@example.com")
+    manifest = _write_campaign(tmp_path / "term", database, rows)
+    log = tmp_path / "term.log"
+    worker = _start_worker(manifest, log)
+    try:
+        deadline = time.monotonic() + 60
+        while len(api.deliveries) < 20:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 130
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    found = _campaign_rows(database, "term")
+    assert found["workers"] == 0  # it left
+    assert found["leases"] == 0  # and gave its grants back: the next worker need not wait for expiry
+    assert found.get("inflight", 0) == 0  # its sends in flight were settled and recorded
+    assert found["sent"] == len(api.deliveries) < rows
+
+
+def test_a_worker_killed_while_planning_leaves_no_half_plan_and_the_next_plans_again(
+    api: FakeNylas, tmp_path, database
+):
+    rows = 40_000  # a check of a second or more
+    for n in range(GRANTS):
+        api.add_grant(f"grant-{n}", f"g{n}@example.com")
+    manifest = _write_campaign(tmp_path / "planning", database, rows)
+    log = tmp_path / "planning.log"
+    planner = _start_worker(manifest, log)
+    with psycopg.connect(database, autocommit=True) as db:  # it holds the plan's lock: it is checking
+        deadline = time.monotonic() + 60
+        while not db.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::oid AND granted",
+            (_WRITER_LOCK,),
+        ).fetchone()[0]:
+            assert time.monotonic() < deadline, log.read_text()
+            assert planner.poll() is None, log.read_text()
+            time.sleep(0.02)
+    time.sleep(0.3)
+    planner.send_signal(signal.SIGKILL)
+    planner.wait()
+    assert _campaign_rows(database, "planning").get("pending", 0) in (0, rows)  # all or nothing
+    env = {**os.environ, "NYLAS_API_KEY": API_KEY, "CAMPAIGN_UNSUBSCRIBE_SECRET": SECRET}
+    done = subprocess.run(
+        [sys.executable, "-m", "campaign", "run", str(manifest), "--yes", "--limit", "12"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 75, done.stdout[-2000:] + done.stderr[-2000:]  # resumable: --limit
+    found = _campaign_rows(database, "planning")
+    assert found["sent"] == 12
+    assert found["pending"] == rows - 12
+    mailed = Counter(delivery.payload["to"][0]["email"] for delivery in api.deliveries)
+    assert sum(mailed.values()) == len(mailed) == 12
+
+
+def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_ledger(
+    api: FakeNylas, tmp_path, database
+):
+    """The worker holds g0 alone (the test holds g1's lease); a quota parks g0 for an hour. Its rows are
+    given to g1 in the ledger, and sent from g1 once the worker can take it: nobody mailed twice."""
+    rows = 40
+    for n in range(2):
+        api.add_grant(f"grant-{n}", f"g{n}@example.com")
+    manifest = _write_campaign(tmp_path / "parked", database, rows, grants=2)
+    site = ledger_site(database, lease_s=3)
+    site.open(clock=SystemClock(), campaign="parked").close()  # the campaign's row: its leases need it
+    holder = site.leases("parked", SystemClock())
+    assert holder is not None
+    holder.join()
+    assert holder.acquire(["g1"], 1) == ("g1",)
+    stop = threading.Event()
+
+    def renew() -> None:  # the test's worker keeps its lease on g1, as a live worker does
+        while not stop.wait(0.3):
+            holder.renew()
+
+    renewing = threading.Thread(target=renew)
+    renewing.start()
+    api.script(Fault.QUOTA_EXCEEDED, grant_id="grant-0", retry_after_s=3600)
+    log = tmp_path / "parked.log"
+    worker = _start_worker(manifest, log)
+    try:
+        deadline = time.monotonic() + 60
+        while _pending_of(database, "parked", "g0") != 0 or _pending_of(database, "parked", "g1") != rows:
+            assert time.monotonic() < deadline, log.read_text()
+            assert worker.poll() is None, log.read_text()
+            time.sleep(0.05)
+        assert not api.deliveries  # g1 is not the worker's yet
+        stop.set()
+        renewing.join()
+        holder.leave()  # g1 free: the worker takes it and sends g0's rows from it
+        assert worker.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        stop.set()
+        holder.close()
+        if worker.poll() is None:
+            worker.kill()
+    mailed = Counter(delivery.payload["to"][0]["email"] for delivery in api.deliveries)
+    assert len(mailed) == rows
+    assert set(mailed.values()) == {1}
+    assert {delivery.grant_id for delivery in api.deliveries} == {"grant-1"}
+
+
+def _pending_of(database: str, campaign: str, sender: str) -> int:
+    with psycopg.connect(database) as db:
+        return int(
+            db.execute(
+                "SELECT count(*) FROM campaign_ledger.recipients AS r JOIN campaign_ledger.campaigns AS c "
+                "ON c.id = r.campaign_id WHERE c.name = %s AND r.sender = %s AND r.state = 'pending'",
+                (campaign, sender),
+            ).fetchone()[0]
+        )

@@ -1,11 +1,13 @@
 """The progress ledger: the source of truth for "sent exactly once", in a SQLite file per campaign or
 in a PostgreSQL database holding many.
 
-`Ledger` is the interface every use case is written against (a Protocol: a PostgreSQL backend
-implements it too). `open_ledger` opens the SQLite one, `SqliteLedger` (creating, migrating,
-locking for one writer), the only code that changes a row's state, each change checked against
-the allowed transitions. `LedgerSite` is where a ledger lives (`SqliteSite`, a file; `PostgresSite`,
-a database); `ledger_site` picks one from a path or a URL.
+`Ledger` is the interface every use case is written against, a Protocol with two backends:
+`open_ledger` opens the SQLite one, `SqliteLedger` (creating, migrating, locking for one writer), and
+`PostgresSite.open` the PostgreSQL one (`_postgres`, loaded only for a database), each the only code
+that changes a row's state, every change checked against the allowed transitions. `LedgerSite` is
+where a ledger lives (`SqliteSite`, a file; `PostgresSite`, a database); `ledger_site` picks one from
+a path or a URL. `GrantLeases` is one worker's leases on the grants of a campaign several workers
+share in PostgreSQL.
 `GroupCommit` batches writes asked for together into one transaction, each caller resuming
 only after its own write is on disk. `check_no_orphaned_ledger` and `check_key_scheme` keep a
 renamed manifest or a changed key from mailing anyone twice. Never sends.

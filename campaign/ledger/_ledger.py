@@ -451,6 +451,19 @@ class SqliteLedger(LedgerWriter):
                     db.execute("UPDATE recipients SET sender = ? WHERE key = ?", (owner, key))
         return gone
 
+    def record_senders(self, senders: Mapping[str, str]) -> int:
+        """Give each key's row of step 1 its new sender, if it is still pending; returns how many moved.
+        A pending row's next key is a new one (its attempt number): any grant may send it."""
+        now = self._stamp()
+        with self._write() as db:
+            before = db.total_changes
+            db.executemany(
+                "UPDATE recipients SET sender = ?, updated_at = ? WHERE key = ? AND state = 'pending' "
+                "AND step = ?",
+                [(sender, now, key, FIRST_STEP) for key, sender in senders.items()],
+            )
+            return db.total_changes - before
+
     def record_expired_claims(self, *, older_than_s: float = KEY_REUSE_S) -> int:
         """Turn in-flight rows whose key is older than `older_than_s` into unknown; returns how many."""
         cutoff = self._clock.now().timestamp() - older_than_s

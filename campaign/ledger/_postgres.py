@@ -480,6 +480,17 @@ class PostgresLedger:
                     )
         return gone
 
+    def record_senders(self, senders: Mapping[str, str]) -> int:
+        """Give each key's row of step 1 its new sender, if it is still pending (as SQLite's)."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE recipients AS r SET sender = m.sender, updated_at = %s "
+                "FROM unnest(%s::text[], %s::text[]) AS m(key, sender) WHERE r.campaign_id = %s "
+                "AND r.key = m.key AND r.state = 'pending' AND r.step = %s",
+                (self._stamp(), list(senders), list(senders.values()), self._id, FIRST_STEP),
+            )
+            return cursor.rowcount
+
     def record_expired_claims(self, *, older_than_s: float = KEY_REUSE_S) -> int:
         """Turn in-flight rows whose key is older than `older_than_s` into unknown; returns how many."""
         cutoff = self._clock.now().timestamp() - older_than_s

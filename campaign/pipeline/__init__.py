@@ -21,6 +21,7 @@ from campaign.pipeline._resume import (
     load_plan_stamp,
     load_recipients,
     load_rules_stamp,
+    record_rows_given_away,
 )
 from campaign.pipeline._rows import (
     Reuse,
@@ -54,6 +55,7 @@ __all__ = [
     "load_rules_stamp",
     "raise_for_problems",
     "record_content",
+    "record_rows_given_away",
     "render_job",
     "run_preflight",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "load_plan_stamp",
     "load_recipients",
     "load_rules_stamp",
+    "record_rows_given_away",
 ]
 
 _READ_BYTES = 1 << 20
@@ -197,6 +198,22 @@ class LedgerJobs:
     def left(self) -> int:
         """The rows not read yet."""
         return max(0, sum(self.counts.values()) - self._read)
+
+
+def record_rows_given_away(
+    ledger: Ledger, settings: RecipientsSettings, sender: str, takers: Sequence[str], *, page: int = 1000
+) -> int:
+    """Give `sender`'s movable pending rows (step 1, not pinned to it by the list's sender column) to the
+    senders `takers`, in turn, through the ledger; returns how many moved. Where workers share a campaign,
+    a grant that stopped (parked by a quota, its credentials refused) hands its rows to grants another
+    worker may hold, as one process's lanes hand them over in memory."""
+    moved, after = 0, 0
+    while page_rows := ledger.open_rows_of(sender, RowState.PENDING, after=after, limit=page):
+        after = page_rows[-1].cursor
+        movable = [job.key for job in jobs_at(settings, page_rows) if job.movable]
+        given = {key: takers[(moved + n) % len(takers)] for n, key in enumerate(movable)}
+        moved += ledger.record_senders(given)
+    return moved
 
 
 def _file_digest(path: Path) -> bytes:
