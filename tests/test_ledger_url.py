@@ -8,11 +8,14 @@ its exit code, nothing sent, and never the password.
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
 from conftest import copy_sample
 from postgres import fresh_database
 
+from campaign.ledger import ledger_site
 from campaign.manifest import load_manifest
 from campaign.testing import FakeNylas
 
@@ -163,3 +166,25 @@ def test_a_refused_user_is_one_line_exit_74_and_the_password_is_never_shown(
     assert "no_such_role_here" in _one_line(result.output)
     assert "s3cret-never-shown" not in result.output
     assert not api.deliveries
+
+
+def test_status_shows_the_workers_of_a_shared_campaign(api, cli, cli_clock, tmp_path, database):
+    """Each worker with its host, pid, the grants it holds and its last heartbeat; `--json` the same."""
+    manifest = _newsletter(api, tmp_path, ledger=f'url = "{database}"')
+    assert cli("run", manifest, "--yes").exit_code == 0
+    leases = ledger_site(database).leases("spring-newsletter", cli_clock)
+    assert leases is not None
+    try:
+        leases.join()
+        assert leases.acquire(["founder"], 1) == ("founder",)
+        shown = cli("status", manifest)
+        assert shown.exit_code == 0, shown.output
+        line = next(line for line in shown.stdout.splitlines() if line.startswith("worker "))
+        assert f"worker {leases.id} on {socket.gethostname()} (pid {os.getpid()}): founder" in line
+        (worker,) = json.loads(cli("status", manifest, "--json").stdout)["workers"]
+        assert (worker["id"], worker["grants"], worker["live"]) == (leases.id, ["founder"], True)
+        cli_clock.advance(leases.expiry_s + 1)  # it stopped beating: gone, and its lease with it
+        (gone,) = json.loads(cli("status", manifest, "--json").stdout)["workers"]
+        assert (gone["grants"], gone["live"]) == ([], False)
+    finally:
+        leases.close()
