@@ -171,8 +171,9 @@ def test_a_refused_user_is_one_line_exit_74_and_the_password_is_never_shown(
 def test_status_shows_the_workers_of_a_shared_campaign(api, cli, cli_clock, tmp_path, database):
     """Each worker with its host, pid, the grants it holds and its last heartbeat; `--json` the same."""
     manifest = _newsletter(api, tmp_path, ledger=f'url = "{database}"')
+    manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', 'name = "with-workers"'))
     assert cli("run", manifest, "--yes").exit_code == 0
-    leases = ledger_site(database).leases("spring-newsletter", cli_clock)
+    leases = ledger_site(database).leases("with-workers", cli_clock)
     assert leases is not None
     try:
         leases.join()
