@@ -81,6 +81,8 @@ async def send_under_leases(
             total = result if total is None else total.then(result)
             if result.auth_refused or result.limit_reached:
                 break  # as one worker would stop: the rest is for another run
+            if not (result.sent or result.failed or result.unknown):  # nothing could go: not at once again
+                await clock.wait_for(stop, leases.expiry_s / _LOOKS_PER_LEASE)
     finally:
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(LedgerError):  # the database is gone: the leases expire by themselves
