@@ -53,7 +53,6 @@ from campaign.ledger import (
     SyncReport,
     check_key_scheme,
     record_key_scheme,
-    share_of,
 )
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Recipient, RowState, Screening, SkipReason
@@ -207,7 +206,7 @@ def run_campaign(
         # campaign waits here for the one planning it, then finds the plan checked (its stamp).
         if leases is not None or site.exists(campaign):
             planning.enter_context(site.hold(campaign, wait=leases is not None))
-        if site.exists(campaign):
+        if site.exists(campaign):  # asked again: the worker it waited for may have made it meanwhile
             ledger = held.enter_context(closing(site.open(clock=clock, campaign=campaign, create=False)))
         checked = _check(manifest, ledger, spool, options, secrets=secrets, hooks=hooks, now=clock.now())
         if ledger is None and leases is None:
@@ -483,7 +482,6 @@ class _Rounds:
             leases,
             with_work=self._with_work,
             send_round=send_round,
-            share_of=share_of,
             clock=self._clock,
             stop=stop,
         )

@@ -1,7 +1,7 @@
 """A real PostgreSQL for the unsubscribe store's tests.
 
-One fresh database per test session (per xdist worker: each is its own session), named
-campaign_store_test_<random hex>, created here and dropped WITH (FORCE) at the end. Each test that
+One fresh database per test session (per xdist worker: each is its own session), made and dropped
+WITH (FORCE) at the end by `postgres.fresh_database`. Each test that
 asks for it starts with no store in it (`empty_store` drops the schema), so no test sees another's
 rows. The server is CAMPAIGN_TEST_DATABASE_URL (default: the local one, trust auth). A password in
 that URL is moved to PGPASSWORD: the store refuses a URL holding one, as users are told to.
@@ -10,41 +10,31 @@ that URL is moved to PGPASSWORD: the store refuses a URL holding one, as users a
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
 
-SERVER = os.environ.get("CAMPAIGN_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
 
 @contextmanager
 def fresh_store_database() -> Iterator[str]:
-    """A new, empty database on the test server for this session; its URL (no password in it)."""
-    name = f"campaign_store_test_{secrets.token_hex(6)}"
-    parts = urlsplit(SERVER)
-    password = parts.password
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    if parts.username:
-        netloc = f"{parts.username}@{netloc}"
-    url = urlunsplit(parts._replace(netloc=netloc, path=f"/{name}"))
-    saved = os.environ.get("PGPASSWORD")
-    if password:
-        os.environ["PGPASSWORD"] = password
-    with psycopg.connect(SERVER, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield url
-    finally:
-        with psycopg.connect(SERVER, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    """A new, empty database on the test server for this session (`postgres.fresh_database`); its URL
+    without the password, which goes to PGPASSWORD meanwhile (the store refuses a URL holding one)."""
+    from postgres import fresh_database, without_password  # a plugin module: imported once registered
+
+    with fresh_database() as url:
+        password = urlsplit(url).password
+        saved = os.environ.get("PGPASSWORD")
         if password:
-            if saved is None:
+            os.environ["PGPASSWORD"] = password
+        try:
+            yield without_password(url)
+        finally:
+            if password and saved is None:
                 os.environ.pop("PGPASSWORD", None)
-            else:
+            elif password and saved is not None:
                 os.environ["PGPASSWORD"] = saved
 
 

@@ -290,7 +290,7 @@ async def test_a_worker_gives_grants_back_when_another_joins(database, clock):
 
     with closing(ledger):
         result = await send_under_leases(
-            first, with_work=lambda: grants, send_round=send_round, share_of=share_of, clock=clock, stop=stop
+            first, with_work=lambda: grants, send_round=send_round, clock=clock, stop=stop
         )
         assert result is not None
         assert rounds[0] == tuple(grants)

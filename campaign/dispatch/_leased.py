@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import Protocol
 
 import anyio
@@ -23,6 +22,7 @@ import anyio
 from campaign.clock import Clock
 from campaign.dispatch._types import DispatchResult
 from campaign.errors import LedgerError
+from campaign.ledger import share_of
 
 __all__ = ["Leases", "send_under_leases"]
 
@@ -51,17 +51,14 @@ async def send_under_leases(
     *,
     with_work: Callable[[], Sequence[str]],
     send_round: Callable[[Sequence[str], anyio.Event], Awaitable[DispatchResult]],
-    share_of: Callable[[int, int], int],
     clock: Clock,
     stop: anyio.Event,
 ) -> DispatchResult | None:
     """Send rounds from leased grants until no grant has work that may go now (`with_work`: those
-    senders) or `stop` is set; the rounds' results added up (None: no round ran). `share_of(grants,
-    workers)` is one worker's share.
+    senders) or `stop` is set; the rounds' results added up (None: no round ran).
 
     `send_round(senders, round_stop)` sends from `senders` until their work is done or `round_stop` is
     set. LedgerError when a lease was lost or could not be kept (its round was stopped first)."""
-    heartbeat_s = leases.expiry_s / _HEARTBEATS_PER_LEASE
     await anyio.to_thread.run_sync(leases.join)
     total: DispatchResult | None = None
     try:
@@ -74,10 +71,7 @@ async def send_under_leases(
             if not held:  # every grant with work is another live worker's
                 await clock.wait_for(stop, leases.expiry_s / _LOOKS_PER_LEASE)
                 continue
-            round_ = _LeasedRound(
-                leases, held, wanted, partial(share_of, len(wanted)), clock, stop, heartbeat_s
-            )
-            result = await round_.send(send_round)
+            result = await _LeasedRound(leases, held, wanted, clock, stop).send(send_round)
             total = result if total is None else total.then(result)
             if result.auth_refused or result.limit_reached:
                 break  # as one worker would stop: the rest is for another run
@@ -98,18 +92,15 @@ class _LeasedRound:
         leases: Leases,
         held: Sequence[str],
         wanted: Sequence[str],
-        share: Callable[[int], int],
         clock: Clock,
         stop: anyio.Event,
-        heartbeat_s: float,
     ) -> None:
         self._leases = leases
         self._held = held
         self._wanted = wanted  # the grants with work when the round began
-        self._share = share  # this worker's share for a number of live workers
         self._clock = clock
         self._stop = stop
-        self._heartbeat_s = heartbeat_s
+        self._heartbeat_s = leases.expiry_s / _HEARTBEATS_PER_LEASE
         self._round_stop = anyio.Event()
         self._lost: str | None = None
 
@@ -156,7 +147,7 @@ class _LeasedRound:
             if gone:
                 self._lost = f"its lease on {', '.join(gone)} expired"
                 break
-            share = self._share(workers)
+            share = share_of(len(self._wanted), workers)
             if len(self._held) > share:
                 break
             if len(self._held) < share and await anyio.to_thread.run_sync(self._any_free):

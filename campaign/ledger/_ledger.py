@@ -19,16 +19,14 @@ from pathlib import Path
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
+from campaign.ledger._facts import KeptFacts
 from campaign.ledger._read import (
-    KEY_SCHEME,
     LIST_EXTENT,
-    PARKED_PREFIX,
     PLAN_STAMP,
     RULES_STAMP,
     JournalEntry,
     LedgerRow,
     PlannedRow,
-    content_key,
 )
 from campaign.ledger._schema import (
     check_ledger_version,
@@ -117,7 +115,7 @@ def read_ledger_campaign(path: Path) -> str | None:
     return None if found is None else str(found[0])
 
 
-class SqliteLedger(LedgerWriter):
+class SqliteLedger(LedgerWriter, KeptFacts):
     """Reads and writes one campaign's ledger; every write is one transaction (or part of a batch)."""
 
     # --- campaign-wide ------------------------------------------------------
@@ -134,31 +132,6 @@ class SqliteLedger(LedgerWriter):
             )
             raise LedgerError(message)
         self._campaign = campaign
-
-    def record_content_fingerprint(
-        self, fingerprint: str, *, changed_from: str | None = None, step: str = FIRST_STEP
-    ) -> None:
-        """Keep this run's content fingerprint of `step`; journal a change allowed after sending began."""
-        with self._write():
-            if changed_from is not None:
-                which = "" if step == FIRST_STEP else f" of step {step}"
-                detail = (
-                    f"content fingerprint{which} {changed_from} -> {fingerprint} (--allow-changed-content)"
-                )
-                self.record_event("content_changed", detail)
-            if self.content_fingerprint(step) != fingerprint:
-                self._set_meta(content_key(step), fingerprint)
-
-    def record_key_scheme(self, scheme: str) -> None:
-        """Keep how this campaign keys its recipients (once `check_key_scheme` allowed it)."""
-        if self.key_scheme() != scheme:
-            self._set_meta(KEY_SCHEME, scheme)
-
-    def record_parks(self, parks: Mapping[str, datetime | None]) -> None:
-        """Keep until when each sender is parked by a quota refusal (None: not parked)."""
-        with self._write():
-            for sender, until in parks.items():
-                self._set_meta(f"{PARKED_PREFIX}{sender}", "" if until is None else until.isoformat())
 
     # --- the list -----------------------------------------------------------
 

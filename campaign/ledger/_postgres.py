@@ -29,6 +29,7 @@ from psycopg_pool import ConnectionPool
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
+from campaign.ledger._facts import KeptFacts
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases, WorkerView, read_workers
 from campaign.ledger._ledger import _due, _error_columns, _skip_reason, _state_after
 from campaign.ledger._pg_schema import (
@@ -43,9 +44,7 @@ from campaign.ledger._pg_schema import (
 )
 from campaign.ledger._read import (
     _SAMPLED_FROM,
-    KEY_SCHEME,
     LIST_EXTENT,
-    PARKED_PREFIX,
     PLAN_STAMP,
     ROW_COLUMNS,
     RULES_STAMP,
@@ -56,7 +55,6 @@ from campaign.ledger._read import (
     _iso,
     _moment,
     _to_row,
-    content_key,
 )
 from campaign.ledger._values import Claim, DueStep, ScheduledStep, SentStep, StepCounts, SyncReport
 from campaign.ledger._write import (
@@ -161,7 +159,7 @@ class PostgresSite:
         )
 
 
-class PostgresLedger:
+class PostgresLedger(KeptFacts):
     """Reads and writes one campaign's ledger; every write is one transaction (or part of a batch)."""
 
     def __init__(
@@ -212,57 +210,6 @@ class PostgresLedger:
 
     # --- what the campaign is: kept facts ---------------------------------------------------------
 
-    def plan_stamp(self) -> str | None:
-        """The stamp of the last plan recorded (`pipeline.load_plan_stamp`), or None."""
-        return self._meta(PLAN_STAMP)
-
-    def rules_stamp(self) -> str | None:
-        """The stamp of what decided the last plan besides the list's rows (`pipeline.load_rules_stamp`)."""
-        return self._meta(RULES_STAMP)
-
-    def list_extent(self) -> str | None:
-        """The last plan's list file as the pipeline recorded it (its size, digest and rows), or None."""
-        return self._meta(LIST_EXTENT)
-
-    def content_fingerprint(self, step: str = FIRST_STEP) -> str | None:
-        """The content fingerprint of `step` recorded so far (`pipeline.load_content_fingerprint`)."""
-        return self._meta(content_key(step))
-
-    def key_scheme(self) -> str | None:
-        """How the ledger's recipients are keyed ("address" or "column:<name>"); None before it was kept."""
-        return self._meta(KEY_SCHEME)
-
-    def parked_senders(self) -> dict[str, datetime]:
-        """Senders a quota refusal parked, and until when: kept, so that a resume does not retry early."""
-        rows = self._read(
-            "SELECT key, value FROM meta WHERE campaign_id = %s AND key LIKE %s AND value != ''",
-            (self._id, f"{PARKED_PREFIX}%"),
-        )
-        return {key.removeprefix(PARKED_PREFIX): datetime.fromisoformat(value) for key, value in rows}
-
-    def record_content_fingerprint(
-        self, fingerprint: str, *, changed_from: str | None = None, step: str = FIRST_STEP
-    ) -> None:
-        """Keep this run's content fingerprint of `step`; journal a change allowed after sending began."""
-        with self._write():
-            if changed_from is not None:
-                which = "" if step == FIRST_STEP else f" of step {step}"
-                detail = (
-                    f"content fingerprint{which} {changed_from} -> {fingerprint} (--allow-changed-content)"
-                )
-                self.record_event("content_changed", detail)
-            self._set_meta(content_key(step), fingerprint)
-
-    def record_key_scheme(self, scheme: str) -> None:
-        """Keep how this campaign keys its recipients (once `check_key_scheme` allowed it)."""
-        self._set_meta(KEY_SCHEME, scheme)
-
-    def record_parks(self, parks: Mapping[str, datetime | None]) -> None:
-        """Keep until when each sender is parked by a quota refusal (None: not parked)."""
-        with self._write():
-            for sender, until in parks.items():
-                self._set_meta(f"{PARKED_PREFIX}{sender}", "" if until is None else until.isoformat())
-
     def record_event(self, kind: str, detail: str) -> None:
         """Add an entry to the campaign's journal."""
         with self._write() as db:
@@ -274,6 +221,13 @@ class PostgresLedger:
     def _meta(self, key: str) -> str | None:
         found = self._read("SELECT value FROM meta WHERE campaign_id = %s AND key = %s", (self._id, key))
         return str(found[0][0]) if found else None
+
+    def _metas_under(self, prefix: str) -> dict[str, str]:
+        rows = self._read(
+            "SELECT key, value FROM meta WHERE campaign_id = %s AND key LIKE %s AND value != ''",
+            (self._id, f"{prefix}%"),
+        )
+        return {str(key).removeprefix(prefix): str(value) for key, value in rows}
 
     def _set_meta(self, key: str, value: str) -> None:
         # The same value again changes nothing (no new row version).

@@ -162,18 +162,6 @@ class LedgerReader:
         """Where the ledger file is, for messages."""
         return str(self._path)
 
-    def plan_stamp(self) -> str | None:
-        """The stamp of the last plan recorded (`pipeline.load_plan_stamp`), or None."""
-        return self._meta(PLAN_STAMP)
-
-    def rules_stamp(self) -> str | None:
-        """The stamp of what decided the last plan besides the list's rows (`pipeline.load_rules_stamp`)."""
-        return self._meta(RULES_STAMP)
-
-    def list_extent(self) -> str | None:
-        """The last plan's list file as the pipeline recorded it (its size, digest and rows), or None."""
-        return self._meta(LIST_EXTENT)
-
     def listed_rows(self, keys: Iterable[str]) -> dict[str, int]:
         """Key -> its row in the list, for the rows of step 1 of `keys` that the last plan listed."""
         rows = self._read(
@@ -188,26 +176,13 @@ class LedgerReader:
         rows = self._read(f"SELECT r.key, r.cells FROM {_BY_KEYS} WHERE r.cells IS NOT NULL", (_keys(keys),))
         return {str(key): str(cells) for key, cells in rows}
 
-    def content_fingerprint(self, step: str = FIRST_STEP) -> str | None:
-        """The content fingerprint of `step` recorded so far (`pipeline.load_content_fingerprint`)."""
-        return self._meta(content_key(step))
-
-    def key_scheme(self) -> str | None:
-        """How the ledger's recipients are keyed ("address" or "column:<name>"); None before it was kept."""
-        return self._meta(KEY_SCHEME)
-
-    def parked_senders(self) -> dict[str, datetime]:
-        """Senders a quota refusal parked, and until when: kept, so that a resume does not retry early."""
-        rows = self._read(
-            "SELECT key, value FROM meta WHERE key LIKE ? AND value != ''", (f"{PARKED_PREFIX}%",)
-        )
-        return {
-            str(key).removeprefix(PARKED_PREFIX): datetime.fromisoformat(str(value)) for key, value in rows
-        }
-
     def _meta(self, key: str) -> str | None:
         found = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(found[0][0]) if found else None
+
+    def _metas_under(self, prefix: str) -> dict[str, str]:
+        rows = self._read("SELECT key, value FROM meta WHERE key LIKE ? AND value != ''", (f"{prefix}%",))
+        return {str(key).removeprefix(prefix): str(value) for key, value in rows}
 
     def sent_message_ids(self, message_ids: Iterable[str]) -> set[str]:
         """Which of `message_ids` are messages this ledger recorded as sent (one pass over the ledger)."""

@@ -1,0 +1,90 @@
+"""What a ledger keeps about its campaign as a whole: stamps, fingerprints, the key scheme, the parks.
+
+Every backend keeps them the same way, as meta keys (their names never leave this package); a
+backend gives the three ways to reach its meta table (`_meta`, `_metas_under`, `_set_meta`),
+its transactions (`_write`) and its journal (`record_event`), and `KeptFacts` does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any
+
+from campaign.ledger._read import KEY_SCHEME, LIST_EXTENT, PARKED_PREFIX, PLAN_STAMP, RULES_STAMP, content_key
+from campaign.models import FIRST_STEP
+
+__all__ = ["KeptFacts"]
+
+
+class KeptFacts:
+    """The kept facts of a ledger, on top of its meta table (a mixin of both backends)."""
+
+    def _meta(self, key: str) -> str | None:
+        raise NotImplementedError
+
+    def _metas_under(self, prefix: str) -> dict[str, str]:
+        """Key (without `prefix`) -> value of the meta keys starting with `prefix`, empty values left out."""
+        raise NotImplementedError
+
+    def _set_meta(self, key: str, value: str) -> None:
+        raise NotImplementedError
+
+    def _write(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def record_event(self, kind: str, detail: str) -> None:
+        raise NotImplementedError
+
+    def plan_stamp(self) -> str | None:
+        """The stamp of the last plan recorded (`pipeline.load_plan_stamp`), or None."""
+        return self._meta(PLAN_STAMP)
+
+    def rules_stamp(self) -> str | None:
+        """The stamp of what decided the last plan besides the list's rows (`pipeline.load_rules_stamp`)."""
+        return self._meta(RULES_STAMP)
+
+    def list_extent(self) -> str | None:
+        """The last plan's list file as the pipeline recorded it (its size, digest and rows), or None."""
+        return self._meta(LIST_EXTENT)
+
+    def content_fingerprint(self, step: str = FIRST_STEP) -> str | None:
+        """The content fingerprint of `step` recorded so far (`pipeline.load_content_fingerprint`)."""
+        return self._meta(content_key(step))
+
+    def key_scheme(self) -> str | None:
+        """How the ledger's recipients are keyed ("address" or "column:<name>"); None before it was kept."""
+        return self._meta(KEY_SCHEME)
+
+    def parked_senders(self) -> dict[str, datetime]:
+        """Senders a quota refusal parked, and until when: kept, so that a resume does not retry early."""
+        return {
+            sender: datetime.fromisoformat(until)
+            for sender, until in self._metas_under(PARKED_PREFIX).items()
+        }
+
+    def record_content_fingerprint(
+        self, fingerprint: str, *, changed_from: str | None = None, step: str = FIRST_STEP
+    ) -> None:
+        """Keep this run's content fingerprint of `step`; journal a change allowed after sending began."""
+        with self._write():
+            if changed_from is not None:
+                which = "" if step == FIRST_STEP else f" of step {step}"
+                detail = (
+                    f"content fingerprint{which} {changed_from} -> {fingerprint} (--allow-changed-content)"
+                )
+                self.record_event("content_changed", detail)
+            if self.content_fingerprint(step) != fingerprint:
+                self._set_meta(content_key(step), fingerprint)
+
+    def record_key_scheme(self, scheme: str) -> None:
+        """Keep how this campaign keys its recipients (once `check_key_scheme` allowed it)."""
+        if self.key_scheme() != scheme:
+            self._set_meta(KEY_SCHEME, scheme)
+
+    def record_parks(self, parks: Mapping[str, datetime | None]) -> None:
+        """Keep until when each sender is parked by a quota refusal (None: not parked)."""
+        with self._write():
+            for sender, until in parks.items():
+                self._set_meta(f"{PARKED_PREFIX}{sender}", "" if until is None else until.isoformat())
