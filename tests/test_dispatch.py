@@ -15,7 +15,7 @@ from support import make_jobs, render_plain
 from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
-from campaign.models import RowState, SendOutcome
+from campaign.models import RowState, SendOutcome, SkipReason
 from campaign.nylas import NylasClient, build_send_request
 from campaign.plan import Job
 from campaign.testing import FakeNylas, Fault
@@ -273,3 +273,22 @@ async def test_a_row_whose_key_may_be_used_is_never_sent_through_another_grant(t
     assert h.states()["r1@example.com"] == RowState.INFLIGHT  # resumed with its key once a may send
     assert h.states()["r2@example.com"] == RowState.SENT
     assert result.parked == {"a": until}
+
+
+async def test_a_row_settled_elsewhere_after_its_lane_read_it_is_not_sent_and_the_run_goes_on(tmp_path):
+    """Between a lane's reading of its jobs and a claim, another worker (or `suppress` beside the run)
+    settled a row: the claim finds nothing to send, so that row is not mailed, and the rest are."""
+    h = _Harness(tmp_path, [_sender("a", per_second=50, concurrency=2)])
+    claim = h.ledger.claim
+
+    def claim_after_another_settled_r3(key: str, **kwargs: Any):
+        if key == "r3@example.com":
+            h.ledger.record_skipped(key, SkipReason.UNSUBSCRIBED, "unsubscribed on another machine")
+        return claim(key, **kwargs)
+
+    h.ledger.claim = claim_after_another_settled_r3  # type: ignore[method-assign]
+    result = await h.run(make_jobs(5, "a"))
+    delivered = sorted(d.payload["to"][0]["email"] for d in h.fake.deliveries)
+    assert delivered == [f"r{n}@example.com" for n in (1, 2, 4, 5)]
+    assert (result.sent, result.failed, result.unknown) == (4, 0, 0)
+    assert h.states()["r3@example.com"] == RowState.SKIPPED

@@ -200,7 +200,8 @@ def _apply(ledger: Ledger, move: str, key: str = "ann@x.com") -> None:
 @pytest.mark.parametrize("start", list(RowState))
 @pytest.mark.parametrize("move", list(_MOVES))
 def test_every_transition_is_legal_or_raises(ledger, start, move):
-    """Each operation from each state makes its documented move or raises LedgerError, changing nothing."""
+    """Each operation from each state makes its documented move or raises LedgerError, changing nothing;
+    a claim of a settled row (another worker's, or a command's beside the run) finds nothing to send."""
     _put(ledger, start)
     legal, to = _MOVES[move]
     before = _row(ledger)
@@ -208,6 +209,9 @@ def test_every_transition_is_legal_or_raises(ledger, start, move):
         _apply(ledger, move)
         assert _row(ledger).state == to
         assert to in TRANSITIONS[start]
+    elif move == "claim":
+        assert ledger.claim("ann@x.com", sender="bob") is None
+        assert _row(ledger) == before
     else:
         with pytest.raises(LedgerError, match=r"ann@x\.com"):
             _apply(ledger, move)

@@ -149,6 +149,44 @@ def test_a_connection_the_server_dropped_is_replaced_before_a_claim(postgres_sit
         ledger.close()
 
 
+def test_a_claim_skips_a_row_another_transaction_holds_and_takes_it_once_free(
+    postgres_site, postgres_url, clock
+):
+    """FOR UPDATE SKIP LOCKED: while another worker's transaction holds a row (giving it to another
+    grant, settling it), a claim returns None at once, without waiting and without a change; once that
+    transaction ends, the row is claimed as usual. In flight rows too (a crash's, re-sent with its key)."""
+    ledger = postgres_site.open(clock=clock, campaign="locks")
+    try:
+        ledger.record_plan(PLAN, [])
+        first = ledger.claim("bob@x.com")
+        assert first is not None
+        for key, state in (("ann@x.com", RowState.PENDING), ("bob@x.com", RowState.INFLIGHT)):
+            with psycopg.connect(postgres_url) as other:
+                other.execute(
+                    "SELECT r.key FROM campaign_ledger.recipients AS r JOIN campaign_ledger.campaigns AS c "
+                    "ON c.id = r.campaign_id WHERE c.name = 'locks' AND r.key = %s FOR UPDATE",
+                    (key,),
+                )
+                claimed: list[object] = []
+                claiming = threading.Thread(
+                    target=lambda key=key, claimed=claimed: claimed.append(ledger.claim(key))
+                )
+                claiming.start()
+                claiming.join(timeout=10)
+                waited = claiming.is_alive()
+                other.rollback()  # frees a claim left waiting, should SKIP LOCKED be missing
+                claiming.join()
+                assert not waited, f"the claim of {key} waited for the other transaction's lock"
+                assert claimed == [None]
+                assert ledger.row(key).state == state
+            again = ledger.claim(key)
+            assert again is not None
+            assert ledger.row(key).state == RowState.INFLIGHT
+        assert again.idempotency_key == first.idempotency_key  # bob's key kept across the skip
+    finally:
+        ledger.close()
+
+
 # --- the schema ---------------------------------------------------------------------------------
 
 

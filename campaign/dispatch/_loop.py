@@ -296,7 +296,7 @@ class _Loop:
             self._left_inflight += 1
             lane.jobs.appendleft(job)
             raise
-        if state is None:  # handed back to the sender it belongs to
+        if state is None:  # handed back to the sender it belongs to, or not this worker's
             lane.release(wall, message.recipient_count)
             return False
         # Not sent (PENDING), or left in flight for resume by a stop (INFLIGHT): it goes
@@ -398,7 +398,8 @@ class _Loop:
         """Send one message until its outcome is settled for this run; return the row's state.
 
         PENDING: not sent, back to the queue. INFLIGHT: left in flight (a stop, or a row
-        re-claimed from an earlier run whose sender stopped), to be re-sent with its key.
+        re-claimed from an earlier run whose sender stopped), to be re-sent with its key. None: not
+        this lane's to send (handed back to its own sender, or taken or settled by another worker).
         """
         key = job.key
         payload = build_send_request(message)  # JSON, or multipart for big attachments
@@ -411,6 +412,9 @@ class _Loop:
                 via=lane.sender.mailbox,
             )
         )
+        if claim is None:  # another worker holds or settled the row: nothing to send from here
+            self._feed.finished(key)
+            return None
         if not claim.fresh and claim.sender not in (None, lane.sender.name):
             return await self._return_to_owner(lane, job, claim.sender)
         await self._wait_for_slot(lane, multipart=payload.multipart)

@@ -86,7 +86,11 @@ class Ledger(Protocol):
 
     def claim(
         self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
-    ) -> Claim: ...
+    ) -> Claim | None:
+        """The row in flight with its key; None if it is not this claim's to send: settled meanwhile,
+        or (PostgreSQL) held right now by another worker's transaction (`FOR UPDATE SKIP LOCKED`)."""
+        ...
+
     def record_outcome(
         self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
     ) -> RowState: ...

@@ -296,13 +296,14 @@ class SqliteLedger(LedgerWriter, KeptFacts):
 
     def claim(
         self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
-    ) -> Claim:
+    ) -> Claim | None:
         """Mark a row in flight with its idempotency key, before its request leaves.
 
         A pending row gets a key (new after each definite "not sent") and, if given, the
         sender that now sends it; an in-flight row left by a crash keeps its key and its
         sender, so Nylas (which scopes keys per grant) replays instead of sending twice.
         `via` is the mailbox (grant, or domain) a new key is issued for: see `record_moved_mailboxes`.
+        None, and no change, for a row settled meanwhile (`decide_claim`): nothing to send.
         """
         now = self._stamp()
         with self._write() as db:
@@ -315,6 +316,8 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                 now=now,
                 where=str(self._path),
             )
+            if change is None:
+                return None
             db.execute(
                 "UPDATE recipients SET state = 'inflight', idempotency_key = ?, key_issued_at = ?, "
                 "key_uses = ?, claimed_at = ?, first_claimed_at = COALESCE(first_claimed_at, ?), "

@@ -555,20 +555,29 @@ class PostgresLedger(KeptFacts):
 
     def claim(
         self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
-    ) -> Claim:
+    ) -> Claim | None:
         """Mark a row in flight with its idempotency key, before its request leaves (as
-        `SqliteLedger.claim`: a pending row gets a key, a row left in flight keeps its own)."""
+        `SqliteLedger.claim`: a pending row gets a key, a row left in flight keeps its own).
+
+        A row another transaction holds is skipped, not waited for (`FOR UPDATE SKIP LOCKED`): another
+        worker is deciding on it (giving it to another grant, settling it), so it is not this claim's;
+        None, as for a row settled meanwhile. A worker's later round reads it again if it is still
+        pending."""
         now = self._stamp()
         fast = self._claim_pending(key, subject=subject, sender=sender, via=via, now=now)
         if fast is not None:
             return fast
         with self._write() as db:
-            current = self._fetch(db, key)
+            current = self._fetch_free(db, key)
+            if current is None:
+                return None
             if self._worker is not None:
                 self._check_lease(db, sender or current["sender"])
             change = decide_claim(
                 current, campaign=self._campaign, key=key, sender=sender, via=via, now=now, where=self._where
             )
+            if change is None:
+                return None
             db.execute(
                 "UPDATE recipients SET state = 'inflight', idempotency_key = %s, key_issued_at = %s, "
                 "key_uses = %s, claimed_at = %s, first_claimed_at = COALESCE(first_claimed_at, %s), "
@@ -1059,13 +1068,26 @@ class PostgresLedger(KeptFacts):
 
     def _fetch(self, db: _Connection, key: str) -> dict[str, Any]:
         """The row's columns a change of state is decided on, the row locked until the write ends."""
-        found = db.execute(
-            f"SELECT {', '.join(_FETCHED)} FROM recipients WHERE campaign_id = %s AND key = %s FOR UPDATE",
-            (self._id, key),
-        ).fetchone()
+        found = self._locked(db, key, "FOR UPDATE")
         if found is None:
             raise LedgerError(f"{self._where}: no recipient {key!r} in the ledger")
-        return dict(zip(_FETCHED, found, strict=True))
+        return found
+
+    def _fetch_free(self, db: _Connection, key: str) -> dict[str, Any] | None:
+        """As `_fetch`, but None if another transaction holds the row, instead of waiting for it."""
+        found = self._locked(db, key, "FOR UPDATE SKIP LOCKED")
+        if found is None and not db.execute(
+            "SELECT 1 FROM recipients WHERE campaign_id = %s AND key = %s", (self._id, key)
+        ).fetchone():
+            raise LedgerError(f"{self._where}: no recipient {key!r} in the ledger")
+        return found
+
+    def _locked(self, db: _Connection, key: str, lock: str) -> dict[str, Any] | None:
+        found = db.execute(
+            f"SELECT {', '.join(_FETCHED)} FROM recipients WHERE campaign_id = %s AND key = %s {lock}",
+            (self._id, key),
+        ).fetchone()
+        return None if found is None else dict(zip(_FETCHED, found, strict=True))
 
     def _set_state(
         self, db: _Connection, key: str, frm: RowState, to: RowState, *, note: str | None = None
@@ -1113,6 +1135,7 @@ class PostgresLedger(KeptFacts):
             "worker": self._worker,
             "at": self._clock.now().timestamp(),
         }
+        # The row is locked by the subquery, skipped if another transaction holds it (`claim`).
         found = self._write_one(
             "UPDATE recipients AS r SET state = 'inflight', idempotency_key = %(stem)s || r.attempt_no, "
             "key_issued_at = %(now)s, key_uses = 0, claimed_at = %(now)s, "
@@ -1120,7 +1143,8 @@ class PostgresLedger(KeptFacts):
             "subject = COALESCE(%(subject)s, r.subject), "
             "sender = COALESCE(%(sender)s, r.sender), claimed_via = COALESCE(%(via)s, r.claimed_via), "
             "updated_at = %(now)s WHERE r.campaign_id = %(id)s AND r.key = %(key)s AND r.state = 'pending' "
-            f"{lease} RETURNING r.idempotency_key, r.attempt_no, r.sender",
+            f"{lease} AND r.key = (SELECT key FROM recipients WHERE campaign_id = %(id)s AND key = %(key)s "
+            "FOR UPDATE SKIP LOCKED) RETURNING r.idempotency_key, r.attempt_no, r.sender",
             params,
         )
         if found is None:

@@ -49,6 +49,8 @@ TRANSITIONS: Mapping[RowState, frozenset[RowState]] = {
     SKIPPED: frozenset({PENDING}),  # a row skipped as invalid that now validates
     SENT: frozenset(),
 }
+# A claim finds nothing to send in these (`decide_claim`).
+SETTLED = frozenset({SENT, FAILED, UNKNOWN, SKIPPED})
 
 
 def idempotency_key(campaign: str, key: str, attempt_no: int) -> str:
@@ -96,13 +98,17 @@ def decide_claim(
     via: str | None,
     now: str,
     where: str,
-) -> ClaimChange:
+) -> ClaimChange | None:
     """How a claim changes a row whose `_FETCHED` columns are `current`.
 
     A pending row gets a key (new after each definite "not sent") and, if given, the sender that now
     sends it; an in-flight row left by a crash keeps its key and its sender, so Nylas (which scopes
-    keys per grant) replays instead of sending twice. LedgerError for a row in any other state."""
+    keys per grant) replays instead of sending twice. None for a row already settled (sent, failed,
+    unknown or skipped since the sender's jobs were read: by another worker, or a command beside the
+    run): there is nothing to send. LedgerError for a row in flight without a key (never written so)."""
     state = RowState(current["state"])
+    if state in SETTLED:
+        return None
     attempt_no = int(current["attempt_no"])
     if state == PENDING:
         issued = idempotency_key(campaign, key, attempt_no)
@@ -114,7 +120,7 @@ def decide_claim(
         return ClaimChange(
             str(current["idempotency_key"]), first, uses, current["sender"], None, False, attempt_no
         )
-    raise LedgerError(f"{where}: cannot send to {key!r}: it is {state}")
+    raise LedgerError(f"{where}: cannot send to {key!r}: it is in flight without an idempotency key")
 
 
 class LedgerWriter(LedgerReader):
