@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from support import render_plain, run_inline
 
 from campaign.dispatch import dispatch
-from campaign.ledger import Ledger, PlannedRow
+from campaign.ledger import ClaimRequest, Ledger, OutcomeReport, PlannedRow
 from campaign.manifest import SenderSettings
 from campaign.models import Address, Recipient, RowState, SendOutcome, SkipReason
 from campaign.nylas import NylasClient
@@ -74,15 +75,15 @@ class _CrashingLedger:
         if self._writes == self._crash_at:
             raise Crash
 
-    def claim(
-        self, key: str, *, subject: str | None = None, sender: str | None = None, via: str | None = None
-    ):
-        self._tick()
-        return self._ledger.claim(key, subject=subject, sender=sender, via=via)
+    def claim_many(self, requests: Sequence[ClaimRequest]):
+        for _ in requests:  # a crash inside the batch undoes all of it, as before any of its writes
+            self._tick()
+        return self._ledger.claim_many(requests)
 
-    def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1):
-        self._tick()
-        return self._ledger.record_outcome(key, outcome, sender=sender, recipients=recipients)
+    def record_outcomes(self, reports: Sequence[OutcomeReport]):
+        for _ in reports:
+            self._tick()
+        return self._ledger.record_outcomes(reports)
 
     def release(self, key: str) -> None:
         self._tick()

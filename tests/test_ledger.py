@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from campaign.errors import LedgerError
-from campaign.ledger import Ledger, PlannedRow, open_ledger
+from campaign.ledger import ClaimRequest, Ledger, OutcomeReport, PlannedRow, open_ledger
 from campaign.ledger._ledger import KEY_REUSE_S, TRANSITIONS
 from campaign.ledger._schema import MIGRATIONS
 from campaign.manifest import RecipientsSettings
@@ -503,6 +503,50 @@ def test_a_batch_that_dies_leaves_nothing_behind(ledger):
     assert _row(ledger).state == P
     ledger.claim("ann@x.com")  # and the ledger is still usable
     assert _row(ledger).state == IN
+
+
+def test_many_claims_and_outcomes_are_one_commit_and_each_gets_its_own_result(ledger):
+    """claim_many and record_outcomes (the send loop's writes of a batch, one statement each on
+    PostgreSQL): one transaction, each write its own result, a failed one its own LedgerError, the
+    others standing; the results as the one-row methods would give them."""
+    before = ledger.commits
+    claims = ledger.claim_many(
+        [
+            ClaimRequest("ann@x.com", "Hi", "alice", "grant:a"),
+            ClaimRequest("eve@x.com"),
+            ClaimRequest("no@x.com"),
+        ]
+    )
+    assert ledger.commits == before + 1
+    ann, eve, nobody = claims
+    assert ann.fresh
+    assert ann.sender == "alice"
+    assert ann.idempotency_key == ledger.row("ann@x.com").idempotency_key
+    assert eve is None  # skipped by the plan: nothing to send
+    assert isinstance(nobody, LedgerError)
+    assert "no@x.com" in str(nobody)
+    assert (_row(ledger).state, _row(ledger).subject, _row(ledger, "eve@x.com").state) == (IN, "Hi", K)
+    (again,) = ledger.claim_many([ClaimRequest("ann@x.com", sender="bob")])  # in flight: its key, its sender
+    assert (again.idempotency_key, again.fresh, again.sender) == (ann.idempotency_key, False, "alice")
+    ledger.claim("bob@x.com", sender="bob")
+    states = ledger.record_outcomes(
+        [
+            OutcomeReport("ann@x.com", SENT, "alice", 2),
+            OutcomeReport("bob@x.com", REJECTED, "bob"),
+            OutcomeReport("eve@x.com", SENT, "alice"),
+        ]
+    )
+    assert states[:2] == [S, F]
+    assert isinstance(states[2], LedgerError)
+    assert "eve@x.com" in str(states[2])
+    assert ledger.commits == before + 4  # and the two claims between
+    assert (_row(ledger).message_id, _row(ledger).attempts, _row(ledger, "bob@x.com").error_status) == (
+        "m-1",
+        1,
+        402,
+    )
+    assert ledger.sent_recipients_total("alice", 0.0) == 2  # the send log: ann's two recipients
+    assert ledger.sent_recipients_total("bob", 0.0) == 0
 
 
 def test_other_connections_see_a_claim_as_soon_as_it_returns(ledgers, ledger):

@@ -31,7 +31,7 @@ from campaign.dispatch._types import (
     Offload,
     build_thread_offload,
 )
-from campaign.ledger import GroupCommit, Ledger
+from campaign.ledger import ClaimRequest, GroupCommit, Ledger, OutcomeReport
 from campaign.manifest import SenderSettings
 from campaign.models import (
     FIRST_STEP,
@@ -403,14 +403,8 @@ class _Loop:
         """
         key = job.key
         payload = build_send_request(message)  # JSON, or multipart for big attachments
-        claim = await self._in_thread(
-            partial(
-                self._ledger.claim,
-                key,
-                subject=message.subject,
-                sender=lane.sender.name,
-                via=lane.sender.mailbox,
-            )
+        claim = await self._in_thread.each(
+            self._ledger.claim_many, ClaimRequest(key, message.subject, lane.sender.name, lane.sender.mailbox)
         )
         if claim is None:  # another worker holds or settled the row: nothing to send from here
             self._feed.finished(key)
@@ -431,14 +425,9 @@ class _Loop:
                 return await self._give_up(lane, job, None, note=KEY_TOO_OLD_NOTE)
             outcome = await send_as(self._client, lane.sender, payload, idempotency_key=claim.idempotency_key)
             self._apply_to_lane(lane, outcome)  # before any await: no other worker may send into it
-            state = await self._in_thread(
-                partial(
-                    self._ledger.record_outcome,
-                    key,
-                    outcome,
-                    sender=lane.sender.name,
-                    recipients=message.recipient_count,
-                )
+            state = await self._in_thread.each(
+                self._ledger.record_outcomes,
+                OutcomeReport(key, outcome, lane.sender.name, message.recipient_count),
             )
             if state != RowState.INFLIGHT:
                 break

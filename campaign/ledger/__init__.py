@@ -24,11 +24,21 @@ from campaign.ledger._read import ErrorGroup, LedgerRow, PlannedRow
 from campaign.ledger._schema import check_ledger_free, lock_ledger, unlock_ledger
 from campaign.ledger._site import LedgerSite, SqliteSite, ledger_site
 from campaign.ledger._spool import PlanSpool
-from campaign.ledger._values import Claim, DueStep, ScheduledStep, SentStep, StepCounts, SyncReport
+from campaign.ledger._values import (
+    Claim,
+    ClaimRequest,
+    DueStep,
+    OutcomeReport,
+    ScheduledStep,
+    SentStep,
+    StepCounts,
+    SyncReport,
+)
 
 __all__ = [
     "LEASE_EXPIRY_S",
     "Claim",
+    "ClaimRequest",
     "DueStep",
     "ErrorGroup",
     "GrantLeases",
@@ -36,6 +46,7 @@ __all__ = [
     "Ledger",
     "LedgerRow",
     "LedgerSite",
+    "OutcomeReport",
     "PlanSpool",
     "PlannedRow",
     "ScheduledStep",

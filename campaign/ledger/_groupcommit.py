@@ -3,12 +3,17 @@
 Each caller awaits its own write and gets its own result or error back, only after
 the transaction holding it is committed; so a claim is on disk before its caller
 goes on to send. While one batch is being written (off the event loop), new writes
-queue up and go together in the next. It decides nothing about what is written.
+queue up and go together in the next. A write asked for with `each` goes with the others of its
+kind in the batch to one call (`Ledger.claim_many`: one statement for many rows, so one round trip
+to a database server). It decides nothing about what is written.
+
+The writes of one batch were asked for concurrently, none waiting on another, so any order of them
+is one they could have happened in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,11 +24,17 @@ import anyio
 __all__ = ["GroupCommit"]
 
 _T = TypeVar("_T")
+_A = TypeVar("_A")
+
+# Takes the items asked for together, gives each its result or its own error, in their order.
+Together = Callable[[Sequence[_A]], Sequence[_T | Exception]]
 
 
 @dataclass(slots=True)
 class _Write(Generic[_T]):
-    call: Callable[[], _T]
+    call: Callable[[], _T] | None
+    together: Together[Any, _T] | None = None
+    item: object = None
     done: anyio.Event = field(default_factory=anyio.Event)
     value: _T | None = None
     error: BaseException | None = None
@@ -45,7 +56,14 @@ class GroupCommit:
 
     async def __call__(self, call: Callable[[], _T]) -> _T:
         """Queue `call`, wait until the transaction holding it is committed; return its result."""
-        write: _Write[_T] = _Write(call)
+        return await self._queued(_Write(call))
+
+    async def each(self, together: Together[_A, _T], item: _A) -> _T:
+        """Queue `item` for `together`, called once a batch with every item queued for it; wait as
+        `__call__` does, and return this item's result (or raise its error)."""
+        return await self._queued(_Write(None, together, item))
+
+    async def _queued(self, write: _Write[_T]) -> _T:
         self._queue.append(write)
         if not self._writing:
             await self._write_queued()
@@ -78,9 +96,24 @@ class GroupCommit:
             self._writing = False
 
     def _apply(self, writes: list[_Write[Any]]) -> None:
+        kinds: dict[Together[Any, Any], list[_Write[Any]]] = {}
         with self._batch():
             for write in writes:
+                if write.call is None:
+                    assert write.together is not None
+                    kinds.setdefault(write.together, []).append(write)
+                    continue
                 try:
                     write.value = write.call()
                 except Exception as exc:  # this write failed (and was undone); the others stand
                     write.error = exc
+            for together, alike in kinds.items():
+                try:
+                    results = together([write.item for write in alike])
+                except Exception as exc:
+                    results = [exc] * len(alike)
+                for write, result in zip(alike, results, strict=True):
+                    if isinstance(result, Exception):
+                        write.error = result
+                    else:
+                        write.value = result

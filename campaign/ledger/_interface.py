@@ -14,9 +14,19 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
 
+from campaign.errors import LedgerError
 from campaign.ledger._leases import WorkerView
 from campaign.ledger._read import ErrorGroup, JournalEntry, LedgerRow, PlannedRow
-from campaign.ledger._values import Claim, DueStep, ScheduledStep, SentStep, StepCounts, SyncReport
+from campaign.ledger._values import (
+    Claim,
+    ClaimRequest,
+    DueStep,
+    OutcomeReport,
+    ScheduledStep,
+    SentStep,
+    StepCounts,
+    SyncReport,
+)
 from campaign.models import RowState, SendOutcome, Skip, SkipReason
 
 __all__ = ["Ledger"]
@@ -91,9 +101,18 @@ class Ledger(Protocol):
         or (PostgreSQL) held right now by another worker's transaction (`FOR UPDATE SKIP LOCKED`)."""
         ...
 
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim | LedgerError | None]:
+        """`claim` of each, in one transaction (the batch under way, if any); a LedgerError in the list
+        is that claim's alone (nothing of it was written), the others stand."""
+        ...
+
     def record_outcome(
         self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1
     ) -> RowState: ...
+    def record_outcomes(self, reports: Sequence[OutcomeReport]) -> list[RowState | LedgerError]:
+        """`record_outcome` of each, as `claim_many` is of claims."""
+        ...
+
     def release(self, key: str) -> None: ...
     def bind_worker(self, worker: str | None) -> None:
         """Claim only under `worker`'s live lease on the claiming sender (workers sharing a PostgreSQL

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from campaign.clock import Clock
@@ -36,7 +37,7 @@ from campaign.ledger._schema import (
     migrate_ledger,
     unlock_ledger,
 )
-from campaign.ledger._values import Claim, ScheduledStep, SyncReport
+from campaign.ledger._values import Claim, ClaimRequest, OutcomeReport, ScheduledStep, SyncReport
 from campaign.ledger._write import (
     FAILED,
     IDEMPOTENCY_WINDOW_S,
@@ -49,6 +50,7 @@ from campaign.ledger._write import (
     UNKNOWN,
     LedgerWriter,
     decide_claim,
+    or_error,
 )
 from campaign.models import FIRST_STEP, OutcomeKind, RowState, SendOutcome, Skip, SkipReason, step_key
 
@@ -337,6 +339,32 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                 ),
             )
         return change.as_claim()
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim | LedgerError | None]:
+        """`claim` of each, in one transaction; a LedgerError in the list is that claim's alone."""
+        with self.batch():
+            return [
+                or_error(
+                    partial(self.claim, asked.key, subject=asked.subject, sender=asked.sender, via=asked.via)
+                )
+                for asked in requests
+            ]
+
+    def record_outcomes(self, reports: Sequence[OutcomeReport]) -> list[RowState | LedgerError]:
+        """`record_outcome` of each, in one transaction; a LedgerError in the list is that one's alone."""
+        with self.batch():
+            return [
+                or_error(
+                    partial(
+                        self.record_outcome,
+                        report.key,
+                        report.outcome,
+                        sender=report.sender,
+                        recipients=report.recipients,
+                    )
+                )
+                for report in reports
+            ]
 
     def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1) -> RowState:
         """Record what a send of an in-flight row came to; returns the row's new state.

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -56,7 +57,16 @@ from campaign.ledger._read import (
     _moment,
     _to_row,
 )
-from campaign.ledger._values import Claim, DueStep, ScheduledStep, SentStep, StepCounts, SyncReport
+from campaign.ledger._values import (
+    Claim,
+    ClaimRequest,
+    DueStep,
+    OutcomeReport,
+    ScheduledStep,
+    SentStep,
+    StepCounts,
+    SyncReport,
+)
 from campaign.ledger._write import (
     _FETCHED,
     FAILED,
@@ -70,6 +80,8 @@ from campaign.ledger._write import (
     ClaimChange,
     decide_claim,
     idempotency_key_stem,
+    only,
+    or_error,
 )
 from campaign.models import FIRST_STEP, OutcomeKind, RowState, SendOutcome, Skip, SkipReason, step_key
 
@@ -563,10 +575,24 @@ class PostgresLedger(KeptFacts):
         worker is deciding on it (giving it to another grant, settling it), so it is not this claim's;
         None, as for a row settled meanwhile. A worker's later round reads it again if it is still
         pending."""
+        return only(self.claim_many([ClaimRequest(key, subject, sender, via)]))
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim | LedgerError | None]:
+        """`claim` of each: the pending ones in one statement, the rest (rows left in flight, settled
+        or missing) one by one, each its own LedgerError if it fails."""
         now = self._stamp()
-        fast = self._claim_pending(key, subject=subject, sender=sender, via=via, now=now)
-        if fast is not None:
-            return fast
+        with self._write():
+            claimed = self._claim_pending(requests, now=now)
+            return [
+                claimed.pop(asked.key)
+                if asked.key in claimed
+                else or_error(partial(self._claim_checked, asked, now))
+                for asked in requests
+            ]
+
+    def _claim_checked(self, asked: ClaimRequest, now: str) -> Claim | None:
+        """`decide_claim` on the row as it is: a row in flight keeps its key; None if settled or held."""
+        key, subject, sender, via = asked.key, asked.subject, asked.sender, asked.via
         with self._write() as db:
             current = self._fetch_free(db, key)
             if current is None:
@@ -602,9 +628,26 @@ class PostgresLedger(KeptFacts):
     def record_outcome(self, key: str, outcome: SendOutcome, *, sender: str, recipients: int = 1) -> RowState:
         """Record what a send of an in-flight row came to; returns the row's new state (as
         `SqliteLedger.record_outcome`)."""
+        return only(self.record_outcomes([OutcomeReport(key, outcome, sender, recipients)]))
+
+    def record_outcomes(self, reports: Sequence[OutcomeReport]) -> list[RowState | LedgerError]:
+        """`record_outcome` of each: the sent ones in one statement (with their send log entries), the
+        rest one by one, each its own LedgerError if it fails."""
         now = self._stamp()
-        if outcome.kind == OutcomeKind.SENT and self._record_sent(key, outcome, sender, recipients, now):
-            return SENT
+        results: list[RowState | LedgerError] = []
+        with self._write():
+            sent = [report for report in reports if report.outcome.kind == OutcomeKind.SENT]
+            recorded = self._record_sent(sent, now)
+            for report in reports:
+                if report.key in recorded:
+                    recorded.remove(report.key)
+                    results.append(SENT)
+                else:
+                    results.append(or_error(partial(self._record_checked, report, now)))
+        return results
+
+    def _record_checked(self, report: OutcomeReport, now: str) -> RowState:
+        key, outcome, sender, recipients = report.key, report.outcome, report.sender, report.recipients
         with self._write() as db:
             current = self._fetch(db, key)
             if current["state"] != INFLIGHT.value:
@@ -1076,9 +1119,12 @@ class PostgresLedger(KeptFacts):
     def _fetch_free(self, db: _Connection, key: str) -> dict[str, Any] | None:
         """As `_fetch`, but None if another transaction holds the row, instead of waiting for it."""
         found = self._locked(db, key, "FOR UPDATE SKIP LOCKED")
-        if found is None and not db.execute(
-            "SELECT 1 FROM recipients WHERE campaign_id = %s AND key = %s", (self._id, key)
-        ).fetchone():
+        if (
+            found is None
+            and not db.execute(
+                "SELECT 1 FROM recipients WHERE campaign_id = %s AND key = %s", (self._id, key)
+            ).fetchone()
+        ):
             raise LedgerError(f"{self._where}: no recipient {key!r} in the ledger")
         return found
 
@@ -1106,90 +1152,102 @@ class PostgresLedger(KeptFacts):
         if to not in TRANSITIONS[frm]:
             raise LedgerError(f"{self._where}: cannot move rows from {frm} to {to}")
 
-    # The send loop's two writes a message, each one statement when it is the usual case: a round trip
-    # costs more than the statement, and a savepoint two more. Each cannot fail but with the
-    # connection (an UPDATE that finds no row is no error), so it needs no savepoint of its own in a
-    # batch; when it finds no row (a row in flight from before, a lease lost, a row in another state),
-    # the checked path above decides, and says why.
+    # The send loop's two writes a message (claim, sent), each one statement for all the rows of a
+    # batch when it is the usual case: a round trip costs more than the statement, a savepoint two
+    # more, and a database on another machine is a network round trip away. Each cannot fail but with
+    # the connection (an UPDATE that finds no row is no error), so it needs no savepoint of its own in
+    # a batch; a row it does not find (in flight from before, a lease lost, in another state) goes by
+    # the checked path, which decides and says why.
 
-    def _claim_pending(
-        self, key: str, *, subject: str | None, sender: str | None, via: str | None, now: str
-    ) -> Claim | None:
-        """`decide_claim`'s PENDING case in one statement: the claim, or None if the row is not pending
-        (or, bound to a worker, its sender's lease is not this worker's)."""
+    def _claim_pending(self, requests: Sequence[ClaimRequest], *, now: str) -> dict[str, Claim]:
+        """`decide_claim`'s PENDING case for every pending row of `requests` in one statement: key ->
+        its claim. Rows another transaction holds are skipped (`claim`); bound to a worker, so are rows
+        whose sender's lease is not this worker's."""
+        if not requests:
+            return {}
         lease = (
             "AND EXISTS (SELECT 1 FROM leases AS l WHERE l.campaign_id = r.campaign_id "
-            "AND l.sender = COALESCE(%(sender)s, r.sender) AND l.owner = %(worker)s "
+            "AND l.sender = COALESCE(w.sender, r.sender) AND l.owner = %(worker)s "
             "AND l.expires_at > %(at)s)"
             if self._worker is not None
             else ""
         )
-        params = {
-            "stem": idempotency_key_stem(self._campaign, key),
-            "now": now,
-            "subject": subject,
-            "sender": sender,
-            "via": via,
-            "id": self._id,
-            "key": key,
-            "worker": self._worker,
-            "at": self._clock.now().timestamp(),
-        }
-        # The row is locked by the subquery, skipped if another transaction holds it (`claim`).
-        found = self._write_one(
-            "UPDATE recipients AS r SET state = 'inflight', idempotency_key = %(stem)s || r.attempt_no, "
+        keys = [asked.key for asked in requests]
+        found = self._write_rows(
+            "UPDATE recipients AS r SET state = 'inflight', idempotency_key = w.stem || r.attempt_no, "
             "key_issued_at = %(now)s, key_uses = 0, claimed_at = %(now)s, "
             "first_claimed_at = COALESCE(r.first_claimed_at, %(now)s), "
-            "subject = COALESCE(%(subject)s, r.subject), "
-            "sender = COALESCE(%(sender)s, r.sender), claimed_via = COALESCE(%(via)s, r.claimed_via), "
-            "updated_at = %(now)s WHERE r.campaign_id = %(id)s AND r.key = %(key)s AND r.state = 'pending' "
-            f"{lease} AND r.key = (SELECT key FROM recipients WHERE campaign_id = %(id)s AND key = %(key)s "
-            "FOR UPDATE SKIP LOCKED) RETURNING r.idempotency_key, r.attempt_no, r.sender",
-            params,
-        )
-        if found is None:
-            return None
-        issued, attempt_no, owner = found
-        return ClaimChange(issued, now, 0, owner, via, True, attempt_no).as_claim()
-
-    def _record_sent(self, key: str, outcome: SendOutcome, sender: str, recipients: int, now: str) -> bool:
-        """A sent outcome of a row in flight in one statement (with its send log entry); False if the
-        row is not in flight."""
-        found = self._write_one(
-            "WITH sent AS (UPDATE recipients SET state = 'sent', "
-            "message_id = COALESCE(%(message)s, message_id), "
-            "thread_id = COALESCE(%(thread)s, thread_id), request_id = COALESCE(%(request)s, request_id), "
-            "replayed = %(replayed)s, error_type = NULL, error_status = NULL, error_message = NULL, "
-            "attempts = attempts + 1, updated_at = %(now)s, sent_at = %(now)s "
-            "WHERE campaign_id = %(id)s AND key = %(key)s AND state = 'inflight' RETURNING campaign_id) "
-            "INSERT INTO send_log (campaign_id, sender, sent_at, recipients) "
-            "SELECT campaign_id, %(sender)s, %(at)s, %(recipients)s FROM sent RETURNING 1",
+            "subject = COALESCE(w.subject, r.subject), sender = COALESCE(w.sender, r.sender), "
+            "claimed_via = COALESCE(w.via, r.claimed_via), "
+            "updated_at = %(now)s "
+            "FROM unnest(%(keys)s::text[], %(stems)s::text[], %(subjects)s::text[], %(senders)s::text[], "
+            "%(vias)s::text[]) AS w(key, stem, subject, sender, via) "
+            "WHERE r.campaign_id = %(id)s AND r.key = w.key AND r.state = 'pending' "
+            f"{lease} AND r.key IN (SELECT key FROM recipients WHERE campaign_id = %(id)s "
+            "AND key = ANY(%(keys)s::text[]) FOR UPDATE SKIP LOCKED) "
+            "RETURNING r.key, r.idempotency_key, r.attempt_no, r.sender, w.via",
             {
-                "message": outcome.message_id,
-                "thread": outcome.thread_id,
-                "request": outcome.request_id,
-                "replayed": outcome.replayed,
+                "keys": keys,
+                "stems": [idempotency_key_stem(self._campaign, key) for key in keys],
+                "subjects": [asked.subject for asked in requests],
+                "senders": [asked.sender for asked in requests],
+                "vias": [asked.via for asked in requests],
                 "now": now,
                 "id": self._id,
-                "key": key,
-                "sender": sender,
+                "worker": self._worker,
                 "at": self._clock.now().timestamp(),
-                "recipients": recipients,
             },
         )
-        return found is not None
+        return {
+            key: ClaimChange(issued, now, 0, owner, via, True, attempt_no).as_claim()
+            for key, issued, attempt_no, owner, via in found
+        }
 
-    def _write_one(self, statement: str, params: Mapping[str, object]) -> tuple[Any, ...] | None:
-        """One statement that cannot fail but with the connection, its first row: in the batch under way
+    def _record_sent(self, reports: Sequence[OutcomeReport], now: str) -> set[str]:
+        """The sent outcomes of the rows of `reports` in flight in one statement (with their send log
+        entries): the keys recorded."""
+        if not reports:
+            return set()
+        found = self._write_rows(
+            "WITH w AS (SELECT * FROM unnest(%(keys)s::text[], %(messages)s::text[], %(threads)s::text[], "
+            "%(requests)s::text[], %(replayed)s::boolean[], %(senders)s::text[], %(recipients)s::integer[]) "
+            "AS w(key, message, thread, request, replayed, sender, recipients)), "
+            "sent AS (UPDATE recipients AS r SET state = 'sent', "
+            "message_id = COALESCE(w.message, r.message_id), thread_id = COALESCE(w.thread, r.thread_id), "
+            "request_id = COALESCE(w.request, r.request_id), "
+            "replayed = w.replayed, error_type = NULL, error_status = NULL, error_message = NULL, "
+            "attempts = r.attempts + 1, updated_at = %(now)s, sent_at = %(now)s FROM w "
+            "WHERE r.campaign_id = %(id)s AND r.key = w.key AND r.state = 'inflight' "
+            "RETURNING r.key, w.sender, w.recipients), "
+            "logged AS (INSERT INTO send_log (campaign_id, sender, sent_at, recipients) "
+            "SELECT %(id)s, sender, %(at)s, recipients FROM sent) "
+            "SELECT key FROM sent",
+            {
+                "keys": [report.key for report in reports],
+                "messages": [report.outcome.message_id for report in reports],
+                "threads": [report.outcome.thread_id for report in reports],
+                "requests": [report.outcome.request_id for report in reports],
+                "replayed": [report.outcome.replayed for report in reports],
+                "senders": [report.sender for report in reports],
+                "recipients": [report.recipients for report in reports],
+                "now": now,
+                "id": self._id,
+                "at": self._clock.now().timestamp(),
+            },
+        )
+        return {key for (key,) in found}
+
+    def _write_rows(self, statement: str, params: Mapping[str, object]) -> list[tuple[Any, ...]]:
+        """One statement that cannot fail but with the connection, its rows: in the batch under way
         without a savepoint, else in a transaction of its own."""
         with self._lock:
             if self._connection is not None:
                 try:
-                    return self._connection.execute(statement, params).fetchone()
+                    return self._connection.execute(statement, params).fetchall()
                 except psycopg.Error as exc:
                     raise ledger_error(exc, where=self._where, doing="write the ledger") from exc
         with self._write() as db:
-            return db.execute(statement, params).fetchone()
+            return db.execute(statement, params).fetchall()
 
     def _log_send(self, db: _Connection, sender: str, at: float, recipients: int) -> None:
         db.execute(

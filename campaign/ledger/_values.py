@@ -6,9 +6,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from campaign.models import RowState
+from campaign.models import RowState, SendOutcome
 
-__all__ = ["Claim", "DueStep", "ScheduledStep", "SentStep", "StepCounts", "SyncReport"]
+__all__ = [
+    "Claim",
+    "ClaimRequest",
+    "DueStep",
+    "OutcomeReport",
+    "ScheduledStep",
+    "SentStep",
+    "StepCounts",
+    "SyncReport",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +42,26 @@ class Claim:
     usable_until: datetime  # past this, a same-key retry could send twice: give up (unknown)
     fresh: bool = True  # the key was issued by this claim (so no request has used it yet)
     sender: str | None = None  # the sender the row belongs to; a used key is only valid on its grant
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One claim of `Ledger.claim_many` (the arguments of `Ledger.claim`)."""
+
+    key: str
+    subject: str | None = None
+    sender: str | None = None
+    via: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeReport:
+    """One outcome of `Ledger.record_outcomes` (the arguments of `Ledger.record_outcome`)."""
+
+    key: str
+    outcome: SendOutcome
+    sender: str
+    recipients: int = 1
 
 
 @dataclass(frozen=True, slots=True)

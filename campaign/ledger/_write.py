@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
@@ -34,9 +34,13 @@ __all__ = [
     "decide_claim",
     "idempotency_key",
     "idempotency_key_stem",
+    "only",
+    "or_error",
 ]
 
 _FETCHED = ("state", "attempt_no", "idempotency_key", "key_issued_at", "claimed_at", "key_uses", "sender")
+
+_T = TypeVar("_T")
 
 PENDING, INFLIGHT, SENT = RowState.PENDING, RowState.INFLIGHT, RowState.SENT
 FAILED, UNKNOWN, SKIPPED = RowState.FAILED, RowState.UNKNOWN, RowState.SKIPPED
@@ -51,6 +55,23 @@ TRANSITIONS: Mapping[RowState, frozenset[RowState]] = {
 }
 # A claim finds nothing to send in these (`decide_claim`).
 SETTLED = frozenset({SENT, FAILED, UNKNOWN, SKIPPED})
+
+
+def or_error(call: Callable[[], _T]) -> _T | LedgerError:
+    """The call's result, or its LedgerError (a write that undid itself) for the caller to hand on:
+    one write of `claim_many`, `record_outcomes`."""
+    try:
+        return call()
+    except LedgerError as exc:
+        return exc
+
+
+def only(results: Sequence[_T | LedgerError]) -> _T:
+    """The one result of a one-item `claim_many` or `record_outcomes`; its LedgerError raised."""
+    (result,) = results
+    if isinstance(result, LedgerError):
+        raise result
+    return result
 
 
 def idempotency_key(campaign: str, key: str, attempt_no: int) -> str:
