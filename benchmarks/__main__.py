@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.cases import CASES, case_named, prepare_data
-from benchmarks.harness import CaseResult, format_table, run_case
+from benchmarks.harness import CaseResult, format_table, judge_against_send, run_case
 from benchmarks.patches import PATCHES
 
 
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.error:
                 print(f"  ERROR: {result.error}", flush=True)
             results.append(result)
+    judge_against_send(results)
     print()
     print(format_table(results))
     if args.json is not None:

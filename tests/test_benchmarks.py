@@ -151,3 +151,28 @@ def test_table_reports_the_median_run_of_each_case():
     assert cells[4:] == ("20.0", "7.0", "-")
     failed = harness.CaseResult(case_named("status"), error="child exited 1")
     assert "ERROR" in harness.format_table([failed])
+
+
+def test_send_postgres_is_judged_as_a_share_of_the_send_cases_median():
+    """send-postgres's target (>= 80 % of send) is judged from both cases' median runs when both ran."""
+    harness, _ = _import_benchmarks()
+    from benchmarks.cases import case_named
+
+    def result(name: str, *values: int):
+        runs = [
+            {"value": v, "figure": f"{v} msg/s", "passed": True, "wall_s": 1.0, "rusage": {}} for v in values
+        ]
+        return harness.CaseResult(case_named(name), runs=runs)
+
+    sqlite, near, far = (
+        result("send", 1000, 1100, 900),
+        result("send-postgres", 850),
+        result("send-postgres", 790),
+    )
+    harness.judge_against_send([sqlite, near])
+    assert near.cells()[1:4] == ("850 msg/s = 85% of send's 1,000", near.case.target, "pass")
+    harness.judge_against_send([sqlite, far])
+    assert far.cells()[3] == "FAIL"
+    alone = result("send-postgres", 790)
+    harness.judge_against_send([alone])
+    assert alone.cells()[3] == "pass"  # run alone: every message went

@@ -37,6 +37,7 @@ from campaign.dispatch import DispatchResult, send_under_leases
 from campaign.errors import LedgerError
 from campaign.ledger import GrantLeases, PlannedRow, ledger_site, share_of
 from campaign.ledger._pg_schema import _WRITER_LOCK
+from campaign.ledger._write import KEY_REUSE_S
 from campaign.models import OutcomeKind, RowState, SendOutcome
 from campaign.testing import FakeClock, FakeNylas, Fault
 
@@ -581,3 +582,26 @@ def _pending_of(database: str, campaign: str, sender: str) -> int:
                 (campaign, sender),
             ).fetchone()[0]
         )
+
+
+def test_a_key_too_old_of_a_grant_another_live_worker_leases_is_left_to_that_worker(database, clock):
+    """A starting worker turns rows in flight with keys too old to reuse into unknown, but not those of
+    a grant another worker leases (it may be sending them now; its loop gives up on them itself): once
+    that lease has expired, they are."""
+    site, ledger = _campaign(database, clock, "old-keys")
+    with closing(ledger):
+        owner, _ = _two_workers(site, "old-keys", clock)
+        owner.join()
+        assert owner.acquire(["g1"], 1) == ("g1",)
+        ledger.claim("r1@example.com", sender="g1")
+        ledger.claim("r3@example.com", sender="g2")
+        while clock.monotonic() < KEY_REUSE_S + 1:  # the owner lives on, renewing its lease
+            clock.advance(owner.expiry_s / 2)
+            assert owner.renew() == ("g1",)
+        assert ledger.record_expired_claims() == 1  # r3: g2 is nobody's
+        assert ledger.row("r1@example.com").state == RowState.INFLIGHT
+        assert ledger.row("r3@example.com").state == RowState.UNKNOWN
+        clock.advance(owner.expiry_s + 1)  # the owner died: its lease expired
+        assert ledger.record_expired_claims() == 1
+        assert ledger.row("r1@example.com").state == RowState.UNKNOWN
+        owner.close()

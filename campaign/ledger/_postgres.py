@@ -458,14 +458,20 @@ class PostgresLedger(KeptFacts):
             return cursor.rowcount
 
     def record_expired_claims(self, *, older_than_s: float = KEY_REUSE_S) -> int:
-        """Turn in-flight rows whose key is older than `older_than_s` into unknown; returns how many."""
-        cutoff = self._clock.now().timestamp() - older_than_s
+        """Turn in-flight rows whose key is older than `older_than_s` into unknown; returns how many.
+
+        A row whose sender another live worker leases is its: that worker may be sending it right now,
+        and its send loop gives up on a key too old by itself."""
+        now = self._clock.now().timestamp()
+        cutoff = now - older_than_s
         note = "its idempotency key is older than Nylas's 1 h replay window; `campaign reconcile` settles it"
         with self._write() as db:
             found = db.execute(
-                "SELECT key, key_issued_at FROM recipients WHERE campaign_id = %s AND state = 'inflight' "
-                "FOR UPDATE",
-                (self._id,),
+                "SELECT key, key_issued_at FROM recipients AS r "
+                "WHERE campaign_id = %s AND state = 'inflight' AND NOT EXISTS (SELECT 1 FROM leases AS l "
+                "WHERE l.campaign_id = r.campaign_id AND l.sender = r.sender AND l.expires_at > %s "
+                "AND l.owner IS DISTINCT FROM %s) FOR UPDATE OF r",
+                (self._id, now, self._worker),
             ).fetchall()
             stale = [
                 key
