@@ -193,12 +193,11 @@ def run_campaign(
         message = f"{site.where}: no ledger, so nothing to resume; start with `campaign run {command_path}`"
         raise InputFileError(message)
     # Workers sharing a database each send from the grants they lease; None: one command at a time.
+    # The leases connect when the sending starts, and give back and close when it ends.
     leases = site.leases(campaign, clock)
     if leases is None:
         site.check_free(campaign)  # before any check: a refused run says nothing of a plan
     with ExitStack() as held:
-        if leases is not None:
-            held.callback(leases.close)
         spool = held.enter_context(PlanSpool())
         planning = held.enter_context(ExitStack())  # the writer lock, until the plan is recorded at least
         ledger = None

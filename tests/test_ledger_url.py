@@ -11,6 +11,7 @@ import json
 import os
 import socket
 
+import anyio
 import pytest
 from conftest import copy_sample
 from postgres import fresh_database
@@ -175,17 +176,21 @@ def test_status_shows_the_workers_of_a_shared_campaign(api, cli, cli_clock, tmp_
     assert cli("run", manifest, "--yes").exit_code == 0
     leases = ledger_site(database).leases("with-workers", cli_clock)
     assert leases is not None
-    try:
-        leases.join()
-        assert leases.acquire(["founder"], 1) == ("founder",)
-        shown = cli("status", manifest)
-        assert shown.exit_code == 0, shown.output
-        line = next(line for line in shown.stdout.splitlines() if line.startswith("worker "))
-        assert f"worker {leases.id} on {socket.gethostname()} (pid {os.getpid()}): founder" in line
-        (worker,) = json.loads(cli("status", manifest, "--json").stdout)["workers"]
-        assert (worker["id"], worker["grants"], worker["live"]) == (leases.id, ["founder"], True)
-        cli_clock.advance(leases.expiry_s + 1)  # it stopped beating: gone, and its lease with it
-        (gone,) = json.loads(cli("status", manifest, "--json").stdout)["workers"]
-        assert (gone["grants"], gone["live"]) == ([], False)
-    finally:
-        leases.close()
+
+    async def hold_founder() -> tuple[str, ...]:
+        await leases.join()
+        try:
+            return await leases.acquire(["founder"], 1)
+        finally:
+            await leases.close()  # its worker and lease rows stay, as a live worker's
+
+    assert anyio.run(hold_founder) == ("founder",)
+    shown = cli("status", manifest)
+    assert shown.exit_code == 0, shown.output
+    line = next(line for line in shown.stdout.splitlines() if line.startswith("worker "))
+    assert f"worker {leases.id} on {socket.gethostname()} (pid {os.getpid()}): founder" in line
+    (worker,) = json.loads(cli("status", manifest, "--json").stdout)["workers"]
+    assert (worker["id"], worker["grants"], worker["live"]) == (leases.id, ["founder"], True)
+    cli_clock.advance(leases.expiry_s + 1)  # it stopped beating: gone, and its lease with it
+    (gone,) = json.loads(cli("status", manifest, "--json").stdout)["workers"]
+    assert (gone["grants"], gone["live"]) == ([], False)

@@ -74,60 +74,63 @@ def _two_workers(site, campaign: str, clock: FakeClock) -> tuple[GrantLeases, Gr
     return first, second
 
 
-def test_a_grant_changes_owner_only_once_its_lease_expired(database, clock):
+@pytest.mark.anyio
+async def test_a_grant_changes_owner_only_once_its_lease_expired(database, clock):
     site, ledger = _campaign(database, clock, "lease-expiry")
     with closing(ledger):
         first, second = _two_workers(site, "lease-expiry", clock)
-        first.join()
-        second.join()
-        assert first.acquire(["g1", "g2"], 2) == ("g1", "g2")
-        assert second.acquire(["g1", "g2"], 2) == ()
+        await first.join()
+        await second.join()
+        assert await first.acquire(["g1", "g2"], 2) == ("g1", "g2")
+        assert await second.acquire(["g1", "g2"], 2) == ()
         clock.advance(first.expiry_s - 1)  # the first has stopped renewing, but its leases still hold
-        assert second.acquire(["g1", "g2"], 2) == ()
+        assert await second.acquire(["g1", "g2"], 2) == ()
         clock.advance(2)
-        assert second.acquire(["g1", "g2"], 2) == ("g1", "g2")
-        assert first.renew() == ()  # an expired lease is not revived: it is the other's now
-        assert first.acquire(["g1", "g2"], 2) == ()
-        views = {view.id: view for view in second.workers()}
+        assert await second.acquire(["g1", "g2"], 2) == ("g1", "g2")
+        assert await first.renew() == ()  # an expired lease is not revived: it is the other's now
+        assert await first.acquire(["g1", "g2"], 2) == ()
+        views = {view.id: view for view in ledger.workers()}
         assert views[second.id].grants == ("g1", "g2")
         assert views[first.id].grants == ()
-        first.close()
-        second.close()
+        await first.close()
+        await second.close()
 
 
-def test_renewed_leases_hold_and_given_back_ones_are_free_at_once(database, clock):
+@pytest.mark.anyio
+async def test_renewed_leases_hold_and_given_back_ones_are_free_at_once(database, clock):
     site, ledger = _campaign(database, clock, "lease-renewal")
     with closing(ledger):
         owner, other = _two_workers(site, "lease-renewal", clock)
-        owner.join()
-        other.join()
-        assert owner.acquire(["g1", "g2"], 2) == ("g1", "g2")
+        await owner.join()
+        await other.join()
+        assert await owner.acquire(["g1", "g2"], 2) == ("g1", "g2")
         for _ in range(20):  # over three lease lifetimes, renewed every sixth of one
             clock.advance(owner.expiry_s / 6)
-            assert owner.renew() == ("g1", "g2")
-            assert other.acquire(["g1", "g2"], 2) == ()
-        assert owner.live_workers() == 2
-        assert share_of(GRANTS, owner.live_workers()) == 3
-        owner.release(["g2"])
-        assert other.acquire(["g1", "g2"], 1) == ("g2",)
-        owner.leave()
-        assert other.live_workers() == 1
-        assert other.acquire(["g1", "g2"], 2) == ("g1", "g2")
-        owner.close()
-        other.close()
+            assert await owner.renew() == ("g1", "g2")
+            assert await other.acquire(["g1", "g2"], 2) == ()
+        assert await owner.live_workers() == 2
+        assert share_of(GRANTS, await owner.live_workers()) == 3
+        await owner.release(["g2"])
+        assert await other.acquire(["g1", "g2"], 1) == ("g2",)
+        await owner.leave()
+        assert await other.live_workers() == 1
+        assert await other.acquire(["g1", "g2"], 2) == ("g1", "g2")
+        await owner.close()
+        await other.close()
 
 
-def test_the_next_owner_resends_rows_in_flight_with_their_own_keys(database, clock):
+@pytest.mark.anyio
+async def test_the_next_owner_resends_rows_in_flight_with_their_own_keys(database, clock):
     site, ledger = _campaign(database, clock, "lease-handover")
     with closing(ledger):
         dead, heir = _two_workers(site, "lease-handover", clock)
-        dead.join()
-        assert dead.acquire(["g1"], 1) == ("g1",)
+        await dead.join()
+        assert await dead.acquire(["g1"], 1) == ("g1",)
         claim = ledger.claim("r1@example.com", sender="g1", via="grant:g1")  # then the worker is killed
-        heir.join()
-        assert heir.acquire(["g1"], 1) == ()
+        await heir.join()
+        assert await heir.acquire(["g1"], 1) == ()
         clock.advance(dead.expiry_s + 1)
-        assert heir.acquire(["g1"], 1) == ("g1",)
+        assert await heir.acquire(["g1"], 1) == ("g1",)
         in_flight = ledger.open_rows_of("g1", RowState.INFLIGHT)
         assert [row.key for row in in_flight] == ["r1@example.com"]
         again = ledger.claim("r1@example.com", sender="g1", via="grant:g1")
@@ -135,8 +138,8 @@ def test_the_next_owner_resends_rows_in_flight_with_their_own_keys(database, clo
         assert not again.fresh
         outcome = SendOutcome(OutcomeKind.SENT, status=200, message_id="m1")
         assert ledger.record_outcome("r1@example.com", outcome, sender="g1") == RowState.SENT
-        dead.close()
-        heir.close()
+        await dead.close()
+        await heir.close()
 
 
 # --- real workers ---------------------------------------------------------------------------------
@@ -282,9 +285,9 @@ async def test_a_worker_gives_grants_back_when_another_joins(database, clock):
     async def send_round(senders, round_stop):
         rounds.append(tuple(senders))
         if len(rounds) == 1:
-            await anyio.to_thread.run_sync(second.join)
+            await second.join()
         else:
-            taken.append(await anyio.to_thread.run_sync(second.acquire, grants, share_of(len(grants), 2)))
+            taken.append(await second.acquire(grants, share_of(len(grants), 2)))
             stop.set()
         await round_stop.wait()
         return DispatchResult(sent=0, failed=0, unknown=0, remaining=0)
@@ -299,10 +302,10 @@ async def test_a_worker_gives_grants_back_when_another_joins(database, clock):
         assert len(rounds[1]) == 3
         assert len(taken[0]) == 3
         assert set(rounds[1]) | set(taken[0]) == set(grants)
-        assert first.live_workers() == 1  # the first left (its leases given back): only the second
-        assert second.acquire(grants, GRANTS) == tuple(grants)
-        first.close()
-        second.close()
+        assert await first.live_workers() == 1  # the first left (its leases given back): only the second
+        assert await second.acquire(grants, GRANTS) == tuple(grants)
+        await first.close()
+        await second.close()
 
 
 class _CuttableLink:
@@ -385,19 +388,20 @@ def test_a_worker_that_loses_its_database_stops_before_its_leases_expire(api: Fa
     assert last < expiry  # nothing was sent once a lease could have expired (another worker's then)
 
 
-def test_a_worker_claims_only_under_its_live_lease(database, clock):
+@pytest.mark.anyio
+async def test_a_worker_claims_only_under_its_live_lease(database, clock):
     """Bound to a worker, the ledger records a claim only while that worker's lease on the claiming
     sender is live: after it expired (another worker may have the grant), the claim is refused and the
     row stays as it was."""
     site, ledger = _campaign(database, clock, "lease-claims")
     with closing(ledger):
         worker, _ = _two_workers(site, "lease-claims", clock)
-        worker.join()
+        await worker.join()
         ledger.bind_worker(worker.id)
         with pytest.raises(LedgerError, match="no longer holds the lease on sender 'g1'"):
             ledger.claim("r1@example.com", sender="g1", via="grant:g1")
         assert ledger.row("r1@example.com").state == RowState.PENDING
-        assert worker.acquire(["g1"], 1) == ("g1",)
+        assert await worker.acquire(["g1"], 1) == ("g1",)
         assert ledger.claim("r1@example.com", sender="g1", via="grant:g1").fresh
         clock.advance(worker.expiry_s + 1)
         with pytest.raises(LedgerError, match="no longer holds the lease"):
@@ -405,7 +409,7 @@ def test_a_worker_claims_only_under_its_live_lease(database, clock):
         with pytest.raises(LedgerError, match="no longer holds the lease"):
             ledger.claim("r1@example.com", sender="g1", via="grant:g1")  # its row in flight, too
         assert ledger.row("r2@example.com").state == RowState.PENDING
-        worker.close()
+        await worker.close()
 
 
 def test_two_workers_started_together_share_the_grants_and_both_end_done(api: FakeNylas, tmp_path, database):
@@ -538,16 +542,22 @@ def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_led
     site.open(clock=SystemClock(), campaign="parked").close()  # the campaign's row: its leases need it
     holder = site.leases("parked", SystemClock())
     assert holder is not None
-    holder.join()
-    assert holder.acquire(["g1"], 1) == ("g1",)
-    stop = threading.Event()
+    holding, stop = threading.Event(), threading.Event()
 
-    def renew() -> None:  # the test's worker keeps its lease on g1, as a live worker does
-        while not stop.wait(0.3):
-            holder.renew()
+    async def hold_g1() -> None:  # the test's worker keeps its lease on g1, as a live worker does
+        await holder.join()
+        assert await holder.acquire(["g1"], 1) == ("g1",)
+        holding.set()
+        try:
+            while not stop.is_set():
+                await anyio.sleep(0.3)
+                await holder.renew()
+        finally:
+            await holder.leave()  # g1 free: the worker takes it and sends g0's rows from it
 
-    renewing = threading.Thread(target=renew)
+    renewing = threading.Thread(target=anyio.run, args=(hold_g1,))
     renewing.start()
+    assert holding.wait(timeout=30)
     api.script(Fault.QUOTA_EXCEEDED, grant_id="grant-0", retry_after_s=3600)
     log = tmp_path / "parked.log"
     worker = _start_worker(manifest, log)
@@ -560,11 +570,10 @@ def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_led
         assert not api.deliveries  # g1 is not the worker's yet
         stop.set()
         renewing.join()
-        holder.leave()  # g1 free: the worker takes it and sends g0's rows from it
         assert worker.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
         stop.set()
-        holder.close()
+        renewing.join()
         if worker.poll() is None:
             worker.kill()
     mailed = Counter(delivery.payload["to"][0]["email"] for delivery in api.deliveries)
@@ -584,24 +593,25 @@ def _pending_of(database: str, campaign: str, sender: str) -> int:
         )
 
 
-def test_a_key_too_old_of_a_grant_another_live_worker_leases_is_left_to_that_worker(database, clock):
+@pytest.mark.anyio
+async def test_a_key_too_old_of_a_grant_another_live_worker_leases_is_left_to_that_worker(database, clock):
     """A starting worker turns rows in flight with keys too old to reuse into unknown, but not those of
     a grant another worker leases (it may be sending them now; its loop gives up on them itself): once
     that lease has expired, they are."""
     site, ledger = _campaign(database, clock, "old-keys")
     with closing(ledger):
         owner, _ = _two_workers(site, "old-keys", clock)
-        owner.join()
-        assert owner.acquire(["g1"], 1) == ("g1",)
+        await owner.join()
+        assert await owner.acquire(["g1"], 1) == ("g1",)
         ledger.claim("r1@example.com", sender="g1")
         ledger.claim("r3@example.com", sender="g2")
         while clock.monotonic() < KEY_REUSE_S + 1:  # the owner lives on, renewing its lease
             clock.advance(owner.expiry_s / 2)
-            assert owner.renew() == ("g1",)
+            assert await owner.renew() == ("g1",)
         assert ledger.record_expired_claims() == 1  # r3: g2 is nobody's
         assert ledger.row("r1@example.com").state == RowState.INFLIGHT
         assert ledger.row("r3@example.com").state == RowState.UNKNOWN
         clock.advance(owner.expiry_s + 1)  # the owner died: its lease expired
         assert ledger.record_expired_claims() == 1
         assert ledger.row("r1@example.com").state == RowState.UNKNOWN
-        owner.close()
+        await owner.close()

@@ -33,17 +33,17 @@ _LOOKS_PER_LEASE = 15
 
 
 class Leases(Protocol):
-    """One worker's leases on a campaign's grants (`ledger.GrantLeases`); every call is blocking I/O."""
+    """One worker's leases on a campaign's grants (`ledger.GrantLeases`), on the event loop."""
 
     expiry_s: float
 
-    def join(self) -> None: ...
-    def leave(self) -> None: ...
-    def live_workers(self) -> int: ...
-    def acquire(self, wanted: Sequence[str], share: int) -> tuple[str, ...]: ...
-    def renew(self) -> tuple[str, ...]: ...
-    def release(self, senders: Sequence[str]) -> None: ...
-    def free(self, wanted: Sequence[str]) -> tuple[str, ...]: ...
+    async def join(self) -> None: ...
+    async def leave(self) -> None: ...
+    async def live_workers(self) -> int: ...
+    async def acquire(self, wanted: Sequence[str], share: int) -> tuple[str, ...]: ...
+    async def renew(self) -> tuple[str, ...]: ...
+    async def release(self, senders: Sequence[str]) -> None: ...
+    async def free(self, wanted: Sequence[str]) -> tuple[str, ...]: ...
 
 
 async def send_under_leases(
@@ -59,15 +59,15 @@ async def send_under_leases(
 
     `send_round(senders, round_stop)` sends from `senders` until their work is done or `round_stop` is
     set. LedgerError when a lease was lost or could not be kept (its round was stopped first)."""
-    await anyio.to_thread.run_sync(leases.join)
+    await leases.join()
     total: DispatchResult | None = None
     try:
         while not stop.is_set():
             wanted = await anyio.to_thread.run_sync(with_work)
             if not wanted:
                 break
-            workers = await anyio.to_thread.run_sync(leases.live_workers)
-            held = await anyio.to_thread.run_sync(leases.acquire, wanted, share_of(len(wanted), workers))
+            workers = await leases.live_workers()
+            held = await leases.acquire(wanted, share_of(len(wanted), workers))
             if not held:  # every grant with work is another live worker's
                 await clock.wait_for(stop, leases.expiry_s / _LOOKS_PER_LEASE)
                 continue
@@ -80,7 +80,7 @@ async def send_under_leases(
     finally:
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(LedgerError):  # the database is gone: the leases expire by themselves
-                await anyio.to_thread.run_sync(leases.leave)
+                await leases.leave()
     return total
 
 
@@ -119,7 +119,7 @@ class _LeasedRound:
                 "flight keep their idempotency keys, so the grants' next owner mails nobody twice"
             )
             raise LedgerError(message)
-        await anyio.to_thread.run_sync(self._leases.release, self._held)
+        await self._leases.release(self._held)
         return result
 
     async def _keep_leases(self) -> None:
@@ -135,8 +135,8 @@ class _LeasedRound:
                 # Well within a lease's expiry: a worker that cannot renew stops claiming long before
                 # another could take its grants.
                 with anyio.fail_after(min(self._heartbeat_s, leases.expiry_s / 3)):
-                    still = await anyio.to_thread.run_sync(leases.renew, abandon_on_cancel=True)
-                    workers = await anyio.to_thread.run_sync(leases.live_workers, abandon_on_cancel=True)
+                    still = await leases.renew()
+                    workers = await leases.live_workers()
             except LedgerError as exc:
                 self._lost = f"it cannot renew its leases ({exc})"
                 break
@@ -150,9 +150,6 @@ class _LeasedRound:
             share = share_of(len(self._wanted), workers)
             if len(self._held) > share:
                 break
-            if len(self._held) < share and await anyio.to_thread.run_sync(self._any_free):
+            if len(self._held) < share and await self._leases.free(self._wanted):
                 break
         self._round_stop.set()
-
-    def _any_free(self) -> bool:
-        return bool(self._leases.free(self._wanted))

@@ -10,8 +10,11 @@ worker that joins finds grants given back to it. Times are the workers' clocks (
 seconds: their machines keep time (NTP), which the 30 s expiry allows a little slack for.
 
 Plain SQL over one connection of its own (autocommit: every statement is its own transaction), so
-that a heartbeat never waits behind the ledger's writes. Claims check the lease in the ledger's
-own transaction (`PostgresLedger.claim`), so a worker that lost its lease cannot claim a row.
+that a heartbeat never waits behind the ledger's writes. The connection is psycopg's async one, on the
+event loop beside the sends: the heartbeat's deadline cancels a renewal the database does not answer
+(psycopg cancels the query), where a thread could only be abandoned with its connection. Claims check
+the lease in the ledger's own transaction (`PostgresLedger.claim`), so a worker that lost its lease
+cannot claim a row.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from __future__ import annotations
 import math
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
@@ -59,7 +63,7 @@ _CAMPAIGN = "(SELECT id FROM campaign_ledger.campaigns WHERE name = %(campaign)s
 
 
 class GrantLeases:
-    """One worker's leases on one campaign's grants. Not thread-safe beyond its own lock."""
+    """One worker's leases on one campaign's grants, used from one event loop (asyncio)."""
 
     def __init__(
         self,
@@ -79,15 +83,15 @@ class GrantLeases:
         self.host = socket.gethostname()
         self._params: dict[str, Any] = {"campaign": campaign, "worker": self.id}
         self._connect_timeout_s = connect_timeout_s
-        self._db: psycopg.Connection[Any] | None = None
-        self._lock = threading.Lock()
+        self._db: psycopg.AsyncConnection[Any] | None = None
+        self._lock = anyio.Lock()
 
     # --- the worker -----------------------------------------------------------------------------
 
-    def join(self) -> None:
+    async def join(self) -> None:
         """Add this worker to the campaign's workers (its heartbeat starts now)."""
         now = self._now()
-        self._run(
+        await self._run(
             "INSERT INTO campaign_ledger.workers (campaign_id, id, host, pid, started_at, heartbeat_at) "
             f"VALUES ({_CAMPAIGN}, %(worker)s, %(host)s, %(pid)s, %(now)s, %(now)s)",
             host=self.host,
@@ -95,16 +99,22 @@ class GrantLeases:
             now=now,
         )
 
-    def leave(self) -> None:
-        """Give back every lease and leave the campaign's workers (on a stop, or when done)."""
-        self._run(
-            f"DELETE FROM campaign_ledger.leases WHERE campaign_id = {_CAMPAIGN} AND owner = %(worker)s"
-        )
-        self._run(f"DELETE FROM campaign_ledger.workers WHERE campaign_id = {_CAMPAIGN} AND id = %(worker)s")
+    async def leave(self) -> None:
+        """Give back every lease, leave the campaign's workers (on a stop, or when done) and close the
+        connection."""
+        try:
+            await self._run(
+                f"DELETE FROM campaign_ledger.leases WHERE campaign_id = {_CAMPAIGN} AND owner = %(worker)s"
+            )
+            await self._run(
+                f"DELETE FROM campaign_ledger.workers WHERE campaign_id = {_CAMPAIGN} AND id = %(worker)s"
+            )
+        finally:
+            await self.close()
 
-    def live_workers(self) -> int:
+    async def live_workers(self) -> int:
         """How many workers' heartbeats are younger than a lease's expiry (this one included)."""
-        rows = self._run(
+        rows = await self._run(
             "SELECT count(*) FROM campaign_ledger.workers "
             f"WHERE campaign_id = {_CAMPAIGN} AND heartbeat_at > %(since)s",
             since=self._now() - self.expiry_s,
@@ -113,19 +123,19 @@ class GrantLeases:
 
     # --- leases ---------------------------------------------------------------------------------
 
-    def acquire(self, wanted: Sequence[str], share: int) -> tuple[str, ...]:
+    async def acquire(self, wanted: Sequence[str], share: int) -> tuple[str, ...]:
         """Hold up to `share` of the grants `wanted`: those held already first, then free ones (never
         leased, given back, or expired), in the order given; returns the grants held, in that order.
 
         A lease changes owner only once it has expired: the take is one statement that checks it."""
         now = self._now()
-        held = [name for name in self.renew() if name in wanted][:share]
+        held = [name for name in await self.renew() if name in wanted][:share]
         for name in wanted:
             if len(held) >= share:
                 break
             if name in held:
                 continue
-            taken = self._run(
+            taken = await self._run(
                 "INSERT INTO campaign_ledger.leases AS l "
                 "(campaign_id, sender, owner, expires_at, acquired_at) "
                 f"VALUES ({_CAMPAIGN}, %(sender)s, %(worker)s, %(expires)s, %(now)s) "
@@ -140,17 +150,17 @@ class GrantLeases:
                 held.append(name)
         return tuple(name for name in wanted if name in held)
 
-    def renew(self) -> tuple[str, ...]:
+    async def renew(self) -> tuple[str, ...]:
         """The heartbeat: this worker's live leases extended and its heartbeat recorded; returns the
         grants it still holds. A lease that expired meanwhile is not revived: another worker may have
         it (or take it), so its grant is no longer this worker's to send from."""
         now = self._now()
-        self._run(
+        await self._run(
             "UPDATE campaign_ledger.workers SET heartbeat_at = %(now)s "
             f"WHERE campaign_id = {_CAMPAIGN} AND id = %(worker)s",
             now=now,
         )
-        rows = self._run(
+        rows = await self._run(
             "UPDATE campaign_ledger.leases SET expires_at = %(expires)s "
             f"WHERE campaign_id = {_CAMPAIGN} AND owner = %(worker)s AND expires_at > %(now)s "
             "RETURNING sender",
@@ -159,9 +169,9 @@ class GrantLeases:
         )
         return tuple(sorted(str(sender) for (sender,) in rows))
 
-    def free(self, wanted: Sequence[str]) -> tuple[str, ...]:
+    async def free(self, wanted: Sequence[str]) -> tuple[str, ...]:
         """Of the grants `wanted`, those nobody holds a live lease on, in that order."""
-        rows = self._run(
+        rows = await self._run(
             f"SELECT sender FROM campaign_ledger.leases WHERE campaign_id = {_CAMPAIGN} "
             "AND sender = ANY(%(names)s) AND expires_at > %(now)s",
             names=list(wanted),
@@ -170,50 +180,53 @@ class GrantLeases:
         taken = {str(sender) for (sender,) in rows}
         return tuple(name for name in wanted if name not in taken)
 
-    def release(self, senders: Iterable[str]) -> None:
+    async def release(self, senders: Iterable[str]) -> None:
         """Give the leases on `senders` back at once (their sends in flight are settled and recorded)."""
         names = list(senders)
         if names:
-            self._run(
+            await self._run(
                 "DELETE FROM campaign_ledger.leases "
                 f"WHERE campaign_id = {_CAMPAIGN} AND owner = %(worker)s AND sender = ANY(%(names)s)",
                 names=names,
             )
 
-    def workers(self) -> list[WorkerView]:
-        """The campaign's workers with the grants each holds, live ones first."""
-        read = lambda query, params: self._run(query, **params)  # noqa: E731
-        return read_workers(read, self._params["campaign"], self._now(), self.expiry_s)
-
-    def close(self) -> None:
+    async def close(self) -> None:
         """Close the connection (the leases stay until they expire, unless given back first)."""
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        async with self._lock:
+            await self._drop()
 
     # --- the connection -------------------------------------------------------------------------
 
     def _now(self) -> float:
         return self._clock.now().timestamp()
 
-    def _run(self, query: str, **params: object) -> list[tuple[Any, ...]]:
+    async def _run(self, query: str, **params: object) -> list[tuple[Any, ...]]:
         import psycopg  # only where a database is used: a SQLite ledger never loads it
 
-        with self._lock:
+        async with self._lock:
             try:
                 if self._db is None or self._db.closed:
-                    self._db = psycopg.connect(
+                    self._db = await psycopg.AsyncConnection.connect(
                         self._conninfo, autocommit=True, connect_timeout=int(self._connect_timeout_s)
                     )
-                cursor = self._db.execute(query, {**self._params, **params})
-                return cursor.fetchall() if cursor.description is not None else []
+                cursor = await self._db.execute(query, {**self._params, **params})
+                return await cursor.fetchall() if cursor.description is not None else []
             except psycopg.Error as exc:
-                if self._db is not None and self._db.broken:
-                    self._db = None
+                await self._drop()
                 name = type(exc).__name__  # its text may name the server's address and user: not shown
                 message = f"{self._where}: lost the database while keeping this worker's leases ({name})"
                 raise LedgerError(message) from None
+            except (
+                BaseException
+            ):  # cancelled (a renewal past its deadline): the connection's state is unknown
+                await self._drop()
+                raise
+
+    async def _drop(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with anyio.move_on_after(1, shield=True):
+                await db.close()
 
 
 def read_workers(
