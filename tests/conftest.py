@@ -1,6 +1,19 @@
-"""Shared fixtures."""
+"""Shared fixtures; PostgreSQL's (databases, ledgers of either backend) are in `postgres.py`."""
+
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from campaign.cli import app
+from campaign.cli.base import options
+from campaign.testing import FakeClock, FakeNylas
+from campaign.testing.server import serve_on_loopback
+
+pytest_plugins = ["postgres"]
 
 
 @pytest.fixture
@@ -8,18 +21,6 @@ def anyio_backend() -> str:
     """Run async tests on asyncio only."""
     return "asyncio"
 
-
-import shutil  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from typer.testing import CliRunner  # noqa: E402
-
-from campaign.cli import app  # noqa: E402
-from campaign.cli.base import options  # noqa: E402
-from campaign.testing import FakeClock, FakeNylas  # noqa: E402
-from campaign.testing.server import serve_on_loopback  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "nyk_v0_test_key_never_printed_0123456789"

@@ -1,8 +1,7 @@
 """PostgreSQL for the tests: a fresh database per test session, and ledgers of either backend.
 
-A test module uses these fixtures with `pytest_plugins = ["postgres"]` (and imports this module, if at
-all, only for type hints or inside a test: a module imported before pytest registers it as a plugin
-would not be registered cleanly).
+A plugin of every test module (`conftest.py`'s `pytest_plugins`); a test module imports it, if at all,
+only for type hints or inside a test, so that pytest registers it first.
 
 - `postgres_url`: a database of its own (`campaign_test_<hex>`, one per xdist worker) on the server
   that CAMPAIGN_TEST_DATABASE_URL names, dropped at the end of the session. PostgreSQL tests are

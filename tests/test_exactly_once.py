@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from postgres import Ledgers
 
 pytestmark = pytest.mark.anyio
-pytest_plugins = ["postgres"]
 KEY = "test-key"
 
 # The in-process fake lists a message as soon as it is sent: no settle time is needed here.

@@ -37,8 +37,6 @@ from campaign.testing.clock import FakeClock
 if TYPE_CHECKING:
     from postgres import Backend, Ledgers
 
-pytest_plugins = ["postgres"]
-
 KEY = "nyk_interleavings_key"
 FAULTS = [
     Fault.NYLAS_RATE_LIMIT,

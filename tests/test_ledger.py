@@ -25,8 +25,6 @@ from campaign.pipeline import record_rows_given_away
 from campaign.recipients import encode_cells
 from campaign.testing.clock import FakeClock
 
-pytest_plugins = ["postgres"]
-
 SENT = SendOutcome(OutcomeKind.SENT, status=200, message_id="m-1", request_id="r-1")
 AMBIGUOUS = SendOutcome(OutcomeKind.AMBIGUOUS, status=503, error_type="api.internal_error", error_message="x")
 REJECTED = SendOutcome(OutcomeKind.REJECTED, status=402, error_type="message_rejected", error_message="no")

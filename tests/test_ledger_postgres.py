@@ -28,8 +28,6 @@ from campaign.ledger._postgres import PostgresSite
 from campaign.models import OutcomeKind, RowState, SendOutcome
 from campaign.testing.clock import FakeClock
 
-pytest_plugins = ["postgres"]
-
 SECRET = "s3cret-Pa55word"
 SENT = SendOutcome(OutcomeKind.SENT, status=200, message_id="m-1")
 PLAN = [PlannedRow("ann@x.com", 1, "ann@x.com", "alice"), PlannedRow("bob@x.com", 2, "bob@x.com", "alice")]

@@ -32,8 +32,6 @@ from campaign.testing.clock import FakeClock
 if TYPE_CHECKING:
     from postgres import Ledgers
 
-pytest_plugins = ["postgres"]
-
 MANIFEST = """\
 [campaign]
 name = "status-check"
