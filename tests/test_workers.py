@@ -538,7 +538,9 @@ def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_led
     for n in range(2):
         api.add_grant(f"grant-{n}", f"g{n}@example.com")
     manifest = _write_campaign(tmp_path / "parked", database, rows, grants=2)
-    site = ledger_site(database, lease_s=3)
+    # The test's own lease lasts 30 s (the worker's, 3 s): a machine loaded by other tests may hold up
+    # its renewals for a few seconds, and the worker must not take g1 before the test gives it back.
+    site = ledger_site(database, lease_s=30)
     site.open(clock=SystemClock(), campaign="parked").close()  # the campaign's row: its leases need it
     holder = site.leases("parked", SystemClock())
     assert holder is not None
