@@ -538,9 +538,7 @@ def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_led
     for n in range(2):
         api.add_grant(f"grant-{n}", f"g{n}@example.com")
     manifest = _write_campaign(tmp_path / "parked", database, rows, grants=2)
-    # The test's own lease lasts 30 s (the worker's, 3 s): a machine loaded by other tests may hold up
-    # its renewals for a few seconds, and the worker must not take g1 before the test gives it back.
-    site = ledger_site(database, lease_s=30)
+    site = ledger_site(database, lease_s=3)
     site.open(clock=SystemClock(), campaign="parked").close()  # the campaign's row: its leases need it
     holder = site.leases("parked", SystemClock())
     assert holder is not None
@@ -560,7 +558,9 @@ def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_led
     renewing = threading.Thread(target=anyio.run, args=(hold_g1,))
     renewing.start()
     assert holding.wait(timeout=30)
-    api.script(Fault.QUOTA_EXCEEDED, grant_id="grant-0", retry_after_s=3600)
+    # Every request to g0 is refused, as a quota is: the lane's second send may leave before the first's
+    # answer parks it.
+    api.script(Fault.QUOTA_EXCEEDED, grant_id="grant-0", times=rows, retry_after_s=3600)
     log = tmp_path / "parked.log"
     worker = _start_worker(manifest, log)
     try:
