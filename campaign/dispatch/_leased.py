@@ -133,10 +133,15 @@ class _LeasedRound:
                 break  # Ctrl-C, SIGTERM: the sends in flight finish and are recorded
             try:
                 # Well within a lease's expiry: a worker that cannot renew stops claiming long before
-                # another could take its grants.
-                with anyio.fail_after(min(self._heartbeat_s, leases.expiry_s / 3)):
+                # another could take its grants. Shielded from the round's end (which cancels this
+                # task): a query is cut off by its deadline alone, not half-way because the round is over.
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.fail_after(min(self._heartbeat_s, leases.expiry_s / 3)),
+                ):
                     still = await leases.renew()
-                    workers = await leases.live_workers()
+                    share = share_of(len(self._wanted), await leases.live_workers())
+                    came_free = len(self._held) < share and bool(await leases.free(self._wanted))
             except LedgerError as exc:
                 self._lost = f"it cannot renew its leases ({exc})"
                 break
@@ -147,9 +152,6 @@ class _LeasedRound:
             if gone:
                 self._lost = f"its lease on {', '.join(gone)} expired"
                 break
-            share = share_of(len(self._wanted), workers)
-            if len(self._held) > share:
-                break
-            if len(self._held) < share and await self._leases.free(self._wanted):
+            if len(self._held) > share or came_free:
                 break
         self._round_stop.set()

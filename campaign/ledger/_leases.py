@@ -19,6 +19,7 @@ cannot claim a row.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = ["LEASE_EXPIRY_S", "GrantLeases", "WorkerView", "read_workers", "share_of"]
+
+# A renewal past its deadline is cancelled, and psycopg then warns on stderr that it closed the
+# connection: the worker's own error says what happened, in one line.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 # A lease lasts this long after its last renewal (`[ledger] lease_s`); `dispatch` renews it well before.
 LEASE_EXPIRY_S = 30.0
