@@ -20,7 +20,8 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from contextlib import closing
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,7 +36,7 @@ from psycopg import sql
 from campaign.clock import SystemClock
 from campaign.dispatch import DispatchResult, send_under_leases
 from campaign.errors import LedgerError
-from campaign.ledger import GrantLeases, PlannedRow, ledger_site, share_of
+from campaign.ledger import GrantLeases, Ledger, PlannedRow, ledger_site, share_of
 from campaign.ledger._pg_schema import _WRITER_LOCK
 from campaign.ledger._write import KEY_REUSE_S
 from campaign.models import OutcomeKind, RowState, SendOutcome
@@ -57,28 +58,31 @@ def _clock() -> FakeClock:
     return FakeClock(start=datetime(2026, 3, 2, 9, 0, tzinfo=UTC))
 
 
-def _campaign(database: str, clock: FakeClock, name: str):
-    """A campaign `name` in the database with two pending rows on grant g1 and one on g2."""
+@asynccontextmanager
+async def _shared_campaign(
+    database: str, clock: FakeClock, name: str
+) -> AsyncIterator[tuple[Ledger, GrantLeases, GrantLeases]]:
+    """A campaign `name` in the database with two pending rows on grant g1 and one on g2, and two
+    workers' leases on it (not joined yet); all closed after."""
     site = ledger_site(database)
     ledger = site.open(clock=clock, campaign=name)
-    rows = [PlannedRow(f"r{n}@example.com", n, f"r{n}@example.com", sender) for n, sender in
-            ((1, "g1"), (2, "g1"), (3, "g2"))]  # fmt: skip
-    ledger.record_plan(rows, [])
-    return site, ledger
-
-
-def _two_workers(site, campaign: str, clock: FakeClock) -> tuple[GrantLeases, GrantLeases]:
-    first, second = site.leases(campaign, clock), site.leases(campaign, clock)
+    first, second = site.leases(name, clock), site.leases(name, clock)
     assert isinstance(first, GrantLeases)
     assert isinstance(second, GrantLeases)
-    return first, second
+    try:
+        rows = [PlannedRow(f"r{n}@example.com", n, f"r{n}@example.com", sender) for n, sender in
+                ((1, "g1"), (2, "g1"), (3, "g2"))]  # fmt: skip
+        ledger.record_plan(rows, [])
+        yield ledger, first, second
+    finally:
+        await first.close()
+        await second.close()
+        ledger.close()
 
 
 @pytest.mark.anyio
 async def test_a_grant_changes_owner_only_once_its_lease_expired(database, clock):
-    site, ledger = _campaign(database, clock, "lease-expiry")
-    with closing(ledger):
-        first, second = _two_workers(site, "lease-expiry", clock)
+    async with _shared_campaign(database, clock, "lease-expiry") as (ledger, first, second):
         await first.join()
         await second.join()
         assert await first.acquire(["g1", "g2"], 2) == ("g1", "g2")
@@ -92,15 +96,11 @@ async def test_a_grant_changes_owner_only_once_its_lease_expired(database, clock
         views = {view.id: view for view in ledger.workers()}
         assert views[second.id].grants == ("g1", "g2")
         assert views[first.id].grants == ()
-        await first.close()
-        await second.close()
 
 
 @pytest.mark.anyio
 async def test_renewed_leases_hold_and_given_back_ones_are_free_at_once(database, clock):
-    site, ledger = _campaign(database, clock, "lease-renewal")
-    with closing(ledger):
-        owner, other = _two_workers(site, "lease-renewal", clock)
+    async with _shared_campaign(database, clock, "lease-renewal") as (_, owner, other):
         await owner.join()
         await other.join()
         assert await owner.acquire(["g1", "g2"], 2) == ("g1", "g2")
@@ -115,15 +115,11 @@ async def test_renewed_leases_hold_and_given_back_ones_are_free_at_once(database
         await owner.leave()
         assert await other.live_workers() == 1
         assert await other.acquire(["g1", "g2"], 2) == ("g1", "g2")
-        await owner.close()
-        await other.close()
 
 
 @pytest.mark.anyio
 async def test_the_next_owner_resends_rows_in_flight_with_their_own_keys(database, clock):
-    site, ledger = _campaign(database, clock, "lease-handover")
-    with closing(ledger):
-        dead, heir = _two_workers(site, "lease-handover", clock)
+    async with _shared_campaign(database, clock, "lease-handover") as (ledger, dead, heir):
         await dead.join()
         assert await dead.acquire(["g1"], 1) == ("g1",)
         claim = ledger.claim("r1@example.com", sender="g1", via="grant:g1")  # then the worker is killed
@@ -138,8 +134,6 @@ async def test_the_next_owner_resends_rows_in_flight_with_their_own_keys(databas
         assert not again.fresh
         outcome = SendOutcome(OutcomeKind.SENT, status=200, message_id="m1")
         assert ledger.record_outcome("r1@example.com", outcome, sender="g1") == RowState.SENT
-        await dead.close()
-        await heir.close()
 
 
 # --- real workers ---------------------------------------------------------------------------------
@@ -275,24 +269,22 @@ def test_workers_killed_at_random_mail_everyone_exactly_once(api: FakeNylas, tmp
 async def test_a_worker_gives_grants_back_when_another_joins(database, clock):
     """One worker holds all six grants; a second joins: at its next heartbeat the first stops its round
     gracefully, gives the grants back, and takes its share again; the other three are free for the second."""
-    site, ledger = _campaign(database, clock, "lease-rebalance")
     grants = [f"g{n}" for n in range(GRANTS)]
-    first, second = _two_workers(site, "lease-rebalance", clock)
     stop = anyio.Event()
     rounds: list[tuple[str, ...]] = []
     taken: list[tuple[str, ...]] = []
+    async with _shared_campaign(database, clock, "lease-rebalance") as (_, first, second):
 
-    async def send_round(senders, round_stop):
-        rounds.append(tuple(senders))
-        if len(rounds) == 1:
-            await second.join()
-        else:
-            taken.append(await second.acquire(grants, share_of(len(grants), 2)))
-            stop.set()
-        await round_stop.wait()
-        return DispatchResult(sent=0, failed=0, unknown=0, remaining=0)
+        async def send_round(senders, round_stop):
+            rounds.append(tuple(senders))
+            if len(rounds) == 1:
+                await second.join()
+            else:
+                taken.append(await second.acquire(grants, share_of(len(grants), 2)))
+                stop.set()
+            await round_stop.wait()
+            return DispatchResult(sent=0, failed=0, unknown=0, remaining=0)
 
-    with closing(ledger):
         result = await send_under_leases(
             first, with_work=lambda: grants, send_round=send_round, clock=clock, stop=stop
         )
@@ -304,8 +296,6 @@ async def test_a_worker_gives_grants_back_when_another_joins(database, clock):
         assert set(rounds[1]) | set(taken[0]) == set(grants)
         assert await first.live_workers() == 1  # the first left (its leases given back): only the second
         assert await second.acquire(grants, GRANTS) == tuple(grants)
-        await first.close()
-        await second.close()
 
 
 class _CuttableLink:
@@ -393,9 +383,7 @@ async def test_a_worker_claims_only_under_its_live_lease(database, clock):
     """Bound to a worker, the ledger records a claim only while that worker's lease on the claiming
     sender is live: after it expired (another worker may have the grant), the claim is refused and the
     row stays as it was."""
-    site, ledger = _campaign(database, clock, "lease-claims")
-    with closing(ledger):
-        worker, _ = _two_workers(site, "lease-claims", clock)
+    async with _shared_campaign(database, clock, "lease-claims") as (ledger, worker, _):
         await worker.join()
         ledger.bind_worker(worker.id)
         with pytest.raises(LedgerError, match="no longer holds the lease on sender 'g1'"):
@@ -409,7 +397,6 @@ async def test_a_worker_claims_only_under_its_live_lease(database, clock):
         with pytest.raises(LedgerError, match="no longer holds the lease"):
             ledger.claim("r1@example.com", sender="g1", via="grant:g1")  # its row in flight, too
         assert ledger.row("r2@example.com").state == RowState.PENDING
-        await worker.close()
 
 
 def test_two_workers_started_together_share_the_grants_and_both_end_done(api: FakeNylas, tmp_path, database):
@@ -600,9 +587,7 @@ async def test_a_key_too_old_of_a_grant_another_live_worker_leases_is_left_to_th
     """A starting worker turns rows in flight with keys too old to reuse into unknown, but not those of
     a grant another worker leases (it may be sending them now; its loop gives up on them itself): once
     that lease has expired, they are."""
-    site, ledger = _campaign(database, clock, "old-keys")
-    with closing(ledger):
-        owner, _ = _two_workers(site, "old-keys", clock)
+    async with _shared_campaign(database, clock, "old-keys") as (ledger, owner, _):
         await owner.join()
         assert await owner.acquire(["g1"], 1) == ("g1",)
         ledger.claim("r1@example.com", sender="g1")
@@ -616,4 +601,3 @@ async def test_a_key_too_old_of_a_grant_another_live_worker_leases_is_left_to_th
         clock.advance(owner.expiry_s + 1)  # the owner died: its lease expired
         assert ledger.record_expired_claims() == 1
         assert ledger.row("r1@example.com").state == RowState.UNKNOWN
-        await owner.close()

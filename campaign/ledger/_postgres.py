@@ -56,6 +56,7 @@ from campaign.ledger._read import (
     _iso,
     _moment,
     _to_row,
+    step_counts_of,
 )
 from campaign.ledger._values import (
     Claim,
@@ -587,7 +588,7 @@ class PostgresLedger(KeptFacts):
         """`claim` of each: the pending ones in one statement, the rest (rows left in flight, settled
         or missing) one by one, each its own LedgerError if it fails."""
         now = self._stamp()
-        with self._write():
+        with self._in_one_transaction():
             claimed = self._claim_pending(requests, now=now)
             return [
                 claimed.pop(asked.key)
@@ -641,7 +642,7 @@ class PostgresLedger(KeptFacts):
         rest one by one, each its own LedgerError if it fails."""
         now = self._stamp()
         results: list[RowState | LedgerError] = []
-        with self._write():
+        with self._in_one_transaction():
             sent = [report for report in reports if report.outcome.kind == OutcomeKind.SENT]
             recorded = self._record_sent(sent, now)
             for report in reports:
@@ -873,21 +874,7 @@ class PostgresLedger(KeptFacts):
             (self._id,),
         ):
             stopped.setdefault(step, {})[cause] = count
-        result = []
-        for step in steps:
-            due, later, first = timing.get(step, (0, 0, None))
-            result.append(
-                StepCounts(
-                    step=step,
-                    states=states.get(step, dict.fromkeys(RowState, 0)),
-                    due_now=due,
-                    scheduled=later,
-                    next_due=None if first is None else _moment(first),
-                    stopped=stopped.get(step, {}),
-                    auto_replied=auto.get(step, 0),
-                )
-            )
-        return result
+        return step_counts_of(steps, states, timing, stopped, auto)
 
     # --- settling: reconcile and retry ------------------------------------------------------------
 
@@ -1243,17 +1230,26 @@ class PostgresLedger(KeptFacts):
         )
         return {key for (key,) in found}
 
-    def _write_rows(self, statement: str, params: Mapping[str, object]) -> list[tuple[Any, ...]]:
-        """One statement that cannot fail but with the connection, its rows: in the batch under way
-        without a savepoint, else in a transaction of its own."""
+    @contextmanager
+    def _in_one_transaction(self) -> Iterator[None]:
+        """The batch under way, as it is (its parts that may fail take their own savepoints: the send
+        loop's batches pay no round trips for one more), else a transaction of its own."""
         with self._lock:
             if self._connection is not None:
-                try:
-                    return self._connection.execute(statement, params).fetchall()
-                except psycopg.Error as exc:
-                    raise ledger_error(exc, where=self._where, doing="write the ledger") from exc
-        with self._write() as db:
-            return db.execute(statement, params).fetchall()
+                yield
+                return
+            with self._write():
+                yield
+
+    def _write_rows(self, statement: str, params: Mapping[str, object]) -> list[tuple[Any, ...]]:
+        """One statement that cannot fail but with the connection, in the transaction under way (no
+        savepoint of its own): its rows."""
+        with self._lock:
+            assert self._connection is not None, "inside _in_one_transaction"
+            try:
+                return self._connection.execute(statement, params).fetchall()
+            except psycopg.Error as exc:
+                raise ledger_error(exc, where=self._where, doing="write the ledger") from exc
 
     def _log_send(self, db: _Connection, sender: str, at: float, recipients: int) -> None:
         db.execute(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -509,21 +509,7 @@ class LedgerReader:
                 "SELECT step, COUNT(*) FROM recipients WHERE auto_reply IS NOT NULL GROUP BY step"
             )
         }
-        result = []
-        for step in steps:
-            due, later, first = timing.get(step, (0, 0, None))
-            result.append(
-                StepCounts(
-                    step=step,
-                    states=states.get(step, dict.fromkeys(RowState, 0)),
-                    due_now=due,
-                    scheduled=later,
-                    next_due=_moment(first) if first else None,
-                    stopped=stopped.get(step, {}),
-                    auto_replied=auto.get(step, 0),
-                )
-            )
-        return result
+        return step_counts_of(steps, states, timing, stopped, auto)
 
     def _read(self, query: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         try:
@@ -547,6 +533,32 @@ def _keys(keys: Iterable[str]) -> str:
 def _iso(moment: datetime) -> str:
     """A moment as the ledger stores due times: ISO 8601 in UTC, to the millisecond (so it sorts)."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def step_counts_of(
+    steps: Iterable[str],
+    states: Mapping[str, dict[RowState, int]],
+    timing: Mapping[str, tuple[int, int, str | None]],
+    stopped: Mapping[str, dict[str, int]],
+    auto: Mapping[str, int],
+) -> list[StepCounts]:
+    """Each of `steps`, in that order, from its rows per state, its pending rows (due now, later, the
+    first due time), its skips by cause and its auto-replies (every backend's `step_counts`)."""
+    result = []
+    for step in steps:
+        due, later, first = timing.get(step, (0, 0, None))
+        result.append(
+            StepCounts(
+                step=step,
+                states=states.get(step, dict.fromkeys(RowState, 0)),
+                due_now=due,
+                scheduled=later,
+                next_due=_moment(first) if first else None,
+                stopped=stopped.get(step, {}),
+                auto_replied=auto.get(step, 0),
+            )
+        )
+    return result
 
 
 def _moment(text: object) -> datetime:
