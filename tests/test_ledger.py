@@ -7,6 +7,7 @@ test_ledger_postgres.py.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import stat
@@ -14,6 +15,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from campaign.errors import LedgerError
 from campaign.ledger import ClaimRequest, Ledger, OutcomeReport, PlannedRow, open_ledger
@@ -29,6 +32,7 @@ SENT = SendOutcome(OutcomeKind.SENT, status=200, message_id="m-1", request_id="r
 AMBIGUOUS = SendOutcome(OutcomeKind.AMBIGUOUS, status=503, error_type="api.internal_error", error_message="x")
 REJECTED = SendOutcome(OutcomeKind.REJECTED, status=402, error_type="message_rejected", error_message="no")
 THROTTLED = SendOutcome(OutcomeKind.THROTTLED, status=429, throttle=ThrottleKind.NYLAS)
+_CAMPAIGNS = itertools.count()
 P, IN, S, F, U, K = (
     RowState.PENDING,
     RowState.INFLIGHT,
@@ -589,6 +593,51 @@ def test_a_plan_that_fails_while_read_records_nothing(ledger):
     assert ledger.plan_stamp() is None
     ledger.record_plan([PlannedRow("new@x.com", 4, "new@x.com", "alice")], [], stamp="s-3")  # still usable
     assert (ledger.row("new@x.com").state, ledger.plan_stamp()) == (P, "s-3")
+
+
+_KEYS = st.sampled_from(["a@x", "b@x", "c@x", "d@x", "e@x", "f@x"])
+_PLANS = st.tuples(
+    st.lists(_KEYS, unique=True, max_size=4),  # the planned rows' keys (a plan has each once)
+    st.lists(st.tuples(_KEYS, st.sampled_from(list(SkipReason))), max_size=6),  # skips may repeat keys
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=_PLANS)
+def test_a_first_plan_records_what_a_plan_into_a_ledger_with_rows_records(sqlite_ledgers, clock, plan):
+    """A ledger without rows takes its first plan straight into its table; the rows and the report are
+    those of the comparing path (a ledger holding one other row), duplicates' and repeated skips too."""
+    keys, skipped = plan
+    planned = [
+        PlannedRow(key, row, key.upper(), f"s{row % 2}", cells=f'["{row}"]')
+        for row, key in enumerate(keys, 1)
+    ]
+    skips = [
+        Skip(row, key, key, reason, f"why {row}") for row, (key, reason) in enumerate(skipped, len(keys) + 1)
+    ]
+    name = f"c{next(_CAMPAIGNS)}"
+    first = sqlite_ledgers.open(f"{name}-first", clock=clock)
+    other = sqlite_ledgers.open(f"{name}-other", clock=clock)
+    other.record_plan([PlannedRow("other@x", 99, "other@x", "s0")], [])
+    first_report = first.record_plan(iter(planned), iter(skips))
+    other_report = other.record_plan(iter(planned), iter(skips))
+    assert (first_report.added, first_report.skipped_added, first_report.existing) == (
+        other_report.added,
+        other_report.skipped_added,
+        other_report.existing,
+    )
+    assert (first_report.missing, other_report.missing) == (0, 1)
+    assert list(first.rows()) == [row for row in other.rows() if row.key != "other@x"]
+    assert [first.key_cells([key]) for key in keys] == [other.key_cells([key]) for key in keys]
+
+
+def test_a_first_plan_with_a_key_twice_records_nothing(sqlite_ledgers, clock):
+    """The first plan's own path refuses a key planned twice, as the comparing path does."""
+    ledger = sqlite_ledgers.open(clock=clock)
+    twice = [PlannedRow("new@x.com", 4, "new@x.com", "alice"), PlannedRow("new@x.com", 5, "new@x.com", "bob")]
+    with pytest.raises(LedgerError, match="cannot write the ledger"):
+        ledger.record_plan(twice, [], stamp="s-1")
+    assert (list(ledger.rows()), ledger.plan_stamp()) == ([], None)
 
 
 def test_an_appended_plan_keeps_the_rows_before_it_listed(ledger):

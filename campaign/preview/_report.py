@@ -188,11 +188,14 @@ class _Tally:
     samples: list[tuple[Message, SenderSettings, tuple[Message, ...]]] = field(default_factory=list)
     message_warnings: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # label -> n, row, note
 
-    def list_row(self, row: ListedRow, *, always: bool = False) -> None:
+    def lists(self, *, always: bool = False) -> bool:
+        """Whether the next row goes into the listing (the first `index_rows` rows, and every row
+        `always` names); counted as unlisted otherwise. Asked before its `ListedRow` is made: most rows
+        of a long list have none."""
         if always or len(self.listed) - len(self.problems) < self.index_rows:
-            self.listed.append(row)
-        else:
-            self.unlisted += 1
+            return True
+        self.unlisted += 1
+        return False
 
 
 def run_preview(
@@ -273,8 +276,9 @@ def _tally_unsent(
     skip = checked.skip
     assert skip is not None  # a checked row is a recipient, a skip, or has problems
     tally.skipped[skip.reason] += 1
-    name = _cell(checked.fields, manifest.recipients.name_column)
-    tally.list_row(ListedRow(checked.row, skip.email, name, "", "", skip.reason.value, skip.detail))
+    if tally.lists():
+        name = _cell(checked.fields, manifest.recipients.name_column)
+        tally.listed.append(ListedRow(checked.row, skip.email, name, "", "", skip.reason.value, skip.detail))
 
 
 def _tally_problem(
@@ -289,7 +293,7 @@ def _tally_problem(
     detail = "; ".join(f"{issue.where}: {issue.message}" for issue in issues)
     name = _cell(checked.fields, settings.name_column)
     state = f"{STATE_INVALID} (skipped)" if skip_invalid else STATE_INVALID
-    tally.list_row(ListedRow(checked.row, email, name, "", "", state, detail), always=True)
+    tally.listed.append(ListedRow(checked.row, email, name, "", "", state, detail))  # every problem is listed
 
 
 def _samples(
@@ -323,9 +327,10 @@ def _samples(
 def _tally_sent_before(tally: _Tally, job: Job, settled: str) -> None:
     tally.done[settled] += 1
     recipient = job.recipient
-    name = recipient.address.name or ""
-    listed = ListedRow(recipient.row, recipient.address.email, name, job.sender, "", f"already {settled}")
-    tally.list_row(listed)
+    if tally.lists():
+        name = recipient.address.name or ""
+        state = f"already {settled}"
+        tally.listed.append(ListedRow(recipient.row, recipient.address.email, name, job.sender, "", state))
 
 
 class MessageLooks(NamedTuple):
@@ -367,12 +372,13 @@ def _tally_message(tally: _Tally, pipeline: RowPipeline, row: RowCheck, looks: M
             assert rendered.message is not None  # it rendered once; rendering is pure
             tally.samples.append((rendered.message, pipeline.manifest.sender(job.sender), rendered.followups))
             number = len(tally.samples)
-    name = recipient.address.name or ""
-    notes = tuple(note for _, note in looks.warnings)
-    listed = ListedRow(
-        recipient.row, recipient.address.email, name, job.sender, looks.subject, state, "", notes, number
-    )
-    tally.list_row(listed, always=number is not None)
+    if tally.lists(always=number is not None):
+        name = recipient.address.name or ""
+        notes = tuple(note for _, note in looks.warnings)
+        listed = ListedRow(
+            recipient.row, recipient.address.email, name, job.sender, looks.subject, state, "", notes, number
+        )
+        tally.listed.append(listed)
 
 
 def _cell(fields: Mapping[str, object], column: str | None) -> str:

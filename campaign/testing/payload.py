@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 from campaign.testing.envelopes import ApiProblem
 from campaign.testing.records import DeliveredAttachment
 
@@ -46,13 +48,20 @@ METADATA_MAX_VALUE_LEN = 500
 SEND_AT_MIN = timedelta(seconds=60)
 SEND_AT_MAX = timedelta(days=30)
 _TAG = re.compile(r"<[^>]*>")
-_SPACE = re.compile(r"\s+")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+# One random byte gives one character: the 252 byte values below 7 * 36 map evenly onto the
+# alphabet, and the 4 above are dropped (not folded in), so every character stays equally likely.
+_ID_BYTE_LIMIT = 256 // len(_ID_ALPHABET) * len(_ID_ALPHABET)
+_ID_TABLE = bytes(ord(_ID_ALPHABET[byte % len(_ID_ALPHABET)]) for byte in range(_ID_BYTE_LIMIT)).ljust(256)
+_ID_DROPPED = bytes(range(_ID_BYTE_LIMIT, 256))
 
 
 def new_opaque_id(length: int = 25) -> str:
     """A random lower-case id like the API's message ids (`5d3qmne77v32r8l4phyuksl2x`)."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+    found = b""
+    while len(found) < length:
+        found += secrets.token_bytes(length).translate(_ID_TABLE, _ID_DROPPED)
+    return found[:length].decode("ascii")
 
 
 def parse_json_object(raw: bytes | str) -> dict[str, Any]:
@@ -211,6 +220,17 @@ def fingerprint_payload(
         for name, part in parts
     ]
     document: Any = payload if not files else {"message": payload, "files": files}
+    canonical: bytes | None
+    try:
+        canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # an int beyond 64 bits, a lone surrogate, nesting over 255 deep
+        canonical = None
+    # orjson writes NaN and Infinity as null, like None, where json.dumps tells them apart: a text
+    # with "null" anywhere is left to json.dumps. Any other orjson text reads back to the very
+    # values (floats exactly, each with its point or exponent), so two payloads get equal
+    # fingerprints exactly when json.dumps alone would give them equal ones.
+    if canonical is not None and b"null" not in canonical:
+        return canonical.decode()
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -221,8 +241,24 @@ def count_recipients(payload: dict[str, Any]) -> int:
 
 def build_snippet(body: str, *, plaintext: bool) -> str:
     """The first 100 characters of the body, HTML tags stripped and whitespace collapsed."""
-    text = body if plaintext else html.unescape(_TAG.sub(" ", body))
-    return _SPACE.sub(" ", text).strip()[:100]
+    if plaintext:
+        return _collapse_space(body)[:100]
+    # Only the body's start is needed. Cut just after a tag (a tag found from any point is also
+    # one of the tags found from the start): the part before then turns into text ending in the
+    # tag's space, which no entity or whitespace run crosses, so its text begins the whole body's.
+    cut = 1024
+    while cut < len(body) and (tag := _TAG.search(body, cut)) is not None:
+        text = _collapse_space(html.unescape(_TAG.sub(" ", body[: tag.end()])))
+        if len(text) >= 100:
+            return text[:100]
+        cut = 4 * tag.end()
+    return _collapse_space(html.unescape(_TAG.sub(" ", body)))[:100]
+
+
+def _collapse_space(text: str) -> str:
+    # re.sub(r"\s+", " ", text).strip() in a fraction of the time: str.split() and re's \s take the
+    # same characters for whitespace (str.isspace).
+    return " ".join(text.split())
 
 
 def build_message(

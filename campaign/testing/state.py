@@ -587,9 +587,11 @@ class FakeState:
         """Record a sent message (delivery log, Sent folder, quota); return its message object and headers."""
         now = self.clock.now()
         message_id = new_opaque_id()
-        kept = copy.deepcopy(payload)
+        # The payload was parsed for this request alone and is only read from here on, so the stored
+        # message may take its lists and objects; the delivery log gets its own copy of them.
+        kept = _copy_json(payload)
         data = build_message(
-            copy.deepcopy(payload),
+            payload,
             message_id=message_id,
             grant_id=grant.id,
             grant_email=grant.email,
@@ -608,7 +610,8 @@ class FakeState:
             self._deliveries.append(Delivery(message_id, grant.id, kept, attachments, key, now, multipart))
         self._bounce_if_chosen(grant, data)
         self._answer_if_chosen(grant, data)
-        return copy.deepcopy(data), headers
+        # The caller only sets top-level keys (`headers`) on the answer's data before encoding it.
+        return dict(data), headers
 
     def _bounce_if_chosen(self, grant: Grant, message: dict[str, Any]) -> None:
         for recipient in message["to"]:
@@ -678,6 +681,15 @@ class FakeState:
     def _record_request(self, record: RequestRecord) -> None:
         with self._lock:
             self._requests.append(record)
+
+
+def _copy_json(value: Any) -> Any:
+    """A copy of parsed JSON: copy.deepcopy's result for a tree of dicts and lists, for less work."""
+    if isinstance(value, dict):
+        return {key: _copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(item) for item in value]
+    return value  # str, int, float, bool, None: immutable
 
 
 def _stage_of(fault: Fault) -> str:
