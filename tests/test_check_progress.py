@@ -77,3 +77,19 @@ def test_a_run_of_many_senders_shows_a_line_for_the_first_ones_and_one_for_the_r
     assert "1480/2000" in shared  # the 1,500 sent, less the twenty senders with lines of their own
     assert "1 credentials refused, 1 parked" in shared
     assert "1500/2020" in lines[0]
+
+
+def test_the_send_display_redraws_itself_on_a_terminal_only_and_a_log_gets_it_once_at_the_end():
+    """A log is not redrawn while the sends go on (nobody sees it); it gets the final display."""
+    senders = [SenderSettings(name="s0", grant_id="g0", per_second=1.0)]
+    clock = FakeClock(datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+    terminal = Console(file=io.StringIO(), width=160, force_terminal=True)
+    assert SendProgress(terminal, total=1, senders=senders, clock=clock)._progress.live.auto_refresh
+    log = io.StringIO()
+    console = Console(file=log, width=160, force_terminal=False)
+    progress = SendProgress(console, total=1, senders=senders, clock=clock)
+    assert not progress._progress.live.auto_refresh
+    with progress:
+        progress.set_share("s0", 1)
+        progress.handle(DispatchEvent(EventKind.SENT, "s0"))
+    assert "1/1" in log.getvalue().splitlines()[0]

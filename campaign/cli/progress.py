@@ -89,6 +89,9 @@ class SendProgress:
             console=console,
             transient=False,
             get_time=clock.monotonic,
+            # In a log the display is printed once, as it ends: redrawing it ten times a second for
+            # nobody cost a send of 2,000 senders 2.5 % of its CPU.
+            auto_refresh=console.is_terminal,
         )
         self._overall = self._progress.add_task("[bold]all senders", total=total, detail="")
         names = [sender.name for sender in senders]
