@@ -278,3 +278,6 @@ def test_cid_references_are_found_in_any_letter_case_and_none_in_a_body_without_
     """The quick pre-check must not hide a `CID:` reference; a body with none gives none."""
     assert find_cid_references('<img src="CID:Logo"><a href="Cid:terms">t</a>') == ("Logo", "terms")
     assert find_cid_references("<p>background: none; cide: no</p>") == ()
+    for spelling in ("cid", "cId", "ciD", "cID", "Cid", "CId", "CiD", "CID"):
+        assert find_cid_references(f'<img src="{spelling}:x">') == ("x",)
+    assert find_cid_references('<p style="grid: auto">no image</p>') == ()

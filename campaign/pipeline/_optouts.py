@@ -5,8 +5,6 @@ The reason is `bounced` for an address a bounce suppressed, else `unsubscribed`.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from campaign.models import Skip, SkipReason
 from campaign.recipients import CheckedRow
 from campaign.unsubscribe import BOUNCE_SOURCE, Unsubscribed, describe_entry
@@ -22,4 +20,4 @@ def skip_unsubscribed_row(checked: CheckedRow, unsubscribed: Unsubscribed) -> Ch
         return checked
     reason = SkipReason.BOUNCED if entry.source == BOUNCE_SOURCE else SkipReason.UNSUBSCRIBED
     skip = Skip(recipient.row, recipient.key, recipient.address.email, reason, describe_entry(entry))
-    return replace(checked, recipient=None, skip=skip)
+    return checked._replace(recipient=None, skip=skip)
