@@ -160,7 +160,8 @@ class SqliteLedger(LedgerWriter, KeptFacts):
 
         Both are consumed a batch at a time into temporary tables and compared with the ledger in
         SQL: a plan of a million rows is never held in memory, and rows already so are not written
-        again (a million unchanged rows cost reads, not updates).
+        again (a million unchanged rows cost reads, not updates). A ledger without rows has nothing
+        to compare with: its first plan goes straight into its table (`_record_first_plan`).
         """
         now = self._stamp()
         with self._write() as db, _larger_cache(db):
