@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from campaign.ledger import Ledger, PlannedRow, SqliteSite, open_ledger
+from campaign.ledger._read import OPEN_COUNTS
 from campaign.manifest import Manifest, load_manifest
-from campaign.models import OutcomeKind, RowState, SendOutcome, Skip, SkipReason
+from campaign.models import FIRST_STEP, OutcomeKind, RowState, SendOutcome, Skip, SkipReason
 from campaign.nextsteps import build_next_steps
 from campaign.plan import DAY_S, build_schedule
 from campaign.status import OPEN_STATES, ErrorCause, build_status, build_unstarted_status, load_status
@@ -376,7 +377,8 @@ def test_listed_and_unlisted_counts_add_up_to_all_rows(ledgers, tmp_path):
 
 
 def test_the_status_queries_read_indexes_not_the_table(sqlite_ledgers, tmp_path):
-    """The per-sender send sums and the list-membership counts are answered from covering indexes."""
+    """The per-sender send sums, the list-membership counts and the open rows' counts are answered from
+    covering indexes."""
     manifest, ledger, _ = _busy_ledger(sqlite_ledgers, tmp_path)
     ledger.close()
     with sqlite3.connect(manifest.ledger_path) as db:
@@ -389,6 +391,8 @@ def test_the_status_queries_read_indexes_not_the_table(sqlite_ledgers, tmp_path)
                 ),
                 ("SELECT state, COUNT(*) FROM recipients WHERE listed = ? GROUP BY state", (0,)),
                 ("SELECT state, sender, COUNT(*) FROM recipients GROUP BY state, sender", ()),
+                (OPEN_COUNTS, (FIRST_STEP, None, None)),  # every run's start, with and without a time
+                (OPEN_COUNTS, (FIRST_STEP, "2026-01-01T00:00:00.000+00:00", "2026-01-01T00:00:00.000+00:00")),
             )
         }
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}

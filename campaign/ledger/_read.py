@@ -114,6 +114,13 @@ _LATEST_ERRORS = """
 
 # `sample_emails` picks its addresses from this many rows of a state.
 _SAMPLED_FROM = 1000
+# Per sender, the listed rows of a step that are pending or in flight (and due at a time, if given).
+# Answered from the recipients_listed index alone (a test checks the query plan).
+OPEN_COUNTS = (
+    "SELECT sender, COUNT(*) FROM recipients WHERE state IN ('pending', 'inflight') AND listed = 1 "
+    "AND step = ? AND (? IS NULL OR state = 'inflight' OR due_at IS NULL OR due_at <= ?) "
+    "GROUP BY sender"
+)
 
 # The ledger's meta keys; only this package names them.
 PLAN_STAMP = "plan_stamp"
@@ -391,13 +398,9 @@ class LedgerReader:
 
     def open_counts(self, now: datetime | None = None) -> dict[str, int]:
         """Per sender, the listed pending and in-flight rows of step 1 (due at `now`, if given)."""
-        query = (
-            "SELECT sender, COUNT(*) FROM recipients WHERE state IN ('pending', 'inflight') AND listed = 1 "
-            "AND step = ? AND (? IS NULL OR state = 'inflight' OR due_at IS NULL OR due_at <= ?) "
-            "GROUP BY sender"
-        )
         stamp = None if now is None else _iso(now)
-        return {str(sender): int(count) for sender, count in self._read(query, (FIRST_STEP, stamp, stamp))}
+        found = self._read(OPEN_COUNTS, (FIRST_STEP, stamp, stamp))
+        return {str(sender): int(count) for sender, count in found}
 
     # --- follow-up steps ---------------------------------------------------------------------------
 

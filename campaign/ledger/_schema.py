@@ -138,6 +138,17 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         DELETE FROM meta WHERE key IN ('{PLAN_STAMP}', '{RULES_STAMP}')
         """,
     ),
+    (
+        "count the open rows from an index",
+        # Every run starts by counting each sender's open rows of step 1 (`open_counts`): with the step
+        # and due time in the index, that reads the index, not every open row of the table (1.4 s for a
+        # million). A claim or outcome changes `state`, which rewrites its entry here anyway: the two
+        # columns add no write.
+        """
+        DROP INDEX recipients_listed;
+        CREATE INDEX recipients_listed ON recipients (listed, state, sender, step, due_at)
+        """,
+    ),
 )
 
 

@@ -24,7 +24,6 @@ __all__ = ["build_text_from_html", "find_cid_references", "inline_css", "render_
 _MARKDOWN = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
 # @media and @font-face rules cannot be inlined: keep them in a <style> block (Gmail reads it).
 _INLINER = css_inline.CSSInliner(load_remote_stylesheets=False, keep_at_rules=True)
-_CID_TAILS = ("id:", "iD:", "Id:", "ID:")  # how "cid:" ends, in every case
 _CID = re.compile(r"""(?:["'(=\s]|^)cid:([^"'()<>\s]+)""", re.IGNORECASE)
 
 _SKIPPED = frozenset({"head", "title", "style", "script", "template", "noscript"})
@@ -66,9 +65,10 @@ def inline_css(html: str, *, row: int | None = None) -> str:
 
 def find_cid_references(html: str) -> tuple[str, ...]:
     """The content ids the HTML refers to as `cid:<id>` (in src, href or url()), in order, once each."""
-    # Most bodies have none: a few quick scans instead of the pattern at every position (and of a
-    # lowered copy of the whole body, as long as no "id:" in any case is there).
-    if not any(tail in html for tail in _CID_TAILS) or "cid:" not in html.lower():
+    # Most bodies have none: one pass over a lowered copy instead of the pattern at every position.
+    # (Looking for each spelling of "id:" in the body itself is three times slower: a search stops at
+    # every ":", and CSS is full of them.)
+    if "cid:" not in html.lower():
         return ()
     return _cid_references(html)
 
