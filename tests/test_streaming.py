@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from support import check_plan, fake_with_grants
 
 import campaign.dispatch._loop as loop_module
-import campaign.ledger._spool as spool_module
 import campaign.pipeline._parallel as parallel_module
 from campaign.clock import SystemClock
 from campaign.ledger import open_ledger
@@ -142,9 +141,10 @@ def switch(_loopback, monkeypatch):
 
 @pytest.fixture
 def small_pages(monkeypatch):
-    """Pages of a few rows, so that any list spans many: lanes top up, the spool reads back in pages."""
+    """Pages of a few rows, so that any list spans many: lanes top up, the check and its spool go a few
+    rows a batch."""
     monkeypatch.setattr(loop_module, "_LOOK_AHEAD", 1)
-    monkeypatch.setattr(spool_module, "_READ_ROWS", 3)
+    monkeypatch.setattr(parallel_module, "BATCH", 3)
 
 
 _ADDRESSES = [
