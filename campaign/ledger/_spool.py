@@ -32,8 +32,8 @@ class PlanSpool:
     """The plan of one check: the rows to mail and the rows skipped, in list order."""
 
     def __init__(self) -> None:
-        self._planned = tempfile.TemporaryFile(prefix="campaign-plan-")
-        self._skips = tempfile.TemporaryFile(prefix="campaign-skips-")
+        self._planned = _anonymous_file()
+        self._skips = _anonymous_file()
 
     def __enter__(self) -> PlanSpool:
         return self
@@ -69,6 +69,11 @@ class PlanSpool:
         for batch in _batches(self._skips):
             for key, row, email, reason, detail in batch:
                 yield Skip(row, key, email, SkipReason(reason), detail)
+
+
+def _anonymous_file() -> IO[bytes]:
+    # Open for the spool's life, not a block's: `close` closes it.
+    return tempfile.TemporaryFile(prefix="campaign-plan-")
 
 
 def _batches(file: IO[bytes]) -> Iterator[list[Any]]:
