@@ -8,10 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import check_plan
 
+import campaign.recipients._firstrows as firstrows_module
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings, load_manifest
 from campaign.models import Address, OutcomeKind, Recipient, SendOutcome, SkipReason
@@ -179,6 +180,28 @@ def test_first_rows_finds_duplicates_across_batches_exactly():
     assert index.resolve(["a", "b", "a"], [1, 2, 3]) == [1, 2, 1]
     assert index.resolve(["c", "b", "A", "c"], [4, 5, 6, 7]) == [4, 2, 6, 4]
     assert index.resolve([], []) == []
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batches=st.lists(
+        st.lists(st.sampled_from(["a", "A", "b", "a\x00", "\x00", "é", "a'b", "?", "k" * 300]), max_size=12),
+        max_size=6,
+    )
+)
+def test_first_rows_agrees_with_a_dict_of_first_rows(monkeypatch, batches):
+    """Whatever the keys (control characters and quotes included) and however they fall into batches and
+    lookups of a few keys, each row gets the first row its key had, as a dict of every key would say."""
+    monkeypatch.setattr(firstrows_module, "_LOOKUP_KEYS", 2)  # the same for every example
+    index, seen, row = FirstRows(), {}, 0
+    try:
+        for keys in batches:
+            rows = list(range(row + 1, row + 1 + len(keys)))
+            row += len(keys)
+            expected = [seen.setdefault(key, number) for key, number in zip(keys, rows, strict=True)]
+            assert index.resolve(keys, rows) == expected
+    finally:
+        index.close()
 
 
 _SENDERS = st.lists(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 __all__ = ["FirstRows"]
 
 _CACHE_KIB = 8 * 1024
+_LOOKUP_KEYS = 500  # keys looked up in one statement (well under SQLite's limit of bound values)
 
 
 class FirstRows:
@@ -24,24 +25,22 @@ class FirstRows:
         self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID")
-        self._db.execute("CREATE TABLE batch (key TEXT NOT NULL, row INTEGER NOT NULL)")
 
     def resolve(self, keys: Sequence[str], rows: Sequence[int]) -> list[int]:
         """For each (key, row), in order: the first row that had the key (the row itself when new)."""
-        if not keys:
-            return []
+        firsts: dict[str, int] = {}
+        for key, row in zip(keys, rows, strict=True):
+            firsts.setdefault(key, row)  # of two rows of this batch with one key, the first is kept
         with self._db:
             before = self._db.total_changes
-            # In order, so that of two rows of this batch with one key, the first is kept.
-            self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", zip(keys, rows, strict=True))
-            if self._db.total_changes - before == len(keys):
-                return list(rows)  # every key new (most batches): each row is its own first
-            self._db.execute("DELETE FROM batch")
-            self._db.executemany("INSERT INTO batch VALUES (?, ?)", zip(keys, rows, strict=True))
-            found = self._db.execute(
-                "SELECT seen.row FROM batch CROSS JOIN seen ON seen.key = batch.key ORDER BY batch.rowid"
-            ).fetchall()
-        return [row for (row,) in found]
+            self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", firsts.items())
+            if self._db.total_changes - before < len(firsts):  # some keys came in an earlier batch
+                wanted = list(firsts)
+                for start in range(0, len(wanted), _LOOKUP_KEYS):
+                    part = wanted[start : start + _LOOKUP_KEYS]
+                    query = f"SELECT key, row FROM seen WHERE key IN ({', '.join('?' * len(part))})"
+                    firsts.update(self._db.execute(query, part))
+        return [firsts[key] for key in keys]
 
     def close(self) -> None:
         """Forget the keys (the temporary file goes with the connection)."""
