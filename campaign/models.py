@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import NamedTuple
 
 __all__ = [
     "FIRST_STEP",
@@ -40,17 +41,20 @@ def step_key(recipient_key: str, step: str) -> str:
     return recipient_key if step == FIRST_STEP else f"{recipient_key}\x1f{step}"
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    """An email address with an optional display name."""
+class Address(NamedTuple):
+    """An email address with an optional display name.
+
+    A named tuple, as `Recipient` and `plan.Job` are: the check makes one of each for every row of the
+    list, in the main process and again in its workers, and a frozen dataclass costs several times as
+    much to make (ARCHITECTURE.md, "Values").
+    """
 
     email: str
     name: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Recipient:
-    """One row of the recipient list that is to be mailed.
+class Recipient(NamedTuple):
+    """One row of the recipient list that is to be mailed (a named tuple: see `Address`).
 
     `key` is the identity used by the ledger (the normalised, lower-cased address
     unless the manifest names a key column); `row` counts data rows from 1.

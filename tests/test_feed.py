@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from support import make_jobs
 
 from campaign.dispatch import source_of
@@ -31,7 +29,7 @@ def test_a_stopped_senders_movable_jobs_go_to_others_and_the_rest_stay_for_it():
     pinned rows, follow-ups and rows whose key may have been used stay, in order, for their sender."""
     jobs = make_jobs(6, "a")
     jobs[1] = make_jobs(1, "a", start=2, pinned=True)[0]
-    jobs[3] = replace(jobs[3], step="nudge")
+    jobs[3] = jobs[3]._replace(step="nudge")
     bound = {"r5@example.com"}
     feed = JobFeed(source_of([*jobs, *make_jobs(1, "b", start=7)]), bound=bound)
     held = feed.take("a", 1)  # r1, in a's lane when it is parked

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 from campaign.plan import Job
@@ -98,7 +97,7 @@ class JobFeed:
             if len(taken) >= count:
                 break
             if other != sender:
-                taken += [replace(job, sender=sender) for job in self._movable(other, count - len(taken))]
+                taken += [job._replace(sender=sender) for job in self._movable(other, count - len(taken))]
         return taken
 
     def finished(self, key: str) -> None:

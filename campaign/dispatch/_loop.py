@@ -11,7 +11,6 @@ progress as `DispatchEvent`s; it never prints.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import replace
 from datetime import date, datetime, timedelta
 from functools import partial
 
@@ -467,7 +466,7 @@ class _Loop:
         home = self._lanes.get(owner or "")
         if home is None:  # its sender is gone from the manifest: no grant can send it safely
             return await self._give_up(lane, job, None, note=OWNER_GONE_NOTE)
-        home.jobs.append(replace(job, sender=home.sender.name))
+        home.jobs.append(job._replace(sender=home.sender.name))
         self._start_workers(home)
         return None
 

@@ -14,6 +14,7 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from campaign.manifest import SenderSettings
 from campaign.models import FIRST_STEP, PreviousStep, Recipient, step_key
@@ -32,10 +33,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+class Job(NamedTuple):
     """One message to send: a recipient, the sender that mails it, and the step (a follow-up knows the
-    step it answers, and when step 1 went out, for the reply lookups before its claim)."""
+    step it answers, and when step 1 went out, for the reply lookups before its claim). A named tuple,
+    as `models.Recipient` is (made for every row of a check)."""
 
     recipient: Recipient
     sender: str
