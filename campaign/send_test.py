@@ -7,7 +7,6 @@ the campaign would and re-addresses it to a tester with "[TEST] " before the sub
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,8 +114,7 @@ async def send_test_message(client: SendClient, test: TestMessage) -> str:
 def _readdress(message: Message, to: Address, *, campaign: str) -> Message:
     # Only the envelope changes. The metadata drops key1/key2 so reconcile can never take the
     # test for the real recipient's message.
-    return dataclasses.replace(
-        message,
+    return message._replace(
         to=(to,),
         subject=f"{TEST_SUBJECT_PREFIX}{message.subject}",
         metadata=(("campaign", campaign), ("test", "true")),

@@ -242,7 +242,7 @@ def test_tracking_without_label_has_no_label_key() -> None:
 
 def test_equal_messages_encode_to_identical_bytes() -> None:
     """Two separately built equal messages give byte-identical bodies (a resend must match its key)."""
-    again = Message(**{f: getattr(FULL_MESSAGE, f) for f in FULL_MESSAGE.__dataclass_fields__})
+    again = Message(**FULL_MESSAGE._asdict())
     assert again is not FULL_MESSAGE
     assert encode_send_body(build_send_payload(again)) == encode_send_body(build_send_payload(FULL_MESSAGE))
 

@@ -13,7 +13,6 @@ here renders templates or sends.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import mimetypes
 import os
 import re
@@ -239,7 +238,7 @@ def load_message_attachments(message: Message, loader: AttachmentLoader | None) 
     if loader is None:
         raise ValueError("a message with attachment files needs an AttachmentLoader")
     loaded = tuple(loader.load(file, row=message.row) for file in message.attachment_files)
-    return dataclasses.replace(message, attachments=message.attachments + loaded, attachment_files=())
+    return message._replace(attachments=message.attachments + loaded, attachment_files=())
 
 
 def find_inline_problems(message: Message) -> tuple[list[str], list[tuple[str, str]]]:
