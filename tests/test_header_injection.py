@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
 from support import check_plan
 
 from campaign.errors import ManifestError
+from campaign.headers import _BAD_VALUE_CHAR, header_value_problem
 from campaign.manifest import Manifest
 from campaign.manifest._load import parse_manifest
 
@@ -152,3 +154,14 @@ def test_injection_stops_the_cli_run_before_anything_is_sent(api, cli, tmp_path)
     assert "message.headers.X-Ref" in result.stderr
     assert api.deliveries == []
     assert api.requests == []
+
+
+def test_every_character_the_header_check_refuses_is_one_python_calls_unprintable():
+    """The quick pass (a printable value has no bad character) changes no verdict: checked for every code
+    point, alone and between letters; a tab stays allowed, though not printable."""
+    for point in range(sys.maxunicode + 1):
+        char = chr(point)
+        bad = _BAD_VALUE_CHAR.search(char) is not None
+        assert not (bad and char.isprintable()), hex(point)
+        assert (header_value_problem(f"a{char}b") is None) is not bad, hex(point)
+    assert header_value_problem("a\tb") is None
