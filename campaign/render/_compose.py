@@ -27,12 +27,15 @@ from campaign.render._markup import inline_css, render_markdown
 from campaign.render._templating import (
     BUILTIN_TEMPLATES,
     HTML_SUFFIXES,
+    Inheritance,
     build_environment,
     check_template_tree,
     describe_render_error,
     display_name,
     loader_name,
     read_template_file,
+    render_template,
+    stack_inheritance,
 )
 from campaign.unsubscribe import TokenSigner, build_unsubscribe_headers, make_token
 
@@ -55,6 +58,7 @@ class _CompiledPart:
     label: str
     template: jinja2.Template | None = None
     constant: str = ""
+    inheritance: Inheritance | None = None  # the template's `{% extends %}` chain, resolved once
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,15 +280,11 @@ class Composer:
         template = part.template
         if template is None:
             return part.constant
-        env = template.environment
         try:
             try:
-                # `context` already holds the globals (see `render`), so hand it to a Context as
-                # is: Template.render would copy globals and variables for every template.
-                ctx = env.context_class(env, context, template.name, template.blocks)
-                return "".join(template.root_render_func(ctx))
+                return render_template(template, context, part.inheritance)  # `context` holds the globals
             except Exception:
-                env.handle_exception()  # re-raises with the template's file and line in the traceback
+                template.environment.handle_exception()  # re-raises with the file and line in the traceback
         except Exception as exc:  # a user's template can raise anything; name where it happened
             raise describe_render_error(exc, part.label, row, self.base_dir) from exc
 
@@ -324,7 +324,10 @@ def build_composer(
         if name is None:
             return None
         check_template_tree(env, name, base_dir)
-        return _CompiledPart(label=display_name(sources[name][1], base_dir), template=env.get_template(name))
+        source, filename = sources[name]
+        template = env.get_template(name)
+        inheritance = stack_inheritance(env, template, source)
+        return _CompiledPart(display_name(filename, base_dir), template, inheritance=inheritance)
 
     unsubscribe = manifest.unsubscribe
     unsubscribe_url: _CompiledPart | None = None
@@ -413,7 +416,8 @@ def _compile_layout(env: jinja2.Environment, message: MessageSettings, base_dir:
     if "content" not in env.get_template(name).blocks:
         raise TemplateError(f"message.layout: {name} has no {{% block content %}} for the Markdown body")
     source = f"{{% extends {name!r} %}}{{% block content %}}{{{{ {_MARKDOWN_HTML} }}}}{{% endblock %}}"
-    return _CompiledPart(label="message.layout", template=env.from_string(source))
+    template = env.from_string(source)
+    return _CompiledPart("message.layout", template, inheritance=stack_inheritance(env, template, source))
 
 
 def _compile_attachments(

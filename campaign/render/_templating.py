@@ -5,7 +5,9 @@ named to the user, the sandboxed environment the templates run in (where they lo
 which are autoescaped; compiled so that printing a value costs one call, with stock Jinja's
 output), compiling a template and everything it extends or includes before
 any row is rendered, and turning an exception raised while rendering into one
-`TemplateError` line naming the row, the template file and line. No rendering here.
+`TemplateError` line naming the row, the template file and line. Rendering itself is
+`render_template`: a template whose `{% extends %}` chain is static renders through its chain as
+resolved once (`stack_inheritance`), not as Jinja resolves it again for every row.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib
 import re
 import string
 from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,15 @@ from campaign.errors import InputFileError, TemplateError
 __all__ = [
     "BUILTIN_TEMPLATES",
     "HTML_SUFFIXES",
+    "Inheritance",
     "build_environment",
     "check_template_tree",
     "describe_render_error",
     "display_name",
     "loader_name",
     "read_template_file",
+    "render_template",
+    "stack_inheritance",
     "walk_template_tree",
 ]
 
@@ -310,6 +316,144 @@ def choose_code_generator(candidate: type[CodeGenerator]) -> type[CodeGenerator]
 
 
 _Environment.code_generator_class = choose_code_generator(_CodeGenerator)
+
+# A block's (or a template's root) render function, as Jinja compiles it.
+_Render = Callable[[jinja2.runtime.Context], Iterator[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Inheritance:
+    """A template's chain of `{% extends %}`, resolved once: Jinja resolves it again for every render
+    (a template lookup and a generator in the way of every string printed, per level).
+
+    `prefix` is the text the chain's templates print before their `{% extends %}`; `root` renders the
+    template at the top of the chain; `blocks` holds every block's versions, the most derived first
+    (the order `super()` goes through).
+    """
+
+    prefix: str
+    root: _Render
+    blocks: tuple[tuple[str, tuple[_Render, ...]], ...]
+
+
+def stack_inheritance(env: jinja2.Environment, template: jinja2.Template, source: str) -> Inheritance | None:
+    """The chain `template` (whose text is `source`) extends, resolved; None when it extends nothing or
+    when it is not static (see `_top_level`), and None when this Jinja renders the probe chain
+    differently through it (`stacking_works`). `render_template` renders through it."""
+    return _resolve_chain(env, template, source) if stacking_works() else None
+
+
+def render_template(
+    template: jinja2.Template, variables: dict[str, Any], inheritance: Inheritance | None = None
+) -> str:
+    """`template` rendered, through its resolved `inheritance` when it has one.
+
+    `variables` must already hold the environment's globals: it is handed to the Context as is
+    (Template.render would copy globals and variables for every render). Jinja's own exceptions
+    propagate; `environment.handle_exception()` gives them the template's file and line.
+    """
+    env = template.environment
+    if inheritance is None:
+        context = env.context_class(env, variables, template.name, template.blocks)
+        return "".join(template.root_render_func(context))
+    context = env.context_class(env, variables, template.name, {})
+    context.blocks = {name: list(versions) for name, versions in inheritance.blocks}
+    return inheritance.prefix + "".join(inheritance.root(context))
+
+
+def _resolve_chain(env: jinja2.Environment, template: jinja2.Template, source: str) -> Inheritance | None:
+    assert env.loader is not None  # build_environment gives one
+    chain, prefix = [template], []
+    name, text = template.name, source
+    while True:
+        shape = _top_level(env.parse(text, name))
+        if shape is None:
+            return None
+        lead, parent = shape
+        if parent is None:
+            break
+        parent = env.join_path(parent, name) if name is not None else parent
+        if parent in (level.name for level in chain):
+            return None  # a loop: Jinja's own render reports it
+        chain.append(env.get_template(parent))
+        prefix.append(lead)
+        name, text = parent, env.loader.get_source(env, parent)[0]
+    if len(chain) == 1:
+        return None
+    versions: dict[str, list[_Render]] = {}
+    for level in chain:  # as each level's `{% extends %}` stacks its parent's blocks under its own
+        for block, render in level.blocks.items():
+            versions.setdefault(block, []).append(render)
+    blocks = tuple((block, tuple(renders)) for block, renders in versions.items())
+    return Inheritance("".join(prefix), chain[-1].root_render_func, blocks)
+
+
+def _top_level(tree: nodes.Template) -> tuple[str, str | None] | None:
+    """(the text printed before `{% extends %}`, the template extended) of a static child template:
+    text only, then one `{% extends "a name" %}`, then blocks (and text, which Jinja never prints). ("",
+    None) for a template that extends nothing; None for any other shape (a top-level `set`, `import`,
+    macro, a computed or conditional parent), which only Jinja's own render gets right."""
+    extends = list(tree.find_all(nodes.Extends))
+    if not extends:
+        return "", None
+    body = tree.body
+    at = 0
+    while at < len(body) and _is_text(body[at]):
+        at += 1
+    parent = extends[0].template
+    if (
+        len(extends) > 1
+        or at == len(body)
+        or body[at] is not extends[0]
+        or not isinstance(parent, nodes.Const)
+        or not isinstance(parent.value, str)
+        or not all(isinstance(node, (nodes.Block, nodes.Output)) for node in body[at + 1 :])
+    ):
+        return None
+    lead = "".join(item.data for node in body[:at] for item in node.find_all(nodes.TemplateData))
+    return lead, parent.value
+
+
+def _is_text(node: nodes.Node) -> bool:
+    return isinstance(node, nodes.Output) and all(isinstance(item, nodes.TemplateData) for item in node.nodes)
+
+
+_STACKING_PROBES = {
+    "top.html": (
+        "<title>{% block title %}T{% endblock %}</title>\n{% block body %}<p>{{ v }}</p>"
+        "{% block inner %}i{% endblock %}{% endblock %}{{ self.title() }}{% block end %}{% endblock %}"
+    ),
+    "middle.html": (
+        "lead {% extends 'top.html' %}{% block title %}M{{ super() }}{% endblock %}dropped {{ v }}"
+        "{% block inner %}[{{ super() }}{% block deep %}d{% endblock %}]{% endblock %}"
+    ),
+    "child.html": (
+        "\n{% extends 'middle.html' %}{% block title %}C{{ super() }}{% endblock %}"
+        "{% block body %}{{ super() }}!{{ v }}{% endblock %}{% block deep %}{{ super() }}D{% endblock %}"
+    ),
+}
+
+
+@functools.cache
+def stacking_works(resolve: Callable[..., Inheritance | None] = _resolve_chain) -> bool:
+    """Whether rendering through chains resolved by `resolve` prints the probe chain exactly as Jinja
+    does: resolving mirrors the code Jinja generates for `{% extends %}`, which a release may change."""
+    env = _Environment(
+        is_markdown=lambda _name: False,
+        loader=jinja2.DictLoader(_STACKING_PROBES),
+        autoescape=True,
+        finalize=_finalize,
+        undefined=jinja2.StrictUndefined,
+    )
+    values = {"v": "<b>'Ann' & \"Bob\"</b>"}
+    try:
+        template = env.get_template("child.html")
+        chain = resolve(env, template, _STACKING_PROBES["child.html"])
+        return chain is not None and render_template(
+            template, {**env.globals, **values}, chain
+        ) == template.render(values)
+    except Exception:  # anything unexpected: render as Jinja does
+        return False
 
 
 def display_name(filename: str, base_dir: Path) -> str:
