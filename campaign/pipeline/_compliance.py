@@ -62,7 +62,7 @@ def _hrefs(body: str) -> Iterator[re.Match[str]]:
 
 
 def _links_to(match: re.Match[str], url: str) -> bool:
-    target = next(group for group in match.groups() if group is not None)
+    target = match[match.lastindex or 0]  # the one quoting alternative that matched
     return html.unescape(target).strip() == url
 
 

@@ -257,6 +257,8 @@ def find_inline_problems(message: Message) -> tuple[list[str], list[tuple[str, s
 
 def check_missing_inline_images(message: Message) -> tuple[str, str] | None:
     """Preview warning: the HTML shows `cid:x` but no attachment has content_id x (the image is missing)."""
+    if not find_cid_references(message.html or ""):
+        return None  # most messages: nothing to compare with the attachments
     missing, _ = find_inline_problems(message)
     if not missing:
         return None

@@ -38,6 +38,8 @@ def check_subject(message: Message) -> tuple[str, str] | None:
 
 def check_attachments(message: Message) -> tuple[str, str] | None:
     """Attachments too big for a JSON send, or for any send."""
+    if not message.attachments:
+        return None
     raw = sum(attachment.size for attachment in message.attachments)
     wire = (raw + 2) // 3 * 4  # base64 in a JSON send
     size = f"attachments are {raw / 1_000_000:.1f} MB"
