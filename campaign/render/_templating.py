@@ -7,7 +7,8 @@ output), compiling a template and everything it extends or includes before
 any row is rendered, and turning an exception raised while rendering into one
 `TemplateError` line naming the row, the template file and line. Rendering itself is
 `render_template`: a template whose `{% extends %}` chain is static renders through its chain as
-resolved once (`stack_inheritance`), not as Jinja resolves it again for every row.
+resolved once (`stack_inheritance`), not as Jinja resolves it again for every row; and a template
+of text and `{{ name }}`s only is printed by `Substitution.render`, without Jinja's machinery.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ __all__ = [
     "BUILTIN_TEMPLATES",
     "HTML_SUFFIXES",
     "Inheritance",
+    "Substitution",
     "build_environment",
     "check_template_tree",
     "describe_render_error",
     "display_name",
+    "find_substitution",
     "loader_name",
     "read_template_file",
     "render_template",
@@ -416,6 +419,68 @@ def _top_level(tree: nodes.Template) -> tuple[str, str | None] | None:
 
 def _is_text(node: nodes.Node) -> bool:
     return isinstance(node, nodes.Output) and all(isinstance(item, nodes.TemplateData) for item in node.nodes)
+
+
+@dataclass(frozen=True, slots=True)
+class Substitution:
+    """A template of text and `{{ name }}`s only, printed as Jinja prints it but without a Context and a
+    generator for every render: the subject and the unsubscribe URL of most campaigns."""
+
+    pattern: str  # the text, with "{}" where each name's value goes (str.format: the text's braces doubled)
+    names: tuple[str, ...]
+    output: Callable[[object], str]  # what the generated code prints a value with, in this template
+
+    def render(self, variables: Mapping[str, object]) -> str | None:
+        """The text with each name's value printed; None when a name has none (Jinja's own render then
+        raises its error, naming the template and line). `variables` holds the globals too."""
+        try:
+            return self.pattern.format(*[self.output(variables[name]) for name in self.names])
+        except KeyError:
+            return None
+
+
+def find_substitution(env: jinja2.Environment, template: jinja2.Template, source: str) -> Substitution | None:
+    """`template` (whose text is `source`) as a `Substitution`: when it is text and `{{ name }}`s only,
+    compiled by `_CodeGenerator`, and it prints probe values exactly as Jinja does. None otherwise."""
+    if not isinstance(env, _Environment) or env.code_generator_class is not _CodeGenerator:
+        return None  # stock Jinja's code prints through finalize and escape, not our output functions
+    body = env.parse(source).body
+    if len(body) != 1 or not isinstance(body[0], nodes.Output):
+        return None
+    pattern, names = [], []
+    for node in body[0].nodes:
+        if isinstance(node, nodes.TemplateData):
+            pattern.append(node.data.replace("{", "{{").replace("}", "}}"))
+        elif isinstance(node, nodes.Name) and node.ctx == "load":
+            pattern.append("{}")
+            names.append(node.name)
+        else:
+            return None
+    name = template.name
+    if not (env.autoescape(name) if callable(env.autoescape) else env.autoescape):
+        output = _output_text
+    else:
+        output = _output_markdown if env.is_markdown(name) else _output_html
+    found = Substitution("".join(pattern), tuple(names), output)
+    return found if _prints_as_jinja(found, template) else None
+
+
+def _prints_as_jinja(substitution: Substitution, template: jinja2.Template) -> bool:
+    """Whether `substitution` prints what `template` prints for values of every kind (a name Jinja
+    resolves otherwise, as `self`, prints otherwise)."""
+    names = substitution.names
+    probes: list[dict[str, object]] = [
+        {name: f'<{number}> & \'"{{}}" *x* #' for number, name in enumerate(names)},
+        dict.fromkeys(names),
+        dict.fromkeys(names, 7),
+        dict.fromkeys(names, Markup("<b>safe</b>")),
+    ]
+    try:
+        return all(
+            substitution.render({**template.globals, **probe}) == template.render(probe) for probe in probes
+        )
+    except Exception:  # a probe Jinja cannot print: leave the template to Jinja
+        return False
 
 
 _STACKING_PROBES = {

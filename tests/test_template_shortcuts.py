@@ -1,9 +1,11 @@
-"""A template's `{% extends %}` chain resolved once prints exactly what Jinja prints resolving it per render.
+"""Jinja's work done once per template instead of once per row prints exactly what Jinja prints.
 
-`campaign.render._templating.stack_inheritance` resolves a static chain (text, one `{% extends
-"name" %}`, blocks) when the composer is built; `render_template` then renders the top template with
-every block stacked as Jinja's own `{% extends %}` code would stack them. These tests compare the two
-on generated chains, check what is not stacked, and check the fallback when Jinja changes.
+`campaign.render._templating` has two shortcuts, each decided when the composer is built:
+`stack_inheritance` resolves a static `{% extends %}` chain (text, one `{% extends "name" %}`,
+blocks), and `render_template` renders the top template with every block stacked as Jinja's own
+`{% extends %}` code would stack them; `find_substitution` finds a template of text and `{{ name }}`s
+only, which `Substitution.render` prints without a Context or a generator. These tests compare both
+with Jinja on generated templates, check what is left to Jinja, and check the fallbacks.
 """
 
 from __future__ import annotations
@@ -13,15 +15,22 @@ from typing import Any
 
 import jinja2
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from markupsafe import Markup
 
 from campaign.errors import TemplateError
 from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Recipient
 from campaign.render import _templating as templating
 from campaign.render import build_composer
-from campaign.render._templating import Inheritance, build_environment, render_template, stack_inheritance
+from campaign.render._templating import (
+    Inheritance,
+    build_environment,
+    find_substitution,
+    render_template,
+    stack_inheritance,
+)
 
 MANIFEST = """
 [campaign]
@@ -203,3 +212,78 @@ def test_the_composer_renders_the_builtin_newsletter_chain_through_its_resolved_
         composer.render(without, sender)
     assert caught.value.row == 2
     assert "template spring.html.j2 uses undefined variable 'missing_column' at line 4" in str(caught.value)
+
+
+# --- text and {{ name }}s ----------------------------------------------------------------------------------
+
+TEXT_PIECES = st.sampled_from(["Hi ", "{", "}", "{}", "{0}", "<&>", "é ✓", "\n", "%s", " #x", "'\"", ""])
+NAME_PIECES = st.sampled_from(["{{ a }}", "{{b}}", "{{ a }}{{ a }}", "{{ first_name }}"])
+OTHER_PIECES = st.sampled_from(
+    ["{{ a|upper }}", "{{ a.b }}", "{{ self }}", "{% if a %}x{% endif %}", "{{ 'x' }}"]
+)
+PRINTED = st.one_of(
+    st.text(max_size=12), st.none(), st.integers(), st.just(Markup("<b>m</b>")), st.floats(allow_nan=False)
+)
+KINDS = {"page.html": "escaped", "note.txt": "text", "post.md": "markdown"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.one_of(TEXT_PIECES, NAME_PIECES, OTHER_PIECES), min_size=1, max_size=6),
+    values=st.fixed_dictionaries({}, optional={"a": PRINTED, "b": PRINTED, "first_name": PRINTED}),
+)
+def test_a_substitution_prints_what_jinja_prints(pieces: list[str], values: dict[str, object]) -> None:
+    """In an escaped, a text and a Markdown template alike: the same text for any value, None where a
+    name has no value (Jinja then raises its own error), and no substitution for anything but text and
+    names."""
+    source = "".join(pieces)
+    base_dir = Path("/nonexistent-campaign-folder")
+    files = {name: (source, str(base_dir / name)) for name in KINDS}
+    env = build_environment(
+        files, base_dir=base_dir, text_name="note.txt", escaped=set(), markdown_name="post.md"
+    )
+    only_names = all(piece in TEXT_PIECES.elements or piece in NAME_PIECES.elements for piece in pieces)
+    try:
+        env.get_template("page.html")
+    except jinja2.TemplateSyntaxError:  # pieces that together open a tag ("{" then "{")
+        assume(False)
+    for name in KINDS:
+        template = env.get_template(name)
+        found = find_substitution(env, template, source)
+        assert (found is not None) == only_names, (name, source)
+        if found is None:
+            continue
+        try:
+            expected: str | None = template.render(values)
+        except jinja2.UndefinedError:
+            expected = None
+        assert found.render({**env.globals, **values}) == expected
+
+
+def test_the_subject_and_unsubscribe_url_of_a_campaign_print_without_jinja(tmp_path: Path) -> None:
+    """The manifest's usual subject and URL are substitutions; the HTML (a chain) is not; a missing
+    column is still Jinja's error, naming the manifest key."""
+    (tmp_path / "spring.html.j2").write_text('{% extends "newsletter.html.j2" %}', encoding="utf-8")
+    manifest = parse_manifest(
+        MANIFEST.replace('subject = "Hello"', 'subject = "Hello {{ first_name }}"'),
+        path=tmp_path / "campaign.toml",
+    )
+    composer = build_composer(manifest, secrets=[b"s" * 32])
+    assert composer.subject.substitution is not None
+    assert composer.unsubscribe_url is not None
+    assert composer.unsubscribe_url.substitution is not None
+    assert composer.html is not None
+    assert composer.html.substitution is None
+    fields = {"email": "ann@example.com", "first_name": "Ann <&>"}
+    message = composer.render(
+        Recipient("ann@example.com", 1, Address("ann@example.com"), fields), manifest.senders[0]
+    )
+    assert message.subject == "Hello Ann <&>"
+    assert message.unsubscribe_url is not None
+    assert message.unsubscribe_url.startswith("https://example.com/unsubscribe?t=")
+    without = Recipient("bob@example.com", 2, Address("bob@example.com"), {"email": "bob@example.com"})
+    with pytest.raises(
+        TemplateError, match=r"message\.subject uses undefined variable 'first_name'"
+    ) as caught:
+        composer.render(without, manifest.senders[0])
+    assert caught.value.row == 2
