@@ -431,11 +431,12 @@ class Substitution:
     output: Callable[[object], str]  # what the generated code prints a value with, in this template
 
     def render(self, variables: Mapping[str, object]) -> str | None:
-        """The text with each name's value printed; None when a name has none (Jinja's own render then
-        raises its error, naming the template and line). `variables` holds the globals too."""
+        """The text with each name's value printed; None when a name has none, or a value cannot be
+        printed (Jinja's own render then raises its error, naming the template and line). `variables`
+        holds the globals too."""
         try:
             return self.pattern.format(*[self.output(variables[name]) for name in self.names])
-        except KeyError:
+        except Exception:
             return None
 
 
