@@ -85,6 +85,11 @@ def test_harness_quick_run_prints_every_case(tmp_path):
     assert document["cases"]["send"]["runs"][0]["details"]["sent"] == 300
     assert document["cases"]["resume"]["runs"][0]["value"] > 0  # seconds until the first request arrived
     assert document["cases"]["fresh-run"]["runs"][0]["value"] > 0
+    for name in ("latency", "many-senders"):  # both sides' CPU a message, and the cores they need
+        details = document["cases"][name]["runs"][0]["details"]
+        assert details["client_cpu_ms_per_message"] > 0, name
+        assert details["fake_cpu_ms_per_message"] > 0, name
+        assert details["cores_needed_at_allowed"] > 0, name
 
 
 MAILMERGE_SEND_LOG = """\
