@@ -73,7 +73,7 @@ def both(env: jinja2.Environment, name: str, source: str) -> tuple[tuple[str, st
         except Exception as exc:
             return type(exc).__name__, str(exc)
 
-    chain = stack_inheritance(env, template, source)
+    chain = stack_inheritance(env, template, env.parse(source, name))
     variables = {**env.globals, **VALUES}
     return outcome(lambda: template.render(VALUES)), outcome(
         lambda: render_template(template, variables, chain)
@@ -133,7 +133,8 @@ def test_a_resolved_chain_prints_what_jinja_prints(sources: dict[str, str]) -> N
         for text in sources.values()
         if "{% extends" in text
     )
-    assert (stack_inheritance(env, env.get_template(name), sources[name]) is not None) == static
+    resolved = stack_inheritance(env, env.get_template(name), env.parse(sources[name], name))
+    assert (resolved is not None) == static
 
 
 def test_a_static_chain_is_resolved_and_anything_else_is_left_to_jinja() -> None:
@@ -151,7 +152,7 @@ def test_a_static_chain_is_resolved_and_anything_else_is_left_to_jinja() -> None
     env = environment(sources)
 
     def stacked(name: str) -> Inheritance | None:
-        return stack_inheritance(env, env.get_template(name), sources[name])
+        return stack_inheritance(env, env.get_template(name), env.parse(sources[name], name))
 
     assert stacked("base.html") is None  # extends nothing: rendered as it is
     grandchild = stacked("grandchild.html")
@@ -171,14 +172,12 @@ def test_a_jinja_that_stacks_blocks_differently_is_left_to_render_as_it_does() -
     """The probe chain decides: blocks stacked in another order (as a changed `{% extends %}` would) turn
     stacking off."""
 
-    def reversed_blocks(
-        env: jinja2.Environment, template: jinja2.Template, source: str
-    ) -> Inheritance | None:
-        found = templating._resolve_chain(env, template, source)
+    def reversed_blocks(env: jinja2.Environment, template: jinja2.Template, tree: Any) -> Inheritance | None:
+        found = templating._resolve_chain(env, template, tree)
         assert found is not None
         return Inheritance(found.prefix, found.root, tuple((n, v[::-1]) for n, v in found.blocks))
 
-    def failing(env: jinja2.Environment, template: jinja2.Template, source: str) -> Inheritance | None:
+    def failing(env: jinja2.Environment, template: jinja2.Template, tree: Any) -> Inheritance | None:
         raise AttributeError("root_render_func")
 
     assert templating.stacking_works() is True  # this Jinja: the fast path is taken
@@ -258,7 +257,7 @@ def test_a_substitution_prints_what_jinja_prints(pieces: list[str], values: dict
         assume(False)
     for name in KINDS:
         template = env.get_template(name)
-        found = find_substitution(env, template, source)
+        found = find_substitution(env, template, env.parse(source, name))
         assert (found is not None) == (only_names and source != ""), (name, source)  # "": no output at all
         if found is None:
             continue

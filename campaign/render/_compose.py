@@ -472,9 +472,10 @@ def _compile_string(env: jinja2.Environment, label: str, source: str) -> _Compil
 
 def _compiled(env: jinja2.Environment, label: str, template: jinja2.Template, source: str) -> _CompiledPart:
     """`template` with what renders it faster than Jinja's own render when it can (see `_render_part`)."""
+    tree = env.parse(source, template.name)  # parsed once for both
     return _CompiledPart(
         label,
         template,
-        inheritance=stack_inheritance(env, template, source),
-        substitution=find_substitution(env, template, source),
+        inheritance=stack_inheritance(env, template, tree),
+        substitution=find_substitution(env, template, tree),
     )

@@ -339,11 +339,13 @@ class Inheritance:
     blocks: tuple[tuple[str, tuple[_Render, ...]], ...]
 
 
-def stack_inheritance(env: jinja2.Environment, template: jinja2.Template, source: str) -> Inheritance | None:
-    """The chain `template` (whose text is `source`) extends, resolved; None when it extends nothing or
-    when it is not static (see `_top_level`), and None when this Jinja renders the probe chain
-    differently through it (`stacking_works`). `render_template` renders through it."""
-    return _resolve_chain(env, template, source) if stacking_works() else None
+def stack_inheritance(
+    env: jinja2.Environment, template: jinja2.Template, tree: nodes.Template
+) -> Inheritance | None:
+    """The chain `template` (parsed: `tree`) extends, resolved; None when it extends nothing or when
+    it is not static (see `_top_level`), and None when this Jinja renders the probe chain differently
+    through it (`stacking_works`). `render_template` renders through it."""
+    return _resolve_chain(env, template, tree) if stacking_works() else None
 
 
 def render_template(
@@ -364,12 +366,14 @@ def render_template(
     return inheritance.prefix + "".join(inheritance.root(context))
 
 
-def _resolve_chain(env: jinja2.Environment, template: jinja2.Template, source: str) -> Inheritance | None:
+def _resolve_chain(
+    env: jinja2.Environment, template: jinja2.Template, tree: nodes.Template
+) -> Inheritance | None:
     assert env.loader is not None  # build_environment gives one
     chain, prefix = [template], []
-    name, text = template.name, source
+    name = template.name
     while True:
-        shape = _top_level(env.parse(text, name))
+        shape = _top_level(tree)
         if shape is None:
             return None
         lead, parent = shape
@@ -380,7 +384,7 @@ def _resolve_chain(env: jinja2.Environment, template: jinja2.Template, source: s
             return None  # a loop: Jinja's own render reports it
         chain.append(env.get_template(parent))
         prefix.append(lead)
-        name, text = parent, env.loader.get_source(env, parent)[0]
+        name, tree = parent, env.parse(env.loader.get_source(env, parent)[0], parent)
     if len(chain) == 1:
         return None
     versions: dict[str, list[_Render]] = {}
@@ -440,12 +444,14 @@ class Substitution:
             return None
 
 
-def find_substitution(env: jinja2.Environment, template: jinja2.Template, source: str) -> Substitution | None:
-    """`template` (whose text is `source`) as a `Substitution`: when it is text and `{{ name }}`s only,
-    compiled by `_CodeGenerator`, and it prints probe values exactly as Jinja does. None otherwise."""
+def find_substitution(
+    env: jinja2.Environment, template: jinja2.Template, tree: nodes.Template
+) -> Substitution | None:
+    """`template` (parsed: `tree`) as a `Substitution`: when it is text and `{{ name }}`s only, compiled
+    by `_CodeGenerator`, and it prints probe values exactly as Jinja does. None otherwise."""
     if not isinstance(env, _Environment) or env.code_generator_class is not _CodeGenerator:
         return None  # stock Jinja's code prints through finalize and escape, not our output functions
-    body = env.parse(source).body
+    body = tree.body
     if len(body) != 1 or not isinstance(body[0], nodes.Output):
         return None
     pattern, names = [], []
@@ -514,7 +520,7 @@ def stacking_works(resolve: Callable[..., Inheritance | None] = _resolve_chain) 
     values = {"v": "<b>'Ann' & \"Bob\"</b>"}
     try:
         template = env.get_template("child.html")
-        chain = resolve(env, template, _STACKING_PROBES["child.html"])
+        chain = resolve(env, template, env.parse(_STACKING_PROBES["child.html"], "child.html"))
         return chain is not None and render_template(
             template, {**env.globals, **values}, chain
         ) == template.render(values)
