@@ -49,6 +49,7 @@ from campaign.ledger import (
     GrantLeases,
     Ledger,
     LedgerSite,
+    PlanSink,
     PlanSpool,
     SyncReport,
     check_key_scheme,
@@ -207,15 +208,22 @@ def run_campaign(
             planning.enter_context(site.hold(campaign, wait=leases is not None))
         if site.exists(campaign):  # asked again: the worker it waited for may have made it meanwhile
             ledger = held.enter_context(closing(site.open(clock=clock, campaign=campaign, create=False)))
-        checked = _check(manifest, ledger, spool, options, secrets=secrets, hooks=hooks, now=clock.now())
+        # A first run's plan is written aside as it is checked, where the site allows (a file).
+        first = None if ledger is not None else site.first_plan(campaign, clock)
+        sink = spool if first is None else held.enter_context(first)
+        checked = _check(manifest, ledger, sink, options, secrets=secrets, hooks=hooks, now=clock.now())
         if ledger is None and leases is None:
             # A first run: bad input has made no file; the lock is held through the prompt.
             planning.enter_context(site.hold(campaign))
         if not hooks.confirm(checked.plan):
             return None
-        if ledger is None:
-            ledger = held.enter_context(closing(site.open(clock=clock, campaign=campaign, create=True)))
-        sync = _record_plan(ledger, checked, spool)
+        if first is not None:
+            sync = first.record(stamp=checked.stamp, rules=checked.rules, extent=_extent(checked))
+            ledger = held.enter_context(closing(site.open(clock=clock, campaign=campaign, create=False)))
+        else:
+            if ledger is None:
+                ledger = held.enter_context(closing(site.open(clock=clock, campaign=campaign, create=True)))
+            sync = _record_plan(ledger, checked, spool)
         spool.close()  # recorded: its pages need not wait for the sends
         if leases is not None:
             planning.close()  # the plan is recorded: the other workers may send from it now
@@ -236,7 +244,7 @@ def run_campaign(
 def _check(
     manifest: Manifest,
     ledger: Ledger | None,
-    spool: PlanSpool,
+    spool: PlanSink,
     options: RunOptions,
     *,
     secrets: Sequence[bytes] | None,
@@ -244,9 +252,9 @@ def _check(
     now: datetime,
 ) -> _Checked:
     """The key scheme and content first, then every row (unless the plan stamp says nothing changed
-    since a run that checked them), the plan written to `spool`. Writes nothing to the ledger: the
-    plan is recorded after confirmation. A new row is due at once, or at [message]'s `deliver_at`
-    (after `now`) in its recipient's zone."""
+    since a run that checked them), the plan handed to `spool`. Writes nothing to the ledger: the
+    plan is recorded after confirmation (a first run's `FirstPlan` writes it aside meanwhile). A new
+    row is due at once, or at [message]'s `deliver_at` (after `now`) in its recipient's zone."""
     fingerprint = load_content_fingerprint(manifest)
     # The cheap refusals first: a changed key scheme or content fails in seconds, not after every row.
     if ledger is not None:
@@ -348,15 +356,19 @@ def _record_plan(ledger: Ledger, checked: _Checked, spool: PlanSpool) -> SyncRep
     unchanged resume need not check again, and a changed list only its new and changed rows)."""
     if checked.preflight is None:
         return SyncReport(added=0, skipped_added=0, existing=0, missing=0)
-    extent = None if checked.extent is None else checked.extent.encode()
     return ledger.record_plan(
         spool.planned(),
         spool.skips(),
         stamp=checked.stamp,
         rules=checked.rules,
-        extent=extent,
+        extent=_extent(checked),
         appended=checked.appended,
     )
+
+
+def _extent(checked: _Checked) -> str | None:
+    """The record of the list file the checked plan is of, as the ledger keeps it."""
+    return None if checked.extent is None else checked.extent.encode()
 
 
 def _send_checked(

@@ -79,10 +79,17 @@ def _delivered(fake: FakeNylas) -> Counter[str]:
 # A process that dies by SIGKILL once the plan's writing has gone so far.
 _KILL_IN_CHECK = """
 import os, signal
-import campaign.ledger._spool as spool
+import campaign.ledger._firstplan as first
 def add(self, planned, skips):
     os.kill(os.getpid(), signal.SIGKILL)
-spool.PlanSpool.add = add
+first.FirstPlan.add = add
+"""
+# A first run's plan is written aside and committed; it dies just before linking it into place.
+_KILL_IN_FIRST_RECORD = """
+import os, signal
+def link(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+os.link = link
 """
 _KILL_IN_RECORD = """
 import os, signal
@@ -99,22 +106,22 @@ spool.PlanSpool.planned = planned
 
 @pytest.mark.parametrize("moment", ["check", "record"])
 def test_kill_while_the_plan_is_written_then_run_again_mails_everyone_once(tmp_path, moment):
-    """kill -9 while the first run checks the list (the spool) or records the plan (the ledger's
-    transaction), then again while a second run records the rows appended since: each next run
-    completes the plan, and every recipient is mailed exactly once."""
+    """kill -9 while the first run checks the list or records the plan (written aside, about to be put in
+    place), then again while a second run records the rows appended since (the ledger's transaction):
+    each next run completes the plan, and every recipient is mailed exactly once."""
     rows = [f"person{n:03d}@example.com,Person {n}," for n in range(1, 121)]
     manifest = _write_campaign(tmp_path / "c", rows)
     ledger_path = manifest.with_name("campaign.ledger.sqlite")
     fake = _fake()
-    kill = _KILL_IN_CHECK if moment == "check" else _KILL_IN_RECORD.format(at=60)
+    kill = _KILL_IN_CHECK if moment == "check" else _KILL_IN_FIRST_RECORD
     with serve_on_loopback(fake) as url:
         killed = _run(url, "run", manifest, "--yes", script=kill)
         assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
         assert fake.deliveries == []
-        if moment == "check":
-            assert not ledger_path.exists()  # nothing of a plan: not even a file
+        assert not ledger_path.exists()  # nothing of a plan where the ledger goes: not even a file
         first = _run(url, "run", manifest, "--yes", "--limit", "30")
         assert first.returncode == 75, first.stdout + first.stderr  # --limit: more to send
+        assert not list(manifest.parent.glob(".*.plan"))  # the abandoned plan aside is gone too
         more = [f"late{n:03d}@example.com,Late {n}," for n in range(1, 41)]
         (manifest.parent / "recipients.csv").write_text(
             "email,name,sender\n" + "".join(f"{r}\n" for r in rows + more), "utf-8"

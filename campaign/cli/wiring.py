@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING
 
 from campaign.clock import Clock
 from campaign.errors import InputFileError, ManifestError, UsageError
-from campaign.ledger import GrantLeases, Ledger, LedgerSite, SqliteSite, check_no_orphaned_ledger, ledger_site
+from campaign.ledger import (
+    FirstPlan,
+    GrantLeases,
+    Ledger,
+    LedgerSite,
+    SqliteSite,
+    check_no_orphaned_ledger,
+    ledger_site,
+)
 from campaign.manifest import Manifest, check_ledger_url
 from campaign.unsubscribe import parse_secrets
 
@@ -131,6 +139,9 @@ class _SandboxRows:
             create=create,
             read_only=read_only,
         )
+
+    def first_plan(self, campaign: str, clock: Clock) -> FirstPlan | None:
+        return self._site.first_plan(f"{campaign}.sandbox", clock)
 
     def leases(self, campaign: str, clock: Clock) -> GrantLeases | None:
         return self._site.leases(f"{campaign}.sandbox", clock)

@@ -8,6 +8,8 @@ that changes a row's state, every change checked against the allowed transitions
 where a ledger lives (`SqliteSite`, a file; `PostgresSite`, a database); `ledger_site` picks one from
 a path or a URL. `GrantLeases` is one worker's leases on the grants of a campaign several workers
 share in PostgreSQL.
+`PlanSpool` holds a checked plan on disk until it is recorded; `FirstPlan` writes a new ledger's
+first plan aside while the list is checked, and puts it in place once the run is confirmed.
 `GroupCommit` batches writes asked for together into one transaction, each caller resuming
 only after its own write is on disk. `check_no_orphaned_ledger` and `check_key_scheme` keep a
 renamed manifest or a changed key from mailing anyone twice. Never sends.
@@ -15,6 +17,7 @@ renamed manifest or a changed key from mailing anyone twice. Never sends.
 
 from __future__ import annotations
 
+from campaign.ledger._firstplan import FirstPlan
 from campaign.ledger._groupcommit import GroupCommit
 from campaign.ledger._identity import check_key_scheme, check_no_orphaned_ledger, record_key_scheme
 from campaign.ledger._interface import Ledger
@@ -23,7 +26,7 @@ from campaign.ledger._ledger import SqliteLedger, open_ledger
 from campaign.ledger._read import ErrorGroup, LedgerRow, PlannedRow
 from campaign.ledger._schema import check_ledger_free, lock_ledger, unlock_ledger
 from campaign.ledger._site import LedgerSite, SqliteSite, ledger_site
-from campaign.ledger._spool import PlanSpool
+from campaign.ledger._spool import PlanSink, PlanSpool
 from campaign.ledger._values import (
     Claim,
     ClaimRequest,
@@ -41,12 +44,14 @@ __all__ = [
     "ClaimRequest",
     "DueStep",
     "ErrorGroup",
+    "FirstPlan",
     "GrantLeases",
     "GroupCommit",
     "Ledger",
     "LedgerRow",
     "LedgerSite",
     "OutcomeReport",
+    "PlanSink",
     "PlanSpool",
     "PlannedRow",
     "ScheduledStep",

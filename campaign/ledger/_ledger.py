@@ -202,7 +202,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         )
         db.executemany(
             "INSERT INTO temp.plan_rows VALUES (?, ?, ?, ?, ?, ?)",
-            ((p.key, p.row, p.email, p.sender, _due(p.due_at), p.cells) for p in planned),
+            ((p.key, p.row, p.email, p.sender, due_text(p.due_at), p.cells) for p in planned),
         )
         db.executemany(
             "INSERT OR IGNORE INTO temp.plan_skips VALUES (?, ?, ?, ?)",
@@ -507,7 +507,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                         item.step,
                         item.recipient,
                         item.previous,
-                        _due(item.due_at),
+                        due_text(item.due_at),
                         now,
                         now,
                     )
@@ -610,6 +610,9 @@ _STATE_AFTER: dict[OutcomeKind, RowState] = {
 # index is read back and written out again (a first plan of 1M rows took a fifth longer).
 _PLAN_CACHE_KIB = 64 * 1024
 
+# A planned row as the table takes it: key, row, email, sender, due time (`due_text`), cells.
+PlannedValues = tuple[str, int, str, str, str | None, str | None]
+
 
 @contextmanager
 def _larger_cache(db: sqlite3.Connection) -> Iterator[None]:
@@ -626,22 +629,38 @@ def _record_first_plan(
     db: sqlite3.Connection, planned: Iterable[PlannedRow], skips: Iterable[Skip], now: str
 ) -> SyncReport:
     """`record_plan` into a ledger with no rows yet: every row is new, so the rows go straight into the
-    table, with nothing to compare them with. The first skip of a key is the key's: a later one, or one
-    sharing a planned row's key (a duplicate's), is ignored, as `_sync_plan` ignores it."""
-    added = db.executemany(
-        "INSERT INTO recipients (key, row, email, sender, state, due_at, cells, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
-        ((p.key, p.row, p.email, p.sender, _due(p.due_at), p.cells, now, now) for p in planned),
-    ).rowcount
-    skipped_added = db.executemany(
-        "INSERT OR IGNORE INTO recipients (key, row, email, state, reason, created_at, updated_at) "
-        "VALUES (?, ?, ?, 'skipped', ?, ?, ?)",
-        ((s.key, s.row, s.email, _skip_reason(s), now, now) for s in skips),
-    ).rowcount
-    return SyncReport(added=added, skipped_added=skipped_added, existing=0, missing=0)
+    table, with nothing to compare them with."""
+    rows = ((p.key, p.row, p.email, p.sender, due_text(p.due_at), p.cells) for p in planned)
+    added = insert_planned(db, rows, now)
+    return SyncReport(added=added, skipped_added=insert_first_skips(db, skips, now), existing=0, missing=0)
 
 
-def _due(moment: datetime | None) -> str | None:
+def insert_planned(db: sqlite3.Connection, rows: Iterable[PlannedValues], now: str) -> int:
+    """A first plan's rows to mail into the table, pending (`now`: when they were recorded); how many."""
+    return int(
+        db.executemany(
+            "INSERT INTO recipients (key, row, email, sender, state, due_at, cells, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+            ((*row, now, now) for row in rows),
+        ).rowcount
+    )
+
+
+def insert_first_skips(db: sqlite3.Connection, skips: Iterable[Skip], now: str) -> int:
+    """A first plan's skips into the table, after its rows to mail; how many went in. The first skip of
+    a key is the key's: a later one, or one sharing a planned row's key (a duplicate's), is ignored, as
+    `_sync_plan` ignores it."""
+    return int(
+        db.executemany(
+            "INSERT OR IGNORE INTO recipients (key, row, email, state, reason, created_at, updated_at) "
+            "VALUES (?, ?, ?, 'skipped', ?, ?, ?)",
+            ((s.key, s.row, s.email, _skip_reason(s), now, now) for s in skips),
+        ).rowcount
+    )
+
+
+def due_text(moment: datetime | None) -> str | None:
+    """A due time as the ledger holds it: ISO in UTC, to the millisecond (None: at once)."""
     return None if moment is None else moment.astimezone(UTC).isoformat(timespec="milliseconds")
 
 

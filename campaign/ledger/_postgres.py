@@ -32,7 +32,7 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._facts import KeptFacts
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases, WorkerView, read_workers
-from campaign.ledger._ledger import _due, _error_columns, _skip_reason, _state_after
+from campaign.ledger._ledger import _error_columns, _skip_reason, _state_after, due_text
 from campaign.ledger._pg_schema import (
     check_campaign_free,
     connect,
@@ -163,6 +163,10 @@ class PostgresSite:
             lock=lock,
             lease_s=self._lease_s,
         )
+
+    def first_plan(self, campaign: str, clock: Clock) -> None:
+        """None: a database's first plan is recorded after the check, like any other (in one transaction,
+        by COPY), where every worker sharing the campaign finds it."""
 
     def leases(self, campaign: str, clock: Clock) -> GrantLeases:
         """A new worker's leases on `campaign`'s grants (workers sharing the campaign each send from the
@@ -303,7 +307,7 @@ class PostgresLedger(KeptFacts):
         with db.cursor() as cursor:
             with cursor.copy("COPY plan_rows (key, row, email, sender, due_at, cells) FROM STDIN") as copy:
                 for p in planned:
-                    copy.write_row((p.key, p.row, p.email, p.sender, _due(p.due_at), p.cells))
+                    copy.write_row((p.key, p.row, p.email, p.sender, due_text(p.due_at), p.cells))
             with cursor.copy("COPY plan_skips_listed (key, row, email, reason) FROM STDIN") as copy:
                 for s in skips:
                     copy.write_row((s.key, s.row, s.email, _skip_reason(s)))
@@ -761,7 +765,7 @@ class PostgresLedger(KeptFacts):
                         item.step,
                         item.recipient,
                         item.previous,
-                        _due(item.due_at),
+                        due_text(item.due_at),
                         now,
                         now,
                     )

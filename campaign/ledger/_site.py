@@ -16,6 +16,7 @@ from typing import Protocol
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
+from campaign.ledger._firstplan import FirstPlan
 from campaign.ledger._interface import Ledger
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases
 from campaign.ledger._ledger import open_ledger
@@ -55,6 +56,12 @@ class LedgerSite(Protocol):
         read_only: bool = False,
     ) -> Ledger:
         """Open `campaign`'s ledger (`open_ledger` says what each flag does); the caller closes it."""
+        ...
+
+    def first_plan(self, campaign: str, clock: Clock) -> FirstPlan | None:
+        """Where a first run writes `campaign`'s first plan while it checks the list, to be put in place as
+        its ledger once the run is confirmed (`FirstPlan`); None where a first plan is recorded like any
+        other, after the check."""
         ...
 
     def leases(self, campaign: str, clock: Clock) -> GrantLeases | None:
@@ -105,6 +112,9 @@ class SqliteSite:
         return open_ledger(
             self.path, clock=clock, campaign=campaign, exclusive=exclusive, create=create, read_only=read_only
         )
+
+    def first_plan(self, campaign: str, clock: Clock) -> FirstPlan:  # noqa: ARG002 - a file holds one campaign
+        return FirstPlan(self.path, clock=clock)
 
     def leases(self, campaign: str, clock: Clock) -> None:  # noqa: ARG002 - one writer has every grant
         return None

@@ -20,12 +20,20 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from campaign.ledger._read import PlannedRow
 from campaign.models import Skip, SkipReason
 
-__all__ = ["PlanSpool"]
+__all__ = ["PlanSink", "PlanSpool"]
+
+
+class PlanSink(Protocol):
+    """Where a check writes its plan, a batch at a time: a `PlanSpool`, or a new ledger's `FirstPlan`."""
+
+    def add(self, planned: Sequence[PlannedRow], skips: Sequence[Skip]) -> None:
+        """Take a batch of the check's rows: those to mail, and those skipped."""
+        ...
 
 
 class PlanSpool:

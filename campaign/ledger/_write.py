@@ -36,6 +36,7 @@ __all__ = [
     "idempotency_key_stem",
     "only",
     "or_error",
+    "set_meta",
 ]
 
 _FETCHED = ("state", "attempt_no", "idempotency_key", "key_issued_at", "claimed_at", "key_uses", "sender")
@@ -55,6 +56,11 @@ TRANSITIONS: Mapping[RowState, frozenset[RowState]] = {
 }
 # A claim finds nothing to send in these (`decide_claim`).
 SETTLED = frozenset({SENT, FAILED, UNKNOWN, SKIPPED})
+
+
+def set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+    """Set the ledger's meta `key` to `value`, in the caller's transaction."""
+    db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?", (key, value, value))
 
 
 def or_error(call: Callable[[], _T]) -> _T | LedgerError:
@@ -176,9 +182,7 @@ class LedgerWriter(LedgerReader):
 
     def _set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
-            db.execute(
-                "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?", (key, value, value)
-            )
+            set_meta(db, key, value)
 
     def record_event(self, kind: str, detail: str) -> None:
         """Add an entry to the campaign's journal."""

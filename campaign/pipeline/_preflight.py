@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from campaign.errors import DataError
-from campaign.ledger import Ledger, PlannedRow, PlanSpool
+from campaign.ledger import Ledger, PlannedRow, PlanSink
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
 from campaign.pipeline._parallel import checked_rows, error_line
@@ -31,7 +31,7 @@ _KEPT_PROBLEMS = 1_000  # a run stops on the first; a list of a million bad rows
 @dataclass(frozen=True, slots=True)
 class Preflight:
     """A checked campaign: how many rows go out, were skipped and why, and the problems found. The plan
-    itself (each row's job, each skip) is in the `PlanSpool` the check wrote it to."""
+    itself (each row's job, each skip) went to the `PlanSink` the check was given."""
 
     manifest: Manifest
     composer: Composer
@@ -74,7 +74,7 @@ def render_job(composer: Composer, manifest: Manifest, job: Job) -> Message:
 
 def run_preflight(
     manifest: Manifest,
-    spool: PlanSpool,
+    spool: PlanSink,
     *,
     secrets: Sequence[bytes] | None,
     skip_invalid: bool,
@@ -84,7 +84,7 @@ def run_preflight(
     due_at: Callable[[Job], datetime | None] = lambda _job: None,
     start: ListStart | None = None,
 ) -> Preflight:
-    """Every row through the pipeline (`check_rows`), its plan written to `spool` a batch at a time: the
+    """Every row through the pipeline (`check_rows`), its plan handed to `spool` a batch at a time: the
     rows to mail (with their cells and when they are due, `due_at`) and the skips. Nothing of
     the list is held but the current batch.
 
