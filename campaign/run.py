@@ -244,7 +244,7 @@ def run_campaign(
 def _check(
     manifest: Manifest,
     ledger: Ledger | None,
-    spool: PlanSink,
+    sink: PlanSink,
     options: RunOptions,
     *,
     secrets: Sequence[bytes] | None,
@@ -252,7 +252,7 @@ def _check(
     now: datetime,
 ) -> _Checked:
     """The key scheme and content first, then every row (unless the plan stamp says nothing changed
-    since a run that checked them), the plan handed to `spool`. Writes nothing to the ledger: the
+    since a run that checked them), the plan handed to `sink`. Writes nothing to the ledger: the
     plan is recorded after confirmation (a first run's `FirstPlan` writes it aside meanwhile). A new
     row is due at once, or at [message]'s `deliver_at` (after `now`) in its recipient's zone."""
     fingerprint = load_content_fingerprint(manifest)
@@ -275,7 +275,7 @@ def _check(
         with hooks.checking() as on_rows:
             preflight = run_preflight(
                 manifest,
-                spool,
+                sink,
                 secrets=secrets,
                 skip_invalid=options.skip_invalid,
                 ledger=ledger,

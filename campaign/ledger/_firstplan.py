@@ -18,6 +18,7 @@ inserting beside the busy check managed a few thousand rows a second.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import queue
@@ -33,9 +34,9 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._ledger import (
     PlannedValues,
-    due_text,
     insert_first_skips,
     insert_planned,
+    planned_values,
 )
 from campaign.ledger._read import LIST_EXTENT, PLAN_STAMP, RULES_STAMP, PlannedRow
 from campaign.ledger._schema import migrate_ledger
@@ -94,7 +95,7 @@ class FirstPlan:
         if self._writer is None:
             self._start()
         self._raise_for_failure()
-        self._batches.put([(p.key, p.row, p.email, p.sender, due_text(p.due_at), p.cells) for p in planned])
+        self._batches.put(list(map(planned_values, planned)))
 
     def record(self, *, stamp: str, rules: str, extent: str | None) -> SyncReport:
         """Put the plan in place as the campaign's ledger, with its stamps (`SqliteLedger.record_plan`
@@ -151,7 +152,8 @@ class FirstPlan:
             self._made_folder = not self._path.parent.exists()
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = os.open(self._staging, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            _lock(self._lock)
+            if not _try_lock(self._lock):  # another run took it for abandoned in the instant before
+                raise OSError(errno.EAGAIN, "taken by another run")
             self._db = sqlite3.connect(self._staging, isolation_level=None, check_same_thread=False)
             migrate_ledger(self._db, path=self._path, stamp=self._now)
             # Nobody reads the file before `record` syncs it, and a crash discards it: no journal.
@@ -217,28 +219,28 @@ def _json_works(db: sqlite3.Connection) -> bool:
     return True
 
 
-def _lock(fd: int) -> None:
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive flock on `fd`'s file, unless another open file holds it (its run is alive)."""
     import fcntl  # POSIX only, as the ledger's own lock
 
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _remove_abandoned(path: Path) -> None:
     """Remove the files aside that a first run of `path` left when it was killed (no lock held on them)."""
-    import fcntl
-
     for found in path.parent.glob(f".{glob.escape(path.name)}.*.plan"):
         try:
             fd = os.open(found, os.O_RDWR)
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # its run is alive
-        else:
-            for leftover in (found, found.with_name(found.name + "-journal")):
-                with contextlib.suppress(OSError):
-                    os.unlink(leftover)
+            if _try_lock(fd):
+                for leftover in (found, found.with_name(found.name + "-journal")):
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
         finally:
             os.close(fd)

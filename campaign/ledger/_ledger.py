@@ -202,7 +202,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         )
         db.executemany(
             "INSERT INTO temp.plan_rows VALUES (?, ?, ?, ?, ?, ?)",
-            ((p.key, p.row, p.email, p.sender, due_text(p.due_at), p.cells) for p in planned),
+            map(planned_values, planned),
         )
         db.executemany(
             "INSERT OR IGNORE INTO temp.plan_skips VALUES (?, ?, ?, ?)",
@@ -610,7 +610,7 @@ _STATE_AFTER: dict[OutcomeKind, RowState] = {
 # index is read back and written out again (a first plan of 1M rows took a fifth longer).
 _PLAN_CACHE_KIB = 64 * 1024
 
-# A planned row as the table takes it: key, row, email, sender, due time (`due_text`), cells.
+# A planned row as the table takes it (`planned_values`): key, row, email, sender, due time, cells.
 PlannedValues = tuple[str, int, str, str, str | None, str | None]
 
 
@@ -630,8 +630,7 @@ def _record_first_plan(
 ) -> SyncReport:
     """`record_plan` into a ledger with no rows yet: every row is new, so the rows go straight into the
     table, with nothing to compare them with."""
-    rows = ((p.key, p.row, p.email, p.sender, due_text(p.due_at), p.cells) for p in planned)
-    added = insert_planned(db, rows, now)
+    added = insert_planned(db, map(planned_values, planned), now)
     return SyncReport(added=added, skipped_added=insert_first_skips(db, skips, now), existing=0, missing=0)
 
 
@@ -657,6 +656,11 @@ def insert_first_skips(db: sqlite3.Connection, skips: Iterable[Skip], now: str) 
             ((s.key, s.row, s.email, _skip_reason(s), now, now) for s in skips),
         ).rowcount
     )
+
+
+def planned_values(planned: PlannedRow) -> PlannedValues:
+    """`planned`'s columns, as the ledger's table takes them."""
+    return (planned.key, planned.row, planned.email, planned.sender, due_text(planned.due_at), planned.cells)
 
 
 def due_text(moment: datetime | None) -> str | None:

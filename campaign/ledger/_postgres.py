@@ -32,7 +32,7 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._facts import KeptFacts
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases, WorkerView, read_workers
-from campaign.ledger._ledger import _error_columns, _skip_reason, _state_after, due_text
+from campaign.ledger._ledger import _error_columns, _skip_reason, _state_after, due_text, planned_values
 from campaign.ledger._pg_schema import (
     check_campaign_free,
     connect,
@@ -307,7 +307,7 @@ class PostgresLedger(KeptFacts):
         with db.cursor() as cursor:
             with cursor.copy("COPY plan_rows (key, row, email, sender, due_at, cells) FROM STDIN") as copy:
                 for p in planned:
-                    copy.write_row((p.key, p.row, p.email, p.sender, due_text(p.due_at), p.cells))
+                    copy.write_row(planned_values(p))
             with cursor.copy("COPY plan_skips_listed (key, row, email, reason) FROM STDIN") as copy:
                 for s in skips:
                     copy.write_row((s.key, s.row, s.email, _skip_reason(s)))

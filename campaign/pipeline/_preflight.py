@@ -74,7 +74,7 @@ def render_job(composer: Composer, manifest: Manifest, job: Job) -> Message:
 
 def run_preflight(
     manifest: Manifest,
-    spool: PlanSink,
+    sink: PlanSink,
     *,
     secrets: Sequence[bytes] | None,
     skip_invalid: bool,
@@ -84,7 +84,7 @@ def run_preflight(
     due_at: Callable[[Job], datetime | None] = lambda _job: None,
     start: ListStart | None = None,
 ) -> Preflight:
-    """Every row through the pipeline (`check_rows`), its plan handed to `spool` a batch at a time: the
+    """Every row through the pipeline (`check_rows`), its plan handed to `sink` a batch at a time: the
     rows to mail (with their cells and when they are due, `due_at`) and the skips. Nothing of
     the list is held but the current batch.
 
@@ -122,7 +122,7 @@ def run_preflight(
                     found = _problems(checked, error, source)
                     problem_count += len(found)
                     problems.extend(found[: max(0, _KEPT_PROBLEMS - len(problems))])
-            spool.add(rows, skips)
+            sink.add(rows, skips)
             planned += len(rows)
             skipped.update(skip.reason.value for skip in skips)
     return Preflight(
