@@ -16,7 +16,7 @@ from campaign.manifest import Manifest
 from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Message
 from campaign.pipeline import build_unsubscribe_warnings
-from campaign.pipeline._compliance import has_body_link
+from campaign.pipeline._compliance import _href_where_printed, has_body_link
 
 SECRETS = (b"compliance-test-secret-0123456789",)
 LINKED = '{% extends "base.html.j2" %}{% block content %}<p>Hi</p>{% endblock %}'
@@ -116,6 +116,7 @@ _PIECES = st.sampled_from(
     [
         _URL,
         html.escape(_URL),
+        _URL.replace("&", "&#38;"),  # a spelling only reading every href finds
         "href=",
         "HREF = ",
         'href="',
@@ -136,26 +137,44 @@ _PIECES = st.sampled_from(
 )
 
 
-@settings(max_examples=400, deadline=None)
-@given(pieces=st.lists(_PIECES, max_size=12))
-def test_has_body_link_agrees_with_reading_every_href(pieces):
-    """Trying the href pattern only where "href" is finds what the pattern's own scan of the body finds
-    (overlapping look-alikes, case, entities, characters whose lower case is longer)."""
-    body = "".join(pieces)
-
-    def every_href() -> bool:
-        for match in re.finditer(
-            r"""\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", body, re.IGNORECASE
-        ):
+def _every_href_links(body: str, url: str) -> bool:
+    """The reference: the href pattern tried at every position of the body."""
+    pattern = re.compile(r"""\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.IGNORECASE)
+    for at in range(len(body)):
+        match = pattern.match(body, at)
+        if match is not None:
             target = next(group for group in match.groups() if group is not None)
-            if html.unescape(target).strip() == _URL:
+            if html.unescape(target).strip() == url:
                 return True
-        return False
+    return False
 
-    assert (
-        has_body_link(Message("k", 1, "s", (Address("a@example.com"),), "Hi", html=body), _URL)
-        == every_href()
-    )
+
+@settings(max_examples=600, deadline=None)
+@given(pieces=st.lists(_PIECES, max_size=12))
+def test_has_body_link_agrees_with_trying_every_position(pieces):
+    """Looking just before where the URL is printed, then trying the href pattern only where "href" is,
+    finds what the pattern tried at every position finds (an href inside another's value, case,
+    entities, characters whose lower case is longer); the quick look never finds one that is not there."""
+    body = "".join(pieces)
+    expected = _every_href_links(body, _URL)
+    message = Message("k", 1, "s", (Address("a@example.com"),), "Hi", html=body)
+    assert has_body_link(message, _URL) == expected
+    assert not _href_where_printed(body, _URL) or expected
+
+
+def test_an_href_where_the_url_is_printed_is_found_by_looking_just_before_it():
+    """The quick look finds the link as templates print it (autoescaped or not, quoted or not, spaced,
+    after other hrefs), so most messages are not read href by href."""
+    printed = html.escape(_URL, quote=False)
+    for body in (
+        f'<a href="https://example.com/">x</a> <p style="a:b">y</p> <a href="{printed}">stop</a>',
+        f"<a HREF = '{_URL}'>stop</a>",
+        f"<a href={printed}>stop</a>",
+        f'<a class="footer" href="  {printed} ">stop</a>',
+    ):
+        assert _href_where_printed(body, _URL), body
+    assert not _href_where_printed(f"<p>{_URL}</p>", _URL)
+    assert not _href_where_printed(f'<a href="{_URL}x">', _URL)
 
 
 def test_cli_run_with_a_microsoft_sender_and_no_link_sends_nothing(api, cli, tmp_path):

@@ -222,20 +222,80 @@ def test_a_first_run_killed_while_its_plan_is_aside_leaves_no_ledger_and_the_nex
     manifest = copy_sample("newsletter", tmp_path)
     _register(api, manifest)
     folder = manifest.parent
+    _run_killed(manifest, kill)
+    assert api.deliveries == []
+    assert not (folder / "campaign.ledger.sqlite").exists()
+    assert len(_aside(folder)) == 1
+    _run_mails_each_once(api, cli, manifest)
+    assert _aside(folder) == []
+
+
+def _run_killed(manifest: Path, kill: str) -> None:
+    """`campaign run --yes` in a process that `kill` (code run first) kills with SIGKILL."""
     env = {**os.environ, "COLUMNS": "120"}
     code = textwrap.dedent(kill) + "\nfrom campaign.cli import main\nmain()\n"
     command = [sys.executable, "-c", code, "run", str(manifest), "--yes"]
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert killed.returncode == -9, killed.stdout + killed.stderr
-    assert api.deliveries == []
-    assert not (folder / "campaign.ledger.sqlite").exists()
-    assert len(_aside(folder)) == 1
+
+
+def _run_mails_each_once(api, cli, manifest: Path) -> None:
     result = cli("run", manifest, "--yes")
     assert result.exit_code == 0, result.output
     delivered = Counter(d.payload["to"][0]["email"] for d in api.deliveries)
     assert len(delivered) == 5
     assert max(delivered.values()) == 1
+
+
+# kill -9 once the plan is linked into place, before its hidden name is removed.
+_KILL_AFTER_LINK = """
+import os, signal
+original = os.link
+def link(*args, **kwargs):
+    original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+os.link = link
+"""
+
+
+def test_a_first_run_killed_between_linking_its_plan_and_removing_the_name_aside(api, cli, tmp_path):
+    """The ledger is in place and the hidden name is a second link to it: the next run sends from the
+    ledger, mails every recipient once, and removes that name (a ledger deleted to start over must
+    not live on under it)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    folder = manifest.parent
+    ledger = folder / "campaign.ledger.sqlite"
+    _run_killed(manifest, _KILL_AFTER_LINK)
+    assert api.deliveries == []
+    (second,) = _aside(folder)
+    assert second.stat().st_ino == ledger.stat().st_ino
+    _run_mails_each_once(api, cli, manifest)
     assert _aside(folder) == []
+    assert ledger.exists()
+
+
+def test_removing_the_ledgers_second_name_keeps_this_process_locks_on_the_ledger(tmp_path):
+    """The name aside is unlinked without being opened: closing any descriptor of the ledger would drop
+    every POSIX lock this process holds on it (SQLite's locks are such locks)."""
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"a ledger")
+    os.link(path, tmp_path / ".ledger.sqlite.99999.plan")
+    holder = os.open(path, os.O_RDWR)
+    try:
+        fcntl.lockf(holder, fcntl.LOCK_EX)
+        firstplan_module.remove_abandoned_plans(path)
+        probe = (
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n"
+        )
+        other = subprocess.run([sys.executable, "-c", probe, str(path)], check=False, timeout=60)
+        assert other.returncode == 3  # still locked by this process
+    finally:
+        os.close(holder)
+    assert _aside(tmp_path) == []
+    assert path.read_bytes() == b"a ledger"
 
 
 def test_a_bad_row_after_rows_went_aside_leaves_nothing(api, cli, tmp_path, monkeypatch):

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import campaign.ledger._read as read_module
 from campaign.ledger import Ledger, PlannedRow, SqliteSite, open_ledger
 from campaign.ledger._read import OPEN_COUNTS
 from campaign.manifest import Manifest, load_manifest
@@ -448,3 +451,41 @@ def test_the_status_command_prints_the_same_json_and_loads_no_send_or_preview_li
     want = _status_from_rows(manifest, ledger, clock=SystemClock(), command_path=str(manifest.path))
     assert printed == json.loads(json.dumps(want))
     assert list(printed["errors"]) == list(want["errors"])
+
+
+_STATES = (RowState.PENDING, RowState.SENT, RowState.SKIPPED, RowState.FAILED)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(st.tuples(st.sampled_from(_STATES), st.booleans(), st.integers(1, 30)), max_size=30),
+    limit=st.integers(1, 4),
+)
+def test_sample_emails_are_the_first_in_list_order_of_a_states_first_rows(
+    tmp_path_factory, monkeypatch, rows, limit
+):
+    """Whether a state's first rows are found among the table's first ones (read in rowid order) or not
+    (read from the state index), the sample is the same: of the state's first `_SAMPLED_FROM` rows
+    recorded, the first `limit` in list order."""
+    monkeypatch.setattr(read_module, "_SAMPLED_FROM", 3)
+    monkeypatch.setattr(read_module, "_SCANNED_FIRST", 6)
+    path = tmp_path_factory.mktemp("sample") / "ledger.sqlite"
+    ledger = open_ledger(path, clock=FakeClock(), campaign="c")
+    ledger.record_plan(
+        [PlannedRow(_key(n), row, _key(n), "alice", cells="{}") for n, (_, _, row) in enumerate(rows)], []
+    )
+    with sqlite3.connect(path) as db:
+        db.executemany(
+            "UPDATE recipients SET state = ?, listed = ? WHERE key = ?",
+            [(state.value, int(listed), _key(n)) for n, (state, listed, _) in enumerate(rows)],
+        )
+    recorded = [(_key(n), row, state, listed) for n, (state, listed, row) in enumerate(rows)]
+    try:
+        for listed in (None, True, False):
+            expected = {}
+            for state in _STATES:
+                first = [r for r in recorded if r[2] is state and listed in (None, r[3])][:3]
+                expected[state] = [key for key, _, _, _ in sorted(first, key=lambda r: (r[1], r[0]))][:limit]
+            assert ledger.sample_emails(_STATES, listed=listed, limit=limit) == expected
+    finally:
+        ledger.close()

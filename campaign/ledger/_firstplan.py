@@ -7,8 +7,10 @@ at a time as the check hands it over, and a thread of its own writes each batch 
 built aside: a hidden file beside where the ledger goes (`.NAME.PID.plan`), in one transaction.
 `record` adds the skips and the stamps, commits, and links the file into place, as
 `create_ledger_file` links in an empty ledger: the ledger appears whole or not at all. A bad row, a
-refusal, Ctrl-C or an error removes the file; after kill -9 the next first run beside it does, as its
-owner's lock on it died with the owner.
+refusal, Ctrl-C or an error removes the file; after kill -9 the next command to write beside it does
+(`remove_abandoned_plans`), as its owner's lock on it died with the owner. That includes a kill
+between the link and the removal of the hidden name, which leaves that name a second link to the
+ledger: a ledger deleted to start over must not live on under it.
 
 Each batch goes to SQLite as one statement, its rows as one JSON array (`json_each`), so the thread
 takes the GIL once a batch: row by row (`executemany` takes it back after each row), a thread
@@ -148,7 +150,7 @@ class FirstPlan:
         """Make the file aside (migrated, 0600, locked) and start its writer thread."""
         self._now = self._clock.now().isoformat(timespec="milliseconds")
         try:
-            _remove_abandoned(self._path)
+            remove_abandoned_plans(self._path)
             self._made_folder = not self._path.parent.exists()
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = os.open(self._staging, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -230,9 +232,17 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _remove_abandoned(path: Path) -> None:
-    """Remove the files aside that a first run of `path` left when it was killed (no lock held on them)."""
+def remove_abandoned_plans(path: Path) -> None:
+    """Remove the files aside that a first run of `path` left when it was killed (no lock held on them):
+    half a plan, or after the plan was linked into place, a second name of the ledger."""
+    ledger = _identity(path)
     for found in path.parent.glob(f".{glob.escape(path.name)}.*.plan"):
+        if ledger is not None and _identity(found) == ledger:
+            # The ledger's second name, never needed (its run, if alive, only has it left to remove).
+            # Not opened: closing a descriptor of the ledger drops every SQLite lock this process holds on it.
+            with contextlib.suppress(OSError):
+                os.unlink(found)
+            continue
         try:
             fd = os.open(found, os.O_RDWR)
         except OSError:
@@ -244,3 +254,12 @@ def _remove_abandoned(path: Path) -> None:
                         os.unlink(leftover)
         finally:
             os.close(fd)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file `path` names (device, inode), or None if there is none."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino

@@ -112,8 +112,10 @@ _LATEST_ERRORS = """
 """
 
 
-# `sample_emails` picks its addresses from this many rows of a state.
+# `sample_emails` picks its addresses from this many rows of a state, looking for them first among
+# this many of the table's first rows.
 _SAMPLED_FROM = 1000
+_SCANNED_FIRST = 20_000
 # Per sender, the listed rows of a step that are pending or in flight (and due at a time, if given).
 # Answered from the recipients_listed index alone (a test checks the query plan).
 OPEN_COUNTS = (
@@ -297,18 +299,39 @@ class LedgerReader:
         """Up to `limit` addresses per state, in list order (for messages that name a few): the first in
         list order of the state's first `_SAMPLED_FROM` rows recorded (of all of them, when rows were
         recorded in list order, as a run records them)."""
-        where = "" if listed is None else f" AND listed = {int(listed)}"
-        # The candidates come from the state index alone (rowids): sorting a fresh campaign's million
-        # pending rows by list position took most of a second of `campaign status`. An index that keeps
-        # them in list order would cost every claim and outcome its upkeep (the send path: 15 %).
+        in_state = "state = ?" + ("" if listed is None else f" AND listed = {int(listed)}")
+        pick = "ORDER BY row, key LIMIT ?"
+        ((start,),) = self._read("SELECT MIN(rowid) FROM recipients")
+        samples = {}
+        for state in states:
+            last = None if start is None else self._sampled_early(in_state, state, start)
+            if last is not None:  # they are the state's rows up to `last`
+                query = f"SELECT email FROM recipients NOT INDEXED WHERE rowid <= ? AND {in_state} {pick}"
+                params: tuple[object, ...] = (last, state.value, limit)
+            else:
+                # From the state index alone (rowids): an index that kept rows in list order would cost
+                # every claim and outcome its upkeep (the send path: 15 %).
+                query = (
+                    "SELECT email FROM recipients WHERE rowid IN ("
+                    f"SELECT rowid FROM recipients WHERE {in_state} ORDER BY rowid LIMIT {_SAMPLED_FROM}"
+                    f") {pick}"
+                )
+                params = (state.value, limit)
+            samples[state] = [str(email) for (email,) in self._read(query, params)]
+        return samples
+
+    def _sampled_early(self, in_state: str, state: RowState, start: int) -> int | None:
+        """The rowid of the state's `_SAMPLED_FROM`-th row when it is among the table's first
+        `_SCANNED_FIRST` rows (from rowid `start`), else None. Most samples are of a state most rows
+        are in (a fresh campaign's pending ones): read in rowid order they are found at once, where the
+        state index would sort them all (a million, most of `campaign status`'s second)."""
         query = (
-            "SELECT email FROM recipients WHERE rowid IN ("
-            f"SELECT rowid FROM recipients WHERE state = ?{where} ORDER BY rowid LIMIT {_SAMPLED_FROM}"
-            ") ORDER BY row, key LIMIT ?"
+            "SELECT COUNT(*), MAX(rowid) FROM ("
+            f"SELECT rowid FROM recipients NOT INDEXED WHERE rowid <= ? AND {in_state} "
+            f"ORDER BY rowid LIMIT {_SAMPLED_FROM})"
         )
-        return {
-            state: [str(email) for (email,) in self._read(query, (state.value, limit))] for state in states
-        }
+        ((found, last),) = self._read(query, (start + _SCANNED_FIRST - 1, state.value))
+        return int(last) if found == _SAMPLED_FROM else None
 
     def counts_by_sender(self) -> dict[str, dict[RowState, int]]:
         """Per sender, how many rows are in each state."""

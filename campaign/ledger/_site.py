@@ -16,7 +16,7 @@ from typing import Protocol
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
-from campaign.ledger._firstplan import FirstPlan
+from campaign.ledger._firstplan import FirstPlan, remove_abandoned_plans
 from campaign.ledger._interface import Ledger
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases
 from campaign.ledger._ledger import open_ledger
@@ -109,6 +109,8 @@ class SqliteSite:
         create: bool = True,
         read_only: bool = False,
     ) -> Ledger:
+        if not read_only:
+            remove_abandoned_plans(self.path)
         return open_ledger(
             self.path, clock=clock, campaign=campaign, exclusive=exclusive, create=create, read_only=read_only
         )

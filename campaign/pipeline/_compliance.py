@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterator, Mapping
 from urllib.parse import urlsplit
 
+from markupsafe import escape
+
 from campaign.errors import TemplateError
 from campaign.manifest import HEADERLESS_PROVIDERS, Manifest, SenderSettings
 from campaign.models import Message
@@ -33,32 +35,58 @@ __all__ = [
 # Gmail: a bulk sender sends close to 5,000 or more messages a day to personal accounts, per domain.
 BULK_SENDER_PER_DAY = 5000
 _HREF = re.compile(r"""\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.IGNORECASE)
+# How far before a printed URL its `href="` is looked for (room for spaces around the "=").
+_LOOK_BACK = 40
+_ESCAPED = re.compile("[&<>\"']")  # what autoescaping changes (markupsafe.escape)
 # Two-letter country domains whose registrations sit one level down (example.co.uk).
 _SECOND_LEVEL = re.compile(r"^(?:co|com|org|net|ac|gov|edu|ne|or)$")
 
 
 def has_body_link(message: Message, url: str) -> bool:
-    """Whether the message body links to `url`: an href in the HTML body, or the URL in a text-only body."""
-    if message.html is None:
+    """Whether the message body links to `url`: an HTML body with an href whose value is `url` (wherever
+    `href=` stands: this reads no HTML structure), or a text-only body holding the URL."""
+    body = message.html
+    if body is None:
         return message.text is not None and url in message.text
-    return any(_links_to(match, url) for match in _hrefs(message.html))
+    return _href_where_printed(body, url) or any(_links_to(match, url) for match in _hrefs(body))
+
+
+def _href_where_printed(body: str, url: str) -> bool:
+    """Whether an href just before where `url` is printed (autoescaped, as a template prints it, or as
+    is) holds it: one search for the URL instead of reading every href, which cost a Microsoft
+    sender's message a third of its check. False leaves it to reading every href (other spellings)."""
+    spellings = (str(escape(url)), url) if _ESCAPED.search(url) else (url,)
+    for printed in spellings:
+        at = body.find(printed)
+        while at >= 0:
+            start = max(0, at - _LOOK_BACK)
+            before = body[start:at].lower()
+            found = before.rfind("href")
+            if found >= 0 and len(before) == at - start:  # else a lower case changed the positions
+                match = _HREF.match(body, start + found)
+                if match is not None and _links_to(match, url):
+                    return True
+            at = body.find(printed, at + 1)
+    return False
 
 
 def _hrefs(body: str) -> Iterator[re.Match[str]]:
-    """`_HREF.finditer(body)`, tried only where "href" is: the pattern's case-insensitive `\b` made the
-    engine's own scan most of a check's time (47 µs a message, against 4)."""
+    r"""Every match of `_HREF` in `body`, wherever one starts (one inside another's value too), tried only
+    where "href" is: the pattern's case-insensitive `\b` made the engine's own scan most of a check's
+    time (47 µs a message, against 4)."""
     lower = body.lower()
     if len(lower) != len(body):  # a character whose lower case is longer: positions would not match
-        yield from _HREF.finditer(body)
+        at = 0
+        while (match := _HREF.search(body, at)) is not None:
+            yield match
+            at = match.start() + 1
         return
     at = 0
     while (at := lower.find("href", at)) >= 0:
         match = _HREF.match(body, at)
-        if match is None:
-            at += 1
-        else:
+        if match is not None:
             yield match
-            at = match.end()
+        at += 1
 
 
 def _links_to(match: re.Match[str], url: str) -> bool:

@@ -12,6 +12,7 @@ nothing.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -141,6 +142,9 @@ def _start_worker(manifest: Manifest, secrets: Sequence[bytes] | None) -> None:
     # worker that raised KeyboardInterrupt too would print its own traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = (manifest, build_composer(manifest, secrets=secrets))
+    # What start-up made lives as long as the worker: full collections skip it (they walked it a dozen
+    # times a million rows, 2 % of a worker's time).
+    gc.freeze()
 
 
 def _parts(job: Job) -> _JobParts:

@@ -268,11 +268,13 @@ def check_missing_inline_images(message: Message) -> tuple[str, str] | None:
 
 def check_unused_inline_images(message: Message) -> tuple[str, str] | None:
     """Preview warning: an inline attachment the HTML never shows (it may appear nowhere)."""
+    if not message.attachment_files and not message.attachments:
+        return None  # most messages: nothing to look for
     inline = [item.content_id for item in message.attachment_files] + [
         a.content_id for a in message.attachments
     ]
     if not any(inline):
-        return None  # no inline attachment: none unused (most messages: the HTML is not read)
+        return None  # no inline attachment: none unused (the HTML is not read)
     _, unused = find_inline_problems(message)
     if not unused:
         return None
