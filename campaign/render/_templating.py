@@ -362,7 +362,9 @@ def render_template(
         context = env.context_class(env, variables, template.name, template.blocks)
         return "".join(template.root_render_func(context))
     context = env.context_class(env, variables, template.name, {})
-    context.blocks = {name: list(versions) for name, versions in inheritance.blocks}
+    # A render only reads its blocks (no `{% extends %}` runs in a resolved chain; `super()` indexes them):
+    # tuples copied with the dict, not a new list a block, and a write would fail, not reach the next row.
+    context.blocks = dict(inheritance.blocks)  # type: ignore[arg-type]
     return inheritance.prefix + "".join(inheritance.root(context))
 
 

@@ -49,6 +49,7 @@ _MAC_LENGTH = 16  # 128 bits: RFC 2104 §5 asks for at least half the hash and a
 _PURPOSE = b"unsubscribe"  # binds the MAC to this use, so the same key cannot mint other tokens
 _PURPOSE_FRAME = bytes((len(_PURPOSE),)) + _PURPOSE
 _MAX_FIELD = 0xFFFF  # fields are framed with a two-byte length
+_NO_ADDRESS = bytes(2)  # the empty address field: most keys are the address
 # GCM-SIV keeps its guarantees under a repeated nonce except that equal plaintexts give equal
 # tokens, which is what a link re-rendered on resume should do; a random nonce would add 12 bytes.
 _NONCE = bytes(12)
@@ -132,11 +133,8 @@ class TokenSigner:
         The address is left out when it is the key (the endpoint reads it from the key).
         """
         same = email is None or email.lower() == recipient_key.lower()
-        plain = (
-            self._prefix
-            + _frame(recipient_key.encode("utf-8"), "recipient key")
-            + _frame(b"" if same or email is None else email.encode("utf-8"), "address")
-        )
+        address = _NO_ADDRESS if same or email is None else _frame(email.encode("utf-8"), "address")
+        plain = self._prefix + _frame(recipient_key.encode("utf-8"), "recipient key") + address
         plain += bytes(-len(plain) % _PAD)
         raw = self._header + self._cipher.encrypt(_NONCE, plain, self._aad)
         return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode("ascii")
