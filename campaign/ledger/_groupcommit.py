@@ -35,7 +35,7 @@ class _Write(Generic[_T]):
     call: Callable[[], _T] | None
     together: Together[Any, _T] | None = None
     item: object = None
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event = field(default_factory=lambda: anyio.Event())  # anyio loads its parts on first use
     value: _T | None = None
     error: BaseException | None = None
 
