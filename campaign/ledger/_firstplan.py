@@ -40,11 +40,11 @@ from campaign.ledger._ledger import (
     insert_planned,
     planned_values,
 )
-from campaign.ledger._read import LIST_EXTENT, PLAN_STAMP, RULES_STAMP, PlannedRow
+from campaign.ledger._read import PlannedRow
 from campaign.ledger._schema import migrate_ledger
 from campaign.ledger._spool import PlanSpool
 from campaign.ledger._values import SyncReport
-from campaign.ledger._write import set_meta
+from campaign.ledger._write import record_plan_stamps
 from campaign.models import Skip
 
 __all__ = ["FirstPlan"]
@@ -110,9 +110,7 @@ class FirstPlan:
         assert self._lock is not None
         try:
             skipped = insert_first_skips(self._db, self._skips.skips(), self._now)
-            for key, value in ((PLAN_STAMP, stamp), (RULES_STAMP, rules), (LIST_EXTENT, extent)):
-                if value is not None:
-                    set_meta(self._db, key, value)
+            record_plan_stamps(self._db, stamp=stamp, rules=rules, extent=extent)
             self._db.execute("COMMIT")
             self._db.close()
             self._db = None

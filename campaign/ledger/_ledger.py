@@ -23,9 +23,6 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._facts import KeptFacts
 from campaign.ledger._read import (
-    LIST_EXTENT,
-    PLAN_STAMP,
-    RULES_STAMP,
     JournalEntry,
     LedgerRow,
     PlannedRow,
@@ -52,6 +49,7 @@ from campaign.ledger._write import (
     LedgerWriter,
     decide_claim,
     or_error,
+    record_plan_stamps,
 )
 from campaign.models import FIRST_STEP, OutcomeKind, RowState, SendOutcome, Skip, SkipReason, step_key
 
@@ -173,12 +171,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                 finally:
                     db.execute("DROP TABLE IF EXISTS temp.plan_rows")
                     db.execute("DROP TABLE IF EXISTS temp.plan_skips")
-            if stamp is not None:
-                self._set_meta(PLAN_STAMP, stamp)
-            if rules is not None:
-                self._set_meta(RULES_STAMP, rules)
-            if extent is not None:
-                self._set_meta(LIST_EXTENT, extent)
+            record_plan_stamps(db, stamp=stamp, rules=rules, extent=extent)
         return report
 
     def _sync_plan(

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from campaign.clock import Clock
 from campaign.errors import LedgerError
-from campaign.ledger._read import LedgerReader
+from campaign.ledger._read import LIST_EXTENT, PLAN_STAMP, RULES_STAMP, LedgerReader
 from campaign.ledger._schema import unlock_ledger
 from campaign.ledger._values import Claim
 from campaign.models import RowState
@@ -36,6 +36,7 @@ __all__ = [
     "idempotency_key_stem",
     "only",
     "or_error",
+    "record_plan_stamps",
     "set_meta",
 ]
 
@@ -61,6 +62,16 @@ SETTLED = frozenset({SENT, FAILED, UNKNOWN, SKIPPED})
 def set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
     """Set the ledger's meta `key` to `value`, in the caller's transaction."""
     db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?", (key, value, value))
+
+
+def record_plan_stamps(
+    db: sqlite3.Connection, *, stamp: str | None, rules: str | None, extent: str | None
+) -> None:
+    """Record a plan's stamps (`SqliteLedger.record_plan` says what each is; None: left as it is), in the
+    caller's transaction: the one that records the plan."""
+    for key, value in ((PLAN_STAMP, stamp), (RULES_STAMP, rules), (LIST_EXTENT, extent)):
+        if value is not None:
+            set_meta(db, key, value)
 
 
 def or_error(call: Callable[[], _T]) -> _T | LedgerError:
