@@ -6,9 +6,11 @@ client, so that a misunderstanding shared by the client and the fake cannot pass
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from campaign.testing import FakeClock, FakeNylas, Fault, serve_on_loopback
+from campaign.testing.server import listen_on_loopback
 
 pytestmark = pytest.mark.anyio
 
@@ -650,6 +653,26 @@ def test_serve_on_loopback_serves_a_fake_and_stops(fake: FakeNylas) -> None:
         assert response.status_code == 200
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/v3/grants/{GRANT}/folders", headers=AUTH)
+
+
+async def test_connections_to_the_loopback_fake_send_without_nagle() -> None:
+    """Accepted from `listen_on_loopback`, a connection has TCP_NODELAY (asyncio sets it only for a socket
+    whose protocol is TCP): an answer written in two parts does not wait 40 ms for a delayed ACK."""
+    accepted: list[asyncio.BaseTransport] = []
+    arrived = asyncio.Event()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.append(transport)
+            arrived.set()
+
+    sock = listen_on_loopback()
+    async with await asyncio.get_running_loop().create_server(Accept, sock=sock):
+        with socket.create_connection(sock.getsockname()):
+            await asyncio.wait_for(arrived.wait(), timeout=10)
+            server_side = accepted[0].get_extra_info("socket")
+            assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            accepted[0].close()
 
 
 # ---- multipart ----

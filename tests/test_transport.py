@@ -483,3 +483,21 @@ async def test_answers_without_set_cookie_skip_the_cookie_jar_and_cookies_still_
         await http.get("/v3/x")
         assert jar.reads == 0
     assert sent_cookies == [None, None, None, None, "lb=node7", "set=by-hand"]
+
+
+@pytest.mark.anyio
+async def test_the_certificate_store_is_read_before_the_first_request_not_during_it(served, monkeypatch):
+    """Reading the CA bundle (~20 ms) on the first request would hold it past its paced slot."""
+    fake, url = served
+    async with build_http_client(base_url=url, timeout_s=5) as http:
+        made: list[str] = []
+
+        def count(*_args: Any, **_kwargs: Any) -> ssl.SSLContext:
+            made.append("a context")
+            return ssl.create_default_context()
+
+        monkeypatch.setattr(httpx, "create_ssl_context", count)
+        path, auth = f"/v3/grants/{_new_grant(fake)}/messages/send", {"Authorization": f"Bearer {KEY}"}
+        response = await http.post(path, json=PAYLOAD, headers=auth)
+    assert response.status_code == 200
+    assert made == []
