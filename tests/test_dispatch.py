@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from support import make_jobs, render_plain
 from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
-from campaign.models import RowState, SendOutcome, SkipReason
+from campaign.models import Message, RowState, SendOutcome, SkipReason
 from campaign.nylas import NylasClient, build_send_request
 from campaign.plan import Job
 from campaign.testing import FakeNylas, Fault
@@ -43,7 +44,7 @@ class _Harness:
         self.max_in_flight: dict[str, int] = {}
         self.send_times: dict[str, list[float]] = {}
 
-    async def run(self, jobs: list[Job], **kwargs: Any):
+    async def run(self, jobs: list[Job], render: Callable[[Job], Message] = render_plain, **kwargs: Any):
         self.ledger.record_plan(
             [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, j.sender) for j in jobs],
             [],
@@ -54,7 +55,7 @@ class _Harness:
             return await dispatch(
                 jobs,
                 senders=self.senders,
-                render=render_plain,
+                render=render,
                 client=client,
                 ledger=self.ledger,
                 clock=self.clock,
@@ -102,6 +103,31 @@ async def test_every_job_is_sent_exactly_once(tmp_path):
     assert None not in keys
     assert len(set(keys)) == 20
     assert set(h.states().values()) == {RowState.SENT}
+
+
+async def test_what_exists_before_the_loop_is_frozen_while_it_sends_and_only_then(tmp_path):
+    """A full collection over the process's older objects (30 ms and more) would hold a paced request
+    past its slot, so the loop freezes them while it sends; a caller's own freeze is left alone."""
+    gc.unfreeze()
+    frozen_at_render: list[int] = []
+
+    def render(job: Job) -> Message:
+        frozen_at_render.append(gc.get_freeze_count())
+        return render_plain(job)
+
+    older = [[n] for n in range(100)]  # tracked by the collector, as modules and plans are
+    await _Harness(tmp_path, [_sender("a", per_second=50)]).run(make_jobs(3, "a"), render=render)
+    assert len(frozen_at_render) == 3
+    assert min(frozen_at_render) >= len(older)
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()
+    try:
+        (tmp_path / "again").mkdir()
+        await _Harness(tmp_path / "again", [_sender("a", per_second=50)]).run(make_jobs(2, "a"))
+        assert gc.get_freeze_count() > 0  # the caller's objects stay frozen
+    finally:
+        gc.unfreeze()
 
 
 async def test_concurrency_cap_per_sender_is_respected(tmp_path):
