@@ -8,7 +8,6 @@ the order to run them. The run summary, `campaign status` and `campaign reconcil
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -57,15 +56,16 @@ def build_next_steps(
 ) -> list[NextStep]:
     """The steps that finish the campaign, given the state counts of the rows still in the list.
 
+    `manifest`: the arguments naming the campaign, as a shell takes them (the manifest's path, quoted,
+    and a `--ledger URL` the user gave).
     `reconcile_decides_at`: when reconcile can call the youngest unknown row not sent, if that is
     still ahead (before then it finds the ones that went out, and leaves the others unknown).
     `next_due`: when the next pending row scheduled for later (a follow-up) comes due, if one is.
     """
-    target = shlex.quote(manifest)
     flag = " --sandbox" if sandbox else ""
-    resume = f"campaign resume {target}{flag}"
+    resume = f"campaign resume {manifest}{flag}"
     # The sandbox forgets what it received, so there is nothing to look up there.
-    settle = f"campaign retry {target} --unknown{flag}" if sandbox else f"campaign reconcile {target}"
+    settle = f"campaign retry {manifest} --unknown{flag}" if sandbox else f"campaign reconcile {manifest}"
     wanted: list[tuple[RowState, str, tuple[str, ...]]] = [
         (
             RowState.INFLIGHT,
@@ -99,8 +99,8 @@ def build_next_steps(
             RowState.FAILED,
             "refused permanently (`campaign status` groups the causes); after fixing the cause, retry them",
             (
-                f"campaign report {target} --out failed.csv --state failed{flag}",
-                f"campaign retry {target} --failed{flag}",
+                f"campaign report {manifest} --out failed.csv --state failed{flag}",
+                f"campaign retry {manifest} --failed{flag}",
                 resume,
             ),
         ),

@@ -152,7 +152,7 @@ def reconcile_campaign(
 
     `connect`: opens the API client (the real one, or a test's). Rows left in flight longer than
     their key's replay window become unknown first, so they are looked up too. `command_path`: the
-    manifest as the user named it, for the commands in `next_steps`.
+    manifest as the user named it (and their `--ledger`), as a shell takes them, for `next_steps`.
     """
     ledger = site.open(clock=clock, campaign=manifest.campaign.name, exclusive=True)
     try:

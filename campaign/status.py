@@ -6,6 +6,7 @@ Reads the ledger; writes nothing. `Status.as_json()` is a contract documented in
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -192,7 +193,8 @@ def load_status(
 ) -> Status:
     """The status of the campaign whose ledger is (or would be) at `site`; opened read-only.
 
-    `command_path`: the manifest as the user named it, for the commands in `next_steps`.
+    `command_path`: the manifest as the user named it (and their `--ledger`), as a shell takes them, for
+    the commands in `next_steps`.
     """
     if not site.exists(manifest.campaign.name):
         return build_unstarted_status(manifest)
@@ -233,7 +235,7 @@ def build_status(
     command_path: str | None = None,
     sandbox: bool = False,
 ) -> Status:
-    """The status of a started campaign (`command_path`: the manifest as the user named it, for `next`)."""
+    """The status of a started campaign (`command_path`: the manifest's arguments, quoted, for `next`)."""
     per_sender = ledger.counts_per_sender()  # one pass over the state index gives the totals too
     counts = {state: sum(tally[state] for tally in per_sender.values()) for state in RowState}
     unlisted = ledger.counts(listed=False)
@@ -270,7 +272,7 @@ def build_status(
         ledger,
         listed=listed,
         removed=removed,
-        manifest=command_path or str(manifest.path),
+        manifest=command_path or shlex.quote(str(manifest.path)),
         now=clock.now(),
         sandbox=sandbox,
     )

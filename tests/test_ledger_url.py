@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 
 import anyio
@@ -99,6 +100,25 @@ def test_the_ledger_option_overrides_the_file_and_the_campaign_stays_apart(api, 
     assert (
         report.read_text().count("\n") == 1 + 6
     )  # a header, then 5 sent and 1 suppressed (a duplicate has no row)
+
+
+def test_the_suggested_next_command_reaches_the_same_ledger_when_pasted(api, cli, tmp_path, database):
+    """`status` names the command that continues the campaign: split as a shell would, it is the manifest's
+    path (a folder with a space in its name) and the `--ledger` URL, and running it sends the rest."""
+    manifest = _newsletter(api, tmp_path / "my campaigns")
+    manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', 'name = "pasted"'))
+    early = cli("report", manifest, "--out", tmp_path / "early.csv", "--ledger", database)
+    assert early.exit_code == 66
+    start = early.output.partition("start with `")[2].partition("`")[0]
+    assert shlex.split(start) == ["campaign", "run", str(manifest), "--ledger", database]
+    assert cli(*shlex.split(start)[1:], "--yes", "--limit", "2").exit_code == 75
+    status = json.loads(cli("status", manifest, "--json", "--ledger", database).stdout)
+    [command] = status["next"][0]["commands"]
+    assert shlex.split(command) == ["campaign", "resume", str(manifest), "--ledger", database]
+    resumed = cli(*shlex.split(command)[1:], "--yes")
+    assert resumed.exit_code == 0, resumed.output
+    assert len(api.deliveries) == 5
+    assert not manifest.with_name("campaign.ledger.sqlite").exists()
 
 
 def test_a_url_with_a_password_is_refused_without_showing_it(api, cli, tmp_path):

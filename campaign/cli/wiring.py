@@ -158,15 +158,17 @@ def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool, url: str |
     """The ledger's site; InputFileError if the campaign has not run yet (`given`: the manifest as typed)."""
     site = locate_ledger(manifest, sandbox=sandbox, url=url)
     if not site.exists(manifest.campaign.name):
-        message = f"{site.where}: no ledger yet (the campaign has not run); start with `campaign run {given}`"
+        start = f"campaign run {command_path(given, url)}"
+        message = f"{site.where}: no ledger yet (the campaign has not run); start with `{start}`"
         raise InputFileError(message)
     return site
 
 
 def command_path(manifest: Path, url: str | None) -> str:
-    """The manifest as the user named it, with the `--ledger` they gave: the commands suggested to
-    them next must reach the same ledger."""
-    return str(manifest) if url is None else f"{manifest} --ledger {shlex.quote(url)}"
+    """The manifest as the user named it, with the `--ledger` they gave, as a shell takes them (quoted):
+    the commands suggested to them next must reach the same ledger."""
+    named = shlex.quote(str(manifest))
+    return named if url is None else f"{named} --ledger {shlex.quote(url)}"
 
 
 def read_api_key(manifest: Manifest, *, sandbox: bool = False) -> str:
