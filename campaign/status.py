@@ -6,7 +6,6 @@ Reads the ledger; writes nothing. `Status.as_json()` is a contract documented in
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -232,7 +231,7 @@ def build_status(
     ledger: Ledger,
     *,
     clock: Clock,
-    command_path: str | None = None,
+    command_path: str,
     sandbox: bool = False,
 ) -> Status:
     """The status of a started campaign (`command_path`: the manifest's arguments, quoted, for `next`)."""
@@ -272,7 +271,7 @@ def build_status(
         ledger,
         listed=listed,
         removed=removed,
-        manifest=command_path or shlex.quote(str(manifest.path)),
+        manifest=command_path,
         now=clock.now(),
         sandbox=sandbox,
     )

@@ -41,7 +41,7 @@ from campaign.ledger._ledger import (
     planned_values,
 )
 from campaign.ledger._read import PlannedRow
-from campaign.ledger._schema import migrate_ledger
+from campaign.ledger._schema import migrate_ledger, try_flock
 from campaign.ledger._spool import PlanSpool
 from campaign.ledger._values import SyncReport
 from campaign.ledger._write import record_plan_stamps
@@ -152,7 +152,7 @@ class FirstPlan:
             self._made_folder = not self._path.parent.exists()
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = os.open(self._staging, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            if not _try_lock(self._lock):  # another run took it for abandoned in the instant before
+            if not try_flock(self._lock):  # another run took it for abandoned in the instant before
                 raise OSError(errno.EAGAIN, "taken by another run")
             self._db = sqlite3.connect(self._staging, isolation_level=None, check_same_thread=False)
             migrate_ledger(self._db, path=self._path, stamp=self._now)
@@ -219,17 +219,6 @@ def _json_works(db: sqlite3.Connection) -> bool:
     return True
 
 
-def _try_lock(fd: int) -> bool:
-    """Take the exclusive flock on `fd`'s file, unless another open file holds it (its run is alive)."""
-    import fcntl  # POSIX only, as the ledger's own lock
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
 def remove_abandoned_plans(path: Path) -> None:
     """Remove the files aside that a first run of `path` left when it was killed (no lock held on them):
     half a plan, or after the plan was linked into place, a second name of the ledger."""
@@ -246,7 +235,7 @@ def remove_abandoned_plans(path: Path) -> None:
         except OSError:
             continue
         try:
-            if _try_lock(fd):
+            if try_flock(fd):
                 for leftover in (found, found.with_name(found.name + "-journal")):
                     with contextlib.suppress(OSError):
                         os.unlink(leftover)

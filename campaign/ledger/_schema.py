@@ -26,6 +26,7 @@ __all__ = [
     "create_ledger_file",
     "lock_ledger",
     "migrate_ledger",
+    "try_flock",
     "unlock_ledger",
 ]
 
@@ -290,22 +291,30 @@ def migrate_ledger(db: sqlite3.Connection, *, path: Path, stamp: str) -> int:
     return len(MIGRATIONS)
 
 
-def lock_ledger(path: Path) -> int:
-    """Take the ledger's writer lock (a file beside it); return its descriptor. LedgerError if taken."""
+def try_flock(fd: int, *, shared: bool = False) -> bool:
+    """Take a flock on `fd`'s file (exclusive, or `shared`) unless another open file holds one that
+    conflicts: False then (its holder is alive: a flock dies with the process)."""
     import fcntl  # POSIX only; imported here so that reading a ledger works everywhere
 
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def lock_ledger(path: Path) -> int:
+    """Take the ledger's writer lock (a file beside it); return its descriptor. LedgerError if taken."""
     lock_path = path.with_name(path.name + ".lock")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         message = f"{lock_path}: cannot create the ledger's lock file ({exc})"
         raise LedgerError(message) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if not try_flock(fd):
         error = _in_use(path, fd)
         os.close(fd)
-        raise error from None
+        raise error
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -322,16 +331,13 @@ def check_ledger_free(path: Path) -> None:
     A run asks this first, so that a refused run prints no plan and writes nothing; it takes the
     lock itself (`lock_ledger`) only once the checks have passed.
     """
-    import fcntl
-
     try:
         fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR)
     except OSError:
         return  # no lock file: nobody has ever held it, or it cannot be opened (lock_ledger says why)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        raise _in_use(path, fd) from None
+        if not try_flock(fd, shared=True):
+            raise _in_use(path, fd)
     finally:
         os.close(fd)  # closing drops the shared lock taken to test
 
