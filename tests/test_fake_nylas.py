@@ -21,7 +21,7 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from campaign.testing import FakeClock, FakeNylas, Fault, serve_on_loopback
+from campaign.testing import FakeClock, FakeNylas, Fault, next_outbox_number, serve_on_loopback
 from campaign.testing.server import listen_on_loopback
 
 pytestmark = pytest.mark.anyio
@@ -883,6 +883,28 @@ async def test_write_outbox_writes_json_and_html(
     )
     assert paths[1].read_text(encoding="utf-8") == "<p>Hi <b>Ann</b></p>"
     assert sorted(p.name for p in outbox.iterdir()) == sorted(p.name for p in paths)
+
+
+async def test_write_outbox_numbers_on_from_the_files_already_there(
+    client: httpx.AsyncClient, fake: FakeNylas, tmp_path: Path
+) -> None:
+    """A second write (a later run's) goes on from the highest number in the folder and replaces nothing,
+    though it is to the same address."""
+    outbox = tmp_path / "outbox"
+    assert next_outbox_number(outbox) == 1
+    await send(client)
+    fake.write_outbox(outbox)
+    (outbox / "notes.txt").write_text("mine")  # a file of the user's own: not numbered, not counted
+    assert next_outbox_number(outbox) == 2
+    later = make_fake()
+    transport = httpx.ASGITransport(app=later.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://fake", headers=AUTH) as other:
+        await send(other, message(subject="Re: Spring offer"))
+    paths = later.write_outbox(outbox)
+    assert [p.name for p in paths] == ["0002-ann@example.com.json", "0002-ann@example.com.html"]
+    kept = json.loads((outbox / "0001-ann@example.com.json").read_text(encoding="utf-8"))
+    assert kept["subject"] == "Spring offer"
+    assert json.loads(paths[0].read_text(encoding="utf-8"))["subject"] == "Re: Spring offer"
 
 
 def test_replies_join_their_thread_and_the_thread_says_when_mail_last_came_in():

@@ -417,6 +417,30 @@ def test_the_followups_sample_runs_its_whole_sequence_in_the_sandbox(cli, tmp_pa
     assert len(outbox) == sum(step["sent"] for step in steps.values())
 
 
+def test_a_later_runs_follow_ups_get_their_own_outbox_files(cli, cli_clock, tmp_path):
+    """The sample run step by step (a run per step, as without --wait): each run's outbox files are
+    numbered on from the last run's, so a nudge to an address keeps the first message's file beside it."""
+    manifest = copy_sample("followups", tmp_path)
+    outbox = manifest.parent / "campaign.sandbox" / "outbox"
+    first = cli("run", manifest, "--sandbox", "--yes")
+    assert first.exit_code == 75, first.output
+    before = {path.name: path.read_bytes() for path in outbox.iterdir()}
+    cli_clock.advance(25)  # the nudge is due 20 s after the first message
+    second = cli("resume", manifest, "--sandbox", "--yes")
+    assert second.exit_code == 75, second.output
+    after = {path.name: path.read_bytes() for path in outbox.iterdir()}
+    assert {name: after.get(name) for name in before} == before  # nothing of the first run replaced
+    steps = json.loads(cli("status", manifest, "--sandbox", "--json").stdout)["steps"]
+    assert steps["nudge"]["sent"] > 0
+    payloads = sorted(name for name in after if name.endswith(".json"))
+    assert len(payloads) == steps["message"]["sent"] + steps["nudge"]["sent"]
+    numbers = [int(name.split("-", 1)[0]) for name in payloads]
+    assert numbers == list(range(1, len(payloads) + 1))
+    nudged = [json.loads(after[name]) for name in payloads[steps["message"]["sent"] :]]
+    assert all(payload["subject"].startswith("Re: ") for payload in nudged)
+    assert f"{steps['message']['sent'] + 1:04d}" in second.output  # the table's numbers are the files'
+
+
 def _with_store(manifest: Path, *, tracking: bool = False) -> Path:
     """The campaign with an unsubscribe store that `campaign serve` would record into."""
     store = manifest.parent / "events.sqlite"

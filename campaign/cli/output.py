@@ -142,16 +142,19 @@ def print_run_summary(
     print_next_steps(console, next_steps)
 
 
-def print_deliveries(console: Console, deliveries: Sequence[tuple[str, str, str]], outbox: Path) -> None:
-    """The sandbox's record of what it accepted: (sender, to, subject) per message."""
+def print_deliveries(
+    console: Console, deliveries: Sequence[tuple[str, str, str]], outbox: Path, *, first: int
+) -> None:
+    """The sandbox's record of what it accepted: (sender, to, subject) per message, numbered from `first`
+    as their files in `outbox` are."""
     if not deliveries:
         console.print("The sandbox received no messages this run.")
         return
     table = Table(title=f"Sent to the sandbox ({len(deliveries)} messages)", title_justify="left")
     for column in ("#", "from sender", "to", "subject"):
         table.add_column(column)
-    for number, (sender, to, subject) in enumerate(deliveries, start=1):
-        table.add_row(str(number), show(sender), show(to), show(subject))
+    for number, (sender, to, subject) in enumerate(deliveries, start=first):
+        table.add_row(f"{number:04d}", show(sender), show(to), show(subject))
     console.print(table)
     where = escape(str(outbox))
     console.print(f"Each message's JSON payload and HTML body: [bold]{where}[/]", soft_wrap=True)

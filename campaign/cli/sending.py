@@ -51,7 +51,7 @@ from campaign.errors import UsageError
 from campaign.manifest import Manifest, load_manifest
 from campaign.pipeline import ContentCheck
 from campaign.run import RunOptions, RunPlan, SenderShare, run_campaign
-from campaign.testing import FakeNylas
+from campaign.testing import FakeNylas, next_outbox_number
 from campaign.timetext import format_local_time
 
 __all__ = ["resume", "run"]
@@ -241,6 +241,7 @@ def _print_sync(content: ContentCheck, newly_skipped: int, restored: int) -> Non
 
 def _print_sandbox_outbox(fake: FakeNylas, manifest: Manifest, outbox: Path) -> None:
     """Write what the sandbox received to `outbox` and list it (sender, recipient, subject)."""
+    first = next_outbox_number(outbox)
     fake.write_outbox(outbox)
     grants = {sender.route: sender.name for sender in manifest.senders}
     print_deliveries(
@@ -250,6 +251,7 @@ def _print_sandbox_outbox(fake: FakeNylas, manifest: Manifest, outbox: Path) -> 
             for d in fake.deliveries
         ],
         outbox,
+        first=first,
     )
 
 

@@ -17,6 +17,7 @@ from campaign.testing.records import (
     RequestRecord,
 )
 from campaign.testing.server import HasApp, run_sandbox_server, serve_on_loopback
+from campaign.testing.state import next_outbox_number
 
 __all__ = [
     "DeliveredAttachment",
@@ -28,6 +29,7 @@ __all__ = [
     "HasApp",
     "QuotaStyle",
     "RequestRecord",
+    "next_outbox_number",
     "run_sandbox_server",
     "serve_on_loopback",
 ]

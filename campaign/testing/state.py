@@ -41,6 +41,7 @@ JSON_SENDS_PER_SECOND = 200
 MULTIPART_SENDS_PER_SECOND = 10
 MESSAGE_READS_PER_SECOND = 200
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9@._+-]")
+_OUTBOX_NUMBER = re.compile(r"(\d{4,})-")
 
 
 @dataclass
@@ -470,10 +471,15 @@ class FakeState:
             return self._require_grant(grant_id).sent_folder_id
 
     def write_outbox(self, directory: Path) -> list[Path]:
-        """Write each delivery as `NNNN-<to>.json` (and `.html` for an HTML body); return the paths."""
+        """Write each delivery as `NNNN-<to>.json` (and `.html` for an HTML body); return the paths.
+
+        Numbers go on from `next_outbox_number(directory)`: a later run's follow-up to the same address
+        gets its own files instead of replacing the first message's.
+        """
+        start = next_outbox_number(directory)
         make_private_dir(directory)  # payloads hold addresses and working unsubscribe links
         written: list[Path] = []
-        for number, delivery in enumerate(self.deliveries, start=1):
+        for number, delivery in enumerate(self.deliveries, start=start):
             first_to = str(delivery.payload["to"][0]["email"])
             stem = f"{number:04d}-{_UNSAFE_FILENAME.sub('_', first_to)}"
             document = {"id": delivery.id, "grant_id": delivery.grant_id, **delivery.payload}
@@ -703,3 +709,11 @@ def _participants(header: object) -> list[dict[str, str]]:
     return [
         {"email": address, "name": name} if name else {"email": address} for name, address in found if address
     ]
+
+
+def next_outbox_number(directory: Path) -> int:
+    """The number `write_outbox` gives its first file in `directory`: one past the highest there."""
+    if not directory.is_dir():
+        return 1
+    found = (_OUTBOX_NUMBER.match(path.name) for path in directory.iterdir())
+    return 1 + max((int(match.group(1)) for match in found if match), default=0)
