@@ -324,6 +324,10 @@ def _unchanged(
     (and a run whose rules are unchanged renders only the rows added or changed: `_reuse`)."""
     if ledger is None or ledger.plan_stamp() != stamp:
         return None
+    if manifest.message.attachments and ledger.skip_causes().get(SkipReason.INVALID.value):
+        # A row skipped for a file that was missing validates once the file is there: the stamp does not
+        # cover the files, and only the full check can tell (and put the row back to pending).
+        return None
     composer = build_composer(manifest, secrets=secrets)
     return composer if _files_still_there(manifest, composer, ledger) else None
 

@@ -91,6 +91,28 @@ def test_new_rows_are_sent_on_the_next_run(api, cli, tmp_path):
     assert len(api.deliveries) == 6
 
 
+def test_a_row_skipped_for_a_missing_file_is_sent_once_the_file_is_there(api, cli, tmp_path):
+    """--skip-invalid skips a row whose invoice file is missing; add the file and run again, the list
+    itself unchanged: the row validates, goes back to pending and is sent, once."""
+    manifest = copy_sample("invoices", tmp_path)
+    _register(api, manifest)
+    with (manifest.parent / "recipients.csv").open("a", encoding="utf-8") as handle:
+        handle.write("dan@example.com,Dan Ray,Dan,INV-1004,10.00\n")
+    first = cli("run", manifest, "--yes", "--skip-invalid")
+    assert first.exit_code == 0, first.output
+    assert "dan@example.com" not in [d.payload["to"][0]["email"] for d in api.deliveries]
+    invoices = manifest.parent / "invoices"
+    (invoices / "INV-1004.pdf").write_bytes((invoices / "INV-1001.pdf").read_bytes())
+    second = cli("run", manifest, "--yes", "--skip-invalid")
+    assert second.exit_code == 0, second.output
+    assert "1 rows skipped earlier as invalid now validate" in second.output
+    sent = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sent.count("dan@example.com") == 1
+    assert len(sent) == len(set(sent)) == 4
+    files = [a["filename"] for a in api.deliveries[-1].payload.get("attachments", [])]
+    assert "Invoice INV-1004.pdf" in files
+
+
 def test_outreach_sample_respects_sender_column(api, cli, tmp_path):
     """The Parquet sample: 9 plain-text messages; pinned rows go from their rep's grant."""
     manifest = copy_sample("outreach", tmp_path)
