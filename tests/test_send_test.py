@@ -123,3 +123,20 @@ def test_send_test_in_the_sandbox_needs_no_account(cli, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1]
     assert "row 1 (ann.lee@example.com)" in " ".join(result.stdout.split())
+
+
+def test_a_sandbox_send_test_is_written_to_the_outbox_after_the_runs(cli, tmp_path):
+    """--sandbox: the test message joins the sandbox's outbox, numbered after the run's messages, so it
+    can be read as the run's can; the run's files stay as they were."""
+    manifest = copy_sample("newsletter", tmp_path)
+    assert cli("run", manifest, "--sandbox", "--yes").exit_code == 0
+    outbox = manifest.parent / "campaign.sandbox" / "outbox"
+    before = {path.name: path.read_bytes() for path in outbox.iterdir()}
+    result = cli("send-test", manifest, "--to", "me@example.com", "--row", "2", "--sandbox")
+    assert result.exit_code == 0, result.output
+    added = sorted(path.name for path in outbox.iterdir() if path.name not in before)
+    assert added == ["0006-me@example.com.html", "0006-me@example.com.json"]
+    assert {name: (outbox / name).read_bytes() for name in before} == before
+    payload = json.loads((outbox / "0006-me@example.com.json").read_text(encoding="utf-8"))
+    assert payload["subject"].startswith("[TEST] ")
+    assert "0006" in result.output

@@ -21,17 +21,18 @@ from campaign.timetext import format_duration, format_local_time
 
 if TYPE_CHECKING:  # for annotations only: commands that print no preview or run need not load those engines
     from campaign.dispatch import DispatchResult
+    from campaign.manifest import Manifest
     from campaign.nextsteps import NextStep
     from campaign.plan import WindowPlan
     from campaign.preview import PreviewReport
     from campaign.reconcile import ReconcileReport
     from campaign.report import WrittenReport
     from campaign.status import Status
+    from campaign.testing import FakeNylas
 
 __all__ = [
     "format_duration",
     "print_checked",
-    "print_deliveries",
     "print_error",
     "print_json",
     "print_next_steps",
@@ -40,6 +41,7 @@ __all__ = [
     "print_report_written",
     "print_retried",
     "print_run_summary",
+    "print_sandbox_outbox",
     "print_status",
     "print_test_sent",
     "show",
@@ -142,11 +144,18 @@ def print_run_summary(
     print_next_steps(console, next_steps)
 
 
-def print_deliveries(
-    console: Console, deliveries: Sequence[tuple[str, str, str]], outbox: Path, *, first: int
-) -> None:
-    """The sandbox's record of what it accepted: (sender, to, subject) per message, numbered from `first`
-    as their files in `outbox` are."""
+def print_sandbox_outbox(console: Console, fake: FakeNylas, manifest: Manifest, outbox: Path) -> None:
+    """Write what the sandbox received to `outbox` and list it (sender, recipient, subject), numbered as
+    its files are."""
+    from campaign.testing import next_outbox_number  # the sandbox's: commands without it never load it
+
+    first = next_outbox_number(outbox)
+    fake.write_outbox(outbox)
+    grants = {sender.route: sender.name for sender in manifest.senders}
+    deliveries = [
+        (grants.get(d.grant_id, d.grant_id), d.payload["to"][0]["email"], d.payload.get("subject", ""))
+        for d in fake.deliveries
+    ]
     if not deliveries:
         console.print("The sandbox received no messages this run.")
         return

@@ -34,16 +34,16 @@ from campaign.cli.base import (
     out,
 )
 from campaign.cli.inspecting import preview
-from campaign.cli.output import print_checked, print_deliveries, print_next_steps, print_run_summary
+from campaign.cli.output import print_checked, print_next_steps, print_run_summary, print_sandbox_outbox
 from campaign.cli.progress import SendProgress, show_checking, show_waiting
 from campaign.cli.wiring import (
     build_sandbox_api,
     command_path,
     connect_api,
-    ledger_path_for,
     locate_ledger,
     read_api_key,
     read_secrets,
+    sandbox_outbox_path,
 )
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult
@@ -51,7 +51,6 @@ from campaign.errors import UsageError
 from campaign.manifest import Manifest, load_manifest
 from campaign.pipeline import ContentCheck
 from campaign.run import RunOptions, RunPlan, SenderShare, run_campaign
-from campaign.testing import FakeNylas, next_outbox_number
 from campaign.timetext import format_local_time
 
 __all__ = ["resume", "run"]
@@ -156,7 +155,7 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
         return EXIT_DONE
     _print_sync(outcome.content, outcome.sync.newly_skipped, outcome.sync.restored)
     if fake is not None:
-        _print_sandbox_outbox(fake, manifest, ledger_path_for(manifest, sandbox=True).parent / "outbox")
+        print_sandbox_outbox(out, fake, manifest, sandbox_outbox_path(manifest))
     if outcome.result is None:  # a second Ctrl-C: cancelled at once
         out.print("Stopped at once (second Ctrl-C): sends in flight stay in flight; resume settles them.")
         print_next_steps(out, outcome.next_steps)
@@ -237,22 +236,6 @@ def _print_sync(content: ContentCheck, newly_skipped: int, restored: int) -> Non
         out.print(f"{newly_skipped} rows not sent yet are now skipped (suppressed, unsubscribed or invalid).")
     if restored:
         out.print(f"{restored} rows skipped earlier as invalid now validate and are pending again.")
-
-
-def _print_sandbox_outbox(fake: FakeNylas, manifest: Manifest, outbox: Path) -> None:
-    """Write what the sandbox received to `outbox` and list it (sender, recipient, subject)."""
-    first = next_outbox_number(outbox)
-    fake.write_outbox(outbox)
-    grants = {sender.route: sender.name for sender in manifest.senders}
-    print_deliveries(
-        out,
-        [
-            (grants.get(d.grant_id, d.grant_id), d.payload["to"][0]["email"], d.payload.get("subject", ""))
-            for d in fake.deliveries
-        ],
-        outbox,
-        first=first,
-    )
 
 
 def _exit_code(result: DispatchResult, states: Mapping[str, int]) -> int:

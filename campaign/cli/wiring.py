@@ -49,6 +49,7 @@ __all__ = [
     "read_secrets",
     "register_sandbox_grants",
     "require_ledger",
+    "sandbox_outbox_path",
 ]
 
 SANDBOX_API_KEY = "sandbox-key"
@@ -64,8 +65,17 @@ def ledger_path_for(manifest: Manifest, *, sandbox: bool) -> Path:
     # A sandbox run keeps its own ledger, so that trying a campaign in the sandbox
     # never marks real recipients as sent.
     if sandbox:
-        return manifest.base_dir / f"{manifest.path.stem}.sandbox" / "ledger.sqlite"
+        return _sandbox_folder(manifest) / "ledger.sqlite"
     return manifest.ledger_path
+
+
+def sandbox_outbox_path(manifest: Manifest) -> Path:
+    """Where the sandbox writes what it received (whatever ledger the run keeps)."""
+    return _sandbox_folder(manifest) / "outbox"
+
+
+def _sandbox_folder(manifest: Manifest) -> Path:
+    return manifest.base_dir / f"{manifest.path.stem}.sandbox"
 
 
 def locate_ledger(manifest: Manifest, *, sandbox: bool, url: str | None = None) -> LedgerSite:
