@@ -221,6 +221,19 @@ async def test_daily_budget_parks_sender_before_the_provider_refuses(tmp_path):
     assert (result.parked["a"] - start).total_seconds() == pytest.approx(86_400, abs=5)
 
 
+@pytest.mark.parametrize("concurrency", [2, 4])
+async def test_the_whole_daily_budget_is_used_with_workers_in_parallel(tmp_path, concurrency):
+    """per_day = 3, several workers: the ones that booked a send within the budget send it, though
+    another found the budget full and parked the sender meanwhile (before, one was given back)."""
+    sender = _sender("a", per_second=4, per_day=3, concurrency=concurrency)
+    h = _Harness(tmp_path, [sender])
+    result = await h.run(make_jobs(6, "a"))
+    assert len(h.fake.deliveries) == 3
+    assert (result.sent, result.remaining) == (3, 3)
+    assert "a" in result.parked
+    assert sorted(h.states().values()).count(RowState.SENT) == 3
+
+
 async def test_permanent_rejection_fails_that_row_and_goes_on(tmp_path):
     """A 402 fails one row; the rest are sent."""
     h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])

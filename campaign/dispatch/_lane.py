@@ -41,6 +41,7 @@ class Lane:
     throttles: int = 0
     hold_until: float = float("-inf")  # monotonic time before which no request may leave
     parked_until: datetime | None = None
+    quota_refused: bool = False  # parked by the provider's quota, not (only) by its own daily budget
     auth_refused: bool = False
     workers: int = 0  # the send loop's workers currently serving this lane
     more: bool = True  # the feed may hold more of its jobs (`jobs` is only what it read ahead)
@@ -60,6 +61,12 @@ class Lane:
     def stopped(self) -> bool:
         """Parked or refused: it takes no new work now."""
         return self.parked_until is not None or self.auth_refused
+
+    @property
+    def refused(self) -> bool:
+        """The provider takes nothing from it now (its quota, or refused credentials): not even a send
+        already booked. A park by its own budget stops new work only: a booked send fits the budget."""
+        return self.quota_refused or self.auth_refused
 
     @property
     def rate_per_s(self) -> float:

@@ -402,14 +402,16 @@ class _Loop:
         await self._stop.sleep((until - self._clock.now()).total_seconds())
         if lane.parked_until == until:
             lane.parked_until = None
+            lane.quota_refused = False
             self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
 
     async def _wait_for_slot(self, lane: Lane, *, multipart: bool) -> None:
         # Nothing may await between the end of this wait and the request, or sends
         # could bunch up behind a slow step; so the ledger claim comes before it.
-        # A throttle that arrives meanwhile moves the hold: then wait again. A lane parked meanwhile (a
-        # quota: its hold is the provider's day) is not waited for: the caller gives the claim back.
-        while not (lane.stopped or self._stopping):
+        # A throttle that arrives meanwhile moves the hold: then wait again. A lane the provider refuses
+        # meanwhile (a quota: its hold is the provider's day) is not waited for: the caller gives the claim
+        # back. One parked by its own daily budget is: this send was booked within that budget.
+        while not (lane.refused or self._stopping):
             start = lane.reserve(self._clock.monotonic(), multipart=multipart)
             await self._stop.sleep(start - self._clock.monotonic())
             if self._clock.monotonic() >= lane.hold_until:
@@ -433,7 +435,7 @@ class _Loop:
         if not claim.fresh and claim.sender not in (None, lane.sender.name):
             return await self._return_to_owner(lane, job, claim.sender)
         await self._wait_for_slot(lane, multipart=payload.multipart)
-        if lane.stopped or self._stopping:
+        if lane.refused or self._stopping:
             # Its request never left. A fresh key goes back unused; a key from an earlier run
             # may have been used, so that row stays in flight, to be re-sent with that key.
             if not claim.fresh:
@@ -476,7 +478,7 @@ class _Loop:
             if self._stopping:  # no new request after a stop: resume re-sends it with this key
                 self._left_inflight += 1
                 return RowState.INFLIGHT
-            if lane.stopped:  # parked meanwhile: it keeps its key, bound to this grant, for when it may send
+            if lane.refused:  # refused meanwhile: it keeps its key, bound to this grant, for when it may send
                 self._bound.add(key)
                 return RowState.INFLIGHT
         self._after(lane, job, outcome, state)
@@ -535,6 +537,7 @@ class _Loop:
         wait_s = self._retry.throttle_wait_s(outcome, now=now, throttles=lane.throttles)
         lane.record_throttle(mono=self._clock.monotonic(), wait_s=wait_s)
         if self._retry.parks(outcome, wait_s=wait_s, throttles=lane.throttles):
+            lane.quota_refused = True
             self._park(lane, now + timedelta(seconds=wait_s))
 
     def _park(self, lane: Lane, until: datetime) -> None:
