@@ -41,7 +41,7 @@ class Lane:
     throttles: int = 0
     hold_until: float = float("-inf")  # monotonic time before which no request may leave
     parked_until: datetime | None = None
-    quota_refused: bool = False  # parked by the provider's quota, not (only) by its own daily budget
+    provider_refused: bool = False  # parked by the provider (a quota, long throttling), not just its budget
     auth_refused: bool = False
     workers: int = 0  # the send loop's workers currently serving this lane
     more: bool = True  # the feed may hold more of its jobs (`jobs` is only what it read ahead)
@@ -64,9 +64,9 @@ class Lane:
 
     @property
     def refused(self) -> bool:
-        """The provider takes nothing from it now (its quota, or refused credentials): not even a send
-        already booked. A park by its own budget stops new work only: a booked send fits the budget."""
-        return self.quota_refused or self.auth_refused
+        """The provider takes nothing from it now (a quota, long throttling, refused credentials): not even
+        a send already booked. A park by its own budget stops new work only: a booked send fits it."""
+        return self.provider_refused or self.auth_refused
 
     @property
     def rate_per_s(self) -> float:

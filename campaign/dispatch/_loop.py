@@ -402,7 +402,7 @@ class _Loop:
         await self._stop.sleep((until - self._clock.now()).total_seconds())
         if lane.parked_until == until:
             lane.parked_until = None
-            lane.quota_refused = False
+            lane.provider_refused = False
             self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
 
     async def _wait_for_slot(self, lane: Lane, *, multipart: bool) -> None:
@@ -537,7 +537,7 @@ class _Loop:
         wait_s = self._retry.throttle_wait_s(outcome, now=now, throttles=lane.throttles)
         lane.record_throttle(mono=self._clock.monotonic(), wait_s=wait_s)
         if self._retry.parks(outcome, wait_s=wait_s, throttles=lane.throttles):
-            lane.quota_refused = True
+            lane.provider_refused = True
             self._park(lane, now + timedelta(seconds=wait_s))
 
     def _park(self, lane: Lane, until: datetime) -> None:
