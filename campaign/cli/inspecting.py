@@ -17,7 +17,7 @@ import anyio
 import typer
 
 from campaign.cli.base import LedgerOpt, ManifestArg, SandboxOpt, SkipInvalidOpt, exit_codes, options, out
-from campaign.cli.output import print_json, print_preview, print_sandbox_outbox, print_status, print_test_sent
+from campaign.cli.output import print_deliveries, print_json, print_preview, print_status, print_test_sent
 from campaign.cli.wiring import (
     SANDBOX_API_URI,
     build_sandbox_api,
@@ -28,6 +28,7 @@ from campaign.cli.wiring import (
     read_api_uri,
     read_secrets,
     sandbox_outbox_path,
+    write_sandbox_outbox,
 )
 from campaign.ledger import check_key_scheme
 from campaign.manifest import Manifest, load_manifest
@@ -115,7 +116,8 @@ def send_test(
 
         message_id = anyio.run(send)
         if fake is not None:
-            print_sandbox_outbox(out, fake, loaded, sandbox_outbox_path(loaded))
+            first = write_sandbox_outbox(fake, loaded)
+            print_deliveries(out, fake, loaded, sandbox_outbox_path(loaded), first=first)
         print_test_sent(
             out,
             message_id=message_id,

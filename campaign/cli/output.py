@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # for annotations only: commands that print no preview or run
 __all__ = [
     "format_duration",
     "print_checked",
+    "print_deliveries",
     "print_error",
     "print_json",
     "print_next_steps",
@@ -41,7 +42,6 @@ __all__ = [
     "print_report_written",
     "print_retried",
     "print_run_summary",
-    "print_sandbox_outbox",
     "print_status",
     "print_test_sent",
     "show",
@@ -144,13 +144,11 @@ def print_run_summary(
     print_next_steps(console, next_steps)
 
 
-def print_sandbox_outbox(console: Console, fake: FakeNylas, manifest: Manifest, outbox: Path) -> None:
-    """Write what the sandbox received to `outbox` and list it (sender, recipient, subject), numbered as
-    its files are."""
-    from campaign.testing import next_outbox_number  # the sandbox's: commands without it never load it
-
-    first = next_outbox_number(outbox)
-    fake.write_outbox(outbox)
+def print_deliveries(
+    console: Console, fake: FakeNylas, manifest: Manifest, outbox: Path, *, first: int
+) -> None:
+    """What the sandbox received (sender, recipient, subject), numbered from `first` as its files in
+    `outbox` are."""
     grants = {sender.route: sender.name for sender in manifest.senders}
     deliveries = [
         (grants.get(d.grant_id, d.grant_id), d.payload["to"][0]["email"], d.payload.get("subject", ""))

@@ -34,7 +34,7 @@ from campaign.cli.base import (
     out,
 )
 from campaign.cli.inspecting import preview
-from campaign.cli.output import print_checked, print_next_steps, print_run_summary, print_sandbox_outbox
+from campaign.cli.output import print_checked, print_deliveries, print_next_steps, print_run_summary
 from campaign.cli.progress import SendProgress, show_checking, show_waiting
 from campaign.cli.wiring import (
     build_sandbox_api,
@@ -44,6 +44,7 @@ from campaign.cli.wiring import (
     read_api_key,
     read_secrets,
     sandbox_outbox_path,
+    write_sandbox_outbox,
 )
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult
@@ -155,7 +156,8 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
         return EXIT_DONE
     _print_sync(outcome.content, outcome.sync.newly_skipped, outcome.sync.restored)
     if fake is not None:
-        print_sandbox_outbox(out, fake, manifest, sandbox_outbox_path(manifest))
+        first = write_sandbox_outbox(fake, manifest)
+        print_deliveries(out, fake, manifest, sandbox_outbox_path(manifest), first=first)
     if outcome.result is None:  # a second Ctrl-C: cancelled at once
         out.print("Stopped at once (second Ctrl-C): sends in flight stay in flight; resume settles them.")
         print_next_steps(out, outcome.next_steps)

@@ -50,6 +50,7 @@ __all__ = [
     "register_sandbox_grants",
     "require_ledger",
     "sandbox_outbox_path",
+    "write_sandbox_outbox",
 ]
 
 SANDBOX_API_KEY = "sandbox-key"
@@ -72,6 +73,17 @@ def ledger_path_for(manifest: Manifest, *, sandbox: bool) -> Path:
 def sandbox_outbox_path(manifest: Manifest) -> Path:
     """Where the sandbox writes what it received (whatever ledger the run keeps)."""
     return _sandbox_folder(manifest) / "outbox"
+
+
+def write_sandbox_outbox(fake: FakeNylas, manifest: Manifest) -> int:
+    """Write what `fake` received into the campaign's sandbox outbox; the number of its first file (the
+    files of earlier runs stay: numbers go on from theirs)."""
+    from campaign.testing import next_outbox_number
+
+    outbox = sandbox_outbox_path(manifest)
+    first = next_outbox_number(outbox)
+    fake.write_outbox(outbox)
+    return first
 
 
 def _sandbox_folder(manifest: Manifest) -> Path:
