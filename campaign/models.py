@@ -233,6 +233,7 @@ class OutcomeKind(StrEnum):
     AUTH_REFUSED = "auth_refused"  # 401/403: the credentials or grant are refused
     IN_PROGRESS = "in_progress"  # 409 concurrent: the same key is still being processed
     AMBIGUOUS = "ambiguous"  # timeout, reset, 5xx: it may or may not have been sent
+    UNREACHABLE = "unreachable"  # no connection to the API (refused, timed out, no name): it never left
 
 
 class ThrottleKind(StrEnum):

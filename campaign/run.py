@@ -712,9 +712,15 @@ def _asked_to_stop(stop: anyio.Event | None) -> bool:
 
 
 def _halted(result: DispatchResult) -> bool:
-    """The round stopped short of its work (a park, a shut window, refused credentials, --limit, Ctrl-C)."""
+    """The round stopped short of its work (a park, a shut window, refused credentials, no connection to
+    the API, --limit, Ctrl-C)."""
     return bool(
-        result.parked or result.closed or result.auth_refused or result.limit_reached or result.stopped
+        result.parked
+        or result.closed
+        or result.auth_refused
+        or result.unreachable
+        or result.limit_reached
+        or result.stopped
     )
 
 

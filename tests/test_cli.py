@@ -105,7 +105,7 @@ def test_a_row_skipped_for_a_missing_file_is_sent_once_the_file_is_there(api, cl
     (invoices / "INV-1004.pdf").write_bytes((invoices / "INV-1001.pdf").read_bytes())
     second = cli("run", manifest, "--yes", "--skip-invalid")
     assert second.exit_code == 0, second.output
-    assert "1 rows skipped earlier as invalid now validate" in second.output
+    assert "1 row skipped earlier as invalid now validates and is pending again" in second.output
     sent = [d.payload["to"][0]["email"] for d in api.deliveries]
     assert sent.count("dan@example.com") == 1
     assert len(sent) == len(set(sent)) == 4

@@ -322,6 +322,24 @@ def test_a_refusal_on_a_key_an_earlier_request_may_have_used_keeps_that_key(ledg
     assert _row(ledger, "bob@x.com").key_uses == 1
 
 
+def test_no_connection_to_the_api_is_not_sent_and_frees_the_key_unless_an_earlier_request_used_it(ledger):
+    """A request that never connected used nothing: pending, a new key next time, nothing counted as a use
+    of the key. After an ambiguous answer the key may be used: the row keeps it, in flight."""
+    unreachable = SendOutcome(
+        OutcomeKind.UNREACHABLE, error_type="network", error_message="could not connect; nothing was sent"
+    )
+    first = ledger.claim("ann@x.com")
+    assert ledger.record_outcome("ann@x.com", unreachable, sender="alice") == P
+    row = _row(ledger)
+    assert (row.key_uses, row.attempts, row.error_type) == (0, 1, "network")
+    assert ledger.claim("ann@x.com").idempotency_key != first.idempotency_key
+    maybe_used = ledger.claim("bob@x.com")
+    ledger.record_outcome("bob@x.com", AMBIGUOUS, sender="bob")
+    assert ledger.record_outcome("bob@x.com", unreachable, sender="bob") == IN
+    assert _row(ledger, "bob@x.com").key_uses == 1
+    assert ledger.claim("bob@x.com").idempotency_key == maybe_used.idempotency_key
+
+
 def test_release_keeps_the_unused_key(ledger):
     """A claim whose request never left is undone: the next claim gets the same, never used, key."""
     first = ledger.claim("ann@x.com")

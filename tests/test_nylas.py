@@ -614,21 +614,34 @@ async def test_retry_after_on_a_503_is_kept() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("exc", "error_type", "phrase"),
+    ("exc", "kind", "error_type", "phrase"),
     [
-        (httpx.ReadTimeout("timed out"), "timeout", "may have been sent"),
-        (httpx.WriteTimeout("timed out"), "timeout", "may have been sent"),
-        (httpx.ConnectTimeout("timed out"), "timeout", "nothing was sent"),
-        (httpx.PoolTimeout("no connection"), "timeout", "nothing was sent"),
-        (httpx.ConnectError("[Errno 111] Connection refused"), "network", "nothing was sent"),
-        (httpx.ReadError("Connection reset by peer"), "network", "may have been sent"),
-        (httpx.RemoteProtocolError("Server disconnected without sending a response."), "network", "may have"),
+        (httpx.ReadTimeout("timed out"), OutcomeKind.AMBIGUOUS, "timeout", "may have been sent"),
+        (httpx.WriteTimeout("timed out"), OutcomeKind.AMBIGUOUS, "timeout", "may have been sent"),
+        (httpx.ConnectTimeout("timed out"), OutcomeKind.UNREACHABLE, "timeout", "nothing was sent"),
+        (httpx.PoolTimeout("no connection"), OutcomeKind.UNREACHABLE, "timeout", "nothing was sent"),
+        (
+            httpx.ConnectError("[Errno 111] Connection refused"),
+            OutcomeKind.UNREACHABLE,
+            "network",
+            "nothing was sent",
+        ),
+        (httpx.ReadError("Connection reset by peer"), OutcomeKind.AMBIGUOUS, "network", "may have been sent"),
+        (
+            httpx.RemoteProtocolError("Server disconnected without sending a response."),
+            OutcomeKind.AMBIGUOUS,
+            "network",
+            "may have",
+        ),
     ],
 )
-async def test_transport_failures_are_ambiguous(exc: Exception, error_type: str, phrase: str) -> None:
-    """No response means AMBIGUOUS (same-key retry is safe); the message says if it surely didn't leave."""
+async def test_transport_failures_are_unreachable_or_ambiguous(
+    exc: Exception, kind: OutcomeKind, error_type: str, phrase: str
+) -> None:
+    """No response: UNREACHABLE when no connection was made (the key is unused), else AMBIGUOUS (it may have
+    been sent: same key again); the message says which."""
     outcome = await send_with(raising(exc))
-    assert outcome.kind is OutcomeKind.AMBIGUOUS
+    assert outcome.kind is kind
     assert (outcome.status, outcome.error_type) == (None, error_type)
     assert outcome.error_message is not None
     assert phrase in outcome.error_message

@@ -150,13 +150,14 @@ async def test_a_replayed_answer_is_flagged_as_with_stock_httpx(served):
 
 @pytest.mark.anyio
 async def test_a_refused_connection_means_nothing_was_sent_as_with_stock_httpx():
-    """Nothing listens on the port: ConnectError, and the message says nothing was sent."""
+    """Nothing listens on the port: ConnectError, unreachable (not ambiguous), and the message says nothing
+    was sent."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         shapes = [_shape(await _send(url, "g", stock=stock, keys=[_key()])) for stock in (True, False)]
     assert shapes[0] == shapes[1]
-    assert shapes[1][:3] == (OutcomeKind.AMBIGUOUS, None, "network")
+    assert shapes[1][:3] == (OutcomeKind.UNREACHABLE, None, "network")
     assert shapes[1][-3:] == (True, False, "ConnectError")
 
 
@@ -367,7 +368,9 @@ async def test_each_aiohttp_failure_becomes_the_right_httpx_error_and_outcome(
         outcome = await NylasClient(http, api_key=KEY, clock=SystemClock()).send_message(
             grant, PAYLOAD, idempotency_key=_key()
         )
-    assert (outcome.kind, outcome.status, outcome.error_type) == (OutcomeKind.AMBIGUOUS, None, error_type)
+    # No connection: the request never left (its key is unused). Anything later: it may have been sent.
+    kind = OutcomeKind.UNREACHABLE if phrase == "nothing was sent" else OutcomeKind.AMBIGUOUS
+    assert (outcome.kind, outcome.status, outcome.error_type) == (kind, None, error_type)
     assert phrase in (outcome.error_message or "")
     assert expected.__name__ in (outcome.error_message or "")
 

@@ -137,6 +137,12 @@ def print_run_summary(
             f"sender [bold]{escape(sender)}[/]: the API refused the credentials; "
             "check the API key and that the grant is valid"
         )
+    for sender, error in sorted(result.unreachable.items()):
+        console.print(
+            f"sender [bold]{escape(sender)}[/] stopped: {show(error)}. "
+            "Its rows stay pending, for `campaign resume` once the API can be reached",
+            soft_wrap=True,
+        )
     if result.limit_reached:
         console.print("stopped at --limit")
     if result.stopped:

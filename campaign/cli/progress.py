@@ -72,6 +72,14 @@ class _StateColumn(ProgressColumn):
 SENDER_LINES = 20
 
 
+# What a sender's line says after an event that changes how it sends.
+_SENDER_DETAILS = {
+    EventKind.AUTH_REFUSED: "[red]credentials refused",
+    EventKind.UNREACHABLE: "[red]API unreachable",
+    EventKind.THROTTLED: "[yellow]throttled, slowing down",
+}
+
+
 class SendProgress:
     """A live progress display fed with dispatch events: an overall bar, one line per sender (the first
     `SENDER_LINES` of them), and one line for the others: how many are parked or refused."""
@@ -151,10 +159,8 @@ class SendProgress:
             self._progress.update(task, parked_until=event.until)
         elif event.kind == EventKind.RESUMED:
             self._progress.update(task, parked_until=None, detail="")
-        elif event.kind == EventKind.AUTH_REFUSED:
-            self._progress.update(task, detail="[red]credentials refused")
-        elif event.kind == EventKind.THROTTLED:
-            self._progress.update(task, detail="[yellow]throttled, slowing down")
+        elif event.kind in _SENDER_DETAILS:
+            self._progress.update(task, detail=_SENDER_DETAILS[event.kind])
         elif event.kind == EventKind.SKIPPED:  # unsubscribed (or replied) while the campaign ran: settled
             self._advance(task)
         elif event.kind == EventKind.HELD:  # a follow-up's reply lookup failed: due again, never sent blind
@@ -179,6 +185,8 @@ class SendProgress:
             self._other_states.pop(event.sender, None)
         elif event.kind == EventKind.AUTH_REFUSED:
             self._other_states[event.sender] = "credentials refused"
+        elif event.kind == EventKind.UNREACHABLE:
+            self._other_states[event.sender] = "API unreachable"
         else:
             return
         counts = Counter(self._other_states.values())

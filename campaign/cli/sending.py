@@ -234,9 +234,13 @@ def _say_stopping(signals: int) -> None:
 def _print_sync(content: ContentCheck, newly_skipped: int, restored: int) -> None:
     if content.changed:
         out.print("The content changed since sending began: sent with --allow-changed-content, and recorded.")
-    if newly_skipped:
+    if newly_skipped == 1:
+        out.print("1 row not sent yet is now skipped (suppressed, unsubscribed or invalid).")
+    elif newly_skipped:
         out.print(f"{newly_skipped} rows not sent yet are now skipped (suppressed, unsubscribed or invalid).")
-    if restored:
+    if restored == 1:
+        out.print("1 row skipped earlier as invalid now validates and is pending again.")
+    elif restored:
         out.print(f"{restored} rows skipped earlier as invalid now validate and are pending again.")
 
 

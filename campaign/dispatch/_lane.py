@@ -1,10 +1,10 @@
 """One sender's lane: its queue and every limit on it, as state the send loop consults. Pure.
 
 A lane combines the sender's pace (and Nylas's 10/s ceiling for multipart sends),
-its rolling-24 h budgets in recipients and in messages, the earliest time a
-throttle allows the next request, an adaptive slowdown after repeated throttles,
-and whether it is parked (until a time) or stopped for refused credentials. Callers pass the current
-time; nothing here reads a clock or sleeps.
+its rolling-24 h budgets in recipients and in messages, the earliest time a throttle
+(or a failed connection) allows the next request, an adaptive slowdown after repeated
+throttles, and whether it is parked (until a time) or halted (refused credentials, no
+connection to the API). Callers pass the current time; nothing here reads a clock or sleeps.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class Lane:
     parked_until: datetime | None = None
     provider_refused: bool = False  # parked by the provider (a quota, long throttling), not just its budget
     auth_refused: bool = False
+    unreachable: str | None = None  # halted: no connection to the API for too long (the last error)
+    unreachable_since: float | None = None  # monotonic time of the first of the connect failures in a row
+    connect_failures: int = 0  # connect failures in a row
     workers: int = 0  # the send loop's workers currently serving this lane
     more: bool = True  # the feed may hold more of its jobs (`jobs` is only what it read ahead)
     refilling: bool = False  # a worker is reading its next jobs
@@ -58,15 +61,21 @@ class Lane:
         return opens if opens > now else None
 
     @property
+    def halted(self) -> bool:
+        """Stopped for the rest of the run, with no time to wait for: refused credentials, or no API."""
+        return self.auth_refused or self.unreachable is not None
+
+    @property
     def stopped(self) -> bool:
-        """Parked or refused: it takes no new work now."""
-        return self.parked_until is not None or self.auth_refused
+        """Parked or halted: it takes no new work now."""
+        return self.parked_until is not None or self.halted
 
     @property
     def refused(self) -> bool:
-        """The provider takes nothing from it now (a quota, long throttling, refused credentials): not even
-        a send already booked. A park by its own budget stops new work only: a booked send fits it."""
-        return self.provider_refused or self.auth_refused
+        """The provider takes nothing from it now (a quota, long throttling, refused credentials, no
+        connection): not even a send already booked. A park by its own budget stops new work only: a
+        booked send fits it."""
+        return self.provider_refused or self.halted
 
     @property
     def rate_per_s(self) -> float:
@@ -109,6 +118,20 @@ class Lane:
         self.hold_until = max(self.hold_until, mono + wait_s)
         self.slowdown = max(MIN_SLOWDOWN, self.slowdown / 2)
         self.pace.set_rate(self.rate_per_s)
+
+    def record_unreachable(self, *, mono: float, wait_s: float) -> float:
+        """No connection to the API: hold every request for `wait_s`; return how long the API has been
+        unreachable (since the first of the failures in a row)."""
+        if self.unreachable_since is None:
+            self.unreachable_since = mono
+        self.connect_failures += 1
+        self.hold_until = max(self.hold_until, mono + wait_s)
+        return mono - self.unreachable_since
+
+    def record_reached(self) -> None:
+        """An answer came (any answer): the API is reachable."""
+        self.connect_failures = 0
+        self.unreachable_since = None
 
     def record_sent(self) -> None:
         """A send went through: forget consecutive throttles and, slowly, recover the pace."""

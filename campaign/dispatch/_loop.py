@@ -218,6 +218,9 @@ class _Loop:
                 if lane.parked_until is not None and self._has_work(lane)
             },
             auth_refused=tuple(name for name, lane in lanes.items() if lane.auth_refused),
+            unreachable={
+                name: lane.unreachable for name, lane in lanes.items() if lane.unreachable is not None
+            },
             limit_reached=self._limit_reached,
             stopped=self._stopping,
             left_inflight=self._left_inflight,
@@ -276,7 +279,7 @@ class _Loop:
         self._start_workers(lane)
 
     async def _work_lane(self, lane: Lane) -> None:
-        while not lane.auth_refused and not self._stopping:
+        while not lane.halted and not self._stopping:
             await self._top_up(lane)
             if not lane.jobs:
                 return
@@ -454,7 +457,7 @@ class _Loop:
             )
             if state != RowState.INFLIGHT:
                 break
-            if outcome.kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED):
+            if outcome.kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED, OutcomeKind.UNREACHABLE):
                 # Not sent now, but an earlier request may have used the key: the row keeps
                 # it (bound to this grant) and goes back to the queue, to be sent with it.
                 self._bound.add(key)
@@ -526,11 +529,26 @@ class _Loop:
             self._emit(DispatchEvent(EventKind.THROTTLED, name, key, email, outcome))
 
     def _apply_to_lane(self, lane: Lane, outcome: SendOutcome) -> None:
-        """What an answer means for the sender: a throttle holds or parks it, a refusal stops it."""
+        """What an answer means for the sender: a throttle holds or parks it, a refusal stops it, and no
+        connection holds it (stops it, once too long)."""
+        if outcome.kind == OutcomeKind.UNREACHABLE:
+            self._unreachable(lane, outcome)
+            return
+        lane.record_reached()
         if outcome.kind == OutcomeKind.THROTTLED:
             self._throttled(lane, outcome)
         elif outcome.kind == OutcomeKind.AUTH_REFUSED:
             lane.auth_refused = True
+
+    def _unreachable(self, lane: Lane, outcome: SendOutcome) -> None:
+        """Each failed connection holds the sender a backoff; after `unreachable_after_s` of them it stops
+        for the run (its rows are pending: nothing left), unless the run waits things out."""
+        wait_s = self._retry.backoff_s(lane.connect_failures + 1)
+        failing_s = lane.record_unreachable(mono=self._clock.monotonic(), wait_s=wait_s)
+        if self._settings.wait or failing_s < self._settings.unreachable_after_s or lane.halted:
+            return
+        lane.unreachable = outcome.error_message or "no connection to the API"
+        self._emit(DispatchEvent(EventKind.UNREACHABLE, lane.sender.name, outcome=outcome))
 
     def _throttled(self, lane: Lane, outcome: SendOutcome) -> None:
         now = self._clock.now()

@@ -62,6 +62,7 @@ class EventKind(StrEnum):
     SKIPPED = "skipped"  # the recipient unsubscribed (or, before a follow-up, replied) while the campaign ran
     HELD = "held"  # a follow-up's reply lookup failed: not sent now, due again later
     CLOSED = "closed"  # the sender's send window is shut until `until`
+    UNREACHABLE = "unreachable"  # no connection to the API for too long: the sender stops for this run
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,9 @@ class DispatchSettings:
     in_progress_retries: int = 10
     in_progress_wait_s: float = 3.0
     stop_grace_s: float = 30.0  # after a stop request, sends in flight get this long to finish
+    # A sender whose requests found no connection to the API (each held back a backoff) for this long
+    # stops for the run; with `wait` it keeps trying.
+    unreachable_after_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,7 @@ class DispatchResult:
     left_inflight: int = 0  # rows left in flight (stopped mid-retry or abandoned): resume re-sends them
     held: int = 0  # follow-ups whose reply lookup failed: not sent, due again
     closed: Mapping[str, datetime] = field(default_factory=dict)  # senders whose window is shut, until
+    unreachable: Mapping[str, str] = field(default_factory=dict)  # senders that could not connect: last error
 
     def then(self, after: DispatchResult) -> DispatchResult:
         """This round and the `after` one as one result: counts added, the later round's senders."""

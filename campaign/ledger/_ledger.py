@@ -368,7 +368,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         """Record what a send of an in-flight row came to; returns the row's new state.
 
         Sent and rejected rows are final. A definite "not sent" (throttled, refused
-        credentials) puts the row back to pending with a new key for next time, but
+        credentials, no connection to the API) puts the row back to pending with a new key for next time, but
         only if no earlier request can have used the key (or the refusal is a replay,
         i.e. the key's first answer): else the row stays in flight with its key. An
         ambiguous outcome keeps the row in flight with the same key, unless it was
@@ -580,19 +580,23 @@ def _state_after(outcome: SendOutcome, *, key_used: bool) -> RowState:
         return UNKNOWN  # Nylas cached this ambiguous answer: the same key will only replay it
     if outcome.status == 409 and (outcome.error_type or "").endswith("invalid_idempotent_request"):
         return UNKNOWN  # the key was used before with another payload: that one may have gone out
-    if key_used and kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED) and not outcome.replayed:
-        # Refused before Nylas looked the key up (e.g. its own rate limit)? Then an earlier request
-        # with the key may have gone out: keep it; the next answer is a replay either way. A
-        # *replayed* refusal is the key's first answer: nothing ever went out with it.
+    if key_used and kind in _NOT_SENT_NOW and not outcome.replayed:
+        # Refused before Nylas looked the key up (e.g. its own rate limit), or never connected? Then an
+        # earlier request with the key may have gone out: keep it; the next answer is a replay either
+        # way. A *replayed* refusal is the key's first answer: nothing ever went out with it.
         return INFLIGHT
     return _STATE_AFTER[kind]
 
+
+# Definitely not sent by this request; the key is still unused unless an earlier request used it.
+_NOT_SENT_NOW = (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED, OutcomeKind.UNREACHABLE)
 
 _STATE_AFTER: dict[OutcomeKind, RowState] = {
     OutcomeKind.SENT: SENT,
     OutcomeKind.REJECTED: FAILED,
     OutcomeKind.THROTTLED: PENDING,
     OutcomeKind.AUTH_REFUSED: PENDING,
+    OutcomeKind.UNREACHABLE: PENDING,
     OutcomeKind.IN_PROGRESS: INFLIGHT,
     OutcomeKind.AMBIGUOUS: INFLIGHT,
 }

@@ -32,6 +32,7 @@ __all__ = [
     "describe_exception",
     "find_request_id",
     "json_text",
+    "never_left",
     "parse_error_body",
     "parse_json_object",
 ]
@@ -153,11 +154,16 @@ def _throttle_kind(error: ErrorBody) -> ThrottleKind:
     return ThrottleKind.NYLAS
 
 
+def never_left(exc: httpx.RequestError) -> bool:
+    """Whether a request that got no answer provably never reached the API: no connection was made."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
 def describe_exception(exc: httpx.RequestError) -> str:
     """One line for a request that got no answer: whether anything can have been sent."""
     detail = _one_line(str(exc))
     what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+    if never_left(exc):
         return f"could not connect to the API ({what}); nothing was sent"
     if isinstance(exc, httpx.TimeoutException):
         return f"no answer in time ({what}); the message may have been sent"

@@ -35,6 +35,7 @@ from campaign.nylas._answers import (
     describe_exception,
     find_request_id,
     json_text,
+    never_left,
     parse_error_body,
     parse_json_object,
 )
@@ -223,12 +224,12 @@ class NylasClient:
         try:
             response = await self._http.post(url, content=_request_body(request), headers=headers)
         except httpx.RequestError as exc:
-            # Every failure without a response is AMBIGUOUS, even ConnectError/ConnectTimeout/PoolTimeout,
-            # where the request provably never left: a same-key retry is safe either way (§4) and one rule
-            # keeps dispatch simple. The message tells the user which case it was.
+            # No connection (refused, timed out, no such name, a bad certificate): the request never left,
+            # so its key is unused. Anything later may have reached Nylas: same key again (§4).
+            kind = OutcomeKind.UNREACHABLE if never_left(exc) else OutcomeKind.AMBIGUOUS
             error_type = "timeout" if isinstance(exc, httpx.TimeoutException) else "network"
             message = self._scrub(describe_exception(exc))
-            return SendOutcome(OutcomeKind.AMBIGUOUS, error_type=error_type, error_message=message)
+            return SendOutcome(kind, error_type=error_type, error_message=message)
         return build_send_outcome(response, clock=self._clock, scrub=self._scrub)
 
     async def list_messages(
