@@ -298,6 +298,31 @@ async def test_a_worker_gives_grants_back_when_another_joins(database, clock):
         assert await second.acquire(grants, GRANTS) == tuple(grants)
 
 
+@pytest.mark.anyio
+async def test_a_worker_whose_senders_could_not_reach_the_api_ends_as_one_worker_would(database, clock):
+    """A round that ends with its senders unable to reach the API ends the worker (exit 75 after it), its
+    grants given back, rather than starting round after round against a dead API."""
+    grants = [f"g{n}" for n in range(GRANTS)]
+    stop = anyio.Event()
+    rounds: list[tuple[str, ...]] = []
+    async with _shared_campaign(database, clock, "lease-unreachable") as (_, first, second):
+
+        async def send_round(senders, round_stop):
+            rounds.append(tuple(senders))
+            if len(rounds) > 3:
+                stop.set()
+            down = dict.fromkeys(senders, "could not connect to the API; nothing was sent")
+            return DispatchResult(sent=0, failed=0, unknown=0, remaining=len(senders), unreachable=down)
+
+        result = await send_under_leases(
+            first, with_work=lambda: grants, send_round=send_round, clock=clock, stop=stop
+        )
+        assert result is not None
+        assert len(rounds) == 1
+        assert set(result.unreachable) == set(grants)
+        assert await second.acquire(grants, GRANTS) == tuple(grants)
+
+
 class _CuttableLink:
     """A TCP proxy on loopback in front of the database, which the test can cut: every connection through
     it drops, and new ones are refused (a worker that loses its database)."""
