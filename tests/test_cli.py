@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -259,10 +260,14 @@ def test_resume_without_a_ledger_exits_66(api, cli, tmp_path):
 
 def test_init_writes_a_starter_and_never_overwrites(cli, tmp_path):
     """init writes a campaign that previews cleanly; a second init exits 1 and changes nothing."""
-    target = tmp_path / "new"
-    assert cli("init", target).exit_code == 0
+    target = tmp_path / "new folder"
+    made = cli("init", target)
+    assert made.exit_code == 0
     manifest = target / "campaign.toml"
     original = manifest.read_text()
+    # The next step it prints works as printed, with no account and no secret set.
+    next_step = next(line for line in made.stdout.splitlines() if line.startswith("Next: campaign "))
+    assert shlex.split(next_step.removeprefix("Next: campaign ")) == ["preview", str(manifest), "--sandbox"]
     assert cli("preview", manifest, "--sandbox").exit_code == 0
     again = cli("init", target)
     assert again.exit_code == 1

@@ -7,11 +7,13 @@ None of them reads a ledger or the real API.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
 import httpx
 import typer
+from rich.markup import escape
 
 from campaign.cli.base import exit_codes, out
 from campaign.cli.wiring import SANDBOX_API_KEY, build_sandbox_api
@@ -34,7 +36,14 @@ def init(directory: Annotated[Path, typer.Argument(help="Folder for the new camp
     with exit_codes():
         for path in write_starter(directory):
             out.print(f"wrote {path}")
-        out.print(f"Next: campaign preview {directory / 'campaign.toml'}")
+        manifest = escape(shlex.quote(str(directory / "campaign.toml")))
+        # The sandbox needs no account and no secrets: the first step works as written.
+        out.print(f"Next: campaign preview {manifest} --sandbox", soft_wrap=True)
+        out.print(
+            "Then put your grant id in it, set the environment variables it names (the API key, the "
+            f"unsubscribe secret), and: campaign run {manifest}",
+            soft_wrap=True,
+        )
 
 
 def sandbox(
