@@ -3,7 +3,8 @@
 Columns: row, key, email, sender, state, reason, attempts, message_id, thread_id, request_id,
 replayed, error_type, error_status, error_message, note, listed, the times (created, first
 claimed, last claimed, sent, updated) as UTC datetimes, and what tracking notifications kept in
-the campaign's store say (opens, first and last opened, clicks, clicked URLs, the first reply).
+the campaign's store say (opens, first and last opened, clicks, clicked URLs, the first reply), and
+whether the message bounced (hard or soft, when, why: `campaign.events.load_row_bounces`).
 `write_report`, the use case `campaign report` calls, reads the ledger and writes only the output file. The
 idempotency key stays out (it is an internal detail, not something to act on). The file is
 owner-only; in a CSV, a cell that starts like a spreadsheet formula gets a leading `'`
@@ -15,12 +16,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 
 import polars as pl
 
 from campaign.clock import Clock
 from campaign.errors import InputFileError, UsageError
+from campaign.events import RowBounce, load_row_bounces
 from campaign.ledger import LedgerRow, LedgerSite
 from campaign.manifest import Manifest
 from campaign.models import RowState
@@ -66,9 +69,23 @@ _SCHEMA: dict[str, type[pl.DataType] | pl.DataType] = {
     "step": pl.String,
     "due_at": pl.String,
     "auto_reply": pl.String,
+    # From the bounces the campaign's stores keep (webhooks, `events pull`): "hard" or "soft", when, why.
+    "bounce": pl.String,
+    "bounced_at": pl.String,
+    "bounce_reason": pl.String,
 }
 REPORT_COLUMNS: tuple[str, ...] = tuple(_TIMES.get(name, name) for name in _SCHEMA)
-_TRACKED = ("opens", "first_opened_at", "last_opened_at", "clicks", "clicked_urls", "replied_at")
+_TRACKED = (
+    "opens",
+    "first_opened_at",
+    "last_opened_at",
+    "clicks",
+    "clicked_urls",
+    "replied_at",
+    "bounce",
+    "bounced_at",
+    "bounce_reason",
+)
 _LEDGER_COLUMNS = tuple(name for name in _SCHEMA if name not in _TRACKED)
 
 
@@ -96,7 +113,9 @@ def write_report(
     engagement = _load_engagement(manifest, clock)
     ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
-        frame = build_report(ledger.rows(states=states or None), engagement, steps=manifest.steps)
+        bounces = load_row_bounces(manifest, ledger, clock=clock)
+        rows = ledger.rows(states=states or None)
+        frame = build_report(rows, engagement, bounces=bounces, steps=manifest.steps)
     finally:
         ledger.close()
     _write_frame(frame, out)
@@ -108,14 +127,16 @@ def build_report(
     rows: Iterable[LedgerRow],
     engagement: Mapping[str, Engagement] | None = None,
     *,
+    bounces: Mapping[str, RowBounce] | None = None,
     steps: Sequence[str] = (),
 ) -> pl.DataFrame:
     """A frame with one row per ledger row, in list order (a recipient's steps in `steps` order), times
-    as UTC datetimes; opens and clicks from `engagement` (by message id)."""
-    seen = engagement or {}
-    records = [_record(row, seen.get(row.message_id or "", _NONE)) for row in rows]
+    as UTC datetimes; opens and clicks from `engagement` (by message id), bounces from `bounces` (by
+    ledger key)."""
+    seen, bounced = engagement or {}, bounces or {}
+    records = [_record(row, seen.get(row.message_id or "", _NONE), bounced.get(row.key)) for row in rows]
     frame = pl.DataFrame(records, schema=_SCHEMA, orient="row")
-    tracked_times = ("first_opened_at", "last_opened_at", "replied_at", "due_at")
+    tracked_times = ("first_opened_at", "last_opened_at", "replied_at", "due_at", "bounced_at")
     times = {**_TIMES, **{name: name for name in tracked_times}}
     if len(steps) > 1:
         rank = pl.col("step").replace_strict(list(steps), list(range(len(steps))), default=len(steps))
@@ -129,7 +150,7 @@ def build_report(
 _NONE = Engagement()
 
 
-def _record(row: LedgerRow, seen: Engagement) -> dict[str, object]:
+def _record(row: LedgerRow, seen: Engagement, bounce: RowBounce | None) -> dict[str, object]:
     record: dict[str, object] = {
         name: getattr(row, name) if name != "state" else row.state.value for name in _LEDGER_COLUMNS
     }
@@ -141,6 +162,9 @@ def _record(row: LedgerRow, seen: Engagement) -> dict[str, object]:
         clicks=seen.clicks,
         clicked_urls=" ".join(seen.urls) or None,
         replied_at=seen.first_reply,
+        bounce=None if bounce is None else "hard" if bounce.hard else "soft",
+        bounced_at=None if bounce is None else bounce.bounced_at.astimezone(UTC).isoformat(),
+        bounce_reason=None if bounce is None else bounce.reason,
     )
     return record
 

@@ -128,6 +128,26 @@ class EngagementSummary:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class BounceSummary:
+    """Of the messages sent, how many bounced (any hard bounce makes it hard), per the stores' bounces."""
+
+    sent: int
+    hard: int
+    soft: int
+
+    def as_json(self) -> dict[str, object]:
+        """The `bounces` key of `status --json`."""
+        bounced = self.hard + self.soft
+        return {
+            "sent": self.sent,
+            "bounced": bounced,
+            "hard": self.hard,
+            "soft": self.soft,
+            "bounce_rate": round(bounced / self.sent, 4) if self.sent else None,
+        }
+
+
 OPENS_NOTE = "opens are inflated: Apple Mail Privacy Protection loads every message's images, opened or not"
 
 
@@ -148,6 +168,7 @@ class Status:
     next_steps: tuple[NextStep, ...]
     senders: tuple[SenderStatus, ...]  # in manifest order
     engagement: EngagementSummary | None = None  # None: the campaign's stores keep no tracking events
+    bounces: BounceSummary | None = None  # None: none of its sent messages bounced (or no store)
     steps: tuple[StepStatus, ...] = ()  # with [[followups]]: every step, step 1 first
     workers: tuple[WorkerView, ...] = ()  # a campaign shared in PostgreSQL: its workers, live ones first
 
@@ -182,6 +203,7 @@ class Status:
                 "senders": {sender.name: sender.as_json() for sender in self.senders},
             }
             | ({} if self.engagement is None else {"engagement": self.engagement.as_json()})
+            | ({} if self.bounces is None else {"bounces": self.bounces.as_json()})
             | ({"steps": {step.step: step.as_json() for step in self.steps}} if self.steps else {})
             | ({"workers": [_worker_json(worker) for worker in self.workers]} if self.workers else {})
         )
@@ -200,7 +222,11 @@ def load_status(
     ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
         status = build_status(manifest, ledger, clock=clock, command_path=command_path, sandbox=sandbox)
-        return replace(status, engagement=load_engagement_summary(manifest, ledger, clock=clock))
+        return replace(
+            status,
+            engagement=load_engagement_summary(manifest, ledger, clock=clock),
+            bounces=load_bounce_summary(manifest, ledger, clock=clock),
+        )
     finally:
         ledger.close()
 
@@ -224,6 +250,20 @@ def load_engagement_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock)
         clicked=sum(1 for message_id in ours if tracked[message_id].clicks),
         replied=sum(1 for message_id in ours if tracked[message_id].replies),
     )
+
+
+def load_bounce_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> BounceSummary | None:
+    """How many of this campaign's sent messages bounced, from the bounces its stores keep (None: none)."""
+    if not any(store_exists(path) for path in list_store_paths(manifest)):
+        return None
+    # Imported here: a campaign without a store (most) does not pay for it in `status`'s start-up.
+    from campaign.events import load_row_bounces
+
+    bounced = load_row_bounces(manifest, ledger, clock=clock)
+    if not bounced:
+        return None
+    hard = sum(1 for bounce in bounced.values() if bounce.hard)
+    return BounceSummary(sent=ledger.counts()[RowState.SENT], hard=hard, soft=len(bounced) - hard)
 
 
 def build_status(

@@ -353,6 +353,51 @@ def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path, store_
     assert "Apple Mail Privacy Protection" in cli("status", manifest).stdout
 
 
+def _bounce_of(event_id: str, address: str, *, message_id: str, code: str, kind: str, date: str) -> bytes:
+    obj = {"bounce_reason": f"{kind} ({code})", "bounce_date": date, "bounced_addresses": [address]}
+    return _envelope(
+        event_id, "message.bounce_detected", obj | {"type": kind, "code": code, "message_id": message_id}
+    )
+
+
+def test_bounces_of_this_campaigns_messages_appear_in_report_and_status(api, cli, tmp_path, store_at):
+    """A bounce naming a sent message belongs to it; one naming another message, to the latest send to its
+    address before it. Bounces of other addresses, and one dated before the campaign began (an older
+    campaign's), are not this campaign's. `report` says which rows bounced, `status` how many."""
+    manifest = copy_sample("newsletter", tmp_path)
+    lists = 'suppress = ["unsubscribed.txt"'
+    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{store_at}"'))
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    assert cli("run", manifest, "--yes").exit_code == 0
+    first, second, third = (d.payload["to"][0]["email"] for d in api.deliveries[:3])
+    later = "Tue, 05 Jan 2027 10:00:00 +0000"
+    store = open_store(store_at, clock=FakeClock())
+    hard = {"code": "550", "kind": "mailbox_unavailable"}
+    _record(store, _bounce_of("b1", first, message_id=api.deliveries[0].id, date=later, **hard))
+    soft = {"code": "452", "kind": "mailbox_full"}
+    _record(store, _bounce_of("b2", second.upper(), message_id="an-inbox-report", date=later, **soft))
+    _record(store, _bounce_of("b3", "stranger@example.org", message_id="x", date=later, **hard))
+    _record(store, _bounce_of("b4", third, message_id="y", date="Thu, 01 Jan 2026 10:00:00 +0000", **hard))
+    store.close()
+
+    out = tmp_path / "report.csv"
+    assert cli("report", manifest, "--out", out).exit_code == 0
+    with out.open(encoding="utf-8") as report:
+        rows = {row["email"]: row for row in csv.DictReader(report)}
+    assert (rows[first]["bounce"], rows[first]["bounce_reason"]) == ("hard", "mailbox_unavailable (550)")
+    assert rows[first]["bounced_at"].startswith("2027-01-05T10:00:00")
+    assert (rows[second]["bounce"], rows[second]["bounce_reason"]) == ("soft", "mailbox_full (452)")
+    assert {email for email, row in rows.items() if row["bounce"]} == {first, second}
+
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    sent = len(api.deliveries)
+    assert status["bounces"] == {
+        "sent": sent, "bounced": 2, "hard": 1, "soft": 1, "bounce_rate": round(2 / sent, 4)
+    }  # fmt: skip
+    assert f"bounced: 2 of {sent} sent" in cli("status", manifest).stdout
+
+
 def test_the_fake_bounces_chosen_recipients_and_sends_signed_webhooks_to_the_service(
     api, cli, service, tmp_path
 ):

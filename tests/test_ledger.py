@@ -340,6 +340,17 @@ def test_no_connection_to_the_api_is_not_sent_and_frees_the_key_unless_an_earlie
     assert ledger.claim("bob@x.com").idempotency_key == maybe_used.idempotency_key
 
 
+def test_the_rows_sent_to_some_addresses_are_found_without_case(ledger, clock):
+    """Sent rows only (not ones merely claimed), each with its time and message id."""
+    ledger.claim("ann@x.com")
+    ledger.record_outcome("ann@x.com", SENT, sender="alice")
+    ledger.claim("bob@x.com")  # in flight: not sent
+    (found,) = ledger.sent_messages_to(["ANN@x.com", "bob@x.com", "nobody@x.com"])
+    assert (found.key, found.email, found.message_id) == ("ann@x.com", "ann@x.com", "m-1")
+    assert found.sent_at == clock.now()
+    assert ledger.sent_messages_to([]) == []
+
+
 def test_release_keeps_the_unused_key(ledger):
     """A claim whose request never left is undone: the next claim gets the same, never used, key."""
     first = ledger.claim("ann@x.com")

@@ -343,6 +343,12 @@ def print_status(console: Console, status: Status) -> None:
         last = f" (latest: {show(error.latest)})" if error.latest else ""
         console.print(f"[red]not sent[/] ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
     _print_workers(console, status)
+    _print_engagement(console, status)
+    print_next_steps(console, status.next_steps)
+
+
+def _print_engagement(console: Console, status: Status) -> None:
+    """What came back for the messages sent: opens, clicks and replies; bounces."""
     if (seen := status.engagement) is not None and seen.sent:
         from campaign.status import OPENS_NOTE  # loaded by the commands that print a status only
 
@@ -351,7 +357,13 @@ def print_status(console: Console, status: Status) -> None:
             f"{seen.clicked} ({seen.clicked / seen.sent:.1%}), replied: {seen.replied}; {escape(OPENS_NOTE)}",
             soft_wrap=True,
         )
-    print_next_steps(console, status.next_steps)
+    if (bounces := status.bounces) is not None and bounces.sent:
+        bounced = bounces.hard + bounces.soft
+        console.print(
+            f"bounced: {bounced} of {bounces.sent} sent ({bounced / bounces.sent:.1%}): "
+            f"{bounces.hard} hard, {bounces.soft} soft (`campaign report` says which)",
+            soft_wrap=True,
+        )
 
 
 def _print_workers(console: Console, status: Status) -> None:

@@ -64,6 +64,7 @@ from campaign.ledger._values import (
     DueStep,
     OutcomeReport,
     ScheduledStep,
+    SentMessage,
     SentStep,
     StepCounts,
     SyncReport,
@@ -1046,6 +1047,17 @@ class PostgresLedger(KeptFacts):
             for entry in self._read(
                 "SELECT at, kind, detail FROM journal WHERE campaign_id = %s ORDER BY id", (self._id,)
             )
+        ]
+
+    def sent_messages_to(self, emails: Iterable[str]) -> list[SentMessage]:
+        """The rows sent to any of `emails` (compared without case; one pass over the ledger)."""
+        rows = self._read(
+            "SELECT key, email, sent_at, message_id FROM recipients WHERE campaign_id = %s "
+            "AND state = 'sent' AND lower(email) = ANY(%s::text[])",
+            (self._id, [email.lower() for email in emails]),
+        )
+        return [
+            SentMessage(key, email, _moment(sent_at), message_id) for key, email, sent_at, message_id in rows
         ]
 
     def sent_message_ids(self, message_ids: Iterable[str]) -> set[str]:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from campaign.errors import LedgerError
 from campaign.ledger._leases import WorkerView
-from campaign.ledger._values import DueStep, SentStep, StepCounts
+from campaign.ledger._values import DueStep, SentMessage, SentStep, StepCounts
 from campaign.models import FIRST_STEP, RowState
 
 __all__ = ["ErrorGroup", "JournalEntry", "LedgerReader", "LedgerRow", "PlannedRow"]
@@ -201,6 +201,18 @@ class LedgerReader:
         wanted = json.dumps(list(message_ids))
         query = "SELECT message_id FROM recipients WHERE message_id IN (SELECT value FROM json_each(?))"
         return {str(message_id) for (message_id,) in self._read(query, (wanted,))}
+
+    def sent_messages_to(self, emails: Iterable[str]) -> list[SentMessage]:
+        """The rows sent to any of `emails` (compared without case; one pass over the ledger)."""
+        wanted = json.dumps([email.lower() for email in emails])
+        query = (
+            "SELECT key, email, sent_at, message_id FROM recipients WHERE state = 'sent' "
+            "AND lower(email) IN (SELECT value FROM json_each(?))"
+        )
+        return [
+            SentMessage(str(key), str(email), _moment(sent_at), message_id)
+            for key, email, sent_at, message_id in self._read(query, (wanted,))
+        ]
 
     def first_claim(self) -> datetime | None:
         """When the campaign's first send was claimed (None: nothing was ever sent)."""

@@ -78,6 +78,16 @@ class SentStep:
 
 
 @dataclass(frozen=True, slots=True)
+class SentMessage:
+    """A row sent to `email`: when, and the message id the API gave it."""
+
+    key: str
+    email: str
+    sent_at: datetime
+    message_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduledStep:
     """A follow-up to record: for `recipient`, step `step`, answering the row `previous`, due at `due_at`."""
 

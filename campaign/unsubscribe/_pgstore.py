@@ -176,6 +176,11 @@ _BOUNCES = """
      WHERE email = %s
      ORDER BY bounced_at, id
 """
+_BOUNCES_SINCE = """
+    SELECT email, hard, bounced_at, code, kind, reason, message_id FROM campaign_store.bounces
+     WHERE bounced_at >= %s
+     ORDER BY bounced_at, id
+"""
 _SETTINGS = "SELECT name, value FROM campaign_store.settings"
 _LOCK = "SELECT pg_advisory_xact_lock(%s, %s)"
 
@@ -303,6 +308,9 @@ class PostgresStoreSql:
 
     def bounces(self, email: str) -> list[BounceRow]:
         return self._query(_BOUNCES, (_text(email),))
+
+    def bounces_since(self, since: str) -> list[BounceRow]:
+        return self._query(_BOUNCES_SINCE, (since,))
 
     def settings(self) -> dict[str, str]:
         return dict(self._query(_SETTINGS))

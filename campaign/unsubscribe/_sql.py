@@ -109,6 +109,10 @@ class StoreSql(Protocol):
         """The bounces of `email` (lower-cased by the caller), by bounced_at, then as kept."""
         ...
 
+    def bounces_since(self, since: str) -> list[BounceRow]:
+        """Every bounce dated at or after `since` (ISO UTC: compared as text), by bounced_at, then as kept."""
+        ...
+
     def settings(self) -> dict[str, str]:
         """Every setting by name."""
         ...

@@ -223,6 +223,14 @@ class SqliteStoreSql:
         )
         return [(e, bool(hard), *rest) for e, hard, *rest in rows]
 
+    def bounces_since(self, since: str) -> list[BounceRow]:
+        rows = self._query(
+            "SELECT email, hard, bounced_at, code, kind, reason, message_id FROM bounces "
+            "WHERE bounced_at >= ? ORDER BY bounced_at, id",
+            (since,),
+        )
+        return [(e, bool(hard), *rest) for e, hard, *rest in rows]
+
     def settings(self) -> dict[str, str]:
         return dict(self._query("SELECT name, value FROM settings"))
 

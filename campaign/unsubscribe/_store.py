@@ -244,6 +244,11 @@ class SuppressionStore:
         """The bounces recorded for `email`, oldest first."""
         return [BounceRecord(*row) for row in self._sql.bounces(email.lower())]
 
+    def bounces_since(self, since: datetime) -> list[BounceRecord]:
+        """Every bounce dated at or after `since`, oldest first."""
+        stamp = since.astimezone(UTC).isoformat(timespec="seconds")
+        return [BounceRecord(*row) for row in self._sql.bounces_since(stamp)]
+
     def engagement(self) -> dict[str, Engagement]:
         """Opens, clicks and replies per sent message id, from the tracking notifications kept.
 
