@@ -12,6 +12,7 @@ from support import check_plan
 from campaign.cli.progress import CHECK_LOG_EVERY_S, SENDER_LINES, SendProgress, show_checking
 from campaign.dispatch import DispatchEvent, EventKind
 from campaign.manifest import SenderSettings, load_manifest
+from campaign.models import OutcomeKind, SendOutcome
 from campaign.testing import FakeClock
 from campaign.unsubscribe import parse_secrets
 
@@ -93,3 +94,28 @@ def test_the_send_display_redraws_itself_on_a_terminal_only_and_a_log_gets_it_on
         progress.set_share("s0", 1)
         progress.handle(DispatchEvent(EventKind.SENT, "s0"))
     assert "1/1" in log.getvalue().splitlines()[0]
+
+
+def test_a_senders_line_says_when_it_cannot_connect_and_clears_once_the_api_answers():
+    """No connection: 'trying again', then 'API unreachable' when it stops; an answer clears the line. A
+    same-key retry of one message (an ambiguous answer) says nothing of the sender."""
+    senders = [SenderSettings(name="s0", grant_id="g0", per_second=1.0)]
+    clock = FakeClock(datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+    no_connection = SendOutcome(OutcomeKind.UNREACHABLE, error_message="could not connect to the API")
+    shown: list[str] = []
+    console = Console(file=io.StringIO(), width=200)
+    with SendProgress(console, total=3, senders=senders, clock=clock) as progress:
+        (line,) = (task for task in progress._progress.tasks if task.id == progress._senders["s0"])
+        progress.set_share("s0", 3)
+        for event in (
+            DispatchEvent(EventKind.RETRYING, "s0", outcome=no_connection),
+            DispatchEvent(EventKind.RESUMED, "s0"),
+            DispatchEvent(EventKind.RETRYING, "s0", "k", "a@x.com", SendOutcome(OutcomeKind.AMBIGUOUS)),
+            DispatchEvent(EventKind.UNREACHABLE, "s0", outcome=no_connection),
+        ):
+            progress.handle(event)
+            shown.append(line.fields["detail"])
+    assert "no connection to the API; trying again" in shown[0]
+    assert "no connection" not in shown[1]
+    assert "no connection" not in shown[2]
+    assert "API unreachable" in shown[3]

@@ -106,7 +106,9 @@ async def test_a_sender_that_cannot_connect_stops_with_its_rows_pending_and_send
     tried = sum(row.attempts for row in rows)
     assert 3 <= tried <= 20  # held apart: a few attempts, not a storm
     assert clock.monotonic() >= DispatchSettings().unreachable_after_s
-    assert [event.kind for event in events].count(EventKind.UNREACHABLE) == 1
+    kinds = [event.kind for event in events]
+    assert kinds.count(EventKind.UNREACHABLE) == 1
+    assert kinds.index(EventKind.RETRYING) < kinds.index(EventKind.UNREACHABLE)  # said before it stopped
 
     with serve_on_loopback(fake) as up:
         async with _client(up, clock) as client:
@@ -128,11 +130,18 @@ async def test_with_wait_a_sender_rides_out_an_outage_and_sends_each_once(tmp_pa
         async with _client(up_url, clock) as up, _client(down_url, clock) as down:
             client = _Outage(up, down, lambda n: n <= 5)
             settings = DispatchSettings(wait=True, unreachable_after_s=1.0)
+            events: list[DispatchEvent] = []
             result = await dispatch(
                 jobs, senders=[SENDER], render=render_plain, client=client, ledger=ledger, clock=clock,
-                settings=settings,
+                settings=settings, on_event=events.append,
             )  # fmt: skip
     assert client.refused == 5
+    kinds = [event.kind for event in events]
+    assert EventKind.UNREACHABLE not in kinds
+    assert kinds.count(EventKind.RETRYING) == 5
+    assert kinds.index(EventKind.RESUMED) > max(
+        i for i, kind in enumerate(kinds) if kind == EventKind.RETRYING
+    )
     assert (result.sent, result.unknown, result.remaining, result.unreachable) == (4, 0, 0, {})
     assert sorted(_delivered(fake)) == sorted({job.recipient.address.email for job in jobs})
     assert sum(row.attempts for row in ledger.rows()) == 4 + 5

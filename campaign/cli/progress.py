@@ -31,6 +31,7 @@ from rich.text import Text
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, EventKind
 from campaign.manifest import SenderSettings
+from campaign.models import OutcomeKind
 from campaign.timetext import format_duration, format_local_time
 
 __all__ = ["CHECK_LOG_EVERY_S", "SENDER_LINES", "SendProgress", "show_checking", "show_waiting"]
@@ -78,6 +79,10 @@ _SENDER_DETAILS = {
     EventKind.UNREACHABLE: "[red]API unreachable",
     EventKind.THROTTLED: "[yellow]throttled, slowing down",
 }
+
+
+def _no_connection(event: DispatchEvent) -> bool:
+    return event.outcome is not None and event.outcome.kind == OutcomeKind.UNREACHABLE
 
 
 class SendProgress:
@@ -161,6 +166,8 @@ class SendProgress:
             self._progress.update(task, parked_until=None, detail="")
         elif event.kind in _SENDER_DETAILS:
             self._progress.update(task, detail=_SENDER_DETAILS[event.kind])
+        elif event.kind == EventKind.RETRYING and _no_connection(event):
+            self._progress.update(task, detail="[yellow]no connection to the API; trying again")
         elif event.kind == EventKind.SKIPPED:  # unsubscribed (or replied) while the campaign ran: settled
             self._advance(task)
         elif event.kind == EventKind.HELD:  # a follow-up's reply lookup failed: due again, never sent blind

@@ -534,6 +534,8 @@ class _Loop:
         if outcome.kind == OutcomeKind.UNREACHABLE:
             self._unreachable(lane, outcome)
             return
+        if lane.connect_failures:  # an answer after connections failed: the API is back
+            self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
         lane.record_reached()
         if outcome.kind == OutcomeKind.THROTTLED:
             self._throttled(lane, outcome)
@@ -545,7 +547,10 @@ class _Loop:
         for the run (its rows are pending: nothing left), unless the run waits things out."""
         wait_s = self._retry.backoff_s(lane.connect_failures + 1)
         failing_s = lane.record_unreachable(mono=self._clock.monotonic(), wait_s=wait_s)
-        if self._settings.wait or failing_s < self._settings.unreachable_after_s or lane.halted:
+        if lane.halted:
+            return
+        if self._settings.wait or failing_s < self._settings.unreachable_after_s:
+            self._emit(DispatchEvent(EventKind.RETRYING, lane.sender.name, outcome=outcome))
             return
         lane.unreachable = outcome.error_message or "no connection to the API"
         self._emit(DispatchEvent(EventKind.UNREACHABLE, lane.sender.name, outcome=outcome))
