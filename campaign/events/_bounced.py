@@ -47,7 +47,8 @@ def match_bounces(sent: Iterable[SentMessage], bounces: Iterable[BounceRecord]) 
     found: dict[str, RowBounce] = {}
     for bounce in sorted(bounces, key=lambda bounce: bounce.bounced_at):
         at = datetime.fromisoformat(bounce.bounced_at)
-        message = by_id.get(bounce.message_id or "") or _latest_before(by_address.get(bounce.email, []), at)
+        sends = by_address.get(bounce.email.lower(), [])
+        message = by_id.get(bounce.message_id or "") or _latest_before(sends, at)
         if message is None:
             continue
         earlier = found.get(message.key)

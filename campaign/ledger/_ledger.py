@@ -368,11 +368,12 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         """Record what a send of an in-flight row came to; returns the row's new state.
 
         Sent and rejected rows are final. A definite "not sent" (throttled, refused
-        credentials, no connection to the API) puts the row back to pending with a new key for next time, but
-        only if no earlier request can have used the key (or the refusal is a replay,
-        i.e. the key's first answer): else the row stays in flight with its key. An
-        ambiguous outcome keeps the row in flight with the same key, unless it was
-        itself a replay: then retrying teaches nothing new and the row is unknown.
+        credentials, no connection to the API) puts the row back to pending with a new
+        key for next time, but only if no earlier request can have used the key (or the
+        refusal is a replay, i.e. the key's first answer): else the row stays in flight
+        with its key. An ambiguous outcome keeps the row in flight with the same key,
+        unless it was itself a replay: then retrying teaches nothing new and the row is
+        unknown.
         """
         now = self._stamp()
         with self._write() as db:
