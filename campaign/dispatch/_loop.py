@@ -545,11 +545,17 @@ class _Loop:
     def _unreachable(self, lane: Lane, outcome: SendOutcome) -> None:
         """Each failed connection holds the sender a backoff; after `unreachable_after_s` of them it stops
         for the run (its rows are pending: nothing left), unless the run waits things out."""
+        mono, after_s = self._clock.monotonic(), self._settings.unreachable_after_s
         wait_s = self._retry.backoff_s(lane.connect_failures + 1)
-        failing_s = lane.record_unreachable(mono=self._clock.monotonic(), wait_s=wait_s)
+        if not self._settings.wait:
+            # The last try comes as that time is up, not a long backoff later (concurrent workers' failures
+            # each count, so the backoff grows fast).
+            since = mono if lane.unreachable_since is None else lane.unreachable_since
+            wait_s = min(wait_s, max(0.0, since + after_s - mono))
+        failing_s = lane.record_unreachable(mono=mono, wait_s=wait_s)
         if lane.halted:
             return
-        if self._settings.wait or failing_s < self._settings.unreachable_after_s:
+        if self._settings.wait or failing_s < after_s:
             self._emit(DispatchEvent(EventKind.RETRYING, lane.sender.name, outcome=outcome))
             return
         lane.unreachable = outcome.error_message or "no connection to the API"
