@@ -28,7 +28,7 @@ from campaign.ledger import LedgerRow, LedgerSite
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.outputfiles import write_private_csv, write_private_parquet
-from campaign.unsubscribe import Engagement, list_store_paths, open_store, store_exists
+from campaign.unsubscribe import Engagement, load_engagement
 
 __all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "WrittenReport", "build_report", "write_report"]
 
@@ -110,7 +110,7 @@ def write_report(
 
     Reads the ledger read-only, and closes it before writing the file.
     """
-    engagement = _load_engagement(manifest, clock)
+    engagement = load_engagement(manifest, clock=clock)
     ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
         bounces = load_row_bounces(manifest, ledger, clock=clock)
@@ -167,19 +167,6 @@ def _record(row: LedgerRow, seen: Engagement, bounce: RowBounce | None) -> dict[
         bounce_reason=None if bounce is None else bounce.reason,
     )
     return record
-
-
-def _load_engagement(manifest: Manifest, clock: Clock) -> dict[str, Engagement]:
-    """Opens and clicks by message id from the campaign's stores that exist (none: no tracking kept)."""
-    found: dict[str, Engagement] = {}
-    for path in list_store_paths(manifest):
-        if store_exists(path):
-            store = open_store(path, clock=clock, create=False)
-            try:
-                found |= store.engagement()
-            finally:
-                store.close()
-    return found
 
 
 def _write_frame(frame: pl.DataFrame, path: Path) -> None:

@@ -17,7 +17,7 @@ from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import NextStep, load_next_steps
 from campaign.plan import DAY_S, Schedule, SenderSchedule, WindowPlan, build_schedule, plan_window
-from campaign.unsubscribe import Engagement, list_store_paths, open_store, store_exists
+from campaign.unsubscribe import list_store_paths, load_engagement, store_exists
 
 __all__ = [
     "OPEN_STATES",
@@ -233,14 +233,7 @@ def load_status(
 
 def load_engagement_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> EngagementSummary | None:
     """Opens and clicks of this campaign's sent messages, from the tracking notifications its stores keep."""
-    tracked: dict[str, Engagement] = {}
-    for path in list_store_paths(manifest):
-        if store_exists(path):
-            store = open_store(path, clock=clock, create=False)
-            try:
-                tracked |= store.engagement()
-            finally:
-                store.close()
+    tracked = load_engagement(manifest, clock=clock)
     if not tracked:
         return None
     ours = ledger.sent_message_ids(tracked)  # a store is shared: only this campaign's messages count

@@ -20,7 +20,7 @@ from campaign.clock import Clock
 from campaign.events._pulling import PULL_SKEW
 from campaign.ledger import Ledger, SentMessage
 from campaign.manifest import Manifest
-from campaign.unsubscribe import BounceRecord, list_store_paths, open_store, store_exists
+from campaign.unsubscribe import BounceRecord, list_store_paths, open_existing_stores
 
 __all__ = ["RowBounce", "load_row_bounces", "match_bounces"]
 
@@ -70,14 +70,8 @@ def load_row_bounces(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> dic
     first = ledger.first_claim()
     if first is None:
         return {}
-    bounces: list[BounceRecord] = []
-    for path in list_store_paths(manifest):
-        if store_exists(path):
-            store = open_store(path, clock=clock, create=False)
-            try:
-                bounces += store.bounces_since(first - PULL_SKEW)
-            finally:
-                store.close()
+    with open_existing_stores(list_store_paths(manifest), clock=clock) as stores:
+        bounces = [bounce for store in stores for bounce in store.bounces_since(first - PULL_SKEW)]
     if not bounces:
         return {}
     return match_bounces(ledger.sent_messages_to({bounce.email for bounce in bounces}), bounces)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,8 +59,10 @@ __all__ = [
     "describe_entry",
     "is_store_path",
     "list_store_paths",
+    "load_engagement",
     "load_unsubscribed",
     "lookup_unsubscribed",
+    "open_existing_stores",
     "open_store",
     "store_exists",
     "store_location",
@@ -354,17 +357,35 @@ def lookup_unsubscribed(paths: Sequence[Path | str], recipients: Sequence[Recipi
     return found
 
 
+@contextmanager
+def open_existing_stores(paths: Iterable[Path | str], *, clock: Clock) -> Iterator[list[SuppressionStore]]:
+    """The stores at `paths` that exist, opened for the block and closed after it; a store that does not
+    exist yet holds nothing, so none is created."""
+    with ExitStack() as stack:
+        stores: list[SuppressionStore] = []
+        for path in paths:
+            if store_exists(path):
+                stores.append(open_store(path, clock=clock, create=False))
+                stack.callback(stores[-1].close)
+        yield stores
+
+
+def load_engagement(manifest: Manifest, *, clock: Clock) -> dict[str, Engagement]:
+    """Opens, clicks and replies by message id from the campaign's stores that exist (none: no tracking
+    kept). A store is shared: its messages may be other campaigns'."""
+    found: dict[str, Engagement] = {}
+    with open_existing_stores(list_store_paths(manifest), clock=clock) as stores:
+        for store in stores:
+            found |= store.engagement()
+    return found
+
+
 def load_unsubscribed(paths: Sequence[Path | str]) -> Unsubscribed:
     """Everyone in the stores at `paths`; a store that does not exist yet holds no one (none is created)."""
     found = Unsubscribed()
-    for path in paths:
-        if not store_exists(path):
-            continue
-        store = open_store(path, clock=SystemClock(), create=False)  # reading stamps nothing
-        try:
+    with open_existing_stores(paths, clock=SystemClock()) as stores:  # reading stamps nothing
+        for store in stores:
             found.add(store.entries())
-        finally:
-            store.close()
     return found
 
 
