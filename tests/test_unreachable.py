@@ -47,7 +47,7 @@ async def _client(url: str, clock: Clock) -> AsyncIterator[NylasClient]:
 
 
 class _Outage:
-    """The real client, sending to the fake, or, for the requests `down(n)` names (n from 1), to a port
+    """The real client, sending to the fake, or, for the requests `is_down(n)` names (n from 1), to a port
     nothing listens on. Counts the requests that found no connection."""
 
     def __init__(self, up: NylasClient, down: NylasClient, is_down: Callable[[int], bool]) -> None:
