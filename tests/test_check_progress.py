@@ -70,13 +70,14 @@ def test_a_run_of_many_senders_shows_a_line_for_the_first_ones_and_one_for_the_r
         progress.handle(DispatchEvent(EventKind.PARKED, "s31", until=until))
         progress.handle(DispatchEvent(EventKind.RESUMED, "s31"))
         progress.handle(DispatchEvent(EventKind.AUTH_REFUSED, "s40"))
+        progress.handle(DispatchEvent(EventKind.UNREACHABLE, "s41"))
     lines = console.export_text().splitlines()
     assert len(lines) == 1 + SENDER_LINES + 1
     assert lines[1].split()[0] == "s0"
     shared = lines[-1]
     assert "2,000 more senders" in shared
     assert "1480/2000" in shared  # the 1,500 sent, less the twenty senders with lines of their own
-    assert "1 credentials refused, 1 parked" in shared
+    assert "1 API unreachable, 1 credentials refused, 1 parked" in shared
     assert "1500/2020" in lines[0]
 
 
