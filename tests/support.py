@@ -114,3 +114,11 @@ def serve_sandbox(manifest: Path, *options: str) -> Iterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             server.terminate()
+
+
+@contextlib.contextmanager
+def refusing_url() -> Iterator[str]:
+    """The URL of a loopback port that is bound but never listens: every connection to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +28,7 @@ from support import wait_until_listening
 from campaign.events import parse_bounces, parse_notification, record_notification, sign_body
 from campaign.manifest import load_manifest
 from campaign.models import Address, Recipient, SkipReason
-from campaign.testing import FakeClock, serve_on_loopback
+from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
 from campaign.unsubscribe import BounceRules, SuppressionStore, UnsubscribeWatch, open_store, parse_secrets
 from campaign.web import EventService, UnsubscribeEndpoint
 
@@ -304,14 +305,28 @@ def test_the_serve_command_receives_signed_webhooks_and_refuses_without_its_secr
     reader.close()
 
 
+def _newsletter_reading(store: Path | str, tmp_path: Path, api: FakeNylas) -> Path:
+    """The newsletter sample with `store` among its suppression lists, its sender a grant of `api`."""
+    manifest = copy_sample("newsletter", tmp_path)
+    lists = 'suppress = ["unsubscribed.txt"'
+    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{store}"'))
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    return manifest
+
+
+def _report_rows(cli: Any, manifest: Path, tmp_path: Path) -> dict[str, dict[str, str]]:
+    """`campaign report` as CSV, read back: each row by its email."""
+    out = tmp_path / "report.csv"
+    assert cli("report", manifest, "--out", out).exit_code == 0
+    with out.open(encoding="utf-8") as report:
+        return {row["email"]: row for row in csv.DictReader(report)}
+
+
 def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path, store_at):
     """Tracking notifications for this campaign's messages (and one for another campaign's) give
     per-recipient columns in `report` and rates in `status --json`, with the Apple MPP caveat."""
-    manifest = copy_sample("newsletter", tmp_path)
-    lists = 'suppress = ["unsubscribed.txt"'
-    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{store_at}"'))
-    (sender,) = load_manifest(manifest).senders
-    api.add_grant(sender.grant_id, sender.email or "")
+    manifest = _newsletter_reading(store_at, tmp_path, api)
     assert cli("run", manifest, "--yes").exit_code == 0
     first, second = api.deliveries[0], api.deliveries[1]
     store = open_store(store_at, clock=FakeClock())
@@ -328,10 +343,7 @@ def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path, store_
     _record(store, _envelope("r2", "thread.replied", own))
     store.close()
 
-    out = tmp_path / "report.csv"
-    assert cli("report", manifest, "--out", out).exit_code == 0
-    with out.open(encoding="utf-8") as report:
-        rows = {row["email"]: row for row in csv.DictReader(report)}
+    rows = _report_rows(cli, manifest, tmp_path)
     one = rows[first.payload["to"][0]["email"]]
     assert (one["opens"], one["clicks"], one["clicked_urls"]) == ("2", "1", "https://example.com/offer")
     assert one["first_opened_at"].startswith(
@@ -364,11 +376,7 @@ def test_bounces_of_this_campaigns_messages_appear_in_report_and_status(api, cli
     """A bounce naming a sent message belongs to it; one naming another message, to the latest send to its
     address before it. Bounces of other addresses, and one dated before the campaign began (an older
     campaign's), are not this campaign's. `report` says which rows bounced, `status` how many."""
-    manifest = copy_sample("newsletter", tmp_path)
-    lists = 'suppress = ["unsubscribed.txt"'
-    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{store_at}"'))
-    (sender,) = load_manifest(manifest).senders
-    api.add_grant(sender.grant_id, sender.email or "")
+    manifest = _newsletter_reading(store_at, tmp_path, api)
     assert cli("run", manifest, "--yes").exit_code == 0
     first, second, third = (d.payload["to"][0]["email"] for d in api.deliveries[:3])
     later = "Tue, 05 Jan 2027 10:00:00 +0000"
@@ -381,10 +389,7 @@ def test_bounces_of_this_campaigns_messages_appear_in_report_and_status(api, cli
     _record(store, _bounce_of("b4", third, message_id="y", date="Thu, 01 Jan 2026 10:00:00 +0000", **hard))
     store.close()
 
-    out = tmp_path / "report.csv"
-    assert cli("report", manifest, "--out", out).exit_code == 0
-    with out.open(encoding="utf-8") as report:
-        rows = {row["email"]: row for row in csv.DictReader(report)}
+    rows = _report_rows(cli, manifest, tmp_path)
     assert (rows[first]["bounce"], rows[first]["bounce_reason"]) == ("hard", "mailbox_unavailable (550)")
     assert rows[first]["bounced_at"].startswith("2027-01-05T10:00:00")
     assert (rows[second]["bounce"], rows[second]["bounce_reason"]) == ("soft", "mailbox_full (452)")
@@ -405,11 +410,7 @@ def test_the_fake_bounces_chosen_recipients_and_sends_signed_webhooks_to_the_ser
     in the sender's inbox and its notification reaches `campaign serve` signed, twice when the fake
     duplicates; the service records it once and suppresses the address; `events pull` finds the DSN."""
     svc, url = service
-    manifest = copy_sample("newsletter", tmp_path)
-    lists = 'suppress = ["unsubscribed.txt"'
-    manifest.write_text(manifest.read_text().replace(lists, f'{lists}, "{svc.store.where}"'))
-    (sender,) = load_manifest(manifest).senders
-    api.add_grant(sender.grant_id, sender.email or "")
+    manifest = _newsletter_reading(svc.store.where, tmp_path, api)
     first = manifest.parent.joinpath("recipients.csv").read_text().splitlines()[1].split(",")[0]
     api.bounce_addresses.add(first)
     api.duplicate_webhooks = True

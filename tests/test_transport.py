@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.cookiejar
 import itertools
 import re
-import socket
 import ssl
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -22,6 +21,7 @@ import aiohttp
 import anyio
 import httpx
 import pytest
+from support import refusing_url
 
 from campaign.clock import SystemClock
 from campaign.models import OutcomeKind, SendOutcome
@@ -152,9 +152,7 @@ async def test_a_replayed_answer_is_flagged_as_with_stock_httpx(served):
 async def test_a_refused_connection_means_nothing_was_sent_as_with_stock_httpx():
     """Nothing listens on the port: ConnectError, unreachable (not ambiguous), and the message says nothing
     was sent."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with refusing_url() as url:
         shapes = [_shape(await _send(url, "g", stock=stock, keys=[_key()])) for stock in (True, False)]
     assert shapes[0] == shapes[1]
     assert shapes[1][:3] == (OutcomeKind.UNREACHABLE, None, "network")

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import copy_sample
-from support import make_jobs, render_plain
+from support import make_jobs, refusing_url, render_plain
 
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
@@ -30,14 +29,6 @@ KEY = "test-key"
 SENDER = SenderSettings(
     name="a", grant_id="grant-a", email="a@corp.example.com", per_second=10, concurrency=2
 )
-
-
-@contextmanager
-def _refusing_url() -> Iterator[str]:
-    """The URL of a loopback port that is bound but never listens: every connection is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @asynccontextmanager
@@ -91,7 +82,7 @@ async def test_a_sender_that_cannot_connect_stops_with_its_rows_pending_and_send
     clock, fake, jobs = FakeClock(), _fake(), make_jobs(6, "a")
     ledger = _ledger(tmp_path, clock, jobs)
     events: list[DispatchEvent] = []
-    with _refusing_url() as down:
+    with refusing_url() as down:
         async with _client(down, clock) as client:
             result = await dispatch(
                 jobs, senders=[SENDER], render=render_plain, client=client, ledger=ledger, clock=clock,
@@ -127,7 +118,7 @@ async def test_with_wait_a_sender_rides_out_an_outage_and_sends_each_once(tmp_pa
     however short its limit; each row goes out once."""
     clock, fake, jobs = FakeClock(), _fake(), make_jobs(4, "a")
     ledger = _ledger(tmp_path, clock, jobs)
-    with _refusing_url() as down_url, serve_on_loopback(fake) as up_url:
+    with refusing_url() as down_url, serve_on_loopback(fake) as up_url:
         async with _client(up_url, clock) as up, _client(down_url, clock) as down:
             client = _Outage(up, down, lambda n: n <= 5)
             settings = DispatchSettings(wait=True, unreachable_after_s=1.0)
@@ -157,7 +148,7 @@ async def test_a_row_whose_key_may_have_been_used_keeps_it_through_an_outage_and
     fake.script(Fault.RESET_AFTER_SEND, grant_id=SENDER.grant_id)
     ledger = _ledger(tmp_path, clock, jobs)
     key = jobs[0].recipient.key
-    with _refusing_url() as down_url, serve_on_loopback(fake) as up_url:
+    with refusing_url() as down_url, serve_on_loopback(fake) as up_url:
         async with _client(up_url, clock) as up, _client(down_url, clock) as down:
             client = _Outage(up, down, lambda n: n > 1)
             result = await dispatch(
@@ -191,7 +182,7 @@ def test_run_against_an_api_that_cannot_be_reached_exits_75_and_resume_sends_eac
     for sender in load_manifest(manifest).senders:
         api.add_grant(sender.grant_id, sender.email or "")
     up = os.environ["NYLAS_API_URI"]
-    with _refusing_url() as down:
+    with refusing_url() as down:
         monkeypatch.setenv("NYLAS_API_URI", down)
         result = cli("run", manifest, "--yes")
     assert result.exit_code == 75, result.output

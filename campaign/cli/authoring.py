@@ -7,7 +7,6 @@ None of them reads a ledger or the real API.
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from campaign.cli.base import exit_codes, out
-from campaign.cli.wiring import SANDBOX_API_KEY, build_sandbox_api
+from campaign.cli.wiring import SANDBOX_API_KEY, build_sandbox_api, command_path
 from campaign.errors import UsageError
 from campaign.manifest import build_manifest_schema, load_manifest, write_starter
 from campaign.testing.server import run_sandbox_server
@@ -36,7 +35,7 @@ def init(directory: Annotated[Path, typer.Argument(help="Folder for the new camp
     with exit_codes():
         for path in write_starter(directory):
             out.print(f"wrote {path}")
-        manifest = escape(shlex.quote(str(directory / "campaign.toml")))
+        manifest = escape(command_path(directory / "campaign.toml", None))
         # The sandbox needs no account and no secrets: the first step works as written.
         out.print(f"Next: campaign preview {manifest} --sandbox", soft_wrap=True)
         out.print(

@@ -6,7 +6,9 @@ bounces and the notifications `campaign serve` receives; it is shared across cam
 endpoint: one SQLite file (the default), or a PostgreSQL database (a `postgresql://` URL, schema
 `campaign_store`) when the endpoint and campaigns run on several machines. Both behave alike:
 `SuppressionStore` is written once, over each backend's SQL (`_sqlitestore`, `_pgstore`).
-`UnsubscribeWatch` re-reads the stores during a run so an opt-out stops the next send. The endpoint
+`UnsubscribeWatch` re-reads the stores during a run so an opt-out stops the next send;
+`open_existing_stores` opens a campaign's stores for one read (`load_unsubscribed`, `load_engagement`,
+the bounce counts). The endpoint
 that serves the links is in `campaign.web`: nothing in the core imports a web server.
 """
 

@@ -171,16 +171,9 @@ _EVENTS_OF = """
      ORDER BY received_at, seq
 """
 _EVENT_COUNT = "SELECT COUNT(*) FROM campaign_store.events"
-_BOUNCES = """
-    SELECT email, hard, bounced_at, code, kind, reason, message_id FROM campaign_store.bounces
-     WHERE email = %s
-     ORDER BY bounced_at, id
-"""
-_BOUNCES_SINCE = """
-    SELECT email, hard, bounced_at, code, kind, reason, message_id FROM campaign_store.bounces
-     WHERE bounced_at >= %s
-     ORDER BY bounced_at, id
-"""
+_SELECT_BOUNCES = "SELECT email, hard, bounced_at, code, kind, reason, message_id FROM campaign_store.bounces"
+_BOUNCES = f"{_SELECT_BOUNCES} WHERE email = %s ORDER BY bounced_at, id"
+_BOUNCES_SINCE = f"{_SELECT_BOUNCES} WHERE bounced_at >= %s ORDER BY bounced_at, id"
 _SETTINGS = "SELECT name, value FROM campaign_store.settings"
 _LOCK = "SELECT pg_advisory_xact_lock(%s, %s)"
 

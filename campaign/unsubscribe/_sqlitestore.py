@@ -216,18 +216,16 @@ class SqliteStoreSql:
         return int(self._query("SELECT COUNT(*) FROM events")[0][0])
 
     def bounces(self, email: str) -> list[BounceRow]:
-        rows = self._query(
-            "SELECT email, hard, bounced_at, code, kind, reason, message_id FROM bounces "
-            "WHERE email = ? ORDER BY bounced_at, id",
-            (email,),
-        )
-        return [(e, bool(hard), *rest) for e, hard, *rest in rows]
+        return self._bounces("email = ?", email)
 
     def bounces_since(self, since: str) -> list[BounceRow]:
+        return self._bounces("bounced_at >= ?", since)
+
+    def _bounces(self, where: str, value: str) -> list[BounceRow]:
         rows = self._query(
             "SELECT email, hard, bounced_at, code, kind, reason, message_id FROM bounces "
-            "WHERE bounced_at >= ? ORDER BY bounced_at, id",
-            (since,),
+            f"WHERE {where} ORDER BY bounced_at, id",
+            (value,),
         )
         return [(e, bool(hard), *rest) for e, hard, *rest in rows]
 
