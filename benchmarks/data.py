@@ -195,8 +195,8 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     ledger = open_ledger(ledger_path, clock=SystemClock(), campaign=campaign)
     content = load_content_fingerprint(manifest)
     ledger.record_content_fingerprint(content)
-    stamp = load_plan_stamp(manifest, content=content, skip_invalid=False)
-    rules = load_rules_stamp(manifest, content=content, skip_invalid=False)
+    stamp = load_plan_stamp(manifest, content=content)
+    rules = load_rules_stamp(manifest, content=content)
     source = manifest.recipients.source
     extent = load_list_extent(source, size=source.stat().st_size, rows=rows, invalid=False)
     ledger.record_plan([], [], stamp=stamp, rules=rules, extent=extent.encode())

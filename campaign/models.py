@@ -104,13 +104,18 @@ class SkipReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """A row that will not be mailed, and why (`detail` is for the user, e.g. "duplicate of row 3")."""
+    """A row that will not be mailed, and why (`detail` is for the user, e.g. "duplicate of row 3").
+
+    `cells` (`recipients.encode_cells`) only for a row skipped as invalid: the ledger keeps them, so a
+    later run knows the row it skipped when it meets it again unchanged (`pipeline.find_skipped_invalid`).
+    """
 
     row: int
     key: str
     email: str
     reason: SkipReason
     detail: str
+    cells: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,8 +262,8 @@ def _check(
     content = check_content(
         ledger, fingerprint, allow_changed=options.allow_changed_content, manifest=manifest
     )
-    stamp = load_plan_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
-    rules = load_rules_stamp(manifest, content=content.combined, skip_invalid=options.skip_invalid)
+    stamp = load_plan_stamp(manifest, content=content.combined)
+    rules = load_rules_stamp(manifest, content=content.combined)
     preflight = extent = start = None
     composer = _unchanged(manifest, ledger, stamp, secrets)
     if composer is None:

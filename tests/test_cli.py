@@ -93,8 +93,9 @@ def test_new_rows_are_sent_on_the_next_run(api, cli, tmp_path):
 
 
 def test_a_row_skipped_for_a_missing_file_is_sent_once_the_file_is_there(api, cli, tmp_path):
-    """--skip-invalid skips a row whose invoice file is missing; add the file and run again, the list
-    itself unchanged: the row validates, goes back to pending and is sent, once."""
+    """--skip-invalid skips a row whose invoice file is missing (a run without the flag keeps it skipped);
+    add the file and run again, the list itself unchanged: the row validates, goes back to pending and
+    is sent, once."""
     manifest = copy_sample("invoices", tmp_path)
     _register(api, manifest)
     with (manifest.parent / "recipients.csv").open("a", encoding="utf-8") as handle:
@@ -102,9 +103,13 @@ def test_a_row_skipped_for_a_missing_file_is_sent_once_the_file_is_there(api, cl
     first = cli("run", manifest, "--yes", "--skip-invalid")
     assert first.exit_code == 0, first.output
     assert "dan@example.com" not in [d.payload["to"][0]["email"] for d in api.deliveries]
+    # Without the flag, the file still missing: the row stays skipped, as the first run decided.
+    again = cli("run", manifest, "--yes")
+    assert again.exit_code == 0, again.output
+    assert "dan@example.com" not in [d.payload["to"][0]["email"] for d in api.deliveries]
     invoices = manifest.parent / "invoices"
     (invoices / "INV-1004.pdf").write_bytes((invoices / "INV-1001.pdf").read_bytes())
-    second = cli("run", manifest, "--yes", "--skip-invalid")
+    second = cli("run", manifest, "--yes")
     assert second.exit_code == 0, second.output
     assert "1 row skipped earlier as invalid now validates and is pending again" in second.output
     sent = [d.payload["to"][0]["email"] for d in api.deliveries]

@@ -4,6 +4,7 @@ Renders are counted through a seam (`Composer.render`), sends at the fake."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections import Counter
@@ -215,6 +216,106 @@ def test_after_rows_skipped_as_invalid_the_whole_list_is_read_again(api, cli, tm
     assert sorted(rows_read) == list(range(1, 7))
     emails = [d.payload["to"][0]["email"] for d in api.deliveries]
     assert sorted(emails) == [*(f"p{n}@example.com" for n in range(1, 5)), "p9@example.com"]
+
+
+def _skipped_one(api, cli, tmp_path) -> Path:
+    """Four good rows and a bad one (row 5), run with --skip-invalid and stopped after one send."""
+    api.add_grant(GRANT, "a@corp.example.com")
+    manifest = _campaign(tmp_path / "c", 4)
+    folder = manifest.parent
+    _write_rows(folder, [*_rows(folder), ("bad-address", "B", "Oslo")])
+    assert cli("run", manifest, "--yes", "--skip-invalid", "--limit", "1").exit_code == 75
+    return manifest
+
+
+def _ledger_rows(manifest: Path) -> dict[str, tuple[str, str | None, str | None]]:
+    """Key -> state, reason and cells of every row of the campaign's ledger."""
+    with sqlite3.connect(manifest.with_name("campaign.ledger.sqlite")) as db:
+        rows = db.execute("SELECT key, state, reason, cells FROM recipients").fetchall()
+    return {key: (state, reason, cells) for key, state, reason, cells in rows}
+
+
+def test_rows_skipped_as_invalid_stay_skipped_without_the_flag(api, cli, tmp_path, rows_read):
+    """--skip-invalid is recorded row by row, not a setting of the run: a resume without it goes on
+    without checking the list again, and the skipped row stays skipped."""
+    manifest = _skipped_one(api, cli, tmp_path)
+    rows_read.clear()
+    resumed = cli("resume", manifest, "--yes")
+    assert resumed.exit_code == 0, resumed.output
+    assert "unchanged since it was checked" in resumed.output
+    assert rows_read == []
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sorted(emails) == [f"p{n}@example.com" for n in range(1, 5)]
+    state, reason, _cells = _ledger_rows(manifest)["row:5"]
+    assert state == "skipped"
+    assert (reason or "").startswith("invalid:")
+
+
+def test_rows_appended_after_a_skip_are_checked_and_sent_without_the_flag(api, cli, tmp_path):
+    manifest = _skipped_one(api, cli, tmp_path)
+    folder = manifest.parent
+    _write_rows(folder, [*_rows(folder), ("p9@example.com", "P 9", "Oslo")])
+    resumed = cli("resume", manifest, "--yes")
+    assert resumed.exit_code == 0, resumed.output
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sorted(emails) == [*(f"p{n}@example.com" for n in range(1, 5)), "p9@example.com"]
+
+
+def test_a_new_bad_row_still_stops_a_run_without_the_flag(api, cli, tmp_path):
+    manifest = _skipped_one(api, cli, tmp_path)
+    folder = manifest.parent
+    before = _ledger_rows(manifest)
+    _write_rows(folder, [*_rows(folder), ("p9@example.com", "P 9", "Oslo"), ("worse", "W", "Oslo")])
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 65, refused.output
+    assert "r.csv row 7" in refused.output
+    assert "row 5" not in refused.output
+    assert len(api.deliveries) == 1
+    assert _ledger_rows(manifest) == before
+
+
+def test_a_skipped_row_changed_since_is_a_problem_again(api, cli, tmp_path):
+    """The earlier decision was about the row as it was: edited (still bad), it needs the flag again,
+    which records it as it is now."""
+    manifest = _skipped_one(api, cli, tmp_path)
+    folder = manifest.parent
+    rows = _rows(folder)
+    rows[4] = ("still-bad", "B", "Oslo")
+    _write_rows(folder, rows)
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 65, refused.output
+    assert "r.csv row 5" in refused.output
+    assert len(api.deliveries) == 1
+    assert cli("resume", manifest, "--yes", "--skip-invalid").exit_code == 0
+    assert '"still-bad"' in (_ledger_rows(manifest)["row:5"][2] or "")  # recorded as it is now
+    _write_rows(folder, [*_rows(folder), ("p9@example.com", "P 9", "Oslo")])
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sorted(emails) == [*(f"p{n}@example.com" for n in range(1, 5)), "p9@example.com"]
+
+
+def test_a_skipped_row_that_moved_is_a_problem_again(api, cli, tmp_path):
+    """A row with problems is known by its number: a row put in before it makes it another row."""
+    manifest = _skipped_one(api, cli, tmp_path)
+    folder = manifest.parent
+    _write_rows(folder, [("p0@example.com", "P 0", "Oslo"), *_rows(folder)])
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 65, refused.output
+    assert "r.csv row 6" in refused.output
+    assert len(api.deliveries) == 1
+
+
+def test_a_preview_shows_a_row_skipped_earlier_as_skipped_not_as_a_problem(api, cli, tmp_path):
+    manifest = _skipped_one(api, cli, tmp_path)
+    shown = cli("preview", manifest, "--json")
+    assert shown.exit_code == 0, shown.output
+    found = json.loads(shown.stdout)
+    assert found["problems"] == []
+    assert found["skipped"] == {"invalid": 1}
+    _write_rows(manifest.parent, [*_rows(manifest.parent), ("worse", "W", "Oslo")])
+    refused = cli("preview", manifest, "--json")
+    assert refused.exit_code == 65
+    assert [problem["row"] for problem in json.loads(refused.stdout)["problems"]] == [6]
 
 
 _PERSON = st.tuples(st.integers(min_value=1, max_value=14), st.sampled_from(["", "a", "b"]))

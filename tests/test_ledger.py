@@ -503,6 +503,32 @@ def test_an_invalid_row_that_now_validates_is_pending_again_but_a_suppressed_one
     assert ledger.row("b@x").state == K
 
 
+def test_a_row_skipped_as_invalid_keeps_the_cells_it_was_skipped_with(ledgers, clock):
+    """`invalid_cells` gives them back for rows skipped as invalid only; a plan that skips the row
+    again with other cells records those; a pending row the plan now skips as invalid takes its cells."""
+    ledger = ledgers.open("c", clock=clock)
+    ledger.record_plan(
+        [PlannedRow("c@x", 3, "c@x", "s", cells='["c"]')],
+        [
+            Skip(1, "row:1", "", SkipReason.INVALID, "bad address", '["a"]'),
+            Skip(2, "b@x", "b@x", SkipReason.SUPPRESSED, "in list"),
+        ],
+    )
+    keys = ["row:1", "b@x", "c@x", "nobody"]
+    assert ledger.invalid_cells(keys) == {"row:1": '["a"]'}
+    ledger.record_plan(
+        [],
+        [
+            Skip(1, "row:1", "", SkipReason.INVALID, "bad address", '["a2"]'),
+            Skip(2, "b@x", "b@x", SkipReason.SUPPRESSED, "in list"),
+            Skip(3, "c@x", "c@x", SkipReason.INVALID, "undefined variable", '["c2"]'),
+        ],
+    )
+    assert ledger.invalid_cells(keys) == {"row:1": '["a2"]', "c@x": '["c2"]'}
+    assert ledger.row("c@x").state == K
+    assert ledger.invalid_cells([]) == {}
+
+
 # --- batches ----------------------------------------------------------------------------
 
 

@@ -95,9 +95,9 @@ def test_resume_of_an_unchanged_campaign_does_not_check_the_list_again(api, cli,
     assert dora["subject"] == "Spring news for Dora"
 
 
-def _stamp(path, *, skip_invalid):
+def _stamp(path):
     manifest = load_manifest(path)
-    return load_plan_stamp(manifest, content=load_content_fingerprint(manifest), skip_invalid=skip_invalid)
+    return load_plan_stamp(manifest, content=load_content_fingerprint(manifest))
 
 
 def _append_row(manifest):
@@ -126,18 +126,17 @@ def _edit_the_template(manifest):
         (_suppress_more, ()),
         (_slow_the_sender, ()),
         (_edit_the_template, ("--allow-changed-content",)),
-        (lambda _: None, ("--skip-invalid",)),
     ],
-    ids=["list", "suppression-list", "manifest", "template", "skip-invalid"],
+    ids=["list", "suppression-list", "manifest", "template"],
 )
 def test_any_change_to_the_plan_inputs_checks_the_list_again(api, cli, tmp_path, preflights, change, flags):
-    """The list, a suppression list, a manifest setting, a template or --skip-invalid: checked again."""
+    """The list, a suppression list, a manifest setting or a template: checked again."""
     manifest = copy_sample("newsletter", tmp_path)
     _register(api, manifest)
     assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
-    before = _stamp(manifest, skip_invalid=False)
+    before = _stamp(manifest)
     change(manifest)
-    after = _stamp(manifest, skip_invalid="--skip-invalid" in flags)
+    after = _stamp(manifest)
     assert after != before
     second = cli("resume", manifest, "--yes", *flags)
     assert second.exit_code == 0, second.output

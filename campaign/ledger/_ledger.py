@@ -191,15 +191,15 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         # of skips sharing a key, the first row's (the original's: say, unsubscribed) is the key's.
         db.execute(
             "CREATE TEMP TABLE plan_skips (key TEXT PRIMARY KEY, row INTEGER NOT NULL, email TEXT NOT NULL, "
-            "reason TEXT NOT NULL)"
+            "reason TEXT NOT NULL, cells TEXT)"
         )
         db.executemany(
             "INSERT INTO temp.plan_rows VALUES (?, ?, ?, ?, ?, ?)",
             map(planned_values, planned),
         )
         db.executemany(
-            "INSERT OR IGNORE INTO temp.plan_skips VALUES (?, ?, ?, ?)",
-            ((s.key, s.row, s.email, _skip_reason(s)) for s in skips),
+            "INSERT OR IGNORE INTO temp.plan_skips VALUES (?, ?, ?, ?, ?)",
+            ((s.key, s.row, s.email, _skip_reason(s), s.cells) for s in skips),
         )
         db.execute("DELETE FROM temp.plan_skips WHERE key IN (SELECT key FROM temp.plan_rows)")
         if appended:  # an appended row with the key of a row listed before is that row's duplicate
@@ -250,9 +250,14 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             "WHERE NOT EXISTS (SELECT 1 FROM recipients AS r WHERE r.key = p.key) ORDER BY p.rowid",
             (now, now),
         ).rowcount
+        # A row skipped as invalid keeps the cells it was skipped with: met again unchanged, it stays skipped.
+        db.execute(
+            "UPDATE recipients SET cells = s.cells FROM temp.plan_skips AS s WHERE recipients.key = s.key "
+            "AND recipients.state = 'skipped' AND s.cells IS NOT NULL AND recipients.cells IS NOT s.cells"
+        )
         skipped_added = db.execute(
-            "INSERT INTO recipients (key, row, email, state, reason, created_at, updated_at) "
-            "SELECT key, row, email, 'skipped', reason, ?, ? FROM temp.plan_skips AS s "
+            "INSERT INTO recipients (key, row, email, state, reason, cells, created_at, updated_at) "
+            "SELECT key, row, email, 'skipped', reason, cells, ?, ? FROM temp.plan_skips AS s "
             "WHERE NOT EXISTS (SELECT 1 FROM recipients AS r WHERE r.key = s.key) ORDER BY s.row",
             (now, now),
         ).rowcount
@@ -649,9 +654,9 @@ def insert_first_skips(db: sqlite3.Connection, skips: Iterable[Skip], now: str) 
     `_sync_plan` ignores it."""
     return int(
         db.executemany(
-            "INSERT OR IGNORE INTO recipients (key, row, email, state, reason, created_at, updated_at) "
-            "VALUES (?, ?, ?, 'skipped', ?, ?, ?)",
-            ((s.key, s.row, s.email, _skip_reason(s), now, now) for s in skips),
+            "INSERT OR IGNORE INTO recipients (key, row, email, state, reason, cells, created_at, "
+            "updated_at) VALUES (?, ?, ?, 'skipped', ?, ?, ?, ?)",
+            ((s.key, s.row, s.email, _skip_reason(s), s.cells, now, now) for s in skips),
         ).rowcount
     )
 

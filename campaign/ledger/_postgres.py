@@ -303,19 +303,19 @@ class PostgresLedger(KeptFacts):
         db.execute(
             "CREATE TEMP TABLE plan_skips_listed (place bigint GENERATED ALWAYS AS IDENTITY, "
             'key text COLLATE "C" NOT NULL, row bigint NOT NULL, email text COLLATE "C" NOT NULL, '
-            "reason text NOT NULL)"
+            "reason text NOT NULL, cells text)"
         )
         with db.cursor() as cursor:
             with cursor.copy("COPY plan_rows (key, row, email, sender, due_at, cells) FROM STDIN") as copy:
                 for p in planned:
                     copy.write_row(planned_values(p))
-            with cursor.copy("COPY plan_skips_listed (key, row, email, reason) FROM STDIN") as copy:
+            with cursor.copy("COPY plan_skips_listed (key, row, email, reason, cells) FROM STDIN") as copy:
                 for s in skips:
-                    copy.write_row((s.key, s.row, s.email, _skip_reason(s)))
+                    copy.write_row((s.key, s.row, s.email, _skip_reason(s), s.cells))
         # A duplicate's skip shares its original's key: it concerns the planned row, not a row of its own;
         # of skips sharing a key, the first row's (the original's: say, unsubscribed) is the key's.
         db.execute(
-            "CREATE TEMP TABLE plan_skips AS SELECT DISTINCT ON (key) key, row, email, reason, place "
+            "CREATE TEMP TABLE plan_skips AS SELECT DISTINCT ON (key) key, row, email, reason, cells, place "
             "FROM plan_skips_listed ORDER BY key, place"
         )
         db.execute("ALTER TABLE plan_skips ADD PRIMARY KEY (key)")
@@ -364,9 +364,17 @@ class PostgresLedger(KeptFacts):
             "(SELECT 1 FROM recipients AS r WHERE r.campaign_id = %s AND r.key = p.key) ORDER BY p.place",
             (campaign, now, now, campaign),
         ).rowcount
+        # A row skipped as invalid keeps the cells it was skipped with: met again unchanged, it stays skipped.
+        db.execute(
+            "UPDATE recipients AS r SET cells = s.cells FROM plan_skips AS s WHERE r.campaign_id = %s "
+            "AND r.key = s.key AND r.state = 'skipped' AND s.cells IS NOT NULL "
+            "AND r.cells IS DISTINCT FROM s.cells",
+            (campaign,),
+        )
         skipped_added = db.execute(
-            "INSERT INTO recipients (campaign_id, key, row, email, state, reason, created_at, updated_at) "
-            "SELECT %s, key, row, email, 'skipped', reason, %s, %s FROM plan_skips AS s WHERE NOT EXISTS "
+            "INSERT INTO recipients (campaign_id, key, row, email, state, reason, cells, created_at, "
+            "updated_at) SELECT %s, key, row, email, 'skipped', reason, cells, %s, %s FROM plan_skips AS s "
+            "WHERE NOT EXISTS "
             "(SELECT 1 FROM recipients AS r WHERE r.campaign_id = %s AND r.key = s.key) "
             "ORDER BY s.row, s.place",
             (campaign, now, now, campaign),
@@ -563,6 +571,15 @@ class PostgresLedger(KeptFacts):
             "SELECT key, cells FROM recipients WHERE campaign_id = %s AND key = ANY(%s::text[]) "
             "AND cells IS NOT NULL",
             (self._id, list(keys)),
+        )
+        return dict(rows)
+
+    def invalid_cells(self, keys: Iterable[str]) -> dict[str, str]:
+        """Key -> the cells a row of `keys` skipped as invalid was skipped with (`Skip.cells`)."""
+        rows = self._read(
+            "SELECT key, cells FROM recipients WHERE campaign_id = %s AND key = ANY(%s::text[]) "
+            "AND state = 'skipped' AND cells IS NOT NULL AND starts_with(reason, %s)",
+            (self._id, list(keys), f"{SkipReason.INVALID.value}:"),
         )
         return dict(rows)
 

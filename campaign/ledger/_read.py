@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from campaign.errors import LedgerError
 from campaign.ledger._leases import WorkerView
 from campaign.ledger._values import DueStep, SentMessage, SentStep, StepCounts
-from campaign.models import FIRST_STEP, RowState
+from campaign.models import FIRST_STEP, RowState, SkipReason
 
 __all__ = ["ErrorGroup", "JournalEntry", "LedgerReader", "LedgerRow", "PlannedRow"]
 
@@ -186,6 +186,15 @@ class LedgerReader:
         """Key -> its list row's cells as last checked (`recipients.encode_cells`), for the rows of `keys`
         that have them."""
         rows = self._read(f"SELECT r.key, r.cells FROM {_BY_KEYS} WHERE r.cells IS NOT NULL", (_keys(keys),))
+        return {str(key): str(cells) for key, cells in rows}
+
+    def invalid_cells(self, keys: Iterable[str]) -> dict[str, str]:
+        """Key -> the cells a row of `keys` skipped as invalid was skipped with (`Skip.cells`)."""
+        rows = self._read(
+            f"SELECT r.key, r.cells FROM {_BY_KEYS} WHERE r.state = 'skipped' AND r.cells IS NOT NULL "
+            "AND substr(r.reason, 1, ?) = ?",
+            (_keys(keys), len(_INVALID), _INVALID),
+        )
         return {str(key): str(cells) for key, cells in rows}
 
     def _meta(self, key: str) -> str | None:
@@ -565,6 +574,7 @@ class LedgerReader:
 # CROSS JOIN keeps the keys as the outer loop, so each is one primary-key lookup; left to itself, the
 # planner may prefer the state index and scan every sent row of a large ledger for each batch.
 _BY_KEYS = "json_each(?) AS j CROSS JOIN recipients AS r ON r.key = j.value"
+_INVALID = f"{SkipReason.INVALID.value}:"  # how the reason of a row skipped as invalid begins
 
 
 def _keys(keys: Iterable[str]) -> str:

@@ -62,7 +62,7 @@ class PlanSpool:
             rows = [(p.key, p.row, p.email, p.sender, _moment(p.due_at), p.cells) for p in planned]
             pickle.dump(rows, self._planned, protocol=pickle.HIGHEST_PROTOCOL)
         if skips:
-            skipped = [(s.key, s.row, s.email, s.reason.value, s.detail) for s in skips]
+            skipped = [(s.key, s.row, s.email, s.reason.value, s.detail, s.cells) for s in skips]
             pickle.dump(skipped, self._skips, protocol=pickle.HIGHEST_PROTOCOL)
 
     def planned(self) -> Iterator[PlannedRow]:
@@ -75,8 +75,8 @@ class PlanSpool:
     def skips(self) -> Iterator[Skip]:
         """The rows skipped, in the order added."""
         for batch in _batches(self._skips):
-            for key, row, email, reason, detail in batch:
-                yield Skip(row, key, email, SkipReason(reason), detail)
+            for key, row, email, reason, detail, cells in batch:
+                yield Skip(row, key, email, SkipReason(reason), detail, cells)
 
 
 def _anonymous_file() -> IO[bytes]:

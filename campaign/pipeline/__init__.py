@@ -12,7 +12,13 @@ from __future__ import annotations
 from campaign.pipeline._compliance import build_unsubscribe_warnings
 from campaign.pipeline._content import ContentCheck, check_content, load_content_fingerprint, record_content
 from campaign.pipeline._parallel import Rendered, checked_rows
-from campaign.pipeline._preflight import Preflight, raise_for_problems, render_job, run_preflight
+from campaign.pipeline._preflight import (
+    Preflight,
+    find_skipped_invalid,
+    raise_for_problems,
+    render_job,
+    run_preflight,
+)
 from campaign.pipeline._resume import (
     LedgerJobs,
     ListExtent,
@@ -48,6 +54,7 @@ __all__ = [
     "checked_rows",
     "collecting_less",
     "find_appended",
+    "find_skipped_invalid",
     "load_content_fingerprint",
     "load_list_extent",
     "load_plan_stamp",

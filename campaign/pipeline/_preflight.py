@@ -22,7 +22,7 @@ from campaign.plan import Job
 from campaign.recipients import ListStart, encode_cells
 from campaign.render import Composer, load_message_attachments
 
-__all__ = ["Preflight", "raise_for_problems", "render_job", "run_preflight"]
+__all__ = ["Preflight", "find_skipped_invalid", "raise_for_problems", "render_job", "run_preflight"]
 
 _SHOWN_IN_ERROR = 1
 _KEPT_PROBLEMS = 1_000  # a run stops on the first; a list of a million bad rows need not be kept whole
@@ -110,13 +110,15 @@ def run_preflight(
                 on_rows(done, total)
             rows: list[PlannedRow] = []
             skips: list[Skip] = []
+            failing = [] if skip_invalid else [checked for checked, error in batch if _fails(checked, error)]
+            earlier = find_skipped_invalid(ledger, failing)
             for checked, error in batch:
                 if checked.job is not None and error is None:  # rendered and checked, or reused
                     rows.append(_planned_row(checked, checked.job, due_at(checked.job)))
                     to_send += checked.settled is None
                 elif checked.checked.skip is not None:
                     skips.append(checked.checked.skip)
-                elif skip_invalid:
+                elif skip_invalid or checked.row in earlier:
                     skips.append(_invalid_skip(checked, error, source))
                 else:
                     found = _problems(checked, error, source)
@@ -154,11 +156,39 @@ def _problems(checked: RowCheck, error: str | None, source: str) -> list[str]:
     return [problem.describe(source) for problem in checked.checked.problems]
 
 
+def find_skipped_invalid(ledger: Ledger | None, failing: Sequence[RowCheck]) -> frozenset[int]:
+    """The rows of `failing` (rows that fail their checks) that a run skipped as invalid (--skip-invalid)
+    when they held the very cells they hold now: that decision stands without the flag. A row changed
+    since, or moved to another number (such a row is known by its number: it may have no address), is
+    a problem again. Reads the ledger."""
+    if ledger is None or not failing:
+        return frozenset()
+    known = {checked.row: _invalid_identity(checked) for checked in failing}
+    recorded = ledger.invalid_cells([key for key, _ in known.values()])
+    return frozenset(row for row, (key, cells) in known.items() if recorded.get(key) == cells)
+
+
+def _fails(checked: RowCheck, error: str | None) -> bool:
+    """Whether a row of a run's check fails it: its scan found problems, or its message did not render."""
+    if checked.job is None:
+        return checked.checked.skip is None
+    return error is not None
+
+
+def _invalid_identity(checked: RowCheck) -> tuple[str, str]:
+    """The key and cells a row skipped as invalid is recorded under: its recipient's key when its message
+    failed, else its row number (a row with problems may have no address)."""
+    key = f"row:{checked.row}" if checked.job is None else checked.job.recipient.key
+    return key, encode_cells(checked.checked.fields)
+
+
 def _invalid_skip(checked: RowCheck, error: str | None, source: str) -> Skip:
-    """A row that fails its checks (`error`: its message's), skipped (--skip-invalid) with every reason."""
+    """A row that fails its checks (`error`: its message's), skipped (--skip-invalid) with every reason,
+    and the cells that a later run knows it by (`find_skipped_invalid`)."""
+    key, cells = _invalid_identity(checked)
     if checked.job is not None and error is not None:
         recipient = checked.job.recipient
         text = f"{source} {error}"
-        return Skip(recipient.row, recipient.key, recipient.address.email, SkipReason.INVALID, text)
+        return Skip(recipient.row, key, recipient.address.email, SkipReason.INVALID, text, cells)
     detail = "; ".join(f"{problem.where}: {problem.message}" for problem in checked.checked.problems)
-    return Skip(checked.row, f"row:{checked.row}", "", SkipReason.INVALID, detail)
+    return Skip(checked.row, key, "", SkipReason.INVALID, detail, cells)

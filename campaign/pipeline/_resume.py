@@ -3,7 +3,7 @@
 A full preflight checks and renders every row of the list, which for a million rows
 takes minutes. The plan stamp hashes every input that decides which rows are sent, by
 whom, and whether they pass preflight (the manifest's settings, the content fingerprint,
-the list and suppression files, --skip-invalid, this version of campaign). `run` records
+the list and suppression files, this version of campaign). `run` records
 it with the plan; a later run whose stamp matches knows the earlier preflight still
 holds, so it reads back only the ledger's open rows instead of checking the list again.
 Rows unsubscribed since then are caught before each send, as in any run. Sends nothing
@@ -41,20 +41,23 @@ __all__ = [
 _READ_BYTES = 1 << 20
 
 # Bump when preflight's rules change, so that a stamp recorded under the old rules no longer matches.
-_RULES = 2
+# (3: --skip-invalid is no longer part of it; a row skipped as invalid is recorded with its cells.)
+_RULES = 3
 
 
-def load_rules_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> str:
+def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
     """SHA-256 over every input that decides how a row is checked, but the list's rows themselves:
-    the manifest, the content, the suppression files, --skip-invalid, this version (reads files).
+    the manifest, the content, the suppression files, this version (reads files).
 
     Under the same rules stamp, a row whose cells did not change passes as it passed before (its
     cells are in the ledger: `recipients.encode_cells`), so a run re-checks only rows added or changed.
+    --skip-invalid is not part of it: a row it skipped stays skipped while its cells are the same
+    (`find_skipped_invalid`), and a row that fails without it stops a run whatever the stamp.
     `content` is the run's content fingerprint (`campaign.pipeline.ContentCheck.combined`).
     """
     digest = hashlib.sha256()
     settings = manifest.model_dump(mode="json")
-    header = [_RULES, __version__, skip_invalid, content, settings]
+    header = [_RULES, __version__, content, settings]
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     # Unsubscribe stores change while a campaign runs; each send checks them: they are not part of the plan.
     lists = [
@@ -68,10 +71,10 @@ def load_rules_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) ->
     return digest.hexdigest()
 
 
-def load_plan_stamp(manifest: Manifest, *, content: str, skip_invalid: bool) -> str:
+def load_plan_stamp(manifest: Manifest, *, content: str) -> str:
     """SHA-256 over every input that decides the plan and its preflight: the rules stamp and the list
     file (reads the files)."""
-    digest = hashlib.sha256(load_rules_stamp(manifest, content=content, skip_invalid=skip_invalid).encode())
+    digest = hashlib.sha256(load_rules_stamp(manifest, content=content).encode())
     source = manifest.recipients.source
     digest.update(f"\0{source}\0".encode())
     digest.update(_file_digest(source))

@@ -32,6 +32,7 @@ from campaign.pipeline import (
     check_rows,
     checked_rows,
     collecting_less,
+    find_skipped_invalid,
 )
 from campaign.plan import DAY_S, Job, WindowPlan, build_quota_warnings, build_schedule, plan_window
 from campaign.recipients import BATCH_ROWS, CheckedRow
@@ -52,6 +53,8 @@ __all__ = [
 INDEX_ROWS = 10_000  # rows listed on index.html; problem rows are listed whatever their number
 STATE_SEND = "to send"
 STATE_INVALID = "invalid"
+_SKIPPED = "skipped"  # with --skip-invalid
+_SKIPPED_EARLIER = "skipped earlier"  # by a run with --skip-invalid, the row unchanged since
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,12 +226,15 @@ def run_preview(
     tally = _Tally(index_rows=max(0, index_rows), samples_wanted=max(0, sample))
     with collecting_less():
         for batch in checked_rows(pipeline, secrets, summarise_for_preview, size=batch_rows):
+            failing = [] if skip_invalid else [row for row, summary in batch if _fails(row, summary)]
+            earlier = find_skipped_invalid(ledger, failing)  # a run keeps these skipped: no problem
             for row, summary in batch:
+                skipped = _SKIPPED_EARLIER if row.row in earlier else _SKIPPED if skip_invalid else None
                 if row.job is None:
-                    _tally_unsent(tally, row.checked, manifest, source, skip_invalid=skip_invalid)
+                    _tally_unsent(tally, row.checked, manifest, source, skipped=skipped)
                 elif isinstance(summary, DataError):
                     issues = (_render_issue(summary, source),)
-                    _tally_problem(tally, row.checked, manifest, issues, skip_invalid)
+                    _tally_problem(tally, row.checked, manifest, issues, skipped)
                 elif summary is None:  # not rendered: sent already
                     _tally_sent_before(tally, row.job, row.settled or "")
                 else:
@@ -266,12 +272,17 @@ def _stops(step: FollowupSettings) -> str:
     return f"stops on {', '.join(step.stop_on)}; auto-replies: {step.auto_replies}"
 
 
+def _fails(row: RowCheck, summary: DataError | MessageLooks | None) -> bool:
+    """Whether a row fails its checks: its scan found problems, or its message did not render."""
+    return bool(row.checked.problems) or isinstance(summary, DataError)
+
+
 def _tally_unsent(
-    tally: _Tally, checked: CheckedRow, manifest: Manifest, source: str, *, skip_invalid: bool
+    tally: _Tally, checked: CheckedRow, manifest: Manifest, source: str, *, skipped: str | None
 ) -> None:
     if checked.problems:
         issues = tuple(_audience_issue(problem, source) for problem in checked.problems)
-        _tally_problem(tally, checked, manifest, issues, skip_invalid)
+        _tally_problem(tally, checked, manifest, issues, skipped)
         return
     skip = checked.skip
     assert skip is not None  # a checked row is a recipient, a skip, or has problems
@@ -282,17 +293,22 @@ def _tally_unsent(
 
 
 def _tally_problem(
-    tally: _Tally, checked: CheckedRow, manifest: Manifest, issues: tuple[Issue, ...], skip_invalid: bool
+    tally: _Tally, checked: CheckedRow, manifest: Manifest, issues: tuple[Issue, ...], skipped: str | None
 ) -> None:
-    if skip_invalid:
+    """A row that fails its checks: a problem (`skipped` None), skipped by --skip-invalid (still shown
+    as a problem, for fixing), or skipped by an earlier run's --skip-invalid (a run keeps it skipped)."""
+    if skipped is not None:
         tally.skipped[SkipReason.INVALID] += 1
     settings = manifest.recipients
     email = _cell(checked.fields, settings.email_column)
-    cells = tuple((str(column), str(value)) for column, value in checked.fields.items())
-    tally.problems.append(RowProblem(checked.row, email, cells, issues))
+    if skipped != _SKIPPED_EARLIER:
+        cells = tuple((str(column), str(value)) for column, value in checked.fields.items())
+        tally.problems.append(RowProblem(checked.row, email, cells, issues))
+    elif not tally.lists():
+        return
     detail = "; ".join(f"{issue.where}: {issue.message}" for issue in issues)
     name = _cell(checked.fields, settings.name_column)
-    state = f"{STATE_INVALID} (skipped)" if skip_invalid else STATE_INVALID
+    state = STATE_INVALID if skipped is None else f"{STATE_INVALID} ({skipped})"
     tally.listed.append(ListedRow(checked.row, email, name, "", "", state, detail))  # every problem is listed
 
 
