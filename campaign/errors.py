@@ -11,6 +11,7 @@ these once, where they arise; only the `campaign.cli` package turns them into ex
     │   └── HeaderError                CR/LF or a bad name in a header
     ├── InputFileError             66  an input file is missing or unreadable
     ├── ApiError                   69  the API failed in a way no retry fixes
+    │   ├── ApiUnavailableError    75  no connection to the API, or it asked us to wait (429, 5xx)
     │   └── ApiAuthError           77  the API refused the credentials
     ├── LedgerError                74  the ledger cannot be read or written; its state is untouched
     └── ManifestError              78  the manifest (or the environment it names) is invalid
@@ -23,6 +24,7 @@ from typing import ClassVar
 __all__ = [
     "ApiAuthError",
     "ApiError",
+    "ApiUnavailableError",
     "CampaignError",
     "DataError",
     "HeaderError",
@@ -124,6 +126,13 @@ class ApiError(CampaignError):
     """The Nylas API failed in a way that stops the run."""
 
     exit_code: ClassVar[int] = 69
+
+
+class ApiUnavailableError(ApiError):
+    """The API could not be reached, or answered that it cannot serve now (429, 5xx): a later try may
+    succeed. The exit code is the "try again later" one, as a run's that stops early."""
+
+    exit_code: ClassVar[int] = 75
 
 
 class ApiAuthError(ApiError):

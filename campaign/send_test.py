@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from email_validator import EmailNotValidError, validate_email
 
-from campaign.errors import ApiAuthError, ApiError, DataError, UsageError
+from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError, DataError, UsageError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Address, Message, OutcomeKind
@@ -105,9 +105,15 @@ async def send_test_message(client: SendClient, test: TestMessage) -> str:
         return outcome.message_id
     why = outcome.error_message or outcome.error_type or outcome.kind.value
     status = f"HTTP {outcome.status}: " if outcome.status is not None else ""
-    message = f"sender {test.sender.name!r}: the test message was not sent ({status}{why})"
+    sender = f"sender {test.sender.name!r}"
+    message = f"{sender}: the test message was not sent ({status}{why})"
     if outcome.kind == OutcomeKind.AUTH_REFUSED:
         raise ApiAuthError(f"{message}; check the API key and that the grant is valid")
+    if outcome.kind in (OutcomeKind.THROTTLED, OutcomeKind.UNREACHABLE):
+        raise ApiUnavailableError(f"{message}; try again later")
+    if outcome.kind in (OutcomeKind.AMBIGUOUS, OutcomeKind.IN_PROGRESS):
+        unsure = f"{sender}: the test message may or may not have been sent ({status}{why})"
+        raise ApiUnavailableError(f"{unsure}; look in {test.message.to[0].email}'s inbox before trying again")
     raise ApiError(message)
 
 

@@ -8,6 +8,7 @@ read by flufl.bounce.
 from __future__ import annotations
 
 from conftest import copy_sample
+from support import refusing_url
 
 from campaign.manifest import load_manifest
 from campaign.testing import FakeClock
@@ -144,3 +145,25 @@ def test_events_pull_needs_a_store_and_a_started_campaign(api, cli, tmp_path):
     refused = cli("events", "pull", manifest)
     assert refused.exit_code == 2
     assert "unsubscribe.store" in refused.stderr
+
+
+def test_events_pull_that_cannot_reach_the_api_exits_75_and_records_nothing(api, cli, tmp_path, monkeypatch):
+    """No connection is a "try again later" (75), not a failure no retry fixes (69)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    text = manifest.read_text()
+    lists = 'suppress = ["unsubscribed.txt"'
+    manifest.write_text(text.replace(lists, f'{lists}, "store.sqlite"'))
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    api.receive_message(sender.grant_id, _gmail_dsn(api.deliveries[0].payload["to"][0]["email"]))
+    with refusing_url() as down:
+        monkeypatch.setenv("NYLAS_API_URI", down)
+        refused = cli("events", "pull", manifest)
+    assert refused.exit_code == 75, refused.output
+    assert "try again" in refused.stderr
+    store = open_store(manifest.parent / "store.sqlite", clock=FakeClock(), create=False)
+    try:
+        assert list(store.entries()) == []
+    finally:
+        store.close()

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from campaign import __version__
-from campaign.errors import ApiAuthError, ApiError, ManifestError
+from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError, ManifestError
 from campaign.models import Address, Attachment, Message, OutcomeKind, SendOutcome, ThrottleKind, Tracking
 from campaign.nylas import (
     DEFAULT_API_URI,
@@ -807,28 +807,37 @@ async def test_list_auth_refusal_raises_api_auth_error(status: int, error_type: 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("reply", "needles"),
+    ("reply", "needles", "kind"),
     [
         (
             respond(404, error_body("not_found_error", "requested object not found")),
             ["404", "not_found_error"],
+            ApiError,
         ),
         (
             respond(429, error_body("nylas_rate_limit_exceeded", "Too many requests")),
-            ["429", "nylas_rate_limit"],
+            ["429", "nylas_rate_limit", "try again later"],
+            ApiUnavailableError,
         ),
-        (respond(502, text=GATEWAY_502), ["502", "Bad Gateway"]),
-        (respond(200, text="<html>captive portal</html>"), ["not a JSON object"]),
-        (respond(200, {"data": {"not": "a list"}}), ["'data' array"]),
-        (respond(200, {"data": [{"subject": "no id"}]}), ["without an id"]),
-        (raising(httpx.ConnectError(f"refused {API_KEY}")), ["ConnectError", "check the network"]),
+        (respond(502, text=GATEWAY_502), ["502", "Bad Gateway", "try again later"], ApiUnavailableError),
+        (respond(200, text="<html>captive portal</html>"), ["not a JSON object"], ApiError),
+        (respond(200, {"data": {"not": "a list"}}), ["'data' array"], ApiError),
+        (respond(200, {"data": [{"subject": "no id"}]}), ["without an id"], ApiError),
+        (
+            raising(httpx.ConnectError(f"refused {API_KEY}")),
+            ["ConnectError", "check the network"],
+            ApiUnavailableError,
+        ),
     ],
 )
-async def test_list_failures_raise_api_error(reply: Handler, needles: list[str]) -> None:
-    """Anything else going wrong while listing is an ApiError (not auth) with a useful one-line message."""
+async def test_list_failures_raise_api_error(
+    reply: Handler, needles: list[str], kind: type[ApiError]
+) -> None:
+    """Anything else going wrong while listing is an ApiError (not auth) with a useful one-line message:
+    ApiUnavailableError (exit 75, try again later) when no connection was made or the API asked to wait."""
     with pytest.raises(ApiError) as info:
         await list_with(reply, in_folder="SENT")
-    assert type(info.value) is ApiError
+    assert type(info.value) is kind
     message = str(info.value)
     assert all(needle in message for needle in needles), message
     assert API_KEY not in message

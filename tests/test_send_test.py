@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import API_KEY, copy_sample
+from support import refusing_url
 
 from campaign.manifest import load_manifest
-from campaign.testing import FakeNylas
+from campaign.testing import FakeNylas, Fault
 
 
 def _register(api: FakeNylas, manifest_path) -> dict[str, str]:
@@ -112,6 +114,42 @@ def test_send_test_reports_a_refused_key_with_exit_77(api, cli, tmp_path, monkey
     assert result.exit_code == 77
     assert "nyk_v0_wrong_key" not in result.output
     assert api.deliveries == []
+
+
+def test_send_test_that_cannot_reach_the_api_exits_75_saying_nothing_was_sent(
+    api, cli, tmp_path, monkeypatch
+):
+    """No connection is a "try again later" (75), not a failure no retry fixes (69)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    with refusing_url() as down:
+        monkeypatch.setenv("NYLAS_API_URI", down)
+        result = cli("send-test", manifest, "--to", "me@example.com")
+    assert result.exit_code == 75, result.output
+    assert "the test message was not sent" in result.stderr
+    assert "try again later" in result.stderr
+    assert api.requests == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "said", "delivered"),
+    [
+        (Fault.NYLAS_RATE_LIMIT, 75, "was not sent", 0),
+        (Fault.TIMEOUT_AFTER_SEND, 75, "may or may not have been sent", 1),
+        (Fault.REJECTED, 69, "was not sent", 0),
+    ],
+    ids=["throttled", "ambiguous", "rejected"],
+)
+def test_send_test_exit_code_says_whether_trying_again_can_help(
+    api, cli, tmp_path, fault, code, said, delivered
+):
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    api.script(fault, times=50)
+    result = cli("send-test", manifest, "--to", "me@example.com")
+    assert result.exit_code == code, result.output
+    assert said in result.stderr
+    assert len(api.deliveries) == delivered
 
 
 def test_send_test_in_the_sandbox_needs_no_account(cli, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ import httpx
 
 from campaign import __version__
 from campaign.clock import Clock
-from campaign.errors import ApiAuthError, ApiError, ManifestError
+from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError, ManifestError
 from campaign.manifest import SenderSettings
 from campaign.models import OutcomeKind, SendOutcome
 from campaign.nylas._answers import (
@@ -331,7 +331,8 @@ class NylasClient:
             response = await self._http.get(path, params=params, headers=self._base_headers)
         except httpx.RequestError as exc:
             detail = self._scrub(describe_exception(exc))
-            raise ApiError(f"{where}: {detail}; check the network and api.uri, then try again") from exc
+            hint = "check the network and api.uri, then try again"
+            raise ApiUnavailableError(f"{where}: {detail}; {hint}") from exc
         status = response.status_code
         text = self._scrub(answer_text(response))
         body = parse_json_object(text)
@@ -344,6 +345,8 @@ class NylasClient:
             if status in (401, 403):
                 hint = "check the key in the variable named by api.key_env, or re-authenticate the grant"
                 raise ApiAuthError(f"{where} failed: {what}; {hint}")
+            if status == 429 or status >= 500:
+                raise ApiUnavailableError(f"{where} failed: {what}; try again later")
             raise ApiError(f"{where} failed: {what}; check the grant id, or try again later")
         if body is None:
             raise ApiError(f"{where}: HTTP {status} but the body is not a JSON object; is api.uri right?")
