@@ -171,6 +171,7 @@ class Status:
     bounces: BounceSummary | None = None  # None: none of its sent messages bounced (or no store)
     steps: tuple[StepStatus, ...] = ()  # with [[followups]]: every step, step 1 first
     workers: tuple[WorkerView, ...] = ()  # a campaign shared in PostgreSQL: its workers, live ones first
+    waiting: tuple[ErrorCause, ...] = ()  # open rows whose last try failed, per cause, most first
 
     @property
     def started(self) -> bool:
@@ -197,6 +198,9 @@ class Status:
                 "errors": {error.cause: error.count for error in self.errors},
                 "last_errors": {
                     error.cause: error.latest for error in self.errors if error.latest is not None
+                },
+                "waiting": {
+                    error.cause: {"rows": error.count, "latest": error.latest} for error in self.waiting
                 },
                 "removed_from_list": self.removed_from_list,
                 "next": [step.as_json() for step in self.next_steps],
@@ -318,6 +322,7 @@ def build_status(
         states=_every_state(counts),
         skipped=dict(sorted(ledger.skip_causes().items())),
         errors=_error_causes(ledger.error_groups()),
+        waiting=_error_causes(ledger.error_groups(waiting=True)),
         removed_from_list=removed,
         next_steps=tuple(steps),
         senders=senders,

@@ -838,6 +838,34 @@ def test_errors_are_grouped_with_their_first_and_latest_rows_and_skips_by_cause(
     assert ledger.skip_causes() == {"suppressed": 1, "invalid": 1}
 
 
+def test_open_rows_whose_last_try_failed_are_grouped_apart_from_the_rows_not_sent(ledgers, clock):
+    """error_groups(waiting=True): pending and in-flight rows that carry their last try's error (a 429, no
+    connection, an ambiguous answer being retried), not the rows never tried, failed or sent since."""
+    ledger = ledgers.open("waiting", clock=clock)
+    ledger.record_plan([PlannedRow(f"r{n}@x", n + 1, f"r{n}@x", "alice") for n in range(6)], [])
+    down = SendOutcome(OutcomeKind.UNREACHABLE, error_type="network", error_message="could not connect")
+    for key, outcome in (("r0@x", THROTTLED), ("r1@x", down), ("r2@x", AMBIGUOUS), ("r3@x", REJECTED)):
+        ledger.claim(key)
+        clock.advance(1)
+        ledger.record_outcome(key, outcome, sender="alice")
+    ledger.claim("r4@x")
+    ledger.record_outcome("r4@x", THROTTLED, sender="alice")
+    ledger.claim("r4@x")
+    ledger.record_outcome("r4@x", SENT, sender="alice")  # sent since: no longer waiting
+    assert [ledger.row(f"r{n}@x").state for n in range(6)] == [P, P, IN, F, S, P]
+    waiting = {
+        (group.status, group.error_type, group.state): group for group in ledger.error_groups(waiting=True)
+    }
+    assert set(waiting) == {(429, "throttled", P), (None, "network", P), (503, "api.internal_error", IN)}
+    assert waiting[(None, "network", P)].latest == (
+        ledger.row("r1@x").updated_at,
+        2,
+        "r1@x",
+        "could not connect",
+    )
+    assert [(group.status, group.state) for group in ledger.error_groups()] == [(402, F)]
+
+
 # --- follow-up steps ------------------------------------------------------------------------------
 
 

@@ -193,16 +193,24 @@ def _status_from_rows(
         }
     skipped: Counter[str] = Counter()
     errors: Counter[str] = Counter()
+    waiting: Counter[str] = Counter()  # open rows whose last try failed
     last_error: dict[str, tuple[str, str]] = {}
+    last_waiting: dict[str, tuple[str, str]] = {}
     for row in rows:
         if row.state == RowState.SKIPPED:
             skipped[(row.reason or "unknown").split(":", 1)[0]] += 1
-        elif row.state in (RowState.FAILED, RowState.UNKNOWN):
-            cause = f"{row.error_status or '-'} {row.error_type or row.state.value}"
-            errors[cause] += 1
-            said = row.error_message or row.note or ""
-            if said and row.updated_at >= last_error.get(cause, ("", ""))[0]:
-                last_error[cause] = (row.updated_at, said)
+            continue
+        if row.state in (RowState.FAILED, RowState.UNKNOWN):
+            tally, last = errors, last_error
+        elif row.state in (RowState.PENDING, RowState.INFLIGHT) and row.error_type is not None:
+            tally, last = waiting, last_waiting
+        else:
+            continue
+        cause = f"{row.error_status or '-'} {row.error_type or row.state.value}"
+        tally[cause] += 1
+        said = row.error_message or row.note or ""
+        if said and row.updated_at >= last.get(cause, ("", ""))[0]:
+            last[cause] = (row.updated_at, said)
     schedule = build_schedule(
         manifest.senders,
         remaining={
@@ -247,6 +255,10 @@ def _status_from_rows(
         "last_errors": {
             cause: last_error[cause][1] for cause, _ in errors.most_common() if cause in last_error
         },
+        "waiting": {
+            cause: {"rows": count, "latest": last_waiting[cause][1] if cause in last_waiting else None}
+            for cause, count in waiting.most_common()
+        },
         "removed_from_list": removed,
         "next": [step.as_json() for step in steps],
         "senders": senders,
@@ -279,6 +291,10 @@ def test_status_equals_a_pass_over_every_row(ledgers, tmp_path, sandbox):
         "503 api.internal_error": "upstream",
         "- rejected": "r20",
     }
+    assert [(error.cause, error.count) for error in got.waiting] == [
+        ("429 rate_limit", 1),
+        ("504 ambiguous", 1),
+    ]
     assert got.skipped == {
         "désabonné": 1,
         "duplicate": 1,
@@ -334,6 +350,7 @@ def test_a_campaign_not_started_has_the_documented_json(tmp_path):
             "skipped": {},
             "errors": {},
             "last_errors": {},
+            "waiting": {},
             "removed_from_list": 0,
             "next": [],
             "senders": {

@@ -176,8 +176,8 @@ async def test_a_row_whose_key_may_have_been_used_keeps_it_through_an_outage_and
 def test_run_against_an_api_that_cannot_be_reached_exits_75_and_resume_sends_each_once(
     api, cli, tmp_path, monkeypatch
 ):
-    """`campaign run` with the API down: exit 75, a line saying so, nothing unknown or in flight; once it is
-    back, `campaign resume` sends the five messages, each once."""
+    """`campaign run` with the API down: exit 75, a line saying so, nothing unknown or in flight, and
+    `status` says why the rows wait; once it is back, `campaign resume` sends the five messages, each once."""
     manifest = copy_sample("newsletter", tmp_path)
     for sender in load_manifest(manifest).senders:
         api.add_grant(sender.grant_id, sender.email or "")
@@ -194,7 +194,14 @@ def test_run_against_an_api_that_cannot_be_reached_exits_75_and_resume_sends_eac
     status = json.loads(cli("status", manifest, "--json").stdout)
     assert status["states"]["pending"] == 5
     assert status["states"]["unknown"] == status["states"]["inflight"] == 0
+    # Why they wait: the rows tried say so (the sender stopped before trying the others).
+    (cause,) = status["waiting"]
+    assert cause == "- network"
+    assert 1 <= status["waiting"][cause]["rows"] <= 5
+    assert "could not connect to the API" in status["waiting"][cause]["latest"]
+    assert "to retry (- network)" in cli("status", manifest).stdout
     again = cli("resume", manifest, "--yes")
     assert again.exit_code == 0, again.output
     delivered = _delivered(api)
     assert len(delivered) == len(set(delivered)) == 5
+    assert json.loads(cli("status", manifest, "--json").stdout)["waiting"] == {}

@@ -342,6 +342,9 @@ def print_status(console: Console, status: Status) -> None:
     for error in status.errors:
         last = f" (latest: {show(error.latest)})" if error.latest else ""
         console.print(f"[red]not sent[/] ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
+    for error in status.waiting:
+        last = f" (latest: {show(error.latest)})" if error.latest else ""
+        console.print(f"[yellow]to retry[/] ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
     _print_workers(console, status)
     _print_engagement(console, status)
     print_next_steps(console, status.next_steps)

@@ -45,10 +45,12 @@ from campaign.ledger._pg_schema import (
 )
 from campaign.ledger._read import (
     _SAMPLED_FROM,
+    FAILED_ROWS,
     LIST_EXTENT,
     PLAN_STAMP,
     ROW_COLUMNS,
     RULES_STAMP,
+    WAITING_ROWS,
     ErrorGroup,
     JournalEntry,
     LedgerRow,
@@ -1038,12 +1040,16 @@ class PostgresLedger(KeptFacts):
             )
         )
 
-    def error_groups(self) -> list[ErrorGroup]:
+    def error_groups(self, *, waiting: bool = False) -> list[ErrorGroup]:
         """Failed and unknown rows grouped by HTTP status, error type and state, with their first and
-        latest rows (the latest among those with an error message or a note)."""
+        latest rows (the latest among those with an error message or a note). With `waiting`, the open
+        rows (pending, in flight) whose last try failed instead: why they are still to send."""
+        rows = WAITING_ROWS if waiting else FAILED_ROWS
+        groups = self._read(_ERROR_GROUPS.format(rows=rows), (self._id,))
+        said = self._read(_LATEST_ERRORS.format(rows=rows), (self._id,))
         latest: dict[tuple[object, ...], tuple[str, int, str, str]] = {
-            (status, error_type, state): (at, row, key, said)
-            for status, error_type, state, at, row, key, said in self._read(_LATEST_ERRORS, (self._id,))
+            (status, error_type, state): (at, row, key, text)
+            for status, error_type, state, at, row, key, text in said
         }
         return [
             ErrorGroup(
@@ -1054,7 +1060,7 @@ class PostgresLedger(KeptFacts):
                 first=(row, key),
                 latest=latest.get((status, error_type, state)),
             )
-            for status, error_type, state, count, row, key in self._read(_ERROR_GROUPS, (self._id,))
+            for status, error_type, state, count, row, key in groups
         ]
 
     def journal(self) -> list[JournalEntry]:
@@ -1335,7 +1341,7 @@ _ERROR_GROUPS = """
     SELECT error_status, error_type, state, total, row, key FROM (
         SELECT error_status, error_type, state, row, key, COUNT(*) OVER cause AS total,
             ROW_NUMBER() OVER (cause ORDER BY row, key) AS place
-        FROM recipients WHERE campaign_id = %s AND state IN ('failed', 'unknown')
+        FROM recipients WHERE campaign_id = %s AND {rows}
         WINDOW cause AS (PARTITION BY error_status, error_type, state)
     ) AS grouped WHERE place = 1
     ORDER BY error_status NULLS FIRST, error_type NULLS FIRST, state
@@ -1349,7 +1355,7 @@ _LATEST_ERRORS = """
         FROM (
             SELECT error_status, error_type, state, updated_at, row, key,
                 COALESCE(NULLIF(error_message, ''), NULLIF(note, '')) AS said
-            FROM recipients WHERE campaign_id = %s AND state IN ('failed', 'unknown')
+            FROM recipients WHERE campaign_id = %s AND {rows}
         ) AS saying WHERE said IS NOT NULL
     ) AS ranked WHERE place = 1
 """

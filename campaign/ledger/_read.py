@@ -90,11 +90,16 @@ class ErrorGroup:
 ROW_COLUMNS: tuple[str, ...] = tuple(LedgerRow.__dataclass_fields__)
 
 # Each group's size and first row in list order (ties in `status`'s ranking of causes keep that order).
+# The rows `error_groups` groups: those not sent (failed, unknown), or with `waiting` the open rows whose
+# last try failed (an outcome that is not "sent" always leaves an error type: the partial index
+# `recipients_erred` holds them).
+FAILED_ROWS = "state IN ('failed', 'unknown')"
+WAITING_ROWS = "state IN ('pending', 'inflight') AND error_type IS NOT NULL"
 _ERROR_GROUPS = """
     SELECT error_status, error_type, state, total, row, key FROM (
         SELECT error_status, error_type, state, row, key, COUNT(*) OVER cause AS total,
             ROW_NUMBER() OVER (cause ORDER BY row, key) AS place
-        FROM recipients WHERE state IN ('failed', 'unknown')
+        FROM recipients WHERE {rows}
         WINDOW cause AS (PARTITION BY error_status, error_type, state)
     ) WHERE place = 1
 """
@@ -106,7 +111,7 @@ _LATEST_ERRORS = """
         ) AS place
         FROM (
             SELECT *, COALESCE(NULLIF(error_message, ''), NULLIF(note, '')) AS said FROM recipients
-            WHERE state IN ('failed', 'unknown')
+            WHERE {rows}
         ) WHERE said IS NOT NULL
     ) WHERE place = 1
 """
@@ -378,12 +383,14 @@ class LedgerReader:
         )
         return {str(cause): int(count) for cause, count in self._read(query)}
 
-    def error_groups(self) -> list[ErrorGroup]:
+    def error_groups(self, *, waiting: bool = False) -> list[ErrorGroup]:
         """Failed and unknown rows grouped by HTTP status, error type and state, with their first and
-        latest rows (the latest among those with an error message or a note)."""
+        latest rows (the latest among those with an error message or a note). With `waiting`, the open
+        rows (pending, in flight) whose last try failed instead: why they are still to send."""
+        rows = WAITING_ROWS if waiting else FAILED_ROWS
         latest: dict[tuple[object, ...], tuple[str, int, str, str]] = {
             (status, error_type, state): (str(at), int(row), str(key), str(said))
-            for status, error_type, state, at, row, key, said in self._read(_LATEST_ERRORS)
+            for status, error_type, state, at, row, key, said in self._read(_LATEST_ERRORS.format(rows=rows))
         }
         return [
             ErrorGroup(
@@ -394,7 +401,7 @@ class LedgerReader:
                 first=(int(row), str(key)),
                 latest=latest.get((status, error_type, state)),
             )
-            for status, error_type, state, count, row, key in self._read(_ERROR_GROUPS)
+            for status, error_type, state, count, row, key in self._read(_ERROR_GROUPS.format(rows=rows))
         ]
 
     def journal(self) -> list[JournalEntry]:
