@@ -198,7 +198,7 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
     stamp = load_plan_stamp(manifest, content=content)
     rules = load_rules_stamp(manifest, content=content)
     source = manifest.recipients.source
-    extent = load_list_extent(source, size=source.stat().st_size, rows=rows, invalid=False)
+    extent = load_list_extent(source, size=source.stat().st_size, rows=rows)
     ledger.record_plan([], [], stamp=stamp, rules=rules, extent=extent.encode())
     ledger.close()
     # Each row's cells as a run records them, so that a changed list re-checks only what changed.

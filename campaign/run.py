@@ -290,7 +290,6 @@ def _check(
             manifest.recipients.source,
             size=preflight.list_end,
             rows=preflight.last_row,
-            invalid=SkipReason.INVALID.value in preflight.skipped,
         )
         if start is not None and ledger is not None:  # and the rows recorded before that a run still sends
             to_send += _still_to_send(ledger.counts(listed=True))

@@ -89,12 +89,12 @@ class ErrorGroup:
 
 ROW_COLUMNS: tuple[str, ...] = tuple(LedgerRow.__dataclass_fields__)
 
-# Each group's size and first row in list order (ties in `status`'s ranking of causes keep that order).
 # The rows `error_groups` groups: those not sent (failed, unknown), or with `waiting` the open rows whose
 # last try failed (an outcome that is not "sent" always leaves an error type: the partial index
 # `recipients_erred` holds them).
 FAILED_ROWS = "state IN ('failed', 'unknown')"
 WAITING_ROWS = "state IN ('pending', 'inflight') AND error_type IS NOT NULL"
+# Each group's size and first row in list order (ties in `status`'s ranking of causes keep that order).
 _ERROR_GROUPS = """
     SELECT error_status, error_type, state, total, row, key FROM (
         SELECT error_status, error_type, state, row, key, COUNT(*) OVER cause AS total,

@@ -83,43 +83,43 @@ def load_plan_stamp(manifest: Manifest, *, content: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ListExtent:
-    """The list file a plan was made of, as the ledger keeps it: its size and SHA-256, its data rows, and
-    whether any row was skipped as invalid (`--skip-invalid`)."""
+    """The list file a plan was made of, as the ledger keeps it: its size and SHA-256, and its data rows."""
 
     size: int
     digest: str
     rows: int
-    invalid: bool
 
     def encode(self) -> str:
-        return json.dumps(
-            {"size": self.size, "digest": self.digest, "rows": self.rows, "invalid": self.invalid}
-        )
+        return json.dumps({"size": self.size, "digest": self.digest, "rows": self.rows})
 
     @classmethod
     def decode(cls, text: str | None) -> ListExtent | None:
         try:
             found = json.loads(text or "")
-            return cls(int(found["size"]), str(found["digest"]), int(found["rows"]), bool(found["invalid"]))
+            return cls(int(found["size"]), str(found["digest"]), int(found["rows"]))
         except (ValueError, TypeError, KeyError):
             return None
 
 
-def load_list_extent(path: Path, *, size: int, rows: int, invalid: bool) -> ListExtent:
+def load_list_extent(path: Path, *, size: int, rows: int) -> ListExtent:
     """The list file at `path` as a plan of its first `size` bytes (its `rows` data rows: the rows a check
     read, whatever was appended meanwhile) records it (reads the file)."""
     found = _prefix_digest(path, size)
-    return ListExtent(size, "" if found is None else found[0], rows, invalid)
+    return ListExtent(size, "" if found is None else found[0], rows)
 
 
 def find_appended(manifest: Manifest, ledger: Ledger) -> ListStart | None:
     """Where the rows appended to the list since the ledger's plan start, when the list only grew: the
     file begins with the very bytes that plan was made of, ending with a newline. None when it changed
-    otherwise, is not a CSV, or the plan skipped rows as invalid (a new row could duplicate one of those,
-    which only a check of every row tells). Reads the file."""
+    otherwise or is not a CSV. Reads the file.
+
+    Rows the plan skipped as invalid need no second look: under the same rules (the caller's condition)
+    an unchanged row fails as it failed, and a new row that repeats the address of one whose message
+    failed is its duplicate, as the ledger lists it (a row with problems claims no address).
+    """
     recorded = ListExtent.decode(ledger.list_extent())
     path = manifest.recipients.source
-    if recorded is None or recorded.invalid or not recorded.size or path.suffix.lower() != ".csv":
+    if recorded is None or not recorded.size or path.suffix.lower() != ".csv":
         return None
     try:
         if path.stat().st_size <= recorded.size:
