@@ -120,3 +120,18 @@ def test_a_senders_line_says_when_it_cannot_connect_and_clears_once_the_api_answ
     assert "no connection" not in shown[1]
     assert "no connection" not in shown[2]
     assert "API unreachable" in shown[3]
+
+
+def test_the_check_and_the_run_summary_group_the_thousands_of_a_big_list():
+    """A million-row list's tally reads as the progress lines do: "1,009,899 to send", not "1009899"."""
+    from campaign.cli.output import print_checked, print_run_summary
+    from campaign.dispatch import DispatchResult
+
+    console = Console(file=io.StringIO(), width=200)
+    print_checked(console, source="r.csv", to_send=1_009_899, skipped={"invalid": 1_100}, appended=10_000)
+    result = DispatchResult(sent=1_000_000, failed=0, unknown=0, remaining=0)
+    print_run_summary(console, result, states={"sent": 1_000_000, "skipped": 1_100}, next_steps=())
+    text = console.file.getvalue()
+    assert "r.csv: checked the 10,000 rows added at its end, 1,009,899 to send, 1,100 invalid" in text
+    assert "This run: 1,000,000 sent, 0 failed, 0 unknown." in text
+    assert "Ledger: 1,000,000 sent, 1,100 skipped" in text

@@ -102,7 +102,7 @@ def print_checked(
     `unchanged`: the list was not checked again, because nothing changed since a run that checked it;
     `appended`: only the rows added at its end since then were checked (how many).
     """
-    parts = [f"{to_send} to send", *(f"{count} {reason}" for reason, count in sorted(skipped.items()))]
+    parts = [f"{to_send:,} to send", *(f"{count:,} {reason}" for reason, count in sorted(skipped.items()))]
     how = "unchanged since it was checked" if unchanged else "checked"
     if appended:
         how = f"checked the {appended:,} row{'' if appended == 1 else 's'} added at its end"
@@ -117,8 +117,8 @@ def print_run_summary(
     next_steps: Sequence[NextStep],
 ) -> None:
     """What this run did, what is not done, and the exact commands to continue (`next_steps`)."""
-    console.print(f"This run: {result.sent} sent, {result.failed} failed, {result.unknown} unknown.")
-    ledger = ", ".join(f"{count} {state}" for state, count in states.items() if count) or "empty"
+    console.print(f"This run: {result.sent:,} sent, {result.failed:,} failed, {result.unknown:,} unknown.")
+    ledger = ", ".join(f"{count:,} {state}" for state, count in states.items() if count) or "empty"
     done = not any(states.get(state, 0) for state in ("pending", "inflight", "unknown"))
     console.print(f"Ledger: {ledger}" + (" (every recipient settled)." if done else "."))
     for sender, until in sorted(result.parked.items()):
