@@ -7,6 +7,8 @@ read by flufl.bounce.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from conftest import copy_sample
 from support import refusing_url
 
@@ -120,6 +122,13 @@ def test_events_pull_records_gmail_and_exchange_bounces_once_and_ignores_ordinar
     try:
         assert sorted(e.recipient_key for e in store.entries()) == sorted(sent[:2])
         assert [b.hard for b in store.bounces("later@example.org")] == [False]
+        # What each report says of its address (RFC 3464), for `campaign report`.
+        (gmail,) = store.bounces(sent[0])
+        assert (gmail.code, gmail.kind) == ("5.1.1", "dsn")
+        assert gmail.reason == "550-5.1.1 The email account that you tried to reach does not exist."
+        (exchange,) = store.bounces(sent[1])
+        assert exchange.code == "5.1.10"
+        assert (exchange.reason or "").startswith("550 5.1.10 RESOLVER.ADR.RecipientNotFound;")
         assert store.bounces("chen.wei@example.net") == []
     finally:
         store.close()
@@ -167,3 +176,20 @@ def test_events_pull_that_cannot_reach_the_api_exits_75_and_records_nothing(api,
         assert list(store.entries()) == []
     finally:
         store.close()
+
+
+def test_a_reports_diagnostic_is_kept_as_one_bounded_line_of_text():
+    """The remote server's text is data: control characters and line breaks go, and it is cut short."""
+    from campaign.events._pull import _read_report
+
+    hostile = "=cmd|' /C calc'!A0\x07 <b>no</b>\t" + "x" * 5_000
+    raw = _gmail_dsn("ann@example.com").replace(
+        b"smtp; 550-5.1.1 The email account that you tried to reach does not exist.",
+        f"smtp; {hostile}\r\n  continued".encode(),
+    )
+    (bounce,) = _read_report(raw, received=datetime.now(UTC), message_id="m-1")
+    assert bounce.code == "5.1.1"
+    assert bounce.reason is not None
+    assert bounce.reason.startswith("=cmd|' /C calc'!A0 <b>no</b> xxx")
+    assert len(bounce.reason) == 500
+    assert not any(ord(char) < 32 for char in bounce.reason)

@@ -5,8 +5,9 @@ A bounce comes back to the mailbox that sent the message, as a delivery status n
 bounded), picks the likely reports (from `MAILER-DAEMON` or `postmaster`, or a subject such as
 "Undeliverable" or "Delivery Status Notification"), fetches their MIME (`fields=raw_mime`), and
 lets flufl.bounce (GNU Mailman's bounce detectors) say which addresses failed, for good or for
-now. They are recorded in the unsubscribe store like webhook bounces, once per report: pulling
-twice records nothing twice.
+now. Where the report is a standard DSN (RFC 3464), each address's `Status` code and the remote
+server's `Diagnostic-Code` go with it, for `campaign report` to show. They are recorded in the
+unsubscribe store like webhook bounces, once per report: pulling twice records nothing twice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import email
 import email.message
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +31,7 @@ from campaign.unsubscribe import BounceRecord, SuppressionStore
 __all__ = ["MAX_PAGES", "InboxReader", "PullReport", "pull_bounces"]
 
 PAGE = 200
+_FIELD_CHARS = 500  # of a DSN's Status or Diagnostic-Code kept with a bounce
 MAX_PAGES = 10  # per grant and pull: the newest 2,000 inbox messages since the first send
 _REPORT_SENDERS = re.compile(r"^(mailer-daemon|postmaster)@", re.IGNORECASE)
 _REPORT_SUBJECTS = re.compile(
@@ -148,7 +151,37 @@ def _read_report(raw: bytes, *, received: datetime, message_id: str) -> tuple[Bo
         text = address.decode("utf-8", errors="replace").strip().lower()
         if "@" in text:
             found[text] = found.get(text, False) or is_hard
+    said = _delivery_status(parsed)
     return tuple(
-        BounceRecord(address, is_hard, when, None, "dsn", None, message_id)
+        BounceRecord(address, is_hard, when, *said.get(address, (None, "dsn", None)), message_id=message_id)
         for address, is_hard in found.items()
     )
+
+
+def _delivery_status(report: email.message.Message) -> dict[str, tuple[str | None, str, str | None]]:
+    """Per recipient (lower-cased), what a standard DSN says of it (RFC 3464): its Status code, "dsn",
+    and the remote server's Diagnostic-Code (one line, bounded: it is the remote server's text)."""
+    found: dict[str, tuple[str | None, str, str | None]] = {}
+    for part in report.walk():
+        blocks = part.get_payload() if part.get_content_type() == "message/delivery-status" else None
+        if not isinstance(blocks, list):
+            continue
+        for block in blocks[1:]:  # the first block is about the message, the others a recipient each
+            if not isinstance(block, email.message.Message):
+                continue
+            recipient = block.get("Final-Recipient") or block.get("Original-Recipient")
+            if recipient is None:
+                continue
+            address = str(recipient).rpartition(";")[2].strip().lower()
+            status = _field_text(block.get("Status"))
+            # "smtp; 550 5.1.1 …": the text after its type (all of it, when a server leaves the type out)
+            diagnostic = _field_text(str(block.get("Diagnostic-Code") or "").split(";", 1)[-1])
+            found.setdefault(address, (status, "dsn", diagnostic))
+    return found
+
+
+def _field_text(value: object) -> str | None:
+    """A DSN field's text on one line, without control or format characters, at most `_FIELD_CHARS`
+    long; None when empty."""
+    text = "".join(" " if unicodedata.category(char)[0] == "C" else char for char in str(value or ""))
+    return " ".join(text.split())[:_FIELD_CHARS] or None
