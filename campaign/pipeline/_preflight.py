@@ -8,7 +8,7 @@ writes the ledger or sends.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -110,8 +110,8 @@ def run_preflight(
                 on_rows(done, total)
             rows: list[PlannedRow] = []
             skips: list[Skip] = []
-            failing = [] if skip_invalid else [checked for checked, error in batch if _fails(checked, error)]
-            earlier = find_skipped_invalid(ledger, failing)
+            rendered = ((checked, error is not None) for checked, error in batch)
+            earlier = frozenset() if skip_invalid else find_skipped_invalid(ledger, rendered)
             for checked, error in batch:
                 if checked.job is not None and error is None:  # rendered and checked, or reused
                     rows.append(_planned_row(checked, checked.job, due_at(checked.job)))
@@ -156,23 +156,18 @@ def _problems(checked: RowCheck, error: str | None, source: str) -> list[str]:
     return [problem.describe(source) for problem in checked.checked.problems]
 
 
-def find_skipped_invalid(ledger: Ledger | None, failing: Sequence[RowCheck]) -> frozenset[int]:
-    """The rows of `failing` (rows that fail their checks) that a run skipped as invalid (--skip-invalid)
-    when they held the very cells they hold now: that decision stands without the flag. A row changed
-    since, or moved to another number (such a row is known by its number: it may have no address), is
-    a problem again. Reads the ledger."""
-    if ledger is None or not failing:
+def find_skipped_invalid(ledger: Ledger | None, rows: Iterable[tuple[RowCheck, bool]]) -> frozenset[int]:
+    """Of `rows` (each with whether its message failed), those that fail their checks and that a run
+    skipped as invalid (--skip-invalid) when they held the very cells they hold now: that decision stands
+    without the flag. A row changed since, or moved to another number (such a row is known by its
+    number: it may have no address), is a problem again. Reads the ledger."""
+    if ledger is None:
         return frozenset()
-    known = {checked.row: _invalid_identity(checked) for checked in failing}
+    known = {row.row: _invalid_identity(row) for row, failed in rows if failed or row.checked.problems}
+    if not known:
+        return frozenset()
     recorded = ledger.invalid_cells([key for key, _ in known.values()])
     return frozenset(row for row, (key, cells) in known.items() if recorded.get(key) == cells)
-
-
-def _fails(checked: RowCheck, error: str | None) -> bool:
-    """Whether a row of a run's check fails it: its scan found problems, or its message did not render."""
-    if checked.job is None:
-        return checked.checked.skip is None
-    return error is not None
 
 
 def _invalid_identity(checked: RowCheck) -> tuple[str, str]:

@@ -226,8 +226,9 @@ def run_preview(
     tally = _Tally(index_rows=max(0, index_rows), samples_wanted=max(0, sample))
     with collecting_less():
         for batch in checked_rows(pipeline, secrets, summarise_for_preview, size=batch_rows):
-            failing = [] if skip_invalid else [row for row, summary in batch if _fails(row, summary)]
-            earlier = find_skipped_invalid(ledger, failing)  # a run keeps these skipped: no problem
+            rendered = ((row, isinstance(summary, DataError)) for row, summary in batch)
+            # A run keeps these skipped: no problem.
+            earlier = frozenset() if skip_invalid else find_skipped_invalid(ledger, rendered)
             for row, summary in batch:
                 skipped = _SKIPPED_EARLIER if row.row in earlier else _SKIPPED if skip_invalid else None
                 if row.job is None:
@@ -270,11 +271,6 @@ def _step_plans(manifest: Manifest) -> tuple[StepPlan, ...]:
 
 def _stops(step: FollowupSettings) -> str:
     return f"stops on {', '.join(step.stop_on)}; auto-replies: {step.auto_replies}"
-
-
-def _fails(row: RowCheck, summary: DataError | MessageLooks | None) -> bool:
-    """Whether a row fails its checks: its scan found problems, or its message did not render."""
-    return bool(row.checked.problems) or isinstance(summary, DataError)
 
 
 def _tally_unsent(
