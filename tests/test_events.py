@@ -213,6 +213,43 @@ def test_a_hard_bounce_suppresses_at_once_and_soft_ones_after_the_threshold(stor
     store.close()
 
 
+_GMAIL_SPAM = (
+    "550-5.7.1 Our system has detected that this message is likely unsolicited mail. To reduce the amount "
+    "of spam sent to Gmail, this message has been blocked."
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "reason", "hard"),
+    [
+        ("550", None, _GMAIL_SPAM, False),  # the sender refused: a block
+        ("5.7.708", "", "Service unavailable. Access denied, traffic not accepted from this IP", False),
+        ("550", "other", "Client host [203.0.113.9] blocked using Spamhaus", False),
+        ("554", None, "Message rejected due to sender reputation", False),
+        ("550", None, "5.1.1 The email account that you tried to reach does not exist", True),
+        ("5.1.10", None, "RESOLVER.ADR.RecipientNotFound; Recipient not found", True),
+        ("550", "mailbox_unavailable", "blocked as spam", True),  # the provider's kind wins over words
+        ("452", None, "4.2.2 The email account that you tried to reach is over quota", False),
+    ],
+)
+def test_a_bounce_that_refused_the_sender_is_soft_not_a_hard_bounce_of_the_address(
+    store_at, code, kind, reason, hard
+):
+    """A spam, reputation or policy refusal (x.7.x) says nothing of the address: suppressing it for good
+    on one such bounce would empty a list after one bad day (next-capabilities.md §3.5)."""
+    obj = {"bounce_reason": reason, "bounced_addresses": ["ann@example.com"], "code": code, "type": kind}
+    found = parse_notification(_envelope("b1", "message.bounce_detected", obj))
+    bounces = parse_bounces(found, received_at=datetime.now(UTC))
+    assert [b.hard for b in bounces] == [hard]
+    store = open_store(store_at, clock=FakeClock())
+    try:
+        store.record_event("b1", found.type, grant_id=None, body="{}", bounces=bounces)
+        assert [e.recipient_key for e in store.entries()] == (["ann@example.com"] if hard else [])
+        assert len(store.bounces("ann@example.com")) == 1  # kept, whatever it was
+    finally:
+        store.close()
+
+
 def test_bounce_payloads_are_read_defensively():
     """`bounced_addresses` as a string or a list, codes as strings, nulls and unknown fields."""
     as_list = parse_notification(_bounce("a", ["A@Example.com", "b@example.com"], code="5.1.1", kind=None))

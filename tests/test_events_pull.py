@@ -193,3 +193,18 @@ def test_a_reports_diagnostic_is_kept_as_one_bounded_line_of_text():
     assert bounce.reason.startswith("=cmd|' /C calc'!A0 <b>no</b> xxx")
     assert len(bounce.reason) == 500
     assert not any(ord(char) < 32 for char in bounce.reason)
+
+
+def test_a_report_of_a_server_that_refused_the_sender_is_a_soft_bounce():
+    """Gmail's 5.7.1 "likely unsolicited mail" is about the sender: flufl.bounce calls it permanent, but
+    the address is fine and must not be suppressed for good."""
+    from campaign.events._pull import _read_report
+
+    raw = _gmail_dsn("ann@example.com", status="5.7.1").replace(
+        b"The email account that you tried to reach does not exist.",
+        b"Our system has detected that this message is likely unsolicited mail.",
+    )
+    (bounce,) = _read_report(raw, received=datetime.now(UTC), message_id="m-1")
+    assert (bounce.code, bounce.hard) == ("5.7.1", False)
+    (plain,) = _read_report(_gmail_dsn("ann@example.com"), received=datetime.now(UTC), message_id="m-2")
+    assert plain.hard

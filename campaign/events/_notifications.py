@@ -29,6 +29,13 @@ _HARD_KINDS = frozenset(
 )
 _SOFT_KINDS = frozenset({"mailbox_full", "quota_exceeded", "temporary", "transient", "greylisted"})
 _CODE = re.compile(r"\b([245])(?:\.\d{1,3}\.\d{1,3}|\d\d)\b")
+# The receiving server refused the sender, not the address: a policy status (x.7.x: spam, reputation,
+# authentication) or words that say so (next-capabilities.md §3.5: listmonk's and Postal's false
+# positives suppressed whole lists after a reputation block).
+_BLOCKED = re.compile(
+    r"\b[45]\.7\.\d{1,3}\b|\bblock(?:ed|list(?:ed)?)\b|\bblacklist|\bspam|\breputation|\bunsolicited",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,15 +93,24 @@ def parse_bounces(notification: Notification, *, received_at: datetime) -> tuple
 
 
 def _is_hard(code: str | None, kind: str | None, reason: str | None) -> bool:
-    """5xx / 5.x.x, or a kind that is permanent; 4xx / 4.x.x, or a temporary kind, is soft."""
+    """5xx / 5.x.x, or a kind that is permanent; 4xx / 4.x.x, or a temporary kind, is soft. A block (the
+    server refused the sender: `is_blocked`) is soft too: it says nothing of the address."""
     if kind is not None and kind.lower() in _HARD_KINDS:
         return True
     if kind is not None and kind.lower() in _SOFT_KINDS:
+        return False
+    if is_blocked(code, reason):
         return False
     for text in (code, reason):
         if text and (match := _CODE.search(text)) is not None:
             return match.group(1) == "5"
     return True  # an NDR that says nothing else: the provider gave up on the address
+
+
+def is_blocked(code: str | None, reason: str | None) -> bool:
+    """Whether a bounce says the receiving server refused the sender (its reputation, its content, its
+    authentication) rather than the address: such a bounce must not suppress the address for good."""
+    return any(text and _BLOCKED.search(text) for text in (code, reason))
 
 
 def _addresses(value: object) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 from flufl.bounce import all_failures
 
-from campaign.events._notifications import BOUNCE
+from campaign.events._notifications import BOUNCE, is_blocked
 from campaign.nylas import Folder, MessagePage
 from campaign.unsubscribe import BounceRecord, SuppressionStore
 
@@ -142,20 +142,23 @@ def _looks_like_a_report(senders: Sequence[str], subject: str) -> bool:
 
 
 def _read_report(raw: bytes, *, received: datetime, message_id: str) -> tuple[BounceRecord, ...]:
-    """The failed addresses a DSN names (flufl.bounce), permanent ones hard; none for ordinary mail."""
+    """The failed addresses a DSN names (flufl.bounce), permanent ones hard unless the server refused the
+    sender (`is_blocked`); none for ordinary mail."""
     parsed = email.message_from_bytes(raw)
     temporary, permanent = all_failures(parsed)
     when = received.astimezone(UTC).isoformat(timespec="seconds")
     found: dict[str, bool] = {}
-    for address, is_hard in [(a, True) for a in permanent] + [(a, False) for a in temporary]:
-        text = address.decode("utf-8", errors="replace").strip().lower()
+    for failed, permanently in [(a, True) for a in permanent] + [(a, False) for a in temporary]:
+        text = failed.decode("utf-8", errors="replace").strip().lower()
         if "@" in text:
-            found[text] = found.get(text, False) or is_hard
+            found[text] = found.get(text, False) or permanently
     said = _delivery_status(parsed)
-    return tuple(
-        BounceRecord(address, is_hard, when, *said.get(address, (None, "dsn", None)), message_id=message_id)
-        for address, is_hard in found.items()
-    )
+    bounces = []
+    for address, is_hard in found.items():
+        code, kind, reason = said.get(address, (None, "dsn", None))
+        hard = is_hard and not is_blocked(code, reason)  # refused the sender, not the address: soft
+        bounces.append(BounceRecord(address, hard, when, code, kind, reason, message_id))
+    return tuple(bounces)
 
 
 def _delivery_status(report: email.message.Message) -> dict[str, tuple[str | None, str, str | None]]:
