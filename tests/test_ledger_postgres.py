@@ -234,6 +234,34 @@ def test_a_database_written_by_a_newer_version_is_refused(fresh_postgres_url, fr
         assert _one_line_without_the_password(opening) == newer
 
 
+def test_a_read_only_open_reads_a_database_that_lacks_only_an_index(
+    fresh_postgres_url, fresh_postgres_site, clock
+):
+    """The migrations after READABLE_FROM add indexes only: status and report read without them (and
+    add nothing); a writer's open adds them."""
+    from campaign.ledger._pg_schema import MIGRATIONS, READABLE_FROM
+
+    site = fresh_postgres_site
+    site.open(clock=clock, campaign="c").close()
+    with psycopg.connect(fresh_postgres_url) as db:
+        db.execute("DELETE FROM campaign_ledger.schema_migrations WHERE version > %s", (READABLE_FROM,))
+        db.execute("DROP INDEX campaign_ledger.recipients_erred")
+    reading = site.open(clock=clock, campaign="c", read_only=True)
+    try:
+        assert reading.error_groups(waiting=True) == []
+    finally:
+        reading.close()
+    versions = "SELECT max(version) FROM campaign_ledger.schema_migrations"
+    with psycopg.connect(fresh_postgres_url) as db:
+        assert db.execute(versions).fetchone() == (READABLE_FROM,)
+    site.open(clock=clock, campaign="c").close()
+    with psycopg.connect(fresh_postgres_url) as db:
+        assert db.execute(versions).fetchone() == (len(MIGRATIONS),)
+        assert db.execute(
+            "SELECT to_regclass('campaign_ledger.recipients_erred') IS NOT NULL"
+        ).fetchone() == (True,)
+
+
 def test_a_read_only_open_never_migrates_and_asks_for_an_upgrade(
     fresh_postgres_url, fresh_postgres_site, clock
 ):

@@ -19,7 +19,7 @@ from test_cli import _register
 from campaign.cli import sending
 from campaign.ledger import _ledger as ledger_module
 from campaign.ledger import open_ledger
-from campaign.ledger._schema import connect_ledger
+from campaign.ledger._schema import MIGRATIONS, READABLE_FROM, connect_ledger
 from campaign.testing import FakeClock, Fault
 
 
@@ -193,9 +193,7 @@ def test_status_of_an_old_ledger_asks_for_an_upgrade_instead_of_migrating(api, c
     assert cli("run", manifest, "--yes").exit_code == 0
     ledger_file = manifest.with_name("campaign.ledger.sqlite")
     connection = sqlite3.connect(ledger_file)
-    connection.execute(
-        "DELETE FROM schema_migrations WHERE version = (SELECT MAX(version) FROM schema_migrations)"
-    )
+    connection.execute("DELETE FROM schema_migrations WHERE version >= ?", (READABLE_FROM,))
     connection.commit()
     connection.close()
     before = ledger_file.read_bytes()
@@ -203,6 +201,30 @@ def test_status_of_an_old_ledger_asks_for_an_upgrade_instead_of_migrating(api, c
     assert result.exit_code == 74
     assert "written by an older campaign; `campaign resume` upgrades it" in result.stderr
     assert ledger_file.read_bytes() == before
+
+
+def test_status_and_report_read_a_ledger_that_lacks_only_an_index_and_leave_it_so(api, cli, tmp_path):
+    """The migrations after READABLE_FROM add indexes only: status and report read such a ledger (an
+    upgraded campaign need not run, and send, to show it), and change nothing; a run adds them."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    ledger_file = manifest.with_name("campaign.ledger.sqlite")
+    connection = sqlite3.connect(ledger_file)
+    connection.execute("DELETE FROM schema_migrations WHERE version > ?", (READABLE_FROM,))
+    connection.execute("DROP INDEX recipients_erred")
+    connection.commit()
+    connection.close()
+    before = ledger_file.read_bytes()
+    status = cli("status", manifest, "--json")
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["states"]["sent"] == 2
+    assert cli("report", manifest, "--out", str(tmp_path / "r.csv")).exit_code == 0
+    assert ledger_file.read_bytes() == before
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    with sqlite3.connect(ledger_file) as db:
+        assert db.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (len(MIGRATIONS),)
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'recipients_erred'").fetchone()
 
 
 def test_two_senders_on_one_grant_are_refused_before_anything_is_sent(api, cli, tmp_path):
