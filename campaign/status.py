@@ -199,13 +199,11 @@ class Status:
                 "last_errors": {
                     error.cause: error.latest for error in self.errors if error.latest is not None
                 },
-                "waiting": {
-                    error.cause: {"rows": error.count, "latest": error.latest} for error in self.waiting
-                },
                 "removed_from_list": self.removed_from_list,
                 "next": [step.as_json() for step in self.next_steps],
                 "senders": {sender.name: sender.as_json() for sender in self.senders},
             }
+            | ({"waiting": _waiting_json(self.waiting)} if self.waiting else {})
             | ({} if self.engagement is None else {"engagement": self.engagement.as_json()})
             | ({} if self.bounces is None else {"bounces": self.bounces.as_json()})
             | ({"steps": {step.step: step.as_json() for step in self.steps}} if self.steps else {})
@@ -329,6 +327,10 @@ def build_status(
         steps=_steps(manifest, ledger, now),
         workers=tuple(ledger.workers()),
     )
+
+
+def _waiting_json(causes: Iterable[ErrorCause]) -> dict[str, object]:
+    return {cause.cause: {"rows": cause.count, "latest": cause.latest} for cause in causes}
 
 
 def _worker_json(worker: WorkerView) -> dict[str, object]:

@@ -255,14 +255,19 @@ def _status_from_rows(
         "last_errors": {
             cause: last_error[cause][1] for cause, _ in errors.most_common() if cause in last_error
         },
-        "waiting": {
-            cause: {"rows": count, "latest": last_waiting[cause][1] if cause in last_waiting else None}
-            for cause, count in waiting.most_common()
-        },
         "removed_from_list": removed,
         "next": [step.as_json() for step in steps],
         "senders": senders,
-    }
+    } | (
+        {
+            "waiting": {
+                cause: {"rows": count, "latest": last_waiting[cause][1] if cause in last_waiting else None}
+                for cause, count in waiting.most_common()
+            }
+        }
+        if waiting
+        else {}
+    )
 
 
 @pytest.mark.parametrize("sandbox", [False, True])
@@ -350,7 +355,6 @@ def test_a_campaign_not_started_has_the_documented_json(tmp_path):
             "skipped": {},
             "errors": {},
             "last_errors": {},
-            "waiting": {},
             "removed_from_list": 0,
             "next": [],
             "senders": {
