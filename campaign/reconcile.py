@@ -30,7 +30,7 @@ import anyio
 import anyio.to_thread
 
 from campaign.clock import Clock
-from campaign.errors import ApiAuthError, ApiError
+from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError
 from campaign.ledger import Ledger, LedgerRow, LedgerSite
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import FIRST_STEP, RowState
@@ -110,6 +110,7 @@ class ReconcileReport:
     decisions: tuple[Decision, ...]
     in_flight: int
     decide_after: datetime | None = None  # when the youngest row not found yet can be concluded not sent
+    unreachable: int = 0  # rows left unknown because the API could not be reached or asked to wait
 
     def count(self, verdict: Verdict) -> int:
         """How many rows got `verdict`."""
@@ -127,6 +128,12 @@ class Reconciliation:
     def settled(self) -> bool:
         """Whether every unknown row was decided (none is left unknown for now)."""
         return self.report.count(Verdict.UNKNOWN) == 0
+
+    @property
+    def retry_later(self) -> bool:
+        """Whether a row was left unknown because the API could not be reached or asked to wait: running
+        again later may decide it."""
+        return self.report.unreachable > 0
 
     def as_json(self) -> dict[str, object]:
         """`reconcile --json`: every decision, the rows still in flight, when to run again, what next."""
@@ -232,9 +239,9 @@ async def reconcile_unknown(
         elif decision.verdict == Verdict.PENDING:
             await run(partial(ledger.record_retry, row.key, note=f"reconcile: {decision.reason}"))
         decisions.append(decision)
-    report = ReconcileReport(
-        tuple(decisions), in_flight=ledger.counts()[RowState.INFLIGHT], decide_after=decide_after
-    )
+    unreachable = sum(d.verdict == Verdict.UNKNOWN and d.key in finder.unreachable for d in decisions)
+    in_flight = ledger.counts()[RowState.INFLIGHT]
+    report = ReconcileReport(tuple(decisions), in_flight, decide_after=decide_after, unreachable=unreachable)
     summary = ", ".join(f"{report.count(verdict)} {verdict.value}" for verdict in Verdict)
     await run(partial(ledger.record_event, "reconcile", f"{len(decisions)} unknown rows: {summary}"))
     return report
@@ -272,6 +279,7 @@ class _Finder:
         # Per grant: the Sent folder listed since a time, and whether the listing was complete.
         self._sent_listings: dict[str, tuple[datetime, list[ListedMessage], bool]] = {}
         self.sent_at: dict[str, datetime | None] = {}
+        self.unreachable: set[str] = set()  # rows a lookup could not decide for want of the API
 
     async def decide(self, row: LedgerRow) -> Decision:
         def verdict(value: Verdict, reason: str, found: ListedMessage | None = None) -> Decision:
@@ -299,20 +307,24 @@ class _Finder:
 
     async def _look_up(self, row: LedgerRow, grant: str, verdict: Callable[..., Decision]) -> Decision:
         """Metadata first, then the Sent folder; "not sent" only when the lookups that ran worked."""
-        problem = ""
+        problem, unavailable = "", False
         try:
             found = await self._by_metadata(grant, row.recipient_key, row.step)
         except ApiAuthError:
             raise
         except ApiError as exc:
             found, problem = [], f"the metadata lookup failed ({exc}); "
+            unavailable = isinstance(exc, ApiUnavailableError)
         if found:
             more = f"; {len(found)} messages match: it went out {len(found)} times" if len(found) > 1 else ""
             # Newest first: the last is the earliest, the one that counts.
             return verdict(
                 Verdict.SENT, f"found by metadata key2={row.recipient_key} in grant {grant}{more}", found[-1]
             )
-        return await self._look_in_sent_folder(row, grant, problem, verdict)
+        decision = await self._look_in_sent_folder(row, grant, problem, verdict)
+        if unavailable and decision.verdict == Verdict.UNKNOWN:
+            self.unreachable.add(row.key)
+        return decision
 
     async def _look_in_sent_folder(
         self, row: LedgerRow, grant: str, problem: str, verdict: Callable[..., Decision]
@@ -335,6 +347,8 @@ class _Finder:
         except ApiAuthError:
             raise
         except ApiError as exc:
+            if isinstance(exc, ApiUnavailableError):
+                self.unreachable.add(row.key)
             return verdict(
                 Verdict.UNKNOWN, f"{problem}could not search the Sent folder ({exc}); try again later"
             )

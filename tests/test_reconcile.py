@@ -13,7 +13,7 @@ import pytest
 from conftest import copy_sample
 
 from campaign import reconcile as reconcile_module
-from campaign.errors import ApiAuthError, ApiError
+from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError
 from campaign.ledger import Ledger, PlannedRow, SqliteSite, open_ledger
 from campaign.manifest import SenderSettings, load_manifest
 from campaign.models import RowState
@@ -171,6 +171,21 @@ async def test_a_lookup_that_fails_leaves_the_row_unknown(tmp_path):
     (decision,) = (await s.reconcile(wrap=_FoldersFail)).decisions
     assert decision.verdict == Verdict.UNKNOWN
     assert "try again later" in decision.reason
+    assert s.ledger.row("ann@x.com").state == RowState.UNKNOWN
+
+
+class _FoldersUnreachable(_FoldersFail):
+    async def list_folders(self, grant_id: str):
+        raise ApiUnavailableError("Nylas API GET folders: could not connect to the API")
+
+
+async def test_a_lookup_the_api_could_not_serve_is_counted_for_a_later_try(tmp_path):
+    """Only a lookup that failed for want of the API (no connection, 429, 5xx) says "try again later";
+    a refusal of the lookup itself does not."""
+    s = _Setup(tmp_path)
+    s.unknown("ann@x.com")
+    assert (await s.reconcile(wrap=_FoldersUnreachable)).unreachable == 1
+    assert (await s.reconcile(wrap=_FoldersFail)).unreachable == 0
     assert s.ledger.row("ann@x.com").state == RowState.UNKNOWN
 
 

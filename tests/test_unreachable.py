@@ -205,3 +205,32 @@ def test_run_against_an_api_that_cannot_be_reached_exits_75_and_resume_sends_eac
     delivered = _delivered(api)
     assert len(delivered) == len(set(delivered)) == 5
     assert "waiting" not in json.loads(cli("status", manifest, "--json").stdout)  # none left to retry
+
+
+def test_reconcile_that_cannot_reach_the_api_exits_75_and_leaves_the_rows_unknown(
+    api, cli, tmp_path, monkeypatch
+):
+    """Rows reconcile could not look up for want of the API may be decided by running it again later:
+    exit 75 ("try again later"), not 1; once the API is back, it decides them."""
+    manifest = copy_sample("newsletter", tmp_path)
+    loaded = load_manifest(manifest)
+    for sender in loaded.senders:
+        api.add_grant(sender.grant_id, sender.email or "")
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    ledger = open_ledger(loaded.ledger_path, clock=FakeClock(), campaign=loaded.campaign.name)
+    (pending, *_) = [row.key for row in ledger.rows(states=(RowState.PENDING,))]
+    ledger.claim(pending, subject="Spring news")
+    ledger.record_unknown(pending)
+    ledger.close()
+    up = os.environ["NYLAS_API_URI"]
+    with refusing_url() as down:
+        monkeypatch.setenv("NYLAS_API_URI", down)
+        refused = cli("reconcile", manifest, "--min-age", "0s")
+    assert refused.exit_code == 75, refused.output
+    assert "1 rows could not be looked up: the API could not be reached" in refused.stdout
+    ledger = open_ledger(loaded.ledger_path, clock=FakeClock(), campaign=loaded.campaign.name, read_only=True)
+    assert ledger.row(pending).state == RowState.UNKNOWN
+    ledger.close()
+    monkeypatch.setenv("NYLAS_API_URI", up)
+    settled = cli("reconcile", manifest, "--min-age", "0s")
+    assert settled.exit_code == 0, settled.output  # not found: back to pending, for resume

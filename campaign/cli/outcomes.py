@@ -16,6 +16,7 @@ import typer
 from campaign.cli.base import (
     EXIT_DONE,
     EXIT_NOT_ALL_SENT,
+    EXIT_RESUMABLE,
     LedgerOpt,
     ManifestArg,
     err,
@@ -79,7 +80,10 @@ def reconcile(
         else:
             print_reconciled(out, done.report)
             print_next_steps(out, done.next_steps)
-        raise typer.Exit(EXIT_DONE if done.settled else EXIT_NOT_ALL_SENT)
+        # Rows left unknown only for now (the API down or asking to wait): "try again later", as a run's.
+        raise typer.Exit(
+            EXIT_DONE if done.settled else EXIT_RESUMABLE if done.retry_later else EXIT_NOT_ALL_SENT
+        )
 
 
 def retry(

@@ -460,6 +460,11 @@ def print_reconciled(console: Console, report: ReconcileReport) -> None:
             f"Rows not found yet were sent too recently to call them not sent: run reconcile again after "
             f"{format_local_time(report.decide_after)} (or choose --min-age)."
         )
+    if report.unreachable:
+        console.print(
+            f"{report.unreachable} rows could not be looked up: the API could not be reached or asked to "
+            "wait. Nothing about them changed; run reconcile again later."
+        )
     if report.in_flight:
         console.print(
             f"{report.in_flight} rows are still in flight from an interrupted run: resume re-sends them "
