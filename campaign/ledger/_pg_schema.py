@@ -166,7 +166,8 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add
 # indexes only, which its queries do without (a little slower) until a sending command migrates: an
-# upgrade of campaign does not make `status` refuse a ledger until a run.
+# upgrade of campaign does not make `status` refuse a ledger until a run. A migration that a read needs
+# (a table, a column, changed data) raises it to its own number.
 READABLE_FROM = 2
 
 _MIGRATIONS_TABLE = f"""
