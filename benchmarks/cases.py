@@ -104,6 +104,21 @@ CASES: tuple[Case, ...] = (
         "appended-ledger",
     ),
     Case(
+        "resume-appended-invalid",
+        "The same, the list's every 10,000th row skipped as invalid by the run before (--skip-invalid)",
+        "<= 10 s",
+        {
+            "rows": 1_000_000,
+            "sent": 900_000,
+            "senders": 10,
+            "appended": 10_000,
+            "limit_s": 10,
+            "invalid_every": 10_000,
+        },
+        {"rows": 2_000, "sent": 1_800, "senders": 10, "appended": 100, "limit_s": 10, "invalid_every": 100},
+        "appended-invalid-ledger",
+    ),
+    Case(
         "resume-open",
         "Resume: ledger of 1,000,000 rows, none sent yet; start to first request at the fake",
         "<= 3 s",
@@ -205,10 +220,17 @@ def prepare_data(case: Case, root: Path, *, quick: bool) -> Path:
             burst=params.get("burst", 1),
             concurrency=params.get("concurrency", 8),
         )
-    elif case.data in ("ledger", "fresh-ledger", "appended-ledger"):
-        manifest = data.write_newsletter_campaign(folder, params["rows"], senders=params["senders"])
+    elif case.data in ("ledger", "fresh-ledger", "appended-ledger", "appended-invalid-ledger"):
+        invalid = params.get("invalid_every")
+        manifest = data.write_newsletter_campaign(
+            folder, params["rows"], senders=params["senders"], invalid_every=invalid
+        )
         data.build_resume_ledger(
-            manifest, folder / "pristine.ledger.sqlite", rows=params["rows"], sent=params["sent"]
+            manifest,
+            folder / "pristine.ledger.sqlite",
+            rows=params["rows"],
+            sent=params["sent"],
+            invalid_every=invalid,
         )
         if "appended" in params:  # after the ledger: its plan is of the list before
             first = params["rows"] + 1

@@ -127,6 +127,7 @@ def _runner(name: str) -> Any:
         "resume": sending.run_resume,
         "resume-open": sending.run_resume,
         "resume-appended": sending.run_resume,
+        "resume-appended-invalid": sending.run_resume,
         "fresh-run": sending.run_fresh,
         "fresh-run-10m": sending.run_fresh,
         "status": sending.run_status,

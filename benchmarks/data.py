@@ -113,10 +113,12 @@ def write_newsletter_campaign(
     per_second: float = 200.0,
     burst: int = 1,
     concurrency: int = 8,
+    invalid_every: int | None = None,
 ) -> Path:
-    """Write an N-row CSV, the 6-variable newsletter template and a manifest with `senders` senders."""
+    """Write an N-row CSV, the 6-variable newsletter template and a manifest with `senders` senders
+    (every `invalid_every`-th row with an address that is not one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_newsletter_list(folder / "recipients.csv", rows)
+    write_newsletter_list(folder / "recipients.csv", rows, invalid_every=invalid_every)
     (folder / "bench.html.j2").write_text(NEWSLETTER_TEMPLATE, encoding="utf-8")
     text = NEWSLETTER_MANIFEST + "".join(
         SENDER.format(
@@ -129,9 +131,10 @@ def write_newsletter_campaign(
     return manifest
 
 
-def write_newsletter_list(path: Path, rows: int, *, first: int = 1) -> None:
+def write_newsletter_list(path: Path, rows: int, *, first: int = 1, invalid_every: int | None = None) -> None:
     """An N-row list: email, name and the six template columns, every value different per row. With
-    `first` above 1, rows `first`.. are appended to the list there (no header)."""
+    `first` above 1, rows `first`.. are appended to the list there (no header). With `invalid_every`,
+    every such row has an address that is not one (`is_invalid`)."""
     start = datetime(2026, 6, 1, tzinfo=UTC).date()
     with path.open("w" if first == 1 else "a", encoding="utf-8", newline="") as handle:
         if first == 1:
@@ -140,8 +143,9 @@ def write_newsletter_list(path: Path, rows: int, *, first: int = 1) -> None:
         for n in range(first, first + rows):
             city = CITIES[n % len(CITIES)]
             renewal = start + timedelta(days=n % 365)
+            email = f"bad-address-{n}" if is_invalid(n, invalid_every) else f"user{n:07d}@example.com"
             lines.append(
-                f"user{n:07d}@example.com,User {n},U{n},{city},Company {n % 997},"
+                f"{email},User {n},U{n},{city},Company {n % 997},"
                 f"{PLANS[n % len(PLANS)]},{renewal.isoformat()},C{n:07X}\n"
             )
             if len(lines) == 10_000:
@@ -170,7 +174,14 @@ def write_mailmerge_campaign(folder: Path, rows: int, *, senders: int = 10) -> P
     return manifest
 
 
-def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, sent: int) -> None:
+def is_invalid(row: int, every: int | None) -> bool:
+    """Whether list row `row` is one of the bad ones when every `every`-th row is."""
+    return every is not None and row % every == 0
+
+
+def build_resume_ledger(
+    manifest_path: Path, ledger_path: Path, *, rows: int, sent: int, invalid_every: int | None = None
+) -> None:
     """A ledger for the newsletter campaign: `rows` rows, the first `sent` sent hours ago, the rest pending.
 
     The schema, meta rows (campaign name, content fingerprint, plan stamp) and migrations come
@@ -212,7 +223,7 @@ def build_resume_ledger(manifest_path: Path, ledger_path: Path, *, rows: int, se
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=OFF")  # a scratch file: rebuilt if the machine dies
         db.execute("BEGIN")
-        _insert_rows(db, campaign, names, cells, rows=rows, sent=sent)
+        _insert_rows(db, campaign, names, cells, rows=rows, sent=sent, invalid_every=invalid_every)
         db.execute("COMMIT")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
@@ -227,6 +238,7 @@ def _insert_rows(
     *,
     rows: int,
     sent: int,
+    invalid_every: int | None = None,
 ) -> None:
     now = datetime.now(UTC)
     started = now - timedelta(hours=2)
@@ -234,9 +246,9 @@ def _insert_rows(
     columns = (
         "key, row, email, sender, state, attempts, attempt_no, idempotency_key, claimed_at, message_id, "
         "request_id, created_at, updated_at, sent_at, key_issued_at, key_uses, first_claimed_at, subject, "
-        "cells"
+        "cells, reason"
     )
-    insert = f"INSERT INTO recipients ({columns}) VALUES ({', '.join('?' * 19)})"
+    insert = f"INSERT INTO recipients ({columns}) VALUES ({', '.join('?' * 20)})"
     log = "INSERT INTO send_log (sender, sent_at, recipients) VALUES (?, ?, 1)"
     created = started.isoformat(timespec="milliseconds")
     batch: list[tuple[object, ...]] = []
@@ -244,20 +256,27 @@ def _insert_rows(
     for n in range(1, rows + 1):
         email = f"user{n:07d}@example.com"
         sender = names[(n - 1) % len(names)]
-        if n <= sent:
+        values: tuple[object, ...]
+        if is_invalid(n, invalid_every):  # as a run with --skip-invalid records it (`Skip.cells`)
+            values = (
+                f"row:{n}", n, "", None, "skipped", 0, 0, None, None,
+                None, None, created, created, None, None, 0, None, None, cells[n - 1],
+                'invalid: column "email": not an address',
+            )  # fmt: skip
+        elif n <= sent:
             at = started + step * n
             stamp = at.isoformat(timespec="milliseconds")
             digest = hashlib.sha256(f"{campaign}\0{email}".encode()).hexdigest()[:32]
-            values: tuple[object, ...] = (
+            values = (
                 email, n, email, sender, "sent", 1, 0, f"{campaign}-{digest}-0", stamp,
                 f"msg-{n:08d}", f"req-{n:08d}", created, stamp, stamp, stamp, 0, stamp, "Spring",
-                cells[n - 1],
+                cells[n - 1], None,
             )  # fmt: skip
             logs.append((sender, at.timestamp()))
         else:
             values = (
                 email, n, email, sender, "pending", 0, 0, None, None,
-                None, None, created, created, None, None, 0, None, None, cells[n - 1],
+                None, None, created, created, None, None, 0, None, None, cells[n - 1], None,
             )  # fmt: skip
         batch.append(values)
         if len(batch) == 50_000:

@@ -11,6 +11,8 @@
 - resume-open: the same on a 1,000,000-row ledger with nothing sent (every row open).
 - resume-appended: the resume case after 10,000 rows were appended to its list (the plan stamp no
   longer matches, the rules stamp does: only the new rows are rendered).
+- resume-appended-invalid: the same with every 10,000th row of the list skipped as invalid before
+  (the rows skipped are not read again either).
 - fresh-run, fresh-run-10m: a first `campaign run --yes --limit 1` of 1,000,000 (10,000,000) rows;
   the figures are the time from spawning it to the first request, and its peak RSS.
 - status: `campaign status --json` on that ledger; the figure is the command's wall time.
@@ -184,7 +186,7 @@ def _ledger_copy(options: Options) -> str:
 
 
 def run_resume(options: Options) -> dict[str, Any]:
-    """Cases resume, resume-open and resume-appended: from spawning `campaign resume` to the first
+    """Cases resume, resume-open and resume-appended(-invalid): from spawning `campaign resume` to the first
     request arriving at the fake."""
     manifest = _ledger_copy(options)
     result = _first_request(options, ["resume", manifest, "--yes", "--limit", "1"])

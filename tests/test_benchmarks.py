@@ -37,6 +37,7 @@ CASE_NAMES = (
     "limiter",
     "resume",
     "resume-appended",
+    "resume-appended-invalid",
     "resume-open",
     "fresh-run",
     "fresh-run-10m",
