@@ -241,6 +241,8 @@ def test_a_bounce_that_refused_the_sender_is_soft_not_a_hard_bounce_of_the_addre
     found = parse_notification(_envelope("b1", "message.bounce_detected", obj))
     bounces = parse_bounces(found, received_at=datetime.now(UTC))
     assert [b.hard for b in bounces] == [hard]
+    blocked = not hard and not reason.startswith("4.2.2")
+    assert [b.kind == "block" for b in bounces] == [blocked]
     store = open_store(store_at, clock=FakeClock())
     try:
         store.record_event("b1", found.type, grant_id=None, body="{}", bounces=bounces)
@@ -498,3 +500,34 @@ def test_the_fakes_tracking_webhooks_reach_report_and_status(api, cli, service, 
     assert api.deliver_webhooks() == 4
     status = json.loads(cli("status", manifest, "--json").stdout)["engagement"]
     assert (status["opened"], status["clicked"], status["replied"]) == (1, 1, 1)
+
+
+def test_blocks_never_suppress_an_address_nor_count_toward_the_soft_rule(store_at):
+    """Five blocks of one address within days: kept, not suppressed. Beside two ordinary soft bounces
+    they make no third: only a third soft bounce of the address's own does."""
+    store = open_store(store_at, clock=FakeClock())
+
+    def bounce(event_id: str, day: int, code: str, reason: str) -> None:
+        when = datetime(2027, 1, 1, tzinfo=UTC) + timedelta(days=day)
+        obj = {
+            "bounce_reason": reason,
+            "bounced_addresses": ["ann@example.com"],
+            "code": code,
+            "bounce_date": when.strftime("%a, %d %b %Y %H:%M:%S +0000"),
+        }
+        found = parse_notification(_envelope(event_id, "message.bounce_detected", obj))
+        bounces = parse_bounces(found, received_at=datetime.now(UTC))
+        store.record_event(event_id, found.type, grant_id=None, body="{}", bounces=bounces)
+
+    try:
+        for n in range(5):
+            bounce(f"block{n}", n, "550", _GMAIL_SPAM)
+        assert store.entries() == []
+        bounce("soft1", 6, "452", "4.2.2 mailbox full")
+        bounce("soft2", 7, "452", "4.2.2 mailbox full")
+        assert store.entries() == []
+        bounce("soft3", 8, "452", "4.2.2 mailbox full")
+        assert [e.recipient_key for e in store.entries()] == ["ann@example.com"]
+        assert len(store.bounces("ann@example.com")) == 8
+    finally:
+        store.close()

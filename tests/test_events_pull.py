@@ -205,6 +205,6 @@ def test_a_report_of_a_server_that_refused_the_sender_is_a_soft_bounce():
         b"Our system has detected that this message is likely unsolicited mail.",
     )
     (bounce,) = _read_report(raw, received=datetime.now(UTC), message_id="m-1")
-    assert (bounce.code, bounce.hard) == ("5.7.1", False)
+    assert (bounce.code, bounce.hard, bounce.kind) == ("5.7.1", False, "block")
     (plain,) = _read_report(_gmail_dsn("ann@example.com"), received=datetime.now(UTC), message_id="m-2")
     assert plain.hard

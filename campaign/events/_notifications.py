@@ -18,7 +18,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
 from campaign.errors import DataError
-from campaign.unsubscribe import BounceRecord
+from campaign.unsubscribe import BLOCK_KIND, BounceRecord
 
 __all__ = ["BOUNCE", "Notification", "parse_bounces", "parse_notification"]
 
@@ -78,9 +78,8 @@ def parse_bounces(notification: Notification, *, received_at: datetime) -> tuple
         return ()
     found = notification.object
     code = _text(found.get("code"))
-    kind = _text(found.get("type"))
     reason = _text(found.get("bounce_reason"))
-    hard = _is_hard(code, kind, reason)
+    hard, kind = _classify(code, _text(found.get("type")), reason)
     when = _bounce_date(found.get("bounce_date"), notification.time) or received_at
     origin = _object(found.get("origin"))
     message_id = _text(found.get("message_id")) or _text(origin.get("id"))
@@ -92,19 +91,20 @@ def parse_bounces(notification: Notification, *, received_at: datetime) -> tuple
     )
 
 
-def _is_hard(code: str | None, kind: str | None, reason: str | None) -> bool:
-    """5xx / 5.x.x, or a kind that is permanent; 4xx / 4.x.x, or a temporary kind, is soft. A block (the
-    server refused the sender: `is_blocked`) is soft too: it says nothing of the address."""
+def _classify(code: str | None, kind: str | None, reason: str | None) -> tuple[bool, str | None]:
+    """Whether a bounce is hard, and its kind as the store keeps it. 5xx / 5.x.x, or a kind that is
+    permanent, is hard; 4xx / 4.x.x, or a temporary kind, is soft. A block (the server refused the
+    sender: `is_blocked`) is neither: soft, of kind `BLOCK_KIND`, which never suppresses the address."""
     if kind is not None and kind.lower() in _HARD_KINDS:
-        return True
+        return True, kind
     if kind is not None and kind.lower() in _SOFT_KINDS:
-        return False
+        return False, kind
     if is_blocked(code, reason):
-        return False
+        return False, BLOCK_KIND
     for text in (code, reason):
         if text and (match := _CODE.search(text)) is not None:
-            return match.group(1) == "5"
-    return True  # an NDR that says nothing else: the provider gave up on the address
+            return match.group(1) == "5", kind
+    return True, kind  # an NDR that says nothing else: the provider gave up on the address
 
 
 def is_blocked(code: str | None, reason: str | None) -> bool:

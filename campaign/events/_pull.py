@@ -26,7 +26,7 @@ from flufl.bounce import all_failures
 
 from campaign.events._notifications import BOUNCE, is_blocked
 from campaign.nylas import Folder, MessagePage
-from campaign.unsubscribe import BounceRecord, SuppressionStore
+from campaign.unsubscribe import BLOCK_KIND, BounceRecord, SuppressionStore
 
 __all__ = ["MAX_PAGES", "InboxReader", "PullReport", "pull_bounces"]
 
@@ -142,8 +142,8 @@ def _looks_like_a_report(senders: Sequence[str], subject: str) -> bool:
 
 
 def _read_report(raw: bytes, *, received: datetime, message_id: str) -> tuple[BounceRecord, ...]:
-    """The failed addresses a DSN names (flufl.bounce), permanent ones hard unless the server refused the
-    sender (`is_blocked`); none for ordinary mail."""
+    """The failed addresses a DSN names (flufl.bounce), permanent ones hard, unless the server refused the
+    sender (`is_blocked`: a block, `BLOCK_KIND`); none for ordinary mail."""
     parsed = email.message_from_bytes(raw)
     temporary, permanent = all_failures(parsed)
     when = received.astimezone(UTC).isoformat(timespec="seconds")
@@ -156,8 +156,9 @@ def _read_report(raw: bytes, *, received: datetime, message_id: str) -> tuple[Bo
     bounces = []
     for address, is_hard in found.items():
         code, kind, reason = said.get(address, (None, "dsn", None))
-        hard = is_hard and not is_blocked(code, reason)  # refused the sender, not the address: soft
-        bounces.append(BounceRecord(address, hard, when, code, kind, reason, message_id))
+        if is_blocked(code, reason):  # refused the sender, not the address: never suppresses it
+            is_hard, kind = False, BLOCK_KIND
+        bounces.append(BounceRecord(address, is_hard, when, code, kind, reason, message_id))
     return tuple(bounces)
 
 

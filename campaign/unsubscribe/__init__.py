@@ -15,6 +15,7 @@ that serves the links is in `campaign.web`: nothing in the core imports a web se
 from __future__ import annotations
 
 from campaign.unsubscribe._store import (
+    BLOCK_KIND,
     BOUNCE_SOURCE,
     BounceRecord,
     BounceRules,
@@ -47,6 +48,7 @@ from campaign.unsubscribe._tokens import (
 )
 
 __all__ = [
+    "BLOCK_KIND",
     "BOUNCE_SOURCE",
     "BounceRecord",
     "BounceRules",

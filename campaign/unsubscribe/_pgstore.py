@@ -34,7 +34,7 @@ from psycopg_pool import ConnectionPool
 
 from campaign.errors import InputFileError
 from campaign.unsubscribe._sql import BounceRow, EntryRow, EventRow, NumberedEntryRow
-from campaign.unsubscribe._values import BounceRecord, StoreError
+from campaign.unsubscribe._values import BLOCK_KIND, BounceRecord, StoreError
 
 __all__ = ["SCHEMA", "PostgresStoreSql", "open_postgres_store", "postgres_store_exists"]
 
@@ -134,7 +134,8 @@ _INSERT_BOUNCE = """
         ON CONFLICT (event_id, email) DO NOTHING
 """
 _SOFT_BOUNCES = """
-    SELECT COUNT(*) FROM campaign_store.bounces WHERE email = %s AND NOT hard AND bounced_at > %s
+    SELECT COUNT(*) FROM campaign_store.bounces
+    WHERE email = %s AND NOT hard AND bounced_at > %s AND kind IS DISTINCT FROM %s
 """
 _SET_SETTING = """
     INSERT INTO campaign_store.settings (name, value) VALUES (%s, %s)
@@ -247,7 +248,7 @@ class _Writes:
         self._db.execute(_INSERT_BOUNCE, (_text(b.email), b.hard, *texts))
 
     def soft_bounces_since(self, email: str, since: str) -> int:
-        row = self._db.execute(_SOFT_BOUNCES, (_text(email), since)).fetchone()
+        row = self._db.execute(_SOFT_BOUNCES, (_text(email), since, BLOCK_KIND)).fetchone()
         return 0 if row is None else int(row[0])
 
     def set_setting(self, name: str, value: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from campaign.errors import InputFileError
 from campaign.unsubscribe._sql import BounceRow, EntryRow, EventRow, NumberedEntryRow
-from campaign.unsubscribe._values import BounceRecord, StoreError
+from campaign.unsubscribe._values import BLOCK_KIND, BounceRecord, StoreError
 
 __all__ = ["SqliteStoreSql", "open_sqlite_store"]
 
@@ -141,7 +141,8 @@ class _Writes:
 
     def soft_bounces_since(self, email: str, since: str) -> int:
         (count,) = self._db.execute(
-            "SELECT COUNT(*) FROM bounces WHERE email = ? AND hard = 0 AND bounced_at > ?", (email, since)
+            "SELECT COUNT(*) FROM bounces WHERE email = ? AND hard = 0 AND bounced_at > ? AND kind IS NOT ?",
+            (email, since, BLOCK_KIND),
         ).fetchone()
         return int(count)
 

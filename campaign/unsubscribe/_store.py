@@ -33,6 +33,7 @@ from campaign.models import Recipient, SkipReason
 from campaign.unsubscribe._sql import StoreSql, StoreWrites
 from campaign.unsubscribe._sqlitestore import open_sqlite_store
 from campaign.unsubscribe._values import (
+    BLOCK_KIND,
     BOUNCE_SOURCE,
     DEFAULT_SOFT_BOUNCE_DAYS,
     DEFAULT_SOFT_BOUNCE_LIMIT,
@@ -45,6 +46,7 @@ from campaign.unsubscribe._values import (
 )
 
 __all__ = [
+    "BLOCK_KIND",
     "BOUNCE_SOURCE",
     "BounceRecord",
     "BounceRules",
@@ -301,9 +303,12 @@ class SuppressionStore:
     def _record_bounce(
         self, db: StoreWrites, bounce: BounceRecord, event_id: str, rules: BounceRules
     ) -> None:
-        """Keep one bounce; suppress its address when it is hard, or the soft ones reach the rule."""
+        """Keep one bounce; suppress its address when it is hard, or the soft ones reach the rule (a block
+        never does: it says nothing of the address)."""
         email = bounce.email.lower()
         db.add_bounce(replace(bounce, email=email), event_id)
+        if bounce.kind == BLOCK_KIND:
+            return
         suppress = bounce.hard
         if not suppress:
             since = (datetime.fromisoformat(bounce.bounced_at) - timedelta(days=rules.days)).isoformat()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from campaign.errors import LedgerError
 
 __all__ = [
+    "BLOCK_KIND",
     "BOUNCE_SOURCE",
     "DEFAULT_SOFT_BOUNCE_DAYS",
     "DEFAULT_SOFT_BOUNCE_LIMIT",
@@ -20,6 +21,9 @@ __all__ = [
 ]
 
 BOUNCE_SOURCE = "bounce"  # the source of a suppression a bounce made (skip reason `bounced`)
+# The kind of a bounce where the receiving server refused the sender (its reputation, content or
+# authentication), not the address: kept, but it never suppresses the address, at once or by the count.
+BLOCK_KIND = "block"
 # Soft bounces (4xx) suppress an address once this many arrive within this many days (listmonk's
 # and Mautic's rule of thumb); a hard bounce (5xx) suppresses at once.
 DEFAULT_SOFT_BOUNCE_LIMIT = 3
