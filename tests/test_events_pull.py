@@ -98,15 +98,21 @@ Thanks, but this is not a bounce. Undeliverable things happen.
 """.replace("\n", "\r\n").encode()
 
 
-def test_events_pull_records_gmail_and_exchange_bounces_once_and_ignores_ordinary_mail(api, cli, tmp_path):
-    """Two permanent failures are suppressed, a temporary one only recorded, a reply ignored; a second
-    pull records nothing new; resuming the campaign mails nobody twice."""
+def _newsletter_with_store(api, tmp_path):
+    """The newsletter sample with an unsubscribe store (store.sqlite), its sender's grant at the fake."""
     manifest = copy_sample("newsletter", tmp_path)
     text = manifest.read_text()
     lists = 'suppress = ["unsubscribed.txt"'
     manifest.write_text(text.replace(lists, f'{lists}, "store.sqlite"'))
     (sender,) = load_manifest(manifest).senders
     api.add_grant(sender.grant_id, sender.email or "")
+    return manifest, sender
+
+
+def test_events_pull_records_gmail_and_exchange_bounces_once_and_ignores_ordinary_mail(api, cli, tmp_path):
+    """Two permanent failures are suppressed, a temporary one only recorded, a reply ignored; a second
+    pull records nothing new; resuming the campaign mails nobody twice."""
+    manifest, sender = _newsletter_with_store(api, tmp_path)
     assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
     sent = [d.payload["to"][0]["email"] for d in api.deliveries]
     api.receive_message(sender.grant_id, _gmail_dsn(sent[0]))
@@ -158,12 +164,7 @@ def test_events_pull_needs_a_store_and_a_started_campaign(api, cli, tmp_path):
 
 def test_events_pull_that_cannot_reach_the_api_exits_75_and_records_nothing(api, cli, tmp_path, monkeypatch):
     """No connection is a "try again later" (75), not a failure no retry fixes (69)."""
-    manifest = copy_sample("newsletter", tmp_path)
-    text = manifest.read_text()
-    lists = 'suppress = ["unsubscribed.txt"'
-    manifest.write_text(text.replace(lists, f'{lists}, "store.sqlite"'))
-    (sender,) = load_manifest(manifest).senders
-    api.add_grant(sender.grant_id, sender.email or "")
+    manifest, sender = _newsletter_with_store(api, tmp_path)
     assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
     api.receive_message(sender.grant_id, _gmail_dsn(api.deliveries[0].payload["to"][0]["email"]))
     with refusing_url() as down:

@@ -339,12 +339,10 @@ def print_status(console: Console, status: Status) -> None:
         _print_steps(console, status)
     for reason, count in status.skipped.items():
         console.print(f"skipped ({escape(reason)}): {count}")
-    for error in status.errors:
-        last = f" (latest: {show(error.latest)})" if error.latest else ""
-        console.print(f"[red]not sent[/] ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
-    for error in status.waiting:
-        last = f" (latest: {show(error.latest)})" if error.latest else ""
-        console.print(f"[yellow]to retry[/] ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
+    for label, causes in (("[red]not sent[/]", status.errors), ("[yellow]to retry[/]", status.waiting)):
+        for error in causes:
+            last = f" (latest: {show(error.latest)})" if error.latest else ""
+            console.print(f"{label} ({show(error.cause)}): {error.count}{last}", soft_wrap=True)
     _print_workers(console, status)
     _print_engagement(console, status)
     print_next_steps(console, status.next_steps)

@@ -23,6 +23,7 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._facts import KeptFacts
 from campaign.ledger._read import (
+    INVALID_REASON,
     JournalEntry,
     LedgerRow,
     PlannedRow,
@@ -220,11 +221,10 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                 (FIRST_STEP,),
             )
         newly_skipped = self._skip_now_skipped(db)
-        invalid = f"{SkipReason.INVALID.value}:"
         restored = db.execute(
             "SELECT p.key, p.sender, p.email FROM temp.plan_rows AS p JOIN recipients AS r ON r.key = p.key "
             "WHERE r.state = 'skipped' AND substr(r.reason, 1, ?) = ?",
-            (len(invalid), invalid),
+            (len(INVALID_REASON), INVALID_REASON),
         ).fetchall()
         for key, sender, email in restored:
             self._set_state(db, key, SKIPPED, PENDING)

@@ -46,6 +46,7 @@ from campaign.ledger._pg_schema import (
 from campaign.ledger._read import (
     _SAMPLED_FROM,
     FAILED_ROWS,
+    INVALID_REASON,
     LIST_EXTENT,
     PLAN_STAMP,
     ROW_COLUMNS,
@@ -430,7 +431,7 @@ class PostgresLedger(KeptFacts):
             "UPDATE recipients AS r SET state = 'pending', reason = NULL, sender = p.sender, "
             "email = p.email, updated_at = %s FROM plan_rows AS p WHERE r.campaign_id = %s AND r.key = p.key "
             "AND r.state = 'skipped' AND starts_with(r.reason, %s)",
-            (now, self._id, f"{SkipReason.INVALID.value}:"),
+            (now, self._id, INVALID_REASON),
         ).rowcount
 
     def record_moved_mailboxes(self, senders: Mapping[str, str]) -> list[str]:
@@ -581,7 +582,7 @@ class PostgresLedger(KeptFacts):
         rows = self._read(
             "SELECT key, cells FROM recipients WHERE campaign_id = %s AND key = ANY(%s::text[]) "
             "AND state = 'skipped' AND cells IS NOT NULL AND starts_with(reason, %s)",
-            (self._id, list(keys), f"{SkipReason.INVALID.value}:"),
+            (self._id, list(keys), INVALID_REASON),
         )
         return dict(rows)
 

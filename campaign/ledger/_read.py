@@ -198,7 +198,7 @@ class LedgerReader:
         rows = self._read(
             f"SELECT r.key, r.cells FROM {_BY_KEYS} WHERE r.state = 'skipped' AND r.cells IS NOT NULL "
             "AND substr(r.reason, 1, ?) = ?",
-            (_keys(keys), len(_INVALID), _INVALID),
+            (_keys(keys), len(INVALID_REASON), INVALID_REASON),
         )
         return {str(key): str(cells) for key, cells in rows}
 
@@ -581,7 +581,7 @@ class LedgerReader:
 # CROSS JOIN keeps the keys as the outer loop, so each is one primary-key lookup; left to itself, the
 # planner may prefer the state index and scan every sent row of a large ledger for each batch.
 _BY_KEYS = "json_each(?) AS j CROSS JOIN recipients AS r ON r.key = j.value"
-_INVALID = f"{SkipReason.INVALID.value}:"  # how the reason of a row skipped as invalid begins
+INVALID_REASON = f"{SkipReason.INVALID.value}:"  # how the reason of a row skipped as invalid begins
 
 
 def _keys(keys: Iterable[str]) -> str:
