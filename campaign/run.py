@@ -489,7 +489,8 @@ class _Rounds:
             self._resting = {name: until for name, until in self._resting.items() if until > now}
             parks = {name: result.parked.get(name) for name in senders}
             await anyio.to_thread.run_sync(self._ledger.record_parks, parks)
-            await anyio.to_thread.run_sync(self._give_away, [*result.parked, *result.auth_refused])
+            stopped = [*result.parked, *result.auth_refused, *result.rejecting]
+            await anyio.to_thread.run_sync(self._give_away, stopped)
             return result
 
         done = await send_under_leases(
@@ -506,8 +507,8 @@ class _Rounds:
         )
 
     def _give_away(self, stopped: Sequence[str]) -> None:
-        """The movable rows of senders this worker stopped (a quota park, refused credentials) to the
-        senders that may still send, through the ledger: another worker may hold them."""
+        """The movable rows of senders this worker stopped (a quota park, refused credentials or messages)
+        to the senders that may still send, through the ledger: another worker may hold them."""
         now = self._clock.now()
         parked = {name for name, until in self._ledger.parked_senders().items() if until > now}
         takers = [s.name for s in self._manifest.senders if s.name not in parked and s.name not in stopped]
@@ -712,12 +713,13 @@ def _asked_to_stop(stop: anyio.Event | None) -> bool:
 
 def _halted(result: DispatchResult) -> bool:
     """The round stopped short of its work (a park, a shut window, refused credentials, no connection to
-    the API, --limit, Ctrl-C)."""
+    the API, refused messages, --limit, Ctrl-C)."""
     return bool(
         result.parked
         or result.closed
         or result.auth_refused
         or result.unreachable
+        or result.rejecting
         or result.limit_reached
         or result.stopped
     )

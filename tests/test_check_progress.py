@@ -71,13 +71,14 @@ def test_a_run_of_many_senders_shows_a_line_for_the_first_ones_and_one_for_the_r
         progress.handle(DispatchEvent(EventKind.RESUMED, "s31"))
         progress.handle(DispatchEvent(EventKind.AUTH_REFUSED, "s40"))
         progress.handle(DispatchEvent(EventKind.UNREACHABLE, "s41"))
+        progress.handle(DispatchEvent(EventKind.REJECTING, "s42"))
     lines = console.export_text().splitlines()
     assert len(lines) == 1 + SENDER_LINES + 1
     assert lines[1].split()[0] == "s0"
     shared = lines[-1]
     assert "2,000 more senders" in shared
     assert "1480/2000" in shared  # the 1,500 sent, less the twenty senders with lines of their own
-    assert "1 API unreachable, 1 credentials refused, 1 parked" in shared
+    assert "1 API unreachable, 1 credentials refused, 1 messages refused, 1 parked" in shared
     assert "1500/2020" in lines[0]
 
 
@@ -120,6 +121,23 @@ def test_a_senders_line_says_when_it_cannot_connect_and_clears_once_the_api_answ
     assert "no connection" not in shown[1]
     assert "no connection" not in shown[2]
     assert "API unreachable" in shown[3]
+
+
+def test_a_senders_line_says_it_stopped_for_refused_messages_and_keeps_saying_so():
+    """The sender stopped after refusals in a row: its line says so, and the failures of the sends that
+    were still in flight, counted after, do not hide it."""
+    senders = [SenderSettings(name="s0", grant_id="g0", per_second=1.0)]
+    clock = FakeClock(datetime(2026, 12, 1, 9, 0, tzinfo=UTC))
+    console = Console(file=io.StringIO(), width=200)
+    with SendProgress(console, total=9, senders=senders, clock=clock) as progress:
+        (line,) = (task for task in progress._progress.tasks if task.id == progress._senders["s0"])
+        progress.set_share("s0", 9)
+        progress.handle(DispatchEvent(EventKind.FAILED, "s0", "k1", "a@x.com"))
+        assert line.fields["detail"] == "[red]1 not sent"
+        progress.handle(DispatchEvent(EventKind.REJECTING, "s0"))
+        progress.handle(DispatchEvent(EventKind.FAILED, "s0", "k2", "b@x.com"))
+        progress.handle(DispatchEvent(EventKind.FAILED, "s0", "k3", "c@x.com"))
+    assert line.fields["detail"] == "[red]3 not sent; stopped: its messages are refused"
 
 
 def test_the_check_and_the_run_summary_group_the_thousands_of_a_big_list():

@@ -299,27 +299,37 @@ async def test_a_worker_gives_grants_back_when_another_joins(database, clock):
 
 
 @pytest.mark.anyio
-async def test_a_worker_whose_senders_could_not_reach_the_api_ends_as_one_worker_would(database, clock):
-    """A round that ends with its senders unable to reach the API ends the worker (exit 75 after it), its
-    grants given back, rather than starting round after round against a dead API."""
+@pytest.mark.parametrize(
+    ("stopped_by", "error"),
+    [
+        ("unreachable", "could not connect to the API; nothing was sent"),
+        ("rejecting", "HTTP 402 message_rejected: Sending to at least one recipient failed."),
+    ],
+)
+async def test_a_worker_whose_senders_stopped_for_the_run_ends_as_one_worker_would(
+    database, clock, stopped_by, error
+):
+    """A round that ends with its senders unable to reach the API (exit 75 after it), or stopped by refused
+    messages (exit 69), ends the worker, its grants given back, rather than starting round after round
+    against a dead API or a refusing mailbox."""
     grants = [f"g{n}" for n in range(GRANTS)]
     stop = anyio.Event()
     rounds: list[tuple[str, ...]] = []
-    async with _shared_campaign(database, clock, "lease-unreachable") as (_, first, second):
+    async with _shared_campaign(database, clock, f"lease-{stopped_by}") as (_, first, second):
 
         async def send_round(senders, round_stop):
             rounds.append(tuple(senders))
             if len(rounds) > 3:
                 stop.set()
-            down = dict.fromkeys(senders, "could not connect to the API; nothing was sent")
-            return DispatchResult(sent=0, failed=0, unknown=0, remaining=len(senders), unreachable=down)
+            down = {stopped_by: dict.fromkeys(senders, error)}
+            return DispatchResult(sent=0, failed=0, unknown=0, remaining=len(senders), **down)
 
         result = await send_under_leases(
             first, with_work=lambda: grants, send_round=send_round, clock=clock, stop=stop
         )
         assert result is not None
         assert len(rounds) == 1
-        assert set(result.unreachable) == set(grants)
+        assert set(getattr(result, stopped_by)) == set(grants)
         assert await second.acquire(grants, GRANTS) == tuple(grants)
 
 

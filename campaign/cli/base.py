@@ -17,13 +17,14 @@ from rich.console import Console
 
 from campaign.cli.output import print_error
 from campaign.clock import Clock, SystemClock
-from campaign.errors import CampaignError
+from campaign.errors import ApiError, CampaignError
 
 __all__ = [
     "EXIT_AUTH",
     "EXIT_DONE",
     "EXIT_INTERRUPTED",
     "EXIT_NOT_ALL_SENT",
+    "EXIT_REFUSED",
     "EXIT_RESUMABLE",
     "LedgerOpt",
     "ManifestArg",
@@ -37,6 +38,7 @@ __all__ = [
 
 EXIT_DONE = 0
 EXIT_NOT_ALL_SENT = 1
+EXIT_REFUSED = ApiError.exit_code  # 69: the API refused what was sent; a retry as it is would not help
 EXIT_RESUMABLE = 75
 EXIT_AUTH = 77
 EXIT_INTERRUPTED = 130

@@ -143,6 +143,13 @@ def print_run_summary(
             "Its rows stay pending, for `campaign resume` once the API can be reached",
             soft_wrap=True,
         )
+    for sender, error in sorted(result.rejecting.items()):
+        console.print(
+            f"sender [bold]{escape(sender)}[/] stopped: the API refused its last messages, one after "
+            f"another (its stop_after_rejections; the last: {show(error)}). Its rows not tried stay pending: "
+            "fix what the API says, then retry the failed rows and resume",
+            soft_wrap=True,
+        )
     if result.limit_reached:
         console.print("stopped at --limit")
     if result.stopped:

@@ -77,6 +77,7 @@ SENDER_LINES = 20
 _SENDER_DETAILS = {
     EventKind.AUTH_REFUSED: "[red]credentials refused",
     EventKind.UNREACHABLE: "[red]API unreachable",
+    EventKind.REJECTING: "[red]stopped: its messages are refused",
     EventKind.THROTTLED: "[yellow]throttled, slowing down",
 }
 
@@ -118,6 +119,7 @@ class SendProgress:
         self._other_total = 0
         self._other_states: dict[str, str] = {}  # another sender -> "parked" | "refused" | "not sent"
         self._failed = dict.fromkeys(names, 0)
+        self._refusing: set[str] = set()  # stopped by refused messages: their failures say so too
         self._budget_left: dict[str, int | None] = dict.fromkeys(names)
 
     def __enter__(self) -> SendProgress:
@@ -142,6 +144,8 @@ class SendProgress:
     def handle(self, event: DispatchEvent) -> None:
         """Update the display for one event."""
         task = self._senders.get(event.sender)
+        if event.kind == EventKind.REJECTING:
+            self._refusing.add(event.sender)
         if task is None:
             self._handle_other(event)
         else:
@@ -159,7 +163,7 @@ class SendProgress:
         elif event.kind in (EventKind.FAILED, EventKind.UNKNOWN):
             self._failed[event.sender] += 1
             self._advance(task)
-            self._progress.update(task, detail=f"[red]{self._failed[event.sender]} not sent")
+            self._show_failed(task, event.sender)
         elif event.kind in (EventKind.PARKED, EventKind.CLOSED) and event.until is not None:
             self._progress.update(task, parked_until=event.until)
         elif event.kind == EventKind.RESUMED:
@@ -173,6 +177,10 @@ class SendProgress:
         elif event.kind == EventKind.HELD:  # a follow-up's reply lookup failed: due again, never sent blind
             self._advance(task)
             self._progress.update(task, detail="[yellow]reply lookup failed; held back")
+
+    def _show_failed(self, task: TaskID, sender: str) -> None:
+        stopped = "; stopped: its messages are refused" if sender in self._refusing else ""
+        self._progress.update(task, detail=f"[red]{self._failed[sender]} not sent{stopped}")
 
     def _advance(self, task: TaskID) -> None:
         self._progress.advance(task)
@@ -194,6 +202,8 @@ class SendProgress:
             self._other_states[event.sender] = "credentials refused"
         elif event.kind == EventKind.UNREACHABLE:
             self._other_states[event.sender] = "API unreachable"
+        elif event.kind == EventKind.REJECTING:
+            self._other_states[event.sender] = "messages refused"
         else:
             return
         counts = Counter(self._other_states.values())

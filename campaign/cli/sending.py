@@ -23,6 +23,7 @@ from campaign.cli.base import (
     EXIT_DONE,
     EXIT_INTERRUPTED,
     EXIT_NOT_ALL_SENT,
+    EXIT_REFUSED,
     EXIT_RESUMABLE,
     LedgerOpt,
     ManifestArg,
@@ -248,7 +249,8 @@ def _exit_code(result: DispatchResult, states: Mapping[str, int]) -> int:
     if result.auth_refused:
         return EXIT_AUTH
     if result.remaining or states["pending"] or states["inflight"]:
-        return EXIT_RESUMABLE
+        # Rows left by a sender stopped for refused messages wait for a fix, not for time.
+        return EXIT_REFUSED if result.rejecting else EXIT_RESUMABLE
     if states["failed"] or states["unknown"]:
         return EXIT_NOT_ALL_SENT
     return EXIT_DONE

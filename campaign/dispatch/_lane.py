@@ -4,7 +4,8 @@ A lane combines the sender's pace (and Nylas's 10/s ceiling for multipart sends)
 its rolling-24 h budgets in recipients and in messages, the earliest time a throttle
 (or a failed connection) allows the next request, an adaptive slowdown after repeated
 throttles, and whether it is parked (until a time) or halted (refused credentials, no
-connection to the API). Callers pass the current time; nothing here reads a clock or sleeps.
+connection to the API, a run of refused messages). Callers pass the current time; nothing
+here reads a clock or sleeps.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Lane:
     unreachable: str | None = None  # halted: no connection to the API for too long (the last error)
     unreachable_since: float | None = None  # monotonic time of the first of the connect failures in a row
     connect_failures: int = 0  # connect failures in a row
+    rejections: int = 0  # messages refused in a row (none sent between)
+    rejecting: str | None = None  # halted: `stop_after_rejections` refusals in a row (the last error)
     workers: int = 0  # the send loop's workers currently serving this lane
     more: bool = True  # the feed may hold more of its jobs (`jobs` is only what it read ahead)
     refilling: bool = False  # a worker is reading its next jobs
@@ -62,8 +65,9 @@ class Lane:
 
     @property
     def halted(self) -> bool:
-        """Stopped for the rest of the run, with no time to wait for: refused credentials, or no API."""
-        return self.auth_refused or self.unreachable is not None
+        """Stopped for the rest of the run, with no time to wait for: refused credentials, no API, or
+        a run of refused messages."""
+        return self.auth_refused or self.unreachable is not None or self.rejecting is not None
 
     @property
     def stopped(self) -> bool:
@@ -132,6 +136,14 @@ class Lane:
         """An answer came (any answer): the API is reachable."""
         self.connect_failures = 0
         self.unreachable_since = None
+
+    def record_rejected(self, error: str) -> None:
+        """A message refused for good (a 4xx): once `stop_after_rejections` come in a row (no message
+        accepted between), the lane halts."""
+        self.rejections += 1
+        limit = self.sender.stop_after_rejections
+        if limit and self.rejections >= limit and self.rejecting is None:
+            self.rejecting = error
 
     def record_sent(self) -> None:
         """A send went through: forget consecutive throttles and, slowly, recover the pace."""

@@ -73,7 +73,7 @@ async def send_under_leases(
                 continue
             result = await _LeasedRound(leases, held, wanted, clock, stop).send(send_round)
             total = result if total is None else total.then(result)
-            if result.auth_refused or result.unreachable or result.limit_reached:
+            if result.auth_refused or result.unreachable or result.rejecting or result.limit_reached:
                 break  # as one worker would stop: the rest is for another run
             if not (result.sent or result.failed or result.unknown):  # nothing could go: not at once again
                 await clock.wait_for(stop, leases.expiry_s / _LOOKS_PER_LEASE)

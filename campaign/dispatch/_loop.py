@@ -221,6 +221,7 @@ class _Loop:
             unreachable={
                 name: lane.unreachable for name, lane in lanes.items() if lane.unreachable is not None
             },
+            rejecting={name: lane.rejecting for name, lane in lanes.items() if lane.rejecting is not None},
             limit_reached=self._limit_reached,
             stopped=self._stopping,
             left_inflight=self._left_inflight,
@@ -529,8 +530,9 @@ class _Loop:
             self._emit(DispatchEvent(EventKind.THROTTLED, name, key, email, outcome))
 
     def _apply_to_lane(self, lane: Lane, outcome: SendOutcome) -> None:
-        """What an answer means for the sender: a throttle holds or parks it, a refusal stops it, and no
-        connection holds it (stops it, once too long)."""
+        """What an answer means for the sender: a throttle holds or parks it, refused credentials stop it,
+        and so do refused messages once too many come in a row; no connection holds it (stops it, once
+        too long)."""
         if outcome.kind == OutcomeKind.UNREACHABLE:
             self._unreachable(lane, outcome)
             return
@@ -541,6 +543,12 @@ class _Loop:
             self._throttled(lane, outcome)
         elif outcome.kind == OutcomeKind.AUTH_REFUSED:
             lane.auth_refused = True
+        elif outcome.kind == OutcomeKind.SENT:
+            lane.rejections = 0
+        elif outcome.kind == OutcomeKind.REJECTED and lane.rejecting is None:
+            lane.record_rejected(_refusal_text(outcome))
+            if lane.rejecting is not None:
+                self._emit(DispatchEvent(EventKind.REJECTING, lane.sender.name, outcome=outcome))
 
     def _unreachable(self, lane: Lane, outcome: SendOutcome) -> None:
         """Each failed connection holds the sender a backoff; after `unreachable_after_s` of them it stops
@@ -573,6 +581,12 @@ class _Loop:
         if lane.parked_until is None:
             lane.parked_until = until
             self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))
+
+
+def _refusal_text(outcome: SendOutcome) -> str:
+    """E.g. `HTTP 402 message_rejected: Sending to at least one recipient failed.`"""
+    head = " ".join(part for part in (f"HTTP {outcome.status}", outcome.error_type) if part)
+    return f"{head}: {outcome.error_message}" if outcome.error_message else head
 
 
 def _look_ahead(lane: Lane) -> int:

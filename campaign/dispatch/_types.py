@@ -63,6 +63,7 @@ class EventKind(StrEnum):
     HELD = "held"  # a follow-up's reply lookup failed: not sent now, due again later
     CLOSED = "closed"  # the sender's send window is shut until `until`
     UNREACHABLE = "unreachable"  # no connection to the API for too long: the sender stops for this run
+    REJECTING = "rejecting"  # `stop_after_rejections` messages refused in a row: it stops for this run
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,7 @@ class DispatchResult:
     held: int = 0  # follow-ups whose reply lookup failed: not sent, due again
     closed: Mapping[str, datetime] = field(default_factory=dict)  # senders whose window is shut, until
     unreachable: Mapping[str, str] = field(default_factory=dict)  # senders that could not connect: last error
+    rejecting: Mapping[str, str] = field(default_factory=dict)  # stopped by refusals in a row: the last
 
     def then(self, after: DispatchResult) -> DispatchResult:
         """This round and the `after` one as one result: counts added, the later round's senders."""

@@ -73,6 +73,9 @@ _URL_START = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MIN_PER_SECOND = 1 / 86_400
 _MAX_PER_SECOND = 1_000.0
 _MAX_COUNT = 10_000_000
+# listmonk pauses a campaign after `max_send_errors`, YAMM on a bounce spike (peers.md §5, point 4): the
+# addresses were checked before the first send, so refusals in a row are the mailbox or the message.
+DEFAULT_STOP_AFTER_REJECTIONS = 20
 # Every table: an unknown key is an error (a typo must not be ignored), and values never change.
 FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -462,6 +465,15 @@ class SenderSettings(BaseModel):
         description="Messages this mailbox may send in any rolling 24 h.",
     )
     concurrency: int = Field(default=2, ge=1, le=64, strict=True, description="Sends in flight at once.")
+    stop_after_rejections: int = Field(
+        default=DEFAULT_STOP_AFTER_REJECTIONS,
+        ge=0,
+        le=_MAX_COUNT,
+        strict=True,
+        description="Stop this sender for the run once the API has refused this many of its messages in a "
+        "row (a 4xx such as 402 'message rejected') with none sent between: a refused mailbox or a broken "
+        "message, not a bad address; its other rows stay pending. 0: never stop.",
+    )
     window: str | None = Field(
         default=None,
         description="When this sender may send, in its `timezone`: e.g. 'Mon-Fri 09:00-17:30'; "
