@@ -20,13 +20,16 @@ from typing import Any
 import aiohttp
 import anyio
 import httpx
+import multidict
 import pytest
 from support import refusing_url
 
 from campaign.clock import SystemClock
 from campaign.models import OutcomeKind, SendOutcome
 from campaign.nylas import NylasClient, build_http_client
-from campaign.nylas._transport import ApiTransport, failure_type
+from campaign.nylas._answers import answer_text
+from campaign.nylas._http import ApiHttpClient
+from campaign.nylas._transport import ApiTransport, RawAnswer, failure_type
 from campaign.testing import FakeNylas, Fault, serve_on_loopback
 
 KEY = "nyk_transport_test_key_0123456789"
@@ -502,3 +505,51 @@ async def test_the_certificate_store_is_read_before_the_first_request_not_during
         response = await http.post(path, json=PAYLOAD, headers=auth)
     assert response.status_code == 200
     assert made == []
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        'text/html; charset="ISO-8859-1"',
+        "text/plain; charset=no-such-charset",
+    ],
+)
+def test_a_sends_answer_reads_as_the_text_httpx_would_read(content_type):
+    """The send path reads answers without httpx's response (`RawAnswer`); their text is what httpx's
+    `response.text` gives for the same bytes and Content-Type: its charset, else UTF-8, bad bytes replaced."""
+    content = "café – ok".encode() + b" \xe9\xff"
+    stock = httpx.Response(200, headers={"Content-Type": content_type}, content=content)
+    raw = RawAnswer(200, multidict.CIMultiDict({"Content-Type": content_type}), content)
+    assert answer_text(raw) == answer_text(stock) == stock.text
+
+
+async def _recorded(post: Callable[..., Any], posted: list[str], url: str, *args: Any, **kwargs: Any) -> Any:
+    posted.append(url)
+    return await post(url, *args, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_the_client_sends_through_the_transports_own_post_and_the_fake_gets_the_same(served):
+    """A client from `build_http_client` posts sends through `ApiTransport.post`, not httpx's models, and
+    the fake receives what it receives through httpx's own transport: the same answer and payload."""
+    fake, url = served
+    posted: list[str] = []
+    received = []
+    for stock in (True, False):
+        transport = httpx.AsyncHTTPTransport() if stock else None
+        async with build_http_client(base_url=url, timeout_s=5, transport=transport) as http:
+            assert isinstance(http, ApiHttpClient)
+            assert (http.direct is None) == stock
+            if http.direct is not None:
+                http.direct.post = partial(_recorded, http.direct.post, posted)  # type: ignore[method-assign]
+            grant, key = _new_grant(fake), _key()
+            client = NylasClient(http, api_key=KEY, clock=SystemClock())
+            outcome = await client.send_message(grant, PAYLOAD, idempotency_key=key)
+        assert outcome.kind == OutcomeKind.SENT
+        (request,) = [r for r in fake.requests if r.idempotency_key == key]
+        (delivery,) = [d for d in fake.deliveries if d.grant_id == grant]
+        received.append((request.status, request.replayed, delivery.payload))
+    assert posted == [f"{url}/v3/grants/{grant}/messages/send"]
+    assert received[0] == received[1]

@@ -10,14 +10,15 @@ answer that has not passed through the caller's `scrub` (which removes the API k
 
 from __future__ import annotations
 
+import email.message
 import email.utils
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
@@ -26,6 +27,7 @@ from campaign.clock import Clock
 from campaign.models import OutcomeKind, SendOutcome, ThrottleKind
 
 __all__ = [
+    "Answer",
     "ErrorBody",
     "answer_text",
     "build_send_outcome",
@@ -44,6 +46,19 @@ _QUOTA_WORDS = ("quota", "daily user sending limit exceeded", "activity limit re
 _PROVIDER_WORDS = ("mailboxconcurrency", "applicationthrottled", "throttl", "provider")
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"\s+")
+
+
+class Answer(Protocol):
+    """An HTTP answer read whole: an `httpx.Response`, or the send path's `_transport.RawAnswer`."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...  # names case-insensitive
+
+    @property
+    def content(self) -> bytes: ...  # decoded of any Content-Encoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +83,7 @@ def _message_id(data: object) -> str | None:
     return next((value for value in found if isinstance(value, str) and value), None)
 
 
-def build_send_outcome(response: httpx.Response, *, clock: Clock, scrub: Callable[[str], str]) -> SendOutcome:
+def build_send_outcome(response: Answer, *, clock: Clock, scrub: Callable[[str], str]) -> SendOutcome:
     """What one send's HTTP response means; `scrub` removes secrets from any text the outcome keeps."""
     status = response.status_code
     text = scrub(answer_text(response))  # before any excerpt, so a cut can't leave half a key
@@ -113,7 +128,7 @@ def build_send_outcome(response: httpx.Response, *, clock: Clock, scrub: Callabl
     )
 
 
-def _retry_at(response: httpx.Response, error: ErrorBody, clock: Clock) -> datetime | None:
+def _retry_at(response: Answer, error: ErrorBody, clock: Clock) -> datetime | None:
     """The latest time the server asked us to wait for: Retry-After, or "Retry after <ISO>" inside."""
     candidates: list[datetime] = []
     if header := response.headers.get("Retry-After"):
@@ -210,15 +225,22 @@ def _parse_retry_after(value: str, now: datetime) -> datetime | None:
         return None
 
 
-def answer_text(response: httpx.Response) -> str:
-    """The answer's body as text, decoded as `response.text` would.
+def answer_text(response: Answer) -> str:
+    """The answer's body as text, decoded as httpx's `response.text` would: in the charset Content-Type
+    names (one Python knows), else UTF-8, undecodable bytes replaced."""
+    content_type = response.headers.get("content-type", "")
+    charset = _charset(content_type) if "charset" in content_type.lower() else None
+    try:
+        return response.content.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return response.content.decode("utf-8", errors="replace")
 
-    UTF-8 (undecodable bytes replaced) unless Content-Type names a charset; only then is
-    httpx asked, which parses the header with an `email.message.Message` every time.
-    """
-    if "charset" in response.headers.get("content-type", "").lower():
-        return response.text
-    return response.content.decode("utf-8", errors="replace")
+
+def _charset(content_type: str) -> str | None:
+    """The charset parameter of a Content-Type value, parsed as httpx parses it."""
+    header = email.message.Message()
+    header["content-type"] = content_type
+    return header.get_content_charset(failobj=None)
 
 
 def parse_json_object(text: str) -> dict[str, Any] | None:
@@ -230,7 +252,7 @@ def parse_json_object(text: str) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def find_request_id(body: dict[str, Any] | None, response: httpx.Response) -> str | None:
+def find_request_id(body: dict[str, Any] | None, response: Answer) -> str | None:
     """The request id Nylas gives in the body, else in the x-request-id header."""
     return (
         (json_text(body, "request_id") if body is not None else "")

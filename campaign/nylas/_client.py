@@ -1,7 +1,8 @@
 """The wire to the Nylas v3 API: the send call and its outcome, and listing for reconcile.
 
-Sends the payload built by `campaign.nylas._payload` over an injected `httpx.AsyncClient`, through
-a sender's grant or its verified domain (`send_as`), and turns every response or httpx
+Sends the payload built by `campaign.nylas._payload` over an injected `httpx.AsyncClient` (straight
+through its transport when that is our `ApiTransport`: the same exchange without httpx's models),
+through a sender's grant or its verified domain (`send_as`), and turns every response or httpx
 failure into a `SendOutcome` (`campaign.nylas._answers` reads the answers), so a
 per-message result never raises. It must not decide what happens next (retry, park,
 record: that is dispatch's job), must not read time except through the `Clock`, and no
@@ -30,6 +31,7 @@ from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError, Manifes
 from campaign.manifest import SenderSettings
 from campaign.models import OutcomeKind, SendOutcome
 from campaign.nylas._answers import (
+    Answer,
     answer_text,
     build_send_outcome,
     describe_exception,
@@ -150,8 +152,12 @@ def build_http_client(
         # send (status, preview) import this module too.
         from campaign.nylas._transport import ApiTransport
 
-        transport = ApiTransport(limits=limits)
-    return ApiHttpClient(base_url=url, timeout=timeout, transport=transport, headers=headers, limits=limits)
+        transport = direct = ApiTransport(limits=limits)
+    else:
+        direct = None
+    return ApiHttpClient(
+        base_url=url, timeout=timeout, transport=transport, headers=headers, limits=limits, direct=direct
+    )
 
 
 class NylasClient:
@@ -176,6 +182,9 @@ class NylasClient:
         }
         # Absolute send URLs by (grants|domains, id): httpx would parse and merge a path per request.
         self._send_urls: dict[tuple[str, str], httpx.URL] = {}
+        # Sends skip httpx's client and models when its transport is ours (a fifth of a send's CPU).
+        self._direct = http.direct if isinstance(http, ApiHttpClient) else None
+        self._timeouts = http.timeout.as_dict()
 
     async def send_message(
         self, grant_id: str, payload: Mapping[str, Any] | SendRequest, *, idempotency_key: str
@@ -221,8 +230,13 @@ class NylasClient:
             "Content-Length": str(request.size),
             "Idempotency-Key": idempotency_key,
         }
+        body = _request_body(request)
         try:
-            response = await self._http.post(url, content=_request_body(request), headers=headers)
+            response: Answer
+            if self._direct is not None:
+                response = await self._direct.post(str(url), headers, body, timeout=self._timeouts)
+            else:
+                response = await self._http.post(url, content=body, headers=headers)
         except httpx.RequestError as exc:
             # No connection (refused, timed out, no such name, a bad certificate): the request never left,
             # so its key is unused. Anything later may have reached Nylas: same key again (§4).

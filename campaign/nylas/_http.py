@@ -9,9 +9,12 @@ would send over a mock transport, never loads it.
 from __future__ import annotations
 
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:  # aiohttp is loaded only by a client that sends through it
+    from campaign.nylas._transport import ApiTransport
 
 __all__ = ["ApiHttpClient", "env_proxy_applies"]
 
@@ -26,11 +29,16 @@ class _AnswerCookies(httpx.Cookies):
 
 
 class ApiHttpClient(httpx.AsyncClient):
-    """An `httpx.AsyncClient` whose cookie jar only looks at answers that carry Set-Cookie."""
+    """An `httpx.AsyncClient` whose cookie jar only looks at answers that carry Set-Cookie.
 
-    def __init__(self, *, cookies: Any = None, **kwargs: Any) -> None:
+    `direct`: its transport when that is `ApiTransport`, which `NylasClient` posts sends through
+    itself (`ApiTransport.post`, without httpx's models); None: every request goes through httpx.
+    """
+
+    def __init__(self, *, cookies: Any = None, direct: ApiTransport | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._answer_cookies = _AnswerCookies(cookies)
+        self.direct = direct
 
     @property
     def cookies(self) -> httpx.Cookies:

@@ -2,7 +2,8 @@
 
 `ApiTransport` is an `httpx.AsyncBaseTransport` (httpx's public transport interface) that
 sends each request through an aiohttp session (several times faster than httpcore for many
-small requests) and reads each answer whole.
+small requests) and reads each answer whole. Its `post` is the send path's shortcut: the same
+exchange without httpx's request and response objects, which cost a fifth of a send's CPU.
 Every failure becomes the httpx exception the stock transport raises for the same event,
 so `campaign.nylas._client` sees one exception family and classifies it as before: connect
 failures and connect timeouts (the request never left) are `ConnectError` /
@@ -14,13 +15,14 @@ aiohttp is not asked to read proxy settings (it would per request): when one is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import httpx
 
-__all__ = ["ApiTransport", "failure_type", "translate_failure"]
+__all__ = ["ApiTransport", "RawAnswer", "failure_type", "translate_failure"]
 
 # The first class an aiohttp failure is an instance of decides (subclasses come before their bases).
 _FAILURES: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
@@ -52,6 +54,15 @@ def translate_failure(exc: Exception) -> httpx.TransportError | None:
     """The httpx exception for an aiohttp (or socket) failure, with its message; None for anything else."""
     target = failure_type(type(exc))
     return None if target is None else target(str(exc) or type(exc).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    """An answer as `ApiTransport.post` reads it: what `campaign.nylas._answers` reads of one."""
+
+    status_code: int
+    headers: Mapping[str, str]  # aiohttp's: names case-insensitive
+    content: bytes
 
 
 class ApiTransport(httpx.AsyncBaseTransport):
@@ -89,35 +100,20 @@ class ApiTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` and read its whole answer; every failure raises an `httpx.TransportError`."""
-        session = self.client
-        if not isinstance(session, aiohttp.ClientSession):
-            session = self.client = self.get_client()
         data: bytes | httpx.AsyncByteStream | None
         try:
             data = request.content or None
         except httpx.RequestNotRead:
             data = request.stream  # type: ignore[assignment]  # an async stream: aiohttp sends it as it comes
-        try:
-            response = await session.request(
-                request.method,
-                str(request.url),
-                headers=_header_items(request.headers, streamed=data is request.stream),
-                data=data,
-                allow_redirects=False,
-                auto_decompress=False,  # httpx decodes Content-Encoding itself
-                timeout=self._timeout(request.extensions.get("timeout")),
-                server_hostname=request.extensions.get("sni_hostname"),
-            )
-            try:
-                body = await response.read()
-            except BaseException:
-                response.close()  # a half-read connection must not go back to the pool
-                raise
-        except Exception as exc:
-            failure = translate_failure(exc)
-            if failure is None:
-                raise
-            raise failure from exc
+        response, body = await self._exchange(
+            request.method,
+            str(request.url),
+            headers=_header_items(request.headers, streamed=data is request.stream),
+            data=data,
+            decompress=False,  # httpx decodes Content-Encoding itself
+            timeout=request.extensions.get("timeout"),
+            server_hostname=request.extensions.get("sni_hostname"),
+        )
         extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
         if response.reason:
             extensions["reason_phrase"] = response.reason.encode()
@@ -130,6 +126,63 @@ class ApiTransport(httpx.AsyncBaseTransport):
             request=request,
             extensions=extensions,
         )
+
+    async def post(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | AsyncIterable[bytes],
+        *,
+        timeout: Mapping[str, float | None],
+    ) -> RawAnswer:
+        """POST `body` to the absolute `url` and read its whole answer, as `handle_async_request` does but
+        without httpx's request and response objects (a fifth of a send's CPU); the same failures.
+
+        `headers` are sent as given (plus aiohttp's Host, Accept-Encoding); `timeout` is
+        `httpx.Timeout.as_dict()`. The answer's content is decoded of any Content-Encoding.
+        """
+        response, content = await self._exchange(
+            "POST", url, headers=headers, data=body, decompress=True, timeout=timeout
+        )
+        return RawAnswer(response.status, response.headers, content)
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | list[tuple[str, str]],
+        data: Any,
+        decompress: bool,
+        timeout: Mapping[str, float | None] | None,
+        server_hostname: str | None = None,
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """One request and its whole answer through the session; every failure an `httpx.TransportError`."""
+        session = self.client
+        if not isinstance(session, aiohttp.ClientSession):
+            session = self.client = self.get_client()
+        try:
+            response = await session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                auto_decompress=decompress,
+                timeout=self._timeout(timeout),
+                server_hostname=server_hostname,
+            )
+            try:
+                body = await response.read()
+            except BaseException:
+                response.close()  # a half-read connection must not go back to the pool
+                raise
+        except Exception as exc:
+            failure = translate_failure(exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        return response, body
 
     def _timeout(self, phases: Mapping[str, float | None] | None) -> aiohttp.ClientTimeout:
         """httpx's per-phase timeouts as aiohttp's: pool + connect, connect, and read (between reads).
