@@ -4,7 +4,7 @@ Columns: row, key, email, sender, state, reason, attempts, message_id, thread_id
 replayed, error_type, error_status, error_message, note, listed, the times (created, first
 claimed, last claimed, sent, updated) as UTC datetimes, and what tracking notifications kept in
 the campaign's store say (opens, first and last opened, clicks, clicked URLs, the first reply), and
-whether the message bounced (hard or soft, when, why: `campaign.events.load_row_bounces`).
+whether the message bounced (hard or soft, when, why: `campaign.events.find_row_bounces`).
 `write_report`, the use case `campaign report` calls, reads the ledger and writes only the output file. The
 idempotency key stays out (it is an internal detail, not something to act on). The file is
 owner-only; in a CSV, a cell that starts like a spreadsheet formula gets a leading `'`
@@ -23,12 +23,12 @@ import polars as pl
 
 from campaign.clock import Clock
 from campaign.errors import InputFileError, UsageError
-from campaign.events import RowBounce, load_row_bounces
+from campaign.events import RowBounce, find_row_bounces
 from campaign.ledger import LedgerRow, LedgerSite
 from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.outputfiles import write_private_csv, write_private_parquet
-from campaign.unsubscribe import Engagement, load_engagement
+from campaign.unsubscribe import Engagement, find_engagement, list_store_paths, open_existing_stores
 
 __all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "WrittenReport", "build_report", "write_report"]
 
@@ -110,10 +110,11 @@ def write_report(
 
     Reads the ledger read-only, and closes it before writing the file.
     """
-    engagement = load_engagement(manifest, clock=clock)
     ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
-        bounces = load_row_bounces(manifest, ledger, clock=clock)
+        with open_existing_stores(list_store_paths(manifest), clock=clock) as stores:
+            engagement = find_engagement(stores)
+            bounces = find_row_bounces(stores, ledger)
         rows = ledger.rows(states=states or None)
         frame = build_report(rows, engagement, bounces=bounces, steps=manifest.steps)
     finally:

@@ -6,7 +6,7 @@ Reads the ledger; writes nothing. `Status.as_json()` is a contract documented in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +17,7 @@ from campaign.manifest import Manifest
 from campaign.models import RowState
 from campaign.nextsteps import NextStep, load_next_steps
 from campaign.plan import DAY_S, Schedule, SenderSchedule, WindowPlan, build_schedule, plan_window
-from campaign.unsubscribe import list_store_paths, load_engagement, store_exists
+from campaign.unsubscribe import SuppressionStore, find_engagement, list_store_paths, open_existing_stores
 
 __all__ = [
     "OPEN_STATES",
@@ -224,18 +224,20 @@ def load_status(
     ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
         status = build_status(manifest, ledger, clock=clock, command_path=command_path, sandbox=sandbox)
-        return replace(
-            status,
-            engagement=load_engagement_summary(manifest, ledger, clock=clock),
-            bounces=load_bounce_summary(manifest, ledger, clock=clock),
-        )
+        with open_existing_stores(list_store_paths(manifest), clock=clock) as stores:
+            return replace(
+                status,
+                engagement=find_engagement_summary(stores, ledger),
+                bounces=find_bounce_summary(stores, ledger),
+            )
     finally:
         ledger.close()
 
 
-def load_engagement_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> EngagementSummary | None:
-    """Opens and clicks of this campaign's sent messages, from the tracking notifications its stores keep."""
-    tracked = load_engagement(manifest, clock=clock)
+def find_engagement_summary(stores: Sequence[SuppressionStore], ledger: Ledger) -> EngagementSummary | None:
+    """Opens and clicks of this campaign's sent messages, from the tracking notifications its open
+    `stores` keep."""
+    tracked = find_engagement(stores)
     if not tracked:
         return None
     ours = ledger.sent_message_ids(tracked)  # a store is shared: only this campaign's messages count
@@ -247,14 +249,15 @@ def load_engagement_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock)
     )
 
 
-def load_bounce_summary(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> BounceSummary | None:
-    """How many of this campaign's sent messages bounced, from the bounces its stores keep (None: none)."""
-    if not any(store_exists(path) for path in list_store_paths(manifest)):
+def find_bounce_summary(stores: Sequence[SuppressionStore], ledger: Ledger) -> BounceSummary | None:
+    """How many of this campaign's sent messages bounced, from the bounces its open `stores` keep (None:
+    none)."""
+    if not stores:
         return None
     # Imported here: a campaign without a store (most) does not pay for it in `status`'s start-up.
-    from campaign.events import load_row_bounces
+    from campaign.events import find_row_bounces
 
-    bounced = load_row_bounces(manifest, ledger, clock=clock)
+    bounced = find_row_bounces(stores, ledger)
     if not bounced:
         return None
     hard = sum(1 for bounce in bounced.values() if bounce.hard)

@@ -30,6 +30,7 @@ from campaign.manifest import load_manifest
 from campaign.models import Address, Recipient, SkipReason
 from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
 from campaign.unsubscribe import BounceRules, SuppressionStore, UnsubscribeWatch, open_store, parse_secrets
+from campaign.unsubscribe import _store as store_module
 from campaign.web import EventService, UnsubscribeEndpoint
 
 WEBHOOK_SECRET = b"nylas-webhook-secret-for-tests"
@@ -411,10 +412,13 @@ def _bounce_of(event_id: str, address: str, *, message_id: str, code: str, kind:
     )
 
 
-def test_bounces_of_this_campaigns_messages_appear_in_report_and_status(api, cli, tmp_path, store_at):
+def test_bounces_of_this_campaigns_messages_appear_in_report_and_status(
+    api, cli, tmp_path, store_at, monkeypatch
+):
     """A bounce naming a sent message belongs to it; one naming another message, to the latest send to its
     address before it. Bounces of other addresses, and one dated before the campaign began (an older
-    campaign's), are not this campaign's. `report` says which rows bounced, `status` how many."""
+    campaign's), are not this campaign's. `report` says which rows bounced, `status` how many; each opens
+    the store once for its engagement and its bounces (a database store is a connection pool)."""
     manifest = _newsletter_reading(store_at, tmp_path, api)
     assert cli("run", manifest, "--yes").exit_code == 0
     first, second, third = (d.payload["to"][0]["email"] for d in api.deliveries[:3])
@@ -427,14 +431,21 @@ def test_bounces_of_this_campaigns_messages_appear_in_report_and_status(api, cli
     _record(store, _bounce_of("b3", "stranger@example.org", message_id="x", date=later, **hard))
     _record(store, _bounce_of("b4", third, message_id="y", date="Thu, 01 Jan 2026 10:00:00 +0000", **hard))
     store.close()
+    opened: list[object] = []
+    real_open = store_module.open_store
+    monkeypatch.setattr(
+        store_module, "open_store", lambda where, **kw: opened.append(where) or real_open(where, **kw)
+    )
 
     rows = _report_rows(cli, manifest, tmp_path)
+    assert opened == [store_at]
     assert (rows[first]["bounce"], rows[first]["bounce_reason"]) == ("hard", "mailbox_unavailable (550)")
     assert rows[first]["bounced_at"].startswith("2027-01-05T10:00:00")
     assert (rows[second]["bounce"], rows[second]["bounce_reason"]) == ("soft", "mailbox_full (452)")
     assert {email for email, row in rows.items() if row["bounce"]} == {first, second}
 
     status = json.loads(cli("status", manifest, "--json").stdout)
+    assert opened == [store_at, store_at]
     sent = len(api.deliveries)
     assert status["bounces"] == {
         "sent": sent, "bounced": 2, "hard": 1, "soft": 1, "bounce_rate": round(2 / sent, 4)

@@ -5,13 +5,13 @@
 unsubscribe store (once per envelope id) with the bounces it reports, so that a hard bounce, or
 enough soft ones, stops every campaign that reads the store from mailing that address again
 (skip reason `bounced`). `pull_campaign_bounces` finds bounce reports in the senders' own inboxes
-instead, for users without a public endpoint. `load_row_bounces` says which of a campaign's sent
+instead, for users without a public endpoint. `find_row_bounces` says which of a campaign's sent
 messages bounced (status, report). The web service that receives webhooks is `campaign.web`.
 """
 
 from __future__ import annotations
 
-from campaign.events._bounced import RowBounce, load_row_bounces, match_bounces
+from campaign.events._bounced import RowBounce, find_row_bounces, match_bounces
 from campaign.events._notifications import BOUNCE, Notification, parse_bounces, parse_notification
 from campaign.events._pull import MAX_PAGES, InboxReader, PullReport, pull_bounces
 from campaign.events._pulling import PULL_SKEW, events_store_path, pull_campaign_bounces
@@ -27,7 +27,7 @@ __all__ = [
     "PullReport",
     "RowBounce",
     "events_store_path",
-    "load_row_bounces",
+    "find_row_bounces",
     "match_bounces",
     "parse_bounces",
     "parse_notification",

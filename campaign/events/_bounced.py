@@ -5,7 +5,7 @@ A store is shared by campaigns, so a bounce is this campaign's only when it foll
 - one that does not (a report found in an inbox names its own id) belongs to the latest send to its
   address at or before it (less `PULL_SKEW` for the clocks), if this campaign made one.
 
-`match_bounces` is pure; `load_row_bounces` reads the stores and the ledger.
+`match_bounces` is pure; `find_row_bounces` reads the stores it is given and the ledger.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from campaign.clock import Clock
 from campaign.events._pulling import PULL_SKEW
 from campaign.ledger import Ledger, SentMessage
-from campaign.manifest import Manifest
-from campaign.unsubscribe import BounceRecord, list_store_paths, open_existing_stores
+from campaign.unsubscribe import BounceRecord, SuppressionStore
 
-__all__ = ["RowBounce", "load_row_bounces", "match_bounces"]
+__all__ = ["RowBounce", "find_row_bounces", "match_bounces"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +63,12 @@ def _latest_before(sends: Sequence[SentMessage], at: datetime) -> SentMessage | 
     return sends[place - 1] if place else None
 
 
-def load_row_bounces(manifest: Manifest, ledger: Ledger, *, clock: Clock) -> dict[str, RowBounce]:
-    """The campaign's sent rows that bounced, by ledger key, from the stores it names (none: {})."""
+def find_row_bounces(stores: Iterable[SuppressionStore], ledger: Ledger) -> dict[str, RowBounce]:
+    """The campaign's sent rows that bounced, by ledger key, from the campaign's open `stores` (none: {})."""
     first = ledger.first_claim()
     if first is None:
         return {}
-    with open_existing_stores(list_store_paths(manifest), clock=clock) as stores:
-        bounces = [bounce for store in stores for bounce in store.bounces_since(first - PULL_SKEW)]
+    bounces = [bounce for store in stores for bounce in store.bounces_since(first - PULL_SKEW)]
     if not bounces:
         return {}
     return match_bounces(ledger.sent_messages_to({bounce.email for bounce in bounces}), bounces)

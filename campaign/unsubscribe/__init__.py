@@ -7,8 +7,8 @@ endpoint: one SQLite file (the default), or a PostgreSQL database (a `postgresql
 `campaign_store`) when the endpoint and campaigns run on several machines. Both behave alike:
 `SuppressionStore` is written once, over each backend's SQL (`_sqlitestore`, `_pgstore`).
 `UnsubscribeWatch` re-reads the stores during a run so an opt-out stops the next send;
-`open_existing_stores` opens a campaign's stores for one read (`load_unsubscribed`, `load_engagement`,
-the bounce counts). The endpoint
+`open_existing_stores` opens a campaign's stores for one read (`load_unsubscribed`; status and report
+read the engagement, `find_engagement`, and the bounces from the same open stores). The endpoint
 that serves the links is in `campaign.web`: nothing in the core imports a web server.
 """
 
@@ -28,9 +28,9 @@ from campaign.unsubscribe._store import (
     Unsubscribed,
     UnsubscribeWatch,
     describe_entry,
+    find_engagement,
     is_store_path,
     list_store_paths,
-    load_engagement,
     load_unsubscribed,
     lookup_unsubscribed,
     open_existing_stores,
@@ -64,9 +64,9 @@ __all__ = [
     "Unsubscribed",
     "build_unsubscribe_headers",
     "describe_entry",
+    "find_engagement",
     "is_store_path",
     "list_store_paths",
-    "load_engagement",
     "load_unsubscribed",
     "lookup_unsubscribed",
     "make_token",

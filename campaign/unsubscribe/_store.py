@@ -59,9 +59,9 @@ __all__ = [
     "UnsubscribeWatch",
     "Unsubscribed",
     "describe_entry",
+    "find_engagement",
     "is_store_path",
     "list_store_paths",
-    "load_engagement",
     "load_unsubscribed",
     "lookup_unsubscribed",
     "open_existing_stores",
@@ -375,13 +375,12 @@ def open_existing_stores(paths: Iterable[Path | str], *, clock: Clock) -> Iterat
         yield stores
 
 
-def load_engagement(manifest: Manifest, *, clock: Clock) -> dict[str, Engagement]:
-    """Opens, clicks and replies by message id from the campaign's stores that exist (none: no tracking
-    kept). A store is shared: its messages may be other campaigns'."""
+def find_engagement(stores: Iterable[SuppressionStore]) -> dict[str, Engagement]:
+    """Opens, clicks and replies by message id from a campaign's open `stores` (none: no tracking kept).
+    A store is shared: its messages may be other campaigns'."""
     found: dict[str, Engagement] = {}
-    with open_existing_stores(list_store_paths(manifest), clock=clock) as stores:
-        for store in stores:
-            found |= store.engagement()
+    for store in stores:
+        found |= store.engagement()
     return found
 
 
