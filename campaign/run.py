@@ -332,11 +332,13 @@ def _unchanged(
 
 
 def _reuse(manifest: Manifest, ledger: Ledger | None, rules: str) -> Reuse:
-    """Which rows need no render: sent ones always; unchanged pending ones under the same rules, unless
-    attachments (whose files the rules do not cover) could have changed under them."""
+    """Which rows need no render: sent ones always; unchanged pending ones under the same rules (which
+    cover the files every message attaches), unless a row's own attachment file (a path template,
+    which neither its cells nor the rules cover) could have changed under it."""
     if ledger is None:
         return Reuse.NONE
-    if ledger.rules_stamp() == rules and not manifest.message.attachments:
+    own_files = any(attachment.per_recipient for attachment in manifest.message.attachments)
+    if ledger.rules_stamp() == rules and not own_files:
         return Reuse.UNCHANGED_ROWS
     return Reuse.SENT_ROWS
 

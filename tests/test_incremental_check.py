@@ -34,14 +34,17 @@ def _renders(monkeypatch) -> Counter[str]:
     return counted
 
 
-def _campaign(folder: Path, people: int) -> Path:
+def _campaign(folder: Path, people: int, *, attach: str | None = None) -> Path:
+    """A text campaign of `people` rows; with `attach`, a [[message.attachments]] path (a template for
+    a file of each recipient's own)."""
     folder.mkdir()
     (folder / "note.txt.j2").write_text("Hello {{ name }} from {{ city }}\n", encoding="utf-8")
     _write_rows(folder, [(f"p{n}@example.com", f"P {n}", "Berlin") for n in range(1, people + 1)])
+    attachments = "" if attach is None else f'\n[[message.attachments]]\npath = "{attach}"\n'
     manifest = folder / "campaign.toml"
     manifest.write_text(
         '[campaign]\nname = "incremental"\n\n[recipients]\nsource = "r.csv"\nname_column = "name"\n\n'
-        '[message]\nsubject = "Hi {{ name }}"\ntext = "note.txt.j2"\n\n'
+        f'[message]\nsubject = "Hi {{{{ name }}}}"\ntext = "note.txt.j2"\n{attachments}\n'
         f'[[senders]]\nname = "a"\ngrant_id = "{GRANT}"\nemail = "a@corp.example.com"\nper_second = 100\n',
         encoding="utf-8",
     )
@@ -58,10 +61,14 @@ def _rows(folder: Path) -> list[tuple[str, str, str]]:
     return [tuple(part.strip('"') for part in line.split(",")) for line in lines]  # type: ignore[misc]
 
 
-def _started(api, cli, tmp_path, renders) -> Path:
-    """Six rows, two of them sent (--limit 2); the render count starts at zero after."""
+def _started(api, cli, tmp_path, renders, *, attach: str | None = None, files: dict[str, str] | None = None):
+    """Six rows, two of them sent (--limit 2); the render count starts at zero after. `files`: written
+    beside the manifest first (attachments)."""
     api.add_grant(GRANT, "a@corp.example.com")
-    manifest = _campaign(tmp_path / "c", 6)
+    manifest = _campaign(tmp_path / "c", 6, attach=attach)
+    for name, text in (files or {}).items():
+        (manifest.parent / name).parent.mkdir(parents=True, exist_ok=True)
+        (manifest.parent / name).write_text(text, encoding="utf-8")
     assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
     assert len(api.deliveries) == 2
     renders.clear()
@@ -112,6 +119,47 @@ def test_a_changed_template_checks_every_row_that_may_be_sent(api, cli, tmp_path
         patch.setattr("campaign.cli.sending._confirm", lambda *_args, **_kwargs: False)
         assert cli("resume", manifest, "--allow-changed-content").exit_code == 0
     assert sorted(renders) == [f"p{n}@example.com" for n in range(3, 7)]  # the sent two are never sent
+
+
+def test_with_a_file_every_message_attaches_an_appended_row_alone_is_rendered(api, cli, tmp_path, renders):
+    """The rules stamp holds the size and time of the files attached to every message, so rows unchanged
+    under the same file are not checked again; touching the file checks every row that may be sent."""
+    manifest = _started(api, cli, tmp_path, renders, attach="terms.txt", files={"terms.txt": "Terms v1\n"})
+    folder = manifest.parent
+    _write_rows(folder, [*_rows(folder), ("p7@example.com", "P 7", "Lisbon")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("campaign.cli.sending._confirm", lambda *_args, **_kwargs: False)
+        assert cli("resume", manifest).exit_code == 0
+        assert dict(renders) == {"p7@example.com": 1}
+        renders.clear()
+        (folder / "terms.txt").write_text("Terms v2, longer\n", encoding="utf-8")
+        assert cli("resume", manifest).exit_code == 0
+    assert sorted(renders) == [f"p{n}@example.com" for n in range(3, 8)]
+    renders.clear()
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert [d.payload["attachments"][0]["filename"] for d in api.deliveries] == ["terms.txt"] * 7
+    assert renders["p3@example.com"] == 2  # the plan was made with the old file: checked, then sent
+    emails = [d.payload["to"][0]["email"] for d in api.deliveries]
+    assert sorted(emails) == sorted(set(emails))
+
+
+def test_a_recipients_own_file_is_checked_again_though_the_row_is_unchanged(api, cli, tmp_path, renders):
+    """A per-recipient file (a path template) is each row's own: neither its cells nor the rules say it
+    changed, so a run whose list changed checks every row that may be sent, and refuses one whose file
+    is gone (exit 65, nothing sent)."""
+    files = {f"files/{city}.txt": f"About {city}\n" for city in ("Berlin", "Lisbon")}
+    manifest = _started(api, cli, tmp_path, renders, attach="files/{{ city }}.txt", files=files)
+    folder = manifest.parent
+    rows = _rows(folder)
+    rows[5] = ("p6@example.com", "P 6", "Lisbon")
+    _write_rows(folder, rows)
+    (folder / "files" / "Berlin.txt").unlink()
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 65, refused.output
+    assert "row 3" in refused.output
+    assert len(api.deliveries) == 2
+    assert {f"p{n}@example.com" for n in range(3, 7)} <= set(renders)
 
 
 def test_preview_renders_no_row_sent_already_and_counts_them(api, cli, tmp_path, renders):

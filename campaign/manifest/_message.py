@@ -114,10 +114,15 @@ class AttachmentSettings(BaseModel):
         if self.inline is False and self.content_id is not None:
             raise ValueError("a content_id makes the file inline; drop `inline = false` or the content_id")
         if self.inline and self.content_id is None:
-            if any(marker in self.path for marker in _TEMPLATE_MARKERS):
+            if self.per_recipient:
                 raise ValueError("give a content_id for an inline file whose path is a template")
             _check_cid(self.cid or "", derived=True)
         return self
+
+    @property
+    def per_recipient(self) -> bool:
+        """Whether the path is a template: each recipient's own file, not one file for everyone."""
+        return any(marker in self.path for marker in _TEMPLATE_MARKERS)
 
     @property
     def cid(self) -> str | None:

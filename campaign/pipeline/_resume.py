@@ -47,7 +47,8 @@ _RULES = 3
 
 def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
     """SHA-256 over every input that decides how a row is checked, but the list's rows themselves:
-    the manifest, the content, the suppression files, this version (reads files).
+    the manifest, the content, the suppression files, the size and time of the files attached to every
+    message, this version (reads files).
 
     Under the same rules stamp, a row whose cells did not change passes as it passed before (its
     cells are in the ledger: `recipients.encode_cells`), so a run re-checks only rows added or changed.
@@ -58,6 +59,8 @@ def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
     digest = hashlib.sha256()
     settings = manifest.model_dump(mode="json")
     header = [_RULES, __version__, content, settings]
+    if shared := _shared_files(manifest):  # absent without attachments: their stamps stay as they were
+        header.append(shared)
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     # Unsubscribe stores change while a campaign runs; each send checks them: they are not part of the plan.
     lists = [
@@ -69,6 +72,25 @@ def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
         digest.update(f"\0{path}\0".encode())
         digest.update(_file_digest(path))
     return digest.hexdigest()
+
+
+def _shared_files(manifest: Manifest) -> list[tuple[str, int, int] | str]:
+    """Each file attached to every message as (path, size, modification time in ns), or its path alone
+    when it cannot be read: a row's check depends on them (found, sized), so a change checks every row.
+    A per-recipient file is each row's own: the rules cannot vouch for it (a run checks such rows again)."""
+    message = manifest.message
+    root = message.attachments_dir or manifest.base_dir
+    found: list[tuple[str, int, int] | str] = []
+    for attachment in message.attachments:
+        if attachment.per_recipient:
+            continue
+        try:
+            info = (root / attachment.path).stat()
+        except OSError:
+            found.append(attachment.path)
+            continue
+        found.append((attachment.path, info.st_size, info.st_mtime_ns))
+    return found
 
 
 def load_plan_stamp(manifest: Manifest, *, content: str) -> str:
