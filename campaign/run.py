@@ -35,7 +35,7 @@ from campaign.dispatch import (
     run_interruptible,
     send_under_leases,
 )
-from campaign.errors import CampaignError, DataError, InputFileError, LedgerError
+from campaign.errors import CampaignError, InputFileError, LedgerError
 from campaign.events import PULL_SKEW, InboxReader, events_store_path, pull_bounces
 from campaign.followups import (
     DueJobs,
@@ -66,12 +66,12 @@ from campaign.pipeline import (
     Preflight,
     Reuse,
     check_content,
-    check_job,
     find_appended,
     load_content_fingerprint,
     load_list_extent,
     load_plan_stamp,
     load_recipients,
+    load_row_cells,
     load_rules_stamp,
     record_content,
     record_rows_given_away,
@@ -267,11 +267,11 @@ def _check(
     preflight = extent = start = None
     composer = _unchanged(manifest, ledger, stamp, secrets)
     if composer is None:
-        reuse = _reuse(manifest, ledger, rules)
-        # Rows only appended under the same rules: the earlier ones are checked and recorded already.
-        start = (
-            find_appended(manifest, ledger) if ledger is not None and reuse is Reuse.UNCHANGED_ROWS else None
-        )
+        reuse = _reuse(ledger, rules)
+        # Rows only appended under the same rules: the earlier ones are checked and recorded already (unless
+        # they attach files of their own, which may have changed: every row is read, to compare them).
+        if ledger is not None and reuse is Reuse.UNCHANGED_ROWS and not manifest.message.own_files:
+            start = find_appended(manifest, ledger)
         with hooks.checking() as on_rows:
             preflight = run_preflight(
                 manifest,
@@ -331,28 +331,30 @@ def _unchanged(
     return composer if _files_still_there(manifest, composer, ledger) else None
 
 
-def _reuse(manifest: Manifest, ledger: Ledger | None, rules: str) -> Reuse:
-    """Which rows need no render: sent ones always; unchanged pending ones under the same rules (which
-    cover the files every message attaches), unless a row's own attachment file (a path template,
-    which neither its cells nor the rules cover) could have changed under it."""
+def _reuse(ledger: Ledger | None, rules: str) -> Reuse:
+    """Which rows need no render: sent ones always; pending ones unchanged under the same rules (which
+    cover the files every message attaches; a row's recorded cells, the files of its own)."""
     if ledger is None:
         return Reuse.NONE
-    own_files = any(attachment.per_recipient for attachment in manifest.message.attachments)
-    if ledger.rules_stamp() == rules and not own_files:
+    if ledger.rules_stamp() == rules:
         return Reuse.UNCHANGED_ROWS
     return Reuse.SENT_ROWS
 
 
 def _files_still_there(manifest: Manifest, composer: Composer, ledger: Ledger) -> bool:
-    """Whether every open row's attachment files are still found and fit (the plan stamp does not
-    cover them); if one is not, the full check runs and says which, before anything is recorded."""
-    if not manifest.message.attachments:
+    """Whether every open row's own attachment files are as its check found them (their sizes and times
+    are in its recorded cells; the files every message attaches are in the plan stamp); if one is not,
+    the full check runs, re-checks that row and says what is wrong, before anything is recorded."""
+    if not manifest.message.own_files:
         return True
     jobs = LedgerJobs(ledger, manifest.recipients, None)
     for sender in jobs.counts:
         while page := jobs(sender, _PAGE):
-            if any(isinstance(check_job(composer, manifest, job), DataError) for job in page):
-                return False
+            recorded = ledger.key_cells([job.recipient.key for job in page])
+            if any(
+                recorded.get(job.recipient.key) != load_row_cells(composer, manifest, job) for job in page
+            ):
+                return False  # changed, or gone: the full check says which
     return True
 
 

@@ -202,6 +202,11 @@ class MessageSettings(BaseModel):
             seen[name.lower()] = name
         return value
 
+    @property
+    def own_files(self) -> bool:
+        """Whether a message attaches a file of its recipient's own (a path template)."""
+        return any(attachment.per_recipient for attachment in self.attachments)
+
     @model_validator(mode="after")
     def _needs_a_body(self) -> MessageSettings:
         check_one_body(self.html, self.text, self.markdown)

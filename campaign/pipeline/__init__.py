@@ -36,6 +36,7 @@ from campaign.pipeline._rows import (
     check_job,
     check_rows,
     collecting_less,
+    load_row_cells,
 )
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "load_list_extent",
     "load_plan_stamp",
     "load_recipients",
+    "load_row_cells",
     "load_rules_stamp",
     "raise_for_problems",
     "record_content",

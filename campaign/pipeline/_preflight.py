@@ -114,7 +114,8 @@ def run_preflight(
             earlier = frozenset() if skip_invalid else find_skipped_invalid(ledger, rendered)
             for checked, error in batch:
                 if checked.job is not None and error is None:  # rendered and checked, or reused
-                    rows.append(_planned_row(checked, checked.job, due_at(checked.job)))
+                    cells = checked.cells or pipeline.cells_of(checked)
+                    rows.append(_planned_row(checked.job, due_at(checked.job), cells))
                     to_send += checked.settled is None
                 elif checked.checked.skip is not None:
                     skips.append(checked.checked.skip)
@@ -140,11 +141,10 @@ def run_preflight(
     )
 
 
-def _planned_row(checked: RowCheck, job: Job, due_at: datetime | None) -> PlannedRow:
+def _planned_row(job: Job, due_at: datetime | None, cells: str) -> PlannedRow:
     """A row to mail, as the plan records it, with the cells it is sent from (a row sent already too: its
     follow-ups are)."""
     recipient = job.recipient
-    cells = checked.cells or encode_cells(recipient.fields)
     return PlannedRow(
         recipient.key, recipient.row, recipient.address.email, job.sender, due_at=due_at, cells=cells
     )

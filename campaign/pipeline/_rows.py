@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from campaign.clock import SystemClock
-from campaign.errors import DataError
+from campaign.errors import CampaignError, DataError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Message, PreviousStep, RowState, Skip, SkipReason
@@ -43,6 +43,7 @@ __all__ = [
     "check_job",
     "check_rows",
     "collecting_less",
+    "load_row_cells",
 ]
 
 # Rows in these states are not sent by a run (only pending and in-flight rows are; unknown ones wait
@@ -109,6 +110,7 @@ class RowPipeline:
         self._reuse = reuse
         load = None if ledger is None else ledger.assigned_counts()
         self._assigner = SenderAssigner(manifest.senders, load=load)
+        self._own_files = manifest.message.own_files  # asked once: a row's cells are encoded per row
 
     def assigned(self, size: int = BATCH_ROWS) -> Iterator[list[RowCheck]]:
         """The rows scanned, opt-outs skipped and senders assigned, not rendered (`render` does that).
@@ -157,10 +159,18 @@ class RowPipeline:
             pending = [(row, job) for row, job in jobs if row.settled is None]
             recorded = self._ledger.key_cells([job.recipient.key for _, job in pending])
             for row, job in pending:
-                cells = encode_cells(job.recipient.fields)
-                if recorded.get(job.recipient.key) == cells:
+                cells = recorded.get(job.recipient.key)
+                if cells is not None and cells == self.cells_of(row):
                     found[row.row] = cells
         return found
+
+    def cells_of(self, row: RowCheck) -> str:
+        """A recipient's row as the ledger keeps it (`load_row_cells`; a row a run will not send again:
+        its cells alone)."""
+        assert row.job is not None  # a recipient's row
+        if row.settled is not None or not self._own_files:
+            return encode_cells(row.job.recipient.fields)
+        return load_row_cells(self.composer, self.manifest, row.job)
 
     def render(self, row: RowCheck, *, sender: SenderSettings | None = None) -> RowCheck:
         """`row` rendered and checked (by `sender` instead of its assigned one, if given)."""
@@ -225,6 +235,22 @@ def _duplicable(checked: CheckedRow) -> tuple[str, str]:
     if checked.skip is not None and checked.skip.reason is SkipReason.DUPLICATE:
         return checked.skip.key, checked.skip.email
     return "", ""
+
+
+def load_row_cells(composer: Composer, manifest: Manifest, job: Job) -> str:
+    """`job`'s row as the ledger keeps it (`encode_cells`): its cells and, when its message attaches files
+    of its recipient's own, their sizes and times (reads them). A file that cannot be found leaves them
+    out: the row then matches no record, and is checked again, which says what is wrong."""
+    fields = job.recipient.fields
+    if not manifest.message.own_files:
+        return encode_cells(fields)
+    assert composer.attachment_loader is not None  # the manifest has attachments
+    try:
+        files = composer.render_own_files(job.recipient, manifest.sender(job.sender))
+        described = composer.attachment_loader.describe(files, row=job.recipient.row)
+    except CampaignError:
+        return encode_cells(fields)
+    return encode_cells(fields, files=described)
 
 
 def check_rows(

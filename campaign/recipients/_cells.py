@@ -4,7 +4,9 @@ A run records each planned row's cells with the plan, and sends from them: the s
 follow-up rounds and a resume whose list did not change read a row's cells from the ledger, never
 the list file again, so nothing of the list is held in memory while sending. The text is JSON (the
 column names and values, in column order), so that a run can also tell a row that changed since it
-was checked from one that did not (the same text: the same row). Pure.
+was checked from one that did not (the same text: the same row). A row whose message attaches a file
+of its own also carries that file's size and time, under the one name no column can have (""): the
+list's reader drops unnamed columns. Pure.
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ def cell_text(value: object) -> str | None:
     return str(value).strip() or None
 
 
-def encode_cells(fields: Mapping[str, object]) -> str:
-    """The row's cells (column name -> value: text, or a Parquet number or boolean) as text."""
+# Where the cells of a row with files of its own keep their size and time (no column is unnamed).
+_FILES = ""
+
+
+def encode_cells(fields: Mapping[str, object], *, files: str | None = None) -> str:
+    """The row's cells (column name -> value: text, or a Parquet number or boolean) as text, with `files`
+    (its own attachment files' sizes and times, as the pipeline describes them) if given."""
+    if files is not None:
+        fields = {**fields, _FILES: files}
     try:
         text = orjson.dumps(fields)
     except TypeError:  # an integer beyond 64 bits: the json module writes it exactly
@@ -49,6 +58,7 @@ def _decode_cells(text: str) -> dict[str, object]:
         found = json.loads(text)
     if not isinstance(found, dict):
         raise ValueError("not an object")
+    found.pop(_FILES, None)
     return found
 
 

@@ -17,6 +17,7 @@ import mimetypes
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from campaign.errors import DataError, InputFileError, ManifestError
@@ -167,6 +168,19 @@ class AttachmentLoader:
                 )
             self._sizes[resolved] = info.st_size
         return info.st_size
+
+    def describe(self, files: Sequence[AttachmentFile], *, row: int) -> str:
+        """Each of `files` as its path, size and modification time (ns), one line each: what tells a later
+        run whether a row's own files changed since its check. DataError if one cannot be found."""
+        lines = []
+        for file in files:
+            resolved = self._resolve(file, row)
+            try:
+                info = resolved.stat()
+            except OSError as exc:
+                raise self._error(file, row, f"cannot be read ({exc.strerror or exc})") from exc
+            lines.append(f"{file.path}\t{info.st_size}\t{info.st_mtime_ns}")
+        return "\n".join(lines)
 
     def load(self, file: AttachmentFile, *, row: int) -> Attachment:
         """Read `file` (a shared one only the first time) as an Attachment."""

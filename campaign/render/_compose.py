@@ -125,16 +125,7 @@ class Composer:
         row = recipient.row
         view = self._sender_view(sender)
         self._check_addressing(recipient, view)
-        context: dict[str, Any] = {**self.jinja_globals, **recipient.fields}
-        # Built-in names win over columns of the same name, so `unsubscribe_url` is always ours.
-        context["recipient"] = {
-            "email": recipient.address.email,
-            "name": recipient.address.name,
-            "key": recipient.key,
-            "row": row,
-        }
-        context["sender"] = view.variables
-        context["campaign"] = {"name": self.campaign}
+        context = self._context(recipient, view)
         if self.step != FIRST_STEP:
             context["previous"] = _previous_variables(previous)
         unsubscribe_headers = self._render_unsubscribe(recipient, context)
@@ -161,6 +152,29 @@ class Composer:
             unsubscribe_url=context.get("unsubscribe_url"),
             reply_to_message_id=None if previous is None else previous.message_id,
         )
+
+    def render_own_files(self, recipient: Recipient, sender: SenderSettings) -> tuple[AttachmentFile, ...]:
+        """The files of `recipient`'s own that step 1's message attaches (path templates), as `render`
+        names them, without rendering the rest; TemplateError names the row."""
+        own = [item for item in self.attachments if item.path.template is not None]
+        if not own:
+            return ()
+        context = self._context(recipient, self._sender_view(sender))
+        return tuple(self._render_attachment(item, context, recipient.row) for item in own)
+
+    def _context(self, recipient: Recipient, view: _SenderView) -> dict[str, Any]:
+        """What every template of `recipient`'s message sees (but the unsubscribe link and `previous`)."""
+        context: dict[str, Any] = {**self.jinja_globals, **recipient.fields}
+        # Built-in names win over columns of the same name, so `unsubscribe_url` is always ours.
+        context["recipient"] = {
+            "email": recipient.address.email,
+            "name": recipient.address.name,
+            "key": recipient.key,
+            "row": recipient.row,
+        }
+        context["sender"] = view.variables
+        context["campaign"] = {"name": self.campaign}
+        return context
 
     def for_step(self, step: str) -> Composer:
         """The composer of `step` ("message": this one); ManifestError if the manifest has no such step."""
