@@ -145,28 +145,34 @@ def test_with_a_file_every_message_attaches_an_appended_row_alone_is_rendered(ap
 
 
 def test_a_row_whose_own_file_changed_is_checked_again_and_no_other(api, cli, tmp_path, renders):
-    """A per-recipient file (a path template): each row's cells carry its file's size and time, so a
-    changed list renders only the rows changed or whose file changed, and a row whose file is gone is
-    refused (exit 65, nothing sent), though its cells are the same."""
+    """A per-recipient file (a path template): each row's cells carry its file's size and time. Nothing
+    changed: no row is checked again. A changed list renders only the rows changed or whose file
+    changed, and a row whose file is gone is refused (exit 65, nothing sent), though its cells are the
+    same."""
     files = {f"files/P {n}.txt": f"Invoice {n}\n" for n in range(1, 7)}
     manifest = _started(api, cli, tmp_path, renders, attach="files/{{ name }}.txt", files=files)
     folder = manifest.parent
+    unchanged = cli("resume", manifest, "--yes", "--limit", "1")
+    assert unchanged.exit_code == 75, unchanged.output
+    assert "unchanged since it was checked" in unchanged.output
+    assert dict(renders) == {"p3@example.com": 1}  # sent; no row checked again
+    renders.clear()
     rows = _rows(folder)
     rows[5] = ("p6@example.com", "P 6", "Lisbon")
     _write_rows(folder, rows)
     assert cli("resume", manifest, "--yes", "--limit", "1").exit_code == 75
-    assert dict(renders) == {"p6@example.com": 1, "p3@example.com": 1}  # checked (changed); sent
+    assert dict(renders) == {"p6@example.com": 1, "p4@example.com": 1}  # checked (changed); sent
     renders.clear()
-    (folder / "files" / "P 4.txt").write_text("Invoice 4, corrected\n", encoding="utf-8")
+    (folder / "files" / "P 5.txt").write_text("Invoice 5, corrected\n", encoding="utf-8")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("campaign.cli.sending._confirm", lambda *_args, **_kwargs: False)
         assert cli("resume", manifest).exit_code == 0
-    assert dict(renders) == {"p4@example.com": 1}
-    (folder / "files" / "P 5.txt").unlink()
+    assert dict(renders) == {"p5@example.com": 1}
+    (folder / "files" / "P 6.txt").unlink()
     refused = cli("resume", manifest, "--yes")
     assert refused.exit_code == 65, refused.output
-    assert "row 5" in refused.output
-    assert len(api.deliveries) == 3
+    assert "row 6" in refused.output
+    assert len(api.deliveries) == 4
 
 
 def test_preview_renders_no_row_sent_already_and_counts_them(api, cli, tmp_path, renders):

@@ -77,7 +77,7 @@ def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
 def _shared_files(manifest: Manifest) -> list[tuple[str, int, int] | str]:
     """Each file attached to every message as (path, size, modification time in ns), or its path alone
     when it cannot be read: a row's check depends on them (found, sized), so a change checks every row.
-    A per-recipient file is each row's own: the rules cannot vouch for it (a run checks such rows again)."""
+    A per-recipient file is each row's own: its row's recorded cells describe it (`load_row_cells`)."""
     message = manifest.message
     root = message.attachments_dir or manifest.base_dir
     found: list[tuple[str, int, int] | str] = []
