@@ -121,10 +121,14 @@ def test_a_changed_template_checks_every_row_that_may_be_sent(api, cli, tmp_path
     assert sorted(renders) == [f"p{n}@example.com" for n in range(3, 7)]  # the sent two are never sent
 
 
-def test_with_a_file_every_message_attaches_an_appended_row_alone_is_rendered(api, cli, tmp_path, renders):
-    """The rules stamp holds the size and time of the files attached to every message, so rows unchanged
-    under the same file are not checked again; touching the file checks every row that may be sent."""
-    manifest = _started(api, cli, tmp_path, renders, attach="terms.txt", files={"terms.txt": "Terms v1\n"})
+@pytest.mark.parametrize("attach", ["terms.txt", " ./terms.txt "])
+def test_with_a_file_every_message_attaches_an_appended_row_alone_is_rendered(
+    api, cli, tmp_path, renders, attach
+):
+    """The rules stamp holds the size and time of the files attached to every message (the file the
+    path names once tidied, as the sends read it), so rows unchanged under the same file are not checked
+    again; touching the file checks every row that may be sent."""
+    manifest = _started(api, cli, tmp_path, renders, attach=attach, files={"terms.txt": "Terms v1\n"})
     folder = manifest.parent
     _write_rows(folder, [*_rows(folder), ("p7@example.com", "P 7", "Lisbon")])
     with pytest.MonkeyPatch.context() as patch:

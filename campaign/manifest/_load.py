@@ -169,6 +169,11 @@ class Manifest(BaseModel):
         return self.path.parent
 
     @property
+    def attachments_root(self) -> Path:
+        """The folder attachment paths start from: message.attachments_dir, else the manifest's folder."""
+        return self.message.attachments_dir or self.base_dir
+
+    @property
     def ledger_path(self) -> Path:
         """Where this campaign's ledger lives: beside the manifest."""
         return self.base_dir / f"{self.path.stem}.ledger.sqlite"

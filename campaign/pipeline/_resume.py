@@ -25,6 +25,7 @@ from campaign.manifest import STORE_SUFFIXES, Manifest, RecipientsSettings
 from campaign.models import Recipient, RowState
 from campaign.plan import Job
 from campaign.recipients import ListStart, recipient_from_cells
+from campaign.render import describe_shared_files
 
 __all__ = [
     "LedgerJobs",
@@ -59,7 +60,8 @@ def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
     digest = hashlib.sha256()
     settings = manifest.model_dump(mode="json")
     header = [_RULES, __version__, content, settings]
-    if shared := _shared_files(manifest):  # absent without attachments: their stamps stay as they were
+    # The files every message attaches; absent without them, so that those stamps stay as they were.
+    if shared := describe_shared_files(manifest.message.attachments, manifest.attachments_root):
         header.append(shared)
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     # Unsubscribe stores change while a campaign runs; each send checks them: they are not part of the plan.
@@ -72,25 +74,6 @@ def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
         digest.update(f"\0{path}\0".encode())
         digest.update(_file_digest(path))
     return digest.hexdigest()
-
-
-def _shared_files(manifest: Manifest) -> list[tuple[str, int, int] | str]:
-    """Each file attached to every message as (path, size, modification time in ns), or its path alone
-    when it cannot be read: a row's check depends on them (found, sized), so a change checks every row.
-    A per-recipient file is each row's own: its row's recorded cells describe it (`load_row_cells`)."""
-    message = manifest.message
-    root = message.attachments_dir or manifest.base_dir
-    found: list[tuple[str, int, int] | str] = []
-    for attachment in message.attachments:
-        if attachment.per_recipient:
-            continue
-        try:
-            info = (root / attachment.path).stat()
-        except OSError:
-            found.append(attachment.path)
-            continue
-        found.append((attachment.path, info.st_size, info.st_mtime_ns))
-    return found
 
 
 def load_plan_stamp(manifest: Manifest, *, content: str) -> str:

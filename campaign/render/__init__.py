@@ -8,7 +8,12 @@ the per-message warnings a preview shows. Nothing here sends or writes the ledge
 
 from __future__ import annotations
 
-from campaign.render._attachments import AttachmentLoader, check_message_attachments, load_message_attachments
+from campaign.render._attachments import (
+    AttachmentLoader,
+    check_message_attachments,
+    describe_shared_files,
+    load_message_attachments,
+)
 from campaign.render._checks import MESSAGE_CHECKS
 from campaign.render._compose import BUILTIN_TEMPLATES, Composer, build_composer
 from campaign.render._markup import build_text_from_html
@@ -22,6 +27,7 @@ __all__ = [
     "build_composer",
     "build_text_from_html",
     "check_message_attachments",
+    "describe_shared_files",
     "load_message_attachments",
     "read_template_file",
     "walk_template_tree",

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from campaign.errors import DataError, InputFileError, ManifestError
+from campaign.manifest import AttachmentSettings
 from campaign.models import Attachment, AttachmentFile, Message
 from campaign.nylas import JSON_LIMIT_BYTES, MULTIPART_LIMIT_BYTES, measure_send_request
 from campaign.render._markup import find_cid_references
@@ -32,6 +33,7 @@ __all__ = [
     "check_missing_inline_images",
     "check_shared_path",
     "check_unused_inline_images",
+    "describe_shared_files",
     "find_inline_problems",
     "guess_content_type",
     "load_message_attachments",
@@ -85,6 +87,28 @@ def build_attachment_file(
         key=key,
         shared=shared,
     )
+
+
+def describe_shared_files(attachments: Sequence[AttachmentSettings], root: Path) -> list[str]:
+    """Each file every message attaches (a literal path in `attachments`, under `root`) as
+    `AttachmentLoader.describe` gives it, or its path alone when it cannot be read (the check says why):
+    what tells a later run whether those files changed. Reads the files' metadata."""
+    found = []
+    for attachment in attachments:
+        if attachment.per_recipient:
+            continue
+        path = _normalise_path(attachment.path)
+        try:
+            info = (root / path).stat()
+        except OSError:
+            found.append(path)
+            continue
+        found.append(_described(path, info))
+    return found
+
+
+def _described(path: str, info: os.stat_result) -> str:
+    return f"{path}\t{info.st_size}\t{info.st_mtime_ns}"
 
 
 def check_shared_path(key: str, path: str) -> None:
@@ -179,7 +203,7 @@ class AttachmentLoader:
                 info = resolved.stat()
             except OSError as exc:
                 raise self._error(file, row, f"cannot be read ({exc.strerror or exc})") from exc
-            lines.append(f"{file.path}\t{info.st_size}\t{info.st_mtime_ns}")
+            lines.append(_described(file.path, info))
         return "\n".join(lines)
 
     def load(self, file: AttachmentFile, *, row: int) -> Attachment:

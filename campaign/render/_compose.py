@@ -369,7 +369,7 @@ def build_composer(
         headers.append((header_name, _compile_string(env, f"message.headers.{header_name}", value)))
 
     reply_to, reply_to_problem = _parse_reply_to(message.reply_to)
-    files = AttachmentLoader(message.attachments_dir or base_dir) if message.attachments else None
+    files = AttachmentLoader(manifest.attachments_root) if message.attachments else None
     tracking = message.tracking
     return Composer(
         campaign=manifest.campaign.name,
