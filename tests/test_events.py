@@ -29,7 +29,14 @@ from campaign.events import parse_bounces, parse_notification, record_notificati
 from campaign.manifest import load_manifest
 from campaign.models import Address, Recipient, SkipReason
 from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
-from campaign.unsubscribe import BounceRules, SuppressionStore, UnsubscribeWatch, open_store, parse_secrets
+from campaign.unsubscribe import (
+    BounceRules,
+    StoreError,
+    SuppressionStore,
+    UnsubscribeWatch,
+    open_store,
+    parse_secrets,
+)
 from campaign.unsubscribe import _store as store_module
 from campaign.web import EventService, UnsubscribeEndpoint
 
@@ -145,6 +152,26 @@ def test_a_redelivered_notification_is_recorded_once(service):
         assert httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body)).status_code == 200
     assert svc.store.event_count() == 1
     assert len(svc.store.bounces("ann@example.com")) == 1
+
+
+def test_a_store_that_cannot_be_written_answers_503_so_nylas_retries(service, monkeypatch):
+    """Nylas retries only 408, 429 and 502-507 (next-capabilities.md §2.4): a store that is locked or
+    down must not answer 500, which would lose the notification for good."""
+    svc, url = service
+    body = _bounce("evt-busy", "ann@example.com")
+
+    def unavailable(*_args: Any, **_kwargs: Any) -> bool:
+        raise StoreError(f"{svc.store.where}: database is locked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(svc.store, "record_event", unavailable)
+        answer = httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body))
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "60"
+    assert svc.store.event_count() == 0
+    retried = httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body))
+    assert retried.status_code == 200
+    assert [b.email for b in svc.store.bounces("ann@example.com")] == ["ann@example.com"]
 
 
 def test_bad_bodies_get_400_and_413_and_record_nothing(service):

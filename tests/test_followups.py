@@ -485,6 +485,34 @@ def test_a_thread_replied_notification_stops_the_follow_up_without_a_lookup(fake
     assert nudge["due_now"] == 1
 
 
+@pytest.mark.parametrize(("auto", "nudged"), [(True, True), (False, False)])
+def test_a_thread_replied_notification_of_an_out_of_office_follows_ignore(
+    fake, cli, cli_clock, tmp_path, auto, nudged
+):
+    """Nylas notifies `thread.replied` for an autoresponder too: with `auto_replies = "ignore"` the
+    notified message is read and classified, so an out-of-office does not stop the sequence (as the
+    lookups alone would decide) while a person's reply still does."""
+    from campaign.events import record_notification
+    from campaign.unsubscribe import open_store
+
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:1], nudge='after = "1d"\nauto_replies = "ignore"')
+    store_path = _with_store(manifest, tracking=True)
+    open_store(store_path, clock=cli_clock).close()
+    assert cli("run", manifest, "--yes").exit_code == 75
+    reply(fake, PEOPLE[0], auto=auto)
+    ((kind, envelope),) = fake._outbox
+    assert kind == "thread.replied"
+    store = open_store(store_path, clock=cli_clock)
+    assert record_notification(store, json.dumps(envelope).encode(), clock=cli_clock) is not None
+    store.close()
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code in (0, 75)
+    assert len(by_step(fake)[PEOPLE[0]]["nudge"]) == (1 if nudged else 0)
+    nudge = steps_json(cli, manifest)["nudge"]
+    assert nudge["stopped"] == ({} if nudged else {"replied": 1})
+    assert nudge["auto_replied_continuing"] == (1 if nudged else 0)
+
+
 def test_a_bounce_report_pulled_before_the_round_stops_the_follow_up(fake, cli, cli_clock, tmp_path):
     """A hard bounce lands in the sender's inbox as a DSN after step 1; before the nudges go out the run
     pulls it into the store (as `campaign events pull`), and that recipient gets no nudge."""

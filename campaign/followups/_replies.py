@@ -16,12 +16,13 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from email.utils import getaddresses
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from campaign.nylas import ListedMessage, MessagePage
 
-__all__ = ["Answer", "AnswerKind", "ReplyClient", "classify_answer", "find_answer"]
+__all__ = ["Answer", "AnswerKind", "ReplyClient", "classify_answer", "find_answer", "read_answer_kind"]
 
 # Pages of a listing looked at per lookup: a thread or a sender with more than this is unusual, and
 # what matters (any answer) shows on the first page.
@@ -137,6 +138,15 @@ async def find_answer(
             return answer
         auto = answer
     return auto
+
+
+async def read_answer_kind(client: ReplyClient, grant_id: str, message_id: str) -> AnswerKind:
+    """What the message `message_id` is, from its headers alone (its Subject and From among them): one
+    `GET /messages/{id}?fields=include_headers`. ApiError when it cannot be read."""
+    headers = await client.fetch_headers(grant_id, message_id)
+    subject = next((value for name, value in headers if name.lower() == "subject"), "")
+    senders = [address for _, address in getaddresses([v for n, v in headers if n.lower() == "from"])]
+    return classify_answer(headers, subject, senders)
 
 
 async def _listing(

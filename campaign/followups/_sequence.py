@@ -18,12 +18,13 @@ from zoneinfo import ZoneInfo
 
 from campaign.errors import CampaignError
 from campaign.followups._notices import ReplyNotices
-from campaign.followups._replies import Answer, AnswerKind, ReplyClient, find_answer
+from campaign.followups._replies import Answer, AnswerKind, ReplyClient, find_answer, read_answer_kind
 from campaign.ledger import DueStep, Ledger, ScheduledStep, SentStep
 from campaign.manifest import FollowupSettings, Manifest, SenderSettings
 from campaign.models import FIRST_STEP, PreviousStep, Recipient, RowState, Screening, SkipReason
 from campaign.plan import Job
 from campaign.sendtime import add_delay, load_zone, next_delivery, parse_deliver_at
+from campaign.unsubscribe import ThreadReply
 
 __all__ = [
     "DueJobs",
@@ -232,12 +233,12 @@ def build_screen(
         previous = job.previous
         if job.step == FIRST_STEP or followup is None or previous is None or job.first_sent_at is None:
             return Screening()
+        sender = manifest.sender(job.sender)
         if notices is not None and "reply" in followup.stop_on:
             notice = notices.reply_to(job.recipient.key, (previous.message_id,))
-            if notice is not None:
+            if notice is not None and not await _ignored_auto_reply(client, sender.route, notice, followup):
                 detail = f"message {notice.message_id} at {notice.at} (thread.replied notification)"
                 return Screening(stop=SkipReason.REPLIED, detail=detail)
-        sender = manifest.sender(job.sender)
         try:
             answer = await find_answer(
                 client,
@@ -254,6 +255,20 @@ def build_screen(
         return Screening() if answer is None else judge_answer(followup, answer)
 
     return screen
+
+
+async def _ignored_auto_reply(
+    client: ReplyClient, grant_id: str, notice: ThreadReply, followup: FollowupSettings
+) -> bool:
+    """Whether a `thread.replied` notification is an out-of-office that `followup` ignores. Nylas
+    notifies auto-replies too, so with `auto_replies = "ignore"` the message is read and classified;
+    one that cannot be read stops the sequence as a reply (never sent blind)."""
+    if followup.auto_replies != "ignore":
+        return False
+    try:
+        return await read_answer_kind(client, grant_id, notice.message_id) == AnswerKind.AUTO
+    except CampaignError:
+        return False
 
 
 def judge_answer(followup: FollowupSettings, answer: Answer) -> Screening:

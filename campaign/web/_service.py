@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from campaign.clock import Clock, SystemClock
 from campaign.errors import DataError, ManifestError
 from campaign.events import record_notification, verify_signature
-from campaign.unsubscribe import SuppressionStore
+from campaign.unsubscribe import StoreError, SuppressionStore
 from campaign.web._serving import ServerLimits, build_server_config
 from campaign.web._unsubscribe import UnsubscribeEndpoint
 
@@ -93,6 +93,9 @@ class EventService:
             await anyio.to_thread.run_sync(partial(record_notification, self.store, body, clock=self._clock))
         except DataError as exc:
             return PlainTextResponse(str(exc), status_code=400)
+        except StoreError:
+            # Nylas retries a notification only on 408, 429 and 502-507: a 500 would lose it for good.
+            return PlainTextResponse("store unavailable; retry", status_code=503, headers={"Retry-After": "60"})
         return PlainTextResponse("ok")
 
 
