@@ -30,6 +30,8 @@ from campaign.manifest import load_manifest
 from campaign.models import Address, Recipient, SkipReason
 from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
 from campaign.unsubscribe import (
+    INBOX_EVENT_PREFIX,
+    BounceRecord,
     BounceRules,
     StoreError,
     SuppressionStore,
@@ -239,6 +241,48 @@ def test_a_hard_bounce_suppresses_at_once_and_soft_ones_after_the_threshold(stor
     )
     assert "carl@example.com" in [e.recipient_key for e in store.entries()]
     store.close()
+
+
+def _soft_bounce(store: SuppressionStore, event_id: str, at: datetime) -> None:
+    stamp = at.isoformat(timespec="seconds")
+    bounce = BounceRecord("bob@example.com", False, stamp, "4.2.2", "mailbox_full", "Mailbox full")
+    store.record_event(event_id, "message.bounce_detected", grant_id="g", body="{}", bounces=[bounce])
+
+
+@pytest.mark.parametrize("oldest_first", [True, False])
+def test_the_soft_rule_counts_any_30_days_whatever_order_bounces_arrive_in(store_at, oldest_first):
+    """`events pull` reads the newest reports first: bounces 39, 2 and 1 days old are no 3 within 30 days
+    in either order; a fourth 20 days old makes 3 within 30 days with the two newest."""
+    store = open_store(store_at, clock=FakeClock())
+    now = datetime(2027, 3, 1, tzinfo=UTC)
+    days = [39, 2, 1] if oldest_first else [1, 2, 39]
+    try:
+        for number, age in enumerate(days):
+            _soft_bounce(store, f"{INBOX_EVENT_PREFIX}g:m{number}", now - timedelta(days=age))
+        assert store.entries() == []
+        _soft_bounce(store, f"{INBOX_EVENT_PREFIX}g:m9", now - timedelta(days=20))
+        assert [(e.recipient_key, e.source) for e in store.entries()] == [("bob@example.com", "bounce")]
+    finally:
+        store.close()
+
+
+def test_a_soft_bounce_seen_by_webhook_and_in_the_inbox_counts_once(store_at):
+    """Nylas notifies the report it found in the sender's inbox, and `events pull` finds that report too:
+    two bounces each seen both ways (in either order) are two, not four; a third reaches the rule."""
+    store = open_store(store_at, clock=FakeClock())
+    start = datetime(2027, 3, 1, 9, tzinfo=UTC)
+    try:
+        day_one = [("evt-0", 0), (f"{INBOX_EVENT_PREFIX}g:dsn-0", 3)]  # the notification first
+        day_two = [(f"{INBOX_EVENT_PREFIX}g:dsn-1", 0), ("evt-1", -2)]  # the report pulled first
+        for day, seen in enumerate([day_one, day_two]):
+            for event_id, minutes in seen:
+                _soft_bounce(store, event_id, start + timedelta(days=day, minutes=minutes))
+        assert len(store.bounces("bob@example.com")) == 4  # every one is kept, for the report
+        assert store.entries() == []
+        _soft_bounce(store, "evt-2", start + timedelta(days=5))
+        assert [e.recipient_key for e in store.entries()] == ["bob@example.com"]
+    finally:
+        store.close()
 
 
 _GMAIL_SPAM = (

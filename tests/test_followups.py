@@ -495,7 +495,8 @@ def test_a_thread_replied_notification_of_an_out_of_office_follows_ignore(
     from campaign.events import record_notification
     from campaign.unsubscribe import open_store
 
-    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:1], nudge='after = "1d"\nauto_replies = "ignore"')
+    nudge = 'after = "1d"\nauto_replies = "ignore"'
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:1], nudge=nudge)
     store_path = _with_store(manifest, tracking=True)
     open_store(store_path, clock=cli_clock).close()
     assert cli("run", manifest, "--yes").exit_code == 75

@@ -26,7 +26,7 @@ from flufl.bounce import all_failures
 
 from campaign.events._notifications import BOUNCE, is_blocked
 from campaign.nylas import Folder, MessagePage
-from campaign.unsubscribe import BLOCK_KIND, BounceRecord, SuppressionStore
+from campaign.unsubscribe import BLOCK_KIND, INBOX_EVENT_PREFIX, BounceRecord, SuppressionStore
 
 __all__ = ["MAX_PAGES", "InboxReader", "PullReport", "pull_bounces"]
 
@@ -126,7 +126,7 @@ async def _pull_grant(
                 tally.reports += 1
                 bounces = _read_report(raw, received=message.date or since, message_id=message.id)
                 body = json.dumps({"grant_id": grant, "message_id": message.id, "source": "inbox"})
-                event_id = f"inbox:{grant}:{message.id}"
+                event_id = f"{INBOX_EVENT_PREFIX}{grant}:{message.id}"
                 if store.record_event(event_id, BOUNCE, grant_id=grant, body=body, bounces=bounces):
                     tally.recorded += 1
                     tally.hard.extend(b.email for b in bounces if b.hard)

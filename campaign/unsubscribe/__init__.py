@@ -17,6 +17,7 @@ from __future__ import annotations
 from campaign.unsubscribe._store import (
     BLOCK_KIND,
     BOUNCE_SOURCE,
+    INBOX_EVENT_PREFIX,
     BounceRecord,
     BounceRules,
     Engagement,
@@ -50,6 +51,7 @@ from campaign.unsubscribe._tokens import (
 __all__ = [
     "BLOCK_KIND",
     "BOUNCE_SOURCE",
+    "INBOX_EVENT_PREFIX",
     "BounceRecord",
     "BounceRules",
     "Engagement",

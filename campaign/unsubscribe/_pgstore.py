@@ -134,8 +134,8 @@ _INSERT_BOUNCE = """
         ON CONFLICT (event_id, email) DO NOTHING
 """
 _SOFT_BOUNCES = """
-    SELECT COUNT(*) FROM campaign_store.bounces
-    WHERE email = %s AND NOT hard AND bounced_at > %s AND kind IS DISTINCT FROM %s
+    SELECT bounced_at, event_id FROM campaign_store.bounces
+    WHERE email = %s AND NOT hard AND kind IS DISTINCT FROM %s AND bounced_at BETWEEN %s AND %s
 """
 _SET_SETTING = """
     INSERT INTO campaign_store.settings (name, value) VALUES (%s, %s)
@@ -247,9 +247,9 @@ class _Writes:
         texts = [_text(value) for value in (b.code, b.kind, b.reason, b.bounced_at, b.message_id, event_id)]
         self._db.execute(_INSERT_BOUNCE, (_text(b.email), b.hard, *texts))
 
-    def soft_bounces_since(self, email: str, since: str) -> int:
-        row = self._db.execute(_SOFT_BOUNCES, (_text(email), since, BLOCK_KIND)).fetchone()
-        return 0 if row is None else int(row[0])
+    def soft_bounces_between(self, email: str, start: str, end: str) -> list[tuple[str, str]]:
+        rows = self._db.execute(_SOFT_BOUNCES, (_text(email), BLOCK_KIND, start, end)).fetchall()
+        return [(str(at), str(event_id)) for at, event_id in rows]
 
     def set_setting(self, name: str, value: str) -> None:
         self._db.execute(_SET_SETTING, (name, value))

@@ -48,8 +48,9 @@ class StoreWrites(Protocol):
         """Insert a bounce of `event_id` (its email lower-cased by the caller); one per (event, email)."""
         ...
 
-    def soft_bounces_since(self, email: str, since: str) -> int:
-        """How many soft bounces of `email` happened after `since` (ISO: compared as text)."""
+    def soft_bounces_between(self, email: str, start: str, end: str) -> list[tuple[str, str]]:
+        """(bounced_at, event_id) of the soft bounces of `email` (blocks left out) dated from `start` to
+        `end` (ISO: compared as text)."""
         ...
 
     def set_setting(self, name: str, value: str) -> None:

@@ -139,12 +139,13 @@ class _Writes:
             ),
         )
 
-    def soft_bounces_since(self, email: str, since: str) -> int:
-        (count,) = self._db.execute(
-            "SELECT COUNT(*) FROM bounces WHERE email = ? AND hard = 0 AND bounced_at > ? AND kind IS NOT ?",
-            (email, since, BLOCK_KIND),
-        ).fetchone()
-        return int(count)
+    def soft_bounces_between(self, email: str, start: str, end: str) -> list[tuple[str, str]]:
+        rows = self._db.execute(
+            "SELECT bounced_at, event_id FROM bounces WHERE email = ? AND hard = 0 AND kind IS NOT ?"
+            " AND bounced_at BETWEEN ? AND ?",
+            (email, BLOCK_KIND, start, end),
+        ).fetchall()
+        return [(str(at), str(event_id)) for at, event_id in rows]
 
     def set_setting(self, name: str, value: str) -> None:
         self._db.execute(

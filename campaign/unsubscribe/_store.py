@@ -37,6 +37,7 @@ from campaign.unsubscribe._values import (
     BOUNCE_SOURCE,
     DEFAULT_SOFT_BOUNCE_DAYS,
     DEFAULT_SOFT_BOUNCE_LIMIT,
+    INBOX_EVENT_PREFIX,
     BounceRecord,
     BounceRules,
     Engagement,
@@ -72,6 +73,9 @@ __all__ = [
 
 # The tracking notifications `engagement` reads.
 _TRACKING = ("message.opened", "message.link_clicked", "thread.replied")
+# A report `events pull` found in the inbox and a webhook's bounce of the same address this close are one
+# bounce seen twice (both come from the same report, dated alike).
+_SAME_REPORT = timedelta(hours=1)
 
 
 def store_location(value: str) -> Path | str:
@@ -311,8 +315,9 @@ class SuppressionStore:
             return
         suppress = bounce.hard
         if not suppress:
-            since = (datetime.fromisoformat(bounce.bounced_at) - timedelta(days=rules.days)).isoformat()
-            suppress = db.soft_bounces_since(email, since) >= rules.limit
+            at, span = datetime.fromisoformat(bounce.bounced_at), timedelta(days=rules.days)
+            found = db.soft_bounces_between(email, (at - span).isoformat(), (at + span).isoformat())
+            suppress = soft_limit_reached(found, event_id, rules)
         if suppress:
             db.add_entries([("", email, email, self._stamp(), BOUNCE_SOURCE)])
 
@@ -325,6 +330,34 @@ class SuppressionStore:
         return StoreEntry(
             campaign, recipient_key, None if email is None else email.lower(), self._stamp(), source
         )
+
+
+def soft_limit_reached(found: Sequence[tuple[str, str]], event_id: str, rules: BounceRules) -> bool:
+    """Whether the soft bounce of `event_id`, among `found` ((bounced_at, event_id) of one address), makes
+    `rules.limit` of them within less than `rules.days`. Pure.
+
+    Each bounce counts once: a report `events pull` found and a webhook's less than `_SAME_REPORT` apart
+    are the same bounce (a report found again adds nothing). Whatever order they were recorded in, the
+    answer is the same: any span that holds the new bounce counts, not only the days before it.
+    """
+    dated = [(datetime.fromisoformat(at), eid) for at, eid in found]
+    counted = [(at, eid) for at, eid in dated if not eid.startswith(INBOX_EVENT_PREFIX)]
+    unmatched = [at for at, _ in counted]
+    for at, eid in sorted(item for item in dated if item[1].startswith(INBOX_EVENT_PREFIX)):
+        twin = min(unmatched, key=lambda other: abs(other - at), default=None)
+        if twin is not None and abs(twin - at) < _SAME_REPORT:
+            unmatched.remove(twin)
+        else:
+            counted.append((at, eid))
+    times = sorted(at for at, _ in counted)
+    new = next((at for at, eid in counted if eid == event_id), None)
+    if new is None:  # seen before, through the other channel
+        return False
+    span = timedelta(days=rules.days)
+    return any(
+        start <= new < start + span and sum(start <= at < start + span for at in times) >= rules.limit
+        for start in times
+    )
 
 
 class Unsubscribed:

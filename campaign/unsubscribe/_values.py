@@ -12,6 +12,7 @@ __all__ = [
     "BOUNCE_SOURCE",
     "DEFAULT_SOFT_BOUNCE_DAYS",
     "DEFAULT_SOFT_BOUNCE_LIMIT",
+    "INBOX_EVENT_PREFIX",
     "BounceRecord",
     "BounceRules",
     "Engagement",
@@ -26,6 +27,9 @@ BOUNCE_SOURCE = "bounce"  # the source of a suppression a bounce made (skip reas
 BLOCK_KIND = "block"
 # Soft bounces (4xx) suppress an address once this many arrive within this many days (listmonk's
 # and Mautic's rule of thumb); a hard bounce (5xx) suppresses at once.
+# The id of an event `campaign events pull` kept starts with this (`inbox:<grant>:<message>`); a webhook's
+# is Nylas's envelope id.
+INBOX_EVENT_PREFIX = "inbox:"
 DEFAULT_SOFT_BOUNCE_LIMIT = 3
 DEFAULT_SOFT_BOUNCE_DAYS = 30
 

@@ -95,7 +95,9 @@ class EventService:
             return PlainTextResponse(str(exc), status_code=400)
         except StoreError:
             # Nylas retries a notification only on 408, 429 and 502-507: a 500 would lose it for good.
-            return PlainTextResponse("store unavailable; retry", status_code=503, headers={"Retry-After": "60"})
+            return PlainTextResponse(
+                "store unavailable; retry", status_code=503, headers={"Retry-After": "60"}
+            )
         return PlainTextResponse("ok")
 
 
