@@ -7,7 +7,8 @@ read by flufl.bounce.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 
 from conftest import copy_sample
 from support import refusing_url
@@ -148,6 +149,45 @@ def test_events_pull_records_gmail_and_exchange_bounces_once_and_ignores_ordinar
     mailed = [d.payload["to"][0]["email"] for d in api.deliveries]
     assert (mailed.count(sent[0]), mailed.count(sent[1])) == (1, 1)  # mailed before they bounced, once
     assert "later@example.org" not in mailed
+
+
+def test_a_pull_cut_short_goes_on_with_the_oldest_part_the_next_time(api, cli, tmp_path):
+    """The listing is newest first and a pull reads 2,000 messages: with more since the first send, the
+    bounce report (the oldest, right after the send) is found by the next pull, which reads the part
+    the first one left; a pull after that lists only what is new (with an hour's overlap)."""
+    manifest, sender = _newsletter_with_store(api, tmp_path)
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    sent = api.deliveries[0].payload["to"][0]["email"]
+    start = datetime.now(UTC)
+    api.receive_message(sender.grant_id, _gmail_dsn(sent), received_at=start + timedelta(minutes=1))
+    for number in range(2100):  # then ordinary mail, one every ten minutes for two weeks
+        at = start + timedelta(minutes=2 + 10 * number)
+        api.receive_message(sender.grant_id, _reply(f"p{number}@example.org"), received_at=at)
+    api.clock = FakeClock(start=start + timedelta(days=15))  # pulled two weeks later
+
+    def pull() -> str:
+        result = cli("events", "pull", manifest)
+        assert result.exit_code == 0, result.output
+        return " ".join(result.stdout.split())
+
+    def bounced() -> list[str]:
+        store = open_store(manifest.parent / "store.sqlite", clock=FakeClock(), create=False)
+        try:
+            return [e.recipient_key for e in store.entries()]
+        finally:
+            store.close()
+
+    first = pull()
+    assert "2,000 inbox messages looked at" in first
+    assert "pull again for the rest" in first
+    assert bounced() == []
+    second = pull()
+    assert "pull again" not in second
+    assert bounced() == [sent]
+    third = pull()  # nothing left before: only the newest hour is listed again
+    assert re.search(r"\b[1-9] inbox messages? looked at", third), third
+    assert "0 new" in third
+    assert bounced() == [sent]
 
 
 def test_events_pull_needs_a_store_and_a_started_campaign(api, cli, tmp_path):

@@ -1,8 +1,8 @@
 """Bounce reports in the senders' own inboxes: `campaign events pull`, for users without a public endpoint.
 
 A bounce comes back to the mailbox that sent the message, as a delivery status notification
-(DSN). For each sender's grant this lists the inbox since the campaign's first send (paged,
-bounded), picks the likely reports (from `MAILER-DAEMON` or `postmaster`, or a subject such as
+(DSN). For each sender's grant this lists the inbox since the campaign's first send, or since what
+an earlier pull read (the store keeps an `InboxCursor` per grant), paged and bounded; picks the likely reports (from `MAILER-DAEMON` or `postmaster`, or a subject such as
 "Undeliverable" or "Delivery Status Notification"), fetches their MIME (`fields=raw_mime`), and
 lets flufl.bounce (GNU Mailman's bounce detectors) say which addresses failed, for good or for
 now. Where the report is a standard DSN (RFC 3464), each address's `Status` code and the remote
@@ -18,21 +18,25 @@ import json
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from flufl.bounce import all_failures
 
 from campaign.events._notifications import BOUNCE, is_blocked
 from campaign.nylas import Folder, MessagePage
-from campaign.unsubscribe import BLOCK_KIND, INBOX_EVENT_PREFIX, BounceRecord, SuppressionStore
+from campaign.unsubscribe import BLOCK_KIND, INBOX_EVENT_PREFIX, BounceRecord, InboxCursor, SuppressionStore
 
 __all__ = ["MAX_PAGES", "InboxReader", "PullReport", "pull_bounces"]
 
 PAGE = 200
 _FIELD_CHARS = 500  # of a DSN's Status or Diagnostic-Code kept with a bounce
-MAX_PAGES = 10  # per grant and pull: the newest 2,000 inbox messages since the first send
+MAX_PAGES = 10  # per grant and pull: 2,000 inbox messages; the next pull goes on from where it stopped
+# Each pull lists again from this long before the newest message the last one saw: a provider syncs
+# some messages late, under an earlier date. Reports listed twice are recorded once.
+_OVERLAP = timedelta(hours=1)
+_SECOND = timedelta(seconds=1)
 _REPORT_SENDERS = re.compile(r"^(mailer-daemon|postmaster)@", re.IGNORECASE)
 _REPORT_SUBJECTS = re.compile(
     r"undeliver|delivery status notification|returned mail|mail delivery (failed|subsystem)"
@@ -53,6 +57,7 @@ class InboxReader(Protocol):
         *,
         in_folder: str | None = None,
         received_after: datetime | int | None = None,
+        received_before: datetime | int | None = None,
         limit: int | None = None,
         page_token: str | None = None,
     ) -> MessagePage: ...
@@ -107,34 +112,108 @@ class _Tally:
 async def _pull_grant(
     client: InboxReader, grant: str, store: SuppressionStore, since: datetime, tally: _Tally
 ) -> None:
+    """Read the part of the inbox no pull has read yet, oldest part first, within MAX_PAGES pages.
+
+    The listing is newest first, so a pull that reaches its page limit has read the newest messages
+    only: the cursor keeps the part before them (the gap), which the next pull reads first. Bounce
+    reports come soon after the sends, so they are in that oldest part.
+    """
     folders = await client.list_folders(grant)
     tally.calls += 1
     inbox = next((f.id for f in folders if "\\Inbox" in f.attributes), None)
     if inbox is None:
         return
+    cursor = store.inbox_cursor(grant)
+    if cursor is None or cursor.start > since:
+        cursor = InboxCursor(start=since, through=since)
+    pages = MAX_PAGES
+    if (gap_before := cursor.gap_before) is not None:
+        gap = await _read_inbox(client, grant, inbox, store, tally, cursor, pages, before=gap_before)
+        pages -= gap.pages
+        if gap.complete:
+            cursor = InboxCursor(cursor.start, cursor.gap_through or cursor.through)
+        else:
+            # At least a second further back each time, even with a page limit's worth in one second.
+            oldest = min(gap.oldest or gap_before, gap_before - _SECOND)
+            cursor = replace(cursor, gap_before=oldest)
+    read_all = False
+    if cursor.gap_before is None and pages:
+        new = await _read_inbox(client, grant, inbox, store, tally, cursor, pages, before=None)
+        newest = max(cursor.through, new.newest or cursor.through)
+        if new.complete:
+            cursor, read_all = InboxCursor(cursor.start, newest), True
+        else:
+            cursor = replace(cursor, gap_before=new.oldest or cursor.through, gap_through=newest)
+    store.record_inbox_cursor(grant, cursor)
+    if not read_all:
+        tally.cut_short.append(grant)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """One listing walked: its pages, whether it reached the end, and the dates it saw."""
+
+    pages: int
+    complete: bool
+    oldest: datetime | None
+    newest: datetime | None
+
+
+async def _read_inbox(
+    client: InboxReader,
+    grant: str,
+    inbox: str,
+    store: SuppressionStore,
+    tally: _Tally,
+    cursor: InboxCursor,
+    pages: int,
+    *,
+    before: datetime | None,
+) -> _Read:
+    """List the inbox from a little before `cursor.through` (to `before`, if given), at most `pages`
+    pages, and record the bounce reports found."""
+    dates: list[datetime] = []
     token: str | None = None
-    for _ in range(MAX_PAGES):
+    for page_number in range(1, pages + 1):
         page = await client.list_messages(
-            grant, in_folder=inbox, received_after=since, limit=PAGE, page_token=token
+            grant,
+            in_folder=inbox,
+            received_after=cursor.through - _OVERLAP,
+            received_before=before,
+            limit=PAGE,
+            page_token=token,
         )
         tally.calls += 1
         tally.listed += len(page.messages)
         for message in page.messages:
+            if message.date is not None:
+                dates.append(message.date)
             if _looks_like_a_report(message.senders, message.subject):
-                raw = await client.fetch_raw_mime(grant, message.id)
-                tally.calls += 1
-                tally.reports += 1
-                bounces = _read_report(raw, received=message.date or since, message_id=message.id)
-                body = json.dumps({"grant_id": grant, "message_id": message.id, "source": "inbox"})
-                event_id = f"{INBOX_EVENT_PREFIX}{grant}:{message.id}"
-                if store.record_event(event_id, BOUNCE, grant_id=grant, body=body, bounces=bounces):
-                    tally.recorded += 1
-                    tally.hard.extend(b.email for b in bounces if b.hard)
-                    tally.soft.extend(b.email for b in bounces if not b.hard)
+                await _record_report(client, grant, message.id, message.date or cursor.through, store, tally)
         token = page.next_cursor
         if token is None:
-            return
-    tally.cut_short.append(grant)
+            return _Read(page_number, True, min(dates, default=None), max(dates, default=None))
+    return _Read(pages, False, min(dates, default=None), max(dates, default=None))
+
+
+async def _record_report(
+    client: InboxReader,
+    grant: str,
+    message_id: str,
+    received: datetime,
+    store: SuppressionStore,
+    tally: _Tally,
+) -> None:
+    raw = await client.fetch_raw_mime(grant, message_id)
+    tally.calls += 1
+    tally.reports += 1
+    bounces = _read_report(raw, received=received, message_id=message_id)
+    body = json.dumps({"grant_id": grant, "message_id": message_id, "source": "inbox"})
+    event_id = f"{INBOX_EVENT_PREFIX}{grant}:{message_id}"
+    if store.record_event(event_id, BOUNCE, grant_id=grant, body=body, bounces=bounces):
+        tally.recorded += 1
+        tally.hard.extend(b.email for b in bounces if b.hard)
+        tally.soft.extend(b.email for b in bounces if not b.hard)
 
 
 def _looks_like_a_report(senders: Sequence[str], subject: str) -> bool:

@@ -257,6 +257,7 @@ class NylasClient:
         subject: str | None = None,
         thread_id: str | None = None,
         received_after: datetime | int | None = None,
+        received_before: datetime | int | None = None,
         limit: int | None = None,
         page_token: str | None = None,
     ) -> MessagePage:
@@ -265,10 +266,8 @@ class NylasClient:
         Microsoft grants cannot combine `thread_id` with the address or subject filters (§5): it is
         refused here for every grant, so that no lookup works on one provider and fails on another.
         """
-        if isinstance(received_after, datetime):
-            if received_after.tzinfo is None:
-                raise ValueError("received_after must be timezone-aware")
-            received_after = int(received_after.timestamp())
+        received_after = _unix_seconds(received_after, "received_after")
+        received_before = _unix_seconds(received_before, "received_before")
         if limit is not None and not 1 <= limit <= 200:
             raise ValueError(f"limit must be 1..200, not {limit}")
         if thread_id is not None and (to or from_ or subject):
@@ -280,6 +279,7 @@ class NylasClient:
             "subject": subject,
             "thread_id": thread_id,
             "received_after": received_after,
+            "received_before": received_before,
         }
         params = {name: str(value) for name, value in filters.items() if value is not None}
         if metadata_pair is not None:
@@ -429,3 +429,12 @@ def _folder(item: object) -> Folder:
     raw = item.get("attributes")
     attributes = tuple(a for a in (raw if isinstance(raw, list) else [raw]) if isinstance(a, str))
     return Folder(item["id"], json_text(item, "name"), attributes)
+
+
+def _unix_seconds(at: datetime | int | None, name: str) -> int | None:
+    """A listing's time bound as Unix seconds (a datetime must be aware)."""
+    if not isinstance(at, datetime):
+        return at
+    if at.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware")
+    return int(at.timestamp())

@@ -41,6 +41,7 @@ from campaign.unsubscribe._values import (
     BounceRecord,
     BounceRules,
     Engagement,
+    InboxCursor,
     StoreEntry,
     StoreError,
     ThreadReply,
@@ -49,9 +50,11 @@ from campaign.unsubscribe._values import (
 __all__ = [
     "BLOCK_KIND",
     "BOUNCE_SOURCE",
+    "INBOX_EVENT_PREFIX",
     "BounceRecord",
     "BounceRules",
     "Engagement",
+    "InboxCursor",
     "StoreEntry",
     "StoreError",
     "StoreFollower",
@@ -73,6 +76,8 @@ __all__ = [
 
 # The tracking notifications `engagement` reads.
 _TRACKING = ("message.opened", "message.link_clicked", "thread.replied")
+# The setting that keeps a grant's InboxCursor: this, then the grant id.
+_INBOX_PULL = "inbox_pull:"
 # A report `events pull` found in the inbox and a webhook's bounce of the same address this close are one
 # bounce seen twice (both come from the same report, dated alike).
 _SAME_REPORT = timedelta(hours=1)
@@ -303,6 +308,29 @@ class SuppressionStore:
         with self._sql.write() as db:
             for name, value in (("soft_bounce_limit", rules.limit), ("soft_bounce_days", rules.days)):
                 db.set_setting(name, str(value))
+
+    def inbox_cursor(self, grant_id: str) -> InboxCursor | None:
+        """How far `events pull` read `grant_id`'s inbox into this store; None before its first pull."""
+        text = self._sql.settings().get(_INBOX_PULL + grant_id)
+        if text is None:
+            return None
+        found = json.loads(text)
+
+        def date(name: str) -> datetime | None:
+            return None if found.get(name) is None else datetime.fromisoformat(found[name])
+
+        start, through = date("start"), date("through")
+        if start is None or through is None:
+            return None
+        return InboxCursor(start, through, date("gap_before"), date("gap_through"))
+
+    def record_inbox_cursor(self, grant_id: str, cursor: InboxCursor) -> None:
+        """Keep how far `events pull` read `grant_id`'s inbox (after what it found there is recorded)."""
+        fields = ("start", "through", "gap_before", "gap_through")
+        dates = {name: getattr(cursor, name) for name in fields}
+        text = json.dumps({name: None if at is None else at.isoformat() for name, at in dates.items()})
+        with self._sql.write() as db:
+            db.set_setting(_INBOX_PULL + grant_id, text)
 
     def _record_bounce(
         self, db: StoreWrites, bounce: BounceRecord, event_id: str, rules: BounceRules

@@ -4,6 +4,7 @@ engagement, the soft-bounce rule, and its error. Plain values; no SQL here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from campaign.errors import LedgerError
 
@@ -16,6 +17,7 @@ __all__ = [
     "BounceRecord",
     "BounceRules",
     "Engagement",
+    "InboxCursor",
     "StoreEntry",
     "StoreError",
     "ThreadReply",
@@ -45,6 +47,18 @@ class BounceRecord:
     kind: str | None = None  # the provider's type, e.g. mailbox_unavailable
     reason: str | None = None
     message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InboxCursor:
+    """How far `campaign events pull` has read one grant's inbox into this store: every message received
+    from `start` to `through`; and, when a pull stopped at its page limit, from `gap_before` to
+    `gap_through` as well, the part before `gap_before` still to read. Aware datetimes."""
+
+    start: datetime
+    through: datetime
+    gap_before: datetime | None = None
+    gap_through: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
