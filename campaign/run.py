@@ -79,6 +79,7 @@ from campaign.pipeline import (
     run_preflight,
 )
 from campaign.plan import DAY_S, Job
+from campaign.recipients import SuppressionFiles
 from campaign.render import Composer, build_composer
 from campaign.status import build_status
 from campaign.unsubscribe import UnsubscribeWatch, list_store_paths, open_store
@@ -547,6 +548,8 @@ class _Rounds:
         names = {sender.name for sender in senders}
         settings = settings or self._settings
         stores = list_store_paths(self._manifest)
+        # Rows the plan did not check again (follow-ups, retried rows) meet the suppression files here.
+        files = SuppressionFiles(self._manifest.recipients.suppress, clock=self._clock)
         # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds.
         watch = UnsubscribeWatch(stores, clock=self._clock)
         # Replies the webhooks reported (`campaign serve` keeps them in the stores) stop follow-ups too.
@@ -573,9 +576,8 @@ class _Rounds:
                     if stores:  # each page's recipients looked up in the stores before any is sent
                         work = _WatchedSource(work, watch)
                     rest = _rest_of(settings, total)  # --limit counts the whole run
-                    result = await self._dispatch(
-                        work, counts, client, watch if stores else None, screen, stop, rest, senders
-                    )
+                    opt_out = _opt_out(watch if stores else None, files)
+                    result = await self._dispatch(work, counts, client, opt_out, screen, stop, rest, senders)
                     total = result if total is None else total.then(result)
                     if not self._sequenced or _halted(result) or _asked_to_stop(stop):
                         return total
@@ -666,7 +668,7 @@ class _Rounds:
         jobs: JobSource,
         per_sender: Mapping[str, int],
         client: SendClient,
-        watch: UnsubscribeWatch | None,
+        opt_out: Callable[[Recipient], SkipReason | None],
         screen: Callable[[Job], Awaitable[Screening]] | None,
         stop: anyio.Event | None,
         settings: DispatchSettings,
@@ -693,7 +695,7 @@ class _Rounds:
                 parked=ledger.parked_senders(),
                 on_event=on_event,
                 settings=settings,
-                unsubscribed=None if watch is None else watch.opt_out,
+                unsubscribed=opt_out,
                 screen=screen,
                 stop=stop,
                 # Rows in flight from an earlier run keep their grant (their key may be used).
@@ -702,6 +704,20 @@ class _Rounds:
                 # A worker's leased grants: another worker may have sent from them a moment ago.
                 handed_over=senders is not manifest.senders,
             )
+
+
+def _opt_out(
+    watch: UnsubscribeWatch | None, files: SuppressionFiles
+) -> Callable[[Recipient], SkipReason | None]:
+    """The opt-out check right before each claim: a suppression file lists the recipient now
+    (`suppressed`), or a store does (`unsubscribed`, `bounced`)."""
+
+    def opt_out(recipient: Recipient) -> SkipReason | None:
+        if files.is_listed(recipient):
+            return SkipReason.SUPPRESSED
+        return None if watch is None else watch.opt_out(recipient)
+
+    return opt_out
 
 
 def _rest_of(settings: DispatchSettings, done: DispatchResult | None) -> DispatchSettings:

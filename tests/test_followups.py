@@ -264,6 +264,29 @@ def test_an_unsubscribe_stops_the_sequence(fake, cli, cli_clock, tmp_path):
     assert steps_json(cli, manifest)["nudge"]["stopped"] == {"unsubscribed": 1}
 
 
+def test_someone_added_to_a_suppression_file_after_step_1_gets_no_follow_up(fake, cli, cli_clock, tmp_path):
+    """A suppression file means never mailed again, whatever the list says: the plan checked step 1
+    before the address was added, so the check before each follow-up's claim reads the file too."""
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    optouts = tmp_path / "c" / "optouts.txt"
+    optouts.write_text("# never mail again\n", encoding="utf-8")
+    text = manifest.read_text().replace(
+        'sender_column = "rep"\n', 'sender_column = "rep"\nsuppress = ["optouts.txt"]\n'
+    )
+    manifest.write_text(text)
+    assert cli("run", manifest, "--yes").exit_code == 75
+    optouts.write_text(f"# never mail again\nP1 <{PEOPLE[0].upper()}>\n", encoding="utf-8")
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    cli_clock.advance(3 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    assert {step: len(sent) for step, sent in by_step(fake)[PEOPLE[0]].items()} == {"message": 1}
+    assert {step: len(sent) for step, sent in by_step(fake)[PEOPLE[1]].items()} == {
+        "message": 1, "nudge": 1, "last-call": 1
+    }  # fmt: skip
+    assert steps_json(cli, manifest)["nudge"]["stopped"] == {"suppressed": 1}
+
+
 def test_a_changed_follow_up_is_refused_once_it_began_and_a_new_one_is_allowed(
     fake, cli, cli_clock, tmp_path
 ):

@@ -88,6 +88,39 @@ def test_retry_failed_then_resume_sends_those_rows_once_with_a_new_key(api, cli,
     assert _status(cli, manifest)["done"] is True
 
 
+def test_a_failed_row_suppressed_before_its_retry_is_never_sent(api, cli, tmp_path):
+    """A 402 fails the first row; its recipient is then added to the suppression file and a run checks
+    the list (the failed row is not open, so it stays failed). `retry --failed` puts it back and the
+    resume that follows finds the list unchanged: the check before the claim still skips it."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    api.script(Fault.REJECTED, times=1)
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75  # rows left
+    refused = api.requests[0]
+    failed = next(row.email for row in _ledger_rows(manifest) if row.state.value == "failed")
+    with (manifest.parent / "unsubscribed.txt").open("a", encoding="utf-8") as optouts:
+        optouts.write(f"{failed}\n")
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code in (0, 75)
+    assert cli("retry", manifest, "--failed").exit_code == 0
+    resumed = cli("resume", manifest, "--yes")
+    assert resumed.exit_code == 0, resumed.output
+    assert failed not in _delivered(api)
+    assert refused.status == 402
+    row = next(row for row in _ledger_rows(manifest) if row.email == failed)
+    assert (row.state.value, (row.reason or "").split(":")[0]) == ("skipped", "suppressed")
+
+
+def _ledger_rows(manifest):
+    loaded = load_manifest(manifest)
+    ledger = open_ledger(
+        manifest.parent / "campaign.ledger.sqlite", clock=FakeClock(), campaign=loaded.campaign.name
+    )
+    try:
+        return list(ledger.rows())
+    finally:
+        ledger.close()
+
+
 def test_reconcile_settles_unknown_rows_and_resume_sends_the_ones_that_did_not_go(
     api, cli, cli_clock, tmp_path
 ):

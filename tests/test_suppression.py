@@ -271,3 +271,30 @@ def test_a_batch_looks_up_only_its_own_recipients_by_key_or_address(tmp_path, st
         None,
     ]
     assert len(found) == 3  # zed, not in the batch, was not read
+
+
+def test_suppression_files_are_read_again_when_they_change_and_a_bad_edit_keeps_the_last_good_read(
+    tmp_path,
+):
+    """The check before each send: what the files list now (within `refresh_s`), a store in the same
+    setting left to the watch; a mistyped save keeps what was read before; a bad file at the start
+    refuses, naming file and line."""
+    from campaign.recipients import SuppressionFiles
+
+    clock = FakeClock()
+    listed = tmp_path / "optouts.txt"
+    listed.write_text("ann@example.com\n", encoding="utf-8")
+    files = SuppressionFiles([listed, tmp_path / "store.sqlite", "postgresql://db/x"], clock=clock)
+    ann, bob = (
+        Recipient(key=e, row=1, address=Address(e), fields={}) for e in ("Ann@Example.com", "bob@example.com")
+    )
+    assert (files.is_listed(ann), files.is_listed(bob)) == (True, False)
+    listed.write_text("ann@example.com\nBob <bob@example.com>\n", encoding="utf-8")
+    assert files.is_listed(bob) is False  # not looked at again within the second
+    clock.advance(1.0)
+    assert files.is_listed(bob) is True
+    listed.write_text("ann@example.com\nBob <bob@example.com>\nnot an address\n", encoding="utf-8")
+    clock.advance(1.0)
+    assert (files.is_listed(ann), files.is_listed(bob)) == (True, True)
+    with pytest.raises(RecipientDataError, match=r"optouts\.txt: line 3"):
+        SuppressionFiles([listed], clock=clock)

@@ -17,7 +17,7 @@ from support import make_jobs, render_plain
 from campaign.dispatch import DispatchEvent, EventKind, dispatch
 from campaign.ledger import PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
-from campaign.models import Address, Recipient, RowState, SendOutcome
+from campaign.models import Address, Recipient, RowState, SendOutcome, SkipReason
 from campaign.nylas import NylasClient
 from campaign.testing import FakeClock, FakeNylas, serve_on_loopback
 from campaign.unsubscribe import StoreEntry, UnsubscribeWatch, open_store, parse_secrets
@@ -239,3 +239,47 @@ def test_a_watch_holds_only_what_its_pages_and_the_run_added_not_the_whole_store
     assert len(watch._known) == 3
     store.close()
     watch.close()
+
+
+@pytest.mark.anyio
+async def test_an_opt_out_while_a_claim_waits_for_its_pace_slot_stops_that_send(tmp_path):
+    """At 1 a minute, r2 is claimed right after r1 and waits a minute for its slot; r2 unsubscribes 30 s
+    into that wait. The check before the claim found nothing, so the one after the wait must: r2's
+    unused key goes back and the row is skipped, nothing sent (counted at the fake)."""
+    clock = FakeClock()
+    fake = FakeNylas(api_key=KEY, clock=clock)
+    sender = SenderSettings(
+        name="a", grant_id="grant-a", email="a@corp.example.com", per_minute=1, concurrency=1
+    )
+    fake.add_grant(sender.grant_id, "a@corp.example.com")
+    jobs = make_jobs(2)
+    ledger = open_ledger(tmp_path / "l.sqlite", clock=clock, campaign="spring")
+    ledger.record_plan(
+        [PlannedRow(j.recipient.key, j.recipient.row, j.recipient.address.email, "a") for j in jobs], []
+    )
+    checked_at: list[float] = []
+
+    def unsubscribed(recipient: Recipient) -> SkipReason | None:
+        checked_at.append(clock.monotonic())
+        opted_out = recipient.key == "r2@example.com" and clock.monotonic() >= 30
+        return SkipReason.UNSUBSCRIBED if opted_out else None
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=fake.app), base_url="http://f.test"
+    ) as http:
+        result = await dispatch(
+            jobs,
+            senders=[sender],
+            render=render_plain,
+            client=NylasClient(http, api_key=KEY, clock=clock),
+            ledger=ledger,
+            clock=clock,
+            unsubscribed=unsubscribed,
+        )
+    assert [d.payload["to"][0]["email"] for d in fake.deliveries] == ["r1@example.com"]
+    assert min(at for at in checked_at if at > 0) >= 59  # r2 was checked again after its minute's wait
+    row = {row.key: row for row in ledger.rows()}["r2@example.com"]
+    assert row.state == RowState.SKIPPED
+    assert (row.reason or "").startswith("unsubscribed:")
+    assert (result.sent, result.remaining) == (1, 0)
+    ledger.close()

@@ -446,6 +446,14 @@ class _Loop:
                 return RowState.INFLIGHT
             await self._in_thread(partial(self._ledger.release, key))
             return RowState.PENDING
+        if claim.fresh and self._unsubscribed is not None and self._unsubscribed(job.recipient) is not None:
+            # An opt-out recorded while the claim waited for its pace slot (a minute at 1/min): its
+            # key is unused, so the row goes back and is skipped, as it would have been a moment earlier.
+            await self._in_thread(partial(self._ledger.release, key))
+            if not await self._skip_if_unsubscribed(lane, job):
+                return RowState.PENDING
+            self._feed.finished(key)
+            return None
         retries = waits = 0
         while True:
             if self._clock.now() >= claim.usable_until:

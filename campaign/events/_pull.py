@@ -2,12 +2,13 @@
 
 A bounce comes back to the mailbox that sent the message, as a delivery status notification
 (DSN). For each sender's grant this lists the inbox since the campaign's first send, or since what
-an earlier pull read (the store keeps an `InboxCursor` per grant), paged and bounded; picks the likely reports (from `MAILER-DAEMON` or `postmaster`, or a subject such as
-"Undeliverable" or "Delivery Status Notification"), fetches their MIME (`fields=raw_mime`), and
-lets flufl.bounce (GNU Mailman's bounce detectors) say which addresses failed, for good or for
-now. Where the report is a standard DSN (RFC 3464), each address's `Status` code and the remote
-server's `Diagnostic-Code` go with it, for `campaign report` to show. They are recorded in the
-unsubscribe store like webhook bounces, once per report: pulling twice records nothing twice.
+an earlier pull read (the store keeps an `InboxCursor` per grant), paged and bounded; picks the
+likely reports (from `MAILER-DAEMON` or `postmaster`, or a subject such as "Undeliverable" or
+"Delivery Status Notification"), fetches their MIME (`fields=raw_mime`), and lets flufl.bounce
+(GNU Mailman's bounce detectors) say which addresses failed, for good or for now. Where the report
+is a standard DSN (RFC 3464), each address's `Status` code and the remote server's
+`Diagnostic-Code` go with it, for `campaign report` to show. They are recorded in the unsubscribe
+store like webhook bounces, once per report: pulling twice records nothing twice.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 `scan_audience` yields each row checked (valid address, not a duplicate, not suppressed) or
 as a skip or a problem naming the file, row and column; `load_audience` is it over the whole
 list. `comparable_address` is the one form in which addresses are compared.
-`_store_files` moves unsubscribe-store entries in and out of files. Reads files with polars;
+`_store_files` moves unsubscribe-store entries in and out of files; `SuppressionFiles` keeps a running
+campaign's suppression files current for the check before each send. Reads files with polars;
 never sends, never writes the ledger.
 """
 
@@ -22,6 +23,7 @@ from campaign.recipients._audience import (
 from campaign.recipients._cells import encode_cells, recipient_from_cells
 from campaign.recipients._listfile import ListStart
 from campaign.recipients._store_files import load_import_addresses, write_entries
+from campaign.recipients._suppression import SuppressionFiles
 
 __all__ = [
     "BATCH_ROWS",
@@ -29,6 +31,7 @@ __all__ = [
     "AudienceScan",
     "CheckedRow",
     "ListStart",
+    "SuppressionFiles",
     "comparable_address",
     "encode_cells",
     "load_audience",
