@@ -142,6 +142,22 @@ def test_markdown_goes_into_a_custom_layout_block(tmp_path):
     assert html == "<html><body><main><p><em>Hi</em> Ann</p>\n</main><p>launch</p></body></html>"
 
 
+def test_templates_a_markdown_body_or_its_layout_reach_are_escaped_whatever_their_file_names(tmp_path):
+    """A .j2 partial the Markdown body includes is escaped for Markdown (no heading, no link, no tag); a
+    .j2 layout and what it includes, for HTML. The footer both include prints right in each."""
+    files = {
+        "body.md.j2": '{% include "greeting.j2" %}\n\n{% include "footer.j2" %}\n',
+        "greeting.j2": "{{ first_name }}",
+        "footer.j2": "<i>{{ first_name }}</i>",
+        "layout.j2": "<main>{% block content %}{% endblock %}</main>"
+        '<h2>{{ first_name }}</h2>{% include "footer.j2" %}',
+    }
+    manifest = _campaign(tmp_path, 'markdown = "body.md.j2"\nlayout = "layout.j2"', files)
+    html = _render(manifest, first_name="# h [x](https://evil) <script>alert(1)</script>").html
+    shown = "# h [x](https://evil) &lt;script&gt;alert(1)&lt;/script&gt;"
+    assert html == f"<main><p>{shown}</p>\n<p><i>{shown}</i></p>\n</main><h2>{shown}</h2><i>{shown}</i>"
+
+
 def test_layout_without_content_block_or_missing_is_refused(tmp_path):
     """A layout with no content block is a TemplateError; a missing one an InputFileError; both name it."""
     files = {"body.md.j2": "x", "bare.html.j2": "<html>{% block main %}{% endblock %}</html>"}

@@ -253,6 +253,46 @@ def test_message_html_is_escaped_whatever_its_file_name(tmp_path):
     assert _render(manifest, _recipient(name="<b>x</b>")).html == "&lt;b&gt;x&lt;/b&gt;"
 
 
+EVIL = "<script>alert(1)</script> [x](https://evil) # h"
+EVIL_HTML = "&lt;script&gt;alert(1)&lt;/script&gt; [x](https://evil) # h"
+
+
+def test_templates_an_html_body_reaches_are_escaped_whatever_their_file_names(tmp_path):
+    """A .j2 layout it extends, a .j2 partial it includes (by a literal or a computed name), a macro it
+    imports: each prints a list value escaped, as the body itself does."""
+    files = {
+        "layout.j2": "<h1>Layout: {{ first_name }}</h1>{% block body %}{% endblock %}",
+        "greeting.j2": "<p>Included: {{ first_name }}</p>",
+        "computed.j2": "<p>Computed: {{ first_name }}</p>",
+        "macros.j2": "{% macro show(value) %}<p>Macro: {{ value }}</p>{% endmacro %}",
+        "body.html.j2": '{% extends "layout.j2" %}{% import "macros.j2" as m %}{% block body %}'
+        '<p>Child: {{ first_name }}</p>{% include "greeting.j2" %}{% include part %}'
+        "{{ m.show(first_name) }}{% endblock %}",
+    }
+    manifest = _manifest(tmp_path, files=files, html="body.html.j2")
+    html = _render(manifest, _recipient(first_name=EVIL, part="computed.j2")).html
+    assert html == (
+        f"<h1>Layout: {EVIL_HTML}</h1><p>Child: {EVIL_HTML}</p><p>Included: {EVIL_HTML}</p>"
+        f"<p>Computed: {EVIL_HTML}</p><p>Macro: {EVIL_HTML}</p>"
+    )
+
+
+def test_a_partial_shared_by_the_text_and_html_bodies_is_escaped_in_the_html_only(tmp_path):
+    """Jinja compiles a name once per environment: each body has its own, so one file prints both ways."""
+    files = {
+        "greeting.j2": "Hi {{ first_name }}",
+        "body.html.j2": '<p>{% include "greeting.j2" %}</p>',
+        "body.txt.j2": '{% include "greeting.j2" %}!',
+    }
+    manifest = _manifest(
+        tmp_path, files=files, html="body.html.j2", text="body.txt.j2", subject="For {{ first_name }}"
+    )
+    message = _render(manifest, _recipient(first_name=EVIL))
+    assert message.html == f"<p>Hi {EVIL_HTML}</p>"
+    assert message.text == f"Hi {EVIL}!"
+    assert message.subject == f"For {EVIL}"
+
+
 # --- template lookup --------------------------------------------------------------------------------------
 
 

@@ -22,12 +22,12 @@ from markupsafe import Markup
 
 from campaign.render import BUILTIN_TEMPLATES
 from campaign.render import _templating as templating
-from campaign.render._templating import build_environment
+from campaign.render._templating import Escaping, build_environment
 
 SOURCES = {
     "page.html": "<p>{{ value }}</p><a title='{{ value }}'>{{ other }}</a>{{ none_value }}{{ count }}",
     "plain.txt": "Hi {{ value }}, {{ other }}! {{ none_value }}|{{ count }}",
-    "main.html.j2": "{{ value }}",  # message.html: escaped by being the main HTML template
+    "bare.j2": "{{ value }}",  # a file name that says nothing: its environment decides
     "safe.html": "{{ value|safe }}|{{ value|e }}|{{ value|upper }}|{{ value ~ other }}",
     "off.html": "{% autoescape false %}{{ value }}{% endautoescape %}|{{ value }}",
     "volatile.html": "{% autoescape flag %}{{ value }}{% endautoescape %}|{{ other }}",
@@ -51,8 +51,9 @@ SOURCES = {
     "other_mappings.html": "{{ ordered.key }}|{{ ordered.items }}|{{ subclass.key }}|{{ subclass.items }}",
     "missing_other.html": "{{ subclass.no_such_key }}",
 }
-TEXT_NAME = "plain.txt"
-ESCAPED = {"main.html.j2"}
+# Stock Jinja escapes for HTML or not at all; Markdown's escaping is compared with stock Jinja's
+# fallback (`_finalize_for_stock_jinja`) in tests/test_data_safety.py.
+ESCAPINGS = (Escaping.NONE, Escaping.HTML)
 
 
 class Html:
@@ -82,10 +83,10 @@ class Loud:
         return "Loud()"
 
 
-def environments(base_dir: Path) -> tuple[jinja2.Environment, jinja2.Environment]:
-    """campaign's environment and a stock one built from the same loader and options."""
+def environments(base_dir: Path, escaping: Escaping) -> tuple[jinja2.Environment, jinja2.Environment]:
+    """campaign's environment printing as `escaping` says, and a stock one with its loader and options."""
     sources = {name: (text, str(base_dir / name)) for name, text in SOURCES.items()}
-    ours = build_environment(sources, base_dir=base_dir, text_name=TEXT_NAME, escaped=ESCAPED)
+    ours = build_environment(sources, base_dir=base_dir, escaping=escaping)
     stock = ImmutableSandboxedEnvironment(
         loader=ours.loader,
         undefined=jinja2.StrictUndefined,
@@ -123,11 +124,14 @@ VALUES = [
 ]
 
 
+@pytest.mark.parametrize("escaping", ESCAPINGS, ids=str)
 @pytest.mark.parametrize("name", sorted(SOURCES))
 @pytest.mark.parametrize("value", VALUES, ids=repr)
-def test_every_construct_prints_as_stock_jinja(tmp_path: Path, name: str, value: object) -> None:
+def test_every_construct_prints_as_stock_jinja(
+    tmp_path: Path, name: str, value: object, escaping: Escaping
+) -> None:
     """Each template construct gives stock Jinja's output (or error) for each kind of value."""
-    ours, stock = environments(tmp_path)
+    ours, stock = environments(tmp_path, escaping)
     for flag in (True, False):
         context = {
             "value": value,
@@ -145,10 +149,11 @@ def test_every_construct_prints_as_stock_jinja(tmp_path: Path, name: str, value:
 
 def test_output_is_compiled_through_one_call(tmp_path: Path) -> None:
     """The generated code prints through campaign's output functions, not escape(finalize(...))."""
-    ours, stock = environments(tmp_path)
+    ours, stock = environments(tmp_path, Escaping.HTML)
+    text, _ = environments(tmp_path, Escaping.NONE)
     source = SOURCES["page.html"]
     assert "environment.output_html(" in ours.compile(source, "page.html", raw=True)
-    assert "environment.output_text(" in ours.compile(SOURCES["plain.txt"], "plain.txt", raw=True)
+    assert "environment.output_text(" in text.compile(SOURCES["plain.txt"], "plain.txt", raw=True)
     assert "environment.output_html(" not in stock.compile(source, "page.html", raw=True)
 
 
@@ -160,16 +165,18 @@ def test_output_is_compiled_through_one_call(tmp_path: Path) -> None:
 def test_generated_values_print_as_stock_jinja(value: object, other: str) -> None:
     """Any text or number prints the same through both environments, escaped or not."""
     base_dir = Path("/nonexistent-campaign-folder")
-    ours, stock = environments(base_dir)
     context = {"value": value, "other": other, "none_value": None, "count": 1, "flag": True, "items": []}
-    for name in ("page.html", "plain.txt", "main.html.j2", "safe.html", "macro.html", "child.html"):
-        assert rendered(ours, name, context) == rendered(stock, name, context)
+    for escaping in ESCAPINGS:
+        ours, stock = environments(base_dir, escaping)
+        for name in ("page.html", "plain.txt", "bare.j2", "safe.html", "macro.html", "child.html"):
+            assert rendered(ours, name, context) == rendered(stock, name, context)
 
 
+@pytest.mark.parametrize("escaping", ESCAPINGS, ids=str)
 @pytest.mark.parametrize("name", sorted(path.name for path in BUILTIN_TEMPLATES.glob("*.j2")))
-def test_builtin_templates_print_as_stock_jinja(tmp_path: Path, name: str) -> None:
+def test_builtin_templates_print_as_stock_jinja(tmp_path: Path, name: str, escaping: Escaping) -> None:
     """The shipped templates render byte for byte as stock Jinja renders them."""
-    ours, stock = environments(tmp_path)
+    ours, stock = environments(tmp_path, escaping)
     context = {
         "recipient": {"email": "ann@example.com", "name": "Ann <&>", "key": "ann@example.com", "row": 1},
         "sender": {"name": "alice", "email": "alice@example.com", "from_name": 'Alice "A" O\'Neil'},

@@ -4,8 +4,10 @@ Templates run in an immutable sandbox with strict undefined variables, so a miss
 column is an error and a template cannot change shared state between rows. Every
 rendered header value is checked before it can reach the wire. A Markdown body goes
 through Jinja, then Markdown, into an HTML layout; attachment paths are rendered, not
-read. `build_composer` reads the template files; `Composer.render` is pure and must not
-do I/O, read the clock or send anything.
+read. Each body is compiled, with every template it reaches, in an environment that escapes as
+that body needs (the text body not at all, the HTML body and the layout for HTML, the Markdown
+body for Markdown), whatever the files are called. `build_composer` reads the template files;
+`Composer.render` is pure and must not do I/O, read the clock or send anything.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from campaign.render._attachments import AttachmentLoader, build_attachment_file
 from campaign.render._markup import inline_css, render_markdown
 from campaign.render._templating import (
     BUILTIN_TEMPLATES,
-    HTML_SUFFIXES,
+    Escaping,
     Inheritance,
     Substitution,
     build_environment,
@@ -44,7 +46,7 @@ from campaign.unsubscribe import TokenSigner, build_unsubscribe_headers, make_to
 if TYPE_CHECKING:
     from campaign.manifest import AttachmentSettings, Manifest, MessageSettings, SenderSettings
 
-__all__ = ["BUILTIN_TEMPLATES", "HTML_SUFFIXES", "Composer", "build_composer"]
+__all__ = ["BUILTIN_TEMPLATES", "Composer", "build_composer"]
 
 _DEFAULT_LAYOUT = "base.html.j2"
 _MARKDOWN_HTML = "_markdown_html"  # the rendered Markdown, as the layout wrapper sees it
@@ -328,17 +330,9 @@ def build_composer(
             name = loader_name(path, base_dir)
             sources[name] = (read_template_file(key, path), str(path))
             main_names[key] = name
-    # The message.html template is HTML whatever its file is called; others go by suffix.
-    escaped = {main_names.get(key) for key in (f"{where}.html", f"{where}.markdown", "message.layout")}
-    env = build_environment(
-        sources,
-        base_dir=base_dir,
-        text_name=main_names.get(f"{where}.text"),
-        escaped=escaped,
-        markdown_name=main_names.get(f"{where}.markdown"),
-    )
+    envs = _Environments.build(sources, base_dir)
 
-    def compile_file(key: str) -> _CompiledPart | None:
+    def compile_file(key: str, env: jinja2.Environment) -> _CompiledPart | None:
         name = main_names.get(key)
         if name is None:
             return None
@@ -358,7 +352,7 @@ def build_composer(
                 "[unsubscribe] needs a secret to sign links: "
                 f"set the environment variable {unsubscribe.secret_env}"
             )
-        unsubscribe_url = _compile_string(env, "unsubscribe.url", unsubscribe.url)
+        unsubscribe_url = _compile_string(envs.text, "unsubscribe.url", unsubscribe.url)
         mailto = unsubscribe.mailto
         signer = TokenSigner(secrets=secrets, campaign=manifest.campaign.name)  # names are short: it signs
 
@@ -366,7 +360,7 @@ def build_composer(
     for header_name, value in message.headers.items():
         if (problem := header_name_problem(header_name)) is not None:
             raise HeaderError(f"message.headers: {problem}")
-        headers.append((header_name, _compile_string(env, f"message.headers.{header_name}", value)))
+        headers.append((header_name, _compile_string(envs.text, f"message.headers.{header_name}", value)))
 
     reply_to, reply_to_problem = _parse_reply_to(message.reply_to)
     files = AttachmentLoader(manifest.attachments_root) if message.attachments else None
@@ -374,9 +368,9 @@ def build_composer(
     return Composer(
         campaign=manifest.campaign.name,
         base_dir=base_dir,
-        subject=_compile_string(env, f"{where}.subject", message.subject),
-        html=compile_file(f"{where}.html"),
-        text=compile_file(f"{where}.text"),
+        subject=_compile_string(envs.text, f"{where}.subject", message.subject),
+        html=compile_file(f"{where}.html", envs.html),
+        text=compile_file(f"{where}.text", envs.text),
         headers=tuple(headers),
         unsubscribe_url=unsubscribe_url,
         mailto=mailto,
@@ -392,11 +386,11 @@ def build_composer(
             label=tracking.label,
         ),
         name_column=manifest.recipients.name_column,
-        jinja_globals=dict(env.globals),
-        markdown=compile_file(f"{where}.markdown"),
-        layout=_compile_layout(env, message, base_dir) if message.markdown is not None else None,
+        jinja_globals=dict(envs.text.globals),  # Jinja's defaults: the same in every environment
+        markdown=compile_file(f"{where}.markdown", envs.markdown),
+        layout=_compile_layout(envs.html, message, base_dir) if message.markdown is not None else None,
         inline_css=message.inline_css,
-        attachments=tuple(_compile_attachments(env, message.attachments)),
+        attachments=tuple(_compile_attachments(envs.text, message.attachments)),
         attachment_loader=files,
         token_signer=signer,
         step=step,
@@ -405,6 +399,28 @@ def build_composer(
             for item in (manifest.followups if step == FIRST_STEP else ())
         ),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Environments:
+    """A campaign's templates, once per way of printing values (`Escaping`), each body in its own.
+
+    Every template a body reaches (`{% extends/include/import %}`, literal or computed) is compiled in
+    that body's environment, so it prints as the body needs whatever its file is called: a partial
+    the text and HTML bodies share is escaped in the HTML only. The layout is HTML: it wraps the
+    Markdown once markdown-it made it HTML. Subjects, headers and attachment paths are text.
+    """
+
+    text: jinja2.Environment
+    html: jinja2.Environment
+    markdown: jinja2.Environment
+
+    @classmethod
+    def build(cls, sources: Mapping[str, tuple[str, str]], base_dir: Path) -> _Environments:
+        def one(escaping: Escaping) -> jinja2.Environment:
+            return build_environment(sources, base_dir=base_dir, escaping=escaping)
+
+        return cls(text=one(Escaping.NONE), html=one(Escaping.HTML), markdown=one(Escaping.MARKDOWN))
 
 
 def _previous_variables(previous: PreviousStep | None) -> dict[str, object]:

@@ -1,9 +1,10 @@
 """Jinja template files: naming and reading them, their environment, checking a tree up front, errors.
 
 Helpers for `campaign.render._compose`: the built-in templates folder, how a template file is
-named to the user, the sandboxed environment the templates run in (where they load from,
-which are autoescaped; compiled so that printing a value costs one call, with stock Jinja's
-output), compiling a template and everything it extends or includes before
+named to the user, the sandboxed environments the templates run in (where they load from, and
+how values are printed: one environment per `Escaping`, so that a template is escaped as the body
+that reaches it needs, whatever its file name; compiled so that printing a value costs one call,
+with stock Jinja's output), compiling a template and everything it extends or includes before
 any row is rendered, and turning an exception raised while rendering into one
 `TemplateError` line naming the row, the template file and line. Rendering itself is
 `render_template`: a template whose `{% extends %}` chain is static renders through its chain as
@@ -17,8 +18,9 @@ import functools
 import importlib
 import re
 import string
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from campaign.errors import InputFileError, TemplateError
 
 __all__ = [
     "BUILTIN_TEMPLATES",
-    "HTML_SUFFIXES",
+    "Escaping",
     "Inheritance",
     "Substitution",
     "build_environment",
@@ -48,10 +50,6 @@ __all__ = [
 ]
 
 BUILTIN_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-HTML_SUFFIXES = (".html", ".htm", ".html.j2", ".htm.j2")
-# Markdown templates are autoescaped too, for Markdown as well as HTML: a value from the list cannot
-# become markup (see `_output_markdown`).
-_MARKDOWN_SUFFIXES = (".md", ".md.j2", ".markdown", ".markdown.j2")
 # Every ASCII punctuation character and line break of a value as a numeric character reference:
 # CommonMark reads a reference as that literal character, never as structure (no `#` heading, `[`
 # link, `*` emphasis, `<` HTML, blank line), and decodes it in link destinations and raw HTML too.
@@ -85,31 +83,31 @@ def read_template_file(key: str, path: Path) -> str:
         raise InputFileError(f"{key}: cannot read template file {path}: {exc.strerror or exc}") from exc
 
 
-def build_environment(
-    sources: Mapping[str, tuple[str, str]],
-    *,
-    base_dir: Path,
-    text_name: str | None,
-    escaped: Collection[str | None],
-    markdown_name: str | None = None,
-) -> jinja2.Environment:
-    """The immutable sandbox, with strict undefined variables, that one campaign's templates run in.
+class Escaping(Enum):
+    """How the templates of one environment print a value.
 
-    `sources` (loader name -> (source, filename)) are the manifest's own template files, read
-    once; other names load from `base_dir`, then the built-in templates. Autoescape is on for
-    the `escaped` names and HTML or Markdown file names, and never for `text_name`; in
-    `markdown_name` and Markdown file names it escapes for Markdown too.
+    Jinja fixes a template's autoescaping when it compiles it, and compiles a name once per
+    environment: a partial that the text body and the HTML body both include can be escaped in
+    one only if each body has its own environment. So every template in an environment, whatever
+    its file is called, and whatever `{% include %}` names at run time, prints the same way.
     """
 
-    def select_autoescape(name: str | None) -> bool:
-        if name is None or name == text_name:
-            return False
-        return name in escaped or name.lower().endswith(HTML_SUFFIXES + _MARKDOWN_SUFFIXES)
+    NONE = "none"  # the text body and what it reaches; subjects, headers, attachment paths
+    HTML = "html"  # the HTML body, the layout and what they reach
+    # The Markdown body and what it reaches: for Markdown and HTML, so a value from the list cannot
+    # become markup, before or after markdown-it (see `_output_markdown`).
+    MARKDOWN = "markdown"
 
-    def is_markdown(name: str | None) -> bool:
-        if name is None or name == text_name:
-            return False
-        return name == markdown_name or name.lower().endswith(_MARKDOWN_SUFFIXES)
+
+def build_environment(
+    sources: Mapping[str, tuple[str, str]], *, base_dir: Path, escaping: Escaping
+) -> jinja2.Environment:
+    """The immutable sandbox (strict undefined variables) whose templates print values as `escaping` says.
+
+    `sources` (loader name -> (source, filename)) are the manifest's own template files, read
+    once; other names load from `base_dir`, then the built-in templates. A composer builds one
+    per `Escaping`, each over the same files.
+    """
 
     def load_main(name: str) -> tuple[str, str, Any] | None:
         found = sources.get(name)
@@ -118,12 +116,12 @@ def build_environment(
     loader = jinja2.ChoiceLoader(
         [jinja2.FunctionLoader(load_main), jinja2.FileSystemLoader([base_dir, BUILTIN_TEMPLATES])]
     )
+    markdown = escaping is Escaping.MARKDOWN
     return _Environment(
-        is_markdown=is_markdown,
+        is_markdown=lambda _name: markdown,
         loader=loader,
         undefined=jinja2.StrictUndefined,
-        # Asked again for every render (each one makes an EvalContext), so remember the answer.
-        autoescape=functools.cache(select_autoescape),
+        autoescape=escaping is not Escaping.NONE,  # for every name, computed ones too
         keep_trailing_newline=True,
         finalize=_finalize,
         auto_reload=False,
