@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
+from collections import Counter
+from pathlib import Path
 
 import anyio
 import pytest
@@ -62,6 +65,7 @@ def test_a_campaign_runs_on_a_postgresql_ledger_and_resumes_from_it(api, cli, tm
     assert "eve@example.org" not in {d.payload["to"][0]["email"] for d in api.deliveries}
     assert not list(tmp_path.rglob("*.ledger.sqlite"))  # nothing of it went to a file
     assert not list(tmp_path.rglob("*.sqlite"))
+    assert not list(tmp_path.rglob("*.ledger.url"))  # the manifest names the database: no marker needed
 
     again = cli("run", manifest, "--yes")
     assert again.exit_code == 0, again.output
@@ -83,14 +87,16 @@ def test_the_ledger_option_overrides_the_file_and_the_campaign_stays_apart(api, 
     sandbox = cli("run", manifest, "--yes", "--sandbox", "--ledger", database)
     assert sandbox.exit_code == 0, sandbox.output
     assert not api.deliveries
+    assert not list(tmp_path.rglob("*.ledger.url"))  # the sandbox's rows leave no marker
 
     result = cli("run", manifest, "--yes", "--ledger", database)
     assert result.exit_code == 0, result.output
     assert len(api.deliveries) == 5  # the sandbox's rows marked nobody as sent
     assert not manifest.with_name("campaign.ledger.sqlite").exists()
 
-    on_file = cli("status", manifest, "--json")
-    assert json.loads(on_file.stdout)["ledger"] is None  # the file beside the manifest has no run
+    on_file = cli("status", manifest, "--json")  # the marker says where the campaign's ledger is
+    assert on_file.exit_code == 2
+    assert database in _one_line(on_file.output)
     in_database = json.loads(cli("status", manifest, "--json", "--ledger", database).stdout)
     assert in_database["states"]["sent"] == 5
 
@@ -214,3 +220,157 @@ def test_status_shows_the_workers_of_a_shared_campaign(api, cli, cli_clock, tmp_
     cli_clock.advance(leases.expiry_s + 1)  # it stopped beating: gone, and its lease with it
     (gone,) = json.loads(cli("status", manifest, "--json").stdout)["workers"]
     assert (gone["grants"], gone["live"]) == ([], False)
+
+
+# --- one campaign, one ledger: switching between a file and a database mails nobody twice ----------------
+
+
+def _switching(api: FakeNylas, tmp_path: Path, name: str, *, ledger: str = "") -> Path:
+    """The newsletter sample as campaign `name`, sent to a fake whose Idempotency-Keys are past Nylas's
+    replay window by the next send, as an hour later: a row sent again is delivered again, never hidden
+    by a replay of its first answer."""
+    api.idempotency_ttl_s = 0.0
+    manifest = _newsletter(api, tmp_path, ledger=ledger)
+    manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', f'name = "{name}"'))
+    return manifest
+
+
+def _mailed_once(api: FakeNylas) -> bool:
+    """Whether every recipient the fake delivered to was mailed once (the five the sample sends)."""
+    counts = Counter(delivery.payload["to"][0]["email"].lower() for delivery in api.deliveries)
+    return len(counts) == 5 and set(counts.values()) == {1}
+
+
+@pytest.mark.parametrize("named_by", ["option", "manifest"])
+def test_a_campaign_begun_on_its_sqlite_ledger_is_not_started_over_in_a_database(
+    api, cli, tmp_path, database, named_by
+):
+    """The file beside the manifest holds the campaign: a database that holds none of it is refused
+    (resume's old hint was to `run … --ledger`, which planned afresh and mailed everyone again), one
+    line naming both ledgers, nothing sent or written; the file goes on; moving it away is the way out."""
+    manifest = _switching(api, tmp_path, f"begun-on-file-{named_by}")
+    campaign_name = f"begun-on-file-{named_by}"
+    first = cli("run", manifest, "--yes", "--limit", "2")
+    assert first.exit_code == 75, first.output
+    assert len(api.deliveries) == 2
+    on_file = manifest.with_name("campaign.ledger.sqlite")
+    plain = manifest.read_text()
+    if named_by == "option":
+        ledger: tuple[str, ...] = ("--ledger", database)
+        keep = "leave out --ledger"
+    else:
+        manifest.write_text(plain + f'\n[ledger]\nurl = "{database}"\n')
+        ledger = ()
+        keep = "remove [ledger] url from campaign.toml"
+
+    for command in ("run", "resume"):
+        refused = cli(command, manifest, "--yes", *ledger)
+        assert len(api.deliveries) == 2  # before, `run` planned afresh in the database: 7
+        assert refused.exit_code == 2, refused.output
+        line = _one_line(refused.output)
+        assert database in line
+        assert str(on_file) in line
+        assert keep in line
+        assert "campaign run" not in line  # never the command that would plan afresh in the database
+    for reading in (("status",), ("preview", "--out", str(tmp_path / "preview"))):
+        assert cli(*reading, manifest, *ledger).exit_code == 2
+    assert not ledger_site(database).exists(campaign_name)
+    assert not list(tmp_path.rglob("*.ledger.url"))
+
+    manifest.write_text(plain)
+    resumed = cli("resume", manifest, "--yes")  # the file goes on where it stopped
+    assert resumed.exit_code == 0, resumed.output
+    assert _mailed_once(api)
+
+    # The way out the line gives, for whoever really means to start over in the database.
+    moved = tmp_path / "moved-away"
+    moved.mkdir()
+    for part in manifest.parent.glob("campaign.ledger.sqlite*"):
+        shutil.move(part, moved / part.name)
+    manifest.write_text(plain if named_by == "option" else plain + f'\n[ledger]\nurl = "{database}"\n')
+    over = cli("run", manifest, "--yes", *ledger)
+    assert over.exit_code == 0, over.output
+    assert len(api.deliveries) == 10
+
+
+def test_a_campaign_begun_in_a_database_by_option_is_not_started_over_in_a_file(api, cli, tmp_path, database):
+    """`run --ledger URL` leaves a marker beside the manifest: a command without `--ledger` that would
+    start a new SQLite ledger is refused, one line naming the database and the option to add; `status`
+    says where the ledger is. The sandbox is unaffected, and `--ledger` goes on with the campaign."""
+    manifest = _switching(api, tmp_path, "begun-in-database")
+    first = cli("run", manifest, "--yes", "--limit", "2", "--ledger", database)
+    assert first.exit_code == 75, first.output
+    assert len(api.deliveries) == 2
+    marker = manifest.with_name("campaign.ledger.url")
+
+    for command in (("run", "--yes"), ("resume", "--yes"), ("status",), ("status", "--json")):
+        refused = cli(command[0], manifest, *command[1:])
+        assert len(api.deliveries) == 2  # before, `run` started a new SQLite ledger: 7
+        assert refused.exit_code == 2, refused.output
+        line = _one_line(refused.output)
+        assert f"--ledger {database}" in line
+        assert str(marker) in line
+        assert "not started" not in line
+    assert marker.exists()
+    assert not manifest.with_name("campaign.ledger.sqlite").exists()
+
+    sandbox = cli("run", manifest, "--yes", "--sandbox")  # its own ledger, whatever the marker says
+    assert sandbox.exit_code == 0, sandbox.output
+    assert len(api.deliveries) == 2
+
+    resumed = cli("resume", manifest, "--yes", "--ledger", database)
+    assert resumed.exit_code == 0, resumed.output
+    assert _mailed_once(api)
+    assert cli("run", manifest, "--yes").exit_code == 2  # done, and still not to be done again
+    assert _mailed_once(api)
+
+
+def test_the_marker_holds_no_password_nor_a_secret_query_parameter(api, cli, tmp_path, database, monkeypatch):
+    """The password comes from the environment and an `sslpassword` may ride in the URL's query: neither
+    is written beside the manifest, nor shown by the refusal; the URL the marker names reaches the ledger."""
+    monkeypatch.setenv("CAMPAIGN_DB_PASSWORD", "hunter2-db-password")
+    monkeypatch.setenv("PGPASSWORD", "hunter2-db-password")
+    manifest = _switching(api, tmp_path, "marker-secrets", ledger='password_env = "CAMPAIGN_DB_PASSWORD"')
+    url = f"{database}?sslmode=disable&sslpassword=s3cret-key-phrase&application_name=campaign-test"
+    sent = cli("run", manifest, "--yes", "--ledger", url)
+    assert sent.exit_code == 0, sent.output
+    marker = manifest.with_name("campaign.ledger.url").read_text()
+    assert "hunter2" not in marker
+    assert "s3cret" not in marker
+    assert "sslpassword" not in marker
+    assert f"{database}?sslmode=disable&application_name=campaign-test" in marker
+
+    refused = cli("run", manifest, "--yes")
+    assert refused.exit_code == 2
+    assert "hunter2" not in refused.output
+    assert "s3cret" not in refused.output
+    named = _one_line(refused.output).partition("--ledger ")[2].partition("`")[0]
+    status = cli("status", manifest, "--json", "--ledger", *shlex.split(named))
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["states"]["sent"] == 5
+
+
+def test_a_renamed_manifest_of_a_campaign_in_a_database_is_refused_by_its_marker(
+    api, cli, tmp_path, database
+):
+    manifest = _switching(api, tmp_path, "renamed-in-database")
+    assert cli("run", manifest, "--yes", "--ledger", database).exit_code == 0
+    renamed = manifest.rename(manifest.with_name("spring.toml"))
+    refused = cli("run", renamed, "--yes")
+    assert refused.exit_code == 2
+    assert "campaign.ledger.url" in _one_line(refused.output)
+    assert _mailed_once(api)
+
+
+def test_a_campaign_in_one_database_is_not_started_over_in_another(api, cli, tmp_path, database):
+    manifest = _switching(api, tmp_path, "moved-database")
+    assert cli("run", manifest, "--yes", "--limit", "2", "--ledger", database).exit_code == 75
+    with fresh_database() as other:
+        refused = cli("run", manifest, "--yes", "--ledger", other)
+        assert refused.exit_code == 2
+        line = _one_line(refused.output)
+        assert other in line
+        assert f"--ledger {database}" in line
+    assert len(api.deliveries) == 2
+    assert cli("resume", manifest, "--yes", "--ledger", database).exit_code == 0
+    assert _mailed_once(api)

@@ -25,6 +25,7 @@ from campaign.ledger import (
     LedgerSite,
     SqliteSite,
     check_no_orphaned_ledger,
+    ledger_marker_path,
     ledger_site,
 )
 from campaign.manifest import Manifest, check_ledger_url
@@ -92,21 +93,32 @@ def _sandbox_folder(manifest: Manifest) -> Path:
 
 def locate_ledger(manifest: Manifest, *, sandbox: bool, url: str | None = None) -> LedgerSite:
     """Where the campaign's ledger lives: the database `url` (`--ledger`) or `[ledger] url` names, else
-    the SQLite file beside the manifest. For a file, UsageError when it is missing but another ledger
-    of this campaign is beside it (a renamed manifest), so that no command takes the campaign for one
-    that never ran. A sandbox run keeps its own ledger: its own file, or its own rows in the database."""
+    the SQLite file beside the manifest. UsageError when the campaign's ledger is elsewhere, so that no
+    command takes the campaign for one that never ran (`check_no_orphaned_ledger`): for a file, when it
+    is missing but another ledger of this campaign is beside it (a renamed manifest) or its ledger
+    marker names a database; for a database that holds no ledger of the campaign, when the SQLite
+    ledger beside the manifest does, or the marker names another database. A database named by `url`
+    alone (the manifest names none) leaves the marker when a command writes the campaign's ledger
+    there. A sandbox run keeps its own ledger: its own file, or its own rows in the database (no marker,
+    and nothing compared between the two)."""
     if url is not None:
         try:
             check_ledger_url(url)
         except ValueError as exc:
             raise UsageError(f"--ledger: the URL {exc}") from None  # never echoed: it may hold a password
-    url = url or manifest.ledger.url
-    if url is None:
-        path = ledger_path_for(manifest, sandbox=sandbox)
-        check_no_orphaned_ledger(manifest, path, ledger_candidates(manifest, sandbox=sandbox))
+    path = ledger_path_for(manifest, sandbox=sandbox)
+    candidates = ledger_candidates(manifest, sandbox=sandbox)
+    named = url or manifest.ledger.url
+    if named is None:
+        check_no_orphaned_ledger(manifest, path, candidates)
         return SqliteSite(path)
-    site = ledger_site(url, password=read_ledger_password(manifest), lease_s=manifest.ledger.lease_s)
-    return _SandboxRows(site) if sandbox else site
+    marker = None if sandbox or manifest.ledger.url is not None else ledger_marker_path(path)
+    password = read_ledger_password(manifest)
+    site = ledger_site(named, password=password, lease_s=manifest.ledger.lease_s, marker=marker)
+    if sandbox:
+        return _SandboxRows(site)
+    check_no_orphaned_ledger(manifest, path, candidates, database=site, named_by_option=url is not None)
+    return site
 
 
 def read_ledger_password(manifest: Manifest) -> str | None:
@@ -170,10 +182,12 @@ class _SandboxRows:
 
 
 def ledger_candidates(manifest: Manifest, *, sandbox: bool) -> list[Path]:
-    """The ledgers beside the manifest that another manifest file name would have made."""
+    """The ledgers beside the manifest that another manifest file name would have made, and (but for the
+    sandbox's) the ledger markers left for campaigns in a database."""
     if sandbox:
         return list(manifest.base_dir.glob("*.sandbox/ledger.sqlite"))
-    return list(manifest.base_dir.glob("*.ledger.sqlite"))
+    markers = manifest.base_dir.glob("*.ledger.url")  # ledger_marker_path of each ledger
+    return [*manifest.base_dir.glob("*.ledger.sqlite"), *markers]
 
 
 def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool, url: str | None = None) -> LedgerSite:

@@ -12,14 +12,21 @@ share in PostgreSQL.
 first plan aside while the list is checked, and puts it in place once the run is confirmed.
 `GroupCommit` batches writes asked for together into one transaction, each caller resuming
 only after its own write is on disk. `check_no_orphaned_ledger` and `check_key_scheme` keep a
-renamed manifest or a changed key from mailing anyone twice. Never sends.
+renamed manifest, a switch between a file and a database, or a changed key from mailing anyone twice
+(a database named on the command line leaves a ledger marker, `ledger_marker_path`, beside the
+manifest for it). Never sends.
 """
 
 from __future__ import annotations
 
 from campaign.ledger._firstplan import FirstPlan
 from campaign.ledger._groupcommit import GroupCommit
-from campaign.ledger._identity import check_key_scheme, check_no_orphaned_ledger, record_key_scheme
+from campaign.ledger._identity import (
+    check_key_scheme,
+    check_no_orphaned_ledger,
+    ledger_marker_path,
+    record_key_scheme,
+)
 from campaign.ledger._interface import Ledger
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases, WorkerView, share_of
 from campaign.ledger._ledger import SqliteLedger, open_ledger
@@ -66,6 +73,7 @@ __all__ = [
     "check_key_scheme",
     "check_ledger_free",
     "check_no_orphaned_ledger",
+    "ledger_marker_path",
     "ledger_site",
     "lock_ledger",
     "open_ledger",

@@ -3,7 +3,9 @@
 A `LedgerSite` is what the use cases are handed instead of a path: it says whether the campaign
 has a ledger there yet, holds the one-writer lock, and opens the ledger. `SqliteSite` is a file (the
 default); `PostgresSite` (in `_postgres`) is a database that holds many campaigns, each in its own
-rows. `ledger_site` picks one from what the manifest or the command line named.
+rows. `ledger_site` picks one from what the manifest or the command line named, and for a database
+named on the command line leaves a ledger marker beside the manifest (`_identity`) when a command
+writes the campaign's ledger there, so that a command that names none does not start it over in a file.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Protocol
 from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._firstplan import FirstPlan, remove_abandoned_plans
+from campaign.ledger._identity import write_ledger_marker
 from campaign.ledger._interface import Ledger
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases
 from campaign.ledger._ledger import open_ledger
@@ -123,10 +126,16 @@ class SqliteSite:
 
 
 def ledger_site(
-    where: Path | str, *, password: str | None = None, lease_s: float = LEASE_EXPIRY_S
+    where: Path | str,
+    *,
+    password: str | None = None,
+    lease_s: float = LEASE_EXPIRY_S,
+    marker: Path | None = None,
 ) -> LedgerSite:
     """The site `where` names: a path is a SQLite file; a `postgresql://` URL (checked by the manifest,
-    with no password in it) a database, reached with `password` if given (else libpq's own PGPASSWORD)."""
+    with no password in it) a database, reached with `password` if given (else libpq's own PGPASSWORD).
+    With `marker`, a database's command that writes a campaign's ledger leaves the campaign's ledger
+    marker there first (`write_ledger_marker`)."""
     if isinstance(where, Path):
         return SqliteSite(where)
     # psycopg is imported only for a database: commands on a SQLite ledger never load it.
@@ -135,4 +144,49 @@ def ledger_site(
     from campaign.ledger._postgres import PostgresSite
 
     conninfo = where if password is None else make_conninfo(where, password=password)
-    return PostgresSite(conninfo, where=where, lease_s=lease_s)
+    site = PostgresSite(conninfo, where=where, lease_s=lease_s)
+    return site if marker is None else _MarkingSite(site, marker)
+
+
+class _MarkingSite:
+    """A database's ledgers that leave a campaign's ledger marker at `marker` when a command opens the
+    campaign's ledger to write it (before a first plan creates it: the marker is never later than the
+    ledger it names). Reading commands leave none."""
+
+    def __init__(self, site: LedgerSite, marker: Path) -> None:
+        self._site = site
+        self._marker = marker
+
+    @property
+    def where(self) -> str:
+        return self._site.where
+
+    def exists(self, campaign: str) -> bool:
+        return self._site.exists(campaign)
+
+    def check_free(self, campaign: str) -> None:
+        self._site.check_free(campaign)
+
+    def hold(self, campaign: str, *, wait: bool = False) -> AbstractContextManager[None]:
+        return self._site.hold(campaign, wait=wait)
+
+    def open(
+        self,
+        *,
+        clock: Clock,
+        campaign: str,
+        exclusive: bool = False,
+        create: bool = True,
+        read_only: bool = False,
+    ) -> Ledger:
+        if not read_only:
+            write_ledger_marker(self._marker, campaign=campaign, url=self._site.where)
+        return self._site.open(
+            clock=clock, campaign=campaign, exclusive=exclusive, create=create, read_only=read_only
+        )
+
+    def first_plan(self, campaign: str, clock: Clock) -> FirstPlan | None:
+        return self._site.first_plan(campaign, clock)
+
+    def leases(self, campaign: str, clock: Clock) -> GrantLeases | None:
+        return self._site.leases(campaign, clock)
