@@ -1,4 +1,5 @@
-"""normalize_address gives exactly what email_validator gives, result or error."""
+"""normalize_address gives exactly what email_validator gives, result or error, with the domain in its
+ASCII (IDNA) form: the form the Nylas API accepts."""
 
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def outcome(check, address: str) -> tuple[str, str]:
 
 
 def reference(address: str) -> str:
-    return validate_email(address, check_deliverability=False).normalized
+    found = validate_email(address, check_deliverability=False)
+    return f"{found.local_part}@{found.ascii_domain}"
 
 
 @pytest.mark.parametrize("address", TRICKY)
@@ -116,6 +118,29 @@ def test_repeated_domain_keeps_each_local_part() -> None:
     assert normalize_address("Info@EXAMPLE.com") == "info@example.com"
     with pytest.raises(EmailNotValidError, match="period"):
         normalize_address("bob.@EXAMPLE.com")
+
+
+@pytest.mark.parametrize(
+    "address", ["ann@example.com", "Ann.Lee@Example.COM", "info@EXAMPLE.com", "o'neil@mail.example.org"]
+)
+def test_a_plain_ascii_address_is_what_email_validator_normalises_it_to(address: str) -> None:
+    """Ledger keys of existing campaigns stay: an ASCII domain without an `xn--` label is left as it was."""
+    assert normalize_address(address) == validate_email(address, check_deliverability=False).normalized
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["ann@xn--bcher-kva.example", "ann@bücher.example", "ann@BÜCHER.example", "ann@XN--BCHER-KVA.example"],
+)
+def test_an_internationalised_domain_is_given_in_its_ascii_form(address: str) -> None:
+    """Both spellings of a domain give the one ASCII form the API accepts (a repeat takes the fast path)."""
+    assert normalize_address(address) == "ann@xn--bcher-kva.example"
+    assert normalize_address(address) == "ann@xn--bcher-kva.example"
+
+
+def test_a_non_ascii_local_part_keeps_its_characters() -> None:
+    """The local part has no ASCII form: it is kept (normalised), the domain still made ASCII."""
+    assert normalize_address("jörg@bücher.example") == "jörg@xn--bcher-kva.example"
 
 
 LOCAL_CHARS = st.sampled_from([*"aZ09.+-_'!#\"\\ @<>()é\u0301\u200bß＠ä", "Info", "postmaster"])

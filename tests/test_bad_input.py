@@ -3,6 +3,7 @@ place, sends nothing and writes no ledger."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -237,3 +238,40 @@ def test_parquet_list_with_a_bad_address_names_the_row(api, cli, tmp_path):
     assert result.exit_code == 65
     assert "row 2" in result.stderr
     assert api.requests == []
+
+
+def test_internationalised_addresses_reach_the_api_in_ascii_and_a_non_ascii_local_part_is_a_bad_row(
+    api, cli, tmp_path
+):
+    """The fake refuses a non-ASCII address with 402, as Nylas does: a punycode or Unicode domain goes out
+    in its ASCII form (one recipient, whichever spelling), and `jörg@…` stops the run naming its row and
+    column, or with --skip-invalid is skipped with the reason; nothing fails at send time."""
+    csv = (
+        "email,name,first_name,sender\n"
+        "ann@xn--bcher-kva.example,Ann,Ann,\n"
+        "bob@Bücher.example,Bob,Bob,\n"
+        "ann@bücher.example,Ann again,Ann,\n"
+        "jörg@example.com,Jörg,Jörg,\n"
+    )
+    manifest = _write(tmp_path, csv=csv)
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    refused = cli("run", manifest, "--yes")
+    assert refused.exit_code == 65, refused.output
+    [line] = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert line.startswith(
+        "error: recipients.csv row 4, column \"email\": 'jörg@example.com' has non-ASCII characters before "
+        "the @, and the Nylas API cannot send to such an address"
+    ), line
+    assert api.requests == []
+    result = cli("run", manifest, "--yes", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert sorted(d.payload["to"][0]["email"] for d in api.deliveries) == [
+        "ann@xn--bcher-kva.example",
+        "bob@xn--bcher-kva.example",
+    ]
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert (status["states"]["sent"], status["states"]["failed"]) == (2, 0)
+    assert (status["total"], status["skipped"]) == (
+        3,
+        {"invalid": 1},
+    )  # a duplicate shares its first row's key

@@ -164,6 +164,40 @@ def test_duplicates_in_another_case_are_skipped_with_both_rows(tmp_path: Path) -
     assert skip.key == "ann@example.com"
 
 
+def test_an_internationalised_domain_is_sent_in_its_ascii_form_and_is_one_person(tmp_path: Path) -> None:
+    """`ann@xn--bcher-kva.example` and `ann@bücher.example` are one recipient, keyed and addressed in the
+    ASCII form the API accepts; a suppression entry in either spelling suppresses the other."""
+    unsub = write(tmp_path, "bob@xn--bcher-kva.example\ncarl@BÜCHER.example\n", "unsub.txt")
+    path = write(
+        tmp_path,
+        "email\nann@xn--bcher-kva.example\nAnn@Bücher.example\nbob@bücher.example\n"
+        "carl@xn--bcher-kva.example\nann@example.com\n",
+    )
+    audience = load(path, suppress=(unsub,))
+    assert [(r.row, r.key, r.address.email) for r in audience.recipients] == [
+        (1, "ann@xn--bcher-kva.example", "ann@xn--bcher-kva.example"),
+        (5, "ann@example.com", "ann@example.com"),
+    ]
+    assert [(s.row, s.email, s.reason, s.detail) for s in audience.skipped] == [
+        (2, "Ann@xn--bcher-kva.example", SkipReason.DUPLICATE, "duplicate of row 1"),
+        (3, "bob@xn--bcher-kva.example", SkipReason.SUPPRESSED, "on a suppression list"),
+        (4, "carl@xn--bcher-kva.example", SkipReason.SUPPRESSED, "on a suppression list"),
+    ]
+    assert audience.problems == ()
+
+
+def test_a_non_ascii_local_part_is_a_problem_naming_row_and_column(tmp_path: Path) -> None:
+    """Nylas cannot send to `jörg@…` (402): the row is refused before anything is sent, not at send time."""
+    audience = load_text(tmp_path, "email\nann@example.com\njörg@bücher.example\n")
+    assert [r.row for r in audience.recipients] == [1]
+    (problem,) = audience.problems
+    assert problem.describe("recipients.csv") == (
+        "recipients.csv row 2, column \"email\": 'jörg@bücher.example' has non-ASCII characters before "
+        "the @, and the Nylas API cannot send to such an address; fix or remove the row, or run with "
+        "--skip-invalid"
+    )
+
+
 def test_blank_lines_are_ignored_but_counted(tmp_path: Path) -> None:
     """Blank lines (and trailing ones) are not recipients; row numbers still match the file."""
     audience = load_text(tmp_path, "email,name\na@example.com,A\n\n,\nb@example.com,B\n\n")

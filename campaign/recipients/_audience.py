@@ -61,7 +61,16 @@ _LOWERED_MAILBOXES = frozenset(name.lower() for name in CASE_INSENSITIVE_MAILBOX
 
 
 def normalize_address(email: str) -> str:
-    """`validate_email(email, check_deliverability=False).normalized`, with each distinct domain checked once.
+    """The address as campaign keys, compares and sends it: email_validator's normalised local part, '@',
+    and the ASCII (IDNA) form of the domain, each distinct domain checked once.
+
+    The domain is ASCII because the Nylas API refuses any participant address holding a non-ASCII
+    character (402), and because one form for both spellings of a domain (`bücher.example`,
+    `xn--bcher-kva.example`) makes them one person to duplicates and suppression. For a domain whose
+    ASCII form has no `xn--` label (every plain ASCII address) this is exactly
+    `validate_email(email, check_deliverability=False).normalized`, so such keys never change. A
+    non-ASCII local part is kept as email_validator normalises it: comparable, but not sendable (the
+    list's check refuses it).
 
     Raises the same EmailNotValidError as email_validator. The shortcut covers the common
     address (a plain ASCII dot-atom local part, which email_validator keeps as is, and a
@@ -77,7 +86,8 @@ def normalize_address(email: str) -> str:
         # The three lengths email_validator checks (as given, normalised, IDNA ASCII); the local part is ASCII
         if checked is not None and len(local) + 1 + checked[1] <= EMAIL_MAX_LENGTH:
             return f"{local}@{checked[0]}"
-    return validate_email(email, check_deliverability=False).normalized
+    found = validate_email(email, check_deliverability=False)
+    return f"{found.local_part}@{found.ascii_domain}"
 
 
 def comparable_address(value: str) -> str | None:
@@ -90,7 +100,8 @@ def comparable_address(value: str) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _check_domain(domain: str) -> tuple[str, int] | None:
-    """The normalised domain and the longest of its three forms in UTF-8 bytes, or None if it is invalid.
+    """The domain's ASCII (IDNA) form and the longest of its three forms in UTF-8 bytes, or None if it is
+    invalid.
 
     Validated as the domain of a one-letter address: email_validator checks a domain without
     regard to the local part, apart from the length of the whole address.
@@ -100,7 +111,7 @@ def _check_domain(domain: str) -> tuple[str, int] | None:
     except EmailNotValidError:
         return None
     forms = (domain, probe.domain, probe.ascii_domain)
-    return probe.domain, max(len(form.encode("utf-8")) for form in forms)
+    return probe.ascii_domain, max(len(form.encode("utf-8")) for form in forms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +160,16 @@ def _check_header(name: str, header: list[str], settings: RecipientsSettings) ->
         )
 
 
+def _shown(value: str) -> str:
+    """`value` quoted for a message, cut to 80 characters."""
+    return repr(value) if len(value) <= 80 else repr(value[:77] + "...")
+
+
 def _address_problem(value: str, exc: EmailNotValidError) -> str:
     """Why `value` is not one valid address, and what to do."""
     if not value:
         return f"the address is empty; {_SKIP_HINT}"
-    shown = repr(value) if len(value) <= 80 else repr(value[:77] + "...")
+    shown = _shown(value)
     parts = [p for p in _SEVERAL.split(value) if "@" in p]
     if len(parts) > 1:
         return f"{shown} holds {len(parts)} addresses; put one address per row, or run with --skip-invalid"
@@ -306,7 +322,7 @@ class AudienceScan:
             return (Problem(row, f'column "{self._settings.timezone_column}"', message),)
         return ()
 
-    def _check_row(
+    def _check_row(  # noqa: C901 - one check of the row's cells after another, inline: it runs for every row of a list of millions, and each helper would cost a call a row
         self, row: int, values: tuple[object, ...]
     ) -> _Candidate | Skip | tuple[Problem, ...] | None:
         """The checks that need only this row: None for a blank line, a skip or problems when settled here."""
@@ -322,6 +338,15 @@ class AudienceScan:
         except EmailNotValidError as exc:
             normalized = ""
             found.append(Problem(row, f'column "{settings.email_column}"', _address_problem(email, exc)))
+        else:
+            # The domain is ASCII by now; a local part that is not can never be sent (Nylas answers 402),
+            # so it is refused here rather than failing at send time. (isascii is O(1) on a str.)
+            if not normalized.isascii():
+                message = (
+                    f"{_shown(email)} has non-ASCII characters before the @, and the Nylas API cannot "
+                    f"send to such an address; {_SKIP_HINT}"
+                )
+                found.append(Problem(row, f'column "{settings.email_column}"', message))
         sender = None if self._sender_at is None else cell_text(values[self._sender_at])
         if sender is not None and sender not in self._senders:
             senders = self._senders
