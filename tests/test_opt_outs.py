@@ -45,6 +45,42 @@ def test_suppression_lines_in_common_forms_all_suppress(api, cli, tmp_path):
     assert _mailed(api) == ["frank@example.com"]
 
 
+def test_suppression_entries_with_invisible_characters_a_final_dot_or_a_mailto_query_suppress(
+    api, cli, tmp_path
+):
+    """A zero-width space (and a BOM) after an address, a domain's final dot, a `mailto:` URL with its
+    `?subject=`: each is read as its address and suppresses it (they used to be kept as written, matched
+    nobody, and those people were mailed)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (manifest.parent / "unsubscribed.txt").write_text(
+        "dora@example.com\u200b\n\ufeffeve@example.org.\nmailto:bob@example.org?subject=unsubscribe\n",
+        encoding="utf-8",
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert _mailed(api) == ["ann.lee@example.com", "chen.wei@example.net", "frank@example.com"]
+
+
+def test_a_suppression_entry_that_does_not_validate_stops_preview_and_run(api, cli, tmp_path):
+    """An entry that cannot match anyone is exit 65 naming the file, the line and why; nobody is mailed."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (manifest.parent / "unsubscribed.txt").write_text(
+        "frank@example.com\nbob@example..org # bounced\n", encoding="utf-8"
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    for args in (("preview",), ("run", "--yes")):
+        result = cli(*args[:1], manifest, *args[1:])
+        assert result.exit_code == 65, result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: unsubscribed.txt: line 2: 'bob@example..org' is not a valid address: An email address "
+            "cannot have two periods in a row; correct it (e.g. ann@example.com or Ann <ann@example.com>), "
+            "or start the line with # to keep it as a comment"
+        ]
+    assert api.deliveries == []
+    assert not (manifest.parent / "campaign.ledger.sqlite").exists()
+
+
 def test_suppression_csv_column_with_display_names_suppresses(api, cli, tmp_path):
     """A CSV `email` column holding `Name <address>` and quoted values suppresses those addresses."""
     manifest = copy_sample("newsletter", tmp_path)

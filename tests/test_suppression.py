@@ -231,6 +231,39 @@ def test_suppress_commands_add_import_export_list(cli, tmp_path, store_at):
     assert wrong.exit_code == 2
 
 
+def test_suppress_import_and_add_read_entries_as_a_run_does(cli, tmp_path, store_at):
+    """Import takes a zero-width space, a final dot and a mailto query as a run does, and stops (65, file
+    and line) on an entry whose address does not validate, importing nothing; `add` says why, too."""
+    (tmp_path / "optouts.txt").write_text(
+        "dora@example.com\u200b\neve@example.org.\nmailto:bob@example.org?subject=unsubscribe\n",
+        encoding="utf-8",
+    )
+    imported = cli("suppress", "import", tmp_path / "optouts.txt", "--store", store_at)
+    assert imported.exit_code == 0, imported.output
+    assert imported.stdout.strip() == "optouts.txt: 3 addresses, 3 new"
+    listed = json.loads(cli("suppress", "list", "--store", store_at, "--json").stdout)
+    assert sorted(row["email"] for row in listed) == [
+        "bob@example.org",
+        "dora@example.com",
+        "eve@example.org",
+    ]
+    (tmp_path / "more.txt").write_text("carl@example.net\ncarl@example..net\n", encoding="utf-8")
+    refused = cli("suppress", "import", tmp_path / "more.txt", "--store", store_at)
+    assert refused.exit_code == 65, refused.output
+    assert refused.stderr.strip() == (
+        "error: more.txt: line 2: 'carl@example..net' is not a valid address: An email address cannot have "
+        "two periods in a row; correct it (e.g. ann@example.com or Ann <ann@example.com>), or start the line "
+        "with # to keep it as a comment"
+    )
+    bad = cli("suppress", "add", "carl@example..net", "--store", store_at)
+    assert bad.exit_code == 65, bad.output
+    assert bad.stderr.strip() == (
+        "error: 'carl@example..net' is not a valid address: An email address cannot have two periods in a "
+        "row; give one address per argument (or use --key)"
+    )
+    assert len(json.loads(cli("suppress", "list", "--store", store_at, "--json").stdout)) == 3
+
+
 def test_suppression_store_module_loads_no_server_or_cli_library():
     """The store and compliance modules stay in the core: no starlette, uvicorn, typer or rich."""
     for module in (

@@ -22,12 +22,7 @@ from campaign.cli.base import exit_codes, options, out
 from campaign.cli.output import show
 from campaign.errors import DataError, UsageError
 from campaign.manifest import check_env_name
-from campaign.recipients import (
-    comparable_address,
-    load_import_addresses,
-    parse_suppression_entry,
-    write_entries,
-)
+from campaign.recipients import load_import_addresses, parse_suppression_entry, write_entries
 from campaign.unsubscribe import BounceRules, SuppressionStore, is_store_path, open_store, store_location
 from campaign.web import (
     DEFAULT_SECRET_ENV,
@@ -165,12 +160,14 @@ def suppress_add(
     """Add addresses to the store: no campaign that reads the store mails them again."""
     with exit_codes():
         keys: list[str] = []
+        hint = "give one address per argument (or use --key)"
         for value in values:
-            found = value.strip() if key else _one_address(value)
+            try:
+                found = value.strip() if key else _one_address(value)
+            except DataError as exc:  # an address that does not validate: the line says why
+                raise DataError(f"{exc}; {hint}") from exc
             if not found:
-                raise DataError(
-                    f"{value!r} is not a valid address; give one address per argument (or use --key)"
-                )
+                raise DataError(f"{value!r} is not a valid address; {hint}")
             keys.append(found)
         added = _with_store(
             store, lambda s: s.record_many(s.build_entry("", k, email=None, source="manual") for k in keys)
@@ -236,9 +233,10 @@ def suppress_list(
 
 
 def _one_address(value: str) -> str | None:
-    """The one address in `value`, written as a suppression file may (`Ann <ann@example.com>`, …)."""
+    """The one address in `value` (normalised, lower-cased), written as a suppression file may (`Ann
+    <ann@example.com>`, …); None if it holds none or several, DataError if it does not validate."""
     parsed = parse_suppression_entry(value)
-    return comparable_address(parsed[0]) if parsed is not None and len(parsed) == 1 else None
+    return parsed[0] if parsed is not None and len(parsed) == 1 else None
 
 
 def _location(option: str, value: str) -> Path | str:

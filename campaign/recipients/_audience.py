@@ -15,6 +15,7 @@ import difflib
 import functools
 import json
 import re
+import unicodedata
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -57,6 +58,8 @@ _SEVERAL = re.compile(r"[,;\s]+")
 # A comment after an entry: '#' after whitespace (a '#' inside an address, a#b@example.com, is kept).
 _SUPPRESSION_COMMENT = re.compile(r"\s#.*$", re.S)
 _SUPPRESSION_TRIM = ";, \t"  # separators left at the end (or start) of an entry pasted from a list
+# A mailto: URL: its address(es) and the ?query to drop (RFC 6068: a '?' in an address is written %3F).
+_MAILTO = re.compile(r"mailto:([^?\s<>]*)(?:\?[^\s<>]*)?", re.IGNORECASE)
 _LOWERED_MAILBOXES = frozenset(name.lower() for name in CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
@@ -430,35 +433,44 @@ def _suppression_values(path: Path) -> list[tuple[str, str]]:
 def load_suppression(paths: Sequence[Path | str]) -> frozenset[str]:
     """The lower-cased normalised addresses listed in the suppression files.
 
-    RecipientDataError (naming the file and line) for an entry that holds no address:
-    an opt-out that cannot be read is never dropped silently.
+    RecipientDataError (naming the file and line) for an entry that holds no address, or one that
+    does not validate: an opt-out that cannot be read is never dropped silently, and one kept as
+    written could never match a recipient.
     """
     found: set[str] = set()
     for path in paths:
         if isinstance(path, str) or path.suffix.lower() in STORE_SUFFIXES:
             continue  # an unsubscribe store (a file, or a database's URL): preflight reads it
         for where, value in _suppression_values(path):
-            addresses = parse_suppression_entry(value)
+            fix = (
+                "correct it (e.g. ann@example.com or Ann <ann@example.com>), or start the line with # to "
+                "keep it as a comment"
+            )
+            try:
+                addresses = parse_suppression_entry(value)
+            except RecipientDataError as exc:
+                raise RecipientDataError(f"{path.name}: {where}: {exc}; {fix}") from exc
             if addresses is None:
-                raise RecipientDataError(
-                    f"{path.name}: {where} holds no email address; correct it (e.g. ann@example.com "
-                    "or Ann <ann@example.com>), or start the line with # to keep it as a comment"
-                )
+                raise RecipientDataError(f"{path.name}: {where} holds no email address; {fix}")
             found.update(addresses)
     return frozenset(found)
 
 
 def parse_suppression_entry(value: str) -> tuple[str, ...] | None:
-    """The lower-cased addresses in one suppression entry; () for a blank one, None if it holds none.
+    """The lower-cased normalised addresses in one suppression entry; () for a blank one, None if it holds
+    none, RecipientDataError ("'…' is not a valid address: why") if one does not validate.
 
-    Understands `ann@example.com`, `Ann <ann@example.com>`, `"ann@example.com"`, `mailto:`,
-    trailing `;`/`,`, a trailing `# comment`, and several addresses separated by commas.
+    Understands `ann@example.com`, `Ann <ann@example.com>`, `"ann@example.com"`, `mailto:` (its
+    `?query` dropped), trailing `;`/`,`, a trailing `# comment`, several addresses separated by
+    commas, a domain's final dot (`eve@example.org.`), and invisible format characters pasted along
+    (a zero-width space, a BOM, direction marks), which are removed.
     """
-    text = _SUPPRESSION_COMMENT.sub("", value).strip().strip(_SUPPRESSION_TRIM)
+    text = _MAILTO.sub(r"\1", _without_format_characters(value))
+    text = _SUPPRESSION_COMMENT.sub("", text).strip().strip(_SUPPRESSION_TRIM)
     if not text:
         return ()
     found: list[str] = []
-    for _, address in getaddresses([text.replace("mailto:", "")]):
+    for _, address in getaddresses([text]):
         address = address.strip().strip("'")
         if not address:
             continue
@@ -466,6 +478,20 @@ def parse_suppression_entry(value: str) -> tuple[str, ...] | None:
         # an address that is not in the entry as written is a misreading, not an address.
         if "@" not in address or address.lower() not in text.lower():
             return None
-        # An invalid one cannot match a valid recipient, but is kept to keep the list honest.
-        found.append(comparable_address(address) or address.lower())
+        # The root's final dot names the same domain, but email_validator refuses it.
+        address = address.removesuffix(".")
+        try:
+            found.append(normalize_address(address).lower())
+        except EmailNotValidError as exc:
+            # Kept as written, it could never match a recipient (they are validated): the opt-out would
+            # be lost without a word.
+            reason = str(exc).rstrip(".")
+            raise RecipientDataError(f"{_shown(address)} is not a valid address: {reason}") from exc
     return tuple(found) or None
+
+
+def _without_format_characters(text: str) -> str:
+    """`text` without invisible format characters (Unicode category Cf: U+200B, U+FEFF, U+200E, …)."""
+    if text.isascii():  # most entries: nothing to look at
+        return text
+    return "".join(char for char in text if unicodedata.category(char) != "Cf")

@@ -31,7 +31,8 @@ EXPORT_COLUMNS = ("email", "recipient_key", "campaign", "recorded_at", "source")
 
 @dataclass(frozen=True, slots=True)
 class ImportedAddresses:
-    """Addresses read for import (normalised, lower-cased, sorted), and the values that were not addresses."""
+    """Addresses read for import (normalised, lower-cased, sorted), and the values of a store that were not
+    addresses (recipient keys). A list file's entries are all addresses, or `load_suppression` refused it."""
 
     addresses: tuple[str, ...]
     invalid: tuple[str, ...]
