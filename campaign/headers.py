@@ -12,9 +12,10 @@ __all__ = ["header_name_problem", "header_value_problem"]
 
 # ftext: printable US-ASCII except colon (RFC 5322 §3.6.8).
 _NAME = re.compile(r"[\x21-\x39\x3B-\x7E]+")
-# CR, LF and every other control except HTAB, plus the Unicode line breaks that
-# Python's str.splitlines() (and so the email package) treats as line ends.
-_BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0A-\x1F\x7F\x85\u2028\u2029]")
+# CR, LF and every other control except HTAB: C0, DEL and C1 (U+0080-U+009F, which holds NEL, U+0085,
+# and CSI, U+009B, that terminals take as ESC [), plus the Unicode line breaks that Python's
+# str.splitlines() (and so the email package) treats as line ends.
+_BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0A-\x1F\x7F-\x9F\u2028\u2029]")
 
 
 def header_name_problem(name: str) -> str | None:

@@ -26,6 +26,9 @@ INJECTIONS = [
     "x\x0bBcc: victim@example.com",
     "x\x1bBcc",
     "x\x7fy",
+    "x\x9b31mRed",  # C1 controls: CSI, which a terminal takes as ESC [
+    "x\x80y",
+    "x\x9fy",
 ]
 MANIFEST = """
 [campaign]
@@ -152,6 +155,22 @@ def test_injection_stops_the_cli_run_before_anything_is_sent(api, cli, tmp_path)
     assert result.exit_code == 65
     assert "row 2" in result.stderr
     assert "message.headers.X-Ref" in result.stderr
+    assert api.deliveries == []
+    assert api.requests == []
+
+
+@pytest.mark.parametrize("control", ["\x80", "\x9b", "\x9f"])
+def test_a_c1_control_in_a_display_name_stops_the_cli_run_naming_the_row(api, cli, tmp_path, control):
+    """U+0080-U+009F are controls like C0's: exit 65 naming the row and column, nothing sent."""
+    _folder(tmp_path, [_row(1), _row(2, name=f"Ann {control}31mLee")])
+    api.add_grant("grant-1", "maya@example.com")
+    result = cli("run", tmp_path / "campaign.toml", "--yes")
+    assert result.exit_code == 65, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: recipients.csv row 2: the recipient name (column 'name') contains control character "
+        f"U+{ord(control):04X}; header values must be a single line; nothing was sent (or pass "
+        "--skip-invalid to skip bad rows)"
+    ]
     assert api.deliveries == []
     assert api.requests == []
 
