@@ -506,3 +506,22 @@ def test_a_utf16_csv_without_a_byte_order_mark_is_refused_in_one_line(api, cli, 
         'text); save it as "CSV UTF-8" (comma delimited)'
     )
     assert api.requests == []
+
+
+@pytest.mark.parametrize("rows", [1, 5_000])  # in the first 4 KB (the UTF-16 test reads them), or far past
+def test_one_stray_nul_in_a_cell_is_named_by_row_and_column_not_taken_for_utf16(api, cli, tmp_path, rows):
+    """A NUL in one cell is a control character to remove, named by its row and column; nothing is sent,
+    whether it is near the start of the file or deep in it."""
+    filler = "".join(f"r{n}@example.com,R {n},R\n" for n in range(rows))
+    csv = f"email,name,first_name\n{filler}bob@example.com,Bob Stone,Bo\x00b\n"
+    manifest = _write(tmp_path, csv=csv)
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    for command in ("preview", "run"):
+        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+        assert result.exit_code == 65, result.output
+        assert _one_error_line(result) == (
+            f'error: recipients.csv: row {rows + 1}, column "first_name" (line {rows + 2}): holds a NUL byte '
+            "(U+0000), a control character; remove it and save the file again"
+        )
+    assert api.requests == []
+    assert not list(tmp_path.glob("*.sqlite*"))

@@ -81,6 +81,45 @@ def test_bytes_that_are_not_utf8_deep_in_the_file_name_their_line(tmp_path, monk
         list(table.frames(5))
 
 
+def test_a_stray_nul_names_its_row_and_column_not_utf16(tmp_path):
+    """One NUL in one cell is a control character to remove, named by row, column and line (it used to be
+    taken for UTF-16 and named nothing); UTF-16 without a byte order mark is still named as such."""
+    table = ListFile(
+        _list_with(tmp_path, [b"ann@example.com,Ann\n", b"bob@example.com,Bo\x00b\n"]), ",", "list"
+    )
+    with pytest.raises(RecipientDataError) as caught:
+        list(table.frames(5))
+    assert str(caught.value) == (
+        'list.csv: row 2, column "name" (line 3): holds a NUL byte (U+0000), a control character; remove it '
+        "and save the file again"
+    )
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes("email,name\nann@example.com,Ann\n".encode("utf-16-le"))
+    with pytest.raises(
+        RecipientDataError, match=r"^utf16\.csv: holds NUL bytes, so it is UTF-16 text without a"
+    ):
+        ListFile(utf16, ",", "list")
+
+
+def test_a_stray_nul_deep_in_the_file_names_its_row_and_column(tmp_path, monkeypatch):
+    """In a later block (past the first 4 KB the UTF-16 test reads), after rows of two lines, in a column
+    with no name, and in a plain text list: each named where it is."""
+    monkeypatch.setattr(_listfile, "_BLOCK_BYTES", 64)
+    lines = [f'u{n}@example.com,"Name\n{n}",\n'.encode() for n in range(40)]  # two lines a row
+    lines[30] = b'u30@example.com,"Name\n30",x\x00\n'
+    path = tmp_path / "list.csv"
+    path.write_bytes(b"email,name,\n" + b"".join(lines))  # a spreadsheet's trailing separator: no name
+    table = ListFile(path, ",", "list")
+    with pytest.raises(
+        RecipientDataError, match=r"^list\.csv: row 31, unnamed column 3 \(line 63\): holds a NUL"
+    ):
+        list(table.frames(5))
+    text = tmp_path / "unsub.txt"
+    text.write_bytes(b"ann@example.com\nbob@example.com\x00\n")
+    with pytest.raises(RecipientDataError, match=r"^unsub\.txt: line 2: holds a NUL byte \(U\+0000\)"):
+        _listfile.read_text(text, "suppression list")
+
+
 def test_broken_quoting_in_a_later_block_names_its_line(tmp_path, monkeypatch):
     monkeypatch.setattr(_listfile, "_BLOCK_BYTES", 64)
     lines = [f"u{n}@example.com,Name {n}\n".encode() for n in range(40)]

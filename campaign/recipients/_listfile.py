@@ -6,7 +6,8 @@ Parquet keeps its numbers and booleans (templates can compare them); other types
 deliberately: binary as UTF-8, dates and times as ISO 8601, categories as their labels; nested
 (struct, list) and other columns that have no one text form are refused. Whole-file faults
 raise as `InputFileError` (missing, unreadable) or `RecipientDataError` naming the file and,
-for bad CSV quoting or bytes that are not UTF-8, the line. `ListFile` never holds more than a
+for bad CSV quoting or bytes that are not UTF-8, the line (for a stray NUL byte, its row and
+column too: text never holds one; a start full of them is UTF-16). `ListFile` never holds more than a
 block of the file, whatever its size. It knows nothing of addresses or recipients;
 `campaign.recipients._audience` checks the rows.
 """
@@ -51,14 +52,39 @@ def _read(file: BinaryIO, size: int, path: Path, what: str) -> bytes:
 
 
 def _check_text_start(start: bytes, name: str) -> None:
-    """A clear error for a file that starts as UTF-16 (or is not text at all)."""
+    """A clear error for a file that starts as UTF-16 (or is not text at all).
+
+    A stray NUL is not UTF-16: the rows' reading names its row and column (`ListFile._nul_cell`).
+    """
     if start.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise RecipientDataError(f'{name}: is UTF-16 text; save it as "CSV UTF-8" (comma delimited)')
-    if b"\x00" in start[:4096]:  # valid UTF-8, but text never holds NUL: UTF-16 without its byte order mark
+    if _looks_utf16(start[:4096]):  # valid UTF-8, but full of NULs: UTF-16 without its byte order mark
         raise RecipientDataError(
             f"{name}: holds NUL bytes, so it is UTF-16 text without a byte order mark (or not text); "
             'save it as "CSV UTF-8" (comma delimited)'
         )
+
+
+def _looks_utf16(start: bytes) -> bool:
+    """Whether NULs fill every other byte of `start`, as UTF-16 text does wherever it holds ASCII (the
+    header line, the addresses); one NUL in a cell is not that."""
+    if b"\x00" not in start:
+        return False
+    even, odd = start[0::2], start[1::2]
+    return max(even.count(0) * 2 > len(even), odd.count(0) * 2 > len(odd))
+
+
+def _nul_line(data: bytes, lines_before: int) -> int | None:
+    """The file's line of the first NUL byte in `data` (which starts after `lines_before` lines), or None."""
+    at = data.find(b"\x00")  # memchr: a block without NUL, nearly every one, costs no more than this
+    return None if at < 0 else lines_before + data.count(b"\n", 0, at) + 1
+
+
+def _nul_error(name: str, where: str) -> RecipientDataError:
+    """Text never holds NUL: a stray one is a control character pasted or exported by mistake."""
+    return RecipientDataError(
+        f"{name}: {where}: holds a NUL byte (U+0000), a control character; remove it and save the file again"
+    )
 
 
 def _check_utf8_text(data: bytes, name: str, lines_before: int) -> None:
@@ -79,6 +105,8 @@ def read_text(path: Path, what: str) -> str:
         raw = _read(file, -1, path, what)
     _check_text_start(raw, path.name)
     _check_utf8_text(raw, path.name, 0)
+    if (line := _nul_line(raw, 0)) is not None:
+        raise _nul_error(path.name, f"line {line}")
     return raw.decode("utf-8").removeprefix("\ufeff")
 
 
@@ -201,6 +229,7 @@ class ListFile:
         if self._parquet and start is not None:
             raise ValueError("a Parquet list is read whole")
         self._header_line = b""
+        self._names: list[str] = []  # a CSV's column names, unnamed ones too (as "")
         self._separator = separator or ","
         self._conversions: list[pl.Expr] = []
         names = self._open_parquet() if self._parquet else self._open_csv(separator)
@@ -247,7 +276,12 @@ class ListFile:
             if not self._header_line.endswith(b"\n"):
                 self._header_line += b"\n"
             _check_utf8_text(self._header_line, self.path.name, 0)
-            return ["" if value is None else str(value) for value in self._parse(self._header_line).row(0)]
+            if _nul_line(self._header_line, 0) is not None:
+                raise _nul_error(self.path.name, "line 1 (the header)")
+            self._names = [
+                "" if value is None else str(value) for value in self._parse(self._header_line).row(0)
+            ]
+            return self._names
         raise RecipientDataError(
             f"{self.path.name}: is empty; its first line must name the columns (e.g. email,name)"
         )
@@ -255,14 +289,34 @@ class ListFile:
     def _csv_frames(self) -> Iterator[pl.DataFrame]:
         """Each block of data rows parsed, in file order."""
         lines = self._lines_before()
+        rows = self.start.rows
         for number, (end, block) in enumerate(_csv_blocks(self.path, self._what, self.start.offset)):
             _check_utf8_text(block, self.path.name, lines)
+            nul_line = _nul_line(block, lines)
             self.end = end
             lines += block.count(b"\n")
             if number == 0 and not self.start.offset:
                 block = block[len(self._header_line) :]
             if block:
-                yield self._parse(self._header_line + block).slice(1)
+                frame = self._parse(self._header_line + block).slice(1)
+                if nul_line is not None:
+                    raise _nul_error(self.path.name, self._nul_cell(frame, rows, nul_line))
+                rows += frame.height
+                yield frame
+
+    def _nul_cell(self, frame: pl.DataFrame, rows_before: int, line: int) -> str:
+        """Where the first NUL of a block parsed into `frame` is: its row and column, and its line."""
+        found: list[tuple[int, str]] = []
+        for index, series in enumerate(frame.iter_columns()):
+            if series.dtype == pl.String and (hits := series.str.contains("\x00", literal=True)).any():
+                name = self._names[index] if index < len(self._names) else ""
+                found.append(
+                    (int(hits.arg_true()[0]), f'column "{name}"' if name else f"unnamed column {index + 1}")
+                )
+        if not found:  # not in a cell polars kept: the line alone
+            return f"line {line}"
+        at, column = min(found, key=lambda hit: hit[0])  # the first row; in it, the leftmost column
+        return f"row {rows_before + at + 1}, {column} (line {line})"
 
     def _lines_before(self) -> int:
         """The file's lines before `start` (a fault after it is named by its line in the whole file)."""
