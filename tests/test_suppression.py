@@ -21,6 +21,7 @@ from campaign.testing import FakeClock
 from campaign.unsubscribe import (
     StoreEntry,
     StoreError,
+    UnsubscribeWatch,
     list_store_paths,
     load_unsubscribed,
     lookup_unsubscribed,
@@ -331,3 +332,31 @@ def test_suppression_files_are_read_again_when_they_change_and_a_bad_edit_keeps_
     assert (files.is_listed(ann), files.is_listed(bob)) == (True, True)
     with pytest.raises(RecipientDataError, match=r"optouts\.txt: line 3"):
         SuppressionFiles([listed], clock=clock)
+
+
+def test_an_opt_out_kept_with_a_unicode_domain_still_matches_its_ascii_address(store_at):
+    """Addresses now go to the API (and the ledger) with an internationalised domain in ASCII; stores
+    filled before kept the Unicode form, by address and by key. Those people stay suppressed."""
+    from campaign.recipients import comparable_address
+
+    store = open_store(store_at, clock=FakeClock())
+    try:
+        store.record("", "ann@bücher.example", email="ann@bücher.example", source="import")
+        store.record("", "bob@bücher.example", source="import")  # a key alone: `suppress add` of an address
+    finally:
+        store.close()
+    people = [
+        Recipient(key=email, row=n, address=Address(email), fields={})
+        for n, email in enumerate(
+            [comparable_address(f"{name}@bücher.example") or "" for name in ("ann", "bob", "carl")], start=1
+        )
+    ]
+    assert [p.key for p in people] == [f"{n}@xn--bcher-kva.example" for n in ("ann", "bob", "carl")]
+    found = lookup_unsubscribed([store_at], people)
+    assert [found.match(person) is not None for person in people] == [True, True, False]
+    watch = UnsubscribeWatch([store_at], clock=FakeClock())
+    try:
+        watch.look_up(people)
+        assert [watch.opt_out(person) for person in people] == [SkipReason.UNSUBSCRIBED] * 2 + [None]
+    finally:
+        watch.close()

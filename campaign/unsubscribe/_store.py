@@ -26,6 +26,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from email_validator import EmailNotValidError, validate_email
+
 from campaign.clock import Clock, SystemClock
 from campaign.errors import InputFileError
 from campaign.manifest import STORE_SUFFIXES, Manifest, check_store_url, is_store_url
@@ -408,7 +410,26 @@ class Unsubscribed:
     def match(self, recipient: Recipient) -> StoreEntry | None:
         """The entry that unsubscribes `recipient` (same key, or same address), or None."""
         found = self._by_key.get(recipient.key)
-        return found if found is not None else self._by_email.get(recipient.address.email.lower())
+        if found is not None:
+            return found
+        email = recipient.address.email.lower()
+        found = self._by_email.get(email)
+        for form in _older_forms(email) if found is None else ():
+            found = self._by_email.get(form) or self._by_key.get(form)
+        return found
+
+
+def _older_forms(email: str) -> tuple[str, ...]:
+    """Another form a store may hold this (normalised, lower-cased) address in: before addresses went
+    to the API in ASCII, an internationalised domain was kept in Unicode (ann@bücher.example for
+    ann@xn--bcher-kva.example), the form email_validator's `normalized` gives."""
+    if "xn--" not in email:
+        return ()
+    try:
+        unicode = validate_email(email, check_deliverability=False).normalized.lower()
+    except EmailNotValidError:
+        return ()
+    return () if unicode == email else (unicode,)
 
 
 def lookup_unsubscribed(paths: Sequence[Path | str], recipients: Sequence[Recipient]) -> Unsubscribed:
@@ -506,6 +527,8 @@ class StoreFollower:
             return []
         keys = [recipient.key for recipient in recipients]
         emails = [recipient.address.email for recipient in recipients]
+        older = [form for email in emails for form in _older_forms(email.lower())]
+        keys, emails = keys + older, emails + older
         found: list[StoreEntry] = []
         for path in self._paths:
             store = self._store(path)
