@@ -54,6 +54,10 @@ def _fresh_database() -> Iterator[str]:
 
 def _with_ledger(folder: Path, url: str, *, lease_s: float = 30) -> Path:
     """A copy of the case's manifest with its ledger in the database at `url`."""
+    # A SQLite ledger another case left in this folder holds the same campaign: campaign would refuse
+    # to start it over in the database (it would mail everyone again).
+    for path in folder.glob("*.ledger.sqlite*"):
+        path.unlink()
     manifest = folder / "campaign-postgres.toml"
     text = (folder / "campaign.toml").read_text(encoding="utf-8")
     manifest.write_text(f'{text}\n[ledger]\nurl = "{url}"\nlease_s = {lease_s}\n', encoding="utf-8")
