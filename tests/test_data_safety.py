@@ -1,6 +1,7 @@
 """Data that must stay data, through the CLI (issue 12, items 10-14 and 17-19): list cells never become
 markup, formulas, terminal escapes or Python reprs; long values are cut; a secret pasted where a
-variable name belongs is never echoed; extreme limits are refused; private files are owner-only."""
+variable name belongs, or into any other key, is never echoed; extreme limits are refused; private
+files are owner-only."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, SECRET
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jinja2.compiler import CodeGenerator
@@ -103,6 +104,133 @@ def test_a_secret_pasted_as_secret_env_of_the_endpoint_is_refused_without_echo(c
     )
     assert "s3cr3t" not in result.output
     assert not (tmp_path / "u.sqlite").exists()
+
+
+# ---- 17b: a secret pasted into a key that takes a value, not a variable's name ---------------------
+
+NOT_SHOWN = "(a value that looks like a secret, not shown)"
+# What a user may paste into the wrong key: the API key and the unsubscribe secret the environment holds
+# (the `api` fixture exports them), a Nylas key the environment does not hold, a random token.
+PASTED = {
+    "the API key": API_KEY,
+    "the unsubscribe secret": SECRET,
+    "another Nylas key": "nyk_v0_Xq3PwLm9RtZ2KsVb7YhN4CdJ8FgU1oEa6TiW0rQyHs5",
+    "a random token": "Zt4q9XbL2mWv7RcK1pNs8YdF3hJ6gQa0EuTo5LiBk",
+}
+# Where it lands: (the manifest edited, the exit code, the error line with NOT_SHOWN for the value).
+WRONG_KEYS = {
+    "api.uri": (
+        ("[recipients]", '[api]\nuri = "{pasted}"\n\n[recipients]'),
+        78,
+        f"error: campaign.toml: api.uri: {NOT_SHOWN} must be an https:// URL such as https://api.us.nylas.com",
+    ),
+    "senders.email": (
+        ('email = "alice@corp.example.com"', 'email = "{pasted}"'),
+        78,
+        f"error: campaign.toml: senders[1].email: {NOT_SHOWN} is not a valid address (An email address "
+        "must have an @-sign)",
+    ),
+    "message.reply_to": (
+        ('html = "message.html.j2"', 'html = "message.html.j2"\nreply_to = "{pasted}"'),
+        78,
+        f"error: campaign.toml: message.reply_to: {NOT_SHOWN} is not a valid address (An email address "
+        "must have an @-sign)",
+    ),
+    "unsubscribe.mailto": (
+        ("[[senders]]", 'mailto = "{pasted}"\n\n[[senders]]'),
+        78,
+        f"error: campaign.toml: unsubscribe.mailto: {NOT_SHOWN} is not a valid address (An email address "
+        "must have an @-sign)",
+    ),
+    "recipients.delimiter": (
+        ('name_column = "name"', 'name_column = "name"\ndelimiter = "{pasted}"'),
+        78,
+        f'error: campaign.toml: recipients.delimiter: {NOT_SHOWN} must be one character, e.g. ";" or "\\t"',
+    ),
+    "recipients.source": (
+        ('source = "recipients.csv"', 'source = "{pasted}"'),
+        65,
+        f"error: {NOT_SHOWN}: unknown file type '(none)'; use a .csv or .parquet file",
+    ),
+    "recipients.source (.csv)": (
+        ('source = "recipients.csv"', 'source = "{pasted}.csv"'),
+        66,
+        f"error: {NOT_SHOWN}: recipient list not found; check the path in the manifest",
+    ),
+    "recipients.suppress": (
+        ('name_column = "name"', 'name_column = "name"\nsuppress = ["{pasted}"]'),
+        66,
+        f"error: {NOT_SHOWN}: suppression list not found; check the path in the manifest",
+    ),
+}
+
+
+def _assert_not_shown(result, secret: str) -> None:
+    for output in (result.stdout, result.stderr):
+        assert secret not in output
+        assert secret.lower() not in output.lower()
+        assert "nyk_" not in output
+
+
+@pytest.mark.parametrize("what", list(PASTED))
+@pytest.mark.parametrize("key", list(WRONG_KEYS))
+def test_a_secret_pasted_into_a_wrong_key_is_never_echoed(api, cli, tmp_path, key, what):
+    """A key or secret in api.uri, an address, the delimiter or a list's path: the exit code and the line
+    that key's error always has, with the value not shown."""
+    (old, new), code, line = WRONG_KEYS[key]
+    pasted = PASTED[what]
+    manifest = _write(tmp_path, manifest=MANIFEST.replace(old, new.format(pasted=pasted)))
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    for command in ("preview", "run"):
+        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+        assert result.exit_code == code, result.output
+        assert _one_error_line(result) == line
+        _assert_not_shown(result, pasted)
+    assert not api.deliveries
+
+
+def test_the_secret_of_a_variable_the_manifest_names_is_never_echoed(api, cli, tmp_path, monkeypatch):
+    """A key of any form is known by its variable: the one api.key_env names, when set."""
+    key = "acme-plain-words-api-key-of-ours"  # no Nylas prefix, nothing random about it: only its variable
+    monkeypatch.setenv("ACME_NYLAS_KEY", key)
+    text = MANIFEST.replace(
+        "[recipients]", f'[api]\nkey_env = "ACME_NYLAS_KEY"\nuri = "{key}"\n\n[recipients]'
+    )
+    result = cli("preview", _write(tmp_path, manifest=text))
+    assert result.exit_code == 78, result.output
+    assert _one_error_line(result) == (
+        f"error: campaign.toml: api.uri: {NOT_SHOWN} must be an https:// URL such as https://api.us.nylas.com"
+    )
+    _assert_not_shown(result, key)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_the_error_printer_masks_a_secret_any_message_repeats(api, cli, tmp_path, monkeypatch, named):
+    """The last check: a message that repeats a secret's value (here a list file named after it, which
+    exists and is refused for its content) is printed with the value masked, for the variables campaign
+    knows of (NYLAS_API_KEY, the unsubscribe secret's, …) and those the manifest names."""
+    secret, text = SECRET, MANIFEST
+    if named:
+        secret = "acme-plain-words-api-key-of-ours"
+        monkeypatch.setenv("ACME_NYLAS_KEY", secret)
+        text = MANIFEST.replace("[recipients]", '[api]\nkey_env = "ACME_NYLAS_KEY"\n\n[recipients]')
+    manifest = _write(tmp_path, manifest=text.replace("recipients.csv", f"{secret}.csv"))
+    (tmp_path / f"{secret}.csv").write_bytes(b"\xff\xfe" + CSV.encode("utf-16-le"))
+    result = cli("preview", manifest)
+    assert result.exit_code == 65, result.output
+    said = 'error: ***.csv: is UTF-16 text; save it as "CSV UTF-8" (comma delimited)'
+    assert _one_error_line(result) == said
+    _assert_not_shown(result, secret)
+
+
+@pytest.mark.parametrize("pasted", [API_KEY, "nyk_v0_Xq3PwLm9RtZ2KsVb7YhN4CdJ8FgU1oEa6TiW0rQyHs5"])
+def test_a_debug_traceback_never_shows_a_secret_either(api, cli, tmp_path, pasted):
+    """--debug prints the traceback (pydantic's own text repeats the value given): masked too."""
+    text = MANIFEST.replace("[recipients]", f'[api]\nuri = "{pasted}"\n\n[recipients]')
+    result = cli("--debug", "preview", _write(tmp_path, manifest=text))
+    assert result.exit_code == 78
+    assert "Traceback" in result.stderr
+    _assert_not_shown(result, pasted)
 
 
 # ---- 18: extreme limits ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import copy_sample
+from conftest import API_KEY, SECRET, copy_sample
 from postgres import fresh_database
 
 from campaign.ledger import ledger_site
@@ -143,6 +143,41 @@ def test_a_url_with_a_password_is_refused_without_showing_it(api, cli, tmp_path)
         assert given.exit_code == 2
         assert "--ledger" in _one_line(given.output)
         assert "hunter2" not in given.output
+
+
+@pytest.mark.parametrize(
+    ("query", "secret"),
+    [
+        (f"sslpassword={API_KEY}", API_KEY),  # a secret parameter: libpq's key passphrase
+        ("sslpassword=hunter2", "hunter2"),
+        ("oauth_client_secret=hunter2", "hunter2"),
+        (f"sslkey={API_KEY}", API_KEY),  # the API key pasted where a key file's path goes
+        (f"application_name={SECRET}", SECRET),  # the unsubscribe secret, anywhere
+        ("options=Zt4q9XbL2mWv7RcK1pNs8YdF3hJ6gQa0EuTo5LiBk", "Zt4q9XbL2mWv7RcK1pNs8YdF3hJ6gQa0EuTo5LiBk"),
+    ],
+)
+def test_a_url_holding_another_secret_is_refused_without_showing_it(api, cli, tmp_path, query, secret):
+    """Not only `password`: any parameter named like a password, secret or token, and any value that is
+    or looks like a secret, is refused as a password is (exit 2 on the command line, 78 in the manifest)
+    and never repeated, in --ledger, [ledger] url and an unsubscribe store's URL alike."""
+    url = f"postgresql://campaign@127.0.0.1:1/db?connect_timeout=2&{query}"
+    plain = _newsletter(api, tmp_path / "plain")
+    given = cli("status", plain, "--ledger", url)
+    assert given.exit_code == 2, given.output
+    assert _one_line(given.output).startswith("error: --ledger: the URL holds ")
+    assert secret not in given.output
+
+    listed = cli("suppress", "list", "--store", url)
+    assert listed.exit_code == 2, listed.output
+    assert _one_line(listed.output).startswith("error: --store: the URL holds ")
+    assert secret not in listed.output
+
+    written = _newsletter(api, tmp_path / "written", ledger=f'url = "{url}"')
+    result = cli("run", written, "--yes")
+    assert result.exit_code == 78, result.output
+    assert _one_line(result.output).startswith("error: campaign.toml: ledger.url: holds ")
+    assert secret not in result.output
+    assert not api.deliveries
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,9 @@ import typer
 from rich.markup import escape
 
 from campaign.cli.base import exit_codes, out
-from campaign.cli.wiring import SANDBOX_API_KEY, build_sandbox_api, command_path
+from campaign.cli.wiring import SANDBOX_API_KEY, build_sandbox_api, command_path, load_campaign
 from campaign.errors import UsageError
-from campaign.manifest import build_manifest_schema, load_manifest, write_starter
+from campaign.manifest import build_manifest_schema, write_starter
 from campaign.testing.server import run_sandbox_server
 from campaign.timetext import parse_duration
 from campaign.web import DEFAULT_WEBHOOK_SECRET_ENV, read_webhook_secrets
@@ -104,7 +104,7 @@ def sandbox(
             message = "--listing-lag, --broken-to-filter and --bounce-share apply to grants: give MANIFEST"
             raise UsageError(message)
         fake = build_sandbox_api(
-            None if manifest is None else load_manifest(manifest),
+            None if manifest is None else load_campaign(manifest),
             listing_lag_s=lag,
             to_filter_broken=broken_to_filter,
             gzip=gzip,

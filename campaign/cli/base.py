@@ -1,5 +1,6 @@
 """What every command shares: the consoles, the exit codes, the option types several commands take, and
-the one place where a CampaignError becomes an exit code.
+the one place where a CampaignError becomes an exit code (its line, and a traceback with --debug, are
+printed with every secret the command knows of masked: `campaign.redaction.scrub_secrets`).
 
 Only the `campaign.cli` package imports typer and decides exit codes; this module holds no command.
 """
@@ -18,6 +19,7 @@ from rich.console import Console
 from campaign.cli.output import print_error
 from campaign.clock import Clock, SystemClock
 from campaign.errors import ApiError, CampaignError
+from campaign.redaction import scrub_secrets, secret_values
 
 __all__ = [
     "EXIT_AUTH",
@@ -32,6 +34,7 @@ __all__ = [
     "SkipInvalidOpt",
     "err",
     "exit_codes",
+    "note_secret_envs",
     "options",
     "out",
 ]
@@ -71,10 +74,19 @@ class _Options:
     # Every command's one clock. Tests of the CLI set a FakeClock here, so that pacing, back-offs
     # and waits take no real time; nothing else changes it.
     clock: Clock = field(default_factory=SystemClock)
+    # The environment variables a command was told hold secrets (a manifest's api.key_env, …), besides
+    # campaign.redaction.DEFAULT_SECRET_ENVS: their values are masked in any error printed.
+    secret_envs: set[str] = field(default_factory=set)
 
 
 options = _Options()
-"""The root command's options (set by its callback, read when an error is reported), and its clock."""
+"""The root command's options (set by its callback, read when an error is reported), its clock, and the
+variables known to hold secrets."""
+
+
+def note_secret_envs(*names: str) -> None:
+    """Remember that the variables `names` hold secrets, so that no error printed shows their values."""
+    options.secret_envs.update(names)
 
 
 @contextmanager
@@ -83,12 +95,21 @@ def exit_codes() -> Iterator[None]:
     try:
         yield
     except CampaignError as exc:
+        known = secret_values(options.secret_envs)
         if options.debug:
-            err.print_exception()
-        print_error(err, str(exc))
+            _print_traceback(known)
+        print_error(err, scrub_secrets(str(exc), known))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         # A run's sends are stopped gracefully elsewhere (`run_interruptible`, with its own report); this
         # is a Ctrl-C anywhere else, e.g. during the check, before anything was recorded.
         print_error(err, "interrupted; nothing recorded is lost: run the command again to continue")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _print_traceback(known: tuple[str, ...]) -> None:
+    """The traceback of the error being handled, secrets masked (a foreign error's text, such as
+    pydantic's, may repeat a value given)."""
+    with err.capture() as captured:
+        err.print_exception()
+    err.file.write(scrub_secrets(captured.get(), known))

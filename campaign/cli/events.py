@@ -8,9 +8,8 @@ import anyio
 import typer
 
 from campaign.cli.base import LedgerOpt, ManifestArg, SandboxOpt, exit_codes, options, out
-from campaign.cli.wiring import build_sandbox_api, connect_api, read_api_key, require_ledger
+from campaign.cli.wiring import build_sandbox_api, connect_api, load_campaign, read_api_key, require_ledger
 from campaign.events import MAX_PAGES, pull_campaign_bounces
-from campaign.manifest import load_manifest
 
 __all__ = ["events_app"]
 
@@ -22,7 +21,7 @@ def pull(manifest: ManifestArg, sandbox: SandboxOpt = False, ledger: LedgerOpt =
     """Find bounce reports in each sender's inbox since the first send and record them in the store."""
     with exit_codes():
         clock = options.clock
-        loaded = load_manifest(manifest)
+        loaded = load_campaign(manifest)
         site = require_ledger(loaded, manifest, sandbox=sandbox, url=ledger)
         api_key = read_api_key(loaded, sandbox=sandbox)
         fake = build_sandbox_api(loaded) if sandbox else None

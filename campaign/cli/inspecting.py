@@ -23,6 +23,7 @@ from campaign.cli.wiring import (
     build_sandbox_api,
     command_path,
     connect_api,
+    load_campaign,
     locate_ledger,
     read_api_key,
     read_api_uri,
@@ -31,7 +32,7 @@ from campaign.cli.wiring import (
     write_sandbox_outbox,
 )
 from campaign.ledger import check_key_scheme
-from campaign.manifest import Manifest, load_manifest
+from campaign.manifest import Manifest
 from campaign.status import load_status
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def preview(
 
     with exit_codes():
         clock = options.clock
-        loaded = load_manifest(manifest)
+        loaded = load_campaign(manifest)
         with _reading_ledger(loaded, locate_ledger(loaded, sandbox=sandbox, url=ledger)) as reading:
             report = run_preview(
                 loaded,
@@ -97,7 +98,7 @@ def send_test(
 
     with exit_codes():
         clock = options.clock
-        loaded = load_manifest(manifest)
+        loaded = load_campaign(manifest)
         api_key = read_api_key(loaded, sandbox=sandbox)
         with _reading_ledger(loaded, locate_ledger(loaded, sandbox=sandbox, url=ledger)) as reading:
             test = find_test_message(
@@ -136,7 +137,7 @@ def status(
 ) -> None:
     """Show progress: counts per state and per sender, budgets, and why rows were not sent."""
     with exit_codes():
-        loaded = load_manifest(manifest)
+        loaded = load_campaign(manifest)
         site = locate_ledger(loaded, sandbox=sandbox, url=ledger)
         found = load_status(
             loaded, site, clock=options.clock, command_path=command_path(manifest, ledger), sandbox=sandbox

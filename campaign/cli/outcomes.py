@@ -31,9 +31,8 @@ from campaign.cli.output import (
     print_report_written,
     print_retried,
 )
-from campaign.cli.wiring import command_path, connect_api, read_api_key, require_ledger
+from campaign.cli.wiring import command_path, connect_api, load_campaign, read_api_key, require_ledger
 from campaign.errors import UsageError
-from campaign.manifest import load_manifest
 from campaign.models import RowState
 from campaign.reconcile import reconcile_campaign
 from campaign.report import write_report
@@ -63,7 +62,7 @@ def reconcile(
             settle = parse_duration(min_age)
         except ValueError as exc:
             raise UsageError(f"--min-age: {exc}") from exc
-        loaded = load_manifest(manifest)
+        loaded = load_campaign(manifest)
         site = require_ledger(loaded, manifest, sandbox=False, url=ledger)
         clock = options.clock
         connect = partial(connect_api, loaded, api_key=read_api_key(loaded), clock=clock)
@@ -100,7 +99,7 @@ def retry(
         states = [s for s, wanted in ((RowState.FAILED, failed), (RowState.UNKNOWN, unknown)) if wanted]
         if not states:
             raise UsageError("say which rows to retry: --failed, --unknown, or both")
-        loaded = load_manifest(manifest)
+        loaded = load_campaign(manifest)
         site = require_ledger(loaded, manifest, sandbox=sandbox, url=ledger)
         moved = retry_rows(loaded, site, states=states, clock=options.clock)
         if unknown and moved:
@@ -127,7 +126,7 @@ def report(
 ) -> None:
     """Write one row per recipient (state, sender, attempts, message id, error, times) to CSV or Parquet."""
     with exit_codes():
-        loaded = load_manifest(manifest)
+        loaded = load_campaign(manifest)
         site = require_ledger(loaded, manifest, sandbox=sandbox, url=ledger)
         written = write_report(loaded, site, out_file, states=state, clock=options.clock)
         print_report_written(out, written)

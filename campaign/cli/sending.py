@@ -41,6 +41,7 @@ from campaign.cli.wiring import (
     build_sandbox_api,
     command_path,
     connect_api,
+    load_campaign,
     locate_ledger,
     read_api_key,
     read_secrets,
@@ -50,7 +51,7 @@ from campaign.cli.wiring import (
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult
 from campaign.errors import UsageError
-from campaign.manifest import Manifest, load_manifest
+from campaign.manifest import Manifest
 from campaign.pipeline import ContentCheck
 from campaign.run import RunOptions, RunPlan, SenderShare, run_campaign
 from campaign.timetext import format_local_time
@@ -129,7 +130,7 @@ def _send_and_exit(path: Path, choices: _RunChoices, *, resuming: bool) -> NoRet
 
 def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     sandbox = choices.sandbox
-    manifest = load_manifest(path)
+    manifest = load_campaign(path)
     site = locate_ledger(manifest, sandbox=sandbox, url=choices.ledger)
     api_key = read_api_key(manifest, sandbox=sandbox)
     secrets = read_secrets(manifest, sandbox=sandbox)

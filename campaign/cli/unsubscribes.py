@@ -18,11 +18,16 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from campaign.cli.base import exit_codes, options, out
+from campaign.cli.base import exit_codes, note_secret_envs, options, out
 from campaign.cli.output import show
 from campaign.errors import DataError, UsageError
 from campaign.manifest import check_env_name
-from campaign.recipients import load_import_addresses, parse_suppression_entry, write_entries
+from campaign.recipients import (
+    load_import_addresses,
+    parse_suppression_entry,
+    write_entries,
+)
+from campaign.redaction import quote_value, secret_values
 from campaign.unsubscribe import BounceRules, SuppressionStore, is_store_path, open_store, store_location
 from campaign.web import (
     DEFAULT_SECRET_ENV,
@@ -89,6 +94,7 @@ def unsubscribe_serve(
             check_env_name(secret_env)
         except ValueError as exc:  # its message never repeats the value: it may be the secret itself
             raise UsageError(f"--secret-env: {exc}") from exc
+        note_secret_envs(secret_env)
         endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
         limits = ServerLimits(
             max_connections=max_connections, header_timeout_s=header_timeout, body_timeout_s=body_timeout
@@ -131,6 +137,7 @@ def serve(
                 check_env_name(name)
             except ValueError as exc:  # its message never repeats the value: it may be the secret itself
                 raise UsageError(f"{option}: {exc}") from exc
+        note_secret_envs(secret_env, webhook_secret_env)
         webhook_secrets = read_webhook_secrets(webhook_secret_env)
         endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
         try:
@@ -242,7 +249,7 @@ def _one_address(value: str) -> str | None:
 def _location(option: str, value: str) -> Path | str:
     """A store or list named on the command line: a file's path, or a checked PostgreSQL URL."""
     try:
-        return store_location(value)
+        return store_location(value, known=secret_values(options.secret_envs))
     except ValueError as exc:  # its message never repeats the value: a URL may hold a password
         raise UsageError(f"{option}: the URL {exc}") from exc
 
@@ -250,8 +257,9 @@ def _location(option: str, value: str) -> Path | str:
 def _store_path(value: str) -> Path | str:
     where = _location("--store", value)
     if not is_store_path(where):
+        shown = quote_value(where, secret_values(options.secret_envs), bare=True)
         raise UsageError(
-            f"--store {where}: give an SQLite file ending in .sqlite, e.g. unsubscribes.sqlite, or a "
+            f"--store {shown}: give an SQLite file ending in .sqlite, e.g. unsubscribes.sqlite, or a "
             "PostgreSQL URL, e.g. postgresql://campaign@db.example.com/campaigns"
         )
     return where

@@ -1,6 +1,7 @@
-"""Building what commands need from a manifest and the environment: where the campaign's ledger lives
-and opening it, the API key, URI and unsubscribe secrets from environment variables, a connected Nylas
-client, and the sandbox's fake API in place of the real one.
+"""Building what commands need from a manifest and the environment: the manifest itself (its secret
+variables noted, so that no error shows their values), where the campaign's ledger lives and opening
+it, the API key, URI and unsubscribe secrets from environment variables, a connected Nylas client, and
+the sandbox's fake API in place of the real one.
 
 It prints nothing and decides no exit code: problems are raised as CampaignErrors for the command.
 The HTTP client and the fake API are imported by the functions that build them, so that commands
@@ -16,6 +17,7 @@ from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from campaign.cli.base import note_secret_envs
 from campaign.clock import Clock
 from campaign.errors import InputFileError, ManifestError, UsageError
 from campaign.ledger import (
@@ -28,7 +30,8 @@ from campaign.ledger import (
     ledger_marker_path,
     ledger_site,
 )
-from campaign.manifest import Manifest, check_ledger_url
+from campaign.manifest import Manifest, check_ledger_url, load_manifest
+from campaign.redaction import secret_values
 from campaign.unsubscribe import parse_secrets
 
 if TYPE_CHECKING:
@@ -43,6 +46,7 @@ __all__ = [
     "connect_api",
     "ledger_candidates",
     "ledger_path_for",
+    "load_campaign",
     "locate_ledger",
     "read_api_key",
     "read_api_uri",
@@ -60,6 +64,13 @@ SANDBOX_API_URI = "http://sandbox.nylas.test"  # never resolved: the sandbox is 
 # The sandbox's recipients answer a campaign with follow-ups this often (a reply; an out-of-office).
 SANDBOX_REPLY_SHARE = 0.3
 SANDBOX_AUTO_REPLY_SHARE = 0.1
+
+
+def load_campaign(path: Path) -> Manifest:
+    """The manifest at `path` (`load_manifest`), the variables holding its secrets noted for errors."""
+    manifest = load_manifest(path)
+    note_secret_envs(*manifest.secret_envs)
+    return manifest
 
 
 def ledger_path_for(manifest: Manifest, *, sandbox: bool) -> Path:
@@ -103,7 +114,7 @@ def locate_ledger(manifest: Manifest, *, sandbox: bool, url: str | None = None) 
     and nothing compared between the two)."""
     if url is not None:
         try:
-            check_ledger_url(url)
+            check_ledger_url(url, known=secret_values(manifest.secret_envs))
         except ValueError as exc:
             raise UsageError(f"--ledger: the URL {exc}") from None  # never echoed: it may hold a password
     path = ledger_path_for(manifest, sandbox=sandbox)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from campaign.manifest._settings import FROZEN, HeaderValue, ManifestPath, TimeOfDay, check_one_body
+from campaign.manifest._settings import FROZEN, HeaderValue, ManifestPath, TimeOfDay, check_one_body, quoted
 from campaign.models import FIRST_STEP
 from campaign.sendtime import Delay, parse_delay
 
@@ -61,9 +61,9 @@ class FollowupSettings(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _check_name(cls, value: str) -> str:
+    def _check_name(cls, value: str, info: ValidationInfo) -> str:
         if not re.fullmatch(_STEP_NAME, value):
-            raise ValueError(f"{value!r} may only use letters, digits, '_' and '-' (at most 40)")
+            raise ValueError(f"{quoted(value, info)} may only use letters, digits, '_' and '-' (at most 40)")
         if value == FIRST_STEP:
             raise ValueError(f"{FIRST_STEP!r} names step 1 ([message]); give the follow-up another name")
         return value

@@ -4,7 +4,9 @@
 `campaign.manifest._settings` and `campaign.manifest._message`, resolving every path against the
 manifest's folder; every mistake becomes one `ManifestError` line naming the file and the
 dotted key. This module checks shapes and values only: it never opens the files the
-manifest names (the loaders do) and never reads the environment.
+manifest names (the loaders do). It reads the environment for one thing: the values of the secret
+variables the manifest names (`campaign.redaction.secret_values`), so that an error never repeats
+one pasted into another key.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails
 
@@ -31,7 +33,10 @@ from campaign.manifest._settings import (
     RecipientsSettings,
     SenderSettings,
     UnsubscribeSettings,
+    is_env_name,
+    quoted,
 )
+from campaign.redaction import HIDDEN, looks_like_secret, quote_value, secret_values
 
 # The table models live in _settings and _message; they stay importable from here.
 __all__ = [
@@ -80,22 +85,34 @@ class Manifest(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _unique_steps(self) -> Manifest:
+    def _unique_steps(self, info: ValidationInfo) -> Manifest:
         seen: dict[str, int] = {}
         for index, step in enumerate(self.followups, start=1):
             if step.name in seen:
                 raise ValueError(
-                    f"followups[{index}].name: {step.name!r} is already the name of "
+                    f"followups[{index}].name: {quoted(step.name, info)} is already the name of "
                     f"followups[{seen[step.name]}]; step names must be unique"
                 )
             seen[step.name] = index
         for index, sender in enumerate(self.senders, start=1):
             if self.followups and sender.domain is not None:
                 raise ValueError(
-                    f"senders[{index}].domain: {sender.name!r} sends through a domain, which has no mailbox "
+                    f"senders[{index}].domain: {quoted(sender.name, info)} sends through a domain, which has "
+                    "no mailbox "
                     "to hold a thread or see replies; [[followups]] need mailbox senders (grant_id)"
                 )
         return self
+
+    @property
+    def secret_envs(self) -> tuple[str, ...]:
+        """The names of the environment variables that hold this campaign's secrets: the API key's, the
+        unsubscribe secret's (with [unsubscribe]) and the database password's (with password_env)."""
+        names = [self.api.key_env]
+        if self.unsubscribe is not None:
+            names.append(self.unsubscribe.secret_env)
+        if self.ledger.password_env is not None:
+            names.append(self.ledger.password_env)
+        return tuple(names)
 
     @property
     def steps(self) -> tuple[str, ...]:
@@ -125,13 +142,13 @@ class Manifest(BaseModel):
         return next((item for item in self.followups if item.name == step), None)
 
     @model_validator(mode="after")
-    def _unique_senders(self) -> Manifest:
+    def _unique_senders(self, info: ValidationInfo) -> Manifest:
         first: dict[str, int] = {}
         mailboxes: dict[tuple[str, str], int] = {}
         for index, sender in enumerate(self.senders, start=1):  # counted as users count tables
             if sender.name in first:
                 raise ValueError(
-                    f"senders[{index}].name: {sender.name!r} is already the name of "
+                    f"senders[{index}].name: {quoted(sender.name, info)} is already the name of "
                     f"senders[{first[sender.name]}]; sender names must be unique"
                 )
             first[sender.name] = index
@@ -141,26 +158,29 @@ class Manifest(BaseModel):
             mailbox = (key, value.lower().rstrip("."))
             if mailbox in mailboxes:
                 earlier = mailboxes[mailbox]
+                other = self.senders[earlier - 1].name
                 raise ValueError(
-                    f"senders[{index}].{key}: {sender.name!r} and {self.senders[earlier - 1].name!r} "
+                    f"senders[{index}].{key}: {quoted(sender.name, info)} and {quoted(other, info)} "
                     f"(senders[{earlier}]) "
-                    f"both send through {key} {value!r}, which would double its pace and daily budget; "
-                    "keep one sender per mailbox"
+                    f"both send through {key} {quoted(value, info)}, which would double its pace and daily "
+                    "budget; keep one sender per mailbox"
                 )
             mailboxes[mailbox] = index
             if sender.provider == "microsoft":
-                self._check_graph_headers(index, sender.name)
+                self._check_graph_headers(index, sender.name, info)
         return self
 
-    def _check_graph_headers(self, index: int, sender: str) -> None:
+    def _check_graph_headers(self, index: int, sender: str, info: ValidationInfo) -> None:
         # Microsoft Graph refuses a custom header whose name does not start with X-
         # (InvalidInternetMessageHeader): every send of this sender would fail, so say it now.
         for name in self.message.headers:
             if not name.lower().startswith("x-"):
+                shown = quoted(name, info)
+                rename = "rename it X-…" if shown == HIDDEN else f"rename it X-{name}"
                 raise ValueError(
-                    f"message.headers: {name!r} cannot be sent by senders[{index}] {sender!r} (provider "
-                    "microsoft): Microsoft Graph only accepts custom headers whose names start with X-; "
-                    f"rename it X-{name}"
+                    f"message.headers: {shown} cannot be sent by senders[{index}] "
+                    f"{quoted(sender, info)} (provider microsoft): Microsoft Graph only accepts custom "
+                    f"headers whose names start with X-; {rename}"
                 )
 
     @property
@@ -193,7 +213,7 @@ class Manifest(BaseModel):
         if found is not None:
             return found
         known = ", ".join(s.name for s in self.senders)
-        raise ManifestError(f"{self.path.name}: no sender named {name!r} (senders: {known})")
+        raise ManifestError(f"{self.path.name}: no sender named {quote_value(name)} (senders: {known})")
 
 
 _TABLES: dict[tuple[str, ...], type[BaseModel]] = {
@@ -215,9 +235,10 @@ def _keys(table: tuple[str, ...]) -> list[str]:
     return [k for k in _TABLES[table].model_fields if table or k != "path"]  # Manifest.path is not a key
 
 
-def _format_loc(loc: tuple[str | int, ...]) -> str:
+def _format_loc(loc: tuple[str | int, ...], known: tuple[str, ...] = ()) -> str:
     """('senders', 1, 'per_second') -> senders[2].per_second: the 2nd [[senders]] table, counted from 1
-    as users count tables (like row numbers); header names are quoted."""
+    as users count tables (like row numbers); header names are quoted, and a key that looks like a
+    secret (one pasted as a key, or as a header's name) is not shown."""
     out = ""
     parents: list[str] = []
     for part in loc:
@@ -226,7 +247,9 @@ def _format_loc(loc: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part + 1}]"
             continue
-        if parents[-2:] == ["message", "headers"] or not _BARE_KEY.fullmatch(part):
+        if looks_like_secret(part, known):
+            part = HIDDEN
+        elif parents[-2:] == ["message", "headers"] or not _BARE_KEY.fullmatch(part):
             part = f'"{part}"'
         out += f".{part}" if out else part
         parents.append(part)
@@ -249,8 +272,8 @@ def _toml_type(value: object) -> str:
     return names.get(type(value), "an array" if isinstance(value, list) else type(value).__name__)
 
 
-def _describe_error(error: ErrorDetails) -> str:  # noqa: C901 - one branch per pydantic error type, each its own message
-    """One pydantic error as `dotted.key: what is wrong`."""
+def _describe_error(error: ErrorDetails, known: tuple[str, ...] = ()) -> str:  # noqa: C901 - one branch per pydantic error type, each its own message
+    """One pydantic error as `dotted.key: what is wrong` (`known`: the secret values no key may show)."""
     loc = tuple(error["loc"])
     table = tuple(p for p in loc[:-1] if isinstance(p, str))
     key = loc[-1] if loc else ""
@@ -258,18 +281,18 @@ def _describe_error(error: ErrorDetails) -> str:  # noqa: C901 - one branch per 
     if kind == "extra_forbidden" and table in _TABLES and isinstance(key, str):
         close = difflib.get_close_matches(key, _keys(table), n=1)
         if close:
-            return f"{_format_loc(loc)}: unknown key (did you mean {close[0]!r}?)"
+            return f"{_format_loc(loc, known)}: unknown key (did you mean {close[0]!r}?)"
         elsewhere = [".".join(t) for t in _TABLES if key in _keys(t) and t]
         if elsewhere:
-            return f"{_format_loc(loc)}: unknown key here (it belongs in [{elsewhere[0]}])"
-        return f"{_format_loc(loc)}: unknown key (expected one of: {', '.join(_keys(table))})"
+            return f"{_format_loc(loc, known)}: unknown key here (it belongs in [{elsewhere[0]}])"
+        return f"{_format_loc(loc, known)}: unknown key (expected one of: {', '.join(_keys(table))})"
     if kind == "missing":
         full = tuple(p for p in loc if isinstance(p, str))
         if full == ("senders",):
             return "senders: missing; add at least one [[senders]] table with name and grant_id"
         if full in _TABLES:
-            return f"{_format_loc(loc)}: required table [{'.'.join(full)}] is missing"
-        return f"{_format_loc(loc)}: required key is missing"
+            return f"{_format_loc(loc, known)}: required table [{'.'.join(full)}] is missing"
+        return f"{_format_loc(loc, known)}: required key is missing"
     if kind == "too_short" and loc == ("senders",):
         return "senders: add at least one [[senders]] table with name and grant_id"
     if kind == "string_too_short" and error.get("ctx", {}).get("min_length") == 1:
@@ -287,11 +310,11 @@ def _describe_error(error: ErrorDetails) -> str:  # noqa: C901 - one branch per 
         message += f" (got {_toml_type(error['input'])})"
     elif kind != "value_error" and type(error["input"]) in {int, float}:
         message += f" (got {error['input']})"
-    place = _format_loc(loc)
+    place = _format_loc(loc, known)
     return f"{place}: {message}" if place else message
 
 
-def _describe_validation(exc: ValidationError, name: str) -> str:
+def _describe_validation(exc: ValidationError, name: str, known: tuple[str, ...] = ()) -> str:
     errors = exc.errors()
     # A list whose only item failed is also "too short": that echo is not a problem of its own.
     inner = {e["loc"][:n] for e in errors for n in range(len(e["loc"]))}
@@ -299,7 +322,7 @@ def _describe_validation(exc: ValidationError, name: str) -> str:
     # A typo makes a key unknown *and* leaves the real key missing: report the typo first.
     errors.sort(key=lambda e: e["type"] != "extra_forbidden")
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{name}: {_describe_error(errors[0])}{more}"
+    return f"{name}: {_describe_error(errors[0], known)}{more}"
 
 
 def parse_manifest(text: str, *, path: Path) -> Manifest:
@@ -315,10 +338,26 @@ def parse_manifest(text: str, *, path: Path) -> Manifest:
         raise ManifestError(f"{path.name}: line {found[2]}: invalid TOML ({found[1]})") from exc
     if "path" in data:
         raise ManifestError(f"{path.name}: path: unknown key (expected one of: {', '.join(_keys(()))})")
+    # The secrets a value in a wrong key may be: what the variables this manifest names hold (read
+    # from its tables as written: they may not validate), to look for and never to show.
+    known = secret_values(_secret_envs_named(data))
+    context = {"base_dir": path.parent, "secrets": known}
     try:
-        return Manifest.model_validate({**data, "path": path}, context={"base_dir": path.parent})
+        return Manifest.model_validate({**data, "path": path}, context=context)
     except ValidationError as exc:
-        raise ManifestError(_describe_validation(exc, path.name)) from exc
+        raise ManifestError(_describe_validation(exc, path.name, known)) from exc
+
+
+def _secret_envs_named(data: dict[str, object]) -> list[str]:
+    """The names of the secret variables the manifest's tables name (api.key_env, unsubscribe.secret_env,
+    ledger.password_env), those written as variable names."""
+    names = []
+    for table, key in (("api", "key_env"), ("unsubscribe", "secret_env"), ("ledger", "password_env")):
+        settings = data.get(table)
+        name = settings.get(key) if isinstance(settings, dict) else None
+        if isinstance(name, str) and is_env_name(name):
+            names.append(name)
+    return names
 
 
 def load_manifest(path: Path) -> Manifest:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from campaign.headers import header_name_problem
 from campaign.manifest._settings import (
@@ -21,6 +21,7 @@ from campaign.manifest._settings import (
     ManifestPath,
     TimeOfDay,
     check_one_body,
+    quoted,
 )
 
 __all__ = ["AttachmentSettings", "MessageSettings", "TrackingSettings"]
@@ -97,26 +98,28 @@ class AttachmentSettings(BaseModel):
 
     @field_validator("content_type")
     @classmethod
-    def _check_content_type(cls, value: str | None) -> str | None:
+    def _check_content_type(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not _MEDIA_TYPE.fullmatch(value):
-            raise ValueError(f"{value!r} is not a MIME type such as 'application/pdf' or 'image/png'")
+            raise ValueError(
+                f"{quoted(value, info)} is not a MIME type such as 'application/pdf' or 'image/png'"
+            )
         return value
 
     @field_validator("content_id")
     @classmethod
-    def _check_content_id(cls, value: str | None) -> str | None:
+    def _check_content_id(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            _check_cid(value)
+            _check_cid(value, info)
         return value
 
     @model_validator(mode="after")
-    def _check_inline(self) -> AttachmentSettings:
+    def _check_inline(self, info: ValidationInfo) -> AttachmentSettings:
         if self.inline is False and self.content_id is not None:
             raise ValueError("a content_id makes the file inline; drop `inline = false` or the content_id")
         if self.inline and self.content_id is None:
             if self.per_recipient:
                 raise ValueError("give a content_id for an inline file whose path is a template")
-            _check_cid(self.cid or "", derived=True)
+            _check_cid(self.cid or "", info, derived=True)
         return self
 
     @property
@@ -132,8 +135,9 @@ class AttachmentSettings(BaseModel):
         return self.path.rsplit("/", 1)[-1].split(".", 1)[0]
 
 
-def _check_cid(value: str, *, derived: bool = False) -> None:
-    what = f"the file name gives the content id {value!r}, which" if derived else f"{value!r}"
+def _check_cid(value: str, info: ValidationInfo, *, derived: bool = False) -> None:
+    shown = quoted(value, info)
+    what = f"the file name gives the content id {shown}, which" if derived else shown
     hint = "; set content_id" if derived else ""
     if not _CONTENT_ID.fullmatch(value):
         raise ValueError(f"{what} must be letters, digits, '.', '_' or '-' (at most 100){hint}")
@@ -215,13 +219,14 @@ class MessageSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _unique_content_ids(self) -> MessageSettings:
+    def _unique_content_ids(self, info: ValidationInfo) -> MessageSettings:
         first: dict[str, int] = {}
         for index, attachment in enumerate(self.attachments, start=1):
             cid = attachment.cid
             if cid is not None and cid in first:
                 raise ValueError(
-                    f"attachments[{index}] and attachments[{first[cid]}] both have content id {cid!r}; "
+                    f"attachments[{index}] and attachments[{first[cid]}] both have content id "
+                    f"{quoted(cid, info)}; "
                     "give each inline file its own content_id"
                 )
             if cid is not None:

@@ -5,14 +5,16 @@ Frozen pydantic models of those tables, and the validated field types every tabl
 URL of an unsubscribe store in PostgreSQL).
 `campaign.manifest._load` joins them with the [message] table (`campaign.manifest._message`)
 and turns validation errors into one line. These models check shapes and values only:
-they never open the files they name and never read the environment.
+they never open the files they name and never read the environment. An error repeats a value
+through `quoted`, which hides one that looks like a secret (the secret values to look for are
+handed in as validation context).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from campaign.headers import header_value_problem
 from campaign.manifest._presets import PROVIDER_PRESETS
+from campaign.redaction import looks_like_secret, quote_value
 from campaign.sendtime import SendWindow, load_zone, parse_deliver_at, parse_window
 
 __all__ = [
@@ -56,7 +59,10 @@ __all__ = [
     "check_ledger_url",
     "check_one_body",
     "check_store_url",
+    "is_env_name",
     "is_store_url",
+    "known_secrets",
+    "quoted",
 ]
 
 DEFAULT_PER_SECOND = 2.0
@@ -66,6 +72,8 @@ _NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 # Capitals, digits and '_', as environment variable names are written: a pasted key or secret
 # (`nyk_v0_…`, base64, hex) never looks like one, so a value that does is not echoed anywhere.
 _ENV_PATTERN = r"^[A-Z_][A-Z0-9_]{0,63}$"
+# A URL parameter whose name holds one of these holds a secret (libpq's sslpassword, oauth_client_secret).
+_SECRET_PARAMETER_WORDS = ("password", "secret", "token")
 # A value that starts like `postgresql://` is a URL, never a file name (a path holds no "scheme://").
 _URL_START = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Bounds that keep every duration and budget finite: one send a day at the slowest, 1,000/s at the
@@ -80,16 +88,32 @@ DEFAULT_STOP_AFTER_REJECTIONS = 20
 FROZEN = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_name(value: str) -> str:
+def known_secrets(info: ValidationInfo | None) -> tuple[str, ...]:
+    """The secret values the manifest's loader handed in (validation context `secrets`), to look for."""
+    context = None if info is None else info.context
+    return tuple(context.get("secrets", ())) if isinstance(context, dict) else ()
+
+
+def quoted(value: object, info: ValidationInfo | None) -> str:
+    """`value` as an error message repeats it: its repr, or words saying it looks like a secret."""
+    return quote_value(value, known_secrets(info))
+
+
+def _check_name(value: str, info: ValidationInfo) -> str:
     if not re.fullmatch(_NAME_PATTERN, value):
-        raise ValueError(f"{value!r} may only use letters, digits, '.', '_' and '-'")
+        raise ValueError(f"{quoted(value, info)} may only use letters, digits, '.', '_' and '-'")
     return value
+
+
+def is_env_name(value: str) -> bool:
+    """Whether `value` is written as an environment variable's name (capitals, digits and '_')."""
+    return re.fullmatch(_ENV_PATTERN, value) is not None
 
 
 def check_env_name(value: str) -> str:
     """`value` if it looks like an environment variable name; ValueError (not repeating it) if not."""
     # Never echo the value: a user may have pasted the secret itself here.
-    if not re.fullmatch(_ENV_PATTERN, value):
+    if not is_env_name(value):
         raise ValueError(
             "the value does not look like an environment variable name (capitals, digits and '_', "
             "e.g. MY_VAR); put the NAME of the variable here, never the secret itself"
@@ -97,11 +121,11 @@ def check_env_name(value: str) -> str:
     return value
 
 
-def _check_address(value: str) -> str:
+def _check_address(value: str, info: ValidationInfo) -> str:
     try:
         return validate_email(value.strip(), check_deliverability=False).normalized
     except EmailNotValidError as exc:
-        raise ValueError(f"{value!r} is not a valid address ({str(exc).rstrip('.')})") from exc
+        raise ValueError(f"{quoted(value, info)} is not a valid address ({str(exc).rstrip('.')})") from exc
 
 
 def _check_header_value(value: str) -> str:
@@ -129,7 +153,7 @@ ManifestPath = Annotated[Path, AfterValidator(_resolve)]
 def _path_or_store_url(value: object, info: ValidationInfo) -> Path | str:
     """A `postgresql://` URL as given (checked: no password), else a manifest path (resolved)."""
     if isinstance(value, str) and is_store_url(value):
-        return check_store_url(value)
+        return check_store_url(value, known=known_secrets(info))
     if isinstance(value, str | Path):
         return _resolve(Path(value), info)
     raise PydanticCustomError("path_or_url_type", "must be a path string or a postgresql:// URL")
@@ -196,33 +220,45 @@ class ApiSettings(BaseModel):
 
     @field_validator("uri")
     @classmethod
-    def _check_uri(cls, value: str | None) -> str | None:
+    def _check_uri(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not re.fullmatch(r"https?://\S+", value):
-            raise ValueError(f"{value!r} must be an https:// URL such as https://api.us.nylas.com")
+            raise ValueError(
+                f"{quoted(value, info)} must be an https:// URL such as https://api.us.nylas.com"
+            )
         return None if value is None else value.rstrip("/")
 
 
-def check_ledger_url(value: str) -> str:
+def check_ledger_url(value: str, *, known: Iterable[str] = ()) -> str:
     """A PostgreSQL ledger's URL as given, or ValueError saying what is wrong (never echoing a password).
 
-    The password may not be in it: a manifest is shared and committed, and a command line is seen by
-    every user of the machine (`ps`). It comes from PGPASSWORD or the variable `password_env` names.
+    The password may not be in it, nor any other secret (a parameter named like a password, secret or
+    token; a value that looks like a secret, or is one of the `known` secret values): a manifest is
+    shared and committed, a command line is seen by every user of the machine (`ps`), and the URL is
+    how messages name the ledger. The password comes from PGPASSWORD or the variable `password_env`
+    names.
     """
     return _check_postgres_url(
         value,
         wrong_scheme="must be a PostgreSQL URL such as postgresql://campaign@db.example.com/campaigns",
         password_advice="export it as PGPASSWORD, or name a variable holding it in [ledger] password_env",
+        known=known,
     )
 
 
-def check_store_url(value: str) -> str:
+def _check_ledger_url(value: str, info: ValidationInfo) -> str:
+    return check_ledger_url(value, known=known_secrets(info))
+
+
+def check_store_url(value: str, *, known: Iterable[str] = ()) -> str:
     """An unsubscribe store's PostgreSQL URL as given, or ValueError saying what is wrong (never echoing
-    it: it may hold a password). The password comes from PGPASSWORD (or ~/.pgpass), read by libpq."""
+    it: it may hold a password). As a ledger's (`check_ledger_url`), it holds no password nor other
+    secret. The password comes from PGPASSWORD (or ~/.pgpass), read by libpq."""
     return _check_postgres_url(
         value,
         wrong_scheme="is a URL but not a PostgreSQL one: give a file's path, or a PostgreSQL URL such as "
         "postgresql://campaign@db.example.com/campaigns",
         password_advice="export it as PGPASSWORD",
+        known=known,
     )
 
 
@@ -231,9 +267,11 @@ def is_store_url(value: str) -> bool:
     return _URL_START.match(value) is not None
 
 
-def _check_postgres_url(value: str, *, wrong_scheme: str, password_advice: str) -> str:
-    """`value` if it is a PostgreSQL URL without a password; ValueError (`wrong_scheme` for another
-    scheme, `password_advice` saying where a password goes) never repeating the value."""
+def _check_postgres_url(
+    value: str, *, wrong_scheme: str, password_advice: str, known: Iterable[str] = ()
+) -> str:
+    """`value` if it is a PostgreSQL URL without a password or other secret; ValueError (`wrong_scheme`
+    for another scheme, `password_advice` saying where a password goes) never repeating the value."""
     parts = urlsplit(value)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError(wrong_scheme)
@@ -245,10 +283,23 @@ def _check_postgres_url(value: str, *, wrong_scheme: str, password_advice: str) 
             "is not a valid URL (a port must be a number); e.g. postgresql://campaign@db.example.com:5432/"
             "campaigns"
         ) from None
-    in_query = any(name.strip().lower() == "password" for name, _ in parse_qsl(parts.query))
-    if password is not None or in_query:
+    names = [name.strip().lower() for name, _ in parse_qsl(parts.query)]
+    if password is not None or "password" in names:
         raise ValueError(
             f"holds a password, which must not be written down here; remove it and {password_advice}"
+        )
+    secret = next((name for name in names if any(word in name for word in _SECRET_PARAMETER_WORDS)), None)
+    if secret is not None:
+        # Named only when it reads as a parameter's name (sslpassword), never as a value pasted there.
+        named = f"its parameter {secret}" if re.fullmatch(r"[a-z_]{1,40}", secret) else "a parameter"
+        raise ValueError(
+            f"holds a secret ({named}), which must not be written down here; remove it and keep it in "
+            "a PostgreSQL service file (service=NAME in the URL)"
+        )
+    if looks_like_secret(value, known):
+        raise ValueError(
+            "holds a value that looks like a secret (an API key, a token), which must not be written "
+            "down here; remove it"
         )
     if any(not char.isprintable() or char.isspace() for char in value):
         raise ValueError("holds a space or a control character; write the URL alone")
@@ -259,7 +310,7 @@ class LedgerSettings(BaseModel):
     """[ledger]: where the campaign's progress is kept. Default: a SQLite file beside the manifest."""
 
     model_config = FROZEN
-    url: Annotated[str, AfterValidator(check_ledger_url)] | None = Field(
+    url: Annotated[str, AfterValidator(_check_ledger_url)] | None = Field(
         default=None,
         description="A PostgreSQL database to keep the ledger in, shared by several machines running the "
         "campaign, e.g. postgresql://campaign@db.example.com/campaigns (no password here: see "
@@ -328,9 +379,9 @@ class RecipientsSettings(BaseModel):
 
     @field_validator("delimiter")
     @classmethod
-    def _check_delimiter(cls, value: str) -> str:
+    def _check_delimiter(cls, value: str, info: ValidationInfo) -> str:
         if len(value) != 1:
-            raise ValueError(f'{value!r} must be one character, e.g. ";" or "\\t"')
+            raise ValueError(f'{quoted(value, info)} must be one character, e.g. ";" or "\\t"')
         if value in {'"', "\n", "\r"}:
             raise ValueError(f'{value!r} cannot separate fields; use e.g. ",", ";" or "\\t"')
         return value

@@ -38,6 +38,7 @@ from campaign.recipients._listfile import (
     read_table,
     read_text,
 )
+from campaign.redaction import quote_value, secret_values
 from campaign.sendtime import load_zone
 
 __all__ = [
@@ -430,6 +431,12 @@ def _suppression_values(path: Path) -> list[tuple[str, str]]:
     return [(f"line {number}", value) for number, value in enumerate(first + column, start=1 if first else 2)]
 
 
+_FIX_ENTRY = (
+    "correct it (e.g. ann@example.com or Ann <ann@example.com>), or start the line with # to keep it as "
+    "a comment"
+)
+
+
 def load_suppression(paths: Sequence[Path | str]) -> frozenset[str]:
     """The lower-cased normalised addresses listed in the suppression files.
 
@@ -442,16 +449,14 @@ def load_suppression(paths: Sequence[Path | str]) -> frozenset[str]:
         if isinstance(path, str) or path.suffix.lower() in STORE_SUFFIXES:
             continue  # an unsubscribe store (a file, or a database's URL): preflight reads it
         for where, value in _suppression_values(path):
-            fix = (
-                "correct it (e.g. ann@example.com or Ann <ann@example.com>), or start the line with # to "
-                "keep it as a comment"
-            )
             try:
                 addresses = parse_suppression_entry(value)
             except RecipientDataError as exc:
-                raise RecipientDataError(f"{path.name}: {where}: {exc}; {fix}") from exc
+                shown = quote_value(path.name, secret_values(), bare=True)
+                raise RecipientDataError(f"{shown}: {where}: {exc}; {_FIX_ENTRY}") from exc
             if addresses is None:
-                raise RecipientDataError(f"{path.name}: {where} holds no email address; {fix}")
+                shown = quote_value(path.name, secret_values(), bare=True)
+                raise RecipientDataError(f"{shown}: {where} holds no email address; {_FIX_ENTRY}")
             found.update(addresses)
     return frozenset(found)
 

@@ -85,10 +85,11 @@ _INBOX_PULL = "inbox_pull:"
 _SAME_REPORT = timedelta(hours=1)
 
 
-def store_location(value: str) -> Path | str:
+def store_location(value: str, *, known: Iterable[str] = ()) -> Path | str:
     """A store named on a command line: a `postgresql://` URL as given, else a file's path; ValueError
-    (never repeating the value) for a URL of another kind or one holding a password."""
-    return check_store_url(value) if is_store_url(value) else Path(value)
+    (never repeating the value) for a URL of another kind or one holding a password or other secret
+    (`known`: the secret values it may not hold)."""
+    return check_store_url(value, known=known) if is_store_url(value) else Path(value)
 
 
 def is_store_path(where: Path | str) -> bool:

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from campaign.errors import HeaderError, ManifestError
 from campaign.headers import header_value_problem
+from campaign.redaction import quote_value
 
 __all__ = [
     "MIN_SECRET_LENGTH",
@@ -306,8 +307,10 @@ def _check_url(url: str, campaign: str) -> None:
         raise HeaderError(f"{where} must use https (RFC 8058 one-click needs an https URL)")
     if not parts.hostname:
         raise HeaderError(f"{where} has no host name")
-    if "@" in parts.netloc:
-        raise HeaderError(f"{where} must not contain a user name or password before the host")
+    if "@" in parts.netloc:  # not repeated: what comes before the host may be a password
+        raise HeaderError(
+            f"campaign {campaign}: unsubscribe.url must not contain a user name or password before the host"
+        )
     if "#" in url:
         raise HeaderError(f"{where} must not contain a #fragment; it is never sent to the server")
 
@@ -328,7 +331,7 @@ def _parse_mailto(mailto: str, campaign: str) -> tuple[str, bool]:
         or address.endswith("@")
     ):
         raise HeaderError(
-            f"campaign {campaign}: unsubscribe.mailto {mailto!r} must be a plain ASCII address "
+            f"campaign {campaign}: unsubscribe.mailto {quote_value(mailto)} must be a plain ASCII address "
             "such as unsubscribe@example.com"
         )
     params = [param for param in query.split("&") if param]

@@ -1,0 +1,117 @@
+"""Keeping secrets out of what campaign prints: what a secret looks like, and values quoted safely.
+
+The API key, the unsubscribe and webhook secrets and a database's password live in environment
+variables. A user may still paste one where another value belongs: a manifest key, a list's path, a
+database's URL. `looks_like_secret` decides whether a value may be one: it holds a Nylas API key
+(`nyk_…`), the value of a secret variable, or a long random-looking token. `quote_value` is how an
+error message repeats a value: its repr, or `HIDDEN` in its place. `scrub_secrets` masks the known
+secret values (and Nylas keys) in any text, the CLI's last check before it prints an error.
+`secret_values` reads those values from the environment; everything else here is pure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "DEFAULT_SECRET_ENVS",
+    "HIDDEN",
+    "MASK",
+    "looks_like_secret",
+    "quote_value",
+    "scrub_secrets",
+    "secret_values",
+]
+
+# The variables that hold secrets unless a manifest or an option names others: the API key
+# (api.key_env), the unsubscribe secret(s) (unsubscribe.secret_env, --secret-env), the webhook
+# secret(s) (--webhook-secret-env) and libpq's database password.
+DEFAULT_SECRET_ENVS = ("NYLAS_API_KEY", "CAMPAIGN_UNSUBSCRIBE_SECRET", "NYLAS_WEBHOOK_SECRET", "PGPASSWORD")
+# What an error message says in place of a value that looks like a secret.
+HIDDEN = "(a value that looks like a secret, not shown)"
+# What a known secret becomes in a message the CLI prints.
+MASK = "***"
+
+# A known secret this long is recognised inside any text (a path, a URL, a message); a shorter one (a
+# database password such as "postgres" is also a user's name) only as a whole value. Unsubscribe
+# secrets are at least this long, API keys and webhook secrets longer.
+_ANYWHERE = 16
+# Secrets are separated by commas or whitespace in a variable that holds several (during a rotation).
+_SEVERAL = re.compile(r"[\s,]+")
+_NYLAS_KEY = re.compile(r"nyk_[A-Za-z0-9_-]{4,}")
+# A long run of token characters; a UUID (a grant id) is an identifier, not a secret, and is taken out.
+_RUN = re.compile(r"[A-Za-z0-9_-]{32,}")
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+_HEX = re.compile(r"[0-9a-f]{32,}|[0-9A-F]{32,}")
+# The pieces people read a name in: a capitalised or lower-case word, an upper-case word, a number.
+_PIECE = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
+# Random letters and digits break into pieces of 1.8 characters on average, words and numbers into
+# pieces of 3 and more; names cut by '_' or '-' more often than one character in eight are
+# people's (a slug, a date), not a token's.
+_MOST_PIECE_LENGTH = 2.5
+_MOST_SEPARATORS = 1 / 8
+
+
+def secret_values(names: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The secrets in the variables `DEFAULT_SECRET_ENVS` and `names` name, those that are set: each
+    value whole and each of the secrets it lists, longest first. Never shown: only to look for."""
+    environ = os.environ if environ is None else environ
+    found: set[str] = set()
+    for name in (*DEFAULT_SECRET_ENVS, *names):
+        value = environ.get(name, "").strip()
+        found.update(part for part in (value, *_SEVERAL.split(value)) if part)
+    return tuple(sorted(found, key=lambda secret: (-len(secret), secret)))
+
+
+def looks_like_secret(value: str, known: Iterable[str] = ()) -> bool:
+    """Whether `value` holds what may be a secret: one of the `known` secret values, a Nylas API key
+    (`nyk_…`), or a long random-looking token (32 or more letters, digits, '_' and '-', with letters
+    and digits, that reads as no words: hex, base64url, an API token). Ordinary values (addresses,
+    URLs, paths, names, dates, UUIDs) are not."""
+    text = str(value)
+    if any(_holds(text, secret) for secret in known):
+        return True
+    if _NYLAS_KEY.search(text):
+        return True
+    return any(_looks_random(run) for run in _RUN.findall(_UUID.sub(" ", text)))
+
+
+def quote_value(value: object, known: Iterable[str] = (), *, bare: bool = False) -> str:
+    """`value` as an error message repeats it: its repr (or, `bare`, its text, e.g. a path), or
+    `HIDDEN` when it looks like a secret (`looks_like_secret`, with the `known` secret values)."""
+    if looks_like_secret(str(value), known):
+        return HIDDEN
+    return str(value) if bare else repr(value)
+
+
+def scrub_secrets(text: str, known: Iterable[str]) -> str:
+    """`text` with every `known` secret value of 16 characters or more, and anything like a Nylas API
+    key, replaced by `MASK` (a shorter secret may be an everyday word: `quote_value` hides it whole)."""
+    for secret in sorted(known, key=len, reverse=True):
+        if len(secret) >= _ANYWHERE:
+            text = text.replace(secret, MASK)
+    return _NYLAS_KEY.sub(MASK, text)
+
+
+def _holds(text: str, secret: str) -> bool:
+    if len(secret) >= _ANYWHERE:
+        return secret in text
+    return bool(secret) and text.strip() == secret
+
+
+def _looks_random(run: str) -> bool:
+    if not _has_letters_and_digits(run):
+        return False
+    if any(_has_letters_and_digits(found) for found in _HEX.findall(run)):
+        return True  # 32 hex digits and more: a digest or a key
+    separators = sum(char in "_-" for char in run)
+    if separators > len(run) * _MOST_SEPARATORS:
+        return False
+    pieces = _PIECE.findall(run)
+    return sum(map(len, pieces)) / len(pieces) <= _MOST_PIECE_LENGTH
+
+
+def _has_letters_and_digits(text: str) -> bool:
+    return any(char.isalpha() for char in text) and any(char.isdigit() for char in text)
