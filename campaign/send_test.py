@@ -11,11 +11,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError
 
 from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError, DataError, UsageError
 from campaign.ledger import Ledger
-from campaign.manifest import Manifest, SenderSettings
+from campaign.manifest import Manifest, SenderSettings, normalize_sendable_address
 from campaign.models import Address, Message, OutcomeKind
 from campaign.nylas import (
     SendClient,
@@ -129,8 +129,8 @@ def _readdress(message: Message, to: Address, *, campaign: str) -> Message:
 
 def _parse_address(value: str) -> Address:
     try:
-        return Address(validate_email(value.strip(), check_deliverability=False).normalized)
-    except EmailNotValidError as exc:
+        return Address(normalize_sendable_address(value))
+    except (EmailNotValidError, ValueError) as exc:
         raise UsageError(f"--to {value!r} is not a valid address ({str(exc).rstrip('.')})") from exc
 
 

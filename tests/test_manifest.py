@@ -229,6 +229,16 @@ def test_reply_to_must_be_an_address(tmp_path: Path) -> None:
     assert good.message.reply_to == "Help@example.com"
 
 
+def test_addresses_are_kept_as_the_api_takes_them(tmp_path: Path) -> None:
+    """Nylas refuses a participant address holding any non-ASCII character (402): an internationalised
+    domain is kept in its ASCII form, and a non-ASCII part before @ is refused, naming the key."""
+    good = parse(BASE.replace("[message]", '[message]\nreply_to = "help@Bücher.example"'), tmp_path)
+    assert good.message.reply_to == "help@xn--bcher-kva.example"
+    message = error_of(BASE.replace("[message]", '[message]\nreply_to = "jörg@example.com"'), tmp_path)
+    assert message.startswith("campaign.toml: message.reply_to: 'jörg@example.com' is not a valid address")
+    assert "non-ASCII" in message
+
+
 UNSUB = '\n[unsubscribe]\nurl = "{url}"\nmailto = "{mailto}"\n'
 
 

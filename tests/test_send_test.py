@@ -44,6 +44,15 @@ def test_send_test_sends_one_message_to_the_tester_and_leaves_no_ledger(api, cli
     assert not (manifest.parent / "campaign.ledger.sqlite").exists()
 
 
+def test_send_test_sends_to_an_internationalised_domain_in_ascii(api, cli, tmp_path):
+    """The API refuses non-ASCII participant addresses: --to with a Unicode domain goes out in ASCII."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    result = cli("send-test", manifest, "--to", "me@bücher.example", "--row", "2")
+    assert result.exit_code == 0, result.output
+    assert [d.payload["to"] for d in api.deliveries] == [[{"email": "me@xn--bcher-kva.example"}]]
+
+
 def test_send_test_renders_the_row_exactly_as_the_run_would(api, cli, tmp_path):
     """Apart from To, the [TEST] prefix and the metadata, the test is the message `run` sends for that row."""
     manifest = copy_sample("newsletter", tmp_path)

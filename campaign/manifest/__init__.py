@@ -21,6 +21,7 @@ from campaign.manifest._settings import (
     check_ledger_url,
     check_store_url,
     is_store_url,
+    normalize_sendable_address,
 )
 from campaign.manifest._starter import write_starter
 
@@ -41,5 +42,6 @@ __all__ = [
     "check_store_url",
     "is_store_url",
     "load_manifest",
+    "normalize_sendable_address",
     "write_starter",
 ]

@@ -62,6 +62,7 @@ __all__ = [
     "is_env_name",
     "is_store_url",
     "known_secrets",
+    "normalize_sendable_address",
     "quoted",
 ]
 
@@ -121,10 +122,26 @@ def check_env_name(value: str) -> str:
     return value
 
 
+def normalize_sendable_address(value: str) -> str:
+    """`value` as the Nylas API takes a participant: email_validator's normalised local part, '@', and
+    the domain in ASCII (IDNA; plain ASCII addresses come out exactly as `normalized` gives them).
+
+    Nylas refuses any address holding a non-ASCII character (402): an internationalised domain is sent
+    in its `xn--` form, and a non-ASCII local part, which cannot be sent at all, is a ValueError. Raises
+    email_validator's EmailNotValidError for what is not an address.
+    """
+    found = validate_email(value.strip(), check_deliverability=False)
+    if not found.local_part.isascii():
+        raise ValueError(
+            f"the part before @ holds non-ASCII characters ({found.local_part}), which the Nylas API refuses"
+        )
+    return f"{found.local_part}@{found.ascii_domain}"
+
+
 def _check_address(value: str, info: ValidationInfo) -> str:
     try:
-        return validate_email(value.strip(), check_deliverability=False).normalized
-    except EmailNotValidError as exc:
+        return normalize_sendable_address(value)
+    except (EmailNotValidError, ValueError) as exc:
         raise ValueError(f"{quoted(value, info)} is not a valid address ({str(exc).rstrip('.')})") from exc
 
 
