@@ -10,6 +10,7 @@ import tomllib
 from urllib.parse import urlparse
 
 import httpx
+import pytest
 from conftest import API_KEY, REPO, SECRET, copy_sample
 from support import serve_sandbox
 
@@ -225,6 +226,13 @@ def test_preview_sends_nothing_and_writes_no_ledger(api, cli, tmp_path):
     assert dry.exit_code == 0
     assert "Spring news for Ann" in dry.stdout
     assert api.requests == []
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    ledger = (manifest.parent / "campaign.ledger.sqlite").read_bytes()
+    dry = cli("resume", manifest, "--dry-run")  # README: resume takes run's options
+    assert dry.exit_code == 0, dry.output
+    assert "dry run: nothing sent" in dry.stdout
+    assert len(api.requests) == 1
+    assert (manifest.parent / "campaign.ledger.sqlite").read_bytes() == ledger
 
 
 def test_preview_json_summary(api, cli, tmp_path):
@@ -278,6 +286,40 @@ def test_init_writes_a_starter_and_never_overwrites(cli, tmp_path):
     assert again.exit_code == 1
     assert "never overwrites" in again.stderr
     assert manifest.read_text() == original
+
+
+def test_init_into_a_folder_it_cannot_make_is_one_line_not_a_traceback(cli, tmp_path):
+    """A path under a file, or a folder that cannot be written: one line naming it, exit 1, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    failed = cli("init", blocker / "campaign")
+    assert failed.exit_code == 1
+    assert failed.stderr.strip().count("\n") == 0
+    assert str(blocker) in failed.stderr
+    assert "Traceback" not in failed.output
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_a_port_out_of_range_is_a_usage_error(cli, port):
+    """`sandbox`, `serve` and `unsubscribe serve` take 0-65535 (a traceback from bind() before)."""
+    for command in (
+        ["sandbox"],
+        ["serve", "--store", "x.sqlite"],
+        ["unsubscribe", "serve", "--store", "x.sqlite"],
+    ):
+        refused = cli(*command, "--port", port)
+        assert refused.exit_code == 2, refused.output
+        assert "--port" in refused.output
+
+
+def test_help_shows_the_ledger_table_name():
+    """Rich markup would eat `[ledger]` in the --ledger help."""
+    from typer.testing import CliRunner
+
+    from campaign.cli import app
+
+    shown = CliRunner().invoke(app, ["status", "--help"], env={"COLUMNS": "300"}).output
+    assert "instead of [ledger] url" in " ".join(shown.replace("│", " ").split())
 
 
 def _schema_paths(schema: dict, node: dict, prefix: str = "") -> set[str]:

@@ -14,7 +14,7 @@ import httpx
 import typer
 from rich.markup import escape
 
-from campaign.cli.base import exit_codes, out
+from campaign.cli.base import PortOpt, exit_codes, out
 from campaign.cli.wiring import SANDBOX_API_KEY, build_sandbox_api, command_path, load_campaign
 from campaign.errors import UsageError
 from campaign.manifest import build_manifest_schema, write_starter
@@ -50,7 +50,7 @@ def sandbox(
         Path | None, typer.Argument(help="Register this manifest's senders as grants.", show_default=False)
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+    port: PortOpt = 8765,
     listing_lag: Annotated[
         str | None,
         typer.Option(

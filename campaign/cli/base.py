@@ -30,6 +30,7 @@ __all__ = [
     "EXIT_RESUMABLE",
     "LedgerOpt",
     "ManifestArg",
+    "PortOpt",
     "SandboxOpt",
     "SkipInvalidOpt",
     "err",
@@ -59,10 +60,11 @@ LedgerOpt = Annotated[
         "--ledger",
         metavar="URL",
         help="Keep the ledger in this PostgreSQL database (postgresql://user@host/db; the password from "
-        "PGPASSWORD) instead of [ledger] url or the SQLite file beside the manifest.",
+        "PGPASSWORD) instead of \\[ledger] url or the SQLite file beside the manifest.",
         show_default=False,
     ),
 ]
+PortOpt = Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")]
 SkipInvalidOpt = Annotated[
     bool, typer.Option("--skip-invalid", help="Skip rows that do not validate or render, recording why.")
 ]

@@ -89,12 +89,15 @@ class _RunChoices:
     ledger: str | None
 
 
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Same as `campaign preview`.")]
+
+
 def run(
     manifest: ManifestArg,
     yes: YesOpt = False,
     limit: LimitOpt = None,
     sandbox: SandboxOpt = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Same as `campaign preview`.")] = False,
+    dry_run: DryRunOpt = False,
     skip_invalid: SkipInvalidOpt = False,
     wait: WaitOpt = False,
     allow_changed_content: AllowChangedOpt = False,
@@ -113,12 +116,16 @@ def resume(
     yes: YesOpt = False,
     limit: LimitOpt = None,
     sandbox: SandboxOpt = False,
+    dry_run: DryRunOpt = False,
     skip_invalid: SkipInvalidOpt = False,
     wait: WaitOpt = False,
     allow_changed_content: AllowChangedOpt = False,
     ledger: LedgerOpt = None,
 ) -> None:
     """Continue a campaign after a quota stop, crash or Ctrl-C (needs its ledger)."""
+    if dry_run:
+        preview(manifest, sandbox=sandbox, skip_invalid=skip_invalid, ledger=ledger)
+        return
     choices = _RunChoices(yes, limit, sandbox, skip_invalid, wait, allow_changed_content, ledger)
     _send_and_exit(manifest, choices, resuming=True)
 

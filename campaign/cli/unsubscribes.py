@@ -18,7 +18,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from campaign.cli.base import exit_codes, note_secret_envs, options, out
+from campaign.cli.base import PortOpt, exit_codes, note_secret_envs, options, out
 from campaign.cli.output import show
 from campaign.errors import DataError, UsageError
 from campaign.manifest import check_env_name
@@ -60,7 +60,6 @@ StoreOpt = Annotated[
 ]
 # The options `unsubscribe serve` and `serve` share.
 HostOpt = Annotated[str, typer.Option(help="Address to listen on.")]
-PortOpt = Annotated[int, typer.Option(help="Port to listen on.")]
 SecretEnvOpt = Annotated[
     str, typer.Option("--secret-env", help="Environment variable with the secret(s) links are signed with.")
 ]

@@ -69,7 +69,14 @@ def write_starter(directory: Path) -> list[Path]:
     if existing:
         message = f"{existing[0]} already exists; `campaign init` never overwrites: choose an empty folder"
         raise CampaignError(message)
-    directory.mkdir(parents=True, exist_ok=True)
-    for path in targets:
-        path.write_text(_FILES[path.name], encoding="utf-8")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in targets:
+            path.write_text(_FILES[path.name], encoding="utf-8")
+    except OSError as exc:
+        where = exc.filename or directory
+        reason = exc.strerror or type(exc).__name__
+        raise CampaignError(
+            f"cannot write the starter campaign at {where}: {reason}; choose a folder you can write"
+        ) from exc
     return targets
