@@ -16,6 +16,11 @@ from conftest import API_KEY, copy_sample, serve_fake
 import campaign.dispatch._loop as loop_module
 import campaign.followups._sequence as sequence_module
 from campaign.cli.base import options
+from campaign.clock import SystemClock
+from campaign.ledger import open_ledger
+from campaign.ledger._read import content_key
+from campaign.manifest import load_manifest
+from campaign.pipeline import load_content_fingerprint
 from campaign.testing import FakeClock, FakeNylas
 from campaign.testing.answers import build_answer
 
@@ -312,6 +317,70 @@ def test_a_changed_follow_up_is_refused_once_it_began_and_a_new_one_is_allowed(
     cli_clock.advance(86_400)
     assert cli("resume", manifest, "--yes").exit_code == 0
     assert all(len(by_step(fake)[email]["extra"]) == 1 for email in PEOPLE[:2])
+
+
+def _nudged(cli, cli_clock, tmp_path) -> Path:
+    """Two recipients sent step 1, then the nudge: every step but the last has begun sending."""
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    assert cli("run", manifest, "--yes").exit_code == 75
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    return manifest
+
+
+def _each_step_once(fake: FakeNylas) -> None:
+    for email in PEOPLE[:2]:
+        assert {step: len(sent) for step, sent in by_step(fake)[email].items()} == {
+            "message": 1, "nudge": 1, "last-call": 1
+        }  # fmt: skip
+
+
+def test_a_moved_campaign_goes_on_with_its_follow_ups(fake, cli, cli_clock, tmp_path):
+    """Each step's fingerprint counts paths from the campaign's folder: moved once the nudge went out,
+    the campaign goes on, each step sent once."""
+    manifest = _nudged(cli, cli_clock, tmp_path)
+    moved = tmp_path / "elsewhere" / "renamed"
+    moved.parent.mkdir()
+    manifest.parent.rename(moved)
+    cli_clock.advance(3 * 86_400)
+    done = cli("resume", moved / manifest.name, "--yes")
+    assert done.exit_code == 0, done.output
+    _each_step_once(fake)
+
+
+def test_legacy_fingerprints_of_every_step_are_unchanged_and_replaced(fake, cli, cli_clock, tmp_path):
+    """A ledger that kept each step's fingerprint in the legacy form (templates named by their absolute
+    path): an edit to the nudge is still refused, and the unchanged content goes on, the ledger then
+    holding today's fingerprint of every step, no change journaled."""
+    from campaign.pipeline._content import load_legacy_content_fingerprint
+
+    manifest = _nudged(cli, cli_clock, tmp_path)
+    loaded = load_manifest(manifest)
+    ledger = open_ledger(manifest.with_name("campaign.ledger.sqlite"), clock=SystemClock(), campaign="follow")
+    try:
+        for step in loaded.steps:
+            ledger._set_meta(content_key(step), load_legacy_content_fingerprint(loaded, step))
+    finally:
+        ledger.close()
+    nudge = manifest.parent / "nudge.txt.j2"
+    kept = nudge.read_text(encoding="utf-8")
+    nudge.write_text("Changed after it was sent\n", encoding="utf-8")
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 2
+    assert "follow-up 'nudge' changed since sending began" in refused.output
+    nudge.write_text(kept, encoding="utf-8")
+    cli_clock.advance(3 * 86_400)
+    done = cli("resume", manifest, "--yes")
+    assert done.exit_code == 0, done.output
+    _each_step_once(fake)
+    ledger = open_ledger(manifest.with_name("campaign.ledger.sqlite"), clock=SystemClock(), campaign="follow")
+    try:
+        assert {step: ledger.content_fingerprint(step) for step in loaded.steps} == {
+            step: load_content_fingerprint(loaded, step) for step in loaded.steps
+        }
+        assert ledger.journal() == []
+    finally:
+        ledger.close()
 
 
 @pytest.fixture(name="saturday")

@@ -5,13 +5,19 @@ reply-to, tracking, …) with the text of the body templates and of every templa
 they extend, include or import. The ledger keeps the fingerprint of the first run;
 a run whose content differs after sending began is refused unless the user allows
 it, and the change is then recorded in the ledger's journal. Sends nothing.
+
+Paths count relative to the campaign's folder (`portable_path`): the same files in another
+folder (moved, renamed, or a second machine's copy of a shared campaign) are the same content.
+Ledgers begun before kept a fingerprint that named each body template by its absolute path;
+`check_content` takes one of those, when it is this very content in this folder
+(`load_legacy_content_fingerprint`), as unchanged, and the run then records today's form.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from campaign.errors import UsageError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest
 from campaign.models import FIRST_STEP, RowState
+from campaign.pipeline._portable import portable_path, portable_settings
 from campaign.render import BUILTIN_TEMPLATES, read_template_file, walk_template_tree
 
 __all__ = ["ContentCheck", "check_content", "load_content_fingerprint", "record_content"]
@@ -35,9 +42,11 @@ class ContentCheck:
     """How this run's content compares with the ledger's: step 1's, and each follow-up's."""
 
     fingerprint: str
-    stored: str | None  # None: the ledger has no fingerprint yet
+    # The ledger's (one recorded in the legacy form for this very content counts as `fingerprint`);
+    # None: the ledger has no fingerprint yet.
+    stored: str | None
     sends_began: bool
-    # Follow-ups: step -> (this run's fingerprint, the ledger's, whether the step began sending).
+    # Follow-ups: step -> (this run's fingerprint, the ledger's as `stored`, whether the step began sending).
     steps: Mapping[str, tuple[str, str | None, bool]] = field(default_factory=dict)
 
     @property
@@ -62,17 +71,42 @@ class ContentCheck:
 
 def load_content_fingerprint(manifest: Manifest, step: str = FIRST_STEP) -> str:
     """SHA-256 over the message settings of `step` (default: [message]) and the text of every template
-    they use."""
+    they use, paths counted from the campaign's folder (`portable_path`): wherever the folder is, the
+    same files give the same fingerprint."""
+    base_dir = manifest.base_dir
+    settings = {
+        "message": portable_settings(manifest.step_message(step).model_dump(), base_dir),
+        "unsubscribe": (
+            None
+            if manifest.unsubscribe is None
+            else portable_settings(manifest.unsubscribe.model_dump(), base_dir)
+        ),
+    }
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return _fingerprint(manifest, step, text, lambda path: portable_path(path, base_dir))
+
+
+def load_legacy_content_fingerprint(manifest: Manifest, step: str = FIRST_STEP) -> str:
+    """The fingerprint as campaign computed it before paths counted from the campaign's folder: each body
+    template named by its absolute path (so another folder gave another fingerprint), the settings with
+    the folder's path taken out of their text. Only for telling a ledger that recorded it that its
+    content is unchanged (`check_content`); never recorded."""
     message = manifest.step_message(step)
     settings = {
         "message": message.model_dump(mode="json"),
         "unsubscribe": None if manifest.unsubscribe is None else manifest.unsubscribe.model_dump(mode="json"),
     }
-    # Paths count relative to the campaign's folder, so that moving the folder changes nothing.
     text = json.dumps(settings, sort_keys=True, default=str).replace(
         json.dumps(f"{manifest.base_dir}/")[1:-1], ""
     )
-    digest = hashlib.sha256(text.encode())
+    return _fingerprint(manifest, step, text, str)
+
+
+def _fingerprint(manifest: Manifest, step: str, settings: str, root_name: Callable[[Path], str]) -> str:
+    """SHA-256 over `settings` (the settings' text) and each template of `step`'s bodies, a body's own
+    file named by `root_name` (the templates it names, by the names it gives them)."""
+    digest = hashlib.sha256(settings.encode())
+    message = manifest.step_message(step)
     where = "message" if step == FIRST_STEP else f"followups.{step}"
     bodies = (
         (f"{where}.html", message.html),
@@ -82,7 +116,11 @@ def load_content_fingerprint(manifest: Manifest, step: str = FIRST_STEP) -> str:
     )
     for key, path in bodies:
         if path is not None:
-            for name, text in _template_tree(key, path, manifest.base_dir):
+            # Renamed after the walk, which finds the body by its absolute path (as the renderer does).
+            walked = _template_tree(key, path, manifest.base_dir)
+            for name, text in sorted(
+                (root_name(path) if name == str(path) else name, text) for name, text in walked
+            ):
                 digest.update(f"\0{name}\0{text}".encode())
     return digest.hexdigest()
 
@@ -105,9 +143,12 @@ def check_content(
     )
     check = ContentCheck(
         fingerprint,
-        ledger.content_fingerprint(),
+        _recorded(ledger, manifest, FIRST_STEP, fingerprint),
         started[FIRST_STEP] > 0,
-        {step: (now, ledger.content_fingerprint(step), started[step] > 0) for step, now in steps.items()},
+        {
+            step: (now, _recorded(ledger, manifest, step, now), started[step] > 0)
+            for step, now in steps.items()
+        },
     )
     if check.changed_steps and not allow_changed:
         step = check.changed_steps[0]
@@ -120,6 +161,16 @@ def check_content(
         )
         raise UsageError(message)
     return check
+
+
+def _recorded(ledger: Ledger, manifest: Manifest, step: str, now: str) -> str | None:
+    """The ledger's fingerprint of `step`, or `now` when it recorded this very content in the legacy form
+    (a ledger begun before paths counted from the campaign's folder: `load_legacy_content_fingerprint`).
+    That one counts as unchanged, and `record_content` then keeps `now`, which other folders agree on."""
+    stored = ledger.content_fingerprint(step)
+    if stored is not None and stored != now and stored == load_legacy_content_fingerprint(manifest, step):
+        return now
+    return stored
 
 
 def _started(counts: Mapping[RowState, int]) -> int:
@@ -145,4 +196,4 @@ def _template_tree(key: str, path: Path, base_dir: Path) -> list[tuple[str, str]
         [jinja2.FunctionLoader(load_root), jinja2.FileSystemLoader([base_dir, BUILTIN_TEMPLATES])]
     )
     env = jinja2.Environment(loader=loader, autoescape=False)  # parsing only: nothing is rendered
-    return sorted(walk_template_tree(env, root, base_dir))
+    return list(walk_template_tree(env, root, base_dir))

@@ -6,8 +6,11 @@ whom, and whether they pass preflight (the manifest's settings, the content fing
 the list and suppression files, this version of campaign). `run` records
 it with the plan; a later run whose stamp matches knows the earlier preflight still
 holds, so it reads back only the ledger's open rows instead of checking the list again.
-Rows unsubscribed since then are caught before each send, as in any run. Sends nothing
-and writes nothing.
+Rows unsubscribed since then are caught before each send, as in any run. Paths count
+relative to the campaign's folder (`portable_path`), so that a worker with a copy of the
+campaign in another folder, or the folder moved, finds the plan checked. A stamp that does
+not match (one recorded before paths counted so, say) only makes the run check the list
+again. Sends nothing and writes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from campaign import __version__
 from campaign.ledger import Ledger, PlannedRow
 from campaign.manifest import STORE_SUFFIXES, Manifest, RecipientsSettings
 from campaign.models import Recipient, RowState
+from campaign.pipeline._portable import portable_path, portable_settings
 from campaign.plan import Job
 from campaign.recipients import ListStart, recipient_from_cells
 from campaign.render import describe_shared_files
@@ -49,7 +53,7 @@ _RULES = 3
 def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
     """SHA-256 over every input that decides how a row is checked, but the list's rows themselves:
     the manifest, the content, the suppression files, the size and time of the files attached to every
-    message, this version (reads files).
+    message, this version (reads files). Paths count from the campaign's folder (`portable_path`).
 
     Under the same rules stamp, a row whose cells did not change passes as it passed before (its
     cells are in the ledger: `recipients.encode_cells`), so a run re-checks only rows added or changed.
@@ -58,7 +62,7 @@ def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
     `content` is the run's content fingerprint (`campaign.pipeline.ContentCheck.combined`).
     """
     digest = hashlib.sha256()
-    settings = manifest.model_dump(mode="json")
+    settings = portable_settings(manifest.model_dump(), manifest.base_dir)
     header = [_RULES, __version__, content, settings]
     # The files every message attaches; absent without them, so that those stamps stay as they were.
     if shared := describe_shared_files(manifest.message.attachments, manifest.attachments_root):
@@ -71,17 +75,17 @@ def load_rules_stamp(manifest: Manifest, *, content: str) -> str:
         if isinstance(path, Path) and path.suffix.lower() not in STORE_SUFFIXES
     ]
     for path in lists:
-        digest.update(f"\0{path}\0".encode())
+        digest.update(f"\0{portable_path(path, manifest.base_dir)}\0".encode())
         digest.update(_file_digest(path))
     return digest.hexdigest()
 
 
 def load_plan_stamp(manifest: Manifest, *, content: str) -> str:
     """SHA-256 over every input that decides the plan and its preflight: the rules stamp and the list
-    file (reads the files)."""
+    file, named from the campaign's folder (reads the files)."""
     digest = hashlib.sha256(load_rules_stamp(manifest, content=content).encode())
     source = manifest.recipients.source
-    digest.update(f"\0{source}\0".encode())
+    digest.update(f"\0{portable_path(source, manifest.base_dir)}\0".encode())
     digest.update(_file_digest(source))
     return digest.hexdigest()
 
