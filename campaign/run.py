@@ -470,6 +470,10 @@ class _Rounds:
         self._hooks = hooks
         self._held: dict[str, datetime] = {}  # follow-ups whose reply lookup failed, and when to retry
         self._resting: dict[str, datetime] = {}  # a worker's senders parked or shut, until when
+        # A worker's countdown while no grant has work due (--wait): kept across its looks, until the
+        # moment waited for changes or a round begins (one line in a log, not one a look).
+        self._idle = ExitStack()
+        self._idle_until: datetime | None = None
 
     async def send_as_worker(
         self,
@@ -478,12 +482,14 @@ class _Rounds:
         stop: anyio.Event,
     ) -> DispatchResult:
         """As one of the workers sharing the campaign: send from the grants this one leases, round
-        after round (`dispatch.send_under_leases`), until no grant has work that may go now."""
+        after round (`dispatch.send_under_leases`), until no grant has work that may go now (with
+        --wait: until no work is left, waiting for the work scheduled later)."""
         self._ledger.bind_worker(leases.id)  # a claim is recorded only under its grant's live lease
         total: DispatchResult | None = None
 
         async def send_round(senders: Sequence[str], round_stop: anyio.Event) -> DispatchResult:
             nonlocal total
+            self._end_idle()  # the round shows its own progress (and its own waits)
             first = LedgerJobs(self._ledger, self._manifest.recipients, self._clock.now())
             mine = tuple(sender for sender in self._manifest.senders if sender.name in senders)
             settings = _rest_of(self._settings, total)  # --limit counts the whole run
@@ -498,18 +504,48 @@ class _Rounds:
             await anyio.to_thread.run_sync(self._give_away, stopped)
             return result
 
-        done = await send_under_leases(
-            leases,
-            with_work=self._with_work,
-            send_round=send_round,
-            clock=self._clock,
-            stop=stop,
-        )
+        try:
+            done = await send_under_leases(
+                leases,
+                with_work=self._with_work,
+                send_round=send_round,
+                clock=self._clock,
+                stop=stop,
+                wait_for_work=self._wait_for_work if self._settings.wait else None,
+            )
+        finally:
+            self._end_idle()
         # What is left is in the ledger's states (the other workers' grants' rows too): a worker ends
         # once no grant has work that may go now, so none of its rounds' sources is left to read.
         return (
             replace(done, remaining=0) if done else DispatchResult(sent=0, failed=0, unknown=0, remaining=0)
         )
+
+    async def _wait_for_work(self, stop: anyio.Event, most_s: float) -> bool:
+        """--wait, as a worker for which no grant has work due now: wait until the next row scheduled is
+        due (a follow-up, or step 1 at its `deliver_at`), at most `most_s` (the worker looks again
+        meanwhile: a dead worker's grants come free, rows come back to send), showing the countdown;
+        False when none is scheduled: nothing is left for any worker."""
+        now = self._clock.now()
+        until = await anyio.to_thread.run_sync(self._ledger.next_due, now)
+        if until is None:
+            self._end_idle()
+            return False
+        if until != self._idle_until:
+            self._end_idle()
+            scheduled = await anyio.to_thread.run_sync(self._scheduled, now)
+            self._idle.enter_context(self._hooks.waiting(until, scheduled))
+            self._idle_until = until
+        await self._clock.wait_for(stop, min(most_s, (until - now).total_seconds()))
+        return True
+
+    def _end_idle(self) -> None:
+        self._idle.close()
+        self._idle_until = None
+
+    def _scheduled(self, now: datetime) -> int:
+        """The follow-ups scheduled after `now`, as a wait shows them."""
+        return sum(step.scheduled for step in self._ledger.step_counts(self._manifest.steps[1:], now))
 
     def _give_away(self, stopped: Sequence[str]) -> None:
         """The movable rows of senders this worker stopped (a quota park, refused credentials or messages)
@@ -636,8 +672,7 @@ class _Rounds:
         if not times:
             return False
         until = max(now, min(times))
-        scheduled = sum(step.scheduled for step in self._ledger.step_counts(self._manifest.steps[1:], now))
-        with self._hooks.waiting(until, scheduled):
+        with self._hooks.waiting(until, self._scheduled(now)):
             seconds = (until - now).total_seconds()
             if stop is None:
                 await self._clock.sleep(seconds)

@@ -172,11 +172,14 @@ class Status:
     steps: tuple[StepStatus, ...] = ()  # with [[followups]]: every step, step 1 first
     workers: tuple[WorkerView, ...] = ()  # a campaign shared in PostgreSQL: its workers, live ones first
     waiting: tuple[ErrorCause, ...] = ()  # open rows whose last try failed, per cause, most first
+    # False: the ledger holds the campaign (a database's row) but no plan yet: its first worker is
+    # checking the list, or stopped before it recorded the plan.
+    planned: bool = True
 
     @property
     def started(self) -> bool:
-        """Whether the campaign has a ledger (a first run recorded its plan)."""
-        return self.ledger is not None
+        """Whether the campaign has a ledger and a first run recorded its plan in it."""
+        return self.ledger is not None and self.planned
 
     def as_json(self) -> dict[str, object]:
         """`status --json`: the keys, their order and their values are documented in the README."""
@@ -224,6 +227,8 @@ def load_status(
     ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
         status = build_status(manifest, ledger, clock=clock, command_path=command_path, sandbox=sandbox)
+        if not status.started:  # no plan yet: no message of its to look up in the stores
+            return status
         with open_existing_stores(list_store_paths(manifest), clock=clock) as stores:
             return replace(
                 status,
@@ -272,7 +277,13 @@ def build_status(
     command_path: str,
     sandbox: bool = False,
 ) -> Status:
-    """The status of a started campaign (`command_path`: the manifest's arguments, quoted, for `next`)."""
+    """The status of a campaign in `ledger` (`command_path`: the manifest's arguments, quoted, for `next`);
+    not started while no plan is recorded in it."""
+    if not _plan_recorded(ledger):
+        # A database holds the campaign's row before its plan: the first worker records the plan after
+        # the check, in one transaction. Until then nothing is counted yet, so nothing is done.
+        unstarted = build_unstarted_status(manifest)
+        return replace(unstarted, ledger=ledger.where, planned=False, workers=tuple(ledger.workers()))
     per_sender = ledger.counts_per_sender()  # one pass over the state index gives the totals too
     counts = {state: sum(tally[state] for tally in per_sender.values()) for state in RowState}
     unlisted = ledger.counts(listed=False)
@@ -330,6 +341,12 @@ def build_status(
         steps=_steps(manifest, ledger, now),
         workers=tuple(ledger.workers()),
     )
+
+
+def _plan_recorded(ledger: Ledger) -> bool:
+    """Whether a plan was recorded in `ledger`: every run records its stamp with it (a ledger whose rows
+    came without one, as an older version or a test wrote them, has its rows to show)."""
+    return ledger.plan_stamp() is not None or any(ledger.counts().values())
 
 
 def _waiting_json(causes: Iterable[ErrorCause]) -> dict[str, object]:

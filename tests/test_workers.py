@@ -4,7 +4,9 @@ Leases on a FakeClock: a grant changes owner only once its lease expired, and th
 the rows left in flight with their own keys. Then real worker processes (`campaign run`) against the
 fake Nylas on loopback: they share the grants, one killed with SIGKILL every second or two and
 restarted, with 504-after-send and 429 faults; counted at the fake, every recipient is mailed once,
-and no grant ever had more requests in flight, or in a second, than its sender allows.
+and no grant ever had more requests in flight, or in a second, than its sender allows. With follow-ups
+and --wait, on the CLI's virtual clock: a worker without a grant waits for the follow-ups and takes them
+over from a worker that died. And a campaign whose plan is not recorded yet is not reported done.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
 import psycopg
 import pytest
-from conftest import API_KEY, REPO, SECRET
-from postgres import fresh_database
+from conftest import API_KEY, REPO, SECRET, serve_fake
+from postgres import fresh_database, without_password
 from psycopg import sql
 
 from campaign.clock import SystemClock
@@ -333,6 +335,41 @@ async def test_a_worker_whose_senders_stopped_for_the_run_ends_as_one_worker_wou
         assert await second.acquire(grants, GRANTS) == tuple(grants)
 
 
+@pytest.mark.anyio
+async def test_a_worker_waiting_for_work_due_later_stays_live_and_ends_once_none_is_left(database, clock):
+    """With --wait (`wait_for_work`), a worker for which nothing is due now waits instead of ending, looking
+    again at the lease interval; its heartbeat goes on meanwhile (the other workers count it in the shares,
+    status shows it live) over more than a lease's life, and it ends, leaving, once nothing is left."""
+    stop = anyio.Event()
+    async with _shared_campaign(database, clock, "lease-waiting") as (_, waiting, other):
+        await other.join()
+        looks: list[float] = []
+        seen: list[int] = []
+
+        async def wait_for_work(stop: anyio.Event, most_s: float) -> bool:
+            looks.append(most_s)
+            await clock.wait_for(stop, waiting.expiry_s / 2)  # as long as the next follow-up is away
+            await other.renew()
+            seen.append(await other.live_workers())
+            return len(looks) < 4  # then nothing is scheduled any more
+
+        async def send_round(senders, round_stop):
+            raise AssertionError(f"no grant had work, yet a round from {senders}")
+
+        result = await send_under_leases(
+            waiting,
+            with_work=list,
+            send_round=send_round,
+            clock=clock,
+            stop=stop,
+            wait_for_work=wait_for_work,
+        )
+        assert result is None
+        assert looks == [waiting.expiry_s / 15] * 4  # every lease interval at most
+        assert seen == [2, 2, 2, 2]  # two lease lives on, still live
+        assert await other.live_workers() == 1  # it left
+
+
 class _CuttableLink:
     """A TCP proxy on loopback in front of the database, which the test can cut: every connection through
     it drops, and new ones are refused (a worker that loses its database)."""
@@ -551,6 +588,36 @@ def test_a_worker_killed_while_planning_leaves_no_half_plan_and_the_next_plans_a
     assert sum(mailed.values()) == len(mailed) == 12
 
 
+def test_a_campaign_whose_plan_is_not_recorded_yet_is_neither_started_nor_done(
+    cli, cli_clock, tmp_path, database
+):
+    """The first worker makes the campaign's row, then records the plan after the check, in a transaction of
+    its own: in between (and after a kill -9 there) status says not started, not done, never "done, 0
+    recipients"; every key a status has is there. Once the plan is recorded, it is counted."""
+    manifest = _write_campaign(tmp_path / "unplanned", database, 3)
+    site = ledger_site(database, lease_s=3)
+    site.open(clock=cli_clock, campaign="unplanned").close()  # the row `open_campaign` makes before the plan
+    result = cli("status", manifest, "--json")
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert (status["started"], status["done"], status["total"]) == (False, False, 0)
+    assert status["ledger"] == without_password(database)  # it is there: the plan is not
+    expected = ["campaign", "manifest", "ledger", "started", "done", "total", "states", "skipped", "errors"]
+    assert list(status)[: len(expected)] == expected
+    assert {"last_errors", "removed_from_list", "next", "senders"} <= set(status)
+    text = cli("status", manifest)
+    assert "not started (no plan recorded yet" in text.output
+    assert "done" not in text.output
+    ledger = site.open(clock=cli_clock, campaign="unplanned", create=False)
+    try:  # the plan committed, with its stamp, as a run records it
+        rows = [PlannedRow(f"r{n}@example.com", n, f"r{n}@example.com", "g0") for n in range(3)]
+        ledger.record_plan(rows, [], stamp="checked")
+    finally:
+        ledger.close()
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert (status["started"], status["done"], status["total"]) == (True, False, 3)
+
+
 def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_ledger(
     api: FakeNylas, tmp_path, database
 ):
@@ -636,3 +703,82 @@ async def test_a_key_too_old_of_a_grant_another_live_worker_leases_is_left_to_th
         clock.advance(owner.expiry_s + 1)  # the owner died: its lease expired
         assert ledger.record_expired_claims() == 1
         assert ledger.row("r1@example.com").state == RowState.UNKNOWN
+
+
+# --- follow-ups and --wait ------------------------------------------------------------------------
+
+# The workers' leases in the follow-up tests: short, as the virtual clock jumps a heartbeat whenever the
+# loop waits for the network (step 1's sends must stay well within the follow-up's delay).
+LEASE_S = 3
+
+
+@pytest.fixture(name="clocked_api")
+def _clocked_api(_loopback, cli_clock, monkeypatch) -> Iterator[FakeNylas]:
+    """A fake Nylas on the CLI's virtual clock (replies are looked up in the run's time), on loopback."""
+    yield from serve_fake(_loopback, FakeNylas(api_key=API_KEY, clock=cli_clock), monkeypatch)
+
+
+def _write_followups(folder: Path, database: str, people: list[str]) -> Path:
+    """One grant, step 1 and a follow-up 30 s after it, on a PostgreSQL ledger."""
+    folder.mkdir()
+    (folder / "list.csv").write_text("email,name\n" + "".join(f"{email},P\n" for email in people))
+    (folder / "step1.txt.j2").write_text("Hello {{ recipient.name }}\n")
+    (folder / "nudge.txt.j2").write_text("Any news, {{ recipient.name }}?\n")
+    manifest = folder / "campaign.toml"
+    manifest.write_text(
+        f'[campaign]\nname = "{folder.name}"\n\n[recipients]\nsource = "list.csv"\nname_column = "name"\n\n'
+        '[message]\nsubject = "Hi {{ recipient.name }}"\ntext = "step1.txt.j2"\n\n'
+        '[[followups]]\nname = "nudge"\nafter = "30s"\ntext = "nudge.txt.j2"\n\n'
+        f'[ledger]\nurl = "{database}"\nlease_s = {LEASE_S}\n\n'
+        '[[senders]]\nname = "ana"\ngrant_id = "grant-ana"\nemail = "ana@corp.example.com"\nper_second = 50\n'
+    )
+    return manifest
+
+
+def _steps_delivered(fake: FakeNylas) -> Counter[tuple[str, str]]:
+    """(recipient, step) -> deliveries, at the fake (a follow-up's metadata names its step)."""
+    return Counter(
+        (delivery.payload["to"][0]["email"], delivery.payload.get("metadata", {}).get("step", "message"))
+        for delivery in fake.deliveries
+    )
+
+
+def test_a_waiting_worker_without_a_grant_takes_over_the_follow_ups_of_a_worker_that_died(
+    clocked_api: FakeNylas, cli, cli_clock, tmp_path, database
+):
+    """The reporter's case: one grant, a follow-up 30 s after step 1. A worker sent step 1 and holds the
+    grant while it waits for the follow-up (its lease outlives the follow-up's due time), then is killed: it
+    never renews. A second worker started with --wait does not end with exit 75 because nothing is due
+    yet: it waits for the follow-up, finds it due but the grant the dead worker's, takes the grant once
+    that lease expired (never before), and sends the follow-ups: each (recipient, step) delivered once,
+    counted at the fake; then, nothing being left, it ends with exit 0."""
+    fake = clocked_api
+    fake.add_grant("grant-ana", "ana@corp.example.com")
+    people = [f"person{n}@example.net" for n in range(5)]
+    manifest = _write_followups(tmp_path / "waiting", database, people)
+    first = cli("run", manifest, "--yes")  # the first worker's step 1; its follow-ups are scheduled
+    assert first.exit_code == 75, first.output
+    assert _steps_delivered(fake) == Counter({(email, "message"): 1 for email in people})
+    dead_lease_s = 60  # beyond the follow-up's due time: the grant is still the dead worker's then
+
+    async def hold_and_die() -> None:  # the first worker, waiting for the follow-up with the grant, killed
+        dead = ledger_site(database, lease_s=dead_lease_s).leases("waiting", cli_clock)
+        assert dead is not None
+        await dead.join()
+        assert await dead.acquire(["ana"], 1) == ("ana",)
+        await dead.close()  # no leave, no renewal: kill -9
+
+    anyio.run(hold_and_die)
+    lapsed = cli_clock.now() + timedelta(seconds=dead_lease_s)
+    due = min(delivery.delivered_at for delivery in fake.deliveries) + timedelta(seconds=30)
+    assert due < lapsed
+    second = cli("run", manifest, "--yes", "--wait")
+    assert second.exit_code == 0, second.output
+    assert "5 follow-ups scheduled; waiting for the next one" in second.output
+    every_step = Counter({(email, step): 1 for email in people for step in ("message", "nudge")})
+    assert _steps_delivered(fake) == every_step
+    nudges = [delivery for delivery in fake.deliveries if delivery.payload.get("metadata", {}).get("step")]
+    assert {delivery.grant_id for delivery in nudges} == {"grant-ana"}
+    assert min(delivery.delivered_at for delivery in nudges) >= lapsed  # the dead worker's grant until then
+    states = json.loads(cli("status", manifest, "--json").stdout)["states"]
+    assert (states["sent"], states["pending"]) == (2 * len(people), 0)

@@ -305,7 +305,13 @@ def print_test_sent(
 def print_status(console: Console, status: Status) -> None:
     """The status table of a campaign."""
     if not status.started:
-        console.print(f"[bold]{escape(status.campaign)}[/]: not started (no ledger yet)")
+        why = (
+            "no ledger yet"
+            if status.ledger is None
+            else "no plan recorded yet: a run is checking the list, or stopped before it recorded the "
+            "plan, which the next run checks again"
+        )
+        console.print(f"[bold]{escape(status.campaign)}[/]: not started ({why})", soft_wrap=True)
         return
     done = "done" if status.done else "not done"
     if status.steps:  # a row per (recipient, step)

@@ -8,7 +8,10 @@ a heartbeat renews the leases every few seconds; the round is stopped gracefully
 sends in flight settled and recorded) when a lease is lost or cannot be renewed, well before it
 could expire, or when the worker holds more than its share because another worker joined. When
 every grant with work is another live worker's, it waits and looks again: a dead worker's grants
-come free when their leases expire. It never prints; time is its `Clock`'s.
+come free when their leases expire. With --wait, a worker for which no grant has work due now goes
+on while work is scheduled for later (a follow-up): it waits for it, looking again meanwhile, so that
+it takes over from a worker that dies; it ends once nothing is left. It never prints; time is its
+`Clock`'s.
 """
 
 from __future__ import annotations
@@ -53,30 +56,43 @@ async def send_under_leases(
     send_round: Callable[[Sequence[str], anyio.Event], Awaitable[DispatchResult]],
     clock: Clock,
     stop: anyio.Event,
+    wait_for_work: Callable[[anyio.Event, float], Awaitable[bool]] | None = None,
 ) -> DispatchResult | None:
     """Send rounds from leased grants until no grant has work that may go now (`with_work`: those
     senders) or `stop` is set; the rounds' results added up (None: no round ran).
 
     `send_round(senders, round_stop)` sends from `senders` until their work is done or `round_stop` is
-    set. LedgerError when a lease was lost or could not be kept (its round was stopped first)."""
+    set. `wait_for_work(stop, most_s)` (--wait) is awaited instead of ending when no grant has work that
+    may go now: it waits until some comes due, at most `most_s`, and says whether any is left at all
+    (False: the worker ends). LedgerError when a lease was lost or could not be kept (its round was
+    stopped first)."""
     await leases.join()
     total: DispatchResult | None = None
+    look_s = leases.expiry_s / _LOOKS_PER_LEASE
     try:
         while not stop.is_set():
             wanted = await anyio.to_thread.run_sync(with_work)
             if not wanted:
-                break
+                if wait_for_work is None:
+                    break
+                # Work due later (a follow-up) is still the campaign's: a worker that waits for it, looking
+                # again every lease interval, takes over if the worker holding its grant dies meanwhile. Its
+                # heartbeat goes on, as while it waits for a grant: it is live, and counted in the shares.
+                await leases.renew()
+                if not await wait_for_work(stop, look_s):
+                    break
+                continue
             workers = await leases.live_workers()
             held = await leases.acquire(wanted, share_of(len(wanted), workers))
             if not held:  # every grant with work is another live worker's
-                await clock.wait_for(stop, leases.expiry_s / _LOOKS_PER_LEASE)
+                await clock.wait_for(stop, look_s)
                 continue
             result = await _LeasedRound(leases, held, wanted, clock, stop).send(send_round)
             total = result if total is None else total.then(result)
             if result.auth_refused or result.unreachable or result.rejecting or result.limit_reached:
                 break  # as one worker would stop: the rest is for another run
             if not (result.sent or result.failed or result.unknown):  # nothing could go: not at once again
-                await clock.wait_for(stop, leases.expiry_s / _LOOKS_PER_LEASE)
+                await clock.wait_for(stop, look_s)
     finally:
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(LedgerError):  # the database is gone: the leases expire by themselves
