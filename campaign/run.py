@@ -485,6 +485,7 @@ class _Rounds:
         after round (`dispatch.send_under_leases`), until no grant has work that may go now (with
         --wait: until no work is left, waiting for the work scheduled later)."""
         self._ledger.bind_worker(leases.id)  # a claim is recorded only under its grant's live lease
+        await anyio.to_thread.run_sync(self._schedule_sent)
         total: DispatchResult | None = None
 
         async def send_round(senders: Sequence[str], round_stop: anyio.Event) -> DispatchResult:
@@ -529,6 +530,8 @@ class _Rounds:
         now = self._clock.now()
         until = await anyio.to_thread.run_sync(self._ledger.next_due, now)
         if until is None:
+            if await anyio.to_thread.run_sync(self._schedule_sent) > 0:
+                return True  # a worker that died between sends and scheduling left these: look again
             self._end_idle()
             return False
         if until != self._idle_until:
@@ -653,13 +656,21 @@ class _Rounds:
             return None
         return LedgerJobs(self._ledger, self._manifest.recipients, self._clock.now())
 
+    def _schedule_sent(self) -> int:
+        """Schedule the next step of every recipient whose step was sent and has none yet; how many. A
+        worker killed between its sends and scheduling them leaves such rows, which nothing else would
+        find while no work is due."""
+        if not self._manifest.followups:
+            return 0
+        return schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
+
     def _due_followups(self) -> DueJobs | None:
         """The follow-ups due now, once the steps just sent are scheduled. A follow-up whose lookup failed
         waits for its retry."""
         if not self._manifest.followups:
             return None
         now = self._clock.now()
-        schedule_followups(self._manifest, self._ledger, recipients_at=self._recipients_at)
+        self._schedule_sent()
         self._held = {key: retry for key, retry in self._held.items() if retry > now}
         return DueJobs(self._manifest, self._ledger, now, recipients_at=self._recipients_at, held=self._held)
 

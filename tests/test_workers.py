@@ -782,3 +782,26 @@ def test_a_waiting_worker_without_a_grant_takes_over_the_follow_ups_of_a_worker_
     assert min(delivery.delivered_at for delivery in nudges) >= lapsed  # the dead worker's grant until then
     states = json.loads(cli("status", manifest, "--json").stdout)["states"]
     assert (states["sent"], states["pending"]) == (2 * len(people), 0)
+
+
+def test_a_waiting_worker_schedules_follow_ups_a_killed_worker_left_unscheduled(
+    clocked_api: FakeNylas, cli, cli_clock, tmp_path, database
+):
+    """A worker killed between step 1's sends and scheduling their follow-ups leaves no follow-up row: a
+    --wait worker that finds nothing due or scheduled schedules what was sent before it ends, so the
+    follow-ups go out (counted at the fake) instead of a silent gap behind an exit 0."""
+    fake = clocked_api
+    fake.add_grant("grant-ana", "ana@corp.example.com")
+    people = [f"person{n}@example.net" for n in range(3)]
+    manifest = _write_followups(tmp_path / "unscheduled", database, people)
+    assert cli("run", manifest, "--yes").exit_code == 75
+    with psycopg.connect(database, autocommit=True) as db:  # the state a kill -9 before scheduling leaves
+        removed = db.execute(
+            "DELETE FROM campaign_ledger.recipients WHERE step = 'nudge' AND campaign_id = "
+            "(SELECT id FROM campaign_ledger.campaigns WHERE name = 'unscheduled')"
+        ).rowcount
+    assert removed == len(people)
+    second = cli("run", manifest, "--yes", "--wait")
+    assert second.exit_code == 0, second.output
+    every_step = Counter({(email, step): 1 for email in people for step in ("message", "nudge")})
+    assert _steps_delivered(fake) == every_step
