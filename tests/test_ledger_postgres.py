@@ -515,3 +515,22 @@ def _read(client: socket.socket, size: int) -> bytes:
             raise ConnectionError("the client went away")
         data += chunk
     return data
+
+
+def test_a_worker_whose_row_another_settled_is_told_it_lost_its_lease(postgres_site, clock):
+    """A worker paused past its lease finds, when it records its send, that the grant's next owner settled
+    the row (with the same key): the line says so, not only that the row is not in flight."""
+    paused = postgres_site.open(clock=clock, campaign="lapsed")
+    taker = postgres_site.open(clock=clock, campaign="lapsed")
+    try:
+        paused.record_plan(PLAN, [])
+        paused.claim("ann@x.com", sender="alice")
+        paused.bind_worker("worker-paused")
+        taker.record_outcome("ann@x.com", SENT, sender="alice")  # the next owner's replayed send
+        with pytest.raises(LedgerError, match="lost its lease on 'alice'") as raised:
+            paused.record_outcome("ann@x.com", SENT, sender="alice")
+        assert "not inflight" in str(raised.value)
+        assert taker.row("ann@x.com").state == RowState.SENT
+    finally:
+        paused.close()
+        taker.close()

@@ -687,6 +687,14 @@ class PostgresLedger(KeptFacts):
                     f"{self._where}: cannot record a send outcome for {key!r}: it is {current['state']}, "
                     "not inflight"
                 )
+                if self._worker is not None:
+                    # The one way a leased worker's claimed row leaves its hands: the worker was paused or
+                    # cut off past its lease, and the grant's next owner settled the row with its key.
+                    message += (
+                        f"; this worker lost its lease on {sender!r} (stopped or cut off longer than the "
+                        "lease) and another worker settled the row with the same idempotency key, so "
+                        "nothing was sent twice; start the worker again to go on"
+                    )
                 raise LedgerError(message)
             new_state = _state_after(outcome, key_used=current["key_uses"] > 0)
             error = (None, None, None) if new_state == SENT else _error_columns(outcome)
