@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import campaign.run as run_module
 from campaign.cli import app
 from campaign.cli.base import options
+from campaign.manifest import load_manifest
+from campaign.pipeline import run_preflight
 from campaign.testing import FakeClock, FakeNylas
 from campaign.testing.server import serve_on_loopback
 
@@ -91,6 +94,31 @@ def copy_sample(name: str, to: Path) -> Path:
     target = to / name
     shutil.copytree(REPO / "samples" / name, target, ignore=shutil.ignore_patterns("*.sandbox", "*.sqlite*"))
     return target / "campaign.toml"
+
+
+def copy_newsletter(api: FakeNylas, to: Path, *, ledger: str = "") -> Path:
+    """The newsletter sample copied into `to`, its senders' grants at `api`, and with `ledger` (TOML
+    lines) as its [ledger] table if given; its manifest path."""
+    manifest = copy_sample("newsletter", to)
+    for sender in load_manifest(manifest).senders:
+        assert sender.grant_id is not None
+        api.add_grant(sender.grant_id, sender.email or "")
+    if ledger:
+        manifest.write_text(manifest.read_text() + f"\n[ledger]\n{ledger}\n")
+    return manifest
+
+
+@pytest.fixture(name="preflights")
+def _preflights(monkeypatch) -> list[int]:
+    """Counts the full checks runs make (each checks and renders every row of the list that may be sent)."""
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return run_preflight(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_preflight", counted)
+    return calls
 
 
 # --- the unsubscribe store in PostgreSQL (tests/pgstore.py) -----------------------------------------------

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import API_KEY, SECRET, copy_sample
+from conftest import API_KEY, SECRET, copy_newsletter
 from postgres import fresh_database
 
 from campaign.ledger import ledger_site
-from campaign.manifest import load_manifest
 from campaign.testing import FakeNylas
 
 
@@ -29,16 +28,6 @@ from campaign.testing import FakeNylas
 def _database():
     with fresh_database() as url:
         yield url
-
-
-def _newsletter(api: FakeNylas, tmp_path, *, ledger: str = ""):
-    manifest = copy_sample("newsletter", tmp_path)
-    for sender in load_manifest(manifest).senders:
-        assert sender.grant_id is not None
-        api.add_grant(sender.grant_id, sender.email or "")
-    if ledger:
-        manifest.write_text(manifest.read_text() + f"\n[ledger]\n{ledger}\n")
-    return manifest
 
 
 def _one_line(output: str) -> str:
@@ -50,7 +39,7 @@ def _one_line(output: str) -> str:
 
 def test_a_campaign_runs_on_a_postgresql_ledger_and_resumes_from_it(api, cli, tmp_path, database):
     """The ledger and the unsubscribe store in one database: an opt-out recorded there is skipped."""
-    manifest = _newsletter(api, tmp_path, ledger=f'url = "{database}"')
+    manifest = copy_newsletter(api, tmp_path, ledger=f'url = "{database}"')
     manifest.write_text(
         manifest.read_text().replace(
             'secret_env = "CAMPAIGN_UNSUBSCRIBE_SECRET"',
@@ -82,7 +71,7 @@ def test_a_campaign_runs_on_a_postgresql_ledger_and_resumes_from_it(api, cli, tm
 def test_the_ledger_option_overrides_the_file_and_the_campaign_stays_apart(api, cli, tmp_path, database):
     """`--ledger` on every command reaches the same rows; the SQLite file beside the manifest is not used,
     and the sandbox keeps its own rows in the same database."""
-    manifest = _newsletter(api, tmp_path / "a")
+    manifest = copy_newsletter(api, tmp_path / "a")
     manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', 'name = "by-option"'))
     sandbox = cli("run", manifest, "--yes", "--sandbox", "--ledger", database)
     assert sandbox.exit_code == 0, sandbox.output
@@ -111,7 +100,7 @@ def test_the_ledger_option_overrides_the_file_and_the_campaign_stays_apart(api, 
 def test_the_suggested_next_command_reaches_the_same_ledger_when_pasted(api, cli, tmp_path, database):
     """`status` names the command that continues the campaign: split as a shell would, it is the manifest's
     path (a folder with a space in its name) and the `--ledger` URL, and running it sends the rest."""
-    manifest = _newsletter(api, tmp_path / "my campaigns")
+    manifest = copy_newsletter(api, tmp_path / "my campaigns")
     manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', 'name = "pasted"'))
     early = cli("report", manifest, "--out", tmp_path / "early.csv", "--ledger", database)
     assert early.exit_code == 66
@@ -128,7 +117,7 @@ def test_the_suggested_next_command_reaches_the_same_ledger_when_pasted(api, cli
 
 
 def test_a_url_with_a_password_is_refused_without_showing_it(api, cli, tmp_path):
-    manifest = _newsletter(api, tmp_path, ledger='url = "postgresql://campaign:hunter2@127.0.0.1/db"')
+    manifest = copy_newsletter(api, tmp_path, ledger='url = "postgresql://campaign:hunter2@127.0.0.1/db"')
     result = cli("run", manifest, "--yes")
     assert result.exit_code == 78
     line = _one_line(result.output)
@@ -137,7 +126,7 @@ def test_a_url_with_a_password_is_refused_without_showing_it(api, cli, tmp_path)
     assert "hunter2" not in result.output
     assert not api.deliveries
 
-    plain = _newsletter(api, tmp_path / "b")
+    plain = copy_newsletter(api, tmp_path / "b")
     for url in ("postgresql://campaign:hunter2@127.0.0.1/db", "postgresql://127.0.0.1/db?password=hunter2"):
         given = cli("status", plain, "--ledger", url)
         assert given.exit_code == 2
@@ -161,7 +150,7 @@ def test_a_url_holding_another_secret_is_refused_without_showing_it(api, cli, tm
     or looks like a secret, is refused as a password is (exit 2 on the command line, 78 in the manifest)
     and never repeated, in --ledger, [ledger] url and an unsubscribe store's URL alike."""
     url = f"postgresql://campaign@127.0.0.1:1/db?connect_timeout=2&{query}"
-    plain = _newsletter(api, tmp_path / "plain")
+    plain = copy_newsletter(api, tmp_path / "plain")
     given = cli("status", plain, "--ledger", url)
     assert given.exit_code == 2, given.output
     assert _one_line(given.output).startswith("error: --ledger: the URL holds ")
@@ -172,7 +161,7 @@ def test_a_url_holding_another_secret_is_refused_without_showing_it(api, cli, tm
     assert _one_line(listed.output).startswith("error: --store: the URL holds ")
     assert secret not in listed.output
 
-    written = _newsletter(api, tmp_path / "written", ledger=f'url = "{url}"')
+    written = copy_newsletter(api, tmp_path / "written", ledger=f'url = "{url}"')
     result = cli("run", written, "--yes")
     assert result.exit_code == 78, result.output
     assert _one_line(result.output).startswith("error: campaign.toml: ledger.url: holds ")
@@ -188,7 +177,7 @@ def test_a_url_holding_another_secret_is_refused_without_showing_it(api, cli, tm
     ],
 )
 def test_a_malformed_ledger_url_is_one_line_and_exit_2(api, cli, tmp_path, url, said):
-    manifest = _newsletter(api, tmp_path)
+    manifest = copy_newsletter(api, tmp_path)
     result = cli("run", manifest, "--yes", "--ledger", url)
     assert result.exit_code == 2
     assert said in _one_line(result.output)
@@ -199,7 +188,7 @@ def test_a_malformed_ledger_url_is_one_line_and_exit_2(api, cli, tmp_path, url, 
 def test_a_password_variable_that_is_not_set_is_exit_78(api, cli, tmp_path, monkeypatch, database):
     monkeypatch.delenv("CAMPAIGN_DB_PASSWORD", raising=False)
     ledger = f'url = "{database}"\npassword_env = "CAMPAIGN_DB_PASSWORD"'
-    manifest = _newsletter(api, tmp_path, ledger=ledger)
+    manifest = copy_newsletter(api, tmp_path, ledger=ledger)
     result = cli("run", manifest, "--yes")
     assert result.exit_code == 78
     assert "ledger.password_env" in _one_line(result.output)
@@ -208,7 +197,7 @@ def test_a_password_variable_that_is_not_set_is_exit_78(api, cli, tmp_path, monk
 
 
 def test_an_unreachable_server_is_one_line_exit_74_and_nothing_sent(api, cli, tmp_path):
-    manifest = _newsletter(api, tmp_path)
+    manifest = copy_newsletter(api, tmp_path)
     result = cli("run", manifest, "--yes", "--ledger", "postgresql://postgres@127.0.0.1:1/nowhere")
     assert result.exit_code == 74
     assert "127.0.0.1:1" in _one_line(result.output)
@@ -222,7 +211,7 @@ def test_a_refused_user_is_one_line_exit_74_and_the_password_is_never_shown(
     wrong_user = database.replace("postgresql://postgres@", "postgresql://no_such_role_here@")
     assert wrong_user != database
     ledger = f'url = "{wrong_user}"\npassword_env = "CAMPAIGN_DB_PASSWORD"'
-    manifest = _newsletter(api, tmp_path, ledger=ledger)
+    manifest = copy_newsletter(api, tmp_path, ledger=ledger)
     result = cli("run", manifest, "--yes")
     assert result.exit_code == 74
     assert "no_such_role_here" in _one_line(result.output)
@@ -232,7 +221,7 @@ def test_a_refused_user_is_one_line_exit_74_and_the_password_is_never_shown(
 
 def test_status_shows_the_workers_of_a_shared_campaign(api, cli, cli_clock, tmp_path, database):
     """Each worker with its host, pid, the grants it holds and its last heartbeat; `--json` the same."""
-    manifest = _newsletter(api, tmp_path, ledger=f'url = "{database}"')
+    manifest = copy_newsletter(api, tmp_path, ledger=f'url = "{database}"')
     manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', 'name = "with-workers"'))
     assert cli("run", manifest, "--yes").exit_code == 0
     leases = ledger_site(database).leases("with-workers", cli_clock)
@@ -265,7 +254,7 @@ def _switching(api: FakeNylas, tmp_path: Path, name: str, *, ledger: str = "") -
     replay window by the next send, as an hour later: a row sent again is delivered again, never hidden
     by a replay of its first answer."""
     api.idempotency_ttl_s = 0.0
-    manifest = _newsletter(api, tmp_path, ledger=ledger)
+    manifest = copy_newsletter(api, tmp_path, ledger=ledger)
     manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', f'name = "{name}"'))
     return manifest
 

@@ -13,14 +13,13 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import copy_sample
+from conftest import copy_newsletter, copy_sample
 from postgres import fresh_database
 
-import campaign.run as run_module
 from campaign.clock import SystemClock
 from campaign.ledger import Ledger, ledger_site, open_ledger
 from campaign.manifest import load_manifest
-from campaign.pipeline import load_content_fingerprint, load_plan_stamp, load_rules_stamp, run_preflight
+from campaign.pipeline import load_content_fingerprint, load_plan_stamp, load_rules_stamp
 from campaign.testing import FakeNylas
 
 NAME = "spring-newsletter"  # samples/newsletter's campaign
@@ -34,29 +33,6 @@ REFUSED = "the subject, a template or a header changed since sending began"
 def _database():
     with fresh_database() as url:
         yield url
-
-
-@pytest.fixture(name="preflights")
-def _preflights(monkeypatch) -> list[int]:
-    """Counts the full checks runs make (each checks and renders every row of the list that may be sent)."""
-    calls: list[int] = []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return run_preflight(*args, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_preflight", counted)
-    return calls
-
-
-def _newsletter(api: FakeNylas, folder: Path, *, ledger: str = "") -> Path:
-    manifest = copy_sample("newsletter", folder)
-    for sender in load_manifest(manifest).senders:
-        assert sender.grant_id is not None
-        api.add_grant(sender.grant_id, sender.email or "")
-    if ledger:
-        manifest.write_text(manifest.read_text() + f'\n[ledger]\nurl = "{ledger}"\n')
-    return manifest
 
 
 def _mailed(api: FakeNylas) -> Counter[str]:
@@ -75,7 +51,7 @@ def _move(manifest: Path, to: Path) -> Path:
 
 
 def test_a_moved_campaign_resumes_without_a_refusal_or_a_second_check(api, cli, tmp_path, preflights):
-    manifest = _newsletter(api, tmp_path / "here")
+    manifest = copy_newsletter(api, tmp_path / "here")
     assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
     moved = _move(manifest, tmp_path / "elsewhere" / "renamed")
     resumed = cli("resume", moved, "--yes")
@@ -93,7 +69,7 @@ def test_two_folders_with_the_same_files_share_a_postgresql_campaign(
 ):
     """The README's several machines, each with the campaign's files (here: each in its own folder): the
     second finds the plan checked and checks nothing, and the first is not refused after it."""
-    first = _newsletter(api, tmp_path / "machine-1", ledger=database)
+    first = copy_newsletter(api, tmp_path / "machine-1", ledger=f'url = "{database}"')
     second = tmp_path / "machine-2" / "copy" / "campaign.toml"
     shutil.copytree(first.parent, second.parent)
     begun = cli("run", first, "--yes", "--limit", "2")
@@ -159,7 +135,7 @@ def test_a_ledger_with_the_legacy_fingerprint_is_unchanged_and_then_holds_todays
 ):
     """Its stamps no longer match, so the list is checked again: that is all (no refusal, no second
     message). The ledger then holds the fingerprint every folder agrees on."""
-    manifest = _newsletter(api, tmp_path / "begun")
+    manifest = copy_newsletter(api, tmp_path / "begun")
     assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
     _record_as_before(manifest)
     resumed = cli("resume", manifest, "--yes", "--limit", "1")
@@ -179,7 +155,7 @@ def test_a_ledger_with_the_legacy_fingerprint_is_unchanged_and_then_holds_todays
 
 
 def test_a_template_edited_in_a_moved_campaign_is_still_refused(api, cli, tmp_path):
-    manifest = _newsletter(api, tmp_path / "here")
+    manifest = copy_newsletter(api, tmp_path / "here")
     assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
     moved = _move(manifest, tmp_path / "there")
     assert cli("resume", moved, "--yes", "--limit", "1").exit_code == 75
@@ -198,7 +174,7 @@ def test_a_template_edited_in_a_moved_campaign_is_still_refused(api, cli, tmp_pa
 
 def test_a_template_edited_since_a_legacy_fingerprint_is_refused(api, cli, tmp_path):
     """The legacy form is recognised only for the content as it is today: an edit made since is refused."""
-    manifest = _newsletter(api, tmp_path / "begun")
+    manifest = copy_newsletter(api, tmp_path / "begun")
     assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
     legacy = _record_as_before(manifest)
     template = manifest.parent / "spring.html.j2"

@@ -26,19 +26,6 @@ def _register(api: FakeNylas, manifest_path) -> None:
         api.add_grant(sender.grant_id, sender.email or "")
 
 
-@pytest.fixture
-def preflights(monkeypatch):
-    """Counts the full preflights runs make (each checks and renders every row of the list)."""
-    calls: list[int] = []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return run_preflight(*args, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_preflight", counted)
-    return calls
-
-
 @pytest.mark.parametrize("sample", ["newsletter", "outreach", "invoices"])
 def test_open_rows_read_back_are_the_jobs_a_full_preflight_makes(sample, tmp_path):
     """CSV and Parquet lists (names, pinned senders, duplicates, suppressed rows): the jobs rebuilt from

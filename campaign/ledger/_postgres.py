@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -31,6 +32,7 @@ from psycopg_pool import ConnectionPool
 from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._facts import KeptFacts
+from campaign.ledger._identity import write_ledger_marker
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases, WorkerView, read_workers
 from campaign.ledger._ledger import _error_columns, _skip_reason, _state_after, due_text, planned_values
 from campaign.ledger._pg_schema import (
@@ -98,10 +100,15 @@ _Connection = psycopg.Connection[Any]
 class PostgresSite:
     """Where campaigns' ledgers live in one PostgreSQL database, shared by the workers that run them."""
 
-    def __init__(self, conninfo: str, *, where: str, lease_s: float = LEASE_EXPIRY_S) -> None:
+    def __init__(
+        self, conninfo: str, *, where: str, lease_s: float = LEASE_EXPIRY_S, marker: Path | None = None
+    ) -> None:
         self._conninfo = conninfo  # may hold the password: never shown
         self._where = where
         self._lease_s = lease_s
+        # Where a command that writes a campaign's ledger here leaves its ledger marker (`--ledger` alone
+        # named this database): before a first plan creates the ledger, so the marker is never later.
+        self._marker = marker
 
     def __repr__(self) -> str:
         return f"PostgresSite({self._where!r})"
@@ -141,7 +148,10 @@ class PostgresSite:
     ) -> PostgresLedger:
         """Open `campaign`'s ledger, as `open_ledger` opens a file: `create` makes the schema (migrated)
         and the campaign's row when missing, else a campaign without one is a LedgerError; `read_only`
-        never creates, migrates or writes; `exclusive` holds the writer lock until `close()`."""
+        never creates, migrates or writes; `exclusive` holds the writer lock until `close()`. Opened to
+        write, it leaves the campaign's ledger marker first, if this site has one to leave."""
+        if self._marker is not None and not read_only:
+            write_ledger_marker(self._marker, campaign=campaign, url=self._where)
         lock = lock_campaign(self._conninfo, campaign, where=self._where) if exclusive else None
         try:
             with connect(self._conninfo, where=self._where) as connection:

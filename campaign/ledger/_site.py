@@ -19,7 +19,6 @@ from typing import Protocol
 from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._firstplan import FirstPlan, remove_abandoned_plans
-from campaign.ledger._identity import write_ledger_marker
 from campaign.ledger._interface import Ledger
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases
 from campaign.ledger._ledger import open_ledger
@@ -144,49 +143,4 @@ def ledger_site(
     from campaign.ledger._postgres import PostgresSite
 
     conninfo = where if password is None else make_conninfo(where, password=password)
-    site = PostgresSite(conninfo, where=where, lease_s=lease_s)
-    return site if marker is None else _MarkingSite(site, marker)
-
-
-class _MarkingSite:
-    """A database's ledgers that leave a campaign's ledger marker at `marker` when a command opens the
-    campaign's ledger to write it (before a first plan creates it: the marker is never later than the
-    ledger it names). Reading commands leave none."""
-
-    def __init__(self, site: LedgerSite, marker: Path) -> None:
-        self._site = site
-        self._marker = marker
-
-    @property
-    def where(self) -> str:
-        return self._site.where
-
-    def exists(self, campaign: str) -> bool:
-        return self._site.exists(campaign)
-
-    def check_free(self, campaign: str) -> None:
-        self._site.check_free(campaign)
-
-    def hold(self, campaign: str, *, wait: bool = False) -> AbstractContextManager[None]:
-        return self._site.hold(campaign, wait=wait)
-
-    def open(
-        self,
-        *,
-        clock: Clock,
-        campaign: str,
-        exclusive: bool = False,
-        create: bool = True,
-        read_only: bool = False,
-    ) -> Ledger:
-        if not read_only:
-            write_ledger_marker(self._marker, campaign=campaign, url=self._site.where)
-        return self._site.open(
-            clock=clock, campaign=campaign, exclusive=exclusive, create=create, read_only=read_only
-        )
-
-    def first_plan(self, campaign: str, clock: Clock) -> FirstPlan | None:
-        return self._site.first_plan(campaign, clock)
-
-    def leases(self, campaign: str, clock: Clock) -> GrantLeases | None:
-        return self._site.leases(campaign, clock)
+    return PostgresSite(conninfo, where=where, lease_s=lease_s, marker=marker)

@@ -37,8 +37,8 @@ from campaign.recipients._listfile import (
     column_values,
     read_table,
     read_text,
+    shown_path,
 )
-from campaign.redaction import quote_value, secret_values
 from campaign.sendtime import load_zone
 
 __all__ = [
@@ -452,11 +452,10 @@ def load_suppression(paths: Sequence[Path | str]) -> frozenset[str]:
             try:
                 addresses = parse_suppression_entry(value)
             except RecipientDataError as exc:
-                shown = quote_value(path.name, secret_values(), bare=True)
-                raise RecipientDataError(f"{shown}: {where}: {exc}; {_FIX_ENTRY}") from exc
+                raise RecipientDataError(f"{shown_path(path.name)}: {where}: {exc}; {_FIX_ENTRY}") from exc
             if addresses is None:
-                shown = quote_value(path.name, secret_values(), bare=True)
-                raise RecipientDataError(f"{shown}: {where} holds no email address; {_FIX_ENTRY}")
+                message = f"{shown_path(path.name)}: {where} holds no email address; {_FIX_ENTRY}"
+                raise RecipientDataError(message)
             found.update(addresses)
     return frozenset(found)
 

@@ -26,7 +26,7 @@ import polars as pl
 from campaign.errors import InputFileError, RecipientDataError
 from campaign.redaction import quote_value, secret_values
 
-__all__ = ["DELIMITERS", "ListFile", "ListStart", "column_values", "read_table", "read_text"]
+__all__ = ["DELIMITERS", "ListFile", "ListStart", "column_values", "read_table", "read_text", "shown_path"]
 
 DELIMITERS = (",", ";", "\t", "|")
 _BOM = b"\xef\xbb\xbf"
@@ -38,21 +38,21 @@ def _open(path: Path, what: str) -> BinaryIO:
     try:
         return path.open("rb")
     except FileNotFoundError as exc:
-        raise InputFileError(f"{_shown(path)}: {what} not found; check the path in the manifest") from exc
+        raise InputFileError(f"{shown_path(path)}: {what} not found; check the path in the manifest") from exc
     except IsADirectoryError as exc:
-        raise InputFileError(f"{_shown(path)}: {what} is a folder, not a file") from exc
+        raise InputFileError(f"{shown_path(path)}: {what} is a folder, not a file") from exc
     except OSError as exc:
-        raise InputFileError(f"{_shown(path)}: cannot read the {what} ({exc.strerror or exc})") from exc
+        raise InputFileError(f"{shown_path(path)}: cannot read the {what} ({exc.strerror or exc})") from exc
 
 
 def _read(file: BinaryIO, size: int, path: Path, what: str) -> bytes:
     try:
         return file.read(size)
     except OSError as exc:
-        raise InputFileError(f"{_shown(path)}: cannot read the {what} ({exc.strerror or exc})") from exc
+        raise InputFileError(f"{shown_path(path)}: cannot read the {what} ({exc.strerror or exc})") from exc
 
 
-def _shown(path: Path | str) -> str:
+def shown_path(path: Path | str) -> str:
     """A list file's path or name as an error names it; not shown if it looks like a secret (one pasted
     into recipients.source or suppress names no file), or holds the value of a secret variable."""
     return quote_value(path, secret_values(), bare=True)
@@ -227,7 +227,7 @@ class ListFile:
         if suffix not in {".csv", ".parquet"}:
             kind = quote_value(suffix) if suffix else "'(none)'"
             raise RecipientDataError(
-                f"{_shown(path.name)}: unknown file type {kind}; use a .csv or .parquet file"
+                f"{shown_path(path.name)}: unknown file type {kind}; use a .csv or .parquet file"
             )
         self.path = path
         self._what = what

@@ -17,7 +17,7 @@ from campaign.clock import Clock
 from campaign.errors import CampaignError
 from campaign.manifest import STORE_SUFFIXES
 from campaign.models import Recipient
-from campaign.recipients._audience import comparable_address, load_suppression
+from campaign.recipients._audience import load_suppression
 
 __all__ = ["SuppressionFiles"]
 
@@ -50,8 +50,8 @@ class SuppressionFiles:
         if now - self._looked_at >= self._refresh_s:
             self._looked_at = now
             self._reread()
-        address = comparable_address(recipient.address.email)
-        return address is not None and address in self._listed
+        # A recipient's address is normalised already: compared lower-cased, as the plan compares it.
+        return recipient.address.email.lower() in self._listed
 
     def _reread(self) -> None:
         stamp = self._stat()
