@@ -36,6 +36,7 @@ from campaign.manifest import Manifest, SenderSettings
 from campaign.models import FIRST_STEP, RowState
 from campaign.nextsteps import DEFAULT_MIN_AGE, NextStep, load_next_steps
 from campaign.nylas import Folder, ListedMessage, MessagePage
+from campaign.recipients import matching_form
 
 __all__ = [
     "DEFAULT_MIN_AGE",
@@ -397,7 +398,9 @@ class _Finder:
         _, messages, complete = cached
         subject = (row.subject or "").strip()
         email = row.email.lower()
-        matches = [m for m in messages if m.subject.strip() == subject and email in {t.lower() for t in m.to}]
+        matches = [
+            m for m in messages if m.subject.strip() == subject and email in {matching_form(t) for t in m.to}
+        ]
         # Follow-ups share a subject ("Re: …"): a message the ledger holds for another step is not this one.
         taken = self._known(m.id for m in matches)
         matches = [m for m in matches if m.id not in taken]

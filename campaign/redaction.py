@@ -19,6 +19,8 @@ __all__ = [
     "DEFAULT_SECRET_ENVS",
     "HIDDEN",
     "MASK",
+    "SECRET_ANYWHERE",
+    "holds_secret",
     "looks_like_secret",
     "quote_value",
     "scrub_secrets",
@@ -37,7 +39,7 @@ MASK = "***"
 # A known secret this long is recognised inside any text (a path, a URL, a message); a shorter one (a
 # database password such as "postgres" is also a user's name) only as a whole value. Unsubscribe
 # secrets are at least this long, API keys and webhook secrets longer.
-_ANYWHERE = 16
+SECRET_ANYWHERE = 16
 # Secrets are separated by commas or whitespace in a variable that holds several (during a rotation).
 _SEVERAL = re.compile(r"[\s,]+")
 _NYLAS_KEY = re.compile(r"nyk_[A-Za-z0-9_-]{4,}")
@@ -65,15 +67,20 @@ def secret_values(names: Iterable[str] = (), environ: Mapping[str, str] | None =
     return tuple(sorted(found, key=lambda secret: (-len(secret), secret)))
 
 
+def holds_secret(value: str, known: Iterable[str] = ()) -> bool:
+    """Whether `value` surely holds a secret: one of the `known` secret values (one of 16 characters or
+    more anywhere in it, a shorter one as the whole value) or a Nylas API key (`nyk_…`). Unlike
+    `looks_like_secret`, never a guess: a value that holds one is refused, not merely hidden."""
+    return any(_holds(value, secret) for secret in known) or _NYLAS_KEY.search(value) is not None
+
+
 def looks_like_secret(value: str, known: Iterable[str] = ()) -> bool:
-    """Whether `value` holds what may be a secret: one of the `known` secret values, a Nylas API key
-    (`nyk_…`), or a long random-looking token (32 or more letters, digits, '_' and '-', with letters
-    and digits, that reads as no words: hex, base64url, an API token). Ordinary values (addresses,
-    URLs, paths, names, dates, UUIDs) are not."""
+    """Whether `value` holds what may be a secret: what `holds_secret` finds, or a long random-looking
+    token (32 or more letters, digits, '_' and '-', with letters and digits, that reads as no words:
+    hex, base64url, an API token). Ordinary values (addresses, URLs, paths, names, dates, UUIDs) are
+    not."""
     text = str(value)
-    if any(_holds(text, secret) for secret in known):
-        return True
-    if _NYLAS_KEY.search(text):
+    if holds_secret(text, known):
         return True
     return any(_looks_random(run) for run in _RUN.findall(_UUID.sub(" ", text)))
 
@@ -90,13 +97,13 @@ def scrub_secrets(text: str, known: Iterable[str]) -> str:
     """`text` with every `known` secret value of 16 characters or more, and anything like a Nylas API
     key, replaced by `MASK` (a shorter secret may be an everyday word: `quote_value` hides it whole)."""
     for secret in sorted(known, key=len, reverse=True):
-        if len(secret) >= _ANYWHERE:
+        if len(secret) >= SECRET_ANYWHERE:
             text = text.replace(secret, MASK)
     return _NYLAS_KEY.sub(MASK, text)
 
 
 def _holds(text: str, secret: str) -> bool:
-    if len(secret) >= _ANYWHERE:
+    if len(secret) >= SECRET_ANYWHERE:
         return secret in text
     return bool(secret) and text.strip() == secret
 

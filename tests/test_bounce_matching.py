@@ -43,3 +43,11 @@ def test_a_row_keeps_its_first_bounce_and_is_hard_if_any_of_its_bounces_was():
     bounces = [_bounce(hard_at), _bounce(soft_at, hard=False)]
     assert match_bounces([STEP_1], bounces) == {STEP_1.key: RowBounce(True, soft_at, "gone")}
     assert match_bounces([STEP_1], bounces[1:]) == {STEP_1.key: RowBounce(False, soft_at, "gone")}
+
+
+def test_a_bounce_naming_an_internationalised_domain_in_unicode_matches_its_ascii_send():
+    """campaign sends (and keys) an internationalised domain in ASCII; a report may name it in Unicode."""
+    sent = SentMessage("ann@xn--bcher-kva.example", "ann@xn--bcher-kva.example", T0, "m-1")
+    later = T0 + timedelta(hours=1)
+    found = match_bounces([sent], [_bounce(later, email="Ann@Bücher.example")])
+    assert found == {sent.key: RowBounce(True, later, "gone")}

@@ -5,6 +5,7 @@ files are owner-only."""
 
 from __future__ import annotations
 
+import re
 import stat
 from datetime import UTC, date, datetime
 from html.parser import HTMLParser
@@ -202,6 +203,104 @@ def test_the_secret_of_a_variable_the_manifest_names_is_never_echoed(api, cli, t
         f"error: campaign.toml: api.uri: {NOT_SHOWN} must be an https:// URL such as https://api.us.nylas.com"
     )
     _assert_not_shown(result, key)
+
+
+# Keys whose text campaign shows (preview, report) or sends (headers, the From name, the link): a secret
+# pasted there passes their own checks, so it is refused as a secret, by its key.
+SHOWN_KEYS = {
+    "campaign.name": ('name = "safety"', 'name = "{pasted}"'),
+    "senders[1].name": ('name = "alice"', 'name = "{pasted}"'),
+    "senders[1].from_name": ("per_second = 50", 'per_second = 50\nfrom_name = "Ann {pasted}"'),
+    "message.subject": ('subject = "Hello {{ first_name }}"', 'subject = "Hello {pasted}"'),
+    'message.headers."X-Campaign"': (
+        'html = "message.html.j2"',
+        'html = "message.html.j2"\nheaders = {{ "X-Campaign" = "{pasted}" }}',
+    ),
+    f"message.headers.{NOT_SHOWN}": (
+        'html = "message.html.j2"',
+        'html = "message.html.j2"\nheaders = {{ "{pasted}" = "x" }}',
+    ),
+    "unsubscribe.url": ("u/{{ unsubscribe_token }}", "u/{{{{ unsubscribe_token }}}}?k={pasted}"),
+}
+
+
+@pytest.mark.parametrize("what", ["the API key", "the unsubscribe secret", "another Nylas key"])
+@pytest.mark.parametrize("key", list(SHOWN_KEYS))
+def test_a_secret_pasted_into_a_key_that_is_shown_or_sent_is_refused(api, cli, tmp_path, key, what):
+    """A secret that would pass a key's own check (a name, a subject, a header, the link) is refused by its
+    key, exit 78, not shown; nothing is sent and no ledger is written."""
+    old, new = SHOWN_KEYS[key]
+    text = MANIFEST.replace(old, new.format(pasted=PASTED[what]), 1)
+    assert text != MANIFEST
+    manifest = _write(tmp_path, manifest=text)
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    for command in ("preview", "run"):
+        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+        assert result.exit_code == 78, result.output
+        assert _one_error_line(result) == (
+            f"error: campaign.toml: {key}: holds a secret (an API key, or the value of a secret variable "
+            "such as NYLAS_API_KEY), which would be shown and sent; remove it: secrets live only in "
+            "environment variables"
+        )
+        _assert_not_shown(result, PASTED[what])
+    assert not api.deliveries
+    assert not list(tmp_path.glob("*.sqlite*"))
+
+
+def test_a_random_looking_name_is_no_secret(api, cli, tmp_path):
+    """Only a known secret or a Nylas key is refused: a campaign named by a random hex id still runs."""
+    manifest = _write(
+        tmp_path, manifest=MANIFEST.replace('name = "safety"', 'name = "c0ffee00d15ea5e0123456789abcdef0"')
+    )
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert len(api.deliveries) == 2
+
+
+@pytest.mark.parametrize("what", ["the API key", "the unsubscribe secret", "another Nylas key"])
+def test_a_secret_in_a_list_cell_is_named_by_row_and_column_and_never_kept(api, cli, tmp_path, what):
+    """A list cell holding a secret stops the run like any bad cell (exit 65, its row and column named, the
+    value not shown); with --skip-invalid the other rows are sent, and neither the messages, the preview,
+    the ledger nor the report holds the secret."""
+    pasted = PASTED[what]
+    csv = CSV.replace("Bob Stone,Bob", f"Bob Stone,Bob {pasted} x")
+    manifest = _write(tmp_path, manifest=MANIFEST.replace("<p>Hi</p>", "<p>Hi {{ first_name }}</p>"), csv=csv)
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    for command in ("preview", "run"):
+        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+        assert result.exit_code == 65, result.output
+        assert 'row 2, column "first_name": holds a secret' in result.output
+        _assert_not_shown(result, pasted)
+    assert not api.deliveries
+    result = cli("preview", manifest, "--skip-invalid", "--out", tmp_path / "site")
+    assert result.exit_code == 0, result.output
+    _assert_not_shown(result, pasted)
+    result = cli("run", manifest, "--yes", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    _assert_not_shown(result, pasted)
+    assert [d.payload["to"][0]["email"] for d in api.deliveries] == ["ann@example.com"]
+    report = cli("report", manifest, "--out", tmp_path / "report.csv")
+    assert report.exit_code == 0, report.output
+    written = [
+        p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".j2" and p.name != "recipients.csv"
+    ]
+    assert any(p.suffix == ".sqlite" for p in written)
+    for path in written:
+        assert pasted.encode() not in path.read_bytes(), path
+        assert b"nyk_" not in path.read_bytes(), path
+
+
+def test_a_short_secret_is_refused_as_a_whole_cell_only(api, cli, tmp_path, monkeypatch):
+    """A short secret (a database password may be an everyday word) is one only as a cell's whole value."""
+    monkeypatch.setenv("PGPASSWORD", "hunter2")
+    csv = CSV.replace("Ann Lee,Ann", "Ann Lee,hunter2 fan").replace("Bob Stone,Bob", "Bob Stone, hunter2 ")
+    manifest = _write(tmp_path, csv=csv)
+    result = cli("preview", manifest)
+    assert result.exit_code == 65, result.output
+    assert 'row 2, column "first_name": holds a secret' in result.output
+    assert "Hello hunter2 fan" in result.output  # row 1: the word inside a longer value is no secret
+    assert re.search(r"rows with problems\s*│ 1 ", result.output)
 
 
 @pytest.mark.parametrize("named", [False, True])

@@ -331,6 +331,11 @@ def test_bounce_payloads_are_read_defensively():
         ("a@example.com", True),
         ("b@example.com", True),
     ]
+    unicode = parse_notification(_bounce("u", ["Ann@Bücher.example"], code="5.1.1", kind=None))
+    # In the ASCII form campaign keys and sends it in, so the bounce finds its row and suppresses it.
+    assert [b.email for b in parse_bounces(unicode, received_at=datetime.now(UTC))] == [
+        "ann@xn--bcher-kva.example"
+    ]
     nothing = parse_notification(_envelope("c", "message.bounce_detected", {"bounced_addresses": None}))
     assert parse_bounces(nothing, received_at=datetime.now(UTC)) == ()
     opened = parse_notification(_envelope("d", "message.opened", {"message_id": "m"}))

@@ -217,3 +217,44 @@ def test_a_bounce_report_in_the_thread_is_a_bounce_not_a_reply():
     assert classify_answer(headers, str(parsed["Subject"]), (sender,)) == AnswerKind.BOUNCE
     # A person's reply is not one, even with a "Re:" of a report's subject.
     assert classify_answer([], "Re: " + str(parsed["Subject"]), ("ann@example.net",)) == AnswerKind.REPLY
+
+
+class _Thread:
+    """A thread listing: the sender's own earlier message, its domain written in Unicode by the provider."""
+
+    def __init__(self, *messages: object) -> None:
+        self.messages = messages
+        self.headers_read: list[str] = []
+
+    async def list_messages(self, grant_id, *, from_=None, thread_id=None, **kwargs):
+        from campaign.nylas import MessagePage
+
+        return MessagePage(self.messages if thread_id is not None else (), None)
+
+    async def fetch_headers(self, grant_id, message_id):
+        self.headers_read.append(message_id)
+        return (("From", "Me <me@bücher.example>"), ("Subject", "Re: Hello"))
+
+
+@pytest.mark.anyio
+async def test_the_senders_own_message_is_no_answer_whichever_form_its_domain_is_written_in():
+    """A mailbox sender's own message in the thread (a copy the provider files, a message sent by hand)
+    is not the recipient's reply, also when the provider writes the sender's internationalised domain in
+    Unicode while the manifest's address is ASCII: the follow-up is not stopped by it."""
+    from campaign.followups import find_answer
+    from campaign.nylas import ListedMessage
+
+    at = datetime(2027, 3, 1, 9, 0, tzinfo=UTC)
+    own = ListedMessage("own-1", "Re: Hello", ("ann@example.com",), at, {}, senders=("Me@Bücher.example",))
+    client = _Thread(own)
+    answer = await find_answer(
+        client,
+        grant_id="g",
+        thread_id="t",
+        address="ann@example.com",
+        previous_sent_at=at - timedelta(hours=1),
+        first_sent_at=at - timedelta(hours=1),
+        ours=lambda _ids: set(),
+        own_address="me@xn--bcher-kva.example",
+    )
+    assert (answer, client.headers_read) == (None, [])

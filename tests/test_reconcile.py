@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,30 @@ class _FoldersFail(_MetadataFails):
 
     async def list_folders(self, grant_id: str):
         raise ApiError("Nylas API GET folders: HTTP 503")
+
+
+class _UnicodeDomains(_FoldersFail):
+    """A provider that lists recipients' internationalised domains in Unicode (campaign sent ASCII)."""
+
+    async def list_messages(self, grant_id: str, **kwargs: Any):
+        page = await self._client.list_messages(grant_id, **kwargs)
+        shown = [
+            replace(m, to=tuple(t.replace("xn--bcher-kva", "bücher") for t in m.to)) for m in page.messages
+        ]
+        return replace(page, messages=tuple(shown))
+
+    async def list_folders(self, grant_id: str):
+        return await self._client.list_folders(grant_id)
+
+
+async def test_a_message_listed_with_its_domain_in_unicode_is_found_sent(tmp_path):
+    """The Sent folder's message to ann@bücher.example is the row keyed ann@xn--bcher-kva.example: sent,
+    never sent again."""
+    s = _Setup(tmp_path, provider="microsoft")
+    s.unknown("ann@xn--bcher-kva.example", subject="Spring news")
+    message_id = await s.deliver("ann@xn--bcher-kva.example", subject="Spring news")
+    (decision,) = (await s.reconcile(wrap=_UnicodeDomains)).decisions
+    assert (decision.verdict, decision.message_id) == (Verdict.SENT, message_id)
 
 
 async def test_found_by_metadata_is_marked_sent_with_its_message_id(tmp_path):

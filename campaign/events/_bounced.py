@@ -18,6 +18,7 @@ from datetime import datetime
 
 from campaign.events._pulling import PULL_SKEW
 from campaign.ledger import Ledger, SentMessage
+from campaign.recipients import matching_form
 from campaign.unsubscribe import BounceRecord, SuppressionStore
 
 __all__ = ["RowBounce", "find_row_bounces", "match_bounces"]
@@ -45,7 +46,7 @@ def match_bounces(sent: Iterable[SentMessage], bounces: Iterable[BounceRecord]) 
     found: dict[str, RowBounce] = {}
     for bounce in sorted(bounces, key=lambda bounce: bounce.bounced_at):
         at = datetime.fromisoformat(bounce.bounced_at)
-        sends = by_address.get(bounce.email.lower(), [])
+        sends = by_address.get(matching_form(bounce.email), [])  # the sent rows' addresses are keys already
         message = by_id.get(bounce.message_id or "") or _latest_before(sends, at)
         if message is None:
             continue

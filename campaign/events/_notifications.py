@@ -18,6 +18,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
 from campaign.errors import DataError
+from campaign.recipients import matching_form
 from campaign.unsubscribe import BLOCK_KIND, BounceRecord
 
 __all__ = ["BOUNCE", "Notification", "parse_bounces", "parse_notification"]
@@ -116,7 +117,7 @@ def is_blocked(code: str | None, reason: str | None) -> bool:
 def _addresses(value: object) -> list[str]:
     items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     texts = [item for item in items if isinstance(item, str)]
-    found = [address.strip().lower() for _, address in getaddresses(texts) if "@" in address]
+    found = [matching_form(address) for _, address in getaddresses(texts) if "@" in address]
     return list(dict.fromkeys(found))
 
 

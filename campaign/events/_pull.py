@@ -27,6 +27,7 @@ from flufl.bounce import all_failures
 
 from campaign.events._notifications import BOUNCE, is_blocked
 from campaign.nylas import Folder, MessagePage
+from campaign.recipients import matching_form
 from campaign.unsubscribe import BLOCK_KIND, INBOX_EVENT_PREFIX, BounceRecord, InboxCursor, SuppressionStore
 
 __all__ = ["MAX_PAGES", "InboxReader", "PullReport", "pull_bounces"]
@@ -256,7 +257,7 @@ def _delivery_status(report: email.message.Message) -> dict[str, tuple[str | Non
             recipient = block.get("Final-Recipient") or block.get("Original-Recipient")
             if recipient is None:
                 continue
-            address = str(recipient).rpartition(";")[2].strip().lower()
+            address = matching_form(str(recipient).rpartition(";")[2])
             status = _field_text(block.get("Status"))
             # "smtp; 550 5.1.1 …": the text after its type (all of it, when a server leaves the type out)
             diagnostic = _field_text(str(block.get("Diagnostic-Code") or "").split(";", 1)[-1])

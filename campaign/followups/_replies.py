@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from campaign.nylas import ListedMessage, MessagePage
+from campaign.recipients import matching_form
 
 __all__ = ["Answer", "AnswerKind", "ReplyClient", "classify_answer", "find_answer", "read_answer_kind"]
 
@@ -121,12 +122,12 @@ async def find_answer(
             found[message.id] = message
     for message in await _listing(client, grant_id, from_=address, since=first_sent_at):
         found[message.id] = message
-    own = (own_address or "").lower()
+    own = matching_form(own_address) if own_address else ""
     mine = ours(found)
     candidates = [
         message
         for message in found.values()
-        if message.id not in mine and not (own and all(s.lower() == own for s in message.senders))
+        if message.id not in mine and not (own and all(matching_form(s) == own for s in message.senders))
     ]
     candidates.sort(key=lambda message: (message.date is None, message.date))
     auto: Answer | None = None

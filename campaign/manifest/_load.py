@@ -16,6 +16,7 @@ import functools
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
@@ -36,7 +37,7 @@ from campaign.manifest._settings import (
     is_env_name,
     quoted,
 )
-from campaign.redaction import HIDDEN, looks_like_secret, quote_value, secret_values
+from campaign.redaction import HIDDEN, holds_secret, looks_like_secret, quote_value, secret_values
 
 # The table models live in _settings and _message; they stay importable from here.
 __all__ = [
@@ -343,9 +344,44 @@ def parse_manifest(text: str, *, path: Path) -> Manifest:
     known = secret_values(_secret_envs_named(data))
     context = {"base_dir": path.parent, "secrets": known}
     try:
-        return Manifest.model_validate({**data, "path": path}, context=context)
+        manifest = Manifest.model_validate({**data, "path": path}, context=context)
     except ValidationError as exc:
         raise ManifestError(_describe_validation(exc, path.name, known)) from exc
+    pasted = _find_pasted_secret(manifest, (), known)
+    if pasted is not None:
+        raise ManifestError(
+            f"{path.name}: {_format_loc(pasted, known)}: holds a secret (an API key, or the value of a "
+            "secret variable such as NYLAS_API_KEY), which would be shown and sent; remove it: secrets "
+            "live only in environment variables"
+        )
+    return manifest
+
+
+def _find_pasted_secret(
+    value: object, loc: tuple[str | int, ...], known: tuple[str, ...]
+) -> tuple[str | int, ...] | None:
+    """Where in the manifest a secret was pasted into a text that campaign shows or sends (a name, a
+    header, a subject, a URL), if anywhere: a value, or a header's name, that holds a known secret or a
+    Nylas API key (`holds_secret`). Paths are left out (an error shows a path only through
+    `quote_value`), and so are the `*_env` keys (their own check refuses a value that is not a name)."""
+    if isinstance(value, str):
+        return loc if holds_secret(value, known) else None
+    children: list[tuple[str | int, object]] = []
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        children.extend((name, getattr(value, name)) for name in fields if not name.endswith("_env"))
+    elif isinstance(value, Mapping):
+        for key, child in value.items():
+            if holds_secret(str(key), known):
+                return (*loc, str(key))
+            children.append((str(key), child))
+    elif isinstance(value, tuple | list):
+        children.extend(enumerate(value))
+    for part, child in children:
+        found = _find_pasted_secret(child, (*loc, part), known)
+        if found is not None:
+            return found
+    return None
 
 
 def _secret_envs_named(data: dict[str, object]) -> list[str]:

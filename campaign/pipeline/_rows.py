@@ -26,6 +26,7 @@ from campaign.pipeline._compliance import check_body_link
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
 from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, ListStart, encode_cells, scan_audience
+from campaign.redaction import secret_values
 from campaign.render import Composer, build_composer, check_message_attachments
 from campaign.unsubscribe import StoreFollower, Unsubscribed, list_store_paths, open_store, store_exists
 
@@ -270,7 +271,8 @@ def check_rows(
     skipped as its duplicate.
     """
     senders = [sender.name for sender in manifest.senders]
-    scan = scan_audience(manifest.recipients, sender_names=senders, start=start)
+    known = secret_values(manifest.secret_envs)
+    scan = scan_audience(manifest.recipients, sender_names=senders, start=start, secrets=known)
     stores = list_store_paths(manifest)
     for path in stores:  # a file that is not a store is refused here, before any row is checked
         if store_exists(path):

@@ -17,6 +17,7 @@ from campaign.recipients._audience import (
     CheckedRow,
     comparable_address,
     load_audience,
+    matching_form,
     parse_suppression_entry,
     scan_audience,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "encode_cells",
     "load_audience",
     "load_import_addresses",
+    "matching_form",
     "parse_suppression_entry",
     "recipient_from_cells",
     "scan_audience",

@@ -22,6 +22,7 @@ from email.utils import getaddresses
 from pathlib import Path
 from typing import NamedTuple
 
+import polars as pl
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, DOT_ATOM_TEXT, EMAIL_MAX_LENGTH
 
@@ -39,6 +40,7 @@ from campaign.recipients._listfile import (
     read_text,
     shown_path,
 )
+from campaign.redaction import HIDDEN, SECRET_ANYWHERE, holds_secret
 from campaign.sendtime import load_zone
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "comparable_address",
     "load_audience",
     "load_suppression",
+    "matching_form",
     "normalize_address",
     "parse_suppression_entry",
     "scan_audience",
@@ -100,6 +103,13 @@ def comparable_address(value: str) -> str | None:
         return normalize_address(value.strip()).lower()
     except EmailNotValidError:
         return None
+
+
+def matching_form(value: str) -> str:
+    """An address read from the API, a report or a webhook as it is matched with the ledger's: its
+    `comparable_address` (a provider may write an internationalised domain in Unicode where campaign
+    sent ASCII), or, when it does not validate, its text stripped and lower-cased."""
+    return comparable_address(value) or value.strip().lower()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -226,8 +236,10 @@ class AudienceScan:
         sender_names: Collection[str],
         suppressed: frozenset[str],
         start: ListStart | None = None,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.source = settings.source
+        self._secrets = tuple(secrets)
         self._file = ListFile(self.source, settings.delimiter, "recipient list", start)
         self.last_row = self._file.start.rows  # the number of the last row read so far (blank lines counted)
         header = self._file.header
@@ -289,8 +301,13 @@ class AudienceScan:
             checked: list[tuple[int, tuple[object, ...], _Candidate | Skip | tuple[Problem, ...]]] = []
             keys: list[str] = []
             rows: list[int] = []
+            pasted = self._find_secrets(part)
             for row, values in enumerate(zip(*column_values(part), strict=True), start=offset + 1):
-                outcome = check_row(row, values)
+                outcome: _Candidate | Skip | tuple[Problem, ...] | None
+                if row - offset - 1 in pasted:
+                    values, outcome = self._hide_secrets(row, values, pasted[row - offset - 1])
+                else:
+                    outcome = check_row(row, values)
                 if outcome is None:
                     continue
                 checked.append((row, values, outcome))
@@ -314,6 +331,38 @@ class AudienceScan:
             offset += part.height
             self.last_row = offset
             yield settled
+
+    def _find_secrets(self, part: pl.DataFrame) -> dict[int, list[int]]:
+        """The cells of `part` that hold a secret (`holds_secret`: a known secret's value, or a Nylas API
+        key), by row index in `part`: the column indexes. polars narrows the search to the rows that may
+        hold one (one pass over the batch; it rarely finds any), and `holds_secret` judges their cells."""
+        columns = [at for at, dtype in enumerate(part.dtypes) if dtype == pl.String]
+        if not columns:
+            return {}
+        anywhere = ["nyk_", *(secret for secret in self._secrets if len(secret) >= SECRET_ANYWHERE)]
+        whole = [secret for secret in self._secrets if len(secret) < SECRET_ANYWHERE]
+        maybe = [pl.nth(at).str.contains_any(anywhere) for at in columns]
+        if whole:
+            maybe += [pl.nth(at).str.strip_chars().is_in(whole) for at in columns]
+        found: dict[int, list[int]] = {}
+        for index in part.select(pl.any_horizontal(maybe).arg_true()).to_series().to_list():
+            row = part.row(index)
+            hits = [at for at in columns if row[at] is not None and holds_secret(row[at], self._secrets)]
+            if hits:
+                found[index] = hits
+        return found
+
+    def _hide_secrets(
+        self, row: int, values: tuple[object, ...], columns: list[int]
+    ) -> tuple[tuple[object, ...], tuple[Problem, ...]]:
+        """A row with a secret pasted into it: its cells with each such cell hidden (so no preview, report
+        or ledger holds it), and a problem naming each such column. Its other checks wait for the fix."""
+        hidden = tuple(HIDDEN if at in columns else value for at, value in enumerate(values))
+        message = (
+            "holds a secret (an API key, or the value of a secret variable such as NYLAS_API_KEY), "
+            f"which would be shown and sent; remove it from the list; {_SKIP_HINT}"
+        )
+        return hidden, tuple(Problem(row, f'column "{self.columns[at]}"', message) for at in columns)
 
     def _check_zone(self, row: int, values: tuple[object, ...]) -> tuple[Problem, ...]:
         """A time zone cell is an IANA name, or empty (the sender's zone)."""
@@ -383,17 +432,26 @@ class AudienceScan:
 
 
 def scan_audience(
-    settings: RecipientsSettings, *, sender_names: Collection[str], start: ListStart | None = None
+    settings: RecipientsSettings,
+    *,
+    sender_names: Collection[str],
+    start: ListStart | None = None,
+    secrets: Sequence[str] = (),
 ) -> AudienceScan:
     """Open the recipient list and check its header and suppression files; rows are checked by `batches`
-    (from `start`, for a list that only grew since its earlier rows were checked)."""
+    (from `start`, for a list that only grew since its earlier rows were checked). A row with a cell
+    holding one of the `secrets` (their values) or a Nylas API key is a problem, and that cell hidden."""
     suppressed = load_suppression(settings.suppress)
-    return AudienceScan(settings, sender_names=sender_names, suppressed=suppressed, start=start)
+    return AudienceScan(
+        settings, sender_names=sender_names, suppressed=suppressed, start=start, secrets=secrets
+    )
 
 
-def load_audience(settings: RecipientsSettings, *, sender_names: Collection[str]) -> Audience:
+def load_audience(
+    settings: RecipientsSettings, *, sender_names: Collection[str], secrets: Sequence[str] = ()
+) -> Audience:
     """Read, validate, de-duplicate and suppress the recipient list named by `settings`."""
-    scan = scan_audience(settings, sender_names=sender_names)
+    scan = scan_audience(settings, sender_names=sender_names, secrets=secrets)
     recipients: list[Recipient] = []
     skipped: list[Skip] = []
     problems: list[Problem] = []
