@@ -94,3 +94,59 @@ def test_status_shows_the_schedule(quota_api, cli, tmp_path):
     assert status["eta_s"] > 0
     text = cli("status", manifest).stdout
     assert "500/day over 1 sender: done in ~" in text
+
+
+MOVING = """\
+[campaign]
+name = "moving"
+
+[recipients]
+source = "recipients.csv"
+
+[message]
+subject = "News"
+text = "message.txt.j2"
+
+[unsubscribe]
+url = "https://example.com/u/{{{{ unsubscribe_token }}}}"
+
+[[senders]]
+name = "alice"
+grant_id = "grant-alice"
+email = "alice@example.com"
+provider = "gmail"
+per_second = 10
+concurrency = 1
+
+[[senders]]
+name = "bob"
+grant_id = "grant-bob"
+email = "bob@example.com"
+provider = "microsoft"
+per_minute = 1
+"""
+
+
+@pytest.mark.parametrize("linked", [False, True])
+def test_rows_move_to_a_microsoft_sender_only_with_a_body_link(quota_api, cli, tmp_path, linked):
+    """A Gmail sender's quota moves its rows to the others; a Microsoft sender sends no List-Unsubscribe
+    headers, so it takes them only if their body links to unsubscribe: else they wait for their own
+    sender (exit 75), and nobody gets a message they cannot opt out of."""
+    fake, _ = quota_api
+    fake.add_grant("grant-alice", "alice@example.com")
+    fake.add_grant("grant-bob", "bob@example.com", provider="microsoft")
+    fake.script(Fault.QUOTA_EXCEEDED, grant_id="grant-alice", times=1)
+    (tmp_path / "campaign.toml").write_text(MOVING.format())
+    (tmp_path / "recipients.csv").write_text("email\n" + "".join(f"r{i}@example.org\n" for i in range(3)))
+    body = "Hi there, news.\n" + ("Unsubscribe: {{ unsubscribe_url }}\n" if linked else "")
+    (tmp_path / "message.txt.j2").write_text(body)
+    result = cli("run", tmp_path / "campaign.toml", "--yes")
+    by_bob = [d for d in fake.deliveries if d.grant_id == "grant-bob"]
+    assert len(fake.deliveries) == len(by_bob)  # alice's only request was refused
+    if linked:
+        assert result.exit_code == 0, result.output
+        assert sorted(d.payload["to"][0]["email"] for d in by_bob) == [f"r{i}@example.org" for i in range(3)]
+        assert all("https://example.com/u/" in d.payload["body"] for d in by_bob)
+    else:
+        assert result.exit_code == 75, result.output  # the rows wait for alice
+        assert by_bob == []

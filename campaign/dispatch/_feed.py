@@ -4,15 +4,16 @@ A `JobSource` gives a sender's next jobs in order (the run's reads them from the
 jobs is one too, `source_of`). `JobFeed` sits in front of it: a lane takes its own jobs first; once a
 sender stops (parked, or its credentials refused), what it held comes back (`release`) and its
 movable jobs may be taken by any other sender, from what it gave back and then from its source.
-Rows pinned to their sender, follow-ups (their thread is in that mailbox) and rows whose key may have
-been used (`bound`: Nylas scopes keys per grant) are kept for their own sender. Pure bookkeeping: it
-reads no clock and does no I/O but its source's.
+Rows pinned to their sender, follow-ups (their thread is in that mailbox), rows whose key may have
+been used (`bound`: Nylas scopes keys per grant) and rows the taker may not send (`movable_to`: a
+Microsoft sender's message must link to unsubscribe in its body) are kept for their own sender. Pure
+bookkeeping: it reads no clock and does no I/O but its source's.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
 from campaign.plan import Job
@@ -79,9 +80,16 @@ def chain_sources(*sources: JobSource) -> JobSource:
 class JobFeed:
     """The lanes' shared view of the work; see the module's docstring."""
 
-    def __init__(self, source: JobSource, *, bound: Collection[str]) -> None:
+    def __init__(
+        self,
+        source: JobSource,
+        *,
+        bound: Collection[str],
+        movable_to: Callable[[Job, str], bool] | None = None,
+    ) -> None:
         self._source = source
         self._bound = bound  # the loop's own set: it grows as keys are used
+        self._movable_to = movable_to
         self._kept: dict[str, deque[Job]] = defaultdict(deque)  # read, or given back, not yet taken
         self._staying: dict[str, deque[Job]] = defaultdict(deque)  # a stopped sender's, others read past
         self._drained: set[str] = set()  # senders whose source has nothing more
@@ -97,7 +105,9 @@ class JobFeed:
             if len(taken) >= count:
                 break
             if other != sender:
-                taken += [job._replace(sender=sender) for job in self._movable(other, count - len(taken))]
+                taken += [
+                    job._replace(sender=sender) for job in self._movable(other, count - len(taken), sender)
+                ]
         return taken
 
     def finished(self, key: str) -> None:
@@ -127,8 +137,9 @@ class JobFeed:
             taken += self._read(sender, count - len(taken))
         return taken
 
-    def _movable(self, sender: str, count: int) -> list[Job]:
-        """Up to `count` of a stopped sender's movable jobs; the others stay for it, in order."""
+    def _movable(self, sender: str, count: int, to: str) -> list[Job]:
+        """Up to `count` of a stopped sender's jobs that may move to sender `to`; the others stay for it,
+        in order."""
         found: list[Job] = []
         kept, staying = self._kept[sender], self._staying[sender]
         while len(found) < count and len(staying) < _KEPT_MAX:
@@ -137,7 +148,10 @@ class JobFeed:
                 if not kept:
                     break
             job = kept.popleft()
-            (found if job.movable and job.key not in self._bound else staying).append(job)
+            moves = job.movable and job.key not in self._bound
+            if moves and self._movable_to is not None:
+                moves = self._movable_to(job, to)
+            (found if moves else staying).append(job)
         return found
 
     def _read(self, sender: str, count: int) -> list[Job]:

@@ -74,6 +74,7 @@ async def dispatch(
     bound: Collection[str] = (),
     holidays: Collection[date] = (),
     handed_over: bool = False,
+    movable_to: Callable[[Job, str], bool] | None = None,
 ) -> DispatchResult:
     """Send every job under its sender's limits; return what was done and what is left.
 
@@ -83,7 +84,7 @@ async def dispatch(
     sender column and rows whose idempotency key may already have been used: Nylas scopes keys
     per grant, so such a row is only ever sent by its own sender (the ledger's claim says whose
     it is; `bound` names such rows up front, in flight from an earlier run, so they are not moved
-    at all).
+    at all). `movable_to` may refuse a move to a sender: the row then stays for its own.
 
     `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
     budgets; `parked` the senders that must not send before a time (from an earlier run);
@@ -123,6 +124,7 @@ async def dispatch(
         screen=screen,
         stop=stop,
         bound=bound,
+        movable_to=movable_to,
     )
     try:
         with _old_objects_frozen():
@@ -167,6 +169,7 @@ class _Loop:
         screen: Callable[[Job], Awaitable[Screening]] | None = None,
         stop: anyio.Event | None = None,
         bound: Collection[str] = (),
+        movable_to: Callable[[Job, str], bool] | None = None,
     ) -> None:
         self._render = render
         self._client = client
@@ -187,7 +190,7 @@ class _Loop:
         self._stop = Stopper(stop, clock=clock)
         self._left_inflight = 0
         self._bound = set(bound)
-        self._feed = JobFeed(source, bound=self._bound)
+        self._feed = JobFeed(source, bound=self._bound, movable_to=movable_to)
         self._lanes: Mapping[str, Lane] = {}
         self._workers: anyio.abc.TaskGroup | None = None
 

@@ -15,6 +15,7 @@ from campaign.pipeline._parallel import Rendered, checked_rows
 from campaign.pipeline._preflight import (
     Preflight,
     find_skipped_invalid,
+    may_move_to,
     raise_for_problems,
     render_job,
     run_preflight,
@@ -62,6 +63,7 @@ __all__ = [
     "load_recipients",
     "load_row_cells",
     "load_rules_stamp",
+    "may_move_to",
     "raise_for_problems",
     "record_content",
     "record_rows_given_away",

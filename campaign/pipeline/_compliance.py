@@ -30,6 +30,7 @@ __all__ = [
     "build_unsubscribe_warnings",
     "check_body_link",
     "has_body_link",
+    "needs_body_link",
 ]
 
 # Gmail: a bulk sender sends close to 5,000 or more messages a day to personal accounts, per domain.
@@ -94,17 +95,20 @@ def _links_to(match: re.Match[str], url: str) -> bool:
     return html.unescape(target).strip() == url
 
 
+def needs_body_link(manifest: Manifest, sender: SenderSettings) -> bool:
+    """Whether `sender`'s messages must link to unsubscribe in their body: it is a Microsoft/iCloud
+    sender (no List-Unsubscribe headers) of a campaign with [unsubscribe] and `require_body_link`."""
+    settings = manifest.unsubscribe
+    return settings is not None and settings.require_body_link and sender.provider in HEADERLESS_PROVIDERS
+
+
 def check_body_link(manifest: Manifest, message: Message, sender: SenderSettings) -> None:
     """Raise TemplateError when a Microsoft/iCloud sender's message (from `sender`) has no unsubscribe
     link in its body.
 
     Nothing is checked without [unsubscribe], for other senders, or when `require_body_link` is false.
     """
-    settings = manifest.unsubscribe
-    if settings is None or not settings.require_body_link:
-        return
-    provider = sender.provider
-    if provider not in HEADERLESS_PROVIDERS:
+    if not needs_body_link(manifest, sender):
         return
     url = message.unsubscribe_url
     if url is None or has_body_link(message, url):
@@ -112,7 +116,7 @@ def check_body_link(manifest: Manifest, message: Message, sender: SenderSettings
     body = "HTML body" if message.html is not None else "text body"
     link = '<a href="{{ unsubscribe_url }}">' if message.html is not None else "{{ unsubscribe_url }}"
     raise TemplateError(
-        f"sender {message.sender!r} (provider {provider}) sends no List-Unsubscribe "
+        f"sender {message.sender!r} (provider {sender.provider}) sends no List-Unsubscribe "
         f"headers (its provider does not take them), so the {body} must link to unsubscribe_url; "
         f"add {link} (templates/base.html.j2 has one in its footer) or set "
         "unsubscribe.require_body_link = false",

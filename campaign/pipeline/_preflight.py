@@ -16,13 +16,21 @@ from campaign.errors import DataError
 from campaign.ledger import Ledger, PlannedRow, PlanSink
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
+from campaign.pipeline._compliance import check_body_link, needs_body_link
 from campaign.pipeline._parallel import checked_rows, error_line
 from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less
 from campaign.plan import Job
 from campaign.recipients import ListStart, encode_cells
 from campaign.render import Composer, load_message_attachments
 
-__all__ = ["Preflight", "find_skipped_invalid", "raise_for_problems", "render_job", "run_preflight"]
+__all__ = [
+    "Preflight",
+    "find_skipped_invalid",
+    "may_move_to",
+    "raise_for_problems",
+    "render_job",
+    "run_preflight",
+]
 
 _SHOWN_IN_ERROR = 1
 _KEPT_PROBLEMS = 1_000  # a run stops on the first; a list of a million bad rows need not be kept whole
@@ -70,6 +78,22 @@ def render_job(composer: Composer, manifest: Manifest, job: Job) -> Message:
     step = composer.for_step(job.step)
     message = step.render(job.recipient, manifest.sender(job.sender), previous=job.previous)
     return load_message_attachments(message, composer.attachment_loader)
+
+
+def may_move_to(composer: Composer, manifest: Manifest, job: Job, sender: str) -> bool:
+    """Whether `job` may go out from `sender` instead of the sender it was checked for (a stopped
+    sender's rows move to the others): its message from `sender` passes the checks that depend on the
+    sender. Only a Microsoft/iCloud sender has such a check (its body must link to unsubscribe, as it
+    sends no List-Unsubscribe headers), so only a move to one renders the message."""
+    settings = manifest.sender(sender)
+    if not needs_body_link(manifest, settings):
+        return True
+    try:
+        message = composer.for_step(job.step).render(job.recipient, settings, previous=job.previous)
+        check_body_link(manifest, message, settings)
+    except DataError:
+        return False
+    return True
 
 
 def run_preflight(
