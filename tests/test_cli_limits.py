@@ -150,3 +150,35 @@ def test_rows_move_to_a_microsoft_sender_only_with_a_body_link(quota_api, cli, t
     else:
         assert result.exit_code == 75, result.output  # the rows wait for alice
         assert by_bob == []
+
+
+def test_a_daily_limit_naming_no_time_stops_the_sender_an_hour(quota_api, cli, cli_clock, tmp_path):
+    """Gmail's daily limit in words with no time (nylas-api.md §3.4): the sender stops for an hour, not a
+    backoff of seconds (which knocked on the locked mailbox hundreds of times), and the stop is stored."""
+    fake, _ = quota_api
+    manifest = copy_sample("newsletter", tmp_path)
+    fake.script(Fault.DAILY_LIMIT, grant_id=FOUNDER, times=1)
+    started = cli_clock.now()
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 75, result.output
+    assert "can send again at" in result.output
+    assert [r.status for r in fake.requests].count(429) == 1
+    ledger = open_ledger(load_manifest(manifest).ledger_path, clock=cli_clock, campaign="spring-newsletter")
+    try:
+        assert ledger.parked_senders()["founder"] - started >= timedelta(minutes=59)
+    finally:
+        ledger.close()
+
+
+def test_wait_knocks_on_a_mailbox_at_its_daily_limit_once_an_hour(quota_api, cli, cli_clock, tmp_path):
+    """--wait through a daily limit that names no time: a try an hour until the mailbox takes mail again,
+    then every recipient once."""
+    fake, _ = quota_api
+    manifest = copy_sample("newsletter", tmp_path)
+    fake.script(Fault.DAILY_LIMIT, grant_id=FOUNDER, times=3)
+    started = cli_clock.now()
+    result = cli("run", manifest, "--yes", "--wait")
+    assert result.exit_code == 0, result.output
+    assert [r.status for r in fake.requests].count(429) == 3
+    assert len({d.payload["to"][0]["email"] for d in fake.deliveries}) == len(fake.deliveries) == 5
+    assert cli_clock.now() - started >= timedelta(hours=2)  # the refusals came at least an hour apart

@@ -331,3 +331,14 @@ async def test_a_row_settled_elsewhere_after_its_lane_read_it_is_not_sent_and_th
     assert delivered == [f"r{n}@example.com" for n in (1, 2, 4, 5)]
     assert (result.sent, result.failed, result.unknown) == (4, 0, 0)
     assert h.states()["r3@example.com"] == RowState.SKIPPED
+
+
+async def test_a_wave_of_throttles_to_requests_in_flight_is_one_throttle(tmp_path):
+    """Eight requests in flight (200 ms each) all answered 429 "retry after 1 s" are one throttle, not eight
+    in a row: the sender waits a second and goes on, instead of stopping for the run."""
+    h = _Harness(tmp_path, [_sender("a", per_second=100, concurrency=8)])
+    h.fake.latency_s = 0.2
+    h.fake.script(Fault.PROVIDER_THROTTLE, grant_id="grant-a", times=8, retry_after_s=1)
+    result = await h.run(make_jobs(30, "a"))
+    assert [r.status for r in h.fake.requests].count(429) == 8
+    assert (result.sent, result.remaining, dict(result.parked)) == (30, 0, {})

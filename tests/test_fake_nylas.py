@@ -536,6 +536,7 @@ async def test_throttled_account_refuses_until_the_given_time(
         (Fault.NYLAS_RATE_LIMIT, 429, "nylas_rate_limit_exceeded"),
         (Fault.PROVIDER_THROTTLE, 429, "rate_limit_error"),
         (Fault.QUOTA_EXCEEDED, 429, "quota_exceeded_error"),
+        (Fault.DAILY_LIMIT, 429, "rate_limit_error"),
         (Fault.UNAUTHORIZED, 401, "unauthorized"),
         (Fault.FORBIDDEN, 403, "insufficient_scopes"),
         (Fault.REJECTED, 402, "message_rejected"),

@@ -41,17 +41,38 @@ def test_throttle_holds_requests_until_retry_after():
     """After a 429 with a 30 s wait no slot starts before then."""
     lane = open_lane(_sender(per_second=10))
     lane.reserve(0.0)
-    lane.record_throttle(mono=1.0, wait_s=30.0)
+    lane.record_throttle(mono=1.0, wait_s=30.0, sent_at=1.0)
     assert lane.reserve(1.0) >= 31.0
+
+
+def test_sends_waiting_out_a_hold_leave_at_the_pace_from_its_end():
+    """At 1/s, a 10 s hold: the sends booked after it leave at the pace (halved by the throttle: 2 s apart)
+    from its end, not together at its end (the provider would see one burst, and throttle again)."""
+    lane = open_lane(_sender(per_second=1))
+    assert lane.reserve(0.0) == 0.0
+    lane.record_throttle(mono=0.5, wait_s=10.0, sent_at=0.0)
+    assert [lane.reserve(0.6) for _ in range(3)] == pytest.approx([10.5, 12.5, 14.5])
+
+
+def test_throttles_to_requests_already_in_flight_count_once():
+    """Eight requests in flight when the first 429 comes back are one wave: it counts once and halves the
+    pace once, and only a request that left after it starts a new one."""
+    lane = open_lane(_sender(per_second=8))
+    for at in range(8):
+        lane.record_throttle(mono=1.0 + at / 100, wait_s=1.0, sent_at=0.5)
+    assert (lane.throttles, lane.rate_per_s) == (1, pytest.approx(4))
+    assert lane.hold_until == pytest.approx(2.07)
+    lane.record_throttle(mono=3.0, wait_s=1.0, sent_at=2.1)
+    assert (lane.throttles, lane.rate_per_s) == (2, pytest.approx(2))
 
 
 def test_throttles_halve_the_pace_down_to_a_floor():
     """Each throttle halves the pace, never below a tenth of the configured rate."""
     lane = open_lane(_sender(per_second=8))
-    lane.record_throttle(mono=0.0, wait_s=0.0)
+    lane.record_throttle(mono=0.0, wait_s=0.0, sent_at=0.0)
     assert lane.rate_per_s == pytest.approx(4)
     for _ in range(10):
-        lane.record_throttle(mono=0.0, wait_s=0.0)
+        lane.record_throttle(mono=0.0, wait_s=0.0, sent_at=0.0)
     assert lane.rate_per_s == pytest.approx(8 * MIN_SLOWDOWN)
     start = lane.reserve(100.0)
     assert lane.reserve(100.0) - start == pytest.approx(1 / (8 * MIN_SLOWDOWN))
@@ -60,7 +81,7 @@ def test_throttles_halve_the_pace_down_to_a_floor():
 def test_pace_recovers_slowly_after_calm_sends():
     """Only after RECOVER_AFTER sends without a throttle does the pace climb, by a quarter."""
     lane = open_lane(_sender(per_second=8))
-    lane.record_throttle(mono=0.0, wait_s=0.0)
+    lane.record_throttle(mono=0.0, wait_s=0.0, sent_at=0.0)
     for _ in range(RECOVER_AFTER - 1):
         lane.record_sent()
     assert lane.rate_per_s == pytest.approx(4)
@@ -81,7 +102,7 @@ def test_multipart_sends_also_respect_ten_per_second():
 def test_a_send_resets_consecutive_throttles():
     """Consecutive-throttle counting restarts after a successful send."""
     lane = open_lane(_sender())
-    lane.record_throttle(mono=0.0, wait_s=0.0)
-    lane.record_throttle(mono=0.0, wait_s=0.0)
+    lane.record_throttle(mono=0.0, wait_s=0.0, sent_at=0.0)
+    lane.record_throttle(mono=0.0, wait_s=0.0, sent_at=0.0)
     lane.record_sent()
     assert lane.throttles == 0

@@ -457,6 +457,53 @@ async def test_status_maps_to_outcome(status: int, error_type: str, message: str
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "error_type", "message", "throttle"),
+    [
+        # Gmail's SMTP words for its daily limit, relayed as a refused message (email-standards §3.3)
+        (402, "api.provider_error", "550 5.4.5 Daily user sending limit exceeded.", ThrottleKind.QUOTA),
+        # the Gmail API's reasons (§3.4), relayed with its 403
+        (403, "api.provider_error", "dailyLimitExceeded: Daily Limit Exceeded", ThrottleKind.QUOTA),
+        (403, "api.provider_error", "userRateLimitExceeded: User Rate Limit Exceeded", ThrottleKind.PROVIDER),
+        # Exchange's submission quota (§3.5) and iCloud's words (§3.8), whatever the status
+        (
+            422,
+            "api.provider_error",
+            "The message can't be submitted because the sender's submission quota was exceeded.",
+            ThrottleKind.QUOTA,
+        ),
+        (
+            503,
+            "api.provider_error",
+            "Sending the message failed because you exceeded your sending limit",
+            ThrottleKind.QUOTA,
+        ),
+        (
+            429,
+            "rate_limit_error",
+            "Error encountered while sending using Gmail API due to Rate Limit Exceeded",
+            ThrottleKind.QUOTA,
+        ),
+    ],
+)
+async def test_a_mailbox_limit_is_a_throttle_whatever_status_relays_it(
+    status: int, error_type: str, message: str, throttle: ThrottleKind
+) -> None:
+    """A quota or rate refusal of the mailbox, sent with another status than 429, holds the sender (no row
+    fails, no credentials are blamed, no ambiguous retries)."""
+    outcome = await send_with(respond(status, error_body(error_type, message)))
+    assert (outcome.kind, outcome.throttle, outcome.status) == (OutcomeKind.THROTTLED, throttle, status)
+
+
+@pytest.mark.anyio
+async def test_a_full_recipient_mailbox_is_a_refused_message_not_a_quota() -> None:
+    """ "Over quota" is the recipient's mailbox (4.2.2): that message fails, the sender goes on."""
+    text = "452 4.2.2 The email account that you tried to reach is over quota."
+    outcome = await send_with(respond(402, error_body("api.provider_error", text)))
+    assert (outcome.kind, outcome.throttle) == (OutcomeKind.REJECTED, None)
+
+
+@pytest.mark.anyio
 async def test_unprefixed_concurrent_idempotency_type_is_still_in_progress() -> None:
     """Type strings are inconsistently prefixed (§3.3); the unprefixed form counts too."""
     outcome = await send_with(respond(409, error_body("concurrent_idempotent_request", "in progress")))

@@ -40,6 +40,7 @@ class Lane:
     slowdown: float = 1.0
     calm_sends: int = 0
     throttles: int = 0
+    throttled_at: float = float("-inf")  # monotonic time the last wave of throttles began
     hold_until: float = float("-inf")  # monotonic time before which no request may leave
     parked_until: datetime | None = None
     provider_refused: bool = False  # parked by the provider (a quota, long throttling), not just its budget
@@ -103,10 +104,12 @@ class Lane:
         self.messages_budget.release(wall, 1)
 
     def reserve(self, mono: float, *, multipart: bool = False) -> float:
-        """Book the next send slot at or after `mono`; return the monotonic time it may start."""
-        start = max(self.pace.reserve(mono), self.hold_until)
+        """Book the next send slot at or after `mono`, and after any hold: the sends waiting out a hold
+        leave at the pace from its end, not all at once; return the monotonic time it may start."""
+        after = max(mono, self.hold_until)
+        start = self.pace.reserve(after)
         if multipart:
-            start = max(start, self.multipart_pace.reserve(mono))
+            start = max(start, self.multipart_pace.reserve(after))
         return start
 
     def spend_burst(self, mono: float) -> None:
@@ -115,11 +118,16 @@ class Lane:
         self.pace.spend(mono)
         self.multipart_pace.spend(mono)
 
-    def record_throttle(self, *, mono: float, wait_s: float) -> None:
-        """A 429: hold every request for `wait_s` and halve the pace."""
+    def record_throttle(self, *, mono: float, wait_s: float, sent_at: float) -> None:
+        """A 429 to a request that left at `sent_at`: hold every request for `wait_s`. The first of a wave
+        (a request that left after the wave before began) counts and halves the pace; the requests
+        already in flight with it were refused for the same reason, and must not count again."""
+        self.hold_until = max(self.hold_until, mono + wait_s)
+        if sent_at < self.throttled_at:
+            return
+        self.throttled_at = mono
         self.throttles += 1
         self.calm_sends = 0
-        self.hold_until = max(self.hold_until, mono + wait_s)
         self.slowdown = max(MIN_SLOWDOWN, self.slowdown / 2)
         self.pace.set_rate(self.rate_per_s)
 

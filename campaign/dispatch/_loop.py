@@ -461,8 +461,9 @@ class _Loop:
         while True:
             if self._clock.now() >= claim.usable_until:
                 return await self._give_up(lane, job, None, note=KEY_TOO_OLD_NOTE)
+            sent_at = self._clock.monotonic()
             outcome = await send_as(self._client, lane.sender, payload, idempotency_key=claim.idempotency_key)
-            self._apply_to_lane(lane, outcome)  # before any await: no other worker may send into it
+            self._apply_to_lane(lane, outcome, sent_at)  # before any await: no other worker may send into it
             state = await self._in_thread.each(
                 self._ledger.record_outcomes,
                 OutcomeReport(key, outcome, lane.sender.name, message.recipient_count),
@@ -540,7 +541,7 @@ class _Loop:
         elif outcome.kind == OutcomeKind.THROTTLED:
             self._emit(DispatchEvent(EventKind.THROTTLED, name, key, email, outcome))
 
-    def _apply_to_lane(self, lane: Lane, outcome: SendOutcome) -> None:
+    def _apply_to_lane(self, lane: Lane, outcome: SendOutcome, sent_at: float) -> None:
         """What an answer means for the sender: a throttle holds or parks it, refused credentials stop it,
         and so do refused messages once too many come in a row; no connection holds it (stops it, once
         too long)."""
@@ -551,7 +552,7 @@ class _Loop:
             self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
         lane.record_reached()
         if outcome.kind == OutcomeKind.THROTTLED:
-            self._throttled(lane, outcome)
+            self._throttled(lane, outcome, sent_at)
         elif outcome.kind == OutcomeKind.AUTH_REFUSED:
             lane.auth_refused = True
         elif outcome.kind == OutcomeKind.SENT:
@@ -580,10 +581,10 @@ class _Loop:
         lane.unreachable = outcome.error_message or "no connection to the API"
         self._emit(DispatchEvent(EventKind.UNREACHABLE, lane.sender.name, outcome=outcome))
 
-    def _throttled(self, lane: Lane, outcome: SendOutcome) -> None:
+    def _throttled(self, lane: Lane, outcome: SendOutcome, sent_at: float) -> None:
         now = self._clock.now()
         wait_s = self._retry.throttle_wait_s(outcome, now=now, throttles=lane.throttles)
-        lane.record_throttle(mono=self._clock.monotonic(), wait_s=wait_s)
+        lane.record_throttle(mono=self._clock.monotonic(), wait_s=wait_s, sent_at=sent_at)
         if self._retry.parks(outcome, wait_s=wait_s, throttles=lane.throttles):
             lane.provider_refused = True
             self._park(lane, now + timedelta(seconds=wait_s))

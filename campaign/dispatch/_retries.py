@@ -49,9 +49,12 @@ class RetryPolicy:
         return None if retries > settings.ambiguous_retries else self.backoff_s(retries)
 
     def throttle_wait_s(self, outcome: SendOutcome, *, now: datetime, throttles: int) -> float:
-        """How long a throttle holds the sender: until the time the API gave, else a backoff."""
+        """How long a throttle holds the sender: until the time the API gave, else a backoff (an hour,
+        `quota_wait_s`, for a daily quota)."""
         if outcome.retry_at is not None:
             return max(0.0, (outcome.retry_at - now).total_seconds())
+        if outcome.throttle == ThrottleKind.QUOTA:
+            return self._settings.quota_wait_s
         return self.backoff_s(throttles + 1)
 
     def parks(self, outcome: SendOutcome, *, wait_s: float, throttles: int) -> bool:

@@ -88,6 +88,10 @@ class DispatchSettings:
     retry_max_s: float = 120.0
     park_after_s: float = 900.0  # a throttle asking for a longer wait parks the sender for the run
     park_after_throttles: int = 8  # consecutive throttles with no send in between park the sender
+    # A daily-quota refusal that names no time parks its sender this long: the provider's rolling day
+    # frees when it frees (up to 24 h), and one request an hour to find out costs nothing, where
+    # a short backoff would knock on a locked mailbox hundreds of times.
+    quota_wait_s: float = 3600.0
     wait: bool = False  # sleep through parks (quota, long throttles) instead of stopping with them
     # 409 concurrent_idempotent_request: the first request with the key is still running at
     # Nylas; wait for it and ask again with the same key (not counted as an ambiguous retry).

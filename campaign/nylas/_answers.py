@@ -43,6 +43,17 @@ _EXCERPT_CHARS = 300
 _ISO = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?"
 _RETRY_AFTER_ISO = re.compile(rf"retry after\s+({_ISO})", re.IGNORECASE)  # Gmail, inside provider_error
 _QUOTA_WORDS = ("quota", "daily user sending limit exceeded", "activity limit reached")
+# A mailbox's daily sending quota in the words providers use, whatever the status Nylas relays it with:
+# Gmail's "550 5.4.5" (as a 402), the Gmail API's dailyLimitExceeded (a 403) and "(Mail sending)" text,
+# Exchange's submission quota, iCloud's "exceeded your sending limit" (email-standards.md §3.3-3.8).
+# Never "quota" alone: a full *recipient* mailbox is "over quota" (4.2.2), a bounce of that address.
+_DAILY_QUOTA = re.compile(
+    r"daily (user|smtp relay) (sending )?limit|sending limit exceeded|exceeded your (daily )?sending limit|"
+    r"submission ?quota|dailylimitexceeded|\(mail sending\)|gmail api due to rate limit|\b5\.4\.5\b",
+    re.IGNORECASE,
+)
+# The Gmail API's short-term limits, relayed as a 403: a throttle, not refused credentials.
+_RATE_LIMITED = re.compile(r"\b(user)?ratelimitexceeded\b", re.IGNORECASE)
 _PROVIDER_WORDS = ("mailboxconcurrency", "applicationthrottled", "throttl", "provider")
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"\s+")
@@ -114,7 +125,7 @@ def build_send_outcome(response: Answer, *, clock: Clock, scrub: Callable[[str],
             replayed=replayed,
         )
     error = parse_error_body(status, text, body)
-    kind = _kind_for_status(status, error.type)
+    kind = _kind_for_status(status, error)
     message = f"unexpected redirect (HTTP {status}); check api.uri" if status < 400 else error.message
     return SendOutcome(
         kind,
@@ -123,7 +134,7 @@ def build_send_outcome(response: Answer, *, clock: Clock, scrub: Callable[[str],
         error_type=error.type,
         error_message=message,
         retry_at=_retry_at(response, error, clock),
-        throttle=_throttle_kind(error) if kind is OutcomeKind.THROTTLED else None,
+        throttle=_throttle_kind(status, error) if kind is OutcomeKind.THROTTLED else None,
         replayed=replayed,
     )
 
@@ -142,8 +153,15 @@ def _retry_at(response: Answer, error: ErrorBody, clock: Clock) -> datetime | No
     return max(candidates, default=None)
 
 
-def _kind_for_status(status: int, error_type: str | None) -> OutcomeKind:
+def _kind_for_status(status: int, error: ErrorBody) -> OutcomeKind:
+    error_type = error.type
     if status == 429:
+        return OutcomeKind.THROTTLED
+    if status >= 400 and _DAILY_QUOTA.search(_error_text(error)):
+        # Sent with another status, a quota refusal is still one: the mailbox, not this message, is
+        # refused (no row fails, no credentials are blamed) until its day frees.
+        return OutcomeKind.THROTTLED
+    if status == 403 and _RATE_LIMITED.search(_error_text(error)):
         return OutcomeKind.THROTTLED
     if status in (401, 403):
         return OutcomeKind.AUTH_REFUSED
@@ -156,17 +174,24 @@ def _kind_for_status(status: int, error_type: str | None) -> OutcomeKind:
     return OutcomeKind.REJECTED
 
 
-def _throttle_kind(error: ErrorBody) -> ThrottleKind:
+def _throttle_kind(status: int, error: ErrorBody) -> ThrottleKind:
     error_type = (error.type or "").lower()
     if error_type == "nylas_rate_limit_exceeded":
         return ThrottleKind.NYLAS
-    text = f"{error_type} {error.raw_message} {json.dumps(error.provider_error)}".lower()
-    if any(word in text for word in _QUOTA_WORDS):
+    text = _error_text(error).lower()
+    if _DAILY_QUOTA.search(text) or (status == 429 and any(word in text for word in _QUOTA_WORDS)):
         return ThrottleKind.QUOTA
+    if status != 429:  # a 403 rateLimitExceeded: the provider's
+        return ThrottleKind.PROVIDER
     if error.provider_error is not None or any(word in text for word in _PROVIDER_WORDS):
         return ThrottleKind.PROVIDER
     # No provider in sight: Nylas's own limit (the OAS example uses rate_limit_error for it).
     return ThrottleKind.NYLAS
+
+
+def _error_text(error: ErrorBody) -> str:
+    """Everything an error answer says, to look for words in: its type, message and provider's error."""
+    return f"{error.type or ''} {error.raw_message} {json.dumps(error.provider_error)}"
 
 
 def never_left(exc: httpx.RequestError) -> bool:

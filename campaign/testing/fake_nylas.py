@@ -118,6 +118,8 @@ __all__ = ["FakeNylas"]
 IDEMPOTENCY_KEY_MAX = 256
 _FILE_PART = re.compile(r"file\d+")
 _NOT_FOUND = "requested object not found"
+# Gmail's daily quota in the older words Nylas relays it with (nylas-api.md §3.4): a 429 naming no time.
+DAILY_LIMIT_MESSAGE = "Error encountered while sending using Gmail API due to Rate Limit Exceeded"
 FilePart = tuple[str, DeliveredAttachment]
 
 
@@ -369,6 +371,7 @@ class FakeNylas(FakeState):
                 retry_after_header=self.quota_retry_after,
             )
         simple = {
+            Fault.DAILY_LIMIT: (429, "rate_limit_error", DAILY_LIMIT_MESSAGE),
             Fault.FORBIDDEN: (403, "insufficient_scopes", "missing provider scopes required to send email"),
             Fault.REJECTED: (402, "message_rejected", REJECTED_MESSAGE),
             Fault.INTERNAL_ERROR: (500, "api.internal_error", "Internal server error."),

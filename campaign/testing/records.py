@@ -38,6 +38,8 @@ class Fault(enum.Enum):
     NYLAS_RATE_LIMIT = "nylas_rate_limit"  # 429 nylas_rate_limit_exceeded, no provider_error
     PROVIDER_THROTTLE = "provider_throttle"  # 429 rate_limit_error, Microsoft style, Retry-After
     QUOTA_EXCEEDED = "quota_exceeded"  # 429 quota_exceeded_error, Google "Retry after <ISO>"
+    # 429 with the older Gmail quota text and no time at all (nylas-api.md §3.4: a support article's words)
+    DAILY_LIMIT = "daily_limit"
     UNAUTHORIZED = "unauthorized"  # 401
     FORBIDDEN = "forbidden"  # 403 insufficient_scopes
     REJECTED = "rejected"  # 402 "Sending to at least one recipient failed."
