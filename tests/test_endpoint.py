@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -23,8 +24,8 @@ from support import wait_until_listening
 
 from campaign.errors import ManifestError
 from campaign.testing import FakeClock, serve_on_loopback
-from campaign.unsubscribe import SuppressionStore, make_token, open_store
-from campaign.web import load_endpoint
+from campaign.unsubscribe import StoreError, SuppressionStore, make_token, open_store
+from campaign.web import _unsubscribe, load_endpoint
 from campaign.web._unsubscribe import MAX_BODY_BYTES, UnsubscribeEndpoint
 
 SECRET = b"endpoint-test-secret-0123456789"
@@ -223,6 +224,90 @@ def test_token_in_the_last_path_segment_works(store):
         response = httpx.post(f"{base}/u/{_token()}", content=ONE_CLICK, headers=FORM)
     assert response.status_code == 200
     assert len(_rows(store.path)) == 1
+
+
+def test_links_with_no_valid_token_anywhere_get_the_same_400(store):
+    """Query values and path segments that hold no token, or a bad one (forged, cut short, another
+    secret's), in the shapes a manifest may use: GET and POST get the one bare 400; nothing recorded."""
+    good = _token()
+    forged = good[:-1] + ("A" if good[-1] != "A" else "B")
+    strangers = _token(secrets=(b"someone-elses-secret-000000000",))
+    paths = [
+        f"/unsubscribe?id={forged}",
+        f"/unsubscribe?t=junk&id={good[:-4]}&utm_source=mail",
+        f"/u/{forged}/confirm",
+        f"/u/{strangers}.html",
+        f"/u/{good[:-4]}.html?x={strangers}",
+        "/u/confirm.html?id=",
+    ]
+    endpoint = UnsubscribeEndpoint(store, secrets=(SECRET, OLD_SECRET))
+    bodies = set()
+    with serve_on_loopback(endpoint) as base:
+        for path in [f"/unsubscribe?t={forged}", *paths]:
+            for method in ("GET", "POST"):
+                response = httpx.request(method, f"{base}{path}", content=ONE_CLICK, headers=FORM)
+                assert response.status_code == 400, (method, path)
+                bodies.add(response.text)
+    assert len(bodies) == 1
+    assert "This link is not valid" in bodies.pop()
+    assert _rows(store.path) == []
+
+
+def test_a_url_stuffed_with_junk_answers_400_after_a_few_token_checks(store, monkeypatch):
+    """Hundreds of token-shaped query values and path segments: a bare 400, and only a bounded handful
+    of them is checked as a token (a hostile URL costs no more than a real one)."""
+    checked: list[str] = []
+    verify = _unsubscribe.verify_token
+
+    def counting(token: str, **kwargs: Any) -> Any:
+        checked.append(token)
+        return verify(token, **kwargs)
+
+    monkeypatch.setattr(_unsubscribe, "verify_token", counting)
+    junk = [f"{n:04d}" + "Zm9yZ2VkLXRva2VuLWp1bmstdmFsdWUtMDEy" for n in range(300)]
+    query = "&".join(f"j{n}={value}" for n, value in enumerate(junk[:200]))
+    path = "/".join(junk[200:])
+    endpoint = UnsubscribeEndpoint(store, secrets=(SECRET,))
+    with serve_on_loopback(endpoint) as base:
+        for method in ("GET", "POST"):
+            checked.clear()
+            response = httpx.request(method, f"{base}/{path}?{query}", content=ONE_CLICK, headers=FORM)
+            assert response.status_code == 400
+            assert "This link is not valid" in response.text
+            assert 0 < len(checked) <= 20, len(checked)
+    assert _rows(store.path) == []
+
+
+def test_a_store_that_cannot_be_read_answers_503_for_the_page_as_for_the_post(store, monkeypatch):
+    """A store locked or out of reach: GET, HEAD and the one-click POST all answer 503 with
+    Retry-After: 60 and the same short page (no bare 500, no traceback); once it is back, GET works."""
+    endpoint = UnsubscribeEndpoint(store, secrets=(SECRET,))
+
+    def unavailable(*_args: Any, **_kwargs: Any) -> Any:
+        raise StoreError(f"{store.where}: database is locked")
+
+    with serve_on_loopback(endpoint) as base:
+        link = f"{base}/unsubscribe?t={_token()}"
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "find", unavailable)
+            patch.setattr(store, "record", unavailable)
+            page = httpx.get(link)
+            head = httpx.head(link)
+            posted = httpx.post(link, content=ONE_CLICK, headers=FORM)
+        for response in (page, head, posted):
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "60"
+            assert response.headers["cache-control"] == "no-store"
+        assert page.headers["content-type"].startswith("text/html")
+        assert page.text == posted.text
+        assert "Try again later" in page.text
+        assert "locked" not in page.text
+        assert "Traceback" not in page.text
+        assert head.content == b""
+        assert _rows(store.path) == []
+        back = httpx.get(link)
+    assert back.status_code == 200
+    assert "Unsubscribe?" in back.text
 
 
 def test_pages_carry_no_store_and_noindex_headers(url):

@@ -36,7 +36,7 @@ def _https_url(delivery) -> str:
 def _on(base: str, https_url: str) -> str:
     """The header's https URL, pointed at the endpoint on loopback (same path and query)."""
     parts = urlsplit(https_url)
-    return f"{base}{parts.path}?{parts.query}"
+    return f"{base}{parts.path}" + (f"?{parts.query}" if parts.query else "")
 
 
 def _with_store(manifest: Path, *, name: str | None = None) -> Path:
@@ -85,6 +85,51 @@ def test_full_loop_unsubscribed_recipients_are_skipped_by_the_next_campaign(api,
     assert status["skipped"]["unsubscribed"] == 3
     preview = json.loads(cli("preview", second_manifest, "--json").stdout)
     assert preview["skipped"]["unsubscribed"] == 3
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/unsubscribe?id={{ unsubscribe_token }}",
+        "https://example.com/u/{{ unsubscribe_token }}/confirm",
+        "https://example.com/u/{{ unsubscribe_token }}.html",
+    ],
+)
+def test_a_link_holding_the_token_anywhere_the_manifest_allows_unsubscribes(api, cli, tmp_path, url):
+    """The manifest takes unsubscribe.url with the token anywhere, not only in ?t= or the last path
+    segment: the link a run sends, in each such shape, shows the confirmation page on GET and
+    unsubscribes on the one-click POST (counted in the store)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    store_path = _with_store(manifest)
+    text = manifest.read_text(encoding="utf-8")
+    shipped = "https://example.com/unsubscribe?t={{ unsubscribe_token }}"
+    assert shipped in text
+    manifest.write_text(text.replace(shipped, url), encoding="utf-8")
+    api.add_grant("0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11", "maya@example.com")
+    sent = cli("run", manifest, "--yes")
+    assert sent.exit_code == 0, sent.output
+    delivered = {d.payload["to"][0]["email"]: d for d in api.deliveries}
+    link = _https_url(delivered["ann.lee@example.com"])
+    before, _, after = url.partition("{{ unsubscribe_token }}")
+    assert link.startswith(before)
+    assert link.endswith(after)
+
+    store = open_store(store_path, clock=FakeClock())
+    endpoint = UnsubscribeEndpoint(store, secrets=parse_secrets(SECRET))
+    try:
+        with serve_on_loopback(endpoint) as base:
+            page = httpx.get(_on(base, link))
+            assert store.entries() == []  # the page itself changes nothing
+            posted = httpx.post(_on(base, link), content=ONE_CLICK, headers=FORM)
+        entries = store.entries()
+    finally:
+        store.close()
+    assert page.status_code == 200
+    assert "Unsubscribe?" in page.text
+    assert posted.status_code == 200
+    assert [(e.campaign, e.email, e.source) for e in entries] == [
+        ("spring-newsletter", "ann.lee@example.com", "one-click")
+    ]
 
 
 def test_resume_skips_pending_rows_whose_recipients_unsubscribed_since(api, cli, tmp_path):

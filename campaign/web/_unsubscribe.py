@@ -5,17 +5,21 @@ unsubscribe and answers 200: no redirect, no cookie, no login, and a repeat is
 harmless. `GET` shows a confirmation page whose button POSTs; it changes nothing by
 itself (link scanners fetch URLs). A token that does not verify gets the same bare
 400 whatever is wrong with it. The token is the `t` (or `token`) query parameter, else
-the last path segment, so any URL shape the manifest's `unsubscribe.url` uses works,
-mounted anywhere. A face-level module: it imports starlette, and the core never
-imports it.
+the last path segment, else any other query value or path segment (a `.html`-style
+extension dropped) that verifies, so any URL shape the manifest's `unsubscribe.url`
+accepts works, mounted anywhere. A store that cannot be read or written answers 503
+with Retry-After, never a bare 500. A face-level module: it imports starlette, and the
+core never imports it.
 """
 
 from __future__ import annotations
 
 import html
 import os
-from collections.abc import AsyncGenerator, Sequence
+import re
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from functools import partial
+from itertools import chain, islice
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -51,6 +55,12 @@ __all__ = [
 DEFAULT_SECRET_ENV = "CAMPAIGN_UNSUBSCRIBE_SECRET"
 MAX_BODY_BYTES = 16 * 1024  # the one-click body is 26 bytes urlencoded, a few hundred as multipart
 _MAX_TOKEN_CHARS = 2048
+# Base64url, as tokens are, and at least 24 characters: every token either version makes is 30 or
+# more, while "u", "confirm" or "utm_source" values are shorter and do not use up the bound below.
+_TOKEN_SHAPE = re.compile(rf"[A-Za-z0-9_-]{{24,{_MAX_TOKEN_CHARS}}}")
+# Token-shaped query values, and path segments, tried beyond the documented places: enough for any
+# URL a manifest writes, few enough that a URL stuffed with junk costs a handful of checks.
+_MAX_CANDIDATES_PER_PLACE = 8
 _ONE_CLICK = ("List-Unsubscribe", "One-Click")
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -92,9 +102,12 @@ class UnsubscribeEndpoint:
             return await self._unsubscribe(request, claims)
         if claims is None:
             return _invalid_link()
-        found = await anyio.to_thread.run_sync(
-            partial(self.store.find, claims.campaign, claims.recipient_key)
-        )
+        try:
+            found = await anyio.to_thread.run_sync(
+                partial(self.store.find, claims.campaign, claims.recipient_key)
+            )
+        except StoreError:
+            return _try_again_later()
         if found is not None:
             return _page(200, "You are unsubscribed", "<p>You will not get these emails any more.</p>")
         return _page(
@@ -137,18 +150,16 @@ class UnsubscribeEndpoint:
                 )
             )
         except StoreError:
-            response = _page(503, "Try again later", "<p>Please try again in a minute.</p>")
-            response.headers["Retry-After"] = "60"
-            return response
+            return _try_again_later()
         return _page(200, "You are unsubscribed", "<p>You will not get these emails any more.</p>")
 
     def _claims(self, request: Request) -> TokenClaims | None:
-        token = request.query_params.get("t") or request.query_params.get("token")
-        if token is None:
-            token = request.path_params.get("path", "").rstrip("/").rpartition("/")[2]
-        if not token or len(token) > _MAX_TOKEN_CHARS:
-            return None
-        return verify_token(token, secrets=self._secrets)
+        query = request.query_params.multi_items()
+        for token in _token_candidates(query, request.path_params.get("path", "")):
+            claims = verify_token(token, secrets=self._secrets)
+            if claims is not None:
+                return claims
+        return None
 
     async def _read_body(self, request: Request) -> bytes:
         chunks: list[bytes] = []
@@ -159,6 +170,39 @@ class UnsubscribeEndpoint:
                 raise _BodyTooLarge
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _token_candidates(query: Sequence[tuple[str, str]], path: str) -> Iterator[str]:
+    """The strings in a request's URL that may be its token, in the order to try them, each once.
+
+    First the documented places (`t`, `token`, the last path segment), then any query value, then
+    any path segment, with its extension dropped too (`<token>.html`): the manifest accepts a URL
+    holding the token anywhere, and a link it let through must not be refused here. Only
+    token-shaped strings, and at most a few from each place, so a hostile URL costs little; which one
+    is the token is for `verify_token` to say.
+    """
+    named = dict(query)  # the last value of a repeated name, as starlette's query_params.get gives
+    segments = [segment for segment in path.split("/") if segment]
+    documented = (named.get("t", ""), named.get("token", ""), segments[-1] if segments else "")
+    values = islice(_shaped(value for _, value in query), _MAX_CANDIDATES_PER_PLACE)
+    stems = islice(_shaped(_with_stems(segments)), _MAX_CANDIDATES_PER_PLACE)
+    seen: set[str] = set()
+    for candidate in chain(_shaped(documented), values, stems):
+        if candidate not in seen:
+            seen.add(candidate)
+            yield candidate
+
+
+def _shaped(strings: Iterable[str]) -> Iterator[str]:
+    return (text for text in strings if len(text) <= _MAX_TOKEN_CHARS and _TOKEN_SHAPE.fullmatch(text))
+
+
+def _with_stems(segments: Iterable[str]) -> Iterator[str]:
+    """Each segment, and its part before the first dot when it has one (no token holds a dot)."""
+    for segment in segments:
+        yield segment
+        if "." in segment:
+            yield segment.partition(".")[0]
 
 
 async def _parse_form(headers: Headers, body: bytes) -> set[tuple[str, str]] | None:
@@ -190,6 +234,14 @@ def _page(status: int, title: str, content: str) -> HTMLResponse:
 def _invalid_link() -> HTMLResponse:
     # The same answer for every kind of bad token: it must not tell a forger what was wrong.
     return _page(400, "This link is not valid", "<p>This unsubscribe link is not valid.</p>")
+
+
+def _try_again_later() -> HTMLResponse:
+    # A store out of reach for a moment (locked, a database restarting): 503 and Retry-After, so a
+    # mail provider retries the one-click POST and a person the page, instead of a bare 500.
+    response = _page(503, "Try again later", "<p>Please try again in a minute.</p>")
+    response.headers["Retry-After"] = "60"
+    return response
 
 
 def load_endpoint(
