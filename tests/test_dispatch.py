@@ -342,3 +342,13 @@ async def test_a_wave_of_throttles_to_requests_in_flight_is_one_throttle(tmp_pat
     result = await h.run(make_jobs(30, "a"))
     assert [r.status for r in h.fake.requests].count(429) == 8
     assert (result.sent, result.remaining, dict(result.parked)) == (30, 0, {})
+
+
+async def test_a_pace_slower_than_a_keys_life_still_sends_every_row(tmp_path):
+    """One send every two hours: a row claimed before its pace slot holds a key older than the hour Nylas
+    keeps it by the time it leaves; the unused key is swapped for a new one, and every row is sent."""
+    h = _Harness(tmp_path, [_sender("a", per_minute=1 / 120, concurrency=1)])
+    result = await h.run(make_jobs(3, "a"))
+    assert (result.sent, result.remaining) == (3, 0)
+    assert len(h.fake.deliveries) == 3
+    assert set(h.states().values()) == {RowState.SENT}

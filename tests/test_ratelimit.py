@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from campaign.plan import DAY_S, DailyBudget, Pace
+from campaign.plan import DAY_S, NYLAS_JSON_PER_SECOND, DailyBudget, Pace
 
 
 def _max_in_window(times: list[float], window: float = 1.0) -> int:
@@ -73,6 +73,23 @@ def test_no_one_second_window_exceeds_rate_plus_burst(rate, burst, gaps):
         starts.append(pace.reserve(now))
     assert all(start >= 0 for start in starts)
     assert _max_in_window(starts) <= rate + burst
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.floats(min_value=0.5, max_value=1000),
+    burst=st.integers(min_value=1, max_value=10_000),
+    waits=st.lists(st.floats(min_value=0, max_value=2), max_size=20),
+)
+def test_no_burst_takes_a_second_over_nylas_ceiling(rate, burst, waits):
+    """Whatever the manifest's burst, no one-second window holds more than Nylas's 200 sends per grant: not
+    when 400 requests come at once, nor when more come in waves after pauses."""
+    pace = Pace(rate, burst=burst)
+    now, starts = 0.0, [pace.reserve(0.0) for _ in range(400)]
+    for wait in waits:
+        now = max(starts) + wait
+        starts += [pace.reserve(now) for _ in range(50)]
+    assert _max_in_window(starts) <= NYLAS_JSON_PER_SECOND
 
 
 @settings(max_examples=200, deadline=None)

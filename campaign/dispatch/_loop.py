@@ -433,9 +433,8 @@ class _Loop:
         """
         key = job.key
         payload = build_send_request(message)  # JSON, or multipart for big attachments
-        claim = await self._in_thread.each(
-            self._ledger.claim_many, ClaimRequest(key, message.subject, lane.sender.name, lane.sender.mailbox)
-        )
+        request = ClaimRequest(key, message.subject, lane.sender.name, lane.sender.mailbox)
+        claim = await self._in_thread.each(self._ledger.claim_many, request)
         if claim is None:  # another worker holds or settled the row: nothing to send from here
             self._feed.finished(key)
             return None
@@ -457,6 +456,14 @@ class _Loop:
                 return RowState.PENDING
             self._feed.finished(key)
             return None
+        if claim.fresh and self._clock.now() >= claim.usable_until:
+            # A pace slower than a key's life (one send every two hours): the key, never used, goes back,
+            # and the row takes a new one for the slot it waited for (else it would give up, unknown).
+            await self._in_thread(partial(self._ledger.release, key))
+            claim = await self._in_thread.each(self._ledger.claim_many, request)
+            if claim is None:
+                self._feed.finished(key)
+                return None
         retries = waits = 0
         while True:
             if self._clock.now() >= claim.usable_until:

@@ -19,11 +19,18 @@ from campaign.plan._assign import (
     build_schedule,
     daily_capacity,
 )
-from campaign.plan._ratelimit import DAY_S, NYLAS_MULTIPART_PER_SECOND, DailyBudget, Pace
+from campaign.plan._ratelimit import (
+    DAY_S,
+    NYLAS_JSON_PER_SECOND,
+    NYLAS_MULTIPART_PER_SECOND,
+    DailyBudget,
+    Pace,
+)
 from campaign.plan._windows import WindowPlan, plan_window
 
 __all__ = [
     "DAY_S",
+    "NYLAS_JSON_PER_SECOND",
     "NYLAS_MULTIPART_PER_SECOND",
     "DailyBudget",
     "Job",

@@ -34,7 +34,8 @@ class Pace:
     """A token bucket of `rate_per_s` with `burst` tokens, as a generic cell rate algorithm.
 
     With `burst = 1` the sends are spaced exactly 1/rate apart, so no one-second
-    window holds more than about `rate` sends, which is how providers count.
+    window holds more than about `rate` sends, which is how providers count. A one-second window
+    holds at most `rate + burst`, so the burst is cut to keep that under Nylas's ceiling too.
     """
 
     __slots__ = ("_interval", "_tat", "_tolerance")
@@ -44,6 +45,7 @@ class Pace:
         if rate <= 0 or burst < 1:
             message = f"a pace needs a positive rate and burst >= 1, not {rate_per_s}/s, burst {burst}"
             raise ValueError(message)
+        burst = min(burst, max(1, int(JSON_PACE_CEILING - rate)))
         self._interval = 1.0 / rate
         self._tolerance = (burst - 1) * self._interval
         self._tat = float("-inf")  # theoretical arrival time of the next send
