@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -423,6 +424,38 @@ def test_loader_refuses_a_message_file_outside_its_root(tmp_path):
     file = AttachmentFile("a.pdf", "a.pdf", "application/pdf", key="message.attachments[1]")
     with pytest.raises(DataError, match=r"^row 4: message\.attachments\[1\] a\.pdf leads \(by a symlink\)"):
         loader.load(file, row=4)
+
+
+@pytest.mark.parametrize("becomes", ["a pipe", "a folder", "too big"])
+def test_loader_refuses_a_file_that_changed_since_the_check(tmp_path, becomes):
+    """At send time the file may no longer be what the check found: a pipe (reading it would block the run
+    for good), a folder, a file grown past 25 MB. A row error, read in no time."""
+    (tmp_path / "root").mkdir()
+    path = tmp_path / "root" / "a.pdf"
+    if becomes == "a pipe":
+        os.mkfifo(path)
+    elif becomes == "a folder":
+        path.mkdir()
+    else:
+        with path.open("wb") as handle:
+            handle.truncate(26_000_000)  # sparse: no 26 MB written
+    loader = AttachmentLoader(tmp_path / "root")
+    file = AttachmentFile("a.pdf", "a.pdf", "application/pdf", key="message.attachments[1]")
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            loader.load(file, row=4)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=load, daemon=True)  # a blocked read must fail the test, not hang it
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "the loader blocked reading the file"
+    (error,) = outcome
+    assert isinstance(error, DataError)
+    assert str(error).startswith("row 4: message.attachments[1] a.pdf ")
 
 
 def test_a_message_with_unread_files_cannot_be_encoded():

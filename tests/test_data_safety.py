@@ -752,3 +752,24 @@ def test_one_stray_nul_in_a_cell_is_named_by_row_and_column_not_taken_for_utf16(
         )
     assert api.requests == []
     assert not list(tmp_path.glob("*.sqlite*"))
+
+
+def test_a_huge_cell_is_a_row_problem_before_anything_is_sent(api, cli, tmp_path):
+    """A message with no attachments whose list cell takes it past Nylas's 25 MB is refused in the check,
+    naming the row (it failed at send time, after the other rows had gone out, and --skip-invalid could
+    not skip it)."""
+    csv = (
+        "email,name,first_name,note\nann@example.com,Ann,Ann,hi\nbob@example.com,Bob,Bob," + "x" * 26_000_000
+    )
+    manifest = _write(tmp_path, csv=csv + "\ncat@example.com,Cat,Cat,hi\n", template="<p>{{ note }}</p>\n")
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 65, result.output
+    assert "row 2: the message comes to 26.0 MB; Nylas sends at most 25 MB per message" in result.output
+    assert not api.deliveries
+    result = cli("run", manifest, "--yes", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    assert sorted(d.payload["to"][0]["email"] for d in api.deliveries) == [
+        "ann@example.com",
+        "cat@example.com",
+    ]

@@ -352,3 +352,27 @@ async def test_a_pace_slower_than_a_keys_life_still_sends_every_row(tmp_path):
     assert (result.sent, result.remaining) == (3, 0)
     assert len(h.fake.deliveries) == 3
     assert set(h.states().values()) == {RowState.SENT}
+
+
+async def test_a_message_that_can_no_longer_be_built_fails_its_row_and_the_others_go_on(tmp_path):
+    """An attachment replaced, grown or gone since the check makes its message unbuildable at send time:
+    that row fails with the reason (for `retry --failed`), nothing is sent for it, the run goes on."""
+    from campaign.errors import DataError
+
+    h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
+
+    def render(job: Job) -> Message:
+        if job.recipient.row == 2:
+            raise DataError("attachment invoices/B.pdf is not a file", row=2, field="attachments")
+        return render_plain(job)
+
+    result = await h.run(make_jobs(3, "a"), render=render)
+    assert (result.sent, result.failed, result.remaining) == (2, 1, 0)
+    assert sorted(d.payload["to"][0]["email"] for d in h.fake.deliveries) == [
+        "r1@example.com",
+        "r3@example.com",
+    ]
+    row = h.ledger.row("r2@example.com")
+    assert row.state == RowState.FAILED
+    assert row.error_type == "unsendable"
+    assert "invoices/B.pdf is not a file" in (row.error_message or "")

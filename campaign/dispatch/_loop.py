@@ -32,6 +32,7 @@ from campaign.dispatch._types import (
     Offload,
     build_thread_offload,
 )
+from campaign.errors import DataError
 from campaign.ledger import ClaimRequest, GroupCommit, Ledger, OutcomeReport
 from campaign.manifest import SenderSettings
 from campaign.models import (
@@ -44,7 +45,7 @@ from campaign.models import (
     SendOutcome,
     SkipReason,
 )
-from campaign.nylas import SendClient, build_send_request, send_as
+from campaign.nylas import SendClient, SendRequest, build_send_request, send_as
 from campaign.plan import Job
 
 # The loop's values, re-exported for callers; its protocols are in campaign.dispatch._types.
@@ -308,7 +309,12 @@ class _Loop:
         if await self._not_to_send(lane, job):
             self._feed.finished(job.key)
             return False
-        message = self._render(job)
+        try:
+            message = self._render(job)
+            payload = build_send_request(message)  # JSON, or multipart for big attachments
+        except DataError as exc:
+            await self._fail_unsendable(lane, job, exc)
+            return False
         wall = self._clock.now().timestamp()
         frees_at = lane.budget_frees_at(wall, message.recipient_count)
         if frees_at is not None:
@@ -317,7 +323,7 @@ class _Loop:
             return False
         lane.book(wall, message.recipient_count)
         try:
-            state = await self._send(lane, job, message)
+            state = await self._send(lane, job, message, payload)
         except anyio.get_cancelled_exc_class():
             # Abandoned (a stop's grace ran out, or a second Ctrl-C): the row stays in
             # flight, or pending if its claim was not written yet; resume settles it.
@@ -335,6 +341,25 @@ class _Loop:
             return False
         self._feed.finished(job.key)
         return True
+
+    async def _fail_unsendable(self, lane: Lane, job: Job, error: DataError) -> None:
+        """A message that can no longer be built as checked (an attachment file replaced, grown or gone
+        since): its row fails with the reason, and the others go on (`retry --failed` sends it once
+        fixed). A row in flight from an earlier run may have gone out with its key: it stays in flight."""
+        key = job.key
+        claim = await self._in_thread.each(
+            self._ledger.claim_many, ClaimRequest(key, None, lane.sender.name, lane.sender.mailbox)
+        )
+        self._feed.finished(key)
+        if claim is None:
+            return
+        if not claim.fresh:
+            self._left_inflight += 1
+            return
+        outcome = SendOutcome(OutcomeKind.REJECTED, error_type="unsendable", error_message=str(error))
+        report = OutcomeReport(key, outcome, lane.sender.name, 1)
+        state = await self._in_thread.each(self._ledger.record_outcomes, report)
+        self._after(lane, job, outcome, state)
 
     async def _skip_if_unsubscribed(self, lane: Lane, job: Job) -> bool:
         """Unsubscribe re-check (issue 5): record a recipient who unsubscribed since the plan as skipped.
@@ -424,7 +449,7 @@ class _Loop:
             if self._clock.monotonic() >= lane.hold_until:
                 return
 
-    async def _send(self, lane: Lane, job: Job, message: Message) -> RowState | None:  # noqa: C901 - the life of one claimed key is one loop; split, its invariants would be spread apart
+    async def _send(self, lane: Lane, job: Job, message: Message, payload: SendRequest) -> RowState | None:  # noqa: C901 - the life of one claimed key is one loop; split, its invariants would be spread apart
         """Send one message until its outcome is settled for this run; return the row's state.
 
         PENDING: not sent, back to the queue. INFLIGHT: left in flight (a stop, or a row
@@ -432,7 +457,6 @@ class _Loop:
         this lane's to send (handed back to its own sender, or taken or settled by another worker).
         """
         key = job.key
-        payload = build_send_request(message)  # JSON, or multipart for big attachments
         request = ClaimRequest(key, message.subject, lane.sender.name, lane.sender.mailbox)
         claim = await self._in_thread.each(self._ledger.claim_many, request)
         if claim is None:  # another worker holds or settled the row: nothing to send from here

@@ -25,6 +25,7 @@ from campaign.nylas._client import (
 from campaign.nylas._payload import (
     JSON_LIMIT_BYTES,
     MULTIPART_LIMIT_BYTES,
+    SendRequest,
     build_send_payload,
     build_send_request,
     encode_send_body,
@@ -42,6 +43,7 @@ __all__ = [
     "MessagePage",
     "NylasClient",
     "SendClient",
+    "SendRequest",
     "build_http_client",
     "build_send_payload",
     "build_send_request",

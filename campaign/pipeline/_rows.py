@@ -301,6 +301,7 @@ def check_steps(composer: Composer, manifest: Manifest, job: Job) -> tuple[Messa
             answered = PreviousStep(before.step, messages[-1].subject, STAND_IN_ID, None, STAND_IN_SENT_AT)
             messages.append(followup.render(job.recipient, sender, previous=answered))
             check_body_link(manifest, messages[-1], sender)
+            check_message_attachments(messages[-1], composer.attachment_loader)  # a huge cell: within 25 MB
     except DataError as exc:
         return exc
     return tuple(messages)

@@ -207,10 +207,17 @@ class AttachmentLoader:
         return "\n".join(lines)
 
     def load(self, file: AttachmentFile, *, row: int) -> Attachment:
-        """Read `file` (a shared one only the first time) as an Attachment."""
+        """Read `file` (a shared one only the first time) as an Attachment; DataError if it is no longer a
+        readable file within Nylas's limit (replaced, grown or gone since the check)."""
         resolved = self._resolve(file, row)
         cached = self._contents.get(resolved) if file.shared else None
         if cached is None:
+            # What the check found may have changed: a pipe would block the run for good, a huge file
+            # fill memory. (The message's total is measured again when it is encoded.)
+            size = self.find(file, row=row)
+            if size > MULTIPART_LIMIT_BYTES:
+                limit = MULTIPART_LIMIT_BYTES // 1_000_000
+                raise self._error(file, row, f"is {size / 1_000_000:.1f} MB, over Nylas's {limit} MB")
             try:
                 content = resolved.read_bytes()
             except OSError as exc:
@@ -246,12 +253,38 @@ class AttachmentLoader:
         return DataError(f"{file.key} {file.path} {problem}", row=row, field=file.key)
 
 
+# JSON writes a character in at most 6 bytes (\u001f); a message whose texts, at that, and the rest of
+# its request stay under Nylas's limit cannot pass it, and is not measured (every row is checked).
+_WORST_BYTES_PER_CHAR = 6
+_REQUEST_ROOM = 64 * 1024
+
+
+def _surely_fits(message: Message) -> bool:
+    if message.attachments:
+        return False
+    chars = len(message.subject) + len(message.html or "") + len(message.text or "")
+    chars += sum(len(name) + len(value) for name, value in message.headers)
+    chars += sum(len(name) + len(value) for name, value in message.metadata)
+    return chars * _WORST_BYTES_PER_CHAR + _REQUEST_ROOM <= MULTIPART_LIMIT_BYTES
+
+
 def check_message_attachments(message: Message, loader: AttachmentLoader | None) -> None:
-    """Find and size every file of `message` and check the request fits Nylas's 25 MB limit.
+    """Find and size every file of `message` and check the request fits Nylas's 25 MB limit: a message
+    without files too (a huge list cell), measured only when its text could come near it.
 
     DataError naming the row (InputFileError or ManifestError for a file every message shares).
     """
     if not message.attachment_files:
+        if _surely_fits(message):
+            return
+        size = measure_send_request(message)
+        if not size.fits:
+            raise DataError(
+                f"the message comes to {size.multipart_bytes / 1_000_000:.1f} MB; Nylas sends at most "
+                f"{MULTIPART_LIMIT_BYTES // 1_000_000} MB per message: check the list's cells for a "
+                "huge value",
+                row=message.row,
+            )
         return
     if loader is None:
         raise ValueError("a message with attachment files needs an AttachmentLoader")
