@@ -17,7 +17,7 @@ from campaign.manifest._load import parse_manifest
 from campaign.models import Address, AttachmentFile, Message, Recipient, SkipReason
 from campaign.nylas import build_send_request
 from campaign.render import build_composer, load_message_attachments
-from campaign.render._attachments import AttachmentLoader, guess_content_type
+from campaign.render._attachments import AttachmentLoader, _filename_problem, guess_content_type
 
 ROWS = {
     "ann@example.com": "A-1",
@@ -413,6 +413,36 @@ def test_a_filename_that_cannot_be_sent_is_a_row_problem(tmp_path):
         "recipients.csv row 1: message.attachments[1].filename 'The \"best\".pdf' contains a double quote; "
         "give a name without one",
     )
+
+
+@pytest.mark.parametrize(
+    ("cell", "said"),
+    [
+        ("a\u202etxt.exe", "'a\\u202etxt.exe.pdf' contains U+202E, which does not show as itself"),
+        ("a\u200bb", "'a\\u200bb.pdf' contains U+200B, which does not show as itself"),
+    ],
+)
+def test_a_filename_hiding_characters_is_a_row_problem(tmp_path, cell, said):
+    """A name from the list must read as what it is: no C1 control, line separator or invisible format
+    character (U+202E turns "a<U+202E>txt.exe.pdf" around on screen)."""
+    attachment = '[[message.attachments]]\npath = "invoices/A-1.pdf"\nfilename = "{{ invoice_id }}.pdf"'
+    problems = _problems(_campaign(tmp_path, attachment, rows={"ann@example.com": cell}))
+    assert len(problems) == 1
+    assert problems[0].startswith(f"recipients.csv row 1: message.attachments[1].filename {said}")
+
+
+@pytest.mark.parametrize("name", ["a\x85b.txt", "a\x9b31m.txt", "a\u2028b.txt"])
+def test_a_filename_with_a_c1_control_or_line_separator_is_refused(name):
+    """What header values refuse (the subject's check finds them first when it uses the same column)."""
+    assert "which does not show as itself" in (_filename_problem(name) or "")
+
+
+@pytest.mark.parametrize("name", [".", "..", " . "])
+def test_a_filename_of_dots_is_a_row_problem(tmp_path, name):
+    attachment = '[[message.attachments]]\npath = "invoices/A-1.pdf"\nfilename = "{{ invoice_id }}"'
+    problems = _problems(_campaign(tmp_path, attachment, rows={"ann@example.com": name}))
+    assert len(problems) == 1
+    assert "is not a file name; give a name such as invoice.pdf" in problems[0]
 
 
 def test_loader_refuses_a_message_file_outside_its_root(tmp_path):

@@ -773,3 +773,47 @@ def test_a_huge_cell_is_a_row_problem_before_anything_is_sent(api, cli, tmp_path
         "ann@example.com",
         "cat@example.com",
     ]
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_a_list_column_named_unsubscribe_url_never_becomes_the_link(api, cli, tmp_path, configured):
+    """`unsubscribe_url` is campaign's own: with [unsubscribe] the signed link, without it not defined. A
+    column of that name (here a javascript: URL) never reaches the footer's href."""
+    text = (
+        MANIFEST
+        if configured
+        else MANIFEST.replace('[unsubscribe]\nurl = "https://example.com/u/{{ unsubscribe_token }}"\n', "")
+    )
+    assert ("[unsubscribe]" in text) is configured
+    csv = "email,name,first_name,unsubscribe_url\nann@example.com,Ann,Ann,javascript:alert(document.cookie)\n"
+    link = '<a href="{{ unsubscribe_url }}">Unsubscribe</a>'
+    footer = "<p>Hi</p>{% if unsubscribe_url is defined %}" + link + "{% endif %}\n"
+    manifest = _write(tmp_path, manifest=text, csv=csv, template=footer)
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    (delivery,) = api.deliveries
+    body = delivery.payload["body"]
+    assert "javascript:" not in body
+    assert ('<a href="https://example.com/u/' in body) is configured
+    assert ("Unsubscribe" in body) is configured
+
+
+def test_a_header_value_over_32_kb_is_a_row_problem(api, cli, tmp_path):
+    """Gmail bounces a message whose single header value passes 32 KB (552 5.3.4): a list cell rendered
+    into a custom header is refused in the check, naming the row and the header."""
+    text = MANIFEST.replace(
+        'html = "message.html.j2"', 'html = "message.html.j2"\nheaders = { "X-Ref" = "{{ ref }}" }'
+    )
+    csv = (
+        "email,name,first_name,ref\nann@example.com,Ann,Ann,r1\nbob@example.com,Bob,Bob,"
+        + "x" * 40_000
+        + "\n"
+    )
+    result = cli("run", _write(tmp_path, manifest=text, csv=csv), "--yes")
+    assert result.exit_code == 65, result.output
+    assert (
+        "row 2: message.headers.X-Ref is 40,000 characters; Gmail refuses a header value over 32 KB"
+        in result.output
+    )
+    assert not api.deliveries

@@ -17,6 +17,7 @@ import mimetypes
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Unicode categories a file name must not hold: controls, invisible format characters, line and
+# paragraph separators (spaces, Zs, are fine).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 _DRIVE = re.compile(r"[A-Za-z]:")
 _MAX_FILENAME = 255
 # A file whose base64 alone passes the JSON limit always goes multipart: no point encoding it.
@@ -144,6 +148,13 @@ def _filename_problem(name: str) -> str | None:
         return "renders empty; give every attachment a name"
     if _CONTROL.search(name):
         return f"{name!r} contains a control character or line break"
+    # A C1 control, a line separator, or an invisible format character such as U+202E, which shows
+    # "invoice<U+202E>fdp.exe" as "invoiceexe.pdf": a name must read as what it is.
+    hidden = [] if name.isprintable() else [c for c in name if unicodedata.category(c) in _HIDDEN_CATEGORIES]
+    if hidden:
+        return f"{name!r} contains U+{ord(hidden[0]):04X}, which does not show as itself; give a plain name"
+    if name.strip(". ") == "":
+        return f"{name!r} is not a file name; give a name such as invoice.pdf"
     if "/" in name or "\\" in name:
         return f"{name!r} contains a '/' or '\\'; give a plain file name"
     if '"' in name:  # a multipart send would show it as %22

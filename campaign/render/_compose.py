@@ -51,7 +51,9 @@ __all__ = ["BUILTIN_TEMPLATES", "Composer", "build_composer"]
 _DEFAULT_LAYOUT = "base.html.j2"
 _MARKDOWN_HTML = "_markdown_html"  # the rendered Markdown, as the layout wrapper sees it
 _MAX_SUBJECT = 998  # RFC 5322 line limit; Gmail refuses longer subjects
+_MAX_HEADER_VALUE = 32_000  # Gmail bounces a message with a longer header value (552 5.3.4)
 _MAX_LABEL = 2048  # Nylas's limit on tracking_options.label
+_UNSUBSCRIBE_NAMES = ("unsubscribe_url", "unsubscribe_token")  # campaign's own, never a column's
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
 
 
@@ -167,7 +169,10 @@ class Composer:
     def _context(self, recipient: Recipient, view: _SenderView) -> dict[str, Any]:
         """What every template of `recipient`'s message sees (but the unsubscribe link and `previous`)."""
         context: dict[str, Any] = {**self.jinja_globals, **recipient.fields}
-        # Built-in names win over columns of the same name, so `unsubscribe_url` is always ours.
+        # Built-in names win over columns of the same name, so `unsubscribe_url` is always ours: set by
+        # `_render_unsubscribe`, or (no [unsubscribe]) not defined at all, never a list's link.
+        for name in _UNSUBSCRIBE_NAMES:
+            context.pop(name, None)
         context["recipient"] = {
             "email": recipient.address.email,
             "name": recipient.address.name,
@@ -259,6 +264,9 @@ class Composer:
             value = self._render_part(part, context, row)
             if (problem := header_value_problem(value)) is not None:
                 raise HeaderError(f"{part.label} {problem}", row=row, field=part.label)
+            if len(value) > _MAX_HEADER_VALUE:
+                detail = f"{part.label} is {len(value):,} characters; Gmail refuses a header value over 32 KB"
+                raise HeaderError(detail, row=row, field=part.label)
             headers.append((header_name, value))
         return headers
 
