@@ -376,3 +376,16 @@ async def test_a_message_that_can_no_longer_be_built_fails_its_row_and_the_other
     assert row.state == RowState.FAILED
     assert row.error_type == "unsendable"
     assert "invoices/B.pdf is not a file" in (row.error_message or "")
+
+
+async def test_an_api_answering_5xx_to_everything_stops_the_sender_not_the_whole_list(tmp_path):
+    """A provider outage (503 to every send): the sender backs off as from a lost connection and stops
+    after a minute of it, its rows left for resume, instead of trying each row four times and leaving
+    the whole list unknown."""
+    h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=2)])
+    h.fake.script(Fault.UNAVAILABLE, grant_id="grant-a", times=10_000)
+    result = await h.run(make_jobs(200, "a"))
+    assert "a" in result.unreachable
+    states = list(h.states().values())
+    assert states.count(RowState.UNKNOWN) <= 10
+    assert len(h.fake.requests) < 100  # four a row would be 800

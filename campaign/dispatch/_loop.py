@@ -576,9 +576,11 @@ class _Loop:
         """What an answer means for the sender: a throttle holds or parks it, refused credentials stop it,
         and so do refused messages once too many come in a row; no connection holds it (stops it, once
         too long)."""
-        if outcome.kind == OutcomeKind.UNREACHABLE:
+        if outcome.kind == OutcomeKind.UNREACHABLE or _failing_server(outcome):
             self._unreachable(lane, outcome)
             return
+        if outcome.kind == OutcomeKind.AMBIGUOUS and outcome.replayed:
+            return  # the key's first answer again, from Nylas's cache: nothing about the API now
         if lane.connect_failures:  # an answer after connections failed: the API is back
             self._emit(DispatchEvent(EventKind.RESUMED, lane.sender.name))
         lane.record_reached()
@@ -624,6 +626,14 @@ class _Loop:
         if lane.parked_until is None:
             lane.parked_until = until
             self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))
+
+
+def _failing_server(outcome: SendOutcome) -> bool:
+    """A 5xx answered now (not replayed from the key's cache): the API or the provider is failing, and the
+    sender backs off as from a lost connection, stopping once it lasts (a 503 to every send went through
+    the whole list, each row tried four times and left unknown)."""
+    status = outcome.status or 0
+    return outcome.kind == OutcomeKind.AMBIGUOUS and status >= 500 and not outcome.replayed
 
 
 def _refusal_text(outcome: SendOutcome) -> str:
