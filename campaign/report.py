@@ -27,7 +27,7 @@ from campaign.events import RowBounce, find_row_bounces
 from campaign.ledger import LedgerRow, LedgerSite
 from campaign.manifest import Manifest
 from campaign.models import RowState
-from campaign.outputfiles import write_private_csv, write_private_parquet
+from campaign.outputfiles import SymlinkRefusedError, write_private_csv, write_private_parquet
 from campaign.unsubscribe import Engagement, find_engagement, list_store_paths, open_existing_stores
 
 __all__ = ["REPORT_COLUMNS", "REPORT_SUFFIXES", "WrittenReport", "build_report", "write_report"]
@@ -181,6 +181,8 @@ def _write_frame(frame: pl.DataFrame, path: Path) -> None:
             write_private_csv(frame, path, datetime_format="%Y-%m-%dT%H:%M:%S%.3fZ")
         else:
             write_private_parquet(frame, path)
+    except SymlinkRefusedError as exc:
+        raise InputFileError(str(exc)) from exc
     except (OSError, pl.exceptions.PolarsError) as exc:
         message = f"{path}: cannot write the report ({exc}); check that the folder exists and is writable"
         raise InputFileError(message) from exc

@@ -5,6 +5,7 @@ files are owner-only."""
 
 from __future__ import annotations
 
+import errno
 import re
 import stat
 from datetime import UTC, date, datetime
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jinja2.compiler import CodeGenerator
 
-from campaign.outputfiles import neutralise_formulas
+from campaign.outputfiles import neutralise_formulas, open_private_folder, write_private_bytes
 from campaign.render import _templating as templating
 
 MANIFEST = """\
@@ -457,6 +458,53 @@ def test_files_holding_tokens_or_personal_data_are_owner_only(api, cli, tmp_path
         assert cli("report", manifest, "--sandbox", "--out", tmp_path / name).exit_code == 0
         assert _mode(tmp_path / name) == 0o600
     assert pl.read_csv(tmp_path / "r.csv")["email"].to_list() == ["ann@example.com", "bob@example.com"]
+
+
+def test_report_and_export_refuse_a_symlink_at_the_file_they_write(api, cli, tmp_path):
+    """`report --out` and `suppress export` onto a link: exit 66, one line naming it; the file it
+    points at keeps its bytes and mode."""
+    manifest = _write(tmp_path)
+    api.add_grant("grant-alice", "alice@corp.example.com")
+    assert cli("run", manifest, "--yes").exit_code == 0
+    store = tmp_path / "u.sqlite"
+    assert cli("suppress", "add", "--store", store, "ann@example.com").exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("victim\n")
+    victim.chmod(0o644)
+    for name, command in (
+        ("r.csv", ("report", manifest, "--out")),
+        ("r.parquet", ("report", manifest, "--out")),
+        ("s.csv", ("suppress", "export", "--store", store)),
+        ("s.txt", ("suppress", "export", "--store", store)),
+    ):
+        link = tmp_path / name
+        link.symlink_to(victim)
+        result = cli(*command, link)
+        assert result.exit_code == 66, result.output
+        assert f"{link} is a symbolic link" in _one_error_line(result)
+        assert victim.read_text() == "victim\n"
+        assert _mode(victim) == 0o644
+
+
+def test_a_symlink_swapped_in_after_the_check_is_not_followed(tmp_path, monkeypatch):
+    """The open itself refuses a link (O_NOFOLLOW), for a link the check before it did not see."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("victim\n")
+    victim.chmod(0o644)
+    link = tmp_path / "out.csv"
+    link.symlink_to(victim)
+    monkeypatch.setattr(Path, "is_symlink", lambda _self: False)  # as if the link came after the check
+    with pytest.raises(OSError, match=r"symbolic link") as raised:
+        write_private_bytes(link, b"data")
+    assert raised.value.errno == errno.ELOOP
+    folder = tmp_path / "messages"
+    folder.symlink_to(tmp_path)
+    with pytest.raises(OSError, match=r"symbolic link|Not a directory") as raised:
+        open_private_folder(folder)  # Linux says ENOTDIR for O_DIRECTORY | O_NOFOLLOW on a link
+    assert raised.value.errno in {errno.ELOOP, errno.ENOTDIR}
+    monkeypatch.undo()
+    assert victim.read_text() == "victim\n"
+    assert _mode(victim) == 0o644
 
 
 # ---- 10: a value in a Markdown body stays literal text ----------------------------------------------

@@ -227,6 +227,67 @@ def test_a_second_preview_replaces_the_pages_of_the_first(api, cli, tmp_path):
     assert cli("preview", manifest, "--out", site, "--sample", "1").exit_code == 0
     assert [path.name for path in sorted((site / "messages").iterdir())] == ["0001.html", "0001.json"]
     assert (site / "notes.txt").read_text(encoding="utf-8") == "mine"
+    # A page of the first is rewritten (content and owner-only mode), not kept.
+    page = site / "messages" / "0001.html"
+    page.write_text("stale", encoding="utf-8")
+    page.chmod(0o644)
+    assert cli("preview", manifest, "--out", site, "--sample", "1").exit_code == 0
+    assert "Message 1" in page.read_text(encoding="utf-8")
+    assert page.stat().st_mode & 0o777 == 0o600
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("folder", ["problems", "messages"])
+def test_a_symlinked_pages_folder_is_refused_and_what_it_points_at_is_untouched(api, cli, tmp_path, folder):
+    """A `problems`/`messages` folder that is a link elsewhere: exit 66, one line naming it, and the
+    files there that look like pages are neither removed nor overwritten; nothing is written."""
+    manifest = copy_sample("newsletter", tmp_path)
+    target = tmp_path / "elsewhere" / "target"
+    target.mkdir(parents=True)
+    for name in ("0001.json", "0001.html", "row-3.html"):
+        (target / name).write_text(f"mine: {name}", encoding="utf-8")
+    site = tmp_path / "out"
+    site.mkdir()
+    (site / folder).symlink_to(Path("..") / "elsewhere" / "target")
+    result = cli("preview", manifest, "--out", site)
+    assert result.exit_code == 66, result.output
+    line = _one_error_line(result)
+    assert f"{site / folder} is a symbolic link" in line
+    assert "--out" in line
+    assert sorted(path.name for path in target.iterdir()) == ["0001.html", "0001.json", "row-3.html"]
+    for name in ("0001.json", "0001.html", "row-3.html"):
+        assert (target / name).read_text(encoding="utf-8") == f"mine: {name}"
+    assert sorted(path.name for path in site.iterdir()) == [folder]  # no index.html, no other folder
+
+
+@pytest.mark.parametrize("name", ["index.html", "messages/0002.json", "messages/0003.html"])
+def test_a_symlink_where_a_page_goes_is_refused_and_its_target_untouched(api, cli, tmp_path, name):
+    """A link at a page's place (index.html, a sample's files): exit 66, one line naming it; the file it
+    points at keeps its bytes and mode, and an earlier preview's pages are not removed."""
+    manifest = copy_sample("newsletter", tmp_path)
+    site = tmp_path / "out"
+    (site / "messages").mkdir(parents=True)
+    (site / "messages" / "0009.html").write_text("an earlier page", encoding="utf-8")
+    victim = tmp_path / "elsewhere" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("victim", encoding="utf-8")
+    victim.chmod(0o644)
+    link = site / name
+    link.symlink_to(victim)
+    result = cli("preview", manifest, "--out", site)
+    assert result.exit_code == 66, result.output
+    assert f"{link} is a symbolic link" in _one_error_line(result)
+    assert victim.read_text(encoding="utf-8") == "victim"
+    assert victim.stat().st_mode & 0o777 == 0o644
+    assert link.is_symlink()
+    assert (site / "messages" / "0009.html").read_text(encoding="utf-8") == "an earlier page"
+    assert not (site / "problems").exists()
+    assert name == "index.html" or not (site / "index.html").exists()
 
 
 def test_attachments_are_listed_with_sizes_and_a_multipart_send_is_shown_exactly(recorded, cli, tmp_path):

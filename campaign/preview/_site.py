@@ -6,20 +6,29 @@ HTML body in a sandboxed iframe, the text body, attachments, and the exact reque
 run would POST, also as a file), and one page per problem row. Every value from the
 list or the templates is HTML-escaped; the scripts are constants (campaign.preview._assets);
 pages work from the file system with no server and no network. It writes only inside
-the folder it is given and never sends.
+the folder it is given, through no symbolic link, and never sends.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from datetime import datetime
 from html import escape
 from pathlib import Path
 
+from campaign.errors import InputFileError
 from campaign.models import FIRST_STEP
-from campaign.outputfiles import make_private_dir, write_private_bytes, write_private_text
+from campaign.outputfiles import (
+    SymlinkRefusedError,
+    make_private_dir,
+    open_private_folder,
+    write_private_bytes,
+    write_private_text,
+)
 from campaign.preview._assets import FILTER_SCRIPT, PAYLOAD_SCRIPT, render_page
 from campaign.preview._report import ListedRow, PreviewReport, RowProblem, Sample
 from campaign.timetext import format_duration
@@ -34,6 +43,7 @@ __all__ = [
 ]
 
 INDEX_FILE = "index.html"
+_FOLDERS = ("messages", "problems")
 # What an earlier preview wrote (a follow-up's request files carry its step: 0001.nudge.json).
 _OWNED = re.compile(r"^(\d{4,}(\.[A-Za-z0-9_-]+)?\.(html|json|multipart)|row-\d+\.html)$")
 
@@ -66,22 +76,72 @@ def problem_page_name(row: int) -> str:
 
 
 def write_site(report: PreviewReport, directory: Path) -> Path:
-    """Write the site into `directory`, replacing pages an earlier preview left; return index.html."""
+    """Write the site into `directory`, replacing pages an earlier preview left; return index.html.
+
+    It follows no symbolic link inside `directory`: a linked `messages`/`problems` folder, or a link
+    where a page goes, is refused (InputFileError) before anything is written or removed.
+    """
+    try:
+        return _write_site(report, directory)
+    except SymlinkRefusedError as exc:
+        message = (
+            f"{exc.path} is a symbolic link, and the preview writes through none; "
+            "remove the link, or give --out another folder"
+        )
+        raise InputFileError(message) from exc
+    except OSError as exc:
+        message = (
+            f"{directory}: cannot write the preview site ({exc.strerror or exc}); "
+            "give --out a folder you can write"
+        )
+        raise InputFileError(message) from exc
+
+
+def _write_site(report: PreviewReport, directory: Path) -> Path:
+    steps = [step for sample in report.samples for step in (sample, *sample.steps)]
+    names = [
+        *_FOLDERS,
+        INDEX_FILE,
+        *(payload_file_name(step) for step in steps),
+        *(name for step in steps if (name := body_file_name(step)) is not None),
+        *(message_page_name(sample.number) for sample in report.samples),
+        *(problem_page_name(problem.row) for problem in report.problems),
+    ]
+    # Every link is refused before the first change; the writes themselves never follow one either.
+    for name in names:
+        if (directory / name).is_symlink():
+            raise SymlinkRefusedError(directory / name)
     # The pages hold addresses and working unsubscribe links: owner-only, like the ledger.
     make_private_dir(directory)
-    for folder in ("messages", "problems"):
-        make_private_dir(directory / folder)
-        for stale in (directory / folder).iterdir():
-            if stale.is_file() and _OWNED.match(stale.name):
-                stale.unlink()
-    for sample in report.samples:
-        for step in (sample, *sample.steps):
-            write_private_bytes(directory / payload_file_name(step), step.request.json_body)
-            if (body_name := body_file_name(step)) is not None:
-                write_private_bytes(directory / body_name, step.request.body)
-        write_private_text(directory / message_page_name(sample.number), _message_page(report, sample))
-    for problem in report.problems:
-        write_private_text(directory / problem_page_name(problem.row), _problem_page(report, problem))
+    with ExitStack() as stack:
+        folders: list[int] = []
+        for folder in _FOLDERS:
+            fd = open_private_folder(directory / folder)
+            stack.callback(os.close, fd)
+            folders.append(fd)
+            with os.scandir(fd) as found:
+                stale = [
+                    entry.name
+                    for entry in found
+                    if entry.is_file(follow_symlinks=False) and _OWNED.match(entry.name)
+                ]
+            for name in stale:
+                os.unlink(name, dir_fd=fd)
+        messages, problems = folders
+        for sample in report.samples:
+            for step in (sample, *sample.steps):
+                write_private_bytes(
+                    directory / payload_file_name(step), step.request.json_body, folder=messages
+                )
+                if (body_name := body_file_name(step)) is not None:
+                    write_private_bytes(directory / body_name, step.request.body, folder=messages)
+            write_private_text(
+                directory / message_page_name(sample.number), _message_page(report, sample), folder=messages
+            )
+        for problem in report.problems:
+            write_private_text(
+                directory / problem_page_name(problem.row), _problem_page(report, problem), folder=problems
+            )
     index = directory / INDEX_FILE
     write_private_text(index, _index_page(report))
     return index

@@ -15,7 +15,12 @@ import polars as pl
 
 from campaign.clock import Clock
 from campaign.errors import InputFileError
-from campaign.outputfiles import write_private_csv, write_private_parquet, write_private_text
+from campaign.outputfiles import (
+    SymlinkRefusedError,
+    write_private_csv,
+    write_private_parquet,
+    write_private_text,
+)
 from campaign.recipients._audience import comparable_address, load_suppression
 from campaign.unsubscribe import StoreEntry, is_store_path, open_store
 
@@ -78,6 +83,8 @@ def write_entries(entries: Sequence[StoreEntry], path: Path) -> None:
         else:
             lines = sorted({entry.email or entry.recipient_key for entry in entries})
             write_private_text(path, "".join(f"{line}\n" for line in lines))
+    except SymlinkRefusedError as exc:
+        raise InputFileError(str(exc)) from exc
     except OSError as exc:
         message = f"{path}: cannot write the export ({exc.strerror or exc}); check the folder exists"
         raise InputFileError(message) from exc
