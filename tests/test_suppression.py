@@ -232,6 +232,54 @@ def test_suppress_commands_add_import_export_list(cli, tmp_path, store_at):
     assert wrong.exit_code == 2
 
 
+def _one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_suppress_export_refuses_the_store_itself_however_it_is_named(cli, tmp_path, monkeypatch):
+    """Export onto its own store (another spelling, an absolute path, a link to it): exit 2, one line,
+    nothing written; the store still lists its entries."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.txt").symlink_to("st.sqlite")
+    added = cli("suppress", "add", "ann@example.com", "bob@example.org", "--store", "st.sqlite")
+    assert added.exit_code == 0, added.output
+    for target in ("st.sqlite", "./st.sqlite", "sub/../st.sqlite", tmp_path / "st.sqlite", "link.txt"):
+        result = cli("suppress", "export", target, "--store", "st.sqlite")
+        assert result.exit_code == 2, (target, result.output)
+        assert "unsubscribe store itself" in _one_error_line(result)
+        assert "wrote" not in result.stdout
+    assert (tmp_path / "st.sqlite").read_bytes().startswith(b"SQLite format 3\x00")
+    assert (tmp_path / "link.txt").is_symlink()
+    listed = cli("suppress", "list", "--store", "st.sqlite", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert [row["email"] for row in json.loads(listed.stdout)] == ["ann@example.com", "bob@example.org"]
+
+
+def test_suppress_export_refuses_any_sqlite_database(cli, tmp_path):
+    """Export onto another store or a ledger (whatever its name): exit 2, one line naming it; its bytes
+    are unchanged and it still opens as a store."""
+    store, other = tmp_path / "st.sqlite", tmp_path / "other.sqlite"
+    assert cli("suppress", "add", "ann@example.com", "--store", store).exit_code == 0
+    assert cli("suppress", "add", "carl@example.net", "--store", other).exit_code == 0
+    database = tmp_path / "notes.csv"  # an SQLite file named like a list
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    for target in (other, database):
+        before = target.read_bytes()
+        result = cli("suppress", "export", target, "--store", store)
+        assert result.exit_code == 2, result.output
+        line = _one_error_line(result)
+        assert f"{target}: that is an SQLite database" in line
+        assert target.read_bytes() == before
+    listed = cli("suppress", "list", "--store", other, "--json")
+    assert [row["email"] for row in json.loads(listed.stdout)] == ["carl@example.net"]
+    assert cli("suppress", "export", tmp_path / "fine.csv", "--store", store).exit_code == 0
+
+
 def test_suppress_import_and_add_read_entries_as_a_run_does(cli, tmp_path, store_at):
     """Import takes a zero-width space, a final dot and a mailto query as a run does, and stops (65, file
     and line) on an entry whose address does not validate, importing nothing; `add` says why, too."""

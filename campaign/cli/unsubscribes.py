@@ -217,7 +217,7 @@ def suppress_export(
     """Write the store's entries to a file."""
     with exit_codes():
         entries = _with_store(store, lambda s: s.entries(), create=False)
-        write_entries(entries, target)
+        write_entries(entries, target, store=_store_path(store))
         out.print(f"wrote {len(entries)} entries to {target}", markup=False)
 
 

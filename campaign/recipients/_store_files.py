@@ -7,6 +7,7 @@ accepts can be imported. This module reads and writes files only; the store reco
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from campaign.clock import Clock
-from campaign.errors import InputFileError
+from campaign.errors import InputFileError, UsageError
 from campaign.outputfiles import (
     SymlinkRefusedError,
     write_private_csv,
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 EXPORT_COLUMNS = ("email", "recipient_key", "campaign", "recorded_at", "source")
+# The first 16 bytes of every SQLite database file (an unsubscribe store, a ledger).
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +64,22 @@ def load_import_addresses(path: Path | str, *, clock: Clock) -> ImportedAddresse
     )
 
 
-def write_entries(entries: Sequence[StoreEntry], path: Path) -> None:
-    """Write entries to `path`: .csv/.parquet with EXPORT_COLUMNS, else one address (or key) a line."""
+def write_entries(entries: Sequence[StoreEntry], path: Path, *, store: Path | str | None = None) -> None:
+    """Write entries to `path`: .csv/.parquet with EXPORT_COLUMNS, else one address (or key) a line.
+
+    UsageError, and nothing written, if `path` is the store they come from (`store`, however it is
+    spelled or linked to) or any other SQLite database: an export would destroy it.
+    """
+    if isinstance(store, Path) and _same_file(path, store):
+        raise UsageError(
+            f"{path}: that is the unsubscribe store itself (--store {store}), which the export would "
+            "destroy; export to another file, e.g. unsubscribes.csv"
+        )
+    if _is_sqlite_file(path):
+        raise UsageError(
+            f"{path}: that is an SQLite database (an unsubscribe store or a ledger), which the export "
+            "would destroy; export to another file, e.g. unsubscribes.csv"
+        )
     suffix = path.suffix.lower()
     try:
         if suffix in {".csv", ".parquet"}:
@@ -88,3 +105,24 @@ def write_entries(entries: Sequence[StoreEntry], path: Path) -> None:
     except OSError as exc:
         message = f"{path}: cannot write the export ({exc.strerror or exc}); check the folder exists"
         raise InputFileError(message) from exc
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether `path` names the file `other` names, through a different spelling, a link or a hard link."""
+    if path.resolve() == other.resolve():
+        return True
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    """Whether `path` is an existing file that starts as every SQLite database does."""
+    try:
+        if not path.is_file():
+            return False
+        with path.open("rb") as file:
+            return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:  # unreadable: the write will say what is wrong
+        return False
