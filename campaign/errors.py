@@ -8,7 +8,8 @@ these once, where they arise; only the `campaign.cli` package turns them into ex
     ├── DataError                  65  a recipient row or a template does not render / validate
     │   ├── RecipientDataError
     │   ├── TemplateError
-    │   └── HeaderError                CR/LF or a bad name in a header
+    │   ├── HeaderError                CR/LF or a bad name in a header
+    │   └── UnsendableError            a checked row's files changed by send time: that row fails
     ├── InputFileError             66  an input file is missing or unreadable
     ├── ApiError                   69  the API failed in a way no retry fixes
     │   ├── ApiUnavailableError    75  no connection to the API, or it asked us to wait (429, 5xx)
@@ -33,6 +34,7 @@ __all__ = [
     "ManifestError",
     "RecipientDataError",
     "TemplateError",
+    "UnsendableError",
     "UsageError",
 ]
 
@@ -114,6 +116,12 @@ class TemplateError(DataError):
 
 class HeaderError(DataError):
     """A header name or value would be unsafe on the wire (CR, LF, controls, bad name)."""
+
+
+class UnsendableError(DataError):
+    """A checked row's message can no longer be built as it was checked: an attachment file of its own was
+    replaced, grown or removed since (or the request passes Nylas's limit). Met at send time, it fails
+    that row, and the run goes on."""
 
 
 class InputFileError(CampaignError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import check_plan
 
-from campaign.errors import DataError, InputFileError, ManifestError
+from campaign.errors import DataError, InputFileError, ManifestError, UnsendableError
 from campaign.manifest import Manifest
 from campaign.manifest._load import parse_manifest
 from campaign.models import Address, AttachmentFile, Message, Recipient, SkipReason
@@ -459,7 +459,7 @@ def test_loader_refuses_a_message_file_outside_its_root(tmp_path):
 @pytest.mark.parametrize("becomes", ["a pipe", "a folder", "too big"])
 def test_loader_refuses_a_file_that_changed_since_the_check(tmp_path, becomes):
     """At send time the file may no longer be what the check found: a pipe (reading it would block the run
-    for good), a folder, a file grown past 25 MB. A row error, read in no time."""
+    for good), a folder, a file grown past 25 MB. That row's error, found without reading the file."""
     (tmp_path / "root").mkdir()
     path = tmp_path / "root" / "a.pdf"
     if becomes == "a pipe":
@@ -473,9 +473,13 @@ def test_loader_refuses_a_file_that_changed_since_the_check(tmp_path, becomes):
     file = AttachmentFile("a.pdf", "a.pdf", "application/pdf", key="message.attachments[1]")
     outcome: list[BaseException] = []
 
+    message = Message(
+        "a@example.com", 4, "s", (Address("a@example.com"),), "Hi", html="<p>x</p>", attachment_files=(file,)
+    )
+
     def load() -> None:
         try:
-            loader.load(file, row=4)
+            load_message_attachments(message, loader)
         except BaseException as exc:
             outcome.append(exc)
 
@@ -484,7 +488,7 @@ def test_loader_refuses_a_file_that_changed_since_the_check(tmp_path, becomes):
     reader.join(timeout=10)
     assert not reader.is_alive(), "the loader blocked reading the file"
     (error,) = outcome
-    assert isinstance(error, DataError)
+    assert isinstance(error, UnsendableError)  # the send loop fails this row and goes on
     assert str(error).startswith("row 4: message.attachments[1] a.pdf ")
 
 

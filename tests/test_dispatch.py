@@ -357,13 +357,13 @@ async def test_a_pace_slower_than_a_keys_life_still_sends_every_row(tmp_path):
 async def test_a_message_that_can_no_longer_be_built_fails_its_row_and_the_others_go_on(tmp_path):
     """An attachment replaced, grown or gone since the check makes its message unbuildable at send time:
     that row fails with the reason (for `retry --failed`), nothing is sent for it, the run goes on."""
-    from campaign.errors import DataError
+    from campaign.errors import UnsendableError
 
     h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1)])
 
     def render(job: Job) -> Message:
         if job.recipient.row == 2:
-            raise DataError("attachment invoices/B.pdf is not a file", row=2, field="attachments")
+            raise UnsendableError("attachment invoices/B.pdf is not a file", row=2, field="attachments")
         return render_plain(job)
 
     result = await h.run(make_jobs(3, "a"), render=render)
@@ -389,3 +389,24 @@ async def test_an_api_answering_5xx_to_everything_stops_the_sender_not_the_whole
     states = list(h.states().values())
     assert states.count(RowState.UNKNOWN) <= 10
     assert len(h.fake.requests) < 100  # four a row would be 800
+
+
+async def test_failed_reply_lookups_back_off_instead_of_asking_all_at_once(tmp_path):
+    """Each follow-up's reply lookup is a request to the grant: when they fail (a 429, the provider down),
+    the next waits a backoff that grows with each failure, instead of every due follow-up asking at once."""
+    from campaign.models import Screening
+
+    h = _Harness(tmp_path, [_sender("a", per_second=100, concurrency=1)])
+    asked: list[float] = []
+
+    async def screen(job: Job) -> Screening:
+        asked.append(h.clock.monotonic())
+        return Screening(hold=True)
+
+    result = await h.run([job._replace(step="nudge") for job in make_jobs(6, "a")], screen=screen)
+    assert result.held == 6
+    assert h.fake.requests == []
+    gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
+    assert len(gaps) == 5
+    assert min(gaps) >= 1.0  # at least half the 2 s first backoff
+    assert gaps[-1] > gaps[0]

@@ -49,6 +49,7 @@ class Lane:
     unreachable_since: float | None = None  # monotonic time of the first of the connect failures in a row
     connect_failures: int = 0  # connect failures in a row
     rejections: int = 0  # messages refused in a row (none sent between)
+    lookup_failures: int = 0  # follow-ups' reply lookups failed in a row
     rejecting: str | None = None  # halted: `stop_after_rejections` refusals in a row (the last error)
     workers: int = 0  # the send loop's workers currently serving this lane
     more: bool = True  # the feed may hold more of its jobs (`jobs` is only what it read ahead)

@@ -32,7 +32,7 @@ from campaign.dispatch._types import (
     Offload,
     build_thread_offload,
 )
-from campaign.errors import DataError
+from campaign.errors import UnsendableError
 from campaign.ledger import ClaimRequest, GroupCommit, Ledger, OutcomeReport
 from campaign.manifest import SenderSettings
 from campaign.models import (
@@ -312,7 +312,7 @@ class _Loop:
         try:
             message = self._render(job)
             payload = build_send_request(message)  # JSON, or multipart for big attachments
-        except DataError as exc:
+        except UnsendableError as exc:
             await self._fail_unsendable(lane, job, exc)
             return False
         wall = self._clock.now().timestamp()
@@ -342,7 +342,7 @@ class _Loop:
         self._feed.finished(job.key)
         return True
 
-    async def _fail_unsendable(self, lane: Lane, job: Job, error: DataError) -> None:
+    async def _fail_unsendable(self, lane: Lane, job: Job, error: UnsendableError) -> None:
         """A message that can no longer be built as checked (an attachment file replaced, grown or gone
         since): its row fails with the reason, and the others go on (`retry --failed` sends it once
         fixed). A row in flight from an earlier run may have gone out with its key: it stays in flight."""
@@ -400,9 +400,16 @@ class _Loop:
         """The reply lookups right before a follow-up's claim: True if it is not to be sent now (the
         recipient answered, or the lookup failed); an auto-reply that does not stop it is noted."""
         assert self._screen is not None
+        # Lookups are requests to the grant too: after a failed one (a 429, the provider down) the next
+        # waits out the sender's hold, which grows with each failure in a row, instead of all the due
+        # follow-ups asking at once.
+        await self._stop.sleep(lane.hold_until - self._clock.monotonic())
         found = await self._screen(job)
         email = job.recipient.address.email
+        lane.lookup_failures = lane.lookup_failures + 1 if found.hold else 0
         if found.hold:
+            wait_s = self._retry.backoff_s(lane.lookup_failures)
+            lane.hold_until = max(lane.hold_until, self._clock.monotonic() + wait_s)
             self._held += 1
             self._emit(DispatchEvent(EventKind.HELD, lane.sender.name, job.key, email))
             return True
@@ -629,11 +636,12 @@ class _Loop:
 
 
 def _failing_server(outcome: SendOutcome) -> bool:
-    """A 5xx answered now (not replayed from the key's cache): the API or the provider is failing, and the
-    sender backs off as from a lost connection, stopping once it lasts (a 503 to every send went through
-    the whole list, each row tried four times and left unknown)."""
+    """A 5xx but a 504 answered now (not replayed from the key's cache): the API or the provider is down,
+    and the sender backs off as from a lost connection, stopping once it lasts (a 503 to every send went
+    through the whole list, each row tried and left unknown). A 504 is one slow send, often delivered:
+    that row's own same-key retries settle it."""
     status = outcome.status or 0
-    return outcome.kind == OutcomeKind.AMBIGUOUS and status >= 500 and not outcome.replayed
+    return outcome.kind == OutcomeKind.AMBIGUOUS and status >= 500 and status != 504 and not outcome.replayed
 
 
 def _refusal_text(outcome: SendOutcome) -> str:

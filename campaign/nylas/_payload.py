@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from campaign.errors import DataError
+from campaign.errors import UnsendableError
 from campaign.models import Address, Attachment, Message
 
 __all__ = [
@@ -139,7 +139,7 @@ def encode_send_request(
         head = encode_send_body(payload)
     size = _measure(head, [_part_of(item) for item in files])
     if not size.fits:
-        raise DataError(_too_big(row, size))
+        raise UnsendableError(_too_big(row, size))
     if not size.multipart:
         chunks = _json_chunks(head, files) if files else [head]
         return SendRequest(JSON_CONTENT_TYPE, tuple(chunks), size.json_bytes, payload, files)

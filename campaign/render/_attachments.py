@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from campaign.errors import DataError, InputFileError, ManifestError
+from campaign.errors import DataError, InputFileError, ManifestError, UnsendableError
 from campaign.manifest import AttachmentSettings
 from campaign.models import Attachment, AttachmentFile, Message
 from campaign.nylas import JSON_LIMIT_BYTES, MULTIPART_LIMIT_BYTES, measure_send_request
@@ -319,7 +319,12 @@ def load_message_attachments(message: Message, loader: AttachmentLoader | None) 
         return message
     if loader is None:
         raise ValueError("a message with attachment files needs an AttachmentLoader")
-    loaded = tuple(loader.load(file, row=message.row) for file in message.attachment_files)
+    try:
+        loaded = tuple(loader.load(file, row=message.row) for file in message.attachment_files)
+    except UnsendableError:
+        raise
+    except DataError as exc:  # a row's own file, changed since its check (a shared one is InputFileError)
+        raise UnsendableError(exc.detail, row=exc.row, field=exc.field) from exc
     return message._replace(attachments=message.attachments + loaded, attachment_files=())
 
 
