@@ -644,12 +644,13 @@ class _Rounds:
         grants = [sender.grant_id for sender in manifest.senders if sender.grant_id is not None]
         store = open_store(store_path, clock=self._clock)
         try:
-            report = await pull_bounces(client, grants, store, since=first - PULL_SKEW)
+            since = first - PULL_SKEW
+            report = await pull_bounces(client, grants, store, since=since, secrets=self._composer.secrets)
         except CampaignError:
             return False
         finally:
             store.close()
-        return report.recorded > 0
+        return report.recorded > 0 or bool(report.unsubscribed)
 
     def _later_first_steps(self) -> LedgerJobs | None:
         """In a round after the first: step 1's rows that came due since (`deliver_at`), a page at a time."""

@@ -249,3 +249,45 @@ def test_a_report_of_a_server_that_refused_the_sender_is_a_soft_bounce():
     assert (bounce.code, bounce.hard, bounce.kind) == ("5.7.1", False, "block")
     (plain,) = _read_report(_gmail_dsn("ann@example.com"), received=datetime.now(UTC), message_id="m-2")
     assert plain.hard
+
+
+def _mailed_unsubscribe(address: str, to: str, subject: str) -> bytes:
+    """What a mail client sends when its user unsubscribes through List-Unsubscribe's mailto."""
+    return f"""From: <{address}>
+To: <{to}>
+Subject: {subject}
+MIME-Version: 1.0
+Content-Type: text/plain
+
+This message was sent automatically to unsubscribe.
+""".replace("\n", "\r\n").encode()
+
+
+def test_an_unsubscribe_mailed_to_a_senders_own_inbox_is_recorded_once(api, cli, tmp_path):
+    """unsubscribe.mailto is the sender's mailbox: the request Outlook.com (which acts on nothing else)
+    mails there is found by `events pull` and recorded as an unsubscribe; a forged token is ignored, and
+    a second pull records nothing new."""
+    manifest, sender = _newsletter_with_store(api, tmp_path)
+    manifest.write_text(
+        manifest.read_text().replace('mailto = "unsubscribe@example.com"', f'mailto = "{sender.email}"')
+    )
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    first = api.deliveries[0]
+    header = next(h["value"] for h in first.payload["custom_headers"] if h["name"] == "List-Unsubscribe")
+    subject = re.search(r"subject=(unsubscribe-[A-Za-z0-9_-]+)", header).group(1)
+    address = first.payload["to"][0]["email"]
+    api.receive_message(sender.grant_id, _mailed_unsubscribe(address, sender.email, subject))
+    forged = subject[:-4] + ("AAAA" if not subject.endswith("AAAA") else "BBBB")
+    api.receive_message(sender.grant_id, _mailed_unsubscribe("mallory@example.org", sender.email, forged))
+
+    pulled = cli("events", "pull", manifest)
+    assert pulled.exit_code == 0, pulled.output
+    assert "1 unsubscribe requests by mail recorded" in pulled.stdout
+    store = open_store(manifest.parent / "store.sqlite", clock=FakeClock(), create=False)
+    try:
+        assert [(e.recipient_key, e.source) for e in store.entries()] == [(address, "mailto")]
+    finally:
+        store.close()
+    again = cli("events", "pull", manifest)
+    assert again.exit_code == 0, again.output
+    assert "unsubscribe requests by mail recorded" not in again.stdout

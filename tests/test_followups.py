@@ -622,6 +622,34 @@ def test_a_bounce_report_pulled_before_the_round_stops_the_follow_up(fake, cli, 
     assert steps_json(cli, manifest)["nudge"]["stopped"] == {"bounced": 1}
 
 
+def test_an_unsubscribe_mailed_to_the_senders_inbox_stops_the_follow_up(fake, cli, cli_clock, tmp_path):
+    """unsubscribe.mailto is ana's own mailbox: person1 unsubscribes by mail after step 1 (as Outlook.com
+    does, through List-Unsubscribe's mailto); before the nudges go out the run reads it into the store,
+    and person1 gets no nudge."""
+    import re
+
+    from campaign.unsubscribe import open_store
+
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:3])
+    store_path = _with_store(manifest)
+    open_store(store_path, clock=cli_clock).close()
+    url = "https://example.com/u/{{ unsubscribe_token }}"
+    manifest.write_text(
+        manifest.read_text() + f'\n[unsubscribe]\nurl = "{url}"\nmailto = "ana@corp.example.com"\n'
+    )
+    assert cli("run", manifest, "--yes").exit_code == 75
+    (first,) = by_step(fake)[PEOPLE[0]]["message"]
+    assert first.grant_id == "grant-ana"
+    header = next(h["value"] for h in first.payload["custom_headers"] if h["name"] == "List-Unsubscribe")
+    subject = re.search(r"subject=(unsubscribe-[A-Za-z0-9_-]+)", header).group(1)
+    mailed = f"From: <{PEOPLE[0]}>\r\nTo: <ana@corp.example.com>\r\nSubject: {subject}\r\n\r\nUnsubscribe\r\n"
+    fake.receive_message("grant-ana", mailed.encode())
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert [email for email in PEOPLE[:3] if by_step(fake)[email]["nudge"]] == [PEOPLE[1], PEOPLE[2]]
+    assert steps_json(cli, manifest)["nudge"]["stopped"] == {"unsubscribed": 1}
+
+
 def test_reconcile_finds_a_follow_up_by_its_step_not_step_ones_message(fake, cli, cli_clock, tmp_path):
     """The nudge went out but its answer was lost (504 after the send, replayed): the row is unknown;
     reconcile finds it by metadata key2 and key3 and records the nudge's own message id."""

@@ -8,8 +8,17 @@ import anyio
 import typer
 
 from campaign.cli.base import LedgerOpt, ManifestArg, SandboxOpt, exit_codes, options, out
-from campaign.cli.wiring import build_sandbox_api, connect_api, load_campaign, read_api_key, require_ledger
+from campaign.cli.wiring import (
+    build_sandbox_api,
+    connect_api,
+    load_campaign,
+    read_api_key,
+    read_secrets,
+    require_ledger,
+)
+from campaign.errors import ManifestError
 from campaign.events import MAX_PAGES, pull_campaign_bounces
+from campaign.manifest import Manifest
 
 __all__ = ["events_app"]
 
@@ -26,7 +35,9 @@ def pull(manifest: ManifestArg, sandbox: SandboxOpt = False, ledger: LedgerOpt =
         api_key = read_api_key(loaded, sandbox=sandbox)
         fake = build_sandbox_api(loaded) if sandbox else None
         connect = partial(connect_api, loaded, api_key=api_key, clock=clock, fake=fake)
-        report = anyio.run(partial(pull_campaign_bounces, loaded, site, connect=connect, clock=clock))
+        secrets = _unsubscribe_secrets(loaded, sandbox=sandbox)
+        pulling = partial(pull_campaign_bounces, loaded, site, connect=connect, clock=clock, secrets=secrets)
+        report = anyio.run(pulling)
         if report is None:
             out.print("Nothing was sent yet: no bounce to look for.")
             return
@@ -36,5 +47,23 @@ def pull(manifest: ManifestArg, sandbox: SandboxOpt = False, ledger: LedgerOpt =
             f"{len(report.soft)} for now; {report.calls} API requests",
             soft_wrap=True,
         )
+        if report.unsubscribed:
+            out.print(
+                f"{len(report.unsubscribed)} unsubscribe requests by mail recorded (unsubscribe.mailto)"
+            )
         for grant in report.cut_short:
             out.print(f"grant {grant}: more than {MAX_PAGES * 200:,} inbox messages; pull again for the rest")
+
+
+def _unsubscribe_secrets(manifest: Manifest, *, sandbox: bool) -> tuple[bytes, ...]:
+    """The secrets that verify the tokens of mailto unsubscribe requests; none without [unsubscribe] or
+    its variable, which bounces do not need (then such requests are said to wait for a pull with it)."""
+    if manifest.unsubscribe is None:
+        return ()
+    try:
+        return read_secrets(manifest, sandbox=sandbox) or ()
+    except ManifestError:
+        if manifest.unsubscribe.mailto is not None:
+            name = manifest.unsubscribe.secret_env
+            out.print(f"{name} is not set: unsubscribe requests mailed to unsubscribe.mailto were not read")
+        return ()

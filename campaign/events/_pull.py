@@ -9,6 +9,11 @@ likely reports (from `MAILER-DAEMON` or `postmaster`, or a subject such as "Unde
 is a standard DSN (RFC 3464), each address's `Status` code and the remote server's
 `Diagnostic-Code` go with it, for `campaign report` to show. They are recorded in the unsubscribe
 store like webhook bounces, once per report: pulling twice records nothing twice.
+
+The same walk picks up unsubscribe requests sent to `unsubscribe.mailto` when that address is a
+sender's mailbox: a mail client (Outlook.com acts on nothing else) mails it with the subject
+`unsubscribe-<token>` campaign wrote into `List-Unsubscribe`; a token that verifies under the
+campaign's secrets is recorded in the store as the one-click endpoint records one (source `mailto`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from flufl.bounce import all_failures
 from campaign.events._notifications import BOUNCE, is_blocked
 from campaign.nylas import Folder, MessagePage
 from campaign.recipients import matching_form
-from campaign.unsubscribe import BLOCK_KIND, INBOX_EVENT_PREFIX, BounceRecord, InboxCursor, SuppressionStore
+from campaign.unsubscribe import (
+    BLOCK_KIND,
+    INBOX_EVENT_PREFIX,
+    BounceRecord,
+    InboxCursor,
+    SuppressionStore,
+    verify_token,
+)
 
 __all__ = ["MAX_PAGES", "InboxReader", "PullReport", "pull_bounces"]
 
@@ -40,6 +52,8 @@ MAX_PAGES = 10  # per grant and pull: 2,000 inbox messages; the next pull goes o
 _OVERLAP = timedelta(hours=1)
 _SECOND = timedelta(seconds=1)
 _REPORT_SENDERS = re.compile(r"^(mailer-daemon|postmaster)@", re.IGNORECASE)
+# The subject of a mailto unsubscribe request, as List-Unsubscribe asks for it (a client may add "Re:").
+_UNSUBSCRIBE_SUBJECT = re.compile(r"\bunsubscribe-([A-Za-z0-9_-]{24,2048})\b")
 _REPORT_SUBJECTS = re.compile(
     r"undeliver|delivery status notification|returned mail|mail delivery (failed|subsystem)"
     r"|failure notice|delivery has failed|could not be delivered",
@@ -79,13 +93,20 @@ class PullReport:
     soft: tuple[str, ...]  # addresses that failed for now (suppressed after repeated ones)
     calls: int
     cut_short: tuple[str, ...] = ()  # grants with more inbox messages than MAX_PAGES pages
+    unsubscribed: tuple[str, ...] = ()  # addresses whose mailto unsubscribe request was recorded now
 
 
 async def pull_bounces(
-    client: InboxReader, grants: Sequence[str], store: SuppressionStore, *, since: datetime
+    client: InboxReader,
+    grants: Sequence[str],
+    store: SuppressionStore,
+    *,
+    since: datetime,
+    secrets: Sequence[bytes] = (),
 ) -> PullReport:
-    """Look through each grant's inbox since `since` for bounce reports and record them in `store`."""
-    tally = _Tally()
+    """Look through each grant's inbox since `since` for bounce reports and record them in `store`, and
+    with the unsubscribe `secrets`, for mailto unsubscribe requests (recorded as unsubscribes)."""
+    tally = _Tally(secrets=tuple(secrets))
     for grant in grants:
         await _pull_grant(client, grant, store, since, tally)
     return PullReport(
@@ -97,11 +118,13 @@ async def pull_bounces(
         soft=tuple(tally.soft),
         calls=tally.calls,
         cut_short=tuple(tally.cut_short),
+        unsubscribed=tuple(tally.unsubscribed),
     )
 
 
 @dataclass
 class _Tally:
+    secrets: tuple[bytes, ...] = ()
     listed: int = 0
     reports: int = 0
     recorded: int = 0
@@ -109,6 +132,7 @@ class _Tally:
     hard: list[str] = field(default_factory=list)
     soft: list[str] = field(default_factory=list)
     cut_short: list[str] = field(default_factory=list)
+    unsubscribed: list[str] = field(default_factory=list)
 
 
 async def _pull_grant(
@@ -192,6 +216,8 @@ async def _read_inbox(
                 dates.append(message.date)
             if _looks_like_a_report(message.senders, message.subject):
                 await _record_report(client, grant, message.id, message.date or cursor.through, store, tally)
+            elif tally.secrets and (found := _UNSUBSCRIBE_SUBJECT.search(message.subject)):
+                _record_unsubscribe(found.group(1), store, tally)
         token = page.next_cursor
         if token is None:
             return _Read(page_number, True, min(dates, default=None), max(dates, default=None))
@@ -216,6 +242,16 @@ async def _record_report(
         tally.recorded += 1
         tally.hard.extend(b.email for b in bounces if b.hard)
         tally.soft.extend(b.email for b in bounces if not b.hard)
+
+
+def _record_unsubscribe(token: str, store: SuppressionStore, tally: _Tally) -> None:
+    """A mailto unsubscribe request: recorded as the endpoint records a click, if its token verifies (a
+    forged or another campaign's token is ignored, as the endpoint refuses it)."""
+    claims = verify_token(token, secrets=tally.secrets)
+    if claims is None:
+        return
+    if store.record(claims.campaign, claims.recipient_key, email=claims.email, source="mailto"):
+        tally.unsubscribed.append(claims.email or claims.recipient_key)
 
 
 def _looks_like_a_report(senders: Sequence[str], subject: str) -> bool:

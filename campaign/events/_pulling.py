@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
@@ -35,8 +35,11 @@ async def pull_campaign_bounces(
     *,
     connect: Callable[[], AbstractAsyncContextManager[InboxReader]],
     clock: Clock,
+    secrets: Sequence[bytes] = (),
 ) -> PullReport | None:
-    """Pull the bounce reports of a campaign's senders into its store; None when nothing was sent yet.
+    """Pull the bounce reports of a campaign's senders into its store, and with the unsubscribe `secrets`
+    the unsubscribe requests mailed to a sender's inbox (`unsubscribe.mailto`); None when nothing was
+    sent yet.
 
     The store is `unsubscribe.store`, else the first store in `recipients.suppress` (UsageError
     when the manifest names none). Only grants have an inbox: domain senders are left out.
@@ -59,6 +62,6 @@ async def pull_campaign_bounces(
     store = open_store(store_path, clock=clock)
     try:
         async with connect() as client:
-            return await pull_bounces(client, grants, store, since=first - PULL_SKEW)
+            return await pull_bounces(client, grants, store, since=first - PULL_SKEW, secrets=secrets)
     finally:
         store.close()
