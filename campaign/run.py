@@ -726,7 +726,7 @@ class _Rounds:
         since = self._clock.now().timestamp() - DAY_S
         # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
         history = {
-            sender.name: ledger.sent_recipients_since(sender.name, since)
+            sender.name: ledger.sent_recipients_since(sender.name, since, via=sender.mailbox)
             for sender in senders
             if sender.per_day is not None or sender.per_day_messages is not None
         }

@@ -182,3 +182,18 @@ def test_wait_knocks_on_a_mailbox_at_its_daily_limit_once_an_hour(quota_api, cli
     assert [r.status for r in fake.requests].count(429) == 3
     assert len({d.payload["to"][0]["email"] for d in fake.deliveries}) == len(fake.deliveries) == 5
     assert cli_clock.now() - started >= timedelta(hours=2)  # the refusals came at least an hour apart
+
+
+def test_a_renamed_sender_keeps_its_mailboxs_daily_budget(quota_api, cli, tmp_path):
+    """per_day = 3 used up; the sender renamed in the manifest (the same grant): resume sends nothing more
+    today, where it started a fresh day under the new name (a mailbox's limit is the mailbox's)."""
+    fake, _ = quota_api
+    manifest = copy_sample("newsletter", tmp_path)
+    manifest.write_text(manifest.read_text().replace("per_day = 500", "per_day = 3"))
+    first = cli("run", manifest, "--yes")
+    assert first.exit_code == 75, first.output
+    assert len(fake.deliveries) == 3
+    manifest.write_text(manifest.read_text().replace('name = "founder"', 'name = "maya"'))
+    again = cli("resume", manifest, "--yes")
+    assert again.exit_code == 75, again.output
+    assert len(fake.deliveries) == 3

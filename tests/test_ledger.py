@@ -936,3 +936,25 @@ def test_a_row_in_flight_follows_its_mailbox_or_is_given_up(ledger):
     assert (_row(ledger).state, _row(ledger).sender) == (IN, "carol")
     assert _row(ledger, "bob@x.com").state == U
     assert "claimed through grant-2" in (_row(ledger, "bob@x.com").note or "")
+
+
+def test_the_daily_budget_counts_a_mailbox_under_any_sender_name(ledgers, clock):
+    """A send is logged with the mailbox it was claimed through: a sender renamed, or another sender
+    naming the same grant, counts the same rolling day. On PostgreSQL that is across the database's
+    campaigns too (a mailbox's limit is the mailbox's); in a SQLite file, across its senders."""
+    spring = ledgers.open("spring", clock=clock)
+    spring.record_plan(
+        [PlannedRow("ann@x.com", 1, "ann@x.com", "alice"), PlannedRow("bob@x.com", 2, "bob@x.com", "bob")], []
+    )
+    spring.claim("ann@x.com", subject="Hi", sender="alice", via="grant-1")
+    spring.record_outcome("ann@x.com", SENT, sender="alice")
+    spring.claim("bob@x.com", subject="Hi", sender="bob", via="grant-2")
+    spring.record_outcome("bob@x.com", SENT, sender="bob")
+    since = clock.now().timestamp() - 60
+    assert len(spring.sent_recipients_since("maya", since, via="grant-1")) == 1  # alice, renamed maya
+    assert len(spring.sent_recipients_since("maya", since)) == 0  # by name alone: nothing
+    if ledgers.backend == "postgres":
+        autumn = ledgers.open("autumn", clock=clock)
+        autumn.record_plan([PlannedRow("cat@x.com", 1, "cat@x.com", "carl")], [])
+        assert len(autumn.sent_recipients_since("carl", since, via="grant-1")) == 1  # spring's send
+        assert len(autumn.sent_recipients_since("carl", since, via="grant-3")) == 0

@@ -419,7 +419,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                 ),
             )
             if new_state == SENT:
-                self._log_send(db, sender, self._clock.now().timestamp(), recipients)
+                self._log_send(db, key, sender, self._clock.now().timestamp(), recipients)
         return new_state
 
     def release(self, key: str) -> None:
@@ -541,7 +541,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                 "error_message = NULL WHERE key = ?",
                 (message_id, when.isoformat(timespec="milliseconds"), key),
             )
-            self._log_send(db, sender, when.timestamp(), recipients)
+            self._log_send(db, key, sender, when.timestamp(), recipients)
 
     def record_retry(self, key: str, *, note: str) -> None:
         """Send a failed or unknown row again: back to pending, with a new idempotency key next time."""

@@ -163,6 +163,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX recipients_erred ON recipients (campaign_id, state) WHERE error_type IS NOT NULL
         """,
     ),
+    (
+        "the mailbox each send went through, in the send log",
+        # A mailbox's daily limit is the mailbox's, whatever campaign sends through it or whatever the
+        # manifest calls its sender: the budgets count a grant's sends across the database's campaigns.
+        # Older sends have none, and count by their campaign and sender's name.
+        """
+        ALTER TABLE send_log ADD COLUMN IF NOT EXISTS via text COLLATE "C";
+        CREATE INDEX IF NOT EXISTS send_log_via ON send_log (via, sent_at, recipients) WHERE via IS NOT NULL
+        """,
+    ),
 )
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add
 # indexes only, which its queries do without (a little slower) until a sending command migrates: an

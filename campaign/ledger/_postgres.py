@@ -737,7 +737,7 @@ class PostgresLedger(KeptFacts):
                 ),
             )
             if new_state == SENT:
-                self._log_send(db, sender, self._clock.now().timestamp(), recipients)
+                self._log_send(db, key, sender, self._clock.now().timestamp(), recipients)
         return new_state
 
     def release(self, key: str) -> None:
@@ -762,16 +762,25 @@ class PostgresLedger(KeptFacts):
             )
         return True
 
-    def sent_recipients_since(self, sender: str, since: float) -> list[tuple[float, int]]:
-        """(Unix time, recipients) of each send by `sender` since `since`, oldest first."""
-        return [
-            (float(at), int(count))
-            for at, count in self._read(
+    def sent_recipients_since(
+        self, sender: str, since: float, *, via: str | None = None
+    ) -> list[tuple[float, int]]:
+        """(Unix time, recipients) of each send by `sender` since `since`, oldest first; with `via` (its
+        mailbox), each send through that mailbox instead, by any campaign in the database under any
+        sender's name (and those logged before the log kept mailboxes, by this campaign and `sender`)."""
+        if via is None:
+            query = (
                 "SELECT sent_at, recipients FROM send_log WHERE campaign_id = %s AND sender = %s "
-                "AND sent_at > %s ORDER BY sent_at",
-                (self._id, sender, since),
+                "AND sent_at > %s ORDER BY sent_at"
             )
-        ]
+            return [(float(at), int(n)) for at, n in self._read(query, (self._id, sender, since))]
+        query = (
+            "SELECT sent_at, recipients FROM send_log WHERE via = %s AND sent_at > %s UNION ALL "
+            "SELECT sent_at, recipients FROM send_log WHERE campaign_id = %s AND via IS NULL AND sender = %s "
+            "AND sent_at > %s ORDER BY sent_at"
+        )
+        found = self._read(query, (via, since, self._id, sender, since))
+        return [(float(at), int(n)) for at, n in found]
 
     def sent_recipients_total(self, sender: str, since: float) -> int:
         """How many recipients `sender` sent to since `since` (the sum of `sent_recipients_since`)."""
@@ -940,7 +949,7 @@ class PostgresLedger(KeptFacts):
                 "error_status = NULL, error_message = NULL WHERE campaign_id = %s AND key = %s",
                 (message_id, when.isoformat(timespec="milliseconds"), self._id, key),
             )
-            self._log_send(db, sender, when.timestamp(), recipients)
+            self._log_send(db, key, sender, when.timestamp(), recipients)
 
     def record_retry(self, key: str, *, note: str) -> None:
         """Send a failed or unknown row again: back to pending, with a new idempotency key next time."""
@@ -1269,9 +1278,9 @@ class PostgresLedger(KeptFacts):
             "replayed = w.replayed, error_type = NULL, error_status = NULL, error_message = NULL, "
             "attempts = r.attempts + 1, updated_at = %(now)s, sent_at = %(now)s FROM w "
             "WHERE r.campaign_id = %(id)s AND r.key = w.key AND r.state = 'inflight' "
-            "RETURNING r.key, w.sender, w.recipients), "
-            "logged AS (INSERT INTO send_log (campaign_id, sender, sent_at, recipients) "
-            "SELECT %(id)s, sender, %(at)s, recipients FROM sent) "
+            "RETURNING r.key, w.sender, r.claimed_via, w.recipients), "
+            "logged AS (INSERT INTO send_log (campaign_id, sender, via, sent_at, recipients) "
+            "SELECT %(id)s, sender, claimed_via, %(at)s, recipients FROM sent) "
             "SELECT key FROM sent",
             {
                 "keys": [report.key for report in reports],
@@ -1309,10 +1318,12 @@ class PostgresLedger(KeptFacts):
             except psycopg.Error as exc:
                 raise ledger_error(exc, where=self._where, doing="write the ledger") from exc
 
-    def _log_send(self, db: _Connection, sender: str, at: float, recipients: int) -> None:
+    def _log_send(self, db: _Connection, key: str, sender: str, at: float, recipients: int) -> None:
+        # With the mailbox the row was claimed through: the daily budgets count by mailbox.
         db.execute(
-            "INSERT INTO send_log (campaign_id, sender, sent_at, recipients) VALUES (%s, %s, %s, %s)",
-            (self._id, sender, at, recipients),
+            "INSERT INTO send_log (campaign_id, sender, via, sent_at, recipients) "
+            "SELECT %s, %s, claimed_via, %s, %s FROM recipients WHERE campaign_id = %s AND key = %s",
+            (self._id, sender, at, recipients, self._id, key),
         )
 
     def _stamp(self) -> str:

@@ -363,10 +363,23 @@ class LedgerReader:
         """Per sender, how many rows are in each state."""
         return {name: counts for name, counts in self.counts_per_sender().items() if name is not None}
 
-    def sent_recipients_since(self, sender: str, since: float) -> list[tuple[float, int]]:
-        """(Unix time, recipients) of each send by `sender` since `since`, oldest first."""
-        query = "SELECT sent_at, recipients FROM send_log WHERE sender = ? AND sent_at > ? ORDER BY sent_at"
-        return [(float(at), int(n)) for at, n in self._read(query, (sender, since))]
+    def sent_recipients_since(
+        self, sender: str, since: float, *, via: str | None = None
+    ) -> list[tuple[float, int]]:
+        """(Unix time, recipients) of each send by `sender` since `since`, oldest first; with `via` (its
+        mailbox), each send through that mailbox instead, whichever sender it was logged under (and
+        those logged before the log kept mailboxes, by `sender`)."""
+        if via is None:
+            query = (
+                "SELECT sent_at, recipients FROM send_log WHERE sender = ? AND sent_at > ? ORDER BY sent_at"
+            )
+            return [(float(at), int(n)) for at, n in self._read(query, (sender, since))]
+        query = (
+            "SELECT sent_at, recipients FROM send_log WHERE via = ? AND sent_at > ? UNION ALL "
+            "SELECT sent_at, recipients FROM send_log WHERE via IS NULL AND sender = ? AND sent_at > ? "
+            "ORDER BY sent_at"
+        )
+        return [(float(at), int(n)) for at, n in self._read(query, (via, since, sender, since))]
 
     def sent_recipients_total(self, sender: str, since: float) -> int:
         """How many recipients `sender` sent to since `since` (the sum of `sent_recipients_since`)."""

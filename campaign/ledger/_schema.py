@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -158,6 +159,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         CREATE INDEX recipients_erred ON recipients (state) WHERE error_type IS NOT NULL
         """,
     ),
+    (
+        "the mailbox each send went through, in the send log",
+        # A mailbox's daily limit is the mailbox's, whatever the manifest calls its sender: a sender
+        # renamed (or another sender naming the same grant) keeps counting the same day. Older sends
+        # have none, and count by their sender's name.
+        """
+        ALTER TABLE send_log ADD COLUMN via TEXT;
+        CREATE INDEX IF NOT EXISTS send_log_via ON send_log (via, sent_at, recipients) WHERE via IS NOT NULL
+        """,
+    ),
 )
 
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add
@@ -293,7 +304,7 @@ def migrate_ledger(db: sqlite3.Connection, *, path: Path, stamp: str) -> int:
         try:
             db.execute("BEGIN IMMEDIATE")
             for statement in script.split(";"):
-                if statement.strip():
+                if statement.strip() and not _adds_a_column_it_has(db, statement):
                     db.execute(statement)
             db.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, stamp))
             db.execute("COMMIT")
@@ -303,6 +314,19 @@ def migrate_ledger(db: sqlite3.Connection, *, path: Path, stamp: str) -> int:
             message = f"{path}: cannot migrate the ledger to version {version} ({exc})"
             raise LedgerError(message) from exc
     return len(MIGRATIONS)
+
+
+_ADD_COLUMN = re.compile(r"\s*ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
+
+
+def _adds_a_column_it_has(db: sqlite3.Connection, statement: str) -> bool:
+    """Whether `statement` adds a column the table has already: a migration applied again (its record
+    lost) then goes through, as SQLite has no ADD COLUMN IF NOT EXISTS."""
+    found = _ADD_COLUMN.match(statement)
+    if found is None:
+        return False
+    table, column = found.groups()
+    return any(row[1] == column for row in db.execute(f"PRAGMA table_info({table})"))
 
 
 def try_flock(fd: int, *, shared: bool = False) -> bool:

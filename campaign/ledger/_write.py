@@ -228,9 +228,12 @@ class LedgerWriter(LedgerReader):
             raise LedgerError(message)
         return dict(zip(_FETCHED, found, strict=True))
 
-    def _log_send(self, db: sqlite3.Connection, sender: str, at: float, recipients: int) -> None:
+    def _log_send(self, db: sqlite3.Connection, key: str, sender: str, at: float, recipients: int) -> None:
+        # With the mailbox the row was claimed through: the daily budgets count by mailbox.
         db.execute(
-            "INSERT INTO send_log (sender, sent_at, recipients) VALUES (?, ?, ?)", (sender, at, recipients)
+            "INSERT INTO send_log (sender, via, sent_at, recipients) "
+            "SELECT ?, claimed_via, ?, ? FROM recipients WHERE key = ?",
+            (sender, at, recipients, key),
         )
 
     def _write_error(self, exc: sqlite3.Error) -> LedgerError:
