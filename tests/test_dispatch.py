@@ -410,3 +410,13 @@ async def test_failed_reply_lookups_back_off_instead_of_asking_all_at_once(tmp_p
     assert len(gaps) == 5
     assert min(gaps) >= 1.0  # at least half the 2 s first backoff
     assert gaps[-1] > gaps[0]
+
+
+async def test_a_quota_park_is_kept_in_the_ledger_as_it_happens(tmp_path):
+    """The park a quota refusal makes is written at once (dispatch itself keeps nothing at its end): a run
+    killed later does not leave the next one to knock on the locked mailbox again."""
+    h = _Harness(tmp_path, [_sender("a", per_second=10, concurrency=1), _sender("b", per_second=10)])
+    h.fake.script(Fault.QUOTA_EXCEEDED, grant_id="grant-a", times=1, retry_after_s=7_200)
+    result = await h.run(make_jobs(3, "a", pinned=True) + make_jobs(3, "b", start=10))
+    assert "a" in result.parked
+    assert h.ledger.parked_senders() == {"a": result.parked["a"]}

@@ -501,11 +501,18 @@ class _Loop:
                 return await self._give_up(lane, job, None, note=KEY_TOO_OLD_NOTE)
             sent_at = self._clock.monotonic()
             outcome = await send_as(self._client, lane.sender, payload, idempotency_key=claim.idempotency_key)
+            parked = lane.parked_until
             self._apply_to_lane(lane, outcome, sent_at)  # before any await: no other worker may send into it
             state = await self._in_thread.each(
                 self._ledger.record_outcomes,
                 OutcomeReport(key, outcome, lane.sender.name, message.recipient_count),
             )
+            if lane.provider_refused and lane.parked_until not in (None, parked):
+                # Kept at once, not only when the run ends: a run killed meanwhile must not leave the
+                # next one to knock on a mailbox locked for the day.
+                await self._in_thread(
+                    partial(self._ledger.record_parks, {lane.sender.name: lane.parked_until})
+                )
             if state != RowState.INFLIGHT:
                 break
             if outcome.kind in (OutcomeKind.THROTTLED, OutcomeKind.AUTH_REFUSED, OutcomeKind.UNREACHABLE):
