@@ -131,7 +131,8 @@ def add_delay(at: datetime, delay: Delay, *, zone: ZoneInfo, holidays: Collectio
 def next_open(window: SendWindow, at: datetime, *, holidays: Collection[date] = ()) -> datetime:
     """The first moment at or after `at` inside `window` (and not on a holiday)."""
     local = at.astimezone(window.zone)
-    for offset in range(8 + len(holidays)):
+    # A holiday may take a whole week off a window of one day: look that far past each.
+    for offset in range(8 + 7 * len(holidays)):
         day = local.date() + timedelta(days=offset)
         if day.weekday() not in window.days or day in holidays:
             continue
@@ -159,7 +160,7 @@ def next_delivery(
     if deliver_at is None or zone is None:
         return at.astimezone(UTC) if window is None else next_open(window, at, holidays=holidays)
     local = at.astimezone(zone)
-    for offset in range(15 + len(holidays)):
+    for offset in range(15 + 7 * len(holidays)):
         candidate = _localize(local.date() + timedelta(days=offset), deliver_at, zone)
         if candidate < at:
             continue

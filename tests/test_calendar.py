@@ -133,3 +133,36 @@ def test_next_open_is_inside_the_window_and_nothing_earlier_is(at):
         while probe < opens:
             assert not window.contains(probe)
             probe += timedelta(minutes=37)
+
+
+@pytest.mark.parametrize(
+    ("window", "holidays", "at", "opens"),
+    [
+        # a holiday on a one-day window takes a whole week off it
+        (
+            "Tue 09:00-17:00",
+            ["2026-12-08"],
+            datetime(2026, 12, 6, 12, tzinfo=UTC),
+            datetime(2026, 12, 15, 8, tzinfo=UTC),
+        ),
+        (
+            "Mon 09:00-17:00",
+            ["2026-12-28"],
+            datetime(2026, 12, 22, 10, tzinfo=UTC),
+            datetime(2027, 1, 4, 8, tzinfo=UTC),
+        ),
+        # four holidays over Christmas on a two-day window
+        (
+            "Tue,Thu 09:00-17:00",
+            ["2026-12-22", "2026-12-24", "2026-12-29", "2026-12-31"],
+            datetime(2026, 12, 20, 12, tzinfo=UTC),
+            datetime(2027, 1, 5, 8, tzinfo=UTC),
+        ),
+    ],
+)
+def test_holidays_on_a_window_of_few_days_move_it_weeks_on(window, holidays, at, opens):
+    """Each holiday may skip a week of a window open one or two days a week: the next opening is found
+    (it raised "the window has no day left open", and run and status crashed)."""
+    parsed = parse_window(window, load_zone("Europe/Berlin"))
+    days = [date.fromisoformat(day) for day in holidays]
+    assert next_open(parsed, at, holidays=days) == opens

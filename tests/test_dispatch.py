@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,10 @@ def _sender(name: str, **limits: Any) -> SenderSettings:
 
 
 class _Harness:
-    def __init__(self, tmp_path: Path, senders: list[SenderSettings]) -> None:
-        self.clock = FakeClock()
+    def __init__(
+        self, tmp_path: Path, senders: list[SenderSettings], *, start: datetime | None = None
+    ) -> None:
+        self.clock = FakeClock() if start is None else FakeClock(start=start)
         self.fake = FakeNylas(api_key=KEY, clock=self.clock)
         for sender in senders:
             self.fake.add_grant(sender.grant_id, sender.email or "")
@@ -420,3 +422,19 @@ async def test_a_quota_park_is_kept_in_the_ledger_as_it_happens(tmp_path):
     result = await h.run(make_jobs(3, "a", pinned=True) + make_jobs(3, "b", start=10))
     assert "a" in result.parked
     assert h.ledger.parked_senders() == {"a": result.parked["a"]}
+
+
+async def test_no_message_leaves_after_its_window_shut_during_the_pace_wait(tmp_path):
+    """One send a minute, three minutes before a Mon-Fri 09:00-17:30 Berlin window shuts: the sends whose
+    slot comes after 17:30 wait for the window (the run stops: exit 75 then), none goes at 17:30 or after
+    (they went at 17:30 and 17:31: the window was looked at before the pace wait only)."""
+    sender = _sender("a", per_minute=1, concurrency=2, window="Mon-Fri 09:00-17:30", timezone="Europe/Berlin")
+    h = _Harness(tmp_path, [sender], start=datetime(2026, 12, 7, 16, 27, tzinfo=UTC))  # Monday, 17:27 CET
+    result = await h.run(make_jobs(10, "a"))
+    shuts = datetime(2026, 12, 7, 16, 30, tzinfo=UTC)
+    assert [d.delivered_at for d in h.fake.deliveries] == [
+        datetime(2026, 12, 7, 16, minute, tzinfo=UTC) for minute in (27, 28, 29)
+    ]
+    assert all(d.delivered_at < shuts for d in h.fake.deliveries)
+    assert (result.sent, result.remaining) == (3, 7)
+    assert set(h.states().values()) == {RowState.SENT, RowState.PENDING}

@@ -958,3 +958,26 @@ def test_the_daily_budget_counts_a_mailbox_under_any_sender_name(ledgers, clock)
         autumn.record_plan([PlannedRow("cat@x.com", 1, "cat@x.com", "carl")], [])
         assert len(autumn.sent_recipients_since("carl", since, via="grant-1")) == 1  # spring's send
         assert len(autumn.sent_recipients_since("carl", since, via="grant-3")) == 0
+
+
+def test_the_next_due_follow_up_is_of_a_recipient_still_listed(ledgers, ledger, clock):
+    """A recipient removed from the list gets no further step: its scheduled follow-up is nothing to wait
+    for (a --wait run idled until its time, then said nothing was left)."""
+    from campaign.ledger import ScheduledStep
+    from campaign.models import step_key
+
+    sent_at = clock.now()
+    for key in ("ann@x.com", "bob@x.com"):
+        ledger.claim(key, subject="Hello")
+        ledger.record_outcome(key, SENT, sender="alice")
+    day = timedelta(days=1)
+    scheduled = [
+        ScheduledStep(step.recipient, "nudge", step.row, step.email, step.sender, step.key, sent_at + n * day)
+        for n, step in enumerate(ledger.unscheduled_steps("message", "nudge"), start=1)
+    ]
+    assert ledger.record_followups(scheduled) == 2
+    assert ledger.next_due(clock.now()) == sent_at + day
+    ledgers.set_column("spring", "listed", False, where="key", equals=step_key("ann@x.com", "nudge"))
+    assert ledger.next_due(clock.now()) == sent_at + 2 * day
+    ledgers.set_column("spring", "listed", False, where="key", equals=step_key("bob@x.com", "nudge"))
+    assert ledger.next_due(clock.now()) is None

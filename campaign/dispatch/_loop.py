@@ -472,8 +472,9 @@ class _Loop:
         if not claim.fresh and claim.sender not in (None, lane.sender.name):
             return await self._return_to_owner(lane, job, claim.sender)
         await self._wait_for_slot(lane, multipart=payload.multipart)
-        if lane.refused or self._stopping:
-            # Its request never left. A fresh key goes back unused; a key from an earlier run
+        if lane.refused or self._stopping or self._window_shut(lane):
+            # Its request never left (the sender's window may have shut during the pace wait: no message
+            # leaves outside it). A fresh key goes back unused; a key from an earlier run
             # may have been used, so that row stays in flight, to be re-sent with that key.
             if not claim.fresh:
                 return RowState.INFLIGHT
@@ -539,7 +540,9 @@ class _Loop:
             if self._stopping:  # no new request after a stop: resume re-sends it with this key
                 self._left_inflight += 1
                 return RowState.INFLIGHT
-            if lane.refused:  # refused meanwhile: it keeps its key, bound to this grant, for when it may send
+            if lane.refused or self._window_shut(lane):
+                # Refused meanwhile, or its window shut: it keeps its key, bound to this grant, for when
+                # it may send.
                 self._bound.add(key)
                 return RowState.INFLIGHT
         self._after(lane, job, outcome, state)
@@ -568,6 +571,11 @@ class _Loop:
     @property
     def _stopping(self) -> bool:
         return self._stop.requested
+
+    def _window_shut(self, lane: Lane) -> bool:
+        """Whether the sender's window is shut now (the worker's next look at the lane says so and waits
+        or stops)."""
+        return lane.opens_at(self._clock.now()) is not None
 
     def _after(self, lane: Lane, job: Job, outcome: SendOutcome, state: RowState) -> None:
         name, key, email = lane.sender.name, job.key, job.recipient.address.email

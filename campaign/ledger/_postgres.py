@@ -894,9 +894,11 @@ class PostgresLedger(KeptFacts):
         ]  # fmt: skip
 
     def next_due(self, now: datetime) -> datetime | None:
-        """When the next follow-up scheduled after `now` is due (None: none is)."""
+        """When the next follow-up scheduled after `now` is due (None: none is), of a recipient still in
+        the list (a removed one gets no further step: nothing to wait for)."""
         found = self._read(
-            "SELECT MIN(due_at) FROM recipients WHERE campaign_id = %s AND due_at > %s AND state = 'pending'",
+            "SELECT MIN(due_at) FROM recipients WHERE campaign_id = %s AND due_at > %s AND state = 'pending' "
+            "AND listed",
             (self._id, _iso(now)),
         )
         return _moment(found[0][0]) if found and found[0][0] else None

@@ -540,11 +540,12 @@ class LedgerReader:
         ]  # fmt: skip
 
     def next_due(self, now: datetime) -> datetime | None:
-        """When the next follow-up scheduled after `now` is due (None: none is)."""
+        """When the next follow-up scheduled after `now` is due (None: none is), of a recipient still in
+        the list (a removed one gets no further step: nothing to wait for)."""
         # INDEXED BY: without statistics the planner takes the state index and reads every pending row.
         query = (
             "SELECT MIN(due_at) FROM recipients INDEXED BY recipients_due "
-            "WHERE due_at > ? AND state = 'pending'"
+            "WHERE due_at > ? AND state = 'pending' AND listed = 1"
         )
         found = self._read(query, (_iso(now),))
         return _moment(found[0][0]) if found and found[0][0] else None
