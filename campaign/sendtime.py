@@ -70,15 +70,25 @@ def load_zone(name: str) -> ZoneInfo:
         ) from exc
 
 
+_MAX_DELAY_DAYS = 365
+_MAX_DELAY_BUSINESS_DAYS = 260
+
+
 def parse_delay(text: str) -> Delay:
-    """`90s`, `15m`, `2h`, `3d` or `3 business days` as a Delay."""
+    """`90s`, `15m`, `2h`, `3d` or `3 business days` as a Delay, of at most a year (a longer one is a
+    typo, and one of millions of days cannot even be dated)."""
     value = " ".join(text.strip().lower().split())
+    delay: Delay | None = None
     if (found := _PLAIN.match(value)) is not None:
-        return Delay(seconds=int(found[1]) * _UNITS[found[2]])
-    if (found := _BUSINESS.match(value)) is not None:
-        return Delay(business_days=int(found[1]))
-    message = f"{text!r} is not a delay; write e.g. 90s, 2h, 3d or 3 business days"
-    raise ValueError(message)
+        delay = Delay(seconds=int(found[1]) * _UNITS[found[2]])
+    elif (found := _BUSINESS.match(value)) is not None:
+        delay = Delay(business_days=int(found[1]))
+    if delay is None:
+        message = f"{text!r} is not a delay; write e.g. 90s, 2h, 3d or 3 business days"
+        raise ValueError(message)
+    if delay.seconds > _MAX_DELAY_DAYS * 86_400 or delay.business_days > _MAX_DELAY_BUSINESS_DAYS:
+        raise ValueError(f"{text!r} is more than a year; write a delay of at most 365d or 260 business days")
+    return delay
 
 
 def parse_window(text: str, zone: ZoneInfo) -> SendWindow:

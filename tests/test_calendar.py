@@ -39,6 +39,14 @@ def test_a_bad_delay_says_the_accepted_forms(text):
         parse_delay(text)
 
 
+@pytest.mark.parametrize("text", ["999999999999d", "5000000 business days", "366d", "261 business days"])
+def test_a_delay_over_a_year_is_refused_before_anything_is_sent(text):
+    """Such a delay is a typo; one of millions of days crashed the run once step 1 had gone out."""
+    with pytest.raises(ValueError, match="more than a year"):
+        parse_delay(text)
+    assert parse_delay("365d") == Delay(seconds=365 * 86_400)
+
+
 def test_business_days_skip_weekends_and_holidays_and_keep_the_wall_clock_across_dst():
     """Thu 26 Mar 2026 09:30 Berlin + 3 business days = Tue 31 Mar 09:30 (CEST since Sunday): the
     weekend is skipped and 09:30 stays 09:30 though the offset changed; a holiday Monday adds a day."""
