@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from email_validator import EmailNotValidError
 
@@ -119,11 +119,17 @@ async def send_test_message(client: SendClient, test: TestMessage) -> str:
 
 def _readdress(message: Message, to: Address, *, campaign: str) -> Message:
     # Only the envelope changes. The metadata drops key1/key2 so reconcile can never take the
-    # test for the real recipient's message.
+    # test for the real recipient's message, and with reply tracking the label (campaign:recipient:step)
+    # goes, so that a reply to the test is never taken for the real recipient's reply (it would stop
+    # their follow-ups).
+    tracking = message.tracking
+    if tracking is not None and tracking.thread_replies and tracking.label is not None:
+        tracking = replace(tracking, label=None)
     return message._replace(
         to=(to,),
         subject=f"{TEST_SUBJECT_PREFIX}{message.subject}",
         metadata=(("campaign", campaign), ("test", "true")),
+        tracking=tracking,
     )
 
 

@@ -288,6 +288,18 @@ def test_init_writes_a_starter_and_never_overwrites(cli, tmp_path):
     assert manifest.read_text() == original
 
 
+def test_init_never_writes_through_a_dangling_link(cli, tmp_path):
+    """A link where a starter file goes, even one to nothing yet: exit 1, nothing written anywhere."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / "recipients.csv").symlink_to(tmp_path / "victim.txt")
+    result = cli("init", folder)
+    assert result.exit_code == 1, result.output
+    assert "recipients.csv already exists" in result.output
+    assert not (tmp_path / "victim.txt").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["recipients.csv"]
+
+
 def test_init_into_a_folder_it_cannot_make_is_one_line_not_a_traceback(cli, tmp_path):
     """A path under a file, or a folder that cannot be written: one line naming it, exit 1, no traceback."""
     blocker = tmp_path / "a-file"
@@ -357,6 +369,17 @@ def test_schema_is_json_schema_describing_every_key_the_samples_use(cli):
     for manifest in sorted((REPO / "samples").glob("*/campaign.toml")):
         used = _toml_paths(tomllib.loads(manifest.read_text(encoding="utf-8")))
         assert used - described == set(), manifest
+
+
+def test_schema_takes_the_from_spelling_of_a_senders_address_as_the_loader_does(cli):
+    """The README writes a domain sender as `from = "news@mail.example.com"`; the loader takes it, so the
+    schema (which editors check manifests against) must not call it unknown."""
+    schema = json.loads(cli("schema").stdout)
+    sender = schema["$defs"]["SenderSettings"]
+    assert sender["additionalProperties"] is False
+    email = {k: v for k, v in sender["properties"]["email"].items() if k != "description"}
+    assert {k: v for k, v in sender["properties"]["from"].items() if k != "description"} == email
+    assert 'from = "news@mail.example.com"' in (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def test_sandbox_command_serves_the_fake_api_on_loopback(tmp_path):

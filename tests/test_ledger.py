@@ -981,3 +981,14 @@ def test_the_next_due_follow_up_is_of_a_recipient_still_listed(ledgers, ledger, 
     assert ledger.next_due(clock.now()) == sent_at + 2 * day
     ledgers.set_column("spring", "listed", False, where="key", equals=step_key("bob@x.com", "nudge"))
     assert ledger.next_due(clock.now()) is None
+
+
+def test_a_skipped_row_is_renumbered_as_the_list_moves_like_a_planned_one(ledger):
+    """A row above removed from the list: the planned rows and the skipped ones below it move up alike,
+    so that `report` names each by its row in the list as it is now."""
+    ledger.record_plan(
+        [PlannedRow("bob@x.com", 1, "bob@x.com", "bob")],
+        [Skip(2, "eve@x.com", "eve@x.com", SkipReason.SUPPRESSED, "in unsubscribed.txt")],
+    )
+    assert (ledger.row("bob@x.com").row, ledger.row("eve@x.com").row) == (1, 2)
+    assert ledger.row("eve@x.com").state == RowState.SKIPPED

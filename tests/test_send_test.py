@@ -187,3 +187,20 @@ def test_a_sandbox_send_test_is_written_to_the_outbox_after_the_runs(cli, tmp_pa
     payload = json.loads((outbox / "0006-me@example.com.json").read_text(encoding="utf-8"))
     assert payload["subject"].startswith("[TEST] ")
     assert "0006" in result.output
+
+
+def test_a_send_test_carries_no_recipients_reply_tracking_label(api, cli, tmp_path):
+    """With reply tracking, the real message's label names campaign, recipient and step, and a reply that
+    carries it stops that recipient's follow-ups: the test sends tracking without it, so a reply to the
+    test is nobody's."""
+    manifest = copy_sample("newsletter", tmp_path)
+    text = manifest.read_text()
+    tracking = 'tracking = { opens = true, links = true, label = "spring-newsletter" }'
+    assert tracking in text
+    manifest.write_text(text.replace(tracking, "tracking = { opens = true, thread_replies = true }"))
+    _register(api, manifest)
+    result = cli("send-test", manifest, "--to", "me@example.com", "--row", "2")
+    assert result.exit_code == 0, result.output
+    (sent,) = api.deliveries
+    assert sent.payload["tracking_options"]["thread_replies"] is True
+    assert "label" not in sent.payload["tracking_options"]

@@ -251,9 +251,11 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             (now, now),
         ).rowcount
         # A row skipped as invalid keeps the cells it was skipped with: met again unchanged, it stays skipped.
+        # A skipped row is where the list has it now (a row above it removed moves it up), as a planned one.
         db.execute(
-            "UPDATE recipients SET cells = s.cells FROM temp.plan_skips AS s WHERE recipients.key = s.key "
-            "AND recipients.state = 'skipped' AND s.cells IS NOT NULL AND recipients.cells IS NOT s.cells"
+            "UPDATE recipients SET cells = COALESCE(s.cells, recipients.cells), row = s.row "
+            "FROM temp.plan_skips AS s WHERE recipients.key = s.key AND recipients.state = 'skipped' "
+            "AND ((s.cells IS NOT NULL AND recipients.cells IS NOT s.cells) OR recipients.row != s.row)"
         )
         skipped_added = db.execute(
             "INSERT INTO recipients (key, row, email, state, reason, cells, created_at, updated_at) "

@@ -378,10 +378,11 @@ class PostgresLedger(KeptFacts):
             (campaign, now, now, campaign),
         ).rowcount
         # A row skipped as invalid keeps the cells it was skipped with: met again unchanged, it stays skipped.
+        # A skipped row is where the list has it now (a row above it removed moves it up), as a planned one.
         db.execute(
-            "UPDATE recipients AS r SET cells = s.cells FROM plan_skips AS s WHERE r.campaign_id = %s "
-            "AND r.key = s.key AND r.state = 'skipped' AND s.cells IS NOT NULL "
-            "AND r.cells IS DISTINCT FROM s.cells",
+            "UPDATE recipients AS r SET cells = COALESCE(s.cells, r.cells), row = s.row FROM plan_skips AS s "
+            "WHERE r.campaign_id = %s AND r.key = s.key AND r.state = 'skipped' "
+            "AND ((s.cells IS NOT NULL AND r.cells IS DISTINCT FROM s.cells) OR r.row != s.row)",
             (campaign,),
         )
         skipped_added = db.execute(

@@ -419,4 +419,10 @@ def build_manifest_schema() -> dict[str, object]:
     schema: dict[str, object] = {"$schema": "https://json-schema.org/draft/2020-12/schema"}
     schema.update(Manifest.model_json_schema())
     schema["description"] = "A campaign manifest (TOML) for the `campaign` bulk email tool."
+    # pydantic lists a field under its first alias only: a sender's address may also be written `from`
+    # (a domain sender's, as the README writes it), which the loader takes.
+    definitions = schema["$defs"]
+    assert isinstance(definitions, dict)
+    sender = definitions["SenderSettings"]["properties"]
+    sender["from"] = {**sender["email"], "description": "The sender's address (the same as email)."}
     return schema

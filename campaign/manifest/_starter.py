@@ -65,14 +65,19 @@ _FILES = {"campaign.toml": _MANIFEST, "recipients.csv": _RECIPIENTS, "message.ht
 def write_starter(directory: Path) -> list[Path]:
     """Write the starter files into `directory` (created if needed); return their paths."""
     targets = [directory / name for name in _FILES]
-    existing = [path for path in targets if path.exists()]
+    existing = [path for path in targets if path.is_symlink() or path.exists()]  # a dangling link too
     if existing:
         message = f"{existing[0]} already exists; `campaign init` never overwrites: choose an empty folder"
         raise CampaignError(message)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for path in targets:
-            path.write_text(_FILES[path.name], encoding="utf-8")
+            # Created, never opened through a link or over a file that appeared since the check.
+            with path.open("x", encoding="utf-8") as file:
+                file.write(_FILES[path.name])
+    except FileExistsError as exc:
+        message = f"{exc.filename} already exists; `campaign init` never overwrites: choose an empty folder"
+        raise CampaignError(message) from exc
     except OSError as exc:
         where = exc.filename or directory
         reason = exc.strerror or type(exc).__name__
