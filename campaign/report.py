@@ -108,8 +108,11 @@ def write_report(
 ) -> WrittenReport:
     """Write the campaign's report (only the rows in `states`, if given) to `out`: .csv or .parquet.
 
-    Reads the ledger read-only, and closes it before writing the file.
+    Reads the ledger read-only, and closes it before writing the file. UsageError, before anything is
+    read, when `out` is one of the campaign's own inputs (its list or a suppression file): a report
+    written over the list would lose it.
     """
+    _refuse_an_input(manifest, out)
     ledger = site.open(clock=clock, campaign=manifest.campaign.name, read_only=True)
     try:
         with open_existing_stores(list_store_paths(manifest), clock=clock) as stores:
@@ -168,6 +171,21 @@ def _record(row: LedgerRow, seen: Engagement, bounce: RowBounce | None) -> dict[
         bounce_reason=None if bounce is None else bounce.reason,
     )
     return record
+
+
+def _refuse_an_input(manifest: Manifest, out: Path) -> None:
+    inputs = [manifest.path, manifest.recipients.source, *manifest.recipients.suppress]
+    target = out.resolve()
+    for path in inputs:
+        if isinstance(path, Path) and path.resolve() == target:
+            what = _input_name(manifest, path)
+            raise UsageError(f"--out {out}: is the campaign's own {what}; write the report elsewhere")
+
+
+def _input_name(manifest: Manifest, path: Path) -> str:
+    if path == manifest.path:
+        return "manifest"
+    return "recipient list" if path == manifest.recipients.source else "suppression list"
 
 
 def _write_frame(frame: pl.DataFrame, path: Path) -> None:

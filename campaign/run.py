@@ -193,7 +193,8 @@ def run_campaign(
     """Check, confirm, record and send; None when the caller did not confirm (nothing was written)."""
     campaign = manifest.campaign.name
     if options.resuming and not site.exists(campaign):
-        message = f"{site.where}: no ledger, so nothing to resume; start with `campaign run {command_path}`"
+        start = f"campaign run {command_path}{' --sandbox' if options.sandbox else ''}"
+        message = f"{site.where}: no ledger, so nothing to resume; start with `{start}`"
         raise InputFileError(message)
     # Workers sharing a database each send from the grants they lease; None: one command at a time.
     # The leases connect when the sending starts, and give back and close when it ends.

@@ -269,6 +269,10 @@ def test_resume_without_a_ledger_exits_66(api, cli, tmp_path):
     assert result.exit_code == 66
     assert "nothing to resume" in result.stderr
     assert api.requests == []
+    sandboxed = cli("resume", manifest, "--yes", "--sandbox")  # the command it suggests runs as it is
+    assert sandboxed.exit_code == 66
+    assert "start with `campaign run " in sandboxed.stderr
+    assert sandboxed.stderr.rstrip().endswith("--sandbox`")
 
 
 def test_init_writes_a_starter_and_never_overwrites(cli, tmp_path):

@@ -67,6 +67,19 @@ def test_report_refuses_other_suffixes_and_needs_a_ledger(api, cli, tmp_path):
     assert ".csv or .parquet" in bad.stderr
 
 
+def test_report_never_writes_over_the_campaigns_own_list(api, cli, tmp_path):
+    """--out naming the recipient list (or a suppression file) is refused (exit 2), the file untouched."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    cli("run", manifest, "--yes")
+    for name in ("recipients.csv", "unsubscribed.txt"):
+        before = (manifest.parent / name).read_bytes()
+        result = cli("report", manifest, "--out", manifest.parent / name)
+        assert result.exit_code == 2, result.output
+        assert "is the campaign's own" in result.stderr
+        assert (manifest.parent / name).read_bytes() == before
+
+
 def test_retry_failed_then_resume_sends_those_rows_once_with_a_new_key(api, cli, tmp_path):
     """A 402 fails a row; after the fix, retry --failed and resume send it, once, under a new key."""
     manifest = copy_sample("newsletter", tmp_path)
