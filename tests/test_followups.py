@@ -650,6 +650,23 @@ def test_an_unsubscribe_mailed_to_the_senders_inbox_stops_the_follow_up(fake, cl
     assert steps_json(cli, manifest)["nudge"]["stopped"] == {"unsubscribed": 1}
 
 
+def test_editing_a_steps_timing_before_it_went_out_takes_effect(fake, cli, cli_clock, tmp_path):
+    """The nudges are scheduled 2 days after step 1; the manifest then says 5 days, before any went out:
+    they come due by the new timing (they went at day 2, by the old one, and at once after a longer
+    edit), and each goes once."""
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2], last='after = "30d"')
+    assert cli("run", manifest, "--yes").exit_code == 75
+    text = manifest.read_text()
+    manifest.write_text(text.replace('after = "2d"', 'after = "5d"'))
+    cli_clock.advance(3 * 86_400)
+    early = cli("resume", manifest, "--yes")
+    assert early.exit_code == 75, early.output
+    assert [email for email in PEOPLE[:2] if by_step(fake)[email]["nudge"]] == []
+    cli_clock.advance(3 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    assert [len(by_step(fake)[email]["nudge"]) for email in PEOPLE[:2]] == [1, 1]
+
+
 def test_reconcile_finds_a_follow_up_by_its_step_not_step_ones_message(fake, cli, cli_clock, tmp_path):
     """The nudge went out but its answer was lost (504 after the send, replayed): the row is unknown;
     reconcile finds it by metadata key2 and key3 and records the nudge's own message id."""

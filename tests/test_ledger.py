@@ -992,3 +992,29 @@ def test_a_skipped_row_is_renumbered_as_the_list_moves_like_a_planned_one(ledger
     )
     assert (ledger.row("bob@x.com").row, ledger.row("eve@x.com").row) == (1, 2)
     assert ledger.row("eve@x.com").state == RowState.SKIPPED
+
+
+def test_unscheduling_a_step_removes_only_its_rows_never_claimed(ledger, clock):
+    """A follow-up's timing changed: its pending rows never claimed go (to be scheduled again by the new
+    timing); one claimed before keeps its row (its key may have been used), and other steps are untouched."""
+    from campaign.ledger import ScheduledStep
+    from campaign.models import step_key
+
+    for key in ("ann@x.com", "bob@x.com"):
+        ledger.claim(key, subject="Hello")
+        ledger.record_outcome(key, SENT, sender="alice")
+    due = clock.now() + timedelta(days=1)
+    steps = ledger.unscheduled_steps("message", "nudge")
+    ledger.record_followups(
+        [ScheduledStep(s.recipient, "nudge", s.row, s.email, s.sender, s.key, due) for s in steps]
+    )
+    assert ledger.timing_stamp("nudge") is None
+    ledger.record_timing_stamp('{"after": "1d"}', "nudge")
+    assert ledger.timing_stamp("nudge") == '{"after": "1d"}'
+    clock.advance(86_400)
+    ledger.claim(step_key("bob@x.com", "nudge"), subject="Re: Hello")
+    ledger.release(step_key("bob@x.com", "nudge"))  # claimed once: stays
+    assert ledger.unschedule_steps("nudge") == 1
+    assert ledger.unschedule_steps("message") == 0
+    assert [s.recipient for s in ledger.unscheduled_steps("message", "nudge")] == ["ann@x.com"]
+    assert ledger.row(step_key("bob@x.com", "nudge")).state == RowState.PENDING

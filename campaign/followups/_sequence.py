@@ -11,6 +11,7 @@ auto-reply is noted or stops it, a failed lookup holds the follow-up back.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
@@ -83,13 +84,38 @@ def _delivery(
     )
 
 
+def timing_stamp(manifest: Manifest, step: str) -> str:
+    """What decides follow-up `step`'s due times, as text: its `after` and `deliver_at`, the campaign's
+    holidays, where recipients' zones come from, and each sender's window and zone. Pure."""
+    followup = manifest.followup(step)
+    assert followup is not None
+    decides = {
+        "after": followup.after,
+        "deliver_at": followup.deliver_at,
+        "holidays": sorted(day.isoformat() for day in manifest.campaign.holidays),
+        "timezone_column": manifest.recipients.timezone_column,
+        "senders": {sender.name: [sender.window, sender.timezone] for sender in manifest.senders},
+    }
+    return json.dumps(decides, sort_keys=True)
+
+
 def schedule_followups(manifest: Manifest, ledger: Ledger, *, recipients_at: RecipientsAt) -> int:
-    """Record the next step for every recipient whose previous step was sent; returns how many."""
+    """Record the next step for every recipient whose previous step was sent; returns how many.
+
+    A step whose timing changed since its rows were scheduled (`timing_stamp`: an edited `after`, a new
+    window or holiday) has its rows not yet claimed made again, due by the new timing: editing a step
+    that has not gone out is free, and takes effect."""
     senders = {sender.name: sender for sender in manifest.senders}
     total = 0
     for previous, step in zip(manifest.steps, manifest.steps[1:], strict=False):
         followup = manifest.followup(step)
         assert followup is not None  # manifest.steps lists the follow-ups
+        stamp = timing_stamp(manifest, step)
+        recorded = ledger.timing_stamp(step)
+        if recorded != stamp:
+            if recorded is not None:
+                ledger.unschedule_steps(step)
+            ledger.record_timing_stamp(stamp, step)
         cursor = 0
         while batch := ledger.unscheduled_steps(previous, step, after=cursor, limit=_BATCH):
             cursor = batch[-1].cursor

@@ -12,7 +12,15 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
-from campaign.ledger._read import KEY_SCHEME, LIST_EXTENT, PARKED_PREFIX, PLAN_STAMP, RULES_STAMP, content_key
+from campaign.ledger._read import (
+    KEY_SCHEME,
+    LIST_EXTENT,
+    PARKED_PREFIX,
+    PLAN_STAMP,
+    RULES_STAMP,
+    TIMING_PREFIX,
+    content_key,
+)
 from campaign.models import FIRST_STEP
 
 __all__ = ["KeptFacts"]
@@ -56,6 +64,16 @@ class KeptFacts:
     def key_scheme(self) -> str | None:
         """How the ledger's recipients are keyed ("address" or "column:<name>"); None before it was kept."""
         return self._meta(KEY_SCHEME)
+
+    def timing_stamp(self, step: str) -> str | None:
+        """What decided the due times of follow-up `step`'s scheduled rows (`followups.timing_stamp`);
+        None before it was kept."""
+        return self._meta(f"{TIMING_PREFIX}{step}")
+
+    def record_timing_stamp(self, stamp: str, step: str) -> None:
+        """Keep what decides follow-up `step`'s due times now."""
+        if self.timing_stamp(step) != stamp:
+            self._set_meta(f"{TIMING_PREFIX}{step}", stamp)
 
     def parked_senders(self) -> dict[str, datetime]:
         """Senders a quota refusal parked, and until when: kept, so that a resume does not retry early."""

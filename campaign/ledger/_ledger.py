@@ -490,6 +490,15 @@ class SqliteLedger(LedgerWriter, KeptFacts):
 
     # --- follow-up steps ----------------------------------------------------
 
+    def unschedule_steps(self, step: str) -> int:
+        """Remove follow-up `step`'s rows that are pending and were never claimed; how many."""
+        with self._write() as db:
+            return db.execute(
+                "DELETE FROM recipients WHERE step = ? AND step != ? AND state = 'pending' "
+                "AND key_issued_at IS NULL AND first_claimed_at IS NULL",
+                (step, FIRST_STEP),
+            ).rowcount
+
     def record_followups(self, scheduled: Sequence[ScheduledStep]) -> int:
         """Add a pending row for each follow-up scheduled, due at its time; returns how many were new
         (a (recipient, step) that has its row already keeps it)."""

@@ -794,6 +794,18 @@ class PostgresLedger(KeptFacts):
 
     # --- follow-up steps --------------------------------------------------------------------------
 
+    def unschedule_steps(self, step: str) -> int:
+        """Remove follow-up `step`'s rows that are pending and were never claimed; how many."""
+        with self._write() as db:
+            return max(
+                db.execute(
+                    "DELETE FROM recipients WHERE campaign_id = %s AND step = %s AND step != %s "
+                    "AND state = 'pending' AND key_issued_at IS NULL AND first_claimed_at IS NULL",
+                    (self._id, step, FIRST_STEP),
+                ).rowcount,
+                0,
+            )
+
     def record_followups(self, scheduled: Sequence[ScheduledStep]) -> int:
         """Add a pending row for each follow-up scheduled, due at its time; returns how many were new
         (a (recipient, step) that has its row already keeps it)."""

@@ -136,6 +136,7 @@ LIST_EXTENT = "list_extent"
 CONTENT_FINGERPRINT = "content_fingerprint"
 KEY_SCHEME = "key_scheme"
 PARKED_PREFIX = "parked_until:"
+TIMING_PREFIX = "timing:"
 
 
 def content_key(step: str) -> str:
