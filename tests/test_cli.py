@@ -273,6 +273,9 @@ def test_resume_without_a_ledger_exits_66(api, cli, tmp_path):
     assert sandboxed.exit_code == 66
     assert "start with `campaign run " in sandboxed.stderr
     assert sandboxed.stderr.rstrip().endswith("--sandbox`")
+    previewed = cli("resume", manifest, "--dry-run")  # resume needs the ledger, dry run or not
+    assert previewed.exit_code == 66, previewed.output
+    assert "start with `campaign run " in previewed.stderr
 
 
 def test_init_writes_a_starter_and_never_overwrites(cli, tmp_path):

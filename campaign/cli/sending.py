@@ -45,6 +45,7 @@ from campaign.cli.wiring import (
     locate_ledger,
     read_api_key,
     read_secrets,
+    require_ledger,
     sandbox_outbox_path,
     write_sandbox_outbox,
 )
@@ -124,6 +125,8 @@ def resume(
 ) -> None:
     """Continue a campaign after a quota stop, crash or Ctrl-C (needs its ledger)."""
     if dry_run:
+        with exit_codes():  # as resume itself: nothing to resume without the ledger (exit 66)
+            require_ledger(load_campaign(manifest), manifest, sandbox=sandbox, url=ledger)
         preview(manifest, sandbox=sandbox, skip_invalid=skip_invalid, ledger=ledger)
         return
     choices = _RunChoices(yes, limit, sandbox, skip_invalid, wait, allow_changed_content, ledger)

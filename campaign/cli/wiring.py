@@ -205,7 +205,7 @@ def require_ledger(manifest: Manifest, given: Path, *, sandbox: bool, url: str |
     """The ledger's site; InputFileError if the campaign has not run yet (`given`: the manifest as typed)."""
     site = locate_ledger(manifest, sandbox=sandbox, url=url)
     if not site.exists(manifest.campaign.name):
-        start = f"campaign run {command_path(given, url)}"
+        start = f"campaign run {command_path(given, url)}{' --sandbox' if sandbox else ''}"
         message = f"{site.where}: no ledger yet (the campaign has not run); start with `{start}`"
         raise InputFileError(message)
     return site
