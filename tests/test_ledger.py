@@ -960,11 +960,10 @@ def test_the_daily_budget_counts_a_mailbox_under_any_sender_name(ledgers, clock)
         assert len(autumn.sent_recipients_since("carl", since, via="grant-3")) == 0
 
 
-def test_the_next_due_follow_up_is_of_a_recipient_still_listed(ledgers, ledger, clock):
+def test_the_next_due_follow_up_is_of_a_recipient_still_listed(ledger, clock):
     """A recipient removed from the list gets no further step: its scheduled follow-up is nothing to wait
     for (a --wait run idled until its time, then said nothing was left)."""
     from campaign.ledger import ScheduledStep
-    from campaign.models import step_key
 
     sent_at = clock.now()
     for key in ("ann@x.com", "bob@x.com"):
@@ -977,9 +976,9 @@ def test_the_next_due_follow_up_is_of_a_recipient_still_listed(ledgers, ledger, 
     ]
     assert ledger.record_followups(scheduled) == 2
     assert ledger.next_due(clock.now()) == sent_at + day
-    ledgers.set_column("spring", "listed", False, where="key", equals=step_key("ann@x.com", "nudge"))
+    ledger.record_plan([PlannedRow("bob@x.com", 1, "bob@x.com", "bob")], [])  # ann left the list
     assert ledger.next_due(clock.now()) == sent_at + 2 * day
-    ledgers.set_column("spring", "listed", False, where="key", equals=step_key("bob@x.com", "nudge"))
+    ledger.record_plan([], [])  # and bob
     assert ledger.next_due(clock.now()) is None
 
 
@@ -1018,3 +1017,16 @@ def test_unscheduling_a_step_removes_only_its_rows_never_claimed(ledger, clock):
     assert ledger.unschedule_steps("message") == 0
     assert [s.recipient for s in ledger.unscheduled_steps("message", "nudge")] == ["ann@x.com"]
     assert ledger.row(step_key("bob@x.com", "nudge")).state == RowState.PENDING
+
+
+def test_a_removed_row_whose_try_failed_is_not_waiting(ledger):
+    """`status` says why open rows wait (their last try failed): a row removed from the list is left
+    alone, never tried again, so it is not among them."""
+    throttled = SendOutcome(
+        OutcomeKind.THROTTLED, status=429, error_type="rate_limit_error", error_message="slow"
+    )
+    ledger.claim("ann@x.com", subject="Hello")
+    assert ledger.record_outcome("ann@x.com", throttled, sender="alice") == P
+    assert [group.count for group in ledger.error_groups(waiting=True)] == [1]
+    ledger.record_plan([PlannedRow("bob@x.com", 2, "bob@x.com", "bob")], [])  # ann left the list
+    assert ledger.error_groups(waiting=True) == []

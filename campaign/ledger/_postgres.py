@@ -910,8 +910,9 @@ class PostgresLedger(KeptFacts):
         """When the next follow-up scheduled after `now` is due (None: none is), of a recipient still in
         the list (a removed one gets no further step: nothing to wait for)."""
         found = self._read(
-            "SELECT MIN(due_at) FROM recipients WHERE campaign_id = %s AND due_at > %s AND state = 'pending' "
-            "AND listed",
+            "SELECT f.due_at FROM recipients AS f JOIN recipients AS s ON s.campaign_id = f.campaign_id "
+            "AND s.key = COALESCE(f.recipient, f.key) WHERE f.campaign_id = %s AND f.due_at > %s "
+            "AND f.state = 'pending' AND s.listed ORDER BY f.due_at LIMIT 1",
             (self._id, _iso(now)),
         )
         return _moment(found[0][0]) if found and found[0][0] else None

@@ -93,7 +93,7 @@ ROW_COLUMNS: tuple[str, ...] = tuple(LedgerRow.__dataclass_fields__)
 # last try failed (an outcome that is not "sent" always leaves an error type: the partial index
 # `recipients_erred` holds them).
 FAILED_ROWS = "state IN ('failed', 'unknown')"
-WAITING_ROWS = "state IN ('pending', 'inflight') AND error_type IS NOT NULL"
+WAITING_ROWS = "state IN ('pending', 'inflight') AND error_type IS NOT NULL AND listed"  # removed: left alone
 # Each group's size and first row in list order (ties in `status`'s ranking of causes keep that order).
 _ERROR_GROUPS = """
     SELECT error_status, error_type, state, total, row, key FROM (
@@ -544,9 +544,11 @@ class LedgerReader:
         """When the next follow-up scheduled after `now` is due (None: none is), of a recipient still in
         the list (a removed one gets no further step: nothing to wait for)."""
         # INDEXED BY: without statistics the planner takes the state index and reads every pending row.
+        # In due order, the first whose recipient (step 1's row) is still listed: no MIN over them all.
         query = (
-            "SELECT MIN(due_at) FROM recipients INDEXED BY recipients_due "
-            "WHERE due_at > ? AND state = 'pending' AND listed = 1"
+            "SELECT f.due_at FROM recipients AS f INDEXED BY recipients_due "
+            "JOIN recipients AS s ON s.key = COALESCE(f.recipient, f.key) "
+            "WHERE f.due_at > ? AND f.state = 'pending' AND s.listed = 1 ORDER BY f.due_at LIMIT 1"
         )
         found = self._read(query, (_iso(now),))
         return _moment(found[0][0]) if found and found[0][0] else None
