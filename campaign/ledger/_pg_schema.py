@@ -170,7 +170,9 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         # Older sends have none, and count by their campaign and sender's name.
         """
         ALTER TABLE send_log ADD COLUMN IF NOT EXISTS via text COLLATE "C";
-        CREATE INDEX IF NOT EXISTS send_log_via ON send_log (via, sent_at, recipients) WHERE via IS NOT NULL
+        CREATE INDEX IF NOT EXISTS send_log_via ON send_log (via, sent_at, recipients) WHERE via IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS send_log_unrouted ON send_log (campaign_id, sender, sent_at, recipients)
+            WHERE via IS NULL
         """,
     ),
 )

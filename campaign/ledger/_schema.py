@@ -163,10 +163,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         "the mailbox each send went through, in the send log",
         # A mailbox's daily limit is the mailbox's, whatever the manifest calls its sender: a sender
         # renamed (or another sender naming the same grant) keeps counting the same day. Older sends
-        # have none, and count by their sender's name.
+        # have none, and count by their sender's name. Each kind is read from an index of its own alone.
         """
         ALTER TABLE send_log ADD COLUMN via TEXT;
-        CREATE INDEX IF NOT EXISTS send_log_via ON send_log (via, sent_at, recipients) WHERE via IS NOT NULL
+        CREATE INDEX IF NOT EXISTS send_log_via ON send_log (via, sent_at, recipients) WHERE via IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS send_log_unrouted ON send_log (sender, sent_at, recipients, via)
+            WHERE via IS NULL
         """,
     ),
 )
