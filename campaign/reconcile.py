@@ -277,8 +277,9 @@ class _Finder:
         self._campaign = campaign
         self._senders = senders
         self._sent_folders: dict[str, Folder | None] = {}
-        # Per grant: the Sent folder listed since a time, and whether the listing was complete.
-        self._sent_listings: dict[str, tuple[datetime, list[ListedMessage], bool]] = {}
+        # Per grant: the Sent folder listed since a time (each message with its recipients in the form
+        # the ledger keys them, worked out once per listing, not once per row), and whether it was complete.
+        self._sent_listings: dict[str, tuple[datetime, list[tuple[ListedMessage, frozenset[str]]], bool]] = {}
         self.sent_at: dict[str, datetime | None] = {}
         self.unreachable: set[str] = set()  # rows a lookup could not decide for want of the API
 
@@ -394,13 +395,12 @@ class _Finder:
         cached = self._sent_listings.get(grant)
         if cached is None or cached[0] > since:
             messages, complete = await self._list_all(grant, in_folder=folder.id, received_after=since)
-            cached = self._sent_listings[grant] = (since, messages, complete)
-        _, messages, complete = cached
+            addressed = [(m, frozenset(matching_form(to) for to in m.to)) for m in messages]
+            cached = self._sent_listings[grant] = (since, addressed, complete)
+        _, listed, complete = cached
         subject = (row.subject or "").strip()
         email = row.email.lower()
-        matches = [
-            m for m in messages if m.subject.strip() == subject and email in {matching_form(t) for t in m.to}
-        ]
+        matches = [m for m, to in listed if email in to and m.subject.strip() == subject]
         # Follow-ups share a subject ("Re: …"): a message the ledger holds for another step is not this one.
         taken = self._known(m.id for m in matches)
         matches = [m for m in matches if m.id not in taken]

@@ -60,6 +60,11 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
+def _preview_and_run(cli, manifest: Path) -> list:
+    """The same campaign through `preview` and `run --yes`: bad input must stop both alike."""
+    return [cli("preview", manifest), cli("run", manifest, "--yes")]
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -183,8 +188,7 @@ def test_a_secret_pasted_into_a_wrong_key_is_never_echoed(api, cli, tmp_path, ke
     pasted = PASTED[what]
     manifest = _write(tmp_path, manifest=MANIFEST.replace(old, new.format(pasted=pasted)))
     api.add_grant("grant-alice", "alice@corp.example.com")
-    for command in ("preview", "run"):
-        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+    for result in _preview_and_run(cli, manifest):
         assert result.exit_code == code, result.output
         assert _one_error_line(result) == line
         _assert_not_shown(result, pasted)
@@ -235,8 +239,7 @@ def test_a_secret_pasted_into_a_key_that_is_shown_or_sent_is_refused(api, cli, t
     assert text != MANIFEST
     manifest = _write(tmp_path, manifest=text)
     api.add_grant("grant-alice", "alice@corp.example.com")
-    for command in ("preview", "run"):
-        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+    for result in _preview_and_run(cli, manifest):
         assert result.exit_code == 78, result.output
         assert _one_error_line(result) == (
             f"error: campaign.toml: {key}: holds a secret (an API key, or the value of a secret variable "
@@ -268,8 +271,7 @@ def test_a_secret_in_a_list_cell_is_named_by_row_and_column_and_never_kept(api, 
     csv = CSV.replace("Bob Stone,Bob", f"Bob Stone,Bob {pasted} x")
     manifest = _write(tmp_path, manifest=MANIFEST.replace("<p>Hi</p>", "<p>Hi {{ first_name }}</p>"), csv=csv)
     api.add_grant("grant-alice", "alice@corp.example.com")
-    for command in ("preview", "run"):
-        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+    for result in _preview_and_run(cli, manifest):
         assert result.exit_code == 65, result.output
         assert 'row 2, column "first_name": holds a secret' in result.output
         _assert_not_shown(result, pasted)
@@ -385,8 +387,7 @@ def test_extreme_limits_are_refused_with_the_key_named(api, cli, tmp_path, line,
     """inf, nan, 1e-300 and huge values: exit 78 naming the key; no overflow, no hang, nothing sent."""
     manifest = _write(tmp_path, manifest=MANIFEST.replace("per_second = 50", line))
     api.add_grant("grant-alice", "alice@corp.example.com")
-    for command in ("preview", "run"):
-        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+    for result in _preview_and_run(cli, manifest):
         assert result.exit_code == 78, result.output
         assert _one_error_line(result) == f"error: campaign.toml: {key}: {said}"
     assert api.requests == []
@@ -761,8 +762,7 @@ def test_parquet_columns_without_one_text_form_are_refused(api, cli, tmp_path, c
         tmp_path / "recipients.parquet"
     )
     api.add_grant("grant-alice", "alice@corp.example.com")
-    for command in ("preview", "run"):
-        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+    for result in _preview_and_run(cli, manifest):
         assert result.exit_code == 65, result.output
         assert _one_error_line(result) == f"error: {said}"
     assert api.requests == []
@@ -791,8 +791,7 @@ def test_one_stray_nul_in_a_cell_is_named_by_row_and_column_not_taken_for_utf16(
     csv = f"email,name,first_name\n{filler}bob@example.com,Bob Stone,Bo\x00b\n"
     manifest = _write(tmp_path, csv=csv)
     api.add_grant("grant-alice", "alice@corp.example.com")
-    for command in ("preview", "run"):
-        result = cli(command, manifest, *(["--yes"] if command == "run" else []))
+    for result in _preview_and_run(cli, manifest):
         assert result.exit_code == 65, result.output
         assert _one_error_line(result) == (
             f'error: recipients.csv: row {rows + 1}, column "first_name" (line {rows + 2}): holds a NUL byte '

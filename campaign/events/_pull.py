@@ -39,6 +39,7 @@ from campaign.unsubscribe import (
     BounceRecord,
     InboxCursor,
     SuppressionStore,
+    find_mailto_token,
     verify_token,
 )
 
@@ -52,8 +53,6 @@ MAX_PAGES = 10  # per grant and pull: 2,000 inbox messages; the next pull goes o
 _OVERLAP = timedelta(hours=1)
 _SECOND = timedelta(seconds=1)
 _REPORT_SENDERS = re.compile(r"^(mailer-daemon|postmaster)@", re.IGNORECASE)
-# The subject of a mailto unsubscribe request, as List-Unsubscribe asks for it (a client may add "Re:").
-_UNSUBSCRIBE_SUBJECT = re.compile(r"\bunsubscribe-([A-Za-z0-9_-]{24,2048})\b")
 _REPORT_SUBJECTS = re.compile(
     r"undeliver|delivery status notification|returned mail|mail delivery (failed|subsystem)"
     r"|failure notice|delivery has failed|could not be delivered",
@@ -216,8 +215,8 @@ async def _read_inbox(
                 dates.append(message.date)
             if _looks_like_a_report(message.senders, message.subject):
                 await _record_report(client, grant, message.id, message.date or cursor.through, store, tally)
-            elif tally.secrets and (found := _UNSUBSCRIBE_SUBJECT.search(message.subject)):
-                _record_unsubscribe(found.group(1), store, tally)
+            elif tally.secrets and (token := find_mailto_token(message.subject)) is not None:
+                _record_unsubscribe(token, store, tally)
         token = page.next_cursor
         if token is None:
             return _Read(page_number, True, min(dates, default=None), max(dates, default=None))

@@ -41,9 +41,11 @@ from campaign.unsubscribe._store import (
     store_location,
 )
 from campaign.unsubscribe._tokens import (
+    TOKEN_SHAPE,
     TokenClaims,
     TokenSigner,
     build_unsubscribe_headers,
+    find_mailto_token,
     make_token,
     parse_secrets,
     verify_token,
@@ -53,6 +55,7 @@ __all__ = [
     "BLOCK_KIND",
     "BOUNCE_SOURCE",
     "INBOX_EVENT_PREFIX",
+    "TOKEN_SHAPE",
     "BounceRecord",
     "BounceRules",
     "Engagement",
@@ -69,6 +72,7 @@ __all__ = [
     "build_unsubscribe_headers",
     "describe_entry",
     "find_engagement",
+    "find_mailto_token",
     "is_store_path",
     "list_store_paths",
     "load_unsubscribed",

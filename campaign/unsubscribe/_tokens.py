@@ -34,10 +34,12 @@ from campaign.redaction import quote_value
 
 __all__ = [
     "MIN_SECRET_LENGTH",
+    "TOKEN_SHAPE",
     "TOKEN_VERSION",
     "TokenClaims",
     "TokenSigner",
     "build_unsubscribe_headers",
+    "find_mailto_token",
     "make_token",
     "parse_secrets",
     "verify_token",
@@ -62,6 +64,12 @@ _POST_HEADER = ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
 # RFC 5322 §2.1.1: a line MUST NOT exceed 998 characters; we never fold this header.
 _MAX_LINE = 998
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+# What may be a token, where one is looked for in text (a URL, a subject): unpadded base64url, at least
+# 24 characters (every token either version makes is 30 or more) and at most 2,048.
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{24,2048}")
+# A mailto unsubscribe asks for this subject, the token after it (a client may put "Re:" before it).
+_MAILTO_SUBJECT = "unsubscribe-"
+_MAILTO_TOKEN = re.compile(rf"\b{_MAILTO_SUBJECT}({TOKEN_SHAPE.pattern})\b")
 _URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64 to base64url, as base64.urlsafe_b64encode does
 _SPLIT_SECRETS = re.compile(r"[,\s]+")
 # Characters that must not appear inside <...>: whitespace, the brackets themselves,
@@ -141,6 +149,13 @@ class TokenSigner:
         return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode("ascii")
 
 
+def find_mailto_token(subject: str) -> str | None:
+    """The token in the subject of a mailto unsubscribe request (`unsubscribe-<token>`, as
+    `build_unsubscribe_headers` asks for it), unverified; None if it holds none."""
+    found = _MAILTO_TOKEN.search(subject)
+    return None if found is None else found.group(1)
+
+
 def verify_token(token: str, *, secrets: Sequence[bytes]) -> TokenClaims | None:
     """The claims of a token made with one of `secrets` (version 2 or 1), or None if malformed or forged."""
     raw = _decode(token)
@@ -201,7 +216,7 @@ def build_unsubscribe_headers(
     items = [f"<{url}>"]
     if mailto is not None:
         prefix, has_subject = _parse_mailto(mailto, campaign)
-        items.append(f"<{prefix}>" if has_subject else f"<{prefix}subject=unsubscribe-{token}>")
+        items.append(f"<{prefix}>" if has_subject else f"<{prefix}subject={_MAILTO_SUBJECT}{token}>")
     value = ", ".join(items)
     problem = header_value_problem(value)
     if problem is not None:

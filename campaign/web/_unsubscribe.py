@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
 from functools import partial
 from itertools import chain, islice
@@ -35,6 +34,7 @@ from starlette.routing import Route
 from campaign.clock import Clock, SystemClock
 from campaign.errors import ManifestError
 from campaign.unsubscribe import (
+    TOKEN_SHAPE,
     StoreError,
     SuppressionStore,
     TokenClaims,
@@ -54,10 +54,6 @@ __all__ = [
 
 DEFAULT_SECRET_ENV = "CAMPAIGN_UNSUBSCRIBE_SECRET"
 MAX_BODY_BYTES = 16 * 1024  # the one-click body is 26 bytes urlencoded, a few hundred as multipart
-_MAX_TOKEN_CHARS = 2048
-# Base64url, as tokens are, and at least 24 characters: every token either version makes is 30 or
-# more, while "u", "confirm" or "utm_source" values are shorter and do not use up the bound below.
-_TOKEN_SHAPE = re.compile(rf"[A-Za-z0-9_-]{{24,{_MAX_TOKEN_CHARS}}}")
 # Token-shaped query values, and path segments, tried beyond the documented places: enough for any
 # URL a manifest writes, few enough that a URL stuffed with junk costs a handful of checks.
 _MAX_CANDIDATES_PER_PLACE = 8
@@ -194,7 +190,9 @@ def _token_candidates(query: Sequence[tuple[str, str]], path: str) -> Iterator[s
 
 
 def _shaped(strings: Iterable[str]) -> Iterator[str]:
-    return (text for text in strings if len(text) <= _MAX_TOKEN_CHARS and _TOKEN_SHAPE.fullmatch(text))
+    # Only what may be a token (`TOKEN_SHAPE`): "u", "confirm" or "utm_source" values are shorter, and do
+    # not use up the bound on candidates.
+    return (text for text in strings if TOKEN_SHAPE.fullmatch(text))
 
 
 def _with_stems(segments: Iterable[str]) -> Iterator[str]:
