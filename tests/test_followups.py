@@ -130,6 +130,28 @@ def test_a_reply_in_the_thread_or_outside_it_stops_the_next_steps(fake, cli, cli
     assert steps_json(cli, manifest)["last-call"]["scheduled"] == 3
 
 
+@pytest.mark.parametrize("in_thread", [True, False])
+def test_a_reply_dated_by_a_provider_clock_behind_ours_still_stops_the_follow_up(
+    fake, cli, cli_clock, tmp_path, in_thread
+):
+    """The provider dates a reply by its own clock, here two minutes behind ours: the reply reads as
+    older than step 1's send. It is still the recipient's answer, and the nudge is not sent."""
+    manifest = write_campaign(tmp_path / "c")
+    assert cli("run", manifest, "--yes").exit_code == 75
+    email = PEOPLE[0]
+    (sent,) = by_step(fake)[email]["message"]
+    mailbox = next(m for g, m in SENDERS.values() if g == sent.grant_id)
+    behind = cli_clock.now() - timedelta(minutes=2)
+    raw = build_answer(email, mailbox=mailbox, subject=sent.payload["subject"], at=behind)
+    fake.receive_message(sent.grant_id, raw, received_at=behind, reply_to=sent.id if in_thread else None)
+    cli_clock.advance(2 * 86_400 + 1)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    sent_now = by_step(fake)
+    assert not sent_now[email]["nudge"]
+    assert all(len(sent_now[other]["nudge"]) == 1 for other in PEOPLE[1:])
+    assert steps_json(cli, manifest)["nudge"]["stopped"] == {"replied": 1}
+
+
 def test_every_follow_up_answers_the_step_before_through_the_same_grant(fake, cli, cli_clock, tmp_path):
     """Each follow-up carries the previous step's message id, "Re: " and step 1's subject, step 1's grant,
     and joins its thread at the fake; status and report count per step what the fake received."""

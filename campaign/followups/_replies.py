@@ -3,7 +3,8 @@ found is: a person's reply, an auto-reply, or a bounce report.
 
 Two listings per follow-up, both through the grant that sent the thread:
 `GET /messages?thread_id=<thread>&received_after=<previous step>` (a reply in the thread) and
-`GET /messages?from=<address>&received_after=<step 1>` (a reply outside it). A message we sent
+`GET /messages?from=<address>&received_after=<step 1>` (a reply outside it), each from 5 minutes
+before that send (the provider's clock is not ours). A message we sent
 ourselves is never an answer. Only when something was found are its headers fetched
 (`GET /messages/{id}?fields=include_headers`), to tell an auto-reply (RFC 3834 and the headers
 autoresponders use; the subject as a last resort) or a bounce report from a person. A lookup that
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import getaddresses
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -35,6 +36,9 @@ _AUTO_SUBJECT = re.compile(
     re.IGNORECASE,
 )
 _DAEMONS = ("mailer-daemon@", "postmaster@")
+# Listings start this long before the send they answer: a message is dated by the provider's clock, not
+# ours, and a reply that came while the previous step was going out was not there for its lookup.
+_SKEW = timedelta(minutes=5)
 
 
 class AnswerKind(StrEnum):
@@ -118,9 +122,10 @@ async def find_answer(
     """
     found: dict[str, ListedMessage] = {}
     if thread_id is not None:
-        for message in await _listing(client, grant_id, thread_id=thread_id, since=previous_sent_at):
+        since = previous_sent_at - _SKEW
+        for message in await _listing(client, grant_id, thread_id=thread_id, since=since):
             found[message.id] = message
-    for message in await _listing(client, grant_id, from_=address, since=first_sent_at):
+    for message in await _listing(client, grant_id, from_=address, since=first_sent_at - _SKEW):
         found[message.id] = message
     own = matching_form(own_address) if own_address else ""
     mine = ours(found)
