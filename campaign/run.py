@@ -36,7 +36,7 @@ from campaign.dispatch import (
     send_under_leases,
 )
 from campaign.errors import CampaignError, InputFileError, LedgerError
-from campaign.events import PULL_SKEW, InboxReader, events_store_path, pull_bounces
+from campaign.events import InboxReader, events_store_path, pull_senders_inboxes
 from campaign.followups import (
     DueJobs,
     ReplyClient,
@@ -83,7 +83,7 @@ from campaign.plan import DAY_S, Job
 from campaign.recipients import SuppressionFiles
 from campaign.render import Composer, build_composer
 from campaign.status import build_status
-from campaign.unsubscribe import UnsubscribeWatch, list_store_paths, open_store
+from campaign.unsubscribe import UnsubscribeWatch, list_store_paths
 
 # A follow-up whose reply lookup failed is looked up again after this long (with --wait).
 _HOLD_RETRY_S = 300.0
@@ -642,15 +642,13 @@ class _Rounds:
         first = self._ledger.first_claim()
         if first is None:
             return False
-        grants = [sender.grant_id for sender in manifest.senders if sender.grant_id is not None]
-        store = open_store(store_path, clock=self._clock)
         try:
-            since = first - PULL_SKEW
-            report = await pull_bounces(client, grants, store, since=since, secrets=self._composer.secrets)
+            secrets = self._composer.secrets
+            report = await pull_senders_inboxes(
+                client, manifest, store_path, first_claim=first, clock=self._clock, secrets=secrets
+            )
         except CampaignError:
             return False
-        finally:
-            store.close()
         return report.recorded > 0 or bool(report.unsubscribed)
 
     def _later_first_steps(self) -> LedgerJobs | None:

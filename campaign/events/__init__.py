@@ -14,7 +14,7 @@ from __future__ import annotations
 from campaign.events._bounced import RowBounce, find_row_bounces, match_bounces
 from campaign.events._notifications import BOUNCE, Notification, parse_bounces, parse_notification
 from campaign.events._pull import MAX_PAGES, InboxReader, PullReport, pull_bounces
-from campaign.events._pulling import PULL_SKEW, events_store_path, pull_campaign_bounces
+from campaign.events._pulling import PULL_SKEW, events_store_path, pull_campaign_bounces, pull_senders_inboxes
 from campaign.events._recording import record_notification
 from campaign.events._signature import sign_body, verify_signature
 
@@ -33,6 +33,7 @@ __all__ = [
     "parse_notification",
     "pull_bounces",
     "pull_campaign_bounces",
+    "pull_senders_inboxes",
     "record_notification",
     "sign_body",
     "verify_signature",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from campaign.clock import Clock
@@ -14,7 +14,7 @@ from campaign.ledger import LedgerSite
 from campaign.manifest import Manifest
 from campaign.unsubscribe import list_store_paths, open_store
 
-__all__ = ["PULL_SKEW", "events_store_path", "pull_campaign_bounces"]
+__all__ = ["PULL_SKEW", "events_store_path", "pull_campaign_bounces", "pull_senders_inboxes"]
 
 # Look back a little before the first claim: the provider's clock and ours may differ.
 PULL_SKEW = timedelta(minutes=5)
@@ -42,7 +42,7 @@ async def pull_campaign_bounces(
     sent yet.
 
     The store is `unsubscribe.store`, else the first store in `recipients.suppress` (UsageError
-    when the manifest names none). Only grants have an inbox: domain senders are left out.
+    when the manifest names none).
     """
     store_path = events_store_path(manifest)
     if store_path is None:
@@ -58,10 +58,27 @@ async def pull_campaign_bounces(
         ledger.close()
     if first is None:
         return None
+    async with connect() as client:
+        return await pull_senders_inboxes(
+            client, manifest, store_path, first_claim=first, clock=clock, secrets=secrets
+        )
+
+
+async def pull_senders_inboxes(
+    client: InboxReader,
+    manifest: Manifest,
+    store_path: Path | str,
+    *,
+    first_claim: datetime,
+    clock: Clock,
+    secrets: Sequence[bytes] = (),
+) -> PullReport:
+    """Walk the inboxes of the campaign's grant senders since its first claim (less `PULL_SKEW`) and
+    record what they hold in the store at `store_path`: bounce reports, and with `secrets` the
+    unsubscribe requests mailed to a sender. Domain senders have no inbox and are left out."""
     grants = [sender.grant_id for sender in manifest.senders if sender.grant_id is not None]
     store = open_store(store_path, clock=clock)
     try:
-        async with connect() as client:
-            return await pull_bounces(client, grants, store, since=first - PULL_SKEW, secrets=secrets)
+        return await pull_bounces(client, grants, store, since=first_claim - PULL_SKEW, secrets=secrets)
     finally:
         store.close()
