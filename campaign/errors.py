@@ -20,6 +20,7 @@ these once, where they arise; only the `campaign.cli` package turns them into ex
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import ClassVar
 
 __all__ = [
@@ -141,6 +142,10 @@ class ApiUnavailableError(ApiError):
     succeed. The exit code is the "try again later" one, as a run's that stops early."""
 
     exit_code: ClassVar[int] = 75
+
+    def __init__(self, message: str, *, retry_at: datetime | None = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at  # when the API said a try may succeed (Retry-After), if it said
 
 
 class ApiAuthError(ApiError):

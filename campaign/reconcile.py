@@ -18,13 +18,13 @@ itself alone, settles every unknown row, and says what is left to do.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -51,8 +51,14 @@ __all__ = [
 
 PAGE = 200
 MAX_PAGES = 25  # per lookup: 5,000 messages is far more than one recipient gets from one mailbox
+# A lookup the API could not serve is tried this many times at most, each after the wait it asked for if
+# that is this short; else its grant gets no more lookups until then (its rows stay unknown).
+TRIES = 4
+LONGEST_WAIT = timedelta(seconds=60)
 # Look back this far before the first claim: the provider's clock and ours may differ.
 SKEW = timedelta(minutes=5)
+
+_T = TypeVar("_T")
 
 
 class MessageLister(Protocol):
@@ -173,7 +179,7 @@ def reconcile_campaign(
                     campaign=manifest.campaign.name,
                     senders=manifest.senders,
                     client=client,
-                    now=clock.now(),
+                    clock=clock,
                     min_age=min_age,
                 )
 
@@ -196,17 +202,23 @@ async def reconcile_unknown(
     campaign: str,
     senders: Sequence[SenderSettings],
     client: MessageLister,
-    now: datetime,
+    clock: Clock,
     min_age: timedelta = DEFAULT_MIN_AGE,
 ) -> ReconcileReport:
     """Look up every unknown row and record what was found (ApiAuthError stops it: nothing is lost).
 
-    A row not found is concluded not sent only when its last claim is older than `min_age` at `now`.
+    A row not found is concluded not sent only when its last claim is older than `min_age` now. The API's
+    Retry-After is honoured (a short wait on `clock`; after a long one the grant is left for later).
     """
+    now = clock.now()
     run = anyio.to_thread.run_sync
     rows = await run(lambda: list(ledger.rows(states=(RowState.UNKNOWN,))))
     finder = _Finder(
-        client, campaign, {sender.name: sender for sender in senders}, known=ledger.sent_message_ids
+        client,
+        campaign,
+        {sender.name: sender for sender in senders},
+        known=ledger.sent_message_ids,
+        clock=clock,
     )
     decisions: list[Decision] = []
     decide_after: datetime | None = None
@@ -271,8 +283,11 @@ class _Finder:
         senders: dict[str, SenderSettings],
         *,
         known: Callable[[Iterable[str]], set[str]],
+        clock: Clock,
     ) -> None:
         self._client = client
+        self._clock = clock
+        self._resting: dict[str, datetime] = {}  # grant -> the API asked to wait until then
         self._known = known  # which message ids the ledger already holds as another row's
         self._campaign = campaign
         self._senders = senders
@@ -379,7 +394,7 @@ class _Finder:
 
     async def _sent_folder(self, grant: str) -> Folder | None:
         if grant not in self._sent_folders:
-            folders = await self._client.list_folders(grant)
+            folders = await self._asking(grant, lambda: self._client.list_folders(grant))
             sent = [f for f in folders if any(a.lower() == "\\sent" for a in f.attributes)]
             self._sent_folders[grant] = sent[0] if sent else None
         return self._sent_folders[grant]
@@ -428,7 +443,8 @@ class _Finder:
         token: str | None = None
         seen: set[str] = set()
         for _ in range(MAX_PAGES):
-            page = await self._client.list_messages(
+            listing = partial(
+                self._client.list_messages,
                 grant,
                 metadata_pair=metadata_pair,
                 in_folder=in_folder,
@@ -437,6 +453,7 @@ class _Finder:
                 limit=PAGE,
                 page_token=token,
             )
+            page = await self._asking(grant, listing)
             messages.extend(page.messages)
             token = page.next_cursor
             if token is None or token in seen:
@@ -445,3 +462,28 @@ class _Finder:
         else:
             return messages, False  # the page bound was reached with pages left
         return messages, True
+
+    async def _asking(self, grant: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """`call` to the API for `grant`, as the API asks: after a 429, a 5xx or no connection, the call is
+        made again once its Retry-After (else a backoff: 1 s, 2 s, 4 s) has passed; after a long wait, or
+        too many, the grant is asked nothing more until then (its rows stay unknown). A reconcile of
+        thousands of rows would otherwise go on calling an API that asked it to stop."""
+        tries = 0
+        while True:
+            until = self._resting.get(grant)
+            if until is not None and until > self._clock.now():
+                message = (
+                    f"the API asked to wait until {until:%Y-%m-%d %H:%M:%S} UTC before looking in grant "
+                    f"{grant} again; run reconcile again after that"
+                )
+                raise ApiUnavailableError(message, retry_at=until)
+            try:
+                return await call()
+            except ApiUnavailableError as exc:
+                tries += 1
+                now = self._clock.now()
+                retry_at = exc.retry_at or now + timedelta(seconds=2 ** (tries - 1))
+                if retry_at - now > LONGEST_WAIT or tries >= TRIES:
+                    self._resting[grant] = retry_at
+                    raise
+                await self._clock.sleep(max(0.0, (retry_at - now).total_seconds()))

@@ -89,7 +89,7 @@ class _World:
                 campaign="test",
                 senders=self.senders,
                 client=client,
-                now=self.clock.now(),
+                clock=self.clock,
                 min_age=NO_SETTLE_TIME,
             )
 

@@ -187,7 +187,7 @@ class _World:
                 campaign="mix",
                 senders=self.senders,
                 client=client,
-                now=self.clock.now(),
+                clock=self.clock,
                 min_age=NO_SETTLE_TIME,
             )
 

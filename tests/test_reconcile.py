@@ -69,7 +69,7 @@ class _Setup:
                 campaign="spring",
                 senders=senders,
                 client=wrap(client) if wrap else client,
-                now=self.clock.now(),
+                clock=self.clock,
                 min_age=NO_SETTLE_TIME,
             )
 
@@ -308,3 +308,38 @@ def test_the_use_case_settles_the_campaigns_ledger_and_says_what_is_next(tmp_pat
     ledger = open_ledger(manifest.ledger_path, clock=clock, campaign=manifest.campaign.name, read_only=True)
     assert ledger.counts()[RowState.PENDING] == 2
     ledger.close()
+
+
+@pytest.mark.parametrize("retry_after", [True, False])
+async def test_reconcile_waits_as_the_api_asks_and_decides_every_row(tmp_path, retry_after):
+    """A grant that answers 3 reads a second, with or without Retry-After on its 429s: reconcile waits
+    and asks again, and decides all twelve rows; it does not go on calling the API it was told to stop."""
+    s = _Setup(tmp_path)
+    s.fake.nylas_retry_after = retry_after
+    s.fake.limit_reads("grant-a", 3)
+    people = [f"p{n}@x.com" for n in range(12)]
+    for email in people:
+        s.unknown(email)
+    report = await s.reconcile()
+    assert [d.verdict for d in report.decisions] == [Verdict.PENDING] * len(people)
+    assert all(s.ledger.row(email).state == RowState.PENDING for email in people)
+    assert not [d.reason for d in report.decisions if "failed" in d.reason]  # every lookup was answered
+    # Each refusal was waited out: one per three reads at most (the first row's two, then one a row).
+    assert 0 < s.fake.refused_reads("grant-a") <= len(people) // 3
+
+
+async def test_a_long_retry_after_leaves_the_grants_rows_unknown_without_asking_again(tmp_path):
+    """A grant that answers one read an hour: once the API says to wait an hour, reconcile asks that grant
+    nothing more; every row stays unknown, saying until when, to be tried again later."""
+    s = _Setup(tmp_path)
+    s.fake.nylas_retry_after = True
+    s.fake.limit_reads("grant-a", 1, span_s=3600)
+    people = [f"p{n}@x.com" for n in range(10)]
+    for email in people:
+        s.unknown(email)
+    report = await s.reconcile()
+    assert s.fake.refused_reads("grant-a") == 1
+    assert [d.verdict for d in report.decisions] == [Verdict.UNKNOWN] * len(people)
+    assert report.unreachable == len(people)
+    assert all("run reconcile again after" in d.reason for d in report.decisions[1:])
+    assert all(s.ledger.row(email).state == RowState.UNKNOWN for email in people)

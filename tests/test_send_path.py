@@ -228,7 +228,7 @@ async def test_the_send_loop_over_loopback_mails_everyone_once_through_every_fau
                     campaign="test",
                     senders=senders,
                     client=client,
-                    now=clock.now(),
+                    clock=clock,
                     min_age=NO_SETTLE_TIME,
                 )
     delivered = Counter(d.payload["to"][0]["email"] for d in fake.deliveries)

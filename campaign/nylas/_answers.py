@@ -37,6 +37,7 @@ __all__ = [
     "never_left",
     "parse_error_body",
     "parse_json_object",
+    "retry_time",
 ]
 
 _EXCERPT_CHARS = 300
@@ -133,13 +134,13 @@ def build_send_outcome(response: Answer, *, clock: Clock, scrub: Callable[[str],
         request_id=request_id,
         error_type=error.type,
         error_message=message,
-        retry_at=_retry_at(response, error, clock),
+        retry_at=retry_time(response, error, clock),
         throttle=_throttle_kind(status, error) if kind is OutcomeKind.THROTTLED else None,
         replayed=replayed,
     )
 
 
-def _retry_at(response: Answer, error: ErrorBody, clock: Clock) -> datetime | None:
+def retry_time(response: Answer, error: ErrorBody, clock: Clock) -> datetime | None:
     """The latest time the server asked us to wait for: Retry-After, or "Retry after <ISO>" inside."""
     candidates: list[datetime] = []
     if header := response.headers.get("Retry-After"):

@@ -40,6 +40,7 @@ from campaign.nylas._answers import (
     never_left,
     parse_error_body,
     parse_json_object,
+    retry_time,
 )
 from campaign.nylas._http import ApiHttpClient, env_proxy_applies
 from campaign.nylas._payload import SendRequest, encode_send_request
@@ -360,7 +361,8 @@ class NylasClient:
                 hint = "check the key in the variable named by api.key_env, or re-authenticate the grant"
                 raise ApiAuthError(f"{where} failed: {what}; {hint}")
             if status == 429 or status >= 500:
-                raise ApiUnavailableError(f"{where} failed: {what}; try again later")
+                retry_at = retry_time(response, error, self._clock)
+                raise ApiUnavailableError(f"{where} failed: {what}; try again later", retry_at=retry_at)
             raise ApiError(f"{where} failed: {what}; check the grant id, or try again later")
         if body is None:
             raise ApiError(f"{where}: HTTP {status} but the body is not a JSON object; is api.uri right?")

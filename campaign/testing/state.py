@@ -82,6 +82,7 @@ class Grant:
     # keeps to a sender's concurrency never has more in flight on its grant, however many processes send.
     in_flight: int = 0
     most_in_flight: int = 0
+    reads_refused: int = 0  # reads answered 429 by the read limit
 
     @property
     def inbox_folder_id(self) -> str:
@@ -465,6 +466,17 @@ class FakeState:
         with self._lock:
             return self._require_grant(grant_id).most_in_flight
 
+    def limit_reads(self, grant_id: str, limit: int, *, span_s: float = 1.0) -> None:
+        """A test control: the grant answers at most `limit` reads (listings, single messages) in any
+        `span_s` seconds, and 429 to the rest (Nylas's 200 a second otherwise)."""
+        with self._lock:
+            self._require_grant(grant_id).reads = SlidingWindow(limit, span_s)
+
+    def refused_reads(self, grant_id: str) -> int:
+        """How many reads of `grant_id` the read limit answered with 429."""
+        with self._lock:
+            return self._require_grant(grant_id).reads_refused
+
     def sent_folder_id(self, grant_id: str) -> str:
         """The Sent folder id of a grant, as `GET /folders` reports it."""
         with self._lock:
@@ -538,7 +550,10 @@ class FakeState:
     def _admit_read(self, grant: Grant) -> float | None:
         now = self.clock.monotonic()
         with self._lock:
-            return None if grant.reads.admit(now) else grant.reads.wait_s(now)
+            if grant.reads.admit(now):
+                return None
+            grant.reads_refused += 1
+            return grant.reads.wait_s(now)
 
     def _claim_key(self, grant: Grant, key: str, fingerprint: str) -> tuple[KeyState, Answer | None]:
         now = self.clock.monotonic()
