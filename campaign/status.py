@@ -290,7 +290,10 @@ def build_status(
     listed = {state: counts[state] - unlisted[state] for state in RowState}  # removed rows: not open work
     removed = sum(counts.values()) - sum(listed.values())
     since = clock.now().timestamp() - DAY_S
-    sent_24h = {sender.name: ledger.sent_recipients_total(sender.name, since) for sender in manifest.senders}
+    sent_24h = {
+        sender.name: ledger.sent_recipients_total(sender.name, since, via=sender.mailbox)
+        for sender in manifest.senders
+    }
     states = {name: per_sender.get(name, dict.fromkeys(RowState, 0)) for name in sent_24h}
     schedule = build_schedule(
         manifest.senders,

@@ -197,3 +197,6 @@ def test_a_renamed_sender_keeps_its_mailboxs_daily_budget(quota_api, cli, tmp_pa
     again = cli("resume", manifest, "--yes")
     assert again.exit_code == 75, again.output
     assert len(fake.deliveries) == 3
+    # status says what the run does: the mailbox's day is used up, whatever its sender is called now.
+    maya = json.loads(cli("status", manifest, "--json").stdout)["senders"]["maya"]
+    assert (maya["sent_last_24h"], maya["budget_left"]) == (3, 0)

@@ -217,6 +217,9 @@ class PostgresLedger(KeptFacts):
         self._lock = threading.RLock()
         self._connection: _Connection | None = None  # the connection of the write under way
         self.commits = 0  # transactions committed (a batch is one)
+        self._logs_mailboxes: bool | None = (
+            None  # whether send_log has `via` (a read-only open may predate it)
+        )
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self._where!r}, campaign={self._campaign!r})"
@@ -783,14 +786,33 @@ class PostgresLedger(KeptFacts):
         found = self._read(query, (via, since, self._id, sender, since))
         return [(float(at), int(n)) for at, n in found]
 
-    def sent_recipients_total(self, sender: str, since: float) -> int:
-        """How many recipients `sender` sent to since `since` (the sum of `sent_recipients_since`)."""
-        found = self._read(
-            "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE campaign_id = %s AND sender = %s "
-            "AND sent_at > %s",
-            (self._id, sender, since),
+    def sent_recipients_total(self, sender: str, since: float, *, via: str | None = None) -> int:
+        """How many recipients `sender` (with `via`, its mailbox, by any campaign in the database) sent to
+        since `since`: the sum of `sent_recipients_since`. A schema from before the log kept mailboxes
+        counts by `sender`."""
+        if via is None or not self._keeps_mailboxes():
+            query = (
+                "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE campaign_id = %s AND sender = %s "
+                "AND sent_at > %s"
+            )
+            return int(self._read(query, (self._id, sender, since))[0][0])
+        query = (
+            "SELECT COALESCE(SUM(recipients), 0) FROM ("
+            "SELECT recipients FROM send_log WHERE via = %s AND sent_at > %s UNION ALL "
+            "SELECT recipients FROM send_log WHERE campaign_id = %s AND via IS NULL AND sender = %s "
+            "AND sent_at > %s) AS sends"
         )
-        return int(found[0][0])
+        return int(self._read(query, (via, since, self._id, sender, since))[0][0])
+
+    def _keeps_mailboxes(self) -> bool:
+        if self._logs_mailboxes is None:
+            found = self._read(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = 'send_log' AND column_name = 'via'",
+                (),
+            )
+            self._logs_mailboxes = bool(found)
+        return self._logs_mailboxes
 
     # --- follow-up steps --------------------------------------------------------------------------
 

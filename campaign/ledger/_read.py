@@ -167,6 +167,9 @@ class LedgerReader:
     def __init__(self, connection: sqlite3.Connection, *, path: Path) -> None:
         self._db = connection
         self._path = path
+        self._logs_mailboxes: bool | None = (
+            None  # whether send_log has `via` (a read-only open may predate it)
+        )
         # Re-entrant: a batch of writes holds it while each write takes it again.
         self._lock = threading.RLock()
 
@@ -382,10 +385,24 @@ class LedgerReader:
         )
         return [(float(at), int(n)) for at, n in self._read(query, (via, since, sender, since))]
 
-    def sent_recipients_total(self, sender: str, since: float) -> int:
-        """How many recipients `sender` sent to since `since` (the sum of `sent_recipients_since`)."""
-        query = "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE sender = ? AND sent_at > ?"
-        return int(self._read(query, (sender, since))[0][0])
+    def sent_recipients_total(self, sender: str, since: float, *, via: str | None = None) -> int:
+        """How many recipients `sender` (with `via`, its mailbox) sent to since `since`: the sum of
+        `sent_recipients_since`. A ledger from before the log kept mailboxes counts by `sender`."""
+        if via is None or not self._keeps_mailboxes():
+            query = "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE sender = ? AND sent_at > ?"
+            return int(self._read(query, (sender, since))[0][0])
+        query = (
+            "SELECT COALESCE(SUM(recipients), 0) FROM ("
+            "SELECT recipients FROM send_log WHERE via = ? AND sent_at > ? UNION ALL "
+            "SELECT recipients FROM send_log WHERE via IS NULL AND sender = ? AND sent_at > ?)"
+        )
+        return int(self._read(query, (via, since, sender, since))[0][0])
+
+    def _keeps_mailboxes(self) -> bool:
+        if self._logs_mailboxes is None:
+            columns = self._read("SELECT name FROM pragma_table_info('send_log')")
+            self._logs_mailboxes = ("via",) in {tuple(column) for column in columns}
+        return self._logs_mailboxes
 
     def skip_causes(self) -> dict[str, int]:
         """How many rows are skipped per cause: the reason up to its first colon ("unknown" if none)."""

@@ -408,7 +408,10 @@ def _used_24h(manifest: Manifest, ledger: Ledger | None, clock: Clock) -> dict[s
     if ledger is None:
         return {}
     since = clock.now().timestamp() - DAY_S
-    return {sender.name: ledger.sent_recipients_total(sender.name, since) for sender in manifest.senders}
+    return {
+        sender.name: ledger.sent_recipients_total(sender.name, since, via=sender.mailbox)
+        for sender in manifest.senders
+    }
 
 
 def _sender_plans(
