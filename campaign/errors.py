@@ -11,6 +11,7 @@ these once, where they arise; only the `campaign.cli` package turns them into ex
     │   ├── HeaderError                CR/LF or a bad name in a header
     │   └── UnsendableError            a checked row's files changed by send time: that row fails
     ├── InputFileError             66  an input file is missing or unreadable
+    │   └── MissingFileError           a list file that does not exist, and where its path was given
     ├── ApiError                   69  the API failed in a way no retry fixes
     │   ├── ApiUnavailableError    75  no connection to the API, or it asked us to wait (429, 5xx)
     │   └── ApiAuthError           77  the API refused the credentials
@@ -33,6 +34,7 @@ __all__ = [
     "InputFileError",
     "LedgerError",
     "ManifestError",
+    "MissingFileError",
     "RecipientDataError",
     "TemplateError",
     "UnsendableError",
@@ -129,6 +131,26 @@ class InputFileError(CampaignError):
     """An input file is missing or unreadable."""
 
     exit_code: ClassVar[int] = 66
+
+
+class MissingFileError(InputFileError):
+    """A list file does not exist. It carries the `path` (as an error may show it), `what` the file is
+    (`suppression list`) and `given`, where its path was written (`in the manifest`, or `given`: on the
+    command line), which the line tells the user to check."""
+
+    def __init__(self, path: str, what: str, *, given: str = "in the manifest") -> None:
+        super().__init__(f"{path}: {what} not found; check the path {given}")
+        self.path = path
+        self.what = what
+        self.given = given
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # As DataError's: a keyword-only field would be lost when it crosses processes.
+        return (_rebuild_missing_file_error, (self.path, self.what, self.given))
+
+
+def _rebuild_missing_file_error(path: str, what: str, given: str) -> MissingFileError:
+    return MissingFileError(path, what, given=given)
 
 
 class ApiError(CampaignError):

@@ -25,6 +25,7 @@ __all__ = [
     "make_private_dir",
     "neutralise_formulas",
     "open_private_folder",
+    "restore_formula",
     "write_private_bytes",
     "write_private_csv",
     "write_private_parquet",
@@ -128,6 +129,11 @@ def neutralise_formulas(frame: pl.DataFrame) -> pl.DataFrame:
         for name, dtype in frame.schema.items()
         if dtype == pl.String
     )
+
+
+def restore_formula(value: str) -> str:
+    """A cell `neutralise_formulas` wrote, as it was before (for a CSV of ours read back)."""
+    return value[1:] if value.startswith("'") and value[1:].startswith(_FORMULA_STARTS) else value
 
 
 def write_private_csv(frame: pl.DataFrame, path: Path, *, datetime_format: str | None = None) -> None:

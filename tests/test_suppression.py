@@ -17,6 +17,7 @@ from campaign.manifest._load import parse_manifest
 from campaign.models import Address, Recipient, Skip, SkipReason
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.recipients import CheckedRow, load_import_addresses, write_entries
+from campaign.recipients._audience import load_suppression
 from campaign.testing import FakeClock
 from campaign.unsubscribe import (
     StoreEntry,
@@ -278,6 +279,86 @@ def test_suppress_export_refuses_any_sqlite_database(cli, tmp_path):
     listed = cli("suppress", "list", "--store", other, "--json")
     assert [row["email"] for row in json.loads(listed.stdout)] == ["carl@example.net"]
     assert cli("suppress", "export", tmp_path / "fine.csv", "--store", store).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["x.sqlite", "x.sqlite3", "x.DB"])
+def test_suppress_export_refuses_a_new_file_named_as_a_store(cli, tmp_path, monkeypatch, name):
+    """A new file named .sqlite/.sqlite3/.db would hold a list that campaigns take for a store: exit 2,
+    one line naming it and what to name instead, nothing written; other names keep their format."""
+    monkeypatch.chdir(tmp_path)
+    assert cli("suppress", "add", "ann@example.com", "--store", "st.sqlite").exit_code == 0
+    result = cli("suppress", "export", name, "--store", "st.sqlite")
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    assert line.startswith(f"error: {name}: ")
+    assert "name a .csv or .txt file" in line
+    assert not (tmp_path / name).exists()
+    assert cli("suppress", "export", "x.csv", "--store", "st.sqlite").exit_code == 0
+    assert (tmp_path / "x.csv").read_text().startswith("email,recipient_key,")
+    assert cli("suppress", "export", "x.list", "--store", "st.sqlite").exit_code == 0
+    assert (tmp_path / "x.list").read_text() == "ann@example.com\n"
+
+
+def test_suppress_import_of_a_missing_file_names_the_path_given(cli, tmp_path, monkeypatch):
+    """A file named on the command line that does not exist: exit 66, one line naming it and saying to
+    check the path given; a file named in a manifest still points at the manifest."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("missing.txt", "missing.csv", "missing.parquet"):
+        result = cli("suppress", "import", name, "--store", "st.sqlite")
+        assert result.exit_code == 66, result.output
+        assert _one_error_line(result) == f"error: {name}: suppression list not found; check the path given"
+    assert not (tmp_path / "st.sqlite").exists()
+    with pytest.raises(InputFileError, match=r"missing\.txt: .*check the path in the manifest"):
+        load_suppression([tmp_path / "missing.txt"])
+
+
+def _moved_store(tmp_path, store_at) -> None:
+    """A store holding an address (by hand), a key-only entry from a campaign's click, and key-only entries
+    added by hand, one of them starting like a formula (a CSV export neutralises it)."""
+    store = open_store(store_at, clock=FakeClock())
+    store.record("", "ann@example.com", source="manual")
+    store.record("spring", "cus-7", source="one-click")
+    store.record("", "+4915112345", source="manual")
+    store.close()
+
+
+def _key_only(where) -> list[str]:
+    store = open_store(where, clock=FakeClock(), create=False)
+    try:
+        return sorted(entry.recipient_key for entry in store.entries() if entry.email is None)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("name", ["moved.csv", "moved.parquet"])
+def test_a_store_moved_through_an_export_keeps_its_key_only_entries(cli, tmp_path, store_at, name):
+    """Store -> CSV/Parquet -> a new store: the entries that hold a recipient key and no address come
+    back as such (the new store skips those recipients too), and the summary counts them."""
+    _moved_store(tmp_path, store_at)
+    assert cli("suppress", "export", tmp_path / name, "--store", store_at).exit_code == 0
+    moved = tmp_path / "moved.sqlite"
+    imported = cli("suppress", "import", tmp_path / name, "--store", moved)
+    assert imported.exit_code == 0, imported.output
+    assert _key_only(moved) == ["+4915112345", "cus-7"]
+    assert imported.stdout.strip() == f"{name}: 1 addresses, 2 recipient keys, 3 new"
+    carl = _recipient("cus-7", 1, "carl@example.net")
+    assert lookup_unsubscribed([moved], [carl]).match(carl) is not None
+    from_store = cli("suppress", "import", store_at, "--store", tmp_path / "copy.sqlite")
+    assert from_store.exit_code == 0, from_store.output
+    assert _key_only(tmp_path / "copy.sqlite") == ["+4915112345", "cus-7"]
+
+
+def test_a_text_export_says_it_left_out_key_only_entries(cli, tmp_path, store_at):
+    """A text list holds addresses: the export leaves out the key-only entries and says how many, and the
+    list it writes imports (a key as a line would stop every import and run reading it)."""
+    _moved_store(tmp_path, store_at)
+    exported = cli("suppress", "export", tmp_path / "moved.txt", "--store", store_at)
+    assert exported.exit_code == 0, exported.output
+    assert "left out 2 key-only entries" in exported.stdout
+    assert "export to .csv to keep them" in exported.stdout
+    assert (tmp_path / "moved.txt").read_text() == "ann@example.com\n"
+    imported = cli("suppress", "import", tmp_path / "moved.txt", "--store", tmp_path / "moved.sqlite")
+    assert imported.exit_code == 0, imported.output
 
 
 def test_suppress_import_and_add_read_entries_as_a_run_does(cli, tmp_path, store_at):

@@ -192,19 +192,29 @@ def suppress_import(
     ],
     store: StoreOpt,
 ) -> None:
-    """Add every address of a suppression list (or of another store) to the store."""
+    """Add every address of a suppression list, an export or another store (and its key-only entries)."""
     with exit_codes():
         origin = _location("SOURCE", source)
         found = load_import_addresses(origin, clock=options.clock)
         added = _with_store(
             store,
-            lambda s: s.record_many(s.build_entry("", a, email=a, source="import") for a in found.addresses),
+            lambda s: s.record_many(
+                [
+                    *(s.build_entry("", a, email=a, source="import") for a in found.addresses),
+                    *(s.build_entry("", k, email=None, source="import") for k in found.keys),
+                ]
+            ),
         )
+        keys = f", {len(found.keys)} recipient keys" if found.keys else ""
         left_out = (
             f"; {len(found.invalid)} values are not addresses and were left out" if found.invalid else ""
         )
         name = origin.name if isinstance(origin, Path) else origin
-        out.print(f"{name}: {len(found.addresses)} addresses, {added} new{left_out}", markup=False)
+        out.print(
+            f"{name}: {len(found.addresses)} addresses{keys}, {added} new{left_out}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @suppress_app.command("export")
@@ -217,8 +227,13 @@ def suppress_export(
     """Write the store's entries to a file."""
     with exit_codes():
         entries = _with_store(store, lambda s: s.entries(), create=False)
-        write_entries(entries, target, store=_store_path(store))
-        out.print(f"wrote {len(entries)} entries to {target}", markup=False)
+        left = write_entries(entries, target, store=_store_path(store))
+        note = f"; left out {left} key-only entries (text holds addresses): export to .csv to keep them"
+        out.print(
+            f"wrote {len(entries) - left} entries to {target}{note if left else ''}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @suppress_app.command("list")

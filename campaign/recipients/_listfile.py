@@ -23,7 +23,7 @@ from typing import BinaryIO, TypeVar
 
 import polars as pl
 
-from campaign.errors import InputFileError, RecipientDataError
+from campaign.errors import InputFileError, MissingFileError, RecipientDataError
 from campaign.redaction import quote_value, secret_values
 
 __all__ = ["DELIMITERS", "ListFile", "ListStart", "column_values", "read_table", "read_text", "shown_path"]
@@ -38,7 +38,7 @@ def _open(path: Path, what: str) -> BinaryIO:
     try:
         return path.open("rb")
     except FileNotFoundError as exc:
-        raise InputFileError(f"{shown_path(path)}: {what} not found; check the path in the manifest") from exc
+        raise MissingFileError(shown_path(path), what) from exc
     except IsADirectoryError as exc:
         raise InputFileError(f"{shown_path(path)}: {what} is a folder, not a file") from exc
     except OSError as exc:

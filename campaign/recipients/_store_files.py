@@ -2,7 +2,10 @@
 
 Reading reuses the suppression-list rules of `recipients` (a column named `email`, else
 the first; text files one address a line, `#` comments), so any list `recipients.suppress`
-accepts can be imported. This module reads and writes files only; the store records.
+accepts can be imported. An entry that holds a recipient key and no address goes out in a .csv or
+.parquet export as a row with an empty `email`, and comes back from its `recipient_key`: a text
+list holds addresses only, so a text export leaves such entries out and says how many. This module
+reads and writes files only; the store records.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from pathlib import Path
 import polars as pl
 
 from campaign.clock import Clock
-from campaign.errors import InputFileError, UsageError
+from campaign.errors import InputFileError, MissingFileError, UsageError
 from campaign.outputfiles import (
     SymlinkRefusedError,
+    restore_formula,
     write_private_csv,
     write_private_parquet,
     write_private_text,
 )
-from campaign.recipients._audience import comparable_address, load_suppression
+from campaign.recipients._audience import comparable_address, load_suppression, parse_suppression_entry
+from campaign.recipients._listfile import column_values, read_table
 from campaign.unsubscribe import StoreEntry, is_store_path, open_store
 
 __all__ = [
@@ -39,36 +44,71 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 @dataclass(frozen=True, slots=True)
 class ImportedAddresses:
-    """Addresses read for import (normalised, lower-cased, sorted), and the values of a store that were not
-    addresses (recipient keys). A list file's entries are all addresses, or `load_suppression` refused it."""
+    """Addresses read for import (normalised, lower-cased, sorted), the addresses of a store that do not
+    validate, and the recipient keys (sorted) of the entries that hold a key and no address (a store's,
+    or an export's rows with an empty `email`). A list file's entries are all addresses or such keys,
+    or `load_suppression` refused it."""
 
     addresses: tuple[str, ...]
     invalid: tuple[str, ...]
+    keys: tuple[str, ...]
 
 
 def load_import_addresses(path: Path | str, *, clock: Clock) -> ImportedAddresses:
-    """Read the addresses of a suppression list (.csv/.parquet/text) or of another unsubscribe store
-    (a file, or a `postgresql://` URL)."""
+    """Read the addresses and key-only entries of a suppression list (.csv/.parquet/text) or of another
+    unsubscribe store (a file, or a `postgresql://` URL). The path was given on the command line: a
+    file that does not exist is a MissingFileError saying so."""
     if is_store_path(path):
         store = open_store(path, clock=clock, create=False)
         try:
-            values = {entry.email or entry.recipient_key for entry in store.entries()}
+            entries = store.entries()
         finally:
             store.close()
+        values = {entry.email for entry in entries if entry.email}
+        keys = {entry.recipient_key for entry in entries if not entry.email}
     else:
-        values = set(load_suppression([path]))
+        try:
+            values = set(load_suppression([path]))
+        except MissingFileError as exc:
+            raise MissingFileError(exc.path, exc.what, given="given") from exc
+        keys = set(_key_only_rows(Path(path)))
     addresses = {value: comparable_address(value) for value in values}
     return ImportedAddresses(
         addresses=tuple(sorted({found for found in addresses.values() if found is not None})),
         invalid=tuple(sorted(value for value, found in addresses.items() if found is None)),
+        keys=tuple(sorted(keys)),
     )
 
 
-def write_entries(entries: Sequence[StoreEntry], path: Path, *, store: Path | str | None = None) -> None:
-    """Write entries to `path`: .csv/.parquet with EXPORT_COLUMNS, else one address (or key) a line.
+def _key_only_rows(path: Path) -> list[str]:
+    """The `recipient_key` of each row of a .csv/.parquet export whose `email` is empty: the entries that
+    hold a key and no address. None from a list without both columns."""
+    suffix = path.suffix.lower()
+    if suffix not in {".csv", ".parquet"}:
+        return []
+    header, frame = read_table(path, None, "suppression list")
+    lowered = [name.strip().lower() for name in header]
+    if "email" not in lowered or "recipient_key" not in lowered:
+        return []
+    emails, keys = column_values(
+        frame.select(frame.columns[lowered.index("email")], frame.columns[lowered.index("recipient_key")])
+    )
+    found: list[str] = []
+    for email, key in zip(emails, keys, strict=True):
+        # The export neutralised a key that starts like a formula ('+4915…): the store holds it bare.
+        value = restore_formula(str(key)) if suffix == ".csv" else str(key)
+        if parse_suppression_entry(str(email)) == () and value.strip():
+            found.append(value)
+    return found
+
+
+def write_entries(entries: Sequence[StoreEntry], path: Path, *, store: Path | str | None = None) -> int:
+    """Write entries to `path`: .csv/.parquet with EXPORT_COLUMNS, else one address a line. Returns how
+    many entries were left out: those that hold a key and no address, in a text export.
 
     UsageError, and nothing written, if `path` is the store they come from (`store`, however it is
-    spelled or linked to) or any other SQLite database: an export would destroy it.
+    spelled or linked to) or any other SQLite database (an export would destroy it), or is named as an
+    SQLite database is (a list under that name would be taken for a store, and read as none).
     """
     if isinstance(store, Path) and _same_file(path, store):
         raise UsageError(
@@ -80,7 +120,14 @@ def write_entries(entries: Sequence[StoreEntry], path: Path, *, store: Path | st
             f"{path}: that is an SQLite database (an unsubscribe store or a ledger), which the export "
             "would destroy; export to another file, e.g. unsubscribes.csv"
         )
+    if is_store_path(path):
+        raise UsageError(
+            f"{path}: a name ending in {path.suffix} is taken for an SQLite store, but the export writes "
+            "CSV or text; name a .csv or .txt file, e.g. unsubscribes.csv (to fill another store, use "
+            "suppress import)"
+        )
     suffix = path.suffix.lower()
+    left_out = 0
     try:
         if suffix in {".csv", ".parquet"}:
             frame = pl.DataFrame(
@@ -98,13 +145,16 @@ def write_entries(entries: Sequence[StoreEntry], path: Path, *, store: Path | st
             else:
                 write_private_csv(frame, path)
         else:
-            lines = sorted({entry.email or entry.recipient_key for entry in entries})
+            # A key is no address: as a line it would stop every import and run that reads the list.
+            lines = sorted({entry.email for entry in entries if entry.email})
+            left_out = sum(1 for entry in entries if not entry.email)
             write_private_text(path, "".join(f"{line}\n" for line in lines))
     except SymlinkRefusedError as exc:
         raise InputFileError(str(exc)) from exc
     except OSError as exc:
         message = f"{path}: cannot write the export ({exc.strerror or exc}); check the folder exists"
         raise InputFileError(message) from exc
+    return left_out
 
 
 def _same_file(path: Path, other: Path) -> bool:
