@@ -262,6 +262,75 @@ def test_sandbox_run_needs_no_account(cli, tmp_path, monkeypatch):
     assert "no messages" in again.stdout
 
 
+def _unwritable_outbox(outbox, how: str) -> None:
+    """Make `outbox` a place the sandbox cannot write: a file in the folder's place, or a read-only
+    folder (root writes there anyway, unless it dropped CAP_DAC_OVERRIDE: that case is skipped then)."""
+    outbox.parent.mkdir(exist_ok=True)
+    if how == "file":
+        outbox.write_text("not a folder\n")
+    else:
+        outbox.mkdir()
+        outbox.chmod(0o500)
+
+
+def _writes_in_read_only_folders(tmp_path) -> bool:
+    """Whether this process writes in a folder it made read-only (root does, unless it dropped the
+    capability to)."""
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0o500)
+    try:
+        (probe / "file").write_text("")
+    except PermissionError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("how", ["file", "read-only"])
+def test_a_sandbox_run_whose_outbox_cannot_be_written_stops_before_sending(cli, tmp_path, how):
+    """An outbox the sandbox cannot write is found before the first send: exit 66, one line naming it,
+    nothing sent and no ledger (it was a traceback after every message went, before)."""
+    if how == "read-only" and _writes_in_read_only_folders(tmp_path):
+        pytest.skip("this user writes in a read-only folder (root)")
+    manifest = copy_sample("newsletter", tmp_path)
+    outbox = manifest.parent / "campaign.sandbox" / "outbox"
+    _unwritable_outbox(outbox, how)
+    result = cli("run", manifest, "--sandbox", "--yes")
+    assert result.exit_code == 66, result.output
+    assert result.stderr.count("\n") == 1
+    assert f"{outbox}: the sandbox cannot write its outbox" in result.stderr
+    assert "nothing was sent" in result.stderr
+    assert not (outbox.parent / "ledger.sqlite").exists()  # nothing recorded either
+
+
+def test_a_sandbox_outbox_that_fails_after_the_sends_is_one_line_and_the_sends_stay_sent(
+    cli, tmp_path, monkeypatch
+):
+    """The outbox is written once the sends are done: if it can no longer be written then (here a file
+    put in its place during the run), one line names it and says the sends stand, exit 66, and the
+    ledger still holds every message the sandbox accepted as sent."""
+    from campaign.cli import sending
+
+    manifest = copy_sample("newsletter", tmp_path)
+    outbox = manifest.parent / "campaign.sandbox" / "outbox"
+    run_campaign = sending.run_campaign
+
+    def run_then_block_the_outbox(*args, **kwargs):
+        outcome = run_campaign(*args, **kwargs)
+        if outbox.exists():  # made (empty) before the first send, written after the last
+            outbox.rmdir()
+        outbox.write_text("not a folder\n")
+        return outcome
+
+    monkeypatch.setattr(sending, "run_campaign", run_then_block_the_outbox)
+    result = cli("run", manifest, "--sandbox", "--yes")
+    assert result.exit_code == 66, result.output
+    assert result.stderr.count("\n") == 1
+    assert f"{outbox}: the sandbox cannot write its outbox (not a folder)" in result.stderr
+    assert "stays sent" in result.stderr
+    status = json.loads(cli("status", manifest, "--sandbox", "--json").stdout)
+    assert status["states"]["sent"] == 5
+
+
 def test_resume_without_a_ledger_exits_66(api, cli, tmp_path):
     """resume on a campaign never run says so and exits 66."""
     manifest = copy_sample("newsletter", tmp_path)

@@ -189,6 +189,20 @@ def test_a_sandbox_send_test_is_written_to_the_outbox_after_the_runs(cli, tmp_pa
     assert "0006" in result.output
 
 
+def test_a_sandbox_send_test_whose_outbox_cannot_be_written_is_not_sent(cli, tmp_path):
+    """A file where the sandbox's outbox goes: exit 66 and one line naming it, before the test is sent
+    (it was sent, then a traceback)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    outbox = manifest.parent / "campaign.sandbox" / "outbox"
+    outbox.parent.mkdir()
+    outbox.write_text("not a folder\n")
+    result = cli("send-test", manifest, "--to", "me@example.com", "--sandbox")
+    assert result.exit_code == 66, result.output
+    assert result.stdout == ""  # no message id: nothing was sent
+    assert result.stderr.count("\n") == 1
+    assert f"{outbox}: the sandbox cannot write its outbox (not a folder); nothing was sent" in result.stderr
+
+
 def test_a_send_test_carries_no_recipients_reply_tracking_label(api, cli, tmp_path):
     """With reply tracking, the real message's label names campaign, recipient and step, and a reply that
     carries it stops that recipient's follow-ups: the test sends tracking without it, so a reply to the

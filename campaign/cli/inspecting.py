@@ -25,6 +25,7 @@ from campaign.cli.wiring import (
     connect_api,
     load_campaign,
     locate_ledger,
+    prepare_sandbox_outbox,
     read_api_key,
     read_api_uri,
     read_secrets,
@@ -109,6 +110,8 @@ def send_test(
                 secrets=read_secrets(loaded, sandbox=sandbox),
                 ledger=reading,
             )
+        if sandbox:  # an outbox it cannot write stops the test before it is sent
+            prepare_sandbox_outbox(loaded)
         fake = build_sandbox_api(loaded) if sandbox else None
 
         async def send() -> str:

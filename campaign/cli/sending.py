@@ -43,6 +43,7 @@ from campaign.cli.wiring import (
     connect_api,
     load_campaign,
     locate_ledger,
+    prepare_sandbox_outbox,
     read_api_key,
     read_secrets,
     require_ledger,
@@ -193,6 +194,8 @@ class _Hooks:
         self._clock = clock
 
     def confirm(self, plan: RunPlan) -> bool:
+        if self._sandbox:  # checked and not yet recorded: an outbox it cannot write stops it, nothing sent
+            prepare_sandbox_outbox(self._manifest)
         print_checked(
             out,
             source=plan.source.name,

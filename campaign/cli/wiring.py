@@ -10,8 +10,10 @@ which only read the ledger (`status`) do not load httpx, starlette and uvicorn.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
@@ -31,6 +33,7 @@ from campaign.ledger import (
     ledger_site,
 )
 from campaign.manifest import Manifest, check_ledger_url, load_manifest
+from campaign.outputfiles import SymlinkRefusedError, make_private_dir
 from campaign.redaction import secret_values
 from campaign.unsubscribe import parse_secrets
 
@@ -48,6 +51,7 @@ __all__ = [
     "ledger_path_for",
     "load_campaign",
     "locate_ledger",
+    "prepare_sandbox_outbox",
     "read_api_key",
     "read_api_uri",
     "read_ledger_password",
@@ -87,15 +91,55 @@ def sandbox_outbox_path(manifest: Manifest) -> Path:
     return _sandbox_folder(manifest) / "outbox"
 
 
-def write_sandbox_outbox(fake: FakeNylas, manifest: Manifest) -> int:
-    """Write what `fake` received into the campaign's sandbox outbox; the number of its first file (the
-    files of earlier runs stay: numbers go on from theirs)."""
+def prepare_sandbox_outbox(manifest: Manifest) -> None:
+    """Make sure the sandbox can write its outbox, before anything is sent to it: the folder is made
+    (owner-only) if missing, read for its numbers, and a file is written and removed in it.
+    InputFileError naming the folder if not, so that a bad outbox stops a command with nothing sent."""
     from campaign.testing import next_outbox_number
 
     outbox = sandbox_outbox_path(manifest)
-    first = next_outbox_number(outbox)
-    fake.write_outbox(outbox)
+    try:
+        make_private_dir(outbox)
+        next_outbox_number(outbox)
+        # A file made for real, not os.access: what the writes will meet, whoever runs it.
+        with tempfile.TemporaryFile(dir=outbox):
+            pass
+    except OSError as exc:
+        # The folder named, not the probe's file: the user never made that one.
+        raise _outbox_error(outbox, exc, where=outbox, done="nothing was sent") from exc
+
+
+def write_sandbox_outbox(fake: FakeNylas, manifest: Manifest) -> int:
+    """Write what `fake` received into the campaign's sandbox outbox; the number of its first file (the
+    files of earlier runs stay: numbers go on from theirs). InputFileError naming the path if it cannot:
+    the sends stand (the sandbox accepted them, and a run recorded them), only their copies are missing."""
+    from campaign.testing import next_outbox_number
+
+    outbox = sandbox_outbox_path(manifest)
+    try:
+        first = next_outbox_number(outbox)
+        fake.write_outbox(outbox)
+    except OSError as exc:
+        done = "what the sandbox accepted stays sent (a run recorded it), only its copies are missing"
+        where = Path(exc.filename) if isinstance(exc.filename, str) else outbox  # the file, if one failed
+        raise _outbox_error(outbox, exc, where=where, done=done) from exc
     return first
+
+
+def _outbox_error(outbox: Path, exc: OSError, *, where: Path, done: str) -> InputFileError:
+    """The one line for an outbox that cannot be written: the path (`where`), why, what became of the
+    sends (`done`), and what to do."""
+    if isinstance(exc, SymlinkRefusedError):
+        return InputFileError(
+            f"{exc.path} is a symbolic link, and the sandbox writes its outbox through none; {done}; "
+            "remove the link"
+        )
+    # mkdir's "File exists" of a file where the folder goes says too little.
+    why = "not a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror or str(exc)
+    folder = "it" if where == outbox else str(outbox)
+    return InputFileError(
+        f"{where}: the sandbox cannot write its outbox ({why}); {done}; make {folder} a folder you can write"
+    )
 
 
 def _sandbox_folder(manifest: Manifest) -> Path:
