@@ -64,8 +64,18 @@ def build_next_steps(
     """
     flag = " --sandbox" if sandbox else ""
     resume = f"campaign resume {manifest}{flag}"
-    # The sandbox forgets what it received, so there is nothing to look up there.
-    settle = f"campaign retry {manifest} --unknown{flag}" if sandbox else f"campaign reconcile {manifest}"
+    reconcile = f"campaign reconcile {manifest}"
+    # The sandbox forgets what it received when its command ends, so reconcile has nothing to look up
+    # there (it takes no --sandbox); retry re-sends to the sandbox only. The words say so, so that the
+    # sandbox never teaches `retry --unknown` as the step for a real campaign, where it may mail twice.
+    settle = f"campaign retry {manifest} --unknown{flag}" if sandbox else reconcile
+    looked_up = (
+        "in the sandbox reconcile cannot look messages up (the sandbox forgets what it received), so "
+        f"retry sends them to the sandbox again; for a real campaign the step is `{reconcile}`, never "
+        "retry --unknown first: one may have gone out, and would be mailed twice"
+        if sandbox
+        else "reconcile asks the API and re-queues those that did not"
+    )
     wanted: list[tuple[RowState, str, tuple[str, ...]]] = [
         (
             RowState.INFLIGHT,
@@ -86,7 +96,7 @@ def build_next_steps(
         ),
         (
             RowState.UNKNOWN,
-            "may or may not have gone out; reconcile asks the API and re-queues those that did not"
+            f"may or may not have gone out; {looked_up}"
             + (
                 ""
                 if reconcile_decides_at is None or sandbox

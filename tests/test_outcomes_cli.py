@@ -172,6 +172,32 @@ def test_reconcile_settles_unknown_rows_and_resume_sends_the_ones_that_did_not_g
     assert "nothing to reconcile" in again.stdout
 
 
+def test_the_sandbox_never_teaches_retry_unknown_as_the_step_for_a_real_campaign(cli, tmp_path, monkeypatch):
+    """Rows left unknown by a sandbox run: the sandbox cannot look them up (it forgets what it received),
+    so its step stays retry, but the words say so and name `campaign reconcile` as the step for a real
+    campaign; `status --sandbox` says the same."""
+    from campaign.cli import sending
+
+    build_sandbox_api = sending.build_sandbox_api
+
+    def answering_one_send_ambiguously(*args, **kwargs) -> FakeNylas:
+        fake = build_sandbox_api(*args, **kwargs)
+        fake.script(Fault.TIMEOUT_AFTER_SEND, times=1)
+        return fake
+
+    monkeypatch.setattr(sending, "build_sandbox_api", answering_one_send_ambiguously)
+    manifest = copy_sample("newsletter", tmp_path)
+    run = cli("run", manifest, "--sandbox", "--yes")
+    assert run.exit_code == 1, run.output
+    said = " ".join(run.stdout.split())
+    assert "in the sandbox reconcile cannot look messages up" in said
+    assert f"for a real campaign the step is `campaign reconcile {manifest}`" in said
+    status = json.loads(cli("status", manifest, "--sandbox", "--json").stdout)
+    unknown_step = next(step for step in status["next"] if step["state"] == "unknown")
+    assert f"for a real campaign the step is `campaign reconcile {manifest}`" in unknown_step["what"]
+    assert unknown_step["commands"][0] == f"campaign retry {manifest} --unknown --sandbox"
+
+
 def test_changed_content_after_sending_began_needs_the_flag_and_is_recorded(api, cli, tmp_path):
     """A new subject mid-campaign: resume refuses (exit 2, nothing sent) unless --allow-changed-content."""
     manifest = copy_sample("newsletter", tmp_path)
