@@ -159,8 +159,11 @@ class RunHooks(Protocol):
         """A context around the row check, giving the function told of (rows done, rows in all)."""
         ...
 
-    def waiting(self, until: datetime, scheduled: int) -> AbstractContextManager[None]:
-        """A context around --wait's sleep until the next follow-up (`scheduled` are waiting) is due."""
+    def waiting(
+        self, until: datetime, scheduled: int, *, waiting: Sequence[str] = ()
+    ) -> AbstractContextManager[None]:
+        """A context around --wait's sleep until `until`: the next follow-up (`scheduled` are waiting) is due,
+        or one of the senders `waiting` (for their window, or a pause) may send again."""
         ...
 
 
@@ -588,6 +591,8 @@ class _Rounds:
         senders = self._manifest.senders if senders is None else senders
         names = {sender.name for sender in senders}
         settings = settings or self._settings
+        if settings.wait and self._sequenced:  # a sender's wait must not hold another's next steps
+            settings = replace(settings, leave_to_wait=True)
         stores = list_store_paths(self._manifest)
         # Rows the plan did not check again (follow-ups, retried rows) meet the suppression files here.
         files = SuppressionFiles(self._manifest.recipients.suppress, clock=self._clock)
@@ -596,19 +601,22 @@ class _Rounds:
         # Replies the webhooks reported (`campaign serve` keeps them in the stores) stop follow-ups too.
         notices = ReplyNotices(stores, campaign=self._manifest.campaign.name, clock=self._clock)
         total: DispatchResult | None = None
+        waiting: dict[str, datetime] = {}  # senders that left the last round to wait (--wait), until
         try:
             async with connect() as client:
                 screen = self._screen(client, notices)
                 while True:
                     # Once a round: schedule what was just sent, read what is due (step 1's rows first).
-                    step1 = first if total is None else self._later_first_steps()
+                    step1 = first if total is None else self._later_first_steps(settings)
                     followups = self._due_followups()
                     sources = [source for source in (step1, followups) if source is not None]
                     counts: Counter[str] = Counter()
                     for source in sources:
                         counts.update({name: n for name, n in source.counts.items() if name in names})
-                    if not counts.total() and total is not None:  # nothing due now: wait for it, or end here
-                        if not settings.wait or not await self._wait_for_next(stop):
+                    waiting = {name: until for name, until in waiting.items() if until > self._clock.now()}
+                    ready = counts.total() - sum(counts[name] for name in waiting)
+                    if not ready and total is not None:  # nothing may go now: wait for it, or end here
+                        if not settings.wait or not await self._wait_for_next(stop, also=waiting):
                             return total
                         continue
                     if followups is not None and followups.counts.total() and await self._pull_events(client):
@@ -620,8 +628,9 @@ class _Rounds:
                     opt_out = _opt_out(watch if stores else None, files)
                     result = await self._dispatch(work, counts, client, opt_out, screen, stop, rest, senders)
                     total = result if total is None else total.then(result)
-                    if not self._sequenced or _halted(result) or _asked_to_stop(stop):
+                    if not _round_follows(result, settings, stop, sequenced=self._sequenced):
                         return total
+                    waiting = {**result.closed, **result.parked}
         finally:
             watch.close()
             notices.close()
@@ -651,9 +660,10 @@ class _Rounds:
             return False
         return report.recorded > 0 or bool(report.unsubscribed)
 
-    def _later_first_steps(self) -> LedgerJobs | None:
-        """In a round after the first: step 1's rows that came due since (`deliver_at`), a page at a time."""
-        if self._manifest.message.deliver_at is None:
+    def _later_first_steps(self, settings: DispatchSettings) -> LedgerJobs | None:
+        """In a round after the first: step 1's rows that came due since (`deliver_at`), or whose senders
+        left the round before to wait (--wait), a page at a time."""
+        if self._manifest.message.deliver_at is None and not settings.leave_to_wait:
             return None
         return LedgerJobs(self._ledger, self._manifest.recipients, self._clock.now())
 
@@ -675,16 +685,19 @@ class _Rounds:
         self._held = {key: retry for key, retry in self._held.items() if retry > now}
         return DueJobs(self._manifest, self._ledger, now, recipients_at=self._recipients_at, held=self._held)
 
-    async def _wait_for_next(self, stop: anyio.Event | None) -> bool:
-        """--wait: sleep until the next follow-up is due (or a held one is retried); False if none is."""
+    async def _wait_for_next(
+        self, stop: anyio.Event | None, also: Mapping[str, datetime] | None = None
+    ) -> bool:
+        """--wait: sleep until the next follow-up is due (or a held one is retried), or one of the senders
+        waiting (`also`: until when) may send again; False if nothing is to come."""
         now = self._clock.now()
-        times = [
-            moment for moment in (self._ledger.next_due(now), *self._held.values()) if moment is not None
-        ]
+        waits = also or {}
+        moments = (self._ledger.next_due(now), *self._held.values(), *waits.values())
+        times = [moment for moment in moments if moment is not None]
         if not times:
             return False
         until = max(now, min(times))
-        with self._hooks.waiting(until, self._scheduled(now)):
+        with self._hooks.waiting(until, self._scheduled(now), waiting=tuple(waits)):
             seconds = (until - now).total_seconds()
             if stop is None:
                 await self._clock.sleep(seconds)
@@ -777,6 +790,18 @@ def _rest_of(settings: DispatchSettings, done: DispatchResult | None) -> Dispatc
 
 def _asked_to_stop(stop: anyio.Event | None) -> bool:
     return stop is not None and stop.is_set()
+
+
+def _round_follows(
+    result: DispatchResult, settings: DispatchSettings, stop: anyio.Event | None, *, sequenced: bool
+) -> bool:
+    """Whether another round follows `result`'s: in a sequence, unless it halted or a stop was asked. With
+    --wait, senders that left it to wait (a shut window, a park) do not halt it: they are waited for."""
+    if not sequenced or _asked_to_stop(stop):
+        return False
+    if settings.wait:
+        result = replace(result, closed={}, parked={})
+    return not _halted(result)
 
 
 def _halted(result: DispatchResult) -> bool:

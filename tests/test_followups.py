@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -450,6 +451,53 @@ def test_no_step_leaves_outside_its_senders_window(weekend_fake, cli, saturday, 
         local = delivery.delivered_at.astimezone(ZoneInfo("Europe/Berlin"))
         assert local.weekday() < 5
         assert (9, 0) <= (local.hour, local.minute) < (17, 30)
+
+
+def test_one_senders_shut_window_does_not_hold_anothers_follow_ups(weekend_fake, cli, saturday, tmp_path):
+    """--wait on Saturday noon: ana sends Mon-Fri 09:00-17:30 Berlin, ben any time, each step an hour
+    after the one before. Ben's whole sequence goes out on Saturday, an hour a step (a round waiting for
+    ana's window held it until Monday); ana's goes from Monday 09:00, inside her window."""
+    manifest = write_campaign(tmp_path / "c", nudge='after = "1h"', last='after = "1h"')
+    window = 'window = "Mon-Fri 09:00-17:30"\ntimezone = "Europe/Berlin"\n'
+    text = manifest.read_text()
+    manifest.write_text(text.replace('grant_id = "grant-ana"\n', 'grant_id = "grant-ana"\n' + window))
+    result = cli("run", manifest, "--yes", "--wait")
+    assert result.exit_code == 0, result.output
+    assert "or for ana to send again" in result.output
+    assert "window shut, 1 day 19 h" in result.output  # not "parked"
+    noon, monday_9_berlin = datetime(2026, 12, 5, 12, 0, tzinfo=UTC), datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
+    sent = by_step(weekend_fake)
+    for email in PEOPLE:
+        steps = [sent[email][step] for step in ("message", "nudge", "last-call")]
+        assert [len(deliveries) for deliveries in steps] == [1, 1, 1]
+        times = [deliveries[0].delivered_at for deliveries in steps]
+        if steps[0][0].grant_id == "grant-ben":
+            assert times[0] < noon + timedelta(minutes=1)
+            assert all(
+                timedelta(hours=1) <= b - a < timedelta(hours=1, minutes=1) for a, b in pairwise(times)
+            )
+        else:
+            assert all(monday_9_berlin <= at < monday_9_berlin + timedelta(hours=3) for at in times)
+
+
+def test_one_senders_quota_pause_does_not_hold_anothers_follow_ups(fake, cli, cli_clock, tmp_path):
+    """--wait: ben's mailbox answers its first send with a daily limit naming no time (a pause of an hour);
+    ana's nudges, ten minutes after her first messages, go out then, not after ben's hour."""
+    from campaign.testing import Fault
+
+    manifest = write_campaign(tmp_path / "c", nudge='after = "10m"', last='after = "10m"')
+    fake.script(Fault.DAILY_LIMIT, grant_id="grant-ben", times=1)
+    start = cli_clock.now()
+    result = cli("run", manifest, "--yes", "--wait")
+    assert result.exit_code == 0, result.output
+    sent = by_step(fake)
+    for email in PEOPLE:
+        times = [sent[email][step][0].delivered_at for step in ("message", "nudge", "last-call")]
+        if sent[email]["message"][0].grant_id == "grant-ana":
+            assert times[0] < start + timedelta(minutes=1)
+            assert all(b - a < timedelta(minutes=11) for a, b in pairwise(times))
+        else:
+            assert times[0] >= start + timedelta(minutes=59)
 
 
 def test_deliver_at_uses_the_recipients_time_zone(weekend_fake, cli, saturday, tmp_path):

@@ -58,8 +58,9 @@ class _StateColumn(ProgressColumn):
         until = task.fields.get("parked_until")
         if until is not None:
             left = (until - self._clock.now()).total_seconds()
+            why = task.fields.get("paused", "parked")
             return Text.from_markup(
-                f"[yellow]parked, {format_duration(left)} left (until {format_local_time(until)})"
+                f"[yellow]{why}, {format_duration(left)} left (until {format_local_time(until)})"
             )
         budget = task.fields.get("budget_left")
         text = task.fields.get("detail", "")
@@ -165,7 +166,8 @@ class SendProgress:
             self._advance(task)
             self._show_failed(task, event.sender)
         elif event.kind in (EventKind.PARKED, EventKind.CLOSED) and event.until is not None:
-            self._progress.update(task, parked_until=event.until)
+            paused = "window shut" if event.kind == EventKind.CLOSED else "parked"
+            self._progress.update(task, parked_until=event.until, paused=paused)
         elif event.kind == EventKind.RESUMED:
             self._progress.update(task, parked_until=None, detail="")
         elif event.kind in _SENDER_DETAILS:
@@ -225,13 +227,16 @@ class _CountdownColumn(ProgressColumn):
 
 
 @contextmanager
-def show_waiting(console: Console, *, until: datetime, scheduled: int, clock: Clock) -> Iterator[None]:
-    """--wait's sleep until the next follow-up is due: a live countdown on a terminal, a line in a log."""
+def show_waiting(
+    console: Console, *, until: datetime, scheduled: int, waiting: Sequence[str] = (), clock: Clock
+) -> Iterator[None]:
+    """--wait's sleep until the next follow-up is due, or a sender `waiting` (its window shut, paused) may
+    send again: a live countdown on a terminal, a line in a log."""
     what = f"{scheduled:,} follow-up{'s' if scheduled != 1 else ''} scheduled; waiting for the next one"
+    if waiting:
+        what += f" or for {', '.join(waiting)} to send again"
     if not console.is_terminal:
-        console.print(
-            f"{what}, due at {format_local_time(until)} (Ctrl-C stops; resume goes on)", soft_wrap=True
-        )
+        console.print(f"{what}, at {format_local_time(until)} (Ctrl-C stops; resume goes on)", soft_wrap=True)
         yield
         return
     progress = Progress(TextColumn(what), _CountdownColumn(clock), console=console, transient=True)

@@ -221,8 +221,10 @@ class _Hooks:
     def checking(self) -> AbstractContextManager[Callable[[int, int], None]]:
         return show_checking(err, clock=self._clock)
 
-    def waiting(self, until: datetime, scheduled: int) -> AbstractContextManager[None]:
-        return show_waiting(out, until=until, scheduled=scheduled, clock=self._clock)
+    def waiting(
+        self, until: datetime, scheduled: int, *, waiting: Sequence[str] = ()
+    ) -> AbstractContextManager[None]:
+        return show_waiting(out, until=until, scheduled=scheduled, waiting=waiting, clock=self._clock)
 
 
 def _confirm(count: int, senders: int, *, yes: bool, sandbox: bool) -> bool:

@@ -95,7 +95,8 @@ async def dispatch(
     follow-up's claim (the reply lookups): it may stop the recipient's sequence (recorded as
     skipped), or hold the follow-up back when it could not look (not sent, still due). A sender
     with a send window sends only inside it (shut on `holidays`): with `wait` the loop sleeps until
-    it opens, else the sender stops for this run. With `handed_over` (grants leased from a campaign
+    it opens (as through a park), else the sender stops for this run; with `leave_to_wait` too, it
+    stops for the round instead, and the caller waits. With `handed_over` (grants leased from a campaign
     several workers share) each lane starts with its burst spent, so that the previous owner's last
     sends and its first keep to the pace together. Once `stop` is set no new work starts:
     sends in flight get `stop_grace_s` to finish and be recorded, then are abandoned
@@ -381,7 +382,7 @@ class _Loop:
         """Whether the lane may send now: True; False after waiting (a park, a shut window) with --wait
         (look again); None when it stops for this run."""
         if lane.parked_until is not None:
-            if not self._settings.wait:
+            if not self._settings.wait or self._settings.leave_to_wait:
                 return None
             await self._wait_out_park(lane, lane.parked_until)
             return False
@@ -428,7 +429,7 @@ class _Loop:
         if lane.closed_until != opens:
             lane.closed_until = opens
             self._emit(DispatchEvent(EventKind.CLOSED, lane.sender.name, until=opens))
-        if not self._settings.wait:
+        if not self._settings.wait or self._settings.leave_to_wait:
             return False
         await self._stop.sleep((opens - self._clock.now()).total_seconds())
         if lane.closed_until == opens:

@@ -93,6 +93,10 @@ class DispatchSettings:
     # a short backoff would knock on a locked mailbox hundreds of times.
     quota_wait_s: float = 3600.0
     wait: bool = False  # sleep through parks (quota, long throttles) instead of stopping with them
+    # With `wait`: a sender whose window is shut or which is parked leaves the round at once instead, its
+    # rows left as they are (`DispatchResult.closed`, `.parked` say until when), for a caller that waits
+    # between rounds (follow-ups): a round held by one sender's wait would hold another's next steps.
+    leave_to_wait: bool = False
     # 409 concurrent_idempotent_request: the first request with the key is still running at
     # Nylas; wait for it and ask again with the same key (not counted as an ambiguous retry).
     in_progress_retries: int = 10
