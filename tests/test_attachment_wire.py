@@ -261,6 +261,62 @@ per_second = 50
         ]
 
 
+def test_a_files_type_comes_from_its_path_not_the_name_the_list_shows(api, cli, tmp_path):
+    """An attachment is sent as the type of the file (its path's extension), never of the name a list
+    cell shows: report.pdf shown as report.exe or x.html arrives as application/pdf. Only a path with
+    no known extension takes the name's; the manifest's content_type wins over both."""
+    report = b"%PDF-1.4 report\n" + os.urandom(64)
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "report.pdf").write_bytes(report)
+    (tmp_path / "files" / "notes").write_bytes(TERMS)
+    (tmp_path / "recipients.csv").write_text(
+        "email,shown\nann@example.com,report.exe\nbob@example.com,x.html\n", encoding="utf-8"
+    )
+    (tmp_path / "body.txt.j2").write_text("Hi, your files.\n", encoding="utf-8")
+    (tmp_path / "campaign.toml").write_text(
+        """
+[campaign]
+name = "reports"
+
+[recipients]
+source = "recipients.csv"
+
+[message]
+subject = "Your report"
+text = "body.txt.j2"
+
+[[message.attachments]]
+path = "files/report.pdf"
+filename = "{{ shown }}"
+
+[[message.attachments]]
+path = "files/notes"
+filename = "notes.txt"
+
+[[message.attachments]]
+path = "files/report.pdf"
+filename = "{{ shown }}"
+content_type = "application/octet-stream"
+
+[[senders]]
+name = "reports"
+grant_id = "grant-reports"
+email = "reports@example.com"
+""",
+        encoding="utf-8",
+    )
+    api.add_grant("grant-reports", "reports@example.com")
+    result = cli("run", tmp_path / "campaign.toml", "--yes")
+    assert result.exit_code == 0, result.output
+    delivered = {delivery.payload["to"][0]["email"]: delivery for delivery in api.deliveries}
+    for email, shown in (("ann@example.com", "report.exe"), ("bob@example.com", "x.html")):
+        assert [(a.filename, a.content_type, a.content) for a in delivered[email].attachments] == [
+            (shown, "application/pdf", report),
+            ("notes.txt", "text/plain", TERMS),
+            (shown, "application/octet-stream", report),
+        ]
+
+
 def test_invoices_sample_mails_each_customer_their_own_invoice(api, cli, tmp_path):
     """samples/invoices: Markdown in a layout with inlined CSS, the logo inline, shared terms, own invoice."""
     manifest = copy_sample("invoices", tmp_path)

@@ -83,7 +83,9 @@ class AttachmentSettings(BaseModel):
         description="The name the recipient sees (a Jinja template); default: the file's own name.",
     )
     content_type: str | None = Field(
-        default=None, description="MIME type, e.g. 'application/pdf'; guessed from the file name if absent."
+        default=None,
+        description="MIME type, e.g. 'application/pdf'; if absent, guessed from the file's path (its "
+        "extension), else from filename.",
     )
     inline: bool | None = Field(
         default=None,

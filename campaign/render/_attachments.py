@@ -86,7 +86,9 @@ def build_attachment_file(
     return AttachmentFile(
         path=clean,
         filename=name,
-        content_type=content_type or guess_content_type(name, clean),
+        # The file's own path first: the name shown may come from the list, and list data must not
+        # decide how a file is sent (a PDF shown as `x.html` is still a PDF). The manifest's type wins.
+        content_type=content_type or guess_content_type(clean, name),
         content_id=content_id,
         key=key,
         shared=shared,
