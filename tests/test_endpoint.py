@@ -13,10 +13,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
@@ -24,7 +27,14 @@ from support import wait_until_listening
 
 from campaign.errors import ManifestError
 from campaign.testing import FakeClock, serve_on_loopback
-from campaign.unsubscribe import StoreError, SuppressionStore, make_token, open_store
+from campaign.unsubscribe import (
+    StoreError,
+    SuppressionStore,
+    make_token,
+    open_store,
+    token_candidates,
+    url_carries_token,
+)
 from campaign.web import _unsubscribe, load_endpoint
 from campaign.web._unsubscribe import MAX_BODY_BYTES, UnsubscribeEndpoint
 
@@ -251,6 +261,63 @@ def test_links_with_no_valid_token_anywhere_get_the_same_400(store):
     assert len(bodies) == 1
     assert "This link is not valid" in bodies.pop()
     assert _rows(store.path) == []
+
+
+@pytest.mark.parametrize(
+    ("shape", "carried"),
+    [
+        ("/unsubscribe?t={token}", True),
+        ("/unsubscribe?id={token}&utm_source=mail", True),
+        ("/u/{token}/confirm", True),
+        ("/u/{token}.html?t=junk", True),
+        ("/unsubscribe?t={upper}", False),  # `| upper`
+        ("/unsubscribe?t={cut}", False),  # `[:10]`, `| truncate`
+        ("/unsubscribe?t=ref-{token}", False),  # glued to other text
+        ("/u/{token}x.html", False),
+        ("/u/a={token}", False),  # a path segment, not a query value
+        ("/u/Cork?2/{token}", False),  # a list value's '?': the token is in a query name
+        ("/u#{token}", False),  # the fragment never reaches the server
+    ],
+)
+def test_a_rendered_link_carries_its_token_exactly_when_the_endpoint_finds_it(tmp_path, shape, carried):
+    """`url_carries_token`, which the composer asks of each rendered unsubscribe URL, says yes for the
+    links the endpoint verifies and no for the others, whichever token a link of that shape holds."""
+    token = _token()
+    path = shape.format(token=token, upper=token.upper(), cut=token[:30])
+    assert url_carries_token(f"https://example.com{path}", token) is carried
+    other = _token("bob@example.com")  # the same shape again, judged from what was learnt of it
+    assert url_carries_token(f"https://example.com{path.replace(token, other)}", other) is carried
+    store = open_store(tmp_path / "store.sqlite", clock=FakeClock())
+    try:
+        with serve_on_loopback(UnsubscribeEndpoint(store, secrets=(SECRET,))) as base:
+            page = httpx.get(f"{base}{path}")
+    finally:
+        store.close()
+    assert page.status_code == (200 if carried else 400)
+
+
+# Pieces of URLs around a token: delimiters, short words, token-shaped junk (it counts against the
+# endpoint's bound on candidates), names the endpoint reads first, and encoded characters.
+_URL_PIECES = st.sampled_from(
+    ["/", "?", "&", "=", "#", ".", ".html", "u", "t=", "token=", "id=", "a=b", "x", "%2F", "%3D", "+"]
+    + [f"junk{n:02d}" + "Zm9yZ2VkLXRva2VuLWp1bmst" for n in range(12)]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    before=st.lists(_URL_PIECES, max_size=14),
+    after=st.lists(_URL_PIECES, max_size=6),
+    host=st.sampled_from(["example.com", "example.com:8443", "EXAMPLE.com"]),
+)
+def test_url_carries_token_says_what_the_endpoint_would_find(before, after, host):
+    """For any URL around a verbatim token, `url_carries_token` (string operations, for every row) agrees
+    with the endpoint's own reading: urlsplit, parse_qsl and unquote, then `token_candidates`."""
+    token = _token()
+    url = f"https://{host}/" + "".join(before) + token + "".join(after)
+    parts = urlsplit(url)
+    found = token in token_candidates(parse_qsl(parts.query, keep_blank_values=True), unquote(parts.path))
+    assert url_carries_token(url, token) is found, url
 
 
 def test_a_url_stuffed_with_junk_answers_400_after_a_few_token_checks(store, monkeypatch):

@@ -18,6 +18,12 @@ from campaign.unsubscribe import open_store, parse_secrets
 from campaign.web._unsubscribe import UnsubscribeEndpoint
 
 GRANT = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"
+SHIPPED_URL = "https://example.com/unsubscribe?t={{ unsubscribe_token }}"
+TOKEN_RULE_LINE = (
+    "error: campaign.toml: unsubscribe.url: must contain {{ unsubscribe_token }} as it is, unfiltered and "
+    "outside any {% if %} or loop, e.g. 'https://example.com/u?t={{ unsubscribe_token }}' (the endpoint "
+    "verifies the token exactly as signed, and refuses every click whose URL lacks it)"
+)
 
 
 def _mailed(api) -> list[str]:
@@ -131,11 +137,7 @@ def test_an_unsubscribe_url_without_the_token_is_refused(api, cli, tmp_path):
     for args in (("preview",), ("run", "--yes")):
         result = cli(args[0], manifest, *args[1:])
         assert result.exit_code == 78, result.output
-        assert result.stderr.strip().splitlines() == [
-            "error: campaign.toml: unsubscribe.url: must contain {{ unsubscribe_token }}, e.g. "
-            "'https://example.com/u?t={{ unsubscribe_token }}' (the endpoint refuses every click whose "
-            "URL has no token)"
-        ]
+        assert result.stderr.strip().splitlines() == [TOKEN_RULE_LINE]
     assert api.deliveries == []
 
 
@@ -151,6 +153,99 @@ def test_the_token_may_be_filtered_or_in_the_path(api, cli, tmp_path):
     result = cli("run", manifest, "--yes")
     assert result.exit_code == 0, result.output
     assert len(api.deliveries) == 5
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # Read in the manifest's text: refused by every command that loads it.
+        "https://example.com/u/{{ unsubscribe_token | upper }}",
+        "https://example.com/u/{{ unsubscribe_token|lower }}",
+        "https://example.com/u?t={{ unsubscribe_token | truncate(40) }}",
+        "https://example.com/u?t={{ unsubscribe_token[:10] }}",
+        "https://example.com/u?t={{ unsubscribe_token | replace('-', '+') }}",
+        "https://example.com/u?t={{ (unsubscribe_token ~ city) | urlencode }}",
+        # Read in what Jinja runs: refused before anything is checked or sent.
+        "https://example.com/u?t={% if city %}{{ unsubscribe_token }}{% endif %}",
+        "https://example.com/u?t={% for _ in [1] %}{{ unsubscribe_token }}{% endfor %}",
+        "https://example.com/u?t={# {{ unsubscribe_token }} #}",
+        "https://example.com/u?t={% set unsubscribe_token = city %}{{ unsubscribe_token }}",
+        "https://example.com/u/{{ unsubscribe_token }}?c={{ unsubscribe_token | upper }}",
+    ],
+)
+def test_a_url_that_changes_or_may_skip_the_token_is_refused(api, cli, tmp_path, url):
+    """A filtered token, or one printed only sometimes, makes links the endpoint can never verify: exit
+    78 naming unsubscribe.url and saying to print the token as it is; nothing is sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    manifest.write_text(manifest.read_text().replace(SHIPPED_URL, url))
+    api.add_grant(GRANT, "maya@example.com")
+    for args in (("preview",), ("run", "--yes")):
+        result = cli(args[0], manifest, *args[1:])
+        assert result.exit_code == 78, result.output
+        assert result.stderr.strip().splitlines() == [TOKEN_RULE_LINE]
+    assert api.deliveries == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/u?t=ref-{{ unsubscribe_token }}",
+        "https://example.com/u/t={{ unsubscribe_token }}",
+        "https://example.com/u/{{ unsubscribe_token }}x.html",
+    ],
+)
+def test_a_url_that_always_hides_the_token_is_refused(api, cli, tmp_path, url):
+    """A URL whose text around the token hides it from the endpoint (glued to other text, `t=` in the
+    path) is found once, from one sample link: exit 78 naming unsubscribe.url; nothing is sent."""
+    manifest = copy_sample("newsletter", tmp_path)
+    manifest.write_text(manifest.read_text().replace(SHIPPED_URL, url))
+    api.add_grant(GRANT, "maya@example.com")
+    for args in (("preview",), ("run", "--yes")):
+        result = cli(args[0], manifest, *args[1:])
+        assert result.exit_code == 78, result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: campaign.toml: unsubscribe.url renders a link without the recipient's token as a whole "
+            "query value or path segment (where the endpoint looks for it), so a click on it could not "
+            "unsubscribe; put {{ unsubscribe_token }} on its own, e.g. "
+            "'https://example.com/u?t={{ unsubscribe_token }}'"
+        ]
+    assert api.deliveries == []
+
+
+def test_a_row_whose_values_hide_the_token_is_a_row_problem(api, cli, tmp_path):
+    """The list's values around the token can still hide it (here a city with '?': the rest of the path,
+    token and all, becomes a query name, where the endpoint looks for no token). That row stops the run
+    (exit 65, naming the row and unsubscribe.url); --skip-invalid sends the others, each with a link
+    that unsubscribes."""
+    manifest = copy_sample("newsletter", tmp_path)
+    store_path = _with_store(manifest)
+    text = manifest.read_text()
+    manifest.write_text(text.replace(SHIPPED_URL, "https://example.com/u/{{ city }}/{{ unsubscribe_token }}"))
+    listing = manifest.parent / "recipients.csv"
+    listing.write_text(listing.read_text().replace("Cork", "Cork?2"))
+    api.add_grant(GRANT, "maya@example.com")
+    stopped = cli("run", manifest, "--yes")
+    assert stopped.exit_code == 65, stopped.output
+    assert stopped.stderr.startswith(
+        "error: recipients.csv row 4: unsubscribe.url renders a link without the recipient's token as a "
+        "whole query value or path segment (where the endpoint looks for it)"
+    )
+    assert api.deliveries == []
+
+    sent = cli("run", manifest, "--yes", "--skip-invalid")
+    assert sent.exit_code == 0, sent.output
+    assert "dora@example.com" not in _mailed(api)
+    assert len(api.deliveries) == 4
+    store = open_store(store_path, clock=FakeClock())
+    endpoint = UnsubscribeEndpoint(store, secrets=parse_secrets(SECRET))
+    try:
+        with serve_on_loopback(endpoint) as base:
+            for delivery in api.deliveries:
+                posted = httpx.post(_on(base, _https_url(delivery)), content=ONE_CLICK, headers=FORM)
+                assert posted.status_code == 200
+        assert len(store.entries()) == 4
+    finally:
+        store.close()
 
 
 # --- items 7 and 9: opaque tokens that carry the address, matched across key schemes ---------------------

@@ -192,6 +192,20 @@ def test_undefined_in_string_templates_names_the_manifest_key(tmp_path, toml, la
         _render(manifest)
 
 
+def test_a_link_that_values_around_the_token_hide_is_that_rows_template_error(tmp_path):
+    """A URL that names values besides the token is looked at for each row, even when it renders well
+    without them (`| default`): the row whose value glues itself to the token is a TemplateError naming
+    the row and unsubscribe.url, and the row without it renders."""
+    url = "[unsubscribe]\nurl = 'https://example.com/u?t={{ ref | default(\"\") }}{{ unsubscribe_token }}'\n"
+    manifest = _manifest(tmp_path, files={"b.txt": "x"}, text="b.txt", unsubscribe=url)
+    composer = _composer(manifest)
+    assert composer.render(_recipient(), manifest.senders[0]).unsubscribe_url is not None
+    with pytest.raises(TemplateError) as caught:
+        composer.render(_recipient(4, ref="R-"), manifest.senders[0])
+    assert (caught.value.row, caught.value.field) == (4, "unsubscribe.url")
+    assert str(caught.value).startswith("row 4: unsubscribe.url renders a link without the recipient's token")
+
+
 def test_undefined_in_parent_template_names_parent_and_line(tmp_path):
     """An undefined variable in an extended template names that template and its line."""
     files = {

@@ -15,6 +15,7 @@ from campaign.manifest._message import AttachmentSettings, MessageSettings
 from campaign.manifest._settings import (
     HEADERLESS_PROVIDERS,
     STORE_SUFFIXES,
+    TOKEN_IN_URL_RULE,
     LedgerSettings,
     RecipientsSettings,
     check_env_name,
@@ -29,6 +30,7 @@ __all__ = [
     "FIRST_STEP",
     "HEADERLESS_PROVIDERS",
     "STORE_SUFFIXES",
+    "TOKEN_IN_URL_RULE",
     "AttachmentSettings",
     "FollowupSettings",
     "LedgerSettings",

@@ -44,6 +44,7 @@ __all__ = [
     "FROZEN",
     "HEADERLESS_PROVIDERS",
     "STORE_SUFFIXES",
+    "TOKEN_IN_URL_RULE",
     "ApiSettings",
     "CampaignSettings",
     "EmailAddress",
@@ -404,8 +405,16 @@ class RecipientsSettings(BaseModel):
         return value
 
 
-# `{{ unsubscribe_token }}` in unsubscribe.url, with or without filters or whitespace control.
-_TOKEN_IN_URL = re.compile(r"\{\{-?\s*unsubscribe_token\s*(?:\|[^}]*)?-?\}\}")
+# `{{ unsubscribe_token }}` in unsubscribe.url as it is, with or without whitespace control: the endpoint
+# verifies the token exactly as signed, so a filter that changes it (upper, truncate, a slice) makes
+# links that unsubscribe no one. `urlencode` is let through: a token is URL-safe, and it leaves it so.
+_TOKEN_IN_URL = re.compile(r"\{\{-?\s*unsubscribe_token\s*(?:\|\s*urlencode\s*)*-?\}\}")
+# What every refusal of a URL that does not carry the token says to do (the composer says it too).
+TOKEN_IN_URL_RULE = (
+    "must contain {{ unsubscribe_token }} as it is, unfiltered and outside any {% if %} or loop, "
+    "e.g. 'https://example.com/u?t={{ unsubscribe_token }}' "
+    "(the endpoint verifies the token exactly as signed, and refuses every click whose URL lacks it)"
+)
 
 
 class UnsubscribeSettings(BaseModel):
@@ -457,11 +466,7 @@ class UnsubscribeSettings(BaseModel):
                 "must be an https:// URL (mail providers require https for one-click unsubscribe)"
             )
         if _TOKEN_IN_URL.search(value) is None:
-            raise ValueError(
-                "must contain {{ unsubscribe_token }}, "
-                "e.g. 'https://example.com/u?t={{ unsubscribe_token }}' "
-                "(the endpoint refuses every click whose URL has no token)"
-            )
+            raise ValueError(TOKEN_IN_URL_RULE)
         return value
 
     @field_validator("mailto", mode="before")

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+from jinja2 import nodes
 from markupsafe import Markup
 
 from campaign.errors import HeaderError, InputFileError, ManifestError, TemplateError
 from campaign.headers import header_name_problem, header_value_problem
-from campaign.manifest import HEADERLESS_PROVIDERS
+from campaign.manifest import HEADERLESS_PROVIDERS, TOKEN_IN_URL_RULE
 from campaign.models import FIRST_STEP, Address, AttachmentFile, Message, PreviousStep, Recipient, Tracking
 from campaign.render._attachments import AttachmentLoader, build_attachment_file, check_shared_path
 from campaign.render._markup import inline_css, render_markdown
@@ -41,7 +42,7 @@ from campaign.render._templating import (
     render_template,
     stack_inheritance,
 )
-from campaign.unsubscribe import TokenSigner, build_unsubscribe_headers, make_token
+from campaign.unsubscribe import TokenSigner, build_unsubscribe_headers, make_token, url_carries_token
 
 if TYPE_CHECKING:
     from campaign.manifest import AttachmentSettings, Manifest, MessageSettings, SenderSettings
@@ -55,6 +56,14 @@ _MAX_HEADER_VALUE = 32_000  # Gmail bounces a message with a longer header value
 _MAX_LABEL = 2048  # Nylas's limit on tracking_options.label
 _UNSUBSCRIBE_NAMES = ("unsubscribe_url", "unsubscribe_token")  # campaign's own, never a column's
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
+_TOKEN = "unsubscribe_token"
+# Filters that leave a token as it is (it is URL-safe base64), so that the URL still carries it whole.
+_TOKEN_KEEPING_FILTERS = frozenset({"urlencode"})
+_TOKEN_PLACE = (
+    "renders a link without the recipient's token as a whole query value or path segment (where the "
+    "endpoint looks for it), so a click on it could not unsubscribe; put {{ unsubscribe_token }} on its "
+    "own, e.g. 'https://example.com/u?t={{ unsubscribe_token }}'"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,9 @@ class Composer:
     attachment_loader: AttachmentLoader | None = None  # finds and reads the files (I/O, not in render)
     # make_token's work done once for this campaign (without it, render calls make_token).
     token_signer: TokenSigner | None = field(default=None, repr=False, compare=False)
+    # unsubscribe.url names nothing but the token, and build_composer found the token where the endpoint
+    # looks: every row's link has that shape, so render need not look again.
+    unsubscribe_url_checked: bool = False
     step: str = FIRST_STEP  # the step these templates are: [message], or a follow-up's name
     followups: tuple[Composer, ...] = ()  # step 1's composer holds one for each [[followups]] step
     # A memo of per-sender values; it changes no result, so render() stays pure.
@@ -242,9 +254,17 @@ class Composer:
         url = self._render_part(self.unsubscribe_url, context, row).strip()
         context["unsubscribe_url"] = url
         try:
-            return build_unsubscribe_headers(url=url, mailto=self.mailto, token=token, campaign=self.campaign)
+            headers = build_unsubscribe_headers(
+                url=url, mailto=self.mailto, token=token, campaign=self.campaign
+            )
         except HeaderError as exc:
             raise HeaderError(str(exc), row=row, field="unsubscribe.url") from exc
+        # build_composer let only a URL through that prints the token as it is; the values around it can
+        # still hide it (`?t={{ ref }}{{ unsubscribe_token }}`, a '?' in a value before it): such a link
+        # would unsubscribe no one, so the row is not sent.
+        if not self.unsubscribe_url_checked and not url_carries_token(url, token):
+            raise TemplateError(f"unsubscribe.url {_TOKEN_PLACE}", row=row, field="unsubscribe.url")
+        return headers
 
     def _render_subject(self, context: dict[str, Any], row: int) -> str:
         subject = self._render_part(self.subject, context, row).strip()
@@ -354,6 +374,7 @@ def build_composer(
     unsubscribe_url: _CompiledPart | None = None
     mailto: str | None = None
     signer: TokenSigner | None = None
+    url_checked = False
     if unsubscribe is not None:
         if not secrets:
             raise ManifestError(
@@ -363,6 +384,8 @@ def build_composer(
         unsubscribe_url = _compile_string(envs.text, "unsubscribe.url", unsubscribe.url)
         mailto = unsubscribe.mailto
         signer = TokenSigner(secrets=secrets, campaign=manifest.campaign.name)  # names are short: it signs
+        where_url = f"{manifest.path.name}: unsubscribe.url"
+        url_checked = _check_unsubscribe_url(where_url, envs.text, unsubscribe.url, unsubscribe_url, signer)
 
     headers: list[tuple[str, _CompiledPart]] = []
     for header_name, value in message.headers.items():
@@ -381,6 +404,7 @@ def build_composer(
         text=compile_file(f"{where}.text", envs.text),
         headers=tuple(headers),
         unsubscribe_url=unsubscribe_url,
+        unsubscribe_url_checked=url_checked,
         mailto=mailto,
         secrets=tuple(secrets or ()),
         reply_to=reply_to,
@@ -496,6 +520,53 @@ def _parse_reply_to(value: str | None) -> tuple[tuple[Address, ...], str | None]
     if (problem := header_value_problem(value)) is not None:
         return (), problem
     return (Address(value.strip()),), None
+
+
+def _check_unsubscribe_url(
+    where: str, env: jinja2.Environment, source: str, part: _CompiledPart, signer: TokenSigner
+) -> bool:
+    """ManifestError unless unsubscribe.url (`source`, compiled as `part`) prints the token as it is; True
+    when it names nothing else and was found to carry a token where the endpoint looks, False when each
+    row's link is to be looked at. `where` names the manifest's key in errors.
+    """
+    tree = env.parse(source)
+    if part.template is None or not _prints_token_as_is(tree):
+        raise ManifestError(f"{where}: {TOKEN_IN_URL_RULE}")
+    if any(node.name != _TOKEN for node in tree.find_all(nodes.Name)):
+        return False  # a row's or a sender's values (or `| default`s) shape each link: render looks at each
+    # Only the token changes from row to row, and every token is alike to the endpoint (URL-safe, of
+    # TOKEN_SHAPE): one link tells of them all.
+    token = signer.sign("someone@example.com")
+    try:
+        url = render_template(part.template, {**env.globals, _TOKEN: token}, part.inheritance).strip()
+    except Exception:  # an error every row's render reports, naming the row
+        return False
+    if not url_carries_token(url, token):
+        raise ManifestError(f"{where} {_TOKEN_PLACE}")
+    return True
+
+
+def _prints_token_as_is(tree: nodes.Template) -> bool:
+    """Whether unsubscribe.url prints the token for every row, unchanged, wherever it names it: only as a
+    top-level `{{ unsubscribe_token }}` (outside any if, loop, block or macro; `urlencode` keeps it), and
+    at least once. The manifest's check reads the text; this one reads what Jinja will run."""
+    outputs = [node for node in tree.body if isinstance(node, nodes.Output)]
+    printed = [_unfiltered(item) for output in outputs for item in output.nodes]
+    # Every use counts, stores too: `{% set unsubscribe_token = … %}` would print another value.
+    named = [node for node in tree.find_all(nodes.Name) if node.name == _TOKEN]
+    return bool(named) and all(any(node is item for item in printed) for node in named)
+
+
+def _unfiltered(expression: nodes.Expr) -> nodes.Expr:
+    """`expression` without the filters around it that leave a token unchanged."""
+    while (
+        isinstance(expression, nodes.Filter)
+        and expression.node is not None
+        and expression.name in _TOKEN_KEEPING_FILTERS
+        and not (expression.args or expression.kwargs or expression.dyn_args or expression.dyn_kwargs)
+    ):
+        expression = expression.node
+    return expression
 
 
 def _compile_string(env: jinja2.Environment, label: str, source: str) -> _CompiledPart:

@@ -48,6 +48,8 @@ from campaign.unsubscribe._tokens import (
     find_mailto_token,
     make_token,
     parse_secrets,
+    token_candidates,
+    url_carries_token,
     verify_token,
 )
 
@@ -83,5 +85,7 @@ __all__ = [
     "parse_secrets",
     "store_exists",
     "store_location",
+    "token_candidates",
+    "url_carries_token",
     "verify_token",
 ]

@@ -7,8 +7,9 @@ without a database of issued links. Deterministic (a fixed nonce, which GCM-SIV 
 equal tokens only say the recipient is the same), so a re-render gives the same link.
 Version 1 tokens (the campaign and key in the clear plus a truncated HMAC-SHA256), already
 sent, still verify. The first secret signs; every secret verifies, so keys rotate by
-putting a new one first and dropping the oldest later. Pure: no I/O, no clock, and never a
-secret in any text.
+putting a new one first and dropping the oldest later. Where the endpoint looks for a token in a
+link (`token_candidates`) is here too, so that `url_carries_token` can tell whether a rendered link
+holds its token there. Pure: no I/O, no clock, and never a secret in any text.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import binascii
 import hashlib
 import hmac
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from urllib.parse import urlsplit
+from itertools import chain, islice
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -42,6 +44,8 @@ __all__ = [
     "find_mailto_token",
     "make_token",
     "parse_secrets",
+    "token_candidates",
+    "url_carries_token",
     "verify_token",
 ]
 
@@ -70,6 +74,9 @@ TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{24,2048}")
 # A mailto unsubscribe asks for this subject, the token after it (a client may put "Re:" before it).
 _MAILTO_SUBJECT = "unsubscribe-"
 _MAILTO_TOKEN = re.compile(rf"\b{_MAILTO_SUBJECT}({TOKEN_SHAPE.pattern})\b")
+# Token-shaped query values, and path segments, the endpoint tries beyond the documented places: enough
+# for any URL a manifest writes, few enough that a URL stuffed with junk costs a handful of checks.
+_MAX_CANDIDATES_PER_PLACE = 8
 _URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64 to base64url, as base64.urlsafe_b64encode does
 _SPLIT_SECRETS = re.compile(r"[,\s]+")
 # Characters that must not appear inside <...>: whitespace, the brackets themselves,
@@ -154,6 +161,100 @@ def find_mailto_token(subject: str) -> str | None:
     `build_unsubscribe_headers` asks for it), unverified; None if it holds none."""
     found = _MAILTO_TOKEN.search(subject)
     return None if found is None else found.group(1)
+
+
+def token_candidates(query: Sequence[tuple[str, str]], path: str) -> Iterator[str]:
+    """The strings in a request's URL that may be its token, in the order the endpoint tries them, each once.
+
+    `query` is the URL's decoded (name, value) pairs, `path` its decoded path. First the documented
+    places (`t`, `token`, the last path segment), then any query value, then any path segment, with
+    its extension dropped too (`<token>.html`): a link the manifest let through must not be refused.
+    Only token-shaped strings, and at most a few from each place, so a hostile URL costs little;
+    which one is the token is for `verify_token` to say.
+    """
+    named = dict(query)  # the last value of a repeated name, as starlette's query_params.get gives
+    segments = [segment for segment in path.split("/") if segment]
+    documented = (named.get("t", ""), named.get("token", ""), segments[-1] if segments else "")
+    values = islice(_shaped(value for _, value in query), _MAX_CANDIDATES_PER_PLACE)
+    stems = islice(_shaped(_with_stems(segments)), _MAX_CANDIDATES_PER_PLACE)
+    seen: set[str] = set()
+    for candidate in chain(_shaped(documented), values, stems):
+        if candidate not in seen:
+            seen.add(candidate)
+            yield candidate
+
+
+def url_carries_token(url: str, token: str) -> bool:
+    """Whether `token` is in the rendered unsubscribe `url` verbatim where the endpoint finds it
+    (`token_candidates`): a whole query value or path segment (or a segment's part before its extension).
+
+    A filtered token (`upper`, `truncate`, a slice), one glued to other text, or one in the fragment
+    (never sent to the server) is not: a click on such a link could never unsubscribe anyone. The
+    composer asks this of each row whose link names list values, so it reads the URL with string
+    operations as urlsplit, parse_qsl and the endpoint do (a test holds them to agree): through them,
+    it would cost a third of rendering the message.
+    """
+    if token not in url:
+        return False
+    path, query = _path_and_query(url)
+    if token in query and _is_query_value(query, token):
+        return True
+    return token in path and _is_path_segment(unquote(path), token)
+
+
+def _path_and_query(url: str) -> tuple[str, str]:
+    """The path and the query a client asks for, as urlsplit splits a `scheme://host…` URL: the host ends
+    at the first '/' or '?', and the fragment stays with the client."""
+    rest = url.partition("//")[2].partition("#")[0]
+    ends = [at for at in (rest.find("/"), rest.find("?")) if at >= 0]
+    path, _, query = rest[min(ends, default=len(rest)) :].partition("?")
+    return path, query
+
+
+def _is_query_value(query: str, token: str) -> bool:
+    """Whether `token` is the value of `t` or `token`, or among the first token-shaped values."""
+    last: dict[str, str] = {}
+    shaped = 0
+    for piece in query.split("&"):
+        name, _, value = piece.partition("=")
+        value = _form_decoded(value)
+        if value == token and shaped < _MAX_CANDIDATES_PER_PLACE:
+            return True
+        shaped += TOKEN_SHAPE.fullmatch(value) is not None
+        last[_form_decoded(name)] = value
+    return token in (last.get("t"), last.get("token"))
+
+
+def _is_path_segment(path: str, token: str) -> bool:
+    """Whether `token` is the last segment of `path`, or among its first token-shaped segments and stems."""
+    segments = [segment for segment in path.split("/") if segment]
+    if segments and segments[-1] == token:
+        return True
+    shaped = 0
+    for stem in _with_stems(segments):
+        if stem == token and shaped < _MAX_CANDIDATES_PER_PLACE:
+            return True
+        shaped += TOKEN_SHAPE.fullmatch(stem) is not None
+    return False
+
+
+def _form_decoded(text: str) -> str:
+    # As parse_qsl decodes a name or value; most hold nothing to decode.
+    return unquote_plus(text) if "%" in text or "+" in text else text
+
+
+def _shaped(strings: Iterable[str]) -> Iterator[str]:
+    # Only what may be a token (`TOKEN_SHAPE`): "u", "confirm" or "utm_source" values are shorter, and do
+    # not use up the bound on candidates.
+    return (text for text in strings if TOKEN_SHAPE.fullmatch(text))
+
+
+def _with_stems(segments: Iterable[str]) -> Iterator[str]:
+    """Each segment, and its part before the first dot when it has one (no token holds a dot)."""
+    for segment in segments:
+        yield segment
+        if "." in segment:
+            yield segment.partition(".")[0]
 
 
 def verify_token(token: str, *, secrets: Sequence[bytes]) -> TokenClaims | None:

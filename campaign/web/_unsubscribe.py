@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from functools import partial
-from itertools import chain, islice
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -34,12 +33,12 @@ from starlette.routing import Route
 from campaign.clock import Clock, SystemClock
 from campaign.errors import ManifestError
 from campaign.unsubscribe import (
-    TOKEN_SHAPE,
     StoreError,
     SuppressionStore,
     TokenClaims,
     open_store,
     parse_secrets,
+    token_candidates,
     verify_token,
 )
 from campaign.web._serving import ServerLimits, build_server_config
@@ -54,9 +53,6 @@ __all__ = [
 
 DEFAULT_SECRET_ENV = "CAMPAIGN_UNSUBSCRIBE_SECRET"
 MAX_BODY_BYTES = 16 * 1024  # the one-click body is 26 bytes urlencoded, a few hundred as multipart
-# Token-shaped query values, and path segments, tried beyond the documented places: enough for any
-# URL a manifest writes, few enough that a URL stuffed with junk costs a handful of checks.
-_MAX_CANDIDATES_PER_PLACE = 8
 _ONE_CLICK = ("List-Unsubscribe", "One-Click")
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -151,7 +147,7 @@ class UnsubscribeEndpoint:
 
     def _claims(self, request: Request) -> TokenClaims | None:
         query = request.query_params.multi_items()
-        for token in _token_candidates(query, request.path_params.get("path", "")):
+        for token in token_candidates(query, request.path_params.get("path", "")):
             claims = verify_token(token, secrets=self._secrets)
             if claims is not None:
                 return claims
@@ -166,41 +162,6 @@ class UnsubscribeEndpoint:
                 raise _BodyTooLarge
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-def _token_candidates(query: Sequence[tuple[str, str]], path: str) -> Iterator[str]:
-    """The strings in a request's URL that may be its token, in the order to try them, each once.
-
-    First the documented places (`t`, `token`, the last path segment), then any query value, then
-    any path segment, with its extension dropped too (`<token>.html`): the manifest accepts a URL
-    holding the token anywhere, and a link it let through must not be refused here. Only
-    token-shaped strings, and at most a few from each place, so a hostile URL costs little; which one
-    is the token is for `verify_token` to say.
-    """
-    named = dict(query)  # the last value of a repeated name, as starlette's query_params.get gives
-    segments = [segment for segment in path.split("/") if segment]
-    documented = (named.get("t", ""), named.get("token", ""), segments[-1] if segments else "")
-    values = islice(_shaped(value for _, value in query), _MAX_CANDIDATES_PER_PLACE)
-    stems = islice(_shaped(_with_stems(segments)), _MAX_CANDIDATES_PER_PLACE)
-    seen: set[str] = set()
-    for candidate in chain(_shaped(documented), values, stems):
-        if candidate not in seen:
-            seen.add(candidate)
-            yield candidate
-
-
-def _shaped(strings: Iterable[str]) -> Iterator[str]:
-    # Only what may be a token (`TOKEN_SHAPE`): "u", "confirm" or "utm_source" values are shorter, and do
-    # not use up the bound on candidates.
-    return (text for text in strings if TOKEN_SHAPE.fullmatch(text))
-
-
-def _with_stems(segments: Iterable[str]) -> Iterator[str]:
-    """Each segment, and its part before the first dot when it has one (no token holds a dot)."""
-    for segment in segments:
-        yield segment
-        if "." in segment:
-            yield segment.partition(".")[0]
 
 
 async def _parse_form(headers: Headers, body: bytes) -> set[tuple[str, str]] | None:
