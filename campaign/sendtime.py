@@ -141,14 +141,15 @@ def add_delay(at: datetime, delay: Delay, *, zone: ZoneInfo, holidays: Collectio
 def next_open(window: SendWindow, at: datetime, *, holidays: Collection[date] = ()) -> datetime:
     """The first moment at or after `at` inside `window` (and not on a holiday)."""
     local = at.astimezone(window.zone)
-    # A holiday may take a whole week off a window of one day: look that far past each.
-    for offset in range(8 + 7 * len(holidays)):
+    # A holiday, or a spring-forward gap swallowing the window, may take a whole week off a window of one
+    # day: look that far past each.
+    for offset in range(15 + 7 * len(holidays)):
         day = local.date() + timedelta(days=offset)
         if day.weekday() not in window.days or day in holidays:
             continue
         opens = _localize(day, window.start, window.zone)
         closes = _localize(day, window.end, window.zone)
-        if at < closes:
+        if at < closes and opens < closes:  # a window inside the spring-forward gap is not open that day
             return max(at, opens).astimezone(UTC)
     raise ValueError("the window has no day left open")  # only with holidays on every listed day
 
@@ -212,7 +213,20 @@ def _parse_days(text: str, problem: str) -> frozenset[int]:
 
 
 def _localize(day: date, wall: time, zone: ZoneInfo) -> datetime:
-    """`day` at `wall` in `zone`; a wall time in the spring-forward gap moves on to the same offset later."""
+    """`day` at `wall` in `zone`: the first moment the zone's clock reads `wall` that day; for a wall time
+    in the spring-forward gap, which the clock never reads, the moment the gap ends (the first one after)."""
     local = datetime.combine(day, wall, tzinfo=zone)
-    # A time that does not exist (the DST gap) round-trips to another wall time: take the real instant.
-    return local.astimezone(UTC).astimezone(zone)
+    real = local.astimezone(UTC).astimezone(zone)
+    if real.replace(tzinfo=None) == local.replace(tzinfo=None):
+        return real
+    # In the gap, read with the offset before the change it is an instant after the change, and with the
+    # offset after it an instant before: the change lies between, on a whole second.
+    before, after = sorted(int(at.timestamp()) for at in (local, local.replace(fold=1)))
+    offset = datetime.fromtimestamp(after, zone).utcoffset()
+    while after - before > 1:
+        middle = (before + after) // 2
+        if datetime.fromtimestamp(middle, zone).utcoffset() == offset:
+            after = middle
+        else:
+            before = middle
+    return datetime.fromtimestamp(after, zone)

@@ -174,3 +174,36 @@ def test_holidays_on_a_window_of_few_days_move_it_weeks_on(window, holidays, at,
     parsed = parse_window(window, load_zone("Europe/Berlin"))
     days = [date.fromisoformat(day) for day in holidays]
     assert next_open(parsed, at, holidays=days) == opens
+
+
+@pytest.mark.parametrize(
+    ("window", "opens"),
+    [
+        # every minute of it falls in the gap of Sunday 28 March 2027: next Sunday's is the first
+        ("Sun 02:00-02:59", datetime(2027, 4, 4, 0, 0, tzinfo=UTC)),
+        # it starts in the gap: it opens when the clock reads 03:00, not the gap's length later
+        ("Sun 02:30-04:00", datetime(2027, 3, 28, 1, 0, tzinfo=UTC)),
+        ("Sun 01:00-03:30", datetime(2027, 3, 28, 0, 0, tzinfo=UTC)),
+    ],
+)
+def test_a_window_in_the_spring_forward_gap_opens_only_inside_itself(window, opens):
+    """On the night Berlin's clocks skip from 02:00 to 03:00 a window opens only at a moment it contains
+    (a window of 02:00-02:59 opened at 03:00 and sent an hour outside itself)."""
+    parsed = parse_window(window, BERLIN)
+    found = next_open(parsed, datetime(2027, 3, 27, 12, 0, tzinfo=UTC))
+    assert found == opens
+    assert parsed.contains(found)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    at=st.datetimes(min_value=datetime(2027, 3, 20), max_value=datetime(2027, 4, 5), timezones=st.just(UTC)),
+    window=st.sampled_from(
+        ["Sun 02:00-02:59", "Sun 02:30-04:00", "Sat-Sun 01:30-02:30", "Mon-Sun 02:15-02:45"]
+    ),
+)
+def test_next_open_around_the_gap_is_always_inside_the_window(at, window):
+    parsed = parse_window(window, BERLIN)
+    opens = next_open(parsed, at)
+    assert opens >= at
+    assert parsed.contains(opens)
