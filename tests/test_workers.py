@@ -141,7 +141,9 @@ async def test_the_next_owner_resends_rows_in_flight_with_their_own_keys(databas
 # --- real workers ---------------------------------------------------------------------------------
 
 
-def _write_campaign(folder: Path, database: str, rows: int, *, grants: int = GRANTS) -> Path:
+def _write_campaign(
+    folder: Path, database: str, rows: int, *, grants: int = GRANTS, lease_s: float = 3
+) -> Path:
     folder.mkdir()
     lines = ["email,name"] + [f"person{n:04d}@example.com,Person {n}" for n in range(rows)]
     (folder / "list.csv").write_text("\n".join(lines) + "\n")
@@ -155,7 +157,7 @@ def _write_campaign(folder: Path, database: str, rows: int, *, grants: int = GRA
     manifest.write_text(
         f'[campaign]\nname = "{folder.name}"\n\n[recipients]\nsource = "list.csv"\nname_column = "name"\n\n'
         '[message]\nsubject = "Hi {{ recipient.name }}"\ntext = "body.txt.j2"\n\n'
-        f'[ledger]\nurl = "{database}"\nlease_s = 3\n{senders}'
+        f'[ledger]\nurl = "{database}"\nlease_s = {lease_s:g}\n{senders}'
     )
     return manifest
 
@@ -626,8 +628,9 @@ def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_led
     rows = 40
     for n in range(2):
         api.add_grant(f"grant-{n}", f"g{n}@example.com")
-    manifest = _write_campaign(tmp_path / "parked", database, rows, grants=2)
-    site = ledger_site(database, lease_s=3)
+    # Leases of 10 s, not 3: on a loaded machine a worker's 3 s lease once lapsed mid-round (exit 74).
+    manifest = _write_campaign(tmp_path / "parked", database, rows, grants=2, lease_s=10)
+    site = ledger_site(database, lease_s=10)
     site.open(clock=SystemClock(), campaign="parked").close()  # the campaign's row: its leases need it
     holder = site.leases("parked", SystemClock())
     assert holder is not None
