@@ -324,6 +324,32 @@ def test_a_bounce_that_refused_the_sender_is_soft_not_a_hard_bounce_of_the_addre
         store.close()
 
 
+@pytest.mark.parametrize(
+    ("reason", "hard"),
+    [
+        ("Message delayed: delivery will be retried for 48 hours", False),
+        ("The recipient's mailbox is full; try again later", False),
+        ("", False),
+        ("Delivery failed: user unknown", True),
+        ("The email account does not exist", True),
+        ("Permanent failure: recipient rejected", True),
+    ],
+)
+def test_a_bounce_with_no_code_or_type_is_hard_only_when_it_says_the_address_is_gone(store_at, reason, hard):
+    """With no code and no type only its words tell: a delay or a full mailbox is soft and never suppresses
+    the address at once (such an NDR counted as hard, and a temporary failure dropped someone for good)."""
+    obj = {"bounce_reason": reason, "bounced_addresses": ["ann@example.com"], "code": None, "type": None}
+    found = parse_notification(_envelope("b1", "message.bounce_detected", obj))
+    bounces = parse_bounces(found, received_at=datetime.now(UTC))
+    assert [b.hard for b in bounces] == [hard]
+    store = open_store(store_at, clock=FakeClock())
+    try:
+        store.record_event("b1", found.type, grant_id=None, body="{}", bounces=bounces)
+        assert [e.recipient_key for e in store.entries()] == (["ann@example.com"] if hard else [])
+    finally:
+        store.close()
+
+
 def test_bounce_payloads_are_read_defensively():
     """`bounced_addresses` as a string or a list, codes as strings, nulls and unknown fields."""
     as_list = parse_notification(_bounce("a", ["A@Example.com", "b@example.com"], code="5.1.1", kind=None))

@@ -30,6 +30,14 @@ _HARD_KINDS = frozenset(
 )
 _SOFT_KINDS = frozenset({"mailbox_full", "quota_exceeded", "temporary", "transient", "greylisted"})
 _CODE = re.compile(r"\b([245])(?:\.\d{1,3}\.\d{1,3}|\d\d)\b")
+# A reason with no code that still says the address is gone (listmonk's words, next-capabilities.md §3.1);
+# any other bounce without a code or a type is soft: "delayed", "mailbox full", "will be retried".
+_GONE = re.compile(
+    r"user unknown|unknown user|no such (?:user|mailbox|recipient)|mailbox (?:not found|unavailable)|"
+    r"does not exist|doesn't exist|recipient (?:not found|rejected)|invalid (?:recipient|address|mailbox)|"
+    r"address rejected|permanent(?:ly)?\W+(?:\w+\W+)?fail",
+    re.IGNORECASE,
+)
 # The receiving server refused the sender, not the address: a policy status (x.7.x: spam, reputation,
 # authentication) or words that say so (next-capabilities.md §3.5: listmonk's and Postal's false
 # positives suppressed whole lists after a reputation block).
@@ -94,7 +102,8 @@ def parse_bounces(notification: Notification, *, received_at: datetime) -> tuple
 
 def _classify(code: str | None, kind: str | None, reason: str | None) -> tuple[bool, str | None]:
     """Whether a bounce is hard, and its kind as the store keeps it. 5xx / 5.x.x, or a kind that is
-    permanent, is hard; 4xx / 4.x.x, or a temporary kind, is soft. A block (the server refused the
+    permanent, is hard; 4xx / 4.x.x, or a temporary kind, is soft; with neither, hard only if the reason
+    says the address does not exist. A block (the server refused the
     sender: `is_blocked`) is neither: soft, of kind `BLOCK_KIND`, which never suppresses the address."""
     if kind is not None and kind.lower() in _HARD_KINDS:
         return True, kind
@@ -105,7 +114,8 @@ def _classify(code: str | None, kind: str | None, reason: str | None) -> tuple[b
     for text in (code, reason):
         if text and (match := _CODE.search(text)) is not None:
             return match.group(1) == "5", kind
-    return True, kind  # an NDR that says nothing else: the provider gave up on the address
+    # No code: hard only when the words say the address is gone (a delay or a full mailbox passes).
+    return bool(reason and _GONE.search(reason)), kind
 
 
 def is_blocked(code: str | None, reason: str | None) -> bool:
