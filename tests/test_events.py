@@ -413,6 +413,35 @@ def test_a_bounced_address_is_skipped_by_the_next_campaign_and_a_running_one(api
     watch.close()
 
 
+def test_a_watch_that_cannot_reread_its_store_for_long_stops_the_sends(tmp_path, monkeypatch):
+    """A re-read that fails for a moment is tried again (what is known still holds); one that has failed
+    for longer than 10 s raises: an opt-out recorded meanwhile (by `campaign serve`, say) would be missed,
+    so "no opt-out known" is no longer an answer a send may go on."""
+    clock = FakeClock()
+    path = tmp_path / "u.sqlite"
+    open_store(path, clock=clock).close()
+    watch = UnsubscribeWatch([path], clock=clock, refresh_s=1.0)
+    ann = Recipient("ann@example.com", 1, Address("ann@example.com"), {})
+    try:
+        assert watch.opt_out(ann) is None
+
+        def out_of_reach(store: SuppressionStore, after: int) -> tuple[int, list[Any]]:
+            raise StoreError("the database is out of reach")
+
+        monkeypatch.setattr(SuppressionStore, "read_since", out_of_reach)
+        for _ in range(9):  # a blip: the watch answers from what it knows
+            clock.advance(1.0)
+            assert watch.opt_out(ann) is None
+        clock.advance(2.0)
+        with pytest.raises(StoreError, match="out of reach"):
+            watch.opt_out(ann)
+        monkeypatch.undo()  # back: read through again, and the clock starts over
+        clock.advance(1.0)
+        assert watch.opt_out(ann) is None
+    finally:
+        watch.close()
+
+
 def test_the_serve_command_receives_signed_webhooks_and_refuses_without_its_secret(
     cli, tmp_path, monkeypatch, store_at
 ):

@@ -500,25 +500,36 @@ class StoreFollower:
         self._stores: dict[Path | str, SuppressionStore] = {}
         self._opening = threading.Lock()
         self._last: dict[Path | str, int] = dict.fromkeys(self._paths, 0)
+        # When each store was last read through (or found absent, with nothing in it to read).
+        self._read_at: dict[Path | str, float] = dict.fromkeys(self._paths, clock.monotonic())
         if from_now:
             for path in self._paths:
                 store = self._store(path)
                 if store is not None:
                     self._last[path] = store.newest_id()
 
-    def read_new(self, read: Callable[[SuppressionStore, int], tuple[int, list[_Found]]]) -> list[_Found]:
+    def read_new(
+        self,
+        read: Callable[[SuppressionStore, int], tuple[int, list[_Found]]],
+        *,
+        stale_after_s: float | None = None,
+    ) -> list[_Found]:
         """What `read(store, last_id)` finds in each store since the last call; a busy store is read
-        next time (what is known still holds)."""
+        next time (what is known still holds), but with `stale_after_s` a store not read for longer than
+        that raises its StoreError: what is known of it is too old to be taken as all there is."""
         found: list[_Found] = []
         for path in self._paths:
             try:
                 store = self._store(path)
-                if store is None:
-                    continue
-                self._last[path], items = read(store, self._last[path])
+                if store is not None:
+                    self._last[path], items = read(store, self._last[path])
+                    found.extend(items)
             except StoreError:  # a database out of reach for a moment, too
+                unread_s = self._clock.monotonic() - self._read_at[path]
+                if stale_after_s is not None and unread_s > stale_after_s:
+                    raise
                 continue
-            found.extend(items)
+            self._read_at[path] = self._clock.monotonic()
         return found
 
     def look_up(self, recipients: Sequence[Recipient]) -> list[StoreEntry]:
@@ -553,6 +564,11 @@ class StoreFollower:
         self._stores.clear()
 
 
+# A store the watch cannot re-read for longer than this stops the sends (StoreError): an opt-out recorded
+# meanwhile, e.g. by `campaign serve` on another machine, would be missed. A blip of a few reads passes.
+_STALE_AFTER_S = 10.0
+
+
 class UnsubscribeWatch:
     """Answers "has this recipient unsubscribed?" during a run, re-reading the stores every `refresh_s`.
 
@@ -582,7 +598,7 @@ class UnsubscribeWatch:
         now = self._clock.monotonic()
         if self._read_at is None or now - self._read_at >= self._refresh_s:
             self._read_at = now
-            self._known.add(self._stores.read_new(SuppressionStore.read_since))
+            self._known.add(self._stores.read_new(SuppressionStore.read_since, stale_after_s=_STALE_AFTER_S))
         entry = self._known.match(recipient)
         if entry is None:
             return None
