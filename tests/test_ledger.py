@@ -90,6 +90,16 @@ def test_new_ledger_is_private_and_in_wal_mode(tmp_path, clock):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_ledger_syncs_each_commit_so_a_claim_outlives_a_power_cut(tmp_path, clock):
+    """The writing connection syncs every commit (FULL; 2): NORMAL in WAL mode syncs at checkpoints only,
+    and a power cut could take back claims whose requests had left."""
+    ledger = open_ledger(tmp_path / "c.ledger.sqlite", clock=clock, campaign="spring")
+    try:
+        assert ledger._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        ledger.close()
+
+
 def test_migrations_are_numbered_and_recorded_once(tmp_path, clock):
     """Opening a ledger twice applies each numbered migration once and records it with its name."""
     path = tmp_path / "l.sqlite"

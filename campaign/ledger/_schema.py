@@ -227,9 +227,11 @@ def connect_ledger(path: Path, *, read_only: bool = False) -> sqlite3.Connection
         }
         if not read_only and tables >= _LEDGER_TABLES:
             connection.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives the process being killed (the OS has it);
-            # only a power cut can lose the last commits, never corrupt the file.
-            connection.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a claim is on the disk before its request leaves, even across a power cut. NORMAL syncs
+            # the WAL at checkpoints only: a cut could take back the last claims and sends, and a resume
+            # more than an hour later (past Nylas's key replay) would mail those recipients again. The
+            # fsync is the writer thread's, once per group commit, never the event loop's.
+            connection.execute("PRAGMA synchronous=FULL")
     except (OSError, sqlite3.Error) as exc:
         if not read_only and not _writable(path):
             message = (
