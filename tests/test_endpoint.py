@@ -345,15 +345,20 @@ def test_a_url_stuffed_with_junk_answers_400_after_a_few_token_checks(store, mon
     assert _rows(store.path) == []
 
 
-def test_a_store_that_cannot_be_read_answers_503_for_the_page_as_for_the_post(store, monkeypatch):
-    """A store locked or out of reach: GET, HEAD and the one-click POST all answer 503 with
-    Retry-After: 60 and the same short page (no bare 500, no traceback); once it is back, GET works."""
+@pytest.mark.parametrize("failure", [StoreError, RuntimeError])
+def test_a_store_that_cannot_be_read_answers_503_for_the_page_as_for_the_post(
+    store, monkeypatch, caplog, failure
+):
+    """A store locked or out of reach (StoreError), or failing in any other way (a bug): GET, HEAD and
+    the one-click POST all answer 503 with Retry-After: 60 and the same short page (no bare 500, no
+    traceback), so a mail provider retries; once it is back, GET works. An unexpected error is logged
+    by its type alone: its text may quote the request."""
     endpoint = UnsubscribeEndpoint(store, secrets=(SECRET,))
 
     def unavailable(*_args: Any, **_kwargs: Any) -> Any:
-        raise StoreError(f"{store.where}: database is locked")
+        raise failure(f"{store.where}: database is locked")
 
-    with serve_on_loopback(endpoint) as base:
+    with serve_on_loopback(endpoint) as base, caplog.at_level("WARNING"):
         link = f"{base}/unsubscribe?t={_token()}"
         with monkeypatch.context() as patch:
             patch.setattr(store, "find", unavailable)
@@ -375,6 +380,10 @@ def test_a_store_that_cannot_be_read_answers_503_for_the_page_as_for_the_post(st
         back = httpx.get(link)
     assert back.status_code == 200
     assert "Unsubscribe?" in back.text
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("campaign")]
+    expected = "an unsubscribe could not be read or recorded (RuntimeError); answered 503"
+    assert logged == ([] if failure is StoreError else [expected] * 3)
+    assert "locked" not in caplog.text
 
 
 def test_pages_carry_no_store_and_noindex_headers(url):

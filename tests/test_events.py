@@ -188,6 +188,138 @@ def test_bad_bodies_get_400_and_413_and_record_nothing(service):
     assert svc.store.event_count() == 0
 
 
+# The envelope's time, 1_767_000_000 s, as a bounce dated by it is kept.
+_ENVELOPE_TIME = "2025-12-29T09:20:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("body", "bounced_at", "reason", "suppressed"),
+    [
+        pytest.param(  # past the calendar's end once in UTC: unknown, so the notification's own time
+            _bounce("e-9999", "ann@example.com", date="Fri, 31 Dec 9999 23:59:59 -1200"),
+            _ENVELOPE_TIME,
+            "Mailbox does not exist",
+            True,
+            id="date past 9999 in UTC",
+        ),
+        pytest.param(  # a soft bounce dated at the calendar's end: its 30-day window is cut there
+            _bounce(
+                "e-end",
+                "ann@example.com",
+                code="452",
+                kind="mailbox_full",
+                date="Fri, 31 Dec 9999 10:00:00 +0000",
+            ),
+            "9999-12-31T10:00:00+00:00",
+            "Mailbox does not exist",
+            False,
+            id="soft bounce on 31 Dec 9999",
+        ),
+        pytest.param(  # `time` in milliseconds, no bounce_date: read as milliseconds
+            _envelope(
+                "e-ms",
+                "message.bounce_detected",
+                {"bounced_addresses": "ann@example.com", "code": "550"},
+                time=1_767_000_000_000,
+            ),
+            _ENVELOPE_TIME,
+            None,
+            True,
+            id="time in milliseconds",
+        ),
+        pytest.param(  # a lone surrogate escape (an emoji cut in half): kept as U+FFFD
+            _bounce("e-sur", "ann@example.com").replace(b"Mailbox does not exist", b"\\ud83d cut"),
+            "2027-01-05T10:00:00+00:00",
+            "\ufffd cut",
+            True,
+            id="lone surrogate",
+        ),
+    ],
+)
+def test_a_bounce_whose_values_cannot_be_kept_as_given_is_recorded_with_them_unknown(
+    service, body, bounced_at, reason, suppressed
+):
+    """A date past the calendar, a time in milliseconds, a lone surrogate: each answered 500 and was
+    lost (Nylas does not retry a 500). Now each is kept, what could not be read taken as unknown."""
+    svc, url = service
+    answer = httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body))
+    assert answer.status_code == 200
+    assert svc.store.event_count() == 1
+    (bounce,) = svc.store.bounces("ann@example.com")
+    assert (bounce.bounced_at, bounce.reason) == (bounced_at, reason)
+    assert [e.recipient_key for e in svc.store.entries()] == (["ann@example.com"] if suppressed else [])
+
+
+def test_json_nested_deeper_than_any_notification_is_400(service):
+    """100,000 levels overflowed the parser's stack (a 500); 100 levels parsed here but could fail a
+    reader of the store deeper in its own stack. Neither is a notification: 400, nothing kept."""
+    svc, url = service
+    deep = b"[" * 100_000 + b"]" * 100_000
+    nested = json.dumps({"id": "e-deep", "type": "message.opened", "data": json.loads("[" * 100 + "]" * 100)})
+    for body in (deep, nested.encode()):
+        answer = httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body))
+        assert answer.status_code == 400
+        assert "nests too deeply" in answer.text
+    assert svc.store.event_count() == 0
+
+
+def test_anything_that_fails_while_recording_answers_503_and_logs_one_line(service, monkeypatch, caplog):
+    """Not only a StoreError: whatever fails while a notification is kept answers 503 with Retry-After,
+    so Nylas delivers it again, and logs the error's type alone (its text may quote the body or the
+    database), never a traceback."""
+    svc, url = service
+    body = _bounce("evt-bug", "ann@example.com")
+
+    def broken(*_args: Any, **_kwargs: Any) -> bool:
+        raise RuntimeError("a value from the body: ann@example.com")
+
+    with monkeypatch.context() as patch, caplog.at_level("WARNING"):
+        patch.setattr(svc.store, "record_event", broken)
+        answer = httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body))
+    assert (answer.status_code, answer.headers["retry-after"]) == (503, "60")
+    assert svc.store.event_count() == 0
+    logged = [r for r in caplog.records if r.name.startswith("campaign")]
+    assert [r.getMessage() for r in logged] == [
+        "a notification could not be recorded (RuntimeError); answered 503"
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert "ann@example.com" not in caplog.text
+    retried = httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body))
+    assert retried.status_code == 200
+    assert svc.store.event_count() == 1
+
+
+def test_a_body_is_utf8_its_byte_order_mark_dropped_and_kept_as_parsed(service):
+    """A BOM before the JSON was accepted and kept with it, and no reader could parse it back (a reply
+    that stopped no follow-up); UTF-16 was guessed at by json.loads and kept as garbled text. UTF-8 with
+    a BOM is read and kept without it; any other encoding is 400, and nothing is kept."""
+    svc, url = service
+    reply = {"root_message_id": "m1", "message_id": "m2", "label": "c:k:1"}
+    with_bom = b"\xef\xbb\xbf" + _envelope("r-bom", "thread.replied", reply)
+    answer = httpx.post(f"{url}/nylas/webhook", content=with_bom, headers=_signed(with_bom))
+    assert answer.status_code == 200
+    _, replies = svc.store.replies_since(0)
+    assert [(r.label, r.root_message_id, r.message_id) for r in replies] == [("c:k:1", "m1", "m2")]
+    utf16 = _envelope("r-16", "thread.replied", reply).decode().encode("utf-16")
+    answer = httpx.post(f"{url}/nylas/webhook", content=utf16, headers=_signed(utf16))
+    assert answer.status_code == 400
+    assert "not UTF-8" in answer.text
+    assert svc.store.event_count() == 1
+
+
+def test_a_tracking_notification_timed_in_milliseconds_counts_at_its_time(store_at):
+    """An open whose envelope `time` is in milliseconds was kept, and then every `status` and `report`
+    reading the store failed (year 57964 is out of range): it counts at the time it names."""
+    store = open_store(store_at, clock=FakeClock())
+    try:
+        _record(store, _envelope("o-ms", "message.opened", {"message_id": "m1"}, time=1_767_000_100_000))
+        _record(store, _envelope("o-s", "message.opened", {"message_id": "m1"}, time=1_767_000_200))
+        seen = store.engagement()["m1"]
+        assert (seen.opens, seen.first_open) == (2, datetime.fromtimestamp(1_767_000_100, UTC).isoformat())
+    finally:
+        store.close()
+
+
 def test_200_concurrent_deliveries_are_all_stored_once(service):
     """Concurrent POSTs (some redelivered): every distinct notification once, none lost."""
     svc, url = service

@@ -5,6 +5,12 @@ The envelope is CloudEvents-style JSON: `id` (dedupe on it), `type`, `time`, and
 addresses in `bounced_addresses` (a string, or a list in some examples), a `code` string such as
 "550" or "5.1.1", a `type` such as `mailbox_unavailable`, a `bounce_date` (RFC 2822) and its origin
 message. Unknown fields are ignored and nulls tolerated. Pure: reads bytes, returns values.
+
+A body is UTF-8 JSON (RFC 8259 §8.1), a leading byte order mark dropped: it is decoded once, and that
+text is what is parsed and what the store keeps, so that every reader of the store parses the same
+text. A value that cannot be kept as given is never an error (a notification lost): a date no
+datetime holds is unknown, a time in milliseconds is read as such, and text holding a lone surrogate
+(a `\\ud83d` escape cut from its pair) is kept with U+FFFD in its place.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from typing import Any
 
 from campaign.errors import DataError
 from campaign.recipients import matching_form
-from campaign.unsubscribe import BLOCK_KIND, BounceRecord
+from campaign.unsubscribe import BLOCK_KIND, BounceRecord, notification_time
 
-__all__ = ["BOUNCE", "Notification", "parse_bounces", "parse_notification"]
+__all__ = ["BOUNCE", "Notification", "decode_notification", "parse_bounces", "parse_notification"]
 
 BOUNCE = "message.bounce_detected"
 # Permanent failures by the provider's kind, whatever the code says (a missing or odd code).
@@ -45,6 +51,9 @@ _BLOCKED = re.compile(
     r"\b[45]\.7\.\d{1,3}\b|\bblock(?:ed|list(?:ed)?)\b|\bblacklist|\bspam|\breputation|\bunsolicited",
     re.IGNORECASE,
 )
+# How deep a notification may nest. Nylas's are a handful of levels; the store's readers parse what is
+# kept again, deeper in their own stack, and must not meet a RecursionError there.
+_MAX_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,26 +67,42 @@ class Notification:
     time: int | None = None
 
 
-def parse_notification(body: bytes) -> Notification:
-    """The notification in a webhook body; DataError when it is not JSON or has no `id` and `type`."""
+def decode_notification(body: bytes) -> str:
+    """A webhook body's text: UTF-8, a leading byte order mark dropped; DataError for any other bytes
+    (UTF-16, Latin-1), which json.loads would guess at but the store's readers, parsing the kept text,
+    could not."""
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"the notification is not UTF-8 text (byte {exc.start})") from None
+
+
+def parse_notification(body: bytes | str) -> Notification:
+    """The notification in a webhook body (bytes: `decode_notification` first); DataError when it is not
+    UTF-8 JSON, nests deeper than any notification, or has no `id` and `type`."""
+    text = decode_notification(body) if isinstance(body, bytes) else body
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
         raise DataError(f"the notification is not JSON ({exc})") from exc
+    except RecursionError:  # nested past the interpreter's stack: no notification is
+        raise DataError("the notification nests too deeply to be one") from None
     if not isinstance(document, dict):
         raise DataError("the notification is not a JSON object")
+    if not _nests_within(document, _MAX_DEPTH):
+        raise DataError("the notification nests too deeply to be one")
     event_id, kind = document.get("id"), document.get("type")
     if not isinstance(event_id, str) or not event_id or not isinstance(kind, str) or not kind:
         raise DataError("the notification has no `id` or `type`")
     data = _object(document.get("data"))
     grant = data.get("grant_id")
-    time = document.get("time")
+    happened = notification_time(document.get("time"))
     return Notification(
-        id=event_id,
-        type=kind,
-        grant_id=grant if isinstance(grant, str) else None,
+        id=_storable(event_id),
+        type=_storable(kind),
+        grant_id=_storable(grant) if isinstance(grant, str) else None,
         object=_object(data.get("object")),
-        time=time if isinstance(time, int) and not isinstance(time, bool) else None,
+        time=None if happened is None else int(happened.timestamp()),
     )
 
 
@@ -89,13 +114,11 @@ def parse_bounces(notification: Notification, *, received_at: datetime) -> tuple
     code = _text(found.get("code"))
     reason = _text(found.get("bounce_reason"))
     hard, kind = _classify(code, _text(found.get("type")), reason)
-    when = _bounce_date(found.get("bounce_date"), notification.time) or received_at
+    when = _bounce_date(found.get("bounce_date"), notification.time) or received_at.astimezone(UTC)
     origin = _object(found.get("origin"))
     message_id = _text(found.get("message_id")) or _text(origin.get("id"))
     return tuple(
-        BounceRecord(
-            email, hard, when.astimezone(UTC).isoformat(timespec="seconds"), code, kind, reason, message_id
-        )
+        BounceRecord(email, hard, when.isoformat(timespec="seconds"), code, kind, reason, message_id)
         for email in _addresses(found.get("bounced_addresses"))
     )
 
@@ -126,22 +149,22 @@ def is_blocked(code: str | None, reason: str | None) -> bool:
 
 def _addresses(value: object) -> list[str]:
     items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    texts = [item for item in items if isinstance(item, str)]
+    texts = [_storable(item) for item in items if isinstance(item, str)]
     found = [matching_form(address) for _, address in getaddresses(texts) if "@" in address]
     return list(dict.fromkeys(found))
 
 
 def _bounce_date(value: object, time: int | None) -> datetime | None:
+    """When the bounce happened, in UTC: its `bounce_date`, else the notification's own time (seconds),
+    else None. A date that does not convert (unreadable, or past the calendar's end once in UTC:
+    "31 Dec 9999 23:59:59 -1200") is unknown, like a missing one."""
     if isinstance(value, str) and value.strip():
         try:
             parsed = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            parsed = None
-        if parsed is not None:
-            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-    if time is not None:
-        return datetime.fromtimestamp(time, tz=UTC)
-    return None
+            return (parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    return None if time is None else datetime.fromtimestamp(time, tz=UTC)
 
 
 def _object(value: object) -> dict[str, Any]:
@@ -151,5 +174,33 @@ def _object(value: object) -> dict[str, Any]:
 def _text(value: object) -> str | None:
     if isinstance(value, bool) or value is None:
         return None
-    text = str(value).strip()
+    text = _storable(str(value)).strip()
     return text or None
+
+
+def _storable(text: str) -> str:
+    """`text` with each lone surrogate (JSON may escape one: "\\ud83d" cut from its pair) as U+FFFD, so
+    that SQLite and PostgreSQL can keep it: neither stores a surrogate (their text is UTF-8). U+FFFD is
+    Unicode's mark for a character that could not be read, as a decoder puts it for bad bytes; not
+    "replace" on encoding, which writes "?", a real character; not "surrogatepass", whose bytes are not
+    UTF-8 either. Through UTF-16, a pair given as two characters is joined into the one it stands for."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _nests_within(document: object, limit: int) -> bool:
+    """Whether `document`'s lists and objects nest at most `limit` deep (walked without recursion)."""
+    level: list[object] = [document]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return True
+    return False

@@ -47,6 +47,7 @@ from campaign.unsubscribe._values import (
     StoreEntry,
     StoreError,
     ThreadReply,
+    notification_time,
 )
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "list_store_paths",
     "load_unsubscribed",
     "lookup_unsubscribed",
+    "notification_time",
     "open_existing_stores",
     "open_store",
     "store_exists",
@@ -284,13 +286,9 @@ class SuppressionStore:
             message_id = obj.get("root_message_id" if kind == "thread.replied" else "message_id")
             if not isinstance(message_id, str) or not message_id:
                 continue
-            time = document.get("time")
             # When it happened (the envelope's Unix time), else when the notification arrived.
-            at = (
-                datetime.fromtimestamp(time, UTC).isoformat(timespec="seconds")
-                if isinstance(time, int)
-                else stored_at
-            )
+            happened = notification_time(document.get("time"))
+            at = stored_at if happened is None else happened.isoformat(timespec="seconds")
             found[message_id] = _engaged(found.get(message_id) or Engagement(), kind, str(at), obj)
         return found
 
@@ -347,7 +345,9 @@ class SuppressionStore:
         suppress = bounce.hard
         if not suppress:
             at, span = datetime.fromisoformat(bounce.bounced_at), timedelta(days=rules.days)
-            found = db.soft_bounces_between(email, (at - span).isoformat(), (at + span).isoformat())
+            found = db.soft_bounces_between(
+                email, _shifted(at, -span).isoformat(), _shifted(at, span).isoformat()
+            )
             suppress = soft_limit_reached(found, event_id, rules)
         if suppress:
             db.add_entries([("", email, email, self._stamp(), BOUNCE_SOURCE)])
@@ -385,10 +385,22 @@ def soft_limit_reached(found: Sequence[tuple[str, str]], event_id: str, rules: B
     if new is None:  # seen before, through the other channel
         return False
     span = timedelta(days=rules.days)
+    # Differences, not `start + span`: a bounce dated at the end of the calendar (9999) still counts.
     return any(
-        start <= new < start + span and sum(start <= at < start + span for at in times) >= rules.limit
+        start <= new
+        and new - start < span
+        and sum(timedelta(0) <= at - start < span for at in times) >= rules.limit
         for start in times
     )
+
+
+def _shifted(at: datetime, span: timedelta) -> datetime:
+    """`at` moved by `span`, stopping at the ends of the calendar: a bounce may be dated in the year 9999
+    (a sender's clock, a forged report), and its window is then cut there, never an OverflowError."""
+    try:
+        return at + span
+    except OverflowError:
+        return (datetime.max if span > timedelta(0) else datetime.min).replace(tzinfo=UTC)
 
 
 class Unsubscribed:

@@ -4,7 +4,7 @@ engagement, the soft-bounce rule, and its error. Plain values; no SQL here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from campaign.errors import LedgerError
 
@@ -21,6 +21,7 @@ __all__ = [
     "StoreEntry",
     "StoreError",
     "ThreadReply",
+    "notification_time",
 ]
 
 BOUNCE_SOURCE = "bounce"  # the source of a suppression a bounce made (skip reason `bounced`)
@@ -34,6 +35,10 @@ BLOCK_KIND = "block"
 INBOX_EVENT_PREFIX = "inbox:"
 DEFAULT_SOFT_BOUNCE_LIMIT = 3
 DEFAULT_SOFT_BOUNCE_DAYS = 30
+# A notification's `time` is Unix seconds; one written in milliseconds (JavaScript's Date.now) is a
+# thousand times larger. Seconds reach this only in the year 5138, milliseconds pass it in 1973: a
+# value this large is milliseconds.
+_MILLISECONDS_FROM = 10**11
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +110,15 @@ class StoreEntry:
     email: str | None
     recorded_at: str
     source: str
+
+
+def notification_time(value: object) -> datetime | None:
+    """When a notification's envelope says it happened (its `time`: Unix seconds, or milliseconds when
+    that large), in UTC; None when it is not a whole number or names no time a datetime can hold (it
+    is unknown then, never an error: the notification is still worth keeping)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(value / 1000 if abs(value) >= _MILLISECONDS_FROM else value, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None

@@ -6,13 +6,16 @@ webhook is created); `POST /nylas/webhook` verifies `x-nylas-signature` on the r
 compressed bytes when `Content-Encoding: gzip`) before anything parses them, then keeps the
 notification in the store once per envelope id and answers at once (Nylas gives 10 s);
 `GET /healthz` for the proxy. A bad or missing signature is 401 and records nothing; a body over
-1 MB is 413; a signed body that is not a notification is 400.
+1 MB is 413; a signed body that is not a notification in UTF-8 JSON is 400. A notification that
+cannot be recorded, whatever the reason (the store locked or down, a bug), is 503 with Retry-After:
+Nylas retries a notification only on 408, 429 and 502-507, and a 500 would lose it for good.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import zlib
 from collections.abc import Sequence
@@ -42,6 +45,7 @@ __all__ = [
 
 DEFAULT_WEBHOOK_SECRET_ENV = "NYLAS_WEBHOOK_SECRET"
 MAX_WEBHOOK_BYTES = 1024 * 1024  # Nylas truncates notifications above 1 MB, so nothing real is larger
+_log = logging.getLogger(__name__)
 
 
 class EventService:
@@ -89,20 +93,31 @@ class EventService:
                 body = _gunzip(body)
             except (OSError, EOFError, zlib.error):
                 return PlainTextResponse("not gzip", status_code=400)
+        return await self._record(body)
+
+    async def _record(self, body: bytes) -> Response:
+        """Keep a verified notification: 200; 400 for a body that is not one; 503 when it cannot be kept."""
         try:
             await anyio.to_thread.run_sync(partial(record_notification, self.store, body, clock=self._clock))
         except DataError as exc:
             return PlainTextResponse(str(exc), status_code=400)
         except StoreError:
-            # Nylas retries a notification only on 408, 429 and 502-507: a 500 would lose it for good.
-            return PlainTextResponse(
-                "store unavailable; retry", status_code=503, headers={"Retry-After": "60"}
-            )
+            return _retry_later()
+        except Exception as exc:
+            # Whatever else went wrong, Nylas must deliver it again: 503, never a 500, which it does not
+            # retry. The log names the error's type only: its text may quote the body or the database.
+            _log.error("a notification could not be recorded (%s); answered 503", type(exc).__name__)
+            return _retry_later()
         return PlainTextResponse("ok")
 
 
 async def _healthy(_request: Request) -> Response:
     return PlainTextResponse("ok")
+
+
+def _retry_later() -> Response:
+    # Nylas retries a notification only on 408, 429 and 502-507: a 500 would lose it for good.
+    return PlainTextResponse("store unavailable; retry", status_code=503, headers={"Retry-After": "60"})
 
 
 def _gunzip(body: bytes) -> bytes:

@@ -7,14 +7,15 @@ itself (link scanners fetch URLs). A token that does not verify gets the same ba
 400 whatever is wrong with it. The token is the `t` (or `token`) query parameter, else
 the last path segment, else any other query value or path segment (a `.html`-style
 extension dropped) that verifies, so any URL shape the manifest's `unsubscribe.url`
-accepts works, mounted anywhere. A store that cannot be read or written answers 503
-with Retry-After, never a bare 500. A face-level module: it imports starlette, and the
-core never imports it.
+accepts works, mounted anywhere. A store that cannot be read or written, for whatever
+reason, answers 503 with Retry-After, never a bare 500. A face-level module: it imports
+starlette, and the core never imports it.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import os
 from collections.abc import AsyncGenerator, Sequence
 from functools import partial
@@ -54,6 +55,7 @@ __all__ = [
 DEFAULT_SECRET_ENV = "CAMPAIGN_UNSUBSCRIBE_SECRET"
 MAX_BODY_BYTES = 16 * 1024  # the one-click body is 26 bytes urlencoded, a few hundred as multipart
 _ONE_CLICK = ("List-Unsubscribe", "One-Click")
+_log = logging.getLogger(__name__)
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
@@ -98,8 +100,8 @@ class UnsubscribeEndpoint:
             found = await anyio.to_thread.run_sync(
                 partial(self.store.find, claims.campaign, claims.recipient_key)
             )
-        except StoreError:
-            return _try_again_later()
+        except Exception as exc:  # a StoreError, or anything else: never a bare 500
+            return _store_failed(exc)
         if found is not None:
             return _page(200, "You are unsubscribed", "<p>You will not get these emails any more.</p>")
         return _page(
@@ -141,8 +143,8 @@ class UnsubscribeEndpoint:
                     source=source,
                 )
             )
-        except StoreError:
-            return _try_again_later()
+        except Exception as exc:  # a StoreError, or anything else: never a bare 500
+            return _store_failed(exc)
         return _page(200, "You are unsubscribed", "<p>You will not get these emails any more.</p>")
 
     def _claims(self, request: Request) -> TokenClaims | None:
@@ -193,6 +195,15 @@ def _page(status: int, title: str, content: str) -> HTMLResponse:
 def _invalid_link() -> HTMLResponse:
     # The same answer for every kind of bad token: it must not tell a forger what was wrong.
     return _page(400, "This link is not valid", "<p>This unsubscribe link is not valid.</p>")
+
+
+def _store_failed(exc: Exception) -> HTMLResponse:
+    """503 for a store that failed: a StoreError is expected (locked, out of reach); anything else is a
+    bug, logged by its type alone (its text may quote the request or the database), and the click is
+    still asked again, not lost to a 500."""
+    if not isinstance(exc, StoreError):
+        _log.error("an unsubscribe could not be read or recorded (%s); answered 503", type(exc).__name__)
+    return _try_again_later()
 
 
 def _try_again_later() -> HTMLResponse:
