@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -122,3 +123,16 @@ def refusing_url() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def tcp_keepalive(connection: Any) -> tuple[int, int, int, int]:
+    """What the socket of a psycopg `connection` is set to send when idle, as the kernel holds it:
+    (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT). Linux's names; a TCP connection only."""
+    with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+        assert sock.family in (socket.AF_INET, socket.AF_INET6), "the test server must be reached over TCP"
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        )

@@ -20,10 +20,11 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from support import tcp_keepalive
 
 from campaign.errors import LedgerError
 from campaign.ledger import PlannedRow
-from campaign.ledger._pg_schema import _WRITER_LOCK, MIGRATIONS, _lock_key
+from campaign.ledger._pg_schema import _WRITER_LOCK, MIGRATIONS, _lock_key, connect, open_pool
 from campaign.ledger._postgres import PostgresSite
 from campaign.models import OutcomeKind, RowState, SendOutcome
 from campaign.testing.clock import FakeClock
@@ -145,6 +146,19 @@ def test_a_connection_the_server_dropped_is_replaced_before_a_claim(postgres_sit
         assert ledger.row("ann@x.com").state == RowState.INFLIGHT
     finally:
         ledger.close()
+
+
+def test_ledger_connections_send_tcp_keepalives_unless_the_url_sets_its_own(postgres_url):
+    """The writer lock's connection and the pool's: a server that vanished (no FIN, no RST) is noticed
+    in about a minute (30 s idle, 3 probes 10 s apart), not the kernel's two hours; a URL's own wins."""
+    for conninfo, expected in (
+        (postgres_url, (1, 30, 10, 3)),
+        (f"{postgres_url}?keepalives_count=5", (1, 30, 10, 5)),
+    ):
+        with contextlib.closing(connect(conninfo, where="the test database")) as connection:
+            assert tcp_keepalive(connection) == expected
+        with open_pool(conninfo, read_only=True) as pool, pool.connection() as pooled:
+            assert tcp_keepalive(pooled) == expected
 
 
 def test_a_claim_skips_a_row_another_transaction_holds_and_takes_it_once_free(

@@ -21,10 +21,12 @@ import time
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 from conftest import SECRET, copy_sample
 from pgstore import execute
-from support import wait_until_listening
+from support import tcp_keepalive, wait_until_listening
+from test_endpoint import SECRET as ENDPOINT_SECRET
 from test_endpoint import _token
 from test_events import WEBHOOK_SECRET, _bounce, _signed
 from test_unsubscribe_loop import FORM, ONE_CLICK, _https_url, _on
@@ -41,7 +43,8 @@ from campaign.unsubscribe import (
     open_store,
     store_exists,
 )
-from campaign.web import load_endpoint
+from campaign.unsubscribe import _pgstore as pgstore_module
+from campaign.web import EventService, UnsubscribeEndpoint, load_endpoint
 
 GRANT = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"
 PASSWORD = "pg-Secret-never-shown-4711"
@@ -336,6 +339,65 @@ def test_connections_the_server_dropped_are_replaced(pg_store_url):
         time.sleep(0.2)
         assert store.count() == 1
         assert store.record("spring", "bob@example.com", source="one-click") is True
+    finally:
+        store.close()
+
+
+def test_a_write_behind_a_stalled_writer_fails_within_seconds_and_the_endpoint_answers_503(
+    pg_store_url, monkeypatch
+):
+    """Another session holds the store's write lock and stalls (its machine gone, its network cut): a
+    write waited for it forever, and `campaign serve`'s deliveries with it. Now a write gives up after
+    the lock timeout (5 s; 0.5 s here) with a StoreError, and the webhook and the one-click POST answer
+    503 with Retry-After, so Nylas and the mail provider retry; once the lock is free, writes go on."""
+    monkeypatch.setattr(pgstore_module, "_LOCK_TIMEOUT_S", 0.5)
+    store = open_store(pg_store_url, clock=FakeClock())
+    holder = psycopg.connect(pg_store_url)  # its transaction stays open, the lock held
+    lock = (pgstore_module._LOCK_CLASS, pgstore_module._WRITING)
+    holder.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock)
+    # Before the fix a write waited for the holder: released after 10 s, the test fails, never hangs.
+    release = threading.Timer(10, holder.rollback)
+    release.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"another writer has held it for 0\.5 s") as raised:
+            store.record("spring", "ann@example.com", source="one-click")
+        assert time.monotonic() - started < 15  # a bound, not a benchmark: 0.5 s and a round trip
+        assert "\n" not in str(raised.value)
+        endpoint = UnsubscribeEndpoint(store, secrets=[ENDPOINT_SECRET])
+        with serve_on_loopback(EventService(endpoint, webhook_secrets=[WEBHOOK_SECRET])) as base:
+            body = _bounce("stalled-1", "bob@example.com")
+            delivered = httpx.post(f"{base}/nylas/webhook", content=body, headers=_signed(body), timeout=15)
+            click = httpx.post(
+                f"{base}/unsubscribe", params={"t": _token()}, content=ONE_CLICK, headers=FORM, timeout=15
+            )
+        assert (delivered.status_code, delivered.headers["retry-after"]) == (503, "60")
+        assert (click.status_code, click.headers["retry-after"]) == (503, "60")
+        assert (store.count(), store.event_count()) == (0, 0)
+    finally:
+        release.cancel()
+        holder.rollback()
+        holder.close()
+    try:
+        assert store.record("spring", "ann@example.com", source="one-click") is True
+    finally:
+        store.close()
+
+
+def test_store_connections_send_tcp_keepalives_unless_the_url_sets_its_own(pg_store_url):
+    """A server that vanished (no FIN, no RST) is noticed after 30 s of silence and 3 probes 10 s apart,
+    not after the kernel's two hours; a URL's own keepalive parameters win."""
+    store = open_store(pg_store_url, clock=FakeClock())
+    try:
+        with store._sql._pool.connection() as connection:
+            assert tcp_keepalive(connection) == (1, 30, 10, 3)
+    finally:
+        store.close()
+    own = f"{pg_store_url}?keepalives_idle=45"
+    store = open_store(own, clock=FakeClock())
+    try:
+        with store._sql._pool.connection() as connection:
+            assert tcp_keepalive(connection) == (1, 45, 10, 3)
     finally:
         store.close()
 

@@ -29,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from campaign.errors import LedgerError
+from campaign.manifest import postgres_keepalives
 
 __all__ = [
     "MIGRATIONS",
@@ -244,8 +245,10 @@ def open_pool(conninfo: str, *, read_only: bool) -> ConnectionPool[psycopg.Conne
 
 
 def _options(given: dict[str, Any]) -> dict[str, Any]:
-    # A short connect timeout (unless the URL sets one): an unreachable host fails within seconds.
-    options: dict[str, Any] = {"autocommit": True}
+    # A short connect timeout (unless the URL sets one): an unreachable host fails within seconds. TCP
+    # keepalives (unless the URL sets them): a server that vanished mid-call, or under the writer lock's
+    # idle connection, is noticed in about a minute, not the kernel's two hours.
+    options: dict[str, Any] = {"autocommit": True, **postgres_keepalives(given)}
     if "connect_timeout" not in given:
         options["connect_timeout"] = CONNECT_TIMEOUT_S
     return options

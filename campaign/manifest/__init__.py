@@ -23,6 +23,7 @@ from campaign.manifest._settings import (
     check_store_url,
     is_store_url,
     normalize_sendable_address,
+    postgres_keepalives,
 )
 from campaign.manifest._starter import write_starter
 
@@ -45,5 +46,6 @@ __all__ = [
     "is_store_url",
     "load_manifest",
     "normalize_sendable_address",
+    "postgres_keepalives",
     "write_starter",
 ]

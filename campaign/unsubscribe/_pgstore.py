@@ -13,7 +13,10 @@ value is kept as U+FFFD (in lookups too, so they still match).
 
 Every write transaction first takes the store's advisory lock, so writers go one at a time, as they
 do in SQLite: ids (entries, events) become visible in the order they were given, and a reader paging
-by id never steps past a row that commits later.
+by id never steps past a row that commits later. A write waits for the lock a few seconds at most (as
+SQLite waits for a busy file), then fails with StoreError: a writer stalled with the lock held (its
+machine gone, its network cut) must not hold every other one, and the endpoint's threads, for good.
+Connections send TCP keepalives, so a server that vanished is noticed in about a minute.
 
 psycopg 3, synchronous, over a small `psycopg_pool.ConnectionPool` (the endpoint writes from several
 threads). The URL holds no password (the manifest and the CLI refuse one): libpq reads PGPASSWORD
@@ -33,6 +36,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from campaign.errors import InputFileError
+from campaign.manifest import postgres_keepalives
 from campaign.unsubscribe._sql import BounceRow, EntryRow, EventRow, NumberedEntryRow
 from campaign.unsubscribe._values import BLOCK_KIND, BounceRecord, StoreError
 
@@ -177,11 +181,14 @@ _BOUNCES = f"{_SELECT_BOUNCES} WHERE email = %s ORDER BY bounced_at, id"
 _BOUNCES_SINCE = f"{_SELECT_BOUNCES} WHERE bounced_at >= %s ORDER BY bounced_at, id"
 _SETTINGS = "SELECT name, value FROM campaign_store.settings"
 _LOCK = "SELECT pg_advisory_xact_lock(%s, %s)"
+# For the rest of the write's transaction only (SET LOCAL): a lock not had within it fails the write.
+_LOCK_WAIT = "SELECT set_config('lock_timeout', %s, true)"
 
 # Connections a store holds at most (the endpoint's threads share them), and how long a caller waits
 # for one (as long as SQLite waits for a busy file) or for the server to answer a connection.
 _POOL_SIZE = 4
 _WAIT_S = 5.0
+_LOCK_TIMEOUT_S = 5.0  # how long a write waits for the store's lock (or a row another write holds)
 _CONNECT_TIMEOUT_S = 10
 # The pool reports what it does in the background (a connection it dropped or could not make) as log
 # warnings; with no logging set up Python would print them to the terminal, several lines in the
@@ -311,11 +318,19 @@ class PostgresStoreSql:
 
     @contextmanager
     def write(self) -> Iterator[_Writes]:
-        """One transaction, holding the store's write lock until it commits."""
+        """One transaction, holding the store's write lock until it commits; StoreError when the lock
+        is not had within `_LOCK_TIMEOUT_S` (another writer holds it)."""
         try:
             with self._pool.connection() as connection, connection.transaction():
+                connection.execute(_LOCK_WAIT, (f"{round(_LOCK_TIMEOUT_S * 1000)}ms",))
                 connection.execute(_LOCK, (_LOCK_CLASS, _WRITING))
                 yield _Writes(connection)
+        except psycopg.errors.LockNotAvailable as exc:
+            message = (
+                f"{self._url}: cannot write the unsubscribe store (another writer has held it for "
+                f"{_LOCK_TIMEOUT_S:g} s; try again)"
+            )
+            raise StoreError(message) from exc
         except psycopg.Error as exc:
             raise StoreError(f"{self._url}: cannot write the unsubscribe store ({_reason(exc)})") from exc
 
@@ -373,13 +388,13 @@ def _version(connection: psycopg.Connection[Any], url: str, *, create: bool) -> 
 
 
 def _connection_options(url: str) -> dict[str, Any]:
-    """Autocommit (a write is an explicit transaction), and a connect timeout and a name for the
-    server's views unless the URL sets its own."""
+    """Autocommit (a write is an explicit transaction), and TCP keepalives, a connect timeout and a
+    name for the server's views unless the URL sets its own."""
     try:
         given = conninfo_to_dict(url)
     except psycopg.Error as exc:
         raise StoreError(f"{url}: cannot open the unsubscribe store ({_reason(exc)})") from exc
-    options: dict[str, Any] = {"autocommit": True}
+    options: dict[str, Any] = {"autocommit": True, **postgres_keepalives(given)}
     if "connect_timeout" not in given:
         options["connect_timeout"] = _CONNECT_TIMEOUT_S
     if "application_name" not in given:
