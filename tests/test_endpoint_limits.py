@@ -153,3 +153,27 @@ def test_headers_and_bodies_that_never_finish_are_cut_off(tmp_path, service):
         response = httpx.post(f"{base}/u", params={"t": token}, content=ONE_CLICK, headers=FORM, timeout=5)
         assert response.status_code == 200
     assert _entries(store) == [("spring", "ann@example.com", "ann@example.com", "one-click")]
+
+
+@pytest.mark.parametrize("service", [("unsubscribe", "serve"), ("serve",)], ids=" ".join)
+def test_a_library_that_words_each_log_message_anew_keeps_to_the_log_limit(tmp_path, service):
+    """300 multipart bodies with a bad boundary, each byte different: python_multipart logs a warning
+    for each, worded with the byte, through no handler of its own, and Python's last resort wrote all
+    300 to stderr. The root logger now has the server's handler and its limit: one logger's lines are
+    few a minute (twice that if a minute turns during the flood), and they say the rest were dropped."""
+    store, log = tmp_path / "u.sqlite", tmp_path / "server.log"
+    token = make_token(secrets=[SECRET.encode()], campaign="spring", recipient_key="ann@example.com")
+    with _serve(store, log, service=service) as (base, _), httpx.Client() as client:
+        for n in range(300):
+            response = client.post(
+                f"{base}/unsubscribe/{token}",
+                content=bytes([n % 200 + 40]) * 8,
+                headers={"content-type": "multipart/form-data; boundary=zz"},
+            )
+            assert response.status_code == 400
+    lines = log.read_text(errors="replace").splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    assert any("boundary" in line for line in lines)  # logged, through the limit
+    assert len(lines) <= 2 * 20, lines[:50]
+    assert any("are not logged" in line for line in lines)
+    assert _entries(store) == []

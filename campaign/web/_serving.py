@@ -5,9 +5,11 @@ unsubscribe endpoint; later services reuse it): a request must send its headers 
 `header_timeout_s` and its body within `body_timeout_s` of them, or its connection is closed;
 at most `max_connections` are open (and never so many that the process runs out of file
 descriptors), and a connection arriving at the cap closes the oldest one still waiting on its
-client, so half-sent requests (slowloris) cannot starve real ones. Logging keeps no tracebacks
-and at most a few copies of one message a minute. A face-level module: the core never imports
-it. Its timers are the event loop's, as uvicorn's own keep-alive timer is.
+client, so half-sent requests (slowloris) cannot starve real ones. Logging keeps no tracebacks,
+at most a few copies of one message a minute, and a few dozen lines a minute from any one logger (a
+library that words each message anew, as python_multipart does, still keeps to a bound), whichever
+logger it is: the root logger has the same handler. A face-level module: the core never imports it.
+Its timers are the event loop's, as uvicorn's own keep-alive timer is.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class ServerLimits:
     keep_alive_s: float = 5.0  # idle time between requests on one connection
     max_header_bytes: int = 16 * 1024
     log_repeats_per_minute: int = 5
+    log_lines_per_logger_per_minute: int = 20  # one logger's lines, however its messages differ
 
 
 def connection_cap(limits: ServerLimits) -> int:
@@ -84,13 +87,17 @@ def build_server_config(app: Any, *, host: str, port: int, limits: ServerLimits)
 
 
 class BoundedLogFilter(logging.Filter):
-    """Drops tracebacks, and passes at most `per_minute` records of one message each minute."""
+    """Drops tracebacks, and passes at most `per_minute` records of one message each minute, and at
+    most `per_logger` records of one logger: a message worded anew each time (a byte of the request
+    in it) is a new message, and a client could otherwise fill the log with them."""
 
-    def __init__(self, per_minute: int = 5) -> None:
+    def __init__(self, per_minute: int = 5, per_logger: int = 20) -> None:
         super().__init__()
         self._per_minute = per_minute
+        self._per_logger = per_logger
         self._minute = -1
         self._counts: dict[tuple[str, str], int] = {}
+        self._passed: dict[str, int] = {}  # by logger: loggers are named in code, so they are few
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Keep or drop `record` (minutes counted from the record's own time stamp)."""
@@ -98,29 +105,48 @@ class BoundedLogFilter(logging.Filter):
         record.exc_text = None
         record.stack_info = None
         minute = int(record.created // 60)
-        if minute != self._minute or len(self._counts) > 1000:
+        if minute != self._minute:
             self._minute = minute
+            self._counts.clear()
+            self._passed.clear()
+        elif len(self._counts) > 1000:  # many messages: each logger's count still holds them back
             self._counts.clear()
         key = (record.name, str(record.msg))
         count = self._counts[key] = self._counts.get(key, 0) + 1
-        if count > self._per_minute:
+        passed = self._passed.get(record.name, 0)
+        if count > self._per_minute or passed >= self._per_logger:
             return False
-        if count == self._per_minute:
+        self._passed[record.name] = passed + 1
+        if passed + 1 == self._per_logger:
+            record.msg = (
+                f"{record.getMessage()} (further lines from {record.name} this minute are not logged)"
+            )
+            record.args = ()
+        elif count == self._per_minute:
             record.msg = f"{record.getMessage()} (further copies this minute are not logged)"
             record.args = ()
         return True
 
 
 def _log_config(limits: ServerLimits) -> dict[str, Any]:
-    """uvicorn's logging set-up with the bounded filter on every handler, asyncio's logger included."""
+    """uvicorn's logging set-up with the bounded filter on every handler, and the root logger on that
+    handler too, so that every library's log (asyncio, python_multipart, psycopg's pool, ours) keeps
+    to the same limit."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["filters"] = {
-        "bounded": {"()": BoundedLogFilter, "per_minute": limits.log_repeats_per_minute},
+        "bounded": {
+            "()": BoundedLogFilter,
+            "per_minute": limits.log_repeats_per_minute,
+            "per_logger": limits.log_lines_per_logger_per_minute,
+        },
     }
     for handler in config["handlers"].values():
         handler["filters"] = ["bounded"]
     # asyncio reports failed accepts (out of descriptors) with a traceback, every time it retries.
     config["loggers"]["asyncio"] = {"handlers": ["default"], "level": "WARNING", "propagate": False}
+    # A logger without a handler of its own reaches the root's; with none there, Python's last resort
+    # writes every warning to stderr, unbounded (python_multipart logs each bad multipart body).
+    config["root"] = {"handlers": ["default"], "level": "WARNING"}
     return config
 
 
