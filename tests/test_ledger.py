@@ -444,6 +444,16 @@ def test_a_stopped_senders_movable_rows_go_to_the_others_through_the_ledger(ledg
     assert ledger.record_senders({"r0@x.com": "bob", "r1@x.com": "bob"}) == 0  # in flight, sent: kept
 
 
+def test_a_pending_rows_address_follows_the_list_and_one_in_flight_keeps_its_own(ledgers, clock):
+    """key_column: the key is the person. A row not claimed yet goes to the address the list gives it now
+    (corrected since); a row in flight keeps the one its key was issued for, as it keeps its sender."""
+    ledger = ledgers.open("moved", clock=clock)
+    ledger.record_plan([PlannedRow(f"k{n}", n, f"old{n}@x.com", "alice") for n in range(2)], [])
+    ledger.claim("k1", sender="alice")
+    ledger.record_plan([PlannedRow(f"k{n}", n, f"new{n}@x.com", "alice") for n in range(2)], [])
+    assert [ledger.row(f"k{n}").email for n in range(2)] == ["new0@x.com", "old1@x.com"]
+
+
 def test_record_plan_adds_pending_and_skipped_and_keeps_existing(ledger):
     """New rows are pending, skips are skipped with their reason, and a second sync adds nothing; a
     pending row goes out from the sender the plan now gives it (its old one renamed, say), while a row in

@@ -527,6 +527,31 @@ def test_a_key_scheme_change_is_refused_after_a_send_that_retry_put_back_to_pend
     assert len(api.deliveries) == 1
 
 
+def test_a_corrected_address_of_a_row_not_yet_sent_is_where_its_message_goes(api, cli, tmp_path):
+    """key_column: the key is the person. Bob's address corrected between runs, before his turn: his
+    message goes to the new address, and the old one (perhaps someone else's now) gets nothing; preview
+    and the run agree on where it goes."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    text = manifest.read_text(encoding="utf-8")
+    manifest.write_text(
+        text.replace('email_column = "email"', 'email_column = "email"\nkey_column = "first_name"')
+    )
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    assert [d.payload["to"][0]["email"] for d in api.deliveries] == ["ann.lee@example.com"]
+    listing = manifest.parent / "recipients.csv"
+    listing.write_text(listing.read_text().replace("bob@example.org,", "robert@example.org,"))
+    previewed = json.loads(cli("preview", manifest, "--json").stdout)
+    shown = {sample["to"] for sample in previewed["samples"]}
+    assert "robert@example.org" in shown
+    assert "bob@example.org" not in shown
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    mailed = Counter(d.payload["to"][0]["email"] for d in api.deliveries)
+    assert mailed["robert@example.org"] == 1
+    assert "bob@example.org" not in mailed
+    assert set(mailed.values()) == {1}
+
+
 @contextmanager
 def _read_only(folder):
     """Make `folder` read-only even for root (the immutable attribute); skip where that is not possible."""

@@ -233,10 +233,13 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                 (sender, email, key),
             )
         # A pending row goes out from the sender the plan gives it (a sender renamed or removed since, a
-        # pinned one changed); a row in flight keeps its own: its key may have been used on that grant.
+        # pinned one changed), to the address the list gives it (corrected since: with key_column the key
+        # is the person, and the old address would get the new one's message); a row in flight keeps its
+        # own: its key may have been used on that grant, for that address.
         db.execute(
-            "UPDATE recipients SET sender = p.sender FROM temp.plan_rows AS p WHERE recipients.key = p.key "
-            "AND recipients.state = 'pending' AND recipients.sender IS NOT p.sender"
+            "UPDATE recipients SET sender = p.sender, email = p.email FROM temp.plan_rows AS p "
+            "WHERE recipients.key = p.key AND recipients.state = 'pending' "
+            "AND (recipients.sender IS NOT p.sender OR recipients.email != p.email)"
         )
         # A row planned without cells (sent already: they no longer matter) keeps the ones it has.
         db.execute(

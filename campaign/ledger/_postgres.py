@@ -360,10 +360,13 @@ class PostgresLedger(KeptFacts):
         newly_skipped = self._skip_now_skipped(db, now)
         restored = self._restore_now_valid(db, now)
         # A pending row goes out from the sender the plan gives it (a sender renamed or removed since, a
-        # pinned one changed); a row in flight keeps its own: its key may have been used on that grant.
+        # pinned one changed), to the address the list gives it (corrected since: with key_column the key
+        # is the person, and the old address would get the new one's message); a row in flight keeps its
+        # own: its key may have been used on that grant, for that address.
         db.execute(
-            "UPDATE recipients AS r SET sender = p.sender FROM plan_rows AS p WHERE r.campaign_id = %s "
-            "AND r.key = p.key AND r.state = 'pending' AND r.sender IS DISTINCT FROM p.sender",
+            "UPDATE recipients AS r SET sender = p.sender, email = p.email FROM plan_rows AS p "
+            "WHERE r.campaign_id = %s AND r.key = p.key AND r.state = 'pending' "
+            "AND (r.sender IS DISTINCT FROM p.sender OR r.email != p.email)",
             (campaign,),
         )
         # A row planned without cells (sent already: they no longer matter) keeps the ones it has.
