@@ -574,6 +574,17 @@ def test_a_watch_that_cannot_reread_its_store_for_long_stops_the_sends(tmp_path,
         watch.close()
 
 
+@pytest.mark.parametrize("option", [("--soft-bounce-days", "100000000"), ("--soft-bounce-limit", "5000")])
+def test_a_soft_bounce_rule_past_any_sense_is_refused_before_it_is_kept(cli, tmp_path, option):
+    """A window of a hundred million days overflowed the date of every soft bounce the server was sent
+    (each answered 503, lost after Nylas's retries): a usage error, and the store keeps its rules."""
+    store = tmp_path / "u.sqlite"
+    refused = cli("serve", "--store", store, *option)
+    assert refused.exit_code == 2
+    assert option[0] in refused.output
+    assert not store.exists()
+
+
 def test_the_serve_command_receives_signed_webhooks_and_refuses_without_its_secret(
     cli, tmp_path, monkeypatch, store_at
 ):

@@ -119,11 +119,14 @@ def serve(
     ] = DEFAULT_WEBHOOK_SECRET_ENV,
     soft_bounce_limit: Annotated[
         int | None,
-        typer.Option(min=1, help="Soft bounces that suppress an address (kept with the store; default 3)."),
+        typer.Option(
+            min=1, max=1000, help="Soft bounces that suppress an address (kept with the store; default 3)."
+        ),
     ] = None,
     soft_bounce_days: Annotated[
         int | None,
-        typer.Option(min=1, help="Within this many days (kept with the store; default 30)."),
+        # A window past ten years is a typo; a vast one overflowed the date of every soft bounce (503).
+        typer.Option(min=1, max=3650, help="Within this many days (kept with the store; default 30)."),
     ] = None,
     max_connections: MaxConnectionsOpt = _DEFAULT_LIMITS.max_connections,
     header_timeout: HeaderTimeoutOpt = _DEFAULT_LIMITS.header_timeout_s,
