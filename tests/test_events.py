@@ -494,6 +494,12 @@ def test_bounce_payloads_are_read_defensively():
     assert [b.email for b in parse_bounces(unicode, received_at=datetime.now(UTC))] == [
         "ann@xn--bcher-kva.example"
     ]
+    spaced = parse_notification(_bounce("s", "ann@example.com bob@example.com; cat@example.com", code="550"))
+    assert [b.email for b in parse_bounces(spaced, received_at=datetime.now(UTC))] == [
+        "ann@example.com",
+        "bob@example.com",
+        "cat@example.com",
+    ]
     nothing = parse_notification(_envelope("c", "message.bounce_detected", {"bounced_addresses": None}))
     assert parse_bounces(nothing, received_at=datetime.now(UTC)) == ()
     opened = parse_notification(_envelope("d", "message.opened", {"message_id": "m"}))

@@ -38,6 +38,7 @@ _SOFT_KINDS = frozenset({"mailbox_full", "quota_exceeded", "temporary", "transie
 _CODE = re.compile(r"\b([245])(?:\.\d{1,3}\.\d{1,3}|\d\d)\b")
 # A reason with no code that still says the address is gone (listmonk's words, next-capabilities.md §3.1);
 # any other bounce without a code or a type is soft: "delayed", "mailbox full", "will be retried".
+_BARE_SEPARATORS = re.compile(r"[\s,;]+")
 _GONE = re.compile(
     r"user unknown|unknown user|no such (?:user|mailbox|recipient)|mailbox (?:not found|unavailable)|"
     r"does not exist|doesn't exist|recipient (?:not found|rejected)|invalid (?:recipient|address|mailbox)|"
@@ -149,8 +150,14 @@ def is_blocked(code: str | None, reason: str | None) -> bool:
 
 def _addresses(value: object) -> list[str]:
     items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    texts = [_storable(item) for item in items if isinstance(item, str)]
-    found = [matching_form(address) for _, address in getaddresses(texts) if "@" in address]
+    # Bare addresses may come separated by spaces, which getaddresses reads as one broken address.
+    texts = [
+        text
+        for item in items
+        if isinstance(item, str)
+        for text in ([item] if "<" in item else _BARE_SEPARATORS.split(item))
+    ]
+    found = [matching_form(address) for _, address in getaddresses(map(_storable, texts)) if "@" in address]
     return list(dict.fromkeys(found))
 
 
