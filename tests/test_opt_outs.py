@@ -99,6 +99,30 @@ def test_a_suppression_entry_that_cannot_match_anyone_stops_preview_and_run(api,
     assert not (manifest.parent / "campaign.ledger.sqlite").exists()
 
 
+def test_a_percent_encoded_mailto_entry_suppresses_its_address(api, cli, tmp_path):
+    """`mailto:ann%2Bnews@…` suppresses ann+news (it was kept as `ann%2bnews@…`, and she was mailed);
+    `mailto:bob%40example.org` suppresses bob (it stopped the run). A plain entry is taken as written."""
+    manifest = copy_sample("newsletter", tmp_path)
+    recipients = manifest.parent / "recipients.csv"
+    recipients.write_text(recipients.read_text() + "ann+news@example.com,Ann News,Ann,Oslo\n")
+    (manifest.parent / "unsubscribed.txt").write_text(
+        "mailto:ann%2Bnews@example.com\nmailto:bob%40example.org?subject=unsubscribe\neve%2Bx@example.org\n",
+        encoding="utf-8",
+    )
+    api.add_grant(GRANT, "maya@example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert _mailed(api) == [
+        "ann.lee@example.com",
+        "chen.wei@example.net",
+        "dora@example.com",
+        "eve@example.org",
+        "frank@example.com",
+    ]
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert status["skipped"]["suppressed"] == 2
+
+
 def test_suppression_csv_column_with_display_names_suppresses(api, cli, tmp_path):
     """A CSV `email` column holding `Name <address>` and quoted values suppresses those addresses."""
     manifest = copy_sample("newsletter", tmp_path)

@@ -364,6 +364,20 @@ def test_suppression_from_text_csv_and_parquet(tmp_path: Path) -> None:
     )
 
 
+def test_a_mailto_suppression_entry_is_percent_decoded(tmp_path: Path) -> None:
+    """RFC 6068 percent-encodes a mailto: address: `ann%2Bnews@…` is ann+news (it was kept as
+    `ann%2bnews@…` and matched no one), `bob%40example.com` is bob (it was refused). A plain entry is
+    not decoded: '%' is a legal character in a local part."""
+    path = write(
+        tmp_path,
+        "mailto:ann%2Bnews@example.com\nMAILTO:bob%40example.com?subject=stop\ncy%2Bx@example.com\n",
+        "unsub.txt",
+    )
+    assert load_suppression([path]) == frozenset(
+        {"ann+news@example.com", "bob@example.com", "cy%2bx@example.com"}
+    )
+
+
 def test_headerless_suppression_csv_keeps_its_first_address(tmp_path: Path) -> None:
     """A one-column CSV without a header does not lose its first address to the header."""
     path = write(tmp_path, "a@example.com\nb@example.com\n", "unsub.csv")

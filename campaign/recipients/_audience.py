@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import unquote
 
 import polars as pl
 from email_validator import EmailNotValidError, validate_email
@@ -63,6 +64,7 @@ _SEVERAL = re.compile(r"[,;\s]+")
 _SUPPRESSION_COMMENT = re.compile(r"\s#.*$", re.S)
 _SUPPRESSION_TRIM = ";, \t"  # separators left at the end (or start) of an entry pasted from a list
 # A mailto: URL: its address(es) and the ?query to drop (RFC 6068: a '?' in an address is written %3F).
+# The address part is percent-encoded (`ann%2Bnews@…`, `bob%40example.com`): decoded before it is read.
 _MAILTO = re.compile(r"mailto:([^?\s<>]*)(?:\?[^\s<>]*)?", re.IGNORECASE)
 _LOWERED_MAILBOXES = frozenset(name.lower() for name in CASE_INSENSITIVE_MAILBOX_NAMES)
 
@@ -523,11 +525,15 @@ def parse_suppression_entry(value: str) -> tuple[str, ...] | None:
     none, RecipientDataError ("'…' is not a valid address: why") if one does not validate.
 
     Understands `ann@example.com`, `Ann <ann@example.com>`, `"ann@example.com"`, `mailto:` (its
-    `?query` dropped), trailing `;`/`,`, a trailing `# comment`, several addresses separated by
-    commas, a domain's final dot (`eve@example.org.`), and invisible format characters pasted along
-    (a zero-width space, a BOM, direction marks), which are removed.
+    `?query` dropped, its address percent-decoded as RFC 6068 writes it: `mailto:ann%2Bnews@…`),
+    trailing `;`/`,`, a trailing `# comment`, several addresses separated by commas, a domain's final
+    dot (`eve@example.org.`), and invisible format characters pasted along (a zero-width space, a
+    BOM, direction marks), which are removed.
     """
-    text = _MAILTO.sub(r"\1", _without_format_characters(value))
+    # Only a mailto: address is percent-decoded: in a plain address '%' is a legal local-part character.
+    # A decoded one may hold a format character too (%E2%80%8B): removed as from the rest.
+    text = _MAILTO.sub(lambda found: unquote(found.group(1)), _without_format_characters(value))
+    text = _without_format_characters(text)
     text = _SUPPRESSION_COMMENT.sub("", text).strip().strip(_SUPPRESSION_TRIM)
     if not text:
         return ()
