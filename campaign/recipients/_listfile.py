@@ -8,7 +8,8 @@ deliberately: binary as UTF-8, dates and times as ISO 8601, categories as their 
 raise as `InputFileError` (missing, unreadable) or `RecipientDataError` naming the file and,
 for bad CSV quoting or bytes that are not UTF-8, the line (for a stray NUL byte, its row and
 column too: text never holds one; a start full of them is UTF-16). `ListFile` never holds more than a
-block of the file, whatever its size. It knows nothing of addresses or recipients;
+block of the file, whatever its size (and one record, which may not run past `_MAX_RECORD_BYTES`).
+It knows nothing of addresses or recipients;
 `campaign.recipients._audience` checks the rows.
 """
 
@@ -32,6 +33,10 @@ DELIMITERS = (",", ";", "\t", "|")
 _BOM = b"\xef\xbb\xbf"
 _T = TypeVar("_T")
 _BLOCK_BYTES = 4 << 20  # a CSV is parsed this much at a time (about 45,000 newsletter rows)
+# One record may run this long (a quoted cell with a whole document in it); past it the record is taken
+# for a quote never closed, which would otherwise hold the rest of the file in memory as one record.
+_MAX_RECORD_BYTES = 32 << 20
+_NEVER_CLOSED = "a quote opened on this line is never closed"
 
 
 def _open(path: Path, what: str) -> BinaryIO:
@@ -117,18 +122,21 @@ def read_text(path: Path, what: str) -> str:
     return raw.decode("utf-8").removeprefix("\ufeff")
 
 
-def _record_end(data: bytes, start: int = 0) -> int:
+def _record_end(data: bytes, start: int = 0, quotes: int = 0) -> int:
     """The end of the last CSV record in `data` (just after a newline outside quotes), or 0 if none ends.
 
     `data` starts where a record starts. A newline is outside quotes when an even number of quote
     characters comes before it (a doubled quote inside a quoted field counts twice); a stray quote
-    in an unquoted field breaks the count, but polars refuses such a file anyway.
+    in an unquoted field breaks the count, but polars refuses such a file anyway. Only newlines from
+    `start` on are looked at: `data[:start]` was searched already (it ends no record) and holds
+    `quotes` quote characters. Each byte is counted once, so the search is linear even when a quote
+    stays open over a hundred thousand lines (counting from the start at every newline was quadratic).
     """
     at = len(data)
-    quotes_after = 0
+    before = quotes + data.count(b'"', start)  # the quotes before `at`
     while (newline := data.rfind(b"\n", start, at)) >= 0:
-        quotes_after += data.count(b'"', newline, at)
-        if (data.count(b'"', start) - quotes_after) % 2 == 0:
+        before -= data.count(b'"', newline, at)
+        if before % 2 == 0:
             return newline + 1
         at = newline
     return 0
@@ -136,9 +144,10 @@ def _record_end(data: bytes, start: int = 0) -> int:
 
 def _first_record_end(data: bytes) -> int:
     """The end of the first CSV record in `data` (after its newline), or len(data) if it has none."""
-    at = 0
+    at = quotes = 0
     while (newline := data.find(b"\n", at)) >= 0:
-        if data.count(b'"', 0, newline) % 2 == 0:
+        quotes += data.count(b'"', at, newline)  # kept as it goes: linear however many lines it spans
+        if quotes % 2 == 0:
             return newline + 1
         at = newline + 1
     return len(data)
@@ -178,13 +187,25 @@ def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:  # noqa: C90
         elif state == "start" and char != "\r":
             state = "plain"
     if state == "quoted":
-        return opened, "a quote opened on this line is never closed"
+        return opened, _NEVER_CLOSED
     return None
+
+
+class _LongRecord(Exception):
+    """A record (from the start of `head`) runs past `_MAX_RECORD_BYTES`: `ListFile` says where."""
+
+    def __init__(self, head: bytes) -> None:
+        super().__init__("a CSV record longer than the limit")
+        self.head = head
 
 
 def _csv_blocks(path: Path, what: str, offset: int = 0) -> Iterator[tuple[int, bytes]]:
     """The file's bytes (BOM dropped) from `offset` (where a record starts), in blocks of about
-    `_BLOCK_BYTES`, each ending where a record ends, with the file offset where each block ends."""
+    `_BLOCK_BYTES`, each ending where a record ends, with the file offset where each block ends.
+
+    _LongRecord if no record ends within `_MAX_RECORD_BYTES` (a quote never closed): the bytes held
+    stay bounded whatever the file's size.
+    """
     with _open(path, what) as file:
         if offset:
             file.seek(offset)
@@ -194,14 +215,28 @@ def _csv_blocks(path: Path, what: str, offset: int = 0) -> Iterator[tuple[int, b
             _check_text_start(data, path.name)
             offset = len(_BOM) if data.startswith(_BOM) else 0
             data = data.removeprefix(_BOM)
+        searched = quotes = 0  # data[:searched] ends no record and holds `quotes` quotes
         while more := _read(file, _BLOCK_BYTES, path, what):
             data += more
-            if end := _record_end(data):
+            if end := _record_end(data, searched, quotes):
                 offset += end
                 yield offset, data[:end]
                 data = data[end:]
+                # The rest ends no record either (`end` was the last), and an even number of quotes
+                # came before it: it is searched already, as the start of the next record.
+                searched, quotes = len(data), data.count(b'"')
+            else:
+                searched, quotes = len(data), quotes + data.count(b'"', searched)
+                if len(data) > _MAX_RECORD_BYTES:
+                    raise _LongRecord(data)
         if data:
             yield offset + len(data), data
+
+
+def _sniff(block: bytes) -> str:
+    """The separator of a list whose manifest names none: the first of `DELIMITERS` its first line holds."""
+    first_line = block.partition(b"\n")[0].decode("utf-8", "replace")
+    return next((d for d in DELIMITERS if d in first_line), ",")
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +274,9 @@ class ListFile:
         self._header_line = b""
         self._names: list[str] = []  # a CSV's column names, unnamed ones too (as "")
         self._separator = separator or ","
+        self._sniffs = separator is None  # the separator is the first line's (`_sniff`)
         self._conversions: list[pl.Expr] = []
-        names = self._open_parquet() if self._parquet else self._open_csv(separator)
+        names = self._open_parquet() if self._parquet else self._open_csv()
         # Unnamed columns (e.g. trailing separators from a spreadsheet): nothing can refer to them.
         self._keep = [index for index, name in enumerate(names) if name.strip()]
         self.header = [names[index] for index in self._keep]
@@ -273,11 +309,10 @@ class ListFile:
         frame = frame.select([frame.columns[index] for index in self._keep])
         return frame.with_columns(pl.col(pl.String).fill_null(""))
 
-    def _open_csv(self, separator: str | None) -> list[str]:
-        for _, block in _csv_blocks(self.path, self._what):
-            if separator is None:
-                first_line = block.partition(b"\n")[0].decode("utf-8", "replace")
-                self._separator = next((d for d in DELIMITERS if d in first_line), ",")
+    def _open_csv(self) -> list[str]:
+        for _, block, _ in self._blocks(0, 0):
+            if self._sniffs:
+                self._separator = _sniff(block)
             if block.isspace():
                 break
             self._header_line = block[: _first_record_end(block)]
@@ -294,19 +329,48 @@ class ListFile:
             f"{self.path.name}: is empty; its first line must name the columns (e.g. email,name)"
         )
 
+    def _blocks(self, offset: int, lines: int) -> Iterator[tuple[int, bytes, int]]:
+        """`_csv_blocks` from `offset`, after `lines` lines, each block with the lines before it; a
+        record that runs too long is an error naming its line (its fault, when one comes first)."""
+        blocks = _csv_blocks(self.path, self._what, offset)
+        while True:
+            try:
+                found = next(blocks, None)
+            except _LongRecord as exc:
+                raise self._long_record(exc.head, lines) from None
+            if found is None:
+                return
+            yield found[0], found[1], lines
+            lines += found[1].count(b"\n")
+
+    def _long_record(self, head: bytes, lines: int) -> RecipientDataError:
+        """The error for a record that starts at `head`, after `lines` lines, and runs past the limit."""
+        separator = _sniff(head) if self._sniffs and not self._header_line else self._separator
+        line, why = _find_csv_fault(head.decode("utf-8", "replace"), separator) or (1, _NEVER_CLOSED)
+        if why != _NEVER_CLOSED:  # a fault inside the record, before the limit: the one to fix
+            return RecipientDataError(f"{self.path.name}: line {lines + line}: malformed CSV: {why}")
+        return RecipientDataError(
+            f"{self.path.name}: line {lines + line}: malformed CSV: a quote opened on this line is not "
+            f"closed within {_MAX_RECORD_BYTES >> 20} MB; close it, or quote the whole field and double "
+            'any quote inside ("")'
+        )
+
     def _csv_frames(self) -> Iterator[pl.DataFrame]:
         """Each block of data rows parsed, in file order."""
         lines = self._lines_before()
         rows = self.start.rows
-        for number, (end, block) in enumerate(_csv_blocks(self.path, self._what, self.start.offset)):
-            _check_utf8_text(block, self.path.name, lines)
-            nul_line = _nul_line(block, lines)
+        header_lines = self._header_line.count(b"\n")
+        for number, (end, block, before) in enumerate(self._blocks(self.start.offset, lines)):
+            _check_utf8_text(block, self.path.name, before)
+            nul_line = _nul_line(block, before)
             self.end = end
-            lines += block.count(b"\n")
-            if number == 0 and not self.start.offset:
+            with_header = number == 0 and not self.start.offset
+            if with_header:
                 block = block[len(self._header_line) :]
             if block:
-                frame = self._parse(self._header_line + block).slice(1)
+                # The parsed text's line L is the file's line L + shift (the header line stands in front).
+                shift = 0 if with_header else before - header_lines
+                frame = self._parse(self._header_line + block, shift).slice(1)
                 if nul_line is not None:
                     raise _nul_error(self.path.name, self._nul_cell(frame, rows, nul_line))
                 rows += frame.height
@@ -336,7 +400,9 @@ class ListFile:
                 left -= len(chunk)
         return lines
 
-    def _parse(self, data: bytes) -> pl.DataFrame:
+    def _parse(self, data: bytes, shift: int = 0) -> pl.DataFrame:
+        """`data` (the header line, then a block of records; UTF-8 checked) parsed; its line L is the
+        file's line L + `shift` (a line of the header is its own)."""
         try:
             # No header inference: polars would rename duplicate names, and we want to report them.
             return pl.read_csv(
@@ -347,11 +413,13 @@ class ListFile:
                 empty_string_is_null=False,
             )
         except (pl.exceptions.PolarsError, ValueError) as exc:
-            # The fault's line is found in the whole file's text: only a read that failed pays for it.
+            # The fault's line is found in the text that failed (a block, not the whole file: memory
+            # stays flat): only a read that failed pays for it.
             name = self.path.name
-            fault = _find_csv_fault(read_text(self.path, self._what), self._separator)
+            fault = _find_csv_fault(data.decode("utf-8"), self._separator)
             if fault is not None:
-                raise RecipientDataError(f"{name}: line {fault[0]}: malformed CSV: {fault[1]}") from exc
+                line = fault[0] if fault[0] <= self._header_line.count(b"\n") else fault[0] + shift
+                raise RecipientDataError(f"{name}: line {line}: malformed CSV: {fault[1]}") from exc
             first = str(exc).strip().splitlines()[0]
             raise RecipientDataError(f"{name}: cannot be read as CSV ({first}); check the quoting") from exc
 
