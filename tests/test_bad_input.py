@@ -100,6 +100,22 @@ CASES = {
         65,
         ["recipients.csv"],
     ),
+    "csv CR-only line ends (classic Mac)": (
+        {"csv": CSV.replace("\n", "\r")},
+        65,
+        ["recipients.csv: uses CR-only line endings (classic Mac)", "CSV UTF-8"],
+    ),
+    "csv blank first line": ({"csv": "\n" + CSV}, 65, ["recipients.csv: line 1 is blank"]),
+    "header name with a control character": (
+        {"csv": CSV.replace("first_name,", "first_name,no\x1bte,", 1)},
+        65,
+        ['recipients.csv: line 1 (the header): column "no\\x1bte" holds a control character'],
+    ),
+    "header name with a zero-width space": (
+        {"csv": "\u200b" + CSV},
+        65,
+        ['no column "email"', '"\\u200bemail", "name"', "do not show"],
+    ),
     "header with stray spaces": (
         {"csv": "email, name ,first_name,sender\nann@example.com,Ann,Ann,alice\n"},
         65,

@@ -123,6 +123,43 @@ def test_a_percent_encoded_mailto_entry_suppresses_its_address(api, cli, tmp_pat
     assert status["skipped"]["suppressed"] == 2
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (
+            b"\nemail\nbob@example.org\n",
+            "line 1 is blank, but it must name the columns (e.g. email,name); remove the blank lines above "
+            "the header",
+        ),
+        (
+            b",\nbob@example.org,\n",
+            "line 1 (the header) names no column; the first line must name them (e.g. email,name)",
+        ),
+        (
+            b"email,name\rbob@example.org,Bob\r",
+            'uses CR-only line endings (classic Mac); save it as "CSV UTF-8" (Excel: Save As > CSV UTF-8)',
+        ),
+        (
+            b"email\rbob@example.org\rfrank@example.com\r",
+            'uses CR-only line endings (classic Mac); save it as "CSV UTF-8" (Excel: Save As > CSV UTF-8)',
+        ),
+    ],
+)
+def test_a_suppression_csv_that_would_read_as_empty_stops_preview_and_run(api, cli, tmp_path, content, said):
+    """A blank first line, a header naming no column, CR-only line ends: each used to read the file as
+    no one, and bob was mailed. Now exit 65 naming the file and what to do; nothing sent, no ledger."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (manifest.parent / "optouts.csv").write_bytes(content)
+    manifest.write_text(manifest.read_text().replace('"unsubscribed.txt"', '"optouts.csv"'))
+    api.add_grant(GRANT, "maya@example.com")
+    for args in (("preview",), ("run", "--yes")):
+        result = cli(*args[:1], manifest, *args[1:])
+        assert result.exit_code == 65, result.output
+        assert result.stderr.strip().splitlines() == [f"error: optouts.csv: {said}"]
+    assert api.deliveries == []
+    assert not list(manifest.parent.glob("*.sqlite*"))
+
+
 def test_suppression_csv_column_with_display_names_suppresses(api, cli, tmp_path):
     """A CSV `email` column holding `Name <address>` and quoted values suppresses those addresses."""
     manifest = copy_sample("newsletter", tmp_path)

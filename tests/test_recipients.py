@@ -12,7 +12,7 @@ from support import check_plan
 from campaign.errors import InputFileError, RecipientDataError
 from campaign.manifest import RecipientsSettings, load_manifest
 from campaign.models import SkipReason
-from campaign.recipients import Audience, load_audience
+from campaign.recipients import Audience, _audience, load_audience
 from campaign.recipients._audience import load_suppression
 
 SENDERS = ("alice", "bob")
@@ -111,6 +111,52 @@ def test_missing_email_column_lists_columns_and_case_hint(tmp_path: Path) -> Non
         'recipients.csv: no column "email" (recipients.email_column); the header has: "Email", "Name"; '
         'did you mean "Email"? (names are case-sensitive)'
     )
+
+
+def test_an_invisible_character_in_a_header_name_is_shown_escaped(tmp_path: Path) -> None:
+    """A zero-width space before `email` (pasted from a web page) is shown as \\u200b, not printed raw
+    (it read: no column "email" … the header has: "email"), and named as what to remove."""
+    message = data_error(tmp_path, "\u200bemail,na\u00adme\nann@example.com,Ann\n")
+    assert message == (
+        'recipients.csv: no column "email" (recipients.email_column); the header has: "\\u200bemail", '
+        '"na\\xadme"; "\\u200bemail" holds characters that do not show (escaped here): remove them'
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (
+            "email,na\x07me\nann@example.com,Ann\n",
+            'recipients.csv: line 1 (the header): column "na\\x07me" holds a control character (\\x07); '
+            "remove it and save the file again",
+        ),
+        (
+            'email,"na\nme"\nann@example.com,Ann\n',
+            'recipients.csv: line 1 (the header): column "na\\nme" holds a control character (\\n); '
+            "remove it and save the file again",
+        ),
+        (
+            "\nemail,name\nann@example.com,Ann\n",
+            "recipients.csv: line 1 is blank, but it must name the columns (e.g. email,name); remove the "
+            "blank lines above the header",
+        ),
+        (
+            ",,\nann@example.com,Ann,\n",
+            "recipients.csv: line 1 (the header) names no column; the first line must name them "
+            "(e.g. email,name)",
+        ),
+        (
+            "email,name\rann@example.com,Ann\rbob@example.com,Bob\r",
+            'recipients.csv: uses CR-only line endings (classic Mac); save it as "CSV UTF-8" (Excel: Save '
+            "As > CSV UTF-8)",
+        ),
+    ],
+)
+def test_a_header_that_cannot_name_the_columns_is_refused(tmp_path: Path, content: str, said: str) -> None:
+    """A control character in a name, a blank first line, a header of unnamed columns, CR-only line ends
+    (the whole file one header line: a list of no one, which used to be "every recipient settled")."""
+    assert data_error(tmp_path, content) == said
 
 
 @pytest.mark.parametrize("key", ["name_column", "sender_column", "key_column"])
@@ -376,6 +422,23 @@ def test_a_mailto_suppression_entry_is_percent_decoded(tmp_path: Path) -> None:
     assert load_suppression([path]) == frozenset(
         {"ann+news@example.com", "bob@example.com", "cy%2bx@example.com"}
     )
+
+
+def test_a_suppression_csv_read_as_no_rows_but_holding_lines_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The net under the header checks: a CSV that yields no row while it holds lines after its first
+    (however it came to be misread) is an error, never an empty opt-out list; a header alone is empty."""
+    path = write(tmp_path, "email\nbob@example.com\n", "unsub.csv")
+    empty = pl.DataFrame(schema={"column_0": pl.String})
+    monkeypatch.setattr(_audience, "read_table", lambda *_: (["email"], empty))
+    with pytest.raises(RecipientDataError) as caught:
+        load_suppression([path])
+    assert str(caught.value) == (
+        "unsub.csv: holds 2 lines, but no entry could be read after its header; save it as CSV UTF-8 "
+        "with the header on line 1 (e.g. email) and one entry a line"
+    )
+    assert load_suppression([write(tmp_path, "email\n\n", "only.csv")]) == frozenset()
 
 
 def test_headerless_suppression_csv_keeps_its_first_address(tmp_path: Path) -> None:

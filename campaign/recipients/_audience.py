@@ -39,6 +39,7 @@ from campaign.recipients._listfile import (
     column_values,
     read_table,
     read_text,
+    shown_name,
     shown_path,
 )
 from campaign.redaction import HIDDEN, SECRET_ANYWHERE, holds_secret
@@ -142,15 +143,19 @@ class Audience:
 
 
 def _check_header(name: str, header: list[str], settings: RecipientsSettings) -> None:
+    """RecipientDataError for a header templates and the manifest cannot use; names are shown with what
+    does not show as itself escaped (`shown_name`: a zero-width space as \\u200b)."""
     for column in header:
         if column != column.strip():
             raise RecipientDataError(
-                f'{name}: column "{column}" has spaces around its name in the header; remove them '
+                f"{name}: column {shown_name(column)} has spaces around its name in the header; remove them "
                 "(templates and the manifest use the exact name)"
             )
     for index, column in enumerate(header):
         if column in header[:index]:
-            raise RecipientDataError(f'{name}: column "{column}" appears twice in the header; rename one')
+            raise RecipientDataError(
+                f"{name}: column {shown_name(column)} appears twice in the header; rename one"
+            )
     wanted: dict[str, str | None] = {
         "email_column": settings.email_column,
         "name_column": settings.name_column,
@@ -162,17 +167,21 @@ def _check_header(name: str, header: list[str], settings: RecipientsSettings) ->
         if wanted_column is None or wanted_column in header:
             continue
         column = wanted_column
-        shown = ", ".join(f'"{c}"' for c in header[:12]) + (", …" if len(header) > 12 else "")
+        shown = ", ".join(shown_name(c) for c in header[:12]) + (", …" if len(header) > 12 else "")
         hint = ""
         same = [c for c in header if c.lower() == column.lower()]
+        # A name that reads as the one wanted but holds an invisible character (a zero-width space).
+        hidden = [c for c in header if "".join(char for char in c if char.isprintable()) == column]
         delimiters = [d for d in DELIMITERS if d != settings.delimiter and any(d in c for c in header)]
         if same:
-            hint = f'; did you mean "{same[0]}"? (names are case-sensitive)'
+            hint = f"; did you mean {shown_name(same[0])}? (names are case-sensitive)"
+        elif hidden:
+            hint = f"; {shown_name(hidden[0])} holds characters that do not show (escaped here): remove them"
         elif delimiters:
             toml = json.dumps(delimiters[0])  # TOML basic string: "\t" is a tab there, '\t' is not
             hint = f"; the header contains {toml}: set recipients.delimiter = {toml} in the manifest"
         raise RecipientDataError(
-            f'{name}: no column "{column}" (recipients.{key}); the header has: {shown}{hint}'
+            f"{name}: no column {shown_name(column)} (recipients.{key}); the header has: {shown}{hint}"
         )
 
 
@@ -477,9 +486,9 @@ def _suppression_values(path: Path) -> list[tuple[str, str]]:
             for number, line in enumerate(lines, start=1)
             if not line.lstrip().startswith("#")
         ]
-    header, frame = read_table(path, None, "suppression list")
-    if not header:
-        return []
+    header, frame = read_table(path, None, "suppression list")  # a header naming no column is refused
+    if not frame.height and path.suffix.lower() == ".csv":
+        _check_nothing_unread(path)
     lowered = [h.strip().lower() for h in header]
     index = lowered.index("email") if "email" in lowered else 0
     column = [str(value) for value in column_values(frame.select(frame.columns[index]))[0]]
@@ -489,6 +498,18 @@ def _suppression_values(path: Path) -> list[tuple[str, str]]:
         return [(f"row {number}", value) for number, value in enumerate(column, start=1)]
     # CSV line numbers, counting the header line (a file's first line when `first` is used).
     return [(f"line {number}", value) for number, value in enumerate(first + column, start=1 if first else 2)]
+
+
+def _check_nothing_unread(path: Path) -> None:
+    """RecipientDataError if a CSV suppression list from which no row was read holds lines after its
+    header: an opt-out file misread as empty would mail everyone in it (CR-only line ends, a blank
+    first line and a header naming no column are refused where the file is read; this is the net)."""
+    lines = [line for line in read_text(path, "suppression list").splitlines() if line.strip()]
+    if len(lines) > 1:
+        raise RecipientDataError(
+            f"{shown_path(path.name)}: holds {len(lines)} lines, but no entry could be read after its "
+            "header; save it as CSV UTF-8 with the header on line 1 (e.g. email) and one entry a line"
+        )
 
 
 _FIX_ENTRY = (

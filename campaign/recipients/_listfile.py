@@ -7,9 +7,10 @@ deliberately: binary as UTF-8, dates and times as ISO 8601, categories as their 
 (struct, list) and other columns that have no one text form are refused. Whole-file faults
 raise as `InputFileError` (missing, unreadable) or `RecipientDataError` naming the file and,
 for bad CSV quoting or bytes that are not UTF-8, the line (for a stray NUL byte, its row and
-column too: text never holds one; a start full of them is UTF-16). `ListFile` never holds more than a
-block of the file, whatever its size (and one record, which may not run past `_MAX_RECORD_BYTES`).
-It knows nothing of addresses or recipients;
+column too: text never holds one; a start full of them is UTF-16), and a header that cannot be
+the columns' names (a blank first line, CR-only line ends, no name, a control character in a name).
+`ListFile` never holds more than a block of the file, whatever its size (and one record, which may
+not run past `_MAX_RECORD_BYTES`). It knows nothing of addresses or recipients;
 `campaign.recipients._audience` checks the rows.
 """
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import io
+import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,16 @@ import polars as pl
 from campaign.errors import InputFileError, MissingFileError, RecipientDataError
 from campaign.redaction import quote_value, secret_values
 
-__all__ = ["DELIMITERS", "ListFile", "ListStart", "column_values", "read_table", "read_text", "shown_path"]
+__all__ = [
+    "DELIMITERS",
+    "ListFile",
+    "ListStart",
+    "column_values",
+    "read_table",
+    "read_text",
+    "shown_name",
+    "shown_path",
+]
 
 DELIMITERS = (",", ";", "\t", "|")
 _BOM = b"\xef\xbb\xbf"
@@ -36,6 +48,7 @@ _BLOCK_BYTES = 4 << 20  # a CSV is parsed this much at a time (about 45,000 news
 # One record may run this long (a quoted cell with a whole document in it); past it the record is taken
 # for a quote never closed, which would otherwise hold the rest of the file in memory as one record.
 _MAX_RECORD_BYTES = 32 << 20
+_LONE_CR = re.compile(rb"\r(?!\n)")
 _NEVER_CLOSED = "a quote opened on this line is never closed"
 
 
@@ -75,6 +88,44 @@ def _check_text_start(start: bytes, name: str) -> None:
             f"{name}: holds NUL bytes, so it is UTF-16 text without a byte order mark (or not text); "
             'save it as "CSV UTF-8" (comma delimited)'
         )
+
+
+def _check_line_ends(start: bytes, name: str) -> None:
+    """A clear error for CR-only line ends (classic Mac; Excel for Mac's "CSV (Macintosh)"): records are
+    cut at LF only, so such a file would be one header line and no rows, and a list of no one.
+
+    Only the header line is looked at: a CR outside quotes there ends no record. (A CR inside a quoted
+    name is a control character in the name, refused as such.)
+    """
+    newline = start.find(b"\n")
+    head = start if newline < 0 else start[: newline + 1]
+    found = _LONE_CR.search(head)
+    if found is not None and head.count(b'"', 0, found.start()) % 2 == 0:
+        raise RecipientDataError(
+            f'{name}: uses CR-only line endings (classic Mac); save it as "CSV UTF-8" (Excel: Save As > '
+            "CSV UTF-8)"
+        )
+
+
+def shown_name(name: str) -> str:
+    """A column's name as an error shows it: in double quotes, with each character that does not show as
+    itself (a control, a zero-width space, a no-break space) written as its escape (`\\u200b`), so the
+    user sees how it differs from the name they typed."""
+    if name.isprintable():
+        return f'"{name}"'
+    return '"' + "".join(char if char.isprintable() else repr(char)[1:-1] for char in name) + '"'
+
+
+def _check_names(names: list[str], where: str) -> None:
+    """RecipientDataError for a column name holding a control character (a tab is a separator's
+    business: the header's checks say so): no template or manifest can name it as it is."""
+    for name in names:
+        control = next((c for c in name if c != "\t" and unicodedata.category(c) == "Cc"), None)
+        if control is not None:
+            raise RecipientDataError(
+                f"{where}: column {shown_name(name)} holds a control character ({repr(control)[1:-1]}); "
+                "remove it and save the file again"
+            )
 
 
 def _looks_utf16(start: bytes) -> bool:
@@ -215,6 +266,7 @@ def _csv_blocks(path: Path, what: str, offset: int = 0) -> Iterator[tuple[int, b
             _check_text_start(data, path.name)
             offset = len(_BOM) if data.startswith(_BOM) else 0
             data = data.removeprefix(_BOM)
+            _check_line_ends(data, path.name)
         searched = quotes = 0  # data[:searched] ends no record and holds `quotes` quotes
         while more := _read(file, _BLOCK_BYTES, path, what):
             data += more
@@ -277,9 +329,14 @@ class ListFile:
         self._sniffs = separator is None  # the separator is the first line's (`_sniff`)
         self._conversions: list[pl.Expr] = []
         names = self._open_parquet() if self._parquet else self._open_csv()
+        where = shown_path(path.name) if self._parquet else f"{shown_path(path.name)}: line 1 (the header)"
+        _check_names(names, where)
         # Unnamed columns (e.g. trailing separators from a spreadsheet): nothing can refer to them.
         self._keep = [index for index, name in enumerate(names) if name.strip()]
         self.header = [names[index] for index in self._keep]
+        if not self.header:  # read as no column at all, a suppression list would suppress no one
+            fix = "export it again with named columns" if self._parquet else "the first line must name them"
+            raise RecipientDataError(f"{where} names no column; {fix} (e.g. email,name)")
 
     @functools.cached_property
     def row_count(self) -> int:
@@ -316,6 +373,11 @@ class ListFile:
             if block.isspace():
                 break
             self._header_line = block[: _first_record_end(block)]
+            if self._header_line.isspace():  # read on, a suppression list would be read as no one
+                raise RecipientDataError(
+                    f"{self.path.name}: line 1 is blank, but it must name the columns (e.g. email,name); "
+                    "remove the blank lines above the header"
+                )
             if not self._header_line.endswith(b"\n"):
                 self._header_line += b"\n"
             _check_utf8_text(self._header_line, self.path.name, 0)
