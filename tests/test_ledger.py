@@ -361,6 +361,70 @@ def test_the_rows_sent_to_some_addresses_are_found_without_case(ledger, clock):
     assert ledger.sent_messages_to([]) == []
 
 
+def test_rows_of_step_1_are_found_by_address_whatever_their_key(ledgers, clock):
+    """A key column's campaign: `listed_addresses` finds the first listed row at each address, and
+    `mailed_keys` another key whose row was mailed there (sent, in flight, unknown; not pending or
+    failed), without case, whether or not a row's key is its address; a follow-up's row is not step 1's."""
+    from campaign.ledger import ScheduledStep
+
+    ledger = ledgers.open("keyed", clock=clock)
+    plan = [
+        PlannedRow("1", 1, "Ann@x.com", "alice"),
+        PlannedRow("2", 2, "bob@x.com", "alice"),
+        PlannedRow("carl@x.com", 3, "Carl@x.com", "alice"),  # a key column that holds addresses
+        PlannedRow("4", 4, "dora@x.com", "alice"),
+        PlannedRow("5", 5, "eve@x.com", "alice"),
+        PlannedRow("7", 7, "ann@X.com", "alice"),
+    ]
+    ledger.record_plan(plan, [Skip(6, "6", "fay@x.com", SkipReason.DUPLICATE, "duplicate of row 9")])
+    for key in ("1", "carl@x.com", "4", "5"):
+        ledger.claim(key)
+    ledger.record_outcome("1", SENT, sender="alice")
+    ledger.record_unknown("4")
+    ledger.record_outcome("5", REJECTED, sender="alice")
+    wanted = ["ann@x.com", "bob@x.com", "carl@x.com", "fay@x.com", "nobody@x.com"]
+    assert ledger.listed_addresses(wanted) == {
+        "ann@x.com": 1,
+        "bob@x.com": 2,
+        "carl@x.com": 3,
+        "fay@x.com": 6,
+    }
+    asked = [("a", "ann@x.com"), ("1", "ann@x.com"), ("b", "bob@x.com"), ("c", "carl@x.com")]
+    asked += [("d", "dora@x.com"), ("e", "eve@x.com"), ("n", "nobody@x.com")]
+    assert ledger.mailed_keys(asked) == {"a": "1", "c": "carl@x.com", "d": "4"}
+    assert ledger.mailed_keys([]) == ledger.listed_addresses([]) == {}
+    # Ann's follow-up, sent: a row of its own with her address, which is not another key of hers.
+    nudge = ScheduledStep("1", "nudge", 1, "Ann@x.com", "alice", "1", clock.now())
+    assert ledger.record_followups([nudge]) == 1
+    (due,) = ledger.due_steps_of("alice", P, clock.now())
+    ledger.claim(due.key)
+    ledger.record_outcome(due.key, SENT, sender="alice")
+    assert ledger.mailed_keys([("1", "ann@x.com")]) == {}
+    # Key 1 left the list: still mailed, no longer listed (row 7 is the first listed at Ann's address).
+    ledger.record_plan(plan[1:], [])
+    assert ledger.listed_addresses(["ann@x.com"]) == {"ann@x.com": 7}
+    assert ledger.mailed_keys([("7", "ann@x.com")]) == {"7": "1"}
+
+
+def test_a_ledger_read_before_a_run_added_the_address_index_finds_the_same_rows(sqlite_ledgers, clock):
+    """A read-only open (a preview) of a ledger that lacks `recipients_address` (an index migration,
+    after READABLE_FROM) looks addresses up all the same, one pass over the table a batch."""
+    ledger = sqlite_ledgers.open("keyed", clock=clock)
+    ledger.record_plan(
+        [PlannedRow("1", 1, "Ann@x.com", "alice"), PlannedRow("b@x.com", 2, "b@x.com", "a")], []
+    )
+    ledger.claim("b@x.com")
+    ledger.record_outcome("b@x.com", SENT, sender="alice")
+    ledger.close()
+    with sqlite3.connect(sqlite_ledgers.path("keyed")) as db:
+        db.execute("DROP INDEX recipients_address")
+    reading = sqlite_ledgers.open("keyed", clock=clock, read_only=True)
+    assert reading.listed_addresses(["ann@x.com", "b@x.com", "c@x.com"]) == {"ann@x.com": 1, "b@x.com": 2}
+    assert reading.mailed_keys([("2", "b@x.com"), ("b@x.com", "b@x.com"), ("3", "ann@x.com")]) == {
+        "2": "b@x.com"
+    }
+
+
 def test_release_keeps_the_unused_key(ledger):
     """A claim whose request never left is undone: the next claim gets the same, never used, key."""
     first = ledger.claim("ann@x.com")

@@ -12,7 +12,7 @@ from support import check_plan
 from campaign.errors import InputFileError, RecipientDataError
 from campaign.manifest import RecipientsSettings, load_manifest
 from campaign.models import SkipReason
-from campaign.recipients import Audience, _audience, load_audience
+from campaign.recipients import Audience, _audience, load_audience, scan_audience
 from campaign.recipients._audience import load_suppression
 
 SENDERS = ("alice", "bob")
@@ -283,7 +283,7 @@ def test_sender_column_checks_names(tmp_path: Path) -> None:
 
 def test_key_column_identifies_recipients(tmp_path: Path) -> None:
     """With key_column the key comes from it, duplicates are by key, and an empty key is a problem."""
-    content = "id,email\nC-1,a@example.com\nC-2,a@example.com\nC-1,b@example.com\n,c@example.com\n"
+    content = "id,email\nC-1,a@example.com\nC-2,d@example.com\nC-1,b@example.com\n,c@example.com\n"
     audience = load_text(tmp_path, content, key_column="id")
     assert [(r.key, r.row) for r in audience.recipients] == [("C-1", 1), ("C-2", 2)]
     (skip,) = audience.skipped
@@ -291,6 +291,42 @@ def test_key_column_identifies_recipients(tmp_path: Path) -> None:
     (problem,) = audience.problems
     assert (problem.row, problem.where) == (4, 'column "id"')
     assert "the key is empty" in problem.message
+
+
+def test_with_key_column_an_address_is_still_mailed_once(tmp_path: Path) -> None:
+    """Two keys at one address (compared as addresses are: case and the domain's IDNA form aside): the
+    later row is a duplicate naming the first, across batches too; a row skipped for its key claims no
+    address, and without a key column nothing changes."""
+    content = (
+        "id,email\n"
+        "1,ann@example.com\n"  # 1
+        "1,bob@example.com\n"  # 2: its key is row 1's: skipped, and bob is not taken
+        "2,ANN@Example.COM\n"  # 3: ann again, under another key
+        "3,bob@example.com\n"  # 4: bob's first row that is mailed
+        "4,eve@xn--bcher-kva.example\n"  # 5
+        "5,eve@bücher.example\n"  # 6: the same address as row 5
+    )
+    path = write(tmp_path, content)
+    scan = scan_audience(RecipientsSettings(source=path, key_column="id"), sender_names=SENDERS)
+    checked = [row for batch in scan.batches(2) for row in batch]
+    assert [(row.row, row.recipient.key) for row in checked if row.recipient] == [
+        (1, "1"),
+        (4, "3"),
+        (5, "4"),
+    ]
+    skips = [(row.row, row.skip.key, row.skip.reason, row.skip.detail) for row in checked if row.skip]
+    assert skips == [
+        (2, "1", SkipReason.DUPLICATE, "duplicate of row 1"),
+        (3, "2", SkipReason.DUPLICATE, "duplicate of row 1 (same address, other key)"),
+        (6, "5", SkipReason.DUPLICATE, "duplicate of row 5 (same address, other key)"),
+    ]
+    by_address = load(path)  # keyed by address: the same rows, duplicates by address as ever
+    assert [r.row for r in by_address.recipients] == [1, 2, 5]
+    assert [(skip.row, skip.detail) for skip in by_address.skipped] == [
+        (3, "duplicate of row 1"),
+        (4, "duplicate of row 2"),
+        (6, "duplicate of row 5"),
+    ]
 
 
 def test_parquet_nulls_become_empty_strings_and_types_are_kept(tmp_path: Path) -> None:

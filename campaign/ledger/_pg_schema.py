@@ -176,6 +176,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             WHERE via IS NULL
         """,
     ),
+    (
+        "find step 1's rows by address where the key is not the address",
+        # As SQLite's: with recipients.key_column, two keys may name one address, which is still mailed
+        # once (`listed_addresses`, `mailed_keys`). Only rows whose key is not their address are in it (an
+        # address-keyed campaign's are found by key); neither column changes with a row's state.
+        """
+        CREATE INDEX IF NOT EXISTS recipients_address ON recipients (campaign_id, lower(email))
+            WHERE step = 'message' AND key <> lower(email)
+        """,
+    ),
 )
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add
 # indexes only, which its queries do without (a little slower) until a sending command migrates: an

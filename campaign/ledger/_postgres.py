@@ -50,6 +50,7 @@ from campaign.ledger._read import (
     FAILED_ROWS,
     INVALID_REASON,
     LIST_EXTENT,
+    MAILED_STATES,
     PLAN_STAMP,
     ROW_COLUMNS,
     RULES_STAMP,
@@ -61,6 +62,7 @@ from campaign.ledger._read import (
     _iso,
     _moment,
     _to_row,
+    first_of,
     step_counts_of,
 )
 from campaign.ledger._values import (
@@ -559,6 +561,27 @@ class PostgresLedger(KeptFacts):
             (self._id, list(keys), FIRST_STEP),
         )
         return dict(rows)
+
+    def listed_addresses(self, emails: Iterable[str]) -> dict[str, int]:
+        """Lower-cased address -> the first row of step 1 that the last plan listed with it (compared
+        without case), for `emails` (lower-cased): a batch's lookups, through `recipients_address`."""
+        wanted = list(emails)
+        query = _BY_ADDRESS.format(column="row", where="r.listed")
+        return first_of(self._read(query, {"campaign": self._id, "keys": wanted, "emails": wanted}))
+
+    def mailed_keys(self, asked: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """For each (key, lower-cased address) asked: another key of step 1 whose row was mailed to that
+        address (sent, in flight or unknown), compared without case; key -> that key (the least, if
+        several), for the keys that have one."""
+        pairs = list(asked)
+        query = _BY_ADDRESS.format(column="key", where="r.key <> a.key AND r.state = ANY(%(mailed)s::text[])")
+        params = {
+            "campaign": self._id,
+            "keys": [key for key, _ in pairs],
+            "emails": [email for _, email in pairs],
+            "mailed": [state.value for state in MAILED_STATES],
+        }
+        return first_of(self._read(query, params))
 
     def assigned_senders(self, keys: Iterable[str] | None = None) -> dict[str, str]:
         """The sender each recipient already in the ledger is assigned to (of `keys`, if given)."""
@@ -1429,4 +1452,16 @@ _LATEST_ERRORS = """
             FROM recipients WHERE campaign_id = %s AND {rows}
         ) AS saying WHERE said IS NOT NULL
     ) AS ranked WHERE place = 1
+"""
+# Step 1's rows at a batch of lower-cased addresses (`a`: the key asked for, the address), as SQLite's
+# `_BY_ADDRESS`: through `recipients_address` where the key is not the address (the terms of its WHERE
+# spelled as it spells them, so that the planner proves it applies), by the key where it is.
+_BY_ADDRESS = """
+    WITH a (key, email) AS (SELECT * FROM unnest(%(keys)s::text[], %(emails)s::text[]))
+    SELECT a.key, r.{column} FROM a JOIN recipients AS r ON r.campaign_id = %(campaign)s
+        AND lower(r.email) = a.email AND r.step = 'message' AND r.key <> lower(r.email)
+    WHERE {where}
+    UNION ALL
+    SELECT a.key, r.{column} FROM a JOIN recipients AS r ON r.campaign_id = %(campaign)s AND r.key = a.email
+    WHERE lower(r.email) = a.email AND r.step = 'message' AND {where}
 """

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from campaign.errors import LedgerError
 from campaign.ledger._leases import WorkerView
@@ -170,6 +170,8 @@ class LedgerReader:
         self._logs_mailboxes: bool | None = (
             None  # whether send_log has `via` (a read-only open may predate it)
         )
+        # Whether `recipients_address` exists (a read-only open may predate it).
+        self._indexes_addresses: bool | None = None
         # Re-entrant: a batch of writes holds it while each write takes it again.
         self._lock = threading.RLock()
 
@@ -190,6 +192,30 @@ class LedgerReader:
             (_keys(keys), FIRST_STEP),
         )
         return {str(key): int(row) for key, row in rows}
+
+    def listed_addresses(self, emails: Iterable[str]) -> dict[str, int]:
+        """Lower-cased address -> the first row of step 1 that the last plan listed with it (compared
+        without case), for `emails` (lower-cased): a batch's lookups, never a pass over the ledger."""
+        query = self._by_address().format(asked=_ASKED_ADDRESSES, column="row", where="r.listed = 1")
+        return first_of(self._read(query, (_keys(emails),)))
+
+    def mailed_keys(self, asked: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """For each (key, lower-cased address) asked: another key of step 1 whose row was mailed to that
+        address (sent, in flight or unknown), compared without case; key -> that key (the least, if
+        several), for the keys that have one."""
+        where = f"r.key != a.key AND r.state IN {_MAILED}"
+        query = self._by_address().format(asked=_ASKED_PAIRS, column="key", where=where)
+        return first_of(self._read(query, (json.dumps(list(asked)),)))
+
+    def _by_address(self) -> str:
+        """The query of step 1's rows at a batch of addresses: through `recipients_address`, or, in a
+        ledger read before a run added it, one pass over the table a batch (never one an address)."""
+        if self._indexes_addresses is None:
+            found = self._read(
+                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'recipients_address'"
+            )
+            self._indexes_addresses = bool(found)
+        return _BY_ADDRESS if self._indexes_addresses else _BY_ADDRESS_SCANNED
 
     def key_cells(self, keys: Iterable[str]) -> dict[str, str]:
         """Key -> its list row's cells as last checked (`recipients.encode_cells`), for the rows of `keys`
@@ -616,6 +642,40 @@ class LedgerReader:
 # planner may prefer the state index and scan every sent row of a large ledger for each batch.
 _BY_KEYS = "json_each(?) AS j CROSS JOIN recipients AS r ON r.key = j.value"
 INVALID_REASON = f"{SkipReason.INVALID.value}:"  # how the reason of a row skipped as invalid begins
+
+# The states of a row whose message may have reached its address: sent, or maybe (in flight, unknown).
+MAILED_STATES = (RowState.SENT, RowState.INFLIGHT, RowState.UNKNOWN)
+_MAILED = "(" + ", ".join(f"'{state.value}'" for state in MAILED_STATES) + ")"
+# Step 1's rows at a batch of lower-cased addresses (`a`: the key asked for, the address): through the
+# index `recipients_address` where the key is not the address, by the key where it is (the index leaves
+# those rows out). The terms of the index's WHERE are spelled as it spells them, or SQLite will not use
+# it; CROSS JOIN keeps the batch as the outer loop, as `_BY_KEYS` does.
+_BY_ADDRESS = (
+    "WITH a(key, email) AS ({asked}) "
+    "SELECT a.key, r.{column} FROM a CROSS JOIN recipients AS r ON lower(r.email) = a.email "
+    "AND r.step = 'message' AND r.key != lower(r.email) WHERE {where} "
+    "UNION ALL SELECT a.key, r.{column} FROM a CROSS JOIN recipients AS r ON r.key = a.email "
+    "WHERE lower(r.email) = a.email AND r.step = 'message' AND {where}"
+)
+# Without the index: the table is the outer loop, each row probing the batch (SQLite indexes it).
+_BY_ADDRESS_SCANNED = (
+    "WITH a(key, email) AS MATERIALIZED ({asked}) SELECT a.key, r.{column} FROM recipients AS r CROSS JOIN a "
+    "ON a.email = lower(r.email) WHERE r.step = 'message' AND {where}"
+)
+_ASKED_ADDRESSES = "SELECT value, value FROM json_each(?1)"  # the address is what is asked for
+_ASKED_PAIRS = "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?1)"
+
+
+_Found = TypeVar("_Found", int, str)
+
+
+def first_of(found: Iterable[tuple[Any, _Found]]) -> dict[str, _Found]:
+    """(what was asked, what was found) as a dict of the least found for each (a row; a key)."""
+    least: dict[str, _Found] = {}
+    for asked, value in found:
+        if asked not in least or value < least[asked]:
+            least[str(asked)] = value
+    return least
 
 
 def _keys(keys: Iterable[str]) -> str:

@@ -10,6 +10,7 @@ Python objects; what a consumer keeps is its own choice. Sends nothing, writes n
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -25,7 +26,15 @@ from campaign.models import Message, PreviousStep, RowState, Skip, SkipReason
 from campaign.pipeline._compliance import check_body_link
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
-from campaign.recipients import BATCH_ROWS, AudienceScan, CheckedRow, ListStart, encode_cells, scan_audience
+from campaign.recipients import (
+    BATCH_ROWS,
+    AudienceScan,
+    CheckedRow,
+    ListStart,
+    encode_cells,
+    same_address_detail,
+    scan_audience,
+)
 from campaign.redaction import secret_values
 from campaign.render import Composer, build_composer, check_message_attachments
 from campaign.unsubscribe import StoreFollower, Unsubscribed, list_store_paths, open_store, store_exists
@@ -108,6 +117,10 @@ class RowPipeline:
         self.composer = composer
         self._stores = tuple(stores)
         self._ledger = ledger
+        # With a key column, an address may come back under a key the ledger does not know (or one that
+        # was never sent): it is looked up among the rows mailed under other keys. Without one, the key
+        # is the address, and the ledger's key says it all.
+        self._keyed = manifest.recipients.key_column is not None
         self._reuse = reuse
         load = None if ledger is None else ledger.assigned_counts()
         self._assigner = SenderAssigner(manifest.senders, load=load)
@@ -117,8 +130,10 @@ class RowPipeline:
         """The rows scanned, opt-outs skipped and senders assigned, not rendered (`render` does that).
 
         A row the ledger knows keeps its sender, and says its state when a run will not send it
-        again; the ledger and the unsubscribe stores are asked a batch at a time (each store opened
-        once for the pass: a database's connection is not made again for every batch).
+        again; with a key column, a row a run would send whose address went out under another key is
+        skipped as a duplicate. The ledger and the unsubscribe stores are asked a batch at a time
+        (each store opened once for the pass: a database's connection is not made again for every
+        batch).
         """
         stores = StoreFollower(self._stores, clock=SystemClock())  # reading stamps nothing
         try:
@@ -126,9 +141,12 @@ class RowPipeline:
                 if self._appended:
                     batch = self._earlier_duplicates_skipped(batch)
                 recipients = [checked.recipient for checked in batch if checked.recipient is not None]
+                kept, settled = self._known([recipient.key for recipient in recipients])
+                if self._keyed and self._ledger is not None:
+                    batch = self._mailed_duplicates_skipped(batch, settled)
+                    recipients = [checked.recipient for checked in batch if checked.recipient is not None]
                 unsubscribed = Unsubscribed()
                 unsubscribed.add(stores.look_up(recipients))
-                kept, settled = self._known([recipient.key for recipient in recipients])
                 yield [self._assign(checked, unsubscribed, kept, settled) for checked in batch]
         finally:
             stores.close()
@@ -204,22 +222,57 @@ class RowPipeline:
 
     def _earlier_duplicates_skipped(self, batch: list[CheckedRow]) -> list[CheckedRow]:
         """`batch` (of rows appended to the list) with the recipients that rows before it already list
-        skipped as their duplicates, as a check of the whole list would find them."""
+        skipped as their duplicates, as a check of the whole list would find them: by key, and (with a
+        key column) by address."""
         assert self._ledger is not None  # rows are appended to the list of the ledger's plan
         # Recipients, and duplicates of an appended row (whose first row may be an earlier one).
         found = [(checked, _duplicable(checked)) for checked in batch]
         earlier = self._ledger.listed_rows([key for _, (key, _) in found if key])
-        if not earlier:
+        addresses: Mapping[str, int] = {}
+        if self._keyed:  # a recipient whose key is new, at an address an earlier row has under another
+            wanted = [
+                c.recipient.address.email.lower()
+                for c, (key, _) in found
+                if c.recipient is not None and key not in earlier
+            ]
+            addresses = self._ledger.listed_addresses(wanted) if wanted else {}
+        if not earlier and not addresses:
             return batch
         marked = []
         for checked, (key, email) in found:
             if key in earlier:
                 detail = f"duplicate of row {earlier[key]}"
-                checked = CheckedRow(
-                    checked.row,
-                    checked.fields,
-                    skip=Skip(checked.row, key, email, SkipReason.DUPLICATE, detail),
-                )
+            elif checked.recipient is not None and (first := addresses.get(email.lower())) is not None:
+                detail = same_address_detail(first)
+            else:
+                marked.append(checked)
+                continue
+            skip = Skip(checked.row, key, email, SkipReason.DUPLICATE, detail)
+            marked.append(CheckedRow(checked.row, checked.fields, skip=skip))
+        return marked
+
+    def _mailed_duplicates_skipped(
+        self, batch: list[CheckedRow], settled: Mapping[str, str]
+    ) -> list[CheckedRow]:
+        """`batch` with each recipient that a run would send (its key new to the ledger, or not sent yet)
+        skipped as a duplicate when its address was mailed under another key (sent, in flight or unknown):
+        a list exported again with its keys shifted, or a person with a new record, is not mailed twice."""
+        assert self._ledger is not None
+        asked = [
+            (recipient.key, recipient.address.email.lower())
+            for checked in batch
+            if (recipient := checked.recipient) is not None and recipient.key not in settled
+        ]
+        mailed = self._ledger.mailed_keys(asked) if asked else {}
+        if not mailed:
+            return batch
+        marked = []
+        for checked in batch:
+            recipient = checked.recipient
+            if recipient is not None and (other := mailed.get(recipient.key)) is not None:
+                detail = f"already mailed as key {_quoted(other)}"
+                skip = Skip(checked.row, recipient.key, recipient.address.email, SkipReason.DUPLICATE, detail)
+                checked = CheckedRow(checked.row, checked.fields, skip=skip)
             marked.append(checked)
         return marked
 
@@ -236,6 +289,11 @@ def _duplicable(checked: CheckedRow) -> tuple[str, str]:
     if checked.skip is not None and checked.skip.reason is SkipReason.DUPLICATE:
         return checked.skip.key, checked.skip.email
     return "", ""
+
+
+def _quoted(key: str) -> str:
+    """A key as a skip's reason names it: in double quotes, escaped as JSON, cut to 80 characters."""
+    return json.dumps(key if len(key) <= 80 else key[:77] + "...", ensure_ascii=False)
 
 
 def load_row_cells(composer: Composer, manifest: Manifest, job: Job) -> str:

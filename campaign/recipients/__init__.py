@@ -19,6 +19,7 @@ from campaign.recipients._audience import (
     load_audience,
     matching_form,
     parse_suppression_entry,
+    same_address_detail,
     scan_audience,
 )
 from campaign.recipients._cells import encode_cells, recipient_from_cells
@@ -40,6 +41,7 @@ __all__ = [
     "matching_form",
     "parse_suppression_entry",
     "recipient_from_cells",
+    "same_address_detail",
     "scan_audience",
     "write_entries",
 ]

@@ -2,7 +2,9 @@
 
 `load_audience` turns a CSV or Parquet file (read by `campaign.recipients._listfile`) into recipients
 to mail, rows deliberately skipped (duplicates, suppressed) and row-level problems (bad
-address, unknown sender), each with its row number; `scan_audience` runs the same checks
+address, unknown sender), each with its row number. A duplicate repeats an earlier row's key, or,
+with a key column, its address under another key: an address is mailed once, whatever its keys.
+`scan_audience` runs the same checks
 a batch at a time, for callers that must not hold every row (a preview of a million rows).
 Whole-file faults (missing file, bad quoting, a wrong delimiter, a header with stray
 spaces) raise at once.
@@ -56,6 +58,7 @@ __all__ = [
     "matching_form",
     "normalize_address",
     "parse_suppression_entry",
+    "same_address_detail",
     "scan_audience",
 ]
 
@@ -201,6 +204,11 @@ def _address_problem(value: str, exc: EmailNotValidError) -> str:
     return f"{shown} is not a valid address ({str(exc).rstrip('.')}); {_SKIP_HINT}"
 
 
+def same_address_detail(first: int) -> str:
+    """Why a row is skipped whose address row `first` has under another key (a key column's list)."""
+    return f"duplicate of row {first} (same address, other key)"
+
+
 BATCH_ROWS = 5_000
 MAX_NAME_LENGTH = 256  # a display name longer than this is data in the wrong column, not a name
 
@@ -297,13 +305,18 @@ class AudienceScan:
     def _settle(self, size: int) -> Iterator[list[tuple[int, dict[str, object], _Outcome]]]:
         """`batches` without a CheckedRow per row (what `load_audience` reads): (row, fields, outcome)."""
         first_rows = FirstRows()
+        # With a key column, two keys may name one address: it is still mailed once (the first row's).
+        # Without one, the key is the address, and the keys' table says it all.
+        first_addresses = None if self._key_at is None else FirstRows()
         try:
-            yield from self._settle_with(size, first_rows)
+            yield from self._settle_with(size, first_rows, first_addresses)
         finally:
             first_rows.close()
+            if first_addresses is not None:
+                first_addresses.close()
 
     def _settle_with(
-        self, size: int, first_rows: FirstRows
+        self, size: int, first_rows: FirstRows, first_addresses: FirstRows | None
     ) -> Iterator[list[tuple[int, dict[str, object], _Outcome]]]:
         columns = self.columns
         check_row = self._check_row
@@ -325,7 +338,7 @@ class AudienceScan:
                 if isinstance(outcome, _Candidate):
                     keys.append(outcome.key)
                     rows.append(row)
-            firsts = iter(first_rows.resolve(keys, rows))
+            duplicates = iter(_duplicates(first_rows, first_addresses, checked, keys, rows))
             settled: list[tuple[int, dict[str, object], _Outcome]] = []
             for row, values, found in checked:
                 fields = dict(zip(columns, values, strict=True))
@@ -333,9 +346,9 @@ class AudienceScan:
                     settled.append((row, fields, found))
                     continue
                 key, address, sender = found
-                first = next(firsts)
-                if first != row:
-                    skip = Skip(row, key, address.email, SkipReason.DUPLICATE, f"duplicate of row {first}")
+                detail = next(duplicates)
+                if detail is not None:
+                    skip = Skip(row, key, address.email, SkipReason.DUPLICATE, detail)
                     settled.append((row, fields, skip))
                 else:
                     settled.append((row, fields, Recipient(key, row, address, fields, sender)))
@@ -440,6 +453,32 @@ class AudienceScan:
         if lowered in self._suppressed:
             return Skip(row, key, normalized, SkipReason.SUPPRESSED, "on a suppression list")
         return _Candidate(key, Address(normalized, name), sender)
+
+
+def _duplicates(
+    first_rows: FirstRows,
+    first_addresses: FirstRows | None,
+    checked: Sequence[tuple[int, tuple[object, ...], object]],
+    keys: Sequence[str],
+    rows: Sequence[int],
+) -> list[str | None]:
+    """For each candidate of a batch (`keys`, `rows`: theirs, in order): why it duplicates an earlier row,
+    or None. A key seen before is a duplicate; so, with `first_addresses` (a key column's list), is an
+    address seen before among the rows first with their key (a row skipped for its key is not mailed,
+    so it claims no address)."""
+    found: list[str | None] = [
+        None if first == row else f"duplicate of row {first}"
+        for row, first in zip(rows, first_rows.resolve(keys, rows), strict=True)
+    ]
+    if first_addresses is None:
+        return found
+    candidates = [outcome for _, _, outcome in checked if isinstance(outcome, _Candidate)]
+    kept = [at for at, detail in enumerate(found) if detail is None]
+    addresses = [candidates[at].address.email.lower() for at in kept]
+    for at, first in zip(kept, first_addresses.resolve(addresses, [rows[at] for at in kept]), strict=True):
+        if first != rows[at]:
+            found[at] = same_address_detail(first)
+    return found
 
 
 def scan_audience(

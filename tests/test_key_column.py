@@ -1,0 +1,162 @@
+"""recipients.key_column through the CLI: the key is who a row is, and an address is still mailed once
+whatever keys it comes under, in one list or across runs of a list exported again (its keys shifted).
+
+Against the fake Nylas on loopback, counting the deliveries it received; the skipped rows carry their
+reasons in the preview, the ledger (`report`) and `status`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from postgres import fresh_database
+
+from campaign.testing import FakeNylas
+
+MANIFEST = """\
+[campaign]
+name = "keyed"
+
+[api]
+key_env = "NYLAS_API_KEY"
+
+[recipients]
+source = "list.csv"
+email_column = "email"
+key_column = "id"
+
+[message]
+subject = "Hi {{ recipient.key }}"
+text = "note.txt.j2"
+
+[[senders]]
+name = "s1"
+grant_id = "grant-keyed"
+email = "maya@example.com"
+per_second = 1000
+burst = 1000
+per_day = 100000
+concurrency = 4
+"""
+SAME_ADDRESS = "duplicate of row {} (same address, other key)"
+
+
+def _campaign(api: FakeNylas, folder: Path, rows: str, *, ledger: str = "") -> Path:
+    """A campaign keyed by its list's `id` column, the list holding `rows` (`id,email` lines)."""
+    folder.mkdir()
+    (folder / "note.txt.j2").write_text("Hello {{ recipient.email }}\n")
+    (folder / "list.csv").write_text("id,email\n" + rows)
+    manifest = folder / "campaign.toml"
+    manifest.write_text(MANIFEST + (f'\n[ledger]\nurl = "{ledger}"\n' if ledger else ""))
+    api.add_grant("grant-keyed", "maya@example.com")
+    return manifest
+
+
+def _mailed(api: FakeNylas) -> Counter[str]:
+    """Deliveries per address, as the fake API received them."""
+    return Counter(delivery.payload["to"][0]["email"].lower() for delivery in api.deliveries)
+
+
+def _ledger_rows(cli, manifest: Path) -> dict[str, tuple[str, str]]:
+    """Key -> (state, reason) of every row the ledger holds, read through `campaign report`."""
+    out = manifest.with_name("report.csv")
+    written = cli("report", manifest, "--out", out)
+    assert written.exit_code == 0, written.output
+    with out.open(newline="") as file:
+        return {row["key"]: (row["state"], row["reason"]) for row in csv.DictReader(file)}
+
+
+def _preview(cli, manifest: Path) -> tuple[dict, str]:
+    """`preview --json`'s report and the site's index page."""
+    site = manifest.with_name("site")
+    result = cli("preview", manifest, "--json", "--out", site)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), (site / "index.html").read_text()
+
+
+def test_two_keys_at_one_address_in_one_list_mail_it_once(api, cli, tmp_path):
+    """Ids 1 and 2 at ann@ and ANN@: row 2 is a duplicate of row 1 (a skip, not a bad row: the run needs
+    no --skip-invalid), shown by the preview, recorded with its reason; Ann gets one message."""
+    rows = "1,ann@example.com\n2,ANN@example.com\n3,bob@example.com\n"
+    manifest = _campaign(api, tmp_path / "c", rows)
+    report, index = _preview(cli, manifest)
+    assert (report["to_send"], report["skipped"], report["problem_rows"]) == (2, {"duplicate": 1}, 0)
+    assert SAME_ADDRESS.format(1) in index
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "2 to send, 1 duplicate" in result.stdout
+    assert _mailed(api) == {"ann@example.com": 1, "bob@example.com": 1}
+    assert _ledger_rows(cli, manifest)["2"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(1)}")
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert (status["done"], status["skipped"]) == (True, {"duplicate": 1})
+    assert cli("run", manifest, "--yes").exit_code == 0
+    assert len(api.deliveries) == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_list_exported_again_with_shifted_keys_mails_nobody_twice(api, cli, tmp_path, backend):
+    """Ann was key 1 and Bob key 2; the list comes back as 1 new@, 2 ann@, 3 bob@. Bob is not mailed
+    again under key 3: it is skipped as `duplicate: already mailed as key "2"`, in the preview, the
+    ledger and status; keys 1 and 2 were sent (the key is the identity: neither goes out again)."""
+    if backend == "postgres":
+        with fresh_database() as url:
+            _shifted_keys(api, cli, _campaign(api, tmp_path / "c", "", ledger=url))
+    else:
+        _shifted_keys(api, cli, _campaign(api, tmp_path / "c", ""))
+
+
+def _shifted_keys(api: FakeNylas, cli, manifest: Path) -> None:
+    listed = manifest.with_name("list.csv")
+    listed.write_text("id,email\n1,ann@example.com\n2,bob@example.com\n")
+    first = cli("run", manifest, "--yes")
+    assert first.exit_code == 0, first.output
+    listed.write_text("id,email\n1,new@example.com\n2,ann@example.com\n3,bob@example.com\n")
+    report, index = _preview(cli, manifest)
+    assert (report["to_send"], report["already_done"], report["skipped"]) == (0, 2, {"duplicate": 1})
+    assert "already mailed as key &quot;2&quot;" in index
+    again = cli("resume", manifest, "--yes")
+    assert again.exit_code == 0, again.output
+    assert "0 to send, 1 duplicate" in again.stdout
+    assert _mailed(api) == {"ann@example.com": 1, "bob@example.com": 1}
+    assert _ledger_rows(cli, manifest)["3"] == ("skipped", 'duplicate: already mailed as key "2"')
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert (status["done"], status["skipped"], status["states"]["sent"]) == (True, {"duplicate": 1}, 2)
+
+
+def test_a_key_not_sent_yet_whose_address_went_out_under_another_key_is_skipped(api, cli, tmp_path):
+    """Only key 1 (Ann) was sent when the list came back as 1 new@, 2 ann@, 3 bob@: key 2, still to send,
+    is now Ann's and is skipped as already mailed as key 1; Bob, never mailed, goes out under key 3."""
+    manifest = _campaign(api, tmp_path / "c", "1,ann@example.com\n2,bob@example.com\n")
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    assert _mailed(api) == {"ann@example.com": 1}
+    listed = "1,new@example.com\n2,ann@example.com\n3,bob@example.com\n"
+    manifest.with_name("list.csv").write_text("id,email\n" + listed)
+    report, index = _preview(cli, manifest)
+    assert (report["to_send"], report["skipped"]) == (1, {"duplicate": 1})
+    assert "already mailed as key &quot;1&quot;" in index
+    again = cli("resume", manifest, "--yes")
+    assert again.exit_code == 0, again.output
+    assert _mailed(api) == {"ann@example.com": 1, "bob@example.com": 1}
+    rows = _ledger_rows(cli, manifest)
+    assert rows["2"] == ("skipped", 'duplicate: already mailed as key "1"')
+    assert rows["3"][0] == "sent"
+
+
+def test_rows_appended_at_an_address_of_an_earlier_row_are_its_duplicates(api, cli, tmp_path):
+    """Rows added at the end of the list (only they are checked) under new keys, at Bob's address (his
+    row not sent yet) and Ann's (sent): each is the duplicate of the earlier row, as a full check says."""
+    manifest = _campaign(api, tmp_path / "c", "1,ann@example.com\n2,bob@example.com\n")
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    with manifest.with_name("list.csv").open("a") as file:
+        file.write("3,BOB@example.com\n4,ann@example.com\n")
+    again = cli("resume", manifest, "--yes")
+    assert again.exit_code == 0, again.output
+    assert "checked the 2 rows added at its end, 1 to send, 2 duplicate" in again.stdout
+    assert _mailed(api) == {"ann@example.com": 1, "bob@example.com": 1}
+    rows = _ledger_rows(cli, manifest)
+    assert rows["3"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(2)}")
+    assert rows["4"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(1)}")
