@@ -114,6 +114,7 @@ class RunPlan:
     unchanged: bool  # the plan stamp matched: the rows were checked by an earlier run
     senders: int
     appended: int = 0  # only rows appended to the list since the last plan were checked: how many
+    notes: tuple[str, ...] = ()  # what the user should know of the plan (`Preflight.notes`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +312,7 @@ def _check(
         unchanged=preflight is None,
         senders=len(manifest.senders),
         appended=0 if start is None or preflight is None else preflight.last_row - start.rows,
+        notes=() if preflight is None else preflight.notes,
     )
     return _Checked(composer, preflight, plan, stamp, rules, content, extent, appended=start is not None)
 

@@ -160,3 +160,24 @@ def test_rows_appended_at_an_address_of_an_earlier_row_are_its_duplicates(api, c
     rows = _ledger_rows(cli, manifest)
     assert rows["3"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(2)}")
     assert rows["4"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(1)}")
+
+
+def test_a_key_mailed_at_another_address_is_not_mailed_again_and_the_run_says_so(api, cli, tmp_path):
+    """Key 1 went to ann@old; the list now says ann@new (a new address, or keys given out afresh): the key
+    is one recipient, so nothing is sent, and the preview (a warning, and the row's listing) and the run
+    (a note before it asks) say which address the key was mailed at. A key at its own address: no word."""
+    manifest = _campaign(api, tmp_path / "c", "1,ann@old.example\n2,bob@example.com\n")
+    assert cli("run", manifest, "--yes").exit_code == 0
+    manifest.with_name("list.csv").write_text("id,email\n1,ann@new.example\n2,BOB@example.com\n")
+    report, index = _preview(cli, manifest)
+    (warning,) = [text for text in report["warnings"] if "already mailed at another address" in text]
+    assert warning.startswith(
+        "1 row has a key already mailed at another address, not mailed again at the list's (first: row 1, "
+        'key "1", mailed at ann@old.example, the list now says ann@new.example)'
+    )
+    assert "mailed at ann@old.example, not at this address" in index
+    assert "mailed at bob@example.com" not in index
+    again = cli("resume", manifest, "--yes")
+    assert again.exit_code == 0, again.output
+    assert "note: 1 row has a key already mailed at another address" in again.stdout
+    assert _mailed(api) == {"ann@old.example": 1, "bob@example.com": 1}

@@ -393,6 +393,8 @@ def test_rows_of_step_1_are_found_by_address_whatever_their_key(ledgers, clock):
     asked += [("d", "dora@x.com"), ("e", "eve@x.com"), ("n", "nobody@x.com")]
     assert ledger.mailed_keys(asked) == {"a": "1", "c": "carl@x.com", "d": "4"}
     assert ledger.mailed_keys([]) == ledger.listed_addresses([]) == {}
+    keys = ["1", "2", "carl@x.com", "4", "5", "none"]
+    assert ledger.mailed_addresses(keys) == {"1": "Ann@x.com", "4": "dora@x.com"}  # sent, or unknown
     # Ann's follow-up, sent: a row of its own with her address, which is not another key of hers.
     nudge = ScheduledStep("1", "nudge", 1, "Ann@x.com", "alice", "1", clock.now())
     assert ledger.record_followups([nudge]) == 1

@@ -96,17 +96,21 @@ def print_checked(
     skipped: Mapping[str, int],
     unchanged: bool = False,
     appended: int = 0,
+    notes: Sequence[str] = (),
 ) -> None:
     """The preflight tally before sending: e.g. `recipients.csv: 5 to send, 1 duplicate, 1 suppressed`.
 
     `unchanged`: the list was not checked again, because nothing changed since a run that checked it;
-    `appended`: only the rows added at its end since then were checked (how many).
+    `appended`: only the rows added at its end since then were checked (how many); `notes`: what the
+    check found that the user should know (they hold list values: shown as such).
     """
     parts = [f"{to_send:,} to send", *(f"{count:,} {reason}" for reason, count in sorted(skipped.items()))]
     how = "unchanged since it was checked" if unchanged else "checked"
     if appended:
         how = f"checked the {appended:,} row{'' if appended == 1 else 's'} added at its end"
     console.print(f"{escape(source)}: {how}, " + ", ".join(parts), soft_wrap=True)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {show(note, width=_ERROR_WIDTH)}", soft_wrap=True)
 
 
 def print_run_summary(

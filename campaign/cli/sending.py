@@ -203,6 +203,7 @@ class _Hooks:
             skipped=plan.skipped,
             unchanged=plan.unchanged,
             appended=plan.appended,
+            notes=plan.notes,
         )
         return _confirm(plan.to_send, plan.senders, yes=self._yes, sandbox=self._sandbox)
 

@@ -583,6 +583,16 @@ class PostgresLedger(KeptFacts):
         }
         return first_of(self._read(query, params))
 
+    def mailed_addresses(self, keys: Iterable[str]) -> dict[str, str]:
+        """Key -> the address its row of step 1 was mailed at (sent, or unknown), for the rows of `keys`
+        that were."""
+        rows = self._read(
+            "SELECT key, email FROM recipients WHERE campaign_id = %s AND key = ANY(%s::text[]) "
+            "AND step = %s AND state IN ('sent', 'unknown')",
+            (self._id, list(keys), FIRST_STEP),
+        )
+        return dict(rows)
+
     def assigned_senders(self, keys: Iterable[str] | None = None) -> dict[str, str]:
         """The sender each recipient already in the ledger is assigned to (of `keys`, if given)."""
         if keys is None:

@@ -207,6 +207,15 @@ class LedgerReader:
         query = self._by_address().format(asked=_ASKED_PAIRS, column="key", where=where)
         return first_of(self._read(query, (json.dumps(list(asked)),)))
 
+    def mailed_addresses(self, keys: Iterable[str]) -> dict[str, str]:
+        """Key -> the address its row of step 1 was mailed at (sent, or unknown), for the rows of `keys`
+        that were: by key, a batch at a time."""
+        rows = self._read(
+            f"SELECT r.key, r.email FROM {_BY_KEYS} WHERE r.step = ? AND r.state IN ('sent', 'unknown')",
+            (_keys(keys), FIRST_STEP),
+        )
+        return {str(key): str(email) for key, email in rows}
+
     def _by_address(self) -> str:
         """The query of step 1's rows at a batch of addresses: through `recipients_address`, or, in a
         ledger read before a run added it, one pass over the table a batch (never one an address)."""

@@ -37,6 +37,7 @@ from campaign.pipeline._rows import (
     check_job,
     check_rows,
     collecting_less,
+    describe_mailed_elsewhere,
     load_row_cells,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "check_rows",
     "checked_rows",
     "collecting_less",
+    "describe_mailed_elsewhere",
     "find_appended",
     "find_skipped_invalid",
     "load_content_fingerprint",

@@ -18,7 +18,7 @@ from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
 from campaign.pipeline._compliance import check_body_link, needs_body_link
 from campaign.pipeline._parallel import checked_rows, error_line
-from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less
+from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less, describe_mailed_elsewhere
 from campaign.plan import Job
 from campaign.recipients import ListStart, encode_cells
 from campaign.render import Composer, load_message_attachments
@@ -50,6 +50,7 @@ class Preflight:
     problems: tuple[str, ...]  # the first few found
     problem_count: int = 0  # every problem found
     to_send: int = 0  # the rows a run sends: not settled in the ledger
+    notes: tuple[str, ...] = ()  # what the user should know of the plan (`describe_mailed_elsewhere`)
 
     def render(self, job: Job) -> Message:
         """Render the message for `job` and read its attachment files (shared ones once per run)."""
@@ -125,7 +126,8 @@ def run_preflight(
     source = manifest.recipients.source.name
     skipped: Counter[str] = Counter()
     problems: list[str] = []
-    problem_count = planned = to_send = 0
+    problem_count = planned = to_send = moved = 0
+    first_moved: RowCheck | None = None  # the first row whose key was mailed at another address
     total, done = pipeline.scan.row_count, 0
     with collecting_less():
         for batch in checked_rows(pipeline, secrets, error_line):
@@ -141,6 +143,9 @@ def run_preflight(
                     cells = checked.cells or pipeline.cells_of(checked)
                     rows.append(_planned_row(checked.job, due_at(checked.job), cells))
                     to_send += checked.settled is None
+                    if checked.mailed_at is not None:
+                        moved += 1
+                        first_moved = checked if first_moved is None else first_moved
                 elif checked.checked.skip is not None:
                     skips.append(checked.checked.skip)
                 elif skip_invalid or checked.row in earlier:
@@ -162,6 +167,7 @@ def run_preflight(
         problems=tuple(problems),
         problem_count=problem_count,
         to_send=to_send,
+        notes=() if first_moved is None else (describe_mailed_elsewhere(moved, first_moved),),
     )
 
 

@@ -22,7 +22,7 @@ from campaign.clock import SystemClock
 from campaign.errors import CampaignError, DataError
 from campaign.ledger import Ledger
 from campaign.manifest import Manifest, SenderSettings
-from campaign.models import Message, PreviousStep, RowState, Skip, SkipReason
+from campaign.models import Message, PreviousStep, Recipient, RowState, Skip, SkipReason
 from campaign.pipeline._compliance import check_body_link
 from campaign.pipeline._optouts import skip_unsubscribed_row
 from campaign.plan import Job, SenderAssigner
@@ -31,6 +31,7 @@ from campaign.recipients import (
     AudienceScan,
     CheckedRow,
     ListStart,
+    comparable_address,
     encode_cells,
     same_address_detail,
     scan_audience,
@@ -53,6 +54,7 @@ __all__ = [
     "check_job",
     "check_rows",
     "collecting_less",
+    "describe_mailed_elsewhere",
     "load_row_cells",
 ]
 
@@ -82,6 +84,9 @@ class RowCheck(NamedTuple):
     followups: tuple[Message, ...] = ()  # the [[followups]] steps' messages, as checked (in step order)
     reused: bool = False  # not rendered again: sent already, or unchanged since a run checked it
     cells: str | None = None  # its cells as text, when reusing it needed them (`recipients.encode_cells`)
+    # With a key column: the address the ledger mailed this row's key at (sent, or unknown), when the
+    # list now gives it another. A key is one recipient, mailed once: the list's address is not mailed.
+    mailed_at: str | None = None
 
     @property
     def row(self) -> int:
@@ -142,12 +147,14 @@ class RowPipeline:
                     batch = self._earlier_duplicates_skipped(batch)
                 recipients = [checked.recipient for checked in batch if checked.recipient is not None]
                 kept, settled = self._known([recipient.key for recipient in recipients])
+                moved: Mapping[str, str] = {}
                 if self._keyed and self._ledger is not None:
                     batch = self._mailed_duplicates_skipped(batch, settled)
                     recipients = [checked.recipient for checked in batch if checked.recipient is not None]
+                    moved = self._mailed_elsewhere(recipients, settled)
                 unsubscribed = Unsubscribed()
                 unsubscribed.add(stores.look_up(recipients))
-                yield [self._assign(checked, unsubscribed, kept, settled) for checked in batch]
+                yield [self._assign(checked, unsubscribed, kept, settled, moved) for checked in batch]
         finally:
             stores.close()
 
@@ -163,7 +170,10 @@ class RowPipeline:
         if row.job is None:
             return row
         if row.row in unchanged:
-            return RowCheck(row.checked, row.job, settled=row.settled, reused=True, cells=unchanged[row.row])
+            cells = unchanged[row.row]
+            return RowCheck(
+                row.checked, row.job, settled=row.settled, reused=True, cells=cells, mailed_at=row.mailed_at
+            )
         return self._render(row, row.job) if render else row
 
     def _unchanged(self, batch: Sequence[RowCheck]) -> dict[int, str | None]:
@@ -199,10 +209,13 @@ class RowPipeline:
 
     def _render(self, row: RowCheck, job: Job) -> RowCheck:
         outcome = check_steps(self.composer, self.manifest, job)
+        settled, mailed_at = row.settled, row.mailed_at
         if isinstance(outcome, DataError):
-            return RowCheck(row.checked, job, error=outcome, settled=row.settled)
-        first, *followups = outcome
-        return RowCheck(row.checked, job, message=first, settled=row.settled, followups=tuple(followups))
+            return RowCheck(row.checked, job, error=outcome, settled=settled, mailed_at=mailed_at)
+        first, *more = outcome
+        return RowCheck(
+            row.checked, job, message=first, settled=settled, followups=tuple(more), mailed_at=mailed_at
+        )
 
     def _assign(
         self,
@@ -210,6 +223,7 @@ class RowPipeline:
         unsubscribed: Unsubscribed,
         kept: Mapping[str, str],
         settled: Mapping[str, str],
+        moved: Mapping[str, str],
     ) -> RowCheck:
         # Opt-outs before assigning, so that an unsubscribed row takes no sender's share.
         if unsubscribed:
@@ -217,8 +231,9 @@ class RowPipeline:
         recipient = checked.recipient
         if recipient is None:
             return RowCheck(checked)
-        sender = self._assigner.assign(recipient, kept=kept.get(recipient.key))
-        return RowCheck(checked, Job(recipient, sender), settled=settled.get(recipient.key))
+        key = recipient.key
+        sender = self._assigner.assign(recipient, kept=kept.get(key))
+        return RowCheck(checked, Job(recipient, sender), settled=settled.get(key), mailed_at=moved.get(key))
 
     def _earlier_duplicates_skipped(self, batch: list[CheckedRow]) -> list[CheckedRow]:
         """`batch` (of rows appended to the list) with the recipients that rows before it already list
@@ -276,6 +291,23 @@ class RowPipeline:
             marked.append(checked)
         return marked
 
+    def _mailed_elsewhere(
+        self, recipients: Sequence[Recipient], settled: Mapping[str, str]
+    ) -> dict[str, str]:
+        """Key -> the address the ledger mailed it at, for the `recipients` whose key was mailed (sent, or
+        unknown) at another address than the list's now (compared without case)."""
+        assert self._ledger is not None
+        mailed = (RowState.SENT.value, RowState.UNKNOWN.value)
+        wanted = {recipient.key: recipient.address.email.lower() for recipient in recipients}
+        asked = [key for key in wanted if settled.get(key) in mailed]
+        found = self._ledger.mailed_addresses(asked) if asked else {}
+        # Compared as addresses are (a ledger older than the IDNA form may hold a domain in Unicode).
+        return {
+            key: email
+            for key, email in found.items()
+            if email.lower() != wanted[key] and comparable_address(email) != wanted[key]
+        }
+
     def _known(self, keys: Sequence[str]) -> tuple[Mapping[str, str], Mapping[str, str]]:
         if self._ledger is None or not keys:
             return {}, {}
@@ -294,6 +326,21 @@ def _duplicable(checked: CheckedRow) -> tuple[str, str]:
 def _quoted(key: str) -> str:
     """A key as a skip's reason names it: in double quotes, escaped as JSON, cut to 80 characters."""
     return json.dumps(key if len(key) <= 80 else key[:77] + "...", ensure_ascii=False)
+
+
+def describe_mailed_elsewhere(count: int, first: RowCheck) -> str:
+    """What a run and a preview say of the `count` rows whose key the ledger mailed at another address
+    than the list's (`RowCheck.mailed_at`; `first` of them in list order)."""
+    assert first.job is not None
+    assert first.mailed_at is not None
+    recipient = first.job.recipient
+    rows = "1 row has a key" if count == 1 else f"{count:,} rows have keys"
+    return (
+        f"{rows} already mailed at another address, not mailed again at the list's (first: row "
+        f"{recipient.row}, key {_quoted(recipient.key)}, mailed at {first.mailed_at}, the list now says "
+        f"{recipient.address.email}): a key is one recipient, mailed once; if the list's keys were given "
+        "out afresh, give its rows their earlier keys back"
+    )
 
 
 def load_row_cells(composer: Composer, manifest: Manifest, job: Job) -> str:

@@ -32,6 +32,7 @@ from campaign.pipeline import (
     check_rows,
     checked_rows,
     collecting_less,
+    describe_mailed_elsewhere,
     find_skipped_invalid,
 )
 from campaign.plan import DAY_S, Job, WindowPlan, build_quota_warnings, build_schedule, plan_window
@@ -190,6 +191,8 @@ class _Tally:
     # Each sampled recipient's step 1 with its sender, then its follow-ups' messages.
     samples: list[tuple[Message, SenderSettings, tuple[Message, ...]]] = field(default_factory=list)
     message_warnings: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # label -> n, row, note
+    moved: int = 0  # rows whose key the ledger mailed at another address (`RowCheck.mailed_at`)
+    first_moved: RowCheck | None = None
 
     def lists(self, *, always: bool = False) -> bool:
         """Whether the next row goes into the listing (the first `index_rows` rows, and every row
@@ -237,7 +240,7 @@ def run_preview(
                     issues = (_render_issue(summary, source),)
                     _tally_problem(tally, row.checked, manifest, issues, skipped)
                 elif summary is None:  # not rendered: sent already
-                    _tally_sent_before(tally, row.job, row.settled or "")
+                    _tally_sent_before(tally, row, row.job, row.settled or "")
                 else:
                     _tally_message(tally, pipeline, row, summary)
     loader = composer.attachment_loader  # samples carry their real files (a run reads them at send time)
@@ -253,7 +256,7 @@ def run_preview(
         problems=tuple(tally.problems),
         senders=_sender_plans(manifest, tally.per_sender, _used_24h(manifest, ledger, clock), started_at),
         samples=samples,
-        warnings=_warnings(manifest, tally.per_sender) + _message_warnings(tally),
+        warnings=_warnings(manifest, tally.per_sender) + _message_warnings(tally) + _moved_warnings(tally),
         listed=tuple(tally.listed),
         listed_all=tally.unlisted == 0,
         started_at=started_at,
@@ -336,13 +339,28 @@ def _samples(
     return tuple(samples)
 
 
-def _tally_sent_before(tally: _Tally, job: Job, settled: str) -> None:
+def _tally_sent_before(tally: _Tally, row: RowCheck, job: Job, settled: str) -> None:
     tally.done[settled] += 1
     recipient = job.recipient
+    detail = _tally_moved(tally, row)
     if tally.lists():
         name = recipient.address.name or ""
         state = f"already {settled}"
-        tally.listed.append(ListedRow(recipient.row, recipient.address.email, name, job.sender, "", state))
+        listed = ListedRow(recipient.row, recipient.address.email, name, job.sender, "", state, detail)
+        tally.listed.append(listed)
+
+
+def _tally_moved(tally: _Tally, row: RowCheck) -> str:
+    """Count a row whose key the ledger mailed at another address; what its listing says of it."""
+    if row.mailed_at is None:
+        return ""
+    tally.moved += 1
+    tally.first_moved = row if tally.first_moved is None else tally.first_moved
+    return f"mailed at {row.mailed_at}, not at this address"
+
+
+def _moved_warnings(tally: _Tally) -> tuple[str, ...]:
+    return () if tally.first_moved is None else (describe_mailed_elsewhere(tally.moved, tally.first_moved),)
 
 
 # What the preview keeps of a rendered row's step 1: (its subject, its warnings), each warning from
@@ -369,6 +387,7 @@ def _tally_message(tally: _Tally, pipeline: RowPipeline, row: RowCheck, looks: M
         count, first_row, first_note = tally.message_warnings.get(label, (0, recipient.row, note))
         tally.message_warnings[label] = (count + 1, first_row, first_note)
     number = None
+    detail = _tally_moved(tally, row)
     if row.settled is not None:
         tally.done[row.settled] += 1
         state = f"already {row.settled}"
@@ -385,7 +404,7 @@ def _tally_message(tally: _Tally, pipeline: RowPipeline, row: RowCheck, looks: M
         name = recipient.address.name or ""
         notes = tuple(note for _, note in warnings)
         listed = ListedRow(
-            recipient.row, recipient.address.email, name, job.sender, subject, state, "", notes, number
+            recipient.row, recipient.address.email, name, job.sender, subject, state, detail, notes, number
         )
         tally.listed.append(listed)
 
