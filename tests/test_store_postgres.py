@@ -387,19 +387,16 @@ def test_a_write_behind_a_stalled_writer_fails_within_seconds_and_the_endpoint_a
 def test_store_connections_send_tcp_keepalives_unless_the_url_sets_its_own(pg_store_url):
     """A server that vanished (no FIN, no RST) is noticed after 30 s of silence and 3 probes 10 s apart,
     not after the kernel's two hours; a URL's own keepalive parameters win."""
-    store = open_store(pg_store_url, clock=FakeClock())
-    try:
-        with store._sql._pool.connection() as connection:
-            assert tcp_keepalive(connection) == (1, 30, 10, 3)
-    finally:
-        store.close()
-    own = f"{pg_store_url}?keepalives_idle=45"
-    store = open_store(own, clock=FakeClock())
-    try:
-        with store._sql._pool.connection() as connection:
-            assert tcp_keepalive(connection) == (1, 45, 10, 3)
-    finally:
-        store.close()
+    for url, expected in (
+        (pg_store_url, (1, 30, 10, 3)),
+        (f"{pg_store_url}?keepalives_idle=45", (1, 45, 10, 3)),
+    ):
+        store = open_store(url, clock=FakeClock())
+        try:
+            with store._sql._pool.connection() as connection:
+                assert tcp_keepalive(connection) == expected
+        finally:
+            store.close()
 
 
 def test_a_url_with_a_password_is_refused_wherever_it_is_given(cli, tmp_path, monkeypatch):
