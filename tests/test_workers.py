@@ -479,7 +479,8 @@ def test_two_workers_started_together_share_the_grants_and_both_end_done(api: Fa
     rows = 240  # five seconds of sending: the second joins long before the first could be done
     for n in range(GRANTS):
         api.add_grant(f"grant-{n}", f"g{n}@example.com")
-    manifest = _write_campaign(tmp_path / "pair", database, rows)
+    # Leases of 10 s, not 3: on a loaded machine a worker's 3 s lease lapsed mid-round (exit 74).
+    manifest = _write_campaign(tmp_path / "pair", database, rows, lease_s=10)
     log = tmp_path / "pair.log"
     workers = [_start_worker(manifest, log) for _ in range(2)]
     try:
