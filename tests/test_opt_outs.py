@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -30,13 +31,28 @@ def _mailed(api) -> list[str]:
     return sorted(d.payload["to"][0]["email"] for d in api.deliveries)
 
 
+def _run_with_opt_outs(api, cli, tmp_path, opt_outs: str, *, more_rows: str = "") -> Path:
+    """The newsletter sample with `opt_outs` as its suppression file (and `more_rows` after its list's),
+    run to the end (exit 0); its manifest."""
+    manifest = copy_sample("newsletter", tmp_path)
+    recipients = manifest.parent / "recipients.csv"
+    recipients.write_text(recipients.read_text() + more_rows)
+    (manifest.parent / "unsubscribed.txt").write_text(opt_outs, encoding="utf-8")
+    api.add_grant(GRANT, "maya@example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    return manifest
+
+
 # --- item 6: suppression files in every common form ---------------------------------------------------------
 
 
 def test_suppression_lines_in_common_forms_all_suppress(api, cli, tmp_path):
     """Display name + <>, quotes, a trailing ';', a trailing comment, mailto: each suppresses its address."""
-    manifest = copy_sample("newsletter", tmp_path)
-    (manifest.parent / "unsubscribed.txt").write_text(
+    _run_with_opt_outs(
+        api,
+        cli,
+        tmp_path,
         "# opt-outs pasted from everywhere\n"
         "Ann Lee <ann.lee@example.com>\n"
         '"bob@example.org"\n'
@@ -44,11 +60,7 @@ def test_suppression_lines_in_common_forms_all_suppress(api, cli, tmp_path):
         "dora@example.com # left 2024\n"
         "\n"
         "mailto:Eve@Example.org,\n",
-        encoding="utf-8",
     )
-    api.add_grant(GRANT, "maya@example.com")
-    result = cli("run", manifest, "--yes")
-    assert result.exit_code == 0, result.output
     assert _mailed(api) == ["frank@example.com"]
 
 
@@ -58,14 +70,8 @@ def test_suppression_entries_with_invisible_characters_a_final_dot_or_a_mailto_q
     """A zero-width space (and a BOM) after an address, a domain's final dot, a `mailto:` URL with its
     `?subject=`: each is read as its address and suppresses it (they used to be kept as written, matched
     nobody, and those people were mailed)."""
-    manifest = copy_sample("newsletter", tmp_path)
-    (manifest.parent / "unsubscribed.txt").write_text(
-        "dora@example.com\u200b\n\ufeffeve@example.org.\nmailto:bob@example.org?subject=unsubscribe\n",
-        encoding="utf-8",
-    )
-    api.add_grant(GRANT, "maya@example.com")
-    result = cli("run", manifest, "--yes")
-    assert result.exit_code == 0, result.output
+    opt_outs = "dora@example.com\u200b\n\ufeffeve@example.org.\nmailto:bob@example.org?subject=unsubscribe\n"
+    _run_with_opt_outs(api, cli, tmp_path, opt_outs)
     assert _mailed(api) == ["ann.lee@example.com", "chen.wei@example.net", "frank@example.com"]
 
 
@@ -102,16 +108,12 @@ def test_a_suppression_entry_that_cannot_match_anyone_stops_preview_and_run(api,
 def test_a_percent_encoded_mailto_entry_suppresses_its_address(api, cli, tmp_path):
     """`mailto:ann%2Bnews@…` suppresses ann+news (it was kept as `ann%2bnews@…`, and she was mailed);
     `mailto:bob%40example.org` suppresses bob (it stopped the run). A plain entry is taken as written."""
-    manifest = copy_sample("newsletter", tmp_path)
-    recipients = manifest.parent / "recipients.csv"
-    recipients.write_text(recipients.read_text() + "ann+news@example.com,Ann News,Ann,Oslo\n")
-    (manifest.parent / "unsubscribed.txt").write_text(
-        "mailto:ann%2Bnews@example.com\nmailto:bob%40example.org?subject=unsubscribe\neve%2Bx@example.org\n",
-        encoding="utf-8",
+    opt_outs = (
+        "mailto:ann%2Bnews@example.com\nmailto:bob%40example.org?subject=unsubscribe\neve%2Bx@example.org\n"
     )
-    api.add_grant(GRANT, "maya@example.com")
-    result = cli("run", manifest, "--yes")
-    assert result.exit_code == 0, result.output
+    manifest = _run_with_opt_outs(
+        api, cli, tmp_path, opt_outs, more_rows="ann+news@example.com,Ann News,Ann,Oslo\n"
+    )
     assert _mailed(api) == [
         "ann.lee@example.com",
         "chen.wei@example.net",
