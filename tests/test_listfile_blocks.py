@@ -9,7 +9,7 @@ import sqlite3
 
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from campaign.clock import SystemClock
@@ -38,6 +38,8 @@ def _whole(data: bytes) -> list[tuple[object, ...]]:
     terminator=st.sampled_from(["\n", "\r\n"]),
     bom=st.booleans(),
 )
+# The first block ends between the header's CR and its LF: that CR is no sign of CR-only line ends.
+@example(rows=[], blanks=set(), block=19, size=1, terminator="\r\n", bom=True)
 def test_blocks_read_the_rows_the_whole_file_holds(
     tmp_path_factory, rows, blanks, block, size, terminator, bom
 ):

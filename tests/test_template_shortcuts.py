@@ -245,6 +245,10 @@ def test_a_substitution_prints_what_jinja_prints(pieces: list[str], values: dict
     name has no value (Jinja then raises its own error), and no substitution for anything but text and
     names."""
     source = "".join(pieces)
+    # Text pieces that together open a tag ("{" then "{0}" then "}": `{{0}}`, a constant printed) are
+    # no longer text: the case is not what this test is about.
+    marks = ("{{", "{%", "{#")
+    assume(all(source.count(mark) == sum(piece.count(mark) for piece in pieces) for mark in marks))
     base_dir = Path("/nonexistent-campaign-folder")
     files = {"t.j2": (source, str(base_dir / "t.j2"))}
     only_names = all(piece in TEXT_PIECES.elements or piece in NAME_PIECES.elements for piece in pieces)

@@ -48,7 +48,8 @@ _BLOCK_BYTES = 4 << 20  # a CSV is parsed this much at a time (about 45,000 news
 # One record may run this long (a quoted cell with a whole document in it); past it the record is taken
 # for a quote never closed, which would otherwise hold the rest of the file in memory as one record.
 _MAX_RECORD_BYTES = 32 << 20
-_LONE_CR = re.compile(rb"\r(?!\n)")
+# A CR followed by anything but LF: one that ends the bytes read so far may be half of a CRLF.
+_LONE_CR = re.compile(rb"\r(?=[^\n])")
 _NEVER_CLOSED = "a quote opened on this line is never closed"
 
 
