@@ -105,6 +105,11 @@ CASES = {
         65,
         ["recipients.csv: uses CR-only line endings (classic Mac)", "CSV UTF-8"],
     ),
+    "csv rows with CR-only line ends after LF ones (mixed)": (
+        {"csv": CSV.replace("\n", "\r").replace("\r", "\n", 2) + "cy@example.com,Cy,Cy,alice\r"},
+        65,
+        ["recipients.csv: line 3: malformed CSV: lines here end with CR only", "mixed line endings"],
+    ),
     "csv blank first line": ({"csv": "\n" + CSV}, 65, ["recipients.csv: line 1 is blank"]),
     "header name with a control character": (
         {"csv": CSV.replace("first_name,", "first_name,no\x1bte,", 1)},

@@ -51,6 +51,10 @@ _MAX_RECORD_BYTES = 32 << 20
 # A CR followed by anything but LF: one that ends the bytes read so far may be half of a CRLF.
 _LONE_CR = re.compile(rb"\r(?=[^\n])")
 _NEVER_CLOSED = "a quote opened on this line is never closed"
+_MIXED_LINE_ENDS = (
+    'lines here end with CR only, others with LF (mixed line endings); save the file as "CSV UTF-8" '
+    "(Excel: Save As > CSV UTF-8)"
+)
 
 
 def _open(path: Path, what: str) -> BinaryIO:
@@ -206,11 +210,18 @@ def _first_record_end(data: bytes) -> int:
 
 
 def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:  # noqa: C901 - a CSV quoting state machine (stdlib csv cannot point at these faults)
-    """The first line that breaks CSV quoting or has too many fields; only run after polars failed."""
+    """The first line that breaks CSV quoting or has too many fields; only run after polars failed.
+
+    Too many fields in a record that a CR outside quotes cuts (a CR-only line end after an LF one, as
+    when rows were pasted in from a classic Mac file) is said as mixed line endings: that is the fault
+    to fix, not the quoting.
+    """
     line = record_line = opened = fields = 1
     width: int | None = None
     state = "start"  # start | plain | quoted | closed (a quote just ended a quoted field, or is doubled)
+    after_cr = lone_cr = False  # the last character was a CR outside quotes; the record holds a lone one
     for char in text + "\n":
+        lone_cr, after_cr = lone_cr or (after_cr and char != "\n"), char == "\r" and state != "quoted"
         if state == "quoted":
             if char == '"':
                 state = "closed"
@@ -228,12 +239,14 @@ def _find_csv_fault(text: str, sep: str) -> tuple[int, str] | None:  # noqa: C90
             fields, state = fields + 1, "start"
         elif char == "\n":
             if width is not None and fields > width:
+                if lone_cr:
+                    return record_line, _MIXED_LINE_ENDS
                 return (
                     record_line,
                     f"{fields} fields, but the header has {width}; quote fields that hold {sep!r}",
                 )
             width = fields if width is None else width
-            line, record_line, fields, state = line + 1, line + 1, 1, "start"
+            line, record_line, fields, state, lone_cr = line + 1, line + 1, 1, "start", False
         elif state == "closed" and char != "\r":
             return line, 'text after a closing quote; quote the whole field and double any quote inside ("")'
         elif state == "start" and char != "\r":
