@@ -125,9 +125,10 @@ def refusing_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def tcp_keepalive(connection: Any) -> tuple[int, int, int, int]:
-    """What the socket of a psycopg `connection` is set to send when idle, as the kernel holds it:
-    (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT). Linux's names; a TCP connection only."""
+def tcp_keepalive(connection: Any) -> tuple[int, int, int, int, int]:
+    """What the socket of a psycopg `connection` is set to send when idle, and how long it lets sent data
+    go unacknowledged, as the kernel holds it: (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT,
+    TCP_USER_TIMEOUT in ms). Linux's names; a TCP connection only."""
     with socket.socket(fileno=os.dup(connection.fileno())) as sock:
         assert sock.family in (socket.AF_INET, socket.AF_INET6), "the test server must be reached over TCP"
         return (
@@ -135,4 +136,5 @@ def tcp_keepalive(connection: Any) -> tuple[int, int, int, int]:
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
         )

@@ -152,8 +152,8 @@ def test_ledger_connections_send_tcp_keepalives_unless_the_url_sets_its_own(post
     """The writer lock's connection and the pool's: a server that vanished (no FIN, no RST) is noticed
     in about a minute (30 s idle, 3 probes 10 s apart), not the kernel's two hours; a URL's own wins."""
     for conninfo, expected in (
-        (postgres_url, (1, 30, 10, 3)),
-        (f"{postgres_url}?keepalives_count=5", (1, 30, 10, 5)),
+        (postgres_url, (1, 30, 10, 3, 60_000)),
+        (f"{postgres_url}?keepalives_count=5&tcp_user_timeout=20000", (1, 30, 10, 5, 20_000)),
     ):
         with contextlib.closing(connect(conninfo, where="the test database")) as connection:
             assert tcp_keepalive(connection) == expected

@@ -388,8 +388,8 @@ def test_store_connections_send_tcp_keepalives_unless_the_url_sets_its_own(pg_st
     """A server that vanished (no FIN, no RST) is noticed after 30 s of silence and 3 probes 10 s apart,
     not after the kernel's two hours; a URL's own keepalive parameters win."""
     for url, expected in (
-        (pg_store_url, (1, 30, 10, 3)),
-        (f"{pg_store_url}?keepalives_idle=45", (1, 45, 10, 3)),
+        (pg_store_url, (1, 30, 10, 3, 60_000)),
+        (f"{pg_store_url}?keepalives_idle=45", (1, 45, 10, 3, 60_000)),
     ):
         store = open_store(url, clock=FakeClock())
         try:

@@ -80,8 +80,17 @@ _SECRET_PARAMETER_WORDS = ("password", "secret", "token")
 _URL_START = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # TCP keepalives on every connection to a database such a URL names (the ledger's, the store's): a
 # server that vanished (a host down, a network cut) is noticed after 30 s of silence and 3 probes 10 s
-# apart, about a minute, not the two hours of the kernel's defaults during which a call waits.
-_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+# apart, about a minute, not the two hours of the kernel's defaults during which a call waits. Keepalives
+# are not sent while a write waits for its acknowledgement (a query sent into a cut network): there, the
+# kernel retransmits for about 15 minutes, unless TCP_USER_TIMEOUT (libpq's tcp_user_timeout, in ms)
+# ends it after the same minute.
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
 # Bounds that keep every duration and budget finite: one send a day at the slowest, 1,000/s at the
 # fastest (Nylas allows far less), so no plan or wait overflows and none is effectively forever.
 _MIN_PER_SECOND = 1 / 86_400
@@ -285,8 +294,8 @@ def check_store_url(value: str, *, known: Iterable[str] = ()) -> str:
 
 
 def postgres_keepalives(given: Mapping[str, object]) -> dict[str, int]:
-    """The libpq keepalive parameters campaign connects with (`_KEEPALIVES`), but for those the URL's
-    own parameters (`given`, as `conninfo_to_dict` reads them) set."""
+    """The libpq keepalive and TCP user timeout parameters campaign connects with (`_KEEPALIVES`), but for
+    those the URL's own parameters (`given`, as `conninfo_to_dict` reads them) set."""
     return {name: value for name, value in _KEEPALIVES.items() if name not in given}
 
 
