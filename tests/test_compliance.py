@@ -244,6 +244,23 @@ def test_missing_mailto_warns(tmp_path):
     assert any("unsubscribe.mailto is not set" in w and "Outlook.com" in w for w in _warnings(manifest))
 
 
+def test_a_mailto_no_command_reads_warns(tmp_path):
+    """Requests mailed to unsubscribe.mailto are read only from a grant sender's inbox: any other mailbox
+    is pointed out (with what to do); a grant sender's address, in any case, is not."""
+    url = 'url = "https://example.com/u?t={{ unsubscribe_token }}"'
+    senders = '[[senders]]\nname = "maya"\ngrant_id = "g"\nemail = "maya@example.com"\n'
+    elsewhere = _manifest(
+        tmp_path / "a", provider="", senders=senders, unsubscribe=url + '\nmailto = "unsubscribe@example.com"'
+    )
+    found = [w for w in _warnings(elsewhere) if "unsubscribe.mailto unsubscribe@example.com" in w]
+    assert len(found) == 1, found
+    assert "campaign suppress add" in found[0]
+    own = _manifest(
+        tmp_path / "b", provider="", senders=senders, unsubscribe=url + '\nmailto = "Maya@Example.com"'
+    )
+    assert not any("no command reads" in w for w in _warnings(own))
+
+
 @pytest.mark.parametrize(
     ("url", "sender", "warned"),
     [

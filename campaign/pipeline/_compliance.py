@@ -143,6 +143,17 @@ def build_unsubscribe_warnings(manifest: Manifest, per_sender: Mapping[str, int]
             "unsubscribe.mailto is not set: Outlook.com acts only on a mailto: unsubscribe; "
             'add one, e.g. mailto = "unsubscribe@your-domain"'
         )
+    if (
+        settings is not None
+        and settings.mailto is not None
+        and not _read_by_a_pull(manifest, settings.mailto)
+    ):
+        found.append(
+            f"unsubscribe.mailto {settings.mailto} is not the address of a sender with a grant, so no "
+            "command reads the unsubscribe requests mailed to it: read that mailbox and record them with "
+            "`campaign suppress add`, or set mailto to a sender's address (`campaign events pull` and "
+            "runs with follow-ups then record them)"
+        )
     if settings is not None:
         found.extend(_host_warnings(settings.url, active))
     for path in list_store_paths(manifest):
@@ -157,6 +168,14 @@ def build_unsubscribe_warnings(manifest: Manifest, per_sender: Mapping[str, int]
             "writes (`campaign unsubscribe serve --store …`) so unsubscribes are honoured"
         )
     return tuple(found)
+
+
+def _read_by_a_pull(manifest: Manifest, mailto: str) -> bool:
+    """Whether requests mailed to `mailto` land in an inbox `campaign events pull` walks: a grant's."""
+    return any(
+        sender.grant_id is not None and sender.email is not None and sender.email.lower() == mailto.lower()
+        for sender in manifest.senders
+    )
 
 
 def _bulk_warnings(
