@@ -685,6 +685,22 @@ def test_opens_and_clicks_appear_in_report_and_status(api, cli, tmp_path, store_
     assert "Apple Mail Privacy Protection" in cli("status", manifest).stdout
 
 
+def test_a_clicked_url_holding_a_lone_surrogate_is_reported_with_a_replacement_mark(
+    api, cli, tmp_path, store_at
+):
+    """A kept notification is its body as it came, and its JSON may escape a surrogate cut from its pair
+    ("\\ud83d"): `report` stopped with a traceback writing it; the URL is reported with U+FFFD there."""
+    manifest = _newsletter_reading(store_at, tmp_path, api)
+    assert cli("run", manifest, "--yes").exit_code == 0
+    first = api.deliveries[0]
+    store = open_store(store_at, clock=FakeClock())
+    clicked = {"message_id": first.id, "link_data": [{"url": "https://example.com/\ud83d?x=1", "count": 1}]}
+    _record(store, _envelope("c1", "message.link_clicked", clicked))
+    store.close()
+    one = _report_rows(cli, manifest, tmp_path)[first.payload["to"][0]["email"]]
+    assert (one["clicks"], one["clicked_urls"]) == ("1", "https://example.com/\ufffd?x=1")
+
+
 def _bounce_of(event_id: str, address: str, *, message_id: str, code: str, kind: str, date: str) -> bytes:
     obj = {"bounce_reason": f"{kind} ({code})", "bounce_date": date, "bounced_addresses": [address]}
     return _envelope(

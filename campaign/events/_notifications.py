@@ -25,7 +25,7 @@ from typing import Any
 
 from campaign.errors import DataError
 from campaign.recipients import matching_form
-from campaign.unsubscribe import BLOCK_KIND, BounceRecord, notification_time
+from campaign.unsubscribe import BLOCK_KIND, BounceRecord, notification_time, storable_text
 
 __all__ = ["BOUNCE", "Notification", "decode_notification", "parse_bounces", "parse_notification"]
 
@@ -99,9 +99,9 @@ def parse_notification(body: bytes | str) -> Notification:
     grant = data.get("grant_id")
     happened = notification_time(document.get("time"))
     return Notification(
-        id=_storable(event_id),
-        type=_storable(kind),
-        grant_id=_storable(grant) if isinstance(grant, str) else None,
+        id=storable_text(event_id),
+        type=storable_text(kind),
+        grant_id=storable_text(grant) if isinstance(grant, str) else None,
         object=_object(data.get("object")),
         time=None if happened is None else int(happened.timestamp()),
     )
@@ -157,7 +157,9 @@ def _addresses(value: object) -> list[str]:
         if isinstance(item, str)
         for text in ([item] if "<" in item else _BARE_SEPARATORS.split(item))
     ]
-    found = [matching_form(address) for _, address in getaddresses(map(_storable, texts)) if "@" in address]
+    found = [
+        matching_form(address) for _, address in getaddresses(map(storable_text, texts)) if "@" in address
+    ]
     return list(dict.fromkeys(found))
 
 
@@ -181,21 +183,8 @@ def _object(value: object) -> dict[str, Any]:
 def _text(value: object) -> str | None:
     if isinstance(value, bool) or value is None:
         return None
-    text = _storable(str(value)).strip()
+    text = storable_text(str(value)).strip()
     return text or None
-
-
-def _storable(text: str) -> str:
-    """`text` with each lone surrogate (JSON may escape one: "\\ud83d" cut from its pair) as U+FFFD, so
-    that SQLite and PostgreSQL can keep it: neither stores a surrogate (their text is UTF-8). U+FFFD is
-    Unicode's mark for a character that could not be read, as a decoder puts it for bad bytes; not
-    "replace" on encoding, which writes "?", a real character; not "surrogatepass", whose bytes are not
-    UTF-8 either. Through UTF-16, a pair given as two characters is joined into the one it stands for."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
 
 
 def _nests_within(document: object, limit: int) -> bool:

@@ -38,6 +38,7 @@ from campaign.unsubscribe._store import (
     notification_time,
     open_existing_stores,
     open_store,
+    storable_text,
     store_exists,
     store_location,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "open_existing_stores",
     "open_store",
     "parse_secrets",
+    "storable_text",
     "store_exists",
     "store_location",
     "token_candidates",

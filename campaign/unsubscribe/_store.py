@@ -74,6 +74,7 @@ __all__ = [
     "notification_time",
     "open_existing_stores",
     "open_store",
+    "storable_text",
     "store_exists",
     "store_location",
 ]
@@ -625,6 +626,20 @@ class UnsubscribeWatch:
         self._stores.close()
 
 
+def storable_text(text: str) -> str:
+    """`text` with each lone surrogate (JSON may escape one: "\\ud83d" cut from its pair) as U+FFFD, so
+    that SQLite and PostgreSQL can keep it, and a report or terminal can write it: neither stores a
+    surrogate (their text is UTF-8). U+FFFD is Unicode's mark for a character that could not be read, as
+    a decoder puts it for bad bytes; not "replace" on encoding, which writes "?", a real character; not
+    "surrogatepass", whose bytes are not UTF-8 either. Through UTF-16, a pair given as two characters is
+    joined into the one it stands for."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def _engaged(seen: Engagement, kind: str, at: str, obj: dict[str, Any]) -> Engagement:
     """`seen` with one more open, click (and its URLs) or reply."""
     if kind == "message.opened":
@@ -632,8 +647,9 @@ def _engaged(seen: Engagement, kind: str, at: str, obj: dict[str, Any]) -> Engag
     if kind == "thread.replied":
         return replace(seen, replies=seen.replies + 1, first_reply=seen.first_reply or at)
     links = obj.get("link_data")
+    # A kept notification is its body as it came: its JSON may escape a lone surrogate.
     urls = (
-        [str(link["url"]) for link in links if isinstance(link, dict) and link.get("url")]
+        [storable_text(str(link["url"])) for link in links if isinstance(link, dict) and link.get("url")]
         if isinstance(links, list)
         else []
     )
