@@ -79,6 +79,9 @@ def _mode(path: Path) -> int:
         ("api", "key_env", "nyk_v0_SeCrEt"),
         ("unsubscribe", "secret_env", "test-unsubscribe-secret-0123456789abcdef"),
         ("unsubscribe", "secret_env", "s3cr3t"),
+        # In capitals and digits, as a variable's name is written: upper-case hex, a random token.
+        ("api", "key_env", "DA39A3EE5E6B4B0D3255BFEF95601890AFD80709"),
+        ("unsubscribe", "secret_env", "A8F3KL9QZ2XV7MN4PR6TY1WB5CD0EG8HQ"),
     ],
 )
 def test_a_secret_pasted_as_a_variable_name_is_refused_without_echo(api, cli, tmp_path, table, key, pasted):
@@ -101,15 +104,26 @@ def test_a_secret_pasted_as_a_variable_name_is_refused_without_echo(api, cli, tm
     assert not list(tmp_path.glob("*.sqlite*"))
 
 
-def test_a_secret_pasted_as_secret_env_of_the_endpoint_is_refused_without_echo(cli, tmp_path):
-    """`unsubscribe serve --secret-env <the secret>`: exit 2, one line, the value not repeated, no store."""
-    result = cli("unsubscribe", "serve", "--store", tmp_path / "u.sqlite", "--secret-env", "s3cr3t-VALUE")
+@pytest.mark.parametrize(
+    ("command", "option", "pasted"),
+    [
+        (("unsubscribe", "serve"), "--secret-env", "s3cr3t-VALUE"),
+        (("unsubscribe", "serve"), "--secret-env", "A8F3KL9QZ2XV7MN4PR6TY1WB5CD0EG8HQ"),
+        (("serve",), "--webhook-secret-env", "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4"),
+    ],
+)
+def test_a_secret_pasted_as_secret_env_of_the_endpoint_is_refused_without_echo(
+    cli, tmp_path, command, option, pasted
+):
+    """`unsubscribe serve --secret-env <the secret>`: exit 2, one line, the value not repeated, no store;
+    also a secret in capitals and digits, which is written as a variable's name is."""
+    result = cli(*command, "--store", tmp_path / "u.sqlite", option, pasted)
     assert result.exit_code == 2, result.output
     assert _one_error_line(result) == (
-        "error: --secret-env: the value does not look like an environment variable name (capitals, digits "
+        f"error: {option}: the value does not look like an environment variable name (capitals, digits "
         "and '_', e.g. MY_VAR); put the NAME of the variable here, never the secret itself"
     )
-    assert "s3cr3t" not in result.output
+    assert pasted.lower() not in result.output.lower()
     assert not (tmp_path / "u.sqlite").exists()
 
 

@@ -72,7 +72,9 @@ DEFAULT_PER_SECOND = 2.0
 STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 # Capitals, digits and '_', as environment variable names are written: a pasted key or secret
-# (`nyk_v0_…`, base64, hex) never looks like one, so a value that does is not echoed anywhere.
+# (`nyk_v0_…`, base64, lower-case hex) never looks like one. One in capitals and digits may (upper-case
+# hex, a random token): it is a name only if it does not also look like a secret (`looks_like_secret`),
+# since a name is echoed ("the environment variable … is not set").
 _ENV_PATTERN = r"^[A-Z_][A-Z0-9_]{0,63}$"
 # A URL parameter whose name holds one of these holds a secret (libpq's sslpassword, oauth_client_secret).
 _SECRET_PARAMETER_WORDS = ("password", "secret", "token")
@@ -121,8 +123,9 @@ def _check_name(value: str, info: ValidationInfo) -> str:
 
 
 def is_env_name(value: str) -> bool:
-    """Whether `value` is written as an environment variable's name (capitals, digits and '_')."""
-    return re.fullmatch(_ENV_PATTERN, value) is not None
+    """Whether `value` is written as an environment variable's name (capitals, digits and '_'), and not
+    as a secret is (a long random-looking run of capitals and digits)."""
+    return re.fullmatch(_ENV_PATTERN, value) is not None and not looks_like_secret(value)
 
 
 def check_env_name(value: str) -> str:
