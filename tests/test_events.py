@@ -506,6 +506,34 @@ def test_bounce_payloads_are_read_defensively():
     assert parse_bounces(opened, received_at=datetime.now(UTC)) == ()
 
 
+def test_a_bounce_keeps_only_addresses_so_the_stores_export_imports_again(service, cli, tmp_path, store_at):
+    """A bounce report is written by any remote server: what it names that is no address (a control
+    character, a quoted local part with a line break) never becomes an entry, nor hides the addresses
+    named after it. Kept, it could match no recipient, and the store's text or CSV export would stop
+    `suppress import` of it (exit 65)."""
+    svc, url = service
+    hostile = [
+        "\x1b]8;;http://evil\x07ann@example.com",
+        '<"a\r\nb"@evil.example>',
+        "<x\u2028y@evil.example>",
+        "Bob@Example.com",
+    ]
+    body = _bounce("evt-hostile", hostile)
+    assert httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body)).status_code == 200
+    assert svc.store.event_count() == 1  # the notification itself is kept whole
+    assert [entry.email for entry in svc.store.entries()] == ["bob@example.com"]
+    for name in ("export.txt", "export.csv"):
+        exported = cli("suppress", "export", tmp_path / name, "--store", store_at)
+        assert exported.exit_code == 0, exported.output
+        imported = cli("suppress", "import", tmp_path / name, "--store", tmp_path / f"{name}.sqlite")
+        assert imported.exit_code == 0, imported.output
+        copy = open_store(tmp_path / f"{name}.sqlite", clock=FakeClock())
+        try:
+            assert [entry.email for entry in copy.entries()] == ["bob@example.com"]
+        finally:
+            copy.close()
+
+
 def test_a_bounced_address_is_skipped_by_the_next_campaign_and_a_running_one(api, cli, tmp_path, store_at):
     """The store a campaign reads: a bounced recipient is a `bounced` skip at planning, and a running
     campaign's watch says `bounced` for an address that bounced after the run began."""

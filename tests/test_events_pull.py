@@ -236,6 +236,16 @@ def test_a_reports_diagnostic_is_kept_as_one_bounded_line_of_text():
     assert not any(ord(char) < 32 for char in bounce.reason)
 
 
+def test_a_report_names_only_addresses():
+    """A report is anyone's mail: a recipient that is no address (a quoted local part, which no list
+    holds) is not kept, and an internationalised domain is kept in the ASCII form campaign sends."""
+    from campaign.events._pull import _read_report
+
+    assert _read_report(_gmail_dsn('"a b"@evil.example'), received=datetime.now(UTC), message_id="m-1") == ()
+    (bounce,) = _read_report(_gmail_dsn("Ann@Example.COM"), received=datetime.now(UTC), message_id="m-2")
+    assert (bounce.email, bounce.code) == ("ann@example.com", "5.1.1")
+
+
 def test_a_report_of_a_server_that_refused_the_sender_is_a_soft_bounce():
     """Gmail's 5.7.1 "likely unsolicited mail" is about the sender: flufl.bounce calls it permanent, but
     the address is fine and must not be suppressed for good."""

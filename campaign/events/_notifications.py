@@ -4,7 +4,9 @@ The envelope is CloudEvents-style JSON: `id` (dedupe on it), `type`, `time`, and
 `grant_id` and `object` (reference/next-capabilities.md §2.1–2.2). A bounce's object names its
 addresses in `bounced_addresses` (a string, or a list in some examples), a `code` string such as
 "550" or "5.1.1", a `type` such as `mailbox_unavailable`, a `bounce_date` (RFC 2822) and its origin
-message. Unknown fields are ignored and nulls tolerated. Pure: reads bytes, returns values.
+message. Unknown fields are ignored and nulls tolerated. A bounced "address" that does not validate as
+one is left out: a bounce is written by any remote server, and it could match no recipient. Pure:
+reads bytes, returns values.
 
 A body is UTF-8 JSON (RFC 8259 §8.1), a leading byte order mark dropped: it is decoded once, and that
 text is what is parsed and what the store keeps, so that every reader of the store parses the same
@@ -24,7 +26,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
 from campaign.errors import DataError
-from campaign.recipients import matching_form
+from campaign.recipients import comparable_address
 from campaign.unsubscribe import BLOCK_KIND, BounceRecord, notification_time, storable_text
 
 __all__ = ["BOUNCE", "Notification", "decode_notification", "parse_bounces", "parse_notification"]
@@ -157,10 +159,15 @@ def _addresses(value: object) -> list[str]:
         if isinstance(item, str)
         for text in ([item] if "<" in item else _BARE_SEPARATORS.split(item))
     ]
-    found = [
-        matching_form(address) for _, address in getaddresses(map(storable_text, texts)) if "@" in address
-    ]
-    return list(dict.fromkeys(found))
+    # Only what validates as an address: anything else could never be a recipient's (they are validated),
+    # and kept as a suppression entry it is a value no list holds (a control character, a quote), which
+    # `suppress export` writes and `suppress import` of that export then refuses. The remote server
+    # that wrote the bounce is anyone.
+    # Each text on its own: in one call an unclosed quote in one swallows the addresses after it.
+    found = (
+        comparable_address(address) for text in texts for _, address in getaddresses([storable_text(text)])
+    )
+    return list(dict.fromkeys(address for address in found if address is not None))
 
 
 def _bounce_date(value: object, time: int | None) -> datetime | None:

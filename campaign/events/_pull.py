@@ -32,7 +32,7 @@ from flufl.bounce import all_failures
 
 from campaign.events._notifications import BOUNCE, is_blocked
 from campaign.nylas import Folder, MessagePage
-from campaign.recipients import matching_form
+from campaign.recipients import comparable_address, matching_form
 from campaign.unsubscribe import (
     BLOCK_KIND,
     INBOX_EVENT_PREFIX,
@@ -265,9 +265,10 @@ def _read_report(raw: bytes, *, received: datetime, message_id: str) -> tuple[Bo
     when = received.astimezone(UTC).isoformat(timespec="seconds")
     found: dict[str, bool] = {}
     for failed, permanently in [(a, True) for a in permanent] + [(a, False) for a in temporary]:
-        text = failed.decode("utf-8", errors="replace").strip().lower()
-        if "@" in text:
-            found[text] = found.get(text, False) or permanently
+        # Only an address (as a webhook's bounce, `_notifications`): a report is anyone's mail.
+        address = comparable_address(failed.decode("utf-8", errors="replace"))
+        if address is not None:
+            found[address] = found.get(address, False) or permanently
     said = _delivery_status(parsed)
     bounces = []
     for address, is_hard in found.items():
