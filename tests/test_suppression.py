@@ -10,6 +10,7 @@ import sys
 
 import polars as pl
 import pytest
+from conftest import API_KEY, SECRET
 
 from campaign.errors import InputFileError, ManifestError, RecipientDataError
 from campaign.ledger import open_ledger
@@ -201,6 +202,33 @@ def test_export_and_import_round_trip_through_csv_parquet_and_text(tmp_path, sto
         load_import_addresses(tmp_path / "mixed.txt", clock=FakeClock())
     from_store = load_import_addresses(store_at, clock=FakeClock())
     assert from_store.addresses == ("ann@example.com", "bob@example.org")
+
+
+def test_a_secret_given_to_suppress_add_or_import_is_refused_and_never_kept(cli, tmp_path, monkeypatch):
+    """A key or an address holding the API key (or a secret variable's value) is refused, exit 65, one
+    line that does not repeat it, and the store holds nothing: `suppress list` and exports show entries."""
+    monkeypatch.setenv("NYLAS_API_KEY", API_KEY)
+    monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", SECRET)
+    store = tmp_path / "store.sqlite"
+    (tmp_path / "export.csv").write_text(f"email,recipient_key\n,cus-1\n,{SECRET}\n")
+    (tmp_path / "list.txt").write_text(f"ann@example.com\n{API_KEY}@example.com\n")
+    attempts = {
+        "argument 2": ("suppress", "add", "cus-1", API_KEY, "--key"),
+        "argument 1": ("suppress", "add", f"Ann <{API_KEY}@example.com>"),
+        "export.csv": ("suppress", "import", tmp_path / "export.csv"),
+        "list.txt": ("suppress", "import", tmp_path / "list.txt"),
+    }
+    for where, command in attempts.items():
+        result = cli(*command, "--store", store)
+        assert result.exit_code == 65, result.output
+        assert result.stderr.strip().splitlines() == [
+            f"error: {where}: holds a secret (an API key, or the value of a secret variable such as "
+            "NYLAS_API_KEY), which the store would keep and show; remove it: secrets live only in "
+            "environment variables (nothing was added)"
+        ]
+        assert API_KEY.lower() not in result.output.lower()
+        assert SECRET not in result.output
+    assert not store.exists()
 
 
 def test_suppress_commands_add_import_export_list(cli, tmp_path, store_at):

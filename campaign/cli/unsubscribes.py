@@ -11,7 +11,7 @@ The two command groups are typer sub-apps; the package registers them on the roo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -27,7 +27,7 @@ from campaign.recipients import (
     parse_suppression_entry,
     write_entries,
 )
-from campaign.redaction import quote_value, secret_values
+from campaign.redaction import holds_secret, quote_value, secret_values
 from campaign.unsubscribe import BounceRules, SuppressionStore, is_store_path, open_store, store_location
 from campaign.web import (
     DEFAULT_SECRET_ENV,
@@ -170,7 +170,8 @@ def suppress_add(
     with exit_codes():
         keys: list[str] = []
         hint = "give one address per argument (or use --key)"
-        for value in values:
+        for number, value in enumerate(values, start=1):
+            _refuse_a_secret(f"argument {number}", [value])
             try:
                 found = value.strip() if key else _one_address(value)
             except DataError as exc:  # an address that does not validate: the line says why
@@ -198,7 +199,9 @@ def suppress_import(
     """Add every address of a suppression list, an export or another store (and its key-only entries)."""
     with exit_codes():
         origin = _location("SOURCE", source)
+        name = origin.name if isinstance(origin, Path) else origin
         found = load_import_addresses(origin, clock=options.clock)
+        _refuse_a_secret(name, found.entries)
         added = _with_store(
             store,
             lambda s: s.record_many(
@@ -212,7 +215,6 @@ def suppress_import(
         left_out = (
             f"; {len(found.invalid)} values are not addresses and were left out" if found.invalid else ""
         )
-        name = origin.name if isinstance(origin, Path) else origin
         out.print(
             f"{name}: {len(found.addresses)} addresses{keys}, {added} new{left_out}",
             markup=False,
@@ -254,6 +256,18 @@ def suppress_list(
             who = show(e.email or e.recipient_key)
             out.print(f"{show(e.recorded_at)}  {show(e.source):<9}  {show(e.campaign or '-'):<20}  {who}")
         out.print(f"{len(entries)} entries in {store}", markup=False)
+
+
+def _refuse_a_secret(where: str, values: Iterable[str]) -> None:
+    """DataError, before anything is added, if one of `values` holds a secret (an API key, the value of a
+    secret variable): an entry is shown by `suppress list` and written by `suppress export`."""
+    known = secret_values(options.secret_envs)
+    if any(holds_secret(value, known) for value in values):
+        raise DataError(
+            f"{where}: holds a secret (an API key, or the value of a secret variable such as NYLAS_API_KEY), "
+            "which the store would keep and show; remove it: secrets live only in environment variables "
+            "(nothing was added)"
+        )
 
 
 def _one_address(value: str) -> str | None:

@@ -53,6 +53,11 @@ class ImportedAddresses:
     invalid: tuple[str, ...]
     keys: tuple[str, ...]
 
+    @property
+    def entries(self) -> tuple[str, ...]:
+        """Every value an import would add: the addresses, then the keys."""
+        return self.addresses + self.keys
+
 
 def load_import_addresses(path: Path | str, *, clock: Clock) -> ImportedAddresses:
     """Read the addresses and key-only entries of a suppression list (.csv/.parquet/text) or of another
