@@ -110,6 +110,28 @@ def test_the_challenge_is_echoed_as_plain_text(service):
     assert httpx.get(f"{url}/healthz").status_code == 200
 
 
+def test_what_the_webhook_route_answers_is_never_taken_for_a_page(service):
+    """The challenge is echoed, so anyone can make the site's domain answer their text: every answer of
+    the route (and /healthz) tells a browser not to sniff it for HTML, run or load anything, or keep it."""
+    _, url = service
+    body = _bounce("evt-h", "ann@example.com")
+    answers = [
+        httpx.get(f"{url}/nylas/webhook", params={"challenge": "<script>alert(1)</script>"}),
+        httpx.get(f"{url}/nylas/webhook"),
+        httpx.post(f"{url}/nylas/webhook", content=body),
+        httpx.post(f"{url}/nylas/webhook", content=body, headers=_signed(body)),
+        httpx.post(f"{url}/nylas/webhook", content=b"<p>x</p>", headers=_signed(b"<p>x</p>")),
+        httpx.get(f"{url}/healthz"),
+    ]
+    assert [answer.status_code for answer in answers] == [200, 400, 401, 200, 400, 200]
+    assert answers[0].text == "<script>alert(1)</script>"
+    for answer in answers:
+        assert answer.headers["content-type"].startswith("text/plain")
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+        assert answer.headers["cache-control"] == "no-store"
+
+
 @pytest.mark.parametrize(
     ("case", "status", "recorded"),
     [

@@ -5,10 +5,12 @@ unchanged; `GET /nylas/webhook?challenge=X` answers X as text (Nylas checks the 
 webhook is created); `POST /nylas/webhook` verifies `x-nylas-signature` on the raw bytes (the
 compressed bytes when `Content-Encoding: gzip`) before anything parses them, then keeps the
 notification in the store once per envelope id and answers at once (Nylas gives 10 s);
-`GET /healthz` for the proxy. A bad or missing signature is 401 and records nothing; a body over
-1 MB is 413; a signed body that is not a notification in UTF-8 JSON is 400. A notification that
-cannot be recorded, whatever the reason (the store locked or down, a bug), is 503 with Retry-After:
-Nylas retries a notification only on 408, 429 and 502-507, and a 500 would lose it for good.
+`GET /healthz` for the proxy. Every answer of these routes is text that a browser must not take for
+a page (nosniff, a Content-Security-Policy allowing nothing, no-store): the challenge's is anyone's. A
+bad or missing signature is 401 and records nothing; a body over 1 MB is 413; a signed body that is not
+a notification in UTF-8 JSON is 400. A notification that cannot be recorded, whatever the reason (the
+store locked or down, a bug), is 503 with Retry-After: Nylas retries a notification only on 408, 429
+and 502-507, and a 500 would lose it for good.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ __all__ = [
 DEFAULT_WEBHOOK_SECRET_ENV = "NYLAS_WEBHOOK_SECRET"
 MAX_WEBHOOK_BYTES = 1024 * 1024  # Nylas truncates notifications above 1 MB, so nothing real is larger
 _log = logging.getLogger(__name__)
+# Every answer is text, and the challenge's is whatever the query asked: a browser sent to
+# /nylas/webhook?challenge=<html>… must show it as text on the site's domain, never sniff it for a page
+# to render or a script to run, nor keep it.
+_TEXT_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
 
 
 class EventService:
@@ -71,28 +81,28 @@ class EventService:
     async def _challenge(self, request: Request) -> Response:
         challenge = request.query_params.get("challenge")
         if challenge is None:
-            return PlainTextResponse("no challenge", status_code=400)
-        return PlainTextResponse(challenge)
+            return _plain("no challenge", status_code=400)
+        return _plain(challenge)
 
     async def _receive(self, request: Request) -> Response:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_WEBHOOK_BYTES:
-            return PlainTextResponse("too large", status_code=413)
+            return _plain("too large", status_code=413)
         body = b""
         try:
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > MAX_WEBHOOK_BYTES:
-                    return PlainTextResponse("too large", status_code=413)
+                    return _plain("too large", status_code=413)
         except ClientDisconnect:
-            return Response(status_code=400)
+            return _plain("", status_code=400)
         if not verify_signature(body, request.headers.get("x-nylas-signature"), self._secrets):
-            return PlainTextResponse("bad signature", status_code=401)
+            return _plain("bad signature", status_code=401)
         if request.headers.get("content-encoding", "").strip().lower() == "gzip":
             try:
                 body = _gunzip(body)
             except (OSError, EOFError, zlib.error):
-                return PlainTextResponse("not gzip", status_code=400)
+                return _plain("not gzip", status_code=400)
         return await self._record(body)
 
     async def _record(self, body: bytes) -> Response:
@@ -100,7 +110,7 @@ class EventService:
         try:
             await anyio.to_thread.run_sync(partial(record_notification, self.store, body, clock=self._clock))
         except DataError as exc:
-            return PlainTextResponse(str(exc), status_code=400)
+            return _plain(str(exc), status_code=400)
         except StoreError:
             return _retry_later()
         except Exception as exc:
@@ -108,16 +118,16 @@ class EventService:
             # retry. The log names the error's type only: its text may quote the body or the database.
             _log.error("a notification could not be recorded (%s); answered 503", type(exc).__name__)
             return _retry_later()
-        return PlainTextResponse("ok")
+        return _plain("ok")
 
 
 async def _healthy(_request: Request) -> Response:
-    return PlainTextResponse("ok")
+    return _plain("ok")
 
 
 def _retry_later() -> Response:
     # Nylas retries a notification only on 408, 429 and 502-507: a 500 would lose it for good.
-    return PlainTextResponse("store unavailable; retry", status_code=503, headers={"Retry-After": "60"})
+    return _plain("store unavailable; retry", status_code=503, headers={"Retry-After": "60"})
 
 
 def _gunzip(body: bytes) -> bytes:
@@ -146,3 +156,8 @@ def serve_service(service: EventService, *, host: str, port: int, limits: Server
     """Serve with uvicorn in the foreground until Ctrl-C, bounded by `limits` like the one-click endpoint."""
     config = build_server_config(service.app, host=host, port=port, limits=limits or ServerLimits())
     uvicorn.Server(config).run()
+
+
+def _plain(content: str, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A text answer, with the headers that keep a browser from taking it for anything else."""
+    return PlainTextResponse(content, status_code=status_code, headers={**_TEXT_HEADERS, **(headers or {})})
