@@ -751,6 +751,29 @@ def test_a_clicked_url_holding_a_lone_surrogate_is_reported_with_a_replacement_m
     assert (one["clicks"], one["clicked_urls"]) == ("1", "https://example.com/\ufffd?x=1")
 
 
+def test_a_bounces_reason_is_kept_on_one_bounded_line():
+    """A webhook's bounce_reason, code and type are the remote server's text: kept (and so reported) on
+    one line of at most 500 characters, as an inbox report's are; classified whole before the cut (the
+    words saying the address is gone come after 2,000 characters here)."""
+    obj = {
+        "bounce_reason": "line one\r\n=cmd|' /C calc'!A0\x1b[31m\n" + "x" * 2000 + " user unknown",
+        "bounced_addresses": ["ann@example.com"],
+        "message_id": "m1",
+    }
+
+    def parsed(found: dict[str, Any]) -> BounceRecord:
+        notification = parse_notification(_envelope("b-long", "message.bounce_detected", found))
+        (bounce,) = parse_bounces(notification, received_at=datetime.now(UTC))
+        return bounce
+
+    bounce = parsed(obj)
+    assert bounce.hard is True
+    assert bounce.reason is not None
+    assert bounce.reason.startswith("line one =cmd|' /C calc'!A0 [31m x")
+    assert len(bounce.reason) == 500
+    assert parsed(obj | {"code": "4" + "\n" * 3 + "4" * 900}).code == "4 " + "4" * 498
+
+
 def _bounce_of(event_id: str, address: str, *, message_id: str, code: str, kind: str, date: str) -> bytes:
     obj = {"bounce_reason": f"{kind} ({code})", "bounce_date": date, "bounced_addresses": [address]}
     return _envelope(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from campaign.unsubscribe import BLOCK_KIND, BounceRecord, notification_time, st
 __all__ = ["BOUNCE", "Notification", "decode_notification", "parse_bounces", "parse_notification"]
 
 BOUNCE = "message.bounce_detected"
+_FIELD_CHARS = 500  # of a bounce's code, kind or reason, as kept
 # Permanent failures by the provider's kind, whatever the code says (a missing or odd code).
 _HARD_KINDS = frozenset(
     {"mailbox_unavailable", "mailbox_not_found", "user_unknown", "no_such_user", "invalid"}
@@ -117,6 +119,9 @@ def parse_bounces(notification: Notification, *, received_at: datetime) -> tuple
     code = _text(found.get("code"))
     reason = _text(found.get("bounce_reason"))
     hard, kind = _classify(code, _text(found.get("type")), reason)
+    # Kept as a report's column and shown by status: the remote server's text, bounded as an inbox
+    # report's is (classified whole, before the cut).
+    code, kind, reason = field_text(code), field_text(kind), field_text(reason)
     when = _bounce_date(found.get("bounce_date"), notification.time) or received_at.astimezone(UTC)
     origin = _object(found.get("origin"))
     message_id = _text(found.get("message_id")) or _text(origin.get("id"))
@@ -185,6 +190,13 @@ def _bounce_date(value: object, time: int | None) -> datetime | None:
 
 def _object(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def field_text(value: object) -> str | None:
+    """A bounce's field (its code, kind, reason: a remote server's text) on one line, without control or
+    format characters, at most `_FIELD_CHARS` long; None when empty."""
+    text = "".join(" " if unicodedata.category(char)[0] == "C" else char for char in str(value or ""))
+    return " ".join(text.split())[:_FIELD_CHARS] or None
 
 
 def _text(value: object) -> str | None:

@@ -22,7 +22,6 @@ import email
 import email.message
 import json
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -30,7 +29,7 @@ from typing import Protocol, runtime_checkable
 
 from flufl.bounce import all_failures
 
-from campaign.events._notifications import BOUNCE, is_blocked
+from campaign.events._notifications import BOUNCE, field_text, is_blocked
 from campaign.nylas import Folder, MessagePage
 from campaign.recipients import comparable_address, matching_form
 from campaign.unsubscribe import (
@@ -46,7 +45,6 @@ from campaign.unsubscribe import (
 __all__ = ["MAX_PAGES", "InboxReader", "PullReport", "pull_bounces"]
 
 PAGE = 200
-_FIELD_CHARS = 500  # of a DSN's Status or Diagnostic-Code kept with a bounce
 MAX_PAGES = 10  # per grant and pull: 2,000 inbox messages; the next pull goes on from where it stopped
 # Each pull lists again from this long before the newest message the last one saw: a provider syncs
 # some messages late, under an earlier date. Reports listed twice are recorded once.
@@ -294,15 +292,8 @@ def _delivery_status(report: email.message.Message) -> dict[str, tuple[str | Non
             if recipient is None:
                 continue
             address = matching_form(str(recipient).rpartition(";")[2])
-            status = _field_text(block.get("Status"))
+            status = field_text(block.get("Status"))
             # "smtp; 550 5.1.1 …": the text after its type (all of it, when a server leaves the type out)
-            diagnostic = _field_text(str(block.get("Diagnostic-Code") or "").split(";", 1)[-1])
+            diagnostic = field_text(str(block.get("Diagnostic-Code") or "").split(";", 1)[-1])
             found.setdefault(address, (status, "dsn", diagnostic))
     return found
-
-
-def _field_text(value: object) -> str | None:
-    """A DSN field's text on one line, without control or format characters, at most `_FIELD_CHARS`
-    long; None when empty."""
-    text = "".join(" " if unicodedata.category(char)[0] == "C" else char for char in str(value or ""))
-    return " ".join(text.split())[:_FIELD_CHARS] or None
