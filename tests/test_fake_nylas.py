@@ -961,3 +961,68 @@ def test_replies_join_their_thread_and_the_thread_says_when_mail_last_came_in():
             assert missing.status_code == 404
 
     anyio.run(go)
+
+
+def test_a_filed_microsoft_message_changes_id_and_a_reply_to_its_old_id_is_answered_404():
+    """`move_message` on a Microsoft grant gives the message a new id and keeps its thread and Message-ID
+    (a Graph id changes on a move); a reply naming the old id is answered 404 in the very envelope an
+    unknown grant gets, cached under its key like any answer, and delivers nothing; a reply naming the
+    new id joins the thread. A Gmail message keeps its id when filed (a label)."""
+    clock = FakeClock()
+    fake = FakeNylas(api_key="k", clock=clock)
+    fake.add_grant("ms", "rep@corp.example", provider="microsoft")
+    fake.add_grant("gm", "rep@example.com", provider="google")
+    headers = {"Authorization": "Bearer k"}
+
+    async def go() -> None:
+        transport = httpx.ASGITransport(app=fake.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fake", headers=headers) as http:
+
+            async def send(grant: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
+                extra = {} if key is None else {"Idempotency-Key": key}
+                params = {"fields": "include_headers"}
+                return await http.post(
+                    f"/v3/grants/{grant}/messages/send", json=body, headers=extra, params=params
+                )
+
+            first = (
+                await send("ms", {"to": [{"email": "ann@example.com"}], "subject": "Hi", "body": "x"})
+            ).json()
+            old_id, thread = first["data"]["id"], first["data"]["thread_id"]
+            message_id = next(h["value"] for h in first["data"]["headers"] if h["name"] == "Message-ID")
+            new_id = fake.move_message("ms", old_id)
+            assert new_id != old_id
+            listed = (await http.get("/v3/grants/ms/messages", params={"thread_id": thread})).json()["data"]
+            assert [m["id"] for m in listed] == [new_id]
+            assert listed[0]["folders"] == ["Archive"]
+            stored = (
+                await http.get(f"/v3/grants/ms/messages/{new_id}", params={"fields": "include_headers"})
+            ).json()["data"]
+            assert {"name": "Message-ID", "value": message_id} in stored["headers"]
+            nudge = {"to": [{"email": "ann@example.com"}], "subject": "Re: Hi", "body": "y"}
+            stale = await send("ms", {**nudge, "reply_to_message_id": old_id}, key="k1")
+            no_grant = await send("nobody", {**nudge, "reply_to_message_id": old_id})
+            assert stale.status_code == no_grant.status_code == 404
+            assert (
+                stale.json()["error"]
+                == no_grant.json()["error"]
+                == {
+                    "type": "not_found_error",
+                    "message": "requested object not found",
+                }
+            )
+            again = await send("ms", {**nudge, "reply_to_message_id": old_id}, key="k1")
+            assert (again.status_code, again.headers.get("idempotent-response")) == (404, "true")
+            assert len(fake.deliveries) == 1
+            threaded = (await send("ms", {**nudge, "reply_to_message_id": new_id})).json()["data"]
+            assert threaded["thread_id"] == thread
+            gmail = (
+                await send("gm", {"to": [{"email": "bo@example.com"}], "subject": "Hi", "body": "x"})
+            ).json()
+            assert fake.move_message("gm", gmail["data"]["id"]) == gmail["data"]["id"]
+            fake.delete_message("gm", gmail["data"]["id"])
+            gone = await send("gm", {**nudge, "reply_to_message_id": gmail["data"]["id"]})
+            assert gone.status_code == 404
+            assert len(fake.deliveries) == 3
+
+    anyio.run(go)

@@ -676,3 +676,26 @@ def test_the_sdk_replies_in_a_thread_and_finds_the_answer_as_our_lookups_do(wire
     thread_ids, sender_ids, headers = wire.ours(ours)
     assert thread_ids == sender_ids == [answer_id]
     assert headers == sdk_headers
+
+
+def test_the_sdk_meets_a_filed_microsoft_message_as_a_404_it_cannot_tell_from_a_missing_grant(wire):
+    """Nylas's SDK sends a reply to a message its Microsoft owner filed since (a new Graph id): the fake's
+    404 parses as the SDK's NylasApiError, of the same type and message as for a grant that does not
+    exist; listing the thread finds the message under its new id, and the reply to that goes out."""
+    sdk = wire.sdk
+    first = sdk.messages.send(
+        MS_GRANT, {"to": [{"email": "ann@example.com"}], "subject": "Hi", "body": "x"}
+    ).data
+    moved = wire.fake.move_message(MS_GRANT, first.id)
+    nudge = {"to": [{"email": "ann@example.com"}], "subject": "Re: Hi", "body": "y"}
+    with pytest.raises(NylasApiError) as stale:
+        sdk.messages.send(MS_GRANT, {**nudge, "reply_to_message_id": first.id})
+    with pytest.raises(NylasApiError) as no_grant:
+        sdk.messages.send("no-such-grant", {**nudge, "reply_to_message_id": first.id})
+    seen = [(e.value.status_code, e.value.type, str(e.value)) for e in (stale, no_grant)]
+    assert seen[0] == seen[1] == (404, "not_found_error", "requested object not found")
+    listed = sdk.messages.list(MS_GRANT, query_params={"thread_id": first.thread_id}).data
+    assert [m.id for m in listed] == [moved]
+    reply = sdk.messages.send(MS_GRANT, {**nudge, "reply_to_message_id": moved}).data
+    assert reply.thread_id == first.thread_id
+    assert len(wire.fake.deliveries) == 2

@@ -24,7 +24,11 @@ in the grant's inbox as the provider would sync it; it is listed with `in=<inbox
 `fields`; Nylas's Python SDK's `Fields` literal). With `reply_to=<message id>` it joins that
 message's thread, as a human reply or an auto-reply does; a send with `reply_to_message_id` joins
 it too (reference/next-capabilities.md §1.3), and `GET /threads/{id}` gives the thread with its
-`latest_message_received_date` (incoming) and `latest_message_sent_date` (§1.4 C).
+`latest_message_received_date` (incoming) and `latest_message_sent_date` (§1.4 C). A grant send whose
+`reply_to_message_id` names no message of the grant (by id, or by Message-ID as IMAP takes it) is
+answered 404 `not_found_error` "requested object not found", the envelope an unknown grant gets, and
+cached under its Idempotency-Key like any answer. `move_message` files a message: on a Microsoft grant
+its id changes (Graph ids do, §1.2) while its thread and Message-ID stay; `delete_message` removes one.
 
 Bounces and webhooks: a message to an address in `bounce_addresses`, or to a share of them
 (`bounce_share`, the same ones each time), bounces: a Gmail- or Exchange-style DSN arrives in the
@@ -111,13 +115,12 @@ from campaign.testing.records import (
     QuotaStyle,
     RequestRecord,
 )
-from campaign.testing.state import FakeState, Grant, ScriptedFault
+from campaign.testing.state import NOT_FOUND_MESSAGE, FakeState, Grant, ScriptedFault
 
 __all__ = ["FakeNylas"]
 
 IDEMPOTENCY_KEY_MAX = 256
 _FILE_PART = re.compile(r"file\d+")
-_NOT_FOUND = "requested object not found"
 # Gmail's daily quota in the older words Nylas relays it with (nylas-api.md §3.4): a 429 naming no time.
 DAILY_LIMIT_MESSAGE = "Error encountered while sending using Gmail API due to Rate Limit Exceeded"
 FilePart = tuple[str, DeliveredAttachment]
@@ -247,7 +250,7 @@ class FakeNylas(FakeState):
             raise ApiProblem(401, "unauthorized", "Unauthorized")
         grant = self._lookup_grant(_route_id(request))
         if grant is None:
-            raise ApiProblem(404, "not_found_error", _NOT_FOUND)
+            raise ApiProblem(404, "not_found_error", NOT_FOUND_MESSAGE)
         return grant
 
     async def _read_send_body(
@@ -291,6 +294,10 @@ class FakeNylas(FakeState):
         refused_header = _graph_refused_header(grant, payload)
         if refused_header is not None:
             return _answer_graph_header_refusal(refused_header, request_id), False
+        try:
+            self._check_reply_target(grant, payload)
+        except ApiProblem as problem:
+            return answer_problem(problem, request_id=request_id), False
         if payload.get("send_at") is not None:
             return self._accept_scheduled(grant, payload, attachments, request_id), False
         refusal = self._throttle_wait(grant, count_recipients(payload))
@@ -538,7 +545,9 @@ async def _answer_http_error(request: Request, exc: Exception) -> Response:
     del request
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     if status == 404:
-        return answer_error(404, "not_found_error", _NOT_FOUND, request_id=new_request_id()).build_response()
+        return answer_error(
+            404, "not_found_error", NOT_FOUND_MESSAGE, request_id=new_request_id()
+        ).build_response()
     detail = exc.detail if isinstance(exc, HTTPException) else "Internal server error."
     return answer_error(status, "invalid_request_error", detail, request_id=new_request_id()).build_response()
 

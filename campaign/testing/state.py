@@ -35,9 +35,10 @@ from campaign.testing.listing import StoredMessage, select_messages
 from campaign.testing.payload import build_message, build_message_headers, count_recipients, new_opaque_id
 from campaign.testing.records import DeliveredAttachment, Delivery, Fault, QuotaStyle, RequestRecord
 
-__all__ = ["FakeState", "Grant", "ScriptedFault"]
+__all__ = ["NOT_FOUND_MESSAGE", "FakeState", "Grant", "ScriptedFault"]
 
 JSON_SENDS_PER_SECOND = 200
+NOT_FOUND_MESSAGE = "requested object not found"  # the OpenAPI example's text for any 404 (§3.3)
 MULTIPART_SENDS_PER_SECOND = 10
 MESSAGE_READS_PER_SECOND = 200
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9@._+-]")
@@ -134,6 +135,10 @@ class FakeState:
         self.max_json_bytes = 3_000_000
         self.max_multipart_bytes = 25_000_000
         self.idempotency_ttl_s = 3600.0
+        # A grant send whose `reply_to_message_id` names no message of the grant is answered 404. Off:
+        # it goes out in a thread of its own, as for a mailbox the fake holds only part of (the
+        # sandbox's start empty each run, without the messages earlier runs sent).
+        self.check_reply_to = True
         # Bounces: a message to an address in `bounce_addresses`, or to one the share picks (by a hash of
         # the address, so the same recipients bounce every time), is delivered, then bounced: a DSN
         # arrives in the sending grant's inbox and a `message.bounce_detected` notification is queued.
@@ -165,6 +170,12 @@ class FakeState:
         """Connect a mailbox: sends to `grant_id` (or its email) are accepted from now on."""
         with self._lock:
             self._grants[grant_id] = Grant(grant_id, email, provider, _build_folders(grant_id, provider))
+
+    def remove_grant(self, grant_id: str) -> None:
+        """A test control: the grant is deleted (its owner disconnected it): every request naming it is
+        answered 404 `not_found_error` from now on, sends and reads alike (§11.1)."""
+        with self._lock:
+            del self._grants[self._require_grant(grant_id).id]
 
     def set_listing_quirks(
         self, grant_id: str, *, lag_s: float = 0.0, to_filter_broken: bool = False
@@ -300,6 +311,36 @@ class FakeState:
         }
         self.queue_notification("thread.replied", grant.id, obj)
 
+    def move_message(self, grant_id: str, message_id: str, *, folder: str = "Archive") -> str:
+        """A test control: the mailbox's owner files message `message_id` into `folder`; returns its id now.
+
+        On a Microsoft grant the message gets a new id, as a Graph id changes when a message moves
+        between folders unless immutable ids are asked for (reference/next-capabilities.md §1.2); it
+        keeps its thread and its Message-ID header. Other providers keep the id (a Gmail label)."""
+        grant = self._require_grant(grant_id)
+        with self._lock:
+            index = next((i for i, m in enumerate(grant.messages) if m.data["id"] == message_id), None)
+            if index is None:
+                raise KeyError(f"grant {grant_id} has no message {message_id}")
+            stored = grant.messages[index]
+            data = {**stored.data, "folders": [folder]}
+            if grant.provider == "microsoft":
+                data["id"] = new_opaque_id()
+                if message_id in grant.raw_mime:
+                    grant.raw_mime[data["id"]] = grant.raw_mime.pop(message_id)
+            grant.messages[index] = StoredMessage(stored.seq, data, stored.headers)
+            return str(data["id"])
+
+    def delete_message(self, grant_id: str, message_id: str) -> None:
+        """A test control: the mailbox's owner deletes message `message_id` for good (emptied trash)."""
+        grant = self._require_grant(grant_id)
+        with self._lock:
+            kept = [m for m in grant.messages if m.data["id"] != message_id]
+            if len(kept) == len(grant.messages):
+                raise KeyError(f"grant {grant_id} has no message {message_id}")
+            grant.messages = kept
+            grant.raw_mime.pop(message_id, None)
+
     def _sent_message(self, grant_id: str, message_id: str) -> dict[str, Any]:
         grant = self._require_grant(grant_id)
         with self._lock:
@@ -375,8 +416,37 @@ class FakeState:
 
     def _thread_of(self, grant: Grant, message_id: str) -> str | None:
         """The thread of the grant's message `message_id` (call with the lock held)."""
-        found = next((m for m in grant.messages if m.data["id"] == message_id), None) if message_id else None
+        found = self._message_named(grant, message_id)
         return None if found is None else str(found.data["thread_id"])
+
+    def _message_named(self, grant: Grant, message_id: str) -> StoredMessage | None:
+        """The grant's message a `reply_to_message_id` names: its id (Gmail, Graph) or, as IMAP grants
+        take it, its Message-ID header (call with the lock held)."""
+        if not message_id:
+            return None
+        found = next((m for m in grant.messages if m.data["id"] == message_id), None)
+        if found is not None or not message_id.startswith("<"):
+            return found
+        return next(
+            (
+                m
+                for m in grant.messages
+                if any(h["name"].lower() == "message-id" and h["value"] == message_id for h in m.headers)
+            ),
+            None,
+        )
+
+    def _check_reply_target(self, grant: Grant, payload: Mapping[str, Any]) -> None:
+        """404 for a send whose `reply_to_message_id` names no message of the grant (a filed Microsoft
+        message's old id): Nylas reads the original to set In-Reply-To and References (§1.3). The
+        envelope is the one an unknown grant gets (nylas-api.md §3.1, §11.1): a client tells the two
+        apart only by looking. A transactional (domain) send names no grant's message: not checked."""
+        named = str(payload.get("reply_to_message_id") or "")
+        if not named or not self.check_reply_to or grant.id.startswith("domain:"):
+            return
+        with self._lock:
+            if self._message_named(grant, named) is None:
+                raise ApiProblem(404, "not_found_error", NOT_FOUND_MESSAGE)
 
     def add_webhook(self, url: str, secret: bytes, trigger_types: Iterable[str]) -> None:
         """Register a webhook as `POST /v3/webhooks` does: the URL must echo a challenge first."""
