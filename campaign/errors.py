@@ -27,6 +27,7 @@ from typing import ClassVar
 __all__ = [
     "ApiAuthError",
     "ApiError",
+    "ApiNotFoundError",
     "ApiUnavailableError",
     "CampaignError",
     "DataError",
@@ -168,6 +169,11 @@ class ApiUnavailableError(ApiError):
     def __init__(self, message: str, *, retry_at: datetime | None = None) -> None:
         super().__init__(message)
         self.retry_at = retry_at  # when the API said a try may succeed (Retry-After), if it said
+
+
+class ApiNotFoundError(ApiError):
+    """A read answered 404 `not_found_error`: the API names no such grant or object (it says which in no
+    way a client may rely on)."""
 
 
 class ApiAuthError(ApiError):

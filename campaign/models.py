@@ -21,6 +21,7 @@ __all__ = [
     "PreviousStep",
     "Problem",
     "Recipient",
+    "Relink",
     "RowState",
     "Screening",
     "SendOutcome",
@@ -89,6 +90,19 @@ class Screening:
     auto_reply: str | None = None  # an auto-reply seen, which does not stop the sequence
 
 
+@dataclass(frozen=True, slots=True)
+class Relink:
+    """What the lookup made after a follow-up's send was answered 404 found of the message it answers.
+
+    A Microsoft mailbox gives a message a new id when its owner files it, and the id the follow-up named
+    stops resolving. None of the three set: the lookup was answered 404 as well (the grant itself is
+    gone), and the send's 404 stands."""
+
+    message_id: str | None = None  # the message under its id now: the follow-up answers that, once
+    lost: str | None = None  # the lookup worked but the message is not there: the sequence stops (why)
+    hold: bool = False  # the lookup failed: not sent now, looked up again later
+
+
 class SkipReason(StrEnum):
     """Why a row of the list is deliberately not mailed."""
 
@@ -100,6 +114,9 @@ class SkipReason(StrEnum):
     REPLIED = "replied"  # a follow-up not sent: the recipient answered an earlier step
     AUTO_REPLIED = "auto-replied"  # a follow-up not sent: an auto-reply, with `auto_replies = "stop"`
     NOT_LISTED = "not listed"  # a follow-up not sent: the recipient left the list
+    # A follow-up not sent: the message it answers is gone from its thread (deleted; a send is never
+    # made unthreaded), found by the lookup after the send naming it was answered 404.
+    THREAD_LOST = "thread_lost"
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from campaign.followups import (
     DueJobs,
     ReplyClient,
     ReplyNotices,
+    build_relink,
     build_screen,
     first_due_time,
     schedule_followups,
@@ -56,7 +57,7 @@ from campaign.ledger import (
     record_key_scheme,
 )
 from campaign.manifest import Manifest, SenderSettings
-from campaign.models import Recipient, RowState, Screening, SkipReason
+from campaign.models import Recipient, Relink, RowState, Screening, SkipReason
 from campaign.nextsteps import NextStep
 from campaign.nylas import SendClient
 from campaign.pipeline import (
@@ -725,6 +726,21 @@ class _Rounds:
 
         return screen
 
+    def _relink(self, client: SendClient) -> Callable[[Job], Awaitable[Relink]] | None:
+        """The lookup after a follow-up's send was answered 404 (`followups.build_relink`); one that
+        failed is tried again as a failed reply lookup is."""
+        if not self._manifest.followups or not isinstance(client, ReplyClient):
+            return None
+        look = build_relink(self._manifest, client)
+
+        async def relink(job: Job) -> Relink:
+            found = await look(job)
+            if found.hold:
+                self._held[job.key] = self._clock.now() + timedelta(seconds=_HOLD_RETRY_S)
+            return found
+
+        return relink
+
     async def _dispatch(
         self,
         jobs: JobSource,
@@ -760,6 +776,7 @@ class _Rounds:
                 settings=settings,
                 unsubscribed=opt_out,
                 screen=screen,
+                relink=self._relink(client),
                 stop=stop,
                 # Rows in flight from an earlier run keep their grant (their key may be used).
                 bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},

@@ -825,3 +825,151 @@ def test_due_follow_ups_are_read_a_page_at_a_time_and_each_goes_once(
     }
     nudge = steps_json(cli, manifest)["nudge"]
     assert (nudge["sent"], nudge["due_now"], nudge["stopped"]) == (39, 0, {"not listed": 1})
+
+
+@pytest.fixture(name="ms_fake")
+def _ms_fake(_loopback, cli_clock, monkeypatch):
+    """Both senders' grants on Microsoft, where a message filed by its owner gets a new id."""
+    fake = FakeNylas(api_key=API_KEY, clock=cli_clock)
+    for grant, email in SENDERS.values():
+        fake.add_grant(grant, email, provider="microsoft")
+    yield from serve_fake(_loopback, fake, monkeypatch)
+
+
+def _microsoft_campaign(folder: Path, *, people: list[str] | None = None) -> Path:
+    return write_campaign(folder, sender='provider = "microsoft"\nstop_after_rejections = 2', people=people)
+
+
+def _refused_sends(fake: FakeNylas) -> list:
+    return [record for record in fake.requests if record.status == 404]
+
+
+def test_a_follow_up_to_a_message_filed_on_microsoft_finds_it_by_its_thread_and_goes_out_once(
+    ms_fake, cli, cli_clock, tmp_path
+):
+    """The recipient's step 1 was filed (a new Graph id): the nudge's send is answered 404, the thread
+    lookup finds the message under its new id, and the nudge goes out once, answering that id, in the
+    thread; nothing failed, and the last call answers the nudge as usual."""
+    fake = ms_fake
+    manifest = _microsoft_campaign(tmp_path / "c")
+    assert cli("run", manifest, "--yes").exit_code == 75
+    (first,) = by_step(fake)[PEOPLE[0]]["message"]
+    thread = fake._sent_message(first.grant_id, first.id)["thread_id"]
+    moved = fake.move_message(first.grant_id, first.id)
+    cli_clock.advance(2 * 86_400)
+    nudged = cli("resume", manifest, "--yes")
+    assert nudged.exit_code == 75, nudged.output
+    sent = by_step(fake)
+    assert all(len(sent[email]["nudge"]) == 1 for email in PEOPLE)
+    (nudge,) = sent[PEOPLE[0]]["nudge"]
+    assert nudge.payload["reply_to_message_id"] == moved
+    assert fake._sent_message(nudge.grant_id, nudge.id)["thread_id"] == thread
+    assert [record.grant_id for record in _refused_sends(fake)] == [first.grant_id]
+    steps = steps_json(cli, manifest)["nudge"]
+    assert (steps["sent"], steps["states"]["failed"], steps["stopped"]) == (len(PEOPLE), 0, {})
+    cli_clock.advance(3 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    (last,) = by_step(fake)[PEOPLE[0]]["last-call"]
+    assert last.payload["reply_to_message_id"] == nudge.id
+    assert len(_refused_sends(fake)) == 1
+
+
+def test_a_follow_up_whose_message_was_deleted_stops_as_thread_lost_and_is_no_rejection(
+    ms_fake, cli, cli_clock, tmp_path
+):
+    """All three of ana's step-1 messages were deleted: each nudge's send is answered 404 and the thread
+    lookup finds nothing, so each row is stopped (`thread_lost`): none is sent unthreaded, no later step
+    goes to them, and three 404s in a row do not stop ana under `stop_after_rejections = 2`. Status and
+    the report say why; the run ends as one with stopped rows does."""
+    fake = ms_fake
+    manifest = _microsoft_campaign(tmp_path / "c")
+    assert cli("run", manifest, "--yes").exit_code == 75
+    anas = [email for email in PEOPLE if by_step(fake)[email]["message"][0].grant_id == "grant-ana"]
+    assert len(anas) == 3
+    for email in anas:
+        (first,) = by_step(fake)[email]["message"]
+        fake.delete_message(first.grant_id, first.id)
+    cli_clock.advance(2 * 86_400)
+    nudged = cli("resume", manifest, "--yes")
+    assert nudged.exit_code == 75, nudged.output
+    assert len(_refused_sends(fake)) == 3
+    cli_clock.advance(3 * 86_400)
+    done = cli("resume", manifest, "--yes")
+    assert done.exit_code == 0, done.output
+    sent = by_step(fake)
+    assert all(not sent[email]["nudge"] and not sent[email]["last-call"] for email in anas)
+    assert all(len(sent[email]["last-call"]) == 1 for email in PEOPLE if email not in anas)
+    assert len(_refused_sends(fake)) == 3  # tried once each, never again
+    steps = steps_json(cli, manifest)
+    assert steps["nudge"]["stopped"] == {"thread_lost": 3}
+    assert steps["nudge"]["states"]["failed"] == 0
+    assert steps["last-call"]["sent"] == 3
+    report = tmp_path / "report.csv"
+    assert cli("report", manifest, "--out", report).exit_code == 0
+    text = report.read_text(encoding="utf-8")
+    assert text.count("thread_lost: message ") == 3
+
+
+def test_a_follow_up_whose_grant_is_gone_at_its_send_fails_as_before(
+    ms_fake, cli, cli_clock, tmp_path, monkeypatch
+):
+    """The grant is deleted between the reply check and the send: the send's 404 and the thread lookup's
+    404 alike say nothing of the message, so the row fails with the 404 as any refused send, never
+    stopped as `thread_lost`."""
+    fake = ms_fake
+    manifest = _microsoft_campaign(tmp_path / "c", people=PEOPLE[:2])
+    assert cli("run", manifest, "--yes").exit_code == 75
+    looked = sequence_module.find_answer
+
+    async def then_gone(*args, **kwargs):
+        answer = await looked(*args, **kwargs)
+        if kwargs["grant_id"] == "grant-ana":
+            fake.remove_grant("grant-ana")
+        return answer
+
+    monkeypatch.setattr(sequence_module, "find_answer", then_gone)
+    cli_clock.advance(2 * 86_400)
+    cli("resume", manifest, "--yes")
+    sent = by_step(fake)
+    assert not sent[PEOPLE[0]]["nudge"]
+    assert len(sent[PEOPLE[1]]["nudge"]) == 1
+    assert [record.grant_id for record in _refused_sends(fake)] == ["grant-ana"]
+    nudge = steps_json(cli, manifest)["nudge"]
+    assert (nudge["states"]["failed"], nudge["stopped"]) == (1, {})
+
+
+def test_a_failed_lookup_after_the_404_holds_the_follow_up_back_until_it_can_look(
+    ms_fake, cli, cli_clock, tmp_path, monkeypatch
+):
+    """The mailbox's read fails right after the nudge's 404: nothing is sent (never unthreaded, never
+    failed), the nudge is held back and stays due; the next run's send names the old id again under a new
+    key, the lookup works, and the nudge goes out once, answering the message's new id."""
+    fake = ms_fake
+    manifest = _microsoft_campaign(tmp_path / "c", people=PEOPLE[:2])
+    assert cli("run", manifest, "--yes").exit_code == 75
+    (first,) = by_step(fake)[PEOPLE[0]]["message"]
+    moved = fake.move_message(first.grant_id, first.id)
+    looked = sequence_module.find_answer
+
+    async def then_failing(*args, **kwargs):
+        answer = await looked(*args, **kwargs)
+        if kwargs["grant_id"] == first.grant_id:
+            fake.fail_reads(first.grant_id, times=1)
+        return answer
+
+    monkeypatch.setattr(sequence_module, "find_answer", then_failing)
+    cli_clock.advance(2 * 86_400)
+    held = cli("resume", manifest, "--yes")
+    assert held.exit_code == 75, held.output
+    assert "held back" in held.output
+    assert not by_step(fake)[PEOPLE[0]]["nudge"]
+    nudge = steps_json(cli, manifest)["nudge"]
+    assert (nudge["due_now"], nudge["states"]["failed"], nudge["stopped"]) == (1, 0, {})
+    monkeypatch.setattr(sequence_module, "find_answer", looked)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    (sent,) = by_step(fake)[PEOPLE[0]]["nudge"]
+    assert sent.payload["reply_to_message_id"] == moved
+    refused = _refused_sends(fake)
+    assert len(refused) == 2
+    assert len({record.idempotency_key for record in refused}) == 2
+    assert not any(record.replayed for record in refused)

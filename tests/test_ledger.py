@@ -408,6 +408,45 @@ def test_rows_of_step_1_are_found_by_address_whatever_their_key(ledgers, clock):
     assert ledger.mailed_keys([("7", "ann@x.com")]) == {"7": "1"}
 
 
+def test_a_follow_up_answered_404_goes_back_with_a_new_key_answering_the_message_found(ledgers, clock):
+    """`record_reply_refused`: the in-flight follow-up is pending again, its next claim has a new key (the
+    old one replays the 404), the 404 is its last error, and with `reply_to` the step it answers is read
+    back with that id (a resume sends the same bytes); the previous row keeps its own message id. Without
+    one, the row can then be stopped as `thread_lost`."""
+    from campaign.ledger import ScheduledStep
+
+    ledger = ledgers.open("relink", clock=clock)
+    ledger.record_plan([PlannedRow("ann@x.com", 1, "ann@x.com", "alice")], [])
+    ledger.claim("ann@x.com")
+    ledger.record_outcome("ann@x.com", SENT, sender="alice")
+    nudge = ScheduledStep("ann@x.com", "nudge", 1, "ann@x.com", "alice", "ann@x.com", clock.now())
+    assert ledger.record_followups([nudge]) == 1
+    (due,) = ledger.due_steps_of("alice", P, clock.now())
+    assert due.previous_message_id == "m-1"
+    first = ledger.claim(due.key)
+    assert first is not None
+    gone = SendOutcome(
+        OutcomeKind.REJECTED,
+        status=404,
+        error_type="not_found_error",
+        error_message="requested object not found",
+    )
+    ledger.record_reply_refused(due.key, gone, reply_to="m-1-filed")
+    row = ledger.row(due.key)
+    assert (row.state, row.error_status, row.error_type) == (P, 404, "not_found_error")
+    (again,) = ledger.due_steps_of("alice", P, clock.now())
+    assert again.previous_message_id == "m-1-filed"
+    assert ledger.row("ann@x.com").message_id == "m-1"
+    second = ledger.claim(due.key)
+    assert second is not None
+    assert second.idempotency_key != first.idempotency_key
+    ledger.record_reply_refused(due.key, gone, reply_to=None)  # the id found before stays
+    (still,) = ledger.due_steps_of("alice", P, clock.now())
+    assert still.previous_message_id == "m-1-filed"
+    assert ledger.record_skipped(due.key, SkipReason.THREAD_LOST, "message m-1-filed is gone")
+    assert ledger.step_counts(["nudge"], clock.now())[0].stopped == {"thread_lost": 1}
+
+
 def test_a_ledger_read_before_a_run_added_the_address_index_finds_the_same_rows(sqlite_ledgers, clock):
     """A read-only open (a preview) of a ledger that lacks `recipients_address` (an index migration,
     after READABLE_FROM) looks addresses up all the same, one pass over the table a batch."""

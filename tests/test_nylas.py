@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from campaign import __version__
-from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError, ManifestError
+from campaign.errors import ApiAuthError, ApiError, ApiNotFoundError, ApiUnavailableError, ManifestError
 from campaign.models import Address, Attachment, Message, OutcomeKind, SendOutcome, ThrottleKind, Tracking
 from campaign.nylas import (
     DEFAULT_API_URI,
@@ -859,7 +859,7 @@ async def test_list_auth_refusal_raises_api_auth_error(status: int, error_type: 
         (
             respond(404, error_body("not_found_error", "requested object not found")),
             ["404", "not_found_error"],
-            ApiError,
+            ApiNotFoundError,
         ),
         (
             respond(429, error_body("nylas_rate_limit_exceeded", "Too many requests")),

@@ -10,11 +10,13 @@ progress as `DispatchEvent`s; it never prints.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from functools import partial
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -40,6 +42,7 @@ from campaign.models import (
     Message,
     OutcomeKind,
     Recipient,
+    Relink,
     RowState,
     Screening,
     SendOutcome,
@@ -54,6 +57,9 @@ __all__ = ["DispatchEvent", "DispatchResult", "DispatchSettings", "EventKind", "
 # A lane reads this many jobs ahead (plus a few per worker), and tops up when it holds no more than
 # its workers: memory stays flat in list size, and a top-up (a ledger page) is rare.
 _LOOK_AHEAD = 256
+
+# What a follow-up's lookup found (`screen`'s, `relink`'s): each says whether it must be held back.
+_Found = TypeVar("_Found", Screening, Relink)
 
 
 async def dispatch(
@@ -71,6 +77,7 @@ async def dispatch(
     offload: Offload | None = None,
     unsubscribed: Callable[[Recipient], SkipReason | None] | None = None,
     screen: Callable[[Job], Awaitable[Screening]] | None = None,
+    relink: Callable[[Job], Awaitable[Relink]] | None = None,
     stop: anyio.Event | None = None,
     bound: Collection[str] = (),
     holidays: Collection[date] = (),
@@ -93,7 +100,11 @@ async def dispatch(
     `unsubscribed` is asked right before each claim (it must be cheap), and a recipient it
     names is recorded as skipped instead of mailed. `screen` is awaited right before each
     follow-up's claim (the reply lookups): it may stop the recipient's sequence (recorded as
-    skipped), or hold the follow-up back when it could not look (not sent, still due). A sender
+    skipped), or hold the follow-up back when it could not look (not sent, still due). `relink` is
+    awaited when a follow-up's send is answered 404 (the message it answers is not under its id): it
+    finds that message again (the follow-up is sent once more, answering it, with a new key), or says it
+    is gone (the sequence stops, `thread_lost`), or could not look (held back, as by `screen`); the
+    404 stands only when the lookup met a 404 too (the grant is gone). A sender
     with a send window sends only inside it (shut on `holidays`): with `wait` the loop sleeps until
     it opens (as through a park), else the sender stops for this run; with `leave_to_wait` too, it
     stops for the round instead, and the caller waits. With `handed_over` (grants leased from a campaign
@@ -124,6 +135,7 @@ async def dispatch(
         offload=offload or build_thread_offload(),
         unsubscribed=unsubscribed,
         screen=screen,
+        relink=relink,
         stop=stop,
         bound=bound,
         movable_to=movable_to,
@@ -169,6 +181,7 @@ class _Loop:
         offload: Offload,
         unsubscribed: Callable[[Recipient], SkipReason | None] | None = None,
         screen: Callable[[Job], Awaitable[Screening]] | None = None,
+        relink: Callable[[Job], Awaitable[Relink]] | None = None,
         stop: anyio.Event | None = None,
         bound: Collection[str] = (),
         movable_to: Callable[[Job, str], bool] | None = None,
@@ -188,6 +201,7 @@ class _Loop:
         self._retry = RetryPolicy(settings)
         self._unsubscribed = unsubscribed
         self._screen = screen
+        self._relink = relink
         self._held = 0
         self._stop = Stopper(stop, clock=clock)
         self._left_inflight = 0
@@ -401,18 +415,10 @@ class _Loop:
         """The reply lookups right before a follow-up's claim: True if it is not to be sent now (the
         recipient answered, or the lookup failed); an auto-reply that does not stop it is noted."""
         assert self._screen is not None
-        # Lookups are requests to the grant too: after a failed one (a 429, the provider down) the next
-        # waits out the sender's hold, which grows with each failure in a row, instead of all the due
-        # follow-ups asking at once.
-        await self._stop.sleep(lane.hold_until - self._clock.monotonic())
-        found = await self._screen(job)
+        found = await self._look_up(lane, self._screen, job)
         email = job.recipient.address.email
-        lane.lookup_failures = lane.lookup_failures + 1 if found.hold else 0
         if found.hold:
-            wait_s = self._retry.backoff_s(lane.lookup_failures)
-            lane.hold_until = max(lane.hold_until, self._clock.monotonic() + wait_s)
-            self._held += 1
-            self._emit(DispatchEvent(EventKind.HELD, lane.sender.name, job.key, email))
+            self._hold(lane, job)
             return True
         if found.stop is not None:
             record = partial(self._ledger.record_skipped, job.key, found.stop, found.detail)
@@ -423,6 +429,74 @@ class _Loop:
         if found.auto_reply is not None:
             await self._in_thread(partial(self._ledger.record_auto_reply, job.key, found.auto_reply))
         return False
+
+    async def _look_up(self, lane: Lane, lookup: Callable[[Job], Awaitable[_Found]], job: Job) -> _Found:
+        """A follow-up's lookups in its sender's mailbox (`screen`, `relink`), counted for the lane's hold."""
+        # Lookups are requests to the grant too: after a failed one (a 429, the provider down) the next
+        # waits out the sender's hold, which grows with each failure in a row, instead of all the due
+        # follow-ups asking at once.
+        await self._stop.sleep(lane.hold_until - self._clock.monotonic())
+        found = await lookup(job)
+        lane.lookup_failures = lane.lookup_failures + 1 if found.hold else 0
+        return found
+
+    def _hold(self, lane: Lane, job: Job) -> None:
+        """A follow-up whose lookup failed: not sent now (due again later), and the sender's next lookup
+        waits a backoff."""
+        wait_s = self._retry.backoff_s(lane.lookup_failures)
+        lane.hold_until = max(lane.hold_until, self._clock.monotonic() + wait_s)
+        self._held += 1
+        self._emit(DispatchEvent(EventKind.HELD, lane.sender.name, job.key, job.recipient.address.email))
+
+    async def _look_again(
+        self, lane: Lane, job: Job, message: Message, outcome: SendOutcome
+    ) -> Relink | None:
+        """For a follow-up's send answered 404, what the lookup found of the message it answers; None
+        when the 404 stands (not a follow-up's, or the lookup met a 404 too: the grant is gone)."""
+        if self._relink is None or not _refused_reply(message, outcome):
+            return None
+        found = await self._look_up(lane, self._relink, job)
+        return found if found.message_id is not None or found.lost is not None or found.hold else None
+
+    async def _after_refused_reply(
+        self, lane: Lane, job: Job, outcome: SendOutcome, found: Relink
+    ) -> RowState | None:
+        """A follow-up's send answered 404, and what the lookup found of the message it answers: send
+        again once answering it under its new id, or stop the sequence (`thread_lost`), or hold it back.
+        Nothing went out: Nylas looks the key up before the message (a 404 is cached under the key as
+        any answer), so a 404 not replayed means no earlier request under the key was processed. The row
+        goes back to pending with a new key (the old one replays the 404): the grant is fine, so this
+        is no refusal of the sender's messages (`stop_after_rejections`)."""
+        key, ledger = job.key, self._ledger
+        if found.message_id is not None:
+            await self._in_thread(
+                partial(ledger.record_reply_refused, key, outcome, reply_to=found.message_id)
+            )
+            assert job.previous is not None  # a follow-up's
+            moved = job._replace(previous=dataclasses.replace(job.previous, message_id=found.message_id))
+            try:
+                message = self._render(moved)
+                payload = build_send_request(message)
+            except UnsendableError as exc:
+                await self._fail_unsendable(lane, moved, exc)
+                return None
+            return await self._send(lane, moved, message, payload, relinked=True)
+        if found.lost is None:  # held: looked up again later, never sent blind
+            await self._in_thread(partial(ledger.record_reply_refused, key, outcome, reply_to=None))
+            self._hold(lane, job)
+            self._feed.finished(key)
+            return None
+        lost = found.lost
+
+        def stop_sequence() -> bool:
+            with ledger.batch():
+                ledger.record_reply_refused(key, outcome, reply_to=None)
+                return ledger.record_skipped(key, SkipReason.THREAD_LOST, lost)
+
+        await self._in_thread(stop_sequence)
+        self._emit(DispatchEvent(EventKind.SKIPPED, lane.sender.name, key, job.recipient.address.email))
+        self._feed.finished(key)
+        return None
 
     async def _wait_for_window(self, lane: Lane, opens: datetime) -> bool:
         """The sender's window is shut until `opens`: with --wait sleep until then (True), else stop."""
@@ -457,8 +531,13 @@ class _Loop:
             if self._clock.monotonic() >= lane.hold_until:
                 return
 
-    async def _send(self, lane: Lane, job: Job, message: Message, payload: SendRequest) -> RowState | None:  # noqa: C901 - the life of one claimed key is one loop; split, its invariants would be spread apart
+    async def _send(  # noqa: C901 - the life of one claimed key is one loop; split, its invariants would be spread apart
+        self, lane: Lane, job: Job, message: Message, payload: SendRequest, *, relinked: bool = False
+    ) -> RowState | None:
         """Send one message until its outcome is settled for this run; return the row's state.
+
+        A follow-up answered 404 is looked up (`relink`) and, found under a new id, sent once more
+        answering it (`relinked`: that send's 404 stands).
 
         PENDING: not sent, back to the queue. INFLIGHT: left in flight (a stop, or a row
         re-claimed from an earlier run whose sender stopped), to be re-sent with its key. None: not
@@ -503,6 +582,8 @@ class _Loop:
                 return await self._give_up(lane, job, None, note=KEY_TOO_OLD_NOTE)
             sent_at = self._clock.monotonic()
             outcome = await send_as(self._client, lane.sender, payload, idempotency_key=claim.idempotency_key)
+            if not relinked and (found := await self._look_again(lane, job, message, outcome)) is not None:
+                return await self._after_refused_reply(lane, job, outcome, found)
             parked = lane.parked_until
             self._apply_to_lane(lane, outcome, sent_at)  # before any await: no other worker may send into it
             state = await self._in_thread.each(
@@ -649,6 +730,16 @@ class _Loop:
         if lane.parked_until is None:
             lane.parked_until = until
             self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=until))
+
+
+def _refused_reply(message: Message, outcome: SendOutcome) -> bool:
+    """Whether a follow-up's send was answered 404: Nylas found no message under the id it answers (or,
+    told apart only by looking, no grant)."""
+    return (
+        message.reply_to_message_id is not None
+        and outcome.kind == OutcomeKind.REJECTED
+        and outcome.status == 404
+    )
 
 
 def _failing_server(outcome: SendOutcome) -> bool:

@@ -24,7 +24,16 @@ from typing import Protocol, runtime_checkable
 from campaign.nylas import ListedMessage, MessagePage
 from campaign.recipients import matching_form
 
-__all__ = ["Answer", "AnswerKind", "ReplyClient", "classify_answer", "find_answer", "read_answer_kind"]
+__all__ = [
+    "SKEW",
+    "Answer",
+    "AnswerKind",
+    "ReplyClient",
+    "classify_answer",
+    "find_answer",
+    "list_pages",
+    "read_answer_kind",
+]
 
 # Pages of a listing looked at per lookup: a thread or a sender with more than this is unusual, and
 # what matters (any answer) shows on the first page.
@@ -38,7 +47,7 @@ _AUTO_SUBJECT = re.compile(
 _DAEMONS = ("mailer-daemon@", "postmaster@")
 # Listings start this long before the send they answer: a message is dated by the provider's clock, not
 # ours, and a reply that came while the previous step was going out was not there for its lookup.
-_SKEW = timedelta(minutes=5)
+SKEW = timedelta(minutes=5)
 
 
 class AnswerKind(StrEnum):
@@ -122,10 +131,10 @@ async def find_answer(
     """
     found: dict[str, ListedMessage] = {}
     if thread_id is not None:
-        since = previous_sent_at - _SKEW
-        for message in await _listing(client, grant_id, thread_id=thread_id, since=since):
+        since = previous_sent_at - SKEW
+        for message in await list_pages(client, grant_id, thread_id=thread_id, since=since):
             found[message.id] = message
-    for message in await _listing(client, grant_id, from_=address, since=first_sent_at - _SKEW):
+    for message in await list_pages(client, grant_id, from_=address, since=first_sent_at - SKEW):
         found[message.id] = message
     own = matching_form(own_address) if own_address else ""
     mine = ours(found)
@@ -155,7 +164,7 @@ async def read_answer_kind(client: ReplyClient, grant_id: str, message_id: str) 
     return classify_answer(headers, subject, senders)
 
 
-async def _listing(
+async def list_pages(
     client: ReplyClient,
     grant_id: str,
     *,
@@ -163,6 +172,7 @@ async def _listing(
     thread_id: str | None = None,
     from_: str | None = None,
 ) -> list[ListedMessage]:
+    """The first pages of the grant's messages since `since` (in a thread, or from an address)."""
     messages: list[ListedMessage] = []
     token: str | None = None
     for _ in range(_MAX_PAGES):

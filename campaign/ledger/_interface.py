@@ -151,6 +151,13 @@ class Ledger(Protocol):
         the next scheduling makes them again, due by the new one); how many."""
         ...
 
+    def record_reply_refused(self, key: str, outcome: SendOutcome, *, reply_to: str | None) -> None:
+        """An in-flight follow-up whose send was answered 404 (no message under the id it answers):
+        nothing went out, so it goes back to pending with a new key next time (Nylas replays the 404
+        to the old one for an hour), its error columns say why, and with `reply_to` its next send answers
+        that message id (the message found under its new id)."""
+        ...
+
     def record_auto_reply(self, key: str, detail: str) -> None: ...
     def unscheduled_steps(
         self, previous: str, step: str, *, after: int = ..., limit: int = ...

@@ -529,6 +529,20 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             )
             return db.total_changes - before
 
+    def record_reply_refused(self, key: str, outcome: SendOutcome, *, reply_to: str | None) -> None:
+        """A follow-up's send answered 404: back to pending with a new key next time, answering `reply_to`
+        if given (`Ledger.record_reply_refused`)."""
+        type_, status, message = _error_columns(outcome)
+        with self._write() as db:
+            self._set_state(db, key, INFLIGHT, PENDING)
+            db.execute(
+                "UPDATE recipients SET reply_to = COALESCE(?, reply_to), "
+                "request_id = COALESCE(?, request_id), replayed = ?, error_type = ?, error_status = ?, "
+                "error_message = ?, attempts = attempts + 1, attempt_no = attempt_no + 1, "
+                "idempotency_key = NULL, key_issued_at = NULL WHERE key = ?",
+                (reply_to, outcome.request_id, int(outcome.replayed), type_, status, message, key),
+            )
+
     def record_auto_reply(self, key: str, detail: str) -> None:
         """Note an auto-reply seen before a follow-up that goes on regardless (`auto_replies = "ignore"`)."""
         with self._write() as db:

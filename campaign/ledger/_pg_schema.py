@@ -186,6 +186,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             WHERE step = 'message' AND key <> lower(email)
         """,
     ),
+    (
+        "the message a follow-up answers when it is no longer under the previous step's id",
+        # As SQLite's: the id the lookup after a 404 found the previous step's message under (a filed
+        # Microsoft message), for the row's next send and a resume's. NULL: the previous step's own id.
+        "ALTER TABLE recipients ADD COLUMN IF NOT EXISTS reply_to text",
+    ),
 )
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add
 # indexes only, which its queries do without (a little slower) until a sending command migrates: an

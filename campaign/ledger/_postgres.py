@@ -893,6 +893,20 @@ class PostgresLedger(KeptFacts):
             )
             return max(cursor.rowcount, 0)  # the rows inserted, summed over the batch
 
+    def record_reply_refused(self, key: str, outcome: SendOutcome, *, reply_to: str | None) -> None:
+        """A follow-up's send answered 404: back to pending with a new key next time, answering `reply_to`
+        if given (as `SqliteLedger.record_reply_refused`)."""
+        type_, status, message = _error_columns(outcome)
+        with self._write() as db:
+            self._set_state(db, key, INFLIGHT, PENDING)
+            db.execute(
+                "UPDATE recipients SET reply_to = COALESCE(%s, reply_to), "
+                "request_id = COALESCE(%s, request_id), replayed = %s, error_type = %s, error_status = %s, "
+                "error_message = %s, attempts = attempts + 1, attempt_no = attempt_no + 1, "
+                "idempotency_key = NULL, key_issued_at = NULL WHERE campaign_id = %s AND key = %s",
+                (reply_to, outcome.request_id, outcome.replayed, type_, status, message, self._id, key),
+            )
+
     def record_auto_reply(self, key: str, detail: str) -> None:
         """Note an auto-reply seen before a follow-up that goes on regardless (`auto_replies = "ignore"`)."""
         with self._write() as db:
@@ -942,7 +956,8 @@ class PostgresLedger(KeptFacts):
         rows = self._read(
             """
             SELECT f.key, f.recipient, f.step, s.row, s.email, f.sender, s.listed, p.step,
-                COALESCE(p.subject, ''), p.message_id, p.thread_id, p.sent_at, s.sent_at, f.id
+                COALESCE(p.subject, ''), COALESCE(f.reply_to, p.message_id), p.thread_id, p.sent_at,
+                s.sent_at, f.id
             FROM recipients AS f
                 JOIN recipients AS p ON p.campaign_id = f.campaign_id AND p.key = f.previous
                 JOIN recipients AS s ON s.campaign_id = f.campaign_id AND s.key = f.recipient

@@ -560,7 +560,8 @@ class LedgerReader:
         `now`, with the steps they answer, in ledger order after `after` (the last one's `cursor`)."""
         query = """
             SELECT f.rowid, f.key, f.recipient, f.step, s.row, s.email, f.sender, s.listed,
-                p.step, COALESCE(p.subject, ''), p.message_id, p.thread_id, p.sent_at, s.sent_at
+                p.step, COALESCE(p.subject, ''), COALESCE(f.reply_to, p.message_id), p.thread_id, p.sent_at,
+                s.sent_at
             FROM recipients AS f INDEXED BY recipients_state
                 JOIN recipients AS p ON p.key = f.previous
                 JOIN recipients AS s ON s.key = f.recipient

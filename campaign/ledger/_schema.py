@@ -183,6 +183,14 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             WHERE step = 'message' AND key != lower(email)
         """,
     ),
+    (
+        "the message a follow-up answers when it is no longer under the previous step's id",
+        # A Microsoft mailbox gives a message a new id when its owner files it: the follow-up's send was
+        # answered 404, the lookup found the message under its new id, and the row's next send (a resume
+        # after a crash included, which must send the same bytes) answers that id. NULL: the previous
+        # step's own message id. Only sends read it, and they migrate first.
+        "ALTER TABLE recipients ADD COLUMN reply_to TEXT",
+    ),
 )
 
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add

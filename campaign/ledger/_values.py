@@ -114,7 +114,9 @@ class DueStep:
     listed: bool  # the recipient is still in the list (else the step is not sent)
     previous_step: str
     previous_subject: str
-    previous_message_id: str | None  # None: the step before was settled without one (nothing to answer)
+    # The message it answers: the step before's, or the id that message was found under after a 404
+    # (`Ledger.record_reply_refused`). None: the step before was settled without one (nothing to answer).
+    previous_message_id: str | None
     previous_thread_id: str | None
     previous_sent_at: datetime
     first_sent_at: datetime  # when step 1 went out: a reply from the recipient after it stops them

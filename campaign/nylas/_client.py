@@ -27,7 +27,7 @@ import httpx
 
 from campaign import __version__
 from campaign.clock import Clock
-from campaign.errors import ApiAuthError, ApiError, ApiUnavailableError, ManifestError
+from campaign.errors import ApiAuthError, ApiError, ApiNotFoundError, ApiUnavailableError, ManifestError
 from campaign.manifest import SenderSettings
 from campaign.models import OutcomeKind, SendOutcome
 from campaign.nylas._answers import (
@@ -363,6 +363,8 @@ class NylasClient:
             if status == 429 or status >= 500:
                 retry_at = retry_time(response, error, self._clock)
                 raise ApiUnavailableError(f"{where} failed: {what}; try again later", retry_at=retry_at)
+            if status == 404:
+                raise ApiNotFoundError(f"{where} failed: {what}; check the grant id, or try again later")
             raise ApiError(f"{where} failed: {what}; check the grant id, or try again later")
         if body is None:
             raise ApiError(f"{where}: HTTP {status} but the body is not a JSON object; is api.uri right?")
