@@ -177,7 +177,7 @@ class ApiNotFoundError(ApiError):
 
 
 class ApiAuthError(ApiError):
-    """The API refused the credentials (401/403)."""
+    """The API refused the credentials (401/403), or knows no such grant (404 to a send)."""
 
     exit_code: ClassVar[int] = 77
 

@@ -252,7 +252,7 @@ class OutcomeKind(StrEnum):
     SENT = "sent"  # 2xx: the provider accepted it
     REJECTED = "rejected"  # a permanent 4xx: sending again will not help
     THROTTLED = "throttled"  # 429: definitely not sent; try later with a new key
-    AUTH_REFUSED = "auth_refused"  # 401/403: the credentials or grant are refused
+    AUTH_REFUSED = "auth_refused"  # 401/403/404: the credentials refused, or no such grant
     IN_PROGRESS = "in_progress"  # 409 concurrent: the same key is still being processed
     AMBIGUOUS = "ambiguous"  # timeout, reset, 5xx: it may or may not have been sent
     UNREACHABLE = "unreachable"  # no connection to the API (refused, timed out, no name): it never left

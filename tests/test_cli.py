@@ -199,6 +199,25 @@ def test_refused_api_key_exits_77_and_loses_nothing(api, cli, tmp_path, monkeypa
     assert status["states"]["pending"] == 5
 
 
+def test_a_grant_deleted_mid_run_stops_its_sender_with_exit_77_and_loses_nothing(api, cli, tmp_path):
+    """The mailbox's owner disconnected it after two sends: Nylas answers 404 not_found_error to the next
+    send. That is the grant's fault, not the message's: one 404 at the fake, no row failed (before,
+    every row failed one by one until stop_after_rejections), the rest pending for a run once it is
+    connected again, exit 77 with a line saying what to check."""
+    manifest = copy_sample("newsletter", tmp_path)
+    (grant,) = _register(api, manifest)
+    result = cli("run", manifest, "--yes", "--limit", "2")
+    assert result.exit_code == 75, result.output
+    api.remove_grant(grant)
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 77, result.output
+    assert "knows no such grant" in result.output
+    assert len(api.deliveries) == 2
+    assert [record.status for record in api.requests if record.status == 404] == [404]
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert (status["states"]["pending"], status["states"]["failed"]) == (3, 0)
+
+
 def test_run_without_terminal_and_without_yes_refuses(api, cli, tmp_path):
     """No terminal to confirm on and no --yes: exit 2, nothing sent, no ledger."""
     manifest = copy_sample("newsletter", tmp_path)

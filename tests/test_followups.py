@@ -910,12 +910,12 @@ def test_a_follow_up_whose_message_was_deleted_stops_as_thread_lost_and_is_no_re
     assert text.count("thread_lost: message ") == 3
 
 
-def test_a_follow_up_whose_grant_is_gone_at_its_send_fails_as_before(
+def test_a_follow_up_whose_grant_is_gone_at_its_send_stops_its_sender_as_any_404(
     ms_fake, cli, cli_clock, tmp_path, monkeypatch
 ):
     """The grant is deleted between the reply check and the send: the send's 404 and the thread lookup's
-    404 alike say nothing of the message, so the row fails with the 404 as any refused send, never
-    stopped as `thread_lost`."""
+    404 alike say nothing of the message, so the sender stops as for any send answered 404 (exit 77),
+    the row pending for when the mailbox is connected again, never failed and never `thread_lost`."""
     fake = ms_fake
     manifest = _microsoft_campaign(tmp_path / "c", people=PEOPLE[:2])
     assert cli("run", manifest, "--yes").exit_code == 75
@@ -929,13 +929,13 @@ def test_a_follow_up_whose_grant_is_gone_at_its_send_fails_as_before(
 
     monkeypatch.setattr(sequence_module, "find_answer", then_gone)
     cli_clock.advance(2 * 86_400)
-    cli("resume", manifest, "--yes")
+    assert cli("resume", manifest, "--yes").exit_code == 77
     sent = by_step(fake)
     assert not sent[PEOPLE[0]]["nudge"]
     assert len(sent[PEOPLE[1]]["nudge"]) == 1
     assert [record.grant_id for record in _refused_sends(fake)] == ["grant-ana"]
     nudge = steps_json(cli, manifest)["nudge"]
-    assert (nudge["states"]["failed"], nudge["stopped"]) == (1, {})
+    assert (nudge["states"]["failed"], nudge["states"]["pending"], nudge["stopped"]) == (0, 1, {})
 
 
 def test_a_failed_lookup_after_the_404_holds_the_follow_up_back_until_it_can_look(

@@ -138,8 +138,8 @@ def print_run_summary(
         )
     for sender in result.auth_refused:
         console.print(
-            f"sender [bold]{escape(sender)}[/]: the API refused the credentials; "
-            "check the API key and that the grant is valid"
+            f"sender [bold]{escape(sender)}[/]: the API refused the credentials or knows no such grant; "
+            "check the API key and that the grant is valid (a disconnected mailbox must be connected again)"
         )
     for sender, error in sorted(result.unreachable.items()):
         console.print(

@@ -737,7 +737,7 @@ def _refused_reply(message: Message, outcome: SendOutcome) -> bool:
     told apart only by looking, no grant)."""
     return (
         message.reply_to_message_id is not None
-        and outcome.kind == OutcomeKind.REJECTED
+        and outcome.kind == OutcomeKind.AUTH_REFUSED
         and outcome.status == 404
     )
 

@@ -166,6 +166,11 @@ def _kind_for_status(status: int, error: ErrorBody) -> OutcomeKind:
         return OutcomeKind.THROTTLED
     if status in (401, 403):
         return OutcomeKind.AUTH_REFUSED
+    if status == 404:
+        # A send names nothing but its grant (or domain) and, for a follow-up, the message it answers:
+        # no such grant is the sender's fault, not the message's, so the sender stops with its rows
+        # pending, as for refused credentials (the loop looks a follow-up's message up first).
+        return OutcomeKind.AUTH_REFUSED
     if status == 409 and (error_type or "").endswith("concurrent_idempotent_request"):
         return OutcomeKind.IN_PROGRESS
     if status >= 500:
