@@ -1,5 +1,6 @@
 """recipients.key_column through the CLI: the key is who a row is, and an address is still mailed once
 whatever keys it comes under, in one list or across runs of a list exported again (its keys shifted).
+A suppression file exported from a store suppresses the keys of its entries that hold no address.
 
 Against the fake Nylas on loopback, counting the deliveries it received; the skipped rows carry their
 reasons in the preview, the ledger (`report`) and `status`.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,13 +47,20 @@ concurrency = 4
 SAME_ADDRESS = "duplicate of row {} (same address, other key)"
 
 
-def _campaign(api: FakeNylas, folder: Path, rows: str, *, ledger: str = "") -> Path:
-    """A campaign keyed by its list's `id` column, the list holding `rows` (`id,email` lines)."""
+def _campaign(
+    api: FakeNylas, folder: Path, rows: str, *, ledger: str = "", suppress: str = "", keyed: bool = True
+) -> Path:
+    """A campaign keyed by its list's `id` column (`keyed`; else by address), the list holding `rows`
+    (`id,email` lines); `suppress`: a suppression file's name for `recipients.suppress`."""
     folder.mkdir()
     (folder / "note.txt.j2").write_text("Hello {{ recipient.email }}\n")
     (folder / "list.csv").write_text("id,email\n" + rows)
     manifest = folder / "campaign.toml"
-    manifest.write_text(MANIFEST + (f'\n[ledger]\nurl = "{ledger}"\n' if ledger else ""))
+    text = MANIFEST if keyed else MANIFEST.replace('key_column = "id"\n', "")
+    if suppress:
+        listed = f'email_column = "email"\nsuppress = ["{suppress}"]\n'
+        text = text.replace('email_column = "email"\n', listed)
+    manifest.write_text(text + (f'\n[ledger]\nurl = "{ledger}"\n' if ledger else ""))
     api.add_grant("grant-keyed", "maya@example.com")
     return manifest
 
@@ -181,3 +190,90 @@ def test_a_key_mailed_at_another_address_is_not_mailed_again_and_the_run_says_so
     assert again.exit_code == 0, again.output
     assert "note: 1 row has a key already mailed at another address" in again.stdout
     assert _mailed(api) == {"ann@old.example": 1, "bob@example.com": 1}
+
+
+def _on_backend(backend: str, check: Callable[[str], None]) -> None:
+    """Run `check` with the URL of a fresh PostgreSQL ledger, or "" (the SQLite file beside the manifest)."""
+    if backend == "postgres":
+        with fresh_database() as url:
+            check(url)
+    else:
+        check("")
+
+
+# --- a suppression file's entries that hold a recipient key and no address ---------------------------------
+
+
+def _export_opt_outs(cli, folder: Path, name: str, *keys: str) -> None:
+    """`suppress add --key` each of `keys` to a store, then `suppress export` it to `name` beside it (rows
+    with an empty `email` and the key); a store without keys exports a header alone."""
+    store = folder / "opt-outs.sqlite"
+    if keys:
+        assert cli("suppress", "add", *keys, "--key", "--store", store).exit_code == 0
+    else:
+        assert cli("suppress", "add", "zed@example.org", "--store", store).exit_code == 0
+    exported = cli("suppress", "export", folder / name, "--store", store)
+    assert exported.exit_code == 0, exported.output
+
+
+@pytest.mark.parametrize("name", ["opt-outs.csv", "opt-outs.parquet"])
+def test_an_exported_entry_holding_only_a_key_suppresses_that_key(api, cli, tmp_path, name):
+    """`suppress export` writes key 2's opt-out as a row with an empty email: used as recipients.suppress,
+    it skips key 2 (Bob) as `suppressed`, as `suppress import` into a store would; the others are mailed."""
+    rows = "1,ann@example.com\n2,bob@example.com\n3,cat@example.com\n"
+    manifest = _campaign(api, tmp_path / "c", rows, suppress=name)
+    _export_opt_outs(cli, manifest.parent, name, "2")
+    report, _ = _preview(cli, manifest)
+    assert (report["to_send"], report["skipped"]) == (2, {"suppressed": 1})
+    assert not [text for text in report["warnings"] if "recipient_key" in text]
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "2 to send, 1 suppressed" in result.stdout
+    assert _mailed(api) == {"ann@example.com": 1, "cat@example.com": 1}
+    assert _ledger_rows(cli, manifest)["2"] == ("skipped", "suppressed: on a suppression list")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_key_added_to_the_exported_suppression_file_skips_its_row_on_resume(api, cli, tmp_path, backend):
+    """The suppression file is part of the rules: exported again with key 3 in it after Ann was sent, the
+    resume checks the rows again, skips key 3 (not sent yet) as suppressed and sends Bob alone."""
+
+    def check(ledger: str) -> None:
+        rows = "1,ann@example.com\n2,bob@example.com\n3,cat@example.com\n"
+        manifest = _campaign(api, tmp_path / "c", rows, ledger=ledger, suppress="opt-outs.csv")
+        _export_opt_outs(cli, manifest.parent, "opt-outs.csv")
+        assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+        _export_opt_outs(cli, manifest.parent, "opt-outs.csv", "3")
+        again = cli("resume", manifest, "--yes")
+        assert again.exit_code == 0, again.output
+        assert "list.csv: checked, 1 to send, 1 suppressed" in again.stdout
+        assert _mailed(api) == {"ann@example.com": 1, "bob@example.com": 1}
+        assert _ledger_rows(cli, manifest)["3"] == ("skipped", "suppressed: on a suppression list")
+
+    _on_backend(backend, check)
+
+
+def test_entries_holding_only_a_key_match_no_one_without_a_key_column_and_preview_and_run_say_so(
+    api, cli, tmp_path
+):
+    """A campaign without key_column knows its recipients by address: the export's key-only row (key 2)
+    suppresses no one, and the preview (a warning) and the run (a note) say so once, naming the file; its
+    address row still suppresses Cat."""
+    rows = "1,ann@example.com\n2,bob@example.com\n3,cat@example.com\n"
+    manifest = _campaign(api, tmp_path / "c", rows, suppress="opt-outs.csv", keyed=False)
+    store = manifest.with_name("opt-outs.sqlite")
+    assert cli("suppress", "add", "2", "--key", "--store", store).exit_code == 0
+    assert cli("suppress", "add", "cat@example.com", "--store", store).exit_code == 0
+    assert cli("suppress", "export", manifest.with_name("opt-outs.csv"), "--store", store).exit_code == 0
+    said = (
+        "opt-outs.csv: 1 row with a recipient_key and no email matches no one: without "
+        "recipients.key_column this campaign knows its recipients by address"
+    )
+    report, _ = _preview(cli, manifest)
+    assert next(text for text in report["warnings"] if "recipient_key" in text).startswith(said)
+    assert (report["to_send"], report["skipped"]) == (2, {"suppressed": 1})
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("recipient_key") == 1
+    assert "note: " + said in " ".join(result.stdout.split())
+    assert _mailed(api) == {"ann@example.com": 1, "bob@example.com": 1}

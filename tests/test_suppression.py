@@ -502,6 +502,25 @@ def test_suppression_files_are_read_again_when_they_change_and_a_bad_edit_keeps_
         SuppressionFiles([listed], clock=clock)
 
 
+@pytest.mark.parametrize("name", ["moved.csv", "moved.parquet"])
+def test_the_check_before_each_send_finds_an_exported_entry_holding_only_a_key(cli, tmp_path, name):
+    """A running campaign's suppression files list a recipient by the key of an export's row whose email
+    is empty (a formula-like key as the store holds it, not as the CSV neutralised it), as the plan and
+    `suppress import` do; by address as before; and no one else."""
+    from campaign.recipients import SuppressionFiles
+
+    _moved_store(tmp_path, tmp_path / "store.sqlite")
+    assert cli("suppress", "export", tmp_path / name, "--store", tmp_path / "store.sqlite").exit_code == 0
+    files = SuppressionFiles([tmp_path / name], clock=FakeClock())
+    carl, phone, ann, dora = (
+        _recipient("cus-7", 1, "carl@example.net"),
+        _recipient("+4915112345", 2, "eve@example.net"),
+        _recipient("cus-8", 3, "ann@example.com"),
+        _recipient("cus-9", 4, "dora@example.com"),
+    )
+    assert [files.is_listed(r) for r in (carl, phone, ann, dora)] == [True, True, True, False]
+
+
 def test_an_opt_out_kept_with_a_unicode_domain_still_matches_its_ascii_address(store_at):
     """Addresses now go to the API (and the ledger) with an internationalised domain in ASCII; stores
     filled before kept the Unicode form, by address and by key. Those people stay suppressed."""

@@ -20,7 +20,7 @@ from campaign.pipeline._compliance import check_body_link, needs_body_link
 from campaign.pipeline._parallel import checked_rows, error_line
 from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less, describe_mailed_elsewhere
 from campaign.plan import Job
-from campaign.recipients import ListStart, encode_cells
+from campaign.recipients import ListStart, describe_key_only_entries, encode_cells
 from campaign.render import Composer, load_message_attachments
 
 __all__ = [
@@ -50,7 +50,8 @@ class Preflight:
     problems: tuple[str, ...]  # the first few found
     problem_count: int = 0  # every problem found
     to_send: int = 0  # the rows a run sends: not settled in the ledger
-    notes: tuple[str, ...] = ()  # what the user should know of the plan (`describe_mailed_elsewhere`)
+    # What the user should know of the plan (`describe_key_only_entries`, `describe_mailed_elsewhere`).
+    notes: tuple[str, ...] = ()
 
     def render(self, job: Job) -> Message:
         """Render the message for `job` and read its attachment files (shared ones once per run)."""
@@ -167,7 +168,10 @@ def run_preflight(
         problems=tuple(problems),
         problem_count=problem_count,
         to_send=to_send,
-        notes=() if first_moved is None else (describe_mailed_elsewhere(moved, first_moved),),
+        notes=(
+            *describe_key_only_entries(manifest.recipients, pipeline.scan.suppression),
+            *(() if first_moved is None else (describe_mailed_elsewhere(moved, first_moved),)),
+        ),
     )
 
 

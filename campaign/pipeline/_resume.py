@@ -46,8 +46,9 @@ __all__ = [
 _READ_BYTES = 1 << 20
 
 # Bump when preflight's rules change, so that a stamp recorded under the old rules no longer matches.
-# (3: --skip-invalid is no longer part of it; a row skipped as invalid is recorded with its cells.)
-_RULES = 3
+# (3: --skip-invalid is no longer part of it; a row skipped as invalid is recorded with its cells.
+# 4: a suppression file's rows that hold only a recipient_key suppress that key.)
+_RULES = 4
 
 
 def load_rules_stamp(manifest: Manifest, *, content: str) -> str:

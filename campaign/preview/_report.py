@@ -36,7 +36,7 @@ from campaign.pipeline import (
     find_skipped_invalid,
 )
 from campaign.plan import DAY_S, Job, WindowPlan, build_quota_warnings, build_schedule, plan_window
-from campaign.recipients import BATCH_ROWS, CheckedRow
+from campaign.recipients import BATCH_ROWS, CheckedRow, describe_key_only_entries
 from campaign.render import MESSAGE_CHECKS, AttachmentLoader, load_message_attachments
 
 __all__ = [
@@ -256,7 +256,12 @@ def run_preview(
         problems=tuple(tally.problems),
         senders=_sender_plans(manifest, tally.per_sender, _used_24h(manifest, ledger, clock), started_at),
         samples=samples,
-        warnings=_warnings(manifest, tally.per_sender) + _message_warnings(tally) + _moved_warnings(tally),
+        warnings=(
+            *_warnings(manifest, tally.per_sender),
+            *describe_key_only_entries(manifest.recipients, scan.suppression),
+            *_message_warnings(tally),
+            *_moved_warnings(tally),
+        ),
         listed=tuple(tally.listed),
         listed_all=tally.unlisted == 0,
         started_at=started_at,

@@ -1,8 +1,9 @@
 """The recipient list: list files (CSV, Parquet), the audience scan row by row, addresses, suppression files.
 
-`scan_audience` yields each row checked (valid address, not a duplicate, not suppressed) or
-as a skip or a problem naming the file, row and column; `load_audience` is it over the whole
-list. `comparable_address` is the one form in which addresses are compared.
+`scan_audience` yields each row checked (valid address, not a duplicate, not suppressed: by address,
+or by the key of an export's entry that holds no address) or as a skip or a problem naming the file,
+row and column; `load_audience` is it over the whole list. `comparable_address` is the one form in
+which addresses are compared.
 `_store_files` moves unsubscribe-store entries in and out of files; `SuppressionFiles` keeps a running
 campaign's suppression files current for the check before each send. Reads files with polars;
 never sends, never writes the ledger.
@@ -15,7 +16,9 @@ from campaign.recipients._audience import (
     Audience,
     AudienceScan,
     CheckedRow,
+    SuppressionList,
     comparable_address,
+    describe_key_only_entries,
     load_audience,
     matching_form,
     parse_suppression_entry,
@@ -34,7 +37,9 @@ __all__ = [
     "CheckedRow",
     "ListStart",
     "SuppressionFiles",
+    "SuppressionList",
     "comparable_address",
+    "describe_key_only_entries",
     "encode_cells",
     "load_audience",
     "load_import_addresses",

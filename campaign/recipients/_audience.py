@@ -32,6 +32,7 @@ from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, DOT_AT
 from campaign.errors import RecipientDataError
 from campaign.manifest import STORE_SUFFIXES, RecipientsSettings
 from campaign.models import Address, Problem, Recipient, Skip, SkipReason
+from campaign.outputfiles import restore_formula
 from campaign.recipients._cells import cell_text
 from campaign.recipients._firstrows import FirstRows
 from campaign.recipients._listfile import (
@@ -49,12 +50,16 @@ from campaign.sendtime import load_zone
 
 __all__ = [
     "BATCH_ROWS",
+    "EXPORT_KEY_COLUMN",
     "Audience",
     "AudienceScan",
     "CheckedRow",
+    "SuppressionList",
     "comparable_address",
+    "describe_key_only_entries",
     "load_audience",
     "load_suppression",
+    "load_suppression_list",
     "matching_form",
     "normalize_address",
     "parse_suppression_entry",
@@ -253,7 +258,7 @@ class AudienceScan:
         settings: RecipientsSettings,
         *,
         sender_names: Collection[str],
-        suppressed: frozenset[str],
+        suppressed: SuppressionList,
         start: ListStart | None = None,
         secrets: Sequence[str] = (),
     ) -> None:
@@ -265,7 +270,9 @@ class AudienceScan:
         _check_header(self.source.name, header, settings)
         self.columns = tuple(header)
         self._settings = settings
-        self._suppressed = suppressed
+        self.suppression = suppressed
+        self._suppressed = suppressed.addresses
+        self._suppressed_keys = suppressed.keys
         self._senders = frozenset(sender_names)
         self._email_at = header.index(settings.email_column)
         self._name_at = None if settings.name_column is None else header.index(settings.name_column)
@@ -450,7 +457,7 @@ class AudienceScan:
         found.extend(self._check_zone(row, values))
         if found:
             return tuple(found)
-        if lowered in self._suppressed:
+        if lowered in self._suppressed or key in self._suppressed_keys:
             return Skip(row, key, normalized, SkipReason.SUPPRESSED, "on a suppression list")
         return _Candidate(key, Address(normalized, name), sender)
 
@@ -491,7 +498,7 @@ def scan_audience(
     """Open the recipient list and check its header and suppression files; rows are checked by `batches`
     (from `start`, for a list that only grew since its earlier rows were checked). A row with a cell
     holding one of the `secrets` (their values) or a Nylas API key is a problem, and that cell hidden."""
-    suppressed = load_suppression(settings.suppress)
+    suppressed = load_suppression_list(settings.suppress)
     return AudienceScan(
         settings, sender_names=sender_names, suppressed=suppressed, start=start, secrets=secrets
     )
@@ -516,12 +523,18 @@ def load_audience(
     return Audience(scan.source, scan.columns, tuple(recipients), tuple(skipped), tuple(problems))
 
 
-def _suppression_values(path: Path) -> list[tuple[str, str]]:
-    """(where, raw entry) of one suppression file: a column of a .csv/.parquet, or a text file's lines."""
+# The column of an export (`campaign suppress export`) that holds an entry's recipient key.
+EXPORT_KEY_COLUMN = "recipient_key"
+
+
+def _suppression_values(path: Path) -> list[tuple[str, str, str]]:
+    """(where, raw entry, recipient key) of one suppression file: a column of a .csv/.parquet, or a text
+    file's lines. The key is "" but in a .csv/.parquet with both an `email` and a `recipient_key` column
+    (an export: a row with an empty `email` is an entry that holds a key and no address)."""
     if path.suffix.lower() not in {".csv", ".parquet"}:
         lines = read_text(path, "suppression list").splitlines()
         return [
-            (f"line {number}", line)
+            (f"line {number}", line, "")
             for number, line in enumerate(lines, start=1)
             if not line.lstrip().startswith("#")
         ]
@@ -531,12 +544,22 @@ def _suppression_values(path: Path) -> list[tuple[str, str]]:
     lowered = [h.strip().lower() for h in header]
     index = lowered.index("email") if "email" in lowered else 0
     column = [str(value) for value in column_values(frame.select(frame.columns[index]))[0]]
-    # A headerless one-column file: its first line is an address, not a column name.
-    first = [header[index]] if "@" in header[index] else []
+    keys = [""] * len(column)
+    if "email" in lowered and EXPORT_KEY_COLUMN in lowered:
+        found = column_values(frame.select(frame.columns[lowered.index(EXPORT_KEY_COLUMN)]))[0]
+        # The export neutralised a key that starts like a formula ('+4915…): the store holds it bare.
+        keys = [str(key) if path.suffix.lower() == ".parquet" else restore_formula(str(key)) for key in found]
+    entries = list(zip(column, keys, strict=True))
     if path.suffix.lower() == ".parquet":
-        return [(f"row {number}", value) for number, value in enumerate(column, start=1)]
-    # CSV line numbers, counting the header line (a file's first line when `first` is used).
-    return [(f"line {number}", value) for number, value in enumerate(first + column, start=1 if first else 2)]
+        return [(f"row {number}", value, key) for number, (value, key) in enumerate(entries, start=1)]
+    # A headerless one-column file: its first line is an address, not a column name.
+    if "@" in header[index]:
+        entries.insert(0, (header[index], ""))
+        start = 1
+    else:
+        start = 2
+    # CSV line numbers, counting the header line (a file's first line when it is an entry).
+    return [(f"line {number}", value, key) for number, (value, key) in enumerate(entries, start=start)]
 
 
 def _check_nothing_unread(path: Path) -> None:
@@ -557,18 +580,58 @@ _FIX_ENTRY = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class SuppressionList:
+    """Who suppression files list: lower-cased normalised `addresses`, and the recipient `keys` of the
+    entries that hold a key and no address (an export's rows with an empty `email`: opt-outs of a
+    key column's campaign), with `key_only`, how many such rows each file holding some has (its name)."""
+
+    addresses: frozenset[str] = frozenset()
+    keys: frozenset[str] = frozenset()
+    key_only: tuple[tuple[str, int], ...] = ()
+
+    def lists(self, recipient: Recipient) -> bool:
+        """Whether `recipient` is listed: by its address, or by its key."""
+        # A recipient's address is normalised already: compared lower-cased, as the plan compares it.
+        return recipient.address.email.lower() in self.addresses or recipient.key in self.keys
+
+
+def describe_key_only_entries(settings: RecipientsSettings, suppression: SuppressionList) -> tuple[str, ...]:
+    """What a preview and a run say of the entries that hold only a recipient key, in a campaign without
+    a key column: one note per file holding some. Such a campaign knows its recipients by address (each
+    one's key is its address), so they match no one; with a key column, nothing to say."""
+    if settings.key_column is not None:
+        return ()
+    return tuple(
+        f"{shown_path(name)}: {'1 row' if count == 1 else f'{count:,} rows'} with a recipient_key and no "
+        f"email {'matches' if count == 1 else 'match'} no one: without recipients.key_column this campaign "
+        "knows its recipients by address; set key_column to the column those keys come from, or give "
+        f"{'that row its address' if count == 1 else 'those rows their addresses'}"
+        for name, count in suppression.key_only
+    )
+
+
 def load_suppression(paths: Sequence[Path | str]) -> frozenset[str]:
-    """The lower-cased normalised addresses listed in the suppression files.
+    """The lower-cased normalised addresses listed in the suppression files (`load_suppression_list`)."""
+    return load_suppression_list(paths).addresses
+
+
+def load_suppression_list(paths: Sequence[Path | str]) -> SuppressionList:
+    """The addresses, and the keys of the entries without one, listed in the suppression files.
 
     RecipientDataError (naming the file and line) for an entry that holds no address, or one that
     does not validate: an opt-out that cannot be read is never dropped silently, and one kept as
-    written could never match a recipient.
+    written could never match a recipient. A row whose `email` is empty is an entry only when an
+    export's `recipient_key` column gives it a key; else it is blank, as a blank line is.
     """
     found: set[str] = set()
+    keys: set[str] = set()
+    key_only: list[tuple[str, int]] = []
     for path in paths:
         if isinstance(path, str) or path.suffix.lower() in STORE_SUFFIXES:
             continue  # an unsubscribe store (a file, or a database's URL): preflight reads it
-        for where, value in _suppression_values(path):
+        in_file = 0
+        for where, value, key in _suppression_values(path):
             try:
                 addresses = parse_suppression_entry(value)
             except RecipientDataError as exc:
@@ -577,7 +640,13 @@ def load_suppression(paths: Sequence[Path | str]) -> frozenset[str]:
                 message = f"{shown_path(path.name)}: {where} holds no email address; {_FIX_ENTRY}"
                 raise RecipientDataError(message)
             found.update(addresses)
-    return frozenset(found)
+            # Compared as the list's keys are: stripped (`suppress add --key` strips them too).
+            if not addresses and (key := key.strip()):
+                keys.add(key)
+                in_file += 1
+        if in_file:
+            key_only.append((path.name, in_file))
+    return SuppressionList(frozenset(found), frozenset(keys), tuple(key_only))
 
 
 def parse_suppression_entry(value: str) -> tuple[str, ...] | None:

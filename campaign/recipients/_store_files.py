@@ -21,13 +21,11 @@ from campaign.clock import Clock
 from campaign.errors import InputFileError, MissingFileError, UsageError
 from campaign.outputfiles import (
     SymlinkRefusedError,
-    restore_formula,
     write_private_csv,
     write_private_parquet,
     write_private_text,
 )
-from campaign.recipients._audience import comparable_address, load_suppression, parse_suppression_entry
-from campaign.recipients._listfile import column_values, read_table
+from campaign.recipients._audience import EXPORT_KEY_COLUMN, comparable_address, load_suppression_list
 from campaign.unsubscribe import StoreEntry, is_store_path, open_store
 
 __all__ = [
@@ -37,7 +35,7 @@ __all__ = [
     "write_entries",
 ]
 
-EXPORT_COLUMNS = ("email", "recipient_key", "campaign", "recorded_at", "source")
+EXPORT_COLUMNS = ("email", EXPORT_KEY_COLUMN, "campaign", "recorded_at", "source")
 # The first 16 bytes of every SQLite database file (an unsubscribe store, a ledger).
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -47,7 +45,7 @@ class ImportedAddresses:
     """Addresses read for import (normalised, lower-cased, sorted), the addresses of a store that do not
     validate, and the recipient keys (sorted) of the entries that hold a key and no address (a store's,
     or an export's rows with an empty `email`). A list file's entries are all addresses or such keys,
-    or `load_suppression` refused it."""
+    or `load_suppression_list` refused it."""
 
     addresses: tuple[str, ...]
     invalid: tuple[str, ...]
@@ -73,38 +71,16 @@ def load_import_addresses(path: Path | str, *, clock: Clock) -> ImportedAddresse
         keys = {entry.recipient_key for entry in entries if not entry.email}
     else:
         try:
-            values = set(load_suppression([path]))
+            listed = load_suppression_list([Path(path)])
         except MissingFileError as exc:
             raise MissingFileError(exc.path, exc.what, given="given") from exc
-        keys = set(_key_only_rows(Path(path)))
+        values, keys = set(listed.addresses), set(listed.keys)
     addresses = {value: comparable_address(value) for value in values}
     return ImportedAddresses(
         addresses=tuple(sorted({found for found in addresses.values() if found is not None})),
         invalid=tuple(sorted(value for value, found in addresses.items() if found is None)),
         keys=tuple(sorted(keys)),
     )
-
-
-def _key_only_rows(path: Path) -> list[str]:
-    """The `recipient_key` of each row of a .csv/.parquet export whose `email` is empty: the entries that
-    hold a key and no address. None from a list without both columns."""
-    suffix = path.suffix.lower()
-    if suffix not in {".csv", ".parquet"}:
-        return []
-    header, frame = read_table(path, None, "suppression list")
-    lowered = [name.strip().lower() for name in header]
-    if "email" not in lowered or "recipient_key" not in lowered:
-        return []
-    emails, keys = column_values(
-        frame.select(frame.columns[lowered.index("email")], frame.columns[lowered.index("recipient_key")])
-    )
-    found: list[str] = []
-    for email, key in zip(emails, keys, strict=True):
-        # The export neutralised a key that starts like a formula ('+4915…): the store holds it bare.
-        value = restore_formula(str(key)) if suffix == ".csv" else str(key)
-        if parse_suppression_entry(str(email)) == () and value.strip():
-            found.append(value)
-    return found
 
 
 def write_entries(entries: Sequence[StoreEntry], path: Path, *, store: Path | str | None = None) -> int:
@@ -138,7 +114,7 @@ def write_entries(entries: Sequence[StoreEntry], path: Path, *, store: Path | st
             frame = pl.DataFrame(
                 {
                     "email": [entry.email for entry in entries],
-                    "recipient_key": [entry.recipient_key for entry in entries],
+                    EXPORT_KEY_COLUMN: [entry.recipient_key for entry in entries],
                     "campaign": [entry.campaign for entry in entries],
                     "recorded_at": [entry.recorded_at for entry in entries],
                     "source": [entry.source for entry in entries],
