@@ -1,6 +1,7 @@
 """recipients.key_column through the CLI: the key is who a row is, and an address is still mailed once
 whatever keys it comes under, in one list or across runs of a list exported again (its keys shifted).
-A suppression file exported from a store suppresses the keys of its entries that hold no address.
+A row skipped as a duplicate is mailed once it no longer is one (never to an address mailed already),
+and a suppression file exported from a store suppresses the keys of its entries that hold no address.
 
 Against the fake Nylas on loopback, counting the deliveries it received; the skipped rows carry their
 reasons in the preview, the ledger (`report`) and `status`.
@@ -199,6 +200,106 @@ def _on_backend(backend: str, check: Callable[[str], None]) -> None:
             check(url)
     else:
         check("")
+
+
+# --- a row skipped as a duplicate comes back when it no longer is one -------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_duplicate_whose_address_is_fixed_is_mailed_once(api, cli, tmp_path, backend):
+    """Row 2 had Ann's address by mistake (a duplicate); fixed to cat@, it is mailed: the preview counts it
+    to send, the run says it is pending again, Cat gets one message, and nobody a second. A resume after
+    that finds nothing changed (the list is not read again) and sends nothing."""
+
+    def check(ledger: str) -> None:
+        rows = "1,ann@example.com\n2,ANN@example.com\n3,bob@example.com\n"
+        manifest = _campaign(api, tmp_path / "c", rows, ledger=ledger)
+        assert cli("run", manifest, "--yes").exit_code == 0
+        assert _ledger_rows(cli, manifest)["2"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(1)}")
+        manifest.with_name("list.csv").write_text(
+            "id,email\n1,ann@example.com\n2,cat@example.com\n3,bob@example.com\n"
+        )
+        report, _ = _preview(cli, manifest)
+        assert (report["to_send"], report["already_done"], report["skipped"]) == (1, 2, {})
+        again = cli("resume", manifest, "--yes")
+        assert again.exit_code == 0, again.output
+        assert "list.csv: checked, 1 to send" in again.stdout
+        assert "1 row skipped earlier as a duplicate no longer is one and is pending again" in again.stdout
+        assert _mailed(api) == {"ann@example.com": 1, "bob@example.com": 1, "cat@example.com": 1}
+        assert _ledger_rows(cli, manifest)["2"] == ("sent", "")
+        unchanged = cli("resume", manifest, "--yes")
+        assert unchanged.exit_code == 0, unchanged.output
+        assert "unchanged since it was checked" in unchanged.stdout
+        assert len(api.deliveries) == 3
+
+    _on_backend(backend, check)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_duplicate_whose_earlier_row_was_removed_before_it_was_sent_is_mailed(api, cli, tmp_path, backend):
+    """Keys 2 and 3 are both Ann (3 skipped as 2's duplicate); only Bob was sent when key 2's row was taken
+    out of the list: key 3 is now Ann's one row, and she gets one message (key 2, no longer listed, none)."""
+
+    def check(ledger: str) -> None:
+        rows = "1,bob@example.com\n2,ann@example.com\n3,ann@example.com\n"
+        manifest = _campaign(api, tmp_path / "c", rows, ledger=ledger)
+        assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+        assert _mailed(api) == {"bob@example.com": 1}
+        manifest.with_name("list.csv").write_text("id,email\n1,bob@example.com\n3,ann@example.com\n")
+        again = cli("resume", manifest, "--yes")
+        assert again.exit_code == 0, again.output
+        assert _mailed(api) == {"bob@example.com": 1, "ann@example.com": 1}
+        rows_now = _ledger_rows(cli, manifest)
+        assert rows_now["3"] == ("sent", "")
+        assert rows_now["2"][0] == "pending"  # not listed: never sent
+
+    _on_backend(backend, check)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_duplicate_of_an_address_mailed_already_stays_a_duplicate(api, cli, tmp_path, backend):
+    """Key 2 repeated Ann's address (key 1, sent). Key 1's row removed, key 2 is the list's only Ann, but
+    her address went out under key 1: key 2 stays skipped, and she is not mailed again."""
+
+    def check(ledger: str) -> None:
+        manifest = _campaign(api, tmp_path / "c", "1,ann@example.com\n2,ann@example.com\n", ledger=ledger)
+        assert cli("run", manifest, "--yes").exit_code == 0
+        manifest.with_name("list.csv").write_text("id,email\n2,ann@example.com\n")
+        report, index = _preview(cli, manifest)
+        assert (report["to_send"], report["skipped"]) == (0, {"duplicate": 1})
+        assert "already mailed as key &quot;1&quot;" in index
+        again = cli("resume", manifest, "--yes")
+        assert again.exit_code == 0, again.output
+        assert "0 to send, 1 duplicate" in again.stdout
+        assert _mailed(api) == {"ann@example.com": 1}
+        assert _ledger_rows(cli, manifest)["2"][0] == "skipped"
+
+    _on_backend(backend, check)
+
+
+def test_a_duplicate_met_again_with_the_cells_it_once_had_is_checked_under_todays_templates(
+    api, cli, tmp_path
+):
+    """Key 2 (Bob, not sent) became a duplicate of Ann while the template changed to one Bob's row cannot
+    render; back at Bob's address, its cells are the ones it was checked with before the change: it is
+    checked again (never taken as checked), so the resume stops naming row 2, and nothing goes to Bob."""
+    rows = "1,ann@example.com\n2,bob@example.com\n3,cat@example.com\n"
+    manifest = _campaign(api, tmp_path / "c", rows)
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    listed = manifest.with_name("list.csv")
+    listed.write_text("id,email\n1,ann@example.com\n2,ann@example.com\n3,cat@example.com\n")
+    manifest.with_name("note.txt.j2").write_text(
+        "Hello {{ recipient.email }}{% if recipient.email.startswith('bob') %}{{ nowhere }}{% endif %}\n"
+    )
+    assert cli("resume", manifest, "--yes", "--allow-changed-content").exit_code == 0
+    assert _ledger_rows(cli, manifest)["2"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(1)}")
+    listed.write_text("id,email\n1,ann@example.com\n2,bob@example.com\n3,cat@example.com\n")
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 65, refused.output
+    assert "list.csv row 2" in refused.output
+    assert "nowhere" in refused.output
+    assert _mailed(api) == {"ann@example.com": 1, "cat@example.com": 1}
+    assert _ledger_rows(cli, manifest)["2"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(1)}")
 
 
 # --- a suppression file's entries that hold a recipient key and no address ---------------------------------

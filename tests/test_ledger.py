@@ -628,6 +628,31 @@ def test_an_invalid_row_that_now_validates_is_pending_again_but_a_suppressed_one
     assert ledger.row("b@x").state == K
 
 
+def test_a_duplicate_the_plan_now_mails_is_pending_again_at_its_new_address(ledgers, clock):
+    """A row skipped as a duplicate is the list's to decide again (`duplicate_skips` names it; no other
+    skip): planned now, it is pending from the plan's sender at the plan's address, counted apart from
+    the invalid rows restored."""
+    ledger = ledgers.open("c", clock=clock)
+    dup = "duplicate of row 1 (same address, other key)"
+    ledger.record_plan(
+        [PlannedRow("1", 1, "ann@x", "s")],
+        [
+            Skip(2, "2", "ann@x", SkipReason.DUPLICATE, dup),
+            Skip(3, "3", "bob@x", SkipReason.SUPPRESSED, "in list"),
+            Skip(4, "4", "dan@x", SkipReason.INVALID, "undefined variable"),
+        ],
+    )
+    assert ledger.duplicate_skips(["1", "2", "3", "4", "5"]) == {"2"}
+    assert ledger.duplicate_skips([]) == set()
+    planned = [PlannedRow(key, int(key), f"{key}@x", "t") for key in ("1", "2", "3", "4")]
+    report = ledger.record_plan(planned, [])
+    assert (report.restored, report.undoubled) == (1, 1)
+    restored = ledger.row("2")
+    assert (restored.state, restored.sender, restored.email, restored.reason) == (P, "t", "2@x", None)
+    assert ledger.row("3").state == K
+    assert ledger.duplicate_skips(["2"]) == set()
+
+
 def test_a_row_skipped_as_invalid_keeps_the_cells_it_was_skipped_with(ledgers, clock):
     """`invalid_cells` gives them back for rows skipped as invalid only; a plan that skips the row
     again with other cells records those; a pending row the plan now skips as invalid takes its cells."""

@@ -53,6 +53,7 @@ from campaign.cli.wiring import (
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, DispatchResult
 from campaign.errors import UsageError
+from campaign.ledger import SyncReport
 from campaign.manifest import Manifest
 from campaign.pipeline import ContentCheck
 from campaign.run import RunOptions, RunPlan, SenderShare, run_campaign
@@ -167,7 +168,7 @@ def _run(path: Path, choices: _RunChoices, *, resuming: bool) -> int:
     )
     if outcome is None:
         return EXIT_DONE
-    _print_sync(outcome.content, outcome.sync.newly_skipped, outcome.sync.restored)
+    _print_sync(outcome.content, outcome.sync)
     if fake is not None:
         first = write_sandbox_outbox(fake, manifest)
         print_deliveries(out, fake, manifest, sandbox_outbox_path(manifest), first=first)
@@ -249,7 +250,8 @@ def _say_stopping(signals: int) -> None:
         err.print("Quitting now: rows in flight stay in flight; `campaign resume` settles them")
 
 
-def _print_sync(content: ContentCheck, newly_skipped: int, restored: int) -> None:
+def _print_sync(content: ContentCheck, sync: SyncReport) -> None:
+    newly_skipped, restored, undoubled = sync.newly_skipped, sync.restored, sync.undoubled
     if content.changed:
         out.print("The content changed since sending began: sent with --allow-changed-content, and recorded.")
     if newly_skipped == 1:
@@ -260,6 +262,10 @@ def _print_sync(content: ContentCheck, newly_skipped: int, restored: int) -> Non
         out.print("1 row skipped earlier as invalid now validates and is pending again.")
     elif restored:
         out.print(f"{restored} rows skipped earlier as invalid now validate and are pending again.")
+    if undoubled == 1:
+        out.print("1 row skipped earlier as a duplicate no longer is one and is pending again.")
+    elif undoubled:
+        out.print(f"{undoubled} rows skipped earlier as duplicates no longer are and are pending again.")
 
 
 def _exit_code(result: DispatchResult, states: Mapping[str, int]) -> int:

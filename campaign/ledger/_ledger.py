@@ -23,6 +23,7 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._facts import KeptFacts
 from campaign.ledger._read import (
+    DUPLICATE_REASON,
     INVALID_REASON,
     JournalEntry,
     LedgerRow,
@@ -150,7 +151,9 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         """Bring the ledger in line with the list: new rows pending, new skips skipped, the rest kept.
 
         A pending row that the list now skips becomes skipped; a row skipped as
-        invalid that now validates becomes pending. Rows no longer in the list
+        invalid that now validates, or as a duplicate that the plan now mails (its address fixed, the
+        row it repeated gone: the check found no row listing its address, and none mailed to it under
+        another key), becomes pending. Rows no longer in the list
         are left as they are and marked as not listed. `stamp`, the plan's stamp, `rules`, the
         stamp of all but the list's rows, and `extent`, the list file's own record, are recorded in
         the same transaction: a stamp never describes rows recorded for another list. With
@@ -222,11 +225,12 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             )
         newly_skipped = self._skip_now_skipped(db)
         restored = db.execute(
-            "SELECT p.key, p.sender, p.email FROM temp.plan_rows AS p JOIN recipients AS r ON r.key = p.key "
-            "WHERE r.state = 'skipped' AND substr(r.reason, 1, ?) = ?",
-            (len(INVALID_REASON), INVALID_REASON),
+            "SELECT p.key, p.sender, p.email, r.reason FROM temp.plan_rows AS p "
+            "JOIN recipients AS r ON r.key = p.key WHERE r.state = 'skipped' "
+            "AND (substr(r.reason, 1, ?) = ? OR substr(r.reason, 1, ?) = ?)",
+            (len(INVALID_REASON), INVALID_REASON, len(DUPLICATE_REASON), DUPLICATE_REASON),
         ).fetchall()
-        for key, sender, email in restored:
+        for key, sender, email, _reason in restored:
             self._set_state(db, key, SKIPPED, PENDING)
             db.execute(
                 "UPDATE recipients SET reason = NULL, sender = ?, email = ? WHERE key = ?",
@@ -282,7 +286,8 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             existing=wanted - added - skipped_added,
             missing=sum(missing.values()),
             newly_skipped=newly_skipped,
-            restored=len(restored),
+            restored=sum(1 for *_, reason in restored if reason.startswith(INVALID_REASON)),
+            undoubled=sum(1 for *_, reason in restored if reason.startswith(DUPLICATE_REASON)),
             missing_states=missing,
         )
 

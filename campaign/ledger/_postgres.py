@@ -47,6 +47,7 @@ from campaign.ledger._pg_schema import (
 )
 from campaign.ledger._read import (
     _SAMPLED_FROM,
+    DUPLICATE_REASON,
     FAILED_ROWS,
     INVALID_REASON,
     LIST_EXTENT,
@@ -360,7 +361,7 @@ class PostgresLedger(KeptFacts):
                 (campaign, FIRST_STEP),
             )
         newly_skipped = self._skip_now_skipped(db, now)
-        restored = self._restore_now_valid(db, now)
+        restored, undoubled = self._restore_now_valid(db, now)
         # A pending row goes out from the sender the plan gives it (a sender renamed or removed since, a
         # pinned one changed), to the address the list gives it (corrected since: with key_column the key
         # is the person, and the old address would get the new one's message); a row in flight keeps its
@@ -422,6 +423,7 @@ class PostgresLedger(KeptFacts):
             missing=sum(missing.values()),
             newly_skipped=newly_skipped,
             restored=restored,
+            undoubled=undoubled,
             missing_states=missing,
         )
 
@@ -443,15 +445,20 @@ class PostgresLedger(KeptFacts):
         ).rowcount
         return skipped + unknown
 
-    def _restore_now_valid(self, db: _Connection, now: str) -> int:
-        """Rows skipped as invalid that the plan now mails: pending again, from the plan's sender."""
+    def _restore_now_valid(self, db: _Connection, now: str) -> tuple[int, int]:
+        """Rows skipped as invalid, and as a duplicate, that the plan now mails: pending again, from the
+        plan's sender, to the plan's address; how many of each."""
         self._check_move(SKIPPED, PENDING)
-        return db.execute(
-            "UPDATE recipients AS r SET state = 'pending', reason = NULL, sender = p.sender, "
-            "email = p.email, updated_at = %s FROM plan_rows AS p WHERE r.campaign_id = %s AND r.key = p.key "
-            "AND r.state = 'skipped' AND starts_with(r.reason, %s)",
-            (now, self._id, INVALID_REASON),
-        ).rowcount
+        invalid, duplicate = (
+            db.execute(
+                "UPDATE recipients AS r SET state = 'pending', reason = NULL, sender = p.sender, "
+                "email = p.email, updated_at = %s FROM plan_rows AS p WHERE r.campaign_id = %s "
+                "AND r.key = p.key AND r.state = 'skipped' AND starts_with(r.reason, %s)",
+                (now, self._id, reason),
+            ).rowcount
+            for reason in (INVALID_REASON, DUPLICATE_REASON)
+        )
+        return invalid, duplicate
 
     def record_moved_mailboxes(self, senders: Mapping[str, str]) -> list[str]:
         """Keep each in-flight row with the mailbox its key was issued for; return the rows given up
@@ -635,6 +642,15 @@ class PostgresLedger(KeptFacts):
             (self._id, list(keys), INVALID_REASON),
         )
         return dict(rows)
+
+    def duplicate_skips(self, keys: Iterable[str]) -> set[str]:
+        """Which of `keys` are of rows skipped as a duplicate: a check decides them again (`record_plan`)."""
+        rows = self._read(
+            "SELECT key FROM recipients WHERE campaign_id = %s AND key = ANY(%s::text[]) "
+            "AND state = 'skipped' AND starts_with(reason, %s)",
+            (self._id, list(keys), DUPLICATE_REASON),
+        )
+        return {str(key) for (key,) in rows}
 
     def key_states(self, states: Iterable[RowState], keys: Iterable[str] | None = None) -> dict[str, str]:
         """Key -> state name of the rows in `states` (of `keys`, if given); no row objects, so cheap."""

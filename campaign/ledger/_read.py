@@ -241,6 +241,14 @@ class LedgerReader:
         )
         return {str(key): str(cells) for key, cells in rows}
 
+    def duplicate_skips(self, keys: Iterable[str]) -> set[str]:
+        """Which of `keys` are of rows skipped as a duplicate: a check decides them again (`record_plan`)."""
+        rows = self._read(
+            f"SELECT r.key FROM {_BY_KEYS} WHERE r.state = 'skipped' AND substr(r.reason, 1, ?) = ?",
+            (_keys(keys), len(DUPLICATE_REASON), DUPLICATE_REASON),
+        )
+        return {str(key) for (key,) in rows}
+
     def _meta(self, key: str) -> str | None:
         found = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(found[0][0]) if found else None
@@ -652,6 +660,9 @@ class LedgerReader:
 # planner may prefer the state index and scan every sent row of a large ledger for each batch.
 _BY_KEYS = "json_each(?) AS j CROSS JOIN recipients AS r ON r.key = j.value"
 INVALID_REASON = f"{SkipReason.INVALID.value}:"  # how the reason of a row skipped as invalid begins
+# And of a row skipped as a duplicate. These two skips are the list's to decide, and a check decides them
+# again: such a row the plan now mails is pending again (`record_plan`). An opt-out is the person's.
+DUPLICATE_REASON = f"{SkipReason.DUPLICATE.value}:"
 
 # The states of a row whose message may have reached its address: sent, or maybe (in flight, unknown).
 MAILED_STATES = (RowState.SENT, RowState.INFLIGHT, RowState.UNKNOWN)

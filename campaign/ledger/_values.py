@@ -30,6 +30,7 @@ class SyncReport:
     missing: int  # keys in the ledger that are no longer in the list (left alone)
     newly_skipped: int = 0  # pending rows now suppressed or invalid
     restored: int = 0  # rows skipped as invalid that now validate
+    undoubled: int = 0  # rows skipped as a duplicate that the list now mails: no longer one
     missing_states: Mapping[RowState, int] = field(default_factory=dict)
 
 

@@ -52,7 +52,7 @@ TRANSITIONS: Mapping[RowState, frozenset[RowState]] = {
     INFLIGHT: frozenset({INFLIGHT, SENT, FAILED, PENDING, UNKNOWN}),  # re-claim; 2xx; 4xx; not sent; gave up
     UNKNOWN: frozenset({SENT, PENDING}),  # reconcile found it; not found / retry --unknown
     FAILED: frozenset({PENDING}),  # retry --failed
-    SKIPPED: frozenset({PENDING}),  # a row skipped as invalid that now validates
+    SKIPPED: frozenset({PENDING}),  # a row skipped as invalid that now validates, or as a duplicate no longer
     SENT: frozenset(),
 }
 # A claim finds nothing to send in these (`decide_claim`).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import Enum
@@ -87,6 +87,9 @@ class RowCheck(NamedTuple):
     # With a key column: the address the ledger mailed this row's key at (sent, or unknown), when the
     # list now gives it another. A key is one recipient, mailed once: the list's address is not mailed.
     mailed_at: str | None = None
+    # The ledger holds it skipped as a duplicate, and it no longer is one: this check decides it again, as a
+    # new row (its recorded cells are not reused: they were last checked under rules that may have changed).
+    redecided: bool = False
 
     @property
     def row(self) -> int:
@@ -136,9 +139,11 @@ class RowPipeline:
 
         A row the ledger knows keeps its sender, and says its state when a run will not send it
         again; with a key column, a row a run would send whose address went out under another key is
-        skipped as a duplicate. The ledger and the unsubscribe stores are asked a batch at a time
-        (each store opened once for the pass: a database's connection is not made again for every
-        batch).
+        skipped as a duplicate. A row the ledger holds skipped as a duplicate is decided again, as a new
+        one (`RowCheck.redecided`): its address fixed, or the row it repeated gone, it is mailed, unless
+        its address went out under another key. The ledger and the unsubscribe stores are asked a batch
+        at a time (each store opened once for the pass: a database's connection is not made again for
+        every batch).
         """
         stores = StoreFollower(self._stores, clock=SystemClock())  # reading stamps nothing
         try:
@@ -146,7 +151,7 @@ class RowPipeline:
                 if self._appended:
                     batch = self._earlier_duplicates_skipped(batch)
                 recipients = [checked.recipient for checked in batch if checked.recipient is not None]
-                kept, settled = self._known([recipient.key for recipient in recipients])
+                kept, settled, again = self._known([recipient.key for recipient in recipients])
                 moved: Mapping[str, str] = {}
                 if self._keyed and self._ledger is not None:
                     batch = self._mailed_duplicates_skipped(batch, settled)
@@ -154,7 +159,7 @@ class RowPipeline:
                     moved = self._mailed_elsewhere(recipients, settled)
                 unsubscribed = Unsubscribed()
                 unsubscribed.add(stores.look_up(recipients))
-                yield [self._assign(checked, unsubscribed, kept, settled, moved) for checked in batch]
+                yield [self._assign(checked, unsubscribed, kept, settled, moved, again) for checked in batch]
         finally:
             stores.close()
 
@@ -185,7 +190,7 @@ class RowPipeline:
         sent = RowState.SENT.value
         found: dict[int, str | None] = {row.row: None for row, _ in jobs if row.settled == sent}
         if self._reuse is Reuse.UNCHANGED_ROWS:
-            pending = [(row, job) for row, job in jobs if row.settled is None]
+            pending = [(row, job) for row, job in jobs if row.settled is None and not row.redecided]
             recorded = self._ledger.key_cells([job.recipient.key for _, job in pending])
             for row, job in pending:
                 cells = recorded.get(job.recipient.key)
@@ -224,6 +229,7 @@ class RowPipeline:
         kept: Mapping[str, str],
         settled: Mapping[str, str],
         moved: Mapping[str, str],
+        again: Collection[str],
     ) -> RowCheck:
         # Opt-outs before assigning, so that an unsubscribed row takes no sender's share.
         if unsubscribed:
@@ -233,7 +239,10 @@ class RowPipeline:
             return RowCheck(checked)
         key = recipient.key
         sender = self._assigner.assign(recipient, kept=kept.get(key))
-        return RowCheck(checked, Job(recipient, sender), settled=settled.get(key), mailed_at=moved.get(key))
+        job = Job(recipient, sender)
+        return RowCheck(
+            checked, job, settled=settled.get(key), mailed_at=moved.get(key), redecided=key in again
+        )
 
     def _earlier_duplicates_skipped(self, batch: list[CheckedRow]) -> list[CheckedRow]:
         """`batch` (of rows appended to the list) with the recipients that rows before it already list
@@ -308,10 +317,19 @@ class RowPipeline:
             if email.lower() != wanted[key] and comparable_address(email) != wanted[key]
         }
 
-    def _known(self, keys: Sequence[str]) -> tuple[Mapping[str, str], Mapping[str, str]]:
+    def _known(self, keys: Sequence[str]) -> tuple[Mapping[str, str], Mapping[str, str], Collection[str]]:
+        """Of `keys`: the senders the ledger gave them; the states of those a run will not send again; and
+        those it holds skipped as a duplicate, which this check decides again (not settled: a row of
+        them it plans is pending again, `Ledger.record_plan`). The last is asked only when the batch
+        has skipped rows (few do)."""
         if self._ledger is None or not keys:
-            return {}, {}
-        return self._ledger.assigned_senders(keys), self._ledger.key_states(SETTLED_STATES, keys)
+            return {}, {}, ()
+        settled = self._ledger.key_states(SETTLED_STATES, keys)
+        skipped = [key for key, state in settled.items() if state == RowState.SKIPPED.value]
+        again = self._ledger.duplicate_skips(skipped) if skipped else set()
+        if again:
+            settled = {key: state for key, state in settled.items() if key not in again}
+        return self._ledger.assigned_senders(keys), settled, again
 
 
 def _duplicable(checked: CheckedRow) -> tuple[str, str]:
