@@ -644,13 +644,17 @@ def test_a_duplicate_the_plan_now_mails_is_pending_again_at_its_new_address(ledg
     )
     assert ledger.duplicate_skips(["1", "2", "3", "4", "5"]) == {"2"}
     assert ledger.duplicate_skips([]) == set()
-    planned = [PlannedRow(key, int(key), f"{key}@x", "t") for key in ("1", "2", "3", "4")]
+    later = clock.now() + timedelta(hours=3)  # step 1's deliver_at: a restored row waits for it too
+    planned = [PlannedRow(key, int(key), f"{key}@x", "t", due_at=later) for key in ("1", "2", "3", "4")]
     report = ledger.record_plan(planned, [])
     assert (report.restored, report.undoubled) == (1, 1)
     restored = ledger.row("2")
     assert (restored.state, restored.sender, restored.email, restored.reason) == (P, "t", "2@x", None)
     assert ledger.row("3").state == K
     assert ledger.duplicate_skips(["2"]) == set()
+    # Row 1 was planned due at once, and a plan does not move a pending row's time.
+    assert [row.key for row in ledger.open_rows_of("t", P, clock.now() + timedelta(hours=2))] == ["1"]
+    assert [row.key for row in ledger.open_rows_of("t", P, later)] == ["1", "2", "4"]
 
 
 def test_a_row_skipped_as_invalid_keeps_the_cells_it_was_skipped_with(ledgers, clock):

@@ -225,16 +225,17 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             )
         newly_skipped = self._skip_now_skipped(db)
         restored = db.execute(
-            "SELECT p.key, p.sender, p.email, r.reason FROM temp.plan_rows AS p "
+            "SELECT p.key, p.sender, p.email, p.due_at, r.reason FROM temp.plan_rows AS p "
             "JOIN recipients AS r ON r.key = p.key WHERE r.state = 'skipped' "
             "AND (substr(r.reason, 1, ?) = ? OR substr(r.reason, 1, ?) = ?)",
             (len(INVALID_REASON), INVALID_REASON, len(DUPLICATE_REASON), DUPLICATE_REASON),
         ).fetchall()
-        for key, sender, email, _reason in restored:
+        for key, sender, email, due_at, _reason in restored:
             self._set_state(db, key, SKIPPED, PENDING)
+            # As a new row: from the plan's sender, to its address, at its time (step 1's deliver_at).
             db.execute(
-                "UPDATE recipients SET reason = NULL, sender = ?, email = ? WHERE key = ?",
-                (sender, email, key),
+                "UPDATE recipients SET reason = NULL, sender = ?, email = ?, due_at = ? WHERE key = ?",
+                (sender, email, due_at, key),
             )
         # A pending row goes out from the sender the plan gives it (a sender renamed or removed since, a
         # pinned one changed), to the address the list gives it (corrected since: with key_column the key

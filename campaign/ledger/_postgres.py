@@ -447,13 +447,15 @@ class PostgresLedger(KeptFacts):
 
     def _restore_now_valid(self, db: _Connection, now: str) -> tuple[int, int]:
         """Rows skipped as invalid, and as a duplicate, that the plan now mails: pending again, from the
-        plan's sender, to the plan's address; how many of each."""
+        plan's sender, to the plan's address, at the plan's time (step 1's deliver_at), as a new row; how
+        many of each."""
         self._check_move(SKIPPED, PENDING)
         invalid, duplicate = (
             db.execute(
                 "UPDATE recipients AS r SET state = 'pending', reason = NULL, sender = p.sender, "
-                "email = p.email, updated_at = %s FROM plan_rows AS p WHERE r.campaign_id = %s "
-                "AND r.key = p.key AND r.state = 'skipped' AND starts_with(r.reason, %s)",
+                "email = p.email, due_at = p.due_at, updated_at = %s FROM plan_rows AS p "
+                "WHERE r.campaign_id = %s AND r.key = p.key AND r.state = 'skipped' "
+                "AND starts_with(r.reason, %s)",
                 (now, self._id, reason),
             ).rowcount
             for reason in (INVALID_REASON, DUPLICATE_REASON)
