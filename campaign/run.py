@@ -499,7 +499,9 @@ class _Rounds:
         async def send_round(senders: Sequence[str], round_stop: anyio.Event) -> DispatchResult:
             nonlocal total
             self._end_idle()  # the round shows its own progress (and its own waits)
-            first = LedgerJobs(self._ledger, self._manifest.recipients, self._clock.now())
+            first = await anyio.to_thread.run_sync(
+                LedgerJobs, self._ledger, self._manifest.recipients, self._clock.now()
+            )
             mine = tuple(sender for sender in self._manifest.senders if sender.name in senders)
             settings = _rest_of(self._settings, total)  # --limit counts the whole run
             result = await self.send(first, connect, round_stop, senders=mine, settings=settings)
@@ -599,8 +601,10 @@ class _Rounds:
         stores = list_store_paths(self._manifest)
         # Rows the plan did not check again (follow-ups, retried rows) meet the suppression files here.
         files = SuppressionFiles(self._manifest.recipients.suppress, clock=self._clock)
-        # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds.
-        watch = UnsubscribeWatch(stores, clock=self._clock)
+        # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds. Every
+        # read of a store or the ledger here is made in a worker thread: a slow database holds what waits
+        # for its answer, never the event loop (the sends in flight, a worker's lease heartbeat).
+        watch = await anyio.to_thread.run_sync(partial(UnsubscribeWatch, stores, clock=self._clock))
         # Replies the webhooks reported (`campaign serve` keeps them in the stores) stop follow-ups too.
         notices = ReplyNotices(stores, campaign=self._manifest.campaign.name, clock=self._clock)
         total: DispatchResult | None = None
@@ -610,8 +614,12 @@ class _Rounds:
                 screen = self._screen(client, notices)
                 while True:
                     # Once a round: schedule what was just sent, read what is due (step 1's rows first).
-                    step1 = first if total is None else self._later_first_steps(settings)
-                    followups = self._due_followups()
+                    step1 = (
+                        first
+                        if total is None
+                        else await anyio.to_thread.run_sync(self._later_first_steps, settings)
+                    )
+                    followups = await anyio.to_thread.run_sync(self._due_followups)
                     sources = [source for source in (step1, followups) if source is not None]
                     counts: Counter[str] = Counter()
                     for source in sources:
@@ -651,7 +659,7 @@ class _Rounds:
         store_path = events_store_path(manifest)
         if store_path is None or not isinstance(client, InboxReader):
             return False
-        first = self._ledger.first_claim()
+        first = await anyio.to_thread.run_sync(self._ledger.first_claim)
         if first is None:
             return False
         try:
@@ -695,12 +703,14 @@ class _Rounds:
         waiting (`also`: until when) may send again; False if nothing is to come."""
         now = self._clock.now()
         waits = also or {}
-        moments = (self._ledger.next_due(now), *self._held.values(), *waits.values())
+        next_due = await anyio.to_thread.run_sync(self._ledger.next_due, now)
+        moments = (next_due, *self._held.values(), *waits.values())
         times = [moment for moment in moments if moment is not None]
         if not times:
             return False
         until = max(now, min(times))
-        with self._hooks.waiting(until, self._scheduled(now), waiting=tuple(waits)):
+        scheduled = await anyio.to_thread.run_sync(self._scheduled, now)
+        with self._hooks.waiting(until, scheduled, waiting=tuple(waits)):
             seconds = (until - now).total_seconds()
             if stop is None:
                 await self._clock.sleep(seconds)
@@ -741,25 +751,35 @@ class _Rounds:
 
         return relink
 
+    def _round_facts(
+        self, senders: Sequence[SenderSettings]
+    ) -> tuple[dict[str, list[tuple[float, int]]], dict[str, datetime], set[str]]:
+        """What a round starts from, read from the ledger: each sender's sends of the last day (for its
+        daily limits), the senders parked, and the rows in flight from an earlier run (they keep their
+        grant: their key may have been used)."""
+        since = self._clock.now().timestamp() - DAY_S
+        # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
+        history = {
+            sender.name: self._ledger.sent_recipients_since(sender.name, since, via=sender.mailbox)
+            for sender in senders
+            if sender.per_day is not None or sender.per_day_messages is not None
+        }
+        bound = {row.key for row in self._ledger.rows(states=(RowState.INFLIGHT,))}
+        return history, self._ledger.parked_senders(), bound
+
     async def _dispatch(
         self,
         jobs: JobSource,
         per_sender: Mapping[str, int],
         client: SendClient,
-        opt_out: Callable[[Recipient], SkipReason | None],
+        opt_out: Callable[[Recipient], Awaitable[SkipReason | None]],
         screen: Callable[[Job], Awaitable[Screening]] | None,
         stop: anyio.Event | None,
         settings: DispatchSettings,
         senders: Sequence[SenderSettings],
     ) -> DispatchResult:
         manifest, ledger = self._manifest, self._ledger
-        since = self._clock.now().timestamp() - DAY_S
-        # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
-        history = {
-            sender.name: ledger.sent_recipients_since(sender.name, since, via=sender.mailbox)
-            for sender in senders
-            if sender.per_day is not None or sender.per_day_messages is not None
-        }
+        history, parked, bound = await anyio.to_thread.run_sync(self._round_facts, senders)
         shares = [_share(sender.name, sender.per_day, per_sender, history) for sender in senders]
         with self._hooks.progress(sum(per_sender.values()), shares) as on_event:
             return await dispatch(
@@ -771,15 +791,14 @@ class _Rounds:
                 ledger=ledger,
                 clock=self._clock,
                 history=history,
-                parked=ledger.parked_senders(),
+                parked=parked,
                 on_event=on_event,
                 settings=settings,
                 unsubscribed=opt_out,
                 screen=screen,
                 relink=self._relink(client),
                 stop=stop,
-                # Rows in flight from an earlier run keep their grant (their key may be used).
-                bound={row.key for row in ledger.rows(states=(RowState.INFLIGHT,))},
+                bound=bound,
                 holidays=manifest.campaign.holidays,
                 # A worker's leased grants: another worker may have sent from them a moment ago.
                 handed_over=senders is not manifest.senders,
@@ -788,14 +807,17 @@ class _Rounds:
 
 def _opt_out(
     watch: UnsubscribeWatch | None, files: SuppressionFiles
-) -> Callable[[Recipient], SkipReason | None]:
+) -> Callable[[Recipient], Awaitable[SkipReason | None]]:
     """The opt-out check right before each claim: a suppression file lists the recipient now
-    (`suppressed`), or a store does (`unsubscribed`, `bounced`)."""
+    (`suppressed`), or a store does (`unsubscribed`, `bounced`), re-read off the event loop when due."""
 
-    def opt_out(recipient: Recipient) -> SkipReason | None:
+    async def opt_out(recipient: Recipient) -> SkipReason | None:
         if files.is_listed(recipient):
             return SkipReason.SUPPRESSED
-        return None if watch is None else watch.opt_out(recipient)
+        if watch is None:
+            return None
+        await watch.reread_when_due()
+        return watch.opt_out(recipient)
 
     return opt_out
 

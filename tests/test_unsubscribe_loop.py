@@ -203,6 +203,13 @@ async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path, stor
     token = make_token(secrets=secrets, campaign="spring", recipient_key="r3@example.com")
     watch = UnsubscribeWatch([store_path], clock=clock, refresh_s=1.0)
     events: list[DispatchEvent] = []
+
+    async def unsubscribed(
+        recipient: Recipient,
+    ) -> SkipReason | None:  # as a run checks, re-read off the loop
+        await watch.reread_when_due()
+        return watch.opt_out(recipient)
+
     async with (
         httpx.AsyncClient(transport=httpx.ASGITransport(app=fake.app), base_url="http://fake.test") as http,
         httpx.AsyncClient(
@@ -218,7 +225,7 @@ async def test_unsubscribe_posted_mid_run_stops_that_pending_send(tmp_path, stor
             ledger=ledger,
             clock=clock,
             on_event=events.append,
-            unsubscribed=watch.opt_out,
+            unsubscribed=unsubscribed,
         )
     watch.close()
     endpoint.store.close()
@@ -304,7 +311,7 @@ async def test_an_opt_out_while_a_claim_waits_for_its_pace_slot_stops_that_send(
     )
     checked_at: list[float] = []
 
-    def unsubscribed(recipient: Recipient) -> SkipReason | None:
+    async def unsubscribed(recipient: Recipient) -> SkipReason | None:
         checked_at.append(clock.monotonic())
         opted_out = recipient.key == "r2@example.com" and clock.monotonic() >= 30
         return SkipReason.UNSUBSCRIBED if opted_out else None

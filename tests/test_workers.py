@@ -6,7 +6,9 @@ fake Nylas on loopback: they share the grants, one killed with SIGKILL every sec
 restarted, with 504-after-send and 429 faults; counted at the fake, every recipient is mailed once,
 and no grant ever had more requests in flight, or in a second, than its sender allows. With follow-ups
 and --wait, on the CLI's virtual clock: a worker without a grant waits for the follow-ups and takes them
-over from a worker that died. And a campaign whose plan is not recorded yet is not reported done.
+over from a worker that died. A slow database holds the sends, not the heartbeat: an unsubscribe store
+whose reads block for two lease lives, or a renewal held up for three heartbeats, lapses no lease. And a
+campaign whose plan is not recorded yet is not reported done.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from campaign.ledger._pg_schema import _WRITER_LOCK
 from campaign.ledger._write import KEY_REUSE_S
 from campaign.models import OutcomeKind, RowState, SendOutcome
 from campaign.testing import FakeClock, FakeNylas, Fault
+from campaign.unsubscribe import open_store
 
 GRANTS = 6
 PER_SECOND = 8
@@ -142,7 +145,7 @@ async def test_the_next_owner_resends_rows_in_flight_with_their_own_keys(databas
 
 
 def _write_campaign(
-    folder: Path, database: str, rows: int, *, grants: int = GRANTS, lease_s: float = 3
+    folder: Path, database: str, rows: int, *, grants: int = GRANTS, lease_s: float = 3, suppress: str = ""
 ) -> Path:
     folder.mkdir()
     lines = ["email,name"] + [f"person{n:04d}@example.com,Person {n}" for n in range(rows)]
@@ -155,8 +158,9 @@ def _write_campaign(
     )
     manifest = folder / "campaign.toml"
     manifest.write_text(
-        f'[campaign]\nname = "{folder.name}"\n\n[recipients]\nsource = "list.csv"\nname_column = "name"\n\n'
-        '[message]\nsubject = "Hi {{ recipient.name }}"\ntext = "body.txt.j2"\n\n'
+        f'[campaign]\nname = "{folder.name}"\n\n[recipients]\nsource = "list.csv"\nname_column = "name"\n'
+        + (f'suppress = ["{suppress}"]\n' if suppress else "")
+        + '\n[message]\nsubject = "Hi {{ recipient.name }}"\ntext = "body.txt.j2"\n\n'
         f'[ledger]\nurl = "{database}"\nlease_s = {lease_s:g}\n{senders}'
     )
     return manifest
@@ -372,6 +376,53 @@ async def test_a_worker_waiting_for_work_due_later_stays_live_and_ends_once_none
         assert await other.live_workers() == 1  # it left
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize(("held_s", "kept"), [(0.6, True), (1.6, False)])
+async def test_a_renewal_the_database_holds_up_stops_the_round_only_once_the_leases_are_half_spent(
+    database, held_s, kept
+):
+    """Leases of 2 s, renewed every 0.2 s, and another transaction holding the worker's heartbeat row for
+    `held_s`, so that a renewal waits (a busy database, a loaded machine). Held up for three heartbeats,
+    the renewal still answers within half the leases' life: the round goes on, and ends well. Held up
+    longer, it is given up at half their life: the round stops while every lease is still live, and the
+    worker says why. Real time, as the renewal's deadline is the event loop's: it cuts off a query the
+    database does not answer."""
+    clock = SystemClock()
+    site = ledger_site(database, lease_s=2)
+    name = f"held-{held_s:g}".replace(".", "-")
+    site.open(clock=clock, campaign=name).close()  # the campaign's row: its leases need it
+    worker = site.leases(name, clock)
+    assert worker is not None
+    looks = iter((["g1"], []))
+    stopped: list[bool] = []
+    live_when_stopped: list[bool] = []
+
+    async def send_round(senders, round_stop):
+        async with await psycopg.AsyncConnection.connect(database) as db, db.transaction():
+            await db.execute("SELECT 1 FROM campaign_ledger.workers WHERE id = %s FOR UPDATE", (worker.id,))
+            with anyio.move_on_after(held_s):
+                await round_stop.wait()
+            if round_stop.is_set():
+                live_when_stopped.append(_lease_expiry(database, name) > clock.now().timestamp())
+        with anyio.move_on_after(0.5):  # the renewal held up goes through, and the next one
+            await round_stop.wait()
+        stopped.append(round_stop.is_set())
+        return DispatchResult(sent=1, failed=0, unknown=0, remaining=0)
+
+    run = send_under_leases(
+        worker, with_work=lambda: next(looks), send_round=send_round, clock=clock, stop=anyio.Event()
+    )
+    if kept:
+        result = await run
+        assert result is not None
+        assert result.sent == 1
+        assert stopped == [False]
+    else:
+        with pytest.raises(LedgerError, match="did not answer in time to renew its leases"):
+            await run
+        assert live_when_stopped == [True]
+
+
 class _CuttableLink:
     """A TCP proxy on loopback in front of the database, which the test can cut: every connection through
     it drops, and new ones are refused (a worker that loses its database)."""
@@ -452,6 +503,61 @@ def test_a_worker_that_loses_its_database_stops_before_its_leases_expire(api: Fa
     assert last < expiry  # nothing was sent once a lease could have expired (another worker's then)
 
 
+def test_a_store_read_blocked_longer_than_a_lease_holds_the_sends_but_not_the_heartbeat(
+    api: FakeNylas, tmp_path, database
+):
+    """The worker's unsubscribe store is in PostgreSQL, and its reads block (a lock on its table) for two
+    lives of the worker's 3 s leases while the campaign runs. The sends wait for the re-read (an opt-out
+    that cannot be read is never taken as none), but the event loop does not: the heartbeat renews the
+    leases meanwhile (their expiry moves on, read in the database), and once the store answers the worker
+    sends the rest and ends with exit 0, everyone mailed once (counted at the fake) but the recipient who
+    opted out while it ran."""
+    rows = 240
+    api.latency_s = 0.05
+    for n in range(GRANTS):
+        api.add_grant(f"grant-{n}", f"g{n}@example.com")
+    store_url = without_password(database)
+    store = open_store(store_url, clock=SystemClock())
+    manifest = _write_campaign(tmp_path / "blocked", database, rows, suppress=store_url)
+    late = f"person{rows - 1:04d}@example.com"  # among the last to be sent
+    log = tmp_path / "blocked.log"
+    worker = _start_worker(manifest, log)
+    try:
+        deadline = time.monotonic() + 60
+        while len(api.deliveries) < 20:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        store.record("", late, source="manual")
+        with psycopg.connect(database) as db:  # one transaction: every read of the store waits for its end
+            db.execute("LOCK TABLE campaign_store.unsubscribes IN ACCESS EXCLUSIVE MODE")
+            blocked_at = time.time()
+            while time.time() < blocked_at + 2 * 3:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.1)
+            expiry = _lease_expiry(database, "blocked")
+        assert worker.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        store.close()
+        if worker.poll() is None:
+            worker.kill()
+    assert expiry > blocked_at + 3  # renewed while the store's reads were blocked: no lease lapsed
+    mailed = Counter(delivery.payload["to"][0]["email"] for delivery in api.deliveries)
+    assert late not in mailed
+    assert len(mailed) == rows - 1
+    assert set(mailed.values()) == {1}
+
+
+def _lease_expiry(database: str, campaign: str) -> float:
+    """The latest expiry of the campaign's leases (Unix time), read in the database."""
+    with psycopg.connect(database) as db:
+        (expiry,) = db.execute(
+            "SELECT max(l.expires_at) FROM campaign_ledger.leases AS l JOIN campaign_ledger.campaigns AS c "
+            "ON c.id = l.campaign_id WHERE c.name = %s",
+            (campaign,),
+        ).fetchone()
+    return float(expiry)
+
+
 @pytest.mark.anyio
 async def test_a_worker_claims_only_under_its_live_lease(database, clock):
     """Bound to a worker, the ledger records a claim only while that worker's lease on the claiming
@@ -479,8 +585,7 @@ def test_two_workers_started_together_share_the_grants_and_both_end_done(api: Fa
     rows = 240  # five seconds of sending: the second joins long before the first could be done
     for n in range(GRANTS):
         api.add_grant(f"grant-{n}", f"g{n}@example.com")
-    # Leases of 10 s, not 3: on a loaded machine a worker's 3 s lease lapsed mid-round (exit 74).
-    manifest = _write_campaign(tmp_path / "pair", database, rows, lease_s=10)
+    manifest = _write_campaign(tmp_path / "pair", database, rows)
     log = tmp_path / "pair.log"
     workers = [_start_worker(manifest, log) for _ in range(2)]
     try:
@@ -629,9 +734,8 @@ def test_a_parked_grants_rows_go_to_a_grant_another_worker_holds_through_the_led
     rows = 40
     for n in range(2):
         api.add_grant(f"grant-{n}", f"g{n}@example.com")
-    # Leases of 10 s, not 3: on a loaded machine a worker's 3 s lease once lapsed mid-round (exit 74).
-    manifest = _write_campaign(tmp_path / "parked", database, rows, grants=2, lease_s=10)
-    site = ledger_site(database, lease_s=10)
+    manifest = _write_campaign(tmp_path / "parked", database, rows, grants=2)
+    site = ledger_site(database, lease_s=3)
     site.open(clock=SystemClock(), campaign="parked").close()  # the campaign's row: its leases need it
     holder = site.leases("parked", SystemClock())
     assert holder is not None

@@ -117,6 +117,7 @@ class _LeasedRound:
         self._clock = clock
         self._stop = stop
         self._heartbeat_s = leases.expiry_s / _HEARTBEATS_PER_LEASE
+        self._renewed_at = clock.monotonic()  # the leases were taken (renewed) just before the round
         self._round_stop = anyio.Event()
         self._lost: str | None = None
 
@@ -147,13 +148,17 @@ class _LeasedRound:
         while True:
             if await self._clock.wait_for(self._stop, self._heartbeat_s):
                 break  # Ctrl-C, SIGTERM: the sends in flight finish and are recorded
+            started = self._clock.monotonic()
+            deadline_s = max(self._heartbeat_s, self._renewed_at + leases.expiry_s / 2 - started)
             try:
-                # Well within a lease's expiry: a worker that cannot renew stops claiming long before
-                # another could take its grants. Shielded from the round's end (which cancels this
-                # task): a query is cut off by its deadline alone, not half-way because the round is over.
+                # Well within a lease's expiry: a worker that cannot renew stops claiming once its leases
+                # are down to half their life, long before another could take its grants; a renewal that
+                # is merely slow (a loaded machine, a busy database) has until then, not one heartbeat.
+                # Shielded from the round's end (which cancels this task): a query is cut off by its
+                # deadline alone, not half-way because the round is over.
                 with (
                     anyio.CancelScope(shield=True),
-                    anyio.fail_after(min(self._heartbeat_s, leases.expiry_s / 3)),
+                    anyio.fail_after(deadline_s),
                 ):
                     still = await leases.renew()
                     share = share_of(len(self._wanted), await leases.live_workers())
@@ -168,6 +173,7 @@ class _LeasedRound:
             if gone:
                 self._lost = f"its lease on {', '.join(gone)} expired"
                 break
+            self._renewed_at = started
             if len(self._held) > share or came_free:
                 break
         self._round_stop.set()

@@ -75,7 +75,7 @@ async def dispatch(
     on_event: Callable[[DispatchEvent], None] = lambda _event: None,
     settings: DispatchSettings | None = None,
     offload: Offload | None = None,
-    unsubscribed: Callable[[Recipient], SkipReason | None] | None = None,
+    unsubscribed: Callable[[Recipient], Awaitable[SkipReason | None]] | None = None,
     screen: Callable[[Job], Awaitable[Screening]] | None = None,
     relink: Callable[[Job], Awaitable[Relink]] | None = None,
     stop: anyio.Event | None = None,
@@ -97,8 +97,9 @@ async def dispatch(
     `history` holds each sender's earlier sends (Unix time, recipients) for its rolling
     budgets; `parked` the senders that must not send before a time (from an earlier run);
     `offload` runs the ledger's blocking writes (a worker thread unless told otherwise);
-    `unsubscribed` is asked right before each claim (it must be cheap), and a recipient it
-    names is recorded as skipped instead of mailed. `screen` is awaited right before each
+    `unsubscribed` is awaited right before each claim (cheap, but for a store's re-read now and
+    then, which it makes off the event loop), and a recipient it names is recorded as skipped
+    instead of mailed. `screen` is awaited right before each
     follow-up's claim (the reply lookups): it may stop the recipient's sequence (recorded as
     skipped), or hold the follow-up back when it could not look (not sent, still due). `relink` is
     awaited when a follow-up's send is answered 404 (the message it answers is not under its id): it
@@ -179,7 +180,7 @@ class _Loop:
         on_event: Callable[[DispatchEvent], None],
         settings: DispatchSettings,
         offload: Offload,
-        unsubscribed: Callable[[Recipient], SkipReason | None] | None = None,
+        unsubscribed: Callable[[Recipient], Awaitable[SkipReason | None]] | None = None,
         screen: Callable[[Job], Awaitable[Screening]] | None = None,
         relink: Callable[[Job], Awaitable[Relink]] | None = None,
         stop: anyio.Event | None = None,
@@ -211,8 +212,9 @@ class _Loop:
         self._workers: anyio.abc.TaskGroup | None = None
 
     async def run(self, lanes: Mapping[str, Lane]) -> DispatchResult:
-        for lane in lanes.values():  # nothing else uses the ledger yet: read in this thread
-            lane.jobs.extend(self._feed.take(lane.sender.name, _look_ahead(lane)))
+        for lane in lanes.values():  # in the ledger's thread, as every page after it: the loop goes on
+            first = partial(self._feed.take, lane.sender.name, _look_ahead(lane))
+            lane.jobs.extend(await self._in_thread(first))
         for lane in lanes.values():
             if lane.parked_until is not None and lane.jobs:
                 self._emit(DispatchEvent(EventKind.PARKED, lane.sender.name, until=lane.parked_until))
@@ -382,7 +384,7 @@ class _Loop:
         A row that is not pending (in flight after a crash) is settled by sending as usual.
         """
         assert self._unsubscribed is not None
-        reason = self._unsubscribed(job.recipient)
+        reason = await self._unsubscribed(job.recipient)
         if reason is None:
             return False
         key = job.key
@@ -531,7 +533,7 @@ class _Loop:
             if self._clock.monotonic() >= lane.hold_until:
                 return
 
-    async def _send(  # noqa: C901 - the life of one claimed key is one loop; split, its invariants would be spread apart
+    async def _send(  # noqa: C901, PLR0915 - the life of one claimed key is one loop; split, its invariants would be spread apart
         self, lane: Lane, job: Job, message: Message, payload: SendRequest, *, relinked: bool = False
     ) -> RowState | None:
         """Send one message until its outcome is settled for this run; return the row's state.
@@ -560,7 +562,10 @@ class _Loop:
                 return RowState.INFLIGHT
             await self._in_thread(partial(self._ledger.release, key))
             return RowState.PENDING
-        if claim.fresh and self._unsubscribed is not None and self._unsubscribed(job.recipient) is not None:
+        # This check awaits nothing unless a store is due a re-read (about once a second): a slow store
+        # then delays this request, not every lane's (as a re-read on the event loop did).
+        check = self._unsubscribed if claim.fresh else None
+        if check is not None and await check(job.recipient) is not None:
             # An opt-out recorded while the claim waited for its pace slot (a minute at 1/min): its
             # key is unused, so the row goes back and is skipped, as it would have been a moment earlier.
             await self._in_thread(partial(self._ledger.release, key))

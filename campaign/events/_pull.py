@@ -14,6 +14,8 @@ The same walk picks up unsubscribe requests sent to `unsubscribe.mailto` when th
 sender's mailbox: a mail client (Outlook.com acts on nothing else) mails it with the subject
 `unsubscribe-<token>` campaign wrote into `List-Unsubscribe`; a token that verifies under the
 campaign's secrets is recorded in the store as the one-click endpoint records one (source `mailto`).
+The store is read and written in worker threads: a run pulls between its rounds, and a slow store must
+not hold its event loop (the sends, a worker's lease heartbeat).
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Protocol, runtime_checkable
 
+import anyio
+import anyio.to_thread
 from flufl.bounce import all_failures
 
 from campaign.events._notifications import BOUNCE, field_text, is_blocked
@@ -146,7 +151,7 @@ async def _pull_grant(
     inbox = next((f.id for f in folders if "\\Inbox" in f.attributes), None)
     if inbox is None:
         return
-    cursor = store.inbox_cursor(grant)
+    cursor = await anyio.to_thread.run_sync(store.inbox_cursor, grant)
     if cursor is None or cursor.start > since:
         cursor = InboxCursor(start=since, through=since)
     pages = MAX_PAGES
@@ -167,7 +172,7 @@ async def _pull_grant(
             cursor, read_all = InboxCursor(cursor.start, newest), True
         else:
             cursor = replace(cursor, gap_before=new.oldest or cursor.through, gap_through=newest)
-    store.record_inbox_cursor(grant, cursor)
+    await anyio.to_thread.run_sync(store.record_inbox_cursor, grant, cursor)
     if not read_all:
         tally.cut_short.append(grant)
 
@@ -214,7 +219,7 @@ async def _read_inbox(
             if _looks_like_a_report(message.senders, message.subject):
                 await _record_report(client, grant, message.id, message.date or cursor.through, store, tally)
             elif tally.secrets and (token := find_mailto_token(message.subject)) is not None:
-                _record_unsubscribe(token, store, tally)
+                await anyio.to_thread.run_sync(_record_unsubscribe, token, store, tally)
         token = page.next_cursor
         if token is None:
             return _Read(page_number, True, min(dates, default=None), max(dates, default=None))
@@ -235,7 +240,8 @@ async def _record_report(
     bounces = _read_report(raw, received=received, message_id=message_id)
     body = json.dumps({"grant_id": grant, "message_id": message_id, "source": "inbox"})
     event_id = f"{INBOX_EVENT_PREFIX}{grant}:{message_id}"
-    if store.record_event(event_id, BOUNCE, grant_id=grant, body=body, bounces=bounces):
+    record = partial(store.record_event, event_id, BOUNCE, grant_id=grant, body=body, bounces=bounces)
+    if await anyio.to_thread.run_sync(record):
         tally.recorded += 1
         tally.hard.extend(b.email for b in bounces if b.hard)
         tally.soft.extend(b.email for b in bounces if not b.hard)

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
+
+import anyio
+import anyio.to_thread
 
 from campaign.clock import Clock
 from campaign.errors import UsageError
@@ -77,7 +81,7 @@ async def pull_senders_inboxes(
     record what they hold in the store at `store_path`: bounce reports, and with `secrets` the
     unsubscribe requests mailed to a sender. Domain senders have no inbox and are left out."""
     grants = [sender.grant_id for sender in manifest.senders if sender.grant_id is not None]
-    store = open_store(store_path, clock=clock)
+    store = await anyio.to_thread.run_sync(partial(open_store, store_path, clock=clock))
     try:
         return await pull_bounces(client, grants, store, since=first_claim - PULL_SKEW, secrets=secrets)
     finally:

@@ -21,6 +21,9 @@ from email.utils import getaddresses
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+import anyio
+import anyio.to_thread
+
 from campaign.nylas import ListedMessage, MessagePage
 from campaign.recipients import matching_form
 
@@ -137,7 +140,7 @@ async def find_answer(
     for message in await list_pages(client, grant_id, from_=address, since=first_sent_at - SKEW):
         found[message.id] = message
     own = matching_form(own_address) if own_address else ""
-    mine = ours(found)
+    mine = await anyio.to_thread.run_sync(ours, list(found)) if found else set()  # a ledger read
     candidates = [
         message
         for message in found.values()

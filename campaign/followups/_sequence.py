@@ -17,6 +17,9 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+import anyio
+import anyio.to_thread
+
 from campaign.errors import CampaignError
 from campaign.followups._notices import ReplyNotices
 from campaign.followups._replies import Answer, AnswerKind, ReplyClient, find_answer, read_answer_kind
@@ -261,7 +264,9 @@ def build_screen(
             return Screening()
         sender = manifest.sender(job.sender)
         if notices is not None and "reply" in followup.stop_on:
-            notice = notices.reply_to(job.recipient.key, (previous.message_id,))
+            # A store read: in a worker thread, so that the event loop goes on meanwhile.
+            ids = (previous.message_id,)
+            notice = await anyio.to_thread.run_sync(notices.reply_to, job.recipient.key, ids)
             if notice is not None and not await _ignored_auto_reply(client, sender.route, notice, followup):
                 detail = f"message {notice.message_id} at {notice.at} (thread.replied notification)"
                 return Screening(stop=SkipReason.REPLIED, detail=detail)

@@ -12,7 +12,10 @@ seconds: their machines keep time (NTP), which the 30 s expiry allows a little s
 Plain SQL over one connection of its own (autocommit: every statement is its own transaction), so
 that a heartbeat never waits behind the ledger's writes. The connection is psycopg's async one, on the
 event loop beside the sends: the heartbeat's deadline cancels a renewal the database does not answer
-(psycopg cancels the query), where a thread could only be abandoned with its connection. Claims check
+(psycopg cancels the query), where a thread could only be abandoned with its connection. Nothing else
+on that loop waits on a database (the ledger's and the stores' calls go to worker threads), so a slow
+ledger or store does not hold the heartbeat; and a worker whose loop is stuck stops renewing, so its
+grants go to another worker instead of waiting on it for good. Claims check
 the lease in the ledger's own transaction (`PostgresLedger.claim`), so a worker that lost its lease
 cannot claim a row.
 """

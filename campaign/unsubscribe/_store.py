@@ -26,6 +26,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from email_validator import EmailNotValidError, validate_email
 
 from campaign.clock import Clock, SystemClock
@@ -588,7 +590,9 @@ class UnsubscribeWatch:
     It holds what was added to the stores since it began (each re-read fetches only rows added since
     the last one, so checking before every send stays cheap; a store that appears while the campaign
     runs is picked up), and what `look_up` found for the recipients about to be sent: a store may hold
-    millions, and a run never holds more of it than its pages of work need.
+    millions, and a run never holds more of it than its pages of work need. On an event loop, a check
+    first awaits `reread_when_due`, which re-reads in a worker thread: a slow store (a database far
+    away, or busy) then holds the checks that need its answer, not the loop's other work.
     """
 
     def __init__(self, paths: Sequence[Path | str], *, clock: Clock, refresh_s: float = 1.0) -> None:
@@ -597,6 +601,23 @@ class UnsubscribeWatch:
         self._stores = StoreFollower(paths, clock=clock, from_now=True)
         self._known = Unsubscribed()
         self._read_at: float | None = None
+        self._rereading: anyio.Lock | None = None  # made on the event loop that first needs it
+
+    async def reread_when_due(self) -> None:
+        """Re-read the stores, as `opt_out` would, if `refresh_s` passed since the last re-read; in a
+        worker thread, so that the event loop goes on meanwhile (the other sends, a worker's lease
+        heartbeat), however long the store takes to answer. Every check that finds a re-read due waits
+        for it: an opt-out recorded before then is known to the `opt_out` that follows."""
+        if not self._reread_due():
+            return
+        if self._rereading is None:
+            self._rereading = anyio.Lock()
+        async with self._rereading:
+            if self._reread_due():  # else the re-read another check waited for was this one's
+                started = self._clock.monotonic()
+                found = await anyio.to_thread.run_sync(self._read_new)
+                self._read_at = started
+                self._known.add(found)
 
     def look_up(self, recipients: Sequence[Recipient]) -> None:
         """Take in what the stores hold for `recipients` (a page of a lane's work, before any is sent)."""
@@ -607,11 +628,11 @@ class UnsubscribeWatch:
         return self.opt_out(recipient) is not None
 
     def opt_out(self, recipient: Recipient) -> SkipReason | None:
-        """Why `recipient` must not be mailed now (`unsubscribed`, or `bounced`), or None."""
-        now = self._clock.monotonic()
-        if self._read_at is None or now - self._read_at >= self._refresh_s:
-            self._read_at = now
-            self._known.add(self._stores.read_new(SuppressionStore.read_since, stale_after_s=_STALE_AFTER_S))
+        """Why `recipient` must not be mailed now (`unsubscribed`, or `bounced`), or None; re-reads the
+        stores first, in this thread, when a re-read is due (`reread_when_due` has it done elsewhere)."""
+        if self._reread_due():
+            self._read_at = self._clock.monotonic()
+            self._known.add(self._read_new())
         entry = self._known.match(recipient)
         if entry is None:
             return None
@@ -620,6 +641,12 @@ class UnsubscribeWatch:
     def reread_next(self) -> None:
         """Re-read the stores at the next check, however recent the last re-read (something was added)."""
         self._read_at = None
+
+    def _reread_due(self) -> bool:
+        return self._read_at is None or self._clock.monotonic() - self._read_at >= self._refresh_s
+
+    def _read_new(self) -> list[StoreEntry]:
+        return self._stores.read_new(SuppressionStore.read_since, stale_after_s=_STALE_AFTER_S)
 
     def close(self) -> None:
         """Close the stores opened for reading."""
