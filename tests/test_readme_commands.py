@@ -1,12 +1,14 @@
-"""The README documents every command and every option the CLI has (the sqlite-utils habit)."""
+"""The README documents every command and every option the CLI has (the sqlite-utils habit), and every key
+of the `--json` outputs it shows."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import typer
-from conftest import REPO
+from conftest import REPO, copy_newsletter
 
 from campaign.cli import COMMANDS, _build_command, app
 
@@ -51,3 +53,31 @@ def test_every_option_of_every_command_is_in_the_readme() -> None:
     }
     assert len(options) > 20  # the walk found the options (run alone has seven)
     assert sorted(option for option in options if option[1] not in documented) == []
+
+
+def _json_example(heading: str) -> dict[str, Any]:
+    """The JSON block that follows `heading` in the README (its `…` keys stand for values left out)."""
+    readme = _readme()
+    block = re.search(r"```json\n(.*?)```", readme[readme.index(heading) :], re.S)
+    assert block is not None, heading
+    example: dict[str, Any] = json.loads(block.group(1))
+    return example
+
+
+def _keys(mapping: dict[str, Any]) -> list[str]:
+    return [key for key in mapping if key != "…"]
+
+
+def test_the_status_json_example_has_every_key_status_prints_in_its_order(api, cli, tmp_path):
+    """A started campaign with rows left: the README's example names each key `status --json` prints, at
+    the top, in a sender and in a `next` entry, in the order printed, and no key it does not print."""
+    manifest = copy_newsletter(api, tmp_path)
+    assert cli("run", manifest, "--yes", "--limit", "3").exit_code == 75
+    shown = cli("status", manifest, "--json")
+    assert shown.exit_code == 0, shown.output
+    status = json.loads(shown.stdout)
+    example = _json_example("### `status --json`")
+    assert _keys(example) == list(status)
+    assert _keys(example["senders"]["founder"]) == list(status["senders"]["founder"])
+    assert _keys(example["next"][0]) == list(status["next"][0])
+    assert _keys(example["states"]) == list(status["states"])
