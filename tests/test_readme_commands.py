@@ -81,3 +81,16 @@ def test_the_status_json_example_has_every_key_status_prints_in_its_order(api, c
     assert _keys(example["senders"]["founder"]) == list(status["senders"]["founder"])
     assert _keys(example["next"][0]) == list(status["next"][0])
     assert _keys(example["states"]) == list(status["states"])
+
+
+def test_the_preview_json_example_has_every_key_preview_prints_in_its_order(api, cli, tmp_path):
+    """The README's `preview --json` example names each key printed at the top, in a sender and in a
+    sample, in the order printed, and no key it does not print."""
+    manifest = copy_newsletter(api, tmp_path)
+    shown = cli("preview", manifest, "--json")
+    assert shown.exit_code == 0, shown.output
+    preview = json.loads(shown.stdout)
+    example = _json_example("### `preview --json`")
+    assert _keys(example) == list(preview)
+    assert _keys(example["senders"][0]) == list(preview["senders"][0])
+    assert _keys(example["samples"][0]) == list(preview["samples"][0])
