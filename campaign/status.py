@@ -170,7 +170,8 @@ class Status:
     engagement: EngagementSummary | None = None  # None: the campaign's stores keep no tracking events
     bounces: BounceSummary | None = None  # None: none of its sent messages bounced (or no store)
     steps: tuple[StepStatus, ...] = ()  # with [[followups]]: every step, step 1 first
-    workers: tuple[WorkerView, ...] = ()  # a campaign shared in PostgreSQL: its workers, live ones first
+    # A campaign shared in PostgreSQL: its workers, live ones first (none once they all left); None: a file.
+    workers: tuple[WorkerView, ...] | None = None
     waiting: tuple[ErrorCause, ...] = ()  # open rows whose last try failed, per cause, most first
     # False: the ledger holds the campaign (a database's row) but no plan yet: its first worker is
     # checking the list, or stopped before it recorded the plan.
@@ -210,7 +211,7 @@ class Status:
             | ({} if self.engagement is None else {"engagement": self.engagement.as_json()})
             | ({} if self.bounces is None else {"bounces": self.bounces.as_json()})
             | ({"steps": {step.step: step.as_json() for step in self.steps}} if self.steps else {})
-            | ({"workers": [_worker_json(worker) for worker in self.workers]} if self.workers else {})
+            | ({} if self.workers is None else {"workers": [_worker_json(worker) for worker in self.workers]})
         )
 
 
@@ -283,7 +284,7 @@ def build_status(
         # A database holds the campaign's row before its plan: the first worker records the plan after
         # the check, in one transaction. Until then nothing is counted yet, so nothing is done.
         unstarted = build_unstarted_status(manifest)
-        return replace(unstarted, ledger=ledger.where, planned=False, workers=tuple(ledger.workers()))
+        return replace(unstarted, ledger=ledger.where, planned=False, workers=_workers(ledger))
     per_sender = ledger.counts_per_sender()  # one pass over the state index gives the totals too
     counts = {state: sum(tally[state] for tally in per_sender.values()) for state in RowState}
     unlisted = ledger.counts(listed=False)
@@ -342,8 +343,13 @@ def build_status(
         next_steps=tuple(steps),
         senders=senders,
         steps=_steps(manifest, ledger, now),
-        workers=tuple(ledger.workers()),
+        workers=_workers(ledger),
     )
+
+
+def _workers(ledger: Ledger) -> tuple[WorkerView, ...] | None:
+    workers = ledger.workers()
+    return None if workers is None else tuple(workers)
 
 
 def _plan_recorded(ledger: Ledger) -> bool:

@@ -246,6 +246,21 @@ def test_status_shows_the_workers_of_a_shared_campaign(api, cli, cli_clock, tmp_
     assert (gone["grants"], gone["live"]) == ([], False)
 
 
+def test_status_json_of_a_shared_campaign_has_its_workers_key_once_they_left(api, cli, tmp_path, database):
+    """README: a campaign whose ledger is in PostgreSQL has a `workers` key last; a worker that ended left,
+    so the list is empty, never missing. A SQLite ledger has no workers: no key."""
+    manifest = copy_newsletter(api, tmp_path, ledger=f'url = "{database}"')
+    manifest.write_text(manifest.read_text().replace('name = "spring-newsletter"', 'name = "workers-gone"'))
+    assert cli("run", manifest, "--yes").exit_code == 0
+    status = json.loads(cli("status", manifest, "--json").stdout)
+    assert list(status)[-1] == "workers"
+    assert status["workers"] == []
+
+    in_a_file = copy_newsletter(api, tmp_path / "file")
+    assert cli("run", in_a_file, "--yes").exit_code == 0
+    assert "workers" not in json.loads(cli("status", in_a_file, "--json").stdout)
+
+
 # --- one campaign, one ledger: switching between a file and a database mails nobody twice ----------------
 
 

@@ -386,7 +386,7 @@ def _print_engagement(console: Console, status: Status) -> None:
 
 def _print_workers(console: Console, status: Status) -> None:
     """A campaign shared in PostgreSQL: each worker, the grants it holds, its last heartbeat."""
-    for worker in status.workers:
+    for worker in status.workers or ():
         held = ", ".join(worker.grants) or "no grant"
         beat = format_local_time(datetime.fromtimestamp(worker.heartbeat_at, UTC))
         alive = "" if worker.live else " [yellow](no heartbeat: gone)[/]"

@@ -497,9 +497,9 @@ class LedgerReader:
             )
         return {str(key): str(state) for key, state in found}
 
-    def workers(self) -> list[WorkerView]:
-        """None: one command at a time sends from a ledger file (its writer lock)."""
-        return []
+    def workers(self) -> list[WorkerView] | None:
+        """None: one command at a time sends from a ledger file (its writer lock), no worker shares it."""
+        return None
 
     def open_rows_of(
         self, sender: str, state: RowState, now: datetime | None = None, *, after: int = 0, limit: int = 1000
