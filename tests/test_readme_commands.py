@@ -11,6 +11,7 @@ import typer
 from conftest import REPO, copy_newsletter
 
 from campaign.cli import COMMANDS, _build_command, app
+from campaign.testing import Fault
 
 
 def _commands() -> list[tuple[str, Any]]:
@@ -55,13 +56,12 @@ def test_every_option_of_every_command_is_in_the_readme() -> None:
     assert sorted(option for option in options if option[1] not in documented) == []
 
 
-def _json_example(heading: str) -> dict[str, Any]:
+def _json_example(heading: str) -> Any:
     """The JSON block that follows `heading` in the README (its `…` keys stand for values left out)."""
     readme = _readme()
     block = re.search(r"```json\n(.*?)```", readme[readme.index(heading) :], re.S)
     assert block is not None, heading
-    example: dict[str, Any] = json.loads(block.group(1))
-    return example
+    return json.loads(block.group(1))
 
 
 def _keys(mapping: dict[str, Any]) -> list[str]:
@@ -94,3 +94,18 @@ def test_the_preview_json_example_has_every_key_preview_prints_in_its_order(api,
     assert _keys(example) == list(preview)
     assert _keys(example["senders"][0]) == list(preview["senders"][0])
     assert _keys(example["samples"][0]) == list(preview["samples"][0])
+
+
+def test_the_reconcile_json_example_has_every_key_reconcile_prints_in_its_order(api, cli, tmp_path):
+    """A row left unknown (a 504 after the send) is found by reconcile: the README's `reconcile --json`
+    example names each key printed at the top and in a decision, in the order printed."""
+    manifest = copy_newsletter(api, tmp_path)
+    api.script(Fault.TIMEOUT_AFTER_SEND, times=1)
+    assert cli("run", manifest, "--yes").exit_code == 1
+    settled = cli("reconcile", manifest, "--json")
+    assert settled.exit_code == 0, settled.output
+    printed = json.loads(settled.stdout)
+    assert [decision["verdict"] for decision in printed["decisions"]] == ["sent"]
+    example = _json_example("### `reconcile --json`")
+    assert _keys(example) == list(printed)
+    assert _keys(example["decisions"][0]) == list(printed["decisions"][0])
