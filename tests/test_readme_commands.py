@@ -109,3 +109,15 @@ def test_the_reconcile_json_example_has_every_key_reconcile_prints_in_its_order(
     example = _json_example("### `reconcile --json`")
     assert _keys(example) == list(printed)
     assert _keys(example["decisions"][0]) == list(printed["decisions"][0])
+
+
+def test_the_suppress_list_json_example_has_every_key_it_prints_in_its_order(cli, tmp_path):
+    """The README's `suppress list --json` example names each key of an entry, in the order printed."""
+    store = tmp_path / "unsubscribes.sqlite"
+    assert cli("suppress", "add", "ann@example.com", "--store", store).exit_code == 0
+    shown = cli("suppress", "list", "--store", store, "--json")
+    assert shown.exit_code == 0, shown.output
+    (entry,) = json.loads(shown.stdout)
+    example = _json_example("### `suppress list --json`")
+    assert isinstance(example, list)
+    assert _keys(example[0]) == list(entry)
