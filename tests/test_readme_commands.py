@@ -121,3 +121,17 @@ def test_the_suppress_list_json_example_has_every_key_it_prints_in_its_order(cli
     example = _json_example("### `suppress list --json`")
     assert isinstance(example, list)
     assert _keys(example[0]) == list(entry)
+
+
+def test_only_the_commands_that_send_say_their_sandbox_sends():
+    """`preview` sends nothing and `events pull` only reads (README): their `--sandbox` help must not say
+    it sends to the fake API, as `run`, `resume` and `send-test` do."""
+    sending = {"run", "resume", "send-test"}
+    helps = {
+        name: parameter.help
+        for name, command in _commands()
+        for parameter in command.params
+        if "--sandbox" in getattr(parameter, "opts", ())
+    }
+    assert {"preview", "events pull", "status", "retry", "report"} <= set(helps)
+    assert sorted(name for name, text in helps.items() if "Send to" in text) == sorted(sending)

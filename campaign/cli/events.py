@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Annotated
 
 import anyio
 import typer
 
-from campaign.cli.base import LedgerOpt, ManifestArg, SandboxOpt, exit_codes, options, out
+from campaign.cli.base import LedgerOpt, ManifestArg, exit_codes, options, out
 from campaign.cli.wiring import (
     build_sandbox_api,
     connect_api,
@@ -26,7 +27,18 @@ events_app = typer.Typer(no_args_is_help=True, help="What comes back after sendi
 
 
 @events_app.command("pull")
-def pull(manifest: ManifestArg, sandbox: SandboxOpt = False, ledger: LedgerOpt = None) -> None:
+def pull(
+    manifest: ManifestArg,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox",
+            help="Use the sandbox run's ledger, and look in the built-in fake Nylas API's inboxes instead of "
+            "the real ones.",
+        ),
+    ] = False,
+    ledger: LedgerOpt = None,
+) -> None:
     """Find bounce reports in each sender's inbox since the first send and record them in the store."""
     with exit_codes():
         clock = options.clock

@@ -54,7 +54,14 @@ def preview(
     sample: Annotated[
         int, typer.Option(min=0, help="How many rendered messages to show and give pages.")
     ] = 3,
-    sandbox: SandboxOpt = False,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox",
+            help="Preview what a --sandbox run would send: its ledger, the fake API's URLs, and a built-in "
+            "unsubscribe secret when none is set. Sends nothing.",
+        ),
+    ] = False,
     skip_invalid: SkipInvalidOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ledger: LedgerOpt = None,
