@@ -135,3 +135,13 @@ def test_only_the_commands_that_send_say_their_sandbox_sends():
     }
     assert {"preview", "events pull", "status", "retry", "report"} <= set(helps)
     assert sorted(name for name, text in helps.items() if "Send to" in text) == sorted(sending)
+
+
+def test_the_wait_help_names_every_wait_the_readme_gives_it():
+    """README: `--wait` waits out a quota, a shut send window, a follow-up not due yet and an API that
+    cannot be reached, instead of exit 75; its help said only the quota."""
+    for name in ("run", "resume"):
+        command = dict(_commands())[name]
+        (wait,) = (parameter for parameter in command.params if "--wait" in parameter.opts)
+        for what in ("quota", "window", "follow-up", "exit 75", "cannot be reached"):
+            assert what in wait.help, (name, what)

@@ -66,7 +66,10 @@ LimitOpt = Annotated[int | None, typer.Option(min=1, help="Send at most N messag
 WaitOpt = Annotated[
     bool,
     typer.Option(
-        "--wait", help="When every sender is at its quota, wait (with a countdown) instead of stopping."
+        "--wait",
+        help="When every sender with work left is at its quota or outside its window, or the next follow-up "
+        "is not due yet, wait (with a countdown) and go on instead of stopping with exit 75; an API that "
+        "cannot be reached is tried again.",
     ),
 ]
 AllowChangedOpt = Annotated[
