@@ -240,34 +240,41 @@ def _status_from_rows(
         examples=examples,
         reconcile_decides_at=decides_at if decides_at is not None and decides_at > clock.now() else None,
     )
-    return {
-        "campaign": manifest.campaign.name,
-        "manifest": str(manifest.path),
-        "ledger": ledger.where,
-        "per_day": schedule.per_day,
-        "eta_s": schedule.duration_s,
-        "started": True,
-        "done": all(listed[state] == 0 for state in OPEN_STATES),
-        "total": len(rows),
-        "states": {state.value: counts[state] for state in RowState},
-        "skipped": dict(sorted(skipped.items())),
-        "errors": dict(errors.most_common()),
-        "last_errors": {
-            cause: last_error[cause][1] for cause, _ in errors.most_common() if cause in last_error
-        },
-        "removed_from_list": removed,
-        "next": [step.as_json() for step in steps],
-        "senders": senders,
-    } | (
+    return (
         {
-            "waiting": {
-                cause: {"rows": count, "latest": last_waiting[cause][1] if cause in last_waiting else None}
-                for cause, count in waiting.most_common()
-            }
+            "campaign": manifest.campaign.name,
+            "manifest": str(manifest.path),
+            "ledger": ledger.where,
+            "per_day": schedule.per_day,
+            "eta_s": schedule.duration_s,
+            "started": True,
+            "done": all(listed[state] == 0 for state in OPEN_STATES),
+            "total": len(rows),
+            "states": {state.value: counts[state] for state in RowState},
+            "skipped": dict(sorted(skipped.items())),
+            "errors": dict(errors.most_common()),
+            "last_errors": {
+                cause: last_error[cause][1] for cause, _ in errors.most_common() if cause in last_error
+            },
+            "removed_from_list": removed,
+            "next": [step.as_json() for step in steps],
+            "senders": senders,
         }
-        if waiting
-        else {}
-    ) | ({"workers": []} if ledger.where.startswith("postgresql://") else {})  # no worker holds it now
+        | (
+            {
+                "waiting": {
+                    cause: {
+                        "rows": count,
+                        "latest": last_waiting[cause][1] if cause in last_waiting else None,
+                    }
+                    for cause, count in waiting.most_common()
+                }
+            }
+            if waiting
+            else {}
+        )
+        | ({"workers": []} if ledger.where.startswith("postgresql://") else {})
+    )  # no worker holds it now
 
 
 @pytest.mark.parametrize("sandbox", [False, True])
