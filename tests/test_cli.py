@@ -397,11 +397,12 @@ def test_init_never_writes_through_a_dangling_link(cli, tmp_path):
 
 
 def test_init_into_a_folder_it_cannot_make_is_one_line_not_a_traceback(cli, tmp_path):
-    """A path under a file, or a folder that cannot be written: one line naming it, exit 1, no traceback."""
+    """A path under a file, or a folder that cannot be written: one line naming it, no traceback, and exit
+    66 as for any output that cannot be written (1 is for files it would overwrite)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     failed = cli("init", blocker / "campaign")
-    assert failed.exit_code == 1
+    assert failed.exit_code == 66
     assert failed.stderr.strip().count("\n") == 0
     assert str(blocker) in failed.stderr
     assert "Traceback" not in failed.output

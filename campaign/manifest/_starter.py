@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from campaign.errors import CampaignError
+from campaign.errors import CampaignError, InputFileError
 
 __all__ = ["write_starter"]
 
@@ -81,7 +81,8 @@ def write_starter(directory: Path) -> list[Path]:
     except OSError as exc:
         where = exc.filename or directory
         reason = exc.strerror or type(exc).__name__
-        raise CampaignError(
+        # An output that cannot be written, as for preview --out and report --out (exit 66).
+        raise InputFileError(
             f"cannot write the starter campaign at {where}: {reason}; choose a folder you can write"
         ) from exc
     return targets
