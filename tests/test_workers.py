@@ -478,10 +478,7 @@ def test_a_worker_that_loses_its_database_stops_before_its_leases_expire(api: Fa
     log = tmp_path / "worker.log"
     worker = _start_worker(manifest, log)
     try:
-        deadline = time.monotonic() + 60
-        while len(api.deliveries) < 20:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        _wait_for_deliveries(api, 20, log)
         link.cut()
         assert worker.wait(timeout=90) == 74
     finally:
@@ -523,10 +520,7 @@ def test_a_store_read_blocked_longer_than_a_lease_holds_the_sends_but_not_the_he
     log = tmp_path / "blocked.log"
     worker = _start_worker(manifest, log)
     try:
-        deadline = time.monotonic() + 60
-        while len(api.deliveries) < 20:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        _wait_for_deliveries(api, 20, log)
         store.record("", late, source="manual")
         with psycopg.connect(database) as db:  # one transaction: every read of the store waits for its end
             db.execute("LOCK TABLE campaign_store.unsubscribes IN ACCESS EXCLUSIVE MODE")
@@ -545,6 +539,14 @@ def test_a_store_read_blocked_longer_than_a_lease_holds_the_sends_but_not_the_he
     assert late not in mailed
     assert len(mailed) == rows - 1
     assert set(mailed.values()) == {1}
+
+
+def _wait_for_deliveries(api: FakeNylas, count: int, log: Path) -> None:
+    """Until the fake has `count` deliveries (a worker sending in its own process), at most a minute."""
+    deadline = time.monotonic() + 60
+    while len(api.deliveries) < count:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
 
 
 def _lease_expiry(database: str, campaign: str) -> float:
@@ -640,10 +642,7 @@ def test_sigterm_settles_the_sends_in_flight_and_gives_the_leases_back_at_once(
     log = tmp_path / "term.log"
     worker = _start_worker(manifest, log)
     try:
-        deadline = time.monotonic() + 60
-        while len(api.deliveries) < 20:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        _wait_for_deliveries(api, 20, log)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=60) == 130
     finally:
