@@ -78,6 +78,7 @@ class PreviousStep:
     message_id: str
     thread_id: str | None
     sent_at: datetime
+    internet_message_id: str | None = None  # its Message-ID header, when the send's answer gave it
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +280,9 @@ class SendOutcome:
     status: int | None = None
     message_id: str | None = None
     thread_id: str | None = None  # the thread the sent message is in (Nylas's data.thread_id)
+    # Its RFC 5322 Message-ID header (data.headers, asked for with fields=include_basic_headers): what an
+    # IMAP grant's follow-up names in reply_to_message_id (nylas-api.md §1.2).
+    internet_message_id: str | None = None
     request_id: str | None = None
     error_type: str | None = None
     error_message: str | None = None

@@ -844,6 +844,44 @@ def _refused_sends(fake: FakeNylas) -> list:
     return [record for record in fake.requests if record.status == 404]
 
 
+@pytest.fixture(name="imap_fake")
+def _imap_fake(_loopback, cli_clock, monkeypatch):
+    """Both senders' grants on Yahoo: Nylas sends through IMAP/SMTP there, and a reply names the message
+    it answers by its Message-ID header, not Nylas's id (nylas-api.md §1.2)."""
+    fake = FakeNylas(api_key=API_KEY, clock=cli_clock)
+    for grant, email in SENDERS.values():
+        fake.add_grant(grant, email, provider="yahoo")
+    yield from serve_fake(_loopback, fake, monkeypatch)
+
+
+def test_a_follow_up_on_an_imap_grant_answers_the_message_id_header_the_send_gave(
+    imap_fake, cli, cli_clock, tmp_path
+):
+    """On Yahoo, each follow-up's reply_to_message_id is the Message-ID header of the step it answers,
+    read from that send's answer (sends ask for it: fields=include_basic_headers), so it joins that
+    thread. Named by Nylas's id, the fake (as Nylas) finds no such message: 404, and no nudge went out."""
+    fake = imap_fake
+    manifest = write_campaign(tmp_path / "c", sender='provider = "yahoo"')
+    assert cli("run", manifest, "--yes").exit_code == 75
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    cli_clock.advance(3 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 0
+    assert not [record for record in fake.requests if record.status == 404]
+    for email, steps in by_step(fake).items():
+        chain = [*steps["message"], *steps["nudge"], *steps["last-call"]]
+        assert len(chain) == 3, email
+        for before, after in pairwise(chain):
+            (stored,) = [
+                m for m in fake._require_grant(before.grant_id).messages if m.data["id"] == before.id
+            ]
+            header = next(h["value"] for h in stored.headers if h["name"].lower() == "message-id")
+            assert header.startswith("<")
+            assert after.payload["reply_to_message_id"] == header
+            thread = fake._sent_message(after.grant_id, after.id)["thread_id"]
+            assert thread == fake._sent_message(before.grant_id, before.id)["thread_id"]
+
+
 def test_a_follow_up_to_a_message_filed_on_microsoft_finds_it_by_its_thread_and_goes_out_once(
     ms_fake, cli, cli_clock, tmp_path
 ):

@@ -11,6 +11,7 @@ import itertools
 import os
 import sqlite3
 import stat
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from campaign.errors import LedgerError
-from campaign.ledger import ClaimRequest, Ledger, OutcomeReport, PlannedRow, open_ledger
+from campaign.ledger import ClaimRequest, Ledger, OutcomeReport, PlannedRow, ScheduledStep, open_ledger
 from campaign.ledger._ledger import KEY_REUSE_S, TRANSITIONS
 from campaign.ledger._schema import MIGRATIONS
 from campaign.manifest import RecipientsSettings
@@ -365,7 +366,6 @@ def test_rows_of_step_1_are_found_by_address_whatever_their_key(ledgers, clock):
     """A key column's campaign: `listed_addresses` finds the first listed row at each address, and
     `mailed_keys` another key whose row was mailed there (sent, in flight, unknown; not pending or
     failed), without case, whether or not a row's key is its address; a follow-up's row is not step 1's."""
-    from campaign.ledger import ScheduledStep
 
     ledger = ledgers.open("keyed", clock=clock)
     plan = [
@@ -408,12 +408,36 @@ def test_rows_of_step_1_are_found_by_address_whatever_their_key(ledgers, clock):
     assert ledger.mailed_keys([("7", "ann@x.com")]) == {"7": "1"}
 
 
+def test_a_sent_messages_message_id_header_is_kept_for_the_follow_up_that_answers_it(ledgers, clock):
+    """The Message-ID header a send's answer gave (an IMAP grant's follow-up names the message by it) is
+    kept by the batch write and the one-row write alike, and read back with the follow-up due: None for
+    a message whose answer gave none."""
+    ledger = ledgers.open("headers", clock=clock)
+    ledger.record_plan(
+        [PlannedRow(key, n, key, "alice") for n, key in enumerate(("a@x", "b@x", "c@x"), 1)], []
+    )
+    for key in ("a@x", "b@x", "c@x"):
+        ledger.claim(key)
+    with_header = replace(SENT, internet_message_id="<a.1@yahoo.example>")
+    ledger.record_outcomes([OutcomeReport("a@x", with_header, "alice"), OutcomeReport("c@x", SENT, "alice")])
+    ledger.record_outcome("b@x", replace(SENT, internet_message_id="<b.1@yahoo.example>"), sender="alice")
+    steps = [
+        ScheduledStep(key, "nudge", n, key, "alice", key, clock.now())
+        for n, key in enumerate(("a@x", "b@x", "c@x"), 1)
+    ]
+    assert ledger.record_followups(steps) == 3
+    due = {
+        step.recipient: step.previous_internet_message_id
+        for step in ledger.due_steps_of("alice", P, clock.now())
+    }
+    assert due == {"a@x": "<a.1@yahoo.example>", "b@x": "<b.1@yahoo.example>", "c@x": None}
+
+
 def test_a_follow_up_answered_404_goes_back_with_a_new_key_answering_the_message_found(ledgers, clock):
     """`record_reply_refused`: the in-flight follow-up is pending again, its next claim has a new key (the
     old one replays the 404), the 404 is its last error, and with `reply_to` the step it answers is read
     back with that id (a resume sends the same bytes); the previous row keeps its own message id. Without
     one, the row can then be stopped as `thread_lost`."""
-    from campaign.ledger import ScheduledStep
 
     ledger = ledgers.open("relink", clock=clock)
     ledger.record_plan([PlannedRow("ann@x.com", 1, "ann@x.com", "alice")], [])
@@ -1026,7 +1050,6 @@ def test_open_rows_whose_last_try_failed_are_grouped_apart_from_the_rows_not_sen
 def test_follow_ups_are_scheduled_once_and_come_due_in_order(ledger, clock):
     """The steps after step 1: scheduled for each recipient sent to (once), due at their time, read back
     with the step they answer, and counted per step."""
-    from campaign.ledger import ScheduledStep
     from campaign.models import step_key
 
     sent_at = clock.now()
@@ -1117,7 +1140,6 @@ def test_the_daily_budget_counts_a_mailbox_under_any_sender_name(ledgers, clock)
 def test_the_next_due_follow_up_is_of_a_recipient_still_listed(ledger, clock):
     """A recipient removed from the list gets no further step: its scheduled follow-up is nothing to wait
     for (a --wait run idled until its time, then said nothing was left)."""
-    from campaign.ledger import ScheduledStep
 
     sent_at = clock.now()
     for key in ("ann@x.com", "bob@x.com"):
@@ -1150,7 +1172,6 @@ def test_a_skipped_row_is_renumbered_as_the_list_moves_like_a_planned_one(ledger
 def test_unscheduling_a_step_removes_only_its_rows_never_claimed(ledger, clock):
     """A follow-up's timing changed: its pending rows never claimed go (to be scheduled again by the new
     timing); one claimed before keeps its row (its key may have been used), and other steps are untouched."""
-    from campaign.ledger import ScheduledStep
     from campaign.models import step_key
 
     for key in ("ann@x.com", "bob@x.com"):

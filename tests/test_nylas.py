@@ -262,13 +262,14 @@ def test_encoding_is_compact_raw_utf8_json_whichever_backend() -> None:
 
 @pytest.mark.anyio
 async def test_send_puts_the_exact_request_on_the_wire() -> None:
-    """POST to the grant's send path with bearer auth, JSON headers, Idempotency-Key, UA and the payload."""
+    """POST to the grant's send path (asking for the sent message's basic headers: its Message-ID) with
+    bearer auth, JSON headers, Idempotency-Key, UA and the payload."""
     seen: list[httpx.Request] = []
     payload = build_send_payload(FULL_MESSAGE)
     await send_with(recording(seen, respond(200, SENT_BODY)), payload)
     (request,) = seen
     assert request.method == "POST"
-    assert request.url.raw_path == f"/v3/grants/{GRANT}/messages/send".encode()
+    assert request.url.raw_path == f"/v3/grants/{GRANT}/messages/send?fields=include_basic_headers".encode()
     assert str(request.url).startswith(DEFAULT_API_URI + "/v3/")
     assert request.headers["Authorization"] == f"Bearer {API_KEY}"
     assert request.headers["Content-Type"] == "application/json"
@@ -291,7 +292,7 @@ async def test_grant_id_is_quoted_as_one_path_segment(grant_id: str, raw_path: b
     """A grant id with '/', space, '?' or '#' cannot escape its path segment."""
     seen: list[httpx.Request] = []
     await send_with(recording(seen, respond(200, SENT_BODY)), grant_id=grant_id)
-    assert seen[0].url.raw_path == raw_path
+    assert seen[0].url.raw_path == raw_path + b"?fields=include_basic_headers"
 
 
 @pytest.mark.anyio

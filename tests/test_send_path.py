@@ -64,9 +64,9 @@ async def test_sends_post_to_one_cached_absolute_url_per_grant_or_domain():
     assert urls[0] is urls[1]
     assert urls[2] is not urls[0]
     assert [r.url.raw_path for r in seen] == [
-        b"/base/v3/grants/g%2F1/messages/send",
-        b"/base/v3/grants/g%2F1/messages/send",
-        b"/base/v3/grants/g2/messages/send",
+        b"/base/v3/grants/g%2F1/messages/send?fields=include_basic_headers",
+        b"/base/v3/grants/g%2F1/messages/send?fields=include_basic_headers",
+        b"/base/v3/grants/g2/messages/send?fields=include_basic_headers",
         b"/base/v3/domains/mail.example.com/messages/send",
     ]
     assert {str(r.url.copy_with(raw_path=b"/")) for r in seen} == {"https://api.test/"}

@@ -551,5 +551,5 @@ async def test_the_client_sends_through_the_transports_own_post_and_the_fake_get
         (request,) = [r for r in fake.requests if r.idempotency_key == key]
         (delivery,) = [d for d in fake.deliveries if d.grant_id == grant]
         received.append((request.status, request.replayed, delivery.payload))
-    assert posted == [f"{url}/v3/grants/{grant}/messages/send"]
+    assert posted == [f"{url}/v3/grants/{grant}/messages/send?fields=include_basic_headers"]
     assert received[0] == received[1]

@@ -235,6 +235,7 @@ def _due_job(item: DueStep, recipient: Recipient) -> Job:
         item.previous_message_id or "",
         item.previous_thread_id,
         item.previous_sent_at,
+        item.previous_internet_message_id,
     )
     return Job(recipient, item.sender, step=item.step, previous=previous, first_sent_at=item.first_sent_at)
 

@@ -405,7 +405,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             pending = new_state == PENDING
             db.execute(
                 "UPDATE recipients SET state = ?, message_id = COALESCE(?, message_id), "
-                "thread_id = COALESCE(?, thread_id), "
+                "thread_id = COALESCE(?, thread_id), internet_message_id = COALESCE(?, internet_message_id), "
                 "request_id = COALESCE(?, request_id), replayed = ?, error_type = ?, error_status = ?, "
                 "error_message = ?, attempts = attempts + 1, updated_at = ?, "
                 "sent_at = CASE WHEN ? THEN ? ELSE sent_at END, attempt_no = attempt_no + ?, "
@@ -416,6 +416,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                     new_state.value,
                     outcome.message_id,
                     outcome.thread_id,
+                    outcome.internet_message_id,
                     outcome.request_id,
                     int(outcome.replayed),
                     *error,

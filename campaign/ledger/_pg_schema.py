@@ -192,6 +192,11 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         # Microsoft message), for the row's next send and a resume's. NULL: the previous step's own id.
         "ALTER TABLE recipients ADD COLUMN IF NOT EXISTS reply_to text",
     ),
+    (
+        "the Message-ID header of each sent message",
+        # As SQLite's: what an IMAP grant's follow-up names the message it answers by.
+        "ALTER TABLE recipients ADD COLUMN IF NOT EXISTS internet_message_id text",
+    ),
 )
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add
 # indexes only, which its queries do without (a little slower) until a sending command migrates: an

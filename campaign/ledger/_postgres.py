@@ -769,7 +769,9 @@ class PostgresLedger(KeptFacts):
             pending = new_state == PENDING
             db.execute(
                 "UPDATE recipients SET state = %s, message_id = COALESCE(%s, message_id), "
-                "thread_id = COALESCE(%s, thread_id), request_id = COALESCE(%s, request_id), replayed = %s, "
+                "thread_id = COALESCE(%s, thread_id), "
+                "internet_message_id = COALESCE(%s, internet_message_id), "
+                "request_id = COALESCE(%s, request_id), replayed = %s, "
                 "error_type = %s, error_status = %s, error_message = %s, attempts = attempts + 1, "
                 "updated_at = %s, sent_at = CASE WHEN %s THEN %s ELSE sent_at END, "
                 "attempt_no = attempt_no + %s, "
@@ -780,6 +782,7 @@ class PostgresLedger(KeptFacts):
                     new_state.value,
                     outcome.message_id,
                     outcome.thread_id,
+                    outcome.internet_message_id,
                     outcome.request_id,
                     outcome.replayed,
                     *error,
@@ -975,7 +978,7 @@ class PostgresLedger(KeptFacts):
             """
             SELECT f.key, f.recipient, f.step, s.row, s.email, f.sender, s.listed, p.step,
                 COALESCE(p.subject, ''), COALESCE(f.reply_to, p.message_id), p.thread_id, p.sent_at,
-                s.sent_at, f.id
+                s.sent_at, f.id, p.internet_message_id
             FROM recipients AS f
                 JOIN recipients AS p ON p.campaign_id = f.campaign_id AND p.key = f.previous
                 JOIN recipients AS s ON s.campaign_id = f.campaign_id AND s.key = f.recipient
@@ -989,11 +992,11 @@ class PostgresLedger(KeptFacts):
         return [
             DueStep(
                 key, recipient, step, row, email, name, inflight, listed, previous_step, subject,
-                message_id, thread_id, _moment(previous_sent), _moment(first_sent), place,
+                message_id, thread_id, _moment(previous_sent), _moment(first_sent), place, header,
             )
             for (
                 key, recipient, step, row, email, name, listed, previous_step, subject,
-                message_id, thread_id, previous_sent, first_sent, place,
+                message_id, thread_id, previous_sent, first_sent, place, header,
             ) in rows
         ]  # fmt: skip
 
@@ -1377,10 +1380,12 @@ class PostgresLedger(KeptFacts):
             return set()
         found = self._write_rows(
             "WITH w AS (SELECT * FROM unnest(%(keys)s::text[], %(messages)s::text[], %(threads)s::text[], "
-            "%(requests)s::text[], %(replayed)s::boolean[], %(senders)s::text[], %(recipients)s::integer[]) "
-            "AS w(key, message, thread, request, replayed, sender, recipients)), "
+            "%(headers)s::text[], %(requests)s::text[], %(replayed)s::boolean[], %(senders)s::text[], "
+            "%(recipients)s::integer[]) "
+            "AS w(key, message, thread, header, request, replayed, sender, recipients)), "
             "sent AS (UPDATE recipients AS r SET state = 'sent', "
             "message_id = COALESCE(w.message, r.message_id), thread_id = COALESCE(w.thread, r.thread_id), "
+            "internet_message_id = COALESCE(w.header, r.internet_message_id), "
             "request_id = COALESCE(w.request, r.request_id), "
             "replayed = w.replayed, error_type = NULL, error_status = NULL, error_message = NULL, "
             "attempts = r.attempts + 1, updated_at = %(now)s, sent_at = %(now)s FROM w "
@@ -1393,6 +1398,7 @@ class PostgresLedger(KeptFacts):
                 "keys": [report.key for report in reports],
                 "messages": [report.outcome.message_id for report in reports],
                 "threads": [report.outcome.thread_id for report in reports],
+                "headers": [report.outcome.internet_message_id for report in reports],
                 "requests": [report.outcome.request_id for report in reports],
                 "replayed": [report.outcome.replayed for report in reports],
                 "senders": [report.sender for report in reports],

@@ -569,7 +569,7 @@ class LedgerReader:
         query = """
             SELECT f.rowid, f.key, f.recipient, f.step, s.row, s.email, f.sender, s.listed,
                 p.step, COALESCE(p.subject, ''), COALESCE(f.reply_to, p.message_id), p.thread_id, p.sent_at,
-                s.sent_at
+                s.sent_at, p.internet_message_id
             FROM recipients AS f INDEXED BY recipients_state
                 JOIN recipients AS p ON p.key = f.previous
                 JOIN recipients AS s ON s.key = f.recipient
@@ -594,10 +594,11 @@ class LedgerReader:
                 previous_sent_at=_moment(previous_sent),
                 first_sent_at=_moment(first_sent),
                 cursor=int(rowid),
+                previous_internet_message_id=None if header is None else str(header),
             )
             for (
                 rowid, key, recipient, step, row, email, name, listed,
-                previous_step, subject, message_id, thread_id, previous_sent, first_sent,
+                previous_step, subject, message_id, thread_id, previous_sent, first_sent, header,
             ) in self._read(query, (state.value, sender, after, FIRST_STEP, _iso(now), limit))
         ]  # fmt: skip
 

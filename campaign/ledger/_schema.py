@@ -191,6 +191,13 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         # step's own message id. Only sends read it, and they migrate first.
         "ALTER TABLE recipients ADD COLUMN reply_to TEXT",
     ),
+    (
+        "the Message-ID header of each sent message",
+        # From the send's answer (fields=include_basic_headers): an IMAP grant's follow-up names the
+        # message it answers by this header, not by Nylas's id (nylas-api.md §1.2). NULL: not given
+        # (a domain send, a row sent before this). Only sends read it, and they migrate first.
+        "ALTER TABLE recipients ADD COLUMN internet_message_id TEXT",
+    ),
 )
 
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add

@@ -122,6 +122,7 @@ class DueStep:
     previous_sent_at: datetime
     first_sent_at: datetime  # when step 1 went out: a reply from the recipient after it stops them
     cursor: int = 0  # its place in the ledger (`Ledger.due_steps_of`'s `after` for the next page)
+    previous_internet_message_id: str | None = None  # the previous message's Message-ID header, if known
 
 
 @dataclass(frozen=True, slots=True)

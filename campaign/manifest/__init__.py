@@ -14,6 +14,7 @@ from campaign.manifest._load import Manifest, SenderSettings, build_manifest_sch
 from campaign.manifest._message import AttachmentSettings, MessageSettings
 from campaign.manifest._settings import (
     HEADERLESS_PROVIDERS,
+    IMAP_PROVIDERS,
     STORE_SUFFIXES,
     TOKEN_IN_URL_RULE,
     LedgerSettings,
@@ -30,6 +31,7 @@ from campaign.manifest._starter import write_starter
 __all__ = [
     "FIRST_STEP",
     "HEADERLESS_PROVIDERS",
+    "IMAP_PROVIDERS",
     "STORE_SUFFIXES",
     "TOKEN_IN_URL_RULE",
     "AttachmentSettings",

@@ -502,6 +502,9 @@ class UnsubscribeSettings(BaseModel):
 # Nylas: "Microsoft Graph and iCloud do not support List-Unsubscribe / List-Unsubscribe-Post custom
 # headers": campaign does not send them for these senders; the body link is their unsubscribe.
 HEADERLESS_PROVIDERS = frozenset({"microsoft", "icloud"})
+# Nylas sends through these by IMAP/SMTP: a reply names the message it answers by its RFC Message-ID
+# header, not Nylas's id (nylas-api.md §1.2 `reply_to_message_id`).
+IMAP_PROVIDERS = frozenset({"yahoo", "icloud", "imap"})
 
 
 class SenderSettings(BaseModel):

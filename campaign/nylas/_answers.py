@@ -88,6 +88,18 @@ class ErrorBody:
 _MESSAGE_ID_KEYS = ("id", "message_id", "messageId")
 
 
+def _internet_message_id(data: object) -> str | None:
+    """The Message-ID header among a sent message's `headers` (`[{name, value}]`, with
+    fields=include_basic_headers); None when the answer has none (a domain send, an older API)."""
+    headers = data.get("headers") if isinstance(data, dict) else None
+    for header in headers if isinstance(headers, list) else ():
+        if isinstance(header, dict) and str(header.get("name", "")).lower() == "message-id":
+            value = header.get("value")
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+    return None
+
+
 def _message_id(data: object) -> str | None:
     if not isinstance(data, dict):
         return None
@@ -113,6 +125,7 @@ def build_send_outcome(response: Answer, *, clock: Clock, scrub: Callable[[str],
                 status,
                 message_id=message_id,
                 thread_id=thread_id if isinstance(thread_id, str) and thread_id else None,
+                internet_message_id=_internet_message_id(data),
                 request_id=request_id,
                 replayed=replayed,
             )

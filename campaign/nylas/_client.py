@@ -214,7 +214,10 @@ class NylasClient:
         if url is None:
             path = httpx.URL(f"/v3/{kind}/{_quote_grant(target)}/messages/send")
             base = self._http.base_url  # always ends in "/": httpx merges a path the same way
-            url = base.copy_with(raw_path=base.raw_path + path.raw_path.lstrip(b"/"))
+            # A grant's answer then carries the message's Message-ID header, which an IMAP grant's
+            # follow-up must name to answer it (nylas-api.md §1.1, §1.2).
+            query = b"?fields=include_basic_headers" if kind == "grants" else b""
+            url = base.copy_with(raw_path=base.raw_path + path.raw_path.lstrip(b"/") + query)
             self._send_urls[(kind, target)] = url
         return url
 

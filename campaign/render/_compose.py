@@ -23,7 +23,7 @@ from markupsafe import Markup
 
 from campaign.errors import HeaderError, InputFileError, ManifestError, TemplateError
 from campaign.headers import header_name_problem, header_value_problem
-from campaign.manifest import HEADERLESS_PROVIDERS, TOKEN_IN_URL_RULE
+from campaign.manifest import HEADERLESS_PROVIDERS, IMAP_PROVIDERS, TOKEN_IN_URL_RULE
 from campaign.models import FIRST_STEP, Address, AttachmentFile, Message, PreviousStep, Recipient, Tracking
 from campaign.render._attachments import AttachmentLoader, build_attachment_file, check_shared_path
 from campaign.render._markup import inline_css, render_markdown
@@ -166,7 +166,7 @@ class Composer:
             tracking=self._tracking(recipient.key),
             attachment_files=files,
             unsubscribe_url=context.get("unsubscribe_url"),
-            reply_to_message_id=None if previous is None else previous.message_id,
+            reply_to_message_id=None if previous is None else _answered_id(previous, sender),
         )
 
     def render_own_files(self, recipient: Recipient, sender: SenderSettings) -> tuple[AttachmentFile, ...]:
@@ -453,6 +453,14 @@ class _Environments:
             return build_environment(sources, base_dir=base_dir, escaping=escaping)
 
         return cls(text=one(Escaping.NONE), html=one(Escaping.HTML), markdown=one(Escaping.MARKDOWN))
+
+
+def _answered_id(previous: PreviousStep, sender: SenderSettings) -> str:
+    """How a follow-up names the message it answers: an IMAP grant by its Message-ID header (when the
+    send's answer gave it), Gmail and Graph by Nylas's id (nylas-api.md §1.2)."""
+    if sender.provider in IMAP_PROVIDERS and previous.internet_message_id:
+        return previous.internet_message_id
+    return previous.message_id
 
 
 def _previous_variables(previous: PreviousStep | None) -> dict[str, object]:

@@ -44,6 +44,9 @@ MESSAGE_READS_PER_SECOND = 200
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9@._+-]")
 _OUTBOX_NUMBER = re.compile(r"(\d{4,})-")
 
+# Nylas sends through these by IMAP/SMTP: a message is known to them by its Message-ID header.
+_IMAP_PROVIDERS = frozenset({"imap", "yahoo", "icloud"})
+
 
 @dataclass
 class ScriptedFault:
@@ -420,11 +423,13 @@ class FakeState:
         return None if found is None else str(found.data["thread_id"])
 
     def _message_named(self, grant: Grant, message_id: str) -> StoredMessage | None:
-        """The grant's message a `reply_to_message_id` names: its id (Gmail, Graph) or, as IMAP grants
-        take it, its Message-ID header (call with the lock held)."""
+        """The grant's message a `reply_to_message_id` names: its id (Gmail, Graph) or, on an IMAP grant
+        (Yahoo and iCloud are IMAP too), its Message-ID header, the only name IMAP knows it by
+        (nylas-api.md §1.2) (call with the lock held)."""
         if not message_id:
             return None
-        found = next((m for m in grant.messages if m.data["id"] == message_id), None)
+        by_id = grant.provider not in _IMAP_PROVIDERS
+        found = next((m for m in grant.messages if by_id and m.data["id"] == message_id), None)
         if found is not None or not message_id.startswith("<"):
             return found
         return next(
