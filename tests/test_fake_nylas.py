@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -513,6 +514,38 @@ async def test_microsoft_quota_sends_retry_after(
     assert refused.headers["retry-after"] == "45"
     clock.advance(45)
     assert (await send(timed_client, grant=MS_GRANT)).status_code == 200
+
+
+async def test_a_microsoft_mailbox_takes_four_sends_at_once_and_refuses_the_fifth(
+    client: httpx.AsyncClient, fake: FakeNylas
+) -> None:
+    """Graph's MailboxConcurrency: past 4 sends of one Microsoft grant at once, 429 rate_limit_error with
+    ApplicationThrottled and Retry-After, nothing sent; a Google grant takes them all."""
+    fake.latency_s = 0.3
+    answers: list[httpx.Response] = []
+
+    async def send_one(grant: str, n: int) -> None:
+        answers.append(await send(client, message(subject=f"n{n}"), grant=grant, key=f"{grant}-{n}"))
+
+    for grant in (MS_GRANT, GRANT):
+        answers.clear()
+        async with anyio.create_task_group() as group:
+            for n in range(6):
+                group.start_soon(send_one, grant, n)
+        statuses = sorted(a.status_code for a in answers)
+        if grant == GRANT:
+            assert statuses == [200] * 6
+            continue
+        assert statuses == [200] * 4 + [429] * 2
+        for refused in (a for a in answers if a.status_code == 429):
+            error = error_of(refused)
+            assert error["type"] == "rate_limit_error"
+            assert error["provider_error"]["error"] == {
+                "code": "ApplicationThrottled",
+                "message": "Application is over its MailboxConcurrency limit.",
+            }
+            assert refused.headers["retry-after"] == "1"
+    assert Counter(d.grant_id for d in fake.deliveries) == {MS_GRANT: 4, GRANT: 6}
 
 
 async def test_throttled_account_refuses_until_the_given_time(

@@ -216,3 +216,28 @@ def test_gzip_encoded_answers_are_read_over_the_real_transport(api, cli, tmp_pat
     ids = pl.read_parquet(report)["message_id"].to_list()
     assert sorted(ids) == sorted(d.id for d in api.deliveries)
     assert len(ids) == 5
+
+
+def test_a_microsoft_mailbox_over_its_concurrency_is_throttled_and_every_row_still_goes_out_once(
+    api, cli, tmp_path
+):
+    """A Microsoft sender set to more sends at once than its mailbox takes: the fake answers the extra
+    ones Graph's 429 MailboxConcurrency (nothing sent), the client holds and sends those rows again, and
+    each recipient gets one message."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _with_provider(manifest, "microsoft")
+    manifest.write_text(
+        manifest.read_text(encoding="utf-8").replace("concurrency = 2", "concurrency = 5"), encoding="utf-8"
+    )
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "", provider="microsoft")
+    api.set_mailbox_concurrency(sender.grant_id, 2)
+    api.latency_s = 0.3  # real seconds: the sends overlap at the fake
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    refused = [r for r in api.requests if r.status == 429]
+    assert refused, "the sends never overlapped past the mailbox's concurrency"
+    assert api.most_in_flight(sender.grant_id) > 2
+    delivered = Counter(d.payload["to"][0]["email"].lower() for d in api.deliveries)
+    assert sorted(delivered.values()) == [1] * 5
+    assert _states(cli, manifest)["sent"] == 5

@@ -14,6 +14,10 @@ Providers, per grant (`add_grant(..., provider=)`; `campaign sandbox` takes each
   `provider_error.error`, Graph's code `InvalidInternetMessageHeader` and its message. Source:
   Microsoft Graph's internetMessageHeaders ("only ... headers that begin with X-") and Nylas's
   notes on custom_headers and List-Unsubscribe (nylas-api.md §1.2, email-standards.md).
+- "microsoft" takes 4 sends of a grant at once (Graph's MailboxConcurrency, nylas-api.md §3.4 and
+  §10, email-standards.md §3.6); one more is answered 429 `rate_limit_error` with Graph's
+  `ApplicationThrottled` "Application is over its MailboxConcurrency limit." and Retry-After, and
+  is not sent (`set_mailbox_concurrency` changes the number, None lifts it).
 - Transactional (domain) sends answer with the message id under `data.id` (OpenAPI spec, Python
   SDK), or, per `domain_answer_id`, `message_id` or the Node SDK's `messageId`; any other
   name leaves the answer without an id our reader knows.
@@ -123,6 +127,8 @@ IDEMPOTENCY_KEY_MAX = 256
 _FILE_PART = re.compile(r"file\d+")
 # Gmail's daily quota in the older words Nylas relays it with (nylas-api.md §3.4): a 429 naming no time.
 DAILY_LIMIT_MESSAGE = "Error encountered while sending using Gmail API due to Rate Limit Exceeded"
+# Graph's Retry-After for a mailbox over its concurrency: a request ends within seconds (the value is ours).
+MAILBOX_RETRY_AFTER_S = 1.0
 FilePart = tuple[str, DeliveredAttachment]
 
 
@@ -300,6 +306,13 @@ class FakeNylas(FakeState):
             return answer_problem(problem, request_id=request_id), False
         if payload.get("send_at") is not None:
             return self._accept_scheduled(grant, payload, attachments, request_id), False
+        if self._over_mailbox_concurrency(grant):
+            # Graph refuses a mailbox's 5th request at once (nylas-api.md §3.4, SUP-MSFT): 429
+            # ApplicationThrottled "over its MailboxConcurrency limit", with Retry-After; nothing sent.
+            throttled = answer_throttled(
+                "microsoft", request_id=request_id, now=self.clock.now(), wait_s=MAILBOX_RETRY_AFTER_S
+            )
+            return throttled, False
         refusal = self._throttle_wait(grant, count_recipients(payload))
         if refusal is not None:
             style, wait = refusal

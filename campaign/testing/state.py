@@ -41,6 +41,9 @@ JSON_SENDS_PER_SECOND = 200
 NOT_FOUND_MESSAGE = "requested object not found"  # the OpenAPI example's text for any 404 (§3.3)
 MULTIPART_SENDS_PER_SECOND = 10
 MESSAGE_READS_PER_SECOND = 200
+# Graph's per-app-per-mailbox concurrency (nylas-api.md §3.4, §10; email-standards.md §3.6): 4 requests
+# at once. One Nylas send is several Graph calls made one after another, so it holds one of them.
+GRAPH_MAILBOX_CONCURRENCY = 4
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9@._+-]")
 _OUTBOX_NUMBER = re.compile(r"(\d{4,})-")
 
@@ -87,6 +90,9 @@ class Grant:
     in_flight: int = 0
     most_in_flight: int = 0
     reads_refused: int = 0  # reads answered 429 by the read limit
+    # Sends a Microsoft mailbox takes at once before Graph answers the next 429 MailboxConcurrency
+    # (None: no such limit, as for other providers).
+    mailbox_concurrency: int | None = None
 
     @property
     def inbox_folder_id(self) -> str:
@@ -172,7 +178,10 @@ class FakeState:
     def add_grant(self, grant_id: str, email: str, *, provider: str = "google") -> None:
         """Connect a mailbox: sends to `grant_id` (or its email) are accepted from now on."""
         with self._lock:
-            self._grants[grant_id] = Grant(grant_id, email, provider, _build_folders(grant_id, provider))
+            grant = Grant(grant_id, email, provider, _build_folders(grant_id, provider))
+            if provider == "microsoft":
+                grant.mailbox_concurrency = GRAPH_MAILBOX_CONCURRENCY
+            self._grants[grant_id] = grant
 
     def remove_grant(self, grant_id: str) -> None:
         """A test control: the grant is deleted (its owner disconnected it): every request naming it is
@@ -218,6 +227,14 @@ class FakeState:
             grant = self._require_grant(grant_id)
             unset = recipients_per_day is None and messages_per_minute is None
             grant.quota = None if unset else Quota(recipients_per_day, messages_per_minute, style)
+
+    def set_mailbox_concurrency(self, grant_id: str, limit: int | None) -> None:
+        """A test control: the grant's sends past `limit` at once are answered Graph's 429 MailboxConcurrency
+        (a Microsoft grant starts at Graph's 4; None lifts the limit)."""
+        if limit is not None and limit < 1:
+            raise ValueError("a mailbox concurrency must be at least 1")
+        with self._lock:
+            self._require_grant(grant_id).mailbox_concurrency = limit
 
     def throttle_account(
         self, grant_id: str, *, until: datetime | None, style: QuotaStyle = "microsoft"
@@ -658,6 +675,12 @@ class FakeState:
                     grant.keys.release(key)
                 else:
                     grant.keys.store(key, answer)
+
+    def _over_mailbox_concurrency(self, grant: Grant) -> bool:
+        """Whether this send (already counted in flight) is one more than the mailbox takes at once."""
+        with self._lock:
+            limit = grant.mailbox_concurrency
+            return limit is not None and grant.in_flight > limit
 
     def _throttle_wait(self, grant: Grant, recipients: int) -> tuple[QuotaStyle, float] | None:
         """The provider refusal this send meets (account throttled or quota), as (style, seconds to wait)."""
