@@ -216,6 +216,23 @@ async def test_invalid_payload_is_400_and_not_sent(
     assert fake.deliveries == []
 
 
+async def test_a_trial_app_may_send_but_not_track(client: httpx.AsyncClient, fake: FakeNylas) -> None:
+    """A Sandbox (trial) application: a send with tracking on is 400 "Tracking options are not allowed
+    for trial accounts" and is not sent; with tracking off, or all flags false, it goes out."""
+    fake.trial_app = True
+    for flag in ("opens", "links", "thread_replies"):
+        refused = await send(client, message(tracking_options={flag: True, "label": "c"}))
+        assert refused.status_code == 400
+        assert error_of(refused) == {
+            "type": "invalid_request_error",
+            "message": "Tracking options are not allowed for trial accounts",
+        }
+    assert fake.deliveries == []
+    assert (await send(client, message(tracking_options={"opens": False}))).status_code == 200
+    assert (await send(client, message())).status_code == 200
+    assert len(fake.deliveries) == 2
+
+
 @pytest.mark.parametrize("field", ["to", "cc", "bcc"])
 async def test_non_ascii_address_is_402(client: httpx.AsyncClient, fake: FakeNylas, field: str) -> None:
     """A non-ASCII address answers 402 "Sending to at least one recipient failed."."""

@@ -241,3 +241,20 @@ def test_a_microsoft_mailbox_over_its_concurrency_is_throttled_and_every_row_sti
     delivered = Counter(d.payload["to"][0]["email"].lower() for d in api.deliveries)
     assert sorted(delivered.values()) == [1] * 5
     assert _states(cli, manifest)["sent"] == 5
+
+
+def test_a_campaign_that_tracks_sent_from_a_trial_app_sends_nothing_and_says_why(api, cli, tmp_path):
+    """A Sandbox (trial) Nylas application refuses tracking: no message goes out, each row fails with
+    Nylas's words (for `retry --failed` once tracking is off), and the run says so."""
+    manifest = copy_sample("newsletter", tmp_path)  # tracks opens and links
+    (sender,) = load_manifest(manifest).senders
+    api.add_grant(sender.grant_id, sender.email or "")
+    api.trial_app = True
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 1, result.output
+    assert api.deliveries == []
+    assert _states(cli, manifest)["failed"] == 5
+    report = tmp_path / "failed.csv"
+    assert cli("report", manifest, "--out", report).exit_code == 0
+    errors = pl.read_csv(report)["error_message"].drop_nulls().to_list()
+    assert errors == ["Tracking options are not allowed for trial accounts"] * 5

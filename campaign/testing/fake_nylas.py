@@ -22,6 +22,11 @@ Providers, per grant (`add_grant(..., provider=)`; `campaign sandbox` takes each
   SDK), or, per `domain_answer_id`, `message_id` or the Node SDK's `messageId`; any other
   name leaves the answer without an id our reader knows.
 
+With `trial_app` the application is a Sandbox (trial) one, which may not track: a send that turns on
+`tracking_options` (opens, links, thread_replies) is answered 400 `invalid_request_error` "Tracking
+options are not allowed for trial accounts" and not sent (next-capabilities.md §0.4, from Nylas's
+message-tracking page; the status is not documented, 400 is the fake's choice).
+
 Mail that arrives: `receive_message(grant, raw_mime)` puts a message (a reply, a bounce report)
 in the grant's inbox as the provider would sync it; it is listed with `in=<inbox id>` and
 `GET /messages/{id}?fields=raw_mime` gives its MIME back base64url-encoded (nylas-api.md §5's
@@ -127,6 +132,8 @@ IDEMPOTENCY_KEY_MAX = 256
 _FILE_PART = re.compile(r"file\d+")
 # Gmail's daily quota in the older words Nylas relays it with (nylas-api.md §3.4): a 429 naming no time.
 DAILY_LIMIT_MESSAGE = "Error encountered while sending using Gmail API due to Rate Limit Exceeded"
+# Nylas's words refusing tracking to a Sandbox (trial) application (next-capabilities.md §0.4).
+TRIAL_TRACKING_MESSAGE = "Tracking options are not allowed for trial accounts"
 # Graph's Retry-After for a mailbox over its concurrency: a request ends within seconds (the value is ours).
 MAILBOX_RETRY_AFTER_S = 1.0
 FilePart = tuple[str, DeliveredAttachment]
@@ -297,6 +304,9 @@ class FakeNylas(FakeState):
             attachments = decode_json_attachments(payload) + tuple(part for _, part in files)
         except ApiProblem as problem:
             return answer_problem(problem, request_id=request_id), False
+        if self.trial_app and _asks_tracking(payload):
+            message = TRIAL_TRACKING_MESSAGE
+            return answer_error(400, "invalid_request_error", message, request_id=request_id), False
         refused_header = _graph_refused_header(grant, payload)
         if refused_header is not None:
             return _answer_graph_header_refusal(refused_header, request_id), False
@@ -563,6 +573,12 @@ async def _answer_http_error(request: Request, exc: Exception) -> Response:
         ).build_response()
     detail = exc.detail if isinstance(exc, HTTPException) else "Internal server error."
     return answer_error(status, "invalid_request_error", detail, request_id=new_request_id()).build_response()
+
+
+def _asks_tracking(payload: dict[str, Any]) -> bool:
+    """Whether a send turns any tracking on (opens, links or thread replies)."""
+    options = payload.get("tracking_options") or {}
+    return any(options.get(flag) is True for flag in ("opens", "links", "thread_replies"))
 
 
 def _graph_refused_header(grant: Grant, payload: dict[str, Any]) -> str | None:

@@ -141,6 +141,9 @@ class FakeState:
         # The key of a transactional (domain) send answer's message id: "id" (OpenAPI spec, Python SDK),
         # "message_id" or "messageId" (the Node SDK's type).
         self.domain_answer_id = "id"
+        # A Sandbox (trial) Nylas application: a send asking for tracking is refused (next-capabilities.md
+        # §0.4; the status is not given, 400 is the fake's choice).
+        self.trial_app = False
         self.max_json_bytes = 3_000_000
         self.max_multipart_bytes = 25_000_000
         self.idempotency_ttl_s = 3600.0
