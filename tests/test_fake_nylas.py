@@ -885,6 +885,33 @@ async def test_list_rejects_bad_parameters(client: httpx.AsyncClient, params: di
     assert error_of(response)["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"thread_id": "t1", "to": "r1@example.com"},
+        {"thread_id": "t1", "subject": "Spring"},
+        {"unread": "true", "any_email": "r1@example.com"},
+        {"starred": "false", "cc": "boss@example.com"},
+        {"thread_id": "t1", "bcc": "r1@example.com"},
+    ],
+)
+async def test_a_microsoft_grant_refuses_thread_id_unread_or_starred_with_a_search(
+    client: httpx.AsyncClient, params: dict[str, str]
+) -> None:
+    """§5: on Microsoft, thread_id, unread and starred exclude subject, to, cc, bcc and any_email (400);
+    a Google grant takes them together, and Microsoft takes each alone or with from/dates."""
+    refused = await client.get(f"/v3/grants/{MS_GRANT}/messages", headers=AUTH, params=params)
+    assert refused.status_code == 400
+    assert error_of(refused)["type"] == "invalid_request_error"
+    assert "Microsoft" in error_of(refused)["message"]
+    taken = await client.get(f"/v3/grants/{GRANT}/messages", headers=AUTH, params=params)
+    assert taken.status_code == 200
+    alone = {"thread_id": "t1", "from": MS_EMAIL, "received_after": "0"}
+    assert (
+        await client.get(f"/v3/grants/{MS_GRANT}/messages", headers=AUTH, params=alone)
+    ).status_code == 200
+
+
 async def test_list_pages_with_next_cursor(timed_client: httpx.AsyncClient, clock: FakeClock) -> None:
     """limit and page_token walk every message once, newest first; the last page has no next_cursor."""
     ids = await fill_mailbox(timed_client, clock)

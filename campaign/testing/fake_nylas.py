@@ -18,6 +18,9 @@ Providers, per grant (`add_grant(..., provider=)`; `campaign sandbox` takes each
   §10, email-standards.md §3.6); one more is answered 429 `rate_limit_error` with Graph's
   `ApplicationThrottled` "Application is over its MailboxConcurrency limit." and Retry-After, and
   is not sent (`set_mailbox_concurrency` changes the number, None lifts it).
+- "microsoft" refuses a listing that combines `thread_id`, `unread` or `starred` with `subject`,
+  `to`, `cc`, `bcc` or `any_email`: 400 `invalid_request_error` (nylas-api.md §5; the status is
+  the fake's choice).
 - Transactional (domain) sends answer with the message id under `data.id` (OpenAPI spec, Python
   SDK), or, per `domain_answer_id`, `message_id` or the Node SDK's `messageId`; any other
   name leaves the answer without an id our reader knows.

@@ -23,6 +23,9 @@ ANY_EMAIL_MAX = 25
 METADATA_PAIR_KEYS = frozenset({"key1", "key2", "key3", "key4", "key5"})
 # Parameters that do not filter, so they may go with metadata_pair.
 NON_FILTERS = frozenset({"limit", "page_token", "fields", "select", "metadata_pair"})
+# Microsoft grants take none of these with any of those (nylas-api.md §5, the `thread_id` row).
+MICROSOFT_ALONE = ("thread_id", "unread", "starred")
+MICROSOFT_SEARCHES = ("subject", "to", "cc", "bcc", "any_email")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +42,24 @@ def _invalid(message: str) -> ApiProblem:
 
 
 def select_messages(
-    messages: Sequence[StoredMessage], query: Mapping[str, list[str]], *, folder_ids: frozenset[str]
+    messages: Sequence[StoredMessage],
+    query: Mapping[str, list[str]],
+    *,
+    folder_ids: frozenset[str],
+    microsoft: bool = False,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of message objects, newest first, and the cursor of the next page (None on the last)."""
+    """One page of message objects, newest first, and the cursor of the next page (None on the last).
+
+    `microsoft`: the grant's provider refuses `thread_id`, `unread` or `starred` together with
+    `subject`, `to`, `cc`, `bcc` or `any_email` (400, as any bad parameter here).
+    """
+    if microsoft:
+        alone = [name for name in MICROSOFT_ALONE if name in query]
+        searches = [name for name in MICROSOFT_SEARCHES if name in query]
+        if alone and searches:
+            raise _invalid(
+                f"{', '.join(alone)} cannot be combined with {', '.join(searches)} for Microsoft grants"
+            )
     limit = _parse_int(query, "limit", DEFAULT_LIMIT)
     if not 1 <= limit <= MAX_LIMIT:
         raise _invalid(f"limit must be between 1 and {MAX_LIMIT}")

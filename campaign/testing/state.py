@@ -798,7 +798,9 @@ class FakeState:
         if grant.to_filter_broken and query.get("to"):
             snapshot = []
         folder_ids = frozenset(str(f["id"]) for f in grant.folders)
-        return select_messages(snapshot, query, folder_ids=folder_ids)
+        return select_messages(
+            snapshot, query, folder_ids=folder_ids, microsoft=grant.provider == "microsoft"
+        )
 
     def _record_request(self, record: RequestRecord) -> None:
         with self._lock:
