@@ -139,6 +139,14 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     return dict(body["error"])
 
 
+async def send_through_domain(
+    http: httpx.AsyncClient, domain: str, *, key: str, sender: str = "news"
+) -> httpx.Response:
+    payload = message(**{"from": {"email": f"{sender}@{domain}"}})
+    headers = AUTH | {"Idempotency-Key": key}
+    return await http.post(f"/v3/domains/{domain}/messages/send", json=payload, headers=headers)
+
+
 # ---- auth, grants, envelope ----
 
 
@@ -372,6 +380,31 @@ async def test_keys_are_scoped_per_grant(client: httpx.AsyncClient, fake: FakeNy
     other = await send(client, key="k-1", grant=MS_GRANT)
     assert "idempotent-response" not in other.headers
     assert len(fake.deliveries) == 2
+
+
+async def test_transactional_keys_are_the_applications_and_domains_are_no_grants(
+    client: httpx.AsyncClient, fake: FakeNylas
+) -> None:
+    """§4, §6: a transactional send's Idempotency-Key is scoped to the application: the same key through
+    another domain meets the first (a replay, or 409 for another payload), apart from grant sends'
+    keys; and a domain is no grant: its sends are not listed under /v3/grants (§5)."""
+    fake.add_domain("mail.example.com")
+    fake.add_domain("news.example.org")
+    first = await send_through_domain(client, "mail.example.com", key="k-app")
+    assert first.status_code == 200
+    other = await send_through_domain(client, "news.example.org", key="k-app")
+    assert other.status_code == 409
+    assert error_of(other)["type"] == "api.invalid_idempotent_request"
+    again = await send_through_domain(client, "news.example.org", key="k-app", sender="x")
+    assert again.status_code == 409
+    replay = await send_through_domain(client, "mail.example.com", key="k-app")
+    assert replay.headers["idempotent-response"] == "true"
+    assert (await send(client, key="k-app")).status_code == 200  # a grant's keys are its own
+    assert len(fake.deliveries) == 2
+    for path in ("messages", "folders", f"messages/{first.json()['data']['id']}"):
+        listed = await client.get(f"/v3/grants/domain:mail.example.com/{path}", headers=AUTH)
+        assert listed.status_code == 404
+        assert error_of(listed)["type"] == "not_found_error"
 
 
 async def test_same_key_different_payload_is_409(client: httpx.AsyncClient, fake: FakeNylas) -> None:

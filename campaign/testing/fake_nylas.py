@@ -265,7 +265,8 @@ class FakeNylas(FakeState):
         if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
             raise ApiProblem(401, "unauthorized", "Unauthorized")
         grant = self._lookup_grant(_route_id(request))
-        if grant is None:
+        # A verified domain is no grant: `/v3/grants/domain:<name>/…` finds nothing (§5, §6).
+        if grant is None or (grant.id.startswith("domain:") and "domain" not in request.path_params):
             raise ApiProblem(404, "not_found_error", NOT_FOUND_MESSAGE)
         return grant
 

@@ -170,6 +170,7 @@ class FakeState:
         self.duplicate_webhooks = False  # deliver every notification twice, as Nylas may
         self._lock = threading.Lock()
         self._grants: dict[str, Grant] = {}
+        self._domain_keys = IdempotencyCache()  # transactional sends' keys: one cache per application
         self._scripts: list[ScriptedFault] = []
         self._deliveries: list[Delivery] = []
         self._requests: list[RequestRecord] = []
@@ -211,8 +212,14 @@ class FakeState:
         """Verify a domain for transactional sends (POST /v3/domains/{domain}/messages/send).
 
         It is served as the pseudo-grant `domain:<domain>`: faults, quotas and deliveries name it so.
+        Its Idempotency-Keys are the application's, shared by every domain (nylas-api.md §4, §6: a key
+        used through one domain collides through another), and no grant path reaches it: a
+        transactional send is archived in no mailbox (§5), so it cannot be listed or read back.
         """
-        self.add_grant(f"domain:{domain}", f"no-reply@{domain}", provider="nylas")
+        grant_id = f"domain:{domain}"
+        self.add_grant(grant_id, f"no-reply@{domain}", provider="nylas")
+        with self._lock:
+            self._grants[grant_id].keys = self._domain_keys
 
     def set_quota(
         self,
