@@ -265,6 +265,26 @@ async def test_json_body_over_3_mb_is_413(client: httpx.AsyncClient, fake: FakeN
     assert fake.deliveries == []
 
 
+async def test_the_3_mb_limit_counts_the_headers_too(client: httpx.AsyncClient, fake: FakeNylas) -> None:
+    """§2: the limit is the whole request's: a body of 3,000,000 bytes less a little than the headers
+    take is refused; with room for them it goes out."""
+    base = len(json.dumps(message(body="")).encode())
+
+    async def send_sized(total_body: int, *, padding: str = "") -> httpx.Response:
+        payload = message(body="x" * (total_body - base))
+        headers = AUTH | {"Content-Type": "application/json", "X-Padding": padding}
+        content = json.dumps(payload).encode()
+        assert len(content) == total_body
+        return await client.post(f"/v3/grants/{GRANT}/messages/send", content=content, headers=headers)
+
+    refused = await send_sized(3_000_000 - 100, padding="p" * 200)
+    assert refused.status_code == 413
+    assert error_of(refused)["type"] == "invalid_request_error"
+    assert fake.deliveries == []
+    assert (await send_sized(3_000_000 - 2_048)).status_code == 200  # our client's allowance for them
+    assert len(fake.deliveries) == 1
+
+
 async def test_multipart_body_over_25_mb_is_413(client: httpx.AsyncClient, fake: FakeNylas) -> None:
     """A multipart request over 25 MB is refused with 413."""
     files = {"message": (None, json.dumps(message())), "file0": ("big.bin", b"\0" * 25_000_000, "x/y")}

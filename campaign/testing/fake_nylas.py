@@ -275,9 +275,11 @@ class FakeNylas(FakeState):
     ) -> tuple[dict[str, Any], list[FilePart], str]:
         body = await request.body()
         limit = self.max_multipart_bytes if multipart else self.max_json_bytes
-        if len(body) > limit:
+        # The limits count the whole HTTP request, not its body alone (nylas-api.md §2).
+        size = _head_size(request) + len(body)
+        if size > limit:
             kind = "multipart" if multipart else "JSON"
-            message = f"request body is {len(body)} bytes; {kind} sends accept at most {limit}"
+            message = f"request is {size} bytes; {kind} sends accept at most {limit}"
             raise ApiProblem(413, "invalid_request_error", message)
         if not multipart:
             payload = parse_json_object(body)
@@ -516,6 +518,15 @@ def _route_id(request: Request) -> str:
     """The grant the request is for; a domain send is served by the pseudo-grant `domain:<name>`."""
     params = request.path_params
     return f"domain:{params['domain']}" if "domain" in params else str(params["grant_id"])
+
+
+def _head_size(request: Request) -> int:
+    """Bytes of the request line and headers as HTTP/1.1 writes them (`Name: value` CRLF, a blank line)."""
+    target = request.scope.get("raw_path", b"") or request.url.path.encode()
+    query = request.scope.get("query_string", b"")
+    line = len(request.method) + 1 + len(target) + (len(query) + 1 if query else 0) + len(" HTTP/1.1\r\n")
+    fields: list[tuple[bytes, bytes]] = request.scope.get("headers", [])
+    return line + sum(len(name) + len(value) + 4 for name, value in fields) + 2
 
 
 def _grant_shaped(request: Request, payload: dict[str, Any]) -> dict[str, Any]:
