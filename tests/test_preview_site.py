@@ -156,8 +156,9 @@ def test_preview_json_has_counts_senders_schedule_and_samples(api, cli, tmp_path
     site = Path(data["site"]).parent
     first = json.loads((site / "messages" / "0001.json").read_bytes())
     assert data["samples"][0]["payload"] == first
+    grant = _grant(manifest, data["samples"][0]["sender"])
     assert data["samples"][0]["url"].endswith(
-        f"/v3/grants/{_grant(manifest, data['samples'][0]['sender'])}/messages/send"
+        f"/v3/grants/{grant}/messages/send?fields=include_basic_headers"
     )
     assert api.requests == []
 
