@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import API_KEY, copy_sample, serve_fake
+from postgres import fresh_database
 
 import campaign.dispatch._loop as loop_module
 import campaign.followups._sequence as sequence_module
@@ -356,6 +357,41 @@ def _each_step_once(fake: FakeNylas) -> None:
         assert {step: len(sent) for step, sent in by_step(fake)[email].items()} == {
             "message": 1, "nudge": 1, "last-call": 1
         }  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_follow_up_renamed_after_it_went_out_is_refused_and_nobody_gets_it_twice(
+    fake, cli, cli_clock, tmp_path, backend
+):
+    """The nudge went to both recipients; the manifest then calls it "reminder", same templates. A row's
+    key holds its step's name: the run is refused (exit 2, naming both) with nothing sent, even with
+    --allow-changed-content; named "nudge" again, the sequence goes on and each step goes once."""
+
+    def check(url: str) -> None:
+        manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+        if url:
+            manifest.write_text(manifest.read_text() + f'\n[ledger]\nurl = "{url}"\n')
+        assert cli("run", manifest, "--yes").exit_code == 75
+        cli_clock.advance(2 * 86_400)
+        assert cli("resume", manifest, "--yes").exit_code == 75
+        named = manifest.read_text()
+        manifest.write_text(named.replace('name = "nudge"', 'name = "reminder"'))
+        cli_clock.advance(3 * 86_400)
+        for flags in ((), ("--allow-changed-content",)):
+            refused = cli("resume", manifest, "--yes", *flags)
+            assert refused.exit_code == 2, refused.output
+            assert "follow-up 'reminder' is follow-up 'nudge' renamed" in refused.output
+        assert len(fake.deliveries) == 4
+        manifest.write_text(named)
+        done = cli("resume", manifest, "--yes")
+        assert done.exit_code == 0, done.output
+        _each_step_once(fake)
+
+    if backend == "postgres":
+        with fresh_database() as url:
+            check(url)
+    else:
+        check("")
 
 
 def test_a_moved_campaign_goes_on_with_its_follow_ups(fake, cli, cli_clock, tmp_path):

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from campaign.ledger._read import (
+    CONTENT_FINGERPRINT,
     KEY_SCHEME,
     LIST_EXTENT,
     PARKED_PREFIX,
@@ -60,6 +61,11 @@ class KeptFacts:
     def content_fingerprint(self, step: str = FIRST_STEP) -> str | None:
         """The content fingerprint of `step` recorded so far (`pipeline.load_content_fingerprint`)."""
         return self._meta(content_key(step))
+
+    def followup_fingerprints(self) -> dict[str, str]:
+        """Follow-up step -> the content fingerprint recorded for it, of every follow-up the ledger kept
+        one for: steps the manifest no longer names (removed, or renamed) included."""
+        return self._metas_under(f"{CONTENT_FINGERPRINT}:")
 
     def key_scheme(self) -> str | None:
         """How the ledger's recipients are keyed ("address" or "column:<name>"); None before it was kept."""

@@ -4,7 +4,9 @@ The fingerprint hashes the [message] and [unsubscribe] settings (subject, header
 reply-to, tracking, …) with the text of the body templates and of every template
 they extend, include or import. The ledger keeps the fingerprint of the first run;
 a run whose content differs after sending began is refused unless the user allows
-it, and the change is then recorded in the ledger's journal. Sends nothing.
+it, and the change is then recorded in the ledger's journal. A follow-up renamed after it began
+sending (its content under a name new to the ledger) is refused outright: its rows' keys hold its name.
+Sends nothing.
 
 Paths count relative to the campaign's folder (`portable_path`): the same files in another
 folder (moved, renamed, or a second machine's copy of a shared campaign) are the same content.
@@ -150,6 +152,7 @@ def check_content(
             for step, now in steps.items()
         },
     )
+    _refuse_renamed_steps(ledger, manifest, steps)
     if check.changed_steps and not allow_changed:
         step = check.changed_steps[0]
         what = "the subject, a template or a header" if step == FIRST_STEP else f"follow-up {step!r}"
@@ -161,6 +164,28 @@ def check_content(
         )
         raise UsageError(message)
     return check
+
+
+def _refuse_renamed_steps(ledger: Ledger, manifest: Manifest, steps: Mapping[str, str]) -> None:
+    """UsageError if a follow-up new to the ledger has the content of a step the manifest no longer names
+    that began sending: that step renamed. A row's key holds its step's name, so under the new name every
+    recipient who got the step would be sent it again; no flag allows it."""
+    gone = {
+        fingerprint: step
+        for step, fingerprint in ledger.followup_fingerprints().items()
+        if step not in manifest.steps
+    }
+    for step, now in steps.items():
+        old = gone.get(now)
+        if old is None or ledger.content_fingerprint(step) is not None:
+            continue
+        began = _started(ledger.counts(step=old))
+        if began:
+            raise UsageError(
+                f"{manifest.path.name}: follow-up {step!r} is follow-up {old!r} renamed (the same content), "
+                f"which {began} recipients were already sent or attempted; a step's name is part of each "
+                f"of its rows' keys, so the new name would send it to them again: name it {old!r} again"
+            )
 
 
 def _recorded(ledger: Ledger, manifest: Manifest, step: str, now: str) -> str | None:
