@@ -73,6 +73,18 @@ def _domain_campaign(tmp_path):
     return manifest
 
 
+def test_a_domain_sender_without_a_from_name_sends_from_its_address(api, cli, tmp_path):
+    """A send through a domain must name its From: with no `from_name`, each message carries the domain
+    sender's `from` alone, and all five are delivered (each was refused 400 and its row failed)."""
+    manifest = _domain_campaign(tmp_path)
+    manifest.write_text(manifest.read_text().replace('from_name = "Maya from Example"\n', ""))
+    assert load_manifest(manifest).senders[0].from_name is None
+    api.add_domain("mail.example.com")
+    result = cli("run", manifest, "--yes")
+    assert result.exit_code == 0, result.output
+    assert [d.payload["from"] for d in api.deliveries] == [[{"email": "news@mail.example.com"}]] * 5
+
+
 @pytest.mark.parametrize("shape", ["id", "message_id", "messageId"])
 def test_both_transactional_answer_shapes_settle_as_sent(api, cli, tmp_path, shape):
     """A domain send answered with `id`, `message_id` or `messageId` is sent, with that message id."""

@@ -516,7 +516,10 @@ def _build_sender_view(sender: SenderSettings) -> _SenderView:
         if value is not None and (found := header_value_problem(value)) is not None:
             problem = f"{where} {key} {found}"
             break
-    from_ = Address(sender.email, sender.from_name) if sender.email and sender.from_name else None
+    # A grant sends from its mailbox unless told otherwise; a domain has no mailbox, and a send through it
+    # must name its From (its `from`, the manifest requires it), with or without a display name.
+    named = sender.from_name is not None or sender.domain is not None
+    from_ = Address(sender.email, sender.from_name) if sender.email and named else None
     variables = {"name": sender.name, "email": sender.email, "from_name": sender.from_name}
     return _SenderView(settings=sender, variables=variables, from_=from_, problem=problem)
 
