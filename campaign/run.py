@@ -68,6 +68,7 @@ from campaign.pipeline import (
     Reuse,
     check_content,
     find_appended,
+    find_store_notes,
     load_content_fingerprint,
     load_list_extent,
     load_plan_stamp,
@@ -76,6 +77,7 @@ from campaign.pipeline import (
     load_rules_stamp,
     may_move_to,
     record_content,
+    record_read_stores,
     record_rows_given_away,
     render_job,
     run_preflight,
@@ -313,7 +315,7 @@ def _check(
         unchanged=preflight is None,
         senders=len(manifest.senders),
         appended=0 if start is None or preflight is None else preflight.last_row - start.rows,
-        notes=() if preflight is None else preflight.notes,
+        notes=(*find_store_notes(manifest, ledger), *(() if preflight is None else preflight.notes)),
     )
     return _Checked(composer, preflight, plan, stamp, rules, content, extent, appended=start is not None)
 
@@ -402,6 +404,7 @@ def _send_checked(
 ) -> RunOutcome:
     record_content(ledger, checked.content)
     record_key_scheme(ledger, manifest)
+    record_read_stores(ledger, manifest)
     ledger.record_moved_mailboxes({sender.mailbox: sender.name for sender in manifest.senders})
     ledger.record_expired_claims()
     jobs = _open_jobs(manifest, ledger, checked, now=clock.now())

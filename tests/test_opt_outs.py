@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import polars as pl
 import pytest
-from conftest import SECRET, copy_sample
+from conftest import SECRET, copy_newsletter, copy_sample
 from test_token_signer import V1_ANN, V1_CUSTOMER
 from test_unsubscribe_loop import FORM, ONE_CLICK, _https_url, _on, _with_store
 
@@ -399,3 +399,45 @@ def test_suppress_add_takes_an_address_in_the_same_forms(cli, tmp_path):
         ("ann@example.com", "ann@example.com"),
         ("bob@example.org", "bob@example.org"),
     ]
+
+
+# --- a store the campaign stops reading ---------------------------------------------------------------------
+
+
+def _store_campaign(api, cli, tmp_path) -> Path:
+    """The newsletter reading a.sqlite, where dora opted out, run for two recipients; its manifest."""
+    manifest = copy_newsletter(api, tmp_path)
+    text = manifest.read_text()
+    manifest.write_text(text.replace("[unsubscribe]\n", '[unsubscribe]\nstore = "a.sqlite"\n'))
+    assert cli("suppress", "add", "dora@example.com", "--store", manifest.parent / "a.sqlite").exit_code == 0
+    first = cli("run", manifest, "--yes", "--limit", "2")
+    assert first.exit_code == 75, first.output
+    assert "note: unsubscribe store" not in first.output
+    return manifest
+
+
+@pytest.mark.parametrize("change", ["another store named", "store file deleted"])
+def test_a_store_an_earlier_run_read_and_this_one_does_not_is_named_before_sending(
+    api, cli, tmp_path, change
+):
+    """The manifest names b.sqlite instead (sent with --allow-changed-content), or a.sqlite was deleted:
+    its opt-outs would no longer stop anyone, and the run says so before it sends, with the store's full
+    path and how to keep them; a resume reading the same store as before says nothing of it."""
+    manifest = _store_campaign(api, cli, tmp_path)
+    old = manifest.parent / "a.sqlite"
+    unchanged = cli("run", manifest, "--yes", "--limit", "1")
+    assert unchanged.exit_code == 75, unchanged.output
+    assert "note: unsubscribe store" not in unchanged.output
+    if change == "another store named":
+        manifest.write_text(manifest.read_text().replace('store = "a.sqlite"', 'store = "b.sqlite"'))
+        said = "is no longer named: its opt-outs will not stop anyone this run mails; keep them with "
+        said += f"`campaign suppress import {old} --store {manifest.parent / 'b.sqlite'}`"
+    else:
+        old.unlink()
+        said = "is gone: its opt-outs will not stop anyone this run mails"
+    result = cli("run", manifest, "--yes", "--allow-changed-content")
+    assert result.exit_code == 0, result.output
+    assert f"note: unsubscribe store {old}, read by this campaign's earlier runs, {said}" in " ".join(
+        result.output.split()
+    )
+    assert "dora@example.com" not in _mailed(api)  # skipped when the store was read: the ledger keeps it

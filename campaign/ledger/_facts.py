@@ -7,7 +7,8 @@ its transactions (`_write`) and its journal (`record_event`), and `KeptFacts` do
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,7 @@ from campaign.ledger._read import (
     LIST_EXTENT,
     PARKED_PREFIX,
     PLAN_STAMP,
+    READ_STORES,
     RULES_STAMP,
     TIMING_PREFIX,
     content_key,
@@ -106,6 +108,17 @@ class KeptFacts:
         """Keep how this campaign keys its recipients (once `check_key_scheme` allowed it)."""
         if self.key_scheme() != scheme:
             self._set_meta(KEY_SCHEME, scheme)
+
+    def read_stores(self) -> tuple[str, ...]:
+        """The unsubscribe stores the last run read, as `record_read_stores` kept them (none before)."""
+        kept = self._meta(READ_STORES)
+        return () if not kept else tuple(json.loads(kept))
+
+    def record_read_stores(self, stores: Sequence[str]) -> None:
+        """Keep the unsubscribe stores this run reads (`pipeline.record_read_stores` names them)."""
+        kept = json.dumps(list(stores))
+        if self._meta(READ_STORES) != kept:
+            self._set_meta(READ_STORES, kept)
 
     def record_parks(self, parks: Mapping[str, datetime | None]) -> None:
         """Keep until when each sender is parked by a quota refusal (None: not parked)."""

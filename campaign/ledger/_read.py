@@ -135,6 +135,7 @@ RULES_STAMP = "rules_stamp"
 LIST_EXTENT = "list_extent"
 CONTENT_FINGERPRINT = "content_fingerprint"
 KEY_SCHEME = "key_scheme"
+READ_STORES = "read_stores"
 PARKED_PREFIX = "parked_until:"
 TIMING_PREFIX = "timing:"
 

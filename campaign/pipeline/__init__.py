@@ -40,6 +40,7 @@ from campaign.pipeline._rows import (
     describe_mailed_elsewhere,
     load_row_cells,
 )
+from campaign.pipeline._stores import find_store_notes, record_read_stores
 
 __all__ = [
     "ContentCheck",
@@ -59,6 +60,7 @@ __all__ = [
     "describe_mailed_elsewhere",
     "find_appended",
     "find_skipped_invalid",
+    "find_store_notes",
     "load_content_fingerprint",
     "load_list_extent",
     "load_plan_stamp",
@@ -68,6 +70,7 @@ __all__ = [
     "may_move_to",
     "raise_for_problems",
     "record_content",
+    "record_read_stores",
     "record_rows_given_away",
     "render_job",
     "run_preflight",
