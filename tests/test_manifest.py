@@ -131,6 +131,16 @@ def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> Non
     )
 
 
+def test_both_names_of_one_key_are_refused_as_such(tmp_path: Path) -> None:
+    """A sender's `from` is its `email` by another name (as domain senders write it): both given is
+    one key twice, not an unknown key (it said "did you mean 'from_name'?")."""
+    twice = BASE.replace('grant_id = "grant-a"', 'grant_id = "grant-a"\nemail = "a@x.com"\nfrom = "b@x.com"')
+    message = error_of(twice, tmp_path)
+    assert message == (
+        "campaign.toml: senders[1].from: another name for 'email', which is given too; keep one of the two"
+    )
+
+
 def test_key_in_the_wrong_table_says_where_it_belongs(tmp_path: Path) -> None:
     """reply_to under [campaign] is pointed to [message]."""
     message = error_of(BASE.replace('name = "spring-news"', 'name = "x"\nreply_to = "a@b.com"'), tmp_path)

@@ -19,7 +19,15 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails
 
@@ -232,6 +240,15 @@ _TABLES: dict[tuple[str, ...], type[BaseModel]] = {
 }
 
 
+def _other_name(table: tuple[str, ...], key: str) -> str | None:
+    """The key `key` is another name of in `table` (a sender's `from` is its `email`), or None."""
+    for name, field in _TABLES[table].model_fields.items():
+        names = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else ()
+        if key != name and key in names:
+            return name
+    return None
+
+
 def _keys(table: tuple[str, ...]) -> list[str]:
     return [k for k in _TABLES[table].model_fields if table or k != "path"]  # Manifest.path is not a key
 
@@ -280,6 +297,10 @@ def _describe_error(error: ErrorDetails, known: tuple[str, ...] = ()) -> str:  #
     key = loc[-1] if loc else ""
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden" and table in _TABLES and isinstance(key, str):
+        twin = _other_name(table, key)
+        if twin is not None:  # both names of one key given: the first found counts, the other is "extra"
+            where = _format_loc(loc, known)
+            return f"{where}: another name for {twin!r}, which is given too; keep one of the two"
         close = difflib.get_close_matches(key, _keys(table), n=1)
         if close:
             return f"{_format_loc(loc, known)}: unknown key (did you mean {close[0]!r}?)"
