@@ -425,6 +425,12 @@ async def test_2xx_without_a_message_id_is_ambiguous(reply: Handler) -> None:
             OutcomeKind.AUTH_REFUSED,
         ),
         (404, "not_found_error", "requested object not found", OutcomeKind.AUTH_REFUSED),
+        (
+            400,
+            "invalid_request_error",
+            "Tracking options are not allowed for trial accounts",
+            OutcomeKind.AUTH_REFUSED,
+        ),
         (413, "invalid_request_error", "request too large", OutcomeKind.REJECTED),
         (422, "api.provider_error", "Mail provider error", OutcomeKind.REJECTED),
         (423, "api.resource_blocked", "resource blocked", OutcomeKind.REJECTED),

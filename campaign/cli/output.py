@@ -137,9 +137,13 @@ def print_run_summary(
             "they are looked up again on the next run"
         )
     for sender in result.auth_refused:
+        said = result.refusals.get(sender)
+        words = f" ({show(said)})" if said else ""
         console.print(
-            f"sender [bold]{escape(sender)}[/]: the API refused the credentials or knows no such grant; "
-            "check the API key and that the grant is valid (a disconnected mailbox must be connected again)"
+            f"sender [bold]{escape(sender)}[/]: the API refused the credentials or knows no such grant"
+            f"{words}; check the API key and that the grant is valid (a disconnected mailbox must be "
+            "connected again); a trial (Sandbox) application may not track: turn \\[message] tracking off",
+            soft_wrap=True,
         )
     for sender, error in sorted(result.unreachable.items()):
         console.print(

@@ -45,6 +45,7 @@ class Lane:
     parked_until: datetime | None = None
     provider_refused: bool = False  # parked by the provider (a quota, long throttling), not just its budget
     auth_refused: bool = False
+    refusal: str | None = None  # what the API said when it refused the credentials (or the application)
     unreachable: str | None = None  # halted: no connection to the API for too long (the last error)
     unreachable_since: float | None = None  # monotonic time of the first of the connect failures in a row
     connect_failures: int = 0  # connect failures in a row

@@ -239,6 +239,7 @@ class _Loop:
                 if lane.parked_until is not None and self._has_work(lane)
             },
             auth_refused=tuple(name for name, lane in lanes.items() if lane.auth_refused),
+            refusals={name: lane.refusal for name, lane in lanes.items() if lane.refusal is not None},
             unreachable={
                 name: lane.unreachable for name, lane in lanes.items() if lane.unreachable is not None
             },
@@ -696,7 +697,7 @@ class _Loop:
         if outcome.kind == OutcomeKind.THROTTLED:
             self._throttled(lane, outcome, sent_at)
         elif outcome.kind == OutcomeKind.AUTH_REFUSED:
-            lane.auth_refused = True
+            lane.auth_refused, lane.refusal = True, outcome.error_message
         elif outcome.kind == OutcomeKind.SENT:
             lane.rejections = 0
         elif outcome.kind == OutcomeKind.REJECTED and lane.rejecting is None:

@@ -117,6 +117,7 @@ class DispatchResult:
     remaining: int
     parked: Mapping[str, datetime] = field(default_factory=dict)
     auth_refused: tuple[str, ...] = ()
+    refusals: Mapping[str, str] = field(default_factory=dict)  # of those senders: what the API said
     limit_reached: bool = False
     stopped: bool = False  # a stop was requested (Ctrl-C): no new work was started after it
     left_inflight: int = 0  # rows left in flight (stopped mid-retry or abandoned): resume re-sends them

@@ -55,6 +55,9 @@ _DAILY_QUOTA = re.compile(
 )
 # The Gmail API's short-term limits, relayed as a 403: a throttle, not refused credentials.
 _RATE_LIMITED = re.compile(r"\b(user)?ratelimitexceeded\b", re.IGNORECASE)
+# Nylas refusing tracking to a Sandbox (trial) application (next-capabilities.md §0.4); its status is
+# not documented.
+_TRIAL_APP = re.compile(r"not allowed for trial accounts", re.IGNORECASE)
 _PROVIDER_WORDS = ("mailboxconcurrency", "applicationthrottled", "throttl", "provider")
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"\s+")
@@ -178,6 +181,10 @@ def _kind_for_status(status: int, error: ErrorBody) -> OutcomeKind:
     if status == 403 and _RATE_LIMITED.search(_error_text(error)):
         return OutcomeKind.THROTTLED
     if status in (401, 403):
+        return OutcomeKind.AUTH_REFUSED
+    if status >= 400 and _TRIAL_APP.search(_error_text(error)):
+        # The application may not do what every message of the campaign asks (track): refused as for
+        # credentials, the sender stops with its rows pending, rather than failing them one by one.
         return OutcomeKind.AUTH_REFUSED
     if status == 404:
         # A send names nothing but its grant (or domain) and, for a follow-up, the message it answers:
