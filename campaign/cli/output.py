@@ -137,14 +137,17 @@ def print_run_summary(
             "they are looked up again on the next run"
         )
     for sender in result.auth_refused:
-        said = result.refusals.get(sender)
+        said = result.refusals.get(sender) or ""
         words = f" ({show(said)})" if said else ""
-        console.print(
-            f"sender [bold]{escape(sender)}[/]: the API refused the credentials or knows no such grant"
-            f"{words}; check the API key and that the grant is valid (a disconnected mailbox must be "
-            "connected again); a trial (Sandbox) application may not track: turn \\[message] tracking off",
-            soft_wrap=True,
-        )
+        if "trial account" in said.lower():  # Nylas's words to a Sandbox application that asks to track
+            what, fix = (
+                "refused the application",
+                "a trial (Sandbox) application may not track: turn \\[message] tracking off",
+            )
+        else:
+            what = "refused the credentials or knows no such grant"
+            fix = "check the API key and that the grant is valid (a disconnected mailbox must be reconnected)"
+        console.print(f"sender [bold]{escape(sender)}[/]: the API {what}{words}; {fix}", soft_wrap=True)
     for sender, error in sorted(result.unreachable.items()):
         console.print(
             f"sender [bold]{escape(sender)}[/] stopped: {show(error)}. "
