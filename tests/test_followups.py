@@ -4,6 +4,7 @@ on loopback, on the CLI's virtual clock. Every count is taken where it happens: 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -916,6 +917,41 @@ def test_a_follow_up_on_an_imap_grant_answers_the_message_id_header_the_send_gav
             assert after.payload["reply_to_message_id"] == header
             thread = fake._sent_message(after.grant_id, after.id)["thread_id"]
             assert thread == fake._sent_message(before.grant_id, before.id)["thread_id"]
+
+
+@pytest.mark.parametrize("case", ["provider unset", "header not kept"])
+def test_a_follow_up_named_by_id_on_an_imap_grant_is_sent_again_answering_its_message_id_header(
+    imap_fake, cli, cli_clock, tmp_path, case
+):
+    """A follow-up on a Yahoo grant named the message it answers by Nylas's id: the manifest did not say
+    the provider, or the row was sent before the Message-ID header was kept. Nylas answers 404; the thread
+    lookup finds the message under that very id, so the follow-up is sent once more answering its
+    header: the one the send's answer gave, or else the message's own (read from the API). One 404 a
+    recipient at the fake, every nudge threaded, none failed, none lost."""
+    fake = imap_fake
+    manifest = write_campaign(tmp_path / "c", sender="" if case == "provider unset" else 'provider = "yahoo"')
+    assert cli("run", manifest, "--yes").exit_code == 75
+    if case == "header not kept":
+        with sqlite3.connect(manifest.with_name("campaign.ledger.sqlite")) as db:
+            db.execute("UPDATE recipients SET internet_message_id = NULL")
+    cli_clock.advance(2 * 86_400)
+    assert cli("resume", manifest, "--yes").exit_code == 75
+    refused = [record for record in fake.requests if record.status == 404]
+    assert len(refused) == len(PEOPLE)
+    for email, steps in by_step(fake).items():
+        (first,) = steps["message"]
+        (nudge,) = steps["nudge"]
+        (stored,) = [m for m in fake._require_grant(first.grant_id).messages if m.data["id"] == first.id]
+        header = next(h["value"] for h in stored.headers if h["name"].lower() == "message-id")
+        assert nudge.payload["reply_to_message_id"] == header, email
+        thread = fake._sent_message(nudge.grant_id, nudge.id)["thread_id"]
+        assert thread == fake._sent_message(first.grant_id, first.id)["thread_id"]
+    nudge_steps = steps_json(cli, manifest)["nudge"]
+    assert (nudge_steps["sent"], nudge_steps["states"]["failed"], nudge_steps["stopped"]) == (
+        len(PEOPLE),
+        0,
+        {},
+    )
 
 
 def test_a_follow_up_to_a_message_filed_on_microsoft_finds_it_by_its_thread_and_goes_out_once(

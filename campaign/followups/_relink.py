@@ -8,8 +8,10 @@ Nylas answers the send 404 `not_found_error`, the very answer an unknown grant g
 thread keeps its id), and our previous message is the one from the sender's mailbox to the recipient
 dated closest to its send, within 5 minutes either way. Found under a new id: the follow-up answers
 that one. Not there (deleted): the sequence stops (`thread_lost`), never sent unthreaded. The listing
-answered 404 too: the grant itself is gone, and the send's 404 stands. Any other failure holds the
-follow-up back (`Relink.hold`). Reads the API; writes nothing.
+answered 404 too: the grant itself is gone, and the send's 404 stands. Found under the very id the
+follow-up named: an IMAP grant (Yahoo, iCloud) names a message by its Message-ID header only, so the
+follow-up answers that header. Any other failure holds the follow-up back (`Relink.hold`). Reads the
+API; writes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import timedelta
 
 from campaign.errors import ApiNotFoundError, CampaignError
 from campaign.followups._replies import SKEW, ReplyClient, list_pages
-from campaign.manifest import Manifest
+from campaign.manifest import IMAP_PROVIDERS, Manifest, SenderSettings
 from campaign.models import PreviousStep, Relink
 from campaign.nylas import ListedMessage
 from campaign.plan import Job
@@ -49,11 +51,30 @@ def build_relink(manifest: Manifest, client: ReplyClient) -> Callable[[Job], Awa
         if found is None:
             where = "its thread" if previous.thread_id is None else f"thread {previous.thread_id}"
             return Relink(lost=f"message {previous.message_id} ({previous.step}) is no longer in {where}")
-        if found.id == previous.message_id:  # still under its id: the 404 was not about it
-            return Relink()
+        if found.id == previous.message_id:  # still under its id: the 404 was about how it was named
+            return await _by_header(client, sender, previous)
         return Relink(message_id=found.id)
 
     return relink
+
+
+async def _by_header(client: ReplyClient, sender: SenderSettings, previous: PreviousStep) -> Relink:
+    """The previous message is still under the id the follow-up named, and the send was answered 404:
+    its grant is an IMAP one (Yahoo and iCloud are IMAP too; a manifest need not say which), which knows
+    a message by its Message-ID header only (nylas-api.md §1.2). The header the send's answer gave, or
+    else the message's own; None of either, or the header named already: the 404 stands."""
+    if sender.provider in IMAP_PROVIDERS and previous.internet_message_id is not None:
+        return Relink()  # the follow-up named the header (`render`): not the cause
+    header = previous.internet_message_id
+    if header is None:  # a row sent before the header was kept
+        try:
+            headers = await client.fetch_headers(sender.route, previous.message_id)
+        except ApiNotFoundError:
+            return Relink()
+        except CampaignError:
+            return Relink(hold=True)
+        header = next((value.strip() for name, value in headers if name.lower() == "message-id"), None)
+    return Relink(message_id=header) if header else Relink()
 
 
 def pick_previous_message(
