@@ -219,6 +219,23 @@ def test_a_grant_deleted_mid_run_stops_its_sender_with_exit_77_and_loses_nothing
     assert (status["states"]["pending"], status["states"]["failed"]) == (3, 0)
 
 
+def test_a_new_unsubscribe_store_after_sending_began_is_refused_saying_it_counts(api, cli, tmp_path):
+    """[unsubscribe] is step 1's content: pointing it at another store after the first send is refused as
+    a changed template is (exit 2, nothing sent), and the line says the store counts (it named only the
+    subject, a template or a header, and the user had changed none)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    _register(api, manifest)
+    assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+    text = manifest.read_text()
+    manifest.write_text(
+        text.replace('secret_env = "CAMPAIGN', 'store = "moved.sqlite"\nsecret_env = "CAMPAIGN')
+    )
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 2, refused.output
+    assert "its store included" in refused.stderr
+    assert len(api.deliveries) == 1
+
+
 def test_run_without_terminal_and_without_yes_refuses(api, cli, tmp_path):
     """No terminal to confirm on and no --yes: exit 2, nothing sent, no ledger."""
     manifest = copy_sample("newsletter", tmp_path)

@@ -156,11 +156,13 @@ def check_content(
     if check.changed_steps and not allow_changed:
         step = check.changed_steps[0]
         what = "the subject, a template or a header" if step == FIRST_STEP else f"follow-up {step!r}"
+        # [unsubscribe] is step 1's content too: a changed store is refused as a changed template is.
+        also = " (step 1's content counts [unsubscribe] too, its store included)" * (step == FIRST_STEP)
         message = (
             f"{manifest.path.name}: {what} changed since sending began "
             f"({started[step]} recipients already sent or attempted with the old content); pass "
             "--allow-changed-content to send the rest with the new content (the change is recorded), "
-            "or restore the old content"
+            f"or restore the old content{also}"
         )
         raise UsageError(message)
     return check
