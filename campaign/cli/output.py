@@ -136,10 +136,12 @@ def print_run_summary(
             f"{result.held} follow-ups held back: their reply lookup failed (they are never sent blind); "
             "they are looked up again on the next run"
         )
+    from campaign.nylas import is_trial_app_refusal  # loaded by the run already: no cost to other commands
+
     for sender in result.auth_refused:
         said = result.refusals.get(sender) or ""
         words = f" ({show(said)})" if said else ""
-        if "trial account" in said.lower():  # Nylas's words to a Sandbox application that asks to track
+        if is_trial_app_refusal(said):
             what, fix = (
                 "refused the application",
                 "a trial (Sandbox) application may not track: turn \\[message] tracking off",

@@ -451,13 +451,10 @@ class _Loop:
         self._held += 1
         self._emit(DispatchEvent(EventKind.HELD, lane.sender.name, job.key, job.recipient.address.email))
 
-    async def _look_again(
-        self, lane: Lane, job: Job, message: Message, outcome: SendOutcome
-    ) -> Relink | None:
+    async def _look_again(self, lane: Lane, job: Job) -> Relink | None:
         """For a follow-up's send answered 404, what the lookup found of the message it answers; None
-        when the 404 stands (not a follow-up's, or the lookup met a 404 too: the grant is gone)."""
-        if self._relink is None or not _refused_reply(message, outcome):
-            return None
+        when the 404 stands (the lookup met a 404 too: the grant is gone)."""
+        assert self._relink is not None
         found = await self._look_up(lane, self._relink, job)
         return found if found.message_id is not None or found.lost is not None or found.hold else None
 
@@ -588,8 +585,11 @@ class _Loop:
                 return await self._give_up(lane, job, None, note=KEY_TOO_OLD_NOTE)
             sent_at = self._clock.monotonic()
             outcome = await send_as(self._client, lane.sender, payload, idempotency_key=claim.idempotency_key)
-            if not relinked and (found := await self._look_again(lane, job, message, outcome)) is not None:
-                return await self._after_refused_reply(lane, job, outcome, found)
+            # Only a follow-up's 404 is looked up (awaited); every other answer goes on without a wait.
+            if not relinked and self._relink is not None and _refused_reply(message, outcome):
+                found = await self._look_again(lane, job)
+                if found is not None:
+                    return await self._after_refused_reply(lane, job, outcome, found)
             parked = lane.parked_until
             self._apply_to_lane(lane, outcome, sent_at)  # before any await: no other worker may send into it
             state = await self._in_thread.each(

@@ -10,6 +10,7 @@ injected transport is built, so importing this package never loads aiohttp.
 
 from __future__ import annotations
 
+from campaign.nylas._answers import is_trial_app_refusal
 from campaign.nylas._capture import CapturedRequest, capture_requests
 from campaign.nylas._client import (
     DEFAULT_API_URI,
@@ -49,6 +50,7 @@ __all__ = [
     "build_send_request",
     "capture_requests",
     "encode_send_body",
+    "is_trial_app_refusal",
     "measure_send_request",
     "send_as",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "build_send_outcome",
     "describe_exception",
     "find_request_id",
+    "is_trial_app_refusal",
     "json_text",
     "never_left",
     "parse_error_body",
@@ -58,6 +59,13 @@ _RATE_LIMITED = re.compile(r"\b(user)?ratelimitexceeded\b", re.IGNORECASE)
 # Nylas refusing tracking to a Sandbox (trial) application (next-capabilities.md §0.4); its status is
 # not documented.
 _TRIAL_APP = re.compile(r"not allowed for trial accounts", re.IGNORECASE)
+
+
+def is_trial_app_refusal(text: str) -> bool:
+    """Whether an error's `text` is Nylas refusing tracking to a Sandbox (trial) application."""
+    return _TRIAL_APP.search(text) is not None
+
+
 _PROVIDER_WORDS = ("mailboxconcurrency", "applicationthrottled", "throttl", "provider")
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"\s+")
@@ -182,7 +190,7 @@ def _kind_for_status(status: int, error: ErrorBody) -> OutcomeKind:
         return OutcomeKind.THROTTLED
     if status in (401, 403):
         return OutcomeKind.AUTH_REFUSED
-    if status >= 400 and _TRIAL_APP.search(_error_text(error)):
+    if status >= 400 and is_trial_app_refusal(_error_text(error)):
         # The application may not do what every message of the campaign asks (track): refused as for
         # credentials, the sender stops with its rows pending, rather than failing them one by one.
         return OutcomeKind.AUTH_REFUSED
