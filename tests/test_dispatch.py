@@ -13,6 +13,7 @@ import httpx
 import pytest
 from support import make_jobs, render_plain
 
+from campaign.collector import YOUNG_THRESHOLD
 from campaign.dispatch import DispatchEvent, DispatchSettings, EventKind, dispatch
 from campaign.ledger import Ledger, PlannedRow, open_ledger
 from campaign.manifest import SenderSettings
@@ -107,21 +108,25 @@ async def test_every_job_is_sent_exactly_once(tmp_path):
     assert set(h.states().values()) == {RowState.SENT}
 
 
-async def test_what_exists_before_the_loop_is_frozen_while_it_sends_and_only_then(tmp_path):
+async def test_the_loop_freezes_old_objects_and_collects_less_while_it_sends_and_only_then(tmp_path):
     """A full collection over the process's older objects (30 ms and more) would hold a paced request
-    past its slot, so the loop freezes them while it sends; a caller's own freeze is left alone."""
+    past its slot, so the loop freezes them while it sends; a caller's own freeze is left alone. Young
+    passes run less often, so that a request in flight does not reach the oldest generation."""
     gc.unfreeze()
-    frozen_at_render: list[int] = []
+    default = gc.get_threshold()
+    seen_at_render: list[tuple[int, int]] = []
 
     def render(job: Job) -> Message:
-        frozen_at_render.append(gc.get_freeze_count())
+        seen_at_render.append((gc.get_freeze_count(), gc.get_threshold()[0]))
         return render_plain(job)
 
     older = [[n] for n in range(100)]  # tracked by the collector, as modules and plans are
     await _Harness(tmp_path, [_sender("a", per_second=50)]).run(make_jobs(3, "a"), render=render)
-    assert len(frozen_at_render) == 3
-    assert min(frozen_at_render) >= len(older)
+    assert len(seen_at_render) == 3
+    assert min(frozen for frozen, _ in seen_at_render) >= len(older)
+    assert {threshold for _, threshold in seen_at_render} == {YOUNG_THRESHOLD}
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == default
 
     gc.freeze()
     try:

@@ -11,9 +11,7 @@ progress as `DispatchEvent`s; it never prints.
 from __future__ import annotations
 
 import dataclasses
-import gc
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from functools import partial
 from typing import TypeVar
@@ -22,6 +20,7 @@ import anyio
 import anyio.abc
 
 from campaign.clock import Clock
+from campaign.collector import collecting_less, old_objects_frozen
 from campaign.dispatch._feed import JobFeed, JobSource, source_of
 from campaign.dispatch._lane import Lane, open_lane
 from campaign.dispatch._retries import GAVE_UP_NOTE, KEY_TOO_OLD_NOTE, OWNER_GONE_NOTE, RetryPolicy
@@ -142,30 +141,11 @@ async def dispatch(
         movable_to=movable_to,
     )
     try:
-        with _old_objects_frozen():
+        with old_objects_frozen(), collecting_less():
             return await loop.run(lanes)
     except BaseExceptionGroup as group:
         # A worker's error (e.g. the ledger cannot be written) ends the run: raise it as itself.
         raise first_error(group) from None
-
-
-@contextmanager
-def _old_objects_frozen() -> Iterator[None]:
-    """Leave what exists before the loop (modules, the plan's setup) out of the collector's full passes.
-
-    A full collection over them stops every thread for 30 ms or more: a paced request that was about
-    to leave goes out with the next one, and Nylas, counting arrivals by the second, sees both in the
-    same second. Frozen, a full pass walks only what the run made since. A caller that froze its own
-    objects keeps them frozen.
-    """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 class _Loop:

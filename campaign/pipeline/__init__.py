@@ -36,7 +36,6 @@ from campaign.pipeline._rows import (
     RowPipeline,
     check_job,
     check_rows,
-    collecting_less,
     describe_mailed_elsewhere,
     load_row_cells,
 )
@@ -56,7 +55,6 @@ __all__ = [
     "check_job",
     "check_rows",
     "checked_rows",
-    "collecting_less",
     "describe_mailed_elsewhere",
     "find_appended",
     "find_skipped_invalid",

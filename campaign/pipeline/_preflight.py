@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from campaign.collector import collecting_less
 from campaign.errors import DataError
 from campaign.ledger import Ledger, PlannedRow, PlanSink
 from campaign.manifest import Manifest
 from campaign.models import Message, Skip, SkipReason
 from campaign.pipeline._compliance import check_body_link, needs_body_link
 from campaign.pipeline._parallel import checked_rows, error_line
-from campaign.pipeline._rows import Reuse, RowCheck, check_rows, collecting_less, describe_mailed_elsewhere
+from campaign.pipeline._rows import Reuse, RowCheck, check_rows, describe_mailed_elsewhere
 from campaign.plan import Job
 from campaign.recipients import ListStart, describe_key_only_entries, encode_cells
 from campaign.render import Composer, load_message_attachments

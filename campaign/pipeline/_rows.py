@@ -9,10 +9,8 @@ Python objects; what a consumer keeps is its own choice. Sends nothing, writes n
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
@@ -53,7 +51,6 @@ __all__ = [
     "RowPipeline",
     "check_job",
     "check_rows",
-    "collecting_less",
     "describe_mailed_elsewhere",
     "load_row_cells",
 ]
@@ -62,12 +59,10 @@ __all__ = [
 # for reconcile).
 SETTLED_STATES = tuple(state for state in RowState if state not in (RowState.PENDING, RowState.INFLIGHT))
 
+
 # The cyclic garbage collector runs a young collection every this many new containers during a check.
 # Its default (700) is tuned for programs that keep few objects; a check makes several per row and keeps
 # a plan, so the older generations are traversed again and again for nothing (about 15 % of the check).
-_CHECK_GC_THRESHOLD = 100_000
-
-
 class RowCheck(NamedTuple):
     """One list row through the pipeline.
 
@@ -428,15 +423,3 @@ def check_steps(composer: Composer, manifest: Manifest, job: Job) -> tuple[Messa
     except DataError as exc:
         return exc
     return tuple(messages)
-
-
-@contextmanager
-def collecting_less() -> Iterator[None]:
-    """Run the cyclic garbage collector less often while rows are checked (reference counting still
-    frees every row's objects at once; only cycles wait a little longer). Restores the thresholds."""
-    before = gc.get_threshold()
-    gc.set_threshold(max(before[0], _CHECK_GC_THRESHOLD), *before[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*before)

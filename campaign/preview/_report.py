@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from campaign.clock import Clock
+from campaign.collector import collecting_less
 from campaign.errors import DataError
 from campaign.ledger import Ledger
 from campaign.manifest import FollowupSettings, Manifest, SenderSettings
@@ -31,7 +32,6 @@ from campaign.pipeline import (
     build_unsubscribe_warnings,
     check_rows,
     checked_rows,
-    collecting_less,
     describe_mailed_elsewhere,
     find_skipped_invalid,
 )

@@ -18,6 +18,7 @@ from typing import Protocol
 import uvicorn
 from starlette.types import ASGIApp
 
+from campaign.collector import collecting_less, old_objects_frozen
 from campaign.testing.records import FakeConnectionReset
 
 __all__ = ["HasApp", "run_sandbox_server", "serve_on_loopback"]
@@ -111,5 +112,7 @@ def run_sandbox_server(
                 threading.Event().wait(1.0)
 
         threading.Thread(target=tick, daemon=True, name="sandbox-webhooks").start()
-    with _reset_log_filter():
+    # Every request in flight lives for its latency: with the collector at its default pace each
+    # would reach the oldest generation, and full passes would take two fifths of the fake's CPU.
+    with _reset_log_filter(), old_objects_frozen(), collecting_less():
         server.run()
