@@ -1194,6 +1194,67 @@ def test_unscheduling_a_step_removes_only_its_rows_never_claimed(ledger, clock):
     assert ledger.row(step_key("bob@x.com", "nudge")).state == RowState.PENDING
 
 
+def test_a_step_inserted_before_a_later_one_is_scheduled_only_for_whom_it_comes_first(ledger, clock):
+    """Steps [message, nudge] became [message, extra, nudge]. `extra` is scheduled for a recipient who
+    has no row of a step after it (`later`): never for one who got the nudge, or has it scheduled."""
+    from campaign.models import step_key
+
+    for key in ("ann@x.com", "bob@x.com"):
+        _put(ledger, S, key)
+    nudge = [
+        ScheduledStep(key, "nudge", 1, key, "alice", key, clock.now()) for key in ("bob@x.com", "ann@x.com")
+    ]
+    ledger.record_followups(nudge[:1])
+    _put(ledger, S, step_key("bob@x.com", "nudge"))
+    assert [s.recipient for s in ledger.unscheduled_steps("message", "extra")] == ["ann@x.com", "bob@x.com"]
+    unscheduled = ledger.unscheduled_steps("message", "extra", later=["nudge"])
+    assert [s.recipient for s in unscheduled] == ["ann@x.com"]
+    ledger.record_followups(nudge[1:])
+    assert ledger.unscheduled_steps("message", "extra", later=["last", "nudge"]) == []
+
+
+def test_a_step_scheduled_past_an_inserted_one_is_unscheduled_unless_that_one_stopped(ledger, clock):
+    """`unschedule_skipping`: the nudge rows answering step 1 (scheduled before `extra` was inserted
+    between them) go when never claimed, to be made again after `extra`; a nudge claimed once stays, and
+    so does one whose recipient's `extra` was skipped or failed (nothing would follow it)."""
+    from campaign.models import step_key
+
+    people = [f"r{n}@x" for n in range(5)]
+    ledger.record_plan([PlannedRow(key, n, key, "alice") for n, key in enumerate(people, start=1)], [])
+    for key in people:
+        _put(ledger, S, key)
+    due = clock.now() + timedelta(days=1)
+    ledger.record_followups([ScheduledStep(key, "nudge", 1, key, "alice", key, due) for key in people])
+    ledger.claim(step_key("r1@x", "nudge"), subject="Re: Hello")
+    ledger.release(step_key("r1@x", "nudge"))  # claimed once: its key may have been used
+    ledger.record_followups(
+        [ScheduledStep(key, "extra", 1, key, "alice", key, due) for key in ("r2@x", "r3@x", "r4@x")]
+    )
+    ledger.record_skipped(step_key("r2@x", "extra"), SkipReason.REPLIED, "test")
+    _put(ledger, F, step_key("r3@x", "extra"))
+    assert ledger.unschedule_skipping("nudge", answering="extra", skipped="last") == 0  # answers message
+    assert ledger.unschedule_skipping("nudge", answering="message", skipped="extra") == 2
+    assert [key for key in people if _exists(ledger, step_key(key, "nudge"))] == ["r1@x", "r2@x", "r3@x"]
+    assert ledger.unschedule_skipping("nudge", answering="message", skipped="extra") == 0
+    assert [s.recipient for s in ledger.unscheduled_steps("message", "extra", later=["nudge"])] == ["r0@x"]
+
+
+def _exists(ledger: Ledger, key: str) -> bool:
+    try:
+        ledger.row(key)
+    except LedgerError:
+        return False
+    return True
+
+
+def test_the_step_order_is_kept(ledger):
+    """The steps' order as follow-ups were last scheduled (None before), so that an inserted step is
+    noticed once."""
+    assert ledger.step_order() is None
+    ledger.record_step_order(["message", "extra", "nudge"])
+    assert ledger.step_order() == ("message", "extra", "nudge")
+
+
 def test_a_removed_row_whose_try_failed_is_not_waiting(ledger):
     """`status` says why open rows wait (their last try failed): a row removed from the list is left
     alone, never tried again, so it is not among them."""

@@ -21,6 +21,7 @@ from campaign.ledger._read import (
     PLAN_STAMP,
     READ_STORES,
     RULES_STAMP,
+    STEP_ORDER,
     TIMING_PREFIX,
     content_key,
 )
@@ -82,6 +83,17 @@ class KeptFacts:
         """Keep what decides follow-up `step`'s due times now."""
         if self.timing_stamp(step) != stamp:
             self._set_meta(f"{TIMING_PREFIX}{step}", stamp)
+
+    def step_order(self) -> tuple[str, ...] | None:
+        """The campaign's steps in order when follow-ups were last scheduled; None before it was kept."""
+        kept = self._meta(STEP_ORDER)
+        return None if not kept else tuple(json.loads(kept))
+
+    def record_step_order(self, steps: Sequence[str]) -> None:
+        """Keep the campaign's steps in order, as follow-ups are scheduled now."""
+        kept = json.dumps(list(steps))
+        if self._meta(STEP_ORDER) != kept:
+            self._set_meta(STEP_ORDER, kept)
 
     def parked_senders(self) -> dict[str, datetime]:
         """Senders a quota refusal parked, and until when: kept, so that a resume does not retry early."""

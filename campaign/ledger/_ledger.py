@@ -509,6 +509,27 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                 (step, FIRST_STEP),
             ).rowcount
 
+    def unschedule_skipping(self, step: str, *, answering: str, skipped: str) -> int:
+        """Remove follow-up `step`'s rows never claimed that answer step `answering`, of recipients whose
+        step `skipped` neither failed nor was skipped (`Ledger.unschedule_skipping`); how many."""
+        # Through the due index: it holds the follow-up rows alone (and step 1's with a deliver_at).
+        with self._write() as db:
+            return db.execute(
+                """
+                DELETE FROM recipients WHERE key IN (
+                    SELECT f.key FROM recipients AS f INDEXED BY recipients_due
+                        JOIN recipients AS p ON p.key = f.previous
+                    WHERE f.due_at IS NOT NULL AND f.step = ? AND f.step != ? AND f.state = 'pending'
+                        AND f.key_issued_at IS NULL AND f.first_claimed_at IS NULL AND p.step = ?
+                        AND NOT EXISTS (
+                            SELECT 1 FROM recipients AS k
+                            WHERE k.key = f.recipient || char(31) || ? AND k.state IN ('failed', 'skipped')
+                        )
+                )
+                """,
+                (step, FIRST_STEP, answering, skipped),
+            ).rowcount
+
     def record_followups(self, scheduled: Sequence[ScheduledStep]) -> int:
         """Add a pending row for each follow-up scheduled, due at its time; returns how many were new
         (a (recipient, step) that has its row already keeps it)."""

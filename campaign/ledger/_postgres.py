@@ -885,6 +885,28 @@ class PostgresLedger(KeptFacts):
                 0,
             )
 
+    def unschedule_skipping(self, step: str, *, answering: str, skipped: str) -> int:
+        """Remove follow-up `step`'s rows never claimed that answer step `answering`, of recipients whose
+        step `skipped` neither failed nor was skipped (`Ledger.unschedule_skipping`); how many."""
+        with self._write() as db:
+            return max(
+                db.execute(
+                    """
+                    DELETE FROM recipients AS f USING recipients AS p
+                    WHERE f.campaign_id = %s AND f.step = %s AND f.step != %s AND f.state = 'pending'
+                        AND f.key_issued_at IS NULL AND f.first_claimed_at IS NULL
+                        AND p.campaign_id = f.campaign_id AND p.key = f.previous AND p.step = %s
+                        AND NOT EXISTS (
+                            SELECT 1 FROM recipients AS k
+                            WHERE k.campaign_id = f.campaign_id AND k.key = f.recipient || chr(31) || %s
+                                AND k.state IN ('failed', 'skipped')
+                        )
+                    """,
+                    (self._id, step, FIRST_STEP, answering, skipped),
+                ).rowcount,
+                0,
+            )
+
     def record_followups(self, scheduled: Sequence[ScheduledStep]) -> int:
         """Add a pending row for each follow-up scheduled, due at its time; returns how many were new
         (a (recipient, step) that has its row already keeps it)."""
@@ -937,10 +959,11 @@ class PostgresLedger(KeptFacts):
             )
 
     def unscheduled_steps(
-        self, previous: str, step: str, *, after: int = 0, limit: int = 1000
+        self, previous: str, step: str, *, later: Sequence[str] = (), after: int = 0, limit: int = 1000
     ) -> list[SentStep]:
         """Up to `limit` rows of step `previous` that were sent to a recipient still in the list and
-        have no row of `step` yet, in ledger order after `after` (the last one's `cursor`)."""
+        have no row of `step` yet, nor of any step in `later`, in ledger order after `after` (the last
+        one's `cursor`)."""
         rows = self._read(
             """
             SELECT p.key, COALESCE(p.recipient, p.key), p.row, p.email, p.sender, p.sent_at, p.id
@@ -951,9 +974,16 @@ class PostgresLedger(KeptFacts):
                     SELECT 1 FROM recipients AS f WHERE f.campaign_id = p.campaign_id
                         AND f.key = COALESCE(p.recipient, p.key) || chr(31) || %s
                 )
+                AND NOT EXISTS (
+                    SELECT 1 FROM recipients AS l WHERE l.campaign_id = p.campaign_id
+                        AND l.key = ANY (
+                            SELECT COALESCE(p.recipient, p.key) || chr(31) || later
+                            FROM unnest(%s::text[]) AS later
+                        )
+                )
             ORDER BY p.id LIMIT %s
             """,
-            (self._id, after, previous, step, limit),
+            (self._id, after, previous, step, list(later), limit),
         )
         return [
             SentStep(key, recipient, row, email, sender, _moment(sent_at), place)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,6 +138,7 @@ KEY_SCHEME = "key_scheme"
 READ_STORES = "read_stores"
 PARKED_PREFIX = "parked_until:"
 TIMING_PREFIX = "timing:"
+STEP_ORDER = "step_order"
 
 
 def content_key(step: str) -> str:
@@ -531,17 +532,21 @@ class LedgerReader:
     # --- follow-up steps ---------------------------------------------------------------------------
 
     def unscheduled_steps(
-        self, previous: str, step: str, *, after: int = 0, limit: int = 1000
+        self, previous: str, step: str, *, later: Sequence[str] = (), after: int = 0, limit: int = 1000
     ) -> list[SentStep]:
         """Up to `limit` rows of step `previous` that were sent to a recipient still in the list and
-        have no row of `step` yet: the recipients `step` is to be scheduled for. Pass the last one's
-        `cursor` as `after` for the next batch (each row is looked at once, however many batches: the
-        table is walked in rowid order, not through the state index, which would sort every batch)."""
+        have no row of `step` yet, nor of any step in `later`: the recipients `step` is to be scheduled
+        for. Pass the last one's `cursor` as `after` for the next batch (each row is looked at once,
+        however many batches: the table is walked in rowid order, not through the state index, which
+        would sort every batch)."""
         query = """
             SELECT p.rowid, p.key, COALESCE(p.recipient, p.key), p.row, p.email, p.sender, p.sent_at
             FROM recipients AS p NOT INDEXED JOIN recipients AS s ON s.key = COALESCE(p.recipient, p.key)
             WHERE p.rowid > ? AND p.step = ? AND p.state = 'sent' AND s.listed = 1 AND NOT EXISTS (
                 SELECT 1 FROM recipients AS f WHERE f.key = COALESCE(p.recipient, p.key) || char(31) || ?
+            ) AND NOT EXISTS (
+                SELECT 1 FROM json_each(?) AS later
+                    JOIN recipients AS l ON l.key = COALESCE(p.recipient, p.key) || char(31) || later.value
             )
             ORDER BY p.rowid LIMIT ?
         """
@@ -550,7 +555,7 @@ class LedgerReader:
                 str(key), str(recipient), int(row), str(email), str(sender), _moment(sent_at), int(rowid)
             )
             for rowid, key, recipient, row, email, sender, sent_at in self._read(
-                query, (after, previous, step, limit)
+                query, (after, previous, step, json.dumps(list(later)), limit)
             )
         ]
 
