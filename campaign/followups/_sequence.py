@@ -15,6 +15,7 @@ import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
+from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -107,10 +108,18 @@ def schedule_followups(manifest: Manifest, ledger: Ledger, *, recipients_at: Rec
 
     A step whose timing changed since its rows were scheduled (`timing_stamp`: an edited `after`, a new
     window or holiday) has its rows not yet claimed made again, due by the new timing: editing a step
-    that has not gone out is free, and takes effect."""
+    that has not gone out is free, and takes effect.
+
+    A recipient's next step is due from the step it got last. A step inserted before one already
+    scheduled goes first (`_unschedule_past_inserted`), and the later step waits its delay from its
+    send; a recipient who has a row of a step after the inserted one (sent, on its way, or stopped)
+    never gets it."""
     senders = {sender.name: sender for sender in manifest.senders}
+    steps = manifest.steps
     total = 0
-    for previous, step in zip(manifest.steps, manifest.steps[1:], strict=False):
+    _unschedule_past_inserted(manifest, ledger)
+    for index in range(1, len(steps)):
+        previous, step, later = steps[index - 1], steps[index], steps[index + 1 :]
         followup = manifest.followup(step)
         assert followup is not None  # manifest.steps lists the follow-ups
         stamp = timing_stamp(manifest, step)
@@ -120,7 +129,7 @@ def schedule_followups(manifest: Manifest, ledger: Ledger, *, recipients_at: Rec
                 ledger.unschedule_steps(step)
             ledger.record_timing_stamp(stamp, step)
         cursor = 0
-        while batch := ledger.unscheduled_steps(previous, step, after=cursor, limit=_BATCH):
+        while batch := ledger.unscheduled_steps(previous, step, later=later, after=cursor, limit=_BATCH):
             cursor = batch[-1].cursor
             zones = _recipient_zones(manifest, batch, recipients_at) if followup.deliver_at else {}
             scheduled = [
@@ -137,6 +146,25 @@ def schedule_followups(manifest: Manifest, ledger: Ledger, *, recipients_at: Rec
             ]
             total += ledger.record_followups(scheduled)
     return total
+
+
+def _unschedule_past_inserted(manifest: Manifest, ledger: Ledger) -> None:
+    """Remove the rows scheduled and never claimed that answer a step the manifest now has another step
+    after (inserted between them), so that the inserted step is scheduled in their place and theirs
+    after its send. Where a recipient's inserted step failed or was stopped, its row stays: nothing
+    would come after that step.
+
+    Done when the steps' order differs from the one kept (`Ledger.step_order`), and on the first
+    scheduling of a ledger that kept none, whose rows an earlier version may have scheduled past an
+    inserted step: each pass reads every follow-up row, and once done, none is scheduled so again."""
+    steps = manifest.steps
+    if ledger.step_order() == steps:
+        return
+    for index, step in enumerate(steps):
+        # (a step before this one's predecessor, the step after it in the manifest now)
+        for answering, skipped in pairwise(steps[:index]):
+            ledger.unschedule_skipping(step, answering=answering, skipped=skipped)
+    ledger.record_step_order(steps)
 
 
 def _due(
