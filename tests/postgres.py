@@ -83,6 +83,9 @@ def empty_database(url: str) -> None:
         db.execute("SET lock_timeout = '5s'")  # a ledger left open in a transaction fails, not hangs
         if db.execute("SELECT to_regclass('campaign_ledger.campaigns')").fetchone() != (None,):
             db.execute("TRUNCATE campaign_ledger.campaigns RESTART IDENTITY CASCADE")
+        # The grants' addresses are the database's, not a campaign's: they go too.
+        if db.execute("SELECT to_regclass('campaign_ledger.mailboxes')").fetchone() != (None,):
+            db.execute("TRUNCATE campaign_ledger.mailboxes")
 
 
 class Ledgers:

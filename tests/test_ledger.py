@@ -1137,6 +1137,63 @@ def test_the_daily_budget_counts_a_mailbox_under_any_sender_name(ledgers, clock)
         assert len(autumn.sent_recipients_since("carl", since, via="grant-3")) == 0
 
 
+def test_the_daily_budget_counts_every_grant_recorded_with_the_mailboxs_address(ledgers, clock):
+    """The same mailbox reconnected through Nylas has a new grant id: the sends of every grant recorded as
+    sending as its address count its day, the current grant's too; another address's do not. On
+    PostgreSQL the grants' addresses are the database's, as their sends are: another campaign counts
+    them as well."""
+    spring = ledgers.open("spring", clock=clock)
+    spring.record_plan([PlannedRow(f"r{i}@x.com", i, f"r{i}@x.com", "alice") for i in range(4)], [])
+    spring.record_mailbox_addresses([("grant-1", "maya@example.com"), ("grant-9", "sam@example.com")])
+    spring.record_mailbox_addresses([("grant-1", "maya@example.com")])  # each run records its senders
+    for i, via in enumerate(("grant-1", "grant-1", "grant-2", "grant-9")):
+        spring.claim(f"r{i}@x.com", subject="Hi", sender="alice", via=via)
+        spring.record_outcome(f"r{i}@x.com", SENT, sender="alice")
+    since = clock.now().timestamp() - 60
+    # grant-2 not recorded yet (its first run is under way): its own sends and grant-1's.
+    assert spring.sent_recipients_total("alice", since, via="grant-2", address="maya@example.com") == 3
+    assert len(spring.sent_recipients_since("alice", since, via="grant-2", address="maya@example.com")) == 3
+    assert spring.sent_recipients_total("alice", since, via="grant-2") == 1  # by grant alone
+    # A different mailbox (its grant and address changed) starts its own day.
+    assert spring.sent_recipients_total("alice", since, via="grant-3", address="tom@example.com") == 0
+    spring.record_mailbox_addresses([("grant-2", "maya@example.com")])
+    assert spring.sent_recipients_total("alice", since, via="grant-1", address="maya@example.com") == 3
+    assert spring.sent_recipients_total("alice", since, via="grant-9", address="sam@example.com") == 1
+    # The rolling day still applies to every grant's sends: a day and a second later, none count.
+    a_day_later = clock.now() + timedelta(days=1, seconds=1)
+    day_before = (a_day_later - timedelta(days=1)).timestamp()
+    assert spring.sent_recipients_total("alice", day_before, via="grant-2", address="maya@example.com") == 0
+    if ledgers.backend == "postgres":
+        autumn = ledgers.open("autumn", clock=clock)
+        autumn.record_plan([PlannedRow("cat@x.com", 1, "cat@x.com", "carl")], [])
+        assert autumn.sent_recipients_total("carl", since, via="grant-5", address="maya@example.com") == 3
+        assert (
+            len(autumn.sent_recipients_since("carl", since, via="grant-5", address="maya@example.com")) == 3
+        )
+        assert autumn.sent_recipients_total("carl", since, via="grant-5", address="tom@example.com") == 0
+
+
+def test_a_ledger_read_before_a_run_recorded_addresses_counts_by_grant(sqlite_ledgers, clock):
+    """status on a ledger that predates the grants' addresses (read-only: no migration) counts the
+    current grant's sends, as before, instead of failing."""
+    ledger = sqlite_ledgers.open("old", clock=clock)
+    ledger.record_plan([PlannedRow("ann@x.com", 1, "ann@x.com", "alice")], [])
+    ledger.claim("ann@x.com", subject="Hi", sender="alice", via="grant-1")
+    ledger.record_outcome("ann@x.com", SENT, sender="alice")
+    ledger.close()
+    with sqlite3.connect(sqlite_ledgers.path("old")) as db:
+        db.execute("DROP TABLE mailboxes")
+        db.execute("DELETE FROM schema_migrations WHERE version = ?", (len(MIGRATIONS),))
+    reading = sqlite_ledgers.open("old", clock=clock, read_only=True)
+    since = clock.now().timestamp() - 60
+    assert reading.sent_recipients_total("alice", since, via="grant-1", address="maya@example.com") == 1
+    assert reading.sent_recipients_total("alice", since, via="grant-2", address="maya@example.com") == 0
+    reading.close()
+    writing = sqlite_ledgers.open("old", clock=clock)  # a run migrates it again: the table is back
+    writing.record_mailbox_addresses([("grant-1", "maya@example.com")])
+    assert writing.sent_recipients_total("alice", since, via="grant-2", address="maya@example.com") == 1
+
+
 def test_the_next_due_follow_up_is_of_a_recipient_still_listed(ledger, clock):
     """A recipient removed from the list gets no further step: its scheduled follow-up is nothing to wait
     for (a --wait run idled until its time, then said nothing was left)."""

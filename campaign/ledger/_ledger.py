@@ -471,6 +471,15 @@ class SqliteLedger(LedgerWriter, KeptFacts):
                     db.execute("UPDATE recipients SET sender = ? WHERE key = ?", (owner, key))
         return gone
 
+    def record_mailbox_addresses(self, addresses: Iterable[tuple[str, str]]) -> None:
+        """Keep that each grant sends as its address ((grant, comparable address) pairs; kept once, never
+        removed): a mailbox reconnected under a new grant id keeps the day its old grant's sends began."""
+        pairs = sorted(set(addresses))
+        if not pairs:
+            return
+        with self._write() as db:
+            db.executemany("INSERT INTO mailboxes (via, address) VALUES (?, ?) ON CONFLICT DO NOTHING", pairs)
+
     def record_senders(self, senders: Mapping[str, str]) -> int:
         """Give each key's row of step 1 its new sender, if it is still pending; returns how many moved.
         A pending row's next key is a new one (its attempt number): any grant may send it."""

@@ -197,6 +197,18 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         # As SQLite's: what an IMAP grant's follow-up names the message it answers by.
         "ALTER TABLE recipients ADD COLUMN IF NOT EXISTS internet_message_id text",
     ),
+    (
+        "the address each grant sends as",
+        # As SQLite's: a mailbox reconnected under a new grant id keeps its day. Like the send log's
+        # `via`, across the database's campaigns: a grant sends as its address whichever campaign names it.
+        """
+        CREATE TABLE IF NOT EXISTS mailboxes (
+            address text COLLATE "C" NOT NULL,
+            via text COLLATE "C" NOT NULL,
+            PRIMARY KEY (address, via)
+        )
+        """,
+    ),
 )
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add
 # indexes only, which its queries do without (a little slower) until a sending command migrates: an

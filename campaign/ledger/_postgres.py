@@ -223,6 +223,7 @@ class PostgresLedger(KeptFacts):
         self._logs_mailboxes: bool | None = (
             None  # whether send_log has `via` (a read-only open may predate it)
         )
+        self._knows_addresses: bool | None = None  # whether `mailboxes` exists (likewise)
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self._where!r}, campaign={self._campaign!r})"
@@ -490,6 +491,18 @@ class PostgresLedger(KeptFacts):
                         (owner, self._id, key),
                     )
         return gone
+
+    def record_mailbox_addresses(self, addresses: Iterable[tuple[str, str]]) -> None:
+        """Keep that each grant sends as its address (as SQLite's), for every campaign in the database."""
+        pairs = sorted(set(addresses))
+        if not pairs:
+            return
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO mailboxes (via, address) SELECT * FROM unnest(%s::text[], %s::text[]) "
+                "ON CONFLICT DO NOTHING",
+                ([via for via, _ in pairs], [address for _, address in pairs]),
+            )
 
     def record_senders(self, senders: Mapping[str, str]) -> int:
         """Give each key's row of step 1 its new sender, if it is still pending (as SQLite's)."""
@@ -824,42 +837,61 @@ class PostgresLedger(KeptFacts):
         return True
 
     def sent_recipients_since(
-        self, sender: str, since: float, *, via: str | None = None
+        self, sender: str, since: float, *, via: str | None = None, address: str | None = None
     ) -> list[tuple[float, int]]:
         """(Unix time, recipients) of each send by `sender` since `since`, oldest first; with `via` (its
         mailbox), each send through that mailbox instead, by any campaign in the database under any
-        sender's name (and those logged before the log kept mailboxes, by this campaign and `sender`)."""
+        sender's name (and those logged before the log kept mailboxes, by this campaign and `sender`);
+        with `address` too, through any grant recorded as sending as it (as SQLite's)."""
         if via is None:
             query = (
                 "SELECT sent_at, recipients FROM send_log WHERE campaign_id = %s AND sender = %s "
                 "AND sent_at > %s ORDER BY sent_at"
             )
             return [(float(at), int(n)) for at, n in self._read(query, (self._id, sender, since))]
+        vias, asked = self._vias_of(via, address)
         query = (
-            "SELECT sent_at, recipients FROM send_log WHERE via = %s AND sent_at > %s UNION ALL "
+            f"SELECT sent_at, recipients FROM send_log WHERE via IN {vias} AND via IS NOT NULL "
+            "AND sent_at > %s UNION ALL "
             "SELECT sent_at, recipients FROM send_log WHERE campaign_id = %s AND via IS NULL AND sender = %s "
             "AND sent_at > %s ORDER BY sent_at"
         )
-        found = self._read(query, (via, since, self._id, sender, since))
+        found = self._read(query, (*asked, since, self._id, sender, since))
         return [(float(at), int(n)) for at, n in found]
 
-    def sent_recipients_total(self, sender: str, since: float, *, via: str | None = None) -> int:
-        """How many recipients `sender` (with `via`, its mailbox, by any campaign in the database) sent to
-        since `since`: the sum of `sent_recipients_since`. A schema from before the log kept mailboxes
-        counts by `sender`."""
+    def sent_recipients_total(
+        self, sender: str, since: float, *, via: str | None = None, address: str | None = None
+    ) -> int:
+        """How many recipients `sender` (with `via`, its mailbox, by any campaign in the database, and
+        `address`, every grant sending as it) sent to since `since`: the sum of `sent_recipients_since`.
+        A schema from before the log kept mailboxes counts by `sender`."""
         if via is None or not self._keeps_mailboxes():
             query = (
                 "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE campaign_id = %s AND sender = %s "
                 "AND sent_at > %s"
             )
             return int(self._read(query, (self._id, sender, since))[0][0])
+        vias, asked = self._vias_of(via, address)
         query = (
             "SELECT COALESCE(SUM(recipients), 0) FROM ("
-            "SELECT recipients FROM send_log WHERE via = %s AND sent_at > %s UNION ALL "
+            f"SELECT recipients FROM send_log WHERE via IN {vias} AND via IS NOT NULL AND sent_at > %s "
+            "UNION ALL "
             "SELECT recipients FROM send_log WHERE campaign_id = %s AND via IS NULL AND sender = %s "
             "AND sent_at > %s) AS sends"
         )
-        return int(self._read(query, (via, since, self._id, sender, since))[0][0])
+        return int(self._read(query, (*asked, since, self._id, sender, since))[0][0])
+
+    def _vias_of(self, via: str, address: str | None) -> tuple[str, tuple[str, ...]]:
+        """The mailboxes a budget counts, as SQL to follow IN, and its parameters (as SQLite's)."""
+        if address is None or not self._links_mailboxes():
+            return "(%s)", (via,)
+        return "(SELECT %s UNION SELECT via FROM mailboxes WHERE address = %s)", (via, address)
+
+    def _links_mailboxes(self) -> bool:
+        if self._knows_addresses is None:
+            found = self._read("SELECT to_regclass('mailboxes') IS NOT NULL", ())
+            self._knows_addresses = bool(found[0][0])
+        return self._knows_addresses
 
     def _keeps_mailboxes(self) -> bool:
         if self._logs_mailboxes is None:

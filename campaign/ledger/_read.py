@@ -174,6 +174,8 @@ class LedgerReader:
         )
         # Whether `recipients_address` exists (a read-only open may predate it).
         self._indexes_addresses: bool | None = None
+        # Whether the `mailboxes` table exists (a read-only open may predate it).
+        self._knows_addresses: bool | None = None
         # Re-entrant: a batch of writes holds it while each write takes it again.
         self._lock = threading.RLock()
 
@@ -413,41 +415,63 @@ class LedgerReader:
         return {name: counts for name, counts in self.counts_per_sender().items() if name is not None}
 
     def sent_recipients_since(
-        self, sender: str, since: float, *, via: str | None = None
+        self, sender: str, since: float, *, via: str | None = None, address: str | None = None
     ) -> list[tuple[float, int]]:
         """(Unix time, recipients) of each send by `sender` since `since`, oldest first; with `via` (its
         mailbox), each send through that mailbox instead, whichever sender it was logged under (and
-        those logged before the log kept mailboxes, by `sender`)."""
+        those logged before the log kept mailboxes, by `sender`); with `address` too (the address `via`
+        sends as), each send through any grant recorded as sending as it (`record_mailbox_addresses`)."""
         if via is None:
             query = (
                 "SELECT sent_at, recipients FROM send_log WHERE sender = ? AND sent_at > ? ORDER BY sent_at"
             )
             return [(float(at), int(n)) for at, n in self._read(query, (sender, since))]
+        vias, asked = self._vias_of(via, address)
         query = (
-            "SELECT sent_at, recipients FROM send_log WHERE via = ? AND sent_at > ? UNION ALL "
+            f"SELECT sent_at, recipients FROM send_log WHERE via IN {vias} AND via IS NOT NULL "
+            "AND sent_at > ? UNION ALL "
             "SELECT sent_at, recipients FROM send_log WHERE via IS NULL AND sender = ? AND sent_at > ? "
             "ORDER BY sent_at"
         )
-        return [(float(at), int(n)) for at, n in self._read(query, (via, since, sender, since))]
+        return [(float(at), int(n)) for at, n in self._read(query, (*asked, since, sender, since))]
 
-    def sent_recipients_total(self, sender: str, since: float, *, via: str | None = None) -> int:
-        """How many recipients `sender` (with `via`, its mailbox) sent to since `since`: the sum of
-        `sent_recipients_since`. A ledger from before the log kept mailboxes counts by `sender`."""
+    def sent_recipients_total(
+        self, sender: str, since: float, *, via: str | None = None, address: str | None = None
+    ) -> int:
+        """How many recipients `sender` (with `via`, its mailbox, and `address`, every grant sending as
+        it) sent to since `since`: the sum of `sent_recipients_since`. A ledger from before the log kept
+        mailboxes counts by `sender`."""
         if via is None or not self._keeps_mailboxes():
             query = "SELECT COALESCE(SUM(recipients), 0) FROM send_log WHERE sender = ? AND sent_at > ?"
             return int(self._read(query, (sender, since))[0][0])
+        vias, asked = self._vias_of(via, address)
         query = (
             "SELECT COALESCE(SUM(recipients), 0) FROM ("
-            "SELECT recipients FROM send_log WHERE via = ? AND sent_at > ? UNION ALL "
+            f"SELECT recipients FROM send_log WHERE via IN {vias} AND via IS NOT NULL AND sent_at > ? "
+            "UNION ALL "
             "SELECT recipients FROM send_log WHERE via IS NULL AND sender = ? AND sent_at > ?)"
         )
-        return int(self._read(query, (via, since, sender, since))[0][0])
+        return int(self._read(query, (*asked, since, sender, since))[0][0])
+
+    def _vias_of(self, via: str, address: str | None) -> tuple[str, tuple[str, ...]]:
+        """The mailboxes a budget counts, as SQL to follow IN, and its parameters: `via`, and with
+        `address` every grant recorded as sending as it (a ledger from before that table: `via` alone).
+        `via IS NOT NULL` beside the IN lets the partial index `send_log_via` serve each of them."""
+        if address is None or not self._links_mailboxes():
+            return "(?)", (via,)
+        return "(SELECT ? UNION SELECT via FROM mailboxes WHERE address = ?)", (via, address)
 
     def _keeps_mailboxes(self) -> bool:
         if self._logs_mailboxes is None:
             columns = self._read("SELECT name FROM pragma_table_info('send_log')")
             self._logs_mailboxes = ("via",) in {tuple(column) for column in columns}
         return self._logs_mailboxes
+
+    def _links_mailboxes(self) -> bool:
+        if self._knows_addresses is None:
+            found = self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mailboxes'")
+            self._knows_addresses = bool(found)
+        return self._knows_addresses
 
     def skip_causes(self) -> dict[str, int]:
         """How many rows are skipped per cause: the reason up to its first colon ("unknown" if none)."""

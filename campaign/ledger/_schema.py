@@ -198,6 +198,20 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         # (a domain send, a row sent before this). Only sends read it, and they migrate first.
         "ALTER TABLE recipients ADD COLUMN internet_message_id TEXT",
     ),
+    (
+        "the address each grant sends as",
+        # The same mailbox reconnected through Nylas gets a new grant id: its daily budget is the
+        # address's, so the budgets count the sends of every grant recorded with the sender's address
+        # (each through `send_log_via`). A run records its grant senders' (`record_mailbox_addresses`);
+        # a ledger without the table counts by grant alone. Keyed by address first: that is the lookup.
+        """
+        CREATE TABLE IF NOT EXISTS mailboxes (
+            address TEXT NOT NULL,
+            via TEXT NOT NULL,
+            PRIMARY KEY (address, via)
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 
 # A read-only open (status, report, preview) needs the migrations up to this one; the later ones add
