@@ -406,6 +406,12 @@ def _send_checked(
     record_key_scheme(ledger, manifest)
     record_read_stores(ledger, manifest)
     ledger.record_moved_mailboxes({sender.mailbox: sender.name for sender in manifest.senders})
+    # Before any send: a later run whose sender names a new grant for the same address counts these.
+    ledger.record_mailbox_addresses(
+        (sender.mailbox, sender.mailbox_address)
+        for sender in manifest.senders
+        if sender.mailbox_address is not None
+    )
     ledger.record_expired_claims()
     jobs = _open_jobs(manifest, ledger, checked, now=clock.now())
     settings = DispatchSettings(limit=options.limit, wait=options.wait)
@@ -763,7 +769,9 @@ class _Rounds:
         since = self._clock.now().timestamp() - DAY_S
         # Only daily limits look back; a sender without one would load its whole day's sends for nothing.
         history = {
-            sender.name: self._ledger.sent_recipients_since(sender.name, since, via=sender.mailbox)
+            sender.name: self._ledger.sent_recipients_since(
+                sender.name, since, via=sender.mailbox, address=sender.mailbox_address
+            )
             for sender in senders
             if sender.per_day is not None or sender.per_day_messages is not None
         }

@@ -292,7 +292,9 @@ def build_status(
     removed = sum(counts.values()) - sum(listed.values())
     since = clock.now().timestamp() - DAY_S
     sent_24h = {
-        sender.name: ledger.sent_recipients_total(sender.name, since, via=sender.mailbox)
+        sender.name: ledger.sent_recipients_total(
+            sender.name, since, via=sender.mailbox, address=sender.mailbox_address
+        )
         for sender in manifest.senders
     }
     states = {name: per_sender.get(name, dict.fromkeys(RowState, 0)) for name in sent_24h}

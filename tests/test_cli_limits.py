@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import timedelta
 
 import pytest
 from conftest import API_KEY, SECRET, copy_sample
+from postgres import fresh_database
 
 from campaign.clock import SystemClock
 from campaign.ledger import open_ledger
@@ -200,3 +202,68 @@ def test_a_renamed_sender_keeps_its_mailboxs_daily_budget(quota_api, cli, tmp_pa
     # status says what the run does: the mailbox's day is used up, whatever its sender is called now.
     maya = json.loads(cli("status", manifest, "--json").stdout)["senders"]["maya"]
     assert (maya["sent_last_24h"], maya["budget_left"]) == (3, 0)
+
+
+RECONNECTED = "5d1e0c7a-2f4b-4c38-8e2a-6a4f3b9c1d20"  # maya's mailbox again, through a new grant
+OTHER_MAILBOX = "7c2f9a14-8b3e-4d51-9f60-1e2d3c4b5a69"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("same_mailbox", [True, False])
+def test_a_reconnected_mailbox_keeps_its_daily_budget(quota_api, cli, tmp_path, backend, same_mailbox):
+    """per_day = 3, two sent through the founder's grant; the manifest then names a new grant with the
+    same address (the mailbox reconnected through Nylas): status counts the two, and resume sends only
+    the one left of the day, through the new grant. A new grant with another address is another
+    mailbox: its day starts empty, and it sends its three."""
+    fake, _ = quota_api
+    manifest = copy_sample("newsletter", tmp_path)
+    manifest.write_text(manifest.read_text().replace("per_day = 500", "per_day = 3"))
+    with contextlib.ExitStack() as stack:
+        ledger = () if backend == "sqlite" else ("--ledger", stack.enter_context(fresh_database()))
+        first = cli("run", manifest, "--yes", "--limit", "2", *ledger)
+        assert first.exit_code == 75, first.output  # stopped at --limit, work left
+        assert [d.grant_id for d in fake.deliveries] == [FOUNDER, FOUNDER]
+        grant, address = (
+            (RECONNECTED, "maya@example.com") if same_mailbox else (OTHER_MAILBOX, "sam@example.com")
+        )
+        fake.add_grant(grant, address)
+        manifest.write_text(
+            manifest.read_text()
+            .replace(FOUNDER, grant)
+            .replace('email = "maya@example.com"', f'email = "{address.upper()}"')
+        )
+        used = 2 if same_mailbox else 0
+        founder = json.loads(cli("status", manifest, "--json", *ledger).stdout)["senders"]["founder"]
+        assert (founder["sent_last_24h"], founder["budget_left"]) == (used, 3 - used)
+        again = cli("resume", manifest, "--yes", *ledger)
+        assert again.exit_code == (75 if same_mailbox else 0), again.output
+        by_new_grant = [d for d in fake.deliveries if d.grant_id == grant]
+        assert len(by_new_grant) == 3 - used
+        assert len(fake.deliveries) == 5 - used
+        founder = json.loads(cli("status", manifest, "--json", *ledger).stdout)["senders"]["founder"]
+        assert (founder["sent_last_24h"], founder["budget_left"]) == (3, 0)
+
+
+def test_another_campaign_in_the_database_counts_the_reconnected_mailboxs_day(quota_api, cli, tmp_path):
+    """Two campaigns in one PostgreSQL database: the spring one sent two through the founder's grant;
+    the autumn one names the mailbox's new grant, per_day = 3: it sends one, and its status counts the
+    spring campaign's two with it (a mailbox's limit is the mailbox's, whichever campaign or grant
+    sent)."""
+    fake, _ = quota_api
+    fake.add_grant(RECONNECTED, "maya@example.com")
+    spring = copy_sample("newsletter", tmp_path / "spring")
+    autumn = copy_sample("newsletter", tmp_path / "autumn")
+    autumn.write_text(
+        autumn.read_text()
+        .replace('name = "spring-newsletter"', 'name = "autumn-newsletter"')
+        .replace(FOUNDER, RECONNECTED)
+        .replace("per_day = 500", "per_day = 3")
+    )
+    with fresh_database() as url:
+        first = cli("run", spring, "--yes", "--limit", "2", "--ledger", url)
+        assert first.exit_code == 75, first.output
+        second = cli("run", autumn, "--yes", "--ledger", url)
+        assert second.exit_code == 75, second.output
+        assert [d.grant_id for d in fake.deliveries] == [FOUNDER, FOUNDER, RECONNECTED]
+        founder = json.loads(cli("status", autumn, "--json", "--ledger", url).stdout)["senders"]["founder"]
+        assert (founder["sent_last_24h"], founder["budget_left"]) == (3, 0)

@@ -616,6 +616,16 @@ class SenderSettings(BaseModel):
         """What Nylas scopes this sender's idempotency keys to: its grant, or `domain:<domain>`."""
         return self.grant_id if self.grant_id else f"domain:{self.domain}"
 
+    @property
+    def mailbox_address(self) -> str | None:
+        """The address this sender's grant sends as, as addresses are compared (normalised, lower-cased,
+        as `recipients.comparable_address` gives it): a mailbox reconnected under a new grant id is the
+        same mailbox, with the same daily limit. None: a domain sender (its limits are the domain's), or
+        a grant sender without `email`."""
+        if self.grant_id is None or self.email is None:
+            return None
+        return self.email.lower()
+
     @field_validator("grant_id", "domain")
     @classmethod
     def _check_grant(cls, value: str | None) -> str | None:

@@ -433,7 +433,9 @@ def _used_24h(manifest: Manifest, ledger: Ledger | None, clock: Clock) -> dict[s
         return {}
     since = clock.now().timestamp() - DAY_S
     return {
-        sender.name: ledger.sent_recipients_total(sender.name, since, via=sender.mailbox)
+        sender.name: ledger.sent_recipients_total(
+            sender.name, since, via=sender.mailbox, address=sender.mailbox_address
+        )
         for sender in manifest.senders
     }
 
