@@ -1156,3 +1156,37 @@ def test_a_filed_microsoft_message_changes_id_and_a_reply_to_its_old_id_is_answe
             assert len(fake.deliveries) == 3
 
     anyio.run(go)
+
+
+# ---- listing order ----
+
+
+async def test_a_listing_is_newest_first_by_date_not_by_arrival(
+    timed_client: httpx.AsyncClient, timed_fake: FakeNylas, clock: FakeClock
+) -> None:
+    """Nylas lists "in reverse chronological order": a message synced late with an earlier date sits
+    below one sent after it arrived; the thread's messages go oldest first by date."""
+    sent = (await send(timed_client)).json()["data"]
+    clock.advance(60)
+    raw = b"From: Ann <ann@example.com>\r\nTo: alice@example.com\r\nSubject: Re: Spring offer\r\n\r\nYes"
+    late = timed_fake.receive_message(GRANT, raw, received_at=START - timedelta(hours=1), reply_to=sent["id"])
+    assert await list_ids(timed_client) == [sent["id"], late]
+    thread = (await timed_client.get(f"/v3/grants/{GRANT}/threads/{sent['thread_id']}", headers=AUTH)).json()
+    assert thread["data"]["message_ids"] == [late, sent["id"]]
+    assert thread["data"]["latest_draft_or_message"]["id"] == sent["id"]
+
+
+async def test_a_cursor_neither_repeats_nor_skips_a_message_dated_earlier_that_arrives_between_pages(
+    timed_client: httpx.AsyncClient, timed_fake: FakeNylas, clock: FakeClock
+) -> None:
+    """Pages follow the date order: a report dated before the first page's last message, synced while
+    the client pages, is on the second page; nothing is listed twice."""
+    ids = await fill_mailbox(timed_client, clock)
+    first = (await timed_client.get(f"/v3/grants/{GRANT}/messages", headers=AUTH, params={"limit": 3})).json()
+    assert [m["id"] for m in first["data"]] == ids[:1:-1]
+    raw = b"From: postmaster@example.net\r\nTo: alice@example.com\r\nSubject: Undeliverable\r\n\r\nx"
+    report = timed_fake.receive_message(GRANT, raw, received_at=START + timedelta(seconds=90))
+    params = {"limit": 3, "page_token": first["next_cursor"]}
+    second = (await timed_client.get(f"/v3/grants/{GRANT}/messages", headers=AUTH, params=params)).json()
+    assert [m["id"] for m in second["data"]] == [report, ids[1], ids[0]]
+    assert "next_cursor" not in second

@@ -2,6 +2,13 @@
 
 Pure selection: filters, newest-first order and cursor pagination over a snapshot
 of stored messages. Bad parameters raise `ApiProblem` (400). No state, no clock.
+
+Order: Nylas lists messages "in reverse chronological order" (developer.nylas.com's Messages
+page; nylas-api.md §11.3), by each message's `date`, not by when the fake stored it: a report
+synced late, or a reply stamped later than a message sent after it arrived, sits where its date
+puts it. Messages of one second go latest-stored first. A cursor names the last message of its
+page by its place in that order (date, then arrival), so a page never repeats or skips one,
+even when a message dated earlier arrives between pages.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ MICROSOFT_SEARCHES = ("subject", "to", "cc", "bcc", "any_email")
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
-    """A sent message as the list endpoint sees it; `seq` grows with each send."""
+    """A message as the list endpoint sees it; `seq` grows with each one stored (the tie-break of
+    messages with one `date`)."""
 
     seq: int
     data: dict[str, Any]
@@ -65,10 +73,16 @@ def select_messages(
         raise _invalid(f"limit must be between 1 and {MAX_LIMIT}")
     below = _parse_cursor(query)
     tests = _build_tests(query, folder_ids)
-    chosen = [m for m in sorted(messages, key=lambda m: -m.seq) if m.seq < below and all(t(m) for t in tests)]
+    newest_first = sorted(messages, key=_place, reverse=True)
+    chosen = [m for m in newest_first if _place(m) < below and all(t(m) for t in tests)]
     page = chosen[:limit]
-    cursor = _encode_cursor(page[-1].seq) if len(chosen) > limit else None
+    cursor = _encode_cursor(_place(page[-1])) if len(chosen) > limit else None
     return [_render(m, query) for m in page], cursor
+
+
+def _place(message: StoredMessage) -> tuple[int, int]:
+    """Where a message stands in the listing's order: by date, then by arrival (both descending)."""
+    return int(message.data["date"]), message.seq
 
 
 def _first(query: Mapping[str, list[str]], name: str) -> str | None:
@@ -86,18 +100,22 @@ def _parse_int(query: Mapping[str, list[str]], name: str, default: int) -> int:
         raise _invalid(f"{name} must be an integer") from exc
 
 
-def _parse_cursor(query: Mapping[str, list[str]]) -> int:
+def _parse_cursor(query: Mapping[str, list[str]]) -> tuple[int, int]:
+    """The place (date, seq) the next page starts below; above every message without a token."""
     token = _first(query, "page_token")
     if not token:
-        return 2**63
+        return 2**63, 2**63
     try:
-        return int(base64.urlsafe_b64decode(token.encode() + b"==").decode().removeprefix("seq:"))
+        text = base64.urlsafe_b64decode(token.encode() + b"==").decode()
+        date, seq = text.removeprefix("at:").split(":seq:")
+        return int(date), int(seq)
     except (ValueError, binascii.Error) as exc:
         raise _invalid("page_token is not a cursor this API gave") from exc
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+def _encode_cursor(place: tuple[int, int]) -> str:
+    date, seq = place
+    return base64.urlsafe_b64encode(f"at:{date}:seq:{seq}".encode()).decode().rstrip("=")
 
 
 Test = Callable[[StoredMessage], bool]

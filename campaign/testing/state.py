@@ -417,13 +417,19 @@ class FakeState:
         """`GET /threads/{id}` as the Threads API answers it (None: no such thread in the grant)."""
         grant = self._require_grant(grant_id)
         with self._lock:
-            found = [m.data for m in grant.messages if m.data["thread_id"] == thread_id]
+            # Oldest first by date (then arrival), as a conversation reads: a message synced late still
+            # stands where its date puts it, and the latest is the one dated last.
+            stored = sorted(
+                (m for m in grant.messages if m.data["thread_id"] == thread_id),
+                key=lambda m: (m.data["date"], m.seq),
+            )
+            found = [m.data for m in stored]
         if not found:
             return None
         incoming = [m["date"] for m in found if grant.sent_folder_id not in m["folders"]]
         sent = [m["date"] for m in found if grant.sent_folder_id in m["folders"]]
         people = {p["email"].lower(): p for m in found for f in ("from", "to", "cc") for p in m[f]}
-        latest = max(found, key=lambda m: m["date"])
+        latest = found[-1]
         return {
             "id": thread_id,
             "grant_id": grant.id,
