@@ -1158,7 +1158,94 @@ def test_a_filed_microsoft_message_changes_id_and_a_reply_to_its_old_id_is_answe
     anyio.run(go)
 
 
-# ---- listing order ----
+# ---- replies' headers, listing order, transactional `from` ----
+
+
+def header_of(headers: list[dict[str, str]], name: str) -> str | None:
+    return next((h["value"] for h in headers if h["name"].lower() == name.lower()), None)
+
+
+async def test_a_reply_names_the_originals_message_id_and_chain_not_its_provider_id(
+    timed_client: httpx.AsyncClient, timed_fake: FakeNylas, clock: FakeClock
+) -> None:
+    """next-capabilities.md §1.2-1.3: Nylas reads the message `reply_to_message_id` names and writes
+    In-Reply-To = its Message-ID, References = its References then its Message-ID, in the answer's
+    headers, the stored message's and what the recipient gets (the delivery's)."""
+    basic = {"fields": "include_basic_headers"}
+    first = (await send(timed_client, params=basic)).json()["data"]
+    first_mid = header_of(first["headers"], "Message-ID")
+    assert first_mid is not None
+    assert re.fullmatch(r"<[^<>@]+@[^<>@]+>", first_mid)
+    assert header_of(first["headers"], "In-Reply-To") is None
+    assert header_of(first["headers"], "References") is None
+    clock.advance(60)
+    second = (
+        await send(
+            timed_client, message(subject="Re: Spring offer", reply_to_message_id=first["id"]), params=basic
+        )
+    ).json()["data"]
+    second_mid = header_of(second["headers"], "Message-ID")
+    assert (header_of(second["headers"], "In-Reply-To"), header_of(second["headers"], "References")) == (
+        first_mid,
+        first_mid,
+    )
+    clock.advance(60)
+    third = (
+        await send(
+            timed_client, message(subject="Re: Spring offer", reply_to_message_id=second["id"]), params=basic
+        )
+    ).json()["data"]
+    assert header_of(third["headers"], "In-Reply-To") == second_mid
+    assert header_of(third["headers"], "References") == f"{first_mid} {second_mid}"
+    assert third["thread_id"] == second["thread_id"] == first["thread_id"]
+    stored = (
+        await timed_client.get(
+            f"/v3/grants/{GRANT}/messages/{third['id']}", headers=AUTH, params={"fields": "include_headers"}
+        )
+    ).json()["data"]
+    assert header_of(stored["headers"], "In-Reply-To") == second_mid
+    assert header_of(stored["headers"], "References") == f"{first_mid} {second_mid}"
+    delivered = timed_fake.deliveries[2].headers
+    assert (header_of(list(delivered), "In-Reply-To"), header_of(list(delivered), "References")) == (
+        second_mid,
+        f"{first_mid} {second_mid}",
+    )
+
+
+async def test_an_imap_reply_and_a_recipients_answer_carry_the_chain(clock: FakeClock) -> None:
+    """An IMAP grant's reply names the original by Message-ID and gets the same headers; a recipient's
+    answer (`reply_share`) names the message it answers as a mail client does; a reply naming a
+    Message-ID the fake does not hold (check_reply_to off) names it alone."""
+    fake = FakeNylas(api_key=API_KEY, clock=clock)
+    fake.add_grant("imap", "rep@mail.example", provider="imap")
+    transport = httpx.ASGITransport(app=fake.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://fake.test") as http:
+        basic = {"fields": "include_basic_headers"}
+        first = (await send(http, grant="imap", params=basic)).json()["data"]
+        first_mid = header_of(first["headers"], "Message-ID")
+        fake.reply_share = 1.0
+        second = (
+            await send(http, message(reply_to_message_id=first_mid), grant="imap", params=basic)
+        ).json()["data"]
+        second_mid = header_of(second["headers"], "Message-ID")
+        assert header_of(second["headers"], "In-Reply-To") == first_mid
+        clock.advance(fake.reply_lag_s)
+        listed = (
+            await http.get(
+                "/v3/grants/imap/messages",
+                headers=AUTH,
+                params={"thread_id": first["thread_id"], "fields": "include_headers"},
+            )
+        ).json()["data"]
+        [answer] = [m for m in listed if m["id"] not in (first["id"], second["id"])]
+        assert header_of(answer["headers"], "In-Reply-To") == second_mid
+        assert header_of(answer["headers"], "References") == f"{first_mid} {second_mid}"
+        fake.reply_share = 0.0
+        fake.check_reply_to = False
+        stranger = "<elsewhere-1@mail.example>"
+        lone = (await send(http, message(reply_to_message_id=stranger), grant="imap", params=basic)).json()
+        assert header_of(lone["data"]["headers"], "In-Reply-To") == stranger
+        assert header_of(lone["data"]["headers"], "References") == stranger
 
 
 async def test_a_listing_is_newest_first_by_date_not_by_arrival(
@@ -1190,3 +1277,16 @@ async def test_a_cursor_neither_repeats_nor_skips_a_message_dated_earlier_that_a
     second = (await timed_client.get(f"/v3/grants/{GRANT}/messages", headers=AUTH, params=params)).json()
     assert [m["id"] for m in second["data"]] == [report, ids[1], ids[0]]
     assert "next_cursor" not in second
+
+
+async def test_a_domain_sends_from_is_recorded_as_the_object_it_was_sent_as(
+    client: httpx.AsyncClient, fake: FakeNylas
+) -> None:
+    """§6: a transactional send's `from` is one object; the delivery keeps the body as sent, while the
+    answer's message object lists it (`from[]`, as every message object does)."""
+    fake.add_domain("mail.example.com")
+    answer = await send_through_domain(client, "mail.example.com", key="k-from")
+    assert answer.status_code == 200
+    assert answer.json()["data"]["from"] == [{"email": "news@mail.example.com"}]
+    [delivery] = fake.deliveries
+    assert delivery.payload["from"] == {"email": "news@mail.example.com"}

@@ -14,13 +14,27 @@ from email.utils import format_datetime, make_msgid
 __all__ = ["build_answer"]
 
 
-def build_answer(address: str, *, mailbox: str, subject: str, at: datetime, auto: bool = False) -> bytes:
-    """The message `address` sends back to `mailbox` about `subject` (CRLF line ends)."""
+def build_answer(
+    address: str,
+    *,
+    mailbox: str,
+    subject: str,
+    at: datetime,
+    auto: bool = False,
+    replying: tuple[str, str] | None = None,
+) -> bytes:
+    """The message `address` sends back to `mailbox` about `subject` (CRLF line ends).
+
+    `replying`: (In-Reply-To, References) for the message answered, as a mail client writes them
+    from its Message-ID and References (RFC 5322 §3.6.4); autoresponders do so too (RFC 3834 §3.1.4).
+    """
     message = EmailMessage()
     message["From"] = address
     message["To"] = mailbox
     message["Date"] = format_datetime(at)
     message["Message-ID"] = make_msgid(domain=address.rsplit("@", 1)[-1])
+    if replying is not None:
+        message["In-Reply-To"], message["References"] = replying
     if auto:
         message["Subject"] = f"Automatic reply: {subject}"
         message["Auto-Submitted"] = "auto-replied"

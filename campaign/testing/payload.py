@@ -30,6 +30,7 @@ __all__ = [
     "REJECTED_MESSAGE",
     "build_message",
     "build_message_headers",
+    "build_reply_headers",
     "build_snippet",
     "count_recipients",
     "decode_json_attachments",
@@ -314,8 +315,27 @@ def _describe_attachment(item: DeliveredAttachment, grant_id: str) -> dict[str, 
     }
 
 
-def build_message_headers(message: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, str]]:
-    """The MIME headers of a sent message as `fields=include_headers` returns them (custom ones echoed)."""
+def build_reply_headers(parent: Sequence[dict[str, str]]) -> tuple[str, str] | None:
+    """(In-Reply-To, References) of a reply to the message whose headers are `parent`, as RFC 5322
+    §3.6.4 builds them (next-capabilities.md §1.2): In-Reply-To is the parent's Message-ID; References
+    is the parent's References (else its In-Reply-To) followed by that Message-ID. None when the
+    parent has no Message-ID: the reply then names nothing."""
+    found = {h["name"].lower(): h["value"].strip() for h in parent}
+    message_id = found.get("message-id", "")
+    if not message_id:
+        return None
+    earlier = found.get("references") or found.get("in-reply-to") or ""
+    return message_id, f"{earlier} {message_id}" if earlier else message_id
+
+
+def build_message_headers(
+    message: dict[str, Any], payload: dict[str, Any], *, replying: tuple[str, str] | None = None
+) -> list[dict[str, str]]:
+    """The MIME headers of a sent message as `fields=include_headers` returns them (custom ones echoed).
+
+    `replying`: (In-Reply-To, References) of a reply, which the provider sets from the message that
+    `reply_to_message_id` names (nylas-api.md §1.2; next-capabilities.md §1.3), never the id itself.
+    """
     headers = [
         {"name": "Message-ID", "value": f"<{message['id']}@mailer.nylas.com>"},
         {"name": "Date", "value": email.utils.formatdate(message["date"], usegmt=True)},
@@ -326,8 +346,10 @@ def build_message_headers(message: dict[str, Any], payload: dict[str, Any]) -> l
         headers.append({"name": "Cc", "value": _format_participants(message["cc"])})
     if message["reply_to"]:
         headers.append({"name": "Reply-To", "value": _format_participants(message["reply_to"])})
-    if message["reply_to_message_id"]:
-        headers.append({"name": "In-Reply-To", "value": message["reply_to_message_id"]})
+    if replying is not None:
+        in_reply_to, references = replying
+        headers.append({"name": "In-Reply-To", "value": in_reply_to})
+        headers.append({"name": "References", "value": references})
     headers.append({"name": "Subject", "value": message["subject"]})
     headers.append({"name": "MIME-Version", "value": "1.0"})
     headers.extend(

@@ -89,6 +89,9 @@ class Delivery:
     idempotency_key: str | None
     delivered_at: datetime
     multipart: bool
+    # The message's MIME headers as its recipients get them: Message-ID, and a reply's In-Reply-To and
+    # References, which the provider writes (what `fields=include_headers` lists).
+    headers: tuple[dict[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

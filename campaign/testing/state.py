@@ -32,7 +32,13 @@ from campaign.testing.bounces import DsnStyle, build_bounce_object, build_dsn
 from campaign.testing.envelopes import Answer, ApiProblem
 from campaign.testing.limits import IdempotencyCache, KeyState, Quota, QuotaLog, SlidingWindow
 from campaign.testing.listing import StoredMessage, select_messages
-from campaign.testing.payload import build_message, build_message_headers, count_recipients, new_opaque_id
+from campaign.testing.payload import (
+    build_message,
+    build_message_headers,
+    build_reply_headers,
+    count_recipients,
+    new_opaque_id,
+)
 from campaign.testing.records import DeliveredAttachment, Delivery, Fault, QuotaStyle, RequestRecord
 
 __all__ = ["NOT_FOUND_MESSAGE", "FakeState", "Grant", "ScriptedFault"]
@@ -49,6 +55,8 @@ _OUTBOX_NUMBER = re.compile(r"(\d{4,})-")
 
 # Nylas sends through these by IMAP/SMTP: a message is known to them by its Message-ID header.
 _IMAP_PROVIDERS = frozenset({"imap", "yahoo", "icloud"})
+# An RFC 5322 msg-id as `reply_to_message_id` may name one: `<left@right>`.
+_MESSAGE_ID = re.compile(r"<[^<>@\s]+@[^<>@\s]+>")
 
 
 @dataclass
@@ -451,8 +459,9 @@ class FakeState:
         }
 
     def _thread_of(self, grant: Grant, message_id: str) -> str | None:
-        """The thread of the grant's message `message_id` (call with the lock held)."""
-        found = self._message_named(grant, message_id)
+        """The thread of the grant's message with id `message_id`, whatever the provider (a message that
+        arrives answering it joins it; an IMAP grant's too) (call with the lock held)."""
+        found = next((m for m in grant.messages if m.data["id"] == message_id), None)
         return None if found is None else str(found.data["thread_id"])
 
     def _message_named(self, grant: Grant, message_id: str) -> StoredMessage | None:
@@ -716,15 +725,19 @@ class FakeState:
         payload: dict[str, Any],
         attachments: tuple[DeliveredAttachment, ...],
         *,
+        sent: dict[str, Any],
         key: str | None,
         multipart: bool,
     ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """Record a sent message (delivery log, Sent folder, quota); return its message object and headers."""
+        """Record a sent message (delivery log, Sent folder, quota); return its message object and headers.
+
+        `payload` is the body in the grant form; `sent` the body as it came, which the delivery log
+        keeps (a domain send's `from` is one object there, nylas-api.md §6)."""
         now = self.clock.now()
         message_id = new_opaque_id()
         # The payload was parsed for this request alone and is only read from here on, so the stored
         # message may take its lists and objects; the delivery log gets its own copy of them.
-        kept = _copy_json(payload)
+        kept = _copy_json(sent)
         data = build_message(
             payload,
             message_id=message_id,
@@ -734,19 +747,31 @@ class FakeState:
             date=now,
             attachments=attachments,
         )
-        headers = build_message_headers(data, payload)
+        replying: tuple[str, str] | None = None
+        if named := str(payload.get("reply_to_message_id") or ""):
+            with self._lock:
+                # A reply joins the thread of the message it answers, and the provider writes its
+                # In-Reply-To and References from that message's headers (next-capabilities.md §1.2-1.3).
+                original = self._message_named(grant, named)
+                if original is not None:
+                    data["thread_id"] = original.data["thread_id"]
+                    replying = build_reply_headers(original.headers)
+            if original is None and _MESSAGE_ID.fullmatch(named):
+                # A Message-ID the fake does not hold (a transactional reply, a mailbox the fake
+                # holds only part of): the reply names it alone, having no chain to follow.
+                replying = named, named
+        headers = tuple(build_message_headers(data, payload, replying=replying))
         with self._lock:
-            # A reply (`reply_to_message_id`) joins the thread of the message it answers (§1.3).
-            if (thread := self._thread_of(grant, str(payload.get("reply_to_message_id") or ""))) is not None:
-                data["thread_id"] = thread
             self._seq += 1
-            grant.messages.append(StoredMessage(self._seq, data, tuple(headers)))
+            grant.messages.append(StoredMessage(self._seq, data, headers))
             grant.quota_log.record(self.clock.monotonic(), count_recipients(payload))
-            self._deliveries.append(Delivery(message_id, grant.id, kept, attachments, key, now, multipart))
+            self._deliveries.append(
+                Delivery(message_id, grant.id, kept, attachments, key, now, multipart, headers)
+            )
         self._bounce_if_chosen(grant, data)
-        self._answer_if_chosen(grant, data)
+        self._answer_if_chosen(grant, data, headers)
         # The caller only sets top-level keys (`headers`) on the answer's data before encoding it.
-        return dict(data), headers
+        return dict(data), list(headers)
 
     def _bounce_if_chosen(self, grant: Grant, message: dict[str, Any]) -> None:
         for recipient in message["to"]:
@@ -761,7 +786,9 @@ class FakeState:
             obj = build_bounce_object(address, message_id=str(message["id"]), subject=subject, at=now)
             self.queue_notification("message.bounce_detected", grant.id, obj)
 
-    def _answer_if_chosen(self, grant: Grant, message: dict[str, Any]) -> None:
+    def _answer_if_chosen(
+        self, grant: Grant, message: dict[str, Any], headers: Sequence[dict[str, str]]
+    ) -> None:
         if not message["to"] or not (self.reply_share or self.auto_reply_share):
             return
         address = str(message["to"][0]["email"])
@@ -773,7 +800,9 @@ class FakeState:
             return
         auto = share >= self.reply_share
         at = self.clock.now() + timedelta(seconds=self.reply_lag_s)
-        raw = build_answer(address, mailbox=grant.email, subject=str(message["subject"]), at=at, auto=auto)
+        subject = str(message["subject"])
+        replying = build_reply_headers(headers)
+        raw = build_answer(address, mailbox=grant.email, subject=subject, at=at, auto=auto, replying=replying)
         self.receive_message(grant.id, raw, received_at=at, reply_to=str(message["id"]))
 
     def _add_schedule(self, grant: Grant, schedule_id: str, send_at: int) -> None:
