@@ -52,8 +52,12 @@ Bounces and webhooks: a message to an address in `bounce_addresses`, or to a sha
 (`bounce_share`, the same ones each time), bounces: a Gmail- or Exchange-style DSN arrives in the
 sending grant's inbox and a `message.bounce_detected` notification is queued. `add_webhook`
 checks the URL with a challenge, as `POST /v3/webhooks` does; `deliver_webhooks` posts what is
-queued, signed (hex HMAC-SHA256 of the body), twice each with `duplicate_webhooks`
-(reference/next-capabilities.md §2).
+due, signed (hex HMAC-SHA256 of the body), twice each with `duplicate_webhooks`, and retries as Nylas
+does (reference/next-capabilities.md §2.4): a try answered 408, 429 or 502-507, or not within 10 s,
+is made again 5 and then 10 minutes later on the fake's clock (3 tries in all, each numbered in
+`webhook_delivery_attempt`), to every webhook of the trigger type; a webhook whose deliveries keep
+failing becomes `failing`, then `failed`, and gets nothing more (`webhook_status`; the rules are in
+campaign/testing/webhooks.py).
 
 Checked by a client nobody here wrote: tests/test_sdk_contract.py runs Nylas's Python SDK
 (nylas 6.18) against this fake over loopback. What that settled of nylas-api.md's open points,

@@ -107,7 +107,9 @@ def run_sandbox_server(
 
         def tick() -> None:
             while not server.should_exit:
-                with contextlib.suppress(Exception):  # a receiver that is down: try again next second
+                # deliver_webhooks keeps what a receiver that is down did not take; whatever else
+                # goes wrong, the next second tries again.
+                with contextlib.suppress(Exception):
                     task()
                 threading.Event().wait(1.0)
 

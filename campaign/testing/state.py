@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import email.policy
 import hashlib
-import hmac
 import json
 import re
 import threading
@@ -40,6 +39,13 @@ from campaign.testing.payload import (
     new_opaque_id,
 )
 from campaign.testing.records import DeliveredAttachment, Delivery, Fault, QuotaStyle, RequestRecord
+from campaign.testing.webhooks import (
+    DELIVERY_TIMEOUT_S,
+    PendingNotification,
+    Webhook,
+    WebhookStatus,
+    post_notification,
+)
 
 __all__ = ["NOT_FOUND_MESSAGE", "FakeState", "Grant", "ScriptedFault"]
 
@@ -173,8 +179,9 @@ class FakeState:
         self.auto_reply_share = 0.0
         self.reply_lag_s = 1.0
         # Webhooks (`add_webhook`): notifications wait here until `deliver_webhooks` sends them.
-        self._webhooks: list[tuple[str, bytes, frozenset[str]]] = []
-        self._outbox: list[tuple[str, dict[str, Any]]] = []
+        self._webhooks: list[Webhook] = []
+        self._outbox: list[tuple[str, dict[str, Any]]] = []  # (trigger type, envelope): first tries
+        self._retries: list[PendingNotification] = []  # tries after a failed one, each due at its time
         self.duplicate_webhooks = False  # deliver every notification twice, as Nylas may
         self._lock = threading.Lock()
         self._grants: dict[str, Grant] = {}
@@ -498,11 +505,20 @@ class FakeState:
     def add_webhook(self, url: str, secret: bytes, trigger_types: Iterable[str]) -> None:
         """Register a webhook as `POST /v3/webhooks` does: the URL must echo a challenge first."""
         challenge = new_opaque_id()
-        answer = httpx.get(url, params={"challenge": challenge}, timeout=10)
+        answer = httpx.get(url, params={"challenge": challenge}, timeout=DELIVERY_TIMEOUT_S)
         if answer.status_code != 200 or answer.text != challenge:
             raise ValueError(f"{url} did not echo the challenge (HTTP {answer.status_code})")
         with self._lock:
-            self._webhooks.append((url, secret, frozenset(trigger_types)))
+            self._webhooks.append(Webhook(url, secret, frozenset(trigger_types)))
+
+    def webhook_status(self, url: str) -> WebhookStatus:
+        """The status of the webhook at `url`: "active", "failing" (its deliveries fail, and go on) or
+        "failed" (delivery stopped for good); see campaign/testing/webhooks.py."""
+        with self._lock:
+            found = next((hook for hook in self._webhooks if hook.url == url), None)
+        if found is None:
+            raise KeyError(f"no webhook at {url}; add it with add_webhook")
+        return found.status
 
     def queue_notification(self, kind: str, grant_id: str, obj: dict[str, Any]) -> str:
         """Queue a notification (any trigger type) for the webhooks; returns its envelope id."""
@@ -521,22 +537,43 @@ class FakeState:
         return event_id
 
     def deliver_webhooks(self) -> int:
-        """POST the queued notifications, signed, to the webhooks subscribed to their types; how many."""
+        """POST the notifications due now on the fake's clock, signed, to the webhooks subscribed to their
+        types (twice each with `duplicate_webhooks`); returns how many POSTs it made.
+
+        A try that a webhook answers 408, 429, 502, 503, 504 or 507, or not within 10 s (or not at all),
+        is made again later, to every webhook of the type, at most 3 tries in all; each says its number
+        in `webhook_delivery_attempt`. Advance the clock and call again to make the retries due
+        (`pending_webhooks`). A webhook whose deliveries keep failing becomes failing, then failed, and
+        gets nothing more (campaign/testing/webhooks.py has the rules and their sources)."""
+        now = self.clock.now()
         with self._lock:
-            queued, self._outbox = self._outbox, []
-            hooks = list(self._webhooks)
-        sent = 0
-        for kind, envelope in queued:
-            body = json.dumps(envelope).encode()
-            for url, secret, types in hooks:
-                if kind not in types:
-                    continue
-                signature = hmac.new(secret, body, hashlib.sha256).hexdigest()
-                headers = {"content-type": "application/json", "x-nylas-signature": signature}
+            due = [note for note in self._retries if note.due <= now]
+            self._retries = [note for note in self._retries if note.due > now]
+            due += [PendingNotification(kind, envelope, due=now) for kind, envelope in self._outbox]
+            self._outbox = []
+        posted = 0
+        for note in due:
+            with self._lock:
+                hooks = [h for h in self._webhooks if note.kind in h.trigger_types and h.accepts(now)]
+            body = json.dumps({**note.envelope, "webhook_delivery_attempt": note.attempt}).encode()
+            retried = False
+            for hook in hooks:
                 for _ in range(2 if self.duplicate_webhooks else 1):
-                    httpx.post(url, content=body, headers=headers, timeout=10)
-                    sent += 1
-        return sent
+                    delivered, retry = post_notification(hook, body)
+                    posted += 1
+                    retried |= retry
+                    with self._lock:
+                        hook.count(delivered=delivered)
+            if retried and (later := note.next_try(now)) is not None:
+                with self._lock:
+                    self._retries.append(later)
+        return posted
+
+    @property
+    def pending_webhooks(self) -> int:
+        """Notifications waiting for a try (a first one, or a retry not yet due)."""
+        with self._lock:
+            return len(self._outbox) + len(self._retries)
 
     def clear_faults(self) -> None:
         """Drop every scripted fault not yet used."""
