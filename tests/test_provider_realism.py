@@ -82,7 +82,7 @@ def test_a_domain_sender_without_a_from_name_sends_from_its_address(api, cli, tm
     api.add_domain("mail.example.com")
     result = cli("run", manifest, "--yes")
     assert result.exit_code == 0, result.output
-    assert [d.payload["from"] for d in api.deliveries] == [{"email": "news@mail.example.com"}] * 5
+    assert [d.payload["from"] for d in api.deliveries] == [[{"email": "news@mail.example.com"}]] * 5
 
 
 @pytest.mark.parametrize("shape", ["id", "message_id", "messageId"])

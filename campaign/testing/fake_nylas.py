@@ -23,8 +23,7 @@ Providers, per grant (`add_grant(..., provider=)`; `campaign sandbox` takes each
   the fake's choice).
 - Transactional (domain) sends answer with the message id under `data.id` (OpenAPI spec, Python
   SDK), or, per `domain_answer_id`, `message_id` or the Node SDK's `messageId`; any other
-  name leaves the answer without an id our reader knows. Their `from` is one object (§6): the
-  delivery log keeps it so, and the answer's message object lists it (`from[]`).
+  name leaves the answer without an id our reader knows.
 
 With `trial_app` the application is a Sandbox (trial) one, which may not track: a send that turns on
 `tracking_options` (opens, links, thread_replies) is answered 400 `invalid_request_error` "Tracking
@@ -244,8 +243,7 @@ class FakeNylas(FakeState):
                 400, "api.invalid_idempotency_key", message, request_id=request_id
             ).build_response()
         try:
-            sent, files, fingerprint = await self._read_send_body(request, multipart=multipart)
-            payload = _grant_shaped(request, sent)
+            payload, files, fingerprint = await self._read_send_body(request, multipart=multipart)
         except ApiProblem as problem:
             return answer_problem(problem, request_id=request_id).build_response()
         if key is None:
@@ -262,14 +260,7 @@ class FakeNylas(FakeState):
             # The server finishes what it started even if the caller gives up (client timeout).
             with anyio.CancelScope(shield=True):
                 answer, dropped = await self._process_send(
-                    grant,
-                    payload,
-                    files,
-                    sent=sent,
-                    key=key,
-                    multipart=multipart,
-                    fields=fields,
-                    request_id=request_id,
+                    grant, payload, files, key=key, multipart=multipart, fields=fields, request_id=request_id
                 )
         except BaseException:
             self._finish(grant, key, None)
@@ -301,10 +292,10 @@ class FakeNylas(FakeState):
             raise ApiProblem(413, "invalid_request_error", message)
         if not multipart:
             payload = parse_json_object(body)
-            return payload, [], fingerprint_payload(payload)
+            return _grant_shaped(request, payload), [], fingerprint_payload(payload)
         message_part, files = await _read_form(request, limit=limit)
         payload = parse_json_object(message_part)
-        return payload, files, fingerprint_payload(payload, files)
+        return _grant_shaped(request, payload), files, fingerprint_payload(payload, files)
 
     async def _process_send(  # noqa: C901 - each fault and answer Nylas documents for a send
         self,
@@ -312,15 +303,12 @@ class FakeNylas(FakeState):
         payload: dict[str, Any],
         files: list[FilePart],
         *,
-        sent: dict[str, Any],
         key: str | None,
         multipart: bool,
         fields: str,
         request_id: str,
     ) -> tuple[Answer, bool]:
-        """Validate, apply quotas and provider faults, deliver; return the answer and whether to drop.
-
-        `payload` is the body in the grant form (`_grant_shaped`), `sent` as it came."""
+        """Validate, apply quotas and provider faults, deliver; return the answer and whether to drop."""
         slow = self._take_fault(grant.id, stage="delay")
         if self.latency_s > 0:
             await self.clock.sleep(self.latency_s)
@@ -361,7 +349,7 @@ class FakeNylas(FakeState):
         fault = self._take_fault(grant.id, stage="provider")
         if fault is not None and fault.fault not in (Fault.TIMEOUT_AFTER_SEND, Fault.RESET_AFTER_SEND):
             return self._answer_provider_fault(fault, request_id), False
-        data, headers = self._deliver(grant, payload, attachments, sent=sent, key=key, multipart=multipart)
+        data, headers = self._deliver(grant, payload, attachments, key=key, multipart=multipart)
         if fault is not None and fault.fault is Fault.TIMEOUT_AFTER_SEND:
             return answer_error(
                 504, "provider_error", "Provider request timed out.", request_id=request_id
@@ -551,8 +539,7 @@ def _head_size(request: Request) -> int:
 
 
 def _grant_shaped(request: Request, payload: dict[str, Any]) -> dict[str, Any]:
-    """A domain send's body in the grant form: its required single `from` object becomes a list (§6),
-    as the message object it is answered with has it (`from[]`). The delivery log keeps the body as sent."""
+    """A domain send's body in the grant form: its required single `from` object becomes a list (§6)."""
     if "domain" not in request.path_params:
         return payload
     sender = payload.get("from")

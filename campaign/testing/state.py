@@ -762,19 +762,15 @@ class FakeState:
         payload: dict[str, Any],
         attachments: tuple[DeliveredAttachment, ...],
         *,
-        sent: dict[str, Any],
         key: str | None,
         multipart: bool,
     ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """Record a sent message (delivery log, Sent folder, quota); return its message object and headers.
-
-        `payload` is the body in the grant form; `sent` the body as it came, which the delivery log
-        keeps (a domain send's `from` is one object there, nylas-api.md §6)."""
+        """Record a sent message (delivery log, Sent folder, quota); return its message object and headers."""
         now = self.clock.now()
         message_id = new_opaque_id()
         # The payload was parsed for this request alone and is only read from here on, so the stored
         # message may take its lists and objects; the delivery log gets its own copy of them.
-        kept = _copy_json(sent)
+        kept = _copy_json(payload)
         data = build_message(
             payload,
             message_id=message_id,
