@@ -3,9 +3,10 @@
 The API key, the unsubscribe and webhook secrets and a database's password live in environment
 variables. A user may still paste one where another value belongs: a manifest key, a list's path, a
 database's URL. `looks_like_secret` decides whether a value may be one: it holds a Nylas API key
-(`nyk_…`), the value of a secret variable, or a long random-looking token. `quote_value` is how an
-error message repeats a value: its repr, or `HIDDEN` in its place. `scrub_secrets` masks the known
-secret values (and Nylas keys) in any text, the CLI's last check before it prints an error.
+(`nyk_…`), the value of a secret variable, or a long random-looking token (a base32 TOTP seed's
+too). `quote_value` is how an error message repeats a value: its repr, or `HIDDEN` in its place.
+`scrub_secrets` masks the known secret values (and Nylas keys) in any text, the CLI's last check
+before it prints an error.
 `secret_values` reads those values from the environment; everything else here is pure.
 """
 
@@ -54,6 +55,18 @@ _PIECE = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
 # people's (a slug, a date), not a token's.
 _MOST_PIECE_LENGTH = 2.5
 _MOST_SEPARATORS = 1 / 8
+# A base32 secret (a TOTP seed as an authenticator's setup shows it, JBSWY3DPEHPK3PXP…): 16 or more
+# capitals and digits 2-7, as an environment variable's name may be written. A seed's digits fall
+# anywhere, one character in six, so one stands between two letters in all but a few seeds; a name's
+# digits end it or stand apart (SECRET_2, KEY_V2), and a year or a date holds a 0, 1, 8 or 9. The few
+# seeds left are told by their letters: a seed's are a fifth vowels and a quarter rare ones (J, K, Q, V,
+# W, X, Z), a word's two fifths vowels and hardly any rare ones; the vowels less the rare letters come to
+# under a tenth of the letters in nearly every seed, and to more in nearly every run of words.
+_BASE32 = re.compile(r"(?<![A-Za-z0-9])[A-Z2-7]{16,}(?![A-Za-z0-9])")
+_DIGIT_AMID_LETTERS = re.compile(r"[A-Z][2-7]+[A-Z]")
+_VOWELS = frozenset("AEIOU")
+_RARE = frozenset("JKQVWXZ")
+_MOST_WORDLIKE = 0.1
 
 
 def secret_values(names: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
@@ -75,14 +88,18 @@ def holds_secret(value: str, known: Iterable[str] = ()) -> bool:
 
 
 def looks_like_secret(value: str, known: Iterable[str] = ()) -> bool:
-    """Whether `value` holds what may be a secret: what `holds_secret` finds, or a long random-looking
+    """Whether `value` holds what may be a secret: what `holds_secret` finds, a long random-looking
     token (32 or more letters, digits, '_' and '-', with letters and digits, that reads as no words:
-    hex, base64url, an API token). Ordinary values (addresses, URLs, paths, names, dates, UUIDs) are
-    not."""
+    hex, base64url, an API token), or a base32 one (16 or more capitals and digits 2-7 that read as no
+    name: a TOTP seed). Ordinary values (addresses, URLs, paths, names, upper-case variable names,
+    dates, UUIDs) are not."""
     text = str(value)
     if holds_secret(text, known):
         return True
-    return any(_looks_random(run) for run in _RUN.findall(_UUID.sub(" ", text)))
+    text = _UUID.sub(" ", text)
+    return any(_looks_random(run) for run in _RUN.findall(text)) or any(
+        _looks_base32(run) for run in _BASE32.findall(text)
+    )
 
 
 def quote_value(value: object, known: Iterable[str] = (), *, bare: bool = False) -> str:
@@ -118,6 +135,14 @@ def _looks_random(run: str) -> bool:
         return False
     pieces = _PIECE.findall(run)
     return sum(map(len, pieces)) / len(pieces) <= _MOST_PIECE_LENGTH
+
+
+def _looks_base32(run: str) -> bool:
+    if _DIGIT_AMID_LETTERS.search(run):
+        return True
+    letters = [char for char in run if char.isalpha()]
+    wordlike = sum(char in _VOWELS for char in letters) - sum(char in _RARE for char in letters)
+    return bool(letters) and wordlike <= len(letters) * _MOST_WORDLIKE
 
 
 def _has_letters_and_digits(text: str) -> bool:

@@ -82,6 +82,9 @@ def _mode(path: Path) -> int:
         # In capitals and digits, as a variable's name is written: upper-case hex, a random token.
         ("api", "key_env", "DA39A3EE5E6B4B0D3255BFEF95601890AFD80709"),
         ("unsubscribe", "secret_env", "A8F3KL9QZ2XV7MN4PR6TY1WB5CD0EG8HQ"),
+        # A TOTP seed (base32: capitals and digits 2-7), as short as they come, and of 160 bits.
+        ("api", "key_env", "JBSWY3DPEHPK3PXP"),
+        ("unsubscribe", "secret_env", "GASF2H7NCGGOQPMVJIEW7EIOWE3DJFPO"),
     ],
 )
 def test_a_secret_pasted_as_a_variable_name_is_refused_without_echo(api, cli, tmp_path, table, key, pasted):

@@ -4,6 +4,9 @@ checks built on it: a ledger's or a store's URL holding a secret is refused with
 
 from __future__ import annotations
 
+import base64
+import random
+import re
 import secrets
 
 import pytest
@@ -56,6 +59,11 @@ ORDINARY = [
     "grant-alice",
     "CAMPAIGN_UNSUBSCRIBE_SECRET_2024_ROTATION_B",
     "NYLAS_API_KEY",
+    "BENCH_UNSUBSCRIBE_SECRET",
+    "CAMPAIGNUNSUBSCRIBESECRET",  # capitals without '_': a name still reads as words
+    "NYLASAPIKEYPRODUCTION2",
+    "ACME_NYLAS_KEY_V2_EUROPE_WEST_4",
+    "SPRINGNEWSLETTER2024EUROPE",  # a year holds a 0, 1, 8 or 9: not base32
     "Alice Park",
     "Spring news for {{ first_name }}",
     ";",
@@ -72,6 +80,12 @@ SECRETS = [
     "6B29FC40CA471067B31D00DD010662DA",
     "ghp_1a2B3c4D5e6F7g8H9i0JkLmNoPqRsTuVwXyZ",
     "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+    # base32 (TOTP seeds, as an authenticator's setup shows them): 80, 128 and 160 bits
+    "JBSWY3DPEHPK3PXP",
+    "P24PC2RDZYTIMXTG",
+    "AHVWQBBG3GKG7RLMTVNT5KG5VQ======",
+    "GASF2H7NCGGOQPMVJIEW7EIOWE3DJFPO",
+    "otpauth://totp/ACME:ann@example.com?secret=JBSWY3DPEHPK3PXP&issuer=ACME",
     # one inside another value: a path, a URL, a quoted message
     "/home/user/nyk_v0_Xq3PwLm9RtZ2KsVb7YhN4CdJ8FgU1oEa6TiW0rQyHs5.csv",
     "https://api.us.nylas.com/?key=Zt4q9XbL2mWv7RcK1pNs8YdF3hJ6gQa0EuTo5LiBk",
@@ -99,6 +113,16 @@ def test_hex_digests_and_urlsafe_tokens_of_every_draw_look_like_secrets():
     # A random token reads as no words; now and then one draw happens to (about 1 in 50): most do not.
     found = sum(looks_like_secret(secrets.token_urlsafe(32)) for _ in range(500))
     assert found >= 450
+
+
+def test_base32_seeds_of_every_draw_look_like_secrets():
+    """TOTP seeds of 160 bits (RFC 4226's recommended length), base32 in capitals: each of these draws,
+    which include seeds whose digits stand only at an end and a seed with no digit 2-7 at all."""
+    draws = random.Random(4226)
+    seeds = [base64.b32encode(draws.randbytes(20)).decode() for _ in range(2_000)]
+    # A few have no digit between two letters: told from words by their letters alone.
+    assert len([seed for seed in seeds if not re.search("[A-Z][2-7]+[A-Z]", seed)]) == 3
+    assert [seed for seed in seeds if not looks_like_secret(seed)] == []
 
 
 def test_a_known_secret_is_recognised_whatever_it_looks_like():

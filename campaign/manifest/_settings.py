@@ -73,8 +73,8 @@ STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 _NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 # Capitals, digits and '_', as environment variable names are written: a pasted key or secret
 # (`nyk_v0_…`, base64, lower-case hex) never looks like one. One in capitals and digits may (upper-case
-# hex, a random token): it is a name only if it does not also look like a secret (`looks_like_secret`),
-# since a name is echoed ("the environment variable … is not set").
+# hex, a base32 TOTP seed, a random token): it is a name only if it does not also look like a secret
+# (`looks_like_secret`), since a name is echoed ("the environment variable … is not set").
 _ENV_PATTERN = r"^[A-Z_][A-Z0-9_]{0,63}$"
 # A URL parameter whose name holds one of these holds a secret (libpq's sslpassword, oauth_client_secret).
 _SECRET_PARAMETER_WORDS = ("password", "secret", "token")
