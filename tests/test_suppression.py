@@ -211,12 +211,16 @@ def test_a_secret_given_to_suppress_add_or_import_is_refused_and_never_kept(cli,
     monkeypatch.setenv("CAMPAIGN_UNSUBSCRIBE_SECRET", SECRET)
     store = tmp_path / "store.sqlite"
     (tmp_path / "export.csv").write_text(f"email,recipient_key\n,cus-1\n,{SECRET}\n")
-    (tmp_path / "list.txt").write_text(f"ann@example.com\n{API_KEY}@example.com\n")
-    attempts = {
+    (tmp_path / "list.txt").write_text(f"# opt-outs\nann@example.com\n\nBob <{API_KEY}@example.com>\n")
+    pl.DataFrame({"email": ["ann@example.com", "bob@example.com", f"{API_KEY}@example.com"]}).write_parquet(
+        tmp_path / "list.parquet"
+    )
+    attempts = {  # a file's line (or row) is named: a list may hold thousands
         "argument 2": ("suppress", "add", "cus-1", API_KEY, "--key"),
         "argument 1": ("suppress", "add", f"Ann <{API_KEY}@example.com>"),
-        "export.csv": ("suppress", "import", tmp_path / "export.csv"),
-        "list.txt": ("suppress", "import", tmp_path / "list.txt"),
+        "export.csv: line 3": ("suppress", "import", tmp_path / "export.csv"),
+        "list.txt: line 4": ("suppress", "import", tmp_path / "list.txt"),
+        "list.parquet: row 3": ("suppress", "import", tmp_path / "list.parquet"),
     }
     for where, command in attempts.items():
         result = cli(*command, "--store", store)

@@ -24,6 +24,7 @@ from campaign.errors import DataError, UsageError
 from campaign.manifest import check_env_name
 from campaign.recipients import (
     load_import_addresses,
+    locate_suppression_entry,
     parse_suppression_entry,
     write_entries,
 )
@@ -201,7 +202,7 @@ def suppress_import(
         origin = _location("SOURCE", source)
         name = origin.name if isinstance(origin, Path) else origin
         found = load_import_addresses(origin, clock=options.clock)
-        _refuse_a_secret(name, found.entries)
+        _refuse_a_secret(name, found.entries, source=origin)
         added = _with_store(
             store,
             lambda s: s.record_many(
@@ -258,11 +259,15 @@ def suppress_list(
         out.print(f"{len(entries)} entries in {store}", markup=False)
 
 
-def _refuse_a_secret(where: str, values: Iterable[str]) -> None:
+def _refuse_a_secret(where: str, values: Iterable[str], *, source: Path | str | None = None) -> None:
     """DataError, before anything is added, if one of `values` holds a secret (an API key, the value of a
-    secret variable): an entry is shown by `suppress list` and written by `suppress export`."""
+    secret variable): an entry is shown by `suppress list` and written by `suppress export`. The values
+    of a list file `source` (not a store): the line (or row) of the first that holds one is named too."""
     known = secret_values(options.secret_envs)
     if any(holds_secret(value, known) for value in values):
+        if isinstance(source, Path) and not is_store_path(source):
+            line = locate_suppression_entry(source, lambda value: holds_secret(value, known))
+            where = where if line is None else f"{where}: {line}"
         raise DataError(
             f"{where}: holds a secret (an API key, or the value of a secret variable such as NYLAS_API_KEY), "
             "which the store would keep and show; remove it: secrets live only in environment variables "

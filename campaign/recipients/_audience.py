@@ -18,7 +18,7 @@ import functools
 import json
 import re
 import unicodedata
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
@@ -60,6 +60,7 @@ __all__ = [
     "load_audience",
     "load_suppression",
     "load_suppression_list",
+    "locate_suppression_entry",
     "matching_form",
     "normalize_address",
     "parse_suppression_entry",
@@ -647,6 +648,22 @@ def load_suppression_list(paths: Sequence[Path | str]) -> SuppressionList:
         if in_file:
             key_only.append((path.name, in_file))
     return SuppressionList(frozenset(found), frozenset(keys), tuple(key_only))
+
+
+def locate_suppression_entry(path: Path, holds: Callable[[str], bool]) -> str | None:
+    """Where in the suppression file `path` the first entry stands of which `holds` is true for what it
+    gives: its addresses (lower-cased, and in the form they are compared in), or, for an entry without
+    one, its recipient key. "line 3" (a text or CSV file's line, as its errors name them), "row 2" (a
+    Parquet file's); None if no entry gives such a value."""
+    for where, value, key in _suppression_values(path):
+        try:
+            addresses = parse_suppression_entry(value) or ()
+        except RecipientDataError:
+            continue  # `load_suppression_list` refuses the file for it: it gives nothing
+        given = [form for address in addresses for form in (address, comparable_address(address)) if form]
+        if any(map(holds, given)) or (not addresses and key.strip() and holds(key.strip())):
+            return where
+    return None
 
 
 def parse_suppression_entry(value: str) -> tuple[str, ...] | None:
