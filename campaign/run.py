@@ -608,11 +608,13 @@ class _Rounds:
         if settings.wait and self._sequenced:  # a sender's wait must not hold another's next steps
             settings = replace(settings, leave_to_wait=True)
         stores = list_store_paths(self._manifest)
-        # Rows the plan did not check again (follow-ups, retried rows) meet the suppression files here.
-        files = SuppressionFiles(self._manifest.recipients.suppress, clock=self._clock)
-        # Re-read the unsubscribe stores (about once a second) so that a mid-run unsubscribe holds. Every
-        # read of a store or the ledger here is made in a worker thread: a slow database holds what waits
-        # for its answer, never the event loop (the sends in flight, a worker's lease heartbeat).
+        # Re-read the unsubscribe stores and the suppression files (about once a second) so that a
+        # mid-run opt-out holds: rows the plan did not check again (follow-ups, retried rows) meet the
+        # files here. Every read of a store, a file or the ledger here is made in a worker thread: a slow
+        # database or disk holds what waits for its answer, never the event loop (the sends in flight, a
+        # worker's lease heartbeat).
+        suppress = self._manifest.recipients.suppress
+        files = await anyio.to_thread.run_sync(partial(SuppressionFiles, suppress, clock=self._clock))
         watch = await anyio.to_thread.run_sync(partial(UnsubscribeWatch, stores, clock=self._clock))
         # Replies the webhooks reported (`campaign serve` keeps them in the stores) stop follow-ups too.
         notices = ReplyNotices(stores, campaign=self._manifest.campaign.name, clock=self._clock)
@@ -820,9 +822,11 @@ def _opt_out(
     watch: UnsubscribeWatch | None, files: SuppressionFiles
 ) -> Callable[[Recipient], Awaitable[SkipReason | None]]:
     """The opt-out check right before each claim: a suppression file lists the recipient now
-    (`suppressed`), or a store does (`unsubscribed`, `bounced`), re-read off the event loop when due."""
+    (`suppressed`), or a store does (`unsubscribed`, `bounced`), each re-read off the event loop when
+    due."""
 
     async def opt_out(recipient: Recipient) -> SkipReason | None:
+        await files.reread_when_due()
         if files.is_listed(recipient):
             return SkipReason.SUPPRESSED
         if watch is None:

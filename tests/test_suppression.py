@@ -7,7 +7,10 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 
+import anyio
+import anyio.lowlevel
 import polars as pl
 import pytest
 from conftest import API_KEY, SECRET
@@ -504,6 +507,45 @@ def test_suppression_files_are_read_again_when_they_change_and_a_bad_edit_keeps_
     assert (files.is_listed(ann), files.is_listed(bob)) == (True, True)
     with pytest.raises(RecipientDataError, match=r"optouts\.txt: line 3"):
         SuppressionFiles([listed], clock=clock)
+
+
+@pytest.mark.anyio
+async def test_a_changed_suppression_file_is_read_again_off_the_event_loop(tmp_path, monkeypatch):
+    """The run's check before each claim reads a changed suppression file in a worker thread: while a slow
+    read goes on (a network disk, a long list), the loop's other tasks run, here the one the read waits
+    for; and the entry saved is known to the check that waited for the read."""
+    from campaign.recipients import SuppressionFiles, _suppression
+    from campaign.run import _opt_out
+
+    clock = FakeClock()
+    listed = tmp_path / "optouts.txt"
+    listed.write_text("ann@example.com\n", encoding="utf-8")
+    files = SuppressionFiles([listed], clock=clock)
+    listed.write_text("ann@example.com\nbob@example.com\n", encoding="utf-8")
+    clock.advance(1.0)
+    reading, may_finish = threading.Event(), threading.Event()
+    finished: list[bool] = []
+    read = _suppression.load_suppression_list
+
+    def slow_read(paths):
+        reading.set()
+        # Read on the loop's thread, this waits in vain: the task that would let it finish cannot run.
+        finished.append(may_finish.wait(timeout=5))
+        return read(paths)
+
+    async def other_work_of_the_loop() -> None:
+        while not reading.is_set():
+            await anyio.lowlevel.checkpoint()
+        may_finish.set()
+
+    monkeypatch.setattr(_suppression, "load_suppression_list", slow_read)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(other_work_of_the_loop)
+        said = await _opt_out(None, files)(_recipient("bob@example.com", 2))
+    assert finished == [True]
+    assert said == SkipReason.SUPPRESSED
+    assert await _opt_out(None, files)(_recipient("carl@example.com", 3)) is None
+    assert finished == [True]  # looked at within the second: not read again
 
 
 @pytest.mark.parametrize("name", ["moved.csv", "moved.parquet"])
