@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from conftest import SECRET, copy_sample
@@ -265,6 +268,81 @@ def test_watch_rereads_at_most_once_per_interval(store_at):
     assert watch.is_unsubscribed(by_address) is True  # matched on the address when the key is a customer id
     store.close()
     watch.close()
+
+
+@pytest.mark.anyio
+async def test_a_reread_asked_for_while_one_is_under_way_is_made_after_it(tmp_path, monkeypatch):
+    """`reread_next` (the run pulled bounces into the store) while a re-read is in its worker thread, after
+    that read's query: the next check re-reads, however recent the last, and finds the new opt-out."""
+    clock = FakeClock()
+    path = tmp_path / "u.sqlite"
+    store = open_store(path, clock=clock)
+    watch = UnsubscribeWatch([path], clock=clock, refresh_s=1.0)
+    ann = Recipient("ann@example.com", 1, Address("ann@example.com"), {})
+    read, reads = UnsubscribeWatch._read_new, []
+    has_read, may_return = threading.Event(), threading.Event()
+
+    def read_then_wait(self: UnsubscribeWatch) -> list[StoreEntry]:
+        found = read(self)
+        reads.append(len(found))
+        if len(reads) == 1:
+            has_read.set()
+            assert may_return.wait(timeout=5)
+        return found
+
+    async def record_and_ask_for_a_reread() -> None:
+        while not has_read.is_set():
+            await anyio.lowlevel.checkpoint()
+        store.record("spring", "ann@example.com", source="one-click")
+        watch.reread_next()
+        may_return.set()
+
+    monkeypatch.setattr(UnsubscribeWatch, "_read_new", read_then_wait)
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(record_and_ask_for_a_reread)
+            await watch.reread_when_due()
+        await watch.reread_when_due()  # no time passed: due only because it was asked for
+        assert watch.opt_out(ann) == SkipReason.UNSUBSCRIBED
+        assert reads == [0, 1]
+        await watch.reread_when_due()
+        assert reads == [0, 1]  # asked for once: then once a second again
+    finally:
+        store.close()
+        watch.close()
+
+
+@pytest.mark.anyio
+async def test_a_reread_slower_than_its_interval_is_not_made_again_on_the_event_loop(tmp_path, monkeypatch):
+    """A store that takes 3 s to answer (far away, or busy): the check re-reads it once, in a worker
+    thread; the answer that follows does not re-read it at once on the loop's thread because a second
+    passed meanwhile. The next re-read is a second after this one ended."""
+    clock = FakeClock()
+    path = tmp_path / "u.sqlite"
+    open_store(path, clock=clock).close()
+    watch = UnsubscribeWatch([path], clock=clock, refresh_s=1.0)
+    ann = Recipient("ann@example.com", 1, Address("ann@example.com"), {})
+    read, threads = UnsubscribeWatch._read_new, []
+
+    def slow_read(self: UnsubscribeWatch) -> list[StoreEntry]:
+        threads.append(threading.current_thread())
+        clock.advance(3.0)
+        return read(self)
+
+    monkeypatch.setattr(UnsubscribeWatch, "_read_new", slow_read)
+    try:
+        await watch.reread_when_due()
+        assert watch.opt_out(ann) is None
+        assert len(threads) == 1
+        assert threads[0] is not threading.current_thread()
+        clock.advance(0.9)
+        await watch.reread_when_due()
+        assert len(threads) == 1
+        clock.advance(0.1)
+        await watch.reread_when_due()
+        assert len(threads) == 2
+    finally:
+        watch.close()
 
 
 def test_a_watch_holds_only_what_its_pages_and_the_run_added_not_the_whole_store(store_at):

@@ -600,7 +600,10 @@ class UnsubscribeWatch:
         self._refresh_s = refresh_s
         self._stores = StoreFollower(paths, clock=clock, from_now=True)
         self._known = Unsubscribed()
+        # When the last re-read ended (None: one is due now). Timed from its end: a re-read slower than
+        # `refresh_s` is not due again at once, so `opt_out` does not make one more on the event loop.
         self._read_at: float | None = None
+        self._asked = 0  # re-reads asked for (`reread_next`): one asked for during a re-read still holds
         self._rereading: anyio.Lock | None = None  # made on the event loop that first needs it
 
     async def reread_when_due(self) -> None:
@@ -614,10 +617,11 @@ class UnsubscribeWatch:
             self._rereading = anyio.Lock()
         async with self._rereading:
             if self._reread_due():  # else the re-read another check waited for was this one's
-                started = self._clock.monotonic()
-                found = await anyio.to_thread.run_sync(self._read_new)
-                self._read_at = started
-                self._known.add(found)
+                asked = self._asked
+                try:
+                    self._known.add(await anyio.to_thread.run_sync(self._read_new))
+                finally:
+                    self._read_done(asked)
 
     def look_up(self, recipients: Sequence[Recipient]) -> None:
         """Take in what the stores hold for `recipients` (a page of a lane's work, before any is sent)."""
@@ -631,19 +635,29 @@ class UnsubscribeWatch:
         """Why `recipient` must not be mailed now (`unsubscribed`, or `bounced`), or None; re-reads the
         stores first, in this thread, when a re-read is due (`reread_when_due` has it done elsewhere)."""
         if self._reread_due():
-            self._read_at = self._clock.monotonic()
-            self._known.add(self._read_new())
+            asked = self._asked
+            try:
+                self._known.add(self._read_new())
+            finally:
+                self._read_done(asked)
         entry = self._known.match(recipient)
         if entry is None:
             return None
         return SkipReason.BOUNCED if entry.source == BOUNCE_SOURCE else SkipReason.UNSUBSCRIBED
 
     def reread_next(self) -> None:
-        """Re-read the stores at the next check, however recent the last re-read (something was added)."""
+        """Re-read the stores at the next check, however recent the last re-read (something was added);
+        asked for while one is under way, the one after it (that one may have read before the addition)."""
         self._read_at = None
+        self._asked += 1
 
     def _reread_due(self) -> bool:
         return self._read_at is None or self._clock.monotonic() - self._read_at >= self._refresh_s
+
+    def _read_done(self, asked: int) -> None:
+        """A re-read begun when `asked` re-reads had been asked for has ended."""
+        if self._asked == asked:
+            self._read_at = self._clock.monotonic()
 
     def _read_new(self) -> list[StoreEntry]:
         return self._stores.read_new(SuppressionStore.read_since, stale_after_s=_STALE_AFTER_S)
