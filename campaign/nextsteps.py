@@ -121,7 +121,8 @@ def build_next_steps(
         if counts.get(state, 0)
     ]
     if removed:
-        steps.append(NextStep(None, removed, "left as they were (not mailed, not forgotten)", ()))
+        left = "left as it was" if removed == 1 else "left as they were"
+        steps.append(NextStep(None, removed, f"{left} (not mailed, not forgotten)", ()))
     return steps
 
 

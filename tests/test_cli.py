@@ -246,6 +246,12 @@ def test_run_without_terminal_and_without_yes_refuses(api, cli, tmp_path):
     assert "--yes" in result.stderr
     assert api.requests == []
     assert not (manifest.parent / "campaign.ledger.sqlite").exists()
+    assert "Send 5 messages from 1 sender for real? There is no terminal" in result.stderr
+    (manifest.parent / "recipients.csv").write_text("email,name,first_name,city\nbob@example.org,Bob,Bob,\n")
+    one = cli("run", manifest)
+    assert one.exit_code == 2
+    assert "Send 1 message from 1 sender for real? There is no terminal" in one.stderr
+    assert api.requests == []
 
 
 def test_preview_sends_nothing_and_writes_no_ledger(api, cli, tmp_path):

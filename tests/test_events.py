@@ -840,7 +840,7 @@ def test_the_fake_bounces_chosen_recipients_and_sends_signed_webhooks_to_the_ser
     assert [(e.recipient_key, e.source) for e in svc.store.entries()] == [(first, "bounce")]
     pulled = cli("events", "pull", manifest)
     assert pulled.exit_code == 0, pulled.output
-    assert "1 bounce reports (1 new)" in pulled.stdout
+    assert "1 bounce report (1 new)" in pulled.stdout
     assert [b.hard for b in svc.store.bounces(first)] == [True, True]  # the webhook's and the DSN's
 
 

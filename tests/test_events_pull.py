@@ -292,7 +292,7 @@ def test_an_unsubscribe_mailed_to_a_senders_own_inbox_is_recorded_once(api, cli,
 
     pulled = cli("events", "pull", manifest)
     assert pulled.exit_code == 0, pulled.output
-    assert "1 unsubscribe requests by mail recorded" in pulled.stdout
+    assert "1 unsubscribe request by mail recorded" in pulled.stdout
     store = open_store(manifest.parent / "store.sqlite", clock=FakeClock(), create=False)
     try:
         assert [(e.recipient_key, e.source) for e in store.entries()] == [(address, "mailto")]

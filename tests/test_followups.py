@@ -254,7 +254,10 @@ def test_a_failed_reply_lookup_never_sends_and_is_tried_again(fake, cli, cli_clo
         fake.fail_reads(grant, times=1000)
     held = cli("resume", manifest, "--yes")
     assert held.exit_code == 75, held.output
-    assert "held back" in held.output
+    assert (
+        "2 follow-ups held back: their reply lookup failed (they are never sent blind); they are looked up "
+        "again on the next run"
+    ) in " ".join(held.output.split())
     assert len(fake.deliveries) == 2
     assert steps_json(cli, manifest)["nudge"]["due_now"] == 2
     fake.clear_faults()
@@ -1153,7 +1156,10 @@ def test_a_failed_lookup_after_the_404_holds_the_follow_up_back_until_it_can_loo
     cli_clock.advance(2 * 86_400)
     held = cli("resume", manifest, "--yes")
     assert held.exit_code == 75, held.output
-    assert "held back" in held.output
+    assert (
+        "1 follow-up held back: its reply lookup failed (it is never sent blind); it is looked up again on "
+        "the next run"
+    ) in " ".join(held.output.split())
     assert not by_step(fake)[PEOPLE[0]]["nudge"]
     nudge = steps_json(cli, manifest)["nudge"]
     assert (nudge["due_now"], nudge["states"]["failed"], nudge["stopped"]) == (1, 0, {})

@@ -92,7 +92,7 @@ def test_retry_failed_then_resume_sends_those_rows_once_with_a_new_key(api, cli,
     assert cli("retry", manifest).exit_code == 2  # say which rows
     retried = cli("retry", manifest, "--failed")
     assert retried.exit_code == 0, retried.output
-    assert "1 failed rows are pending again" in retried.stdout
+    assert "1 failed row is pending again, with a new idempotency key" in retried.stdout
     assert f"campaign resume {manifest}" in retried.stdout
     again = cli("resume", manifest, "--yes")
     assert again.exit_code == 0, again.output
@@ -246,7 +246,7 @@ def test_rows_removed_from_the_list_are_left_alone_and_reported(api, cli, tmp_pa
     csv.write_text("".join(kept))
     second = cli("resume", manifest, "--yes")
     assert second.exit_code == 0, second.output
-    assert "1 rows are no longer in the list: left as they were" in second.stdout
+    assert "1 row is no longer in the list: left as it was" in second.stdout
     assert "Not done" not in second.stdout
     assert "eve@example.org" not in _delivered(api)
     status = _status(cli, manifest)

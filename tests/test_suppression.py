@@ -258,7 +258,7 @@ def test_suppress_commands_add_import_export_list(cli, tmp_path, store_at):
     (tmp_path / "old.csv").write_text("email,name\nCarl <carl@example.net>,Carl\n")
     imported = cli("suppress", "import", tmp_path / "old.csv", "--store", store)
     assert imported.exit_code == 0, imported.output
-    assert "1 addresses, 1 new" in imported.stdout
+    assert "1 address, 1 new" in imported.stdout
     listed = cli("suppress", "list", "--store", store, "--json")
     rows = json.loads(listed.stdout)
     assert [(r["recipient_key"], r["source"]) for r in rows] == [
@@ -386,7 +386,7 @@ def test_a_store_moved_through_an_export_keeps_its_key_only_entries(cli, tmp_pat
     imported = cli("suppress", "import", tmp_path / name, "--store", moved)
     assert imported.exit_code == 0, imported.output
     assert _key_only(moved) == ["+4915112345", "cus-7"]
-    assert imported.stdout.strip() == f"{name}: 1 addresses, 2 recipient keys, 3 new"
+    assert imported.stdout.strip() == f"{name}: 1 address, 2 recipient keys, 3 new"
     carl = _recipient("cus-7", 1, "carl@example.net")
     assert lookup_unsubscribed([moved], [carl]).match(carl) is not None
     from_store = cli("suppress", "import", store_at, "--store", tmp_path / "copy.sqlite")

@@ -229,7 +229,7 @@ def test_reconcile_that_cannot_reach_the_api_exits_75_and_leaves_the_rows_unknow
         monkeypatch.setenv("NYLAS_API_URI", down)
         refused = cli("reconcile", manifest, "--min-age", "0s")
     assert refused.exit_code == 75, refused.output
-    assert "1 rows could not be looked up: the API could not be reached" in refused.stdout
+    assert "1 row could not be looked up: the API could not be reached" in refused.stdout
     ledger = open_ledger(loaded.ledger_path, clock=FakeClock(), campaign=loaded.campaign.name, read_only=True)
     assert ledger.row(pending).state == RowState.UNKNOWN
     ledger.close()

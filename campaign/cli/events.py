@@ -9,6 +9,7 @@ import anyio
 import typer
 
 from campaign.cli.base import LedgerOpt, ManifestArg, exit_codes, options, out
+from campaign.cli.output import plural
 from campaign.cli.wiring import (
     build_sandbox_api,
     connect_api,
@@ -53,15 +54,18 @@ def pull(
         if report is None:
             out.print("Nothing was sent yet: no bounce to look for.")
             return
+        grants, listed, reports, hard = report.grants, report.listed, report.reports, len(report.hard)
+        mailboxes, addresses = plural(grants, "mailbox", "mailboxes"), plural(hard, "address", "addresses")
         out.print(
-            f"{report.grants} mailboxes, {report.listed:,} inbox messages looked at, {report.reports} bounce "
-            f"reports ({report.recorded} new); {len(report.hard)} addresses failed for good (suppressed), "
-            f"{len(report.soft)} for now; {report.calls} API requests",
+            f"{grants} {mailboxes}, {listed:,} inbox {plural(listed, 'message')} looked at, {reports} bounce "
+            f"{plural(reports, 'report')} ({report.recorded} new); {hard} {addresses} failed for good "
+            f"(suppressed), {len(report.soft)} for now; {report.calls} API {plural(report.calls, 'request')}",
             soft_wrap=True,
         )
         if report.unsubscribed:
+            mailed = len(report.unsubscribed)
             out.print(
-                f"{len(report.unsubscribed)} unsubscribe requests by mail recorded (unsubscribe.mailto)"
+                f"{mailed} unsubscribe {plural(mailed, 'request')} by mail recorded (unsubscribe.mailto)"
             )
         for grant in report.cut_short:
             out.print(f"grant {grant}: more than {MAX_PAGES * 200:,} inbox messages; pull again for the rest")

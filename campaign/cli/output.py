@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # for annotations only: commands that print no preview or run
 
 __all__ = [
     "format_duration",
+    "plural",
     "print_checked",
     "print_deliveries",
     "print_error",
@@ -76,6 +77,14 @@ def _spell_control(found: re.Match[str]) -> str:
 
 def _spell_control_but_newline(found: re.Match[str]) -> str:
     return "\n" if found.group(0) == "\n" else _spell_control(found)
+
+
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """The word that goes with `count`: `one` for 1, else `many` (`one` + "s" unless given), e.g.
+    f"{n:,} {plural(n, 'row')} {plural(n, 'is', 'are')} pending"."""
+    if count == 1:
+        return one
+    return one + "s" if many is None else many
 
 
 def print_error(console: Console, message: str) -> None:
@@ -132,9 +141,11 @@ def print_run_summary(
         when = format_local_time(until)
         console.print(f"sender [bold]{escape(sender)}[/]'s send window is shut; it opens at {when}")
     if result.held:
+        one = result.held == 1
         console.print(
-            f"{result.held} follow-ups held back: their reply lookup failed (they are never sent blind); "
-            "they are looked up again on the next run"
+            f"{result.held} {plural(result.held, 'follow-up')} held back: "
+            f"{'its' if one else 'their'} reply lookup failed ({'it is' if one else 'they are'} never sent "
+            f"blind); {'it is' if one else 'they are'} looked up again on the next run"
         )
     from campaign.nylas import is_trial_app_refusal  # loaded by the run already: no cost to other commands
 
@@ -183,7 +194,8 @@ def print_deliveries(
     if not deliveries:
         console.print("The sandbox received no messages this run.")
         return
-    table = Table(title=f"Sent to the sandbox ({len(deliveries)} messages)", title_justify="left")
+    sent = len(deliveries)
+    table = Table(title=f"Sent to the sandbox ({sent} {plural(sent, 'message')})", title_justify="left")
     for column in ("#", "from sender", "to", "subject"):
         table.add_column(column)
     for number, (sender, to, subject) in enumerate(deliveries, start=first):
@@ -295,7 +307,8 @@ def _print_problems(console: Console, report: PreviewReport, *, site: Path | Non
     more = len(report.problems) - _PROBLEMS_SHOWN
     if more > 0:
         where = "the preview site" if site is None else escape(str(site))
-        console.print(f"… and {more:,} more rows with problems: {where} lists every one (so does --json)")
+        rows = plural(more, "row")
+        console.print(f"… and {more:,} more {rows} with problems: {where} lists every one (so does --json)")
 
 
 def print_test_sent(
@@ -329,16 +342,18 @@ def print_status(console: Console, status: Status) -> None:
     done = "done" if status.done else "not done"
     if status.steps:  # a row per (recipient, step)
         people = sum(status.steps[0].states.values())
+        steps = len(status.steps)
         console.print(
-            f"[bold]{escape(status.campaign)}[/]: {done}, {people} recipients, {status.total} messages "
-            f"over {len(status.steps)} steps"
+            f"[bold]{escape(status.campaign)}[/]: {done}, {people} {plural(people, 'recipient')}, "
+            f"{status.total} {plural(status.total, 'message')} over {steps} {plural(steps, 'step')}"
         )
     else:
-        console.print(f"[bold]{escape(status.campaign)}[/]: {done}, {status.total} recipients")
+        total = status.total
+        console.print(f"[bold]{escape(status.campaign)}[/]: {done}, {total} {plural(total, 'recipient')}")
     if not status.done and status.schedule is not None:
         senders = len(status.senders)
         console.print(
-            f"{status.schedule.per_day:,}/day over {senders} sender{'s' if senders > 1 else ''}: "
+            f"{status.schedule.per_day:,}/day over {senders} {plural(senders, 'sender')}: "
             f"done in ~{format_duration(status.schedule.duration_s)} at the current limits"
         )
     table = Table(
@@ -446,7 +461,8 @@ def print_next_steps(console: Console, steps: Sequence[NextStep]) -> None:
     """What is not done, state by state, each with the exact commands to run."""
     for step in steps:
         if step.state is None:  # rows removed from the list: nothing to do
-            console.print(f"{step.count:,} rows are no longer in the list: {escape(step.what)}.")
+            rows = f"{step.count:,} {plural(step.count, 'row')} {plural(step.count, 'is', 'are')}"
+            console.print(f"{rows} no longer in the list: {escape(step.what)}.")
     open_steps = [step for step in steps if step.state is not None]
     if open_steps:
         console.print("[bold]Not done:[/]")
@@ -474,9 +490,10 @@ def print_reconciled(console: Console, report: ReconcileReport) -> None:
         found = f" (message {show(decision.message_id)})" if decision.message_id else ""
         who, why = show(decision.email), show(decision.reason)
         console.print(f"[{colours[verdict]}]{verdict.value:<8}[/] {who}: {why}{found}", soft_wrap=True)
+    decided, sent, pending = len(report.decisions), report.count(Verdict.SENT), report.count(Verdict.PENDING)
     console.print(
-        f"Reconciled {len(report.decisions)} unknown rows: {report.count(Verdict.SENT)} were sent, "
-        f"{report.count(Verdict.PENDING)} were not (back to pending, with a new key), "
+        f"Reconciled {decided} unknown {plural(decided, 'row')}: {sent} {plural(sent, 'was', 'were')} sent, "
+        f"{pending} {plural(pending, 'was', 'were')} not (back to pending, with a new key), "
         f"{report.count(Verdict.UNKNOWN)} still unknown."
     )
     if report.decide_after is not None:
@@ -485,14 +502,18 @@ def print_reconciled(console: Console, report: ReconcileReport) -> None:
             f"{format_local_time(report.decide_after)} (or choose --min-age)."
         )
     if report.unreachable:
+        one = report.unreachable == 1
         console.print(
-            f"{report.unreachable} rows could not be looked up: the API could not be reached or asked to "
-            "wait. Nothing about them changed; run reconcile again later."
+            f"{report.unreachable} {'row' if one else 'rows'} could not be looked up: the API could not be "
+            f"reached or asked to wait. Nothing about {'it' if one else 'them'} changed; run reconcile again "
+            "later."
         )
     if report.in_flight:
+        one = report.in_flight == 1
         console.print(
-            f"{report.in_flight} rows are still in flight from an interrupted run: resume re-sends them "
-            "with their own key (safe; Nylas drops the duplicate)."
+            f"{report.in_flight} {'row is' if one else 'rows are'} still in flight from an interrupted run: "
+            f"resume re-sends {'it with its' if one else 'them with their'} own key (safe; Nylas drops the "
+            "duplicate)."
         )
 
 
@@ -502,12 +523,18 @@ def print_retried(console: Console, *, moved: int, states: Sequence[str], resume
     if not moved:
         console.print(f"No {what} rows: nothing to retry.")
         return
-    console.print(f"{moved:,} {what} rows are pending again, each with a new idempotency key.")
-    console.print(f"Send them with: [bold]{escape(resume_command)}[/]", soft_wrap=True)
+    if moved == 1:
+        console.print(f"1 {what} row is pending again, with a new idempotency key.")
+    else:
+        console.print(f"{moved:,} {what} rows are pending again, each with a new idempotency key.")
+    console.print(
+        f"Send {'it' if moved == 1 else 'them'} with: [bold]{escape(resume_command)}[/]", soft_wrap=True
+    )
 
 
 def print_report_written(console: Console, written: WrittenReport) -> None:
     """Where the report went and what it holds."""
     held = ", ".join(f"{count:,} {state}" for state, count in written.states.items() if count) or "no rows"
     where = escape(str(written.path))
-    console.print(f"Wrote {written.rows:,} rows to [bold]{where}[/] ({held}).", soft_wrap=True)
+    rows = f"{written.rows:,} {plural(written.rows, 'row')}"
+    console.print(f"Wrote {rows} to [bold]{where}[/] ({held}).", soft_wrap=True)

@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from campaign.cli.output import plural
 from campaign.clock import Clock
 from campaign.dispatch import DispatchEvent, EventKind
 from campaign.manifest import SenderSettings
@@ -115,7 +116,11 @@ class SendProgress:
         }
         others = names[SENDER_LINES:]
         self._others = (
-            self._progress.add_task(f"  {len(others):,} more senders", total=0, detail="") if others else None
+            self._progress.add_task(
+                f"  {len(others):,} more {plural(len(others), 'sender')}", total=0, detail=""
+            )
+            if others
+            else None
         )
         self._other_total = 0
         self._other_states: dict[str, str] = {}  # another sender -> "parked" | "refused" | "not sent"
@@ -274,6 +279,7 @@ def show_checking(console: Console, *, clock: Clock) -> Iterator[Callable[[int, 
         last = now
         rate = done / (now - started) if now > started else 0.0
         left = f", about {format_duration((total - done) / rate)} left" if rate > 0 and done < total else ""
-        console.print(f"checked {done:,} of {total:,} rows ({rate:,.0f} rows/s{left})", soft_wrap=True)
+        rows = plural(total, "row")
+        console.print(f"checked {done:,} of {total:,} {rows} ({rate:,.0f} rows/s{left})", soft_wrap=True)
 
     yield log

@@ -35,7 +35,7 @@ from campaign.cli.base import (
     out,
 )
 from campaign.cli.inspecting import preview
-from campaign.cli.output import print_checked, print_deliveries, print_next_steps, print_run_summary
+from campaign.cli.output import plural, print_checked, print_deliveries, print_next_steps, print_run_summary
 from campaign.cli.progress import SendProgress, show_checking, show_waiting
 from campaign.cli.wiring import (
     build_sandbox_api,
@@ -236,7 +236,9 @@ def _confirm(count: int, senders: int, *, yes: bool, sandbox: bool) -> bool:
     if yes or count == 0:
         return True
     where = "to the sandbox" if sandbox else "for real"
-    question = f"Send {count:,} messages from {senders} senders {where}?"
+    question = (
+        f"Send {count:,} {plural(count, 'message')} from {senders} {plural(senders, 'sender')} {where}?"
+    )
     if not sys.stdin.isatty():
         message = f"{question} There is no terminal to confirm on; pass --yes to send"
         raise UsageError(message)

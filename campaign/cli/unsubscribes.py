@@ -19,7 +19,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from campaign.cli.base import PortOpt, exit_codes, note_secret_envs, options, out
-from campaign.cli.output import show
+from campaign.cli.output import plural, show
 from campaign.errors import DataError, UsageError
 from campaign.manifest import check_env_name
 from campaign.recipients import (
@@ -212,12 +212,15 @@ def suppress_import(
                 ]
             ),
         )
-        keys = f", {len(found.keys)} recipient keys" if found.keys else ""
-        left_out = (
-            f"; {len(found.invalid)} values are not addresses and were left out" if found.invalid else ""
-        )
+        keys = f", {len(found.keys)} recipient {plural(len(found.keys), 'key')}" if found.keys else ""
+        left_out = ""
+        if len(found.invalid) == 1:
+            left_out = "; 1 value is not an address and was left out"
+        elif found.invalid:
+            left_out = f"; {len(found.invalid)} values are not addresses and were left out"
+        addresses = len(found.addresses)
         out.print(
-            f"{name}: {len(found.addresses)} addresses{keys}, {added} new{left_out}",
+            f"{name}: {addresses} {plural(addresses, 'address', 'addresses')}{keys}, {added} new{left_out}",
             markup=False,
             soft_wrap=True,
         )
@@ -234,9 +237,11 @@ def suppress_export(
     with exit_codes():
         entries = _with_store(store, lambda s: s.entries(), create=False)
         left = write_entries(entries, target, store=_store_path(store))
-        note = f"; left out {left} key-only entries (text holds addresses): export to .csv to keep them"
+        entry = plural(left, "entry", "entries")
+        note = f"; left out {left} key-only {entry} (text holds addresses): export to .csv to keep them"
+        wrote = len(entries) - left
         out.print(
-            f"wrote {len(entries) - left} entries to {target}{note if left else ''}",
+            f"wrote {wrote} {plural(wrote, 'entry', 'entries')} to {target}{note if left else ''}",
             markup=False,
             soft_wrap=True,
         )
@@ -256,7 +261,7 @@ def suppress_list(
         for e in entries:
             who = show(e.email or e.recipient_key)
             out.print(f"{show(e.recorded_at)}  {show(e.source):<9}  {show(e.campaign or '-'):<20}  {who}")
-        out.print(f"{len(entries)} entries in {store}", markup=False)
+        out.print(f"{len(entries)} {plural(len(entries), 'entry', 'entries')} in {store}", markup=False)
 
 
 def _refuse_a_secret(where: str, values: Iterable[str], *, source: Path | str | None = None) -> None:

@@ -158,9 +158,10 @@ def check_content(
         what = "the subject, a template or a header" if step == FIRST_STEP else f"follow-up {step!r}"
         # [unsubscribe] is step 1's content too: a changed store is refused as a changed template is.
         also = " (step 1's content counts [unsubscribe] too, its store included)" * (step == FIRST_STEP)
+        recipients = "recipient" if started[step] == 1 else "recipients"
         message = (
             f"{manifest.path.name}: {what} changed since sending began "
-            f"({started[step]} recipients already sent or attempted with the old content); pass "
+            f"({started[step]} {recipients} already sent or attempted with the old content); pass "
             "--allow-changed-content to send the rest with the new content (the change is recorded), "
             f"or restore the old content{also}"
         )
@@ -183,9 +184,10 @@ def _refuse_renamed_steps(ledger: Ledger, manifest: Manifest, steps: Mapping[str
             continue
         began = _started(ledger.counts(step=old))
         if began:
+            recipients = "1 recipient was" if began == 1 else f"{began} recipients were"
             raise UsageError(
                 f"{manifest.path.name}: follow-up {step!r} is follow-up {old!r} renamed (the same content), "
-                f"which {began} recipients were already sent or attempted; a step's name is part of each "
+                f"which {recipients} already sent or attempted; a step's name is part of each "
                 f"of its rows' keys, so the new name would send it to them again: name it {old!r} again"
             )
 

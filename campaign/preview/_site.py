@@ -199,7 +199,8 @@ def _index_page(report: PreviewReport) -> str:
         _warnings_list(report.warnings),
     ]
     if report.problems:
-        parts += [f'<h2 class="bad">Problems ({len(report.problems)} rows)</h2>', _problems_table(report)]
+        rows = "1 row" if len(report.problems) == 1 else f"{len(report.problems)} rows"
+        parts += [f'<h2 class="bad">Problems ({rows})</h2>', _problems_table(report)]
     if report.samples:
         links = "".join(
             f'<li><a href="{_e(message_page_name(s.number))}">Message {s.number}</a>: '
