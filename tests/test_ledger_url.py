@@ -197,10 +197,22 @@ def test_a_password_variable_that_is_not_set_is_exit_78(api, cli, tmp_path, monk
 
 
 def test_an_unreachable_server_is_one_line_exit_74_and_nothing_sent(api, cli, tmp_path):
-    manifest = copy_newsletter(api, tmp_path)
-    result = cli("run", manifest, "--yes", "--ledger", "postgresql://postgres@127.0.0.1:1/nowhere")
-    assert result.exit_code == 74
-    assert "127.0.0.1:1" in _one_line(result.output)
+    """The line says to fix what gave the URL: the command's --ledger, or the manifest's [ledger] url."""
+    url = "postgresql://postgres@127.0.0.1:1/nowhere"
+    manifest = copy_newsletter(api, tmp_path / "by-option")
+    for command in (("run", manifest, "--yes"), ("status", manifest)):
+        result = cli(*command, "--ledger", url)
+        assert result.exit_code == 74
+        assert _one_line(result.output) == (
+            f"error: {url}: cannot reach PostgreSQL (connection refused); start it or fix --ledger"
+        )
+    in_manifest = copy_newsletter(api, tmp_path / "in-manifest", ledger=f'url = "{url}"')
+    for command in (("run", in_manifest, "--yes"), ("status", in_manifest)):
+        result = cli(*command)
+        assert result.exit_code == 74
+        assert _one_line(result.output) == (
+            f"error: {url}: cannot reach PostgreSQL (connection refused); start it or fix [ledger] url"
+        )
     assert not api.deliveries
 
 

@@ -169,7 +169,13 @@ def locate_ledger(manifest: Manifest, *, sandbox: bool, url: str | None = None) 
         return SqliteSite(path)
     marker = None if sandbox or manifest.ledger.url is not None else ledger_marker_path(path)
     password = read_ledger_password(manifest)
-    site = ledger_site(named, password=password, lease_s=manifest.ledger.lease_s, marker=marker)
+    site = ledger_site(
+        named,
+        password=password,
+        lease_s=manifest.ledger.lease_s,
+        marker=marker,
+        named_by_option=url is not None,
+    )
     if sandbox:
         return _SandboxRows(site)
     check_no_orphaned_ledger(manifest, path, candidates, database=site, named_by_option=url is not None)

@@ -33,6 +33,8 @@ from campaign.manifest import postgres_keepalives
 
 __all__ = [
     "MIGRATIONS",
+    "NAMED_BY_OPTION",
+    "NAMED_IN_MANIFEST",
     "check_campaign_free",
     "check_schema_version",
     "connect",
@@ -227,19 +229,29 @@ _WRITER_LOCK = 0x43414D50  # "CAMP": one sending command per campaign
 _SCHEMA_LOCK = 0x43414D51  # one command migrating at a time
 
 CONNECT_TIMEOUT_S = 5
+# Where a database's URL was given, for a message that cannot connect to say what to fix: the
+# manifest's key, unless a command's `--ledger` option gave it (`PostgresSite(named_by_option=True)`).
+NAMED_IN_MANIFEST = "[ledger] url"
+NAMED_BY_OPTION = "--ledger"
 _POOL_TIMEOUT_S = 15.0  # a pooled connection is (re)made within this, or the ledger call fails
 _HOLDER_PREFIX = "campaign: "  # the writer lock's connection names its holder in application_name
 
 
 def connect(
-    conninfo: str, *, where: str, read_only: bool = False, application_name: str | None = None
+    conninfo: str,
+    *,
+    where: str,
+    read_only: bool = False,
+    application_name: str | None = None,
+    named_by: str = NAMED_IN_MANIFEST,
 ) -> psycopg.Connection[Any]:
     """A new connection in autocommit, its search path on the ledger's schema; LedgerError in one
-    line of our own if it cannot be made (the server unreachable, the credentials refused, …)."""
+    line of our own if it cannot be made (the server unreachable, the credentials refused, …), which
+    says to fix the URL where `named_by` gave it."""
     try:
         given = conninfo_to_dict(conninfo)
     except psycopg.Error:
-        raise LedgerError(f"{where}: is not a valid PostgreSQL URL; fix [ledger] url") from None
+        raise LedgerError(f"{where}: is not a valid PostgreSQL URL; fix {named_by}") from None
     options = _options(given)
     if application_name is not None:
         options["application_name"] = application_name
@@ -247,7 +259,7 @@ def connect(
         connection = psycopg.connect(conninfo, **options)
     except psycopg.Error as exc:
         # From None: libpq's words may quote what it could not parse, the password too.
-        raise _connect_error(str(exc), given, where=where) from None
+        raise _connect_error(str(exc), given, where=where, named_by=named_by) from None
     try:
         _configure(connection, read_only=read_only)
     except psycopg.Error as exc:
@@ -411,7 +423,9 @@ def _create_campaign(connection: psycopg.Connection[Any], campaign: str, *, wher
 # --- the writer lock ------------------------------------------------------------------------------
 
 
-def lock_campaign(conninfo: str, campaign: str, *, where: str, wait: bool = False) -> psycopg.Connection[Any]:
+def lock_campaign(
+    conninfo: str, campaign: str, *, where: str, wait: bool = False, named_by: str = NAMED_IN_MANIFEST
+) -> psycopg.Connection[Any]:
     """Take `campaign`'s writer lock on a connection of its own, returned (`unlock_campaign` releases
     it). LedgerError (naming the holder) if another session holds it; with `wait`, wait for it instead
     (a worker joining a shared campaign waits for the one planning it).
@@ -419,7 +433,7 @@ def lock_campaign(conninfo: str, campaign: str, *, where: str, wait: bool = Fals
     The lock is keyed by the campaign's name, not its row: a first run holds it before the campaign
     has a row (which is only made once the plan is confirmed)."""
     holder = f"{_HOLDER_PREFIX}pid {os.getpid()} on host {socket.gethostname()}"
-    connection = connect(conninfo, where=where, application_name=holder[:63])
+    connection = connect(conninfo, where=where, application_name=holder[:63], named_by=named_by)
     try:
         if wait:
             connection.execute("SELECT pg_advisory_lock(%s, %s)", (_WRITER_LOCK, _lock_key(campaign)))
@@ -434,12 +448,14 @@ def lock_campaign(conninfo: str, campaign: str, *, where: str, wait: bool = Fals
     return connection
 
 
-def check_campaign_free(conninfo: str, campaign: str, *, where: str) -> None:
+def check_campaign_free(
+    conninfo: str, campaign: str, *, where: str, named_by: str = NAMED_IN_MANIFEST
+) -> None:
     """LedgerError if another command holds `campaign`'s writer lock; creates and changes nothing.
 
     A run asks this first, so that a refused run prints no plan; it takes the lock itself
     (`lock_campaign`) only once the checks have passed."""
-    connection = connect(conninfo, where=where)
+    connection = connect(conninfo, where=where, named_by=named_by)
     try:
         if not _try_lock(connection, campaign, where=where):
             raise _in_use(connection, campaign, where=where)
@@ -495,11 +511,13 @@ def _in_use(connection: psycopg.Connection[Any], campaign: str, *, where: str) -
 # --- errors ---------------------------------------------------------------------------------------
 
 
-def ledger_error(exc: psycopg.Error, *, where: str, doing: str) -> LedgerError:
+def ledger_error(
+    exc: psycopg.Error, *, where: str, doing: str, named_by: str = NAMED_IN_MANIFEST
+) -> LedgerError:
     """A psycopg error (not a failed connect: `connect` says those) as one line naming the ledger and
     what could not be done ("write the ledger")."""
     if isinstance(exc, PoolTimeout):  # the pool could not (re)connect: the server went away
-        return _unreachable(where, f"no connection within {_POOL_TIMEOUT_S:.0f} s")
+        return _unreachable(where, f"no connection within {_POOL_TIMEOUT_S:.0f} s", named_by=named_by)
     said = _first_line(exc.diag.message_primary or str(exc)) or type(exc).__name__
     if exc.sqlstate == "53100":  # disk_full
         return LedgerError(
@@ -509,15 +527,16 @@ def ledger_error(exc: psycopg.Error, *, where: str, doing: str) -> LedgerError:
     return LedgerError(f"{where}: cannot {doing} ({said})")
 
 
-def _connect_error(text: str, given: dict[str, Any], *, where: str) -> LedgerError:
+def _connect_error(text: str, given: dict[str, Any], *, where: str, named_by: str) -> LedgerError:
     if "connection option" in text:
-        return LedgerError(f"{where}: is not a valid PostgreSQL URL; fix [ledger] url")
+        return LedgerError(f"{where}: is not a valid PostgreSQL URL; fix {named_by}")
     if "Connection refused" in text:
-        return _unreachable(where, "connection refused")
+        return _unreachable(where, "connection refused", named_by=named_by)
     if "timeout expired" in text:
-        return _unreachable(where, f"no answer within {given.get('connect_timeout') or CONNECT_TIMEOUT_S} s")
+        waited = given.get("connect_timeout") or CONNECT_TIMEOUT_S
+        return _unreachable(where, f"no answer within {waited} s", named_by=named_by)
     if "resolve host" in text or "translate host name" in text:
-        return _unreachable(where, "unknown host")
+        return _unreachable(where, "unknown host", named_by=named_by)
     refused = ("password authentication failed", "no password supplied", "no pg_hba.conf entry")
     if any(words in text for words in refused) or re.search(r'role "[^"]*" does not exist', text):
         user = _quoted(text, "user") or given.get("user") or os.environ.get("PGUSER") or "(the default)"
@@ -529,7 +548,7 @@ def _connect_error(text: str, given: dict[str, Any], *, where: str) -> LedgerErr
     if database is not None and f'database "{database}" does not exist' in text:
         return LedgerError(
             f"{where}: PostgreSQL has no database {database}; create it (createdb {database}) or fix "
-            "[ledger] url"
+            f"{named_by}"
         )
     # Anything else: the server's reason only, never the string we connected with.
     reason = _first_line(text.rpartition("failed: ")[2]).removeprefix("FATAL:").strip()
@@ -539,8 +558,8 @@ def _connect_error(text: str, given: dict[str, Any], *, where: str) -> LedgerErr
     return LedgerError(f"{where}: cannot connect to PostgreSQL ({reason})")
 
 
-def _unreachable(where: str, why: str) -> LedgerError:
-    return LedgerError(f"{where}: cannot reach PostgreSQL ({why}); start it or fix [ledger] url")
+def _unreachable(where: str, why: str, *, named_by: str) -> LedgerError:
+    return LedgerError(f"{where}: cannot reach PostgreSQL ({why}); start it or fix {named_by}")
 
 
 def _quoted(text: str, word: str) -> str | None:

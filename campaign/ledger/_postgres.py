@@ -36,6 +36,8 @@ from campaign.ledger._identity import write_ledger_marker
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases, WorkerView, read_workers
 from campaign.ledger._ledger import _error_columns, _skip_reason, _state_after, due_text, planned_values
 from campaign.ledger._pg_schema import (
+    NAMED_BY_OPTION,
+    NAMED_IN_MANIFEST,
     check_campaign_free,
     connect,
     find_campaign,
@@ -104,10 +106,18 @@ class PostgresSite:
     """Where campaigns' ledgers live in one PostgreSQL database, shared by the workers that run them."""
 
     def __init__(
-        self, conninfo: str, *, where: str, lease_s: float = LEASE_EXPIRY_S, marker: Path | None = None
+        self,
+        conninfo: str,
+        *,
+        where: str,
+        lease_s: float = LEASE_EXPIRY_S,
+        marker: Path | None = None,
+        named_by_option: bool = False,
     ) -> None:
         self._conninfo = conninfo  # may hold the password: never shown
         self._where = where
+        # What a failure to connect says to fix: the command's --ledger, or the manifest's [ledger] url.
+        self._named_by = NAMED_BY_OPTION if named_by_option else NAMED_IN_MANIFEST
         self._lease_s = lease_s
         # Where a command that writes a campaign's ledger here leaves its ledger marker (`--ledger` alone
         # named this database): before a first plan creates the ledger, so the marker is never later.
@@ -123,18 +133,18 @@ class PostgresSite:
 
     def exists(self, campaign: str) -> bool:
         """Whether `campaign` has a ledger (its row) in this database."""
-        with connect(self._conninfo, where=self._where) as connection:
+        with connect(self._conninfo, where=self._where, named_by=self._named_by) as connection:
             return find_campaign(connection, campaign, where=self._where) is not None
 
     def check_free(self, campaign: str) -> None:
         """LedgerError if another command holds `campaign`'s writer lock; creates and changes nothing."""
-        check_campaign_free(self._conninfo, campaign, where=self._where)
+        check_campaign_free(self._conninfo, campaign, where=self._where, named_by=self._named_by)
 
     @contextmanager
     def hold(self, campaign: str, *, wait: bool = False) -> Iterator[None]:
         """Hold `campaign`'s writer lock until the block ends: LedgerError if another command has it, or
         with `wait`, once it gave it back."""
-        lock = lock_campaign(self._conninfo, campaign, where=self._where, wait=wait)
+        lock = lock_campaign(self._conninfo, campaign, where=self._where, wait=wait, named_by=self._named_by)
         try:
             yield
         finally:
@@ -155,9 +165,14 @@ class PostgresSite:
         write, it leaves the campaign's ledger marker first, if this site has one to leave."""
         if self._marker is not None and not read_only:
             write_ledger_marker(self._marker, campaign=campaign, url=self._where)
-        lock = lock_campaign(self._conninfo, campaign, where=self._where) if exclusive else None
+        named_by = self._named_by
+        lock = (
+            lock_campaign(self._conninfo, campaign, where=self._where, named_by=named_by)
+            if exclusive
+            else None
+        )
         try:
-            with connect(self._conninfo, where=self._where) as connection:
+            with connect(self._conninfo, where=self._where, named_by=named_by) as connection:
                 campaign_id = open_campaign(
                     connection,
                     campaign,
@@ -174,6 +189,7 @@ class PostgresSite:
         return PostgresLedger(
             pool,
             where=self._where,
+            named_by=named_by,
             clock=clock,
             campaign=campaign,
             campaign_id=campaign_id,
@@ -201,6 +217,7 @@ class PostgresLedger(KeptFacts):
         pool: ConnectionPool[_Connection],
         *,
         where: str,
+        named_by: str = NAMED_IN_MANIFEST,
         clock: Clock,
         campaign: str,
         campaign_id: int,
@@ -211,6 +228,7 @@ class PostgresLedger(KeptFacts):
         self._lease_s = lease_s
         self._worker: str | None = None  # claims are made under this worker's leases (`bind_worker`)
         self._where = where
+        self._named_by = named_by  # what a lost connection says to fix
         self._clock = clock
         self._campaign = campaign
         self._id = campaign_id
@@ -1491,7 +1509,9 @@ class PostgresLedger(KeptFacts):
             try:
                 return self._connection.execute(statement, params).fetchall()
             except psycopg.Error as exc:
-                raise ledger_error(exc, where=self._where, doing="write the ledger") from exc
+                raise ledger_error(
+                    exc, where=self._where, named_by=self._named_by, doing="write the ledger"
+                ) from exc
 
     def _log_send(self, db: _Connection, key: str, sender: str, at: float, recipients: int) -> None:
         # With the mailbox the row was claimed through: the daily budgets count by mailbox.
@@ -1514,7 +1534,9 @@ class PostgresLedger(KeptFacts):
                 with self._pool.connection() as connection:
                     return connection.execute(query, params).fetchall()
             except psycopg.Error as exc:
-                raise ledger_error(exc, where=self._where, doing="read the ledger") from exc
+                raise ledger_error(
+                    exc, where=self._where, named_by=self._named_by, doing="read the ledger"
+                ) from exc
 
     @contextmanager
     def _write(self) -> Iterator[_Connection]:
@@ -1526,7 +1548,9 @@ class PostgresLedger(KeptFacts):
                     with self._connection.transaction():
                         yield self._connection
                 except psycopg.Error as exc:
-                    raise ledger_error(exc, where=self._where, doing="write the ledger") from exc
+                    raise ledger_error(
+                        exc, where=self._where, named_by=self._named_by, doing="write the ledger"
+                    ) from exc
                 return
             try:
                 with self._pool.connection() as connection:
@@ -1537,7 +1561,9 @@ class PostgresLedger(KeptFacts):
                     finally:
                         self._connection = None
             except psycopg.Error as exc:
-                raise ledger_error(exc, where=self._where, doing="write the ledger") from exc
+                raise ledger_error(
+                    exc, where=self._where, named_by=self._named_by, doing="write the ledger"
+                ) from exc
             self.commits += 1
 
 

@@ -130,11 +130,13 @@ def ledger_site(
     password: str | None = None,
     lease_s: float = LEASE_EXPIRY_S,
     marker: Path | None = None,
+    named_by_option: bool = False,
 ) -> LedgerSite:
     """The site `where` names: a path is a SQLite file; a `postgresql://` URL (checked by the manifest,
     with no password in it) a database, reached with `password` if given (else libpq's own PGPASSWORD).
     With `marker`, a database's command that writes a campaign's ledger leaves the campaign's ledger
-    marker there first (`write_ledger_marker`)."""
+    marker there first (`write_ledger_marker`). `named_by_option`: a command's `--ledger` gave the URL,
+    which is what a failure to connect then says to fix (else the manifest's `[ledger] url`)."""
     if isinstance(where, Path):
         return SqliteSite(where)
     # psycopg is imported only for a database: commands on a SQLite ledger never load it.
@@ -143,4 +145,6 @@ def ledger_site(
     from campaign.ledger._postgres import PostgresSite
 
     conninfo = where if password is None else make_conninfo(where, password=password)
-    return PostgresSite(conninfo, where=where, lease_s=lease_s, marker=marker)
+    return PostgresSite(
+        conninfo, where=where, lease_s=lease_s, marker=marker, named_by_option=named_by_option
+    )
