@@ -48,7 +48,7 @@ class SenderStatus:
     """One sender of the manifest: its mailbox, its rows per state, its rolling-24 h budget, its schedule."""
 
     name: str
-    grant_id: str | None
+    grant_id: str  # where its sends go: the grant, or `domain:<domain>` (as `preview --json` says it)
     domain: str | None
     email: str | None
     states: Mapping[RowState, int]  # every state, in RowState order
@@ -310,7 +310,7 @@ def build_status(
     senders = tuple(
         SenderStatus(
             name=sender.name,
-            grant_id=sender.grant_id,
+            grant_id=sender.route,
             domain=sender.domain,
             email=sender.email,
             states=_every_state(states[sender.name]),
@@ -421,7 +421,7 @@ def build_unstarted_status(manifest: Manifest) -> Status:
         senders=tuple(
             SenderStatus(
                 name=sender.name,
-                grant_id=sender.grant_id,
+                grant_id=sender.route,
                 domain=sender.domain,
                 email=sender.email,
                 states=zero,

@@ -289,6 +289,24 @@ def test_preview_json_summary(api, cli, tmp_path):
     assert api.requests == []
 
 
+def test_a_domain_sender_has_the_same_grant_id_in_preview_and_status_json(api, cli, tmp_path):
+    """A sender that is a domain: `grant_id` is `domain:<domain>` in preview --json and in status --json,
+    before the campaign started and after it sent (its `domain` key says the domain too)."""
+    manifest = copy_sample("newsletter", tmp_path)
+    grant = 'grant_id = "0b6c3a52-4a57-4b43-9a49-9b0c1f2d7e11"'
+    manifest.write_text(manifest.read_text().replace(grant, 'domain = "example.com"'))
+    preview = json.loads(cli("preview", manifest, "--json").stdout)
+    assert [sender["grant_id"] for sender in preview["senders"]] == ["domain:example.com"]
+    before = json.loads(cli("status", manifest, "--json").stdout)
+    assert before["senders"]["founder"]["grant_id"] == "domain:example.com"
+    api.add_domain("example.com")
+    sent = cli("run", manifest, "--yes")
+    assert sent.exit_code == 0, sent.output
+    assert {d.grant_id for d in api.deliveries} == {"domain:example.com"}
+    after = json.loads(cli("status", manifest, "--json").stdout)["senders"]["founder"]
+    assert (after["grant_id"], after["domain"]) == ("domain:example.com", "example.com")
+
+
 def test_sandbox_run_needs_no_account(cli, tmp_path, monkeypatch):
     """--sandbox sends to the in-process fake with no key or secret set, and writes the outbox."""
     for name in ("NYLAS_API_KEY", "CAMPAIGN_UNSUBSCRIBE_SECRET", "NYLAS_API_URI"):

@@ -183,7 +183,7 @@ def _status_from_rows(
         mine = Counter(row.state for row in rows if row.sender == sender.name)
         sent_24h = sum(count for _, count in ledger.sent_recipients_since(sender.name, since))
         senders[sender.name] = {
-            "grant_id": sender.grant_id,
+            "grant_id": sender.route,  # a domain sender's `domain:<domain>`, as preview says
             "domain": sender.domain,
             "email": sender.email,
             "states": {state.value: mine[state] for state in RowState},
@@ -366,7 +366,7 @@ def test_a_campaign_not_started_has_the_documented_json(tmp_path):
             "next": [],
             "senders": {
                 sender.name: {
-                    "grant_id": sender.grant_id,
+                    "grant_id": sender.route,
                     "email": sender.email,
                     "states": zero,
                     "sent_last_24h": 0,
