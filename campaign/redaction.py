@@ -57,16 +57,19 @@ _MOST_PIECE_LENGTH = 2.5
 _MOST_SEPARATORS = 1 / 8
 # A base32 secret (a TOTP seed as an authenticator's setup shows it, JBSWY3DPEHPK3PXP…): 16 or more
 # capitals and digits 2-7, as an environment variable's name may be written. A seed's digits fall
-# anywhere, one character in six, so one stands between two letters in all but a few seeds; a name's
-# digits end it or stand apart (SECRET_2, KEY_V2), and a year or a date holds a 0, 1, 8 or 9. The few
-# seeds left are told by their letters: a seed's are a fifth vowels and a quarter rare ones (J, K, Q, V,
-# W, X, Z), a word's two fifths vowels and hardly any rare ones; the vowels less the rare letters come to
-# under a tenth of the letters in nearly every seed, and to more in nearly every run of words.
+# anywhere, one character in six; a name holds one or two at most (KEYV2, AWSS3), so three mark a seed.
+# With fewer, its letters tell: a seed's are a fifth vowels and a quarter rare ones (J, K, Q, V, W, X,
+# Z), a word's two fifths vowels and hardly any rare ones; the vowels less the rare letters come to
+# under a tenth of the letters in nearly every seed. A short name with one digit may read so too
+# (LINKSIGNINGKEYV2): the letters are asked only of a run with two digits, or of a long one (24 or
+# more). A variable's name taken for a secret is refused, so this errs towards names: a seed with no
+# digit, or a short one with one, is not recognised.
 _BASE32 = re.compile(r"(?<![A-Za-z0-9])[A-Z2-7]{16,}(?![A-Za-z0-9])")
-_DIGIT_AMID_LETTERS = re.compile(r"[A-Z][2-7]+[A-Z]")
+_SEED_DIGITS = 3
 _VOWELS = frozenset("AEIOU")
 _RARE = frozenset("JKQVWXZ")
 _MOST_WORDLIKE = 0.1
+_LONG_SEED = 24
 
 
 def secret_values(names: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
@@ -138,11 +141,14 @@ def _looks_random(run: str) -> bool:
 
 
 def _looks_base32(run: str) -> bool:
-    if _DIGIT_AMID_LETTERS.search(run):
+    digits = sum(char.isdigit() for char in run)
+    if digits >= _SEED_DIGITS:
         return True
+    if digits == 0 or (digits == 1 and len(run) < _LONG_SEED):
+        return False
     letters = [char for char in run if char.isalpha()]
     wordlike = sum(char in _VOWELS for char in letters) - sum(char in _RARE for char in letters)
-    return bool(letters) and wordlike <= len(letters) * _MOST_WORDLIKE
+    return wordlike <= len(letters) * _MOST_WORDLIKE
 
 
 def _has_letters_and_digits(text: str) -> bool:
