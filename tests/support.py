@@ -1,4 +1,5 @@
-"""Helpers shared by the engine and server tests: jobs, a plain message, inline writes, a port wait."""
+"""Helpers shared by the engine and server tests: jobs, a plain message, inline writes, a port wait, and
+`campaign serve` over a store another writer may hold."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from campaign.clock import Clock
 from campaign.ledger import PlanSpool
 from campaign.manifest import Manifest
 from campaign.models import Address, Message, Recipient, Skip
 from campaign.pipeline import Preflight, run_preflight
 from campaign.pipeline._resume import jobs_at
 from campaign.plan import Job
-from campaign.testing import FakeNylas
+from campaign.testing import FakeNylas, serve_on_loopback
+from campaign.unsubscribe import SuppressionStore
 
 
 def make_jobs(count: int, sender: str = "a", start: int = 1, *, pinned: bool = False) -> list[Job]:
@@ -138,3 +141,58 @@ def tcp_keepalive(connection: Any) -> tuple[int, int, int, int, int]:
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
         )
+
+
+@contextlib.contextmanager
+def serve_events(
+    where: Path | str, clock: Clock, *, webhook_secret: bytes, unsubscribe_secret: str
+) -> Iterator[tuple[SuppressionStore, str]]:
+    """`campaign serve`'s app over the store at `where` (opened now), on loopback: (its store, its webhook
+    URL)."""
+    from campaign.unsubscribe import open_store, parse_secrets
+    from campaign.web import EventService, UnsubscribeEndpoint
+
+    store = open_store(where, clock=clock)
+    endpoint = UnsubscribeEndpoint(store, secrets=parse_secrets(unsubscribe_secret))
+    service = EventService(endpoint, webhook_secrets=[webhook_secret], clock=clock)
+    try:
+        with serve_on_loopback(service) as url:
+            yield store, f"{url}/nylas/webhook"
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def store_held(where: Path | str) -> Iterator[None]:
+    """Another writer holds the unsubscribe store's write lock for the block (a long import elsewhere, a
+    stalled machine): the store's own writes wait for it, then fail with StoreError."""
+    import sqlite3
+
+    import psycopg
+
+    import campaign.unsubscribe._pgstore as pgstore_module
+
+    if isinstance(where, Path):
+        with contextlib.closing(sqlite3.connect(where, isolation_level=None)) as file:
+            file.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            finally:
+                file.execute("ROLLBACK")
+        return
+    with psycopg.connect(where) as database:
+        lock = (pgstore_module._LOCK_CLASS, pgstore_module._WRITING)
+        database.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock)
+        try:
+            yield
+        finally:
+            database.rollback()
+
+
+def short_store_waits(monkeypatch: Any) -> None:
+    """A store's write gives up on another writer after 0.3 s instead of 5 s (stores opened after this)."""
+    import campaign.unsubscribe._pgstore as pgstore_module
+    import campaign.unsubscribe._sqlitestore as sqlitestore_module
+
+    monkeypatch.setattr(sqlitestore_module, "_BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(pgstore_module, "_LOCK_TIMEOUT_S", 0.3)

@@ -9,6 +9,7 @@ between threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -26,6 +27,9 @@ __all__ = ["SqliteStoreSql", "open_sqlite_store"]
 
 # Marks the file as ours (PRAGMA application_id), so a ledger or another database is never taken for a store.
 _APPLICATION_ID = 0x43554E53  # "CUNS"
+# How long a write waits for another process's (a campaign's import, `events pull`) before it fails with
+# StoreError: `campaign serve` then answers 503 and Nylas retries, within its 10 s.
+_BUSY_TIMEOUT_S = 5.0
 # Each version's statements, applied in order to a store older than it (PRAGMA user_version).
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -246,7 +250,7 @@ class SqliteStoreSql:
             try:
                 yield _Writes(self._db)
             except BaseException as error:
-                self._db.execute("ROLLBACK")
+                self._roll_back()
                 if isinstance(error, sqlite3.Error):
                     message = f"{self.path}: cannot write the unsubscribe store ({error})"
                     raise StoreError(message) from error
@@ -254,14 +258,27 @@ class SqliteStoreSql:
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
+                # A failed COMMIT (busy, disk full, I/O) may leave the transaction open: kept, it would hold
+                # the file's lock, show this connection's reads what was never committed, and fail every
+                # later write ("within a transaction"), so a retried notification could never be kept.
+                self._roll_back()
                 message = f"{self.path}: cannot write the unsubscribe store ({exc})"
                 raise StoreError(message) from exc
+
+    def _roll_back(self) -> None:
+        """End the failed write's transaction, if SQLite has not already: on some errors (a full disk)
+        it rolls back itself, and a ROLLBACK then fails, in place of the error that says what happened."""
+        if not self._db.in_transaction:
+            return
+        # The error being raised says what went wrong; a ROLLBACK that fails too adds nothing to it.
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
 
     def set_up(self) -> None:
         """Check the file is a store (or empty), then bring its schema to this version."""
         try:
             with self._lock:
-                self._db.execute("PRAGMA busy_timeout=5000")
+                self._db.execute(f"PRAGMA busy_timeout={round(_BUSY_TIMEOUT_S * 1000)}")
                 (app_id,) = self._db.execute("PRAGMA application_id").fetchone()
                 (version,) = self._db.execute("PRAGMA user_version").fetchone()
                 rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
