@@ -14,8 +14,9 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import API_KEY, copy_sample, serve_fake
+from conftest import API_KEY, SECRET, copy_sample, serve_fake
 from postgres import fresh_database
+from support import serve_events, short_store_waits, store_held
 
 import campaign.dispatch._loop as loop_module
 import campaign.followups._sequence as sequence_module
@@ -767,6 +768,44 @@ def test_a_thread_replied_notification_stops_the_follow_up_without_a_lookup(fake
     assert result.exit_code == 75, result.output
     assert by_step(fake)[PEOPLE[0]]["nudge"] == []
     assert by_step(fake)[PEOPLE[1]]["nudge"] == []  # held: its lookup failed
+    nudge = steps_json(cli, manifest)["nudge"]
+    assert nudge["stopped"] == {"replied": 1}
+    assert nudge["due_now"] == 1
+
+
+def test_a_thread_replied_notification_retried_and_duplicated_stops_the_follow_up_once(
+    fake, cli, cli_clock, tmp_path, monkeypatch
+):
+    """The reply's notification reaches `campaign serve` over loopback as Nylas delivers it: its first try
+    answered 503 (another writer holds the store), then the retry, twice (at least once). It is kept once,
+    and the nudge stops for that recipient alone (the mailboxes cannot be read: only the notification
+    can stop it), sent to nobody twice; the other recipient's nudge is held, as its lookup failed."""
+    short_store_waits(monkeypatch)
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    store_path = _with_store(manifest, tracking=True)
+    secret = b"nylas-webhook-secret-for-follow-ups"
+    with serve_events(store_path, cli_clock, webhook_secret=secret, unsubscribe_secret=SECRET) as (
+        store,
+        url,
+    ):
+        fake.add_webhook(url, secret, ["thread.replied"])
+        assert cli("run", manifest, "--yes").exit_code == 75
+        reply(fake, PEOPLE[0])
+        with store_held(store_path):
+            assert fake.deliver_webhooks() == 1
+        assert (fake.pending_webhooks, store.event_count()) == (1, 0)
+        cli_clock.advance(300)
+        fake.duplicate_webhooks = True
+        assert fake.deliver_webhooks() == 2
+        assert (fake.pending_webhooks, store.event_count()) == (0, 1)
+        for grant, _ in SENDERS.values():
+            fake.fail_reads(grant, times=1000)
+        cli_clock.advance(2 * 86_400)
+        result = cli("resume", manifest, "--yes")
+        assert result.exit_code == 75, result.output
+    assert by_step(fake)[PEOPLE[0]]["nudge"] == []
+    assert by_step(fake)[PEOPLE[1]]["nudge"] == []
+    assert [len(by_step(fake)[person]["message"]) for person in PEOPLE[:2]] == [1, 1]
     nudge = steps_json(cli, manifest)["nudge"]
     assert nudge["stopped"] == {"replied": 1}
     assert nudge["due_now"] == 1
