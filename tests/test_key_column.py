@@ -277,6 +277,38 @@ def test_a_duplicate_of_an_address_mailed_already_stays_a_duplicate(api, cli, tm
     _on_backend(backend, check)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_duplicate_that_stays_skipped_says_why_as_the_list_is_now(api, cli, tmp_path, backend):
+    """Key 3 repeats Ann's address (key 1, row 2) and key 4 Bob's (key 2, row 1). Bob was sent when his
+    row left the list and two rows came in on top: key 3 is now the duplicate of row 3 (row 2 is Cat), and
+    key 4, the only Bob listed, is skipped because his address went out as key 2. The ledger (report),
+    the preview and status say so, never the rows the list no longer has them as; nobody is mailed twice."""
+
+    def check(ledger: str) -> None:
+        rows = "2,bob@example.com\n1,ann@example.com\n3,ANN@example.com\n4,BOB@example.com\n"
+        manifest = _campaign(api, tmp_path / "c", rows, ledger=ledger)
+        assert cli("run", manifest, "--yes", "--limit", "1").exit_code == 75
+        assert _mailed(api) == {"bob@example.com": 1}
+        before = _ledger_rows(cli, manifest)
+        assert before["3"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(2)}")
+        assert before["4"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(1)}")
+        listed = ["0,zed@example.com", "5,cat@example.com", "1,ann@example.com", "3,ANN@example.com"]
+        manifest.with_name("list.csv").write_text("\n".join(["id,email", *listed, "4,BOB@example.com\n"]))
+        _, index = _preview(cli, manifest)
+        assert "already mailed as key &quot;2&quot;" in index
+        again = cli("resume", manifest, "--yes")
+        assert again.exit_code == 0, again.output
+        mailed = {"bob@example.com": 1, "ann@example.com": 1, "zed@example.com": 1, "cat@example.com": 1}
+        assert _mailed(api) == mailed
+        after = _ledger_rows(cli, manifest)
+        assert after["3"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(3)}")
+        assert after["4"] == ("skipped", 'duplicate: already mailed as key "2"')
+        status = json.loads(cli("status", manifest, "--json").stdout)
+        assert (status["done"], status["skipped"]) == (True, {"duplicate": 2})
+
+    _on_backend(backend, check)
+
+
 def test_a_duplicate_met_again_with_the_cells_it_once_had_is_checked_under_todays_templates(
     api, cli, tmp_path
 ):

@@ -153,7 +153,8 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         A pending row that the list now skips becomes skipped; a row skipped as
         invalid that now validates, or as a duplicate that the plan now mails (its address fixed, the
         row it repeated gone: the check found no row listing its address, and none mailed to it under
-        another key), becomes pending. Rows no longer in the list
+        another key), becomes pending; one that stays skipped as either gives the list's reason of now
+        (the row it repeated may have moved or gone). Rows no longer in the list
         are left as they are and marked as not listed. `stamp`, the plan's stamp, `rules`, the
         stamp of all but the list's rows, and `extent`, the list file's own record, are recorded in
         the same transaction: a stamp never describes rows recorded for another list. With
@@ -264,6 +265,14 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             "UPDATE recipients SET cells = COALESCE(s.cells, recipients.cells), row = s.row "
             "FROM temp.plan_skips AS s WHERE recipients.key = s.key AND recipients.state = 'skipped' "
             "AND ((s.cells IS NOT NULL AND recipients.cells IS NOT s.cells) OR recipients.row != s.row)"
+        )
+        # A skip the list decides (invalid, a duplicate) gives the list's reason of now: "duplicate of row 1"
+        # after that row moved or went would name someone else. The person's own (an opt-out) stands.
+        db.execute(
+            "UPDATE recipients SET reason = s.reason, updated_at = ? FROM temp.plan_skips AS s "
+            "WHERE recipients.key = s.key AND recipients.state = 'skipped' AND recipients.reason != s.reason "
+            "AND (substr(recipients.reason, 1, ?) = ? OR substr(recipients.reason, 1, ?) = ?)",
+            (now, len(INVALID_REASON), INVALID_REASON, len(DUPLICATE_REASON), DUPLICATE_REASON),
         )
         skipped_added = db.execute(
             "INSERT INTO recipients (key, row, email, state, reason, cells, created_at, updated_at) "

@@ -413,6 +413,13 @@ class PostgresLedger(KeptFacts):
             "AND ((s.cells IS NOT NULL AND r.cells IS DISTINCT FROM s.cells) OR r.row != s.row)",
             (campaign,),
         )
+        # A skip the list decides gives the list's reason of now, as SQLite's (the person's own stands).
+        db.execute(
+            "UPDATE recipients AS r SET reason = s.reason, updated_at = %s FROM plan_skips AS s "
+            "WHERE r.campaign_id = %s AND r.key = s.key AND r.state = 'skipped' AND r.reason != s.reason "
+            "AND (starts_with(r.reason, %s) OR starts_with(r.reason, %s))",
+            (now, campaign, INVALID_REASON, DUPLICATE_REASON),
+        )
         skipped_added = db.execute(
             "INSERT INTO recipients (campaign_id, key, row, email, state, reason, cells, created_at, "
             "updated_at) SELECT %s, key, row, email, 'skipped', reason, cells, %s, %s FROM plan_skips AS s "
