@@ -16,9 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import API_KEY, serve_fake
 from postgres import fresh_database
 
 from campaign.testing import FakeNylas
+from campaign.testing.records import Fault
 
 MANIFEST = """\
 [campaign]
@@ -332,6 +334,98 @@ def test_a_duplicate_met_again_with_the_cells_it_once_had_is_checked_under_today
     assert "nowhere" in refused.output
     assert _mailed(api) == {"ann@example.com": 1, "cat@example.com": 1}
     assert _ledger_rows(cli, manifest)["2"] == ("skipped", f"duplicate: {SAME_ADDRESS.format(1)}")
+
+
+# --- a list exported again with new keys for people already mailed ------------------------------------
+
+
+@pytest.fixture(name="api_on_clock")
+def _api_on_clock(_loopback, cli_clock, monkeypatch):
+    """The fake Nylas on the CLI's clock: follow-ups fall due, and replies are looked up, in one time."""
+    yield from serve_fake(_loopback, FakeNylas(api_key=API_KEY, clock=cli_clock), monkeypatch)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_people_given_new_keys_after_step_1_still_get_their_follow_up_once(
+    api_on_clock, cli, cli_clock, tmp_path, backend
+):
+    """Ann (key 1) and Bob (key 2) got step 1; the CRM's export renumbers them 11 and 12. They are still in
+    the list: each new key is skipped as already mailed, and the follow-up goes out once each, in the
+    thread of step 1. Status counts no row as gone from the list and no sequence as stopped."""
+
+    def check(ledger: str) -> None:
+        api = api_on_clock
+        manifest = _campaign(api, tmp_path / "c", "1,ann@example.com\n2,bob@example.com\n", ledger=ledger)
+        manifest.with_name("nudge.txt.j2").write_text("Nudge {{ recipient.email }}\n")
+        followup = '[[followups]]\nname = "nudge"\nafter = "1d"\ntext = "nudge.txt.j2"\n\n[[senders]]'
+        manifest.write_text(manifest.read_text().replace("[[senders]]", followup))
+        assert cli("run", manifest, "--yes").exit_code == 75  # the nudge is due tomorrow
+        manifest.with_name("list.csv").write_text("id,email\n11,ann@example.com\n12,bob@example.com\n")
+        cli_clock.advance(86_400 + 60)
+        again = cli("resume", manifest, "--yes")
+        assert again.exit_code == 0, again.output
+        steps = Counter(
+            (d.payload["to"][0]["email"], d.payload["metadata"].get("step", "message"))
+            for d in api.deliveries
+        )
+        assert steps == {
+            ("ann@example.com", "message"): 1,
+            ("bob@example.com", "message"): 1,
+            ("ann@example.com", "nudge"): 1,
+            ("bob@example.com", "nudge"): 1,
+        }
+        first = {
+            d.payload["to"][0]["email"]: d.id for d in api.deliveries if "step" not in d.payload["metadata"]
+        }
+        answered = {
+            d.payload["to"][0]["email"]: d.payload.get("reply_to_message_id")
+            for d in api.deliveries
+            if "step" in d.payload["metadata"]
+        }
+        assert answered == first
+        rows = _ledger_rows(cli, manifest)
+        assert rows["11"] == ("skipped", 'duplicate: already mailed as key "1"')
+        assert rows["12"] == ("skipped", 'duplicate: already mailed as key "2"')
+        status = json.loads(cli("status", manifest, "--json").stdout)
+        assert (status["done"], status["removed_from_list"]) == (True, 0)
+        assert status["steps"]["nudge"]["stopped"] == {}
+        assert status["steps"]["nudge"]["sent"] == 2
+
+    _on_backend(backend, check)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_new_key_held_back_by_an_unknown_send_is_mailed_once_it_proves_not_sent(
+    api, cli, cli_clock, tmp_path, backend
+):
+    """Ann's send (key 1) ended unknown, then the list came back renumbered (11, 12): key 11 is skipped as
+    already mailed as key 1, so status is not done while that send is unknown and names reconcile. Once
+    reconcile finds it never went out, the next resume mails Ann, once; status is then done."""
+
+    def check(ledger: str) -> None:
+        manifest = _campaign(api, tmp_path / "c", "1,ann@example.com\n2,bob@example.com\n", ledger=ledger)
+        api.script(Fault.UNAVAILABLE, times=1)
+        assert cli("run", manifest, "--yes").exit_code == 1
+        assert _mailed(api) == {"bob@example.com": 1}
+        manifest.with_name("list.csv").write_text("id,email\n11,ann@example.com\n12,bob@example.com\n")
+        renumbered = cli("resume", manifest, "--yes")
+        assert renumbered.exit_code == 1, renumbered.output
+        assert _mailed(api) == {"bob@example.com": 1}
+        status = json.loads(cli("status", manifest, "--json").stdout)
+        assert (status["done"], status["states"]["unknown"], status["removed_from_list"]) == (False, 1, 0)
+        unknown = next(step for step in status["next"] if step["state"] == "unknown")
+        assert unknown["examples"] == ["ann@example.com"]
+        cli_clock.advance(20 * 60)
+        assert cli("reconcile", manifest).exit_code == 0
+        again = cli("resume", manifest, "--yes")
+        assert again.exit_code == 0, again.output
+        assert _mailed(api) == {"ann@example.com": 1, "bob@example.com": 1}
+        status = json.loads(cli("status", manifest, "--json").stdout)
+        assert (status["done"], status["states"]["sent"], status["skipped"]) == (True, 2, {"duplicate": 2})
+        assert cli("resume", manifest, "--yes").exit_code == 0
+        assert len(api.deliveries) == 2
+
+    _on_backend(backend, check)
 
 
 # --- a suppression file's entries that hold a recipient key and no address ---------------------------------

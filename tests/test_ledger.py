@@ -623,6 +623,29 @@ def test_rows_removed_from_the_list_are_left_alone_and_reported(ledger):
     assert _row(ledger).listed is True
 
 
+def test_a_row_mailed_under_a_key_the_list_gave_out_afresh_stays_listed_at_the_new_row(ledgers, clock):
+    """Keys 1 (in flight: a crash) and 2 (sent) come back as 11 and 12 at their addresses, each skipped as
+    already mailed under its old key: the old rows stay listed, at the new rows' numbers, so a run resumes
+    key 1's send with its key; key 3, never sent, at an address no new row has, is not listed. A plan
+    without those skips (the new keys gone) leaves the old rows unlisted."""
+    ledger = ledgers.open("renumbered", clock=clock)
+    ledger.record_plan([PlannedRow(k, n, f"{k}@x", "s") for n, k in enumerate(["1", "2", "3"], start=1)], [])
+    ledger.claim("1")
+    _put(ledger, S, "2")
+    skips = [
+        Skip(4, "11", "1@X", SkipReason.DUPLICATE, 'already mailed as key "1"'),
+        Skip(5, "12", "2@x", SkipReason.DUPLICATE, 'already mailed as key "2"'),
+    ]
+    report = ledger.record_plan([PlannedRow("4", 1, "4@x", "s")], skips)
+    assert (report.missing, report.missing_states) == (1, {P: 1})
+    listed = sorted((row.row, row.key) for row in ledger.rows(listed=True))
+    assert listed == [(1, "4"), (4, "1"), (4, "11"), (5, "12"), (5, "2")]
+    assert [row.key for row in ledger.open_rows_of("s", IN)] == ["1"]
+    assert [row.key for row in ledger.open_rows_of("s", P)] == ["4"]
+    ledger.record_plan([PlannedRow("4", 1, "4@x", "s")], [])
+    assert {row.key for row in ledger.rows(listed=True)} == {"4"}
+
+
 def test_a_pending_row_now_suppressed_becomes_skipped_and_an_inflight_one_unknown(ledger):
     """Suppressed since the last run: pending -> skipped; in flight (maybe sent) -> unknown, never re-sent."""
     _put(ledger, IN, "bob@x.com")

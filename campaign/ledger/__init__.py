@@ -30,7 +30,7 @@ from campaign.ledger._identity import (
 from campaign.ledger._interface import Ledger
 from campaign.ledger._leases import LEASE_EXPIRY_S, GrantLeases, WorkerView, share_of
 from campaign.ledger._ledger import SqliteLedger, open_ledger
-from campaign.ledger._read import ErrorGroup, LedgerRow, PlannedRow
+from campaign.ledger._read import ALREADY_MAILED, ErrorGroup, LedgerRow, PlannedRow
 from campaign.ledger._schema import check_ledger_free, lock_ledger, unlock_ledger
 from campaign.ledger._site import LedgerSite, SqliteSite, ledger_site
 from campaign.ledger._spool import PlanSink, PlanSpool
@@ -47,6 +47,7 @@ from campaign.ledger._values import (
 )
 
 __all__ = [
+    "ALREADY_MAILED",
     "LEASE_EXPIRY_S",
     "Claim",
     "ClaimRequest",

@@ -23,8 +23,10 @@ from campaign.clock import Clock
 from campaign.errors import LedgerError
 from campaign.ledger._facts import KeptFacts
 from campaign.ledger._read import (
+    _MAILED,
     DUPLICATE_REASON,
     INVALID_REASON,
+    MAILED_DUPLICATE_REASON,
     JournalEntry,
     LedgerRow,
     PlannedRow,
@@ -155,7 +157,10 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         row it repeated gone: the check found no row listing its address, and none mailed to it under
         another key), becomes pending; one that stays skipped as either gives the list's reason of now
         (the row it repeated may have moved or gone). Rows no longer in the list
-        are left as they are and marked as not listed. `stamp`, the plan's stamp, `rules`, the
+        are left as they are and marked as not listed, but for a row mailed (sent, in flight or unknown)
+        at the address of a listed row skipped as already mailed under its key: the list gave its person a
+        new key, so it stays listed, at that row's number (its follow-ups go on; its send in flight is
+        resumed, its unknown one is still to reconcile). `stamp`, the plan's stamp, `rules`, the
         stamp of all but the list's rows, and `extent`, the list file's own record, are recorded in
         the same transaction: a stamp never describes rows recorded for another list. With
         `appended`, the plan holds only rows appended to the list the ledger's plan was of: the rows
@@ -283,6 +288,7 @@ class SqliteLedger(LedgerWriter, KeptFacts):
         db.execute(
             f"UPDATE recipients SET listed = 1 WHERE step = ? AND listed = 0 AND {listed}", (FIRST_STEP,)
         )
+        _list_mailed_under_old_keys(db)
         missing = {
             RowState(state): int(count)
             for state, count in db.execute(
@@ -743,6 +749,30 @@ def planned_values(planned: PlannedRow) -> PlannedValues:
 def due_text(moment: datetime | None) -> str | None:
     """A due time as the ledger holds it: ISO in UTC, to the millisecond (None: at once)."""
     return None if moment is None else moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _list_mailed_under_old_keys(db: sqlite3.Connection) -> None:
+    """Mark listed, at the list's row, each row of step 1 the plan left out whose message may have reached
+    the address of a listed row skipped as already mailed under another key (`record_plan`), in the
+    caller's transaction. Few such rows, if any: the skipped ones are read through the state index, and
+    the table once only when some are found."""
+    db.execute("CREATE TEMP TABLE mailed_for (email TEXT PRIMARY KEY, row INTEGER NOT NULL)")
+    try:
+        found = db.execute(
+            "INSERT INTO temp.mailed_for SELECT lower(email), min(row) FROM recipients "
+            "WHERE state = 'skipped' AND step = ? AND listed = 1 AND substr(reason, 1, ?) = ? "
+            "GROUP BY lower(email)",
+            (FIRST_STEP, len(MAILED_DUPLICATE_REASON), MAILED_DUPLICATE_REASON),
+        ).rowcount
+        if found:
+            db.execute(
+                "UPDATE recipients SET listed = 1, row = m.row FROM temp.mailed_for AS m "
+                f"WHERE recipients.step = ? AND recipients.listed = 0 AND recipients.state IN {_MAILED} "
+                "AND lower(recipients.email) = m.email",
+                (FIRST_STEP,),
+            )
+    finally:
+        db.execute("DROP TABLE temp.mailed_for")
 
 
 def _skip_reason(skip: Skip) -> str:

@@ -53,6 +53,7 @@ from campaign.ledger._read import (
     FAILED_ROWS,
     INVALID_REASON,
     LIST_EXTENT,
+    MAILED_DUPLICATE_REASON,
     MAILED_STATES,
     PLAN_STAMP,
     ROW_COLUMNS,
@@ -434,6 +435,23 @@ class PostgresLedger(KeptFacts):
                 "WHERE r.campaign_id = %s AND r.key = t.key AND r.step = %s AND NOT r.listed",
                 (campaign, FIRST_STEP),
             )
+        # A row mailed under a key the list no longer has, at the address of a listed row skipped as already
+        # mailed under its key: the list gave its person a new key (SQLite's `record_plan` says more).
+        db.execute(
+            "UPDATE recipients AS r SET listed = true, row = m.row FROM (SELECT lower(email) AS email, "
+            "min(row) AS row FROM recipients WHERE campaign_id = %s AND step = %s AND listed "
+            "AND state = 'skipped' AND starts_with(reason, %s) GROUP BY lower(email)) AS m "
+            "WHERE r.campaign_id = %s AND r.step = %s AND NOT r.listed AND r.state = ANY(%s) "
+            "AND lower(r.email) = m.email",
+            (
+                campaign,
+                FIRST_STEP,
+                MAILED_DUPLICATE_REASON,
+                campaign,
+                FIRST_STEP,
+                [state.value for state in MAILED_STATES],
+            ),
+        )
         missing = {
             RowState(state): int(count)
             for state, count in db.execute(

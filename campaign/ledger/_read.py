@@ -694,6 +694,10 @@ INVALID_REASON = f"{SkipReason.INVALID.value}:"  # how the reason of a row skipp
 # And of a row skipped as a duplicate. These two skips are the list's to decide, and a check decides them
 # again: such a row the plan now mails is pending again (`record_plan`). An opt-out is the person's.
 DUPLICATE_REASON = f"{SkipReason.DUPLICATE.value}:"
+# The detail of a duplicate's skip whose address went out under another key (that key follows, quoted), and
+# how its reason begins: a row skipped so is that person's row in the list (`record_plan`).
+ALREADY_MAILED = "already mailed as key "
+MAILED_DUPLICATE_REASON = f"{DUPLICATE_REASON} {ALREADY_MAILED}"
 
 # The states of a row whose message may have reached its address: sent, or maybe (in flight, unknown).
 MAILED_STATES = (RowState.SENT, RowState.INFLIGHT, RowState.UNKNOWN)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from campaign.clock import SystemClock
 from campaign.errors import CampaignError, DataError
-from campaign.ledger import Ledger
+from campaign.ledger import ALREADY_MAILED, Ledger
 from campaign.manifest import Manifest, SenderSettings
 from campaign.models import Message, PreviousStep, Recipient, RowState, Skip, SkipReason
 from campaign.pipeline._compliance import check_body_link
@@ -289,7 +289,7 @@ class RowPipeline:
         for checked in batch:
             recipient = checked.recipient
             if recipient is not None and (other := mailed.get(recipient.key)) is not None:
-                detail = f"already mailed as key {_quoted(other)}"
+                detail = f"{ALREADY_MAILED}{_quoted(other)}"
                 skip = Skip(checked.row, recipient.key, recipient.address.email, SkipReason.DUPLICATE, detail)
                 checked = CheckedRow(checked.row, checked.fields, skip=skip)
             marked.append(checked)
