@@ -448,3 +448,24 @@ def test_a_plan_of_appended_rows_is_the_plan_a_check_of_every_row_makes(
     to_send = re.compile(r"(\d+) to send")
     assert to_send.findall(appended.stdout) == to_send.findall(full.stdout)
     assert recorded == _ledger_rows(ledger)
+
+
+def test_the_reason_of_a_row_skipped_as_invalid_does_not_ask_for_the_flag(api, cli, tmp_path):
+    """The reason recorded for a row skipped as invalid says what is wrong and how to have it mailed,
+    never "run with --skip-invalid": the flag was given, or (a later run without it) the earlier skip
+    stands. A row that still stops a run keeps that advice."""
+    manifest = _skipped_one(api, cli, tmp_path)
+    expected = (
+        "invalid: column \"email\": 'bad-address' is not a valid address (An email address must have an "
+        "@-sign); fix the row to have it mailed (the next run checks it again)"
+    )
+    assert _ledger_rows(manifest)["row:5"][:2] == ("skipped", expected)
+    folder = manifest.parent
+    _write_rows(folder, [*_rows(folder), ("p9@example.com", "P 9", "Oslo")])
+    resumed = cli("resume", manifest, "--yes")  # checks the list again, without the flag
+    assert resumed.exit_code == 0, resumed.output
+    assert _ledger_rows(manifest)["row:5"][:2] == ("skipped", expected)
+    _write_rows(folder, [*_rows(folder), ("worse", "W", "Oslo")])
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 65
+    assert "fix or remove the row, or run with --skip-invalid" in refused.output

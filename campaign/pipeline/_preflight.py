@@ -21,7 +21,7 @@ from campaign.pipeline._compliance import check_body_link, needs_body_link
 from campaign.pipeline._parallel import checked_rows, error_line
 from campaign.pipeline._rows import Reuse, RowCheck, check_rows, describe_mailed_elsewhere
 from campaign.plan import Job
-from campaign.recipients import ListStart, describe_key_only_entries, encode_cells
+from campaign.recipients import ListStart, describe_key_only_entries, describe_skipped_row, encode_cells
 from campaign.render import Composer, load_message_attachments
 
 __all__ = [
@@ -218,7 +218,9 @@ def _invalid_skip(checked: RowCheck, error: str | None, source: str) -> Skip:
     key, cells = _invalid_identity(checked)
     if checked.job is not None and error is not None:
         recipient = checked.job.recipient
-        text = f"{source} {error}"
+        text = describe_skipped_row(f"{source} {error}")
         return Skip(recipient.row, key, recipient.address.email, SkipReason.INVALID, text, cells)
-    detail = "; ".join(f"{problem.where}: {problem.message}" for problem in checked.checked.problems)
+    detail = "; ".join(
+        f"{problem.where}: {describe_skipped_row(problem.message)}" for problem in checked.checked.problems
+    )
     return Skip(checked.row, key, "", SkipReason.INVALID, detail, cells)

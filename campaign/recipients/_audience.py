@@ -57,6 +57,7 @@ __all__ = [
     "SuppressionList",
     "comparable_address",
     "describe_key_only_entries",
+    "describe_skipped_row",
     "load_audience",
     "load_suppression",
     "load_suppression_list",
@@ -68,7 +69,12 @@ __all__ = [
     "scan_audience",
 ]
 
-_SKIP_HINT = "fix or remove the row, or run with --skip-invalid"
+# What a bad row's problem tells the user to do. The reason a row skipped as invalid is recorded with
+# has `_SKIPPED_HINT` in its place (`describe_skipped_row`): the flag was given then, or an earlier run's
+# skip of the row stands, and advice to pass it again would be wrong.
+_OR_SKIP = ", or run with --skip-invalid"
+_SKIP_HINT = f"fix or remove the row{_OR_SKIP}"
+_SKIPPED_HINT = "fix the row to have it mailed (the next run checks it again)"
 _SEVERAL = re.compile(r"[,;\s]+")
 # A comment after an entry: '#' after whitespace (a '#' inside an address, a#b@example.com, is kept).
 _SUPPRESSION_COMMENT = re.compile(r"\s#.*$", re.S)
@@ -206,8 +212,14 @@ def _address_problem(value: str, exc: EmailNotValidError) -> str:
     shown = _shown(value)
     parts = [p for p in _SEVERAL.split(value) if "@" in p]
     if len(parts) > 1:
-        return f"{shown} holds {len(parts)} addresses; put one address per row, or run with --skip-invalid"
+        return f"{shown} holds {len(parts)} addresses; put one address per row{_OR_SKIP}"
     return f"{shown} is not a valid address ({str(exc).rstrip('.')}); {_SKIP_HINT}"
+
+
+def describe_skipped_row(problem: str) -> str:
+    """A bad row's `problem` as the reason its row is recorded skipped (as invalid) with: without the
+    advice to run with --skip-invalid, which was given, or which the row no longer needs."""
+    return problem.replace(_SKIP_HINT, _SKIPPED_HINT).replace(_OR_SKIP, "")
 
 
 def same_address_detail(first: int) -> str:
