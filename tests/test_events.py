@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import SECRET, copy_sample
-from support import wait_until_listening
+from support import serve_events, wait_until_listening
 
 from campaign.events import parse_bounces, parse_notification, record_notification, sign_body
 from campaign.manifest import load_manifest
@@ -283,6 +283,60 @@ def test_json_nested_deeper_than_any_notification_is_400(service):
         assert answer.status_code == 400
         assert "nests too deeply" in answer.text
     assert svc.store.event_count() == 0
+
+
+def test_a_store_that_fails_is_told_in_the_log_a_line_a_minute_with_a_count(store_at, monkeypatch, caplog):
+    """Every delivery answered 503 because the store fails: the server's log says so (the route and the
+    store's error), at once, then at most a line a minute with the failures not logged since, and once
+    the store answers again one line with those still untold; a success alone logs nothing. What the
+    driver's words may quote (an address, a token, the webhook secret) is hidden, the signature never
+    logged."""
+    clock = FakeClock(datetime(2027, 1, 5, 12, 0, tzinfo=UTC))
+    served = serve_events(store_at, clock, webhook_secret=WEBHOOK_SECRET, unsubscribe_secret=SECRET)
+    with served as (store, webhook):
+        _tell_a_stuck_store(store, webhook, clock, monkeypatch, caplog)
+
+
+def _tell_a_stuck_store(store: SuppressionStore, webhook: str, clock: FakeClock, monkeypatch, caplog) -> None:
+    token = "Zm9yZ2VkLXRva2VuLWp1bmstdmFsdWUtMDEyMzQ1Njc4OQ"
+    body = _bounce("evt-stuck", "ann@example.com")
+    calls: list[int] = []
+
+    def unavailable(*_args: Any, **_kwargs: Any) -> bool:
+        calls.append(1)
+        said = f"{store.where}: cannot write ({WEBHOOK_SECRET.decode()} ann@example.com {token})"
+        raise StoreError(said)
+
+    def post() -> int:
+        return httpx.post(webhook, content=body, headers=_signed(body)).status_code
+
+    assert post() == 200  # a success logs nothing
+    with monkeypatch.context() as patch, caplog.at_level("WARNING"):
+        patch.setattr(store, "record_event", unavailable)
+        answers = [post() for _ in range(3)]
+        clock.advance(59)
+        answers.append(post())
+        clock.advance(1)
+        answers.append(post())
+        answers.append(post())
+        patch.undo()
+        assert post() == 200  # within the minute of the last line: not yet told
+        clock.advance(60)
+        assert post() == 200
+        assert post() == 200
+    assert (answers, len(calls)) == ([503] * 6, 6)
+    told = (
+        f"POST /nylas/webhook: the unsubscribe store failed ({store.where}: cannot write (*** "
+        "(an address) (a value that looks like a secret, not shown))); answered 503"
+    )
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("campaign")] == [
+        told,
+        f"{told} (3 more since the last line)",
+        "POST /nylas/webhook: the unsubscribe store answers again (1 more failures, answered 503, since "
+        "the last line)",
+    ]
+    for secret in (WEBHOOK_SECRET.decode(), "ann@example.com", token, _signed(body)["x-nylas-signature"]):
+        assert secret not in caplog.text
 
 
 def test_anything_that_fails_while_recording_answers_503_and_logs_one_line(service, monkeypatch, caplog):

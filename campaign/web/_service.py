@@ -10,7 +10,8 @@ a page (nosniff, a Content-Security-Policy allowing nothing, no-store): the chal
 bad or missing signature is 401 and records nothing; a body over 1 MB is 413; a signed body that is not
 a notification in UTF-8 JSON is 400. A notification that cannot be recorded, whatever the reason (the
 store locked or down, a bug), is 503 with Retry-After: Nylas retries a notification only on 408, 429
-and 502-507, and a 500 would lose it for good.
+and 502-507, and a 500 would lose it for good. A store that fails is told in the server's log
+(`StoreFailureLog`: the route and the store's error, at most a line a minute with a count).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from campaign.clock import Clock, SystemClock
 from campaign.errors import DataError, ManifestError
 from campaign.events import record_notification, verify_signature
 from campaign.unsubscribe import StoreError, SuppressionStore
+from campaign.web._failures import StoreFailureLog
 from campaign.web._serving import ServerLimits, build_server_config
 from campaign.web._unsubscribe import UnsubscribeEndpoint
 
@@ -47,6 +49,7 @@ __all__ = [
 
 DEFAULT_WEBHOOK_SECRET_ENV = "NYLAS_WEBHOOK_SECRET"
 MAX_WEBHOOK_BYTES = 1024 * 1024  # Nylas truncates notifications above 1 MB, so nothing real is larger
+_ROUTE = "POST /nylas/webhook"  # how the log names the receiver
 _log = logging.getLogger(__name__)
 # Every answer is text, and the challenge's is whatever the query asked: a browser sent to
 # /nylas/webhook?challenge=<html>… must show it as text on the site's domain, never sniff it for a page
@@ -69,6 +72,8 @@ class EventService:
         self.store: SuppressionStore = endpoint.store
         self._secrets = tuple(webhook_secrets)
         self._clock = clock or SystemClock()
+        known = [secret.decode("utf-8", "replace") for secret in self._secrets]
+        self._failures = StoreFailureLog(self._clock, known=known)
         self.app = Starlette(
             routes=[
                 Route("/nylas/webhook", self._challenge, methods=["GET"]),
@@ -111,13 +116,15 @@ class EventService:
             await anyio.to_thread.run_sync(partial(record_notification, self.store, body, clock=self._clock))
         except DataError as exc:
             return _plain(str(exc), status_code=400)
-        except StoreError:
+        except StoreError as exc:
+            self._failures.log_failure(_ROUTE, exc, where=self.store.where)
             return _retry_later()
         except Exception as exc:
             # Whatever else went wrong, Nylas must deliver it again: 503, never a 500, which it does not
             # retry. The log names the error's type only: its text may quote the body or the database.
             _log.error("a notification could not be recorded (%s); answered 503", type(exc).__name__)
             return _retry_later()
+        self._failures.log_success(_ROUTE)
         return _plain("ok")
 
 

@@ -8,8 +8,8 @@ itself (link scanners fetch URLs). A token that does not verify gets the same ba
 the last path segment, else any other query value or path segment (a `.html`-style
 extension dropped) that verifies, so any URL shape the manifest's `unsubscribe.url`
 accepts works, mounted anywhere. A store that cannot be read or written, for whatever
-reason, answers 503 with Retry-After, never a bare 500. A face-level module: it imports
-starlette, and the core never imports it.
+reason, answers 503 with Retry-After, never a bare 500, and the server's log says so
+(`StoreFailureLog`). A face-level module: it imports starlette, and the core never imports it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from campaign.unsubscribe import (
     token_candidates,
     verify_token,
 )
+from campaign.web._failures import StoreFailureLog
 from campaign.web._serving import ServerLimits, build_server_config
 
 __all__ = [
@@ -81,13 +82,20 @@ class UnsubscribeEndpoint:
     """The endpoint over one store: serve `.app` (uvicorn, or mount it in your own ASGI service)."""
 
     def __init__(
-        self, store: SuppressionStore, *, secrets: Sequence[bytes], max_body_bytes: int = MAX_BODY_BYTES
+        self,
+        store: SuppressionStore,
+        *,
+        secrets: Sequence[bytes],
+        max_body_bytes: int = MAX_BODY_BYTES,
+        clock: Clock | None = None,
     ) -> None:
         if not secrets:
             raise ValueError("the unsubscribe endpoint needs at least one secret to verify links")
         self.store = store
         self._secrets = tuple(secrets)
         self._max_body_bytes = max_body_bytes
+        known = [secret.decode("utf-8", "replace") for secret in self._secrets]
+        self._failures = StoreFailureLog(clock or SystemClock(), known=known)
         self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["GET", "POST"])])
 
     async def _handle(self, request: Request) -> Response:
@@ -101,7 +109,8 @@ class UnsubscribeEndpoint:
                 partial(self.store.find, claims.campaign, claims.recipient_key)
             )
         except Exception as exc:  # a StoreError, or anything else: never a bare 500
-            return _store_failed(exc)
+            return self._store_failed("GET /unsubscribe", exc)
+        self._failures.log_success("GET /unsubscribe")
         if found is not None:
             return _page(200, "You are unsubscribed", "<p>You will not get these emails any more.</p>")
         return _page(
@@ -144,8 +153,20 @@ class UnsubscribeEndpoint:
                 )
             )
         except Exception as exc:  # a StoreError, or anything else: never a bare 500
-            return _store_failed(exc)
+            return self._store_failed("POST /unsubscribe", exc)
+        self._failures.log_success("POST /unsubscribe")
         return _page(200, "You are unsubscribed", "<p>You will not get these emails any more.</p>")
+
+    def _store_failed(self, route: str, exc: Exception) -> HTMLResponse:
+        """503 for a store that failed: a StoreError is expected (locked, out of reach), and told in the
+        log (`StoreFailureLog`: the route, the store's error, never the token); anything else is a bug,
+        logged by its type alone (its text may quote the request or the database), and the click is
+        still asked again, not lost to a 500. `route` names the route, never the URL: it holds the token."""
+        if isinstance(exc, StoreError):
+            self._failures.log_failure(route, exc, where=self.store.where)
+        else:
+            _log.error("an unsubscribe could not be read or recorded (%s); answered 503", type(exc).__name__)
+        return _try_again_later()
 
     def _claims(self, request: Request) -> TokenClaims | None:
         query = request.query_params.multi_items()
@@ -197,15 +218,6 @@ def _invalid_link() -> HTMLResponse:
     return _page(400, "This link is not valid", "<p>This unsubscribe link is not valid.</p>")
 
 
-def _store_failed(exc: Exception) -> HTMLResponse:
-    """503 for a store that failed: a StoreError is expected (locked, out of reach); anything else is a
-    bug, logged by its type alone (its text may quote the request or the database), and the click is
-    still asked again, not lost to a 500."""
-    if not isinstance(exc, StoreError):
-        _log.error("an unsubscribe could not be read or recorded (%s); answered 503", type(exc).__name__)
-    return _try_again_later()
-
-
 def _try_again_later() -> HTMLResponse:
     # A store out of reach for a moment (locked, a database restarting): 503 and Retry-After, so a
     # mail provider retries the one-click POST and a person the page, instead of a bare 500.
@@ -233,8 +245,9 @@ def load_endpoint(
         secrets = parse_secrets(value)
     except ManifestError as exc:
         raise ManifestError(f"{secret_env}: {exc}") from exc
-    store = open_store(store_path, clock=clock or SystemClock())
-    return UnsubscribeEndpoint(store, secrets=secrets)
+    clock = clock or SystemClock()
+    store = open_store(store_path, clock=clock)
+    return UnsubscribeEndpoint(store, secrets=secrets, clock=clock)
 
 
 def serve_endpoint(
