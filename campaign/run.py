@@ -315,7 +315,11 @@ def _check(
         unchanged=preflight is None,
         senders=len(manifest.senders),
         appended=0 if start is None or preflight is None else preflight.last_row - start.rows,
-        notes=(*find_store_notes(manifest, ledger), *(() if preflight is None else preflight.notes)),
+        notes=(
+            *(() if ledger is None else ledger.notes),
+            *find_store_notes(manifest, ledger),
+            *(() if preflight is None else preflight.notes),
+        ),
     )
     return _Checked(composer, preflight, plan, stamp, rules, content, extent, appended=start is not None)
 

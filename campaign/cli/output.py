@@ -122,6 +122,13 @@ def print_checked(
         console.print(f"[yellow]note:[/] {show(note, width=_ERROR_WIDTH)}", soft_wrap=True)
 
 
+def print_notes(console: Console, notes: Sequence[str]) -> None:
+    """What a command found that the user should know, one `note:` line each, as `print_checked` shows
+    a plan's."""
+    for note in notes:
+        console.print(f"[yellow]note:[/] {show(note, width=_ERROR_WIDTH)}", soft_wrap=True)
+
+
 def print_run_summary(
     console: Console,
     result: DispatchResult,

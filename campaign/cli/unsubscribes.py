@@ -18,8 +18,8 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from campaign.cli.base import PortOpt, exit_codes, note_secret_envs, options, out
-from campaign.cli.output import plural, show
+from campaign.cli.base import PortOpt, err, exit_codes, note_secret_envs, options, out
+from campaign.cli.output import plural, print_notes, show
 from campaign.errors import DataError, UsageError
 from campaign.manifest import check_env_name
 from campaign.recipients import (
@@ -144,6 +144,7 @@ def serve(
         webhook_secrets = read_webhook_secrets(webhook_secret_env)
         endpoint = load_endpoint(_store_path(store), secret_env=secret_env)
         try:
+            print_notes(err, endpoint.store.notes)
             if soft_bounce_limit is not None or soft_bounce_days is not None:
                 rules = endpoint.store.bounce_rules()
                 endpoint.store.set_bounce_rules(
@@ -309,6 +310,7 @@ def _store_path(value: str) -> Path | str:
 def _with_store(path: str, use: Callable[[SuppressionStore], _T], *, create: bool = True) -> _T:
     store = open_store(_store_path(path), clock=options.clock, create=create)
     try:
+        print_notes(err, store.notes)
         return use(store)
     finally:
         store.close()

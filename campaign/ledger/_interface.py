@@ -41,6 +41,11 @@ class Ledger(Protocol):
         """Where the ledger is, for messages: a file's path, or a database's URL without its password."""
         ...
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the user should know of the ledger as opened (a SQLite file that could not use WAL)."""
+        ...
+
     def close(self) -> None:
         """Close it and drop the writer lock, if held."""
         ...

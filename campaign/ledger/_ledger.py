@@ -97,12 +97,28 @@ def open_ledger(
             check_ledger_version(connection, path=path)
         else:
             migrate_ledger(connection, path=path, stamp=ledger._stamp())
+            ledger.notes = _journal_notes(connection, path)
         ledger._check_campaign(campaign, record=not read_only)
     except BaseException:
         if lock is not None:
             unlock_ledger(lock)
         raise
     return ledger
+
+
+def _journal_notes(connection: sqlite3.Connection, path: Path) -> tuple[str, ...]:
+    """A note when SQLite could not put the ledger in WAL mode (`connect_ledger` asks for it; a file
+    system without the shared memory or locks WAL needs keeps the rollback journal): a reader such as
+    `campaign status` then holds the run's commits back, and one held past the busy timeout fails."""
+    (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+    if str(mode).lower() == "wal":
+        return ()
+    note = (
+        f"ledger {path}: SQLite could not use WAL on this file system (journal mode {str(mode).lower()!r}), "
+        "so `campaign status` or `report` run meanwhile holds this run's writes back; keep the ledger on a "
+        "local disk"
+    )
+    return (note,)
 
 
 def read_ledger_campaign(path: Path) -> str | None:

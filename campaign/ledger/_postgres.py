@@ -252,6 +252,11 @@ class PostgresLedger(KeptFacts):
         """The database's URL without its password, for messages."""
         return self._where
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Nothing: a database has no journal mode to miss."""
+        return ()
+
     def close(self) -> None:
         """Close the connections and drop the writer lock, if held."""
         self._pool.close()

@@ -174,6 +174,7 @@ class LedgerWriter(LedgerReader):
         self._depth = 0
         self._undone_by: BaseException | None = None  # the error SQLite rolled the whole transaction back on
         self.commits = 0  # transactions committed (a batch is one)
+        self.notes: tuple[str, ...] = ()  # what the open found to tell (`open_ledger`: no WAL)
 
     def close(self) -> None:
         """Close the connection and drop the writer lock."""

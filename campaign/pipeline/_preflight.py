@@ -170,6 +170,7 @@ def run_preflight(
         problem_count=problem_count,
         to_send=to_send,
         notes=(
+            *pipeline.store_notes,
             *describe_key_only_entries(manifest.recipients, pipeline.scan.suppression),
             *(() if first_moved is None else (describe_mailed_elsewhere(moved, first_moved),)),
         ),

@@ -112,8 +112,11 @@ class RowPipeline:
         stores: Sequence[Path | str],
         ledger: Ledger | None,
         reuse: Reuse = Reuse.NONE,
+        *,
+        store_notes: tuple[str, ...] = (),
     ) -> None:
         self.manifest = manifest
+        self.store_notes = store_notes  # what the stores' opening found to tell (`SuppressionStore.notes`)
         self.scan = scan
         # Only the rows appended since the ledger's plan are read: the earlier ones are in the ledger.
         self._appended = scan.start.rows > 0
@@ -392,11 +395,14 @@ def check_rows(
     known = secret_values(manifest.secret_envs)
     scan = scan_audience(manifest.recipients, sender_names=senders, start=start, secrets=known)
     stores = list_store_paths(manifest)
+    notes: list[str] = []
     for path in stores:  # a file that is not a store is refused here, before any row is checked
         if store_exists(path):
-            open_store(path, clock=SystemClock(), create=False).close()
+            store = open_store(path, clock=SystemClock(), create=False)
+            notes.extend(store.notes)  # a file without WAL: said once, before the run is confirmed
+            store.close()
     composer = build_composer(manifest, secrets=secrets)
-    return RowPipeline(manifest, scan, composer, stores, ledger, reuse)
+    return RowPipeline(manifest, scan, composer, stores, ledger, reuse, store_notes=tuple(notes))
 
 
 def check_job(composer: Composer, manifest: Manifest, job: Job) -> Message | DataError:

@@ -258,6 +258,7 @@ def run_preview(
         samples=samples,
         warnings=(
             *_warnings(manifest, tally.per_sender),
+            *pipeline.store_notes,
             *describe_key_only_entries(manifest.recipients, scan.suppression),
             *_message_warnings(tally),
             *_moved_warnings(tally),

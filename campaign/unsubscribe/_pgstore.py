@@ -276,6 +276,10 @@ class PostgresStoreSql:
     def where(self) -> str:
         return self._url
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return ()
+
     def close(self) -> None:
         self._pool.close()
 

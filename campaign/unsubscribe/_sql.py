@@ -66,6 +66,12 @@ class StoreSql(Protocol):
         """The store for messages: its file's path, or its database URL (never holding a password)."""
         ...
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the user should know of the store as opened (a SQLite file without WAL), for a command to
+        show; never an error."""
+        ...
+
     def close(self) -> None:
         """Close the connections."""
         ...

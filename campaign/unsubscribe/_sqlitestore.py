@@ -165,6 +165,7 @@ class SqliteStoreSql:
         self._db = connection
         self.path = path
         self._lock = threading.Lock()
+        self._journal_mode = "wal"
 
     def __repr__(self) -> str:
         return f"SqliteStoreSql({str(self.path)!r})"
@@ -172,6 +173,18 @@ class SqliteStoreSql:
     @property
     def where(self) -> str:
         return str(self.path)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        if self._journal_mode == "wal":
+            return ()
+        note = (
+            f"unsubscribe store {self.path}: SQLite could not use WAL on this file system (journal mode "
+            f"{self._journal_mode!r}), so while a command reads the store its writes wait, and `campaign "
+            "serve` answers 503 when they wait too long; keep the store on a local disk, or use a "
+            "PostgreSQL store"
+        )
+        return (note,)
 
     def close(self) -> None:
         with self._lock:
@@ -294,7 +307,10 @@ class SqliteStoreSql:
             raise InputFileError(message)
         try:
             with self._lock:
-                self._db.execute("PRAGMA journal_mode=WAL")
+                # SQLite answers the mode it set: a file system without shared memory or locks that WAL
+                # needs (some network ones) keeps the rollback journal, where a reader blocks a commit.
+                (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+                self._journal_mode = str(mode).lower()
                 # FULL: each commit is on the disk before the endpoint answers 200 (NORMAL syncs the WAL at
                 # checkpoints only, so a power cut could lose opt-outs a mail provider saw accepted, and
                 # never sends again). A click or a notification is worth its fsync.

@@ -172,6 +172,12 @@ class SuppressionStore:
         """Where the store is, for messages: its file's path, or its database's URL (never a password)."""
         return self._sql.where
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the user should know of the store as opened (a SQLite file that could not use WAL), for
+        the command that opened it to show once."""
+        return self._sql.notes
+
     def close(self) -> None:
         """Close the connection(s)."""
         self._sql.close()
