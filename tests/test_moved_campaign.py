@@ -7,6 +7,8 @@ whatever the form."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from collections import Counter
 from contextlib import closing
@@ -185,3 +187,49 @@ def test_a_template_edited_since_a_legacy_fingerprint_is_refused(api, cli, tmp_p
     assert len(api.deliveries) == 2
     with closing(_file_ledger(manifest)) as ledger:
         assert ledger.content_fingerprint() == legacy  # a refused run writes nothing
+
+
+def _fingerprint_before_follow_ups(manifest: Path) -> str:
+    """The content fingerprint as campaign recorded it before follow-ups (before 2026-12-05's 9b7ba8f):
+    [message] and [unsubscribe] dumped whole, as they had no `deliver_at` then, the folder's path taken
+    out of the text, then each template under its absolute path (here one text body, naming no other)."""
+    loaded = load_manifest(manifest)
+    message = loaded.message.model_dump(mode="json")
+    del message["deliver_at"]
+    assert loaded.unsubscribe is not None
+    assert loaded.message.text is not None
+    settings = {"message": message, "unsubscribe": loaded.unsubscribe.model_dump(mode="json")}
+    text = json.dumps(settings, sort_keys=True, default=str).replace(
+        json.dumps(f"{loaded.base_dir}/")[1:-1], ""
+    )
+    digest = hashlib.sha256(text.encode())
+    body = loaded.message.text
+    digest.update(f"\0{body}\0{body.read_text(encoding='utf-8')}".encode())
+    return digest.hexdigest()
+
+
+def test_a_campaign_begun_before_follow_ups_goes_on_after_the_upgrade(api, cli, tmp_path):
+    """Its ledger's fingerprint has no `deliver_at` (follow-ups added the key to [message]): the first run
+    after the upgrade was refused as an edit of the subject, a template or a header, none of which the
+    user had touched. Now it goes on without a flag, nobody mailed twice, no change journaled; an edit
+    made since is still refused."""
+    manifest = copy_newsletter(api, tmp_path / "begun")
+    (manifest.parent / "note.txt.j2").write_text("Spring news, {{ first_name }}\n", encoding="utf-8")
+    manifest.write_text(manifest.read_text().replace('html = "spring.html.j2"', 'text = "note.txt.j2"'))
+    assert cli("run", manifest, "--yes", "--limit", "2").exit_code == 75
+    before = _fingerprint_before_follow_ups(manifest)
+    with closing(_file_ledger(manifest)) as ledger:
+        ledger._set_meta("content_fingerprint", before)
+    note = manifest.parent / "note.txt.j2"
+    note.write_text("Spring news, {{ first_name }}. P.S.\n", encoding="utf-8")
+    refused = cli("resume", manifest, "--yes")
+    assert refused.exit_code == 2, refused.output
+    assert REFUSED in refused.stderr
+    note.write_text("Spring news, {{ first_name }}\n", encoding="utf-8")
+    done = cli("resume", manifest, "--yes")
+    assert done.exit_code == 0, done.output
+    assert sorted(_mailed(api)) == EVERYONE
+    assert set(_mailed(api).values()) == {1}
+    with closing(_file_ledger(manifest)) as ledger:
+        assert ledger.content_fingerprint() == load_content_fingerprint(load_manifest(manifest))
+        assert ledger.journal() == []

@@ -10,9 +10,11 @@ Sends nothing.
 
 Paths count relative to the campaign's folder (`portable_path`): the same files in another
 folder (moved, renamed, or a second machine's copy of a shared campaign) are the same content.
-Ledgers begun before kept a fingerprint that named each body template by its absolute path;
+Ledgers begun before kept a fingerprint that named each body template by its absolute path, and
+those begun before follow-ups one without [message]'s `deliver_at` (the key did not exist);
 `check_content` takes one of those, when it is this very content in this folder
-(`load_legacy_content_fingerprint`), as unchanged, and the run then records today's form.
+(`load_legacy_content_fingerprints`), as unchanged, and the run then records today's form: an
+upgrade of campaign in the middle of a campaign is no change of its content.
 """
 
 from __future__ import annotations
@@ -93,9 +95,27 @@ def load_legacy_content_fingerprint(manifest: Manifest, step: str = FIRST_STEP) 
     template named by its absolute path (so another folder gave another fingerprint), the settings with
     the folder's path taken out of their text. Only for telling a ledger that recorded it that its
     content is unchanged (`check_content`); never recorded."""
-    message = manifest.step_message(step)
+    return _legacy_fingerprint(manifest, step, manifest.step_message(step).model_dump(mode="json"))
+
+
+def load_legacy_content_fingerprints(manifest: Manifest, step: str = FIRST_STEP) -> tuple[str, ...]:
+    """Every form an earlier campaign recorded this very content in: `load_legacy_content_fingerprint`,
+    and, for step 1 without `deliver_at`, that form without the key, as campaign computed it before
+    follow-ups added it to [message] (a dump of the settings holds every key, so a key added changed
+    every fingerprint, and a campaign begun before was refused as edited by the first run after the
+    upgrade). Only for `check_content`; never recorded."""
+    message = manifest.step_message(step).model_dump(mode="json")
+    forms = [_legacy_fingerprint(manifest, step, message)]
+    if step == FIRST_STEP and message.get("deliver_at") is None:
+        forms.append(
+            _legacy_fingerprint(manifest, step, {k: v for k, v in message.items() if k != "deliver_at"})
+        )
+    return tuple(forms)
+
+
+def _legacy_fingerprint(manifest: Manifest, step: str, message: Mapping[str, Any]) -> str:
     settings = {
-        "message": message.model_dump(mode="json"),
+        "message": message,
         "unsubscribe": None if manifest.unsubscribe is None else manifest.unsubscribe.model_dump(mode="json"),
     }
     text = json.dumps(settings, sort_keys=True, default=str).replace(
@@ -193,11 +213,12 @@ def _refuse_renamed_steps(ledger: Ledger, manifest: Manifest, steps: Mapping[str
 
 
 def _recorded(ledger: Ledger, manifest: Manifest, step: str, now: str) -> str | None:
-    """The ledger's fingerprint of `step`, or `now` when it recorded this very content in the legacy form
-    (a ledger begun before paths counted from the campaign's folder: `load_legacy_content_fingerprint`).
-    That one counts as unchanged, and `record_content` then keeps `now`, which other folders agree on."""
+    """The ledger's fingerprint of `step`, or `now` when it recorded this very content in a legacy form
+    (a ledger begun before paths counted from the campaign's folder, or before follow-ups:
+    `load_legacy_content_fingerprints`). That one counts as unchanged, and `record_content` then keeps
+    `now`, which other folders agree on."""
     stored = ledger.content_fingerprint(step)
-    if stored is not None and stored != now and stored == load_legacy_content_fingerprint(manifest, step):
+    if stored is not None and stored != now and stored in load_legacy_content_fingerprints(manifest, step):
         return now
     return stored
 
