@@ -124,8 +124,10 @@ class SkipReason(StrEnum):
 class Skip:
     """A row that will not be mailed, and why (`detail` is for the user, e.g. "duplicate of row 3").
 
-    `cells` (`recipients.encode_cells`) only for a row skipped as invalid: the ledger keeps them, so a
-    later run knows the row it skipped when it meets it again unchanged (`pipeline.find_skipped_invalid`).
+    `cells` (`recipients.encode_cells`) for a row skipped as invalid: the ledger keeps them, so a
+    later run knows the row it skipped when it meets it again unchanged (`pipeline.find_skipped_invalid`);
+    and, in a campaign with follow-ups, for an opt-out, so that a row mailed before keeps cells to
+    rebuild its recipient from (a ledger from before cells were kept has none).
     """
 
     row: int

@@ -322,6 +322,41 @@ def test_someone_added_to_a_suppression_file_after_step_1_gets_no_follow_up(fake
     assert steps_json(cli, manifest)["nudge"]["stopped"] == {"suppressed": 1}
 
 
+def test_an_opt_out_since_step_1_in_a_ledger_from_before_cells_were_kept(fake, cli, cli_clock, tmp_path):
+    """A ledger begun before the ledger kept each row's cells (schema 7; migration 8 cleared the digests
+    it held), with step 1 sent and the nudges scheduled; then one recipient unsubscribed. The check after
+    the upgrade skips that row, and its step 1 row got no cells: every resume stopped (exit 74, 'no
+    readable cells'), nobody else's follow-up sent. Now the skip brings the cells: the nudge is skipped
+    as unsubscribed, everyone else gets each step once."""
+    from campaign.unsubscribe import open_store
+
+    manifest = write_campaign(tmp_path / "c", people=PEOPLE[:2])
+    text = manifest.read_text().replace(
+        'sender_column = "rep"\n', 'sender_column = "rep"\nsuppress = ["optouts.sqlite"]\n'
+    )
+    manifest.write_text(text)
+    open_store(tmp_path / "c" / "optouts.sqlite", clock=cli_clock).close()
+    assert cli("run", manifest, "--yes").exit_code == 75
+    with sqlite3.connect(manifest.with_name("campaign.ledger.sqlite")) as db:  # as migration 8 leaves it
+        db.execute("UPDATE recipients SET cells = NULL")
+        db.execute("DELETE FROM meta WHERE key IN ('plan_stamp', 'rules_stamp')")
+    db.close()
+    store = open_store(tmp_path / "c" / "optouts.sqlite", clock=cli_clock)
+    store.record("follow", PEOPLE[0], email=PEOPLE[0], source="test")
+    store.close()
+    cli_clock.advance(2 * 86_400)
+    nudged = cli("resume", manifest, "--yes")
+    assert nudged.exit_code == 75, nudged.output
+    cli_clock.advance(3 * 86_400)
+    done = cli("resume", manifest, "--yes")
+    assert done.exit_code == 0, done.output
+    assert {step: len(sent) for step, sent in by_step(fake)[PEOPLE[0]].items()} == {"message": 1}
+    assert {step: len(sent) for step, sent in by_step(fake)[PEOPLE[1]].items()} == {
+        "message": 1, "nudge": 1, "last-call": 1
+    }  # fmt: skip
+    assert steps_json(cli, manifest)["nudge"]["stopped"] == {"unsubscribed": 1}
+
+
 def test_a_changed_follow_up_is_refused_once_it_began_and_a_new_one_is_allowed(
     fake, cli, cli_clock, tmp_path
 ):

@@ -295,6 +295,12 @@ class SqliteLedger(LedgerWriter, KeptFacts):
             "AND (substr(recipients.reason, 1, ?) = ? OR substr(recipients.reason, 1, ?) = ?)",
             (now, len(INVALID_REASON), INVALID_REASON, len(DUPLICATE_REASON), DUPLICATE_REASON),
         )
+        # A row sent before the ledger kept cells (migration 8 cleared them) and skipped now (say,
+        # unsubscribed since) takes the skip's: its follow-ups are rebuilt from them, if only to be skipped.
+        db.execute(
+            "UPDATE recipients SET cells = s.cells FROM temp.plan_skips AS s WHERE recipients.key = s.key "
+            "AND recipients.cells IS NULL AND s.cells IS NOT NULL"
+        )
         skipped_added = db.execute(
             "INSERT INTO recipients (key, row, email, state, reason, cells, created_at, updated_at) "
             "SELECT key, row, email, 'skipped', reason, cells, ?, ? FROM temp.plan_skips AS s "

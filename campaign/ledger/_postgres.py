@@ -426,6 +426,13 @@ class PostgresLedger(KeptFacts):
             "AND (starts_with(r.reason, %s) OR starts_with(r.reason, %s))",
             (now, campaign, INVALID_REASON, DUPLICATE_REASON),
         )
+        # A row without cells skipped now takes the skip's, as in SQLite (whose ledgers from before cells
+        # were kept have such rows): its follow-ups are rebuilt from them, if only to be skipped.
+        db.execute(
+            "UPDATE recipients AS r SET cells = s.cells FROM plan_skips AS s WHERE r.campaign_id = %s "
+            "AND r.key = s.key AND r.cells IS NULL AND s.cells IS NOT NULL",
+            (campaign,),
+        )
         skipped_added = db.execute(
             "INSERT INTO recipients (campaign_id, key, row, email, state, reason, cells, created_at, "
             "updated_at) SELECT %s, key, row, email, 'skipped', reason, cells, %s, %s FROM plan_skips AS s "

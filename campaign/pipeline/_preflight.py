@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from campaign.collector import collecting_less
@@ -149,7 +149,7 @@ def run_preflight(
                         moved += 1
                         first_moved = checked if first_moved is None else first_moved
                 elif checked.checked.skip is not None:
-                    skips.append(checked.checked.skip)
+                    skips.append(_kept_skip(checked, with_cells=bool(manifest.followups)))
                 elif skip_invalid or checked.row in earlier:
                     skips.append(_invalid_skip(checked, error, source))
                 else:
@@ -175,6 +175,22 @@ def run_preflight(
             *(() if first_moved is None else (describe_mailed_elsewhere(moved, first_moved),)),
         ),
     )
+
+
+# Skips of a recipient who may have been mailed before (the list names them; they opted out since).
+_OPT_OUTS = frozenset({SkipReason.UNSUBSCRIBED, SkipReason.BOUNCED, SkipReason.SUPPRESSED})
+
+
+def _kept_skip(checked: RowCheck, *, with_cells: bool) -> Skip:
+    """The skip the plan records for `checked`: an opt-out with the row's cells `with_cells` (a campaign
+    with follow-ups). A recipient mailed step 1 and opted out since still has follow-ups due, rebuilt
+    from step 1's cells before the opt-out skips them; a ledger from before cells were kept (migration 8
+    cleared them) holds none for that row, and the run stopped at it (exit 74) on every resume."""
+    skip = checked.checked.skip
+    assert skip is not None
+    if not with_cells or skip.reason not in _OPT_OUTS:
+        return skip
+    return replace(skip, cells=encode_cells(checked.checked.fields))
 
 
 def _planned_row(job: Job, due_at: datetime | None, cells: str) -> PlannedRow:
