@@ -548,3 +548,63 @@ def test_a_worker_whose_row_another_settled_is_told_it_lost_its_lease(postgres_s
     finally:
         paused.close()
         taker.close()
+
+
+# --- query plans ----------------------------------------------------------------------------------
+
+
+def _scans_of(plan: dict[str, Any], alias: str) -> list[dict[str, Any]]:
+    """The nodes of an EXPLAIN (FORMAT JSON) plan that read the table named `alias` in its query."""
+    found = [plan] if plan.get("Alias") == alias else []
+    for child in plan.get("Plans", ()):
+        found += _scans_of(child, alias)
+    return found
+
+
+def test_scheduling_a_step_looks_each_later_steps_row_up_by_its_key(postgres_site, clock):
+    """`unscheduled_steps(…, later=…)` (run every round of a campaign with follow-ups, a batch at a time)
+    finds a later step's row through the primary key: written `l.key = ANY (SELECT … unnest …)`, it was
+    a scan of all the campaign's rows for each row of the previous step (minutes for a batch of a
+    million-row ledger), whatever the planner was allowed."""
+    from campaign.ledger import ScheduledStep
+
+    ledger = postgres_site.open(clock=clock, campaign="c")
+    try:
+        ledger.record_plan(PLAN, [])
+        for key in ("ann@x.com", "bob@x.com"):
+            ledger.claim(key, subject="Hi", sender="alice", via="grant-1")
+            ledger.record_outcome(key, SENT, sender="alice")
+        ledger.record_followups(
+            [ScheduledStep("bob@x.com", "nudge", 2, "bob@x.com", "alice", "bob@x.com", clock.now())]
+        )
+        # A campaign of some size, its statistics known, as the planner sees a real one.
+        with ledger._pool.connection() as connection:
+            connection.execute(
+                "INSERT INTO recipients (campaign_id, key, row, email, sender, state, listed, created_at, "
+                "updated_at, step, sent_at) SELECT %s, 'r' || n || '@x.com', n + 2, 'r' || n || '@x.com', "
+                "'alice', 'sent', true, 'x', 'x', 'message', %s FROM generate_series(1, 5000) AS n",
+                (ledger._id, ledger.row("ann@x.com").sent_at),
+            )
+            connection.execute("ANALYZE recipients")
+        asked: list[tuple[str, Any]] = []
+        read = ledger._read
+
+        def recording(query: str, params: Any = ()) -> Any:
+            asked.append((query, params))
+            return read(query, params)
+
+        ledger._read = recording  # type: ignore[method-assign]
+        found = ledger.unscheduled_steps("message", "extra", later=["nudge"])
+        ledger._read = read  # type: ignore[method-assign]
+        # bob got the nudge: not him; the rest in ledger order, a batch (1,000) of them.
+        assert [step.recipient for step in found] == ["ann@x.com", *(f"r{n}@x.com" for n in range(1, 1000))]
+        ((query, params),) = asked
+        with ledger._pool.connection() as connection, connection.transaction():
+            # Sequential scans allowed, a small table may be read whole for a reason of cost alone.
+            connection.execute("SET LOCAL enable_seqscan = off")
+            ((plan,),) = connection.execute(f"EXPLAIN (FORMAT JSON) {query}", params).fetchall()
+        later = _scans_of(plan[0]["Plan"], "l")
+        assert [scan["Relation Name"] for scan in later] == ["recipients"]
+        assert "key = " in later[0].get("Index Cond", ""), later
+    finally:
+        ledger.close()

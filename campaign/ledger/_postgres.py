@@ -1061,12 +1061,12 @@ class PostgresLedger(KeptFacts):
                     SELECT 1 FROM recipients AS f WHERE f.campaign_id = p.campaign_id
                         AND f.key = COALESCE(p.recipient, p.key) || chr(31) || %s
                 )
+                -- Each later step's key looked up in the primary key: `l.key = ANY (SELECT …)` was
+                -- planned as a scan of the whole table for every row of `previous` (quadratic).
                 AND NOT EXISTS (
-                    SELECT 1 FROM recipients AS l WHERE l.campaign_id = p.campaign_id
-                        AND l.key = ANY (
-                            SELECT COALESCE(p.recipient, p.key) || chr(31) || later
-                            FROM unnest(%s::text[]) AS later
-                        )
+                    SELECT 1 FROM unnest(%s::text[]) AS later
+                        JOIN recipients AS l ON l.campaign_id = p.campaign_id
+                            AND l.key = COALESCE(p.recipient, p.key) || chr(31) || later
                 )
             ORDER BY p.id LIMIT %s
             """,
