@@ -4,8 +4,9 @@ Reference counting frees almost everything these passes make at once; the cyclic
 finds cycles. At its default pace (a young pass every 700 new objects) it also promotes whatever
 is briefly alive: a request in flight for a second outlives dozens of young passes and lands in
 the oldest generation, and the full passes that follow walk the whole heap. With 2,000 senders
-at 1 s of latency that was a third of the client's CPU and two fifths of the fake's. Young passes
-every 100,000 objects let such objects die young, and cycles wait only a little longer.
+at 1 s of latency that was a third of the client's CPU and two fifths of the fake's; a check, which
+keeps its plan, spent about 15 % of its time so. Young passes every 100,000 objects let such objects
+die young, and cycles wait only a little longer.
 """
 
 from __future__ import annotations

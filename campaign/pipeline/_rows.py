@@ -60,9 +60,6 @@ __all__ = [
 SETTLED_STATES = tuple(state for state in RowState if state not in (RowState.PENDING, RowState.INFLIGHT))
 
 
-# The cyclic garbage collector runs a young collection every this many new containers during a check.
-# Its default (700) is tuned for programs that keep few objects; a check makes several per row and keeps
-# a plan, so the older generations are traversed again and again for nothing (about 15 % of the check).
 class RowCheck(NamedTuple):
     """One list row through the pipeline.
 
