@@ -796,16 +796,21 @@ def test_a_thread_replied_notification_stops_the_follow_up_without_a_lookup(fake
     store = open_store(store_path, clock=cli_clock)
     assert record_notification(store, json.dumps(envelope).encode(), clock=cli_clock) is not None
     store.close()
-    for grant, _ in SENDERS.values():
-        fake.fail_reads(grant, times=1000)
-    cli_clock.advance(2 * 86_400)
-    result = cli("resume", manifest, "--yes")
-    assert result.exit_code == 75, result.output
+    _resume_two_days_on_with_mailboxes_unreadable(fake, cli, cli_clock, manifest)
     assert by_step(fake)[PEOPLE[0]]["nudge"] == []
     assert by_step(fake)[PEOPLE[1]]["nudge"] == []  # held: its lookup failed
     nudge = steps_json(cli, manifest)["nudge"]
     assert nudge["stopped"] == {"replied": 1}
     assert nudge["due_now"] == 1
+
+
+def _resume_two_days_on_with_mailboxes_unreadable(fake, cli, cli_clock, manifest) -> None:
+    """Resume when the nudge is due, with no mailbox readable: only a notification can stop it."""
+    for grant, _ in SENDERS.values():
+        fake.fail_reads(grant, times=1000)
+    cli_clock.advance(2 * 86_400)
+    result = cli("resume", manifest, "--yes")
+    assert result.exit_code == 75, result.output
 
 
 def test_a_thread_replied_notification_retried_and_duplicated_stops_the_follow_up_once(
@@ -833,11 +838,7 @@ def test_a_thread_replied_notification_retried_and_duplicated_stops_the_follow_u
         fake.duplicate_webhooks = True
         assert fake.deliver_webhooks() == 2
         assert (fake.pending_webhooks, store.event_count()) == (0, 1)
-        for grant, _ in SENDERS.values():
-            fake.fail_reads(grant, times=1000)
-        cli_clock.advance(2 * 86_400)
-        result = cli("resume", manifest, "--yes")
-        assert result.exit_code == 75, result.output
+        _resume_two_days_on_with_mailboxes_unreadable(fake, cli, cli_clock, manifest)
     assert by_step(fake)[PEOPLE[0]]["nudge"] == []
     assert by_step(fake)[PEOPLE[1]]["nudge"] == []
     assert [len(by_step(fake)[person]["message"]) for person in PEOPLE[:2]] == [1, 1]
