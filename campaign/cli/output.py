@@ -116,10 +116,9 @@ def print_checked(
     parts = [f"{to_send:,} to send", *(f"{count:,} {reason}" for reason, count in sorted(skipped.items()))]
     how = "unchanged since it was checked" if unchanged else "checked"
     if appended:
-        how = f"checked the {appended:,} row{'' if appended == 1 else 's'} added at its end"
+        how = f"checked the {appended:,} {plural(appended, 'row')} added at its end"
     console.print(f"{escape(source)}: {how}, " + ", ".join(parts), soft_wrap=True)
-    for note in notes:
-        console.print(f"[yellow]note:[/] {show(note, width=_ERROR_WIDTH)}", soft_wrap=True)
+    print_notes(console, notes)
 
 
 def print_notes(console: Console, notes: Sequence[str]) -> None:
